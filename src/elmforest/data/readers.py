@@ -1,0 +1,224 @@
+"""Stream documents from the user's files: JSONL, Parquet, or folders of .txt.
+
+Nothing is loaded whole: JSONL is read line by line, Parquet batch by batch. Bad records are
+skipped and counted by reason so the caller can report them; a file that cannot be read at all is
+an error that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_SUFFIXES = (".txt",)
+SUPPORTED = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    domain: str
+    text: str
+
+
+@dataclass
+class ReadStats:
+    """Counts of what a read produced and skipped; `skipped` maps reason -> count."""
+
+    documents: int = 0
+    files: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: ReadStats) -> None:
+        self.documents += other.documents
+        self.files += other.files
+        self.skipped.update(other.skipped)
+
+    def summary(self) -> str:
+        s = f"{self.documents} documents from {self.files} file(s)"
+        if self.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            s += f"; skipped {self.skipped_total} bad record(s) ({reasons})"
+        return s
+
+    def to_dict(self) -> dict:
+        return {"documents": self.documents, "files": self.files, "skipped": dict(self.skipped)}
+
+
+def _domain_from_name(path: Path) -> str:
+    name = path.name
+    for suffix in SUPPORTED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_data_files(path: str | os.PathLike) -> list[Path]:
+    """Files under `path` (a file or a folder, searched recursively) in a stable order."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_file():
+        if not p.name.endswith(SUPPORTED):
+            raise DataError(f"{p}: unsupported file type (expected one of {', '.join(SUPPORTED)})")
+        return [p]
+    files = sorted(
+        f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUPPORTED) and not f.name.startswith(".")
+    )
+    # A corpus folder's manifest.json is metadata, not data.
+    files = [f for f in files if f.name != "manifest.json"]
+    if not files:
+        raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
+    return files
+
+
+def _check_record(rec, stats: ReadStats, default_domain: str, default_id: str) -> Document | None:
+    if not isinstance(rec, dict):
+        stats.skipped["not_an_object"] += 1
+        return None
+    text = rec.get("text")
+    if text is None:
+        stats.skipped["missing_text"] += 1
+        return None
+    if not isinstance(text, str):
+        stats.skipped["wrong_type"] += 1
+        return None
+    if not text.strip():
+        stats.skipped["empty_text"] += 1
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\udXXX" escapes in JSON
+        stats.skipped["invalid_utf8"] += 1
+        return None
+    domain = rec.get("domain", default_domain)
+    if domain is None or domain == "":
+        domain = default_domain
+    if not isinstance(domain, str):
+        stats.skipped["wrong_type"] += 1
+        return None
+    rid = rec.get("id", default_id)
+    if rid is None:
+        rid = default_id
+    if not isinstance(rid, (str, int)):
+        stats.skipped["wrong_type"] += 1
+        return None
+    stats.documents += 1
+    return Document(id=str(rid), domain=domain, text=text)
+
+
+def _read_jsonl(path: Path, stats: ReadStats) -> Iterator[Document]:
+    domain = _domain_from_name(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.skipped["invalid_utf8"] += 1
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                stats.skipped["invalid_json"] += 1
+                continue
+            doc = _check_record(rec, stats, domain, f"{domain}:{lineno}")
+            if doc is not None:
+                yield doc
+
+
+def _read_parquet(path: Path, stats: ReadStats, batch_size: int = 1024) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    domain = _domain_from_name(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: cannot read as Parquet ({e})") from e
+    names = set(pf.schema_arrow.names)
+    if "text" not in names:
+        raise DataError(f"{path}: Parquet file has no 'text' column (columns: {sorted(names)})")
+    columns = [c for c in ("id", "domain", "text") if c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        cols = {}
+        for c in columns:
+            arr = batch.column(c)
+            if c == "text" and arr.type not in ("string", "large_string"):
+                # Binary columns may hold invalid UTF-8: decode per value and count failures.
+                cols[c] = [_decode_bytes(v) for v in arr.to_pylist()]
+            else:
+                cols[c] = arr.to_pylist()
+        for i in range(batch.num_rows):
+            row += 1
+            rec = {c: cols[c][i] for c in columns}
+            if isinstance(rec["text"], _InvalidUtf8):
+                stats.skipped["invalid_utf8"] += 1
+                continue
+            doc = _check_record(rec, stats, domain, f"{domain}:{row}")
+            if doc is not None:
+                yield doc
+
+
+class _InvalidUtf8:
+    pass
+
+
+def _decode_bytes(v):
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return _InvalidUtf8()
+    return v
+
+
+def _read_txt(path: Path, root: Path, stats: ReadStats) -> Iterator[Document]:
+    rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+    # root/<domain>/**/*.txt takes the folder's name; a file directly in root takes its own name.
+    domain = rel.parts[0] if len(rel.parts) > 1 else _domain_from_name(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.skipped["invalid_utf8"] += 1
+        return
+    doc = _check_record({"text": text}, stats, domain, rel.as_posix())
+    if doc is not None:
+        yield doc
+
+
+def iter_documents(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[Document]:
+    """Yield every usable document under `path`; skipped records are counted in `stats`."""
+    stats = stats if stats is not None else ReadStats()
+    root = Path(path)
+    for f in list_data_files(root):
+        stats.files += 1
+        if f.name.endswith(JSONL_SUFFIXES):
+            yield from _read_jsonl(f, stats)
+        elif f.name.endswith(PARQUET_SUFFIXES):
+            yield from _read_parquet(f, stats)
+        else:
+            yield from _read_txt(f, root, stats)

@@ -1,0 +1,233 @@
+"""Tokenize once into memory-mapped token files, one per domain and split.
+
+Layout of a shards directory::
+
+    index.json                 tokenizer fingerprint, dtype, split fractions, per-file counts
+    tokenizer.json             the tokenizer that produced the ids (self-describing shards)
+    <domain>/<split>.bin       flat token ids, every document followed by EOS
+    <domain>/<split>.docs.npy  int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes of the text)
+
+The per-document byte counts make bits-per-byte exact for any tokenizer: a stream of whole
+documents is predicted token by token, and its bytes are known without decoding.
+The directory is built under a temporary name and renamed into place, so a crash never leaves a
+half-written shard set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.data.splits import SPLITS, SplitSpec
+from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer, save_tokenizer
+from elmforest.utils.io import read_json, write_json_atomic
+
+INDEX_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def safe_name(domain: str) -> str:
+    """A file-system-safe folder name for a domain (the index keeps the real name)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", domain).strip("._") or "domain"
+    return s[:100]
+
+
+@dataclass
+class _Writer:
+    tokens_path: Path
+    f: object
+    ends: list
+    nbytes: list
+    count: int = 0
+
+    def add(self, ids: list[int], nbytes: int, eos_id: int, dtype: np.dtype) -> None:
+        arr = np.asarray(ids + [eos_id], dtype=dtype)
+        self.f.write(arr.tobytes())
+        self.count += len(arr)
+        self.ends.append(self.count)
+        self.nbytes.append(nbytes)
+
+
+@dataclass
+class BuildReport:
+    out: str
+    read: dict
+    seconds: float
+    text_bytes: int
+    tokens: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def build_shards(
+    data: str | os.PathLike,
+    tokenizer: LoadedTokenizer | str | os.PathLike,
+    out: str | os.PathLike,
+    split: SplitSpec | None = None,
+    batch_docs: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`."""
+    tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
+    split = split or SplitSpec()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    dtype = token_dtype(tok.vocab_size)
+    writers: dict[tuple[str, str], _Writer] = {}
+    folders: dict[str, str] = {}
+    stats = ReadStats()
+    t0 = time.perf_counter()
+    text_bytes = 0
+    total_tokens = 0
+    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
+
+    def flush(batch):
+        nonlocal total_tokens
+        ids_list = tok.encode_batch([d.text for d, _ in batch])
+        for (doc, nbytes), ids in zip(batch, ids_list, strict=True):
+            key = (doc.domain, split.assign(doc.id))
+            w = writers.get(key)
+            if w is None:
+                folder = folders.setdefault(doc.domain, _unique_folder(doc.domain, folders))
+                (staging / folder).mkdir(exist_ok=True)
+                path = staging / folder / f"{key[1]}.bin"
+                w = writers[key] = _Writer(path, open(path, "wb"), [], [])
+            w.add(ids, nbytes, tok.eos_id, dtype)
+            total_tokens += len(ids) + 1
+        bar.update(sum(n for _, n in batch))
+
+    try:
+        batch = []
+        for doc in iter_documents(data, stats):
+            nbytes = len(doc.text.encode("utf-8"))
+            text_bytes += nbytes
+            batch.append((doc, nbytes))
+            if len(batch) >= batch_docs:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        bar.close()
+        if not writers:
+            raise ValueError(f"{data}: no usable documents ({stats.summary()})")
+        domains: dict[str, dict] = {}
+        for (domain, split_name), w in sorted(writers.items()):
+            w.f.close()
+            table = np.stack([np.asarray(w.ends, np.int64), np.asarray(w.nbytes, np.int64)], axis=1)
+            np.save(w.tokens_path.with_suffix(".docs.npy"), table, allow_pickle=False)
+            domains.setdefault(domain, {"folder": folders[domain], "splits": {}})["splits"][split_name] = {
+                "tokens": int(w.count),
+                "documents": len(w.ends),
+                "bytes": int(sum(w.nbytes)),
+            }
+        save_tokenizer(tok, staging)
+        index = {
+            "version": INDEX_VERSION,
+            "source": str(Path(data).resolve()),
+            "tokenizer": {
+                "fingerprint": tok.fingerprint(),
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+            },
+            "dtype": dtype.name,
+            "split": asdict(split),
+            "read": stats.to_dict(),
+            "domains": domains,
+        }
+        write_json_atomic(staging / "index.json", index)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        for w in writers.values():
+            if not w.f.closed:
+                w.f.close()
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildReport(str(out), stats.to_dict(), time.perf_counter() - t0, text_bytes, total_tokens)
+
+
+def _unique_folder(domain: str, folders: dict[str, str]) -> str:
+    base = safe_name(domain)
+    taken = set(folders.values())
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+class Shards:
+    """Read-only view of a shards directory; token arrays are memory-mapped, never loaded whole."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        idx = self.root / "index.json"
+        if not idx.is_file():
+            raise FileNotFoundError(f"{self.root}: not a shards directory (no index.json)")
+        self.index = read_json(idx)
+        if self.index.get("version") != INDEX_VERSION:
+            raise ValueError(f"{idx}: unsupported shards version {self.index.get('version')}")
+        self.dtype = np.dtype(self.index["dtype"])
+
+    @staticmethod
+    def is_shards_dir(path: str | os.PathLike) -> bool:
+        return (Path(path) / "index.json").is_file()
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.index["domains"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.index["tokenizer"]["fingerprint"]
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.index["tokenizer"]["eos_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["tokenizer"]["vocab_size"])
+
+    def has(self, domain: str, split: str) -> bool:
+        return split in self.index["domains"].get(domain, {}).get("splits", {})
+
+    def info(self, domain: str, split: str) -> dict:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        try:
+            return self.index["domains"][domain]["splits"][split]
+        except KeyError:
+            raise KeyError(f"{self.root}: no {split!r} split for domain {domain!r}") from None
+
+    def _path(self, domain: str, split: str, suffix: str) -> Path:
+        return self.root / self.index["domains"][domain]["folder"] / f"{split}{suffix}"
+
+    def tokens(self, domain: str, split: str) -> np.ndarray:
+        n = self.info(domain, split)["tokens"]
+        return np.memmap(self._path(domain, split, ".bin"), dtype=self.dtype, mode="r", shape=(n,))
+
+    def documents(self, domain: str, split: str) -> np.ndarray:
+        """int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes)."""
+        self.info(domain, split)
+        return np.load(self._path(domain, split, ".docs.npy"), allow_pickle=False)

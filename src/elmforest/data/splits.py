@@ -1,0 +1,33 @@
+"""Deterministic train/valid/test assignment from a hash of the document id.
+
+A document's split never depends on file order, sharding or which machine reads it, so every
+expert, baseline and evaluation agrees on what is held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    valid_frac: float = 0.05
+    test_frac: float = 0.05
+
+    def __post_init__(self):
+        if not (
+            0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1
+        ):
+            raise ValueError(f"bad split fractions: valid={self.valid_frac}, test={self.test_frac}")
+
+    def assign(self, doc_id: str) -> str:
+        h = hashlib.sha256(doc_id.encode("utf-8")).digest()
+        u = int.from_bytes(h[:8], "big") / 2.0**64
+        if u < self.test_frac:
+            return "test"
+        if u < self.test_frac + self.valid_frac:
+            return "valid"
+        return "train"

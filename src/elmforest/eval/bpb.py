@@ -1,0 +1,149 @@
+"""Bits per byte, the tokenizer-independent measure every comparison in elmforest uses.
+
+BPB = Σ next-token NLL (nats) / ln 2 / UTF-8 bytes of the predicted text.
+
+Convention (one for the whole project): a domain's split is evaluated as the stream
+`EOS d1 EOS d2 EOS ... dn EOS`; the leading EOS is context only, every later token is predicted
+exactly once. Each document-ending EOS is predicted and counted as 1 byte (as in BLT), so the
+byte count is Σ UTF-8 bytes of the documents + number of documents. The stream is cut into
+non-overlapping windows of `seq_len` predictions; each window conditions on its own tokens only.
+Token perplexity is exp(Σ NLL / predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from elmforest.data.shards import Shards, build_shards
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.utils.device import autocast, resolve_device, resolve_precision
+
+
+@dataclass
+class StreamScore:
+    nll: float  # nats, summed
+    tokens: int  # predicted tokens
+    bytes: int
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+
+def windows(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [n_windows, seq_len]; padding targets are -100 (ignored)."""
+    s = np.concatenate([[eos_id], np.asarray(stream, dtype=np.int64)])
+    n_pred = len(s) - 1
+    n_win = max(1, math.ceil(n_pred / seq_len))
+    padded = np.full(n_win * seq_len + 1, eos_id, dtype=np.int64)
+    padded[: len(s)] = s
+    x = torch.from_numpy(padded[:-1].reshape(n_win, seq_len).copy())
+    y = torch.from_numpy(padded[1:].reshape(n_win, seq_len).copy())
+    y.view(-1)[n_pred:] = -100
+    return x, y
+
+
+@torch.no_grad()
+def stream_nll(model, stream: np.ndarray, eos_id: int, seq_len: int, batch_size: int, device: torch.device,
+               amp_dtype: torch.dtype | None, progress: bool = False, desc: str = "eval") -> float:
+    """Summed NLL (nats) of every token of `stream` given the tokens before it in its window."""
+    x, y = windows(stream, eos_id, seq_len)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=xb).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-100,
+                                 reduction="sum").double()
+    return float(total)
+
+
+def select_documents(docs: np.ndarray, max_tokens: int | None) -> tuple[int, int, int]:
+    """Whole documents from the start of a split up to `max_tokens`: (n_docs, tokens, bytes)."""
+    ends, nbytes = docs[:, 0], docs[:, 1]
+    n = len(ends) if not max_tokens else max(1, int(np.searchsorted(ends, max_tokens, side="right")))
+    return n, int(ends[n - 1]), int(nbytes[:n].sum())
+
+
+def evaluate_shards(model, shards: Shards, split: str = "test", domains: list[str] | None = None,
+                    seq_len: int = 256, batch_size: int = 16, max_tokens: int | None = None,
+                    device: str = "auto", precision: str = "auto", progress: bool = True) -> dict:
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    model.to(dev).eval()
+    names = domains or [d for d in shards.domains if shards.has(d, split)]
+    if not names:
+        raise ValueError(f"{shards.root}: no domain has a {split!r} split")
+    out = {}
+    for d in tqdm(names, desc="domains", disable=not progress):
+        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
+        stream = shards.tokens(d, split)[:n_tok]
+        nll = stream_nll(model, stream, shards.eos_id, seq_len, batch_size, dev, amp, progress, desc=d)
+        sc = StreamScore(nll, n_tok, n_bytes + n_docs)
+        out[d] = {"bpb": sc.bpb, "ppl": sc.ppl, "tokens": sc.tokens, "bytes": sc.bytes, "documents": n_docs,
+                  "nll_nats": nll}
+    return {
+        "domains": out,
+        "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
+        "split": split,
+        "seq_len": seq_len,
+        "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
+    }
+
+
+def evaluate(model_path: str | Path, data: str | Path, split: str | None = None, domains: list[str] | None = None,
+             seq_len: int | None = None, batch_size: int = 16, max_tokens: int | None = None,
+             device: str = "auto", precision: str = "auto", progress: bool = True,
+             trust_remote_code: bool = False) -> dict:
+    """Evaluate a model (run dir or HF checkpoint) on a shards dir or on raw JSONL/Parquet/txt data.
+
+    Raw data is tokenized with the model's own tokenizer into temporary shards; `split` selects
+    documents by the id hash (train/valid/test, default fractions) or `all` (default for raw data).
+    Shards must have been made with the model's tokenizer (checked by fingerprint).
+    """
+    mdir = resolve_model_dir(model_path)
+    tok = load_tokenizer(mdir)
+    model = load_model(mdir, trust_remote_code=trust_remote_code)
+    seq_len = seq_len or _default_seq_len(mdir, model)
+    if Shards.is_shards_dir(data):
+        shards = Shards(data)
+        if shards.tokenizer_fingerprint != tok.fingerprint():
+            raise ValueError(f"{data} was tokenized with a different tokenizer than {mdir}; "
+                             "pass the raw text instead (it is re-tokenized with the model's tokenizer)")
+        result = evaluate_shards(model, shards, split or "test", domains, seq_len, batch_size, max_tokens,
+                                 device, precision, progress)
+    else:
+        split = split or "all"
+        spec = SplitSpec(0.0, 0.0) if split == "all" else SplitSpec()
+        with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
+            shards = Shards(build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress).out)
+            result = evaluate_shards(model, shards, "train" if split == "all" else split, domains, seq_len,
+                                     batch_size, max_tokens, device, precision, progress)
+            result["read"] = shards.index["read"]
+        result["split"] = split
+    result["model"] = str(mdir)
+    result["data"] = str(data)
+    return result
+
+
+def _default_seq_len(mdir: Path, model) -> int:
+    run_cfg = mdir / "elmforest_run.json"
+    if run_cfg.is_file():
+        import json
+
+        return int(json.loads(run_cfg.read_text())["train"]["seq_len"])
+    return int(min(getattr(model.config, "max_position_embeddings", 1024), 1024))

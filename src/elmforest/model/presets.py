@@ -1,0 +1,116 @@
+"""Model presets as code: a Llama architecture plus the training defaults that suit it.
+
+`tiny` is for tests, `cpu-small` is the quickstart default on a laptop CPU; the `btm-*` presets
+match the sizes of the BTM paper (GPT-3-style widths/depths, 1024-token blocks, the paper's
+optimiser recipe: Adam(0.9, 0.95), LR 5e-4, 8% warmup, weight decay 0.1, clip 0.1, linear decay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from elmforest.config import OptimConfig, RunConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int  # default size of a tokenizer trained for this preset
+    seq_len: int
+    tie_embeddings: bool
+    optim: OptimConfig
+    train: TrainConfig
+    description: str = ""
+
+    def llama_kwargs(self) -> dict:
+        return dict(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=max(self.seq_len, 2048),
+            tie_word_embeddings=self.tie_embeddings,
+            rms_norm_eps=1e-5,
+        )
+
+
+_BTM_OPTIM = OptimConfig(
+    lr=5e-4, min_lr_ratio=0.0, weight_decay=0.1, grad_clip=0.1, warmup_frac=0.08, schedule="linear"
+)
+
+
+def _btm(name: str, hidden: int, layers: int, heads: int, inter: int, steps: int, desc: str) -> Preset:
+    return Preset(
+        name,
+        hidden,
+        layers,
+        heads,
+        inter,
+        vocab_size=50304,
+        seq_len=1024,
+        tie_embeddings=False,
+        optim=_BTM_OPTIM,
+        train=TrainConfig(
+            steps=steps, batch_size=8, grad_accum=4, seq_len=1024, ckpt_every=1000, log_every=50
+        ),
+        description=desc,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "tiny",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=128,
+            vocab_size=512,
+            seq_len=64,
+            tie_embeddings=True,
+            optim=OptimConfig(lr=3e-3, warmup_frac=0.1),
+            train=TrainConfig(steps=40, batch_size=8, seq_len=64, ckpt_every=10, log_every=5),
+            description="about 0.1M parameters; for tests",
+        ),
+        Preset(
+            "cpu-small",
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=688,
+            vocab_size=4096,
+            seq_len=256,
+            tie_embeddings=True,
+            optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
+            train=TrainConfig(steps=300, batch_size=16, seq_len=256, ckpt_every=100, log_every=10),
+            description="about 4M parameters; the quickstart default on 2 CPU cores",
+        ),
+        _btm("btm-125m", 768, 12, 12, 2048, 80_000, "BTM 125M (GPT-3 Small shape)"),
+        _btm("btm-350m", 1024, 24, 16, 2816, 32_000, "BTM 350M (GPT-3 Medium shape)"),
+        _btm("btm-750m", 1536, 24, 16, 4096, 24_000, "BTM 750M (GPT-3 Large shape)"),
+        _btm("btm-1.3b", 2048, 24, 32, 5504, 12_000, "BTM 1.3B (GPT-3 XL shape)"),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def preset_run_config(name: str, shards: str = "") -> RunConfig:
+    """A run config filled with the preset's defaults."""
+    p = get_preset(name)
+    cfg = RunConfig(optim=dataclasses.replace(p.optim), train=dataclasses.replace(p.train))
+    cfg.model.preset = name
+    cfg.data.shards = shards
+    return cfg

@@ -1,0 +1,64 @@
+"""Training batches as a pure function of (seed, step, micro-batch).
+
+Each row is a random window of seq_len + 1 tokens from one domain's memory-mapped shard, the
+domain drawn by the mixture weights. Because a batch depends only on its step number, the data
+position of a run is just its step: a resumed run sees exactly the batches an uninterrupted run
+would, with no iterator state to save.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from elmforest.data.shards import Shards
+
+
+class WindowSampler:
+    def __init__(
+        self,
+        shards: Shards,
+        domains: list[str] | None,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        mixture: str = "tokens",
+    ):
+        domains = list(domains) if domains else [d for d in shards.domains if shards.has(d, split)]
+        missing = [d for d in domains if not shards.has(d, split)]
+        if missing:
+            raise ValueError(
+                f"{shards.root}: no {split!r} split for domain(s) {missing}; have {shards.domains}"
+            )
+        self.arrays, self.domains = [], []
+        too_small = []
+        for d in domains:
+            arr = shards.tokens(d, split)
+            if len(arr) < seq_len + 1:
+                too_small.append(d)
+                continue
+            self.arrays.append(arr)
+            self.domains.append(d)
+        if not self.arrays:
+            raise ValueError(f"no domain has more than seq_len={seq_len} tokens in split {split!r}")
+        self.skipped_domains = too_small
+        sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
+        if mixture == "tokens":
+            self.weights = sizes / sizes.sum()
+        elif mixture == "uniform":
+            self.weights = np.full(len(sizes), 1.0 / len(sizes))
+        else:
+            raise ValueError(f"unknown mixture {mixture!r}; expected 'tokens' or 'uniform'")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+
+    def batch(self, step: int, micro: int = 0) -> torch.Tensor:
+        """int64 [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
+        rng = np.random.default_rng([self.seed, step, micro])
+        which = rng.choice(len(self.arrays), size=self.batch_size, p=self.weights)
+        out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(which):
+            arr = self.arrays[i]
+            start = int(rng.integers(0, len(arr) - self.seq_len))
+            out[row] = arr[start : start + self.seq_len + 1]
+        return torch.from_numpy(out)

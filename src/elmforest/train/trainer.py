@@ -1,0 +1,285 @@
+"""The one trainer behind every run: dense baselines now, seeds and experts later.
+
+A run directory holds::
+
+    run_config.json        the resolved config tree
+    metrics.jsonl          one JSON object per logged step
+    checkpoints/step-*/    resumable checkpoints (see checkpoint.py)
+    model/                 the final Hugging Face checkpoint (safetensors + tokenizer)
+    summary.json           tokens, FLOPs, parameters, wall time; written last, marks the run complete
+
+Starting a run whose directory holds checkpoints resumes from the newest one; starting a complete
+run does nothing. Progress and logging are callbacks, so other phases can add their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+from elmforest.model.build import build_model, count_params
+from elmforest.train.batches import WindowSampler
+from elmforest.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from elmforest.train.flops import FLOPS_FORMULA, flops_per_token, matmul_params
+from elmforest.train.schedule import lr_at
+from elmforest.utils.device import autocast, resolve_device, resolve_precision
+from elmforest.utils.io import read_json, write_json_atomic
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+    def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
+
+
+class ProgressBar(Callback):
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def on_train_start(self, trainer):
+        self.bar = tqdm(
+            total=trainer.cfg.train.steps,
+            initial=trainer.step,
+            desc=trainer.run_dir.name,
+            unit="step",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+        )
+
+    def on_log(self, trainer, m):
+        self.bar.update(m["step"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
+
+    def on_train_end(self, trainer, summary):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class JsonlLogger(Callback):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_start(self, trainer):
+        # Drop lines past the resumed step: they belong to work the crash threw away.
+        if self.path.exists():
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= trainer.step
+            ]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.path)
+
+    def on_log(self, trainer, m):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    run_dir: Path
+    callbacks: list[Callback] = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        self.step = 0
+        self.tokens = 0
+
+    # -- setup -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.shards:
+            raise ValueError(
+                "data.shards is not set: point it at a shards directory (elmforest shards build)"
+            )
+        self.shards = Shards(cfg.data.shards)
+        self.tokenizer = load_tokenizer(self.shards.root)
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
+        self.model.to(self.device)
+        self.model.train()
+        self.n_params = count_params(self.model)
+        self.flops_per_token = flops_per_token(self.model, cfg.train.seq_len)
+        self.sampler = WindowSampler(
+            self.shards,
+            cfg.data.domains,
+            cfg.data.split,
+            cfg.train.seq_len,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            cfg.data.mixture,
+        )
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            foreach=self.device.type == "cuda" or None,
+        )
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+
+    def _check_config(self) -> None:
+        saved = self.run_dir / "run_config.json"
+        if saved.exists():
+            old = read_json(saved)
+            if old != self.cfg.to_dict():
+                diff = _diff(old, self.cfg.to_dict())
+                raise ValueError(
+                    f"{self.run_dir} holds a run with a different config ({diff}); "
+                    "use a new run directory or the same config to resume"
+                )
+        else:
+            write_json_atomic(saved, self.cfg.to_dict())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        summary_path = self.run_dir / "summary.json"
+        self._check_config()
+        if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
+            return read_json(summary_path)  # complete: nothing to do
+        self._setup()
+        ckpt_root = self.run_dir / "checkpoints"
+        wall_before = 0.0
+        ckpts = list_checkpoints(ckpt_root)
+        if ckpts:
+            st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
+            self.step, self.tokens, wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
+        callbacks = [ProgressBar(self.progress), JsonlLogger(self.run_dir / "metrics.jsonl"), *self.callbacks]
+        for cb in callbacks:
+            cb.on_train_start(self)
+
+        tc = self.cfg.train
+        tokens_per_step = tc.tokens_per_step
+        t_start = t_log = time.perf_counter()
+        tokens_at_log = self.tokens
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        last_loss = math.nan
+        while self.step < tc.steps:
+            lr = lr_at(self.step, tc.steps, self.cfg.optim)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            for micro in range(tc.grad_accum):
+                batch = self.sampler.batch(self.step, micro).to(self.device, non_blocking=True)
+                with autocast(self.device, self.amp_dtype):
+                    logits = self.forward(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+            if self.cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            else:
+                grad_norm = None
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += tokens_per_step
+            is_last = self.step == tc.steps
+            if self.step % tc.log_every == 0 or is_last:
+                now = time.perf_counter()
+                last_loss = (loss_sum / loss_count).item()
+                m = {
+                    "step": self.step,
+                    "loss": last_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": self.tokens,
+                    "flops": self.tokens * self.flops_per_token,
+                    "tokens_per_s": (self.tokens - tokens_at_log) / max(now - t_log, 1e-9),
+                    "elapsed_s": wall_before + now - t_start,
+                }
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss is {last_loss} at step {self.step}; lower optim.lr?")
+                for cb in callbacks:
+                    cb.on_log(self, m)
+                t_log, tokens_at_log = now, self.tokens
+                loss_sum.zero_()
+                loss_count = 0
+            if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or is_last:
+                state = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "flops": self.tokens * self.flops_per_token,
+                    "wall_s": wall_before + time.perf_counter() - t_start,
+                    "scheduler": {"type": self.cfg.optim.schedule, "step": self.step},
+                    "data": {"sampler": "random_windows", "next_step": self.step},
+                    "config": self.cfg.to_dict(),
+                }
+                path = save_checkpoint(ckpt_root, self.model, self.opt, state, tc.keep_checkpoints)
+                for cb in callbacks:
+                    cb.on_checkpoint(self, path)
+
+        self._save_final()
+        summary = {
+            "steps": self.step,
+            "tokens": self.tokens,
+            "flops": self.tokens * self.flops_per_token,
+            "flops_per_token": self.flops_per_token,
+            "flops_formula": FLOPS_FORMULA,
+            "params": self.n_params,
+            "matmul_params": matmul_params(self.model),
+            "seq_len": tc.seq_len,
+            "tokens_per_step": tokens_per_step,
+            "final_loss": last_loss,
+            "wall_s": wall_before + time.perf_counter() - t_start,
+            "device": str(self.device),
+            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
+            "domains": self.sampler.domains,
+        }
+        write_json_atomic(summary_path, summary)
+        for cb in callbacks:
+            cb.on_train_end(self, summary)
+        return summary
+
+    def _save_final(self) -> None:
+        final = self.run_dir / "model"
+        tmp = self.run_dir / f".model.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(str(tmp), safe_serialization=True)
+        save_tokenizer(self.tokenizer, tmp)
+        write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _diff(va, vb, f"{prefix}{k}.")
+            if d:
+                out.append(d)
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return "; ".join(out)
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, progress: bool = True, callbacks: list[Callback] | None = None
+) -> dict:
+    return Trainer(cfg, Path(run_dir), callbacks or [], progress).fit()
