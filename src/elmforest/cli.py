@@ -14,9 +14,17 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-small", help="model + training preset (see `elmforest presets`)")
     p.add_argument("--config", help="a run_config.json to start from instead of the preset's defaults")
     p.add_argument("--init-from", help="a local HF causal-LM checkpoint to start from (its weights)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from --init-from")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=200 --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom model code from --init-from"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=200 --set optim.lr=1e-3 (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -43,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shards", help="tokenized shards").add_subparsers(dest="shards_cmd", required=True)
     sb = sh.add_parser("build", help="tokenize data once into memory-mapped shards per domain and split")
     sb.add_argument("--data", required=True)
-    sb.add_argument("--tokenizer", required=True, help="a tokenizer dir, tokenizer.json, or local HF checkpoint")
+    sb.add_argument(
+        "--tokenizer", required=True, help="a tokenizer dir, tokenizer.json, or local HF checkpoint"
+    )
     sb.add_argument("--out", required=True)
     sb.add_argument("--valid-frac", type=float, default=0.05)
     sb.add_argument("--test-frac", type=float, default=0.05)
@@ -61,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="a run directory or HF checkpoint directory")
     ev.add_argument("--data", required=True, help="a shards dir, or JSONL / Parquet / folder of .txt")
     ev.add_argument("--json", help="write the result here")
-    ev.add_argument("--split", help="train|valid|test (default test for shards) or all (default for raw data)")
+    ev.add_argument(
+        "--split", help="train|valid|test (default test for shards) or all (default for raw data)"
+    )
     ev.add_argument("--domains", help="comma-separated subset")
     ev.add_argument("--max-tokens", type=int, help="per domain, rounded to whole documents")
     ev.add_argument("--seq-len", type=int)
@@ -114,13 +126,20 @@ def _dispatch(args) -> int:
     if args.cmd == "corpus":
         from elmforest.data.demo import build_demo_corpus
 
-        build_demo_corpus(args.out, domains=_split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes)
+        build_demo_corpus(
+            args.out, domains=_split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes
+        )
         return 0
     if args.cmd == "tokenizer":
         from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
 
-        tok, stats = train_bpe_on(args.data, args.vocab_size, args.sample_bytes_per_domain,
-                                  valid_frac=args.valid_frac, test_frac=args.test_frac)
+        tok, stats = train_bpe_on(
+            args.data,
+            args.vocab_size,
+            args.sample_bytes_per_domain,
+            valid_frac=args.valid_frac,
+            test_frac=args.test_frac,
+        )
         save_tokenizer(tok, args.out)
         print(f"read {stats.summary()}")
         print(f"tokenizer: {tok.vocab_size} tokens, EOS id {tok.eos_id} -> {args.out}/tokenizer.json")
@@ -132,29 +151,48 @@ def _dispatch(args) -> int:
         if args.shards_cmd == "show":
             print(json.dumps(Shards(args.dir).index, indent=2))
             return 0
-        rep = build_shards(args.data, args.tokenizer, args.out, SplitSpec(args.valid_frac, args.test_frac),
-                           overwrite=args.overwrite, progress=not args.no_progress)
+        rep = build_shards(
+            args.data,
+            args.tokenizer,
+            args.out,
+            SplitSpec(args.valid_frac, args.test_frac),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
         _print_read(rep.read)
-        print(f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
-              f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}")
+        print(
+            f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
+            f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}"
+        )
         return 0
     if args.cmd == "train":
         from elmforest.train.trainer import train
 
         cfg = _run_config(args)
         summary = train(cfg, args.out, progress=not args.no_progress)
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
-              f"final loss {summary['final_loss']:.4f} -> {args.out}/model")
+        print(
+            f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
+            f"final loss {summary['final_loss']:.4f} -> {args.out}/model"
+        )
         return 0
     if args.cmd == "eval":
         from elmforest.eval.bpb import evaluate
         from elmforest.eval.report import print_table
         from elmforest.utils.io import write_json_atomic
 
-        res = evaluate(args.model, args.data, split=args.split, domains=_split_list(args.domains),
-                       seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                       device=args.device, precision=args.precision, progress=not args.no_progress,
-                       trust_remote_code=args.trust_remote_code)
+        res = evaluate(
+            args.model,
+            args.data,
+            split=args.split,
+            domains=_split_list(args.domains),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            device=args.device,
+            precision=args.precision,
+            progress=not args.no_progress,
+            trust_remote_code=args.trust_remote_code,
+        )
         if "read" in res:
             _print_read(res["read"])
         print_table({"model": res})
@@ -165,14 +203,21 @@ def _dispatch(args) -> int:
         from elmforest.model.presets import PRESETS
 
         for p in PRESETS.values():
-            print(f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
-                  f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}")
+            print(
+                f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
+                f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}"
+            )
         return 0
     if args.cmd == "quickstart":
         from elmforest.quickstart import quickstart
 
-        quickstart(args.out, preset=args.preset, domains=_split_list(args.domains), overrides=args.overrides,
-                   progress=not args.no_progress)
+        quickstart(
+            args.out,
+            preset=args.preset,
+            domains=_split_list(args.domains),
+            overrides=args.overrides,
+            progress=not args.no_progress,
+        )
         return 0
     raise AssertionError(args.cmd)
 
@@ -182,7 +227,8 @@ def _print_read(read: dict) -> None:
     line = f"read {read['documents']} documents from {read['files']} file(s)"
     if skipped:
         line += f"; skipped {sum(skipped.values())} bad record(s): " + ", ".join(
-            f"{k}={v}" for k, v in sorted(skipped.items()))
+            f"{k}={v}" for k, v in sorted(skipped.items())
+        )
     print(line)
 
 

@@ -19,8 +19,14 @@ from elmforest.train.trainer import train
 from elmforest.utils.io import read_json, write_json_atomic
 
 
-def quickstart(out: str | Path = "quickstart", preset: str = "cpu-small", domains: list[str] | None = None,
-               overrides: list[str] | tuple = (), progress: bool = True, corpus: str | Path | None = None) -> dict:
+def quickstart(
+    out: str | Path = "quickstart",
+    preset: str = "cpu-small",
+    domains: list[str] | None = None,
+    overrides: list[str] | tuple = (),
+    progress: bool = True,
+    corpus: str | Path | None = None,
+) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data) replaces the demo corpus."""
     out = Path(out)
     p = get_preset(preset)
@@ -54,18 +60,25 @@ def quickstart(out: str | Path = "quickstart", preset: str = "cpu-small", domain
     cfg.data.domains = domains
     cfg = apply_overrides(cfg, list(overrides))
     run_dir = out / "runs" / "dense"
-    print(f"[4/5] training the dense LM ({preset}, {cfg.train.steps} steps of {cfg.train.tokens_per_step:,} tokens)"
-          f" -> {run_dir}")
+    print(
+        f"[4/5] training the dense LM ({preset}, {cfg.train.steps} steps of {cfg.train.tokens_per_step:,} tokens)"
+        f" -> {run_dir}"
+    )
     summary = train(cfg, run_dir, progress=progress)
 
     print("[5/5] evaluating bits per byte on each domain's test split")
-    res = evaluate(run_dir, shards_dir, split="test", domains=domains, batch_size=cfg.train.batch_size,
-                   progress=progress)
+    res = evaluate(
+        run_dir, shards_dir, split="test", domains=domains, batch_size=cfg.train.batch_size, progress=progress
+    )
     write_json_atomic(out / "eval" / "dense.json", res)
-    results = {"methods": {"dense": res}, "compute": {"dense_flops": summary["flops"],
-                                                       "dense_tokens": summary["tokens"]}}
+    results = {
+        "methods": {"dense": res},
+        "compute": {"dense_flops": summary["flops"], "dense_tokens": summary["tokens"]},
+    }
     write_json_atomic(out / "results.json", results)
     print_table(results["methods"])
-    print(f"dense: {summary['params']:,} parameters, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs; "
-          f"total {time.perf_counter() - t0:.0f}s; results in {out / 'results.json'}")
+    print(
+        f"dense: {summary['params']:,} parameters, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs; "
+        f"total {time.perf_counter() - t0:.0f}s; results in {out / 'results.json'}"
+    )
     return results

@@ -138,8 +138,13 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
     raise ValueError(f"{directory}: cannot determine the tokenizer's EOS token")
 
 
-def train_bpe_on(data: str | os.PathLike, vocab_size: int, bytes_per_domain: int = 1_000_000,
-                 valid_frac: float = 0.05, test_frac: float = 0.05):
+def train_bpe_on(
+    data: str | os.PathLike,
+    vocab_size: int,
+    bytes_per_domain: int = 1_000_000,
+    valid_frac: float = 0.05,
+    test_frac: float = 0.05,
+):
     """Train a BPE on the *training split* of `data` only, so held-out text never shapes the vocabulary."""
     from elmforest.data.readers import ReadStats, iter_documents
     from elmforest.data.splits import SplitSpec

@@ -58,8 +58,17 @@ def windows(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def stream_nll(model, stream: np.ndarray, eos_id: int, seq_len: int, batch_size: int, device: torch.device,
-               amp_dtype: torch.dtype | None, progress: bool = False, desc: str = "eval") -> float:
+def stream_nll(
+    model,
+    stream: np.ndarray,
+    eos_id: int,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> float:
     """Summed NLL (nats) of every token of `stream` given the tokens before it in its window."""
     x, y = windows(stream, eos_id, seq_len)
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -67,8 +76,8 @@ def stream_nll(model, stream: np.ndarray, eos_id: int, seq_len: int, batch_size:
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         with autocast(device, amp_dtype):
             logits = model(input_ids=xb).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-100,
-                                 reduction="sum").double()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-100, reduction="none")
+        total += nll.double().sum()  # float64 accumulation: millions of tokens lose no precision
     return float(total)
 
 
@@ -79,9 +88,18 @@ def select_documents(docs: np.ndarray, max_tokens: int | None) -> tuple[int, int
     return n, int(ends[n - 1]), int(nbytes[:n].sum())
 
 
-def evaluate_shards(model, shards: Shards, split: str = "test", domains: list[str] | None = None,
-                    seq_len: int = 256, batch_size: int = 16, max_tokens: int | None = None,
-                    device: str = "auto", precision: str = "auto", progress: bool = True) -> dict:
+def evaluate_shards(
+    model,
+    shards: Shards,
+    split: str = "test",
+    domains: list[str] | None = None,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict:
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).eval()
@@ -94,8 +112,14 @@ def evaluate_shards(model, shards: Shards, split: str = "test", domains: list[st
         stream = shards.tokens(d, split)[:n_tok]
         nll = stream_nll(model, stream, shards.eos_id, seq_len, batch_size, dev, amp, progress, desc=d)
         sc = StreamScore(nll, n_tok, n_bytes + n_docs)
-        out[d] = {"bpb": sc.bpb, "ppl": sc.ppl, "tokens": sc.tokens, "bytes": sc.bytes, "documents": n_docs,
-                  "nll_nats": nll}
+        out[d] = {
+            "bpb": sc.bpb,
+            "ppl": sc.ppl,
+            "tokens": sc.tokens,
+            "bytes": sc.bytes,
+            "documents": n_docs,
+            "nll_nats": nll,
+        }
     return {
         "domains": out,
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
@@ -105,10 +129,19 @@ def evaluate_shards(model, shards: Shards, split: str = "test", domains: list[st
     }
 
 
-def evaluate(model_path: str | Path, data: str | Path, split: str | None = None, domains: list[str] | None = None,
-             seq_len: int | None = None, batch_size: int = 16, max_tokens: int | None = None,
-             device: str = "auto", precision: str = "auto", progress: bool = True,
-             trust_remote_code: bool = False) -> dict:
+def evaluate(
+    model_path: str | Path,
+    data: str | Path,
+    split: str | None = None,
+    domains: list[str] | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
     """Evaluate a model (run dir or HF checkpoint) on a shards dir or on raw JSONL/Parquet/txt data.
 
     Raw data is tokenized with the model's own tokenizer into temporary shards; `split` selects
@@ -122,17 +155,39 @@ def evaluate(model_path: str | Path, data: str | Path, split: str | None = None,
     if Shards.is_shards_dir(data):
         shards = Shards(data)
         if shards.tokenizer_fingerprint != tok.fingerprint():
-            raise ValueError(f"{data} was tokenized with a different tokenizer than {mdir}; "
-                             "pass the raw text instead (it is re-tokenized with the model's tokenizer)")
-        result = evaluate_shards(model, shards, split or "test", domains, seq_len, batch_size, max_tokens,
-                                 device, precision, progress)
+            raise ValueError(
+                f"{data} was tokenized with a different tokenizer than {mdir}; "
+                "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
+            )
+        result = evaluate_shards(
+            model,
+            shards,
+            split or "test",
+            domains,
+            seq_len,
+            batch_size,
+            max_tokens,
+            device,
+            precision,
+            progress,
+        )
     else:
         split = split or "all"
         spec = SplitSpec(0.0, 0.0) if split == "all" else SplitSpec()
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress).out)
-            result = evaluate_shards(model, shards, "train" if split == "all" else split, domains, seq_len,
-                                     batch_size, max_tokens, device, precision, progress)
+            result = evaluate_shards(
+                model,
+                shards,
+                "train" if split == "all" else split,
+                domains,
+                seq_len,
+                batch_size,
+                max_tokens,
+                device,
+                precision,
+                progress,
+            )
             result["read"] = shards.index["read"]
         result["split"] = split
     result["model"] = str(mdir)

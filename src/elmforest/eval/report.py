@@ -6,8 +6,9 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_table(results: dict[str, dict], title: str = "bits per byte (lower is better)",
-                console: Console | None = None) -> None:
+def print_table(
+    results: dict[str, dict], title: str = "bits per byte (lower is better)", console: Console | None = None
+) -> None:
     """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...})."""
     console = console or Console()
     domains = sorted({d for r in results.values() for d in r["domains"]})

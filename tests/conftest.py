@@ -1,0 +1,69 @@
+"""Shared fixtures: a small synthetic multi-domain corpus built locally (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+DOMAIN_WORDS = {
+    "scripture": "and the lord said unto moses thou shalt not israel king god people land of".split(),
+    "code": "def return self import class for in if else none true false lambda yield with as".split(),
+    "legal": "license software warranty copyright permission notice holder liability terms shall".split(),
+}
+
+
+def make_corpus(root: Path, docs_per_domain: int = 120, seed: int = 0) -> Path:
+    """One JSONL per domain; texts mix words with punctuation and some non-ASCII characters."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for domain, words in DOMAIN_WORDS.items():
+        with open(root / f"{domain}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(docs_per_domain):
+                n = rng.randint(10, 120)
+                text = " ".join(rng.choice(words) for _ in range(n))
+                if i % 7 == 0:
+                    text += " — café naïve ✓\n" + text[:40]
+                f.write(
+                    json.dumps({"id": f"{domain}/{i}", "domain": domain, "text": text}, ensure_ascii=False)
+                    + "\n"
+                )
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+
+    tok, _ = train_bpe_on(corpus, vocab_size=400, bytes_per_domain=200_000)
+    out = tmp_path_factory.mktemp("tok")
+    save_tokenizer(tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    build_shards(corpus, tokenizer_dir, out, SplitSpec(0.1, 0.1), progress=False)
+    return out
+
+
+def tiny_config(shards: Path, steps: int = 30, **train_kw):
+    from elmforest.model.presets import preset_run_config
+
+    cfg = preset_run_config("tiny", str(shards))
+    cfg.train.steps = steps
+    cfg.train.precision = "fp32"
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg

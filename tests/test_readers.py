@@ -1,0 +1,102 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from elmforest.data.readers import DataError, ReadStats, iter_documents
+
+
+def test_jsonl_bad_records_are_skipped_and_counted(tmp_path):
+    p = tmp_path / "news.jsonl"
+    lines = [
+        json.dumps({"id": "a", "text": "good one"}).encode(),
+        json.dumps({"id": "b"}).encode(),  # missing text
+        json.dumps({"id": "c", "text": "   "}).encode(),  # empty
+        json.dumps({"id": "d", "text": 42}).encode(),  # wrong type
+        b'{"id": "e", "text": "bad \xff\xfe bytes"}',  # invalid UTF-8
+        b"{not json",
+        b'{"id": "f", "text": "lone \\ud800 surrogate"}',  # not encodable as UTF-8
+        json.dumps({"id": "g", "text": "second good", "domain": "sports"}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+    ]
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    stats = ReadStats()
+    docs = list(iter_documents(p, stats))
+    assert [(d.id, d.domain, d.text) for d in docs] == [
+        ("a", "news", "good one"),
+        ("g", "sports", "second good"),
+    ]
+    assert stats.documents == 2
+    assert dict(stats.skipped) == {
+        "missing_text": 1,
+        "empty_text": 1,
+        "wrong_type": 1,
+        "invalid_utf8": 2,
+        "invalid_json": 1,
+        "not_an_object": 1,
+    }
+    assert "skipped 7 bad record(s)" in stats.summary()
+
+
+def test_parquet_streams_and_takes_domain_from_file_name(tmp_path):
+    p = tmp_path / "legal.parquet"
+    table = pa.table({"text": ["one", None, "", "four"] * 300, "id": [str(i) for i in range(1200)]})
+    pq.write_table(table, p, row_group_size=100)
+    stats = ReadStats()
+    docs = list(iter_documents(p, stats))
+    assert len(docs) == 600 and {d.domain for d in docs} == {"legal"}
+    assert docs[0].id == "0" and docs[1].text == "four"
+    assert stats.skipped == {"missing_text": 300, "empty_text": 300}
+
+
+def test_parquet_binary_text_with_invalid_utf8(tmp_path):
+    p = tmp_path / "bin.parquet"
+    pq.write_table(
+        pa.table({"text": pa.array([b"ok", b"\xff\xfe"], type=pa.binary()), "domain": ["x", "y"]}), p
+    )
+    stats = ReadStats()
+    docs = list(iter_documents(p, stats))
+    assert [(d.domain, d.text) for d in docs] == [("x", "ok")]
+    assert stats.skipped == {"invalid_utf8": 1}
+
+
+def test_txt_folder_domains_from_folder_or_file_name(tmp_path):
+    (tmp_path / "poetry").mkdir()
+    (tmp_path / "poetry" / "a.txt").write_text("roses are red")
+    (tmp_path / "poetry" / "b.txt").write_bytes(b"\xff broken")
+    (tmp_path / "notes.txt").write_text("a loose note")
+    stats = ReadStats()
+    docs = sorted(iter_documents(tmp_path, stats), key=lambda d: d.id)
+    assert [(d.id, d.domain) for d in docs] == [("notes.txt", "notes"), ("poetry/a.txt", "poetry")]
+    assert stats.skipped == {"invalid_utf8": 1}
+
+
+def test_unreadable_inputs_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list(iter_documents(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match="broken.parquet"):
+        list(iter_documents(bad))
+    nocol = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), nocol)
+    with pytest.raises(DataError, match="no 'text' column"):
+        list(iter_documents(nocol))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported"):
+        list(iter_documents(tmp_path / "x.csv"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no data files"):
+        list(iter_documents(empty))
+
+
+def test_reading_is_lazy(tmp_path):
+    p = tmp_path / "big.jsonl"
+    with open(p, "w") as f:
+        for i in range(10_000):
+            f.write(json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n")
+    it = iter_documents(p)
+    first = next(it)
+    assert first.text == "doc 0"

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from elmforest.data.readers import iter_documents
+from elmforest.data.shards import Shards, build_shards, token_dtype
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import load_tokenizer
+
+
+def test_shards_equal_direct_tokenization(corpus, tokenizer_dir, shards_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    spec = SplitSpec(0.1, 0.1)
+    sh = Shards(shards_dir)
+    assert sh.tokenizer_fingerprint == tok.fingerprint()
+    assert sh.dtype == np.uint16
+    expected: dict[tuple[str, str], list[int]] = {}
+    nbytes: dict[tuple[str, str], list[int]] = {}
+    for d in iter_documents(corpus):
+        key = (d.domain, spec.assign(d.id))
+        expected.setdefault(key, []).extend(tok.encode_batch([d.text])[0] + [tok.eos_id])
+        nbytes.setdefault(key, []).append(len(d.text.encode("utf-8")))
+    assert {k[0] for k in expected} == set(sh.domains)
+    for (domain, split), ids in expected.items():
+        assert sh.tokens(domain, split).tolist() == ids
+        docs = sh.documents(domain, split)
+        assert docs[:, 1].tolist() == nbytes[(domain, split)]
+        assert docs[-1, 0] == len(ids)
+        # each document's slice ends with EOS and decodes back to its text
+        ends = docs[:, 0]
+        assert all(sh.tokens(domain, split)[e - 1] == tok.eos_id for e in ends)
+        info = sh.info(domain, split)
+        assert info["tokens"] == len(ids) and info["bytes"] == sum(nbytes[(domain, split)])
+    assert {s for (_, s) in expected} == {"train", "valid", "test"}
+
+
+def test_split_assignment_is_stable_and_proportional():
+    spec = SplitSpec(0.1, 0.2)
+    ids = [f"doc-{i}" for i in range(20_000)]
+    a = [spec.assign(i) for i in ids]
+    assert a == [spec.assign(i) for i in ids]
+    assert abs(a.count("test") / len(a) - 0.2) < 0.015
+    assert abs(a.count("valid") / len(a) - 0.1) < 0.015
+    with pytest.raises(ValueError):
+        SplitSpec(0.6, 0.5)
+
+
+def test_existing_output_is_refused_unless_overwrite(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "s"
+    build_shards(corpus, tokenizer_dir, out, progress=False)
+    with pytest.raises(FileExistsError):
+        build_shards(corpus, tokenizer_dir, out, progress=False)
+    build_shards(corpus, tokenizer_dir, out, overwrite=True, progress=False)
+    assert Shards(out).domains and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_failed_build_leaves_nothing(tmp_path, tokenizer_dir):
+    (tmp_path / "data.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(ValueError, match="no usable documents"):
+        build_shards(tmp_path / "data.jsonl", tokenizer_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_dtype_by_vocab_size():
+    assert token_dtype(50_000) == np.uint16
+    assert token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32

@@ -1,0 +1,51 @@
+import json
+
+from transformers import AutoTokenizer
+
+from elmforest.data.readers import iter_documents
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe, train_bpe_on
+
+
+def test_bpe_round_trips_any_utf8(tmp_path):
+    texts = ["hello world", "def f(x):\n    return x  # ok", "café naïve — ✓ 日本語 🙂"] * 20
+    tok = train_bpe(texts, vocab_size=300)
+    assert tok.tokenizer.id_to_token(tok.eos_id) == EOS_TOKEN
+    for t in texts[:3] + ["unseen ☃ \t\r\n text ∑"]:
+        ids = tok.encode_batch([t])[0]
+        assert tok.eos_id not in ids
+        assert tok.decode(ids) == t
+    save_tokenizer(tok, tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.fingerprint() == tok.fingerprint()
+    assert again.encode_batch(texts[:3]) == tok.encode_batch(texts[:3])
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.eos_token_id == tok.eos_id
+    assert hf(texts[2], add_special_tokens=False)["input_ids"] == tok.encode_batch([texts[2]])[0]
+
+
+def test_vocab_size_is_respected(corpus):
+    tok = train_bpe((d.text for d in iter_documents(corpus)), vocab_size=330)
+    assert tok.vocab_size <= 330
+    assert tok.vocab_size > 256 + 1  # merges were learned beyond the byte alphabet
+
+
+def test_tokenizer_is_trained_on_the_training_split_only(tmp_path):
+    spec = SplitSpec()
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(300):
+            held = spec.assign(f"d{i}") != "train"
+            text = "zyzzyvaquux " * 50 if held else "the quick brown fox jumps over the lazy dog " * 5
+            f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+    word = "zyzzyvaquux"
+    train_only, _ = train_bpe_on(tmp_path, vocab_size=400)
+    everything, _ = train_bpe_on(tmp_path, vocab_size=400, valid_frac=0.0, test_frac=0.0)
+    assert len(everything.encode_batch([word])[0]) <= 2  # learned when held-out text is included
+    assert len(train_only.encode_batch([word])[0]) >= 5  # never seen by the training-split tokenizer
+
+
+def test_load_from_run_or_checkpoint_dir(tmp_path, tokenizer_dir):
+    run = tmp_path / "run"
+    save_tokenizer(load_tokenizer(tokenizer_dir), run / "model")
+    (run / "model" / "config.json").write_text('{"eos_token_id": 0}')
+    assert load_tokenizer(run).fingerprint() == load_tokenizer(tokenizer_dir).fingerprint()
