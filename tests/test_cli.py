@@ -144,3 +144,32 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         tmp_path / "qs", preset="tiny", corpus=corpus, overrides=["train.steps=20"], progress=False
     )
     assert again["methods"]["dense"]["mean_bpb"] == res["methods"]["dense"]["mean_bpb"]
+
+
+def test_init_from_checkpoint_with_another_tokenizer_is_refused(shards_dir, corpus, tmp_path, capsys):
+    from elmforest.config import ModelConfig
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.model.build import build_model
+
+    other, _ = train_bpe_on(corpus, vocab_size=300)
+    m = build_model(ModelConfig(preset="tiny"), 512, other.eos_id)
+    m.save_pretrained(tmp_path / "ckpt")
+    save_tokenizer(other, tmp_path / "ckpt")
+    code = main(
+        [
+            "train",
+            "--shards",
+            str(shards_dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--preset",
+            "tiny",
+            "--init-from",
+            str(tmp_path / "ckpt"),
+            "--set",
+            "train.steps=1",
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert "different tokenizer" in capsys.readouterr().err

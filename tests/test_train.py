@@ -155,3 +155,42 @@ def test_lr_schedule_shapes():
     o.schedule = "bogus"
     with pytest.raises(ValueError):
         lr_at(50, 100, o)
+
+
+def test_grad_accumulation_equals_one_big_batch(shards_dir, tmp_path):
+    """One step with 2 micro-batches of 4 == one AdamW step on the gradient of those 8 sequences."""
+    from elmforest.train.batches import WindowSampler
+
+    cfg = tiny_config(shards_dir, steps=1, batch_size=4, grad_accum=2, log_every=1)
+    cfg.optim.grad_clip = 0.0
+    cfg.optim.warmup_frac = 0.0
+    cfg.optim.schedule = "constant"
+    # Adam's first step is ~lr*sign(g): a large eps makes it ~lr*g, so float summation order can't flip it
+    cfg.optim.eps, cfg.optim.lr = 1.0, 1.0
+    train(cfg, tmp_path / "run", progress=False)
+    got = _weights(tmp_path / "run")
+
+    sh = Shards(shards_dir)
+    model = build_model(cfg.model, sh.vocab_size, sh.eos_id, seed=cfg.train.seed)
+    s = WindowSampler(sh, None, "train", cfg.train.seq_len, 4, cfg.train.seed)
+    big = torch.cat([s.batch(0, 0), s.batch(0, 1)])
+    logits = model(input_ids=big[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), big[:, 1:].flatten()).backward()
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+    opt.step()
+    want = model.state_dict()
+    for k, v in got.items():
+        assert torch.allclose(v, want[k], atol=1e-6, rtol=0), k
+    # and the step really moved the weights (so the comparison above is not vacuous)
+    init = build_model(cfg.model, sh.vocab_size, sh.eos_id, seed=cfg.train.seed).state_dict()
+    assert not torch.allclose(
+        got["model.layers.0.mlp.up_proj.weight"], init["model.layers.0.mlp.up_proj.weight"]
+    )

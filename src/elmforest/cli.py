@@ -115,6 +115,9 @@ def _run_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
     try:
         return _dispatch(args)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:

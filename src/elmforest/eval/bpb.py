@@ -107,7 +107,7 @@ def evaluate_shards(
     if not names:
         raise ValueError(f"{shards.root}: no domain has a {split!r} split")
     out = {}
-    for d in tqdm(names, desc="domains", disable=not progress):
+    for d in names:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
         stream = shards.tokens(d, split)[:n_tok]
         nll = stream_nll(model, stream, shards.eos_id, seq_len, batch_size, dev, amp, progress, desc=d)

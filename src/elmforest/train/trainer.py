@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.model.build import build_model, count_params
+from elmforest.model.build import build_model, count_params, resolve_model_dir
 from elmforest.train.batches import WindowSampler
 from elmforest.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from elmforest.train.flops import FLOPS_FORMULA, flops_per_token, matmul_params
@@ -110,6 +110,8 @@ class Trainer:
             )
         self.shards = Shards(cfg.data.shards)
         self.tokenizer = load_tokenizer(self.shards.root)
+        if cfg.model.init_from:
+            _check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
@@ -264,6 +266,19 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+
+
+def _check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -> None:
+    """A checkpoint trained with another tokenizer would read the shards' ids as different tokens."""
+    try:
+        theirs = load_tokenizer(resolve_model_dir(model_dir))
+    except (ValueError, FileNotFoundError):
+        return  # the checkpoint ships no tokenizer: nothing to compare against
+    if theirs.fingerprint() != fingerprint:
+        raise ValueError(
+            f"{model_dir} uses a different tokenizer than the shards in {shards_root}; "
+            f"build the shards with --tokenizer {model_dir}"
+        )
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:

@@ -1,0 +1,35 @@
+"""Shared set-up for the benchmarks: synthetic data built locally, so they run anywhere offline."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+def synthetic_corpus(root: Path, n_docs: int = 3000, seed: int = 0) -> Path:
+    """Text with a large random lexicon, so a BPE can fill a few-thousand-token vocabulary."""
+    rng = random.Random(seed)
+    sy = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "gu", "ba", "ze", "fo", "vi", "ch", "qu"]
+    lexicon = ["".join(rng.choice(sy) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    root.mkdir(parents=True, exist_ok=True)
+    for dom in ("alpha", "beta"):
+        with open(root / f"{dom}.jsonl", "w") as f:
+            for i in range(n_docs // 2):
+                text = " ".join(rng.choice(lexicon) for _ in range(rng.randint(50, 400)))
+                f.write(json.dumps({"id": f"{dom}/{i}", "text": text}) + "\n")
+    return root
+
+
+def synthetic_shards(work: Path, vocab_size: int) -> Path:
+    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+
+    shards = work / "shards"
+    if Shards.is_shards_dir(shards):
+        return shards
+    corpus = synthetic_corpus(work / "corpus")
+    tok, _ = train_bpe_on(corpus, vocab_size)
+    save_tokenizer(tok, work / "tok")
+    build_shards(corpus, tok, shards, progress=False)
+    return shards
