@@ -63,3 +63,18 @@ def test_local_checkpoint_with_remote_code_is_refused(tmp_path):
         cfg.pop("auto_map")
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         load_model(tmp_path, vocab_size=1000)
+
+
+def test_config_validation_catches_nonsense():
+    cfg = preset_run_config("tiny", "/data/shards")
+    for bad in [
+        "train.grad_accum=0",
+        "train.log_every=0",
+        "optim.lr=-1",
+        "optim.schedule=wavy",
+        "train.precision=fp8",
+        "data.mixture=weird",
+    ]:
+        with pytest.raises(ValueError, match="invalid config"):
+            apply_overrides(cfg, [bad])
+    assert apply_overrides(cfg, ["data.shards=123"]).data.shards == "123"  # a string field stays a string

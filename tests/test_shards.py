@@ -64,3 +64,26 @@ def test_dtype_by_vocab_size():
     assert token_dtype(50_000) == np.uint16
     assert token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32
+
+
+def test_overwrite_refuses_a_folder_that_is_not_shards(corpus, tokenizer_dir, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(FileExistsError, match="not a shards directory"):
+        build_shards(corpus, tokenizer_dir, precious, overwrite=True, progress=False)
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+
+
+def test_domain_folder_names_never_collide(tmp_path, tokenizer_dir):
+    import json
+
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i, dom in enumerate(["Legal", "legal", "index.json", "a/b", "a_b"] * 3):
+            f.write(json.dumps({"id": f"{i}", "domain": dom, "text": f"text number {i} of {dom}"}) + "\n")
+    sh = Shards(
+        build_shards(tmp_path / "d.jsonl", tokenizer_dir, tmp_path / "s", SplitSpec(0, 0), progress=False).out
+    )
+    folders = [sh.index["domains"][d]["folder"].casefold() for d in sh.domains]
+    assert len(set(folders)) == 5 and "index.json" not in folders
+    assert all(sh.info(d, "train")["documents"] == 3 for d in sh.domains)

@@ -49,3 +49,13 @@ def test_load_from_run_or_checkpoint_dir(tmp_path, tokenizer_dir):
     save_tokenizer(load_tokenizer(tokenizer_dir), run / "model")
     (run / "model" / "config.json").write_text('{"eos_token_id": 0}')
     assert load_tokenizer(run).fingerprint() == load_tokenizer(tokenizer_dir).fingerprint()
+
+
+def test_saved_truncation_and_padding_are_ignored(tmp_path):
+    """An HF checkpoint's tokenizer.json may carry max_length truncation: documents must stay whole."""
+    tok = train_bpe(["some words to learn from"] * 10, vocab_size=300)
+    tok.tokenizer.enable_truncation(4)
+    tok.tokenizer.enable_padding(length=64)
+    save_tokenizer(tok, tmp_path)
+    ids = load_tokenizer(tmp_path).encode_batch(["a much longer document than four tokens, surely"])[0]
+    assert len(ids) > 10 and load_tokenizer(tmp_path).decode(ids).startswith("a much longer")

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import random
 import signal
@@ -194,3 +195,40 @@ def test_grad_accumulation_equals_one_big_batch(shards_dir, tmp_path):
     assert not torch.allclose(
         got["model.layers.0.mlp.up_proj.weight"], init["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+def test_pause_and_continue_from_another_runs_checkpoint(shards_dir, tmp_path):
+    """stop_at pauses a run; init_checkpoint continues weights, Adam moments and LR schedule exactly."""
+    full = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=6)
+    train(full, tmp_path / "full", progress=False)
+
+    paused = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=6)
+    paused.train.stop_at = 6
+    out = train(paused, tmp_path / "paused", progress=False)
+    assert out["stopped_at"] == 6 and not (tmp_path / "paused" / "model").exists()
+
+    # a second run (another directory, as an expert would be) continues from the paused run's step 6
+    cont = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=6)
+    cont.train.init_checkpoint = out["checkpoint"]
+    s = train(cont, tmp_path / "cont", progress=False)
+    assert s["start_step"] == 6 and s["tokens"] == 6 * cont.train.tokens_per_step
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cont")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # and the paused run itself finishes when asked again without stop_at
+    paused.train.stop_at = None
+    train(paused, tmp_path / "paused", progress=False)
+    c = _weights(tmp_path / "paused")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_torn_metrics_line_does_not_block_resume(shards_dir, tmp_path):
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.stop_at = 4
+    train(cfg, tmp_path / "run", progress=False)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a write cut short by a crash
+    cfg.train.stop_at = None
+    s = train(cfg, tmp_path / "run", progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8] and math.isfinite(s["final_loss"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
     try:
         return _dispatch(args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"elmforest: error: {e}", file=sys.stderr)
+    except (
+        DataError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+        FloatingPointError,
+        RuntimeError,
+    ) as e:
+        if os.environ.get("ELMFOREST_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"elmforest: error: {msg}  (set ELMFOREST_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     compile: bool = False
+    # A trainer checkpoint (…/checkpoints/step-N) of another run to continue from: its weights, optimizer
+    # state and step (so the LR schedule continues), while data and batch size may differ (BTM branching).
+    init_checkpoint: str | None = None
+    stop_at: int | None = None  # pause here (checkpoint, no final model); run again without it to finish
 
     @property
     def tokens_per_step(self) -> int:
@@ -78,7 +83,40 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return from_dict(cls, d)
+        cfg = from_dict(cls, d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Catch values that would only fail (or silently misbehave) deep inside training."""
+        t, o = self.train, self.optim
+        checks = [
+            (t.steps >= 1, "train.steps must be >= 1"),
+            (
+                t.batch_size >= 1 and t.grad_accum >= 1 and t.seq_len >= 1,
+                "train.batch_size, train.grad_accum and train.seq_len must be >= 1",
+            ),
+            (t.log_every >= 1, "train.log_every must be >= 1"),
+            (
+                t.ckpt_every >= 0 and t.keep_checkpoints >= 1,
+                "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
+            ),
+            (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
+            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (math.isfinite(o.lr) and o.lr > 0, "optim.lr must be a positive number"),
+            (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+            (0 <= o.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
+            (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1 and o.eps > 0, "optim betas must be in [0, 1), eps > 0"),
+            (o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0"),
+            (
+                o.schedule in ("cosine", "linear", "constant"),
+                "optim.schedule must be cosine, linear or constant",
+            ),
+            (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("invalid config: " + "; ".join(bad))
 
 
 def from_dict(cls, d: dict, where: str = ""):
@@ -155,5 +193,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
+            value = raw  # a path or name that happens to look like a number
         node[parts[-1]] = value
     return RunConfig.from_dict(d)

@@ -77,7 +77,11 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
             raise DataError(f"{p}: unsupported file type (expected one of {', '.join(SUPPORTED)})")
         return [p]
     files = sorted(
-        f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUPPORTED) and not f.name.startswith(".")
+        f
+        for f in p.rglob("*")
+        if f.is_file()
+        and f.name.endswith(SUPPORTED)
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)  # hidden files and folders
     )
     # A corpus folder's manifest.json is metadata, not data.
     files = [f for f in files if f.name != "manifest.json"]
@@ -132,7 +136,7 @@ def _read_jsonl(path: Path, stats: ReadStats) -> Iterator[Document]:
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 stats.skipped["invalid_utf8"] += 1
                 continue
@@ -159,7 +163,7 @@ def _read_parquet(path: Path, stats: ReadStats, batch_size: int = 1024) -> Itera
         raise DataError(f"{path}: Parquet file has no 'text' column (columns: {sorted(names)})")
     columns = [c for c in ("id", "domain", "text") if c in names]
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    for batch in _batches(pf, path, batch_size, columns):
         cols = {}
         for c in columns:
             arr = batch.column(c)
@@ -177,6 +181,18 @@ def _read_parquet(path: Path, stats: ReadStats, batch_size: int = 1024) -> Itera
             doc = _check_record(rec, stats, domain, f"{domain}:{row}")
             if doc is not None:
                 yield doc
+
+
+def _batches(pf, path: Path, batch_size: int, columns: list[str]):
+    it = pf.iter_batches(batch_size=batch_size, columns=columns)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # a corrupt row group part-way through the file
+            raise DataError(f"{path}: cannot read Parquet data ({e})") from e
+        yield batch
 
 
 class _InvalidUtf8:

@@ -85,8 +85,11 @@ def build_shards(
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        if not (Shards.is_shards_dir(out) or (out.is_dir() and not any(out.iterdir()))):
+            raise FileExistsError(f"{out} exists and is not a shards directory; refusing to overwrite it")
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
@@ -154,9 +157,11 @@ def build_shards(
             "domains": domains,
         }
         write_json_atomic(staging / "index.json", index)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
-            shutil.rmtree(out)
+            os.rename(out, old)  # the old set steps aside whole, so `out` is never half deleted
         os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         for w in writers.values():
             if not w.f.closed:
@@ -166,11 +171,14 @@ def build_shards(
     return BuildReport(str(out), stats.to_dict(), time.perf_counter() - t0, text_bytes, total_tokens)
 
 
+_RESERVED = {"index.json", "tokenizer.json", "tokenizer_config.json"}
+
+
 def _unique_folder(domain: str, folders: dict[str, str]) -> str:
     base = safe_name(domain)
-    taken = set(folders.values())
+    taken = {f.casefold() for f in folders.values()} | _RESERVED  # case-insensitive file systems
     name, i = base, 1
-    while name in taken:
+    while name.casefold() in taken:
         i += 1
         name = f"{base}_{i}"
     return name

@@ -98,7 +98,7 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     if tj.is_file():
         tok = Tokenizer.from_file(str(tj))
         eos_id = _find_eos(tok, p if p.is_dir() else p.parent)
-        return LoadedTokenizer(tok, eos_id)
+        return LoadedTokenizer(_whole_documents(tok), eos_id)
     if p.is_dir():
         # A checkpoint with only a slow tokenizer: let transformers convert it, offline.
         from transformers import AutoTokenizer
@@ -109,8 +109,15 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
             raise ValueError(f"{p}: no usable tokenizer ({e})") from e
         if hf.eos_token_id is None:
             raise ValueError(f"{p}: tokenizer defines no EOS token")
-        return LoadedTokenizer(hf.backend_tokenizer, int(hf.eos_token_id))
+        return LoadedTokenizer(_whole_documents(hf.backend_tokenizer), int(hf.eos_token_id))
     raise ValueError(f"{p}: no tokenizer.json found")
+
+
+def _whole_documents(tok: Tokenizer) -> Tokenizer:
+    """Checkpoints may ship truncation/padding settings; documents must be tokenized whole."""
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def _find_eos(tok: Tokenizer, directory: Path) -> int:

@@ -44,17 +44,41 @@ class StreamScore:
         return math.exp(self.nll / self.tokens)
 
 
+def n_windows(n_tokens: int, seq_len: int) -> int:
+    return max(1, math.ceil(n_tokens / seq_len))
+
+
+def window_batch(stream: np.ndarray, eos_id: int, seq_len: int, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [len(ids), seq_len] of the given windows, sliced lazily from a (memmapped) stream.
+
+    Window w predicts stream[w*T : (w+1)*T] from the token before each; the token before the very
+    first is EOS. Padding targets past the end of the stream are -100 (ignored).
+    """
+    n = len(stream)
+    x = np.full((len(ids), seq_len), eos_id, dtype=np.int64)
+    y = np.full((len(ids), seq_len), -100, dtype=np.int64)
+    for row, w in enumerate(ids):
+        lo, hi = w * seq_len, min((w + 1) * seq_len, n)
+        tgt = np.asarray(stream[lo:hi], dtype=np.int64)
+        y[row, : len(tgt)] = tgt
+        if lo > 0:
+            x[row, 0] = stream[lo - 1]
+        x[row, 1 : len(tgt)] = tgt[:-1]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 def windows(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets [n_windows, seq_len]; padding targets are -100 (ignored)."""
-    s = np.concatenate([[eos_id], np.asarray(stream, dtype=np.int64)])
-    n_pred = len(s) - 1
-    n_win = max(1, math.ceil(n_pred / seq_len))
-    padded = np.full(n_win * seq_len + 1, eos_id, dtype=np.int64)
-    padded[: len(s)] = s
-    x = torch.from_numpy(padded[:-1].reshape(n_win, seq_len).copy())
-    y = torch.from_numpy(padded[1:].reshape(n_win, seq_len).copy())
-    y.view(-1)[n_pred:] = -100
-    return x, y
+    """All windows of a stream at once (small streams and tests)."""
+    return window_batch(stream, eos_id, seq_len, range(n_windows(len(stream), seq_len)))
+
+
+def token_logprobs(model, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """log p(y_t | x_<=t) as float32 [batch, seq_len]; 0 where the target is padding."""
+    with autocast(x.device, amp_dtype):
+        logits = model(input_ids=x).logits
+    return -F.cross_entropy(
+        logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(y)
 
 
 @torch.no_grad()
@@ -70,14 +94,12 @@ def stream_nll(
     desc: str = "eval",
 ) -> float:
     """Summed NLL (nats) of every token of `stream` given the tokens before it in its window."""
-    x, y = windows(stream, eos_id, seq_len)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        with autocast(device, amp_dtype):
-            logits = model(input_ids=xb).logits
-        nll = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-100, reduction="none")
-        total += nll.double().sum()  # float64 accumulation: millions of tokens lose no precision
+    nw = n_windows(len(stream), seq_len)
+    for i in tqdm(range(0, nw, batch_size), desc=desc, disable=not progress, leave=False):
+        x, y = window_batch(stream, eos_id, seq_len, range(i, min(i + batch_size, nw)))
+        lp = token_logprobs(model, x.to(device), y.to(device), amp_dtype)
+        total -= lp.double().sum()  # float64 accumulation: millions of tokens lose no precision
     return float(total)
 
 
@@ -125,6 +147,9 @@ def evaluate_shards(
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
         "split": split,
         "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "device": str(dev),
+        "precision": str(amp or torch.float32).replace("torch.", ""),
         "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
     }
 
@@ -173,7 +198,7 @@ def evaluate(
         )
     else:
         split = split or "all"
-        spec = SplitSpec(0.0, 0.0) if split == "all" else SplitSpec()
+        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress).out)
             result = evaluate_shards(
@@ -193,6 +218,18 @@ def evaluate(
     result["model"] = str(mdir)
     result["data"] = str(data)
     return result
+
+
+def training_split_spec(mdir: Path) -> SplitSpec:
+    """The split fractions the model's training shards used, so raw-data `test` means the same documents."""
+    run_cfg = mdir / "elmforest_run.json"
+    if run_cfg.is_file():
+        import json
+
+        shards = json.loads(run_cfg.read_text())["data"]["shards"]
+        if shards and Shards.is_shards_dir(shards):
+            return SplitSpec(**Shards(shards).index["split"])
+    return SplitSpec()
 
 
 def _default_seq_len(mdir: Path, model) -> int:

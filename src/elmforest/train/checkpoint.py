@@ -22,6 +22,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from elmforest.utils.io import write_json_atomic
 
 PREFIX = "step-"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,18 +60,15 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda_{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return tensors, {}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["rng.torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda_")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 def save_checkpoint(
@@ -89,7 +87,9 @@ def save_checkpoint(
     write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta})
     _fsync_dir(tmp)
     if final.exists():  # a previous attempt reached this step: replace it
-        shutil.rmtree(final)
+        trash = final.with_name(f".trash-{final.name}")
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)
     prune_checkpoints(ckpt_root, keep)
     return final
@@ -106,20 +106,27 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove leftovers of writes or deletions that were killed (one writer per run directory)."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
-    for p in ckpt_root.iterdir():  # leftovers of writes that were killed
-        if p.name.startswith(f".{PREFIX}") and p.name.split(".tmp-")[-1] != str(os.getpid()):
-            shutil.rmtree(p, ignore_errors=True)
     ckpts = list_checkpoints(ckpt_root)
     for p in ckpts[: max(0, len(ckpts) - max(1, keep))]:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = p.with_name(f".trash-{p.name}")
+        os.rename(p, trash)  # leaves the set of complete checkpoints in one step
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
 ) -> dict:
     state = json.loads((path / "state.json").read_text())
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     opt_tensors = {

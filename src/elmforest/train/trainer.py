@@ -31,7 +31,7 @@ from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.model.build import build_model, count_params, resolve_model_dir
 from elmforest.train.batches import WindowSampler
-from elmforest.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from elmforest.train.flops import FLOPS_FORMULA, flops_per_token, matmul_params
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
@@ -75,11 +75,7 @@ class JsonlLogger(Callback):
     def on_train_start(self, trainer):
         # Drop lines past the resumed step: they belong to work the crash threw away.
         if self.path.exists():
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= trainer.step
-            ]
+            keep = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= trainer.step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, self.path)
@@ -87,6 +83,14 @@ class JsonlLogger(Callback):
     def on_log(self, trainer, m):
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash sorts after everything (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 @dataclass
@@ -140,12 +144,17 @@ class Trainer:
         )
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
 
+    def _apply_optim_hparams(self) -> None:
+        o = self.cfg.optim
+        for g, wd in zip(self.opt.param_groups, (o.weight_decay, 0.0), strict=True):
+            g.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=wd)
+
     def _check_config(self) -> None:
         saved = self.run_dir / "run_config.json"
         if saved.exists():
-            old = read_json(saved)
-            if old != self.cfg.to_dict():
-                diff = _diff(old, self.cfg.to_dict())
+            old, new = _identity(read_json(saved)), _identity(self.cfg.to_dict())
+            if old != new:
+                diff = _diff(old, new)
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config ({diff}); "
                     "use a new run directory or the same config to resume"
@@ -161,12 +170,26 @@ class Trainer:
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
             return read_json(summary_path)  # complete: nothing to do
         self._setup()
+        write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())  # only once setup succeeded
         ckpt_root = self.run_dir / "checkpoints"
         wall_before = 0.0
+        clean_partial(ckpt_root)
         ckpts = list_checkpoints(ckpt_root)
+        self.start_step = 0
+        loss_window, last_loss = (0.0, 0), math.nan
         if ckpts:
             st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
             self.step, self.tokens, wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
+            self.start_step = st.get("start_step", 0)
+            loss_window, last_loss = tuple(st.get("loss_window", (0.0, 0))), st.get("last_loss", math.nan)
+        elif self.cfg.train.init_checkpoint:
+            st = load_checkpoint(Path(self.cfg.train.init_checkpoint), self.model, self.opt, self.device)
+            self.step = self.start_step = st["step"]  # tokens count this run's training only
+            if self.step >= self.cfg.train.steps:
+                raise ValueError(
+                    f"init_checkpoint is at step {self.step}, not before train.steps={self.cfg.train.steps}"
+                )
+        self._apply_optim_hparams()  # a checkpoint brings its moments, not its hyper-parameters
         callbacks = [ProgressBar(self.progress), JsonlLogger(self.run_dir / "metrics.jsonl"), *self.callbacks]
         for cb in callbacks:
             cb.on_train_start(self)
@@ -175,10 +198,10 @@ class Trainer:
         tokens_per_step = tc.tokens_per_step
         t_start = t_log = time.perf_counter()
         tokens_at_log = self.tokens
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
-        last_loss = math.nan
-        while self.step < tc.steps:
+        loss_sum = torch.tensor(float(loss_window[0]), device=self.device)
+        loss_count = int(loss_window[1])
+        end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
+        while self.step < end:
             lr = lr_at(self.step, tc.steps, self.cfg.optim)
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -198,7 +221,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens += tokens_per_step
-            is_last = self.step == tc.steps
+            is_last = self.step == end
             if self.step % tc.log_every == 0 or is_last:
                 now = time.perf_counter()
                 last_loss = (loss_sum / loss_count).item()
@@ -222,6 +245,9 @@ class Trainer:
             if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or is_last:
                 state = {
                     "step": self.step,
+                    "start_step": self.start_step,
+                    "loss_window": [float(loss_sum), loss_count],
+                    "last_loss": last_loss,
                     "tokens": self.tokens,
                     "flops": self.tokens * self.flops_per_token,
                     "wall_s": wall_before + time.perf_counter() - t_start,
@@ -233,9 +259,19 @@ class Trainer:
                 for cb in callbacks:
                     cb.on_checkpoint(self, path)
 
+        if self.step < tc.steps:  # paused at stop_at: the newest checkpoint is the result
+            for cb in callbacks:
+                cb.on_train_end(self, {})
+            return {
+                "stopped_at": self.step,
+                "tokens": self.tokens,
+                "flops": self.tokens * self.flops_per_token,
+                "checkpoint": str(list_checkpoints(ckpt_root)[-1]),
+            }
         self._save_final()
         summary = {
             "steps": self.step,
+            "start_step": self.start_step,
             "tokens": self.tokens,
             "flops": self.tokens * self.flops_per_token,
             "flops_per_token": self.flops_per_token,
@@ -264,8 +300,17 @@ class Trainer:
         save_tokenizer(self.tokenizer, tmp)
         write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
         if final.exists():
-            shutil.rmtree(final)
+            os.rename(final, self.run_dir / f".model.old-{os.getpid()}")
         os.rename(tmp, final)
+        shutil.rmtree(self.run_dir / f".model.old-{os.getpid()}", ignore_errors=True)
+
+
+OPERATIONAL_FIELDS = ("device", "stop_at", "log_every", "ckpt_every", "keep_checkpoints", "compile")
+
+
+def _identity(cfg: dict) -> dict:
+    """The config minus fields that may change between invocations of the same run."""
+    return {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in OPERATIONAL_FIELDS}}
 
 
 def _check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -> None:

@@ -1,0 +1,249 @@
+"""The forest on disk: `forest.json` plus one Hugging Face checkpoint directory per expert.
+
+    forest.json          manifest (written atomically): tokenizer and architecture fingerprints,
+                         the seed, and one entry per expert with its lineage and compute
+    seed/                the seed LM (HF checkpoint), when the forest was grown from one
+    experts/<name>/      each expert's HF checkpoint (safetensors + tokenizer)
+
+Experts may come from anywhere (another machine, another data owner): `add` checks that their
+tokenizer and architecture match the forest's before anything is written. Removing an expert
+changes nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.model.build import resolve_model_dir
+from elmforest.utils.io import read_json, write_json_atomic
+
+VERSION = 1
+# Config keys that do not change what the weights compute.
+_NON_ARCH_KEYS = {
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+}
+
+
+def architecture_fingerprint(model_dir: str | Path) -> str:
+    cfg = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
+    arch = {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    return load_tokenizer(resolve_model_dir(model_dir)).fingerprint()
+
+
+def valid_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ValueError(f"expert name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+    return name
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy an HF checkpoint dir, hard-linking files where possible; lands atomically by rename."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.rename(tmp, dst)
+
+
+class Forest:
+    def __init__(self, root: str | Path, data: dict):
+        self.root = Path(root)
+        self.data = data
+
+    # -- creation and persistence ---------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | Path, exist_ok: bool = False) -> Forest:
+        root = Path(root)
+        if (root / "forest.json").exists():
+            if exist_ok:
+                return cls.load(root)
+            raise FileExistsError(f"{root} already holds a forest (forest.json)")
+        root.mkdir(parents=True, exist_ok=True)
+        f = cls(
+            root,
+            {
+                "version": VERSION,
+                "created": _now(),
+                "tokenizer": None,
+                "architecture": None,
+                "seed": None,
+                "experts": [],
+            },
+        )
+        f.save()
+        return f
+
+    @classmethod
+    def load(cls, root: str | Path) -> Forest:
+        root = Path(root)
+        path = root / "forest.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{root}: not a forest (no forest.json); create one with `elmforest forest init`"
+            )
+        data = read_json(path)
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path}: unsupported forest version {data.get('version')}")
+        return cls(root, data)
+
+    def save(self) -> None:
+        write_json_atomic(self.root / "forest.json", self.data)
+
+    # -- queries -----------------------------------------------------------------------------------
+    @property
+    def experts(self) -> list[dict]:
+        return list(self.data["experts"])
+
+    @property
+    def names(self) -> list[str]:
+        return [e["name"] for e in self.data["experts"]]
+
+    def expert(self, name: str) -> dict:
+        for e in self.data["experts"]:
+            if e["name"] == name:
+                return e
+        raise KeyError(f"{self.root}: no expert named {name!r}; have {self.names}")
+
+    def expert_dir(self, name: str) -> Path:
+        return self.root / self.expert(name)["path"]
+
+    def expert_dirs(self) -> list[Path]:
+        return [self.root / e["path"] for e in self.data["experts"]]
+
+    def expert_for_domain(self, domain: str) -> str | None:
+        for e in self.data["experts"]:
+            if domain in e["domains"]:
+                return e["name"]
+        return None
+
+    @property
+    def seed_dir(self) -> Path | None:
+        s = self.data.get("seed")
+        return self.root / s["path"] if s else None
+
+    def total_flops(self) -> int:
+        seed = (self.data.get("seed") or {}).get("flops", 0) or 0
+        return int(seed + sum(e.get("flops", 0) or 0 for e in self.data["experts"]))
+
+    # -- changes -----------------------------------------------------------------------------------
+    def _check_compatible(self, model_dir: Path) -> tuple[str, str]:
+        tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
+        if self.data["tokenizer"] and tok != self.data["tokenizer"]:
+            raise ValueError(
+                f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
+                f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
+            )
+        if self.data["architecture"] and arch != self.data["architecture"]:
+            raise ValueError(
+                f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "
+                f"({self.data['architecture']}); experts must share the seed's architecture"
+            )
+        return tok, arch
+
+    def set_seed(self, model_dir: str | Path, tokens: int = 0, flops: int = 0, source: str = "") -> None:
+        src = resolve_model_dir(model_dir)
+        tok, arch = self._check_compatible(src)
+        _copy_checkpoint(src, self.root / "seed")
+        self.data["tokenizer"], self.data["architecture"] = tok, arch
+        self.data["seed"] = {
+            "path": "seed",
+            "tokens": int(tokens),
+            "flops": int(flops),
+            "source": source,
+            "added": _now(),
+        }
+        self.save()
+
+    def add(
+        self,
+        model_dir: str | Path,
+        name: str,
+        domains: list[str],
+        parents: list[dict] | None = None,
+        tokens: int = 0,
+        flops: int = 0,
+        data_fingerprint: str | None = None,
+        replace: bool = False,
+        extra: dict | None = None,
+    ) -> dict:
+        """Register a trained expert: copy its checkpoint in, then record it in the manifest."""
+        valid_name(name)
+        src = resolve_model_dir(model_dir)
+        if name in self.names and not replace:
+            raise ValueError(f"{self.root}: an expert named {name!r} exists; remove it first or pass replace")
+        tok, arch = self._check_compatible(src)
+        rel = f"experts/{name}"
+        _copy_checkpoint(src, self.root / rel)
+        entry = {
+            "name": name,
+            "domains": list(domains),
+            "path": rel,
+            "parents": parents or [],
+            "tokens": int(tokens),
+            "flops": int(flops),
+            "fingerprints": {"tokenizer": tok, "architecture": arch, "data": data_fingerprint},
+            "added": _now(),
+            **(extra or {}),
+        }
+        self.data["experts"] = [e for e in self.data["experts"] if e["name"] != name] + [entry]
+        self.data["tokenizer"], self.data["architecture"] = tok, arch
+        self.save()
+        return entry
+
+    def remove(self, name: str) -> None:
+        self.expert(name)  # raises if missing
+        self.data["experts"] = [e for e in self.data["experts"] if e["name"] != name]
+        self.save()  # the manifest changes first: a crash leaves an unreferenced dir, never a dangling entry
+        shutil.rmtree(self.root / "experts" / name, ignore_errors=True)
+
+    def describe(self) -> str:
+        lines = [
+            f"forest {self.root}: {len(self.data['experts'])} expert(s), tokenizer {self.data['tokenizer']}, "
+            f"architecture {self.data['architecture']}"
+        ]
+        if self.data.get("seed"):
+            s = self.data["seed"]
+            lines.append(f"  seed: {s['tokens']:,} tokens, {s['flops']:.3e} FLOPs {s.get('source', '')}")
+        for e in self.data["experts"]:
+            parents = ", ".join(f"{p['name']}×{p['weight']:.2f}" for p in e["parents"]) or "-"
+            lines.append(
+                f"  {e['name']:20s} domains={','.join(e['domains'])}  from {parents}  "
+                f"{e['tokens']:,} tokens  {e['flops']:.3e} FLOPs"
+            )
+        return "\n".join(lines)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
