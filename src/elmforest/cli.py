@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from elmforest.data.readers import DataError
+from elmforest.forest.cli import add_forest_eval_args, add_forest_parsers, run_forest_eval
+from elmforest.forest.cli import dispatch as forest_dispatch
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--valid-frac", type=float, default=0.05)
     sb.add_argument("--test-frac", type=float, default=0.05)
     sb.add_argument("--overwrite", action="store_true")
+    sb.add_argument(
+        "--random-domains",
+        type=int,
+        metavar="K",
+        help="ablation: ignore the domains and deal documents into K random groups",
+    )
     sb.add_argument("--no-progress", action="store_true")
     ss = sh.add_parser("show", help="print a shards directory's index")
     ss.add_argument("dir")
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_train(tr)
 
     ev = sub.add_parser("eval", help="bits per byte per domain")
-    ev.add_argument("--model", required=True, help="a run directory or HF checkpoint directory")
+    ev.add_argument("--model", help="a run directory or HF checkpoint directory")
     ev.add_argument("--data", required=True, help="a shards dir, or JSONL / Parquet / folder of .txt")
     ev.add_argument("--json", help="write the result here")
     ev.add_argument(
@@ -83,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default="auto")
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
+    add_forest_eval_args(ev)
 
     sub.add_parser("presets", help="list model presets")
+    add_forest_parsers(sub, _add_common_train)
 
     qs = sub.add_parser("quickstart", help="demo corpus -> tokenizer -> shards -> dense LM -> per-domain BPB")
     qs.add_argument("--out", default="quickstart")
@@ -173,6 +183,7 @@ def _dispatch(args) -> int:
             SplitSpec(args.valid_frac, args.test_frac),
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            random_domains=args.random_domains,
         )
         _print_read(rep.read)
         print(
@@ -190,11 +201,26 @@ def _dispatch(args) -> int:
             f"final loss {summary['final_loss']:.4f} -> {args.out}/model"
         )
         return 0
+    if args.cmd in ("forest", "generate"):
+        return forest_dispatch(args, _run_config)
     if args.cmd == "eval":
         from elmforest.eval.bpb import evaluate
         from elmforest.eval.report import print_table
         from elmforest.utils.io import write_json_atomic
 
+        if bool(args.model) == bool(args.forest):
+            raise ValueError("eval takes either --model or --forest")
+        if args.forest:
+            res = run_forest_eval(args)
+            print_table({f"forest {args.mode}": res})
+            c = res["compute"]
+            print(
+                f"expert token passes: {c['expert_token_passes']:,} = {c['fraction_of_full']:.2f} of the full "
+                "ensemble's"
+            )
+            if args.json:
+                write_json_atomic(args.json, res)
+            return 0
         res = evaluate(
             args.model,
             args.data,

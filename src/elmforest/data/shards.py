@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.data.splits import SPLITS, SplitSpec
+from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer, save_tokenizer
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -80,8 +80,13 @@ def build_shards(
     batch_docs: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    random_domains: int | None = None,
 ) -> BuildReport:
-    """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`."""
+    """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`.
+
+    `random_domains=K` replaces every document's domain by one of K random groups (stable per id):
+    the BTM ablation of experts trained on random splits of the data.
+    """
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -107,10 +112,11 @@ def build_shards(
         nonlocal total_tokens
         ids_list = tok.encode_batch([d.text for d, _ in batch])
         for (doc, nbytes), ids in zip(batch, ids_list, strict=True):
-            key = (doc.domain, split.assign(doc.id))
+            domain = random_domain(doc.id, random_domains) if random_domains else doc.domain
+            key = (domain, split.assign(doc.id))
             w = writers.get(key)
             if w is None:
-                folder = folders.setdefault(doc.domain, _unique_folder(doc.domain, folders))
+                folder = folders.setdefault(domain, _unique_folder(domain, folders))
                 (staging / folder).mkdir(exist_ok=True)
                 path = staging / folder / f"{key[1]}.bin"
                 w = writers[key] = _Writer(path, open(path, "wb"), [], [])

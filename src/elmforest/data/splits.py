@@ -31,3 +31,9 @@ class SplitSpec:
         if u < self.test_frac + self.valid_frac:
             return "valid"
         return "train"
+
+
+def random_domain(doc_id: str, k: int) -> str:
+    """A random but stable group for the random-split ablation (salted: independent of the split)."""
+    h = hashlib.sha256(b"random-domain:" + doc_id.encode("utf-8")).digest()
+    return f"random{int.from_bytes(h[:8], 'big') % k}"

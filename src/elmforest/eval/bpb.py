@@ -176,7 +176,7 @@ def evaluate(
     mdir = resolve_model_dir(model_path)
     tok = load_tokenizer(mdir)
     model = load_model(mdir, trust_remote_code=trust_remote_code)
-    seq_len = seq_len or _default_seq_len(mdir, model)
+    seq_len = seq_len or default_seq_len(mdir)
     if Shards.is_shards_dir(data):
         shards = Shards(data)
         if shards.tokenizer_fingerprint != tok.fingerprint():
@@ -232,10 +232,12 @@ def training_split_spec(mdir: Path) -> SplitSpec:
     return SplitSpec()
 
 
-def _default_seq_len(mdir: Path, model) -> int:
+def default_seq_len(mdir: Path) -> int:
+    """The context length the model was trained with, else its maximum (capped at 1024)."""
+    import json
+
     run_cfg = mdir / "elmforest_run.json"
     if run_cfg.is_file():
-        import json
-
         return int(json.loads(run_cfg.read_text())["train"]["seq_len"])
-    return int(min(getattr(model.config, "max_position_embeddings", 1024), 1024))
+    cfg = json.loads((mdir / "config.json").read_text())
+    return int(min(cfg.get("max_position_embeddings") or 1024, 1024))

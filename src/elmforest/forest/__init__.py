@@ -1,0 +1,1 @@
+"""Forests of expert LMs: manifest, branching, training, ensembling."""

@@ -1,0 +1,253 @@
+"""Branch-Train-Merge: seed, branch, train each expert alone, merge it into the forest.
+
+Compute is matched the way the BTM paper does it (see shards/REFERENCE notes in docs/btm.md):
+the dense baseline is one run of S steps at batch B; the seed *is* its first `seed_share · S`
+steps (a paused checkpoint of the same run), and each of the k experts continues the seed's
+weights, Adam moments and LR schedule for the remaining steps at batch B / k on its own domain.
+Seed + k experts then train exactly as many tokens (and FLOPs) as the dense run, and the dense
+baseline continues from the seed instead of being trained again.
+
+Each expert is its own resumable run directory (forest/runs/<name>) and touches nothing that
+another expert reads, so experts can train in any order, in separate processes or machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_model as st_load_model
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+from elmforest.forest.manifest import Forest, valid_name
+from elmforest.model.build import build_model
+from elmforest.train.trainer import train
+from elmforest.utils.io import write_json_atomic
+
+
+@dataclass
+class Plan:
+    """How the budget of one dense run is split between the seed and k experts."""
+
+    total_steps: int
+    batch_size: int  # dense and seed batch (sequences per micro-batch)
+    n_experts: int
+    seed_share: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.seed_share < 1:
+            raise ValueError(f"seed_share must be in (0, 1), got {self.seed_share}")
+        if self.batch_size % self.n_experts:
+            raise ValueError(
+                f"batch size {self.batch_size} is not divisible by {self.n_experts} experts; "
+                "use a multiple so each expert gets an equal share (compute matching)"
+            )
+
+    @property
+    def seed_steps(self) -> int:
+        return max(1, min(self.total_steps - 1, round(self.total_steps * self.seed_share)))
+
+    @property
+    def expert_batch_size(self) -> int:
+        return self.batch_size // self.n_experts
+
+
+def plan_for(base: RunConfig, n_experts: int, seed_share: float = 0.5) -> tuple[Plan, RunConfig]:
+    """Round the preset's batch to a multiple of the number of experts (at least one sequence each)."""
+    per_expert = max(1, round(base.train.batch_size / n_experts))
+    cfg = copy.deepcopy(base)
+    cfg.train.batch_size = per_expert * n_experts
+    return Plan(cfg.train.steps, cfg.train.batch_size, n_experts, seed_share), cfg
+
+
+def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -> str:
+    """Identifies the training data: tokenizer, and each domain's document table (ends and bytes)."""
+    h = hashlib.sha256(shards.tokenizer_fingerprint.encode())
+    for d in sorted(domains):
+        h.update(d.encode())
+        h.update(np.ascontiguousarray(shards.documents(d, split)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> Path:
+    """Turn a trainer checkpoint into an HF checkpoint directory (atomically)."""
+    model = build_model(cfg.model, shards.vocab_size, shards.eos_id)
+    st_load_model(model, str(ckpt / "model.safetensors"), strict=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    save_tokenizer(load_tokenizer(shards.root), tmp)
+    write_json_atomic(tmp / "elmforest_run.json", cfg.to_dict())
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
+    """Train the dense run up to the seed's share, then store the seed (HF + trainer state) in the forest."""
+    if forest.data.get("seed") and (forest.root / "seed_state").is_dir():
+        return forest.data["seed"]
+    cfg = _dense_config(base, plan, shards)
+    cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
+    run_dir = forest.root / "runs" / "dense"
+    res = train(cfg, run_dir, progress=progress)
+    ckpt = run_dir / "checkpoints" / f"step-{plan.seed_steps:08d}"
+    if "stopped_at" not in res or not ckpt.is_dir():
+        raise RuntimeError(
+            f"{run_dir}: the seed checkpoint at step {plan.seed_steps} is missing; the dense run "
+            "went past it before the seed was stored; start a new forest directory"
+        )
+    state = forest.root / "seed_state"
+    tmp = state.with_name(f".seed_state.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    if state.exists():
+        shutil.rmtree(state)
+    os.rename(tmp, state)
+    export_checkpoint(state, cfg, shards, forest.root / ".seed-export")
+    forest.set_seed(
+        forest.root / ".seed-export",
+        tokens=res["tokens"],
+        flops=res["flops"],
+        source=f"first {plan.seed_steps} of {plan.total_steps} dense steps on {len(shards.domains)} domains",
+    )
+    shutil.rmtree(forest.root / ".seed-export", ignore_errors=True)
+    forest.data["plan"] = asdict(plan)
+    forest.data["seed"]["config"] = cfg.to_dict()
+    forest.save()
+    return forest.data["seed"]
+
+
+def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
+    """Use any local HF checkpoint as the seed (no seed training; experts get a fresh optimizer)."""
+    forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
+    return forest.data["seed"]
+
+
+def train_dense(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
+    """The compute-matched dense baseline: the seed's run, continued to the full budget on all domains."""
+    cfg = _dense_config(base, plan, shards)
+    return train(cfg, forest.root / "runs" / "dense", progress=progress)
+
+
+def _dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    cfg.data.shards = str(Path(shards.root).resolve())
+    cfg.train.steps, cfg.train.batch_size, cfg.train.stop_at = plan.total_steps, plan.batch_size, None
+    return cfg
+
+
+def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig | None = None) -> RunConfig:
+    """The run config of a domain expert branched from the forest's seed (BTM's recipe)."""
+    seed = forest.data.get("seed")
+    if not seed:
+        raise ValueError(
+            f"{forest.root}: the forest has no seed; train one (forest seed) or set one from a checkpoint"
+        )
+    if "config" in seed and (forest.root / "seed_state").is_dir():
+        plan = Plan(**forest.data["plan"])
+        cfg = RunConfig.from_dict(seed["config"])
+        cfg.train.batch_size = plan.expert_batch_size
+        cfg.train.init_checkpoint = str((forest.root / "seed_state").resolve())
+    else:
+        if base is None:
+            raise ValueError("the seed came from a checkpoint: give the experts' run config (preset/--set)")
+        cfg = copy.deepcopy(base)
+        cfg.model.init_from = str(forest.seed_dir.resolve())
+    cfg.data.shards = str(Path(shards.root).resolve())
+    cfg.data.domains = [domain]
+    cfg.train.stop_at = None
+    return cfg
+
+
+def branch_weights(
+    forest: Forest, shards: Shards, domain: str, prior_batches: int = 20, device: str = "auto"
+) -> dict[str, float]:
+    """BTM's branching from a mixture: the current forest's posterior over experts on the new domain's
+    held-out (valid) data, estimated like a cached prior."""
+    from elmforest.eval.bpb import default_seq_len
+    from elmforest.forest.evaluate import estimate_prior, make_pool
+
+    if not forest.names:
+        raise ValueError(f"{forest.root}: no experts to branch from")
+    if not shards.has(domain, "valid"):
+        raise ValueError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
+    pool = make_pool(forest, device=device)
+    seq_len = default_seq_len(forest.expert_dir(forest.names[0]))
+    pi = estimate_prior(pool, shards.tokens(domain, "valid"), shards.eos_id, seq_len, prior_batches)
+    return dict(zip(forest.names, pi.tolist(), strict=True))
+
+
+def train_expert(
+    forest: Forest,
+    shards: Shards,
+    domain: str,
+    name: str | None = None,
+    branch: str = "seed",
+    base: RunConfig | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    prior_batches: int = 20,
+) -> dict:
+    """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept.
+
+    branch: "seed" (default), "expert:NAME" (start from one expert's weights), or "mixture"
+    (a posterior-weighted average of the current experts, weights stored in the lineage).
+    """
+    from elmforest.config import apply_overrides
+    from elmforest.merge.average import average_checkpoints
+
+    name = valid_name(name or domain)
+    if name in forest.names:
+        return forest.expert(name)
+    if not shards.has(domain, "train"):
+        raise ValueError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
+    cfg = expert_config(forest, shards, domain, base)
+    parents: list[dict] = [{"name": "seed", "weight": 1.0}]
+    if branch.startswith("expert:") or branch == "mixture":
+        if branch == "mixture":
+            weights = branch_weights(forest, shards, domain, prior_batches)
+            init = forest.root / "branches" / name
+            if not (init / "config.json").is_file():
+                average_checkpoints(
+                    [forest.expert_dir(n) for n in weights],
+                    init,
+                    list(weights.values()),
+                    metadata={"branch_for": domain},
+                )
+            parents = [{"name": n, "weight": w} for n, w in weights.items()]
+        else:
+            src = branch.split(":", 1)[1]
+            init = forest.expert_dir(src)
+            parents = [{"name": src, "weight": 1.0}]
+        # A branched expert starts a schedule of its own from those weights (no optimizer state to continue).
+        plan = forest.data.get("plan")
+        cfg.train.init_checkpoint = None
+        cfg.model.init_from = str(Path(init).resolve())
+        if plan:
+            cfg.train.steps = plan["total_steps"] - Plan(**plan).seed_steps
+    elif branch != "seed":
+        raise ValueError(f"unknown branch {branch!r}; expected seed, expert:NAME or mixture")
+    cfg = apply_overrides(cfg, list(overrides or []))
+    run_dir = forest.root / "runs" / name
+    summary = train(cfg, run_dir, progress=progress)
+    entry = forest.add(
+        run_dir / "model",
+        name,
+        [domain],
+        parents=parents,
+        tokens=summary["tokens"],
+        flops=summary["flops"],
+        data_fingerprint=data_fingerprint(shards, [domain]),
+        extra={"run": f"runs/{name}", "branch": branch},
+    )
+    return entry

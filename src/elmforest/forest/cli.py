@@ -1,0 +1,268 @@
+"""`elmforest forest ...` verbs, `eval --forest` and `generate`: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_forest_parsers(sub, add_common_train) -> None:
+    fo = sub.add_parser("forest", help="create, grow and inspect an ELMforest").add_subparsers(
+        dest="forest_cmd", required=True
+    )
+
+    def forest_arg(p):
+        p.add_argument("--forest", required=True, help="forest directory")
+
+    p = fo.add_parser("init", help="create an empty forest")
+    forest_arg(p)
+    for verb, help_ in [("list", "one line per expert"), ("show", "the whole manifest (JSON)")]:
+        forest_arg(fo.add_parser(verb, help=help_))
+    p = fo.add_parser("add", help="register an expert trained elsewhere (an HF checkpoint or run directory)")
+    forest_arg(p)
+    p.add_argument("--expert", required=True, help="HF checkpoint dir or elmforest run dir")
+    p.add_argument(
+        "--domain", required=True, action="append", help="domain(s) it was trained on (repeatable)"
+    )
+    p.add_argument("--name", help="expert name (default: the first domain)")
+    p = fo.add_parser("remove", help="opt an expert out; nothing else changes")
+    forest_arg(p)
+    p.add_argument("--expert", required=True, help="expert name")
+
+    p = fo.add_parser("seed", help="train the seed: the first share of the dense run on all domains mixed")
+    forest_arg(p)
+    p.add_argument("--shards", required=True)
+    p.add_argument(
+        "--experts", type=int, help="how many experts will share the budget (default: one per domain)"
+    )
+    p.add_argument("--seed-share", type=float, default=0.5, help="share of the dense run's steps (BTM: 0.5)")
+    p.add_argument(
+        "--from-checkpoint", help="use this local HF checkpoint as the seed instead of training one"
+    )
+    add_common_train(p)
+    p = fo.add_parser("expert", help="branch, train one domain expert alone, and merge it into the forest")
+    forest_arg(p)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--name")
+    p.add_argument(
+        "--branch", default="seed", help="seed | expert:NAME | mixture (posterior-weighted average)"
+    )
+    add_common_train(p)
+    p = fo.add_parser(
+        "dense", help="continue the seed's run to the full budget: the compute-matched dense LM"
+    )
+    forest_arg(p)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p = fo.add_parser("train", help="all phases: seed, one expert per domain, dense baseline")
+    forest_arg(p)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--seed-share", type=float, default=0.5)
+    p.add_argument("--no-dense", action="store_true", help="skip the compute-matched dense baseline")
+    add_common_train(p)
+    p = fo.add_parser("average", help="average the experts' parameters into one HF checkpoint")
+    forest_arg(p)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--weights", default="uniform", help="uniform | posterior (needs --data and --domain) | NAME=W,NAME=W"
+    )
+    p.add_argument("--data", help="shards or raw data holding the target domain (for posterior weights)")
+    p.add_argument("--domain", help="target domain whose valid split sets the posterior weights")
+    p.add_argument("--prior-batches", type=int, default=20)
+
+    g = sub.add_parser("generate", help="sample from a forest's ensemble")
+    g.add_argument("--forest", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weighting", default="posterior", choices=["posterior", "fixed"])
+    g.add_argument("--show-weights", action="store_true", help="print the final mixture weights")
+    g.add_argument("--device", default="auto")
+
+
+def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--forest", help="evaluate a forest instead of one model")
+    ev.add_argument("--mode", default="ensemble", choices=["ensemble", "topk", "average"])
+    ev.add_argument("--k", type=int, default=2, help="experts per sequence for --mode topk")
+    ev.add_argument("--prior", default="cached", choices=["cached", "uniform"])
+    ev.add_argument(
+        "--weighting",
+        default="posterior",
+        choices=["posterior", "fixed", "demix"],
+        help="posterior: Bayes over the whole prefix; fixed: the prior as fixed weights; "
+        "demix: the previous token only",
+    )
+    ev.add_argument("--select", default="prior", help="top-k selection: prior | prefix:W (first W tokens)")
+    ev.add_argument("--prior-batches", type=int, default=100, help="valid batches for the cached prior")
+
+
+def run_forest_eval(args) -> dict:
+    from elmforest.forest.evaluate import evaluate_forest
+
+    return evaluate_forest(
+        args.forest,
+        args.data,
+        split=args.split,
+        mode=args.mode,
+        k=args.k,
+        prior=args.prior,
+        weighting=args.weighting,
+        select=args.select,
+        domains=_split_list(args.domains),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        prior_batches=args.prior_batches,
+        device=args.device,
+        precision=args.precision,
+    )
+
+
+def _split_list(s):
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def dispatch(args, run_config) -> int:
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+    from elmforest.forest.manifest import Forest
+
+    if args.cmd == "generate":
+        from elmforest.forest.generate import generate
+
+        g = generate(
+            args.forest,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.seed,
+            weighting=args.weighting,
+            device=args.device,
+        )
+        print(args.prompt + g.text)
+        if args.show_weights and g.weights:
+            print(json.dumps(g.weights[-1], indent=2))
+        return 0
+    cmd = args.forest_cmd
+    if cmd == "init":
+        Forest.init(args.forest)
+        print(f"created an empty forest in {args.forest}")
+        return 0
+    forest = (
+        Forest.load(args.forest) if cmd not in ("seed", "train") else Forest.init(args.forest, exist_ok=True)
+    )
+    if cmd == "list":
+        print(forest.describe())
+    elif cmd == "show":
+        print(json.dumps(forest.data, indent=2))
+    elif cmd == "add":
+        src = Path(args.expert)
+        summary = _summary_of(src)
+        e = forest.add(
+            src,
+            args.name or args.domain[0],
+            args.domain,
+            tokens=summary.get("tokens", 0),
+            flops=summary.get("flops", 0),
+            parents=[{"name": "external", "weight": 1.0}],
+        )
+        print(f"added expert {e['name']} ({', '.join(e['domains'])})")
+    elif cmd == "remove":
+        forest.remove(args.expert)
+        print(f"removed expert {args.expert}; {len(forest.names)} left")
+    elif cmd == "seed":
+        if args.from_checkpoint:
+            btm.seed_from_checkpoint(forest, args.from_checkpoint)
+        else:
+            shards = Shards(args.shards)
+            plan, base = btm.plan_for(run_config(args), args.experts or len(shards.domains), args.seed_share)
+            btm.train_seed(forest, shards, base, plan, progress=not args.no_progress)
+        print(forest.describe())
+    elif cmd == "expert":
+        shards = Shards(args.shards)
+        base = run_config(args) if forest.data.get("seed") and "config" not in forest.data["seed"] else None
+        e = btm.train_expert(
+            forest,
+            shards,
+            args.domain,
+            args.name,
+            args.branch,
+            base=base,
+            overrides=args.overrides if base is None else [],
+            progress=not args.no_progress,
+        )
+        print(
+            f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "
+            + ", ".join(f"{p['name']}×{p['weight']:.3f}" for p in e["parents"])
+        )
+    elif cmd == "dense":
+        if "plan" not in forest.data:
+            raise ValueError(f"{args.forest}: no trained seed; the dense baseline continues the seed's run")
+        s = btm.train_dense(
+            forest,
+            Shards(args.shards),
+            _seed_config(forest),
+            btm.Plan(**forest.data["plan"]),
+            progress=not args.no_progress,
+        )
+        print(
+            f"dense baseline: {s['tokens']:,} tokens, {s['flops']:.3e} FLOPs -> {args.forest}/runs/dense/model"
+        )
+    elif cmd == "train":
+        shards = Shards(args.shards)
+        plan, base = btm.plan_for(run_config(args), len(shards.domains), args.seed_share)
+        btm.train_seed(forest, shards, base, plan, progress=not args.no_progress)
+        for d in shards.domains:
+            btm.train_expert(forest, shards, d, progress=not args.no_progress)
+        if not args.no_dense:
+            btm.train_dense(forest, shards, base, plan, progress=not args.no_progress)
+        print(forest.describe())
+    elif cmd == "average":
+        _average(forest, args)
+    return 0
+
+
+def _seed_config(forest):
+    from elmforest.config import RunConfig
+
+    return RunConfig.from_dict(forest.data["seed"]["config"])
+
+
+def _summary_of(src: Path) -> dict:
+    from elmforest.utils.io import read_json
+
+    for p in (src / "summary.json", src.parent / "summary.json"):
+        if p.is_file():
+            return read_json(p)
+    return {}
+
+
+def _average(forest, args) -> None:
+    from elmforest.merge.average import average_checkpoints
+
+    names = forest.names
+    if args.weights == "uniform":
+        weights = [1.0] * len(names)
+    elif args.weights == "posterior":
+        if not (args.data and args.domain):
+            raise ValueError("--weights posterior needs --data (shards) and --domain")
+        from elmforest.data.shards import Shards
+        from elmforest.forest.btm import branch_weights
+
+        w = branch_weights(forest, Shards(args.data), args.domain, args.prior_batches)
+        weights = [w[n] for n in names]
+    else:
+        pairs = dict(item.split("=", 1) for item in args.weights.split(","))
+        unknown = set(pairs) - set(names)
+        if unknown:
+            raise ValueError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
+        weights = [float(pairs.get(n, 0.0)) for n in names]
+    out = average_checkpoints(forest.expert_dirs(), args.out, weights, metadata={"names": names})
+    print(
+        f"averaged {len(names)} experts with weights "
+        + ", ".join(f"{n}={w / sum(weights):.3f}" for n, w in zip(names, weights, strict=True))
+        + f" -> {out}"
+    )

@@ -1,0 +1,347 @@
+"""Bits per byte of a forest: full ensemble, sparse top-k ensemble, or parameter average.
+
+Windows and the byte convention are exactly those of single-model evaluation (eval/bpb.py), so a
+forest's numbers compare directly with a dense model's. Each expert is run on its own and only
+its per-token log-probs are kept; the mixture is formed afterwards (forest/posterior.py).
+
+Cached prior (BTM): for each target domain, the posterior over experts of a few batches of that
+domain's *validation* split, smoothed by an exponential moving average (alpha 0.3). It is then
+either the prior of the per-token Bayes posterior (`weighting=posterior`), or the fixed mixture
+weights (`weighting=fixed`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elmforest.data.shards import Shards, build_shards
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.eval.bpb import (
+    StreamScore,
+    default_seq_len,
+    evaluate_shards,
+    n_windows,
+    select_documents,
+    token_logprobs,
+    training_split_spec,
+    window_batch,
+)
+from elmforest.forest.manifest import Forest
+from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
+from elmforest.merge.average import average_state_dict
+from elmforest.model.build import load_model
+from elmforest.utils.device import resolve_device, resolve_precision
+
+MODES = ("ensemble", "topk", "average")
+
+
+@dataclass
+class ExpertPool:
+    """The forest's experts, loaded on demand; `keep_loaded=False` holds one at a time (big models)."""
+
+    dirs: list[Path]
+    device: torch.device
+    amp: torch.dtype | None
+    batch_size: int = 16
+    keep_loaded: bool = True
+    _models: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+    passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
+
+    def model(self, j: int):
+        if j not in self._models:
+            if not self.keep_loaded:
+                self._models.clear()
+            self._models[j] = load_model(self.dirs[j]).to(self.device).eval()
+        return self._models[j]
+
+    @torch.no_grad()
+    def logprobs(
+        self,
+        j: int,
+        stream: np.ndarray,
+        eos_id: int,
+        seq_len: int,
+        window_ids,
+        upto: int | None = None,
+        key=None,
+    ) -> torch.Tensor:
+        """[len(window_ids), T] log-probs of expert j (only the first `upto` positions if given).
+
+        With a `key` naming the stream, results are cached, so several mixtures of the same experts on
+        the same data (posterior, fixed, top-k) run each expert once; `passes` still counts every request.
+        """
+        ids = list(window_ids)
+        ck = (j, key, tuple(ids), upto, seq_len) if key is not None else None
+        if ck in self._cache:
+            out = self._cache[ck]
+            self.passes += int((out != 0).sum())
+            return out
+        out = torch.zeros(len(ids), seq_len)
+        m = self.model(j)
+        for i in range(0, len(ids), self.batch_size):
+            x, y = window_batch(stream, eos_id, seq_len, ids[i : i + self.batch_size])
+            if upto is not None:
+                x, y = x[:, :upto], y[:, :upto]
+            lp = token_logprobs(m, x.to(self.device), y.to(self.device), self.amp).cpu()
+            out[i : i + len(x), : lp.shape[1]] = lp
+            self.passes += int((y != -100).sum())
+        if ck is not None:
+            self._cache[ck] = out
+        return out
+
+    def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
+        return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
+
+
+def estimate_prior(
+    pool: ExpertPool,
+    stream: np.ndarray,
+    eos_id: int,
+    seq_len: int,
+    batches: int,
+    alpha: float = 0.3,
+    key=None,
+) -> torch.Tensor:
+    """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
+    nw = min(n_windows(len(stream), seq_len), batches * pool.batch_size)
+    lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
+    posts = [sequence_posterior(lp[:, i : i + pool.batch_size]) for i in range(0, nw, pool.batch_size)]
+    return cached_prior(posts, alpha)
+
+
+def _score(nll: float, n_tok: int, n_bytes: int, n_docs: int) -> dict:
+    sc = StreamScore(nll, n_tok, n_bytes + n_docs)
+    return {
+        "bpb": sc.bpb,
+        "ppl": sc.ppl,
+        "tokens": n_tok,
+        "bytes": sc.bytes,
+        "documents": n_docs,
+        "nll_nats": nll,
+    }
+
+
+def evaluate_forest_shards(
+    forest: Forest,
+    shards: Shards,
+    mode: str = "ensemble",
+    k: int = 2,
+    prior: str = "cached",
+    weighting: str = "posterior",
+    select: str = "prior",
+    split: str = "test",
+    domains: list[str] | None = None,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    prior_batches: int = 100,
+    prior_split: str = "valid",
+    device: str = "auto",
+    precision: str = "auto",
+    keep_loaded: bool = True,
+    experts: list[str] | None = None,
+    pool: ExpertPool | None = None,
+) -> dict:
+    """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if prior not in ("cached", "uniform"):
+        raise ValueError(f"unknown prior {prior!r}; expected cached or uniform")
+    names = experts or forest.names
+    if not names:
+        raise ValueError(f"{forest.root}: the forest has no experts")
+    if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
+        raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
+    n = len(names)
+    k = min(k, n)
+    pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
+    if pool.dirs != [forest.expert_dir(x) for x in names]:
+        raise ValueError("the expert pool does not hold this forest's experts")
+    dev, amp = pool.device, pool.amp
+    pool.passes = 0
+    wanted = domains or [d for d in shards.domains if shards.has(d, split)]
+    eos = shards.eos_id
+    out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
+    for d in wanted:
+        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
+        stream = shards.tokens(d, split)[:n_tok]
+        nw = n_windows(n_tok, seq_len)
+        full_passes += n * n_tok
+        if prior == "cached":
+            if not shards.has(d, prior_split):
+                raise ValueError(
+                    f"{shards.root}: domain {d!r} has no {prior_split!r} split to estimate a prior on"
+                )
+            pkey = (str(shards.root), d, prior_split)
+            before = pool.passes
+            pi = estimate_prior(pool, shards.tokens(d, prior_split), eos, seq_len, prior_batches, key=pkey)
+            prior_passes += pool.passes - before
+        else:
+            pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        entry: dict = {"prior": dict(zip(names, pi.tolist(), strict=True))}
+        if mode == "average":
+            model = load_model(pool.dirs[0])
+            weights = pi.tolist()
+            missing, unexpected = model.load_state_dict(average_state_dict(pool.dirs, weights), strict=False)
+            if unexpected or any(not _is_tied(model, m) for m in missing):
+                raise ValueError(
+                    f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
+                )
+            res = evaluate_shards(
+                model, shards, split, [d], seq_len, batch_size, max_tokens, device, precision, progress=False
+            )
+            pool.passes += n_tok
+            entry.update({k2: v for k2, v in res["domains"][d].items()})
+            entry["weights"] = dict(zip(names, weights, strict=True))
+            posterior_table[d] = entry["weights"]
+        else:
+            key = (str(shards.root), d, split, n_tok)
+            nll, mean_w, run = _mixture_nll(
+                pool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key
+            )
+            entry.update(_score(nll, n_tok, n_bytes, n_docs))
+            entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
+            entry["experts_run"] = [names[j] for j in run]
+            posterior_table[d] = entry["posterior"]
+        out[d] = entry
+    return {
+        "domains": out,
+        "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
+        "mode": mode,
+        "k": k if mode == "topk" else n,
+        "prior": prior,
+        "weighting": weighting,
+        "select": select if mode == "topk" else None,
+        "experts": names,
+        "split": split,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "prior_batches": prior_batches,
+        "device": str(dev),
+        "precision": str(amp or torch.float32).replace("torch.", ""),
+        "posterior": posterior_table,
+        "compute": {
+            "expert_token_passes": pool.passes - prior_passes,
+            "full_ensemble_token_passes": full_passes,
+            "fraction_of_full": (pool.passes - prior_passes) / max(full_passes, 1),
+            "prior_token_passes": prior_passes,  # estimating the cached prior on the valid split
+        },
+        "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
+    }
+
+
+def make_pool(
+    forest: Forest,
+    names: list[str] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 16,
+    keep_loaded: bool = True,
+) -> ExpertPool:
+    dev = resolve_device(device)
+    dirs = [forest.expert_dir(x) for x in (names or forest.names)]
+    return ExpertPool(dirs, dev, resolve_precision(precision, dev), batch_size, keep_loaded)
+
+
+def _is_tied(model, name: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")
+
+
+def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key):
+    """Summed NLL of the (top-k) mixture, the mean weight per expert, and the experts that ran."""
+    n = len(pool.dirs)
+    if mode == "ensemble":
+        lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key)
+        lw = log_weights(lp.double(), pi, weighting)
+        ens = ensemble_logprob(lp.double(), lw)
+        return -float(ens.sum()), _mean_weight(lw, lp), list(range(n))
+    if select == "prior":
+        # BTM: keep the k largest prior entries, renormalise, and run only those experts.
+        top = torch.topk(pi, k).indices.sort().values.tolist()
+        lp = pool.all_logprobs(top, stream, eos, seq_len, range(nw), key=key)
+        lw = log_weights(lp.double(), pi[top], weighting)
+        ens = ensemble_logprob(lp.double(), lw)
+        mean_w = torch.zeros(n, dtype=torch.float64)
+        mean_w[top] = _mean_weight(lw, lp)
+        return -float(ens.sum()), mean_w, top
+    if select.startswith("prefix:"):
+        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, int(select.split(":", 1)[1]))
+    raise ValueError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
+
+
+def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
+    """Per window: all experts read the first w tokens, the k most probable then score the rest.
+
+    Positions < w are scored by the full ensemble (every expert has run there); positions >= w by
+    the chosen k only, with the prior restricted to them and renormalised.
+    """
+    n = len(pool.dirs)
+    w = max(1, min(w, seq_len))
+    head = torch.stack([pool.logprobs(j, stream, eos, seq_len, range(nw), upto=w) for j in range(n)])
+    lw_head = log_weights(head.double(), pi, weighting)
+    nll = -float(ensemble_logprob(head.double(), lw_head)[:, :w].sum())
+    post_w = sequence_posterior(head.double()[:, :, :w], pi)  # [N, B] after the first w tokens
+    chosen = torch.topk(post_w, k, dim=0).indices  # [k, B]
+    used = sorted(set(chosen.flatten().tolist()))
+    # run each expert only on the windows that chose it
+    lp_sel = torch.zeros(k, nw, seq_len, dtype=torch.float64)
+    for j in used:
+        rows, wins = (chosen == j).nonzero(as_tuple=True)
+        lp_j = pool.logprobs(j, stream, eos, seq_len, wins.tolist())
+        lp_sel[rows, wins] = lp_j.double()
+    # each window's k-expert mixture: the prior restricted to the chosen experts and renormalised; the
+    # posterior then re-reads the first w tokens itself (using post_w as the prior would count them twice)
+    sel_prior = pi.double()[chosen]
+    lw = log_weights(lp_sel, sel_prior, weighting)
+    ens = ensemble_logprob(lp_sel, lw)
+    nll += -float(ens[:, w:].sum())
+    mean_w = torch.zeros(n, dtype=torch.float64)
+    valid = (lp_sel[0] != 0).double()
+    for slot in range(k):
+        mean_w.index_add_(0, chosen[slot], (lw[slot].exp() * valid).sum(-1))
+    mean_w /= valid.sum().clamp_min(1)
+    return nll, mean_w, used
+
+
+def _mean_weight(lw: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """Mean posterior weight of each expert over real (non-padding) positions."""
+    valid = (lp != 0).any(0).double()
+    return (lw.exp() * valid).sum((1, 2)) / valid.sum().clamp_min(1)
+
+
+def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None = None, **kw) -> dict:
+    """Evaluate on a shards dir (its tokenizer must be the forest's) or on raw JSONL/Parquet/txt data."""
+    forest = Forest.load(forest_dir)
+    if not forest.names:
+        raise ValueError(f"{forest_dir}: the forest has no experts")
+    first = forest.expert_dir(forest.names[0])
+    kw["seq_len"] = kw.get("seq_len") or default_seq_len(first)
+    if Shards.is_shards_dir(data):
+        res = evaluate_forest_shards(forest, Shards(data), split=split or "test", **kw)
+    else:
+        if split not in (None, "train", "valid", "test"):
+            raise ValueError(
+                "forest evaluation of raw data takes --split train, valid or test (the prior "
+                "is estimated on the valid split)"
+            )
+        with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
+            shards = Shards(
+                build_shards(
+                    data,
+                    load_tokenizer(first),
+                    Path(tmp) / "shards",
+                    training_split_spec(first),
+                    progress=False,
+                ).out
+            )
+            res = evaluate_forest_shards(forest, shards, split=split or "test", **kw)
+            res["read"] = shards.index["read"]
+    res["forest"] = str(forest_dir)
+    res["data"] = str(data)
+    return res

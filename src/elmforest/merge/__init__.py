@@ -1,0 +1,1 @@
+"""Merging experts into one model."""
