@@ -133,43 +133,52 @@ def test_train_from_local_hf_checkpoint(shards_dir, tmp_path):
 
 def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     res = quickstart(
-        tmp_path / "qs", preset="tiny", corpus=corpus, overrides=["train.steps=20"], progress=False
+        tmp_path / "qs",
+        preset="tiny",
+        corpus=corpus,
+        overrides=["train.steps=20"],
+        progress=False,
+        split="random",
+        eval_tokens=2000,
+        prior_batches=1,
     )
-    assert set(res["methods"]["dense"]["domains"]) == {"scripture", "code", "legal"}
-    assert res["compute"]["dense_flops"] > 0
+    methods = res["methods"]
+    assert set(methods) == {
+        "dense",
+        "seed",
+        "ensemble",
+        "ensemble_fixed",
+        "top2",
+        "average",
+        "average_uniform",
+        "random_ensemble",
+    }
+    for m in methods.values():
+        assert set(m["domains"]) == {"scripture", "code", "legal"}
+        assert all(v["bpb"] > 0 for v in m["domains"].values())
+    # all methods scored the very same test documents
+    assert len({json.dumps({d: v["bytes"] for d, v in m["domains"].items()}) for m in methods.values()}) == 1
+    c = res["compute"]
+    assert abs(c["forest_flops"] / c["dense_flops"] - 1) < 0.02
+    assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
+    assert len(res["findings"]) == 3
     on_disk = json.loads((tmp_path / "qs" / "results.json").read_text())
-    assert on_disk["methods"]["dense"]["mean_bpb"] == res["methods"]["dense"]["mean_bpb"]
+    assert on_disk["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
+    assert (tmp_path / "qs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads((tmp_path / "qs" / "forest" / "forest.json").read_text())["plan"]) >= {
+        "total_steps"
+    }
     # re-running continues from what exists and trains nothing more
+    mtime = (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns
     again = quickstart(
-        tmp_path / "qs", preset="tiny", corpus=corpus, overrides=["train.steps=20"], progress=False
+        tmp_path / "qs",
+        preset="tiny",
+        corpus=corpus,
+        overrides=["train.steps=20"],
+        progress=False,
+        split="random",
+        eval_tokens=2000,
+        prior_batches=1,
     )
-    assert again["methods"]["dense"]["mean_bpb"] == res["methods"]["dense"]["mean_bpb"]
-
-
-def test_init_from_checkpoint_with_another_tokenizer_is_refused(shards_dir, corpus, tmp_path, capsys):
-    from elmforest.config import ModelConfig
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
-    from elmforest.model.build import build_model
-
-    other, _ = train_bpe_on(corpus, vocab_size=300)
-    m = build_model(ModelConfig(preset="tiny"), 512, other.eos_id)
-    m.save_pretrained(tmp_path / "ckpt")
-    save_tokenizer(other, tmp_path / "ckpt")
-    code = main(
-        [
-            "train",
-            "--shards",
-            str(shards_dir),
-            "--out",
-            str(tmp_path / "run"),
-            "--preset",
-            "tiny",
-            "--init-from",
-            str(tmp_path / "ckpt"),
-            "--set",
-            "train.steps=1",
-            "--no-progress",
-        ]
-    )
-    assert code == 2
-    assert "different tokenizer" in capsys.readouterr().err
+    assert again["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
+    assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime

@@ -96,11 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list model presets")
     add_forest_parsers(sub, _add_common_train)
 
-    qs = sub.add_parser("quickstart", help="demo corpus -> tokenizer -> shards -> dense LM -> per-domain BPB")
+    qs = sub.add_parser(
+        "quickstart", help="BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB"
+    )
     qs.add_argument("--out", default="quickstart")
     qs.add_argument("--preset", default="cpu-small")
     qs.add_argument("--domains", help="comma-separated subset of the demo domains")
     qs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    qs.add_argument(
+        "--split",
+        default="domains",
+        choices=["domains", "random"],
+        help="random adds the ablation: experts on random splits of the data",
+    )
+    qs.add_argument(
+        "--eval-tokens", type=int, default=40_000, help="test tokens per domain (whole documents)"
+    )
     qs.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -258,6 +269,8 @@ def _dispatch(args) -> int:
             domains=_split_list(args.domains),
             overrides=args.overrides,
             progress=not args.no_progress,
+            split=args.split,
+            eval_tokens=args.eval_tokens,
         )
         return 0
     raise AssertionError(args.cmd)

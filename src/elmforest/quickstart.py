@@ -1,21 +1,29 @@
-"""The main job: demo corpus -> tokenizer -> shards -> dense LM -> per-domain bits per byte.
+"""The main job: Branch-Train-Merge on the demo corpus, compared with a compute-matched dense LM.
 
-Every stage is skipped when its output already exists, so re-running after a crash continues
-where it stopped (training itself resumes from its last checkpoint).
+demo corpus -> tokenizer -> shards -> seed (first half of the dense run) -> one expert per domain
+(each alone, continuing the seed) -> dense baseline (the same run, continued) -> bits per byte of
+dense, seed, ensembles, top-2, averages on every domain's test split -> table, results.json, plot.
+
+Every stage is skipped when its output exists, so re-running after a crash continues where it
+stopped (training itself resumes from its last checkpoint).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
-from elmforest.eval.bpb import evaluate
-from elmforest.eval.report import print_table
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.eval.report import plot_results, print_table
+from elmforest.forest import btm
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.model.build import load_model
 from elmforest.model.presets import get_preset, preset_run_config
-from elmforest.train.trainer import train
 from elmforest.utils.io import read_json, write_json_atomic
 
 
@@ -26,59 +34,171 @@ def quickstart(
     overrides: list[str] | tuple = (),
     progress: bool = True,
     corpus: str | Path | None = None,
+    split: str = "domains",
+    seed_share: float = 0.5,
+    eval_tokens: int = 40_000,
+    prior_batches: int = 4,
 ) -> dict:
-    """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data) replaces the demo corpus."""
+    """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
+
+    split="random" adds the BTM ablation: experts trained on random splits of the same data.
+    """
+    if split not in ("domains", "random"):
+        raise ValueError(f"split must be 'domains' or 'random', got {split!r}")
     out = Path(out)
     p = get_preset(preset)
     t0 = time.perf_counter()
+    log = print
 
     if corpus is None:
         corpus = out / "corpus"
         if not (corpus / "manifest.json").exists():
             from elmforest.data.demo import build_demo_corpus
 
-            print(f"[1/5] building the demo corpus -> {corpus}")
+            log(f"[1/7] building the demo corpus -> {corpus}")
             build_demo_corpus(corpus, domains=domains, progress=progress)
-        manifest = read_json(corpus / "manifest.json")
-        for name, why in manifest.get("skipped", {}).items():
-            print(f"      skipped domain {name}: {why}")
+        for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
+            log(f"      skipped domain {name}: {why}")
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        print(f"[2/5] training a {p.vocab_size}-token byte-level BPE on the training split")
+        log(f"[2/7] training a {p.vocab_size}-token byte-level BPE on the training split")
         tok, _ = train_bpe_on(corpus, p.vocab_size, bytes_per_domain=1_000_000)
         save_tokenizer(tok, tok_dir)
 
     shards_dir = out / "shards"
     if not Shards.is_shards_dir(shards_dir):
-        print(f"[3/5] tokenizing into shards -> {shards_dir}")
+        log(f"[3/7] tokenizing into shards -> {shards_dir}")
         rep = build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
-        print(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
+        log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
+    shards = Shards(shards_dir)
+    names = domains or [d for d in shards.domains if shards.has(d, "train")]
 
-    cfg = preset_run_config(preset, str(shards_dir.resolve()))
-    cfg.data.domains = domains
-    cfg = apply_overrides(cfg, list(overrides))
-    run_dir = out / "runs" / "dense"
-    print(
-        f"[4/5] training the dense LM ({preset}, {cfg.train.steps} steps of {cfg.train.tokens_per_step:,} tokens)"
-        f" -> {run_dir}"
+    base = preset_run_config(preset, str(shards_dir.resolve()))
+    base.data.domains = names
+    base = apply_overrides(base, list(overrides))
+    plan, base = btm.plan_for(base, len(names), seed_share)
+    forest = Forest.init(out / "forest", exist_ok=True)
+    log(
+        f"[4/7] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
+        f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
     )
-    summary = train(cfg, run_dir, progress=progress)
+    btm.train_seed(forest, shards, base, plan, progress=progress)
+    log(
+        f"[5/7] {len(names)} experts, each alone on its domain: {plan.total_steps - plan.seed_steps} steps of "
+        f"{plan.expert_batch_size} x {base.train.seq_len} tokens, continuing the seed"
+    )
+    for d in names:
+        btm.train_expert(forest, shards, d, progress=progress)
+    log("[6/7] dense baseline: the seed's run continued to the full budget")
+    dense = btm.train_dense(forest, shards, base, plan, progress=progress)
 
-    print("[5/5] evaluating bits per byte on each domain's test split")
-    res = evaluate(
-        run_dir, shards_dir, split="test", domains=domains, batch_size=cfg.train.batch_size, progress=progress
+    random_forest = None
+    if split == "random":
+        random_forest = _random_split_forest(out, corpus, forest, plan, len(names), progress, log)
+
+    log(f"[7/7] evaluating on each domain's test split (first {eval_tokens:,} tokens of whole documents)")
+    common = {
+        "split": "test",
+        "domains": names,
+        "seq_len": base.train.seq_len,
+        "batch_size": 16,
+        "max_tokens": eval_tokens,
+    }
+    methods: dict[str, dict] = {}
+    methods["dense"] = evaluate_shards(
+        load_model(forest.root / "runs" / "dense" / "model"), shards, progress=False, **common
     )
-    write_json_atomic(out / "eval" / "dense.json", res)
+    methods["seed"] = evaluate_shards(load_model(forest.seed_dir), shards, progress=False, **common)
+    pool = make_pool(forest, batch_size=16)  # shared: each expert runs once over each domain
+    fe = {"prior_batches": prior_batches, "pool": pool, **common}
+    methods["ensemble"] = evaluate_forest_shards(forest, shards, mode="ensemble", prior="cached", **fe)
+    methods["ensemble_fixed"] = evaluate_forest_shards(
+        forest, shards, mode="ensemble", prior="cached", weighting="fixed", **fe
+    )
+    methods["top2"] = evaluate_forest_shards(forest, shards, mode="topk", k=2, prior="cached", **fe)
+    methods["average"] = evaluate_forest_shards(forest, shards, mode="average", prior="cached", **fe)
+    methods["average_uniform"] = evaluate_forest_shards(forest, shards, mode="average", prior="uniform", **fe)
+    if random_forest is not None:
+        rpool = make_pool(random_forest, batch_size=16)
+        methods["random_ensemble"] = evaluate_forest_shards(
+            random_forest, shards, mode="ensemble", prior="cached", **{**fe, "pool": rpool}
+        )
+
+    compute = {
+        "dense_flops": dense["flops"],
+        "forest_flops": forest.total_flops(),
+        "forest_over_dense": forest.total_flops() / dense["flops"],
+    }
     results = {
-        "methods": {"dense": res},
-        "compute": {"dense_flops": summary["flops"], "dense_tokens": summary["tokens"]},
+        "methods": methods,
+        "compute": compute,
+        "findings": findings(methods),
+        "plan": {**plan.__dict__, "seed_steps": plan.seed_steps, "expert_batch_size": plan.expert_batch_size},
+        "preset": preset,
     }
     write_json_atomic(out / "results.json", results)
-    print_table(results["methods"])
-    print(
-        f"dense: {summary['params']:,} parameters, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs; "
-        f"total {time.perf_counter() - t0:.0f}s; results in {out / 'results.json'}"
+    plot_results(methods, out / "results.png")
+    print_table(methods)
+    log(
+        f"compute: dense {compute['dense_flops']:.3e} FLOPs, forest (seed + experts) {compute['forest_flops']:.3e} "
+        f"FLOPs (ratio {compute['forest_over_dense']:.4f})"
+    )
+    for line in results["findings"]:
+        log(f"  - {line}")
+    log(
+        f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}; forest in {forest.root}"
     )
     return results
+
+
+def _random_split_forest(
+    out: Path, corpus: Path, forest: Forest, plan: btm.Plan, k: int, progress: bool, log
+):
+    """BTM's ablation: the same seed, experts on k random groups of the same documents."""
+    rshards_dir = out / "shards-random"
+    if not Shards.is_shards_dir(rshards_dir):
+        build_shards(
+            corpus, load_tokenizer(out / "tokenizer"), rshards_dir, random_domains=k, progress=progress
+        )
+    rshards = Shards(rshards_dir)
+    rforest = Forest.init(out / "forest-random", exist_ok=True)
+    if not rforest.data.get("seed"):
+        if not (rforest.root / "seed_state").is_dir():
+            shutil.copytree(forest.root / "seed_state", rforest.root / "seed_state")
+        rforest.set_seed(
+            forest.seed_dir,
+            tokens=forest.data["seed"]["tokens"],
+            flops=forest.data["seed"]["flops"],
+            source="shared with " + str(forest.root),
+        )
+        rforest.data["seed"]["config"] = forest.data["seed"]["config"]
+        rforest.data["plan"] = forest.data["plan"]
+        rforest.save()
+    log(f"      ablation: {k} experts on random splits of the data -> {rforest.root}")
+    for d in rshards.domains:
+        btm.train_expert(rforest, rshards, d, progress=progress)
+    return rforest
+
+
+def findings(methods: dict) -> list[str]:
+    """The paper's three claims, checked on this run and stated plainly either way."""
+    out = []
+    m = {k: v["mean_bpb"] for k, v in methods.items()}
+
+    def cmp(a, b, claim):
+        verdict = "holds" if m[a] < m[b] else "does NOT hold here"
+        out.append(
+            f"{claim}: {a} {m[a]:.4f} vs {b} {m[b]:.4f} mean BPB (ratio {m[a] / m[b]:.3f}) -> {verdict}"
+        )
+
+    cmp("ensemble", "dense", "the ensemble beats the compute-matched dense LM in-domain")
+    if "random_ensemble" in m:
+        verdict = "holds" if m["random_ensemble"] >= m["dense"] else "does NOT hold here"
+        out.append(
+            f"random-split experts do not beat dense: random_ensemble {m['random_ensemble']:.4f} vs dense "
+            f"{m['dense']:.4f} (ratio {m['random_ensemble'] / m['dense']:.3f}) -> {verdict}"
+        )
+    cmp("average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
+    return out

@@ -25,3 +25,39 @@ def print_table(
     table.add_section()
     table.add_row("mean", *[f"{r['mean_bpb']:.4f}" for r in results.values()])
     console.print(table)
+
+
+def plot_results(
+    results: dict[str, dict], path, title: str = "bits per byte by domain (lower is better)"
+) -> None:
+    """Grouped bars: one group per domain (plus the mean), one bar per method; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from elmforest.utils.io import atomic_path
+
+    domains = sorted({d for r in results.values() for d in r["domains"]}) + ["mean"]
+    methods = list(results)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.5))
+    x = np.arange(len(domains))
+    for i, m in enumerate(methods):
+        r = results[m]
+        vals = [r["domains"][d]["bpb"] if d in r["domains"] else np.nan for d in domains[:-1]] + [
+            r["mean_bpb"]
+        ]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, label=m)
+    ax.set_xticks(x, domains, rotation=30, ha="right")
+    ax.set_ylabel("bits per byte")
+    lo = min(min(r["domains"][d]["bpb"] for d in r["domains"]) for r in results.values())
+    ax.set_ylim(bottom=max(0.0, lo * 0.85))
+    ax.set_title(title)
+    ax.legend(ncol=min(4, len(methods)), fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -68,7 +68,7 @@ def generate(
         if weighting == "posterior" and len(ids) > 1:
             log_w = log_w.clone()
             log_w[len(last)] += lp[:-1].gather(1, x[0, 1:, None]).sum().double()
-        caches.append(out.past_key_values)
+        caches.append(out.cache)
         last.append(lp[-1])
     log_w = log_w - torch.logsumexp(log_w, 0)
 
@@ -93,8 +93,8 @@ def generate(
         last = []
         for j, m in enumerate(models):
             with autocast(dev, amp):
-                out = m(input_ids=step, past_key_values=caches[j], use_cache=True)
-            caches[j] = out.past_key_values
+                out = m(input_ids=step, cache=caches[j], use_cache=True)
+            caches[j] = out.cache
             last.append(torch.log_softmax(out.logits[0, -1].float(), -1))
     text_ids = [t for t in new if t != tok.eos_id]
     return Generation(tok.decode(text_ids), new, history)

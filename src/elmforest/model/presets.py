@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
             seq_len=256,
             tie_embeddings=True,
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
-            train=TrainConfig(steps=400, batch_size=16, seq_len=256, ckpt_every=100, log_every=10),
+            train=TrainConfig(steps=800, batch_size=16, seq_len=256, ckpt_every=100, log_every=10),
             description="about 4M parameters; the quickstart default on 2 CPU cores",
         ),
         _btm("btm-125m", 768, 12, 12, 2048, 80_000, "BTM 125M (GPT-3 Small shape)"),

@@ -1,0 +1,275 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards, window_batch
+from elmforest.forest import btm
+from elmforest.forest.evaluate import estimate_prior, evaluate_forest_shards, make_pool
+from elmforest.forest.generate import generate, mixture_logprobs
+from elmforest.forest.manifest import Forest
+from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
+from elmforest.merge.average import average_checkpoints
+from elmforest.model.build import load_model
+
+
+@pytest.fixture(scope="session")
+def forest_dir(shards_dir, tmp_path_factory):
+    """A 3-expert tiny forest trained BTM-style (seed = first half of the dense run)."""
+    root = tmp_path_factory.mktemp("forest") / "f"
+    shards = Shards(shards_dir)
+    base = tiny_config(shards_dir, steps=24, batch_size=6)
+    plan, base = btm.plan_for(base, len(shards.domains))
+    forest = Forest.init(root)
+    btm.train_seed(forest, shards, base, plan, progress=False)
+    for d in shards.domains:
+        btm.train_expert(forest, shards, d, progress=False)
+    btm.train_dense(forest, shards, base, plan, progress=False)
+    return root
+
+
+def _eval(forest_dir, shards_dir, **kw):
+    kw = {"seq_len": 32, "batch_size": 4, "device": "cpu", "precision": "fp32", "prior_batches": 2, **kw}
+    return evaluate_forest_shards(Forest.load(forest_dir), Shards(shards_dir), **kw)
+
+
+# -- the mixture math against brute force ------------------------------------------------------------
+def test_posterior_weights_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    n, b, t = 3, 2, 6
+    lp = -torch.rand(n, b, t, generator=g, dtype=torch.float64) * 5
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    lw = log_weights(lp, prior, "posterior")
+    lw_demix = log_weights(lp, prior, "demix")
+    for bi in range(b):
+        for ti in range(t):
+            unnorm = [
+                float(prior[j]) * math.prod(math.exp(float(lp[j, bi, s])) for s in range(ti))
+                for j in range(n)
+            ]
+            want = [u / sum(unnorm) for u in unnorm]
+            assert lw[:, bi, ti].exp().tolist() == pytest.approx(want, rel=1e-9)
+            prev = [float(prior[j]) * (math.exp(float(lp[j, bi, ti - 1])) if ti else 1.0) for j in range(n)]
+            assert lw_demix[:, bi, ti].exp().tolist() == pytest.approx(
+                [p / sum(prev) for p in prev], rel=1e-9
+            )
+            mix = sum(want[j] * math.exp(lp[j, bi, ti]) for j in range(n))
+            assert float(ensemble_logprob(lp, lw)[bi, ti]) == pytest.approx(math.log(mix), rel=1e-9)
+    assert torch.allclose(log_weights(lp, prior, "fixed").exp()[:, 0, 0], prior)
+    seq = sequence_posterior(lp, prior)
+    assert torch.allclose(seq, torch.softmax(torch.log(prior)[:, None] + lp.sum(-1), 0))
+
+
+def test_posterior_is_stable_for_very_long_prefixes():
+    lp = torch.full((2, 1, 5000), -8.0, dtype=torch.float64)
+    lp[0] -= 0.01  # expert 1 slightly better on every token: its weight must go to 1, not NaN
+    w = log_weights(lp, None, "posterior").exp()
+    assert torch.isfinite(w).all() and w[1, 0, -1] > 0.999999
+
+
+def test_cached_prior_is_an_ema_from_uniform():
+    posts = [torch.tensor([[0.9, 0.7], [0.1, 0.3]]), torch.tensor([[0.2, 0.4], [0.8, 0.6]])]
+    pi = np.array([0.5, 0.5])
+    for p in posts:
+        pi = 0.3 * p.double().mean(-1).numpy() + 0.7 * pi
+    assert cached_prior(posts, 0.3).numpy() == pytest.approx(pi)
+
+
+# -- the forest on real (tiny) experts ----------------------------------------------------------------
+def test_ensemble_distribution_sums_to_one_and_matches_scoring(forest_dir, shards_dir):
+    forest, sh = Forest.load(forest_dir), Shards(shards_dir)
+    models = [load_model(d).eval() for d in forest.expert_dirs()]
+    x, y = window_batch(sh.tokens(sh.domains[0], "test"), sh.eos_id, 16, [0, 1])
+    with torch.no_grad():
+        full = torch.stack(
+            [torch.log_softmax(m(input_ids=x).logits.double(), -1) for m in models]
+        )  # [N,B,T,V]
+    lp = full.gather(-1, y.clamp_min(0)[None, :, :, None].expand(len(models), -1, -1, 1))[..., 0]
+    lw = log_weights(lp, torch.tensor([0.2, 0.3, 0.5]), "posterior")
+    mix = mixture_logprobs(full, lw)  # [B, T, V]
+    assert torch.allclose(mix.exp().sum(-1), torch.ones(2, 16, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(mix.gather(-1, y[..., None])[..., 0], ensemble_logprob(lp, lw), atol=1e-9)
+
+
+def test_one_expert_forest_equals_that_expert(forest_dir, shards_dir, tmp_path):
+    full = Forest.load(forest_dir)
+    name = full.names[0]
+    solo = Forest.init(tmp_path / "solo")
+    solo.add(full.expert_dir(name), name, full.expert(name)["domains"])
+    res = _eval(tmp_path / "solo", shards_dir, prior="uniform")
+    ref = evaluate_shards(
+        load_model(full.expert_dir(name)),
+        Shards(shards_dir),
+        "test",
+        seq_len=32,
+        batch_size=4,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    )
+    for d, r in res["domains"].items():
+        assert r["bpb"] == pytest.approx(ref["domains"][d]["bpb"], rel=1e-6)
+        assert r["posterior"] == {name: pytest.approx(1.0)}
+
+
+def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_dir, shards_dir):
+    n = len(Forest.load(forest_dir).names)
+    full = _eval(forest_dir, shards_dir, mode="ensemble")
+    topn = _eval(forest_dir, shards_dir, mode="topk", k=n)
+    prefix = _eval(forest_dir, shards_dir, mode="topk", k=n, select="prefix:8")
+    for d in full["domains"]:
+        assert topn["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
+        assert prefix["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
+        assert sum(full["domains"][d]["posterior"].values()) == pytest.approx(1.0)
+    top1 = _eval(forest_dir, shards_dir, mode="topk", k=1)
+    assert top1["compute"]["fraction_of_full"] == pytest.approx(1 / n)
+    assert full["compute"]["fraction_of_full"] == pytest.approx(1.0)
+    for r in top1["domains"].values():
+        assert len(r["experts_run"]) == 1
+        assert r["experts_run"][0] == max(r["prior"], key=r["prior"].get)
+
+
+def test_cached_prior_prefers_the_domain_expert(forest_dir, shards_dir):
+    res = _eval(forest_dir, shards_dir, mode="ensemble", prior_batches=4)
+    for d, r in res["domains"].items():
+        assert max(r["prior"], key=r["prior"].get) == d  # experts are named after their domain
+    fixed = _eval(forest_dir, shards_dir, mode="ensemble", weighting="fixed", prior_batches=4)
+    assert fixed["weighting"] == "fixed" and fixed["mean_bpb"] > 0
+
+
+def test_average_equals_hand_computed_mean(forest_dir, tmp_path):
+    forest = Forest.load(forest_dir)
+    dirs = forest.expert_dirs()
+    weights = [0.5, 0.3, 0.2]
+    out = average_checkpoints(dirs, tmp_path / "avg", weights)
+    got = load_file(str(out / "model.safetensors"))
+    tensors = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for k, v in got.items():
+        want = sum(w * t[k] for w, t in zip(weights, tensors, strict=True))
+        assert torch.allclose(v, want, atol=1e-7), k
+    # a sharded write gives the same tensors and loads with transformers
+    sharded = average_checkpoints(dirs, tmp_path / "avg_sharded", weights, max_shard_bytes=20_000)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    m = AutoModelForCausalLM.from_pretrained(str(sharded))
+    sd = m.state_dict()
+    for k, v in got.items():
+        assert torch.equal(sd[k], v), k
+    assert not [p for p in sharded.rglob("*") if p.suffix in (".bin", ".pkl", ".pt")]
+
+
+def test_compute_is_matched_and_lineage_recorded(forest_dir):
+    forest = Forest.load(forest_dir)
+    dense = json.loads((forest.root / "runs" / "dense" / "summary.json").read_text())
+    assert forest.total_flops() == dense["flops"]  # seed + experts == dense, exactly
+    plan = btm.Plan(**forest.data["plan"])
+    for e in forest.experts:
+        assert e["parents"] == [{"name": "seed", "weight": 1.0}]
+        assert e["tokens"] == (plan.total_steps - plan.seed_steps) * plan.expert_batch_size * 64
+        fp = e["fingerprints"]
+        assert fp["tokenizer"] == forest.data["tokenizer"] and fp["data"]
+
+
+def test_add_remove_and_incompatible_experts(forest_dir, shards_dir, corpus, tmp_path):
+    from elmforest.config import ModelConfig
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.model.build import build_model
+
+    src = Forest.load(forest_dir)
+    f = Forest.init(tmp_path / "f")
+    for n in src.names:
+        f.add(src.expert_dir(n), n, src.expert(n)["domains"])
+    f.remove(src.names[1])
+    again = Forest.load(tmp_path / "f")
+    assert again.names == [src.names[0], src.names[2]]
+    assert not (tmp_path / "f" / "experts" / src.names[1]).exists()
+    assert all((tmp_path / "f" / e["path"] / "model.safetensors").is_file() for e in again.experts)
+
+    sh = Shards(shards_dir)
+    wide = build_model(ModelConfig(preset="cpu-small"), sh.vocab_size, sh.eos_id)
+    wide.save_pretrained(tmp_path / "wide")
+    save_tokenizer(load_tokenizer_of(shards_dir), tmp_path / "wide")
+    with pytest.raises(ValueError, match="architecture"):
+        again.add(tmp_path / "wide", "wide", ["x"])
+    other_tok, _ = train_bpe_on(corpus, vocab_size=300)
+    m = load_model(src.expert_dir(src.names[0]))
+    m.save_pretrained(tmp_path / "othertok")
+    save_tokenizer(other_tok, tmp_path / "othertok")
+    with pytest.raises(ValueError, match="tokenizer"):
+        again.add(tmp_path / "othertok", "othertok", ["x"])
+    assert Forest.load(tmp_path / "f").names == again.names  # refusals changed nothing
+    with pytest.raises(ValueError, match="exists"):
+        again.add(src.expert_dir(src.names[0]), src.names[0], ["x"])
+
+
+def load_tokenizer_of(path):
+    from elmforest.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def test_branching_from_a_mixture_uses_the_posterior(forest_dir, shards_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    forest = Forest.load(tmp_path / "f")
+    shards = Shards(shards_dir)
+    new_domain = shards.domains[0]
+    want = btm.branch_weights(forest, shards, new_domain, prior_batches=20, device="cpu")
+    pool = make_pool(forest, device="cpu")
+    pi = estimate_prior(pool, shards.tokens(new_domain, "valid"), shards.eos_id, 64, 20)
+    assert list(want.values()) == pytest.approx(pi.tolist())
+    e = btm.train_expert(
+        forest,
+        shards,
+        new_domain,
+        name="grown",
+        branch="mixture",
+        progress=False,
+        overrides=["train.steps=4"],
+    )
+    assert [(p["name"], p["weight"]) for p in e["parents"]] == [
+        (n, pytest.approx(w)) for n, w in want.items()
+    ]
+    init = load_file(str(tmp_path / "f" / "branches" / "grown" / "model.safetensors"))
+    tensors = [load_file(str(forest.expert_dir(n) / "model.safetensors")) for n in want]
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(
+        init[k], sum(w * t[k] for w, t in zip(want.values(), tensors, strict=True)), atol=1e-6
+    )
+    # growing the forest touched none of the existing experts
+    before = {n: load_file(str(Forest.load(forest_dir).expert_dir(n) / "model.safetensors")) for n in want}
+    for n in want:
+        after = load_file(str(forest.expert_dir(n) / "model.safetensors"))
+        assert all(torch.equal(after[t], before[n][t]) for t in after)
+    assert "grown" in Forest.load(tmp_path / "f").names
+
+
+def test_generation_with_one_expert_is_that_experts_greedy_decode(forest_dir, tmp_path):
+    full = Forest.load(forest_dir)
+    name = full.names[0]
+    solo = Forest.init(tmp_path / "solo")
+    solo.add(full.expert_dir(name), name, [name])
+    g = generate(
+        tmp_path / "solo", "the lord", max_new_tokens=12, temperature=0, device="cpu", precision="fp32"
+    )
+    from elmforest.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(full.expert_dir(name))
+    m = load_model(full.expert_dir(name)).eval()
+    prompt = [tok.eos_id] + tok.encode_batch(["the lord"])[0]
+    seq = torch.tensor([prompt + g.token_ids])
+    with torch.no_grad():  # no KV cache: every generated token must be the expert's argmax (up to float ties)
+        lp = torch.log_softmax(m(input_ids=seq).logits[0].double(), -1)
+    for i, t in enumerate(g.token_ids):
+        row = lp[len(prompt) - 1 + i]
+        assert row[t] >= row.max() - 1e-5, (i, t, int(row.argmax()))
+    assert len(g.token_ids) == 12 or g.token_ids[-1] == tok.eos_id
+    gm = generate(forest_dir, "the lord", max_new_tokens=8, temperature=1.0, seed=3, device="cpu")
+    assert gm.token_ids == generate(forest_dir, "the lord", max_new_tokens=8, seed=3, device="cpu").token_ids
+    assert all(sum(w.values()) == pytest.approx(1.0) for w in gm.weights)
