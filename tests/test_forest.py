@@ -127,6 +127,20 @@ def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_
         assert topn["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
         assert prefix["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
         assert sum(full["domains"][d]["posterior"].values()) == pytest.approx(1.0)
+    # prefix selection with k < n: every expert reads the first w tokens, the chosen k the whole window
+    sh = Shards(shards_dir)
+    pre = _eval(forest_dir, shards_dir, mode="topk", k=1, select="prefix:8")
+    for d, r in pre["domains"].items():
+        assert r["bpb"] > 0 and sum(r["posterior"].values()) == pytest.approx(1.0)
+        assert sh.info(d, "test")["tokens"] == r["tokens"]
+    tokens = sum(r["tokens"] for r in pre["domains"].values())
+    windows = sum(math.ceil(r["tokens"] / 32) for r in pre["domains"].values())
+    heads = sum(
+        min(8, r["tokens"] - 32 * w)
+        for r in pre["domains"].values()
+        for w in range(math.ceil(r["tokens"] / 32))
+    )
+    assert windows > 0 and pre["compute"]["expert_token_passes"] == n * heads + tokens
     top1 = _eval(forest_dir, shards_dir, mode="topk", k=1)
     assert top1["compute"]["fraction_of_full"] == pytest.approx(1 / n)
     assert full["compute"]["fraction_of_full"] == pytest.approx(1.0)
@@ -168,7 +182,14 @@ def test_compute_is_matched_and_lineage_recorded(forest_dir):
     dense = json.loads((forest.root / "runs" / "dense" / "summary.json").read_text())
     assert forest.total_flops() == dense["flops"]  # seed + experts == dense, exactly
     plan = btm.Plan(**forest.data["plan"])
+    dense_lr = {
+        m["step"]: m["lr"]
+        for m in map(json.loads, (forest.root / "runs" / "dense" / "metrics.jsonl").read_text().splitlines())
+    }
     for e in forest.experts:
+        # the expert continues the seed's step counter and LR schedule
+        first = json.loads((forest.root / "runs" / e["name"] / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["step"] > plan.seed_steps and first["lr"] == pytest.approx(dense_lr[first["step"]])
         assert e["parents"] == [{"name": "seed", "weight": 1.0}]
         assert e["tokens"] == (plan.total_steps - plan.seed_steps) * plan.expert_batch_size * 64
         fp = e["fingerprints"]
@@ -269,7 +290,106 @@ def test_generation_with_one_expert_is_that_experts_greedy_decode(forest_dir, tm
     for i, t in enumerate(g.token_ids):
         row = lp[len(prompt) - 1 + i]
         assert row[t] >= row.max() - 1e-5, (i, t, int(row.argmax()))
+        # the KV-cached step gives the same distribution as recomputing the whole sequence
+        assert g.logprobs[i] == pytest.approx(float(row[t]), abs=1e-4)
     assert len(g.token_ids) == 12 or g.token_ids[-1] == tok.eos_id
     gm = generate(forest_dir, "the lord", max_new_tokens=8, temperature=1.0, seed=3, device="cpu")
     assert gm.token_ids == generate(forest_dir, "the lord", max_new_tokens=8, seed=3, device="cpu").token_ids
     assert all(sum(w.values()) == pytest.approx(1.0) for w in gm.weights)
+
+
+def test_forest_cli_verbs(forest_dir, shards_dir, tmp_path, capsys):
+    from elmforest.cli import main
+
+    src = Forest.load(forest_dir)
+    f = str(tmp_path / "f")
+    assert main(["forest", "init", "--forest", f]) == 0
+    for n in src.names:
+        run_dir = forest_dir / "runs" / n  # an elmforest run dir: tokens and FLOPs come from its summary
+        assert main(["forest", "add", "--forest", f, "--expert", str(run_dir), "--domain", n]) == 0
+    assert main(["forest", "list", "--forest", f]) == 0
+    listing = capsys.readouterr().out
+    assert all(n in listing for n in src.names)
+    assert Forest.load(f).expert(src.names[0])["tokens"] == src.expert(src.names[0])["tokens"]
+    out_json = tmp_path / "ev.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--forest",
+                f,
+                "--data",
+                str(shards_dir),
+                "--mode",
+                "topk",
+                "--k",
+                "2",
+                "--prior-batches",
+                "1",
+                "--seq-len",
+                "32",
+                "--json",
+                str(out_json),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out_json.read_text())
+    assert res["mode"] == "topk" and res["compute"]["fraction_of_full"] == pytest.approx(2 / 3)
+    assert set(res["posterior"]) == set(res["domains"])
+    assert (
+        main(
+            [
+                "forest",
+                "average",
+                "--forest",
+                f,
+                "--out",
+                str(tmp_path / "avg"),
+                "--weights",
+                f"{src.names[0]}=3,{src.names[1]}=1",
+            ]
+        )
+        == 0
+    )
+    avg = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    a = load_file(str(src.expert_dir(src.names[0]) / "model.safetensors"))
+    b = load_file(str(src.expert_dir(src.names[1]) / "model.safetensors"))
+    k = "model.norm.weight"
+    assert torch.allclose(avg[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-7)
+    capsys.readouterr()
+    assert (
+        main(["generate", "--forest", f, "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"])
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("the")
+    assert main(["forest", "remove", "--forest", f, "--expert", src.names[0]]) == 0
+    assert Forest.load(f).names == src.names[1:]
+    assert main(["forest", "remove", "--forest", f, "--expert", "nobody"]) == 2
+    assert main(["eval", "--forest", f, "--model", str(forest_dir), "--data", str(shards_dir)]) == 2
+
+
+def test_concurrent_adds_keep_both_and_opt_out_is_durable(forest_dir, shards_dir, tmp_path):
+    src = Forest.load(forest_dir)
+    Forest.init(tmp_path / "f")
+    a, b = (
+        Forest.load(tmp_path / "f"),
+        Forest.load(tmp_path / "f"),
+    )  # two processes, loaded before either adds
+    a.add(src.expert_dir(src.names[0]), src.names[0], ["x"])
+    b.add(src.expert_dir(src.names[1]), src.names[1], ["y"])
+    assert sorted(Forest.load(tmp_path / "f").names) == sorted(src.names[:2])
+    with pytest.raises(ValueError, match="reserved"):
+        b.add(src.expert_dir(src.names[1]), "dense", ["y"])
+
+    import shutil
+
+    shutil.copytree(forest_dir, tmp_path / "g")
+    g = Forest.load(tmp_path / "g")
+    victim = g.names[0]
+    g.remove(victim)
+    assert not (tmp_path / "g" / "runs" / victim).exists()  # what was learned from the data is gone too
+    with pytest.raises(ValueError, match="opted out"):
+        btm.train_expert(g, Shards(shards_dir), victim, progress=False)
+    assert victim not in Forest.load(tmp_path / "g").names

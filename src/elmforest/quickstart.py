@@ -10,7 +10,6 @@ stopped (training itself resumes from its last checkpoint).
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -90,6 +89,9 @@ def quickstart(
         f"{plan.expert_batch_size} x {base.train.seq_len} tokens, continuing the seed"
     )
     for d in names:
+        if d in forest.removed:
+            log(f"      {d}: opted out of this forest (forest remove); not retrained")
+            continue
         btm.train_expert(forest, shards, d, progress=progress)
     log("[6/7] dense baseline: the seed's run continued to the full budget")
     dense = btm.train_dense(forest, shards, base, plan, progress=progress)
@@ -164,18 +166,16 @@ def _random_split_forest(
         )
     rshards = Shards(rshards_dir)
     rforest = Forest.init(out / "forest-random", exist_ok=True)
-    if not rforest.data.get("seed"):
-        if not (rforest.root / "seed_state").is_dir():
-            shutil.copytree(forest.root / "seed_state", rforest.root / "seed_state")
+    if not btm.seed_ready(rforest):  # the same seed: copied whole, recorded in one manifest write
+        btm.copy_dir_atomic(forest.root / "seed_state", rforest.root / "seed_state")
         rforest.set_seed(
             forest.seed_dir,
             tokens=forest.data["seed"]["tokens"],
             flops=forest.data["seed"]["flops"],
             source="shared with " + str(forest.root),
+            extra={"plan": forest.data["plan"]},
+            seed_fields={"config": forest.data["seed"]["config"]},
         )
-        rforest.data["seed"]["config"] = forest.data["seed"]["config"]
-        rforest.data["plan"] = forest.data["plan"]
-        rforest.save()
     log(f"      ablation: {k} experts on random splits of the data -> {rforest.root}")
     for d in rshards.domains:
         btm.train_expert(rforest, rshards, d, progress=progress)

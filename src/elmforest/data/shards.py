@@ -81,11 +81,13 @@ def build_shards(
     overwrite: bool = False,
     progress: bool = True,
     random_domains: int | None = None,
+    only_splits: tuple[str, ...] | None = None,
 ) -> BuildReport:
     """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`.
 
     `random_domains=K` replaces every document's domain by one of K random groups (stable per id):
-    the BTM ablation of experts trained on random splits of the data.
+    the BTM ablation of experts trained on random splits of the data. `only_splits` skips the
+    other splits' documents before tokenizing them (evaluation needs only its held-out split).
     """
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
@@ -127,6 +129,8 @@ def build_shards(
     try:
         batch = []
         for doc in iter_documents(data, stats):
+            if only_splits and split.assign(doc.id) not in only_splits:
+                continue
             nbytes = len(doc.text.encode("utf-8"))
             text_bytes += nbytes
             batch.append((doc, nbytes))

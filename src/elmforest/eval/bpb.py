@@ -200,7 +200,10 @@ def evaluate(
         split = split or "all"
         spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
-            shards = Shards(build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress).out)
+            wanted = ("train",) if split == "all" else (split,)
+            shards = Shards(
+                build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=wanted).out
+            )
             result = evaluate_shards(
                 model,
                 shards,

@@ -10,8 +10,10 @@ def print_table(
     results: dict[str, dict], title: str = "bits per byte (lower is better)", console: Console | None = None
 ) -> None:
     """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...})."""
-    console = console or Console()
     domains = sorted({d for r in results.values() for d in r["domains"]})
+    # wide enough for every column: a pipe or log file would otherwise get 80 columns and truncated names
+    need = max(len(d) for d in domains) + sum(max(len(m), 7) + 3 for m in results) + 8
+    console = console or Console(width=max(need, Console().width))
     table = Table(title=title)
     table.add_column("domain")
     for m in results:

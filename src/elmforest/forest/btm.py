@@ -29,7 +29,7 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.forest.manifest import Forest, valid_name
 from elmforest.model.build import build_model
 from elmforest.train.trainer import train
-from elmforest.utils.io import write_json_atomic
+from elmforest.utils.io import read_json, write_json_atomic
 
 
 @dataclass
@@ -94,7 +94,7 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
 
 def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
     """Train the dense run up to the seed's share, then store the seed (HF + trainer state) in the forest."""
-    if forest.data.get("seed") and (forest.root / "seed_state").is_dir():
+    if seed_ready(forest):
         return forest.data["seed"]
     cfg = _dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
@@ -106,25 +106,39 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
             f"{run_dir}: the seed checkpoint at step {plan.seed_steps} is missing; the dense run "
             "went past it before the seed was stored; start a new forest directory"
         )
-    state = forest.root / "seed_state"
-    tmp = state.with_name(f".seed_state.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt, tmp)
-    if state.exists():
-        shutil.rmtree(state)
-    os.rename(tmp, state)
-    export_checkpoint(state, cfg, shards, forest.root / ".seed-export")
+    copy_dir_atomic(ckpt, forest.root / "seed_state")
+    export_checkpoint(ckpt, cfg, shards, forest.root / ".seed-export")
     forest.set_seed(
         forest.root / ".seed-export",
         tokens=res["tokens"],
         flops=res["flops"],
-        source=f"first {plan.seed_steps} of {plan.total_steps} dense steps on {len(shards.domains)} domains",
+        source=f"first {plan.seed_steps} of {plan.total_steps} dense steps on {len(cfg.data.domains or shards.domains)} domains",
+        extra={"plan": asdict(plan)},
+        seed_fields={"config": cfg.to_dict()},
+        link=True,
     )
     shutil.rmtree(forest.root / ".seed-export", ignore_errors=True)
-    forest.data["plan"] = asdict(plan)
-    forest.data["seed"]["config"] = cfg.to_dict()
-    forest.save()
     return forest.data["seed"]
+
+
+def seed_ready(forest: Forest) -> bool:
+    """A trained seed is complete only with its config, the plan and the full trainer state."""
+    seed = forest.data.get("seed") or {}
+    state = forest.root / "seed_state"
+    return (
+        "config" in seed
+        and "plan" in forest.data
+        and all((state / f).is_file() for f in ("model.safetensors", "optimizer.safetensors", "state.json"))
+    )
+
+
+def copy_dir_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.rename(tmp, dst)
 
 
 def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
@@ -181,6 +195,8 @@ def branch_weights(
         raise ValueError(f"{forest.root}: no experts to branch from")
     if not shards.has(domain, "valid"):
         raise ValueError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
+    if shards.tokenizer_fingerprint != forest.data["tokenizer"]:
+        raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     pool = make_pool(forest, device=device)
     seq_len = default_seq_len(forest.expert_dir(forest.names[0]))
     pi = estimate_prior(pool, shards.tokens(domain, "valid"), shards.eos_id, seq_len, prior_batches)
@@ -197,6 +213,7 @@ def train_expert(
     overrides: list[str] | None = None,
     progress: bool = True,
     prior_batches: int = 20,
+    force: bool = False,
 ) -> dict:
     """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept.
 
@@ -209,20 +226,27 @@ def train_expert(
     name = valid_name(name or domain)
     if name in forest.names:
         return forest.expert(name)
+    if name in forest.removed and not force:
+        raise ValueError(
+            f"{forest.root}: expert {name!r} was opted out (forest remove); pass force to train it again"
+        )
     if not shards.has(domain, "train"):
         raise ValueError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
     cfg = expert_config(forest, shards, domain, base)
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
     if branch.startswith("expert:") or branch == "mixture":
         if branch == "mixture":
-            weights = branch_weights(forest, shards, domain, prior_batches)
             init = forest.root / "branches" / name
-            if not (init / "config.json").is_file():
+            if (init / "elmforest_average.json").is_file():  # a re-run: keep the weights actually averaged
+                meta = read_json(init / "elmforest_average.json")
+                weights = dict(zip(meta["names"], meta["weights"], strict=True))
+            else:
+                weights = branch_weights(forest, shards, domain, prior_batches)
                 average_checkpoints(
                     [forest.expert_dir(n) for n in weights],
                     init,
                     list(weights.values()),
-                    metadata={"branch_for": domain},
+                    metadata={"branch_for": domain, "names": list(weights)},
                 )
             parents = [{"name": n, "weight": w} for n, w in weights.items()]
         else:

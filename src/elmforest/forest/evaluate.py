@@ -79,9 +79,10 @@ class ExpertPool:
         ids = list(window_ids)
         ck = (j, key, tuple(ids), upto, seq_len) if key is not None else None
         if ck in self._cache:
-            out = self._cache[ck]
-            self.passes += int((out != 0).sum())
+            out, count = self._cache[ck]
+            self.passes += count
             return out
+        before = self.passes
         out = torch.zeros(len(ids), seq_len)
         m = self.model(j)
         for i in range(0, len(ids), self.batch_size):
@@ -92,7 +93,7 @@ class ExpertPool:
             out[i : i + len(x), : lp.shape[1]] = lp
             self.passes += int((y != -100).sum())
         if ck is not None:
-            self._cache[ck] = out
+            self._cache[ck] = (out, self.passes - before)
         return out
 
     def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
@@ -159,6 +160,8 @@ def evaluate_forest_shards(
     if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
         raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     n = len(names)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     k = min(k, n)
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:
@@ -260,7 +263,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key)
         lw = log_weights(lp.double(), pi, weighting)
         ens = ensemble_logprob(lp.double(), lw)
-        return -float(ens.sum()), _mean_weight(lw, lp), list(range(n))
+        return -float(ens.sum()), _mean_weight(lw, _valid(nw, seq_len, len(stream))), list(range(n))
     if select == "prior":
         # BTM: keep the k largest prior entries, renormalise, and run only those experts.
         top = torch.topk(pi, k).indices.sort().values.tolist()
@@ -268,7 +271,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         lw = log_weights(lp.double(), pi[top], weighting)
         ens = ensemble_logprob(lp.double(), lw)
         mean_w = torch.zeros(n, dtype=torch.float64)
-        mean_w[top] = _mean_weight(lw, lp)
+        mean_w[top] = _mean_weight(lw, _valid(nw, seq_len, len(stream)))
         return -float(ens.sum()), mean_w, top
     if select.startswith("prefix:"):
         return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, int(select.split(":", 1)[1]))
@@ -301,17 +304,22 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
     lw = log_weights(lp_sel, sel_prior, weighting)
     ens = ensemble_logprob(lp_sel, lw)
     nll += -float(ens[:, w:].sum())
-    mean_w = torch.zeros(n, dtype=torch.float64)
-    valid = (lp_sel[0] != 0).double()
+    # mean weights: the full ensemble's before w, the chosen experts' from w on
+    valid = _valid(nw, seq_len, len(stream))
+    mean_w = (lw_head[:, :, :w].exp() * valid[:, :w]).sum((1, 2))
     for slot in range(k):
-        mean_w.index_add_(0, chosen[slot], (lw[slot].exp() * valid).sum(-1))
+        mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))
     mean_w /= valid.sum().clamp_min(1)
-    return nll, mean_w, used
+    return nll, mean_w, list(range(n))  # every expert read the first w tokens
 
 
-def _mean_weight(lw: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """Mean posterior weight of each expert over real (non-padding) positions."""
-    valid = (lp != 0).any(0).double()
+def _valid(nw: int, seq_len: int, n_tok: int) -> torch.Tensor:
+    """[nw, T] 1.0 where a window position predicts a real token, 0.0 at the trailing padding."""
+    return (torch.arange(nw * seq_len).view(nw, seq_len) < n_tok).double()
+
+
+def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean weight of each expert over the real (non-padding) positions."""
     return (lw.exp() * valid).sum((1, 2)) / valid.sum().clamp_min(1)
 
 
@@ -338,6 +346,7 @@ def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None 
                     Path(tmp) / "shards",
                     training_split_spec(first),
                     progress=False,
+                    only_splits=(split or "test", kw.get("prior_split", "valid")),
                 ).out
             )
             res = evaluate_forest_shards(forest, shards, split=split or "test", **kw)

@@ -28,6 +28,7 @@ class Generation:
     text: str
     token_ids: list[int]
     weights: list[dict[str, float]]  # the mixture weights before each generated token
+    logprobs: list[float]  # log p(token | everything before) under the mixture, per generated token
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def generate(
         last.append(lp[-1])
     log_w = log_w - torch.logsumexp(log_w, 0)
 
-    new, history = [], []
+    new, history, chosen = [], [], []
     for _ in range(max_new_tokens):
         lps = torch.stack(last)  # [N, V]
         history.append(dict(zip(names, log_w.exp().tolist(), strict=True)))
@@ -84,6 +85,7 @@ def generate(
             else int(torch.multinomial(probs.float().cpu(), 1, generator=gen))
         )
         new.append(nxt)
+        chosen.append(float(mix[nxt]))
         if nxt == tok.eos_id:
             break
         if weighting == "posterior":
@@ -97,4 +99,4 @@ def generate(
             caches[j] = out.cache
             last.append(torch.log_softmax(out.logits[0, -1].float(), -1))
     text_ids = [t for t in new if t != tok.eos_id]
-    return Generation(tok.decode(text_ids), new, history)
+    return Generation(tok.decode(text_ids), new, history, chosen)

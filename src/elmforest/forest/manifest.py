@@ -12,12 +12,14 @@ changes nothing else.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from elmforest.data.tokenizer import load_tokenizer
@@ -54,14 +56,19 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
     return load_tokenizer(resolve_model_dir(model_dir)).fingerprint()
 
 
+RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
+
+
 def valid_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
         raise ValueError(f"expert name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"expert name {name!r} is reserved; pass another name (--name)")
     return name
 
 
-def _copy_checkpoint(src: Path, dst: Path) -> None:
-    """Copy an HF checkpoint dir, hard-linking files where possible; lands atomically by rename."""
+def _copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
+    """Copy an HF checkpoint dir (hard links only for files the forest owns); lands atomically by rename."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -69,8 +76,10 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file():
             try:
+                if not link:
+                    raise OSError("copy")
                 os.link(f, tmp / f.name)
-            except OSError:
+            except OSError:  # a user's checkpoint may be overwritten later: never share its inode
                 shutil.copy2(f, tmp / f.name)
     if dst.exists():
         shutil.rmtree(dst)
@@ -119,7 +128,30 @@ class Forest:
         return cls(root, data)
 
     def save(self) -> None:
-        write_json_atomic(self.root / "forest.json", self.data)
+        with self._locked():
+            write_json_atomic(self.root / "forest.json", self.data)
+
+    @contextmanager
+    def _locked(self):
+        with open(self.root / ".forest.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update(self, change) -> None:
+        """Apply `change(data)` to the manifest on disk under a lock, so experts finishing at the same
+        time in different processes never overwrite each other's entries."""
+        with self._locked():
+            path = self.root / "forest.json"
+            self.data = read_json(path) if path.is_file() else self.data
+            change(self.data)
+            write_json_atomic(path, self.data)
+
+    @property
+    def removed(self) -> list[str]:
+        return [r["name"] for r in self.data.get("removed", [])]
 
     # -- queries -----------------------------------------------------------------------------------
     @property
@@ -172,19 +204,35 @@ class Forest:
             )
         return tok, arch
 
-    def set_seed(self, model_dir: str | Path, tokens: int = 0, flops: int = 0, source: str = "") -> None:
+    def set_seed(
+        self,
+        model_dir: str | Path,
+        tokens: int = 0,
+        flops: int = 0,
+        source: str = "",
+        extra: dict | None = None,
+        link: bool = False,
+        seed_fields: dict | None = None,
+    ) -> None:
+        """Store the seed; `seed_fields` (its run config) and top-level `extra` (the plan) land in the
+        same atomic manifest write, so a crash never leaves a seed without them."""
         src = resolve_model_dir(model_dir)
         tok, arch = self._check_compatible(src)
-        _copy_checkpoint(src, self.root / "seed")
-        self.data["tokenizer"], self.data["architecture"] = tok, arch
-        self.data["seed"] = {
+        _copy_checkpoint(src, self.root / "seed", link=link)
+        seed = {
             "path": "seed",
             "tokens": int(tokens),
             "flops": int(flops),
             "source": source,
             "added": _now(),
+            **(seed_fields or {}),
         }
-        self.save()
+
+        def change(d):
+            d["tokenizer"], d["architecture"], d["seed"] = tok, arch, seed
+            d.update(extra or {})
+
+        self.update(change)
 
     def add(
         self,
@@ -205,7 +253,8 @@ class Forest:
             raise ValueError(f"{self.root}: an expert named {name!r} exists; remove it first or pass replace")
         tok, arch = self._check_compatible(src)
         rel = f"experts/{name}"
-        _copy_checkpoint(src, self.root / rel)
+        owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
+        _copy_checkpoint(src, self.root / rel, link=owned)
         entry = {
             "name": name,
             "domains": list(domains),
@@ -217,16 +266,29 @@ class Forest:
             "added": _now(),
             **(extra or {}),
         }
-        self.data["experts"] = [e for e in self.data["experts"] if e["name"] != name] + [entry]
-        self.data["tokenizer"], self.data["architecture"] = tok, arch
-        self.save()
+
+        def change(d):
+            if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, arch):
+                raise ValueError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
+            d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
+            d["tokenizer"], d["architecture"] = tok, arch
+            d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
+
+        self.update(change)
         return entry
 
     def remove(self, name: str) -> None:
+        """Opt an expert out: drop it from the manifest, then delete its weights and its training run
+        (both hold what was learned from the owner's data). A tombstone stops re-runs re-adding it."""
         self.expert(name)  # raises if missing
-        self.data["experts"] = [e for e in self.data["experts"] if e["name"] != name]
-        self.save()  # the manifest changes first: a crash leaves an unreferenced dir, never a dangling entry
-        shutil.rmtree(self.root / "experts" / name, ignore_errors=True)
+
+        def change(d):
+            d["experts"] = [e for e in d["experts"] if e["name"] != name]
+            d.setdefault("removed", []).append({"name": name, "removed": _now()})
+
+        self.update(change)  # manifest first: a crash leaves unreferenced files, never a dangling entry
+        for sub in ("experts", "runs", "branches"):
+            shutil.rmtree(self.root / sub / name, ignore_errors=True)
 
     def describe(self) -> str:
         lines = [
