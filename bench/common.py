@@ -6,6 +6,10 @@ import json
 import random
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # per-file save/load bars would bury the measurements
+
 
 def synthetic_corpus(root: Path, n_docs: int = 3000, seed: int = 0) -> Path:
     """Text with a large random lexicon, so a BPE can fill a few-thousand-token vocabulary."""

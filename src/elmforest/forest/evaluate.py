@@ -160,7 +160,7 @@ def evaluate_forest_shards(
     if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
         raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     n = len(names)
-    if k < 1:
+    if mode == "topk" and k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     k = min(k, n)
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
