@@ -67,3 +67,22 @@ def tiny_config(shards: Path, steps: int = 30, **train_kw):
     for k, v in train_kw.items():
         setattr(cfg.train, k, v)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def forest_dir(shards_dir, tmp_path_factory):
+    """A 3-expert tiny forest trained BTM-style (seed = first half of the dense run)."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+    from elmforest.forest.manifest import Forest
+
+    root = tmp_path_factory.mktemp("forest") / "f"
+    shards = Shards(shards_dir)
+    base = tiny_config(shards_dir, steps=24, batch_size=6)
+    plan, base = btm.plan_for(base, len(shards.domains))
+    forest = Forest.init(root)
+    btm.train_seed(forest, shards, base, plan, progress=False)
+    for d in shards.domains:
+        btm.train_expert(forest, shards, d, progress=False)
+    btm.train_dense(forest, shards, base, plan, progress=False)
+    return root

@@ -182,3 +182,16 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     )
     assert again["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
+    res = quickstart(tmp_path / "qs", preset="tiny", corpus=corpus, overrides=["train.steps=20"], progress=False,
+                     split="clusters", clusters=3, eval_tokens=2000, prior_batches=1)
+    assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
+    top1 = res["methods"]["cbtm_top1"]
+    assert top1["mode"] == "cluster" and top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
+    report = json.loads((tmp_path / "qs" / "clusters-3" / "report.json").read_text())
+    assert report["documents"] == sum(report["sizes"]) and report["nmi"] > 0.5
+    forest = json.loads((tmp_path / "qs" / "forest-clusters-3" / "forest.json").read_text())
+    assert forest["clusterer"]["k"] == 3 and forest["plan"]["n_experts"] == 3
+    assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1", "cluster2"]

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,21 +16,6 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_checkpoints
 from elmforest.model.build import load_model
-
-
-@pytest.fixture(scope="session")
-def forest_dir(shards_dir, tmp_path_factory):
-    """A 3-expert tiny forest trained BTM-style (seed = first half of the dense run)."""
-    root = tmp_path_factory.mktemp("forest") / "f"
-    shards = Shards(shards_dir)
-    base = tiny_config(shards_dir, steps=24, batch_size=6)
-    plan, base = btm.plan_for(base, len(shards.domains))
-    forest = Forest.init(root)
-    btm.train_seed(forest, shards, base, plan, progress=False)
-    for d in shards.domains:
-        btm.train_expert(forest, shards, d, progress=False)
-    btm.train_dense(forest, shards, base, plan, progress=False)
-    return root
 
 
 def _eval(forest_dir, shards_dir, **kw):

@@ -106,13 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--split",
         default="domains",
-        choices=["domains", "random"],
-        help="random adds the ablation: experts on random splits of the data",
+        choices=["domains", "random", "clusters"],
+        help="random adds the ablation (experts on random splits); clusters adds c-BTM",
     )
     qs.add_argument(
         "--eval-tokens", type=int, default=40_000, help="test tokens per domain (whole documents)"
     )
+    qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
     qs.add_argument("--no-progress", action="store_true")
+
+    cl = sub.add_parser("cluster", help="c-BTM domain discovery").add_subparsers(
+        dest="cluster_cmd", required=True
+    )
+    cf = cl.add_parser("fit", help="tf-idf -> SVD -> balanced k-means on a sample of the corpus")
+    cf.add_argument("--data", required=True)
+    cf.add_argument("--k", type=int, required=True)
+    cf.add_argument("--out", required=True)
+    cf.add_argument("--dims", type=int, default=100)
+    cf.add_argument("--sample-docs", type=int, default=20_000)
+    cf.add_argument("--min-df", type=int, default=2)
+    cf.add_argument("--seed", type=int, default=0)
+    cf.add_argument("--split", help="fit on this split's documents only (e.g. train)")
+    ca = cl.add_parser("assign", help="assign a whole corpus to clusters: per-cluster JSONL + report")
+    ca.add_argument("--clusterer", required=True)
+    ca.add_argument("--data", required=True)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--balanced", action="store_true", help="cap each cluster at ceil(N/K·(1+slack))")
+    ca.add_argument("--slack", type=float, default=0.0)
+    ca.add_argument("--workers", type=int)
+    ca.add_argument("--no-progress", action="store_true")
     return ap
 
 
@@ -212,6 +234,40 @@ def _dispatch(args) -> int:
             f"final loss {summary['final_loss']:.4f} -> {args.out}/model"
         )
         return 0
+    if args.cmd == "cluster":
+        from elmforest.cluster.assign import assign_corpus, fit_clusterer
+
+        if args.cluster_cmd == "fit":
+            c = fit_clusterer(
+                args.data,
+                args.k,
+                args.out,
+                args.sample_docs,
+                args.dims,
+                args.seed,
+                args.min_df,
+                split=args.split,
+            )
+            f = c.meta["fit"]
+            print(
+                f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f['vocabulary']}, "
+                f"{f['dims']} dims, {f['iterations']} iterations), sizes {f['sizes']} -> {args.out}"
+            )
+            return 0
+        rep = assign_corpus(
+            args.clusterer,
+            args.data,
+            args.out,
+            balanced=args.balanced,
+            slack=args.slack,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(
+            f"{rep['documents']} documents -> {args.out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
+            f"; not vectorised {rep['not_vectorised']}" + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
+        )
+        return 0
     if args.cmd in ("forest", "generate"):
         return forest_dispatch(args, _run_config)
     if args.cmd == "eval":
@@ -271,6 +327,7 @@ def _dispatch(args) -> int:
             progress=not args.no_progress,
             split=args.split,
             eval_tokens=args.eval_tokens,
+            clusters=args.clusters,
         )
         return 0
     raise AssertionError(args.cmd)

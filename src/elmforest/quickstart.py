@@ -37,13 +37,15 @@ def quickstart(
     seed_share: float = 0.5,
     eval_tokens: int = 40_000,
     prior_batches: int = 4,
+    clusters: int = 8,
 ) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
 
-    split="random" adds the BTM ablation: experts trained on random splits of the same data.
+    split="random" adds the BTM ablation: experts trained on random splits of the same data;
+    split="clusters" adds c-BTM: `clusters` discovered clusters, one expert each, routed by distance.
     """
-    if split not in ("domains", "random"):
-        raise ValueError(f"split must be 'domains' or 'random', got {split!r}")
+    if split not in ("domains", "random", "clusters"):
+        raise ValueError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
     out = Path(out)
     p = get_preset(preset)
     t0 = time.perf_counter()
@@ -96,9 +98,11 @@ def quickstart(
     log("[6/7] dense baseline: the seed's run continued to the full budget")
     dense = btm.train_dense(forest, shards, base, plan, progress=progress)
 
-    random_forest = None
+    random_forest = cforest = None
     if split == "random":
-        random_forest = _random_split_forest(out, corpus, forest, plan, len(names), progress, log)
+        random_forest = _random_split_forest(out, corpus, forest, len(names), progress, log)
+    if split == "clusters":
+        cforest = cluster_forest(out, corpus, forest, clusters, progress, log)
 
     log(f"[7/7] evaluating on each domain's test split (first {eval_tokens:,} tokens of whole documents)")
     common = {
@@ -127,6 +131,12 @@ def quickstart(
         methods["random_ensemble"] = evaluate_forest_shards(
             random_forest, shards, mode="ensemble", prior="cached", **{**fe, "pool": rpool}
         )
+    if cforest is not None:
+        cpool = make_pool(cforest, batch_size=16)
+        for kk in sorted({1, min(2, clusters)}):
+            methods[f"cbtm_top{kk}"] = evaluate_forest_shards(
+                cforest, shards, mode="cluster", k=kk, **{**fe, "pool": cpool}
+            )
 
     compute = {
         "dense_flops": dense["flops"],
@@ -155,9 +165,25 @@ def quickstart(
     return results
 
 
-def _random_split_forest(
-    out: Path, corpus: Path, forest: Forest, plan: btm.Plan, k: int, progress: bool, log
-):
+def forest_sharing_seed(path: Path, forest: Forest, n_experts: int) -> Forest:
+    """A new forest grown from the same seed (copied whole, recorded in one manifest write), with the
+    budget split between `n_experts` experts (each gets batch / n_experts, so compute stays matched)."""
+    other = Forest.init(path, exist_ok=True)
+    if not btm.seed_ready(other):
+        plan = btm.Plan(**{**forest.data["plan"], "n_experts": n_experts})
+        btm.copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state")
+        other.set_seed(
+            forest.seed_dir,
+            tokens=forest.data["seed"]["tokens"],
+            flops=forest.data["seed"]["flops"],
+            source="shared with " + str(forest.root),
+            extra={"plan": plan.__dict__},
+            seed_fields={"config": forest.data["seed"]["config"]},
+        )
+    return other
+
+
+def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log) -> Forest:
     """BTM's ablation: the same seed, experts on k random groups of the same documents."""
     rshards_dir = out / "shards-random"
     if not Shards.is_shards_dir(rshards_dir):
@@ -165,21 +191,42 @@ def _random_split_forest(
             corpus, load_tokenizer(out / "tokenizer"), rshards_dir, random_domains=k, progress=progress
         )
     rshards = Shards(rshards_dir)
-    rforest = Forest.init(out / "forest-random", exist_ok=True)
-    if not btm.seed_ready(rforest):  # the same seed: copied whole, recorded in one manifest write
-        btm.copy_dir_atomic(forest.root / "seed_state", rforest.root / "seed_state")
-        rforest.set_seed(
-            forest.seed_dir,
-            tokens=forest.data["seed"]["tokens"],
-            flops=forest.data["seed"]["flops"],
-            source="shared with " + str(forest.root),
-            extra={"plan": forest.data["plan"]},
-            seed_fields={"config": forest.data["seed"]["config"]},
-        )
+    rforest = forest_sharing_seed(out / "forest-random", forest, len(rshards.domains))
     log(f"      ablation: {k} experts on random splits of the data -> {rforest.root}")
     for d in rshards.domains:
         btm.train_expert(rforest, rshards, d, progress=progress)
     return rforest
+
+
+def cluster_forest(
+    out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log, sample_docs: int = 20_000
+) -> Forest:
+    """c-BTM: discover k clusters on the training split, one expert per cluster from the same seed."""
+    from elmforest.cluster.assign import assign_corpus, fit_clusterer
+    from elmforest.cluster.clusterer import Clusterer
+
+    cdir = out / f"clusterer-{k}"
+    if not (cdir / "clusterer.json").is_file():
+        log(f"      fitting {k} balanced clusters (tf-idf -> SVD -> balanced k-means) -> {cdir}")
+        fit_clusterer(corpus, k, cdir, sample_docs=sample_docs, split="train")
+    assigned = out / f"clusters-{k}"
+    if not (assigned / "report.json").is_file():
+        rep = assign_corpus(cdir, corpus, assigned, progress=progress)
+        log(
+            f"      cluster sizes {rep['sizes']}, NMI with the true domains {rep.get('nmi', float('nan')):.3f}"
+        )
+    cshards_dir = out / f"shards-clusters-{k}"
+    if not Shards.is_shards_dir(cshards_dir):
+        build_shards(assigned, load_tokenizer(out / "tokenizer"), cshards_dir, progress=progress)
+    cshards = Shards(cshards_dir)
+    cforest = forest_sharing_seed(out / f"forest-clusters-{k}", forest, len(cshards.domains))
+    if not cforest.data.get("clusterer"):
+        cforest.set_clusterer(cdir)
+    Clusterer.load(cforest.root / "clusterer")
+    log(f"      c-BTM: {len(cshards.domains)} cluster experts -> {cforest.root}")
+    for d in cshards.domains:
+        btm.train_expert(cforest, cshards, d, progress=progress)
+    return cforest
 
 
 def findings(methods: dict) -> list[str]:

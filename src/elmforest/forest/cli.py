@@ -17,6 +17,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
 
     p = fo.add_parser("init", help="create an empty forest")
     forest_arg(p)
+    p.add_argument("--clusterer", help="c-BTM: the clusterer whose clusters the experts are trained on")
     for verb, help_ in [("list", "one line per expert"), ("show", "the whole manifest (JSON)")]:
         forest_arg(fo.add_parser(verb, help=help_))
     p = fo.add_parser("add", help="register an expert trained elsewhere (an HF checkpoint or run directory)")
@@ -61,6 +62,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p.add_argument("--shards", required=True)
     p.add_argument("--seed-share", type=float, default=0.5)
     p.add_argument("--no-dense", action="store_true", help="skip the compute-matched dense baseline")
+    p.add_argument("--clusterer", help="c-BTM: the clusterer that made the shards' cluster domains")
     add_common_train(p)
     p = fo.add_parser("average", help="average the experts' parameters into one HF checkpoint")
     forest_arg(p)
@@ -81,11 +83,20 @@ def add_forest_parsers(sub, add_common_train) -> None:
     g.add_argument("--weighting", default="posterior", choices=["posterior", "fixed"])
     g.add_argument("--show-weights", action="store_true", help="print the final mixture weights")
     g.add_argument("--device", default="auto")
+    g.add_argument(
+        "--cluster-k", type=int, help="c-BTM: route each step to the top-k clusters of the context"
+    )
+    g.add_argument("--temperature-routing", type=float, default=0.1)
 
 
 def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--forest", help="evaluate a forest instead of one model")
-    ev.add_argument("--mode", default="ensemble", choices=["ensemble", "topk", "average"])
+    ev.add_argument(
+        "--mode",
+        default="ensemble",
+        choices=["ensemble", "topk", "average", "cluster"],
+        help="cluster: c-BTM routing by distance to the forest's cluster centres",
+    )
     ev.add_argument("--k", type=int, default=2, help="experts per sequence for --mode topk")
     ev.add_argument("--prior", default="cached", choices=["cached", "uniform"])
     ev.add_argument(
@@ -97,6 +108,8 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--select", default="prior", help="top-k selection: prior | prefix:W (first W tokens)")
     ev.add_argument("--prior-batches", type=int, default=100, help="valid batches for the cached prior")
+    ev.add_argument("--temperature", type=float, default=0.1, help="c-BTM routing temperature T")
+    ev.add_argument("--route", default="sequence", help="c-BTM routing: sequence | segment:W")
 
 
 def run_forest_eval(args) -> dict:
@@ -118,6 +131,8 @@ def run_forest_eval(args) -> dict:
         prior_batches=args.prior_batches,
         device=args.device,
         precision=args.precision,
+        temperature=args.temperature,
+        route=args.route,
     )
 
 
@@ -141,6 +156,8 @@ def dispatch(args, run_config) -> int:
             args.seed,
             weighting=args.weighting,
             device=args.device,
+            cluster_k=args.cluster_k,
+            routing_temperature=args.temperature_routing,
         )
         print(args.prompt + g.text)
         if args.show_weights and g.weights:
@@ -148,7 +165,9 @@ def dispatch(args, run_config) -> int:
         return 0
     cmd = args.forest_cmd
     if cmd == "init":
-        Forest.init(args.forest)
+        f = Forest.init(args.forest)
+        if args.clusterer:
+            f.set_clusterer(args.clusterer)
         print(f"created an empty forest in {args.forest}")
         return 0
     forest = (
@@ -213,6 +232,8 @@ def dispatch(args, run_config) -> int:
         )
     elif cmd == "train":
         shards = Shards(args.shards)
+        if args.clusterer:
+            forest.set_clusterer(args.clusterer)
         plan, base = btm.plan_for(run_config(args), len(shards.domains), args.seed_share)
         btm.train_seed(forest, shards, base, plan, progress=not args.no_progress)
         for d in shards.domains:

@@ -37,7 +37,7 @@ from elmforest.merge.average import average_state_dict
 from elmforest.model.build import load_model
 from elmforest.utils.device import resolve_device, resolve_precision
 
-MODES = ("ensemble", "topk", "average")
+MODES = ("ensemble", "topk", "average", "cluster")
 
 
 @dataclass
@@ -148,8 +148,14 @@ def evaluate_forest_shards(
     keep_loaded: bool = True,
     experts: list[str] | None = None,
     pool: ExpertPool | None = None,
+    temperature: float = 0.1,
+    route: str = "sequence",
 ) -> dict:
-    """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once."""
+    """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
+
+    mode="cluster" is c-BTM's sparse routing: the top-k experts by exp(−‖h(context) − c_j‖² / T) with
+    the forest's clusterer, per window (`route="sequence"`) or per segment of W tokens (`segment:W`).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if prior not in ("cached", "uniform"):
@@ -171,6 +177,9 @@ def evaluate_forest_shards(
     wanted = domains or [d for d in shards.domains if shards.has(d, split)]
     eos = shards.eos_id
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
+    if mode == "cluster":
+        prior = "uniform"  # routing replaces the prior
+        cluster_ctx = _ClusterContext(forest, names, shards, k, temperature, route, seq_len)
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
         stream = shards.tokens(d, split)[:n_tok]
@@ -188,7 +197,13 @@ def evaluate_forest_shards(
         else:
             pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
         entry: dict = {"prior": dict(zip(names, pi.tolist(), strict=True))}
-        if mode == "average":
+        if mode == "cluster":
+            nll, mean_w, run = cluster_ctx.nll(pool, stream, nw)
+            entry.update(_score(nll, n_tok, n_bytes, n_docs))
+            entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
+            entry["experts_run"] = [names[j] for j in run]
+            posterior_table[d] = entry["posterior"]
+        elif mode == "average":
             model = load_model(pool.dirs[0])
             weights = pi.tolist()
             missing, unexpected = model.load_state_dict(average_state_dict(pool.dirs, weights), strict=False)
@@ -217,7 +232,9 @@ def evaluate_forest_shards(
         "domains": out,
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
         "mode": mode,
-        "k": k if mode == "topk" else n,
+        "k": k if mode in ("topk", "cluster") else n,
+        "temperature": temperature if mode == "cluster" else None,
+        "route": route if mode == "cluster" else None,
         "prior": prior,
         "weighting": weighting,
         "select": select if mode == "topk" else None,
@@ -311,6 +328,93 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
         mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))
     mean_w /= valid.sum().clamp_min(1)
     return nll, mean_w, list(range(n))  # every expert read the first w tokens
+
+
+class _ClusterContext:
+    """c-BTM routing state for one evaluation: the clusterer, the router, cluster -> expert map."""
+
+    def __init__(
+        self,
+        forest: Forest,
+        names: list[str],
+        shards: Shards,
+        k: int,
+        temperature: float,
+        route: str,
+        seq_len: int,
+    ):
+        from elmforest.cluster.clusterer import Clusterer
+        from elmforest.cluster.router import IncrementalRouter, token_byte_table
+        from elmforest.data.tokenizer import load_tokenizer as _load_tok
+
+        info = forest.data.get("clusterer")
+        if not info:
+            raise ValueError(
+                f"{forest.root}: the forest has no clusterer (elmforest forest init --clusterer DIR)"
+            )
+        self.clusterer = Clusterer.load(forest.root / info["path"])
+        self.expert_of = {}
+        for j in range(self.clusterer.k):
+            for i, n in enumerate(names):
+                if f"cluster{j}" in forest.expert(n)["domains"]:
+                    self.expert_of[j] = i
+        if not self.expert_of:
+            raise ValueError(
+                f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
+            )
+        self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
+        sizes = np.asarray(
+            self.clusterer.meta.get("fit", {}).get("sizes") or np.ones(self.clusterer.k), float
+        )
+        self.fallback = np.where(self.allowed, sizes, 0.0)  # empty context: the cluster sizes as the prior
+        if route == "sequence":
+            self.seg = seq_len
+        elif route.startswith("segment:"):
+            self.seg = max(1, int(route.split(":", 1)[1]))
+        else:
+            raise ValueError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
+        self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
+        tok = _load_tok(shards.root)
+        self.router = IncrementalRouter(self.clusterer, token_byte_table(tok), shards.eos_id)
+
+    def weights(self, stream: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Expert weights [P, N] for segments starting at `positions` (zero outside the top-k)."""
+        from elmforest.cluster.router import route_stream
+
+        z, ok = route_stream(self.router, stream, positions)
+        w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
+        if (~ok).any():  # no known word yet: the k largest clusters, weighted by size
+            fb = self.fallback.copy()
+            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
+            w_cluster[~ok] = fb / fb.sum()
+        w = np.zeros((len(positions), self.n))
+        for j, i in self.expert_of.items():
+            w[:, i] += w_cluster[:, j]
+        return w
+
+    def nll(self, pool: ExpertPool, stream: np.ndarray, nw: int):
+        T, seg = self.seq_len, self.seg
+        offsets = np.arange(0, T, seg)
+        starts = (np.arange(nw)[:, None] * T + offsets[None, :]).reshape(-1)
+        keep = starts < len(stream)
+        w_seg = np.zeros((len(starts), self.n))
+        w_seg[keep] = self.weights(stream, starts[keep])
+        w_seg = w_seg.reshape(nw, len(offsets), self.n)
+        needed = w_seg.sum(1) > 0  # [nw, N]: experts a window needs (for any of its segments)
+        lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
+        for i in range(self.n):
+            wins = np.flatnonzero(needed[:, i])
+            if len(wins):
+                lp[i, torch.as_tensor(wins)] = pool.logprobs(
+                    i, stream, self.router.eos_id, T, wins.tolist()
+                ).double()
+        # per-position weights: each segment's routing, repeated over its W positions
+        w_pos = torch.from_numpy(np.repeat(w_seg, seg, axis=1)[:, :T]).permute(2, 0, 1)  # [N, nw, T]
+        log_w = torch.log(w_pos)
+        ens = torch.logsumexp(log_w + lp, dim=0)
+        valid = _valid(nw, T, len(stream))
+        mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
+        return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist())
 
 
 def _valid(nw: int, seq_len: int, n_tok: int) -> torch.Tensor:

@@ -290,6 +290,18 @@ class Forest:
         for sub in ("experts", "runs", "branches"):
             shutil.rmtree(self.root / sub / name, ignore_errors=True)
 
+    def set_clusterer(self, clusterer_dir: str | Path) -> None:
+        """Keep a copy of the c-BTM clusterer that defines the experts' clusters (for routing)."""
+        from elmforest.cluster.clusterer import Clusterer
+
+        c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
+        tmp = self.root / f".clusterer.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(clusterer_dir, tmp)
+        shutil.rmtree(self.root / "clusterer", ignore_errors=True)
+        os.rename(tmp, self.root / "clusterer")
+        self.update(lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims}))
+
     def describe(self) -> str:
         lines = [
             f"forest {self.root}: {len(self.data['experts'])} expert(s), tokenizer {self.data['tokenizer']}, "

@@ -1,0 +1,1 @@
+"""Domain discovery for c-BTM: tf-idf -> SVD -> balanced k-means, and routing by cluster distance."""

@@ -1,0 +1,224 @@
+"""Fit a clusterer on a sample of a corpus, and assign a whole corpus to clusters, streaming.
+
+`assign_corpus` writes one JSONL per cluster (`cluster<j>.jsonl`, domain = `cluster<j>`, the
+original domain kept as `source_domain`) — ready for `elmforest shards build` — plus `report.json`:
+cluster sizes, how many documents could not be vectorised, and, where the input has domain labels,
+the cluster x domain table and the normalised mutual information. No document is dropped.
+Embedding runs in worker processes (all cores); the balanced variant caps every cluster at
+ceil(N/K · (1 + slack)) documents, spread evenly over the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from elmforest.cluster.clusterer import Clusterer
+from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.utils.io import write_json_atomic
+
+
+def sample_texts(
+    data, n: int, seed: int = 0, max_chars: int = 100_000, split: str | None = None
+) -> tuple[list[str], ReadStats]:
+    """A uniform reservoir sample of n documents, streaming (each text capped at max_chars);
+    `split` keeps only that split's documents (by the id hash), e.g. to fit on training data only."""
+    from elmforest.data.splits import SplitSpec
+
+    spec = SplitSpec()
+    rng = random.Random(seed)
+    stats = ReadStats()
+    sample: list[str] = []
+    docs = (d for d in iter_documents(data, stats) if split is None or spec.assign(d.id) == split)
+    for i, d in enumerate(docs):
+        text = d.text[:max_chars]
+        if len(sample) < n:
+            sample.append(text)
+        else:
+            j = rng.randrange(i + 1)
+            if j < n:
+                sample[j] = text
+    return sample, stats
+
+
+def fit_clusterer(
+    data,
+    k: int,
+    out,
+    sample_docs: int = 20_000,
+    dims: int = 100,
+    seed: int = 0,
+    min_df: int = 2,
+    split: str | None = None,
+) -> Clusterer:
+    texts, stats = sample_texts(data, sample_docs, seed, split=split)
+    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df)
+    c.meta["fit"]["read"] = stats.to_dict()
+    c.meta["fit"]["source"] = str(Path(data).resolve())
+    c.meta["fit"]["split"] = split
+    c.save(out)
+    return c
+
+
+_WORKER: Clusterer | None = None
+
+
+def _init_worker(path: str) -> None:
+    global _WORKER
+    _WORKER = Clusterer.load(path)
+
+
+def _embed_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    z, ok = _WORKER.embed(texts)
+    return z.astype(np.float64), ok
+
+
+def _embedded_chunks(clusterer_dir, data, stats: ReadStats, chunk_docs: int, workers: int):
+    """(documents, unit vectors, ok) chunk by chunk, embedded in worker processes, in input order."""
+
+    def chunks():
+        buf = []
+        for d in iter_documents(data, stats):
+            buf.append(d)
+            if len(buf) >= chunk_docs:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(clusterer_dir),)) as pool:
+        pending = []
+        for docs in chunks():  # a few chunks in flight: reading, embedding and writing overlap
+            pending.append((docs, pool.submit(_embed_chunk, [d.text for d in docs])))
+            if len(pending) >= 2 * workers:
+                docs0, fut = pending.pop(0)
+                yield (docs0, *fut.result())
+        for docs0, fut in pending:
+            yield (docs0, *fut.result())
+
+
+def assign_corpus(
+    clusterer_dir,
+    data,
+    out,
+    balanced: bool = False,
+    slack: float = 0.0,
+    chunk_docs: int = 512,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Assign every document of `data` to a cluster and write per-cluster JSONL plus a report.
+
+    balanced=True caps every cluster at ceil(N/K · (1 + slack)) documents with one global balanced
+    assignment: a first streaming pass keeps only each document's K scores (not its text), a second
+    pass writes the documents out.
+    """
+    from sklearn.metrics import normalized_mutual_info_score
+    from tqdm.auto import tqdm
+
+    clusterer = Clusterer.load(clusterer_dir)
+    k = clusterer.k
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    global_labels = None
+    if balanced:
+        scores, oks = [], []
+        for _docs, z, ok in tqdm(
+            _embedded_chunks(clusterer_dir, data, ReadStats(), chunk_docs, workers),
+            desc="scoring",
+            unit="chunk",
+            disable=not progress,
+        ):
+            scores.append(clusterer.scores(z).astype(np.float32))
+            oks.append(ok)
+        s, ok = np.concatenate(scores), np.concatenate(oks)
+        cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
+        global_labels, _ = _label(s, ok, cap)
+    stats = ReadStats()
+    tmp_files = {j: out / f".cluster{j}.jsonl.tmp" for j in range(k)}
+    handles = {j: open(tmp_files[j], "w", encoding="utf-8") for j in range(k)}
+    table: Counter = Counter()
+    labels_all, domains_all, not_vectorised, done = [], [], 0, 0
+    try:
+        for docs, z, ok in tqdm(
+            _embedded_chunks(clusterer_dir, data, stats, chunk_docs, workers),
+            desc="assigning",
+            unit="chunk",
+            disable=not progress,
+        ):
+            if global_labels is not None:
+                labels = global_labels[done : done + len(docs)]
+            else:
+                labels, _ = _label(clusterer.scores(z), ok, None, sizes=np.bincount(labels_all, minlength=k))
+            done += len(docs)
+            not_vectorised += int((~ok).sum())
+            for d, j, good in zip(docs, labels, ok, strict=True):
+                j = int(j)
+                rec = {"id": d.id, "domain": f"cluster{j}", "text": d.text, "source_domain": d.domain}
+                if not good:
+                    rec["vectorised"] = False
+                handles[j].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                table[(j, d.domain)] += 1
+                labels_all.append(j)
+                domains_all.append(d.domain)
+        for j, h in handles.items():
+            h.close()
+            if table and any(table[(j, dom)] for dom in set(domains_all)):
+                os.replace(tmp_files[j], out / f"cluster{j}.jsonl")
+            else:
+                tmp_files[j].unlink()
+    finally:
+        for j, h in handles.items():
+            if not h.closed:
+                h.close()
+            tmp_files[j].unlink(missing_ok=True)
+    sizes = np.bincount(np.asarray(labels_all, dtype=np.int64), minlength=k).tolist()
+    domain_names = sorted(set(domains_all))
+    report = {
+        "clusterer": str(Path(clusterer_dir).resolve()),
+        "data": str(Path(data).resolve()),
+        "k": k,
+        "balanced": balanced,
+        "slack": slack,
+        "documents": len(labels_all),
+        "sizes": sizes,
+        "max_over_min": max(sizes) / max(min(sizes), 1),
+        "not_vectorised": not_vectorised,
+        "read": stats.to_dict(),
+        "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},
+    }
+    if len(domain_names) > 1:
+        report["nmi"] = float(normalized_mutual_info_score(domains_all, labels_all))
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _label(scores: np.ndarray, ok: np.ndarray, capacity: np.ndarray | None, sizes: np.ndarray | None = None):
+    """Nearest centre (or balanced under `capacity`); documents that cannot be vectorised are not dropped:
+    they go where there is most room (balanced) or to the currently smallest cluster."""
+    from elmforest.cluster.kmeans import balanced_assign
+
+    k = scores.shape[1]
+    labels = np.zeros(len(scores), dtype=np.int64)
+    if capacity is not None:
+        if ok.any():
+            labels[ok] = balanced_assign(scores[ok].astype(np.float64), capacity)
+        room = (capacity - np.bincount(labels[ok], minlength=k)).astype(float)
+    else:
+        labels[ok] = scores[ok].argmax(1)
+        room = -(sizes if sizes is not None else np.zeros(k)).astype(float) - np.bincount(
+            labels[ok], minlength=k
+        )
+    for i in np.flatnonzero(~ok):
+        j = int(np.argmax(room))
+        labels[i] = j
+        room[j] -= 1
+    return labels, room

@@ -1,0 +1,279 @@
+"""The c-BTM clusterer: tf-idf -> truncated SVD -> L2 normalisation -> balanced k-means.
+
+Fitting uses scikit-learn (TfidfVectorizer, TruncatedSVD) on a sample of documents; everything the
+clusterer needs afterwards is saved as plain data — `clusterer.json` (version, settings, the
+vocabulary in column order, checksums) and `arrays.safetensors` (idf, SVD components, centres) —
+never pickle, and the transform is our own code over those arrays, so a fresh process gives
+identical embeddings and assignments.
+
+Text analysis (shared with the incremental router): lower-case, words = runs of \\w, words shorter
+than 2 characters and English stop words dropped, words starting with a digit mapped to one
+number token. tf is sublinear (1 + ln tf). Because rows are L2-normalised after the SVD, the
+tf-idf row's own norm cancels and need not be computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans, neg_sq_dist
+from elmforest.utils.io import atomic_path, write_json_atomic
+
+FORMAT = "elmforest-clusterer"
+VERSION = 1
+WORD = re.compile(r"\w+")
+NUMBER = "__number__"
+
+
+def _stop_words() -> frozenset[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return frozenset(ENGLISH_STOP_WORDS)
+
+
+STOP_WORDS = _stop_words()
+
+
+def normalise_word(w: str) -> str | None:
+    """The term a word counts as, or None when it is dropped."""
+    w = w.lower()
+    if w[0].isdigit():
+        return NUMBER
+    if len(w) < 2 or w in STOP_WORDS:
+        return None
+    return w
+
+
+def analyze(text: str) -> list[str]:
+    return [t for t in (normalise_word(m) for m in WORD.findall(text)) if t is not None]
+
+
+class ClustererError(ValueError):
+    """A clusterer directory that is missing, corrupted or inconsistent."""
+
+
+@dataclass
+class Clusterer:
+    terms: list[str]
+    idf: np.ndarray  # [V]
+    components: np.ndarray  # [d, V]
+    centres: np.ndarray  # [K, d]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # C order matters: safetensors writes an array's raw buffer, so a Fortran-ordered array (as
+        # TruncatedSVD returns) would be saved scrambled under its C shape.
+        self.idf, self.components, self.centres = (
+            np.ascontiguousarray(a, dtype=np.float64) for a in (self.idf, self.components, self.centres)
+        )
+        self.vocab = {t: i for i, t in enumerate(self.terms)}
+        v, d, k = len(self.terms), self.components.shape[0], self.centres.shape[0]
+        if self.idf.shape != (v,) or self.components.shape != (d, v) or self.centres.shape != (k, d):
+            raise ClustererError(
+                f"inconsistent shapes: vocabulary {v}, idf {self.idf.shape}, components "
+                f"{self.components.shape}, centres {self.centres.shape}"
+            )
+        # term -> its column of the projection, pre-scaled by idf: a word's whole contribution
+        self.term_vectors = (self.components * self.idf[None, :]).T.astype(np.float64)  # [V, d]
+
+    @property
+    def k(self) -> int:
+        return self.centres.shape[0]
+
+    @property
+    def dims(self) -> int:
+        return self.centres.shape[1]
+
+    # -- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        texts: list[str],
+        k: int,
+        dims: int = 100,
+        min_df: int = 2,
+        max_df: float = 1.0,
+        max_features: int | None = 200_000,
+        seed: int = 0,
+        max_iter: int = 20,
+    ) -> Clusterer:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        if len(texts) < k:
+            raise ValueError(f"cannot fit {k} clusters on {len(texts)} documents")
+        vec = TfidfVectorizer(
+            analyzer=analyze,
+            sublinear_tf=True,
+            min_df=min_df,
+            max_df=max_df,
+            max_features=max_features,
+            dtype=np.float64,
+        )
+        x = vec.fit_transform(texts)
+        if x.shape[1] < 2:
+            raise ValueError("the sample has too few distinct words to cluster")
+        dims = min(dims, x.shape[1] - 1)
+        svd = TruncatedSVD(n_components=dims, random_state=seed)
+        svd.fit(x)
+        terms = vec.get_feature_names_out().tolist()
+        c = cls(terms, vec.idf_.astype(np.float64), svd.components_.astype(np.float64), np.zeros((k, dims)))
+        z, ok = c.embed(texts)
+        centres, labels, info = balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed)
+        c.centres = np.ascontiguousarray(centres)
+        c.meta = {
+            "fit": {
+                "documents": len(texts),
+                "vectorised": int(ok.sum()),
+                "vocabulary": len(terms),
+                "dims": dims,
+                "seed": seed,
+                "min_df": min_df,
+                "max_df": max_df,
+                "explained_variance": float(svd.explained_variance_ratio_.sum()),
+                **info,
+            }
+        }
+        return c
+
+    # -- transform -----------------------------------------------------------------------------
+    def counts_vector(self, counts: Counter) -> np.ndarray:
+        """Unnormalised projection Σ_w (1 + ln tf_w) · idf_w · C[:, w] of term counts."""
+        u = np.zeros(self.dims)
+        for term, tf in counts.items():
+            i = self.vocab.get(term)
+            if i is not None and tf > 0:
+                u += (1.0 + np.log(tf)) * self.term_vectors[i]
+        return u
+
+    def embed(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(unit vectors [N, d], ok [N]); a text with no known word gets a zero row and ok=False."""
+        import scipy.sparse as sp
+
+        rows, cols, vals = [], [], []
+        n = 0
+        for n, text in enumerate(texts, 1):
+            counts = Counter(t for t in analyze(text) if t in self.vocab)
+            for term, tf in counts.items():
+                rows.append(n - 1)
+                cols.append(self.vocab[term])
+                vals.append(1.0 + np.log(tf))
+        x = sp.csr_matrix((vals, (rows, cols)), shape=(n, len(self.terms)))
+        z = np.asarray(x @ self.term_vectors)
+        norm = np.linalg.norm(z, axis=1)
+        ok = norm > 0
+        z[ok] /= norm[ok, None]
+        return z, ok
+
+    def scores(self, z: np.ndarray) -> np.ndarray:
+        """-||h - c_j||² [N, K] (higher is closer)."""
+        return neg_sq_dist(z, self.centres)
+
+    def assign(self, texts: list[str], capacity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centre, or a balanced assignment under per-cluster `capacity`. Returns (labels, ok).
+
+        Texts that cannot be vectorised (no known word) are never dropped: they go to the cluster with
+        the most room left (or the smallest), and ok=False marks them.
+        """
+        z, ok = self.embed(texts)
+        labels = np.zeros(len(z), dtype=np.int64)
+        s = self.scores(z[ok])
+        if capacity is None:
+            labels[ok] = s.argmax(1) if len(s) else labels[ok]
+            room = np.zeros(self.k)
+        else:
+            cap = np.asarray(capacity, dtype=np.int64).copy()
+            if len(s):
+                labels[ok] = balanced_assign(s, cap)
+                cap -= np.bincount(labels[ok], minlength=self.k)
+            room = cap.astype(float)
+        for i in np.flatnonzero(~ok):
+            j = int(np.argmax(room))
+            labels[i] = j
+            room[j] -= 1
+        return labels, ok
+
+    def route(
+        self, z: np.ndarray, k: int | None = None, temperature: float = 0.1, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """c-BTM weights [N, K]: top-k of exp(−‖h − c_j‖² / T), renormalised (others exactly 0).
+
+        `allowed` masks out clusters without an expert (opted out), before the top-k.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        logits = self.scores(z) / temperature
+        if allowed is not None:
+            logits[:, ~np.asarray(allowed, bool)] = -np.inf
+        if k is not None and k < self.k:
+            drop = np.argsort(-logits, axis=1, kind="stable")[:, k:]
+            np.put_along_axis(logits, drop, -np.inf, axis=1)
+        logits -= logits.max(1, keepdims=True)
+        w = np.exp(logits)
+        return w / w.sum(1, keepdims=True)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, out: str | os.PathLike) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "arrays.safetensors") as tmp:
+            arrays = {"idf": self.idf, "components": self.components, "centres": self.centres}
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        digest = hashlib.sha256((out / "arrays.safetensors").read_bytes()).hexdigest()
+        write_json_atomic(
+            out / "clusterer.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "k": self.k,
+                "dims": self.dims,
+                "analyzer": {
+                    "words": WORD.pattern,
+                    "lowercase": True,
+                    "min_length": 2,
+                    "stop_words": "english",
+                    "numbers": NUMBER,
+                    "tf": "1 + ln(tf)",
+                },
+                "arrays": {"file": "arrays.safetensors", "sha256": digest},
+                "meta": self.meta,
+                "vocabulary": self.terms,
+            },
+        )
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Clusterer:
+        path = Path(path)
+        meta_path = path / "clusterer.json"
+        if not meta_path.is_file():
+            raise ClustererError(f"{path}: not a clusterer (no clusterer.json)")
+        try:
+            info = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ClustererError(f"{meta_path}: corrupted ({e})") from e
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise ClustererError(
+                f"{meta_path}: unsupported clusterer format {info.get('format')} "
+                f"v{info.get('version')} (this elmforest reads {FORMAT} v{VERSION})"
+            )
+        arrays = path / info["arrays"]["file"]
+        if not arrays.is_file():
+            raise ClustererError(f"{arrays}: missing")
+        if hashlib.sha256(arrays.read_bytes()).hexdigest() != info["arrays"]["sha256"]:
+            raise ClustererError(f"{arrays}: checksum mismatch (corrupted, or not this clusterer's arrays)")
+        a = load_file(str(arrays))
+        c = cls(list(info["vocabulary"]), a["idf"], a["components"], a["centres"], info.get("meta", {}))
+        if c.k != info["k"] or c.dims != info["dims"]:
+            raise ClustererError(f"{meta_path}: k/dims do not match the arrays")
+        return c

@@ -1,0 +1,134 @@
+"""Incremental c-BTM routing: the context's embedding is updated as tokens arrive.
+
+c-BTM's public code re-vectorises every prefix from scratch. Here the router keeps the term
+counts of the context and the unnormalised projection u = Σ_w (1 + ln tf_w) · idf_w · C[:, w]; a
+new word changes one term's count, so u moves by one precomputed vector: O(d) per word, however
+long the context. The trailing, possibly unfinished word is added on the fly when an embedding is
+read, so the result equals `Clusterer.embed` on the text so far, at every prefix.
+
+Tokens become text through their bytes (byte-level BPE maps every token to fixed bytes) and an
+incremental UTF-8 decoder, so multi-byte characters split across tokens are decoded exactly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections import Counter
+
+import numpy as np
+
+from elmforest.cluster.clusterer import WORD, Clusterer, normalise_word
+from elmforest.data.tokenizer import LoadedTokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte <-> printable-character table used by byte-level BPE."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def token_byte_table(tok: LoadedTokenizer) -> list[bytes]:
+    """The bytes each token id stands for (exact for byte-level BPE; per-token decode otherwise)."""
+    spec = json.loads(tok.tokenizer.to_str())
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    table = []
+    for i in range(tok.vocab_size):
+        piece = tok.tokenizer.id_to_token(i)
+        if piece is None or i in special:
+            table.append(b"")
+        elif byte_level and all(ch in decoder for ch in piece):
+            table.append(bytes(decoder[ch] for ch in piece))
+        else:
+            table.append(tok.tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return table
+
+
+class IncrementalRouter:
+    def __init__(
+        self, clusterer: Clusterer, token_bytes: list[bytes] | None = None, eos_id: int | None = None
+    ):
+        self.c = clusterer
+        self.token_bytes = token_bytes
+        self.eos_id = eos_id
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: Counter = Counter()
+        self.u = np.zeros(self.c.dims)
+        self.fragment = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _commit(self, word: str, sign: int = 1) -> None:
+        term = normalise_word(word)
+        i = self.c.vocab.get(term) if term is not None else None
+        if i is None:
+            return
+        tf = self.counts[term]
+        new = tf + sign
+        f_old = 1.0 + np.log(tf) if tf > 0 else 0.0
+        f_new = 1.0 + np.log(new) if new > 0 else 0.0
+        self.u += (f_new - f_old) * self.c.term_vectors[i]
+        self.counts[term] = new
+
+    def push_text(self, text: str) -> None:
+        s = self.fragment + text
+        words = WORD.findall(s)
+        if words and WORD.search(s[-1:] or " "):  # the text ends inside a word: keep it open
+            self.fragment = words.pop()
+        else:
+            self.fragment = ""
+        for w in words:
+            self._commit(w)
+
+    def push_token(self, token_id: int) -> None:
+        if self.eos_id is not None and token_id == self.eos_id:
+            self.reset()  # a new document: its own context
+            return
+        self.push_text(self._utf8.decode(self.token_bytes[token_id]))
+
+    def embedding(self) -> tuple[np.ndarray, bool]:
+        """(unit vector, ok) of everything pushed since the last reset; ok=False when no known word."""
+        if self.fragment:
+            self._commit(self.fragment)
+            v = self.u.copy()
+            self._commit(self.fragment, -1)
+        else:
+            v = self.u.copy()
+        n = float(np.linalg.norm(v))
+        return (v / n, True) if n > 1e-12 else (v, False)
+
+
+def route_stream(
+    router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of the document context before each stream position (sorted), in one pass.
+
+    The context of position p is every token of its document before p (documents end with EOS).
+    """
+    router.reset()
+    out = np.zeros((len(positions), router.c.dims))
+    ok = np.zeros(len(positions), dtype=bool)
+    j = 0
+    for p, t in enumerate(np.asarray(stream)):
+        while j < len(positions) and positions[j] == p:
+            out[j], ok[j] = router.embedding()
+            j += 1
+        if j == len(positions):
+            break
+        router.push_token(int(t))
+    while j < len(positions):
+        out[j], ok[j] = router.embedding()
+        j += 1
+    return out, ok

@@ -1,0 +1,225 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DOMAIN_WORDS
+from scipy.optimize import linear_sum_assignment
+
+from elmforest.cluster.assign import assign_corpus, fit_clusterer
+from elmforest.cluster.clusterer import Clusterer, ClustererError
+from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans
+from elmforest.cluster.router import IncrementalRouter, token_byte_table
+from elmforest.data.readers import iter_documents
+from elmforest.data.shards import Shards
+from elmforest.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def clusterer_dir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clusterer")
+    fit_clusterer(corpus, 3, out, sample_docs=1000, dims=16, min_df=1)
+    return out
+
+
+def test_balanced_assignment_is_optimal_and_respects_capacity():
+    rng = np.random.default_rng(0)
+    for n, k in [(12, 3), (30, 4), (17, 5)]:
+        s = rng.normal(size=(n, k))
+        cap = math.ceil(n / k)
+        lab = balanced_assign(s, cap)
+        assert np.bincount(lab, minlength=k).max() <= cap
+        r, c = linear_sum_assignment(-np.repeat(s, cap, axis=1))  # brute force: one column per slot
+        assert s[np.arange(n), lab].sum() == pytest.approx(
+            np.repeat(s, cap, axis=1)[r, c].sum(), abs=n * 1e-3
+        )
+
+
+def test_balanced_kmeans_sizes_within_one():
+    rng = np.random.default_rng(1)
+    x = np.concatenate(
+        [rng.normal(0, 0.1, (70, 5)), rng.normal(3, 0.1, (20, 5)), rng.normal(-3, 0.1, (10, 5))]
+    )
+    _, labels, info = balanced_kmeans(x, 4, seed=0)
+    sizes = np.bincount(labels, minlength=4)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == 100 and info["sizes"] == sizes.tolist()
+
+
+def test_clusters_find_the_domains_and_fit_is_balanced(clusterer_dir, corpus, tmp_path):
+    c = Clusterer.load(clusterer_dir)
+    sizes = c.meta["fit"]["sizes"]
+    assert max(sizes) - min(sizes) <= 1  # ceil(N/K) capacity: balanced within one document
+    rep = assign_corpus(clusterer_dir, corpus, tmp_path / "out", progress=False, workers=2)
+    n_docs = sum(1 for _ in iter_documents(corpus))
+    assert rep["documents"] == n_docs == sum(rep["sizes"])
+    assert rep["nmi"] > 0.9  # three very different synthetic domains
+    written = sum(1 for _ in iter_documents(tmp_path / "out"))
+    assert written == n_docs  # nothing dropped
+    rec = json.loads((tmp_path / "out" / "cluster0.jsonl").read_text().splitlines()[0])
+    assert rec["domain"] == "cluster0" and rec["source_domain"] in DOMAIN_WORDS
+
+
+def test_unvectorisable_documents_are_counted_not_dropped(clusterer_dir, tmp_path):
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(9):
+            text = "the and of" if i % 3 == 0 else "license software warranty copyright"
+            f.write(json.dumps({"id": str(i), "text": text}) + "\n")
+    rep = assign_corpus(
+        clusterer_dir, tmp_path / "d.jsonl", tmp_path / "out", balanced=True, progress=False, workers=1
+    )
+    assert rep["not_vectorised"] == 3 and rep["documents"] == 9
+    assert max(rep["sizes"]) <= 3  # balanced: ceil(9 / 3)
+
+
+def test_save_load_round_trip_gives_identical_assignments_in_a_fresh_process(clusterer_dir, corpus, tmp_path):
+    texts = [d.text for d in iter_documents(corpus)][:60]
+    c = Clusterer.load(clusterer_dir)
+    labels, _ = c.assign(texts)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    code = (
+        "import json,sys; from elmforest.cluster.clusterer import Clusterer; "
+        "c=Clusterer.load(sys.argv[1]); t=json.load(open(sys.argv[2])); "
+        "z,_=c.embed(t); print(json.dumps([c.assign(t)[0].tolist(), z.tolist()]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(clusterer_dir), str(tmp_path / "texts.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    other_labels, other_z = json.loads(out.stdout)
+    assert other_labels == labels.tolist()
+    assert np.array_equal(np.array(other_z), c.embed(texts)[0])
+
+
+def test_corrupted_or_mismatched_clusterer_files_are_refused(clusterer_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(clusterer_dir, bad)
+    data = bytearray((bad / "arrays.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (bad / "arrays.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ClustererError, match="checksum"):
+        Clusterer.load(bad)
+    shutil.copy(clusterer_dir / "arrays.safetensors", bad / "arrays.safetensors")
+    info = json.loads((bad / "clusterer.json").read_text())
+    (bad / "clusterer.json").write_text(json.dumps({**info, "version": 99}))
+    with pytest.raises(ClustererError, match="unsupported"):
+        Clusterer.load(bad)
+    (bad / "clusterer.json").write_text(json.dumps({**info, "vocabulary": info["vocabulary"][:-1]}))
+    with pytest.raises(ClustererError, match="inconsistent"):
+        Clusterer.load(bad)
+    (bad / "clusterer.json").write_text("{not json")
+    with pytest.raises(ClustererError, match="corrupted"):
+        Clusterer.load(bad)
+    with pytest.raises(ClustererError, match="not a clusterer"):
+        Clusterer.load(tmp_path)
+    assert not list(clusterer_dir.glob("*.pkl"))
+
+
+def test_incremental_routing_equals_routing_from_scratch_on_every_prefix(clusterer_dir, tokenizer_dir):
+    c = Clusterer.load(clusterer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    text = "the lord said unto moses — café naïve ✓ def return self\nlicense 42 warranty thou shalt"
+    ids = tok.encode_batch([text])[0]
+    router = IncrementalRouter(c, token_byte_table(tok), tok.eos_id)
+    for t in range(len(ids) + 1):
+        if t:
+            router.push_token(ids[t - 1])
+        h, ok = router.embedding()
+        z, ok_ref = c.embed([tok.decode(ids[:t])])
+        assert ok == bool(ok_ref[0]), t
+        assert np.allclose(h, z[0], atol=1e-9), t
+    router.push_token(tok.eos_id)  # a new document starts from an empty context
+    assert router.embedding()[1] is False
+
+
+def test_route_top_k_and_temperature(clusterer_dir):
+    c = Clusterer.load(clusterer_dir)
+    z = c.embed(["license software warranty", "def return self import"])[0]
+    full = c.route(z, None, 0.1)
+    want = np.exp(c.scores(z) / 0.1)
+    assert np.allclose(full, want / want.sum(1, keepdims=True))
+    top1 = c.route(z, 1, 0.1)
+    assert ((top1 > 0).sum(1) == 1).all() and np.allclose(top1.sum(1), 1)
+    masked = c.route(z, 1, 0.1, allowed=np.array([True, False, True]))
+    assert (masked[:, 1] == 0).all()
+
+
+@pytest.fixture(scope="session")
+def cluster_forest(forest_dir, clusterer_dir, tmp_path_factory):
+    """The 3 trained experts of the BTM fixture registered as cluster experts of a c-BTM forest."""
+    from elmforest.forest.manifest import Forest
+
+    src = Forest.load(forest_dir)
+    root = tmp_path_factory.mktemp("cforest") / "f"
+    f = Forest.init(root)
+    f.set_clusterer(clusterer_dir)
+    for j, n in enumerate(src.names):
+        f.add(src.expert_dir(n), f"cluster{j}", [f"cluster{j}"])
+    return root
+
+
+def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_forest, shards_dir):
+    from elmforest.eval.bpb import window_batch
+    from elmforest.forest.evaluate import evaluate_forest_shards
+    from elmforest.forest.manifest import Forest
+    from elmforest.model.build import load_model
+
+    f, sh = Forest.load(cluster_forest), Shards(shards_dir)
+    c = Clusterer.load(cluster_forest / "clusterer")
+    tok = load_tokenizer(shards_dir)
+    d = sh.domains[0]
+    res = evaluate_forest_shards(
+        f,
+        sh,
+        mode="cluster",
+        k=3,
+        temperature=0.5,
+        domains=[d],
+        seq_len=32,
+        batch_size=4,
+        device="cpu",
+        precision="fp32",
+    )
+    # brute force: every window's weights from its document's text before the window, re-vectorised
+    stream = sh.tokens(d, "test")
+    models = [load_model(x).eval() for x in f.expert_dirs()]
+    ends = set(np.flatnonzero(np.asarray(stream) == sh.eos_id).tolist())
+    nll = 0.0
+    for w in range(math.ceil(len(stream) / 32)):
+        start = w * 32
+        doc_start = max([e + 1 for e in ends if e < start], default=0)
+        ctx = tok.decode(stream[doc_start:start].tolist())
+        z, ok = c.embed([ctx])
+        if ok[0]:
+            weights = c.route(z, None, 0.5)[0]
+        else:
+            sizes = np.asarray(c.meta["fit"]["sizes"], float)
+            weights = sizes / sizes.sum()
+        x, y = window_batch(stream, sh.eos_id, 32, [w])
+        with torch.no_grad():
+            lps = [torch.log_softmax(m(input_ids=x).logits[0].double(), -1) for m in models]
+        for t in range(32):
+            if y[0, t] < 0:
+                continue
+            nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
+    assert res["domains"][d]["nll_nats"] == pytest.approx(nll, rel=1e-6)
+    top1 = evaluate_forest_shards(
+        f, sh, mode="cluster", k=1, domains=[d], seq_len=32, batch_size=4, device="cpu", precision="fp32"
+    )
+    assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
+
+
+def test_cbtm_generation_routes_to_top_k(cluster_forest):
+    from elmforest.forest.generate import generate
+
+    g = generate(
+        cluster_forest, "license software", max_new_tokens=6, temperature=0, cluster_k=1, device="cpu"
+    )
+    assert all(sum(v > 0 for v in w.values()) == 1 for w in g.weights)
+    assert all(sum(w.values()) == pytest.approx(1.0) for w in g.weights)
