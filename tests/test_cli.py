@@ -185,8 +185,17 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
 
 
 def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
-    res = quickstart(tmp_path / "qs", preset="tiny", corpus=corpus, overrides=["train.steps=20"], progress=False,
-                     split="clusters", clusters=3, eval_tokens=2000, prior_batches=1)
+    res = quickstart(
+        tmp_path / "qs",
+        preset="tiny",
+        corpus=corpus,
+        overrides=["train.steps=20"],
+        progress=False,
+        split="clusters",
+        clusters=3,
+        eval_tokens=2000,
+        prior_batches=1,
+    )
     assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
     top1 = res["methods"]["cbtm_top1"]
     assert top1["mode"] == "cluster" and top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9

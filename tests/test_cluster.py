@@ -223,3 +223,47 @@ def test_cbtm_generation_routes_to_top_k(cluster_forest):
     )
     assert all(sum(v > 0 for v in w.values()) == 1 for w in g.weights)
     assert all(sum(w.values()) == pytest.approx(1.0) for w in g.weights)
+
+
+def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir, tmp_path):
+    """A local sentence encoder instead of tf-idf (here a tiny random BERT; `minilm` in real use)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from elmforest.cluster.router import route_stream
+
+    tok = load_tokenizer(tokenizer_dir)
+    enc_dir = tmp_path / "encoder"
+    BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(enc_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, enc_dir / f)
+    c = fit_clusterer(corpus, 3, tmp_path / "c", sample_docs=300, embeddings=str(enc_dir))
+    assert c.dims == 32 and max(c.meta["fit"]["sizes"]) - min(c.meta["fit"]["sizes"]) <= 1
+    texts = [d.text for d in iter_documents(corpus)][:20]
+    again = Clusterer.load(tmp_path / "c")
+    assert np.array_equal(again.assign(texts)[0], c.assign(texts)[0])
+    # routing re-embeds the document context from scratch (no incremental tf-idf for encoders)
+    ids = np.array(
+        tok.encode_batch(["license software warranty"])[0] + [tok.eos_id] + tok.encode_batch(["def x"])[0]
+    )
+    router = IncrementalRouter(again, token_byte_table(tok), tok.eos_id)
+    z, ok = route_stream(router, ids, np.array([2, len(ids) - 1]))
+    want, _ = again.embed(
+        [tok.decode(ids[:2].tolist()), tok.decode(ids[len(ids) - 3 : len(ids) - 1].tolist())]
+    )
+    assert np.allclose(z, want, atol=1e-6) and ok.all()
+    (enc_dir / "config.json").write_text(
+        (enc_dir / "config.json").read_text().replace('"hidden_act"', '"x": 1, "hidden_act"')
+    )
+    with pytest.raises(ClustererError, match="not the embedding model"):
+        Clusterer.load(tmp_path / "c")

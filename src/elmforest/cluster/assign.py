@@ -57,9 +57,14 @@ def fit_clusterer(
     seed: int = 0,
     min_df: int = 2,
     split: str | None = None,
+    embeddings: str | None = None,
 ) -> Clusterer:
+    """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD."""
+    from elmforest.cluster.clusterer import SentenceEmbedder
+
     texts, stats = sample_texts(data, sample_docs, seed, split=split)
-    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df)
+    embedder = SentenceEmbedder(embeddings) if embeddings else None
+    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder)
     c.meta["fit"]["read"] = stats.to_dict()
     c.meta["fit"]["source"] = str(Path(data).resolve())
     c.meta["fit"]["split"] = split

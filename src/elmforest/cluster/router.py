@@ -117,6 +117,8 @@ def route_stream(
 
     The context of position p is every token of its document before p (documents end with EOS).
     """
+    if router.c.embedder is not None:
+        return _route_stream_from_scratch(router, stream, positions)
     router.reset()
     out = np.zeros((len(positions), router.c.dims))
     ok = np.zeros(len(positions), dtype=bool)
@@ -132,3 +134,21 @@ def route_stream(
         out[j], ok[j] = router.embedding()
         j += 1
     return out, ok
+
+
+def _route_stream_from_scratch(router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray):
+    """Embedding-model clusterers cannot be updated incrementally: re-embed the document's text."""
+    texts, pieces, j = [], [], 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for p, t in enumerate(np.asarray(stream)):
+        while j < len(positions) and positions[j] == p:
+            texts.append("".join(pieces))
+            j += 1
+        if j == len(positions):
+            break
+        if router.eos_id is not None and int(t) == router.eos_id:
+            pieces, decoder = [], codecs.getincrementaldecoder("utf-8")(errors="replace")
+        else:
+            pieces.append(decoder.decode(router.token_bytes[int(t)]))
+    texts += ["".join(pieces)] * (len(positions) - len(texts))
+    return router.c.embed(texts)
