@@ -143,7 +143,8 @@ class Clusterer:
                 f"{self.components.shape}, centres {self.centres.shape}"
             )
         # term -> its column of the projection, pre-scaled by idf: a word's whole contribution
-        self.term_vectors = (self.components * self.idf[None, :]).T.astype(np.float64)  # [V, d]
+        # (C order: a transposed view would make every sparse product copy the whole matrix)
+        self.term_vectors = np.ascontiguousarray((self.components * self.idf[None, :]).T)  # [V, d]
 
     @property
     def k(self) -> int:

@@ -12,9 +12,18 @@ import numpy as np
 
 
 def balanced_assign(
-    scores: np.ndarray, capacity: np.ndarray | int, eps: float | None = None, max_rounds: int = 100_000
+    scores: np.ndarray,
+    capacity: np.ndarray | int,
+    eps: float | None = None,
+    max_rounds: int = 100_000,
+    prices: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Labels [N] maximising Σ scores[i, label_i] with at most capacity[j] points in cluster j."""
+    """Labels [N] maximising Σ scores[i, label_i] with at most capacity[j] points in cluster j.
+
+    `prices` (length K, updated in place) warm-starts the auction, e.g. from the previous k-means
+    iteration, whose centres moved little: far fewer rounds. Only a cold start (prices None or 0)
+    carries the N·eps optimality bound when some cluster ends below capacity.
+    """
     n, k = scores.shape
     cap = np.full(k, capacity, dtype=np.int64) if np.isscalar(capacity) else np.asarray(capacity, np.int64)
     if cap.sum() < n:
@@ -23,7 +32,11 @@ def balanced_assign(
         spread = float(scores.max() - scores.min()) if n else 1.0
         eps = max(spread, 1e-12) / (4.0 * max(n, 1))
     scores = scores.astype(np.float64)
-    price = np.zeros(k)
+    if prices is None:
+        price = np.zeros(k)
+    else:  # only price differences matter: shift so the cheapest cluster costs 0
+        finite = prices[np.isfinite(prices)]
+        price = prices - (finite.min() if finite.size else 0.0)
     label = np.full(n, -1, dtype=np.int64)
     bid_of = np.zeros(n)  # the price each assigned point paid
     full_clusters = cap <= 0
@@ -58,6 +71,8 @@ def balanced_assign(
             label[drop] = -1
             evicted.append(drop)
         unassigned = np.concatenate(evicted) if evicted else unassigned[:0]
+    if prices is not None:
+        prices[:] = price
     return label
 
 
@@ -88,9 +103,10 @@ def balanced_kmeans(
     centres = kmeans_plusplus(x, k, rng)
     cap = -(-n // k)
     labels = np.full(n, -1)
+    prices = np.zeros(k)
     iterations, objective = 0, np.inf
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported below)
-        new = balanced_assign(neg_sq_dist(x, centres), cap)
+        new = balanced_assign(neg_sq_dist(x, centres), cap, prices=prices)
         for j in range(k):
             members = x[new == j]
             centres[j] = members.mean(0) if len(members) else x[rng.integers(n)]

@@ -1,0 +1,114 @@
+"""c-BTM at matched compute: k in {2, 4, 8} clusters vs metadata-domain BTM vs random split vs dense.
+
+    python bench/cbtm_quality.py --quickstart quickstart [--ks 2 4 8]
+
+Reuses a finished `elmforest quickstart --split random` directory: its seed (the first half of the
+dense run), its dense baseline, BTM forest and random-split forest. For each k it fits k balanced
+clusters on the training split, trains one expert per cluster from the same seed (batch B / k, so
+seed + experts = the dense run's FLOPs), and evaluates sparse cluster routing (top-1 and top-2) on
+the same test documents as the quickstart. Writes `cbtm.json` and `cbtm.png` (BPB against k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from elmforest.data.shards import Shards
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.quickstart import cluster_forest
+from elmforest.utils.io import write_json_atomic
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quickstart", required=True)
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    args = ap.parse_args()
+    qs = Path(args.quickstart)
+    base = json.loads((qs / "results.json").read_text())
+    forest, shards = Forest.load(qs / "forest"), Shards(qs / "shards")
+    first = base["methods"]["dense"]
+    common = {
+        "split": "test",
+        "domains": list(first["domains"]),
+        "seq_len": first["seq_len"],
+        "batch_size": 16,
+        "max_tokens": first["max_tokens"],
+    }
+    rows = {
+        m: base["methods"][m]["mean_bpb"]
+        for m in ("dense", "ensemble", "random_ensemble")
+        if m in base["methods"]
+    }
+    cbtm = {}
+    for k in args.ks:
+        cf = cluster_forest(qs, qs / "corpus", forest, k, progress=False, log=print)
+        pool = make_pool(cf, batch_size=16)
+        res = {}
+        for top in sorted({1, min(2, k)}):
+            r = evaluate_forest_shards(cf, shards, mode="cluster", k=top, pool=pool, **common)
+            res[f"top{top}"] = {
+                "mean_bpb": r["mean_bpb"],
+                "fraction_of_full": r["compute"]["fraction_of_full"],
+                "domains": {d: v["bpb"] for d, v in r["domains"].items()},
+            }
+        report = json.loads((qs / f"clusters-{k}" / "report.json").read_text())
+        cbtm[k] = {
+            "nmi": report.get("nmi"),
+            "sizes": report["sizes"],
+            **res,
+            "forest_flops": cf.total_flops(),
+        }
+        print(
+            f"k={k}: NMI {report.get('nmi', float('nan')):.3f}, "
+            + ", ".join(f"{n} {v['mean_bpb']:.4f}" for n, v in res.items())
+        )
+    out = {"baselines": rows, "cbtm": cbtm, "dense_flops": base["compute"]["dense_flops"]}
+    write_json_atomic(qs / "cbtm.json", out)
+    _plot(out, qs / "cbtm.png")
+    print("| method | mean BPB | vs dense |\n| --- | ---: | ---: |")
+    for m, v in rows.items():
+        print(f"| {m} | {v:.4f} | {v / rows['dense']:.3f} |")
+    for k, r in cbtm.items():
+        for n in ("top1", "top2"):
+            if n in r:
+                print(
+                    f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} |"
+                )
+
+
+def _plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(out["cbtm"], key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, style in (("top1", "o-"), ("top2", "s-")):
+        pts = [(int(k), out["cbtm"][k][n]["mean_bpb"]) for k in ks if n in out["cbtm"][k]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"c-BTM {n}")
+    for m, v in out["baselines"].items():
+        ax.axhline(
+            v,
+            linestyle="--",
+            linewidth=1,
+            label=m,
+            color={"dense": "k", "ensemble": "tab:green"}.get(m, "tab:red"),
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(k) for k in ks], [str(k) for k in ks])
+    ax.set_xlabel("clusters k")
+    ax.set_ylabel("mean test BPB (lower is better)")
+    ax.set_title("c-BTM vs BTM vs dense at matched compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
