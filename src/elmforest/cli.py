@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train (or resume) one LM run")
     tr.add_argument("--shards", help="shards directory (sets data.shards)")
     tr.add_argument("--out", required=True, help="run directory; an existing one is resumed")
+    tr.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (torchrun; gloo on CPU, NCCL on GPUs); same global batch",
+    )
     _add_common_train(tr)
 
     ev = sub.add_parser("eval", help="bits per byte per domain")
@@ -229,6 +235,8 @@ def _dispatch(args) -> int:
             f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}"
         )
         return 0
+    if args.cmd == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_distributed(args.nproc)
     if args.cmd == "train":
         from elmforest.train.trainer import train
 
@@ -337,6 +345,34 @@ def _dispatch(args) -> int:
         )
         return 0
     raise AssertionError(args.cmd)
+
+
+def _relaunch_distributed(nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` processes (the trainer reads its environment)."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "elmforest.cli",
+        *argv,
+    ]
+    return subprocess.run(cmd).returncode
 
 
 def _print_read(read: dict) -> None:

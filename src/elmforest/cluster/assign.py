@@ -148,6 +148,9 @@ def assign_corpus(
         cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
         global_labels, _ = _label(s, ok, cap)
     stats = ReadStats()
+    for old in out.glob("cluster*.jsonl"):  # a previous assignment's files must not mix with this one's
+        old.unlink()
+    sizes = np.zeros(k, dtype=np.int64)
     tmp_files = {j: out / f".cluster{j}.jsonl.tmp" for j in range(k)}
     handles = {j: open(tmp_files[j], "w", encoding="utf-8") for j in range(k)}
     table: Counter = Counter()
@@ -162,7 +165,8 @@ def assign_corpus(
             if global_labels is not None:
                 labels = global_labels[done : done + len(docs)]
             else:
-                labels, _ = _label(clusterer.scores(z), ok, None, sizes=np.bincount(labels_all, minlength=k))
+                labels, _ = _label(clusterer.scores(z), ok, None, sizes=sizes)
+            np.add.at(sizes, labels, 1)
             done += len(docs)
             not_vectorised += int((~ok).sum())
             for d, j, good in zip(docs, labels, ok, strict=True):
@@ -176,7 +180,7 @@ def assign_corpus(
                 domains_all.append(d.domain)
         for j, h in handles.items():
             h.close()
-            if table and any(table[(j, dom)] for dom in set(domains_all)):
+            if sizes[j]:
                 os.replace(tmp_files[j], out / f"cluster{j}.jsonl")
             else:
                 tmp_files[j].unlink()
@@ -185,7 +189,7 @@ def assign_corpus(
             if not h.closed:
                 h.close()
             tmp_files[j].unlink(missing_ok=True)
-    sizes = np.bincount(np.asarray(labels_all, dtype=np.int64), minlength=k).tolist()
+    sizes = sizes.tolist()
     domain_names = sorted(set(domains_all))
     report = {
         "clusterer": str(Path(clusterer_dir).resolve()),

@@ -58,6 +58,11 @@ def analyze(text: str) -> list[str]:
     return [t for t in (normalise_word(m) for m in WORD.findall(text)) if t is not None]
 
 
+def _digest(arrays: bytes, vocabulary: list[str]) -> str:
+    """Covers the arrays and the vocabulary's column order: either changing alone is caught."""
+    return hashlib.sha256(arrays + json.dumps(vocabulary).encode("utf-8")).hexdigest()
+
+
 class ClustererError(ValueError):
     """A clusterer directory that is missing, corrupted or inconsistent."""
 
@@ -306,7 +311,7 @@ class Clusterer:
         with atomic_path(out / "arrays.safetensors") as tmp:
             arrays = {"idf": self.idf, "components": self.components, "centres": self.centres}
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        digest = hashlib.sha256((out / "arrays.safetensors").read_bytes()).hexdigest()
+        digest = _digest((out / "arrays.safetensors").read_bytes(), self.terms)
         write_json_atomic(
             out / "clusterer.json",
             {
@@ -352,11 +357,16 @@ class Clusterer:
                 f"{meta_path}: unsupported clusterer format {info.get('format')} "
                 f"v{info.get('version')} (this elmforest reads {FORMAT} v{VERSION})"
             )
+        missing = {"arrays", "vocabulary", "k", "dims"} - set(info)
+        if missing:
+            raise ClustererError(f"{meta_path}: corrupted (missing {sorted(missing)})")
         arrays = path / info["arrays"]["file"]
         if not arrays.is_file():
             raise ClustererError(f"{arrays}: missing")
-        if hashlib.sha256(arrays.read_bytes()).hexdigest() != info["arrays"]["sha256"]:
-            raise ClustererError(f"{arrays}: checksum mismatch (corrupted, or not this clusterer's arrays)")
+        if _digest(arrays.read_bytes(), info["vocabulary"]) != info["arrays"]["sha256"]:
+            raise ClustererError(
+                f"{arrays}: checksum mismatch (corrupted arrays or vocabulary, or not this clusterer's)"
+            )
         a = load_file(str(arrays))
         embedder = None
         if info.get("embedder"):

@@ -106,7 +106,12 @@ def balanced_kmeans(
     prices = np.zeros(k)
     iterations, objective = 0, np.inf
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported below)
-        new = balanced_assign(neg_sq_dist(x, centres), cap, prices=prices)
+        scores = neg_sq_dist(x, centres)
+        new = balanced_assign(scores, cap, prices=prices)
+        under = np.bincount(new, minlength=k) < cap
+        if under.any() and (prices[under] > prices.min() + 1e-12).any():
+            prices[:] = 0.0  # a stale price on an under-filled cluster: the warm start may be off, redo cold
+            new = balanced_assign(scores, cap, prices=prices)
         for j in range(k):
             members = x[new == j]
             centres[j] = members.mean(0) if len(members) else x[rng.integers(n)]

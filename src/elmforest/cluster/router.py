@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -50,8 +51,10 @@ def token_byte_table(tok: LoadedTokenizer) -> list[bytes]:
             table.append(b"")
         elif byte_level and all(ch in decoder for ch in piece):
             table.append(bytes(decoder[ch] for ch in piece))
-        else:
-            table.append(tok.tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:  # SentencePiece pieces mark a leading space with U+2581
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
     return table
 
 
@@ -70,17 +73,21 @@ class IncrementalRouter:
         self.fragment = ""
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def _commit(self, word: str, sign: int = 1) -> None:
+    def _delta(self, word: str) -> np.ndarray | float:
+        """How u changes when `word` is counted once more (0 for words the clusterer ignores)."""
         term = normalise_word(word)
         i = self.c.vocab.get(term) if term is not None else None
         if i is None:
-            return
+            return 0.0
         tf = self.counts[term]
-        new = tf + sign
         f_old = 1.0 + np.log(tf) if tf > 0 else 0.0
-        f_new = 1.0 + np.log(new) if new > 0 else 0.0
-        self.u += (f_new - f_old) * self.c.term_vectors[i]
-        self.counts[term] = new
+        return (1.0 + np.log(tf + 1) - f_old) * self.c.term_vectors[i]
+
+    def _commit(self, word: str) -> None:
+        self.u += self._delta(word)
+        term = normalise_word(word)
+        if term is not None and term in self.c.vocab:
+            self.counts[term] += 1
 
     def push_text(self, text: str) -> None:
         s = self.fragment + text
@@ -100,12 +107,7 @@ class IncrementalRouter:
 
     def embedding(self) -> tuple[np.ndarray, bool]:
         """(unit vector, ok) of everything pushed since the last reset; ok=False when no known word."""
-        if self.fragment:
-            self._commit(self.fragment)
-            v = self.u.copy()
-            self._commit(self.fragment, -1)
-        else:
-            v = self.u.copy()
+        v = self.u + self._delta(self.fragment) if self.fragment else self.u.copy()
         n = float(np.linalg.norm(v))
         return (v / n, True) if n > 1e-12 else (v, False)
 

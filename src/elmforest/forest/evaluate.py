@@ -411,8 +411,9 @@ class _ClusterContext:
         # per-position weights: each segment's routing, repeated over its W positions
         w_pos = torch.from_numpy(np.repeat(w_seg, seg, axis=1)[:, :T]).permute(2, 0, 1)  # [N, nw, T]
         log_w = torch.log(w_pos)
-        ens = torch.logsumexp(log_w + lp, dim=0)
         valid = _valid(nw, T, len(stream))
+        # segments past the end of the stream were never routed: their (padding) positions count 0
+        ens = torch.where(valid > 0, torch.logsumexp(log_w + lp, dim=0), torch.zeros(()))
         mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
         return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist())
 

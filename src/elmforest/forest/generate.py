@@ -158,13 +158,12 @@ class _ClusterRouter:
         h, ok = self.r.embedding()
         if ok:
             wc = self.c.route(h[None], self.k, self.t, allowed=self.allowed)[0]
-        else:  # no known word yet: uniform over the k largest clusters that have an expert
-            sizes = (
+        else:  # no known word yet: the k largest clusters with an expert, by size (as in evaluation)
+            wc = (
                 np.asarray(self.c.meta.get("fit", {}).get("sizes") or np.ones(self.c.k), float) * self.allowed
             )
-            wc = np.zeros(self.c.k)
-            top = np.argsort(-sizes, kind="stable")[: self.k]
-            wc[top] = 1.0 / len(top)
+            wc[np.argsort(-wc, kind="stable")[self.k :]] = 0.0
+            wc = wc / wc.sum()
         w = np.zeros(self.n)
         for j, i in self.expert_of.items():
             w[i] += wc[j]

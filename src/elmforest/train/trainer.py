@@ -14,6 +14,7 @@ run does nothing. Progress and logging are callbacks, so other phases can add th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,7 +117,15 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.shards.root)
         if cfg.model.init_from:
             _check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
+        self.rank, self.world, self._owns_group = _init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        if cfg.train.batch_size % self.world:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
+            )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
         self.model.to(self.device)
@@ -142,7 +151,14 @@ class Trainer:
             eps=o.eps,
             foreach=self.device.type == "cuda" or None,
         )
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.forward = self.model
+        if self.world > 1:  # data parallel: each process takes its slice of every global batch
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.train.compile:
+            self.forward = torch.compile(self.forward)
 
     def _apply_optim_hparams(self) -> None:
         o = self.cfg.optim
@@ -159,8 +175,6 @@ class Trainer:
                     f"{self.run_dir} holds a run with a different config ({diff}); "
                     "use a new run directory or the same config to resume"
                 )
-        else:
-            write_json_atomic(saved, self.cfg.to_dict())
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -170,16 +184,22 @@ class Trainer:
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
             return read_json(summary_path)  # complete: nothing to do
         self._setup()
-        write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())  # only once setup succeeded
+        lead = self.rank == 0  # only the first process writes; the others compute
+        if lead:
+            write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())  # once setup succeeded
         ckpt_root = self.run_dir / "checkpoints"
         wall_before = 0.0
-        clean_partial(ckpt_root)
+        if lead:
+            clean_partial(ckpt_root)
+        self._barrier()
         ckpts = list_checkpoints(ckpt_root)
+        self.resumed_from = None
         self.start_step = 0
         loss_window, last_loss = (0.0, 0), math.nan
         if ckpts:
             st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
             self.step, self.tokens, wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
+            self.resumed_from = self.step
             self.start_step = st.get("start_step", 0)
             loss_window, last_loss = tuple(st.get("loss_window", (0.0, 0))), st.get("last_loss", math.nan)
         elif self.cfg.train.init_checkpoint:
@@ -190,7 +210,11 @@ class Trainer:
                     f"init_checkpoint is at step {self.step}, not before train.steps={self.cfg.train.steps}"
                 )
         self._apply_optim_hparams()  # a checkpoint brings its moments, not its hyper-parameters
-        callbacks = [ProgressBar(self.progress), JsonlLogger(self.run_dir / "metrics.jsonl"), *self.callbacks]
+        callbacks = (
+            [ProgressBar(self.progress), JsonlLogger(self.run_dir / "metrics.jsonl"), *self.callbacks]
+            if lead
+            else []
+        )
         for cb in callbacks:
             cb.on_train_start(self)
 
@@ -206,11 +230,17 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             for micro in range(tc.grad_accum):
-                batch = self.sampler.batch(self.step, micro).to(self.device, non_blocking=True)
-                with autocast(self.device, self.amp_dtype):
-                    logits = self.forward(input_ids=batch[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                (loss / tc.grad_accum).backward()
+                batch = self.sampler.batch(self.step, micro)
+                if self.world > 1:
+                    per = tc.batch_size // self.world
+                    batch = batch[self.rank * per : (self.rank + 1) * per]
+                batch = batch.to(self.device, non_blocking=True)
+                sync = self.world == 1 or micro == tc.grad_accum - 1  # all-reduce once per step
+                with contextlib.nullcontext() if sync else self.forward.no_sync():
+                    with autocast(self.device, self.amp_dtype):
+                        logits = self.forward(input_ids=batch[:, :-1]).logits
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                    (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
             if self.cfg.optim.grad_clip > 0:
@@ -224,7 +254,7 @@ class Trainer:
             is_last = self.step == end
             if self.step % tc.log_every == 0 or is_last:
                 now = time.perf_counter()
-                last_loss = (loss_sum / loss_count).item()
+                last_loss = self._mean_over_processes(loss_sum / loss_count)
                 m = {
                     "step": self.step,
                     "loss": last_loss,
@@ -255,20 +285,24 @@ class Trainer:
                     "data": {"sampler": "random_windows", "next_step": self.step},
                     "config": self.cfg.to_dict(),
                 }
-                path = save_checkpoint(ckpt_root, self.model, self.opt, state, tc.keep_checkpoints)
-                for cb in callbacks:
-                    cb.on_checkpoint(self, path)
+                if lead:
+                    path = save_checkpoint(ckpt_root, self.model, self.opt, state, tc.keep_checkpoints)
+                    for cb in callbacks:
+                        cb.on_checkpoint(self, path)
+                self._barrier()
 
         if self.step < tc.steps:  # paused at stop_at: the newest checkpoint is the result
             for cb in callbacks:
                 cb.on_train_end(self, {})
+            self._finish_distributed()
             return {
                 "stopped_at": self.step,
                 "tokens": self.tokens,
                 "flops": self.tokens * self.flops_per_token,
                 "checkpoint": str(list_checkpoints(ckpt_root)[-1]),
             }
-        self._save_final()
+        if lead:
+            self._save_final()
         summary = {
             "steps": self.step,
             "start_step": self.start_step,
@@ -285,11 +319,32 @@ class Trainer:
             "device": str(self.device),
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "domains": self.sampler.domains,
+            "processes": self.world,
+            "resumed_from": self.resumed_from,
         }
-        write_json_atomic(summary_path, summary)
+        if lead:
+            write_json_atomic(summary_path, summary)
         for cb in callbacks:
             cb.on_train_end(self, summary)
+        self._finish_distributed()
         return summary
+
+    # -- data parallel helpers ---------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _mean_over_processes(self, x: torch.Tensor) -> float:
+        if self.world > 1:
+            x = x.detach().clone()
+            torch.distributed.all_reduce(x)
+            x /= self.world
+        return float(x)
+
+    def _finish_distributed(self) -> None:
+        self._barrier()
+        if self._owns_group:
+            torch.distributed.destroy_process_group()
 
     def _save_final(self) -> None:
         final = self.run_dir / "model"
@@ -303,6 +358,21 @@ class Trainer:
             os.rename(final, self.run_dir / f".model.old-{os.getpid()}")
         os.rename(tmp, final)
         shutil.rmtree(self.run_dir / f".model.old-{os.getpid()}", ignore_errors=True)
+
+
+def _init_distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group), from torchrun's environment."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    return dist.get_rank(), dist.get_world_size(), owns
 
 
 OPERATIONAL_FIELDS = ("device", "stop_at", "log_every", "ckpt_every", "keep_checkpoints", "compile")
