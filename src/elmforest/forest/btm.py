@@ -240,6 +240,13 @@ def train_expert(
             if (init / "elmforest_average.json").is_file():  # a re-run: keep the weights actually averaged
                 meta = read_json(init / "elmforest_average.json")
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
+            elif int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process averages
+                from elmforest.launch.executor import wait_for
+
+                if not wait_for([init / "elmforest_average.json"], timeout=3600):
+                    raise RuntimeError(f"{init}: the branch average never appeared")
+                meta = read_json(init / "elmforest_average.json")
+                weights = dict(zip(meta["names"], meta["weights"], strict=True))
             else:
                 weights = branch_weights(forest, shards, domain, prior_batches)
                 average_checkpoints(
@@ -264,6 +271,8 @@ def train_expert(
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     summary = train(cfg, run_dir, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: only the first process merges
+        return {"name": name, "tokens": summary["tokens"], "flops": summary["flops"], "parents": parents}
     entry = forest.add(
         run_dir / "model",
         name,
@@ -275,3 +284,53 @@ def train_expert(
         extra={"run": f"runs/{name}", "branch": branch},
     )
     return entry
+
+
+def read_summary(forest: Forest, name: str) -> dict | None:
+    p = forest.root / "runs" / name / "summary.json"
+    return read_json(p) if p.is_file() else None
+
+
+def train_forest(
+    forest: Forest,
+    shards: Shards,
+    base: RunConfig,
+    plan: Plan,
+    domains: list[str] | None = None,
+    executor=None,
+    dense: bool = True,
+    threads: int | None = None,
+    procs: int = 1,
+    progress: bool = True,
+    monitor_every: float = 10.0,
+) -> list[dict]:
+    """All phases: the seed here, then every expert (and the dense baseline) as independent jobs.
+
+    With the local executor the jobs run one after another in this process; with Ray they run
+    concurrently wherever resources allow. Finished experts are skipped, unfinished ones resume.
+    """
+    from elmforest.launch.executor import LocalExecutor
+    from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+    from elmforest.launch.progress import ProgressMonitor
+
+    train_seed(forest, shards, base, plan, progress=progress)
+    names = [d for d in (domains or shards.domains) if d not in forest.removed]
+    jobs = [
+        ExpertJob(str(forest.root), str(Path(shards.root).resolve()), d, threads=threads, procs=procs)
+        for d in names
+    ]
+    if dense:
+        jobs.append(
+            ExpertJob(str(forest.root), str(Path(shards.root).resolve()), "", kind="dense", threads=threads)
+        )
+    executor = executor or LocalExecutor()
+    runs = {j.label: j.run_dir() for j in jobs}
+    with ProgressMonitor(
+        runs, plan.total_steps, forest.root / "progress.log", every=monitor_every, echo=progress
+    ):
+        return executor.map(
+            run_job,
+            [as_dict(j) for j in jobs],
+            [j.label for j in jobs],
+            [j.run_dir() / "job.log" for j in jobs],
+        )

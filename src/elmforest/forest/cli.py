@@ -63,6 +63,23 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p.add_argument("--seed-share", type=float, default=0.5)
     p.add_argument("--no-dense", action="store_true", help="skip the compute-matched dense baseline")
     p.add_argument("--clusterer", help="c-BTM: the clusterer that made the shards' cluster domains")
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local: experts one after another here; ray: each expert a Ray task",
+    )
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-expert", type=float, default=1.0)
+    p.add_argument("--gpus-per-expert", type=float, default=0.0)
+    p.add_argument(
+        "--procs-per-expert",
+        type=int,
+        default=1,
+        help="data-parallel processes per expert (torchrun: one per GPU, or gloo on CPU)",
+    )
+    p.add_argument("--max-retries", type=int, default=3, help="retries of an expert whose worker died")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_common_train(p)
     p = fo.add_parser("average", help="average the experts' parameters into one HF checkpoint")
     forest_arg(p)
@@ -234,13 +251,26 @@ def dispatch(args, run_config) -> int:
         shards = Shards(args.shards)
         if args.clusterer:
             forest.set_clusterer(args.clusterer)
+        from elmforest.launch.executor import make_executor
+
         plan, base = btm.plan_for(run_config(args), len(shards.domains), args.seed_share)
-        btm.train_seed(forest, shards, base, plan, progress=not args.no_progress)
-        for d in shards.domains:
-            btm.train_expert(forest, shards, d, progress=not args.no_progress)
-        if not args.no_dense:
-            btm.train_dense(forest, shards, base, plan, progress=not args.no_progress)
-        print(forest.describe())
+        executor = make_executor(
+            args.executor, args.address, args.cpus_per_expert, args.gpus_per_expert, args.max_retries
+        )
+        threads = int(args.cpus_per_expert) if args.executor == "ray" else None
+        btm.train_forest(
+            forest,
+            shards,
+            base,
+            plan,
+            executor=executor,
+            dense=not args.no_dense,
+            threads=threads,
+            procs=args.procs_per_expert,
+            progress=not args.no_progress,
+            monitor_every=args.progress_every,
+        )
+        print(Forest.load(args.forest).describe())
     elif cmd == "average":
         _average(forest, args)
     return 0

@@ -1,0 +1,1 @@
+"""Running many independent jobs (experts, dense baselines) locally or on a Ray cluster."""

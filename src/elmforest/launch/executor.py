@@ -1,0 +1,117 @@
+"""Executors: where independent jobs run. `local` (default) runs them one after another in this
+process; `ray` runs each as a Ray task with declared resources on an existing cluster (`address`) or
+a local Ray instance, concurrently where resources allow, retrying a job whose worker died.
+
+A job that keeps failing is reported by name with its log file once every other job has finished;
+nothing it did leaves the forest invalid (manifest writes are atomic and locked).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class JobsFailed(RuntimeError):
+    def __init__(self, failures: dict[str, str]):
+        self.failures = failures
+        lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
+        super().__init__(f"{len(failures)} job(s) failed after retries:\n{lines}")
+
+
+@dataclass
+class LocalExecutor:
+    def map(
+        self, fn: Callable[[dict], dict], jobs: list[dict], labels: list[str], logs: list[Path]
+    ) -> list[dict]:
+        results, failures = [], {}
+        for job, label, log in zip(jobs, labels, logs, strict=True):
+            try:
+                results.append(fn(job))
+            except Exception as e:  # keep going: other experts do not depend on this one
+                failures[label] = f"{type(e).__name__}: {e} (log: {log})"
+        if failures:
+            raise JobsFailed(failures)
+        return results
+
+
+@dataclass
+class RayExecutor:
+    address: str | None = None
+    cpus_per_job: float = 1.0
+    gpus_per_job: float = 0.0
+    max_retries: int = 3
+    num_cpus: int | None = None  # for a local instance; None = all cores
+
+    def _init(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=self.num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
+
+    def map(
+        self, fn: Callable[[dict], dict], jobs: list[dict], labels: list[str], logs: list[Path]
+    ) -> list[dict]:
+        import ray
+
+        self._init()
+        task = ray.remote(
+            num_cpus=self.cpus_per_job,
+            num_gpus=self.gpus_per_job,
+            max_retries=self.max_retries,
+            retry_exceptions=True,
+        )(fn)
+        refs = {task.remote(job): i for i, job in enumerate(jobs)}
+        results: list[dict | None] = [None] * len(jobs)
+        failures = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = refs[done[0]]
+            try:
+                results[i] = ray.get(done[0])
+            except Exception as e:  # retries are exhausted: report, keep the others running
+                failures[labels[i]] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]} (log: {logs[i]})"
+        if failures:
+            raise JobsFailed(failures)
+        return results
+
+
+def make_executor(
+    kind: str = "local",
+    address: str | None = None,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    max_retries: int = 3,
+):
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                "--executor ray needs Ray: pip install 'elmforest[ray]' (or pip install ray)"
+            ) from e
+        return RayExecutor(address, cpus, gpus, max_retries)
+    raise ValueError(f"unknown executor {kind!r}; expected local or ray")
+
+
+def wait_for(paths: list[Path], timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if all(p.exists() for p in paths):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,133 @@
+"""Jobs: plain, JSON-serialisable descriptions of independent work, and the functions that run them.
+
+A job runs in whatever process the executor gives it (this one, a Ray worker on another machine);
+it only needs the forest and shards paths to be reachable there (shared storage). Everything a job
+does is resumable and idempotent, so a retried job continues from its last checkpoint and a
+finished expert is merged exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ExpertJob:
+    forest: str
+    shards: str
+    domain: str
+    name: str | None = None
+    branch: str = "seed"
+    overrides: list[str] = field(default_factory=list)
+    threads: int | None = None  # torch intra-op threads (= the CPUs the executor reserved)
+    procs: int = 1  # data-parallel processes for this expert (torchrun; GPUs or gloo on CPU)
+    kind: str = "expert"  # expert | dense
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.kind == "dense" else (self.name or self.domain)
+
+    def run_dir(self) -> Path:
+        return Path(self.forest) / "runs" / self.label
+
+
+def run_job(job: ExpertJob | dict) -> dict:
+    """Run one job here; its output goes to <run dir>/job.log (appended across retries)."""
+    job = ExpertJob(**job) if isinstance(job, dict) else job
+    run_dir = job.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "worker.pid").write_text(str(os.getpid()))  # lets operators (and tests) find the worker
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    with (
+        open(run_dir / "job.log", "a", buffering=1) as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        print(f"== job {job.label} (pid {os.getpid()}) ==", flush=True)
+        try:
+            return _run_distributed(job, log) if job.procs > 1 else _run_here(job)
+        except BaseException:
+            traceback.print_exc()  # the reason lands in the job's log, where the failure report points
+            raise
+
+
+def _run_here(job: ExpertJob) -> dict:
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+    from elmforest.forest.manifest import Forest
+
+    forest, shards = Forest.load(job.forest), Shards(job.shards)
+    if job.kind == "dense":
+        from elmforest.config import RunConfig, apply_overrides
+
+        base = apply_overrides(RunConfig.from_dict(forest.data["seed"]["config"]), job.overrides)
+        s = btm.train_dense(forest, shards, base, btm.Plan(**forest.data["plan"]), progress=False)
+        return {
+            "name": "dense",
+            "tokens": s["tokens"],
+            "flops": s["flops"],
+            "resumed_from": s.get("resumed_from"),
+        }
+    e = btm.train_expert(
+        forest, shards, job.domain, job.name, job.branch, overrides=job.overrides, progress=False
+    )
+    summary = btm.read_summary(forest, e["name"])
+    return {
+        "name": e["name"],
+        "tokens": e["tokens"],
+        "flops": e["flops"],
+        "resumed_from": (summary or {}).get("resumed_from"),
+    }
+
+
+def _run_distributed(job: ExpertJob, log) -> dict:
+    """The expert trains under torchrun with `procs` processes; this process only waits and merges."""
+    if job.kind != "expert":
+        raise ValueError("data-parallel jobs are supported for experts only")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={job.procs}",
+        "-m",
+        "elmforest.cli",
+        "forest",
+        "expert",
+        "--forest",
+        job.forest,
+        "--shards",
+        job.shards,
+        "--domain",
+        job.domain,
+        "--branch",
+        job.branch,
+        "--no-progress",
+    ]
+    if job.name:
+        cmd += ["--name", job.name]
+    for o in job.overrides:
+        cmd += ["--set", o]
+    env = {**os.environ}
+    if job.threads:
+        env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
+    rc = subprocess.run(cmd, stdout=log, stderr=log, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
+    from elmforest.forest.manifest import Forest
+
+    e = Forest.load(job.forest).expert(job.name or job.domain)
+    return {"name": e["name"], "tokens": e["tokens"], "flops": e["flops"], "resumed_from": None}
+
+
+def as_dict(job: ExpertJob) -> dict:
+    return asdict(job)

@@ -1,0 +1,81 @@
+"""One progress line per job (step, loss, tokens/s, ETA), read from each run's metrics.jsonl.
+
+Runs in a thread of the driver, so it works the same whether jobs run here or on Ray workers on
+other machines (with shared storage); lines go to the terminal and to a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+
+def _last_metrics(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def progress_line(name: str, run_dir: Path, total_steps: int | None) -> str:
+    if (run_dir / "summary.json").is_file():
+        return f"{name:24s} done"
+    m = _last_metrics(run_dir / "metrics.jsonl")
+    if not m:
+        return f"{name:24s} waiting"
+    eta = ""
+    if total_steps and m.get("tokens_per_s") and m.get("elapsed_s"):
+        rate = m["step"] / max(m["elapsed_s"], 1e-9)
+        eta = f" ETA {max(0.0, (total_steps - m['step']) / max(rate, 1e-9)):6.0f}s"
+    total = f"/{total_steps}" if total_steps else ""
+    return f"{name:24s} step {m['step']}{total} loss {m['loss']:.3f} {m['tokens_per_s']:8,.0f} tok/s{eta}"
+
+
+class ProgressMonitor:
+    def __init__(
+        self,
+        runs: dict[str, Path],
+        total_steps: int | None,
+        log_file: Path,
+        every: float = 10.0,
+        echo: bool = True,
+    ):
+        self.runs, self.total, self.log_file, self.every, self.echo = runs, total_steps, log_file, every, echo
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def report(self) -> list[str]:
+        lines = [progress_line(n, d, self.total) for n, d in self.runs.items()]
+        stamp = time.strftime("%H:%M:%S")
+        with open(self.log_file, "a") as f:
+            for line in lines:
+                f.write(f"{stamp} {line}\n")
+        if self.echo:
+            print("\n".join(f"{stamp} {line}" for line in lines), flush=True)
+        return lines
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.report()
+
+    def __enter__(self):
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.report()

@@ -1,0 +1,130 @@
+"""Executors: local and Ray (a local cluster on 127.0.0.1 started by the test), kill-and-retry."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from elmforest.data.shards import Shards
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.launch.executor import JobsFailed, LocalExecutor, RayExecutor
+from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.train.checkpoint import list_checkpoints
+
+ray = pytest.importorskip("ray")
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def _plan(shards_dir):
+    shards = Shards(shards_dir)
+    base = tiny_config(shards_dir, steps=STEPS, batch_size=6, ckpt_every=10, log_every=10)
+    plan, base = btm.plan_for(base, len(shards.domains))
+    return shards, base, plan
+
+
+def _train(root, shards_dir, executor, **kw):
+    shards, base, plan = _plan(shards_dir)
+    forest = Forest.init(root, exist_ok=True)
+    return btm.train_forest(
+        forest, shards, base, plan, executor=executor, threads=1, progress=False, monitor_every=0.5, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def local_forest(shards_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("local") / "f"
+    _train(root, shards_dir, LocalExecutor())
+    return root
+
+
+def _weights(forest_root, name):
+    return load_file(str(Forest.load(forest_root).expert_dir(name) / "model.safetensors"))
+
+
+def test_ray_trains_experts_concurrently_with_the_same_weights_as_local(
+    ray_cluster, local_forest, shards_dir, tmp_path
+):
+    root = tmp_path / "f"
+    results = _train(root, shards_dir, RayExecutor(cpus_per_job=1, max_retries=1))
+    names = sorted(Forest.load(local_forest).names)
+    assert sorted(r["name"] for r in results) == sorted([*names, "dense"])
+    assert sorted(Forest.load(root).names) == names
+    for n in names:
+        a, b = _weights(local_forest, n), _weights(root, n)
+        assert all(torch.equal(a[k], b[k]) for k in a), n
+    # the two experts ran in different worker processes at the same time (2 CPUs, 1 per expert)
+    pids = {(root / "runs" / n / "worker.pid").read_text() for n in names}
+    assert len(pids) >= 2
+    assert "step" in (root / "progress.log").read_text()
+    # re-running the same command trains nothing
+    stamp = {n: (root / "experts" / n / "model.safetensors").stat().st_mtime_ns for n in names}
+    t = time.time()
+    _train(root, shards_dir, RayExecutor(cpus_per_job=1, max_retries=1))
+    assert {n: (root / "experts" / n / "model.safetensors").stat().st_mtime_ns for n in names} == stamp
+    assert time.time() - t < 60
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, local_forest, shards_dir, tmp_path):
+    root = tmp_path / "f"
+    victim = sorted(Shards(shards_dir).domains)[0]
+    run = root / "runs" / victim
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if list_checkpoints(run / "checkpoints") and (run / "worker.pid").exists():
+                pid = int((run / "worker.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.005)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    _train(root, shards_dir, RayExecutor(cpus_per_job=1, max_retries=3), dense=False)
+    th.join()
+    assert killed, "the expert finished before it could be killed"
+    summary = btm.read_summary(Forest.load(root), victim)
+    assert summary["resumed_from"] and summary["resumed_from"] > 0  # resumed, not restarted
+    assert int((run / "worker.pid").read_text()) != killed["pid"]  # a new worker took over
+    a, b = _weights(local_forest, victim), _weights(root, victim)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    f = Forest.load(root)
+    assert sorted(f.names) == sorted(Shards(shards_dir).domains)  # every expert merged, each once
+    assert len(f.names) == len(set(f.names))
+
+
+def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
+    ray_cluster, local_forest, shards_dir, tmp_path
+):
+    import shutil
+
+    shutil.copytree(local_forest, tmp_path / "f")
+    root = tmp_path / "f"
+    bad = ExpertJob(str(root), str(shards_dir), "no_such_domain")
+    good = ExpertJob(str(root), str(shards_dir), sorted(Shards(shards_dir).domains)[0])  # finished: a no-op
+    for ex in (LocalExecutor(), RayExecutor(cpus_per_job=1, max_retries=1)):
+        with pytest.raises(JobsFailed, match="no_such_domain") as err:
+            ex.map(
+                run_job,
+                [as_dict(bad), as_dict(good)],
+                ["no_such_domain", "good"],
+                [bad.run_dir() / "job.log", good.run_dir() / "job.log"],
+            )
+        assert "job.log" in str(err.value)
+    assert sorted(Forest.load(root).names) == sorted(Forest.load(local_forest).names)
+    assert "no training data" in (root / "runs" / "no_such_domain" / "job.log").read_text()
