@@ -376,4 +376,6 @@ def test_concurrent_adds_keep_both_and_opt_out_is_durable(forest_dir, shards_dir
     assert not (tmp_path / "g" / "runs" / victim).exists()  # what was learned from the data is gone too
     with pytest.raises(ValueError, match="opted out"):
         btm.train_expert(g, Shards(shards_dir), victim, progress=False)
+    with pytest.raises(ValueError, match="opted out"):  # a job that was already running cannot re-add it
+        g.add(src.expert_dir(victim), victim, [victim])
     assert victim not in Forest.load(tmp_path / "g").names

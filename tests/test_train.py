@@ -44,7 +44,7 @@ def test_train_then_eval_loss_falls(shards_dir, tmp_path):
     ]:
         assert (run / name).is_file(), name
     suffixes = {p.suffix for p in run.rglob("*") if p.is_file()}
-    assert suffixes <= {".json", ".jsonl", ".safetensors"}, suffixes
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".lock"}, suffixes  # .lock: an empty flock file
     trained = evaluate(run, shards_dir, split="test", progress=False)
     untrained_model = build_model(cfg.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id, seed=0)
     untrained = evaluate_shards(
@@ -276,3 +276,15 @@ def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_a_second_trainer_in_the_same_run_directory_is_refused(shards_dir, tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".trainer.lock", "a") as held:  # as if an orphaned trainer were still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another trainer"):
+            train(tiny_config(shards_dir, steps=2), run, progress=False)
+    assert train(tiny_config(shards_dir, steps=2), run, progress=False)["steps"] == 2  # free again

@@ -169,7 +169,9 @@ def _run_config(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
@@ -236,7 +238,7 @@ def _dispatch(args) -> int:
         )
         return 0
     if args.cmd == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_distributed(args.nproc)
+        return _relaunch_distributed(args.nproc, args.argv)
     if args.cmd == "train":
         from elmforest.train.trainer import train
 
@@ -347,12 +349,12 @@ def _dispatch(args) -> int:
     raise AssertionError(args.cmd)
 
 
-def _relaunch_distributed(nproc: int) -> int:
+def _relaunch_distributed(nproc: int, given: list[str]) -> int:
     """Run this same command under torchrun with `nproc` processes (the trainer reads its environment)."""
     import subprocess
 
     argv, skip = [], False
-    for a in sys.argv[1:]:
+    for a in given:
         if skip:
             skip = False
             continue

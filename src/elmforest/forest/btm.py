@@ -282,6 +282,7 @@ def train_expert(
         flops=summary["flops"],
         data_fingerprint=data_fingerprint(shards, [domain]),
         extra={"run": f"runs/{name}", "branch": branch},
+        force=force,
     )
     return entry
 

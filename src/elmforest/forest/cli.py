@@ -253,7 +253,17 @@ def dispatch(args, run_config) -> int:
             forest.set_clusterer(args.clusterer)
         from elmforest.launch.executor import make_executor
 
+        if args.procs_per_expert > 1 and args.gpus_per_expert not in (0, args.procs_per_expert):
+            raise ValueError(
+                "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
+            )
+
         plan, base = btm.plan_for(run_config(args), len(shards.domains), args.seed_share)
+        if plan.expert_batch_size % args.procs_per_expert:
+            raise ValueError(
+                f"each expert's batch ({plan.expert_batch_size}) must divide among "
+                f"--procs-per-expert {args.procs_per_expert} processes"
+            )
         executor = make_executor(
             args.executor, args.address, args.cpus_per_expert, args.gpus_per_expert, args.max_retries
         )

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,22 @@ def valid_name(name: str) -> str:
     if name in RESERVED_NAMES:
         raise ValueError(f"expert name {name!r} is reserved; pass another name (--name)")
     return name
+
+
+def _stage_checkpoint(src: Path, parent: Path, link: bool = False) -> Path:
+    """Copy a checkpoint dir next to where it will land (unique per host and process)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".stage-{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            try:
+                if not link:
+                    raise OSError("copy")
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    return tmp
 
 
 def _copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
@@ -245,8 +262,11 @@ class Forest:
         data_fingerprint: str | None = None,
         replace: bool = False,
         extra: dict | None = None,
+        force: bool = False,
     ) -> dict:
-        """Register a trained expert: copy its checkpoint in, then record it in the manifest."""
+        """Register a trained expert: copy its checkpoint in, then record it in the manifest.
+
+        `force` re-adds an expert that was opted out (only its owner should ask for that)."""
         valid_name(name)
         src = resolve_model_dir(model_dir)
         if name in self.names and not replace:
@@ -254,7 +274,7 @@ class Forest:
         tok, arch = self._check_compatible(src)
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
-        _copy_checkpoint(src, self.root / rel, link=owned)
+        staged = _stage_checkpoint(src, self.root / "experts", link=owned)
         entry = {
             "name": name,
             "domains": list(domains),
@@ -270,11 +290,22 @@ class Forest:
         def change(d):
             if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, arch):
                 raise ValueError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
+            if not replace and name in [e["name"] for e in d["experts"]]:
+                raise ValueError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
+            if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
+                raise ValueError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
+            final = self.root / rel  # the checkpoint lands under the same lock as its manifest entry
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staged, final)
             d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
             d["tokenizer"], d["architecture"] = tok, arch
             d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
 
-        self.update(change)
+        try:
+            self.update(change)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return entry
 
     def remove(self, name: str) -> None:

@@ -70,7 +70,7 @@ class RayExecutor:
             num_cpus=self.cpus_per_job,
             num_gpus=self.gpus_per_job,
             max_retries=self.max_retries,
-            retry_exceptions=True,
+            retry_exceptions=False,  # retries are for lost workers and nodes
         )(fn)
         refs = {task.remote(job): i for i, job in enumerate(jobs)}
         results: list[dict | None] = [None] * len(jobs)

@@ -49,6 +49,7 @@ def run_job(job: ExpertJob | dict) -> dict:
         torch.set_num_threads(job.threads)
     with (
         open(run_dir / "job.log", "a", buffering=1) as log,
+        _fds_to(log),
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
@@ -58,6 +59,34 @@ def run_job(job: ExpertJob | dict) -> dict:
         except BaseException:
             traceback.print_exc()  # the reason lands in the job's log, where the failure report points
             raise
+
+
+@contextlib.contextmanager
+def _fds_to(log):
+    """Point file descriptors 1 and 2 at the job's log too, so native (C++, NCCL) output lands there."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: die when the job process dies (a killed Ray worker leaves no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _run_here(job: ExpertJob) -> dict:
@@ -120,7 +149,7 @@ def _run_distributed(job: ExpertJob, log) -> dict:
     env = {**os.environ}
     if job.threads:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
-    rc = subprocess.run(cmd, stdout=log, stderr=log, env=env).returncode
+    rc = subprocess.run(cmd, stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent).returncode
     if rc != 0:
         raise RuntimeError(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
     from elmforest.forest.manifest import Forest

@@ -7,6 +7,7 @@ other machines (with shared storage); lines go to the terminal and to a log file
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def progress_line(name: str, run_dir: Path, total_steps: int | None) -> str:
         return f"{name:24s} waiting"
     eta = ""
     if total_steps and m.get("tokens_per_s") and m.get("elapsed_s"):
-        rate = m["step"] / max(m["elapsed_s"], 1e-9)
+        rate = (m["step"] - m.get("start_step", 0)) / max(m["elapsed_s"], 1e-9)  # experts start at the seed
         eta = f" ETA {max(0.0, (total_steps - m['step']) / max(rate, 1e-9)):6.0f}s"
     total = f"/{total_steps}" if total_steps else ""
     return f"{name:24s} step {m['step']}{total} loss {m['loss']:.3f} {m['tokens_per_s']:8,.0f} tok/s{eta}"
@@ -53,6 +54,9 @@ class ProgressMonitor:
         echo: bool = True,
     ):
         self.runs, self.total, self.log_file, self.every, self.echo = runs, total_steps, log_file, every, echo
+        self.every = max(0.2, every)
+        # the terminal as it is now: jobs in this process may point fds 1 and 2 at their logs
+        self._out = os.fdopen(os.dup(1), "w", buffering=1) if echo else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -62,8 +66,8 @@ class ProgressMonitor:
         with open(self.log_file, "a") as f:
             for line in lines:
                 f.write(f"{stamp} {line}\n")
-        if self.echo:
-            print("\n".join(f"{stamp} {line}" for line in lines), flush=True)
+        if self._out is not None:
+            self._out.write("".join(f"{stamp} {line}\n" for line in lines))
         return lines
 
     def _loop(self) -> None:
@@ -78,4 +82,9 @@ class ProgressMonitor:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.report()
+        try:
+            self.report()
+        except OSError:
+            pass  # a last progress line must never hide the jobs' own outcome
+        if self._out is not None:
+            self._out.close()

@@ -186,6 +186,8 @@ class Trainer:
         self._setup()
         lead = self.rank == 0  # only the first process writes; the others compute
         if lead:
+            self._lock_run_dir()
+        if lead:
             write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())  # once setup succeeded
         ckpt_root = self.run_dir / "checkpoints"
         wall_before = 0.0
@@ -257,6 +259,7 @@ class Trainer:
                 last_loss = self._mean_over_processes(loss_sum / loss_count)
                 m = {
                     "step": self.step,
+                    "start_step": self.start_step,
                     "loss": last_loss,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -276,7 +279,7 @@ class Trainer:
                 state = {
                     "step": self.step,
                     "start_step": self.start_step,
-                    "loss_window": [float(loss_sum), loss_count],
+                    "loss_window": [self._mean_over_processes(loss_sum), loss_count],
                     "last_loss": last_loss,
                     "tokens": self.tokens,
                     "flops": self.tokens * self.flops_per_token,
@@ -341,7 +344,21 @@ class Trainer:
             x /= self.world
         return float(x)
 
+    def _lock_run_dir(self) -> None:
+        """One trainer per run directory: a second one (an orphan of a killed job, a duplicate launch)
+        is refused instead of interleaving checkpoints. The lock dies with the process."""
+        import fcntl
+
+        self._lock = open(self.run_dir / ".trainer.lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.run_dir}: another trainer is running in this directory") from None
+
     def _finish_distributed(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
         self._barrier()
         if self._owns_group:
             torch.distributed.destroy_process_group()
