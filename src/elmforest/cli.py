@@ -163,8 +163,7 @@ def _run_config(args):
         cfg.data.shards = str(Path(args.shards).resolve())
     if args.init_from:
         cfg.model.init_from = str(Path(args.init_from).resolve())
-    if args.trust_remote_code:
-        cfg.model.trust_remote_code = True
+    cfg.model.trust_remote_code = cfg.model.trust_remote_code or bool(args.trust_remote_code)  # only if asked
     return apply_overrides(cfg, args.overrides)
 
 

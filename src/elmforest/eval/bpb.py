@@ -177,45 +177,28 @@ def evaluate(
     tok = load_tokenizer(mdir)
     model = load_model(mdir, trust_remote_code=trust_remote_code)
     seq_len = seq_len or default_seq_len(mdir)
-    if Shards.is_shards_dir(data):
-        shards = Shards(data)
-        if shards.tokenizer_fingerprint != tok.fingerprint():
-            raise ValueError(
-                f"{data} was tokenized with a different tokenizer than {mdir}; "
-                "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
+    raw = not Shards.is_shards_dir(data)
+    with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
+        if not raw:
+            shards, split = Shards(data), split or "test"
+            if shards.tokenizer_fingerprint != tok.fingerprint():
+                raise ValueError(
+                    f"{data} was tokenized with a different tokenizer than {mdir}; "
+                    "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
+                )
+            stored = split
+        else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
+            split = split or "all"
+            spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
+            stored = "train" if split == "all" else split
+            built = build_shards(
+                data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
             )
+            shards = Shards(built.out)
         result = evaluate_shards(
-            model,
-            shards,
-            split or "test",
-            domains,
-            seq_len,
-            batch_size,
-            max_tokens,
-            device,
-            precision,
-            progress,
+            model, shards, stored, domains, seq_len, batch_size, max_tokens, device, precision, progress
         )
-    else:
-        split = split or "all"
-        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
-        with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
-            wanted = ("train",) if split == "all" else (split,)
-            shards = Shards(
-                build_shards(data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=wanted).out
-            )
-            result = evaluate_shards(
-                model,
-                shards,
-                "train" if split == "all" else split,
-                domains,
-                seq_len,
-                batch_size,
-                max_tokens,
-                device,
-                precision,
-                progress,
-            )
+        if raw:
             result["read"] = shards.index["read"]
         result["split"] = split
     result["model"] = str(mdir)
