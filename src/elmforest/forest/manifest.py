@@ -79,28 +79,17 @@ def _stage_checkpoint(src: Path, parent: Path, link: bool = False) -> Path:
                 if not link:
                     raise OSError("copy")
                 os.link(f, tmp / f.name)
-            except OSError:
+            except OSError:  # a user's checkpoint may be overwritten later: never share its inode
                 shutil.copy2(f, tmp / f.name)
     return tmp
 
 
 def _copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
     """Copy an HF checkpoint dir (hard links only for files the forest owns); lands atomically by rename."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            try:
-                if not link:
-                    raise OSError("copy")
-                os.link(f, tmp / f.name)
-            except OSError:  # a user's checkpoint may be overwritten later: never share its inode
-                shutil.copy2(f, tmp / f.name)
+    staged = _stage_checkpoint(src, dst.parent, link=link)
     if dst.exists():
         shutil.rmtree(dst)
-    os.rename(tmp, dst)
+    os.rename(staged, dst)
 
 
 class Forest:
