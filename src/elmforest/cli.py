@@ -11,6 +11,8 @@ from pathlib import Path
 from elmforest.data.readers import DataError
 from elmforest.forest.cli import add_forest_eval_args, add_forest_parsers, run_forest_eval
 from elmforest.forest.cli import dispatch as forest_dispatch
+from elmforest.merge.cli import add_merge_parsers
+from elmforest.merge.cli import dispatch as merge_dispatch
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list model presets")
     add_forest_parsers(sub, _add_common_train)
+    add_merge_parsers(sub)
 
     qs = sub.add_parser(
         "quickstart", help="BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB"
@@ -285,6 +288,8 @@ def _dispatch(args) -> int:
         return 0
     if args.cmd in ("forest", "generate"):
         return forest_dispatch(args, _run_config)
+    if args.cmd == "merge":
+        return merge_dispatch(args)
     if args.cmd == "eval":
         from elmforest.eval.bpb import evaluate
         from elmforest.eval.report import print_table

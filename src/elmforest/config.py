@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class TrainConfig:
     # state and step (so the LR schedule continues), while data and batch size may differ (BTM branching).
     init_checkpoint: str | None = None
     stop_at: int | None = None  # pause here (checkpoint, no final model); run again without it to finish
+    # Regex over parameter names: only matching parameters train, the rest stay frozen. FlexOlmo-style
+    # experts train only their MLPs ('\.mlp\.'), so a merged MoE's shared weights are the seed's exactly;
+    # router-only training of a merged MoE uses '\.mlp\.gate\.weight$'.
+    trainable: str | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -115,6 +120,11 @@ class RunConfig:
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
         ]
         bad = [msg for ok, msg in checks if not ok]
+        if t.trainable is not None:
+            try:
+                re.compile(t.trainable)
+            except re.error as e:
+                bad.append(f"train.trainable is not a valid regex ({e})")
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
 

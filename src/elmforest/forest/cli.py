@@ -90,6 +90,16 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p.add_argument("--data", help="shards or raw data holding the target domain (for posterior weights)")
     p.add_argument("--domain", help="target domain whose valid split sets the posterior weights")
     p.add_argument("--prior-batches", type=int, default=20)
+    p.add_argument(
+        "--method",
+        default="linear",
+        choices=["linear", "task_arithmetic", "ties"],
+        help="linear: weighted mean; task_arithmetic / ties: merge the experts' updates relative to the seed",
+    )
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="task_arithmetic / ties: lambda on the merged update"
+    )
+    p.add_argument("--density", type=float, default=0.2, help="ties: fraction of each update kept")
 
     g = sub.add_parser("generate", help="sample from a forest's ensemble")
     g.add_argument("--forest", required=True)
@@ -302,7 +312,8 @@ def _summary_of(src: Path) -> dict:
 
 
 def _average(forest, args) -> None:
-    from elmforest.merge.average import average_checkpoints
+    from elmforest.merge.average import merge_checkpoints
+    from elmforest.merge.methods import NEEDS_BASE
 
     names = forest.names
     if args.weights == "uniform":
@@ -321,9 +332,20 @@ def _average(forest, args) -> None:
         if unknown:
             raise ValueError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
         weights = [float(pairs.get(n, 0.0)) for n in names]
-    out = average_checkpoints(forest.expert_dirs(), args.out, weights, metadata={"names": names})
+    params, base = {}, None
+    if args.method in NEEDS_BASE:
+        if forest.seed_dir is None:
+            raise ValueError(
+                f"--method {args.method} merges updates relative to the seed; {forest.root} has none"
+            )
+        base, params["scale"] = forest.seed_dir, args.scale
+        if args.method == "ties":
+            params["density"] = args.density
+    out = merge_checkpoints(
+        forest.expert_dirs(), args.out, weights, args.method, base, metadata={"names": names}, **params
+    )
     print(
-        f"averaged {len(names)} experts with weights "
+        f"merged ({args.method}) {len(names)} experts with weights "
         + ", ".join(f"{n}={w / sum(weights):.3f}" for n, w in zip(names, weights, strict=True))
         + f" -> {out}"
     )

@@ -1,62 +1,22 @@
-"""Parameter averaging of experts, tensor by tensor from lazily opened safetensors.
+"""Parameter merging of experts (averaging, task arithmetic, TIES), tensor by tensor.
 
-Only one output tensor and one input tensor are in memory beyond what is being written, so
-averaging N experts costs about one expert's size whatever N is. On disk the result is an HF
+Only one output tensor and one tensor of each input are in memory beyond the shard being written,
+so merging N experts costs about one expert's size whatever N is. On disk the result is an HF
 checkpoint (sharded safetensors with an index when larger than `max_shard_bytes`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from elmforest.merge.io import LazyWeights, ShardedWriter, weight_files  # noqa: F401 (re-export)
+from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.io import write_json_atomic
-
-_COPY = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "elmforest_run.json",
-)
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    d = resolve_model_dir(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
-    single = d / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{d}: no safetensors weights (model.safetensors or an index)")
-
-
-class LazyWeights:
-    """name -> tensor, read on demand from a checkpoint's safetensors files."""
-
-    def __init__(self, model_dir: Path, stack: ExitStack):
-        self.where: dict[str, object] = {}
-        for f in weight_files(model_dir):
-            h = stack.enter_context(safe_open(str(f), framework="pt"))
-            for k in h.keys():
-                self.where[k] = h
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
 
 
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -68,30 +28,92 @@ def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
     return [float(w) / s for w in weights]
 
 
-def iter_average(
-    model_dirs: Sequence[Path], weights: Sequence[float] | None = None
+def iter_merge(
+    model_dirs: Sequence[Path],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    base_dir: Path | None = None,
+    **params,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, Σ_j w_j θ_j) tensor by tensor; accumulation in float32, result in the inputs' dtype."""
+    """(name, merged tensor) one at a time; arithmetic in float32, result in the inputs' dtype."""
+    fn = get_method(method)
+    if method in NEEDS_BASE and base_dir is None:
+        raise ValueError(f"merge method {method!r} is relative to a base model (the seed); none given")
     w = normalise(weights, len(model_dirs))
     with ExitStack() as stack:
         experts = [LazyWeights(Path(d), stack) for d in model_dirs]
+        base = LazyWeights(Path(base_dir), stack) if base_dir is not None else None
         names = experts[0].keys()
         for e, d in zip(experts[1:], model_dirs[1:], strict=True):
             if set(e.keys()) != set(names):
-                raise ValueError(f"{d}: its tensors differ from {model_dirs[0]}'s; cannot average")
+                raise ValueError(f"{d}: its tensors differ from {model_dirs[0]}'s; cannot merge")
+        if base is not None and method in NEEDS_BASE:
+            missing = [n for n in names if n not in base]
+            if missing:
+                raise ValueError(
+                    f"{base_dir}: base model lacks tensors {missing[:3]}; not the experts' seed?"
+                )
         for name in names:
             first = experts[0].get(name)
-            acc = first.to(torch.float32) * w[0]
-            for e, wj in zip(experts[1:], w[1:], strict=True):
+            ts = [first.to(torch.float32)]
+            for e in experts[1:]:
                 t = e.get(name)
                 if t.shape != first.shape:
                     raise ValueError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
-                acc.add_(t.to(torch.float32), alpha=wj)
-            yield name, acc.to(first.dtype)
+                ts.append(t.to(torch.float32))
+            kw = dict(params)
+            if method in NEEDS_BASE:
+                b = base.get(name)
+                if b.shape != first.shape:
+                    raise ValueError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
+                kw["base"] = b.to(torch.float32)
+            yield name, fn(ts, w, **kw).to(first.dtype)
+
+
+def iter_average(
+    model_dirs: Sequence[Path], weights: Sequence[float] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, Σ_j w_j θ_j) tensor by tensor."""
+    return iter_merge(model_dirs, weights, "linear")
 
 
 def average_state_dict(model_dirs: Sequence[Path], weights: Sequence[float] | None = None) -> dict:
     return dict(iter_average(model_dirs, weights))
+
+
+def merge_checkpoints(
+    model_dirs: Sequence[str | Path],
+    out: str | Path,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    base_dir: str | Path | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    metadata: dict | None = None,
+    **params,
+) -> Path:
+    """Write the merge of HF checkpoints as a new HF checkpoint directory (atomically)."""
+    dirs = [resolve_model_dir(d) for d in model_dirs]
+    base = resolve_model_dir(base_dir) if base_dir is not None else None
+    writer = ShardedWriter(out, max_shard_bytes)
+    try:
+        for name, t in iter_merge(dirs, weights, method, base, **params):
+            writer.add(name, t)
+        writer.copy_side_files(dirs[0])
+        write_json_atomic(
+            writer.tmp / "elmforest_average.json",
+            {
+                "method": method,
+                "params": params,
+                "base": str(base) if base is not None else None,
+                "experts": [str(d) for d in dirs],
+                "weights": normalise(weights, len(dirs)),
+                **(metadata or {}),
+            },
+        )
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def average_checkpoints(
@@ -101,48 +123,5 @@ def average_checkpoints(
     max_shard_bytes: int = 2 * 1024**3,
     metadata: dict | None = None,
 ) -> Path:
-    """Write the weighted average of HF checkpoints as a new HF checkpoint directory (atomically)."""
-    dirs = [resolve_model_dir(d) for d in model_dirs]
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shard: dict[str, torch.Tensor] = {}
-    size, files, weight_map = 0, [], {}
-
-    def flush():
-        nonlocal shard, size
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    for name, t in iter_average(dirs, weights):
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = t.contiguous()
-        size += nbytes
-    flush()
-    if len(files) == 1:
-        os.rename(tmp / files[0], tmp / "model.safetensors")
-    else:
-        total = sum((tmp / f).stat().st_size for f in files)
-        write_json_atomic(
-            tmp / "model.safetensors.index.json",
-            {"metadata": {"total_size": total}, "weight_map": weight_map},
-        )
-    for f in _COPY:
-        if (dirs[0] / f).is_file():
-            shutil.copy2(dirs[0] / f, tmp / f)
-    write_json_atomic(
-        tmp / "elmforest_average.json",
-        {"experts": [str(d) for d in dirs], "weights": normalise(weights, len(dirs)), **(metadata or {})},
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    return out
+    """The weighted average of HF checkpoints as a new HF checkpoint directory (atomically)."""
+    return merge_checkpoints(model_dirs, out, weights, "linear", None, max_shard_bytes, metadata)

@@ -31,7 +31,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_param_names(opt: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:
+    """Parameter names in the optimizer's own order (its state is keyed by position)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _trainer_order(model: torch.nn.Module) -> list[str]:
+    """The trainer's optimizer order with every parameter trainable (checkpoints that predate
+    recorded names): matrices (weight decay) first, then vectors."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
+def optimizer_to_flat(
+    opt: torch.optim.Optimizer, model: torch.nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -41,10 +56,21 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
             else:
                 scalars[f"{idx}.{name}"] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    meta = {"param_groups": groups, "scalars": scalars}
+    if model is not None:
+        meta["param_names"] = optimizer_param_names(opt, model)
+    return tensors, meta
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_from_flat(
+    opt: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    model: torch.nn.Module | None = None,
+) -> None:
+    """Restore optimizer state. When this optimizer holds a different set of parameters than the
+    saved one (e.g. only the MLPs train, branched from a seed that trained everything), the state is
+    matched by parameter name: each trainable parameter continues its own moments."""
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
@@ -55,6 +81,20 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
+    if model is not None:
+        src = meta.get("param_names") or _trainer_order(model)
+        dst = optimizer_param_names(opt, model)
+        if src != dst:
+            pos = {n: i for i, n in enumerate(src)}
+            missing = [n for n in dst if n not in pos]
+            if missing:
+                raise ValueError(f"checkpoint has no optimizer state for {missing[:3]}")
+            state = {j: state[pos[n]] for j, n in enumerate(dst) if pos[n] in state}
+            ids, start = [], 0
+            for g in opt.param_groups:
+                ids.append(list(range(start, start + len(g["params"]))))
+                start += len(g["params"])
+            groups = [{**saved, "params": i} for saved, i in zip(groups, ids, strict=True)]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -81,7 +121,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_to_flat(opt)
+    opt_tensors, opt_meta = optimizer_to_flat(opt, model)
     rng_tensors, _ = rng_state()
     save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
     write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta})
@@ -134,6 +174,6 @@ def load_checkpoint(
         for k, v in tensors.items()
         if not k.startswith("rng.")
     }
-    optimizer_from_flat(opt, opt_tensors, state.pop("optimizer"))
+    optimizer_from_flat(opt, opt_tensors, state.pop("optimizer"), model)
     set_rng_state(rng)
     return state

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ class Trainer:
         self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
         self.model.to(self.device)
         self.model.train()
+        if cfg.train.trainable:
+            freeze_except(self.model, cfg.train.trainable)
         self.n_params = count_params(self.model)
         self.flops_per_token = flops_per_token(self.model, cfg.train.seq_len)
         self.sampler = WindowSampler(
@@ -375,6 +378,19 @@ class Trainer:
             os.rename(final, self.run_dir / f".model.old-{os.getpid()}")
         os.rename(tmp, final)
         shutil.rmtree(self.run_dir / f".model.old-{os.getpid()}", ignore_errors=True)
+
+
+def freeze_except(model, pattern: str) -> int:
+    """Train only the parameters whose name matches `pattern` (re.search); returns how many do."""
+    pat = re.compile(pattern)
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(pat.search(name)))
+        n += p.numel() if p.requires_grad else 0
+    if n == 0:
+        names = [k for k, _ in model.named_parameters()][:4]
+        raise ValueError(f"train.trainable={pattern!r} matches no parameter (names look like {names})")
+    return n
 
 
 def _init_distributed(device: str) -> tuple[int, int, bool]:

@@ -1,0 +1,125 @@
+"""Lazy reads and sharded, atomic writes of HF safetensors checkpoints.
+
+Every merge streams tensors: read one tensor of each input on demand, write each output tensor into
+the current shard, flush shards as they fill. Peak memory is one shard plus the tensors in flight,
+whatever the number of inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from elmforest.model.build import resolve_model_dir
+from elmforest.utils.io import write_json_atomic
+
+# Files copied from the first input so the output is a complete, loadable HF checkpoint.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "elmforest_run.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    d = resolve_model_dir(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{d}: no safetensors weights (model.safetensors or an index)")
+
+
+class LazyWeights:
+    """name -> tensor, read on demand from a checkpoint's safetensors files."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack):
+        self.where: dict[str, object] = {}
+        for f in weight_files(model_dir):
+            h = stack.enter_context(safe_open(str(f), framework="pt"))
+            for k in h.keys():
+                self.where[k] = h
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+
+class ShardedWriter:
+    """Collects tensors into `model-0000k.safetensors` shards in a temporary directory; `commit`
+    writes the index (or renames a lone shard to model.safetensors) and renames the directory into
+    place, so a crash leaves either the old output or the new one, never half of one."""
+
+    def __init__(self, out: str | Path, max_shard_bytes: int = 2 * 1024**3):
+        self.out = Path(out)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.weight_map or name in self.shard:
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.size + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.shard[name] = t.contiguous()
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        if self.shard:
+            name = f"model-{len(self.files) + 1:05d}.safetensors"
+            save_file(self.shard, str(self.tmp / name), metadata={"format": "pt"})
+            self.files.append(name)
+            self.weight_map.update({k: name for k in self.shard})
+            self.shard, self.size = {}, 0
+
+    def copy_side_files(self, src: Path, names=SIDE_FILES) -> None:
+        for f in names:
+            if (src / f).is_file():
+                shutil.copy2(src / f, self.tmp / f)
+
+    def commit(self) -> Path:
+        self._flush()
+        if len(self.files) == 1:
+            os.rename(self.tmp / self.files[0], self.tmp / "model.safetensors")
+        else:
+            total = sum((self.tmp / f).stat().st_size for f in self.files)
+            write_json_atomic(
+                self.tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": self.weight_map},
+            )
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""Per-tensor merge methods, registered by name.
+
+Each method maps one tensor of every expert (already in float32), their normalised weights and the
+base model's tensor (the seed; needed by the task-vector methods) to the merged tensor. Task vectors
+are δ_i = θ_i − θ_base (Ilharco et al. 2023); TIES is Yadav et al. 2023 (trim, elect sign, disjoint
+mean), as model-merging tools apply it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+MergeFn = Callable[..., torch.Tensor]
+METHODS: dict[str, MergeFn] = {}
+NEEDS_BASE: set[str] = set()
+
+
+def register(name: str, needs_base: bool = False):
+    def deco(fn: MergeFn) -> MergeFn:
+        METHODS[name] = fn
+        if needs_base:
+            NEEDS_BASE.add(name)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeFn:
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+@register("linear")
+def linear(ts: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i w_i θ_i (the weights sum to 1): uniform or posterior-weighted averaging."""
+    acc = ts[0] * w[0]
+    for t, wi in zip(ts[1:], w[1:], strict=True):
+        acc.add_(t, alpha=wi)
+    return acc
+
+
+@register("task_arithmetic", needs_base=True)
+def task_arithmetic(
+    ts: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """θ_base + λ Σ_i w_i δ_i. With λ = 1 and weights summing to 1 this equals linear averaging;
+    λ > 1 extrapolates along the experts' mean update."""
+    delta = torch.zeros_like(base)
+    for t, wi in zip(ts, w, strict=True):
+        delta.add_(t - base, alpha=wi)
+    return base + scale * delta
+
+
+@register("ties", needs_base=True)
+def ties(
+    ts: Sequence[torch.Tensor],
+    w: Sequence[float],
+    base: torch.Tensor,
+    scale: float = 1.0,
+    density: float = 0.2,
+) -> torch.Tensor:
+    """TIES: keep each δ_i's `density` largest-magnitude entries, elect a sign per entry from the
+    weighted sum of the trimmed deltas, and average only the entries that agree with it."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"TIES density must be in (0, 1], got {density}")
+    deltas = torch.stack([t - base for t in ts])  # [n, ...]
+    n = deltas.shape[0]
+    flat = deltas.view(n, -1)
+    keep = max(1, int(round(density * flat.shape[1])))
+    if keep < flat.shape[1]:
+        # the keep-th largest magnitude per expert is its threshold (ties at it are kept)
+        thresh = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+        flat = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
+    wv = torch.tensor(w, dtype=flat.dtype).view(n, 1)
+    sign = torch.sign((wv * flat).sum(0, keepdim=True))
+    agree = (torch.sign(flat) == sign) & (flat != 0)
+    num = (wv * flat * agree).sum(0)
+    den = (wv * agree).sum(0)
+    merged = torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+    return base + scale * merged.view_as(base)

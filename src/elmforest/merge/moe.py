@@ -1,0 +1,404 @@
+"""Merge a forest into one sparse mixture-of-experts model in the Hugging Face Mixtral format.
+
+BTX (Sukhbaatar et al. 2024) / FlexOlmo (Shi, Bhagia et al. 2025): expert i's feed-forward block
+becomes expert i of every MoE layer; everything else (embeddings, attention, norms, LM head) is
+shared, either averaged over the experts (BTX) or taken from the seed (FlexOlmo's frozen anchor).
+Router rows come from each expert's data (merge/router.py), so the model routes with no training.
+
+The checkpoint uses Mixtral's per-expert tensor names (`block_sparse_moe.experts.{e}.w1/w2/w3`, the
+layout transformers' own `save_pretrained` writes and every Mixtral loader reads; transformers 5
+fuses them on load). It is written tensor by tensor into shards no larger than one expert, so peak
+memory is about one expert plus one shard, whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from elmforest.forest.manifest import Forest
+from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, weight_files
+from elmforest.merge.router import (
+    ROUTERS,
+    expert_data,
+    mean_mlp_inputs,
+    normalise_rows,
+    parallel_pairs,
+    random_rows,
+    sample_windows,
+    warn_parallel,
+)
+from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.utils.device import resolve_device
+from elmforest.utils.io import read_json, write_json_atomic, write_text_atomic
+
+DENSE_TYPES = ("llama", "mistral")
+MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+MIXTRAL_NAME = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # w1 = gate, w3 = up, w2 = down
+SHARED = ("average", "seed")
+
+
+@dataclass
+class MoeSpec:
+    top_k: int = 2
+    shared: str = "average"  # average (BTX) | seed (FlexOlmo)
+    router: str = "domain-embeddings"
+    center: bool = False  # subtract the mean row over experts before normalising
+    sample_tokens: int = 16384  # per expert, for the router rows
+    exclude: list[str] = field(default_factory=list)
+    parallel_threshold: float = 0.99
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.shared not in SHARED:
+            raise ValueError(f"--shared must be one of {SHARED}, got {self.shared!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"--router must be one of {ROUTERS}, got {self.router!r}")
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.sample_tokens < 1:
+            raise ValueError("--sample-tokens must be positive")
+
+
+def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
+    """The Mixtral config equivalent to a Llama/Mistral config with its MLP replaced by n experts."""
+    mt = dense.get("model_type")
+    if mt not in DENSE_TYPES:
+        raise ValueError(
+            f"cannot merge {mt!r} models into Mixtral: only {DENSE_TYPES} (SwiGLU MLP with gate/up/down, "
+            "no biases) map one-to-one onto Mixtral experts"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if dense.get(flag):
+            raise ValueError(
+                f"cannot merge into Mixtral: the experts have {flag}=True (Mixtral has no biases)"
+            )
+    if dense.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"cannot merge into Mixtral: hidden_act {dense.get('hidden_act')!r} (Mixtral: silu)")
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "attention_dropout",
+        "sliding_window",
+    )
+    cfg = {k: dense[k] for k in keep if k in dense}
+    if "rope_parameters" not in cfg and "rope_theta" in dense:  # configs written by transformers 4.x
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": dense["rope_theta"]}
+    cfg.update(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=n_experts,
+        num_experts_per_tok=top_k,
+        output_router_logits=False,
+        router_jitter_noise=0.0,
+    )
+    return cfg
+
+
+def _arch(cfg: dict) -> dict:
+    skip = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"}
+    return {k: v for k, v in cfg.items() if k not in skip}
+
+
+def check_same_architecture(dirs: list[Path], names: list[str]) -> dict:
+    cfgs = [read_json(d / "config.json") for d in dirs]
+    for c, n in zip(cfgs[1:], names[1:], strict=True):
+        if _arch(c) != _arch(cfgs[0]):
+            diff = sorted(k for k in set(_arch(c)) | set(_arch(cfgs[0])) if c.get(k) != cfgs[0].get(k))
+            raise ValueError(
+                f"expert {n!r} has a different architecture than {names[0]!r} ({diff}); cannot merge"
+            )
+    return cfgs[0]
+
+
+def _router_rows(forest: Forest, names, dirs, spec: MoeSpec, data, device, cfg, base_dir) -> torch.Tensor:
+    from elmforest.eval.bpb import default_seq_len
+
+    L, H = cfg["num_hidden_layers"], cfg["hidden_size"]
+    if spec.router == "random":
+        return random_rows(L, len(names), H, spec.seed)
+    seq_len = default_seq_len(dirs[0])
+    tok_fp = forest.data["tokenizer"]
+    means = torch.zeros(L, len(names), H)
+    common = None
+    if spec.router == "hidden-states":
+        if base_dir is not None:
+            common = load_model(base_dir).to(device).eval()
+        else:  # the experts' uniform average as one dense model
+            from elmforest.merge.average import average_state_dict
+
+            common = load_model(dirs[0])
+            common.load_state_dict(average_state_dict(dirs), strict=False)
+            common.to(device).eval()
+    for i, (n, d) in enumerate(zip(names, dirs, strict=True)):
+        shards, domains = expert_data(d, forest.expert(n)["domains"], data, tok_fp)
+        samples = sample_windows(shards, domains, "train", seq_len, spec.sample_tokens)
+        model = common if common is not None else load_model(d).to(device).eval()
+        means[:, i] = mean_mlp_inputs(model, samples, shards.eos_id, seq_len, device=device)
+        if common is None:
+            del model
+    return normalise_rows(means, spec.center)
+
+
+def export_moe(
+    forest: Forest | str | Path,
+    out: str | Path,
+    spec: MoeSpec | None = None,
+    data: str | Path | None = None,
+    device: str = "auto",
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write the forest's experts as one Mixtral checkpoint at `out` (atomically); returns `out`."""
+    spec = spec or MoeSpec()
+    spec.validate()
+    forest = forest if isinstance(forest, Forest) else Forest.load(forest)
+    unknown = sorted(set(spec.exclude) - set(forest.names))
+    if unknown:
+        raise ValueError(f"--exclude: no expert named {unknown} in {forest.root}; have {forest.names}")
+    names = [n for n in forest.names if n not in spec.exclude]
+    if not names:
+        raise ValueError(f"{forest.root}: no experts left to merge")
+    dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
+    dense = check_same_architecture(dirs, names)
+    top_k = min(spec.top_k, len(names))
+    cfg = mixtral_config(dense, len(names), top_k)
+    base_dir = None
+    if spec.shared == "seed":
+        if forest.seed_dir is None:
+            raise ValueError(f"{forest.root}: --shared seed needs a seed, and this forest has none")
+        base_dir = resolve_model_dir(forest.seed_dir)
+        check_same_architecture([dirs[0], base_dir], [names[0], "seed"])
+
+    dev = resolve_device(device)
+    rows = _router_rows(forest, names, dirs, spec, data, dev, cfg, base_dir)
+    pairs = parallel_pairs(rows, names, spec.parallel_threshold) if spec.router != "random" else []
+    warn_parallel(pairs)
+
+    one_expert = sum(f.stat().st_size for f in weight_files(dirs[0]))
+    writer = ShardedWriter(out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)))
+    try:
+        _write_tensors(writer, dirs, base_dir, rows, cfg)
+        _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torch.Tensor, cfg: dict) -> None:
+    with ExitStack() as stack:
+        experts = [LazyWeights(d, stack) for d in dirs]
+        base = LazyWeights(base_dir, stack) if base_dir is not None else None
+        names = experts[0].keys()
+        for e, d in zip(experts[1:], dirs[1:], strict=True):
+            if set(e.keys()) != set(names):
+                raise ValueError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
+        seen = set()
+        for name in names:
+            m = MLP_KEY.match(name)
+            if m:
+                layer, proj = int(m.group(1)), m.group(2)
+                seen.add((layer, proj))
+                for i, e in enumerate(experts):
+                    writer.add(
+                        f"model.layers.{layer}.block_sparse_moe.experts.{i}.{MIXTRAL_NAME[proj]}.weight",
+                        e.get(name),
+                    )
+                continue
+            if ".mlp." in name:
+                raise ValueError(f"tensor {name}: an MLP parameter Mixtral has no place for (a bias?)")
+            if base is not None:
+                if name not in base:
+                    raise ValueError(f"{base_dir}: the seed lacks {name}")
+                writer.add(name, base.get(name))
+            else:
+                first = experts[0].get(name)
+                acc = first.to(torch.float32)
+                for e in experts[1:]:
+                    acc.add_(e.get(name).to(torch.float32))
+                writer.add(name, (acc / len(experts)).to(first.dtype))
+        L = cfg["num_hidden_layers"]
+        missing = [(layer, p) for layer in range(L) for p in MIXTRAL_NAME if (layer, p) not in seen]
+        if missing:
+            raise ValueError(f"{dirs[0]}: no MLP weights for (layer, projection) {missing[:3]}")
+        dtype = experts[0].get(names[0]).dtype
+        for layer in range(L):
+            writer.add(f"model.layers.{layer}.block_sparse_moe.gate.weight", rows[layer].to(dtype))
+
+
+def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir) -> None:
+    from transformers import MixtralConfig
+
+    MixtralConfig(
+        **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    ).save_pretrained(str(writer.tmp))
+    writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json", "elmforest_run.json"))
+    experts = [
+        {
+            "index": i,
+            "name": n,
+            "domains": forest.expert(n)["domains"],
+            "tokens": forest.expert(n).get("tokens"),
+        }
+        for i, n in enumerate(names)
+    ]
+    meta = {
+        "forest": str(forest.root.resolve()),
+        "experts": experts,
+        "excluded": list(spec.exclude),
+        "opted_out": forest.removed,
+        "shared": spec.shared,
+        "shared_from": str(base_dir) if base_dir is not None else [str(d) for d in dirs],
+        "spec": asdict(spec),
+        "top_k": top_k,
+        "near_parallel_router_rows": pairs,
+        "dense_model_type": dense.get("model_type"),
+    }
+    write_json_atomic(writer.tmp / "elmforest_moe.json", meta)
+    write_text_atomic(writer.tmp / "README.md", model_card(meta))
+
+
+def model_card(meta: dict) -> str:
+    shared = (
+        "the **average of the experts'** (BTX: Sukhbaatar et al. 2024)"
+        if meta["shared"] == "average"
+        else "the **seed's** (FlexOlmo's frozen anchor: Shi, Bhagia et al. 2025)"
+    )
+    router = {
+        "domain-embeddings": "each expert's normalised mean hidden state entering each layer's MLP, computed by "
+        "the expert itself on a sample of its own training data (FlexOlmo's domain embeddings)",
+        "hidden-states": "the normalised mean hidden state entering each layer's MLP, computed by one common "
+        "dense model on a sample of each expert's training data (mergekit-moe's hidden-state gates)",
+        "random": "random N(0, 0.02²) rows (no routing signal; train the router before use)",
+    }[meta["spec"]["router"]]
+    if meta["spec"]["center"] and meta["spec"]["router"] != "random":
+        router += ", centred over the experts before normalising"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mixtral, moe, elmforest, branch-train-mix]",
+        "---",
+        "",
+        f"# Mixture of {len(meta['experts'])} experts merged from an ELMforest",
+        "",
+        f"Made by `elmforest merge moe` from `{meta['forest']}`. Load with "
+        "`AutoModelForCausalLM.from_pretrained(DIR)`; top-"
+        f"{meta['top_k']} routing per token.",
+        "",
+        "- Each expert's feed-forward block (gate/up/down projections) is expert *i* of every MoE layer.",
+        f"- Shared parameters (embeddings, attention, norms, LM head) are {shared}.",
+        f"- Router rows: {router}.",
+    ]
+    if meta.get("router_training"):
+        rt = meta["router_training"]
+        lines.append(
+            f"- Router trained afterwards for {rt['steps']} steps on {rt['data']} (everything else frozen)."
+        )
+    if meta["excluded"] or meta["opted_out"]:
+        lines.append(
+            f"- Left out: {', '.join(meta['excluded'] + meta['opted_out'])} (opted out or excluded)."
+        )
+    if meta["near_parallel_router_rows"]:
+        lines.append(
+            f"- Warning: {len(meta['near_parallel_router_rows'])} expert pair(s) have nearly parallel router rows."
+        )
+    lines += ["", "| expert | name | domains | training tokens |", "| ---: | --- | --- | ---: |"]
+    for e in meta["experts"]:
+        lines.append(f"| {e['index']} | {e['name']} | {', '.join(e['domains'])} | {e['tokens'] or '?'} |")
+    return "\n".join(lines) + "\n"
+
+
+ROUTER_PARAMS = r"\.mlp\.gate\.weight$"
+
+
+def train_router(
+    moe_dir: str | Path,
+    shards: str | Path,
+    steps: int,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    lr: float = 1e-3,
+    domains: list[str] | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
+    small mix of the domains (sampled uniformly). The run is resumable; the trained model replaces
+    `out` (default: `moe_dir`) atomically, with its card and metadata updated."""
+    import os
+    import shutil
+
+    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.data.shards import Shards
+    from elmforest.train.trainer import train
+
+    moe_dir = resolve_model_dir(moe_dir)
+    out = Path(out or moe_dir)
+    meta = read_json(moe_dir / "elmforest_moe.json")
+    if not Shards.is_shards_dir(shards):
+        raise ValueError(f"{shards}: router training needs a shards directory (elmforest shards build)")
+    sh = Shards(shards)
+    if domains is None:
+        wanted = [d for e in meta["experts"] for d in e["domains"]]
+        domains = [d for d in wanted if sh.has(d, "train")] or sh.domains
+    run_cfg = moe_dir / "elmforest_run.json"
+    cfg = RunConfig.from_dict(read_json(run_cfg)) if run_cfg.is_file() else RunConfig()
+    cfg.model.init_from = str(moe_dir.resolve())
+    cfg.data.shards, cfg.data.domains, cfg.data.mixture, cfg.data.split = (
+        str(sh.root),
+        domains,
+        "uniform",
+        "train",
+    )
+    t, o = cfg.train, cfg.optim
+    t.steps, t.init_checkpoint, t.stop_at, t.trainable = steps, None, None, ROUTER_PARAMS
+    t.ckpt_every = max(1, min(t.ckpt_every, steps))
+    o.lr, o.weight_decay, o.warmup_frac, o.schedule, o.min_lr_ratio = lr, 0.0, 0.1, "cosine", 0.1
+    cfg = apply_overrides(cfg, list(overrides or []))
+    run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run"))
+    summary = train(cfg, run_dir, progress=progress)
+
+    tmp = out.with_name(f".{out.name}.router-tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(run_dir / "model", tmp)
+    for f in ("generation_config.json",):
+        if (moe_dir / f).is_file() and not (tmp / f).is_file():
+            shutil.copy2(moe_dir / f, tmp / f)
+    meta["router_training"] = {
+        "steps": steps,
+        "lr": lr,
+        "data": str(sh.root),
+        "domains": domains,
+        "tokens": summary["tokens"],
+        "run": str(run_dir),
+        "from": str(moe_dir),
+    }
+    write_json_atomic(tmp / "elmforest_moe.json", meta)
+    write_text_atomic(tmp / "README.md", model_card(meta))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+    return out

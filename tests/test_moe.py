@@ -1,0 +1,320 @@
+"""Merging a forest into a Mixtral MoE, router rows, router training, and the merge methods."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import default_seq_len
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.merge.io import LazyWeights
+from elmforest.merge.methods import get_method
+from elmforest.merge.moe import MoeSpec, check_same_architecture, export_moe, mixtral_config, train_router
+from elmforest.merge.router import sample_windows
+from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.quickstart import forest_sharing_seed
+
+FLEX = r"\.mlp\."  # FlexOlmo-style experts: only the MLPs train
+
+
+@pytest.fixture(scope="module")
+def flex_forest(forest_dir, shards_dir, tmp_path_factory):
+    """Experts branched from the BTM forest's seed that train only their MLPs."""
+    src = Forest.load(forest_dir)
+    shards = Shards(shards_dir)
+    f = forest_sharing_seed(tmp_path_factory.mktemp("flex") / "f", src, len(shards.domains))
+    for d in shards.domains:
+        btm.train_expert(f, shards, d, overrides=[f"train.trainable={FLEX}"], progress=False)
+    return f.root
+
+
+def _tokens(shards_dir, n=2, t=24):
+    stream = Shards(shards_dir).tokens(Shards(shards_dir).domains[0], "test")
+    return torch.as_tensor(np.asarray(stream[: n * t], dtype=np.int64)).view(n, t)
+
+
+def _route_all_to(j):
+    orig = MixtralTopKRouter.forward
+
+    def fwd(self, h):
+        logits, scores, idx = orig(self, h)
+        return logits, torch.ones_like(scores[:, :1]), torch.full_like(idx[:, :1], j)
+
+    return orig, fwd
+
+
+def test_mlp_only_experts_keep_the_seeds_shared_weights(flex_forest):
+    f = Forest.load(flex_forest)
+    with ExitStack() as st:
+        seed = LazyWeights(resolve_model_dir(f.seed_dir), st)
+        for n in f.names:
+            e = LazyWeights(resolve_model_dir(f.expert_dir(n)), st)
+            changed = [k for k in e.keys() if not torch.equal(e.get(k), seed.get(k))]
+            assert changed and all(".mlp." in k for k in changed)
+
+
+def test_forced_router_reproduces_each_expert(flex_forest, shards_dir, tmp_path, monkeypatch):
+    f = Forest.load(flex_forest)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(shared="seed", sample_tokens=256), device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == len(f.names)
+    x = _tokens(shards_dir)
+    for j, n in enumerate(f.names):
+        orig, fwd = _route_all_to(j)
+        moe = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        monkeypatch.setattr(MixtralTopKRouter, "forward", fwd)
+        with torch.no_grad():
+            got = moe(input_ids=x).logits
+        monkeypatch.setattr(MixtralTopKRouter, "forward", orig)
+        with torch.no_grad():
+            want = load_model(f.expert_dir(n)).eval()(input_ids=x).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _RefMoE(torch.nn.Module):
+    """Top-k softmax routing over the experts' own Llama MLP modules (renormalised top-k weights)."""
+
+    def __init__(self, gate, mlps, k):
+        super().__init__()
+        self.gate, self.mlps, self.k = gate, torch.nn.ModuleList(mlps), k
+
+    def forward(self, h):
+        probs = torch.softmax(h @ self.gate.T, dim=-1)
+        top, idx = probs.topk(self.k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(h)
+        for slot in range(self.k):
+            for e, mlp in enumerate(self.mlps):
+                sel = (idx[..., slot] == e).unsqueeze(-1)
+                out = out + torch.where(sel, top[..., slot : slot + 1] * mlp(h), 0.0)
+        return out
+
+
+def test_hf_mixtral_equals_reference_forward(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(top_k=2, sample_tokens=256), device="cpu")
+    moe = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    experts = [load_model(d).eval() for d in f.expert_dirs()]
+    ref = load_model(f.expert_dirs()[0]).eval()
+    shared = {
+        k: sum(e.state_dict()[k] for e in experts) / len(experts)
+        for k in ref.state_dict()
+        if ".mlp." not in k
+    }
+    ref.load_state_dict(shared, strict=False)
+    with ExitStack() as st:
+        w = LazyWeights(out, st)
+        for i, layer in enumerate(ref.model.layers):
+            gate = w.get(f"model.layers.{i}.block_sparse_moe.gate.weight")
+            layer.mlp = _RefMoE(gate, [e.model.layers[i].mlp for e in experts], 2)
+    x = _tokens(shards_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=x).logits, ref(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+        # and it generates like any HF model
+        g = moe.generate(x[:1, :5], max_new_tokens=4, do_sample=False)
+    assert g.shape == (1, 9)
+
+
+def test_router_rows_match_brute_force(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    for center in (False, True):
+        out = export_moe(
+            f, tmp_path / f"moe{center}", MoeSpec(sample_tokens=200, center=center), device="cpu"
+        )
+        shards = Shards(shards_dir)
+        T = default_seq_len(resolve_model_dir(f.expert_dirs()[0]))
+        means = []
+        for n in f.names:
+            model = load_model(f.expert_dir(n)).eval()
+            acts: list = [[] for _ in model.model.layers]
+            hooks = [
+                layer.post_attention_layernorm.register_forward_hook(
+                    lambda _m, _a, o, store=acts[i]: store.append(o.detach())
+                )
+                for i, layer in enumerate(model.model.layers)
+            ]
+            rows = []
+            ((stream, ids),) = sample_windows(shards, f.expert(n)["domains"], "train", T, 200)
+            for w in ids:  # one window at a time, every real token kept, then one mean
+                lo, hi = w * T, min((w + 1) * T, len(stream))
+                tgt = torch.as_tensor(np.asarray(stream[lo:hi], dtype=np.int64))
+                prev = int(stream[lo - 1]) if lo > 0 else shards.eos_id
+                x = torch.cat([torch.tensor([prev]), tgt[:-1]]).unsqueeze(0)
+                with torch.no_grad():
+                    model(input_ids=x)
+            for h in hooks:
+                h.remove()
+            rows = torch.stack([torch.cat([a[0] for a in layer_acts]).mean(0) for layer_acts in acts])
+            means.append(rows)
+        means = torch.stack(means, dim=1).double()  # [L, E, H]
+        if center:
+            means = means - means.mean(dim=1, keepdim=True)
+        want = means / means.norm(dim=-1, keepdim=True)
+        with ExitStack() as st:
+            w = LazyWeights(out, st)
+            got = torch.stack(
+                [w.get(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(want.shape[0])]
+            )
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    gone = f.names[1]
+    out = export_moe(f, tmp_path / "ex", MoeSpec(exclude=[gone], router="random"), device="cpu")
+    meta = json.loads((out / "elmforest_moe.json").read_text())
+    assert [e["name"] for e in meta["experts"]] == [n for n in f.names if n != gone]
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == len(f.names) - 1
+    AutoModelForCausalLM.from_pretrained(str(out))
+    with pytest.raises(ValueError, match="no expert named"):
+        export_moe(f, tmp_path / "bad", MoeSpec(exclude=["nope"], router="random"))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(forest_dir, copy)
+    Forest.load(copy).remove(gone)
+    out2 = export_moe(copy, tmp_path / "optout", MoeSpec(top_k=2, sample_tokens=128), device="cpu")
+    meta2 = json.loads((out2 / "elmforest_moe.json").read_text())
+    assert gone in meta2["opted_out"] and gone not in [e["name"] for e in meta2["experts"]]
+    assert "opted out" in (out2 / "README.md").read_text()
+    m = AutoModelForCausalLM.from_pretrained(str(out2))
+    assert m.config.num_local_experts == len(f.names) - 1
+    # no pickle anywhere in the output: only JSON, markdown and safetensors
+    for p in list(out.iterdir()) + list(out2.iterdir()):
+        assert p.suffix in (".json", ".safetensors", ".md"), p
+        assert not p.read_bytes().startswith(b"\x80"), p
+
+
+def test_mismatched_architectures_are_refused(forest_dir, tmp_path):
+    llama = json.loads((Forest.load(forest_dir).expert_dirs()[0] / "config.json").read_text())
+    with pytest.raises(ValueError, match="only"):
+        mixtral_config({**llama, "model_type": "gpt2"}, 2, 2)
+    with pytest.raises(ValueError, match="attention_bias"):
+        mixtral_config({**llama, "attention_bias": True}, 2, 2)
+    copy = tmp_path / "copy"
+    shutil.copytree(forest_dir, copy)
+    f = Forest.load(copy)
+    cfg_path = f.expert_dirs()[1] / "config.json"
+    cfg_path.write_text(json.dumps({**llama, "intermediate_size": llama["intermediate_size"] * 2}))
+    with pytest.raises(ValueError, match="different architecture"):
+        check_same_architecture(f.expert_dirs(), f.names)
+    with pytest.raises(ValueError, match="different architecture"):
+        export_moe(f, tmp_path / "out", MoeSpec(router="random"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_stay_within_one_expert(forest_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"))
+    one = (resolve_model_dir(f.expert_dirs()[0]) / "model.safetensors").stat().st_size
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert sum(s.stat().st_size for s in shards) > one  # the MoE is bigger than one expert ...
+    assert max(s.stat().st_size for s in shards) <= one + 65536  # ... but no shard is
+
+
+def test_router_training_changes_only_the_router(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    before = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    train_router(out, shards_dir, steps=3, lr=1e-2, overrides=["train.precision=fp32"], progress=False)
+    after = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    meta = json.loads((out / "elmforest_moe.json").read_text())
+    assert meta["router_training"]["steps"] == 3
+    assert "Router trained" in (out / "README.md").read_text()
+
+
+def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path):
+    from elmforest.cli import main
+
+    out = tmp_path / "moe"
+    gone = Forest.load(forest_dir).names[0]
+    argv = ["merge", "moe", "--forest", str(forest_dir), "--out", str(out), "--exclude", gone]
+    assert main([*argv, "--sample-tokens", "128", "--device", "cpu"]) == 0
+    res = tmp_path / "ev.json"
+    assert (
+        main(["eval", "--model", str(out), "--data", str(shards_dir), "--json", str(res), "--no-progress"])
+        == 0
+    )
+    assert np.isfinite(json.loads(res.read_text())["mean_bpb"])
+    assert (
+        main(["merge", "moe", "--forest", str(forest_dir), "--out", str(tmp_path / "x"), "--exclude", "zz"])
+        == 2
+    )
+
+
+# -- merge methods -----------------------------------------------------------------------------------
+
+
+def _ties_brute(ts, w, base, density, scale):
+    out = base.clone().flatten()
+    deltas = [(t - base).flatten() for t in ts]
+    keep = max(1, int(round(density * out.numel())))
+    trimmed = []
+    for d in deltas:
+        order = sorted(range(d.numel()), key=lambda i: -abs(float(d[i])))
+        kept = torch.zeros_like(d)
+        for i in order[:keep]:
+            kept[i] = d[i]
+        trimmed.append(kept)
+    for i in range(out.numel()):
+        s = sum(wj * float(d[i]) for wj, d in zip(w, trimmed, strict=True))
+        sign = (s > 0) - (s < 0)
+        num = den = 0.0
+        for wj, d in zip(w, trimmed, strict=True):
+            v = float(d[i])
+            if v != 0 and ((v > 0) - (v < 0)) == sign:
+                num += wj * v
+                den += wj
+        out[i] += scale * (num / den if den else 0.0)
+    return out.view_as(base)
+
+
+def test_merge_methods_match_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 7, generator=g)
+    ts = [base + torch.randn(5, 7, generator=g) for _ in range(3)]
+    w = [0.5, 0.3, 0.2]
+    lin = get_method("linear")([t.clone() for t in ts], w)
+    torch.testing.assert_close(lin, sum(wi * t for wi, t in zip(w, ts, strict=True)))
+    ta = get_method("task_arithmetic")(ts, w, base=base, scale=1.0)
+    torch.testing.assert_close(ta, lin)  # λ = 1 with weights summing to 1 is the average
+    ta2 = get_method("task_arithmetic")(ts, w, base=base, scale=0.5)
+    torch.testing.assert_close(ta2, base + 0.5 * sum(wi * (t - base) for wi, t in zip(w, ts, strict=True)))
+    for density in (0.3, 1.0):
+        got = get_method("ties")(ts, w, base=base, density=density, scale=0.8)
+        torch.testing.assert_close(got, _ties_brute(ts, w, base, density, 0.8), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        get_method("slerp")
+
+
+def test_forest_average_cli_with_ties(forest_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from elmforest.cli import main
+
+    f = Forest.load(forest_dir)
+    out = tmp_path / "ties"
+    argv = ["forest", "average", "--forest", str(forest_dir), "--out", str(out)]
+    assert main([*argv, "--method", "ties", "--density", "0.5", "--scale", "0.9"]) == 0
+    got = load_file(str(out / "model.safetensors"))
+    experts = [load_file(str(resolve_model_dir(d) / "model.safetensors")) for d in f.expert_dirs()]
+    seed = load_file(str(resolve_model_dir(f.seed_dir) / "model.safetensors"))
+    n = len(experts)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        want = get_method("ties")(
+            [e[name] for e in experts], [1 / n] * n, base=seed[name], density=0.5, scale=0.9
+        )
+        torch.testing.assert_close(got[name], want)
+    meta = json.loads((out / "elmforest_average.json").read_text())
+    assert meta["method"] == "ties" and meta["params"] == {"scale": 0.9, "density": 0.5}
