@@ -1,12 +1,14 @@
-"""Inference cost of a forest: top-1, top-2 and the full ensemble vs one expert, side by side.
+"""Inference cost of a forest: top-1, top-2 and the full ensemble, and the forest merged into one
+top-2 Mixtral MoE, vs one expert (= one dense model of the same shape), side by side.
 
     python bench/forest_inference.py [--experts 8] [--tokens 60000] [--rounds 2]
 
 Builds a forest of randomly initialised `cpu-small` experts on synthetic shards (speed does not
 depend on what the weights learned), then times, on the same test windows: one expert alone
 (plain evaluation), the top-1 and top-2 sparse ensembles (experts chosen from the prior, only those
-run) and the full ensemble. Each configuration gets a fresh expert pool (no cached log-probs).
-Target: top-k costs <= 1.1·k single-expert passes.
+run), the full ensemble, and the MoE export (transformers' Mixtral, top-2 per token; random router
+rows, which spread tokens evenly). Each configuration gets a fresh expert pool (no cached
+log-probs). Target: top-k costs <= 1.1·k single-expert passes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
+from elmforest.merge.moe import MoeSpec, export_moe
 from elmforest.model.build import build_model, load_model
 
 try:
@@ -66,8 +69,14 @@ def main() -> None:
                 forest, shards, mode=mode, k=k, prior="uniform", pool=pool, **common
             )
 
+        export_moe(forest, work / "moe", MoeSpec(router="random", top_k=2))
+
+        def moe():
+            evaluate_shards(load_model(work / "moe"), shards, progress=False, **common)
+
         runs = {
             "one expert": single,
+            "MoE top-2": moe,
             "top-1": lambda: forest_eval("topk", 1),
             "top-2": lambda: forest_eval("topk", 2),
             f"full ({args.experts})": lambda: forest_eval("ensemble", 0),

@@ -141,6 +141,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         split="random",
         eval_tokens=2000,
         prior_batches=1,
+        moe_router_steps=2,
     )
     methods = res["methods"]
     assert set(methods) == {
@@ -152,6 +153,8 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         "average",
         "average_uniform",
         "random_ensemble",
+        "moe",
+        "moe_router_trained",
     }
     for m in methods.values():
         assert set(m["domains"]) == {"scripture", "code", "legal"}
@@ -161,7 +164,9 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     c = res["compute"]
     assert abs(c["forest_flops"] / c["dense_flops"] - 1) < 0.02
     assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
-    assert len(res["findings"]) == 3
+    assert len(res["findings"]) == 4
+    moe_cfg = json.loads((tmp_path / "qs" / "moe" / "config.json").read_text())
+    assert moe_cfg["model_type"] == "mixtral" and moe_cfg["num_local_experts"] == 3
     on_disk = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert on_disk["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
     assert (tmp_path / "qs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -170,6 +175,9 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     }
     # re-running continues from what exists and trains nothing more
     mtime = (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns
+    moe_mtime = [
+        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
+    ]
     again = quickstart(
         tmp_path / "qs",
         preset="tiny",
@@ -179,8 +187,13 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         split="random",
         eval_tokens=2000,
         prior_batches=1,
+        moe_router_steps=2,
     )
     assert again["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
+    assert again["methods"]["moe_router_trained"]["mean_bpb"] == methods["moe_router_trained"]["mean_bpb"]
+    assert moe_mtime == [
+        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
+    ]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
 
 

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-tokens", type=int, default=40_000, help="test tokens per domain (whole documents)"
     )
     qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
+    qs.add_argument("--no-moe", action="store_true", help="skip merging the experts into one MoE model")
+    qs.add_argument(
+        "--moe-router-steps",
+        type=int,
+        default=0,
+        help="also train the MoE's router alone for this many steps (adds moe_router_trained)",
+    )
     qs.add_argument("--no-progress", action="store_true")
 
     cl = sub.add_parser("cluster", help="c-BTM domain discovery").add_subparsers(
@@ -348,6 +355,8 @@ def _dispatch(args) -> int:
             split=args.split,
             eval_tokens=args.eval_tokens,
             clusters=args.clusters,
+            moe=not args.no_moe,
+            moe_router_steps=args.moe_router_steps,
         )
         return 0
     raise AssertionError(args.cmd)

@@ -38,11 +38,14 @@ def quickstart(
     eval_tokens: int = 40_000,
     prior_batches: int = 4,
     clusters: int = 8,
+    moe: bool = True,
+    moe_router_steps: int = 0,
 ) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
 
     split="random" adds the BTM ablation: experts trained on random splits of the same data;
     split="clusters" adds c-BTM: `clusters` discovered clusters, one expert each, routed by distance.
+    moe merges the experts into one Mixtral MoE (BTX); moe_router_steps > 0 also trains its router.
     """
     if split not in ("domains", "random", "clusters"):
         raise ValueError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
@@ -137,6 +140,8 @@ def quickstart(
             methods[f"cbtm_top{kk}"] = evaluate_forest_shards(
                 cforest, shards, mode="cluster", k=kk, **{**fe, "pool": cpool}
             )
+    if moe:
+        methods.update(_moe_rows(out, forest, shards, moe_router_steps, common, progress, log))
 
     compute = {
         "dense_flops": dense["flops"],
@@ -163,6 +168,31 @@ def quickstart(
         f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}; forest in {forest.root}"
     )
     return results
+
+
+def _moe_rows(
+    out: Path, forest: Forest, shards: Shards, router_steps: int, common: dict, progress, log
+) -> dict:
+    """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
+    from each expert's domain embeddings (no training); optionally the router trained alone."""
+    from elmforest.merge.moe import MoeSpec, export_moe, train_router
+
+    moe_dir, rows = out / "moe", {}
+    meta = moe_dir / "elmforest_moe.json"
+    if not meta.is_file() or [e["name"] for e in read_json(meta)["experts"]] != forest.names:
+        log(f"      merging {len(forest.names)} experts into one Mixtral MoE (top-2) -> {moe_dir}")
+        export_moe(forest, moe_dir, MoeSpec())
+    rows["moe"] = evaluate_shards(load_model(moe_dir), shards, progress=False, **common)
+    if router_steps:
+        rt = out / "moe-router-trained"
+        done = rt / "elmforest_moe.json"
+        if not done.is_file() or read_json(done).get("router_training", {}).get("steps") != router_steps:
+            log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
+            train_router(
+                moe_dir, shards.root, router_steps, out=rt, run_dir=out / "moe-router-run", progress=progress
+            )
+        rows["moe_router_trained"] = evaluate_shards(load_model(rt), shards, progress=False, **common)
+    return rows
 
 
 def forest_sharing_seed(path: Path, forest: Forest, n_experts: int) -> Forest:
@@ -248,4 +278,17 @@ def findings(methods: dict) -> list[str]:
             f"{m['dense']:.4f} (ratio {m['random_ensemble'] / m['dense']:.3f}) -> {verdict}"
         )
     cmp("average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
+    if "moe" in m:
+        best = min((k for k in ("moe", "moe_router_trained") if k in m), key=m.get)
+        out.append(
+            f"one merged MoE (top-2 per token, no joint training): {best} {m[best]:.4f} vs ensemble "
+            f"{m['ensemble']:.4f}, average {m['average']:.4f}, seed {m['seed']:.4f} mean BPB"
+            + (
+                " -> worse than the seed: experts trained on all their parameters drift apart, so their MLPs no "
+                "longer fit the merged attention; train experts MLP-only (--set train.trainable='\\.mlp\\.', "
+                "FlexOlmo) to merge them (docs/moe.md)"
+                if m[best] >= m["seed"]
+                else ""
+            )
+        )
     return out

@@ -1,0 +1,118 @@
+"""One merged MoE vs the forest it came from, at matched training compute, on the demo corpus.
+
+    python bench/moe_quality.py --quickstart quickstart [--router-steps 100] [--opt-out legal]
+
+Reuses a finished quickstart directory (its seed, dense baseline, BTM forest and results). Adds a
+FlexOlmo-style forest: the same number of experts branched from the same seed with the same
+budget, but training only their MLPs (`train.trainable='\\.mlp\\.'`), so their shared weights stay
+the seed's. Then merges into top-2 Mixtral MoEs and evaluates on the same test documents:
+
+- btx_avg / btx_seed: the quickstart's BTM experts (all parameters trained), shared weights
+  averaged (BTX) or the seed's.
+- flex: the MLP-only experts, shared = seed, router rows from domain embeddings, no training;
+  flex_center: the same with centred router rows; flex_hidden: hidden-state rows from the seed;
+  flex_rt: flex with its router trained alone for --router-steps steps.
+- flex_ensemble / flex_top2: the MLP-only experts ensembled (the MoE's upper reference).
+- opt-out: flex without one expert; per-domain BPB before and after.
+
+Writes moe.json beside the quickstart's results and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.forest import btm
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.merge.moe import MoeSpec, export_moe, train_router
+from elmforest.model.build import load_model
+from elmforest.quickstart import forest_sharing_seed
+from elmforest.utils.io import write_json_atomic
+
+try:
+    import common  # noqa: F401 (quiet HF progress bars)
+except ImportError:
+    from bench import common  # noqa: F401
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quickstart", required=True)
+    ap.add_argument("--router-steps", type=int, default=100)
+    ap.add_argument("--router-lr", type=float, default=1e-3)
+    ap.add_argument("--opt-out", default="legal", help="expert left out for the opt-out comparison")
+    args = ap.parse_args()
+    qs = Path(args.quickstart)
+    base = json.loads((qs / "results.json").read_text())
+    forest, shards = Forest.load(qs / "forest"), Shards(qs / "shards")
+    first = base["methods"]["dense"]
+    common = {
+        "split": "test",
+        "domains": list(first["domains"]),
+        "seq_len": first["seq_len"],
+        "batch_size": 16,
+        "max_tokens": first["max_tokens"],
+    }
+    results_path = qs / "moe.json"
+    rows = json.loads(results_path.read_text())["methods"] if results_path.is_file() else {}
+    for m in ("dense", "seed", "ensemble", "top2", "average", "average_uniform"):
+        rows[m] = base["methods"][m]
+
+    def save():
+        write_json_atomic(results_path, {"methods": rows})
+
+    def moe_row(name, f, spec, out=None):
+        out = out or qs / f"moe-{name}"
+        if name not in rows:
+            export_moe(f, out, spec)
+            rows[name] = evaluate_shards(load_model(out), shards, progress=False, **common)
+            save()
+        return out
+
+    moe_row("btx_avg", forest, MoeSpec(shared="average"))
+    moe_row("btx_seed", forest, MoeSpec(shared="seed"))
+
+    flex = forest_sharing_seed(qs / "forest-flex", forest, len(forest.names))
+    for n in forest.names:
+        btm.train_expert(flex, shards, forest.expert(n)["domains"][0], overrides=[r"train.trainable=\.mlp\."])
+    if "flex_ensemble" not in rows:
+        pool = make_pool(flex, batch_size=16)
+        fe = {"prior_batches": 4, "pool": pool, **common}
+        rows["flex_ensemble"] = evaluate_forest_shards(flex, shards, mode="ensemble", prior="cached", **fe)
+        rows["flex_top2"] = evaluate_forest_shards(flex, shards, mode="topk", k=2, prior="cached", **fe)
+        save()
+    flex_dir = moe_row("flex", flex, MoeSpec(shared="seed"))
+    moe_row("flex_center", flex, MoeSpec(shared="seed", center=True))
+    moe_row("flex_hidden", flex, MoeSpec(shared="seed", router="hidden-states"))
+    if args.router_steps and "flex_rt" not in rows:
+        rt = train_router(
+            flex_dir, shards.root, args.router_steps, out=qs / "moe-flex_rt", lr=args.router_lr, progress=False
+        )
+        rows["flex_rt"] = evaluate_shards(load_model(rt), shards, progress=False, **common)
+        save()
+    moe_row(f"flex_without_{args.opt_out}", flex, MoeSpec(shared="seed", exclude=[args.opt_out]))
+
+    domains = common["domains"]
+    print(f"test BPB per domain ({len(domains)} domains, matched training compute):")
+    print("| method | mean | " + " | ".join(domains) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in domains) + " |")
+    for m, r in rows.items():
+        per = " | ".join(f"{r['domains'][d]['bpb']:.3f}" for d in domains)
+        print(f"| {m} | {r['mean_bpb']:.4f} | {per} |")
+    before, after = rows["flex"], rows[f"flex_without_{args.opt_out}"]
+    deltas = {d: after["domains"][d]["bpb"] - before["domains"][d]["bpb"] for d in domains}
+    others = [abs(v) for d, v in deltas.items() if d != args.opt_out]
+    print(
+        f"opt-out of {args.opt_out}: its BPB {before['domains'][args.opt_out]['bpb']:.4f} -> "
+        f"{after['domains'][args.opt_out]['bpb']:.4f} ({deltas[args.opt_out]:+.4f}); other domains move "
+        f"{sum(others) / len(others):.4f} on average (max {max(others):.4f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
