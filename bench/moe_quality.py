@@ -14,6 +14,8 @@ the seed's. Then merges into top-2 Mixtral MoEs and evaluates on the same test d
   flex_rt: flex with its router trained alone for --router-steps steps.
 - flex_ensemble / flex_top2: the MLP-only experts ensembled (the MoE's upper reference).
 - opt-out: flex without one expert; per-domain BPB before and after.
+- oracle: on the opt-out domain, every token forced to that domain's expert (router bypassed), for
+  btx_avg, btx_seed and flex: whether the merged MLP still works with the shared weights at all.
 
 Writes moe.json beside the quickstart's results and prints one table.
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
 
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
@@ -59,12 +63,13 @@ def main() -> None:
         "max_tokens": first["max_tokens"],
     }
     results_path = qs / "moe.json"
-    rows = json.loads(results_path.read_text())["methods"] if results_path.is_file() else {}
+    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    rows, oracle = saved.get("methods", {}), saved.get("oracle", {})
     for m in ("dense", "seed", "ensemble", "top2", "average", "average_uniform"):
         rows[m] = base["methods"][m]
 
     def save():
-        write_json_atomic(results_path, {"methods": rows})
+        write_json_atomic(results_path, {"methods": rows, "oracle": oracle, "opt_out": args.opt_out})
 
     def moe_row(name, f, spec, out=None):
         out = out or qs / f"moe-{name}"
@@ -91,11 +96,21 @@ def main() -> None:
     moe_row("flex_hidden", flex, MoeSpec(shared="seed", router="hidden-states"))
     if args.router_steps and "flex_rt" not in rows:
         rt = train_router(
-            flex_dir, shards.root, args.router_steps, out=qs / "moe-flex_rt", lr=args.router_lr, progress=False
+            flex_dir,
+            shards.root,
+            args.router_steps,
+            out=qs / "moe-flex_rt",
+            lr=args.router_lr,
+            progress=False,
         )
         rows["flex_rt"] = evaluate_shards(load_model(rt), shards, progress=False, **common)
         save()
     moe_row(f"flex_without_{args.opt_out}", flex, MoeSpec(shared="seed", exclude=[args.opt_out]))
+
+    for name in ("btx_avg", "btx_seed", "flex"):
+        if name not in oracle:
+            oracle[name] = oracle_bpb(qs / f"moe-{name}", args.opt_out, shards, common)
+            save()
 
     domains = common["domains"]
     print(f"test BPB per domain ({len(domains)} domains, matched training compute):")
@@ -112,6 +127,38 @@ def main() -> None:
         f"{after['domains'][args.opt_out]['bpb']:.4f} ({deltas[args.opt_out]:+.4f}); other domains move "
         f"{sum(others) / len(others):.4f} on average (max {max(others):.4f})"
     )
+    alone = evaluate_shards(
+        load_model(forest.expert_dir(args.opt_out)),
+        shards,
+        progress=False,
+        **{**common, "domains": [args.opt_out]},
+    )["domains"][args.opt_out]["bpb"]
+    print(
+        f"oracle routing on {args.opt_out} (every token to its expert): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items())
+        + f"; the BTM expert alone {alone:.4f}"
+    )
+
+
+def oracle_bpb(moe_dir: Path, domain: str, shards: Shards, common: dict) -> float:
+    """BPB on `domain` with every router forced to that domain's expert (weight 1)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    meta = json.loads((moe_dir / "elmforest_moe.json").read_text())
+    j = next(e["index"] for e in meta["experts"] if domain in e["domains"])
+    orig = MixtralTopKRouter.forward
+
+    def forced(self, h):
+        logits, scores, idx = orig(self, h)
+        return logits, torch.ones_like(scores[:, :1]), torch.full_like(idx[:, :1], j)
+
+    model = load_model(moe_dir)
+    MixtralTopKRouter.forward = forced
+    try:
+        r = evaluate_shards(model, shards, progress=False, **{**common, "domains": [domain]})
+    finally:
+        MixtralTopKRouter.forward = orig
+    return r["domains"][domain]["bpb"]
 
 
 if __name__ == "__main__":

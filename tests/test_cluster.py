@@ -125,6 +125,20 @@ def test_corrupted_or_mismatched_clusterer_files_are_refused(clusterer_dir, tmp_
     (bad / "clusterer.json").write_text(json.dumps({**info, "vocabulary": info["vocabulary"][:-1]}))
     with pytest.raises(ClustererError, match="checksum"):  # the vocabulary is covered by the checksum
         Clusterer.load(bad)
+    # a v1 file (its checksum covered the arrays only) still loads and assigns the same
+    import hashlib
+
+    v1 = {**info, "version": 1}
+    v1["arrays"] = {
+        **info["arrays"],
+        "sha256": hashlib.sha256((bad / "arrays.safetensors").read_bytes()).hexdigest(),
+    }
+    (bad / "clusterer.json").write_text(json.dumps(v1))
+    texts = ["thou shalt not", "def return self", "license warranty"]
+    assert (
+        Clusterer.load(bad).assign(texts)[0].tolist()
+        == Clusterer.load(clusterer_dir).assign(texts)[0].tolist()
+    )
     (bad / "clusterer.json").write_text("{not json")
     with pytest.raises(ClustererError, match="corrupted"):
         Clusterer.load(bad)

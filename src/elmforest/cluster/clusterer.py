@@ -30,7 +30,8 @@ from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans, neg_sq_di
 from elmforest.utils.io import atomic_path, write_json_atomic
 
 FORMAT = "elmforest-clusterer"
-VERSION = 1
+VERSION = 2  # v2: the checksum covers the vocabulary too; v1 files (arrays only) still load
+READABLE = (1, 2)
 WORD = re.compile(r"\w+")
 NUMBER = "__number__"
 
@@ -352,10 +353,10 @@ class Clusterer:
             info = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise ClustererError(f"{meta_path}: corrupted ({e})") from e
-        if info.get("format") != FORMAT or info.get("version") != VERSION:
+        if info.get("format") != FORMAT or info.get("version") not in READABLE:
             raise ClustererError(
                 f"{meta_path}: unsupported clusterer format {info.get('format')} "
-                f"v{info.get('version')} (this elmforest reads {FORMAT} v{VERSION})"
+                f"v{info.get('version')} (this elmforest reads {FORMAT} v{', v'.join(map(str, READABLE))})"
             )
         missing = {"arrays", "vocabulary", "k", "dims"} - set(info)
         if missing:
@@ -363,7 +364,9 @@ class Clusterer:
         arrays = path / info["arrays"]["file"]
         if not arrays.is_file():
             raise ClustererError(f"{arrays}: missing")
-        if _digest(arrays.read_bytes(), info["vocabulary"]) != info["arrays"]["sha256"]:
+        raw = arrays.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest() if info["version"] == 1 else _digest(raw, info["vocabulary"])
+        if digest != info["arrays"]["sha256"]:
             raise ClustererError(
                 f"{arrays}: checksum mismatch (corrupted arrays or vocabulary, or not this clusterer's)"
             )

@@ -45,6 +45,7 @@ def add_merge_parsers(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=100, help="router training steps")
     p.add_argument("--lr", type=float, default=1e-3, help="router training learning rate")
+    p.add_argument("--batch-size", type=int, default=16, help="router training sequences per step")
     p.add_argument(
         "--train-data", help="shards for router training (default: --data, else the first expert's shards)"
     )
@@ -90,7 +91,13 @@ def dispatch(args) -> int:
         if shards is None:
             raise ValueError("--train-router needs --train-data SHARDS")
         train_router(
-            out, shards, args.steps, lr=args.lr, overrides=args.overrides, progress=not args.no_progress
+            out,
+            shards,
+            args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            overrides=args.overrides,
+            progress=not args.no_progress,
         )
         print(f"trained the router for {args.steps} steps on {shards} -> {out}")
     return 0

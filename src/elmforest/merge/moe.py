@@ -310,7 +310,8 @@ def model_card(meta: dict) -> str:
     if meta.get("router_training"):
         rt = meta["router_training"]
         lines.append(
-            f"- Router trained afterwards for {rt['steps']} steps on {rt['data']} (everything else frozen)."
+            f"- Router trained afterwards for {rt['steps']} steps of {rt.get('batch_size', '?')} sequences on "
+            f"{rt['data']} (everything else frozen)."
         )
     if meta["excluded"] or meta["opted_out"]:
         lines.append(
@@ -336,6 +337,7 @@ def train_router(
     out: str | Path | None = None,
     run_dir: str | Path | None = None,
     lr: float = 1e-3,
+    batch_size: int = 16,
     domains: list[str] | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
@@ -370,6 +372,7 @@ def train_router(
     )
     t, o = cfg.train, cfg.optim
     t.steps, t.init_checkpoint, t.stop_at, t.trainable = steps, None, None, ROUTER_PARAMS
+    t.batch_size, t.grad_accum = batch_size, 1
     t.ckpt_every = max(1, min(t.ckpt_every, steps))
     o.lr, o.weight_decay, o.warmup_frac, o.schedule, o.min_lr_ratio = lr, 0.0, 0.1, "cosine", 0.1
     cfg = apply_overrides(cfg, list(overrides or []))
@@ -386,6 +389,7 @@ def train_router(
     meta["router_training"] = {
         "steps": steps,
         "lr": lr,
+        "batch_size": batch_size,
         "data": str(sh.root),
         "domains": domains,
         "tokens": summary["tokens"],
