@@ -234,6 +234,38 @@ def test_torn_metrics_line_does_not_block_resume(shards_dir, tmp_path):
     assert steps == [2, 4, 6, 8] and math.isfinite(s["final_loss"])
 
 
+def test_runs_started_before_a_config_field_existed_still_resume(shards_dir, tmp_path):
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.stop_at = 4
+    train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    del saved["train"]["trainable"]  # as written by an older elmforest
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(saved))
+    cfg.train.stop_at = None
+    assert train(cfg, tmp_path / "run", progress=False)["steps"] == 8
+    cfg.optim.lr *= 2  # a real difference is still refused, and named
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_frozen_parameters_stay_put_and_branching_keeps_moments_by_name(shards_dir, tmp_path):
+    from elmforest.model.build import load_model
+
+    cfg = tiny_config(shards_dir, steps=6, ckpt_every=3)
+    cfg.train.stop_at = 3
+    train(cfg, tmp_path / "base", progress=False)
+    ckpt = list_checkpoints(tmp_path / "base" / "checkpoints")[-1]
+    start = load_file(str(ckpt / "model.safetensors"))
+    part = tiny_config(shards_dir, steps=6, ckpt_every=3, init_checkpoint=str(ckpt), trainable=r"\.mlp\.")
+    train(part, tmp_path / "mlp", progress=False)
+    end = load_model(tmp_path / "mlp").state_dict()
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    assert moved and all(".mlp." in k for k in moved)
+    bad = tiny_config(shards_dir, steps=6, trainable="no_such_param")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train(bad, tmp_path / "bad", progress=False)
+
+
 def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
     """Data parallel over 2 CPU processes (gloo) with the same global batch: the same loss curve."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -171,7 +171,11 @@ class Trainer:
     def _check_config(self) -> None:
         saved = self.run_dir / "run_config.json"
         if saved.exists():
-            old, new = _identity(read_json(saved)), _identity(self.cfg.to_dict())
+            # through RunConfig, so fields added since the run started take their defaults
+            old, new = (
+                _identity(RunConfig.from_dict(read_json(saved)).to_dict()),
+                _identity(self.cfg.to_dict()),
+            )
             if old != new:
                 diff = _diff(old, new)
                 raise ValueError(
@@ -432,7 +436,7 @@ def _check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+        va, vb = a.get(k, "(absent)"), b.get(k, "(absent)")
         if isinstance(va, dict) and isinstance(vb, dict):
             d = _diff(va, vb, f"{prefix}{k}.")
             if d:
