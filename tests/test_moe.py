@@ -318,3 +318,74 @@ def test_forest_average_cli_with_ties(forest_dir, tmp_path):
         torch.testing.assert_close(got[name], want)
     meta = json.loads((out / "elmforest_average.json").read_text())
     assert meta["method"] == "ties" and meta["params"] == {"scale": 0.9, "density": 0.5}
+
+
+def test_failed_export_leaves_the_old_output_and_no_temp(forest_dir, tmp_path, monkeypatch):
+    import elmforest.merge.moe as moe_mod
+
+    f = Forest.load(forest_dir)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(moe_mod, "_write_side_files", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_moe(f, out, MoeSpec(router="random", seed=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["moe"]
+    # an existing directory that is not an earlier export is never replaced
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="not an earlier output"):
+        export_moe(f, other, MoeSpec(router="random"))
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_transformers4_config_keeps_rope_and_architectures(forest_dir, tmp_path):
+    from transformers import MixtralConfig
+
+    llama = json.loads((Forest.load(forest_dir).expert_dirs()[0] / "config.json").read_text())
+    old = {k: v for k, v in llama.items() if k != "rope_parameters"}
+    old.update(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    cfg = MixtralConfig(**{k: v for k, v in mixtral_config(old, 3, 2).items() if k != "model_type"})
+    assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.rope_parameters["rope_theta"] == 500000.0
+    bare = {k: v for k, v in llama.items() if k != "rope_parameters"}
+    assert (
+        MixtralConfig(
+            **{k: v for k, v in mixtral_config(bare, 3, 2).items() if k != "model_type"}
+        ).rope_parameters["rope_theta"]
+        == 10000.0
+    )  # Llama's default, not Mixtral's
+    out = export_moe(Forest.load(forest_dir), tmp_path / "moe", MoeSpec(router="random"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    out = tmp_path / "moe"
+    kw = {"steps": 2, "lr": 1e-2, "overrides": ["train.precision=fp32"], "progress": False}
+    export_moe(f, out, MoeSpec(router="random", seed=0))
+    train_router(out, shards_dir, **kw)
+    first = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach().clone()
+    run1 = json.loads((out / "elmforest_moe.json").read_text())["router_training"]["run"]
+    export_moe(f, out, MoeSpec(router="random", seed=1))  # a new export into the same place
+    train_router(out, shards_dir, **kw)
+    second = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach()
+    assert json.loads((out / "elmforest_moe.json").read_text())["router_training"]["run"] != run1
+    assert not torch.equal(first, second)
+    export_moe(f, tmp_path / "top1", MoeSpec(router="random", top_k=1))
+    with pytest.raises(ValueError, match="top-k >= 2"):
+        train_router(tmp_path / "top1", shards_dir, **kw)

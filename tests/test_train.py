@@ -261,6 +261,32 @@ def test_frozen_parameters_stay_put_and_branching_keeps_moments_by_name(shards_d
     end = load_model(tmp_path / "mlp").state_dict()
     moved = {k for k in start if not torch.equal(start[k], end[k])}
     assert moved and all(".mlp." in k for k in moved)
+    # the MLP-only run continued the seed's Adam moments, each under its own parameter's name
+    from elmforest.train.checkpoint import load_checkpoint
+    from elmforest.train.trainer import freeze_except
+
+    model = build_model(part.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id)
+    freeze_except(model, part.train.trainable)
+    groups = [
+        [p for p in model.parameters() if p.requires_grad and p.dim() >= 2],
+        [p for p in model.parameters() if p.requires_grad and p.dim() < 2],
+    ]
+    opt = torch.optim.AdamW([{"params": g} for g in groups])
+    load_checkpoint(ckpt, model, opt, torch.device("cpu"))
+    saved = load_file(str(ckpt / "optimizer.safetensors"))
+    saved_names = json.loads((ckpt / "state.json").read_text())["optimizer"]["param_names"]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    checked = 0
+    for p, st in opt.state.items():
+        i = saved_names.index(name_of[id(p)])
+        assert torch.equal(st["exp_avg"], saved[f"{i}.exp_avg"])
+        checked += 1
+    assert checked == sum(len(g) for g in groups) and checked < len(saved_names)
+    # a frozen run resumes from its own checkpoint
+    part2 = tiny_config(shards_dir, steps=6, ckpt_every=2, trainable=r"\.mlp\.", stop_at=2)
+    train(part2, tmp_path / "mlp2", progress=False)
+    part2.train.stop_at = None
+    assert train(part2, tmp_path / "mlp2", progress=False)["resumed_from"] is not None
     bad = tiny_config(shards_dir, steps=6, trainable="no_such_param")
     with pytest.raises(ValueError, match="matches no parameter"):
         train(bad, tmp_path / "bad", progress=False)

@@ -175,7 +175,7 @@ def _moe_rows(
 ) -> dict:
     """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
     from each expert's domain embeddings (no training); optionally the router trained alone."""
-    from elmforest.merge.moe import MoeSpec, export_moe, train_router
+    from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe, train_router
 
     moe_dir, rows = out / "moe", {}
     meta = moe_dir / "elmforest_moe.json"
@@ -186,11 +186,12 @@ def _moe_rows(
     if router_steps:
         rt = out / "moe-router-trained"
         done = rt / "elmforest_moe.json"
-        if not done.is_file() or read_json(done).get("router_training", {}).get("steps") != router_steps:
+        rt_meta = read_json(done).get("router_training", {}) if done.is_file() else {}
+        if rt_meta.get("steps") != router_steps or rt_meta.get("from_fingerprint") != export_fingerprint(
+            moe_dir
+        ):
             log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
-            train_router(
-                moe_dir, shards.root, router_steps, out=rt, run_dir=out / "moe-router-run", progress=progress
-            )
+            train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
         rows["moe_router_trained"] = evaluate_shards(load_model(rt), shards, progress=False, **common)
     return rows
 

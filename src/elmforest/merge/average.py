@@ -1,8 +1,9 @@
 """Parameter merging of experts (averaging, task arithmetic, TIES), tensor by tensor.
 
-Only one output tensor and one tensor of each input are in memory beyond the shard being written,
-so merging N experts costs about one expert's size whatever N is. On disk the result is an HF
-checkpoint (sharded safetensors with an index when larger than `max_shard_bytes`).
+Inputs are read lazily, one tensor of one expert at a time, so averaging and task arithmetic hold
+the shard being written plus two copies of one tensor whatever N is (about one expert in all); TIES
+holds N copies of one tensor (merge/methods.py). On disk the result is an HF checkpoint (sharded
+safetensors with an index when larger than `max_shard_bytes`).
 """
 
 from __future__ import annotations
@@ -55,19 +56,22 @@ def iter_merge(
                 )
         for name in names:
             first = experts[0].get(name)
-            ts = [first.to(torch.float32)]
-            for e in experts[1:]:
-                t = e.get(name)
-                if t.shape != first.shape:
-                    raise ValueError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
-                ts.append(t.to(torch.float32))
+
+            def tensors(name=name, first=first):
+                yield first.to(torch.float32)
+                for e in experts[1:]:
+                    t = e.get(name)
+                    if t.shape != first.shape:
+                        raise ValueError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
+                    yield t.to(torch.float32)
+
             kw = dict(params)
             if method in NEEDS_BASE:
                 b = base.get(name)
                 if b.shape != first.shape:
                     raise ValueError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
                 kw["base"] = b.to(torch.float32)
-            yield name, fn(ts, w, **kw).to(first.dtype)
+            yield name, fn(tensors(), w, **kw).to(first.dtype)
 
 
 def iter_average(
@@ -94,7 +98,7 @@ def merge_checkpoints(
     """Write the merge of HF checkpoints as a new HF checkpoint directory (atomically)."""
     dirs = [resolve_model_dir(d) for d in model_dirs]
     base = resolve_model_dir(base_dir) if base_dir is not None else None
-    writer = ShardedWriter(out, max_shard_bytes)
+    writer = ShardedWriter(out, max_shard_bytes, replaces="elmforest_average.json")
     try:
         for name, t in iter_merge(dirs, weights, method, base, **params):
             writer.add(name, t)

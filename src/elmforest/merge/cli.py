@@ -80,6 +80,8 @@ def dispatch(args) -> int:
     for w in caught:
         if issubclass(w.category, UserWarning) and "router rows" in str(w.message):
             print(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     meta = read_json(out / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
     print(f"merged {len(meta['experts'])} experts ({names}) into a Mixtral MoE, top-{meta['top_k']} -> {out}")
@@ -98,6 +100,7 @@ def dispatch(args) -> int:
             batch_size=args.batch_size,
             overrides=args.overrides,
             progress=not args.no_progress,
+            device=None if args.device == "auto" else args.device,
         )
         print(f"trained the router for {args.steps} steps on {shards} -> {out}")
     return 0

@@ -66,10 +66,19 @@ class LazyWeights:
 class ShardedWriter:
     """Collects tensors into `model-0000k.safetensors` shards in a temporary directory; `commit`
     writes the index (or renames a lone shard to model.safetensors) and renames the directory into
-    place, so a crash leaves either the old output or the new one, never half of one."""
+    place, so `out` is never a half-written checkpoint (a crash between moving the old output aside
+    and renaming the new one in leaves the old one at `.NAME.old-PID`)."""
 
-    def __init__(self, out: str | Path, max_shard_bytes: int = 2 * 1024**3):
+    def __init__(self, out: str | Path, max_shard_bytes: int = 2 * 1024**3, replaces: str | None = None):
+        """`replaces`: a marker file an existing `out` must hold to be replaced (an earlier output of
+        the same kind); any other non-empty directory is refused rather than deleted."""
         self.out = Path(out)
+        if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())):
+            if replaces is None or not (self.out / replaces).is_file():
+                raise FileExistsError(
+                    f"{self.out} exists and is not an earlier output of this command (no {replaces}); "
+                    "choose another output directory or remove it"
+                )
         self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)

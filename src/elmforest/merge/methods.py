@@ -1,14 +1,17 @@
 """Per-tensor merge methods, registered by name.
 
-Each method maps one tensor of every expert (already in float32), their normalised weights and the
-base model's tensor (the seed; needed by the task-vector methods) to the merged tensor. Task vectors
+Each method maps one tensor of every expert, their normalised weights and the base model's tensor
+(the seed; needed by the task-vector methods) to the merged tensor. The experts' tensors come as a
+lazy iterable of float32 tensors, read from disk one at a time: linear and task arithmetic keep a
+single accumulator (memory: two copies of the tensor whatever the number of experts); TIES needs all
+of them at once (its sign election is across experts), so it holds N float32 copies of the tensor. Task vectors
 are δ_i = θ_i − θ_base (Ilharco et al. 2023); TIES is Yadav et al. 2023 (trim, elect sign, disjoint
 mean), as model-merging tools apply it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -34,17 +37,20 @@ def get_method(name: str) -> MergeFn:
 
 
 @register("linear")
-def linear(ts: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:
+def linear(ts: Iterable[torch.Tensor], w: Sequence[float], base: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i w_i θ_i (the weights sum to 1): uniform or posterior-weighted averaging."""
-    acc = ts[0] * w[0]
-    for t, wi in zip(ts[1:], w[1:], strict=True):
-        acc.add_(t, alpha=wi)
+    acc = None
+    for t, wi in zip(ts, w, strict=True):
+        if acc is None:
+            acc = t * wi
+        else:
+            acc.add_(t, alpha=wi)
     return acc
 
 
 @register("task_arithmetic", needs_base=True)
 def task_arithmetic(
-    ts: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor, scale: float = 1.0
+    ts: Iterable[torch.Tensor], w: Sequence[float], base: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
     """θ_base + λ Σ_i w_i δ_i. With λ = 1 and weights summing to 1 this equals linear averaging;
     λ > 1 extrapolates along the experts' mean update."""
@@ -56,7 +62,7 @@ def task_arithmetic(
 
 @register("ties", needs_base=True)
 def ties(
-    ts: Sequence[torch.Tensor],
+    ts: Iterable[torch.Tensor],
     w: Sequence[float],
     base: torch.Tensor,
     scale: float = 1.0,

@@ -96,12 +96,14 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
         "pad_token_id",
         "tie_word_embeddings",
         "rope_parameters",
+        "rope_theta",  # configs written by transformers 4.x: MixtralConfig converts these two
+        "rope_scaling",
         "attention_dropout",
         "sliding_window",
     )
     cfg = {k: dense[k] for k in keep if k in dense}
-    if "rope_parameters" not in cfg and "rope_theta" in dense:  # configs written by transformers 4.x
-        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": dense["rope_theta"]}
+    if "rope_parameters" not in cfg and "rope_theta" not in cfg:
+        cfg["rope_theta"] = 10000.0  # Llama's default, not Mixtral's 1e6
     cfg.update(
         model_type="mixtral",
         architectures=["MixtralForCausalLM"],
@@ -142,11 +144,14 @@ def _router_rows(forest: Forest, names, dirs, spec: MoeSpec, data, device, cfg, 
     if spec.router == "hidden-states":
         if base_dir is not None:
             common = load_model(base_dir).to(device).eval()
-        else:  # the experts' uniform average as one dense model
-            from elmforest.merge.average import average_state_dict
+        else:  # the experts' uniform average as one dense model, filled in tensor by tensor
+            from elmforest.merge.average import iter_average
 
             common = load_model(dirs[0])
-            common.load_state_dict(average_state_dict(dirs), strict=False)
+            params = common.state_dict()
+            with torch.no_grad():
+                for name, t in iter_average(dirs):
+                    params[name].copy_(t)
             common.to(device).eval()
     for i, (n, d) in enumerate(zip(names, dirs, strict=True)):
         shards, domains = expert_data(d, forest.expert(n)["domains"], data, tok_fp)
@@ -193,7 +198,9 @@ def export_moe(
     warn_parallel(pairs)
 
     one_expert = sum(f.stat().st_size for f in weight_files(dirs[0]))
-    writer = ShardedWriter(out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)))
+    writer = ShardedWriter(
+        out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)), replaces="elmforest_moe.json"
+    )
     try:
         _write_tensors(writer, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
@@ -247,9 +254,7 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
 def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir) -> None:
     from transformers import MixtralConfig
 
-    MixtralConfig(
-        **{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
-    ).save_pretrained(str(writer.tmp))
+    MixtralConfig(**{k: v for k, v in cfg.items() if k != "model_type"}).save_pretrained(str(writer.tmp))
     writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json", "elmforest_run.json"))
     experts = [
         {
@@ -341,6 +346,7 @@ def train_router(
     domains: list[str] | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
     """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
     small mix of the domains (sampled uniformly). The run is resumable; the trained model replaces
@@ -355,6 +361,14 @@ def train_router(
     moe_dir = resolve_model_dir(moe_dir)
     out = Path(out or moe_dir)
     meta = read_json(moe_dir / "elmforest_moe.json")
+    if read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
+        raise ValueError(
+            f"{moe_dir}: router training needs top-k >= 2: with top-1 routing the renormalised weight "
+            "is always 1, so no gradient reaches the router"
+        )
+    if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
+        raise FileExistsError(f"{out} exists and is not an MoE export; choose another output directory")
+    fingerprint = export_fingerprint(moe_dir)
     if not Shards.is_shards_dir(shards):
         raise ValueError(f"{shards}: router training needs a shards directory (elmforest shards build)")
     sh = Shards(shards)
@@ -373,15 +387,45 @@ def train_router(
     t, o = cfg.train, cfg.optim
     t.steps, t.init_checkpoint, t.stop_at, t.trainable = steps, None, None, ROUTER_PARAMS
     t.batch_size, t.grad_accum = batch_size, 1
+    if device is not None:
+        t.device = device
     t.ckpt_every = max(1, min(t.ckpt_every, steps))
     o.lr, o.weight_decay, o.warmup_frac, o.schedule, o.min_lr_ratio = lr, 0.0, 0.1, "cosine", 0.1
     cfg = apply_overrides(cfg, list(overrides or []))
-    run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run"))
+    # one run per export: re-exporting into the same place must not pick up an older finished run
+    run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run-{fingerprint}"))
     summary = train(cfg, run_dir, progress=progress)
 
     tmp = out.with_name(f".{out.name}.router-tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _finish_router_training(
+            tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fingerprint
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_fingerprint(moe_dir: Path) -> str:
+    """Identifies one export: its metadata and its weight files as written (name, size, mtime)."""
+    import hashlib
+
+    h = hashlib.sha256((moe_dir / "elmforest_moe.json").read_bytes())
+    for f in sorted(moe_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def _finish_router_training(
+    tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fp
+):
+    import os
+    import shutil
+
     shutil.copytree(run_dir / "model", tmp)
     for f in ("generation_config.json",):
         if (moe_dir / f).is_file() and not (tmp / f).is_file():
@@ -395,6 +439,7 @@ def train_router(
         "tokens": summary["tokens"],
         "run": str(run_dir),
         "from": str(moe_dir),
+        "from_fingerprint": fp,
     }
     write_json_atomic(tmp / "elmforest_moe.json", meta)
     write_text_atomic(tmp / "README.md", model_card(meta))

@@ -86,10 +86,8 @@ def optimizer_from_flat(
         dst = optimizer_param_names(opt, model)
         if src != dst:
             pos = {n: i for i, n in enumerate(src)}
-            missing = [n for n in dst if n not in pos]
-            if missing:
-                raise ValueError(f"checkpoint has no optimizer state for {missing[:3]}")
-            state = {j: state[pos[n]] for j, n in enumerate(dst) if pos[n] in state}
+            # parameters the saved run did not train start with fresh moments
+            state = {j: state[pos[n]] for j, n in enumerate(dst) if n in pos and pos[n] in state}
             ids, start = [], 0
             for g in opt.param_groups:
                 ids.append(list(range(start, start + len(g["params"]))))
