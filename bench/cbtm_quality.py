@@ -15,11 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from elmforest.data.shards import Shards
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
-from elmforest.forest.manifest import Forest
 from elmforest.quickstart import cluster_forest
 from elmforest.utils.io import write_json_atomic
+
+try:
+    from common import load_quickstart
+except ImportError:
+    from bench.common import load_quickstart
 
 
 def main() -> None:
@@ -28,16 +31,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
     args = ap.parse_args()
     qs = Path(args.quickstart)
-    base = json.loads((qs / "results.json").read_text())
-    forest, shards = Forest.load(qs / "forest"), Shards(qs / "shards")
-    first = base["methods"]["dense"]
-    common = {
-        "split": "test",
-        "domains": list(first["domains"]),
-        "seq_len": first["seq_len"],
-        "batch_size": 16,
-        "max_tokens": first["max_tokens"],
-    }
+    base, forest, shards, common = load_quickstart(qs)
     rows = {
         m: base["methods"][m]["mean_bpb"]
         for m in ("dense", "ensemble", "random_ensemble")

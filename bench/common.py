@@ -37,3 +37,21 @@ def synthetic_shards(work: Path, vocab_size: int) -> Path:
     save_tokenizer(tok, work / "tok")
     build_shards(corpus, tok, shards, progress=False)
     return shards
+
+
+def load_quickstart(qs: Path):
+    """A finished quickstart dir: (results, forest, shards, eval kwargs scoring the same test
+    documents as its table)."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest.manifest import Forest
+
+    base = json.loads((qs / "results.json").read_text())
+    first = base["methods"]["dense"]
+    common = {
+        "split": "test",
+        "domains": list(first["domains"]),
+        "seq_len": first["seq_len"],
+        "batch_size": 16,
+        "max_tokens": first["max_tokens"],
+    }
+    return base, Forest.load(qs / "forest"), Shards(qs / "shards"), common

@@ -32,16 +32,15 @@ from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest import btm
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
-from elmforest.forest.manifest import Forest
 from elmforest.merge.moe import MoeSpec, export_moe, train_router
 from elmforest.model.build import load_model
 from elmforest.quickstart import forest_sharing_seed
 from elmforest.utils.io import write_json_atomic
 
 try:
-    import common  # noqa: F401 (quiet HF progress bars)
+    from common import load_quickstart
 except ImportError:
-    from bench import common  # noqa: F401
+    from bench.common import load_quickstart
 
 
 def main() -> None:
@@ -52,16 +51,7 @@ def main() -> None:
     ap.add_argument("--opt-out", default="legal", help="expert left out for the opt-out comparison")
     args = ap.parse_args()
     qs = Path(args.quickstart)
-    base = json.loads((qs / "results.json").read_text())
-    forest, shards = Forest.load(qs / "forest"), Shards(qs / "shards")
-    first = base["methods"]["dense"]
-    common = {
-        "split": "test",
-        "domains": list(first["domains"]),
-        "seq_len": first["seq_len"],
-        "batch_size": 16,
-        "max_tokens": first["max_tokens"],
-    }
+    base, forest, shards, common = load_quickstart(qs)
     results_path = qs / "moe.json"
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     rows, oracle = saved.get("methods", {}), saved.get("oracle", {})

@@ -200,18 +200,15 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     c = Clusterer.load(cluster_forest / "clusterer")
     tok = load_tokenizer(shards_dir)
     d = sh.domains[0]
-    res = evaluate_forest_shards(
-        f,
-        sh,
-        mode="cluster",
-        k=3,
-        temperature=0.5,
-        domains=[d],
-        seq_len=32,
-        batch_size=4,
-        device="cpu",
-        precision="fp32",
-    )
+    run = {
+        "mode": "cluster",
+        "domains": [d],
+        "seq_len": 32,
+        "batch_size": 4,
+        "device": "cpu",
+        "precision": "fp32",
+    }
+    res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, **run)
     # brute force: every window's weights from its document's text before the window, re-vectorised
     stream = sh.tokens(d, "test")
     models = [load_model(x).eval() for x in f.expert_dirs()]
@@ -235,37 +232,12 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
                 continue
             nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
     assert res["domains"][d]["nll_nats"] == pytest.approx(nll, rel=1e-6)
-    top1 = evaluate_forest_shards(
-        f, sh, mode="cluster", k=1, domains=[d], seq_len=32, batch_size=4, device="cpu", precision="fp32"
-    )
+    top1 = evaluate_forest_shards(f, sh, k=1, **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
-    seg32 = evaluate_forest_shards(
-        f,
-        sh,
-        mode="cluster",
-        k=3,
-        temperature=0.5,
-        domains=[d],
-        seq_len=32,
-        batch_size=4,
-        device="cpu",
-        precision="fp32",
-        route="segment:32",
-    )
+    seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", **run)
     assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-12)
-    seg5 = evaluate_forest_shards(
-        f,
-        sh,
-        mode="cluster",
-        k=2,
-        domains=[d],
-        seq_len=32,
-        batch_size=4,
-        device="cpu",
-        precision="fp32",
-        route="segment:5",
-    )
+    seg5 = evaluate_forest_shards(f, sh, k=2, route="segment:5", **run)
     assert math.isfinite(seg5["domains"][d]["bpb"]) and seg5["domains"][d]["bpb"] > 0
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer, save_tokenizer
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 INDEX_VERSION = 1
 
@@ -167,11 +167,7 @@ def build_shards(
             "domains": domains,
         }
         write_json_atomic(staging / "index.json", index)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.rename(out, old)  # the old set steps aside whole, so `out` is never half deleted
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, out)
     finally:
         for w in writers.values():
             if not w.f.closed:

@@ -29,7 +29,7 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.forest.manifest import Forest, valid_name
 from elmforest.model.build import build_model
 from elmforest.train.trainer import train
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 
 @dataclass
@@ -136,9 +136,7 @@ def copy_dir_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.rename(tmp, dst)
+    replace_dir(tmp, dst)
 
 
 def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:

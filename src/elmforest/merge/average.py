@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from elmforest.merge.io import LazyWeights, ShardedWriter, weight_files  # noqa: F401 (re-export)
+from elmforest.merge.io import LazyWeights, ShardedWriter, open_matching
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.io import write_json_atomic
@@ -42,12 +42,9 @@ def iter_merge(
         raise ValueError(f"merge method {method!r} is relative to a base model (the seed); none given")
     w = normalise(weights, len(model_dirs))
     with ExitStack() as stack:
-        experts = [LazyWeights(Path(d), stack) for d in model_dirs]
+        experts = open_matching(list(model_dirs), stack)
         base = LazyWeights(Path(base_dir), stack) if base_dir is not None else None
         names = experts[0].keys()
-        for e, d in zip(experts[1:], model_dirs[1:], strict=True):
-            if set(e.keys()) != set(names):
-                raise ValueError(f"{d}: its tensors differ from {model_dirs[0]}'s; cannot merge")
         if base is not None and method in NEEDS_BASE:
             missing = [n for n in names if n not in base]
             if missing:

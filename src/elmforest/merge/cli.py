@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 
 def add_merge_parsers(sub) -> None:
     mg = sub.add_parser("merge", help="merge a forest's experts into one model").add_subparsers(
@@ -67,21 +65,9 @@ def dispatch(args) -> int:
         sample_tokens=args.sample_tokens,
         exclude=args.exclude,
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        out = export_moe(
-            args.forest,
-            args.out,
-            spec,
-            data=args.data,
-            device=args.device,
-            max_shard_bytes=args.max_shard_bytes,
-        )
-    for w in caught:
-        if issubclass(w.category, UserWarning) and "router rows" in str(w.message):
-            print(f"warning: {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out = export_moe(
+        args.forest, args.out, spec, data=args.data, device=args.device, max_shard_bytes=args.max_shard_bytes
+    )
     meta = read_json(out / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
     print(f"merged {len(meta['experts'])} experts ({names}) into a Mixtral MoE, top-{meta['top_k']} -> {out}")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elmforest.model.build import resolve_model_dir
-from elmforest.utils.io import write_json_atomic
+from elmforest.utils.io import replace_dir, write_json_atomic
 
 # Files copied from the first input so the output is a complete, loadable HF checkpoint.
 SIDE_FILES = (
@@ -61,6 +61,16 @@ class LazyWeights:
 
     def get(self, name: str) -> torch.Tensor:
         return self.where[name].get_tensor(name)
+
+
+def open_matching(dirs: list[Path], stack: ExitStack) -> list[LazyWeights]:
+    """Open several checkpoints lazily, refusing any whose tensor names differ from the first's."""
+    opened = [LazyWeights(Path(d), stack) for d in dirs]
+    names = set(opened[0].keys())
+    for w, d in zip(opened[1:], dirs[1:], strict=True):
+        if set(w.keys()) != names:
+            raise ValueError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
+    return opened
 
 
 class ShardedWriter:
@@ -121,14 +131,7 @@ class ShardedWriter:
                 self.tmp / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": self.weight_map},
             )
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.tmp, self.out)
-        return self.out
+        return replace_dir(self.tmp, self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

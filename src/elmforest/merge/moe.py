@@ -16,12 +16,14 @@ from __future__ import annotations
 import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import torch
 
 from elmforest.forest.manifest import Forest
-from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, weight_files
+from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
+from elmforest.merge.methods import linear
 from elmforest.merge.router import (
     ROUTERS,
     expert_data,
@@ -34,7 +36,7 @@ from elmforest.merge.router import (
 )
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
-from elmforest.utils.io import read_json, write_json_atomic, write_text_atomic
+from elmforest.utils.io import read_json, replace_dir, write_json_atomic, write_text_atomic
 
 DENSE_TYPES = ("llama", "mistral")
 MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -212,12 +214,9 @@ def export_moe(
 
 def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torch.Tensor, cfg: dict) -> None:
     with ExitStack() as stack:
-        experts = [LazyWeights(d, stack) for d in dirs]
+        experts = open_matching(dirs, stack)
         base = LazyWeights(base_dir, stack) if base_dir is not None else None
         names = experts[0].keys()
-        for e, d in zip(experts[1:], dirs[1:], strict=True):
-            if set(e.keys()) != set(names):
-                raise ValueError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
         seen = set()
         for name in names:
             m = MLP_KEY.match(name)
@@ -237,11 +236,10 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
                     raise ValueError(f"{base_dir}: the seed lacks {name}")
                 writer.add(name, base.get(name))
             else:
-                first = experts[0].get(name)
-                acc = first.to(torch.float32)
-                for e in experts[1:]:
-                    acc.add_(e.get(name).to(torch.float32))
-                writer.add(name, (acc / len(experts)).to(first.dtype))
+                first, n = experts[0].get(name), len(experts)
+                rest = (e.get(name).to(torch.float32) for e in experts[1:])
+                mean = linear(chain([first.to(torch.float32)], rest), [1 / n] * n)
+                writer.add(name, mean.to(first.dtype))
         L = cfg["num_hidden_layers"]
         missing = [(layer, p) for layer in range(L) for p in MIXTRAL_NAME if (layer, p) not in seen]
         if missing:
@@ -423,7 +421,6 @@ def export_fingerprint(moe_dir: Path) -> str:
 def _finish_router_training(
     tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fp
 ):
-    import os
     import shutil
 
     shutil.copytree(run_dir / "model", tmp)
@@ -443,11 +440,4 @@ def _finish_router_training(
     }
     write_json_atomic(tmp / "elmforest_moe.json", meta)
     write_text_atomic(tmp / "README.md", model_card(meta))
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)

@@ -37,7 +37,7 @@ from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_che
 from elmforest.train.flops import FLOPS_FORMULA, flops_per_token, matmul_params
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 
 class Callback:
@@ -378,10 +378,7 @@ class Trainer:
         self.model.save_pretrained(str(tmp), safe_serialization=True)
         save_tokenizer(self.tokenizer, tmp)
         write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
-        if final.exists():
-            os.rename(final, self.run_dir / f".model.old-{os.getpid()}")
-        os.rename(tmp, final)
-        shutil.rmtree(self.run_dir / f".model.old-{os.getpid()}", ignore_errors=True)
+        replace_dir(tmp, final)
 
 
 def freeze_except(model, pattern: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,3 +52,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move a fully written directory into place. An existing `dst` steps aside whole first, so `dst`
+    is never half deleted nor half written (a crash between the two renames leaves the old one at
+    `.NAME.old-PID`)."""
+    staged, dst = Path(staged), Path(dst)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.rename(dst, old)
+    os.rename(staged, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
