@@ -6,7 +6,8 @@ import torch
 from elmforest.config import ModelConfig, RunConfig, apply_overrides
 from elmforest.model.build import build_model, load_model
 from elmforest.model.presets import PRESETS, preset_run_config
-from elmforest.train.flops import flops_per_token, matmul_params
+from elmforest.train.flops import flops_breakdown, flops_per_token, matmul_params
+from elmforest.train.trainer import freeze_except
 
 
 def test_config_round_trip_and_overrides():
@@ -30,7 +31,10 @@ def test_presets_sizes():
     tiny = build_model(ModelConfig(preset="tiny"), PRESETS["tiny"].vocab_size, 0)
     assert sum(p.numel() for p in tiny.parameters()) < 1_000_000
     small = build_model(ModelConfig(preset="cpu-small"), PRESETS["cpu-small"].vocab_size, 0)
-    assert 2_000_000 < sum(p.numel() for p in small.parameters()) < 10_000_000
+    assert 1_000_000 < sum(p.numel() for p in small.parameters()) < 2_000_000
+    medium = build_model(ModelConfig(preset="cpu-medium"), PRESETS["cpu-medium"].vocab_size, 0)
+    assert 3_000_000 < sum(p.numel() for p in medium.parameters()) < 6_000_000
+    assert PRESETS["cpu-small"].expert_lr is not None  # from the recorded sweep (docs/benchmarks.md)
     # the BTM presets land near their names (checked on the meta device: no memory is allocated)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,10 +49,77 @@ def test_presets_sizes():
 def test_flops_formula_by_hand():
     m = build_model(ModelConfig(preset="tiny"), vocab_size=100, eos_id=0)
     c = m.config  # tied embeddings: the table is used once as a lookup and once as the LM head
-    layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    n = c.num_hidden_layers * layer + c.hidden_size + 100 * c.hidden_size
+    h, i, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    attn, mlp, head = 4 * h * h, 3 * h * i, 100 * h  # matrices only: norms are no multiplies
+    n = L * (attn + mlp) + head
     assert matmul_params(m) == n
-    assert flops_per_token(m, 64) == 6 * n + 12 * c.num_hidden_layers * 64 * c.hidden_size
+    assert flops_per_token(m, 64) == 6 * n + 12 * L * 64 * h
+    # FlexOlmo-style: only the MLPs train. Layer 0's attention is in front of every trainable weight
+    # (forward only: 2 per weight, no backward through its products), layer 0's gate/up need no input
+    # gradient (nothing before them trains), everything after costs 4 (forward + input gradient), and
+    # the MLPs add their weight gradient.
+    freeze_except(m, r"\.mlp\.")
+    gate_up, down = 2 * h * i, h * i
+    by_hand = (
+        2 * attn
+        + 4 * 64 * h  # layer 0 attention: forward only
+        + 4 * gate_up
+        + 6 * down  # layer 0 MLP: forward + weight grad; down also its input grad
+        + (L - 1) * (4 * attn + 12 * 64 * h + 6 * mlp)  # later layers
+        + 4 * head  # frozen (tied) head: forward + input gradient
+    )
+    assert flops_per_token(m, 64) == by_hand
+    info = flops_breakdown(m, 64)
+    assert info["trainable_params"] == L * mlp and info["weight_grad"] == 2 * L * mlp
+
+
+def _flop_counter_per_token(model, seq_len: int) -> float:
+    """What autograd actually runs, counted by torch (matmuls of the forward and backward passes)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, model.config.vocab_size, (1, seq_len + 1))
+    with FlopCounterMode(display=False) as fc:
+        logits = model(input_ids=x[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), x[0, 1:]).backward()
+    return fc.get_total_flops() / seq_len
+
+
+@pytest.mark.parametrize(
+    "trainable", [None, r"\.mlp\.", r"lm_head|embed", r"layers\.1\.", r"self_attn\.o_proj", r"norm"]
+)
+def test_flops_match_torch_flop_counter_dense(trainable):
+    m = build_model(ModelConfig(preset="tiny", attn_implementation="eager"), vocab_size=100, eos_id=0)
+    if trainable:
+        freeze_except(m, trainable)
+    assert flops_per_token(m, 16) == _flop_counter_per_token(m, 16)
+
+
+@pytest.mark.parametrize("trainable", [None, r"\.mlp\.gate\.weight$", r"\.mlp\.experts\."])
+def test_flops_match_torch_flop_counter_moe(trainable):
+    """An MoE runs only its top-k experts per token; router-only training backpropagates into every
+    layer after the first router but not into the first layer's experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = MixtralConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    c._attn_implementation = "eager"
+    torch.manual_seed(0)
+    m = MixtralForCausalLM(c)
+    m.set_experts_implementation("eager")
+    if trainable:
+        freeze_except(m, trainable)
+    info = flops_breakdown(m, 16)
+    assert info["moe_active_share"] == 0.5
+    assert info["flops_per_token"] == _flop_counter_per_token(m, 16)
 
 
 def test_local_checkpoint_with_remote_code_is_refused(tmp_path):

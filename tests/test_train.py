@@ -257,7 +257,18 @@ def test_frozen_parameters_stay_put_and_branching_keeps_moments_by_name(shards_d
     ckpt = list_checkpoints(tmp_path / "base" / "checkpoints")[-1]
     start = load_file(str(ckpt / "model.safetensors"))
     part = tiny_config(shards_dir, steps=6, ckpt_every=3, init_checkpoint=str(ckpt), trainable=r"\.mlp\.")
-    train(part, tmp_path / "mlp", progress=False)
+    summary = train(part, tmp_path / "mlp", progress=False)
+    # the ledger counts what ran: frozen weights cost forward (+ input gradient behind a trainable one)
+    c = load_model(tmp_path / "mlp").config
+    h, i, n_layers, v, t = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, 64
+    attn, mlp = 4 * h * h, 3 * h * i
+    by_hand = (
+        2 * attn + 4 * t * h + 4 * 2 * h * i + 6 * h * i + (n_layers - 1) * (4 * attn + 12 * t * h + 6 * mlp)
+    )
+    by_hand += 4 * v * h  # the tied head, frozen
+    assert summary["flops_per_token"] == by_hand and summary["flops"] == by_hand * summary["tokens"]
+    assert summary["trainable_params"] == n_layers * mlp
+    assert by_hand < 6 * (n_layers * (attn + mlp) + v * h) + 12 * n_layers * t * h  # below the 6N upper bound
     end = load_model(tmp_path / "mlp").state_dict()
     moved = {k for k in start if not torch.equal(start[k], end[k])}
     assert moved and all(".mlp." in k for k in moved)

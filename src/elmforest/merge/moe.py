@@ -434,6 +434,7 @@ def _finish_router_training(
         "data": str(sh.root),
         "domains": domains,
         "tokens": summary["tokens"],
+        "flops": summary["flops"],  # by what ran: the router trains, everything else is frozen
         "run": str(run_dir),
         "from": str(moe_dir),
         "from_fingerprint": fp,

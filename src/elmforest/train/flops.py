@@ -1,36 +1,135 @@
-"""Training compute, so forests and dense baselines can be matched.
+"""Training compute, counted by what actually runs, so forests and dense baselines can be matched.
 
-FLOPs per trained token = 6·N + 12·L·T·d_attn (Kaplan et al. 2020; PaLM appendix B), where
-- N is the number of parameters that take part in matrix multiplies: every parameter except the
-  input embedding table (a lookup costs no multiply-adds), with the output projection counted even
-  when it is tied to the input embedding;
-- L is the number of layers, T the training context length, d_attn = heads × head_dim;
-- 12·L·T·d_attn is the attention score and value products (2·2·T·d_attn forward per token per
-  layer, times 3 for forward + backward), counted over the full context as PaLM does (causal
-  masking is not subtracted).
+Per trained token (Kaplan et al. 2020; PaLM appendix B), each weight matrix W that takes part in a
+multiply costs
+- 2·|W| forward (for an MoE's experts only the routed share: |W| · top_k / n_experts);
+- 2·|W| for the gradient of its input, when some trainable parameter lies *before* it (backward
+  has to pass through it to reach that parameter);
+- 2·|W| for its own weight gradient, when it trains.
+A fully trained dense model therefore costs the familiar 6·N per token; a frozen matrix behind a
+trainable one costs 4, a frozen matrix in front of every trainable one 2 (FlexOlmo's frozen
+attention in layer 0, router-only training). N counts only matrices: not the input embedding table
+(a lookup costs no multiply-adds; its gradient is a scatter), not norms or biases; the LM head is
+counted even when tied to the input embedding.
+
+The attention products (QKᵀ and the weighted sum of V: 4·T·d_attn per token and layer forward, over
+the full context as PaLM counts them, causal masking not subtracted) cost twice as much again in
+backward, where a trainable parameter lies at or before that layer's Q/K/V projections.
+
+"Before" follows the forward order of the parameters, with the matrices that read the same input
+(Q, K, V; gate and up; an MoE's router and its experts' gate/up) counted as siblings: a trainable
+sibling does not make its siblings need an input gradient, and an MoE router's gradient reaches only
+its routing weights (not its experts' inputs). The test suite checks these counts against torch's
+FlopCounterMode, exactly, for dense and MoE models and several frozen/trainable splits.
+
 Training FLOPs of a run = FLOPs per token × tokens trained (batch × accumulation × seq_len × steps).
 """
 
 from __future__ import annotations
 
+import re
+
 from transformers import PreTrainedModel
+
+FLOPS_FORMULA = (
+    "per token: 2*W forward (MoE experts: W*top_k/n_experts) + 2*W input gradient (behind a trainable "
+    "parameter) + 2*W weight gradient (trainable) per weight matrix W, input embedding excluded, tied "
+    "LM head counted; plus 4*seq_len*d_attn per layer forward and 8*seq_len*d_attn backward (layers "
+    "at or behind a trainable parameter); times tokens"
+)
+
+_LAYER = re.compile(r"\.(\d+)\.")
+# matrices that read the same input as the one before them (their group's first member)
+_SIBLING = re.compile(r"\.(k_proj|v_proj|up_proj|w3|experts\.gate_up_proj|experts\.\d+\.w1)(\.weight)?$")
+_ROUTER = re.compile(r"\.mlp\.gate\.weight$")
+_ATTN_IN = re.compile(r"(attn|attention)\.(q_proj|k_proj|v_proj|c_attn|query_key_value|qkv_proj|Wqkv)")
+
+
+def _moe_share(model: PreTrainedModel) -> float:
+    c = model.config
+    n, k = getattr(c, "num_local_experts", None), getattr(c, "num_experts_per_tok", None)
+    return k / n if n and k else 1.0
+
+
+def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
+    """Per-token training FLOPs of `model` as it is set up now (requires_grad marks what trains)."""
+    c = model.config
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb
+    share = _moe_share(model)
+    # units in forward order: (name, active multiply-adds per token, trains, group id, layer)
+    units: list[tuple[str, float, bool, int, int | None]] = [
+        ("embed (lookup)", 0.0, emb.requires_grad, 0, None)
+    ]
+    group = 0
+    layer_start: dict[int, int] = {}  # the first group of each layer
+    trained_norms: list[int | None] = []  # layers of trainable vectors (norms, biases); None: final norm
+    for name, p in model.named_parameters():
+        m = _LAYER.search(name)
+        layer = int(m.group(1)) if m else None
+        if p is emb:
+            continue
+        if p.dim() < 2:  # no multiply, but a trainable norm needs the gradient of its output
+            if p.requires_grad:
+                trained_norms.append(layer)
+            continue
+        if not _SIBLING.search(name):
+            group += 1
+        layer_start.setdefault(layer, group) if layer is not None else None
+        active = p.numel() * (share if ".experts." in name else 1.0)
+        units.append((name, active, p.requires_grad, group, layer))
+    head_group = group + 1 if tied else group
+    if tied:
+        units.append(("lm_head (tied)", float(emb.numel()), emb.requires_grad, head_group, None))
+    # a norm runs just before its layer's first matrix (the final norm just before the head)
+    down_group = {layer: g for name, _, _, g, layer in units if name.endswith(".mlp.experts.down_proj")}
+    starts = [
+        # an MoE router's gradient reaches its routing weights, not its experts' inputs
+        down_group.get(layer, g) if share < 1 and _ROUTER.search(name) else g
+        for name, _, t, g, layer in units
+        if t
+    ] + [
+        layer_start.get(layer, head_group) - 0.5 if layer is not None else head_group - 0.5
+        for layer in trained_norms
+    ]
+    first = min(starts) if starts else None
+
+    forward = sum(2 * a for _, a, _, _, _ in units)
+    input_grad = sum(2 * a for _, a, _, g, _ in units if first is not None and g > first)
+    weight_grad = sum(2 * a for _, a, t, _, _ in units if t)
+
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = 4 * seq_len * c.num_attention_heads * head_dim
+    attn_in_group: dict[int, int] = {}
+    for name, _, _, g, layer in units:
+        if layer is not None and _ATTN_IN.search(name):
+            attn_in_group.setdefault(layer, g)
+    layers = c.num_hidden_layers
+    attn_fwd = per_layer * layers
+    # backward through a layer's attention products when anything at or before its Q/K/V trains
+    # (a layer whose Q/K/V are not recognised by name is assumed to need it)
+    attn_bwd = sum(
+        2 * per_layer
+        for layer in range(layers)
+        if first is not None and (layer not in attn_in_group or first <= attn_in_group[layer])
+    )
+    total = forward + input_grad + weight_grad + attn_fwd + attn_bwd
+    return {
+        "flops_per_token": int(round(total)),
+        "forward": int(round(forward + attn_fwd)),
+        "input_grad": int(round(input_grad + attn_bwd)),
+        "weight_grad": int(round(weight_grad)),
+        "matmul_params": int(round(sum(a for _, a, _, _, _ in units))),
+        "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "moe_active_share": share,
+    }
 
 
 def matmul_params(model: PreTrainedModel) -> int:
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    total = sum(p.numel() for p in model.parameters())
-    n = total - emb.numel()
-    if out is not None and out.weight is emb:  # tied: the LM head multiply still happens
-        n += emb.numel()
-    return n
+    """Weights that take part in a multiply per token (an MoE's routed share of its experts)."""
+    return flops_breakdown(model, 1)["matmul_params"]
 
 
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    d_attn = c.num_attention_heads * head_dim
-    return 6 * matmul_params(model) + 12 * c.num_hidden_layers * seq_len * d_attn
-
-
-FLOPS_FORMULA = "6*N*tokens + 12*layers*seq_len*d_attn*tokens; N excludes the input embedding table"
+    return flops_breakdown(model, seq_len)["flops_per_token"]

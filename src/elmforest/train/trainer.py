@@ -34,7 +34,7 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.model.build import build_model, count_params, resolve_model_dir
 from elmforest.train.batches import WindowSampler
 from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
-from elmforest.train.flops import FLOPS_FORMULA, flops_per_token, matmul_params
+from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.io import read_json, replace_dir, write_json_atomic
@@ -134,7 +134,9 @@ class Trainer:
         if cfg.train.trainable:
             freeze_except(self.model, cfg.train.trainable)
         self.n_params = count_params(self.model)
-        self.flops_per_token = flops_per_token(self.model, cfg.train.seq_len)
+        # after freezing: frozen weights cost no weight gradient (train/flops.py)
+        self.flops_info = flops_breakdown(self.model, cfg.train.seq_len)
+        self.flops_per_token = self.flops_info["flops_per_token"]
         self.sampler = WindowSampler(
             self.shards,
             cfg.data.domains,
@@ -321,7 +323,9 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "flops_formula": FLOPS_FORMULA,
             "params": self.n_params,
-            "matmul_params": matmul_params(self.model),
+            "matmul_params": self.flops_info["matmul_params"],
+            "trainable_params": self.flops_info["trainable_params"],
+            "flops_breakdown": self.flops_info,
             "seq_len": tc.seq_len,
             "tokens_per_step": tokens_per_step,
             "final_loss": last_loss,
