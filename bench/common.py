@@ -52,6 +52,6 @@ def load_quickstart(qs: Path):
         "domains": list(first["domains"]),
         "seq_len": first["seq_len"],
         "batch_size": 16,
-        "max_tokens": first["max_tokens"],
+        "max_bytes": first["max_bytes"],
     }
     return base, Forest.load(qs / "forest"), Shards(qs / "shards"), common

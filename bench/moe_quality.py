@@ -31,10 +31,10 @@ import torch
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest import btm
+from elmforest.forest.btm import share_seed
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.merge.moe import MoeSpec, export_moe, train_router
 from elmforest.model.build import load_model
-from elmforest.quickstart import forest_sharing_seed
 from elmforest.utils.io import write_json_atomic
 
 try:
@@ -72,12 +72,12 @@ def main() -> None:
     moe_row("btx_avg", forest, MoeSpec(shared="average"))
     moe_row("btx_seed", forest, MoeSpec(shared="seed"))
 
-    flex = forest_sharing_seed(qs / "forest-flex", forest, len(forest.names))
+    flex = share_seed(qs / "forest-flex", forest, forest.names)
     for n in forest.names:
         btm.train_expert(flex, shards, forest.expert(n)["domains"][0], overrides=[r"train.trainable=\.mlp\."])
     if "flex_ensemble" not in rows:
         pool = make_pool(flex, batch_size=16)
-        fe = {"prior_batches": 4, "pool": pool, **common}
+        fe = {"prior_batches": 20, "pool": pool, **common}
         rows["flex_ensemble"] = evaluate_forest_shards(flex, shards, mode="ensemble", prior="cached", **fe)
         rows["flex_top2"] = evaluate_forest_shards(flex, shards, mode="topk", k=2, prior="cached", **fe)
         save()

@@ -79,7 +79,7 @@ def forest_dir(shards_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("forest") / "f"
     shards = Shards(shards_dir)
     base = tiny_config(shards_dir, steps=24, batch_size=6)
-    plan, base = btm.plan_for(base, len(shards.domains))
+    plan, base = btm.plan_for(base, shards.domains)
     forest = Forest.init(root)
     btm.train_seed(forest, shards, base, plan, progress=False)
     for d in shards.domains:

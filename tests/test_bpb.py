@@ -75,8 +75,39 @@ def test_stream_nll_matches_brute_force():
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_max_tokens_rounds_to_whole_documents():
-    docs = np.array([[10, 30], [25, 40], [40, 50]])
+def test_max_bytes_selects_whole_documents_by_their_text():
+    docs = np.array([[10, 30], [25, 40], [40, 50]])  # (token end, bytes)
     assert select_documents(docs, None) == (3, 40, 120)
-    assert select_documents(docs, 26) == (2, 25, 70)
-    assert select_documents(docs, 5) == (1, 10, 30)
+    assert select_documents(docs, 70) == (2, 25, 70)  # 30 + 40 bytes fit, the third does not
+    assert select_documents(docs, 69) == (1, 10, 30)
+    assert select_documents(docs, 5) == (1, 10, 30)  # at least one document
+
+
+def test_two_tokenizers_score_exactly_the_same_documents_and_bytes(corpus, tmp_path):
+    """Selecting by tokens gave a fine-grained tokenizer fewer documents than a coarse one; by bytes,
+    every tokenizer scores the same documents."""
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.data.tokenizer import train_bpe_on
+
+    picked = []
+    for vocab in (270, 600):
+        tok, _ = train_bpe_on(corpus, vocab_size=vocab, bytes_per_domain=200_000)
+        sh = Shards(
+            build_shards(corpus, tok, tmp_path / f"v{vocab}", SplitSpec(0.1, 0.1), progress=False).out
+        )
+        per = {}
+        for d in sh.domains:
+            n_docs, n_tok, n_bytes = select_documents(sh.documents(d, "test"), 1500)
+            per[d] = (n_docs, n_bytes, n_tok)
+        picked.append(per)
+    a, b = picked
+    assert {d: v[:2] for d, v in a.items()} == {d: v[:2] for d, v in b.items()}
+    assert any(a[d][2] != b[d][2] for d in a)  # the tokenizers did differ
+    # ... and by tokens, the same budget would have picked different documents
+    d = next(d for d in a if a[d][2] != b[d][2])
+    by_tokens = []
+    for vocab in (270, 600):
+        ends = Shards(tmp_path / f"v{vocab}").documents(d, "test")[:, 0]
+        by_tokens.append(int(np.searchsorted(ends, min(a[d][2], b[d][2]), side="right")))
+    assert by_tokens[0] != by_tokens[1]

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -131,24 +132,40 @@ def test_train_from_local_hf_checkpoint(shards_dir, tmp_path):
     )
 
 
+def _ood_set(path):
+    """A domain none of the test corpus's experts saw (its own vocabulary), as a user would bring it."""
+    import random
+
+    rng = random.Random(3)
+    words = "river stone moon wind cedar snow harbor lantern meadow thunder".split()
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "poetry.jsonl", "w") as f:
+        for i in range(60):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))
+            f.write(json.dumps({"id": f"poetry/{i}", "text": text}) + "\n")
+    return path
+
+
 def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
-    res = quickstart(
-        tmp_path / "qs",
+    kw = dict(
         preset="tiny",
         corpus=corpus,
         overrides=["train.steps=20"],
         progress=False,
         split="random",
-        eval_tokens=2000,
+        eval_bytes=6000,
         prior_batches=1,
         moe_router_steps=2,
+        ood=[_ood_set(tmp_path / "ood")],
     )
+    res = quickstart(tmp_path / "qs", **kw)
     methods = res["methods"]
     assert set(methods) == {
         "dense",
         "seed",
         "ensemble",
         "ensemble_fixed",
+        "ensemble_uniform",
         "top2",
         "average",
         "average_uniform",
@@ -159,42 +176,66 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     for m in methods.values():
         assert set(m["domains"]) == {"scripture", "code", "legal"}
         assert all(v["bpb"] > 0 for v in m["domains"].values())
-    # all methods scored the very same test documents
-    assert len({json.dumps({d: v["bytes"] for d, v in m["domains"].items()}) for m in methods.values()}) == 1
+    # all methods scored the very same test documents, in and out of domain
+    for block in (methods, res["ood_methods"]):
+        assert (
+            len({json.dumps({d: v["bytes"] for d, v in m["domains"].items()}) for m in block.values()}) == 1
+        )
+    # out of domain: the same methods, on the user's set, priors from its own valid split
+    assert set(res["ood_methods"]) == set(methods)
+    assert set(res["ood_methods"]["ensemble"]["domains"]) == {"poetry"}
+    assert res["priors"]["ood"]["poetry"]["source"].startswith("poetry/valid")
+    assert res["ood_methods"]["ensemble_uniform"]["domains"]["poetry"]["prior_source"] == "uniform"
+    # the protocol is stated: balanced mixture, the LRs, priors from valid, documents restart the posterior
+    p = res["protocol"]
+    assert p["mixture"] == "uniform" and p["prior_split"] == "valid" and p["reset"] == "document"
+    assert (
+        json.loads((tmp_path / "qs" / "forest" / "runs" / "dense" / "run_config.json").read_text())["data"][
+            "mixture"
+        ]
+        == "uniform"
+    )
+    for v in res["priors"]["in_domain"].values():
+        assert v["weight"] == max(v["prior"].values()) and v["expert"] in v["prior"]
+    # the ledger: each phase by what ran, the exact ratio, router training counted on top
     c = res["compute"]
-    assert abs(c["forest_flops"] / c["dense_flops"] - 1) < 0.02
+    assert c["forest_over_dense"] == pytest.approx(1.0, abs=1e-9)
+    assert {r["phase"] for r in c["ledger"]} == {"seed", "expert", "router_training", "dense"}
+    assert c["methods"]["ensemble"] == pytest.approx(1.0) and c["methods"]["seed"] == pytest.approx(0.5)
+    assert c["methods"]["moe_router_trained"] > 1.01
+    router = next(r for r in c["ledger"] if r["phase"] == "router_training")
+    assert c["arms"]["moe_router_trained"] == pytest.approx(c["arms"]["forest"] + router["flops"])
     assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
-    assert len(res["findings"]) == 4
+    assert any("out-of-domain" in f for f in res["findings"])
+    assert set(res["ablations"]["in_domain"]["document_reset"]["ensemble"]) == {"document", "window"}
     moe_cfg = json.loads((tmp_path / "qs" / "moe" / "config.json").read_text())
     assert moe_cfg["model_type"] == "mixtral" and moe_cfg["num_local_experts"] == 3
     on_disk = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert on_disk["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
+    assert on_disk["ood_methods"]["dense"]["mean_bpb"] == res["ood_methods"]["dense"]["mean_bpb"]
     assert (tmp_path / "qs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(json.loads((tmp_path / "qs" / "forest" / "forest.json").read_text())["plan"]) >= {
-        "total_steps"
-    }
+    plan = json.loads((tmp_path / "qs" / "forest" / "forest.json").read_text())["plan"]
+    assert plan["domains"] == ["code", "legal", "scripture"] and plan["expert_lr"] is None
     # re-running continues from what exists and trains nothing more
     mtime = (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns
     moe_mtime = [
         (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
     ]
-    again = quickstart(
-        tmp_path / "qs",
-        preset="tiny",
-        corpus=corpus,
-        overrides=["train.steps=20"],
-        progress=False,
-        split="random",
-        eval_tokens=2000,
-        prior_batches=1,
-        moe_router_steps=2,
-    )
+    again = quickstart(tmp_path / "qs", **kw)
     assert again["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
     assert again["methods"]["moe_router_trained"]["mean_bpb"] == methods["moe_router_trained"]["mean_bpb"]
     assert moe_mtime == [
         (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
     ]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
+    # an out-of-domain set named like a training domain is refused
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "legal.jsonl").write_text(
+        json.dumps({"id": "x", "text": "a licence of another kind " * 20}) + "\n"
+    )
+    with pytest.raises(ValueError, match="share a name with a training domain"):
+        quickstart(tmp_path / "qs", **{**kw, "ood": [clash]})
 
 
 def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
@@ -206,12 +247,14 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
         progress=False,
         split="clusters",
         clusters=3,
-        eval_tokens=2000,
+        eval_bytes=6000,
         prior_batches=1,
     )
     assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
+    assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)
     top1 = res["methods"]["cbtm_top1"]
-    assert top1["mode"] == "cluster" and top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
+    # top-1 per document: a window holding the end of one document and the start of another runs two
+    assert top1["mode"] == "cluster" and 1 / 3 - 1e-9 <= top1["compute"]["fraction_of_full"] < 2 / 3
     report = json.loads((tmp_path / "qs" / "clusters-3" / "report.json").read_text())
     assert report["documents"] == sum(report["sizes"]) and report["nmi"] > 0.5
     forest = json.loads((tmp_path / "qs" / "forest-clusters-3" / "forest.json").read_text())

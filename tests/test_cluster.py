@@ -208,34 +208,49 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
         "device": "cpu",
         "precision": "fp32",
     }
-    res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, **run)
-    # brute force: every window's weights from its document's text before the window, re-vectorised
     stream = sh.tokens(d, "test")
     models = [load_model(x).eval() for x in f.expert_dirs()]
     ends = set(np.flatnonzero(np.asarray(stream) == sh.eos_id).tolist())
-    nll = 0.0
-    for w in range(math.ceil(len(stream) / 32)):
-        start = w * 32
-        doc_start = max([e + 1 for e in ends if e < start], default=0)
-        ctx = tok.decode(stream[doc_start:start].tolist())
-        z, ok = c.embed([ctx])
+
+    def routing(pos: int) -> np.ndarray:
+        """The weights c-BTM gives at stream position `pos`: its document's text before it, re-vectorised."""
+        doc_start = max([e + 1 for e in ends if e < pos], default=0)
+        z, ok = c.embed([tok.decode(stream[doc_start:pos].tolist())])
         if ok[0]:
-            weights = c.route(z, None, 0.5)[0]
-        else:
-            sizes = np.asarray(c.meta["fit"]["sizes"], float)
-            weights = sizes / sizes.sum()
-        x, y = window_batch(stream, sh.eos_id, 32, [w])
-        with torch.no_grad():
-            lps = [torch.log_softmax(m(input_ids=x).logits[0].double(), -1) for m in models]
-        for t in range(32):
-            if y[0, t] < 0:
-                continue
-            nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
-    assert res["domains"][d]["nll_nats"] == pytest.approx(nll, rel=1e-6)
-    top1 = evaluate_forest_shards(f, sh, k=1, **run)
+            return c.route(z, None, 0.5)[0]
+        sizes = np.asarray(c.meta["fit"]["sizes"], float)
+        return sizes / sizes.sum()
+
+    def brute(reset: str) -> float:
+        nll = 0.0
+        for w in range(math.ceil(len(stream) / 32)):
+            start = w * 32
+            x, y = window_batch(stream, sh.eos_id, 32, [w])
+            with torch.no_grad():
+                lps = [torch.log_softmax(m(input_ids=x).logits[0].double(), -1) for m in models]
+            point = start
+            for t in range(32):
+                if y[0, t] < 0:
+                    continue
+                if reset == "document" and t > 0 and int(x[0, t]) == sh.eos_id:
+                    point = start + t  # a new document in the window: routed on its own (empty) context
+                weights = routing(point)
+                nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
+        return nll
+
+    res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reset="window", **run)
+    assert res["domains"][d]["nll_nats"] == pytest.approx(brute("window"), rel=1e-6)
+    doc = evaluate_forest_shards(f, sh, k=3, temperature=0.5, **run)  # reset="document", the default
+    assert doc["reset"] == "document"
+    assert doc["domains"][d]["nll_nats"] == pytest.approx(brute("document"), rel=1e-6)
+    assert doc["domains"][d]["nll_nats"] != pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
+    top1 = evaluate_forest_shards(f, sh, k=1, reset="window", **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
+    # restarted at documents, a window holding two documents may run one expert for each of them
+    top1_doc = evaluate_forest_shards(f, sh, k=1, **run)
+    assert 1 / 3 - 1e-9 <= top1_doc["compute"]["fraction_of_full"] < 2 / 3
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
-    seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", **run)
+    seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **run)
     assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-12)
     seg5 = evaluate_forest_shards(f, sh, k=2, route="segment:5", **run)
     assert math.isfinite(seg5["domains"][d]["bpb"]) and seg5["domains"][d]["bpb"] > 0

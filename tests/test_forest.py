@@ -57,12 +57,42 @@ def test_posterior_is_stable_for_very_long_prefixes():
     assert torch.isfinite(w).all() and w[1, 0, -1] > 0.999999
 
 
-def test_cached_prior_is_an_ema_from_uniform():
+def test_cached_prior_is_a_bias_corrected_ema():
     posts = [torch.tensor([[0.9, 0.7], [0.1, 0.3]]), torch.tensor([[0.2, 0.4], [0.8, 0.6]])]
-    pi = np.array([0.5, 0.5])
-    for p in posts:
-        pi = 0.3 * p.double().mean(-1).numpy() + 0.7 * pi
-    assert cached_prior(posts, 0.3).numpy() == pytest.approx(pi)
+    means = [p.double().mean(-1).numpy() for p in posts]
+    # batch i of n weighs alpha (1 - alpha)^(n - i), normalised: nothing is left on a uniform start
+    w = np.array([0.3 * 0.7, 0.3])
+    want = (w[0] * means[0] + w[1] * means[1]) / w.sum()
+    assert cached_prior(posts, 0.3).numpy() == pytest.approx(want)
+
+
+def test_cached_prior_keeps_no_weight_on_uniform():
+    """Started at uniform, one one-hot batch gave 0.3 + 0.7/N to the right expert, four batches 0.82:
+    the fixed weights, the average and top-2's second expert were all shrunk toward uniform."""
+    one_hot = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    for n in (1, 4, 20):
+        pi = cached_prior([one_hot] * n)
+        assert float(pi[0]) == pytest.approx(1.0) and float(pi.sum()) == pytest.approx(1.0)
+
+
+def test_posterior_restarts_at_each_document():
+    """With document starts, the evidence of a window's earlier document does not carry over."""
+    torch.manual_seed(1)
+    lp = -torch.rand(3, 2, 10) * 4
+    starts = torch.zeros(2, 10, dtype=torch.bool)
+    starts[0, 0] = starts[0, 6] = starts[1, 3] = True
+    prior = torch.tensor([0.5, 0.3, 0.2])
+    got = log_weights(lp, prior, "posterior", starts).exp()
+    for b in range(2):
+        for t in range(10):
+            s0 = max(s for s in [0, *starts[b].nonzero().flatten().tolist()] if s <= t)
+            w = prior.double().log() + lp[:, b, s0:t].double().sum(-1)
+            assert torch.allclose(got[:, b, t].double(), torch.softmax(w, 0), atol=1e-6)
+    carried = log_weights(lp, prior, "posterior").exp()
+    assert not torch.allclose(carried[:, 0, 7], got[:, 0, 7])  # window mode keeps the first document
+    assert torch.allclose(got[:, 0, 6], prior)  # a new document starts from the prior
+    demix = log_weights(lp, prior, "demix", starts).exp()
+    assert torch.allclose(demix[:, 1, 3].double(), prior.double())
 
 
 # -- the forest on real (tiny) experts ----------------------------------------------------------------

@@ -31,7 +31,7 @@ def ray_cluster():
 def _plan(shards_dir):
     shards = Shards(shards_dir)
     base = tiny_config(shards_dir, steps=STEPS, batch_size=6, ckpt_every=10, log_every=10)
-    plan, base = btm.plan_for(base, len(shards.domains))
+    plan, base = btm.plan_for(base, shards.domains)
     return shards, base, plan
 
 

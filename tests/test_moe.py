@@ -15,13 +15,13 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import default_seq_len
 from elmforest.forest import btm
+from elmforest.forest.btm import share_seed
 from elmforest.forest.manifest import Forest
 from elmforest.merge.io import LazyWeights
 from elmforest.merge.methods import get_method
 from elmforest.merge.moe import MoeSpec, check_same_architecture, export_moe, mixtral_config, train_router
 from elmforest.merge.router import sample_windows
 from elmforest.model.build import load_model, resolve_model_dir
-from elmforest.quickstart import forest_sharing_seed
 
 FLEX = r"\.mlp\."  # FlexOlmo-style experts: only the MLPs train
 
@@ -31,7 +31,7 @@ def flex_forest(forest_dir, shards_dir, tmp_path_factory):
     """Experts branched from the BTM forest's seed that train only their MLPs."""
     src = Forest.load(forest_dir)
     shards = Shards(shards_dir)
-    f = forest_sharing_seed(tmp_path_factory.mktemp("flex") / "f", src, len(shards.domains))
+    f = share_seed(tmp_path_factory.mktemp("flex") / "f", src, src.names)
     for d in shards.domains:
         btm.train_expert(f, shards, d, overrides=[f"train.trainable={FLEX}"], progress=False)
     return f.root

@@ -89,10 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="a shards dir, or JSONL / Parquet / folder of .txt")
     ev.add_argument("--json", help="write the result here")
     ev.add_argument(
-        "--split", help="train|valid|test (default test for shards) or all (default for raw data)"
+        "--split",
+        default="test",
+        help="train|valid|test (default, for models and forests alike), or all (raw data: every document)",
     )
     ev.add_argument("--domains", help="comma-separated subset")
-    ev.add_argument("--max-tokens", type=int, help="per domain, rounded to whole documents")
+    ev.add_argument(
+        "--max-bytes",
+        type=int,
+        help="per domain: the first whole documents that fit in this many bytes of text (the same "
+        "documents for every model and tokenizer)",
+    )
     ev.add_argument("--seq-len", type=int)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--device", default="auto")
@@ -119,7 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="random adds the ablation (experts on random splits); clusters adds c-BTM",
     )
     qs.add_argument(
-        "--eval-tokens", type=int, default=40_000, help="test tokens per domain (whole documents)"
+        "--eval-bytes",
+        type=int,
+        default=80_000,
+        help="test text per domain: the first whole documents within this many bytes (same for every model)",
+    )
+    qs.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="add an out-of-domain set (JSONL / Parquet / folder of .txt; repeatable) to the demo's own",
+    )
+    qs.add_argument(
+        "--expert-lr", type=float, help="peak LR of the expert phase (default: the preset's swept one)"
+    )
+    qs.add_argument(
+        "--prior-batches", type=int, default=20, help="valid batches for each cached prior (or all windows)"
     )
     qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
     qs.add_argument("--no-moe", action="store_true", help="skip merging the experts into one MoE model")
@@ -130,6 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the MoE's router alone for this many steps (adds moe_router_trained)",
     )
     qs.add_argument("--no-progress", action="store_true")
+
+    sw = sub.add_parser(
+        "sweep", help="tune the learning rate of each arm (dense run, expert phase) on the valid split"
+    )
+    sw.add_argument("--shards", required=True, help="shards directory (train and valid splits)")
+    sw.add_argument("--out", required=True, help="sweep directory; an existing one is resumed")
+    sw.add_argument("--arm", default="both", choices=["dense", "experts", "both"])
+    sw.add_argument(
+        "--lrs", help="comma-separated dense LRs (default: 5 points, x2 apart, around the preset's optim.lr)"
+    )
+    sw.add_argument(
+        "--expert-lrs", help="comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)"
+    )
+    sw.add_argument(
+        "--dense-lr", type=float, help="--arm experts: the LR of the dense run the seed comes from"
+    )
+    sw.add_argument("--seed-share", type=float, default=0.5)
+    sw.add_argument("--executor", default="local", choices=["local", "ray"])
+    sw.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    sw.add_argument("--cpus-per-job", type=float, default=1.0)
+    sw.add_argument("--gpus-per-job", type=float, default=0.0)
+    sw.add_argument("--max-retries", type=int, default=3)
+    sw.add_argument("--json", help="also write the result here")
+    _add_common_train(sw)
 
     cl = sub.add_parser("cluster", help="c-BTM domain discovery").add_subparsers(
         dest="cluster_cmd", required=True
@@ -293,6 +340,31 @@ def _dispatch(args) -> int:
             f"; not vectorised {rep['not_vectorised']}" + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
         )
         return 0
+    if args.cmd == "sweep":
+        from elmforest.launch.executor import make_executor
+        from elmforest.launch.sweep import format_sweep, sweep
+        from elmforest.utils.io import write_json_atomic
+
+        floats = lambda s: [float(x) for x in _split_list(s)] if s else None  # noqa: E731
+        executor = make_executor(
+            args.executor, args.address, args.cpus_per_job, args.gpus_per_job, args.max_retries
+        )
+        res = sweep(
+            args.shards,
+            args.out,
+            _run_config(args),
+            arm=args.arm,
+            lrs=floats(args.lrs),
+            expert_lrs=floats(args.expert_lrs),
+            dense_lr=args.dense_lr,
+            seed_share=args.seed_share,
+            executor=executor,
+            threads=int(args.cpus_per_job) if args.executor == "ray" else None,
+        )
+        print(format_sweep(res))
+        if args.json:
+            write_json_atomic(args.json, res)
+        return 0
     if args.cmd in ("forest", "generate"):
         return forest_dispatch(args, _run_config)
     if args.cmd == "merge":
@@ -322,7 +394,7 @@ def _dispatch(args) -> int:
             domains=_split_list(args.domains),
             seq_len=args.seq_len,
             batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
+            max_bytes=args.max_bytes,
             device=args.device,
             precision=args.precision,
             progress=not args.no_progress,
@@ -353,7 +425,10 @@ def _dispatch(args) -> int:
             overrides=args.overrides,
             progress=not args.no_progress,
             split=args.split,
-            eval_tokens=args.eval_tokens,
+            eval_bytes=args.eval_bytes,
+            ood=args.ood,
+            expert_lr=args.expert_lr,
+            prior_batches=args.prior_batches,
             clusters=args.clusters,
             moe=not args.no_moe,
             moe_router_steps=args.moe_router_steps,

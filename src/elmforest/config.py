@@ -29,7 +29,9 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""
     domains: list[str] | None = None  # None: every domain in the shards
-    mixture: str = "tokens"  # tokens: sample domains in proportion to their size | uniform
+    # uniform: every domain equally likely (BTM's seed and dense runs; experts get 1/k of the budget each,
+    # and the comparison is a macro average over domains) | tokens: in proportion to each domain's size
+    mixture: str = "uniform"
     split: str = "train"
 
 

@@ -1,8 +1,14 @@
 """The main job: Branch-Train-Merge on the demo corpus, compared with a compute-matched dense LM.
 
-demo corpus -> tokenizer -> shards -> seed (first half of the dense run) -> one expert per domain
-(each alone, continuing the seed) -> dense baseline (the same run, continued) -> bits per byte of
-dense, seed, ensembles, top-2, averages on every domain's test split -> table, results.json, plot.
+demo corpus (8 training domains + 4 evaluation-only ones) -> tokenizer -> shards -> seed (the first
+half of a domain-balanced dense run) -> one expert per domain (each alone, continuing the seed, at the
+experts' own swept LR) -> dense baseline (the same run, continued) -> bits per byte of every method on
+the same bytes of each domain's test split and of the out-of-domain sets -> table, results.json, plot.
+
+The protocol is the one a reviewer of the BTM papers would ask for: balanced mixtures, each arm at its
+own best LR (the preset's, from a recorded `elmforest sweep`), priors from valid data only, the
+posterior restarted at each document, out-of-domain rows, and each arm's training FLOPs counted by
+what ran, with any arm that is not compute-matched flagged.
 
 Every stage is skipped when its output exists, so re-running after a crash continues where it
 stopped (training itself resumes from its last checkpoint).
@@ -13,17 +19,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
 from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards, build_shards
+from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
-from elmforest.eval.bpb import evaluate_shards
-from elmforest.eval.report import plot_results, print_table
+from elmforest.eval.report import flops_mark, plot_results, print_table
 from elmforest.forest import btm
-from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
-from elmforest.model.build import load_model
 from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.io import read_json, write_json_atomic
+
+OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5)  # no model trains on these: half prior, half test
 
 
 def quickstart(
@@ -35,17 +43,21 @@ def quickstart(
     corpus: str | Path | None = None,
     split: str = "domains",
     seed_share: float = 0.5,
-    eval_tokens: int = 40_000,
-    prior_batches: int = 4,
+    eval_bytes: int = 80_000,
+    prior_batches: int = 20,
     clusters: int = 8,
     moe: bool = True,
     moe_router_steps: int = 0,
+    ood: list[str | Path] | None = None,
+    expert_lr: float | None = None,
 ) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
 
     split="random" adds the BTM ablation: experts trained on random splits of the same data;
     split="clusters" adds c-BTM: `clusters` discovered clusters, one expert each, routed by distance.
     moe merges the experts into one Mixtral MoE (BTX); moe_router_steps > 0 also trains its router.
+    `ood` adds out-of-domain sets (any data; each file or domain one set) to the demo's evaluation-only
+    domains (used when the corpus is the demo). `expert_lr` overrides the preset's expert LR.
     """
     if split not in ("domains", "random", "clusters"):
         raise ValueError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
@@ -54,43 +66,64 @@ def quickstart(
     t0 = time.perf_counter()
     log = print
 
+    ood_sources = [Path(x) for x in (ood or [])]
     if corpus is None:
         corpus = out / "corpus"
-        if not (corpus / "manifest.json").exists():
-            from elmforest.data.demo import build_demo_corpus
+        from elmforest.data.demo import build_demo_corpus
 
-            log(f"[1/7] building the demo corpus -> {corpus}")
+        if not (corpus / "manifest.json").exists():
+            log(f"[1/8] building the demo corpus -> {corpus}")
             build_demo_corpus(corpus, domains=domains, progress=progress)
         for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
             log(f"      skipped domain {name}: {why}")
+        demo_ood = out / "corpus-ood"
+        if not (demo_ood / "manifest.json").exists():
+            log(f"      building the evaluation-only demo domains -> {demo_ood}")
+            build_demo_corpus(demo_ood, eval_only=True, progress=progress)
+        if read_json(demo_ood / "manifest.json").get("domains"):
+            ood_sources.insert(0, demo_ood)
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        log(f"[2/7] training a {p.vocab_size}-token byte-level BPE on the training split")
+        log(f"[2/8] training a {p.vocab_size}-token byte-level BPE on the training split")
         tok, _ = train_bpe_on(corpus, p.vocab_size, bytes_per_domain=1_000_000)
         save_tokenizer(tok, tok_dir)
 
     shards_dir = out / "shards"
     if not Shards.is_shards_dir(shards_dir):
-        log(f"[3/7] tokenizing into shards -> {shards_dir}")
+        log(f"[3/8] tokenizing into shards -> {shards_dir}")
         rep = build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
     shards = Shards(shards_dir)
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
+    ood_shards = (
+        _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None
+    )
+    if ood_shards is None:
+        log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
 
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
     base = apply_overrides(base, list(overrides))
-    plan, base = btm.plan_for(base, len(names), seed_share)
+    plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
+    e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
+    precision = _precision_line(base.train.precision, base.train.device)
     forest = Forest.init(out / "forest", exist_ok=True)
+    log(f"      precision: {precision}")
     log(
-        f"[4/7] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
+        f"      protocol: data.mixture={base.data.mixture} ("
+        + ("every domain equally likely" if base.data.mixture == "uniform" else "domains sampled by size")
+        + f") for the seed and dense runs; dense LR {base.optim.lr:g}, expert LR {e_lr:g}"
+        + (f" (preset {preset}'s, from a recorded LR sweep)" if p.expert_lr and expert_lr is None else "")
+    )
+    log(
+        f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
         f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
     )
     btm.train_seed(forest, shards, base, plan, progress=progress)
     log(
-        f"[5/7] {len(names)} experts, each alone on its domain: {plan.total_steps - plan.seed_steps} steps of "
+        f"[5/8] {len(names)} experts, each alone on its domain: {plan.total_steps - plan.seed_steps} steps of "
         f"{plan.expert_batch_size} x {base.train.seq_len} tokens, continuing the seed"
     )
     for d in names:
@@ -98,70 +131,83 @@ def quickstart(
             log(f"      {d}: opted out of this forest (forest remove); not retrained")
             continue
         btm.train_expert(forest, shards, d, progress=progress)
-    log("[6/7] dense baseline: the seed's run continued to the full budget")
-    dense = btm.train_dense(forest, shards, base, plan, progress=progress)
+    log("[6/8] dense baseline: the seed's run continued to the full budget")
+    btm.train_dense(forest, shards, base, plan, progress=progress)
 
-    random_forest = cforest = None
+    others: dict[str, Forest] = {}
     if split == "random":
-        random_forest = _random_split_forest(out, corpus, forest, len(names), progress, log)
+        rf = _random_split_forest(out, corpus, forest, len(names), progress, log)
+        others["random_ensemble"] = rf
     if split == "clusters":
-        cforest = cluster_forest(out, corpus, forest, clusters, progress, log)
-
-    log(f"[7/7] evaluating on each domain's test split (first {eval_tokens:,} tokens of whole documents)")
-    common = {
-        "split": "test",
-        "domains": names,
-        "seq_len": base.train.seq_len,
-        "batch_size": 16,
-        "max_tokens": eval_tokens,
-    }
-    methods: dict[str, dict] = {}
-    methods["dense"] = evaluate_shards(
-        load_model(forest.root / "runs" / "dense" / "model"), shards, progress=False, **common
-    )
-    methods["seed"] = evaluate_shards(load_model(forest.seed_dir), shards, progress=False, **common)
-    pool = make_pool(forest, batch_size=16)  # shared: each expert runs once over each domain
-    fe = {"prior_batches": prior_batches, "pool": pool, **common}
-    methods["ensemble"] = evaluate_forest_shards(forest, shards, mode="ensemble", prior="cached", **fe)
-    methods["ensemble_fixed"] = evaluate_forest_shards(
-        forest, shards, mode="ensemble", prior="cached", weighting="fixed", **fe
-    )
-    methods["top2"] = evaluate_forest_shards(forest, shards, mode="topk", k=2, prior="cached", **fe)
-    methods["average"] = evaluate_forest_shards(forest, shards, mode="average", prior="cached", **fe)
-    methods["average_uniform"] = evaluate_forest_shards(forest, shards, mode="average", prior="uniform", **fe)
-    if random_forest is not None:
-        rpool = make_pool(random_forest, batch_size=16)
-        methods["random_ensemble"] = evaluate_forest_shards(
-            random_forest, shards, mode="ensemble", prior="cached", **{**fe, "pool": rpool}
-        )
-    if cforest is not None:
-        cpool = make_pool(cforest, batch_size=16)
+        cf = cluster_forest(out, corpus, forest, clusters, progress, log)
         for kk in sorted({1, min(2, clusters)}):
-            methods[f"cbtm_top{kk}"] = evaluate_forest_shards(
-                cforest, shards, mode="cluster", k=kk, **{**fe, "pool": cpool}
-            )
-    if moe:
-        methods.update(_moe_rows(out, forest, shards, moe_router_steps, common, progress, log))
+            others[f"cbtm_top{kk}"] = cf
+    models, router = _moe_models(out, forest, shards, moe_router_steps, progress, log) if moe else ({}, None)
 
+    common = {"split": "test", "domains": names, "seq_len": base.train.seq_len, "batch_size": 16}
+    common["max_bytes"] = eval_bytes
+    log(
+        f"[7/8] evaluating on each domain's test split (the first whole documents within {eval_bytes:,} "
+        f"bytes; cached priors from up to {prior_batches} valid batches)"
+    )
+    pools: dict = {}
+    methods, ablations = evaluate_methods(forest, shards, common, prior_batches, pools, others, models)
+    ood_methods = ood_ablations = None
+    if ood_shards is not None:
+        ood_names = [d for d in ood_shards.domains if ood_shards.has(d, "test")]
+        log(
+            f"[8/8] evaluating out of domain on {len(ood_names)} sets no model trained on: {', '.join(ood_names)}"
+        )
+        ood_common = {**common, "domains": ood_names}
+        ood_methods, ood_ablations = evaluate_methods(
+            forest, ood_shards, ood_common, prior_batches, pools, others, models
+        )
+
+    arms = arm_flops(forest, {k: v for k, v in others.items()}, router)
+    flops = method_flops(methods, arms)
     compute = {
-        "dense_flops": dense["flops"],
-        "forest_flops": forest.total_flops(),
-        "forest_over_dense": forest.total_flops() / dense["flops"],
+        "dense_flops": arms["dense"],
+        "forest_flops": arms["forest"],
+        "forest_over_dense": arms["forest"] / arms["dense"],
+        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
+        "arms": arms,
+        "methods": flops,
+        "tolerance": 0.01,
     }
     results = {
         "methods": methods,
+        "ood_methods": ood_methods,
+        "protocol": {
+            "mixture": base.data.mixture,
+            "dense_lr": base.optim.lr,
+            "expert_lr": e_lr,
+            "preset": preset,
+            "precision": precision,
+            "split": "test",
+            "eval_bytes": eval_bytes,
+            "prior_split": "valid",
+            "prior_batches": prior_batches,
+            "reset": "document",
+            "ood_split": {"valid": OOD_SPLIT.valid_frac, "test": OOD_SPLIT.test_frac},
+        },
+        "priors": {
+            "in_domain": priors_table(methods),
+            "ood": priors_table(ood_methods) if ood_methods else None,
+        },
+        "ablations": {"in_domain": ablations, "ood": ood_ablations},
         "compute": compute,
-        "findings": findings(methods),
+        "findings": findings(methods, ood_methods, flops),
         "plan": {**plan.__dict__, "seed_steps": plan.seed_steps, "expert_batch_size": plan.expert_batch_size},
         "preset": preset,
     }
+    results["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "results.json", results)
-    plot_results(methods, out / "results.png")
-    print_table(methods)
-    log(
-        f"compute: dense {compute['dense_flops']:.3e} FLOPs, forest (seed + experts) {compute['forest_flops']:.3e} "
-        f"FLOPs (ratio {compute['forest_over_dense']:.4f})"
-    )
+    plot_results(methods, out / "results.png", ood=ood_methods)
+    print_table(methods, "in-domain bits per byte (test splits; lower is better)", flops=flops)
+    if ood_methods:
+        print_table(ood_methods, "out-of-domain bits per byte (lower is better)", flops=flops)
+    _print_ledger(compute, log)
+    _print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:
         log(f"  - {line}")
     log(
@@ -170,19 +216,78 @@ def quickstart(
     return results
 
 
-def _moe_rows(
-    out: Path, forest: Forest, shards: Shards, router_steps: int, common: dict, progress, log
-) -> dict:
+def _precision_line(precision: str, device: str) -> str:
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    if dev.type != "cpu":
+        return f"{'bf16 autocast' if amp else 'fp32'} on {dev}"
+    if amp is not None:
+        return "bf16 autocast on the CPU (it has AVX512-BF16 or AMX)"
+    why = "train.precision=fp32" if precision == "fp32" else "this CPU has no AVX512-BF16/AMX"
+    return f"fp32 on the CPU ({why}); the default budget is sized for this case too"
+
+
+def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: list[str], progress) -> Shards:
+    """The out-of-domain sets tokenized once (half valid for the priors, half test); rebuilt when the
+    list of sources changes. A set named like a training domain is refused: it would not be OOD."""
+    want = [str(s.resolve()) for s in sources]
+    tok = load_tokenizer(tok_dir)
+    sh = Shards(path) if Shards.is_shards_dir(path) else None
+    have = sh.index.get("source") if sh else None
+    if (
+        sh is None
+        or (have if isinstance(have, list) else [have]) != want
+        or sh.tokenizer_fingerprint != tok.fingerprint()
+    ):
+        build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
+        sh = Shards(path)
+    clash = sorted(set(sh.domains) & set(train_names))
+    if clash:
+        raise ValueError(
+            f"out-of-domain set(s) {clash} share a name with a training domain; rename them (the `domain` "
+            "field or the file name): a domain the experts trained on is not out of domain"
+        )
+    return sh
+
+
+def _print_ledger(compute: dict, log) -> None:
+    log("training compute (FLOPs counted by what ran; frozen weights cost no weight gradient):")
+    for row in compute["ledger"]:
+        log(f"      {row['phase']:16s} {row['name']:24s} {row['flops']:.4e}")
+    log(
+        f"      forest (seed + experts) / dense = {compute['forest_over_dense']:.6f}; per method: "
+        + ", ".join(f"{m} {flops_mark(r)}" for m, r in compute["methods"].items())
+    )
+
+
+def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log) -> None:
+    for where, table in priors.items():
+        if not table:
+            continue
+        cells = ", ".join(f"{d} -> {v['expert']} {v['weight']:.2f}" for d, v in table.items())
+        log(f"cached prior's largest entry ({where.replace('_', '-')}): {cells}")
+    for where, ab in (("in-domain", ablations), ("out-of-domain", ood_ablations)):
+        if not ab:
+            continue
+        cells = "; ".join(
+            f"{m}: restarted at each document {v['document']:.4f}, carried across documents {v['window']:.4f}"
+            for m, v in ab["document_reset"].items()
+        )
+        log(f"posterior at document boundaries ({where}, mean BPB): {cells}")
+
+
+def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, progress, log):
     """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
-    from each expert's domain embeddings (no training); optionally the router trained alone."""
+    from each expert's domain embeddings (no training); optionally the router trained alone, its
+    compute recorded in the forest's ledger."""
     from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe, train_router
 
-    moe_dir, rows = out / "moe", {}
+    moe_dir, models, router = out / "moe", {}, None
     meta = moe_dir / "elmforest_moe.json"
     if not meta.is_file() or [e["name"] for e in read_json(meta)["experts"]] != forest.names:
         log(f"      merging {len(forest.names)} experts into one Mixtral MoE (top-2) -> {moe_dir}")
         export_moe(forest, moe_dir, MoeSpec())
-    rows["moe"] = evaluate_shards(load_model(moe_dir), shards, progress=False, **common)
+    models["moe"] = moe_dir
     if router_steps:
         rt = out / "moe-router-trained"
         done = rt / "elmforest_moe.json"
@@ -192,26 +297,17 @@ def _moe_rows(
         ):
             log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
             train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
-        rows["moe_router_trained"] = evaluate_shards(load_model(rt), shards, progress=False, **common)
-    return rows
-
-
-def forest_sharing_seed(path: Path, forest: Forest, n_experts: int) -> Forest:
-    """A new forest grown from the same seed (copied whole, recorded in one manifest write), with the
-    budget split between `n_experts` experts (each gets batch / n_experts, so compute stays matched)."""
-    other = Forest.init(path, exist_ok=True)
-    if not btm.seed_ready(other):
-        plan = btm.Plan(**{**forest.data["plan"], "n_experts": n_experts})
-        btm.copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state")
-        other.set_seed(
-            forest.seed_dir,
-            tokens=forest.data["seed"]["tokens"],
-            flops=forest.data["seed"]["flops"],
-            source="shared with " + str(forest.root),
-            extra={"plan": plan.__dict__},
-            seed_fields={"config": forest.data["seed"]["config"]},
-        )
-    return other
+            rt_meta = read_json(done)["router_training"]
+        router = {
+            "phase": "router_training",
+            "name": rt.name,
+            "tokens": rt_meta["tokens"],
+            "flops": rt_meta["flops"],
+            "output": str(rt),
+        }
+        forest.record_phase(router)
+        models["moe_router_trained"] = rt
+    return models, router
 
 
 def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log) -> Forest:
@@ -222,7 +318,7 @@ def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progre
             corpus, load_tokenizer(out / "tokenizer"), rshards_dir, random_domains=k, progress=progress
         )
     rshards = Shards(rshards_dir)
-    rforest = forest_sharing_seed(out / "forest-random", forest, len(rshards.domains))
+    rforest = btm.share_seed(out / "forest-random", forest, rshards.domains)
     log(f"      ablation: {k} experts on random splits of the data -> {rforest.root}")
     for d in rshards.domains:
         btm.train_expert(rforest, rshards, d, progress=progress)
@@ -250,7 +346,7 @@ def cluster_forest(
     if not Shards.is_shards_dir(cshards_dir):
         build_shards(assigned, load_tokenizer(out / "tokenizer"), cshards_dir, progress=progress)
     cshards = Shards(cshards_dir)
-    cforest = forest_sharing_seed(out / f"forest-clusters-{k}", forest, len(cshards.domains))
+    cforest = btm.share_seed(out / f"forest-clusters-{k}", forest, cshards.domains)
     if not cforest.data.get("clusterer"):
         cforest.set_clusterer(cdir)
     Clusterer.load(cforest.root / "clusterer")
@@ -258,38 +354,3 @@ def cluster_forest(
     for d in cshards.domains:
         btm.train_expert(cforest, cshards, d, progress=progress)
     return cforest
-
-
-def findings(methods: dict) -> list[str]:
-    """The paper's three claims, checked on this run and stated plainly either way."""
-    out = []
-    m = {k: v["mean_bpb"] for k, v in methods.items()}
-
-    def cmp(a, b, claim):
-        verdict = "holds" if m[a] < m[b] else "does NOT hold here"
-        out.append(
-            f"{claim}: {a} {m[a]:.4f} vs {b} {m[b]:.4f} mean BPB (ratio {m[a] / m[b]:.3f}) -> {verdict}"
-        )
-
-    cmp("ensemble", "dense", "the ensemble beats the compute-matched dense LM in-domain")
-    if "random_ensemble" in m:
-        verdict = "holds" if m["random_ensemble"] >= m["dense"] else "does NOT hold here"
-        out.append(
-            f"random-split experts do not beat dense: random_ensemble {m['random_ensemble']:.4f} vs dense "
-            f"{m['dense']:.4f} (ratio {m['random_ensemble'] / m['dense']:.3f}) -> {verdict}"
-        )
-    cmp("average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
-    if "moe" in m:
-        best = min((k for k in ("moe", "moe_router_trained") if k in m), key=m.get)
-        out.append(
-            f"one merged MoE (top-2 per token, no joint training): {best} {m[best]:.4f} vs ensemble "
-            f"{m['ensemble']:.4f}, average {m['average']:.4f}, seed {m['seed']:.4f} mean BPB"
-            + (
-                " -> worse than the seed: experts trained on all their parameters drift apart, so their MLPs no "
-                "longer fit the merged attention; train experts MLP-only (--set train.trainable='\\.mlp\\.', "
-                "FlexOlmo) to merge them (docs/moe.md)"
-                if m[best] >= m["seed"]
-                else ""
-            )
-        )
-    return out

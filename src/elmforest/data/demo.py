@@ -564,17 +564,27 @@ def build_demo_corpus(
     cache_dir: str | Path | None = None,
     min_bytes: int = 2_000_000,
     progress: bool = True,
+    eval_only: bool = False,
 ) -> dict:
     """Build the demo corpus into ``out`` and return the manifest (also written to disk).
 
-    ``domains`` defaults to all of :data:`DEMO_DOMAINS`. Building a subset updates an
-    existing manifest in ``out`` (other domains' entries are kept). A domain that fails is
-    listed under ``"skipped"`` with its reason and its stale jsonl (if any) is removed.
+    ``domains`` defaults to all of :data:`DEMO_DOMAINS` (with ``eval_only``: the evaluation-only
+    domains of :mod:`elmforest.data.demo_ood`, which no model trains on; their manifest says
+    ``"eval_only": true``). Building a subset updates an existing manifest in ``out`` (other domains'
+    entries are kept). A domain that fails is listed under ``"skipped"`` with its reason and its stale
+    jsonl (if any) is removed.
     """
-    names = list(DEMO_DOMAINS if domains is None else domains)
-    unknown = [d for d in names if d not in BUILDERS]
+    if eval_only:
+        from elmforest.data.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS, EVAL_ONLY_MIN_BYTES
+
+        builders, order = EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS
+        min_bytes = min(min_bytes, EVAL_ONLY_MIN_BYTES)
+    else:
+        builders, order = BUILDERS, DEMO_DOMAINS
+    names = list(order if domains is None else domains)
+    unknown = [d for d in names if d not in builders]
     if unknown:
-        raise ValueError(f"unknown demo domain(s) {unknown}; choose from {list(DEMO_DOMAINS)}")
+        raise ValueError(f"unknown demo domain(s) {unknown}; choose from {list(order)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = SourceCache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
@@ -588,19 +598,20 @@ def build_demo_corpus(
     entries: dict[str, dict] = {
         k: v
         for k, v in old.get("domains", {}).items()
-        if k in BUILDERS and k not in names and (out / v.get("file", "")).is_file()
+        if k in builders and k not in names and (out / v.get("file", "")).is_file()
     }
     skipped: dict[str, str] = {
-        k: v for k, v in old.get("skipped", {}).items() if k in BUILDERS and k not in names
+        k: v for k, v in old.get("skipped", {}).items() if k in builders and k not in names
     }
 
-    say(f"building demo corpus into {out} (cache: {cache.root})")
+    kind = "evaluation-only demo domains" if eval_only else "demo corpus"
+    say(f"building the {kind} into {out} (cache: {cache.root})")
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         path = out / f"{name}.jsonl"
         try:
-            built = BUILDERS[name](cache)
+            built = builders[name](cache)
             stats = write_domain_jsonl(path, name, built.docs)
             if stats["documents"] == 0:
                 raise SkipDomain("source yielded no non-empty documents")
@@ -626,12 +637,14 @@ def build_demo_corpus(
         for note in built.notes:
             say(f"  {'':<20} note: {note}")
 
-    ordered = {k: entries[k] for k in DEMO_DOMAINS if k in entries}
+    ordered = {k: entries[k] for k in order if k in entries}
     manifest = {
         "version": MANIFEST_VERSION,
         "domains": ordered,
-        "skipped": {k: skipped[k] for k in DEMO_DOMAINS if k in skipped},
+        "skipped": {k: skipped[k] for k in order if k in skipped},
     }
+    if eval_only:
+        manifest["eval_only"] = True
     write_json_atomic(manifest_path, manifest)
     say(
         f"done in {time.perf_counter() - t_all:.1f}s: {len(ordered)} domains built, {len(manifest['skipped'])} skipped"

@@ -73,7 +73,7 @@ class BuildReport:
 
 
 def build_shards(
-    data: str | os.PathLike,
+    data: str | os.PathLike | list,
     tokenizer: LoadedTokenizer | str | os.PathLike,
     out: str | os.PathLike,
     split: SplitSpec | None = None,
@@ -88,7 +88,9 @@ def build_shards(
     `random_domains=K` replaces every document's domain by one of K random groups (stable per id):
     the BTM ablation of experts trained on random splits of the data. `only_splits` skips the
     other splits' documents before tokenizing them (evaluation needs only its held-out split).
+    `data` may be a list of paths, read one after another (several out-of-domain sets in one build).
     """
+    sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -128,7 +130,8 @@ def build_shards(
 
     try:
         batch = []
-        for doc in iter_documents(data, stats):
+        docs = (doc for path in sources for doc in iter_documents(path, stats))
+        for doc in docs:
             if only_splits and split.assign(doc.id) not in only_splits:
                 continue
             nbytes = len(doc.text.encode("utf-8"))
@@ -141,7 +144,7 @@ def build_shards(
             flush(batch)
         bar.close()
         if not writers:
-            raise ValueError(f"{data}: no usable documents ({stats.summary()})")
+            raise ValueError(f"{', '.join(map(str, sources))}: no usable documents ({stats.summary()})")
         domains: dict[str, dict] = {}
         for (domain, split_name), w in sorted(writers.items()):
             w.f.close()
@@ -155,7 +158,7 @@ def build_shards(
         save_tokenizer(tok, staging)
         index = {
             "version": INDEX_VERSION,
-            "source": str(Path(data).resolve()),
+            "source": str(sources[0].resolve()) if len(sources) == 1 else [str(x.resolve()) for x in sources],
             "tokenizer": {
                 "fingerprint": tok.fingerprint(),
                 "vocab_size": tok.vocab_size,

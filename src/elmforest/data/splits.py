@@ -18,8 +18,9 @@ class SplitSpec:
     test_frac: float = 0.05
 
     def __post_init__(self):
+        # valid + test may take everything: evaluation-only data (out-of-domain sets) has no train split
         if not (
-            0 <= self.valid_frac < 1 and 0 <= self.test_frac < 1 and self.valid_frac + self.test_frac < 1
+            0 <= self.valid_frac <= 1 and 0 <= self.test_frac <= 1 and self.valid_frac + self.test_frac <= 1
         ):
             raise ValueError(f"bad split fractions: valid={self.valid_frac}, test={self.test_frac}")
 

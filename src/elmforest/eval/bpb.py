@@ -103,10 +103,19 @@ def stream_nll(
     return float(total)
 
 
-def select_documents(docs: np.ndarray, max_tokens: int | None) -> tuple[int, int, int]:
-    """Whole documents from the start of a split up to `max_tokens`: (n_docs, tokens, bytes)."""
+def select_documents(docs: np.ndarray, max_bytes: int | None) -> tuple[int, int, int]:
+    """Whole documents from the start of a split, as many as fit in `max_bytes` of text (at least one):
+    (n_docs, tokens, bytes).
+
+    Chosen by bytes, never by tokens: documents sit in the same order whatever the tokenizer (the
+    split and the file order decide it), so every model, whatever its tokenizer, scores exactly the
+    same documents and the same bytes.
+    """
     ends, nbytes = docs[:, 0], docs[:, 1]
-    n = len(ends) if not max_tokens else max(1, int(np.searchsorted(ends, max_tokens, side="right")))
+    if max_bytes:
+        n = max(1, int(np.searchsorted(np.cumsum(nbytes), max_bytes, side="right")))
+    else:
+        n = len(ends)
     return n, int(ends[n - 1]), int(nbytes[:n].sum())
 
 
@@ -117,7 +126,7 @@ def evaluate_shards(
     domains: list[str] | None = None,
     seq_len: int = 256,
     batch_size: int = 16,
-    max_tokens: int | None = None,
+    max_bytes: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
@@ -130,7 +139,7 @@ def evaluate_shards(
         raise ValueError(f"{shards.root}: no domain has a {split!r} split")
     out = {}
     for d in names:
-        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
+        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
         nll = stream_nll(model, stream, shards.eos_id, seq_len, batch_size, dev, amp, progress, desc=d)
         sc = StreamScore(nll, n_tok, n_bytes + n_docs)
@@ -147,7 +156,7 @@ def evaluate_shards(
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
         "split": split,
         "seq_len": seq_len,
-        "max_tokens": max_tokens,
+        "max_bytes": max_bytes,
         "device": str(dev),
         "precision": str(amp or torch.float32).replace("torch.", ""),
         "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
@@ -161,7 +170,7 @@ def evaluate(
     domains: list[str] | None = None,
     seq_len: int | None = None,
     batch_size: int = 16,
-    max_tokens: int | None = None,
+    max_bytes: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
@@ -169,26 +178,31 @@ def evaluate(
 ) -> dict:
     """Evaluate a model (run dir or HF checkpoint) on a shards dir or on raw JSONL/Parquet/txt data.
 
-    Raw data is tokenized with the model's own tokenizer into temporary shards; `split` selects
-    documents by the id hash (train/valid/test, default fractions) or `all` (default for raw data).
-    Shards must have been made with the model's tokenizer (checked by fingerprint).
+    `split` is `test` by default, for shards and raw data alike and for models and forests alike, so
+    every mode scores the same documents; `all` scores every document. Raw data is tokenized with the
+    model's own tokenizer into temporary shards, its documents split by the id hash with the fractions
+    of the model's training shards. Shards must have been made with the model's tokenizer.
     """
     mdir = resolve_model_dir(model_path)
     tok = load_tokenizer(mdir)
     model = load_model(mdir, trust_remote_code=trust_remote_code)
     seq_len = seq_len or default_seq_len(mdir)
+    split = split or "test"
+    if split not in ("train", "valid", "test", "all"):
+        raise ValueError(f"split must be train, valid, test or all, got {split!r}")
     raw = not Shards.is_shards_dir(data)
     with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
         if not raw:
-            shards, split = Shards(data), split or "test"
+            shards = Shards(data)
             if shards.tokenizer_fingerprint != tok.fingerprint():
                 raise ValueError(
                     f"{data} was tokenized with a different tokenizer than {mdir}; "
                     "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
                 )
+            if split == "all":
+                raise ValueError("--split all needs raw data (a shards directory keeps its splits apart)")
             stored = split
         else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
-            split = split or "all"
             spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
             stored = "train" if split == "all" else split
             built = build_shards(
@@ -196,7 +210,7 @@ def evaluate(
             )
             shards = Shards(built.out)
         result = evaluate_shards(
-            model, shards, stored, domains, seq_len, batch_size, max_tokens, device, precision, progress
+            model, shards, stored, domains, seq_len, batch_size, max_bytes, device, precision, progress
         )
         if raw:
             result["read"] = shards.index["read"]

@@ -1,18 +1,33 @@
-"""Per-domain result tables for the terminal."""
+"""Per-domain result tables for the terminal, and the results plot."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
+FLOPS_TOLERANCE = 0.01  # arms whose training FLOPs differ by more than this are flagged
+
+
+def flops_mark(ratio: float | None) -> str:
+    """The training-FLOPs ratio to dense as a cell: flagged with '!' when it is not matched within 1%."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3f}" + ("!" if abs(ratio - 1) > FLOPS_TOLERANCE else "")
+
 
 def print_table(
-    results: dict[str, dict], title: str = "bits per byte (lower is better)", console: Console | None = None
+    results: dict[str, dict],
+    title: str = "bits per byte (lower is better)",
+    console: Console | None = None,
+    flops: dict[str, float] | None = None,
 ) -> None:
-    """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...})."""
+    """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...}); `flops` maps
+    a method to its training FLOPs over the dense baseline's (a last row, '!' where not matched)."""
     domains = sorted({d for r in results.values() for d in r["domains"]})
     # wide enough for every column: a pipe or log file would otherwise get 80 columns and truncated names
-    need = max(len(d) for d in domains) + sum(max(len(m), 7) + 3 for m in results) + 8
+    need = (
+        max(len(d) for d in domains + ["train FLOPs / dense"]) + sum(max(len(m), 7) + 3 for m in results) + 8
+    )
     console = console or Console(width=max(need, Console().width))
     table = Table(title=title)
     table.add_column("domain")
@@ -26,25 +41,50 @@ def print_table(
         table.add_row(*row)
     table.add_section()
     table.add_row("mean", *[f"{r['mean_bpb']:.4f}" for r in results.values()])
+    if flops:
+        table.add_row("train FLOPs / dense", *[flops_mark(flops.get(m)) for m in results])
     console.print(table)
+    if flops and any(abs(v - 1) > FLOPS_TOLERANCE for m, v in flops.items() if m in results):
+        console.print(
+            "  '!': this arm's training FLOPs differ from the dense baseline's by more than "
+            f"{FLOPS_TOLERANCE:.0%}: not a compute-matched comparison"
+        )
 
 
 def plot_results(
-    results: dict[str, dict], path, title: str = "bits per byte by domain (lower is better)"
+    results: dict[str, dict],
+    path,
+    title: str = "bits per byte by domain (lower is better)",
+    ood: dict[str, dict] | None = None,
 ) -> None:
-    """Grouped bars: one group per domain (plus the mean), one bar per method; written atomically."""
+    """Grouped bars: one group per domain (plus the mean), one bar per method; a second panel for the
+    out-of-domain sets when given. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from elmforest.utils.io import atomic_path
+
+    panels = [("in-domain (test splits of the training domains)", results)]
+    if ood:
+        panels.append(("out-of-domain (no model trained on these)", ood))
+    widest = max(len({d for r in res.values() for d in r["domains"]}) for _, res in panels) + 1
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.3 * widest), 4.5 * len(panels)), squeeze=False)
+    for ax, (label, res) in zip(axes[:, 0], panels, strict=True):
+        _bars(ax, res, f"{title}: {label}" if len(panels) > 1 else title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _bars(ax, results: dict[str, dict], title: str) -> None:
+    import numpy as np
 
     domains = sorted({d for r in results.values() for d in r["domains"]}) + ["mean"]
     methods = list(results)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.5))
     x = np.arange(len(domains))
     for i, m in enumerate(methods):
         r = results[m]
@@ -56,10 +96,6 @@ def plot_results(
     ax.set_ylabel("bits per byte")
     lo = min(min(r["domains"][d]["bpb"] for d in r["domains"]) for r in results.values())
     ax.set_ylim(bottom=max(0.0, lo * 0.85))
-    ax.set_title(title)
-    ax.legend(ncol=min(4, len(methods)), fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(ncol=min(4, len(methods)), fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)

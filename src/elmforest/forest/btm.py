@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -40,6 +41,10 @@ class Plan:
     batch_size: int  # dense and seed batch (sequences per micro-batch)
     n_experts: int
     seed_share: float = 0.5
+    # The experts' domains, one each (None when only their number is known yet): the same list the
+    # seed and the dense run mix, unless the forest shares another forest's seed (c-BTM, ablations).
+    domains: list[str] | None = None
+    expert_lr: float | None = None  # peak LR of the schedule the experts continue; None: the seed's
 
     def __post_init__(self):
         if not 0 < self.seed_share < 1:
@@ -49,6 +54,15 @@ class Plan:
                 f"batch size {self.batch_size} is not divisible by {self.n_experts} experts; "
                 "use a multiple so each expert gets an equal share (compute matching)"
             )
+        if self.domains is not None:
+            self.domains = list(self.domains)
+            if len(self.domains) != self.n_experts or len(set(self.domains)) != len(self.domains):
+                raise ValueError(
+                    f"the plan has {self.n_experts} experts but {len(self.domains)} domains "
+                    f"{self.domains}; one expert per domain, each domain once"
+                )
+        if self.expert_lr is not None and not (self.expert_lr > 0 and math.isfinite(self.expert_lr)):
+            raise ValueError(f"expert_lr must be a positive number, got {self.expert_lr}")
 
     @property
     def seed_steps(self) -> int:
@@ -59,12 +73,45 @@ class Plan:
         return self.batch_size // self.n_experts
 
 
-def plan_for(base: RunConfig, n_experts: int, seed_share: float = 0.5) -> tuple[Plan, RunConfig]:
-    """Round the preset's batch to a multiple of the number of experts (at least one sequence each)."""
-    per_expert = max(1, round(base.train.batch_size / n_experts))
+def plan_for(
+    base: RunConfig, domains: list[str] | int, seed_share: float = 0.5, expert_lr: float | None = None
+) -> tuple[Plan, RunConfig]:
+    """The plan for one expert per domain (or for `domains` experts not named yet), and the dense config.
+
+    The batch is rounded to a multiple of the number of experts (at least one sequence each). When the
+    domains are named, the seed and the dense run mix exactly those (`data.domains`); a config that
+    names other domains is refused, so the arms never see different data.
+    """
+    names = None if isinstance(domains, int) else list(domains)
+    n = domains if isinstance(domains, int) else len(names)
+    if n < 1:
+        raise ValueError("a forest needs at least one expert")
     cfg = copy.deepcopy(base)
-    cfg.train.batch_size = per_expert * n_experts
-    return Plan(cfg.train.steps, cfg.train.batch_size, n_experts, seed_share), cfg
+    if names is not None:
+        if cfg.data.domains is not None and sorted(cfg.data.domains) != sorted(names):
+            raise ValueError(
+                f"data.domains={cfg.data.domains} (the seed and dense mixture) differs from the experts' "
+                f"domains {names}; one domain list must drive every phase"
+            )
+        cfg.data.domains = names
+    per_expert = max(1, round(base.train.batch_size / n))
+    cfg.train.batch_size = per_expert * n
+    return Plan(cfg.train.steps, cfg.train.batch_size, n, seed_share, names, expert_lr), cfg
+
+
+def check_plan(forest: Forest, plan: Plan) -> None:
+    """A forest is planned once: re-running a phase with another plan would mix two budgets."""
+    old = forest.data.get("plan")
+    if old is None:
+        return
+    have = asdict(Plan(**old))
+    diff = {k: (have[k], v) for k, v in asdict(plan).items() if have.get(k) != v}
+    if diff:
+        raise ValueError(
+            f"{forest.root} was planned differently ("
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            + "); use a new forest directory or the same settings"
+        )
 
 
 def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -> str:
@@ -95,6 +142,7 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
 def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
     """Train the dense run up to the seed's share, then store the seed (HF + trainer state) in the forest."""
     if seed_ready(forest):
+        check_plan(forest, plan)
         return forest.data["seed"]
     cfg = _dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
@@ -139,6 +187,30 @@ def copy_dir_atomic(src: Path, dst: Path) -> None:
     replace_dir(tmp, dst)
 
 
+def share_seed(
+    path: str | Path, forest: Forest, domains: list[str], expert_lr: float | None = None
+) -> Forest:
+    """A new forest grown from the same seed (copied whole, recorded in one manifest write), with the
+    budget split between one expert per domain of `domains` (each gets batch / k, so compute stays
+    matched): BTM's random-split ablation, c-BTM's cluster experts, an LR sweep's expert points."""
+    other = Forest.init(path, exist_ok=True)
+    old = Plan(**forest.data["plan"])
+    lr = expert_lr if expert_lr is not None else old.expert_lr
+    plan = Plan(old.total_steps, old.batch_size, len(domains), old.seed_share, list(domains), lr)
+    if not seed_ready(other):
+        copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state")
+        other.set_seed(
+            forest.seed_dir,
+            tokens=forest.data["seed"]["tokens"],
+            flops=forest.data["seed"]["flops"],
+            source="shared with " + str(forest.root),
+            extra={"plan": asdict(plan)},
+            seed_fields={"config": forest.data["seed"]["config"]},
+        )
+    check_plan(other, plan)
+    return other
+
+
 def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
     """Use any local HF checkpoint as the seed (no seed training; experts get a fresh optimizer)."""
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
@@ -170,6 +242,8 @@ def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig |
         cfg = RunConfig.from_dict(seed["config"])
         cfg.train.batch_size = plan.expert_batch_size
         cfg.train.init_checkpoint = str((forest.root / "seed_state").resolve())
+        if plan.expert_lr is not None:  # the seed's schedule, continued at the experts' own peak LR
+            cfg.optim.lr = plan.expert_lr
     else:
         if base is None:
             raise ValueError("the seed came from a checkpoint: give the experts' run config (preset/--set)")
@@ -231,6 +305,12 @@ def train_expert(
     if not shards.has(domain, "train"):
         raise ValueError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
     cfg = expert_config(forest, shards, domain, base)
+    planned = (forest.data.get("plan") or {}).get("domains")
+    if planned is not None and domain not in planned and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"note: {domain!r} is not one of the plan's domains {planned}: this expert's compute comes on "
+            "top of the matched budget (the forest's ledger counts it)"
+        )
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
     if branch.startswith("expert:") or branch == "mixture":
         if branch == "mixture":
@@ -285,6 +365,25 @@ def train_expert(
     return entry
 
 
+def plan_domains(plan: Plan, shards: Shards, domains: list[str] | None = None) -> list[str]:
+    """The experts' domains: the plan's; a different list (or count) is refused."""
+    if plan.domains is not None:
+        if domains is not None and sorted(domains) != sorted(plan.domains):
+            raise ValueError(f"the plan's experts are {plan.domains}, not {domains}")
+        names = plan.domains
+    else:
+        names = list(domains or [d for d in shards.domains if shards.has(d, "train")])
+        if len(names) != plan.n_experts:
+            raise ValueError(
+                f"the plan shares the budget between {plan.n_experts} experts, but {len(names)} domains "
+                f"would train ({names}); each expert's batch would not match the budget"
+            )
+    missing = [d for d in names if not shards.has(d, "train")]
+    if missing:
+        raise ValueError(f"{shards.root}: no training data for domain(s) {missing}; have {shards.domains}")
+    return list(names)
+
+
 def read_summary(forest: Forest, name: str) -> dict | None:
     p = forest.root / "runs" / name / "summary.json"
     return read_json(p) if p.is_file() else None
@@ -312,8 +411,9 @@ def train_forest(
     from elmforest.launch.jobs import ExpertJob, as_dict, run_job
     from elmforest.launch.progress import ProgressMonitor
 
+    planned = plan_domains(plan, shards, domains)
     train_seed(forest, shards, base, plan, progress=progress)
-    names = [d for d in (domains or shards.domains) if d not in forest.removed]
+    names = [d for d in planned if d not in forest.removed]
     jobs = [
         ExpertJob(str(forest.root), str(Path(shards.root).resolve()), d, threads=threads, procs=procs)
         for d in names

@@ -41,6 +41,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p.add_argument(
         "--from-checkpoint", help="use this local HF checkpoint as the seed instead of training one"
     )
+    _expert_lr_arg(p)
     add_common_train(p)
     p = fo.add_parser("expert", help="branch, train one domain expert alone, and merge it into the forest")
     forest_arg(p)
@@ -80,6 +81,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
     )
     p.add_argument("--max-retries", type=int, default=3, help="retries of an expert whose worker died")
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    _expert_lr_arg(p)
     add_common_train(p)
     p = fo.add_parser("average", help="average the experts' parameters into one HF checkpoint")
     forest_arg(p)
@@ -116,6 +118,25 @@ def add_forest_parsers(sub, add_common_train) -> None:
     g.add_argument("--temperature-routing", type=float, default=0.1)
 
 
+def _expert_lr_arg(p) -> None:
+    p.add_argument(
+        "--expert-lr",
+        type=float,
+        help="peak LR of the expert phase (default: the preset's swept expert LR, else optim.lr)",
+    )
+
+
+def expert_lr(args) -> float | None:
+    """--expert-lr, else the preset's recorded expert LR (not for a --config run: it names its own)."""
+    if getattr(args, "expert_lr", None) is not None:
+        return args.expert_lr
+    if getattr(args, "config", None):
+        return None
+    from elmforest.model.presets import get_preset
+
+    return get_preset(args.preset).expert_lr
+
+
 def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--forest", help="evaluate a forest instead of one model")
     ev.add_argument(
@@ -134,7 +155,19 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
         "demix: the previous token only",
     )
     ev.add_argument("--select", default="prior", help="top-k selection: prior | prefix:W (first W tokens)")
-    ev.add_argument("--prior-batches", type=int, default=100, help="valid batches for the cached prior")
+    ev.add_argument(
+        "--prior-batches",
+        type=int,
+        default=20,
+        help="valid batches for the cached prior (every valid window when there are fewer)",
+    )
+    ev.add_argument(
+        "--reset",
+        default="document",
+        choices=["document", "window"],
+        help="document: the posterior and c-BTM routing restart at each document inside a window; "
+        "window: carried across documents within a window",
+    )
     ev.add_argument("--temperature", type=float, default=0.1, help="c-BTM routing temperature T")
     ev.add_argument("--route", default="sequence", help="c-BTM routing: sequence | segment:W")
 
@@ -154,12 +187,13 @@ def run_forest_eval(args) -> dict:
         domains=_split_list(args.domains),
         seq_len=args.seq_len,
         batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
+        max_bytes=args.max_bytes,
         prior_batches=args.prior_batches,
         device=args.device,
         precision=args.precision,
         temperature=args.temperature,
         route=args.route,
+        reset=args.reset,
     )
 
 
@@ -224,7 +258,11 @@ def dispatch(args, run_config) -> int:
             btm.seed_from_checkpoint(forest, args.from_checkpoint)
         else:
             shards = Shards(args.shards)
-            plan, base = btm.plan_for(run_config(args), args.experts or len(shards.domains), args.seed_share)
+            cfg = run_config(args)
+            domains = (
+                args.experts or cfg.data.domains or [d for d in shards.domains if shards.has(d, "train")]
+            )
+            plan, base = btm.plan_for(cfg, domains, args.seed_share, expert_lr(args))
             btm.train_seed(forest, shards, base, plan, progress=not args.no_progress)
         print(forest.describe())
     elif cmd == "expert":
@@ -268,7 +306,10 @@ def dispatch(args, run_config) -> int:
                 "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
             )
 
-        plan, base = btm.plan_for(run_config(args), len(shards.domains), args.seed_share)
+        cfg = run_config(args)
+        # one domain list (data.domains, else every domain with training data) drives every phase
+        domains = cfg.data.domains or [d for d in shards.domains if shards.has(d, "train")]
+        plan, base = btm.plan_for(cfg, domains, args.seed_share, expert_lr(args))
         if plan.expert_batch_size % args.procs_per_expert:
             raise ValueError(
                 f"each expert's batch ({plan.expert_batch_size}) must divide among "

@@ -4,10 +4,17 @@ Windows and the byte convention are exactly those of single-model evaluation (ev
 forest's numbers compare directly with a dense model's. Each expert is run on its own and only
 its per-token log-probs are kept; the mixture is formed afterwards (forest/posterior.py).
 
-Cached prior (BTM): for each target domain, the posterior over experts of a few batches of that
-domain's *validation* split, smoothed by an exponential moving average (alpha 0.3). It is then
-either the prior of the per-token Bayes posterior (`weighting=posterior`), or the fixed mixture
-weights (`weighting=fixed`).
+Cached prior (BTM): for each target domain, the posterior over experts after each window of the
+first `prior_batches` batches (default 20, or every window when there are fewer) of that domain's
+*validation* split, averaged per batch and smoothed by a bias-corrected exponential moving average
+(alpha 0.3). It is then either the prior of the per-token Bayes posterior (`weighting=posterior`),
+or the fixed mixture weights (`weighting=fixed`). A domain without a validation split (a small
+out-of-domain set) gets the uniform prior, and the result says so (`prior_source`). The prior never
+sees the test split.
+
+Document boundaries (`reset`): with "document" (the default) the posterior, and c-BTM's routing,
+restart at each document's first token inside a window; "window" carries them across documents
+within a window (the behaviour before; kept to measure the difference). See forest/posterior.py.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 import torch
 
 from elmforest.data.shards import Shards, build_shards
+from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import (
     StreamScore,
@@ -38,6 +46,7 @@ from elmforest.model.build import load_model
 from elmforest.utils.device import resolve_device, resolve_precision
 
 MODES = ("ensemble", "topk", "average", "cluster")
+RESETS = ("document", "window")
 
 
 @dataclass
@@ -110,10 +119,37 @@ def estimate_prior(
     key=None,
 ) -> torch.Tensor:
     """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
+    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key)[0]
+
+
+def estimate_prior_info(
+    pool: ExpertPool,
+    stream: np.ndarray,
+    eos_id: int,
+    seq_len: int,
+    batches: int,
+    alpha: float = 0.3,
+    key=None,
+) -> tuple[torch.Tensor, int]:
+    """(prior, windows used): every window when the split holds fewer than `batches` batches."""
+    if batches < 1:
+        raise ValueError(f"prior_batches must be at least 1, got {batches}")
     nw = min(n_windows(len(stream), seq_len), batches * pool.batch_size)
     lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
     posts = [sequence_posterior(lp[:, i : i + pool.batch_size]) for i in range(0, nw, pool.batch_size)]
-    return cached_prior(posts, alpha)
+    return cached_prior(posts, alpha), nw
+
+
+def doc_starts(stream: np.ndarray, eos_id: int, seq_len: int, nw: int) -> torch.Tensor:
+    """[nw, T] True where the predicted token opens a document (the token before it is EOS; the
+    stream's very first token counts, its context being the leading EOS)."""
+    n = len(stream)
+    pos = np.arange(nw * seq_len)
+    prev = np.full(len(pos), eos_id, dtype=np.int64)
+    inside = (pos >= 1) & (pos <= n)
+    prev[inside] = np.asarray(stream[pos[inside] - 1], dtype=np.int64)
+    starts = (prev == eos_id) & (pos < n)
+    return torch.from_numpy(starts.reshape(nw, seq_len))
 
 
 def _score(nll: float, n_tok: int, n_bytes: int, n_docs: int) -> dict:
@@ -140,8 +176,8 @@ def evaluate_forest_shards(
     domains: list[str] | None = None,
     seq_len: int = 256,
     batch_size: int = 16,
-    max_tokens: int | None = None,
-    prior_batches: int = 100,
+    max_bytes: int | None = None,
+    prior_batches: int = 20,
     prior_split: str = "valid",
     device: str = "auto",
     precision: str = "auto",
@@ -150,6 +186,7 @@ def evaluate_forest_shards(
     pool: ExpertPool | None = None,
     temperature: float = 0.1,
     route: str = "sequence",
+    reset: str = "document",
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
 
@@ -160,6 +197,10 @@ def evaluate_forest_shards(
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if prior not in ("cached", "uniform"):
         raise ValueError(f"unknown prior {prior!r}; expected cached or uniform")
+    if reset not in RESETS:
+        raise ValueError(f"unknown reset {reset!r}; expected one of {RESETS}")
+    if prior == "cached" and prior_split == split:
+        raise ValueError(f"the prior must come from other documents than the {split!r} split it scores")
     names = experts or forest.names
     if not names:
         raise ValueError(f"{forest.root}: the forest has no experts")
@@ -179,24 +220,32 @@ def evaluate_forest_shards(
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
-        cluster_ctx = _ClusterContext(forest, names, shards, k, temperature, route, seq_len)
+        cluster_ctx = _ClusterContext(forest, names, shards, k, temperature, route, seq_len, reset)
     for d in wanted:
-        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_tokens)
+        n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
         nw = n_windows(n_tok, seq_len)
         full_passes += n * n_tok
-        if prior == "cached":
-            if not shards.has(d, prior_split):
-                raise ValueError(
-                    f"{shards.root}: domain {d!r} has no {prior_split!r} split to estimate a prior on"
-                )
+        entry: dict = {}
+        if prior == "cached" and shards.has(d, prior_split):
             pkey = (str(shards.root), d, prior_split)
             before = pool.passes
-            pi = estimate_prior(pool, shards.tokens(d, prior_split), eos, seq_len, prior_batches, key=pkey)
+            pi, used = estimate_prior_info(
+                pool, shards.tokens(d, prior_split), eos, seq_len, prior_batches, key=pkey
+            )
             prior_passes += pool.passes - before
+            entry["prior_source"] = f"{d}/{prior_split}: {used} windows"
         else:
             pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        entry: dict = {"prior": dict(zip(names, pi.tolist(), strict=True))}
+            entry["prior_source"] = (
+                "uniform"
+                if prior == "uniform" or mode == "cluster"
+                else f"uniform: {d} has no {prior_split} split"
+            )
+        entry["prior"] = dict(zip(names, pi.tolist(), strict=True))
+        top = int(torch.argmax(pi))
+        entry["prior_max"] = {"expert": names[top], "weight": float(pi[top])}
+        starts = doc_starts(stream, eos, seq_len, nw) if reset == "document" else None
         if mode == "cluster":
             nll, mean_w, run = cluster_ctx.nll(pool, stream, nw)
             entry.update(_score(nll, n_tok, n_bytes, n_docs))
@@ -212,7 +261,7 @@ def evaluate_forest_shards(
                     f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
                 )
             res = evaluate_shards(
-                model, shards, split, [d], seq_len, batch_size, max_tokens, device, precision, progress=False
+                model, shards, split, [d], seq_len, batch_size, max_bytes, device, precision, progress=False
             )
             pool.passes += n_tok
             entry.update({k2: v for k2, v in res["domains"][d].items()})
@@ -221,7 +270,7 @@ def evaluate_forest_shards(
         else:
             key = (str(shards.root), d, split, n_tok)
             nll, mean_w, run = _mixture_nll(
-                pool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key
+                pool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key, starts
             )
             entry.update(_score(nll, n_tok, n_bytes, n_docs))
             entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
@@ -237,12 +286,14 @@ def evaluate_forest_shards(
         "route": route if mode == "cluster" else None,
         "prior": prior,
         "weighting": weighting,
+        "reset": reset if mode in ("ensemble", "topk", "cluster") else None,
         "select": select if mode == "topk" else None,
         "experts": names,
         "split": split,
         "seq_len": seq_len,
-        "max_tokens": max_tokens,
+        "max_bytes": max_bytes,
         "prior_batches": prior_batches,
+        "prior_split": prior_split,
         "device": str(dev),
         "precision": str(amp or torch.float32).replace("torch.", ""),
         "posterior": posterior_table,
@@ -273,29 +324,30 @@ def _is_tied(model, name: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")
 
 
-def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key):
+def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key, starts):
     """Summed NLL of the (top-k) mixture, the mean weight per expert, and the experts that ran."""
     n = len(pool.dirs)
     if mode == "ensemble":
         lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key)
-        lw = log_weights(lp.double(), pi, weighting)
+        lw = log_weights(lp.double(), pi, weighting, starts)
         ens = ensemble_logprob(lp.double(), lw)
         return -float(ens.sum()), _mean_weight(lw, _valid(nw, seq_len, len(stream))), list(range(n))
     if select == "prior":
         # BTM: keep the k largest prior entries, renormalise, and run only those experts.
         top = torch.topk(pi, k).indices.sort().values.tolist()
         lp = pool.all_logprobs(top, stream, eos, seq_len, range(nw), key=key)
-        lw = log_weights(lp.double(), pi[top], weighting)
+        lw = log_weights(lp.double(), pi[top], weighting, starts)
         ens = ensemble_logprob(lp.double(), lw)
         mean_w = torch.zeros(n, dtype=torch.float64)
         mean_w[top] = _mean_weight(lw, _valid(nw, seq_len, len(stream)))
         return -float(ens.sum()), mean_w, top
     if select.startswith("prefix:"):
-        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, int(select.split(":", 1)[1]))
+        w = int(select.split(":", 1)[1])
+        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts)
     raise ValueError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
 
 
-def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
+def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     """Per window: all experts read the first w tokens, the k most probable then score the rest.
 
     Positions < w are scored by the full ensemble (every expert has run there); positions >= w by
@@ -304,7 +356,7 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
     n = len(pool.dirs)
     w = max(1, min(w, seq_len))
     head = torch.stack([pool.logprobs(j, stream, eos, seq_len, range(nw), upto=w) for j in range(n)])
-    lw_head = log_weights(head.double(), pi, weighting)
+    lw_head = log_weights(head.double(), pi, weighting, starts)
     nll = -float(ensemble_logprob(head.double(), lw_head)[:, :w].sum())
     post_w = sequence_posterior(head.double()[:, :, :w], pi)  # [N, B] after the first w tokens
     chosen = torch.topk(post_w, k, dim=0).indices  # [k, B]
@@ -318,7 +370,7 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w):
     # each window's k-expert mixture: the prior restricted to the chosen experts and renormalised; the
     # posterior then re-reads the first w tokens itself (using post_w as the prior would count them twice)
     sel_prior = pi.double()[chosen]
-    lw = log_weights(lp_sel, sel_prior, weighting)
+    lw = log_weights(lp_sel, sel_prior, weighting, starts)
     ens = ensemble_logprob(lp_sel, lw)
     nll += -float(ens[:, w:].sum())
     # mean weights: the full ensemble's before w, the chosen experts' from w on
@@ -342,6 +394,7 @@ class _ClusterContext:
         temperature: float,
         route: str,
         seq_len: int,
+        reset: str = "document",
     ):
         from elmforest.cluster.clusterer import Clusterer
         from elmforest.cluster.router import IncrementalRouter, token_byte_table
@@ -374,6 +427,7 @@ class _ClusterContext:
         else:
             raise ValueError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
         self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
+        self.reset = reset
         tok = _load_tok(shards.root)
         self.router = IncrementalRouter(self.clusterer, token_byte_table(tok), shards.eos_id)
 
@@ -393,14 +447,28 @@ class _ClusterContext:
         return w
 
     def nll(self, pool: ExpertPool, stream: np.ndarray, nw: int):
-        T, seg = self.seq_len, self.seg
-        offsets = np.arange(0, T, seg)
-        starts = (np.arange(nw)[:, None] * T + offsets[None, :]).reshape(-1)
-        keep = starts < len(stream)
-        w_seg = np.zeros((len(starts), self.n))
-        w_seg[keep] = self.weights(stream, starts[keep])
-        w_seg = w_seg.reshape(nw, len(offsets), self.n)
-        needed = w_seg.sum(1) > 0  # [nw, N]: experts a window needs (for any of its segments)
+        """Each position takes the routing of the latest routing point at or before it in its window:
+        every W tokens (the window start for `sequence`) and, with reset="document", each document's
+        first token (routed on its own, empty, context: the size prior), so no document is routed by
+        the one before it."""
+        T, seg, n_tok = self.seq_len, self.seg, len(stream)
+        points = np.zeros((nw, T), dtype=bool)
+        points[:, ::seg] = True
+        if self.reset == "document":
+            points |= doc_starts(stream, self.router.eos_id, T, nw).numpy()
+        flat = np.arange(nw * T).reshape(nw, T)
+        points &= flat < n_tok
+        points[:, 0] |= True  # every window routes at its start (trailing padding windows never exist)
+        positions = flat[points]  # sorted stream positions
+        w_route = self.weights(stream, np.minimum(positions, max(n_tok - 1, 0)))  # [P, N]
+        # the routing point each position follows: the latest one at or before it in its window
+        t_idx = np.where(points, np.arange(T)[None, :], 0)
+        latest = np.maximum.accumulate(t_idx, axis=1)
+        row_of = np.full(nw * T, -1, dtype=np.int64)
+        row_of[positions] = np.arange(len(positions))
+        rows = row_of[(np.arange(nw)[:, None] * T + latest).reshape(-1)].reshape(nw, T)
+        w_pos_np = w_route[rows]  # [nw, T, N]
+        needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
         lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
         for i in range(self.n):
             wins = np.flatnonzero(needed[:, i])
@@ -408,11 +476,10 @@ class _ClusterContext:
                 lp[i, torch.as_tensor(wins)] = pool.logprobs(
                     i, stream, self.router.eos_id, T, wins.tolist()
                 ).double()
-        # per-position weights: each segment's routing, repeated over its W positions
-        w_pos = torch.from_numpy(np.repeat(w_seg, seg, axis=1)[:, :T]).permute(2, 0, 1)  # [N, nw, T]
+        w_pos = torch.from_numpy(w_pos_np).permute(2, 0, 1)  # [N, nw, T]
         log_w = torch.log(w_pos)
-        valid = _valid(nw, T, len(stream))
-        # segments past the end of the stream were never routed: their (padding) positions count 0
+        valid = _valid(nw, T, n_tok)
+        # positions past the end of the stream are padding: they count 0
         ens = torch.where(valid > 0, torch.logsumexp(log_w + lp, dim=0), torch.zeros(()))
         mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
         return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist())
@@ -429,33 +496,49 @@ def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None = None, **kw) -> dict:
-    """Evaluate on a shards dir (its tokenizer must be the forest's) or on raw JSONL/Parquet/txt data."""
+    """Evaluate on a shards dir (its tokenizer must be the forest's) or on raw JSONL/Parquet/txt data.
+
+    The split is `test` by default, as for single models. Raw data is split by the id hash with the
+    fractions of the experts' training shards; its domains' own valid documents give the cached prior
+    (a domain with none gets the uniform prior: out-of-domain data from a user). `all` scores every
+    document and needs `prior="uniform"` (there is nothing held out to estimate a prior on).
+    """
     forest = Forest.load(forest_dir)
     if not forest.names:
         raise ValueError(f"{forest_dir}: the forest has no experts")
     first = forest.expert_dir(forest.names[0])
     kw["seq_len"] = kw.get("seq_len") or default_seq_len(first)
+    split = split or "test"
+    if split not in ("train", "valid", "test", "all"):
+        raise ValueError(f"split must be train, valid, test or all, got {split!r}")
+    needs_prior = kw.get("prior", "cached") == "cached" and kw.get("mode", "ensemble") != "cluster"
     if Shards.is_shards_dir(data):
-        res = evaluate_forest_shards(forest, Shards(data), split=split or "test", **kw)
+        if split == "all":
+            raise ValueError("--split all needs raw data (a shards directory keeps its splits apart)")
+        res = evaluate_forest_shards(forest, Shards(data), split=split, **kw)
     else:
-        if split not in (None, "train", "valid", "test"):
+        if split == "all" and needs_prior:
             raise ValueError(
-                "forest evaluation of raw data takes --split train, valid or test (the prior "
-                "is estimated on the valid split)"
+                "--split all scores every document, so no held-out data is left to estimate the cached "
+                "prior on: pass --prior uniform, or evaluate the test split"
             )
+        prior_split = kw.get("prior_split", "valid")
+        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(first)
+        stored = "train" if split == "all" else split
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(
                 build_shards(
                     data,
                     load_tokenizer(first),
                     Path(tmp) / "shards",
-                    training_split_spec(first),
+                    spec,
                     progress=False,
-                    only_splits=(split or "test", kw.get("prior_split", "valid")),
+                    only_splits=(stored, prior_split) if needs_prior else (stored,),
                 ).out
             )
-            res = evaluate_forest_shards(forest, shards, split=split or "test", **kw)
+            res = evaluate_forest_shards(forest, shards, split=stored, **kw)
             res["read"] = shards.index["read"]
+        res["split"] = split
     res["forest"] = str(forest_dir)
     res["data"] = str(data)
     return res

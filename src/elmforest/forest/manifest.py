@@ -192,8 +192,38 @@ class Forest:
         return self.root / s["path"] if s else None
 
     def total_flops(self) -> int:
+        """Training FLOPs of the seed and the current experts (the forest used as an ensemble)."""
         seed = (self.data.get("seed") or {}).get("flops", 0) or 0
         return int(seed + sum(e.get("flops", 0) or 0 for e in self.data["experts"]))
+
+    def ledger(self) -> list[dict]:
+        """Every training phase behind this forest, each counted by what actually ran (train/flops.py):
+        the seed, each current expert, and recorded extra phases (a merged model's router training)."""
+        seed = self.data.get("seed") or {}
+        rows = []
+        if seed:
+            rows.append(
+                {
+                    "phase": "seed",
+                    "name": "seed",
+                    "tokens": seed.get("tokens", 0),
+                    "flops": seed.get("flops", 0),
+                }
+            )
+        for e in self.data["experts"]:
+            rows.append({"phase": "expert", "name": e["name"], "tokens": e["tokens"], "flops": e["flops"]})
+        return rows + [dict(p) for p in self.data.get("ledger", [])]
+
+    def record_phase(self, phase: dict) -> None:
+        """Put a training phase that is neither the seed nor an expert (e.g. the router training of a
+        model merged from this forest) in the ledger; a phase of the same name is replaced."""
+        if not {"phase", "name", "tokens", "flops"} <= set(phase):
+            raise ValueError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
+
+        def change(d):
+            d["ledger"] = [p for p in d.get("ledger", []) if p["name"] != phase["name"]] + [dict(phase)]
+
+        self.update(change)
 
     # -- changes -----------------------------------------------------------------------------------
     def _check_compatible(self, model_dir: Path) -> tuple[str, str]:

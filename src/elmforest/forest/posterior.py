@@ -8,6 +8,13 @@ alone, one after another, and only the gathered log-probs are kept.
 - DEMix's one-token variant: log w_j(t) = log π_j + lp[j, t−1] − logsumexp_j(·) (prior at t = 0).
 - Fixed weights: log w_j(t) = log π_j (BTM's cached-prior mixture).
 The ensemble's log-likelihood is logsumexp_j(log w_j(t) + lp[j, t]).
+
+Document boundaries: a window can hold the end of one document and the start of the next. With
+`starts` (True where the token predicted is a document's first: the input token is EOS), the
+evidence restarts there, so each document's posterior starts from the prior and never uses what the
+previous document said about the domain (`reset="document"`, the default in forest evaluation). In
+a test stream of one domain, carrying it over would leak the stream's construction (neighbouring
+documents share a domain) into the score; a deployed model sees one document at a time.
 """
 
 from __future__ import annotations
@@ -30,17 +37,30 @@ def _as_log_prior(prior: torch.Tensor | None, n: int, like: torch.Tensor) -> tor
     return torch.log(p.clamp_min(0))[:, :, None]
 
 
-def log_weights(lp: torch.Tensor, prior=None, weighting: str = "posterior") -> torch.Tensor:
-    """log w_j(t) [N, B, T], normalised over experts at every position."""
+def log_weights(
+    lp: torch.Tensor, prior=None, weighting: str = "posterior", starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log w_j(t) [N, B, T], normalised over experts at every position.
+
+    `starts` [B, T] (bool) marks the first token of each document inside a window: the evidence of the
+    posterior (and DEMix's previous token) restarts there.
+    """
     n = lp.shape[0]
     log_prior = _as_log_prior(prior, n, lp)
     if weighting == "fixed":
         lw = log_prior.expand_as(lp)
     elif weighting == "posterior":
         before = torch.cumsum(lp, dim=-1) - lp  # Σ_{s<t}: exclusive prefix sum
+        if starts is not None:  # Σ_{doc start <= s < t}: subtract what came before the document began
+            t = lp.shape[-1]
+            idx = torch.where(starts, torch.arange(t, device=lp.device), torch.zeros((), dtype=torch.long))
+            first = torch.cummax(idx, dim=-1).values  # [B, T] index of the current document's first token
+            before = before - torch.gather(before, -1, first.expand(n, -1, -1))
         lw = log_prior + before
     elif weighting == "demix":
         prev = torch.nn.functional.pad(lp[..., :-1], (1, 0))  # lp at t-1; 0 at t = 0
+        if starts is not None:
+            prev = prev.masked_fill(starts, 0.0)
         lw = log_prior + prev
     else:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
@@ -59,11 +79,20 @@ def sequence_posterior(lp: torch.Tensor, prior=None) -> torch.Tensor:
 
 
 def cached_prior(batch_posteriors: list[torch.Tensor], alpha: float = 0.3) -> torch.Tensor:
-    """BTM's cached prior: an exponential moving average of per-batch mean posteriors, from uniform."""
+    """BTM's cached prior: an exponential moving average of per-batch mean posteriors.
+
+    Bias-corrected (as Adam corrects its moments): the average starts at zero and is divided by the
+    weight it has accumulated, 1 − (1 − α)^n, so no weight is left on a uniform starting point however
+    few batches there are (started at uniform, 4 batches kept 24% of it). Equivalently, batch i of n
+    weighs α(1 − α)^(n−i), normalised.
+    """
     if not batch_posteriors:
         raise ValueError("no batches to estimate a prior from")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     n = batch_posteriors[0].shape[0]
-    pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    pi = torch.zeros(n, dtype=torch.float64)
     for post in batch_posteriors:
         pi = alpha * post.double().mean(-1) + (1 - alpha) * pi
+    pi = pi / (1 - (1 - alpha) ** len(batch_posteriors))
     return pi / pi.sum()

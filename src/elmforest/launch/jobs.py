@@ -37,25 +37,67 @@ class ExpertJob:
         return Path(self.forest) / "runs" / self.label
 
 
+@dataclass
+class DenseRunJob:
+    """A forest's whole dense run from scratch (the seed is its first part): one point of an LR sweep."""
+
+    forest: str
+    shards: str
+    config: dict  # RunConfig.to_dict() of the dense run
+    plan: dict  # btm.Plan fields
+    threads: int | None = None
+    label: str = "dense"
+
+    def run_dir(self) -> Path:
+        return Path(self.forest) / "runs" / "dense"
+
+
 def run_job(job: ExpertJob | dict) -> dict:
     """Run one job here; its output goes to <run dir>/job.log (appended across retries)."""
     job = ExpertJob(**job) if isinstance(job, dict) else job
-    run_dir = job.run_dir()
+    return _logged(
+        job.run_dir(),
+        job.label,
+        job.threads,
+        lambda log: _run_distributed(job, log) if job.procs > 1 else _run_here(job),
+    )
+
+
+def run_dense_run(job: DenseRunJob | dict) -> dict:
+    """Seed then dense baseline of one forest, logged like every job; idempotent and resumable."""
+    job = DenseRunJob(**job) if isinstance(job, dict) else job
+
+    def work(log):
+        from elmforest.config import RunConfig
+        from elmforest.data.shards import Shards
+        from elmforest.forest import btm
+        from elmforest.forest.manifest import Forest
+
+        forest, shards = Forest.init(job.forest, exist_ok=True), Shards(job.shards)
+        cfg, plan = RunConfig.from_dict(job.config), btm.Plan(**job.plan)
+        btm.train_seed(forest, shards, cfg, plan, progress=False)
+        s = btm.train_dense(forest, shards, cfg, plan, progress=False)
+        return {"name": job.label, "tokens": s["tokens"], "flops": s["flops"]}
+
+    return _logged(job.run_dir(), job.label, job.threads, work)
+
+
+def _logged(run_dir: Path, label: str, threads: int | None, work) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "worker.pid").write_text(str(os.getpid()))  # lets operators (and tests) find the worker
-    if job.threads:
+    if threads:
         import torch
 
-        torch.set_num_threads(job.threads)
+        torch.set_num_threads(threads)
     with (
         open(run_dir / "job.log", "a", buffering=1) as log,
         _fds_to(log),
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
-        print(f"== job {job.label} (pid {os.getpid()}) ==", flush=True)
+        print(f"== job {label} (pid {os.getpid()}) ==", flush=True)
         try:
-            return _run_distributed(job, log) if job.procs > 1 else _run_here(job)
+            return work(log)
         except BaseException:
             traceback.print_exc()  # the reason lands in the job's log, where the failure report points
             raise

@@ -62,6 +62,11 @@ class ProgressMonitor:
 
     def report(self) -> list[str]:
         lines = [progress_line(n, d, self.total) for n, d in self.runs.items()]
+        if len(lines) > 12:  # many jobs (a sweep): the running ones, and a count of the others
+            done = sum(ln.endswith(" done") for ln in lines)
+            waiting = sum(ln.endswith(" waiting") for ln in lines)
+            lines = [ln for ln in lines if not ln.endswith((" done", " waiting"))]
+            lines.append(f"{len(self.runs)} jobs: {done} done, {len(lines)} running, {waiting} waiting")
         stamp = time.strftime("%H:%M:%S")
         with open(self.log_file, "a") as f:
             for line in lines:

@@ -1,6 +1,8 @@
 """Model presets as code: a Llama architecture plus the training defaults that suit it.
 
-`tiny` is for tests, `cpu-small` is the quickstart default on a laptop CPU; the `btm-*` presets
+`tiny` is for tests, `cpu-small` is the quickstart default on a laptop CPU (its dense and expert LRs
+come from a recorded `elmforest sweep` on the demo corpus, docs/benchmarks.md), `cpu-medium` a 4M
+model for faster machines; the `btm-*` presets
 match the sizes of the BTM paper (GPT-3-style widths/depths, 1024-token blocks, the paper's
 optimiser recipe: Adam(0.9, 0.95), LR 5e-4, 8% warmup, weight decay 0.1, clip 0.1, linear decay).
 """
@@ -26,6 +28,9 @@ class Preset:
     optim: OptimConfig
     train: TrainConfig
     description: str = ""
+    # The peak LR of the expert phase (experts see 1/k of the batch, so theirs may differ from the dense
+    # run's optim.lr); None: the same. Set from a recorded `elmforest sweep` where the preset has one.
+    expert_lr: float | None = None
 
     def llama_kwargs(self) -> dict:
         return dict(
@@ -81,6 +86,21 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cpu-small",
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=344,
+            vocab_size=4096,
+            seq_len=256,
+            tie_embeddings=True,
+            optim=OptimConfig(lr=4e-3, warmup_frac=0.05),
+            train=TrainConfig(steps=320, batch_size=16, seq_len=256, ckpt_every=80, log_every=10),
+            description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
+            "CPU cores without bf16 (fp32, AVX2)",
+            expert_lr=4e-3,
+        ),
+        Preset(
+            "cpu-medium",
             hidden_size=256,
             num_layers=4,
             num_heads=4,
@@ -90,7 +110,7 @@ PRESETS: dict[str, Preset] = {
             tie_embeddings=True,
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=800, batch_size=16, seq_len=256, ckpt_every=100, log_every=10),
-            description="about 4M parameters; the quickstart default on 2 CPU cores",
+            description="about 4M parameters (the quickstart's model before the fair protocol); LR not swept",
         ),
         _btm("btm-125m", 768, 12, 12, 2048, 80_000, "BTM 125M (GPT-3 Small shape)"),
         _btm("btm-350m", 1024, 24, 16, 2816, 32_000, "BTM 350M (GPT-3 Medium shape)"),

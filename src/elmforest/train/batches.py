@@ -23,7 +23,7 @@ class WindowSampler:
         seq_len: int,
         batch_size: int,
         seed: int,
-        mixture: str = "tokens",
+        mixture: str = "uniform",
     ):
         domains = list(domains) if domains else [d for d in shards.domains if shards.has(d, split)]
         missing = [d for d in domains if not shards.has(d, split)]

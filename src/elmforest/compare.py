@@ -1,0 +1,162 @@
+"""The comparison the quickstart reports: every method scored on exactly the same bytes, in domain and
+out of domain, next to what each arm cost to train.
+
+A method is one row of the table. Its arm is the training that produced it: `dense` the dense run;
+`seed` its first part; every forest method (ensembles, top-k, averages, the merged MoE) the seed plus
+the experts; a router-trained MoE that plus its router training; the ablation forests their own
+seed (shared) plus their own experts. Each arm's FLOPs come from the forest's ledger (phases counted by
+what ran, train/flops.py), and its ratio to the dense run's is reported with every row, flagged in the
+table when it is off by more than 1%.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.eval.report import FLOPS_TOLERANCE
+from elmforest.forest.evaluate import ExpertPool, evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.model.build import load_model
+from elmforest.utils.io import read_json
+
+
+def evaluate_methods(
+    forest: Forest,
+    shards: Shards,
+    common: dict,
+    prior_batches: int,
+    pools: dict[str, ExpertPool],
+    others: dict[str, Forest] | None = None,
+    models: dict[str, Path] | None = None,
+) -> tuple[dict, dict]:
+    """(methods, ablations) on one evaluation set. `common` fixes the split, domains, bytes and windows;
+    `others` are ablation forests (random_ensemble, cbtm_top1/2 rows), `models` extra single models
+    (the merged MoEs); `pools` caches each forest's expert pool between calls (in and out of domain)."""
+    others, models = others or {}, models or {}
+
+    def pool(name: str, f: Forest) -> ExpertPool:
+        if name not in pools:
+            pools[name] = make_pool(f, batch_size=common["batch_size"])
+        return pools[name]
+
+    methods: dict[str, dict] = {}
+    single = {"dense": forest.root / "runs" / "dense" / "model", "seed": forest.seed_dir}
+    for name, path in single.items():
+        methods[name] = evaluate_shards(load_model(path), shards, progress=False, **common)
+    fe = {"prior_batches": prior_batches, "pool": pool("forest", forest), **common}
+    methods["ensemble"] = evaluate_forest_shards(forest, shards, mode="ensemble", prior="cached", **fe)
+    methods["ensemble_fixed"] = evaluate_forest_shards(
+        forest, shards, mode="ensemble", prior="cached", weighting="fixed", **fe
+    )
+    # label-free: nothing known about the target domain, the posterior alone decides (c-BTM's setting)
+    methods["ensemble_uniform"] = evaluate_forest_shards(
+        forest, shards, mode="ensemble", prior="uniform", **fe
+    )
+    methods["top2"] = evaluate_forest_shards(forest, shards, mode="topk", k=2, prior="cached", **fe)
+    methods["average"] = evaluate_forest_shards(forest, shards, mode="average", prior="cached", **fe)
+    methods["average_uniform"] = evaluate_forest_shards(forest, shards, mode="average", prior="uniform", **fe)
+    for name, f in others.items():
+        fo = {**fe, "pool": pool(name, f)}
+        if name == "random_ensemble":
+            methods[name] = evaluate_forest_shards(f, shards, mode="ensemble", prior="cached", **fo)
+        else:  # c-BTM: cbtm_top1, cbtm_top2
+            methods[name] = evaluate_forest_shards(f, shards, mode="cluster", k=int(name[-1]), **fo)
+    for name, path in models.items():
+        methods[name] = evaluate_shards(load_model(path), shards, progress=False, **common)
+    # the posterior carried across documents inside a window (the behaviour before reset="document")
+    ablations = {
+        "document_reset": {
+            "ensemble": {"document": methods["ensemble"]["mean_bpb"]},
+            "ensemble_uniform": {"document": methods["ensemble_uniform"]["mean_bpb"]},
+        }
+    }
+    for name, prior in (("ensemble", "cached"), ("ensemble_uniform", "uniform")):
+        r = evaluate_forest_shards(forest, shards, mode="ensemble", prior=prior, reset="window", **fe)
+        ablations["document_reset"][name]["window"] = r["mean_bpb"]
+    return methods, ablations
+
+
+def priors_table(methods: dict) -> dict:
+    """Per domain: the cached prior's largest entry, and where the prior came from."""
+    out = {}
+    for d, v in methods["ensemble"]["domains"].items():
+        out[d] = {**v["prior_max"], "source": v["prior_source"], "prior": v["prior"]}
+    return out
+
+
+def arm_flops(forest: Forest, others: dict[str, Forest], moe_router: dict | None) -> dict[str, float]:
+    """Training FLOPs of each arm, from the ledger of the forest that trained it."""
+    dense = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]
+    seed = forest.data["seed"]["flops"]
+    arms = {"dense": dense, "seed": seed, "forest": float(forest.total_flops())}
+    for name, f in others.items():
+        arms[name] = float(f.total_flops())
+    if moe_router is not None:
+        arms["moe_router_trained"] = arms["forest"] + moe_router["flops"]
+    return arms
+
+
+def method_flops(methods: dict, arms: dict[str, float]) -> dict[str, float]:
+    """Each method's arm FLOPs over the dense run's."""
+    out = {}
+    for m in methods:
+        arm = m if m in arms else "forest"
+        out[m] = arms[arm] / arms["dense"]
+    return out
+
+
+def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[str]:
+    """The papers' claims, checked on this run and stated plainly either way."""
+    out = []
+
+    def matched(a: str) -> str:
+        r = flops.get(a, 1.0)
+        return "" if abs(r - 1) <= FLOPS_TOLERANCE else f" [NOT compute-matched: {r:.3f}x the dense FLOPs]"
+
+    def cmp(res: dict, a: str, b: str, claim: str, lower: bool = True) -> None:
+        if a not in res or b not in res:
+            return
+        x, y = res[a]["mean_bpb"], res[b]["mean_bpb"]
+        holds = x < y if lower else x >= y
+        out.append(
+            f"{claim}: {a} {x:.4f} vs {b} {y:.4f} mean BPB (ratio {x / y:.3f}) -> "
+            + ("holds" if holds else "does NOT hold here")
+            + matched(a)
+        )
+
+    cmp(
+        methods,
+        "ensemble",
+        "dense",
+        "the ensemble (cached prior) beats the compute-matched dense LM in-domain",
+    )
+    cmp(methods, "ensemble_uniform", "dense", "the label-free ensemble (uniform prior) beats dense in-domain")
+    if ood:
+        cmp(
+            ood,
+            "ensemble",
+            "dense",
+            "the ensemble beats dense out-of-domain (prior from each set's valid split)",
+        )
+        cmp(ood, "ensemble_fixed", "dense", "the fixed cached-prior mixture beats dense out-of-domain")
+        cmp(ood, "ensemble_uniform", "dense", "the label-free ensemble beats dense out-of-domain")
+    cmp(methods, "random_ensemble", "dense", "experts on random splits do not beat dense", lower=False)
+    cmp(methods, "average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
+    m = {k: v["mean_bpb"] for k, v in methods.items()}
+    if "moe" in m:
+        best = min((k for k in ("moe", "moe_router_trained") if k in m), key=m.get)
+        out.append(
+            f"one merged MoE (top-2 per token, no joint training): {best} {m[best]:.4f} vs ensemble "
+            f"{m['ensemble']:.4f}, average {m['average']:.4f}, seed {m['seed']:.4f} mean BPB"
+            + matched(best)
+            + (
+                " -> worse than the seed: experts trained on all their parameters drift apart, so their MLPs no "
+                "longer fit the merged attention; train experts MLP-only (--set train.trainable='\\.mlp\\.', "
+                "FlexOlmo) to merge them (docs/moe.md)"
+                if m[best] >= m["seed"]
+                else ""
+            )
+        )
+    return out

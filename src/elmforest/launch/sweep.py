@@ -1,0 +1,228 @@
+"""Learning-rate sweeps for every arm of a BTM comparison.
+
+"Don't Sweep your Learning Rate under the Rug": a comparison where one arm is tuned and the other is
+not can flip. So each arm is swept on its own, and chosen on the **valid** split, never on test:
+
+- **dense**: the whole dense run (S steps at batch B on the domain mixture), once per LR of the grid,
+  scored by its mean valid BPB over the domains (macro average, as the comparison reports);
+- **experts**: the expert phase (S − seed steps at batch B/k, each expert on its own domain), branched
+  from the seed = the first part of the dense run at the dense arm's best LR (the forest and the
+  dense baseline keep sharing it, as BTM's compute matching needs), once per expert LR, scored by each
+  expert's valid BPB on its own domain, averaged over domains. Experts continue the seed's schedule;
+  their LR is that schedule's peak, so the LR steps from the seed's curve to the experts' at the branch.
+
+Every point is a forest directory under `out` (dense/lr-X: seed + dense run; experts/lr-Y: experts
+sharing the best seed), so a killed sweep resumes where it stopped, and the Ray executor runs points
+(and each point's experts) in parallel. A best LR at either end of the grid is reported as such: the
+optimum may lie outside the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
+from elmforest.model.build import load_model
+from elmforest.utils.io import read_json, write_json_atomic
+
+ARMS = ("dense", "experts", "both")
+
+
+def lr_grid(center: float, points: int = 5, factor: float = 2.0) -> list[float]:
+    """`points` learning rates log-spaced by `factor`, centred on `center`."""
+    if points < 1 or factor <= 1 or not center > 0:
+        raise ValueError("an LR grid needs points >= 1, factor > 1 and a positive centre")
+    return [float(f"{center * factor ** (i - (points - 1) / 2):.3g}") for i in range(points)]
+
+
+def _tag(lr: float) -> str:
+    return f"lr-{lr:.3g}"
+
+
+def _check_grid(lrs: list[float], what: str) -> list[float]:
+    lrs = sorted(set(float(x) for x in lrs))
+    if len(lrs) < 4:
+        raise ValueError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
+    if not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise ValueError(f"the {what} grid must hold positive learning rates, got {lrs}")
+    return lrs
+
+
+def _choose(points: list[dict]) -> dict:
+    best = min(points, key=lambda p: p["valid_mean_bpb"])
+    lrs = [p["lr"] for p in points]
+    edge = None
+    if best["lr"] == min(lrs):
+        edge = "lowest"
+    elif best["lr"] == max(lrs):
+        edge = "highest"
+    return {"best_lr": best["lr"], "best_valid_mean_bpb": best["valid_mean_bpb"], "at_edge": edge}
+
+
+def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) -> dict:
+    cached = point / "valid.json"
+    if cached.is_file():
+        return read_json(cached)
+    res = evaluate_shards(
+        load_model(point / "runs" / "dense" / "model"), shards, "valid", domains, seq_len, progress=False
+    )
+    out = {"valid_mean_bpb": res["mean_bpb"], "domains": {d: v["bpb"] for d, v in res["domains"].items()}}
+    write_json_atomic(cached, out)
+    return out
+
+
+def _score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: int) -> dict:
+    cached = forest.root / "valid.json"
+    if cached.is_file():
+        return read_json(cached)
+    per = {}
+    for d in domains:
+        res = evaluate_shards(load_model(forest.expert_dir(d)), shards, "valid", [d], seq_len, progress=False)
+        per[d] = res["domains"][d]["bpb"]
+    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per}
+    write_json_atomic(cached, out)
+    return out
+
+
+def sweep(
+    shards_dir: str | Path,
+    out: str | Path,
+    base: RunConfig,
+    arm: str = "both",
+    lrs: list[float] | None = None,
+    expert_lrs: list[float] | None = None,
+    dense_lr: float | None = None,
+    seed_share: float = 0.5,
+    executor=None,
+    threads: int | None = None,
+    log=print,
+) -> dict:
+    """Sweep the dense arm, then the expert arm from the best dense run's seed; returns sweep.json."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    shards = Shards(shards_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    executor = executor or LocalExecutor()
+    echo = log is not None
+    log = log or (lambda *_: None)
+    domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
+    for d in domains:
+        if not (shards.has(d, "train") and shards.has(d, "valid")):
+            raise ValueError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
+    base = RunConfig.from_dict(base.to_dict())
+    base.data.shards = str(shards.root.resolve())
+    plan, base = btm.plan_for(base, domains, seed_share)
+    seq_len = base.train.seq_len
+    result = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
+    result.update({"shards": str(shards.root.resolve()), "domains": domains, "plan": asdict(plan)})
+    result["criterion"] = {
+        "dense": "mean valid BPB over the domains of the dense run",
+        "experts": "mean over domains of each expert's valid BPB on its own domain",
+    }
+
+    if arm in ("dense", "both"):
+        grid = _check_grid(lrs or btm_grid_default(base.optim.lr), "dense")
+        jobs = []
+        for lr in grid:
+            cfg = RunConfig.from_dict(base.to_dict())
+            cfg.optim.lr = lr
+            jobs.append(
+                DenseRunJob(
+                    str(out / "dense" / _tag(lr)), str(shards.root), cfg.to_dict(), asdict(plan), threads
+                )
+            )
+        log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
+        with _monitor(
+            {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, log
+        ):
+            executor.map(
+                run_dense_run,
+                [as_dict(j) for j in jobs],
+                [f"dense/{_tag(x)}" for x in grid],
+                [j.run_dir() / "job.log" for j in jobs],
+            )
+        points = [
+            {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len)} for lr in grid
+        ]
+        result["dense"] = {"grid": grid, "points": points, **_choose(points)}
+        write_json_atomic(out / "sweep.json", result)
+    if arm in ("experts", "both"):
+        seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
+        if seed_lr is None:
+            raise ValueError(
+                "the expert arm branches from the best dense run: sweep the dense arm or give dense_lr"
+            )
+        seed_forest = out / "dense" / _tag(seed_lr)
+        if not btm.seed_ready(Forest.init(seed_forest, exist_ok=True)):
+            cfg = RunConfig.from_dict(base.to_dict())
+            cfg.optim.lr = seed_lr
+            run_dense_run(
+                DenseRunJob(str(seed_forest), str(shards.root), cfg.to_dict(), asdict(plan), threads)
+            )
+        seed = Forest.load(seed_forest)
+        grid = _check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
+        forests = {lr: btm.share_seed(out / "experts" / _tag(lr), seed, domains, expert_lr=lr) for lr in grid}
+        jobs = [
+            ExpertJob(str(f.root), str(shards.root), d, threads=threads)
+            for f in forests.values()
+            for d in domains
+        ]
+        log(
+            f"sweep, expert arm: {len(domains)} experts x {len(grid)} LRs {grid}, branched from the seed of "
+            f"the dense run at LR {seed_lr:g}"
+        )
+        labels = [f"experts/{Path(j.forest).name}/{j.domain}" for j in jobs]
+        with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
+            executor.map(run_job, [as_dict(j) for j in jobs], labels, [j.run_dir() / "job.log" for j in jobs])
+        points = [
+            {"lr": lr, **_score_experts(Forest.load(f.root), shards, domains, seq_len)}
+            for lr, f in forests.items()
+        ]
+        result["experts"] = {"grid": grid, "seed_lr": seed_lr, "points": points, **_choose(points)}
+        write_json_atomic(out / "sweep.json", result)
+    return result
+
+
+def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):
+    from elmforest.launch.progress import ProgressMonitor
+
+    return ProgressMonitor(runs, plan.total_steps, out / "progress.log", every=60.0, echo=echo)
+
+
+def btm_grid_default(center: float) -> list[float]:
+    return lr_grid(center, 5, 2.0)
+
+
+def format_sweep(result: dict) -> str:
+    """The sweep as Markdown tables, with the choice (and an edge warning) under each."""
+    lines = []
+    for arm in ("dense", "experts"):
+        r = result.get(arm)
+        if not r:
+            continue
+        domains = list(r["points"][0]["domains"])
+        lines.append(f"{arm} arm ({result['criterion'][arm]}):")
+        lines.append("| LR | mean valid BPB | " + " | ".join(domains) + " |")
+        lines.append("| ---: | ---: | " + " | ".join("---:" for _ in domains) + " |")
+        for p in r["points"]:
+            mark = " **" if p["lr"] == r["best_lr"] else ""
+            cells = " | ".join(f"{p['domains'][d]:.4f}" for d in domains)
+            lines.append(f"| {p['lr']:g}{mark} | {p['valid_mean_bpb']:.4f} | {cells} |")
+        note = f"best {arm} LR {r['best_lr']:g} (mean valid BPB {r['best_valid_mean_bpb']:.4f})"
+        if r["at_edge"]:
+            note += (
+                f" -- WARNING: at the {r['at_edge']} end of the grid; the optimum may lie outside it, "
+                "extend the grid"
+            )
+        lines.append(note)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""The fair comparison: one domain list for every phase, LR sweeps on valid data, priors from valid data
+(or uniform when there is none), the posterior restarted at each document."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from elmforest.cli import main
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards, window_batch
+from elmforest.forest import btm
+from elmforest.forest.evaluate import evaluate_forest, evaluate_forest_shards
+from elmforest.forest.manifest import Forest
+from elmforest.launch.sweep import format_sweep, lr_grid, sweep
+from elmforest.model.build import load_model
+from elmforest.utils.io import read_json
+
+KW = {"seq_len": 32, "batch_size": 4, "device": "cpu", "precision": "fp32"}
+
+
+def test_data_domains_drive_every_phase(shards_dir, tmp_path):
+    """`forest train --set data.domains=[...]` trained the seed and dense run on those domains but an
+    expert for every domain of the shards, at a batch share that no longer matched the budget."""
+    f = tmp_path / "f"
+    argv = ["forest", "train", "--forest", str(f), "--shards", str(shards_dir), "--preset", "tiny"]
+    argv += ["--set", "train.steps=8", "--set", "train.batch_size=4", "--set", "train.precision=fp32"]
+    argv += ["--set", 'data.domains=["legal","code"]', "--no-progress"]
+    assert main(argv) == 0
+    forest = Forest.load(f)
+    assert sorted(forest.names) == ["code", "legal"]
+    plan = btm.Plan(**forest.data["plan"])
+    assert plan.n_experts == 2 and sorted(plan.domains) == ["code", "legal"] and plan.expert_batch_size == 2
+    dense = read_json(f / "runs" / "dense" / "run_config.json")
+    assert sorted(dense["data"]["domains"]) == ["code", "legal"]
+    assert sorted(read_json(f / "runs" / "dense" / "summary.json")["domains"]) == ["code", "legal"]
+    assert forest.total_flops() == read_json(f / "runs" / "dense" / "summary.json")["flops"]
+    # a plan whose experts disagree with the mixture, or a re-run with another plan, is refused
+    base = tiny_config(shards_dir, steps=8)
+    base.data.domains = ["legal"]
+    with pytest.raises(ValueError, match="one domain list must drive every phase"):
+        btm.plan_for(base, ["legal", "code"])
+    with pytest.raises(ValueError, match="planned differently"):
+        plan3, base3 = btm.plan_for(
+            tiny_config(shards_dir, steps=8, batch_size=6), Shards(shards_dir).domains
+        )
+        btm.train_forest(forest, Shards(shards_dir), base3, plan3, progress=False)
+    with pytest.raises(ValueError, match="experts are"):
+        btm.plan_domains(plan, Shards(shards_dir), ["legal", "code", "scripture"])
+
+
+def test_plan_counts_must_match_the_domains(shards_dir):
+    plan = btm.Plan(8, 6, 2)  # two experts planned, three domains would train
+    with pytest.raises(ValueError, match="between 2 experts"):
+        btm.plan_domains(plan, Shards(shards_dir))
+    with pytest.raises(ValueError, match="one expert per domain"):
+        btm.Plan(8, 6, 2, domains=["a", "b", "c"])
+
+
+def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, capsys):
+    assert lr_grid(1e-3, 5, 2.0) == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
+    base = tiny_config(shards_dir, steps=8, batch_size=6)
+    with pytest.raises(ValueError, match="at least 4"):
+        sweep(shards_dir, tmp_path / "s0", base, lrs=[1e-3, 2e-3, 4e-3])
+    lrs, elrs = [1e-4, 1e-3, 1e-2, 3e-2], [1e-4, 1e-3, 1e-2, 1e-1]
+    res = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
+    sh = Shards(shards_dir)
+    d = res["dense"]
+    assert [p["lr"] for p in d["points"]] == lrs
+    assert d["best_lr"] == min(d["points"], key=lambda p: p["valid_mean_bpb"])["lr"]
+    # scored on the valid split, never test
+    best = tmp_path / "s" / "dense" / f"lr-{d['best_lr']:.3g}"
+    want = evaluate_shards(
+        load_model(best / "runs" / "dense" / "model"), sh, "valid", sh.domains, 64, progress=False
+    )
+    assert d["best_valid_mean_bpb"] == pytest.approx(want["mean_bpb"])
+    assert read_json(best / "runs" / "dense" / "run_config.json")["optim"]["lr"] == d["best_lr"]
+    # the expert arm branches from the best dense run's seed, each point at its own LR
+    e = res["experts"]
+    assert e["seed_lr"] == d["best_lr"] and [p["lr"] for p in e["points"]] == elrs
+    for p in e["points"]:
+        f = Forest.load(tmp_path / "s" / "experts" / f"lr-{p['lr']:.3g}")
+        assert f.data["seed"]["source"].startswith("shared with") and str(best) in f.data["seed"]["source"]
+        cfg = read_json(f.root / "runs" / sh.domains[0] / "run_config.json")
+        assert cfg["optim"]["lr"] == p["lr"] and cfg["train"]["batch_size"] == 2
+        own = evaluate_shards(
+            load_model(f.expert_dir(sh.domains[0])), sh, "valid", [sh.domains[0]], 64, progress=False
+        )
+        assert p["domains"][sh.domains[0]] == pytest.approx(own["mean_bpb"])
+    text = format_sweep(res)
+    assert "best dense LR" in text and "best experts LR" in text
+    if e["at_edge"] or d["at_edge"]:
+        assert "WARNING" in text
+    # a second call trains nothing and finds the same answer
+    stamp = (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
+    assert again["dense"]["best_lr"] == d["best_lr"] and again["experts"]["best_lr"] == e["best_lr"]
+    assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_edge_of_the_grid_is_reported():
+    from elmforest.launch.sweep import _choose
+
+    pts = [{"lr": x, "valid_mean_bpb": 1.0 / x} for x in (1e-3, 2e-3, 4e-3, 8e-3)]
+    assert _choose(pts)["at_edge"] == "highest"
+    pts[1]["valid_mean_bpb"] = 0.0
+    assert _choose(pts)["at_edge"] is None
+
+
+def test_ensemble_restarts_the_posterior_at_each_document(forest_dir, shards_dir):
+    """Brute force: each document's mixture starts from the prior, whatever its window held before."""
+    forest, sh = Forest.load(forest_dir), Shards(shards_dir)
+    d = sh.domains[0]
+    run = {**KW, "domains": [d], "max_bytes": 3000}
+    res = evaluate_forest_shards(forest, sh, mode="ensemble", prior="uniform", **run)
+    carried = evaluate_forest_shards(forest, sh, mode="ensemble", prior="uniform", reset="window", **run)
+    n_tok = res["domains"][d]["tokens"]
+    stream = sh.tokens(d, "test")[:n_tok]
+    models = [load_model(x).eval() for x in forest.expert_dirs()]
+    nll = {"document": 0.0, "window": 0.0}
+    for w in range(math.ceil(n_tok / 32)):
+        x, y = window_batch(stream, sh.eos_id, 32, [w])
+        with torch.no_grad():
+            lps = torch.stack([torch.log_softmax(m(input_ids=x).logits[0].double(), -1) for m in models])
+        for mode in nll:
+            evidence = torch.zeros(len(models), dtype=torch.float64)
+            for t in range(32):
+                if y[0, t] < 0:
+                    continue
+                if mode == "document" and int(x[0, t]) == sh.eos_id:
+                    evidence.zero_()  # a document starts: back to the (uniform) prior
+                lp_t = lps[:, t, y[0, t]]
+                w_t = torch.softmax(evidence, 0)
+                nll[mode] -= float(torch.logsumexp(w_t.log() + lp_t, 0))
+                evidence += lp_t
+    assert res["domains"][d]["nll_nats"] == pytest.approx(nll["document"], rel=1e-6)
+    assert carried["domains"][d]["nll_nats"] == pytest.approx(nll["window"], rel=1e-6)
+    assert res["reset"] == "document" and carried["reset"] == "window"
+
+
+def test_cached_prior_comes_from_valid_and_falls_back_to_uniform(forest_dir, shards_dir, tmp_path):
+    forest, sh = Forest.load(forest_dir), Shards(shards_dir)
+    with pytest.raises(ValueError, match="other documents than"):
+        evaluate_forest_shards(forest, sh, prior_split="test", **KW)
+    res = evaluate_forest_shards(forest, sh, prior_batches=50, **KW)
+    for d, v in res["domains"].items():
+        n_valid = math.ceil(sh.info(d, "valid")["tokens"] / 32)
+        assert v["prior_source"] == f"{d}/valid: {min(n_valid, 50 * 4)} windows"  # every window when fewer
+        assert v["prior_max"]["weight"] == max(v["prior"].values())
+    # raw user data with a domain that has no valid documents: uniform prior, and the result says so
+    data = tmp_path / "ood.jsonl"
+    rows = [{"id": f"x{i}", "domain": "odd", "text": "license warranty " * 30} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = evaluate_forest(
+        forest_dir, data, split="all", prior="uniform", **{k: v for k, v in KW.items() if k != "seq_len"}
+    )
+    assert r["split"] == "all" and r["domains"]["odd"]["documents"] == 3
+    with pytest.raises(ValueError, match="no held-out data"):
+        evaluate_forest(forest_dir, data, split="all")
+    # split test by default, like single-model evaluation; the domain has no valid split -> uniform
+    from elmforest.data.splits import SplitSpec
+
+    spec = SplitSpec()
+    test_ids = [f"t{i}" for i in range(400) if spec.assign(f"t{i}") == "test"][:4]
+    data.write_text(
+        "".join(
+            json.dumps({"id": i, "domain": "odd", "text": "license warranty " * 30}) + "\n" for i in test_ids
+        )
+    )
+    r = evaluate_forest(forest_dir, data, device="cpu", precision="fp32")
+    assert r["split"] == "test" and r["domains"]["odd"]["prior_source"] == "uniform: odd has no valid split"
+    assert np.allclose(list(r["domains"]["odd"]["prior"].values()), 1 / len(forest.names))
