@@ -461,3 +461,43 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
     assert demo.default_cache_dir() == tmp_path / "demo-sources"
     monkeypatch.delenv("ELMFOREST_CACHE")
     assert demo.default_cache_dir() == Path.home() / ".cache" / "elmforest" / "demo-sources"
+
+
+# -- evaluation-only (out-of-domain) demo domains --------------------------------------------------------
+def test_eval_only_domains_are_other_than_the_training_domains():
+    from elmforest.data.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS
+
+    assert len(EVAL_ONLY_DOMAINS) >= 4 and set(EVAL_ONLY_BUILDERS) == set(EVAL_ONLY_DOMAINS)
+    assert not set(EVAL_ONLY_DOMAINS) & set(demo.DEMO_DOMAINS)
+
+
+def test_chunks_and_hash_sample_are_deterministic_and_capped():
+    from elmforest.data.demo_ood import chunk_lines, sample_by_hash
+
+    text = "\n".join(f"line {i}" for i in range(250))
+    parts = chunk_lines("d/x", text, lines=100)
+    assert [p.id for p in parts] == ["d/x#0000", "d/x#0001", "d/x#0002"]
+    assert "\n".join(p.text for p in parts) == text
+    assert chunk_lines("d/y", "short", lines=100)[0].id == "d/y"
+    docs = [Doc(f"d/{i}", "x" * 100) for i in range(50)]
+    kept = sample_by_hash(docs, max_bytes=1000)
+    assert len(kept) == 10 and kept == sample_by_hash(list(reversed(docs)), max_bytes=1000)
+    assert [d.id for d in kept] == sorted(d.id for d in kept)
+    assert {d.id for d in kept} != {f"d/{i}" for i in range(10)}  # spread over the source, not its head
+
+
+def test_eval_only_corpus_manifest_says_so(tmp_path, monkeypatch):
+    from elmforest.data import demo_ood
+
+    monkeypatch.setitem(
+        demo_ood.EVAL_ONLY_BUILDERS,
+        "german_fortunes",
+        lambda cache: demo.DomainBuild([Doc("german_fortunes/a", "Guten Tag " * 20)], "test source"),
+    )
+    manifest = demo.build_demo_corpus(
+        tmp_path / "ood", domains=["german_fortunes"], eval_only=True, progress=False
+    )
+    assert manifest["eval_only"] is True and list(manifest["domains"]) == ["german_fortunes"]
+    assert (tmp_path / "ood" / "german_fortunes.jsonl").is_file()
+    with pytest.raises(ValueError, match="unknown demo domain"):
+        demo.build_demo_corpus(tmp_path / "ood", domains=["legal"], eval_only=True, progress=False)

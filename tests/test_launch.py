@@ -128,3 +128,21 @@ def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
         assert "job.log" in str(err.value)
     assert sorted(Forest.load(root).names) == sorted(Forest.load(local_forest).names)
     assert "no training data" in (root / "runs" / "no_such_domain" / "job.log").read_text()
+
+
+def test_lr_sweep_on_ray_matches_the_local_sweep(ray_cluster, shards_dir, tmp_path):
+    """Every sweep point is an independent job: on Ray they run in parallel and choose the same LRs."""
+    from elmforest.launch.sweep import sweep
+
+    base = tiny_config(shards_dir, steps=6, batch_size=6)
+    grid = {"lrs": [1e-3, 3e-3, 1e-2, 3e-2], "expert_lrs": [1e-3, 3e-3, 1e-2, 3e-2]}
+    local = sweep(shards_dir, tmp_path / "local", base, log=None, **grid)
+    remote = sweep(
+        shards_dir, tmp_path / "ray", base, log=None, executor=RayExecutor(cpus_per_job=1), threads=1, **grid
+    )
+    for arm in ("dense", "experts"):
+        assert remote[arm]["best_lr"] == local[arm]["best_lr"]
+        for a, b in zip(local[arm]["points"], remote[arm]["points"], strict=True):
+            assert a["valid_mean_bpb"] == pytest.approx(b["valid_mean_bpb"], abs=1e-6)
+    pids = {(p / "runs" / "dense" / "worker.pid").read_text() for p in (tmp_path / "ray" / "dense").iterdir()}
+    assert len(pids) >= 2  # the dense points ran in more than one worker

@@ -93,7 +93,9 @@ PRESETS: dict[str, Preset] = {
             vocab_size=4096,
             seq_len=256,
             tie_embeddings=True,
-            optim=OptimConfig(lr=4e-3, warmup_frac=0.05),
+            # dense and expert LRs: `elmforest sweep --shards quickstart/shards --out sweep-cpu-small`
+            # (5 points x2 apart each, chosen on the valid split; docs/benchmarks.md, docs/sweeps/)
+            optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=320, batch_size=16, seq_len=256, ckpt_every=80, log_every=10),
             description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
             "CPU cores without bf16 (fp32, AVX2)",

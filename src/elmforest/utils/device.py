@@ -17,7 +17,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
+    """bf16 pays on a CPU with AVX512-BF16 or AMX, and only when PyTorch's kernels may use them: with
+    ATEN_CPU_CAPABILITY limited to AVX2 (as on most laptops, and to measure that case) it means fp32."""
     cpu = getattr(torch, "cpu", None)
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, p, lambda: False)() for p in probes)
 
