@@ -66,13 +66,21 @@ def test_cached_prior_is_a_bias_corrected_ema():
     assert cached_prior(posts, 0.3).numpy() == pytest.approx(want)
 
 
+def test_cached_prior_by_default_weighs_every_window_alike():
+    posts = [torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([[0.0], [1.0]])]
+    assert cached_prior(posts).tolist() == pytest.approx([0.5, 0.5])  # 2 of 4 windows each
+    # BTM's moving average instead follows the last batch
+    assert float(cached_prior(posts, 0.3)[1]) > 0.5
+
+
 def test_cached_prior_keeps_no_weight_on_uniform():
     """Started at uniform, one one-hot batch gave 0.3 + 0.7/N to the right expert, four batches 0.82:
     the fixed weights, the average and top-2's second expert were all shrunk toward uniform."""
     one_hot = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     for n in (1, 4, 20):
-        pi = cached_prior([one_hot] * n)
-        assert float(pi[0]) == pytest.approx(1.0) and float(pi.sum()) == pytest.approx(1.0)
+        for alpha in (None, 0.3):
+            pi = cached_prior([one_hot] * n, alpha)
+            assert float(pi[0]) == pytest.approx(1.0) and float(pi.sum()) == pytest.approx(1.0)
 
 
 def test_posterior_restarts_at_each_document():

@@ -148,7 +148,7 @@ def test_cached_prior_comes_from_valid_and_falls_back_to_uniform(forest_dir, sha
     res = evaluate_forest_shards(forest, sh, prior_batches=50, **KW)
     for d, v in res["domains"].items():
         n_valid = math.ceil(sh.info(d, "valid")["tokens"] / 32)
-        assert v["prior_source"] == f"{d}/valid: {min(n_valid, 50 * 4)} windows"  # every window when fewer
+        assert v["prior_source"] == f"{d}/valid: {min(n_valid, 50 * 8)} windows"  # every window when fewer
         assert v["prior_max"]["weight"] == max(v["prior"].values())
     # raw user data with a domain that has no valid documents: uniform prior, and the result says so
     data = tmp_path / "ood.jsonl"

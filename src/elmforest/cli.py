@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--eval-bytes",
         type=int,
-        default=80_000,
+        default=64_000,
         help="test text per domain: the first whole documents within this many bytes (same for every model)",
     )
     qs.add_argument(

@@ -75,6 +75,22 @@ def evaluate_methods(
     for name, prior in (("ensemble", "cached"), ("ensemble_uniform", "uniform")):
         r = evaluate_forest_shards(forest, shards, mode="ensemble", prior=prior, reset="window", **fe)
         ablations["document_reset"][name]["window"] = r["mean_bpb"]
+    # the prior as BTM estimates it (a moving average that follows the last batches) vs the mean over
+    # every valid window (the default); the experts' log-probs are cached, so this only re-mixes them
+    ema: dict = {}
+    for name, kw in (
+        ("ensemble", {}),
+        ("ensemble_fixed", {"weighting": "fixed"}),
+        ("top2", {"mode": "topk"}),
+    ):
+        kw = {"mode": "ensemble", **kw}
+        r = evaluate_forest_shards(forest, shards, prior="cached", prior_alpha=0.3, **kw, **fe)
+        ema[name] = r["mean_bpb"]
+        ema["largest"] = {d: v["prior_max"] for d, v in r["domains"].items()}
+    ablations["prior_estimate"] = {
+        "mean": {m: methods[m]["mean_bpb"] for m in ("ensemble", "ensemble_fixed", "top2")},
+        "ema_0.3": ema,
+    }
     return methods, ablations
 
 

@@ -43,7 +43,7 @@ def quickstart(
     corpus: str | Path | None = None,
     split: str = "domains",
     seed_share: float = 0.5,
-    eval_bytes: int = 80_000,
+    eval_bytes: int = 64_000,
     prior_batches: int = 20,
     clusters: int = 8,
     moe: bool = True,
@@ -187,6 +187,7 @@ def quickstart(
             "eval_bytes": eval_bytes,
             "prior_split": "valid",
             "prior_batches": prior_batches,
+            "prior_estimate": "mean of the posteriors of every valid window used",
             "reset": "document",
             "ood_split": {"valid": OOD_SPLIT.valid_frac, "test": OOD_SPLIT.test_frac},
         },
@@ -274,6 +275,11 @@ def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log
             for m, v in ab["document_reset"].items()
         )
         log(f"posterior at document boundaries ({where}, mean BPB): {cells}")
+        pe = ab["prior_estimate"]
+        log(
+            f"cached prior estimated as the mean over valid windows vs BTM's moving average ({where}, mean BPB): "
+            + "; ".join(f"{m} {pe['mean'][m]:.4f} vs {pe['ema_0.3'][m]:.4f}" for m in pe["mean"])
+        )
 
 
 def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, progress, log):

@@ -162,6 +162,12 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
         help="valid batches for the cached prior (every valid window when there are fewer)",
     )
     ev.add_argument(
+        "--prior-ema",
+        type=float,
+        help="estimate the cached prior with BTM's (bias-corrected) moving average of per-batch means at "
+        "this alpha (BTM: 0.3) instead of the mean over every valid window",
+    )
+    ev.add_argument(
         "--reset",
         default="document",
         choices=["document", "window"],
@@ -194,6 +200,7 @@ def run_forest_eval(args) -> dict:
         temperature=args.temperature,
         route=args.route,
         reset=args.reset,
+        prior_alpha=args.prior_ema,
     )
 
 

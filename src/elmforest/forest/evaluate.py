@@ -5,10 +5,12 @@ forest's numbers compare directly with a dense model's. Each expert is run on it
 its per-token log-probs are kept; the mixture is formed afterwards (forest/posterior.py).
 
 Cached prior (BTM): for each target domain, the posterior over experts after each window of the
-first `prior_batches` batches (default 20, or every window when there are fewer) of that domain's
-*validation* split, averaged per batch and smoothed by a bias-corrected exponential moving average
-(alpha 0.3). It is then either the prior of the per-token Bayes posterior (`weighting=posterior`),
-or the fixed mixture weights (`weighting=fixed`). A domain without a validation split (a small
+first `prior_batches` batches of 8 windows (default 20: 160 windows, or every window when there are
+fewer) of that domain's
+*validation* split, averaged over all those windows (`prior_alpha=None`), or smoothed by BTM's
+exponential moving average of per-batch means, bias-corrected (`prior_alpha=0.3`). It is then
+either the prior of the per-token Bayes posterior (`weighting=posterior`), or the fixed mixture
+weights (`weighting=fixed`). A domain without a validation split (a small
 out-of-domain set) gets the uniform prior, and the result says so (`prior_source`). The prior never
 sees the test split.
 
@@ -109,17 +111,21 @@ class ExpertPool:
         return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
 
 
+PRIOR_BATCH_WINDOWS = 8  # windows per prior batch: 20 batches = 160 windows (41k tokens at T = 256)
+
+
 def estimate_prior(
     pool: ExpertPool,
     stream: np.ndarray,
     eos_id: int,
     seq_len: int,
     batches: int,
-    alpha: float = 0.3,
+    alpha: float | None = None,
     key=None,
+    batch_windows: int = PRIOR_BATCH_WINDOWS,
 ) -> torch.Tensor:
     """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
-    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key)[0]
+    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key, batch_windows)[0]
 
 
 def estimate_prior_info(
@@ -128,15 +134,19 @@ def estimate_prior_info(
     eos_id: int,
     seq_len: int,
     batches: int,
-    alpha: float = 0.3,
+    alpha: float | None = None,
     key=None,
+    batch_windows: int = PRIOR_BATCH_WINDOWS,
 ) -> tuple[torch.Tensor, int]:
-    """(prior, windows used): every window when the split holds fewer than `batches` batches."""
-    if batches < 1:
-        raise ValueError(f"prior_batches must be at least 1, got {batches}")
-    nw = min(n_windows(len(stream), seq_len), batches * pool.batch_size)
+    """(prior, windows used): `batches` batches of `batch_windows` windows, every window when the split
+    holds fewer. Every expert reads them all, so this costs N x the windows."""
+    if batches < 1 or batch_windows < 1:
+        raise ValueError(
+            f"prior batches and their windows must be at least 1, got {batches}, {batch_windows}"
+        )
+    nw = min(n_windows(len(stream), seq_len), batches * batch_windows)
     lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
-    posts = [sequence_posterior(lp[:, i : i + pool.batch_size]) for i in range(0, nw, pool.batch_size)]
+    posts = [sequence_posterior(lp[:, i : i + batch_windows]) for i in range(0, nw, batch_windows)]
     return cached_prior(posts, alpha), nw
 
 
@@ -187,6 +197,7 @@ def evaluate_forest_shards(
     temperature: float = 0.1,
     route: str = "sequence",
     reset: str = "document",
+    prior_alpha: float | None = None,
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
 
@@ -231,7 +242,7 @@ def evaluate_forest_shards(
             pkey = (str(shards.root), d, prior_split)
             before = pool.passes
             pi, used = estimate_prior_info(
-                pool, shards.tokens(d, prior_split), eos, seq_len, prior_batches, key=pkey
+                pool, shards.tokens(d, prior_split), eos, seq_len, prior_batches, prior_alpha, key=pkey
             )
             prior_passes += pool.passes - before
             entry["prior_source"] = f"{d}/{prior_split}: {used} windows"
@@ -294,6 +305,9 @@ def evaluate_forest_shards(
         "max_bytes": max_bytes,
         "prior_batches": prior_batches,
         "prior_split": prior_split,
+        "prior_estimate": "mean of the windows' posteriors"
+        if prior_alpha is None
+        else f"EMA {prior_alpha:g}",
         "device": str(dev),
         "precision": str(amp or torch.float32).replace("torch.", ""),
         "posterior": posterior_table,

@@ -78,16 +78,23 @@ def sequence_posterior(lp: torch.Tensor, prior=None) -> torch.Tensor:
     return torch.softmax(lw, dim=0)
 
 
-def cached_prior(batch_posteriors: list[torch.Tensor], alpha: float = 0.3) -> torch.Tensor:
-    """BTM's cached prior: an exponential moving average of per-batch mean posteriors.
+def cached_prior(batch_posteriors: list[torch.Tensor], alpha: float | None = None) -> torch.Tensor:
+    """The cached prior from per-batch posteriors [N, windows].
 
-    Bias-corrected (as Adam corrects its moments): the average starts at zero and is divided by the
-    weight it has accumulated, 1 − (1 − α)^n, so no weight is left on a uniform starting point however
-    few batches there are (started at uniform, 4 batches kept 24% of it). Equivalently, batch i of n
-    weighs α(1 − α)^(n−i), normalised.
+    alpha=None (the default): the mean posterior over every window, each window weighing the same:
+    one EM step for the mixture weights from a uniform start, using all the valid data given.
+    alpha in (0, 1]: BTM's exponential moving average of per-batch mean posteriors, bias-corrected (as
+    Adam corrects its moments: the average starts at zero and is divided by the weight it has gathered,
+    1 − (1 − α)^n), so no weight is left on a uniform start (started at uniform, 4 batches kept 24% of
+    it). Batch i of n weighs α(1 − α)^(n−i): with α = 0.3 the last six batches hold 88% of the weight,
+    so the estimate follows the end of the split (it was made for a stream); measured in
+    docs/benchmarks.md.
     """
     if not batch_posteriors:
         raise ValueError("no batches to estimate a prior from")
+    if alpha is None:
+        pi = torch.cat([p.double() for p in batch_posteriors], dim=-1).mean(-1)
+        return pi / pi.sum()
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     n = batch_posteriors[0].shape[0]

@@ -96,7 +96,7 @@ PRESETS: dict[str, Preset] = {
             # dense and expert LRs: `elmforest sweep --shards quickstart/shards --out sweep-cpu-small`
             # (5 points x2 apart each, chosen on the valid split; docs/benchmarks.md, docs/sweeps/)
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
-            train=TrainConfig(steps=320, batch_size=16, seq_len=256, ckpt_every=80, log_every=10),
+            train=TrainConfig(steps=256, batch_size=16, seq_len=256, ckpt_every=64, log_every=8),
             description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
             "CPU cores without bf16 (fp32, AVX2)",
             expert_lr=4e-3,
