@@ -6,12 +6,11 @@ its per-token log-probs are kept; the mixture is formed afterwards (forest/poste
 
 Cached prior (BTM): for each target domain, the posterior over experts after each window of the
 first `prior_batches` batches of 8 windows (default 20: 160 windows, or every window when there are
-fewer) of that domain's
-*validation* split, averaged over all those windows (`prior_alpha=None`), or smoothed by BTM's
-exponential moving average of per-batch means, bias-corrected (`prior_alpha=0.3`). It is then
-either the prior of the per-token Bayes posterior (`weighting=posterior`), or the fixed mixture
-weights (`weighting=fixed`). A domain without a validation split (a small
-out-of-domain set) gets the uniform prior, and the result says so (`prior_source`). The prior never
+fewer) of that domain's *validation* split, averaged over all those windows (`prior_alpha=None`),
+or smoothed by BTM's exponential moving average of per-batch means, bias-corrected
+(`prior_alpha=0.3`). It is then either the prior of the per-token Bayes posterior
+(`weighting=posterior`), or the fixed mixture weights (`weighting=fixed`). A domain without a
+validation split (a small out-of-domain set) gets the uniform prior, and the result says so (`prior_source`). The prior never
 sees the test split.
 
 Document boundaries (`reset`): with "document" (the default) the posterior, and c-BTM's routing,
@@ -22,7 +21,6 @@ within a window (the behaviour before; kept to measure the difference). See fore
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,129 +35,25 @@ from elmforest.eval.bpb import (
     evaluate_shards,
     n_windows,
     select_documents,
-    token_logprobs,
     training_split_spec,
-    window_batch,
 )
+from elmforest.forest.cluster_route import ClusterContext
 from elmforest.forest.manifest import Forest
-from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
+from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is part of this module's API
+    PRIOR_BATCH_WINDOWS,
+    ExpertPool,
+    doc_starts,
+    estimate_prior,
+    estimate_prior_info,
+    make_pool,
+    valid_mask,
+)
+from elmforest.forest.posterior import ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_state_dict
 from elmforest.model.build import load_model
-from elmforest.utils.device import resolve_device, resolve_precision
 
 MODES = ("ensemble", "topk", "average", "cluster")
 RESETS = ("document", "window")
-
-
-@dataclass
-class ExpertPool:
-    """The forest's experts, loaded on demand; `keep_loaded=False` holds one at a time (big models)."""
-
-    dirs: list[Path]
-    device: torch.device
-    amp: torch.dtype | None
-    batch_size: int = 16
-    keep_loaded: bool = True
-    _models: dict = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict)
-    passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
-
-    def model(self, j: int):
-        if j not in self._models:
-            if not self.keep_loaded:
-                self._models.clear()
-            self._models[j] = load_model(self.dirs[j]).to(self.device).eval()
-        return self._models[j]
-
-    @torch.no_grad()
-    def logprobs(
-        self,
-        j: int,
-        stream: np.ndarray,
-        eos_id: int,
-        seq_len: int,
-        window_ids,
-        upto: int | None = None,
-        key=None,
-    ) -> torch.Tensor:
-        """[len(window_ids), T] log-probs of expert j (only the first `upto` positions if given).
-
-        With a `key` naming the stream, results are cached, so several mixtures of the same experts on
-        the same data (posterior, fixed, top-k) run each expert once; `passes` still counts every request.
-        """
-        ids = list(window_ids)
-        ck = (j, key, tuple(ids), upto, seq_len) if key is not None else None
-        if ck in self._cache:
-            out, count = self._cache[ck]
-            self.passes += count
-            return out
-        before = self.passes
-        out = torch.zeros(len(ids), seq_len)
-        m = self.model(j)
-        for i in range(0, len(ids), self.batch_size):
-            x, y = window_batch(stream, eos_id, seq_len, ids[i : i + self.batch_size])
-            if upto is not None:
-                x, y = x[:, :upto], y[:, :upto]
-            lp = token_logprobs(m, x.to(self.device), y.to(self.device), self.amp).cpu()
-            out[i : i + len(x), : lp.shape[1]] = lp
-            self.passes += int((y != -100).sum())
-        if ck is not None:
-            self._cache[ck] = (out, self.passes - before)
-        return out
-
-    def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
-        return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
-
-
-PRIOR_BATCH_WINDOWS = 8  # windows per prior batch: 20 batches = 160 windows (41k tokens at T = 256)
-
-
-def estimate_prior(
-    pool: ExpertPool,
-    stream: np.ndarray,
-    eos_id: int,
-    seq_len: int,
-    batches: int,
-    alpha: float | None = None,
-    key=None,
-    batch_windows: int = PRIOR_BATCH_WINDOWS,
-) -> torch.Tensor:
-    """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
-    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key, batch_windows)[0]
-
-
-def estimate_prior_info(
-    pool: ExpertPool,
-    stream: np.ndarray,
-    eos_id: int,
-    seq_len: int,
-    batches: int,
-    alpha: float | None = None,
-    key=None,
-    batch_windows: int = PRIOR_BATCH_WINDOWS,
-) -> tuple[torch.Tensor, int]:
-    """(prior, windows used): `batches` batches of `batch_windows` windows, every window when the split
-    holds fewer. Every expert reads them all, so this costs N x the windows."""
-    if batches < 1 or batch_windows < 1:
-        raise ValueError(
-            f"prior batches and their windows must be at least 1, got {batches}, {batch_windows}"
-        )
-    nw = min(n_windows(len(stream), seq_len), batches * batch_windows)
-    lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
-    posts = [sequence_posterior(lp[:, i : i + batch_windows]) for i in range(0, nw, batch_windows)]
-    return cached_prior(posts, alpha), nw
-
-
-def doc_starts(stream: np.ndarray, eos_id: int, seq_len: int, nw: int) -> torch.Tensor:
-    """[nw, T] True where the predicted token opens a document (the token before it is EOS; the
-    stream's very first token counts, its context being the leading EOS)."""
-    n = len(stream)
-    pos = np.arange(nw * seq_len)
-    prev = np.full(len(pos), eos_id, dtype=np.int64)
-    inside = (pos >= 1) & (pos <= n)
-    prev[inside] = np.asarray(stream[pos[inside] - 1], dtype=np.int64)
-    starts = (prev == eos_id) & (pos < n)
-    return torch.from_numpy(starts.reshape(nw, seq_len))
 
 
 def _score(nll: float, n_tok: int, n_bytes: int, n_docs: int) -> dict:
@@ -231,7 +125,7 @@ def evaluate_forest_shards(
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
-        cluster_ctx = _ClusterContext(forest, names, shards, k, temperature, route, seq_len, reset)
+        cluster_ctx = ClusterContext(forest, names, shards, k, temperature, route, seq_len, reset)
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
@@ -321,19 +215,6 @@ def evaluate_forest_shards(
     }
 
 
-def make_pool(
-    forest: Forest,
-    names: list[str] | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 16,
-    keep_loaded: bool = True,
-) -> ExpertPool:
-    dev = resolve_device(device)
-    dirs = [forest.expert_dir(x) for x in (names or forest.names)]
-    return ExpertPool(dirs, dev, resolve_precision(precision, dev), batch_size, keep_loaded)
-
-
 def _is_tied(model, name: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")
 
@@ -345,7 +226,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key)
         lw = log_weights(lp.double(), pi, weighting, starts)
         ens = ensemble_logprob(lp.double(), lw)
-        return -float(ens.sum()), _mean_weight(lw, _valid(nw, seq_len, len(stream))), list(range(n))
+        return -float(ens.sum()), _mean_weight(lw, valid_mask(nw, seq_len, len(stream))), list(range(n))
     if select == "prior":
         # BTM: keep the k largest prior entries, renormalise, and run only those experts.
         top = torch.topk(pi, k).indices.sort().values.tolist()
@@ -353,7 +234,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         lw = log_weights(lp.double(), pi[top], weighting, starts)
         ens = ensemble_logprob(lp.double(), lw)
         mean_w = torch.zeros(n, dtype=torch.float64)
-        mean_w[top] = _mean_weight(lw, _valid(nw, seq_len, len(stream)))
+        mean_w[top] = _mean_weight(lw, valid_mask(nw, seq_len, len(stream)))
         return -float(ens.sum()), mean_w, top
     if select.startswith("prefix:"):
         w = int(select.split(":", 1)[1])
@@ -388,120 +269,12 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     ens = ensemble_logprob(lp_sel, lw)
     nll += -float(ens[:, w:].sum())
     # mean weights: the full ensemble's before w, the chosen experts' from w on
-    valid = _valid(nw, seq_len, len(stream))
+    valid = valid_mask(nw, seq_len, len(stream))
     mean_w = (lw_head[:, :, :w].exp() * valid[:, :w]).sum((1, 2))
     for slot in range(k):
         mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))
     mean_w /= valid.sum().clamp_min(1)
     return nll, mean_w, list(range(n))  # every expert read the first w tokens
-
-
-class _ClusterContext:
-    """c-BTM routing state for one evaluation: the clusterer, the router, cluster -> expert map."""
-
-    def __init__(
-        self,
-        forest: Forest,
-        names: list[str],
-        shards: Shards,
-        k: int,
-        temperature: float,
-        route: str,
-        seq_len: int,
-        reset: str = "document",
-    ):
-        from elmforest.cluster.clusterer import Clusterer
-        from elmforest.cluster.router import IncrementalRouter, token_byte_table
-        from elmforest.data.tokenizer import load_tokenizer as _load_tok
-
-        info = forest.data.get("clusterer")
-        if not info:
-            raise ValueError(
-                f"{forest.root}: the forest has no clusterer (elmforest forest init --clusterer DIR)"
-            )
-        self.clusterer = Clusterer.load(forest.root / info["path"])
-        self.expert_of = {}
-        for j in range(self.clusterer.k):
-            for i, n in enumerate(names):
-                if f"cluster{j}" in forest.expert(n)["domains"]:
-                    self.expert_of[j] = i
-        if not self.expert_of:
-            raise ValueError(
-                f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
-            )
-        self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
-        sizes = np.asarray(
-            self.clusterer.meta.get("fit", {}).get("sizes") or np.ones(self.clusterer.k), float
-        )
-        self.fallback = np.where(self.allowed, sizes, 0.0)  # empty context: the cluster sizes as the prior
-        if route == "sequence":
-            self.seg = seq_len
-        elif route.startswith("segment:"):
-            self.seg = max(1, int(route.split(":", 1)[1]))
-        else:
-            raise ValueError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
-        self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
-        self.reset = reset
-        tok = _load_tok(shards.root)
-        self.router = IncrementalRouter(self.clusterer, token_byte_table(tok), shards.eos_id)
-
-    def weights(self, stream: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Expert weights [P, N] for segments starting at `positions` (zero outside the top-k)."""
-        from elmforest.cluster.router import route_stream
-
-        z, ok = route_stream(self.router, stream, positions)
-        w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
-        if (~ok).any():  # no known word yet: the k largest clusters, weighted by size
-            fb = self.fallback.copy()
-            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
-            w_cluster[~ok] = fb / fb.sum()
-        w = np.zeros((len(positions), self.n))
-        for j, i in self.expert_of.items():
-            w[:, i] += w_cluster[:, j]
-        return w
-
-    def nll(self, pool: ExpertPool, stream: np.ndarray, nw: int):
-        """Each position takes the routing of the latest routing point at or before it in its window:
-        every W tokens (the window start for `sequence`) and, with reset="document", each document's
-        first token (routed on its own, empty, context: the size prior), so no document is routed by
-        the one before it."""
-        T, seg, n_tok = self.seq_len, self.seg, len(stream)
-        points = np.zeros((nw, T), dtype=bool)
-        points[:, ::seg] = True
-        if self.reset == "document":
-            points |= doc_starts(stream, self.router.eos_id, T, nw).numpy()
-        flat = np.arange(nw * T).reshape(nw, T)
-        points &= flat < n_tok
-        points[:, 0] |= True  # every window routes at its start (trailing padding windows never exist)
-        positions = flat[points]  # sorted stream positions
-        w_route = self.weights(stream, np.minimum(positions, max(n_tok - 1, 0)))  # [P, N]
-        # the routing point each position follows: the latest one at or before it in its window
-        t_idx = np.where(points, np.arange(T)[None, :], 0)
-        latest = np.maximum.accumulate(t_idx, axis=1)
-        row_of = np.full(nw * T, -1, dtype=np.int64)
-        row_of[positions] = np.arange(len(positions))
-        rows = row_of[(np.arange(nw)[:, None] * T + latest).reshape(-1)].reshape(nw, T)
-        w_pos_np = w_route[rows]  # [nw, T, N]
-        needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
-        lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
-        for i in range(self.n):
-            wins = np.flatnonzero(needed[:, i])
-            if len(wins):
-                lp[i, torch.as_tensor(wins)] = pool.logprobs(
-                    i, stream, self.router.eos_id, T, wins.tolist()
-                ).double()
-        w_pos = torch.from_numpy(w_pos_np).permute(2, 0, 1)  # [N, nw, T]
-        log_w = torch.log(w_pos)
-        valid = _valid(nw, T, n_tok)
-        # positions past the end of the stream are padding: they count 0
-        ens = torch.where(valid > 0, torch.logsumexp(log_w + lp, dim=0), torch.zeros(()))
-        mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
-        return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist())
-
-
-def _valid(nw: int, seq_len: int, n_tok: int) -> torch.Tensor:
-    """[nw, T] 1.0 where a window position predicts a real token, 0.0 at the trailing padding."""
-    return (torch.arange(nw * seq_len).view(nw, seq_len) < n_tok).double()
 
 
 def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

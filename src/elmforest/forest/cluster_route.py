@@ -1,0 +1,115 @@
+"""c-BTM's sparse routing inside forest evaluation: the top-k experts by distance of the context's
+embedding to the cluster centres, per window or per segment of W tokens, each document routed on its
+own context (evaluate.py holds the rest of forest evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from elmforest.data.shards import Shards
+from elmforest.forest.manifest import Forest
+from elmforest.forest.pool import ExpertPool, doc_starts, valid_mask
+
+
+class ClusterContext:
+    """c-BTM routing state for one evaluation: the clusterer, the router, cluster -> expert map."""
+
+    def __init__(
+        self,
+        forest: Forest,
+        names: list[str],
+        shards: Shards,
+        k: int,
+        temperature: float,
+        route: str,
+        seq_len: int,
+        reset: str = "document",
+    ):
+        from elmforest.cluster.clusterer import Clusterer
+        from elmforest.cluster.router import IncrementalRouter, token_byte_table
+        from elmforest.data.tokenizer import load_tokenizer as _load_tok
+
+        info = forest.data.get("clusterer")
+        if not info:
+            raise ValueError(
+                f"{forest.root}: the forest has no clusterer (elmforest forest init --clusterer DIR)"
+            )
+        self.clusterer = Clusterer.load(forest.root / info["path"])
+        self.expert_of = {}
+        for j in range(self.clusterer.k):
+            for i, n in enumerate(names):
+                if f"cluster{j}" in forest.expert(n)["domains"]:
+                    self.expert_of[j] = i
+        if not self.expert_of:
+            raise ValueError(
+                f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
+            )
+        self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
+        sizes = np.asarray(
+            self.clusterer.meta.get("fit", {}).get("sizes") or np.ones(self.clusterer.k), float
+        )
+        self.fallback = np.where(self.allowed, sizes, 0.0)  # empty context: the cluster sizes as the prior
+        if route == "sequence":
+            self.seg = seq_len
+        elif route.startswith("segment:"):
+            self.seg = max(1, int(route.split(":", 1)[1]))
+        else:
+            raise ValueError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
+        self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
+        self.reset = reset
+        tok = _load_tok(shards.root)
+        self.router = IncrementalRouter(self.clusterer, token_byte_table(tok), shards.eos_id)
+
+    def weights(self, stream: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Expert weights [P, N] for segments starting at `positions` (zero outside the top-k)."""
+        from elmforest.cluster.router import route_stream
+
+        z, ok = route_stream(self.router, stream, positions)
+        w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
+        if (~ok).any():  # no known word yet: the k largest clusters, weighted by size
+            fb = self.fallback.copy()
+            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
+            w_cluster[~ok] = fb / fb.sum()
+        w = np.zeros((len(positions), self.n))
+        for j, i in self.expert_of.items():
+            w[:, i] += w_cluster[:, j]
+        return w
+
+    def nll(self, pool: ExpertPool, stream: np.ndarray, nw: int):
+        """Each position takes the routing of the latest routing point at or before it in its window:
+        every W tokens (the window start for `sequence`) and, with reset="document", each document's
+        first token (routed on its own, empty, context: the size prior), so no document is routed by
+        the one before it."""
+        T, seg, n_tok = self.seq_len, self.seg, len(stream)
+        points = np.zeros((nw, T), dtype=bool)
+        points[:, ::seg] = True
+        if self.reset == "document":
+            points |= doc_starts(stream, self.router.eos_id, T, nw).numpy()
+        flat = np.arange(nw * T).reshape(nw, T)
+        points &= flat < n_tok
+        points[:, 0] |= True  # every window routes at its start (trailing padding windows never exist)
+        positions = flat[points]  # sorted stream positions
+        w_route = self.weights(stream, np.minimum(positions, max(n_tok - 1, 0)))  # [P, N]
+        # the routing point each position follows: the latest one at or before it in its window
+        t_idx = np.where(points, np.arange(T)[None, :], 0)
+        latest = np.maximum.accumulate(t_idx, axis=1)
+        row_of = np.full(nw * T, -1, dtype=np.int64)
+        row_of[positions] = np.arange(len(positions))
+        rows = row_of[(np.arange(nw)[:, None] * T + latest).reshape(-1)].reshape(nw, T)
+        w_pos_np = w_route[rows]  # [nw, T, N]
+        needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
+        lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
+        for i in range(self.n):
+            wins = np.flatnonzero(needed[:, i])
+            if len(wins):
+                lp[i, torch.as_tensor(wins)] = pool.logprobs(
+                    i, stream, self.router.eos_id, T, wins.tolist()
+                ).double()
+        w_pos = torch.from_numpy(w_pos_np).permute(2, 0, 1)  # [N, nw, T]
+        log_w = torch.log(w_pos)
+        valid = valid_mask(nw, T, n_tok)
+        # positions past the end of the stream are padding: they count 0
+        ens = torch.where(valid > 0, torch.logsumexp(log_w + lp, dim=0), torch.zeros(()))
+        mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
+        return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist())

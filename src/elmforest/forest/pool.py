@@ -1,0 +1,149 @@
+"""The forest's experts at evaluation time: loaded on demand, each run alone, its log-probs cached.
+
+Several mixtures of the same experts on the same data (posterior, fixed, top-k, uniform) run each
+expert once; `passes` still counts every token an expert was asked to score, which is the compute of
+inference. The cached prior is estimated here too, from the experts' posteriors on held-out windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elmforest.eval.bpb import n_windows, token_logprobs, window_batch
+from elmforest.forest.manifest import Forest
+from elmforest.forest.posterior import cached_prior, sequence_posterior
+from elmforest.model.build import load_model
+from elmforest.utils.device import resolve_device, resolve_precision
+
+
+@dataclass
+class ExpertPool:
+    """The forest's experts, loaded on demand; `keep_loaded=False` holds one at a time (big models)."""
+
+    dirs: list[Path]
+    device: torch.device
+    amp: torch.dtype | None
+    batch_size: int = 16
+    keep_loaded: bool = True
+    _models: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+    passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
+
+    def model(self, j: int):
+        if j not in self._models:
+            if not self.keep_loaded:
+                self._models.clear()
+            self._models[j] = load_model(self.dirs[j]).to(self.device).eval()
+        return self._models[j]
+
+    @torch.no_grad()
+    def logprobs(
+        self,
+        j: int,
+        stream: np.ndarray,
+        eos_id: int,
+        seq_len: int,
+        window_ids,
+        upto: int | None = None,
+        key=None,
+    ) -> torch.Tensor:
+        """[len(window_ids), T] log-probs of expert j (only the first `upto` positions if given).
+
+        With a `key` naming the stream, results are cached, so several mixtures of the same experts on
+        the same data (posterior, fixed, top-k) run each expert once; `passes` still counts every request.
+        """
+        ids = list(window_ids)
+        ck = (j, key, tuple(ids), upto, seq_len) if key is not None else None
+        if ck in self._cache:
+            out, count = self._cache[ck]
+            self.passes += count
+            return out
+        before = self.passes
+        out = torch.zeros(len(ids), seq_len)
+        m = self.model(j)
+        for i in range(0, len(ids), self.batch_size):
+            x, y = window_batch(stream, eos_id, seq_len, ids[i : i + self.batch_size])
+            if upto is not None:
+                x, y = x[:, :upto], y[:, :upto]
+            lp = token_logprobs(m, x.to(self.device), y.to(self.device), self.amp).cpu()
+            out[i : i + len(x), : lp.shape[1]] = lp
+            self.passes += int((y != -100).sum())
+        if ck is not None:
+            self._cache[ck] = (out, self.passes - before)
+        return out
+
+    def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
+        return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
+
+
+def make_pool(
+    forest: Forest,
+    names: list[str] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 16,
+    keep_loaded: bool = True,
+) -> ExpertPool:
+    dev = resolve_device(device)
+    dirs = [forest.expert_dir(x) for x in (names or forest.names)]
+    return ExpertPool(dirs, dev, resolve_precision(precision, dev), batch_size, keep_loaded)
+
+
+PRIOR_BATCH_WINDOWS = 8  # windows per prior batch: 20 batches = 160 windows (41k tokens at T = 256)
+
+
+def estimate_prior(
+    pool: ExpertPool,
+    stream: np.ndarray,
+    eos_id: int,
+    seq_len: int,
+    batches: int,
+    alpha: float | None = None,
+    key=None,
+    batch_windows: int = PRIOR_BATCH_WINDOWS,
+) -> torch.Tensor:
+    """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
+    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key, batch_windows)[0]
+
+
+def estimate_prior_info(
+    pool: ExpertPool,
+    stream: np.ndarray,
+    eos_id: int,
+    seq_len: int,
+    batches: int,
+    alpha: float | None = None,
+    key=None,
+    batch_windows: int = PRIOR_BATCH_WINDOWS,
+) -> tuple[torch.Tensor, int]:
+    """(prior, windows used): `batches` batches of `batch_windows` windows, every window when the split
+    holds fewer. Every expert reads them all, so this costs N x the windows."""
+    if batches < 1 or batch_windows < 1:
+        raise ValueError(
+            f"prior batches and their windows must be at least 1, got {batches}, {batch_windows}"
+        )
+    nw = min(n_windows(len(stream), seq_len), batches * batch_windows)
+    lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
+    posts = [sequence_posterior(lp[:, i : i + batch_windows]) for i in range(0, nw, batch_windows)]
+    return cached_prior(posts, alpha), nw
+
+
+def doc_starts(stream: np.ndarray, eos_id: int, seq_len: int, nw: int) -> torch.Tensor:
+    """[nw, T] True where the predicted token opens a document (the token before it is EOS; the
+    stream's very first token counts, its context being the leading EOS)."""
+    n = len(stream)
+    pos = np.arange(nw * seq_len)
+    prev = np.full(len(pos), eos_id, dtype=np.int64)
+    inside = (pos >= 1) & (pos <= n)
+    prev[inside] = np.asarray(stream[pos[inside] - 1], dtype=np.int64)
+    starts = (prev == eos_id) & (pos < n)
+    return torch.from_numpy(starts.reshape(nw, seq_len))
+
+
+def valid_mask(nw: int, seq_len: int, n_tok: int) -> torch.Tensor:
+    """[nw, T] 1.0 where a window position predicts a real token, 0.0 at the trailing padding."""
+    return (torch.arange(nw * seq_len).view(nw, seq_len) < n_tok).double()
