@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
             train=TrainConfig(steps=256, batch_size=16, seq_len=256, ckpt_every=64, log_every=8),
             description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
             "CPU cores without bf16 (fp32, AVX2)",
-            expert_lr=4e-3,
+            expert_lr=8e-3,
         ),
         Preset(
             "cpu-medium",
