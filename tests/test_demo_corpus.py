@@ -484,6 +484,12 @@ def test_chunks_and_hash_sample_are_deterministic_and_capped():
     assert len(kept) == 10 and kept == sample_by_hash(list(reversed(docs)), max_bytes=1000)
     assert [d.id for d in kept] == sorted(d.id for d in kept)
     assert {d.id for d in kept} != {f"d/{i}" for i in range(10)}  # spread over the source, not its head
+    # independent of the split hash: about half of a sample lands in each half of a 50/50 split
+    from elmforest.data.splits import SplitSpec
+
+    many = sample_by_hash([Doc(f"d/{i}", "x") for i in range(4000)], max_bytes=400)
+    valid = sum(SplitSpec(0.5, 0.5).assign(d.id) == "valid" for d in many)
+    assert 150 < valid < 250
 
 
 def test_eval_only_corpus_manifest_says_so(tmp_path, monkeypatch):

@@ -76,8 +76,11 @@ def quickstart(
             build_demo_corpus(corpus, domains=domains, progress=progress)
         for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
             log(f"      skipped domain {name}: {why}")
+        from elmforest.data.demo_ood import EVAL_ONLY_REVISION
+
         demo_ood = out / "corpus-ood"
-        if not (demo_ood / "manifest.json").exists():
+        seen = read_json(demo_ood / "manifest.json") if (demo_ood / "manifest.json").exists() else {}
+        if seen.get("revision") != EVAL_ONLY_REVISION:
             log(f"      building the evaluation-only demo domains -> {demo_ood}")
             build_demo_corpus(demo_ood, eval_only=True, progress=progress)
         if read_json(demo_ood / "manifest.json").get("domains"):
@@ -102,6 +105,15 @@ def quickstart(
     )
     if ood_shards is None:
         log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
+    else:
+        log(
+            "      out-of-domain sets (valid tokens for the prior / test documents): "
+            + ", ".join(
+                f"{d} {ood_shards.info(d, 'valid')['tokens'] if ood_shards.has(d, 'valid') else 0:,}"
+                f" / {ood_shards.info(d, 'test')['documents'] if ood_shards.has(d, 'test') else 0}"
+                for d in ood_shards.domains
+            )
+        )
 
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names

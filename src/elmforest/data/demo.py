@@ -644,7 +644,10 @@ def build_demo_corpus(
         "skipped": {k: skipped[k] for k in order if k in skipped},
     }
     if eval_only:
+        from elmforest.data.demo_ood import EVAL_ONLY_REVISION
+
         manifest["eval_only"] = True
+        manifest["revision"] = EVAL_ONLY_REVISION
     write_json_atomic(manifest_path, manifest)
     say(
         f"done in {time.perf_counter() - t_all:.1f}s: {len(ordered)} domains built, {len(manifest['skipped'])} skipped"

@@ -29,6 +29,7 @@ EVAL_ONLY_DOMAINS: tuple[str, ...] = ("german_fortunes", "unicode_tables", "tex_
 EVAL_ONLY_BYTES = 240_000  # per domain, after sampling: 120 kB valid (priors), 120 kB test
 EVAL_ONLY_MIN_BYTES = 100_000
 CHUNK_LINES = 120
+EVAL_ONLY_REVISION = 2  # bump when the sampling changes: quickstarts rebuild an older eval-only corpus
 PERL_PACKAGE = "perl-modules-5.36"  # Debian 12's; pinned so rebuilds are reproducible
 
 
@@ -47,7 +48,9 @@ def chunk_lines(doc_id: str, text: str, lines: int = CHUNK_LINES) -> list[Doc]:
 def sample_by_hash(docs: Iterable[Doc], max_bytes: int = EVAL_ONLY_BYTES) -> list[Doc]:
     """A deterministic sample spread over the whole source: documents in the order of a hash of their
     id, kept while they fit in `max_bytes`, then put back in id order."""
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.id.encode()).digest())
+    # salted: the train/valid/test split hashes the same ids, and an unsalted sample would keep exactly
+    # the documents with the smallest hashes, i.e. the test split's
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(b"eval-only-sample:" + d.id.encode()).digest())
     kept, total = [], 0
     for d in ranked:
         n = len(d.text.encode("utf-8"))
