@@ -146,3 +146,18 @@ def test_lr_sweep_on_ray_matches_the_local_sweep(ray_cluster, shards_dir, tmp_pa
             assert a["valid_mean_bpb"] == pytest.approx(b["valid_mean_bpb"], abs=1e-6)
     pids = {(p / "runs" / "dense" / "worker.pid").read_text() for p in (tmp_path / "ray" / "dense").iterdir()}
     assert len(pids) >= 2  # the dense points ran in more than one worker
+
+
+def test_local_workers_keep_job_order_and_name_a_failed_job(tmp_path):
+    import operator
+
+    jobs = [{"x": 1}, {"x": 2}, {"y": 3}, {"x": 4}]
+    labels = ["a", "b", "c", "d"]
+    logs = [tmp_path / f"{n}.log" for n in labels]
+    ok = LocalExecutor(workers=2).map(
+        operator.itemgetter("x"), jobs[:2] + jobs[3:], ["a", "b", "d"], logs[:3]
+    )
+    assert ok == [1, 2, 4]
+    with pytest.raises(JobsFailed) as e:
+        LocalExecutor(workers=2).map(operator.itemgetter("x"), jobs, labels, logs)
+    assert list(e.value.failures) == ["c"] and "c.log" in e.value.failures["c"]

@@ -27,6 +27,7 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_o
 from elmforest.eval.report import flops_mark, plot_results, print_table
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
+from elmforest.launch.executor import LocalExecutor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.io import read_json, write_json_atomic
@@ -50,6 +51,7 @@ def quickstart(
     moe_router_steps: int = 0,
     ood: list[str | Path] | None = None,
     expert_lr: float | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
 
@@ -58,6 +60,8 @@ def quickstart(
     moe merges the experts into one Mixtral MoE (BTX); moe_router_steps > 0 also trains its router.
     `ood` adds out-of-domain sets (any data; each file or domain one set) to the demo's evaluation-only
     domains (used when the corpus is the demo). `expert_lr` overrides the preset's expert LR.
+    `workers` trains that many experts (and the dense run) at a time in worker processes (default:
+    2 on a CPU with 2 or more cores, 1 on a GPU).
     """
     if split not in ("domains", "random", "clusters"):
         raise ValueError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
@@ -134,17 +138,29 @@ def quickstart(
         f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
     )
     btm.train_seed(forest, shards, base, plan, progress=progress)
+    removed = [d for d in names if d in forest.removed]
+    for d in removed:
+        log(f"      {d}: opted out of this forest (forest remove); not retrained")
+    workers, threads = _workers(base, workers)
     log(
-        f"[5/8] {len(names)} experts, each alone on its domain: {plan.total_steps - plan.seed_steps} steps of "
-        f"{plan.expert_batch_size} x {base.train.seq_len} tokens, continuing the seed"
+        f"[5/8] {len(names) - len(removed)} experts, each alone on its domain: "
+        f"{plan.total_steps - plan.seed_steps} steps of {plan.expert_batch_size} x {base.train.seq_len} "
+        f"tokens, continuing the seed"
     )
-    for d in names:
-        if d in forest.removed:
-            log(f"      {d}: opted out of this forest (forest remove); not retrained")
-            continue
-        btm.train_expert(forest, shards, d, progress=progress)
-    log("[6/8] dense baseline: the seed's run continued to the full budget")
-    btm.train_dense(forest, shards, base, plan, progress=progress)
+    log(
+        "[6/8] dense baseline: the seed's run continued to the full budget"
+        + (f" (experts and dense run {workers} at a time, {threads} thread(s) each)" if workers > 1 else "")
+    )
+    btm.train_forest(
+        forest,
+        shards,
+        base,
+        plan,
+        executor=LocalExecutor(workers),
+        threads=threads,
+        progress=progress,
+        monitor_every=30.0,
+    )
 
     others: dict[str, Forest] = {}
     if split == "random":
@@ -227,6 +243,18 @@ def quickstart(
         f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}; forest in {forest.root}"
     )
     return results
+
+
+def _workers(base, workers: int | None) -> tuple[int, int]:
+    """(jobs at a time, threads per job): on a CPU, two single-threaded small-batch jobs beat one job
+    on two threads; on a GPU one at a time."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers is None:
+        workers = 2 if resolve_device(base.train.device).type == "cpu" and cores >= 2 else 1
+    workers = max(1, workers)
+    return workers, max(1, cores // workers) if workers > 1 else 0
 
 
 def _precision_line(precision: str, device: str) -> str:

@@ -304,8 +304,9 @@ def train_forest(
 ) -> list[dict]:
     """All phases: the seed here, then every expert (and the dense baseline) as independent jobs.
 
-    With the local executor the jobs run one after another in this process; with Ray they run
-    concurrently wherever resources allow. Finished experts are skipped, unfinished ones resume.
+    With the local executor the jobs run one after another in this process (or `workers` at a time in
+    worker processes); with Ray they run concurrently wherever resources allow. The forest is re-read
+    afterwards, since the jobs add their experts to the manifest on disk. Finished experts are skipped, unfinished ones resume.
     """
     from elmforest.launch.executor import LocalExecutor
     from elmforest.launch.jobs import ExpertJob, as_dict, run_job
@@ -318,18 +319,22 @@ def train_forest(
         ExpertJob(str(forest.root), str(Path(shards.root).resolve()), d, threads=threads, procs=procs)
         for d in names
     ]
-    if dense:
-        jobs.append(
-            ExpertJob(str(forest.root), str(Path(shards.root).resolve()), "", kind="dense", threads=threads)
+    if dense:  # first: the longest job, so it runs beside the experts when jobs run concurrently
+        jobs.insert(
+            0,
+            ExpertJob(str(forest.root), str(Path(shards.root).resolve()), "", kind="dense", threads=threads),
         )
     executor = executor or LocalExecutor()
     runs = {j.label: j.run_dir() for j in jobs}
     with ProgressMonitor(
         runs, plan.total_steps, forest.root / "progress.log", every=monitor_every, echo=progress
     ):
-        return executor.map(
-            run_job,
-            [as_dict(j) for j in jobs],
-            [j.label for j in jobs],
-            [j.run_dir() / "job.log" for j in jobs],
-        )
+        try:
+            return executor.map(
+                run_job,
+                [as_dict(j) for j in jobs],
+                [j.label for j in jobs],
+                [j.run_dir() / "job.log" for j in jobs],
+            )
+        finally:
+            forest.reload()

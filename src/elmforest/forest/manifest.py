@@ -133,6 +133,11 @@ class Forest:
             raise ValueError(f"{path}: unsupported forest version {data.get('version')}")
         return cls(root, data)
 
+    def reload(self) -> Forest:
+        """Re-read the manifest: jobs in other processes (or on Ray) add their experts to it on disk."""
+        self.data = Forest.load(self.root).data
+        return self
+
     def save(self) -> None:
         with self._locked():
             write_json_atomic(self.root / "forest.json", self.data)
