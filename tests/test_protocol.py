@@ -173,3 +173,22 @@ def test_cached_prior_comes_from_valid_and_falls_back_to_uniform(forest_dir, sha
     r = evaluate_forest(forest_dir, data, device="cpu", precision="fp32")
     assert r["split"] == "test" and r["domains"]["odd"]["prior_source"] == "uniform: odd has no valid split"
     assert np.allclose(list(r["domains"]["odd"]["prior"].values()), 1 / len(forest.names))
+
+
+def test_findings_call_a_gap_within_one_percent_a_tie():
+    from elmforest.compare import findings
+
+    def res(**bpb):
+        return {k: {"mean_bpb": v} for k, v in bpb.items()}
+
+    out = findings(
+        res(dense=2.0, ensemble=1.9, ensemble_uniform=2.01, average=1.9, average_uniform=2.3),
+        res(dense=4.0, ensemble=4.2, ensemble_fixed=3.99),
+        {},
+    )
+    verdicts = [f.rsplit("-> ", 1)[1] for f in out]
+    assert verdicts[0] == "holds"  # 0.95
+    assert verdicts[1].startswith("a tie")  # 1.005
+    assert verdicts[2] == "does NOT hold here"  # 1.05 out of domain
+    assert verdicts[3].startswith("a tie")  # 0.9975
+    assert verdicts[4] == "holds"

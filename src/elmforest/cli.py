@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-lr", type=float, help="peak LR of the expert phase (default: the preset's swept one)"
     )
     qs.add_argument(
+        "--workers",
+        type=int,
+        help="train this many experts (and the dense run) at a time (default: 2 on a CPU of 2+ cores)",
+    )
+    qs.add_argument(
         "--prior-batches", type=int, default=20, help="valid batches for each cached prior (or all windows)"
     )
     qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
@@ -441,6 +446,7 @@ def _dispatch(args) -> int:
             eval_bytes=args.eval_bytes,
             ood=args.ood,
             expert_lr=args.expert_lr,
+            workers=args.workers,
             prior_batches=args.prior_batches,
             clusters=args.clusters,
             moe=not args.no_moe,
