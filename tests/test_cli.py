@@ -260,3 +260,23 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     forest = json.loads((tmp_path / "qs" / "forest-clusters-3" / "forest.json").read_text())
     assert forest["clusterer"]["k"] == 3 and forest["plan"]["n_experts"] == 3
     assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1", "cluster2"]
+
+
+def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):
+    import os
+
+    from elmforest.quickstart import _ood_shards
+
+    src = tmp_path / "ood"
+    _ood_set(src)
+    first = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    n = len(first.tokens("poetry", "test")) + len(first.tokens("poetry", "valid"))
+    again = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    assert len(again.tokens("poetry", "test")) + len(again.tokens("poetry", "valid")) == n
+    with open(src / "poetry.jsonl", "a") as f:  # the user edits the file in place (same path)
+        for i in range(40):
+            f.write(json.dumps({"id": f"poetry/x{i}", "text": "moon " * 50}) + "\n")
+    st = (src / "poetry.jsonl").stat()
+    os.utime(src / "poetry.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    grown = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    assert len(grown.tokens("poetry", "test")) + len(grown.tokens("poetry", "valid")) > n

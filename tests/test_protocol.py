@@ -3,6 +3,7 @@
 
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -192,3 +193,65 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
     assert verdicts[2] == "does NOT hold here"  # 1.05 out of domain
     assert verdicts[3].startswith("a tie")  # 0.9975
     assert verdicts[4] == "holds"
+
+
+def test_a_diverged_lr_is_recorded_not_fatal_and_not_retrained(shards_dir, tmp_path, monkeypatch):
+    import elmforest.launch.sweep as sw
+
+    calls = []
+    real_dense, real_job = sw.run_dense_run, sw.run_job
+
+    def dense(job):
+        calls.append(job["forest"])
+        if job["forest"].endswith("lr-0.1"):
+            raise FloatingPointError("loss is nan at step 3; lower optim.lr?")
+        return real_dense(job)
+
+    def expert(job):
+        if job["forest"].endswith("lr-1") and job["domain"] == Shards(shards_dir).domains[0]:
+            raise FloatingPointError("loss is inf at step 2; lower optim.lr?")
+        return real_job(job)
+
+    monkeypatch.setattr(sw, "run_dense_run", dense)
+    monkeypatch.setattr(sw, "run_job", expert)
+    base = tiny_config(shards_dir, steps=8, batch_size=6)
+    lrs, elrs = [1e-4, 1e-3, 1e-2, 1e-1], [1e-3, 1e-2, 1e-1, 1.0]
+    res = sw.sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
+    top = res["dense"]["points"][-1]
+    assert top["diverged"] and top["valid_mean_bpb"] is None
+    assert res["dense"]["best_lr"] in lrs[:3] and res["experts"]["points"][-1]["diverged"]
+    assert "diverged" in format_sweep(res)
+    n = sum(c.endswith("lr-0.1") for c in calls)
+    again = sw.sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
+    assert (
+        sum(c.endswith("lr-0.1") for c in calls) == n == 1
+        and again["dense"]["best_lr"] == res["dense"]["best_lr"]
+    )  # nothing retrained
+    # any other failure still fails the sweep
+    monkeypatch.setattr(sw, "run_dense_run", lambda job: 1 / 0)
+    with pytest.raises(sw.JobsFailed, match="ZeroDivisionError"):
+        sw.sweep(shards_dir, tmp_path / "s2", base, lrs=lrs, arm="dense", log=None)
+    with pytest.raises(ValueError, match="share a directory"):
+        sw.sweep(shards_dir, tmp_path / "s3", base, lrs=[1e-3, 1.0001e-3, 2e-3, 4e-3], log=None)
+
+
+def test_choose_skips_diverged_and_nan_points():
+    from elmforest.launch.sweep import _choose
+
+    pts = [{"lr": 1e-3, "valid_mean_bpb": float("nan")}, {"lr": 2e-3, "valid_mean_bpb": 2.0}]
+    pts += [{"lr": 4e-3, "valid_mean_bpb": 1.5}, {"lr": 8e-3, "valid_mean_bpb": None, "diverged": "x"}]
+    c = _choose(pts)
+    assert c["best_lr"] == 4e-3 and c["at_edge"] is None
+    with pytest.raises(ValueError, match="diverged"):
+        _choose([{"lr": 1e-3, "valid_mean_bpb": None}])
+
+
+def test_the_dense_phases_refuse_a_config_that_mixes_other_domains(shards_dir, tmp_path):
+    sh = Shards(shards_dir)
+    base = tiny_config(shards_dir, steps=8, batch_size=6)
+    plan, cfg = btm.plan_for(base, sh.domains[:2])
+    assert btm.Plan(**{**asdict(plan), "domains": plan.domains[::-1]}) == plan  # a set, not a list
+    f = Forest.init(tmp_path / "f")
+    with pytest.raises(ValueError, match="one domain list"):
+        btm.train_seed(f, sh, base, plan, progress=False)  # base mixes all three domains
+    assert not (tmp_path / "f" / "runs").exists()

@@ -11,6 +11,8 @@ from pathlib import Path
 from elmforest.data.readers import DataError
 from elmforest.forest.cli import add_forest_eval_args, add_forest_parsers, run_forest_eval
 from elmforest.forest.cli import dispatch as forest_dispatch
+from elmforest.launch.cli import add_launch_parsers
+from elmforest.launch.cli import dispatch as launch_dispatch
 from elmforest.merge.cli import add_merge_parsers
 from elmforest.merge.cli import dispatch as merge_dispatch
 
@@ -112,83 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_forest_parsers(sub, _add_common_train)
     add_merge_parsers(sub)
 
-    qs = sub.add_parser(
-        "quickstart", help="BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB"
-    )
-    qs.add_argument("--out", default="quickstart")
-    qs.add_argument("--preset", default="cpu-small")
-    qs.add_argument("--domains", help="comma-separated subset of the demo domains")
-    qs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    qs.add_argument(
-        "--split",
-        default="domains",
-        choices=["domains", "random", "clusters"],
-        help="random adds the ablation (experts on random splits); clusters adds c-BTM",
-    )
-    qs.add_argument(
-        "--eval-bytes",
-        type=int,
-        default=64_000,
-        help="test text per domain: the first whole documents within this many bytes (same for every model)",
-    )
-    qs.add_argument(
-        "--ood",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="add an out-of-domain set (JSONL / Parquet / folder of .txt; repeatable) to the demo's own",
-    )
-    qs.add_argument(
-        "--expert-lr", type=float, help="peak LR of the expert phase (default: the preset's swept one)"
-    )
-    qs.add_argument(
-        "--workers",
-        type=int,
-        help="train this many experts (and the dense run) at a time (default: 2 on a CPU of 2+ cores)",
-    )
-    qs.add_argument(
-        "--prior-batches", type=int, default=20, help="valid batches for each cached prior (or all windows)"
-    )
-    qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
-    qs.add_argument("--no-moe", action="store_true", help="skip merging the experts into one MoE model")
-    qs.add_argument(
-        "--moe-router-steps",
-        type=int,
-        default=0,
-        help="also train the MoE's router alone for this many steps (adds moe_router_trained)",
-    )
-    qs.add_argument("--no-progress", action="store_true")
-
-    sw = sub.add_parser(
-        "sweep", help="tune the learning rate of each arm (dense run, expert phase) on the valid split"
-    )
-    sw.add_argument("--shards", required=True, help="shards directory (train and valid splits)")
-    sw.add_argument("--out", required=True, help="sweep directory; an existing one is resumed")
-    sw.add_argument("--arm", default="both", choices=["dense", "experts", "both"])
-    sw.add_argument(
-        "--lrs", help="comma-separated dense LRs (default: 5 points, x2 apart, around the preset's optim.lr)"
-    )
-    sw.add_argument(
-        "--expert-lrs", help="comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)"
-    )
-    sw.add_argument(
-        "--dense-lr", type=float, help="--arm experts: the LR of the dense run the seed comes from"
-    )
-    sw.add_argument("--seed-share", type=float, default=0.5)
-    sw.add_argument("--executor", default="local", choices=["local", "ray"])
-    sw.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    sw.add_argument("--cpus-per-job", type=float, default=1.0)
-    sw.add_argument("--gpus-per-job", type=float, default=0.0)
-    sw.add_argument("--max-retries", type=int, default=3)
-    sw.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="local executor: run this many jobs at a time in worker processes (each on cores/workers "
-        "threads; on a CPU, 2 single-threaded jobs of a small model beat one job on 2 threads)",
-    )
-    sw.add_argument("--json", help="also write the result here")
-    _add_common_train(sw)
+    add_launch_parsers(sub, _add_common_train)
 
     cl = sub.add_parser("cluster", help="c-BTM domain discovery").add_subparsers(
         dest="cluster_cmd", required=True
@@ -352,37 +278,8 @@ def _dispatch(args) -> int:
             f"; not vectorised {rep['not_vectorised']}" + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
         )
         return 0
-    if args.cmd == "sweep":
-        from elmforest.launch.executor import make_executor
-        from elmforest.launch.sweep import format_sweep, sweep
-        from elmforest.utils.io import write_json_atomic
-
-        floats = lambda s: [float(x) for x in _split_list(s)] if s else None  # noqa: E731
-        executor = make_executor(
-            args.executor, args.address, args.cpus_per_job, args.gpus_per_job, args.max_retries, args.workers
-        )
-        if args.executor == "ray":
-            threads = int(args.cpus_per_job)
-        elif args.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.workers)
-        else:
-            threads = None
-        res = sweep(
-            args.shards,
-            args.out,
-            _run_config(args),
-            arm=args.arm,
-            lrs=floats(args.lrs),
-            expert_lrs=floats(args.expert_lrs),
-            dense_lr=args.dense_lr,
-            seed_share=args.seed_share,
-            executor=executor,
-            threads=threads,
-        )
-        print(format_sweep(res))
-        if args.json:
-            write_json_atomic(args.json, res)
-        return 0
+    if args.cmd in ("quickstart", "sweep"):
+        return launch_dispatch(args, _run_config)
     if args.cmd in ("forest", "generate"):
         return forest_dispatch(args, _run_config)
     if args.cmd == "merge":
@@ -432,26 +329,6 @@ def _dispatch(args) -> int:
                 f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
                 f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}"
             )
-        return 0
-    if args.cmd == "quickstart":
-        from elmforest.quickstart import quickstart
-
-        quickstart(
-            args.out,
-            preset=args.preset,
-            domains=_split_list(args.domains),
-            overrides=args.overrides,
-            progress=not args.no_progress,
-            split=args.split,
-            eval_bytes=args.eval_bytes,
-            ood=args.ood,
-            expert_lr=args.expert_lr,
-            workers=args.workers,
-            prior_batches=args.prior_batches,
-            clusters=args.clusters,
-            moe=not args.no_moe,
-            moe_router_steps=args.moe_router_steps,
-        )
         return 0
     raise AssertionError(args.cmd)
 

@@ -270,17 +270,16 @@ def _precision_line(precision: str, device: str) -> str:
 
 def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: list[str], progress) -> Shards:
     """The out-of-domain sets tokenized once (half valid for the priors, half test); rebuilt when the
-    list of sources changes. A set named like a training domain is refused: it would not be OOD."""
+    sources change (their list, or any file's size or mtime: a rebuilt evaluation-only corpus or an
+    edited --ood file). A set named like a training domain is refused: it would not be OOD."""
     want = [str(s.resolve()) for s in sources]
+    stamp = {"sources": want, "files": _file_stamps(sources)}
     tok = load_tokenizer(tok_dir)
     sh = Shards(path) if Shards.is_shards_dir(path) else None
-    have = sh.index.get("source") if sh else None
-    if (
-        sh is None
-        or (have if isinstance(have, list) else [have]) != want
-        or sh.tokenizer_fingerprint != tok.fingerprint()
-    ):
+    seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
+    if sh is None or seen != stamp or sh.tokenizer_fingerprint != tok.fingerprint():
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
+        write_json_atomic(path / "sources.json", stamp)
         sh = Shards(path)
     clash = sorted(set(sh.domains) & set(train_names))
     if clash:
@@ -289,6 +288,11 @@ def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: lis
             "field or the file name): a domain the experts trained on is not out of domain"
         )
     return sh
+
+
+def _file_stamps(sources: list[Path]) -> list[list]:
+    files = [f for s in sources for f in ([s] if s.is_file() else sorted(s.rglob("*"))) if f.is_file()]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _print_ledger(compute: dict, log) -> None:

@@ -143,7 +143,16 @@ def train_dense(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, pro
 
 
 def _dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
+    """The seed's and dense run's config: they mix exactly the plan's domains (one list drives every
+    phase), so a config that names other domains is refused rather than trained."""
     cfg = copy.deepcopy(base)
+    if plan.domains is not None:
+        mixed = cfg.data.domains or [d for d in shards.domains if shards.has(d, "train")]
+        if sorted(mixed) != plan.domains:
+            raise ValueError(
+                f"the seed and dense run would mix domains {sorted(mixed)} but the plan's experts are "
+                f"{plan.domains}; one domain list must drive every phase (build both with plan_for)"
+            )
     cfg.data.shards = str(Path(shards.root).resolve())
     cfg.train.steps, cfg.train.batch_size, cfg.train.stop_at = plan.total_steps, plan.batch_size, None
     return cfg

@@ -36,7 +36,7 @@ class Plan:
                 "use a multiple so each expert gets an equal share (compute matching)"
             )
         if self.domains is not None:
-            self.domains = list(self.domains)
+            self.domains = sorted(self.domains)  # a set of domains: the same plan in any order
             if len(self.domains) != self.n_experts or len(set(self.domains)) != len(self.domains):
                 raise ValueError(
                     f"the plan has {self.n_experts} experts but {len(self.domains)} domains "

@@ -28,7 +28,7 @@ from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
-from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.executor import JobsFailed, LocalExecutor
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
 from elmforest.model.build import load_model
 from elmforest.utils.io import read_json, write_json_atomic
@@ -47,17 +47,53 @@ def _tag(lr: float) -> str:
     return f"lr-{lr:.3g}"
 
 
+DIVERGED = "diverged.json"  # in a point's directory: its training hit a non-finite loss
+
+
 def _check_grid(lrs: list[float], what: str) -> list[float]:
     lrs = sorted(set(float(x) for x in lrs))
     if len(lrs) < 4:
         raise ValueError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
     if not all(math.isfinite(x) and x > 0 for x in lrs):
         raise ValueError(f"the {what} grid must hold positive learning rates, got {lrs}")
+    tags = [_tag(x) for x in lrs]
+    if len(set(tags)) < len(tags):
+        raise ValueError(
+            f"the {what} grid has LRs equal to 3 significant digits (they share a directory): {lrs}"
+        )
     return lrs
 
 
+def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
+    """Run the jobs of the sweep's points. A job whose loss diverged (high LRs do, which is what a
+    sweep is there to find) marks its point diverged, remembered on disk so a rerun does not train it
+    again, instead of failing the sweep; any other failure still fails it."""
+    todo = [i for i, p in enumerate(points) if not (p / DIVERGED).is_file()]
+    try:
+        executor.map(fn, [jobs[i] for i in todo], [labels[i] for i in todo], [logs[i] for i in todo])
+    except JobsFailed as e:
+        other = {k: v for k, v in e.failures.items() if "FloatingPointError" not in v}
+        for i in todo:
+            why = e.failures.get(labels[i])
+            if why and labels[i] not in other and not (points[i] / DIVERGED).is_file():
+                write_json_atomic(points[i] / DIVERGED, {"job": labels[i], "why": why})
+        if other:
+            raise JobsFailed(other) from e
+
+
+def _diverged(point: Path) -> dict | None:
+    if (point / DIVERGED).is_file():
+        return {"valid_mean_bpb": None, "diverged": read_json(point / DIVERGED)["why"], "domains": {}}
+    return None
+
+
 def _choose(points: list[dict]) -> dict:
-    best = min(points, key=lambda p: p["valid_mean_bpb"])
+    """The best finite point; an edge is judged against the whole grid (a diverged LR above the best
+    one bounds it as well as a worse one does)."""
+    ok = [p for p in points if p.get("valid_mean_bpb") is not None and math.isfinite(p["valid_mean_bpb"])]
+    if not ok:
+        raise ValueError("every LR of the grid diverged: sweep lower learning rates")
+    best = min(ok, key=lambda p: p["valid_mean_bpb"])
     lrs = [p["lr"] for p in points]
     edge = None
     if best["lr"] == min(lrs):
@@ -68,6 +104,8 @@ def _choose(points: list[dict]) -> dict:
 
 
 def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) -> dict:
+    if (bad := _diverged(point)) is not None:
+        return bad
     cached = point / "valid.json"
     if cached.is_file():
         return read_json(cached)
@@ -80,6 +118,8 @@ def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) 
 
 
 def _score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: int) -> dict:
+    if (bad := _diverged(forest.root)) is not None:
+        return bad
     cached = forest.root / "valid.json"
     if cached.is_file():
         return read_json(cached)
@@ -144,11 +184,13 @@ def sweep(
         with _monitor(
             {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, log
         ):
-            executor.map(
+            _run_points(
+                executor,
                 run_dense_run,
                 [as_dict(j) for j in jobs],
                 [f"dense/{_tag(x)}" for x in grid],
                 [j.run_dir() / "job.log" for j in jobs],
+                [out / "dense" / _tag(x) for x in grid],
             )
         points = [
             {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len)} for lr in grid
@@ -182,7 +224,14 @@ def sweep(
         )
         labels = [f"experts/{Path(j.forest).name}/{j.domain}" for j in jobs]
         with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
-            executor.map(run_job, [as_dict(j) for j in jobs], labels, [j.run_dir() / "job.log" for j in jobs])
+            _run_points(
+                executor,
+                run_job,
+                [as_dict(j) for j in jobs],
+                labels,
+                [j.run_dir() / "job.log" for j in jobs],
+                [Path(j.forest) for j in jobs],
+            )
         points = [
             {"lr": lr, **_score_experts(Forest.load(f.root), shards, domains, seq_len)}
             for lr, f in forests.items()
@@ -209,12 +258,15 @@ def format_sweep(result: dict) -> str:
         r = result.get(arm)
         if not r:
             continue
-        domains = list(r["points"][0]["domains"])
+        domains = next(list(p["domains"]) for p in r["points"] if p["domains"])
         lines.append(f"{arm} arm ({result['criterion'][arm]}):")
         lines.append("| LR | mean valid BPB | " + " | ".join(domains) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in domains) + " |")
         for p in r["points"]:
             mark = " **" if p["lr"] == r["best_lr"] else ""
+            if p.get("diverged"):
+                lines.append(f"| {p['lr']:g} | diverged | " + " | ".join("-" for _ in domains) + " |")
+                continue
             cells = " | ".join(f"{p['domains'][d]:.4f}" for d in domains)
             lines.append(f"| {p['lr']:g}{mark} | {p['valid_mean_bpb']:.4f} | {cells} |")
         note = f"best {arm} LR {r['best_lr']:g} (mean valid BPB {r['best_valid_mean_bpb']:.4f})"
