@@ -14,12 +14,13 @@ Finished seeds are reused when the command is run again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
+from elmforest.eval.report import flops_mark
 from elmforest.quickstart import quickstart
+from elmforest.utils.io import write_json_atomic
 
 SHARED = ("corpus", "corpus-ood", "tokenizer", "shards", "shards-ood", "shards-random")
 
@@ -96,7 +97,7 @@ def main() -> None:
         "priors": {s: r["priors"] for s, r in results.items()},
         "compute": {s: r["compute"]["forest_over_dense"] for s, r in results.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", summary)
     p = next(iter(results.values()))["protocol"]
     print(
         f"{args.preset}, mixture {p['mixture']}, dense LR {p['dense_lr']:g}, expert LR {p['expert_lr']:g}, "
@@ -110,10 +111,9 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: | --- |")
         for r in rs:
             per = ", ".join(f"{v:.4f}" for v in r["per_seed"])
-            fl = r["train_flops_vs_dense"]
             print(
                 f"| {r['method']} | {r['mean_bpb']:.4f} ± {r['std']:.4f} | {r['vs_dense']:.3f} | "
-                f"{fl:.3f} | {per} |"
+                f"{flops_mark(r['train_flops_vs_dense'])} | {per} |"
             )
     for block, g in gaps.items():
         print(f"ensemble - dense ({block}), per seed: " + ", ".join(f"{x:+.4f}" for x in g))

@@ -86,7 +86,18 @@ def _flop_counter_per_token(model, seq_len: int) -> float:
 
 
 @pytest.mark.parametrize(
-    "trainable", [None, r"\.mlp\.", r"lm_head|embed", r"layers\.1\.", r"self_attn\.o_proj", r"norm"]
+    "trainable",
+    [
+        None,
+        r"\.mlp\.",
+        r"lm_head|embed",
+        r"layers\.1\.",
+        r"self_attn\.o_proj",
+        r"norm",
+        r"layers\.0\.post_attention_layernorm",
+        r"layers\.1\.input_layernorm",
+        r"^model\.norm",
+    ],
 )
 def test_flops_match_torch_flop_counter_dense(trainable):
     m = build_model(ModelConfig(preset="tiny", attn_implementation="eager"), vocab_size=100, eos_id=0)

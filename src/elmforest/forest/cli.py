@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -80,6 +81,13 @@ def add_forest_parsers(sub, add_common_train) -> None:
         help="data-parallel processes per expert (torchrun: one per GPU, or gloo on CPU)",
     )
     p.add_argument("--max-retries", type=int, default=3, help="retries of an expert whose worker died")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local executor: train this many experts (and the dense run) at a time in worker processes, "
+        "each on cores/workers threads",
+    )
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     _expert_lr_arg(p)
     add_common_train(p)
@@ -323,9 +331,19 @@ def dispatch(args, run_config) -> int:
                 f"--procs-per-expert {args.procs_per_expert} processes"
             )
         executor = make_executor(
-            args.executor, args.address, args.cpus_per_expert, args.gpus_per_expert, args.max_retries
+            args.executor,
+            args.address,
+            args.cpus_per_expert,
+            args.gpus_per_expert,
+            args.max_retries,
+            args.workers,
         )
-        threads = int(args.cpus_per_expert) if args.executor == "ray" else None
+        if args.executor == "ray":
+            threads = int(args.cpus_per_expert)
+        elif args.workers > 1:
+            threads = max(1, (os.cpu_count() or 1) // args.workers)
+        else:
+            threads = None
         btm.train_forest(
             forest,
             shards,

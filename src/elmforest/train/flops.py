@@ -64,7 +64,7 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
     ]
     group = 0
     layer_start: dict[int, int] = {}  # the first group of each layer
-    trained_norms: list[int | None] = []  # layers of trainable vectors (norms, biases); None: final norm
+    trained_vecs: list[tuple[str, int | None]] = []  # trainable vectors (norms, biases) and their layer
     for name, p in model.named_parameters():
         m = _LAYER.search(name)
         layer = int(m.group(1)) if m else None
@@ -72,7 +72,7 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
             continue
         if p.dim() < 2:  # no multiply, but a trainable norm needs the gradient of its output
             if p.requires_grad:
-                trained_norms.append(layer)
+                trained_vecs.append((name, layer))
             continue
         if not _SIBLING.search(name):
             group += 1
@@ -89,10 +89,7 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
         down_group.get(layer, g) if share < 1 and _ROUTER.search(name) else g
         for name, _, t, g, layer in units
         if t
-    ] + [
-        layer_start.get(layer, head_group) - 0.5 if layer is not None else head_group - 0.5
-        for layer in trained_norms
-    ]
+    ] + [_vector_position(name, layer, units, layer_start, head_group) for name, layer in trained_vecs]
     first = min(starts) if starts else None
 
     forward = sum(2 * a for _, a, _, _, _ in units)
@@ -124,6 +121,27 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
         "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "moe_active_share": share,
     }
+
+
+def _vector_position(name: str, layer, units, layer_start: dict, head_group: int) -> float:
+    """Where a trainable vector sits in forward order, in groups: its gradient needs the input
+    gradient of every group after it. A bias is the output of its own matrix (G); a norm feeds the
+    next matrix (G - 0.5): the attention's first for input_layernorm, the MLP's (or MoE router's)
+    first for post_attention_layernorm, the head for the final norm. Unknown vectors are placed at
+    their layer's start, which never undercounts."""
+    if name.endswith(".bias"):
+        weight = name[: -len("bias")] + "weight"
+        for n, _, _, g, _ in units:
+            if n == weight:
+                return g
+    if layer is None:
+        return head_group - 0.5
+    if "post_attention_layernorm" in name:
+        prefix = f"layers.{layer}."
+        for n, _, _, g, _ in units:
+            if prefix in n and (".mlp." in n or ".block_sparse_moe." in n):
+                return g - 0.5
+    return layer_start.get(layer, head_group) - 0.5
 
 
 def matmul_params(model: PreTrainedModel) -> int:
