@@ -25,8 +25,9 @@ class JobsFailed(RuntimeError):
 class LocalExecutor:
     """Jobs on this machine: one after another in this process, or `workers` at a time in worker
     processes (spawned, so no thread or OpenMP state is inherited). Small models train faster as two
-    single-threaded jobs than as one job on two threads (a batch of 2 sequences cannot keep two
-    threads busy), which is what the CPU quickstart does with its experts and dense run."""
+    single-threaded jobs than as one job on two threads (cpu-small in fp32 on 2 cores: 1.17x the
+    tokens/s; the small matmuls do not keep two threads busy), which is what the CPU quickstart
+    does with its experts and dense run."""
 
     workers: int = 1
 
