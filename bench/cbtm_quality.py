@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from elmforest.eval.report import flops_mark
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.quickstart import cluster_forest
 from elmforest.utils.io import write_json_atomic
@@ -63,14 +64,23 @@ def main() -> None:
     out = {"baselines": rows, "cbtm": cbtm, "dense_flops": base["compute"]["dense_flops"]}
     write_json_atomic(qs / "cbtm.json", out)
     _plot(out, qs / "cbtm.png")
-    print("| method | mean BPB | vs dense |\n| --- | ---: | ---: |")
+    flops = base["compute"]["methods"]
+    plan = forest.data.get("plan") or {}
+    print(
+        f"expert LR {plan.get('expert_lr')} for every k (swept for the {plan.get('n_experts')} domain "
+        f"experts at batch {plan.get('expert_batch_size')}; cluster experts get batch "
+        + ", ".join(f"{plan['batch_size'] // k} at k={k}" for k in cbtm)
+        + ": only the k whose batch matches ran at its own swept LR)"
+    )
+    print("| method | mean BPB | vs dense | train FLOPs / dense |\n| --- | ---: | ---: | ---: |")
     for m, v in rows.items():
-        print(f"| {m} | {v:.4f} | {v / rows['dense']:.3f} |")
+        print(f"| {m} | {v:.4f} | {v / rows['dense']:.3f} | {flops_mark(flops.get(m))} |")
     for k, r in cbtm.items():
+        fl = flops_mark(r["forest_flops"] / out["dense_flops"])
         for n in ("top1", "top2"):
             if n in r:
                 print(
-                    f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} |"
+                    f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} | {fl} |"
                 )
 
 

@@ -173,6 +173,7 @@ def test_cached_prior_comes_from_valid_and_falls_back_to_uniform(forest_dir, sha
     )
     r = evaluate_forest(forest_dir, data, device="cpu", precision="fp32")
     assert r["split"] == "test" and r["domains"]["odd"]["prior_source"] == "uniform: odd has no valid split"
+    assert r["split_spec"] == Shards(shards_dir).index["split"]  # the experts' own training fractions
     assert np.allclose(list(r["domains"]["odd"]["prior"].values()), 1 / len(forest.names))
 
 

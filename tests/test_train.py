@@ -66,6 +66,7 @@ def test_eval_on_raw_data_matches_eval_on_shards(shards_dir, corpus, tmp_path):
     # no split given: `test`, the documents the model's own shards hold out (its split fractions)
     b = evaluate(tmp_path / "run", corpus, progress=False)
     assert b["split"] == "test" and set(a["domains"]) == set(b["domains"])
+    assert b["split_spec"] == Shards(shards_dir).index["split"]
     for d in a["domains"]:
         assert b["domains"][d]["tokens"] == a["domains"][d]["tokens"]
         assert b["domains"][d]["bpb"] == pytest.approx(a["domains"][d]["bpb"], rel=1e-4)

@@ -214,6 +214,9 @@ def evaluate(
         )
         if raw:
             result["read"] = shards.index["read"]
+            # which documents `split` meant: the hash split at these fractions (the model's training
+            # shards' when known, else the defaults), so two results can be checked for the same bytes
+            result["split_spec"] = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
         result["split"] = split
     result["model"] = str(mdir)
     result["data"] = str(data)

@@ -315,7 +315,8 @@ def train_forest(
 
     With the local executor the jobs run one after another in this process (or `workers` at a time in
     worker processes); with Ray they run concurrently wherever resources allow. The forest is re-read
-    afterwards, since the jobs add their experts to the manifest on disk. Finished experts are skipped, unfinished ones resume.
+    afterwards, since the jobs add their experts to the manifest on disk. Finished experts are
+    skipped, unfinished ones resume.
     """
     from elmforest.launch.executor import LocalExecutor
     from elmforest.launch.jobs import ExpertJob, as_dict, run_job

@@ -325,6 +325,7 @@ def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None 
             )
             res = evaluate_forest_shards(forest, shards, split=stored, **kw)
             res["read"] = shards.index["read"]
+            res["split_spec"] = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
         res["split"] = split
     res["forest"] = str(forest_dir)
     res["data"] = str(data)
