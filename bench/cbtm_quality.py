@@ -30,6 +30,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quickstart", required=True)
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument(
+        "--expert-lrs",
+        type=float,
+        nargs="+",
+        help="sweep the cluster experts' LR per k (each expert scored on its cluster's valid split) and "
+        "evaluate the best; default: the seed forest's expert LR for every k",
+    )
     args = ap.parse_args()
     qs = Path(args.quickstart)
     base, forest, shards, common = load_quickstart(qs)
@@ -40,7 +47,7 @@ def main() -> None:
     }
     cbtm = {}
     for k in args.ks:
-        cf = cluster_forest(qs, qs / "corpus", forest, k, progress=False, log=print)
+        cf, lr_sweep = _best_cluster_forest(qs, forest, k, args.expert_lrs, common["seq_len"])
         pool = make_pool(cf, batch_size=16)
         res = {}
         for top in sorted({1, min(2, k)}):
@@ -56,6 +63,8 @@ def main() -> None:
             "sizes": report["sizes"],
             **res,
             "forest_flops": cf.total_flops(),
+            "expert_lr": (cf.data.get("plan") or {}).get("expert_lr"),
+            "lr_sweep": lr_sweep,
         }
         print(
             f"k={k}: NMI {report.get('nmi', float('nan')):.3f}, "
@@ -66,12 +75,15 @@ def main() -> None:
     _plot(out, qs / "cbtm.png")
     flops = base["compute"]["methods"]
     plan = forest.data.get("plan") or {}
-    print(
-        f"expert LR {plan.get('expert_lr')} for every k (swept for the {plan.get('n_experts')} domain "
-        f"experts at batch {plan.get('expert_batch_size')}; cluster experts get batch "
-        + ", ".join(f"{plan['batch_size'] // k} at k={k}" for k in cbtm)
-        + ": only the k whose batch matches ran at its own swept LR)"
-    )
+    for k, r in cbtm.items():
+        how = (
+            f"swept per k on the clusters' valid splits over {[p['lr'] for p in r['lr_sweep']['points']]}"
+            if r["lr_sweep"]
+            else f"not swept for k: the domain experts' LR (their batch {plan['batch_size'] // plan['n_experts']})"
+        )
+        print(
+            f"k={k}: cluster experts at batch {plan['batch_size'] // k}, expert LR {r['expert_lr']:g} ({how})"
+        )
     print("| method | mean BPB | vs dense | train FLOPs / dense |\n| --- | ---: | ---: | ---: |")
     for m, v in rows.items():
         print(f"| {m} | {v:.4f} | {v / rows['dense']:.3f} | {flops_mark(flops.get(m))} |")
@@ -82,6 +94,27 @@ def main() -> None:
                 print(
                     f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} | {fl} |"
                 )
+
+
+def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):
+    """The c-BTM forest for k clusters at the expert LR best on the clusters' valid splits (the
+    same criterion as `elmforest sweep`'s expert arm), with the sweep's points; no sweep without lrs."""
+    from elmforest.data.shards import Shards
+    from elmforest.launch.sweep import score_experts
+
+    if not lrs:
+        return cluster_forest(qs, qs / "corpus", forest, k, progress=False, log=print), None
+    points = []
+    for lr in sorted(lrs):
+        cf = cluster_forest(qs, qs / "corpus", forest, k, progress=False, log=print, expert_lr=lr)
+        cs = Shards(qs / f"shards-clusters-{k}")
+        points.append({"lr": lr, **score_experts(cf, cs, cs.domains, seq_len), "forest": cf})
+        print(f"k={k} expert LR {lr:g}: mean valid BPB {points[-1]['valid_mean_bpb']:.4f}")
+    best = min(points, key=lambda p: p["valid_mean_bpb"])
+    edge = " (at the edge of the grid)" if best["lr"] in (min(lrs), max(lrs)) else ""
+    print(f"k={k}: best expert LR {best['lr']:g}{edge}")
+    sweep = [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points]
+    return best["forest"], {"points": sweep, "best_lr": best["lr"], "at_edge": bool(edge)}
 
 
 def _plot(out: dict, path: Path) -> None:

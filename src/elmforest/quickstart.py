@@ -376,9 +376,17 @@ def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progre
 
 
 def cluster_forest(
-    out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log, sample_docs: int = 20_000
+    out: Path,
+    corpus: Path,
+    forest: Forest,
+    k: int,
+    progress: bool,
+    log,
+    sample_docs: int = 20_000,
+    expert_lr: float | None = None,
 ) -> Forest:
-    """c-BTM: discover k clusters on the training split, one expert per cluster from the same seed."""
+    """c-BTM: discover k clusters on the training split, one expert per cluster from the same seed
+    (at `expert_lr`, in its own forest directory, when given; else the seed forest's expert LR)."""
     from elmforest.cluster.assign import assign_corpus, fit_clusterer
     from elmforest.cluster.clusterer import Clusterer
 
@@ -396,7 +404,10 @@ def cluster_forest(
     if not Shards.is_shards_dir(cshards_dir):
         build_shards(assigned, load_tokenizer(out / "tokenizer"), cshards_dir, progress=progress)
     cshards = Shards(cshards_dir)
-    cforest = btm.share_seed(out / f"forest-clusters-{k}", forest, cshards.domains)
+    if expert_lr == (forest.data.get("plan") or {}).get("expert_lr"):
+        expert_lr = None  # the default forest already trains at this LR
+    name = f"forest-clusters-{k}" + ("" if expert_lr is None else f"-lr-{expert_lr:g}")
+    cforest = btm.share_seed(out / name, forest, cshards.domains, expert_lr=expert_lr)
     if not cforest.data.get("clusterer"):
         cforest.set_clusterer(cdir)
     Clusterer.load(cforest.root / "clusterer")

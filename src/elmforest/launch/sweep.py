@@ -117,7 +117,8 @@ def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) 
     return out
 
 
-def _score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: int) -> dict:
+def score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: int) -> dict:
+    """Each expert's valid BPB on its own domain and their mean (cached in the forest)."""
     if (bad := _diverged(forest.root)) is not None:
         return bad
     cached = forest.root / "valid.json"
@@ -233,7 +234,7 @@ def sweep(
                 [Path(j.forest) for j in jobs],
             )
         points = [
-            {"lr": lr, **_score_experts(Forest.load(f.root), shards, domains, seq_len)}
+            {"lr": lr, **score_experts(Forest.load(f.root), shards, domains, seq_len)}
             for lr, f in forests.items()
         ]
         result["experts"] = {"grid": grid, "seed_lr": seed_lr, "points": points, **_choose(points)}
