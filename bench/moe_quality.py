@@ -1,7 +1,7 @@
 """One merged MoE vs the forest it came from, at matched training compute, on the demo corpus.
 
     python bench/moe_quality.py --quickstart quickstart [--router-steps 100] [--opt-out legal]
-        [--expert-lrs 0.004 0.008 0.016 0.032] [--router-lrs 0.0003 0.001 0.003 0.01]
+        [--expert-lrs 0.002 0.004 0.008 0.016 0.032] [--router-lrs 0.0003 0.001 0.003 0.01 0.03 0.1]
 
 Reuses a finished quickstart directory (its seed, dense baseline, BTM forest and results). Adds a
 FlexOlmo-style forest: the same number of experts branched from the same seed with the same
@@ -56,7 +56,11 @@ def main() -> None:
     ap.add_argument("--quickstart", required=True)
     ap.add_argument("--router-steps", type=int, default=100)
     ap.add_argument(
-        "--router-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2], help="router LR grid"
+        "--router-lrs",
+        type=float,
+        nargs="+",
+        default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+        help="router LR grid (scored on every domain's valid split)",
     )
     ap.add_argument(
         "--expert-lrs",
