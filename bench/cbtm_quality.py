@@ -100,7 +100,7 @@ def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):
     """The c-BTM forest for k clusters at the expert LR best on the clusters' valid splits (the
     same criterion as `elmforest sweep`'s expert arm), with the sweep's points; no sweep without lrs."""
     from elmforest.data.shards import Shards
-    from elmforest.launch.sweep import score_experts
+    from elmforest.launch.sweep import choose, score_experts
 
     if not lrs:
         return cluster_forest(qs, qs / "corpus", forest, k, progress=False, log=print), None
@@ -110,11 +110,12 @@ def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):
         cs = Shards(qs / f"shards-clusters-{k}")
         points.append({"lr": lr, **score_experts(cf, cs, cs.domains, seq_len), "forest": cf})
         print(f"k={k} expert LR {lr:g}: mean valid BPB {points[-1]['valid_mean_bpb']:.4f}")
-    best = min(points, key=lambda p: p["valid_mean_bpb"])
-    edge = " (at the edge of the grid)" if best["lr"] in (min(lrs), max(lrs)) else ""
-    print(f"k={k}: best expert LR {best['lr']:g}{edge}")
     sweep = [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points]
-    return best["forest"], {"points": sweep, "best_lr": best["lr"], "at_edge": bool(edge)}
+    pick = choose(sweep)  # the same choice (and edge check) as `elmforest sweep`
+    edge = f" (at the {pick['at_edge']} end of the grid)" if pick["at_edge"] else ""
+    print(f"k={k}: best expert LR {pick['best_lr']:g}{edge}")
+    best = next(p for p in points if p["lr"] == pick["best_lr"])
+    return best["forest"], {"points": sweep, **pick}
 
 
 def _plot(out: dict, path: Path) -> None:

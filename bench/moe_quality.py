@@ -40,7 +40,7 @@ from elmforest.forest import btm
 from elmforest.forest.btm import share_seed
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
-from elmforest.launch.sweep import score_experts
+from elmforest.launch.sweep import choose, score_experts
 from elmforest.merge.moe import MoeSpec, export_moe, train_router
 from elmforest.model.build import load_model
 from elmforest.utils.io import write_json_atomic
@@ -136,17 +136,15 @@ def main() -> None:
         f = Forest.load(f.root)
         points.append({"lr": lr, **score_experts(f, shards, f.names, common["seq_len"]), "forest": f})
         print(f"flex experts at LR {lr:g}: mean valid BPB {points[-1]['valid_mean_bpb']:.4f}")
-    best = min(points, key=lambda p: p["valid_mean_bpb"])
+    pts = [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points]
+    pick = choose(pts)  # the same choice (and edge check) as `elmforest sweep`
+    best = next(p for p in points if p["lr"] == pick["best_lr"])
     flex = best["forest"]
     if (sweeps.get("flex_expert_lr") or {}).get("best_lr") != best["lr"]:  # rows of another flex forest
         for m in [m for m in rows if m.startswith("flex")]:
             rows.pop(m), ood_rows.pop(m, None), flops.pop(m, None), oracle.pop(m, None)
     tag = f"-lr-{best['lr']:g}"
-    sweeps["flex_expert_lr"] = {
-        "points": [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points],
-        "best_lr": best["lr"],
-        "at_edge": best["lr"] in (min(args.expert_lrs), max(args.expert_lrs)),
-    }
+    sweeps["flex_expert_lr"] = {"points": pts, **pick}
     flex_fl = flex.total_flops() / dense_flops
     if "flex_ensemble" not in rows:
         pool = make_pool(flex, batch_size=16)
@@ -170,15 +168,12 @@ def main() -> None:
             rflops = json.loads((rt / "elmforest_moe.json").read_text())["router_training"]["flops"]
             rpoints.append({"lr": rlr, "valid_mean_bpb": v["mean_bpb"], "dir": rt, "flops": rflops})
             print(f"router at LR {rlr:g}: mean valid BPB {v['mean_bpb']:.4f}")
-        rb = min(rpoints, key=lambda p: p["valid_mean_bpb"])
+        rpts = [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in rpoints]
+        rpick = choose(rpts)
+        rb = next(p for p in rpoints if p["lr"] == rpick["best_lr"])
         if (sweeps.get("router_lr") or {}).get("best_lr") != rb["lr"]:  # scored with another router
             rows.pop("flex_rt", None), ood_rows.pop("flex_rt", None), flops.pop("flex_rt", None)
-        sweeps["router_lr"] = {
-            "points": [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in rpoints],
-            "best_lr": rb["lr"],
-            "at_edge": rb["lr"] in (min(args.router_lrs), max(args.router_lrs)),
-            "steps": args.router_steps,
-        }
+        sweeps["router_lr"] = {"points": rpts, **rpick, "steps": args.router_steps}
         score("flex_rt", rb["dir"], flex_fl + rb["flops"] / dense_flops)
     moe_row(
         f"flex_without_{args.opt_out}",
@@ -205,7 +200,7 @@ def main() -> None:
             print(f"| {m} | {r['mean_bpb']:.4f} | {ratio:.3f} | {flops_mark(flops.get(m))} | {per} |")
     for name, sw in sweeps.items():
         pts = ", ".join(f"{p['lr']:g}: {p['valid_mean_bpb']:.4f}" for p in sw["points"])
-        edge = " -- AT THE EDGE of the grid" if sw["at_edge"] else ""
+        edge = f" -- AT THE {sw['at_edge'].upper()} EDGE of the grid" if sw["at_edge"] else ""
         print(f"{name} sweep (mean valid BPB): {pts}; best {sw['best_lr']:g}{edge}")
     domains = common["domains"]
     before, after = rows["flex"], rows[f"flex_without_{args.opt_out}"]

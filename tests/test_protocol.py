@@ -103,7 +103,7 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
 
 
 def test_edge_of_the_grid_is_reported():
-    from elmforest.launch.sweep import _choose
+    from elmforest.launch.sweep import choose as _choose
 
     pts = [{"lr": x, "valid_mean_bpb": 1.0 / x} for x in (1e-3, 2e-3, 4e-3, 8e-3)]
     assert _choose(pts)["at_edge"] == "highest"
@@ -237,7 +237,7 @@ def test_a_diverged_lr_is_recorded_not_fatal_and_not_retrained(shards_dir, tmp_p
 
 
 def test_choose_skips_diverged_and_nan_points():
-    from elmforest.launch.sweep import _choose
+    from elmforest.launch.sweep import choose as _choose
 
     pts = [{"lr": 1e-3, "valid_mean_bpb": float("nan")}, {"lr": 2e-3, "valid_mean_bpb": 2.0}]
     pts += [{"lr": 4e-3, "valid_mean_bpb": 1.5}, {"lr": 8e-3, "valid_mean_bpb": None, "diverged": "x"}]

@@ -15,6 +15,7 @@ from elmforest.launch.cli import add_launch_parsers
 from elmforest.launch.cli import dispatch as launch_dispatch
 from elmforest.merge.cli import add_merge_parsers
 from elmforest.merge.cli import dispatch as merge_dispatch
+from elmforest.utils.io import split_list
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
@@ -144,10 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _split_list(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
-
-
 def _run_config(args):
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.model.presets import preset_run_config
@@ -192,7 +189,7 @@ def _dispatch(args) -> int:
         from elmforest.data.demo import build_demo_corpus
 
         build_demo_corpus(
-            args.out, domains=_split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes
+            args.out, domains=split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes
         )
         return 0
     if args.cmd == "tokenizer":
@@ -306,7 +303,7 @@ def _dispatch(args) -> int:
             args.model,
             args.data,
             split=args.split,
-            domains=_split_list(args.domains),
+            domains=split_list(args.domains),
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             max_bytes=args.max_bytes,

@@ -248,9 +248,9 @@ def quickstart(
 def _workers(base, workers: int | None) -> tuple[int, int]:
     """(jobs at a time, threads per job): on a CPU, two single-threaded small-batch jobs beat one job
     on two threads; on a GPU one at a time."""
-    import os
+    from elmforest.launch.executor import cpu_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     if workers is None:
         workers = 2 if resolve_device(base.train.device).type == "cpu" and cores >= 2 else 1
     workers = max(1, workers)

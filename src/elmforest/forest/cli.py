@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from elmforest.utils.io import split_list
 
 
 def add_forest_parsers(sub, add_common_train) -> None:
@@ -198,7 +199,7 @@ def run_forest_eval(args) -> dict:
         prior=args.prior,
         weighting=args.weighting,
         select=args.select,
-        domains=_split_list(args.domains),
+        domains=split_list(args.domains),
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         max_bytes=args.max_bytes,
@@ -210,10 +211,6 @@ def run_forest_eval(args) -> dict:
         reset=args.reset,
         prior_alpha=args.prior_ema,
     )
-
-
-def _split_list(s):
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
 def dispatch(args, run_config) -> int:
@@ -314,7 +311,7 @@ def dispatch(args, run_config) -> int:
         shards = Shards(args.shards)
         if args.clusterer:
             forest.set_clusterer(args.clusterer)
-        from elmforest.launch.executor import make_executor
+        from elmforest.launch.executor import job_threads, make_executor
 
         if args.procs_per_expert > 1 and args.gpus_per_expert not in (0, args.procs_per_expert):
             raise ValueError(
@@ -338,12 +335,7 @@ def dispatch(args, run_config) -> int:
             args.max_retries,
             args.workers,
         )
-        if args.executor == "ray":
-            threads = int(args.cpus_per_expert)
-        elif args.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.workers)
-        else:
-            threads = None
+        threads = job_threads(args.executor, args.cpus_per_expert, args.workers)
         btm.train_forest(
             forest,
             shards,

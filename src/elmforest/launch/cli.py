@@ -3,11 +3,7 @@ elmforest.quickstart and elmforest.launch.sweep)."""
 
 from __future__ import annotations
 
-import os
-
-
-def _split_list(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+from elmforest.utils.io import split_list
 
 
 def add_launch_parsers(sub, add_common_train) -> None:
@@ -97,7 +93,7 @@ def dispatch(args, run_config) -> int:
         quickstart(
             args.out,
             preset=args.preset,
-            domains=_split_list(args.domains),
+            domains=split_list(args.domains),
             overrides=args.overrides,
             progress=not args.no_progress,
             split=args.split,
@@ -112,20 +108,15 @@ def dispatch(args, run_config) -> int:
         )
         return 0
     if args.cmd == "sweep":
-        from elmforest.launch.executor import make_executor
+        from elmforest.launch.executor import job_threads, make_executor
         from elmforest.launch.sweep import format_sweep, sweep
         from elmforest.utils.io import write_json_atomic
 
-        floats = lambda s: [float(x) for x in _split_list(s)] if s else None  # noqa: E731
+        floats = lambda s: [float(x) for x in split_list(s)] if s else None  # noqa: E731
         executor = make_executor(
             args.executor, args.address, args.cpus_per_job, args.gpus_per_job, args.max_retries, args.workers
         )
-        if args.executor == "ray":
-            threads = int(args.cpus_per_job)
-        elif args.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.workers)
-        else:
-            threads = None
+        threads = job_threads(args.executor, args.cpus_per_job, args.workers)
         res = sweep(
             args.shards,
             args.out,

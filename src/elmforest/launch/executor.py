@@ -8,6 +8,7 @@ nothing it did leaves the forest invalid (manifest writes are atomic and locked)
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,19 @@ class JobsFailed(RuntimeError):
         self.failures = failures
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
         super().__init__(f"{len(failures)} job(s) failed after retries:\n{lines}")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
+    """Threads for each job: Ray's declared CPUs, the cores shared among local workers, or None
+    (PyTorch's default) for one local job at a time."""
+    if kind == "ray":
+        return int(cpus_per_job)
+    return max(1, cpu_cores() // workers) if workers > 1 else None
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _diverged(point: Path) -> dict | None:
     return None
 
 
-def _choose(points: list[dict]) -> dict:
+def choose(points: list[dict]) -> dict:
     """The best finite point; an edge is judged against the whole grid (a diverged LR above the best
     one bounds it as well as a worse one does)."""
     ok = [p for p in points if p.get("valid_mean_bpb") is not None and math.isfinite(p["valid_mean_bpb"])]
@@ -196,7 +196,7 @@ def sweep(
         points = [
             {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len)} for lr in grid
         ]
-        result["dense"] = {"grid": grid, "points": points, **_choose(points)}
+        result["dense"] = {"grid": grid, "points": points, **choose(points)}
         write_json_atomic(out / "sweep.json", result)
     if arm in ("experts", "both"):
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
@@ -237,7 +237,7 @@ def sweep(
             {"lr": lr, **score_experts(Forest.load(f.root), shards, domains, seq_len)}
             for lr, f in forests.items()
         ]
-        result["experts"] = {"grid": grid, "seed_lr": seed_lr, "points": points, **_choose(points)}
+        result["experts"] = {"grid": grid, "seed_lr": seed_lr, "points": points, **choose(points)}
         write_json_atomic(out / "sweep.json", result)
     return result
 

@@ -65,3 +65,8 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
     os.rename(staged, dst)
     shutil.rmtree(old, ignore_errors=True)
     return dst
+
+
+def split_list(s: str | None) -> list[str] | None:
+    """A comma-separated command-line list (None when empty)."""
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
