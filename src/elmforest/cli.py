@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from elmforest.data.readers import DataError
 from elmforest.forest.cli import add_forest_eval_args, add_forest_parsers, run_forest_eval
 from elmforest.forest.cli import dispatch as forest_dispatch
 from elmforest.launch.cli import add_launch_parsers
 from elmforest.launch.cli import dispatch as launch_dispatch
 from elmforest.merge.cli import add_merge_parsers
 from elmforest.merge.cli import dispatch as merge_dispatch
+from elmforest.utils.errors import ElmforestError, UserError
 from elmforest.utils.io import split_list
 
 
@@ -168,20 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
     try:
         return _dispatch(args)
-    except (
-        DataError,
-        ValueError,
-        KeyError,
-        FileNotFoundError,
-        FileExistsError,
-        FloatingPointError,
-        RuntimeError,
-    ) as e:
+    except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"elmforest: error: {msg}  (set ELMFOREST_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(f"elmforest: error: {error_line(e)}  (set ELMFOREST_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a person: the project's message, or the path and reason of a file-system error."""
+    if isinstance(e, OSError) and not isinstance(e, ElmforestError):
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        return f"{where}: {e.strerror or e}" if where else str(e.strerror or e)
+    return str(e).strip()
 
 
 def _dispatch(args) -> int:
@@ -287,7 +286,7 @@ def _dispatch(args) -> int:
         from elmforest.utils.io import write_json_atomic
 
         if bool(args.model) == bool(args.forest):
-            raise ValueError("eval takes either --model or --forest")
+            raise UserError("eval takes either --model or --forest")
         if args.forest:
             res = run_forest_eval(args)
             print_table({f"forest {args.mode}": res})

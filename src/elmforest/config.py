@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from elmforest.utils.errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -128,17 +130,17 @@ class RunConfig:
             except re.error as e:
                 bad.append(f"train.trainable is not a valid regex ({e})")
         if bad:
-            raise ValueError("invalid config: " + "; ".join(bad))
+            raise UserError("invalid config: " + "; ".join(bad))
 
 
 def from_dict(cls, d: dict, where: str = ""):
     if not isinstance(d, dict):
-        raise ValueError(f"config{where}: expected an object, got {type(d).__name__}")
+        raise UserError(f"config{where}: expected an object, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"config{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise UserError(f"config{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
     for k, v in d.items():
         t = hints[k]
@@ -161,28 +163,28 @@ def _coerce(t, v, where: str):
                 return _coerce(a, v, where)
             except (TypeError, ValueError):
                 continue
-        raise ValueError(f"config{where}: {v!r} does not fit {t}")
+        raise UserError(f"config{where}: {v!r} does not fit {t}")
     if origin is list:
         if not isinstance(v, list):
-            raise ValueError(f"config{where}: expected a list, got {v!r}")
+            raise UserError(f"config{where}: expected a list, got {v!r}")
         (a,) = typing.get_args(t)
         return [_coerce(a, x, where) for x in v]
     if t is bool:
         if isinstance(v, bool):
             return v
-        raise ValueError(f"config{where}: expected true/false, got {v!r}")
+        raise UserError(f"config{where}: expected true/false, got {v!r}")
     if t is int:
         if isinstance(v, int) and not isinstance(v, bool):
             return v
-        raise ValueError(f"config{where}: expected an integer, got {v!r}")
+        raise UserError(f"config{where}: expected an integer, got {v!r}")
     if t is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
-        raise ValueError(f"config{where}: expected a number, got {v!r}")
+        raise UserError(f"config{where}: expected a number, got {v!r}")
     if t is str:
         if isinstance(v, str):
             return v
-        raise ValueError(f"config{where}: expected a string, got {v!r}")
+        raise UserError(f"config{where}: expected a string, got {v!r}")
     return v
 
 
@@ -191,16 +193,16 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     d = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value")
+            raise UserError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
-                raise ValueError(f"override {item!r}: unknown section {p!r}")
+                raise UserError(f"override {item!r}: unknown section {p!r}")
             node = node[p]
         if parts[-1] not in node:
-            raise ValueError(f"override {item!r}: unknown key {key!r}")
+            raise UserError(f"override {item!r}: unknown key {key!r}")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:

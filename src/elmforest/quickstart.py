@@ -30,6 +30,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.device import resolve_device, resolve_precision
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5)  # no model trains on these: half prior, half test
@@ -64,7 +65,7 @@ def quickstart(
     2 on a CPU with 2 or more cores, 1 on a GPU).
     """
     if split not in ("domains", "random", "clusters"):
-        raise ValueError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
+        raise UserError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
     out = Path(out)
     p = get_preset(preset)
     t0 = time.perf_counter()
@@ -283,7 +284,7 @@ def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: lis
         sh = Shards(path)
     clash = sorted(set(sh.domains) & set(train_names))
     if clash:
-        raise ValueError(
+        raise UserError(
             f"out-of-domain set(s) {clash} share a name with a training domain; rename them (the `domain` "
             "field or the file name): a domain the experts trained on is not out of domain"
         )

@@ -27,6 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans, neg_sq_dist
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path, write_json_atomic
 
 FORMAT = "elmforest-clusterer"
@@ -64,7 +65,7 @@ def _digest(arrays: bytes, vocabulary: list[str]) -> str:
     return hashlib.sha256(arrays + json.dumps(vocabulary).encode("utf-8")).hexdigest()
 
 
-class ClustererError(ValueError):
+class ClustererError(UserError):
     """A clusterer directory that is missing, corrupted or inconsistent."""
 
 
@@ -178,7 +179,7 @@ class Clusterer:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         if len(texts) < k:
-            raise ValueError(f"cannot fit {k} clusters on {len(texts)} documents")
+            raise UserError(f"cannot fit {k} clusters on {len(texts)} documents")
         if embedder is not None:
             z, ok = embedder.embed(texts)
             centres, _, info = balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed)
@@ -202,7 +203,7 @@ class Clusterer:
         )
         x = vec.fit_transform(texts)
         if x.shape[1] < 2:
-            raise ValueError("the sample has too few distinct words to cluster")
+            raise UserError("the sample has too few distinct words to cluster")
         dims = min(dims, x.shape[1] - 1)
         svd = TruncatedSVD(n_components=dims, random_state=seed)
         svd.fit(x)
@@ -294,7 +295,7 @@ class Clusterer:
         `allowed` masks out clusters without an expert (opted out), before the top-k.
         """
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise UserError(f"temperature must be positive, got {temperature}")
         logits = self.scores(z) / temperature
         if allowed is not None:
             logits[:, ~np.asarray(allowed, bool)] = -np.inf

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from elmforest.utils.errors import Failed, UserError
+
 
 def balanced_assign(
     scores: np.ndarray,
@@ -27,7 +29,7 @@ def balanced_assign(
     n, k = scores.shape
     cap = np.full(k, capacity, dtype=np.int64) if np.isscalar(capacity) else np.asarray(capacity, np.int64)
     if cap.sum() < n:
-        raise ValueError(f"capacities sum to {cap.sum()} < {n} points")
+        raise UserError(f"capacities sum to {cap.sum()} < {n} points")
     if eps is None:
         spread = float(scores.max() - scores.min()) if n else 1.0
         eps = max(spread, 1e-12) / (4.0 * max(n, 1))
@@ -46,7 +48,7 @@ def balanced_assign(
     while unassigned.size:
         rounds += 1
         if rounds > max_rounds:
-            raise RuntimeError("balanced assignment did not converge")
+            raise Failed("balanced assignment did not converge")
         v = scores[unassigned] - price
         best = np.argmax(v, axis=1)
         v_best = v[np.arange(len(unassigned)), best]
@@ -98,7 +100,7 @@ def balanced_kmeans(
     """(centres [K, d], labels [N], info). Each cluster holds ceil(N/K) points at most."""
     n = len(x)
     if k < 1 or k > n:
-        raise ValueError(f"need 1 <= k <= number of points ({n}), got k={k}")
+        raise UserError(f"need 1 <= k <= number of points ({n}), got k={k}")
     rng = np.random.default_rng(seed)
     centres = kmeans_plusplus(x, k, rng)
     cap = -(-n // k)

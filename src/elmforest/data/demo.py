@@ -37,6 +37,7 @@ from pathlib import Path
 
 from elmforest.data import demo_sources as src
 from elmforest.data.demo_sources import Doc
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path, write_json_atomic
 
 DEMO_DOMAINS: tuple[str, ...] = (
@@ -524,7 +525,7 @@ def write_domain_jsonl(path: Path, domain: str, docs: Iterable[Doc]) -> dict:
             if not doc.text.strip():
                 continue
             if doc.id in seen:
-                raise ValueError(f"duplicate document id {doc.id!r} in {domain}")
+                raise UserError(f"duplicate document id {doc.id!r} in {domain}")
             seen.add(doc.id)
             line = json.dumps({"id": doc.id, "domain": domain, "text": doc.text}, ensure_ascii=False)
             data = (line + "\n").encode("utf-8")
@@ -584,7 +585,7 @@ def build_demo_corpus(
     names = list(order if domains is None else domains)
     unknown = [d for d in names if d not in builders]
     if unknown:
-        raise ValueError(f"unknown demo domain(s) {unknown}; choose from {list(order)}")
+        raise UserError(f"unknown demo domain(s) {unknown}; choose from {list(order)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = SourceCache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from elmforest.utils.errors import UserError
+
 # --------------------------------------------------------------------------------------
 # Generic text cleaning
 # --------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def spdx_docs(data: str | bytes | dict) -> list[Doc]:
     """``{"MIT": {"name": ..., "licenseText": ...}, ...}`` -> one document per licence."""
     obj = json.loads(data) if isinstance(data, str | bytes) else data
     if not isinstance(obj, dict):
-        raise ValueError("spdx-full.json: expected an object keyed by SPDX id")
+        raise UserError("spdx-full.json: expected an object keyed by SPDX id")
     docs = []
     for spdx_id in sorted(obj):
         entry = obj[spdx_id]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer, save_tokenizer
+from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 INDEX_VERSION = 1
@@ -96,9 +97,9 @@ def build_shards(
     out = Path(out)
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+            raise AlreadyExists(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
         if not (Shards.is_shards_dir(out) or (out.is_dir() and not any(out.iterdir()))):
-            raise FileExistsError(f"{out} exists and is not a shards directory; refusing to overwrite it")
+            raise AlreadyExists(f"{out} exists and is not a shards directory; refusing to overwrite it")
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
@@ -144,7 +145,7 @@ def build_shards(
             flush(batch)
         bar.close()
         if not writers:
-            raise ValueError(f"{', '.join(map(str, sources))}: no usable documents ({stats.summary()})")
+            raise UserError(f"{', '.join(map(str, sources))}: no usable documents ({stats.summary()})")
         domains: dict[str, dict] = {}
         for (domain, split_name), w in sorted(writers.items()):
             w.f.close()
@@ -200,10 +201,10 @@ class Shards:
         self.root = Path(root)
         idx = self.root / "index.json"
         if not idx.is_file():
-            raise FileNotFoundError(f"{self.root}: not a shards directory (no index.json)")
+            raise NotFound(f"{self.root}: not a shards directory (no index.json)")
         self.index = read_json(idx)
         if self.index.get("version") != INDEX_VERSION:
-            raise ValueError(f"{idx}: unsupported shards version {self.index.get('version')}")
+            raise UserError(f"{idx}: unsupported shards version {self.index.get('version')}")
         self.dtype = np.dtype(self.index["dtype"])
 
     @staticmethod
@@ -231,11 +232,11 @@ class Shards:
 
     def info(self, domain: str, split: str) -> dict:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+            raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
         try:
             return self.index["domains"][domain]["splits"][split]
         except KeyError:
-            raise KeyError(f"{self.root}: no {split!r} split for domain {domain!r}") from None
+            raise NotFound(f"{self.root}: no {split!r} split for domain {domain!r}") from None
 
     def _path(self, domain: str, split: str, suffix: str) -> Path:
         return self.root / self.index["domains"][domain]["folder"] / f"{split}{suffix}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from elmforest.utils.errors import UserError
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -22,7 +24,7 @@ class SplitSpec:
         if not (
             0 <= self.valid_frac <= 1 and 0 <= self.test_frac <= 1 and self.valid_frac + self.test_frac <= 1
         ):
-            raise ValueError(f"bad split fractions: valid={self.valid_frac}, test={self.test_frac}")
+            raise UserError(f"bad split fractions: valid={self.valid_frac}, test={self.test_frac}")
 
     def assign(self, doc_id: str) -> str:
         h = hashlib.sha256(doc_id.encode("utf-8")).digest()

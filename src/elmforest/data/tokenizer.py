@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from elmforest.data.readers import Document
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -54,7 +55,7 @@ def sample_texts(docs: Iterable[Document], bytes_per_domain: int) -> Iterator[st
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> LoadedTokenizer:
     """Byte-level BPE (GPT-2 style): any UTF-8 text round-trips exactly, no unknown tokens."""
     if vocab_size < 256 + 1:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+        raise UserError(f"vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,11 +107,11 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
         except Exception as e:
-            raise ValueError(f"{p}: no usable tokenizer ({e})") from e
+            raise UserError(f"{p}: no usable tokenizer ({e})") from e
         if hf.eos_token_id is None:
-            raise ValueError(f"{p}: tokenizer defines no EOS token")
+            raise UserError(f"{p}: tokenizer defines no EOS token")
         return LoadedTokenizer(_whole_documents(hf.backend_tokenizer), int(hf.eos_token_id))
-    raise ValueError(f"{p}: no tokenizer.json found")
+    raise UserError(f"{p}: no tokenizer.json found")
 
 
 def _whole_documents(tok: Tokenizer) -> Tokenizer:
@@ -142,7 +143,7 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
         i = tok.token_to_id(c)
         if i is not None:
             return i
-    raise ValueError(f"{directory}: cannot determine the tokenizer's EOS token")
+    raise UserError(f"{directory}: cannot determine the tokenizer's EOS token")
 
 
 def train_bpe_on(

@@ -27,6 +27,7 @@ from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
+from elmforest.utils.errors import UserError
 
 
 @dataclass
@@ -136,7 +137,7 @@ def evaluate_shards(
     model.to(dev).eval()
     names = domains or [d for d in shards.domains if shards.has(d, split)]
     if not names:
-        raise ValueError(f"{shards.root}: no domain has a {split!r} split")
+        raise UserError(f"{shards.root}: no domain has a {split!r} split")
     out = {}
     for d in names:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
@@ -189,18 +190,18 @@ def evaluate(
     seq_len = seq_len or default_seq_len(mdir)
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
-        raise ValueError(f"split must be train, valid, test or all, got {split!r}")
+        raise UserError(f"split must be train, valid, test or all, got {split!r}")
     raw = not Shards.is_shards_dir(data)
     with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
         if not raw:
             shards = Shards(data)
             if shards.tokenizer_fingerprint != tok.fingerprint():
-                raise ValueError(
+                raise UserError(
                     f"{data} was tokenized with a different tokenizer than {mdir}; "
                     "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
                 )
             if split == "all":
-                raise ValueError("--split all needs raw data (a shards directory keeps its splits apart)")
+                raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
             stored = split
         else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
             spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)

@@ -30,6 +30,7 @@ from elmforest.forest.manifest import Forest, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
 from elmforest.model.build import build_model
 from elmforest.train.trainer import train
+from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 
@@ -69,7 +70,7 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     res = train(cfg, run_dir, progress=progress)
     ckpt = run_dir / "checkpoints" / f"step-{plan.seed_steps:08d}"
     if "stopped_at" not in res or not ckpt.is_dir():
-        raise RuntimeError(
+        raise Failed(
             f"{run_dir}: the seed checkpoint at step {plan.seed_steps} is missing; the dense run "
             "went past it before the seed was stored; start a new forest directory"
         )
@@ -149,7 +150,7 @@ def _dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
     if plan.domains is not None:
         mixed = cfg.data.domains or [d for d in shards.domains if shards.has(d, "train")]
         if sorted(mixed) != plan.domains:
-            raise ValueError(
+            raise UserError(
                 f"the seed and dense run would mix domains {sorted(mixed)} but the plan's experts are "
                 f"{plan.domains}; one domain list must drive every phase (build both with plan_for)"
             )
@@ -162,7 +163,7 @@ def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig |
     """The run config of a domain expert branched from the forest's seed (BTM's recipe)."""
     seed = forest.data.get("seed")
     if not seed:
-        raise ValueError(
+        raise UserError(
             f"{forest.root}: the forest has no seed; train one (forest seed) or set one from a checkpoint"
         )
     if "config" in seed and (forest.root / "seed_state").is_dir():
@@ -174,7 +175,7 @@ def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig |
             cfg.optim.lr = plan.expert_lr
     else:
         if base is None:
-            raise ValueError("the seed came from a checkpoint: give the experts' run config (preset/--set)")
+            raise UserError("the seed came from a checkpoint: give the experts' run config (preset/--set)")
         cfg = copy.deepcopy(base)
         cfg.model.init_from = str(forest.seed_dir.resolve())
     cfg.data.shards = str(Path(shards.root).resolve())
@@ -192,11 +193,11 @@ def branch_weights(
     from elmforest.forest.evaluate import estimate_prior, make_pool
 
     if not forest.names:
-        raise ValueError(f"{forest.root}: no experts to branch from")
+        raise UserError(f"{forest.root}: no experts to branch from")
     if not shards.has(domain, "valid"):
-        raise ValueError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
+        raise UserError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
     if shards.tokenizer_fingerprint != forest.data["tokenizer"]:
-        raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
+        raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     pool = make_pool(forest, device=device)
     seq_len = default_seq_len(forest.expert_dir(forest.names[0]))
     pi = estimate_prior(pool, shards.tokens(domain, "valid"), shards.eos_id, seq_len, prior_batches)
@@ -227,11 +228,11 @@ def train_expert(
     if name in forest.names:
         return forest.expert(name)
     if name in forest.removed and not force:
-        raise ValueError(
+        raise UserError(
             f"{forest.root}: expert {name!r} was opted out (forest remove); pass force to train it again"
         )
     if not shards.has(domain, "train"):
-        raise ValueError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
+        raise UserError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
     cfg = expert_config(forest, shards, domain, base)
     planned = (forest.data.get("plan") or {}).get("domains")
     if planned is not None and domain not in planned and int(os.environ.get("RANK", "0")) == 0:
@@ -250,7 +251,7 @@ def train_expert(
                 from elmforest.launch.executor import wait_for
 
                 if not wait_for([init / "elmforest_average.json"], timeout=3600):
-                    raise RuntimeError(f"{init}: the branch average never appeared")
+                    raise Failed(f"{init}: the branch average never appeared")
                 meta = read_json(init / "elmforest_average.json")
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             else:
@@ -273,7 +274,7 @@ def train_expert(
         if plan:
             cfg.train.steps = plan["total_steps"] - Plan(**plan).seed_steps
     elif branch != "seed":
-        raise ValueError(f"unknown branch {branch!r}; expected seed, expert:NAME or mixture")
+        raise UserError(f"unknown branch {branch!r}; expected seed, expert:NAME or mixture")
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     summary = train(cfg, run_dir, progress=progress)

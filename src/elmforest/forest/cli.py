@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import split_list
 
 
@@ -296,7 +297,7 @@ def dispatch(args, run_config) -> int:
         )
     elif cmd == "dense":
         if "plan" not in forest.data:
-            raise ValueError(f"{args.forest}: no trained seed; the dense baseline continues the seed's run")
+            raise UserError(f"{args.forest}: no trained seed; the dense baseline continues the seed's run")
         s = btm.train_dense(
             forest,
             Shards(args.shards),
@@ -314,7 +315,7 @@ def dispatch(args, run_config) -> int:
         from elmforest.launch.executor import job_threads, make_executor
 
         if args.procs_per_expert > 1 and args.gpus_per_expert not in (0, args.procs_per_expert):
-            raise ValueError(
+            raise UserError(
                 "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
             )
 
@@ -323,7 +324,7 @@ def dispatch(args, run_config) -> int:
         domains = cfg.data.domains or [d for d in shards.domains if shards.has(d, "train")]
         plan, base = btm.plan_for(cfg, domains, args.seed_share, expert_lr(args))
         if plan.expert_batch_size % args.procs_per_expert:
-            raise ValueError(
+            raise UserError(
                 f"each expert's batch ({plan.expert_batch_size}) must divide among "
                 f"--procs-per-expert {args.procs_per_expert} processes"
             )
@@ -378,7 +379,7 @@ def _average(forest, args) -> None:
         weights = [1.0] * len(names)
     elif args.weights == "posterior":
         if not (args.data and args.domain):
-            raise ValueError("--weights posterior needs --data (shards) and --domain")
+            raise UserError("--weights posterior needs --data (shards) and --domain")
         from elmforest.data.shards import Shards
         from elmforest.forest.btm import branch_weights
 
@@ -388,12 +389,12 @@ def _average(forest, args) -> None:
         pairs = dict(item.split("=", 1) for item in args.weights.split(","))
         unknown = set(pairs) - set(names)
         if unknown:
-            raise ValueError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
+            raise UserError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
         weights = [float(pairs.get(n, 0.0)) for n in names]
     params, base = {}, None
     if args.method in NEEDS_BASE:
         if forest.seed_dir is None:
-            raise ValueError(
+            raise UserError(
                 f"--method {args.method} merges updates relative to the seed; {forest.root} has none"
             )
         base, params["scale"] = forest.seed_dir, args.scale

@@ -10,6 +10,7 @@ import torch
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, doc_starts, valid_mask
+from elmforest.utils.errors import UserError
 
 
 class ClusterContext:
@@ -32,7 +33,7 @@ class ClusterContext:
 
         info = forest.data.get("clusterer")
         if not info:
-            raise ValueError(
+            raise UserError(
                 f"{forest.root}: the forest has no clusterer (elmforest forest init --clusterer DIR)"
             )
         self.clusterer = Clusterer.load(forest.root / info["path"])
@@ -42,7 +43,7 @@ class ClusterContext:
                 if f"cluster{j}" in forest.expert(n)["domains"]:
                     self.expert_of[j] = i
         if not self.expert_of:
-            raise ValueError(
+            raise UserError(
                 f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
             )
         self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
@@ -55,7 +56,7 @@ class ClusterContext:
         elif route.startswith("segment:"):
             self.seg = max(1, int(route.split(":", 1)[1]))
         else:
-            raise ValueError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
+            raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
         self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
         self.reset = reset
         tok = _load_tok(shards.root)

@@ -51,6 +51,7 @@ from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is par
 from elmforest.forest.posterior import ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_state_dict
 from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
 
 MODES = ("ensemble", "topk", "average", "cluster")
 RESETS = ("document", "window")
@@ -99,25 +100,25 @@ def evaluate_forest_shards(
     the forest's clusterer, per window (`route="sequence"`) or per segment of W tokens (`segment:W`).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
     if prior not in ("cached", "uniform"):
-        raise ValueError(f"unknown prior {prior!r}; expected cached or uniform")
+        raise UserError(f"unknown prior {prior!r}; expected cached or uniform")
     if reset not in RESETS:
-        raise ValueError(f"unknown reset {reset!r}; expected one of {RESETS}")
+        raise UserError(f"unknown reset {reset!r}; expected one of {RESETS}")
     if prior == "cached" and prior_split == split:
-        raise ValueError(f"the prior must come from other documents than the {split!r} split it scores")
+        raise UserError(f"the prior must come from other documents than the {split!r} split it scores")
     names = experts or forest.names
     if not names:
-        raise ValueError(f"{forest.root}: the forest has no experts")
+        raise UserError(f"{forest.root}: the forest has no experts")
     if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
-        raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
+        raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     n = len(names)
     if mode == "topk" and k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UserError(f"k must be at least 1, got {k}")
     k = min(k, n)
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:
-        raise ValueError("the expert pool does not hold this forest's experts")
+        raise UserError("the expert pool does not hold this forest's experts")
     dev, amp = pool.device, pool.amp
     pool.passes = 0
     wanted = domains or [d for d in shards.domains if shards.has(d, split)]
@@ -162,7 +163,7 @@ def evaluate_forest_shards(
             weights = pi.tolist()
             missing, unexpected = model.load_state_dict(average_state_dict(pool.dirs, weights), strict=False)
             if unexpected or any(not _is_tied(model, m) for m in missing):
-                raise ValueError(
+                raise UserError(
                     f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
                 )
             res = evaluate_shards(
@@ -239,7 +240,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
     if select.startswith("prefix:"):
         w = int(select.split(":", 1)[1])
         return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts)
-    raise ValueError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
+    raise UserError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
 
 
 def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
@@ -292,20 +293,20 @@ def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None 
     """
     forest = Forest.load(forest_dir)
     if not forest.names:
-        raise ValueError(f"{forest_dir}: the forest has no experts")
+        raise UserError(f"{forest_dir}: the forest has no experts")
     first = forest.expert_dir(forest.names[0])
     kw["seq_len"] = kw.get("seq_len") or default_seq_len(first)
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
-        raise ValueError(f"split must be train, valid, test or all, got {split!r}")
+        raise UserError(f"split must be train, valid, test or all, got {split!r}")
     needs_prior = kw.get("prior", "cached") == "cached" and kw.get("mode", "ensemble") != "cluster"
     if Shards.is_shards_dir(data):
         if split == "all":
-            raise ValueError("--split all needs raw data (a shards directory keeps its splits apart)")
+            raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
         res = evaluate_forest_shards(forest, Shards(data), split=split, **kw)
     else:
         if split == "all" and needs_prior:
-            raise ValueError(
+            raise UserError(
                 "--split all scores every document, so no held-out data is left to estimate the cached "
                 "prior on: pass --prior uniform, or evaluate the test split"
             )

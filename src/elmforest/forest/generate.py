@@ -19,6 +19,7 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest.manifest import Forest
 from elmforest.model.build import load_model
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
+from elmforest.utils.errors import UserError
 
 
 def mixture_logprobs(logprobs: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -71,9 +72,9 @@ def generate(
     forest = Forest.load(forest_dir)
     names = experts or forest.names
     if not names:
-        raise ValueError(f"{forest_dir}: the forest has no experts")
+        raise UserError(f"{forest_dir}: the forest has no experts")
     if weighting not in ("posterior", "fixed"):
-        raise ValueError("generation supports weighting 'posterior' or 'fixed'")
+        raise UserError("generation supports weighting 'posterior' or 'fixed'")
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     tok = load_tokenizer(forest.expert_dir(names[0]))
@@ -139,7 +140,7 @@ class _ClusterRouter:
 
         info = forest.data.get("clusterer")
         if not info:
-            raise ValueError(f"{forest.root}: the forest has no clusterer; cluster routing needs one")
+            raise UserError(f"{forest.root}: the forest has no clusterer; cluster routing needs one")
         self.c = Clusterer.load(forest.root / info["path"])
         self.r = IncrementalRouter(self.c, token_byte_table(tok), tok.eos_id)
         self.expert_of = {

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import resolve_model_dir
+from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 VERSION = 1
@@ -57,14 +58,18 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
     return load_tokenizer(resolve_model_dir(model_dir)).fingerprint()
 
 
+class UnknownExpert(UserError, LookupError):
+    """No expert of that name in the forest."""
+
+
 RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
 
 
 def valid_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-        raise ValueError(f"expert name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+        raise UserError(f"expert name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
     if name in RESERVED_NAMES:
-        raise ValueError(f"expert name {name!r} is reserved; pass another name (--name)")
+        raise UserError(f"expert name {name!r} is reserved; pass another name (--name)")
     return name
 
 
@@ -104,7 +109,7 @@ class Forest:
         if (root / "forest.json").exists():
             if exist_ok:
                 return cls.load(root)
-            raise FileExistsError(f"{root} already holds a forest (forest.json)")
+            raise AlreadyExists(f"{root} already holds a forest (forest.json)")
         root.mkdir(parents=True, exist_ok=True)
         f = cls(
             root,
@@ -125,12 +130,10 @@ class Forest:
         root = Path(root)
         path = root / "forest.json"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{root}: not a forest (no forest.json); create one with `elmforest forest init`"
-            )
+            raise NotFound(f"{root}: not a forest (no forest.json); create one with `elmforest forest init`")
         data = read_json(path)
         if data.get("version") != VERSION:
-            raise ValueError(f"{path}: unsupported forest version {data.get('version')}")
+            raise UserError(f"{path}: unsupported forest version {data.get('version')}")
         return cls(root, data)
 
     def reload(self) -> Forest:
@@ -177,7 +180,7 @@ class Forest:
         for e in self.data["experts"]:
             if e["name"] == name:
                 return e
-        raise KeyError(f"{self.root}: no expert named {name!r}; have {self.names}")
+        raise UnknownExpert(f"{self.root}: no expert named {name!r}; have {self.names}")
 
     def expert_dir(self, name: str) -> Path:
         return self.root / self.expert(name)["path"]
@@ -223,7 +226,7 @@ class Forest:
         """Put a training phase that is neither the seed nor an expert (e.g. the router training of a
         model merged from this forest) in the ledger; a phase of the same name is replaced."""
         if not {"phase", "name", "tokens", "flops"} <= set(phase):
-            raise ValueError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
+            raise UserError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
 
         def change(d):
             d["ledger"] = [p for p in d.get("ledger", []) if p["name"] != phase["name"]] + [dict(phase)]
@@ -234,12 +237,12 @@ class Forest:
     def _check_compatible(self, model_dir: Path) -> tuple[str, str]:
         tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
         if self.data["tokenizer"] and tok != self.data["tokenizer"]:
-            raise ValueError(
+            raise UserError(
                 f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
                 f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
             )
         if self.data["architecture"] and arch != self.data["architecture"]:
-            raise ValueError(
+            raise UserError(
                 f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "
                 f"({self.data['architecture']}); experts must share the seed's architecture"
             )
@@ -294,7 +297,7 @@ class Forest:
         valid_name(name)
         src = resolve_model_dir(model_dir)
         if name in self.names and not replace:
-            raise ValueError(f"{self.root}: an expert named {name!r} exists; remove it first or pass replace")
+            raise UserError(f"{self.root}: an expert named {name!r} exists; remove it first or pass replace")
         tok, arch = self._check_compatible(src)
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
@@ -313,11 +316,11 @@ class Forest:
 
         def change(d):
             if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, arch):
-                raise ValueError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
+                raise UserError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
             if not replace and name in [e["name"] for e in d["experts"]]:
-                raise ValueError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
+                raise UserError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
             if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
-                raise ValueError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
+                raise UserError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
             final = self.root / rel  # the checkpoint lands under the same lock as its manifest entry
             if final.exists():
                 shutil.rmtree(final)

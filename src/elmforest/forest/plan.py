@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
 
 
 @dataclass
@@ -29,21 +30,21 @@ class Plan:
 
     def __post_init__(self):
         if not 0 < self.seed_share < 1:
-            raise ValueError(f"seed_share must be in (0, 1), got {self.seed_share}")
+            raise UserError(f"seed_share must be in (0, 1), got {self.seed_share}")
         if self.batch_size % self.n_experts:
-            raise ValueError(
+            raise UserError(
                 f"batch size {self.batch_size} is not divisible by {self.n_experts} experts; "
                 "use a multiple so each expert gets an equal share (compute matching)"
             )
         if self.domains is not None:
             self.domains = sorted(self.domains)  # a set of domains: the same plan in any order
             if len(self.domains) != self.n_experts or len(set(self.domains)) != len(self.domains):
-                raise ValueError(
+                raise UserError(
                     f"the plan has {self.n_experts} experts but {len(self.domains)} domains "
                     f"{self.domains}; one expert per domain, each domain once"
                 )
         if self.expert_lr is not None and not (self.expert_lr > 0 and math.isfinite(self.expert_lr)):
-            raise ValueError(f"expert_lr must be a positive number, got {self.expert_lr}")
+            raise UserError(f"expert_lr must be a positive number, got {self.expert_lr}")
 
     @property
     def seed_steps(self) -> int:
@@ -66,11 +67,11 @@ def plan_for(
     names = None if isinstance(domains, int) else list(domains)
     n = domains if isinstance(domains, int) else len(names)
     if n < 1:
-        raise ValueError("a forest needs at least one expert")
+        raise UserError("a forest needs at least one expert")
     cfg = copy.deepcopy(base)
     if names is not None:
         if cfg.data.domains is not None and sorted(cfg.data.domains) != sorted(names):
-            raise ValueError(
+            raise UserError(
                 f"data.domains={cfg.data.domains} (the seed and dense mixture) differs from the experts' "
                 f"domains {names}; one domain list must drive every phase"
             )
@@ -88,7 +89,7 @@ def check_plan(forest: Forest, plan: Plan) -> None:
     have = asdict(Plan(**old))
     diff = {k: (have[k], v) for k, v in asdict(plan).items() if have.get(k) != v}
     if diff:
-        raise ValueError(
+        raise UserError(
             f"{forest.root} was planned differently ("
             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             + "); use a new forest directory or the same settings"
@@ -99,16 +100,16 @@ def plan_domains(plan: Plan, shards: Shards, domains: list[str] | None = None) -
     """The experts' domains: the plan's; a different list (or count) is refused."""
     if plan.domains is not None:
         if domains is not None and sorted(domains) != sorted(plan.domains):
-            raise ValueError(f"the plan's experts are {plan.domains}, not {domains}")
+            raise UserError(f"the plan's experts are {plan.domains}, not {domains}")
         names = plan.domains
     else:
         names = list(domains or [d for d in shards.domains if shards.has(d, "train")])
         if len(names) != plan.n_experts:
-            raise ValueError(
+            raise UserError(
                 f"the plan shares the budget between {plan.n_experts} experts, but {len(names)} domains "
                 f"would train ({names}); each expert's batch would not match the budget"
             )
     missing = [d for d in names if not shards.has(d, "train")]
     if missing:
-        raise ValueError(f"{shards.root}: no training data for domain(s) {missing}; have {shards.domains}")
+        raise UserError(f"{shards.root}: no training data for domain(s) {missing}; have {shards.domains}")
     return list(names)

@@ -18,6 +18,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.posterior import cached_prior, sequence_posterior
 from elmforest.model.build import load_model
 from elmforest.utils.device import resolve_device, resolve_precision
+from elmforest.utils.errors import UserError
 
 
 @dataclass
@@ -123,9 +124,7 @@ def estimate_prior_info(
     """(prior, windows used): `batches` batches of `batch_windows` windows, every window when the split
     holds fewer. Every expert reads them all, so this costs N x the windows."""
     if batches < 1 or batch_windows < 1:
-        raise ValueError(
-            f"prior batches and their windows must be at least 1, got {batches}, {batch_windows}"
-        )
+        raise UserError(f"prior batches and their windows must be at least 1, got {batches}, {batch_windows}")
     nw = min(n_windows(len(stream), seq_len), batches * batch_windows)
     lp = pool.all_logprobs(range(len(pool.dirs)), stream, eos_id, seq_len, range(nw), key=key)
     posts = [sequence_posterior(lp[:, i : i + batch_windows]) for i in range(0, nw, batch_windows)]

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from elmforest.utils.errors import UserError
+
 WEIGHTINGS = ("posterior", "fixed", "demix")
 
 
@@ -63,7 +65,7 @@ def log_weights(
             prev = prev.masked_fill(starts, 0.0)
         lw = log_prior + prev
     else:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        raise UserError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     return lw - torch.logsumexp(lw, dim=0, keepdim=True)
 
 
@@ -91,12 +93,12 @@ def cached_prior(batch_posteriors: list[torch.Tensor], alpha: float | None = Non
     docs/benchmarks.md.
     """
     if not batch_posteriors:
-        raise ValueError("no batches to estimate a prior from")
+        raise UserError("no batches to estimate a prior from")
     if alpha is None:
         pi = torch.cat([p.double() for p in batch_posteriors], dim=-1).mean(-1)
         return pi / pi.sum()
     if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        raise UserError(f"alpha must be in (0, 1], got {alpha}")
     n = batch_posteriors[0].shape[0]
     pi = torch.zeros(n, dtype=torch.float64)
     for post in batch_posteriors:

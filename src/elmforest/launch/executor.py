@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from elmforest.utils.errors import Failed, UserError
 
-class JobsFailed(RuntimeError):
+
+class JobsFailed(Failed):
     def __init__(self, failures: dict[str, str]):
         self.failures = failures
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
@@ -144,11 +146,11 @@ def make_executor(
         try:
             import ray  # noqa: F401
         except ImportError as e:
-            raise ValueError(
+            raise UserError(
                 "--executor ray needs Ray: pip install 'elmforest[ray]' (or pip install ray)"
             ) from e
         return RayExecutor(address, cpus, gpus, max_retries)
-    raise ValueError(f"unknown executor {kind!r}; expected local or ray")
+    raise UserError(f"unknown executor {kind!r}; expected local or ray")
 
 
 def wait_for(paths: list[Path], timeout: float) -> bool:

@@ -16,6 +16,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from elmforest.utils.errors import Failed, UserError
+
 
 @dataclass
 class ExpertJob:
@@ -163,7 +165,7 @@ def _run_here(job: ExpertJob) -> dict:
 def _run_distributed(job: ExpertJob, log) -> dict:
     """The expert trains under torchrun with `procs` processes; this process only waits and merges."""
     if job.kind != "expert":
-        raise ValueError("data-parallel jobs are supported for experts only")
+        raise UserError("data-parallel jobs are supported for experts only")
     cmd = [
         sys.executable,
         "-m",
@@ -193,7 +195,7 @@ def _run_distributed(job: ExpertJob, log) -> dict:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
     rc = subprocess.run(cmd, stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent).returncode
     if rc != 0:
-        raise RuntimeError(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
+        raise Failed(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
     from elmforest.forest.manifest import Forest
 
     e = Forest.load(job.forest).expert(job.name or job.domain)

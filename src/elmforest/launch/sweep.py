@@ -31,6 +31,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
 from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 ARMS = ("dense", "experts", "both")
@@ -39,7 +40,7 @@ ARMS = ("dense", "experts", "both")
 def lr_grid(center: float, points: int = 5, factor: float = 2.0) -> list[float]:
     """`points` learning rates log-spaced by `factor`, centred on `center`."""
     if points < 1 or factor <= 1 or not center > 0:
-        raise ValueError("an LR grid needs points >= 1, factor > 1 and a positive centre")
+        raise UserError("an LR grid needs points >= 1, factor > 1 and a positive centre")
     return [float(f"{center * factor ** (i - (points - 1) / 2):.3g}") for i in range(points)]
 
 
@@ -53,12 +54,12 @@ DIVERGED = "diverged.json"  # in a point's directory: its training hit a non-fin
 def _check_grid(lrs: list[float], what: str) -> list[float]:
     lrs = sorted(set(float(x) for x in lrs))
     if len(lrs) < 4:
-        raise ValueError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
+        raise UserError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
     if not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise ValueError(f"the {what} grid must hold positive learning rates, got {lrs}")
+        raise UserError(f"the {what} grid must hold positive learning rates, got {lrs}")
     tags = [_tag(x) for x in lrs]
     if len(set(tags)) < len(tags):
-        raise ValueError(
+        raise UserError(
             f"the {what} grid has LRs equal to 3 significant digits (they share a directory): {lrs}"
         )
     return lrs
@@ -92,7 +93,7 @@ def choose(points: list[dict]) -> dict:
     one bounds it as well as a worse one does)."""
     ok = [p for p in points if p.get("valid_mean_bpb") is not None and math.isfinite(p["valid_mean_bpb"])]
     if not ok:
-        raise ValueError("every LR of the grid diverged: sweep lower learning rates")
+        raise UserError("every LR of the grid diverged: sweep lower learning rates")
     best = min(ok, key=lambda p: p["valid_mean_bpb"])
     lrs = [p["lr"] for p in points]
     edge = None
@@ -148,7 +149,7 @@ def sweep(
 ) -> dict:
     """Sweep the dense arm, then the expert arm from the best dense run's seed; returns sweep.json."""
     if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+        raise UserError(f"arm must be one of {ARMS}, got {arm!r}")
     shards = Shards(shards_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def sweep(
     domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
     for d in domains:
         if not (shards.has(d, "train") and shards.has(d, "valid")):
-            raise ValueError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
+            raise UserError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
     base = RunConfig.from_dict(base.to_dict())
     base.data.shards = str(shards.root.resolve())
     plan, base = btm.plan_for(base, domains, seed_share)
@@ -201,7 +202,7 @@ def sweep(
     if arm in ("experts", "both"):
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
         if seed_lr is None:
-            raise ValueError(
+            raise UserError(
                 "the expert arm branches from the best dense run: sweep the dense arm or give dense_lr"
             )
         seed_forest = out / "dense" / _tag(seed_lr)

@@ -17,6 +17,7 @@ import torch
 from elmforest.merge.io import LazyWeights, ShardedWriter, open_matching
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import write_json_atomic
 
 
@@ -24,7 +25,7 @@ def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
     if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
+        raise UserError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
     s = float(sum(weights))
     return [float(w) / s for w in weights]
 
@@ -39,7 +40,7 @@ def iter_merge(
     """(name, merged tensor) one at a time; arithmetic in float32, result in the inputs' dtype."""
     fn = get_method(method)
     if method in NEEDS_BASE and base_dir is None:
-        raise ValueError(f"merge method {method!r} is relative to a base model (the seed); none given")
+        raise UserError(f"merge method {method!r} is relative to a base model (the seed); none given")
     w = normalise(weights, len(model_dirs))
     with ExitStack() as stack:
         experts = open_matching(list(model_dirs), stack)
@@ -48,9 +49,7 @@ def iter_merge(
         if base is not None and method in NEEDS_BASE:
             missing = [n for n in names if n not in base]
             if missing:
-                raise ValueError(
-                    f"{base_dir}: base model lacks tensors {missing[:3]}; not the experts' seed?"
-                )
+                raise UserError(f"{base_dir}: base model lacks tensors {missing[:3]}; not the experts' seed?")
         for name in names:
             first = experts[0].get(name)
 
@@ -59,14 +58,14 @@ def iter_merge(
                 for e in experts[1:]:
                     t = e.get(name)
                     if t.shape != first.shape:
-                        raise ValueError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
+                        raise UserError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
                     yield t.to(torch.float32)
 
             kw = dict(params)
             if method in NEEDS_BASE:
                 b = base.get(name)
                 if b.shape != first.shape:
-                    raise ValueError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
+                    raise UserError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
                 kw["base"] = b.to(torch.float32)
             yield name, fn(tensors(), w, **kw).to(first.dtype)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from elmforest.utils.errors import UserError
+
 
 def add_merge_parsers(sub) -> None:
     mg = sub.add_parser("merge", help="merge a forest's experts into one model").add_subparsers(
@@ -77,7 +79,7 @@ def dispatch(args) -> int:
             first = out / "elmforest_run.json"
             shards = read_json(first)["data"]["shards"] if first.is_file() else None
         if shards is None:
-            raise ValueError("--train-router needs --train-data SHARDS")
+            raise UserError("--train-router needs --train-data SHARDS")
         train_router(
             out,
             shards,

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elmforest.model.build import resolve_model_dir
+from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import replace_dir, write_json_atomic
 
 # Files copied from the first input so the output is a complete, loadable HF checkpoint.
@@ -40,7 +41,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     single = d / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"{d}: no safetensors weights (model.safetensors or an index)")
+    raise NotFound(f"{d}: no safetensors weights (model.safetensors or an index)")
 
 
 class LazyWeights:
@@ -69,7 +70,7 @@ def open_matching(dirs: list[Path], stack: ExitStack) -> list[LazyWeights]:
     names = set(opened[0].keys())
     for w, d in zip(opened[1:], dirs[1:], strict=True):
         if set(w.keys()) != names:
-            raise ValueError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
+            raise UserError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
     return opened
 
 
@@ -85,7 +86,7 @@ class ShardedWriter:
         self.out = Path(out)
         if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())):
             if replaces is None or not (self.out / replaces).is_file():
-                raise FileExistsError(
+                raise AlreadyExists(
                     f"{self.out} exists and is not an earlier output of this command (no {replaces}); "
                     "choose another output directory or remove it"
                 )
@@ -101,7 +102,7 @@ class ShardedWriter:
 
     def add(self, name: str, t: torch.Tensor) -> None:
         if name in self.weight_map or name in self.shard:
-            raise ValueError(f"tensor {name} written twice")
+            raise UserError(f"tensor {name} written twice")
         nbytes = t.numel() * t.element_size()
         if self.shard and self.size + nbytes > self.max_shard_bytes:
             self._flush()

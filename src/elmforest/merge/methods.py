@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from elmforest.utils.errors import UserError
+
 MergeFn = Callable[..., torch.Tensor]
 METHODS: dict[str, MergeFn] = {}
 NEEDS_BASE: set[str] = set()
@@ -32,7 +34,7 @@ def register(name: str, needs_base: bool = False):
 
 def get_method(name: str) -> MergeFn:
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; choose from {sorted(METHODS)}")
+        raise UserError(f"unknown merge method {name!r}; choose from {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -71,7 +73,7 @@ def ties(
     """TIES: keep each δ_i's `density` largest-magnitude entries, elect a sign per entry from the
     weighted sum of the trimmed deltas, and average only the entries that agree with it."""
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"TIES density must be in (0, 1], got {density}")
+        raise UserError(f"TIES density must be in (0, 1], got {density}")
     deltas = torch.stack([t - base for t in ts])  # [n, ...]
     n = deltas.shape[0]
     flat = deltas.view(n, -1)

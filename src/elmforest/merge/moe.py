@@ -36,6 +36,7 @@ from elmforest.merge.router import (
 )
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
+from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, replace_dir, write_json_atomic, write_text_atomic
 
 DENSE_TYPES = ("llama", "mistral")
@@ -57,30 +58,30 @@ class MoeSpec:
 
     def validate(self) -> None:
         if self.shared not in SHARED:
-            raise ValueError(f"--shared must be one of {SHARED}, got {self.shared!r}")
+            raise UserError(f"--shared must be one of {SHARED}, got {self.shared!r}")
         if self.router not in ROUTERS:
-            raise ValueError(f"--router must be one of {ROUTERS}, got {self.router!r}")
+            raise UserError(f"--router must be one of {ROUTERS}, got {self.router!r}")
         if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
         if self.sample_tokens < 1:
-            raise ValueError("--sample-tokens must be positive")
+            raise UserError("--sample-tokens must be positive")
 
 
 def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
     """The Mixtral config equivalent to a Llama/Mistral config with its MLP replaced by n experts."""
     mt = dense.get("model_type")
     if mt not in DENSE_TYPES:
-        raise ValueError(
+        raise UserError(
             f"cannot merge {mt!r} models into Mixtral: only {DENSE_TYPES} (SwiGLU MLP with gate/up/down, "
             "no biases) map one-to-one onto Mixtral experts"
         )
     for flag in ("attention_bias", "mlp_bias"):
         if dense.get(flag):
-            raise ValueError(
+            raise UserError(
                 f"cannot merge into Mixtral: the experts have {flag}=True (Mixtral has no biases)"
             )
     if dense.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"cannot merge into Mixtral: hidden_act {dense.get('hidden_act')!r} (Mixtral: silu)")
+        raise UserError(f"cannot merge into Mixtral: hidden_act {dense.get('hidden_act')!r} (Mixtral: silu)")
     keep = (
         "vocab_size",
         "hidden_size",
@@ -127,7 +128,7 @@ def check_same_architecture(dirs: list[Path], names: list[str]) -> dict:
     for c, n in zip(cfgs[1:], names[1:], strict=True):
         if _arch(c) != _arch(cfgs[0]):
             diff = sorted(k for k in set(_arch(c)) | set(_arch(cfgs[0])) if c.get(k) != cfgs[0].get(k))
-            raise ValueError(
+            raise UserError(
                 f"expert {n!r} has a different architecture than {names[0]!r} ({diff}); cannot merge"
             )
     return cfgs[0]
@@ -179,10 +180,10 @@ def export_moe(
     forest = forest if isinstance(forest, Forest) else Forest.load(forest)
     unknown = sorted(set(spec.exclude) - set(forest.names))
     if unknown:
-        raise ValueError(f"--exclude: no expert named {unknown} in {forest.root}; have {forest.names}")
+        raise UserError(f"--exclude: no expert named {unknown} in {forest.root}; have {forest.names}")
     names = [n for n in forest.names if n not in spec.exclude]
     if not names:
-        raise ValueError(f"{forest.root}: no experts left to merge")
+        raise UserError(f"{forest.root}: no experts left to merge")
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))
@@ -190,7 +191,7 @@ def export_moe(
     base_dir = None
     if spec.shared == "seed":
         if forest.seed_dir is None:
-            raise ValueError(f"{forest.root}: --shared seed needs a seed, and this forest has none")
+            raise UserError(f"{forest.root}: --shared seed needs a seed, and this forest has none")
         base_dir = resolve_model_dir(forest.seed_dir)
         check_same_architecture([dirs[0], base_dir], [names[0], "seed"])
 
@@ -230,10 +231,10 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
                     )
                 continue
             if ".mlp." in name:
-                raise ValueError(f"tensor {name}: an MLP parameter Mixtral has no place for (a bias?)")
+                raise UserError(f"tensor {name}: an MLP parameter Mixtral has no place for (a bias?)")
             if base is not None:
                 if name not in base:
-                    raise ValueError(f"{base_dir}: the seed lacks {name}")
+                    raise UserError(f"{base_dir}: the seed lacks {name}")
                 writer.add(name, base.get(name))
             else:
                 first, n = experts[0].get(name), len(experts)
@@ -243,7 +244,7 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
         L = cfg["num_hidden_layers"]
         missing = [(layer, p) for layer in range(L) for p in MIXTRAL_NAME if (layer, p) not in seen]
         if missing:
-            raise ValueError(f"{dirs[0]}: no MLP weights for (layer, projection) {missing[:3]}")
+            raise UserError(f"{dirs[0]}: no MLP weights for (layer, projection) {missing[:3]}")
         dtype = experts[0].get(names[0]).dtype
         for layer in range(L):
             writer.add(f"model.layers.{layer}.block_sparse_moe.gate.weight", rows[layer].to(dtype))
@@ -360,15 +361,15 @@ def train_router(
     out = Path(out or moe_dir)
     meta = read_json(moe_dir / "elmforest_moe.json")
     if read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
-        raise ValueError(
+        raise UserError(
             f"{moe_dir}: router training needs top-k >= 2: with top-1 routing the renormalised weight "
             "is always 1, so no gradient reaches the router"
         )
     if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
-        raise FileExistsError(f"{out} exists and is not an MoE export; choose another output directory")
+        raise AlreadyExists(f"{out} exists and is not an MoE export; choose another output directory")
     fingerprint = export_fingerprint(moe_dir)
     if not Shards.is_shards_dir(shards):
-        raise ValueError(f"{shards}: router training needs a shards directory (elmforest shards build)")
+        raise UserError(f"{shards}: router training needs a shards directory (elmforest shards build)")
     sh = Shards(shards)
     if domains is None:
         wanted = [d for e in meta["experts"] for d in e["domains"]]

@@ -26,6 +26,7 @@ import torch
 
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import n_windows, window_batch
+from elmforest.utils.errors import UserError
 
 ROUTERS = ("domain-embeddings", "hidden-states", "random")
 
@@ -37,7 +38,7 @@ def sample_windows(shards: Shards, domains: list[str], split: str, seq_len: int,
     per = max(1, math.ceil(tokens / seq_len / len(domains)))
     for d in domains:
         if not shards.has(d, split):
-            raise ValueError(f"{shards.root}: no {split} split for domain {d!r} to build a router row from")
+            raise UserError(f"{shards.root}: no {split} split for domain {d!r} to build a router row from")
         stream = shards.tokens(d, split)
         nw = n_windows(len(stream), seq_len)
         ids = sorted(set(np.linspace(0, nw - 1, num=min(per, nw)).round().astype(int).tolist()))
@@ -76,7 +77,7 @@ def mean_mlp_inputs(
         for h in handles:
             h.remove()
     if count == 0:
-        raise ValueError("no tokens in the router sample")
+        raise UserError("no tokens in the router sample")
     return (sums / count).to(torch.float32)
 
 
@@ -125,18 +126,18 @@ def expert_data(expert_dir: Path, domains: list[str], data: str | Path | None, t
     if data is None:
         run = expert_dir / "elmforest_run.json"
         if not run.is_file():
-            raise ValueError(
+            raise UserError(
                 f"{expert_dir}: no record of its training data (added with `forest add`?); "
                 "pass --data SHARDS holding its domain(s)"
             )
         cfg = read_json(run)["data"]
         data, domains = cfg["shards"], cfg["domains"] or domains
     if not Shards.is_shards_dir(data):
-        raise ValueError(f"{data}: not a shards directory (build one with `elmforest shards build`)")
+        raise UserError(f"{data}: not a shards directory (build one with `elmforest shards build`)")
     shards = Shards(data)
     if shards.tokenizer_fingerprint != tokenizer_fp:
-        raise ValueError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
+        raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     missing = [d for d in domains if not shards.has(d, "train")]
     if missing:
-        raise ValueError(f"{shards.root}: no train split for {missing}; pass --data with the experts' shards")
+        raise UserError(f"{shards.root}: no train split for {missing}; pass --data with the experts' shards")
     return shards, list(domains)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from elmforest.config import ModelConfig
 from elmforest.model.presets import get_preset
+from elmforest.utils.errors import NotFound, UserError
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -19,7 +20,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         return p / "model"
     if (p / "config.json").is_file():
         return p
-    raise FileNotFoundError(f"{p}: not a model checkpoint (no config.json) nor a run directory (no model/)")
+    raise NotFound(f"{p}: not a model checkpoint (no config.json) nor a run directory (no model/)")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
@@ -57,7 +58,7 @@ def load_model(
     d = resolve_model_dir(path)
     raw = json.loads((d / "config.json").read_text())
     if raw.get("auto_map") and not trust_remote_code:
-        raise ValueError(
+        raise UserError(
             f"{d}: checkpoint needs custom code (auto_map in config.json); "
             "pass trust_remote_code only if you trust it"
         )
@@ -77,7 +78,7 @@ def load_model(
         **extra,
     )
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{d}: model has {model.get_input_embeddings().num_embeddings} embeddings but the "
             f"tokenizer has {vocab_size} tokens"
         )

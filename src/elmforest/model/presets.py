@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from elmforest.config import OptimConfig, RunConfig, TrainConfig
+from elmforest.utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
 def preset_run_config(name: str, shards: str = "") -> RunConfig:

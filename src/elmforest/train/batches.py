@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from elmforest.data.shards import Shards
+from elmforest.utils.errors import UserError
 
 
 class WindowSampler:
@@ -28,7 +29,7 @@ class WindowSampler:
         domains = list(domains) if domains else [d for d in shards.domains if shards.has(d, split)]
         missing = [d for d in domains if not shards.has(d, split)]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{shards.root}: no {split!r} split for domain(s) {missing}; have {shards.domains}"
             )
         self.arrays, self.domains = [], []
@@ -41,7 +42,7 @@ class WindowSampler:
             self.arrays.append(arr)
             self.domains.append(d)
         if not self.arrays:
-            raise ValueError(f"no domain has more than seq_len={seq_len} tokens in split {split!r}")
+            raise UserError(f"no domain has more than seq_len={seq_len} tokens in split {split!r}")
         self.skipped_domains = too_small
         sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
         if mixture == "tokens":
@@ -49,7 +50,7 @@ class WindowSampler:
         elif mixture == "uniform":
             self.weights = np.full(len(sizes), 1.0 / len(sizes))
         else:
-            raise ValueError(f"unknown mixture {mixture!r}; expected 'tokens' or 'uniform'")
+            raise UserError(f"unknown mixture {mixture!r}; expected 'tokens' or 'uniform'")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
 
     def batch(self, step: int, micro: int = 0) -> torch.Tensor:

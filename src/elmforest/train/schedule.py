@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from elmforest.config import OptimConfig
+from elmforest.utils.errors import UserError
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -20,4 +21,4 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - min_lr) * progress
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected cosine, linear or constant")
+    raise UserError(f"unknown schedule {cfg.schedule!r}; expected cosine, linear or constant")

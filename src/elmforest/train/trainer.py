@@ -37,6 +37,7 @@ from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_che
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
+from elmforest.utils.errors import Diverged, Failed, UserError
 from elmforest.utils.io import read_json, replace_dir, write_json_atomic
 
 
@@ -111,9 +112,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         if not cfg.data.shards:
-            raise ValueError(
-                "data.shards is not set: point it at a shards directory (elmforest shards build)"
-            )
+            raise UserError("data.shards is not set: point it at a shards directory (elmforest shards build)")
         self.shards = Shards(cfg.data.shards)
         self.tokenizer = load_tokenizer(self.shards.root)
         if cfg.model.init_from:
@@ -124,7 +123,7 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         if cfg.train.batch_size % self.world:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
             )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
@@ -180,7 +179,7 @@ class Trainer:
             )
             if old != new:
                 diff = _diff(old, new)
-                raise ValueError(
+                raise UserError(
                     f"{self.run_dir} holds a run with a different config ({diff}); "
                     "use a new run directory or the same config to resume"
                 )
@@ -217,7 +216,7 @@ class Trainer:
             st = load_checkpoint(Path(self.cfg.train.init_checkpoint), self.model, self.opt, self.device)
             self.step = self.start_step = st["step"]  # tokens count this run's training only
             if self.step >= self.cfg.train.steps:
-                raise ValueError(
+                raise UserError(
                     f"init_checkpoint is at step {self.step}, not before train.steps={self.cfg.train.steps}"
                 )
         self._apply_optim_hparams()  # a checkpoint brings its moments, not its hyper-parameters
@@ -278,7 +277,7 @@ class Trainer:
                     "elapsed_s": wall_before + now - t_start,
                 }
                 if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss is {last_loss} at step {self.step}; lower optim.lr?")
+                    raise Diverged(f"loss is {last_loss} at step {self.step}; lower optim.lr?")
                 for cb in callbacks:
                     cb.on_log(self, m)
                 t_log, tokens_at_log = now, self.tokens
@@ -364,7 +363,7 @@ class Trainer:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{self.run_dir}: another trainer is running in this directory") from None
+            raise Failed(f"{self.run_dir}: another trainer is running in this directory") from None
 
     def _finish_distributed(self) -> None:
         if getattr(self, "_lock", None) is not None:
@@ -394,7 +393,7 @@ def freeze_except(model, pattern: str) -> int:
         n += p.numel() if p.requires_grad else 0
     if n == 0:
         names = [k for k, _ in model.named_parameters()][:4]
-        raise ValueError(f"train.trainable={pattern!r} matches no parameter (names look like {names})")
+        raise UserError(f"train.trainable={pattern!r} matches no parameter (names look like {names})")
     return n
 
 
@@ -428,7 +427,7 @@ def _check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -
     except (ValueError, FileNotFoundError):
         return  # the checkpoint ships no tokenizer: nothing to compare against
     if theirs.fingerprint() != fingerprint:
-        raise ValueError(
+        raise UserError(
             f"{model_dir} uses a different tokenizer than the shards in {shards_root}; "
             f"build the shards with --tokenizer {model_dir}"
         )

@@ -6,13 +6,15 @@ import contextlib
 
 import torch
 
+from elmforest.utils.errors import Failed, UserError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise Failed(f"device {name!r} requested but CUDA is not available")
     return dev
 
 
@@ -33,7 +35,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "bf16":
         return torch.bfloat16
     if name != "auto":
-        raise ValueError(f"unknown precision {name!r}; expected auto, bf16 or fp32")
+        raise UserError(f"unknown precision {name!r}; expected auto, bf16 or fp32")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_supports_bf16() else None
