@@ -23,6 +23,8 @@ from elmforest.utils.errors import UserError
 class ModelConfig:
     preset: str = "cpu-small"
     init_from: str | None = None  # a local HF causal-LM checkpoint directory; overrides the preset's weights
+    # Only the command line (--trust-remote-code) turns this on: reading a config from any file (a
+    # --config, a run's run_config.json, a forest manifest) sets it False (RunConfig.from_dict).
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
 
@@ -92,7 +94,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """A config read from JSON. Remote code stays off whatever the file says: a forest or a
+        checkpoint from someone else must never be able to run its Python on this machine."""
         cfg = from_dict(cls, d)
+        cfg.model.trust_remote_code = False
         cfg.validate()
         return cfg
 
@@ -203,6 +208,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             node = node[p]
         if parts[-1] not in node:
             raise UserError(f"override {item!r}: unknown key {key!r}")
+        if key.strip() == "model.trust_remote_code":
+            raise UserError(f"override {item!r}: remote code is turned on by --trust-remote-code only")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -210,4 +217,6 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
         node[parts[-1]] = value
-    return RunConfig.from_dict(d)
+    out = RunConfig.from_dict(d)
+    out.model.trust_remote_code = cfg.model.trust_remote_code  # set by the command line, kept
+    return out

@@ -4,9 +4,11 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
 - model.safetensors      the weights (shared/tied tensors handled by safetensors' save_model),
 - optimizer.safetensors  every tensor of the optimizer state, keyed `<param index>.<name>`,
 - state.json             step, token and FLOP counters, RNG states, optimizer hyper-parameters,
-                         and the run config.
+                         the run config, and the size and sha256 of each tensor file.
 It is written under a temporary name and renamed into place, so a run killed at any moment leaves
-only complete checkpoints; the newest complete one is where a run resumes.
+only complete checkpoints; the newest complete one is where a run resumes. A checkpoint is verified
+before it is used (sizes and checksums, safetensors headers): a disk that flipped or lost bytes
+makes the trainer fall back to the previous good checkpoint, and the bad one is kept aside.
 """
 
 from __future__ import annotations
@@ -14,15 +16,60 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from elmforest.utils.io import write_json_atomic
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import as_write_error, file_digest, fix_modes, remove_path, write_json_atomic
 
 PREFIX = "step-"
+CORRUPT_PREFIX = "corrupt-"  # kept aside for inspection: neither listed nor cleaned
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are missing, truncated or altered since they were written."""
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state, after checking that nothing in it changed since it was written (sizes
+    and sha256 of the tensor files where recorded; every checkpoint: readable state.json and
+    safetensors headers that fit their files). Raises CorruptCheckpoint naming the file and problem."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path / 'state.json'}: unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"{path / 'state.json'}: not a checkpoint state (no step)")
+    recorded = state.get("files") or {}
+    for name in TENSOR_FILES:
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: missing")
+        want = recorded.get(name)
+        if want:
+            if f.stat().st_size != want["bytes"]:
+                raise CorruptCheckpoint(f"{f}: {f.stat().st_size} bytes, {want['bytes']} were written")
+            if file_digest(f)["sha256"] != want["sha256"]:
+                raise CorruptCheckpoint(f"{f}: checksum mismatch (the bytes changed since they were written)")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors raises its own error type for bad headers and truncation
+            raise CorruptCheckpoint(f"{f}: not a readable safetensors file ({e})") from None
+    return state
+
+
+def set_aside(path: Path) -> Path:
+    """Move a corrupt checkpoint out of the way, keeping it for inspection."""
+    dst = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(path, dst)
+    return dst
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,15 +162,23 @@ def save_checkpoint(
     step = int(state["step"])
     final = ckpt_root / f"{PREFIX}{step:08d}"
     tmp = ckpt_root / f".{PREFIX}{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_to_flat(opt, model)
-    rng_tensors, _ = rng_state()
-    save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
-    write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta})
-    _fsync_dir(tmp)
+    try:
+        remove_path(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = optimizer_to_flat(opt, model)
+        rng_tensors, _ = rng_state()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / "optimizer.safetensors"))
+        files = {name: file_digest(tmp / name) for name in TENSOR_FILES}
+        write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta, "files": files})
+        fix_modes(tmp)
+        _fsync_dir(tmp)
+    except BaseException as e:  # a full disk: free what this attempt wrote, say where
+        remove_path(tmp)
+        err = as_write_error(e, final)
+        if err is not None:
+            raise err from e
+        raise
     if final.exists():  # a previous attempt reached this step: replace it
         trash = final.with_name(f".trash-{final.name}")
         os.rename(final, trash)
@@ -163,7 +218,9 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
 def load_checkpoint(
     path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
 ) -> dict:
-    state = json.loads((path / "state.json").read_text())
+    """Verify, then load weights, optimizer state and RNG states into `model` and `opt`."""
+    state = verify_checkpoint(path)
+    state.pop("files", None)
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}

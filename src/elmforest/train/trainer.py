@@ -3,97 +3,58 @@
 A run directory holds::
 
     run_config.json        the resolved config tree
+    inputs.json            the shards (and checkpoints) it started from: path and content fingerprint
     metrics.jsonl          one JSON object per logged step
     checkpoints/step-*/    resumable checkpoints (see checkpoint.py)
     model/                 the final Hugging Face checkpoint (safetensors + tokenizer)
     summary.json           tokens, FLOPs, parameters, wall time; written last, marks the run complete
 
-Starting a run whose directory holds checkpoints resumes from the newest one; starting a complete
-run does nothing. Progress and logging are callbacks, so other phases can add their own.
+Starting a run whose directory holds checkpoints resumes from the newest good one (a corrupt one is
+set aside, saying so); starting a complete run does nothing. A directory holding no checkpoint yet
+is not a run to protect: it starts over with whatever config it is given. Progress and logging are callbacks, so other phases can add their own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.model.build import build_model, count_params, resolve_model_dir
+from elmforest.model.build import build_model, count_params
 from elmforest.train.batches import WindowSampler
-from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from elmforest.train.callbacks import Callback, JsonlLogger, ProgressBar
+from elmforest.train.checkpoint import (
+    CorruptCheckpoint,
+    clean_partial,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+    verify_checkpoint,
+)
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
+from elmforest.train.runcheck import (
+    check_context,
+    check_same_tokenizer,
+    config_diff,
+    input_fingerprints,
+    run_identity,
+)
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, Failed, UserError
-from elmforest.utils.io import read_json, replace_dir, write_json_atomic
-
-
-class Callback:
-    def on_train_start(self, trainer: Trainer) -> None: ...
-    def on_log(self, trainer: Trainer, metrics: dict) -> None: ...
-    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
-    def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
-
-
-class ProgressBar(Callback):
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bar = enabled, None
-
-    def on_train_start(self, trainer):
-        self.bar = tqdm(
-            total=trainer.cfg.train.steps,
-            initial=trainer.step,
-            desc=trainer.run_dir.name,
-            unit="step",
-            disable=not self.enabled,
-            dynamic_ncols=True,
-        )
-
-    def on_log(self, trainer, m):
-        self.bar.update(m["step"] - self.bar.n)
-        self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
-
-    def on_train_end(self, trainer, summary):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class JsonlLogger(Callback):
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_start(self, trainer):
-        # Drop lines past the resumed step: they belong to work the crash threw away.
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= trainer.step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
-
-    def on_log(self, trainer, m):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics line; a line cut short by a crash sorts after everything (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 
 
 @dataclass
@@ -116,7 +77,7 @@ class Trainer:
         self.shards = Shards(cfg.data.shards)
         self.tokenizer = load_tokenizer(self.shards.root)
         if cfg.model.init_from:
-            _check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
+            check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
         self.rank, self.world, self._owns_group = _init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device)
         if self.world > 1 and self.device.type == "cuda":
@@ -128,6 +89,7 @@ class Trainer:
             )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
+        check_context(self.model, cfg)
         self.model.to(self.device)
         self.model.train()
         if cfg.train.trainable:
@@ -169,20 +131,61 @@ class Trainer:
         for g, wd in zip(self.opt.param_groups, (o.weight_decay, 0.0), strict=True):
             g.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=wd)
 
+    def _has_progress(self) -> bool:
+        return bool(list_checkpoints(self.run_dir / "checkpoints")) or (self.run_dir / "model").exists()
+
     def _check_config(self) -> None:
+        """A run with progress resumes only with the same config and the same shards content; a
+        directory with no checkpoint yet (a run that failed before its first) holds nothing to keep."""
         saved = self.run_dir / "run_config.json"
-        if saved.exists():
-            # through RunConfig, so fields added since the run started take their defaults
-            old, new = (
-                _identity(RunConfig.from_dict(read_json(saved)).to_dict()),
-                _identity(self.cfg.to_dict()),
+        if not saved.exists() or not self._has_progress():
+            return
+        # through RunConfig, so fields added since the run started take their defaults
+        old, new = (
+            run_identity(RunConfig.from_dict(read_json(saved)).to_dict()),
+            run_identity(self.cfg.to_dict()),
+        )
+        if old != new:
+            raise UserError(
+                f"{self.run_dir} holds a run with a different config ({config_diff(old, new)}); resume it "
+                f"with the same settings, or delete {self.run_dir} to train it again with the new ones"
             )
-            if old != new:
-                diff = _diff(old, new)
+
+    def _check_inputs(self) -> None:
+        """What the run was started from is identified by content, not path (inputs.json): shards rebuilt
+        at the same path are refused (training would silently continue on other text), a moved corpus
+        or forest is accepted."""
+        saved = self.run_dir / "inputs.json"
+        old = read_json(saved) if saved.is_file() and self._has_progress() else None
+        self.inputs = input_fingerprints(self.cfg, self.shards, old)
+        if old is None:
+            return
+        for key, new in self.inputs.items():
+            was = old.get(key)
+            if was is not None and new is not None and was["fingerprint"] != new["fingerprint"]:
+                what = "shards" if key == "shards" else key.replace("_", ".")
                 raise UserError(
-                    f"{self.run_dir} holds a run with a different config ({diff}); "
-                    "use a new run directory or the same config to resume"
+                    f"{self.run_dir} was started from {what} {was['path']} (fingerprint {was['fingerprint']}) "
+                    f"but {new['path']} holds other data (fingerprint {new['fingerprint']}); point it at the "
+                    f"original, or delete {self.run_dir} to start over"
                 )
+
+    def _resume_point(self, ckpt_root: Path, lead: bool) -> list[Path]:
+        """The complete checkpoints, newest last, after setting aside (lead process) any newest ones
+        that fail verification, so a flipped byte costs the steps since the previous checkpoint, not
+        the run."""
+        ckpts = list_checkpoints(ckpt_root)
+        while lead and ckpts:
+            try:
+                verify_checkpoint(ckpts[-1])
+                break
+            except CorruptCheckpoint as e:
+                bad = ckpts.pop()
+                aside = set_aside(bad)
+                then = f"resuming from {ckpts[-1].name}" if ckpts else "no earlier checkpoint: starting over"
+                print(f"warning: {e}; kept aside as {aside.name}; {then}", file=sys.stderr, flush=True)
+        self._barrier()
+        return list_checkpoints(ckpt_root)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -192,17 +195,18 @@ class Trainer:
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
             return read_json(summary_path)  # complete: nothing to do
         self._setup()
+        self._check_inputs()
         lead = self.rank == 0  # only the first process writes; the others compute
         if lead:
             self._lock_run_dir()
-        if lead:
-            write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())  # once setup succeeded
+        if lead:  # once setup succeeded
+            write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())
+            write_json_atomic(self.run_dir / "inputs.json", self.inputs)
         ckpt_root = self.run_dir / "checkpoints"
         wall_before = 0.0
         if lead:
             clean_partial(ckpt_root)
-        self._barrier()
-        ckpts = list_checkpoints(ckpt_root)
+        ckpts = self._resume_point(ckpt_root, lead)
         self.resumed_from = None
         self.start_step = 0
         loss_window, last_loss = (0.0, 0), math.nan
@@ -277,7 +281,9 @@ class Trainer:
                     "elapsed_s": wall_before + now - t_start,
                 }
                 if not math.isfinite(last_loss):
-                    raise Diverged(f"loss is {last_loss} at step {self.step}; lower optim.lr?")
+                    raise Diverged(
+                        f"{self.run_dir}: loss is {last_loss} at step {self.step}; lower optim.lr?"
+                    )
                 for cb in callbacks:
                     cb.on_log(self, m)
                 t_log, tokens_at_log = now, self.tokens
@@ -374,14 +380,10 @@ class Trainer:
             torch.distributed.destroy_process_group()
 
     def _save_final(self) -> None:
-        final = self.run_dir / "model"
-        tmp = self.run_dir / f".model.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.model.save_pretrained(str(tmp), safe_serialization=True)
-        save_tokenizer(self.tokenizer, tmp)
-        write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
-        replace_dir(tmp, final)
+        with staged_dir(self.run_dir / "model") as tmp:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            save_tokenizer(self.tokenizer, tmp)
+            write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
 
 
 def freeze_except(model, pattern: str) -> int:
@@ -410,40 +412,6 @@ def _init_distributed(device: str) -> tuple[int, int, bool]:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return dist.get_rank(), dist.get_world_size(), owns
-
-
-OPERATIONAL_FIELDS = ("device", "stop_at", "log_every", "ckpt_every", "keep_checkpoints", "compile")
-
-
-def _identity(cfg: dict) -> dict:
-    """The config minus fields that may change between invocations of the same run."""
-    return {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in OPERATIONAL_FIELDS}}
-
-
-def _check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -> None:
-    """A checkpoint trained with another tokenizer would read the shards' ids as different tokens."""
-    try:
-        theirs = load_tokenizer(resolve_model_dir(model_dir))
-    except (ValueError, FileNotFoundError):
-        return  # the checkpoint ships no tokenizer: nothing to compare against
-    if theirs.fingerprint() != fingerprint:
-        raise UserError(
-            f"{model_dir} uses a different tokenizer than the shards in {shards_root}; "
-            f"build the shards with --tokenizer {model_dir}"
-        )
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> str:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, "(absent)"), b.get(k, "(absent)")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _diff(va, vb, f"{prefix}{k}.")
-            if d:
-                out.append(d)
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return "; ".join(out)
 
 
 def train(

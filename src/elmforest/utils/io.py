@@ -1,15 +1,31 @@
-"""Atomic file writes: a crash never leaves a half-written artifact behind."""
+"""Atomic file writes: a crash never leaves a half-written artifact behind, and a failed or killed
+write leaves nothing behind either.
+
+Every artifact is written under a temporary name beside its destination, `.NAME.TAG~HOST~PID[~R]`,
+and renamed into place. The host and process id in the name let the next write of the same
+destination (or `forest fsck`) tell a leftover of a dead process from the work of a live one, and
+remove it: a kill never leaves temporary files that nothing cleans. Error paths only ever remove
+what they created and never raise a second exception (after a disk-full error the cleanup is what
+frees the disk). Disk-full, read-only and permission errors become a `WriteError` naming the
+destination.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from elmforest.utils.errors import WriteError
 
 
 def _read_umask() -> int:
@@ -19,6 +35,126 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would give; safetensors and mkstemp make 0600
+HOST = socket.gethostname().replace("~", "-")
+
+# .NAME.TAG~HOST~PID[~RANDOM]; legacy names: .NAME.tmp-PID / .NAME.old-PID, .stage-HOST-PID-NS
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old|stage|trash)~(?P<host>[^~]*)~(?P<pid>\d+)(?:~[^~]*)?$")
+_LEGACY = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)$")
+_LEGACY_STAGE = re.compile(r"^\.stage-(?P<host>.+)-(?P<pid>\d+)-\d+$")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def parse_temp(name: str) -> dict | None:
+    """{'name', 'tag', 'host', 'pid'} of a temporary name written by elmforest, else None."""
+    for pat in (_TEMP, _LEGACY, _LEGACY_STAGE):
+        m = pat.match(name)
+        if m:
+            d = m.groupdict()
+            return {
+                "name": d.get("name"),
+                "tag": d.get("tag", "stage"),
+                "host": d.get("host") or HOST,
+                "pid": int(d["pid"]),
+            }
+    return None
+
+
+def remove_path(p: str | os.PathLike) -> None:
+    """Remove a file, link or directory tree; never raises (it runs on error paths)."""
+    p = Path(p)
+    try:
+        if p.is_symlink() or not p.is_dir():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def clean_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temporary entries in `parent` (those for destination `name` only, if given) left by
+    processes of this host that are dead. An `old` copy whose destination is missing (a kill
+    between the two renames of `replace_dir`) is the only copy: it is put back instead. Returns what
+    was removed or restored; never raises."""
+    parent = Path(parent)
+    done = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return done
+    for p in entries:
+        t = parse_temp(p.name)
+        if t is None or (name is not None and t["name"] != name) or t["host"] != HOST or pid_alive(t["pid"]):
+            continue
+        if t["tag"] == "old" and t["name"] and not (parent / t["name"]).exists():
+            try:
+                os.rename(p, parent / t["name"])
+                done.append(p)
+            except OSError:
+                pass
+            continue
+        remove_path(p)
+        done.append(p)
+    return done
+
+
+def temp_sibling(dst: str | os.PathLike, tag: str = "tmp", unique: bool = False) -> Path:
+    """A temporary name beside `dst` for this process (stale ones of dead processes removed first);
+    `unique` adds a random part for several temporaries of one destination in one process."""
+    dst = Path(dst)
+    clean_stale(dst.parent, dst.name)
+    suffix = f"~{secrets.token_hex(4)}" if unique else ""
+    p = dst.with_name(f".{dst.name}.{tag}~{HOST}~{os.getpid()}{suffix}")
+    remove_path(p)  # an earlier attempt of this same process
+    return p
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def as_write_error(e: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """A WriteError naming `path` for disk-full / read-only / permission failures (also those safetensors
+    reports as its own error type), else None."""
+    if isinstance(e, WriteError):
+        return None
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+        reason = e.strerror or str(e)
+    elif type(e).__name__ == "SafetensorError" and (m := re.search(r"code: (\d+)", str(e))):
+        if int(m.group(1)) not in _DISK_ERRNOS:
+            return None
+        reason = os.strerror(int(m.group(1)))
+    else:
+        return None
+    return WriteError(f"{path}: cannot write ({reason}); nothing was changed")
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """{'bytes', 'sha256'} of a file, read in blocks (weights can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": os.stat(path).st_size, "sha256": h.hexdigest()}
+
+
+def fix_modes(path: str | os.PathLike) -> None:
+    """Give every file under `path` the mode a plain open() would (safetensors writes 0600)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+    for f in files:
+        os.chmod(f, FILE_MODE)
 
 
 @contextmanager
@@ -26,18 +162,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
+    tmp = temp_sibling(path, unique=True)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
+        tmp.touch()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove_path(tmp)
+        err = as_write_error(e, path)
+        if err is not None:
+            raise err from e
+        raise
+
+
+@contextmanager
+def staged_dir(dst: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty directory beside `dst`; it replaces `dst` whole only if the block succeeds, and
+    is removed (never half kept) if it fails."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dst)
+    try:
+        tmp.mkdir()
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException as e:
+        remove_path(tmp)
+        err = as_write_error(e, dst)
+        if err is not None:
+            raise err from e
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -50,20 +207,30 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file's contents; a truncated or corrupt file is a UserError naming it (json's own
+    message names only a line and column)."""
+    from elmforest.utils.errors import UserError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
 
 
 def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Move a fully written directory into place. An existing `dst` steps aside whole first, so `dst`
-    is never half deleted nor half written (a crash between the two renames leaves the old one at
-    `.NAME.old-PID`)."""
+    is never half deleted nor half written (a kill between the two renames leaves the old one at
+    `.NAME.old~HOST~PID`, which the next write of `dst` puts back). Files get the usual modes."""
     staged, dst = Path(staged), Path(dst)
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
+    fix_modes(staged)
+    old = temp_sibling(dst, "old")
+    if dst.exists() or dst.is_symlink():
         os.rename(dst, old)
     os.rename(staged, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
     return dst
 
 

@@ -1,0 +1,113 @@
+"""What identifies a run, checked before a run directory is reused: the config (minus what may
+change between invocations), and its inputs by content (shards, the checkpoint it branched from, the
+HF checkpoint it started from), never by path; and what a model can take (context length, tokenizer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.model.build import resolve_model_dir
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import file_digest
+
+OPERATIONAL_FIELDS = ("device", "stop_at", "log_every", "ckpt_every", "keep_checkpoints", "compile")
+
+
+def run_identity(cfg: dict) -> dict:
+    """The config minus fields that may change between invocations of the same run: operational
+    settings, where the inputs lie (their content is checked instead: inputs.json), and remote code,
+    which only the command line turns on (config.py)."""
+    return {
+        **cfg,
+        "model": {k: v for k, v in cfg["model"].items() if k not in ("trust_remote_code", "init_from")},
+        "data": {k: v for k, v in cfg["data"].items() if k != "shards"},
+        "train": {k: v for k, v in cfg["train"].items() if k not in (*OPERATIONAL_FIELDS, "init_checkpoint")},
+    }
+
+
+def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = None) -> dict:
+    """{shards, init_checkpoint, init_from}: each {path, fingerprint[, stamp]} or None. A checkpoint's
+    weights are hashed whole once; while their path, sizes and modification times stay what
+    `previous` recorded, its fingerprint is reused (resuming a 5 GB model does not re-read it)."""
+
+    def entry(path, fp, **extra):
+        return {"path": str(Path(path).resolve()), "fingerprint": fp, **extra}
+
+    out = {
+        "shards": entry(shards.root, shards_fingerprint(shards)),
+        "init_checkpoint": None,
+        "init_from": None,
+    }
+    if cfg.train.init_checkpoint:
+        state = Path(cfg.train.init_checkpoint) / "state.json"  # holds the tensor files' checksums
+        if state.is_file():
+            out["init_checkpoint"] = entry(state.parent, hashlib.sha256(state.read_bytes()).hexdigest()[:16])
+    if cfg.model.init_from:
+        try:
+            d = resolve_model_dir(cfg.model.init_from)
+        except FileNotFoundError:
+            return out
+        files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
+        stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+        old = (previous or {}).get("init_from") or {}
+        if old.get("path") == str(d.resolve()) and old.get("stamp") == stamp:
+            out["init_from"] = old
+        else:
+            h = hashlib.sha256()
+            for f in files:
+                if f.is_file():
+                    h.update(f"{f.name}:{file_digest(f)['sha256']}".encode())
+            out["init_from"] = entry(d, h.hexdigest()[:16], stamp=stamp)
+    return out
+
+
+def shards_fingerprint(shards: Shards) -> str:
+    """What the shards hold (tokenizer, split, every domain's token, document and byte counts), not
+    where they came from."""
+    content = {k: v for k, v in shards.index.items() if k != "source"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_context(model, cfg: RunConfig) -> None:
+    """Windows longer than the model's position table fail deep inside transformers (an IndexError in
+    the embedding): refuse them before anything is written."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if limit and cfg.train.seq_len > limit:
+        where = f"{cfg.model.init_from}/config.json" if cfg.model.init_from else f"preset {cfg.model.preset}"
+        raise UserError(
+            f"train.seq_len={cfg.train.seq_len} is longer than the model's {limit} positions "
+            f"(max_position_embeddings in {where}); use --set train.seq_len={limit} or less"
+        )
+
+
+def check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) -> None:
+    """A checkpoint trained with another tokenizer would read the shards' ids as different tokens."""
+    try:
+        theirs = load_tokenizer(resolve_model_dir(model_dir))
+    except (ValueError, FileNotFoundError):
+        return  # the checkpoint ships no tokenizer: nothing to compare against
+    if theirs.fingerprint() != fingerprint:
+        raise UserError(
+            f"{model_dir} uses a different tokenizer than the shards in {shards_root}; "
+            f"build the shards with --tokenizer {model_dir}"
+        )
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "(absent)"), b.get(k, "(absent)")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = config_diff(va, vb, f"{prefix}{k}.")
+            if d:
+                out.append(d)
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return "; ".join(out)

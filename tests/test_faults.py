@@ -1,0 +1,207 @@
+"""Faults of the disk and of the user's files: a run falls back past a corrupt checkpoint, refuses shards
+rebuilt under it, is not blocked by a run that never started, and every write that fails or is
+killed leaves nothing behind (or is cleaned by the next write of the same thing)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from conftest import make_corpus, tiny_config
+from safetensors.torch import load_file
+
+from elmforest.data.shards import build_shards
+from elmforest.data.splits import SplitSpec
+from elmforest.train import checkpoint as ckpt_mod
+from elmforest.train.checkpoint import list_checkpoints
+from elmforest.train.trainer import train
+from elmforest.utils.errors import UserError, WriteError
+from elmforest.utils.io import FILE_MODE, HOST, atomic_path, clean_stale, write_json_atomic
+
+
+def _final(run):
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "state"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shards_dir, tmp_path, capfd, damage):
+    straight = tmp_path / "straight"
+    train(tiny_config(shards_dir, steps=24, ckpt_every=8, keep_checkpoints=3), straight, progress=False)
+    run = tmp_path / "run"
+    train(
+        tiny_config(shards_dir, steps=24, ckpt_every=8, keep_checkpoints=3, stop_at=16), run, progress=False
+    )
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    assert newest.name.endswith("16")
+    f = newest / ("state.json" if damage == "state" else "model.safetensors")
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # one flipped bit deep inside a tensor: only the checksum sees it
+    else:
+        data = data[: len(data) // 2]
+    f.write_bytes(bytes(data))
+    capfd.readouterr()
+    summary = train(tiny_config(shards_dir, steps=24, ckpt_every=8, keep_checkpoints=3), run, progress=False)
+    err = capfd.readouterr().err
+    assert "resuming from step-00000008" in err and str(f.name) in err
+    assert summary["resumed_from"] == 8
+    assert _same(_final(run), _final(straight))  # the steps since step 8 were simply trained again
+    aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("corrupt-step-00000016")]
+    assert len(aside) == 1 and (aside[0] / f.name).is_file()  # kept for inspection
+
+
+def test_every_checkpoint_corrupt_starts_over_saying_so(shards_dir, tmp_path, capfd):
+    run = tmp_path / "run"
+    train(tiny_config(shards_dir, steps=12, ckpt_every=6, stop_at=6), run, progress=False)
+    (list_checkpoints(run / "checkpoints")[-1] / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    capfd.readouterr()
+    summary = train(tiny_config(shards_dir, steps=12, ckpt_every=6), run, progress=False)
+    assert "starting over" in capfd.readouterr().err and summary["resumed_from"] is None
+
+
+def test_a_corrupt_init_checkpoint_is_named(shards_dir, tmp_path):
+    src = tmp_path / "src"
+    train(tiny_config(shards_dir, steps=12, stop_at=6), src, progress=False)
+    ck = list_checkpoints(src / "checkpoints")[-1]
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])
+    cfg = tiny_config(shards_dir, steps=12, init_checkpoint=str(ck))
+    with pytest.raises(UserError, match="model.safetensors"):
+        train(cfg, tmp_path / "branch", progress=False)
+
+
+def test_shards_rebuilt_at_the_same_path_are_refused_and_moved_ones_accepted(tokenizer_dir, tmp_path):
+    shards = tmp_path / "shards"
+    build_shards(
+        make_corpus(tmp_path / "a", 60, seed=1), tokenizer_dir, shards, SplitSpec(0.1, 0.1), progress=False
+    )
+    run = tmp_path / "run"
+    train(tiny_config(shards, steps=12, stop_at=6), run, progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    build_shards(
+        make_corpus(tmp_path / "b", 60, seed=2),
+        tokenizer_dir,
+        shards,
+        SplitSpec(0.1, 0.1),
+        overwrite=True,
+        progress=False,
+    )
+    with pytest.raises(UserError, match="fingerprint") as e:
+        train(tiny_config(shards, steps=12), run, progress=False)
+    assert str(shards) in str(e.value) and "other data" in str(e.value)
+    # the same content elsewhere is the same data: the run resumes (the path is not what identifies it)
+    assert train(tiny_config(moved, steps=12), run, progress=False)["resumed_from"] == 6
+
+
+def test_a_run_that_never_reached_a_checkpoint_does_not_block_another_config(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=12)
+    cfg.train.seq_len = 4096  # beyond the model's position table
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        train(cfg, run, progress=False)
+    other = tiny_config(shards_dir, steps=12)
+    write_json_atomic(
+        run / "run_config.json", {**other.to_dict(), "train": {**other.to_dict()["train"], "seed": 9}}
+    )
+    assert train(other, run, progress=False)["steps"] == 12  # a config with no checkpoint is not a run
+
+
+def test_weight_files_get_the_usual_mode(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(shards_dir, steps=6, ckpt_every=3), run, progress=False)
+    files = [run / "model" / "model.safetensors", *(list_checkpoints(run / "checkpoints")[-1]).iterdir()]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == FILE_MODE, f
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_temporaries_of_dead_processes_are_cleaned_by_the_next_write(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    stale = [
+        tmp_path / f".out.json.tmp~{HOST}~{dead}~ab12",
+        tmp_path / f".out.json.tmp-{dead}",  # the names of earlier versions
+    ]
+    stale_dir = tmp_path / f".out.json.old~{HOST}~{dead}"
+    for p in stale:
+        p.write_text("half")
+    kept = [tmp_path / f".out.json.tmp~{HOST}~{live}~cd34", tmp_path / f".out.json.tmp~otherhost~{dead}"]
+    for p in kept:
+        p.write_text("someone else's")
+    write_json_atomic(tmp_path / "out.json", {"a": 1})
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    # the old copy of a directory whose swap was killed halfway is put back, not deleted
+    stale_dir.mkdir()
+    (stale_dir / "x").write_text("old")
+    clean_stale(tmp_path)
+    assert not stale_dir.exists()  # out.json exists, so the old copy was garbage
+    gone = tmp_path / "model"
+    old = tmp_path / f".model.old~{HOST}~{dead}"
+    old.mkdir()
+    (old / "w").write_text("only copy")
+    clean_stale(tmp_path)
+    assert (gone / "w").read_text() == "only copy"
+
+
+def test_a_full_disk_leaves_nothing_behind_and_names_the_file(shards_dir, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "x" / "out.json"
+    with pytest.raises(WriteError, match="out.json.*No space left"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            full()
+    assert list(target.parent.iterdir()) == []
+    run = tmp_path / "run"
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(WriteError, match="step-00000003"):
+        train(tiny_config(shards_dir, steps=6, ckpt_every=3), run, progress=False)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == []  # the failed checkpoint freed its space
+
+
+def test_a_full_disk_during_shards_build_frees_the_space_and_keeps_the_old_output(
+    corpus, tokenizer_dir, tmp_path, monkeypatch
+):
+    """The cleanup itself used to fail (closing a file flushes it, on a full disk that fails again),
+    leaving the staging directory and the disk full."""
+    from elmforest.data import shards as shards_mod
+
+    out = tmp_path / "sh"
+    build_shards(corpus, tokenizer_dir, out, SplitSpec(0.1, 0.1), progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    class FullFile:
+        def __init__(self, path, mode):
+            self.f, self.closed, self.written = open(path, mode), False, 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def close(self):
+            self.f.close()
+            self.closed = True
+            raise OSError(errno.ENOSPC, "No space left on device")  # the flush fails too
+
+    monkeypatch.setattr(shards_mod, "open", FullFile, raising=False)
+    with pytest.raises(WriteError, match="sh: cannot write .*No space left"):
+        build_shards(corpus, tokenizer_dir, out, SplitSpec(0.1, 0.1), overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sh"]  # no staging left beside it
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
