@@ -1,8 +1,9 @@
 import json
 
+import pytest
 from transformers import AutoTokenizer
 
-from elmforest.data.readers import iter_documents
+from elmforest.data.readers import DataError, iter_documents
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe, train_bpe_on
 
@@ -21,7 +22,7 @@ def test_bpe_round_trips_any_utf8(tmp_path):
     assert again.encode_batch(texts[:3]) == tok.encode_batch(texts[:3])
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token_id == tok.eos_id
-    assert hf(texts[2], add_special_tokens=False)["input_ids"] == tok.encode_batch([texts[2]])[0]
+    assert hf(texts[2])["input_ids"] == tok.encode_batch([texts[2]])[0]
 
 
 def test_vocab_size_is_respected(corpus):
@@ -59,3 +60,15 @@ def test_saved_truncation_and_padding_are_ignored(tmp_path):
     save_tokenizer(tok, tmp_path)
     ids = load_tokenizer(tmp_path).encode_batch(["a much longer document than four tokens, surely"])[0]
     assert len(ids) > 10 and load_tokenizer(tmp_path).decode(ids).startswith("a much longer")
+
+
+def test_training_on_no_documents_is_refused(tmp_path):
+    """An empty input (or one whose documents are all held out) would give a bare 257-token tokenizer."""
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: no training-split documents"):
+        train_bpe_on(tmp_path / "empty.jsonl", vocab_size=300)
+    spec = SplitSpec()
+    held = next(f"d{i}" for i in range(1000) if spec.assign(f"d{i}") != "train")
+    (tmp_path / "held.jsonl").write_text(json.dumps({"id": held, "text": "only held-out text here"}) + "\n")
+    with pytest.raises(DataError, match="held.jsonl: no training-split documents"):
+        train_bpe_on(tmp_path / "held.jsonl", vocab_size=300)

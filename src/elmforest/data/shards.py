@@ -2,9 +2,9 @@
 
 Layout of a shards directory::
 
-    index.json                 tokenizer fingerprint, dtype, split fractions, per-file counts
-    tokenizer.json             the tokenizer that produced the ids (self-describing shards)
-    <domain>/<split>.bin       flat token ids, every document followed by EOS
+    index.json                 tokenizer fingerprint and encoding, dtype, split fractions, per-file counts
+    tokenizer.json, ...        the tokenizer's files, as the source had them (self-describing shards)
+    <domain>/<split>.bin       flat token ids: each document as the tokenizer encodes it, then EOS
     <domain>/<split>.docs.npy  int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes of the text)
 
 The per-document byte counts make bits-per-byte exact for any tokenizer: a stream of whole
@@ -17,19 +17,32 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
-from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer, save_tokenizer
+from elmforest.data.tokenizer import (
+    ENCODING,
+    TOKENIZER_FILES,
+    LoadedTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+)
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
-from elmforest.utils.io import read_json, replace_dir, write_json_atomic
+from elmforest.utils.io import (
+    as_write_error,
+    read_json,
+    remove_path,
+    replace_dir,
+    temp_sibling,
+    write_json_atomic,
+)
 
 INDEX_VERSION = 1
 
@@ -52,8 +65,8 @@ class _Writer:
     nbytes: list
     count: int = 0
 
-    def add(self, ids: list[int], nbytes: int, eos_id: int, dtype: np.dtype) -> None:
-        arr = np.asarray(ids + [eos_id], dtype=dtype)
+    def add(self, ids: list[int], nbytes: int, dtype: np.dtype) -> None:
+        arr = np.asarray(ids, dtype=dtype)
         self.f.write(arr.tobytes())
         self.count += len(arr)
         self.ends.append(self.count)
@@ -100,13 +113,13 @@ def build_shards(
             raise AlreadyExists(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
         if not (Shards.is_shards_dir(out) or (out.is_dir() and not any(out.iterdir()))):
             raise AlreadyExists(f"{out} exists and is not a shards directory; refusing to overwrite it")
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_sibling(out)  # a killed build's leftovers go now
+    staging.mkdir()
     dtype = token_dtype(tok.vocab_size)
     writers: dict[tuple[str, str], _Writer] = {}
     folders: dict[str, str] = {}
+    read_domains: set[str] = set()  # with only_splits: domains read whose documents all fell elsewhere
     stats = ReadStats()
     t0 = time.perf_counter()
     text_bytes = 0
@@ -115,7 +128,7 @@ def build_shards(
 
     def flush(batch):
         nonlocal total_tokens
-        ids_list = tok.encode_batch([d.text for d, _ in batch])
+        ids_list = tok.encode_documents([d.text for d, _ in batch])
         for (doc, nbytes), ids in zip(batch, ids_list, strict=True):
             domain = random_domain(doc.id, random_domains) if random_domains else doc.domain
             key = (domain, split.assign(doc.id))
@@ -125,8 +138,8 @@ def build_shards(
                 (staging / folder).mkdir(exist_ok=True)
                 path = staging / folder / f"{key[1]}.bin"
                 w = writers[key] = _Writer(path, open(path, "wb"), [], [])
-            w.add(ids, nbytes, tok.eos_id, dtype)
-            total_tokens += len(ids) + 1
+            w.add(ids, nbytes, dtype)
+            total_tokens += len(ids)
         bar.update(sum(n for _, n in batch))
 
     try:
@@ -134,6 +147,7 @@ def build_shards(
         docs = (doc for path in sources for doc in iter_documents(path, stats))
         for doc in docs:
             if only_splits and split.assign(doc.id) not in only_splits:
+                read_domains.add(random_domain(doc.id, random_domains) if random_domains else doc.domain)
                 continue
             nbytes = len(doc.text.encode("utf-8"))
             text_bytes += nbytes
@@ -156,6 +170,8 @@ def build_shards(
                 "documents": len(w.ends),
                 "bytes": int(sum(w.nbytes)),
             }
+        for domain in sorted(read_domains - set(domains)):  # listed, so evaluation can say it is missing
+            domains[domain] = {"folder": None, "splits": {}}
         save_tokenizer(tok, staging)
         index = {
             "version": INDEX_VERSION,
@@ -164,6 +180,7 @@ def build_shards(
                 "fingerprint": tok.fingerprint(),
                 "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id,
+                "encoding": ENCODING,
             },
             "dtype": dtype.name,
             "split": asdict(split),
@@ -172,16 +189,22 @@ def build_shards(
         }
         write_json_atomic(staging / "index.json", index)
         replace_dir(staging, out)
-    finally:
+    except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once
+        bar.close()
         for w in writers.values():
-            if not w.f.closed:
-                w.f.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                w.f.close()  # flushing can fail again on a full disk: that must not hide the first error
+            except OSError:
+                pass
+        remove_path(staging)
+        err = as_write_error(e, out)
+        if err is not None:
+            raise err from e
+        raise
     return BuildReport(str(out), stats.to_dict(), time.perf_counter() - t0, text_bytes, total_tokens)
 
 
-_RESERVED = {"index.json", "tokenizer.json", "tokenizer_config.json"}
+_RESERVED = {"index.json", *TOKENIZER_FILES}
 
 
 def _unique_folder(domain: str, folders: dict[str, str]) -> str:
@@ -206,6 +229,24 @@ class Shards:
         if self.index.get("version") != INDEX_VERSION:
             raise UserError(f"{idx}: unsupported shards version {self.index.get('version')}")
         self.dtype = np.dtype(self.index["dtype"])
+        self._check_encoding(idx)
+
+    def _check_encoding(self, idx: Path) -> None:
+        """Shards from before the encoding was recorded dropped the special tokens the tokenizer adds
+        (a BOS, say), which the exported checkpoint's tokenizer puts back: their ids would train and
+        score a model on sequences it never sees. Those of a tokenizer that adds none stay valid."""
+        encoding = self.index.get("tokenizer", {}).get("encoding")
+        if encoding == ENCODING:
+            return
+        if encoding is not None:
+            raise UserError(f"{idx}: unknown token encoding {encoding!r} (made by a newer elmforest?)")
+        tj = self.root / "tokenizer.json"
+        pp = Tokenizer.from_file(str(tj)).post_processor if tj.is_file() else None
+        if pp is not None and pp.num_special_tokens_to_add(False) > 0:
+            raise UserError(
+                f"{idx}: built by an older elmforest that left out the special tokens its tokenizer adds "
+                "to every document (e.g. BOS); rebuild the shards with --overwrite"
+            )
 
     @staticmethod
     def is_shards_dir(path: str | os.PathLike) -> bool:

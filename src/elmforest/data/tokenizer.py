@@ -2,6 +2,11 @@
 
 Everything downstream works with a `tokenizers.Tokenizer` (the fast Rust object: parallel
 `encode_batch`) plus the id of the end-of-document token.
+
+A checkpoint's tokenizer stays the user's: its files are kept verbatim and written back unchanged
+into shards, runs, experts and merges, and it encodes exactly as `AutoTokenizer` of those files
+does (its own special tokens included, e.g. Llama's BOS), so what elmforest trains on is what the
+exported checkpoint's users will feed it.
 """
 
 from __future__ import annotations
@@ -10,33 +15,84 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from elmforest.data.readers import Document
+from elmforest.data.readers import DataError, Document
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
+
+# The files a tokenizer may consist of (as transformers names them): all travel with it, unchanged.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tiktoken.model",
+    "tekken.json",
+)
+
+# How shards' ids were made (index.json "tokenizer.encoding"): the tokenizer's own special tokens
+# (AutoTokenizer's default, add_special_tokens=True), then EOS unless the tokenizer already ended
+# the document with it. Shards without the field predate it and hold no such special tokens.
+ENCODING = "special_tokens+eos"
 
 
 @dataclass
 class LoadedTokenizer:
     tokenizer: Tokenizer
     eos_id: int
+    # the source's tokenizer files, verbatim (name -> bytes); empty for one elmforest just trained
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # loaded through AutoTokenizer: the files, not elmforest, define it (and its fingerprint)
+    hf: bool = False
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def fingerprint(self) -> str:
-        """Stable hash of the tokenizer's definition: shards and models must agree on it."""
-        return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+        """Stable hash of the tokenizer's definition: shards and models must agree on it.
+
+        A checkpoint's tokenizer is its files, which travel byte for byte; transformers may rebuild
+        the backend differently from the same files (by model type), so its serialisation is no
+        identity. A tokenizer elmforest trained keeps the hash of its definition, as it always had.
+        """
+        if not self.hf:
+            return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(f"{name}\0{len(self.files[name])}\0".encode())
+            h.update(self.files[name])
+        return h.hexdigest()[:16]
+
+    @cached_property
+    def appends_eos(self) -> bool:
+        """Whether the tokenizer itself ends every text with EOS (then elmforest adds no second one)."""
+        enc = self.tokenizer.encode("a", add_special_tokens=True)
+        return bool(enc.ids) and enc.ids[-1] == self.eos_id and enc.special_tokens_mask[-1] == 1
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """As `AutoTokenizer(texts)` would: with the tokenizer's own special tokens, never truncated."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Whole documents as training sees them: each ends with exactly one EOS."""
+        ids = self.encode_batch(texts)
+        return ids if self.appends_eos else [x + [self.eos_id] for x in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -70,14 +126,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     return LoadedTokenizer(tok, tok.token_to_id(EOS_TOKEN))
 
 
-def save_tokenizer(tok: LoadedTokenizer, out_dir: str | os.PathLike) -> None:
-    """Write tokenizer.json plus the small HF files so AutoTokenizer.from_pretrained(out_dir) works."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "tokenizer.json") as tmp:
-        tok.tokenizer.save(str(tmp))
-    eos = tok.tokenizer.id_to_token(tok.eos_id)
-    cfg = {
+def _own_config(eos: str) -> dict:
+    """The tokenizer_config.json elmforest writes for a tokenizer that came without one."""
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eos,
         "eos_token": eos,
@@ -86,32 +137,80 @@ def save_tokenizer(tok: LoadedTokenizer, out_dir: str | os.PathLike) -> None:
         "model_max_length": 1_000_000_000,
         "clean_up_tokenization_spaces": False,
     }
-    with atomic_path(out / "tokenizer_config.json") as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def save_tokenizer(tok: LoadedTokenizer, out_dir: str | os.PathLike) -> None:
+    """Write the tokenizer so AutoTokenizer.from_pretrained(out_dir) works and encodes as `tok` does.
+
+    A loaded tokenizer's files are written back byte for byte and nothing is added to a checkpoint's
+    own (a converted tokenizer.json beside slow-only files would change what transformers loads).
+    A tokenizer elmforest trained, or a bare tokenizer.json, gets elmforest's tokenizer_config.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in tok.files.items():
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(data)
+    if tok.hf:
+        return
+    if "tokenizer.json" not in tok.files:
+        with atomic_path(out / "tokenizer.json") as tmp:
+            tok.tokenizer.save(str(tmp))
+    if "tokenizer_config.json" not in tok.files:
+        cfg = _own_config(tok.tokenizer.id_to_token(tok.eos_id))
+        with atomic_path(out / "tokenizer_config.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     """Load from a directory (ours or any local HF checkpoint) or a tokenizer.json file."""
     p = Path(path)
-    if p.is_dir() and (p / "model").is_dir() and not (p / "tokenizer.json").exists():
+    if p.is_file():
+        files = {"tokenizer.json": p.read_bytes()}
+        tok = _from_json(p, files["tokenizer.json"])
+        return LoadedTokenizer(_whole_documents(tok), _find_eos(tok, p.parent), files)
+    if not p.is_dir():
+        raise UserError(f"{p}: no tokenizer.json found")
+    if (p / "model").is_dir() and not any((p / n).is_file() for n in TOKENIZER_FILES):
         p = p / "model"  # a run directory
-    tj = p if p.is_file() else p / "tokenizer.json"
-    if tj.is_file():
-        tok = Tokenizer.from_file(str(tj))
-        eos_id = _find_eos(tok, p if p.is_dir() else p.parent)
-        return LoadedTokenizer(_whole_documents(tok), eos_id)
-    if p.is_dir():
-        # A checkpoint with only a slow tokenizer: let transformers convert it, offline.
-        from transformers import AutoTokenizer
+    files = {n: (p / n).read_bytes() for n in TOKENIZER_FILES if (p / n).is_file()}
+    if not files:
+        raise UserError(f"{p}: no tokenizer files found (tokenizer.json, tokenizer_config.json, ...)")
+    if "tokenizer.json" in files and not _is_hf(p, files):
+        tok = _from_json(p / "tokenizer.json", files["tokenizer.json"])
+        return LoadedTokenizer(_whole_documents(tok), _find_eos(tok, p), files)
+    # A checkpoint's own tokenizer: encode with exactly what AutoTokenizer builds from these files
+    # (transformers may rebuild the backend, or its post-processor from tokenizer_config.json).
+    from transformers import AutoTokenizer
 
-        try:
-            hf = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
-        except Exception as e:
-            raise UserError(f"{p}: no usable tokenizer ({e})") from e
-        if hf.eos_token_id is None:
-            raise UserError(f"{p}: tokenizer defines no EOS token")
-        return LoadedTokenizer(_whole_documents(hf.backend_tokenizer), int(hf.eos_token_id))
-    raise UserError(f"{p}: no tokenizer.json found")
+    try:
+        backend = AutoTokenizer.from_pretrained(str(p), local_files_only=True).backend_tokenizer
+    except Exception as e:
+        if "tokenizer.json" not in files:
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise UserError(f"{p}: no usable tokenizer ({first})") from e
+        # transformers cannot load it here (custom code, say); neither can it for the exported
+        # checkpoint, so the tokenizer.json as written is the best account of how it encodes
+        backend = _from_json(p / "tokenizer.json", files["tokenizer.json"])
+    return LoadedTokenizer(_whole_documents(backend), _find_eos(backend, p), files, hf=True)
+
+
+def _from_json(path: Path, data: bytes) -> Tokenizer:
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:
+        raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def _is_hf(directory: Path, files: dict[str, bytes]) -> bool:
+    """A tokenizer_config.json that elmforest did not write: transformers decides how it encodes."""
+    if "tokenizer_config.json" not in files:
+        return False
+    try:
+        cfg = json.loads(files["tokenizer_config.json"])
+    except ValueError as e:
+        raise UserError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+    return not isinstance(cfg, dict) or cfg != _own_config(cfg.get("eos_token"))
 
 
 def _whole_documents(tok: Tokenizer) -> Tokenizer:
@@ -159,6 +258,17 @@ def train_bpe_on(
 
     spec = SplitSpec(valid_frac, test_frac)
     stats = ReadStats()
-    docs = (d for d in iter_documents(data, stats) if spec.assign(d.id) == "train")
-    tok = train_bpe(sample_texts(docs, bytes_per_domain), vocab_size)
+    seen = 0
+
+    def docs():
+        nonlocal seen
+        for d in iter_documents(data, stats):
+            if spec.assign(d.id) == "train":
+                seen += 1
+                yield d
+
+    tok = train_bpe(sample_texts(docs(), bytes_per_domain), vocab_size)
+    if not seen:
+        # a BPE of nothing is the bare byte alphabet: refuse it rather than write a useless tokenizer
+        raise DataError(f"{data}: no training-split documents to learn a tokenizer from ({stats.summary()})")
     return tok, stats

@@ -79,7 +79,9 @@ def generate(
     amp = resolve_precision(precision, dev)
     tok = load_tokenizer(forest.expert_dir(names[0]))
     pool = [_Expert(load_model(forest.expert_dir(n)).to(dev).eval(), dev, amp) for n in names]
-    ids = [tok.eos_id] + tok.encode_batch([prompt])[0]
+    ids = [tok.eos_id] + tok.encode_batch([prompt])[0]  # as a document starts in training (BOS included)
+    if tok.appends_eos and ids[-1] == tok.eos_id:  # the prompt continues: it has not ended
+        ids = ids[:-1]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     vocab = int(pool[0].m.config.vocab_size)
     router = _ClusterRouter(forest, names, tok, cluster_k, routing_temperature) if cluster_k else None

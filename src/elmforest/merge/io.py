@@ -17,20 +17,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from elmforest.data.tokenizer import TOKENIZER_FILES
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
-from elmforest.utils.io import replace_dir, write_json_atomic
+from elmforest.utils.io import remove_path, replace_dir, temp_sibling, write_json_atomic
 
-# Files copied from the first input so the output is a complete, loadable HF checkpoint.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "elmforest_run.json",
-)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files copied from the first input so the output is a complete, loadable HF checkpoint; every
+# file a tokenizer may consist of (TOKENIZER_FILES) among them, so it travels whole and unchanged.
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "elmforest_run.json")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -90,10 +84,9 @@ class ShardedWriter:
                     f"{self.out} exists and is not an earlier output of this command (no {replaces}); "
                     "choose another output directory or remove it"
                 )
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_sibling(self.out)  # a killed export's leftovers go now
+        self.tmp.mkdir()
         self.max_shard_bytes = max_shard_bytes
         self.shard: dict[str, torch.Tensor] = {}
         self.size = 0
@@ -135,4 +128,4 @@ class ShardedWriter:
         return replace_dir(self.tmp, self.out)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_path(self.tmp)
