@@ -57,7 +57,7 @@ def main() -> None:
                 "fraction_of_full": r["compute"]["fraction_of_full"],
                 "domains": {d: v["bpb"] for d, v in r["domains"].items()},
             }
-        report = json.loads((qs / f"clusters-{k}" / "report.json").read_text())
+        report = json.loads((qs / f"clusters-{k}" / "report.meta.json").read_text())
         cbtm[k] = {
             "nmi": report.get("nmi"),
             "sizes": report["sizes"],

@@ -255,7 +255,7 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     top1 = res["methods"]["cbtm_top1"]
     # top-1 per document: a window holding the end of one document and the start of another runs two
     assert top1["mode"] == "cluster" and 1 / 3 - 1e-9 <= top1["compute"]["fraction_of_full"] < 2 / 3
-    report = json.loads((tmp_path / "qs" / "clusters-3" / "report.json").read_text())
+    report = json.loads((tmp_path / "qs" / "clusters-3" / "report.meta.json").read_text())
     assert report["documents"] == sum(report["sizes"]) and report["nmi"] > 0.5
     forest = json.loads((tmp_path / "qs" / "forest-clusters-3" / "forest.json").read_text())
     assert forest["clusterer"]["k"] == 3 and forest["plan"]["n_experts"] == 3

@@ -1,7 +1,11 @@
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +17,10 @@ from elmforest.cluster.assign import assign_corpus, fit_clusterer
 from elmforest.cluster.clusterer import Clusterer, ClustererError
 from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans
 from elmforest.cluster.router import IncrementalRouter, token_byte_table
-from elmforest.data.readers import iter_documents
+from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
+from elmforest.utils.errors import AlreadyExists
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +73,119 @@ def test_clusters_find_the_domains_and_fit_is_balanced(clusterer_dir, corpus, tm
     n_docs = sum(1 for _ in iter_documents(corpus))
     assert rep["documents"] == n_docs == sum(rep["sizes"])
     assert rep["nmi"] > 0.9  # three very different synthetic domains
-    written = sum(1 for _ in iter_documents(tmp_path / "out"))
+    stats = ReadStats()
+    written = sum(1 for _ in iter_documents(tmp_path / "out", stats))
     assert written == n_docs  # nothing dropped
+    assert not stats.skipped  # ... and its report is not read as (bad) data by `shards build`
+    assert json.loads((tmp_path / "out" / "report.meta.json").read_text()) == rep
     rec = json.loads((tmp_path / "out" / "cluster0.jsonl").read_text().splitlines()[0])
     assert rec["domain"] == "cluster0" and rec["source_domain"] in DOMAIN_WORDS
+
+
+def _consistent(out: Path) -> dict:
+    """The report of an assign output describes exactly the cluster files beside it."""
+    rep = json.loads((out / "report.meta.json").read_text())
+    files = {p.name: sum(1 for _ in open(p, encoding="utf-8")) for p in out.glob("cluster*.jsonl")}
+    assert files == {f"cluster{j}.jsonl": n for j, n in enumerate(rep["sizes"]) if n}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "report.meta.json"])
+    return rep
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == q} - found
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+# documents trickle in (in the parent) so the run can be killed with its workers busy
+_SLOW_ASSIGN = """
+import sys, time
+import elmforest.cluster.assign as a
+real = a.iter_documents
+def slow(data, stats=None):
+    for d in real(data, stats):
+        time.sleep(0.02)
+        yield d
+a.iter_documents = slow
+a.assign_corpus(sys.argv[1], sys.argv[2], sys.argv[3], workers=2, chunk_docs=4, progress=False)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_a_killed_assign_keeps_the_previous_output_and_leaves_no_worker(clusterer_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    assign_corpus(clusterer_dir, corpus, out, progress=False, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _consistent(out)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_ASSIGN, str(clusterer_dir), str(corpus), str(out)])
+    workers: set[int] = set()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and len(workers) < 2:
+            time.sleep(0.05)
+            workers = _descendants(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the run ended before it could be killed"
+        time.sleep(1.0)  # well into the run: documents written, workers embedding
+        workers = _descendants(proc.pid)
+        staging = [p.name for p in tmp_path.iterdir() if p.name != "out"]
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.05)
+    survivors = [p for p in workers if _alive(p)]
+    for p in survivors:  # do not leave them running when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, "workers outlived their killed parent"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old output, whole
+    assert staging  # the killed run was writing beside it
+    # the next run cleans up what the killed one left beside `out` and replaces the output whole
+    rep = assign_corpus(clusterer_dir, corpus, out, progress=False, workers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert _consistent(out) == rep
+
+
+def test_assign_refuses_an_output_folder_it_did_not_write(clusterer_dir, corpus, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(AlreadyExists, match="mine"):
+        assign_corpus(clusterer_dir, corpus, out, progress=False, workers=1)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AlreadyExists, match="file"):
+        assign_corpus(clusterer_dir, corpus, tmp_path / "file", progress=False, workers=1)
+    # an empty folder, and an earlier output (also from before the report was renamed), are fine
+    (tmp_path / "empty").mkdir()
+    assign_corpus(clusterer_dir, corpus, tmp_path / "empty", progress=False, workers=1)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "cluster0.jsonl").write_text("{}\n")
+    (legacy / "report.json").write_text(json.dumps({"k": 3, "sizes": [1, 0, 0], "documents": 1}))
+    assign_corpus(clusterer_dir, corpus, legacy, progress=False, workers=1)
+    _consistent(legacy)
 
 
 def test_unvectorisable_documents_are_counted_not_dropped(clusterer_dir, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,3 +101,38 @@ def test_reading_is_lazy(tmp_path):
     it = iter_documents(p)
     first = next(it)
     assert first.text == "doc 0"
+
+
+def test_entries_with_a_data_suffix_that_are_not_readable_files_are_errors_naming_them(tmp_path):
+    """A dangling link or a fifo called x.jsonl beside good files was silently skipped."""
+    import os
+
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    (tmp_path / "linked.jsonl").symlink_to(tmp_path / "good.jsonl")  # a link to a file is fine
+    assert [d.text for d in iter_documents(tmp_path)] == ["fine", "fine"]
+    (tmp_path / "sub").mkdir()
+    gone = tmp_path / "sub" / "gone.jsonl"
+    gone.symlink_to(tmp_path / "nowhere.jsonl")
+    with pytest.raises(DataError, match=r"gone\.jsonl: .*dangling") as e:
+        list(iter_documents(tmp_path))
+    assert str(gone) in str(e.value)
+    with pytest.raises(DataError, match=r"gone\.jsonl: .*dangling"):
+        list(iter_documents(gone))  # named directly
+    gone.unlink()
+    (tmp_path / "parts.parquet").mkdir()  # a folder named like data (Spark's x.parquet/) is searched
+    (tmp_path / "parts.parquet" / "more.jsonl").write_text(json.dumps({"text": "inside"}) + "\n")
+    assert sorted(d.text for d in iter_documents(tmp_path)) == ["fine", "fine", "inside"]
+    shutil.rmtree(tmp_path / "parts.parquet")
+    os.mkfifo(tmp_path / "pipe.ndjson")
+    with pytest.raises(DataError, match=r"pipe\.ndjson: .*not a regular file"):
+        list(iter_documents(tmp_path))  # and it must not hang reading the fifo
+    with pytest.raises(DataError, match=r"pipe\.ndjson: .*not a regular file"):
+        list(iter_documents(tmp_path / "pipe.ndjson"))
+
+
+def test_elmforest_metadata_files_are_not_data(tmp_path):
+    (tmp_path / "news.jsonl").write_text(json.dumps({"text": "a story"}) + "\n")
+    (tmp_path / "report.meta.json").write_text(json.dumps({"k": 3, "sizes": [1, 2, 3]}, indent=2))
+    stats = ReadStats()
+    assert [d.text for d in iter_documents(tmp_path, stats)] == ["a story"]
+    assert stats.files == 1 and not stats.skipped

@@ -396,7 +396,7 @@ def cluster_forest(
         log(f"      fitting {k} balanced clusters (tf-idf -> SVD -> balanced k-means) -> {cdir}")
         fit_clusterer(corpus, k, cdir, sample_docs=sample_docs, split="train")
     assigned = out / f"clusters-{k}"
-    if not (assigned / "report.json").is_file():
+    if not (assigned / "report.meta.json").is_file():
         rep = assign_corpus(cdir, corpus, assigned, progress=progress)
         log(
             f"      cluster sizes {rep['sizes']}, NMI with the true domains {rep.get('nmi', float('nan')):.3f}"

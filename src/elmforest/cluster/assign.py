@@ -1,19 +1,26 @@
 """Fit a clusterer on a sample of a corpus, and assign a whole corpus to clusters, streaming.
 
 `assign_corpus` writes one JSONL per cluster (`cluster<j>.jsonl`, domain = `cluster<j>`, the
-original domain kept as `source_domain`) — ready for `elmforest shards build` — plus `report.json`:
-cluster sizes, how many documents could not be vectorised, and, where the input has domain labels,
-the cluster x domain table and the normalised mutual information. No document is dropped.
-Embedding runs in worker processes (all cores); the balanced variant caps every cluster at
-ceil(N/K · (1 + slack)) documents, spread evenly over the stream.
+original domain kept as `source_domain`) — ready for `elmforest shards build` — plus
+`report.meta.json` (metadata, which the reader never takes for data): cluster sizes, how many
+documents could not be vectorised, and, where the input has domain labels, the cluster x domain
+table and the normalised mutual information. No document is dropped.
+Embedding runs in worker processes (all cores) that die with the assigning process; the balanced
+variant caps every cluster at ceil(N/K · (1 + slack)) documents, spread evenly over the stream.
+
+The output is written in a folder beside `out` and swapped in whole: a run killed at any point
+leaves the previous output as it was, its report describing its files (the next run removes what
+the killed one left). A non-empty `out` that is not an earlier output is refused, never deleted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import random
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,7 +29,14 @@ import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.utils.io import write_json_atomic
+from elmforest.utils.errors import AlreadyExists
+from elmforest.utils.io import staged_dir, write_json_atomic
+from elmforest.utils.proc import die_with_parent
+
+REPORT = "report.meta.json"
+_LEGACY_REPORT = "report.json"  # its name before: `shards build` read it as (bad) data
+# what an earlier output may hold: cluster files, the report, and temporaries of a killed older version
+_OWN = re.compile(r"cluster\d+\.jsonl|report(\.meta)?\.json|\.(cluster\d+\.jsonl|report(\.meta)?\.json)\..*")
 
 
 def sample_texts(
@@ -75,8 +89,9 @@ def fit_clusterer(
 _WORKER: Clusterer | None = None
 
 
-def _init_worker(path: str) -> None:
+def _init_worker(path: str, parent: int | None) -> None:
     global _WORKER
+    die_with_parent(parent)  # a killed `cluster assign` leaves no worker waiting forever for work
     _WORKER = Clusterer.load(path)
 
 
@@ -98,7 +113,11 @@ def _embedded_chunks(clusterer_dir, data, stats: ReadStats, chunk_docs: int, wor
         if buf:
             yield buf
 
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(clusterer_dir),)) as pool:
+    ctx = multiprocessing.get_context()
+    parent = None if ctx.get_start_method() == "forkserver" else os.getpid()  # else the fork server's
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(clusterer_dir), parent)
+    ) as pool:
         pending = []
         for docs in chunks():  # a few chunks in flight: reading, embedding and writing overlap
             pending.append((docs, pool.submit(_embed_chunk, [d.text for d in docs])))
@@ -131,7 +150,7 @@ def assign_corpus(
     clusterer = Clusterer.load(clusterer_dir)
     k = clusterer.k
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     global_labels = None
     if balanced:
@@ -148,66 +167,83 @@ def assign_corpus(
         cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
         global_labels, _ = _label(s, ok, cap)
     stats = ReadStats()
-    for old in out.glob("cluster*.jsonl"):  # a previous assignment's files must not mix with this one's
-        old.unlink()
     sizes = np.zeros(k, dtype=np.int64)
-    tmp_files = {j: out / f".cluster{j}.jsonl.tmp" for j in range(k)}
-    handles = {j: open(tmp_files[j], "w", encoding="utf-8") for j in range(k)}
     table: Counter = Counter()
     labels_all, domains_all, not_vectorised, done = [], [], 0, 0
-    try:
-        for docs, z, ok in tqdm(
-            _embedded_chunks(clusterer_dir, data, stats, chunk_docs, workers),
-            desc="assigning",
-            unit="chunk",
-            disable=not progress,
-        ):
-            if global_labels is not None:
-                labels = global_labels[done : done + len(docs)]
-            else:
-                labels, _ = _label(clusterer.scores(z), ok, None, sizes=sizes)
-            np.add.at(sizes, labels, 1)
-            done += len(docs)
-            not_vectorised += int((~ok).sum())
-            for d, j, good in zip(docs, labels, ok, strict=True):
-                j = int(j)
-                rec = {"id": d.id, "domain": f"cluster{j}", "text": d.text, "source_domain": d.domain}
-                if not good:
-                    rec["vectorised"] = False
-                handles[j].write(json.dumps(rec, ensure_ascii=False) + "\n")
-                table[(j, d.domain)] += 1
-                labels_all.append(j)
-                domains_all.append(d.domain)
-        for j, h in handles.items():
-            h.close()
-            if sizes[j]:
-                os.replace(tmp_files[j], out / f"cluster{j}.jsonl")
-            else:
-                tmp_files[j].unlink()
-    finally:
-        for j, h in handles.items():
-            if not h.closed:
+    with staged_dir(out) as stage:
+        paths = {j: stage / f"cluster{j}.jsonl" for j in range(k)}
+        handles = {}
+        try:
+            for j in range(k):
+                handles[j] = open(paths[j], "w", encoding="utf-8")
+            for docs, z, ok in tqdm(
+                _embedded_chunks(clusterer_dir, data, stats, chunk_docs, workers),
+                desc="assigning",
+                unit="chunk",
+                disable=not progress,
+            ):
+                if global_labels is not None:
+                    labels = global_labels[done : done + len(docs)]
+                else:
+                    labels, _ = _label(clusterer.scores(z), ok, None, sizes=sizes)
+                np.add.at(sizes, labels, 1)
+                done += len(docs)
+                not_vectorised += int((~ok).sum())
+                for d, j, good in zip(docs, labels, ok, strict=True):
+                    j = int(j)
+                    rec = {"id": d.id, "domain": f"cluster{j}", "text": d.text, "source_domain": d.domain}
+                    if not good:
+                        rec["vectorised"] = False
+                    handles[j].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    table[(j, d.domain)] += 1
+                    labels_all.append(j)
+                    domains_all.append(d.domain)
+            for h in handles.values():  # on disk before the folder is swapped in
+                h.flush()
+                os.fsync(h.fileno())
+        finally:
+            for h in handles.values():
                 h.close()
-            tmp_files[j].unlink(missing_ok=True)
-    sizes = sizes.tolist()
-    domain_names = sorted(set(domains_all))
-    report = {
-        "clusterer": str(Path(clusterer_dir).resolve()),
-        "data": str(Path(data).resolve()),
-        "k": k,
-        "balanced": balanced,
-        "slack": slack,
-        "documents": len(labels_all),
-        "sizes": sizes,
-        "max_over_min": max(sizes) / max(min(sizes), 1),
-        "not_vectorised": not_vectorised,
-        "read": stats.to_dict(),
-        "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},
-    }
-    if len(domain_names) > 1:
-        report["nmi"] = float(normalized_mutual_info_score(domains_all, labels_all))
-    write_json_atomic(out / "report.json", report)
+        for j in range(k):
+            if not sizes[j]:
+                paths[j].unlink()
+        sizes = sizes.tolist()
+        domain_names = sorted(set(domains_all))
+        report = {
+            "clusterer": str(Path(clusterer_dir).resolve()),
+            "data": str(Path(data).resolve()),
+            "k": k,
+            "balanced": balanced,
+            "slack": slack,
+            "documents": len(labels_all),
+            "sizes": sizes,
+            "max_over_min": max(sizes) / max(min(sizes), 1),
+            "not_vectorised": not_vectorised,
+            "read": stats.to_dict(),
+            "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},
+        }
+        if len(domain_names) > 1:
+            report["nmi"] = float(normalized_mutual_info_score(domains_all, labels_all))
+        write_json_atomic(stage / REPORT, report)
     return report
+
+
+def _check_out(out: Path) -> None:
+    """`out` may be missing, empty, or an earlier output of assign (replaced whole); nothing else."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise AlreadyExists(f"{out} exists and is not a folder; refusing to replace it")
+    names = [p.name for p in out.iterdir()]
+    if not names:
+        return
+    foreign = sorted(n for n in names if not _OWN.fullmatch(n))
+    if foreign or not {REPORT, _LEGACY_REPORT} & set(names):
+        what = f"it holds {foreign[0]}" if foreign else f"no {REPORT}"
+        raise AlreadyExists(
+            f"{out} exists and is not the output of `cluster assign` ({what}); refusing to replace it: "
+            "pass another --out"
+        )
 
 
 def _label(scores: np.ndarray, ok: np.ndarray, capacity: np.ndarray | None, sizes: np.ndarray | None = None):

@@ -362,9 +362,12 @@ class Clusterer:
         missing = {"arrays", "vocabulary", "k", "dims"} - set(info)
         if missing:
             raise ClustererError(f"{meta_path}: corrupted (missing {sorted(missing)})")
-        arrays = path / info["arrays"]["file"]
-        if not arrays.is_file():
-            raise ClustererError(f"{arrays}: missing")
+        name = info["arrays"].get("file") if isinstance(info["arrays"], dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ClustererError(f"{meta_path}: arrays file {name!r} must be a file name inside {path}")
+        arrays = path / name
+        if arrays.is_symlink() or not arrays.is_file():
+            raise ClustererError(f"{arrays}: missing (or a symbolic link, which is not taken in)")
         raw = arrays.read_bytes()
         digest = hashlib.sha256(raw).hexdigest() if info["version"] == 1 else _digest(raw, info["vocabulary"])
         if digest != info["arrays"]["sha256"]:

@@ -2,7 +2,11 @@
 
 Nothing is loaded whole: JSONL is read line by line, Parquet batch by batch. Bad records are
 skipped and counted by reason so the caller can report them; a file that cannot be read at all is
-an error that names the file.
+an error that names the file, and so is anything named like a data file that is not a readable
+regular file (a dangling link, a fifo, a device): skipping it would silently drop its data. A folder
+is searched whatever its name (Spark writes `x.parquet/` folders of part files).
+`manifest.json` and `*.meta.json` (elmforest's own metadata, such as the report of `cluster
+assign`) sit beside data and are never read as data.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_SUFFIXES = (".txt",)
 SUPPORTED = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+META_SUFFIX = ".meta.json"  # elmforest metadata beside data files: never data
 
 
 class DataError(UserError):
@@ -69,27 +74,47 @@ def _domain_from_name(path: Path) -> str:
     return path.stem
 
 
+def is_metadata(name: str) -> bool:
+    return name == "manifest.json" or name.endswith(META_SUFFIX)
+
+
 def list_data_files(path: str | os.PathLike) -> list[Path]:
     """Files under `path` (a file or a folder, searched recursively) in a stable order."""
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise DataError(f"{p}: no such file or directory")
-    if p.is_file():
+    if not p.is_dir():
         if not p.name.endswith(SUPPORTED):
             raise DataError(f"{p}: unsupported file type (expected one of {', '.join(SUPPORTED)})")
+        if p.name.endswith(META_SUFFIX):
+            raise DataError(f"{p}: elmforest metadata ({META_SUFFIX}), not data; pass its folder")
+        _check_data_file(p)
         return [p]
-    files = sorted(
-        f
-        for f in p.rglob("*")
-        if f.is_file()
-        and f.name.endswith(SUPPORTED)
-        and not any(part.startswith(".") for part in f.relative_to(p).parts)  # hidden files and folders
-    )
-    # A corpus folder's manifest.json is metadata, not data.
-    files = [f for f in files if f.name != "manifest.json"]
+    files = []
+    for f in sorted(p.rglob("*")):
+        if (
+            (f.is_dir() and not f.is_symlink())  # a folder is searched, whatever its name (x.parquet/)
+            or not f.name.endswith(SUPPORTED)
+            or is_metadata(f.name)
+            or any(part.startswith(".") for part in f.relative_to(p).parts)  # hidden files and folders
+        ):
+            continue
+        _check_data_file(f)
+        files.append(f)
     if not files:
         raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
     return files
+
+
+def _check_data_file(f: Path) -> None:
+    if f.is_symlink() and not f.exists():
+        raise DataError(f"{f}: dangling symbolic link (its target {os.readlink(f)} does not exist)")
+    if f.is_dir():
+        raise DataError(f"{f}: a directory named like a data file; rename it")
+    if not f.is_file():
+        raise DataError(f"{f}: not a regular file (a fifo, socket or device); data must be a file")
+    if not os.access(f, os.R_OK):
+        raise DataError(f"{f}: cannot open (permission denied)")
 
 
 def _check_record(rec, stats: ReadStats, default_domain: str, default_id: str) -> Document | None:

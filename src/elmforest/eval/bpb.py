@@ -5,14 +5,21 @@ BPB = Σ next-token NLL (nats) / ln 2 / UTF-8 bytes of the predicted text.
 Convention (one for the whole project): a domain's split is evaluated as the stream
 `EOS d1 EOS d2 EOS ... dn EOS`; the leading EOS is context only, every later token is predicted
 exactly once. Each document-ending EOS is predicted and counted as 1 byte (as in BLT), so the
-byte count is Σ UTF-8 bytes of the documents + number of documents. The stream is cut into
+byte count is Σ UTF-8 bytes of the documents + number of documents. A document is encoded as the
+tokenizer's own `AutoTokenizer` would (a Llama-style `<s>` included): such a BOS is predicted, its
+loss counted, and it counts 0 bytes (it stands for no text). The stream is cut into
 non-overlapping windows of `seq_len` predictions; each window conditions on its own tokens only.
-Token perplexity is exp(Σ NLL / predicted tokens).
+Token perplexity is exp(Σ NLL / predicted tokens) (inf when that overflows: a finite but huge loss).
+
+A non-finite summed loss is an error naming the model and the domain (corrupt or diverged weights),
+never a NaN in a table. A domain of the shards with no documents in the evaluated split is left out
+of the table and of `mean_bpb`, and said so: a note on stderr, and `missing` in the result.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,8 @@ from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
+from elmforest.utils.io import read_json
 
 
 @dataclass
@@ -42,7 +50,31 @@ class StreamScore:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        try:
+            return math.exp(self.nll / self.tokens)
+        except OverflowError:  # a loss above ~709 nats per token: report it, do not crash the table
+            return math.inf
+
+
+def check_finite(nll: float, model: str, domain: str, split: str) -> float:
+    if not math.isfinite(nll):
+        raise Diverged(
+            f"{model}: the loss on {domain}/{split} is {nll}: corrupt or diverged weights "
+            "(a flipped byte in the weights file?)"
+        )
+    return nll
+
+
+def missing_domains(shards: Shards, split: str, domains: list[str] | None) -> tuple[list[str], dict]:
+    """The domains to score (the given ones, or every domain with documents in `split`) and those of
+    the shards left out, with why; a note on stderr names the left-out ones."""
+    if domains:
+        return domains, {}
+    names = [d for d in shards.domains if shards.has(d, split)]
+    missing = {d: f"no {split} documents" for d in shards.domains if not shards.has(d, split)}
+    if missing:
+        print(f"note: {shards.root}: {', '.join(missing)} left out: no {split} documents", file=sys.stderr)
+    return names, missing
 
 
 def n_windows(n_tokens: int, seq_len: int) -> int:
@@ -131,11 +163,14 @@ def evaluate_shards(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
+    name: str | None = None,
 ) -> dict:
+    """`name` says which model a non-finite loss came from (default: the directory it was loaded from)."""
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).eval()
-    names = domains or [d for d in shards.domains if shards.has(d, split)]
+    name = name or getattr(model, "name_or_path", None) or type(model).__name__
+    names, missing = missing_domains(shards, split, domains)
     if not names:
         raise UserError(f"{shards.root}: no domain has a {split!r} split")
     out = {}
@@ -143,6 +178,7 @@ def evaluate_shards(
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
         nll = stream_nll(model, stream, shards.eos_id, seq_len, batch_size, dev, amp, progress, desc=d)
+        check_finite(nll, name, d, split)
         sc = StreamScore(nll, n_tok, n_bytes + n_docs)
         out[d] = {
             "bpb": sc.bpb,
@@ -155,12 +191,14 @@ def evaluate_shards(
     return {
         "domains": out,
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
+        "missing": missing,
         "split": split,
         "seq_len": seq_len,
         "max_bytes": max_bytes,
         "device": str(dev),
         "precision": str(amp or torch.float32).replace("torch.", ""),
-        "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
+        "convention": "EOS predicted and counted as 1 byte per document; a tokenizer-added BOS predicted, "
+        "0 bytes; non-overlapping windows",
     }
 
 
@@ -211,7 +249,17 @@ def evaluate(
             )
             shards = Shards(built.out)
         result = evaluate_shards(
-            model, shards, stored, domains, seq_len, batch_size, max_bytes, device, precision, progress
+            model,
+            shards,
+            stored,
+            domains,
+            seq_len,
+            batch_size,
+            max_bytes,
+            device,
+            precision,
+            progress,
+            name=str(mdir),
         )
         if raw:
             result["read"] = shards.index["read"]
@@ -228,9 +276,7 @@ def training_split_spec(mdir: Path) -> SplitSpec:
     """The split fractions the model's training shards used, so raw-data `test` means the same documents."""
     run_cfg = mdir / "elmforest_run.json"
     if run_cfg.is_file():
-        import json
-
-        shards = json.loads(run_cfg.read_text())["data"]["shards"]
+        shards = read_json(run_cfg)["data"]["shards"]
         if shards and Shards.is_shards_dir(shards):
             return SplitSpec(**Shards(shards).index["split"])
     return SplitSpec()
@@ -238,10 +284,8 @@ def training_split_spec(mdir: Path) -> SplitSpec:
 
 def default_seq_len(mdir: Path) -> int:
     """The context length the model was trained with, else its maximum (capped at 1024)."""
-    import json
-
     run_cfg = mdir / "elmforest_run.json"
     if run_cfg.is_file():
-        return int(json.loads(run_cfg.read_text())["train"]["seq_len"])
-    cfg = json.loads((mdir / "config.json").read_text())
+        return int(read_json(run_cfg)["train"]["seq_len"])
+    cfg = read_json(mdir / "config.json")
     return int(min(cfg.get("max_position_embeddings") or 1024, 1024))

@@ -22,7 +22,8 @@ def print_table(
     flops: dict[str, float] | None = None,
 ) -> None:
     """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...}); `flops` maps
-    a method to its training FLOPs over the dense baseline's (a last row, '!' where not matched)."""
+    a method to its training FLOPs over the dense baseline's (a last row, '!' where not matched). Domains
+    a result left out (`missing`: no documents in its split) are named under the table."""
     domains = sorted({d for r in results.values() for d in r["domains"]})
     # wide enough for every column: a pipe or log file would otherwise get 80 columns and truncated names
     need = (
@@ -44,6 +45,11 @@ def print_table(
     if flops:
         table.add_row("train FLOPs / dense", *[flops_mark(flops.get(m)) for m in results])
     console.print(table)
+    for m, r in results.items():  # a domain without documents in the split must not vanish unnoticed
+        if r.get("missing"):
+            who = f"{m}: " if len(results) > 1 else ""
+            gone = ", ".join(f"{d} ({why})" for d, why in r["missing"].items())
+            console.print(f"  {who}left out of the table and the mean: {gone}")
     if flops and any(abs(v - 1) > FLOPS_TOLERANCE for m, v in flops.items() if m in results):
         console.print(
             "  '!': this arm's training FLOPs differ from the dense baseline's by more than "

@@ -43,7 +43,8 @@ class LocalExecutor:
     processes (spawned, so no thread or OpenMP state is inherited). Small models train faster as two
     single-threaded jobs than as one job on two threads (cpu-small in fp32 on 2 cores: 1.17x the
     tokens/s; the small matmuls do not keep two threads busy), which is what the CPU quickstart
-    does with its experts and dense run."""
+    does with its experts and dense run. Worker processes die with this one (utils/proc.py): a
+    killed run leaves none training on."""
 
     workers: int = 1
 
@@ -66,10 +67,17 @@ class LocalExecutor:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from elmforest.utils.proc import die_with_parent
+
         ctx = multiprocessing.get_context("spawn")
         results: list[dict | None] = [None] * len(jobs)
         failures = {}
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(jobs)),
+            mp_context=ctx,
+            initializer=die_with_parent,  # a killed run leaves no worker training on
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             for fut, i in futures.items():
                 try:

@@ -1,8 +1,14 @@
-"""Build a causal LM: a Llama from a preset, or any local Hugging Face checkpoint."""
+"""Build a causal LM: a Llama from a preset, or any local Hugging Face checkpoint.
+
+A checkpoint is checked before transformers reads it (config.json parses, every weights file is
+there and whole, safetensors only: pickled weights are never loaded) and its weights after (all
+finite), so a broken one is a one-line error naming the file, not a traceback from a library.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -11,6 +17,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from elmforest.config import ModelConfig
 from elmforest.model.presets import get_preset
 from elmforest.utils.errors import NotFound, UserError
+from elmforest.utils.io import read_json
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# bytes per element of the safetensors dtypes (sub-byte and unknown ones are left to safetensors)
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -21,6 +37,84 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / "config.json").is_file():
         return p
     raise NotFound(f"{p}: not a model checkpoint (no config.json) nor a run directory (no model/)")
+
+
+def read_config(d: Path) -> dict:
+    cfg = read_json(d / "config.json")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{d / 'config.json'}: not a model config (expected a JSON object)")
+    return cfg
+
+
+def weight_files(d: Path) -> dict[str, Path]:
+    """Every safetensors file of checkpoint `d`, checked whole, by the tensor names it holds ("" for a
+    single file). Pickled weights are refused: unpickling a file runs whatever code it holds."""
+    single, index = d / WEIGHTS, d / WEIGHTS_INDEX
+    if single.exists():
+        files = {"": single}
+    elif index.exists():
+        wm = read_json(index)
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
+            raise UserError(f"{index}: not a safetensors index (no weight_map of tensor names to files)")
+        files = {name: d / f for name, f in wm.items()}
+    elif pickled := [d / f for f in PICKLED if (d / f).exists()]:
+        raise UserError(
+            f"{pickled[0]}: pickled weights are refused (loading them can run arbitrary code); "
+            "convert the checkpoint to safetensors (model.safetensors)"
+        )
+    else:
+        raise NotFound(f"{single}: no such file (nor {WEIGHTS_INDEX}): the checkpoint has no weights")
+    for f in sorted(set(files.values())):
+        if not f.is_file():
+            listed = f" (listed in {index.name})" if f != single else ""
+            raise NotFound(f"{f}: no such weights file{listed}")
+        check_safetensors(f)
+    return files
+
+
+def check_safetensors(f: Path) -> None:
+    """The header parses and every tensor's bytes lie inside the file (a truncated copy is caught
+    here, not half-way through loading), then safetensors' own checks."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise UserError(
+                f"{f}: truncated or not a safetensors file (header length {n}, file {size} bytes)"
+            )
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{f}: corrupt safetensors header (not a JSON object)")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            numel = math.prod(int(x) for x in info["shape"])
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{f}: corrupt safetensors header (entry of tensor {name})") from None
+        if not 0 <= begin <= end or end > data:
+            raise UserError(
+                f"{f}: truncated: tensor {name} needs data bytes {begin}..{end}, the file has {data}"
+            )
+        if dtype in _DTYPE_BYTES and end - begin != numel * _DTYPE_BYTES[dtype]:
+            raise UserError(
+                f"{f}: corrupt safetensors header (tensor {name}: {end - begin} bytes for its shape)"
+            )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt"):
+            pass
+    except Exception as e:  # safetensors' own error type: its message names the problem
+        raise UserError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
@@ -56,33 +150,57 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a local checkpoint offline; refuse remote code unless asked, and check the vocabulary fits."""
     d = resolve_model_dir(path)
-    raw = json.loads((d / "config.json").read_text())
+    raw = read_config(d)
     if raw.get("auto_map") and not trust_remote_code:
         raise UserError(
-            f"{d}: checkpoint needs custom code (auto_map in config.json); "
-            "pass trust_remote_code only if you trust it"
+            f"{d}: checkpoint needs custom code (auto_map in config.json); elmforest runs it only "
+            "when the command line says --trust-remote-code (never because a file asks), so only if you trust it"
         )
-    config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code, local_files_only=True)
+    files = weight_files(d)
+    try:
+        config = AutoConfig.from_pretrained(
+            str(d), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (ValueError, KeyError, OSError) as e:  # e.g. an unknown model_type
+        raise UserError(f"{d / 'config.json'}: not a usable model config ({_first_line(e)})") from e
     extra = {}
     if getattr(config, "num_local_experts", None) and not torch.cuda.is_available():
         # transformers picks grouped_mm for MoE experts; on CPU its per-token loop is 2x slower than
         # the eager per-expert loop (measured on cpu-small, bench/forest_inference.py)
         extra["experts_implementation"] = "eager"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(d),
-        config=config,
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        **extra,
-    )
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(d),
+            config=config,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **extra,
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. tensor shapes that do not fit config.json
+        raise UserError(f"{d}: cannot load the weights ({_first_line(e)})") from e
+    if info.get("missing_keys"):  # transformers would initialise them at random, with a mere warning
+        name = sorted(info["missing_keys"])[0]
+        where = files.get("", d / WEIGHTS_INDEX)
+        raise UserError(
+            f"{where}: tensor {name} is missing ({len(info['missing_keys'])} in all): incomplete weights"
+        )
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            where = files.get(name, files.get("", d / WEIGHTS_INDEX))
+            raise UserError(f"{where}: tensor {name} holds non-finite values (NaN or inf): corrupt weights")
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         raise UserError(
             f"{d}: model has {model.get_input_embeddings().num_embeddings} embeddings but the "
             f"tokenizer has {vocab_size} tokens"
         )
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def count_params(model: torch.nn.Module) -> int:
