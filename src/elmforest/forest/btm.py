@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,10 +27,11 @@ from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.forest.manifest import Forest, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
+from elmforest.forest.trust import copy_regular_files
 from elmforest.model.build import build_model
 from elmforest.train.trainer import train
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.io import read_json, replace_dir, write_json_atomic
+from elmforest.utils.io import read_json, remove_path, staged_dir, temp_sibling, write_json_atomic
 
 
 def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -> str:
@@ -47,15 +47,10 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
     """Turn a trainer checkpoint into an HF checkpoint directory (atomically)."""
     model = build_model(cfg.model, shards.vocab_size, shards.eos_id)
     st_load_model(model, str(ckpt / "model.safetensors"), strict=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    save_tokenizer(load_tokenizer(shards.root), tmp)
-    write_json_atomic(tmp / "elmforest_run.json", cfg.to_dict())
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    with staged_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_tokenizer(load_tokenizer(shards.root), tmp)
+        write_json_atomic(tmp / "elmforest_run.json", cfg.to_dict())
     return out
 
 
@@ -75,9 +70,10 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
             "went past it before the seed was stored; start a new forest directory"
         )
     copy_dir_atomic(ckpt, forest.root / "seed_state")
-    export_checkpoint(ckpt, cfg, shards, forest.root / ".seed-export")
+    export = temp_sibling(forest.root / "seed", "stage")  # a kill leaves it to the next run to clean
+    export_checkpoint(ckpt, cfg, shards, export)
     forest.set_seed(
-        forest.root / ".seed-export",
+        export,
         tokens=res["tokens"],
         flops=res["flops"],
         source=f"first {plan.seed_steps} of {plan.total_steps} dense steps on {len(cfg.data.domains or shards.domains)} domains",
@@ -85,7 +81,7 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
         seed_fields={"config": cfg.to_dict()},
         link=True,
     )
-    shutil.rmtree(forest.root / ".seed-export", ignore_errors=True)
+    remove_path(export)
     return forest.data["seed"]
 
 
@@ -101,10 +97,8 @@ def seed_ready(forest: Forest) -> bool:
 
 
 def copy_dir_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    replace_dir(tmp, dst)
+    with staged_dir(dst) as tmp:
+        copy_regular_files(src, tmp)
 
 
 def share_seed(
@@ -159,8 +153,18 @@ def _dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
     return cfg
 
 
-def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig | None = None) -> RunConfig:
-    """The run config of a domain expert branched from the forest's seed (BTM's recipe)."""
+def expert_config(
+    forest: Forest,
+    shards: Shards,
+    domain: str,
+    base: RunConfig | None = None,
+    trust_remote_code: bool = False,
+) -> RunConfig:
+    """The run config of a domain expert branched from the forest's seed (BTM's recipe).
+
+    Remote code is `trust_remote_code` (the command line's flag), never the manifest's: a forest from
+    someone else cannot turn it on. A trained seed's model is rebuilt from the forest's own copy of
+    the seed, never from a path the manifest names outside the forest."""
     seed = forest.data.get("seed")
     if not seed:
         raise UserError(
@@ -171,6 +175,8 @@ def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig |
         cfg = RunConfig.from_dict(seed["config"])
         cfg.train.batch_size = plan.expert_batch_size
         cfg.train.init_checkpoint = str((forest.root / "seed_state").resolve())
+        if cfg.model.init_from is not None:  # its architecture; the weights come from seed_state
+            cfg.model.init_from = str(forest.seed_dir.resolve())
         if plan.expert_lr is not None:  # the seed's schedule, continued at the experts' own peak LR
             cfg.optim.lr = plan.expert_lr
     else:
@@ -181,6 +187,7 @@ def expert_config(forest: Forest, shards: Shards, domain: str, base: RunConfig |
     cfg.data.shards = str(Path(shards.root).resolve())
     cfg.data.domains = [domain]
     cfg.train.stop_at = None
+    cfg.model.trust_remote_code = trust_remote_code
     return cfg
 
 
@@ -215,8 +222,10 @@ def train_expert(
     progress: bool = True,
     prior_batches: int = 20,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept.
+    """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept;
+    one whose checkpoint went missing from the forest is restored from its run (or trained again).
 
     branch: "seed" (default), "expert:NAME" (start from one expert's weights), or "mixture"
     (a posterior-weighted average of the current experts, weights stored in the lineage).
@@ -225,15 +234,21 @@ def train_expert(
     from elmforest.merge.average import average_checkpoints
 
     name = valid_name(name or domain)
+    replace = False
     if name in forest.names:
-        return forest.expert(name)
+        problem = forest.intact(name)
+        if problem is None:
+            return forest.expert(name)
+        print(f"note: expert {name}: {problem}; restoring it from runs/{name} (training what is missing)")
+        replace = True
     if name in forest.removed and not force:
         raise UserError(
-            f"{forest.root}: expert {name!r} was opted out (forest remove); pass force to train it again"
+            f"{forest.root}: expert {name!r} was opted out (forest remove); only its owner may train it "
+            "again (forest expert --force)"
         )
     if not shards.has(domain, "train"):
         raise UserError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
-    cfg = expert_config(forest, shards, domain, base)
+    cfg = expert_config(forest, shards, domain, base, trust_remote_code)
     planned = (forest.data.get("plan") or {}).get("domains")
     if planned is not None and domain not in planned and int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -290,6 +305,7 @@ def train_expert(
         data_fingerprint=data_fingerprint(shards, [domain]),
         extra={"run": f"runs/{name}", "branch": branch},
         force=force,
+        replace=replace,
     )
     return entry
 
@@ -326,15 +342,11 @@ def train_forest(
     planned = plan_domains(plan, shards, domains)
     train_seed(forest, shards, base, plan, progress=progress)
     names = [d for d in planned if d not in forest.removed]
-    jobs = [
-        ExpertJob(str(forest.root), str(Path(shards.root).resolve()), d, threads=threads, procs=procs)
-        for d in names
-    ]
+    where = (str(forest.root), str(Path(shards.root).resolve()))
+    trust = base.model.trust_remote_code  # the command line's flag travels with each job, not in a file
+    jobs = [ExpertJob(*where, d, threads=threads, procs=procs, trust_remote_code=trust) for d in names]
     if dense:  # first: the longest job, so it runs beside the experts when jobs run concurrently
-        jobs.insert(
-            0,
-            ExpertJob(str(forest.root), str(Path(shards.root).resolve()), "", kind="dense", threads=threads),
-        )
+        jobs.insert(0, ExpertJob(*where, "", kind="dense", threads=threads, trust_remote_code=trust))
     executor = executor or LocalExecutor()
     runs = {j.label: j.run_dir() for j in jobs}
     with ProgressMonitor(

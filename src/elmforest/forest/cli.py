@@ -6,6 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from elmforest.utils.argtypes import (
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    unit_fraction,
+)
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import split_list
 
@@ -30,17 +39,32 @@ def add_forest_parsers(sub, add_common_train) -> None:
         "--domain", required=True, action="append", help="domain(s) it was trained on (repeatable)"
     )
     p.add_argument("--name", help="expert name (default: the first domain)")
-    p = fo.add_parser("remove", help="opt an expert out; nothing else changes")
+    p = fo.add_parser(
+        "remove",
+        help="opt an expert out: delete its weights, run and merged copies, verified; re-run to finish an "
+        "interrupted removal",
+    )
     forest_arg(p)
     p.add_argument("--expert", required=True, help="expert name")
+    p = fo.add_parser(
+        "fsck",
+        help="check a forest and repair what is safe: finish pending removals, delete temporary files of dead "
+        "processes, verify each expert's weights against their recorded checksums",
+    )
+    forest_arg(p)
+    p.add_argument("--quick", action="store_true", help="check sizes only, not checksums")
 
     p = fo.add_parser("seed", help="train the seed: the first share of the dense run on all domains mixed")
     forest_arg(p)
     p.add_argument("--shards", required=True)
     p.add_argument(
-        "--experts", type=int, help="how many experts will share the budget (default: one per domain)"
+        "--experts",
+        type=positive_int,
+        help="how many experts will share the budget (default: one per domain)",
     )
-    p.add_argument("--seed-share", type=float, default=0.5, help="share of the dense run's steps (BTM: 0.5)")
+    p.add_argument(
+        "--seed-share", type=open_fraction, default=0.5, help="share of the dense run's steps (BTM: 0.5)"
+    )
     p.add_argument(
         "--from-checkpoint", help="use this local HF checkpoint as the seed instead of training one"
     )
@@ -54,6 +78,11 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p.add_argument(
         "--branch", default="seed", help="seed | expert:NAME | mixture (posterior-weighted average)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train an expert that was opted out again (its owner's call only)",
+    )
     add_common_train(p)
     p = fo.add_parser(
         "dense", help="continue the seed's run to the full budget: the compute-matched dense LM"
@@ -64,7 +93,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
     p = fo.add_parser("train", help="all phases: seed, one expert per domain, dense baseline")
     forest_arg(p)
     p.add_argument("--shards", required=True)
-    p.add_argument("--seed-share", type=float, default=0.5)
+    p.add_argument("--seed-share", type=open_fraction, default=0.5)
     p.add_argument("--no-dense", action="store_true", help="skip the compute-matched dense baseline")
     p.add_argument("--clusterer", help="c-BTM: the clusterer that made the shards' cluster domains")
     p.add_argument(
@@ -74,23 +103,25 @@ def add_forest_parsers(sub, add_common_train) -> None:
         help="local: experts one after another here; ray: each expert a Ray task",
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--cpus-per-expert", type=float, default=1.0)
-    p.add_argument("--gpus-per-expert", type=float, default=0.0)
+    p.add_argument("--cpus-per-expert", type=positive_float, default=1.0)
+    p.add_argument("--gpus-per-expert", type=nonneg_float, default=0.0)
     p.add_argument(
         "--procs-per-expert",
-        type=int,
+        type=positive_int,
         default=1,
         help="data-parallel processes per expert (torchrun: one per GPU, or gloo on CPU)",
     )
-    p.add_argument("--max-retries", type=int, default=3, help="retries of an expert whose worker died")
+    p.add_argument("--max-retries", type=nonneg_int, default=3, help="retries of an expert whose worker died")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=1,
         help="local executor: train this many experts (and the dense run) at a time in worker processes, "
         "each on cores/workers threads",
     )
-    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument(
+        "--progress-every", type=positive_float, default=10.0, help="seconds between progress lines"
+    )
     _expert_lr_arg(p)
     add_common_train(p)
     p = fo.add_parser("average", help="average the experts' parameters into one HF checkpoint")
@@ -101,7 +132,7 @@ def add_forest_parsers(sub, add_common_train) -> None:
     )
     p.add_argument("--data", help="shards or raw data holding the target domain (for posterior weights)")
     p.add_argument("--domain", help="target domain whose valid split sets the posterior weights")
-    p.add_argument("--prior-batches", type=int, default=20)
+    p.add_argument("--prior-batches", type=positive_int, default=20)
     p.add_argument(
         "--method",
         default="linear",
@@ -109,29 +140,29 @@ def add_forest_parsers(sub, add_common_train) -> None:
         help="linear: weighted mean; task_arithmetic / ties: merge the experts' updates relative to the seed",
     )
     p.add_argument(
-        "--scale", type=float, default=1.0, help="task_arithmetic / ties: lambda on the merged update"
+        "--scale", type=finite_float, default=1.0, help="task_arithmetic / ties: lambda on the merged update"
     )
-    p.add_argument("--density", type=float, default=0.2, help="ties: fraction of each update kept")
+    p.add_argument("--density", type=unit_fraction, default=0.2, help="ties: fraction of each update kept")
 
     g = sub.add_parser("generate", help="sample from a forest's ensemble")
     g.add_argument("--forest", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=100)
+    g.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy")
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--weighting", default="posterior", choices=["posterior", "fixed"])
     g.add_argument("--show-weights", action="store_true", help="print the final mixture weights")
     g.add_argument("--device", default="auto")
     g.add_argument(
-        "--cluster-k", type=int, help="c-BTM: route each step to the top-k clusters of the context"
+        "--cluster-k", type=positive_int, help="c-BTM: route each step to the top-k clusters of the context"
     )
-    g.add_argument("--temperature-routing", type=float, default=0.1)
+    g.add_argument("--temperature-routing", type=positive_float, default=0.1)
 
 
 def _expert_lr_arg(p) -> None:
     p.add_argument(
         "--expert-lr",
-        type=float,
+        type=positive_float,
         help="peak LR of the expert phase (default: the preset's swept expert LR, else optim.lr)",
     )
 
@@ -142,9 +173,9 @@ def expert_lr(args) -> float | None:
         return args.expert_lr
     if getattr(args, "config", None):
         return None
-    from elmforest.model.presets import get_preset
+    from elmforest.model.presets import DEFAULT_PRESET, get_preset
 
-    return get_preset(args.preset).expert_lr
+    return get_preset(args.preset or DEFAULT_PRESET).expert_lr
 
 
 def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
@@ -155,7 +186,7 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
         choices=["ensemble", "topk", "average", "cluster"],
         help="cluster: c-BTM routing by distance to the forest's cluster centres",
     )
-    ev.add_argument("--k", type=int, default=2, help="experts per sequence for --mode topk")
+    ev.add_argument("--k", type=positive_int, default=2, help="experts per sequence for --mode topk")
     ev.add_argument("--prior", default="cached", choices=["cached", "uniform"])
     ev.add_argument(
         "--weighting",
@@ -167,13 +198,13 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--select", default="prior", help="top-k selection: prior | prefix:W (first W tokens)")
     ev.add_argument(
         "--prior-batches",
-        type=int,
+        type=positive_int,
         default=20,
         help="valid batches for the cached prior (every valid window when there are fewer)",
     )
     ev.add_argument(
         "--prior-ema",
-        type=float,
+        type=positive_float,
         help="estimate the cached prior with BTM's (bias-corrected) moving average of per-batch means at "
         "this alpha (BTM: 0.3) instead of the mean over every valid window",
     )
@@ -184,7 +215,7 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
         help="document: the posterior and c-BTM routing restart at each document inside a window; "
         "window: carried across documents within a window",
     )
-    ev.add_argument("--temperature", type=float, default=0.1, help="c-BTM routing temperature T")
+    ev.add_argument("--temperature", type=positive_float, default=0.1, help="c-BTM routing temperature T")
     ev.add_argument("--route", default="sequence", help="c-BTM routing: sequence | segment:W")
 
 
@@ -216,7 +247,7 @@ def run_forest_eval(args) -> dict:
 
 def dispatch(args, run_config) -> int:
     from elmforest.data.shards import Shards
-    from elmforest.forest import btm
+    from elmforest.forest import btm, commands
     from elmforest.forest.manifest import Forest
 
     if args.cmd == "generate":
@@ -239,6 +270,10 @@ def dispatch(args, run_config) -> int:
         return 0
     cmd = args.forest_cmd
     if cmd == "init":
+        if args.clusterer:  # refuse a bad clusterer before anything is created
+            from elmforest.cluster.clusterer import Clusterer
+
+            Clusterer.load(args.clusterer)
         f = Forest.init(args.forest)
         if args.clusterer:
             f.set_clusterer(args.clusterer)
@@ -253,7 +288,7 @@ def dispatch(args, run_config) -> int:
         print(json.dumps(forest.data, indent=2))
     elif cmd == "add":
         src = Path(args.expert)
-        summary = _summary_of(src)
+        summary = commands.summary_of(src)
         e = forest.add(
             src,
             args.name or args.domain[0],
@@ -264,8 +299,9 @@ def dispatch(args, run_config) -> int:
         )
         print(f"added expert {e['name']} ({', '.join(e['domains'])})")
     elif cmd == "remove":
-        forest.remove(args.expert)
-        print(f"removed expert {args.expert}; {len(forest.names)} left")
+        commands.remove(forest, args.expert)
+    elif cmd == "fsck":
+        return commands.fsck(forest, deep=not args.quick)
     elif cmd == "seed":
         if args.from_checkpoint:
             btm.seed_from_checkpoint(forest, args.from_checkpoint)
@@ -280,7 +316,12 @@ def dispatch(args, run_config) -> int:
         print(forest.describe())
     elif cmd == "expert":
         shards = Shards(args.shards)
-        base = run_config(args) if forest.data.get("seed") and "config" not in forest.data["seed"] else None
+        seed = forest.data.get("seed")
+        base = (
+            commands.checkpoint_seed_config(forest, args, run_config)
+            if seed and "config" not in seed
+            else None
+        )
         e = btm.train_expert(
             forest,
             shards,
@@ -290,6 +331,8 @@ def dispatch(args, run_config) -> int:
             base=base,
             overrides=args.overrides if base is None else [],
             progress=not args.no_progress,
+            force=args.force,
+            trust_remote_code=args.trust_remote_code,
         )
         print(
             f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "
@@ -301,7 +344,7 @@ def dispatch(args, run_config) -> int:
         s = btm.train_dense(
             forest,
             Shards(args.shards),
-            _seed_config(forest),
+            commands.seed_config(forest),
             btm.Plan(**forest.data["plan"]),
             progress=not args.no_progress,
         )
@@ -351,60 +394,5 @@ def dispatch(args, run_config) -> int:
         )
         print(Forest.load(args.forest).describe())
     elif cmd == "average":
-        _average(forest, args)
+        commands.average(forest, args)
     return 0
-
-
-def _seed_config(forest):
-    from elmforest.config import RunConfig
-
-    return RunConfig.from_dict(forest.data["seed"]["config"])
-
-
-def _summary_of(src: Path) -> dict:
-    from elmforest.utils.io import read_json
-
-    for p in (src / "summary.json", src.parent / "summary.json"):
-        if p.is_file():
-            return read_json(p)
-    return {}
-
-
-def _average(forest, args) -> None:
-    from elmforest.merge.average import merge_checkpoints
-    from elmforest.merge.methods import NEEDS_BASE
-
-    names = forest.names
-    if args.weights == "uniform":
-        weights = [1.0] * len(names)
-    elif args.weights == "posterior":
-        if not (args.data and args.domain):
-            raise UserError("--weights posterior needs --data (shards) and --domain")
-        from elmforest.data.shards import Shards
-        from elmforest.forest.btm import branch_weights
-
-        w = branch_weights(forest, Shards(args.data), args.domain, args.prior_batches)
-        weights = [w[n] for n in names]
-    else:
-        pairs = dict(item.split("=", 1) for item in args.weights.split(","))
-        unknown = set(pairs) - set(names)
-        if unknown:
-            raise UserError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
-        weights = [float(pairs.get(n, 0.0)) for n in names]
-    params, base = {}, None
-    if args.method in NEEDS_BASE:
-        if forest.seed_dir is None:
-            raise UserError(
-                f"--method {args.method} merges updates relative to the seed; {forest.root} has none"
-            )
-        base, params["scale"] = forest.seed_dir, args.scale
-        if args.method == "ties":
-            params["density"] = args.density
-    out = merge_checkpoints(
-        forest.expert_dirs(), args.out, weights, args.method, base, metadata={"names": names}, **params
-    )
-    print(
-        f"merged ({args.method}) {len(names)} experts with weights "
-        + ", ".join(f"{n}={w / sum(weights):.3f}" for n, w in zip(names, weights, strict=True))
-        + f" -> {out}"
-    )

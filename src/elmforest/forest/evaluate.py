@@ -16,6 +16,9 @@ sees the test split.
 Document boundaries (`reset`): with "document" (the default) the posterior, and c-BTM's routing,
 restart at each document's first token inside a window; "window" carries them across documents
 within a window (the behaviour before; kept to measure the difference). See forest/posterior.py.
+
+A domain of the shards without documents in the evaluated split is named (stderr and `missing` in the
+result), as for single models; an expert with non-finite log-probs is an error naming it (pool.py).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import (
     StreamScore,
+    check_finite,
     default_seq_len,
     evaluate_shards,
+    missing_domains,
     n_windows,
     select_documents,
     training_split_spec,
@@ -121,7 +126,9 @@ def evaluate_forest_shards(
         raise UserError("the expert pool does not hold this forest's experts")
     dev, amp = pool.device, pool.amp
     pool.passes = 0
-    wanted = domains or [d for d in shards.domains if shards.has(d, split)]
+    wanted, left_out = missing_domains(shards, split, domains)
+    if not wanted:
+        raise UserError(f"{shards.root}: no domain has a {split!r} split")
     eos = shards.eos_id
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
     if mode == "cluster":
@@ -134,6 +141,7 @@ def evaluate_forest_shards(
         full_passes += n * n_tok
         entry: dict = {}
         if prior == "cached" and shards.has(d, prior_split):
+            pool.scoring = f"{d}/{prior_split}"
             pkey = (str(shards.root), d, prior_split)
             before = pool.passes
             pi, used = estimate_prior_info(
@@ -152,6 +160,7 @@ def evaluate_forest_shards(
         top = int(torch.argmax(pi))
         entry["prior_max"] = {"expert": names[top], "weight": float(pi[top])}
         starts = doc_starts(stream, eos, seq_len, nw) if reset == "document" else None
+        pool.scoring = f"{d}/{split}"
         if mode == "cluster":
             nll, mean_w, run = cluster_ctx.nll(pool, stream, nw)
             entry.update(_score(nll, n_tok, n_bytes, n_docs))
@@ -167,7 +176,17 @@ def evaluate_forest_shards(
                     f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
                 )
             res = evaluate_shards(
-                model, shards, split, [d], seq_len, batch_size, max_bytes, device, precision, progress=False
+                model,
+                shards,
+                split,
+                [d],
+                seq_len,
+                batch_size,
+                max_bytes,
+                device,
+                precision,
+                progress=False,
+                name=f"{forest.root} (the parameter average of {', '.join(names)})",
             )
             pool.passes += n_tok
             entry.update({k2: v for k2, v in res["domains"][d].items()})
@@ -182,10 +201,13 @@ def evaluate_forest_shards(
             entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
             entry["experts_run"] = [names[j] for j in run]
             posterior_table[d] = entry["posterior"]
+        check_finite(entry["nll_nats"], str(forest.root), d, split)
         out[d] = entry
+    pool.scoring = ""
     return {
         "domains": out,
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),
+        "missing": left_out,
         "mode": mode,
         "k": k if mode in ("topk", "cluster") else n,
         "temperature": temperature if mode == "cluster" else None,

@@ -6,8 +6,9 @@
     experts/<name>/      each expert's HF checkpoint (safetensors + tokenizer)
 
 Experts may come from anywhere (another machine, another data owner): `add` checks that their
-tokenizer and architecture match the forest's before anything is written. Removing an expert
-changes nothing else.
+tokenizer and architecture match the forest's before anything is written, and takes in regular
+files only. A manifest is checked whenever it is read (forest/trust.py): names, paths inside the
+forest, structure. Removing an expert (forest/optout.py) changes nothing else.
 """
 
 from __future__ import annotations
@@ -16,17 +17,23 @@ import fcntl
 import hashlib
 import json
 import os
-import re
-import shutil
-import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from elmforest.data.tokenizer import load_tokenizer
+from elmforest.forest.trust import RESERVED_NAMES, check_manifest, copy_regular_files, inside, valid_name
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import (
+    file_digest,
+    read_json,
+    remove_path,
+    staged_dir,
+    temp_sibling,
+    write_json_atomic,
+)
 
 VERSION = 1
 # Config keys that do not change what the weights compute.
@@ -62,39 +69,33 @@ class UnknownExpert(UserError, LookupError):
     """No expert of that name in the forest."""
 
 
-RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
+__all__ = ["RESERVED_NAMES", "Forest", "UnknownExpert", "valid_name"]
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
-def valid_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-        raise UserError(f"expert name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
-    if name in RESERVED_NAMES:
-        raise UserError(f"expert name {name!r} is reserved; pass another name (--name)")
-    return name
-
-
-def _stage_checkpoint(src: Path, parent: Path, link: bool = False) -> Path:
-    """Copy a checkpoint dir next to where it will land (unique per host and process)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".stage-{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            try:
-                if not link:
-                    raise OSError("copy")
-                os.link(f, tmp / f.name)
-            except OSError:  # a user's checkpoint may be overwritten later: never share its inode
-                shutil.copy2(f, tmp / f.name)
+def _stage_checkpoint(src: Path, dst: Path, link: bool = False) -> Path:
+    """Copy a checkpoint's regular files next to `dst` (unique per host and process), ready to be
+    renamed into place; nothing is left behind if the copy fails."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dst, "stage")
+    try:
+        tmp.mkdir()
+        copy_regular_files(src, tmp, link=link)
+    except BaseException:
+        remove_path(tmp)
+        raise
     return tmp
 
 
 def _copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
     """Copy an HF checkpoint dir (hard links only for files the forest owns); lands atomically by rename."""
-    staged = _stage_checkpoint(src, dst.parent, link=link)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.rename(staged, dst)
+    with staged_dir(dst) as tmp:
+        copy_regular_files(src, tmp, link=link)
+
+
+def weight_digests(model_dir: Path) -> dict:
+    """Size and sha256 of each weight file, recorded when an expert lands, verified by `forest fsck`."""
+    return {f.name: file_digest(f) for f in sorted(model_dir.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES)}
 
 
 class Forest:
@@ -131,10 +132,7 @@ class Forest:
         path = root / "forest.json"
         if not path.is_file():
             raise NotFound(f"{root}: not a forest (no forest.json); create one with `elmforest forest init`")
-        data = read_json(path)
-        if data.get("version") != VERSION:
-            raise UserError(f"{path}: unsupported forest version {data.get('version')}")
-        return cls(root, data)
+        return cls(root, _read_manifest(root))
 
     def reload(self) -> Forest:
         """Re-read the manifest: jobs in other processes (or on Ray) add their experts to it on disk."""
@@ -159,8 +157,9 @@ class Forest:
         time in different processes never overwrite each other's entries."""
         with self._locked():
             path = self.root / "forest.json"
-            self.data = read_json(path) if path.is_file() else self.data
+            self.data = _read_manifest(self.root) if path.is_file() else self.data
             change(self.data)
+            check_manifest(self.data, self.root, path)
             write_json_atomic(path, self.data)
 
     @property
@@ -183,10 +182,29 @@ class Forest:
         raise UnknownExpert(f"{self.root}: no expert named {name!r}; have {self.names}")
 
     def expert_dir(self, name: str) -> Path:
-        return self.root / self.expert(name)["path"]
+        return inside(self.root, self.expert(name)["path"], f"expert {name!r}", self.root / "forest.json")
 
     def expert_dirs(self) -> list[Path]:
-        return [self.root / e["path"] for e in self.data["experts"]]
+        return [self.expert_dir(n) for n in self.names]
+
+    def intact(self, name: str, deep: bool = False) -> str | None:
+        """None when the expert's checkpoint is all there (config, weights of the recorded sizes; `deep`:
+        their checksums too), else what is wrong."""
+        d = self.expert_dir(name)
+        if d.is_symlink() or not d.is_dir():
+            return f"{d} is missing"
+        if not (d / "config.json").is_file():
+            return f"{d / 'config.json'} is missing"
+        recorded = self.expert(name).get("files") or {}
+        if not recorded and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir()):
+            return f"{d} holds no weights"
+        for fname, want in recorded.items():
+            f = d / fname
+            if not f.is_file() or f.stat().st_size != want["bytes"]:
+                return f"{f} is missing or not the size it was added with"
+            if deep and file_digest(f)["sha256"] != want["sha256"]:
+                return f"{f}: checksum mismatch (changed since it was added)"
+        return None
 
     def expert_for_domain(self, domain: str) -> str | None:
         for e in self.data["experts"]:
@@ -197,7 +215,7 @@ class Forest:
     @property
     def seed_dir(self) -> Path | None:
         s = self.data.get("seed")
-        return self.root / s["path"] if s else None
+        return inside(self.root, s["path"], "seed", self.root / "forest.json") if s else None
 
     def total_flops(self) -> int:
         """Training FLOPs of the seed and the current experts (the forest used as an ensemble)."""
@@ -301,7 +319,7 @@ class Forest:
         tok, arch = self._check_compatible(src)
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
-        staged = _stage_checkpoint(src, self.root / "experts", link=owned)
+        staged = _stage_checkpoint(src, self.root / rel, link=owned)
         entry = {
             "name": name,
             "domains": list(domains),
@@ -310,6 +328,7 @@ class Forest:
             "tokens": int(tokens),
             "flops": int(flops),
             "fingerprints": {"tokenizer": tok, "architecture": arch, "data": data_fingerprint},
+            "files": weight_digests(staged),
             "added": _now(),
             **(extra or {}),
         }
@@ -322,8 +341,8 @@ class Forest:
             if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
                 raise UserError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
             final = self.root / rel  # the checkpoint lands under the same lock as its manifest entry
-            if final.exists():
-                shutil.rmtree(final)
+            if final.is_symlink() or final.exists():
+                remove_path(final)
             os.rename(staged, final)
             d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
             d["tokenizer"], d["architecture"] = tok, arch
@@ -332,32 +351,40 @@ class Forest:
         try:
             self.update(change)
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_path(staged)
         return entry
 
-    def remove(self, name: str) -> None:
-        """Opt an expert out: drop it from the manifest, then delete its weights and its training run
-        (both hold what was learned from the owner's data). A tombstone stops re-runs re-adding it."""
-        self.expert(name)  # raises if missing
+    def remove(self, name: str) -> dict:
+        """Opt an expert out (forest/optout.py): tombstone first, then delete and verify."""
+        from elmforest.forest.optout import remove_expert
+
+        return remove_expert(self, name)
+
+    def record_output(self, path: str | Path, kind: str, experts: list[str]) -> None:
+        """Remember a merged model written from these experts (it holds copies of their weights), so
+        that opting one out also deletes its copies."""
+        path = str(Path(path).resolve())
 
         def change(d):
-            d["experts"] = [e for e in d["experts"] if e["name"] != name]
-            d.setdefault("removed", []).append({"name": name, "removed": _now()})
+            d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
+            d["outputs"].append({"path": path, "kind": kind, "experts": list(experts), "written": _now()})
 
-        self.update(change)  # manifest first: a crash leaves unreferenced files, never a dangling entry
-        for sub in ("experts", "runs", "branches"):
-            shutil.rmtree(self.root / sub / name, ignore_errors=True)
+        try:
+            self.update(change)
+        except OSError as e:  # a read-only forest (someone else's) can still be merged from
+            print(
+                f"warning: could not record {path} in {self.root / 'forest.json'} ({e}); opting an expert "
+                "out of this forest will not find this copy",
+                file=sys.stderr,
+            )
 
     def set_clusterer(self, clusterer_dir: str | Path) -> None:
         """Keep a copy of the c-BTM clusterer that defines the experts' clusters (for routing)."""
         from elmforest.cluster.clusterer import Clusterer
 
         c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
-        tmp = self.root / f".clusterer.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(clusterer_dir, tmp)
-        shutil.rmtree(self.root / "clusterer", ignore_errors=True)
-        os.rename(tmp, self.root / "clusterer")
+        with staged_dir(self.root / "clusterer") as tmp:
+            copy_regular_files(Path(clusterer_dir), tmp)
         self.update(lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims}))
 
     def describe(self) -> str:
@@ -375,6 +402,15 @@ class Forest:
                 f"{e['tokens']:,} tokens  {e['flops']:.3e} FLOPs"
             )
         return "\n".join(lines)
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / "forest.json"
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        found = data.get("version") if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{path}: not a forest manifest of version {VERSION} (found {found})")
+    return check_manifest(data, root, path)
 
 
 def _now() -> str:

@@ -70,6 +70,7 @@ def plan_for(
         raise UserError("a forest needs at least one expert")
     cfg = copy.deepcopy(base)
     if names is not None:
+        check_expert_names(names)
         if cfg.data.domains is not None and sorted(cfg.data.domains) != sorted(names):
             raise UserError(
                 f"data.domains={cfg.data.domains} (the seed and dense mixture) differs from the experts' "
@@ -79,6 +80,21 @@ def plan_for(
     per_expert = max(1, round(base.train.batch_size / n))
     cfg.train.batch_size = per_expert * n
     return Plan(cfg.train.steps, cfg.train.batch_size, n, seed_share, names, expert_lr), cfg
+
+
+def check_expert_names(domains: list[str]) -> None:
+    """Each domain names its expert: check every name before any training starts (a seed trained for
+    nothing is the alternative)."""
+    from elmforest.forest.trust import valid_name
+
+    for d in domains:
+        try:
+            valid_name(d)
+        except UserError as e:
+            raise UserError(
+                f"domain {d!r} cannot name an expert ({e}); rename its data file or set the documents' "
+                '"domain" field'
+            ) from None
 
 
 def check_plan(forest: Forest, plan: Plan) -> None:
@@ -109,6 +125,7 @@ def plan_domains(plan: Plan, shards: Shards, domains: list[str] | None = None) -
                 f"the plan shares the budget between {plan.n_experts} experts, but {len(names)} domains "
                 f"would train ({names}); each expert's batch would not match the budget"
             )
+    check_expert_names(names)
     missing = [d for d in names if not shards.has(d, "train")]
     if missing:
         raise UserError(f"{shards.root}: no training data for domain(s) {missing}; have {shards.domains}")

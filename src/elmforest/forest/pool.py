@@ -3,6 +3,8 @@
 Several mixtures of the same experts on the same data (posterior, fixed, top-k, uniform) run each
 expert once; `passes` still counts every token an expert was asked to score, which is the compute of
 inference. The cached prior is estimated here too, from the experts' posteriors on held-out windows.
+An expert whose log-probs are not finite (corrupt or diverged weights) is an error naming its
+directory, before it can turn a mixture into NaN.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.posterior import cached_prior, sequence_posterior
 from elmforest.model.build import load_model
 from elmforest.utils.device import resolve_device, resolve_precision
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ExpertPool:
     _models: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
     passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
+    scoring: str = ""  # what is being scored ("domain/split"), for the error of a non-finite expert
 
     def model(self, j: int):
         if j not in self._models:
@@ -71,6 +74,11 @@ class ExpertPool:
             if upto is not None:
                 x, y = x[:, :upto], y[:, :upto]
             lp = token_logprobs(m, x.to(self.device), y.to(self.device), self.amp).cpu()
+            if not bool(torch.isfinite(lp).all()):
+                on = f" on {self.scoring}" if self.scoring else ""
+                raise Diverged(
+                    f"{self.dirs[j]}: non-finite log-probabilities{on}: corrupt or diverged weights"
+                )
             out[i : i + len(x), : lp.shape[1]] = lp
             self.passes += int((y != -100).sum())
         if ck is not None:

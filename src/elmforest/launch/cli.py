@@ -3,6 +3,14 @@ elmforest.quickstart and elmforest.launch.sweep)."""
 
 from __future__ import annotations
 
+from elmforest.utils.argtypes import (
+    nonneg_float,
+    nonneg_int,
+    open_fraction,
+    positive_float,
+    positive_floats,
+    positive_int,
+)
 from elmforest.utils.io import split_list
 
 
@@ -22,7 +30,7 @@ def add_launch_parsers(sub, add_common_train) -> None:
     )
     qs.add_argument(
         "--eval-bytes",
-        type=int,
+        type=positive_int,
         default=64_000,
         help="test text per domain: the first whole documents within this many bytes (same for every model)",
     )
@@ -34,21 +42,28 @@ def add_launch_parsers(sub, add_common_train) -> None:
         help="add an out-of-domain set (JSONL / Parquet / folder of .txt; repeatable) to the demo's own",
     )
     qs.add_argument(
-        "--expert-lr", type=float, help="peak LR of the expert phase (default: the preset's swept one)"
+        "--expert-lr",
+        type=positive_float,
+        help="peak LR of the expert phase (default: the preset's swept one)",
     )
     qs.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="train this many experts (and the dense run) at a time (default: 2 on a CPU of 2+ cores)",
     )
     qs.add_argument(
-        "--prior-batches", type=int, default=20, help="valid batches for each cached prior (or all windows)"
+        "--prior-batches",
+        type=positive_int,
+        default=20,
+        help="valid batches for each cached prior (or all windows)",
     )
-    qs.add_argument("--clusters", type=int, default=8, help="number of clusters for --split clusters")
+    qs.add_argument(
+        "--clusters", type=positive_int, default=8, help="number of clusters for --split clusters"
+    )
     qs.add_argument("--no-moe", action="store_true", help="skip merging the experts into one MoE model")
     qs.add_argument(
         "--moe-router-steps",
-        type=int,
+        type=nonneg_int,
         default=0,
         help="also train the MoE's router alone for this many steps (adds moe_router_trained)",
     )
@@ -61,23 +76,27 @@ def add_launch_parsers(sub, add_common_train) -> None:
     sw.add_argument("--out", required=True, help="sweep directory; an existing one is resumed")
     sw.add_argument("--arm", default="both", choices=["dense", "experts", "both"])
     sw.add_argument(
-        "--lrs", help="comma-separated dense LRs (default: 5 points, x2 apart, around the preset's optim.lr)"
+        "--lrs",
+        type=positive_floats,
+        help="comma-separated dense LRs (default: 5 points, x2 apart, around the preset's optim.lr)",
     )
     sw.add_argument(
-        "--expert-lrs", help="comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)"
+        "--expert-lrs",
+        type=positive_floats,
+        help="comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)",
     )
     sw.add_argument(
-        "--dense-lr", type=float, help="--arm experts: the LR of the dense run the seed comes from"
+        "--dense-lr", type=positive_float, help="--arm experts: the LR of the dense run the seed comes from"
     )
-    sw.add_argument("--seed-share", type=float, default=0.5)
+    sw.add_argument("--seed-share", type=open_fraction, default=0.5)
     sw.add_argument("--executor", default="local", choices=["local", "ray"])
     sw.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    sw.add_argument("--cpus-per-job", type=float, default=1.0)
-    sw.add_argument("--gpus-per-job", type=float, default=0.0)
-    sw.add_argument("--max-retries", type=int, default=3)
+    sw.add_argument("--cpus-per-job", type=positive_float, default=1.0)
+    sw.add_argument("--gpus-per-job", type=nonneg_float, default=0.0)
+    sw.add_argument("--max-retries", type=nonneg_int, default=3)
     sw.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=1,
         help="local executor: run this many jobs at a time in worker processes (each on cores/workers "
         "threads; on a CPU, 2 single-threaded jobs of a small model beat one job on 2 threads)",
@@ -112,7 +131,6 @@ def dispatch(args, run_config) -> int:
         from elmforest.launch.sweep import format_sweep, sweep
         from elmforest.utils.io import write_json_atomic
 
-        floats = lambda s: [float(x) for x in split_list(s)] if s else None  # noqa: E731
         executor = make_executor(
             args.executor, args.address, args.cpus_per_job, args.gpus_per_job, args.max_retries, args.workers
         )
@@ -122,8 +140,8 @@ def dispatch(args, run_config) -> int:
             args.out,
             run_config(args),
             arm=args.arm,
-            lrs=floats(args.lrs),
-            expert_lrs=floats(args.expert_lrs),
+            lrs=args.lrs,
+            expert_lrs=args.expert_lrs,
             dense_lr=args.dense_lr,
             seed_share=args.seed_share,
             executor=executor,

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from elmforest.utils.errors import Failed, UserError
+from elmforest.utils.proc import die_with_parent
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ExpertJob:
     threads: int | None = None  # torch intra-op threads (= the CPUs the executor reserved)
     procs: int = 1  # data-parallel processes for this expert (torchrun; GPUs or gloo on CPU)
     kind: str = "expert"  # expert | dense
+    trust_remote_code: bool = False  # the command line's --trust-remote-code (never read from a file)
 
     @property
     def label(self) -> str:
@@ -49,6 +52,7 @@ class DenseRunJob:
     plan: dict  # btm.Plan fields
     threads: int | None = None
     label: str = "dense"
+    trust_remote_code: bool = False
 
     def run_dir(self) -> Path:
         return Path(self.forest) / "runs" / "dense"
@@ -77,6 +81,7 @@ def run_dense_run(job: DenseRunJob | dict) -> dict:
 
         forest, shards = Forest.init(job.forest, exist_ok=True), Shards(job.shards)
         cfg, plan = RunConfig.from_dict(job.config), btm.Plan(**job.plan)
+        cfg.model.trust_remote_code = job.trust_remote_code
         btm.train_seed(forest, shards, cfg, plan, progress=False)
         s = btm.train_dense(forest, shards, cfg, plan, progress=False)
         return {"name": job.label, "tokens": s["tokens"], "flops": s["flops"]}
@@ -122,17 +127,6 @@ def _fds_to(log):
         os.close(saved[1])
 
 
-def _die_with_parent() -> None:
-    """In the torchrun child: die when the job process dies (a killed Ray worker leaves no orphans)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _run_here(job: ExpertJob) -> dict:
     from elmforest.data.shards import Shards
     from elmforest.forest import btm
@@ -142,7 +136,9 @@ def _run_here(job: ExpertJob) -> dict:
     if job.kind == "dense":
         from elmforest.config import RunConfig, apply_overrides
 
-        base = apply_overrides(RunConfig.from_dict(forest.data["seed"]["config"]), job.overrides)
+        base = RunConfig.from_dict(forest.data["seed"]["config"])
+        base.model.trust_remote_code = job.trust_remote_code
+        base = apply_overrides(base, job.overrides)
         s = btm.train_dense(forest, shards, base, btm.Plan(**forest.data["plan"]), progress=False)
         return {
             "name": "dense",
@@ -151,7 +147,14 @@ def _run_here(job: ExpertJob) -> dict:
             "resumed_from": s.get("resumed_from"),
         }
     e = btm.train_expert(
-        forest, shards, job.domain, job.name, job.branch, overrides=job.overrides, progress=False
+        forest,
+        shards,
+        job.domain,
+        job.name,
+        job.branch,
+        overrides=job.overrides,
+        progress=False,
+        trust_remote_code=job.trust_remote_code,
     )
     summary = btm.read_summary(forest, e["name"])
     return {
@@ -188,12 +191,16 @@ def _run_distributed(job: ExpertJob, log) -> dict:
     ]
     if job.name:
         cmd += ["--name", job.name]
+    if job.trust_remote_code:
+        cmd += ["--trust-remote-code"]
     for o in job.overrides:
         cmd += ["--set", o]
     env = {**os.environ}
     if job.threads:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
-    rc = subprocess.run(cmd, stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent).returncode
+    rc = subprocess.run(
+        cmd, stdout=log, stderr=log, env=env, preexec_fn=partial(die_with_parent, os.getpid())
+    ).returncode
     if rc != 0:
         raise Failed(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
     from elmforest.forest.manifest import Forest

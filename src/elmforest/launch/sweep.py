@@ -31,7 +31,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
 from elmforest.model.build import load_model
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 ARMS = ("dense", "experts", "both")
@@ -49,6 +49,7 @@ def _tag(lr: float) -> str:
 
 
 DIVERGED = "diverged.json"  # in a point's directory: its training hit a non-finite loss
+DIVERGED_ERRORS = ("Diverged", "FloatingPointError")  # how a failed job's report names them
 
 
 def _check_grid(lrs: list[float], what: str) -> list[float]:
@@ -73,7 +74,7 @@ def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Pa
     try:
         executor.map(fn, [jobs[i] for i in todo], [labels[i] for i in todo], [logs[i] for i in todo])
     except JobsFailed as e:
-        other = {k: v for k, v in e.failures.items() if "FloatingPointError" not in v}
+        other = {k: v for k, v in e.failures.items() if not v.startswith(DIVERGED_ERRORS)}
         for i in todo:
             why = e.failures.get(labels[i])
             if why and labels[i] not in other and not (points[i] / DIVERGED).is_file():
@@ -110,9 +111,13 @@ def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) 
     cached = point / "valid.json"
     if cached.is_file():
         return read_json(cached)
-    res = evaluate_shards(
-        load_model(point / "runs" / "dense" / "model"), shards, "valid", domains, seq_len, progress=False
-    )
+    try:
+        res = evaluate_shards(
+            load_model(point / "runs" / "dense" / "model"), shards, "valid", domains, seq_len, progress=False
+        )
+    except Diverged as e:  # finite training loss, non-finite on valid: as diverged as it gets
+        write_json_atomic(point / DIVERGED, {"job": "dense", "why": f"Diverged: {e}"})
+        return _diverged(point)
     out = {"valid_mean_bpb": res["mean_bpb"], "domains": {d: v["bpb"] for d, v in res["domains"].items()}}
     write_json_atomic(cached, out)
     return out
@@ -127,7 +132,13 @@ def score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: i
         return read_json(cached)
     per = {}
     for d in domains:
-        res = evaluate_shards(load_model(forest.expert_dir(d)), shards, "valid", [d], seq_len, progress=False)
+        try:
+            res = evaluate_shards(
+                load_model(forest.expert_dir(d)), shards, "valid", [d], seq_len, progress=False
+            )
+        except Diverged as e:
+            write_json_atomic(forest.root / DIVERGED, {"job": d, "why": f"Diverged: {e}"})
+            return _diverged(forest.root)
         per[d] = res["domains"][d]["bpb"]
     out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per}
     write_json_atomic(cached, out)
@@ -179,7 +190,12 @@ def sweep(
             cfg.optim.lr = lr
             jobs.append(
                 DenseRunJob(
-                    str(out / "dense" / _tag(lr)), str(shards.root), cfg.to_dict(), asdict(plan), threads
+                    str(out / "dense" / _tag(lr)),
+                    str(shards.root),
+                    cfg.to_dict(),
+                    asdict(plan),
+                    threads,
+                    trust_remote_code=cfg.model.trust_remote_code,
                 )
             )
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
@@ -210,13 +226,26 @@ def sweep(
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
             run_dense_run(
-                DenseRunJob(str(seed_forest), str(shards.root), cfg.to_dict(), asdict(plan), threads)
+                DenseRunJob(
+                    str(seed_forest),
+                    str(shards.root),
+                    cfg.to_dict(),
+                    asdict(plan),
+                    threads,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                )
             )
         seed = Forest.load(seed_forest)
         grid = _check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
         forests = {lr: btm.share_seed(out / "experts" / _tag(lr), seed, domains, expert_lr=lr) for lr in grid}
         jobs = [
-            ExpertJob(str(f.root), str(shards.root), d, threads=threads)
+            ExpertJob(
+                str(f.root),
+                str(shards.root),
+                d,
+                threads=threads,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
             for f in forests.values()
             for d in domains
         ]

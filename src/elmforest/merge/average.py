@@ -18,7 +18,7 @@ from elmforest.merge.io import LazyWeights, ShardedWriter, open_matching
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import write_json_atomic
+from elmforest.utils.io import as_write_error, write_json_atomic
 
 
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -111,8 +111,10 @@ def merge_checkpoints(
             },
         )
         return writer.commit()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if (err := as_write_error(e, writer.out)) is not None:
+            raise err from e
         raise
 
 

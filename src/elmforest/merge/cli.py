@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from elmforest.utils.argtypes import positive_float, positive_int
 from elmforest.utils.errors import UserError
 
 
@@ -15,7 +16,7 @@ def add_merge_parsers(sub) -> None:
     )
     p.add_argument("--forest", required=True)
     p.add_argument("--out", required=True, help="output HF checkpoint directory")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token")
+    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     p.add_argument(
         "--shared",
         default="average",
@@ -31,7 +32,10 @@ def add_merge_parsers(sub) -> None:
         help="subtract the mean router row over experts before normalising (sharper routing)",
     )
     p.add_argument(
-        "--sample-tokens", type=int, default=16384, help="tokens of each expert's data for its router row"
+        "--sample-tokens",
+        type=positive_int,
+        default=16384,
+        help="tokens of each expert's data for its router row",
     )
     p.add_argument(
         "--exclude", action="append", default=[], metavar="NAME", help="leave an expert out (repeatable)"
@@ -43,14 +47,14 @@ def add_merge_parsers(sub) -> None:
     p.add_argument(
         "--train-router", action="store_true", help="then train only the router rows (FlexOlmo RT)"
     )
-    p.add_argument("--steps", type=int, default=100, help="router training steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="router training learning rate")
-    p.add_argument("--batch-size", type=int, default=16, help="router training sequences per step")
+    p.add_argument("--steps", type=positive_int, default=100, help="router training steps")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="router training learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="router training sequences per step")
     p.add_argument(
         "--train-data", help="shards for router training (default: --data, else the first expert's shards)"
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-shard-bytes", type=int, help="default: one expert's checkpoint size")
+    p.add_argument("--max-shard-bytes", type=positive_int, help="default: one expert's checkpoint size")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
 

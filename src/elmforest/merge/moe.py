@@ -37,12 +37,21 @@ from elmforest.merge.router import (
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
-from elmforest.utils.io import read_json, replace_dir, write_json_atomic, write_text_atomic
+from elmforest.utils.io import (
+    as_write_error,
+    read_json,
+    remove_path,
+    replace_dir,
+    temp_sibling,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 DENSE_TYPES = ("llama", "mistral")
 MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 MIXTRAL_NAME = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # w1 = gate, w3 = up, w2 = down
 SHARED = ("average", "seed")
+SOURCE_MARKER = "elmforest_source.json"  # in a router-training run: the experts its weights hold
 
 
 @dataclass
@@ -204,12 +213,15 @@ def export_moe(
     writer = ShardedWriter(
         out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)), replaces="elmforest_moe.json"
     )
+    forest.record_output(out, "moe", names)  # before writing: opting an expert out finds every copy
     try:
         _write_tensors(writer, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
         return writer.commit()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if (err := as_write_error(e, writer.out)) is not None:
+            raise err from e
         raise
 
 
@@ -350,8 +362,6 @@ def train_router(
     """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
     small mix of the domains (sampled uniformly). The run is resumable; the trained model replaces
     `out` (default: `moe_dir`) atomically, with its card and metadata updated."""
-    import os
-    import shutil
 
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.data.shards import Shards
@@ -393,19 +403,31 @@ def train_router(
     cfg = apply_overrides(cfg, list(overrides or []))
     # one run per export: re-exporting into the same place must not pick up an older finished run
     run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run-{fingerprint}"))
+    _record_copies(meta, run_dir, out)
     summary = train(cfg, run_dir, progress=progress)
 
-    tmp = out.with_name(f".{out.name}.router-tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temp_sibling(out)
     try:
         _finish_router_training(
             tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fingerprint
         )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return out
+
+
+def _record_copies(meta: dict, run_dir: Path, out: Path) -> None:
+    """Router training copies every expert (the run's checkpoints and model, the trained MoE): mark the
+    run with the experts it holds and record both with the forest, so opting an expert out deletes
+    them too (forest/optout.py)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
+    root = Path(meta.get("forest") or "")
+    if (root / "forest.json").is_file():
+        forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
+        forest.record_output(run_dir, "router-run", names)
+        forest.record_output(out, "moe", names)
 
 
 def export_fingerprint(moe_dir: Path) -> str:

@@ -123,6 +123,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+DEFAULT_PRESET = "cpu-small"
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

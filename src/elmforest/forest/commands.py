@@ -1,0 +1,141 @@
+"""What the `forest` verbs do beyond parsing: opt-out reports, fsck, the experts' config of a checkpoint
+seed, explicit averaging weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from elmforest.utils.errors import UserError
+
+
+def remove(forest, name: str) -> None:
+    rep = forest.remove(name)
+    print(
+        f"removed expert {name}: deleted {len(rep['deleted'])} location(s) and verified none is left; "
+        f"{len(forest.names)} expert(s) remain"
+    )
+    for p in rep["deleted"]:
+        print(f"  deleted {p}")
+    if rep["derived"]:
+        print(
+            f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} and carry what it learned; "
+            "remove them too if the opt-out covers derived models"
+        )
+    if rep["seed_saw_it"]:
+        print(
+            f"note: the seed was trained on a mixture that included {name}'s domain; removing the expert does "
+            "not remove what the seed (and the dense run) learned from it"
+        )
+
+
+def fsck(forest, deep: bool) -> int:
+    from elmforest.forest.optout import fsck as check
+
+    fixed, wrong = check(forest, deep=deep)
+    for line in fixed:
+        print(f"fixed: {line}")
+    for line in wrong:
+        print(f"problem: {line}")
+    print(
+        f"{forest.root}: {len(forest.names)} expert(s), {len(fixed)} repair(s), {len(wrong)} problem(s) left"
+    )
+    return 1 if wrong else 0
+
+
+def checkpoint_seed_config(forest, args, run_config):
+    """The experts' config when the seed is a checkpoint: the seed's own training config
+    (elmforest_run.json, e.g. an elmforest export) unless --config or --preset is given, else the
+    default preset; --set applies on top. Says which."""
+    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.model.presets import DEFAULT_PRESET
+    from elmforest.utils.io import read_json
+
+    own = forest.seed_dir / "elmforest_run.json"
+    if args.config or args.preset or not own.is_file():
+        cfg = run_config(args)
+        source = f"--config {args.config}" if args.config else f"preset {args.preset or DEFAULT_PRESET}"
+    else:
+        cfg = RunConfig.from_dict(read_json(own))
+        cfg.model.trust_remote_code = bool(args.trust_remote_code)
+        cfg = apply_overrides(cfg, args.overrides)
+        source = f"the seed's own training config ({own})"
+    t = cfg.train
+    print(
+        f"experts of this checkpoint seed train with {source}: {t.steps} steps x batch {t.batch_size} x "
+        f"{t.seq_len} tokens at LR {cfg.optim.lr:g} (change with --preset, --config or --set)"
+    )
+    return cfg
+
+
+def seed_config(forest):
+    from elmforest.config import RunConfig
+
+    return RunConfig.from_dict(forest.data["seed"]["config"])
+
+
+def summary_of(src: Path) -> dict:
+    from elmforest.utils.io import read_json
+
+    for p in (src / "summary.json", src.parent / "summary.json"):
+        if p.is_file():
+            return read_json(p)
+    return {}
+
+
+def explicit_weights(spec: str, names: list[str]) -> list[float]:
+    """--weights NAME=W,NAME=W: every name an expert of the forest, every W a non-negative number."""
+    import math
+
+    pairs = {}
+    for item in spec.split(","):
+        name, sep, w = item.partition("=")
+        try:
+            value = float(w) if sep else math.nan
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--weights {item!r}: expected NAME=W with W a non-negative number")
+        pairs[name.strip()] = value
+    unknown = set(pairs) - set(names)
+    if unknown:
+        raise UserError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
+    if sum(pairs.values()) <= 0:
+        raise UserError("--weights: at least one weight must be positive")
+    return [pairs.get(n, 0.0) for n in names]
+
+
+def average(forest, args) -> None:
+    from elmforest.merge.average import merge_checkpoints
+    from elmforest.merge.methods import NEEDS_BASE
+
+    names = forest.names
+    if args.weights == "uniform":
+        weights = [1.0] * len(names)
+    elif args.weights == "posterior":
+        if not (args.data and args.domain):
+            raise UserError("--weights posterior needs --data (shards) and --domain")
+        from elmforest.data.shards import Shards
+        from elmforest.forest.btm import branch_weights
+
+        w = branch_weights(forest, Shards(args.data), args.domain, args.prior_batches)
+        weights = [w[n] for n in names]
+    else:
+        weights = explicit_weights(args.weights, names)
+    params, base = {}, None
+    if args.method in NEEDS_BASE:
+        if forest.seed_dir is None:
+            raise UserError(
+                f"--method {args.method} merges updates relative to the seed; {forest.root} has none"
+            )
+        base, params["scale"] = forest.seed_dir, args.scale
+        if args.method == "ties":
+            params["density"] = args.density
+    forest.record_output(args.out, "average", [n for n, w in zip(names, weights, strict=True) if w > 0])
+    out = merge_checkpoints(
+        forest.expert_dirs(), args.out, weights, args.method, base, metadata={"names": names}, **params
+    )
+    print(
+        f"merged ({args.method}) {len(names)} experts with weights "
+        + ", ".join(f"{n}={w / sum(weights):.3f}" for n, w in zip(names, weights, strict=True))
+        + f" -> {out}"
+    )

@@ -1,0 +1,174 @@
+"""Opting an expert out, and `forest fsck`: a promise to a data owner, kept even across crashes.
+
+Removal is two-phase. First the manifest drops the expert and records a *pending* tombstone (one
+atomic, locked write), then everything of the expert is deleted: its checkpoint (experts/NAME), its
+training run (runs/NAME), its mixture branch (branches/NAME), mixture branches averaged from it, and
+the merged models this forest wrote from it (manifest `outputs`). Only when a check finds none of
+them left does the tombstone become *done*. A kill at any point leaves a pending tombstone that
+`forest remove` or `forest fsck` finishes; a path that cannot be deleted (a symbolic link to
+somewhere outside the forest, a permission error) makes removal fail loudly, naming it. Nothing
+outside the forest is deleted except merged outputs that still carry the marker naming the expert.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from elmforest.forest.manifest import Forest, UnknownExpert
+from elmforest.forest.trust import valid_name
+from elmforest.utils.errors import Failed
+from elmforest.utils.io import clean_stale
+
+AREAS = ("experts", "runs", "branches")
+MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
+
+
+def remove_expert(forest: Forest, name: str) -> dict:
+    """Tombstone, delete, verify. Re-running it finishes (or re-checks) an earlier removal."""
+    valid_name(name)
+
+    def tombstone(d):
+        if name in [e["name"] for e in d["experts"]]:
+            d["experts"] = [e for e in d["experts"] if e["name"] != name]
+        elif name not in [r["name"] for r in d.get("removed", [])]:
+            raise UnknownExpert(
+                f"{forest.root}: no expert named {name!r} (and none was removed); have {forest.names}"
+            )
+        old = next((r for r in d.get("removed", []) if r["name"] == name), {})
+        d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
+        d["removed"].append({"name": name, "removed": old.get("removed", _now()), "state": "pending"})
+
+    forest.update(tombstone)  # manifest first: from here on the expert is out, whatever happens next
+    return finish_removal(forest, name)
+
+
+def _outputs_holding(forest: Forest, name: str) -> list[Path]:
+    """Merged models known to hold `name`'s weights: recorded outputs and mixture branches whose marker
+    still lists it (a re-export without it, or a directory that is no longer ours, is left alone)."""
+    candidates = [Path(o["path"]) for o in forest.data.get("outputs", []) if name in o["experts"]]
+    branches = forest.root / "branches"
+    if branches.is_dir():
+        candidates += [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
+    return [p for p in candidates if _marker_lists(p, name)]
+
+
+def _marker_lists(path: Path, name: str) -> bool:
+    for m in MARKERS:
+        f = path / m
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return True  # unreadable marker on a recorded output: assume the worst, delete it
+            names = meta.get("names") or [
+                e.get("name") for e in meta.get("experts", []) if isinstance(e, dict)
+            ]
+            weights = meta.get("weights") or [1.0] * len(names)
+            return any(n == name and w > 0 for n, w in zip(names, weights, strict=False))
+    return False
+
+
+def finish_removal(forest: Forest, name: str) -> dict:
+    """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly."""
+    problems, deleted = [], []
+    places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name)
+    for p in places:
+        if p.is_symlink():
+            if p.exists():
+                problems.append(
+                    f"{p} is a symbolic link to {p.resolve()}: elmforest deletes nothing outside the forest "
+                    "through a link; delete that yourself, then run `forest remove` again"
+                )
+                continue
+            p.unlink()  # a dangling link: the link itself is all there is
+            deleted.append(str(p))
+        elif p.exists():
+            error = _delete_tree(p)
+            if error:
+                problems.append(f"could not delete {p} ({error})")
+            deleted.append(str(p))
+    clean_stale(forest.root / "experts", name)  # a copy of it staged by a killed `add`
+    left = [str(p) for p in places if p.is_symlink() or p.exists()]
+    if left or problems:
+        raise Failed(
+            f"{forest.root}: expert {name!r} is out of the manifest but not all of it is gone: "
+            + "; ".join(problems or [f"{p} remains" for p in left])
+            + ". Its removal stays pending: fix that, then run `elmforest forest remove` or `forest fsck` again"
+        )
+
+    def done(d):
+        for r in d.get("removed", []):
+            if r["name"] == name:
+                r.update(state="done", verified=_now())
+        d["outputs"] = [o for o in d.get("outputs", []) if Path(o["path"]).exists()]
+
+    forest.update(done)
+    derived = [e["name"] for e in forest.experts if name in [p["name"] for p in e.get("parents", [])]]
+    return {"name": name, "deleted": deleted, "derived": derived, "seed_saw_it": _seed_saw(forest, name)}
+
+
+def _delete_tree(p: Path) -> str | None:
+    """Delete a directory tree, returning the first error instead of ignoring it."""
+    errors = []
+    shutil.rmtree(p, onerror=lambda fn, path, exc: errors.append(f"{path}: {exc[1]}"))
+    return errors[0] if errors else None
+
+
+def _seed_saw(forest: Forest, name: str) -> bool:
+    """Whether the seed's mixture included this expert's domain (BTM's seed trains on every domain)."""
+    plan = forest.data.get("plan") or {}
+    return bool(forest.data.get("seed")) and (
+        plan.get("domains") is None or name in (plan.get("domains") or [])
+    )
+
+
+def pending(forest: Forest) -> list[str]:
+    return [r["name"] for r in forest.data.get("removed", []) if r.get("state") == "pending"]
+
+
+def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
+    """(what was repaired, what is still wrong). Finishes pending removals, re-checks finished ones,
+    removes temporary files of dead processes, and checks each expert's checkpoint (`deep`: checksums)."""
+    fixed, wrong = [], []
+    for r in forest.data.get("removed", []):
+        name = r["name"]
+        leftover = [p for p in (forest.root / a / name for a in AREAS) if p.is_symlink() or p.exists()]
+        if r.get("state") == "done" and not leftover and not _outputs_holding(forest, name):
+            continue
+        try:
+            rep = finish_removal(forest, name)
+            fixed.append(
+                f"finished removing expert {name}: deleted {', '.join(rep['deleted']) or 'nothing left'}"
+            )
+        except Failed as e:
+            wrong.append(str(e))
+    dirs = [forest.root, forest.root / "experts", forest.root / "branches", forest.root / "runs"]
+    runs = forest.root / "runs"
+    if runs.is_dir():
+        for r in runs.iterdir():
+            if r.is_dir() and not r.is_symlink():
+                dirs += [r, r / "checkpoints"]
+    for d in dirs:
+        for p in clean_stale(d):
+            fixed.append(f"removed {p} (left by a process that died)")
+    for name in forest.names:
+        problem = forest.intact(name, deep=deep)
+        if problem:
+            wrong.append(
+                f"expert {name}: {problem}; `elmforest forest train` (or `forest expert`) restores it "
+                f"from runs/{name} or trains it again"
+            )
+    known = set(forest.names)
+    experts = forest.root / "experts"
+    if experts.is_dir():
+        for p in experts.iterdir():
+            if not p.name.startswith(".") and p.name not in known:
+                wrong.append(f"{p} belongs to no expert of the manifest (delete it, or `forest add` it)")
+    return fixed, wrong
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,152 @@
+"""What elmforest checks in a forest it did not write: every name and path in the manifest, and every
+file it copies in.
+
+A forest, a manifest or a checkpoint may come from another data owner, so they are untrusted input.
+A name read from forest.json obeys the same rules as one given on the command line, every path is
+relative, free of `..`, and still inside the forest root once symbolic links are resolved, and a
+checkpoint is taken in as regular files only, never as links to files elsewhere. Remote code is
+never turned on by a file (config.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import sys
+from pathlib import Path, PurePosixPath
+
+from elmforest.utils.errors import UserError
+
+RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
+NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
+
+
+def valid_name(name: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise UserError(f"expert name {name!r}: use {NAME_RULE}")
+    if name in RESERVED_NAMES:
+        raise UserError(f"expert name {name!r} is reserved; pass another name (--name)")
+    return name
+
+
+class ManifestError(UserError):
+    """forest.json is malformed or names something outside the forest."""
+
+
+def inside(root: Path, rel, what: str, manifest: Path) -> Path:
+    """`root / rel` for a manifest path that is relative, has no `..`, and resolves inside `root`."""
+    if not isinstance(rel, str) or not rel:
+        raise ManifestError(f"{manifest}: {what} path {rel!r} is not a relative path")
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or "\\" in rel or any(p in ("..", ".") for p in parts):
+        raise ManifestError(f"{manifest}: {what} path {rel!r} must be relative to the forest, without '..'")
+    full = root / rel
+    real_root = root.resolve()
+    if real_root not in full.resolve().parents:
+        raise ManifestError(
+            f"{manifest}: {what} path {rel!r} resolves to {full.resolve()}, outside the forest {real_root}"
+        )
+    return full
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def check_manifest(data, root: Path, path: Path) -> dict:
+    """Refuse a manifest whose structure, names or paths are not what elmforest writes."""
+
+    def bad(msg: str):
+        raise ManifestError(f"{path}: {msg}; the manifest is corrupt or was not written by elmforest")
+
+    if not isinstance(data, dict):
+        bad(f"expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data.get("experts"), list):
+        bad("'experts' must be a list")
+    seen = set()
+    for i, e in enumerate(data["experts"]):
+        if not isinstance(e, dict):
+            bad(f"experts[{i}] is not an object")
+        try:
+            valid_name(e.get("name"))
+        except UserError as err:
+            raise ManifestError(f"{path}: experts[{i}]: {err}") from None
+        if e["name"] in seen:
+            bad(f"expert {e['name']!r} appears twice")
+        seen.add(e["name"])
+        inside(root, e.get("path"), f"expert {e['name']!r}", path)
+        if not (isinstance(e.get("domains"), list) and all(isinstance(d, str) for d in e["domains"])):
+            bad(f"expert {e['name']!r}: 'domains' must be a list of strings")
+        if not (_number(e.get("tokens", 0)) and _number(e.get("flops", 0))):
+            bad(f"expert {e['name']!r}: 'tokens' and 'flops' must be non-negative numbers")
+        parents = e.get("parents", [])
+        if not isinstance(parents, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and _number(p.get("weight"))
+            for p in parents
+        ):
+            bad(f"expert {e['name']!r}: 'parents' must be a list of {{name, weight}}")
+    for key in ("seed", "clusterer"):
+        v = data.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            bad(f"'{key}' must be an object or null")
+        inside(root, v.get("path"), key, path)
+    seed = data.get("seed")
+    if seed and "config" in seed:
+        from elmforest.config import RunConfig
+
+        try:
+            RunConfig.from_dict(seed["config"])
+        except UserError as err:
+            raise ManifestError(f"{path}: seed.config: {err}") from None
+    removed = data.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(r, dict) for r in removed):
+        bad("'removed' must be a list of objects")
+    for r in removed:
+        try:
+            valid_name(r.get("name"))
+        except UserError as err:
+            raise ManifestError(f"{path}: removed: {err}") from None
+    for key in ("ledger", "outputs"):
+        v = data.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+            bad(f"'{key}' must be a list of objects")
+    for o in data.get("outputs", []):
+        if not (isinstance(o.get("path"), str) and isinstance(o.get("experts"), list)):
+            bad("each of 'outputs' needs a path and the experts it holds")
+    if "plan" in data and not isinstance(data["plan"], dict):
+        bad("'plan' must be an object")
+    return data
+
+
+def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
+    """Copy the regular files directly inside `src` into the existing directory `dst`.
+
+    A symbolic link, device or pipe is refused by name: following a link would pull a file from
+    outside the checkpoint (a key, another owner's weights) into the forest. Sub-directories are
+    skipped with a note (HF checkpoints are flat). `link` hard-links instead of copying (only for
+    files the forest owns: a user's checkpoint may be overwritten later)."""
+    for f in sorted(src.iterdir()):
+        st = f.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise UserError(
+                f"{f}: a symbolic link (to {os.readlink(f)}); elmforest takes in regular files only, never "
+                "what a link points to; replace it by a copy of the file if you trust it"
+            )
+        if stat.S_ISDIR(st.st_mode):
+            print(
+                f"note: skipped the folder {f} (a checkpoint's files sit at its top level)", file=sys.stderr
+            )
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{f}: not a regular file; elmforest takes in regular files only")
+        if link:
+            try:
+                os.link(f, dst / f.name, follow_symlinks=False)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(f, dst / f.name, follow_symlinks=False)

@@ -1,0 +1,176 @@
+"""Errors a person can act on: one line naming the file and the problem, exit status 2, nothing changed;
+advice names flags that exist; defaults come from what the user gave; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_corpus
+
+from elmforest import cli
+from elmforest.cli import main
+from elmforest.forest.manifest import Forest
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refusing an argument
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_a_truncated_config_names_its_file(shards_dir, tmp_path, capsys):
+    bad = tmp_path / "cfg.json"
+    bad.write_text('{\n  "model": ')
+    rc, out = _run(["train", "--shards", shards_dir, "--out", tmp_path / "r", "--config", bad], capsys)
+    assert rc == 2 and str(bad) in out and "Traceback" not in out
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+        (["eval", "--model", "m", "--data", "d", "--max-bytes", "-1"], "--max-bytes"),
+        (["generate", "--forest", "f", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["forest", "train", "--forest", "f", "--shards", "s", "--workers", "0"], "--workers"),
+        (["sweep", "--shards", "s", "--out", "o", "--lrs", "1e-3,abc"], "--lrs"),
+        (["merge", "moe", "--forest", "f", "--out", "o", "--top-k", "0"], "--top-k"),
+    ],
+)
+def test_bad_numbers_are_refused_naming_the_flag(argv, flag, capsys):
+    rc, out = _run(argv, capsys)
+    assert rc == 2 and flag in out
+
+
+def test_bad_average_weights_name_the_item(forest_dir, tmp_path, capsys):
+    rc, out = _run(
+        ["forest", "average", "--forest", forest_dir, "--out", tmp_path / "a", "--weights", "code=abc"],
+        capsys,
+    )
+    assert rc == 2 and "code=abc" in out and not (tmp_path / "a").exists()
+
+
+def test_a_paused_run_is_reported_as_paused(shards_dir, tmp_path, capsys):
+    argv = ["train", "--shards", shards_dir, "--out", tmp_path / "r", "--preset", "tiny", "--no-progress"]
+    rc, out = _run([*argv, "--set", "train.steps=8", "--set", "train.stop_at=4"], capsys)
+    assert rc == 0 and "paused at step 4 of 8" in out
+    rc, out = _run([*argv, "--set", "train.steps=8"], capsys)
+    assert rc == 0 and "done: 8 steps" in out
+
+
+def test_only_the_projects_errors_become_one_line(shards_dir, tmp_path, monkeypatch):
+    """A KeyError is a bug in elmforest: it keeps its traceback instead of passing for a user error."""
+
+    def bug(*a, **k):
+        raise KeyError("steps")
+
+    monkeypatch.setattr("elmforest.train.trainer.train", bug)
+    with pytest.raises(KeyError):
+        main(["train", "--shards", str(shards_dir), "--out", str(tmp_path / "r"), "--preset", "tiny"])
+
+
+def test_unusable_domain_names_are_refused_before_any_training(tokenizer_dir, tmp_path, capsys):
+    data = make_corpus(tmp_path / "data", 40)
+    (data / "legal.jsonl").rename(data / "my data ✓.jsonl")
+    for f in data.glob("*.jsonl"):  # the file name is the domain
+        f.write_text(
+            "\n".join(
+                json.dumps({k: v for k, v in json.loads(x).items() if k != "domain"})
+                for x in f.read_text().splitlines()
+            )
+            + "\n"
+        )
+    sh = tmp_path / "sh"
+    assert (
+        _run(
+            ["shards", "build", "--data", data, "--tokenizer", tokenizer_dir, "--out", sh, "--no-progress"],
+            capsys,
+        )[0]
+        == 0
+    )
+    rc, out = _run(
+        ["forest", "train", "--forest", tmp_path / "f", "--shards", sh, "--preset", "tiny", "--no-progress"],
+        capsys,
+    )
+    assert rc == 2 and "my data ✓" in out and "rename its data file" in out
+    assert not (tmp_path / "f" / "runs").exists()  # nothing trained
+
+
+def test_experts_of_a_checkpoint_seed_take_the_seeds_own_config(forest_dir, shards_dir, tmp_path, capsys):
+    """After `forest seed --from-checkpoint`, `forest expert` used the cpu-small preset's full schedule."""
+    seed = Path(forest_dir) / "runs" / "dense" / "model"  # an elmforest export: carries elmforest_run.json
+    f = tmp_path / "f"
+    assert (
+        _run(["forest", "seed", "--forest", f, "--shards", shards_dir, "--from-checkpoint", seed], capsys)[0]
+        == 0
+    )
+    rc, out = _run(
+        [
+            "forest",
+            "expert",
+            "--forest",
+            f,
+            "--shards",
+            shards_dir,
+            "--domain",
+            "code",
+            "--no-progress",
+            "--set",
+            "train.steps=6",
+        ],
+        capsys,
+    )
+    assert rc == 0 and "the seed's own training config" in out
+    run_cfg = json.loads((f / "runs" / "code" / "run_config.json").read_text())
+    own = json.loads((seed / "elmforest_run.json").read_text())
+    assert run_cfg["model"]["preset"] == own["model"]["preset"] == "tiny"
+    assert run_cfg["train"]["seq_len"] == own["train"]["seq_len"] and run_cfg["train"]["steps"] == 6
+
+
+def test_advice_in_errors_names_flags_that_exist(forest_dir, shards_dir, tmp_path, capsys):
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f)
+    name = Forest.load(f).names[0]
+    assert _run(["forest", "remove", "--forest", f, "--expert", name], capsys)[0] == 0
+    argv = ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", name, "--no-progress"]
+    rc, out = _run(argv, capsys)
+    assert rc == 2 and "--force" in out
+    parser = cli.build_parser()
+    parser.parse_args([str(a) for a in (*argv, "--force")])  # the advised flag exists
+    rc, out = _run([*argv, "--force", "--set", "train.seed=3"], capsys)
+    assert rc == 0 and name in Forest.load(f).names  # the owner asked for it back
+
+
+def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_dir, tmp_path, capsys):
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f)
+    forest = Forest.load(f)
+    name = forest.names[0]
+    shutil.rmtree(f / "experts" / name)
+    rc, out = _run(
+        [
+            "forest",
+            "train",
+            "--forest",
+            f,
+            "--shards",
+            shards_dir,
+            "--preset",
+            "tiny",
+            "--no-progress",
+            "--set",
+            "train.steps=24",
+            "--set",
+            "train.batch_size=6",
+        ],
+        capsys,
+    )
+    assert rc == 0, out
+    assert f"note: expert {name}" in (f / "runs" / name / "job.log").read_text()
+    assert Forest.load(f).intact(name) is None

@@ -1,0 +1,293 @@
+"""A forest from someone else is untrusted input: crafted manifests and checkpoints cannot make elmforest
+delete, read or run anything outside the forest, and opting an expert out is verified and survives a kill.
+
+Each forest here is a copy of the session's trained tiny forest with one thing crafted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from elmforest.cli import main
+from elmforest.config import RunConfig, apply_overrides
+from elmforest.forest.manifest import Forest
+from elmforest.forest.trust import ManifestError
+from elmforest.merge.moe import MoeSpec, export_moe, train_router
+from elmforest.utils.errors import UserError
+
+
+@pytest.fixture
+def forest(forest_dir, tmp_path) -> Path:
+    """A private copy of the trained 3-expert forest, inside tmp_path/site/forest."""
+    root = tmp_path / "site" / "forest"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    m = _manifest(root)
+    m.pop("outputs", None)  # merged models other tests wrote from the shared forest are theirs
+    _write_manifest(root, m)
+    return root
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "forest.json").read_text())
+
+
+def _write_manifest(root: Path, data) -> None:
+    (root / "forest.json").write_text(json.dumps(data))
+
+
+def _victim(tmp_path: Path) -> Path:
+    v = tmp_path / "victim" / "important"
+    v.mkdir(parents=True)
+    (v / "data.txt").write_text("precious")
+    return v
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+# -- escapes -----------------------------------------------------------------------------------------
+def test_a_crafted_expert_name_cannot_delete_outside_the_forest(forest, tmp_path, capsys):
+    victim = _victim(tmp_path)
+    m = _manifest(forest)
+    rel = os.path.relpath(victim, forest / "experts")
+    m["experts"][0]["name"] = rel  # ../../../victim/important
+    _write_manifest(forest, m)
+    with pytest.raises(ManifestError, match="expert name"):
+        Forest.load(forest)
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", rel], capsys)
+    assert rc == 2 and "forest.json" in out
+    assert (victim / "data.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("path", ["ABSOLUTE", "experts/../../victim/important"])
+def test_expert_paths_must_stay_inside_the_forest(forest, tmp_path, capsys, path):
+    victim = _victim(tmp_path)
+    name = _manifest(forest)["experts"][0]["name"]
+    shutil.copytree(forest / "experts" / name, victim, dirs_exist_ok=True)  # weights elsewhere
+    m = _manifest(forest)
+    m["experts"][0]["path"] = str(victim) if path == "ABSOLUTE" else path
+    _write_manifest(forest, m)
+    with pytest.raises(ManifestError, match="path"):
+        Forest.load(forest)
+    rc, out = _run(["eval", "--forest", str(forest), "--data", str(forest), "--no-progress"], capsys)
+    assert rc == 2 and "must be relative" in out
+
+
+def test_an_expert_directory_linked_outside_the_forest_is_refused(forest, tmp_path):
+    victim = _victim(tmp_path)
+    name = _manifest(forest)["experts"][0]["name"]
+    shutil.rmtree(forest / "experts" / name)
+    os.symlink(victim, forest / "experts" / name)
+    with pytest.raises(ManifestError, match="outside the forest"):
+        Forest.load(forest)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: [],  # a JSON array
+        lambda m: {**m, "experts": {"a": 1}},
+        lambda m: {**m, "experts": [{"name": "x", "path": "experts/x", "domains": "legal"}]},
+        lambda m: {**m, "seed": {"path": "seed", "config": {"model": {"preset": 3}}}},
+        lambda m: {**m, "removed": [{"name": "../x"}]},
+    ],
+)
+def test_a_malformed_manifest_is_one_line_naming_the_file(forest, capsys, change):
+    _write_manifest(forest, change(_manifest(forest)))
+    rc, out = _run(["forest", "list", "--forest", str(forest)], capsys)
+    assert rc == 2 and str(forest / "forest.json") in out and "Traceback" not in out
+
+
+def test_a_truncated_manifest_names_the_file(forest, capsys):
+    text = (forest / "forest.json").read_text()
+    (forest / "forest.json").write_text(text[: len(text) // 2])
+    rc, out = _run(["forest", "show", "--forest", str(forest)], capsys)
+    assert rc == 2 and "forest.json" in out
+
+
+def test_remote_code_is_never_turned_on_by_a_file(forest, shards_dir, tmp_path, capsys):
+    """A manifest saying trust_remote_code plus an auto_map in an expert's config.json used to run the
+    expert's Python file on `forest expert --branch expert:NAME`, with no flag given."""
+    marker = tmp_path / "pwned"
+    m = _manifest(forest)
+    m["seed"]["config"]["model"]["trust_remote_code"] = True
+    _write_manifest(forest, m)
+    name = m["experts"][0]["name"]
+    edir = forest / "experts" / name
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig as EvilConfig\n"
+    (edir / "evil.py").write_text(code)
+    cfg = json.loads((edir / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
+    (edir / "config.json").write_text(json.dumps(cfg))
+    rc, out = _run(
+        [
+            "forest",
+            "expert",
+            "--forest",
+            str(forest),
+            "--shards",
+            str(shards_dir),
+            "--domain",
+            name,
+            "--name",
+            "again",
+            "--branch",
+            f"expert:{name}",
+            "--no-progress",
+            "--set",
+            "train.steps=14",
+        ],
+        capsys,
+    )
+    assert rc == 2 and "auto_map" in out and "--trust-remote-code" in out
+    assert not marker.exists()
+    # the same holds for a --config file and a run_config.json: reading any file turns it off
+    d = RunConfig().to_dict()
+    d["model"]["trust_remote_code"] = True
+    assert RunConfig.from_dict(d).model.trust_remote_code is False
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        apply_overrides(RunConfig(), ["model.trust_remote_code=true"])
+
+
+def test_forest_add_takes_in_regular_files_only(forest, tmp_path, capsys):
+    secret = tmp_path / "secret.key"
+    secret.write_text("hunter2")
+    name = _manifest(forest)["experts"][0]["name"]
+    src = tmp_path / "theirs"
+    shutil.copytree(forest / "experts" / name, src)
+    os.symlink(secret, src / "notes.txt")
+    before = (forest / "forest.json").read_text()
+    rc, out = _run(
+        ["forest", "add", "--forest", str(forest), "--expert", str(src), "--domain", "x", "--name", "theirs"],
+        capsys,
+    )
+    assert rc == 2 and "symbolic link" in out and "notes.txt" in out
+    assert (forest / "forest.json").read_text() == before
+    assert not any("hunter2" in p.read_text(errors="ignore") for p in forest.rglob("*") if p.is_file())
+    assert not [p for p in (forest / "experts").iterdir() if p.name.startswith(".")]  # no staging left
+    (src / "notes.txt").unlink()
+    os.mkfifo(src / "pipe")
+    rc, out = _run(
+        ["forest", "add", "--forest", str(forest), "--expert", str(src), "--domain", "x", "--name", "theirs"],
+        capsys,
+    )
+    assert rc == 2 and "not a regular file" in out
+    (src / "pipe").unlink()
+    rc, out = _run(
+        ["forest", "add", "--forest", str(forest), "--expert", str(src), "--domain", "x", "--name", "theirs"],
+        capsys,
+    )
+    assert rc == 0 and "theirs" in Forest.load(forest).names
+
+
+# -- opting out --------------------------------------------------------------------------------------
+def test_removal_through_a_link_fails_loudly_and_finishes_once_fixed(forest, tmp_path, capsys):
+    name = _manifest(forest)["experts"][0]["name"]
+    elsewhere = tmp_path / "elsewhere-run"
+    shutil.move(forest / "runs" / name, elsewhere)
+    os.symlink(elsewhere, forest / "runs" / name)
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 2 and "symbolic link" in out and "removed expert" not in out
+    assert (elsewhere / "model").is_dir()  # nothing deleted through the link
+    f = Forest.load(forest)
+    assert name not in f.names and {"name": name, "state": "pending"}.items() <= f.data["removed"][0].items()
+    assert not (forest / "experts" / name).exists()
+    shutil.rmtree(elsewhere)  # the owner deletes what lies outside; the dangling link is elmforest's
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 0 and "verified" in out
+    assert not os.path.lexists(forest / "runs" / name)
+    assert Forest.load(forest).data["removed"][0]["state"] == "done"
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 0  # re-checking a finished removal is fine
+
+
+def test_a_removal_killed_after_the_manifest_write_is_finished_by_rerunning(forest, capsys):
+    name = _manifest(forest)["experts"][1]["name"]
+    script = textwrap.dedent(
+        f"""
+        import os, shutil, signal
+        from elmforest.forest.manifest import Forest
+        def killed(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        shutil.rmtree = killed
+        Forest.load({str(forest)!r}).remove({name!r})
+        """
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    assert name not in Forest.load(forest).names and (forest / "runs" / name).is_dir()  # the old failure
+    rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+    assert rc == 0 and f"finished removing expert {name}" in out
+    assert not (forest / "runs" / name).exists() and not (forest / "experts" / name).exists()
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 0 and "no expert named" not in out
+
+
+def test_removal_deletes_merged_copies_it_knows_of(forest, tmp_path, capsys):
+    names = Forest.load(forest).names
+    avg, other = tmp_path / "avg-all", tmp_path / "avg-others"
+    assert _run(["forest", "average", "--forest", str(forest), "--out", str(avg)], capsys)[0] == 0
+    w = ",".join(f"{n}={0 if n == names[0] else 1}" for n in names)
+    assert (
+        _run(["forest", "average", "--forest", str(forest), "--out", str(other), "--weights", w], capsys)[0]
+        == 0
+    )
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", names[0]], capsys)
+    assert rc == 0 and str(avg) in out
+    assert not avg.exists() and (other / "model.safetensors").is_file()  # holds nothing of it: kept
+
+
+def test_removal_deletes_a_merged_moe_and_its_router_training(forest, shards_dir, tmp_path, capsys):
+    f = Forest.load(forest)
+    moe = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    trained = train_router(
+        moe, shards_dir, steps=2, out=tmp_path / "moe-trained", batch_size=2, progress=False
+    )
+    runs = list(tmp_path.glob("moe-trained.router-run-*"))
+    assert len(runs) == 1 and (trained / "model.safetensors").is_file()
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", f.names[0]], capsys)
+    assert rc == 0
+    assert not moe.exists() and not trained.exists() and not runs[0].exists()
+
+
+def test_a_crafted_clusterer_cannot_point_outside_its_folder(tmp_path, corpus, capsys):
+    from elmforest.cluster.assign import fit_clusterer
+
+    c = tmp_path / "c"
+    fit_clusterer(corpus, 2, c, sample_docs=200, dims=8, min_df=1)
+    shutil.copy(c / "arrays.safetensors", tmp_path / "secret.safetensors")
+    meta = json.loads((c / "clusterer.json").read_text())
+    meta["arrays"]["file"] = "../secret.safetensors"
+    (c / "clusterer.json").write_text(json.dumps(meta))
+    rc, out = _run(["forest", "init", "--forest", str(tmp_path / "f"), "--clusterer", str(c)], capsys)
+    assert rc == 2 and "must be a file name inside" in out and not (tmp_path / "f").exists()
+
+
+def test_removal_refuses_an_unknown_name_and_a_crafted_one(forest, capsys):
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", "nobody"], capsys)
+    assert rc == 2 and "no expert named" in out
+    with pytest.raises(UserError, match="expert name"):
+        Forest.load(forest).remove("../runs")
+
+
+def test_fsck_reports_missing_or_altered_weights(forest, capsys):
+    f = Forest.load(forest)
+    a, b = f.names[:2]
+    (forest / "experts" / a / "model.safetensors").unlink()
+    weights = forest / "experts" / b / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+    assert rc == 1 and f"expert {a}" in out and "checksum mismatch" in out
