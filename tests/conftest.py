@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,41 @@ def forest_dir(shards_dir, tmp_path_factory):
         btm.train_expert(forest, shards, d, progress=False)
     btm.train_dense(forest, shards, base, plan, progress=False)
     return root
+
+
+# -- processes (tests that kill a parent and check its workers die with it) ---------------------------
+def proc_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    parent = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == q} - found
+        found |= kids
+        todo.extend(kids)
+    return found
+
+
+def assert_all_die(pids: set[int], within: float = 10.0) -> None:
+    """The given processes end within `within` seconds; survivors are killed, then reported."""
+    deadline = time.time() + within
+    while time.time() < deadline and any(proc_alive(p) for p in pids):
+        time.sleep(0.05)
+    survivors = [p for p in pids if proc_alive(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"orphaned workers {survivors}"

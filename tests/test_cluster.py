@@ -1,7 +1,5 @@
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DOMAIN_WORDS
+from conftest import DOMAIN_WORDS, assert_all_die, descendants
 from scipy.optimize import linear_sum_assignment
 
 from elmforest.cluster.assign import assign_corpus, fit_clusterer
@@ -91,32 +89,6 @@ def _consistent(out: Path) -> dict:
     return rep
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (children, their children, ...), from /proc."""
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, todo = set(), [pid]
-    while todo:
-        q = todo.pop()
-        kids = {c for c, pp in parent.items() if pp == q} - found
-        found |= kids
-        todo.extend(kids)
-    return found
-
-
 # documents trickle in (in the parent) so the run can be killed with its workers busy
 _SLOW_ASSIGN = """
 import sys, time
@@ -143,21 +115,15 @@ def test_a_killed_assign_keeps_the_previous_output_and_leaves_no_worker(clustere
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None and len(workers) < 2:
             time.sleep(0.05)
-            workers = _descendants(proc.pid)
+            workers = descendants(proc.pid)
         assert proc.poll() is None and len(workers) >= 2, "the run ended before it could be killed"
         time.sleep(1.0)  # well into the run: documents written, workers embedding
-        workers = _descendants(proc.pid)
+        workers = descendants(proc.pid)
         staging = [p.name for p in tmp_path.iterdir() if p.name != "out"]
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.05)
-    survivors = [p for p in workers if _alive(p)]
-    for p in survivors:  # do not leave them running when the test fails
-        os.kill(p, signal.SIGKILL)
-    assert not survivors, "workers outlived their killed parent"
+    assert_all_die(workers)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old output, whole
     assert staging  # the killed run was writing beside it
     # the next run cleans up what the killed one left beside `out` and replaces the output whole

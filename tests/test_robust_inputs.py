@@ -3,9 +3,7 @@ errors (or a visible note), never a traceback nor a silent gap; killed runs leav
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_all_die, descendants
 from safetensors.torch import load_file, save_file
 
 from elmforest.config import ModelConfig
@@ -236,26 +235,6 @@ def test_a_domain_without_test_documents_is_named_not_dropped_silently(
 
 
 # -- processes die with their parent -----------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.add(int(p.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return kids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_local_executor_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "run.py"
@@ -281,20 +260,14 @@ def test_local_executor_workers_die_with_a_killed_parent(tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None and len(workers) < 2:
             time.sleep(0.1)
-            workers = {p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)}
+            workers = {p for p in descendants(proc.pid) if "spawn_main" in _cmdline(p)}
         assert len(workers) == 2, f"the workers never started: {(tmp_path / 'run.log').read_text()}"
         time.sleep(2)  # the workers are past their initializer and running the jobs
     finally:
         proc.kill()
         proc.wait()
         log.close()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.05)
-    survivors = [p for p in workers if _alive(p)]
-    for p in survivors:
-        os.kill(p, signal.SIGKILL)
-    assert not survivors, "orphaned workers"
+    assert_all_die(workers)
 
 
 def _cmdline(pid: int) -> str:

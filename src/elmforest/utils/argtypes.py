@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def _number(kind, s: str):
@@ -19,60 +20,25 @@ def _number(kind, s: str):
     return v
 
 
-def positive_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def _typed(kind, ok: Callable, what: str, name: str):
+    def parse(s: str):
+        v = _number(kind, s)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+
+    parse.__name__ = name
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    v = _number(float, s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
-    return v
-
-
-def nonneg_float(s: str) -> float:
-    v = _number(float, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def finite_float(s: str) -> float:
-    return _number(float, s)
-
-
-def fraction(s: str) -> float:
-    """In [0, 1)."""
-    v = _number(float, s)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
-
-
-def open_fraction(s: str) -> float:
-    """In (0, 1)."""
-    v = _number(float, s)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {v}")
-    return v
-
-
-def unit_fraction(s: str) -> float:
-    """In (0, 1]."""
-    v = _number(float, s)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
+positive_int = _typed(int, lambda v: v >= 1, "a positive integer", "positive_int")
+nonneg_int = _typed(int, lambda v: v >= 0, "0 or more", "nonneg_int")
+positive_float = _typed(float, lambda v: v > 0, "a positive number", "positive_float")
+nonneg_float = _typed(float, lambda v: v >= 0, "0 or more", "nonneg_float")
+finite_float = _typed(float, lambda v: True, "a number", "finite_float")
+fraction = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)", "fraction")
+open_fraction = _typed(float, lambda v: 0 < v < 1, "strictly between 0 and 1", "open_fraction")
+unit_fraction = _typed(float, lambda v: 0 < v <= 1, "in (0, 1]", "unit_fraction")
 
 
 def positive_floats(s: str) -> list[float]:
