@@ -67,7 +67,7 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     if "stopped_at" not in res or not ckpt.is_dir():
         raise Failed(
             f"{run_dir}: the seed checkpoint at step {plan.seed_steps} is missing; the dense run "
-            "went past it before the seed was stored; start a new forest directory"
+            "went past it before the seed was stored; start a new forest (another --forest)"
         )
     copy_dir_atomic(ckpt, forest.root / "seed_state")
     export = temp_sibling(forest.root / "seed", "stage")  # a kill leaves it to the next run to clean

@@ -108,7 +108,7 @@ def check_plan(forest: Forest, plan: Plan) -> None:
         raise UserError(
             f"{forest.root} was planned differently ("
             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            + "); use a new forest directory or the same settings"
+            + "); use a new forest (another --forest) or the same settings"
         )
 
 
