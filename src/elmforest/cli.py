@@ -21,7 +21,8 @@ from elmforest.utils.io import split_list
 
 def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--preset", help="model + training preset (see `elmforest presets`; default cpu-small, or a seed's own)"
+        "--preset",
+        help="model + training preset (see `elmforest presets`; default cpu-small, or a seed's own)",
     )
     p.add_argument("--config", help="a run_config.json to start from instead of the preset's defaults")
     p.add_argument("--init-from", help="a local HF causal-LM checkpoint to start from (its weights)")
@@ -153,7 +154,11 @@ def _run_config(args):
     from elmforest.model.presets import DEFAULT_PRESET, preset_run_config
     from elmforest.utils.io import read_json
 
-    cfg = RunConfig.from_dict(read_json(args.config)) if args.config else preset_run_config(args.preset or DEFAULT_PRESET)
+    cfg = (
+        RunConfig.from_dict(read_json(args.config))
+        if args.config
+        else preset_run_config(args.preset or DEFAULT_PRESET)
+    )
     if getattr(args, "shards", None):
         cfg.data.shards = str(Path(args.shards).resolve())
     if args.init_from:

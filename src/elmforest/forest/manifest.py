@@ -315,7 +315,9 @@ class Forest:
         valid_name(name)
         src = resolve_model_dir(model_dir)
         if name in self.names and not replace:
-            raise UserError(f"{self.root}: an expert named {name!r} exists; add it under another --name, or remove that one first (forest remove)")
+            raise UserError(
+                f"{self.root}: an expert named {name!r} exists; add it under another --name, or remove that one first (forest remove)"
+            )
         tok, arch = self._check_compatible(src)
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
