@@ -18,7 +18,7 @@ from elmforest.merge.io import LazyWeights, ShardedWriter, open_matching
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import as_write_error, write_json_atomic
+from elmforest.utils.io import undone_on_failure, write_json_atomic
 
 
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -95,7 +95,7 @@ def merge_checkpoints(
     dirs = [resolve_model_dir(d) for d in model_dirs]
     base = resolve_model_dir(base_dir) if base_dir is not None else None
     writer = ShardedWriter(out, max_shard_bytes, replaces="elmforest_average.json")
-    try:
+    with undone_on_failure(writer.tmp, writer.out):
         for name, t in iter_merge(dirs, weights, method, base, **params):
             writer.add(name, t)
         writer.copy_side_files(dirs[0])
@@ -111,11 +111,6 @@ def merge_checkpoints(
             },
         )
         return writer.commit()
-    except BaseException as e:
-        writer.abort()
-        if (err := as_write_error(e, writer.out)) is not None:
-            raise err from e
-        raise
 
 
 def average_checkpoints(

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from elmforest.data.tokenizer import TOKENIZER_FILES
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
-from elmforest.utils.io import remove_path, replace_dir, temp_sibling, write_json_atomic
+from elmforest.utils.io import replace_dir, temp_sibling, write_json_atomic
 
 # Files copied from the first input so the output is a complete, loadable HF checkpoint; every
 # file a tokenizer may consist of (TOKENIZER_FILES) among them, so it travels whole and unchanged.
@@ -126,6 +126,3 @@ class ShardedWriter:
                 {"metadata": {"total_size": total}, "weight_map": self.weight_map},
             )
         return replace_dir(self.tmp, self.out)
-
-    def abort(self) -> None:
-        remove_path(self.tmp)

@@ -38,11 +38,10 @@ from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
-    as_write_error,
     read_json,
-    remove_path,
     replace_dir,
     temp_sibling,
+    undone_on_failure,
     write_json_atomic,
     write_text_atomic,
 )
@@ -214,15 +213,10 @@ def export_moe(
         out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)), replaces="elmforest_moe.json"
     )
     forest.record_output(out, "moe", names)  # before writing: opting an expert out finds every copy
-    try:
+    with undone_on_failure(writer.tmp, writer.out):
         _write_tensors(writer, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
         return writer.commit()
-    except BaseException as e:
-        writer.abort()
-        if (err := as_write_error(e, writer.out)) is not None:
-            raise err from e
-        raise
 
 
 def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torch.Tensor, cfg: dict) -> None:
@@ -407,13 +401,10 @@ def train_router(
     summary = train(cfg, run_dir, progress=progress)
 
     tmp = temp_sibling(out)
-    try:
+    with undone_on_failure(tmp, out):
         _finish_router_training(
             tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fingerprint
         )
-    except BaseException:
-        remove_path(tmp)
-        raise
     return out
 
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import as_write_error, file_digest, fix_modes, remove_path, write_json_atomic
+from elmforest.utils.io import file_digest, fix_modes, remove_path, undone_on_failure, write_json_atomic
 
 PREFIX = "step-"
 CORRUPT_PREFIX = "corrupt-"  # kept aside for inspection: neither listed nor cleaned
@@ -162,8 +162,8 @@ def save_checkpoint(
     step = int(state["step"])
     final = ckpt_root / f"{PREFIX}{step:08d}"
     tmp = ckpt_root / f".{PREFIX}{step:08d}.tmp-{os.getpid()}"
-    try:
-        remove_path(tmp)
+    remove_path(tmp)
+    with undone_on_failure(tmp, final):  # a full disk: free what this attempt wrote, say where
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = optimizer_to_flat(opt, model)
@@ -173,12 +173,6 @@ def save_checkpoint(
         write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta, "files": files})
         fix_modes(tmp)
         _fsync_dir(tmp)
-    except BaseException as e:  # a full disk: free what this attempt wrote, say where
-        remove_path(tmp)
-        err = as_write_error(e, final)
-        if err is not None:
-            raise err from e
-        raise
     if final.exists():  # a previous attempt reached this step: replace it
         trash = final.with_name(f".trash-{final.name}")
         os.rename(final, trash)

@@ -158,24 +158,31 @@ def fix_modes(path: str | os.PathLike) -> None:
 
 
 @contextmanager
+def undone_on_failure(tmp: str | os.PathLike, dst: str | os.PathLike) -> Iterator[None]:
+    """If the block fails: remove `tmp` (never raising: this runs on a full disk) and re-raise, as a
+    WriteError naming `dst` when the disk refused the write."""
+    try:
+        yield
+    except BaseException as e:
+        remove_path(tmp)
+        if (err := as_write_error(e, dst)) is not None:
+            raise err from e
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, unique=True)
-    try:
+    with undone_on_failure(tmp, path):
         tmp.touch()
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException as e:
-        remove_path(tmp)
-        err = as_write_error(e, path)
-        if err is not None:
-            raise err from e
-        raise
 
 
 @contextmanager
@@ -185,16 +192,10 @@ def staged_dir(dst: str | os.PathLike) -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(dst)
-    try:
+    with undone_on_failure(tmp, dst):
         tmp.mkdir()
         yield tmp
         replace_dir(tmp, dst)
-    except BaseException as e:
-        remove_path(tmp)
-        err = as_write_error(e, dst)
-        if err is not None:
-            raise err from e
-        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
