@@ -27,7 +27,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus) if args.corpus else Path(tmp) / "corpus"
         if not args.corpus:
-            from elmforest.data.demo import build_demo_corpus
+            from elmforest.corpora.demo import build_demo_corpus
 
             build_demo_corpus(corpus, progress=False)
         t = time.perf_counter()

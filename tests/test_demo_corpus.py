@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from elmforest.data import demo
-from elmforest.data import demo_sources as src
-from elmforest.data.demo_sources import Doc
+from elmforest.corpora import demo
+from elmforest.corpora import demo_sources as src
+from elmforest.corpora.demo_sources import Doc
 
 # ---------------------------------------------------------------------------------------
 # cleaning
@@ -465,14 +465,14 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
 
 # -- evaluation-only (out-of-domain) demo domains --------------------------------------------------------
 def test_eval_only_domains_are_other_than_the_training_domains():
-    from elmforest.data.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS
+    from elmforest.corpora.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS
 
     assert len(EVAL_ONLY_DOMAINS) >= 4 and set(EVAL_ONLY_BUILDERS) == set(EVAL_ONLY_DOMAINS)
     assert not set(EVAL_ONLY_DOMAINS) & set(demo.DEMO_DOMAINS)
 
 
 def test_chunks_and_hash_sample_are_deterministic_and_capped():
-    from elmforest.data.demo_ood import chunk_lines, sample_by_hash
+    from elmforest.corpora.demo_ood import chunk_lines, sample_by_hash
 
     text = "\n".join(f"line {i}" for i in range(250))
     parts = chunk_lines("d/x", text, lines=100)
@@ -493,7 +493,7 @@ def test_chunks_and_hash_sample_are_deterministic_and_capped():
 
 
 def test_eval_only_corpus_manifest_says_so(tmp_path, monkeypatch):
-    from elmforest.data import demo_ood
+    from elmforest.corpora import demo_ood
 
     monkeypatch.setitem(
         demo_ood.EVAL_ONLY_BUILDERS,

@@ -193,7 +193,7 @@ def error_line(e: BaseException) -> str:
 
 def _dispatch(args) -> int:
     if args.cmd == "corpus":
-        from elmforest.data.demo import build_demo_corpus
+        from elmforest.corpora.demo import build_demo_corpus
 
         build_demo_corpus(
             args.out, domains=split_list(args.domains), cache_dir=args.cache, min_bytes=args.min_bytes

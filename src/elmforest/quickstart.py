@@ -74,14 +74,14 @@ def quickstart(
     ood_sources = [Path(x) for x in (ood or [])]
     if corpus is None:
         corpus = out / "corpus"
-        from elmforest.data.demo import build_demo_corpus
+        from elmforest.corpora.demo import build_demo_corpus
 
         if not (corpus / "manifest.json").exists():
             log(f"[1/8] building the demo corpus -> {corpus}")
             build_demo_corpus(corpus, domains=domains, progress=progress)
         for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
             log(f"      skipped domain {name}: {why}")
-        from elmforest.data.demo_ood import EVAL_ONLY_REVISION
+        from elmforest.corpora.demo_ood import EVAL_ONLY_REVISION
 
         demo_ood = out / "corpus-ood"
         seen = read_json(demo_ood / "manifest.json") if (demo_ood / "manifest.json").exists() else {}

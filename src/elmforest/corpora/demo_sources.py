@@ -1,4 +1,4 @@
-"""Pure parsers and cleaners for the offline demo corpus (see :mod:`elmforest.data.demo`).
+"""Pure parsers and cleaners for the offline demo corpus (see :mod:`elmforest.corpora.demo`).
 
 Everything here works on strings/bytes already in memory: no downloads, no subprocesses,
 so each function can be unit-tested on small synthetic inputs.
