@@ -38,10 +38,14 @@ def test_presets_sizes():
     # the BTM presets land near their names (checked on the meta device: no memory is allocated)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from elmforest.model.presets import llama_kwargs
+
     for name, target in [("btm-125m", 125e6), ("btm-350m", 350e6), ("btm-750m", 750e6), ("btm-1.3b", 1.3e9)]:
         p = PRESETS[name]
         with torch.device("meta"):
-            m = LlamaForCausalLM(LlamaConfig(vocab_size=p.vocab_size, **p.llama_kwargs()))
+            m = LlamaForCausalLM(
+                LlamaConfig(vocab_size=p.vocab_size, **llama_kwargs(ModelConfig(preset=name)))
+            )
         n = sum(x.numel() for x in m.parameters())
         assert 0.8 * target < n < 1.35 * target, (name, n)
 

@@ -1,4 +1,7 @@
-"""Executors: local and Ray (a local cluster on 127.0.0.1 started by the test), kill-and-retry."""
+"""Executors: local and Ray (a local cluster on 127.0.0.1 started by the test), kill-and-retry.
+
+The local executor's tests run without Ray installed; only those that take the `ray_cluster` fixture
+skip when it is missing."""
 
 import os
 import signal
@@ -14,15 +17,16 @@ from elmforest.data.shards import Shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor, RayExecutor
+from elmforest.launch.forest import train_forest
 from elmforest.launch.jobs import ExpertJob, as_dict, run_job
 from elmforest.train.checkpoint import list_checkpoints
 
-ray = pytest.importorskip("ray")
 STEPS = 300
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
@@ -38,7 +42,7 @@ def _plan(shards_dir):
 def _train(root, shards_dir, executor, **kw):
     shards, base, plan = _plan(shards_dir)
     forest = Forest.init(root, exist_ok=True)
-    return btm.train_forest(
+    return train_forest(
         forest, shards, base, plan, executor=executor, threads=1, progress=False, monitor_every=0.5, **kw
     )
 
@@ -108,6 +112,34 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, local_forest, sh
     assert len(f.names) == len(set(f.names))
 
 
+def _failing_and_finished_jobs(root, shards_dir):
+    bad = ExpertJob(str(root), str(shards_dir), "no_such_domain")
+    good = ExpertJob(str(root), str(shards_dir), sorted(Shards(shards_dir).domains)[0])  # finished: a no-op
+    return (
+        [as_dict(bad), as_dict(good)],
+        ["no_such_domain", "good"],
+        [j.run_dir() / "job.log" for j in (bad, good)],
+    )
+
+
+def test_local_executor_names_a_failing_expert_with_its_log_and_the_forest_stays_valid(
+    forest_dir, shards_dir, tmp_path
+):
+    import shutil
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root)
+    before = {n: Forest.load(root).expert(n)["files"] for n in Forest.load(root).names}
+    jobs, labels, logs = _failing_and_finished_jobs(root, shards_dir)
+    with pytest.raises(JobsFailed, match="no_such_domain") as err:
+        LocalExecutor().map(run_job, jobs, labels, logs)
+    assert list(err.value.failures) == ["no_such_domain"]  # the finished expert's job succeeded
+    assert "job.log" in str(err.value)
+    assert "no training data" in (root / "runs" / "no_such_domain" / "job.log").read_text()
+    after = Forest.load(root)
+    assert {n: after.expert(n)["files"] for n in after.names} == before  # nothing retrained or dropped
+
+
 def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
     ray_cluster, local_forest, shards_dir, tmp_path
 ):
@@ -115,17 +147,10 @@ def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
 
     shutil.copytree(local_forest, tmp_path / "f")
     root = tmp_path / "f"
-    bad = ExpertJob(str(root), str(shards_dir), "no_such_domain")
-    good = ExpertJob(str(root), str(shards_dir), sorted(Shards(shards_dir).domains)[0])  # finished: a no-op
-    for ex in (LocalExecutor(), RayExecutor(cpus_per_job=1, max_retries=1)):
-        with pytest.raises(JobsFailed, match="no_such_domain") as err:
-            ex.map(
-                run_job,
-                [as_dict(bad), as_dict(good)],
-                ["no_such_domain", "good"],
-                [bad.run_dir() / "job.log", good.run_dir() / "job.log"],
-            )
-        assert "job.log" in str(err.value)
+    jobs, labels, logs = _failing_and_finished_jobs(root, shards_dir)
+    with pytest.raises(JobsFailed, match="no_such_domain") as err:
+        RayExecutor(cpus_per_job=1, max_retries=1).map(run_job, jobs, labels, logs)
+    assert "job.log" in str(err.value)
     assert sorted(Forest.load(root).names) == sorted(Forest.load(local_forest).names)
     assert "no training data" in (root / "runs" / "no_such_domain" / "job.log").read_text()
 

@@ -16,6 +16,7 @@ from elmforest.eval.bpb import evaluate_shards, window_batch
 from elmforest.forest import btm
 from elmforest.forest.evaluate import evaluate_forest, evaluate_forest_shards
 from elmforest.forest.manifest import Forest
+from elmforest.launch.forest import train_forest
 from elmforest.launch.sweep import format_sweep, lr_grid, sweep
 from elmforest.model.build import load_model
 from elmforest.utils.io import read_json
@@ -48,7 +49,7 @@ def test_data_domains_drive_every_phase(shards_dir, tmp_path):
         plan3, base3 = btm.plan_for(
             tiny_config(shards_dir, steps=8, batch_size=6), Shards(shards_dir).domains
         )
-        btm.train_forest(forest, Shards(shards_dir), base3, plan3, progress=False)
+        train_forest(forest, Shards(shards_dir), base3, plan3, progress=False)
     with pytest.raises(ValueError, match="experts are"):
         btm.plan_domains(plan, Shards(shards_dir), ["legal", "code", "scripture"])
 

@@ -18,11 +18,34 @@ from typing import Any
 
 from elmforest.utils.errors import UserError
 
+# The fields of ModelConfig that shape a freshly built model (a Llama). A run config stores them all,
+# so a run resumes, exports and branches as the model it was, whatever presets.py says later; a
+# preset only fills them when a config is made (model/presets.py `fill_architecture`).
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "max_position_embeddings",
+    "tie_embeddings",
+    "rms_norm_eps",
+)
+
 
 @dataclass
 class ModelConfig:
     preset: str = "cpu-small"
     init_from: str | None = None  # a local HF causal-LM checkpoint directory; overrides the preset's weights
+    # the architecture (None: the preset's, filled when a config is made; unused with init_from)
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    max_position_embeddings: int | None = None
+    tie_embeddings: bool | None = None
+    rms_norm_eps: float | None = None
     # Only the command line (--trust-remote-code) turns this on: reading a config from any file (a
     # --config, a run's run_config.json, a forest manifest) sets it False (RunConfig.from_dict).
     trust_remote_code: bool = False
@@ -64,6 +87,10 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    # the validation loss (metrics.jsonl `valid_loss`): every this many steps (None: at each
+    # checkpoint; 0: never), on this many fixed windows of the valid split
+    valid_every: int | None = None
+    valid_windows: int = 32
     compile: bool = False
     # A trainer checkpoint (…/checkpoints/step-N) of another run to continue from: its weights, optimizer
     # state and step (so the LR schedule continues), while data and batch size may differ (BTM branching).
@@ -111,6 +138,10 @@ class RunConfig:
                 "train.batch_size, train.grad_accum and train.seq_len must be >= 1",
             ),
             (t.log_every >= 1, "train.log_every must be >= 1"),
+            (
+                (t.valid_every is None or t.valid_every >= 0) and t.valid_windows >= 0,
+                "train.valid_every and train.valid_windows must be >= 0",
+            ),
             (
                 t.ckpt_every >= 0 and t.keep_checkpoints >= 1,
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",

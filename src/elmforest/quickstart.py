@@ -28,6 +28,7 @@ from elmforest.eval.report import flops_mark, plot_results, print_table
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.forest import train_forest
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
@@ -152,7 +153,7 @@ def quickstart(
         "[6/8] dense baseline: the seed's run continued to the full budget"
         + (f" (experts and dense run {workers} at a time, {threads} thread(s) each)" if workers > 1 else "")
     )
-    btm.train_forest(
+    train_forest(
         forest,
         shards,
         base,

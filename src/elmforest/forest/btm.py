@@ -263,7 +263,7 @@ def train_expert(
                 meta = read_json(init / "elmforest_average.json")
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             elif int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process averages
-                from elmforest.launch.executor import wait_for
+                from elmforest.utils.proc import wait_for
 
                 if not wait_for([init / "elmforest_average.json"], timeout=3600):
                     raise Failed(f"{init}: the branch average never appeared")
@@ -313,51 +313,3 @@ def train_expert(
 def read_summary(forest: Forest, name: str) -> dict | None:
     p = forest.root / "runs" / name / "summary.json"
     return read_json(p) if p.is_file() else None
-
-
-def train_forest(
-    forest: Forest,
-    shards: Shards,
-    base: RunConfig,
-    plan: Plan,
-    domains: list[str] | None = None,
-    executor=None,
-    dense: bool = True,
-    threads: int | None = None,
-    procs: int = 1,
-    progress: bool = True,
-    monitor_every: float = 10.0,
-) -> list[dict]:
-    """All phases: the seed here, then every expert (and the dense baseline) as independent jobs.
-
-    With the local executor the jobs run one after another in this process (or `workers` at a time in
-    worker processes); with Ray they run concurrently wherever resources allow. The forest is re-read
-    afterwards, since the jobs add their experts to the manifest on disk. Finished experts are
-    skipped, unfinished ones resume.
-    """
-    from elmforest.launch.executor import LocalExecutor
-    from elmforest.launch.jobs import ExpertJob, as_dict, run_job
-    from elmforest.launch.progress import ProgressMonitor
-
-    planned = plan_domains(plan, shards, domains)
-    train_seed(forest, shards, base, plan, progress=progress)
-    names = [d for d in planned if d not in forest.removed]
-    where = (str(forest.root), str(Path(shards.root).resolve()))
-    trust = base.model.trust_remote_code  # the command line's flag travels with each job, not in a file
-    jobs = [ExpertJob(*where, d, threads=threads, procs=procs, trust_remote_code=trust) for d in names]
-    if dense:  # first: the longest job, so it runs beside the experts when jobs run concurrently
-        jobs.insert(0, ExpertJob(*where, "", kind="dense", threads=threads, trust_remote_code=trust))
-    executor = executor or LocalExecutor()
-    runs = {j.label: j.run_dir() for j in jobs}
-    with ProgressMonitor(
-        runs, plan.total_steps, forest.root / "progress.log", every=monitor_every, echo=progress
-    ):
-        try:
-            return executor.map(
-                run_job,
-                [as_dict(j) for j in jobs],
-                [j.label for j in jobs],
-                [j.run_dir() / "job.log" for j in jobs],
-            )
-        finally:
-            forest.reload()

@@ -356,6 +356,7 @@ def dispatch(args, run_config) -> int:
         if args.clusterer:
             forest.set_clusterer(args.clusterer)
         from elmforest.launch.executor import job_threads, make_executor
+        from elmforest.launch.forest import train_forest
 
         if args.procs_per_expert > 1 and args.gpus_per_expert not in (0, args.procs_per_expert):
             raise UserError(
@@ -380,7 +381,7 @@ def dispatch(args, run_config) -> int:
             args.workers,
         )
         threads = job_threads(args.executor, args.cpus_per_expert, args.workers)
-        btm.train_forest(
+        train_forest(
             forest,
             shards,
             base,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,9 +26,11 @@ from elmforest.forest.trust import RESERVED_NAMES, check_manifest, copy_regular_
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import (
+    clean_stale,
     file_digest,
     read_json,
     remove_path,
+    replace_dir,
     staged_dir,
     temp_sibling,
     write_json_atomic,
@@ -132,7 +133,10 @@ class Forest:
         path = root / "forest.json"
         if not path.is_file():
             raise NotFound(f"{root}: not a forest (no forest.json); create one with `elmforest forest init`")
-        return cls(root, _read_manifest(root))
+        forest = cls(root, _read_manifest(root))
+        for d in (root, root / "experts"):  # put back a checkpoint whose swap a kill interrupted
+            clean_stale(d)
+        return forest
 
     def reload(self) -> Forest:
         """Re-read the manifest: jobs in other processes (or on Ray) add their experts to it on disk."""
@@ -342,10 +346,9 @@ class Forest:
                 raise UserError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
             if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
                 raise UserError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
-            final = self.root / rel  # the checkpoint lands under the same lock as its manifest entry
-            if final.is_symlink() or final.exists():
-                remove_path(final)
-            os.rename(staged, final)
+            # the checkpoint lands under the same lock as its manifest entry; a replaced one steps aside
+            # whole, so a kill between the renames leaves it to be put back, never a dangling entry
+            replace_dir(staged, self.root / rel)
             d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
             d["tokenizer"], d["architecture"] = tok, arch
             d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]

@@ -9,7 +9,6 @@ nothing it did leaves the forest invalid (manifest writes are atomic and locked)
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,12 +158,3 @@ def make_executor(
             ) from e
         return RayExecutor(address, cpus, gpus, max_retries)
     raise UserError(f"unknown executor {kind!r}; expected local or ray")
-
-
-def wait_for(paths: list[Path], timeout: float) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if all(p.exists() for p in paths):
-            return True
-        time.sleep(0.05)
-    return False

@@ -14,11 +14,10 @@ import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.proc import die_with_parent
+from elmforest.utils.proc import tied_to_this_process
 
 
 @dataclass
@@ -198,9 +197,9 @@ def _run_distributed(job: ExpertJob, log) -> dict:
     env = {**os.environ}
     if job.threads:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
-    rc = subprocess.run(
-        cmd, stdout=log, stderr=log, env=env, preexec_fn=partial(die_with_parent, os.getpid())
-    ).returncode
+    # torchrun dies with this job (a killed Ray worker leaves no orphans): set in the child itself, not
+    # by a preexec_fn, which is unsafe when the job runs in a multi-threaded worker
+    rc = subprocess.run(tied_to_this_process(cmd), stdout=log, stderr=log, env=env).returncode
     if rc != 0:
         raise Failed(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
     from elmforest.forest.manifest import Forest

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from elmforest.config import ModelConfig
-from elmforest.model.presets import get_preset
+from elmforest.model.presets import llama_kwargs
 from elmforest.utils.errors import NotFound, UserError
 from elmforest.utils.io import read_json
 
@@ -126,13 +126,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0) -
             attn_implementation=cfg.attn_implementation,
             vocab_size=vocab_size,
         )
-    p = get_preset(cfg.preset)
     config = LlamaConfig(
         vocab_size=vocab_size,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        **p.llama_kwargs(),
+        **llama_kwargs(cfg),
     )
     config._attn_implementation = cfg.attn_implementation
     with torch.random.fork_rng(devices=[]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from elmforest.config import OptimConfig, RunConfig, TrainConfig
+from elmforest.config import ARCHITECTURE_FIELDS, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from elmforest.utils.errors import UserError
 
 
@@ -33,15 +33,16 @@ class Preset:
     # run's optim.lr); None: the same. Set from a recorded `elmforest sweep` where the preset has one.
     expert_lr: float | None = None
 
-    def llama_kwargs(self) -> dict:
+    def architecture(self) -> dict:
+        """The ModelConfig architecture fields this preset fills (config.ARCHITECTURE_FIELDS)."""
         return dict(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_heads,
             max_position_embeddings=max(self.seq_len, 2048),
-            tie_word_embeddings=self.tie_embeddings,
+            tie_embeddings=self.tie_embeddings,
             rms_norm_eps=1e-5,
         )
 
@@ -138,5 +139,35 @@ def preset_run_config(name: str, shards: str = "") -> RunConfig:
     p = get_preset(name)
     cfg = RunConfig(optim=dataclasses.replace(p.optim), train=dataclasses.replace(p.train))
     cfg.model.preset = name
+    fill_architecture(cfg.model)
     cfg.data.shards = shards
     return cfg
+
+
+def fill_architecture(model: ModelConfig) -> ModelConfig:
+    """Fill the architecture fields left unset from the preset (in place). A config made today is
+    filled when it is made; one saved before the fields existed is filled from today's preset when
+    read, which is what it always meant. A config that starts from a checkpoint (init_from) has its
+    architecture in the checkpoint and keeps these unset."""
+    if model.init_from:
+        return model
+    arch = get_preset(model.preset).architecture()
+    for k in ARCHITECTURE_FIELDS:
+        if getattr(model, k) is None:
+            setattr(model, k, arch[k])
+    return model
+
+
+def llama_kwargs(model: ModelConfig) -> dict:
+    """transformers' LlamaConfig arguments of a (filled) ModelConfig."""
+    m = fill_architecture(dataclasses.replace(model))
+    return dict(
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_embeddings,
+        rms_norm_eps=m.rms_norm_eps,
+    )

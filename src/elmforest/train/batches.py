@@ -32,18 +32,16 @@ class WindowSampler:
             raise UserError(
                 f"{shards.root}: no {split!r} split for domain(s) {missing}; have {shards.domains}"
             )
-        self.arrays, self.domains = [], []
-        too_small = []
-        for d in domains:
-            arr = shards.tokens(d, split)
-            if len(arr) < seq_len + 1:
-                too_small.append(d)
-                continue
-            self.arrays.append(arr)
-            self.domains.append(d)
-        if not self.arrays:
-            raise UserError(f"no domain has more than seq_len={seq_len} tokens in split {split!r}")
-        self.skipped_domains = too_small
+        self.arrays = [shards.tokens(d, split) for d in domains]
+        self.domains = domains
+        too_small = {d: len(a) for d, a in zip(domains, self.arrays, strict=True) if len(a) < seq_len + 1}
+        if too_small:  # dropping them would train on other domains than the config names, silently
+            raise UserError(
+                f"{shards.root}: domain(s) with fewer than seq_len + 1 = {seq_len + 1} tokens in split "
+                f"{split!r}: "
+                + ", ".join(f"{d} ({n} tokens)" for d, n in too_small.items())
+                + "; give them more text, leave them out (data.domains), or lower train.seq_len"
+            )
         sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
         if mixture == "tokens":
             self.weights = sizes / sizes.sum()

@@ -1,15 +1,26 @@
-"""The trainer's callbacks: progress and metrics logging (checkpointing stays in the loop, since
-resuming depends on it)."""
+"""The trainer's callbacks: everything the loop does besides stepping the optimizer.
+
+Progress, metrics, the divergence guard, the periodic validation loss and checkpointing each hook
+into the loop (`on_log` after a logged step, `on_step_end` after every step); a phase adds its own
+the same way. The divergence guard and the checkpointer run in every data-parallel process (a
+checkpoint is a collective step), the rest only in the first.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
+
+from elmforest.train.checkpoint import save_checkpoint
+from elmforest.utils.errors import Diverged
 
 if TYPE_CHECKING:
     from elmforest.train.trainer import Trainer
@@ -18,8 +29,77 @@ if TYPE_CHECKING:
 class Callback:
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_log(self, trainer: Trainer, metrics: dict) -> None: ...
+    def on_step_end(self, trainer: Trainer, is_last: bool) -> None: ...
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
+
+
+class DivergenceGuard(Callback):
+    """A non-finite loss ends the run before it is logged or checkpointed (the loss is averaged over
+    processes, so every process stops at the same step)."""
+
+    def on_log(self, trainer, m):
+        if not math.isfinite(m["loss"]):
+            raise Diverged(f"{trainer.run_dir}: loss is {m['loss']} at step {m['step']}; lower optim.lr?")
+
+
+class Checkpointer(Callback):
+    """Every `train.ckpt_every` steps and at the last step (a pause included): a resumable checkpoint."""
+
+    def on_train_start(self, trainer):
+        self.others = [cb for cb in trainer.active_callbacks if cb is not self]
+
+    def on_step_end(self, trainer, is_last):
+        tc = trainer.cfg.train
+        if not ((tc.ckpt_every and trainer.step % tc.ckpt_every == 0) or is_last):
+            return
+        state = trainer.checkpoint_state()  # collective: every process takes part
+        if trainer.lead:
+            path = save_checkpoint(trainer.ckpt_root, trainer.model, trainer.opt, state, tc.keep_checkpoints)
+            for cb in self.others:
+                cb.on_checkpoint(trainer, path)
+        trainer.barrier()
+
+
+class ValidationLoss(Callback):
+    """The mean next-token loss on fixed held-out windows of the run's own domains (their valid split,
+    the same windows every time, spread evenly over the domains), every `train.valid_every` steps
+    (default: at each checkpoint) and at the end, one line per measurement in valid.jsonl. It reads
+    no random state and changes no weight, so a run trains exactly as without it."""
+
+    def on_train_start(self, trainer):
+        tc = trainer.cfg.train
+        self.every = tc.ckpt_every if tc.valid_every is None else tc.valid_every
+        self.windows = _valid_windows(trainer) if self.every and tc.valid_windows else None
+        self.log = JsonlLogger(trainer.run_dir / "valid.jsonl")
+        self.log.on_train_start(trainer)  # lines past a resumed step go, as in metrics.jsonl
+
+    def on_step_end(self, trainer, is_last):
+        if self.windows is None or not (trainer.step % self.every == 0 or is_last):
+            return
+        loss = trainer.validation_loss(self.windows)
+        self.log.on_log(trainer, {"step": trainer.step, "valid_loss": loss, "windows": len(self.windows)})
+
+
+def _valid_windows(trainer) -> torch.Tensor | None:
+    """int64 [W, seq_len + 1]: the first non-overlapping windows of each training domain's valid split."""
+    tc, shards = trainer.cfg.train, trainer.shards
+    domains = [d for d in trainer.sampler.domains if shards.has(d, "valid")]
+    if not domains:
+        print(
+            f"note: {trainer.run_dir.name}: no valid split for its domains; no validation loss",
+            file=sys.stderr,
+        )
+        return None
+    per, T = max(1, math.ceil(tc.valid_windows / len(domains))), tc.seq_len
+    rows = []
+    for d in domains:
+        arr = shards.tokens(d, "valid")
+        rows += [
+            np.asarray(arr[w * T : w * T + T + 1], dtype=np.int64)
+            for w in range(min(per, (len(arr) - 1) // T))
+        ]
+    return torch.from_numpy(np.stack(rows)) if rows else None
 
 
 class ProgressBar(Callback):

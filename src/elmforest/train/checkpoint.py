@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -180,6 +181,20 @@ def save_checkpoint(
     os.rename(tmp, final)
     prune_checkpoints(ckpt_root, keep)
     return final
+
+
+def set_aside_corrupt(ckpt_root: Path) -> None:
+    """Set aside the newest checkpoints that fail verification, saying so, until a good one (or none)
+    is newest: a flipped byte costs the steps since the previous checkpoint, not the run."""
+    ckpts = list_checkpoints(ckpt_root)
+    while ckpts:
+        try:
+            verify_checkpoint(ckpts[-1])
+            return
+        except CorruptCheckpoint as e:
+            aside = set_aside(ckpts.pop())
+            then = f"resuming from {ckpts[-1].name}" if ckpts else "no earlier checkpoint: starting over"
+            print(f"warning: {e}; kept aside as {aside.name}; {then}", file=sys.stderr, flush=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -12,10 +12,20 @@ from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import resolve_model_dir
+from elmforest.model.presets import fill_architecture
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import file_digest
+from elmforest.utils.io import file_digest, read_json
 
-OPERATIONAL_FIELDS = ("device", "stop_at", "log_every", "ckpt_every", "keep_checkpoints", "compile")
+OPERATIONAL_FIELDS = (
+    "device",
+    "stop_at",
+    "log_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "compile",
+    "valid_every",
+    "valid_windows",
+)
 
 
 def run_identity(cfg: dict) -> dict:
@@ -111,3 +121,51 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> str:
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return "; ".join(out)
+
+
+def saved_config(path: Path) -> RunConfig:
+    """A run's saved config, read as it was meant: fields added since take their defaults, and a
+    config saved before the architecture was stored is filled from its preset."""
+    cfg = RunConfig.from_dict(read_json(path))
+    fill_architecture(cfg.model)
+    return cfg
+
+
+def has_progress(run_dir: Path) -> bool:
+    """A checkpoint or a final model: something a different config must not overwrite."""
+    from elmforest.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir / "checkpoints")) or (run_dir / "model").exists()
+
+
+def check_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A run with progress resumes only with the same config; a directory with no checkpoint yet (a
+    run that failed before its first) holds nothing to keep."""
+    saved = run_dir / "run_config.json"
+    if not saved.exists() or not has_progress(run_dir):
+        return
+    old, new = run_identity(saved_config(saved).to_dict()), run_identity(cfg.to_dict())
+    if old != new:
+        raise UserError(
+            f"{run_dir} holds a run with a different config ({config_diff(old, new)}); resume it "
+            f"with the same settings, or delete {run_dir} to train it again with the new ones"
+        )
+
+
+def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
+    """The run's inputs (input_fingerprints), refused when a run with progress started from other
+    content: shards rebuilt at the same path would silently continue on other text, while a moved
+    corpus or forest is accepted."""
+    saved = run_dir / "inputs.json"
+    old = read_json(saved) if saved.is_file() and has_progress(run_dir) else None
+    inputs = input_fingerprints(cfg, shards, old)
+    for key, new in inputs.items() if old else ():
+        was = old.get(key)
+        if was is not None and new is not None and was["fingerprint"] != new["fingerprint"]:
+            what = "shards" if key == "shards" else key.replace("_", ".")
+            raise UserError(
+                f"{run_dir} was started from {what} {was['path']} (fingerprint {was['fingerprint']}) "
+                f"but {new['path']} holds other data (fingerprint {new['fingerprint']}); point it at the "
+                f"original, or delete {run_dir} to start over"
+            )
+    return inputs

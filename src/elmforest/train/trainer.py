@@ -5,22 +5,24 @@ A run directory holds::
     run_config.json        the resolved config tree
     inputs.json            the shards (and checkpoints) it started from: path and content fingerprint
     metrics.jsonl          one JSON object per logged step
+    valid.jsonl            the validation loss at each checkpoint (fixed windows of the valid split)
     checkpoints/step-*/    resumable checkpoints (see checkpoint.py)
     model/                 the final Hugging Face checkpoint (safetensors + tokenizer)
     summary.json           tokens, FLOPs, parameters, wall time; written last, marks the run complete
 
 Starting a run whose directory holds checkpoints resumes from the newest good one (a corrupt one is
 set aside, saying so); starting a complete run does nothing. A directory holding no checkpoint yet
-is not a run to protect: it starts over with whatever config it is given. Progress and logging are callbacks, so other phases can add their own.
+is not a run to protect: it starts over with whatever config it is given. Progress, metrics,
+the divergence guard, the validation loss and checkpointing are callbacks; other phases add their own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,28 +34,22 @@ from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.model.build import build_model, count_params
+from elmforest.model.presets import fill_architecture
 from elmforest.train.batches import WindowSampler
-from elmforest.train.callbacks import Callback, JsonlLogger, ProgressBar
-from elmforest.train.checkpoint import (
-    CorruptCheckpoint,
-    clean_partial,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    set_aside,
-    verify_checkpoint,
+from elmforest.train.callbacks import (
+    Callback,
+    Checkpointer,
+    DivergenceGuard,
+    JsonlLogger,
+    ProgressBar,
+    ValidationLoss,
 )
+from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, set_aside_corrupt
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
-from elmforest.train.runcheck import (
-    check_context,
-    check_same_tokenizer,
-    config_diff,
-    input_fingerprints,
-    run_identity,
-)
+from elmforest.train.runcheck import check_config, check_context, check_inputs, check_same_tokenizer
 from elmforest.train.schedule import lr_at
-from elmforest.utils.device import autocast, resolve_device, resolve_precision
-from elmforest.utils.errors import Diverged, Failed, UserError
+from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
+from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 
 
@@ -66,6 +62,8 @@ class Trainer:
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
+        self.cfg = copy.deepcopy(self.cfg)
+        fill_architecture(self.cfg.model)  # run_config.json names the whole model, not just a preset
         self.step = 0
         self.tokens = 0
 
@@ -78,7 +76,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.shards.root)
         if cfg.model.init_from:
             check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
-        self.rank, self.world, self._owns_group = _init_distributed(cfg.train.device)
+        self.rank, self.world, self._owns_group = init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -131,183 +129,56 @@ class Trainer:
         for g, wd in zip(self.opt.param_groups, (o.weight_decay, 0.0), strict=True):
             g.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=wd)
 
-    def _has_progress(self) -> bool:
-        return bool(list_checkpoints(self.run_dir / "checkpoints")) or (self.run_dir / "model").exists()
-
-    def _check_config(self) -> None:
-        """A run with progress resumes only with the same config and the same shards content; a
-        directory with no checkpoint yet (a run that failed before its first) holds nothing to keep."""
-        saved = self.run_dir / "run_config.json"
-        if not saved.exists() or not self._has_progress():
-            return
-        # through RunConfig, so fields added since the run started take their defaults
-        old, new = (
-            run_identity(RunConfig.from_dict(read_json(saved)).to_dict()),
-            run_identity(self.cfg.to_dict()),
-        )
-        if old != new:
-            raise UserError(
-                f"{self.run_dir} holds a run with a different config ({config_diff(old, new)}); resume it "
-                f"with the same settings, or delete {self.run_dir} to train it again with the new ones"
-            )
-
-    def _check_inputs(self) -> None:
-        """What the run was started from is identified by content, not path (inputs.json): shards rebuilt
-        at the same path are refused (training would silently continue on other text), a moved corpus
-        or forest is accepted."""
-        saved = self.run_dir / "inputs.json"
-        old = read_json(saved) if saved.is_file() and self._has_progress() else None
-        self.inputs = input_fingerprints(self.cfg, self.shards, old)
-        if old is None:
-            return
-        for key, new in self.inputs.items():
-            was = old.get(key)
-            if was is not None and new is not None and was["fingerprint"] != new["fingerprint"]:
-                what = "shards" if key == "shards" else key.replace("_", ".")
-                raise UserError(
-                    f"{self.run_dir} was started from {what} {was['path']} (fingerprint {was['fingerprint']}) "
-                    f"but {new['path']} holds other data (fingerprint {new['fingerprint']}); point it at the "
-                    f"original, or delete {self.run_dir} to start over"
-                )
-
-    def _resume_point(self, ckpt_root: Path, lead: bool) -> list[Path]:
-        """The complete checkpoints, newest last, after setting aside (lead process) any newest ones
-        that fail verification, so a flipped byte costs the steps since the previous checkpoint, not
-        the run."""
-        ckpts = list_checkpoints(ckpt_root)
-        while lead and ckpts:
-            try:
-                verify_checkpoint(ckpts[-1])
-                break
-            except CorruptCheckpoint as e:
-                bad = ckpts.pop()
-                aside = set_aside(bad)
-                then = f"resuming from {ckpts[-1].name}" if ckpts else "no earlier checkpoint: starting over"
-                print(f"warning: {e}; kept aside as {aside.name}; {then}", file=sys.stderr, flush=True)
-        self._barrier()
-        return list_checkpoints(ckpt_root)
-
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary_path = self.run_dir / "summary.json"
-        self._check_config()
+        check_config(self.run_dir, self.cfg)
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
             return read_json(summary_path)  # complete: nothing to do
         self._setup()
-        self._check_inputs()
-        lead = self.rank == 0  # only the first process writes; the others compute
-        if lead:
+        self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
+        self.lead = self.rank == 0  # only the first process writes; the others compute
+        if self.lead:  # once setup succeeded
             self._lock_run_dir()
-        if lead:  # once setup succeeded
             write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())
             write_json_atomic(self.run_dir / "inputs.json", self.inputs)
-        ckpt_root = self.run_dir / "checkpoints"
-        wall_before = 0.0
-        if lead:
-            clean_partial(ckpt_root)
-        ckpts = self._resume_point(ckpt_root, lead)
-        self.resumed_from = None
-        self.start_step = 0
-        loss_window, last_loss = (0.0, 0), math.nan
-        if ckpts:
-            st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
-            self.step, self.tokens, wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
-            self.resumed_from = self.step
-            self.start_step = st.get("start_step", 0)
-            loss_window, last_loss = tuple(st.get("loss_window", (0.0, 0))), st.get("last_loss", math.nan)
-        elif self.cfg.train.init_checkpoint:
-            st = load_checkpoint(Path(self.cfg.train.init_checkpoint), self.model, self.opt, self.device)
-            self.step = self.start_step = st["step"]  # tokens count this run's training only
-            if self.step >= self.cfg.train.steps:
-                raise UserError(
-                    f"init_checkpoint is at step {self.step}, not before train.steps={self.cfg.train.steps}"
-                )
-        self._apply_optim_hparams()  # a checkpoint brings its moments, not its hyper-parameters
-        callbacks = (
-            [ProgressBar(self.progress), JsonlLogger(self.run_dir / "metrics.jsonl"), *self.callbacks]
-            if lead
-            else []
-        )
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._resume()
+        callbacks = self.active_callbacks = self._all_callbacks()
         for cb in callbacks:
             cb.on_train_start(self)
-
         tc = self.cfg.train
-        tokens_per_step = tc.tokens_per_step
-        t_start = t_log = time.perf_counter()
+        self.t_start = t_log = time.perf_counter()
         tokens_at_log = self.tokens
-        loss_sum = torch.tensor(float(loss_window[0]), device=self.device)
-        loss_count = int(loss_window[1])
-        end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
-        while self.step < end:
+        self.end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
+        while self.step < self.end:
             lr = lr_at(self.step, tc.steps, self.cfg.optim)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            for micro in range(tc.grad_accum):
-                batch = self.sampler.batch(self.step, micro)
-                if self.world > 1:
-                    per = tc.batch_size // self.world
-                    batch = batch[self.rank * per : (self.rank + 1) * per]
-                batch = batch.to(self.device, non_blocking=True)
-                sync = self.world == 1 or micro == tc.grad_accum - 1  # all-reduce once per step
-                with contextlib.nullcontext() if sync else self.forward.no_sync():
-                    with autocast(self.device, self.amp_dtype):
-                        logits = self.forward(input_ids=batch[:, :-1]).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-            if self.cfg.optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            else:
-                grad_norm = None
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            grad_norm = self._train_step(lr)
             self.step += 1
-            self.tokens += tokens_per_step
-            is_last = self.step == end
+            self.tokens += tc.tokens_per_step
+            is_last = self.step == self.end
             if self.step % tc.log_every == 0 or is_last:
                 now = time.perf_counter()
-                last_loss = self._mean_over_processes(loss_sum / loss_count)
+                self.last_loss = self._mean_over_processes(self.loss_sum / self.loss_count)
                 m = {
                     "step": self.step,
                     "start_step": self.start_step,
-                    "loss": last_loss,
+                    "loss": self.last_loss,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens": self.tokens,
                     "flops": self.tokens * self.flops_per_token,
                     "tokens_per_s": (self.tokens - tokens_at_log) / max(now - t_log, 1e-9),
-                    "elapsed_s": wall_before + now - t_start,
+                    "elapsed_s": self.wall_before + now - self.t_start,
                 }
-                if not math.isfinite(last_loss):
-                    raise Diverged(
-                        f"{self.run_dir}: loss is {last_loss} at step {self.step}; lower optim.lr?"
-                    )
                 for cb in callbacks:
                     cb.on_log(self, m)
                 t_log, tokens_at_log = now, self.tokens
-                loss_sum.zero_()
-                loss_count = 0
-            if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or is_last:
-                state = {
-                    "step": self.step,
-                    "start_step": self.start_step,
-                    "loss_window": [self._mean_over_processes(loss_sum), loss_count],
-                    "last_loss": last_loss,
-                    "tokens": self.tokens,
-                    "flops": self.tokens * self.flops_per_token,
-                    "wall_s": wall_before + time.perf_counter() - t_start,
-                    "scheduler": {"type": self.cfg.optim.schedule, "step": self.step},
-                    "data": {"sampler": "random_windows", "next_step": self.step},
-                    "config": self.cfg.to_dict(),
-                }
-                if lead:
-                    path = save_checkpoint(ckpt_root, self.model, self.opt, state, tc.keep_checkpoints)
-                    for cb in callbacks:
-                        cb.on_checkpoint(self, path)
-                self._barrier()
-
+                self.loss_sum.zero_()
+                self.loss_count = 0
+            for cb in callbacks:
+                cb.on_step_end(self, is_last)
         if self.step < tc.steps:  # paused at stop_at: the newest checkpoint is the result
             for cb in callbacks:
                 cb.on_train_end(self, {})
@@ -316,11 +187,109 @@ class Trainer:
                 "stopped_at": self.step,
                 "tokens": self.tokens,
                 "flops": self.tokens * self.flops_per_token,
-                "checkpoint": str(list_checkpoints(ckpt_root)[-1]),
+                "checkpoint": str(list_checkpoints(self.ckpt_root)[-1]),
             }
-        if lead:
+        if self.lead:
             self._save_final()
-        summary = {
+        summary = self._summary()
+        if self.lead:
+            write_json_atomic(summary_path, summary)
+        for cb in callbacks:
+            cb.on_train_end(self, summary)
+        self._finish_distributed()
+        return summary
+
+    def _resume(self) -> None:
+        """Where this run starts: its newest good checkpoint, else the checkpoint it branches from
+        (its step, weights and moments: the LR schedule continues), else step 0."""
+        if self.lead:
+            clean_partial(self.ckpt_root)
+        if self.lead:
+            set_aside_corrupt(self.ckpt_root)
+        self._barrier()
+        ckpts = list_checkpoints(self.ckpt_root)
+        self.resumed_from, self.start_step, self.wall_before = None, 0, 0.0
+        loss_window, self.last_loss = (0.0, 0), math.nan
+        if ckpts:
+            st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
+            self.step, self.tokens, self.wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
+            self.resumed_from = self.step
+            self.start_step = st.get("start_step", 0)
+            loss_window, self.last_loss = (
+                tuple(st.get("loss_window", (0.0, 0))),
+                st.get("last_loss", math.nan),
+            )
+        elif self.cfg.train.init_checkpoint:
+            st = load_checkpoint(Path(self.cfg.train.init_checkpoint), self.model, self.opt, self.device)
+            self.step = self.start_step = st["step"]  # tokens count this run's training only
+            if self.step >= self.cfg.train.steps:
+                raise UserError(
+                    f"init_checkpoint is at step {self.step}, not before train.steps={self.cfg.train.steps}"
+                )
+        self._apply_optim_hparams()  # a checkpoint brings its moments, not its hyper-parameters
+        self.loss_sum = torch.tensor(float(loss_window[0]), device=self.device)
+        self.loss_count = int(loss_window[1])
+
+    def _all_callbacks(self) -> list[Callback]:
+        """Every process guards against divergence and takes part in checkpointing (a collective step);
+        the first one also reports progress, logs metrics and measures the validation loss."""
+        shared = [DivergenceGuard(), Checkpointer()]
+        if not self.lead:
+            return shared
+        return [
+            shared[0],
+            ProgressBar(self.progress),
+            JsonlLogger(self.run_dir / "metrics.jsonl"),
+            ValidationLoss(),
+            shared[1],
+            *self.callbacks,
+        ]
+
+    def _train_step(self, lr: float):
+        """One optimizer step over `grad_accum` micro-batches; the loss accumulates for the next log."""
+        tc = self.cfg.train
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        for micro in range(tc.grad_accum):
+            batch = self.sampler.batch(self.step, micro)
+            if self.world > 1:
+                per = tc.batch_size // self.world
+                batch = batch[self.rank * per : (self.rank + 1) * per]
+            batch = batch.to(self.device, non_blocking=True)
+            sync = self.world == 1 or micro == tc.grad_accum - 1  # all-reduce once per step
+            with contextlib.nullcontext() if sync else self.forward.no_sync():
+                with autocast(self.device, self.amp_dtype):
+                    logits = self.forward(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                (loss / tc.grad_accum).backward()
+            self.loss_sum += loss.detach()
+            self.loss_count += 1
+        grad_norm = None
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def checkpoint_state(self) -> dict:
+        """Everything besides weights and optimizer that a resumed run needs (collective: every
+        process calls it)."""
+        return {
+            "step": self.step,
+            "start_step": self.start_step,
+            "loss_window": [self._mean_over_processes(self.loss_sum), self.loss_count],
+            "last_loss": self.last_loss,
+            "tokens": self.tokens,
+            "flops": self.tokens * self.flops_per_token,
+            "wall_s": self.wall_before + time.perf_counter() - self.t_start,
+            "scheduler": {"type": self.cfg.optim.schedule, "step": self.step},
+            "data": {"sampler": "random_windows", "next_step": self.step},
+            "config": self.cfg.to_dict(),
+        }
+
+    def _summary(self) -> dict:
+        tc = self.cfg.train
+        return {
             "steps": self.step,
             "start_step": self.start_step,
             "tokens": self.tokens,
@@ -332,23 +301,39 @@ class Trainer:
             "trainable_params": self.flops_info["trainable_params"],
             "flops_breakdown": self.flops_info,
             "seq_len": tc.seq_len,
-            "tokens_per_step": tokens_per_step,
-            "final_loss": last_loss,
-            "wall_s": wall_before + time.perf_counter() - t_start,
+            "tokens_per_step": tc.tokens_per_step,
+            "final_loss": self.last_loss,
+            "wall_s": self.wall_before + time.perf_counter() - self.t_start,
             "device": str(self.device),
             "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
             "domains": self.sampler.domains,
             "processes": self.world,
             "resumed_from": self.resumed_from,
         }
-        if lead:
-            write_json_atomic(summary_path, summary)
-        for cb in callbacks:
-            cb.on_train_end(self, summary)
-        self._finish_distributed()
-        return summary
+
+    @torch.no_grad()
+    def validation_loss(self, windows: torch.Tensor) -> float:
+        """Mean next-token loss of the model on `windows` [W, T + 1] (the undistributed model: no
+        collective step, so the first process alone can measure it)."""
+        self.model.eval()
+        total, n = 0.0, 0
+        try:
+            for i in range(0, len(windows), self.cfg.train.batch_size):
+                x = windows[i : i + self.cfg.train.batch_size].to(self.device)
+                with autocast(self.device, self.amp_dtype):
+                    logits = self.model(input_ids=x[:, :-1]).logits
+                total += float(
+                    F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                )
+                n += x[:, 1:].numel()
+        finally:
+            self.model.train()
+        return total / n
 
     # -- data parallel helpers ---------------------------------------------------------------
+    def barrier(self) -> None:
+        self._barrier()
+
     def _barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
@@ -397,21 +382,6 @@ def freeze_except(model, pattern: str) -> int:
         names = [k for k, _ in model.named_parameters()][:4]
         raise UserError(f"train.trainable={pattern!r} matches no parameter (names look like {names})")
     return n
-
-
-def _init_distributed(device: str) -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group), from torchrun's environment."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    owns = False
-    if not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        owns = True
-    return dist.get_rank(), dist.get_world_size(), owns
 
 
 def train(

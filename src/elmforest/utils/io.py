@@ -29,12 +29,18 @@ from elmforest.utils.errors import WriteError
 
 
 def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it (os.umask can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # no /proc (not Linux): the usual default
 
 
-_UMASK = _read_umask()  # read once at import: os.umask is process-wide
+_UMASK = _read_umask()
 FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would give; safetensors and mkstemp make 0600
 HOST = socket.gethostname().replace("~", "-")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -35,3 +37,35 @@ def die_with_parent(parent: int | None = None) -> None:
         return
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for(paths: list[Path], timeout: float) -> bool:
+    """Whether every path appeared within `timeout` seconds (another process writes them)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if all(p.exists() for p in paths):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m elmforest.utils.proc PARENT_PID -- CMD ...`: die with PARENT_PID, then exec CMD. The
+    signal request survives exec, so a child gets it without a preexec_fn (unsafe in a
+    multi-threaded parent, such as a Ray worker)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m elmforest.utils.proc PARENT_PID -- CMD [ARG ...]", file=sys.stderr)
+        return 2
+    die_with_parent(int(argv[0]))
+    os.execvp(argv[2], argv[2:])
+    return 127  # not reached
+
+
+def tied_to_this_process(cmd: list[str]) -> list[str]:
+    """`cmd` wrapped so that it dies when this process dies."""
+    return [sys.executable, "-m", "elmforest.utils.proc", str(os.getpid()), "--", *cmd]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
