@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
+from elmforest.cluster.kmeans import assign_labels
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.utils.errors import AlreadyExists
 from elmforest.utils.io import staged_dir, write_json_atomic
@@ -165,7 +166,7 @@ def assign_corpus(
             oks.append(ok)
         s, ok = np.concatenate(scores), np.concatenate(oks)
         cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
-        global_labels, _ = _label(s, ok, cap)
+        global_labels = assign_labels(s, ok, cap)
     stats = ReadStats()
     sizes = np.zeros(k, dtype=np.int64)
     table: Counter = Counter()
@@ -185,7 +186,7 @@ def assign_corpus(
                 if global_labels is not None:
                     labels = global_labels[done : done + len(docs)]
                 else:
-                    labels, _ = _label(clusterer.scores(z), ok, None, sizes=sizes)
+                    labels = assign_labels(clusterer.scores(z), ok, sizes=sizes)
                 np.add.at(sizes, labels, 1)
                 done += len(docs)
                 not_vectorised += int((~ok).sum())
@@ -244,26 +245,3 @@ def _check_out(out: Path) -> None:
             f"{out} exists and is not the output of `cluster assign` ({what}); refusing to replace it: "
             "pass another --out"
         )
-
-
-def _label(scores: np.ndarray, ok: np.ndarray, capacity: np.ndarray | None, sizes: np.ndarray | None = None):
-    """Nearest centre (or balanced under `capacity`); documents that cannot be vectorised are not dropped:
-    they go where there is most room (balanced) or to the currently smallest cluster."""
-    from elmforest.cluster.kmeans import balanced_assign
-
-    k = scores.shape[1]
-    labels = np.zeros(len(scores), dtype=np.int64)
-    if capacity is not None:
-        if ok.any():
-            labels[ok] = balanced_assign(scores[ok].astype(np.float64), capacity)
-        room = (capacity - np.bincount(labels[ok], minlength=k)).astype(float)
-    else:
-        labels[ok] = scores[ok].argmax(1)
-        room = -(sizes if sizes is not None else np.zeros(k)).astype(float) - np.bincount(
-            labels[ok], minlength=k
-        )
-    for i in np.flatnonzero(~ok):
-        j = int(np.argmax(room))
-        labels[i] = j
-        room[j] -= 1
-    return labels, room

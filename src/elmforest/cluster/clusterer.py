@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans, neg_sq_dist
+from elmforest.cluster.kmeans import assign_labels, balanced_kmeans, neg_sq_dist
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path, write_json_atomic
 
@@ -267,25 +267,12 @@ class Clusterer:
         """Nearest centre, or a balanced assignment under per-cluster `capacity`. Returns (labels, ok).
 
         Texts that cannot be vectorised (no known word) are never dropped: they go to the cluster with
-        the most room left (or the smallest), and ok=False marks them.
+        the most room left (or the smallest), and ok=False marks them (the rule `cluster assign` uses).
         """
         z, ok = self.embed(texts)
-        labels = np.zeros(len(z), dtype=np.int64)
-        s = self.scores(z[ok])
-        if capacity is None:
-            labels[ok] = s.argmax(1) if len(s) else labels[ok]
-            room = np.zeros(self.k)
-        else:
-            cap = np.asarray(capacity, dtype=np.int64).copy()
-            if len(s):
-                labels[ok] = balanced_assign(s, cap)
-                cap -= np.bincount(labels[ok], minlength=self.k)
-            room = cap.astype(float)
-        for i in np.flatnonzero(~ok):
-            j = int(np.argmax(room))
-            labels[i] = j
-            room[j] -= 1
-        return labels, ok
+        s = np.zeros((len(z), self.k))
+        s[ok] = self.scores(z[ok])
+        return assign_labels(s, ok, capacity), ok
 
     def route(
         self, z: np.ndarray, k: int | None = None, temperature: float = 0.1, allowed: np.ndarray | None = None

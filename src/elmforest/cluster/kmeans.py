@@ -4,6 +4,10 @@ The assignment step is a capacity-constrained linear assignment solved with the 
 algorithm (Bertsekas), as c-BTM does following BASE layers: points bid for clusters, a full
 cluster keeps its highest bidders and raises its price, and outbid points bid again. With bid
 increment eps the result is within N·eps of the optimal total score.
+
+The initial centres are scikit-learn's k-means++ (greedy, seeded by `seed`) rather than a copy of
+our own; `assign_labels` is the one rule for documents that cannot be vectorised, used by both
+`Clusterer.assign` and `cluster assign`.
 """
 
 from __future__ import annotations
@@ -78,15 +82,36 @@ def balanced_assign(
     return label
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centres = [x[rng.integers(len(x))]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1.0 / len(x))
-        c = x[rng.choice(len(x), p=p)]
-        centres.append(c)
-        d2 = np.minimum(d2, ((x - c) ** 2).sum(1))
-    return np.stack(centres)
+def assign_labels(
+    scores: np.ndarray,
+    ok: np.ndarray,
+    capacity: np.ndarray | int | None = None,
+    sizes: np.ndarray | None = None,
+) -> np.ndarray:
+    """Labels [N]: the nearest centre, or a balanced assignment under per-cluster `capacity`.
+
+    Rows with ok=False (documents that could not be vectorised) have no meaningful scores but are never
+    dropped: they go, one by one, where there is most room left under `capacity`, or else to the
+    smallest cluster, counting `sizes` (documents already assigned, e.g. by earlier chunks of a stream).
+    """
+    k = scores.shape[1]
+    ok = np.asarray(ok, bool)
+    labels = np.zeros(len(scores), dtype=np.int64)
+    if capacity is not None:
+        cap = np.broadcast_to(np.asarray(capacity, np.int64), (k,)).copy()
+        if ok.any():
+            labels[ok] = balanced_assign(scores[ok].astype(np.float64), cap)
+        room = (cap - np.bincount(labels[ok], minlength=k)).astype(float)
+    else:
+        labels[ok] = scores[ok].argmax(1)
+        room = -(sizes if sizes is not None else np.zeros(k)).astype(float) - np.bincount(
+            labels[ok], minlength=k
+        )
+    for i in np.flatnonzero(~ok):
+        j = int(np.argmax(room))
+        labels[i] = j
+        room[j] -= 1
+    return labels
 
 
 def neg_sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -101,8 +126,10 @@ def balanced_kmeans(
     n = len(x)
     if k < 1 or k > n:
         raise UserError(f"need 1 <= k <= number of points ({n}), got k={k}")
-    rng = np.random.default_rng(seed)
-    centres = kmeans_plusplus(x, k, rng)
+    from sklearn.cluster import kmeans_plusplus
+
+    rng = np.random.default_rng(seed)  # re-seeds a cluster left empty
+    centres, _ = kmeans_plusplus(x, k, random_state=seed)
     cap = -(-n // k)
     labels = np.full(n, -1)
     prices = np.zeros(k)

@@ -23,27 +23,16 @@ from elmforest.cluster.clusterer import WORD, Clusterer, normalise_word
 from elmforest.data.tokenizer import LoadedTokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte <-> printable-character table used by byte-level BPE."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def token_byte_table(tok: LoadedTokenizer) -> list[bytes]:
     """The bytes each token id stands for (exact for byte-level BPE; per-token decode otherwise)."""
     spec = json.loads(tok.tokenizer.to_str())
     byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
     special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    # GPT-2's reversible byte <-> printable-character table, in which byte-level BPE spells its tokens:
+    # transformers' own rather than a copy (5.x keeps it here; the GPT-2 tokenizer module lost it)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
     table = []
     for i in range(tok.vocab_size):
         piece = tok.tokenizer.id_to_token(i)

@@ -1,6 +1,7 @@
-"""c-BTM's sparse routing inside forest evaluation: the top-k experts by distance of the context's
-embedding to the cluster centres, per window or per segment of W tokens, each document routed on its
-own context (evaluate.py holds the rest of forest evaluation)."""
+"""c-BTM's sparse routing: the top-k experts by distance of the context's embedding to the cluster
+centres. Evaluation (per window or per segment of W tokens, each document routed on its own context;
+evaluate.py holds the rest) and generation (incremental, token by token) share `ClusterRouting`, so
+the cluster -> expert map and the fallback before any known word cannot drift apart between them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,64 @@ from elmforest.forest.pool import ExpertPool, doc_starts, valid_mask
 from elmforest.utils.errors import UserError
 
 
-class ClusterContext:
-    """c-BTM routing state for one evaluation: the clusterer, the router, cluster -> expert map."""
+class ClusterRouting:
+    """The forest's clusterer and which expert serves each cluster: context embeddings -> expert weights."""
+
+    def __init__(self, forest: Forest, names: list[str], k: int, temperature: float):
+        from elmforest.cluster.clusterer import Clusterer
+
+        info = forest.data.get("clusterer")
+        if not info:
+            raise UserError(
+                f"{forest.root}: the forest has no clusterer; cluster routing needs one "
+                "(elmforest forest init --clusterer DIR)"
+            )
+        self.clusterer = Clusterer.load(forest.root / info["path"])
+        # a cluster served by several experts goes to the last of them (in `names` order)
+        self.expert_of = {}
+        for j in range(self.clusterer.k):
+            for i, n in enumerate(names):
+                if f"cluster{j}" in forest.expert(n)["domains"]:
+                    self.expert_of[j] = i
+        if not self.expert_of:  # nothing could be routed to: every weight would be 0/0
+            raise UserError(
+                f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
+            )
+        self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
+        sizes = np.asarray(
+            self.clusterer.meta.get("fit", {}).get("sizes") or np.ones(self.clusterer.k), float
+        )
+        # an empty context (no known word yet) has no embedding: the fit's cluster sizes are the prior
+        self.fallback = np.where(self.allowed, sizes, 0.0)
+        self.k, self.temperature, self.n = k, temperature, len(names)
+
+    def incremental_router(self, tok):
+        """A router over this clusterer that reads the token ids of `tok` one at a time."""
+        from elmforest.cluster.router import IncrementalRouter, token_byte_table
+
+        return IncrementalRouter(self.clusterer, token_byte_table(tok), tok.eos_id)
+
+    def expert_weights(self, z: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Expert weights [P, N] (zero outside the top-k) for context embeddings z [P, d]."""
+        w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
+        if (~ok).any():  # no known word yet: the k largest clusters with an expert, weighted by size
+            fb = self.fallback.copy()
+            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
+            w_cluster[~ok] = fb / fb.sum()
+        w = np.zeros((len(z), self.n))
+        for j, i in self.expert_of.items():
+            w[:, i] += w_cluster[:, j]
+        return w
+
+    def context_weights(self, router) -> np.ndarray:
+        """Expert weights [N] for everything `router` (from `incremental_router`) has read: generation
+        re-routes after every token without re-reading the context."""
+        h, ok = router.embedding()
+        return self.expert_weights(h[None], np.array([ok]))[0]
+
+
+class ClusterContext(ClusterRouting):
+    """c-BTM routing state for one evaluation: the shared routing plus where the routing points fall."""
 
     def __init__(
         self,
@@ -27,55 +84,23 @@ class ClusterContext:
         seq_len: int,
         reset: str = "document",
     ):
-        from elmforest.cluster.clusterer import Clusterer
-        from elmforest.cluster.router import IncrementalRouter, token_byte_table
         from elmforest.data.tokenizer import load_tokenizer as _load_tok
 
-        info = forest.data.get("clusterer")
-        if not info:
-            raise UserError(
-                f"{forest.root}: the forest has no clusterer (elmforest forest init --clusterer DIR)"
-            )
-        self.clusterer = Clusterer.load(forest.root / info["path"])
-        self.expert_of = {}
-        for j in range(self.clusterer.k):
-            for i, n in enumerate(names):
-                if f"cluster{j}" in forest.expert(n)["domains"]:
-                    self.expert_of[j] = i
-        if not self.expert_of:
-            raise UserError(
-                f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
-            )
-        self.allowed = np.array([j in self.expert_of for j in range(self.clusterer.k)])
-        sizes = np.asarray(
-            self.clusterer.meta.get("fit", {}).get("sizes") or np.ones(self.clusterer.k), float
-        )
-        self.fallback = np.where(self.allowed, sizes, 0.0)  # empty context: the cluster sizes as the prior
+        super().__init__(forest, names, k, temperature)
         if route == "sequence":
             self.seg = seq_len
         elif route.startswith("segment:"):
             self.seg = max(1, int(route.split(":", 1)[1]))
         else:
             raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
-        self.k, self.temperature, self.n, self.seq_len = k, temperature, len(names), seq_len
-        self.reset = reset
-        tok = _load_tok(shards.root)
-        self.router = IncrementalRouter(self.clusterer, token_byte_table(tok), shards.eos_id)
+        self.seq_len, self.reset = seq_len, reset
+        self.router = self.incremental_router(_load_tok(shards.root))
 
     def weights(self, stream: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Expert weights [P, N] for segments starting at `positions` (zero outside the top-k)."""
         from elmforest.cluster.router import route_stream
 
-        z, ok = route_stream(self.router, stream, positions)
-        w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
-        if (~ok).any():  # no known word yet: the k largest clusters, weighted by size
-            fb = self.fallback.copy()
-            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
-            w_cluster[~ok] = fb / fb.sum()
-        w = np.zeros((len(positions), self.n))
-        for j, i in self.expert_of.items():
-            w[:, i] += w_cluster[:, j]
-        return w
+        return self.expert_weights(*route_stream(self.router, stream, positions))
 
     def nll(self, pool: ExpertPool, stream: np.ndarray, nw: int):
         """Each position takes the routing of the latest routing point at or before it in its window:

@@ -1,4 +1,5 @@
-"""The forest's experts at evaluation time: loaded on demand, each run alone, its log-probs cached.
+"""The forest's experts: loaded on demand, each run alone; scored windows cached for evaluation, a KV
+cache per expert for generation, so both load, place and run experts the same way.
 
 Several mixtures of the same experts on the same data (posterior, fixed, top-k, uniform) run each
 expert once; `passes` still counts every token an expert was asked to score, which is the compute of
@@ -19,7 +20,7 @@ from elmforest.eval.bpb import n_windows, token_logprobs, window_batch
 from elmforest.forest.manifest import Forest
 from elmforest.forest.posterior import cached_prior, sequence_posterior
 from elmforest.model.build import load_model
-from elmforest.utils.device import resolve_device, resolve_precision
+from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
 
 
@@ -34,6 +35,7 @@ class ExpertPool:
     keep_loaded: bool = True
     _models: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
+    _decoding: dict = field(default_factory=dict)  # expert -> its KV cache over a prefix of the tokens
     passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
     scoring: str = ""  # what is being scored ("domain/split"), for the error of a non-finite expert
 
@@ -87,6 +89,30 @@ class ExpertPool:
 
     def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
         return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
+
+    @torch.no_grad()
+    def advance(self, j: int, ids: list[int]) -> torch.Tensor:
+        """Log-probs [new, V] of expert j predicting the token after each of `ids` it has not read yet.
+
+        `ids` only ever grows (generation appends to it): the expert's KV cache holds the prefix it has
+        read, so an expert left out of some steps (c-BTM's top-k) catches up in one pass when needed.
+        """
+        state = self._decoding.setdefault(j, {"cache": None, "seen": 0, "last": None})
+        m = self.model(j)
+        new = torch.tensor([ids[state["seen"] :]], device=self.device)
+        with autocast(self.device, self.amp):
+            out = m(input_ids=new, cache=state["cache"], use_cache=True)
+        lp = torch.log_softmax(out.logits[0].float(), -1)
+        state.update(cache=out.cache, seen=len(ids), last=lp[-1])
+        self.passes += new.shape[1]
+        return lp
+
+    def next_logprobs(self, j: int, ids: list[int]) -> torch.Tensor:
+        """Log-probs [V] of expert j for the token after all of `ids` (reading only what it has not)."""
+        state = self._decoding.get(j)
+        if state is None or state["seen"] < len(ids):
+            self.advance(j, ids)
+        return self._decoding[j]["last"]
 
 
 def make_pool(
