@@ -144,3 +144,27 @@ def test_a_tied_child_dies_with_its_parent(tmp_path):
         parent.kill()
         parent.wait()
     assert_all_die(kids)
+
+
+def test_raw_data_evaluation_never_guesses_which_documents_were_held_out(corpus, tokenizer_dir, tmp_path):
+    """With its training shards moved, raw-data evaluation used the default fractions (5%/5%), so its
+    `test` documents were not the model's held-out ones (these shards hold out 10%/10%)."""
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval.bpb import evaluate
+
+    shards = tmp_path / "shards"
+    build_shards(corpus, tokenizer_dir, shards, SplitSpec(0.1, 0.1), progress=False)
+    run = tmp_path / "run"
+    train(tiny_config(shards, steps=4), run, progress=False)
+    want = evaluate(run, shards, progress=False)  # the shards' own test split
+    shutil.move(shards, tmp_path / "elsewhere")
+    got = evaluate(run, corpus, progress=False)  # elmforest_data.json keeps the fractions
+    assert got["split_spec"] == {"valid_frac": 0.1, "test_frac": 0.1}
+    for d, r in want["domains"].items():
+        assert (got["domains"][d]["bytes"], got["domains"][d]["documents"]) == (r["bytes"], r["documents"])
+    (run / "model" / "elmforest_data.json").unlink()  # a model saved before that file
+    with pytest.raises(UserError, match="--split-fractions"):
+        evaluate(run, corpus, progress=False)
+    given = evaluate(run, corpus, progress=False, split_spec=SplitSpec(0.1, 0.1))
+    assert given["domains"] == got["domains"]

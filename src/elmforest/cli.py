@@ -40,6 +40,19 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def split_fractions(s: str):
+    """VALID,TEST: the hash-split fractions of held-out documents (a SplitSpec)."""
+    from elmforest.data.splits import SplitSpec
+
+    parts = [x.strip() for x in s.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected VALID,TEST (two fractions), got {s!r}")
+    try:
+        return SplitSpec(fraction(parts[0]), fraction(parts[1]))
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="elmforest", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -106,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         help="per domain: the first whole documents that fit in this many bytes of text (the same "
         "documents for every model and tokenizer)",
+    )
+    ev.add_argument(
+        "--split-fractions",
+        type=split_fractions,
+        metavar="VALID,TEST",
+        help="raw data: the hash-split fractions that held documents out of training (default: the "
+        "model's own, recorded beside its weights)",
     )
     ev.add_argument("--seq-len", type=positive_int)
     ev.add_argument("--batch-size", type=positive_int, default=16)
@@ -324,6 +344,7 @@ def _dispatch(args) -> int:
             precision=args.precision,
             progress=not args.no_progress,
             trust_remote_code=args.trust_remote_code,
+            split_spec=args.split_fractions,
         )
         if "read" in res:
             _print_read(res["read"])

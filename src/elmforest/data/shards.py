@@ -15,6 +15,8 @@ half-written shard set.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -247,6 +249,22 @@ class Shards:
                 f"{idx}: built by an older elmforest that left out the special tokens its tokenizer adds "
                 "to every document (e.g. BOS); rebuild the shards with --overwrite"
             )
+
+    @property
+    def fingerprint(self) -> str:
+        """What the shards hold (tokenizer, split, every domain's token, document and byte counts),
+        not where they came from: a run is tied to this, not to a path."""
+        content = {k: v for k, v in self.index.items() if k != "source"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def record(self) -> dict:
+        """What a model trained on these shards keeps of them (elmforest_data.json beside its weights):
+        which documents were held out, even once the shards are gone."""
+        return {
+            "shards": str(self.root.resolve()),
+            "fingerprint": self.fingerprint,
+            "split": self.index["split"],
+        }
 
     @staticmethod
     def is_shards_dir(path: str | os.PathLike) -> bool:

@@ -214,6 +214,7 @@ def evaluate(
     precision: str = "auto",
     progress: bool = True,
     trust_remote_code: bool = False,
+    split_spec: SplitSpec | None = None,
 ) -> dict:
     """Evaluate a model (run dir or HF checkpoint) on a shards dir or on raw JSONL/Parquet/txt data.
 
@@ -242,7 +243,7 @@ def evaluate(
                 raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
             stored = split
         else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
-            spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir)
+            spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
             stored = "train" if split == "all" else split
             built = build_shards(
                 data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
@@ -272,14 +273,26 @@ def evaluate(
     return result
 
 
-def training_split_spec(mdir: Path) -> SplitSpec:
-    """The split fractions the model's training shards used, so raw-data `test` means the same documents."""
+def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec:
+    """The split fractions of the model's training shards, so raw-data `test` means the documents it
+    never trained on: `given` (--split-fractions) first, then the model's elmforest_data.json, then its
+    training shards (models saved before that file). An elmforest model whose shards are gone is an
+    error rather than a guess (default fractions could put its training documents in `test`); a
+    checkpoint from elsewhere, whose training data elmforest cannot know, takes the defaults."""
+    if given is not None:
+        return given
+    if (mdir / "elmforest_data.json").is_file():
+        return SplitSpec(**read_json(mdir / "elmforest_data.json")["split"])
     run_cfg = mdir / "elmforest_run.json"
-    if run_cfg.is_file():
-        shards = read_json(run_cfg)["data"]["shards"]
-        if shards and Shards.is_shards_dir(shards):
-            return SplitSpec(**Shards(shards).index["split"])
-    return SplitSpec()
+    if not run_cfg.is_file():
+        return SplitSpec()
+    shards = read_json(run_cfg)["data"]["shards"]
+    if shards and Shards.is_shards_dir(shards):
+        return SplitSpec(**Shards(shards).index["split"])
+    raise UserError(
+        f"{mdir}: its training shards {shards or '(none recorded)'} are gone, so which documents it held out "
+        "is unknown; pass --split-fractions VALID,TEST (the --valid-frac and --test-frac they were built with)"
+    )
 
 
 def default_seq_len(mdir: Path) -> int:

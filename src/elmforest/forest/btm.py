@@ -51,6 +51,7 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
         model.save_pretrained(str(tmp), safe_serialization=True)
         save_tokenizer(load_tokenizer(shards.root), tmp)
         write_json_atomic(tmp / "elmforest_run.json", cfg.to_dict())
+        write_json_atomic(tmp / "elmforest_data.json", shards.record())
     return out
 
 

@@ -5,7 +5,6 @@ HF checkpoint it started from), never by path; and what a model can take (contex
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from elmforest.config import RunConfig
@@ -49,7 +48,7 @@ def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = N
         return {"path": str(Path(path).resolve()), "fingerprint": fp, **extra}
 
     out = {
-        "shards": entry(shards.root, shards_fingerprint(shards)),
+        "shards": entry(shards.root, shards.fingerprint),
         "init_checkpoint": None,
         "init_from": None,
     }
@@ -74,13 +73,6 @@ def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = N
                     h.update(f"{f.name}:{file_digest(f)['sha256']}".encode())
             out["init_from"] = entry(d, h.hexdigest()[:16], stamp=stamp)
     return out
-
-
-def shards_fingerprint(shards: Shards) -> str:
-    """What the shards hold (tokenizer, split, every domain's token, document and byte counts), not
-    where they came from."""
-    content = {k: v for k, v in shards.index.items() if k != "source"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_context(model, cfg: RunConfig) -> None:

@@ -369,6 +369,7 @@ class Trainer:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             save_tokenizer(self.tokenizer, tmp)
             write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
+            write_json_atomic(tmp / "elmforest_data.json", self.shards.record())
 
 
 def freeze_except(model, pattern: str) -> int:
