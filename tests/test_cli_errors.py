@@ -174,3 +174,38 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
     assert rc == 0, out
     assert f"note: expert {name}" in (f / "runs" / name / "job.log").read_text()
     assert Forest.load(f).intact(name) is None
+
+
+def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):
+    rc, out = _run(["presets"], capsys)
+    assert rc == 0 and "train: 256 steps x batch 16 x 256 tokens, LR 0.002, experts 0.008" in out
+    rc, out = _run(
+        [
+            "train",
+            "--shards",
+            shards_dir,
+            "--out",
+            tmp_path / "r",
+            "--preset",
+            "tiny",
+            "--no-progress",
+            "--set",
+            "train.steps=10",
+            "--set",
+            "train.log_every=5",
+        ],
+        capsys,
+    )
+    assert rc == 0 and "r: step 5/10 loss" in out and "r: step 10/10 loss" in out  # never silent
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "elmforest.cli", "shards", "show", str(shards_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.close()  # the reader leaves at once, as `| head` does once it has its lines
+    err = p.stderr.read()
+    assert p.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

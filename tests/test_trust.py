@@ -251,14 +251,14 @@ def test_removal_deletes_merged_copies_it_knows_of(forest, tmp_path, capsys):
 def test_removal_deletes_a_merged_moe_and_its_router_training(forest, shards_dir, tmp_path, capsys):
     f = Forest.load(forest)
     moe = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    kept = tmp_path / "router-run"  # a run placed by the caller stays, and is recorded
     trained = train_router(
-        moe, shards_dir, steps=2, out=tmp_path / "moe-trained", batch_size=2, progress=False
+        moe, shards_dir, steps=2, out=tmp_path / "moe-trained", run_dir=kept, batch_size=2, progress=False
     )
-    runs = list(tmp_path.glob("moe-trained.router-run-*"))
-    assert len(runs) == 1 and (trained / "model.safetensors").is_file()
+    assert (kept / "model" / "model.safetensors").is_file() and (trained / "model.safetensors").is_file()
     rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", f.names[0]], capsys)
     assert rc == 0
-    assert not moe.exists() and not trained.exists() and not runs[0].exists()
+    assert not moe.exists() and not trained.exists() and not kept.exists()
 
 
 def test_a_crafted_clusterer_cannot_point_outside_its_folder(tmp_path, corpus, capsys):

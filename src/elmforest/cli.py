@@ -25,7 +25,11 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
         help="model + training preset (see `elmforest presets`; default cpu-small, or a seed's own)",
     )
     p.add_argument("--config", help="a run_config.json to start from instead of the preset's defaults")
-    p.add_argument("--init-from", help="a local HF causal-LM checkpoint to start from (its weights)")
+    p.add_argument(
+        "--init-from",
+        help="a local HF causal-LM checkpoint whose weights (and architecture) this training starts from "
+        "(for `forest seed`: the dense run starts there; --from-checkpoint instead takes it as the seed itself)",
+    )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom model code from --init-from"
     )
@@ -127,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw data: the hash-split fractions that held documents out of training (default: the "
         "model's own, recorded beside its weights)",
     )
-    ev.add_argument("--seq-len", type=positive_int)
-    ev.add_argument("--batch-size", type=positive_int, default=16)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--precision", default="auto")
+    ev.add_argument(
+        "--seq-len", type=positive_int, help="window length (default: the model's training context)"
+    )
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ev.add_argument(
+        "--precision", default="auto", help="auto (bf16 where the hardware runs it) | bf16 | fp32"
+    )
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
     add_forest_eval_args(ev)
@@ -146,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cf = cl.add_parser("fit", help="tf-idf -> SVD -> balanced k-means on a sample of the corpus")
     cf.add_argument("--data", required=True)
-    cf.add_argument("--k", type=positive_int, required=True)
+    cf.add_argument("--k", type=positive_int, required=True, help="number of clusters (one expert each)")
     cf.add_argument("--out", required=True)
-    cf.add_argument("--dims", type=positive_int, default=100)
+    cf.add_argument(
+        "--dims", type=positive_int, default=100, help="SVD dimensions of the tf-idf (c-BTM: 100)"
+    )
     cf.add_argument("--sample-docs", type=positive_int, default=20_000)
-    cf.add_argument("--min-df", type=positive_int, default=2)
+    cf.add_argument(
+        "--min-df", type=positive_int, default=2, help="drop words seen in fewer sampled documents than this"
+    )
     cf.add_argument("--seed", type=nonneg_int, default=0)
     cf.add_argument("--split", help="fit on this split's documents only (e.g. train)")
     cf.add_argument(
@@ -195,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
     try:
-        return _dispatch(args)
+        rc = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `elmforest shards show DIR | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
             raise
@@ -356,9 +373,13 @@ def _dispatch(args) -> int:
         from elmforest.model.presets import PRESETS
 
         for p in PRESETS.values():
+            t, o = p.train, p.optim
+            experts = f", experts {p.expert_lr:g}" if p.expert_lr else ""
             print(
                 f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
-                f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}"
+                f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
+                f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum} x {t.seq_len} tokens, "
+                f"LR {o.lr:g}{experts} ({o.schedule}, warmup {o.warmup_frac:g}), checkpoint every {t.ckpt_every}"
             )
         return 0
     raise AssertionError(args.cmd)

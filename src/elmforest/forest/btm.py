@@ -63,7 +63,7 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     cfg = _dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
     run_dir = forest.root / "runs" / "dense"
-    res = train(cfg, run_dir, progress=progress)
+    res = train(cfg, run_dir, progress=progress, label="seed")  # the dense run's first part
     ckpt = run_dir / "checkpoints" / f"step-{plan.seed_steps:08d}"
     if "stopped_at" not in res or not ckpt.is_dir():
         raise Failed(

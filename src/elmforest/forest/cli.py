@@ -66,7 +66,10 @@ def add_forest_parsers(sub, add_common_train) -> None:
         "--seed-share", type=open_fraction, default=0.5, help="share of the dense run's steps (BTM: 0.5)"
     )
     p.add_argument(
-        "--from-checkpoint", help="use this local HF checkpoint as the seed instead of training one"
+        "--from-checkpoint",
+        help="take this local HF checkpoint as the seed itself, trained no further (its experts then train "
+        "with its own elmforest_run.json, else the preset); --init-from instead starts the seed's dense run "
+        "from its weights",
     )
     _expert_lr_arg(p)
     add_common_train(p)
@@ -152,11 +155,16 @@ def add_forest_parsers(sub, add_common_train) -> None:
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--weighting", default="posterior", choices=["posterior", "fixed"])
     g.add_argument("--show-weights", action="store_true", help="print the final mixture weights")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument(
         "--cluster-k", type=positive_int, help="c-BTM: route each step to the top-k clusters of the context"
     )
-    g.add_argument("--temperature-routing", type=positive_float, default=0.1)
+    g.add_argument(
+        "--temperature-routing",
+        type=positive_float,
+        default=0.1,
+        help="c-BTM: T in exp(-distance^2 / T) when routing to clusters (with --cluster-k)",
+    )
 
 
 def _expert_lr_arg(p) -> None:
@@ -186,7 +194,13 @@ def add_forest_eval_args(ev: argparse.ArgumentParser) -> None:
         choices=["ensemble", "topk", "average", "cluster"],
         help="cluster: c-BTM routing by distance to the forest's cluster centres",
     )
-    ev.add_argument("--k", type=positive_int, default=2, help="experts per sequence for --mode topk")
+    ev.add_argument(
+        "--k",
+        type=positive_int,
+        default=2,
+        help="experts used: --mode topk, the k of the largest prior (or prefix) weights; --mode cluster, "
+        "the k nearest clusters",
+    )
     ev.add_argument("--prior", default="cached", choices=["cached", "uniform"])
     ev.add_argument(
         "--weighting",

@@ -53,7 +53,7 @@ def add_merge_parsers(sub) -> None:
     p.add_argument(
         "--train-data", help="shards for router training (default: --data, else the first expert's shards)"
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max-shard-bytes", type=positive_int, help="default: one expert's checkpoint size")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")

@@ -39,6 +39,7 @@ from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     read_json,
+    remove_path,
     replace_dir,
     temp_sibling,
     undone_on_failure,
@@ -396,15 +397,30 @@ def train_router(
     o.lr, o.weight_decay, o.warmup_frac, o.schedule, o.min_lr_ratio = lr, 0.0, 0.1, "cosine", 0.1
     cfg = apply_overrides(cfg, list(overrides or []))
     # one run per export: re-exporting into the same place must not pick up an older finished run
+    keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run-{fingerprint}"))
     _record_copies(meta, run_dir, out)
-    summary = train(cfg, run_dir, progress=progress)
+    summary = train(cfg, run_dir, progress=progress, label="router")
 
     tmp = temp_sibling(out)
     with undone_on_failure(tmp, out):
         _finish_router_training(
-            tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fingerprint
+            tmp,
+            run_dir / "model",
+            moe_dir,
+            run_dir if keep else None,
+            meta,
+            steps,
+            lr,
+            batch_size,
+            sh,
+            domains,
+            summary,
+            fingerprint,
+            out,
         )
+    if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
+        remove_path(run_dir)
     return out
 
 
@@ -433,11 +449,11 @@ def export_fingerprint(moe_dir: Path) -> str:
 
 
 def _finish_router_training(
-    tmp, out, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fp
+    tmp, trained, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fp, out
 ):
     import shutil
 
-    shutil.copytree(run_dir / "model", tmp)
+    shutil.copytree(trained, tmp)
     for f in ("generation_config.json",):
         if (moe_dir / f).is_file() and not (tmp / f).is_file():
             shutil.copy2(moe_dir / f, tmp / f)
@@ -449,7 +465,7 @@ def _finish_router_training(
         "domains": domains,
         "tokens": summary["tokens"],
         "flops": summary["flops"],  # by what ran: the router trains, everything else is frozen
-        "run": str(run_dir),
+        "run": str(run_dir) if run_dir else None,  # kept only where the caller asked for it
         "from": str(moe_dir),
         "from_fingerprint": fp,
     }

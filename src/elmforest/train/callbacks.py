@@ -103,20 +103,31 @@ def _valid_windows(trainer) -> torch.Tensor | None:
 
 
 class ProgressBar(Callback):
+    """A progress bar; without one (--no-progress, jobs writing to a log), a line per logged step, so a
+    long run is never silent for minutes."""
+
     def __init__(self, enabled: bool = True):
         self.enabled, self.bar = enabled, None
 
     def on_train_start(self, trainer):
+        self.desc = trainer.label or trainer.run_dir.name
         self.bar = tqdm(
             total=trainer.cfg.train.steps,
             initial=trainer.step,
-            desc=trainer.run_dir.name,
+            desc=self.desc,
             unit="step",
             disable=not self.enabled,
             dynamic_ncols=True,
         )
 
     def on_log(self, trainer, m):
+        if not self.enabled:
+            print(
+                f"{self.desc}: step {m['step']}/{trainer.cfg.train.steps} loss {m['loss']:.4f} "
+                f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+            return
         self.bar.update(m["step"] - self.bar.n)
         self.bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
 

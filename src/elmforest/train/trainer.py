@@ -59,6 +59,7 @@ class Trainer:
     run_dir: Path
     callbacks: list[Callback] = field(default_factory=list)
     progress: bool = True
+    label: str | None = None  # what progress lines call the run (default: its directory's name)
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
@@ -386,6 +387,10 @@ def freeze_except(model, pattern: str) -> int:
 
 
 def train(
-    cfg: RunConfig, run_dir: str | Path, progress: bool = True, callbacks: list[Callback] | None = None
+    cfg: RunConfig,
+    run_dir: str | Path,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    label: str | None = None,
 ) -> dict:
-    return Trainer(cfg, Path(run_dir), callbacks or [], progress).fit()
+    return Trainer(cfg, Path(run_dir), callbacks or [], progress, label).fit()
