@@ -13,12 +13,12 @@ from scipy.optimize import linear_sum_assignment
 
 from elmforest.cluster.assign import assign_corpus, fit_clusterer
 from elmforest.cluster.clusterer import Clusterer, ClustererError
-from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans
+from elmforest.cluster.kmeans import assign_labels, balanced_assign, balanced_kmeans
 from elmforest.cluster.router import IncrementalRouter, token_byte_table
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.utils.errors import AlreadyExists
+from elmforest.utils.errors import AlreadyExists, UserError
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +61,19 @@ def test_warm_started_auction_stays_near_optimal():
         lab = balanced_assign(s, 3, prices=prices)
         r, c = linear_sum_assignment(-np.repeat(s, 3, axis=1))
         assert s[np.arange(12), lab].sum() >= np.repeat(s, 3, axis=1)[r, c].sum() - 12 * 0.1
+
+
+def test_unvectorised_documents_go_where_there_is_most_room():
+    """One rule for `Clusterer.assign` and `cluster assign`: documents without a vector fill the most
+    room left under the capacities, or else the smallest cluster, counting earlier chunks' sizes."""
+    s = np.array([[0.0, -1, -2], [0, -1, -2], [0, -1, -2], [0, 0, 0], [0, 0, 0]])
+    ok = np.array([True, True, True, False, False])
+    labels = assign_labels(s, ok, sizes=np.array([0, 0, 5]))
+    assert labels.tolist() == [0, 0, 0, 1, 1]  # cluster 2 already holds 5 from earlier chunks
+    labels = assign_labels(s, ok, np.array([2, 2, 2]))
+    assert np.bincount(labels[ok], minlength=3).tolist() == [2, 1, 0]
+    assert labels[~ok].tolist() == [2, 1]  # the most room first
+    assert assign_labels(s, ok, 2).tolist() == labels.tolist()  # a scalar capacity is every cluster's
 
 
 def test_clusters_find_the_domains_and_fit_is_balanced(clusterer_dir, corpus, tmp_path):
@@ -239,9 +252,23 @@ def test_incremental_routing_equals_routing_from_scratch_on_every_prefix(cluster
         h, ok = router.embedding()
         z, ok_ref = c.embed([tok.decode(ids[:t])])
         assert ok == bool(ok_ref[0]), t
-        assert np.allclose(h, z[0], atol=1e-9), t
+        assert np.allclose(h, z[0], rtol=0, atol=1e-7), t  # float64, summed in another order
     router.push_token(tok.eos_id)  # a new document starts from an empty context
     assert router.embedding()[1] is False
+
+
+def test_byte_table_is_gpt2s_and_spells_every_token(tokenizer_dir):
+    """The byte <-> character table comes from transformers now; it must be GPT-2's, as written before."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    rest = [b for b in range(256) if b not in printable]
+    want = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(rest)}
+    assert bytes_to_unicode() == want
+    tok = load_tokenizer(tokenizer_dir)
+    text = "the lord — café naïve ✓\nlicense 42"
+    table = token_byte_table(tok)
+    assert b"".join(table[t] for t in tok.encode_batch([text])[0]) == text.encode("utf-8")
 
 
 def test_route_top_k_and_temperature(clusterer_dir):
@@ -331,9 +358,40 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert 1 / 3 - 1e-9 <= top1_doc["compute"]["fraction_of_full"] < 2 / 3
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
     seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **run)
-    assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-12)
+    assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
     seg5 = evaluate_forest_shards(f, sh, k=2, route="segment:5", **run)
     assert math.isfinite(seg5["domains"][d]["bpb"]) and seg5["domains"][d]["bpb"] > 0
+
+
+def test_cluster_routing_maps_clusters_to_experts_and_falls_back_on_sizes(
+    cluster_forest, forest_dir, tokenizer_dir, tmp_path
+):
+    """Evaluation and generation share this: cluster -> expert map, top-k, and the size prior."""
+    from elmforest.forest.cluster_route import ClusterRouting
+    from elmforest.forest.manifest import Forest
+
+    f = Forest.load(cluster_forest)
+    r = ClusterRouting(f, [f.names[0], f.names[2]], k=1, temperature=0.1)  # cluster1 has no expert
+    assert r.expert_of == {0: 0, 2: 1} and r.allowed.tolist() == [True, False, True]
+    tok = load_tokenizer(tokenizer_dir)
+    router = r.incremental_router(tok)
+    sizes = np.asarray(r.clusterer.meta["fit"]["sizes"], float)[[0, 2]]
+    want = np.zeros(2)
+    want[int(np.argmax(sizes))] = 1.0  # no word yet: the largest cluster with an expert
+    assert r.context_weights(router).tolist() == want.tolist()
+    text = "license software warranty"
+    for t in tok.encode_batch([text])[0]:
+        router.push_token(t)
+    z, ok = r.clusterer.embed([text])
+    assert np.allclose(r.context_weights(router), r.expert_weights(z, ok)[0], atol=1e-12)
+    assert (r.context_weights(router) > 0).sum() == 1
+    with pytest.raises(UserError, match="no clusterer"):
+        ClusterRouting(Forest.load(forest_dir), Forest.load(forest_dir).names, 1, 0.1)
+    g = Forest.init(tmp_path / "g")
+    g.set_clusterer(cluster_forest / "clusterer")
+    g.add(f.expert_dir(f.names[0]), "plain", ["code"])
+    with pytest.raises(UserError, match="no expert is trained on a cluster"):
+        ClusterRouting(Forest.load(tmp_path / "g"), ["plain"], 1, 0.1)
 
 
 def test_cbtm_generation_routes_to_top_k(cluster_forest):
@@ -388,3 +446,55 @@ def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir,
     )
     with pytest.raises(ClustererError, match="not the embedding model"):
         Clusterer.load(tmp_path / "c")
+
+
+def test_tfidf_transform_matches_sklearn_tfidf_vectorizer(corpus):
+    """The clusterer's own transform (sublinear tf 1 + ln tf, its stored idf, L2 rows) equals sklearn's
+    TfidfVectorizer configured the same way with its built-in analyzer (lower-case, words of 2+ word
+    characters, English stop words; a preprocessor maps words starting with a digit to the number term)."""
+    import re
+    from collections import Counter
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from elmforest.cluster.clusterer import NUMBER, analyze
+
+    def numbers(text: str) -> str:
+        return re.sub(r"\w+", lambda m: NUMBER if m.group()[0].isdigit() else m.group(), text.lower())
+
+    docs = [d.text for d in iter_documents(corpus)]
+    fit = docs[::4] + [f"In 19{i} the LORD's 2nd King said: x y Thou SHALT 7 times" for i in range(5)]
+    probe = [
+        *docs[1:40:4],  # documents the fit never saw
+        "The Lord SAID unto Moses, unto MOSES: 42 and 4x2 and 7",  # tf > 1, case, numbers
+        "def def def return return lambda yield king",
+        "zzz qqq the and of",  # no known word: a zero row
+        "",
+    ]
+    c = Clusterer.fit(fit, 3, dims=8, min_df=2)
+    kw = {"preprocessor": numbers, "stop_words": "english", "sublinear_tf": True, "min_df": 2}
+    ref = TfidfVectorizer(norm=None, dtype=np.float64, **kw).fit(fit)
+    assert ref.get_feature_names_out().tolist() == c.terms and NUMBER in c.terms and "king" in c.terms
+    np.testing.assert_allclose(c.idf, ref.idf_, rtol=1e-12)
+    raw = ref.transform(probe).toarray()  # [N, V] unnormalised tf-idf
+    unit = TfidfVectorizer(norm="l2", dtype=np.float64, **kw).fit(fit).transform(probe).toarray()
+
+    # the whole tf-idf matrix: a clusterer whose projection is the identity embeds texts as their rows
+    v = len(c.terms)
+    ident = Clusterer(c.terms, c.idf, np.eye(v), np.zeros((1, v)))
+    z, ok = ident.embed(probe)
+    np.testing.assert_allclose(z, unit, rtol=1e-9, atol=1e-12)
+    assert ok.tolist() == (np.abs(raw).sum(1) > 0).tolist() and ok.sum() == len(probe) - 2
+    for text, row in zip(probe, raw, strict=True):
+        np.testing.assert_allclose(ident.counts_vector(Counter(analyze(text))), row, rtol=1e-9, atol=1e-12)
+    col = {t: i for i, t in enumerate(c.terms)}
+    for term, tf in (("def", 3), ("return", 2), ("king", 1)):  # sublinear tf, by hand
+        assert raw[len(probe) - 3, col[term]] == pytest.approx(
+            (1 + math.log(tf)) * c.idf[col[term]], rel=1e-12
+        )
+    # and the real clusterer: sklearn's tf-idf rows, projected on its SVD components, L2-normalised
+    proj = raw @ c.components.T
+    norm = np.linalg.norm(proj, axis=1, keepdims=True)
+    zc, okc = c.embed(probe)
+    np.testing.assert_allclose(zc[okc], (proj / np.where(norm > 0, norm, 1))[okc], rtol=1e-9, atol=1e-12)
+    assert okc.tolist() == ok.tolist()

@@ -442,18 +442,33 @@ def test_duplicate_ids_and_unknown_domains_are_errors(tmp_path):
         demo.build_demo_corpus(tmp_path, domains=["nope"], progress=False)
 
 
-def test_demo_domains_order():
-    assert demo.DEMO_DOMAINS == (
-        "scripture",
-        "drama",
-        "legal",
-        "python_docs",
-        "manpages",
-        "python_code",
-        "aphorisms",
-        "computing_glossary",
-    )
-    assert set(demo.BUILDERS) == set(demo.DEMO_DOMAINS)
+def test_demo_domains_order(tmp_path, monkeypatch):
+    """The manifest lists domains (built and skipped) in DEMO_DOMAINS order whatever order they were
+    built in, and a domain rebuilt later takes its place in that order, not the end."""
+    order = list(demo.DEMO_DOMAINS)
+    assert len(set(order)) == len(order) and set(demo.BUILDERS) == set(order)
+
+    def fine(name):
+        return lambda cache: demo.DomainBuild([Doc(f"{name}/a", f"text of {name}")], "test")
+
+    def boom(cache):
+        raise demo.SkipDomain("unavailable")
+
+    skipped = [order[1], order[4]]
+    for name in order:
+        monkeypatch.setitem(demo.BUILDERS, name, boom if name in skipped else fine(name))
+    kw = {"cache_dir": tmp_path / "cache", "progress": False}
+    m = demo.build_demo_corpus(tmp_path / "out", domains=order[::-1], **kw)  # built last to first
+    assert list(m["domains"]) == [d for d in order if d not in skipped]
+    assert list(m["skipped"]) == skipped
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert list(on_disk["domains"]) == list(m["domains"]) and list(on_disk["skipped"]) == skipped
+    monkeypatch.setitem(demo.BUILDERS, skipped[0], fine(skipped[0]))
+    again = demo.build_demo_corpus(tmp_path / "out", domains=[skipped[0]], **kw)
+    assert list(again["domains"]) == [d for d in order if d != skipped[1]]
+    assert list(again["skipped"]) == [skipped[1]]
+    report = demo.format_report(again)
+    assert [report.index(d) for d in again["domains"]] == sorted(report.index(d) for d in again["domains"])
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -38,13 +39,13 @@ def test_posterior_weights_match_brute_force():
                 for j in range(n)
             ]
             want = [u / sum(unnorm) for u in unnorm]
-            assert lw[:, bi, ti].exp().tolist() == pytest.approx(want, rel=1e-9)
+            assert lw[:, bi, ti].exp().tolist() == pytest.approx(want, rel=1e-7)  # float64, other order
             prev = [float(prior[j]) * (math.exp(float(lp[j, bi, ti - 1])) if ti else 1.0) for j in range(n)]
             assert lw_demix[:, bi, ti].exp().tolist() == pytest.approx(
-                [p / sum(prev) for p in prev], rel=1e-9
+                [p / sum(prev) for p in prev], rel=1e-7
             )
             mix = sum(want[j] * math.exp(lp[j, bi, ti]) for j in range(n))
-            assert float(ensemble_logprob(lp, lw)[bi, ti]) == pytest.approx(math.log(mix), rel=1e-9)
+            assert float(ensemble_logprob(lp, lw)[bi, ti]) == pytest.approx(math.log(mix), rel=1e-7)
     assert torch.allclose(log_weights(lp, prior, "fixed").exp()[:, 0, 0], prior)
     seq = sequence_posterior(lp, prior)
     assert torch.allclose(seq, torch.softmax(torch.log(prior)[:, None] + lp.sum(-1), 0))
@@ -115,8 +116,8 @@ def test_ensemble_distribution_sums_to_one_and_matches_scoring(forest_dir, shard
     lp = full.gather(-1, y.clamp_min(0)[None, :, :, None].expand(len(models), -1, -1, 1))[..., 0]
     lw = log_weights(lp, torch.tensor([0.2, 0.3, 0.5]), "posterior")
     mix = mixture_logprobs(full, lw)  # [B, T, V]
-    assert torch.allclose(mix.exp().sum(-1), torch.ones(2, 16, dtype=torch.float64), atol=1e-9)
-    assert torch.allclose(mix.gather(-1, y[..., None])[..., 0], ensemble_logprob(lp, lw), atol=1e-9)
+    assert torch.allclose(mix.exp().sum(-1), torch.ones(2, 16, dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(mix.gather(-1, y[..., None])[..., 0], ensemble_logprob(lp, lw), atol=1e-7)
 
 
 def test_one_expert_forest_equals_that_expert(forest_dir, shards_dir, tmp_path):
@@ -146,8 +147,9 @@ def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_
     topn = _eval(forest_dir, shards_dir, mode="topk", k=n)
     prefix = _eval(forest_dir, shards_dir, mode="topk", k=n, select="prefix:8")
     for d in full["domains"]:
-        assert topn["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
-        assert prefix["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-9)
+        # the experts' float32 forward passes run in other batches here: equal to float32 rounding
+        assert topn["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-6)
+        assert prefix["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-6)
         assert sum(full["domains"][d]["posterior"].values()) == pytest.approx(1.0)
     # prefix selection with k < n: every expert reads the first w tokens, the chosen k the whole window
     sh = Shards(shards_dir)
@@ -320,6 +322,21 @@ def test_generation_with_one_expert_is_that_experts_greedy_decode(forest_dir, tm
     assert all(sum(w.values()) == pytest.approx(1.0) for w in gm.weights)
 
 
+def test_generation_reads_an_expert_as_evaluation_scores_it(forest_dir, shards_dir):
+    """One pool serves both: generation's KV-cached reading, caught up in pieces, gives the log-probs
+    of evaluation's window pass."""
+    sh = Shards(shards_dir)
+    pool = make_pool(Forest.load(forest_dir), device="cpu", precision="fp32")
+    stream, T = sh.tokens(sh.domains[0], "test"), 32
+    want = pool.logprobs(1, stream, sh.eos_id, T, [0])[0]
+    ids = [sh.eos_id] + [int(t) for t in stream[: T - 1]]
+    lp = torch.cat([pool.advance(1, ids[:5]), pool.advance(1, ids[:20]), pool.advance(1, ids)])
+    got = lp.gather(1, torch.as_tensor(np.asarray(stream[:T], dtype=np.int64))[:, None])[:, 0]
+    assert torch.allclose(got, want, atol=1e-4)
+    passes = pool.passes
+    assert torch.equal(pool.next_logprobs(1, ids), lp[-1]) and pool.passes == passes  # nothing new to read
+
+
 def test_forest_cli_verbs(forest_dir, shards_dir, tmp_path, capsys):
     from elmforest.cli import main
 
@@ -392,18 +409,162 @@ def test_forest_cli_verbs(forest_dir, shards_dir, tmp_path, capsys):
     assert main(["eval", "--forest", f, "--model", str(forest_dir), "--data", str(shards_dir)]) == 2
 
 
+def test_forest_cli_show_and_fsck(forest_dir, tmp_path, capsys):
+    """`forest show` prints the manifest; `forest fsck` finds a clean forest clean, repairs what is safe
+    (a dead process's temporary, an interrupted removal) and reports what is not (altered weights)."""
+    import shutil
+    import subprocess
+
+    from elmforest.cli import main
+    from elmforest.utils.io import HOST
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root)
+    f = str(root)
+    names = Forest.load(root).names
+    assert main(["forest", "show", "--forest", f]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((root / "forest.json").read_text())
+    assert main(["forest", "list", "--forest", f]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 2 + len(names)  # header, seed, one line per expert
+    for n in names:
+        assert any(line.split()[0] == n and f"domains={n}" in line for line in listing[2:]), n
+
+    assert main(["forest", "fsck", "--forest", f]) == 0
+    assert "0 repair(s), 0 problem(s) left" in capsys.readouterr().out
+
+    # a checkpoint temporary of a process that died (kept: one of a live process), and a removal killed
+    # half-way
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ckpts = root / "runs" / names[0] / "checkpoints"
+    ckpts.mkdir(exist_ok=True)
+    stale = ckpts / f".step-00000099.tmp~{HOST}~{dead.pid}"
+    live = ckpts / f".step-00000099.tmp~{HOST}~{os.getpid()}"
+    for p in (stale, live):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    victim = names[1]
+
+    def tombstone(d):
+        d["experts"] = [e for e in d["experts"] if e["name"] != victim]
+        d["removed"] = [*d.get("removed", []), {"name": victim, "removed": "now", "state": "pending"}]
+
+    Forest.load(root).update(tombstone)  # the manifest write of `forest remove`, then a kill
+    assert (root / "experts" / victim).is_dir() and (root / "runs" / victim).is_dir()
+    assert main(["forest", "fsck", "--forest", f]) == 0
+    out = capsys.readouterr().out
+    assert f"finished removing expert {victim}" in out and str(stale) in out
+    assert not stale.exists() and live.exists()
+    assert not (root / "experts" / victim).exists() and not (root / "runs" / victim).exists()
+    assert Forest.load(root).data["removed"][-1]["state"] == "done"
+    assert main(["forest", "fsck", "--forest", f]) == 0  # nothing left to repair
+    assert "0 repair(s), 0 problem(s) left" in capsys.readouterr().out
+    shutil.rmtree(live)
+
+    # a weights file altered in place, same size: --quick (sizes) misses it, the checksum check does not
+    weights = root / "experts" / names[0] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(["forest", "fsck", "--forest", f, "--quick"]) == 0
+    capsys.readouterr()
+    assert main(["forest", "fsck", "--forest", f]) == 1
+    out = capsys.readouterr().out
+    assert f"expert {names[0]}" in out and "checksum mismatch" in out and "1 problem(s) left" in out
+
+
+def test_forest_eval_on_raw_data_equals_eval_on_its_shards(forest_dir, shards_dir, corpus, tmp_path):
+    """`eval --forest F --data <raw corpus>` re-tokenizes the documents with the experts' tokenizer and
+    splits them with the experts' fractions: the same test documents, priors and bits per byte."""
+    from elmforest.cli import main
+
+    res = {}
+    for what, data in (("shards", shards_dir), ("raw", corpus)):
+        out = tmp_path / f"{what}.json"
+        argv = ["eval", "--forest", str(forest_dir), "--data", str(data), "--json", str(out)]
+        argv += ["--prior-batches", "2", "--device", "cpu", "--precision", "fp32", "--no-progress"]
+        assert main(argv) == 0
+        res[what] = json.loads(out.read_text())
+    a, b = res["shards"], res["raw"]
+    assert a["split"] == b["split"] == "test"
+    assert b["split_spec"] == Shards(shards_dir).index["split"]
+    assert a["domains"] and set(a["domains"]) == set(b["domains"])
+    for d, want in a["domains"].items():
+        got = b["domains"][d]
+        for key in ("documents", "tokens", "bytes"):
+            assert got[key] == want[key], (d, key)
+        assert got["prior"] == pytest.approx(want["prior"], rel=1e-6), d  # from the same valid documents
+        assert got["nll_nats"] == pytest.approx(want["nll_nats"], rel=1e-6), d
+        assert got["bpb"] == pytest.approx(want["bpb"], rel=1e-6), d
+    assert b["mean_bpb"] == pytest.approx(a["mean_bpb"], rel=1e-6)
+
+
+_ADDER = """
+import sys, time
+from pathlib import Path
+from elmforest.forest.manifest import Forest
+
+root, prefix, ready, go, *srcs = sys.argv[1:]
+f = Forest.load(root)  # loaded before the other process adds anything
+Path(ready).touch()
+deadline = time.time() + 120
+while not Path(go).exists():
+    if time.time() > deadline:
+        sys.exit(3)
+    time.sleep(0.001)
+for i, src in enumerate(srcs):
+    f.add(src, f"{prefix}{i}", [f"{prefix}{i}"])
+"""
+
+
 def test_concurrent_adds_keep_both_and_opt_out_is_durable(forest_dir, shards_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
     src = Forest.load(forest_dir)
-    Forest.init(tmp_path / "f")
-    a, b = (
-        Forest.load(tmp_path / "f"),
-        Forest.load(tmp_path / "f"),
-    )  # two processes, loaded before either adds
-    a.add(src.expert_dir(src.names[0]), src.names[0], ["x"])
-    b.add(src.expert_dir(src.names[1]), src.names[1], ["y"])
-    assert sorted(Forest.load(tmp_path / "f").names) == sorted(src.names[:2])
+    root = tmp_path / "f"
+    Forest.init(root)
+    srcs = [str(src.expert_dir(n)) for n in src.names]
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _ADDER,
+                str(root),
+                prefix,
+                str(tmp_path / f"ready-{prefix}"),
+                str(go),
+                *srcs,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for prefix in ("a", "b")
+    ]
+    try:  # two processes, each with the forest loaded, then adding at the same moment
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready-{x}").exists() for x in "ab") and time.time() < deadline:
+            dead = [p for p in procs if p.poll() is not None]
+            assert not dead, [p.stderr.read() for p in dead]
+            time.sleep(0.01)
+        assert all((tmp_path / f"ready-{x}").exists() for x in "ab"), "the adders never got ready"
+        go.touch()
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    f = Forest.load(root)
+    want = [f"{p}{i}" for p in "ab" for i in range(len(srcs))]
+    assert sorted(f.names) == want  # every entry of both processes landed, none overwritten
+    assert all(f.intact(n, deep=True) is None for n in want)
+    assert sorted(p.name for p in (root / "experts").iterdir() if not p.name.startswith(".")) == want
     with pytest.raises(ValueError, match="reserved"):
-        b.add(src.expert_dir(src.names[1]), "dense", ["y"])
+        f.add(src.expert_dir(src.names[1]), "dense", ["y"])
 
     import shutil
 

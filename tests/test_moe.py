@@ -167,6 +167,79 @@ def test_router_rows_match_brute_force(forest_dir, shards_dir, tmp_path):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+def _mlp_input_means(model, shards, domains, seq_len, tokens):
+    """[layers, hidden]: the mean over every real token of the sampled windows (one window at a time) of
+    the hidden state entering each layer's MLP (the output of its post-attention norm)."""
+    acts: list = [[] for _ in model.model.layers]
+    hooks = [
+        layer.post_attention_layernorm.register_forward_hook(
+            lambda _m, _a, o, store=acts[i]: store.append(o.detach()[0].double())
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        for stream, ids in sample_windows(shards, domains, "train", seq_len, tokens):
+            for w in ids:
+                lo, hi = w * seq_len, min((w + 1) * seq_len, len(stream))
+                tgt = torch.as_tensor(np.asarray(stream[lo:hi], dtype=np.int64))
+                prev = int(stream[lo - 1]) if lo > 0 else shards.eos_id
+                with torch.no_grad():
+                    model(input_ids=torch.cat([torch.tensor([prev]), tgt[:-1]]).unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([torch.cat(layer_acts).mean(0) for layer_acts in acts])
+
+
+@pytest.mark.parametrize("shared,center", [("average", False), ("seed", True)])
+def test_hidden_state_router_rows_match_brute_force_with_one_common_model(
+    forest_dir, shards_dir, tmp_path, shared, center
+):
+    """`--router hidden-states`: one common model (the experts' average, or the seed with --shared seed)
+    embeds every expert's data, so all rows live in one basis (unlike domain-embeddings)."""
+    from elmforest.cli import main
+
+    f = Forest.load(forest_dir)
+    out = tmp_path / "moe"
+    argv = ["merge", "moe", "--forest", str(forest_dir), "--out", str(out), "--router", "hidden-states"]
+    argv += ["--shared", shared, "--sample-tokens", "200", "--device", "cpu"]
+    assert main(argv + (["--router-center"] if center else [])) == 0
+    experts = [load_model(d).eval() for d in f.expert_dirs()]
+    if shared == "seed":
+        common = load_model(f.seed_dir).eval()
+    else:  # the uniform average of the experts, by hand
+        common = load_model(f.expert_dirs()[0]).eval()
+        sds = [e.state_dict() for e in experts]
+        common.load_state_dict({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]})
+    shards = Shards(shards_dir)
+    T = default_seq_len(resolve_model_dir(f.expert_dirs()[0]))
+    means = torch.stack(
+        [_mlp_input_means(common, shards, f.expert(n)["domains"], T, 200) for n in f.names], dim=1
+    )  # [L, E, H]
+    if center:
+        means = means - means.mean(dim=1, keepdim=True)
+    want = means / means.norm(dim=-1, keepdim=True)
+    with ExitStack() as st:
+        w = LazyWeights(out, st)
+        got = torch.stack(
+            [w.get(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(want.shape[0])]
+        )
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # not what each expert's own model gives (domain-embeddings): the common model matters
+    own = torch.stack(
+        [
+            _mlp_input_means(e, shards, f.expert(n)["domains"], T, 200)
+            for n, e in zip(f.names, experts, strict=True)
+        ],
+        dim=1,
+    )
+    if center:
+        own = own - own.mean(dim=1, keepdim=True)
+    assert not torch.allclose(got.double(), own / own.norm(dim=-1, keepdim=True), atol=1e-3)
+    meta = json.loads((out / "elmforest_moe.json").read_text())
+    assert meta["spec"]["router"] == "hidden-states" and meta["shared"] == shared
+
+
 def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tmp_path):
     f = Forest.load(forest_dir)
     gone = f.names[1]
@@ -257,27 +330,27 @@ def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path):
 
 
 def _ties_brute(ts, w, base, density, scale):
-    out = base.clone().flatten()
-    deltas = [(t - base).flatten() for t in ts]
-    keep = max(1, int(round(density * out.numel())))
+    """TIES element by element in plain Python floats (Yadav et al. 2023): trim each task vector to its
+    `density` largest magnitudes, elect the sign of the weighted sum, average the agreeing entries."""
+    b = base.double().flatten().tolist()
+    deltas = [[x - y for x, y in zip(t.double().flatten().tolist(), b, strict=True)] for t in ts]
+    keep = max(1, int(round(density * len(b))))
     trimmed = []
     for d in deltas:
-        order = sorted(range(d.numel()), key=lambda i: -abs(float(d[i])))
-        kept = torch.zeros_like(d)
-        for i in order[:keep]:
-            kept[i] = d[i]
-        trimmed.append(kept)
-    for i in range(out.numel()):
-        s = sum(wj * float(d[i]) for wj, d in zip(w, trimmed, strict=True))
+        kept_idx = set(sorted(range(len(d)), key=lambda i, d=d: -abs(d[i]))[:keep])
+        trimmed.append([v if i in kept_idx else 0.0 for i, v in enumerate(d)])
+    out = []
+    for i, x in enumerate(b):
+        s = sum(wj * d[i] for wj, d in zip(w, trimmed, strict=True))
         sign = (s > 0) - (s < 0)
         num = den = 0.0
         for wj, d in zip(w, trimmed, strict=True):
-            v = float(d[i])
+            v = d[i]
             if v != 0 and ((v > 0) - (v < 0)) == sign:
                 num += wj * v
                 den += wj
-        out[i] += scale * (num / den if den else 0.0)
-    return out.view_as(base)
+        out.append(x + scale * (num / den if den else 0.0))
+    return torch.tensor(out, dtype=base.dtype).view_as(base)
 
 
 def test_merge_methods_match_hand_computation():
@@ -312,10 +385,9 @@ def test_forest_average_cli_with_ties(forest_dir, tmp_path):
     seed = load_file(str(resolve_model_dir(f.seed_dir) / "model.safetensors"))
     n = len(experts)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
-        want = get_method("ties")(
-            [e[name] for e in experts], [1 / n] * n, base=seed[name], density=0.5, scale=0.9
-        )
-        torch.testing.assert_close(got[name], want)
+        want = _ties_brute([e[name] for e in experts], [1 / n] * n, seed[name], density=0.5, scale=0.9)
+        assert not torch.allclose(want, sum(e[name] for e in experts) / n, atol=1e-4)  # not the mean
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
     meta = json.loads((out / "elmforest_average.json").read_text())
     assert meta["method"] == "ties" and meta["params"] == {"scale": 0.9, "density": 0.5}
 
@@ -380,11 +452,12 @@ def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shard
     export_moe(f, out, MoeSpec(router="random", seed=0))
     train_router(out, shards_dir, **kw)
     first = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach().clone()
-    run1 = json.loads((out / "elmforest_moe.json").read_text())["router_training"]["run"]
+    run1 = json.loads((out / "elmforest_moe.json").read_text())["router_training"]["from_fingerprint"]
+    assert not list(tmp_path.glob("moe.router-run-*"))  # the scratch run goes once `out` holds the result
     export_moe(f, out, MoeSpec(router="random", seed=1))  # a new export into the same place
     train_router(out, shards_dir, **kw)
     second = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach()
-    assert json.loads((out / "elmforest_moe.json").read_text())["router_training"]["run"] != run1
+    assert json.loads((out / "elmforest_moe.json").read_text())["router_training"]["from_fingerprint"] != run1
     assert not torch.equal(first, second)
     export_moe(f, tmp_path / "top1", MoeSpec(router="random", top_k=1))
     with pytest.raises(ValueError, match="top-k >= 2"):

@@ -94,13 +94,40 @@ def test_unreadable_inputs_name_the_file(tmp_path):
 
 
 def test_reading_is_lazy(tmp_path):
-    p = tmp_path / "big.jsonl"
-    with open(p, "w") as f:
-        for i in range(10_000):
-            f.write(json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n")
-    it = iter_documents(p)
+    """The first document arrives before the file has been read to its end: lines appended after the
+    first document was taken are still read. A reader that loads the whole file (or the list of its
+    documents) up front never sees them."""
+    p = tmp_path / "growing.jsonl"
+    p.write_text(json.dumps({"id": "0", "text": "doc 0"}) + "\n")
+    stats = ReadStats()
+    it = iter_documents(p, stats)
     first = next(it)
-    assert first.text == "doc 0"
+    assert (first.id, first.text) == ("0", "doc 0") and stats.documents == 1
+    with open(p, "a") as f:  # written only now, after the first document was consumed
+        for i in range(1, 4):
+            f.write(json.dumps({"id": str(i), "text": f"doc {i}"}) + "\n")
+    assert [d.text for d in it] == ["doc 1", "doc 2", "doc 3"]
+    assert stats.documents == 4
+
+
+def test_parquet_is_read_one_batch_at_a_time(tmp_path, monkeypatch):
+    """Parquet: the first document is yielded after one record batch, not after the whole file."""
+    p = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(5000)]}), p, row_group_size=500)
+    taken = []
+    real = pq.ParquetFile.iter_batches
+
+    def counting(self, *a, **k):
+        for batch in real(self, *a, **k):
+            taken.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    monkeypatch.setattr(pq, "read_table", None)  # an eager reader fails here instead of passing
+    it = iter_documents(p)
+    assert next(it).text == "doc 0"
+    assert len(taken) == 1 and taken[0] < 5000
+    assert sum(1 for _ in it) == 4999 and sum(taken) == 5000
 
 
 def test_entries_with_a_data_suffix_that_are_not_readable_files_are_errors_naming_them(tmp_path):

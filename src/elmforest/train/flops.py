@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from transformers import PreTrainedModel
 
 FLOPS_FORMULA = (
@@ -65,10 +66,16 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
     group = 0
     layer_start: dict[int, int] = {}  # the first group of each layer
     trained_vecs: list[tuple[str, int | None]] = []  # trainable vectors (norms, biases) and their layer
+    # every lookup table (a learned position embedding too: GPT-2's wpe, OPT's embed_positions) is read,
+    # not multiplied; like the input embedding it costs nothing but needs the gradient of its output
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
         m = _LAYER.search(name)
         layer = int(m.group(1)) if m else None
         if p is emb:
+            continue
+        if id(p) in lookups:
+            units.append((f"{name} (lookup)", 0.0, p.requires_grad, 0, None))
             continue
         if p.dim() < 2:  # no multiply, but a trainable norm needs the gradient of its output
             if p.requires_grad:

@@ -1,0 +1,245 @@
+"""Growing a forest beyond the default recipe: a seed from a checkpoint of another architecture, an expert
+branched from another expert, and experts trained by several data-parallel processes each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from elmforest.cli import main
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.forest.manifest import Forest
+from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.train.batches import WindowSampler
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _first_batch_loss(model_dir: Path, run_dir: Path) -> float:
+    """The loss `model_dir`'s weights give on the first batch of the run in `run_dir`: what the run
+    logs at step 1 when it starts from exactly those weights (the loss is taken before the update)."""
+    cfg = RunConfig.from_dict(json.loads((run_dir / "run_config.json").read_text()))
+    assert cfg.train.grad_accum == 1 and cfg.train.precision == "fp32"
+    sampler = WindowSampler(
+        Shards(cfg.data.shards),
+        cfg.data.domains,
+        cfg.data.split,
+        cfg.train.seq_len,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        cfg.data.mixture,
+    )
+    batch = sampler.batch(0, 0)
+    model = load_model(model_dir)  # train mode as the trainer uses it; the models here have no dropout
+    with torch.no_grad():
+        logits = model(input_ids=batch[:, :-1]).logits
+    return float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()))
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(resolve_model_dir(model_dir) / "model.safetensors"))
+
+
+# -- a seed of another architecture ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny GPT-2 (no dropout, wide random init so its loss is its own) shipping the shards' tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    out = tmp_path_factory.mktemp("gpt2") / "seed"
+    cfg = GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        initializer_range=0.3,
+        bos_token_id=tok.eos_id,
+        eos_token_id=tok.eos_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(str(out))
+    save_tokenizer(tok, out)
+    return out
+
+
+def test_a_gpt2_checkpoint_seeds_a_forest_whose_experts_start_from_it(
+    gpt2_checkpoint, corpus, tmp_path, capsys
+):
+    seed, sh, f = gpt2_checkpoint, tmp_path / "shards", tmp_path / "f"
+    argv = ["shards", "build", "--data", corpus, "--tokenizer", seed, "--out", sh, "--no-progress"]
+    assert _run(argv, capsys)[0] == 0
+    assert _run(["forest", "seed", "--forest", f, "--shards", sh, "--from-checkpoint", seed], capsys)[0] == 0
+    rc, out = _run(
+        [
+            *("forest", "expert", "--forest", f, "--shards", sh, "--domain", "code", "--preset", "tiny"),
+            *("--no-progress", "--set", "train.steps=3", "--set", "train.batch_size=2"),
+            *("--set", "train.log_every=1", "--set", "train.precision=fp32"),
+        ],
+        capsys,
+    )
+    assert rc == 0, out
+    forest = Forest.load(f)
+    assert forest.names == ["code"] and forest.expert("code")["parents"] == [{"name": "seed", "weight": 1.0}]
+    expert_dir = forest.expert_dir("code")
+    assert json.loads((expert_dir / "config.json").read_text())["model_type"] == "gpt2"
+    run = f / "runs" / "code"
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert (
+        cfg["model"]["init_from"] == str(forest.seed_dir.resolve())
+        and cfg["train"]["init_checkpoint"] is None
+    )
+    # the run started from the seed's weights: its first logged loss is the seed's loss on that batch
+    first = _metrics(run)[0]
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(_first_batch_loss(seed, run), rel=1e-5)
+    # ... and it trained them: same tensors, moved
+    start, end = _weights(seed), _weights(expert_dir)
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_flops_of_other_architectures_match_torch_flop_counter(arch):
+    """A learned position-embedding table (GPT-2's wpe, OPT's embed_positions) is a lookup: it was
+    counted as a weight matrix, 6 x |table| FLOPs per token too many."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from elmforest.train.flops import flops_per_token
+
+    if arch == "gpt2":
+        c = GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        )
+        c._attn_implementation = "eager"
+        m = GPT2LMHeadModel(c)
+    else:
+        c = OPTConfig(
+            vocab_size=100,
+            max_position_embeddings=32,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+        c._attn_implementation = "eager"
+        m = OPTForCausalLM(c)
+    x = torch.randint(2, 100, (1, 17))
+    with FlopCounterMode(display=False) as fc:
+        logits = m(input_ids=x[:, :-1]).logits
+        F.cross_entropy(logits.float().flatten(0, 1), x[0, 1:]).backward()
+    assert flops_per_token(m, 16) == fc.get_total_flops() / 16
+
+
+# -- branching from one expert -----------------------------------------------------------------------
+def test_branching_from_one_expert_starts_from_its_weights(forest_dir, shards_dir, tmp_path, capsys):
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f)
+    before = Forest.load(f)
+    src, domain = before.names[0], before.names[1]
+    kept = {n: _weights(before.expert_dir(n)) for n in before.names}
+    rc, out = _run(
+        [
+            *(
+                "forest",
+                "expert",
+                "--forest",
+                f,
+                "--shards",
+                shards_dir,
+                "--domain",
+                domain,
+                "--name",
+                "grown",
+            ),
+            *(
+                "--branch",
+                f"expert:{src}",
+                "--no-progress",
+                "--set",
+                "train.steps=2",
+                "--set",
+                "train.log_every=1",
+            ),
+        ],
+        capsys,
+    )
+    assert rc == 0, out
+    forest = Forest.load(f)
+    e = forest.expert("grown")
+    assert e["parents"] == [{"name": src, "weight": 1.0}] and e["branch"] == f"expert:{src}"
+    assert e["domains"] == [domain]
+    run = f / "runs" / "grown"
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert cfg["model"]["init_from"] == str(before.expert_dir(src).resolve())
+    assert cfg["train"]["init_checkpoint"] is None  # a branch starts a schedule of its own
+    assert cfg["data"]["domains"] == [domain]
+    # its first step ran on the source expert's weights, not on the seed's (nor the domain's own expert's)
+    first = _metrics(run)[0]["loss"]
+    assert first == pytest.approx(_first_batch_loss(before.expert_dir(src), run), rel=1e-5)
+    for other in (before.seed_dir, before.expert_dir(domain)):
+        assert first != pytest.approx(_first_batch_loss(other, run), rel=1e-3)
+    # growing the forest touched none of the existing experts
+    for n, w in kept.items():
+        now = _weights(forest.expert_dir(n))
+        assert all(torch.equal(now[k], w[k]) for k in w), n
+
+
+# -- data parallel experts -----------------------------------------------------------------------------
+def test_procs_per_expert_trains_each_expert_with_two_gloo_processes(
+    shards_dir, tmp_path, capsys, monkeypatch
+):
+    """`forest train --procs-per-expert 2` on CPU: the expert runs under torchrun with 2 gloo processes and
+    ends where the one-process expert ends (same global batch: the mean gradient is the same)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the torchrun workers inherit it: 2 workers on 2 cores
+    results = {}
+    for procs in (1, 2):
+        f = tmp_path / f"p{procs}"
+        argv = ["forest", "train", "--forest", f, "--shards", shards_dir, "--preset", "tiny", "--no-progress"]
+        argv += ["--no-dense", "--procs-per-expert", procs, "--set", 'data.domains=["code"]']
+        for o in ("train.steps=4", "train.batch_size=4", "train.log_every=1", "train.precision=fp32"):
+            argv += ["--set", o]
+        rc, out = _run(argv, capsys)
+        log = f / "runs" / "code" / "job.log"
+        assert rc == 0, out + (log.read_text() if log.exists() else "")
+        results[procs] = f
+    one, two = (Forest.load(results[p]) for p in (1, 2))
+    assert one.names == two.names == ["code"]
+    s1, s2 = (json.loads((results[p] / "runs" / "code" / "summary.json").read_text()) for p in (1, 2))
+    assert (s1["processes"], s2["processes"]) == (1, 2)
+    assert s2["tokens"] == s1["tokens"] and two.expert("code")["tokens"] == s2["tokens"] > 0
+    l1 = [m["loss"] for m in _metrics(results[1] / "runs" / "code")]
+    l2 = [m["loss"] for m in _metrics(results[2] / "runs" / "code")]
+    assert len(l1) == len(l2) >= 2 and l2 == pytest.approx(l1, rel=1e-4)
+    w1, w2 = _weights(one.expert_dir("code")), _weights(two.expert_dir("code"))
+    seed = _weights(one.seed_dir)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+    assert any(not torch.allclose(w1[k], seed[k], atol=1e-3) for k in w1)  # the experts did move
