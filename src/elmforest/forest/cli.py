@@ -240,6 +240,7 @@ def run_forest_eval(args) -> dict:
         args.forest,
         args.data,
         split=args.split,
+        split_spec=args.split_fractions,
         mode=args.mode,
         k=args.k,
         prior=args.prior,

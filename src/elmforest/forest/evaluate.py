@@ -305,7 +305,13 @@ def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (lw.exp() * valid).sum((1, 2)) / valid.sum().clamp_min(1)
 
 
-def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None = None, **kw) -> dict:
+def evaluate_forest(
+    forest_dir: str | Path,
+    data: str | Path,
+    split: str | None = None,
+    split_spec: SplitSpec | None = None,
+    **kw,
+) -> dict:
     """Evaluate on a shards dir (its tokenizer must be the forest's) or on raw JSONL/Parquet/txt data.
 
     The split is `test` by default, as for single models. Raw data is split by the id hash with the
@@ -333,7 +339,7 @@ def evaluate_forest(forest_dir: str | Path, data: str | Path, split: str | None 
                 "prior on: pass --prior uniform, or evaluate the test split"
             )
         prior_split = kw.get("prior_split", "valid")
-        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(first)
+        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(first, split_spec)
         stored = "train" if split == "all" else split
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(
