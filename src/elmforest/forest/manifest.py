@@ -135,7 +135,7 @@ class Forest:
             raise NotFound(f"{root}: not a forest (no forest.json); create one with `elmforest forest init`")
         forest = cls(root, _read_manifest(root))
         for d in (root, root / "experts"):  # put back a checkpoint whose swap a kill interrupted
-            clean_stale(d)
+            clean_stale(d, restore_only=True)
         return forest
 
     def reload(self) -> Forest:

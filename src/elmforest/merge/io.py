@@ -24,7 +24,13 @@ from elmforest.utils.io import replace_dir, temp_sibling, write_json_atomic
 
 # Files copied from the first input so the output is a complete, loadable HF checkpoint; every
 # file a tokenizer may consist of (TOKENIZER_FILES) among them, so it travels whole and unchanged.
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "elmforest_run.json", "elmforest_data.json")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
+    "elmforest_run.json",
+    "elmforest_data.json",
+)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

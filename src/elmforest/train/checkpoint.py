@@ -225,10 +225,15 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device
+    path: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    verified: bool = False,
 ) -> dict:
-    """Verify, then load weights, optimizer state and RNG states into `model` and `opt`."""
-    state = verify_checkpoint(path)
+    """Verify (unless `verified`: the caller just did), then load weights, optimizer state and RNG
+    states into `model` and `opt`."""
+    state = json.loads((path / "state.json").read_text()) if verified else verify_checkpoint(path)
     state.pop("files", None)
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")

@@ -212,7 +212,8 @@ class Trainer:
         self.resumed_from, self.start_step, self.wall_before = None, 0, 0.0
         loss_window, self.last_loss = (0.0, 0), math.nan
         if ckpts:
-            st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device)
+            # set_aside_corrupt verified it (the first process, before the barrier): hash it only once
+            st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device, verified=True)
             self.step, self.tokens, self.wall_before = st["step"], st["tokens"], st.get("wall_s", 0.0)
             self.resumed_from = self.step
             self.start_step = st.get("start_step", 0)

@@ -89,11 +89,12 @@ def remove_path(p: str | os.PathLike) -> None:
         pass
 
 
-def clean_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+def clean_stale(parent: str | os.PathLike, name: str | None = None, restore_only: bool = False) -> list[Path]:
     """Remove temporary entries in `parent` (those for destination `name` only, if given) left by
     processes of this host that are dead. An `old` copy whose destination is missing (a kill
-    between the two renames of `replace_dir`) is the only copy: it is put back instead. Returns what
-    was removed or restored; never raises."""
+    between the two renames of `replace_dir`) is the only copy: it is put back instead;
+    `restore_only` does just that (for readers, which must not delete). Returns what was removed or
+    restored; never raises."""
     parent = Path(parent)
     done = []
     try:
@@ -111,8 +112,9 @@ def clean_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path
             except OSError:
                 pass
             continue
-        remove_path(p)
-        done.append(p)
+        if not restore_only:
+            remove_path(p)
+            done.append(p)
     return done
 
 
