@@ -251,3 +251,21 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     out = RunConfig.from_dict(d)
     out.model.trust_remote_code = cfg.model.trust_remote_code  # set by the command line, kept
     return out
+
+
+def override_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every `section.key` that --set accepts, with its type and default, from the dataclass tree itself
+    (so the help of a training verb can never fall behind the config)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out += override_keys(t, f"{prefix}{f.name}.")
+            continue
+        if f.name == "trust_remote_code":
+            continue  # --trust-remote-code only
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = str(t).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        out.append(f"{prefix}{f.name}: {kind} = {json.dumps(default)}")
+    return out

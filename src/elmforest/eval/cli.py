@@ -1,0 +1,174 @@
+"""`elmforest eval`: bits per byte per domain, of one model or of a forest."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+
+from elmforest.data.cli import print_read
+from elmforest.data.splits import SplitSpec
+from elmforest.utils.argtypes import flag, fraction, opt, positive_float, positive_int, verb
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import split_list
+
+
+def split_fractions(s):
+    """VALID,TEST: the hash-split fractions of held-out documents (a SplitSpec)."""
+    if isinstance(s, SplitSpec):
+        return s
+    parts = [x.strip() for x in str(s).split(",")]
+    if len(parts) != 2:
+        raise typer.BadParameter(f"expected VALID,TEST (two fractions), got {s!r}")
+    try:
+        return SplitSpec(fraction(parts[0]), fraction(parts[1]))
+    except UserError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+split_fractions.metavar = "VALID,TEST"
+
+
+def register(app: typer.Typer) -> None:
+    verb(app, "eval")(eval_)
+
+
+def eval_(
+    data: Annotated[str, opt("a shards dir, or JSONL / Parquet / folder of .txt", metavar="PATH")],
+    model: Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")] = None,
+    forest: Annotated[str | None, opt("evaluate a forest instead of one model", metavar="DIR")] = None,
+    json: Annotated[str | None, opt("write the result here", metavar="FILE")] = None,
+    split: Annotated[
+        str,
+        opt(
+            "train|valid|test (default, for models and forests alike), or all (raw data: every document)",
+            metavar="SPLIT",
+        ),
+    ] = "test",
+    domains: Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")] = None,
+    max_bytes: Annotated[
+        int | None,
+        opt(
+            "per domain: the first whole documents that fit in this many bytes of text (the same documents "
+            "for every model and tokenizer)",
+            positive_int,
+        ),
+    ] = None,
+    split_fractions_: Annotated[
+        SplitSpec | None,
+        opt(
+            "raw data: the hash-split fractions that held documents out of training (default: the model's "
+            "own, recorded beside its weights)",
+            split_fractions,
+            name="--split-fractions",
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None, opt("window length (default: the model's training context)", positive_int)
+    ] = None,
+    batch_size: Annotated[int, opt("windows per forward pass", positive_int)] = 16,
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+    precision: Annotated[
+        str, opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P")
+    ] = "auto",
+    trust_remote_code: Annotated[
+        bool, flag("--trust-remote-code", "allow custom model code from --model")
+    ] = False,
+    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+    mode: Annotated[
+        Literal["ensemble", "topk", "average", "cluster"],
+        opt("forest: cluster is c-BTM routing by distance to the forest's cluster centres"),
+    ] = "ensemble",
+    k: Annotated[
+        int,
+        opt(
+            "forest: experts used: --mode topk, the k of the largest prior (or prefix) weights; --mode cluster, "
+            "the k nearest clusters",
+            positive_int,
+        ),
+    ] = 2,
+    prior: Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")] = "cached",
+    weighting: Annotated[
+        Literal["posterior", "fixed", "demix"],
+        opt(
+            "forest: posterior: Bayes over the whole prefix; fixed: the prior as fixed weights; demix: the "
+            "previous token only"
+        ),
+    ] = "posterior",
+    select: Annotated[
+        str, opt("forest, top-k selection: prior | prefix:W (first W tokens)", metavar="S")
+    ] = "prior",
+    prior_batches: Annotated[
+        int,
+        opt(
+            "forest: valid batches for the cached prior (every valid window when there are fewer)",
+            positive_int,
+        ),
+    ] = 20,
+    prior_ema: Annotated[
+        float | None,
+        opt(
+            "forest: estimate the cached prior with BTM's (bias-corrected) moving average of per-batch means at "
+            "this alpha (BTM: 0.3) instead of the mean over every valid window",
+            positive_float,
+        ),
+    ] = None,
+    reset: Annotated[
+        Literal["document", "window"],
+        opt(
+            "forest: document: the posterior and c-BTM routing restart at each document inside a window; "
+            "window: carried across documents within a window"
+        ),
+    ] = "document",
+    temperature: Annotated[float, opt("forest: c-BTM routing temperature T", positive_float)] = 0.1,
+    route: Annotated[str, opt("forest: c-BTM routing: sequence | segment:W", metavar="R")] = "sequence",
+) -> None:
+    """Bits per byte per domain, of one model (--model) or a forest (--forest)."""
+    from elmforest.eval.report import print_table
+    from elmforest.utils.io import write_json_atomic
+
+    if bool(model) == bool(forest):
+        raise UserError("eval takes either --model or --forest")
+    common = dict(
+        split=split,
+        split_spec=split_fractions_,
+        domains=split_list(domains),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_bytes=max_bytes,
+        device=device,
+        precision=precision,
+    )
+    if forest:
+        from elmforest.forest.evaluate import evaluate_forest
+
+        res = evaluate_forest(
+            forest,
+            data,
+            mode=mode,
+            k=k,
+            prior=prior,
+            weighting=weighting,
+            select=select,
+            prior_batches=prior_batches,
+            temperature=temperature,
+            route=route,
+            reset=reset,
+            prior_alpha=prior_ema,
+            **common,
+        )
+        print_table({f"forest {mode}": res})
+        c = res["compute"]
+        print(
+            f"expert token passes: {c['expert_token_passes']:,} = {c['fraction_of_full']:.2f} of the full "
+            "ensemble's"
+        )
+    else:
+        from elmforest.eval.bpb import evaluate
+
+        res = evaluate(model, data, progress=not no_progress, trust_remote_code=trust_remote_code, **common)
+        if "read" in res:
+            print_read(res["read"])
+        print_table({"model": res})
+    if json:
+        write_json_atomic(json, res)

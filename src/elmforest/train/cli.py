@@ -1,0 +1,158 @@
+"""`elmforest train` and `elmforest presets`, and the options every training verb shares (train, forest
+seed/expert/train, sweep): the preset or saved config, the starting checkpoint, `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from elmforest.config import override_keys
+from elmforest.utils.argtypes import flag, opt, positive_int, verb
+
+# The config keys --set accepts, generated from the config dataclasses: the epilog of every training verb.
+CONFIG_KEYS = (
+    "\b\n--set KEY=VALUE accepts every field of the run config, shown as KEY: TYPE = DEFAULT\n"
+    "(the dataclass default; a preset sets its own, see `elmforest presets`):\n"
+    + "\n".join(f"  {line}" for line in override_keys())
+)
+
+Preset = Annotated[
+    str | None,
+    opt(
+        "model + training preset (see `elmforest presets`; default cpu-small, or a seed's own)",
+        metavar="NAME",
+    ),
+]
+ConfigFile = Annotated[
+    str | None,
+    opt("a run_config.json to start from instead of the preset's defaults", name="--config", metavar="FILE"),
+]
+InitFrom = Annotated[
+    str | None,
+    opt(
+        "a local HF causal-LM checkpoint whose weights (and architecture) this training starts from "
+        "(for `forest seed`: the dense run starts there; --from-checkpoint instead takes it as the seed itself)",
+        metavar="DIR",
+    ),
+]
+TrustRemoteCode = Annotated[bool, flag("--trust-remote-code", "allow custom model code from --init-from")]
+Overrides = Annotated[
+    list[str] | None,
+    opt(
+        "override a config field, e.g. --set train.steps=200 --set optim.lr=1e-3 (repeatable; keys below)",
+        name="--set",
+        metavar="KEY=VALUE",
+    ),
+]
+NoProgress = Annotated[bool, flag("--no-progress", "no progress bars: one line per logged step instead")]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainArgs:
+    """The config options every training verb shares (an option group: see utils/argtypes.verb);
+    `run_config` builds the config they name."""
+
+    preset: Preset = None
+    config: ConfigFile = None
+    init_from: InitFrom = None
+    trust_remote_code: TrustRemoteCode = False
+    overrides: Overrides = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "overrides", list(self.overrides or []))
+
+    def run_config(self, shards: str | None = None):
+        from elmforest.model.presets import build_run_config
+
+        return build_run_config(
+            self.preset, self.config, shards, self.init_from, self.trust_remote_code, self.overrides
+        )
+
+
+DEFAULT_TRAIN_ARGS = TrainArgs()  # the preset's defaults
+
+
+def register(app: typer.Typer) -> None:
+    verb(app, epilog=CONFIG_KEYS)(train)
+    verb(app)(presets)
+
+
+def train(
+    out: Annotated[str, opt("run directory; an existing one is resumed", metavar="DIR")],
+    shards: Annotated[str | None, opt("shards directory (sets data.shards)", metavar="DIR")] = None,
+    nproc: Annotated[
+        int,
+        opt("data-parallel processes (torchrun; gloo on CPU, NCCL on GPUs); same global batch", positive_int),
+    ] = 1,
+    train_args: TrainArgs = DEFAULT_TRAIN_ARGS,
+    no_progress: NoProgress = False,
+) -> int:
+    """Train (or resume) one LM run."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_distributed(nproc)
+    from elmforest.train.trainer import train as train_run
+
+    run_cfg = train_args.run_config(shards)
+    summary = train_run(run_cfg, out, progress=not no_progress)
+    if "stopped_at" in summary:  # train.stop_at: paused, resumable
+        print(
+            f"paused at step {summary['stopped_at']} of {run_cfg.train.steps} ({summary['tokens']:,} tokens) "
+            f"-> {summary['checkpoint']}; run it again without train.stop_at to finish"
+        )
+        return 0
+    print(
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
+        f"final loss {summary['final_loss']:.4f} -> {out}/model"
+    )
+    return 0
+
+
+def presets() -> None:
+    """List the model presets with their training defaults."""
+    from elmforest.model.presets import PRESETS
+
+    for p in PRESETS.values():
+        t, o = p.train, p.optim
+        experts = f", experts {p.expert_lr:g}" if p.expert_lr else ""
+        print(
+            f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
+            f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
+            f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum} x {t.seq_len} tokens, "
+            f"LR {o.lr:g}{experts} ({o.schedule}, warmup {o.warmup_frac:g}), checkpoint every {t.ckpt_every}"
+        )
+
+
+# the command line as given, for re-running it under torchrun (set by elmforest.cli.main)
+ARGV: list[str] = []
+
+
+def _relaunch_distributed(nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` processes (the trainer reads its environment)."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in ARGV:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "elmforest.cli",
+        *argv,
+    ]
+    return subprocess.run(cmd).returncode

@@ -1,0 +1,134 @@
+"""The command line is generated from the verbs' signatures: every verb of the earlier hand-written CLI
+exists, every option of every verb has help text and shows in its --help, and the training verbs list
+every config key that --set accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import pytest
+import typer
+
+from elmforest.cli import build_app, main
+from elmforest.config import RunConfig, override_keys
+from elmforest.utils.argtypes import flag, group, opt, positive_int, verb
+
+VERBS = {
+    "quickstart", "sweep", "train", "presets", "eval", "generate",
+    "corpus demo", "tokenizer train", "shards build", "shards show",
+    "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
+    "forest seed", "forest expert", "forest dense", "forest train", "forest average",
+    "merge moe", "cluster fit", "cluster assign",
+}  # fmt: skip
+TRAINING = {"train", "forest seed", "forest expert", "forest train", "sweep", "quickstart"}
+
+
+def _verbs(cmd, path: tuple = ()) -> dict:
+    if hasattr(cmd, "commands"):  # a group (Typer's own click classes)
+        out = {}
+        for name, sub in cmd.commands.items():
+            out.update(_verbs(sub, (*path, name)))
+        return out
+    return {" ".join(path): cmd}
+
+
+@pytest.fixture(scope="module")
+def verbs():
+    return _verbs(typer.main.get_command(build_app()))
+
+
+def test_every_verb_exists(verbs):
+    assert all(cmd.params for name, cmd in verbs.items() if name != "presets")
+    assert set(verbs) == VERBS
+
+
+def test_every_option_is_documented_in_help(verbs, capsys):
+    for name, cmd in verbs.items():
+        assert cmd.help, f"{name}: no description"
+        assert main([*name.split(), "--help"]) == 0
+        usage = capsys.readouterr().out
+        for p in cmd.params:
+            if p.param_type_name == "option":
+                assert p.help, f"{name} {p.opts[0]}: no help text"
+                assert p.opts[0] in usage, f"{name}: {p.opts[0]} missing from --help"
+            else:
+                assert p.name in usage.lower() and p.help, f"{name} {p.name}: undocumented"
+
+
+def test_training_verbs_list_every_config_key(verbs, capsys):
+    keys = override_keys()
+    assert len(keys) > 30 and any(k.startswith("train.steps: int") for k in keys)
+    assert not any(k.startswith("model.trust_remote_code") for k in keys)  # the flag only
+    for name in TRAINING:
+        main([*name.split(), "--help"])
+        usage = capsys.readouterr().out
+        assert "--set KEY=VALUE" in usage and "--no-progress" in usage
+        for k in keys:
+            assert k.split(":")[0] in usage, f"{name}: {k} missing"
+    # and the keys are the dataclass tree's own
+    d = RunConfig().to_dict()
+    assert {k.split(":")[0] for k in keys} == {
+        f"{s}.{f}" for s, fields in d.items() for f in fields if f != "trust_remote_code"
+    }
+
+
+def test_usage_errors_exit_2_and_name_the_problem(capsys):
+    assert main(["forest", "seed", "--shards", "s"]) == 2
+    assert "--forest" in capsys.readouterr().err
+    assert main(["eval", "--data", "d", "--model", "m", "--mode", "nope"]) == 2
+    assert "--mode" in capsys.readouterr().err
+    assert main(["no-such-verb"]) == 2
+    assert main([]) in (0, 2)  # the overview, as with --help
+
+
+@dataclass
+class _Group:
+    size: Annotated[int, opt("a size", positive_int)] = 3
+    names: Annotated[list[str] | None, opt("names (repeatable)", name="--name")] = None
+
+
+def test_a_dataclass_parameter_is_an_option_group(capsys):
+    got = []
+    app = group("test")
+
+    def go(out: Annotated[str, opt("where")], g: _Group = _Group(), quiet: Annotated[bool, flag("--quiet")] = False):  # noqa: B008
+        """Go."""
+        got.append((out, g, quiet))
+        return 3 if quiet else 0
+
+    verb(app)(go)
+    verb(app, "other")(lambda: None)
+    with pytest.raises(SystemExit) as e:
+        app(["go", "--out", "o", "--size", "5", "--name", "a", "--name", "b"], prog_name="t")
+    assert e.value.code == 0 and got[-1] == ("o", _Group(5, ["a", "b"]), False)
+    with pytest.raises(SystemExit) as e:
+        app(["go", "--out", "o", "--quiet"], prog_name="t")
+    assert e.value.code == 3 and got[-1] == ("o", _Group(3, None), True)  # the verb's status
+    with pytest.raises(SystemExit) as e:
+        app(["go", "--out", "o", "--size", "0"], prog_name="t")
+    assert e.value.code == 2 and "--size" in capsys.readouterr().err and len(got) == 2
+
+
+def test_every_flag_the_docs_show_exists(verbs):
+    """Every `elmforest VERB ... --flag` in README.md and docs/*.md names a flag the verb has."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flags = {
+        name: {o for p in cmd.params if p.param_type_name == "option" for o in p.opts} | {"--help"}
+        for name, cmd in verbs.items()
+    }
+    wrong, seen = [], 0
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for cmd in re.findall(r"elmforest ((?:[a-z]+ ?){1,2}[^`\n|&;)]*)", doc.read_text()):
+            words = cmd.split()
+            name = " ".join(words[:2]) if " ".join(words[:2]) in flags else words[0]
+            if name not in flags:
+                continue
+            seen += 1
+            for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", cmd):
+                if f not in flags[name]:
+                    wrong.append(f"{doc.name}: elmforest {name} {f}")
+    assert seen > 30 and not wrong, wrong
