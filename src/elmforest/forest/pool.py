@@ -131,18 +131,10 @@ def make_pool(
 PRIOR_BATCH_WINDOWS = 8  # windows per prior batch: 20 batches = 160 windows (41k tokens at T = 256)
 
 
-def estimate_prior(
-    pool: ExpertPool,
-    stream: np.ndarray,
-    eos_id: int,
-    seq_len: int,
-    batches: int,
-    alpha: float | None = None,
-    key=None,
-    batch_windows: int = PRIOR_BATCH_WINDOWS,
-) -> torch.Tensor:
-    """BTM's cached prior from the first `batches` batches of held-out windows of the target domain."""
-    return estimate_prior_info(pool, stream, eos_id, seq_len, batches, alpha, key, batch_windows)[0]
+def estimate_prior(pool: ExpertPool, *args, **kwargs) -> torch.Tensor:
+    """BTM's cached prior from the first `batches` batches of held-out windows of the target domain
+    (the arguments of `estimate_prior_info`)."""
+    return estimate_prior_info(pool, *args, **kwargs)[0]
 
 
 def estimate_prior_info(
