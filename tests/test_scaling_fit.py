@@ -1,0 +1,236 @@
+"""Issue 13's numerical core: the saturating power-law fit of BPB vs training FLOPs, the forest's compute
+multiplier that never reads the dense curve outside its budgets, and their bootstrap CIs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from elmforest.eval import scaling
+from elmforest.eval.scaling import (
+    PowerLawFit,
+    bootstrap_fit,
+    bootstrap_multiplier,
+    fit_power_law,
+    huber_objective,
+    macro_bpb,
+    multiplier,
+)
+from elmforest.utils.errors import UserError
+
+E, A, ALPHA = 1.2, 0.8, 0.35
+C_REF = 1e14  # the geometric mean of BUDGETS, so the fit's c0 and A are the truth's
+BUDGETS = np.logspace(13, 15, 5)
+DOMAINS = ["code", "legal", "news", "wiki"]
+
+
+def curve(c, speedup: float = 1.0):
+    """True BPB at compute c of a model that needs `speedup` times less compute than dense."""
+    return E + A * (np.asarray(c, dtype=float) * speedup / C_REF) ** -ALPHA
+
+
+def make_runs(rng, arm, flops, speedup=1.0, seeds=2, noise=0.003):
+    return [
+        {
+            "arm": arm,
+            "budget": round(f / 1e13, 3),
+            "seed": s,
+            "flops": float(f),
+            "bpb": {d: float(curve(f, speedup) * math.exp(rng.normal(0, noise))) for d in DOMAINS},
+        }
+        for f in flops
+        for s in range(seeds)
+    ]
+
+
+@pytest.fixture(scope="module")
+def exact():
+    """A fit of noise-free points: the reference several tests read the curve from."""
+    C = np.repeat(BUDGETS, 3)
+    return fit_power_law(C, curve(C))
+
+
+def test_the_fit_recovers_known_parameters_from_noisy_points_and_the_bootstrap_covers_them():
+    rng = np.random.default_rng(1)
+    C = np.repeat(BUDGETS, 3)
+    fit = fit_power_law(C, curve(C) * np.exp(rng.normal(0, 0.003, C.size)))
+    assert fit.E == pytest.approx(E, rel=0.05)
+    assert fit.A == pytest.approx(A, rel=0.08)
+    assert fit.alpha == pytest.approx(ALPHA, abs=0.04)
+    assert fit.n_points == 15 and fit.c0 == pytest.approx(C_REF, rel=1e-9)
+    assert 0.001 < fit.rmse_log < 0.006 and fit.r2_log > 0.999
+    assert (fit.c_min, fit.c_max) == (1e13, 1e15)
+    assert set(fit.init) == {"a", "e", "alpha"}
+
+    runs = make_runs(rng, "dense", BUDGETS, seeds=3, noise=0.005)
+    boot = bootstrap_fit(runs, "dense", n_boot=100, seed=3)
+    assert boot["n_failed"] == 0 and boot["fit"]["n_points"] == 15
+    for name, true in (("E", E), ("A", A), ("alpha", ALPHA)):
+        lo, hi = boot[name]["ci"]
+        assert lo < true < hi, (name, lo, hi)
+        assert lo <= boot[name]["value"] <= hi
+        assert hi - lo < 0.5 * true  # informative, not a CI that covers everything
+
+
+def test_noise_free_points_are_fitted_exactly(exact):
+    assert (exact.E, exact.A, exact.alpha) == pytest.approx((E, A, ALPHA), rel=1e-6)
+    assert exact.rmse_log < 1e-8 and exact.r2_log > 1 - 1e-10 and exact.loss < 1e-15
+
+
+def test_the_analytic_gradient_matches_finite_differences():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-3, 3, 12)
+    y = np.log(curve(C_REF * np.exp(x))) + rng.normal(0, 0.05, x.size)
+    for theta in ([-0.3, 0.2, 0.35], [0.5, -1.0, 1.2], [-2.0, 0.4, 0.05]):
+        theta = np.array(theta)
+        for delta in (1e-3, 0.05):  # both sides of Huber's kink are exercised
+            loss, grad = huber_objective(theta, x, y, delta)
+            num = np.zeros(3)
+            for j in range(3):
+                h = np.zeros(3)
+                h[j] = 1e-6
+                num[j] = (
+                    huber_objective(theta + h, x, y, delta)[0] - huber_objective(theta - h, x, y, delta)[0]
+                ) / 2e-6
+            assert grad == pytest.approx(num, rel=1e-5, abs=1e-9 * max(1.0, abs(loss)))
+    r = np.logaddexp(theta[0] - theta[2] * x, theta[1]) - y
+    assert (np.abs(r) < 0.05).any() and (np.abs(r) > 0.05).any()
+
+
+def test_a_forest_that_is_a_dense_model_has_multiplier_1_within_its_ci():
+    rng = np.random.default_rng(4)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14])
+    res = bootstrap_multiplier(runs, "btm", n_boot=100, seed=5)
+    assert res["n_failed"] == 0 and res["domains"] == DOMAINS and len(res["budgets"]) == 3
+    assert [b["flops"] for b in res["budgets"]] == [3e13, 1e14, 3e14]
+    for b in res["budgets"]:
+        assert b["status"] == "ok" and b["value"] == pytest.approx(1.0, abs=0.15)
+        assert b["ci_includes_1"] and b["ci"][0] < 1 < b["ci"][1]
+        assert b["text"] == f"{b['value']:.2f}x" and b["frac_above_range"] == b["frac_below_range"] == 0
+
+
+def test_the_domain_draw_is_shared_so_arms_stay_paired():
+    """Domains differ by +-30% here. Forest runs that copy the dense runs must keep multiplier ~1 in every
+    replicate; drawing domains per run would swing it by tens of percent."""
+    rng = np.random.default_rng(13)
+    level = dict(zip(DOMAINS, (0.7, 0.9, 1.1, 1.3), strict=True))
+    dense = make_runs(rng, "dense", BUDGETS, noise=0.001)
+    for r in dense:
+        r["bpb"] = {d: v * level[d] for d, v in r["bpb"].items()}
+    twins = [{**r, "arm": "btm"} for r in dense if 3e13 < r["flops"] < 4e14]
+    res = bootstrap_multiplier(dense + twins, "btm", n_boot=60, seed=14)
+    for b in res["budgets"]:
+        assert b["value"] == pytest.approx(1.0, abs=0.02)
+        assert 0.95 < b["ci"][0] <= 1 <= b["ci"][1] < 1.05
+
+
+def test_seeds_are_resampled_within_each_point():
+    """With one domain the domain draw changes nothing, so the seeds alone must give the CI its width."""
+    rng = np.random.default_rng(15)
+    runs = make_runs(rng, "dense", BUDGETS, noise=0.01) + make_runs(rng, "btm", [1e14], noise=0.01)
+    for r in runs:
+        r["bpb"] = {"code": r["bpb"]["code"]}
+    lo, hi = bootstrap_multiplier(runs, "btm", n_boot=30, seed=16)["budgets"][0]["ci"]
+    assert hi / lo > 1.05
+    fixed = bootstrap_multiplier(runs, "btm", n_boot=5, seed=16, resample_seeds=False)["budgets"][0]
+    assert fixed["ci"] == pytest.approx([fixed["value"]] * 2, rel=1e-6)
+
+
+def test_a_forest_needing_half_the_compute_has_multiplier_2_and_a_ci_excluding_1():
+    rng = np.random.default_rng(6)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14], speedup=2.0)
+    res = bootstrap_multiplier(runs, "btm", n_boot=100, seed=7)
+    for b in res["budgets"]:
+        assert b["status"] == "ok" and b["value"] == pytest.approx(2.0, rel=0.1)
+        assert b["dense_compute"] == pytest.approx(2 * b["flops"], rel=0.1)
+        assert not b["ci_includes_1"] and 1.5 < b["ci"][0] <= b["value"] <= b["ci"][1] < 2.7
+
+
+def test_the_multiplier_never_extrapolates(exact):
+    above = multiplier(exact, float(curve(3e15)), 1e14)
+    assert (above.status, above.value, above.dense_compute) == ("above_range", None, None)
+    assert above.text() == "> the largest dense budget (1.0e+15 FLOPs, 10x)"
+    below = multiplier(exact, float(curve(5e12)), 1e14)
+    assert (below.status, below.value) == ("below_range", None)
+    assert below.text().startswith("< the smallest dense budget (1.0e+13 FLOPs")
+    floor = multiplier(exact, 0.99 * E, 1e14)
+    assert (floor.status, floor.value) == ("unreachable", None) and "unreachable" in floor.text()
+    assert exact.compute_for(0.99 * E) == math.inf and exact.compute_for(E) == math.inf
+    inside = multiplier(exact, float(curve(1e15)), 1e14)  # the largest budget itself is inside
+    assert inside.status == "ok" and inside.value == pytest.approx(10.0, rel=1e-6)
+
+
+def test_an_out_of_range_forest_is_reported_as_such_by_the_bootstrap():
+    rng = np.random.default_rng(8)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e13, 3e13, 1e14], speedup=300.0)
+    res = bootstrap_multiplier(runs, "btm", n_boot=20, seed=9)
+    for b in res["budgets"]:
+        assert b["status"] == "above_range" and b["value"] is None and b["text"].startswith(">")
+        assert b["frac_above_range"] == 1.0 and b["ci"] == [math.inf, math.inf] and not b["ci_includes_1"]
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14], speedup=0.01)
+    for b in bootstrap_multiplier(runs, "btm", n_boot=20, seed=9)["budgets"]:
+        assert b["status"] == "below_range" and b["frac_below_range"] == 1.0 and b["ci"] == [0.0, 0.0]
+
+
+def test_a_replicate_whose_fit_fails_is_skipped_and_counted(monkeypatch):
+    rng = np.random.default_rng(10)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e14])
+    real, calls = scaling._fit, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) > 1 and len(calls) % 4 == 0:  # never the full-data fit
+            raise scaling.Failed("no start converged")
+        return real(*args)
+
+    monkeypatch.setattr(scaling, "_fit", flaky)
+    res = bootstrap_multiplier(runs, "btm", n_boot=20, seed=11)
+    assert res["n_failed"] == 5 and res["budgets"][0]["ci"] is not None
+
+
+def test_bad_input_is_refused_naming_the_problem():
+    L = [2.0, 1.9, 1.8, 1.7]
+    with pytest.raises(UserError, match=r"needs >= 3 distinct compute values; got 2"):
+        fit_power_law([1e13, 1e13, 1e14, 1e14], L)
+    with pytest.raises(UserError, match=r"every FLOPs value must be positive and finite; point 1 is -1e\+14"):
+        fit_power_law([1e13, -1e14, 1e15, 1e16], L)
+    with pytest.raises(UserError, match="every loss value must be positive and finite; point 2 is nan"):
+        fit_power_law([1e13, 1e14, 1e15, 1e16], [2.0, 1.9, float("nan"), 1.7])
+    with pytest.raises(UserError, match="differ in length: 3 FLOPs values, 4 losses"):
+        fit_power_law([1e13, 1e14, 1e15], L)
+    with pytest.raises(UserError, match="unknown grid key"):
+        fit_power_law([1e13, 1e14, 1e15, 1e16], L, grid={"beta": [1.0]})
+
+    rng = np.random.default_rng(12)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e14])
+    with pytest.raises(UserError, match="has no BPB for domain\\(s\\) 'math'"):
+        macro_bpb(runs[0], ["code", "math"])
+    assert macro_bpb(runs[0]) == pytest.approx(np.mean(list(runs[0]["bpb"].values())))
+    del runs[3]["bpb"]["legal"]
+    with pytest.raises(UserError, match=r"arm='dense' budget=.* seed=1 has no BPB for domain\(s\) 'legal'"):
+        bootstrap_multiplier(runs, "btm", n_boot=5)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e14], seeds=1)
+    with pytest.raises(UserError, match="arm 'btm' budget 10.0 has a single seed \\(0\\).*needs >= 2"):
+        bootstrap_multiplier(runs, "btm", n_boot=5)
+    with pytest.raises(UserError, match="no runs of arm 'cbtm'; the runs have arms btm, dense"):
+        bootstrap_multiplier(runs, "cbtm", n_boot=5)
+    runs[0]["flops"] = -1.0
+    with pytest.raises(UserError, match="FLOPs must be positive and finite, got -1.0"):
+        bootstrap_fit(runs, "dense", n_boot=5)
+
+
+def test_a_fit_survives_json_and_predict_and_compute_for_are_inverses(exact):
+    back = PowerLawFit.from_dict(json.loads(json.dumps(exact.to_dict())))
+    assert back == exact
+    C = np.logspace(12.5, 15.5, 7)
+    assert exact.predict(C).shape == (7,) and np.all(np.diff(exact.predict(C)) < 0)
+    for c, L in zip(C, exact.predict(C), strict=True):
+        assert exact.compute_for(L) == pytest.approx(c, rel=1e-9)
+        assert exact.predict(exact.compute_for(L)) == pytest.approx(L, rel=1e-12)
+    d = exact.to_dict()
+    del d["alpha"]
+    with pytest.raises(UserError, match="lacks alpha"):
+        PowerLawFit.from_dict(d)
