@@ -265,7 +265,7 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
 def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):
     import os
 
-    from elmforest.quickstart import _ood_shards
+    from elmforest.launch.prepare import _ood_shards
 
     src = tmp_path / "ood"
     _ood_set(src)

@@ -1,0 +1,117 @@
+"""The data every comparison starts from: a corpus (the demo one unless given), a tokenizer trained on
+its training split, tokenized shards, and the out-of-domain sets tokenized apart. Each stage is
+skipped when its output exists, so a rerun after a crash continues. Shared by the quickstart and the
+scaling study."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from elmforest.data.shards import Shards, build_shards
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json, write_json_atomic
+
+OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5)  # no model trains on these: half prior, half test
+
+
+@dataclass
+class PreparedData:
+    corpus: Path
+    tokenizer: Path
+    shards: Shards
+    ood_shards: Shards | None
+    names: list[str]  # the training domains
+
+
+def prepare_data(
+    out: Path,
+    vocab_size: int,
+    domains: list[str] | None = None,
+    corpus: str | Path | None = None,
+    ood: list | None = None,
+    progress: bool = True,
+    log=print,
+) -> PreparedData:
+    """Corpus (the demo one unless given) -> tokenizer -> shards, and the out-of-domain sets tokenized
+    apart (the demo's evaluation-only domains and `ood`); each stage skipped when its output exists.
+    Shared by the quickstart and the scaling study."""
+    ood_sources = [Path(x) for x in (ood or [])]
+    if corpus is None:
+        corpus = out / "corpus"
+        from elmforest.corpora.demo import build_demo_corpus
+
+        if not (corpus / "manifest.json").exists():
+            log(f"[1/8] building the demo corpus -> {corpus}")
+            build_demo_corpus(corpus, domains=domains, progress=progress)
+        for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
+            log(f"      skipped domain {name}: {why}")
+        from elmforest.corpora.demo_ood import EVAL_ONLY_REVISION
+
+        demo_ood = out / "corpus-ood"
+        seen = read_json(demo_ood / "manifest.json") if (demo_ood / "manifest.json").exists() else {}
+        if seen.get("revision") != EVAL_ONLY_REVISION:
+            log(f"      building the evaluation-only demo domains -> {demo_ood}")
+            build_demo_corpus(demo_ood, eval_only=True, progress=progress)
+        if read_json(demo_ood / "manifest.json").get("domains"):
+            ood_sources.insert(0, demo_ood)
+    corpus = Path(corpus)
+
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        log(f"[2/8] training a {vocab_size}-token byte-level BPE on the training split")
+        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=1_000_000)
+        save_tokenizer(tok, tok_dir)
+
+    shards_dir = out / "shards"
+    if not Shards.is_shards_dir(shards_dir):
+        log(f"[3/8] tokenizing into shards -> {shards_dir}")
+        rep = build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
+        log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
+    shards = Shards(shards_dir)
+    names = domains or [d for d in shards.domains if shards.has(d, "train")]
+    ood_shards = (
+        _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None
+    )
+    if ood_shards is None:
+        log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
+    else:
+        log(
+            "      out-of-domain sets (valid tokens for the prior / test documents): "
+            + ", ".join(
+                f"{d} {ood_shards.info(d, 'valid')['tokens'] if ood_shards.has(d, 'valid') else 0:,}"
+                f" / {ood_shards.info(d, 'test')['documents'] if ood_shards.has(d, 'test') else 0}"
+                for d in ood_shards.domains
+            )
+        )
+
+    return PreparedData(corpus, tok_dir, shards, ood_shards, names)
+
+
+def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: list[str], progress) -> Shards:
+    """The out-of-domain sets tokenized once (half valid for the priors, half test); rebuilt when the
+    sources change (their list, or any file's size or mtime: a rebuilt evaluation-only corpus or an
+    edited --ood file). A set named like a training domain is refused: it would not be OOD."""
+    want = [str(s.resolve()) for s in sources]
+    stamp = {"sources": want, "files": _file_stamps(sources)}
+    tok = load_tokenizer(tok_dir)
+    sh = Shards(path) if Shards.is_shards_dir(path) else None
+    seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
+    if sh is None or seen != stamp or sh.tokenizer_fingerprint != tok.fingerprint():
+        build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
+        write_json_atomic(path / "sources.json", stamp)
+        sh = Shards(path)
+    clash = sorted(set(sh.domains) & set(train_names))
+    if clash:
+        raise UserError(
+            f"out-of-domain set(s) {clash} share a name with a training domain; rename them (the `domain` "
+            "field or the file name): a domain the experts trained on is not out of domain"
+        )
+    return sh
+
+
+def _file_stamps(sources: list[Path]) -> list[list]:
+    files = [f for s in sources for f in ([s] if s.is_file() else sorted(s.rglob("*"))) if f.is_file()]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
