@@ -15,7 +15,7 @@ from elmforest.config import RunConfig, override_keys
 from elmforest.utils.argtypes import flag, group, opt, positive_int, verb
 
 VERBS = {
-    "quickstart", "sweep", "train", "presets", "eval", "generate",
+    "quickstart", "study", "sweep", "train", "presets", "eval", "generate",
     "corpus demo", "tokenizer train", "shards build", "shards show",
     "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
     "forest seed", "forest expert", "forest dense", "forest train", "forest average",

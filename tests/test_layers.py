@@ -15,7 +15,7 @@ LAYERS = [
     {"eval", "train", "cluster"},
     {"forest", "merge"},
     {"launch"},
-    {"cli", "quickstart", "compare"},  # and every package's cli.py: argument parsing only
+    {"cli", "quickstart", "compare", "study"},  # and every package's cli.py: argument parsing only
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -14,6 +14,7 @@ from elmforest.eval import cli as eval_cli
 from elmforest.forest import cli as forest_cli
 from elmforest.launch import cli as launch_cli
 from elmforest.merge import cli as merge_cli
+from elmforest.study import cli as study_cli
 from elmforest.train import cli as train_cli
 from elmforest.utils.argtypes import group
 from elmforest.utils.errors import ElmforestError
@@ -22,6 +23,7 @@ from elmforest.utils.errors import ElmforestError
 def build_app():
     app = group("Train language models as forests of independently trained expert LMs.")
     launch_cli.register(app)  # quickstart, sweep
+    study_cli.register(app)  # study
     data_cli.register(app)  # corpus, tokenizer, shards
     train_cli.register(app)  # train, presets
     eval_cli.register(app)  # eval

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-def _last_metrics(path: Path) -> dict | None:
+def last_metrics(path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -33,7 +33,7 @@ def _last_metrics(path: Path) -> dict | None:
 def progress_line(name: str, run_dir: Path, total_steps: int | None) -> str:
     if (run_dir / "summary.json").is_file():
         return f"{name:24s} done"
-    m = _last_metrics(run_dir / "metrics.jsonl")
+    m = last_metrics(run_dir / "metrics.jsonl")
     if not m:
         return f"{name:24s} waiting"
     eta = ""

@@ -1,0 +1,173 @@
+"""What a study's runs say: the forest's compute multiplier with its confidence interval (in domain and
+out of domain), the gain against the number of domains, the seed share, and each claim of the papers
+stated as holds / does not hold / not shown.
+
+The curve fits and the bootstrap are eval/scaling.py's; here they are applied to the study's records.
+A claim "holds" only when its confidence interval excludes the null (a multiplier of 1, a gain of 0);
+an interval that includes it is "not shown", whatever the point estimate says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elmforest.eval.scaling import bootstrap_fit, bootstrap_multiplier
+from elmforest.study.config import StudyConfig
+
+
+def _runs(recs: list[dict], key: str) -> list[dict]:
+    return [
+        {"arm": r["arm"], "budget": r["budget"], "seed": r["seed"], "flops": r["flops"], "bpb": r[key]}
+        for r in recs
+        if r.get(key)
+    ]
+
+
+def multiplier_table(recs: list[dict], key: str, cfg: StudyConfig) -> dict | None:
+    """The multiplier at every forest budget on one evaluation set (`bpb` or `ood_bpb`), and each arm's
+    fitted curve with its parameters' intervals."""
+    runs = _runs([r for r in recs if r["axis"] == "main"], key)
+    if not any(r["arm"] == "btm" for r in runs):
+        return None
+    res = bootstrap_multiplier(runs, forest_arm="btm", dense_arm="dense", n_boot=cfg.n_boot, ci=cfg.ci)
+    res["arm_fits"] = {
+        arm: bootstrap_fit(runs, arm, n_boot=cfg.n_boot, ci=cfg.ci) for arm in ("dense", "btm")
+    }
+    return res
+
+
+def _macro(bpb: dict, domains) -> float:
+    return float(np.mean([bpb[d] for d in domains]))
+
+
+def paired_gain(
+    pairs: list[tuple[dict, dict]], domains: list[str], n_boot: int, ci: float, seed: int = 0
+) -> dict:
+    """Relative gain dense/forest - 1 of paired runs (same seed, same budget), macro-averaged over
+    `domains`, with a bootstrap interval over seeds and domains (one domain draw for both arms)."""
+    rng = np.random.default_rng(seed)
+    dense = np.array([[d[x] for x in domains] for d, _ in pairs])
+    forest = np.array([[f[x] for x in domains] for _, f in pairs])
+
+    def gain(rows, cols):
+        return float(dense[np.ix_(rows, cols)].mean() / forest[np.ix_(rows, cols)].mean() - 1)
+
+    all_rows, all_cols = np.arange(len(pairs)), np.arange(len(domains))
+    boots = [
+        gain(rng.integers(0, len(pairs), len(pairs)), rng.integers(0, len(domains), len(domains)))
+        for _ in range(n_boot)
+    ]
+    lo, hi = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    return {"gain": gain(all_rows, all_cols), "ci": [float(lo), float(hi)], "seeds": len(pairs)}
+
+
+def domain_gains(recs: list[dict], cfg: StudyConfig) -> list[dict]:
+    """The forest's gain over the dense LM at the 1x budget against the number of domains (each point
+    on its own n domains); the main 1x point stands for all the domains."""
+    by_n: dict[int, dict[int, dict]] = {}
+    for r in recs:
+        if r["budget"] != 1.0 or r["axis"] not in ("main", "domains") or r["seed_share"] != cfg.seed_share:
+            continue
+        by_n.setdefault(r["n_domains"], {}).setdefault(r["seed"], {})[r["arm"]] = r
+    out = []
+    for n in sorted(by_n):
+        if n not in cfg.domain_counts and n != max(by_n):
+            continue
+        pairs = [(v["dense"], v["btm"]) for v in by_n[n].values() if "dense" in v and "btm" in v]
+        if len(pairs) < 2:
+            continue
+        doms = pairs[0][1]["domains"]
+        g = paired_gain([(d["bpb"], f["bpb"]) for d, f in pairs], doms, cfg.n_boot, cfg.ci)
+        out.append({"n_domains": n, "domains": doms, **g})
+    return out
+
+
+def share_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
+    """The forest's gain over the 1x dense run for every seed share."""
+    dense = {r["seed"]: r for r in recs if r["arm"] == "dense" and r["axis"] == "main" and r["budget"] == 1.0}
+    out = []
+    for share in sorted({cfg.seed_share, *cfg.seed_shares}):
+        forests = [
+            r
+            for r in recs
+            if r["arm"] == "btm" and r["budget"] == 1.0 and r["seed_share"] == share and r["axis"] in ("main", "share")
+            and r["n_domains"] == max(x["n_domains"] for x in recs)
+        ]  # fmt: skip
+        pairs = [(dense[f["seed"]]["bpb"], f["bpb"]) for f in forests if f["seed"] in dense]
+        if len(pairs) >= 2:
+            g = paired_gain(pairs, forests[0]["domains"], cfg.n_boot, cfg.ci)
+            out.append(
+                {
+                    "seed_share": share,
+                    "forest_bpb": float(np.mean([_macro(f, forests[0]["domains"]) for _, f in pairs])),
+                    **g,
+                }
+            )
+    return out
+
+
+def verdict(lo: float, hi: float, null: float) -> str:
+    if lo > null:
+        return "holds"
+    if hi < null:
+        return "does not hold"
+    return "not shown"
+
+
+def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
+    """The papers' claims, each with the evidence and a verdict."""
+    out = []
+    for where, label in (("in_domain", "in domain"), ("ood", "out of domain")):
+        table = fits.get(where)
+        if not table:
+            continue
+        for m in table["budgets"]:
+            claim = f"BTM ({label}, {m['budget']:g}x budget): the forest equals a dense LM trained with more compute"
+            if m["ci"] is None:
+                ev, v = f"{m['text']}; no bootstrap replicate could be fitted", "not shown"
+            else:
+                lo, hi = m["ci"]
+                ev, v = f"{m['text']}, {table['ci_level']:.0%} CI [{lo:.2f}, {hi:.2f}]", verdict(lo, hi, 1.0)
+            out.append({"claim": claim, "evidence": ev, "verdict": v})
+    gains = fits.get("domains") or []
+    if len(gains) >= 2:
+        first, last = gains[0], gains[-1]
+        rising = all(a["gain"] < b["gain"] for a, b in zip(gains, gains[1:], strict=False))
+        ev = "; ".join(
+            f"{g['n_domains']} domains {g['gain']:+.2%} [{g['ci'][0]:+.2%}, {g['ci'][1]:+.2%}]" for g in gains
+        )
+        if rising and last["ci"][0] > first["ci"][1]:
+            v = "holds"
+        elif not rising and last["gain"] < first["gain"] and last["ci"][1] < first["ci"][0]:
+            v = "does not hold"
+        else:
+            v = "not shown"
+        out.append(
+            {"claim": "BTM: the forest's gain grows with the number of domains", "evidence": ev, "verdict": v}
+        )
+    shares = fits.get("seed_share") or []
+    if len(shares) >= 2:
+        best = max(shares, key=lambda s: s["gain"])
+        rest = [s for s in shares if s is not best]
+        clear = all(best["ci"][0] > s["ci"][1] for s in rest)  # best beyond every other's interval
+        ev = "; ".join(
+            f"share {s['seed_share']:g}: {s['gain']:+.2%} [{s['ci'][0]:+.2%}, {s['ci'][1]:+.2%}]"
+            for s in shares
+        )
+        inside = 0.4 <= best["seed_share"] <= 0.6
+        v = "not shown" if not clear else ("holds" if inside else "does not hold")
+        out.append({"claim": "BTM: a seed of 40-60% of the budget is best", "evidence": ev, "verdict": v})
+    return out
+
+
+def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
+    fits = {
+        "in_domain": multiplier_table(recs, "bpb", cfg),
+        "ood": multiplier_table(recs, "ood_bpb", cfg),
+        "domains": domain_gains(recs, cfg),
+        "seed_share": share_table(recs, cfg),
+        "ci": cfg.ci,
+        "n_boot": cfg.n_boot,
+    }
+    fits["findings"] = findings(fits, cfg)
+    return fits

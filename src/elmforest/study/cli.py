@@ -1,0 +1,51 @@
+"""`elmforest study CONFIG`: each verb is its signature (see utils/argtypes.py); the work is in study/."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+
+from elmforest.train.cli import NoProgress
+from elmforest.utils.argtypes import arg, nonneg_float, opt, positive_float, verb
+
+
+def register(app: typer.Typer) -> None:
+    verb(app)(study)
+
+
+def study(
+    config: Annotated[
+        str, arg("a study config (YAML or JSON) or a preset: tiny, cpu, btm-125m", metavar="CONFIG")
+    ],
+    out: Annotated[str, opt("study directory; an existing one is resumed", metavar="DIR")] = "study",
+    overrides: Annotated[
+        list[str] | None,
+        opt(
+            "override a study config field, e.g. --set seeds=[0,1,2] (repeatable)",
+            name="--set",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
+    executor: Annotated[Literal["local", "ray"], opt("where the runs train")] = "local",
+    address: Annotated[
+        str | None, opt("Ray cluster address (default: start a local Ray instance)", metavar="ADDR")
+    ] = None,
+    cpus_per_job: Annotated[float, opt("Ray: CPUs per run", positive_float)] = 1.0,
+    gpus_per_job: Annotated[float, opt("Ray: GPUs per run", nonneg_float)] = 0.0,
+    no_progress: NoProgress = False,
+) -> None:
+    """The forest's compute multiplier (with confidence intervals) and the papers' scaling claims, measured
+    on your corpus: dense and forest arms at several budgets and seeds, fitted curves, a report."""
+    from elmforest.study.study import run_study
+
+    run_study(
+        config,
+        out,
+        overrides or [],
+        executor=executor,
+        address=address,
+        cpus_per_job=cpus_per_job,
+        gpus_per_job=gpus_per_job,
+        progress=not no_progress,
+    )

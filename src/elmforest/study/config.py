@@ -1,0 +1,146 @@
+"""The typed config of a scaling study (`elmforest study CONFIG`), read from YAML or JSON, with presets
+as code.
+
+A study measures what BTM's headline claims: the dense compute a forest is worth. It needs the dense
+arm at enough budgets for its curve to be fitted (>= 4, spanning >= 8x), the forest at several
+budgets inside that range (>= 3), and >= 2 training seeds per point so the bootstrap has something to
+resample; the config refuses less, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elmforest.config import from_dict
+from elmforest.utils.errors import UserError
+
+
+@dataclass
+class StudyConfig:
+    preset: str = "cpu-small"
+    overrides: list[str] = field(default_factory=list)  # `section.key=value`, applied to every run
+    corpus: str | None = None  # None: the demo corpus and its out-of-domain sets
+    ood: list[str] = field(default_factory=list)  # extra out-of-domain sets (any JSONL/Parquet/txt)
+    domains: list[str] | None = None  # the training domains (None: every domain with training data)
+    steps: int | None = None  # the 1x budget: dense steps at the preset's batch (None: the preset's)
+    dense_budgets: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    forest_budgets: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seed_share: float = 0.5
+    # the arms' learning rates: None takes the preset's (from a recorded `elmforest sweep`); `sweep`
+    # names a sweep.json whose best LRs set both
+    dense_lr: float | None = None
+    expert_lr: float | None = None
+    sweep: str | None = None
+    # the axes the papers claim, each at the 1x budget: forests of the first n domains (with a dense
+    # run on the same n domains), and forests whose seed took other shares of the budget
+    domain_counts: list[int] = field(default_factory=list)
+    seed_shares: list[float] = field(default_factory=list)
+    eval_bytes: int = 64_000  # test text per domain: the first whole documents within this many bytes
+    prior_batches: int = 20
+    n_boot: int = 1000
+    ci: float = 0.90
+    workers: int | None = None  # jobs at a time (default: 2 on a CPU of 2+ cores)
+
+    def validate(self) -> None:
+        bad = []
+        dense, forest = sorted(self.dense_budgets), sorted(self.forest_budgets)
+        if not all(math.isfinite(b) and b > 0 for b in dense + forest):
+            bad.append("dense_budgets and forest_budgets must be positive numbers")
+        elif len(set(dense)) < 4 or dense[-1] / dense[0] < 8:
+            bad.append(f"dense_budgets {dense}: the dense curve needs >= 4 budgets spanning >= 8x")
+        elif len(set(forest)) < 3:
+            bad.append(f"forest_budgets {forest}: the forest needs >= 3 budgets")
+        elif forest[0] < dense[0] or forest[-1] > dense[-1]:
+            bad.append(
+                f"forest_budgets {forest} must lie within the dense budgets {dense} (the multiplier is read "
+                "off the dense curve, never extrapolated)"
+            )
+        if len(set(self.seeds)) < 2 or any(s < 0 for s in self.seeds):
+            bad.append(f"seeds {self.seeds}: >= 2 distinct non-negative training seeds")
+        if not 0 < self.seed_share < 1 or not all(0 < s < 1 for s in self.seed_shares):
+            bad.append("seed_share and seed_shares must be in (0, 1)")
+        if any(n < 2 for n in self.domain_counts):
+            bad.append(f"domain_counts {self.domain_counts}: each >= 2")
+        if self.steps is not None and self.steps < 4:
+            bad.append("steps must be >= 4")
+        if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
+            bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
+        if not 0.5 <= self.ci < 1:
+            bad.append("ci must be in [0.5, 1)")
+        for lr, name in ((self.dense_lr, "dense_lr"), (self.expert_lr, "expert_lr")):
+            if lr is not None and not (math.isfinite(lr) and lr > 0):
+                bad.append(f"{name} must be a positive number")
+        if bad:
+            raise UserError("invalid study config: " + "; ".join(bad))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+STUDY_PRESETS: dict[str, dict] = {
+    # seconds, for tests: the tiny model on 2 domains; every rule above still holds
+    "tiny": {
+        "preset": "tiny",
+        "steps": 16,
+        "overrides": [
+            "train.batch_size=4",
+            "train.seq_len=32",
+            "train.log_every=4",
+            "train.ckpt_every=0",
+            "train.valid_every=0",
+        ],
+        "dense_budgets": [0.5, 1.0, 2.0, 4.0],
+        "forest_budgets": [0.5, 1.0, 2.0],
+        "seeds": [0, 1],
+        "eval_bytes": 4_000,
+        "prior_batches": 2,
+        "n_boot": 200,
+    },
+    # the demo corpus on 2 CPU cores: cpu-small (1.3M parameters) at 0.5x-4x the quickstart's budget
+    "cpu": {
+        "preset": "cpu-small",
+        "dense_budgets": [0.5, 1.0, 2.0, 4.0],
+        "forest_budgets": [0.5, 1.0, 2.0],
+        "seeds": [0, 1],
+        "domain_counts": [2, 4, 8],
+        "seed_shares": [0.25, 0.75],
+    },
+    # a GPU study at the BTM paper's smallest size (see docs/study.md for the expected cost)
+    "btm-125m": {
+        "preset": "btm-125m",
+        "dense_budgets": [0.25, 0.5, 1.0, 2.0, 4.0],
+        "forest_budgets": [0.5, 1.0, 2.0],
+        "seeds": [0, 1],
+        "domain_counts": [2, 4, 8],
+    },
+}
+
+
+def load_study_config(source: str | Path, overrides: list[str] | tuple = ()) -> StudyConfig:
+    """A preset's name, or a YAML/JSON file; then `key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    if str(source) in STUDY_PRESETS:
+        raw = dict(STUDY_PRESETS[str(source)])
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"{source}: no such study config file (or preset: {sorted(STUDY_PRESETS)})")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a study config is a mapping of fields, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r}: expected key=value")
+        raw[key.strip()] = yaml.safe_load(value)
+    cfg = from_dict(StudyConfig, raw, where=" (study)")
+    cfg.validate()
+    return cfg

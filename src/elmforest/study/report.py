@@ -1,0 +1,201 @@
+"""A study's plots (BPB against training FLOPs with the fitted curves, the multiplier against the budget,
+the gain against the number of domains) and its markdown report, every claim with a verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from elmforest.eval.scaling import PowerLawFit
+from elmforest.utils.io import atomic_path, write_text_atomic
+
+ARM_STYLE = {"dense": ("tab:gray", "o", "dense"), "btm": ("tab:green", "s", "BTM forest (ensemble)")}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(recs: list[dict], fits: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [(k, t) for k, t in (("bpb", "in domain"), ("ood_bpb", "out of domain")) if fits.get(_where(k))]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], sets, strict=True):
+        main = [r for r in recs if r["axis"] == "main" and r.get(key)]
+        for arm, (color, marker, label) in ARM_STYLE.items():
+            pts = [(r["flops"], np.mean(list(r[key].values()))) for r in main if r["arm"] == arm]
+            if not pts:
+                continue
+            c, b = np.array(pts).T
+            ax.scatter(c, b, color=color, marker=marker, label=label, alpha=0.8)
+            fit = (fits[_where(key)].get("arm_fits") or {}).get(arm)
+            if fit:
+                f = PowerLawFit.from_dict(fit["fit"])
+                grid = np.geomspace(c.min() / 1.2, c.max() * 1.2, 100)
+                ax.plot(grid, f.predict(grid), color=color, lw=1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("mean bits per byte (macro over domains)")
+        ax.set_title(f"BPB vs training compute, {title}")
+        ax.legend()
+    _save(fig, path)
+
+
+def _where(key: str) -> str:
+    return "in_domain" if key == "bpb" else "ood"
+
+
+def plot_multiplier(fits: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (where, label), dx in zip(
+        (("in_domain", "in domain"), ("ood", "out of domain")), (0.97, 1.03), strict=True
+    ):
+        t = fits.get(where)
+        if not t:
+            continue
+        bs = [m for m in t["budgets"] if m["ci"] is not None]
+        if not bs:
+            continue
+        x = np.array([m["budget"] for m in bs]) * dx
+        y = np.array([np.nan if m["value"] is None else m["value"] for m in bs], dtype=float)
+        top = 10 * max([1.0, *[m["ci"][0] for m in bs]])  # an unbounded interval is drawn to the top
+        lo = np.array([min(m["ci"][0], top) for m in bs])
+        hi = np.array([min(m["ci"][1], top) for m in bs])
+        mid = np.clip(np.where(np.isfinite(y), y, (lo + hi) / 2), lo, hi)
+        ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="o-", capsize=4, label=label)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("forest budget (x the 1x dense run)")
+    ax.set_ylabel("compute multiplier (dense FLOPs / forest FLOPs)")
+    ax.set_title(f"the forest's compute multiplier, {fits['ci']:.0%} CI")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_domains(fits: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = fits.get("domains") or []
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if g:
+        n = [x["n_domains"] for x in g]
+        y = np.array([x["gain"] for x in g]) * 100
+        lo = np.array([x["ci"][0] for x in g]) * 100
+        hi = np.array([x["ci"][1] for x in g]) * 100
+        ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt="o-", capsize=4)
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("domains (one expert each)")
+    ax.set_ylabel("gain over dense at 1x budget (%)")
+    ax.set_title("BTM's gain vs the number of domains")
+    _save(fig, path)
+
+
+def markdown(study: dict, fits: dict) -> str:
+    cfg = study["config"]
+    lines = [
+        "# Scaling study",
+        "",
+        f"Preset `{cfg['preset']}`, 1x budget = {study['steps_1x']} dense steps of {study['batch_size']} x "
+        f"{study['seq_len']} tokens; dense budgets {cfg['dense_budgets']}, forest budgets {cfg['forest_budgets']}, "
+        f"seeds {cfg['seeds']}, seed share {cfg['seed_share']}; dense LR {study['dense_lr']:g}, expert LR "
+        f"{study['expert_lr']:g} ({study['lr_source']}). {len(study['runs'])} results (dense runs and forests); "
+        f"the model has {study['parameters']:,} parameters; {study['tokens_per_parameter_1x']:.2g} training tokens per "
+        f"parameter at 1x ({study['tokens_per_expert_1x']:,} tokens per expert).",
+        "",
+        "Every arm is scored on the same bytes (the first whole test documents within "
+        f"{cfg['eval_bytes']:,} bytes of each domain); the forest is its ensemble with the cached prior from "
+        "valid data. FLOPs are counted by what ran (the forest: seed + experts). The multiplier is the dense "
+        "compute that reaches the forest's BPB on the fitted dense curve over the forest's compute, read "
+        f"only inside the measured dense range; intervals are {fits['ci']:.0%} bootstrap intervals over "
+        f"seeds and domains ({fits['n_boot']} replicates).",
+        "",
+        "## Findings",
+        "",
+        "| claim | evidence | verdict |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {f['claim']} | {f['evidence']} | **{f['verdict']}** |" for f in fits["findings"]]
+    for where, label in (("in_domain", "in domain"), ("ood", "out of domain")):
+        t = fits.get(where)
+        if not t:
+            continue
+        lines += [
+            "",
+            f"## Multiplier, {label}",
+            "",
+            "| forest budget | forest FLOPs | multiplier | CI | CI includes 1 |",
+        ]
+        lines += ["| --- | --- | --- | --- | --- |"]
+        for m in t["budgets"]:
+            ci = "-" if m["ci"] is None else f"[{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]"
+            lines.append(
+                f"| {m['budget']:g}x | {m['flops']:.3g} | {m['text']} | {ci} | {'yes' if m['ci_includes_1'] else 'no'} |"
+            )
+        for arm, b in (t.get("arm_fits") or {}).items():
+            f = b["fit"]
+            cis = ", ".join(
+                f"{k} [{b[k]['ci'][0]:.3g}, {b[k]['ci'][1]:.3g}]" for k in ("E", "A", "alpha") if b[k]["ci"]
+            )
+            lines.append(
+                f"\n{arm} fit: L(C) = {f['E']:.3f} + {f['A']:.3f} (C/{f['c0']:.3g})^-{f['alpha']:.3f}; "
+                f"RMSE(log) {f['rmse_log']:.4f}, R^2(log) {f['r2_log']:.3f}, {f['n_points']} points; {cis}"
+                + (
+                    " (E at its bound: these budgets do not identify the loss floor, the fit is a pure power law)"
+                    if f["E"] < 1e-6
+                    else ""
+                )
+            )
+    if fits.get("domains"):
+        lines += [
+            "",
+            "## Gain vs domains (1x budget)",
+            "",
+            "| domains | gain over dense | CI |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {g['n_domains']} | {g['gain']:+.2%} | [{g['ci'][0]:+.2%}, {g['ci'][1]:+.2%}] |"
+            for g in fits["domains"]
+        ]
+    if fits.get("seed_share"):
+        lines += [
+            "",
+            "## Seed share (1x budget)",
+            "",
+            "| seed share | gain over dense | CI |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {s['seed_share']:g} | {s['gain']:+.2%} | [{s['ci'][0]:+.2%}, {s['ci'][1]:+.2%}] |"
+            for s in fits["seed_share"]
+        ]
+    lines += ["", "Plots: curves.png, multiplier.png, domains.png. Data: study.json, fits.json.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, study: dict, fits: dict) -> None:
+    recs = study["runs"]
+    plot_curves(recs, fits, out / "curves.png")
+    plot_multiplier(fits, out / "multiplier.png")
+    if fits.get("domains"):
+        plot_domains(fits, out / "domains.png")
+    write_text_atomic(out / "report.md", markdown(study, fits))

@@ -1,0 +1,238 @@
+"""Running a scaling study: which runs it needs, training them once each, scoring them on the same bytes.
+
+A *point* is one forest directory under `runs/`: a budget (a multiple of the 1x dense run), a training
+seed, the domains, the seed's share. Its dense run (the seed's run continued to the budget) is the
+dense arm at that budget, and its experts (branched from that seed) are the forest arm, so the two
+arms share the seed and a dense budget that is also a forest budget is trained once. Points of the
+domain-count axis (the first n domains) and the seed-share axis are points like the others.
+
+Everything is an ordinary elmforest run: phase 1 trains every point's seed and dense run as jobs on
+the executor (local workers or Ray), phase 2 every expert of every forest point; a rerun skips what is
+done and resumes what was cut. Scores are cached beside each point, keyed by what was scored.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.forest.plan import Plan, plan_domains, plan_for
+from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
+from elmforest.launch.progress import last_metrics
+from elmforest.study.config import StudyConfig
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Point:
+    axis: str  # main | domains | share
+    budget: float
+    seed: int
+    domains: tuple[str, ...]
+    seed_share: float
+    forest: bool  # trains experts
+    dense: bool  # trains the dense run to the budget
+
+    @property
+    def tag(self) -> str:
+        if self.axis == "domains":
+            return f"domains{len(self.domains)}-s{self.seed}"
+        if self.axis == "share":
+            return f"share{self.seed_share:g}-s{self.seed}"
+        return f"b{self.budget:g}-s{self.seed}"
+
+
+def plan_points(cfg: StudyConfig, names: list[str]) -> list[Point]:
+    """Every point the study needs, each once."""
+    dense, forest = set(cfg.dense_budgets), set(cfg.forest_budgets)
+    pts = [
+        Point("main", b, s, tuple(names), cfg.seed_share, b in forest, b in dense)
+        for b in sorted(dense | forest)
+        for s in cfg.seeds
+    ]
+    main_1x = 1.0 in forest and 1.0 in dense
+    for n in sorted(set(cfg.domain_counts)):
+        if n > len(names):
+            raise UserError(f"domain_counts asks for {n} domains; the corpus has {len(names)}: {names}")
+        if n == len(names) and main_1x:
+            continue  # the main 1x point is this one
+        pts += [Point("domains", 1.0, s, tuple(names[:n]), cfg.seed_share, True, True) for s in cfg.seeds]
+    for share in sorted(set(cfg.seed_shares) - {cfg.seed_share}):
+        # the dense run does not depend on where the seed stops: the main 1x point's is this one's
+        pts += [Point("share", 1.0, s, tuple(names), share, True, False) for s in cfg.seeds]
+    return pts
+
+
+def point_plan(cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int) -> tuple[Plan, RunConfig]:
+    c = copy.deepcopy(base)
+    c.train.steps = max(4, round(p.budget * steps_1x))
+    c.train.seed = p.seed
+    c.data.domains = None
+    return plan_for(c, list(p.domains), p.seed_share, cfg.expert_lr)
+
+
+class Progress:
+    """Runs done / total and an ETA from the tokens trained so far, every `every` seconds."""
+
+    def __init__(self, runs: list[tuple[str, Path, int, int, int]], log, every: float = 30.0):
+        # (label, run dir, first step, last step, tokens per step)
+        self.runs, self.log, self.every = runs, log, every
+        self.total = sum((b - a) * t for _, _, a, b, t in runs)
+        self.t0, self.stop = time.perf_counter(), threading.Event()
+
+    def line(self) -> str:
+        done_runs, tokens = 0, 0
+        for _, d, a, b, t in self.runs:
+            m = {"step": b} if (d / "summary.json").is_file() else last_metrics(d / "metrics.jsonl") or {}
+            step = min(b, max(a, int(m.get("step", a))))
+            done_runs += step >= b
+            tokens += (step - a) * t
+        elapsed = time.perf_counter() - self.t0
+        eta = f", ETA {elapsed * (self.total - tokens) / tokens / 60:.1f} min" if tokens else ""
+        return f"      study: {done_runs}/{len(self.runs)} runs, {tokens / max(1, self.total):.0%} of the tokens{eta}"
+
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            self.log(self.line())
+
+    def __enter__(self):
+        threading.Thread(target=self._loop, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+def train_points(
+    points: list[Point],
+    root: Path,
+    shards: Shards,
+    cfg: StudyConfig,
+    base: RunConfig,
+    steps_1x: int,
+    executor,
+    threads: int | None,
+    log=print,
+    every: float = 30.0,
+) -> None:
+    shards_path = str(Path(shards.root).resolve())
+    plans = {p: point_plan(cfg, base, p, steps_1x) for p in points}
+    seq = base.train.seq_len
+    dense_jobs, expert_jobs, runs = [], [], []
+    for p, (plan, c) in plans.items():
+        where = root / p.tag
+        if p.dense:
+            dense_jobs.append(
+                DenseRunJob(str(where), shards_path, c.to_dict(), asdict(plan), threads, f"{p.tag}/dense")
+            )
+            runs.append(
+                (f"{p.tag}/dense", where / "runs" / "dense", 0, plan.total_steps, plan.batch_size * seq)
+            )
+        elif p.forest and not btm.seed_ready(Forest.init(where, exist_ok=True)):
+            log(f"      {p.tag}: seed ({plan.seed_steps} steps)")
+            btm.train_seed(Forest.load(where), shards, c, plan, progress=False)
+        if p.forest:
+            for d in plan_domains(plan, shards):
+                expert_jobs.append(ExpertJob(str(where), shards_path, d, threads=threads))
+                runs.append(
+                    (
+                        f"{p.tag}/{d}",
+                        where / "runs" / d,
+                        plan.seed_steps,
+                        plan.total_steps,
+                        plan.expert_batch_size * seq,
+                    )
+                )
+    with Progress(runs, log, every) as prog:
+        log(f"      phase 1: {len(dense_jobs)} seed + dense runs")
+        executor.map(
+            run_dense_run,
+            [as_dict(j) for j in dense_jobs],
+            [j.label for j in dense_jobs],
+            [j.run_dir() / "job.log" for j in dense_jobs],
+        )
+        log(prog.line())
+        log(f"      phase 2: {len(expert_jobs)} experts")
+        executor.map(
+            run_job,
+            [as_dict(j) for j in expert_jobs],
+            [f"{Path(j.forest).name}/{j.domain}" for j in expert_jobs],
+            [j.run_dir() / "job.log" for j in expert_jobs],
+        )
+        log(prog.line())
+
+
+def score_point(
+    p: Point, where: Path, shards: Shards, ood: Shards | None, cfg: StudyConfig, seq_len: int
+) -> dict:
+    """Per-domain test BPB of the point's dense run and of its forest's ensemble (cached prior from the
+    valid split, the posterior restarted at each document), in domain and out of domain, on the same
+    first `eval_bytes` of every domain for every model."""
+    from elmforest.eval.bpb import evaluate_shards
+    from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+    from elmforest.model.build import load_model
+
+    key = {"eval_bytes": cfg.eval_bytes, "prior_batches": cfg.prior_batches, "seq_len": seq_len}
+    key["ood"] = sorted(ood.domains) if ood is not None else []
+    cache = where / "study_scores.json"
+    if cache.is_file() and (old := read_json(cache)).get("key") == key:
+        return old["scores"]
+    common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
+    sets = [("bpb", shards, list(p.domains))]
+    if ood is not None:
+        sets.append(("ood_bpb", ood, [d for d in ood.domains if ood.has(d, "test")]))
+    scores: dict = {}
+    forest = Forest.load(where)
+    if p.dense:
+        model = load_model(where / "runs" / "dense" / "model")
+        summary = read_json(where / "runs" / "dense" / "summary.json")
+        s = scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"]}
+        for name, sh, doms in sets:
+            r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
+            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
+    if p.forest:
+        missing = [d for d in p.domains if d not in forest.names]
+        if missing:
+            raise UserError(f"{where}: expert(s) {missing} were not trained; run the study again")
+        pool = make_pool(forest, batch_size=16)
+        s = scores["btm"] = {
+            "flops": float(forest.total_flops()),
+            "tokens": sum(r["tokens"] for r in forest.ledger()),
+        }
+        for name, sh, doms in sets:
+            r = evaluate_forest_shards(
+                forest, sh, mode="ensemble", prior="cached", domains=doms, prior_batches=cfg.prior_batches,
+                pool=pool, **common,
+            )  # fmt: skip
+            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
+    write_json_atomic(cache, {"key": key, "scores": scores})
+    return scores
+
+
+def records(points: list[Point], root: Path, scores: dict[str, dict]) -> list[dict]:
+    """One record per trained arm of every point: what study.json lists and the fits read."""
+    out = []
+    for p in points:
+        for arm, s in scores[p.tag].items():
+            out.append(
+                {
+                    "axis": p.axis,
+                    "arm": arm,
+                    "budget": p.budget,
+                    "seed": p.seed,
+                    "seed_share": p.seed_share,
+                    "n_domains": len(p.domains),
+                    "domains": list(p.domains),
+                    "dir": str(root / p.tag),
+                    **s,
+                }
+            )
+    return out

@@ -1,0 +1,160 @@
+"""`elmforest study CONFIG`: the forest's compute multiplier on the user's corpus and budget.
+
+data (prepared once) -> every point's seed and dense run -> every forest point's experts -> scores on
+the same bytes -> fits, multiplier with bootstrap intervals, the axes -> study.json, fits.json,
+report.md and plots. A rerun skips what is done and resumes what was cut; a rerun with a config that
+would change runs already trained (another preset, steps, LR, seeds' share, domains) is refused,
+naming the fields, while budgets, seeds and axes may be added.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from elmforest.config import apply_overrides
+from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
+from elmforest.launch.prepare import prepare_data
+from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.study.analysis import analyse
+from elmforest.study.config import StudyConfig, load_study_config
+from elmforest.study.report import write_report
+from elmforest.study.run import plan_points, records, score_point, train_points
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json, write_json_atomic
+
+# the fields that shape runs already trained: changing them in an existing study is refused
+IDENTITY = (
+    "preset",
+    "overrides",
+    "corpus",
+    "domains",
+    "steps",
+    "seed_share",
+    "dense_lr",
+    "expert_lr",
+    "sweep",
+)
+
+
+def strict_json(obj):
+    """fits.json is strict JSON: an interval the data cannot bound ends at "inf" (a string), not Infinity."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def _check_identity(out: Path, cfg: StudyConfig) -> None:
+    path = out / "study_config.json"
+    if path.is_file():
+        old = read_json(path)
+        diff = [k for k in IDENTITY if old.get(k) != getattr(cfg, k)]
+        if diff:
+            raise UserError(
+                f"{out} was started with other {', '.join(diff)} ("
+                + "; ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+                + "); the runs there would not match: use another --out"
+            )
+    write_json_atomic(path, cfg.to_dict())
+
+
+def _learning_rates(cfg: StudyConfig, base) -> tuple[float, float, str]:
+    """(dense LR, expert LR, where they come from): given, else a sweep.json's best, else the preset's."""
+    p = get_preset(cfg.preset)
+    dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
+    if cfg.sweep:
+        s = read_json(cfg.sweep)
+        try:
+            dense, expert = s["dense"]["best_lr"], s["experts"]["best_lr"]
+        except (KeyError, TypeError):
+            raise UserError(
+                f"{cfg.sweep}: not a sweep.json with both arms (elmforest sweep --arm both)"
+            ) from None
+        source = f"sweep {cfg.sweep}"
+    if cfg.dense_lr is not None or cfg.expert_lr is not None:
+        source = "given"
+    return cfg.dense_lr or dense, cfg.expert_lr or expert, source
+
+
+def run_study(
+    source: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple = (),
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_job: float = 1.0,
+    gpus_per_job: float = 0.0,
+    progress: bool = True,
+    log=print,
+    every: float = 30.0,
+) -> dict:
+    t0 = time.perf_counter()
+    cfg = load_study_config(source, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(out, cfg)
+    preset = get_preset(cfg.preset)
+    data = prepare_data(out / "data", preset.vocab_size, cfg.domains, cfg.corpus, cfg.ood, progress, log)
+    base = apply_overrides(
+        preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
+    )
+    dense_lr, expert_lr, lr_source = _learning_rates(cfg, base)
+    base.optim.lr = dense_lr
+    cfg.expert_lr = expert_lr
+    steps_1x = cfg.steps or base.train.steps
+    points = plan_points(cfg, data.names)
+    log(
+        f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
+        f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
+        f"dense LR {dense_lr:g}, expert LR {expert_lr:g} ({lr_source})"
+    )
+    if executor == "ray":
+        ex, threads = (
+            make_executor("ray", address, cpus_per_job, gpus_per_job),
+            job_threads("ray", cpus_per_job, 1),
+        )
+    else:
+        from elmforest.launch.executor import cpu_cores
+
+        workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
+        ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
+    runs_dir = out / "runs"
+    train_points(points, runs_dir, data.shards, cfg, base, steps_1x, ex, threads, log, every)
+    log("      scoring every run on the same bytes")
+    scores = {
+        p.tag: score_point(p, runs_dir / p.tag, data.shards, data.ood_shards, cfg, base.train.seq_len)
+        for p in points
+    }
+    recs = records(points, runs_dir, scores)
+    fits = analyse(recs, cfg)
+    first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
+    one_x = [r for r in recs if r["axis"] == "main" and r["budget"] == 1.0 and r["arm"] == "dense"]
+    tokens_1x = one_x[0]["tokens"] if one_x else steps_1x * base.train.tokens_per_step
+    study = {
+        "config": cfg.to_dict(),
+        "steps_1x": steps_1x,
+        "batch_size": base.train.batch_size,
+        "seq_len": base.train.seq_len,
+        "dense_lr": dense_lr,
+        "expert_lr": expert_lr,
+        "lr_source": lr_source,
+        "parameters": first["params"],
+        "tokens_per_parameter_1x": tokens_1x / first["params"],
+        "tokens_per_expert_1x": int(tokens_1x * (1 - cfg.seed_share) / len(data.names)),
+        "domains": data.names,
+        "ood_domains": sorted(data.ood_shards.domains) if data.ood_shards is not None else [],
+        "runs": recs,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json_atomic(out / "study.json", strict_json(study))
+    write_json_atomic(out / "fits.json", strict_json(fits))
+    write_report(out, study, fits)
+    for f in fits["findings"]:
+        log(f"  - {f['verdict'].upper()}: {f['claim']}: {f['evidence']}")
+    log(f"study done in {study['seconds'] / 60:.1f} min: {out / 'report.md'}")
+    return {"study": study, "fits": fits}
