@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
-from elmforest.cluster.kmeans import assign_labels
+from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.utils.errors import AlreadyExists
+from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent
 
@@ -73,13 +73,15 @@ def fit_clusterer(
     min_df: int = 2,
     split: str | None = None,
     embeddings: str | None = None,
+    balance: str = "documents",
 ) -> Clusterer:
-    """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD."""
+    """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD; `balance`
+    is documents (c-BTM) or bytes (clusters of about equal text)."""
     from elmforest.cluster.clusterer import SentenceEmbedder
 
     texts, stats = sample_texts(data, sample_docs, seed, split=split)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
-    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder)
+    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance)
     c.meta["fit"]["read"] = stats.to_dict()
     c.meta["fit"]["source"] = str(Path(data).resolve())
     c.meta["fit"]["split"] = split
@@ -135,16 +137,19 @@ def assign_corpus(
     out,
     balanced: bool = False,
     slack: float = 0.0,
+    balance: str = "documents",
     chunk_docs: int = 512,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Assign every document of `data` to a cluster and write per-cluster JSONL plus a report.
 
-    balanced=True caps every cluster at ceil(N/K · (1 + slack)) documents with one global balanced
-    assignment: a first streaming pass keeps only each document's K scores (not its text), a second
-    pass writes the documents out.
+    balanced=True caps every cluster at ceil(N/K · (1 + slack)) documents (balance="bytes": at
+    (1 + slack) / K of the text's bytes) with one global balanced assignment: a first streaming pass
+    keeps only each document's K scores and size (not its text), a second pass writes them out.
     """
+    if balance not in ("documents", "bytes"):
+        raise UserError(f"balance must be documents or bytes, got {balance!r}")
     from sklearn.metrics import normalized_mutual_info_score
     from tqdm.auto import tqdm
 
@@ -155,8 +160,8 @@ def assign_corpus(
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     global_labels = None
     if balanced:
-        scores, oks = [], []
-        for _docs, z, ok in tqdm(
+        scores, oks, sizes_b = [], [], []
+        for docs, z, ok in tqdm(
             _embedded_chunks(clusterer_dir, data, ReadStats(), chunk_docs, workers),
             desc="scoring",
             unit="chunk",
@@ -164,11 +169,19 @@ def assign_corpus(
         ):
             scores.append(clusterer.scores(z).astype(np.float32))
             oks.append(ok)
+            sizes_b.append(np.array([max(1, len(d.text.encode("utf-8"))) for d in docs], dtype=np.float64))
         s, ok = np.concatenate(scores), np.concatenate(oks)
-        cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
-        global_labels = assign_labels(s, ok, cap)
+        if balance == "bytes":
+            w = np.concatenate(sizes_b)
+            s = np.where(ok[:, None], s, 0.0)  # documents with no known word: placed by room alone
+            cap = max(w.sum() / k * (1 + max(slack, 0.01)), float(w.max()))
+            global_labels = weighted_balanced_assign(s.astype(np.float64), w, cap)
+        else:
+            cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
+            global_labels = assign_labels(s, ok, cap)
     stats = ReadStats()
     sizes = np.zeros(k, dtype=np.int64)
+    text_bytes = np.zeros(k, dtype=np.int64)
     table: Counter = Counter()
     labels_all, domains_all, not_vectorised, done = [], [], 0, 0
     with staged_dir(out) as stage:
@@ -188,6 +201,7 @@ def assign_corpus(
                 else:
                     labels = assign_labels(clusterer.scores(z), ok, sizes=sizes)
                 np.add.at(sizes, labels, 1)
+                np.add.at(text_bytes, labels, [len(d.text.encode("utf-8")) for d in docs])
                 done += len(docs)
                 not_vectorised += int((~ok).sum())
                 for d, j, good in zip(docs, labels, ok, strict=True):
@@ -215,10 +229,13 @@ def assign_corpus(
             "data": str(Path(data).resolve()),
             "k": k,
             "balanced": balanced,
+            "balance": balance if balanced else None,
             "slack": slack,
             "documents": len(labels_all),
             "sizes": sizes,
             "max_over_min": max(sizes) / max(min(sizes), 1),
+            "bytes": text_bytes.tolist(),
+            "bytes_max_over_min": float(text_bytes.max() / max(text_bytes.min(), 1)),
             "not_vectorised": not_vectorised,
             "read": stats.to_dict(),
             "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -29,6 +29,10 @@ def fit(
     split: Annotated[
         str | None, opt("fit on this split's documents only (e.g. train)", metavar="SPLIT")
     ] = None,
+    balance: Annotated[
+        Literal["documents", "bytes"],
+        opt("balance the clusters by document count (c-BTM) or by bytes of text (skewed counts)"),
+    ] = "documents",
     embeddings: Annotated[
         str | None,
         opt(
@@ -41,7 +45,9 @@ def fit(
     """tf-idf -> SVD -> balanced k-means on a sample of the corpus."""
     from elmforest.cluster.assign import fit_clusterer
 
-    c = fit_clusterer(data, k, out, sample_docs, dims, seed, min_df, split=split, embeddings=embeddings)
+    c = fit_clusterer(
+        data, k, out, sample_docs, dims, seed, min_df, split=split, embeddings=embeddings, balance=balance
+    )
     f = c.meta["fit"]
     print(
         f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
@@ -55,6 +61,9 @@ def assign(
     out: Annotated[str, opt("output directory: one JSONL per cluster and a report", metavar="DIR")],
     balanced: Annotated[bool, flag("--balanced", "cap each cluster at ceil(N/K·(1+slack))")] = False,
     slack: Annotated[float, opt("--balanced: the cap's slack", nonneg_float)] = 0.0,
+    balance: Annotated[
+        Literal["documents", "bytes"], opt("--balanced: cap each cluster's documents or its bytes of text")
+    ] = "documents",
     workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
     no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
 ) -> None:
@@ -62,9 +71,17 @@ def assign(
     from elmforest.cluster.assign import assign_corpus
 
     rep = assign_corpus(
-        clusterer, data, out, balanced=balanced, slack=slack, workers=workers, progress=not no_progress
+        clusterer,
+        data,
+        out,
+        balanced=balanced,
+        slack=slack,
+        balance=balance,
+        workers=workers,
+        progress=not no_progress,
     )
     print(
         f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
-        f"; not vectorised {rep['not_vectorised']}" + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
+        f"; bytes max/min {rep['bytes_max_over_min']:.2f}; not vectorised {rep['not_vectorised']}"
+        + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
     )

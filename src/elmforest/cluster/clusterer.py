@@ -174,21 +174,34 @@ class Clusterer:
         seed: int = 0,
         max_iter: int = 20,
         embedder: SentenceEmbedder | None = None,
+        balance: str = "documents",
     ) -> Clusterer:
+        """balance="documents": every cluster holds about N/K of the sampled documents (c-BTM);
+        "bytes": about 1/K of their text, so a domain of many short documents does not take most of
+        the clusters on a corpus whose counts are skewed."""
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         if len(texts) < k:
             raise UserError(f"cannot fit {k} clusters on {len(texts)} documents")
+        if balance not in ("documents", "bytes"):
+            raise UserError(f"balance must be documents or bytes, got {balance!r}")
+        sizes = np.array([max(1, len(t.encode("utf-8"))) for t in texts], dtype=np.float64)
+
+        def kmeans(z, ok):
+            w = sizes[ok] if balance == "bytes" else None
+            return balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed, weights=w)
+
         if embedder is not None:
             z, ok = embedder.embed(texts)
-            centres, _, info = balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed)
+            centres, _, info = kmeans(z, ok)
             meta = {
                 "fit": {
                     "documents": len(texts),
                     "vectorised": int(ok.sum()),
                     "dims": z.shape[1],
                     "seed": seed,
+                    "balance": balance,
                     **info,
                 }
             }
@@ -210,7 +223,7 @@ class Clusterer:
         terms = vec.get_feature_names_out().tolist()
         c = cls(terms, vec.idf_.astype(np.float64), svd.components_.astype(np.float64), np.zeros((k, dims)))
         z, ok = c.embed(texts)
-        centres, labels, info = balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed)
+        centres, labels, info = kmeans(z, ok)
         c.centres = np.ascontiguousarray(centres)
         c.meta = {
             "fit": {
@@ -221,6 +234,7 @@ class Clusterer:
                 "seed": seed,
                 "min_df": min_df,
                 "max_df": max_df,
+                "balance": balance,
                 "explained_variance": float(svd.explained_variance_ratio_.sum()),
                 **info,
             }

@@ -82,6 +82,88 @@ def balanced_assign(
     return label
 
 
+def weighted_balanced_assign(
+    scores: np.ndarray, weights: np.ndarray, capacity: np.ndarray | float, rounds: int = 300
+) -> np.ndarray:
+    """Labels [N] maximising Σ scores[i, label_i] with each cluster's total *weight* (a document's bytes
+    or tokens) at most capacity[j]: c-BTM balanced by size, not by count.
+
+    Hand-written because no library solves it at corpus scale: with weights the exact problem is a
+    generalised assignment (NP-hard), so this takes its Lagrangian relaxation. Each cluster has a price
+    per unit of weight; every document goes where score - price x weight is highest, and the prices of
+    overfull clusters rise until the loads fit (dual subgradient steps, shrinking). A repair pass then
+    moves, out of any cluster still over its capacity, the documents that lose least score per unit of
+    weight to their best cluster with room; if that cannot make room (a few large documents and little
+    slack), the documents are placed largest first, each in its best cluster with room. Corpora (many
+    small documents, a few % of slack) never get that far; an instance nothing fits raises Failed.
+    With equal weights it is an ordinary balanced assignment, up to the relaxation's gap.
+    """
+    n, k = scores.shape
+    w = np.asarray(weights, dtype=np.float64)
+    cap = np.broadcast_to(np.asarray(capacity, dtype=np.float64), (k,)).copy()
+    if w.shape != (n,) or not (np.isfinite(w).all() and (w > 0).all()):
+        raise UserError("weights must be one positive number per document")
+    if cap.sum() < w.sum() * (1 - 1e-12) or (n and cap.max() < w.max()):
+        raise UserError(
+            f"capacities (sum {cap.sum():.6g}, largest {cap.max():.6g}) cannot hold the documents "
+            f"(total {w.sum():.6g}, largest {w.max() if n else 0:.6g})"
+        )
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    scores = scores.astype(np.float64)
+    unit = w.mean()
+    wn = w / unit  # prices are per mean document, so steps are on the scores' scale
+    price = np.zeros(k)
+    step = max(float(scores.max() - scores.min()), 1e-12)
+    labels = scores.argmax(1)
+    for _ in range(rounds):
+        labels = np.argmax(scores - price[None, :] * wn[:, None], axis=1)
+        over = np.bincount(labels, weights=w, minlength=k) - cap
+        if (over <= 0).all():
+            return labels
+        price = np.maximum(0.0, price + step * over / cap.mean())
+        step *= 0.97
+    load = np.bincount(labels, weights=w, minlength=k)
+    for j in np.argsort(cap - load):  # the most overfull first
+        if load[j] <= cap[j]:
+            continue
+        members = np.flatnonzero(labels == j)
+        alt_scores = scores[members].copy()
+        alt_scores[:, j] = -np.inf
+        best_alt = alt_scores.argmax(1)
+        loss = (scores[members, j] - alt_scores[np.arange(len(members)), best_alt]) / wn[members]
+        for i in members[np.argsort(loss, kind="stable")]:
+            if load[j] <= cap[j]:
+                break
+            room = cap - load
+            room[j] = -np.inf
+            fits = np.flatnonzero(room >= w[i])
+            if fits.size == 0:
+                continue
+            to = fits[np.argmax(scores[i, fits])]
+            labels[i], load[j], load[to] = to, load[j] - w[i], load[to] + w[i]
+        if load[j] > cap[j] * (1 + 1e-9):
+            return _largest_first(scores, w, cap)
+    return labels
+
+
+def _largest_first(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """The fallback when moving documents out one at a time cannot empty a cluster enough (a few large
+    documents, little slack): place them largest first, each in its best cluster with room."""
+    labels = np.zeros(len(w), dtype=np.int64)
+    room = cap.copy()
+    for i in np.argsort(-w, kind="stable"):
+        fits = np.flatnonzero(room >= w[i])
+        if fits.size == 0:
+            raise Failed(
+                "could not place the documents under the clusters' capacities (too little slack for "
+                "documents this large)"
+            )
+        labels[i] = fits[np.argmax(scores[i, fits])]
+        room[labels[i]] -= w[i]
+    return labels
+
+
 def assign_labels(
     scores: np.ndarray,
     ok: np.ndarray,
@@ -120,9 +202,17 @@ def neg_sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def balanced_kmeans(
-    x: np.ndarray, k: int, max_iter: int = 50, seed: int = 0, tol: float = 1e-6
+    x: np.ndarray,
+    k: int,
+    max_iter: int = 50,
+    seed: int = 0,
+    tol: float = 1e-6,
+    weights: np.ndarray | None = None,
+    slack: float = 0.05,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(centres [K, d], labels [N], info). Each cluster holds ceil(N/K) points at most."""
+    """(centres [K, d], labels [N], info). Each cluster holds ceil(N/K) points at most; with `weights`
+    (each point's size) instead a total weight of at most (1 + slack) W/K (and at least the heaviest
+    point's): clusters balanced by size, for corpora whose document counts are skewed."""
     n = len(x)
     if k < 1 or k > n:
         raise UserError(f"need 1 <= k <= number of points ({n}), got k={k}")
@@ -131,16 +221,24 @@ def balanced_kmeans(
     rng = np.random.default_rng(seed)  # re-seeds a cluster left empty
     centres, _ = kmeans_plusplus(x, k, random_state=seed)
     cap = -(-n // k)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        wcap = max(weights.sum() / k * (1 + slack), float(weights.max()))
     labels = np.full(n, -1)
     prices = np.zeros(k)
     iterations, objective = 0, np.inf
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported below)
         scores = neg_sq_dist(x, centres)
-        new = balanced_assign(scores, cap, prices=prices)
-        under = np.bincount(new, minlength=k) < cap
-        if under.any() and (prices[under] > prices.min() + 1e-12).any():
-            prices[:] = 0.0  # a stale price on an under-filled cluster: the warm start may be off, redo cold
+        if weights is not None:
+            new = weighted_balanced_assign(scores, weights, wcap)
+        else:
             new = balanced_assign(scores, cap, prices=prices)
+            under = np.bincount(new, minlength=k) < cap
+            if under.any() and (prices[under] > prices.min() + 1e-12).any():
+                prices[:] = (
+                    0.0  # a stale price on an under-filled cluster: the warm start may be off, redo cold
+                )
+                new = balanced_assign(scores, cap, prices=prices)
         for j in range(k):
             members = x[new == j]
             centres[j] = members.mean(0) if len(members) else x[rng.integers(n)]
@@ -152,4 +250,7 @@ def balanced_kmeans(
             break
         objective = obj
     sizes = np.bincount(labels, minlength=k)
-    return centres, labels, {"iterations": iterations, "objective": objective, "sizes": sizes.tolist()}
+    info = {"iterations": iterations, "objective": objective, "sizes": sizes.tolist()}
+    if weights is not None:
+        info["weights"] = np.bincount(labels, weights=weights, minlength=k).tolist()
+    return centres, labels, info
