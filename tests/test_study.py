@@ -83,6 +83,8 @@ def _study_cfg(tmp_path: Path) -> Path:
         ],
         "domain_counts": [2],
         "seed_shares": [0.25],
+        "cbtm_ks": [2],
+        "cbtm_data": [0.25, 0.5, 1.0],
         "eval_bytes": 3000,
         "prior_batches": 2,
         "n_boot": 200,
@@ -128,7 +130,13 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
         ("domains", "dense"),
         ("domains", "btm"),
         ("share", "btm"),
+        ("cbtm", "dense"),
+        ("cbtm", "cbtm"),
     }
+    cbtm = [(r["data_fraction"], r["k"], r["balance"]) for r in fits["cbtm"]]
+    assert sorted(cbtm) == sorted((f, 2, b) for f in (0.25, 0.5, 1.0) for b in ("bytes", "documents"))
+    for r in study["runs"]:  # every arm scored on the same test bytes, whatever data it trained on
+        assert set(r["bpb"]) == set(r["domains"] if r["axis"] == "domains" else study["domains"])
     main_runs = [r for r in study["runs"] if r["axis"] == "main"]
     assert len(main_runs) == 4 * 2 + 3 * 2  # dense at 4 budgets, forests at 3, two seeds each
     for r in main_runs:  # the same bytes for every arm, FLOPs counted by what ran
@@ -143,7 +151,10 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert {s["seed_share"] for s in fits["seed_share"]} == {0.25, 0.5}
     report = (out / "report.md").read_text()
     assert "## Findings" in report and any(v in report for v in ("holds", "not shown", "does not hold"))
-    assert all((out / f).stat().st_size > 0 for f in ("curves.png", "multiplier.png", "domains.png"))
+    assert all(
+        (out / f).stat().st_size > 0 for f in ("curves.png", "multiplier.png", "domains.png", "cbtm.png")
+    )
+    assert any("c-BTM" in f["claim"] for f in fits["findings"])
 
     scores = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")}
     assert main(argv) == 0  # all done: nothing trained, nothing rescored

@@ -39,6 +39,11 @@ class StudyConfig:
     # run on the same n domains), and forests whose seed took other shares of the budget
     domain_counts: list[int] = field(default_factory=list)
     seed_shares: list[float] = field(default_factory=list)
+    # c-BTM: k discovered clusters (k = 1 is the dense run) x the amount of data (fractions of the
+    # training documents, the budget scaled with them), clusters balanced by document count or bytes
+    cbtm_ks: list[int] = field(default_factory=list)
+    cbtm_data: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    cbtm_balance: list[str] = field(default_factory=lambda: ["documents", "bytes"])
     eval_bytes: int = 64_000  # test text per domain: the first whole documents within this many bytes
     prior_batches: int = 20
     n_boot: int = 1000
@@ -65,6 +70,14 @@ class StudyConfig:
             bad.append("seed_share and seed_shares must be in (0, 1)")
         if any(n < 2 for n in self.domain_counts):
             bad.append(f"domain_counts {self.domain_counts}: each >= 2")
+        if self.cbtm_ks:
+            data = sorted(set(self.cbtm_data))
+            if any(k < 2 for k in self.cbtm_ks):
+                bad.append(f"cbtm_ks {self.cbtm_ks}: each >= 2 (k = 1 is the dense run, always there)")
+            if not all(0 < f <= 1 for f in data) or len(data) < 3 or data[-1] / data[0] < 4:
+                bad.append(f"cbtm_data {self.cbtm_data}: >= 3 fractions in (0, 1] spanning >= 4x")
+            if not self.cbtm_balance or not set(self.cbtm_balance) <= {"documents", "bytes"}:
+                bad.append(f"cbtm_balance {self.cbtm_balance}: documents and/or bytes")
         if self.steps is not None and self.steps < 4:
             bad.append("steps must be >= 4")
         if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
@@ -108,6 +121,7 @@ STUDY_PRESETS: dict[str, dict] = {
         "seeds": [0, 1],
         "domain_counts": [2, 4, 8],
         "seed_shares": [0.25, 0.75],
+        "cbtm_ks": [2, 4, 8],
     },
     # a GPU study at the BTM paper's smallest size (see docs/study.md for the expected cost)
     "btm-125m": {

@@ -109,6 +109,36 @@ def plot_domains(fits: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_cbtm(fits: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = fits.get("cbtm") or []
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (f, balance), style in zip(
+        sorted({(r["data_fraction"], r["balance"]) for r in rows}),
+        ["o-", "s--", "^-", "v--", "D-", "x--"] * 4,
+        strict=False,
+    ):
+        rs = sorted(
+            (r for r in rows if r["data_fraction"] == f and r["balance"] == balance), key=lambda r: r["k"]
+        )
+        k = [1] + [r["k"] for r in rs]
+        y = np.array([0.0] + [r["gain"] for r in rs]) * 100
+        lo = np.array([0.0] + [r["ci"][0] for r in rs]) * 100
+        hi = np.array([0.0] + [r["ci"][1] for r in rs]) * 100
+        ax.errorbar(k, y, yerr=[y - lo, hi - y], fmt=style, capsize=3, label=f"data {f:g}, {balance}")
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clusters k (k = 1: the dense run)")
+    ax.set_ylabel("gain over dense at the same data and compute (%)")
+    ax.set_title("c-BTM: gain vs k for each amount of data")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def markdown(study: dict, fits: dict) -> str:
     cfg = study["config"]
     lines = [
@@ -188,7 +218,23 @@ def markdown(study: dict, fits: dict) -> str:
             f"| {s['seed_share']:g} | {s['gain']:+.2%} | [{s['ci'][0]:+.2%}, {s['ci'][1]:+.2%}] |"
             for s in fits["seed_share"]
         ]
-    lines += ["", "Plots: curves.png, multiplier.png, domains.png. Data: study.json, fits.json.", ""]
+    if fits.get("cbtm"):
+        lines += [
+            "",
+            "## c-BTM: clusters x data (budget scaled with the data; top-2 cluster routing)",
+            "",
+            "| data | k | balanced by | gain over dense | CI |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['data_fraction']:g} | {r['k']} | {r['balance']} | {r['gain']:+.2%} | [{r['ci'][0]:+.2%}, {r['ci'][1]:+.2%}] |"
+            for r in fits["cbtm"]
+        ]
+    lines += [
+        "",
+        "Plots: curves.png, multiplier.png, domains.png, cbtm.png. Data: study.json, fits.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -198,4 +244,6 @@ def write_report(out: Path, study: dict, fits: dict) -> None:
     plot_multiplier(fits, out / "multiplier.png")
     if fits.get("domains"):
         plot_domains(fits, out / "domains.png")
+    if fits.get("cbtm"):
+        plot_cbtm(fits, out / "cbtm.png")
     write_text_atomic(out / "report.md", markdown(study, fits))

@@ -40,9 +40,12 @@ class Point:
     seed_share: float
     forest: bool  # trains experts
     dense: bool  # trains the dense run to the budget
+    data_fraction: float = 1.0  # of the training documents (the c-BTM axis subsamples them)
 
     @property
     def tag(self) -> str:
+        if self.axis == "cbtm":
+            return f"data{self.data_fraction:g}-s{self.seed}"
         if self.axis == "domains":
             return f"domains{len(self.domains)}-s{self.seed}"
         if self.axis == "share":
@@ -68,7 +71,18 @@ def plan_points(cfg: StudyConfig, names: list[str]) -> list[Point]:
     for share in sorted(set(cfg.seed_shares) - {cfg.seed_share}):
         # the dense run does not depend on where the seed stops: the main 1x point's is this one's
         pts += [Point("share", 1.0, s, tuple(names), share, True, False) for s in cfg.seeds]
+    for f in sorted(set(cfg.cbtm_data) if cfg.cbtm_ks else ()):
+        if f == 1.0 and 1.0 in dense:
+            continue  # all the data at the 1x budget: the main 1x point
+        pts += [Point("cbtm", f, s, tuple(names), cfg.seed_share, False, True, f) for s in cfg.seeds]
     return pts
+
+
+def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
+    """The tag of the point whose seed and dense run a c-BTM forest at this data fraction shares."""
+    if p_fraction == 1.0 and 1.0 in cfg.dense_budgets:
+        return f"b1-s{seed}"
+    return f"data{p_fraction:g}-s{seed}"
 
 
 def point_plan(cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int) -> tuple[Plan, RunConfig]:
@@ -114,7 +128,7 @@ class Progress:
 def train_points(
     points: list[Point],
     root: Path,
-    shards: Shards,
+    shards_of,
     cfg: StudyConfig,
     base: RunConfig,
     steps_1x: int,
@@ -122,16 +136,19 @@ def train_points(
     threads: int | None,
     log=print,
     every: float = 30.0,
+    more_forests=None,
 ) -> None:
-    shards_path = str(Path(shards.root).resolve())
+    """`shards_of(point)` gives a point's shards; `more_forests()`, called once the seeds exist, gives
+    further forests (directory, shards) whose experts train in phase 2 with the points' (c-BTM's)."""
     plans = {p: point_plan(cfg, base, p, steps_1x) for p in points}
     seq = base.train.seq_len
-    dense_jobs, expert_jobs, runs = [], [], []
+    dense_jobs, runs = [], []
     for p, (plan, c) in plans.items():
-        where = root / p.tag
+        where, shards = root / p.tag, shards_of(p)
         if p.dense:
+            path = str(Path(shards.root).resolve())
             dense_jobs.append(
-                DenseRunJob(str(where), shards_path, c.to_dict(), asdict(plan), threads, f"{p.tag}/dense")
+                DenseRunJob(str(where), path, c.to_dict(), asdict(plan), threads, f"{p.tag}/dense")
             )
             runs.append(
                 (f"{p.tag}/dense", where / "runs" / "dense", 0, plan.total_steps, plan.batch_size * seq)
@@ -139,18 +156,6 @@ def train_points(
         elif p.forest and not btm.seed_ready(Forest.init(where, exist_ok=True)):
             log(f"      {p.tag}: seed ({plan.seed_steps} steps)")
             btm.train_seed(Forest.load(where), shards, c, plan, progress=False)
-        if p.forest:
-            for d in plan_domains(plan, shards):
-                expert_jobs.append(ExpertJob(str(where), shards_path, d, threads=threads))
-                runs.append(
-                    (
-                        f"{p.tag}/{d}",
-                        where / "runs" / d,
-                        plan.seed_steps,
-                        plan.total_steps,
-                        plan.expert_batch_size * seq,
-                    )
-                )
     with Progress(runs, log, every) as prog:
         log(f"      phase 1: {len(dense_jobs)} seed + dense runs")
         executor.map(
@@ -160,6 +165,23 @@ def train_points(
             [j.run_dir() / "job.log" for j in dense_jobs],
         )
         log(prog.line())
+    forests = [(root / p.tag, shards_of(p)) for p in points if p.forest]
+    forests += more_forests() if more_forests else []
+    expert_jobs, runs = [], []
+    for where, shards in forests:
+        plan = Plan(**Forest.load(where).data["plan"])
+        for d in plan_domains(plan, shards):
+            expert_jobs.append(ExpertJob(str(where), str(Path(shards.root).resolve()), d, threads=threads))
+            runs.append(
+                (
+                    f"{where.name}/{d}",
+                    where / "runs" / d,
+                    plan.seed_steps,
+                    plan.total_steps,
+                    plan.expert_batch_size * seq,
+                )
+            )
+    with Progress(runs, log, every) as prog:
         log(f"      phase 2: {len(expert_jobs)} experts")
         executor.map(
             run_job,
@@ -170,18 +192,30 @@ def train_points(
         log(prog.line())
 
 
+ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
+
+
 def score_point(
-    p: Point, where: Path, shards: Shards, ood: Shards | None, cfg: StudyConfig, seq_len: int
+    p: Point,
+    where: Path,
+    shards: Shards,
+    ood: Shards | None,
+    cfg: StudyConfig,
+    seq_len: int,
+    routing: dict | None = None,
 ) -> dict:
-    """Per-domain test BPB of the point's dense run and of its forest's ensemble (cached prior from the
-    valid split, the posterior restarted at each document), in domain and out of domain, on the same
-    first `eval_bytes` of every domain for every model."""
+    """Per-domain test BPB of the point's dense run and of its forest (by default the ensemble: cached
+    prior from the valid split, the posterior restarted at each document; c-BTM: `routing` =
+    {"mode": "cluster", "k": 2}), in domain and out of domain, on the same first `eval_bytes` of every
+    domain for every model."""
+    routing = routing or ENSEMBLE
     from elmforest.eval.bpb import evaluate_shards
     from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
     from elmforest.model.build import load_model
 
     key = {"eval_bytes": cfg.eval_bytes, "prior_batches": cfg.prior_batches, "seq_len": seq_len}
     key["ood"] = sorted(ood.domains) if ood is not None else []
+    key["routing"] = routing
     cache = where / "study_scores.json"
     if cache.is_file() and (old := read_json(cache)).get("key") == key:
         return old["scores"]
@@ -199,7 +233,7 @@ def score_point(
             r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
     if p.forest:
-        missing = [d for d in p.domains if d not in forest.names]
+        missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
         if missing:
             raise UserError(f"{where}: expert(s) {missing} were not trained; run the study again")
         pool = make_pool(forest, batch_size=16)
@@ -209,9 +243,8 @@ def score_point(
         }
         for name, sh, doms in sets:
             r = evaluate_forest_shards(
-                forest, sh, mode="ensemble", prior="cached", domains=doms, prior_batches=cfg.prior_batches,
-                pool=pool, **common,
-            )  # fmt: skip
+                forest, sh, domains=doms, prior_batches=cfg.prior_batches, pool=pool, **routing, **common
+            )
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
     write_json_atomic(cache, {"key": key, "scores": scores})
     return scores
@@ -231,6 +264,7 @@ def records(points: list[Point], root: Path, scores: dict[str, dict]) -> list[di
                     "seed_share": p.seed_share,
                     "n_domains": len(p.domains),
                     "domains": list(p.domains),
+                    "data_fraction": p.data_fraction,
                     "dir": str(root / p.tag),
                     **s,
                 }

@@ -9,6 +9,7 @@ naming the fields, while budgets, seeds and axes may be added.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -81,6 +82,64 @@ def _learning_rates(cfg: StudyConfig, base) -> tuple[float, float, str]:
     return cfg.dense_lr or dense, cfg.expert_lr or expert, source
 
 
+def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
+    """(shards of a point, the c-BTM forests, their cluster shards): the subsamples and their clusters
+    are made before any training, so a bad clusterer fails the study before hours are spent."""
+    from elmforest.study.cbtm import CbtmForest, cluster_shards, subsample_shards
+
+    sub = {1.0: data.shards}
+    forests, cshards = [], {}
+    if cfg.cbtm_ks:
+        log(f"      c-BTM: k {cfg.cbtm_ks} x data {cfg.cbtm_data} x balance {cfg.cbtm_balance}")
+    for f in sorted(set(cfg.cbtm_data) if cfg.cbtm_ks else ()):
+        if f < 1.0:
+            sub[f] = subsample_shards(root, data.corpus, data.tokenizer, f, progress)
+        corpus = root / f"corpus-data{f:g}" if f < 1.0 else data.corpus
+        for k in sorted(set(cfg.cbtm_ks)):
+            for balance in cfg.cbtm_balance:
+                cshards[(f, k, balance)] = cluster_shards(
+                    root, corpus, data.tokenizer, f, k, balance, progress
+                )
+                forests += [CbtmForest(f, s, k, balance) for s in cfg.seeds]
+    return (lambda p: sub[p.data_fraction]), forests, cshards
+
+
+def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float) -> list:
+    """Each c-BTM forest shares the seed of the dense run at its data fraction and budget."""
+    from elmforest.forest import btm
+    from elmforest.forest.manifest import Forest
+    from elmforest.study.run import cbtm_base
+
+    out = []
+    for c in forests:
+        sh, cdir = cshards[(c.fraction, c.k, c.balance)]
+        base = Forest.load(runs_dir / cbtm_base(c.fraction, c.seed, cfg))
+        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=expert_lr)
+        if not f.data.get("clusterer"):
+            f.set_clusterer(cdir)
+        out.append((f.root, sh))
+    return out
+
+
+def _cbtm_records(cfg, forests, runs_dir: Path, shards_of, data, seq_len: int) -> list[dict]:
+    from elmforest.study.run import Point, score_point
+
+    recs = []
+    for c in forests:
+        p = Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction)
+        routing = {"mode": "cluster", "k": min(2, c.k)}
+        s = score_point(p, runs_dir / c.tag, shards_of(p), data.ood_shards, cfg, seq_len, routing)["btm"]
+        recs.append(
+            {
+                "axis": "cbtm", "arm": "cbtm", "k": c.k, "balance": c.balance, "budget": c.fraction,
+                "seed": c.seed, "seed_share": cfg.seed_share, "n_domains": len(data.names),
+                "domains": list(data.names), "data_fraction": c.fraction, "dir": str(runs_dir / c.tag),
+                "routing": routing, **s,
+            }
+        )  # fmt: skip
+    return recs
+
+
 def run_study(
     source: str | Path,
     out: str | Path,
@@ -90,9 +149,10 @@ def run_study(
     cpus_per_job: float = 1.0,
     gpus_per_job: float = 0.0,
     progress: bool = True,
-    log=print,
+    log=None,
     every: float = 30.0,
 ) -> dict:
+    log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
     t0 = time.perf_counter()
     cfg = load_study_config(source, overrides)
     out = Path(out)
@@ -124,13 +184,16 @@ def run_study(
         workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
         ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
     runs_dir = out / "runs"
-    train_points(points, runs_dir, data.shards, cfg, base, steps_1x, ex, threads, log, every)
+    shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
+    more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr)
+    train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more)
     log("      scoring every run on the same bytes")
+    seq = base.train.seq_len
     scores = {
-        p.tag: score_point(p, runs_dir / p.tag, data.shards, data.ood_shards, cfg, base.train.seq_len)
-        for p in points
+        p.tag: score_point(p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq) for p in points
     }
     recs = records(points, runs_dir, scores)
+    recs += _cbtm_records(cfg, cbtm_forests, runs_dir, shards_of, data, seq)
     fits = analyse(recs, cfg)
     first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
     one_x = [r for r in recs if r["axis"] == "main" and r["budget"] == 1.0 and r["arm"] == "dense"]
