@@ -208,3 +208,11 @@ def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_d
     p.stdout.close()  # the reader leaves at once, as `| head` does once it has its lines
     err = p.stderr.read()
     assert p.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys):
+    argv = ["sweep", "--shards", shards_dir, "--out", tmp_path / "s", "--preset", "tiny"]
+    rc, out = _run([*argv, "--lrs", "1e-3,2e-3"], capsys)  # parsed as a grid: refused for its size only
+    assert rc == 2 and "at least 4" in out and "Traceback" not in out
+    rc, out = _run([*argv, "--expert-lrs", "1e-3,-2"], capsys)
+    assert rc == 2 and "--expert-lrs" in out

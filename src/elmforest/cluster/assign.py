@@ -150,6 +150,10 @@ def assign_corpus(
     """
     if balance not in ("documents", "bytes"):
         raise UserError(f"balance must be documents or bytes, got {balance!r}")
+    if balance == "bytes" and not balanced:
+        raise UserError("balance by bytes caps the clusters: it needs --balanced")
+    if balance == "bytes":
+        slack = max(slack, 0.01)  # a cap of exactly 1/K of the bytes rarely fits whole documents
     from sklearn.metrics import normalized_mutual_info_score
     from tqdm.auto import tqdm
 
@@ -174,7 +178,7 @@ def assign_corpus(
         if balance == "bytes":
             w = np.concatenate(sizes_b)
             s = np.where(ok[:, None], s, 0.0)  # documents with no known word: placed by room alone
-            cap = max(w.sum() / k * (1 + max(slack, 0.01)), float(w.max()))
+            cap = max(w.sum() / k * (1 + slack), float(w.max()))
             global_labels = weighted_balanced_assign(s.astype(np.float64), w, cap)
         else:
             cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)

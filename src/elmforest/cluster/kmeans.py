@@ -116,13 +116,21 @@ def weighted_balanced_assign(
     price = np.zeros(k)
     step = max(float(scores.max() - scores.min()), 1e-12)
     labels = scores.argmax(1)
+    best, best_score = None, -np.inf
+    rows = np.arange(n)
     for _ in range(rounds):
         labels = np.argmax(scores - price[None, :] * wn[:, None], axis=1)
         over = np.bincount(labels, weights=w, minlength=k) - cap
-        if (over <= 0).all():
-            return labels
+        if (over <= 0).all():  # feasible: keep the best such iterate, and lower the prices that bind
+            total = float(scores[rows, labels].sum())
+            if total > best_score:
+                best, best_score = labels.copy(), total
+            if not (price > 0).any():
+                return labels  # nothing priced: the unconstrained optimum fits
         price = np.maximum(0.0, price + step * over / cap.mean())
         step *= 0.97
+    if best is not None:
+        return best
     load = np.bincount(labels, weights=w, minlength=k)
     for j in np.argsort(cap - load):  # the most overfull first
         if load[j] <= cap[j]:
@@ -155,9 +163,9 @@ def _largest_first(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.nda
     for i in np.argsort(-w, kind="stable"):
         fits = np.flatnonzero(room >= w[i])
         if fits.size == 0:
-            raise Failed(
-                "could not place the documents under the clusters' capacities (too little slack for "
-                "documents this large)"
+            raise UserError(
+                "could not place the documents under the clusters' size caps: a few documents are too large "
+                "for the slack; allow more slack, fewer clusters, or balance by documents"
             )
         labels[i] = fits[np.argmax(scores[i, fits])]
         room[labels[i]] -= w[i]

@@ -286,7 +286,12 @@ def _prepare(runs, arms, domains, resample_seeds):
                 f"arm {arm!r} budget {budget!r} has a single seed ({seeds[0]!r}); the bootstrap resamples "
                 "seeds within each point and needs >= 2 (or pass resample_seeds=False)"
             )
-    return domains, B, flops, {p: np.array(i) for p, i in points.items()}
+    # each point's runs in seed order: when every point has the same seeds, a replicate draws the seeds
+    # once for all of them (runs of one seed share an initialisation and data order, and a forest shares
+    # its seed run with the dense run of its budget, so the arms stay paired on seeds too)
+    ordered = {p: sorted(i, key=lambda j: str(chosen[j]["seed"])) for p, i in points.items()}
+    paired = len({tuple(str(chosen[j]["seed"]) for j in i) for i in ordered.values()}) == 1
+    return domains, B, flops, {p: np.array(i) for p, i in ordered.items()}, paired
 
 
 def _near(fit: PowerLawFit) -> list[tuple[float, float, float]]:
@@ -306,15 +311,25 @@ def _check_boot(n_boot, ci):
     return (1 - ci) / 2, 1 - (1 - ci) / 2
 
 
-def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds):
+def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, paired_seeds=False):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
-    domains), each point's seeds drawn with replacement, and the fit of `arm` on the resampled runs,
+    domains), the seeds drawn with replacement (one draw for every point when they all have the same
+    seeds, `paired_seeds`), and the fit of `arm` on the resampled runs,
     None when it fails (one bad replicate is counted, never fatal). Yields (fit, run metrics, picks)."""
     rng = np.random.default_rng(seed)
     D = B.shape[1]
+    sizes = {i.size for i in points.values()}
+    paired = paired_seeds and len(sizes) == 1
     for _ in range(n_boot):
         m = B @ (np.bincount(rng.integers(0, D, D), minlength=D) / D)
-        pick = {p: i[rng.integers(0, i.size, i.size)] if resample_seeds else i for p, i in points.items()}
+        if not resample_seeds:
+            pick = dict(points)
+        elif paired:  # one draw of the seeds for every point
+            n = next(iter(sizes))
+            s = rng.integers(0, n, n)
+            pick = {p: i[s] for p, i in points.items()}
+        else:
+            pick = {p: i[rng.integers(0, i.size, i.size)] for p, i in points.items()}
         idx = np.concatenate([i for p, i in pick.items() if p[0] == arm])
         try:
             fit = _fit(flops[idx], m[idx], delta, None, full.c0, _near(full))
@@ -346,12 +361,12 @@ def bootstrap_multiplier(
     large (the CI may hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
     counted in n_failed."""
     q = _check_boot(n_boot, ci)
-    domains, B, flops, points = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
+    domains, B, flops, points, paired = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
     forest_pts = sorted((p for p in points if p[0] == forest_arm), key=lambda p: flops[points[p]].mean())
     full = _full_fit(B, flops, points, dense_arm, delta)
     reps, n_failed = {p: [] for p in forest_pts}, 0
     for fit, m, pick in _replicate_fits(
-        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds
+        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, paired
     ):
         n_failed += fit is None
         for p in forest_pts if fit else ():
@@ -403,10 +418,13 @@ def bootstrap_fit(
     c0 in every replicate, so its CI is of one quantity. Wide CIs here are the weak determination of a
     3-parameter fit on few budgets made visible, which is the point of reporting them."""
     q = _check_boot(n_boot, ci)
-    domains, B, flops, points = _prepare(runs, [arm], domains, resample_seeds)
+    domains, B, flops, points, paired = _prepare(runs, [arm], domains, resample_seeds)
     full = _full_fit(B, flops, points, arm, delta)
     fits = [
-        f for f, _, _ in _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds)
+        f
+        for f, _, _ in _replicate_fits(
+            B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, paired
+        )
     ]
     v = np.array([(f.E, f.A, f.alpha) for f in fits if f]).reshape(-1, 3)
     out = dict(

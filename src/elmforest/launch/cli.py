@@ -28,6 +28,16 @@ from elmforest.utils.argtypes import (
 from elmforest.utils.io import split_list
 
 
+def _grid(text: str | None, flag: str) -> list[float] | None:
+    """A comma-separated LR grid (one option value, not a repeated option)."""
+    if text is None:
+        return None
+    try:
+        return positive_floats(text)
+    except typer.BadParameter as e:
+        raise typer.BadParameter(e.message, param_hint=flag) from None
+
+
 def register(app: typer.Typer) -> None:
     verb(app, epilog=CONFIG_KEYS)(quickstart)
     verb(app, epilog=CONFIG_KEYS)(sweep)
@@ -107,16 +117,17 @@ def sweep(
     out: Annotated[str, opt("sweep directory; an existing one is resumed", metavar="DIR")],
     arm: Annotated[Literal["dense", "experts", "both"], opt("which arm(s) to tune")] = "both",
     lrs: Annotated[
-        list[float] | None,
+        str | None,
         opt(
             "comma-separated dense LRs (default: 5 points, x2 apart, around the preset's optim.lr)",
-            positive_floats,
+            metavar="X,X,...",
         ),
     ] = None,
     expert_lrs: Annotated[
-        list[float] | None,
+        str | None,
         opt(
-            "comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)", positive_floats
+            "comma-separated expert LRs (default: 5 points, x2 apart, around the seed's LR)",
+            metavar="X,X,...",
         ),
     ] = None,
     dense_lr: Annotated[
@@ -150,6 +161,7 @@ def sweep(
     from elmforest.launch.sweep import sweep as run
     from elmforest.utils.io import write_json_atomic
 
+    grid, expert_grid = _grid(lrs, "--lrs"), _grid(expert_lrs, "--expert-lrs")  # refused before any work
     run_cfg = train_args.run_config(shards)
     ex = make_executor(executor, address, cpus_per_job, gpus_per_job, max_retries, workers)
     res = run(
@@ -157,8 +169,8 @@ def sweep(
         out,
         run_cfg,
         arm=arm,
-        lrs=lrs,
-        expert_lrs=expert_lrs,
+        lrs=grid,
+        expert_lrs=expert_grid,
         dense_lr=dense_lr,
         seed_share=seed_share,
         executor=ex,

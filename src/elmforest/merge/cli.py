@@ -6,14 +6,14 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.train.cli import NoProgress, Overrides
+from elmforest.train.cli import CONFIG_KEYS, NoProgress, Overrides
 from elmforest.utils.argtypes import flag, group, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
     mg = group("merge a forest's experts into one model")
-    verb(mg)(moe)
+    verb(mg, epilog=CONFIG_KEYS)(moe)  # --set: the router training run's config
     app.add_typer(mg, name="merge")
 
 

@@ -43,9 +43,12 @@ def kept(doc_id: str, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
 
 
-def subsample(corpus: Path, out: Path, fraction: float, spec: SplitSpec | None = None) -> Path:
-    """`corpus` with only a `fraction` of its training documents (every valid and test one kept), one
-    JSONL per domain; written once."""
+def subsample(
+    corpus: Path, out: Path, fraction: float, domains: list[str] | None = None, spec: SplitSpec | None = None
+) -> Path:
+    """`corpus` with only a `fraction` of its training documents (every valid and test one kept) of
+    `domains` (the study's, so c-BTM sees no data its dense baseline does not), one JSONL per domain;
+    written once."""
     if (out / "manifest.json").is_file():
         return out
     spec = spec or SplitSpec()  # the shards' default split, so valid and test are the full corpus's
@@ -53,6 +56,8 @@ def subsample(corpus: Path, out: Path, fraction: float, spec: SplitSpec | None =
         handles, counts = {}, {}
         try:
             for d in iter_documents(corpus):
+                if domains is not None and d.domain not in domains:
+                    continue
                 if spec.assign(d.id) == "train" and not kept(d.id, fraction):
                     continue
                 if d.domain not in handles:
@@ -68,8 +73,7 @@ def subsample(corpus: Path, out: Path, fraction: float, spec: SplitSpec | None =
     return out
 
 
-def subsample_shards(root: Path, corpus: Path, tokenizer: Path, fraction: float, progress: bool) -> Shards:
-    sub = subsample(corpus, root / f"corpus-data{fraction:g}", fraction)
+def subsample_shards(root: Path, sub: Path, tokenizer: Path, fraction: float, progress: bool) -> Shards:
     sh = root / f"shards-data{fraction:g}"
     if not Shards.is_shards_dir(sh):
         build_shards(sub, load_tokenizer(tokenizer), sh, progress=progress)

@@ -64,6 +64,23 @@ class StudyConfig:
                 f"forest_budgets {forest} must lie within the dense budgets {dense} (the multiplier is read "
                 "off the dense curve, never extrapolated)"
             )
+        lists = (
+            "dense_budgets",
+            "forest_budgets",
+            "seeds",
+            "domain_counts",
+            "seed_shares",
+            "cbtm_ks",
+            "cbtm_data",
+            "cbtm_balance",
+        )
+        dup = [n for n in lists if len(set(getattr(self, n))) != len(getattr(self, n))]
+        if dup:
+            bad.append(f"{', '.join(dup)}: a value given twice")
+        if self.seed_shares and not (1.0 in self.dense_budgets and 1.0 in self.forest_budgets):
+            bad.append(
+                "seed_shares compares forests at the 1x budget with the 1x dense run: put 1.0 in dense_budgets and forest_budgets"
+            )
         if len(set(self.seeds)) < 2 or any(s < 0 for s in self.seeds):
             bad.append(f"seeds {self.seeds}: >= 2 distinct non-negative training seeds")
         if not 0 < self.seed_share < 1 or not all(0 < s < 1 for s in self.seed_shares):

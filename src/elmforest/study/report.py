@@ -73,7 +73,8 @@ def plot_multiplier(fits: dict, path: Path) -> None:
             continue
         x = np.array([m["budget"] for m in bs]) * dx
         y = np.array([np.nan if m["value"] is None else m["value"] for m in bs], dtype=float)
-        top = 10 * max([1.0, *[m["ci"][0] for m in bs]])  # an unbounded interval is drawn to the top
+        finite = [v for m in bs for v in m["ci"] if np.isfinite(v)]
+        top = 10 * max([1.0, *finite])  # an unbounded interval is drawn to the top
         lo = np.array([min(m["ci"][0], top) for m in bs])
         hi = np.array([min(m["ci"][1], top) for m in bs])
         mid = np.clip(np.where(np.isfinite(y), y, (lo + hi) / 2), lo, hi)
@@ -160,6 +161,7 @@ def markdown(study: dict, fits: dict) -> str:
         "",
         "## Findings",
         "",
+        *([f"Caveat: {fits['caveat']}.", ""] if fits.get("caveat") else []),
         "| claim | evidence | verdict |",
         "| --- | --- | --- |",
     ]

@@ -195,6 +195,13 @@ def train_points(
 ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
 
 
+def _stamp(sh: Shards | None):
+    """What an out-of-domain shards directory was built from (launch/prepare.py writes it)."""
+    if sh is None or not (Path(sh.root) / "sources.json").is_file():
+        return None
+    return read_json(Path(sh.root) / "sources.json")
+
+
 def score_point(
     p: Point,
     where: Path,
@@ -215,7 +222,9 @@ def score_point(
 
     key = {"eval_bytes": cfg.eval_bytes, "prior_batches": cfg.prior_batches, "seq_len": seq_len}
     key["ood"] = sorted(ood.domains) if ood is not None else []
+    key["ood_sources"] = _stamp(ood)  # a rebuilt out-of-domain set is scored again
     key["routing"] = routing
+    key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
     cache = where / "study_scores.json"
     if cache.is_file() and (old := read_json(cache)).get("key") == key:
         return old["scores"]

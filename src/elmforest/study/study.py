@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from elmforest.config import apply_overrides
+from elmforest.forest.plan import plan_for
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
@@ -85,16 +86,16 @@ def _learning_rates(cfg: StudyConfig, base) -> tuple[float, float, str]:
 def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
     """(shards of a point, the c-BTM forests, their cluster shards): the subsamples and their clusters
     are made before any training, so a bad clusterer fails the study before hours are spent."""
-    from elmforest.study.cbtm import CbtmForest, cluster_shards, subsample_shards
+    from elmforest.study.cbtm import CbtmForest, cluster_shards, subsample, subsample_shards
 
     sub = {1.0: data.shards}
     forests, cshards = [], {}
     if cfg.cbtm_ks:
         log(f"      c-BTM: k {cfg.cbtm_ks} x data {cfg.cbtm_data} x balance {cfg.cbtm_balance}")
     for f in sorted(set(cfg.cbtm_data) if cfg.cbtm_ks else ()):
+        corpus = subsample(data.corpus, root / f"corpus-data{f:g}", f, data.names)
         if f < 1.0:
-            sub[f] = subsample_shards(root, data.corpus, data.tokenizer, f, progress)
-        corpus = root / f"corpus-data{f:g}" if f < 1.0 else data.corpus
+            sub[f] = subsample_shards(root, corpus, data.tokenizer, f, progress)
         for k in sorted(set(cfg.cbtm_ks)):
             for balance in cfg.cbtm_balance:
                 cshards[(f, k, balance)] = cluster_shards(
@@ -168,6 +169,12 @@ def run_study(
     cfg.expert_lr = expert_lr
     steps_1x = cfg.steps or base.train.steps
     points = plan_points(cfg, data.names)
+    batch = plan_for(base, data.names)[0].batch_size
+    if any(batch % k for k in cfg.cbtm_ks):  # refused now, not once every seed has trained
+        raise UserError(
+            f"the batch ({batch} sequences, a multiple of the {len(data.names)} domains) does not divide among "
+            f"cbtm_ks {cfg.cbtm_ks}: set train.batch_size to a multiple of each"
+        )
     log(
         f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
         f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
@@ -194,6 +201,9 @@ def run_study(
     }
     recs = records(points, runs_dir, scores)
     recs += _cbtm_records(cfg, cbtm_forests, runs_dir, shards_of, data, seq)
+    write_json_atomic(
+        out / "study.json", strict_json({"config": cfg.to_dict(), "runs": recs})
+    )  # kept if a fit fails
     fits = analyse(recs, cfg)
     first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
     one_x = [r for r in recs if r["axis"] == "main" and r["budget"] == 1.0 and r["arm"] == "dense"]
@@ -219,5 +229,7 @@ def run_study(
     write_report(out, study, fits)
     for f in fits["findings"]:
         log(f"  - {f['verdict'].upper()}: {f['claim']}: {f['evidence']}")
+    if fits.get("caveat"):
+        log(f"  caveat: {fits['caveat']}")
     log(f"study done in {study['seconds'] / 60:.1f} min: {out / 'report.md'}")
     return {"study": study, "fits": fits}
