@@ -161,5 +161,9 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert _summaries(out) == after
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")} == scores
 
+    assert main([*argv, "--analyse-only", "--set", "n_boot=150"]) == 0  # fits again from study.json
+    assert json.loads((out / "fits.json").read_text())["n_boot"] == 150
+    assert _summaries(out) == after
+
     assert main([*argv, "--set", "steps=20"]) == 2  # would change the runs already trained
     assert "steps" in capsys.readouterr().err

@@ -111,9 +111,9 @@ def cbtm_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
     balance (k = 1, the dense run itself, is 0 by definition)."""
     full = max((r["n_domains"] for r in recs), default=0)
     dense = {
-        (r["data_fraction"], r["seed"]): r
+        (r.get("data_fraction", 1.0), r["seed"]): r
         for r in recs
-        if r["arm"] == "dense" and r["budget"] == r["data_fraction"] and r["n_domains"] == full
+        if r["arm"] == "dense" and r["budget"] == r.get("data_fraction", 1.0) and r["n_domains"] == full
         and r["seed_share"] == cfg.seed_share and r["axis"] in ("main", "cbtm")
     }  # fmt: skip
     groups: dict[tuple, list] = {}

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import typer
 
 from elmforest.train.cli import NoProgress
-from elmforest.utils.argtypes import arg, nonneg_float, opt, positive_float, verb
+from elmforest.utils.argtypes import arg, flag, nonneg_float, opt, positive_float, verb
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,13 @@ def study(
     ] = None,
     cpus_per_job: Annotated[float, opt("Ray: CPUs per run", positive_float)] = 1.0,
     gpus_per_job: Annotated[float, opt("Ray: GPUs per run", nonneg_float)] = 0.0,
+    analyse_only: Annotated[
+        bool,
+        flag(
+            "--analyse-only",
+            "recompute the fits, findings and report from study.json; train and score nothing",
+        ),
+    ] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """The forest's compute multiplier (with confidence intervals) and the papers' scaling claims, measured
@@ -48,4 +55,5 @@ def study(
         cpus_per_job=cpus_per_job,
         gpus_per_job=gpus_per_job,
         progress=not no_progress,
+        analyse_only=analyse_only,
     )

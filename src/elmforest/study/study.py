@@ -141,6 +141,28 @@ def _cbtm_records(cfg, forests, runs_dir: Path, shards_of, data, seq_len: int) -
     return recs
 
 
+def _write_fits(out: Path, study: dict, fits: dict, log) -> None:
+    write_json_atomic(out / "fits.json", strict_json(fits))
+    write_report(out, study, fits)
+    for f in fits["findings"]:
+        log(f"  - {f['verdict'].upper()}: {f['claim']}: {f['evidence']}")
+    if fits.get("caveat"):
+        log(f"  caveat: {fits['caveat']}")
+
+
+def reanalyse(out: str | Path, log=print) -> dict:
+    """The fits, findings and report again from a finished study's study.json (after a change to the
+    analysis, or with other n_boot / ci: `--set` them), without training or scoring anything."""
+    out = Path(out)
+    if not (out / "study.json").is_file() or "steps_1x" not in read_json(out / "study.json"):
+        raise UserError(f"{out}: no finished study (study.json) to analyse again; run the study first")
+    study = read_json(out / "study.json")
+    cfg = StudyConfig(**study["config"])
+    fits = analyse(study["runs"], cfg)
+    _write_fits(out, study, fits, log)
+    return fits
+
+
 def run_study(
     source: str | Path,
     out: str | Path,
@@ -152,10 +174,17 @@ def run_study(
     progress: bool = True,
     log=None,
     every: float = 30.0,
+    analyse_only: bool = False,
 ) -> dict:
     log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
     t0 = time.perf_counter()
     cfg = load_study_config(source, overrides)
+    if analyse_only:
+        study = read_json(Path(out) / "study.json") if (Path(out) / "study.json").is_file() else {}
+        if study.get("config"):
+            study["config"].update({k: getattr(cfg, k) for k in ("n_boot", "ci")})
+            write_json_atomic(Path(out) / "study.json", strict_json(study))
+        return {"fits": reanalyse(out, log)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(out, cfg)
@@ -225,11 +254,6 @@ def run_study(
         "seconds": time.perf_counter() - t0,
     }
     write_json_atomic(out / "study.json", strict_json(study))
-    write_json_atomic(out / "fits.json", strict_json(fits))
-    write_report(out, study, fits)
-    for f in fits["findings"]:
-        log(f"  - {f['verdict'].upper()}: {f['claim']}: {f['evidence']}")
-    if fits.get("caveat"):
-        log(f"  caveat: {fits['caveat']}")
+    _write_fits(out, study, fits, log)
     log(f"study done in {study['seconds'] / 60:.1f} min: {out / 'report.md'}")
     return {"study": study, "fits": fits}
