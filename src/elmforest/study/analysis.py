@@ -2,7 +2,7 @@
 out of domain), the gain against the number of domains, the seed share, and each claim of the papers
 stated as holds / does not hold / not shown.
 
-The curve fits and the bootstrap are eval/scaling.py's; here they are applied to the study's records.
+The curve fits and the bootstrap are eval/scaling.py's and eval/scaling_bootstrap.py's; here they are applied to the study's records.
 A claim "holds" only when its confidence interval excludes the null (a multiplier of 1, a gain of 0);
 an interval that includes it is "not shown", whatever the point estimate says.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from elmforest.eval.scaling import bootstrap_fit, bootstrap_multiplier
+from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier
 from elmforest.study.config import StudyConfig
 
 
