@@ -196,48 +196,38 @@ def markdown(study: dict, fits: dict) -> str:
                     else ""
                 )
             )
-    if fits.get("domains"):
-        lines += [
-            "",
-            "## Gain vs domains (1x budget)",
-            "",
-            "| domains | gain over dense | CI |",
-            "| --- | --- | --- |",
-        ]
-        lines += [
-            f"| {g['n_domains']} | {g['gain']:+.2%} | [{g['ci'][0]:+.2%}, {g['ci'][1]:+.2%}] |"
-            for g in fits["domains"]
-        ]
-    if fits.get("seed_share"):
-        lines += [
-            "",
-            "## Seed share (1x budget)",
-            "",
-            "| seed share | gain over dense | CI |",
-            "| --- | --- | --- |",
-        ]
-        lines += [
-            f"| {s['seed_share']:g} | {s['gain']:+.2%} | [{s['ci'][0]:+.2%}, {s['ci'][1]:+.2%}] |"
-            for s in fits["seed_share"]
-        ]
-    if fits.get("cbtm"):
-        lines += [
-            "",
-            "## c-BTM: clusters x data (budget scaled with the data; top-2 cluster routing)",
-            "",
-            "| data | k | balanced by | gain over dense | CI |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {r['data_fraction']:g} | {r['k']} | {r['balance']} | {r['gain']:+.2%} | [{r['ci'][0]:+.2%}, {r['ci'][1]:+.2%}] |"
-            for r in fits["cbtm"]
-        ]
+    gain_tables = [
+        ("domains", "Gain vs domains (1x budget)", ["domains"], lambda g: [g["n_domains"]]),
+        ("seed_share", "Seed share (1x budget)", ["seed share"], lambda g: [f"{g['seed_share']:g}"]),
+        (
+            "cbtm",
+            "c-BTM: clusters x data (budget scaled with the data; top-2 cluster routing)",
+            ["data", "k", "balanced by"],
+            lambda g: [f"{g['data_fraction']:g}", g["k"], g["balance"]],
+        ),
+    ]
+    for key, title, heads, cells in gain_tables:
+        if fits.get(key):
+            heads = [*heads, "gain over dense", "CI"]
+            lines += ["", f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+            lines += [
+                "| " + " | ".join(str(c) for c in cells(g)) + f" | {g['gain']:+.2%} | {_ci_text(g)} |"
+                for g in fits[key]
+            ]
     lines += [
         "",
-        "Plots: curves.png, multiplier.png, domains.png, cbtm.png. Data: study.json, fits.json.",
+        "Plots: "
+        + ", ".join(
+            ["curves.png", "multiplier.png"] + [f"{k}.png" for k in ("domains", "cbtm") if fits.get(k)]
+        )
+        + ". Data: study.json, fits.json.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _ci_text(g: dict) -> str:
+    return f"[{g['ci'][0]:+.2%}, {g['ci'][1]:+.2%}]"
 
 
 def write_report(out: Path, study: dict, fits: dict) -> None:
