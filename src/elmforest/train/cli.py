@@ -135,7 +135,7 @@ def _relaunch_distributed(nproc: int) -> int:
     import subprocess
 
     argv, skip = [], False
-    for a in ARGV:
+    for a in ARGV or sys.argv[1:]:  # main() records the command line; a direct call has sys.argv
         if skip:
             skip = False
             continue
