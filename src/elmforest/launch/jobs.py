@@ -52,6 +52,9 @@ class DenseRunJob:
     threads: int | None = None
     label: str = "dense"
     trust_remote_code: bool = False
+    seed_only: bool = (
+        False  # stop at the seed (a forest whose dense run is another's, e.g. a seed-share point)
+    )
 
     def run_dir(self) -> Path:
         return Path(self.forest) / "runs" / "dense"
@@ -82,6 +85,9 @@ def run_dense_run(job: DenseRunJob | dict) -> dict:
         cfg, plan = RunConfig.from_dict(job.config), btm.Plan(**job.plan)
         cfg.model.trust_remote_code = job.trust_remote_code
         btm.train_seed(forest, shards, cfg, plan, progress=False)
+        if job.seed_only:
+            seed = forest.data["seed"]
+            return {"name": job.label, "tokens": seed["tokens"], "flops": seed["flops"]}
         s = btm.train_dense(forest, shards, cfg, plan, progress=False)
         return {"name": job.label, "tokens": s["tokens"], "flops": s["flops"]}
 

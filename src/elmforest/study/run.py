@@ -21,7 +21,6 @@ from pathlib import Path
 
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
-from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains, plan_for
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
@@ -145,19 +144,16 @@ def train_points(
     dense_jobs, runs = [], []
     for p, (plan, c) in plans.items():
         where, shards = root / p.tag, shards_of(p)
-        if p.dense:
-            path = str(Path(shards.root).resolve())
-            dense_jobs.append(
-                DenseRunJob(str(where), path, c.to_dict(), asdict(plan), threads, f"{p.tag}/dense")
+        if p.dense or p.forest:  # a forest-only point trains its seed alone (its dense run is another's)
+            path, label = str(Path(shards.root).resolve()), f"{p.tag}/{'dense' if p.dense else 'seed'}"
+            job = DenseRunJob(
+                str(where), path, c.to_dict(), asdict(plan), threads, label, seed_only=not p.dense
             )
-            runs.append(
-                (f"{p.tag}/dense", where / "runs" / "dense", 0, plan.total_steps, plan.batch_size * seq)
-            )
-        elif p.forest and not btm.seed_ready(Forest.init(where, exist_ok=True)):
-            log(f"      {p.tag}: seed ({plan.seed_steps} steps)")
-            btm.train_seed(Forest.load(where), shards, c, plan, progress=False)
+            dense_jobs.append(job)
+            last = plan.total_steps if p.dense else plan.seed_steps
+            runs.append((label, where / "runs" / "dense", 0, last, plan.batch_size * seq))
     with Progress(runs, log, every) as prog:
-        log(f"      phase 1: {len(dense_jobs)} seed + dense runs")
+        log(f"      phase 1: {len(dense_jobs)} seed (+ dense) runs")
         executor.map(
             run_dense_run,
             [as_dict(j) for j in dense_jobs],
