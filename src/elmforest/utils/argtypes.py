@@ -89,6 +89,10 @@ def flag(name: str, help: str = ""):
     return typer.Option(name, help=help)
 
 
+# the one-pass verbs' progress switch (the training verbs have their own, train/cli.py NoProgress)
+NoProgressBar = typing.Annotated[bool, flag("--no-progress", "no progress bar")]
+
+
 def arg(help: str = "", metavar: str = "DIR"):
     """A positional argument."""
     return typer.Argument(help=help, metavar=metavar, show_default=False)
