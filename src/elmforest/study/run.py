@@ -255,23 +255,22 @@ def score_point(
     return scores
 
 
+def record(p: Point, arm: str, where: Path, scores: dict, **extra) -> dict:
+    """One trained arm of a point: what study.json lists and the fits read."""
+    return {
+        "axis": p.axis,
+        "arm": arm,
+        "budget": p.budget,
+        "seed": p.seed,
+        "seed_share": p.seed_share,
+        "n_domains": len(p.domains),
+        "domains": list(p.domains),
+        "data_fraction": p.data_fraction,
+        "dir": str(where),
+        **extra,
+        **scores,
+    }
+
+
 def records(points: list[Point], root: Path, scores: dict[str, dict]) -> list[dict]:
-    """One record per trained arm of every point: what study.json lists and the fits read."""
-    out = []
-    for p in points:
-        for arm, s in scores[p.tag].items():
-            out.append(
-                {
-                    "axis": p.axis,
-                    "arm": arm,
-                    "budget": p.budget,
-                    "seed": p.seed,
-                    "seed_share": p.seed_share,
-                    "n_domains": len(p.domains),
-                    "domains": list(p.domains),
-                    "data_fraction": p.data_fraction,
-                    "dir": str(root / p.tag),
-                    **s,
-                }
-            )
-    return out
+    return [record(p, arm, root / p.tag, s) for p in points for arm, s in scores[p.tag].items()]

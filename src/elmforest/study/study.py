@@ -123,21 +123,14 @@ def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float) -> list
 
 
 def _cbtm_records(cfg, forests, runs_dir: Path, shards_of, data, seq_len: int) -> list[dict]:
-    from elmforest.study.run import Point, score_point
+    from elmforest.study.run import Point, record, score_point
 
     recs = []
     for c in forests:
         p = Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction)
         routing = {"mode": "cluster", "k": min(2, c.k)}
         s = score_point(p, runs_dir / c.tag, shards_of(p), data.ood_shards, cfg, seq_len, routing)["btm"]
-        recs.append(
-            {
-                "axis": "cbtm", "arm": "cbtm", "k": c.k, "balance": c.balance, "budget": c.fraction,
-                "seed": c.seed, "seed_share": cfg.seed_share, "n_domains": len(data.names),
-                "domains": list(data.names), "data_fraction": c.fraction, "dir": str(runs_dir / c.tag),
-                "routing": routing, **s,
-            }
-        )  # fmt: skip
+        recs.append(record(p, "cbtm", runs_dir / c.tag, s, k=c.k, balance=c.balance, routing=routing))
     return recs
 
 
