@@ -63,7 +63,7 @@ class DenseRunJob:
 def run_job(job: ExpertJob | dict) -> dict:
     """Run one job here; its output goes to <run dir>/job.log (appended across retries)."""
     job = ExpertJob(**job) if isinstance(job, dict) else job
-    return _logged(
+    return logged(
         job.run_dir(),
         job.label,
         job.threads,
@@ -91,10 +91,11 @@ def run_dense_run(job: DenseRunJob | dict) -> dict:
         s = btm.train_dense(forest, shards, cfg, plan, progress=False)
         return {"name": job.label, "tokens": s["tokens"], "flops": s["flops"]}
 
-    return _logged(job.run_dir(), job.label, job.threads, work)
+    return logged(job.run_dir(), job.label, job.threads, work)
 
 
-def _logged(run_dir: Path, label: str, threads: int | None, work) -> dict:
+def logged(run_dir: Path, label: str, threads: int | None, work, log_name: str = "job.log") -> dict:
+    """Run `work(log)` with this process's output (Python's and native) appended to <run_dir>/<log_name>."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "worker.pid").write_text(str(os.getpid()))  # lets operators (and tests) find the worker
     if threads:
@@ -102,7 +103,7 @@ def _logged(run_dir: Path, label: str, threads: int | None, work) -> dict:
 
         torch.set_num_threads(threads)
     with (
-        open(run_dir / "job.log", "a", buffering=1) as log,
+        open(run_dir / log_name, "a", buffering=1) as log,
         _fds_to(log),
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),

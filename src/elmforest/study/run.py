@@ -20,14 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from elmforest.config import RunConfig
-from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains, plan_for
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
 from elmforest.launch.progress import last_metrics
 from elmforest.study.config import StudyConfig
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -186,73 +184,6 @@ def train_points(
             [j.run_dir() / "job.log" for j in expert_jobs],
         )
         log(prog.line())
-
-
-ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
-
-
-def _stamp(sh: Shards | None):
-    """What an out-of-domain shards directory was built from (launch/prepare.py writes it)."""
-    if sh is None or not (Path(sh.root) / "sources.json").is_file():
-        return None
-    return read_json(Path(sh.root) / "sources.json")
-
-
-def score_point(
-    p: Point,
-    where: Path,
-    shards: Shards,
-    ood: Shards | None,
-    cfg: StudyConfig,
-    seq_len: int,
-    routing: dict | None = None,
-) -> dict:
-    """Per-domain test BPB of the point's dense run and of its forest (by default the ensemble: cached
-    prior from the valid split, the posterior restarted at each document; c-BTM: `routing` =
-    {"mode": "cluster", "k": 2}), in domain and out of domain, on the same first `eval_bytes` of every
-    domain for every model."""
-    routing = routing or ENSEMBLE
-    from elmforest.eval.bpb import evaluate_shards
-    from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
-    from elmforest.model.build import load_model
-
-    key = {"eval_bytes": cfg.eval_bytes, "prior_batches": cfg.prior_batches, "seq_len": seq_len}
-    key["ood"] = sorted(ood.domains) if ood is not None else []
-    key["ood_sources"] = _stamp(ood)  # a rebuilt out-of-domain set is scored again
-    key["routing"] = routing
-    key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
-    cache = where / "study_scores.json"
-    if cache.is_file() and (old := read_json(cache)).get("key") == key:
-        return old["scores"]
-    common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
-    sets = [("bpb", shards, list(p.domains))]
-    if ood is not None:
-        sets.append(("ood_bpb", ood, [d for d in ood.domains if ood.has(d, "test")]))
-    scores: dict = {}
-    forest = Forest.load(where)
-    if p.dense:
-        model = load_model(where / "runs" / "dense" / "model")
-        summary = read_json(where / "runs" / "dense" / "summary.json")
-        s = scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"]}
-        for name, sh, doms in sets:
-            r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
-            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    if p.forest:
-        missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
-        if missing:
-            raise UserError(f"{where}: expert(s) {missing} were not trained; run the study again")
-        pool = make_pool(forest, batch_size=16)
-        s = scores["btm"] = {
-            "flops": float(forest.total_flops()),
-            "tokens": sum(r["tokens"] for r in forest.ledger()),
-        }
-        for name, sh, doms in sets:
-            r = evaluate_forest_shards(
-                forest, sh, domains=doms, prior_batches=cfg.prior_batches, pool=pool, **routing, **common
-            )
-            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    write_json_atomic(cache, {"key": key, "scores": scores})
-    return scores
 
 
 def record(p: Point, arm: str, where: Path, scores: dict, **extra) -> dict:

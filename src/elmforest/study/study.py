@@ -22,7 +22,8 @@ from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
 from elmforest.study.config import StudyConfig, load_study_config
 from elmforest.study.report import write_report
-from elmforest.study.run import plan_points, records, score_point, train_points
+from elmforest.study.run import Point, plan_points, record, records, train_points
+from elmforest.study.score import score_all, score_job
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -122,16 +123,16 @@ def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float) -> list
     return out
 
 
-def _cbtm_records(cfg, forests, runs_dir: Path, shards_of, data, seq_len: int) -> list[dict]:
-    from elmforest.study.run import Point, record, score_point
-
-    recs = []
-    for c in forests:
-        p = Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction)
-        routing = {"mode": "cluster", "k": min(2, c.k)}
-        s = score_point(p, runs_dir / c.tag, shards_of(p), data.ood_shards, cfg, seq_len, routing)["btm"]
-        recs.append(record(p, "cbtm", runs_dir / c.tag, s, k=c.k, balance=c.balance, routing=routing))
-    return recs
+def _cbtm_points(cfg, forests, data) -> list[tuple]:
+    """(point, forest, routing) of every c-BTM forest: scored with top-2 routing by cluster distance."""
+    return [
+        (
+            Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction),
+            c,
+            {"mode": "cluster", "k": min(2, c.k)},
+        )
+        for c in forests
+    ]
 
 
 def _write_fits(out: Path, study: dict, fits: dict, log) -> None:
@@ -216,13 +217,21 @@ def run_study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr)
     train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more)
-    log("      scoring every run on the same bytes")
     seq = base.train.seq_len
-    scores = {
-        p.tag: score_point(p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq) for p in points
-    }
-    recs = records(points, runs_dir, scores)
-    recs += _cbtm_records(cfg, cbtm_forests, runs_dir, shards_of, data, seq)
+    cb = _cbtm_points(cfg, cbtm_forests, data)
+    jobs = [
+        score_job(p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq, None, threads) for p in points
+    ]
+    jobs += [
+        score_job(p, runs_dir / c.tag, shards_of(p), data.ood_shards, cfg, seq, r, threads) for p, c, r in cb
+    ]
+    log(f"      scoring {len(jobs)} points on the same bytes")
+    scores = score_all(jobs, ex)
+    recs = records(points, runs_dir, dict(zip([p.tag for p in points], scores[: len(points)], strict=True)))
+    recs += [
+        record(p, "cbtm", runs_dir / c.tag, s["btm"], k=c.k, balance=c.balance, routing=r)
+        for (p, c, r), s in zip(cb, scores[len(points) :], strict=True)
+    ]
     write_json_atomic(
         out / "study.json", strict_json({"config": cfg.to_dict(), "runs": recs})
     )  # kept if a fit fails
