@@ -1,11 +1,19 @@
-"""Trainer throughput vs a bare PyTorch loop, measured side by side (same model, batches, dtype).
+"""Trainer throughput vs a bare PyTorch loop, side by side, and the fraction of the matmul peak.
 
-    python bench/trainer_throughput.py [--preset cpu-small] [--steps 30] [--rounds 3]
+    python bench/trainer_throughput.py                       # cpu-small (the study's model), 1 thread
+    python bench/trainer_throughput.py --model 20m --threads 2
+    python bench/trainer_throughput.py --variants eager,compile,compile+fused --rounds 3
 
-Both loops start from identical weights, use the same AdamW parameter groups, gradient clipping,
-autocast dtype and the very same batches (the bare loop gets them pre-materialised, so it is an
-upper bound). Rounds alternate between the two so machine noise hits both alike. Also reports the
-achieved FLOP/s (elmforest's FLOPs formula) against a measured matmul peak.
+For each variant (eager; `compile`: train.compile, forward + cross-entropy compiled as one function;
+`fused`: train.fused_optimizer, AdamW's fused kernel) the elmforest trainer and a bare loop with the very
+same switches run alternately, `--rounds` times, so machine noise hits both alike. Both start from
+identical weights, use the same AdamW parameter groups, clipping, bf16 autocast and the same batches (the
+bare loop gets them pre-materialised: an upper bound). Tokens/s is taken after the warm-up steps (the
+compilation is in the warm-up, reported separately).
+
+Then what limits it: the achieved FLOP/s (elmforest's FLOPs formula) against two peaks measured here, a
+large square bf16 matmul and the model's own matmul shapes (tokens x hidden by hidden x out), and a
+profile of one eager step split into matmuls, attention, the loss, the optimizer and the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.model.build import build_model
 from elmforest.model.presets import get_preset, preset_run_config
@@ -33,26 +42,53 @@ try:
 except ImportError:  # run as a module
     from bench.common import synthetic_shards
 
+# model shapes: a preset, or a preset with overrides (a 20M+ model for the "50% of peak" question)
+MODELS = {
+    "cpu-small": ("cpu-small", []),
+    "20m": (
+        "cpu-small",
+        ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8", "model.intermediate_size=1376"],
+    ),
+}
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+    reps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t)
 
 
-def ours(cfg, work: Path, warm: int) -> float:
+def model_matmul_peak(cfg, tokens: int, dtype: torch.dtype) -> float:
+    """FLOP/s of the model's own linear layers at this batch (forward shapes), weighted by their FLOPs."""
+    h, f, v = cfg.model.hidden_size, cfg.model.intermediate_size, get_preset("cpu-small").vocab_size
+    shapes = [(h, 3 * h), (h, h), (h, 2 * f), (f, h), (h, v)]  # qkv, out, gate+up, down, head
+    work = [tokens * k * n for k, n in shapes]
+    rates = [matmul_rate(tokens, k, n, dtype) for k, n in shapes]
+    return sum(work) / sum(w / r for w, r in zip(work, rates, strict=True))
+
+
+def variant_config(cfg, variant: str):
+    c = apply_overrides(cfg, [])
+    c.train.compile = "compile" in variant
+    c.train.fused_optimizer = "fused" in variant
+    return c
+
+
+def ours(cfg, work: Path, warm: int) -> tuple[float, float]:
+    """(tokens/s after warm-up, seconds of warm-up)."""
     run = Path(tempfile.mkdtemp(dir=work))
     train(cfg, run, progress=False)
     m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     a = next(x for x in m if x["step"] == warm)
     b = m[-1]
-    return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
+    return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]), a["elapsed_s"]
 
 
-def bare(cfg, shards: Shards, warm: int) -> float:
+def bare(cfg, shards: Shards, warm: int, profile: bool = False):
     dev = resolve_device(cfg.train.device)
     amp = resolve_precision(cfg.train.precision, dev)
     model = build_model(cfg.model, shards.vocab_size, shards.eos_id, seed=cfg.train.seed).to(dev).train()
@@ -64,58 +100,125 @@ def bare(cfg, shards: Shards, warm: int) -> float:
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
+        **({"fused": True} if cfg.train.fused_optimizer else {}),
     )
-    s = WindowSampler(shards, None, "train", cfg.train.seq_len, cfg.train.batch_size, cfg.train.seed)
-    batches = [s.batch(i).to(dev) for i in range(cfg.train.steps)]
-    for i, batch in enumerate(batches):
-        if i == warm:
-            t = time.perf_counter()
+
+    def loss_of(batch):
         with autocast(dev, amp):
             logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    step_loss = torch.compile(loss_of) if cfg.train.compile else loss_of
+    s = WindowSampler(shards, None, "train", cfg.train.seq_len, cfg.train.batch_size, cfg.train.seed)
+    batches = [s.batch(i).to(dev) for i in range(cfg.train.steps)]
+
+    def step(batch):
+        loss = step_loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    if profile:
+        return profile_step(step, batches)
+    t0 = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if i == warm:
+            t = time.perf_counter()
+        loss = step(batch)
     loss.item()
-    return (cfg.train.steps - warm) * cfg.train.tokens_per_step / (time.perf_counter() - t)
+    return (cfg.train.steps - warm) * cfg.train.tokens_per_step / (time.perf_counter() - t), t - t0
+
+
+CATEGORIES = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+    "loss (log-softmax, cross-entropy)": ("aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy"),
+    "optimizer (AdamW, clipping)": ("aten::_fused_adamw", "aten::_foreach", "Optimizer.step", "aten::norm"),
+}
+
+
+def profile_step(step, batches) -> dict[str, float]:
+    """Self CPU time of a few eager steps by category: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches[:3]:
+        step(b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches[3:8]:
+            step(b)
+    totals = dict.fromkeys([*CATEGORIES, "other (elementwise, norms, copies, casts)"], 0.0)
+    for e in prof.key_averages():
+        cat = next((c for c, names in CATEGORIES.items() if e.key.startswith(names)), None)
+        totals[cat or "other (elementwise, norms, copies, casts)"] += e.self_cpu_time_total
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in totals.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--model", choices=sorted(MODELS), default="cpu-small")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warm", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as a study or quickstart job)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
+    ap.add_argument("--variants", default="eager,compile,fused,compile+fused")
     args = ap.parse_args()
-    warm = 5
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    preset, overrides = MODELS[args.model]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards_dir = synthetic_shards(work, get_preset(args.preset).vocab_size)
+        shards_dir = synthetic_shards(work, get_preset(preset).vocab_size)
         shards = Shards(shards_dir)
-        cfg = preset_run_config(args.preset, str(shards_dir))
-        cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = args.steps, warm, 0
-        ratios, ours_tps, bare_tps = [], [], []
+        cfg = apply_overrides(preset_run_config(preset, str(shards_dir)), overrides)
+        cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = args.steps, args.warm, 0
+        cfg.train.valid_every = 0
+        if args.batch_size:
+            cfg.train.batch_size = args.batch_size
+        res = {v: {"ours": [], "bare": [], "warm_s": []} for v in variants}
         for r in range(args.rounds):
-            a = ours(cfg, work, warm)
-            b = bare(cfg, shards, warm)
-            ours_tps.append(a)
-            bare_tps.append(b)
-            ratios.append(a / b)
-            print(f"round {r + 1}: elmforest {a:,.0f} tok/s, bare loop {b:,.0f} tok/s, ratio {a / b:.3f}")
+            for v in variants:
+                c = variant_config(cfg, v)
+                a, wa = ours(c, work, args.warm)
+                b, _ = bare(c, shards, args.warm)
+                res[v]["ours"].append(a)
+                res[v]["bare"].append(b)
+                res[v]["warm_s"].append(wa)
+                print(
+                    f"round {r + 1} {v:>14}: elmforest {a:,.0f} tok/s, bare {b:,.0f} tok/s, ratio {a / b:.3f}"
+                )
         model = build_model(cfg.model, shards.vocab_size, shards.eos_id)
         fpt = flops_per_token(model, cfg.train.seq_len)
-        amp = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
-        peak = matmul_peak(amp or torch.float32)
-        achieved = statistics.median(ours_tps) * fpt
+        amp = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)) or torch.float32
+        square = matmul_rate(2048, 2048, 2048, amp, seconds=2.0)
+        shaped = model_matmul_peak(cfg, cfg.train.tokens_per_step, amp)
+        n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"\npreset {args.preset}, {sum(p.numel() for p in model.parameters()):,} params, "
-            f"{cfg.train.tokens_per_step} tokens/step, dtype {amp or torch.float32}, threads {torch.get_num_threads()}"
+            f"\nmodel {args.model}: {n_params:,} params, {fpt:,} FLOPs/token, {cfg.train.tokens_per_step} "
+            f"tokens/step, {amp}, {args.threads} thread(s)"
         )
-        print(f"median ratio elmforest/bare = {statistics.median(ratios):.3f} (target >= 0.95)")
         print(
-            f"achieved {achieved / 1e9:.1f} GFLOP/s vs matmul peak {peak / 1e9:.1f} GFLOP/s "
-            f"({achieved / peak:.0%} of peak; {fpt:,} FLOPs/token)"
+            f"peaks: square 2048^3 matmul {square / 1e9:.0f} GFLOP/s; the model's matmul shapes {shaped / 1e9:.0f} GFLOP/s"
         )
+        base = statistics.median(res[variants[0]]["ours"])
+        print(
+            "| variant | elmforest tok/s | bare tok/s | elmforest / bare | vs first | GFLOP/s | of square peak | of shaped peak | warm-up s |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for v in variants:
+            o, b = statistics.median(res[v]["ours"]), statistics.median(res[v]["bare"])
+            ratio = statistics.median(x / y for x, y in zip(res[v]["ours"], res[v]["bare"], strict=True))
+            print(
+                f"| {v} | {o:,.0f} | {b:,.0f} | {ratio:.3f} | {o / base:.2f}x | {o * fpt / 1e9:.0f} | "
+                f"{o * fpt / square:.0%} | {o * fpt / shaped:.0%} | {statistics.median(res[v]['warm_s']):.0f} |"
+            )
+        shares = bare(variant_config(cfg, "eager"), shards, args.warm, profile=True)
+        print("\nwhere an eager step's time goes (self CPU time):")
+        for k, v in shares.items():
+            print(f"  {k}: {v:.0%}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def test_config_round_trip_and_overrides():
         apply_overrides(cfg, ["train.steps=lots"])
     with pytest.raises(ValueError, match="unknown key"):
         RunConfig.from_dict({"train": {"nope": 1}})
+    # YAML 1.1 reads 1e-3 (no dot) as a string: a number field takes it as the number it is
+    assert RunConfig.from_dict({"optim": {"lr": "1e-3"}}).optim.lr == 1e-3
+    with pytest.raises(ValueError, match="expected a number"):
+        RunConfig.from_dict({"optim": {"lr": "1e-3x"}})
 
 
 def test_presets_sizes():

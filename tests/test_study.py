@@ -31,6 +31,12 @@ from elmforest.utils.errors import UserError
         (["seeds=[0]"], "seeds"),
         (["seed_share=1.5"], "seed_share"),
         (["n_boot=abc"], "n_boot"),
+        (["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "expert_lr_grid"),
+        (["lr_grid=[1e-3, 2e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "4 distinct"),
+        (
+            ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "dense_lr=0.1"],
+            "drop dense_lr",
+        ),
     ],
 )
 def test_a_bad_study_field_is_refused_by_name(sets, named):
@@ -167,3 +173,67 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
 
     assert main([*argv, "--set", "steps=20"]) == 2  # would change the runs already trained
     assert "steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monkeypatch):
+    """With lr_grid / expert_lr_grid the study sweeps at every main-axis budget (both arms at forest
+    budgets, the dense arm alone elsewhere; `elmforest sweep` itself is tested in test_launch.py, here a
+    stand-in answers with a different best LR per budget) and trains each main point at its budget's
+    LRs, the other axes at the 1x budget's; the report lists them, the edge of a grid flagged."""
+    from elmforest.study import lrs as lrs_mod
+
+    calls = []
+
+    def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log):
+        i = {6: 0, 12: 1, 24: 2, 48: 3}[base.train.steps]
+        calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains)))
+        return {
+            "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
+            "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
+        }
+
+    monkeypatch.setattr(lrs_mod, "sweep", fake_sweep)
+    cfg_path = _study_cfg(tmp_path)
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(
+        {
+            "lr_grid": [1e-3, 4e-3, 1.6e-2, 6.4e-2],
+            "expert_lr_grid": [2e-3, 8e-3, 3.2e-2, 0.128],
+            "domain_counts": [],
+            "seed_shares": [0.25],
+            "cbtm_ks": [],
+            "domains": ["scripture", "code"],
+        }
+    )
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
+    both = ("scripture", "code")
+    assert calls == [
+        (6, "both", 0, 0.5, both),
+        (12, "both", 0, 0.5, both),
+        (24, "both", 0, 0.5, both),
+        (48, "dense", 0, 0.5, both),
+    ]
+    study = json.loads((out / "study.json").read_text())
+    lrs = study["lrs_by_budget"]
+    assert [lrs[b]["dense_lr"] for b in ("0.5", "1", "2", "4")] == cfg["lr_grid"]
+    assert [lrs[b]["expert_lr"] for b in ("0.5", "1", "2")] == [0.128, 3.2e-2, 8e-3]
+    assert "expert_lr" not in lrs["4"]
+    axes = set()
+    for r in study["runs"]:
+        where = Path(r["dir"])
+        dense_lr = json.loads((where / "runs" / "dense" / "run_config.json").read_text())["optim"]["lr"]
+        want = lrs[f"{r['budget']:g}"] if r["axis"] == "main" else lrs["1"]
+        assert dense_lr == want["dense_lr"], (r["axis"], r["budget"])
+        if r["arm"] == "btm":
+            got = json.loads((where / "runs" / "code" / "run_config.json").read_text())["optim"]["lr"]
+            assert got == want["expert_lr"], (r["axis"], r["budget"])
+        axes.add(r["axis"])
+    assert axes == {"main", "share"}
+    assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
+    report = (out / "report.md").read_text()
+    assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
+    assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
+    assert "lr_grid" in capsys.readouterr().err

@@ -401,3 +401,44 @@ def test_flops_of_a_frozen_run_are_what_torch_counts(shards_dir, tmp_path, train
     full = build_model(cfg.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id)
     assert s["flops_per_token"] < flops_breakdown(full, t)["flops_per_token"]
     assert s["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_compiled_loss_and_fused_adamw_train_the_same_model(shards_dir, tmp_path, monkeypatch):
+    """train.compile (forward + cross-entropy compiled as one function) and train.fused_optimizer are
+    speed switches: a few steps end at the eager run's weights (to compiler rounding), and both
+    switches really take effect (the compiled function and the fused AdamW are the ones used)."""
+    from elmforest.train import trainer as trainer_mod
+
+    made = {}
+    real_adamw = torch.optim.AdamW
+
+    def spy_adamw(*a, **kw):
+        made["adamw"] = kw
+        return real_adamw(*a, **kw)
+
+    real_compile = torch.compile
+
+    def spy_compile(fn, *a, **kw):
+        made["compiled"] = getattr(fn, "__name__", str(fn))
+        return real_compile(fn, *a, **kw)
+
+    cfg = tiny_config(shards_dir, steps=6, log_every=1, ckpt_every=0, valid_every=0)
+    cfg.optim.warmup_frac = 0.0
+    train(cfg, tmp_path / "eager", progress=False)
+    assert made == {}
+    monkeypatch.setattr(trainer_mod.torch.optim, "AdamW", spy_adamw)
+    monkeypatch.setattr(trainer_mod.torch, "compile", spy_compile)
+    cfg.train.compile, cfg.train.fused_optimizer = True, True
+    train(cfg, tmp_path / "fast", progress=False)
+    assert made["adamw"].get("fused") is True and made["compiled"] == "_loss"
+    eager, fast = _weights(tmp_path / "eager"), _weights(tmp_path / "fast")
+    init = build_model(
+        cfg.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id, seed=0
+    ).state_dict()
+    for k, v in eager.items():
+        moved = (v - init[k]).abs().max()
+        assert moved > 0, k
+        assert (fast[k] - v).abs().max() <= 0.05 * moved + 1e-6, k
+    loss = [json.loads(x)["loss"] for x in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x)["loss"] for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
+    assert loss == pytest.approx(want, rel=1e-3)

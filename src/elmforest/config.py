@@ -91,7 +91,8 @@ class TrainConfig:
     # checkpoint; 0: never), on this many fixed windows of the valid split
     valid_every: int | None = None
     valid_windows: int = 32
-    compile: bool = False
+    compile: bool = False  # torch.compile the loss (forward + cross-entropy; backward through AOTAutograd)
+    fused_optimizer: bool = False  # AdamW's fused kernel (docs/benchmarks.md, trainer throughput)
     # A trainer checkpoint (…/checkpoints/step-N) of another run to continue from: its weights, optimizer
     # state and step (so the LR schedule continues), while data and batch size may differ (BTM branching).
     init_checkpoint: str | None = None
@@ -186,6 +187,9 @@ def from_dict(cls, d: dict, where: str = ""):
     return cls(**kwargs)
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(t, v, where: str):
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
@@ -215,6 +219,8 @@ def _coerce(t, v, where: str):
         raise UserError(f"config{where}: expected an integer, got {v!r}")
     if t is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(v)
         raise UserError(f"config{where}: expected a number, got {v!r}")
     if t is str:

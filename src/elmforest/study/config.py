@@ -35,6 +35,12 @@ class StudyConfig:
     dense_lr: float | None = None
     expert_lr: float | None = None
     sweep: str | None = None
+    # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
+    # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`);
+    # the other axes, at 1x, take the 1x budget's. Costs len(lr_grid) dense runs per budget and
+    # len(expert_lr_grid) expert phases per forest budget, on top of the study.
+    lr_grid: list[float] = field(default_factory=list)
+    expert_lr_grid: list[float] = field(default_factory=list)
     # the axes the papers claim, each at the 1x budget: forests of the first n domains (with a dense
     # run on the same n domains), and forests whose seed took other shares of the budget
     domain_counts: list[int] = field(default_factory=list)
@@ -65,6 +71,8 @@ class StudyConfig:
                 "off the dense curve, never extrapolated)"
             )
         lists = (
+            "lr_grid",
+            "expert_lr_grid",
             "dense_budgets",
             "forest_budgets",
             "seeds",
@@ -95,6 +103,21 @@ class StudyConfig:
                 bad.append(f"cbtm_data {self.cbtm_data}: >= 3 fractions in (0, 1] spanning >= 4x")
             if not self.cbtm_balance or not set(self.cbtm_balance) <= {"documents", "bytes"}:
                 bad.append(f"cbtm_balance {self.cbtm_balance}: documents and/or bytes")
+        if bool(self.lr_grid) != bool(self.expert_lr_grid):
+            bad.append(
+                "lr_grid and expert_lr_grid: give both (a sweep at every budget tunes both arms) or neither"
+            )
+        elif self.lr_grid:
+            for name in ("lr_grid", "expert_lr_grid"):
+                g = getattr(self, name)
+                if len(set(g)) < 4 or not all(math.isfinite(x) and x > 0 for x in g):
+                    bad.append(f"{name} {g}: >= 4 distinct positive learning rates")
+            if not (1.0 in self.dense_budgets and 1.0 in self.forest_budgets):
+                bad.append(
+                    "lr_grid: the other axes take the 1x budget's LRs: put 1.0 in dense_budgets and forest_budgets"
+                )
+            if self.dense_lr is not None or self.expert_lr is not None or self.sweep:
+                bad.append("lr_grid: the sweeps choose the LRs; drop dense_lr, expert_lr and sweep")
         if self.steps is not None and self.steps < 4:
             bad.append("steps must be >= 4")
         if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.eval.scaling import PowerLawFit
+from elmforest.study.lrs import lrs_table
 from elmforest.utils.io import atomic_path, write_text_atomic
 
 ARM_STYLE = {"dense": ("tab:gray", "o", "dense"), "btm": ("tab:green", "s", "BTM forest (ensemble)")}
@@ -159,6 +160,16 @@ def markdown(study: dict, fits: dict) -> str:
         f"only inside the measured dense range; intervals are {fits['ci']:.0%} bootstrap intervals over "
         f"seeds and domains ({fits['n_boot']} replicates).",
         "",
+        *(
+            [
+                "Learning rates chosen at each budget on the valid split (study/lrs.py):",
+                "",
+                *lrs_table(study.get("lrs_by_budget") or {}),
+                "",
+            ]
+            if study.get("lrs_by_budget")
+            else []
+        ),
         "## Findings",
         "",
         *([f"Caveat: {fits['caveat']}.", ""] if fits.get("caveat") else []),

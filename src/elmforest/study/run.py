@@ -82,12 +82,20 @@ def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
     return f"data{p_fraction:g}-s{seed}"
 
 
-def point_plan(cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int) -> tuple[Plan, RunConfig]:
+def point_plan(
+    cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int, lrs: dict | None = None
+) -> tuple[Plan, RunConfig]:
+    """The point's plan and dense config; `lrs` ({budget: swept LRs}, study/lrs.py) sets a main-axis
+    point's LRs to its budget's (the other axes run at 1x with the 1x LRs, already in `base`/`cfg`)."""
     c = copy.deepcopy(base)
     c.train.steps = max(4, round(p.budget * steps_1x))
     c.train.seed = p.seed
     c.data.domains = None
-    return plan_for(c, list(p.domains), p.seed_share, cfg.expert_lr)
+    expert_lr = cfg.expert_lr
+    if lrs and p.axis == "main":
+        c.optim.lr = lrs[p.budget]["dense_lr"]
+        expert_lr = lrs[p.budget].get("expert_lr", expert_lr)
+    return plan_for(c, list(p.domains), p.seed_share, expert_lr)
 
 
 class Progress:
@@ -134,10 +142,11 @@ def train_points(
     log=print,
     every: float = 30.0,
     more_forests=None,
+    lrs: dict | None = None,
 ) -> None:
     """`shards_of(point)` gives a point's shards; `more_forests()`, called once the seeds exist, gives
     further forests (directory, shards) whose experts train in phase 2 with the points' (c-BTM's)."""
-    plans = {p: point_plan(cfg, base, p, steps_1x) for p in points}
+    plans = {p: point_plan(cfg, base, p, steps_1x, lrs) for p in points}
     seq = base.train.seq_len
     dense_jobs, runs = [], []
     for p, (plan, c) in plans.items():

@@ -21,6 +21,7 @@ from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
 from elmforest.study.config import StudyConfig, load_study_config
+from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
 from elmforest.study.run import Point, plan_points, record, records, train_points
 from elmforest.study.score import score_all, score_job
@@ -38,6 +39,8 @@ IDENTITY = (
     "dense_lr",
     "expert_lr",
     "sweep",
+    "lr_grid",
+    "expert_lr_grid",
 )
 
 
@@ -66,8 +69,11 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
     write_json_atomic(path, cfg.to_dict())
 
 
-def _learning_rates(cfg: StudyConfig, base) -> tuple[float, float, str]:
-    """(dense LR, expert LR, where they come from): given, else a sweep.json's best, else the preset's."""
+def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, str]:
+    """(dense LR, expert LR, where they come from) at 1x: swept at every budget, given, else a
+    sweep.json's best, else the preset's."""
+    if lrs:
+        return lrs[1.0]["dense_lr"], lrs[1.0]["expert_lr"], "swept at every budget (lrs_by_budget)"
     p = get_preset(cfg.preset)
     dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
     if cfg.sweep:
@@ -187,9 +193,6 @@ def run_study(
     base = apply_overrides(
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
     )
-    dense_lr, expert_lr, lr_source = _learning_rates(cfg, base)
-    base.optim.lr = dense_lr
-    cfg.expert_lr = expert_lr
     steps_1x = cfg.steps or base.train.steps
     points = plan_points(cfg, data.names)
     batch = plan_for(base, data.names)[0].batch_size
@@ -198,11 +201,6 @@ def run_study(
             f"the batch ({batch} sequences, a multiple of the {len(data.names)} domains) does not divide among "
             f"cbtm_ks {cfg.cbtm_ks}: set train.batch_size to a multiple of each"
         )
-    log(
-        f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
-        f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
-        f"dense LR {dense_lr:g}, expert LR {expert_lr:g} ({lr_source})"
-    )
     if executor == "ray":
         ex, threads = (
             make_executor("ray", address, cpus_per_job, gpus_per_job),
@@ -213,10 +211,20 @@ def run_study(
 
         workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
         ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
+    root = str(Path(data.shards.root).resolve())
+    lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log)
+    dense_lr, expert_lr, lr_source = _learning_rates(cfg, base, lrs)
+    base.optim.lr = dense_lr
+    cfg.expert_lr = expert_lr
+    log(
+        f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
+        f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
+        f"dense LR {dense_lr:g}, expert LR {expert_lr:g} ({lr_source})"
+    )
     runs_dir = out / "runs"
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr)
-    train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more)
+    train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs)
     seq = base.train.seq_len
     cb = _cbtm_points(cfg, cbtm_forests, data)
     jobs = [
@@ -247,6 +255,7 @@ def run_study(
         "dense_lr": dense_lr,
         "expert_lr": expert_lr,
         "lr_source": lr_source,
+        "lrs_by_budget": {f"{b:g}": r for b, r in lrs.items()},
         "parameters": first["params"],
         "tokens_per_parameter_1x": tokens_1x / first["params"],
         "tokens_per_expert_1x": int(tokens_1x * (1 - cfg.seed_share) / len(data.names)),

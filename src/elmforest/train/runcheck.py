@@ -22,6 +22,7 @@ OPERATIONAL_FIELDS = (
     "ckpt_every",
     "keep_checkpoints",
     "compile",
+    "fused_optimizer",
     "valid_every",
     "valid_windows",
 )
