@@ -92,7 +92,11 @@ def test_a_dataclass_parameter_is_an_option_group(capsys):
     got = []
     app = group("test")
 
-    def go(out: Annotated[str, opt("where")], g: _Group = _Group(), quiet: Annotated[bool, flag("--quiet")] = False):  # noqa: B008
+    def go(
+        out: Annotated[str, opt("where")],
+        g: _Group = _Group(),
+        quiet: Annotated[bool, flag("--quiet")] = False,
+    ):  # noqa: B008
         """Go."""
         got.append((out, g, quiet))
         return 3 if quiet else 0
