@@ -94,9 +94,9 @@ def test_a_dataclass_parameter_is_an_option_group(capsys):
 
     def go(
         out: Annotated[str, opt("where")],
-        g: _Group = _Group(),
+        g: _Group = _Group(),  # noqa: B008
         quiet: Annotated[bool, flag("--quiet")] = False,
-    ):  # noqa: B008
+    ):
         """Go."""
         got.append((out, g, quiet))
         return 3 if quiet else 0

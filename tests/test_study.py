@@ -237,3 +237,23 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
+
+
+def test_dry_run_counts_the_training_by_hand(capsys):
+    """D units (one 1x dense run each) of the cpu preset, counted by hand: main = dense 2 x (0.5+1+2+4)
+    + experts 2 x 0.5 x (0.5+1+2); domains = 2 counts (2, 4; 8 is the main point) x 2 seeds x (1 + 0.5);
+    share = 2 shares x 2 seeds x 1 (own seed + experts); c-BTM = dense at 0.25 and 0.5 x 2 seeds +
+    experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; sweeps = 4 LRs x each budget + 4 expert
+    LRs x 0.5 x each forest budget."""
+    from elmforest.study.cost import training_units
+
+    u = training_units(load_study_config("cpu"), 8)
+    assert u["main"] == pytest.approx(15 + 3.5) and u["domains"] == pytest.approx(6.0)
+    assert u["share"] == pytest.approx(4.0) and u["cbtm"] == pytest.approx(1.5 + 10.5)
+    assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5)
+    grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
+    u = training_units(load_study_config("cpu", grids), 8)
+    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5)
+    assert main(["study", "btm-125m", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "25.0 D of training" in out and "GPU-hours" in out

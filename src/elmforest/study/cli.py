@@ -16,7 +16,11 @@ def register(app: typer.Typer) -> None:
 
 def study(
     config: Annotated[
-        str, arg("a study config (YAML or JSON) or a preset: tiny, cpu, btm-125m", metavar="CONFIG")
+        str,
+        arg(
+            "a study config (YAML or JSON) or a preset: tiny, cpu, btm-125m, btm-350m, btm-750m, btm-1.3b",
+            metavar="CONFIG",
+        ),
     ],
     out: Annotated[str, opt("study directory; an existing one is resumed", metavar="DIR")] = "study",
     overrides: Annotated[
@@ -40,10 +44,22 @@ def study(
             "recompute the fits, findings and report from study.json; train and score nothing",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        flag(
+            "--dry-run",
+            "check the config and print what the study would train (D units, tokens, FLOPs, GPU-hours); run nothing",
+        ),
+    ] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """The forest's compute multiplier (with confidence intervals) and the papers' scaling claims, measured
     on your corpus: dense and forest arms at several budgets and seeds, fitted curves, a report."""
+    if dry_run:
+        from elmforest.study.cost import dry_run as plan_only
+
+        plan_only(config, overrides or [])
+        return
     from elmforest.study.study import run_study
 
     run_study(

@@ -163,13 +163,16 @@ STUDY_PRESETS: dict[str, dict] = {
         "seed_shares": [0.25, 0.75],
         "cbtm_ks": [2, 4, 8],
     },
-    # a GPU study at the BTM paper's smallest size (see docs/study.md for the expected cost)
-    "btm-125m": {
-        "preset": "btm-125m",
-        "dense_budgets": [0.25, 0.5, 1.0, 2.0, 4.0],
-        "forest_budgets": [0.5, 1.0, 2.0],
-        "seeds": [0, 1],
-        "domain_counts": [2, 4, 8],
+    # GPU studies at the BTM paper's sizes; `elmforest study btm-125m --dry-run` prints the cost (docs/study.md)
+    **{
+        name: {
+            "preset": name,
+            "dense_budgets": [0.25, 0.5, 1.0, 2.0, 4.0],
+            "forest_budgets": [0.5, 1.0, 2.0],
+            "seeds": [0, 1],
+            "domain_counts": [2, 4, 8],
+        }
+        for name in ("btm-125m", "btm-350m", "btm-750m", "btm-1.3b")
     },
 }
 

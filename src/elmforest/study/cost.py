@@ -1,0 +1,110 @@
+"""What a study costs before it runs: its training in units of D (one 1x dense run), tokens and FLOPs,
+from the plan alone (`elmforest study CONFIG --dry-run`), and the hours that means on a GPU at a stated
+utilisation.
+
+The unit D keeps the count honest across arms: a forest point that shares its seed with the dense run
+at its budget adds only its experts, (1 - seed share) x budget; a forest point without a dense run at
+its budget (the seed-share axis) pays for its own seed; c-BTM at data fraction f costs f (its dense run,
+k = 1) plus (1 - seed share) x f per forest; an LR sweep at a budget costs its grid's runs. FLOPs per
+token are elmforest's FLOPs formula (train/flops.py) on the preset's model, built on the meta device.
+"""
+
+from __future__ import annotations
+
+from elmforest.config import apply_overrides
+from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.study.config import StudyConfig
+from elmforest.study.run import plan_points
+
+# bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
+GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
+MFU = 0.40  # a typical model-FLOPs utilisation of a well-tuned small-model training run
+
+
+def training_units(cfg: StudyConfig, n_domains: int) -> dict[str, float]:
+    """D units of training per part of the study."""
+    names = [f"d{i}" for i in range(n_domains)]
+    dense_budgets = set(cfg.dense_budgets)
+    units = {"main": 0.0, "domains": 0.0, "share": 0.0, "cbtm": 0.0, "lr sweeps": 0.0}
+    for p in plan_points(cfg, names):
+        experts = (1 - p.seed_share) * p.budget
+        if p.axis == "cbtm":
+            units["cbtm"] += p.budget  # its dense run (k = 1); at all the data it is the main 1x point
+        elif p.dense:
+            units[p.axis] += p.budget + (experts if p.forest else 0.0)
+        else:  # a forest whose dense run is another point's (or none): its own seed, then its experts
+            units[p.axis] += p.budget
+    for f in set(cfg.cbtm_data) if cfg.cbtm_ks else ():
+        units["cbtm"] += (
+            (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
+        )
+    for b in dense_budgets | set(cfg.forest_budgets):
+        units["lr sweeps"] += len(cfg.lr_grid) * b
+        if b in cfg.forest_budgets:
+            units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
+    units["total"] = sum(units.values())
+    return units
+
+
+def study_cost(cfg: StudyConfig, n_domains: int) -> dict:
+    import torch
+
+    from elmforest.model.build import build_model
+    from elmforest.train.flops import flops_per_token
+
+    base = apply_overrides(preset_run_config(cfg.preset), list(cfg.overrides))
+    steps = cfg.steps or base.train.steps
+    with torch.device("meta"):
+        model = build_model(base.model, get_preset(cfg.preset).vocab_size, 0)
+    fpt = flops_per_token(model, base.train.seq_len)
+    tokens_d = steps * base.train.tokens_per_step
+    units = training_units(cfg, n_domains)
+    flops = units["total"] * tokens_d * fpt
+    return {
+        "units_D": units,
+        "steps_1x": steps,
+        "tokens_per_D": tokens_d,
+        "flops_per_token": fpt,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_flops": flops,
+        "gpu_hours": {gpu: flops / (peak * MFU) / 3600 for gpu, peak in GPU_PEAKS.items()},
+        "mfu_assumed": MFU,
+    }
+
+
+def format_cost(cfg: StudyConfig, c: dict, n_domains: int) -> str:
+    u = c["units_D"]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in u.items() if k != "total" and v)
+    hours = "; ".join(f"{g} {h:,.3g} GPU-hours" for g, h in c["gpu_hours"].items())
+    return (
+        f"study {cfg.preset} on {n_domains} domains: {u['total']:.1f} D of training ({parts}); "
+        f"D = one 1x dense run = {c['steps_1x']:,} steps = {c['tokens_per_D']:,} tokens = "
+        f"{c['tokens_per_D'] * c['flops_per_token']:.3g} FLOPs ({c['parameters']:,} parameters, "
+        f"{c['flops_per_token']:,} FLOPs/token); {c['training_flops']:.3g} training FLOPs in all; "
+        f"at {c['mfu_assumed']:.0%} of the bf16 peak: {hours} (scoring and clustering not included)"
+    )
+
+
+def count_domains(cfg: StudyConfig) -> int:
+    """The training domains the study would use: its `domains`, the demo corpus's, or the corpus's own
+    (read once)."""
+    if cfg.domains:
+        return len(cfg.domains)
+    if cfg.corpus is None:
+        from elmforest.corpora.demo import DEMO_DOMAINS
+
+        return len(DEMO_DOMAINS)
+    from elmforest.data.readers import iter_documents
+
+    return len({d.domain for d in iter_documents(cfg.corpus)})
+
+
+def dry_run(source, overrides=(), log=print) -> dict:
+    """`elmforest study CONFIG --dry-run`: the config checked and its cost printed; nothing trained."""
+    from elmforest.study.config import load_study_config
+
+    cfg = load_study_config(source, overrides)
+    n = count_domains(cfg)
+    c = study_cost(cfg, n)
+    log(format_cost(cfg, c, n))
+    return c
