@@ -257,3 +257,20 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out
+
+
+def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, monkeypatch):
+    """A resumed study's ETA comes from this invocation's rate: runs finished before it do not count
+    as speed (they made the ETA of a resumed study far too short)."""
+    from elmforest.study import run as run_mod
+
+    done, todo = tmp_path / "done", tmp_path / "todo"
+    done.mkdir()
+    todo.mkdir()
+    (done / "summary.json").write_text("{}")
+    clock = iter([0.0, 60.0])
+    monkeypatch.setattr(run_mod.time, "perf_counter", lambda: next(clock))
+    prog = run_mod.Progress([("done", done, 0, 100, 10), ("todo", todo, 0, 100, 10)], log=None)
+    (todo / "metrics.jsonl").write_text(json.dumps({"step": 25}) + "\n")
+    # 250 tokens in 60 s since the start; 750 to go -> 180 s = 3.0 min (not 1.2 min from 1250 tokens)
+    assert prog.line() == "      study: 1/2 runs, 62% of the tokens, ETA 3.0 min"

@@ -106,16 +106,21 @@ class Progress:
         self.runs, self.log, self.every = runs, log, every
         self.total = sum((b - a) * t for _, _, a, b, t in runs)
         self.t0, self.stop = time.perf_counter(), threading.Event()
+        self.before = self._done()[1]  # trained before this invocation (a resumed study): not in the rate
 
-    def line(self) -> str:
+    def _done(self) -> tuple[int, int]:
         done_runs, tokens = 0, 0
         for _, d, a, b, t in self.runs:
             m = {"step": b} if (d / "summary.json").is_file() else last_metrics(d / "metrics.jsonl") or {}
             step = min(b, max(a, int(m.get("step", a))))
             done_runs += step >= b
             tokens += (step - a) * t
-        elapsed = time.perf_counter() - self.t0
-        eta = f", ETA {elapsed * (self.total - tokens) / tokens / 60:.1f} min" if tokens else ""
+        return done_runs, tokens
+
+    def line(self) -> str:
+        done_runs, tokens = self._done()
+        elapsed, now = time.perf_counter() - self.t0, tokens - self.before
+        eta = f", ETA {elapsed * (self.total - tokens) / now / 60:.1f} min" if now > 0 else ""
         return f"      study: {done_runs}/{len(self.runs)} runs, {tokens / max(1, self.total):.0%} of the tokens{eta}"
 
     def _loop(self):
