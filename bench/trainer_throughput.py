@@ -165,6 +165,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as a study or quickstart job)")
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     ap.add_argument("--variants", default="eager,compile,fused,compile+fused")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config override, e.g. model.num_layers=2",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
@@ -173,7 +180,7 @@ def main() -> None:
         work = Path(tmp)
         shards_dir = synthetic_shards(work, get_preset(preset).vocab_size)
         shards = Shards(shards_dir)
-        cfg = apply_overrides(preset_run_config(preset, str(shards_dir)), overrides)
+        cfg = apply_overrides(preset_run_config(preset, str(shards_dir)), overrides + args.overrides)
         cfg.train.steps, cfg.train.log_every, cfg.train.ckpt_every = args.steps, args.warm, 0
         cfg.train.valid_every = 0
         if args.batch_size:

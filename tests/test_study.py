@@ -257,6 +257,27 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out
+    # checked as the study checks it: a batch of 16 does not split among 3 cluster experts
+    assert main(["study", "cpu", "--dry-run", "--set", "cbtm_ks=[3]"]) == 2
+    assert "cbtm_ks" in capsys.readouterr().err
+
+
+def test_a_study_saved_before_a_field_existed_resumes(tmp_path):
+    """study_config.json written before lr_grid existed: its missing fields are their defaults, not a
+    change; with lr_grid, replacing the first seed (the LR sweeps' seed) is refused."""
+    from elmforest.study.study import _check_identity
+
+    cfg = load_study_config("tiny")
+    old = cfg.to_dict()
+    del old["lr_grid"], old["expert_lr_grid"]
+    (tmp_path / "study_config.json").write_text(json.dumps(old))
+    _check_identity(tmp_path, cfg)  # no error
+    grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
+    (tmp_path / "new").mkdir()
+    _check_identity(tmp_path / "new", load_study_config("tiny", grids))
+    _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, "seeds=[0, 1, 2]"]))  # seeds added
+    with pytest.raises(UserError, match="seeds"):
+        _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, "seeds=[5, 0, 1]"]))
 
 
 def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, monkeypatch):

@@ -403,6 +403,7 @@ def test_flops_of_a_frozen_run_are_what_torch_counts(shards_dir, tmp_path, train
     assert s["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_compiled_loss_and_fused_adamw_train_the_same_model(shards_dir, tmp_path, monkeypatch):
     """train.compile (forward + cross-entropy compiled as one function) and train.fused_optimizer are
     speed switches: a few steps end at the eager run's weights (to compiler rounding), and both
@@ -422,12 +423,12 @@ def test_compiled_loss_and_fused_adamw_train_the_same_model(shards_dir, tmp_path
         made["compiled"] = getattr(fn, "__name__", str(fn))
         return real_compile(fn, *a, **kw)
 
+    monkeypatch.setattr(trainer_mod.torch.optim, "AdamW", spy_adamw)
+    monkeypatch.setattr(trainer_mod.torch, "compile", spy_compile)
     cfg = tiny_config(shards_dir, steps=6, log_every=1, ckpt_every=0, valid_every=0)
     cfg.optim.warmup_frac = 0.0
     train(cfg, tmp_path / "eager", progress=False)
-    assert made == {}
-    monkeypatch.setattr(trainer_mod.torch.optim, "AdamW", spy_adamw)
-    monkeypatch.setattr(trainer_mod.torch, "compile", spy_compile)
+    assert "compiled" not in made and not made["adamw"].get("fused")  # off by default
     cfg.train.compile, cfg.train.fused_optimizer = True, True
     train(cfg, tmp_path / "fast", progress=False)
     assert made["adamw"].get("fused") is True and made["compiled"] == "_loss"

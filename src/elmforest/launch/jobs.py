@@ -98,9 +98,10 @@ def logged(run_dir: Path, label: str, threads: int | None, work, log_name: str =
     """Run `work(log)` with this process's output (Python's and native) appended to <run_dir>/<log_name>."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "worker.pid").write_text(str(os.getpid()))  # lets operators (and tests) find the worker
-    if threads:
-        import torch
+    import torch
 
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
     with (
         open(run_dir / log_name, "a", buffering=1) as log,
@@ -114,6 +115,8 @@ def logged(run_dir: Path, label: str, threads: int | None, work, log_name: str =
         except BaseException:
             traceback.print_exc()  # the reason lands in the job's log, where the failure report points
             raise
+        finally:
+            torch.set_num_threads(before)  # a job run in the driver leaves the driver's threads as they were
 
 
 @contextlib.contextmanager

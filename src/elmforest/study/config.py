@@ -37,7 +37,8 @@ class StudyConfig:
     sweep: str | None = None
     # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
     # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`);
-    # the other axes, at 1x, take the 1x budget's. Costs len(lr_grid) dense runs per budget and
+    # the other axes take the 1x budget's (c-BTM's 0.25x/0.5x points included: their LRs are not tuned
+    # per budget, a limit docs/study.md states). Costs len(lr_grid) dense runs per budget and
     # len(expert_lr_grid) expert phases per forest budget, on top of the study.
     lr_grid: list[float] = field(default_factory=list)
     expert_lr_grid: list[float] = field(default_factory=list)
@@ -110,8 +111,8 @@ class StudyConfig:
         elif self.lr_grid:
             for name in ("lr_grid", "expert_lr_grid"):
                 g = getattr(self, name)
-                if len(set(g)) < 4 or not all(math.isfinite(x) and x > 0 for x in g):
-                    bad.append(f"{name} {g}: >= 4 distinct positive learning rates")
+                if len({f"{x:.3g}" for x in g}) < 4 or not all(math.isfinite(x) and x > 0 for x in g):
+                    bad.append(f"{name} {g}: >= 4 positive learning rates, distinct to 3 significant digits")
             if not (1.0 in self.dense_budgets and 1.0 in self.forest_budgets):
                 bad.append(
                     "lr_grid: the other axes take the 1x budget's LRs: put 1.0 in dense_budgets and forest_budgets"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig
-from elmforest.study.run import plan_points
+from elmforest.study.run import plan_batch, plan_points
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
 GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
@@ -46,7 +46,7 @@ def training_units(cfg: StudyConfig, n_domains: int) -> dict[str, float]:
     return units
 
 
-def study_cost(cfg: StudyConfig, n_domains: int) -> dict:
+def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
     import torch
 
     from elmforest.model.build import build_model
@@ -54,11 +54,12 @@ def study_cost(cfg: StudyConfig, n_domains: int) -> dict:
 
     base = apply_overrides(preset_run_config(cfg.preset), list(cfg.overrides))
     steps = cfg.steps or base.train.steps
+    batch = plan_batch(cfg, base, names)  # what the runs use; refused here as in the study
     with torch.device("meta"):
         model = build_model(base.model, get_preset(cfg.preset).vocab_size, 0)
     fpt = flops_per_token(model, base.train.seq_len)
-    tokens_d = steps * base.train.tokens_per_step
-    units = training_units(cfg, n_domains)
+    tokens_d = steps * batch * base.train.grad_accum * base.train.seq_len
+    units = training_units(cfg, len(names))
     flops = units["total"] * tokens_d * fpt
     return {
         "units_D": units,
@@ -85,26 +86,29 @@ def format_cost(cfg: StudyConfig, c: dict, n_domains: int) -> str:
     )
 
 
-def count_domains(cfg: StudyConfig) -> int:
-    """The training domains the study would use: its `domains`, the demo corpus's, or the corpus's own
-    (read once)."""
+def domain_names(cfg: StudyConfig) -> list[str]:
+    """The training domains the study would use: its `domains`, the demo corpus's, or those of the
+    corpus with training documents (read once), as data preparation keeps them."""
     if cfg.domains:
-        return len(cfg.domains)
+        return list(cfg.domains)
     if cfg.corpus is None:
         from elmforest.corpora.demo import DEMO_DOMAINS
 
-        return len(DEMO_DOMAINS)
+        return sorted(DEMO_DOMAINS)
     from elmforest.data.readers import iter_documents
+    from elmforest.data.splits import SplitSpec
 
-    return len({d.domain for d in iter_documents(cfg.corpus)})
+    spec = SplitSpec()
+    return sorted({d.domain for d in iter_documents(cfg.corpus) if spec.assign(d.id) == "train"})
 
 
 def dry_run(source, overrides=(), log=print) -> dict:
-    """`elmforest study CONFIG --dry-run`: the config checked and its cost printed; nothing trained."""
+    """`elmforest study CONFIG --dry-run`: the config checked as the study checks it, and its cost
+    printed; nothing trained."""
     from elmforest.study.config import load_study_config
 
     cfg = load_study_config(source, overrides)
-    n = count_domains(cfg)
-    c = study_cost(cfg, n)
-    log(format_cost(cfg, c, n))
+    names = domain_names(cfg)
+    c = study_cost(cfg, names)
+    log(format_cost(cfg, c, len(names)))
     return c

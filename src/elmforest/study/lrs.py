@@ -33,8 +33,10 @@ def budget_lrs(
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
         where = out / "sweeps" / f"b{b:g}"
-        log(f"      LR sweep at {b:g}x ({c.train.steps} steps): {where}")
-        s = sweep(
+        s = _finished(where, b in forest, cfg)
+        if s is None:
+            log(f"      LR sweep at {b:g}x ({c.train.steps} steps): {where}")
+        s = s or sweep(
             shards_root,
             where,
             c,
@@ -44,13 +46,26 @@ def budget_lrs(
             seed_share=cfg.seed_share,
             executor=executor,
             threads=threads,
-            log=None,
+            log=log,
         )
         r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"], "sweep": str(where)}
         if b in forest:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
         result[b] = r
     return result
+
+
+def _finished(where: Path, experts: bool, cfg) -> dict | None:
+    """A sweep.json that already holds this budget's answer over these grids (a rerun dispatches none
+    of its jobs again)."""
+    from elmforest.utils.io import read_json
+
+    if not (where / "sweep.json").is_file():
+        return None
+    s = read_json(where / "sweep.json")
+    arms = [("dense", cfg.lr_grid)] + ([("experts", cfg.expert_lr_grid)] if experts else [])
+    ok = all((s.get(a) or {}).get("grid") == sorted(set(map(float, g))) for a, g in arms)
+    return s if ok else None
 
 
 def lrs_table(lrs: dict) -> list[str]:

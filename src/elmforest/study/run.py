@@ -75,6 +75,18 @@ def plan_points(cfg: StudyConfig, names: list[str]) -> list[Point]:
     return pts
 
 
+def plan_batch(cfg: StudyConfig, base: RunConfig, names: list[str]) -> int:
+    """The dense batch of every run (the preset's, rounded to a multiple of the domains by the plan),
+    refused now when c-BTM's experts cannot split it evenly, not once every seed has trained."""
+    batch = plan_for(copy.deepcopy(base), list(names))[0].batch_size
+    if any(batch % k for k in cfg.cbtm_ks):
+        raise UserError(
+            f"the batch ({batch} sequences, a multiple of the {len(names)} domains) does not divide among "
+            f"cbtm_ks {cfg.cbtm_ks}: set train.batch_size to a multiple of each"
+        )
+    return batch
+
+
 def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
     """The tag of the point whose seed and dense run a c-BTM forest at this data fraction shares."""
     if p_fraction == 1.0 and 1.0 in cfg.dense_budgets:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from elmforest.config import apply_overrides
-from elmforest.forest.plan import plan_for
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
@@ -23,7 +22,7 @@ from elmforest.study.analysis import analyse
 from elmforest.study.config import StudyConfig, load_study_config
 from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
-from elmforest.study.run import Point, plan_points, record, records, train_points
+from elmforest.study.run import Point, plan_batch, plan_points, record, records, train_points
 from elmforest.study.score import score_all, score_job
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -58,13 +57,22 @@ def strict_json(obj):
 def _check_identity(out: Path, cfg: StudyConfig) -> None:
     path = out / "study_config.json"
     if path.is_file():
-        old = read_json(path)
-        diff = [k for k in IDENTITY if old.get(k) != getattr(cfg, k)]
+        saved = read_json(path)
+        defaults = StudyConfig()
+        old = {k: saved.get(k, getattr(defaults, k)) for k in (*IDENTITY, "seeds")}  # a field added since
+        diff = [k for k in IDENTITY if old[k] != getattr(cfg, k)]
+        if cfg.lr_grid and old["seeds"][:1] != cfg.seeds[:1]:
+            diff.append("seeds")  # the first seed is the LR sweeps' (study/lrs.py)
         if diff:
             raise UserError(
                 f"{out} was started with other {', '.join(diff)} ("
-                + "; ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+                + "; ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in diff)
                 + "); the runs there would not match: use another --out"
+                + (
+                    " (with lr_grid the first seed is the LR sweeps' seed: keep it first)"
+                    if "seeds" in diff
+                    else ""
+                )
             )
     write_json_atomic(path, cfg.to_dict())
 
@@ -195,12 +203,7 @@ def run_study(
     )
     steps_1x = cfg.steps or base.train.steps
     points = plan_points(cfg, data.names)
-    batch = plan_for(base, data.names)[0].batch_size
-    if any(batch % k for k in cfg.cbtm_ks):  # refused now, not once every seed has trained
-        raise UserError(
-            f"the batch ({batch} sequences, a multiple of the {len(data.names)} domains) does not divide among "
-            f"cbtm_ks {cfg.cbtm_ks}: set train.batch_size to a multiple of each"
-        )
+    plan_batch(cfg, base, data.names)
     if executor == "ray":
         ex, threads = (
             make_executor("ray", address, cpus_per_job, gpus_per_job),

@@ -123,8 +123,14 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         # the loss (forward, fp32 upcast, cross-entropy) is one function so torch.compile fuses the
-        # upcast and the softmax into the LM head's epilogue instead of materialising fp32 logits
-        self.loss_of = torch.compile(self._loss) if cfg.train.compile else self._loss
+        # upcast and the softmax into the LM head's epilogue instead of materialising fp32 logits. Under
+        # DDP, Dynamo does not trace into DistributedDataParallel.forward: the wrapped model is compiled
+        # (its DDPOptimizer splits graphs at the gradient buckets) and the loss stays eager.
+        self.loss_of = self._loss
+        if cfg.train.compile and self.world > 1:
+            self.forward = torch.compile(self.forward)
+        elif cfg.train.compile:
+            self.loss_of = torch.compile(self._loss)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):
