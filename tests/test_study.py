@@ -32,7 +32,7 @@ from elmforest.utils.errors import UserError
         (["seed_share=1.5"], "seed_share"),
         (["n_boot=abc"], "n_boot"),
         (["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "expert_lr_grid"),
-        (["lr_grid=[1e-3, 2e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "4 distinct"),
+        (["lr_grid=[1e-3, 2e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "distinct to 3"),
         (
             ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "dense_lr=0.1"],
             "drop dense_lr",
