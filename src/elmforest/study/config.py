@@ -164,6 +164,21 @@ STUDY_PRESETS: dict[str, dict] = {
         "seed_shares": [0.25, 0.75],
         "cbtm_ks": [2, 4, 8],
     },
+    # the same study at twice the budget, so the seed (256 steps) is past the steep part of its curve;
+    # compiled with a fused optimizer (1.6x, docs/benchmarks.md), the prior from 64 valid windows
+    # per domain (as many tokens as the test text) instead of 160, to fit in 3 hours on 2 cores
+    "cpu-long": {
+        "preset": "cpu-small",
+        "steps": 512,
+        "overrides": ["train.compile=true", "train.fused_optimizer=true"],
+        "dense_budgets": [0.5, 1.0, 2.0, 4.0],
+        "forest_budgets": [0.5, 1.0, 2.0],
+        "seeds": [0, 1],
+        "domain_counts": [2, 4, 8],
+        "seed_shares": [0.25, 0.75],
+        "cbtm_ks": [2, 4, 8],
+        "prior_batches": 8,
+    },
     # GPU studies at the BTM paper's sizes; `elmforest study btm-125m --dry-run` prints the cost (docs/study.md)
     **{
         name: {
