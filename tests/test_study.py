@@ -295,3 +295,27 @@ def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, m
     (todo / "metrics.jsonl").write_text(json.dumps({"step": 25}) + "\n")
     # 250 tokens in 60 s since the start; 750 to go -> 180 s = 3.0 min (not 1.2 min from 1250 tokens)
     assert prog.line() == "      study: 1/2 runs, 62% of the tokens, ETA 3.0 min"
+
+
+def test_seed_position_by_hand(tmp_path):
+    from elmforest.study.report import seed_lines
+    from elmforest.study.run import seed_position
+
+    cfg = load_study_config("tiny")  # seeds [0, 1], dense budgets up to 4x, seed share 0.5
+    curves = {"b1-s0": {4: 6.0, 8: 5.0, 12: 4.6, 16: 4.4}, "b4-s0": {16: 4.5, 32: 4.0, 48: 3.7, 64: 3.5}}
+    for tag, c in curves.items():
+        d = tmp_path / tag / "runs" / "dense"
+        d.mkdir(parents=True)
+        (d / "valid.jsonl").write_text(
+            "".join(json.dumps({"step": s, "valid_loss": v}) + "\n" for s, v in c.items())
+        )
+    pos = seed_position(tmp_path, cfg, 16, vocab_size=256)
+    ln = 5.545177444479562  # ln 256
+    assert pos["seed_steps"] == 8 and pos["seed_valid_loss"] == 5.0
+    assert pos["seed_last_doubling_drop"] == pytest.approx(1.0)  # 6.0 at step 4 -> 5.0 at step 8
+    assert pos["largest_last_doubling_drop"] == pytest.approx(0.5)  # 4.0 at step 32 -> 3.5 at step 64
+    assert pos["share_of_fall"] == pytest.approx((ln - 5.0) / (ln - 3.5))
+    text = " ".join(seed_lines(pos, 0.25))
+    assert "step 8 (2 tokens per parameter)" in text and "2.0x" in text
+    (tmp_path / "b4-s0" / "runs" / "dense" / "valid.jsonl").unlink()  # valid losses off: nothing to say
+    assert seed_position(tmp_path, cfg, 16, 256) is None and seed_lines(None, 0.25) == []

@@ -141,6 +141,23 @@ def plot_cbtm(fits: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def seed_lines(pos: dict | None, tokens_per_param_per_step: float) -> list[str]:
+    """Where the 1x forest's seed stops on its loss curve (study/run.seed_position)."""
+    if not pos:
+        return []
+    ratio = pos["seed_last_doubling_drop"] / max(pos["largest_last_doubling_drop"], 1e-9)
+    return [
+        f"Seed position: the 1x forest's seed stops at step {pos['seed_steps']} "
+        f"({pos['seed_steps'] * tokens_per_param_per_step:.2g} tokens per parameter) at valid loss "
+        f"{pos['seed_valid_loss']:.3f}, having made {pos['share_of_fall']:.0%} of the fall from the uniform "
+        f"loss ({pos['uniform_loss']:.2f}) to the largest dense run's final {pos['largest_run_valid_loss']:.3f} "
+        f"(step {pos['largest_run_steps']}). Over its last doubling of steps the loss fell "
+        f"{pos['seed_last_doubling_drop']:.3f} nats, {ratio:.1f}x what the largest run lost over its own last "
+        f"doubling ({pos['largest_last_doubling_drop']:.3f}, with the schedule's decay).",
+        "",
+    ]
+
+
 def markdown(study: dict, fits: dict) -> str:
     cfg = study["config"]
     lines = [
@@ -153,6 +170,10 @@ def markdown(study: dict, fits: dict) -> str:
         f"the model has {study['parameters']:,} parameters; {study['tokens_per_parameter_1x']:.2g} training tokens per "
         f"parameter at 1x ({study['tokens_per_expert_1x']:,} tokens per expert).",
         "",
+        *seed_lines(
+            study.get("seed_position"),
+            study["steps_1x"] and study["tokens_per_parameter_1x"] / study["steps_1x"],
+        ),
         "Every arm is scored on the same bytes (the first whole test documents within "
         f"{cfg['eval_bytes']:,} bytes of each domain); the forest is its ensemble with the cached prior from "
         "valid data. FLOPs are counted by what ran (the forest: seed + experts). The multiplier is the dense "

@@ -14,6 +14,8 @@ done and resumes what was cut. Scores are cached beside each point, keyed by wha
 from __future__ import annotations
 
 import copy
+import json
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -231,3 +233,40 @@ def record(p: Point, arm: str, where: Path, scores: dict, **extra) -> dict:
 
 def records(points: list[Point], root: Path, scores: dict[str, dict]) -> list[dict]:
     return [record(p, arm, root / p.tag, s) for p in points for arm, s in scores[p.tag].items()]
+
+
+def seed_position(runs_dir: Path, cfg: StudyConfig, steps_1x: int, vocab_size: int) -> dict | None:
+    """Where the 1x forest's seed stops on the dense loss curve, from the valid losses the runs logged.
+
+    The seed is the 1x dense run's prefix (same schedule), so its curve is that run's. "Past the steep
+    part" is judged on a log scale of steps: the valid loss it lost over its last doubling of steps,
+    against what the largest dense run lost over its own last doubling, and the share of the fall from
+    the uniform loss ln(vocab) to the largest run's final loss that the seed made. None when a curve is
+    missing (valid losses switched off)."""
+
+    def curve(tag: str) -> dict[int, float]:
+        f = runs_dir / tag / "runs" / "dense" / "valid.jsonl"
+        if not f.is_file():
+            return {}
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        return {int(r["step"]): float(r["valid_loss"]) for r in rows}
+
+    s0, big = cfg.seeds[0], max(cfg.dense_budgets)
+    one, last = curve(f"b1-s{s0}"), curve(f"b{big:g}-s{s0}")
+    seed = max(1, min(steps_1x - 1, round(steps_1x * cfg.seed_share)))
+    n = round(steps_1x * big)
+    if not (one and last) or seed not in one or n not in last:
+        return None
+    half = min(one, key=lambda s: abs(s - seed / 2))
+    lhalf = min(last, key=lambda s: abs(s - n / 2))
+    uniform = math.log(vocab_size)
+    return {
+        "seed_steps": seed,
+        "seed_valid_loss": one[seed],
+        "seed_last_doubling_drop": (one[half] - one[seed]) / math.log2(seed / half),
+        "largest_run_steps": n,
+        "largest_run_valid_loss": last[n],
+        "largest_last_doubling_drop": (last[lhalf] - last[n]) / math.log2(n / lhalf),
+        "uniform_loss": uniform,
+        "share_of_fall": (uniform - one[seed]) / (uniform - last[n]),
+    }

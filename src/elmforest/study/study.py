@@ -22,7 +22,15 @@ from elmforest.study.analysis import analyse
 from elmforest.study.config import StudyConfig, load_study_config
 from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
-from elmforest.study.run import Point, plan_batch, plan_points, record, records, train_points
+from elmforest.study.run import (
+    Point,
+    plan_batch,
+    plan_points,
+    record,
+    records,
+    seed_position,
+    train_points,
+)
 from elmforest.study.score import score_all, score_job
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -262,6 +270,7 @@ def run_study(
         "parameters": first["params"],
         "tokens_per_parameter_1x": tokens_1x / first["params"],
         "tokens_per_expert_1x": int(tokens_1x * (1 - cfg.seed_share) / len(data.names)),
+        "seed_position": seed_position(runs_dir, cfg, steps_1x, preset.vocab_size),
         "domains": data.names,
         "ood_domains": sorted(data.ood_shards.domains) if data.ood_shards is not None else [],
         "runs": recs,
