@@ -65,7 +65,8 @@ def moe(
     overrides: Overrides = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Merge the experts into one Mixtral mixture-of-experts checkpoint (BTX / FlexOlmo)."""
+    """Merge the experts into one Hugging Face mixture-of-experts checkpoint (BTX / FlexOlmo): Llama/Mistral
+    experts into Mixtral, Qwen2 into Qwen2-MoE, Qwen3 into Qwen3-MoE, OLMo-2 into FlexOlmo."""
     from elmforest.merge.moe import MoeSpec, export_moe
     from elmforest.merge.moe import train_router as train_rows
     from elmforest.utils.io import read_json
@@ -82,7 +83,8 @@ def moe(
     meta = read_json(path / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
     print(
-        f"merged {len(meta['experts'])} experts ({names}) into a Mixtral MoE, top-{meta['top_k']} -> {path}"
+        f"merged {len(meta['experts'])} experts ({names}) into a {meta['moe_model_type']} MoE, "
+        f"top-{meta['top_k']} -> {path}"
     )
     if train_router:
         shards = train_data or data

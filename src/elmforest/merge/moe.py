@@ -1,12 +1,13 @@
-"""Merge a forest into one sparse mixture-of-experts model in the Hugging Face Mixtral format.
+"""Merge a forest into one sparse mixture-of-experts model in a Hugging Face MoE format (Mixtral for
+Llama/Mistral experts; merge/moe_formats.py has the others and the architectures that cannot merge).
 
 BTX (Sukhbaatar et al. 2024) / FlexOlmo (Shi, Bhagia et al. 2025): expert i's feed-forward block
 becomes expert i of every MoE layer; everything else (embeddings, attention, norms, LM head) is
 shared, either averaged over the experts (BTX) or taken from the seed (FlexOlmo's frozen anchor).
 Router rows come from each expert's data (merge/router.py), so the model routes with no training.
 
-The checkpoint uses Mixtral's per-expert tensor names (`block_sparse_moe.experts.{e}.w1/w2/w3`, the
-layout transformers' own `save_pretrained` writes and every Mixtral loader reads; transformers 5
+The checkpoint uses the format's per-expert tensor names (for Mixtral `block_sparse_moe.experts.{e}.
+w1/w2/w3`), the layout transformers' own `save_pretrained` writes and its loaders read (transformers 5
 fuses them on load). It is written tensor by tensor into shards no larger than one expert, so peak
 memory is about one expert plus one shard, whatever the number of experts.
 """
@@ -24,6 +25,7 @@ import torch
 from elmforest.forest.manifest import Forest
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
 from elmforest.merge.methods import linear
+from elmforest.merge.moe_formats import PROJ, MoeFormat, format_for
 from elmforest.merge.router import (
     ROUTERS,
     expert_data,
@@ -47,9 +49,7 @@ from elmforest.utils.io import (
     write_text_atomic,
 )
 
-DENSE_TYPES = ("llama", "mistral")
 MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-MIXTRAL_NAME = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}  # w1 = gate, w3 = up, w2 = down
 SHARED = ("average", "seed")
 SOURCE_MARKER = "elmforest_source.json"  # in a router-training run: the experts its weights hold
 
@@ -78,53 +78,10 @@ class MoeSpec:
 
 def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
     """The Mixtral config equivalent to a Llama/Mistral config with its MLP replaced by n experts."""
-    mt = dense.get("model_type")
-    if mt not in DENSE_TYPES:
-        raise UserError(
-            f"cannot merge {mt!r} models into Mixtral: only {DENSE_TYPES} (SwiGLU MLP with gate/up/down, "
-            "no biases) map one-to-one onto Mixtral experts"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if dense.get(flag):
-            raise UserError(
-                f"cannot merge into Mixtral: the experts have {flag}=True (Mixtral has no biases)"
-            )
-    if dense.get("hidden_act", "silu") != "silu":
-        raise UserError(f"cannot merge into Mixtral: hidden_act {dense.get('hidden_act')!r} (Mixtral: silu)")
-    keep = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "hidden_act",
-        "max_position_embeddings",
-        "initializer_range",
-        "rms_norm_eps",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "rope_theta",  # configs written by transformers 4.x: MixtralConfig converts these two
-        "rope_scaling",
-        "attention_dropout",
-        "sliding_window",
-    )
-    cfg = {k: dense[k] for k in keep if k in dense}
-    if "rope_parameters" not in cfg and "rope_theta" not in cfg:
-        cfg["rope_theta"] = 10000.0  # Llama's default, not Mixtral's 1e6
-    cfg.update(
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
-        num_local_experts=n_experts,
-        num_experts_per_tok=top_k,
-        output_router_logits=False,
-        router_jitter_noise=0.0,
-    )
-    return cfg
+    fmt = format_for(dense)
+    if fmt.model_type != "mixtral":
+        raise UserError(f"{dense.get('model_type')!r} experts merge into {fmt.model_type}, not mixtral")
+    return fmt.config(dense, n_experts, top_k)
 
 
 def _arch(cfg: dict) -> dict:
@@ -183,7 +140,7 @@ def export_moe(
     device: str = "auto",
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write the forest's experts as one Mixtral checkpoint at `out` (atomically); returns `out`."""
+    """Write the forest's experts as one MoE checkpoint at `out` (atomically); returns `out`."""
     spec = spec or MoeSpec()
     spec.validate()
     forest = forest if isinstance(forest, Forest) else Forest.load(forest)
@@ -196,7 +153,8 @@ def export_moe(
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))
-    cfg = mixtral_config(dense, len(names), top_k)
+    fmt = format_for(dense)
+    cfg = fmt.config(dense, len(names), top_k)
     base_dir = None
     if spec.shared == "seed":
         if forest.seed_dir is None:
@@ -215,12 +173,14 @@ def export_moe(
     )
     forest.record_output(out, "moe", names)  # before writing: opting an expert out finds every copy
     with undone_on_failure(writer.tmp, writer.out):
-        _write_tensors(writer, dirs, base_dir, rows, cfg)
+        _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
         return writer.commit()
 
 
-def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torch.Tensor, cfg: dict) -> None:
+def _write_tensors(
+    writer: ShardedWriter, fmt: MoeFormat, dirs: list[Path], base_dir, rows: torch.Tensor, cfg: dict
+) -> None:
     with ExitStack() as stack:
         experts = open_matching(dirs, stack)
         base = LazyWeights(base_dir, stack) if base_dir is not None else None
@@ -232,13 +192,12 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
                 layer, proj = int(m.group(1)), m.group(2)
                 seen.add((layer, proj))
                 for i, e in enumerate(experts):
-                    writer.add(
-                        f"model.layers.{layer}.block_sparse_moe.experts.{i}.{MIXTRAL_NAME[proj]}.weight",
-                        e.get(name),
-                    )
+                    writer.add(fmt.expert_name(layer, i, proj), e.get(name))
                 continue
             if ".mlp." in name:
-                raise UserError(f"tensor {name}: an MLP parameter Mixtral has no place for (a bias?)")
+                raise UserError(
+                    f"tensor {name}: an MLP parameter {fmt.model_type} has no place for (a bias?)"
+                )
             if base is not None:
                 if name not in base:
                     raise UserError(f"{base_dir}: the seed lacks {name}")
@@ -249,18 +208,20 @@ def _write_tensors(writer: ShardedWriter, dirs: list[Path], base_dir, rows: torc
                 mean = linear(chain([first.to(torch.float32)], rest), [1 / n] * n)
                 writer.add(name, mean.to(first.dtype))
         L = cfg["num_hidden_layers"]
-        missing = [(layer, p) for layer in range(L) for p in MIXTRAL_NAME if (layer, p) not in seen]
+        missing = [(layer, p) for layer in range(L) for p in PROJ if (layer, p) not in seen]
         if missing:
             raise UserError(f"{dirs[0]}: no MLP weights for (layer, projection) {missing[:3]}")
         dtype = experts[0].get(names[0]).dtype
         for layer in range(L):
-            writer.add(f"model.layers.{layer}.block_sparse_moe.gate.weight", rows[layer].to(dtype))
+            writer.add(fmt.router_name(layer), rows[layer].to(dtype))
+        for name, t in fmt.extra(cfg, dtype) if fmt.extra else ():
+            writer.add(name, t)
 
 
 def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir) -> None:
-    from transformers import MixtralConfig
+    from transformers import AutoConfig
 
-    MixtralConfig(**{k: v for k, v in cfg.items() if k != "model_type"}).save_pretrained(str(writer.tmp))
+    AutoConfig.for_model(**cfg).save_pretrained(str(writer.tmp))
     writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json", "elmforest_run.json"))
     experts = [
         {
@@ -282,6 +243,7 @@ def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pair
         "top_k": top_k,
         "near_parallel_router_rows": pairs,
         "dense_model_type": dense.get("model_type"),
+        "moe_model_type": cfg["model_type"],
     }
     write_json_atomic(writer.tmp / "elmforest_moe.json", meta)
     write_text_atomic(writer.tmp / "README.md", model_card(meta))
@@ -305,7 +267,7 @@ def model_card(meta: dict) -> str:
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [mixtral, moe, elmforest, branch-train-mix]",
+        f"tags: [{meta.get('moe_model_type', 'mixtral')}, moe, elmforest, branch-train-mix]",
         "---",
         "",
         f"# Mixture of {len(meta['experts'])} experts merged from an ELMforest",

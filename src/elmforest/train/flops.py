@@ -48,7 +48,10 @@ _ATTN_IN = re.compile(r"(attn|attention)\.(q_proj|k_proj|v_proj|c_attn|query_key
 
 def _moe_share(model: PreTrainedModel) -> float:
     c = model.config
-    n, k = getattr(c, "num_local_experts", None), getattr(c, "num_experts_per_tok", None)
+    n = getattr(c, "num_local_experts", None) or getattr(
+        c, "num_experts", None
+    )  # Mixtral | Qwen-MoE, FlexOlmo
+    k = getattr(c, "num_experts_per_tok", None)
     return k / n if n and k else 1.0
 
 
