@@ -186,8 +186,9 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     calls = []
 
     def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log):
-        i = {6: 0, 12: 1, 24: 2, 48: 3}[base.train.steps]
-        calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains)))
+        i = {4: 3, 6: 0, 12: 1, 24: 2, 48: 3}[base.train.steps]
+        sub = "shards-data" in str(shards)  # a c-BTM subsample
+        calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains), sub))
         return {
             "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
             "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
@@ -202,7 +203,6 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
             "expert_lr_grid": [2e-3, 8e-3, 3.2e-2, 0.128],
             "domain_counts": [],
             "seed_shares": [0.25],
-            "cbtm_ks": [],
             "domains": ["scripture", "code"],
         }
     )
@@ -211,30 +211,39 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
     both = ("scripture", "code")
     assert calls == [
-        (6, "both", 0, 0.5, both),
-        (12, "both", 0, 0.5, both),
-        (24, "both", 0, 0.5, both),
-        (48, "dense", 0, 0.5, both),
+        (6, "both", 0, 0.5, both, False),
+        (12, "both", 0, 0.5, both, False),
+        (24, "both", 0, 0.5, both, False),
+        (48, "dense", 0, 0.5, both, False),
+        (4, "both", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
+        (6, "both", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
     ]
     study = json.loads((out / "study.json").read_text())
     lrs = study["lrs_by_budget"]
     assert [lrs[b]["dense_lr"] for b in ("0.5", "1", "2", "4")] == cfg["lr_grid"]
     assert [lrs[b]["expert_lr"] for b in ("0.5", "1", "2")] == [0.128, 3.2e-2, 8e-3]
     assert "expert_lr" not in lrs["4"]
+    assert (lrs["data0.25"]["dense_lr"], lrs["data0.25"]["expert_lr"]) == (6.4e-2, 2e-3)
     axes = set()
+
+    def lr_of(run_dir):
+        return json.loads((run_dir / "run_config.json").read_text())["optim"]["lr"]
+
     for r in study["runs"]:
         where = Path(r["dir"])
-        dense_lr = json.loads((where / "runs" / "dense" / "run_config.json").read_text())["optim"]["lr"]
-        want = lrs[f"{r['budget']:g}"] if r["axis"] == "main" else lrs["1"]
-        assert dense_lr == want["dense_lr"], (r["axis"], r["budget"])
-        if r["arm"] == "btm":
-            got = json.loads((where / "runs" / "code" / "run_config.json").read_text())["optim"]["lr"]
-            assert got == want["expert_lr"], (r["axis"], r["budget"])
-        axes.add(r["axis"])
-    assert axes == {"main", "share"}
+        key = {"main": f"{r['budget']:g}", "cbtm": f"data{r['budget']:g}"}.get(r["axis"], "1")
+        want = lrs.get(key, lrs["1"])  # c-BTM at data 1 shares the 1x point
+        if r["arm"] != "cbtm":  # a c-BTM forest's dense run is its base point's, checked there
+            assert lr_of(where / "runs" / "dense") == want["dense_lr"], (r["axis"], r["budget"])
+        experts = [d for d in (where / "runs").iterdir() if d.name != "dense"] if r["arm"] != "dense" else []
+        assert all(lr_of(d) == want["expert_lr"] for d in experts), (r["axis"], r["budget"], r["arm"])
+        axes.add((r["axis"], r["arm"], bool(experts)))
+    assert {a[:2] for a in axes} >= {("main", "btm"), ("share", "btm"), ("cbtm", "dense"), ("cbtm", "cbtm")}
+    assert all(has for axis, arm, has in axes if arm in ("btm", "cbtm"))
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
+    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
 
@@ -244,7 +253,7 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     + experts 2 x 0.5 x (0.5+1+2); domains = 2 counts (2, 4; 8 is the main point) x 2 seeds x (1 + 0.5);
     share = 2 shares x 2 seeds x 1 (own seed + experts); c-BTM = dense at 0.25 and 0.5 x 2 seeds +
     experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; sweeps = 4 LRs x each budget + 4 expert
-    LRs x 0.5 x each forest budget."""
+    LRs x 0.5 x each forest budget, and both arms at c-BTM's data 0.25 and 0.5."""
     from elmforest.study.cost import training_units
 
     u = training_units(load_study_config("cpu"), 8)
@@ -253,7 +262,7 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
     u = training_units(load_study_config("cpu", grids), 8)
-    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5)
+    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out

@@ -36,10 +36,10 @@ class StudyConfig:
     expert_lr: float | None = None
     sweep: str | None = None
     # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
-    # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`);
-    # the other axes take the 1x budget's (c-BTM's 0.25x/0.5x points included: their LRs are not tuned
-    # per budget, a limit docs/study.md states). Costs len(lr_grid) dense runs per budget and
-    # len(expert_lr_grid) expert phases per forest budget, on top of the study.
+    # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`),
+    # and so does c-BTM at each data fraction below 1 (swept on its subsample at its budget); the domain
+    # and seed-share axes take the 1x budget's. Costs len(lr_grid) dense runs per budget and
+    # len(expert_lr_grid) expert phases per forest budget, on top of the study (--dry-run counts it).
     lr_grid: list[float] = field(default_factory=list)
     expert_lr_grid: list[float] = field(default_factory=list)
     # the axes the papers claim, each at the 1x budget: forests of the first n domains (with a dense

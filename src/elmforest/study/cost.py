@@ -38,9 +38,12 @@ def training_units(cfg: StudyConfig, n_domains: int) -> dict[str, float]:
         units["cbtm"] += (
             (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
         )
-    for b in dense_budgets | set(cfg.forest_budgets):
+    both = [(b, b in cfg.forest_budgets) for b in dense_budgets | set(cfg.forest_budgets)]
+    if cfg.lr_grid and cfg.cbtm_ks:  # c-BTM's fractions that do not share the 1x point: their own sweeps
+        both += [(f, True) for f in set(cfg.cbtm_data) if not (f == 1.0 and 1.0 in dense_budgets)]
+    for b, experts in both:
         units["lr sweeps"] += len(cfg.lr_grid) * b
-        if b in cfg.forest_budgets:
+        if experts:
             units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
     units["total"] = sum(units.values())
     return units

@@ -5,7 +5,8 @@ whichever arm sits nearer its optimum there, and a multiplier read off such a cu
 not the method. With `lr_grid` / `expert_lr_grid` the study runs `elmforest sweep` (launch/sweep.py) at
 every main-axis budget before it trains anything: the dense arm over `lr_grid` (whole dense runs at that
 budget), and at forest budgets the experts over `expert_lr_grid`, branched from the best dense run's seed,
-both chosen on the valid split with training seed `seeds[0]`. A best LR at either end of its grid is
+both chosen on the valid split with training seed `seeds[0]`; and c-BTM's smaller data fractions at
+their own budgets on their own subsamples (c-BTM at all the data shares the 1x point). A best LR at either end of its grid is
 reported as such (the optimum may lie outside it). Sweeps are ordinary sweep directories under
 `sweeps/`, resumable like every run.
 """
@@ -18,29 +19,54 @@ from pathlib import Path
 from elmforest.launch.sweep import sweep
 
 
+def cbtm_key(fraction: float, cfg) -> float | str:
+    """The `budget_lrs` entry a c-BTM forest at this data fraction trains at: the 1x main budget's when
+    it shares the 1x point (all the data), else its own sweep's ("data0.25")."""
+    return 1.0 if fraction == 1.0 and 1.0 in cfg.dense_budgets else f"data{fraction:g}"
+
+
 def budget_lrs(
-    cfg, base, names: list[str], shards_root: str, out: Path, steps_1x: int, executor, threads, log
+    cfg,
+    base,
+    names: list[str],
+    shards_root: str,
+    out: Path,
+    steps_1x: int,
+    executor,
+    threads,
+    log,
+    subsamples: dict | None = None,
 ):
-    """{budget: {"dense_lr", "expert_lr" (forest budgets), "dense_edge", "expert_edge", "sweep"}}; {} when
-    the study sweeps nothing."""
+    """{budget or "data<f>": {"dense_lr", "expert_lr" (forest budgets), "dense_edge", "expert_edge",
+    "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the data; each c-BTM
+    data fraction f that does not share the 1x point is swept at budget f on its own subsample
+    (`subsamples` {f: shards root}), both arms: c-BTM's dense run (k = 1) takes that dense LR, its cluster
+    experts that expert LR (found for the metadata-domain experts of the same subsample and budget)."""
     if not cfg.lr_grid:
         return {}
     forest = set(cfg.forest_budgets)
+    todo = [(b, b, shards_root, b in forest, f"b{b:g}") for b in sorted(set(cfg.dense_budgets) | forest)]
+    for f in sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else ():
+        key = cbtm_key(f, cfg)
+        if isinstance(key, str):
+            todo.append((key, f, str((subsamples or {})[f]), True, f"cbtm-{key}"))
     result = {}
-    for b in sorted(set(cfg.dense_budgets) | forest):
+    for key, b, root, both, tag in todo:
         c = copy.deepcopy(base)
         c.train.steps = max(4, round(b * steps_1x))
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
-        where = out / "sweeps" / f"b{b:g}"
-        s = _finished(where, b in forest, cfg)
+        where = out / "sweeps" / tag
+        s = _finished(where, both, cfg)
         if s is None:
-            log(f"      LR sweep at {b:g}x ({c.train.steps} steps): {where}")
+            log(
+                f"      LR sweep at {b:g}x ({c.train.steps} steps{', c-BTM subsample' if root != shards_root else ''}): {where}"
+            )
         s = s or sweep(
-            shards_root,
+            root,
             where,
             c,
-            "both" if b in forest else "dense",
+            "both" if both else "dense",
             list(cfg.lr_grid),
             list(cfg.expert_lr_grid),
             seed_share=cfg.seed_share,
@@ -49,9 +75,9 @@ def budget_lrs(
             log=log,
         )
         r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"], "sweep": str(where)}
-        if b in forest:
+        if both:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
-        result[b] = r
+        result[key] = r
     return result
 
 
@@ -73,10 +99,16 @@ def lrs_table(lrs: dict) -> list[str]:
     if not lrs:
         return []
     rows = ["| budget | dense LR | expert LR |", "| --- | --- | --- |"]
-    for b, r in sorted(lrs.items(), key=lambda kv: float(kv[0])):
+
+    def order(kv):
+        k = str(kv[0])
+        return (k.startswith("data"), float(k.removeprefix("data")))
+
+    for b, r in sorted(lrs.items(), key=order):
         d = f"{r['dense_lr']:g}" + (f" ({r['dense_edge']} of the grid)" if r.get("dense_edge") else "")
         e = "-"
         if "expert_lr" in r:
             e = f"{r['expert_lr']:g}" + (f" ({r['expert_edge']} of the grid)" if r.get("expert_edge") else "")
-        rows.append(f"| {float(b):g}x | {d} | {e} |")
+        name = f"c-BTM, data {b[4:]} ({b[4:]}x)" if str(b).startswith("data") else f"{float(b):g}x"
+        rows.append(f"| {name} | {d} | {e} |")
     return rows

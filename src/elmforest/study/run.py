@@ -99,16 +99,18 @@ def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
 def point_plan(
     cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int, lrs: dict | None = None
 ) -> tuple[Plan, RunConfig]:
-    """The point's plan and dense config; `lrs` ({budget: swept LRs}, study/lrs.py) sets a main-axis
-    point's LRs to its budget's (the other axes run at 1x with the 1x LRs, already in `base`/`cfg`)."""
+    """The point's plan and dense config; `lrs` ({budget or "data<f>": swept LRs}, study/lrs.py) sets a
+    main-axis point's LRs to its budget's and a c-BTM point's to its data fraction's (the other axes run
+    at 1x with the 1x LRs, already in `base`/`cfg`)."""
     c = copy.deepcopy(base)
     c.train.steps = max(4, round(p.budget * steps_1x))
     c.train.seed = p.seed
     c.data.domains = None
     expert_lr = cfg.expert_lr
-    if lrs and p.axis == "main":
-        c.optim.lr = lrs[p.budget]["dense_lr"]
-        expert_lr = lrs[p.budget].get("expert_lr", expert_lr)
+    key = p.budget if p.axis == "main" else f"data{p.data_fraction:g}" if p.axis == "cbtm" else None
+    if lrs and key in lrs:
+        c.optim.lr = lrs[key]["dense_lr"]
+        expert_lr = lrs[key].get("expert_lr", expert_lr)
     return plan_for(c, list(p.domains), p.seed_share, expert_lr)
 
 

@@ -128,17 +128,28 @@ def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
     return (lambda p: sub[p.data_fraction]), forests, cshards
 
 
-def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float) -> list:
-    """Each c-BTM forest shares the seed of the dense run at its data fraction and budget."""
+def _subsamples(shards_of, cfg: StudyConfig) -> dict:
+    """{data fraction: its shards} of the c-BTM axis."""
+    fractions = sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else []
+    return {
+        f: shards_of(Point("cbtm", f, cfg.seeds[0], (), cfg.seed_share, False, True, f)) for f in fractions
+    }
+
+
+def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None = None) -> list:
+    """Each c-BTM forest shares the seed of the dense run at its data fraction and budget; its experts
+    train at that fraction's swept expert LR when the study sweeps."""
     from elmforest.forest import btm
     from elmforest.forest.manifest import Forest
+    from elmforest.study.lrs import cbtm_key
     from elmforest.study.run import cbtm_base
 
     out = []
     for c in forests:
         sh, cdir = cshards[(c.fraction, c.k, c.balance)]
         base = Forest.load(runs_dir / cbtm_base(c.fraction, c.seed, cfg))
-        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=expert_lr)
+        lr = lrs[cbtm_key(c.fraction, cfg)]["expert_lr"] if lrs else expert_lr
+        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=lr)
         if not f.data.get("clusterer"):
             f.set_clusterer(cdir)
         out.append((f.root, sh))
@@ -223,7 +234,9 @@ def run_study(
         workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
         ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
     root = str(Path(data.shards.root).resolve())
-    lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log)
+    shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
+    subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
+    lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
     dense_lr, expert_lr, lr_source = _learning_rates(cfg, base, lrs)
     base.optim.lr = dense_lr
     cfg.expert_lr = expert_lr
@@ -233,8 +246,7 @@ def run_study(
         f"dense LR {dense_lr:g}, expert LR {expert_lr:g} ({lr_source})"
     )
     runs_dir = out / "runs"
-    shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
-    more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr)
+    more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs)
     seq = base.train.seq_len
     cb = _cbtm_points(cfg, cbtm_forests, data)
@@ -266,7 +278,7 @@ def run_study(
         "dense_lr": dense_lr,
         "expert_lr": expert_lr,
         "lr_source": lr_source,
-        "lrs_by_budget": {f"{b:g}": r for b, r in lrs.items()},
+        "lrs_by_budget": {(b if isinstance(b, str) else f"{b:g}"): r for b, r in lrs.items()},
         "parameters": first["params"],
         "tokens_per_parameter_1x": tokens_1x / first["params"],
         "tokens_per_expert_1x": int(tokens_1x * (1 - cfg.seed_share) / len(data.names)),
