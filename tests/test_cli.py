@@ -210,6 +210,9 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     assert set(res["ablations"]["in_domain"]["document_reset"]["ensemble"]) == {"document", "window"}
     moe_cfg = json.loads((tmp_path / "qs" / "moe" / "config.json").read_text())
     assert moe_cfg["model_type"] == "mixtral" and moe_cfg["num_local_experts"] == 3
+    for d in ("moe", "moe-router-trained"):  # each MoE's routing statistics beside it
+        routing = json.loads((tmp_path / "qs" / d / "routing.json").read_text())
+        assert len(routing["experts"]) == 3 and (tmp_path / "qs" / d / "routing.png").is_file()
     on_disk = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert on_disk["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
     assert on_disk["ood_methods"]["dense"]["mean_bpb"] == res["ood_methods"]["dense"]["mean_bpb"]

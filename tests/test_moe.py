@@ -204,6 +204,7 @@ def test_hidden_state_router_rows_match_brute_force_with_one_common_model(
     argv = ["merge", "moe", "--forest", str(forest_dir), "--out", str(out), "--router", "hidden-states"]
     argv += ["--shared", shared, "--sample-tokens", "200", "--device", "cpu"]
     assert main(argv + (["--router-center"] if center else [])) == 0
+    assert (out / "routing.json").is_file()  # merge moe reports how the merged model routes
     experts = [load_model(d).eval() for d in f.expert_dirs()]
     if shared == "seed":
         common = load_model(f.seed_dir).eval()
@@ -462,3 +463,44 @@ def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shard
     export_moe(f, tmp_path / "top1", MoeSpec(router="random", top_k=1))
     with pytest.raises(ValueError, match="top-k >= 2"):
         train_router(tmp_path / "top1", shards_dir, **kw)
+
+
+def test_routing_stats_match_the_models_own_router_logits(forest_dir, shards_dir, tmp_path, capsys):
+    """Load, entropy and top-1 agreement from the hooks equal those computed from the router logits
+    transformers itself returns (output_router_logits), on the same windows; the CLI writes them."""
+    from elmforest.cli import main
+    from elmforest.eval.bpb import window_batch
+    from elmforest.merge.routing import routing_stats
+
+    f = Forest.load(forest_dir)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(top_k=2, sample_tokens=256), device="cpu")
+    meta = json.loads((out / "elmforest_moe.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    sh = Shards(shards_dir)
+    stats = routing_stats(model, meta["experts"], sh, split="valid", tokens=96, seq_len=24, batch_size=3)
+    E, k = len(meta["experts"]), 2
+    for d in sh.domains:
+        ((stream, ids),) = sample_windows(sh, [d], "valid", 24, 96)
+        x, y = window_batch(stream, sh.eos_id, 24, ids)
+        with torch.no_grad():
+            logits = model(input_ids=x, output_router_logits=True).router_logits
+        keep = (y != -100).reshape(-1)
+        own = [e["index"] for e in meta["experts"] if d in e["domains"]]
+        loads, ents, hits = [], [], []
+        for lg in logits:
+            p = torch.softmax(lg.reshape(-1, E)[keep].double(), -1)
+            top = p.topk(k, -1).indices
+            loads.append([float((top == e).sum()) / (len(p) * k) for e in range(E)])
+            ents.append(float(-(p * p.log()).sum(-1).mean()))
+            hits.append(float(torch.isin(top[:, 0], torch.tensor(own)).double().mean()))
+        got = stats["domains"][d]
+        assert got["tokens"] == int(keep.sum())
+        np.testing.assert_allclose(got["load"], loads, atol=1e-9)
+        assert got["entropy"] == pytest.approx(np.mean(ents), rel=1e-4)
+        assert got["top1_own"] == pytest.approx(np.mean(hits), abs=1e-9)
+        assert sum(got["load_mean"]) == pytest.approx(1.0)
+    assert main(["merge", "routing", "--model", str(out), "--shards", str(shards_dir), "--tokens", "96"]) == 0
+    assert "top-1 expert = the domain's own" in capsys.readouterr().out
+    assert (out / "routing.png").stat().st_size > 0 and json.loads((out / "routing.json").read_text())[
+        "top_k"
+    ] == 2

@@ -257,7 +257,7 @@ def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log
 def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, progress, log):
     """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
     from each expert's domain embeddings (no training); optionally the router trained alone, its
-    compute recorded in the forest's ledger."""
+    compute recorded in the forest's ledger. Each MoE's routing statistics land beside it."""
     from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe, train_router
 
     moe_dir, models, router = out / "moe", {}, None
@@ -285,6 +285,12 @@ def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, pr
         }
         forest.record_phase(router)
         models["moe_router_trained"] = rt
+    from elmforest.merge.routing import summary_line, write_routing
+
+    for name, d in models.items():  # an export or router training replaces the directory: recomputed
+        stats = read_json(d / "routing.json") if (d / "routing.json").is_file() else None
+        stats = stats or write_routing(d, shards.root)
+        log(f"      {name}: {summary_line(stats)} ({d / 'routing.png'})")
     return models, router
 
 

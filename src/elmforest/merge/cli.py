@@ -1,4 +1,4 @@
-"""`elmforest merge moe`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
+"""`elmforest merge moe | routing`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from elmforest.utils.errors import UserError
 def register(app: typer.Typer) -> None:
     mg = group("merge a forest's experts into one model")
     verb(mg, epilog=CONFIG_KEYS)(moe)  # --set: the router training run's config
+    verb(mg)(routing)
     app.add_typer(mg, name="merge")
 
 
@@ -104,3 +105,35 @@ def moe(
             device=None if device == "auto" else device,
         )
         print(f"trained the router for {steps} steps on {shards} -> {path}")
+    if (path / "elmforest_run.json").is_file() or data is not None:  # data to route: the statistics
+        from elmforest.merge.routing import summary_line, write_routing
+        from elmforest.utils.device import resolve_device
+
+        print(
+            summary_line(write_routing(path, data, device=str(resolve_device(device))))
+            + f" -> {path}/routing.json"
+        )
+
+
+def routing(
+    model: Annotated[str, opt("a merged MoE directory (from `elmforest merge moe`)", metavar="DIR")],
+    shards: Annotated[
+        str | None, opt("shards to route (default: the ones the experts trained on)", metavar="DIR")
+    ] = None,
+    split: Annotated[Literal["train", "valid", "test"], opt("the split whose text is routed")] = "valid",
+    tokens: Annotated[int, opt("tokens per domain", positive_int)] = 8192,
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+) -> None:
+    """Routing statistics of a merged MoE per domain (expert load, router entropy, top-1 = own expert),
+    written beside it as routing.json and routing.png."""
+    from elmforest.merge.routing import summary_line, write_routing
+    from elmforest.utils.device import resolve_device
+
+    stats = write_routing(model, shards, split, tokens, str(resolve_device(device)))
+    print(summary_line(stats))
+    for d, v in stats["domains"].items():
+        own = "-" if v["top1_own"] is None else f"{v['top1_own']:.1%}"
+        print(
+            f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  load {[round(x, 2) for x in v['load_mean']]}"
+        )
+    print(f"-> {model}/routing.json, routing.png")
