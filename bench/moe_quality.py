@@ -41,7 +41,8 @@ from elmforest.forest.btm import share_seed
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.launch.sweep import choose, score_experts
-from elmforest.merge.moe import MoeSpec, export_moe, train_router
+from elmforest.merge.moe import MoeSpec, export_moe
+from elmforest.merge.moe_train import train_router
 from elmforest.model.build import load_model
 from elmforest.utils.io import write_json_atomic
 

@@ -19,7 +19,8 @@ from elmforest.forest.btm import share_seed
 from elmforest.forest.manifest import Forest
 from elmforest.merge.io import LazyWeights
 from elmforest.merge.methods import get_method
-from elmforest.merge.moe import MoeSpec, check_same_architecture, export_moe, mixtral_config, train_router
+from elmforest.merge.moe import MoeSpec, check_same_architecture, export_moe, mixtral_config
+from elmforest.merge.moe_train import train_router
 from elmforest.merge.router import sample_windows
 from elmforest.model.build import load_model, resolve_model_dir
 
@@ -504,3 +505,89 @@ def test_routing_stats_match_the_models_own_router_logits(forest_dir, shards_dir
     assert (out / "routing.png").stat().st_size > 0 and json.loads((out / "routing.json").read_text())[
         "top_k"
     ] == 2
+
+
+def test_router_losses_by_hand_and_a_btx_run_logs_the_lm_loss(forest_dir, shards_dir, tmp_path):
+    """train.router_aux_loss / router_z_loss: the objective is the LM loss plus the Switch load-balancing
+    loss (E * sum over slots and experts of the slot share times the mean probability, all layers'
+    tokens together) and the z-loss (mean squared logsumexp), computed here by hand; a run trains with
+    them and logs the LM loss alone; a dense model is refused."""
+    from conftest import tiny_config
+
+    from elmforest.train.trainer import Trainer, train
+    from elmforest.utils.errors import UserError
+
+    out = export_moe(
+        Forest.load(forest_dir), tmp_path / "moe", MoeSpec(top_k=2, sample_tokens=128), device="cpu"
+    )
+    cfg = tiny_config(shards_dir, steps=3)
+    cfg.model.init_from = str(out)
+    cfg.train.router_aux_loss, cfg.train.router_z_loss, cfg.train.ckpt_every = 0.05, 0.01, 0
+    cfg.train.log_every = 1
+    tr = Trainer(cfg, tmp_path / "probe", progress=False)
+    tr._setup()
+    batch = tr.sampler.batch(0, 0)
+    objective, ce = tr._loss(batch)
+    with torch.no_grad():
+        o = tr.model(input_ids=batch[:, :-1], output_router_logits=True)
+    E, k = tr.model.config.num_local_experts, 2
+    lg = torch.cat([g.reshape(-1, E).double() for g in o.router_logits])
+    p = torch.softmax(lg, -1)
+    top = p.topk(k, -1).indices
+    aux = E * sum(
+        float((top[:, j] == e).double().mean()) * float(p[:, e].mean()) for j in range(k) for e in range(E)
+    )
+    z = float((torch.logsumexp(lg, -1) ** 2).mean())
+    assert aux > 0 and z > 0
+    assert float(objective - ce) == pytest.approx(0.05 * aux + 0.01 * z, rel=1e-4)
+    summary = train(cfg, tmp_path / "btx", progress=False)
+    first = json.loads((tmp_path / "btx" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(float(ce), rel=1e-4)  # the LM loss is what is logged
+    assert summary["flops"] > 0
+    dense = tiny_config(shards_dir, steps=2)
+    dense.train.router_aux_loss = 0.01
+    with pytest.raises(UserError, match="has no router"):
+        train(dense, tmp_path / "dense", progress=False)
+
+
+def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
+    forest_dir, shards_dir, tmp_path, capsys
+):
+    """`merge finetune`: the whole MoE trains (experts, router, attention, embeddings) with the
+    load-balancing loss; the output says what trained; its FLOPs (all parameters trainable: the
+    trainer's formula times the tokens) are a phase of the forest's ledger; routing is reported."""
+    from elmforest.cli import main
+    from elmforest.train.flops import flops_per_token
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root)
+    f = Forest.load(root)
+    before = f.total_flops()
+    moe = export_moe(f, tmp_path / "moe", MoeSpec(top_k=2, sample_tokens=128), device="cpu")
+    argv = ["merge", "finetune", "--model", str(moe), "--steps", "3", "--out", str(tmp_path / "ft")]
+    argv += [
+        "--shards",
+        str(shards_dir),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--set",
+        "train.precision=fp32",
+    ]
+    assert main(argv + ["--no-progress"]) == 0
+    assert "fine-tuned for 3 steps" in capsys.readouterr().out
+    ft = tmp_path / "ft"
+    meta = json.loads((ft / "elmforest_moe.json").read_text())["finetuning"]
+    assert meta["router_aux_loss"] == 0.01 and meta["trainable"] is None and meta["steps"] == 3
+    with ExitStack() as st:
+        a, b = LazyWeights(moe, st), LazyWeights(ft, st)
+        unchanged = [k for k in a.keys() if torch.equal(a.get(k), b.get(k))]
+    assert not unchanged  # every tensor trained (BTX), unlike router training
+    model = AutoModelForCausalLM.from_pretrained(str(ft))
+    seq = json.loads((ft / "elmforest_run.json").read_text())["train"]["seq_len"]
+    assert meta["flops"] == flops_per_token(model, seq) * meta["tokens"] and meta["tokens"] == 3 * 4 * seq
+    phase = next(p for p in Forest.load(root).ledger() if p.get("phase") == "btx_finetuning")
+    assert phase["flops"] == meta["flops"]
+    assert sum(p["flops"] for p in Forest.load(root).ledger()) == before + meta["flops"]  # seed + experts + BTX
+    assert (ft / "routing.json").is_file() and "Fine-tuned afterwards (BTX)" in (ft / "README.md").read_text()

@@ -153,7 +153,8 @@ def test_seed_tokenizer_reaches_every_output_unchanged(style, seeds, small_corpu
     from elmforest.forest import btm
     from elmforest.forest.manifest import Forest
     from elmforest.merge.average import average_checkpoints
-    from elmforest.merge.moe import MoeSpec, export_moe, train_router
+    from elmforest.merge.moe import MoeSpec, export_moe
+    from elmforest.merge.moe_train import train_router
 
     seed = seeds[style]
     want = _tokenizer_files(seed)

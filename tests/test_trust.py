@@ -20,7 +20,8 @@ from elmforest.cli import main
 from elmforest.config import RunConfig, apply_overrides
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import ManifestError
-from elmforest.merge.moe import MoeSpec, export_moe, train_router
+from elmforest.merge.moe import MoeSpec, export_moe
+from elmforest.merge.moe_train import train_router
 from elmforest.utils.errors import UserError
 
 

@@ -101,6 +101,11 @@ class TrainConfig:
     # experts train only their MLPs ('\.mlp\.'), so a merged MoE's shared weights are the seed's exactly;
     # router-only training of a merged MoE uses '\.mlp\.gate\.weight$'.
     trainable: str | None = None
+    # An MoE's router losses (BTX fine-tuning of a merged model): the Switch load-balancing loss
+    # (Fedus et al.; transformers' load_balancing_loss_func) and the router z-loss (Zoph et al.: the
+    # mean squared log-sum-exp of the router logits), each times its coefficient, added to the LM loss.
+    router_aux_loss: float = 0.0
+    router_z_loss: float = 0.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -148,6 +153,10 @@ class RunConfig:
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
             (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
+            (
+                t.router_aux_loss >= 0 and t.router_z_loss >= 0,
+                "train.router_aux_loss and train.router_z_loss must be >= 0",
+            ),
             (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
             (math.isfinite(o.lr) and o.lr > 0, "optim.lr must be a positive number"),
             (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),

@@ -258,7 +258,8 @@ def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, pr
     """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
     from each expert's domain embeddings (no training); optionally the router trained alone, its
     compute recorded in the forest's ledger. Each MoE's routing statistics land beside it."""
-    from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe, train_router
+    from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe
+    from elmforest.merge.moe_train import train_router
 
     moe_dir, models, router = out / "moe", {}, None
     meta = moe_dir / "elmforest_moe.json"

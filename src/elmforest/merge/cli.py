@@ -1,7 +1,8 @@
-"""`elmforest merge moe | routing`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
+"""`elmforest merge moe | finetune | routing`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -14,6 +15,7 @@ from elmforest.utils.errors import UserError
 def register(app: typer.Typer) -> None:
     mg = group("merge a forest's experts into one model")
     verb(mg, epilog=CONFIG_KEYS)(moe)  # --set: the router training run's config
+    verb(mg, epilog=CONFIG_KEYS)(finetune)  # --set: the fine-tuning run's config
     verb(mg)(routing)
     app.add_typer(mg, name="merge")
 
@@ -69,7 +71,7 @@ def moe(
     """Merge the experts into one Hugging Face mixture-of-experts checkpoint (BTX / FlexOlmo): Llama/Mistral
     experts into Mixtral, Qwen2 into Qwen2-MoE, Qwen3 into Qwen3-MoE, OLMo-2 into FlexOlmo."""
     from elmforest.merge.moe import MoeSpec, export_moe
-    from elmforest.merge.moe import train_router as train_rows
+    from elmforest.merge.moe_train import train_router as train_rows
     from elmforest.utils.io import read_json
 
     spec = MoeSpec(
@@ -137,3 +139,68 @@ def routing(
             f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  load {[round(x, 2) for x in v['load_mean']]}"
         )
     print(f"-> {model}/routing.json, routing.png")
+
+
+def finetune(
+    model: Annotated[str, opt("a merged MoE directory (from `elmforest merge moe`)", metavar="DIR")],
+    steps: Annotated[int, opt("fine-tuning steps", positive_int)],
+    out: Annotated[str | None, opt("output directory (default: replace --model)", metavar="DIR")] = None,
+    shards: Annotated[
+        str | None, opt("shards to train on (default: the ones the experts trained on)", metavar="DIR")
+    ] = None,
+    lr: Annotated[float, opt("peak learning rate (warm-up 10%, cosine to 10%)", positive_float)] = 5e-4,
+    batch_size: Annotated[int, opt("sequences per step", positive_int)] = 16,
+    aux_loss: Annotated[float, opt("Switch load-balancing loss coefficient (0: off)")] = 0.01,
+    z_loss: Annotated[float, opt("router z-loss coefficient (0: off)")] = 0.0,
+    trainable: Annotated[
+        str | None, opt("regex of the parameters that train (default: all of them)", metavar="REGEX")
+    ] = None,
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """BTX: fine-tune a merged MoE on a uniform mix of its experts' domains with the load-balancing
+    loss, as a resumable run; its FLOPs are recorded in the forest's ledger."""
+    from elmforest.forest.manifest import Forest
+    from elmforest.merge.moe_train import finetune_moe
+    from elmforest.merge.routing import summary_line, write_routing
+    from elmforest.utils.device import resolve_device
+    from elmforest.utils.io import read_json
+
+    if aux_loss < 0 or z_loss < 0:
+        raise UserError("--aux-loss and --z-loss must be >= 0")
+    src = Path(model)
+    if shards is None:
+        run = src / "elmforest_run.json"
+        shards = read_json(run)["data"]["shards"] if run.is_file() else None
+        if shards is None:
+            raise UserError(f"{src}: no record of the experts' shards; pass --shards")
+    path = finetune_moe(
+        src,
+        shards,
+        steps,
+        out=out,
+        lr=lr,
+        batch_size=batch_size,
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+        trainable=trainable,
+        overrides=overrides or [],
+        progress=not no_progress,
+        device=None if device == "auto" else device,
+    )
+    meta = read_json(path / "elmforest_moe.json")
+    ft = meta["finetuning"]
+    root = Path(meta.get("forest") or "")
+    if (root / "forest.json").is_file():  # the ledger counts what ran after the merge too
+        Forest.load(root).record_phase(
+            {
+                "phase": "btx_finetuning",
+                "name": path.name,
+                "tokens": ft["tokens"],
+                "flops": ft["flops"],
+                "output": str(path),
+            }
+        )
+    print(f"fine-tuned for {steps} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
+    print(summary_line(write_routing(path, shards, device=str(resolve_device(device)))))

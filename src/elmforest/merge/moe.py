@@ -38,12 +38,9 @@ from elmforest.merge.router import (
 )
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
-from elmforest.utils.errors import AlreadyExists, UserError
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import (
     read_json,
-    remove_path,
-    replace_dir,
-    temp_sibling,
     undone_on_failure,
     write_json_atomic,
     write_text_atomic,
@@ -286,6 +283,13 @@ def model_card(meta: dict) -> str:
             f"- Router trained afterwards for {rt['steps']} steps of {rt.get('batch_size', '?')} sequences on "
             f"{rt['data']} (everything else frozen)."
         )
+    if meta.get("finetuning"):
+        ft = meta["finetuning"]
+        lines.append(
+            f"- Fine-tuned afterwards (BTX) for {ft['steps']} steps of {ft.get('batch_size', '?')} sequences on "
+            f"{ft['data']}: {ft.get('trainable') or 'every parameter'} trained, load-balancing loss x "
+            f"{ft.get('router_aux_loss', 0):g}, router z-loss x {ft.get('router_z_loss', 0):g}."
+        )
     if meta["excluded"] or meta["opted_out"]:
         lines.append(
             f"- Left out: {', '.join(meta['excluded'] + meta['opted_out'])} (opted out or excluded)."
@@ -300,105 +304,6 @@ def model_card(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROUTER_PARAMS = r"\.mlp\.gate\.weight$"
-
-
-def train_router(
-    moe_dir: str | Path,
-    shards: str | Path,
-    steps: int,
-    out: str | Path | None = None,
-    run_dir: str | Path | None = None,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    domains: list[str] | None = None,
-    overrides: list[str] | None = None,
-    progress: bool = True,
-    device: str | None = None,
-) -> Path:
-    """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
-    small mix of the domains (sampled uniformly). The run is resumable; the trained model replaces
-    `out` (default: `moe_dir`) atomically, with its card and metadata updated."""
-
-    from elmforest.config import RunConfig, apply_overrides
-    from elmforest.data.shards import Shards
-    from elmforest.train.trainer import train
-
-    moe_dir = resolve_model_dir(moe_dir)
-    out = Path(out or moe_dir)
-    meta = read_json(moe_dir / "elmforest_moe.json")
-    if read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
-        raise UserError(
-            f"{moe_dir}: router training needs top-k >= 2: with top-1 routing the renormalised weight "
-            "is always 1, so no gradient reaches the router"
-        )
-    if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
-        raise AlreadyExists(f"{out} exists and is not an MoE export; choose another output directory")
-    fingerprint = export_fingerprint(moe_dir)
-    if not Shards.is_shards_dir(shards):
-        raise UserError(f"{shards}: router training needs a shards directory (elmforest shards build)")
-    sh = Shards(shards)
-    if domains is None:
-        wanted = [d for e in meta["experts"] for d in e["domains"]]
-        domains = [d for d in wanted if sh.has(d, "train")] or sh.domains
-    run_cfg = moe_dir / "elmforest_run.json"
-    cfg = RunConfig.from_dict(read_json(run_cfg)) if run_cfg.is_file() else RunConfig()
-    cfg.model.init_from = str(moe_dir.resolve())
-    cfg.data.shards, cfg.data.domains, cfg.data.mixture, cfg.data.split = (
-        str(sh.root),
-        domains,
-        "uniform",
-        "train",
-    )
-    t, o = cfg.train, cfg.optim
-    t.steps, t.init_checkpoint, t.stop_at, t.trainable = steps, None, None, ROUTER_PARAMS
-    t.batch_size, t.grad_accum = batch_size, 1
-    if device is not None:
-        t.device = device
-    t.ckpt_every = max(1, min(t.ckpt_every, steps))
-    o.lr, o.weight_decay, o.warmup_frac, o.schedule, o.min_lr_ratio = lr, 0.0, 0.1, "cosine", 0.1
-    cfg = apply_overrides(cfg, list(overrides or []))
-    # one run per export: re-exporting into the same place must not pick up an older finished run
-    keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
-    run_dir = Path(run_dir or out.with_name(f"{out.name}.router-run-{fingerprint}"))
-    _record_copies(meta, run_dir, out)
-    summary = train(cfg, run_dir, progress=progress, label="router")
-
-    tmp = temp_sibling(out)
-    with undone_on_failure(tmp, out):
-        _finish_router_training(
-            tmp,
-            run_dir / "model",
-            moe_dir,
-            run_dir if keep else None,
-            meta,
-            steps,
-            lr,
-            batch_size,
-            sh,
-            domains,
-            summary,
-            fingerprint,
-            out,
-        )
-    if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
-        remove_path(run_dir)
-    return out
-
-
-def _record_copies(meta: dict, run_dir: Path, out: Path) -> None:
-    """Router training copies every expert (the run's checkpoints and model, the trained MoE): mark the
-    run with the experts it holds and record both with the forest, so opting an expert out deletes
-    them too (forest/optout.py)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
-    root = Path(meta.get("forest") or "")
-    if (root / "forest.json").is_file():
-        forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
-        forest.record_output(run_dir, "router-run", names)
-        forest.record_output(out, "moe", names)
-
-
 def export_fingerprint(moe_dir: Path) -> str:
     """Identifies one export: its metadata and its weight files as written (name, size, mtime)."""
     import hashlib
@@ -408,29 +313,3 @@ def export_fingerprint(moe_dir: Path) -> str:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
-
-
-def _finish_router_training(
-    tmp, trained, moe_dir, run_dir, meta, steps, lr, batch_size, sh, domains, summary, fp, out
-):
-    import shutil
-
-    shutil.copytree(trained, tmp)
-    for f in ("generation_config.json",):
-        if (moe_dir / f).is_file() and not (tmp / f).is_file():
-            shutil.copy2(moe_dir / f, tmp / f)
-    meta["router_training"] = {
-        "steps": steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "data": str(sh.root),
-        "domains": domains,
-        "tokens": summary["tokens"],
-        "flops": summary["flops"],  # by what ran: the router trains, everything else is frozen
-        "run": str(run_dir) if run_dir else None,  # kept only where the caller asked for it
-        "from": str(moe_dir),
-        "from_fingerprint": fp,
-    }
-    write_json_atomic(tmp / "elmforest_moe.json", meta)
-    write_text_atomic(tmp / "README.md", model_card(meta))
-    return replace_dir(tmp, out)

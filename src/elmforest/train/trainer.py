@@ -46,6 +46,7 @@ from elmforest.train.callbacks import (
 )
 from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, set_aside_corrupt
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
+from elmforest.train.moe_loss import moe_shape, router_losses
 from elmforest.train.runcheck import check_config, check_context, check_inputs, check_same_tokenizer
 from elmforest.train.schedule import lr_at
 from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
@@ -89,6 +90,8 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
         check_context(self.model, cfg)
+        if cfg.train.router_aux_loss > 0 or cfg.train.router_z_loss > 0:
+            moe_shape(self.model.config)  # refused before any step for a model with no router
         self.model.to(self.device)
         self.model.train()
         if cfg.train.trainable:
@@ -132,10 +135,19 @@ class Trainer:
         elif cfg.train.compile:
             self.loss_of = torch.compile(self._loss)
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what is minimised, the LM loss that is logged): with an MoE's router losses on, the first
+        adds them (train/moe_loss.py)."""
+        t = self.cfg.train
+        aux = t.router_aux_loss > 0 or t.router_z_loss > 0
         with autocast(self.device, self.amp_dtype):
-            logits = self.forward(input_ids=batch[:, :-1]).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            out = self.forward(input_ids=batch[:, :-1], **({"output_router_logits": True} if aux else {}))
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        if not aux:
+            return ce, ce
+        return ce + router_losses(
+            self.model.config, out.router_logits, t.router_aux_loss, t.router_z_loss
+        ), ce
 
     def _apply_optim_hparams(self) -> None:
         o = self.cfg.optim
@@ -272,8 +284,8 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
             sync = self.world == 1 or micro == tc.grad_accum - 1  # all-reduce once per step
             with contextlib.nullcontext() if sync else self.forward.no_sync():
-                loss = self.loss_of(batch)
-                (loss / tc.grad_accum).backward()
+                objective, loss = self.loss_of(batch)
+                (objective / tc.grad_accum).backward()
             self.loss_sum += loss.detach()
             self.loss_count += 1
         grad_norm = None

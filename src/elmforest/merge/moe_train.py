@@ -1,0 +1,214 @@
+"""Training a merged MoE after the merge: FlexOlmo's router-only training and BTX's fine-tuning.
+
+Both are ordinary resumable elmforest runs (`train`) started from the export, on a uniform mix of the
+experts' domains: router training freezes everything but the router rows (FlexOlmo's "RT"); BTX
+fine-tuning (Sukhbaatar et al. 2024) trains every parameter, or a chosen subset, with the Switch
+load-balancing loss and optionally the router z-loss (train/moe_loss.py) under the export's top-k
+routing. The trained model replaces the output atomically, its card and metadata say what trained,
+and the run's tokens and FLOPs (counted by what ran: frozen weights cost no weight gradient) are
+recorded so the forest's ledger can count them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from elmforest.forest.manifest import Forest
+from elmforest.merge.moe import SOURCE_MARKER, export_fingerprint, model_card
+from elmforest.model.build import resolve_model_dir
+from elmforest.utils.errors import AlreadyExists, UserError
+from elmforest.utils.io import (
+    read_json,
+    remove_path,
+    replace_dir,
+    temp_sibling,
+    undone_on_failure,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+ROUTER_PARAMS = r"\.mlp\.gate\.weight$"
+
+
+def train_router(
+    moe_dir: str | Path,
+    shards: str | Path,
+    steps: int,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    domains: list[str] | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
+    small mix of the domains (sampled uniformly), no weight decay. The run is resumable; the trained
+    model replaces `out` (default: `moe_dir`) atomically, with its card and metadata updated."""
+    return _train_moe(
+        "router_training",
+        moe_dir,
+        shards,
+        steps,
+        out,
+        run_dir,
+        dict(lr=lr, weight_decay=0.0),
+        dict(trainable=ROUTER_PARAMS, router_aux_loss=0.0, router_z_loss=0.0),
+        batch_size,
+        domains,
+        overrides,
+        progress,
+        device,
+    )
+
+
+def finetune_moe(
+    moe_dir: str | Path,
+    shards: str | Path,
+    steps: int,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    lr: float = 5e-4,
+    batch_size: int = 16,
+    aux_loss: float = 0.01,
+    z_loss: float = 0.0,
+    trainable: str | None = None,
+    domains: list[str] | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> Path:
+    """BTX's fine-tuning: the whole merged MoE (or the parameters `trainable` matches) trained on a
+    uniform mix of the experts' domains with the Switch load-balancing loss (x `aux_loss`, 0.01 as in
+    Switch) and the router z-loss (x `z_loss`, off by default), AdamW with the run config's weight decay,
+    warm-up 10%, cosine to 10% of `lr`. Resumable; replaces `out` atomically like `train_router`."""
+    return _train_moe(
+        "finetuning",
+        moe_dir,
+        shards,
+        steps,
+        out,
+        run_dir,
+        dict(lr=lr),
+        dict(trainable=trainable, router_aux_loss=aux_loss, router_z_loss=z_loss),
+        batch_size,
+        domains,
+        overrides,
+        progress,
+        device,
+    )
+
+
+def _train_moe(
+    kind,
+    moe_dir,
+    shards,
+    steps,
+    out,
+    run_dir,
+    optim,
+    train_fields,
+    batch_size,
+    domains,
+    overrides,
+    progress,
+    device,
+) -> Path:
+    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.data.shards import Shards
+    from elmforest.train.trainer import train
+
+    what = {"router_training": "router training", "finetuning": "fine-tuning"}[kind]
+    moe_dir = resolve_model_dir(moe_dir)
+    out = Path(out or moe_dir)
+    meta = read_json(moe_dir / "elmforest_moe.json")
+    if read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
+        raise UserError(
+            f"{moe_dir}: {what} needs top-k >= 2: with top-1 routing the renormalised weight "
+            "is always 1, so no gradient reaches the router"
+        )
+    if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
+        raise AlreadyExists(f"{out} exists and is not an MoE export; choose another output directory")
+    fingerprint = export_fingerprint(moe_dir)
+    if not Shards.is_shards_dir(shards):
+        raise UserError(f"{shards}: {what} needs a shards directory (elmforest shards build)")
+    sh = Shards(shards)
+    if domains is None:
+        wanted = [d for e in meta["experts"] for d in e["domains"]]
+        domains = [d for d in wanted if sh.has(d, "train")] or sh.domains
+    run_cfg = moe_dir / "elmforest_run.json"
+    cfg = RunConfig.from_dict(read_json(run_cfg)) if run_cfg.is_file() else RunConfig()
+    cfg.model.init_from = str(moe_dir.resolve())
+    cfg.data.shards, cfg.data.domains, cfg.data.mixture, cfg.data.split = (
+        str(sh.root),
+        domains,
+        "uniform",
+        "train",
+    )
+    t, o = cfg.train, cfg.optim
+    t.steps, t.init_checkpoint, t.stop_at = steps, None, None
+    for k, v in train_fields.items():
+        setattr(t, k, v)
+    t.batch_size, t.grad_accum = batch_size, 1
+    if device is not None:
+        t.device = device
+    t.ckpt_every = max(1, min(t.ckpt_every, steps))
+    o.warmup_frac, o.schedule, o.min_lr_ratio = 0.1, "cosine", 0.1
+    for k, v in optim.items():
+        setattr(o, k, v)
+    cfg = apply_overrides(cfg, list(overrides or []))
+    # one run per export: re-exporting into the same place must not pick up an older finished run
+    keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
+    tag = "router-run" if kind == "router_training" else "finetune-run"
+    run_dir = Path(run_dir or out.with_name(f"{out.name}.{tag}-{fingerprint}"))
+    _record_copies(meta, run_dir, out, tag)
+    summary = train(cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx")
+
+    record = {
+        "steps": steps,
+        "lr": cfg.optim.lr,
+        "batch_size": batch_size,
+        "data": str(sh.root),
+        "domains": domains,
+        "trainable": cfg.train.trainable,
+        "router_aux_loss": cfg.train.router_aux_loss,
+        "router_z_loss": cfg.train.router_z_loss,
+        "tokens": summary["tokens"],
+        "flops": summary["flops"],  # by what ran: frozen weights cost no weight gradient
+        "run": str(run_dir) if keep else None,  # kept only where the caller asked for it
+        "from": str(moe_dir),
+        "from_fingerprint": fingerprint,
+    }
+    tmp = temp_sibling(out)
+    with undone_on_failure(tmp, out):
+        _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
+    if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
+        remove_path(run_dir)
+    return out
+
+
+def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run") -> None:
+    """Training a merged MoE copies every expert (the run's checkpoints and model, the trained MoE): mark the
+    run with the experts it holds and record both with the forest, so opting an expert out deletes
+    them too (forest/optout.py)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
+    root = Path(meta.get("forest") or "")
+    if (root / "forest.json").is_file():
+        forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
+        forest.record_output(run_dir, kind, names)
+        forest.record_output(out, "moe", names)
+
+
+def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):
+    import shutil
+
+    shutil.copytree(trained, tmp)
+    for f in ("generation_config.json",):
+        if (moe_dir / f).is_file() and not (tmp / f).is_file():
+            shutil.copy2(moe_dir / f, tmp / f)
+    meta[kind] = record
+    write_json_atomic(tmp / "elmforest_moe.json", meta)
+    write_text_atomic(tmp / "README.md", model_card(meta))
+    return replace_dir(tmp, out)

@@ -1,0 +1,39 @@
+"""The router losses of a mixture-of-experts model in training (BTX fine-tuning of a merged forest).
+
+Load balancing: the Switch Transformer's auxiliary loss (Fedus et al. 2021), E * sum_e f_e * P_e with f_e
+the share of top-k slots expert e takes and P_e its mean router probability, computed by transformers'
+`load_balancing_loss_func` (the one its MoE models add when `output_router_logits` is on). Router z-loss
+(ST-MoE, Zoph et al. 2022): the mean over tokens and layers of logsumexp(router logits)^2, which keeps
+the logits small; transformers has no shared function for it, so it is the one line below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from elmforest.utils.errors import UserError
+
+
+def moe_shape(config) -> tuple[int, int]:
+    """(experts, experts per token) of an MoE config; a UserError for a dense model."""
+    n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    if not n or not k:
+        raise UserError(
+            f"train.router_aux_loss / router_z_loss need a mixture-of-experts model; {config.model_type!r} "
+            "has no router"
+        )
+    return int(n), int(k)
+
+
+def router_losses(config, router_logits, aux_coef: float, z_coef: float) -> torch.Tensor:
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    n, k = moe_shape(config)
+    logits = [g.float().reshape(-1, n) for g in router_logits]
+    total = torch.zeros((), device=logits[0].device)
+    if aux_coef > 0:
+        total = total + aux_coef * load_balancing_loss_func(tuple(logits), n, k)
+    if z_coef > 0:
+        total = total + z_coef * torch.cat([torch.logsumexp(g, -1) ** 2 for g in logits]).mean()
+    return total
