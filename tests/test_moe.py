@@ -589,5 +589,10 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert meta["flops"] == flops_per_token(model, seq) * meta["tokens"] and meta["tokens"] == 3 * 4 * seq
     phase = next(p for p in Forest.load(root).ledger() if p.get("phase") == "btx_finetuning")
     assert phase["flops"] == meta["flops"]
-    assert sum(p["flops"] for p in Forest.load(root).ledger()) == before + meta["flops"]  # seed + experts + BTX
+    assert (
+        sum(p["flops"] for p in Forest.load(root).ledger()) == before + meta["flops"]
+    )  # seed + experts + BTX
     assert (ft / "routing.json").is_file() and "Fine-tuned afterwards (BTX)" in (ft / "README.md").read_text()
+    # fine-tuning it again in place would count one run over another in the ledger: refused
+    assert main(["merge", "finetune", "--model", str(ft), "--steps", "1", "--shards", str(shards_dir)]) == 2
+    assert "already fine-tuned" in capsys.readouterr().err

@@ -146,4 +146,7 @@ def test_a_qwen2_with_biased_attention_is_not_refused_but_a_biased_mlp_is():
     with pytest.raises(UserError, match="attention_bias"):
         format_for({"model_type": "llama", "attention_bias": True})
     assert format_for({"model_type": "olmo2", "attention_bias": True}).model_type == "flex_olmo"
+    for mt in ("qwen2", "qwen3"):  # the MoE places its sliding windows by another rule than the dense model
+        with pytest.raises(UserError, match="sliding window"):
+            format_for({"model_type": mt, "use_sliding_window": True, "max_window_layers": 1})
     assert {f.model_type for f in FORMATS.values()} == {"mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"}

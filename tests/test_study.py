@@ -326,5 +326,8 @@ def test_seed_position_by_hand(tmp_path):
     assert pos["share_of_fall"] == pytest.approx((ln - 5.0) / (ln - 3.5))
     text = " ".join(seed_lines(pos, 0.25))
     assert "step 8 (2 tokens per parameter)" in text and "2.0x" in text
+    sparse = tmp_path / "b1-s0" / "runs" / "dense" / "valid.jsonl"  # logged too rarely to see a doubling
+    sparse.write_text("".join(json.dumps({"step": s, "valid_loss": 5.0}) + "\n" for s in (8, 16)))
+    assert seed_position(tmp_path, cfg, 16, 256) is None
     (tmp_path / "b4-s0" / "runs" / "dense" / "valid.jsonl").unlink()  # valid losses off: nothing to say
     assert seed_position(tmp_path, cfg, 16, 256) is None and seed_lines(None, 0.25) == []

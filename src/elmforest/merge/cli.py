@@ -65,6 +65,9 @@ def moe(
     max_shard_bytes: Annotated[
         int | None, opt("largest safetensors shard (default: one expert's checkpoint size)", positive_int)
     ] = None,
+    no_routing: Annotated[
+        bool, flag("--no-routing", "skip the routing statistics (they load the whole MoE into memory)")
+    ] = False,
     overrides: Overrides = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -107,14 +110,22 @@ def moe(
             device=None if device == "auto" else device,
         )
         print(f"trained the router for {steps} steps on {shards} -> {path}")
-    if (path / "elmforest_run.json").is_file() or data is not None:  # data to route: the statistics
-        from elmforest.merge.routing import summary_line, write_routing
-        from elmforest.utils.device import resolve_device
+    if not no_routing and ((path / "elmforest_run.json").is_file() or data is not None):
+        _report_routing(path, data, device)
 
-        print(
-            summary_line(write_routing(path, data, device=str(resolve_device(device))))
-            + f" -> {path}/routing.json"
-        )
+
+def _report_routing(path, shards, device: str) -> None:
+    """Routing statistics beside a model just written; a failure here (memory: the whole MoE is loaded;
+    shards gone) is a warning, never a failure of the merge or fine-tuning that already succeeded."""
+    from elmforest.merge.routing import summary_line, write_routing
+    from elmforest.utils.device import resolve_device
+
+    try:
+        stats = write_routing(path, shards, device=str(resolve_device(device)))
+    except (UserError, OSError, RuntimeError) as e:
+        print(f"warning: routing statistics skipped ({e}); run `elmforest merge routing --model {path}`")
+        return
+    print(summary_line(stats) + f" -> {path}/routing.json")
 
 
 def routing(
@@ -156,6 +167,9 @@ def finetune(
         str | None, opt("regex of the parameters that train (default: all of them)", metavar="REGEX")
     ] = None,
     device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+    no_routing: Annotated[
+        bool, flag("--no-routing", "skip the routing statistics (they load the whole MoE into memory)")
+    ] = False,
     overrides: Overrides = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -163,8 +177,6 @@ def finetune(
     loss, as a resumable run; its FLOPs are recorded in the forest's ledger."""
     from elmforest.forest.manifest import Forest
     from elmforest.merge.moe_train import finetune_moe
-    from elmforest.merge.routing import summary_line, write_routing
-    from elmforest.utils.device import resolve_device
     from elmforest.utils.io import read_json
 
     if aux_loss < 0 or z_loss < 0:
@@ -203,4 +215,5 @@ def finetune(
             }
         )
     print(f"fine-tuned for {steps} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
-    print(summary_line(write_routing(path, shards, device=str(resolve_device(device)))))
+    if not no_routing:
+        _report_routing(path, shards, device)

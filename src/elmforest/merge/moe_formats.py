@@ -197,6 +197,12 @@ def format_for(dense: dict) -> MoeFormat:
         raise UserError(
             f"cannot merge {mt!r} experts into one MoE: {why}. Instead, {_INSTEAD}. Supported: {supported()}"
         )
+    if fmt.model_type in ("qwen2_moe", "qwen3_moe") and dense.get("use_sliding_window"):
+        raise UserError(
+            f"cannot merge into {fmt.model_type}: the experts use a sliding window on some layers "
+            f"(use_sliding_window with max_window_layers), and {fmt.model_type} places its windows by "
+            "another rule, so the merged model would attend differently"
+        )
     if dense.get("mlp_bias"):
         raise UserError(f"cannot merge into {fmt.model_type}: the experts' MLPs have biases (mlp_bias=True)")
     if fmt.model_type == "mixtral" and dense.get("attention_bias"):

@@ -123,7 +123,11 @@ def _train_moe(
     moe_dir = resolve_model_dir(moe_dir)
     out = Path(out or moe_dir)
     meta = read_json(moe_dir / "elmforest_moe.json")
-    if read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
+    if kind == "finetuning" and out.resolve() == moe_dir.resolve() and "finetuning" in meta:
+        raise UserError(
+            f"{moe_dir} is already fine-tuned; fine-tune it into another --out (the ledger counts each run once)"
+        )
+    if kind == "router_training" and read_json(moe_dir / "config.json").get("num_experts_per_tok", 2) < 2:
         raise UserError(
             f"{moe_dir}: {what} needs top-k >= 2: with top-1 routing the renormalised weight "
             "is always 1, so no gradient reaches the router"

@@ -58,7 +58,7 @@ def routing_stats(
             keep = state["mask"].reshape(-1)
             p = torch.softmax(x[keep] @ module.weight.to(torch.float32).T, dim=-1)
             sel = p.topk(k, dim=-1).indices
-            state["load"][i] += torch.bincount(sel.reshape(-1), minlength=E).to(torch.float64)
+            state["load"][i] += torch.bincount(sel.reshape(-1), minlength=E).to("cpu", torch.float64)
             state["entropy"][i] += float(-(p * p.clamp_min(1e-30).log()).sum())
             if own[state["domain"]]:
                 hit = torch.isin(sel[:, 0], torch.tensor(own[state["domain"]], device=sel.device))
@@ -171,6 +171,10 @@ def write_routing(
         raise UserError(f"{shards}: not a shards directory")
     sh = Shards(shards)
     domains = [d for d in sh.domains if sh.has(d, split)]
+    if not domains:
+        raise UserError(
+            f"{sh.root}: no domain has a {split!r} split to route; pass --split or other --shards"
+        )
     model = load_model(moe_dir).to(device).eval()
     stats = routing_stats(model, meta["experts"], sh, domains, split, tokens, default_seq_len(moe_dir))
     write_json_atomic(moe_dir / "routing.json", stats)

@@ -261,6 +261,8 @@ def seed_position(runs_dir: Path, cfg: StudyConfig, steps_1x: int, vocab_size: i
         return None
     half = min(one, key=lambda s: abs(s - seed / 2))
     lhalf = min(last, key=lambda s: abs(s - n / 2))
+    if half >= seed or lhalf >= n:  # valid losses too sparse to see a doubling
+        return None
     uniform = math.log(vocab_size)
     return {
         "seed_steps": seed,

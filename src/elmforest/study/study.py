@@ -282,7 +282,7 @@ def run_study(
         "parameters": first["params"],
         "tokens_per_parameter_1x": tokens_1x / first["params"],
         "tokens_per_expert_1x": int(tokens_1x * (1 - cfg.seed_share) / len(data.names)),
-        "seed_position": seed_position(runs_dir, cfg, steps_1x, preset.vocab_size),
+        "seed_position": seed_position(runs_dir, cfg, steps_1x, data.shards.vocab_size),
         "domains": data.names,
         "ood_domains": sorted(data.ood_shards.domains) if data.ood_shards is not None else [],
         "runs": recs,
