@@ -106,6 +106,9 @@ class TrainConfig:
     # mean squared log-sum-exp of the router logits), each times its coefficient, added to the LM loss.
     router_aux_loss: float = 0.0
     router_z_loss: float = 0.0
+    # An MoE's experts kept bit-identical while the rest trains (FlexOlmo: the public expert beside the
+    # owner's), with their router rows (train/frozen_experts.py)
+    frozen_experts: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_step(self) -> int:

@@ -46,6 +46,7 @@ from elmforest.train.callbacks import (
 )
 from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, set_aside_corrupt
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
+from elmforest.train.frozen_experts import FrozenExperts
 from elmforest.train.moe_loss import moe_shape, router_losses
 from elmforest.train.runcheck import check_config, check_context, check_inputs, check_same_tokenizer
 from elmforest.train.schedule import lr_at
@@ -170,6 +171,12 @@ class Trainer:
             write_json_atomic(self.run_dir / "inputs.json", self.inputs)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._resume()
+        # after the weights in effect are loaded: those are the ones kept
+        self.frozen = (
+            FrozenExperts(self.model, self.cfg.train.frozen_experts)
+            if self.cfg.train.frozen_experts
+            else None
+        )
         callbacks = self.active_callbacks = self._all_callbacks()
         for cb in callbacks:
             cb.on_train_start(self)
@@ -292,6 +299,8 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.opt.step()
+        if self.frozen is not None:
+            self.frozen.restore()
         self.opt.zero_grad(set_to_none=True)
         return grad_norm
 

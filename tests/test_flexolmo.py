@@ -1,0 +1,94 @@
+"""FlexOlmo's owner training, its first pieces: the seed as a 2-expert MoE that computes exactly the seed,
+and an owner's run that trains expert 1 and its router row while expert 0 (the public FFN), its row and
+everything outside the MLPs stay bit-identical, checked against a brute-force 2-expert forward."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from test_moe_formats import RefMoE
+from transformers import AutoModelForCausalLM
+
+from elmforest.data.shards import Shards
+from elmforest.forest.manifest import Forest
+from elmforest.merge.flexolmo import OWNER_TRAINABLE, public_pair
+from elmforest.merge.io import LazyWeights
+from elmforest.merge.moe_formats import FORMATS
+from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.train.trainer import train
+from elmforest.utils.errors import UserError
+
+MIX = FORMATS["mixtral"]
+
+
+def _x(shards_dir, d):
+    s = Shards(shards_dir).tokens(d, "test")
+    return torch.as_tensor(np.asarray(s[:48], dtype=np.int64)).view(2, 24)
+
+
+def test_the_pair_is_the_seed_and_an_owner_trains_only_its_expert(forest_dir, shards_dir, tmp_path):
+    seed_dir = resolve_model_dir(Forest.load(forest_dir).seed_dir)
+    seed = load_model(seed_dir).eval()
+    L, H = seed.config.num_hidden_layers, seed.config.hidden_size
+    rows = torch.randn(L, 2, H, generator=torch.Generator().manual_seed(0))
+    pair = public_pair(seed_dir, tmp_path / "pair", rows)
+    x = _x(shards_dir, Shards(shards_dir).domains[0])
+    with torch.no_grad():  # two identical experts: the seed's function whatever the router says
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(str(pair)).eval()(input_ids=x).logits,
+            seed(input_ids=x).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+    domain = Shards(shards_dir).domains[1]
+    cfg = tiny_config(shards_dir, steps=4, batch_size=4, ckpt_every=0)
+    cfg.model.init_from = str(pair)
+    cfg.data.domains = [domain]  # the owner sees only its own data
+    cfg.optim.lr, cfg.optim.weight_decay = 2e-2, 0.1  # decay too: it must not touch expert 0
+    cfg.train.trainable, cfg.train.frozen_experts = OWNER_TRAINABLE, [0]
+    train(cfg, tmp_path / "owner", progress=False)
+    owner = tmp_path / "owner" / "model"
+    with ExitStack() as st:
+        s, p, o = LazyWeights(seed_dir, st), LazyWeights(pair, st), LazyWeights(owner, st)
+        for layer in range(L):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                want = s.get(f"model.layers.{layer}.mlp.{proj}.weight")
+                assert torch.equal(o.get(MIX.expert_name(layer, 0, proj)), want)  # public expert: exact
+                assert not torch.equal(o.get(MIX.expert_name(layer, 1, proj)), want)  # the owner's moved
+            gate, start = o.get(MIX.router_name(layer)), p.get(MIX.router_name(layer))
+            assert torch.equal(gate[0], start[0]) and not torch.equal(gate[1], start[1])
+        shared = [k for k in s.keys() if ".mlp." not in k]
+        assert shared and all(torch.equal(o.get(k), s.get(k)) for k in shared)  # attention etc.: the seed's
+        # brute force: the seed with each MLP replaced by softmax top-2 of [seed MLP, owner's MLP]
+        ref = copy.deepcopy(seed)
+        for layer, block in enumerate(ref.model.layers):
+            mine = copy.deepcopy(block.mlp)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                getattr(mine, proj).weight.data = o.get(MIX.expert_name(layer, 1, proj))
+            block.mlp = RefMoE(o.get(MIX.router_name(layer)), [seed.model.layers[layer].mlp, mine], 2)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(owner)).eval()(input_ids=x).logits
+        torch.testing.assert_close(got, ref(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+        assert (got - seed(input_ids=x).logits).abs().max() > 1e-3  # it did train
+
+
+def test_frozen_experts_are_refused_where_they_cannot_hold(forest_dir, shards_dir, tmp_path):
+    dense = tiny_config(shards_dir, steps=2)
+    dense.train.frozen_experts = [0]
+    with pytest.raises(UserError, match="has no router"):
+        train(dense, tmp_path / "dense", progress=False)
+    pair = public_pair(resolve_model_dir(Forest.load(forest_dir).seed_dir), tmp_path / "pair")
+    cfg = tiny_config(shards_dir, steps=2)
+    cfg.model.init_from = str(pair)
+    cfg.train.frozen_experts = [2]
+    with pytest.raises(UserError, match=r"experts 0\.\.1"):
+        train(cfg, tmp_path / "out", progress=False)
+    cfg.train.frozen_experts, cfg.train.trainable = [0], r"self_attn"
+    with pytest.raises(UserError, match="no trainable per-expert parameter"):
+        train(cfg, tmp_path / "attn", progress=False)
