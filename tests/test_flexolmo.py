@@ -92,3 +92,53 @@ def test_frozen_experts_are_refused_where_they_cannot_hold(forest_dir, shards_di
     cfg.train.frozen_experts, cfg.train.trainable = [0], r"self_attn"
     with pytest.raises(UserError, match="no trainable per-expert parameter"):
         train(cfg, tmp_path / "attn", progress=False)
+
+
+def _owner(pair, shards_dir, domain, where, frozen=True):
+    cfg = tiny_config(shards_dir, steps=3, batch_size=4, ckpt_every=0)
+    cfg.model.init_from, cfg.data.domains = str(pair), [domain]
+    cfg.optim.lr = 2e-2
+    cfg.train.trainable, cfg.train.frozen_experts = OWNER_TRAINABLE, [0] if frozen else []
+    train(cfg, where, progress=False)
+    return where / "model"
+
+
+def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_path):
+    """Two owners trained apart from one public pair: the merge keeps the public expert once, adds each
+    owner's expert and router row, and equals a brute-force top-2 mixture of [public, owner a, owner b];
+    leaving an owner out is the opt-out; an owner whose public expert moved is refused."""
+    from elmforest.merge.flexolmo import merge_pairs
+
+    seed_dir = resolve_model_dir(Forest.load(forest_dir).seed_dir)
+    seed = load_model(seed_dir).eval()
+    L, H = seed.config.num_hidden_layers, seed.config.hidden_size
+    pair = public_pair(
+        seed_dir, tmp_path / "pair", torch.randn(L, 2, H, generator=torch.Generator().manual_seed(1))
+    )
+    doms = Shards(shards_dir).domains
+    owners = [(d, _owner(pair, shards_dir, d, tmp_path / d)) for d in doms[:2]]
+    merged = merge_pairs(owners, tmp_path / "merged", top_k=2)
+    moe = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert moe.config.num_local_experts == 3
+    ref = copy.deepcopy(seed)
+    with ExitStack() as st:
+        ws = [LazyWeights(o, st) for _, o in owners]
+        for layer, block in enumerate(ref.model.layers):
+            mlps = [seed.model.layers[layer].mlp]
+            for w in ws:
+                m = copy.deepcopy(block.mlp)
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(m, proj).weight.data = w.get(MIX.expert_name(layer, 1, proj))
+                mlps.append(m)
+            g = torch.stack(
+                [ws[0].get(MIX.router_name(layer))[0], *(w.get(MIX.router_name(layer))[1] for w in ws)]
+            )
+            block.mlp = RefMoE(g, mlps, 2)
+    x = _x(shards_dir, doms[0])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=x).logits, ref(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    one = merge_pairs(owners[:1], tmp_path / "optout", top_k=2)  # owner b opted out
+    assert AutoModelForCausalLM.from_pretrained(str(one)).config.num_local_experts == 2
+    loose = _owner(pair, shards_dir, doms[2], tmp_path / "loose", frozen=False)
+    with pytest.raises(UserError, match="public expert differs"):
+        merge_pairs([owners[0], ("loose", loose)], tmp_path / "bad")

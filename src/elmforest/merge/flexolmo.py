@@ -16,7 +16,7 @@ import torch
 
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter
 from elmforest.merge.moe import MLP_KEY
-from elmforest.merge.moe_formats import format_for
+from elmforest.merge.moe_formats import PROJ, format_for
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, undone_on_failure, write_json_atomic
@@ -71,6 +71,81 @@ def public_pair(seed_dir: str | Path, out: str | Path, rows: torch.Tensor | None
                 "format": fmt.model_type,
                 "public_expert": 0,
                 "owner_expert": 1,
+            },
+        )
+        return writer.commit()
+
+
+def merge_pairs(pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2) -> Path:
+    """FlexOlmo's merge, no training: the public expert once (expert 0), then each owner's expert 1 in
+    the order given, with the router rows to match; everything else taken from the first pair after
+    checking that every pair holds exactly the same tensors there (and the same public expert and row),
+    as owners trained from one public pair with train.frozen_experts=[0] do. Opting an owner out is
+    leaving its pair out. Written atomically at `out`; returns `out`."""
+    from transformers import AutoConfig
+
+    from elmforest.merge.moe_formats import FORMATS
+
+    if not pairs:
+        raise UserError("no owner pairs to merge")
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"owner names given twice: {names}")
+    dirs = [resolve_model_dir(d) for _, d in pairs]
+    cfgs = [read_json(d / "config.json") for d in dirs]
+    fmt = FORMATS.get(cfgs[0].get("model_type"))
+    n_of = lambda c: c.get("num_local_experts") or c.get("num_experts")  # noqa: E731
+    if fmt is None or any(n_of(c) != 2 for c in cfgs):
+        raise UserError(
+            "FlexOlmo merges 2-expert owner models (from merge/flexolmo.public_pair and training)"
+        )
+    skip = {"num_local_experts", "num_experts", "num_experts_per_tok", "transformers_version", "dtype"}
+    for c, n in zip(cfgs[1:], names[1:], strict=True):
+        diff = sorted(k for k in set(c) | set(cfgs[0]) if k not in skip and c.get(k) != cfgs[0].get(k))
+        if diff:
+            raise UserError(f"owner {n!r} has another architecture than {names[0]!r} ({diff})")
+    E, L = len(pairs) + 1, cfgs[0]["num_hidden_layers"]
+    cfg = {**cfgs[0], **fmt.moe_fields(cfgs[0], E, min(top_k, E))}
+    expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
+    router = {fmt.router_name(layer) for layer in range(L)}
+    writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
+    with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
+        ws = [LazyWeights(d, stack) for d in dirs]
+        for name in ws[0].keys():
+            if name in expert or name in router:
+                continue
+            t = ws[0].get(name)
+            for w, n in zip(ws[1:], names[1:], strict=True):
+                if name not in w or not torch.equal(w.get(name), t):
+                    raise UserError(
+                        f"owner {n!r}: {name} differs from {names[0]!r}'s; shared weights must be identical"
+                    )
+            writer.add(name, t)
+        for layer in range(L):
+            for p in PROJ:
+                public = ws[0].get(fmt.expert_name(layer, 0, p))
+                for w, n in zip(ws[1:], names[1:], strict=True):
+                    if not torch.equal(w.get(fmt.expert_name(layer, 0, p)), public):
+                        raise UserError(
+                            f"owner {n!r}: its public expert differs (trained without frozen_experts=[0]?)"
+                        )
+                writer.add(fmt.expert_name(layer, 0, p), public)
+                for i, w in enumerate(ws, start=1):
+                    writer.add(fmt.expert_name(layer, i, p), w.get(fmt.expert_name(layer, 1, p)))
+            gates = [w.get(fmt.router_name(layer)) for w in ws]
+            if any(not torch.equal(g[0], gates[0][0]) for g in gates[1:]):
+                raise UserError(f"layer {layer}: the owners' public router rows differ")
+            writer.add(fmt.router_name(layer), torch.stack([gates[0][0], *(g[1] for g in gates)]))
+        AutoConfig.for_model(**cfg).save_pretrained(
+            str(writer.tmp)
+        )  # extras (a 0-wide shared expert) came with the pair
+        writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json"))
+        write_json_atomic(
+            writer.tmp / "elmforest_flexolmo.json",
+            {
+                "experts": ["public", *names],
+                "pairs": [str(d) for d in dirs],
+                "top_k": cfg["num_experts_per_tok"],
             },
         )
         return writer.commit()
