@@ -83,8 +83,14 @@ def test_frozen_experts_are_refused_where_they_cannot_hold(forest_dir, shards_di
     dense.train.frozen_experts = [0]
     with pytest.raises(UserError, match="has no router"):
         train(dense, tmp_path / "dense", progress=False)
-    pair = public_pair(resolve_model_dir(Forest.load(forest_dir).seed_dir), tmp_path / "pair")
-    cfg = tiny_config(shards_dir, steps=2)
+    from elmforest.cli import main
+    from elmforest.config import apply_overrides
+
+    seed = resolve_model_dir(Forest.load(forest_dir).seed_dir)
+    assert main(["merge", "flexolmo-pair", "--seed", str(seed), "--out", str(tmp_path / "pair")]) == 0
+    pair = tmp_path / "pair"
+    cfg = apply_overrides(tiny_config(shards_dir, steps=2), ["train.frozen_experts=[0]"])
+    assert cfg.train.frozen_experts == [0]  # as `--set` gives it
     cfg.model.init_from = str(pair)
     cfg.train.frozen_experts = [2]
     with pytest.raises(UserError, match=r"experts 0\.\.1"):
@@ -137,8 +143,12 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
     x = _x(shards_dir, doms[0])
     with torch.no_grad():
         torch.testing.assert_close(moe(input_ids=x).logits, ref(input_ids=x).logits, rtol=1e-4, atol=1e-4)
-    one = merge_pairs(owners[:1], tmp_path / "optout", top_k=2)  # owner b opted out
-    assert AutoModelForCausalLM.from_pretrained(str(one)).config.num_local_experts == 2
+    from elmforest.cli import main
+
+    name, path = owners[0]  # owner b opted out: left out of the merge
+    assert main(["merge", "flexolmo", "--owner", f"{name}={path}", "--out", str(tmp_path / "optout")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "optout")).config.num_local_experts == 2
+    assert main(["merge", "flexolmo", "--owner", "nodir", "--out", str(tmp_path / "x")]) == 2
     loose = _owner(pair, shards_dir, doms[2], tmp_path / "loose", frozen=False)
     with pytest.raises(UserError, match="public expert differs"):
         merge_pairs([owners[0], ("loose", loose)], tmp_path / "bad")

@@ -1,4 +1,4 @@
-"""`elmforest merge moe | finetune | routing`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
+"""`elmforest merge moe | finetune | routing | flexolmo-pair | flexolmo`: each verb is its signature (see utils/argtypes.py); the work is in merge/moe.py."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def register(app: typer.Typer) -> None:
     verb(mg, epilog=CONFIG_KEYS)(moe)  # --set: the router training run's config
     verb(mg, epilog=CONFIG_KEYS)(finetune)  # --set: the fine-tuning run's config
     verb(mg)(routing)
+    verb(mg, name="flexolmo-pair")(flexolmo_pair)
+    verb(mg)(flexolmo)
     app.add_typer(mg, name="merge")
 
 
@@ -217,3 +219,38 @@ def finetune(
     print(f"fine-tuned for {steps} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
     if not no_routing:
         _report_routing(path, shards, device)
+
+
+def flexolmo_pair(
+    seed: Annotated[str, opt("the public seed (an HF checkpoint or a forest's seed)", metavar="DIR")],
+    out: Annotated[str, opt("output: the 2-expert MoE each owner starts from", metavar="DIR")],
+) -> None:
+    """FlexOlmo: the seed as a 2-expert MoE (both experts its FFN; it computes exactly the seed). Each owner
+    trains it on its own data only, expert 1 and its router row: `elmforest train --set
+    model.init_from=PAIR --set 'train.trainable=\\.mlp\\.(experts|gate)\\.' --set 'train.frozen_experts=[0]'`."""
+    from elmforest.merge.flexolmo import public_pair
+
+    print(f"public pair -> {public_pair(seed, out)}")
+
+
+def flexolmo(
+    owner: Annotated[
+        list[str],
+        opt(
+            "an owner's trained pair, NAME=DIR (repeatable; leave one out to opt it out)", metavar="NAME=DIR"
+        ),
+    ],
+    out: Annotated[str, opt("output MoE directory", metavar="DIR")],
+    top_k: Annotated[int, opt("experts per token", positive_int)] = 2,
+) -> None:
+    """FlexOlmo: merge owners' trained pairs into one MoE with no training (the public expert once)."""
+    from elmforest.merge.flexolmo import merge_pairs
+
+    pairs = []
+    for item in owner:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--owner {item!r}: expected NAME=DIR")
+        pairs.append((name, Path(path)))
+    path = merge_pairs(pairs, out, top_k)
+    print(f"merged the public expert and {len(pairs)} owner(s) ({', '.join(n for n, _ in pairs)}) -> {path}")
