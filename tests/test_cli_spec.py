@@ -19,7 +19,7 @@ VERBS = {
     "corpus demo", "tokenizer train", "shards build", "shards show",
     "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
     "forest seed", "forest expert", "forest dense", "forest train", "forest average",
-    "merge moe", "cluster fit", "cluster assign",
+    "merge moe", "merge finetune", "merge routing", "merge flexolmo-pair", "merge flexolmo", "cluster fit", "cluster assign",
 }  # fmt: skip
 TRAINING = {"train", "forest seed", "forest expert", "forest train", "sweep", "quickstart"}
 
