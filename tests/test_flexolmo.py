@@ -152,3 +152,59 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
     loose = _owner(pair, shards_dir, doms[2], tmp_path / "loose", frozen=False)
     with pytest.raises(UserError, match="public expert differs"):
         merge_pairs([owners[0], ("loose", loose)], tmp_path / "bad")
+
+
+def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path):
+    """`forest expert --branch flexolmo`: each owner starts from its own pair (public row shared, own row
+    from its domain's embedding), trains only its expert and row, is counted in the ledger by what that
+    run costs, and the forest's owners merge with `merge flexolmo --forest` (one left out with --exclude)."""
+    from safetensors.torch import load_file
+
+    from elmforest.cli import main
+    from elmforest.forest import btm
+    from elmforest.merge.flexolmo import forest_pairs
+    from elmforest.train.flops import flops_breakdown
+
+    src = Forest.load(forest_dir)
+    doms = Shards(shards_dir).domains[:2]
+    f = btm.share_seed(tmp_path / "fx", src, src.names)
+    for d in doms:
+        btm.train_expert(
+            f, Shards(shards_dir), d, branch="flexolmo", overrides=["optim.lr=2e-2"], progress=False
+        )
+    f = Forest.load(f.root)
+    seed_dir = resolve_model_dir(f.seed_dir)
+    public = load_file(str(f.root / "branches" / "flexolmo-public-rows.safetensors"))["rows"]
+    torch.testing.assert_close(public.norm(dim=-1), torch.ones(public.shape[0]))
+    plan = btm.Plan(**f.data["plan"])
+    with ExitStack() as st:
+        s = LazyWeights(seed_dir, st)
+        for d in doms:
+            e = f.expert(d)
+            assert e["branch"] == "flexolmo" and [p["name"] for p in e["parents"]] == ["seed"]
+            start = LazyWeights(f.root / "branches" / d, st)
+            o = LazyWeights(f.expert_dir(d), st)
+            for layer in range(public.shape[0]):
+                row0 = start.get(MIX.router_name(layer))[0]
+                assert torch.equal(row0, public[layer].to(row0.dtype))  # the one public row
+                assert torch.equal(o.get(MIX.router_name(layer))[0], row0)
+                assert not torch.equal(o.get(MIX.router_name(layer))[1], start.get(MIX.router_name(layer))[1])
+                want = s.get(f"model.layers.{layer}.mlp.up_proj.weight")
+                assert torch.equal(o.get(MIX.expert_name(layer, 0, "up_proj")), want)
+            assert all(torch.equal(o.get(k), s.get(k)) for k in s.keys() if ".mlp." not in k)
+            # the ledger: the expert phase's tokens at the cost of a run training only expert + row
+            model = load_model(f.expert_dir(d))
+            for n, p in model.named_parameters():
+                p.requires_grad_(bool(__import__("re").search(OWNER_TRAINABLE, n)))
+            seq = f.data["seed"]["config"]["train"]["seq_len"]
+            assert e["tokens"] == (plan.total_steps - plan.seed_steps) * plan.expert_batch_size * seq
+            assert e["flops"] == e["tokens"] * flops_breakdown(model, seq)["flops_per_token"]
+    out = tmp_path / "merged"
+    assert main(["merge", "flexolmo", "--forest", str(f.root), "--out", str(out)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_local_experts == 3
+    args = ["merge", "flexolmo", "--forest", str(f.root), "--exclude", doms[1], "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "o")).config.num_local_experts == 2
+    with pytest.raises(UserError, match="not trained as FlexOlmo owners"):
+        forest_pairs(src)
+    assert main(["merge", "flexolmo", "--forest", str(f.root), "--owner", "a=b", "--out", str(out)]) == 2

@@ -25,7 +25,7 @@ from safetensors.torch import load_model as st_load_model
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.forest.manifest import Forest, valid_name
+from elmforest.forest.manifest import Forest, architecture_fingerprint, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
 from elmforest.forest.trust import copy_regular_files
 from elmforest.model.build import build_model
@@ -235,7 +235,7 @@ def train_expert(
     from elmforest.merge.average import average_checkpoints
 
     name = valid_name(name or domain)
-    replace = False
+    replace, arch = False, None
     if name in forest.names:
         problem = forest.intact(name)
         if problem is None:
@@ -289,8 +289,12 @@ def train_expert(
         cfg.model.init_from = str(Path(init).resolve())
         if plan:
             cfg.train.steps = plan["total_steps"] - Plan(**plan).seed_steps
+    elif branch == "flexolmo":
+        cfg, owner = _flexolmo_owner(forest, shards, domain, name, cfg)
+        overrides = [*owner, *(overrides or [])]
+        arch = architecture_fingerprint(cfg.model.init_from)
     elif branch != "seed":
-        raise UserError(f"unknown branch {branch!r}; expected seed, expert:NAME or mixture")
+        raise UserError(f"unknown branch {branch!r}; expected seed, expert:NAME, mixture or flexolmo")
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     summary = train(cfg, run_dir, progress=progress)
@@ -307,8 +311,45 @@ def train_expert(
         extra={"run": f"runs/{name}", "branch": branch},
         force=force,
         replace=replace,
+        architecture=arch,
     )
     return entry
+
+
+def _flexolmo_owner(forest: Forest, shards: Shards, domain: str, name: str, cfg: RunConfig):
+    """FlexOlmo's owner training as an expert phase: the expert starts from the seed as a 2-expert MoE
+    (merge/flexolmo.py: the public FFN frozen as expert 0, the owner's copy as expert 1, router rows
+    from domain embeddings) and trains only expert 1 and its router row on its own domain; attention,
+    embeddings, norms and head stay the seed's, so the owners merge with no training (`merge flexolmo
+    --forest`). Its schedule is the expert phase's, started fresh (the seed's optimizer state has no
+    place for a router), and its FLOPs are what that run costs, frozen weights' missing gradients
+    included. Returns (config, overrides that make it an owner run)."""
+    from elmforest.merge.flexolmo import OWNER_TRAINABLE, owner_rows, public_pair
+
+    init = forest.root / "branches" / name
+    if not (init / "elmforest_pair.json").is_file():
+        if int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process builds the pair
+            from elmforest.utils.proc import wait_for
+
+            if not wait_for([init / "elmforest_pair.json"], timeout=3600):
+                raise Failed(f"{init}: the owner's pair never appeared")
+        else:
+            plan = forest.data.get("plan") or {}
+            public = plan.get("domains") or [d for d in shards.domains if shards.has(d, "train")]
+            rows = owner_rows(
+                forest.seed_dir,
+                shards,
+                public,
+                [domain],
+                forest.root / "branches" / "flexolmo-public-rows.safetensors",
+            )
+            public_pair(forest.seed_dir, init, rows)
+    cfg.train.init_checkpoint = None
+    cfg.model.init_from = str(init.resolve())
+    plan = forest.data.get("plan")
+    if plan:
+        cfg.train.steps = plan["total_steps"] - Plan(**plan).seed_steps
+    return cfg, [f"train.trainable={OWNER_TRAINABLE}", "train.frozen_experts=[0]"]
 
 
 def read_summary(forest: Forest, name: str) -> dict | None:

@@ -179,7 +179,12 @@ def expert(
     domain: Annotated[str, opt("the domain this expert trains on", metavar="DOMAIN")],
     name: Annotated[str | None, opt("expert name (default: the domain)", metavar="NAME")] = None,
     branch: Annotated[
-        str, opt("seed | expert:NAME | mixture (posterior-weighted average)", metavar="FROM")
+        str,
+        opt(
+            "seed | expert:NAME | mixture (posterior-weighted average) | flexolmo (a FlexOlmo owner: the "
+            "seed as a 2-expert MoE, only its own expert and router row train)",
+            metavar="FROM",
+        ),
     ] = "seed",
     force: Annotated[
         bool, flag("--force", "train an expert that was opted out again (its owner's call only)")

@@ -256,8 +256,17 @@ class Forest:
         self.update(change)
 
     # -- changes -----------------------------------------------------------------------------------
-    def _check_compatible(self, model_dir: Path) -> tuple[str, str]:
+    def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
         tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
+        if architecture is not None:  # an expert of another, derived shape (a FlexOlmo owner's pair)
+            if not self.data["architecture"]:
+                raise UserError(f"{self.root}: no seed yet; an expert of a derived architecture needs one")
+            if arch != architecture:
+                raise UserError(
+                    f"{model_dir}: its architecture (fingerprint {arch}) is not the {architecture} it "
+                    "started from; its shape changed in training"
+                )
+            return tok, arch
         if self.data["tokenizer"] and tok != self.data["tokenizer"]:
             raise UserError(
                 f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
@@ -312,17 +321,21 @@ class Forest:
         replace: bool = False,
         extra: dict | None = None,
         force: bool = False,
+        architecture: str | None = None,
     ) -> dict:
         """Register a trained expert: copy its checkpoint in, then record it in the manifest.
 
-        `force` re-adds an expert that was opted out (only its owner should ask for that)."""
+        `force` re-adds an expert that was opted out (only its owner should ask for that).
+        `architecture`: the fingerprint this expert must have when it is not the seed's own shape (a
+        FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
         valid_name(name)
         src = resolve_model_dir(model_dir)
         if name in self.names and not replace:
             raise UserError(
                 f"{self.root}: an expert named {name!r} exists; add it under another --name, or remove that one first (forest remove)"
             )
-        tok, arch = self._check_compatible(src)
+        tok, arch = self._check_compatible(src, architecture)
+        forest_arch = self.data["architecture"] if architecture is not None else arch
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
         staged = _stage_checkpoint(src, self.root / rel, link=owned)
@@ -340,7 +353,7 @@ class Forest:
         }
 
         def change(d):
-            if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, arch):
+            if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, forest_arch):
                 raise UserError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
             if not replace and name in [e["name"] for e in d["experts"]]:
                 raise UserError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
@@ -350,7 +363,7 @@ class Forest:
             # whole, so a kill between the renames leaves it to be put back, never a dangling entry
             replace_dir(staged, self.root / rel)
             d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
-            d["tokenizer"], d["architecture"] = tok, arch
+            d["tokenizer"], d["architecture"] = tok, forest_arch
             d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
 
         try:

@@ -234,23 +234,38 @@ def flexolmo_pair(
 
 
 def flexolmo(
+    out: Annotated[str, opt("output MoE directory", metavar="DIR")],
     owner: Annotated[
-        list[str],
+        list[str] | None,
         opt(
             "an owner's trained pair, NAME=DIR (repeatable; leave one out to opt it out)", metavar="NAME=DIR"
         ),
-    ],
-    out: Annotated[str, opt("output MoE directory", metavar="DIR")],
+    ] = None,
+    forest: Annotated[
+        str | None,
+        opt(
+            "a forest whose owners trained as `forest expert --branch flexolmo` (all of them)", metavar="DIR"
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, opt("with --forest: leave an owner out (repeatable; the opt-out)", metavar="NAME")
+    ] = None,
     top_k: Annotated[int, opt("experts per token", positive_int)] = 2,
 ) -> None:
     """FlexOlmo: merge owners' trained pairs into one MoE with no training (the public expert once)."""
-    from elmforest.merge.flexolmo import merge_pairs
+    from elmforest.merge.flexolmo import forest_pairs, merge_pairs
 
+    if (owner is None) == (forest is None):
+        raise UserError("give the owners' pairs (--owner NAME=DIR ...) or a forest (--forest DIR), not both")
+    if exclude and forest is None:
+        raise UserError("--exclude goes with --forest; with --owner, leave the owner out")
     pairs = []
-    for item in owner:
+    for item in owner or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise UserError(f"--owner {item!r}: expected NAME=DIR")
         pairs.append((name, Path(path)))
+    if forest is not None:
+        pairs = forest_pairs(forest, exclude or [])
     path = merge_pairs(pairs, out, top_k)
     print(f"merged the public expert and {len(pairs)} owner(s) ({', '.join(n for n, _ in pairs)}) -> {path}")

@@ -9,6 +9,7 @@ both experts run on every token, as in the paper's owner training.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -74,6 +75,68 @@ def public_pair(seed_dir: str | Path, out: str | Path, rows: torch.Tensor | None
             },
         )
         return writer.commit()
+
+
+def owner_rows(
+    seed_dir: str | Path,
+    shards,
+    public_domains: list[str],
+    owner_domains: list[str],
+    public_rows: Path,
+    tokens: int = 16384,
+) -> torch.Tensor:
+    """[layers, 2, hidden] router rows for one owner's pair, from domain embeddings (FlexOlmo): row 0
+    the seed's mean MLP input on the public data (its training mix), row 1 on the owner's own data,
+    each L2-normalised. Row 0 is computed once and kept at `public_rows` (safetensors), so every owner's
+    pair carries the bit-identical public row the merge requires, wherever the owner computes its own."""
+    from safetensors.torch import load_file, save_file
+
+    from elmforest.eval.bpb import default_seq_len
+    from elmforest.merge.router import mean_mlp_inputs, normalise_rows, sample_windows
+    from elmforest.model.build import load_model
+
+    seed_dir = resolve_model_dir(seed_dir)
+    seq_len = default_seq_len(seed_dir)
+    model = load_model(seed_dir).eval()
+
+    def embed(domains):
+        samples = sample_windows(shards, domains, "train", seq_len, tokens)
+        return normalise_rows(mean_mlp_inputs(model, samples, shards.eos_id, seq_len)[:, None], False)[:, 0]
+
+    if not public_rows.is_file():
+        public_rows.parent.mkdir(parents=True, exist_ok=True)
+        tmp = public_rows.with_name(f"{public_rows.name}.{os.getpid()}.tmp")
+        meta = {"domains": ",".join(public_domains)}
+        save_file({"rows": embed(public_domains).contiguous()}, str(tmp), metadata=meta)
+        try:  # the first writer wins: owners computing it at once all end up with the same row
+            os.link(tmp, public_rows)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    public = load_file(str(public_rows))["rows"]
+    return torch.stack([public, embed(owner_domains)], dim=1)
+
+
+def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
+    """(name, checkpoint) of every owner of `forest` trained with `forest expert --branch flexolmo`,
+    minus `exclude`; refuses a forest with other experts (they have no public expert to share)."""
+    from elmforest.forest.manifest import Forest
+
+    f = forest if isinstance(forest, Forest) else Forest.load(forest)
+    unknown = sorted(set(exclude) - set(f.names))
+    if unknown:
+        raise UserError(f"{f.root}: no expert(s) {unknown} to exclude; have {f.names}")
+    other = [n for n in f.names if f.expert(n).get("branch") != "flexolmo"]
+    if other:
+        raise UserError(
+            f"{f.root}: expert(s) {other} were not trained as FlexOlmo owners (forest expert --branch "
+            "flexolmo); merge them with `merge moe`, or the owners' pairs with --owner"
+        )
+    pairs = [(n, f.expert_dir(n)) for n in f.names if n not in exclude]
+    if not pairs:
+        raise UserError(f"{f.root}: every owner excluded; nothing to merge")
+    return pairs
 
 
 def merge_pairs(pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2) -> Path:
