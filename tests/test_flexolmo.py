@@ -202,6 +202,21 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", "flexolmo", "--forest", str(f.root), "--out", str(out)]) == 0
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_local_experts == 3
+    import json
+
+    meta = json.loads((out / "elmforest_moe.json").read_text())
+    assert [(e["name"], e["domains"]) for e in meta["experts"]] == [("public", []), *((d, [d]) for d in doms)]
+    routed = json.loads((out / "routing.json").read_text())  # routing statistics of every merged model
+    assert set(routed["domains"]) >= set(doms)
+    # BTX fine-tuning of the FlexOlmo merge trains the public expert too (the owners' freeze is theirs)
+    from elmforest.merge.moe_train import finetune_moe
+
+    ft = finetune_moe(out, shards_dir, 2, out=tmp_path / "ft", lr=1e-2, batch_size=2, progress=False)
+    with ExitStack() as st:
+        a, b = LazyWeights(out, st), LazyWeights(ft, st)
+        assert not torch.equal(
+            a.get(MIX.expert_name(0, 0, "up_proj")), b.get(MIX.expert_name(0, 0, "up_proj"))
+        )
     args = ["merge", "flexolmo", "--forest", str(f.root), "--exclude", doms[1], "--out", str(tmp_path / "o")]
     assert main(args) == 0
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "o")).config.num_local_experts == 2

@@ -251,6 +251,9 @@ def flexolmo(
         list[str] | None, opt("with --forest: leave an owner out (repeatable; the opt-out)", metavar="NAME")
     ] = None,
     top_k: Annotated[int, opt("experts per token", positive_int)] = 2,
+    no_routing: Annotated[
+        bool, flag("--no-routing", "skip the routing statistics (they load the whole MoE into memory)")
+    ] = False,
 ) -> None:
     """FlexOlmo: merge owners' trained pairs into one MoE with no training (the public expert once)."""
     from elmforest.merge.flexolmo import forest_pairs, merge_pairs
@@ -267,5 +270,7 @@ def flexolmo(
         pairs.append((name, Path(path)))
     if forest is not None:
         pairs = forest_pairs(forest, exclude or [])
-    path = merge_pairs(pairs, out, top_k)
+    path = merge_pairs(pairs, out, top_k, forest)
     print(f"merged the public expert and {len(pairs)} owner(s) ({', '.join(n for n, _ in pairs)}) -> {path}")
+    if not no_routing:
+        _report_routing(path, None, "auto")

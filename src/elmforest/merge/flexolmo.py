@@ -139,7 +139,9 @@ def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
     return pairs
 
 
-def merge_pairs(pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2) -> Path:
+def merge_pairs(
+    pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2, forest: str | Path | None = None
+) -> Path:
     """FlexOlmo's merge, no training: the public expert once (expert 0), then each owner's expert 1 in
     the order given, with the router rows to match; everything else taken from the first pair after
     checking that every pair holds exactly the same tensors there (and the same public expert and row),
@@ -202,7 +204,7 @@ def merge_pairs(pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2) 
         AutoConfig.for_model(**cfg).save_pretrained(
             str(writer.tmp)
         )  # extras (a 0-wide shared expert) came with the pair
-        writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json"))
+        writer.copy_side_files(dirs[0], (*TOKENIZER_FILES, "generation_config.json", "elmforest_run.json"))
         write_json_atomic(
             writer.tmp / "elmforest_flexolmo.json",
             {
@@ -211,4 +213,41 @@ def merge_pairs(pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2) 
                 "top_k": cfg["num_experts_per_tok"],
             },
         )
+        _write_moe_card(writer.tmp, names, dirs, cfg, forest)
         return writer.commit()
+
+
+def _write_moe_card(tmp: Path, names: list[str], dirs: list[Path], cfg: dict, forest) -> None:
+    """The card every merged MoE carries (elmforest_moe.json, README.md), so routing statistics,
+    router training and BTX fine-tuning work on a FlexOlmo merge as on `merge moe`'s."""
+    from elmforest.merge.moe import model_card
+    from elmforest.utils.io import write_text_atomic
+
+    def domains_of(d: Path) -> list[str]:
+        run = d / "elmforest_run.json"
+        return list((read_json(run).get("data") or {}).get("domains") or []) if run.is_file() else []
+
+    experts = [{"index": 0, "name": "public", "domains": [], "tokens": None}]
+    experts += [
+        {"index": i, "name": n, "domains": domains_of(d), "tokens": None}
+        for i, (n, d) in enumerate(zip(names, dirs, strict=True), 1)
+    ]
+    meta = {
+        "kind": "flexolmo",
+        "forest": str(Path(forest).resolve()) if forest is not None else None,
+        "experts": experts,
+        "excluded": [],
+        "opted_out": [],
+        "shared": "seed",
+        "shared_from": str(dirs[0]),
+        "spec": {"router": "domain-embeddings", "center": False},
+        "top_k": cfg["num_experts_per_tok"],
+        "near_parallel_router_rows": [],
+        "dense_model_type": None,
+        "moe_model_type": cfg["model_type"],
+    }
+    write_json_atomic(tmp / "elmforest_moe.json", meta)
+    card = model_card(meta).replace(
+        "Made by `elmforest merge moe`", "Made by `elmforest merge flexolmo` (no training)"
+    )
+    write_text_atomic(tmp / "README.md", card)

@@ -152,6 +152,7 @@ def _train_moe(
     )
     t, o = cfg.train, cfg.optim
     t.steps, t.init_checkpoint, t.stop_at = steps, None, None
+    t.frozen_experts = []  # an owner's run config (a FlexOlmo merge) froze expert 0; this run trains it
     for k, v in train_fields.items():
         setattr(t, k, v)
     t.batch_size, t.grad_accum = batch_size, 1

@@ -1,0 +1,257 @@
+"""Issue 14's goals, measured on a finished quickstart: one merged model against the dense LM.
+
+    python bench/moe_goals.py --quickstart quickstart [--ft-steps 64] [--opt-out legal]
+        [--owner-lrs 0.004 0.008 0.016 0.032] [--ft-lrs 0.0005 0.001 0.002 0.004]
+        [--dense-lrs 0.001 0.002 0.004]
+
+Arms, each at its own LR chosen on the valid split (`elmforest sweep`'s rule, edges reported):
+- flexolmo: FlexOlmo's owner training as the paper does it (`forest expert --branch flexolmo`: the
+  seed as a 2-expert MoE, the public FFN frozen, only each owner's FFN and router row train, router
+  rows from domain embeddings, the expert phase's steps and batch), merged with no training (`merge
+  flexolmo --forest`, top-2 of 9); flexolmo_ensemble: the owners' own models ensembled (cached prior);
+  flexolmo_without_X: owner X opted out.
+- btx_ft: BTX: the quickstart's experts merged (shared weights averaged, router rows from domain
+  embeddings), then the whole MoE fine-tuned on the uniform mix for --ft-steps x 16 sequences with
+  the Switch load-balancing loss (0.01), top-2; flexolmo_ft: the FlexOlmo MoE fine-tuned the same way.
+- dense_long: the dense run lengthened so its training FLOPs equal seed + experts + fine-tuning (the
+  comparison BTX's fine-tuning must win), at its own LR.
+
+Every row is scored on the quickstart's test bytes in and out of domain, with its training FLOPs over
+the quickstart dense run's. Writes goals.json beside the quickstart's results and prints the tables
+and each goal as met / not met. Resumable: finished runs and scores are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.eval.report import flops_mark
+from elmforest.forest.btm import share_seed
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.launch.sweep import choose, score_experts
+from elmforest.merge.flexolmo import forest_pairs, merge_pairs
+from elmforest.merge.moe import MoeSpec, export_moe
+from elmforest.merge.moe_train import finetune_moe
+from elmforest.model.build import load_model
+from elmforest.train.trainer import train
+from elmforest.utils.io import read_json, write_json_atomic
+
+try:
+    from common import load_quickstart
+except ImportError:
+    from bench.common import load_quickstart
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quickstart", required=True)
+    ap.add_argument("--ft-steps", type=int, default=64, help="BTX fine-tuning steps of 16 sequences")
+    ap.add_argument("--owner-lrs", type=float, nargs="+", default=[4e-3, 8e-3, 1.6e-2, 3.2e-2])
+    ap.add_argument("--ft-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3])
+    ap.add_argument("--dense-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    ap.add_argument("--opt-out", default="legal")
+    args = ap.parse_args()
+    qs = Path(args.quickstart)
+    base, forest, shards, common = load_quickstart(qs)
+    ood = Shards(qs / "shards-ood") if Shards.is_shards_dir(qs / "shards-ood") else None
+    ood_common = {**common, "domains": ood.domains} if ood else None
+    valid = {**common, "split": "valid", "max_bytes": None}
+    path = qs / "goals.json"
+    saved = read_json(path) if path.is_file() else {}
+    rows, ood_rows = saved.get("methods", {}), saved.get("ood_methods", {})
+    flops, sweeps = saved.get("flops", {}), saved.get("sweeps", {})
+    dense_flops = base["compute"]["dense_flops"]
+    for m in ("dense", "seed", "ensemble", "average"):
+        rows[m], flops[m] = base["methods"][m], base["compute"]["methods"][m]
+        if ood:
+            ood_rows[m] = base["ood_methods"][m]
+
+    def save():
+        write_json_atomic(
+            path,
+            {
+                "methods": rows,
+                "ood_methods": ood_rows,
+                "flops": flops,
+                "sweeps": sweeps,
+                "opt_out": args.opt_out,
+            },
+        )
+
+    def score(name, model_dir, fl):
+        if name not in rows:
+            model = load_model(model_dir)
+            rows[name] = evaluate_shards(model, shards, progress=False, **common)
+            if ood:
+                ood_rows[name] = evaluate_shards(model, ood, progress=False, **ood_common)
+        flops[name] = fl
+        save()
+
+    def valid_bpb(model_dir) -> float:
+        return evaluate_shards(load_model(model_dir), shards, progress=False, **valid)["mean_bpb"]
+
+    def pick(name, points):
+        sw = {"points": [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points]}
+        sw.update(choose(sw["points"]))
+        sweeps[name] = sw
+        print(f"{name} sweep: " + ", ".join(f"{p['lr']:g}: {p['valid_mean_bpb']:.4f}" for p in points))
+        return next(p for p in points if p["lr"] == sw["best_lr"])
+
+    # 1. FlexOlmo owners, each LR a forest sharing the quickstart's seed
+    points = []
+    for lr in sorted(args.owner_lrs):
+        f = share_seed(qs / f"forest-flexolmo-lr-{lr:g}", forest, forest.names, expert_lr=lr)
+        todo = [n for n in forest.names if n not in f.names]
+        jobs = [
+            ExpertJob(
+                str(f.root),
+                str(Path(shards.root).resolve()),
+                forest.expert(n)["domains"][0],
+                branch="flexolmo",
+                threads=1,
+            )
+            for n in todo
+        ]
+        if jobs:
+            LocalExecutor(2).map(
+                run_job,
+                [as_dict(j) for j in jobs],
+                [j.label for j in jobs],
+                [j.run_dir() / "job.log" for j in jobs],
+            )
+        f = Forest.load(f.root)
+        points.append({"lr": lr, **score_experts(f, shards, f.names, common["seq_len"]), "forest": f})
+    flex = pick("flexolmo_owner_lr", points)["forest"]
+    flex_fl = flex.total_flops() / dense_flops
+    tag = f"lr-{sweeps['flexolmo_owner_lr']['best_lr']:g}"
+    moe_flex = qs / f"moe-flexolmo-{tag}"
+    if not (moe_flex / "elmforest_flexolmo.json").is_file():
+        merge_pairs(forest_pairs(flex), moe_flex)
+    score("flexolmo", moe_flex, flex_fl)
+    out_dir = qs / f"moe-flexolmo-{tag}-without-{args.opt_out}"
+    if not (out_dir / "elmforest_flexolmo.json").is_file():
+        merge_pairs(forest_pairs(flex, [args.opt_out]), out_dir)
+    score(f"flexolmo_without_{args.opt_out}", out_dir, flex_fl)
+    if "flexolmo_ensemble" not in rows:
+        fe = {
+            "prior_batches": 20,
+            "pool": make_pool(flex, batch_size=16),
+            "prior": "cached",
+            "mode": "ensemble",
+        }
+        rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, shards, **fe, **common)
+        if ood:
+            ood_rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, ood, **fe, **ood_common)
+        flops["flexolmo_ensemble"] = flex_fl
+        save()
+
+    # 2. BTX: the experts merged (shared weights averaged), then the whole MoE fine-tuned
+    btx = qs / "moe-btx_avg"
+    if not (btx / "elmforest_moe.json").is_file():
+        export_moe(forest, btx, MoeSpec(shared="average"))
+    ft_flops = None
+    for name, src, fl in (
+        ("btx_ft", btx, forest.total_flops() / dense_flops),
+        ("flexolmo_ft", moe_flex, flex_fl),
+    ):
+        pts = []
+        for lr in sorted(args.ft_lrs):
+            out = qs / f"moe-{name}-{args.ft_steps}-lr-{lr:g}"
+            if not (out / "elmforest_moe.json").is_file() or "finetuning" not in read_json(
+                out / "elmforest_moe.json"
+            ):
+                if src == moe_flex and not (src / "elmforest_moe.json").is_file():
+                    _flexolmo_card(src, flex)
+                finetune_moe(src, shards.root, args.ft_steps, out=out, lr=lr, progress=False)
+            rec = read_json(out / "elmforest_moe.json")["finetuning"]
+            pts.append(
+                {"lr": lr, "valid_mean_bpb": _cached_valid(out, valid_bpb), "dir": out, "flops": rec["flops"]}
+            )
+        best = pick(f"{name}_lr", pts)
+        ft_flops = best["flops"] if name == "btx_ft" else ft_flops
+        score(name, best["dir"], fl + best["flops"] / dense_flops)
+
+    # 3. the dense run lengthened to the fine-tuned MoE's total FLOPs, at its own LR
+    target = forest.total_flops() + ft_flops
+    dense_run = forest.root / "runs" / "dense"
+    cfg0 = RunConfig.from_dict(read_json(dense_run / "model" / "elmforest_run.json"))
+    per_step = dense_flops / cfg0.train.steps
+    steps = math.ceil(target / per_step)
+    pts = []
+    for lr in sorted(args.dense_lrs):
+        cfg = RunConfig.from_dict(cfg0.to_dict())
+        cfg.train.steps, cfg.optim.lr, cfg.train.stop_at = steps, lr, None
+        run = qs / f"dense-long-{steps}-lr-{lr:g}"
+        train(cfg, run, progress=False)
+        pts.append(
+            {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
+        )
+    best = pick("dense_long_lr", pts)
+    score("dense_long", best["dir"], steps * per_step / dense_flops)
+    report(rows, ood_rows, flops, sweeps, common["domains"], ood.domains if ood else None, args.opt_out)
+    save()
+
+
+def _cached_valid(model_dir: Path, fn) -> float:
+    p = Path(model_dir) / "valid_bpb.json"
+    if p.is_file():
+        return read_json(p)["mean_bpb"]
+    v = fn(model_dir)
+    write_json_atomic(p, {"mean_bpb": v})
+    return v
+
+
+def _flexolmo_card(moe_dir: Path, forest: Forest) -> None:
+    raise SystemExit(f"{moe_dir}: no elmforest_moe.json to fine-tune from (merge_pairs writes one)")
+
+
+def report(rows, ood_rows, flops, sweeps, domains, ood_domains, opt_out) -> None:
+    for title, block, dom in (("in-domain", rows, domains), ("out-of-domain", ood_rows, ood_domains)):
+        if not block:
+            continue
+        print(f"\n{title} test BPB per domain ({len(dom)} domains):")
+        print("| method | mean | vs dense | vs dense_long | train FLOPs / dense | " + " | ".join(dom) + " |")
+        print("| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in dom) + " |")
+        for m, r in block.items():
+            per = " | ".join(f"{r['domains'][d]['bpb']:.3f}" for d in dom)
+            a = r["mean_bpb"] / block["dense"]["mean_bpb"]
+            b = r["mean_bpb"] / block["dense_long"]["mean_bpb"] if "dense_long" in block else math.nan
+            print(f"| {m} | {r['mean_bpb']:.4f} | {a:.3f} | {b:.3f} | {flops_mark(flops.get(m))} | {per} |")
+    for name, sw in sweeps.items():
+        edge = f" -- AT THE {sw['at_edge'].upper()} EDGE" if sw["at_edge"] else ""
+        print(f"{name}: best {sw['best_lr']:g}{edge}")
+    m = lambda blk, k: blk[k]["mean_bpb"]  # noqa: E731
+    before, after = rows["flexolmo"], rows[f"flexolmo_without_{opt_out}"]
+    rel = [abs(after["domains"][d]["bpb"] / before["domains"][d]["bpb"] - 1) for d in domains if d != opt_out]
+    best_merged = min(("flexolmo", "btx_ft", "flexolmo_ft"), key=lambda k: m(rows, k))
+    goals = [
+        ("an untrained merged MoE (flexolmo) beats dense in domain", m(rows, "flexolmo") < m(rows, "dense")),
+        (
+            "btx_ft beats the same-FLOPs dense (dense_long) in domain",
+            m(rows, "btx_ft") < m(rows, "dense_long"),
+        ),
+        (
+            "btx_ft beats dense_long out of domain",
+            bool(ood_rows) and m(ood_rows, "btx_ft") < m(ood_rows, "dense_long"),
+        ),
+        ("btx_ft within 1% of the full ensemble in domain", m(rows, "btx_ft") <= 1.01 * m(rows, "ensemble")),
+        (
+            f"opting {opt_out} out moves every other domain < 0.5% (max {100 * max(rel):.2f}%)",
+            max(rel) < 0.005,
+        ),
+    ]
+    print(f"\nbest merged model in domain: {best_merged} ({m(rows, best_merged):.4f})")
+    for text, ok in goals:
+        print(f"  {'MET    ' if ok else 'NOT MET'}  {text}")
+
+
+if __name__ == "__main__":
+    main()
