@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--bytes", type=int, default=180_000, help="test text per domain (whole documents)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gen-tokens", type=int, default=128, help="greedy generation timing (0: skip)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -96,6 +97,56 @@ def main() -> None:
         for name, ts in times.items():
             t = statistics.median(ts)
             print(f"{name:14s} {n_tok / t:10,.0f} {t / base:20.2f}")
+        if args.gen_tokens:
+            generation(forest, work / "moe", shards, args.gen_tokens, args.rounds)
+
+
+def generation(forest: Forest, moe_dir: Path, shards: Shards, new_tokens: int, rounds: int) -> None:
+    """Greedy decoding of `new_tokens` after a 32-token prompt, batch 1, bf16 autocast where the CPU has
+    it: one expert and the merged MoE through transformers' generate, with its KV cache (the default
+    the exported config keeps: use_cache=true) and without it, and the 2-expert ensemble through
+    `elmforest generate` (each expert keeps its own KV cache, forest/pool.py)."""
+    from elmforest.forest.generate import generate
+    from elmforest.utils.device import autocast, resolve_precision
+
+    prompt = torch.as_tensor(shards.tokens(shards.domains[0], "train")[:32].astype("int64"))[None]
+    amp = resolve_precision("auto", torch.device("cpu"))
+    models = {
+        "one expert": load_model(forest.expert_dir("e0")).eval(),
+        "MoE top-2": load_model(moe_dir).eval(),
+    }
+    runs = {}
+    for name, m in models.items():
+        for cache in (True, False):
+
+            def run(m=m, cache=cache):
+                with torch.no_grad(), autocast(torch.device("cpu"), amp):
+                    out = m.generate(
+                        prompt,
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        use_cache=cache,
+                    )
+                assert out.shape[1] == prompt.shape[1] + new_tokens
+
+            runs[f"{name}, {'KV cache' if cache else 'no cache'}"] = run
+    text = load_tokenizer(forest.expert_dir("e0")).decode(prompt[0].tolist())
+    runs["2-expert ensemble, KV caches"] = lambda: generate(
+        forest.root, text, new_tokens, temperature=0.0, experts=["e0", "e1"], device="cpu"
+    )
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["one expert, KV cache"])
+    print(f"\ngreedy generation: {new_tokens} new tokens after a 32-token prompt, batch 1, precision {amp}")
+    print(f"{'config':30s} {'tokens/s':>10s} {'cost vs one expert (cached)':>28s}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"{name:30s} {new_tokens / t:10,.1f} {t / base:28.2f}")
 
 
 if __name__ == "__main__":
