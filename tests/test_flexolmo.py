@@ -154,7 +154,7 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
         merge_pairs([owners[0], ("loose", loose)], tmp_path / "bad")
 
 
-def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path):
+def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, capsys):
     """`forest expert --branch flexolmo`: each owner starts from its own pair (public row shared, own row
     from its domain's embedding), trains only its expert and row, is counted in the ledger by what that
     run costs, and the forest's owners merge with `merge flexolmo --forest` (one left out with --exclude)."""
@@ -222,4 +222,18 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "o")).config.num_local_experts == 2
     with pytest.raises(UserError, match="not trained as FlexOlmo owners"):
         forest_pairs(src)
+    capsys.readouterr()
     assert main(["merge", "flexolmo", "--forest", str(f.root), "--owner", "a=b", "--out", str(out)]) == 2
+    assert "either the owners' pairs" in capsys.readouterr().err
+    # owners are MoEs: `merge moe` and branching from one are refused up front, with what to do instead
+    from elmforest.merge.moe import export_moe
+
+    with pytest.raises(UserError, match="merge flexolmo --forest"):
+        export_moe(f, tmp_path / "m")
+    with pytest.raises(UserError, match="cannot branch from FlexOlmo owner"):
+        btm.train_expert(f, Shards(shards_dir), doms[0], name="x", branch=f"expert:{doms[0]}", progress=False)
+    assert not (f.root / "runs" / "x").exists()  # nothing trained
+    # opting an owner out deletes the merged model holding its expert, not the one made without it
+    assert main(["forest", "remove", "--forest", str(f.root), "--expert", doms[1]]) == 0
+    assert not out.exists() and (tmp_path / "o" / "elmforest_moe.json").is_file()
+    assert json.loads((tmp_path / "o" / "elmforest_moe.json").read_text())["excluded"] == [doms[1]]

@@ -258,6 +258,13 @@ def train_expert(
         )
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
     if branch.startswith("expert:") or branch == "mixture":
+        sources = [branch.split(":", 1)[1]] if branch != "mixture" else forest.names
+        owners = [n for n in sources if n in forest.names and forest.expert(n).get("branch") == "flexolmo"]
+        if owners:  # refused before training, not after: its shape is not the forest's
+            raise UserError(
+                f"cannot branch from FlexOlmo owner(s) {owners}: they are 2-expert MoEs, not the seed's "
+                "architecture; branch from the seed (--branch flexolmo for another owner)"
+            )
         if branch == "mixture":
             init = forest.root / "branches" / name
             if (init / "elmforest_average.json").is_file():  # a re-run: keep the weights actually averaged

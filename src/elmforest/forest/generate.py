@@ -49,14 +49,20 @@ def generate(
     precision: str = "auto",
     cluster_k: int | None = None,
     routing_temperature: float = 0.1,
+    pool=None,
 ) -> Generation:
+    """`pool`: an expert pool made for these `experts` (pool.make_pool) to reuse across calls, models
+    loaded once; its KV caches are reset first."""
     forest = Forest.load(forest_dir)
     names = experts or forest.names
     if not names:
         raise UserError(f"{forest_dir}: the forest has no experts")
     if weighting not in ("posterior", "fixed"):
         raise UserError("generation supports weighting 'posterior' or 'fixed'")
-    pool = make_pool(forest, names, device, precision)
+    if pool is None:
+        pool = make_pool(forest, names, device, precision)
+    else:
+        pool.reset_decoding()
     dev, n_exp = pool.device, len(names)
     tok = load_tokenizer(forest.expert_dir(names[0]))
     ids = [tok.eos_id] + tok.encode_batch([prompt])[0]  # as a document starts in training (BOS included)

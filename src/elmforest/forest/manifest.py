@@ -258,6 +258,11 @@ class Forest:
     # -- changes -----------------------------------------------------------------------------------
     def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
         tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
+        if self.data["tokenizer"] and tok != self.data["tokenizer"]:
+            raise UserError(
+                f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
+                f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
+            )
         if architecture is not None:  # an expert of another, derived shape (a FlexOlmo owner's pair)
             if not self.data["architecture"]:
                 raise UserError(f"{self.root}: no seed yet; an expert of a derived architecture needs one")
@@ -267,11 +272,6 @@ class Forest:
                     "started from; its shape changed in training"
                 )
             return tok, arch
-        if self.data["tokenizer"] and tok != self.data["tokenizer"]:
-            raise UserError(
-                f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
-                f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
-            )
         if self.data["architecture"] and arch != self.data["architecture"]:
             raise UserError(
                 f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "

@@ -107,6 +107,10 @@ class ExpertPool:
         self.passes += new.shape[1]
         return lp
 
+    def reset_decoding(self) -> None:
+        """Forget every expert's KV cache: the next generation starts from a new prompt."""
+        self._decoding.clear()
+
     def next_logprobs(self, j: int, ids: list[int]) -> torch.Tensor:
         """Log-probs [V] of expert j for the token after all of `ids` (reading only what it has not)."""
         state = self._decoding.get(j)

@@ -259,7 +259,7 @@ def flexolmo(
     from elmforest.merge.flexolmo import forest_pairs, merge_pairs
 
     if (owner is None) == (forest is None):
-        raise UserError("give the owners' pairs (--owner NAME=DIR ...) or a forest (--forest DIR), not both")
+        raise UserError("give either the owners' pairs (--owner NAME=DIR ...) or a forest (--forest DIR)")
     if exclude and forest is None:
         raise UserError("--exclude goes with --forest; with --owner, leave the owner out")
     pairs = []
@@ -270,7 +270,7 @@ def flexolmo(
         pairs.append((name, Path(path)))
     if forest is not None:
         pairs = forest_pairs(forest, exclude or [])
-    path = merge_pairs(pairs, out, top_k, forest)
+    path = merge_pairs(pairs, out, top_k, forest, exclude or [])
     print(f"merged the public expert and {len(pairs)} owner(s) ({', '.join(n for n, _ in pairs)}) -> {path}")
     if not no_routing:
         _report_routing(path, None, "auto")

@@ -89,11 +89,13 @@ def owner_rows(
     the seed's mean MLP input on the public data (its training mix), row 1 on the owner's own data,
     each L2-normalised. Row 0 is computed once and kept at `public_rows` (safetensors), so every owner's
     pair carries the bit-identical public row the merge requires, wherever the owner computes its own."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from elmforest.eval.bpb import default_seq_len
     from elmforest.merge.router import mean_mlp_inputs, normalise_rows, sample_windows
     from elmforest.model.build import load_model
+    from elmforest.utils.io import remove_path, temp_sibling
 
     seed_dir = resolve_model_dir(seed_dir)
     seq_len = default_seq_len(seed_dir)
@@ -103,18 +105,25 @@ def owner_rows(
         samples = sample_windows(shards, domains, "train", seq_len, tokens)
         return normalise_rows(mean_mlp_inputs(model, samples, shards.eos_id, seq_len)[:, None], False)[:, 0]
 
+    meta = {"domains": ",".join(public_domains)}
     if not public_rows.is_file():
         public_rows.parent.mkdir(parents=True, exist_ok=True)
-        tmp = public_rows.with_name(f"{public_rows.name}.{os.getpid()}.tmp")
-        meta = {"domains": ",".join(public_domains)}
-        save_file({"rows": embed(public_domains).contiguous()}, str(tmp), metadata=meta)
-        try:  # the first writer wins: owners computing it at once all end up with the same row
-            os.link(tmp, public_rows)
+        tmp = temp_sibling(public_rows)
+        try:
+            save_file({"rows": embed(public_domains).contiguous()}, str(tmp), metadata=meta)
+            os.link(tmp, public_rows)  # the first writer wins: owners racing here share one row
         except FileExistsError:
             pass
         finally:
-            tmp.unlink()
-    public = load_file(str(public_rows))["rows"]
+            remove_path(tmp)
+    with safe_open(str(public_rows), "pt") as f:
+        if f.metadata() != meta:
+            raise UserError(
+                f"{public_rows}: the public router row was computed on {f.metadata()}, not on the public "
+                f"domains {public_domains}; every owner of a forest must share one (remove the file only "
+                "if no owner has trained yet)"
+            )
+        public = f.get_tensor("rows")
     return torch.stack([public, embed(owner_domains)], dim=1)
 
 
@@ -127,7 +136,7 @@ def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
     unknown = sorted(set(exclude) - set(f.names))
     if unknown:
         raise UserError(f"{f.root}: no expert(s) {unknown} to exclude; have {f.names}")
-    other = [n for n in f.names if f.expert(n).get("branch") != "flexolmo"]
+    other = [n for n in f.names if f.expert(n).get("branch") != "flexolmo" and n not in exclude]
     if other:
         raise UserError(
             f"{f.root}: expert(s) {other} were not trained as FlexOlmo owners (forest expert --branch "
@@ -140,7 +149,11 @@ def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
 
 
 def merge_pairs(
-    pairs: list[tuple[str, Path]], out: str | Path, top_k: int = 2, forest: str | Path | None = None
+    pairs: list[tuple[str, Path]],
+    out: str | Path,
+    top_k: int = 2,
+    forest: str | Path | None = None,
+    excluded: list[str] = (),
 ) -> Path:
     """FlexOlmo's merge, no training: the public expert once (expert 0), then each owner's expert 1 in
     the order given, with the router rows to match; everything else taken from the first pair after
@@ -174,6 +187,13 @@ def merge_pairs(
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
+    removed = []
+    if forest is not None:  # before writing: opting an owner out finds every copy of its expert
+        from elmforest.forest.manifest import Forest
+
+        f = Forest.load(forest)
+        f.record_output(out, "moe", names)
+        removed = list(f.removed)
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
         ws = [LazyWeights(d, stack) for d in dirs]
         for name in ws[0].keys():
@@ -213,11 +233,13 @@ def merge_pairs(
                 "top_k": cfg["num_experts_per_tok"],
             },
         )
-        _write_moe_card(writer.tmp, names, dirs, cfg, forest)
+        _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed)
         return writer.commit()
 
 
-def _write_moe_card(tmp: Path, names: list[str], dirs: list[Path], cfg: dict, forest) -> None:
+def _write_moe_card(
+    tmp: Path, names, dirs, cfg: dict, forest, excluded: list[str], removed: list[str]
+) -> None:
     """The card every merged MoE carries (elmforest_moe.json, README.md), so routing statistics,
     router training and BTX fine-tuning work on a FlexOlmo merge as on `merge moe`'s."""
     from elmforest.merge.moe import model_card
@@ -236,8 +258,8 @@ def _write_moe_card(tmp: Path, names: list[str], dirs: list[Path], cfg: dict, fo
         "kind": "flexolmo",
         "forest": str(Path(forest).resolve()) if forest is not None else None,
         "experts": experts,
-        "excluded": [],
-        "opted_out": [],
+        "excluded": excluded,
+        "opted_out": removed,
         "shared": "seed",
         "shared_from": str(dirs[0]),
         "spec": {"router": "domain-embeddings", "center": False},

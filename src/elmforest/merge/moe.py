@@ -147,6 +147,12 @@ def export_moe(
     names = [n for n in forest.names if n not in spec.exclude]
     if not names:
         raise UserError(f"{forest.root}: no experts left to merge")
+    owners = [n for n in names if forest.expert(n).get("branch") == "flexolmo"]
+    if owners:
+        raise UserError(
+            f"{forest.root}: expert(s) {owners} are FlexOlmo owners (2-expert MoEs); merge them with "
+            "`elmforest merge flexolmo --forest`"
+        )
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))

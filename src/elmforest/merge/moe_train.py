@@ -199,8 +199,8 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run
     them too (forest/optout.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
-    root = Path(meta.get("forest") or "")
-    if (root / "forest.json").is_file():
+    root = meta.get("forest")  # None: merged from owners' pairs given one by one, no forest to tell
+    if root is not None and (Path(root) / "forest.json").is_file():
         forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
         forest.record_output(run_dir, kind, names)
         forest.record_output(out, "moe", names)
