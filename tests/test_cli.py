@@ -156,6 +156,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         eval_bytes=6000,
         prior_batches=1,
         moe_router_steps=2,
+        moe_finetune_steps=2,
         ood=[_ood_set(tmp_path / "ood")],
     )
     res = quickstart(tmp_path / "qs", **kw)
@@ -172,6 +173,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         "random_ensemble",
         "moe",
         "moe_router_trained",
+        "moe_btx",
     }
     for m in methods.values():
         assert set(m["domains"]) == {"scripture", "code", "legal"}
@@ -200,17 +202,30 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     # the ledger: each phase by what ran, the exact ratio, router training counted on top
     c = res["compute"]
     assert c["forest_over_dense"] == pytest.approx(1.0, abs=1e-9)
-    assert {r["phase"] for r in c["ledger"]} == {"seed", "expert", "router_training", "dense"}
+    assert {r["phase"] for r in c["ledger"]} == {
+        "seed",
+        "expert",
+        "router_training",
+        "btx_finetuning",
+        "dense",
+    }
     assert c["methods"]["ensemble"] == pytest.approx(1.0) and c["methods"]["seed"] == pytest.approx(0.5)
     assert c["methods"]["moe_router_trained"] > 1.01
     router = next(r for r in c["ledger"] if r["phase"] == "router_training")
     assert c["arms"]["moe_router_trained"] == pytest.approx(c["arms"]["forest"] + router["flops"])
+    btx = next(
+        r for r in c["ledger"] if r["phase"] == "btx_finetuning"
+    )  # the fine-tuning on top, by what ran
+    ft = json.loads((tmp_path / "qs" / "moe-btx" / "elmforest_moe.json").read_text())["finetuning"]
+    assert btx["flops"] == ft["flops"] > 0 and ft["steps"] == 2 and ft["router_aux_loss"] == 0.01
+    assert c["arms"]["moe_btx"] == pytest.approx(c["arms"]["forest"] + btx["flops"])
+    assert any(f.startswith("the BTX-fine-tuned MoE beats dense in-domain") for f in res["findings"])
     assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
     assert any("out-of-domain" in f for f in res["findings"])
     assert set(res["ablations"]["in_domain"]["document_reset"]["ensemble"]) == {"document", "window"}
     moe_cfg = json.loads((tmp_path / "qs" / "moe" / "config.json").read_text())
     assert moe_cfg["model_type"] == "mixtral" and moe_cfg["num_local_experts"] == 3
-    for d in ("moe", "moe-router-trained"):  # each MoE's routing statistics beside it
+    for d in ("moe", "moe-router-trained", "moe-btx"):  # each MoE's routing statistics beside it
         routing = json.loads((tmp_path / "qs" / d / "routing.json").read_text())
         assert len(routing["experts"]) == 3 and (tmp_path / "qs" / d / "routing.png").is_file()
     on_disk = json.loads((tmp_path / "qs" / "results.json").read_text())
@@ -222,13 +237,15 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     # re-running continues from what exists and trains nothing more
     mtime = (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns
     moe_mtime = [
-        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
+        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns
+        for d in ("moe", "moe-router-trained", "moe-btx")
     ]
     again = quickstart(tmp_path / "qs", **kw)
     assert again["methods"]["ensemble"]["mean_bpb"] == methods["ensemble"]["mean_bpb"]
     assert again["methods"]["moe_router_trained"]["mean_bpb"] == methods["moe_router_trained"]["mean_bpb"]
     assert moe_mtime == [
-        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns for d in ("moe", "moe-router-trained")
+        (tmp_path / "qs" / d / "elmforest_moe.json").stat().st_mtime_ns
+        for d in ("moe", "moe-router-trained", "moe-btx")
     ]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
     # an out-of-domain set named like a training domain is refused
@@ -252,6 +269,7 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
         clusters=3,
         eval_bytes=6000,
         prior_batches=1,
+        moe_finetune_steps=0,
     )
     assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
     assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)

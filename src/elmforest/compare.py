@@ -102,15 +102,16 @@ def priors_table(methods: dict) -> dict:
     return out
 
 
-def arm_flops(forest: Forest, others: dict[str, Forest], moe_router: dict | None) -> dict[str, float]:
-    """Training FLOPs of each arm, from the ledger of the forest that trained it."""
+def arm_flops(forest: Forest, others: dict[str, Forest], moe_phases: dict[str, dict]) -> dict[str, float]:
+    """Training FLOPs of each arm, from the ledger of the forest that trained it; `moe_phases` maps a
+    merged model's row to the training it had on top of the forest (router training, BTX fine-tuning)."""
     dense = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]
     seed = forest.data["seed"]["flops"]
     arms = {"dense": dense, "seed": seed, "forest": float(forest.total_flops())}
     for name, f in others.items():
         arms[name] = float(f.total_flops())
-    if moe_router is not None:
-        arms["moe_router_trained"] = arms["forest"] + moe_router["flops"]
+    for name, phase in moe_phases.items():
+        arms[name] = arms["forest"] + phase["flops"]
     return arms
 
 
@@ -164,6 +165,11 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
     cmp(methods, "random_ensemble", "dense", "experts on random splits do not beat dense", lower=False)
     cmp(methods, "average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
     m = {k: v["mean_bpb"] for k, v in methods.items()}
+    if "moe_btx" in m:
+        cmp(methods, "moe_btx", "dense", "the BTX-fine-tuned MoE beats dense in-domain")
+        cmp(methods, "moe_btx", "ensemble", "the BTX-fine-tuned MoE matches the ensemble in-domain")
+        if ood:
+            cmp(ood, "moe_btx", "dense", "the BTX-fine-tuned MoE beats dense out-of-domain")
     if "moe" in m:
         best = min((k for k in ("moe", "moe_router_trained") if k in m), key=m.get)
         out.append(

@@ -49,6 +49,7 @@ def quickstart(
     clusters: int = 8,
     moe: bool = True,
     moe_router_steps: int = 0,
+    moe_finetune_steps: int = 64,
     ood: list[str | Path] | None = None,
     expert_lr: float | None = None,
     workers: int | None = None,
@@ -57,7 +58,9 @@ def quickstart(
 
     split="random" adds the BTM ablation: experts trained on random splits of the same data;
     split="clusters" adds c-BTM: `clusters` discovered clusters, one expert each, routed by distance.
-    moe merges the experts into one Mixtral MoE (BTX); moe_router_steps > 0 also trains its router.
+    moe merges the experts into one Mixtral MoE (BTX); moe_router_steps > 0 also trains its router;
+    moe_finetune_steps > 0 also fine-tunes the whole MoE on the mix (BTX, row moe_btx, at the preset's
+    swept moe_finetune_lr; its FLOPs on top of the forest's, flagged as not compute-matched).
     `ood` adds out-of-domain sets (any data; each file or domain one set) to the demo's evaluation-only
     domains (used when the corpus is the demo). `expert_lr` overrides the preset's expert LR.
     `workers` trains that many experts (and the dense run) at a time in worker processes (default:
@@ -79,6 +82,7 @@ def quickstart(
     base = apply_overrides(base, list(overrides))
     plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
+    ft_lr = p.moe_finetune_lr if p.moe_finetune_lr is not None else base.optim.lr
     precision = _precision_line(base.train.precision, base.train.device)
     forest = Forest.init(out / "forest", exist_ok=True)
     log(f"      precision: {precision}")
@@ -125,7 +129,11 @@ def quickstart(
         cf = cluster_forest(out, corpus, forest, clusters, progress, log)
         for kk in sorted({1, min(2, clusters)}):
             others[f"cbtm_top{kk}"] = cf
-    models, router = _moe_models(out, forest, shards, moe_router_steps, progress, log) if moe else ({}, None)
+    models, phases = (
+        _moe_models(out, forest, shards, moe_router_steps, moe_finetune_steps, ft_lr, progress, log)
+        if moe
+        else ({}, {})
+    )
 
     common = {"split": "test", "domains": names, "seq_len": base.train.seq_len, "batch_size": 16}
     common["max_bytes"] = eval_bytes
@@ -146,7 +154,7 @@ def quickstart(
             forest, ood_shards, ood_common, prior_batches, pools, others, models
         )
 
-    arms = arm_flops(forest, {k: v for k, v in others.items()}, router)
+    arms = arm_flops(forest, {k: v for k, v in others.items()}, phases)
     flops = method_flops(methods, arms)
     compute = {
         "dense_flops": arms["dense"],
@@ -254,14 +262,17 @@ def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log
         )
 
 
-def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, progress, log):
+def _moe_models(
+    out: Path, forest: Forest, shards: Shards, router_steps: int, ft_steps: int, ft_lr: float, progress, log
+):
     """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
-    from each expert's domain embeddings (no training); optionally the router trained alone, its
-    compute recorded in the forest's ledger. Each MoE's routing statistics land beside it."""
+    from each expert's domain embeddings (no training); optionally the router trained alone, and the
+    whole MoE fine-tuned on the mix (BTX's last stage), their compute recorded in the forest's ledger.
+    Each MoE's routing statistics land beside it. Returns (row -> model dir, row -> ledger phase)."""
     from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe
-    from elmforest.merge.moe_train import train_router
+    from elmforest.merge.moe_train import finetune_moe, train_router
 
-    moe_dir, models, router = out / "moe", {}, None
+    moe_dir, models, phases = out / "moe", {}, {}
     meta = moe_dir / "elmforest_moe.json"
     if not meta.is_file() or [e["name"] for e in read_json(meta)["experts"]] != forest.names:
         log(f"      merging {len(forest.names)} experts into one Mixtral MoE (top-2) -> {moe_dir}")
@@ -277,22 +288,45 @@ def _moe_models(out: Path, forest: Forest, shards: Shards, router_steps: int, pr
             log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
             train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
             rt_meta = read_json(done)["router_training"]
-        router = {
+        phases["moe_router_trained"] = {
             "phase": "router_training",
             "name": rt.name,
             "tokens": rt_meta["tokens"],
             "flops": rt_meta["flops"],
             "output": str(rt),
         }
-        forest.record_phase(router)
+        forest.record_phase(phases["moe_router_trained"])
         models["moe_router_trained"] = rt
+    if ft_steps:
+        ft = out / "moe-btx"
+        done = ft / "elmforest_moe.json"
+        ft_meta = read_json(done).get("finetuning", {}) if done.is_file() else {}
+        if (ft_meta.get("steps"), ft_meta.get("lr"), ft_meta.get("from_fingerprint")) != (
+            ft_steps,
+            ft_lr,
+            export_fingerprint(moe_dir),
+        ):
+            log(
+                f"      BTX: fine-tuning the whole MoE on the mix for {ft_steps} steps at LR {ft_lr:g} -> {ft}"
+            )
+            finetune_moe(moe_dir, shards.root, ft_steps, out=ft, lr=ft_lr, progress=progress)
+            ft_meta = read_json(done)["finetuning"]
+        phases["moe_btx"] = {
+            "phase": "btx_finetuning",
+            "name": ft.name,
+            "tokens": ft_meta["tokens"],
+            "flops": ft_meta["flops"],
+            "output": str(ft),
+        }
+        forest.record_phase(phases["moe_btx"])
+        models["moe_btx"] = ft
     from elmforest.merge.routing import summary_line, write_routing
 
     for name, d in models.items():  # an export or router training replaces the directory: recomputed
         stats = read_json(d / "routing.json") if (d / "routing.json").is_file() else None
         stats = stats or write_routing(d, shards.root)
         log(f"      {name}: {summary_line(stats)} ({d / 'routing.png'})")
-    return models, router
+    return models, phases
 
 
 def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log) -> Forest:

@@ -89,6 +89,13 @@ def quickstart(
         int,
         opt("also train the MoE's router alone for this many steps (adds moe_router_trained)", nonneg_int),
     ] = 0,
+    moe_finetune_steps: Annotated[
+        int,
+        opt(
+            "BTX: fine-tune the whole MoE on the mix for this many steps (row moe_btx; 0 skips it)",
+            nonneg_int,
+        ),
+    ] = 64,
     no_progress: NoProgress = False,
 ) -> None:
     """BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB."""
@@ -109,6 +116,7 @@ def quickstart(
         clusters=clusters,
         moe=not no_moe,
         moe_router_steps=moe_router_steps,
+        moe_finetune_steps=moe_finetune_steps,
     )
 
 

@@ -32,6 +32,9 @@ class Preset:
     # The peak LR of the expert phase (experts see 1/k of the batch, so theirs may differ from the dense
     # run's optim.lr); None: the same. Set from a recorded `elmforest sweep` where the preset has one.
     expert_lr: float | None = None
+    # The peak LR of BTX's fine-tuning of the merged MoE (merge finetune); None: the dense run's optim.lr.
+    # Set from bench/moe_goals.py's sweep on the valid split where the preset has one.
+    moe_finetune_lr: float | None = None
 
     def architecture(self) -> dict:
         """The ModelConfig architecture fields this preset fills (config.ARCHITECTURE_FIELDS)."""
@@ -102,6 +105,8 @@ PRESETS: dict[str, Preset] = {
             description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
             "CPU cores without bf16 (fp32, AVX2)",
             expert_lr=8e-3,
+            # bench/moe_goals.py: 64 steps of 16 x 256, grid 1e-3..1.6e-2, best 4e-3 (docs/moe.md)
+            moe_finetune_lr=4e-3,
         ),
         Preset(
             "cpu-medium",
