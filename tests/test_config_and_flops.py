@@ -19,6 +19,11 @@ def test_config_round_trip_and_overrides():
     )
     assert cfg2.train.steps == 7 and cfg2.optim.lr == 1.0 and isinstance(cfg2.optim.lr, float)
     assert cfg2.data.domains == ["a", "b"] and cfg2.model.init_from == "/ckpt/dir"
+    # a list field takes bare names in brackets; a string field (a regex) keeps its brackets
+    cfg3 = apply_overrides(cfg, ["data.domains=[a, b]", "train.trackers=[]", "train.trainable=[ab]"])
+    assert cfg3.data.domains == ["a", "b"] and cfg3.train.trackers == [] and cfg3.train.trainable == "[ab]"
+    with pytest.raises(ValueError, match="wandb"):
+        apply_overrides(cfg, ["train.trackers=[wandb]"])
     with pytest.raises(ValueError, match="unknown key"):
         apply_overrides(cfg, ["train.stepz=3"])
     with pytest.raises(ValueError, match="expected an integer"):

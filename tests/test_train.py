@@ -43,8 +43,10 @@ def test_train_then_eval_loss_falls(shards_dir, tmp_path):
         "model/tokenizer.json",
     ]:
         assert (run / name).is_file(), name
-    suffixes = {p.suffix for p in run.rglob("*") if p.is_file()}
+    suffixes = {p.suffix for p in run.rglob("*") if p.is_file() and p.parent.name != "tensorboard"}
     assert suffixes <= {".json", ".jsonl", ".safetensors", ".lock"}, suffixes  # .lock: an empty flock file
+    # TensorBoard's event files (protobuf records, train.trackers' default) sit in their own folder
+    assert [p.name.split(".")[:3] for p in (run / "tensorboard").iterdir()] == [["events", "out", "tfevents"]]
     trained = evaluate(run, shards_dir, split="test", progress=False)
     untrained_model = build_model(cfg.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id, seed=0)
     untrained = evaluate_shards(

@@ -75,6 +75,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
 
 
+TRACKERS = ("tensorboard",)  # train.trackers' choices (train/tracking.py)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -109,6 +112,8 @@ class TrainConfig:
     # An MoE's experts kept bit-identical while the rest trains (FlexOlmo: the public expert beside the
     # owner's), with their router rows (train/frozen_experts.py)
     frozen_experts: list[int] = field(default_factory=list)
+    # Where metrics go besides metrics.jsonl (train/tracking.py): any of TRACKERS; [] for none
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     @property
     def tokens_per_step(self) -> int:
@@ -173,6 +178,8 @@ class RunConfig:
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
         ]
         bad = [msg for ok, msg in checks if not ok]
+        if unknown := [x for x in t.trackers if x not in TRACKERS]:
+            bad.append(f"train.trackers: unknown {unknown}; known: {list(TRACKERS)}")
         if t.trainable is not None:
             try:
                 re.compile(t.trainable)
@@ -242,6 +249,19 @@ def _coerce(t, v, where: str):
     return v
 
 
+def _is_list_field(parts: list[str]) -> bool:
+    cls: Any = RunConfig
+    for p in parts:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        t = types.get(p)
+        cls = globals().get(t, t) if isinstance(t, str) else t
+        if cls is None:
+            return False
+        if not dataclasses.is_dataclass(cls):
+            return str(t).startswith("list[")
+    return False
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `section.key=value` strings; values parse as JSON, else as plain strings."""
     d = cfg.to_dict()
@@ -263,6 +283,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+            if _is_list_field(parts) and raw.startswith("[") and raw.endswith("]"):
+                value = [x.strip() for x in raw[1:-1].split(",") if x.strip()]  # [a, b]: bare names
         if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
         node[parts[-1]] = value

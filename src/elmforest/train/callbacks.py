@@ -32,6 +32,7 @@ class Callback:
     def on_step_end(self, trainer: Trainer, is_last: bool) -> None: ...
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer, summary: dict) -> None: ...
+    def on_valid(self, trainer: Trainer, metrics: dict) -> None: ...
 
 
 class DivergenceGuard(Callback):
@@ -78,7 +79,10 @@ class ValidationLoss(Callback):
         if self.windows is None or not (trainer.step % self.every == 0 or is_last):
             return
         loss = trainer.validation_loss(self.windows)
-        self.log.on_log(trainer, {"step": trainer.step, "valid_loss": loss, "windows": len(self.windows)})
+        m = {"step": trainer.step, "valid_loss": loss, "windows": len(self.windows)}
+        self.log.on_log(trainer, m)
+        for cb in trainer.active_callbacks:
+            cb.on_valid(trainer, m)
 
 
 def _valid_windows(trainer) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ OPERATIONAL_FIELDS = (
     "fused_optimizer",
     "valid_every",
     "valid_windows",
+    "trackers",
 )
 
 

@@ -50,6 +50,7 @@ from elmforest.train.frozen_experts import FrozenExperts
 from elmforest.train.moe_loss import moe_shape, router_losses
 from elmforest.train.runcheck import check_config, check_context, check_inputs, check_same_tokenizer
 from elmforest.train.schedule import lr_at
+from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
 from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
@@ -275,6 +276,7 @@ class Trainer:
             JsonlLogger(self.run_dir / "metrics.jsonl"),
             ValidationLoss(),
             shared[1],
+            *tracker_callbacks(self.cfg.train.trackers, self.run_dir),
             *self.callbacks,
         ]
 
