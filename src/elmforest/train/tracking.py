@@ -1,9 +1,9 @@
 """Experiment tracking: the trainer's metrics to the tools people read them in, as callbacks.
 
 metrics.jsonl and valid.jsonl stay the record; trackers are views of it. TensorBoard is on by
-default (`train.trackers=[tensorboard]`) when its package is installed (`pip install -e ".[track]"`);
-without it a run says so once and trains as before, so the core install stays lean. Trackers are an
-operational setting: changing them does not make a run a different run (runcheck.py).
+default (`train.trackers=[tensorboard]`; the package is a core dependency, small and serverless);
+where it is missing a run says so and trains as before. Trackers are an operational setting:
+changing them does not make a run a different run (runcheck.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tracker_callbacks(names: list[str], run_dir: Path, say=print) -> list[Callba
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
         except ImportError:
             say(
-                f"{run_dir.name}: TensorBoard is not installed (pip install -e '.[track]'); "
+                f"{run_dir.name}: TensorBoard is not installed (pip install tensorboard); "
                 "metrics go to metrics.jsonl only (train.trackers=[] silences this)"
             )
         else:
