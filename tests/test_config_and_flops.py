@@ -22,6 +22,9 @@ def test_config_round_trip_and_overrides():
     # a list field takes bare names in brackets; a string field (a regex) keeps its brackets
     cfg3 = apply_overrides(cfg, ["data.domains=[a, b]", "train.trackers=[]", "train.trainable=[ab]"])
     assert cfg3.data.domains == ["a", "b"] and cfg3.train.trackers == [] and cfg3.train.trainable == "[ab]"
+    cfg4 = apply_overrides(cfg, ["data.domains=[2023, 'b']", "train.frozen_experts=[0, 1,]"])
+    assert cfg4.data.domains == ["2023", "b"] and cfg4.train.frozen_experts == [0, 1]
+    assert apply_overrides(cfg, ["data.domains=[2023, 2024]"]).data.domains == ["2023", "2024"]
     with pytest.raises(ValueError, match="wandb"):
         apply_overrides(cfg, ["train.trackers=[wandb]"])
     with pytest.raises(ValueError, match="unknown key"):

@@ -249,17 +249,31 @@ def _coerce(t, v, where: str):
     return v
 
 
-def _is_list_field(parts: list[str]) -> bool:
+def _list_field(parts: list[str]) -> str | None:
+    """The annotation of a list-typed config field (e.g. 'list[str] | None'), else None."""
     cls: Any = RunConfig
     for p in parts:
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        t = types.get(p)
-        cls = globals().get(t, t) if isinstance(t, str) else t
+        ann = {f.name: f.type for f in dataclasses.fields(cls)}.get(p)
+        cls = globals().get(ann, ann) if isinstance(ann, str) else ann
         if cls is None:
-            return False
+            return None
         if not dataclasses.is_dataclass(cls):
-            return str(t).startswith("list[")
-    return False
+            return str(ann) if str(ann).startswith("list[") else None
+    return None
+
+
+def _bare_list(raw: str, ann: str) -> list:
+    """`[a, b]` for a list field: bare (or quoted) names; numbers where the list holds numbers."""
+    items = [x.strip().strip("'\"") for x in raw.strip()[1:-1].split(",") if x.strip()]
+    if ann.startswith("list[str]"):
+        return items
+    out = []
+    for x in items:
+        try:
+            out.append(json.loads(x))
+        except json.JSONDecodeError:
+            out.append(x)
+    return out
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -283,8 +297,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-            if _is_list_field(parts) and raw.startswith("[") and raw.endswith("]"):
-                value = [x.strip() for x in raw[1:-1].split(",") if x.strip()]  # [a, b]: bare names
+            ann = _list_field(parts)
+            if ann and raw.strip().startswith("[") and raw.strip().endswith("]"):
+                value = _bare_list(raw, ann)
+        if isinstance(value, list) and str(_list_field(parts)).startswith("list[str]"):
+            value = [x if isinstance(x, str) else json.dumps(x) for x in value]  # [2023, 2024]: names
         if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
         node[parts[-1]] = value

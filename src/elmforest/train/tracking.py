@@ -2,7 +2,7 @@
 
 metrics.jsonl and valid.jsonl stay the record; trackers are views of it. TensorBoard is on by
 default (`train.trackers=[tensorboard]`; the package is a core dependency, small and serverless);
-where it is missing a run says so and trains as before. Trackers are an operational setting:
+where it is missing or broken a run says so and trains as before. Trackers are an operational setting:
 changing them does not make a run a different run (runcheck.py).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from elmforest.config import TRACKERS
@@ -23,36 +24,41 @@ def check_trackers(names: list[str]) -> None:
         raise UserError(f"train.trackers: unknown tracker(s) {unknown}; known: {list(TRACKERS)}")
 
 
-def tracker_callbacks(names: list[str], run_dir: Path, say=print) -> list[Callback]:
+def tracker_callbacks(names: list[str], run_dir: Path) -> list[Callback]:
     check_trackers(names)
     out: list[Callback] = []
     if "tensorboard" in names:
         try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-        except ImportError:
-            say(
-                f"{run_dir.name}: TensorBoard is not installed (pip install tensorboard); "
-                "metrics go to metrics.jsonl only (train.trackers=[] silences this)"
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # missing, or broken (a protobuf conflict): train without it
+            print(
+                f"{run_dir.name}: TensorBoard unavailable ({e}); metrics go to metrics.jsonl only "
+                "(pip install tensorboard; train.trackers=[] silences this)",
+                file=sys.stderr,
             )
         else:
-            out.append(TensorBoardLogger(run_dir / "tensorboard"))
+            out.append(TensorBoardLogger(run_dir / "tensorboard", SummaryWriter))
     return out
 
 
 class TensorBoardLogger(Callback):
     """Every logged metric as a scalar at its step, the validation loss as `valid/loss`, the run's
-    config as text. A resumed run purges what the killed one wrote past the resumed step (TensorBoard's
-    purge_step), as metrics.jsonl drops those lines, so each step has one value. Flushed at each
-    checkpoint: what a checkpoint keeps, the events keep too."""
+    config as text. Each step keeps one value, as in metrics.jsonl: a run resumed from its own
+    checkpoint writes a purge marker for everything past that step (TensorBoard's purge_step, which
+    its Python reader honours; its default fast loader drops stale points when a tag is logged again
+    at the same or an earlier step, so they go once the resumed run passes them), and a run starting
+    from scratch deletes the events of an earlier start killed before its first checkpoint. Flushed at
+    each checkpoint and closed when the run ends or fails."""
 
-    def __init__(self, log_dir: Path):
-        self.log_dir, self.writer = Path(log_dir), None
+    def __init__(self, log_dir: Path, writer_cls):
+        self.log_dir, self.writer_cls, self.writer = Path(log_dir), writer_cls, None
 
     def on_train_start(self, trainer):
-        from torch.utils.tensorboard import SummaryWriter
-
-        resumed = trainer.step > 0
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step + 1 if resumed else None)
+        resumed = trainer.resumed_from is not None  # not step > 0: a branch starts at its source's step
+        if not resumed and self.log_dir.is_dir():
+            for f in self.log_dir.glob("events.out.tfevents.*"):
+                f.unlink()
+        self.writer = self.writer_cls(str(self.log_dir), purge_step=trainer.step + 1 if resumed else None)
         if not resumed:
             self.writer.add_text("config", "```\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
 
@@ -62,12 +68,16 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar(f"train/{k}", v, m["step"])
 
     def on_valid(self, trainer, m):
-        self.writer.add_scalar("valid/loss", m["valid_loss"], m["step"])
+        if math.isfinite(m["valid_loss"]):
+            self.writer.add_scalar("valid/loss", m["valid_loss"], m["step"])
 
     def on_checkpoint(self, trainer, path):
         self.writer.flush()
 
     def on_train_end(self, trainer, summary):
+        self.on_abort(trainer)
+
+    def on_abort(self, trainer):
         if self.writer is not None:
             self.writer.close()
             self.writer = None

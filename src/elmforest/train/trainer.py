@@ -179,6 +179,14 @@ class Trainer:
             else None
         )
         callbacks = self.active_callbacks = self._all_callbacks()
+        try:
+            return self._fit_loop(callbacks, summary_path)
+        except BaseException:
+            for cb in callbacks:  # a failed run keeps what its trackers were sent (divergence, Ctrl-C)
+                cb.on_abort(self)
+            raise
+
+    def _fit_loop(self, callbacks: list[Callback], summary_path: Path) -> dict:
         for cb in callbacks:
             cb.on_train_start(self)
         tc = self.cfg.train
