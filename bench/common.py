@@ -55,3 +55,13 @@ def load_quickstart(qs: Path):
         "max_bytes": first["max_bytes"],
     }
     return base, Forest.load(qs / "forest"), Shards(qs / "shards"), common
+
+
+def score_in_and_out(model_dir, shards, ood, common: dict, ood_common: dict | None):
+    """One model's test rows on the in-domain shards and, when there are any, the out-of-domain ones."""
+    from elmforest.eval.bpb import evaluate_shards
+    from elmforest.model.build import load_model
+
+    model = load_model(model_dir)
+    row = evaluate_shards(model, shards, progress=False, **common)
+    return row, (evaluate_shards(model, ood, progress=False, **ood_common) if ood else None)

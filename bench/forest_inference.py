@@ -82,12 +82,7 @@ def main() -> None:
             "top-2": lambda: forest_eval("topk", 2),
             f"full ({args.experts})": lambda: forest_eval("ensemble", 0),
         }
-        times = {name: [] for name in runs}
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        times = _interleaved_times(runs, args.rounds)
         from elmforest.eval.bpb import select_documents
 
         n_tok = select_documents(shards.documents(shards.domains[0], "train"), args.bytes)[1]
@@ -99,6 +94,18 @@ def main() -> None:
             print(f"{name:14s} {n_tok / t:10,.0f} {t / base:20.2f}")
         if args.gen_tokens:
             generation(forest, work / "moe", shards, args.gen_tokens, args.rounds)
+
+
+def _interleaved_times(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, the runs interleaved within each round so a machine whose speed
+    drifts affects them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def generation(forest: Forest, moe_dir: Path, shards: Shards, new_tokens: int, rounds: int) -> None:
@@ -141,12 +148,7 @@ def generation(forest: Forest, moe_dir: Path, shards: Shards, new_tokens: int, r
         assert len(g.token_ids) == new_tokens, "stopped at EOS: the tokens/s would be wrong"
 
     runs["2-expert ensemble, KV caches"] = ensemble
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = _interleaved_times(runs, rounds)
     base = statistics.median(times["one expert, KV cache"])
     print(f"\ngreedy generation: {new_tokens} new tokens after a 32-token prompt, batch 1, precision {amp}")
     print(f"{'config':30s} {'tokens/s':>10s} {'cost vs one expert (cached)':>28s}")

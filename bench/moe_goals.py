@@ -45,9 +45,9 @@ from elmforest.train.trainer import train
 from elmforest.utils.io import read_json, write_json_atomic
 
 try:
-    from common import load_quickstart
+    from common import load_quickstart, score_in_and_out
 except ImportError:
-    from bench.common import load_quickstart
+    from bench.common import load_quickstart, score_in_and_out
 
 
 def main() -> None:
@@ -92,10 +92,9 @@ def main() -> None:
             rows.pop(name, None), ood_rows.pop(name, None)
         sources[name] = str(model_dir)
         if name not in rows:
-            model = load_model(model_dir)
-            rows[name] = evaluate_shards(model, shards, progress=False, **common)
-            if ood:
-                ood_rows[name] = evaluate_shards(model, ood, progress=False, **ood_common)
+            rows[name], o = score_in_and_out(model_dir, shards, ood, common, ood_common)
+            if o is not None:
+                ood_rows[name] = o
         flops[name] = fl
         save()
 

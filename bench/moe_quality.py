@@ -47,9 +47,9 @@ from elmforest.model.build import load_model
 from elmforest.utils.io import write_json_atomic
 
 try:
-    from common import load_quickstart
+    from common import load_quickstart, score_in_and_out
 except ImportError:
-    from bench.common import load_quickstart
+    from bench.common import load_quickstart, score_in_and_out
 
 
 def main() -> None:
@@ -105,10 +105,9 @@ def main() -> None:
 
     def score(name, model_dir, fl):
         if name not in rows:
-            model = load_model(model_dir)
-            rows[name] = evaluate_shards(model, shards, progress=False, **common)
-            if ood:
-                ood_rows[name] = evaluate_shards(model, ood, progress=False, **ood_common)
+            rows[name], o = score_in_and_out(model_dir, shards, ood, common, ood_common)
+            if o is not None:
+                ood_rows[name] = o
             flops[name] = fl
             save()
 

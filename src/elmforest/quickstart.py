@@ -278,47 +278,28 @@ def _moe_models(
         log(f"      merging {len(forest.names)} experts into one Mixtral MoE (top-2) -> {moe_dir}")
         export_moe(forest, moe_dir, MoeSpec())
     models["moe"] = moe_dir
+    fp = export_fingerprint(moe_dir) if router_steps or ft_steps else None
     if router_steps:
         rt = out / "moe-router-trained"
-        done = rt / "elmforest_moe.json"
-        rt_meta = read_json(done).get("router_training", {}) if done.is_file() else {}
-        if rt_meta.get("steps") != router_steps or rt_meta.get("from_fingerprint") != export_fingerprint(
-            moe_dir
-        ):
+
+        def run_router():
             log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
             train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
-            rt_meta = read_json(done)["router_training"]
-        phases["moe_router_trained"] = {
-            "phase": "router_training",
-            "name": rt.name,
-            "tokens": rt_meta["tokens"],
-            "flops": rt_meta["flops"],
-            "output": str(rt),
-        }
-        forest.record_phase(phases["moe_router_trained"])
+
+        want = {"steps": router_steps, "from_fingerprint": fp}
+        phases["moe_router_trained"] = _moe_phase(forest, rt, "router_training", want, run_router)
         models["moe_router_trained"] = rt
     if ft_steps:
         ft = out / "moe-btx"
-        done = ft / "elmforest_moe.json"
-        ft_meta = read_json(done).get("finetuning", {}) if done.is_file() else {}
-        if (ft_meta.get("steps"), ft_meta.get("lr"), ft_meta.get("from_fingerprint")) != (
-            ft_steps,
-            ft_lr,
-            export_fingerprint(moe_dir),
-        ):
+
+        def run_btx():
             log(
                 f"      BTX: fine-tuning the whole MoE on the mix for {ft_steps} steps at LR {ft_lr:g} -> {ft}"
             )
             finetune_moe(moe_dir, shards.root, ft_steps, out=ft, lr=ft_lr, progress=progress)
-            ft_meta = read_json(done)["finetuning"]
-        phases["moe_btx"] = {
-            "phase": "btx_finetuning",
-            "name": ft.name,
-            "tokens": ft_meta["tokens"],
-            "flops": ft_meta["flops"],
-            "output": str(ft),
-        }
-        forest.record_phase(phases["moe_btx"])
+
+        want = {"steps": ft_steps, "lr": ft_lr, "from_fingerprint": fp}
+        phases["moe_btx"] = _moe_phase(forest, ft, "finetuning", want, run_btx, phase="btx_finetuning")
         models["moe_btx"] = ft
     from elmforest.merge.routing import summary_line, write_routing
 
@@ -327,6 +308,25 @@ def _moe_models(
         stats = stats or write_routing(d, shards.root)
         log(f"      {name}: {summary_line(stats)} ({d / 'routing.png'})")
     return models, phases
+
+
+def _moe_phase(forest: Forest, out_dir: Path, key: str, want: dict, run, phase: str | None = None) -> dict:
+    """A training stage of a merged MoE (router training, BTX fine-tuning), rerun unless the output's
+    card records exactly `want` under `key`; its tokens and FLOPs enter the forest's ledger."""
+    card = out_dir / "elmforest_moe.json"
+    meta = read_json(card).get(key, {}) if card.is_file() else {}
+    if any(meta.get(k) != v for k, v in want.items()):
+        run()
+        meta = read_json(card)[key]
+    rec = {
+        "phase": phase or key,
+        "name": out_dir.name,
+        "tokens": meta["tokens"],
+        "flops": meta["flops"],
+        "output": str(out_dir),
+    }
+    forest.record_phase(rec)
+    return rec
 
 
 def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log) -> Forest:

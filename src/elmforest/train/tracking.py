@@ -13,19 +13,11 @@ import math
 import sys
 from pathlib import Path
 
-from elmforest.config import TRACKERS
 from elmforest.train.callbacks import Callback
-from elmforest.utils.errors import UserError
-
-
-def check_trackers(names: list[str]) -> None:
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise UserError(f"train.trackers: unknown tracker(s) {unknown}; known: {list(TRACKERS)}")
 
 
 def tracker_callbacks(names: list[str], run_dir: Path) -> list[Callback]:
-    check_trackers(names)
+    """The callbacks of `names` (already checked against TRACKERS by RunConfig.validate)."""
     out: list[Callback] = []
     if "tensorboard" in names:
         try:
