@@ -14,7 +14,7 @@ LAYERS = [
     {"model", "data", "corpora"},
     {"eval", "train", "cluster"},
     {"forest", "merge"},
-    {"launch"},
+    {"launch", "clients"},  # clients: lm-eval, the HTTP server, the run report
     {"cli", "quickstart", "compare", "study"},  # and every package's cli.py: argument parsing only
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
