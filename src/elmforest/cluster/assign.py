@@ -30,6 +30,7 @@ import numpy as np
 from elmforest.cluster.clusterer import Clusterer
 from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
 from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.data.sources import resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent
@@ -83,7 +84,7 @@ def fit_clusterer(
     embedder = SentenceEmbedder(embeddings) if embeddings else None
     c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance)
     c.meta["fit"]["read"] = stats.to_dict()
-    c.meta["fit"]["source"] = str(Path(data).resolve())
+    c.meta["fit"]["source"] = resolve_source(data)
     c.meta["fit"]["split"] = split
     c.save(out)
     return c
@@ -230,7 +231,7 @@ def assign_corpus(
         domain_names = sorted(set(domains_all))
         report = {
             "clusterer": str(Path(clusterer_dir).resolve()),
-            "data": str(Path(data).resolve()),
+            "data": resolve_source(data),
             "k": k,
             "balanced": balanced,
             "balance": balance if balanced else None,

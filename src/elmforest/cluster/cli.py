@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.data.cli import Data
+from elmforest.data.cli import DEFAULT_READ, Data, ReadArgs
 from elmforest.utils.argtypes import (
     NoProgressBar,
     flag,
@@ -49,12 +49,22 @@ def fit(
             metavar="DIR",
         ),
     ] = None,
+    read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """tf-idf -> SVD -> balanced k-means on a sample of the corpus."""
     from elmforest.cluster.assign import fit_clusterer
 
     c = fit_clusterer(
-        data, k, out, sample_docs, dims, seed, min_df, split=split, embeddings=embeddings, balance=balance
+        read.source(data),
+        k,
+        out,
+        sample_docs,
+        dims,
+        seed,
+        min_df,
+        split=split,
+        embeddings=embeddings,
+        balance=balance,
     )
     f = c.meta["fit"]
     print(
@@ -74,13 +84,14 @@ def assign(
     ] = "documents",
     workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
     no_progress: NoProgressBar = False,
+    read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Assign a whole corpus to clusters: per-cluster JSONL + report."""
     from elmforest.cluster.assign import assign_corpus
 
     rep = assign_corpus(
         clusterer,
-        data,
+        read.source(data),
         out,
         balanced=balanced,
         slack=slack,

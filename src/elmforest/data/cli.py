@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated
 
@@ -10,10 +11,45 @@ import typer
 from elmforest.utils.argtypes import NoProgressBar, arg, flag, fraction, group, opt, positive_int, verb
 from elmforest.utils.io import split_list
 
-Data = Annotated[str, opt("JSONL / Parquet / folder of .txt", metavar="PATH")]
+Data = Annotated[
+    str,
+    opt(
+        "JSONL / Parquet / .txt files or folders, a save_to_disk dataset, or json:|parquet:|csv:|text:PATH_OR_GLOB "
+        "(through `datasets`; see docs/data-formats.md)",
+        metavar="PATH",
+    ),
+]
 Out = Annotated[str, opt("output directory", metavar="DIR")]
 ValidFrac = Annotated[float, opt("hash-split fraction of documents held out for validation", fraction)]
 TestFrac = Annotated[float, opt("hash-split fraction of documents held out for test", fraction)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadArgs:
+    """How raw records are read (an option group, shared by every verb that reads raw data): folded
+    into the data source string (data/sources.py), so the options reach every reader."""
+
+    text_field: Annotated[str | None, opt("the records' text field (default: text)", metavar="NAME")] = None
+    domain_field: Annotated[
+        str | None,
+        opt(
+            "group documents into domains by this field's value (default: a `domain` field, else the "
+            "file or dataset name)",
+            metavar="NAME",
+        ),
+    ] = None
+    hf_split: Annotated[
+        str | None,
+        opt("a saved DatasetDict: read only these splits (default: every split)", metavar="A,B,..."),
+    ] = None
+
+    def source(self, data: str) -> str:
+        from elmforest.data.sources import with_options
+
+        return with_options(data, self.text_field, self.domain_field, split_list(self.hf_split))
+
+
+DEFAULT_READ = ReadArgs()  # read as the records say: fields `text` and `domain`, every split
 
 
 def register(app: typer.Typer) -> None:
@@ -58,12 +94,13 @@ def tokenizer_train(
     sample_bytes_per_domain: Annotated[int, opt("training text read per domain", positive_int)] = 1_000_000,
     valid_frac: ValidFrac = 0.05,
     test_frac: TestFrac = 0.05,
+    read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Train a byte-level BPE on a sample of the training split."""
     from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
 
     tok, stats = train_bpe_on(
-        data, vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
+        read.source(data), vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
     )
     save_tokenizer(tok, out)
     print(f"read {stats.summary()}")
@@ -84,13 +121,14 @@ def build(
         ),
     ] = None,
     no_progress: NoProgressBar = False,
+    read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
     from elmforest.data.shards import build_shards
     from elmforest.data.splits import SplitSpec
 
     rep = build_shards(
-        data,
+        read.source(data),
         tokenizer,
         out,
         SplitSpec(valid_frac, test_frac),

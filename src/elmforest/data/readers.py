@@ -1,4 +1,6 @@
-"""Stream documents from the user's files: JSONL, Parquet, or folders of .txt.
+"""Stream documents from the user's files: JSONL, Parquet, folders of .txt, saved Hugging Face
+datasets, and `datasets` builders (json/parquet/csv/text) through a source spec (data/sources.py;
+the saved datasets and builders are read in data/hf_readers.py).
 
 Nothing is loaded whole: JSONL is read line by line, Parquet batch by batch. Bad records are
 skipped and counted by reason so the caller can report them; a file that cannot be read at all is
@@ -6,7 +8,8 @@ an error that names the file, and so is anything named like a data file that is 
 regular file (a dangling link, a fifo, a device): skipping it would silently drop its data. A folder
 is searched whatever its name (Spark writes `x.parquet/` folders of part files).
 `manifest.json` and `*.meta.json` (elmforest's own metadata, such as the report of `cluster
-assign`) sit beside data and are never read as data.
+assign`) sit beside data and are never read as data. A folder saved by `save_to_disk` found inside
+a folder is read as one dataset, not as its files.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elmforest.data.sources import Source, parse_source, with_options
 from elmforest.utils.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -78,11 +82,21 @@ def is_metadata(name: str) -> bool:
     return name == "manifest.json" or name.endswith(META_SUFFIX)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
 def list_data_files(path: str | os.PathLike) -> list[Path]:
-    """Files under `path` (a file or a folder, searched recursively) in a stable order."""
+    """Files under `path` (a file or a folder, searched recursively) in a stable order; a saved
+    dataset's folder stands for its files."""
     p = Path(path)
     if not p.exists() and not p.is_symlink():
         raise DataError(f"{p}: no such file or directory")
+    if p.is_dir() and is_saved_dataset(p):
+        return [p]
     if not p.is_dir():
         if not p.name.endswith(SUPPORTED):
             raise DataError(f"{p}: unsupported file type (expected one of {', '.join(SUPPORTED)})")
@@ -90,13 +104,21 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
             raise DataError(f"{p}: elmforest metadata ({META_SUFFIX}), not data; pass its folder")
         _check_data_file(p)
         return [p]
-    files = []
+    files: list[Path] = []
+    saved: set[Path] = set()
     for f in sorted(p.rglob("*")):
+        if saved and not saved.isdisjoint(f.parents):
+            continue  # inside a saved dataset, which is read whole
+        hidden = any(part.startswith(".") for part in f.relative_to(p).parts)
+        if f.is_dir() and not f.is_symlink() and not hidden and is_saved_dataset(f):
+            saved.add(f)
+            files.append(f)
+            continue
         if (
             (f.is_dir() and not f.is_symlink())  # a folder is searched, whatever its name (x.parquet/)
             or not f.name.endswith(SUPPORTED)
             or is_metadata(f.name)
-            or any(part.startswith(".") for part in f.relative_to(p).parts)  # hidden files and folders
+            or hidden  # hidden files and folders
         ):
             continue
         _check_data_file(f)
@@ -117,11 +139,18 @@ def _check_data_file(f: Path) -> None:
         raise DataError(f"{f}: cannot open (permission denied)")
 
 
-def _check_record(rec, stats: ReadStats, default_domain: str, default_id: str) -> Document | None:
+def _check_record(
+    rec,
+    stats: ReadStats,
+    default_domain: str,
+    default_id: str,
+    text_field: str = "text",
+    domain_field: str = "domain",
+) -> Document | None:
     if not isinstance(rec, dict):
         stats.skipped["not_an_object"] += 1
         return None
-    text = rec.get("text")
+    text = rec.get(text_field)
     if text is None:
         stats.skipped["missing_text"] += 1
         return None
@@ -136,7 +165,7 @@ def _check_record(rec, stats: ReadStats, default_domain: str, default_id: str) -
     except UnicodeEncodeError:  # lone surrogates from "\udXXX" escapes in JSON
         stats.skipped["invalid_utf8"] += 1
         return None
-    domain = rec.get("domain", default_domain)
+    domain = rec.get(domain_field, default_domain)
     if domain is None or domain == "":
         domain = default_domain
     if not isinstance(domain, str):
@@ -152,8 +181,12 @@ def _check_record(rec, stats: ReadStats, default_domain: str, default_id: str) -
     return Document(id=str(rid), domain=domain, text=text)
 
 
-def _read_jsonl(path: Path, stats: ReadStats) -> Iterator[Document]:
+_PLAIN = Source(None, "")  # the default fields
+
+
+def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[Document]:
     domain = _domain_from_name(path)
+    fields = FieldCheck(path, src)
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -172,12 +205,48 @@ def _read_jsonl(path: Path, stats: ReadStats) -> Iterator[Document]:
             except json.JSONDecodeError:
                 stats.skipped["invalid_json"] += 1
                 continue
-            doc = _check_record(rec, stats, domain, f"{domain}:{lineno}")
+            fields.see(rec)
+            doc = _check_record(rec, stats, domain, f"{domain}:{lineno}", src.text_field, src.domain_field)
             if doc is not None:
                 yield doc
+    fields.done()
 
 
-def _read_parquet(path: Path, stats: ReadStats, batch_size: int = 1024) -> Iterator[Document]:
+class FieldCheck:
+    """Whether the fields the user named occur in a file of schema-less records (JSON lines): a file
+    with records but none of them carrying such a field is an error naming it, where the default
+    fields keep today's per-record counts (`missing_text`)."""
+
+    def __init__(self, path, src: Source):
+        self.path, self.wanted = path, set(src.explicit_fields)
+        self.found: set[str] = set()
+        self.keys: set[str] = set()
+
+    def see(self, rec) -> None:
+        if self.wanted and isinstance(rec, dict):
+            self.found.update(self.wanted.intersection(rec))
+            if len(self.keys) < 100:  # enough to show in the message
+                self.keys.update(rec)
+
+    def done(self) -> None:
+        missing = sorted(self.wanted - self.found)
+        if missing and self.keys:
+            raise DataError(
+                f"{self.path}: no record has the field(s) {', '.join(map(repr, missing))} "
+                f"(fields seen: {', '.join(sorted(map(str, self.keys))[:20])})"
+            )
+
+
+def check_columns(where, names, src: Source, kind: str) -> None:
+    """A schema without the text field, or without a domain field the user named, is an error."""
+    for name in dict.fromkeys((src.text_field, *src.explicit_fields)):
+        if name not in names:
+            raise DataError(f"{where}: {kind} has no {name!r} column (columns: {sorted(names)})")
+
+
+def _read_parquet(
+    path: Path, stats: ReadStats, batch_size: int = 1024, src: Source = _PLAIN
+) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     domain = _domain_from_name(path)
@@ -186,28 +255,39 @@ def _read_parquet(path: Path, stats: ReadStats, batch_size: int = 1024) -> Itera
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot read as Parquet ({e})") from e
     names = set(pf.schema_arrow.names)
-    if "text" not in names:
-        raise DataError(f"{path}: Parquet file has no 'text' column (columns: {sorted(names)})")
-    columns = [c for c in ("id", "domain", "text") if c in names]
+    check_columns(path, names, src, "Parquet file")
+    columns = record_columns(names, src)
     row = 0
     for batch in _batches(pf, path, batch_size, columns):
-        cols = {}
-        for c in columns:
-            arr = batch.column(c)
-            if c == "text" and arr.type not in ("string", "large_string"):
-                # Binary columns may hold invalid UTF-8: decode per value and count failures.
-                cols[c] = [_decode_bytes(v) for v in arr.to_pylist()]
-            else:
-                cols[c] = arr.to_pylist()
-        for i in range(batch.num_rows):
+        for rec in batch_records(batch, columns, src.text_field):
             row += 1
-            rec = {c: cols[c][i] for c in columns}
-            if isinstance(rec["text"], _InvalidUtf8):
+            if isinstance(rec[src.text_field], _InvalidUtf8):
                 stats.skipped["invalid_utf8"] += 1
                 continue
-            doc = _check_record(rec, stats, domain, f"{domain}:{row}")
+            doc = _check_record(rec, stats, domain, f"{domain}:{row}", src.text_field, src.domain_field)
             if doc is not None:
                 yield doc
+
+
+def record_columns(names, src: Source) -> list[str]:
+    return list(dict.fromkeys(c for c in ("id", src.domain_field, src.text_field) if c in names))
+
+
+def batch_records(batch, columns: list[str], text_field: str, convert=None) -> Iterator[dict]:
+    """The rows of an Arrow record batch as dicts of `columns`; binary text columns may hold invalid
+    UTF-8, decoded per value (failures marked _InvalidUtf8, to be counted). `convert` maps a column
+    name to a function applied to its values (a ClassLabel's ids to names)."""
+    cols = {}
+    for c in columns:
+        arr = batch.column(c)
+        if c == text_field and arr.type not in ("string", "large_string"):
+            cols[c] = [_decode_bytes(v) for v in arr.to_pylist()]
+        else:
+            cols[c] = arr.to_pylist()
+        if convert and c in convert:
+            cols[c] = [convert[c](v) for v in cols[c]]
+    for i in range(batch.num_rows):
+        yield {c: cols[c][i] for c in columns}
 
 
 def _batches(pf, path: Path, batch_size: int, columns: list[str]):
@@ -253,15 +333,34 @@ def _read_txt(path: Path, root: Path, stats: ReadStats) -> Iterator[Document]:
         yield doc
 
 
-def iter_documents(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[Document]:
-    """Yield every usable document under `path`; skipped records are counted in `stats`."""
+def iter_documents(
+    path: str | os.PathLike,
+    stats: ReadStats | None = None,
+    *,
+    text_field: str | None = None,
+    domain_field: str | None = None,
+    hf_split: list[str] | None = None,
+) -> Iterator[Document]:
+    """Yield every usable document of a source (a path, or a spec: data/sources.py); skipped
+    records are counted in `stats`. The keyword options are folded into the source's own."""
     stats = stats if stats is not None else ReadStats()
-    root = Path(path)
+    src = parse_source(with_options(path, text_field, domain_field, hf_split))
+    if src.format not in (None, "auto"):
+        from elmforest.data.hf_readers import read_builder
+
+        yield from read_builder(src, stats)
+        return
+    root = Path(src.location) if src.format else Path(path)
     for f in list_data_files(root):
+        if f.is_dir():  # a saved Hugging Face dataset
+            from elmforest.data.hf_readers import read_saved
+
+            yield from read_saved(f, stats, src)
+            continue
         stats.files += 1
         if f.name.endswith(JSONL_SUFFIXES):
-            yield from _read_jsonl(f, stats)
+            yield from _read_jsonl(f, stats, src)
         elif f.name.endswith(PARQUET_SUFFIXES):
-            yield from _read_parquet(f, stats)
+            yield from _read_parquet(f, stats, src=src)
         else:
             yield from _read_txt(f, root, stats)

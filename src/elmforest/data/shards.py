@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.data.sources import resolve_source
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import (
     ENCODING,
@@ -177,7 +178,9 @@ def build_shards(
         save_tokenizer(tok, staging)
         index = {
             "version": INDEX_VERSION,
-            "source": str(sources[0].resolve()) if len(sources) == 1 else [str(x.resolve()) for x in sources],
+            "source": resolve_source(sources[0])
+            if len(sources) == 1
+            else [resolve_source(x) for x in sources],
             "tokenizer": {
                 "fingerprint": tok.fingerprint(),
                 "vocab_size": tok.vocab_size,

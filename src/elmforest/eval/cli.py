@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.data.cli import print_read
+from elmforest.data.cli import DEFAULT_READ, ReadArgs, print_read
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.argtypes import NoProgressBar, flag, fraction, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
@@ -34,7 +34,14 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_(
-    data: Annotated[str, opt("a shards dir, or JSONL / Parquet / folder of .txt", metavar="PATH")],
+    data: Annotated[
+        str,
+        opt(
+            "a shards dir, or raw data: JSONL / Parquet / .txt, a save_to_disk dataset, or "
+            "json:|parquet:|csv:|text:PATH_OR_GLOB (docs/data-formats.md)",
+            metavar="PATH",
+        ),
+    ],
     model: Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")] = None,
     forest: Annotated[str | None, opt("evaluate a forest instead of one model", metavar="DIR")] = None,
     json: Annotated[str | None, opt("write the result here", metavar="FILE")] = None,
@@ -122,6 +129,7 @@ def eval_(
     ] = "document",
     temperature: Annotated[float, opt("forest: c-BTM routing temperature T", positive_float)] = 0.1,
     route: Annotated[str, opt("forest: c-BTM routing: sequence | segment:W", metavar="R")] = "sequence",
+    read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Bits per byte per domain, of one model (--model) or a forest (--forest)."""
     from elmforest.eval.report import print_table
@@ -129,6 +137,14 @@ def eval_(
 
     if bool(model) == bool(forest):
         raise UserError("eval takes either --model or --forest")
+    if read != DEFAULT_READ:
+        from elmforest.data.shards import Shards
+
+        if Shards.is_shards_dir(data):
+            raise UserError(
+                "--text-field, --domain-field and --hf-split read raw data, not a shards directory"
+            )
+        data = read.source(data)
     common = dict(
         split=split,
         split_spec=split_fractions_,
