@@ -91,6 +91,29 @@ def forest_dir(shards_dir, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def clusterer_dir(corpus, tmp_path_factory):
+    from elmforest.cluster.assign import fit_clusterer
+
+    out = tmp_path_factory.mktemp("clusterer")
+    fit_clusterer(corpus, 3, out, sample_docs=1000, dims=16, min_df=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cluster_forest(forest_dir, clusterer_dir, tmp_path_factory):
+    """The 3 trained experts of the BTM fixture registered as cluster experts of a c-BTM forest."""
+    from elmforest.forest.manifest import Forest
+
+    src = Forest.load(forest_dir)
+    root = tmp_path_factory.mktemp("cforest") / "f"
+    f = Forest.init(root)
+    f.set_clusterer(clusterer_dir)
+    for j, n in enumerate(src.names):
+        f.add(src.expert_dir(n), f"cluster{j}", [f"cluster{j}"])
+    return root
+
+
 # -- processes (tests that kill a parent and check its workers die with it) ---------------------------
 def proc_alive(pid: int) -> bool:
     try:

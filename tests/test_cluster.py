@@ -21,13 +21,6 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.utils.errors import AlreadyExists, UserError
 
 
-@pytest.fixture(scope="session")
-def clusterer_dir(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clusterer")
-    fit_clusterer(corpus, 3, out, sample_docs=1000, dims=16, min_df=1)
-    return out
-
-
 def test_balanced_assignment_is_optimal_and_respects_capacity():
     rng = np.random.default_rng(0)
     for n, k in [(12, 3), (30, 4), (17, 5)]:
@@ -281,20 +274,6 @@ def test_route_top_k_and_temperature(clusterer_dir):
     assert ((top1 > 0).sum(1) == 1).all() and np.allclose(top1.sum(1), 1)
     masked = c.route(z, 1, 0.1, allowed=np.array([True, False, True]))
     assert (masked[:, 1] == 0).all()
-
-
-@pytest.fixture(scope="session")
-def cluster_forest(forest_dir, clusterer_dir, tmp_path_factory):
-    """The 3 trained experts of the BTM fixture registered as cluster experts of a c-BTM forest."""
-    from elmforest.forest.manifest import Forest
-
-    src = Forest.load(forest_dir)
-    root = tmp_path_factory.mktemp("cforest") / "f"
-    f = Forest.init(root)
-    f.set_clusterer(clusterer_dir)
-    for j, n in enumerate(src.names):
-        f.add(src.expert_dir(n), f"cluster{j}", [f"cluster{j}"])
-    return root
 
 
 def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_forest, shards_dir):

@@ -77,12 +77,13 @@ class ClusterContext(ClusterRouting):
         self,
         forest: Forest,
         names: list[str],
-        shards: Shards,
+        shards: Shards | None,
         k: int,
         temperature: float,
         route: str,
         seq_len: int,
         reset: str = "document",
+        tok=None,
     ):
         from elmforest.data.tokenizer import load_tokenizer as _load_tok
 
@@ -94,7 +95,7 @@ class ClusterContext(ClusterRouting):
         else:
             raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
         self.seq_len, self.reset = seq_len, reset
-        self.router = self.incremental_router(_load_tok(shards.root))
+        self.router = self.incremental_router(tok or _load_tok(shards.root))  # a client passes its own
 
     def weights(self, stream: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Expert weights [P, N] for segments starting at `positions` (zero outside the top-k)."""

@@ -1,0 +1,197 @@
+"""The forest as a model type of lm-evaluation-harness: `--model elmforest`.
+
+Registered through lm-eval's own model registry (`register_model`), no fork. lm-eval 0.4 finds models
+only in its registry and has no plugin entry points, so its `lm_eval` command cannot import a third
+party's model by name; `elmforest lm-eval ARGS...` is that same command with this module imported first
+(`lm_eval.simple_evaluate(model="elmforest", ...)` works from Python after `import
+elmforest.clients.lm_eval`).
+
+Every number is the project's own (forest/lm.py): the same posterior, top-k choice, c-BTM routing and
+parameter average as `elmforest eval`; `loglikelihood_rolling` scores a document in `elmforest eval`'s
+non-overlapping windows (lm-eval's HF model gives the last window a full context instead), so its bits per
+byte are the evaluation's. Model arguments (`--model_args k=v,...`):
+
+    forest=DIR (or model=DIR, a single checkpoint)   mode=ensemble|topk|cluster|average   k=2
+    prior=uniform|cached   prior_data=PATH (valid split gives the cached prior)   weighting=posterior|fixed
+    experts=a+b (a subset)   device=auto   precision=auto|fp32|bf16   batch_size=16   max_length=N
+    rolling_eos=false (true: the closing EOS is predicted, as `elmforest eval` counts it)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from elmforest.forest.lm import ForestLM, open_lm
+from elmforest.utils.errors import UserError
+
+try:
+    import lm_eval.models  # noqa: F401 - fills lm-eval's registry first, so its own models stay found
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise UserError(f'lm-evaluation-harness is not installed: pip install -e ".[eval]" ({e})') from None
+
+
+def _batch_size(v) -> int:
+    """lm-eval passes its --batch_size here: a number, or "auto"/"auto:N" (no probing: 16)."""
+    try:
+        return max(1, int(v))
+    except (TypeError, ValueError):
+        return 16
+
+
+@register_model("elmforest")
+class ElmforestLM(LM):
+    def __init__(
+        self,
+        forest: str | None = None,
+        model: str | None = None,
+        mode: str = "ensemble",
+        k: int = 2,
+        prior: str = "uniform",
+        prior_data: str | None = None,
+        weighting: str = "posterior",
+        experts: str | None = None,
+        device: str | None = "auto",
+        precision: str = "auto",
+        batch_size=16,
+        max_length: int | None = None,
+        rolling_eos: bool = False,
+        routing_temperature: float = 0.1,
+        **_ignored,  # lm-eval's own settings for other model types (max_batch_size, ...)
+    ) -> None:
+        super().__init__()
+        if (forest is None) == (model is None):
+            raise UserError("elmforest model_args need exactly one of forest=DIR or model=DIR")
+        names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts else None
+        self.lm: ForestLM = open_lm(
+            Path(forest or model),
+            mode=mode,
+            k=int(k),
+            prior=prior,
+            prior_data=prior_data,
+            weighting=weighting,
+            experts=names,
+            device=device or "auto",
+            precision=precision,
+            seq_len=int(max_length) if max_length else None,
+            routing_temperature=float(routing_temperature),
+        )
+        self.batch_size = _batch_size(batch_size)
+        self.rolling_eos = bool(rolling_eos)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """model_args win over lm-eval's own settings; lm-eval's default `--device cuda:0` means "the
+        accelerator if there is one" on a machine without CUDA, as its HF model treats it."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        dev = extra.pop("device", None)
+        if "device" not in arg_dict and dev is not None:
+            arg_dict = {**arg_dict, "device": "auto" if str(dev).startswith("cuda") else dev}
+        return cls(**{**extra, **arg_dict})
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"elmforest-{self.lm.tok.fingerprint()}"
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.seq_len
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of (context, continuation) as lm-eval's HF model splits them: trailing spaces of the
+        context move to the continuation, and the continuation is whatever encoding the whole adds."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [], self.lm.encode(continuation)
+        whole = self.lm.encode(context + continuation)
+        ctx = self.lm.encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self._pair(*r.args) for r in requests]
+        for (_, cont), r in zip(pairs, requests, strict=True):
+            if not cont:
+                raise UserError(f"the continuation {r.args[1]!r} encodes to no token after its context")
+        scored = self.lm.score(pairs, batch_size=self.batch_size)
+        out = [(s.continuation, s.greedy) for s in scored]
+        for r, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", r.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for r in requests:
+            (text,) = r.args
+            nll = self.lm.rolling_nll(self.lm.encode(text), eos=self.rolling_eos)
+            out.append(-nll)
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, -nll)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for r in requests:
+            context, kw = r.args
+            text = self.generate_one(context, dict(kw or {}))
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", r.args, text)
+        return out
+
+    def generate_one(self, context: str, kw: dict) -> str:
+        """One continuation, cut before the first stop string. Greedy unless `do_sample`; the context
+        keeps its last tokens when it and `max_gen_toks` do not fit the window (as lm-eval's HF model)."""
+        until = kw.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen = int(kw.pop("max_gen_toks", 256))
+        sample = bool(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 1.0 if sample else 0.0))
+        if not sample:
+            temperature = 0.0
+        top_p = float(kw.pop("top_p", 1.0) or 1.0)
+        seed = int(kw.pop("seed", 0) or 0)
+        from elmforest.forest.generate import generate_steps
+
+        lm = self.lm
+        max_gen = max(1, min(max_gen, lm.seq_len - 1))
+        ids = lm.encode(context)[-(lm.seq_len - max_gen) :] if lm.seq_len - max_gen > 0 else []
+        new: list[int] = []
+        text = ""
+        steps = generate_steps(
+            lm.pool,
+            lm.tok,
+            [lm.eos_id, *ids],
+            lm.names,
+            max_new_tokens=max_gen,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            prior=lm.prior,
+            weighting=lm.weighting,
+            routing=lm.routing,
+        )
+        try:
+            for step in steps:
+                tok_id = int(step[0])
+                if tok_id == lm.eos_id:
+                    break
+                new.append(tok_id)
+                text = lm.tok.decode(new)
+                cut = _first_stop(text, until)
+                if cut is not None:
+                    return text[:cut]
+        finally:
+            steps.close()
+        return text
+
+
+def _first_stop(text: str, until: list[str]) -> int | None:
+    hits = [text.find(s) for s in until if s and s in text]
+    return min(hits) if hits else None

@@ -1,0 +1,233 @@
+"""The forest as an lm-evaluation-harness model: tasks defined by local YAML over local JSONL (no hub),
+run through lm-eval's own evaluator, checked against a brute-force mixture of the experts' log-probs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install -e '.[eval]')")
+
+from elmforest.clients.lm_eval import ElmforestLM  # noqa: E402 - after the skip
+from elmforest.forest.manifest import Forest  # noqa: E402
+from elmforest.model.build import load_model  # noqa: E402
+
+QUESTIONS = [
+    ("and the lord said unto", ["moses", "lambda", "warranty"], 0),
+    ("def return self import", ["class", "israel", "copyright"], 0),
+    ("license software warranty", ["copyright", "yield", "god"], 0),
+    ("thou shalt not", ["else", "israel", "liability"], 1),
+    ("for in if else", ["notice", "people", "none"], 2),
+    ("permission notice holder", ["king", "liability", "true"], 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+
+
+def _models(forest_dir):
+    f = Forest.load(forest_dir)
+    return [load_model(d).eval() for d in f.expert_dirs()]
+
+
+@torch.no_grad()
+def brute_mixture(models, eos: int, ctx: list[int], cont: list[int], prior=None):
+    """(log p(cont | EOS + ctx), greedy) of the Bayes mixture, token by token: each expert runs the whole
+    sequence once, the weights start at the prior and multiply by each token's likelihood."""
+    seq = [eos, *ctx, *cont]
+    n = len(models)
+    full = [torch.log_softmax(m(input_ids=torch.tensor([seq[:-1]])).logits[0].double(), -1) for m in models]
+    logw = [math.log(p) for p in (prior or [1.0 / n] * n)]
+    total, greedy = 0.0, True
+    first = len(seq) - 1 - len(cont)
+    for t in range(len(seq) - 1):
+        z = torch.logsumexp(torch.tensor(logw), 0)
+        w = [x - float(z) for x in logw]
+        if t >= first:
+            mix = torch.logsumexp(torch.stack([w[j] + full[j][t] for j in range(n)]), 0)
+            total += float(mix[seq[t + 1]])
+            greedy &= int(mix.argmax()) == seq[t + 1]
+        logw = [w[j] + float(full[j][t, seq[t + 1]]) for j in range(n)]
+    return total, greedy
+
+
+def _write_task(root, name: str, body: dict, rows: list[dict]):
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {data}"]
+    lines += ["test_split: test"]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in body.items()]
+    (root / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def _evaluate(tmp_path, model_args: str, tasks: list[str]):
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="elmforest",
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True,
+        batch_size=4,
+    )
+
+
+def test_a_multiple_choice_task_reproduces_the_brute_force_mixture(forest_dir, tmp_path):
+    rows = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
+    _write_task(
+        tmp_path,
+        "ef_mc",
+        {
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{question}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}",
+            "metric_list": [{"metric": "acc"}],
+        },
+        rows,
+    )
+    res = _evaluate(tmp_path, f"forest={forest_dir},precision=fp32", ["ef_mc"])
+    lm = ElmforestLM(forest=str(forest_dir), precision="fp32")
+    models = _models(forest_dir)
+    correct = []
+    for s in res["samples"]["ef_mc"]:
+        q, choices, gold = s["doc"]["question"], s["doc"]["choices"], s["doc"]["answer"]
+        want = []
+        for choice in choices:
+            ctx, cont = lm._pair(q, " " + choice)
+            want.append(brute_mixture(models, lm.lm.eos_id, ctx, cont))
+        got = [r[0] for r in s["resps"]]  # [(loglik, greedy)] per choice
+        for (g_ll, g_greedy), (w_ll, w_greedy) in zip((tuple(x) for x in got), want, strict=True):
+            assert g_ll == pytest.approx(w_ll, abs=1e-4)
+            assert bool(g_greedy) == w_greedy
+        correct.append(max(range(len(want)), key=lambda i: want[i][0]) == gold)
+    assert res["results"]["ef_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    assert sum(correct) >= 4  # the domain experts know their words: the check is not vacuous
+
+
+def test_topk_runs_only_the_chosen_experts_and_cluster_routes_on_the_context(forest_dir, cluster_forest):
+    lm = ElmforestLM(forest=str(forest_dir), mode="topk", k=2, precision="fp32", experts="code+legal+scripture")
+    assert lm.lm.names == ["code", "legal"]  # uniform prior: the first k (torch.topk's stable order)
+    ctx, cont = lm._pair("and the lord said unto", " moses")
+    [s] = lm.lm.score([(ctx, cont)])
+    assert s.experts == ["code", "legal"]
+    models = _models(forest_dir)[:2]
+    assert s.continuation == pytest.approx(brute_mixture(models, lm.lm.eos_id, ctx, cont)[0], abs=1e-4)
+
+    c = ElmforestLM(forest=str(cluster_forest), mode="cluster", k=1, precision="fp32")
+    run, w, weighting = c.lm.experts_for(ctx)
+    assert len(run) == 1 and weighting == "fixed" and float(w.sum()) == pytest.approx(1.0)
+    [s] = c.lm.score([(ctx, cont)])
+    one = [load_model(Forest.load(cluster_forest).expert_dirs()[run[0]]).eval()]
+    assert s.experts == [c.lm.names[run[0]]]
+    assert s.continuation == pytest.approx(brute_mixture(one, c.lm.eos_id, ctx, cont)[0], abs=1e-4)
+
+
+def test_rolling_loglikelihood_equals_elmforest_eval(forest_dir, corpus, tmp_path):
+    from elmforest.forest.evaluate import evaluate_forest
+
+    text = " ".join(("and the lord said unto moses thou shalt not " * 30).split())  # several windows
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"id": "d0", "text": text, "domain": "scripture"}) + "\n")
+    for mode in ("ensemble", "topk", "average"):
+        ev = evaluate_forest(
+            forest_dir, data, split="all", prior="uniform", mode=mode, k=2, precision="fp32", device="cpu"
+        )
+        dom = ev["domains"]["scripture"]
+        lm = ElmforestLM(forest=str(forest_dir), mode=mode, k=2, precision="fp32", rolling_eos=True)
+        assert len(lm.lm.encode(text)) > 2 * lm.max_length
+        inst = type("I", (), {"args": (text,)})()
+        [ll] = lm.loglikelihood_rolling([inst])
+        assert -ll == pytest.approx(dom["nll_nats"], rel=1e-5, abs=1e-4), mode
+        bpb = -ll / math.log(2) / (len(text.encode()) + 1)  # eval counts the EOS as one byte
+        assert bpb == pytest.approx(dom["bpb"], abs=1e-4), mode
+
+
+def test_a_rolling_task_reports_the_bits_per_byte_of_its_documents(forest_dir, tmp_path):
+    docs = ["and the lord said unto moses " * 20, "def return self import class " * 15]
+    _write_task(
+        tmp_path,
+        "ef_ppl",
+        {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": "bits_per_byte"}, {"metric": "byte_perplexity"}],
+        },
+        [{"text": t} for t in docs],
+    )
+    # a standard task on local data: lm-eval's own lambada_openai YAML, its dataset swapped for a local file
+    import os
+
+    lambada = [{"text": "and the lord said unto moses"}, {"text": "def return self import class"}]
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lambada))
+    std = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "lambada", "lambada_openai.yaml")
+    (tmp_path / "lambada_local.yaml").write_text(
+        f"include: {std}\ntask: lambada_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'lambada.jsonl'}\n"
+    )
+    # through the command line, as a user runs it: `elmforest lm-eval` is lm-eval's command
+    from elmforest.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", "--model", "elmforest", "--model_args", f"forest={forest_dir},precision=fp32"]
+    args += ["--tasks", "ef_ppl,lambada_local", "--include_path", str(tmp_path), "--output_path", str(out)]
+    assert main(["lm-eval", *args]) == 0
+    [written] = list(out.rglob("results_*.json"))
+    res = json.loads(written.read_text())
+    lm = ElmforestLM(forest=str(forest_dir), precision="fp32")
+    nll = sum(lm.lm.rolling_nll(lm.lm.encode(t)) for t in docs)
+    nbytes = sum(len(t.encode()) for t in docs)
+    assert res["results"]["ef_ppl"]["bits_per_byte,none"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
+    pairs = [lm._pair(r["text"].rsplit(" ", 1)[0], " " + r["text"].rsplit(" ", 1)[1]) for r in lambada]
+    lls = [s.continuation for s in lm.lm.score(pairs)]
+    assert res["results"]["lambada_local"]["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-4)
+
+
+def test_generate_until_stops_at_the_stop_sequences_and_is_the_greedy_generation(forest_dir, tmp_path):
+    from elmforest.forest.generate import generate
+
+    prompts = ["and the lord said", "def return self", "license software"]
+    _write_task(
+        tmp_path,
+        "ef_gen",
+        {
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{target}}",
+            "generation_kwargs": {"until": [" the", "\n"], "max_gen_toks": 24, "do_sample": False},
+            "metric_list": [{"metric": "exact_match"}],
+        },
+        [{"prompt": p, "target": "x"} for p in prompts],
+    )
+    res = _evaluate(tmp_path, f"forest={forest_dir},precision=fp32", ["ef_gen"])
+    outs = {s["doc"]["prompt"]: s["resps"][0][0] for s in res["samples"]["ef_gen"]}
+    stopped = 0
+    for p in prompts:
+        full = generate(forest_dir, p, max_new_tokens=24, temperature=0.0, precision="fp32").text
+        cut = min([i for i in (full.find(" the"), full.find("\n")) if i >= 0], default=None)
+        want = full if cut is None else full[:cut]
+        stopped += cut is not None
+        assert outs[p] == want
+        assert " the" not in outs[p] and "\n" not in outs[p]
+    assert stopped >= 1  # a stop sequence was met somewhere: the cut is exercised
+
+
+def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
+    from elmforest.utils.errors import UserError
+
+    with pytest.raises(UserError, match="exactly one of forest"):
+        ElmforestLM()
+    with pytest.raises(UserError, match="unknown mode"):
+        ElmforestLM(forest=str(forest_dir), mode="best")
+    with pytest.raises(UserError, match="prior_data"):
+        ElmforestLM(forest=str(forest_dir), prior="cached")
+    with pytest.raises(UserError, match="neither a forest"):
+        ElmforestLM(forest=str(tmp_path))
