@@ -20,6 +20,7 @@ VERBS = {
     "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
     "forest seed", "forest expert", "forest dense", "forest train", "forest average",
     "merge moe", "merge finetune", "merge routing", "merge flexolmo-pair", "merge flexolmo", "cluster fit", "cluster assign",
+    "lm-eval",
 }  # fmt: skip
 TRAINING = {"train", "forest seed", "forest expert", "forest train", "sweep", "quickstart"}
 

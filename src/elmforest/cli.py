@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
+from elmforest.clients import lm_eval_cli
 from elmforest.cluster import cli as cluster_cli
 from elmforest.data import cli as data_cli
 from elmforest.eval import cli as eval_cli
@@ -30,6 +31,7 @@ def build_app():
     forest_cli.register(app)  # forest ..., generate
     merge_cli.register(app)  # merge moe
     cluster_cli.register(app)  # cluster fit|assign
+    lm_eval_cli.register(app)  # lm-eval (lm-evaluation-harness with --model elmforest)
     return app
 
 
