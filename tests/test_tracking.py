@@ -1,8 +1,14 @@
-"""Experiment tracking: TensorBoard event files hold exactly what metrics.jsonl / valid.jsonl hold,
-one value per step even after a crash and a resume."""
+"""Experiment tracking: TensorBoard event files, W&B's offline history and MLflow's file store hold
+exactly what metrics.jsonl / valid.jsonl hold, across a crash and a resume; a failing tracker never
+stops training, and a chosen one that is not installed stops the run before its first step."""
 
 import json
+import os
+import re
 import shutil
+import struct
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_config
@@ -98,3 +104,220 @@ def test_no_trackers_writes_no_events_and_an_unknown_tracker_is_refused(shards_d
     cfg.train.trackers = ["tensorbored"]
     with pytest.raises(UserError, match="tensorbored"):
         cfg.validate()
+
+
+# -- the guard, and extras that are not installed ----------------------------------------------------
+
+
+def test_a_failing_tracker_warns_once_and_the_run_trains_on(shards_dir, tmp_path, capsys):
+    from elmforest.train.tracking import Tracker
+
+    class Flaky(Tracker):
+        name = "Flaky"
+        calls: list = []
+
+        def log(self, trainer, m):
+            self.calls.append(("log", m["step"]))
+            if m["step"] == 4:
+                raise OSError("disk full")
+
+        def abort(self, trainer):
+            self.calls.append(("abort", trainer.step))
+
+        def end(self, trainer, summary):
+            self.calls.append(("end", trainer.step))
+
+    flaky = Flaky()
+    out = train(tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4), tmp_path / "run", False, [flaky])
+    assert out["steps"] == 8
+    assert [s for s, _ in _jsonl(tmp_path / "run" / "metrics.jsonl", "loss")] == [2, 4, 6, 8]
+    # released once, right after its failure; never called again
+    assert flaky.calls == [("log", 2), ("log", 4), ("abort", 4)]
+    err = capsys.readouterr().err
+    assert err.count("Flaky tracking failed (OSError: disk full)") == 1
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_chosen_tracker_that_is_not_installed_stops_the_run_before_its_first_step(
+    shards_dir, tmp_path, monkeypatch, name
+):
+    monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    cfg = tiny_config(shards_dir, steps=4, log_every=1)
+    cfg.train.trackers = ["tensorboard", name]
+    cfg.validate()  # a known tracker
+    with pytest.raises(UserError, match=re.escape(f'pip install -e ".[{name}]"')):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
+# -- Weights & Biases, offline -----------------------------------------------------------------------
+
+
+def _with_train(cfg, **train):
+    return {**cfg, "train": {**cfg["train"], **train}}
+
+
+def _wandb_records(path):
+    """The records of an offline .wandb file: W&B's LevelDB-style log (a 7-byte header `:W&B`, magic
+    0xBEE1, version; then 32 KiB blocks of chunks, each `<crc32, length, type>` + data: 1 full, 2 first,
+    3 middle, 4 last) of wandb_internal_pb2.Record. This W&B version ships no Python reader for it."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1)
+    pos, buf, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # a block's zero padding
+            pos += left
+            continue
+        buf = (b"" if kind in (1, 2) else buf) + data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+    return out
+
+
+def _wandb_session(session_dir):
+    """(run record, {key: [(step, value)]}, exit code) of one offline session directory."""
+    (f,) = session_dir.glob("run-*.wandb")
+    recs = _wandb_records(f)
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    hist: dict = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == "history":
+            for item in r.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):
+                    hist.setdefault(key, []).append((r.history.step.num, json.loads(item.value_json)))
+    exits = [r.exit.exit_code for r in recs if r.WhichOneof("record_type") == "exit"]
+    return run, hist, exits
+
+
+def test_wandb_offline_history_equals_the_jsonl_logs_and_a_resume_continues_the_run(
+    shards_dir, tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # W&B must write nothing outside the run directory
+    monkeypatch.setenv("WANDB_MODE", "online")  # and stay offline whatever the environment says
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.trackers = ["wandb"]
+    cfg.train.stop_at = 6
+    train(cfg, run, progress=False)
+    shutil.rmtree(list_checkpoints(run / "checkpoints")[-1])  # killed after step 6, before its checkpoint
+    cfg.train.stop_at = None
+    train(cfg, run, progress=False)
+
+    run_id = json.loads((run / "trackers.json").read_text())["wandb"]["id"]
+    sessions = sorted((run / "wandb").glob("offline-run-*"))
+    assert [s.name.rsplit("-", 1)[-1] for s in sessions] == [run_id, run_id]  # one W&B run, two sessions
+    (first_run, first, first_exit), (second_run, second, second_exit) = map(_wandb_session, sessions)
+    assert first_exit == second_exit == [0]
+    assert first_run.run_id == second_run.run_id == run_id and first_run.display_name == "run"
+    first_cfg, second_cfg = (
+        {c.key: json.loads(c.value_json) for c in r.config.update if c.key != "_wandb"}
+        for r in (first_run, second_run)
+    )
+    assert second_cfg == json.loads((run / "run_config.json").read_text())  # each session's whole config
+    assert first_cfg == _with_train(second_cfg, stop_at=6)
+
+    loss, valid = _jsonl(run / "metrics.jsonl", "loss"), _jsonl(run / "valid.jsonl", "valid_loss")
+    assert [s for s, _ in first["train/loss"]] == [2, 4, 6] and [s for s, _ in second["train/loss"]] == [6, 8]
+    # in start order, each step's last value (step 6: the resumed session's) is metrics.jsonl's
+    merged = dict(first["train/loss"] + second["train/loss"])
+    assert list(merged.items()) == pytest.approx(loss, rel=1e-6)
+    lr = dict(first["train/lr"] + second["train/lr"])
+    assert list(lr.values()) == pytest.approx([v for _, v in _jsonl(run / "metrics.jsonl", "lr")], rel=1e-6)
+    # the killed session's step-6 points (its last, paused step) stay in its own directory
+    assert [s for s, _ in first["valid/loss"]] == [4, 6] and [s for s, _ in second["valid/loss"]] == [8]
+    assert [first["valid/loss"][0], *second["valid/loss"]] == pytest.approx(valid, rel=1e-6)
+    assert os.environ["WANDB_MODE"] == "online" and "WANDB_ERROR_REPORTING" not in os.environ
+    assert not any(home.iterdir())
+
+    # a failed run finishes its W&B run with a nonzero exit code, keeping what it logged
+    class Boom(Callback):
+        def on_step_end(self, trainer, is_last):
+            if trainer.step == 3:
+                raise RuntimeError("boom")
+
+    fail_cfg = tiny_config(shards_dir, steps=8, log_every=1, ckpt_every=100)
+    fail_cfg.train.trackers = ["wandb"]
+    with pytest.raises(RuntimeError, match="boom"):
+        train(fail_cfg, tmp_path / "fail", False, [Boom()])
+    (session,) = (tmp_path / "fail" / "wandb").glob("offline-run-*")
+    _, hist, exits = _wandb_session(session)
+    assert exits == [1] and [s for s, _ in hist["train/loss"]] == [1, 2, 3]
+
+
+# -- MLflow, a file store in the run directory -------------------------------------------------------
+
+
+def test_mlflow_file_store_equals_the_jsonl_logs_across_a_crash_and_resume_and_a_failure(
+    shards_dir, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.trackers = ["mlflow"]
+    cfg.train.stop_at = 6
+    train(cfg, run, progress=False)
+    shutil.rmtree(list_checkpoints(run / "checkpoints")[-1])  # killed after step 6, before its checkpoint
+    cfg.train.stop_at = None
+    train(cfg, run, progress=False)
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # set for elmforest's calls only
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "elmforest"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.info.run_id == json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert mrun.info.status == "FINISHED" and mrun.data.tags["elmforest.state"] == "complete"
+    assert mrun.info.run_name == "run"
+
+    saved = json.loads((run / "run_config.json").read_text())
+    params = mrun.data.params
+    assert params["train.steps"] == "8" and params["optim.lr"] == json.dumps(saved["optim"]["lr"])
+    assert params["data.shards"] == saved["data"]["shards"] and params["train.trackers"] == '["mlflow"]'
+    assert len(params) == sum(len(v) for v in saved.values())
+    assert params["train.stop_at"] == "6"  # params hold the config the MLflow run was created with
+    logged_cfg = json.loads(
+        (Path(mrun.info.artifact_uri.removeprefix("file://")) / "run_config.json").read_text()
+    )
+    assert logged_cfg == _with_train(saved, stop_at=6)
+
+    def history(key):
+        return [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, key)]
+
+    loss = _jsonl(run / "metrics.jsonl", "loss")
+    assert [s for s, _ in history("train/loss")] == [2, 4, 6, 8]  # step 6 once: the killed session's dropped
+    assert history("train/loss") == pytest.approx(loss, rel=1e-6)
+    assert history("train/tokens") == [(s, float(v)) for s, v in _jsonl(run / "metrics.jsonl", "tokens")]
+    assert history("valid/loss") == pytest.approx(_jsonl(run / "valid.jsonl", "valid_loss"), rel=1e-6)
+
+    class Boom(Callback):
+        def on_step_end(self, trainer, is_last):
+            if trainer.step == 3:
+                raise RuntimeError("boom")
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    fail_cfg = tiny_config(shards_dir, steps=8, log_every=1, ckpt_every=100)
+    fail_cfg.train.trackers = ["mlflow"]
+    with pytest.raises(RuntimeError, match="boom"):
+        train(fail_cfg, tmp_path / "fail", False, [Boom()])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(tmp_path / "fail" / "mlruns").as_uri())
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert mrun.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2, 3]

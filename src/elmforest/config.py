@@ -75,7 +75,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
 
 
-TRACKERS = ("tensorboard",)  # train.trackers' choices (train/tracking.py)
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.trackers' choices (train/tracking.py)
 
 
 @dataclass

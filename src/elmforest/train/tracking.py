@@ -2,18 +2,29 @@
 
 metrics.jsonl and valid.jsonl stay the record; trackers are views of it. TensorBoard is on by
 default (`train.trackers=[tensorboard]`; the package is a core dependency, small and serverless);
-where it is missing or broken a run says so and trains as before. Trackers are an operational setting:
-changing them does not make a run a different run (runcheck.py).
+where it is missing or broken a run says so and trains as before. Weights & Biases (offline, never a
+server: tracking_wandb.py) and MLflow (a file store in the run directory: tracking_mlflow.py) are
+extras, imported only when chosen; one chosen but not installed stops the run before its first step.
+A tracker that fails mid-run warns once on stderr and stays off for the rest of the run: a view is
+never worth a lost training run. Trackers are an operational setting: changing them does not make a
+run a different run (runcheck.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from elmforest.train.callbacks import Callback
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json, write_json_atomic
+
+EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> the pyproject extra that installs it
 
 
 def tracker_callbacks(names: list[str], run_dir: Path) -> list[Callback]:
@@ -30,10 +41,121 @@ def tracker_callbacks(names: list[str], run_dir: Path) -> list[Callback]:
             )
         else:
             out.append(TensorBoardLogger(run_dir / "tensorboard", SummaryWriter))
+    if "wandb" in names:
+        from elmforest.train.tracking_wandb import WandbLogger
+
+        out.append(WandbLogger(run_dir, require("wandb")))
+    if "mlflow" in names:
+        from elmforest.train.tracking_mlflow import ENV, MlflowLogger
+
+        with env(**ENV):  # MLflow decides on its usage telemetry when first imported
+            out.append(MlflowLogger(run_dir, require("mlflow")))
     return out
 
 
-class TensorBoardLogger(Callback):
+def require(name: str):
+    """The tracker's package, or a UserError naming the extra: asked for explicitly, so a run that
+    would silently go untracked is worse than one that does not start."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(
+            f"train.trackers includes {name}, but {name} cannot be imported ({e}): "
+            f'pip install -e ".[{EXTRAS[name]}]", or drop it from train.trackers'
+        ) from None
+
+
+def scalars(m: dict) -> dict[str, float]:
+    """A logged metrics line as `train/<name>` scalars: the finite numbers besides the step."""
+    return {
+        f"train/{k}": float(v)
+        for k, v in m.items()
+        if k not in ("step", "start_step") and isinstance(v, int | float) and math.isfinite(v)
+    }
+
+
+class Tracker(Callback):
+    """A tracker whose failure costs only its own view: the first exception any hook raises is printed
+    as a warning on stderr, the tracker releases what it can and is off for the rest of the run, and
+    metrics.jsonl and the training go on. KeyboardInterrupt and the like still stop the run.
+    Subclasses implement start/log/valid/checkpoint/end/abort."""
+
+    name = "tracker"
+    off = False
+
+    def _call(self, trainer, fn, *args) -> None:
+        if self.off:
+            return
+        try:
+            fn(trainer, *args)
+        except Exception as e:
+            self.off = True
+            print(
+                f"warning: {trainer.run_dir.name}: {self.name} tracking failed ({type(e).__name__}: {e}); "
+                "it is off for the rest of this run, metrics.jsonl goes on",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(Exception):
+                self.abort(trainer)
+
+    def on_train_start(self, trainer):
+        self._call(trainer, self.start)
+
+    def on_log(self, trainer, m):
+        self._call(trainer, self.log, m)
+
+    def on_valid(self, trainer, m):
+        if math.isfinite(m["valid_loss"]):
+            self._call(trainer, self.valid, m)
+
+    def on_checkpoint(self, trainer, path):
+        self._call(trainer, self.checkpoint, path)
+
+    def on_train_end(self, trainer, summary):
+        self._call(trainer, self.end, summary)
+
+    def on_abort(self, trainer):
+        self._call(trainer, self.abort)
+
+    def start(self, trainer) -> None: ...
+    def log(self, trainer, m: dict) -> None: ...
+    def valid(self, trainer, m: dict) -> None: ...
+    def checkpoint(self, trainer, path: Path) -> None: ...
+    def end(self, trainer, summary: dict) -> None: ...
+    def abort(self, trainer) -> None: ...
+
+
+def tracker_ids(run_dir: Path) -> dict:
+    """trackers.json: what names this run in each tracker (a W&B run id, an MLflow run id and store),
+    so a resumed run continues the same tracked run."""
+    path = run_dir / "trackers.json"
+    try:
+        return read_json(path) if path.is_file() else {}
+    except (ValueError, OSError):
+        return {}  # unreadable: the tracked run starts anew rather than the training failing
+
+
+def save_tracker_id(run_dir: Path, name: str, value: dict) -> None:
+    write_json_atomic(run_dir / "trackers.json", {**tracker_ids(run_dir), name: value})
+
+
+@contextlib.contextmanager
+def env(**values: str):
+    """Environment variables set for one call into a tracking library and restored after it, so
+    nothing leaks into the rest of the process (or into what it runs later)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class TensorBoardLogger(Tracker):
     """Every logged metric as a scalar at its step, the validation loss as `valid/loss`, the run's
     config as text. Each step keeps one value, as in metrics.jsonl: a run resumed from its own
     checkpoint writes a purge marker for everything past that step (TensorBoard's purge_step, which
@@ -42,10 +164,12 @@ class TensorBoardLogger(Callback):
     from scratch deletes the events of an earlier start killed before its first checkpoint. Flushed at
     each checkpoint and closed when the run ends or fails."""
 
+    name = "TensorBoard"
+
     def __init__(self, log_dir: Path, writer_cls):
         self.log_dir, self.writer_cls, self.writer = Path(log_dir), writer_cls, None
 
-    def on_train_start(self, trainer):
+    def start(self, trainer):
         resumed = trainer.resumed_from is not None  # not step > 0: a branch starts at its source's step
         if not resumed and self.log_dir.is_dir():
             for f in self.log_dir.glob("events.out.tfevents.*"):
@@ -54,22 +178,20 @@ class TensorBoardLogger(Callback):
         if not resumed:
             self.writer.add_text("config", "```\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
 
-    def on_log(self, trainer, m):
-        for k, v in m.items():
-            if k not in ("step", "start_step") and isinstance(v, int | float) and math.isfinite(v):
-                self.writer.add_scalar(f"train/{k}", v, m["step"])
+    def log(self, trainer, m):
+        for k, v in scalars(m).items():
+            self.writer.add_scalar(k, v, m["step"])
 
-    def on_valid(self, trainer, m):
-        if math.isfinite(m["valid_loss"]):
-            self.writer.add_scalar("valid/loss", m["valid_loss"], m["step"])
+    def valid(self, trainer, m):
+        self.writer.add_scalar("valid/loss", m["valid_loss"], m["step"])
 
-    def on_checkpoint(self, trainer, path):
+    def checkpoint(self, trainer, path):
         self.writer.flush()
 
-    def on_train_end(self, trainer, summary):
-        self.on_abort(trainer)
+    def end(self, trainer, summary):
+        self.abort(trainer)
 
-    def on_abort(self, trainer):
+    def abort(self, trainer):
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            writer.close()
