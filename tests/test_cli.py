@@ -160,6 +160,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
         ood=[_ood_set(tmp_path / "ood")],
     )
     res = quickstart(tmp_path / "qs", **kw)
+    assert (tmp_path / "qs" / "report.html").is_file()  # the quickstart writes its run report
     methods = res["methods"]
     assert set(methods) == {
         "dense",

@@ -9,11 +9,14 @@ import math
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install -e '.[eval]')")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-evaluation-harness not installed (pip install -e '.[eval]')"
+)
 
 from elmforest.clients.lm_eval import ElmforestLM  # noqa: E402 - after the skip
 from elmforest.forest.manifest import Forest  # noqa: E402
 from elmforest.model.build import load_model  # noqa: E402
+from elmforest.utils.errors import UserError  # noqa: E402
 
 QUESTIONS = [
     ("and the lord said unto", ["moses", "lambda", "warranty"], 0),
@@ -37,14 +40,17 @@ def _models(forest_dir):
 
 
 @torch.no_grad()
-def brute_mixture(models, eos: int, ctx: list[int], cont: list[int], prior=None):
-    """(log p(cont | EOS + ctx), greedy) of the Bayes mixture, token by token: each expert runs the whole
-    sequence once, the weights start at the prior and multiply by each token's likelihood."""
+def brute_mixture(models, eos: int, ctx: list[int], cont: list[int], prior=None, fixed=False, window=None):
+    """(log p(cont | EOS + ctx), greedy, last argmax) of the mixture, token by token: each expert runs the whole
+    sequence once (its last `window` + 1 tokens when given), the weights start at the prior and, unless
+    `fixed`, multiply by each token's likelihood."""
     seq = [eos, *ctx, *cont]
+    if window is not None:
+        seq = seq[-(window + 1) :]
     n = len(models)
     full = [torch.log_softmax(m(input_ids=torch.tensor([seq[:-1]])).logits[0].double(), -1) for m in models]
     logw = [math.log(p) for p in (prior or [1.0 / n] * n)]
-    total, greedy = 0.0, True
+    total, greedy, best = 0.0, True, None
     first = len(seq) - 1 - len(cont)
     for t in range(len(seq) - 1):
         z = torch.logsumexp(torch.tensor(logw), 0)
@@ -52,9 +58,11 @@ def brute_mixture(models, eos: int, ctx: list[int], cont: list[int], prior=None)
         if t >= first:
             mix = torch.logsumexp(torch.stack([w[j] + full[j][t] for j in range(n)]), 0)
             total += float(mix[seq[t + 1]])
-            greedy &= int(mix.argmax()) == seq[t + 1]
-        logw = [w[j] + float(full[j][t, seq[t + 1]]) for j in range(n)]
-    return total, greedy
+            best = int(mix.argmax())
+            greedy &= best == seq[t + 1]
+        if not fixed:
+            logw = [w[j] + float(full[j][t, seq[t + 1]]) for j in range(n)]
+    return total, greedy, best  # best: the mixture's argmax at the last position
 
 
 def _write_task(root, name: str, body: dict, rows: list[dict]):
@@ -102,7 +110,7 @@ def test_a_multiple_choice_task_reproduces_the_brute_force_mixture(forest_dir, t
         want = []
         for choice in choices:
             ctx, cont = lm._pair(q, " " + choice)
-            want.append(brute_mixture(models, lm.lm.eos_id, ctx, cont))
+            want.append(brute_mixture(models, lm.lm.eos_id, ctx, cont)[:2])
         got = [r[0] for r in s["resps"]]  # [(loglik, greedy)] per choice
         for (g_ll, g_greedy), (w_ll, w_greedy) in zip((tuple(x) for x in got), want, strict=True):
             assert g_ll == pytest.approx(w_ll, abs=1e-4)
@@ -113,7 +121,9 @@ def test_a_multiple_choice_task_reproduces_the_brute_force_mixture(forest_dir, t
 
 
 def test_topk_runs_only_the_chosen_experts_and_cluster_routes_on_the_context(forest_dir, cluster_forest):
-    lm = ElmforestLM(forest=str(forest_dir), mode="topk", k=2, precision="fp32", experts="code+legal+scripture")
+    lm = ElmforestLM(
+        forest=str(forest_dir), mode="topk", k=2, precision="fp32", experts="code+legal+scripture"
+    )
     assert lm.lm.names == ["code", "legal"]  # uniform prior: the first k (torch.topk's stable order)
     ctx, cont = lm._pair("and the lord said unto", " moses")
     [s] = lm.lm.score([(ctx, cont)])
@@ -128,6 +138,40 @@ def test_topk_runs_only_the_chosen_experts_and_cluster_routes_on_the_context(for
     one = [load_model(Forest.load(cluster_forest).expert_dirs()[run[0]]).eval()]
     assert s.experts == [c.lm.names[run[0]]]
     assert s.continuation == pytest.approx(brute_mixture(one, c.lm.eos_id, ctx, cont)[0], abs=1e-4)
+
+
+def test_scores_match_the_brute_force_with_a_cached_prior_fixed_weights_and_edge_cases(
+    forest_dir, shards_dir
+):
+    models = _models(forest_dir)
+    lm = ElmforestLM(forest=str(forest_dir), precision="fp32", prior="cached", prior_data=str(shards_dir))
+    prior = lm.lm.prior.tolist()
+    assert "valid" in lm.lm.prior_source and max(prior) - min(prior) > 1e-3  # estimated, not uniform
+    fixed = ElmforestLM(
+        forest=str(forest_dir),
+        precision="fp32",
+        prior="cached",
+        prior_data=str(shards_dir),
+        weighting="fixed",
+    )
+    eos = lm.lm.eos_id
+    ctx, cont = lm._pair("and the lord said unto", " moses")
+    long_ctx = lm.lm.encode("def return self import class for in if else " * 20)
+    assert len(long_ctx) > lm.max_length  # the context is cut on the left
+    # the brute force's own greedy choice after the context: a continuation that must be greedy
+    g_tok = brute_mixture(models, eos, ctx, [0], prior=prior)[2]
+    cases = [(ctx, cont), ([], lm.lm.encode("and the lord")), (long_ctx, cont), (ctx, [g_tok])]
+    got = lm.lm.score(cases)
+    got_fixed = fixed.lm.score(cases)
+    for (c, x), s, sf in zip(cases, got, got_fixed, strict=True):
+        want = brute_mixture(models, eos, c, x, prior=prior, window=lm.max_length)
+        assert (s.continuation, s.greedy) == (pytest.approx(want[0], abs=1e-4), want[1])
+        want_f = brute_mixture(models, eos, c, x, prior=prior, fixed=True, window=lm.max_length)
+        assert (sf.continuation, sf.greedy) == (pytest.approx(want_f[0], abs=1e-4), want_f[1])
+    assert got[-1].greedy  # is_greedy can be true, and is
+    assert lm._pair("", "and the lord") == ([], lm.lm.encode("and the lord"))  # no prefix added here
+    with pytest.raises(UserError, match="unknown elmforest model_args"):
+        ElmforestLM(forest=str(forest_dir), weigthing="fixed")
 
 
 def test_rolling_loglikelihood_equals_elmforest_eval(forest_dir, corpus, tmp_path):
@@ -185,16 +229,28 @@ def test_a_rolling_task_reports_the_bits_per_byte_of_its_documents(forest_dir, t
     lm = ElmforestLM(forest=str(forest_dir), precision="fp32")
     nll = sum(lm.lm.rolling_nll(lm.lm.encode(t)) for t in docs)
     nbytes = sum(len(t.encode()) for t in docs)
-    assert res["results"]["ef_ppl"]["bits_per_byte,none"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
+    assert res["results"]["ef_ppl"]["bits_per_byte,none"] == pytest.approx(
+        nll / nbytes / math.log(2), rel=1e-5
+    )
     pairs = [lm._pair(r["text"].rsplit(" ", 1)[0], " " + r["text"].rsplit(" ", 1)[1]) for r in lambada]
     lls = [s.continuation for s in lm.lm.score(pairs)]
-    assert res["results"]["lambada_local"]["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-4)
+    assert res["results"]["lambada_local"]["perplexity,none"] == pytest.approx(
+        math.exp(-sum(lls) / 2), rel=1e-4
+    )
 
 
 def test_generate_until_stops_at_the_stop_sequences_and_is_the_greedy_generation(forest_dir, tmp_path):
     from elmforest.forest.generate import generate
 
     prompts = ["and the lord said", "def return self", "license software"]
+    full = {
+        p: generate(forest_dir, p, max_new_tokens=24, temperature=0.0, precision="fp32").text for p in prompts
+    }
+    # stop strings taken from the generations themselves, so the cut is always exercised: a few
+    # characters from the middle of the first, and one no generation contains
+    first = full[prompts[0]]
+    stops = [first[len(first) // 2 : len(first) // 2 + 3], "\n#never#"]
+    assert stops[0].strip()
     _write_task(
         tmp_path,
         "ef_gen",
@@ -202,27 +258,22 @@ def test_generate_until_stops_at_the_stop_sequences_and_is_the_greedy_generation
             "output_type": "generate_until",
             "doc_to_text": "{{prompt}}",
             "doc_to_target": "{{target}}",
-            "generation_kwargs": {"until": [" the", "\n"], "max_gen_toks": 24, "do_sample": False},
+            "generation_kwargs": {"until": stops, "max_gen_toks": 24, "do_sample": False},
             "metric_list": [{"metric": "exact_match"}],
         },
         [{"prompt": p, "target": "x"} for p in prompts],
     )
     res = _evaluate(tmp_path, f"forest={forest_dir},precision=fp32", ["ef_gen"])
     outs = {s["doc"]["prompt"]: s["resps"][0][0] for s in res["samples"]["ef_gen"]}
-    stopped = 0
     for p in prompts:
-        full = generate(forest_dir, p, max_new_tokens=24, temperature=0.0, precision="fp32").text
-        cut = min([i for i in (full.find(" the"), full.find("\n")) if i >= 0], default=None)
-        want = full if cut is None else full[:cut]
-        stopped += cut is not None
+        cuts = [i for i in (full[p].find(x) for x in stops) if i >= 0]
+        want = full[p][: min(cuts)] if cuts else full[p]
         assert outs[p] == want
-        assert " the" not in outs[p] and "\n" not in outs[p]
-    assert stopped >= 1  # a stop sequence was met somewhere: the cut is exercised
+        assert stops[0] not in outs[p]
+    assert len(outs[prompts[0]]) < len(first)  # the first was cut
 
 
 def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
-    from elmforest.utils.errors import UserError
-
     with pytest.raises(UserError, match="exactly one of forest"):
         ElmforestLM()
     with pytest.raises(UserError, match="unknown mode"):

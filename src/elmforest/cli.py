@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from elmforest.clients import lm_eval_cli
+from elmforest.clients import lm_eval_cli, report_cli, serve_cli
 from elmforest.cluster import cli as cluster_cli
 from elmforest.data import cli as data_cli
 from elmforest.eval import cli as eval_cli
@@ -32,6 +32,8 @@ def build_app():
     merge_cli.register(app)  # merge moe
     cluster_cli.register(app)  # cluster fit|assign
     lm_eval_cli.register(app)  # lm-eval (lm-evaluation-harness with --model elmforest)
+    serve_cli.register(app)  # serve (an OpenAI-compatible HTTP API)
+    report_cli.register(app)  # report (one self-contained HTML page)
     return app
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from elmforest.clients.report import write_report
 from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
 from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards, build_shards
@@ -202,8 +203,10 @@ def quickstart(
     _print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:
         log(f"  - {line}")
+    report = write_report(out)  # one offline HTML page: tables, plots, lineage, curves, ledger
     log(
-        f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}; forest in {forest.root}"
+        f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}, {report}; "
+        f"forest in {forest.root}"
     )
     return results
 

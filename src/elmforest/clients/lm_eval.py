@@ -32,6 +32,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise UserError(f'lm-evaluation-harness is not installed: pip install -e ".[eval]" ({e})') from None
 
 
+# what lm-eval passes every model type besides its model_args
+LM_EVAL_SETTINGS = {"max_batch_size", "device"}
+
+
 def _batch_size(v) -> int:
     """lm-eval passes its --batch_size here: a number, or "auto"/"auto:N" (no probing: 16)."""
     try:
@@ -58,9 +62,13 @@ class ElmforestLM(LM):
         max_length: int | None = None,
         rolling_eos: bool = False,
         routing_temperature: float = 0.1,
-        **_ignored,  # lm-eval's own settings for other model types (max_batch_size, ...)
+        seed: int = 0,
+        **lm_eval_settings,  # lm-eval's own settings that apply to other model types
     ) -> None:
         super().__init__()
+        unknown = sorted(set(lm_eval_settings) - LM_EVAL_SETTINGS)
+        if unknown:  # a misspelt argument would silently evaluate the default mixture
+            raise UserError(f"unknown elmforest model_args: {', '.join(unknown)}")
         if (forest is None) == (model is None):
             raise UserError("elmforest model_args need exactly one of forest=DIR or model=DIR")
         names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts else None
@@ -79,6 +87,7 @@ class ElmforestLM(LM):
         )
         self.batch_size = _batch_size(batch_size)
         self.rolling_eos = bool(rolling_eos)
+        self.seed = int(seed)  # each sampled request takes the next seed: lm-eval's repeats differ
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -88,12 +97,15 @@ class ElmforestLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """model_args win over lm-eval's own settings; lm-eval's default `--device cuda:0` means "the
-        accelerator if there is one" on a machine without CUDA, as its HF model treats it."""
+        """model_args win over lm-eval's own settings; lm-eval's `--device cuda...` on a machine without
+        CUDA falls back to the CPU, as its HF model does."""
+        import torch
+
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         dev = extra.pop("device", None)
         if "device" not in arg_dict and dev is not None:
-            arg_dict = {**arg_dict, "device": "auto" if str(dev).startswith("cuda") else dev}
+            no_cuda = str(dev).startswith("cuda") and not torch.cuda.is_available()
+            arg_dict = {**arg_dict, "device": "auto" if no_cuda else dev}
         return cls(**{**extra, **arg_dict})
 
     @property
@@ -106,12 +118,12 @@ class ElmforestLM(LM):
 
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation) as lm-eval's HF model splits them: trailing spaces of the
-        context move to the continuation, and the continuation is whatever encoding the whole adds."""
+        context move to the continuation, and the continuation is whatever encoding the whole adds. An
+        empty context still encodes to the tokenizer's own prefix (a BOS, if it adds one), so that
+        prefix is context, never part of the scored continuation."""
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
-            return [], self.lm.encode(continuation)
         whole = self.lm.encode(context + continuation)
         ctx = self.lm.encode(context)
         return ctx, whole[len(ctx) :]
@@ -156,7 +168,9 @@ class ElmforestLM(LM):
         if not sample:
             temperature = 0.0
         top_p = float(kw.pop("top_p", 1.0) or 1.0)
-        seed = int(kw.pop("seed", 0) or 0)
+        seed = kw.pop("seed", None)
+        if seed is None:
+            seed, self.seed = self.seed, self.seed + 1
         from elmforest.forest.generate import generate_steps
 
         lm = self.lm
@@ -172,7 +186,7 @@ class ElmforestLM(LM):
             max_new_tokens=max_gen,
             temperature=temperature,
             top_p=top_p,
-            seed=seed,
+            seed=int(seed),
             prior=lm.prior,
             weighting=lm.weighting,
             routing=lm.routing,

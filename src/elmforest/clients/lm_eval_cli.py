@@ -12,7 +12,8 @@ import typer
 def register(app: typer.Typer) -> None:
     app.command(
         "lm-eval",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        # --help too goes to lm-eval: `elmforest lm-eval run --help` shows lm-eval's options
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     )(lm_eval_)
 
 

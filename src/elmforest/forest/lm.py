@@ -28,11 +28,12 @@ from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
 from elmforest.eval.bpb import default_seq_len, n_windows, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
+from elmforest.forest.evaluate import _is_tied, _mixture_nll
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
-from elmforest.model.build import load_model
+from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
 
@@ -67,6 +68,8 @@ class ForestLM:
     prior_source: str = "uniform"
     routing_temperature: float = 0.1
     info: dict = field(default_factory=dict)
+    _router: object = None  # c-BTM's incremental router, built on first use and reset per request
+    _cluster_ctx: object = None  # evaluation's c-BTM routing for rolling scoring, built once
 
     @property
     def eos_id(self) -> int:
@@ -87,13 +90,22 @@ class ForestLM:
         """(pool indices to run, their prior [n], weighting) for a request with this context.
 
         cluster routes on the context's embedding; its weights are fixed while scoring (c-BTM routes a
-        whole sequence once), the other modes start every request from the prior."""
+        whole sequence once), the other modes start every request from the prior. A tf-idf clusterer
+        reads the tokens through the incremental router evaluation uses (built once); a clusterer with
+        a sentence-embedding model embeds the decoded context."""
         if self.routing is None:
             return list(range(len(self.names))), self.prior, self.weighting
-        router = self.routing.incremental_router(self.tok)
-        for t in [self.eos_id, *context]:
-            router.push_token(t)
-        w = torch.as_tensor(self.routing.context_weights(router), dtype=torch.float64)
+        if self.routing.clusterer.embedder is not None:
+            z, ok = self.routing.clusterer.embed([self.tok.decode(context)])
+            w_np = self.routing.expert_weights(z, ok)[0]
+        else:
+            if self._router is None:
+                self._router = self.routing.incremental_router(self.tok)
+            self._router.reset()
+            for t in [self.eos_id, *context]:
+                self._router.push_token(t)
+            w_np = self.routing.context_weights(self._router)
+        w = torch.as_tensor(w_np, dtype=torch.float64)
         idx = torch.nonzero(w > 0).flatten().tolist()
         return idx, w[idx], "fixed"
 
@@ -168,24 +180,24 @@ class ForestLM:
         """Summed NLL (nats) of a whole document in `elmforest eval`'s non-overlapping windows, with its
         posterior (document reset) or c-BTM routing, so its bits per byte are the evaluation's. With
         `eos` the document's closing EOS is predicted too, as evaluation counts it."""
-        from elmforest.forest.evaluate import _mixture_nll
 
         stream = np.asarray([*ids, *([self.eos_id] if eos else [])], dtype=np.int64)
         if len(stream) == 0:
             return 0.0
         nw = n_windows(len(stream), self.seq_len)
         if self.routing is not None:
-            ctx = ClusterContext(
-                self.forest,
-                self.names,
-                None,
-                self.k,
-                self.routing_temperature,
-                "sequence",
-                self.seq_len,
-                tok=self.tok,
-            )
-            return ctx.nll(self.pool, stream, nw)[0]
+            if self._cluster_ctx is None:
+                self._cluster_ctx = ClusterContext(
+                    self.forest,
+                    self.names,
+                    None,
+                    self.k,
+                    self.routing_temperature,
+                    "sequence",
+                    self.seq_len,
+                    tok=self.tok,
+                )
+            return self._cluster_ctx.nll(self.pool, stream, nw)[0]
         starts = doc_starts(stream, self.eos_id, self.seq_len, nw)
         nll, _, _ = _mixture_nll(
             self.pool,
@@ -239,12 +251,15 @@ def open_lm(
         if not names:
             raise UserError(f"{path}: the forest has no experts")
         dirs = [forest.expert_dir(n) for n in names]
-    elif (path / "config.json").is_file():
-        forest, names, dirs = None, [path.name], [path]
+    elif (path / "config.json").is_file() or (path / "model" / "config.json").is_file():
+        mdir = resolve_model_dir(path)  # a checkpoint, or a run directory's final model
+        forest, names, dirs = None, [path.name], [mdir]
         if mode == "cluster":
             raise UserError(f"{path}: a single checkpoint has no clusterer; cluster routing needs a forest")
     else:
-        raise UserError(f"{path}: neither a forest (forest.json) nor a checkpoint (config.json)")
+        raise UserError(
+            f"{path}: neither a forest (forest.json) nor a checkpoint (config.json) or run directory"
+        )
     seq_len = seq_len or default_seq_len(dirs[0])
     dev = resolve_device(device)
     pool = ExpertPool(dirs, dev, resolve_precision(precision, dev))
@@ -270,7 +285,11 @@ def open_lm(
         lm.routing = ClusterRouting(forest, names, k, routing_temperature)
     elif mode == "average" and len(names) > 1:
         model = load_model(dirs[0])
-        model.load_state_dict(average_state_dict(dirs, pi.tolist()), strict=False)
+        missing, unexpected = model.load_state_dict(average_state_dict(dirs, pi.tolist()), strict=False)
+        if unexpected or any(not _is_tied(model, m) for m in missing):
+            raise UserError(
+                f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
+            )
         lm.pool = ExpertPool(dirs[:1], dev, pool.amp, _models={0: model.to(dev).eval()})
         lm.names, lm.prior = [f"average({', '.join(names)})"], torch.ones(1, dtype=torch.float64)
     return lm

@@ -1,0 +1,350 @@
+"""`elmforest report`: one self-contained HTML page about a run, to read or to send to someone.
+
+From a quickstart's output dir: the results tables (bits per byte per domain per method, in and out
+of domain, each arm's training FLOPs as the quickstart prints them), their plots, the cached priors,
+posteriors and MoE routing as domain x expert heatmaps, the forest's lineage, every run's training
+curves and the FLOPs ledger. From a bare forest dir: what exists (lineage, curves, ledger), and a
+note of what is absent. The page fetches nothing (inline PNGs, inline CSS, no scripts, and a
+Content-Security-Policy that forbids any request), so it opens the same offline or as an attachment.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+import elmforest
+from elmforest.clients import report_plots as plots
+from elmforest.clients.report_data import Sources, forest_runs, lineage, locate, moe_runs, seed_steps
+from elmforest.clients.report_html import absent, bullets, esc, image, page, para, section, slug, table
+from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark
+from elmforest.forest.manifest import Forest
+from elmforest.utils.io import read_json, write_text_atomic
+
+SETS = (("in_domain", "methods", "in-domain"), ("ood", "ood_methods", "out-of-domain"))
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of the quickstart or forest dir `path` to `out` (default: path/report.html)."""
+    out = Path(out) if out is not None else Path(path) / "report.html"
+    write_text_atomic(out, render_report(path))
+    return out
+
+
+def render_report(path: str | Path) -> str:
+    src = locate(path)
+    sections = [("overview", "Overview", _overview(src))]
+    if src.results is not None:
+        sections += [
+            ("results", "Results", _results(src.results)),
+            ("priors", "Priors, posteriors and routing", _priors(src)),
+        ]
+    elif src.moes:
+        sections.append(("priors", "MoE routing", _priors(src)))
+    sections += [
+        ("lineage", "Lineage", _lineage(src)),
+        ("curves", "Training curves", _curves(src)),
+        ("ledger", "FLOPs ledger", _ledger(src)),
+    ]
+    if src.results is not None:
+        sections.append(("protocol", "Protocol", _protocol(src.results)))
+    if src.absent:
+        sections.append(("absent", "Absent", absent(src.absent, "absent-list")))
+    title = f"elmforest run report: {src.root.resolve().name}"
+    sub = [
+        f"{src.root} ({'quickstart output' if src.kind == 'quickstart' else 'forest'}); written "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by elmforest {elmforest.__version__}"
+    ]
+    return page(title, sub, [(sid, t, section(sid, t, [body])) for sid, t, body in sections])
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def _overview(src: Sources) -> str:
+    r = src.results
+    items = []
+    for f in src.forests:
+        seed = "a seed" if f.data.get("seed") else "no seed"
+        items.append(
+            f"forest {f.root.name}/: {len(f.names)} expert(s) and {seed}; seed and experts trained with "
+            f"{f.total_flops():.4e} FLOPs"
+        )
+    items += [f"merged MoE: {m.name}" for m in src.moes]
+    body = [bullets(items)]
+    if r is None:  # said first, not only at the bottom: the page lacks its main tables
+        body.insert(0, absent([src.absent[0]], "no-results") if src.absent else "")
+    if r is not None:
+        secs = r.get("seconds")
+        body.insert(
+            0, para(f"preset {r.get('preset', '?')}" + (f"; {secs:.0f} s end to end" if secs else ""))
+        )
+        if r.get("findings"):
+            body.append("<h3>Findings (as the quickstart states them)</h3>")
+            body.append(bullets(r["findings"], "findings"))
+    return "".join(body)
+
+
+def _results(r: dict) -> str:
+    compute = r.get("compute") or {}
+    body = []
+    for _, key, label in SETS:
+        methods = r.get(key)
+        if not methods:
+            body.append(para(f"no {label} results in results.json"))
+            continue
+        body.append(_results_table(f"results-{slug(label)}", label, methods, compute))
+        png = plots.bars_png(methods, f"{label} bits per byte by domain (lower is better)")
+        body.append(image(png, f"{label} bits per byte by domain and method", f"plot-{slug(label)}"))
+    return "".join(body)
+
+
+def _results_table(tid: str, label: str, methods: dict, compute: dict) -> str:
+    names = list(methods)
+    domains = sorted({d for m in methods.values() for d in m["domains"]})
+    rows = [[d, *(methods[m]["domains"].get(d, {}).get("bpb") for m in names)] for d in domains]
+    rows.append(["mean", *(methods[m].get("mean_bpb") for m in names)])
+    classes = {}
+    for i, row in enumerate(rows):
+        vals = [v for v in row[1:] if isinstance(v, (int, float))]
+        for j, v in enumerate(row[1:], start=1):
+            if vals and v == min(vals):
+                classes[(i, j)] = "best"
+    ratios = compute.get("methods") or {}
+    dense = compute.get("dense_flops")
+    sums = [rows.pop()]
+    if ratios:
+        marks = [flops_mark(ratios.get(m)) for m in names]
+        sums.append(["train FLOPs / dense", *marks])
+        for j, mark in enumerate(marks, start=1):
+            if mark.endswith("!"):
+                classes[(len(rows) + 1, j)] = "flag"
+        if dense:
+            sums.append(["train FLOPs", *(ratios[m] * dense if m in ratios else None for m in names)])
+    caption = f"{label} bits per byte (test splits; lower is better; best of each row shaded)"
+    html = table(tid, caption, ["domain", *names], rows, sums, classes)
+    notes = []
+    for m, v in methods.items():
+        gone = v.get("missing") or {}
+        if gone:
+            notes.append(
+                f"{m}: left out of the table and the mean: "
+                + ", ".join(f"{d} ({w})" for d, w in gone.items())
+            )
+    if any(isinstance(v, float) and abs(v - 1) > FLOPS_TOLERANCE for v in ratios.values()):
+        notes.append(
+            f"'!': this arm's training FLOPs differ from the dense baseline's by more than {FLOPS_TOLERANCE:.0%}: "
+            "not a compute-matched comparison"
+        )
+    return html + "".join(para(n) for n in notes)
+
+
+def _matrix(rows_of: dict) -> tuple[list[str], list[str], np.ndarray]:
+    rows = list(rows_of)
+    cols: list[str] = []
+    for v in rows_of.values():
+        cols += [c for c in v if c not in cols]
+    m = np.full((len(rows), len(cols)), np.nan)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            x = rows_of[r].get(c)
+            if isinstance(x, (int, float)):
+                m[i, j] = x
+    return rows, cols, m
+
+
+def _priors(src: Sources) -> str:
+    r, body = src.results, []
+    if r is not None:
+        for where, key, label in SETS:
+            methods = r.get(key) or {}
+            prior_tab = (r.get("priors") or {}).get(where) or {}
+            panels = []
+            if prior_tab:
+                panels.append(("cached prior (valid split)", {d: v["prior"] for d, v in prior_tab.items()}))
+            for m in ("ensemble", "ensemble_uniform"):
+                if (methods.get(m) or {}).get("posterior"):
+                    panels.append((f"{m}: mean posterior (test split)", methods[m]["posterior"]))
+            if not panels:
+                continue
+            body.append(f"<h3>{esc(label)}</h3>")
+            png = plots.heatmaps_png([(t, *_matrix(tab)) for t, tab in panels])
+            body.append(
+                image(png, f"{label} priors and posteriors, domains x experts", f"heatmap-{slug(label)}")
+            )
+            if prior_tab:
+                rows = [[d, v.get("expert"), v.get("weight"), v.get("source")] for d, v in prior_tab.items()]
+                cap = f"{label}: the cached prior's largest entry per domain"
+                body.append(
+                    table(
+                        f"priors-{slug(label)}", cap, ["domain", "expert", "weight", "estimated from"], rows
+                    )
+                )
+    routing = []
+    for m in src.moes:
+        f = m / "routing.json"
+        if not f.is_file():
+            src.absent.append(
+                f"{m.name}: no routing.json (written by `elmforest merge routing`), so no routing heatmap"
+            )
+            continue
+        stats = read_json(f)
+        names = stats.get("experts", [])
+        tab = {
+            d: dict(zip(names, v.get("load_mean", []), strict=False))
+            for d, v in stats.get("domains", {}).items()
+        }
+        if tab:
+            routing.append((f"{m.name}: share of routed tokens ({stats.get('split', '?')} split)", tab))
+    if routing:
+        body.append("<h3>merged MoE routing</h3>")
+        body.append(
+            para("each domain's tokens: the share sent to each expert, top-k slots averaged over layers")
+        )
+        for title, tab in routing:
+            png = plots.heatmaps_png([(title, *_matrix(tab))])
+            body.append(image(png, title, f"heatmap-routing-{slug(title.split(':')[0])}"))
+    return "".join(body) or para("no priors, posteriors or routing statistics recorded")
+
+
+def _lineage(src: Sources) -> str:
+    body = []
+    for f in src.forests:
+        body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
+        nodes, edges = lineage(f)
+        if nodes:
+            body.append(
+                image(
+                    plots.lineage_png(nodes, edges),
+                    f"lineage of {f.root.name}",
+                    f"lineage-{slug(f.root.name)}",
+                )
+            )
+        seed = f.data.get("seed")
+        rows = []
+        if seed:
+            rows.append(
+                ["seed", "(mixed)", "-", seed.get("source", ""), seed.get("tokens"), seed.get("flops")]
+            )
+        for e in f.experts:
+            parents = (
+                ", ".join(f"{p['name']} x{p.get('weight', 1.0):.3f}" for p in e.get("parents", [])) or "-"
+            )
+            rows.append(
+                [
+                    e["name"],
+                    ", ".join(e.get("domains", [])),
+                    e.get("branch", "-"),
+                    parents,
+                    e.get("tokens"),
+                    e.get("flops"),
+                ]
+            )
+        header = ["name", "domains", "branch", "branched from (name x weight)", "tokens", "FLOPs"]
+        body.append(
+            table(f"lineage-{slug(f.root.name)}-table", f"{f.root.name}: seed and experts", header, rows)
+        )
+        if f.removed:
+            body.append(para("opted out (forest remove): " + ", ".join(f.removed)))
+    return "".join(body) or para("no forest")
+
+
+def _curves(src: Sources) -> str:
+    body = []
+    for f in src.forests:
+        runs, gone = forest_runs(f)
+        src.absent.extend(gone)
+        if not runs:
+            continue
+        body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
+        marks = {"seed ends": seed_steps(f)} if f.data.get("seed") and seed_steps(f) else None
+        body.append(
+            image(
+                plots.curves_png(runs, marks),
+                f"training curves of {f.root.name}",
+                f"curves-{slug(f.root.name)}",
+            )
+        )
+        body.append(_runs_table(f"runs-{slug(f.root.name)}", f"{f.root.name}: runs", runs))
+    runs, gone = moe_runs(src.moes)
+    src.absent.extend(gone)
+    if runs:
+        body.append("<h3>merged MoE stages</h3>")
+        body.append(image(plots.curves_png(runs), "training curves of the MoE stages", "curves-moe"))
+        body.append(_runs_table("runs-moe", "MoE stages: runs", runs))
+    return "".join(body) or para("no run directories with metrics to plot")
+
+
+def _runs_table(tid: str, caption: str, runs: list[dict]) -> str:
+    rows = [
+        [
+            r["name"],
+            r["role"],
+            r["last_step"],
+            r["tokens"],
+            r["flops"],
+            r["loss"][-1] if r["loss"] else None,
+            r["valid_loss"][-1] if r["valid_loss"] else None,
+            f"{r['wall_s']:.0f}" if isinstance(r["wall_s"], (int, float)) else None,
+            "finished" if r["done"] else "not finished",
+        ]
+        for r in runs
+    ]
+    header = [
+        "run",
+        "role",
+        "last step",
+        "tokens",
+        "FLOPs",
+        "last loss",
+        "last valid loss",
+        "seconds",
+        "state",
+    ]
+    return table(tid, caption, header, rows)
+
+
+def _ledger(src: Sources) -> str:
+    body = []
+    compute = (src.results or {}).get("compute") or {}
+    for i, f in enumerate(src.forests):
+        body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
+        if i == 0 and compute.get("ledger"):
+            rows, dense = compute["ledger"], compute.get("dense_flops")
+        else:
+            rows, dense = f.ledger(), _dense_flops(f)
+            if dense and i == 0:
+                rows = [*rows, {"phase": "dense", "name": "dense", "flops": dense}]
+        table_rows = [
+            [
+                p.get("phase"),
+                p.get("name"),
+                p.get("tokens"),
+                p.get("flops"),
+                (p.get("flops") or 0) / dense if dense else None,
+            ]
+            for p in rows
+        ]
+        total = [
+            ["forest (seed + experts)", "", None, f.total_flops(), f.total_flops() / dense if dense else None]
+        ]
+        header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
+        cap = f"{f.root.name}: every training phase, counted by what ran"
+        body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
+    arms = compute.get("arms")
+    if arms and compute.get("dense_flops"):
+        rows = [[a, v, flops_mark(v / compute["dense_flops"])] for a, v in arms.items()]
+        body.append(table("arms", "training FLOPs of each arm", ["arm", "FLOPs", "/ dense"], rows))
+    return "".join(body) or para("no forest, so no ledger")
+
+
+def _dense_flops(f: Forest) -> float | None:
+    p = f.root / "runs" / "dense" / "summary.json"
+    s = read_json(p) if p.is_file() else None
+    return s.get("flops") if isinstance(s, dict) else None
+
+
+def _protocol(r: dict) -> str:
+    rows = [[f"protocol.{k}", v] for k, v in (r.get("protocol") or {}).items()]
+    rows += [[f"plan.{k}", v] for k, v in (r.get("plan") or {}).items()]
+    return table("protocol-table", "how the numbers above were measured", ["setting", "value"], rows)

@@ -1,0 +1,235 @@
+"""What the run report reads: a quickstart's output dir (results.json, its forests, its merged MoEs)
+or a bare forest dir, and each run's metrics. Only reads: a report never changes what it describes.
+
+Anything missing is recorded as a sentence for the page ("absent"), never an error: a forest that
+is still training, or one whose experts came from elsewhere, still gets a report of what exists."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import NotFound, UserError
+from elmforest.utils.io import read_json
+
+
+@dataclass
+class Sources:
+    root: Path
+    kind: str  # "quickstart" or "forest"
+    results: dict | None
+    forests: list[Forest]  # the main forest first, then ablation forests (random splits, clusters)
+    moes: list[Path]  # merged MoE dirs (elmforest_moe.json) made from the main forest
+    absent: list[str] = field(default_factory=list)
+
+
+def locate(path: str | Path) -> Sources:
+    """Read a quickstart output dir or a forest dir; which one is decided by what it holds."""
+    root = Path(path)
+    if not root.is_dir():
+        raise NotFound(f"{root}: no such directory (give a quickstart --out dir or a forest dir)")
+    if (root / "forest.json").is_file():
+        src = Sources(root, "forest", None, [Forest.load(root)], [])
+        src.absent.append(
+            f"{root} is a forest dir, not a quickstart output dir: no results.json, so no results tables, "
+            "results plots, priors or posteriors (run `elmforest quickstart`, or `elmforest report` on its "
+            "--out dir, for those)"
+        )
+    elif (root / "results.json").is_file() or (root / "forest" / "forest.json").is_file():
+        results = _results(root / "results.json")
+        forests = [Forest.load(d) for d in _forest_dirs(root)]
+        src = Sources(root, "quickstart", results, forests, [])
+        if results is None:
+            src.absent.append(
+                f"{root / 'results.json'}: not written yet (the quickstart has not finished its "
+                "evaluation): no results tables, results plots, priors or posteriors"
+            )
+        if not forests:
+            src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
+    else:
+        raise UserError(
+            f"{root}: neither a quickstart output dir (results.json or forest/forest.json in it) nor a "
+            "forest dir (forest.json in it)"
+        )
+    src.moes = _moe_dirs(root if src.kind == "quickstart" else None, src.forests[:1])
+    return src
+
+
+def _results(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    r = read_json(path)
+    if not isinstance(r, dict) or not isinstance(r.get("methods"), dict):
+        raise UserError(f"{path}: not a quickstart results file (no 'methods' table in it)")
+    return r
+
+
+def _forest_dirs(root: Path) -> list[Path]:
+    main = [root / "forest"] if (root / "forest" / "forest.json").is_file() else []
+    others = sorted(d for d in root.glob("forest-*") if (d / "forest.json").is_file())
+    return main + others
+
+
+def _moe_dirs(root: Path | None, forests: list[Forest]) -> list[Path]:
+    found = sorted(p for p in root.glob("moe*") if (p / "elmforest_moe.json").is_file()) if root else []
+    names = {p.name for p in found}
+    for f in forests:  # merged elsewhere but recorded in the manifest (it must delete them on opt-out)
+        for o in f.data.get("outputs", []):
+            p = Path(o["path"])
+            # the manifest names absolute paths: a copied or moved quickstart dir holds its own MoEs
+            if o.get("kind") == "moe" and p.name not in names and (p / "elmforest_moe.json").is_file():
+                found.append(p)
+                names.add(p.name)
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete JSON lines of a log (a run still writing may leave a partial last line)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    by_step = {}
+    for r in rows:
+        if isinstance(r.get("step"), int) and isinstance(r.get(key), (int, float)):
+            by_step[r["step"]] = float(r[key])  # a resumed run rewrites steps: the last one counts
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def read_run(run_dir: Path, name: str, role: str) -> dict:
+    """A run's curves and totals: training loss per logged step (metrics.jsonl), validation loss
+    (valid.jsonl), and its summary.json when it finished."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    steps, loss = _series(metrics, "loss")
+    valid_steps, valid_loss = _series(read_jsonl(run_dir / "valid.jsonl"), "valid_loss")
+    summary = {}
+    if (run_dir / "summary.json").is_file():
+        s = read_json(run_dir / "summary.json")
+        summary = s if isinstance(s, dict) else {}
+    last = metrics[-1] if metrics else {}
+    return {
+        "name": name,
+        "role": role,
+        "dir": run_dir,
+        "steps": steps,
+        "loss": loss,
+        "valid_steps": valid_steps,
+        "valid_loss": valid_loss,
+        "done": bool(summary),
+        "last_step": summary.get("steps", steps[-1] if steps else None),
+        "tokens": summary.get("tokens", last.get("tokens")),
+        "flops": summary.get("flops", last.get("flops")),
+        "wall_s": summary.get("wall_s", last.get("elapsed_s")),
+    }
+
+
+def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
+    """The run dirs under the forest's runs/ (the dense run, whose first part is the seed, then each
+    expert), and what is absent."""
+    runs_dir = forest.root / "runs"
+    if not runs_dir.is_dir():
+        return [], [f"{runs_dir}: no run directories, so no training curves (experts added from elsewhere?)"]
+    names = {e.get("run", f"runs/{e['name']}"): e["name"] for e in forest.experts}
+    runs, absent = [], []
+    dirs = sorted((d for d in runs_dir.iterdir() if d.is_dir()), key=lambda d: (d.name != "dense", d.name))
+    for d in dirs:
+        if not (d / "metrics.jsonl").is_file():
+            absent.append(f"{d}: no metrics.jsonl (the run has not logged a step)")
+            continue
+        if d.name == "dense":
+            role = "seed, then dense baseline" if forest.data.get("seed") else "dense baseline"
+        else:
+            role = "expert" if f"runs/{d.name}" in names else "run (not an expert of the forest now)"
+        runs.append(read_run(d, d.name, role))
+    return runs, absent
+
+
+def moe_runs(moes: list[Path]) -> tuple[list[dict], list[str]]:
+    """The MoE stages' runs (router training, BTX fine-tuning) whose run dirs were kept."""
+    runs, absent = [], []
+    for m in moes:
+        meta = read_json(m / "elmforest_moe.json")
+        for key, role in (("router_training", "MoE router training"), ("finetuning", "MoE fine-tune (BTX)")):
+            stage = meta.get(key) if isinstance(meta, dict) else None
+            if not isinstance(stage, dict):
+                continue
+            run = stage.get("run")
+            if run and (Path(run) / "metrics.jsonl").is_file():
+                runs.append(read_run(Path(run), f"{m.name} ({role})", role))
+            else:
+                absent.append(
+                    f"{m.name}: the {role}'s run directory was not kept (the quickstart trains it in a "
+                    "scratch dir), so its training curve is absent; its tokens and FLOPs are in the ledger"
+                )
+    return runs, absent
+
+
+def seed_steps(forest: Forest) -> int | None:
+    plan = forest.data.get("plan") or {}
+    total, share = plan.get("total_steps"), plan.get("seed_share")
+    if isinstance(total, int) and isinstance(share, (int, float)):
+        return round(total * share)
+    return None
+
+
+def lineage(forest: Forest) -> tuple[list[dict], list[tuple[str, str, float, str | None]]]:
+    """Nodes and edges of the forest's family tree. An expert sits one column right of its furthest
+    parent; a parent the forest no longer holds (an opted-out expert, an outside source) sits in the
+    first column; merged outputs (MoEs) come last, fed by the experts they were made from."""
+    experts = {e["name"]: e for e in forest.experts}
+    col: dict[str, int] = {}
+
+    def column(name: str, trail: tuple = ()) -> int:
+        if name in col:
+            return col[name]
+        e = experts.get(name)
+        if e is None or name in trail:  # outside the forest, or a malformed loop: a root
+            return 0
+        parents = [p["name"] for p in e.get("parents", [])]
+        col[name] = 1 + max((column(p, (*trail, name)) for p in parents), default=0)
+        return col[name]
+
+    nodes: dict[str, dict] = {}
+    if forest.data.get("seed"):
+        s = forest.data["seed"]
+        nodes["seed"] = {"name": "seed", "label": f"seed\n{s.get('tokens', 0):,} tokens", "column": 0}
+    edges = []
+    for name, e in experts.items():
+        nodes[name] = {
+            "name": name,
+            "label": f"{name}\n{e.get('tokens', 0):,} tokens",
+            "column": column(name),
+            "color": "#e8eef7" if e.get("branch", "seed") == "seed" else "#e6f4ea",
+        }
+        parents = e.get("parents", [])
+        for p in parents:
+            if p["name"] not in nodes and p["name"] not in experts:
+                gone = p["name"] in forest.removed
+                label = f"{p['name']}\n(opted out)" if gone else p["name"]
+                nodes[p["name"]] = {"name": p["name"], "label": label, "column": 0, "color": "#f3f3f3"}
+            w = float(p.get("weight", 1.0))
+            edges.append((p["name"], name, w, None if len(parents) == 1 and w == 1.0 else f"{w:.2f}"))
+    last = max((n["column"] for n in nodes.values()), default=0) + 1
+    for o in forest.data.get("outputs", []):
+        made = [x for x in o.get("experts", []) if x in nodes]
+        if o.get("kind") != "moe" or not made:
+            continue
+        name = Path(o["path"]).name
+        nodes[f"out:{name}"] = {"name": f"out:{name}", "label": f"{name}\n(merged MoE)", "column": last}
+        nodes[f"out:{name}"]["color"] = "#fbeee0"
+        edges += [(x, f"out:{name}", 1.0 / len(made), None) for x in made]
+    ordered = sorted(nodes.values(), key=lambda n: n["column"])
+    return ordered, edges

@@ -1,0 +1,170 @@
+"""The OpenAI completions protocol, checked at the door: a request is parsed and validated in full
+(types, ranges, the context window) before any work is queued, so a bad request costs no model time
+and gets the error object OpenAI's clients expect, `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5, vLLM 20)
+MAX_N = 16  # choices per prompt
+MAX_STOPS = 16
+
+
+class ApiError(Exception):
+    """An error answered to the client; the server keeps serving."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Prompt:
+    text: str  # what echo returns: the prompt as sent, or the decoded ids of a token-id prompt
+    ids: list[int]  # the document's body (no EOS: generation puts the opening EOS in front)
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[Prompt]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    seed: int = 0
+    n: int = 1
+    include_usage: bool = False
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _get(body: dict, key: str, default, check, what: str):
+    v = body.get(key)
+    if v is None:
+        return default
+    if not check(v):
+        raise ApiError(f"'{key}' must be {what}, got {v!r}", key)
+    return v
+
+
+def _prompts(raw, lm, vocab: int) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids or a list of lists of token ids."""
+
+    def ids_prompt(ids) -> Prompt:
+        if not ids or not all(_is_int(t) and 0 <= t < vocab for t in ids):
+            raise ApiError(f"a token-id prompt must be a non-empty list of ids in [0, {vocab})", "prompt")
+        return Prompt(lm.tok.decode(ids), list(ids))
+
+    if isinstance(raw, str):
+        return [Prompt(raw, lm.encode(raw))]
+    if isinstance(raw, list) and raw:
+        if all(isinstance(p, str) for p in raw):
+            return [Prompt(p, lm.encode(p)) for p in raw]
+        if all(_is_int(t) for t in raw):
+            return [ids_prompt(raw)]
+        if all(isinstance(p, list) for p in raw):
+            return [ids_prompt(p) for p in raw]
+    raise ApiError(
+        "'prompt' must be a string, a non-empty list of strings, a list of token ids or a list of such lists",
+        "prompt",
+    )
+
+
+UNSUPPORTED = {"suffix": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
+
+
+def parse_completion(body, lm, model_name: str, vocab: int) -> CompletionRequest:
+    """The request, checked against the served model `lm` (a ForestLM, whose tokenizer alone is used
+    here: the models belong to the engine's thread) of `vocab` tokens; ApiError if anything is off."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError("you must provide a model parameter (a string)", "model")
+    if model != model_name:
+        raise ApiError(
+            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            "model",
+            404,
+            "model_not_found",
+        )
+    for key, neutral in UNSUPPORTED.items():
+        if body.get(key) not in (None, neutral, {}):
+            raise ApiError(f"'{key}' is not supported by this server", key)
+    if "prompt" not in body:
+        raise ApiError("you must provide a prompt", "prompt")
+    req = CompletionRequest(prompts=_prompts(body["prompt"], lm, vocab))
+    req.max_tokens = _get(body, "max_tokens", 16, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    req.echo = _get(body, "echo", False, lambda v: isinstance(v, bool), "true or false")
+    req.stream = _get(body, "stream", False, lambda v: isinstance(v, bool), "true or false")
+    req.temperature = float(
+        _get(body, "temperature", 1.0, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    )
+    req.top_p = float(_get(body, "top_p", 1.0, lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"))
+    req.logprobs = _get(
+        body,
+        "logprobs",
+        None,
+        lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
+        f"an integer in [0, {MAX_LOGPROBS}]",
+    )
+    req.n = _get(body, "n", 1, lambda v: _is_int(v) and 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
+    best_of = _get(body, "best_of", req.n, _is_int, "an integer")
+    if best_of != req.n:
+        raise ApiError("'best_of' other than n is not supported by this server", "best_of")
+    seed = _get(body, "seed", None, _is_int, "an integer")
+    req.seed = secrets.randbits(63) if seed is None else seed % 2**63
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and not (
+        isinstance(stops, list) and len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)
+    ):
+        raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    req.stop = list(stops or [])
+    opts = _get(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object")
+    if opts and not req.stream:
+        raise ApiError("'stream_options' is only allowed with stream: true", "stream_options")
+    req.include_usage = bool(opts.get("include_usage", False))
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(
+            "'max_tokens' must be at least 1 (0 only with echo, to score the prompt)", "max_tokens"
+        )
+    for p in req.prompts:
+        if len(p.ids) > lm.seq_len:
+            raise ApiError(
+                f"this model's maximum context length is {lm.seq_len} tokens, however the prompt has "
+                f"{len(p.ids)} tokens",
+                "prompt",
+                code="context_length_exceeded",
+            )
+        if len(p.ids) + req.max_tokens > lm.seq_len:
+            raise ApiError(
+                f"this model's maximum context length is {lm.seq_len} tokens, however you requested "
+                f"{len(p.ids) + req.max_tokens} tokens ({len(p.ids)} in the prompt, {req.max_tokens} for "
+                "the completion); reduce the prompt or max_tokens",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+    return req

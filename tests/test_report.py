@@ -1,0 +1,348 @@
+"""The run report (`elmforest report`, issue 15): one self-contained HTML page, built from real parts
+of a tiny run (the shared forest, a merged MoE, the quickstart's own evaluation) and loaded in
+headless Chromium: it renders, every table is there with the numbers of results.json, the browser
+logs nothing and the page requests nothing; names are escaped; a bare forest dir gives a report of
+what exists that says the results are absent."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from elmforest.clients import report_cli
+from elmforest.clients.report import render_report, write_report
+from elmforest.utils.argtypes import group
+from elmforest.utils.errors import UserError
+
+IN_TABLES = ["results-in-domain", "priors-in-domain", "lineage-forest-table", "runs-forest", "ledger-forest"]
+QS_TABLES = [*IN_TABLES, "results-out-of-domain", "priors-out-of-domain", "arms", "protocol-table"]
+
+
+@pytest.fixture(scope="module")
+def qs_dir(forest_dir, shards_dir, tmp_path_factory) -> Path:
+    """A quickstart output dir made of real parts, cheaper than a quickstart run (test_cli.py runs
+    that, report.html included): the shared tiny forest, a merged MoE with its routing statistics,
+    and results.json assembled as the quickstart assembles it from the same evaluation
+    (compare.evaluate_methods), in domain and on one domain standing in for an out-of-domain set."""
+    from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
+    from elmforest.data.shards import Shards
+    from elmforest.forest.manifest import Forest
+    from elmforest.merge.moe import MoeSpec, export_moe
+    from elmforest.merge.routing import write_routing
+
+    qs = tmp_path_factory.mktemp("report") / "qs"
+    shutil.copytree(forest_dir, qs / "forest")  # the shared fixture stays as it is
+    forest, shards = Forest.load(qs / "forest"), Shards(shards_dir)
+    export_moe(forest, qs / "moe", MoeSpec(sample_tokens=512))
+    write_routing(qs / "moe", shards.root, tokens=1024)
+    common = {"split": "test", "domains": shards.domains, "seq_len": 64, "batch_size": 16, "max_bytes": 3000}
+    pools, models = {}, {"moe": qs / "moe"}
+    methods, _ = evaluate_methods(forest, shards, common, 1, pools, {}, models)
+    ood, _ = evaluate_methods(forest, shards, {**common, "domains": ["legal"]}, 1, pools, {}, models)
+    arms = arm_flops(forest, {}, {})
+    flops = method_flops(methods, arms)
+    compute = {
+        "dense_flops": arms["dense"],
+        "forest_flops": arms["forest"],
+        "forest_over_dense": arms["forest"] / arms["dense"],
+        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
+        "arms": arms,
+        "methods": flops,
+        "tolerance": 0.01,
+    }
+    results = {
+        "methods": methods,
+        "ood_methods": ood,
+        "protocol": {"split": "test", "eval_bytes": 3000, "prior_batches": 1},
+        "priors": {"in_domain": priors_table(methods), "ood": priors_table(ood)},
+        "compute": compute,
+        "findings": findings(methods, ood, flops),
+        "plan": forest.data["plan"],
+        "preset": "tiny",
+    }
+    (qs / "results.json").write_text(json.dumps(results))
+    write_report(qs)
+    return qs
+
+
+class _Page(HTMLParser):
+    """Every tag's attributes, table ids and captions, and the text of each table's cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.attrs: list[tuple[str, dict]] = []
+        self.tables: dict[str, str] = {}
+        self.cells: dict[str, list[list[str]]] = {}
+        self._table = self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.attrs.append((tag, a))
+        if tag == "table":
+            self._table = a.get("id")
+            self.tables[self._table], self.cells[self._table] = "", []
+        elif tag == "tr" and self._table:
+            self.cells[self._table].append([])
+        elif tag in ("caption", "td", "th") and self._table:
+            self._in = tag
+            if tag != "caption":
+                self.cells[self._table][-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        if tag in ("caption", "td", "th"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == "caption":
+            self.tables[self._table] += data
+        elif self._in:
+            self.cells[self._table][-1][-1] += data
+
+
+def _parse(html: str) -> _Page:
+    p = _Page()
+    p.feed(html)
+    return p
+
+
+def _no_outside_references(page: _Page) -> None:
+    for tag, a in page.attrs:
+        assert tag not in ("script", "link", "iframe", "object", "embed"), f"<{tag}> in a self-contained page"
+        for k in ("src", "href", "srcset", "action", "data"):
+            v = a.get(k)
+            if v is not None:
+                assert v.startswith(("data:image/png;base64,", "#")), f"<{tag} {k}={v[:60]!r}>"
+
+
+def test_the_report_holds_every_table_and_the_results_numbers(qs_dir):
+    html = (qs_dir / "report.html").read_text(encoding="utf-8")
+    results = json.loads((qs_dir / "results.json").read_text())
+    page = _parse(html)
+    assert set(QS_TABLES) <= set(page.tables), sorted(page.tables)
+    assert all(page.tables[t].strip() for t in QS_TABLES)
+    _no_outside_references(page)
+    # the in-domain table holds results.json's bits per byte, method by method, domain by domain
+    header, *rows = page.cells["results-in-domain"]
+    methods = header[1:]
+    assert methods == list(results["methods"])
+    by_domain = {r[0]: r[1:] for r in rows}
+    for m_i, m in enumerate(methods):
+        for d, v in results["methods"][m]["domains"].items():
+            assert by_domain[d][m_i] == f"{v['bpb']:.4f}", (m, d)
+        assert by_domain["mean"][m_i] == f"{results['methods'][m]['mean_bpb']:.4f}"
+        ratio = results["compute"]["methods"][m]
+        assert by_domain["train FLOPs / dense"][m_i] == f"{ratio:.3f}" + (
+            "!" if abs(ratio - 1) > 0.01 else ""
+        )
+    # the ledger lists every phase the quickstart counted, then the forest's total
+    names = [r[1] for r in page.cells["ledger-forest"][1:]]
+    assert names == [p["name"] for p in results["compute"]["ledger"]] + [""]
+    assert page.cells["ledger-forest"][-1][0] == "forest (seed + experts)"
+    # images: the two results plots, heatmaps, lineage, curves, routing; each a decodable PNG
+    ids = {a.get("id") for tag, a in page.attrs if tag == "img"}
+    assert {
+        "plot-in-domain",
+        "plot-out-of-domain",
+        "heatmap-in-domain",
+        "lineage-forest",
+        "curves-forest",
+    } <= ids
+    assert any(i.startswith("heatmap-routing-") for i in ids)
+
+
+def test_a_bare_forest_dir_reports_what_exists_and_says_results_are_absent(qs_dir, tmp_path):
+    out = write_report(qs_dir / "forest", tmp_path / "f.html")
+    page = _parse(out.read_text(encoding="utf-8"))
+    assert {"lineage-forest-table", "runs-forest", "ledger-forest"} <= set(page.tables)
+    assert not any(t.startswith(("results-", "priors-")) for t in page.tables)
+    text = out.read_text(encoding="utf-8")
+    assert 'id="absent-list"' in text and "no results.json" in text
+    # the seed and each expert are in the lineage table, the dense run among the curves' runs
+    lineage = [r[0] for r in page.cells["lineage-forest-table"][1:]]
+    assert lineage[0] == "seed" and set(lineage[1:]) == {"scripture", "code", "legal"}
+    assert "dense" in [r[0] for r in page.cells["runs-forest"][1:]]
+    _no_outside_references(page)
+
+
+def _synthetic_results(root: Path, domain: str) -> Path:
+    """A results.json with the quickstart's structure (two methods, priors, compute), no training."""
+    experts = ["a", domain]
+    posterior = {domain: {"a": 0.25, domain: 0.75}}
+    methods = {
+        "dense": {"domains": {domain: {"bpb": 2.5}}, "mean_bpb": 2.5, "missing": {}},
+        "ensemble": {
+            "domains": {domain: {"bpb": 2.25}},
+            "mean_bpb": 2.25,
+            "missing": {},
+            "posterior": posterior,
+        },
+    }
+    prior = {
+        domain: {
+            "expert": domain,
+            "weight": 0.75,
+            "source": f"{domain}/valid: 2 windows",
+            "prior": posterior[domain],
+        }
+    }
+    results = {
+        "methods": methods,
+        "ood_methods": None,
+        "priors": {"in_domain": prior, "ood": None},
+        "compute": {"dense_flops": 100, "methods": {"dense": 1.0, "ensemble": 1.0}, "ledger": [], "arms": {}},
+        "findings": [f"{domain} wins"],
+        "protocol": {"note": domain},
+        "plan": {"domains": experts},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(results))
+    return root
+
+
+def test_names_are_escaped(tmp_path):
+    evil = "<script>alert('x')</script>&"
+    html = render_report(_synthetic_results(tmp_path / "qs", evil))
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;" in html
+    page = _parse(html)
+    assert page.cells["results-in-domain"][1][0] == evil  # the parser reads back the name as given
+    assert "no forest" in html  # results without their forest: said, not an error
+
+
+def test_the_verb_and_its_errors(qs_dir, tmp_path):
+    app = group("test")
+    report_cli.register(app)
+    app.callback()(lambda: None)  # keep `report` a verb of the group (one command would become the root)
+    out = tmp_path / "r" / "page.html"
+    res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and str(out) in res.output
+    assert not list(out.parent.glob(".*")), "a temporary file was left beside the report"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: neither a quickstart output dir"):
+        render_report(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a quickstart results file"):
+        render_report(tmp_path / "bad")
+
+
+# -- in a real browser ------------------------------------------------------------------------------
+def _browser():
+    exe = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
+    driver = shutil.which("chromedriver")
+    if not exe or not driver:
+        pytest.skip("no headless Chromium here (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (the report extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = exe
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(options=opts, service=Service(driver))
+
+
+def test_the_page_renders_in_chromium_without_errors_or_requests(qs_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for a driver online
+    from_file = _parse((qs_dir / "report.html").read_text(encoding="utf-8"))
+    browser = _browser()
+    try:
+        browser.get((qs_dir / "report.html").resolve().as_uri())
+        from selenium.webdriver.common.by import By
+
+        for tid in QS_TABLES:  # every table in the DOM the browser built, with its caption
+            caption = browser.find_element(By.CSS_SELECTOR, f"table#{tid} > caption").text
+            assert caption and caption == from_file.tables[tid].strip(), tid
+        images = browser.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= 6
+        for img in images:  # each inline PNG decoded (a broken one has no natural width)
+            assert (
+                browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+            )
+        shot = tmp_path / "page.png"
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+        console = browser.get_log("browser")
+        assert console == [], console  # no errors, no warnings, no messages at all
+        urls = []
+        for entry in browser.get_log("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg["method"] == "Network.requestWillBeSent":
+                urls.append(msg["params"]["request"]["url"])
+        page_url = (qs_dir / "report.html").resolve().as_uri()
+        assert urls and all(u == page_url or u.startswith("data:") for u in urls), urls
+        assert not [u for u in urls if re.match(r"(https?|wss?|ftp)://", u)]
+    finally:
+        browser.quit()
+
+
+def test_lineage_places_branches_right_of_their_parents_and_keeps_mixture_weights(tmp_path):
+    from elmforest.clients.report_data import lineage
+    from elmforest.clients.report_plots import lineage_png
+    from elmforest.forest.manifest import Forest
+
+    def expert(name, parents, branch="seed"):
+        return {
+            "name": name,
+            "domains": [name],
+            "tokens": 10,
+            "flops": 1,
+            "branch": branch,
+            "parents": parents,
+        }
+
+    data = {
+        "seed": {"path": "seed", "tokens": 100, "flops": 5},
+        "experts": [
+            expert("a", [{"name": "seed", "weight": 1.0}]),
+            expert("mix", [{"name": "a", "weight": 0.3}, {"name": "b", "weight": 0.7}], "mixture"),
+            expert("b", [{"name": "seed", "weight": 1.0}]),
+            expert("orphan", [{"name": "gone", "weight": 1.0}], "expert:gone"),
+        ],
+        "removed": [{"name": "gone"}],
+        "outputs": [{"path": str(tmp_path / "moe"), "kind": "moe", "experts": ["a", "b"]}],
+    }
+    nodes, edges = lineage(Forest(tmp_path, data))
+    col = {n["name"]: n["column"] for n in nodes}
+    assert col == {"seed": 0, "a": 1, "b": 1, "mix": 2, "orphan": 1, "gone": 0, "out:moe": 3}
+    assert ("a", "mix", 0.3, "0.30") in edges and ("b", "mix", 0.7, "0.70") in edges
+    assert ("seed", "a", 1.0, None) in edges and ("gone", "orphan", 1.0, None) in edges
+    assert {e[:2] for e in edges if e[1] == "out:moe"} == {("a", "out:moe"), ("b", "out:moe")}
+    assert "opted out" in next(n["label"] for n in nodes if n["name"] == "gone")
+    assert lineage_png(nodes, edges)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_or_still_writing_run_reads_as_one_curve(tmp_path):
+    from elmforest.clients.report_data import read_run
+
+    rows = [
+        {"step": 2, "loss": 5.0},
+        {"step": 4, "loss": 4.0},
+        {"step": 4, "loss": 3.5},
+        {"step": 6, "loss": 3.0},
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + '\n{"step": 8, "lo'  # a partial last line
+    (tmp_path / "metrics.jsonl").write_text(text)
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"step": 6, "valid_loss": 3.2}) + "\n")
+    run = read_run(tmp_path, "r", "expert")
+    assert run["steps"] == [2, 4, 6] and run["loss"] == [5.0, 3.5, 3.0]  # a rewritten step: the last
+    assert run["valid_steps"] == [6] and run["valid_loss"] == [3.2]
+    assert run["done"] is False and run["last_step"] == 6

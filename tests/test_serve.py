@@ -1,0 +1,329 @@
+"""The OpenAI-compatible server, through the official `openai` client: it samples what `generate`
+samples, scores what `ForestLM.score` and Bayes' rule score, streams what it answers whole, never lets
+text past a stop string, loses no concurrent request, stops working for a client that left, and answers
+every bad request with a 4xx error object while it keeps serving."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from elmforest.clients.server import Background, create_app  # noqa: E402
+from elmforest.clients.server_engine import _hold_back  # noqa: E402
+from elmforest.forest.generate import generate, generate_steps, sample_token  # noqa: E402
+from elmforest.forest.lm import open_lm  # noqa: E402
+from elmforest.forest.manifest import Forest  # noqa: E402
+from elmforest.model.build import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(forest_dir):
+    lm = open_lm(forest_dir, device="cpu", precision="fp32")
+    bg = Background(create_app(lm, max_active=8))
+    client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    yield lm, bg, client
+    bg.close()
+
+
+def _gen(forest_dir, prompt, n):
+    return generate(forest_dir, prompt, max_new_tokens=n, temperature=0, device="cpu", precision="fp32")
+
+
+def test_greedy_completions_are_generates_and_streams_concatenate(served, forest_dir):
+    lm, bg, c = served
+    prompts = ["the lord", "def return self"]
+    r = c.completions.create(model="f", prompt=prompts, max_tokens=10, temperature=0, logprobs=3)
+    assert r.object == "text_completion" and r.model == "f" and r.id.startswith("cmpl-")
+    for i, p in enumerate(prompts):
+        g = _gen(forest_dir, p, 10)
+        ch = r.choices[i]
+        assert ch.index == i and ch.text == g.text
+        assert ch.finish_reason == ("stop" if g.token_ids[-1] == lm.eos_id else "length")
+        lp = ch.logprobs  # the chosen tokens with their mixture log-probs, as generate() reports them
+        n_text = len(g.token_ids) - (g.token_ids[-1] == lm.eos_id)
+        assert "".join(lp.tokens) == ch.text and len(lp.tokens) == n_text
+        assert lp.token_logprobs == pytest.approx(g.logprobs[:n_text], abs=1e-6)
+        for tok, top, v in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs, strict=True):
+            assert len(top) == 3 and top[tok] == pytest.approx(v) and max(top.values()) == pytest.approx(v)
+        assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(lp.tokens))]
+        s = c.completions.create(
+            model="f",
+            prompt=p,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(s)
+        assert "".join(x.choices[0].text for x in chunks[:-1]) == g.text
+        assert chunks[-2].choices[0].finish_reason == ch.finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(g.token_ids)
+    used = sum(len(lm.encode(p)) for p in prompts)
+    assert r.usage.prompt_tokens == used and r.usage.total_tokens == used + r.usage.completion_tokens
+
+
+def test_stop_strings_cut_the_text_also_across_tokens_while_streaming(served, forest_dir):
+    lm, bg, c = served
+    full = _gen(forest_dir, "the lord", 12).text
+    stop = full[3:7]  # spans a token boundary (tokens here are 2-6 characters)
+    want = full[: full.find(stop)]
+    r = c.completions.create(model="f", prompt="the lord", max_tokens=12, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    s = c.completions.create(
+        model="f", prompt="the lord", max_tokens=12, temperature=0, stop=stop, stream=True
+    )
+    pieces = [x.choices[0].text for x in s]
+    assert "".join(pieces) == want and all(stop not in "".join(pieces[:k]) for k in range(len(pieces) + 1))
+    assert (
+        _hold_back("ab\ufffd", []) == 1 and _hold_back("xx ab", ["abc"]) == 2 and _hold_back("x", ["y"]) == 0
+    )
+
+
+def test_echo_scores_the_prompt_as_score_and_bayes_rule_do(served, forest_dir):
+    lm, bg, c = served
+    prompt = "the lord said unto moses"
+    ids = lm.encode(prompt)
+    r = c.completions.create(model="f", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt)
+    lp = ch.logprobs
+    assert (
+        "".join(lp.tokens[: len(ids)]) == prompt
+        and lp.token_logprobs[0] is None
+        and lp.top_logprobs[0] is None
+    )
+    scored = lm.score([([], ids)], want_vocab=True)[0]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(scored.logprobs[1:], abs=1e-6)
+    # brute force: every expert reads EOS + prompt without any cache; the weights are the uniform prior
+    # times each expert's likelihood of the text before; the greedy first new token is the argmax after it
+    forest = Forest.load(forest_dir)
+    seq = torch.tensor([[lm.eos_id, *ids]])
+    with torch.no_grad():
+        per = torch.stack([
+            torch.log_softmax(load_model(forest.expert_dir(n)).eval()(input_ids=seq).logits[0].double(), -1)
+            for n in lm.names
+        ])  # fmt: skip
+    tgt = torch.nn.functional.pad(
+        per[:, :-1].gather(-1, seq[0, 1:].expand(len(lm.names), -1)[..., None])[..., 0], (0, 1)
+    )
+    log_w = torch.log_softmax(torch.cumsum(tgt, -1) - tgt, dim=0)  # [N, T]: Bayes over the prefix
+    mix = torch.logsumexp(log_w[..., None] + per, 0)  # [T, V]: the mixture after each token read
+    want = [*mix[:-1].gather(-1, seq[0, 1:, None])[:, 0].tolist(), float(mix[-1].max())]
+    assert lp.token_logprobs[1 : len(ids) + 1] == pytest.approx(want[1:], abs=1e-4)
+    assert lp.tokens[len(ids)] == lm.tok.decode([int(mix[-1].argmax())])
+    for i, top in enumerate(lp.top_logprobs[1 : len(ids)], start=1):
+        assert max(top.values()) == pytest.approx(float(mix[i].max()), abs=1e-4) and 2 <= len(top) <= 3
+    s = c.completions.create(model="f", prompt=prompt, max_tokens=2, temperature=0, echo=True, stream=True)
+    assert "".join(x.choices[0].text for x in s) == ch.text
+    only = c.completions.create(model="f", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == prompt and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+
+
+def test_concurrent_requests_are_all_answered_as_if_alone(served):
+    """20 requests at once (8 decoded together, 12 waiting): each generation keeps its own KV caches
+    while they interleave, so sampled and greedy answers are those of the same requests one by one."""
+    lm, bg, c = served
+    asks = [
+        dict(prompt=p, temperature=t, seed=s)
+        for p in ("the lord", "license", "def")
+        for t, s in ((0, 0), (1.0, 7))
+    ]
+    alone = [c.completions.create(model="f", max_tokens=8, **a).choices[0].text for a in asks]
+    out: dict[int, str] = {}
+
+    def ask(i):
+        out[i] = c.completions.create(model="f", max_tokens=8, **asks[i % len(asks)]).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [out.get(i) for i in range(20)] == [alone[i % len(asks)] for i in range(20)]
+    assert httpx.get(bg.url + "/health").json()["active"] == 0
+
+
+def _slow(lm, delay=0.03):
+    step = lm.pool.next_logprobs
+
+    def slow(j, ids):
+        time.sleep(delay)
+        return step(j, ids)
+
+    lm.pool.next_logprobs = slow
+
+
+def _settles(engine, limit):
+    """The engine's step count stops growing, below `limit`."""
+    time.sleep(0.5)
+    before = engine.steps
+    time.sleep(0.5)
+    return engine.steps == before < limit
+
+
+def test_a_client_that_leaves_stops_its_work(forest_dir):
+    lm = open_lm(forest_dir, device="cpu", precision="fp32")
+    _slow(lm)  # ~0.1 s a step: 60 steps would take 6 s
+    bg = Background(create_app(lm))
+    try:
+        body = {"model": "f", "prompt": "the", "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as h, h.stream("POST", bg.url + "/v1/completions", json=body) as r:
+            lines = itertools.islice(r.iter_lines(), 6)
+            assert sum(line.startswith("data: {") for line in lines) >= 2
+        assert _settles(bg.app.state.engine, 30) and lm.pool._decoding == {}  # its KV caches freed
+        steps = bg.app.state.engine.steps
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the server notices while it waits
+            httpx.post(bg.url + "/v1/completions", json={**body, "stream": False}, timeout=0.6)
+        assert _settles(bg.app.state.engine, steps + 30)
+        ok = httpx.post(
+            bg.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=30
+        )
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        bg.close()
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
+    lm, bg, c = served
+    url, good = bg.url + "/v1/completions", {"model": "f", "prompt": "the"}
+    long_prompt = "the lord said unto moses " * 20
+    assert len(lm.encode(long_prompt)) > lm.seq_len
+    bad = [
+        ({**good, "model": "gpt-4"}, 404, "model"),
+        ({"prompt": "the"}, 400, "model"),
+        ({"model": "f"}, 400, "prompt"),
+        ({**good, "max_tokens": -1}, 400, "max_tokens"),
+        ({**good, "max_tokens": 0}, 400, "max_tokens"),
+        ({**good, "max_tokens": 10**9}, 400, "max_tokens"),
+        ({**good, "max_tokens": "10"}, 400, "max_tokens"),
+        ({**good, "max_tokens": 2.5}, 400, "max_tokens"),
+        ({**good, "temperature": -0.5}, 400, "temperature"),
+        ({**good, "temperature": "hot"}, 400, "temperature"),
+        ({**good, "top_p": 0}, 400, "top_p"),
+        ({**good, "top_p": 1.5}, 400, "top_p"),
+        ({**good, "prompt": long_prompt}, 400, "prompt"),
+        ({**good, "prompt": 5}, 400, "prompt"),
+        ({**good, "prompt": []}, 400, "prompt"),
+        ({**good, "prompt": [1, 10**6]}, 400, "prompt"),
+        ({**good, "stop": 3}, 400, "stop"),
+        ({**good, "stop": [""]}, 400, "stop"),
+        ({**good, "echo": "yes"}, 400, "echo"),
+        ({**good, "logprobs": 1000}, 400, "logprobs"),
+        ({**good, "n": 0}, 400, "n"),
+        ({**good, "best_of": 3}, 400, "best_of"),
+        ({**good, "suffix": "x"}, 400, "suffix"),
+        ({**good, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ([good], 400, None),
+    ]
+    for body, status, param in bad:
+        r = httpx.post(url, json=body, timeout=30)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"]) == (status, param), (body, r.text)
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    for raw in (b"{", b"\xff\xfe", b""):
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.get(bg.url + "/v1/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x")
+    assert httpx.get(bg.url + "/health").json()["status"] == "ok"
+    assert (
+        c.completions.create(model="f", prompt=[3, 4], max_tokens=2, n=2, temperature=0).choices[1].index == 1
+    )
+
+
+def test_models_lists_the_served_model(served):
+    lm, bg, c = served
+    assert [m.id for m in c.models.list().data] == ["f"]
+    assert c.models.retrieve("f").owned_by == "elmforest"
+    h = httpx.get(bg.url + "/health").json()
+    assert h["experts"] == lm.names and h["mode"] == "ensemble"
+
+
+def test_top_p_samples_only_the_nucleus_renormalised():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_token(probs.log(), 1.0, 0.7, gen) for _ in range(3000)])
+    assert set(draws.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: two tokens in the nucleus
+    assert (draws == 0).double().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert {sample_token(probs.log(), 1.0, 1e-9, gen) for _ in range(50)} == {0}
+    assert sample_token(probs.log(), 0.0, 0.5, gen) == 0
+
+
+def test_generate_steps_opens_the_document_with_eos_and_frees_its_caches(forest_dir):
+    lm = open_lm(forest_dir, device="cpu", precision="fp32")
+    body = lm.encode("the lord")
+
+    def run(ids, n=5):
+        return [s[0] for s in generate_steps(lm.pool, lm.tok, ids, lm.names, max_new_tokens=n, temperature=0)]
+
+    assert run(body) == run([lm.eos_id, *body]) == _gen(forest_dir, "the lord", 5).token_ids
+    steps = generate_steps(lm.pool, lm.tok, body, lm.names, max_new_tokens=50, temperature=0)
+    next(steps)
+    assert lm.pool._decoding  # its KV caches, while it runs
+    steps.close()
+    assert lm.pool._decoding == {}
+
+
+def test_one_checkpoint_is_served_as_its_own_greedy_decode(forest_dir):
+    expert = Forest.load(forest_dir).expert_dir("code")
+    lm = open_lm(expert, device="cpu", precision="fp32")
+    bg = Background(create_app(lm, name="solo"))
+    try:
+        c = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["solo"]
+        r = c.completions.create(model="solo", prompt="def return", max_tokens=6, temperature=0)
+        m, seq = load_model(expert).eval(), [lm.eos_id, *lm.encode("def return")]
+        with torch.no_grad():  # no KV cache: the argmax of the whole sequence at every step
+            for _ in range(6):
+                seq.append(int(m(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == lm.eos_id:
+                    break
+        assert r.choices[0].text == lm.tok.decode(
+            [t for t in seq[len(lm.encode("def return")) + 1 :] if t != lm.eos_id]
+        )
+    finally:
+        bg.close()
+
+
+def test_the_serve_verb_starts_prints_its_address_and_stops_on_ctrl_c(forest_dir):
+    args = ["serve", "--forest", str(forest_dir), "--port", "0", "--device", "cpu", "--name", "ff"]
+    code = (  # the real command line (with `serve` registered, should elmforest.cli not do it yet)
+        "from elmforest.cli import build_app; from elmforest.clients import serve_cli; app = build_app()\n"
+        "if 'serve' not in [c.name for c in app.registered_commands]: serve_cli.register(app)\n"
+        f"app(args={[*args, '--mode', 'topk', '--k', '2']!r}, prog_name='elmforest')"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("serving 'ff' (topk: ") and line.rstrip().endswith("/v1"), line
+        url = line.split(" at ")[1].strip()
+        assert [m["id"] for m in httpx.get(url + "/models").json()["data"]] == ["ff"]
+        r = httpx.post(
+            url + "/completions", json={"model": "ff", "prompt": "the", "max_tokens": 3}, timeout=30
+        )
+        assert r.status_code == 200 and len(json.loads(r.text)["choices"]) == 1
+        os.kill(p.pid, signal.SIGINT)
+        assert p.wait(timeout=20) in (0, 130)  # 130: stopped by Ctrl-C, after a clean shutdown
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
