@@ -580,6 +580,9 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     ft = tmp_path / "ft"
     meta = json.loads((ft / "elmforest_moe.json").read_text())["finetuning"]
     assert meta["router_aux_loss"] == 0.01 and meta["trainable"] is None and meta["steps"] == 3
+    # the scratch run is gone, its record is not: metrics and TensorBoard events beside the result
+    logged = [json.loads(x)["step"] for x in (ft / "train_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == 3 and any((ft / "train_logs" / "tensorboard").iterdir())
     with ExitStack() as st:
         a, b = LazyWeights(moe, st), LazyWeights(ft, st)
         unchanged = [k for k in a.keys() if torch.equal(a.get(k), b.get(k))]

@@ -129,23 +129,27 @@ def test_the_report_holds_every_table_and_the_results_numbers(qs_dir):
     assert set(QS_TABLES) <= set(page.tables), sorted(page.tables)
     assert all(page.tables[t].strip() for t in QS_TABLES)
     _no_outside_references(page)
-    # the in-domain table holds results.json's bits per byte, method by method, domain by domain
-    header, *rows = page.cells["results-in-domain"]
-    methods = header[1:]
-    assert methods == list(results["methods"])
-    by_domain = {r[0]: r[1:] for r in rows}
-    for m_i, m in enumerate(methods):
-        for d, v in results["methods"][m]["domains"].items():
-            assert by_domain[d][m_i] == f"{v['bpb']:.4f}", (m, d)
-        assert by_domain["mean"][m_i] == f"{results['methods'][m]['mean_bpb']:.4f}"
-        ratio = results["compute"]["methods"][m]
-        assert by_domain["train FLOPs / dense"][m_i] == f"{ratio:.3f}" + (
-            "!" if abs(ratio - 1) > 0.01 else ""
-        )
+    # both results tables hold results.json's bits per byte, method by method, domain by domain
+    for tid, key in (("results-in-domain", "methods"), ("results-out-of-domain", "ood_methods")):
+        header, *rows = page.cells[tid]
+        methods = header[1:]
+        assert methods == list(results[key]), tid
+        by_domain = {r[0]: r[1:] for r in rows}
+        for m_i, m in enumerate(methods):
+            for d, v in results[key][m]["domains"].items():
+                assert by_domain[d][m_i] == f"{v['bpb']:.4f}", (tid, m, d)
+            assert by_domain["mean"][m_i] == f"{results[key][m]['mean_bpb']:.4f}", (tid, m)
+            ratio = results["compute"]["methods"][m]
+            assert by_domain["train FLOPs / dense"][m_i] == f"{ratio:.3f}" + (
+                "!" if abs(ratio - 1) > 0.01 else ""
+            )
     # the ledger lists every phase the quickstart counted, then the forest's total
     names = [r[1] for r in page.cells["ledger-forest"][1:]]
     assert names == [p["name"] for p in results["compute"]["ledger"]] + [""]
     assert page.cells["ledger-forest"][-1][0] == "forest (seed + experts)"
+    assert page.cells["ledger-forest"][-1][3] == f"{results['compute']['forest_flops']:.3e}" or results[
+        "compute"
+    ]["forest_flops"] == pytest.approx(float(page.cells["ledger-forest"][-1][3]))
     # images: the two results plots, heatmaps, lineage, curves, routing; each a decodable PNG
     ids = {a.get("id") for tag, a in page.attrs if tag == "img"}
     assert {

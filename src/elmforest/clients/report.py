@@ -104,13 +104,18 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict) -> str:
     domains = sorted({d for m in methods.values() for d in m["domains"]})
     rows = [[d, *(methods[m]["domains"].get(d, {}).get("bpb") for m in names)] for d in domains]
     rows.append(["mean", *(methods[m].get("mean_bpb") for m in names)])
+    ratios = compute.get("methods") or {}
+    # "best" only among the arms at the dense run's compute or less (a flagged arm used more), by the
+    # value as printed, so arms that tie on the page are shaded alike
+    fair = [not flops_mark(ratios.get(m)).endswith("!") for m in names]
     classes = {}
     for i, row in enumerate(rows):
-        vals = [v for v in row[1:] if isinstance(v, (int, float))]
-        for j, v in enumerate(row[1:], start=1):
-            if vals and v == min(vals):
+        vals = [
+            round(v, 4) for v, ok in zip(row[1:], fair, strict=True) if ok and isinstance(v, (int, float))
+        ]
+        for j, (v, ok) in enumerate(zip(row[1:], fair, strict=True), start=1):
+            if ok and vals and isinstance(v, (int, float)) and round(v, 4) == min(vals):
                 classes[(i, j)] = "best"
-    ratios = compute.get("methods") or {}
     dense = compute.get("dense_flops")
     sums = [rows.pop()]
     if ratios:
@@ -309,8 +314,10 @@ def _ledger(src: Sources) -> str:
     compute = (src.results or {}).get("compute") or {}
     for i, f in enumerate(src.forests):
         body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
-        if i == 0 and compute.get("ledger"):
-            rows, dense = compute["ledger"], compute.get("dense_flops")
+        total_flops = f.total_flops()
+        if i == 0 and compute.get("ledger"):  # the results' own ledger and total: the page never mixes
+            rows, dense = compute["ledger"], compute.get("dense_flops")  # them with a forest changed since
+            total_flops = compute.get("forest_flops", total_flops)
         else:
             rows, dense = f.ledger(), _dense_flops(f)
             if dense and i == 0:
@@ -325,9 +332,7 @@ def _ledger(src: Sources) -> str:
             ]
             for p in rows
         ]
-        total = [
-            ["forest (seed + experts)", "", None, f.total_flops(), f.total_flops() / dense if dense else None]
-        ]
+        total = [["forest (seed + experts)", "", None, total_flops, total_flops / dense if dense else None]]
         header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
         cap = f"{f.root.name}: every training phase, counted by what ran"
         body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))

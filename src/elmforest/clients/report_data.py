@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.forest.manifest import Forest
-from elmforest.utils.errors import NotFound, UserError
+from elmforest.utils.errors import ElmforestError, NotFound, UserError
 from elmforest.utils.io import read_json
 
 
@@ -39,8 +39,13 @@ def locate(path: str | Path) -> Sources:
         )
     elif (root / "results.json").is_file() or (root / "forest" / "forest.json").is_file():
         results = _results(root / "results.json")
-        forests = [Forest.load(d) for d in _forest_dirs(root)]
-        src = Sources(root, "quickstart", results, forests, [])
+        forests, unreadable = [], []
+        for d in _forest_dirs(root):
+            try:
+                forests.append(Forest.load(d))
+            except (ElmforestError, OSError) as e:  # one broken ablation forest must not lose the page
+                unreadable.append(f"{d}: not readable as a forest ({e}); left out")
+        src = Sources(root, "quickstart", results, forests, unreadable)
         if results is None:
             src.absent.append(
                 f"{root / 'results.json'}: not written yet (the quickstart has not finished its "

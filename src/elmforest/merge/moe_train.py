@@ -189,6 +189,7 @@ def _train_moe(
     with undone_on_failure(tmp, out):
         _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
+        _keep_logs(run_dir, out)
         remove_path(run_dir)
     return out
 
@@ -204,6 +205,24 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run
         forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
         forest.record_output(run_dir, kind, names)
         forest.record_output(out, "moe", names)
+
+
+LOGS = ("metrics.jsonl", "valid.jsonl", "trackers.json", "tensorboard", "wandb", "mlruns")
+
+
+def _keep_logs(run_dir: Path, out: Path) -> None:
+    """The scratch run is deleted, its training record is not: its metrics and tracker output (TensorBoard
+    events, an offline W&B run to sync, an MLflow store) move to OUT/train_logs/."""
+    import shutil
+
+    logs = [run_dir / n for n in LOGS if (run_dir / n).exists()]
+    if not logs:
+        return
+    dst = out / "train_logs"
+    dst.mkdir(exist_ok=True)
+    for src in logs:
+        remove_path(dst / src.name)
+        shutil.move(str(src), str(dst / src.name))
 
 
 def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):

@@ -33,7 +33,7 @@ def tracker_callbacks(names: list[str], run_dir: Path) -> list[Callback]:
     if "tensorboard" in names:
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # missing, or broken (a protobuf conflict): train without it
+        except Exception as e:  # missing, or broken (a protobuf conflict raises TypeError): train without it
             print(
                 f"{run_dir.name}: TensorBoard unavailable ({e}); metrics go to metrics.jsonl only "
                 "(pip install tensorboard; train.trackers=[] silences this)",
@@ -58,7 +58,7 @@ def require(name: str):
     would silently go untracked is worse than one that does not start."""
     try:
         return importlib.import_module(name)
-    except ImportError as e:
+    except Exception as e:  # missing, or broken on import (a protobuf conflict): not usable either way
         raise UserError(
             f"train.trackers includes {name}, but {name} cannot be imported ({e}): "
             f'pip install -e ".[{EXTRAS[name]}]", or drop it from train.trackers'
