@@ -420,6 +420,12 @@ def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir,
         [tok.decode(ids[:2].tolist()), tok.decode(ids[len(ids) - 3 : len(ids) - 1].tolist())]
     )
     assert np.allclose(z, want, atol=1e-6) and ok.all()
+    # generation and lm-eval/server scoring push tokens one at a time: the same embedding of the context
+    router.reset()
+    for t in ids[: len(ids) - 1].tolist():
+        router.push_token(t)
+    h, h_ok = router.embedding()
+    assert h_ok and np.allclose(h, want[1], atol=1e-6)
     (enc_dir / "config.json").write_text(
         (enc_dir / "config.json").read_text().replace('"hidden_act"', '"x": 1, "hidden_act"')
     )

@@ -578,3 +578,15 @@ def test_concurrent_adds_keep_both_and_opt_out_is_durable(forest_dir, shards_dir
     with pytest.raises(ValueError, match="opted out"):  # a job that was already running cannot re-add it
         g.add(src.expert_dir(victim), victim, [victim])
     assert victim not in Forest.load(tmp_path / "g").names
+
+
+def test_a_tiny_temperature_samples_the_argmax_and_top_p_keeps_the_nucleus():
+    from elmforest.forest.generate import sample_token
+
+    mix = torch.log_softmax(torch.tensor([0.1, 2.0, 1.9, -3.0], dtype=torch.float64), 0)
+    gen = torch.Generator().manual_seed(0)
+    assert all(sample_token(mix, t, 1.0, gen) == 1 for t in (0.0, 1e-320, 1e-6))  # never NaN
+    # token 1 holds 0.485 of the mass: top_p 0.4 keeps it alone, 0.5 adds token 2 (0.439), never 0 or 3
+    assert {sample_token(mix, 1.0, 0.4, gen) for _ in range(50)} == {1}
+    assert {sample_token(mix, 1.0, 0.5, gen) for _ in range(200)} == {1, 2}
+    assert len({sample_token(mix, 1.0, 1.0, gen) for _ in range(200)}) >= 2

@@ -61,6 +61,7 @@ class IncrementalRouter:
         self.u = np.zeros(self.c.dims)
         self.fragment = ""
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text: list[str] = []  # the document's text, for an embedding-model clusterer
 
     def _delta(self, word: str) -> np.ndarray | float:
         """How u changes when `word` is counted once more (0 for words the clusterer ignores)."""
@@ -79,6 +80,9 @@ class IncrementalRouter:
             self.counts[term] += 1
 
     def push_text(self, text: str) -> None:
+        if self.c.embedder is not None:  # no word statistics to update: the text is re-embedded
+            self.text.append(text)
+            return
         s = self.fragment + text
         words = WORD.findall(s)
         if words and WORD.search(s[-1:] or " "):  # the text ends inside a word: keep it open
@@ -95,7 +99,14 @@ class IncrementalRouter:
         self.push_text(self._utf8.decode(self.token_bytes[token_id]))
 
     def embedding(self) -> tuple[np.ndarray, bool]:
-        """(unit vector, ok) of everything pushed since the last reset; ok=False when no known word."""
+        """(unit vector, ok) of everything pushed since the last reset; ok=False when no known word.
+
+        An embedding-model clusterer cannot be updated word by word: its sentence encoder re-embeds the
+        text so far (the same embedding `route_stream` and evaluation use), so generation and scoring
+        follow the context with either kind of clusterer."""
+        if self.c.embedder is not None:
+            z, ok = self.c.embed(["".join(self.text)])
+            return z[0], bool(ok[0])
         v = self.u + self._delta(self.fragment) if self.fragment else self.u.copy()
         n = float(np.linalg.norm(v))
         return (v / n, True) if n > 1e-12 else (v, False)

@@ -2,7 +2,8 @@
 
 Weights come either from Bayes' rule (the posterior is updated with every prompt and generated
 token's likelihood under each expert) or, with `routing`, from c-BTM: the top-k clusters nearest to
-the context's tf-idf embedding, updated incrementally as tokens are produced, with the same routing as
+the context's embedding (tf-idf updated incrementally as tokens are produced, or a sentence encoder
+re-embedding the text so far), with the same routing as
 evaluation (cluster_route.py). The experts are evaluation's pool (pool.py): each keeps its own KV cache
 and only catches up on the tokens it missed when it is needed, so c-BTM generation runs (and loads)
 only the selected experts.
@@ -62,7 +63,8 @@ def sample_token(mix: torch.Tensor, temperature: float, top_p: float, gen: torch
     probabilities first sum to at least top_p); temperature 0 is the argmax."""
     if temperature <= 0:
         return int(mix.argmax())
-    probs = torch.softmax(mix / temperature, -1).float().cpu()
+    # shifted by the maximum first: a tiny temperature then tends to the argmax instead of 0/0 = NaN
+    probs = torch.softmax((mix - mix.max()) / temperature, -1).float().cpu()
     if top_p < 1.0:
         p, order = torch.sort(probs, descending=True)
         # keep a token while the mass before it is below top_p: the first token always stays
@@ -121,14 +123,13 @@ def generate_steps(
     else:
         pi = torch.as_tensor(prior, dtype=torch.float64).cpu()
     log_w = torch.log(pi / pi.sum()).to(dev)
-    if router is None:  # read the prompt: the weights absorb its likelihood under every expert
-        for j in range(n_exp):
-            lp = pool.advance(j, ids)
-            if weighting == "posterior" and len(ids) > 1:
-                log_w[j] += lp[:-1].gather(1, torch.tensor(ids[1:], device=dev)[:, None]).sum().double()
-        log_w = log_w - torch.logsumexp(log_w, 0)
-
-    try:
+    try:  # from the prompt's read on: a failure anywhere still frees this generation's caches
+        if router is None:  # read the prompt: the weights absorb its likelihood under every expert
+            for j in range(n_exp):
+                lp = pool.advance(j, ids)
+                if weighting == "posterior" and len(ids) > 1:
+                    log_w[j] += lp[:-1].gather(1, torch.tensor(ids[1:], device=dev)[:, None]).sum().double()
+            log_w = log_w - torch.logsumexp(log_w, 0)
         for _ in range(max_new_tokens):
             pool._decoding = caches  # another generation may have run on this pool since the last step
             if router is not None:

@@ -90,21 +90,17 @@ class ForestLM:
         """(pool indices to run, their prior [n], weighting) for a request with this context.
 
         cluster routes on the context's embedding; its weights are fixed while scoring (c-BTM routes a
-        whole sequence once), the other modes start every request from the prior. A tf-idf clusterer
-        reads the tokens through the incremental router evaluation uses (built once); a clusterer with
-        a sentence-embedding model embeds the decoded context."""
+        whole sequence once), the other modes start every request from the prior. The context goes
+        through the router evaluation uses (built once, reset per request): tf-idf read token by token,
+        or a sentence encoder embedding the decoded context."""
         if self.routing is None:
             return list(range(len(self.names))), self.prior, self.weighting
-        if self.routing.clusterer.embedder is not None:
-            z, ok = self.routing.clusterer.embed([self.tok.decode(context)])
-            w_np = self.routing.expert_weights(z, ok)[0]
-        else:
-            if self._router is None:
-                self._router = self.routing.incremental_router(self.tok)
-            self._router.reset()
-            for t in [self.eos_id, *context]:
-                self._router.push_token(t)
-            w_np = self.routing.context_weights(self._router)
+        if self._router is None:
+            self._router = self.routing.incremental_router(self.tok)
+        self._router.reset()
+        for t in [self.eos_id, *context]:
+            self._router.push_token(t)
+        w_np = self.routing.context_weights(self._router)
         w = torch.as_tensor(w_np, dtype=torch.float64)
         idx = torch.nonzero(w > 0).flatten().tolist()
         return idx, w[idx], "fixed"
@@ -164,8 +160,12 @@ class ForestLM:
                     lp = torch.stack([p[0][r, :t] for p in per]).double()[:, None, :]  # [n, 1, t]
                     lw = log_weights(lp, prior, weighting)  # [n, 1, t]
                     ens = ensemble_logprob(lp, lw)[0]  # [t]
-                    full = torch.stack([p[1][r] for p in per]).double()  # [n, c, V]
-                    mix = torch.logsumexp(lw[:, 0, t - c :, None] + full, dim=0)  # [c, V]
+                    # log Σ_j w_j p_j(v) at every continuation token, one expert at a time: float32 [c, V]
+                    # (an echoed 2k-token prompt over a 50k vocabulary is never stacked over experts)
+                    lw_c = lw[:, 0, t - c :, None].float()
+                    mix = lw_c[0] + per[0][1][r]
+                    for j in range(1, len(per)):
+                        mix = torch.logaddexp(mix, lw_c[j] + per[j][1][r])
                     greedy = bool((mix.argmax(-1) == torch.tensor(seq[-c:])).all())
                     out[i] = Scored(
                         ens.tolist(),
