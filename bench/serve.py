@@ -82,19 +82,32 @@ def load(url: str, model: str, prompts: list[str], concurrency: int, new_tokens:
     return {"wall": time.perf_counter() - t, "ttft": ttft, "tokens": sum(tokens), "requests": len(prompts)}
 
 
+def _drain(stream) -> None:
+    for _ in stream:
+        pass
+
+
+def launch(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a server command that prints `serving ... at URL/v1` first: (process, URL). The rest of
+    its output (uvicorn's access log, a line per request) is read and dropped on a thread: left in the
+    pipe, it would fill it (64 KiB) and block the server mid-benchmark."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+    if " at " not in line:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc, line.split(" at ")[1].strip().removesuffix("/v1")
+
+
 def start(path: Path, mode: str, max_active: int) -> tuple[subprocess.Popen, str]:
     """A server process (`elmforest serve`'s own function) on a free port: (process, its URL)."""
     code = (
         "from elmforest.clients.server import serve; from elmforest.forest.lm import open_lm\n"
         f"serve(open_lm({str(path)!r}, {mode!r}, k=2, device='cpu'), port=0, name='m', max_active={max_active})"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    line = proc.stdout.readline()
-    if " at " not in line:
-        raise RuntimeError(f"the server did not start: {line!r}")
-    return proc, line.split(" at ")[1].strip().removesuffix("/v1")
+    return launch([sys.executable, "-c", code])
 
 
 def p90(xs: list[float]) -> float:

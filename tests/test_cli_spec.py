@@ -16,10 +16,10 @@ from elmforest.utils.argtypes import flag, group, opt, positive_int, verb
 
 VERBS = {
     "quickstart", "study", "sweep", "train", "presets", "eval", "generate",
-    "corpus demo", "tokenizer train", "shards build", "shards show",
+    "corpus demo", "corpus multilingual", "tokenizer train", "shards build", "shards show",
     "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
     "forest seed", "forest expert", "forest dense", "forest train", "forest average",
-    "merge moe", "merge finetune", "merge routing", "merge flexolmo-pair", "merge flexolmo", "cluster fit", "cluster assign",
+    "merge moe", "merge finetune", "merge routing", "merge flexolmo-pair", "merge flexolmo", "cluster fit", "cluster assign", "cluster languages",
     "lm-eval", "serve", "report",
 }  # fmt: skip
 TRAINING = {"train", "forest seed", "forest expert", "forest train", "sweep", "quickstart"}

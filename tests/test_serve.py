@@ -1,18 +1,24 @@
 """The OpenAI-compatible server, through the official `openai` client: it samples what `generate`
 samples, scores what `ForestLM.score` and Bayes' rule score, streams what it answers whole, never lets
-text past a stop string, loses no concurrent request, stops working for a client that left, and answers
-every bad request with a 4xx error object while it keeps serving."""
+text past a stop string (scripted tokens split characters too), loses no concurrent request, stops
+working for a client that left, answers every bad request with a 4xx error object while it keeps
+serving, caps the work of one request, and never leaves a request waiting on a model thread that died."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,9 +28,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from elmforest.clients.server import Background, create_app  # noqa: E402
-from elmforest.clients.server_engine import _hold_back  # noqa: E402
-from elmforest.forest.generate import generate, generate_steps, sample_token  # noqa: E402
+from elmforest.clients import server, server_engine  # noqa: E402
+from elmforest.clients.server import Background, Completion, create_app  # noqa: E402
+from elmforest.clients.server_api import CompletionRequest, Prompt  # noqa: E402
+from elmforest.clients.server_engine import END, Chunk, Engine, Job, _hold_back, choice_steps  # noqa: E402
+from elmforest.forest.generate import Step, generate, generate_steps, sample_token  # noqa: E402
 from elmforest.forest.lm import open_lm  # noqa: E402
 from elmforest.forest.manifest import Forest  # noqa: E402
 from elmforest.model.build import load_model  # noqa: E402
@@ -91,6 +99,83 @@ def test_stop_strings_cut_the_text_also_across_tokens_while_streaming(served, fo
     assert (
         _hold_back("ab\ufffd", []) == 1 and _hold_back("xx ab", ["abc"]) == 2 and _hold_back("x", ["y"]) == 0
     )
+    assert _hold_back("xb\ufffd", ["b中"]) == 2 and _hold_back("ab\ufffd\ufffd", ["zz", "b"]) == 2
+
+
+class _BytesTok:
+    """A tokenizer whose tokens are byte strings, decoded as a byte-level BPE decodes them."""
+
+    def __init__(self, vocab: list[bytes]):
+        self.vocab = vocab
+
+    def decode(self, ids) -> str:
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", "replace")
+
+
+def _scripted(monkeypatch, vocab: list[bytes], script: list[int], mixture=None):
+    """An lm whose generation yields the `script`ed token ids (id 0 is EOS), whatever the request."""
+    mix = torch.zeros(len(vocab), dtype=torch.float64) if mixture is None else mixture
+
+    def steps(pool, tok, prompt_ids, names, *, max_new_tokens, **kw):
+        for t in script[:max_new_tokens]:
+            yield Step(t, float(mix[t]), mix, {})
+
+    monkeypatch.setattr(server_engine, "generate_steps", steps)
+    return SimpleNamespace(tok=_BytesTok(vocab), eos_id=0, pool=None, names=["e"], prior=None,
+                           weighting="posterior", routing=None)  # fmt: skip
+
+
+def _choice(lm, stop, logprobs=None) -> list[Chunk]:
+    req = CompletionRequest(prompts=[Prompt("", [])], max_tokens=64, stop=stop, logprobs=logprobs)
+    return list(choice_steps(lm, req, req.prompts[0], 0, 0))
+
+
+def _first_stop_brute(lm, script, stops) -> tuple[str, str]:
+    """The text and finish reason, from the whole decoded text after each token: cut before the
+    earliest stop in the first text that holds one."""
+    for k in range(1, len(script) + 1):
+        text = lm.tok.decode(script[:k])
+        found = [text.find(s) for s in stops if s in text]
+        if found:
+            return text[: min(found)], "stop"
+    return lm.tok.decode(script), "length"
+
+
+def test_streamed_text_never_shows_a_stop_string_multibyte_ones_included(monkeypatch):
+    zh = "中".encode()  # 3 bytes: a token may end inside the character
+    lm = _scripted(monkeypatch, [b"", b"x", b"b", zh[:2], zh[2:]], [1, 2, 3, 4, 1])
+    pieces = _choice(lm, ["b中"])  # "xb\ufffd": the "b" must wait with the incomplete character
+    assert [c.text for c in pieces] == ["x", "", "", ""] and pieces[-1].finish_reason == "stop"
+    lm = _scripted(monkeypatch, [b"", b"he", b"llo wo", b"rld"], [1, 2, 3])
+    assert [c.text for c in _choice(lm, ["o w"])] == ["he", "ll"]  # found across a token boundary
+    lm = _scripted(monkeypatch, [b"", b"hel", b"lo"], [1, 2])
+    assert [c.text for c in _choice(lm, ["lo"])] == ["he", "l"]  # "l" waited: it began the stop
+    # random scripts of whole and split characters against the brute-force cut: every streamed prefix
+    # is a prefix of it, and all of them together are it
+    e, vocab = "é".encode(), [b"", b"a", b"b", b"ab", zh[:1], zh[1:], zh, zh[:2], zh[2:], "é".encode()]
+    vocab += [e[:1], e[1:], b" "]
+    rng = random.Random(0)
+    for _ in range(300):
+        script = [rng.randrange(1, len(vocab)) for _ in range(rng.randint(1, 12))]
+        stops = [
+            "".join(rng.choice("ab中é ") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))
+        ]
+        lm = _scripted(monkeypatch, vocab, script)
+        chunks = _choice(lm, stops)
+        want, finish = _first_stop_brute(lm, script, stops)
+        texts = [c.text for c in chunks]
+        assert "".join(texts) == want and chunks[-1].finish_reason == finish, (script, stops)
+        assert all(want.startswith("".join(texts[:k])) for k in range(len(texts))), (script, stops)
+    finder = server_engine.StopFinder(["ab"])  # each token searches only where a new stop can be
+    assert finder.first("x" * 1000) is None and finder.first("ab" + "x" * 999 + "ab") == 1001
+
+
+def test_top_logprobs_keep_the_likeliest_of_tokens_that_read_alike(monkeypatch):
+    mix = torch.tensor([-9.0, -0.5, -1.0, -2.0], dtype=torch.float64)  # ids 1 and 2 both read "a"
+    lm = _scripted(monkeypatch, [b"", b"a", b"a", b"b"], [3, 2], mix)
+    first, second = (c.tokens[0] for c in _choice(lm, [], logprobs=2)[:2])
+    assert first["token"] == "b" and first["top"] == {"a": -0.5, "b": -2.0}
+    assert second["token"] == "a" and second["top"] == {"a": -1.0}  # the chosen one: its own value
 
 
 def test_echo_scores_the_prompt_as_score_and_bayes_rule_do(served, forest_dir):
@@ -156,6 +241,118 @@ def test_concurrent_requests_are_all_answered_as_if_alone(served):
         t.join(60)
     assert [out.get(i) for i in range(20)] == [alone[i % len(asks)] for i in range(20)]
     assert httpx.get(bg.url + "/health").json()["active"] == 0
+
+
+class _Work:
+    """A job's work: `n` items; `gate` holds the first one back; `close` may raise, `next` may raise
+    anything (a BaseException gets past every `except Exception`)."""
+
+    def __init__(self, n, gate=None, close_error=None, next_error=None):
+        self.n, self.gate, self.close_error, self.next_error, self.closed = (
+            n,
+            gate,
+            close_error,
+            next_error,
+            False,
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.gate is not None:
+            self.gate.wait(10)
+            self.gate = None
+        if self.next_error is not None:
+            raise self.next_error
+        if self.n == 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n
+
+    def close(self):
+        self.closed = True
+        if self.close_error is not None:
+            raise self.close_error
+
+
+def _sink(events, done):
+    def sink(ev):
+        events.append(ev)
+        if ev is END or isinstance(ev, BaseException):
+            done.set()
+
+    return sink
+
+
+def test_a_job_whose_cleanup_or_sink_fails_ends_alone_and_the_engine_goes_on():
+    eng = Engine(None, max_active=4)
+    try:
+        go, ev, done = threading.Event(), {k: [] for k in "abc"}, {k: threading.Event() for k in "abc"}
+        left = eng.submit(_Work(5, gate=go, close_error=ValueError("close")), _sink(ev["a"], done["a"]))
+        left.cancel()  # its client left: its next turn closes it, and the close fails
+        go.set()
+
+        def bad_sink(e):
+            ev["c"].append(e)
+            done["c"].set()
+            raise ValueError("sink")
+
+        c_work = _Work(5)
+        eng.submit(c_work, bad_sink)
+        eng.submit(_Work(3), _sink(ev["b"], done["b"]))
+        assert all(d.wait(10) for d in done.values())
+        assert ev["b"] == [2, 1, 0, END] and isinstance(ev["a"][-1], ValueError) and c_work.closed
+        assert eng.alive
+    finally:
+        eng.close()
+
+
+class _Bug(BaseException):
+    pass
+
+
+def test_a_dead_engine_answers_every_job_with_an_error():
+    eng = Engine(None, max_active=1)
+    go, ev, done = threading.Event(), {k: [] for k in "abc"}, {k: threading.Event() for k in "abc"}
+    eng.submit(_Work(3, gate=go, next_error=_Bug()), _sink(ev["a"], done["a"]))
+    eng.submit(_Work(3), _sink(ev["b"], done["b"]))  # waits: one job at a time
+    go.set()
+    assert done["a"].wait(10) and done["b"].wait(10)
+    eng.submit(_Work(3), _sink(ev["c"], done["c"]))  # after its death: answered at once
+    assert done["c"].wait(1) and not eng.alive and isinstance(eng.error, _Bug)
+    for k in "abc":
+        assert [(e.status, e.type) for e in ev[k]] == [(500, "server_error")], k
+
+
+def test_a_stream_closed_early_cancels_its_work_at_once():
+    async def main():
+        engine = SimpleNamespace(lm=None, alive=True, submit=Job)
+        req = CompletionRequest(prompts=[Prompt("a", [1]), Prompt("b", [2])], stream=True)
+        c = Completion(engine, req, "m")
+        c.pending.extend([Chunk(0, "x"), Chunk(1, "y")])
+        events = c.events(None)
+        assert (await events.__anext__()).startswith("data: {")
+        await events.aclose()  # the client left: the response closes the generator
+        return [j.cancelled for j in c.jobs]
+
+    assert asyncio.run(main()) == [True, True]
+
+
+def test_the_bench_reads_the_servers_output_so_it_never_blocks(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "bench/serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chatty = (  # the server's first line, then an access log far past a pipe's 64 KiB
+        "import sys; print('serving m at http://h:1/v1', flush=True)\n"
+        "for i in range(20000): print(f'INFO: 127.0.0.1 - \"POST /v1/completions HTTP/1.1\" 200 OK {i}')"
+    )
+    proc, url = bench.launch([sys.executable, "-c", chatty])
+    try:
+        assert url == "http://h:1" and proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
 
 
 def _slow(lm, delay=0.03):
@@ -229,15 +426,23 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
         ({**good, "suffix": "x"}, 400, "suffix"),
         ({**good, "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ([good], 400, None),
+        ({**good, "prompt": ["the"] * 65}, 400, "prompt"),  # work is capped: 64 choices a request
+        ({**good, "prompt": ["the"] * 5, "n": 13}, 400, "n"),
+        ({**good, "stop": ["x" * 257]}, 400, "stop"),
+        ({**good, "stop": ["x"] * 17}, 400, "stop"),
     ]
     for body, status, param in bad:
         r = httpx.post(url, json=body, timeout=30)
         err = r.json()["error"]
         assert (r.status_code, err["param"]) == (status, param), (body, r.text)
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    for raw in (b"{", b"\xff\xfe", b""):
+    deep = b"[" * 100_000 + b"]" * 100_000  # past the parser's recursion limit
+    for raw in (b"{", b"\xff\xfe", b"", deep):
         r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    surrogate = b'{"model": "f", "prompt": "\\ud800abc"}'  # valid JSON, not valid UTF-8: no tokens
+    r = httpx.post(url, content=surrogate, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     r = httpx.get(bg.url + "/v1/nowhere")
     assert r.status_code == 404 and "error" in r.json()
     with pytest.raises(openai.NotFoundError):
@@ -246,6 +451,33 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
     assert (
         c.completions.create(model="f", prompt=[3, 4], max_tokens=2, n=2, temperature=0).choices[1].index == 1
     )
+
+
+def test_a_bug_is_an_openai_shaped_500_and_a_dead_engine_fails_health(served, forest_dir, monkeypatch):
+    lm, bg, c = served
+
+    def bug(*a):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(server, "parse_completion", bug)
+    r = httpx.post(bg.url + "/v1/completions", json={"model": "f", "prompt": "x"}, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    monkeypatch.undo()
+    own = Background(create_app(open_lm(forest_dir, device="cpu", precision="fp32")))
+    try:
+        engine = own.app.state.engine
+        engine.submit(_Work(1, next_error=_Bug()), lambda ev: None)  # the model thread dies
+        engine._thread.join(10)
+        h = httpx.get(own.url + "/health", timeout=30)
+        assert h.status_code == 503 and h.json()["status"] == "error"
+        for stream in (False, True):  # answered at once, not left waiting
+            r = httpx.post(
+                own.url + "/v1/completions", json={"model": "f", "prompt": "x", "stream": stream}, timeout=10
+            )
+            err = r.json()["error"] if not stream else json.loads(r.text.split("data: ")[1])["error"]
+            assert r.status_code == (200 if stream else 500) and err["type"] == "server_error", r.text
+    finally:
+        own.close()
 
 
 def test_models_lists_the_served_model(served):

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from elmforest.clients.server_api import ApiError, CompletionRequest, parse_completion
-from elmforest.clients.server_engine import END, Chunk, Engine, choice_steps
+from elmforest.clients.server_engine import END, Chunk, Engine, choice_steps, engine_stopped
 from elmforest.model.build import read_config
 from elmforest.utils.errors import UserError
 
@@ -57,7 +57,7 @@ class Completion:
     when a choice ends: the loop then costs the model thread nothing per token."""
 
     def __init__(self, engine: Engine, req: CompletionRequest, model: str):
-        self.req, self.model = req, model
+        self.req, self.model, self.engine = req, model, engine
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.pending: collections.deque = collections.deque()
         self.wake = asyncio.Event()
@@ -91,6 +91,8 @@ class Completion:
                     except TimeoutError:
                         if await request.is_disconnected():
                             return
+                        if not self.engine.alive and not self.pending:  # a safety net: it answers
+                            raise engine_stopped() from None
                     continue
                 ev = self.pending.popleft()
                 if ev is END:
@@ -122,26 +124,30 @@ class Completion:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[dict]] = {}
         last: dict[int, Chunk] = {}
-        async for c in self.chunks(request):
-            texts.setdefault(c.index, []).append(c.text)
-            tokens.setdefault(c.index, []).extend(c.tokens)
-            last[c.index] = c
+        async with contextlib.aclosing(self.chunks(request)) as chunks:
+            async for c in chunks:
+                texts.setdefault(c.index, []).append(c.text)
+                tokens.setdefault(c.index, []).extend(c.tokens)
+                last[c.index] = c
         choices = [self.choice(last[i], tokens[i], "".join(texts[i])) for i in sorted(last)]
         return {**self.head(), "choices": choices, "usage": self.usage()}
 
     async def events(self, request: Request):
         """Server-sent events: a chunk per piece of a choice, then (if asked) the usage, then [DONE]."""
         try:
-            async for c in self.chunks(request):
-                if c.text or c.tokens or c.finish_reason:
-                    body = {**self.head(), "choices": [self.choice(c, c.tokens, c.text)]}
-                    if self.req.include_usage:
-                        body["usage"] = None
-                    yield f"data: {json.dumps(body)}\n\n"
+            # closed on the way out, whichever it is (a client gone closes this generator): the work
+            # is cancelled then, not whenever the garbage collector finalises an abandoned generator
+            async with contextlib.aclosing(self.chunks(request)) as chunks:
+                async for c in chunks:
+                    if c.text or c.tokens or c.finish_reason:
+                        body = {**self.head(), "choices": [self.choice(c, c.tokens, c.text)]}
+                        if self.req.include_usage:
+                            body["usage"] = None
+                        yield f"data: {json.dumps(body)}\n\n"
             if self.req.include_usage:
                 yield f"data: {json.dumps({**self.head(), 'choices': [], 'usage': self.usage()})}\n\n"
-        except ApiError as e:  # the status line is sent already: the error is an event
-            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # the status line is sent already: the error is an event
+            yield f"data: {json.dumps(_error(e).body())}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -169,9 +175,20 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
     async def http_error(request: Request, e: HTTPException):  # unknown routes, wrong methods
         return JSONResponse(ApiError(str(e.detail), None, e.status_code).body(), status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):  # a bug: still an answer clients can read
+        err = ApiError(f"internal server error: {type(e).__name__}: {e}", None, 500, type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "mode": lm.mode, "experts": lm.names, **engine.load}
+        """503 once the model thread has stopped: every request would fail, so a supervisor can
+        restart the server."""
+        ok = engine.alive
+        body = {"status": "ok" if ok else "error", "model": name, "mode": lm.mode, "experts": lm.names}
+        if not ok:
+            body["error"] = f"the model thread stopped: {engine.error!r}"
+        return JSONResponse({**body, **engine.load}, status_code=200 if ok else 503)
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "elmforest"}
@@ -192,6 +209,8 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError("the request body's JSON is nested too deeply") from None
         req = parse_completion(body, lm, name, vocab)
         c = Completion(engine, req, name)
         if req.stream:

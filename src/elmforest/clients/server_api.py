@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5, vLLM 20)
 MAX_N = 16  # choices per prompt
-MAX_STOPS = 16
+MAX_CHOICES = 64  # choices per request, all prompts together: each is a generation queued at once
+MAX_STOPS = 16  # OpenAI allows 4
+MAX_STOP_CHARS = 256  # per stop string: each token searches the text a stop's length back
 
 
 class ApiError(Exception):
@@ -60,13 +62,26 @@ def _is_number(v) -> bool:
     return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
+def _shown(v, limit: int = 60) -> str:
+    """A value in an error message, cut short: the request may have sent megabytes of it."""
+    r = repr(v) if not isinstance(v, list | dict) else f"a {type(v).__name__} of length {len(v)}"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _get(body: dict, key: str, default, check, what: str):
     v = body.get(key)
     if v is None:
         return default
     if not check(v):
-        raise ApiError(f"'{key}' must be {what}, got {v!r}", key)
+        raise ApiError(f"'{key}' must be {what}, got {_shown(v)}", key)
     return v
+
+
+def _encode(lm, text: str) -> Prompt:
+    try:
+        return Prompt(text, lm.encode(text))
+    except Exception as e:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
+        raise ApiError(f"the prompt cannot be tokenized: {type(e).__name__}: {e}", "prompt") from None
 
 
 def _prompts(raw, lm, vocab: int) -> list[Prompt]:
@@ -78,10 +93,12 @@ def _prompts(raw, lm, vocab: int) -> list[Prompt]:
         return Prompt(lm.tok.decode(ids), list(ids))
 
     if isinstance(raw, str):
-        return [Prompt(raw, lm.encode(raw))]
+        return [_encode(lm, raw)]
     if isinstance(raw, list) and raw:
+        if len(raw) > MAX_CHOICES and not all(_is_int(t) for t in raw):
+            raise ApiError(f"at most {MAX_CHOICES} prompts per request, got {len(raw)}", "prompt")
         if all(isinstance(p, str) for p in raw):
-            return [Prompt(p, lm.encode(p)) for p in raw]
+            return [_encode(lm, p) for p in raw]
         if all(_is_int(t) for t in raw):
             return [ids_prompt(raw)]
         if all(isinstance(p, list) for p in raw):
@@ -131,6 +148,10 @@ def parse_completion(body, lm, model_name: str, vocab: int) -> CompletionRequest
         f"an integer in [0, {MAX_LOGPROBS}]",
     )
     req.n = _get(body, "n", 1, lambda v: _is_int(v) and 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
+    if len(req.prompts) * req.n > MAX_CHOICES:
+        raise ApiError(
+            f"at most {MAX_CHOICES} choices per request (prompts x n), got {len(req.prompts)} x {req.n}", "n"
+        )
     best_of = _get(body, "best_of", req.n, _is_int, "an integer")
     if best_of != req.n:
         raise ApiError("'best_of' other than n is not supported by this server", "best_of")
@@ -139,9 +160,15 @@ def parse_completion(body, lm, model_name: str, vocab: int) -> CompletionRequest
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
     if stops is not None and not (
-        isinstance(stops, list) and len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)
+        isinstance(stops, list)
+        and len(stops) <= MAX_STOPS
+        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
     ):
-        raise ApiError(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+        raise ApiError(
+            f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most {MAX_STOPS} "
+            "of them",
+            "stop",
+        )
     req.stop = list(stops or [])
     opts = _get(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object")
     if opts and not req.stream:

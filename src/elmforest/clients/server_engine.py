@@ -8,13 +8,16 @@ closes its generator at its next turn, which frees its KV caches and stops its w
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import queue
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from elmforest.clients.server_api import CompletionRequest, Prompt
+from elmforest.clients.server_api import ApiError, CompletionRequest, Prompt
 from elmforest.forest.generate import generate_steps
 
 
@@ -41,23 +44,40 @@ class Job:
 END = object()  # the sink's last event of a job that ran to its end
 
 
+def engine_stopped() -> ApiError:
+    return ApiError(
+        "the server's model thread has stopped; restart the server", None, 500, type="server_error"
+    )
+
+
 class Engine:
-    """Runs jobs' steps on one thread; `max_active` jobs advance together, the rest wait in order."""
+    """Runs jobs' steps on one thread; `max_active` jobs advance together, the rest wait in order.
+
+    A job's failure (its step, its cleanup or its sink raising) ends that job only; should the thread
+    itself ever die, every job it held or that comes later gets an error at once (`alive` turns false,
+    /health says so) instead of waiting forever."""
 
     def __init__(self, lm, max_active: int = 8):
         self.lm, self.max_active = lm, max_active
         self.steps = 0  # steps run, all jobs together (tests watch it stop when a client leaves)
+        self.error: BaseException | None = None  # what stopped the thread, if anything did
         self._inbox: queue.Queue = queue.Queue()
         self._active: collections.deque = collections.deque()
-        self._closed = False
+        self._closed = self._stopped = False
         self._thread = threading.Thread(target=self._run, name="elmforest-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
 
     def submit(self, work: Iterator, sink: Callable[[object], None]) -> Job:
         """Queue `work`: each of its items goes to `sink` (from the worker thread), then END, or the
         exception it raised."""
         job = Job(work, sink)
         self._inbox.put(job)
+        if self._stopped:  # put after the thread's last look at its inbox: nobody else will answer
+            self._fail_waiting()
         return job
 
     @property
@@ -80,27 +100,53 @@ class Engine:
             self._active.append(job)
 
     def _run(self) -> None:
-        while not self._closed:
-            self._admit(block=True)
-            if not self._active:
-                continue
-            job = self._active.popleft()
-            if job.cancelled:
-                job.work.close()  # its generator's cleanup runs now: the KV caches go
-                continue
+        job = None  # the job whose turn it is, out of the deque during its turn
+        try:
+            while not self._closed:
+                self._admit(block=True)
+                if not self._active:
+                    continue
+                job = self._active.popleft()
+                try:
+                    self._turn(job)
+                except Exception as e:  # its cleanup or its sink failed: this job ends, the rest go on
+                    _abandon(job, e)
+                job = None
+        except BaseException as e:  # a bug: the thread ends, everyone is answered below, /health says so
+            self.error = e
+            traceback.print_exception(e, file=sys.stderr)
+        finally:
+            self._stopped = True
+            if job is not None and job not in self._active:
+                _abandon(job, engine_stopped())
+            while self._active:
+                _abandon(self._active.popleft(), engine_stopped())
+            self._fail_waiting()
+
+    def _turn(self, job: Job) -> None:
+        if job.cancelled:
+            job.work.close()  # its generator's cleanup runs now: the KV caches go
+            return
+        try:
+            event = next(job.work)
+        except StopIteration:
+            _deliver(job, END)
+            return
+        except Exception as e:  # the request fails, the server goes on
+            _deliver(job, e)
+            return
+        self.steps += 1
+        _deliver(job, event)
+        self._active.append(job)
+
+    def _fail_waiting(self) -> None:
+        while True:
             try:
-                event = next(job.work)
-            except StopIteration:
-                _deliver(job, END)
-                continue
-            except Exception as e:  # the request fails, the server goes on
-                _deliver(job, e)
-                continue
-            self.steps += 1
-            _deliver(job, event)
-            self._active.append(job)
-        for job in self._active:
-            job.work.close()
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                _abandon(job, engine_stopped())
 
 
 def _deliver(job: Job, event) -> None:
@@ -110,24 +156,49 @@ def _deliver(job: Job, event) -> None:
         job.cancel()
 
 
+def _abandon(job: Job, error: Exception) -> None:
+    """End `job` with `error`, whatever its generator's cleanup or its sink do."""
+    job.cancel()
+    with contextlib.suppress(Exception):
+        job.work.close()
+    with contextlib.suppress(Exception):
+        job.sink(error)
+
+
 def _finite(v: float) -> float:
     """JSON has no -inf: a token the mixture rules out gets OpenAI's floor instead."""
     return float(v) if math.isfinite(v) else -9999.0
 
 
 def _hold_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` must wait: the start of a stop string that the next
-    tokens may complete, or an incomplete UTF-8 character (decoded as U+FFFD)."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
-    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            return max(hold, k)
-    return hold
+    """How many trailing characters of `text` must wait: an incomplete UTF-8 character (decoded as
+    U+FFFD, which the next token may turn into anything) and, before it, the start of a stop string
+    that the next tokens may complete. Only positions holding a stop's first character are tried."""
+    body = text.rstrip("\ufffd")
+    start = len(body)
+    for s in stops:
+        p = body.find(s[0], max(0, len(body) - len(s) + 1))
+        while 0 <= p < start:
+            if s.startswith(body[p:]):
+                start = p  # the earliest start of all stops: the longest suffix to hold
+                break
+            p = body.find(s[0], p + 1)
+    return len(text) - start
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+class StopFinder:
+    """The first stop string in a text that grows a token at a time, each call searching only where a
+    new one can be: from one stop's length before the end of the text already searched (the text
+    before a trailing U+FFFD does not change any more)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.longest, self.searched = stops, max(map(len, stops), default=0), 0
+
+    def first(self, text: str) -> int | None:
+        lo = max(0, self.searched - self.longest + 1)
+        found = [i for i in (text.find(s, lo) for s in self.stops) if i >= 0]
+        self.searched = len(text.rstrip("\ufffd"))
+        return min(found) if found else None
 
 
 def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: int) -> Iterator[Chunk]:
@@ -139,11 +210,13 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
 
     def info(token_id: int, logprob, top, at: int) -> dict:
         logprob = None if logprob is None else _finite(logprob)
-        alts = None
-        if top is not None:
-            alts = {tok.decode([t]): _finite(v) for t, v in top}
-            alts.setdefault(tok.decode([token_id]), logprob)  # the chosen token is always listed
-        return {"token": tok.decode([token_id]), "logprob": logprob, "top": alts, "offset": at}
+        alts, token = None, tok.decode([token_id])
+        if top is not None:  # most likely first: of tokens that read alike, the likeliest is shown
+            alts = {}
+            for t, v in top:
+                alts.setdefault(tok.decode([t]), _finite(v))
+            alts[token] = logprob  # the chosen token is always listed, with its own log-prob
+        return {"token": token, "logprob": logprob, "top": alts, "offset": at}
 
     if req.echo:
         tokens = []
@@ -175,7 +248,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
         routing=lm.routing,
     )
     ids: list[int] = []
-    text, sent, count, finish = "", 0, 0, "length"
+    text, sent, count, finish, stops = "", 0, 0, "length", StopFinder(req.stop)
     try:
         for step in steps:
             count += 1
@@ -187,7 +260,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
-            cut = _first_stop(text, req.stop) if req.stop else None
+            cut = stops.first(text) if req.stop else None
             if cut is not None:
                 text, finish = text[: max(cut, sent)], "stop"
                 yield Chunk(index, text[sent:], tokens, "stop", count)

@@ -1,4 +1,4 @@
-"""`elmforest cluster fit|assign`: c-BTM domain discovery."""
+"""`elmforest cluster fit|assign|languages`: c-BTM domain discovery, X-ELM typological language groups."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from elmforest.utils.argtypes import (
 
 
 def register(app: typer.Typer) -> None:
-    cl = group("c-BTM domain discovery")
+    cl = group("c-BTM domain discovery, X-ELM language groups")
     verb(cl)(fit)
     verb(cl)(assign)
+    verb(cl)(languages)
     app.add_typer(cl, name="cluster")
 
 
@@ -104,3 +105,52 @@ def assign(
         f"; bytes max/min {rep['bytes_max_over_min']:.2f}; not vectorised {rep['not_vectorised']}"
         + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
     )
+
+
+def languages(
+    langs: Annotated[
+        str | None, opt("the corpus's languages, ISO 639-3 codes (deu,fra,jpn,...)", metavar="A,B,...")
+    ] = None,
+    k: Annotated[
+        str, opt("number of groups (one expert each); a comma list writes one file each", metavar="K,K,...")
+    ] = "2,4,8",
+    out: Annotated[
+        str | None, opt("FILE.json for one k, else a directory of k<K>.json files", metavar="PATH")
+    ] = None,
+    features: Annotated[
+        Literal["syntax_knn", "syntax_average", "syntax_wals", "syntax_sswl", "syntax_ethnologue"],
+        opt("lang2vec syntax feature set (syntax_knn: missing values imputed, so every language has all)"),
+    ] = "syntax_knn",
+    max_group_size: Annotated[
+        int | None, opt("balance: a group holds at most N languages", positive_int, metavar="N")
+    ] = None,
+    overwrite: Annotated[bool, flag("--overwrite", "replace existing grouping files")] = False,
+    list_codes: Annotated[
+        bool,
+        flag("--list", "print every language code lang2vec knows (after a tab: the aliases it maps to it)"),
+    ] = False,
+) -> None:
+    """Group languages by URIEL syntax (cosine, average-linkage merging) into k groups: X-ELM's experts."""
+    from elmforest.cluster.languages import group_languages, list_languages, write_groupings
+    from elmforest.utils.errors import UserError
+    from elmforest.utils.io import split_list
+
+    if list_codes:
+        for code, alias in list_languages(features):
+            print(f"{code}\t{alias}" if alias else code)
+        return
+    codes = split_list(langs)
+    try:
+        ks = [positive_int(x) for x in split_list(k) or []]
+    except typer.BadParameter as e:
+        raise typer.BadParameter(e.message, param_hint="--k") from None
+    if not ks:
+        raise typer.BadParameter("expected a comma-separated list of positive integers", param_hint="--k")
+    if not codes or out is None:
+        raise UserError("give --langs A,B,... and --out (or --list to see the language codes)")
+    groupings, aliases = group_languages(codes, ks, features, max_group_size)
+    paths = write_groupings(groupings, out, overwrite)
+    if aliases:
+        print("codes: " + ", ".join(f"{a} -> {c}" for a, c in aliases.items()))
+    for path, (kk, g) in zip(paths, groupings.items(), strict=True):
+        print(f"k = {kk}: " + "; ".join(f"{n} {' '.join(m)}" for n, m in g["groups"].items()) + f" -> {path}")

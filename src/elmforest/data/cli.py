@@ -1,4 +1,4 @@
-"""`elmforest corpus demo`, `elmforest tokenizer train`, `elmforest shards build|show`."""
+"""`elmforest corpus demo|multilingual`, `elmforest tokenizer train`, `elmforest shards build|show`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ DEFAULT_READ = ReadArgs()  # read as the records say: fields `text` and `domain`
 def register(app: typer.Typer) -> None:
     corpus = group("build corpora")
     verb(corpus)(demo)
+    verb(corpus)(multilingual)
     app.add_typer(corpus, name="corpus")
     tok = group("tokenizers")
     verb(tok, "train")(tokenizer_train)
@@ -84,6 +85,29 @@ def demo(
 
     build_demo_corpus(
         out, domains=split_list(domains), cache_dir=cache, min_bytes=min_bytes, eval_only=eval_only
+    )
+
+
+def multilingual(
+    out: Out,
+    languages: Annotated[
+        str | None, opt("comma-separated ISO 639-3 codes (default: all 25)", metavar="A,B,...")
+    ] = None,
+    cache: Annotated[
+        str | None, opt("where downloaded packages are kept (default ~/.cache/elmforest)", metavar="DIR")
+    ] = None,
+    min_bytes: Annotated[
+        int, opt("text wanted per language (smaller ones are flagged)", positive_int)
+    ] = 1_000_000,
+    max_bytes: Annotated[
+        int | None, opt("cap each language at this much text (documents kept in id order)", positive_int)
+    ] = None,
+) -> None:
+    """Build a language-tagged corpus (ISO 639-3 domains) from Debian's translated man pages and fortunes."""
+    from elmforest.corpora.multilingual import build_multilingual_corpus
+
+    build_multilingual_corpus(
+        out, languages=split_list(languages), cache_dir=cache, min_bytes=min_bytes, max_bytes=max_bytes
     )
 
 
@@ -120,11 +144,19 @@ def build(
             "ablation: ignore the domains and deal documents into K random groups", positive_int, metavar="K"
         ),
     ] = None,
+    domain_map: Annotated[
+        str | None,
+        opt(
+            "rename the domains by a JSON map: a language grouping (cluster languages) or "
+            '{"domain": "new domain", ...}; an unmapped domain is an error',
+            metavar="FILE",
+        ),
+    ] = None,
     no_progress: NoProgressBar = False,
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards import build_shards, load_domain_map
     from elmforest.data.splits import SplitSpec
 
     rep = build_shards(
@@ -135,6 +167,7 @@ def build(
         overwrite=overwrite,
         progress=not no_progress,
         random_domains=random_domains,
+        domain_map=load_domain_map(domain_map) if domain_map else None,
     )
     print_read(rep.read)
     print(

@@ -89,6 +89,52 @@ class BuildReport:
         return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
 
 
+def _relabeller(random_domains: int | None, domain_map: dict[str, str] | None):
+    if random_domains and domain_map:
+        raise UserError("random_domains and domain_map both replace the domains: give one")
+    if random_domains:
+        return lambda doc: random_domain(doc.id, random_domains)
+    if not domain_map:
+        return lambda doc: doc.domain
+
+    def mapped(doc) -> str:
+        try:
+            return domain_map[doc.domain]
+        except KeyError:
+            raise UserError(
+                f"domain {doc.domain!r} (document {doc.id}) is in no group of the domain map "
+                f"(it names {', '.join(sorted(domain_map))})"
+            ) from None
+
+    return mapped
+
+
+def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
+    """A domain -> new domain map from JSON: a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`,
+    elmforest cluster languages) or a plain `{"deu": "group0", ...}` object."""
+    if not Path(path).is_file():
+        raise NotFound(f"domain map {path}: no such file")
+    m = read_json(path)
+    if isinstance(m, dict) and isinstance(m.get("groups"), dict):
+        groups = m["groups"]
+        if not all(isinstance(v, list) and v for v in groups.values()):
+            raise UserError(f"{path}: every group must be a non-empty list of domains")
+        pairs = [(d, g) for g, members in groups.items() for d in members]
+    elif isinstance(m, dict):
+        pairs = list(m.items())
+    else:
+        raise UserError(f"{path}: a domain map is a JSON object")
+    out: dict[str, str] = {}
+    for d, g in pairs:
+        if not (isinstance(d, str) and d and isinstance(g, str) and g):
+            raise UserError(f"{path}: bad entry {d!r} -> {g!r} (domain names are non-empty strings)")
+        if out.setdefault(d, g) != g:
+            raise UserError(f"{path}: domain {d!r} is mapped to both {out[d]!r} and {g!r}")
+    if not out:
+        raise UserError(f"{path}: the domain map is empty")
+    return out
+
+
 def build_shards(
     data: str | os.PathLike | list,
     tokenizer: LoadedTokenizer | str | os.PathLike,
@@ -99,6 +145,7 @@ def build_shards(
     progress: bool = True,
     random_domains: int | None = None,
     only_splits: tuple[str, ...] | None = None,
+    domain_map: dict[str, str] | None = None,
 ) -> BuildReport:
     """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`.
 
@@ -106,8 +153,11 @@ def build_shards(
     the BTM ablation of experts trained on random splits of the data. `only_splits` skips the
     other splits' documents before tokenizing them (evaluation needs only its held-out split).
     `data` may be a list of paths, read one after another (several out-of-domain sets in one build).
+    `domain_map` renames domains (X-ELM: language -> language group, load_domain_map); a document whose
+    domain it does not name is an error, never a silent extra expert. The index records the map.
     """
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
+    relabel = _relabeller(random_domains, domain_map)
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -133,7 +183,7 @@ def build_shards(
         nonlocal total_tokens
         ids_list = tok.encode_documents([d.text for d, _ in batch])
         for (doc, nbytes), ids in zip(batch, ids_list, strict=True):
-            domain = random_domain(doc.id, random_domains) if random_domains else doc.domain
+            domain = relabel(doc)
             key = (domain, split.assign(doc.id))
             w = writers.get(key)
             if w is None:
@@ -150,7 +200,7 @@ def build_shards(
         docs = (doc for path in sources for doc in iter_documents(path, stats))
         for doc in docs:
             if only_splits and split.assign(doc.id) not in only_splits:
-                read_domains.add(random_domain(doc.id, random_domains) if random_domains else doc.domain)
+                read_domains.add(relabel(doc))
                 continue
             nbytes = len(doc.text.encode("utf-8"))
             text_bytes += nbytes
@@ -192,6 +242,8 @@ def build_shards(
             "read": stats.to_dict(),
             "domains": domains,
         }
+        if domain_map:
+            index["domain_map"] = dict(sorted(domain_map.items()))
         write_json_atomic(staging / "index.json", index)
         replace_dir(staging, out)
     except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once

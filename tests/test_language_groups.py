@@ -1,0 +1,233 @@
+"""X-ELM language grouping: the merging against a brute-force reference, cosine distances against a
+plain loop, the real lang2vec syntax vectors (read directly, checked against lang2vec's own reader),
+the artifact, the relabelling of language domains into group domains at shard build, the errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from elmforest.cli import main
+from elmforest.cluster import languages as L
+from elmforest.utils.errors import AlreadyExists, UserError
+
+LANGS14 = "deu fra spa ita por rus pol jpn zho kor ara ell heb tur".split()
+has_lang2vec = pytest.mark.skipif(
+    not L._installed(), reason='lang2vec not installed (pip install -e ".[xelm]")'
+)
+
+
+def brute_force_groups(x: np.ndarray, k: int) -> set[frozenset[int]]:
+    """Independent O(n^3)-and-worse reference: recompute every pair of groups' mean member distance
+    from the raw vectors at every step, merge the smallest."""
+    n = len(x)
+
+    def cos_d(i, j):
+        return 1 - float(np.dot(x[i], x[j]) / (np.linalg.norm(x[i]) * np.linalg.norm(x[j])))
+
+    groups = [[i] for i in range(n)]
+    while len(groups) > k:
+        best = None
+        for a, b in combinations(range(len(groups)), 2):
+            d = np.mean([cos_d(i, j) for i in groups[a] for j in groups[b]])
+            if best is None or d < best[0]:
+                best = (d, a, b)
+        _, a, b = best
+        groups[a] = groups[a] + groups[b]
+        del groups[b]
+    return {frozenset(g) for g in groups}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merging_matches_a_brute_force_reference(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(11, 5)) + rng.normal(size=(3, 5))[rng.integers(0, 3, 11)] * 2  # some structure
+    names = [f"l{i:02d}" for i in range(len(x))]
+    merges = L.agglomerate(L.cosine_distances(x), names)
+    assert len(merges) == len(x) - 1
+    for k in range(1, len(x) + 1):
+        got = {frozenset(int(c[1:]) for c in g) for g in L.cut(names, merges, k)}
+        assert got == brute_force_groups(x, k), k
+    # merge heights agree with scipy's average linkage on the same cosine distances
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    ref = linkage(pdist(x, "cosine"), method="average")[:, 2]
+    np.testing.assert_allclose(sorted(m[2] for m in merges), sorted(ref), atol=1e-9)
+
+
+def test_cosine_distances_against_a_plain_loop():
+    x = np.random.default_rng(1).normal(size=(7, 9))
+    d = L.cosine_distances(x)
+    for i in range(7):
+        for j in range(7):
+            ref = 0.0 if i == j else 1 - x[i] @ x[j] / np.sqrt((x[i] @ x[i]) * (x[j] @ x[j]))
+            assert d[i, j] == pytest.approx(ref, abs=1e-12)
+    assert (d == d.T).all()
+
+
+def test_a_size_cap_balances_and_refuses_what_it_cannot_reach():
+    x = np.array([[1, 0], [1, 0.01], [1, 0.5], [0, 1]], dtype=float)
+    names = ["a", "b", "c", "d"]
+    d = L.cosine_distances(x)
+    assert L.cut(names, L.agglomerate(d, names), 2) == [("a", "b", "c"), ("d",)]
+    capped = L.agglomerate(d, names, max_size=2)
+    assert L.cut(names, capped, 2) == [("a", "b"), ("c", "d")]
+    with pytest.raises(UserError, match="cap stops the merging at 2 groups"):
+        L.cut(names, capped, 1)
+
+
+@has_lang2vec
+def test_our_reader_gives_lang2vecs_own_vectors(monkeypatch):
+    """lang2vec.lang2vec needs pkg_resources (gone from current setuptools): a stand-in for it, here only."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("pkg_resources")
+        stub.resource_filename = lambda pkg, rel: os.path.join(
+            os.path.dirname(sys.modules[pkg].__file__), rel
+        )
+        monkeypatch.setitem(sys.modules, "pkg_resources", stub)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from lang2vec import lang2vec as l2v
+
+        ref = l2v.get_features(["deu", "jpn", "ara"], "syntax_knn", header=True)
+    t = L.load_features("syntax_knn")
+    assert list(t.features) == [f.replace(" ", "_") for f in ref["CODE"]] and len(t.features) == 103
+    for c in ("deu", "jpn", "ara"):
+        np.testing.assert_array_equal(t.row(c), np.array(ref[c], dtype=float))
+
+
+@has_lang2vec
+def test_real_syntax_features_group_related_languages(tmp_path):
+    groupings, aliases = L.group_languages(["de", "nld", "eng", "jpn", "KOR"], [2])
+    assert aliases == {"de": "deu"}
+    g = groupings[2]
+    assert g["groups"] == {"group0": ["deu", "eng", "nld"], "group1": ["jpn", "kor"]}
+    d = g["distances"]
+    within = max(d[a][b] for a, b in combinations(["deu", "nld", "eng"], 2))
+    assert within < min(d[a][b] for a in ["deu", "nld", "eng"] for b in ["jpn", "kor"])
+    assert L.nearest_group("afr", g)[0] == "group0" and L.nearest_group("jpn", g)[0] == "group1"
+    # the 14-language set: every k is a cut of one merge sequence, and the order given changes nothing
+    many, _ = L.group_languages(LANGS14, [2, 4, 8])
+    shuffled, _ = L.group_languages(list(reversed(LANGS14)), [2, 4, 8])
+    assert many == shuffled
+    for small, big in ((8, 4), (4, 2)):
+        for members in many[small]["groups"].values():
+            assert any(set(members) <= set(m) for m in many[big]["groups"].values())
+    for k in (2, 4, 8):
+        assert len(many[k]["groups"]) == k
+        assert sorted(c for m in many[k]["groups"].values() for c in m) == sorted(LANGS14)
+
+
+@has_lang2vec
+def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
+    assert (
+        main(
+            ["cluster", "languages", "--langs", ",".join(LANGS14), "--k", "2,4", "--out", str(tmp_path / "g")]
+        )
+        == 0
+    )
+    assert sorted(os.listdir(tmp_path / "g")) == ["k2.json", "k4.json"]
+    g4 = L.load_grouping(tmp_path / "g" / "k4.json")
+    assert g4 == L.group_languages(LANGS14, [4])[0][4]
+    assert g4["method"] == "lang2vec-syntax" and g4["features"] == "syntax_knn" and g4["k"] == 4
+    assert g4["lang2vec_version"] == "1.1.2" and g4["languages"] == sorted(LANGS14)
+    dm = L.domain_map(g4)
+    assert set(dm) == set(LANGS14) and set(dm.values()) == set(g4["groups"])
+    from elmforest.data.shards import load_domain_map
+
+    assert load_domain_map(tmp_path / "g" / "k4.json") == dm
+    one = tmp_path / "one.json"
+    assert main(["cluster", "languages", "--langs", "deu,jpn", "--k", "2", "--out", str(one)]) == 0
+    assert json.loads(one.read_text())["groups"] == {"group0": ["deu"], "group1": ["jpn"]}
+    with pytest.raises(AlreadyExists, match="--overwrite"):
+        L.write_groupings(L.group_languages(["deu", "jpn"], [2])[0], one)
+    capsys.readouterr()
+    assert main(["cluster", "languages", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 7970 and "deu\tde,ger" in listed and "ell\tel,gre" in listed
+
+
+@has_lang2vec
+@pytest.mark.parametrize(
+    "codes, ks, match",
+    [
+        (["deu", "xyz"], [2], "'xyz' is not one of lang2vec's 7970 ISO 639-3 codes.*--list"),
+        (["deu", "qq"], [2], "'qq': lang2vec has no ISO 639-3 code for this two-letter code"),
+        (["deu", "de"], [1], "'de' given twice"),
+        (["deu", "fra"], [3], "k = 3 but only 2 languages"),
+        (["deu"], [1], "at least 2 languages"),
+    ],
+)
+def test_bad_input_is_refused_by_name(codes, ks, match):
+    with pytest.raises(UserError, match=match):
+        L.group_languages(codes, ks)
+
+
+@has_lang2vec
+def test_feature_sets_with_missing_values_are_refused_for_those_languages():
+    with pytest.raises(UserError, match="syntax_wals leaves values missing for deu"):
+        L.group_languages(["deu", "fra"], [1], features="syntax_wals")
+    with pytest.raises(UserError, match="unknown feature set"):
+        L.load_features("phonology_knn")
+
+
+def test_a_missing_extra_names_it(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[xelm\]"'):
+        L.group_languages(["deu", "fra"], [1])
+    for bad, match in (({"groups": {"a": ["x"], "b": ["x"]}}, "'x' is in both"), ({"k": 2}, "no `groups`")):
+        (tmp_path / "g.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=match):
+            L.load_grouping(tmp_path / "g.json")
+
+
+def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, shards_dir, tmp_path):
+    """Relabelling happens as the shards are built: same documents, same splits (by id), group domains."""
+    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.splits import SplitSpec
+
+    grouping = tmp_path / "k2.json"
+    grouping.write_text(json.dumps({"groups": {"group0": ["scripture"], "group1": ["code", "legal"]}}))
+    out = tmp_path / "grouped"
+    assert (
+        main(["shards", "build", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+              "--valid-frac", "0.1", "--test-frac", "0.1", "--domain-map", str(grouping), "--no-progress"])
+        == 0
+    )  # fmt: skip
+    by_lang, by_group = Shards(shards_dir), Shards(out)
+    assert sorted(by_group.domains) == ["group0", "group1"]
+    assert by_group.index["domain_map"] == {"code": "group1", "legal": "group1", "scripture": "group0"}
+    for split in ("train", "valid", "test"):
+        for field in ("documents", "tokens", "bytes"):
+            langs = by_lang.index["domains"]
+            assert by_group.index["domains"]["group1"]["splits"][split][field] == sum(
+                langs[d]["splits"][split][field] for d in ("code", "legal")
+            )
+            assert (
+                by_group.index["domains"]["group0"]["splits"][split][field]
+                == langs["scripture"]["splits"][split][field]
+            )
+    with pytest.raises(UserError, match="domain 'legal' .* is in no group"):
+        build_shards(
+            corpus, tokenizer_dir, tmp_path / "x", domain_map={"code": "g", "scripture": "g"}, progress=False
+        )
+    with pytest.raises(UserError, match="give one"):
+        build_shards(
+            corpus, tokenizer_dir, tmp_path / "y", SplitSpec(), random_domains=2, domain_map={"a": "b"}
+        )
