@@ -228,8 +228,10 @@ def train_expert(
     """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept;
     one whose checkpoint went missing from the forest is restored from its run (or trained again).
 
-    branch: "seed" (default), "expert:NAME" (start from one expert's weights), or "mixture"
-    (a posterior-weighted average of the current experts, weights stored in the lineage).
+    branch: "seed" (default), "expert:NAME" (start from one expert's weights), "mixture"
+    (a posterior-weighted average of the current experts, weights stored in the lineage), or
+    "nearest[:posterior|typology]" (X-ELM: the most similar expert, forest/nearest.py; the measure and
+    every expert's score stored in the lineage).
     """
     from elmforest.config import apply_overrides
     from elmforest.merge.average import average_checkpoints
@@ -257,6 +259,16 @@ def train_expert(
             "top of the matched budget (the forest's ledger counts it)"
         )
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
+    extra = {"run": f"runs/{name}", "branch": branch}
+    if branch == "nearest" or branch.startswith("nearest:"):  # X-ELM: from the most similar expert
+        from elmforest.forest.nearest import nearest_expert
+
+        src, extra["nearest"] = nearest_expert(
+            forest, shards, domain, branch.partition(":")[2] or "posterior"
+        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {name} branches from {src} ({extra['nearest']['by']})")
+        branch = f"expert:{src}"
     if branch.startswith("expert:") or branch == "mixture":
         sources = [branch.split(":", 1)[1]] if branch != "mixture" else forest.names
         owners = [n for n in sources if n in forest.names and forest.expert(n).get("branch") == "flexolmo"]
@@ -301,7 +313,9 @@ def train_expert(
         overrides = [*owner, *(overrides or [])]
         arch = architecture_fingerprint(cfg.model.init_from)
     elif branch != "seed":
-        raise UserError(f"unknown branch {branch!r}; expected seed, expert:NAME, mixture or flexolmo")
+        raise UserError(
+            f"unknown branch {branch!r}; expected seed, expert:NAME, mixture, nearest[:posterior|typology] or flexolmo"
+        )
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     summary = train(cfg, run_dir, progress=progress)
@@ -315,7 +329,7 @@ def train_expert(
         tokens=summary["tokens"],
         flops=summary["flops"],
         data_fingerprint=data_fingerprint(shards, [domain]),
-        extra={"run": f"runs/{name}", "branch": branch},
+        extra=extra,
         force=force,
         replace=replace,
         architecture=arch,

@@ -181,7 +181,9 @@ def expert(
     branch: Annotated[
         str,
         opt(
-            "seed | expert:NAME | mixture (posterior-weighted average) | flexolmo (a FlexOlmo owner: the "
+            "seed | expert:NAME | mixture (posterior-weighted average) | nearest[:posterior|typology] (the "
+            "most similar expert: by the forest's posterior on the domain's valid split, or by URIEL syntax "
+            "distance for ISO 639-3 language domains) | flexolmo (a FlexOlmo owner: the "
             "seed as a 2-expert MoE, only its own expert and router row train)",
             metavar="FROM",
         ),

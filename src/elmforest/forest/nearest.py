@@ -1,0 +1,56 @@
+"""X-ELM's branching for a language added later: from the existing expert most like it.
+
+Two measures, both recorded in the new expert's lineage so the choice can be audited:
+- `posterior` (the default): the forest's posterior over its experts on the new domain's valid split
+  (BTM's branching weights, forest/btm.py `branch_weights`): the expert that already predicts the new
+  data best. Works for any domain.
+- `typology`: the URIEL syntax distance (cluster/languages.py) between the new language and each
+  expert's languages (average linkage): X-ELM's choice, needing ISO 639-3 domains. An expert trained on
+  a group of languages (shards built with `--domain-map`) counts every language of its group.
+"""
+
+from __future__ import annotations
+
+from elmforest.data.shards import Shards
+from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
+
+MEASURES = ("posterior", "typology")
+
+
+def nearest_expert(
+    forest: Forest, shards: Shards, domain: str, by: str, prior_batches: int = 20
+) -> tuple[str, dict]:
+    """(the expert to branch from, the record of why: the measure and every expert's score)."""
+    from elmforest.forest.btm import branch_weights
+
+    if by not in MEASURES:
+        raise UserError(f"unknown nearest measure {by!r}; expected nearest:posterior or nearest:typology")
+    candidates = [n for n in forest.names if forest.expert(n).get("branch") != "flexolmo"]
+    if not candidates:
+        raise UserError(f"{forest.root}: no expert with the seed's architecture to branch from")
+    if by == "posterior":
+        weights = branch_weights(forest, shards, domain, prior_batches)
+        scores = {n: weights[n] for n in candidates}
+        best = max(scores, key=lambda n: (scores[n], n))
+        return best, {"by": by, "posterior": scores}
+    from elmforest.cluster.languages import nearest_group
+
+    groups = {}
+    mapping = shards.index.get("domain_map") or {}
+    for n in candidates:
+        langs = []
+        for d in forest.expert(n)["domains"]:
+            members = sorted(lang for lang, g in mapping.items() if g == d)
+            langs += members or [d]
+        groups[n] = langs
+    new = sorted(lang for lang, g in mapping.items() if g == domain) or [domain]
+    if len(new) != 1:
+        raise UserError(f"{domain!r} is a group of languages {new}; typology branching adds one language")
+    try:
+        best, dists = nearest_group(new[0], {"groups": groups})
+    except UserError as e:
+        raise UserError(
+            f"nearest:typology needs ISO 639-3 language domains ({e}); use nearest:posterior"
+        ) from None
+    return best, {"by": by, "syntax_distance": dists}

@@ -1,0 +1,43 @@
+"""X-ELM's branching for a domain added later: from the most similar expert, the choice in the lineage."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from elmforest.data.shards import Shards
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.forest.nearest import nearest_expert
+from elmforest.utils.errors import UserError
+
+
+def test_nearest_by_posterior_branches_from_the_expert_that_knows_the_domain(
+    forest_dir, shards_dir, tmp_path
+):
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    f, sh = Forest.load(root), Shards(shards_dir)
+    entry = btm.train_expert(
+        f, sh, "legal", name="legal2", branch="nearest", overrides=["train.steps=2"], progress=False
+    )
+    scores = entry["nearest"]["posterior"]
+    assert entry["nearest"]["by"] == "posterior" and max(scores, key=scores.get) == "legal"
+    assert entry["parents"] == [{"name": "legal", "weight": 1.0}] and entry["branch"] == "nearest"
+    assert sum(scores.values()) == pytest.approx(1.0)
+    with pytest.raises(UserError, match="ISO 639-3"):  # these domains are not languages
+        nearest_expert(f, sh, "legal", "typology")
+    with pytest.raises(UserError, match="unknown nearest measure"):
+        nearest_expert(f, sh, "legal", "vibes")
+
+
+def test_nearest_by_typology_picks_the_closest_language(forest_dir, shards_dir, tmp_path):
+    pytest.importorskip("lang2vec", reason="lang2vec not installed (pip install -e '.[xelm]')")
+    src = Forest.load(forest_dir)
+    f = Forest.init(tmp_path / "langs")
+    for n, lang in zip(src.names, ["deu", "jpn", "ara"], strict=False):
+        f.add(src.expert_dir(n), lang, [lang])
+    best, why = nearest_expert(f, Shards(shards_dir), "nld", "typology")
+    assert best == "deu" and why["by"] == "typology"
+    assert why["syntax_distance"]["deu"] < min(why["syntax_distance"]["jpn"], why["syntax_distance"]["ara"])
