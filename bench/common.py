@@ -39,6 +39,26 @@ def synthetic_shards(work: Path, vocab_size: int) -> Path:
     return shards
 
 
+def random_forest(work: Path, n_experts: int, preset: str = "cpu-small"):
+    """(forest, shards, tokenizer): `n_experts` randomly initialised experts on synthetic shards. Speed
+    does not depend on what the weights learned, so the benchmarks of inference need no training."""
+    from elmforest.config import ModelConfig
+    from elmforest.data.shards import Shards
+    from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+    from elmforest.forest.manifest import Forest
+    from elmforest.model.build import build_model
+
+    shards = Shards(synthetic_shards(work, 4096))
+    tok = load_tokenizer(shards.root)
+    forest = Forest.init(work / "forest")
+    for j in range(n_experts):
+        m = build_model(ModelConfig(preset=preset), shards.vocab_size, shards.eos_id, seed=j)
+        m.save_pretrained(work / f"e{j}")
+        save_tokenizer(tok, work / f"e{j}")
+        forest.add(work / f"e{j}", f"e{j}", [f"d{j}"])
+    return forest, shards, tok
+
+
 def load_quickstart(qs: Path):
     """A finished quickstart dir: (results, forest, shards, eval kwargs scoring the same test
     documents as its table)."""

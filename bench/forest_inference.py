@@ -21,19 +21,18 @@ from pathlib import Path
 
 import torch
 
-from elmforest.config import ModelConfig
 from elmforest.data.shards import Shards
-from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.merge.moe import MoeSpec, export_moe
-from elmforest.model.build import build_model, load_model
+from elmforest.model.build import load_model
 
 try:
-    from common import synthetic_shards
+    from common import random_forest
 except ImportError:
-    from bench.common import synthetic_shards
+    from bench.common import random_forest
 
 
 def main() -> None:
@@ -45,14 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = Shards(synthetic_shards(work, 4096))
-        tok = load_tokenizer(shards.root)
-        forest = Forest.init(work / "forest")
-        for j in range(args.experts):
-            m = build_model(ModelConfig(preset="cpu-small"), shards.vocab_size, shards.eos_id, seed=j)
-            m.save_pretrained(work / f"e{j}")
-            save_tokenizer(tok, work / f"e{j}")
-            forest.add(work / f"e{j}", f"e{j}", [f"d{j}"])
+        forest, shards, tok = random_forest(work, args.experts)
         common = {
             "split": "train",
             "domains": [shards.domains[0]],

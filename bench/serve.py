@@ -30,16 +30,10 @@ from pathlib import Path
 import openai
 import torch
 
-from elmforest.config import ModelConfig
-from elmforest.data.shards import Shards
-from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.forest.manifest import Forest
-from elmforest.model.build import build_model
-
 try:
-    from common import synthetic_shards
+    from common import random_forest
 except ImportError:
-    from bench.common import synthetic_shards
+    from bench.common import random_forest
 
 
 def load(url: str, model: str, prompts: list[str], concurrency: int, new_tokens: int) -> dict:
@@ -125,14 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shards = Shards(synthetic_shards(work, 4096))
-        tok = load_tokenizer(shards.root)
-        forest = Forest.init(work / "forest")
-        for j in range(args.experts):
-            m = build_model(ModelConfig(preset="cpu-small"), shards.vocab_size, shards.eos_id, seed=j)
-            m.save_pretrained(work / f"e{j}")
-            save_tokenizer(tok, work / f"e{j}")
-            forest.add(work / f"e{j}", f"e{j}", [f"d{j}"])
+        forest, shards, tok = random_forest(work, args.experts)
         stream = shards.tokens(shards.domains[0], "train")
         step = args.prompt_tokens
         prompts = [
