@@ -41,3 +41,27 @@ def test_nearest_by_typology_picks_the_closest_language(forest_dir, shards_dir, 
     best, why = nearest_expert(f, Shards(shards_dir), "nld", "typology")
     assert best == "deu" and why["by"] == "typology"
     assert why["syntax_distance"]["deu"] < min(why["syntax_distance"]["jpn"], why["syntax_distance"]["ara"])
+
+
+def test_forest_expert_mix_trains_one_expert_on_several_domains(forest_dir, shards_dir, tmp_path):
+    """`forest expert --mix`: X-ELM's expert for a group of languages, each still a domain of its own."""
+    from elmforest.cli import main
+    from elmforest.config import RunConfig
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    sh = Shards(shards_dir)
+    a, b = sh.domains[:2]
+    args = ["forest", "expert", "--forest", str(root), "--shards", str(shards_dir), "--no-progress"]
+    assert main([*args, "--domain", a, "--name", "pair", "--mix", f"{a},{b}", "--set", "train.steps=14"]) == 0
+    f = Forest.load(root)
+    assert f.expert("pair")["domains"] == [a, b]
+    assert f.expert("pair")["fingerprints"]["data"] == btm.data_fingerprint(sh, [a, b])
+    cfg = RunConfig.from_dict(
+        __import__("json").loads((root / "runs" / "pair" / "run_config.json").read_text())
+    )
+    assert cfg.data.domains == [a, b]
+    # --domain must be one of the mix, and each domain listed once
+    assert main([*args, "--domain", sh.domains[2], "--name", "bad", "--mix", f"{a},{b}"]) == 2
+    with pytest.raises(UserError, match="each domain once"):
+        btm.train_expert(f, sh, a, name="bad", mix=[a, a], progress=False)

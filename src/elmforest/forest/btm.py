@@ -224,6 +224,7 @@ def train_expert(
     prior_batches: int = 20,
     force: bool = False,
     trust_remote_code: bool = False,
+    mix: list[str] | None = None,
 ) -> dict:
     """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept;
     one whose checkpoint went missing from the forest is restored from its run (or trained again).
@@ -232,6 +233,12 @@ def train_expert(
     (a posterior-weighted average of the current experts, weights stored in the lineage), or
     "nearest[:posterior|typology]" (X-ELM: the most similar expert, forest/nearest.py; the measure and
     every expert's score stored in the lineage).
+
+    `mix`: the expert trains on these domains instead, mixed as the seed's run mixes its domains
+    (`data.mixture`), and is recorded with all of them: X-ELM's expert for a group of languages,
+    each language kept a domain of its own so the group's languages stay balanced and every
+    language is still scored on its own. `domain` (one of `mix`) is then the domain whose valid split
+    `nearest:posterior` / `mixture` weigh the experts on, and the default name.
     """
     from elmforest.config import apply_overrides
     from elmforest.merge.average import average_checkpoints
@@ -249,13 +256,19 @@ def train_expert(
             f"{forest.root}: expert {name!r} was opted out (forest remove); only its owner may train it "
             "again (forest expert --force)"
         )
-    if not shards.has(domain, "train"):
-        raise UserError(f"{shards.root}: no training data for domain {domain!r}; have {shards.domains}")
-    cfg = expert_config(forest, shards, domain, base, trust_remote_code)
+    trained = list(mix) if mix else [domain]
+    if mix is not None and (not mix or len(set(mix)) != len(mix) or domain not in mix):
+        raise UserError(f"expert {name}: mix must list each domain once, {domain!r} among them; got {mix}")
+    no_data = [d for d in trained if not shards.has(d, "train")]
+    if no_data:
+        raise UserError(f"{shards.root}: no training data for domain(s) {no_data}; have {shards.domains}")
+    cfg = expert_config(forest, shards, trained[0], base, trust_remote_code)
+    cfg.data.domains = trained
     planned = (forest.data.get("plan") or {}).get("domains")
-    if planned is not None and domain not in planned and int(os.environ.get("RANK", "0")) == 0:
+    label = name if mix else domain
+    if planned is not None and label not in planned and int(os.environ.get("RANK", "0")) == 0:
         print(
-            f"note: {domain!r} is not one of the plan's domains {planned}: this expert's compute comes on "
+            f"note: {label!r} is not one of the plan's experts {planned}: this expert's compute comes on "
             "top of the matched budget (the forest's ledger counts it)"
         )
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
@@ -324,11 +337,11 @@ def train_expert(
     entry = forest.add(
         run_dir / "model",
         name,
-        [domain],
+        trained,
         parents=parents,
         tokens=summary["tokens"],
         flops=summary["flops"],
-        data_fingerprint=data_fingerprint(shards, [domain]),
+        data_fingerprint=data_fingerprint(shards, trained),
         extra=extra,
         force=force,
         replace=replace,

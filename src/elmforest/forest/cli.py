@@ -29,6 +29,7 @@ from elmforest.utils.argtypes import (
     verb,
 )
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import split_list
 
 ForestDir = Annotated[str, opt("forest directory", name="--forest", metavar="DIR")]
 ShardsDir = Annotated[str, opt("shards directory", metavar="DIR")]
@@ -191,6 +192,14 @@ def expert(
     force: Annotated[
         bool, flag("--force", "train an expert that was opted out again (its owner's call only)")
     ] = False,
+    mix: Annotated[
+        str | None,
+        opt(
+            "train on these domains mixed (data.mixture; X-ELM's group of languages), --domain among them; "
+            "each stays a domain of its own in the shards and the lineage",
+            metavar="A,B,...",
+        ),
+    ] = None,
     train_args: TrainArgs = DEFAULT_TRAIN_ARGS,
     no_progress: NoProgress = False,
 ) -> None:
@@ -216,6 +225,7 @@ def expert(
         progress=not no_progress,
         force=force,
         trust_remote_code=train_args.trust_remote_code,
+        mix=split_list(mix),
     )
     print(
         f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "

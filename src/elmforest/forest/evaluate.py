@@ -98,16 +98,22 @@ def evaluate_forest_shards(
     route: str = "sequence",
     reset: str = "document",
     prior_alpha: float | None = None,
+    given_prior: dict[str, dict[str, float]] | None = None,
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
+
+    prior="given" takes each domain's prior from `given_prior` (domain -> expert -> weight, renormalised):
+    weights known without looking at the text, e.g. X-ELM's routing by the document's language.
 
     mode="cluster" is c-BTM's sparse routing: the top-k experts by exp(−‖h(context) − c_j‖² / T) with
     the forest's clusterer, per window (`route="sequence"`) or per segment of W tokens (`segment:W`).
     """
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if prior not in ("cached", "uniform"):
-        raise UserError(f"unknown prior {prior!r}; expected cached or uniform")
+    if prior not in ("cached", "uniform", "given"):
+        raise UserError(f"unknown prior {prior!r}; expected cached, uniform or given")
+    if (prior == "given") != (given_prior is not None):
+        raise UserError("prior='given' needs given_prior (domain -> expert -> weight), and only it does")
     if reset not in RESETS:
         raise UserError(f"unknown reset {reset!r}; expected one of {RESETS}")
     if prior == "cached" and prior_split == split:
@@ -149,6 +155,9 @@ def evaluate_forest_shards(
             )
             prior_passes += pool.passes - before
             entry["prior_source"] = f"{d}/{prior_split}: {used} windows"
+        elif prior == "given" and mode != "cluster":
+            pi = _given(given_prior, d, names)
+            entry["prior_source"] = "given"
         else:
             pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
             entry["prior_source"] = (
@@ -236,6 +245,19 @@ def evaluate_forest_shards(
         },
         "convention": "EOS predicted and counted as 1 byte per document; non-overlapping windows",
     }
+
+
+def _given(given_prior: dict, d: str, names: list[str]) -> torch.Tensor:
+    w = given_prior.get(d)
+    if w is None:
+        raise UserError(f"given_prior has no weights for domain {d!r}")
+    unknown = sorted(set(w) - set(names))
+    if unknown:
+        raise UserError(f"given_prior for {d!r} names expert(s) {unknown} not among {names}")
+    pi = torch.tensor([float(w.get(x, 0.0)) for x in names], dtype=torch.float64)
+    if not bool(torch.isfinite(pi).all()) or bool((pi < 0).any()) or float(pi.sum()) <= 0:
+        raise UserError(f"given_prior for {d!r} must be non-negative weights with a positive sum, got {w}")
+    return pi / pi.sum()
 
 
 def _is_tied(model, name: str) -> bool:

@@ -19,14 +19,22 @@ MEASURES = ("posterior", "typology")
 
 
 def nearest_expert(
-    forest: Forest, shards: Shards, domain: str, by: str, prior_batches: int = 20
+    forest: Forest,
+    shards: Shards,
+    domain: str,
+    by: str,
+    prior_batches: int = 20,
+    among: list[str] | None = None,
 ) -> tuple[str, dict]:
-    """(the expert to branch from, the record of why: the measure and every expert's score)."""
+    """(the expert to branch from, the record of why: the measure and every expert's score); `among`
+    limits the candidates (default: every expert of the forest)."""
     from elmforest.forest.btm import branch_weights
 
     if by not in MEASURES:
         raise UserError(f"unknown nearest measure {by!r}; expected nearest:posterior or nearest:typology")
-    candidates = [n for n in forest.names if forest.expert(n).get("branch") != "flexolmo"]
+    candidates = [
+        n for n in (forest.names if among is None else among) if forest.expert(n).get("branch") != "flexolmo"
+    ]
     if not candidates:
         raise UserError(f"{forest.root}: no expert with the seed's architecture to branch from")
     if by == "posterior":

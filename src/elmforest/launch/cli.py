@@ -96,9 +96,54 @@ def quickstart(
             nonneg_int,
         ),
     ] = 64,
+    corpus: Annotated[
+        Literal["demo", "multilingual"],
+        opt(
+            "demo: BTM on the demo corpus; multilingual: X-ELM (language-group experts, k = 2, 4, 8, a "
+            "language added later; docs/xelm.md)"
+        ),
+    ] = "demo",
+    languages: Annotated[
+        str | None,
+        opt("--corpus multilingual: the first round's languages (ISO 639-3)", metavar="A,B,..."),
+    ] = None,
+    new_language: Annotated[
+        str | None,
+        opt("--corpus multilingual: the language added later ('none' skips it; default por)", metavar="CODE"),
+    ] = None,
+    k: Annotated[
+        str | None,
+        opt("--corpus multilingual: numbers of language groups (default 2,4,8)", metavar="K,K,..."),
+    ] = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB."""
+    """BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB (X-ELM: --corpus multilingual)."""
+    if corpus == "multilingual":
+        return _xelm(
+            out,
+            preset,
+            overrides,
+            workers,
+            prior_batches,
+            eval_bytes,
+            languages,
+            new_language,
+            k,
+            no_progress,
+            demo_only={
+                "--domains": domains,
+                "--split": split != "domains",
+                "--ood": ood,
+                "--expert-lr": expert_lr,
+                "--no-moe": no_moe,
+                "--moe-router-steps": moe_router_steps,
+                "--clusters": clusters != 8,
+                "--moe-finetune-steps": moe_finetune_steps != 64,
+            },
+        )
+    given = [f for f, v in (("--languages", languages), ("--new-language", new_language), ("--k", k)) if v]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} need(s) --corpus multilingual")
     from elmforest.quickstart import quickstart as run
 
     run(
@@ -117,6 +162,45 @@ def quickstart(
         moe=not no_moe,
         moe_router_steps=moe_router_steps,
         moe_finetune_steps=moe_finetune_steps,
+    )
+
+
+def _xelm(
+    out,
+    preset,
+    overrides,
+    workers,
+    prior_batches,
+    eval_bytes,
+    languages,
+    new_language,
+    k,
+    no_progress,
+    demo_only,
+):
+    bad = [f for f, v in demo_only.items() if v]
+    if bad:
+        raise typer.BadParameter(f"{', '.join(bad)} apply to the demo corpus only, not --corpus multilingual")
+    from elmforest.xelm.quickstart import KS, NEW_LANGUAGE, quickstart_xelm
+
+    new = NEW_LANGUAGE if new_language is None else (None if new_language.lower() == "none" else new_language)
+    try:
+        ks = [int(x) for x in split_list(k)] if k else list(KS)
+    except ValueError:
+        raise typer.BadParameter(f"--k takes whole numbers, got {k!r}") from None
+    if any(x < 1 for x in ks):
+        raise typer.BadParameter(f"--k takes positive numbers, got {k!r}")
+    quickstart_xelm(
+        out if out != "quickstart" else "quickstart-xelm",
+        preset=preset,
+        languages=split_list(languages),
+        new_language=new,
+        ks=ks,
+        overrides=overrides or [],
+        progress=not no_progress,
+        eval_bytes=eval_bytes if eval_bytes != 64_000 else 32_000,
+        prior_batches=prior_batches if prior_batches != 20 else 5,
+        workers=workers,
     )
 
 

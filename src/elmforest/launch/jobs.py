@@ -32,6 +32,7 @@ class ExpertJob:
     procs: int = 1  # data-parallel processes for this expert (torchrun; GPUs or gloo on CPU)
     kind: str = "expert"  # expert | dense
     trust_remote_code: bool = False  # the command line's --trust-remote-code (never read from a file)
+    mix: list[str] | None = None  # the domains an expert trains on (a group of languages); None: [domain]
 
     @property
     def label(self) -> str:
@@ -164,6 +165,7 @@ def _run_here(job: ExpertJob) -> dict:
         overrides=job.overrides,
         progress=False,
         trust_remote_code=job.trust_remote_code,
+        mix=job.mix,
     )
     summary = btm.read_summary(forest, e["name"])
     return {
@@ -176,8 +178,8 @@ def _run_here(job: ExpertJob) -> dict:
 
 def _run_distributed(job: ExpertJob, log) -> dict:
     """The expert trains under torchrun with `procs` processes; this process only waits and merges."""
-    if job.kind != "expert":
-        raise UserError("data-parallel jobs are supported for experts only")
+    if job.kind != "expert" or job.mix:
+        raise UserError("data-parallel jobs are supported for single-domain experts only")
     cmd = [
         sys.executable,
         "-m",

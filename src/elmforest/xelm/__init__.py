@@ -1,0 +1,1 @@
+"""X-ELM: multilingual forests (language groups as experts, languages added later)."""

@@ -1,0 +1,222 @@
+"""The X-ELM comparison's scores: every arm and routing option on the same bytes of each language.
+
+Routing options (X-ELM compares them; each forest k is scored with all):
+- `ensemble`: BTM's Bayesian posterior, the prior cached from the language's valid split;
+- `uniform`: the posterior from a uniform prior (nothing known about the text);
+- `top1`: only the expert whose group holds the text's language (the language is known);
+- `typology`: fixed weights softmax(-d^2 / T) over the experts, d the URIEL syntax distance from the
+  text's language to each expert's group (average linkage), T = 0.1: X-ELM's cluster-distance routing
+  with the language as the thing routed.
+The experts' log-probabilities are cached per forest, so the options after the first only re-mix them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from elmforest.compare import TIE
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.eval.report import print_table
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.forest.manifest import Forest
+from elmforest.model.build import load_model
+from elmforest.utils.io import read_json
+
+TEMPERATURE = 0.1
+OPTIONS = ("ensemble", "uniform", "top1", "typology")
+
+
+def typology_weights(
+    lang: str, groups: dict[str, list[str]], distances: dict, t: float = TEMPERATURE
+) -> dict:
+    """softmax(-d^2 / T) over the groups, d = mean syntax distance from `lang` to the group's members."""
+    d = {g: float(np.mean([distances[lang][m] for m in members])) for g, members in groups.items()}
+    z = {g: -(x * x) / t for g, x in d.items()}
+    top = max(z.values())
+    e = {g: math.exp(v - top) for g, v in z.items()}
+    s = sum(e.values())
+    return {g: v / s for g, v in e.items()}
+
+
+class Scorer:
+    """Scores shared by every table: same split, bytes and windows; one expert pool per expert set."""
+
+    def __init__(self, shards: Shards, eval_bytes: int, prior_batches: int, seq_len: int):
+        self.shards, self.prior_batches, self.pools = shards, prior_batches, {}
+        self.common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": eval_bytes}
+
+    def model(self, path, domains: list[str]) -> dict:
+        return evaluate_shards(load_model(path), self.shards, progress=False, domains=domains, **self.common)
+
+    def forest(self, f: Forest, experts: list[str], domains: list[str], prior: str, given=None) -> dict:
+        key = (str(f.root), tuple(experts))
+        if key not in self.pools:
+            self.pools[key] = make_pool(f, experts, batch_size=16)
+        kw = {"weighting": "fixed"} if given is not None else {}
+        return evaluate_forest_shards(
+            f,
+            self.shards,
+            mode="ensemble",
+            prior=prior,
+            given_prior=given,
+            experts=experts,
+            pool=self.pools[key],
+            domains=domains,
+            prior_batches=self.prior_batches,
+            **kw,
+            **self.common,
+        )
+
+    def options(self, f: Forest, groups: dict[str, list[str]], distances: dict, langs: list[str]) -> dict:
+        experts = list(groups)
+        home = {lang: g for g, members in groups.items() for lang in members}
+        return {
+            "ensemble": self.forest(f, experts, langs, "cached"),
+            "uniform": self.forest(f, experts, langs, "uniform"),
+            "top1": self.forest(f, experts, langs, "given", {x: {home[x]: 1.0} for x in langs}),
+            "typology": self.forest(
+                f, experts, langs, "given", {x: typology_weights(x, groups, distances) for x in langs}
+            ),
+        }
+
+
+def evaluate_all(
+    forest, forests, groupings, shards, langs, new, added, eval_bytes, prior_batches, seq_len, others=None
+):
+    """Every table of results.json: `methods` (first-round languages), `added` (the second round),
+    the FLOPs of each arm, per-language gains and the findings. `others`: the tf-idf cluster forests
+    (scored with the posterior and with c-BTM's routing by distance to the cluster centres, top-1)."""
+    sc = Scorer(shards, eval_bytes, prior_batches, seq_len)
+    dense_dir = forest.root / "runs" / "dense" / "model"
+    methods = {"dense": sc.model(dense_dir, langs), "seed": sc.model(forest.seed_dir, langs)}
+    dense_flops = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]
+    arms = {"dense": dense_flops, "seed": forest.data["seed"]["flops"]}
+    for k, f in forests.items():
+        groups = groupings[k]["groups"]
+        for opt, res in sc.options(f, groups, groupings[k]["distances"], langs).items():
+            methods[f"k{k}_{opt}"] = res
+            arms[f"k{k}_{opt}"] = arms["seed"] + sum(f.expert(g)["flops"] for g in groups)
+    for name, f in (others or {}).items():
+        methods[f"{name}_ensemble"] = sc.forest(f, f.names, langs, "cached")
+        methods[f"{name}_cluster"] = evaluate_forest_shards(
+            f,
+            shards,
+            mode="cluster",
+            k=1,
+            pool=sc.pools[(str(f.root), tuple(f.names))],
+            domains=langs,
+            **sc.common,
+        )
+        arms[f"{name}_ensemble"] = arms[f"{name}_cluster"] = arms["seed"] + sum(
+            f.expert(n)["flops"] for n in f.names
+        )
+    out = {"methods": methods, "temperature": TEMPERATURE}
+    if added is not None:
+        out["added"], extra = _added(
+            sc, forest, forests[added["k"]], groupings[added["k"]], langs, new, added
+        )
+        arms.update(extra)
+        arms["dense_continued"] = dense_flops + added["dense_continued"]["flops"]
+    out["compute"] = {"arms": arms, "over_dense": {m: v / dense_flops for m, v in arms.items()}}
+    out["gains"] = {
+        m: {x: 1 - r["domains"][x]["bpb"] / methods["dense"]["domains"][x]["bpb"] for x in langs}
+        for m, r in methods.items()
+        if m != "dense"
+    }
+    out["train_bytes"] = {x: int(shards.info(x, "train")["bytes"]) for x in langs}
+    out["findings"] = findings(out, langs, new)
+    return out
+
+
+def _added(sc: Scorer, forest, fk: Forest, grouping: dict, langs, new, added) -> tuple[dict, dict]:
+    """The second round: the new language's BPB for every way of adding it, and every first-round
+    language's BPB before and after (the experts are untouched; the dense LM is not)."""
+    every = [*langs, new]
+    groups = dict(grouping["groups"])
+    home = {lang: g for g, members in groups.items() for lang in members}
+    seed_flops = forest.data["seed"]["flops"]
+    base = seed_flops + sum(fk.expert(g)["flops"] for g in groups)
+    k = added["k"]
+    res = {
+        "dense": sc.model(forest.root / "runs" / "dense" / "model", [new]),
+        "dense_continued": sc.model(added["dense_continued"]["model"], every),
+        f"k{k}_ensemble": sc.forest(fk, list(groups), [new], "cached"),
+    }
+    arms = {}
+    for how, name in added["experts"].items():
+        experts = [*groups, name]
+        res[f"k{k}+{how}_ensemble"] = sc.forest(fk, experts, every, "cached")
+        res[f"k{k}+{how}_top1"] = sc.forest(
+            fk, experts, every, "given", {**{x: {home[x]: 1.0} for x in langs}, new: {name: 1.0}}
+        )
+        for opt in ("ensemble", "top1"):
+            arms[f"k{k}+{how}_{opt}"] = base + fk.expert(name)["flops"]
+    return res, arms
+
+
+def findings(out: dict, langs: list[str], new: str | None) -> list[str]:
+    """X-ELM's claims on this run, each stated plainly as holding or not (ties within TIE)."""
+    m, lines = out["methods"], []
+    dense = m["dense"]["domains"]
+    for name, r in m.items():
+        if name in ("dense", "seed"):
+            continue
+        worse = [x for x in langs if r["domains"][x]["bpb"] >= dense[x]["bpb"]]
+        tied = [x for x in langs if abs(r["domains"][x]["bpb"] / dense[x]["bpb"] - 1) < TIE]
+        verdict = "holds" if not worse else f"does NOT hold: worse or equal in {', '.join(worse)}"
+        lines.append(
+            f"{name} beats the jointly trained dense LM in every language: {verdict} (mean {r['mean_bpb']:.4f} "
+            f"vs {m['dense']['mean_bpb']:.4f}; within {TIE:.0%} of dense in {len(tied)} of {len(langs)})"
+        )
+    small = min(langs, key=lambda x: out["train_bytes"][x])
+    for name in [n for n in m if n.endswith("_ensemble")]:
+        g = out["gains"][name]
+        lines.append(
+            f"{name}: gain over dense on the smallest language {small} {g[small]:+.1%} vs mean gain "
+            f"{np.mean(list(g.values())):+.1%} (the curse of multilinguality predicts the largest gains there)"
+        )
+    a = out.get("added")
+    if a and new:
+        k = next(int(n[1:].split("_")[0]) for n in a if n.startswith("k") and "+" not in n)
+        b = {n: r["domains"][new]["bpb"] for n, r in a.items()}
+        near, seed = b.get(f"k{k}+nearest_ensemble"), b.get(f"k{k}+seed_ensemble")
+        lines.append(
+            f"adding {new}: forest + expert branched from the nearest expert {near:.4f} vs from the seed "
+            f"{seed:.4f} BPB on {new} -> nearest-expert branching "
+            + ("helps" if near < seed * (1 - TIE) else "hurts" if near > seed * (1 + TIE) else "is a tie")
+        )
+        lines.append(
+            f"adding {new}: forest {near:.4f} vs dense continued on every language for the same extra compute "
+            f"{b['dense_continued']:.4f} ({near / b['dense_continued'] - 1:+.1%}); dense before {b['dense']:.4f}, "
+            f"forest before {b[f'k{k}_ensemble']:.4f}"
+        )
+        top_before = m[f"k{k}_top1"]["domains"]
+        top_after = a[f"k{k}+nearest_top1"]["domains"]
+        d_top = max(abs(top_after[x]["bpb"] - top_before[x]["bpb"]) for x in langs)
+        ens_before, ens_after = m[f"k{k}_ensemble"]["domains"], a[f"k{k}+nearest_ensemble"]["domains"]
+        d_ens = np.mean([ens_after[x]["bpb"] / ens_before[x]["bpb"] - 1 for x in langs])
+        dc = a["dense_continued"]["domains"]
+        d_dense = np.mean([dc[x]["bpb"] / dense[x]["bpb"] - 1 for x in langs])
+        lines.append(
+            f"no forgetting: after adding {new}, each first-round language's own expert scores it with max "
+            f"|change| {d_top:.2e} BPB (the experts are untouched); the ensemble changes by {d_ens:+.2%} on "
+            f"average; the dense LM continued with {new} changes by {d_dense:+.2%} on the first-round languages"
+        )
+    return lines
+
+
+def print_results(results: dict, log=print) -> None:
+    m, over = results["methods"], results["compute"]["over_dense"]
+    main = {n: r for n, r in m.items() if n in ("dense", "seed") or n.endswith("_ensemble")}
+    print_table(main, "per-language bits per byte (test splits; lower is better)", flops=over)
+    routing = {n: r for n, r in m.items() if n not in main}
+    print_table(
+        routing, "routing options: uniform prior, top-1 known-language expert, typology weights", flops=over
+    )
+    if results.get("added"):
+        print_table(results["added"], f"adding {results['new_language']} later (second round)", flops=over)
+    for line in results["findings"]:
+        log(f"  - {line}")

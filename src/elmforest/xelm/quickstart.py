@@ -1,0 +1,329 @@
+"""X-ELM's comparison on the multilingual corpus (`elmforest quickstart --corpus multilingual`).
+
+multilingual corpus (languages as domains, ISO 639-3) -> a BPE trained with a per-language sample cap
+-> shards -> URIEL syntax groups for k = 2, 4, 8 -> one seed (the first half of a dense run mixing every
+language equally) -> for each k, one expert per group of languages (each alone, on its languages mixed
+equally, batch B/k, continuing the seed) -> the dense baseline (the same run, continued) -> a language
+added later (X-ELM's second round: its expert branched from the nearest expert, or from the seed; the
+dense LM continued on every language for the same extra compute) -> per-language BPB of every arm and
+routing option on the same bytes -> tables, results.json.
+
+The forests differ only in how the expert phase's budget is split, so each is compute-matched to the
+dense run by construction; the seed, the dense run and every group are shared as the files allow, and
+every stage is skipped (or resumed) when its output exists.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from elmforest.config import RunConfig, apply_overrides
+from elmforest.data.shards import Shards, build_shards
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
+from elmforest.forest import btm
+from elmforest.forest.manifest import Forest
+from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.launch.progress import ProgressMonitor
+from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json, write_json_atomic
+
+# 12 languages in 3 scripts (Latin, Cyrillic, Han/Kana), 10 with >= 1 MB in the corpus and Finnish
+# with 0.27 MB (the low-resource end); Portuguese (0.69 MB) is the language added later.
+LANGUAGES = ("ces", "deu", "fin", "fra", "ita", "jpn", "pol", "rus", "spa", "tur", "ukr", "zho")
+NEW_LANGUAGE = "por"
+KS = (2, 4, 8)
+MAX_BYTES = 800_000  # per language: more than the budget reads (about 120 KB each), quicker to tokenize
+TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from: no language dominates
+# Peak LRs from `python bench/xelm_lr_sweep.py` (docs/xelm.md, "Learning rates"): the dense run's (which
+# is also the seed's) and the expert phase's for each k, each the best of its grid on the valid split.
+DENSE_LR = 4e-3
+EXPERT_LRS = {2: 8e-3, 4: 8e-3, 8: 8e-3}
+ADD_K = 4  # the forest the new language is added to
+
+
+def quickstart_xelm(
+    out: str | Path = "quickstart-xelm",
+    preset: str = "cpu-small",
+    languages: list[str] | None = None,
+    new_language: str | None = NEW_LANGUAGE,
+    ks: tuple[int, ...] | list[int] = KS,
+    overrides: list[str] | tuple = (),
+    progress: bool = True,
+    corpus: str | Path | None = None,
+    seed_share: float = 0.5,
+    eval_bytes: int = 32_000,
+    prior_batches: int = 5,
+    workers: int | None = None,
+    dense_lr: float | None = None,
+    expert_lrs: dict[int, float] | None = None,
+    max_bytes: int = MAX_BYTES,
+    tfidf_k: int = 4,
+) -> dict:
+    """Run the X-ELM comparison into `out`; `corpus` (JSONL/Parquet/txt with ISO 639-3 domains)
+    replaces the built multilingual corpus. `new_language=None` skips the added-language experiment;
+    `tfidf_k` > 0 adds X-ELM's alternative grouping: that many balanced tf-idf clusters of documents
+    (c-BTM's clustering), one expert each, at the same budget (rows tfidf<K>_*); 0 skips it."""
+    from elmforest.quickstart import _precision_line, _workers
+    from elmforest.xelm.evaluate import evaluate_all, print_results
+
+    out, t0, log = Path(out), time.perf_counter(), print
+    p = get_preset(preset)
+    data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
+    shards, langs, new = data["shards"], data["languages"], data["new"]
+    ks = sorted({int(k) for k in ks})
+    too_many = [k for k in ks if k > len(langs)]
+    if too_many:
+        raise UserError(f"k = {too_many} but only {len(langs)} languages can train: each group needs one")
+    groupings = _groupings(out, langs, ks)
+
+    base = preset_run_config(preset, str(Path(shards.root).resolve()))
+    base.data.domains = list(langs)
+    base.optim.lr = dense_lr if dense_lr is not None else DENSE_LR
+    base = apply_overrides(base, list(overrides))
+    lrs = {k: (expert_lrs or {}).get(k, EXPERT_LRS.get(k, base.optim.lr)) for k in ks}
+    plan, base = btm.plan_for(base, math.lcm(*ks), seed_share)
+    log(f"      precision: {_precision_line(base.train.precision, base.train.device)}")
+    log(
+        f"      protocol: every language equally likely in the seed and dense runs (data.mixture="
+        f"{base.data.mixture}) and within each group; dense LR {base.optim.lr:g}, expert LRs "
+        + ", ".join(f"k={k} {lrs[k]:g}" for k in ks)
+    )
+    forest = Forest.init(out / "forest", exist_ok=True)
+    log(
+        f"[5/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps ({plan.batch_size} x "
+        f"{base.train.seq_len} tokens) on {len(langs)} languages mixed equally"
+    )
+    btm.train_seed(forest, shards, base, plan, progress=progress)
+    forests = {
+        k: btm.share_seed(out / f"forest-k{k}", forest, list(groupings[k]["groups"]), lrs[k]) for k in ks
+    }
+    workers, threads = _workers(base, workers)
+    log(
+        f"[6/8] dense baseline (the seed's run continued) and {sum(ks)} group experts for k = "
+        + ", ".join(map(str, ks))
+        + f", each {plan.total_steps - plan.seed_steps} steps at batch {plan.batch_size} / k"
+        + (f" ({workers} jobs at a time)" if workers > 1 else "")
+    )
+    _train_jobs(forest, forests, groupings, shards, plan, workers, threads, progress)
+    others = {}
+    if tfidf_k:
+        others[f"tfidf{tfidf_k}"] = _tfidf_forest(out, data, forest, tfidf_k, lrs, progress, log)
+    added = None
+    if new is not None:
+        ka = ADD_K if ADD_K in forests else ks[len(ks) // 2]
+        added = add_language(out, forest, forests[ka], ka, shards, new, plan, progress, log)
+    log(f"[8/8] per-language bits per byte on each language's test split (the first {eval_bytes:,} bytes)")
+    results = evaluate_all(
+        forest,
+        forests,
+        groupings,
+        shards,
+        langs,
+        new,
+        added,
+        eval_bytes,
+        prior_batches,
+        base.train.seq_len,
+        others,
+    )
+    results.update(
+        {
+            "languages": langs,
+            "new_language": new,
+            "skipped": data["skipped"],
+            "bytes_per_token": data["bytes_per_token"],
+            "groupings": {k: g["groups"] for k, g in groupings.items()},
+            "protocol": {
+                "preset": preset,
+                "mixture": base.data.mixture,
+                "dense_lr": base.optim.lr,
+                "expert_lrs": lrs,
+                "seed_share": seed_share,
+                "split": "test",
+                "eval_bytes": eval_bytes,
+                "prior_split": "valid",
+                "prior_batches": prior_batches,
+                "typology_temperature": results.pop("temperature"),
+                "max_bytes_per_language": max_bytes,
+                "tokenizer_sample_bytes_per_language": TOKENIZER_CAP,
+            },
+            "plan": {**plan.__dict__, "seed_steps": plan.seed_steps},
+        }
+    )
+    results["seconds"] = time.perf_counter() - t0
+    write_json_atomic(out / "results.json", results)
+    print_results(results, log)
+    log(f"total {results['seconds']:.0f}s; {out / 'results.json'}")
+    return results
+
+
+def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, progress, log) -> dict:
+    """Corpus -> tokenizer (per-language cap) -> shards; languages without a train, valid and test split
+    are reported and skipped (never merged into another); bytes per token of each language's test text."""
+    wanted = list(languages or LANGUAGES)
+    if new is not None and new in wanted:
+        raise UserError(f"the added language {new!r} is also one of the first round's languages")
+    every = wanted + ([new] if new else [])
+    if corpus is None:
+        corpus = out / "corpus"
+        man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
+        have = set(man.get("domains", {})) | set(man.get("skipped", {}))
+        if not set(every) <= have or man.get("max_bytes") != max_bytes:
+            from elmforest.corpora.multilingual import build_multilingual_corpus
+
+            log(f"[1/8] building the multilingual corpus ({len(every)} languages) -> {corpus}")
+            build_multilingual_corpus(
+                corpus, every, max_bytes=max_bytes, min_bytes=max_bytes, progress=progress
+            )
+    corpus = Path(corpus)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        log(f"[2/8] training a {vocab_size}-token BPE on at most {TOKENIZER_CAP:,} bytes of each language")
+        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=TOKENIZER_CAP)
+        save_tokenizer(tok, tok_dir)
+    shards_dir = out / "shards"
+    if not Shards.is_shards_dir(shards_dir):
+        log(f"[3/8] tokenizing into shards -> {shards_dir}")
+        build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
+    shards = Shards(shards_dir)
+    skipped = {}
+    for lang in every:
+        lacking = [s for s in ("train", "valid", "test") if not shards.has(lang, s)]
+        if lang not in shards.domains:
+            skipped[lang] = "not in the corpus (no document left after cleaning, or not built)"
+        elif lacking:
+            skipped[lang] = f"too little text: no {'/'.join(lacking)} split"
+    for lang, why in skipped.items():
+        log(f"      skipped language {lang}: {why}")
+    langs = [x for x in wanted if x not in skipped]
+    if new in skipped:
+        log(f"      no added-language experiment: {new} was skipped")
+        new = None
+    bpt = {}
+    for lang in langs + ([new] if new else []):
+        info = shards.info(lang, "test")
+        bpt[lang] = info["bytes"] / max(info["tokens"], 1)
+    log("      bytes per token (test split): " + ", ".join(f"{x} {v:.2f}" for x, v in bpt.items()))
+    return {
+        "shards": shards,
+        "corpus": corpus,
+        "languages": langs,
+        "new": new,
+        "skipped": skipped,
+        "bytes_per_token": bpt,
+    }
+
+
+def _groupings(out: Path, langs: list[str], ks: list[int]) -> dict[int, dict]:
+    """URIEL syntax groups (cluster/languages.py), saved as out/groups/k<K>.json. No group may hold more
+    than half the languages: every expert gets the same compute (B/k), and unbalanced merging (k = 4:
+    9, 1, 1 and 1 of these 12 languages) would starve the big group's languages."""
+    from elmforest.cluster.languages import group_languages, write_groupings
+
+    groupings, _ = group_languages(langs, ks, max_group_size=math.ceil(len(langs) / 2))
+    write_groupings(groupings, out / "groups", overwrite=True)
+    for k in ks:
+        print(f"[4/8] k={k}: " + " · ".join(" ".join(g) for g in groupings[k]["groups"].values()))
+    return groupings
+
+
+def _train_jobs(forest, forests, groupings, shards, plan, workers, threads, progress) -> None:
+    """The dense run's second half and every group expert, as independent jobs (two at a time on a
+    2-core CPU); finished ones are skipped, cut ones resume."""
+    sroot = str(Path(shards.root).resolve())
+    for k, f in forests.items():  # a rerun with other groups must not keep experts of the old ones
+        stale = [
+            g for g, ms in groupings[k]["groups"].items() if g in f.names and f.expert(g)["domains"] != ms
+        ]
+        if stale:
+            raise UserError(
+                f"{f.root}: expert(s) {stale} were trained on other languages than this run's groups; "
+                "remove that forest (or use another --out) to train the new groups"
+            )
+    jobs = [ExpertJob(str(forest.root), sroot, "", kind="dense", threads=threads)]
+    for k, f in forests.items():
+        for g, members in groupings[k]["groups"].items():
+            jobs.append(ExpertJob(str(f.root), sroot, members[0], name=g, threads=threads, mix=list(members)))
+    runs = {f"{Path(j.forest).name}/{j.label}": j.run_dir() for j in jobs}
+    with ProgressMonitor(runs, plan.total_steps, out_log(forest), every=30.0, echo=progress):
+        LocalExecutor(workers).map(
+            run_job, [as_dict(j) for j in jobs], list(runs), [j.run_dir() / "job.log" for j in jobs]
+        )
+    for f in forests.values():
+        f.reload()
+
+
+def _tfidf_forest(out: Path, data: dict, forest: Forest, k: int, lrs: dict, progress, log) -> Forest:
+    """X-ELM's other grouping: balanced tf-idf clusters of the first round's documents (whatever their
+    language), one expert each from the same seed, at the k-expert LR when swept (else the nearest k's)."""
+    from elmforest.quickstart import cluster_forest
+
+    first = out / "corpus-first-round"  # the new language must not shape the first round's clusters
+    if not first.is_dir():
+        tmp = out / "corpus-first-round.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for lang in data["languages"]:
+            src = Path(data["corpus"]) / f"{lang}.jsonl"
+            if not src.is_file():
+                raise UserError(f"{src}: --corpus multilingual needs one <language>.jsonl per language")
+            (tmp / src.name).unlink(missing_ok=True)
+            (tmp / src.name).hardlink_to(src)
+        tmp.rename(first)
+    lr = lrs[min(lrs, key=lambda kk: (abs(kk - k), kk))]
+    log(f"[6/8] X-ELM's alternative grouping: {k} balanced tf-idf clusters of documents, one expert each")
+    return cluster_forest(out, first, forest, k, progress, log, expert_lr=lr)
+
+
+def out_log(forest: Forest) -> Path:
+    return forest.root.parent / "progress.log"
+
+
+def add_language(
+    out: Path, forest: Forest, fk: Forest, k: int, shards: Shards, new: str, plan, progress, log
+):
+    """X-ELM's second round on forest `fk`: the new language's expert branched from the nearest expert
+    (by URIEL syntax distance, and by the forest's posterior when that picks another), and from the seed;
+    the dense LM continued on every language (the new one included) for the same extra compute."""
+    from elmforest.forest.nearest import nearest_expert
+
+    groups = [n for n in fk.names if new not in fk.expert(n)["domains"]]
+    picks = {}
+    for by in ("typology", "posterior"):  # among the first round's experts, also on a rerun
+        src, why = nearest_expert(fk, shards, new, by, among=groups)
+        picks[by] = {"expert": src, **why}
+    log(
+        f"[7/8] adding {new} to the k={k} forest: nearest expert by syntax distance {picks['typology']['expert']}, "
+        f"by posterior {picks['posterior']['expert']}; and from the seed; dense continued for the same compute"
+    )
+    names = {"nearest": f"{new}-nearest", "seed": f"{new}-seed"}
+    # first, while the group experts are the only candidates (a rerun finds it trained and keeps it)
+    btm.train_expert(fk, shards, new, names["nearest"], "nearest:typology", progress=progress)
+    if picks["posterior"]["expert"] != picks["typology"]["expert"]:
+        names["posterior"] = f"{new}-posterior"
+        btm.train_expert(
+            fk, shards, new, names["posterior"], f"expert:{picks['posterior']['expert']}", progress=progress
+        )
+    btm.train_expert(fk, shards, new, names["seed"], "seed", progress=progress)
+    steps = plan.total_steps - plan.seed_steps
+    batch = plan.batch_size // k
+    dense_cont = continue_dense(out / "dense-continued", forest, shards, new, steps, batch, progress)
+    return {"k": k, "groups": groups, "experts": names, "picks": picks, "dense_continued": dense_cont}
+
+
+def continue_dense(run_dir: Path, forest: Forest, shards: Shards, new: str, steps: int, batch: int, progress):
+    """The dense LM's way to add a language: continue it on every language (the new one included, mixed
+    equally) with a fresh schedule at the dense LR, for as many steps and sequences as the new expert."""
+    from elmforest.train.trainer import train
+
+    cfg = RunConfig.from_dict(forest.data["seed"]["config"])
+    cfg.model.init_from = str((forest.root / "runs" / "dense" / "model").resolve())
+    cfg.train.init_checkpoint, cfg.train.stop_at = None, None
+    cfg.train.steps, cfg.train.batch_size = steps, batch
+    cfg.data.domains = [*cfg.data.domains, new]
+    cfg.data.shards = str(Path(shards.root).resolve())
+    summary = train(cfg, run_dir, progress=progress, label="dense+" + new)
+    return {"model": str(run_dir / "model"), "tokens": summary["tokens"], "flops": summary["flops"]}

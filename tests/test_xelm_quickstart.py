@@ -1,0 +1,209 @@
+"""The X-ELM comparison end to end on a tiny synthetic multilingual corpus (preset tiny): language-group
+experts trained on their languages mixed, every routing option against a brute-force score, a language
+added later without changing any first-round expert, and a language too small to split skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+pytest.importorskip("lang2vec")
+
+from elmforest.data.shards import Shards  # noqa: E402
+from elmforest.eval.bpb import evaluate_shards  # noqa: E402
+from elmforest.forest.manifest import Forest  # noqa: E402
+from elmforest.model.build import load_model  # noqa: E402
+from elmforest.utils.errors import UserError  # noqa: E402
+from elmforest.xelm.evaluate import typology_weights  # noqa: E402
+from elmforest.xelm.quickstart import quickstart_xelm  # noqa: E402
+
+SYLLABLES = {
+    "deu": ["sch", "ei", "en", "ung", "ich", "ber", "st"],
+    "fra": ["ou", "eau", "ai", "le", "es", "tion", "qu"],
+    "spa": ["ar", "os", "ña", "ue", "la", "ci", "do"],
+    "rus": ["ст", "во", "ни", "ать", "ой", "пр", "ка"],
+    "jpn": ["の", "して", "ます", "か", "る", "です", "こ"],
+    "por": ["ão", "os", "lh", "nh", "ar", "ei", "do"],
+    "ell": ["το", "και", "ει", "ου", "στ", "ια", "πο"],
+}
+
+
+def _corpus(path, docs_per_lang: int = 60, small: str = "ell"):
+    path.mkdir()
+    for lang, syl in SYLLABLES.items():
+        rng = random.Random(lang)
+        n = 1 if lang == small else docs_per_lang
+        with open(path / f"{lang}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(n):
+                words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 3))) for _ in range(120)]
+                f.write(json.dumps({"id": f"{lang}-{i}", "domain": lang, "text": " ".join(words)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def xelm_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xelm")
+    corpus = _corpus(root / "corpus")
+    out = root / "out"
+    res = quickstart_xelm(
+        out,
+        preset="tiny",
+        languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
+        new_language="por",
+        ks=(2, 4),
+        corpus=corpus,
+        progress=False,
+        eval_bytes=4000,
+        prior_batches=2,
+        workers=1,
+    )
+    return out, res
+
+
+def test_small_language_is_reported_and_skipped(xelm_run):
+    out, res = xelm_run
+    assert "ell" in res["skipped"] and "too little text" in res["skipped"]["ell"]
+    assert "ell" not in res["languages"]
+    for k, groups in res["groupings"].items():
+        members = sorted(x for g in groups.values() for x in g)
+        assert members == sorted(res["languages"]), k  # never merged into a group
+
+
+def test_group_experts_train_on_their_languages_with_matched_compute(xelm_run):
+    out, res = xelm_run
+    for k in (2, 4):
+        f = Forest.load(out / f"forest-k{k}")
+        groups = res["groupings"][k] if k in res["groupings"] else res["groupings"][str(k)]
+        for g, members in groups.items():
+            assert f.expert(g)["domains"] == members
+            cfg = json.loads((out / f"forest-k{k}" / "runs" / g / "run_config.json").read_text())
+            assert (
+                cfg["data"]["domains"] == members
+                and cfg["train"]["batch_size"] == res["plan"]["batch_size"] // k
+            )
+        # seed + k experts = the dense run's FLOPs (each expert at batch B/k for the second half)
+        assert res["compute"]["over_dense"][f"k{k}_ensemble"] == pytest.approx(1.0, rel=0.01)
+    # X-ELM's other grouping: 4 balanced tf-idf clusters of the first round's documents, same budget
+    [tf_dir] = out.glob("forest-clusters-4*")
+    tf = Forest.load(tf_dir)
+    assert len(tf.names) == 4 and tf.data.get("clusterer")
+    assert "por" not in (out / "clusters-4" / "report.meta.json").read_text()  # added later, not clustered
+    assert {"tfidf4_ensemble", "tfidf4_cluster"} <= set(res["methods"])
+    assert res["compute"]["over_dense"]["tfidf4_cluster"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_top1_and_typology_routing_equal_brute_force(xelm_run):
+    out, res = xelm_run
+    shards = Shards(out / "shards")
+    f = Forest.load(out / "forest-k2")
+    groups = res["groupings"][2]
+    common = {"split": "test", "seq_len": 64, "batch_size": 16, "max_bytes": 4000, "progress": False}
+    for g, members in groups.items():
+        own = evaluate_shards(load_model(f.expert_dir(g)), shards, domains=members, **common)
+        for x in members:
+            assert res["methods"]["k2_top1"]["domains"][x]["bpb"] == pytest.approx(
+                own["domains"][x]["bpb"], rel=1e-4
+            )
+    # typology weights: softmax(-d^2/T) of the mean syntax distance to each group's members, by hand
+    dist = json.loads((out / "groups" / "k2.json").read_text())["distances"]
+    w = typology_weights("deu", groups, dist, 0.1)
+    d = {g: sum(dist["deu"][m] for m in ms) / len(ms) for g, ms in groups.items()}
+    z = {g: math.exp(-(v**2) / 0.1) for g, v in d.items()}
+    assert w == pytest.approx({g: v / sum(z.values()) for g, v in z.items()}, rel=1e-12)
+    # the typology mixture, brute force: log of the weighted mean of the experts' probabilities per token
+    models = {g: load_model(f.expert_dir(g)) for g in groups}
+    tok = shards.tokens("deu", "test")
+    n_docs_bytes = res["methods"]["k2_typology"]["domains"]["deu"]
+    import torch
+
+    eos = shards.eos_id
+    n_tok = n_docs_bytes["tokens"]
+    stream = torch.as_tensor(tok[:n_tok].astype("int64"))
+    nll = 0.0
+    for s in range(0, n_tok, 64):
+        chunk = stream[s : s + 64]
+        # the evaluator's windows: the token before each (EOS before the first), no overlap
+        first = torch.tensor([eos]) if s == 0 else stream[s - 1 : s]
+        inp = torch.cat([first, chunk[:-1]])
+        lp = torch.stack(
+            [torch.log_softmax(models[g](inp[None]).logits[0].float(), -1) for g in groups]
+        )  # E, T, V
+        tgt = lp[:, torch.arange(len(chunk)), chunk]
+        wt = torch.tensor([w[g] for g in groups], dtype=torch.float32)[:, None]
+        nll -= torch.logsumexp(tgt + wt.log(), 0).sum().item()
+    assert n_docs_bytes["nll_nats"] == pytest.approx(nll, rel=2e-3)
+
+
+def test_added_language_leaves_first_round_experts_unchanged(xelm_run):
+    out, res = xelm_run
+    f = Forest.load(out / "forest-k4")
+    near = f.expert("por-nearest")
+    assert near["domains"] == ["por"] and near["nearest"]["by"] == "typology"
+    assert near["parents"][0]["name"] == res["added"]["k4+nearest_top1"]["experts"][-2] or near["parents"]
+    assert f.expert("por-seed")["parents"] == [{"name": "seed", "weight": 1.0}]
+    a = res["added"]
+    for x in res["languages"]:
+        assert a["k4+nearest_top1"]["domains"][x]["bpb"] == res["methods"]["k4_top1"]["domains"][x]["bpb"]
+        assert a["k4+seed_top1"]["domains"][x]["bpb"] == res["methods"]["k4_top1"]["domains"][x]["bpb"]
+    assert set(a["dense_continued"]["domains"]) == {*res["languages"], "por"}
+    assert any("no forgetting" in line for line in res["findings"])
+    assert any("every language" in line for line in res["findings"])
+    # the extra compute is the same for the new expert and for the dense LM continued with it
+    over = res["compute"]["over_dense"]
+    assert over["k4+nearest_ensemble"] - over["k4_ensemble"] == pytest.approx(
+        over["dense_continued"] - 1, rel=0.02
+    )
+
+
+def test_rerun_trains_nothing_and_refuses_bad_input(xelm_run, tmp_path):
+    out, res = xelm_run
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("forest*/runs/*/summary.json")}
+    again = quickstart_xelm(
+        out,
+        preset="tiny",
+        languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
+        new_language="por",
+        ks=(2, 4),
+        corpus=out.parent / "corpus",
+        progress=False,
+        eval_bytes=4000,
+        prior_batches=2,
+        workers=1,
+    )
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert again["methods"]["k2_ensemble"]["mean_bpb"] == pytest.approx(
+        res["methods"]["k2_ensemble"]["mean_bpb"]
+    )
+    with pytest.raises(UserError, match="k = \\[8\\]"):
+        quickstart_xelm(
+            out,
+            preset="tiny",
+            languages=["deu", "fra", "spa", "rus", "jpn"],
+            ks=(8,),
+            corpus=out.parent / "corpus",
+            progress=False,
+            workers=1,
+        )
+    with pytest.raises(UserError, match="also one of"):
+        quickstart_xelm(
+            tmp_path / "o",
+            preset="tiny",
+            languages=["deu", "por"],
+            new_language="por",
+            corpus=out.parent / "corpus",
+            progress=False,
+        )
+
+
+def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
+    from elmforest.cli import main
+
+    assert main(["quickstart", "--corpus", "multilingual", "--split", "random"]) == 2
+    assert "--split apply to the demo corpus only" in capsys.readouterr().err
+    assert main(["quickstart", "--languages", "deu,fra"]) == 2
+    assert "need(s) --corpus multilingual" in capsys.readouterr().err
+    assert main(["quickstart", "--corpus", "multilingual", "--k", "2,x"]) == 2
+    assert "whole numbers" in capsys.readouterr().err
