@@ -43,7 +43,7 @@ def main(dirs: list[str]) -> None:
         print("| " + " | ".join(row) + " |")
     print(
         "| **mean** | "
-        + " | ".join(cell([r["methods"][m]["mean_bpb"] for r in runs]) for m in methods)
+        + " | ".join(cell([r["methods"][m]["mean_bpb"] for r in runs]) for m in table)
         + " |"
     )
     print()

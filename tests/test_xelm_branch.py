@@ -65,3 +65,13 @@ def test_forest_expert_mix_trains_one_expert_on_several_domains(forest_dir, shar
     assert main([*args, "--domain", sh.domains[2], "--name", "bad", "--mix", f"{a},{b}"]) == 2
     with pytest.raises(UserError, match="each domain once"):
         btm.train_expert(f, sh, a, name="bad", mix=[a, a], progress=False)
+
+
+def test_nearest_among_limits_the_candidates_and_their_posterior(forest_dir, shards_dir):
+    f, sh = Forest.load(forest_dir), Shards(shards_dir)
+    others = [n for n in f.names if n != "legal"]
+    best, why = nearest_expert(f, sh, "legal", "posterior", among=others)
+    assert best in others and set(why["posterior"]) == set(others)
+    assert sum(why["posterior"].values()) == pytest.approx(1.0)  # renormalised over the candidates
+    with pytest.raises(UserError, match="no expert\\(s\\) \\['nope'\\]"):
+        nearest_expert(f, sh, "legal", "posterior", among=["nope"])

@@ -142,7 +142,11 @@ def test_added_language_leaves_first_round_experts_unchanged(xelm_run):
     f = Forest.load(out / "forest-k4")
     near = f.expert("por-nearest")
     assert near["domains"] == ["por"] and near["nearest"]["by"] == "typology"
-    assert near["parents"][0]["name"] == res["added"]["k4+nearest_top1"]["experts"][-2] or near["parents"]
+    picks = res["added_language"]["picks"]
+    assert near["parents"] == [{"name": picks["typology"]["expert"], "weight": 1.0}]
+    assert set(near["nearest"]["syntax_distance"]) == set(res["groupings"][4])  # only the first round's
+    assert set(picks["posterior"]["posterior"]) == set(res["groupings"][4])
+    assert sum(picks["posterior"]["posterior"].values()) == pytest.approx(1.0)
     assert f.expert("por-seed")["parents"] == [{"name": "seed", "weight": 1.0}]
     a = res["added"]
     for x in res["languages"]:
@@ -177,6 +181,18 @@ def test_rerun_trains_nothing_and_refuses_bad_input(xelm_run, tmp_path):
     assert again["methods"]["k2_ensemble"]["mean_bpb"] == pytest.approx(
         res["methods"]["k2_ensemble"]["mean_bpb"]
     )
+    with pytest.raises(UserError, match="other settings \\(seed_config differ"):  # another seed: refused
+        quickstart_xelm(
+            out,
+            preset="tiny",
+            languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
+            new_language="por",
+            ks=(2, 4),
+            corpus=out.parent / "corpus",
+            overrides=["train.seed=1"],
+            progress=False,
+            workers=1,
+        )
     with pytest.raises(UserError, match="k = \\[8\\]"):
         quickstart_xelm(
             out,

@@ -193,10 +193,15 @@ def expert_config(
 
 
 def branch_weights(
-    forest: Forest, shards: Shards, domain: str, prior_batches: int = 20, device: str = "auto"
+    forest: Forest,
+    shards: Shards,
+    domain: str,
+    prior_batches: int = 20,
+    device: str = "auto",
+    names: list[str] | None = None,
 ) -> dict[str, float]:
-    """BTM's branching from a mixture: the current forest's posterior over experts on the new domain's
-    held-out (valid) data, estimated like a cached prior."""
+    """BTM's branching from a mixture: the current forest's posterior over experts (`names`, default
+    all) on the new domain's held-out (valid) data, estimated like a cached prior."""
     from elmforest.eval.bpb import default_seq_len
     from elmforest.forest.evaluate import estimate_prior, make_pool
 
@@ -206,10 +211,11 @@ def branch_weights(
         raise UserError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
     if shards.tokenizer_fingerprint != forest.data["tokenizer"]:
         raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
-    pool = make_pool(forest, device=device)
-    seq_len = default_seq_len(forest.expert_dir(forest.names[0]))
+    names = list(names or forest.names)
+    pool = make_pool(forest, names, device=device)
+    seq_len = default_seq_len(forest.expert_dir(names[0]))
     pi = estimate_prior(pool, shards.tokens(domain, "valid"), shards.eos_id, seq_len, prior_batches)
-    return dict(zip(forest.names, pi.tolist(), strict=True))
+    return dict(zip(names, pi.tolist(), strict=True))
 
 
 def train_expert(
@@ -225,6 +231,7 @@ def train_expert(
     force: bool = False,
     trust_remote_code: bool = False,
     mix: list[str] | None = None,
+    candidates: list[str] | None = None,
 ) -> dict:
     """Branch, train on `domain` only, and merge into the forest. Idempotent: a finished expert is kept;
     one whose checkpoint went missing from the forest is restored from its run (or trained again).
@@ -238,7 +245,8 @@ def train_expert(
     (`data.mixture`), and is recorded with all of them: X-ELM's expert for a group of languages,
     each language kept a domain of its own so the group's languages stay balanced and every
     language is still scored on its own. `domain` (one of `mix`) is then the domain whose valid split
-    `nearest:posterior` / `mixture` weigh the experts on, and the default name.
+    `nearest:posterior` / `mixture` weigh the experts on, and the default name. `candidates` limits
+    the experts `nearest` may pick (default: all).
     """
     from elmforest.config import apply_overrides
     from elmforest.merge.average import average_checkpoints
@@ -247,6 +255,12 @@ def train_expert(
     replace, arch = False, None
     if name in forest.names:
         problem = forest.intact(name)
+        have = forest.expert(name)["domains"]
+        if mix is not None and sorted(have) != sorted(mix):
+            raise UserError(
+                f"{forest.root}: expert {name!r} exists, trained on {have}, not {sorted(mix)}; "
+                "give another --name, or remove it first (forest remove)"
+            )
         if problem is None:
             return forest.expert(name)
         print(f"note: expert {name}: {problem}; restoring it from runs/{name} (training what is missing)")
@@ -277,7 +291,7 @@ def train_expert(
         from elmforest.forest.nearest import nearest_expert
 
         src, extra["nearest"] = nearest_expert(
-            forest, shards, domain, branch.partition(":")[2] or "posterior"
+            forest, shards, domain, branch.partition(":")[2] or "posterior", among=candidates
         )
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"note: {name} branches from {src} ({extra['nearest']['by']})")

@@ -32,14 +32,16 @@ def nearest_expert(
 
     if by not in MEASURES:
         raise UserError(f"unknown nearest measure {by!r}; expected nearest:posterior or nearest:typology")
+    unknown = sorted(set(among or []) - set(forest.names))
+    if unknown:
+        raise UserError(f"{forest.root}: no expert(s) {unknown} to branch from; have {forest.names}")
     candidates = [
         n for n in (forest.names if among is None else among) if forest.expert(n).get("branch") != "flexolmo"
     ]
     if not candidates:
         raise UserError(f"{forest.root}: no expert with the seed's architecture to branch from")
     if by == "posterior":
-        weights = branch_weights(forest, shards, domain, prior_batches)
-        scores = {n: weights[n] for n in candidates}
+        scores = branch_weights(forest, shards, domain, prior_batches, names=candidates)
         best = max(scores, key=lambda n: (scores[n], n))
         return best, {"by": by, "posterior": scores}
     from elmforest.cluster.languages import nearest_group

@@ -44,7 +44,13 @@ def register(app: typer.Typer) -> None:
 
 
 def quickstart(
-    out: Annotated[str, opt("output directory (resumed when it exists)", metavar="DIR")] = "quickstart",
+    out: Annotated[
+        str | None,
+        opt(
+            "output directory, resumed when it exists (default quickstart; quickstart-xelm for X-ELM)",
+            metavar="DIR",
+        ),
+    ] = None,
     preset: Annotated[
         str, opt("model + training preset (see `elmforest presets`)", metavar="NAME")
     ] = "cpu-small",
@@ -57,12 +63,13 @@ def quickstart(
         opt("random adds the ablation (experts on random splits); clusters adds c-BTM"),
     ] = "domains",
     eval_bytes: Annotated[
-        int,
+        int | None,
         opt(
-            "test text per domain: the first whole documents within this many bytes (same for every model)",
+            "test text per domain: the first whole documents within this many bytes (same for every model; "
+            "default 64000, 32000 per language for X-ELM)",
             positive_int,
         ),
-    ] = 64_000,
+    ] = None,
     ood: Annotated[
         list[str] | None,
         opt(
@@ -81,8 +88,9 @@ def quickstart(
         ),
     ] = None,
     prior_batches: Annotated[
-        int, opt("valid batches for each cached prior (or all windows)", positive_int)
-    ] = 20,
+        int | None,
+        opt("valid batches for each cached prior, or all windows (default 20; 5 for X-ELM)", positive_int),
+    ] = None,
     clusters: Annotated[int, opt("number of clusters for --split clusters", positive_int)] = 8,
     no_moe: Annotated[bool, flag("--no-moe", "skip merging the experts into one MoE model")] = False,
     moe_router_steps: Annotated[
@@ -147,17 +155,17 @@ def quickstart(
     from elmforest.quickstart import quickstart as run
 
     run(
-        out,
+        out or "quickstart",
         preset=preset,
         domains=split_list(domains),
         overrides=overrides or [],
         progress=not no_progress,
         split=split,
-        eval_bytes=eval_bytes,
+        eval_bytes=eval_bytes or 64_000,
         ood=ood or [],
         expert_lr=expert_lr,
         workers=workers,
-        prior_batches=prior_batches,
+        prior_batches=prior_batches or 20,
         clusters=clusters,
         moe=not no_moe,
         moe_router_steps=moe_router_steps,
@@ -191,15 +199,15 @@ def _xelm(
     if any(x < 1 for x in ks):
         raise typer.BadParameter(f"--k takes positive numbers, got {k!r}")
     quickstart_xelm(
-        out if out != "quickstart" else "quickstart-xelm",
+        out or "quickstart-xelm",
         preset=preset,
         languages=split_list(languages),
         new_language=new,
         ks=ks,
         overrides=overrides or [],
         progress=not no_progress,
-        eval_bytes=eval_bytes if eval_bytes != 64_000 else 32_000,
-        prior_batches=prior_batches if prior_batches != 20 else 5,
+        eval_bytes=eval_bytes or 32_000,
+        prior_batches=prior_batches or 5,
         workers=workers,
     )
 

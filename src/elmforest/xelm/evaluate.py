@@ -141,9 +141,9 @@ def _added(sc: Scorer, forest, fk: Forest, grouping: dict, langs, new, added) ->
     base = seed_flops + sum(fk.expert(g)["flops"] for g in groups)
     k = added["k"]
     res = {
-        "dense": sc.model(forest.root / "runs" / "dense" / "model", [new]),
+        "dense": sc.model(forest.root / "runs" / "dense" / "model", every),
         "dense_continued": sc.model(added["dense_continued"]["model"], every),
-        f"k{k}_ensemble": sc.forest(fk, list(groups), [new], "cached"),
+        f"k{k}_ensemble": sc.forest(fk, list(groups), every, "cached"),
     }
     arms = {}
     for how, name in added["experts"].items():
@@ -217,6 +217,11 @@ def print_results(results: dict, log=print) -> None:
         routing, "routing options: uniform prior, top-1 known-language expert, typology weights", flops=over
     )
     if results.get("added"):
-        print_table(results["added"], f"adding {results['new_language']} later (second round)", flops=over)
+        arms = results["compute"]["arms"]  # the same extra compute for every way of adding the language
+        print_table(
+            results["added"],
+            f"adding {results['new_language']} later (second round; FLOPs over the dense LM continued with it)",
+            flops={m: arms[m] / arms["dense_continued"] for m in results["added"] if m in arms},
+        )
     for line in results["findings"]:
         log(f"  - {line}")

@@ -15,6 +15,7 @@ every stage is skipped (or resumed) when its output exists.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -38,10 +39,12 @@ NEW_LANGUAGE = "por"
 KS = (2, 4, 8)
 MAX_BYTES = 800_000  # per language: more than the budget reads (about 120 KB each), quicker to tokenize
 TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from: no language dominates
-# Peak LRs from `python bench/xelm_lr_sweep.py` (docs/xelm.md, "Learning rates"): the dense run's (which
-# is also the seed's) and the expert phase's for each k, each the best of its grid on the valid split.
-DENSE_LR = 4e-3
-EXPERT_LRS = {2: 8e-3, 4: 8e-3, 8: 8e-3}
+# Peak LRs from `python bench/xelm_lr_sweep.py --out OUT --dense 2e-3,4e-3,8e-3,1.6e-2 --experts
+# 4e-3,8e-3,1.6e-2,3.2e-2` on the default run (docs/xelm.md, "Learning rates"): the dense run's (also
+# the seed's) and the expert phase's for each k, each the best of its grid on the valid split, none on
+# its grid's edge. The tf-idf forest borrows the LR of the k closest to its own (not swept apart).
+DENSE_LR = 8e-3
+EXPERT_LRS = {2: 1.6e-2, 4: 1.6e-2, 8: 8e-3}
 ADD_K = 4  # the forest the new language is added to
 
 
@@ -75,17 +78,41 @@ def quickstart_xelm(
     data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
     shards, langs, new = data["shards"], data["languages"], data["new"]
     ks = sorted({int(k) for k in ks})
+    if not ks or min(ks) < 2:
+        raise UserError(f"k = {ks}: every forest needs at least 2 groups (k = 1 is the dense model)")
     too_many = [k for k in ks if k > len(langs)]
     if too_many:
         raise UserError(f"k = {too_many} but only {len(langs)} languages can train: each group needs one")
-    groupings = _groupings(out, langs, ks)
+    if tfidf_k:  # its first-round corpus is made of the languages' files: checked before any training
+        lacking = [x for x in langs if not (Path(data["corpus"]) / f"{x}.jsonl").is_file()]
+        if lacking:
+            raise UserError(
+                f"{data['corpus']}: the tf-idf forest needs one <language>.jsonl per language ({lacking} "
+                "missing); pass tfidf_k=0 to skip it"
+            )
 
     base = preset_run_config(preset, str(Path(shards.root).resolve()))
     base.data.domains = list(langs)
     base.optim.lr = dense_lr if dense_lr is not None else DENSE_LR
     base = apply_overrides(base, list(overrides))
     lrs = {k: (expert_lrs or {}).get(k, EXPERT_LRS.get(k, base.optim.lr)) for k in ks}
-    plan, base = btm.plan_for(base, math.lcm(*ks), seed_share)
+    # the batch splits evenly between the experts of every forest (B/k each: compute matched)
+    plan, base = btm.plan_for(base, math.lcm(*ks, max(tfidf_k, 1)), seed_share)
+    _check_stamp(
+        out,
+        {
+            "languages": langs,
+            "new_language": new,
+            "ks": ks,
+            "tfidf_k": tfidf_k,
+            "corpus": str(Path(data["corpus"]).resolve()),
+            "max_bytes": max_bytes,
+            "seed_config": base.to_dict(),
+            "plan": {**plan.__dict__},
+            "expert_lrs": {str(k): v for k, v in lrs.items()},
+        },
+    )
+    groupings = _groupings(out, langs, ks)
     log(f"      precision: {_precision_line(base.train.precision, base.train.device)}")
     log(
         f"      protocol: every language equally likely in the seed and dense runs (data.mixture="
@@ -115,7 +142,8 @@ def quickstart_xelm(
     added = None
     if new is not None:
         ka = ADD_K if ADD_K in forests else ks[len(ks) // 2]
-        added = add_language(out, forest, forests[ka], ka, shards, new, plan, progress, log)
+        groups = list(groupings[ka]["groups"])
+        added = add_language(out, forest, forests[ka], ka, groups, shards, new, plan, progress, log)
     log(f"[8/8] per-language bits per byte on each language's test split (the first {eval_bytes:,} bytes)")
     results = evaluate_all(
         forest,
@@ -137,6 +165,7 @@ def quickstart_xelm(
             "skipped": data["skipped"],
             "bytes_per_token": data["bytes_per_token"],
             "groupings": {k: g["groups"] for k, g in groupings.items()},
+            "added_language": None if added is None else {k: v for k, v in added.items() if k != "groups"},
             "protocol": {
                 "preset": preset,
                 "mixture": base.data.mixture,
@@ -159,6 +188,23 @@ def quickstart_xelm(
     print_results(results, log)
     log(f"total {results['seconds']:.0f}s; {out / 'results.json'}")
     return results
+
+
+def _check_stamp(out: Path, stamp: dict) -> None:
+    """Everything the trained stages depend on, written once; a rerun with other settings (languages,
+    LRs, seed, overrides, budget, corpus) is refused instead of mixing old runs into new results."""
+    path = out / "xelm-settings.json"
+    stamp = json.loads(json.dumps(stamp))  # the JSON form, as it is read back
+    if path.is_file():
+        old = read_json(path)
+        diff = sorted(k for k in set(old) | set(stamp) if old.get(k) != stamp.get(k))
+        if diff:
+            raise UserError(
+                f"{out} was run with other settings ({', '.join(diff)} differ; see {path}); its seed, experts "
+                "and shards would not match them: use another --out, or delete it"
+            )
+        return
+    write_json_atomic(path, stamp)
 
 
 def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, progress, log) -> dict:
@@ -283,14 +329,22 @@ def out_log(forest: Forest) -> Path:
 
 
 def add_language(
-    out: Path, forest: Forest, fk: Forest, k: int, shards: Shards, new: str, plan, progress, log
+    out: Path,
+    forest: Forest,
+    fk: Forest,
+    k: int,
+    groups: list[str],
+    shards: Shards,
+    new: str,
+    plan,
+    progress,
+    log,
 ):
     """X-ELM's second round on forest `fk`: the new language's expert branched from the nearest expert
     (by URIEL syntax distance, and by the forest's posterior when that picks another), and from the seed;
     the dense LM continued on every language (the new one included) for the same extra compute."""
     from elmforest.forest.nearest import nearest_expert
 
-    groups = [n for n in fk.names if new not in fk.expert(n)["domains"]]
     picks = {}
     for by in ("typology", "posterior"):  # among the first round's experts, also on a rerun
         src, why = nearest_expert(fk, shards, new, by, among=groups)
@@ -300,13 +354,11 @@ def add_language(
         f"by posterior {picks['posterior']['expert']}; and from the seed; dense continued for the same compute"
     )
     names = {"nearest": f"{new}-nearest", "seed": f"{new}-seed"}
-    # first, while the group experts are the only candidates (a rerun finds it trained and keeps it)
-    btm.train_expert(fk, shards, new, names["nearest"], "nearest:typology", progress=progress)
+    kw = {"candidates": groups, "progress": progress}  # the lineage records the measure and scores
+    btm.train_expert(fk, shards, new, names["nearest"], "nearest:typology", **kw)
     if picks["posterior"]["expert"] != picks["typology"]["expert"]:
         names["posterior"] = f"{new}-posterior"
-        btm.train_expert(
-            fk, shards, new, names["posterior"], f"expert:{picks['posterior']['expert']}", progress=progress
-        )
+        btm.train_expert(fk, shards, new, names["posterior"], "nearest:posterior", **kw)
     btm.train_expert(fk, shards, new, names["seed"], "seed", progress=progress)
     steps = plan.total_steps - plan.seed_steps
     batch = plan.batch_size // k
