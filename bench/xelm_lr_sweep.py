@@ -50,8 +50,15 @@ def main() -> None:
     ap.add_argument("--dense", default="2e-3,4e-3,8e-3")
     ap.add_argument("--experts", default="4e-3,8e-3,1.6e-2")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--continue-lrs",
+        default=None,
+        help="instead: the LR of the dense LM continued with the added language (from OUT's dense model)",
+    )
     a = ap.parse_args()
     out = Path(a.out)
+    if a.continue_lrs:
+        return sweep_continuation(out, [float(x) for x in a.continue_lrs.split(",")])
     shards = Shards(out / "shards")
     main_forest = Forest.load(out / "forest")
     base = RunConfig.from_dict(main_forest.data["seed"]["config"])
@@ -115,6 +122,39 @@ def main() -> None:
         result["experts"][k] = {"points": {f"{lr:g}": v for lr, v in pts.items()}, "best": best}
     write_json_atomic(out / "lr-sweep.json", result)
     print(json.dumps(result, indent=1))
+
+
+def sweep_continuation(out: Path, lrs: list[float]) -> None:
+    """The dense arm of the second round: the dense LM continued on every language (the added one too) for
+    the new expert's steps and batch, at each peak LR; chosen by the mean valid BPB over all languages."""
+    from elmforest.xelm.quickstart import ADD_K, continue_dense
+
+    settings = json.loads((out / "xelm-settings.json").read_text())
+    shards, forest = Shards(out / "shards"), Forest.load(out / "forest")
+    plan = btm.Plan(**forest.data["plan"])
+    new, langs = settings["new_language"], settings["languages"]
+    k = ADD_K if ADD_K in settings["ks"] else settings["ks"][len(settings["ks"]) // 2]
+    steps, batch = plan.total_steps - plan.seed_steps, plan.batch_size // k
+    seq = RunConfig.from_dict(forest.data["seed"]["config"]).train.seq_len
+    pts, per = {}, {}
+    for lr in lrs:
+        run = continue_dense(
+            out / "lr-sweep" / f"continue-{lr:g}", forest, shards, new, steps, batch, False, lr
+        )
+        r = evaluate_shards(
+            load_model(run["model"]), shards, "valid", [*langs, new], seq, 16, 32_000, progress=False
+        )
+        pts[lr], per[lr] = r["mean_bpb"], r["domains"][new]["bpb"]
+    best = _best(pts, f"dense continued with {new} (mean valid BPB over {len(langs) + 1} languages)")
+    print("valid BPB on " + new + ": " + ", ".join(f"{lr:g} {v:.4f}" for lr, v in per.items()))
+    write_json_atomic(
+        out / "lr-sweep-continue.json",
+        {
+            "points": {f"{lr:g}": v for lr, v in pts.items()},
+            "new_language": {f"{lr:g}": v for lr, v in per.items()},
+            "best": best,
+        },
+    )
 
 
 def as_dict_dense(job: DenseRunJob) -> dict:

@@ -42,9 +42,7 @@ def main(dirs: list[str]) -> None:
             row.append(cell(vals) + ("" if m == "dense" else f" ({wins}/{n})"))
         print("| " + " | ".join(row) + " |")
     print(
-        "| **mean** | "
-        + " | ".join(cell([r["methods"][m]["mean_bpb"] for r in runs]) for m in table)
-        + " |"
+        "| **mean** | " + " | ".join(cell([r["methods"][m]["mean_bpb"] for r in runs]) for m in table) + " |"
     )
     print()
     for m in methods:

@@ -590,3 +590,28 @@ def test_a_tiny_temperature_samples_the_argmax_and_top_p_keeps_the_nucleus():
     assert {sample_token(mix, 1.0, 0.4, gen) for _ in range(50)} == {1}
     assert {sample_token(mix, 1.0, 0.5, gen) for _ in range(200)} == {1, 2}
     assert len({sample_token(mix, 1.0, 1.0, gen) for _ in range(200)}) >= 2
+
+
+def test_pool_adopts_the_cached_logprobs_of_shared_experts(forest_dir, shards_dir):
+    """A pool over other experts reuses what another pool already computed for the experts both hold
+    (same numbers as computing them afresh); an expert only it holds still runs."""
+    import torch
+
+    from elmforest.data.shards import Shards
+    from elmforest.forest.evaluate import make_pool
+    from elmforest.forest.manifest import Forest
+
+    f, sh = Forest.load(forest_dir), Shards(shards_dir)
+    a, b, c = f.names[:3]
+    stream = sh.tokens(sh.domains[0], "valid")
+    first = make_pool(f, [a, b], precision="fp32")
+    want = first.logprobs(1, stream, sh.eos_id, 32, range(2), key="k")
+    second = make_pool(f, [b, c], precision="fp32")
+    second.adopt(first)
+    second.passes = 0
+    got = second.logprobs(0, stream, sh.eos_id, 32, range(2), key="k")
+    assert torch.equal(got, want) and second.passes == first.passes  # from the cache, counted as compute
+    fresh = make_pool(f, [b], precision="fp32").logprobs(0, stream, sh.eos_id, 32, range(2), key="k")
+    assert torch.allclose(got, fresh)
+    other = second.logprobs(1, stream, sh.eos_id, 32, range(2), key="k")  # c: computed, not borrowed
+    assert not torch.equal(other, want)

@@ -87,6 +87,20 @@ class ExpertPool:
             self._cache[ck] = (out, self.passes - before)
         return out
 
+    def adopt(self, other: ExpertPool) -> None:
+        """Take over another pool's loaded experts and cached log-probs for the experts both hold (the same
+        directories, device and precision), so a forest scored again with one expert more (a language
+        added later) runs only the new one."""
+        if (other.device, other.amp) != (self.device, self.amp):
+            return
+        index = {d: j for j, d in enumerate(self.dirs)}
+        same = {j: index[d] for j, d in enumerate(other.dirs) if d in index}
+        for (j, *rest), v in other._cache.items():
+            if j in same:
+                self._cache[(same[j], *rest)] = v
+        if self.keep_loaded:
+            self._models.update({same[j]: m for j, m in other._models.items() if j in same})
+
     def all_logprobs(self, experts, stream, eos_id, seq_len, window_ids, key=None) -> torch.Tensor:
         return torch.stack([self.logprobs(j, stream, eos_id, seq_len, window_ids, key=key) for j in experts])
 

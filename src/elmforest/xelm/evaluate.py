@@ -54,7 +54,11 @@ class Scorer:
     def forest(self, f: Forest, experts: list[str], domains: list[str], prior: str, given=None) -> dict:
         key = (str(f.root), tuple(experts))
         if key not in self.pools:
-            self.pools[key] = make_pool(f, experts, batch_size=16)
+            pool = make_pool(f, experts, batch_size=16)
+            for (root, names), other in self.pools.items():  # experts already run on these texts
+                if root == key[0] and set(names) & set(experts):
+                    pool.adopt(other)
+            self.pools[key] = pool
         kw = {"weighting": "fixed"} if given is not None else {}
         return evaluate_forest_shards(
             f,

@@ -366,9 +366,19 @@ def add_language(
     return {"k": k, "groups": groups, "experts": names, "picks": picks, "dense_continued": dense_cont}
 
 
-def continue_dense(run_dir: Path, forest: Forest, shards: Shards, new: str, steps: int, batch: int, progress):
+def continue_dense(
+    run_dir: Path,
+    forest: Forest,
+    shards: Shards,
+    new: str,
+    steps: int,
+    batch: int,
+    progress,
+    lr: float | None = None,
+):
     """The dense LM's way to add a language: continue it on every language (the new one included, mixed
-    equally) with a fresh schedule at the dense LR, for as many steps and sequences as the new expert."""
+    equally) with a fresh schedule peaking at `lr` (default: the dense run's), for as many steps and
+    sequences as the new expert."""
     from elmforest.train.trainer import train
 
     cfg = RunConfig.from_dict(forest.data["seed"]["config"])
@@ -377,5 +387,7 @@ def continue_dense(run_dir: Path, forest: Forest, shards: Shards, new: str, step
     cfg.train.steps, cfg.train.batch_size = steps, batch
     cfg.data.domains = [*cfg.data.domains, new]
     cfg.data.shards = str(Path(shards.root).resolve())
+    if lr is not None:
+        cfg.optim.lr = lr
     summary = train(cfg, run_dir, progress=progress, label="dense+" + new)
     return {"model": str(run_dir / "model"), "tokens": summary["tokens"], "flops": summary["flops"]}
