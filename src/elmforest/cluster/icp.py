@@ -1,0 +1,219 @@
+"""In-Context Pretraining ordering (Shi, Min, Lomeli et al. 2023): documents in an order where each
+is followed by its most similar unvisited neighbour, so a context cut from the stream holds related
+documents. A pure data stage: `icp_order(texts | TokenDocuments | embeddings, seed=...)` ->
+(order, stats); `icp_plan` also returns the path segments and the dropped duplicates.
+
+Stages: embed (icp_embed: the c-BTM tf-idf -> SVD embedding of words or token ids, or any embedder
+with `.embed(texts) -> (z, ok)`); drop exact duplicates by hashing (a group of copies larger than k
+would otherwise keep several members, since kNN sees only k of them); kNN with faiss; drop
+near-duplicates (similarity ≥ threshold to an earlier kept kNN neighbour); greedy traversal
+(icp_graph.greedy_path) over the similarity graph of the rest. Documents without a vector (no term
+kept) cannot be placed by similarity: they follow the path in index order, one segment each, and
+are counted. Every document is either in the order exactly once or dropped as a duplicate.
+
+Duplicates are judged on the bag-of-words (tf-idf) cosine of the embedded prefixes when elmforest
+embeds, on the embedding cosine when vectors or an embedder are given; "exact" duplicates are equal
+tf-idf rows (equal bags of kept terms), or equal vectors. Why 0.9 by default: on the demo corpus
+(bench/icp_order.py --show-pairs) kNN pairs at ≥ 0.95 are copies (one Jargon-File entry in two
+glossaries, one licence twice) or stubs of one template whose only differences are words the
+analyser drops; 0.9-0.95 holds versions of one licence and pages generated from one template
+(ISO-8859 charset pages, codec modules); 0.8-0.9 about half such and half documents sharing only
+boilerplate. 5.5% of the corpus goes at 0.9. The paper drops near-duplicates because repeated text
+teaches copying (perplexity 8.3 vs 7.3) without stating a threshold; its public code drops a
+document whose first 100 characters' 3-gram Jaccard with the previous one in the order exceeds
+0.85. For given embeddings (a sentence encoder) choose the threshold for that encoder.
+
+Cost: memory is the embeddings, the tf-idf rows and the N x k graph, never N x N; time is one
+tokenising pass, an SVD on a 5,000-document sample, the kNN search (exact up to `exact_limit`,
+IVF beyond) and Python loops that touch each graph edge a constant number of times.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from elmforest.cluster.icp_embed import (
+    TokenDocuments,
+    embed,
+    embed_documents,
+    row_keys,
+    sparse_pair_cosine,
+    unit,
+)
+from elmforest.cluster.icp_graph import (
+    default_threads,
+    edge_similarity,
+    greedy_path,
+    import_faiss,
+    knn_search,
+    near_duplicates,
+    undirected_graph,
+)
+from elmforest.utils.errors import UserError
+
+__all__ = ["IcpPlan", "TokenDocuments", "embed_documents", "icp_order", "icp_plan"]
+
+
+@dataclass
+class IcpPlan:
+    """The result of `icp_plan`: `order` (document indices, each kept document once), `segments`
+    (offsets into order where a path starts: after a jump, or an unembedded document), the dropped
+    duplicates with the earlier document each duplicates and their similarity, and `stats`
+    (JSON-ready; `stats["seconds"]` is the only part that is not a function of data and seed)."""
+
+    order: np.ndarray
+    segments: np.ndarray
+    dropped: np.ndarray
+    dropped_partner: np.ndarray
+    dropped_similarity: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+def _check(k, dedup_threshold, exact_limit, nprobe, chunk):
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise UserError(f"ICP k (neighbours per document) must be an integer ≥ 1, got {k!r}")
+    if dedup_threshold is not None and not (0.0 < float(dedup_threshold) <= 1.0):
+        raise UserError(
+            f"ICP dedup_threshold must be in (0, 1] (a cosine similarity) or None, got {dedup_threshold!r}"
+        )
+    if exact_limit < 0:
+        raise UserError(f"ICP exact_limit must be ≥ 0, got {exact_limit}")
+    if nprobe < 1 or chunk < 1:
+        raise UserError(f"ICP nprobe and chunk must be ≥ 1, got nprobe={nprobe}, chunk={chunk}")
+
+
+def icp_plan(
+    data,
+    *,
+    k: int = 10,
+    dedup_threshold: float | None = 0.9,
+    seed: int = 0,
+    exact_limit: int = 20_000,
+    nprobe: int = 16,
+    chunk: int = 4096,
+    threads: int | None = None,
+    **embed_kwargs,
+) -> IcpPlan:
+    """ICP ordering of `data`: a list of texts or TokenDocuments (embedded by
+    `icp_embed.embed(**embed_kwargs)`), or an [N, d] embedding array (rows are normalised; zero rows
+    count as unembedded). A pure function of the data and `seed` (the seed fixes the SVD sample and
+    its random start, the IVF training sample and every tie-break). `dedup_threshold=None` keeps
+    every document; `threads` (faiss) defaults to torch's thread count, else OMP_NUM_THREADS."""
+    _check(k, dedup_threshold, exact_limit, nprobe, chunk)
+    threads = threads or default_threads()
+    t = {"start": time.perf_counter()}
+
+    def lap(name):
+        now = time.perf_counter()
+        t[name] = now - t["start"]
+        t["start"] = now
+
+    x = None
+    if isinstance(data, np.ndarray):
+        if data.ndim != 2 or data.shape[1] < 1 or not np.issubdtype(data.dtype, np.number):
+            raise UserError(f"ICP embeddings must be a numeric [N, d] array, got shape {data.shape}")
+        if not np.isfinite(data).all():
+            bad = np.flatnonzero(~np.isfinite(data).all(1))
+            raise UserError(f"ICP embeddings hold NaN or infinite values (rows {bad[:5].tolist()} ...)")
+        if len(data) == 0:
+            raise UserError("ICP ordering got no documents")
+        import_faiss()
+        z = unit(data)
+    else:
+        if not isinstance(data, TokenDocuments | list):
+            data = list(data)
+        if len(data) == 0:
+            raise UserError("ICP ordering got no documents")
+        import_faiss()
+        z, x = embed(data, seed=seed, **embed_kwargs)
+    n = len(z)
+    lap("embed")
+
+    ok = np.any(z != 0, axis=1)
+    priority = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    dropped = np.zeros(n, dtype=bool)
+    partner = np.full(n, -1, dtype=np.int64)
+    psim = np.zeros(n, dtype=np.float64)
+    cand = np.flatnonzero(ok)
+    exact_dups = 0
+    if dedup_threshold is not None and len(cand):
+        first: dict[bytes, int] = {}
+        keys = row_keys(x, cand) if x is not None else [r.tobytes() for r in z[cand]]
+        for i, key in zip(cand.tolist(), keys, strict=True):
+            j = first.setdefault(key, i)
+            if j != i:
+                dropped[i], partner[i], psim[i] = True, j, 1.0
+        exact_dups = int(dropped.sum())
+        cand = np.flatnonzero(ok & ~dropped)
+    lap("exact_duplicates")
+
+    nb, knn_info = knn_search(
+        z[cand], k, exact_limit=exact_limit, nprobe=nprobe, chunk=chunk, seed=seed, threads=threads
+    )
+    lap("knn")
+    src = np.repeat(cand, k)
+    valid = nb.ravel() >= 0
+    src, dst = src[valid], cand[nb.ravel()[valid]]
+    sim = edge_similarity(z, src, dst)
+    near_dups = 0
+    if dedup_threshold is not None:
+        if x is not None:  # each unordered pair once: most kNN edges are mutual
+            pairs = np.unique(np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst))
+            a, b = pairs // n, pairs % n
+            ds = sparse_pair_cosine(x, a, b)
+        else:
+            a, b, ds = src, dst, sim
+        d2, p2, s2 = near_duplicates(n, a, b, ds, float(dedup_threshold))
+        dropped |= d2
+        partner[d2], psim[d2] = p2[d2], s2[d2]
+        near_dups = int(d2.sum())
+    lap("near_duplicates")
+
+    keep = ok & ~dropped
+    indptr, nbrs, w = undirected_graph(n, src, dst, sim, keep, priority)
+    lap("graph")
+    path, starts, steps = greedy_path(indptr, nbrs, w, priority, keep)
+    unembedded = np.flatnonzero(~ok)
+    order = np.concatenate([path, unembedded])
+    segments = np.concatenate([starts, len(path) + np.arange(len(unembedded))])
+    lap("traverse")
+
+    emb = order[ok[order]]
+    adjacent = float(np.mean(edge_similarity(z, emb[:-1], emb[1:]))) if len(emb) > 1 else None
+    perm = np.random.default_rng(seed).permutation(emb)
+    random_adj = float(np.mean(edge_similarity(z, perm[:-1], perm[1:]))) if len(emb) > 1 else None
+    drop_ids = np.flatnonzero(dropped)
+    del t["start"]
+    stats = {
+        "documents": n,
+        "kept": len(order),
+        "ordered_by_similarity": len(path),
+        "unembedded": len(unembedded),
+        "dropped_duplicates": len(drop_ids),
+        "exact_duplicates": exact_dups,
+        "near_duplicates": near_dups,
+        "dedup_threshold": dedup_threshold,
+        "dedup_similarity": "tf-idf cosine" if x is not None else "embedding cosine",
+        "segments": len(segments),
+        "jumps": max(0, len(segments) - 1),
+        "steps_along_edges": len(steps),
+        "mean_neighbour_similarity": float(steps.mean()) if len(steps) else None,
+        "mean_adjacent_similarity": adjacent,
+        "mean_adjacent_similarity_random_order": random_adj,
+        "graph_edges": int(len(nbrs) // 2),
+        "knn": knn_info,
+        "dims": int(z.shape[1]),
+        "seed": seed,
+        "threads": threads,
+        "seconds": {name: round(s, 4) for name, s in t.items()},
+    }
+    return IcpPlan(order, segments, drop_ids, partner[drop_ids], psim[drop_ids], stats)
+
+
+def icp_order(data, **kwargs) -> tuple[np.ndarray, dict]:
+    """(order: document indices, stats: JSON-ready dict); see `icp_plan` for the arguments."""
+    plan = icp_plan(data, **kwargs)
+    return plan.order, plan.stats

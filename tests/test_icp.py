@@ -1,0 +1,263 @@
+"""In-Context Pretraining ordering (cluster/icp*.py): completeness, duplicates, the traversal against a
+trace by hand, determinism, kNN exact vs IVF and in chunks, bounded memory, refused input."""
+
+import random
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from elmforest.cluster.icp import TokenDocuments, icp_order, icp_plan
+from elmforest.cluster.icp_embed import embed
+from elmforest.cluster.icp_graph import greedy_path, knn_search, undirected_graph
+from elmforest.utils.errors import UserError
+
+
+def brute_force_dropped(sim: np.ndarray, ok: np.ndarray, threshold: float) -> set[int]:
+    """The rule over every pair: a document goes when an earlier kept document is ≥ threshold."""
+    kept: list[int] = []
+    dropped = set()
+    for i in range(len(sim)):
+        if not ok[i]:
+            continue
+        if any(sim[i, j] >= threshold for j in kept):
+            dropped.add(i)
+        else:
+            kept.append(i)
+    return dropped
+
+
+def check_partition(plan, n: int) -> None:
+    order = plan.order.tolist()
+    assert len(order) == len(set(order))  # nothing twice
+    assert set(order).isdisjoint(plan.dropped.tolist())
+    assert sorted(order + plan.dropped.tolist()) == list(range(n))  # nothing lost
+    assert plan.stats["kept"] == len(order) and plan.stats["dropped_duplicates"] == len(plan.dropped)
+    assert plan.stats["documents"] == n
+
+
+def clustered(n_clusters: int, per: int, d: int, spread: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d))
+    z = np.repeat(centres, per, axis=0) + spread * rng.normal(size=(n_clusters * per, d))
+    return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_embeddings_every_document_once_and_duplicates_as_brute_force():
+    pytest.importorskip("faiss")
+    z = clustered(12, 20, 24, 0.35, seed=0)
+    rng = np.random.default_rng(1)
+    # plant near-copies (tiny noise) and exact copies of random earlier rows, groups smaller than k
+    src = rng.choice(len(z), 30, replace=False)
+    near = z[src[:20]] + 0.01 * rng.normal(size=(20, z.shape[1])).astype(np.float32)
+    z = np.concatenate([z, near, z[src[20:]], np.zeros((3, z.shape[1]), np.float32)])
+    z = z[rng.permutation(len(z))]  # copies sometimes before their original
+    plan = icp_plan(z, k=10, dedup_threshold=0.98, seed=0)
+    check_partition(plan, len(z))
+    u = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-30)
+    ok = np.linalg.norm(z, axis=1) > 0
+    expected = brute_force_dropped(u.astype(np.float64) @ u.T.astype(np.float64), ok, 0.98)
+    assert len(expected) >= 25 and set(plan.dropped.tolist()) == expected
+    sims = (u[plan.dropped] * u[plan.dropped_partner]).sum(1)
+    assert (plan.dropped_partner < plan.dropped).all() and np.allclose(
+        sims, plan.dropped_similarity, atol=1e-6
+    )
+    assert plan.stats["unembedded"] == 3 and set(plan.order[-3:].tolist()) == set(
+        np.flatnonzero(~ok).tolist()
+    )
+    assert plan.stats["exact_duplicates"] + plan.stats["near_duplicates"] == len(expected)
+
+
+def _doc(rng: random.Random, words: list[str], n: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def test_texts_duplicates_by_tfidf_cosine_and_unembedded_documents_kept():
+    pytest.importorskip("faiss")
+    rng = random.Random(0)
+    topics = [[f"t{t}w{i}x" for i in range(40)] for t in range(6)]
+    texts = [_doc(rng, topics[i % 6], 60) for i in range(90)]
+    texts.append(texts[5])  # exact copy
+    texts.append(texts[7].replace(texts[7].split()[0], "changed", 1))  # one word differs
+    texts.append(texts[9] + " " + _doc(rng, topics[0], 30))  # another topic appended: not a copy
+    texts += ["", "!!! ... ???", "a b c"]  # no word the analyser keeps
+    plan = icp_plan(texts, k=10, dedup_threshold=0.9, seed=0)
+    check_partition(plan, len(texts))
+    z, x = embed(texts, seed=0)
+    ok = np.asarray(x.sum(1)).ravel() > 0
+    expected = brute_force_dropped((x @ x.T).toarray(), ok, 0.9)
+    assert {90, 91} <= expected and 92 not in expected
+    assert set(plan.dropped.tolist()) == expected
+    assert plan.stats["exact_duplicates"] == 1 and plan.stats["dedup_similarity"] == "tf-idf cosine"
+    assert plan.order[-3:].tolist() == [93, 94, 95] and plan.stats["unembedded"] == 3
+    assert plan.segments[-3:].tolist() == [len(plan.order) - 3, len(plan.order) - 2, len(plan.order) - 1]
+    # related documents follow each other: mostly the same topic, far above a random order's 1/6
+    o = [i for i in plan.order.tolist() if i < 90]
+    assert np.mean([a % 6 == b % 6 for a, b in zip(o, o[1:], strict=False)]) > 0.8
+
+
+def test_traversal_equals_the_trace_by_hand():
+    """Edges (weight): 0-1 .9, 1-3 .7, 2-3 .75, 3-4 .6, 4-5 .65, 3-5 .5, 6-7 .55, 5-6 .2.
+    Degrees 0:1 1:2 2:1 3:4 4:2 5:3 6:2 7:1; priorities (lower first) below.
+    Degree 1: 0 (p5), 2 (p0), 7 (p4) -> start at 2. 2 -> 3 (its only neighbour). 3's unvisited
+    neighbours 1 (.7), 4 (.6), 5 (.5) -> 1. 1 -> 0 (.9). 0: dead end; segment [2, 3, 1, 0].
+    Left: 4 (unvisited degree 1: only 5), 5 (2), 6 (2), 7 (1) -> 4 (p1) before 7 (p4); with the static
+    degree 7 (1) would come before 4 (2). 4 -> 5 (.65) -> 6 (.2, its only unvisited) -> 7 (.55)."""
+    e = [
+        (0, 1, 0.9),
+        (1, 3, 0.7),
+        (2, 3, 0.75),
+        (3, 4, 0.6),
+        (4, 5, 0.65),
+        (3, 5, 0.5),
+        (6, 7, 0.55),
+        (5, 6, 0.2),
+    ]
+    src = np.array([a for a, _, _ in e])
+    dst = np.array([b for _, b, _ in e])
+    w = np.array([s for _, _, s in e])
+    priority = np.array([5, 3, 0, 6, 1, 7, 2, 4])
+    keep = np.ones(8, dtype=bool)
+    graph = undirected_graph(8, src, dst, w, keep, priority)
+    order, starts, steps = greedy_path(*graph, priority, keep)
+    assert order.tolist() == [2, 3, 1, 0, 4, 5, 6, 7]
+    assert starts.tolist() == [0, 4]
+    assert steps.tolist() == [0.75, 0.7, 0.9, 0.65, 0.2, 0.55]
+    # a node left out of `keep` (a dropped duplicate) loses its edges and is never visited. Without 3:
+    # 2 has degree 0 -> [2]; degree 1: 0 (p5), 1 (p3), 4 (p1), 7 (p4) -> 4 -> 5 -> 6 -> 7; then 1 -> 0
+    keep[3] = False
+    graph = undirected_graph(8, src, dst, w, keep, priority)
+    order, starts, _ = greedy_path(*graph, priority, keep)
+    assert order.tolist() == [2, 4, 5, 6, 7, 1, 0] and starts.tolist() == [0, 1, 5]
+
+
+def naive_path(n, edges, priority, keep):
+    """The rule, recomputed from scratch at every jump: O(N^2), for comparison only."""
+    adj = {v: {} for v in range(n)}
+    for a, b, w in edges:
+        if keep[a] and keep[b] and a != b:
+            adj[a][b] = adj[b][a] = w
+    visited, order, starts = set(), [], []
+    left = {v for v in range(n) if keep[v]}
+    while left:
+        v = min(left, key=lambda u: (sum(x in left for x in adj[u]), priority[u]))
+        starts.append(len(order))
+        while v is not None:
+            visited.add(v), left.discard(v), order.append(v)
+            free = [u for u in adj[v] if u not in visited]
+            v = min(free, key=lambda u: (-adj[order[-1]][u], priority[u])) if free else None
+    return order, starts
+
+
+def test_traversal_equals_the_rule_recomputed_from_scratch_on_random_graphs():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n = int(rng.integers(2, 40))
+        m = int(rng.integers(0, 3 * n))
+        src, dst = rng.integers(0, n, m), rng.integers(0, n, m)
+        w = rng.choice([0.1, 0.5, 0.9], m)  # repeated weights: the tie-break matters
+        keep_pairs = {}
+        for a, b, x in zip(src.tolist(), dst.tolist(), w.tolist(), strict=True):
+            keep_pairs.setdefault((min(a, b), max(a, b)), x)  # one weight per pair, as similarities are
+        e = [(a, b, x) for (a, b), x in keep_pairs.items()]
+        s, d = np.array([a for a, _, _ in e], dtype=np.int64), np.array([b for _, b, _ in e], dtype=np.int64)
+        ws = np.array([x for _, _, x in e])
+        priority = rng.permutation(n)
+        keep = rng.random(n) > 0.2
+        order, starts, _ = greedy_path(*undirected_graph(n, s, d, ws, keep, priority), priority, keep)
+        assert (order.tolist(), starts.tolist()) == naive_path(n, e, priority, keep)
+
+
+def test_same_seed_same_order_and_the_tie_break_follows_the_seed():
+    pytest.importorskip("faiss")
+    # 10 pairs of twins in orthogonal directions, k=1: every degree is 1, every start is a tie
+    base = np.eye(10, dtype=np.float32)
+    z = np.concatenate([base, base + 0.05 * np.roll(base, 1, axis=1)])
+    runs = {seed: icp_order(z, k=1, dedup_threshold=None, seed=seed)[0].tolist() for seed in range(4)}
+    assert icp_order(z, k=1, dedup_threshold=None, seed=2)[0].tolist() == runs[2]
+    assert len({tuple(r) for r in runs.values()}) > 1
+    for r in runs.values():  # every pair stays together whatever the seed
+        assert all(a % 10 == b % 10 for a, b in zip(r[::2], r[1::2], strict=True))
+    texts = [_doc(random.Random(i), [f"w{j}" for j in range(30)], 40) for i in range(60)]
+    a, sa = icp_order(texts, seed=3)
+    b, sb = icp_order(texts, seed=3)
+    sa.pop("seconds"), sb.pop("seconds")
+    assert a.tolist() == b.tolist() and sa == sb
+
+
+def test_exact_and_ivf_find_the_same_neighbours_on_separated_clusters():
+    pytest.importorskip("faiss")
+    # 8 tight clusters, 8 lists (N/39); k-means started on sampled points may split a cluster between
+    # lists (and merge two others): 4 probes cover a cluster split up to 4 ways
+    z = clustered(8, 40, 16, 0.05, seed=3)
+    exact, info_e = knn_search(z, 5, exact_limit=10**9)
+    ivf, info_i = knn_search(z, 5, exact_limit=0, nprobe=4, seed=0)
+    assert info_e["method"] == "exact" and info_i == {"method": "ivf", "k": 5, "nlist": 8, "nprobe": 4}
+    assert [set(r) for r in exact.tolist()] == [set(r) for r in ivf.tolist()]
+    assert (exact // 40 == np.arange(len(z))[:, None] // 40).all()  # the neighbours are in the cluster
+
+
+def test_chunked_search_equals_brute_force_and_memory_stays_below_n_squared():
+    pytest.importorskip("faiss")
+    z = clustered(5, 10, 8, 0.5, seed=4)
+    nb, _ = knn_search(z, 4, chunk=7)  # 50 queries in chunks of 7
+    s = z.astype(np.float64) @ z.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    assert [set(r) for r in nb.tolist()] == [set(r) for r in np.argsort(-s, axis=1)[:, :4].tolist()]
+    small, _ = knn_search(z[:3], 10)  # fewer documents than k: the rest are -1
+    assert (small[:, 2:] == -1).all() and (np.sort(small[:, :2], axis=1) >= 0).all()
+    n = 6000  # an N x N float32 matrix would be 144 MB
+    big = clustered(60, n // 60, 8, 0.5, seed=5)
+    tracemalloc.start()
+    plan = icp_plan(big, k=10, chunk=1000, dedup_threshold=0.999)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    check_partition(plan, n)
+    assert peak < 40e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_token_documents_are_ordered_and_checked():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(100 * (i % 4), 100 * (i % 4) + 100, size=40) for i in range(40)]
+    docs[39] = docs[2][::-1].copy()  # the same bag of tokens: an exact duplicate
+    ends = np.cumsum([len(d) + 1 for d in docs])
+    tokens = np.concatenate([np.append(d, 999) for d in docs])  # 999: EOS after each document
+    plan = icp_plan(TokenDocuments(tokens, ends, vocab_size=1000, ignore=(999,)), k=5, seed=0)
+    check_partition(plan, 40)
+    assert plan.dropped.tolist() == [39] and plan.dropped_partner.tolist() == [2]
+    o = plan.order.tolist()
+    assert np.mean([a % 4 == b % 4 for a, b in zip(o, o[1:], strict=False)]) > 0.8
+    with pytest.raises(UserError, match="token ids outside"):
+        icp_order(TokenDocuments(tokens, ends, vocab_size=500))
+    with pytest.raises(UserError, match="non-decreasing"):
+        icp_order(TokenDocuments(tokens, ends[::-1], vocab_size=1000))
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, message",
+    [
+        (np.ones((4, 3)), {"k": 0}, "k .*must be an integer ≥ 1"),
+        (np.ones((4, 3)), {"k": 2.5}, "k .*must be an integer ≥ 1"),
+        ([], {}, "got no documents"),
+        (np.zeros((0, 3)), {}, "got no documents"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), {}, "NaN or infinite"),
+        (np.ones(5), {}, r"\[N, d\] array"),
+        (np.ones((4, 3)), {"dedup_threshold": 0.0}, r"dedup_threshold must be in \(0, 1\]"),
+        (np.ones((4, 3)), {"dedup_threshold": 1.5}, r"dedup_threshold must be in \(0, 1\]"),
+        (np.ones((4, 3)), {"nprobe": 0}, "nprobe"),
+        (["text", 3], {}, "texts, TokenDocuments or a 2-D embedding array"),
+    ],
+)
+def test_bad_input_is_refused_with_a_named_problem(data, kwargs, message):
+    if isinstance(data, list) and data:
+        pytest.importorskip("faiss")  # checked while embedding, after faiss is found
+    with pytest.raises(UserError, match=message):
+        icp_order(data, **kwargs)
+
+
+def test_faiss_thread_count_is_restored():
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads()
+    _, stats = icp_order(clustered(3, 10, 4, 0.3, seed=0), k=3, threads=1)
+    assert stats["threads"] == 1 and faiss.omp_get_max_threads() == before
