@@ -83,7 +83,7 @@ def main() -> None:
         )
     LocalExecutor(a.workers).map(
         run_dense_run,
-        [as_dict_dense(j) for j in jobs],
+        [as_dict(j) for j in jobs],
         [j.label for j in jobs],
         [j.run_dir() / "job.log" for j in jobs],
     )
@@ -155,12 +155,6 @@ def sweep_continuation(out: Path, lrs: list[float]) -> None:
             "best": best,
         },
     )
-
-
-def as_dict_dense(job: DenseRunJob) -> dict:
-    from dataclasses import asdict
-
-    return asdict(job)
 
 
 if __name__ == "__main__":

@@ -43,23 +43,25 @@ def _corpus(path, docs_per_lang: int = 60, small: str = "ell"):
     return path
 
 
+# the run every test reads (tiny preset, 5 languages kept + one too small, Portuguese added later)
+RUN = {
+    "preset": "tiny",
+    "languages": ["deu", "fra", "spa", "rus", "jpn", "ell"],
+    "new_language": "por",
+    "ks": (2, 4),
+    "progress": False,
+    "eval_bytes": 4000,
+    "prior_batches": 2,
+    "workers": 1,
+}
+
+
 @pytest.fixture(scope="module")
 def xelm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("xelm")
     corpus = _corpus(root / "corpus")
     out = root / "out"
-    res = quickstart_xelm(
-        out,
-        preset="tiny",
-        languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
-        new_language="por",
-        ks=(2, 4),
-        corpus=corpus,
-        progress=False,
-        eval_bytes=4000,
-        prior_batches=2,
-        workers=1,
-    )
+    res = quickstart_xelm(out, corpus=corpus, **RUN)
     return out, res
 
 
@@ -165,34 +167,13 @@ def test_added_language_leaves_first_round_experts_unchanged(xelm_run):
 def test_rerun_trains_nothing_and_refuses_bad_input(xelm_run, tmp_path):
     out, res = xelm_run
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("forest*/runs/*/summary.json")}
-    again = quickstart_xelm(
-        out,
-        preset="tiny",
-        languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
-        new_language="por",
-        ks=(2, 4),
-        corpus=out.parent / "corpus",
-        progress=False,
-        eval_bytes=4000,
-        prior_batches=2,
-        workers=1,
-    )
+    again = quickstart_xelm(out, corpus=out.parent / "corpus", **RUN)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert again["methods"]["k2_ensemble"]["mean_bpb"] == pytest.approx(
         res["methods"]["k2_ensemble"]["mean_bpb"]
     )
     with pytest.raises(UserError, match="other settings \\(seed_config differ"):  # another seed: refused
-        quickstart_xelm(
-            out,
-            preset="tiny",
-            languages=["deu", "fra", "spa", "rus", "jpn", "ell"],
-            new_language="por",
-            ks=(2, 4),
-            corpus=out.parent / "corpus",
-            overrides=["train.seed=1"],
-            progress=False,
-            workers=1,
-        )
+        quickstart_xelm(out, corpus=out.parent / "corpus", **{**RUN, "overrides": ["train.seed=1"]})
     with pytest.raises(UserError, match="k = \\[8\\]"):
         quickstart_xelm(
             out,

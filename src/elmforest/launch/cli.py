@@ -127,28 +127,36 @@ def quickstart(
 ) -> None:
     """BTM on the demo corpus vs a compute-matched dense LM, per-domain BPB (X-ELM: --corpus multilingual)."""
     if corpus == "multilingual":
-        return _xelm(
-            out,
-            preset,
-            overrides,
-            workers,
-            prior_batches,
-            eval_bytes,
-            languages,
-            new_language,
-            k,
-            no_progress,
-            demo_only={
-                "--domains": domains,
-                "--split": split != "domains",
-                "--ood": ood,
-                "--expert-lr": expert_lr,
-                "--no-moe": no_moe,
-                "--moe-router-steps": moe_router_steps,
-                "--clusters": clusters != 8,
-                "--moe-finetune-steps": moe_finetune_steps != 64,
-            },
+        demo_only = {
+            "--domains": domains,
+            "--split": split != "domains",
+            "--ood": ood,
+            "--expert-lr": expert_lr,
+            "--no-moe": no_moe,
+            "--moe-router-steps": moe_router_steps,
+            "--clusters": clusters != 8,
+            "--moe-finetune-steps": moe_finetune_steps != 64,
+        }
+        bad = [f for f, v in demo_only.items() if v]
+        if bad:
+            raise typer.BadParameter(
+                f"{', '.join(bad)} apply to the demo corpus only, not --corpus multilingual"
+            )
+        from elmforest.xelm.quickstart import quickstart_xelm
+
+        quickstart_xelm(
+            out or "quickstart-xelm",
+            preset=preset,
+            languages=split_list(languages),
+            new_language=_new_language(new_language),
+            ks=_ks(k),
+            overrides=overrides or [],
+            progress=not no_progress,
+            eval_bytes=eval_bytes or 32_000,
+            prior_batches=prior_batches or 5,
+            workers=workers,
         )
+        return
     given = [f for f, v in (("--languages", languages), ("--new-language", new_language), ("--k", k)) if v]
     if given:
         raise typer.BadParameter(f"{', '.join(given)} need(s) --corpus multilingual")
@@ -173,43 +181,22 @@ def quickstart(
     )
 
 
-def _xelm(
-    out,
-    preset,
-    overrides,
-    workers,
-    prior_batches,
-    eval_bytes,
-    languages,
-    new_language,
-    k,
-    no_progress,
-    demo_only,
-):
-    bad = [f for f, v in demo_only.items() if v]
-    if bad:
-        raise typer.BadParameter(f"{', '.join(bad)} apply to the demo corpus only, not --corpus multilingual")
-    from elmforest.xelm.quickstart import KS, NEW_LANGUAGE, quickstart_xelm
+def _new_language(code: str | None) -> str | None:
+    from elmforest.xelm.quickstart import NEW_LANGUAGE
 
-    new = NEW_LANGUAGE if new_language is None else (None if new_language.lower() == "none" else new_language)
+    return NEW_LANGUAGE if code is None else (None if code.lower() == "none" else code)
+
+
+def _ks(k: str | None) -> list[int]:
+    from elmforest.xelm.quickstart import KS
+
     try:
         ks = [int(x) for x in split_list(k)] if k else list(KS)
     except ValueError:
         raise typer.BadParameter(f"--k takes whole numbers, got {k!r}") from None
     if any(x < 1 for x in ks):
         raise typer.BadParameter(f"--k takes positive numbers, got {k!r}")
-    quickstart_xelm(
-        out or "quickstart-xelm",
-        preset=preset,
-        languages=split_list(languages),
-        new_language=new,
-        ks=ks,
-        overrides=overrides or [],
-        progress=not no_progress,
-        eval_bytes=eval_bytes or 32_000,
-        prior_batches=prior_batches or 5,
-        workers=workers,
-    )
+    return ks
 
 
 def sweep(

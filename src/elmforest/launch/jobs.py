@@ -220,5 +220,5 @@ def _run_distributed(job: ExpertJob, log) -> dict:
     return {"name": e["name"], "tokens": e["tokens"], "flops": e["flops"], "resumed_from": None}
 
 
-def as_dict(job: ExpertJob) -> dict:
+def as_dict(job: ExpertJob | DenseRunJob) -> dict:
     return asdict(job)

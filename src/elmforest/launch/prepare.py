@@ -34,10 +34,12 @@ def prepare_data(
     ood: list | None = None,
     progress: bool = True,
     log=print,
+    tokenizer_sample_bytes: int = 1_000_000,
 ) -> PreparedData:
-    """Corpus (the demo one unless given) -> tokenizer -> shards, and the out-of-domain sets tokenized
-    apart (the demo's evaluation-only domains and `ood`); each stage skipped when its output exists.
-    Shared by the quickstart and the scaling study."""
+    """Corpus (the demo one unless given) -> tokenizer (trained on at most `tokenizer_sample_bytes` of
+    each domain's training split) -> shards, and the out-of-domain sets tokenized apart (the demo's
+    evaluation-only domains and `ood`; `ood=None` with a corpus given: none, and nothing said about
+    them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study."""
     ood_sources = [Path(x) for x in (ood or [])]
     if corpus is None:
         corpus = out / "corpus"
@@ -61,8 +63,11 @@ def prepare_data(
 
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        log(f"[2/8] training a {vocab_size}-token byte-level BPE on the training split")
-        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=1_000_000)
+        log(
+            f"[2/8] training a {vocab_size}-token byte-level BPE on the training split (at most "
+            f"{tokenizer_sample_bytes:,} bytes of each domain)"
+        )
+        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes)
         save_tokenizer(tok, tok_dir)
 
     shards_dir = out / "shards"
@@ -76,7 +81,8 @@ def prepare_data(
         _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None
     )
     if ood_shards is None:
-        log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
+        if ood is not None:
+            log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
     else:
         log(
             "      out-of-domain sets (valid tokens for the prior / test documents): "

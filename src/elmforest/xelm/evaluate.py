@@ -51,7 +51,7 @@ class Scorer:
     def model(self, path, domains: list[str]) -> dict:
         return evaluate_shards(load_model(path), self.shards, progress=False, domains=domains, **self.common)
 
-    def forest(self, f: Forest, experts: list[str], domains: list[str], prior: str, given=None) -> dict:
+    def pool(self, f: Forest, experts: list[str]):
         key = (str(f.root), tuple(experts))
         if key not in self.pools:
             pool = make_pool(f, experts, batch_size=16)
@@ -59,6 +59,9 @@ class Scorer:
                 if root == key[0] and set(names) & set(experts):
                     pool.adopt(other)
             self.pools[key] = pool
+        return self.pools[key]
+
+    def forest(self, f: Forest, experts: list[str], domains: list[str], prior: str, given=None) -> dict:
         kw = {"weighting": "fixed"} if given is not None else {}
         return evaluate_forest_shards(
             f,
@@ -67,7 +70,7 @@ class Scorer:
             prior=prior,
             given_prior=given,
             experts=experts,
-            pool=self.pools[key],
+            pool=self.pool(f, experts),
             domains=domains,
             prior_batches=self.prior_batches,
             **kw,
@@ -110,7 +113,7 @@ def evaluate_all(
             shards,
             mode="cluster",
             k=1,
-            pool=sc.pools[(str(f.root), tuple(f.names))],
+            pool=sc.pool(f, f.names),
             domains=langs,
             **sc.common,
         )

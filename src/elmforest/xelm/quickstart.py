@@ -20,13 +20,14 @@ import math
 import time
 from pathlib import Path
 
+from elmforest.cluster.languages import group_languages, write_groupings
 from elmforest.config import RunConfig, apply_overrides
-from elmforest.data.shards import Shards, build_shards
-from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
+from elmforest.data.shards import Shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.launch.prepare import prepare_data
 from elmforest.launch.progress import ProgressMonitor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.errors import UserError
@@ -102,6 +103,7 @@ def quickstart_xelm(
     lrs = {k: (expert_lrs or {}).get(k, EXPERT_LRS.get(k, base.optim.lr)) for k in ks}
     # the batch splits evenly between the experts of every forest (B/k each: compute matched)
     plan, base = btm.plan_for(base, math.lcm(*ks, max(tfidf_k, 1)), seed_share)
+    groupings = _groupings(langs, ks)
     _check_stamp(
         out,
         {
@@ -115,9 +117,10 @@ def quickstart_xelm(
             "plan": {**plan.__dict__},
             "expert_lrs": {str(k): v for k, v in lrs.items()},
             "continue_lr": DENSE_CONTINUE_LR,
+            "groups": {str(k): g["groups"] for k, g in groupings.items()},
         },
     )
-    groupings = _groupings(out, langs, ks)
+    write_groupings(groupings, out / "groups", overwrite=True)
     log(f"      precision: {_precision_line(base.train.precision, base.train.device)}")
     log(
         f"      protocol: every language equally likely in the seed and dense runs (data.mixture="
@@ -232,16 +235,7 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
                 corpus, every, max_bytes=max_bytes, min_bytes=max_bytes, progress=progress
             )
     corpus = Path(corpus)
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        log(f"[2/8] training a {vocab_size}-token BPE on at most {TOKENIZER_CAP:,} bytes of each language")
-        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=TOKENIZER_CAP)
-        save_tokenizer(tok, tok_dir)
-    shards_dir = out / "shards"
-    if not Shards.is_shards_dir(shards_dir):
-        log(f"[3/8] tokenizing into shards -> {shards_dir}")
-        build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
-    shards = Shards(shards_dir)
+    shards = prepare_data(out, vocab_size, None, corpus, None, progress, log, TOKENIZER_CAP).shards
     skipped = {}
     for lang in every:
         lacking = [s for s in ("train", "valid", "test") if not shards.has(lang, s)]
@@ -270,14 +264,11 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
     }
 
 
-def _groupings(out: Path, langs: list[str], ks: list[int]) -> dict[int, dict]:
-    """URIEL syntax groups (cluster/languages.py), saved as out/groups/k<K>.json. No group may hold more
+def _groupings(langs: list[str], ks: list[int]) -> dict[int, dict]:
+    """URIEL syntax groups (cluster/languages.py; saved as OUT/groups/k<K>.json). No group may hold more
     than half the languages: every expert gets the same compute (B/k), and unbalanced merging (k = 4:
     9, 1, 1 and 1 of these 12 languages) would starve the big group's languages."""
-    from elmforest.cluster.languages import group_languages, write_groupings
-
     groupings, _ = group_languages(langs, ks, max_group_size=math.ceil(len(langs) / 2))
-    write_groupings(groupings, out / "groups", overwrite=True)
     for k in ks:
         print(f"[4/8] k={k}: " + " · ".join(" ".join(g) for g in groupings[k]["groups"].values()))
     return groupings
@@ -287,21 +278,13 @@ def _train_jobs(forest, forests, groupings, shards, plan, workers, threads, prog
     """The dense run's second half and every group expert, as independent jobs (two at a time on a
     2-core CPU); finished ones are skipped, cut ones resume."""
     sroot = str(Path(shards.root).resolve())
-    for k, f in forests.items():  # a rerun with other groups must not keep experts of the old ones
-        stale = [
-            g for g, ms in groupings[k]["groups"].items() if g in f.names and f.expert(g)["domains"] != ms
-        ]
-        if stale:
-            raise UserError(
-                f"{f.root}: expert(s) {stale} were trained on other languages than this run's groups; "
-                "remove that forest (or use another --out) to train the new groups"
-            )
     jobs = [ExpertJob(str(forest.root), sroot, "", kind="dense", threads=threads)]
     for k, f in forests.items():
         for g, members in groupings[k]["groups"].items():
             jobs.append(ExpertJob(str(f.root), sroot, members[0], name=g, threads=threads, mix=list(members)))
     runs = {f"{Path(j.forest).name}/{j.label}": j.run_dir() for j in jobs}
-    with ProgressMonitor(runs, plan.total_steps, out_log(forest), every=30.0, echo=progress):
+    log_path = forest.root.parent / "progress.log"
+    with ProgressMonitor(runs, plan.total_steps, log_path, every=30.0, echo=progress):
         LocalExecutor(workers).map(
             run_job, [as_dict(j) for j in jobs], list(runs), [j.run_dir() / "job.log" for j in jobs]
         )
@@ -328,10 +311,6 @@ def _tfidf_forest(out: Path, data: dict, forest: Forest, k: int, lrs: dict, prog
     lr = lrs[min(lrs, key=lambda kk: (abs(kk - k), kk))]
     log(f"[6/8] X-ELM's alternative grouping: {k} balanced tf-idf clusters of documents, one expert each")
     return cluster_forest(out, first, forest, k, progress, log, expert_lr=lr)
-
-
-def out_log(forest: Forest) -> Path:
-    return forest.root.parent / "progress.log"
 
 
 def add_language(
