@@ -60,6 +60,9 @@ class DataConfig:
     # and the comparison is a macro average over domains) | tokens: in proportion to each domain's size
     mixture: str = "uniform"
     split: str = "train"
+    # the order the shards' training documents must be in (source | random | icp; elmforest shards
+    # build --order): a run is refused on shards in another order. None: whatever the shards hold
+    order: str | None = None
 
 
 @dataclass
@@ -176,6 +179,10 @@ class RunConfig:
                 "optim.schedule must be cosine, linear or constant",
             ),
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
+            (
+                self.data.order in (None, "source", "random", "icp"),
+                "data.order must be source, random, icp or null (whatever the shards hold)",
+            ),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if unknown := [x for x in t.trackers if x not in TRACKERS]:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from elmforest.utils.argtypes import NoProgressBar, arg, flag, fraction, group, opt, positive_int, verb
+from elmforest.utils.argtypes import (
+    NoProgressBar,
+    arg,
+    flag,
+    fraction,
+    group,
+    nonneg_int,
+    opt,
+    positive_int,
+    unit_fraction,
+    verb,
+)
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import split_list
 
 Data = Annotated[
@@ -50,6 +62,45 @@ class ReadArgs:
 
 
 DEFAULT_READ = ReadArgs()  # read as the records say: fields `text` and `domain`, every split
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderArgs:
+    """The order of each domain's training documents in the shards (data/reorder.py): an option group
+    so every verb that builds training shards offers the same choices."""
+
+    order: Annotated[
+        Literal["source", "random", "icp"],
+        opt(
+            "order of each domain's training documents: as read, a seeded shuffle, or In-Context "
+            "Pretraining (similar documents adjacent, near-duplicates dropped); valid/test stay as read"
+        ),
+    ] = "source"
+    order_seed: Annotated[int, opt("seed of the random and icp orders", nonneg_int)] = 0
+    icp_k: Annotated[
+        int, opt("icp: nearest neighbours per document in the similarity graph", positive_int)
+    ] = 10
+    icp_dedup_threshold: Annotated[
+        float,
+        opt("icp: drop a training document at this cosine similarity to an earlier one", unit_fraction),
+    ] = 0.9
+    icp_keep_duplicates: Annotated[
+        bool, flag("--icp-keep-duplicates", "icp: drop no near-duplicates (order only)")
+    ] = False
+
+    def orderer(self):
+        if self.order != "icp":
+            icp = {f.name for f in dataclasses.fields(self) if f.name.startswith("icp_")}
+            if given := sorted(f for f in icp if getattr(self, f) != getattr(DEFAULT_ORDER, f)):
+                flags = ", ".join("--" + f.replace("_", "-") for f in given)
+                raise UserError(f"{flags} only apply to --order icp (got --order {self.order})")
+            return self.order
+        from elmforest.cluster.icp_shards import make_orderer
+
+        return make_orderer("icp", self.icp_k, None if self.icp_keep_duplicates else self.icp_dedup_threshold)
+
+
+DEFAULT_ORDER = OrderArgs()
 
 
 def register(app: typer.Typer) -> None:
@@ -154,6 +205,7 @@ def build(
     ] = None,
     no_progress: NoProgressBar = False,
     read: ReadArgs = DEFAULT_READ,
+    order: OrderArgs = DEFAULT_ORDER,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
     from elmforest.data.shards import build_shards, load_domain_map
@@ -168,19 +220,59 @@ def build(
         progress=not no_progress,
         random_domains=random_domains,
         domain_map=load_domain_map(domain_map) if domain_map else None,
+        order=order.orderer(),
+        order_seed=order.order_seed,
     )
     print_read(rep.read)
     print(
         f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
         f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}"
     )
+    if rep.order:
+        from elmforest.data.reorder import TIMINGS_FILE
+        from elmforest.utils.io import read_json
+
+        print(f"training documents in {rep.order['method']} order ({rep.order_seconds:.1f}s):")
+        print_order(rep.order, read_json(f"{rep.out}/{TIMINGS_FILE}"))
 
 
 def show(dir: Annotated[str, arg("shards directory")]) -> None:
-    """Print a shards directory's index."""
+    """Print a shards directory's index, then the order of its training documents."""
+    from elmforest.data.reorder import TIMINGS_FILE
     from elmforest.data.shards import Shards
+    from elmforest.utils.io import read_json
 
-    print(json.dumps(Shards(dir).index, indent=2))
+    sh = Shards(dir)
+    print(json.dumps(sh.index, indent=2))
+    timings = sh.root / TIMINGS_FILE
+    print(f"order of the training documents: {sh.order['method']}")
+    if "order" in sh.index:
+        print_order(sh.order, read_json(timings) if timings.is_file() else None)
+
+
+def print_order(order: dict, timings: dict | None = None) -> None:
+    """One line per domain: documents kept of those read, duplicates dropped, and for ICP how
+    similar neighbours along the path are against a random order."""
+    print(f"  seed {order['seed']}, params {json.dumps(order['params'])}")
+
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for d, st in order["domains"].items():
+        line = f"  {d}: {st['documents_after']:,}/{st['documents_before']:,} documents"
+        if "near_duplicates" in st:
+            line += (
+                f", dropped {st['exact_duplicates']} exact + {st['near_duplicates']} near duplicates, "
+                f"{st['jumps']} jumps, neighbour similarity {num(st['mean_neighbour_similarity'])} along "
+                f"the path, adjacent {num(st['mean_adjacent_similarity'])} "
+                f"(random order {num(st['mean_adjacent_similarity_random_order'])})"
+            )
+        elif st["dropped_documents"]:
+            line += f", dropped {st['dropped_documents']}"
+        t = (timings or {}).get("domains", {}).get(d)
+        if t:
+            line += f", {t['order_seconds'] + t['rewrite_seconds']:.2f}s"
+        print(line)
 
 
 def print_read(read: dict) -> None:

@@ -2,7 +2,9 @@
 
 Layout of a shards directory::
 
-    index.json                 tokenizer fingerprint and encoding, dtype, split fractions, per-file counts
+    index.json                 tokenizer fingerprint and encoding, dtype, split fractions, per-file counts,
+                               and the training documents' order when not as read (data/reorder.py)
+    order_timings.json         how long that ordering took (not part of the fingerprint)
     tokenizer.json, ...        the tokenizer's files, as the source had them (self-describing shards)
     <domain>/<split>.bin       flat token ids: each document as the tokenizer encodes it, then EOS
     <domain>/<split>.docs.npy  int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes of the text)
@@ -28,6 +30,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer
 from elmforest.data.sources import resolve_source
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import (
@@ -83,6 +86,8 @@ class BuildReport:
     seconds: float
     text_bytes: int
     tokens: int
+    order: dict | None = None  # the index's order record (None: source order)
+    order_seconds: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -146,6 +151,8 @@ def build_shards(
     random_domains: int | None = None,
     only_splits: tuple[str, ...] | None = None,
     domain_map: dict[str, str] | None = None,
+    order=None,
+    order_seed: int = 0,
 ) -> BuildReport:
     """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`.
 
@@ -155,9 +162,13 @@ def build_shards(
     `data` may be a list of paths, read one after another (several out-of-domain sets in one build).
     `domain_map` renames domains (X-ELM: language -> language group, load_domain_map); a document whose
     domain it does not name is an error, never a silent extra expert. The index records the map.
+    `order` ("source": as read; "random"; or an orderer object, data/reorder.py) reorders, and may
+    deduplicate, each domain's training documents after tokenizing, seeded by `order_seed`;
+    validation and test are never touched. The index records the order and its statistics.
     """
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
     relabel = _relabeller(random_domains, domain_map)
+    orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -244,6 +255,11 @@ def build_shards(
         }
         if domain_map:
             index["domain_map"] = dict(sorted(domain_map.items()))
+        order_seconds = 0.0
+        if orderer is not None:
+            timings = reorder_staging(staging, index, orderer, order_seed)
+            order_seconds = timings["seconds"]
+            write_json_atomic(staging / TIMINGS_FILE, timings)
         write_json_atomic(staging / "index.json", index)
         replace_dir(staging, out)
     except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once
@@ -258,10 +274,18 @@ def build_shards(
         if err is not None:
             raise err from e
         raise
-    return BuildReport(str(out), stats.to_dict(), time.perf_counter() - t0, text_bytes, total_tokens)
+    return BuildReport(
+        str(out),
+        stats.to_dict(),
+        time.perf_counter() - t0,
+        text_bytes,
+        total_tokens,
+        index.get("order"),
+        order_seconds,
+    )
 
 
-_RESERVED = {"index.json", *TOKENIZER_FILES}
+_RESERVED = {"index.json", TIMINGS_FILE, *TOKENIZER_FILES}
 
 
 def _unique_folder(domain: str, folders: dict[str, str]) -> str:
@@ -312,14 +336,23 @@ class Shards:
         content = {k: v for k, v in self.index.items() if k != "source"}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def order(self) -> dict:
+        """How the training documents are ordered: the index's record ({"method", "seed", "params",
+        "domains"}), or {"method": "source"} for documents as read (shards built before orders existed)."""
+        return self.index.get("order") or {"method": "source"}
+
     def record(self) -> dict:
         """What a model trained on these shards keeps of them (elmforest_data.json beside its weights):
-        which documents were held out, even once the shards are gone."""
-        return {
+        which documents were held out, and the training documents' order when not as read."""
+        rec = {
             "shards": str(self.root.resolve()),
             "fingerprint": self.fingerprint,
             "split": self.index["split"],
         }
+        if "order" in self.index:
+            rec["order"] = {k: self.order[k] for k in ("method", "seed", "params")}
+        return rec
 
     @staticmethod
     def is_shards_dir(path: str | os.PathLike) -> bool:

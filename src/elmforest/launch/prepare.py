@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
@@ -35,11 +36,16 @@ def prepare_data(
     progress: bool = True,
     log=print,
     tokenizer_sample_bytes: int = 1_000_000,
+    order=None,
+    order_seed: int = 0,
 ) -> PreparedData:
     """Corpus (the demo one unless given) -> tokenizer (trained on at most `tokenizer_sample_bytes` of
     each domain's training split) -> shards, and the out-of-domain sets tokenized apart (the demo's
     evaluation-only domains and `ood`; `ood=None` with a corpus given: none, and nothing said about
-    them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study."""
+    them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study.
+
+    `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
+    domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
     ood_sources = [Path(x) for x in (ood or [])]
     if corpus is None:
         corpus = out / "corpus"
@@ -70,12 +76,27 @@ def prepare_data(
         tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes)
         save_tokenizer(tok, tok_dir)
 
-    shards_dir = out / "shards"
+    orderer = _orderer(order)
+    shards_dir = shards_dir_for(out, orderer, order_seed)
     if not Shards.is_shards_dir(shards_dir):
-        log(f"[3/8] tokenizing into shards -> {shards_dir}")
-        rep = build_shards(corpus, load_tokenizer(tok_dir), shards_dir, progress=progress)
+        how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
+        log(f"[3/8] tokenizing into shards{how} -> {shards_dir}")
+        rep = build_shards(
+            corpus,
+            load_tokenizer(tok_dir),
+            shards_dir,
+            progress=progress,
+            order=orderer,
+            order_seed=order_seed,
+        )
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
+        if rep.order:
+            kept = sum(d["documents_after"] for d in rep.order["domains"].values())
+            read = sum(d["documents_before"] for d in rep.order["domains"].values())
+            log(f"      ordered in {rep.order_seconds:.1f}s: {kept:,} of {read:,} training documents kept")
     shards = Shards(shards_dir)
+    if order is not None:
+        check_shards_order(shards, orderer, order_seed)
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
         _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None
@@ -94,6 +115,43 @@ def prepare_data(
         )
 
     return PreparedData(corpus, tok_dir, shards, ood_shards, names)
+
+
+def _orderer(order):
+    if order == "icp":  # imported only when asked for: the embedding pulls in scikit-learn
+        from elmforest.cluster.icp_shards import make_orderer
+
+        return make_orderer("icp")
+    return resolve_orderer(order)
+
+
+def shards_dir_for(out: Path, orderer, seed: int) -> Path:
+    """Where prepare_data keeps shards in an order: `shards` for the source order (as before orders
+    existed), `shards-<method>-seed<N>` otherwise. Beside each other rather than one replacing the
+    other, since the point of an order is a comparison (ICP vs random vs source) on one corpus and
+    tokenizer, and rebuilding in place would change the data under runs that trained on it."""
+    return out / ("shards" if orderer is None else f"shards-{orderer.name}-seed{seed}")
+
+
+def check_shards_order(shards: Shards, orderer, seed: int) -> None:
+    """Existing shards are reused only in the order asked for (same method, seed and parameters)."""
+    have = shards.order
+    want = (
+        {"method": "source"}
+        if orderer is None
+        else {"method": orderer.name, "seed": int(seed), "params": dict(orderer.params())}
+    )
+    if {k: have.get(k) for k in want} != want:
+        raise UserError(
+            f"{shards.root} holds training documents in another order ({_describe(have)}) than asked "
+            f"for ({_describe(want)}); delete it to rebuild, or ask for the order it holds"
+        )
+
+
+def _describe(o: dict) -> str:
+    if o["method"] == "source":
+        return "source"
+    return f"{o['method']}, seed {o.get('seed')}, params {o.get('params')}"
 
 
 def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: list[str], progress) -> Shards:

@@ -4,6 +4,11 @@ Each row is a random window of seq_len + 1 tokens from one domain's memory-mappe
 domain drawn by the mixture weights. Because a batch depends only on its step number, the data
 position of a run is just its step: a resumed run sees exactly the batches an uninterrupted run
 would, with no iterator state to save.
+
+This is also the sampler In-Context Pretraining needs (shards built with --order icp): a window
+cut at any offset of an ICP-ordered stream holds a run of neighbouring, related documents, while
+the rows of one batch are independent positions (and domains), so a batch stays diverse. Shards in
+source or random order are read the same way, so the order is the only difference between runs.
 """
 
 from __future__ import annotations

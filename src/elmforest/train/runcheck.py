@@ -31,12 +31,13 @@ OPERATIONAL_FIELDS = (
 
 def run_identity(cfg: dict) -> dict:
     """The config minus fields that may change between invocations of the same run: operational
-    settings, where the inputs lie (their content is checked instead: inputs.json), and remote code,
+    settings, where the inputs lie (their content is checked instead: inputs.json), the order the
+    shards must hold (only a check: the shards' fingerprint records their order), and remote code,
     which only the command line turns on (config.py)."""
     return {
         **cfg,
         "model": {k: v for k, v in cfg["model"].items() if k not in ("trust_remote_code", "init_from")},
-        "data": {k: v for k, v in cfg["data"].items() if k != "shards"},
+        "data": {k: v for k, v in cfg["data"].items() if k not in ("shards", "order")},
         "train": {k: v for k, v in cfg["train"].items() if k not in (*OPERATIONAL_FIELDS, "init_checkpoint")},
     }
 
@@ -75,6 +76,22 @@ def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = N
                     h.update(f"{f.name}:{file_digest(f)['sha256']}".encode())
             out["init_from"] = entry(d, h.hexdigest()[:16], stamp=stamp)
     return out
+
+
+def check_order(cfg: RunConfig, shards: Shards) -> None:
+    """data.order names the order a run's training stream must be in (an ICP run on shards built in
+    source order would silently be a baseline): refused before anything is built or written."""
+    want = cfg.data.order
+    have = shards.order
+    if want is None or want == have["method"]:
+        return
+    seed = f" (seed {have['seed']})" if "seed" in have else ""
+    raise UserError(
+        f"data.order={want!r} but the shards in {shards.root} hold their training documents in "
+        f"{have['method']!r} order{seed}; build shards in {want} order (elmforest shards build --data "
+        f"CORPUS --tokenizer {shards.root} --out DIR --order {want}) and point data.shards at DIR, or "
+        f"set data.order={have['method']}"
+    )
 
 
 def check_context(model, cfg: RunConfig) -> None:

@@ -48,7 +48,13 @@ from elmforest.train.checkpoint import clean_partial, list_checkpoints, load_che
 from elmforest.train.flops import FLOPS_FORMULA, flops_breakdown
 from elmforest.train.frozen_experts import FrozenExperts
 from elmforest.train.moe_loss import moe_shape, router_losses
-from elmforest.train.runcheck import check_config, check_context, check_inputs, check_same_tokenizer
+from elmforest.train.runcheck import (
+    check_config,
+    check_context,
+    check_inputs,
+    check_order,
+    check_same_tokenizer,
+)
 from elmforest.train.schedule import lr_at
 from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
@@ -77,6 +83,7 @@ class Trainer:
         if not cfg.data.shards:
             raise UserError("data.shards is not set: point it at a shards directory (elmforest shards build)")
         self.shards = Shards(cfg.data.shards)
+        check_order(cfg, self.shards)
         self.tokenizer = load_tokenizer(self.shards.root)
         if cfg.model.init_from:
             check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)

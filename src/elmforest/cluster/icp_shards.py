@@ -1,0 +1,80 @@
+"""In-Context Pretraining as a shards order: `build_shards(..., order=IcpOrder())` orders each domain's
+training documents by `icp_plan` (cluster/icp.py) on their token ids, so no text is read again.
+
+The order is computed per domain, not over the whole corpus: a domain is one expert's training
+stream, and a dense run's mixture draws a domain before a window, so neighbours from other domains
+could never be adjacent in what it sees anyway. Per domain the kNN index is also smaller (exact
+search up to icp_plan's `exact_limit` documents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from elmforest.cluster.icp import TokenDocuments, icp_plan
+from elmforest.data.reorder import DocumentOrderer, resolve_orderer
+from elmforest.utils.errors import UserError
+
+# the statistics of icp_plan the index keeps (all functions of the data and the seed)
+KEPT_STATS = (
+    "kept",
+    "ordered_by_similarity",
+    "unembedded",
+    "dropped_duplicates",
+    "exact_duplicates",
+    "near_duplicates",
+    "dedup_similarity",
+    "segments",
+    "jumps",
+    "mean_neighbour_similarity",
+    "mean_adjacent_similarity",
+    "mean_adjacent_similarity_random_order",
+    "graph_edges",
+    "knn",
+    "dims",
+)
+
+
+@dataclass(frozen=True)
+class IcpOrder:
+    """The ICP orderer (data/reorder.py's DocumentOrderer): documents embedded as bags of token ids
+    (EOS left out), `k` nearest neighbours, near-duplicates at cosine ≥ `dedup_threshold` dropped
+    (None keeps every document), then the greedy traversal."""
+
+    k: int = 10
+    dedup_threshold: float | None = 0.9
+    name: ClassVar[str] = "icp"
+
+    def params(self) -> dict:
+        return {"k": self.k, "dedup_threshold": self.dedup_threshold, "embedding": "token-id tf-idf/SVD"}
+
+    def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
+        plan = icp_plan(
+            TokenDocuments(tokens, ends, vocab_size, ignore=(eos_id,)),
+            seed=seed,
+            k=self.k,
+            dedup_threshold=self.dedup_threshold,
+        )
+        stats = {key: plan.stats[key] for key in KEPT_STATS if key in plan.stats}
+        stats["seconds"] = plan.stats.get("seconds")  # moved to order_timings.json by the data layer
+        stats["threads"] = plan.stats.get("threads")
+        return plan.order, stats
+
+
+def make_orderer(
+    order: str | DocumentOrderer | None, k: int = 10, dedup_threshold: float | None = 0.9
+) -> DocumentOrderer | None:
+    """The orderer a name stands for ("source" -> None, "random", "icp" with the given options); an
+    orderer object passes through."""
+    if order == "icp":
+        if k < 1:
+            raise UserError(f"ICP k (neighbours per document) must be ≥ 1, got {k}")
+        if dedup_threshold is not None and not 0 < dedup_threshold <= 1:
+            raise UserError(
+                f"ICP dedup threshold must be in (0, 1] (a cosine similarity), got {dedup_threshold}"
+            )
+        return IcpOrder(k=k, dedup_threshold=dedup_threshold)
+    return resolve_orderer(order)

@@ -1,0 +1,205 @@
+"""The order of each domain's training documents in a shards directory: as read ("source"), a seeded
+shuffle ("random"), or any orderer a higher layer passes in (In-Context Pretraining: cluster/icp_shards.py).
+
+An orderer is a pure function of one domain's training documents and a seed that returns the indices of
+the documents to keep, in their new order; documents it leaves out (duplicates) leave the training
+split. Only the training split is ever reordered or deduplicated: validation and test stay as read, so
+every score stays comparable with a model trained on the source order.
+
+The rewrite is a post-pass over a staging directory (shards.build_shards, before its atomic rename):
+each domain's train.bin is gathered into a new file a bounded number of tokens at a time from the
+memory-mapped old one, so memory is the order array plus one chunk, never the domain's tokens.
+
+What the index records (`order`: method, seed, params, per-domain statistics and a digest of each
+domain's order) is a function of the data and the seed alone, so the shards' fingerprint, which hashes
+the index, tells orders apart and ties a run to the order it trained on. Wall-clock times and thread
+counts are not: they go to `order_timings.json` beside the index, outside the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from elmforest.utils.errors import UserError
+
+ORDERS = ("source", "random", "icp")  # the names the CLI and data.order know
+TIMINGS_FILE = "order_timings.json"
+TIMING_KEYS = ("seconds", "threads")  # an orderer's statistics that are not a function of data and seed
+CHUNK_TOKENS = 1 << 22  # tokens gathered per write: 4 Mi tokens, a 32 MiB gather index
+
+
+@runtime_checkable
+class DocumentOrderer(Protocol):
+    """Orders one domain's training documents: `tokens` flat (memory-mapped), document i is
+    tokens[ends[i-1]:ends[i]] (its EOS last). Returns (the kept documents' indices in their new order,
+    each at most once, as int64; JSON-ready statistics). `params()` is everything besides the seed that
+    the order depends on: it is recorded, and so part of the fingerprint."""
+
+    name: str
+
+    def params(self) -> dict: ...
+
+    def __call__(
+        self, tokens: np.ndarray, ends: np.ndarray, vocab_size: int, eos_id: int, seed: int
+    ) -> tuple[np.ndarray, dict]: ...
+
+
+class RandomOrder:
+    """A seeded permutation of the documents: the control ICP is measured against (same documents,
+    no similarity structure), and a shuffled stream for corpora read in a biased order."""
+
+    name = "random"
+
+    def params(self) -> dict:
+        return {}
+
+    def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
+        return np.random.default_rng(seed).permutation(len(ends)).astype(np.int64), {}
+
+
+def resolve_orderer(order) -> DocumentOrderer | None:
+    """None for the source order (nothing to do), else the orderer. The data layer knows only
+    "source" and "random"; "icp" lives above it and is passed in as an object."""
+    if order is None or order == "source":
+        return None
+    if order == "random":
+        return RandomOrder()
+    if isinstance(order, str):
+        if order == "icp":
+            raise UserError(
+                "order 'icp' is computed by elmforest.cluster.icp_shards.IcpOrder: pass that object "
+                "as order= (the CLI does this for --order icp)"
+            )
+        raise UserError(f"unknown shards order {order!r}; expected one of {', '.join(ORDERS)}")
+    if not isinstance(order, DocumentOrderer):
+        raise UserError(
+            f"order must be 'source', 'random' or an orderer (.name, .params(), called on a domain's "
+            f"documents), got {type(order).__name__}"
+        )
+    return order
+
+
+def order_digest(order: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(order, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def _checked(order, n: int, who: str, domain: str) -> np.ndarray:
+    order = np.asarray(order)
+    if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):
+        raise ValueError(
+            f"orderer {who!r} returned a {order.dtype} array of shape {order.shape} for {domain!r}"
+        )
+    order = order.astype(np.int64, copy=False)
+    if len(order) == 0 and n:
+        raise ValueError(f"orderer {who!r} kept none of {domain!r}'s {n} training documents")
+    if len(order) and (order.min() < 0 or order.max() >= n):
+        raise ValueError(f"orderer {who!r} returned document indices outside [0, {n}) for {domain!r}")
+    if len(np.unique(order)) != len(order):
+        raise ValueError(f"orderer {who!r} returned a document more than once for {domain!r}")
+    return order
+
+
+def _gather(src: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: np.ndarray, f, chunk: int) -> None:
+    """Write the documents `order` names, in that order, to `f`, about `chunk` tokens at a time."""
+    cum = np.cumsum(lens[order])
+    i = 0
+    while i < len(order):
+        base = cum[i - 1] if i else 0
+        j = max(i + 1, int(np.searchsorted(cum, base + chunk, side="right")))
+        ids = order[i:j]
+        if j == i + 1 and lens[ids[0]] > chunk:  # one long document: copied in slices
+            s, e = int(starts[ids[0]]), int(starts[ids[0]] + lens[ids[0]])
+            for a in range(s, e, chunk):
+                f.write(np.asarray(src[a : min(e, a + chunk)]).tobytes())
+        else:
+            ln = lens[ids]
+            total = int(ln.sum())
+            offsets = np.cumsum(ln) - ln
+            idx = np.repeat(starts[ids] - offsets, ln) + np.arange(total, dtype=np.int64)
+            f.write(np.asarray(src[idx]).tobytes())
+        i = j
+
+
+def reorder_split(
+    folder: Path,
+    dtype: np.dtype,
+    orderer: DocumentOrderer,
+    vocab_size: int,
+    eos_id: int,
+    seed: int,
+    domain: str,
+    chunk: int = CHUNK_TOKENS,
+) -> tuple[dict, dict, dict]:
+    """Rewrite `folder`/train.bin and train.docs.npy in the orderer's order. Returns (the split's new
+    index entry, the statistics the index records, timings)."""
+    t0 = time.perf_counter()
+    table = np.load(folder / "train.docs.npy", allow_pickle=False)
+    ends, nbytes = table[:, 0], table[:, 1]
+    n = len(ends)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    lens = ends - starts
+    n_tokens = int(ends[-1]) if n else 0
+    src = np.memmap(folder / "train.bin", dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else None
+    tokens = src if src is not None else np.zeros(0, dtype=dtype)
+    order, found = orderer(tokens, ends, vocab_size, eos_id, seed)
+    order = _checked(order, n, orderer.name, domain)
+    t1 = time.perf_counter()
+    found = dict(found or {})
+    timings = {k: found.pop(k) for k in TIMING_KEYS if k in found}
+    new_bin = folder / "train.bin.reordered"
+    with open(new_bin, "wb") as f:
+        if src is not None:
+            _gather(src, starts, lens, order, f, chunk)
+    del src, tokens
+    new_ends = np.cumsum(lens[order])
+    new_table = np.stack([new_ends.astype(np.int64), nbytes[order]], axis=1)
+    new_docs = folder / "train.docs.reordered.npy"
+    np.save(new_docs, new_table, allow_pickle=False)
+    os.replace(new_bin, folder / "train.bin")
+    os.replace(new_docs, folder / "train.docs.npy")
+    split = {
+        "tokens": int(new_ends[-1]) if len(new_ends) else 0,
+        "documents": len(order),
+        "bytes": int(new_table[:, 1].sum()),
+    }
+    stats = {
+        "documents_before": n,
+        "documents_after": len(order),
+        "dropped_documents": n - len(order),
+        "tokens_before": n_tokens,
+        "tokens_after": split["tokens"],
+        "order_digest": order_digest(order),
+        **found,
+    }
+    timings = {"order_seconds": round(t1 - t0, 4), "rewrite_seconds": round(time.perf_counter() - t1, 4)} | {
+        f"orderer_{k}": v for k, v in timings.items()
+    }
+    return split, stats, timings
+
+
+def reorder_staging(staging: Path, index: dict, orderer: DocumentOrderer, seed: int) -> dict:
+    """Reorder every domain's training split in a staged shards directory and record the order in
+    `index` (updated in place); returns the timings (written beside the index by the caller)."""
+    dtype = np.dtype(index["dtype"])
+    vocab, eos = int(index["tokenizer"]["vocab_size"]), int(index["tokenizer"]["eos_id"])
+    record = {"method": orderer.name, "seed": int(seed), "params": dict(orderer.params()), "domains": {}}
+    timings: dict = {"method": orderer.name, "domains": {}}
+    t0 = time.perf_counter()
+    for domain, entry in index["domains"].items():
+        if "train" not in entry.get("splits", {}):
+            continue
+        split, stats, times = reorder_split(
+            staging / entry["folder"], dtype, orderer, vocab, eos, seed, domain
+        )
+        entry["splits"]["train"] = split
+        record["domains"][domain] = stats
+        timings["domains"][domain] = times
+    timings["seconds"] = round(time.perf_counter() - t0, 4)
+    index["order"] = record
+    return timings

@@ -1,0 +1,269 @@
+"""Shards in an order (data/reorder.py, cluster/icp_shards.py): only the training split changes, and
+only by a permutation less the duplicates it records; the order is a function of data and seed and is
+part of the fingerprint; a run that names an order is refused on shards in another one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from elmforest.cli import main
+from elmforest.cluster.icp_shards import IcpOrder
+from elmforest.config import RunConfig
+from elmforest.data.reorder import TIMINGS_FILE, _gather
+from elmforest.data.shards import Shards, build_shards
+from elmforest.data.splits import SplitSpec
+from elmforest.utils.errors import UserError
+
+SPLIT = SplitSpec(0.1, 0.1)
+DUP_TEXT = "zebra quantum harpsichord nebula marmalade " * 6
+N_COPIES = 12
+
+
+@pytest.fixture(scope="module")
+def dup_corpus(corpus, tmp_path_factory) -> Path:
+    """The shared corpus plus N_COPIES exact copies of one document in the legal domain."""
+    root = tmp_path_factory.mktemp("dupcorpus")
+    for f in corpus.glob("*.jsonl"):
+        shutil.copy(f, root / f.name)
+    with open(root / "legal.jsonl", "a", encoding="utf-8") as f:
+        for i in range(N_COPIES):
+            f.write(json.dumps({"id": f"legal/dup{i}", "domain": "legal", "text": DUP_TEXT}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def builds(dup_corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Shards]:
+    root = tmp_path_factory.mktemp("orders")
+    specs = {
+        "source": ("source", 0),
+        "random0": ("random", 0),
+        "random0b": ("random", 0),
+        "random1": ("random", 1),
+        "icp0": (IcpOrder(), 0),
+        "icp0b": (IcpOrder(), 0),
+    }
+    out = {}
+    for name, (order, seed) in specs.items():
+        build_shards(
+            dup_corpus, tokenizer_dir, root / name, SPLIT, progress=False, order=order, order_seed=seed
+        )
+        out[name] = Shards(root / name)
+    return out
+
+
+def _files(sh: Shards, domain: str, split: str) -> tuple[bytes, bytes]:
+    folder = sh.root / sh.index["domains"][domain]["folder"]
+    return (folder / f"{split}.bin").read_bytes(), (folder / f"{split}.docs.npy").read_bytes()
+
+
+def _docs(sh: Shards, domain: str, split: str = "train") -> list[tuple[bytes, int]]:
+    """Each document's token bytes and text byte count, in stored order."""
+    tokens, table = np.asarray(sh.tokens(domain, split)), sh.documents(domain, split)
+    starts = np.concatenate([[0], table[:-1, 0]])
+    return [(tokens[s:e].tobytes(), int(b)) for s, (e, b) in zip(starts, table, strict=True)]
+
+
+def test_valid_and_test_are_byte_identical_in_every_order(builds):
+    src = builds["source"]
+    for name, sh in builds.items():
+        assert sh.domains == src.domains
+        for d in src.domains:
+            for split in ("valid", "test"):
+                assert _files(sh, d, split) == _files(src, d, split), (name, d, split)
+                assert sh.info(d, split) == src.info(d, split)
+
+
+def test_train_is_a_permutation_less_the_recorded_duplicates(builds):
+    src = builds["source"]
+    for name in ("random0", "random1", "icp0"):
+        sh = builds[name]
+        for d in src.domains:
+            before, after = Counter(_docs(src, d)), Counter(_docs(sh, d))
+            stats = sh.order["domains"][d]
+            assert not after - before, f"{name}/{d}: a document not in the source build"
+            assert (before - after).total() == stats["dropped_documents"]
+            assert stats["documents_before"] == before.total() == src.info(d, "train")["documents"]
+            assert stats["documents_after"] == after.total() == sh.info(d, "train")["documents"]
+            info = sh.info(d, "train")  # the index's counts describe the rewritten files
+            assert (
+                info["tokens"] == len(sh.tokens(d, "train")) == sum(len(t) for t, _ in after.elements()) // 2
+            )
+            assert info["bytes"] == sum(b for _, b in after.elements())
+            if name.startswith("random"):
+                assert after == before and stats["dropped_documents"] == 0
+            else:
+                assert stats["dropped_documents"] == stats["exact_duplicates"] + stats["near_duplicates"]
+                assert stats["kept"] == stats["documents_after"]
+        if name.startswith("random"):
+            assert any(_docs(sh, d) != _docs(src, d) for d in src.domains), "random order = source order"
+
+
+def test_planted_exact_duplicates_are_dropped_and_counted(builds):
+    src, icp = builds["source"], builds["icp0"]
+    planted = len(DUP_TEXT.encode())
+    copies = Counter(t for t, n in _docs(src, "legal") if n == planted)
+    assert len(copies) == 1
+    ((tokens, in_train),) = copies.items()
+    assert in_train >= 3, "most planted copies should land in the training split"
+    assert sum(t == tokens for t, _ in _docs(icp, "legal")) == 1
+    assert icp.order["domains"]["legal"]["exact_duplicates"] >= in_train - 1
+
+
+def test_same_seed_same_files_other_seed_other_order(builds):
+    for a, b in (("random0", "random0b"), ("icp0", "icp0b")):
+        for d in builds[a].domains:
+            assert _files(builds[a], d, "train") == _files(builds[b], d, "train")
+        ia, ib = (dict(builds[x].index, source=None) for x in (a, b))
+        assert ia == ib
+        assert builds[a].fingerprint == builds[b].fingerprint  # timings differ, the fingerprint does not
+    assert any(
+        _files(builds["random0"], d, "train") != _files(builds["random1"], d, "train")
+        for d in builds["source"].domains
+    )
+
+
+def test_index_records_the_order_and_fingerprints_differ_by_order(builds):
+    src = builds["source"]
+    assert "order" not in src.index and src.order == {"method": "source"}
+    assert not (src.root / TIMINGS_FILE).exists()
+    assert "order" not in src.record()
+    fps = {name: sh.fingerprint for name, sh in builds.items() if not name.endswith("b")}
+    assert len(set(fps.values())) == len(fps), fps
+    icp = builds["icp0"]
+    rec = icp.index["order"]
+    assert (rec["method"], rec["seed"]) == ("icp", 0)
+    assert rec["params"]["k"] == 10 and rec["params"]["dedup_threshold"] == 0.9
+    assert set(rec["domains"]) == set(src.domains)
+    for st in rec["domains"].values():
+        assert "seconds" not in st and "threads" not in st
+        assert st["mean_adjacent_similarity"] is not None and st["jumps"] >= 0
+    timings = json.loads((icp.root / TIMINGS_FILE).read_text())
+    assert set(timings["domains"]) == set(src.domains) and timings["seconds"] >= 0
+    assert icp.record()["order"]["method"] == "icp"
+    assert (
+        builds["random0"].order["domains"]["legal"]["order_digest"]
+        != (builds["random1"].order["domains"]["legal"]["order_digest"])
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10_000])
+def test_gather_in_chunks_equals_concatenation(chunk):
+    rng = np.random.default_rng(chunk)
+    lens = rng.integers(1, 12, size=40)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    src = rng.integers(0, 60000, size=int(ends[-1])).astype(np.uint16)
+    order = rng.permutation(40)[:31]
+
+    class Sink:
+        data = b""
+
+        def write(self, b):
+            self.data += b
+
+    sink = Sink()
+    _gather(src, starts, lens, order, sink, chunk)
+    want = np.concatenate([src[starts[i] : ends[i]] for i in order])
+    assert sink.data == want.tobytes()
+
+
+def test_bad_orders_are_refused(dup_corpus, tokenizer_dir, tmp_path, capsys):
+    for order, msg in (("icp", "IcpOrder"), ("bogus", "unknown shards order"), (3, "orderer")):
+        with pytest.raises(UserError, match=msg):
+            build_shards(dup_corpus, tokenizer_dir, tmp_path / "x", SPLIT, progress=False, order=order)
+        assert not (tmp_path / "x").exists()
+
+    class Twice:
+        name = "twice"
+
+        def params(self):
+            return {}
+
+        def __call__(self, tokens, ends, vocab_size, eos_id, seed):
+            return np.zeros(len(ends), dtype=np.int64), {}
+
+    with pytest.raises(ValueError, match="more than once"):
+        build_shards(dup_corpus, tokenizer_dir, tmp_path / "x", SPLIT, progress=False, order=Twice())
+    assert not (tmp_path / "x").exists()
+    args = ["shards", "build", "--data", str(dup_corpus), "--tokenizer", str(tokenizer_dir)]
+    assert main([*args, "--out", str(tmp_path / "y"), "--order", "alphabetical"]) == 2
+    assert "--order" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "y"), "--order", "random", "--icp-k", "3"]) != 0
+    assert "--icp-k only apply to --order icp" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_cli_builds_and_shows_icp_order(dup_corpus, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "icp"
+    args = [
+        "shards",
+        "build",
+        "--data",
+        str(dup_corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--order", "icp", "--order-seed", "2", "--icp-k", "5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "training documents in icp order" in printed and "legal:" in printed
+    sh = Shards(out)
+    assert (sh.order["method"], sh.order["seed"], sh.order["params"]["k"]) == ("icp", 2, 5)
+    assert main(["shards", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "order of the training documents: icp" in shown and "exact" in shown
+
+
+def test_data_order_mismatch_is_refused_at_run_start(builds, tmp_path):
+    from elmforest.forest import btm
+    from elmforest.forest.manifest import Forest
+    from elmforest.train.runcheck import check_order, run_identity
+    from elmforest.train.trainer import Trainer
+
+    src, icp = builds["source"], builds["icp0"]
+    cfg = tiny_config(src.root, steps=2)
+    cfg.data.order = "icp"
+    with pytest.raises(UserError, match=r"'source' order.*--order icp"):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert not (tmp_path / "run" / "run_config.json").exists()
+    plan, base = btm.plan_for(cfg, src.domains)  # a forest phase takes its base config's data.order
+    with pytest.raises(UserError, match="data.order='icp'"):
+        btm.train_seed(Forest.init(tmp_path / "forest"), src, base, plan, progress=False)
+    assert RunConfig.from_dict(base.to_dict()).data.order == "icp"  # the experts' config, saved and read
+    check_order(tiny_config(icp.root), icp)  # no order asked: anything goes
+    icp_cfg = tiny_config(icp.root)
+    icp_cfg.data.order = "icp"
+    check_order(icp_cfg, icp)
+    icp_cfg.data.order = "random"
+    with pytest.raises(UserError, match=r"'icp' order \(seed 0\)"):
+        check_order(icp_cfg, icp)
+    assert run_identity(icp_cfg.to_dict()) == run_identity(tiny_config(icp.root).to_dict())
+    bad = cfg.to_dict()
+    bad["data"]["order"] = "sorted"
+    with pytest.raises(UserError, match="data.order must be"):
+        RunConfig.from_dict(bad)
+
+
+def test_prepare_data_builds_each_order_beside_the_source_shards(dup_corpus, tokenizer_dir, tmp_path):
+    from elmforest.launch.prepare import prepare_data
+
+    shutil.copytree(tokenizer_dir, tmp_path / "tokenizer")  # no tokenizer training
+    quiet = dict(corpus=dup_corpus, ood=None, progress=False, log=lambda *a: None)
+    rnd = prepare_data(tmp_path, 400, order="random", order_seed=1, **quiet).shards
+    assert rnd.root == tmp_path / "shards-random-seed1" and rnd.order["seed"] == 1
+    assert (
+        prepare_data(tmp_path, 400, order="random", order_seed=1, **quiet).shards.fingerprint
+        == rnd.fingerprint
+    )
+    shutil.copytree(rnd.root, tmp_path / "shards")  # shards that are not in the source order
+    with pytest.raises(UserError, match="another order"):
+        prepare_data(tmp_path, 400, order="source", **quiet)
+    assert prepare_data(tmp_path, 400, **quiet).shards.order["method"] == "random"  # None: as they are
