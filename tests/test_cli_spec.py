@@ -15,8 +15,8 @@ from elmforest.config import RunConfig, override_keys
 from elmforest.utils.argtypes import flag, group, opt, positive_int, verb
 
 VERBS = {
-    "quickstart", "study", "sweep", "train", "presets", "eval", "generate",
-    "corpus demo", "corpus multilingual", "tokenizer train", "shards build", "shards show",
+    "quickstart", "study", "sweep", "train", "presets", "eval", "eval-crossdoc", "generate",
+    "corpus demo", "corpus multilingual", "tokenizer train", "shards build", "shards reorder", "shards show",
     "forest init", "forest list", "forest show", "forest add", "forest remove", "forest fsck",
     "forest seed", "forest expert", "forest dense", "forest train", "forest average",
     "merge moe", "merge finetune", "merge routing", "merge flexolmo-pair", "merge flexolmo", "cluster fit", "cluster assign", "cluster languages",

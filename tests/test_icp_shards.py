@@ -16,7 +16,7 @@ from conftest import tiny_config
 from elmforest.cli import main
 from elmforest.cluster.icp_shards import IcpOrder
 from elmforest.config import RunConfig
-from elmforest.data.reorder import TIMINGS_FILE, _gather
+from elmforest.data.reorder import TIMINGS_FILE, _gather, reorder_shards
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
@@ -267,3 +267,21 @@ def test_prepare_data_builds_each_order_beside_the_source_shards(dup_corpus, tok
     with pytest.raises(UserError, match="another order"):
         prepare_data(tmp_path, 400, order="source", **quiet)
     assert prepare_data(tmp_path, 400, **quiet).shards.order["method"] == "random"  # None: as they are
+
+
+@pytest.mark.parametrize("order", ["random", "icp"])
+def test_reorder_of_source_shards_equals_building_in_that_order(builds, tmp_path, capsys, order):
+    """`shards reorder` (no second tokenizing) makes the very files and index a build in that order makes."""
+    out = tmp_path / f"re-{order}"
+    assert main(["shards", "reorder", str(builds["source"].root), "--out", str(out), "--order", order]) == 0
+    assert f"{order} order" in capsys.readouterr().out
+    re, built = Shards(out), builds[f"{order}0"]
+    assert re.index == built.index and re.fingerprint == built.fingerprint
+    for d in built.domains:
+        for split in ("train", "valid", "test"):
+            if built.has(d, split):
+                assert _files(re, d, split) == _files(built, d, split)
+    with pytest.raises(UserError, match="source order"):  # an order of an order is refused
+        reorder_shards(out, tmp_path / "again", "random")
+    with pytest.raises(UserError, match="exists"):
+        reorder_shards(builds["source"].root, out, "random")

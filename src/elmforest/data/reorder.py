@@ -203,3 +203,40 @@ def reorder_staging(staging: Path, index: dict, orderer: DocumentOrderer, seed: 
     timings["seconds"] = round(time.perf_counter() - t0, 4)
     index["order"] = record
     return timings
+
+
+def reorder_shards(src: str | os.PathLike, out: str | os.PathLike, order, seed: int = 0) -> dict:
+    """A copy of the source-order shards `src` in another order at `out`, without tokenizing again
+    (an ICP-vs-random comparison needs one shards set per order and seed of the same tokens).
+    Only shards in source order are taken: the record then says what happened to the documents as
+    read, never an order of an order. Built under a temporary name and renamed into place. Returns the
+    new index's order record."""
+    import shutil
+
+    from elmforest.utils.io import read_json, remove_path, replace_dir, temp_sibling, write_json_atomic
+
+    src, out = Path(src), Path(out)
+    orderer = resolve_orderer(order)
+    if orderer is None:
+        raise UserError("reorder needs an order other than 'source' (random, or an orderer such as icp)")
+    if not (src / "index.json").is_file():
+        raise UserError(f"{src}: not a shards directory (no index.json)")
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new directory for the reordered shards")
+    index = read_json(src / "index.json")
+    if "order" in index:
+        raise UserError(
+            f"{src} holds its training documents in {index['order']['method']!r} order; reorder shards in "
+            "source order (elmforest shards build without --order)"
+        )
+    staging = temp_sibling(out)
+    try:
+        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(TIMINGS_FILE))
+        timings = reorder_staging(staging, index, orderer, seed)
+        write_json_atomic(staging / TIMINGS_FILE, timings)
+        write_json_atomic(staging / "index.json", index)
+        replace_dir(staging, out)
+    except BaseException:
+        remove_path(staging)
+        raise
+    return index["order"]

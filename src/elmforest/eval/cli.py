@@ -8,7 +8,17 @@ import typer
 
 from elmforest.data.cli import DEFAULT_READ, ReadArgs, print_read
 from elmforest.data.splits import SplitSpec
-from elmforest.utils.argtypes import NoProgressBar, flag, fraction, opt, positive_float, positive_int, verb
+from elmforest.utils.argtypes import (
+    NoProgressBar,
+    flag,
+    fraction,
+    nonneg_int,
+    opt,
+    positive_float,
+    positive_int,
+    unit_fraction,
+    verb,
+)
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import split_list
 
@@ -31,6 +41,7 @@ split_fractions.metavar = "VALID,TEST"
 
 def register(app: typer.Typer) -> None:
     verb(app, "eval")(eval_)
+    verb(app, "eval-crossdoc")(eval_crossdoc)
 
 
 def eval_(
@@ -188,3 +199,82 @@ def eval_(
         print_table({"model": res})
     if json:
         write_json_atomic(json, res)
+
+
+def eval_crossdoc(
+    data: Annotated[str, opt("a shards directory made with the model's tokenizer", metavar="DIR")],
+    model: Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")] = None,
+    forest: Annotated[
+        str | None, opt("score a forest's full ensemble (BTM posterior) instead of one model", metavar="DIR")
+    ] = None,
+    json: Annotated[str | None, opt("write the result here", metavar="FILE")] = None,
+    tasks: Annotated[
+        str, opt("retrieval (nearest train documents as context) and/or second_half", metavar="A,B")
+    ] = "retrieval,second_half",
+    max_docs: Annotated[int, opt("test documents per domain and task, drawn by --seed", positive_int)] = 200,
+    seed: Annotated[int, opt("draws the test documents and the random contexts", nonneg_int)] = 0,
+    seq_len: Annotated[
+        int | None, opt("context + target tokens (default: the model's training context)", positive_int)
+    ] = None,
+    target_len: Annotated[
+        int | None,
+        opt("retrieval: target tokens, the document's first (default: seq_len // 2)", positive_int),
+    ] = None,
+    neighbours: Annotated[int, opt("retrieval: candidate neighbours per target", positive_int)] = 64,
+    max_cosine: Annotated[
+        float,
+        opt(
+            "retrieval: neighbours this similar (tf-idf cosine) or more are near copies, left out",
+            unit_fraction,
+        ),
+    ] = 0.9,
+    domains: Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")] = None,
+    prior: Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")] = "cached",
+    prior_batches: Annotated[
+        int, opt("forest: valid batches for the cached prior (every valid window when fewer)", positive_int)
+    ] = 20,
+    batch_size: Annotated[int, opt("sequences per forward pass", positive_int)] = 16,
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
+    precision: Annotated[
+        str, opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P")
+    ] = "auto",
+    trust_remote_code: Annotated[
+        bool, flag("--trust-remote-code", "allow custom model code from --model")
+    ] = False,
+    no_progress: NoProgressBar = False,
+) -> None:
+    """Cross-document bits per byte (In-Context Pretraining): a test document after its nearest train
+    documents, after random ones, or alone; a long document's second half with and without its first."""
+    from elmforest.eval.report import print_table
+
+    if bool(model) == bool(forest):
+        raise UserError("eval-crossdoc takes either --model or --forest")
+    common = dict(
+        seq_len=seq_len,
+        target_len=target_len,
+        max_docs=max_docs,
+        seed=seed,
+        tasks=tasks,
+        neighbours=neighbours,
+        max_cosine=max_cosine,
+        domains=split_list(domains),
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=not no_progress,
+        out=json,
+    )
+    if forest:
+        from elmforest.forest.crossdoc import evaluate_forest_crossdoc
+
+        res = evaluate_forest_crossdoc(forest, data, prior=prior, prior_batches=prior_batches, **common)
+    else:
+        from elmforest.eval.crossdoc import evaluate_crossdoc
+
+        res = evaluate_crossdoc(model, data, trust_remote_code=trust_remote_code, **common)
+    for task, r in res["tasks"].items():
+        print_table(r["conditions"], title=f"{task}: bits per byte (lower is better)")
+        for g, v in r["gain"].items():
+            print(
+                f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
+            )

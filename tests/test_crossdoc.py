@@ -1,0 +1,280 @@
+"""Cross-document BPB (issue 17): scores against a plain forward, the byte table against the recorded
+bytes, retrieval against a dense brute force, the forest's mixture against a hand-computed posterior."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from elmforest.cli import main
+from elmforest.data.shards import Shards
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.eval.bpb import stream_nll
+from elmforest.eval.crossdoc import evaluate_crossdoc, score_sequences, sequences
+from elmforest.eval.crossdoc_tasks import (
+    TrainIndex,
+    _bags,
+    build_tasks,
+    document_bytes_ok,
+    token_byte_table,
+)
+from elmforest.forest.crossdoc import evaluate_forest_crossdoc
+from elmforest.forest.manifest import Forest
+from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
+
+SEQ = 64  # the tiny preset's context
+
+
+@pytest.fixture(scope="module")
+def dense(forest_dir) -> Path:
+    return Path(forest_dir) / "runs" / "dense" / "model"
+
+
+def _forward(model, seq: np.ndarray, eos: int) -> np.ndarray:
+    """log p(s_i | EOS, s_<i) by one plain forward of a single unpadded sequence."""
+    s = torch.as_tensor(seq, dtype=torch.long)
+    x = torch.cat([torch.tensor([eos]), s[:-1]])[None]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
+    return lp.gather(1, s[:, None])[:, 0].numpy()
+
+
+def test_dense_scores_equal_a_plain_forward_and_padding_changes_nothing(dense, shards_dir):
+    sh = Shards(shards_dir)
+    items, _ = build_tasks(sh, SEQ, max_docs=3, seed=1)
+    model = load_model(dense).eval()
+    seqs = sequences(items["retrieval"], "retrieved") + sequences(items["second_half"], "none")
+    seqs += sequences(items["retrieval"], "none")
+    assert len({len(s) for s, _ in seqs}) > 2  # lengths differ: batches are padded
+    ctx, tgt = score_sequences(model, seqs, sh.eos_id, batch_size=4, amp=None)
+    ctx1, tgt1 = score_sequences(model, seqs, sh.eos_id, batch_size=1, amp=None)
+    assert np.allclose(tgt, tgt1, atol=1e-5) and np.allclose(ctx, ctx1, atol=1e-4)
+    for i, (s, c) in enumerate(seqs):
+        lp = _forward(model, s, sh.eos_id)
+        assert ctx[i] == pytest.approx(lp[:c].sum(), abs=1e-4)
+        assert np.allclose(tgt[i, : len(s) - c], lp[c:], atol=1e-5)
+        assert not tgt[i, len(s) - c :].any()
+
+
+def test_a_whole_document_alone_scores_as_ordinary_bpb(dense, shards_dir):
+    """The `none` condition of a whole-document target is ordinary BPB's window on that document."""
+    sh = Shards(shards_dir)
+    dom = sh.domains[0]
+    docs = sh.documents(dom, "test")
+    ends = docs[:, 0]
+    lens = np.diff(np.concatenate([[0], ends]))
+    i = int(np.flatnonzero(lens < SEQ)[0])
+    start, n = int(ends[i] - lens[i]), int(lens[i])
+    items, _ = build_tasks(sh, SEQ, target_len=n, max_docs=None, tasks=("retrieval",), domains=[dom])
+    it = next(x for x in items["retrieval"] if x.doc == i)
+    assert len(it.target) == n and it.nbytes == int(docs[i, 1]) + 1  # the EOS: predicted, 1 byte
+    model = load_model(dense).eval()
+    _, tgt = score_sequences(model, sequences([it], "none"), sh.eos_id, amp=None)
+    ref = stream_nll(
+        model, sh.tokens(dom, "test")[start : start + n], sh.eos_id, SEQ, 1, torch.device("cpu"), None
+    )
+    assert -tgt.sum() == pytest.approx(ref, abs=1e-4)
+
+
+def test_token_bytes_sum_to_the_recorded_bytes_of_every_test_document(shards_dir):
+    sh = Shards(shards_dir)
+    table, special = token_byte_table(Path(shards_dir) / "tokenizer.json")
+    tok = load_tokenizer(shards_dir)
+    assert list(special) == [sh.eos_id] and table[sh.eos_id] == 0
+    for d in sh.domains:
+        docs, stream = sh.documents(d, "test"), np.asarray(sh.tokens(d, "test"), dtype=np.int64)
+        assert document_bytes_ok(sh, d, "test", table, special).all()
+        start = 0
+        for end, nbytes in docs:
+            ids = stream[start:end]
+            assert table[ids].sum() == nbytes == len(tok.decode(ids[:-1].tolist()).encode("utf-8"))
+            start = end
+    # a wrong table is an error naming the document, not a silent BPB
+    bad = table.copy()
+    bad[int(stream[0])] += 1
+    with pytest.raises(UserError, match="byte table is wrong"):
+        document_bytes_ok(sh, d, "test", bad, special)
+
+
+def test_a_document_holding_a_special_token_is_skipped(corpus, tokenizer_dir, tmp_path):
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    texts = ["plain text one", "it says <|endoftext|> inside", "plain text two"] * 4
+    (raw / "x.jsonl").write_text(
+        "".join(json.dumps({"id": f"x{i}", "domain": "x", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    built = build_shards(raw, tokenizer_dir, tmp_path / "sh", SplitSpec(0.0, 0.999), progress=False)
+    sh = Shards(built.out)
+    table, special = token_byte_table(sh.root / "tokenizer.json")
+    ok = document_bytes_ok(sh, "x", "test", table, special)
+    assert (~ok).sum() == 4 and ok.sum() == 8
+
+
+def _tfidf_dense(bags: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's default tf-idf by hand: idf = ln((1 + n) / (1 + df)) + 1, rows L2-normalised."""
+    n = bags.shape[0]
+    idf = np.log((1 + n) / (1 + (bags > 0).sum(0))) + 1
+    x, y = bags * idf, q * idf
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-300)
+    return x, y
+
+
+def test_retrieval_equals_a_dense_brute_force_and_reads_train_only(shards_dir, monkeypatch):
+    sh = Shards(shards_dir)
+    table, special = token_byte_table(Path(shards_dir) / "tokenizer.json")
+    read = []
+    orig = Shards.tokens
+    monkeypatch.setattr(Shards, "tokens", lambda self, d, s: read.append(s) or orig(self, d, s))
+    index = TrainIndex.build(sh, special)
+    assert set(read) == {"train"} and len(index) == sum(len(sh.documents(d, "train")) for d in sh.domains)
+    monkeypatch.undo()
+    d = sh.domains[1]
+    docs, stream = sh.documents(d, "test"), sh.tokens(d, "test")
+    starts = np.concatenate([[0], docs[:-1, 0]])
+    q = _bags(stream, starts, docs[:, 0], sh.vocab_size, special)
+    # a query equal to a train document: its copy (cosine 1) must be left out
+    dom, s0, e0 = index.where[5]
+    copy = _bags(index.streams[dom], np.array([s0]), np.array([e0]), sh.vocab_size, special)
+    queries = sp.vstack([q, copy]).tocsr()
+    ids, cos = index.neighbours(queries, 5, 0.9, chunk_cells=1000)  # several chunks
+    train_bags = np.vstack(
+        [
+            _bags(index.streams[w[0]], np.array([w[1]]), np.array([w[2]]), sh.vocab_size, special).toarray()
+            for w in index.where
+        ]
+    )
+    x, y = _tfidf_dense(train_bags, queries.toarray())
+    sims = y @ x.T
+    assert np.allclose(index.vectors.toarray(), x, atol=1e-9)
+    for r in range(queries.shape[0]):
+        s = np.where((sims[r] >= 0.9) | (sims[r] <= 0), -np.inf, sims[r])
+        want = np.sort(s)[::-1][:5]
+        assert np.allclose(cos[r], want, atol=1e-9)
+        assert np.allclose(sims[r, ids[r]], cos[r], atol=1e-9)  # the ids are those similarities'
+    assert 5 not in ids[-1] and (sims[-1, 5] > 0.999)
+    assert (cos < 0.9).all()
+
+
+def test_contexts_put_the_nearest_last_and_random_ones_match_their_length(shards_dir):
+    sh = Shards(shards_dir)
+    items, info = build_tasks(sh, SEQ, max_docs=4, seed=3, tasks=("retrieval",))
+    again, _ = build_tasks(sh, SEQ, max_docs=4, seed=3, tasks=("retrieval",))
+    assert all(
+        np.array_equal(a.contexts[c], b.contexts[c])
+        for a, b in zip(items["retrieval"], again["retrieval"], strict=True)
+        for c in a.contexts
+    )
+    _, special = token_byte_table(Path(shards_dir) / "tokenizer.json")
+    index = TrainIndex.build(sh, special)
+    for it in items["retrieval"]:
+        ctx, rnd = it.contexts["retrieved"], it.contexts["random"]
+        assert len(ctx) == len(rnd) <= SEQ - len(it.target) and len(ctx) + len(it.target) <= SEQ
+        if len(ctx):
+            docs = sh.documents(it.domain, "test")
+            start = 0 if it.doc == 0 else int(docs[it.doc - 1, 0])
+            q = _bags(
+                sh.tokens(it.domain, "test"),
+                np.array([start]),
+                np.array([start + len(it.target)]),
+                sh.vocab_size,
+                special,
+            )
+            best = index.neighbours(q, 1, 0.9)[0][0, 0]
+            tail = index.doc_tokens(int(best), SEQ // 2 - 1)
+            assert np.array_equal(ctx[-len(tail) :], tail) and ctx[-1] == sh.eos_id
+    assert info["domains"][sh.domains[0]]["retrieval"]["documents"] == 4
+
+
+def test_forest_score_is_the_posterior_mixture_by_hand(forest_dir, shards_dir):
+    # a uniform prior: the cached one is ~one-hot on these tiny experts, hiding what the context does
+    res = evaluate_forest_crossdoc(
+        forest_dir, shards_dir, max_docs=2, seed=2, batch_size=3, precision="fp32", prior="uniform"
+    )
+    forest, sh = Forest.load(forest_dir), Shards(shards_dir)
+    items, _ = build_tasks(sh, SEQ, max_docs=2, seed=2)
+    models = [load_model(forest.expert_dir(x)).eval() for x in res["experts"]]
+    checked = 0
+    for task, its in items.items():
+        for cond in ("none", "retrieved", "first_half"):
+            if cond not in its[0].contexts:
+                continue
+            for it, (s, c) in list(zip(its, sequences(its, cond), strict=True))[::3]:
+                lp = np.stack([_forward(m, s, sh.eos_id) for m in models])  # [N, len]
+                log_pi = np.log([res["prior"][it.domain][x] for x in res["experts"]])
+                nll = 0.0
+                for t in range(c, len(s)):
+                    lw = log_pi + lp[:, :t].sum(1)
+                    lw -= np.logaddexp.reduce(lw)
+                    nll -= np.logaddexp.reduce(lw + lp[:, t])
+                got = res["tasks"][task]["documents"][it.domain]
+                k = got["doc"].index(it.doc)
+                assert got[cond][k] == pytest.approx(nll, abs=1e-4)
+                checked += 1
+    assert checked >= 4
+    r = res["tasks"]["retrieval"]
+    assert r["gain"]["related_text"]["mean"] == pytest.approx(
+        r["conditions"]["random"]["mean_bpb"] - r["conditions"]["retrieved"]["mean_bpb"]
+    )
+
+
+def test_the_forest_prior_is_the_cached_prior_of_the_valid_split(forest_dir, shards_dir):
+    from elmforest.forest.pool import estimate_prior, make_pool
+
+    res = evaluate_forest_crossdoc(
+        forest_dir, shards_dir, max_docs=1, tasks="second_half", precision="fp32", prior_batches=2
+    )
+    forest, sh = Forest.load(forest_dir), Shards(shards_dir)
+    pool = make_pool(forest, precision="fp32")
+    for d, w in res["prior"].items():
+        want = estimate_prior(pool, sh.tokens(d, "valid"), sh.eos_id, SEQ, 2)
+        assert np.allclose([w[x] for x in forest.names], want.numpy(), atol=1e-9)
+        assert res["prior_source"][d].startswith(f"{d}/valid")
+
+
+def test_bad_input_is_refused(shards_dir, dense, tmp_path):
+    sh = Shards(shards_dir)
+    with pytest.raises(UserError, match="seq_len must be at least"):
+        build_tasks(sh, 4)
+    with pytest.raises(UserError, match="target_len"):
+        build_tasks(sh, SEQ, target_len=SEQ)
+    with pytest.raises(UserError, match="unknown task"):
+        build_tasks(sh, SEQ, tasks=("nope",))
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        evaluate_crossdoc(dense, shards_dir, seq_len=100_000)
+    spec = json.loads((Path(shards_dir) / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {
+        "type": "Metaspace",
+        "replacement": "▁",
+        "prepend_scheme": "always",
+        "split": True,
+    }
+    spec["decoder"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="not a byte-level BPE"):
+        token_byte_table(tmp_path / "tokenizer.json")
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        token_byte_table(tmp_path / "missing.json")
+
+
+def test_cli_writes_the_result(dense, shards_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["eval-crossdoc", "--data", str(shards_dir), "--max-docs", "2", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--model", str(dense), "--json", str(out), "--precision", "fp32"]) == 0
+    res = json.loads(out.read_text())
+    assert (
+        set(res["tasks"]) == {"retrieval", "second_half"} and "gain related_text" in capsys.readouterr().out
+    )
+    for cond in res["tasks"]["retrieval"]["conditions"].values():
+        assert all(math.isfinite(v["bpb"]) and v["documents"] == 2 for v in cond["domains"].values())
+    assert main([*args, "--model", str(dense), "--forest", "f"]) == 2
