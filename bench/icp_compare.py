@@ -1,0 +1,199 @@
+"""In-Context Pretraining vs random document order at matched compute, for a dense LM and a BTM forest.
+
+    python bench/icp_compare.py --base quickstart --out icp-runs --seeds 0 1 2     # trains and scores
+    python bench/icp_compare.py --out icp-runs --summary                           # markdown tables
+
+`--base` is a quickstart output (its corpus, tokenizer and source-order shards; `elmforest quickstart`
+or launch.prepare.prepare_data makes one). For each seed s and order o in {random, icp} the base shards
+are copied into order o with seed s (`elmforest shards reorder`: the same tokens; ICP also drops the
+near-duplicates it finds from the training split), then one BTM forest is trained on them exactly as
+the quickstart trains its own (the cpu-small preset at its swept LRs; seed = the first half of a
+domain-balanced dense run, one expert per domain at batch B/8 continuing it, the dense baseline = the
+same run continued), with `data.order` set so a run on the wrong shards is refused. The model seed and
+the batch positions are those of seed s in both orders: only the order of the training documents
+differs. Contexts are `--seq-len` tokens (512 by default, twice the quickstart's, at half its batch:
+the same tokens per step; ICP can only change a context that spans documents, and the demo domains'
+documents are mostly longer than 256 tokens).
+
+Every model is scored on the *base* shards (valid/test are identical in every order; the retrieval
+pool of eval-crossdoc is then the full training split for both orders): ordinary test BPB (the first
+whole documents within `--eval-bytes` of each domain, as the quickstart), and eval-crossdoc's
+retrieval-augmented BPB (a test document's first half-context after its nearest training documents,
+after random ones, alone) and second half given the first half. Dense = the dense model; forest = the
+full ensemble with the cached valid-split prior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from elmforest.cluster.icp_shards import make_orderer
+from elmforest.config import apply_overrides
+from elmforest.data.reorder import reorder_shards
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.eval.crossdoc import evaluate_crossdoc
+from elmforest.forest.crossdoc import evaluate_forest_crossdoc
+from elmforest.forest.evaluate import evaluate_forest_shards
+from elmforest.forest.manifest import Forest
+from elmforest.forest.plan import plan_for
+from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.forest import train_forest
+from elmforest.model.build import load_model
+from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.utils.io import read_json, write_json_atomic
+
+ORDERS = ("random", "icp")
+
+
+def shards_for(base: Path, out: Path, order: str, seed: int) -> Shards:
+    d = out / "shards" / f"{order}-s{seed}"
+    if not Shards.is_shards_dir(d):
+        rec = reorder_shards(base / "shards", d, make_orderer(order), seed)
+        print(f"  {d}: {sum(x['dropped_documents'] for x in rec['domains'].values())} documents dropped")
+    return Shards(d)
+
+
+def train_arm(args, base_shards: Shards, shards: Shards, order: str, seed: int) -> Forest:
+    names = [d for d in base_shards.domains if base_shards.has(d, "train")]
+    p = get_preset(args.preset)
+    cfg = preset_run_config(args.preset, str(shards.root.resolve()))
+    cfg.data.domains = names
+    cfg = apply_overrides(
+        cfg,
+        [
+            f"data.order={order}",
+            f"train.seed={seed}",
+            f"train.seq_len={args.seq_len}",
+            f"train.batch_size={args.batch_size}",
+            *args.set,
+        ],
+    )
+    plan, cfg = plan_for(cfg, names, 0.5, args.expert_lr or p.expert_lr)
+    forest = Forest.init(args.out / f"{order}-s{seed}" / "forest", exist_ok=True)
+    train_forest(forest, shards, cfg, plan, executor=LocalExecutor(2), threads=1, progress=False)
+    return forest
+
+
+def score_arm(args, base_shards: Shards, forest: Forest) -> dict:
+    names = [d for d in base_shards.domains if base_shards.has(d, "test")]
+    common = {"split": "test", "domains": names, "seq_len": args.seq_len, "batch_size": 16}
+    common["max_bytes"] = args.eval_bytes
+    dense_dir = forest.root / "runs" / "dense" / "model"
+    cd = {"seq_len": args.seq_len, "max_docs": args.max_docs, "seed": 0, "progress": False}
+    return {
+        "bpb": {
+            "dense": evaluate_shards(load_model(dense_dir), base_shards, progress=False, **common),
+            "forest": evaluate_forest_shards(forest, base_shards, mode="ensemble", prior="cached", **common),
+        },
+        "crossdoc": {
+            "dense": evaluate_crossdoc(dense_dir, base_shards.root, **cd),
+            "forest": evaluate_forest_crossdoc(forest.root, base_shards.root, **cd),
+        },
+        "compute": {"forest_flops": float(forest.total_flops()), "ledger": forest.ledger()},
+    }
+
+
+def run(args) -> None:
+    base_shards = Shards(args.base / "shards")
+    if base_shards.order["method"] != "source":
+        raise SystemExit(f"{base_shards.root}: the base shards must be in source order")
+    for seed in args.seeds:
+        for order in args.orders:
+            res_path = args.out / f"{order}-s{seed}" / "results.json"
+            if res_path.exists():
+                continue
+            t0 = time.perf_counter()
+            print(f"[{order} seed {seed}] shards, forest (seed, {len(base_shards.domains)} experts, dense)")
+            shards = shards_for(args.base, args.out, order, seed)
+            forest = train_arm(args, base_shards, shards, order, seed)
+            t1 = time.perf_counter()
+            res = score_arm(args, base_shards, forest)
+            res["order"] = shards.order
+            res["seconds"] = {"train": t1 - t0, "score": time.perf_counter() - t1}
+            res["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            write_json_atomic(res_path, res)
+            print(f"  trained in {t1 - t0:.0f}s, scored in {res['seconds']['score']:.0f}s -> {res_path}")
+
+
+def _ms(xs, signed: bool = False) -> str:
+    xs = np.asarray(xs, dtype=float)
+    sd = xs.std(ddof=1) if len(xs) > 1 else 0.0
+    return f"{xs.mean():+.4f} ± {sd:.4f}" if signed else f"{xs.mean():.4f} ± {sd:.4f}"
+
+
+def summary(out: Path) -> None:
+    runs = {}
+    for f in sorted(out.glob("*-s*/results.json")):
+        order, seed = f.parent.name.rsplit("-s", 1)
+        runs[(order, int(seed))] = read_json(f)
+    seeds = sorted({s for o, s in runs if all((x, s) in runs for x in ORDERS)})
+    print(f"{len(seeds)} paired seeds: {seeds}\n")
+
+    def cond(task, c):
+        return lambda res, arm: res["crossdoc"][arm]["tasks"][task]["conditions"][c]["mean_bpb"]
+
+    def gain(task, g):
+        return lambda res, arm: res["crossdoc"][arm]["tasks"][task]["gain"][g]["mean"]
+
+    rows = [
+        ("test BPB", lambda res, arm: res["bpb"][arm]["mean_bpb"], -1),
+        ("retrieval: after nearest train documents", cond("retrieval", "retrieved"), -1),
+        ("retrieval: after random train documents", cond("retrieval", "random"), -1),
+        ("retrieval: alone", cond("retrieval", "none"), -1),
+        ("gain from related text (random - retrieved)", gain("retrieval", "related_text"), +1),
+        ("second half after the first half", cond("second_half", "first_half"), -1),
+        ("second half alone", cond("second_half", "none"), -1),
+        ("gain from the first half (alone - after)", gain("second_half", "first_half"), +1),
+    ]
+    print("| arm | measure | random order | ICP order | ICP - random (paired) | seeds ICP better |")
+    print("|---|---|---:|---:|---:|---:|")
+    for arm in ("dense", "forest"):
+        for label, fn, sign in rows:  # sign: -1 lower is better (BPB), +1 higher (a gain)
+            vals = {o: [fn(runs[(o, s)], arm) for s in seeds] for o in ORDERS}
+            diff = np.array(vals["icp"]) - np.array(vals["random"])
+            print(
+                f"| {arm} | {label} | {_ms(vals['random'])} | {_ms(vals['icp'])} | "
+                f"{_ms(diff, signed=True)} | {int((sign * diff > 0).sum())}/{len(diff)} |"
+            )
+    print()
+    r = runs[("icp", seeds[0])]["bpb"]
+    print("per-domain test BPB, mean over seeds (random / ICP):")
+    for arm in ("dense", "forest"):
+        doms = r[arm]["domains"]
+        cells = []
+        for d in doms:
+            a = np.mean([runs[("random", s)]["bpb"][arm]["domains"][d]["bpb"] for s in seeds])
+            b = np.mean([runs[("icp", s)]["bpb"][arm]["domains"][d]["bpb"] for s in seeds])
+            cells.append(f"{d} {a:.4f}/{b:.4f} ({100 * (b - a) / a:+.2f}%)")
+        print(f"  {arm}: " + "; ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, default=Path("quickstart"))
+    ap.add_argument("--out", type=Path, default=Path("icp-runs"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
+    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--expert-lr", type=float, default=None)
+    ap.add_argument("--eval-bytes", type=int, default=200_000)
+    ap.add_argument("--max-docs", type=int, default=200)
+    ap.add_argument("--set", nargs="*", default=[], help="more run-config overrides, section.key=value")
+    ap.add_argument("--summary", action="store_true", help="print the tables of finished runs")
+    args = ap.parse_args()
+    if args.summary:
+        summary(args.out)
+    else:
+        run(args)
+        summary(args.out)
+
+
+if __name__ == "__main__":
+    main()
