@@ -11,7 +11,7 @@ jobs), the peak RSS, the duplicates dropped, jumps, the mean similarity along th
 two adjacent documents share a domain (ICP order vs a random order). Reading the files is timed
 apart and counted in neither rate. Also: the same with an IVF index instead of exact search, and,
 with --shards, the ordering of the shards' training documents from their token ids (TokenDocuments:
-no text analysis). --per-domain orders each domain on its own, as each expert's data would be.
+no text analysis), exact and IVF. Each row prints the 1-minute load average after it. --per-domain orders each domain on its own, as each expert's data would be.
 --show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 import time
@@ -80,6 +81,7 @@ def run(label: str, data, domains: np.ndarray, **kw) -> dict:
         "same_domain_adjacent_random": same_domain(domains, rng.permutation(plan.order)),
         "knn": s["knn"],
         "peak_rss_mb": round(peak_rss_mb()),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine's cores
     }
     print(
         f"{label:<28} {n:>7,} docs  {row['docs_per_s_with_embedding']:>8,.0f} docs/s with embedding, "
@@ -91,7 +93,8 @@ def run(label: str, data, domains: np.ndarray, **kw) -> dict:
         flush=True,
     )
     print(
-        f"{'':<28} seconds: {row['seconds']}; CPU {cpu:.2f}s ({row['docs_per_cpu_s']:,.0f} docs per CPU-second)",
+        f"{'':<28} seconds: {row['seconds']}; CPU {cpu:.2f}s ({row['docs_per_cpu_s']:,.0f} docs per "
+        f"CPU-second); load average {row['load_average_1min']}",
         flush=True,
     )
     return row
@@ -180,6 +183,9 @@ def main() -> None:
         docs, tdomains = read_shards(Path(args.shards))
         for seed in args.seeds:
             rows.append(run(f"token ids, exact, seed {seed}", docs, tdomains, seed=seed, **common))
+        rows.append(
+            run("token ids, IVF (exact_limit=0)", docs, tdomains, seed=args.seeds[0], exact_limit=0, **common)
+        )
     if args.show_pairs:
         show_pairs(texts)
     if args.json:

@@ -261,3 +261,101 @@ def test_faiss_thread_count_is_restored():
     before = faiss.omp_get_max_threads()
     _, stats = icp_order(clustered(3, 10, 4, 0.3, seed=0), k=3, threads=1)
     assert stats["threads"] == 1 and faiss.omp_get_max_threads() == before
+
+
+def reference_word_counts(texts, max_chars):
+    """WORD.findall + normalise_word per document, terms numbered in first-seen order."""
+    from elmforest.cluster.clusterer import WORD, normalise_word
+
+    columns, lengths, cols = {}, [], []
+    for text in texts:
+        terms = [normalise_word(w) for w in WORD.findall(text[:max_chars])]
+        cols += [-1 if t is None else columns.setdefault(t, len(columns)) for t in terms]
+        lengths.append(len(terms))
+    return lengths, cols, len(columns)
+
+
+def test_word_bags_equal_a_regex_per_document_on_unicode_text():
+    from elmforest.cluster.icp_embed import _word_counts
+
+    rng = random.Random(0)
+    pieces = [
+        "Hello",
+        "WORLD",
+        "the",
+        "a",
+        "x1",
+        "2nd",
+        "snake_case",
+        "__init__",
+        "Ünïcode",
+        "İstanbul",
+        "ΟΔΟΣ",
+        "straße",
+        "e\u0301t\u00e9",
+        "日本語",
+        "²",
+        "½",
+        "٣٤",
+        "Ⅻ",
+        "naïve—dash",
+        "a\xa0b",
+        "│box─",
+        "‘quoted’",
+        "\ud800lone",
+        "nel\x85x",
+        "ctl\x01sep",
+        "tab\tnew\nline",
+        "!!",
+        "",
+    ]
+    texts = [
+        "".join(rng.choice(pieces) + rng.choice(" .,;") for _ in range(rng.randint(0, 30))) for _ in range(60)
+    ]
+    texts += ["", "\x01", "only ascii words here", "ÉCOLE école"]
+    for max_chars in (2_000, 17):  # 17: cuts inside words and inside the non-ASCII runs
+        lengths, cols, v = _word_counts(texts, max_chars, batch=7)  # batches: numbering carries over
+        want_lengths, want_cols, want_v = reference_word_counts(texts, max_chars)
+        assert lengths.tolist() == want_lengths and cols.tolist() == want_cols and v == want_v
+
+
+def test_bag_counts_equal_a_count_per_row():
+    from collections import Counter
+
+    from elmforest.cluster.icp_embed import bag_counts
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 30, 50)
+    lengths[[3, 49]] = 0  # empty rows, the last one too
+    cols = rng.integers(-1, 12, int(lengths.sum()))  # -1: left out
+    x = bag_counts(lengths, cols, 12)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    for i in range(len(lengths)):
+        want = Counter(c for c in cols[bounds[i] : bounds[i + 1]].tolist() if c >= 0)
+        row = x.indices[x.indptr[i] : x.indptr[i + 1]].tolist()
+        assert row == sorted(want) and x.data[x.indptr[i] : x.indptr[i + 1]].tolist() == [
+            want[c] for c in row
+        ]
+
+
+def test_tfidf_rows_equal_the_formula_and_threads_change_no_bit():
+    from elmforest.cluster.icp_embed import _tfidf, bag_counts, project, sparse_pair_cosine
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 40, 300)
+    cols = rng.integers(0, 90, int(lengths.sum()))
+    cols[:5] = [90, 91, 92, 93, 93]  # columns in one document only
+    c = bag_counts(lengths, cols, 94).toarray()
+    df = (c > 0).sum(0)
+    want = np.where(c > 0, 1 + np.log(np.maximum(c, 1)), 0) * (np.log(301 / (1 + df)) + 1)
+    want = want[:, df >= 2]  # min_df=2 drops the columns seen in one document
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    x = _tfidf(bag_counts(lengths, cols, 94), 2, None)
+    assert (df < 2).any() and x.shape == want.shape
+    np.testing.assert_allclose(x.toarray(), want, atol=1e-12)
+    comps = np.linalg.qr(rng.normal(size=(x.shape[1], 8)))[0].T
+    assert np.array_equal(project(x, comps, threads=1, block=64), project(x, comps, threads=2, block=64))
+    a, b = rng.integers(0, 300, 500), rng.integers(0, 300, 500)
+    one = sparse_pair_cosine(x, a, b, chunk=64, threads=1)
+    assert np.array_equal(one, sparse_pair_cosine(x, a, b, chunk=64, threads=2))
+    np.testing.assert_allclose(one, (x[a].toarray() * x[b].toarray()).sum(1), atol=1e-12)

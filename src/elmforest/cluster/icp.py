@@ -128,7 +128,7 @@ def icp_plan(
         if len(data) == 0:
             raise UserError("ICP ordering got no documents")
         import_faiss()
-        z, x = embed(data, seed=seed, **embed_kwargs)
+        z, x = embed(data, seed=seed, threads=threads, **embed_kwargs)
     n = len(z)
     lap("embed")
 
@@ -161,9 +161,10 @@ def icp_plan(
     near_dups = 0
     if dedup_threshold is not None:
         if x is not None:  # each unordered pair once: most kNN edges are mutual
-            pairs = np.unique(np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst))
-            a, b = pairs // n, pairs % n
-            ds = sparse_pair_cosine(x, a, b)
+            pairs = np.sort(np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst))
+            pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])] if len(pairs) else pairs
+            a, b = np.divmod(pairs, n)
+            ds = sparse_pair_cosine(x, a, b, threads=threads)
         else:
             a, b, ds = src, dst, sim
         d2, p2, s2 = near_duplicates(n, a, b, ds, float(dedup_threshold))

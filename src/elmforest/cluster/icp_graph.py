@@ -190,7 +190,9 @@ def greedy_path(
 
     Returns (order, segment start offsets into order, similarity of each step along an edge)."""
     n = len(indptr) - 1
-    ip, nb, wt = indptr.tolist(), nbrs.tolist(), weights.tolist()
+    ip = indptr.tolist()
+    nb, wt = nbrs.tolist(), weights.tolist()
+    adj = [nb[ip[v] : ip[v + 1]] for v in range(n)]  # per node: the C-level scans below need lists
     pr = priority.tolist()
     by_priority = np.empty(n, dtype=np.int64)
     by_priority[priority] = np.arange(n)
@@ -204,7 +206,8 @@ def greedy_path(
     starts: list[int] = []
     steps: list[float] = []
     push, pop = heapq.heappush, heapq.heappop
-    while heap:
+    left = len(nodes_idx)
+    while left and heap:  # not `while heap`: the stale keys left once every node is visited need no popping
         key = pop(heap)
         d, r = divmod(key, n)
         v = bp[r]
@@ -214,19 +217,17 @@ def greedy_path(
         while True:
             visited[v] = 1
             order.append(v)
-            nxt = -1
-            for j in range(ip[v], ip[v + 1]):
-                u = nb[j]
-                if not visited[u]:
-                    deg[u] -= 1
-                    if nxt < 0:
-                        nxt, w = u, wt[j]
-                    else:
-                        push(heap, deg[u] * n + pr[u])
-            if nxt < 0:
+            left -= 1
+            a = adj[v]
+            free = [u for u in a if not visited[u]]
+            if not free:
                 break
-            steps.append(w)
-            v = nxt
+            for u in free:
+                deg[u] -= 1
+            for u in free[1:]:
+                push(heap, deg[u] * n + pr[u])
+            v = free[0]
+            steps.append(wt[ip[order[-1]] + a.index(v)])
     return (
         np.asarray(order, dtype=np.int64),
         np.asarray(starts, dtype=np.int64),
