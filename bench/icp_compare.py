@@ -58,12 +58,10 @@ def shards_for(base: Path, out: Path, order: str, seed: int) -> Shards:
     return Shards(d)
 
 
-def train_arm(args, base_shards: Shards, shards: Shards, order: str, seed: int) -> Forest:
-    names = [d for d in base_shards.domains if base_shards.has(d, "train")]
-    p = get_preset(args.preset)
+def run_config(args, names: list[str], shards: Shards, order: str, seed: int):
     cfg = preset_run_config(args.preset, str(shards.root.resolve()))
     cfg.data.domains = names
-    cfg = apply_overrides(
+    return apply_overrides(
         cfg,
         [
             f"data.order={order}",
@@ -73,10 +71,67 @@ def train_arm(args, base_shards: Shards, shards: Shards, order: str, seed: int) 
             *args.set,
         ],
     )
-    plan, cfg = plan_for(cfg, names, 0.5, args.expert_lr or p.expert_lr)
+
+
+def train_arm(args, base_shards: Shards, shards: Shards, order: str, seed: int) -> Forest:
+    names = [d for d in base_shards.domains if base_shards.has(d, "train")]
+    cfg = run_config(args, names, shards, order, seed)
+    plan, cfg = plan_for(cfg, names, 0.5, args.expert_lr or get_preset(args.preset).expert_lr)
     forest = Forest.init(args.out / f"{order}-s{seed}" / "forest", exist_ok=True)
     train_forest(forest, shards, cfg, plan, executor=LocalExecutor(2), threads=1, progress=False)
     return forest
+
+
+def _dense_job(job: tuple) -> dict:
+    """One dense run of the LR check, in a worker process on one thread (two at a time on 2 cores)."""
+    import torch
+
+    from elmforest.config import RunConfig
+    from elmforest.train.trainer import train
+
+    torch.set_num_threads(1)
+    cfg, run_dir = job
+    train(RunConfig.from_dict(cfg), run_dir, progress=False)
+    return {"run": run_dir}
+
+
+def lr_check(args, base_shards: Shards) -> None:
+    """Dense runs at other LRs (`--dense-lrs`) in both orders: is the preset's LR the best for each
+    order, or would ICP (or random) win only because the LR suits it? Scored like the main runs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    names = [d for d in base_shards.domains if base_shards.has(d, "train")]
+    jobs, todo = [], []
+    for seed in args.seeds:
+        for order in args.orders:
+            shards = shards_for(args.base, args.out, order, seed)
+            for lr in args.dense_lrs:
+                d = args.out / "lr-check" / f"{order}-s{seed}-lr{lr:g}"
+                cfg = run_config(args, names, shards, order, seed)
+                cfg.optim.lr = lr
+                if not (d / "model").is_dir():
+                    jobs.append((cfg.to_dict(), str(d)))
+                todo.append((order, seed, lr, d))
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(_dense_job, jobs))
+    common = {"split": "test", "domains": names, "seq_len": args.seq_len, "batch_size": 16}
+    common["max_bytes"] = args.eval_bytes
+    rows = {}
+    for order, _seed, lr, d in todo:
+        res = evaluate_shards(load_model(d / "model"), base_shards, progress=False, **common)
+        rows.setdefault((order, lr), []).append(res["mean_bpb"])
+    lr0 = get_preset(args.preset).optim.lr
+    for order, seed in sorted({(o, s) for o, s, _, _ in todo}):  # the main runs: the preset's LR
+        f = args.out / f"{order}-s{seed}" / "results.json"
+        if f.exists():
+            rows.setdefault((order, lr0), []).append(read_json(f)["bpb"]["dense"]["mean_bpb"])
+    write_json_atomic(
+        args.out / "lr-check" / "results.json", {f"{o} {lr:g}": v for (o, lr), v in rows.items()}
+    )
+    print("| order | dense LR | test BPB (mean over seeds) | seeds |")
+    print("|---|---:|---:|---:|")
+    for (order, lr), v in sorted(rows.items()):
+        print(f"| {order} | {lr:g} | {np.mean(v):.4f} | {len(v)} |")
 
 
 def score_arm(args, base_shards: Shards, forest: Forest) -> dict:
@@ -187,9 +242,14 @@ def main() -> None:
     ap.add_argument("--max-docs", type=int, default=200)
     ap.add_argument("--set", nargs="*", default=[], help="more run-config overrides, section.key=value")
     ap.add_argument("--summary", action="store_true", help="print the tables of finished runs")
+    ap.add_argument(
+        "--dense-lrs", type=float, nargs="*", default=None, help="LR check: dense runs at these LRs instead"
+    )
     args = ap.parse_args()
     if args.summary:
         summary(args.out)
+    elif args.dense_lrs:
+        lr_check(args, Shards(args.base / "shards"))
     else:
         run(args)
         summary(args.out)
