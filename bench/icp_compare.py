@@ -47,7 +47,7 @@ from elmforest.model.build import load_model
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.io import read_json, write_json_atomic
 
-ORDERS = ("random", "icp")
+ORDERS = ("random", "dedup", "icp")
 
 
 def shards_for(base: Path, out: Path, order: str, seed: int) -> Shards:
@@ -154,25 +154,31 @@ def score_arm(args, base_shards: Shards, forest: Forest) -> dict:
 
 
 def run(args) -> None:
+    """Train every arm first (each resumable: a rerun skips finished forests), then score them."""
     base_shards = Shards(args.base / "shards")
     if base_shards.order["method"] != "source":
         raise SystemExit(f"{base_shards.root}: the base shards must be in source order")
-    for seed in args.seeds:
-        for order in args.orders:
-            res_path = args.out / f"{order}-s{seed}" / "results.json"
-            if res_path.exists():
-                continue
-            t0 = time.perf_counter()
-            print(f"[{order} seed {seed}] shards, forest (seed, {len(base_shards.domains)} experts, dense)")
-            shards = shards_for(args.base, args.out, order, seed)
-            forest = train_arm(args, base_shards, shards, order, seed)
-            t1 = time.perf_counter()
-            res = score_arm(args, base_shards, forest)
-            res["order"] = shards.order
-            res["seconds"] = {"train": t1 - t0, "score": time.perf_counter() - t1}
-            res["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-            write_json_atomic(res_path, res)
-            print(f"  trained in {t1 - t0:.0f}s, scored in {res['seconds']['score']:.0f}s -> {res_path}")
+    arms = [(order, seed) for seed in args.seeds for order in args.orders]
+    for order, seed in arms:
+        t0 = time.perf_counter()
+        print(f"[{order} seed {seed}] shards, forest (seed, {len(base_shards.domains)} experts, dense)")
+        shards = shards_for(args.base, args.out, order, seed)
+        train_arm(args, base_shards, shards, order, seed)
+        print(f"  trained in {time.perf_counter() - t0:.0f}s")
+    if args.train_only:
+        return
+    for order, seed in arms:
+        res_path = args.out / f"{order}-s{seed}" / "results.json"
+        if res_path.exists():
+            continue
+        t0 = time.perf_counter()
+        forest = Forest.load(args.out / f"{order}-s{seed}" / "forest")
+        res = score_arm(args, base_shards, forest)
+        res["order"] = Shards(args.out / "shards" / f"{order}-s{seed}").order
+        res["seconds"] = {"score": time.perf_counter() - t0}
+        res["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        write_json_atomic(res_path, res)
+        print(f"[{order} seed {seed}] scored in {res['seconds']['score']:.0f}s -> {res_path}")
 
 
 def _ms(xs, signed: bool = False) -> str:
@@ -242,6 +248,7 @@ def main() -> None:
     ap.add_argument("--max-docs", type=int, default=200)
     ap.add_argument("--set", nargs="*", default=[], help="more run-config overrides, section.key=value")
     ap.add_argument("--summary", action="store_true", help="print the tables of finished runs")
+    ap.add_argument("--train-only", action="store_true", help="train every arm, score none")
     ap.add_argument(
         "--dense-lrs", type=float, nargs="*", default=None, help="LR check: dense runs at these LRs instead"
     )

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 
 from elmforest.cli import main
-from elmforest.cluster.icp_shards import IcpOrder
+from elmforest.cluster.icp_shards import DedupOrder, IcpOrder
 from elmforest.config import RunConfig
 from elmforest.data.reorder import TIMINGS_FILE, _gather, reorder_shards
 from elmforest.data.shards import Shards, build_shards
@@ -48,6 +48,7 @@ def builds(dup_corpus, tokenizer_dir, tmp_path_factory) -> dict[str, Shards]:
         "random1": ("random", 1),
         "icp0": (IcpOrder(), 0),
         "icp0b": (IcpOrder(), 0),
+        "dedup0": (DedupOrder(), 0),
     }
     out = {}
     for name, (order, seed) in specs.items():
@@ -175,7 +176,12 @@ def test_gather_in_chunks_equals_concatenation(chunk):
 
 
 def test_bad_orders_are_refused(dup_corpus, tokenizer_dir, tmp_path, capsys):
-    for order, msg in (("icp", "IcpOrder"), ("bogus", "unknown shards order"), (3, "orderer")):
+    for order, msg in (
+        ("icp", "make_orderer"),
+        ("dedup", "make_orderer"),
+        ("bogus", "unknown shards order"),
+        (3, "orderer"),
+    ):
         with pytest.raises(UserError, match=msg):
             build_shards(dup_corpus, tokenizer_dir, tmp_path / "x", SPLIT, progress=False, order=order)
         assert not (tmp_path / "x").exists()
@@ -196,7 +202,7 @@ def test_bad_orders_are_refused(dup_corpus, tokenizer_dir, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "y"), "--order", "alphabetical"]) == 2
     assert "--order" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "y"), "--order", "random", "--icp-k", "3"]) != 0
-    assert "--icp-k only apply to --order icp" in capsys.readouterr().err
+    assert "--icp-k only apply to --order icp or dedup" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 
@@ -285,3 +291,18 @@ def test_reorder_of_source_shards_equals_building_in_that_order(builds, tmp_path
         reorder_shards(out, tmp_path / "again", "random")
     with pytest.raises(UserError, match="exists"):
         reorder_shards(builds["source"].root, out, "random")
+
+
+def test_dedup_keeps_exactly_icps_documents_in_another_order(builds):
+    """The control of the comparison: the same documents as ICP (so ICP vs dedup is the order alone),
+    not in ICP's order, and recorded as its own method (its own fingerprint)."""
+    icp, dedup = builds["icp0"], builds["dedup0"]
+    assert dedup.order["method"] == "dedup" and dedup.fingerprint != icp.fingerprint
+    for d in icp.domains:
+        if not icp.has(d, "train"):
+            continue
+        assert Counter(_docs(dedup, d)) == Counter(_docs(icp, d))
+        assert dedup.order["domains"][d]["dropped_documents"] == icp.order["domains"][d]["dropped_documents"]
+        assert "jumps" not in dedup.order["domains"][d]  # no path: its statistics would describe ICP's
+    big = max(icp.domains, key=lambda d: icp.info(d, "train")["documents"] if icp.has(d, "train") else 0)
+    assert _docs(dedup, big) != _docs(icp, big)

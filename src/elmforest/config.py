@@ -180,8 +180,8 @@ class RunConfig:
             ),
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
             (
-                self.data.order in (None, "source", "random", "icp"),
-                "data.order must be source, random, icp or null (whatever the shards hold)",
+                self.data.order in (None, "source", "random", "dedup", "icp"),
+                "data.order must be source, random, dedup, icp or null (whatever the shards hold)",
             ),
         ]
         bad = [msg for ok, msg in checks if not ok]

@@ -64,17 +64,34 @@ class IcpOrder:
         return plan.order, stats
 
 
+@dataclass(frozen=True)
+class DedupOrder(IcpOrder):
+    """ICP's control for its deduplication: the documents ICP would keep (the same embedding, kNN and
+    near-duplicate rule, so the very same documents), in a seeded random order. ICP vs dedup is then
+    the effect of the order alone; dedup vs random the effect of dropping the duplicates."""
+
+    name: ClassVar[str] = "dedup"
+
+    def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
+        order, stats = super().__call__(tokens, ends, vocab_size, eos_id, seed)
+        order = np.sort(order)  # forget the path, keep the documents
+        path_only = ("segments", "jumps", "mean_neighbour_similarity", "mean_adjacent_similarity")
+        return np.random.default_rng([seed, 1]).permutation(order), {
+            k: v for k, v in stats.items() if k not in path_only
+        }
+
+
 def make_orderer(
     order: str | DocumentOrderer | None, k: int = 10, dedup_threshold: float | None = 0.9
 ) -> DocumentOrderer | None:
-    """The orderer a name stands for ("source" -> None, "random", "icp" with the given options); an
-    orderer object passes through."""
-    if order == "icp":
+    """The orderer a name stands for ("source" -> None, "random", "dedup" and "icp" with the given
+    options); an orderer object passes through."""
+    if order in ("dedup", "icp"):
         if k < 1:
             raise UserError(f"ICP k (neighbours per document) must be ≥ 1, got {k}")
         if dedup_threshold is not None and not 0 < dedup_threshold <= 1:
             raise UserError(
                 f"ICP dedup threshold must be in (0, 1] (a cosine similarity), got {dedup_threshold}"
             )
-        return IcpOrder(k=k, dedup_threshold=dedup_threshold)
+        return (IcpOrder if order == "icp" else DedupOrder)(k=k, dedup_threshold=dedup_threshold)
     return resolve_orderer(order)

@@ -70,10 +70,11 @@ class OrderArgs:
     so every verb that builds training shards offers the same choices."""
 
     order: Annotated[
-        Literal["source", "random", "icp"],
+        Literal["source", "random", "dedup", "icp"],
         opt(
-            "order of each domain's training documents: as read, a seeded shuffle, or In-Context "
-            "Pretraining (similar documents adjacent, near-duplicates dropped); valid/test stay as read"
+            "order of each domain's training documents: as read, a seeded shuffle, ICP's near-duplicates "
+            "dropped and the rest shuffled (dedup: ICP's control), or In-Context Pretraining (similar "
+            "documents adjacent, near-duplicates dropped); valid/test stay as read"
         ),
     ] = "source"
     order_seed: Annotated[int, opt("seed of the random and icp orders", nonneg_int)] = 0
@@ -89,15 +90,17 @@ class OrderArgs:
     ] = False
 
     def orderer(self):
-        if self.order != "icp":
+        if self.order not in ("dedup", "icp"):
             icp = {f.name for f in dataclasses.fields(self) if f.name.startswith("icp_")}
             if given := sorted(f for f in icp if getattr(self, f) != getattr(DEFAULT_ORDER, f)):
                 flags = ", ".join("--" + f.replace("_", "-") for f in given)
-                raise UserError(f"{flags} only apply to --order icp (got --order {self.order})")
+                raise UserError(f"{flags} only apply to --order icp or dedup (got --order {self.order})")
             return self.order
         from elmforest.cluster.icp_shards import make_orderer
 
-        return make_orderer("icp", self.icp_k, None if self.icp_keep_duplicates else self.icp_dedup_threshold)
+        return make_orderer(
+            self.order, self.icp_k, None if self.icp_keep_duplicates else self.icp_dedup_threshold
+        )
 
 
 DEFAULT_ORDER = OrderArgs()

@@ -28,7 +28,8 @@ import numpy as np
 
 from elmforest.utils.errors import UserError
 
-ORDERS = ("source", "random", "icp")  # the names the CLI and data.order know
+ORDERS = ("source", "random", "dedup", "icp")  # the names the CLI and data.order know
+ABOVE = ("dedup", "icp")  # orders computed in cluster/icp_shards.py, passed in as objects
 TIMINGS_FILE = "order_timings.json"
 TIMING_KEYS = ("seconds", "threads")  # an orderer's statistics that are not a function of data and seed
 CHUNK_TOKENS = 1 << 22  # tokens gathered per write: 4 Mi tokens, a 32 MiB gather index
@@ -71,10 +72,10 @@ def resolve_orderer(order) -> DocumentOrderer | None:
     if order == "random":
         return RandomOrder()
     if isinstance(order, str):
-        if order == "icp":
+        if order in ABOVE:
             raise UserError(
-                "order 'icp' is computed by elmforest.cluster.icp_shards.IcpOrder: pass that object "
-                "as order= (the CLI does this for --order icp)"
+                f"order {order!r} is computed by elmforest.cluster.icp_shards (make_orderer): pass that "
+                f"object as order= (the CLI does this for --order {order})"
             )
         raise UserError(f"unknown shards order {order!r}; expected one of {', '.join(ORDERS)}")
     if not isinstance(order, DocumentOrderer):

@@ -118,10 +118,10 @@ def prepare_data(
 
 
 def _orderer(order):
-    if order == "icp":  # imported only when asked for: the embedding pulls in scikit-learn
+    if order in ("dedup", "icp"):  # imported only when asked for: the embedding pulls in scikit-learn
         from elmforest.cluster.icp_shards import make_orderer
 
-        return make_orderer("icp")
+        return make_orderer(order)
     return resolve_orderer(order)
 
 
