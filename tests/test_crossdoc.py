@@ -120,6 +120,46 @@ def test_a_document_holding_a_special_token_is_skipped(corpus, tokenizer_dir, tm
     assert (~ok).sum() == 4 and ok.sum() == 8
 
 
+def test_a_copy_of_the_target_never_enters_its_context(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    """A long document repeated under many ids lands in train and test alike. Its train copies share
+    most of the test target's 8-grams (the cosine of a short target's bag to a long document's bag
+    stays below 0.9, so the cosine rule alone lets them in): they must be left out and counted."""
+    import random
+
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval import crossdoc_tasks as ct
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(3000)]
+    long_doc = " ".join(rng.choice(words) for _ in range(400))
+    others = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)]
+    texts = [long_doc] * 20 + others
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x.jsonl").write_text(
+        "".join(json.dumps({"id": f"x{i}", "domain": "x", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    sh = Shards(build_shards(raw, tokenizer_dir, tmp_path / "sh", SplitSpec(0.0, 0.3), progress=False).out)
+    copy = np.asarray(sh.tokens("x", "train")[: sh.documents("x", "train")[0, 0]])
+
+    def overlap(ctx, tgt):
+        g = ct._grams(tgt)
+        return np.isin(g, ct._grams(ctx)).mean()
+
+    def copies_in_context(items):
+        return sum(overlap(it.contexts[c], it.target) > 0.5 for it in items for c in ("retrieved", "random"))
+
+    items, info = build_tasks(sh, seq_len=64, target_len=32, max_docs=None, tasks=("retrieval",))
+    long_targets = [it for it in items["retrieval"] if overlap(copy, it.target) > 0.9]
+    assert long_targets, "the corpus should put copies of the long document in test"
+    assert copies_in_context(items["retrieval"]) == 0
+    assert info["domains"]["x"]["retrieval"]["copies_left_out"] >= len(long_targets)
+    monkeypatch.setattr(ct, "MAX_OVERLAP", 1.0)  # the rule off: the copies come back (the test can fail)
+    items, _ = build_tasks(sh, seq_len=64, target_len=32, max_docs=None, tasks=("retrieval",))
+    assert copies_in_context(items["retrieval"]) >= len(long_targets)
+
+
 def _tfidf_dense(bags: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sklearn's default tf-idf by hand: idf = ln((1 + n) / (1 + df)) + 1, rows L2-normalised."""
     n = bags.shape[0]

@@ -16,7 +16,10 @@ sparse dot products, test × train, a chunk of queries at a time (never a dense 
 query is the target itself (its first 512 tokens): retrieval sees exactly the text being scored and
 nothing of the document beyond it. Neighbours with cosine ≥ `max_cosine` (0.9) are left out: a near
 copy would measure copying, not the use of related text (ICP drops those from training too); so are
-those with cosine 0 (nothing in common). Each neighbour brings at most its first min(512, seq_len − T
+those with cosine 0 (nothing in common). The cosine compares bags of different lengths (the target's
+T tokens, a neighbour's 512), so a whole copy of a document can stay below 0.9: a context document is
+also left out when the tokens it brings hold more than 20% of the target's token 8-grams (counted
+per domain as `copies_left_out`; random contexts are filtered the same way). Each neighbour brings at most its first min(512, seq_len − T
 − 1) tokens (the part the retrieval matched: a long neighbour is cut at its end, never its beginning,
 so even the nearest one alone starts at its start), then EOS; the concatenation is cut from the left
 to seq_len − T tokens. Random contexts are made the same way from uniformly drawn
@@ -47,6 +50,8 @@ from elmforest.data.shards import Shards
 from elmforest.utils.errors import UserError
 
 BAG_TOKENS = 512  # tokens of a document in its tf-idf bag, and the most a neighbour brings to a context
+COPY_GRAM = 8  # token n-grams compared to find copies of a target in a context document
+MAX_OVERLAP = 0.2  # a context document holding more of the target's n-grams is a copy, left out
 MIN_SEQ_LEN = 8
 TASKS = {"retrieval": ("retrieved", "random", "none"), "second_half": ("first_half", "none")}
 
@@ -198,18 +203,36 @@ class TrainIndex:
         toks = np.asarray(self.streams[dom][s:e], dtype=np.int64)
         return np.concatenate([toks[: min(len(toks) - 1, limit)], toks[-1:]])
 
-    def context(self, ids, budget: int, limit: int) -> tuple[np.ndarray, int]:
+    def context(self, ids, budget: int, limit: int, target=None) -> tuple[np.ndarray, list[int], int]:
         """The documents `ids` (best first; -1 ends them) laid out best last, cut from the left to
-        `budget` tokens, and how many of them it holds (even in part)."""
-        parts, n = [], 0
+        `budget` tokens; the ids it holds (even in part); how many were left out as copies of
+        `target` (more than MAX_OVERLAP of its COPY_GRAM-grams in the tokens the document brings)."""
+        grams = _grams(target) if target is not None else None
+        parts, held, n, copies = [], [], 0, 0
         for i in ids:
             if i < 0 or n >= budget:
                 break
-            parts.append(self.doc_tokens(int(i), limit))
-            n += len(parts[-1])
+            toks = self.doc_tokens(int(i), limit)
+            if grams is not None and grams.size and np.isin(grams, _grams(toks)).mean() > MAX_OVERLAP:
+                copies += 1
+                continue
+            parts.append(toks)
+            held.append(int(i))
+            n += len(toks)
         if not parts:
-            return np.zeros(0, dtype=np.int64), 0
-        return np.concatenate(parts[::-1])[-budget:], len(parts)
+            return np.zeros(0, dtype=np.int64), held, copies
+        return np.concatenate(parts[::-1])[-budget:], held, copies
+
+
+def _grams(tokens: np.ndarray) -> np.ndarray:
+    """Hashes of the token COPY_GRAM-grams (a polynomial in uint64, wrapping): equal n-grams, equal hashes."""
+    t = np.asarray(tokens, dtype=np.uint64)
+    if len(t) < COPY_GRAM:
+        return t[:0]
+    w = np.lib.stride_tricks.sliding_window_view(t, COPY_GRAM)
+    powers = np.uint64(1_000_003) ** np.arange(COPY_GRAM, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return (w * powers).sum(axis=1, dtype=np.uint64)
 
 
 @dataclass
@@ -277,14 +300,16 @@ def build_tasks(
             q_ends = np.array([starts[i] + len(t) for i, t in zip(rows, targets, strict=True)], np.int64)
             q = _bags(stream, starts[rows], q_ends, shards.vocab_size, special)
             nb, cos = index.neighbours(q, neighbours, max_cosine)
-            used = []
+            used, copies = [], 0
             for row, (i, tgt) in enumerate(zip(rows, targets, strict=True)):
                 whole = len(tgt) == ends[i] - starts[i]
                 nbytes = int(docs[i, 1]) + 1 if whole else int(table[tgt].sum())
-                ctx, k = index.context(nb[row], budget, limit)
-                used.append(cos[row, :k])
+                ctx, held, c = index.context(nb[row], budget, limit, tgt)
+                copies += c
+                used.append(cos[row][np.isin(nb[row], held)])
                 # each document brings at least its EOS, so budget + 1 draws always fill the budget
-                rnd, _ = index.context(rng.integers(0, len(index), size=len(ctx) + 1), len(ctx), limit)
+                draws = rng.integers(0, len(index), size=len(ctx) + 1 + 8)  # a few spare for copies
+                rnd, _, _ = index.context(draws, len(ctx), limit, tgt)
                 out["retrieval"].append(
                     Item(d, int(i), tgt, nbytes, {"retrieved": ctx, "random": rnd, "none": ctx[:0]})
                 )
@@ -293,6 +318,7 @@ def build_tasks(
             dinfo["retrieval"] = {
                 "documents": len(rows),
                 "without_neighbours": int(sum(len(u) == 0 for u in used)),
+                "copies_left_out": copies,
                 "mean_neighbour_cosine": float(flat.mean()) if flat.size else None,
                 "mean_neighbours_in_context": float(np.mean([len(u) for u in used])) if used else 0.0,
                 "mean_context_tokens": float(np.mean(ctx_lens)) if ctx_lens else 0.0,
