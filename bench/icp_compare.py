@@ -55,7 +55,12 @@ def shards_for(base: Path, out: Path, order: str, seed: int) -> Shards:
     if not Shards.is_shards_dir(d):
         rec = reorder_shards(base / "shards", d, make_orderer(order), seed)
         print(f"  {d}: {sum(x['dropped_documents'] for x in rec['domains'].values())} documents dropped")
-    return Shards(d)
+    sh = Shards(d)
+    if (sh.order["method"], sh.order.get("seed")) != (order, seed):
+        raise SystemExit(
+            f"{d} holds the {sh.order['method']} order, seed {sh.order.get('seed')}: not this arm's"
+        )
+    return sh
 
 
 def run_config(args, names: list[str], shards: Shards, order: str, seed: int):
@@ -187,13 +192,27 @@ def _ms(xs, signed: bool = False) -> str:
     return f"{xs.mean():+.4f} ± {sd:.4f}" if signed else f"{xs.mean():.4f} ± {sd:.4f}"
 
 
+CONTRASTS = (
+    ("icp", "dedup", "the order"),
+    ("dedup", "random", "dropping duplicates"),
+    ("icp", "random", "ICP"),
+)
+
+
 def summary(out: Path) -> None:
+    """Mean ± std over seeds per order, and paired differences (same seed) that split ICP's effect into
+    the order's (icp - dedup: the same documents) and the deduplication's (dedup - random)."""
     runs = {}
     for f in sorted(out.glob("*-s*/results.json")):
         order, seed = f.parent.name.rsplit("-s", 1)
         runs[(order, int(seed))] = read_json(f)
-    seeds = sorted({s for o, s in runs if all((x, s) in runs for x in ORDERS)})
-    print(f"{len(seeds)} paired seeds: {seeds}\n")
+    orders = [o for o in ORDERS if any(k[0] == o for k in runs)]
+    seeds = sorted({s for o, s in runs if all((x, s) in runs for x in orders)})
+    if not seeds:
+        print(f"{out}: no seed has every order scored yet")
+        return
+    contrasts = [c for c in CONTRASTS if c[0] in orders and c[1] in orders]
+    print(f"orders {orders}, {len(seeds)} paired seeds {seeds}; mean ± std over seeds")
 
     def cond(task, c):
         return lambda res, arm: res["crossdoc"][arm]["tasks"][task]["conditions"][c]["mean_bpb"]
@@ -201,7 +220,7 @@ def summary(out: Path) -> None:
     def gain(task, g):
         return lambda res, arm: res["crossdoc"][arm]["tasks"][task]["gain"][g]["mean"]
 
-    rows = [
+    rows = [  # sign: -1 lower is better (BPB), +1 higher (a gain)
         ("test BPB", lambda res, arm: res["bpb"][arm]["mean_bpb"], -1),
         ("retrieval: after nearest train documents", cond("retrieval", "retrieved"), -1),
         ("retrieval: after random train documents", cond("retrieval", "random"), -1),
@@ -211,27 +230,44 @@ def summary(out: Path) -> None:
         ("second half alone", cond("second_half", "none"), -1),
         ("gain from the first half (alone - after)", gain("second_half", "first_half"), +1),
     ]
-    print("| arm | measure | random order | ICP order | ICP - random (paired) | seeds ICP better |")
-    print("|---|---|---:|---:|---:|---:|")
+    head = " | ".join(orders) + " | " + " | ".join(f"{x} - {y} ({what})" for x, y, what in contrasts)
+    print(f"\n| arm | measure | {head} |")
+    print("|---|---|" + "---:|" * (len(orders) + len(contrasts)))
     for arm in ("dense", "forest"):
-        for label, fn, sign in rows:  # sign: -1 lower is better (BPB), +1 higher (a gain)
-            vals = {o: [fn(runs[(o, s)], arm) for s in seeds] for o in ORDERS}
-            diff = np.array(vals["icp"]) - np.array(vals["random"])
-            print(
-                f"| {arm} | {label} | {_ms(vals['random'])} | {_ms(vals['icp'])} | "
-                f"{_ms(diff, signed=True)} | {int((sign * diff > 0).sum())}/{len(diff)} |"
-            )
-    print()
-    r = runs[("icp", seeds[0])]["bpb"]
-    print("per-domain test BPB, mean over seeds (random / ICP):")
+        for label, fn, sign in rows:
+            vals = {o: np.array([fn(runs[(o, s)], arm) for s in seeds]) for o in orders}
+            cells = [_ms(vals[o]) for o in orders]
+            for x, y, _ in contrasts:
+                diff = vals[x] - vals[y]
+                cells.append(f"{_ms(diff, signed=True)} ({int((sign * diff > 0).sum())}/{len(diff)})")
+            print(f"| {arm} | {label} | " + " | ".join(cells) + " |")
+    print("\n(n/m): seeds in which the first order of the difference is better\n")
     for arm in ("dense", "forest"):
-        doms = r[arm]["domains"]
-        cells = []
+        doms = list(runs[(orders[0], seeds[0])]["bpb"][arm]["domains"])
+        print(f"{arm}, per domain, mean over seeds: test BPB by order; related-text gain by order")
+        print("| domain | " + " | ".join(orders) + " | " + " | ".join(f"gain {o}" for o in orders) + " |")
+        print("|---|" + "---:|" * (2 * len(orders)))
         for d in doms:
-            a = np.mean([runs[("random", s)]["bpb"][arm]["domains"][d]["bpb"] for s in seeds])
-            b = np.mean([runs[("icp", s)]["bpb"][arm]["domains"][d]["bpb"] for s in seeds])
-            cells.append(f"{d} {a:.4f}/{b:.4f} ({100 * (b - a) / a:+.2f}%)")
-        print(f"  {arm}: " + "; ".join(cells))
+            bpb = [np.mean([runs[(o, s)]["bpb"][arm]["domains"][d]["bpb"] for s in seeds]) for o in orders]
+            g = [
+                np.mean(
+                    [
+                        runs[(o, s)]["crossdoc"][arm]["tasks"]["retrieval"]["gain"]["related_text"][
+                            "domains"
+                        ][d]
+                        for s in seeds
+                    ]
+                )
+                for o in orders
+            ]
+            print(
+                f"| {d} | "
+                + " | ".join(f"{x:.4f}" for x in bpb)
+                + " | "
+                + " | ".join(f"{x:+.4f}" for x in g)
+                + " |"
+            )
+        print()
 
 
 def main() -> None:
