@@ -238,17 +238,32 @@ def sweep(
             positive_int,
         ),
     ] = 1,
+    groups: Annotated[
+        str | None,
+        opt(
+            'comma-separated grouping files (elmforest cluster languages: {"groups": {NAME: [DOMAIN, '
+            "...]}}): X-ELM's expert arm, for each file one expert per group trained on its domains mixed, "
+            "each domain scored by its group's expert; the dense arm mixes the groups' domains",
+            metavar="FILE,FILE,...",
+        ),
+    ] = None,
+    eval_bytes: Annotated[
+        int | None,
+        opt("score on the first N bytes of each domain's valid split (default: all of it)", positive_int),
+    ] = None,
     json: Annotated[str | None, opt("also write the result here", metavar="FILE")] = None,
     train_args: TrainArgs = DEFAULT_TRAIN_ARGS,
     no_progress: NoProgress = False,
 ) -> None:
     """Tune the learning rate of each arm (dense run, expert phase) on the valid split."""
     from elmforest.launch.executor import job_threads, make_executor
+    from elmforest.launch.groupings import load_groupings
     from elmforest.launch.sweep import format_sweep
     from elmforest.launch.sweep import sweep as run
     from elmforest.utils.io import write_json_atomic
 
     grid, expert_grid = _grid(lrs, "--lrs"), _grid(expert_lrs, "--expert-lrs")  # refused before any work
+    groupings = load_groupings(split_list(groups)) if groups else None
     run_cfg = train_args.run_config(shards)
     ex = make_executor(executor, address, cpus_per_job, gpus_per_job, max_retries, workers)
     res = run(
@@ -262,6 +277,8 @@ def sweep(
         seed_share=seed_share,
         executor=ex,
         threads=job_threads(executor, cpus_per_job, workers),
+        groups=groupings,
+        max_bytes=eval_bytes,
     )
     print(format_sweep(res))
     if json:

@@ -10,11 +10,15 @@ not can flip. So each arm is swept on its own, and chosen on the **valid** split
   dense baseline keep sharing it, as BTM's compute matching needs), once per expert LR, scored by each
   expert's valid BPB on its own domain, averaged over domains. Experts continue the seed's schedule;
   their LR is that schedule's peak, so the LR steps from the seed's curve to the experts' at the branch.
+  With `groups` (X-ELM: one expert per group of languages), one expert per group instead, each on its
+  group's domains mixed as the seed mixes them, at batch B/k for k groups; each domain is scored by the
+  valid BPB of the expert whose group holds it. Several groupings (k = 2, 4, 8) share the dense arm and
+  the seed, and the plan splits the batch evenly for every k, as X-ELM's forests do.
 
-Every point is a forest directory under `out` (dense/lr-X: seed + dense run; experts/lr-Y: experts
-sharing the best seed), so a killed sweep resumes where it stopped, and the Ray executor runs points
-(and each point's experts) in parallel. A best LR at either end of the grid is reported as such: the
-optimum may lie outside the grid.
+Every point is a forest directory under `out` (dense/lr-X: seed + dense run; experts/lr-Y, or
+experts-LABEL/lr-Y for a grouping: experts sharing the best seed), so a killed sweep resumes where it
+stopped, and the Ray executor runs points (and each point's experts) in parallel. A best LR at either
+end of the grid is reported as such: the optimum may lie outside the grid.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
+from elmforest.launch.groupings import check_groupings, normalize
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
 from elmforest.model.build import load_model
 from elmforest.utils.errors import Diverged, UserError
@@ -105,43 +110,62 @@ def choose(points: list[dict]) -> dict:
     return {"best_lr": best["lr"], "best_valid_mean_bpb": best["valid_mean_bpb"], "at_edge": edge}
 
 
-def _score_dense(point: Path, shards: Shards, domains: list[str], seq_len: int) -> dict:
+def _cached(path: Path, max_bytes: int | None) -> dict | None:
+    """A point's valid scores, unless they were measured on another number of bytes."""
+    if path.is_file():
+        got = read_json(path)
+        if got.get("max_bytes") == max_bytes:
+            return got
+    return None
+
+
+def _score_dense(
+    point: Path, shards: Shards, domains: list[str], seq_len: int, max_bytes: int | None = None
+) -> dict:
     if (bad := _diverged(point)) is not None:
         return bad
-    cached = point / "valid.json"
-    if cached.is_file():
-        return read_json(cached)
+    if (hit := _cached(point / "valid.json", max_bytes)) is not None:
+        return hit
     try:
-        res = evaluate_shards(
-            load_model(point / "runs" / "dense" / "model"), shards, "valid", domains, seq_len, progress=False
-        )
+        model = load_model(point / "runs" / "dense" / "model")
+        res = evaluate_shards(model, shards, "valid", domains, seq_len, max_bytes=max_bytes, progress=False)
     except Diverged as e:  # finite training loss, non-finite on valid: as diverged as it gets
         write_json_atomic(point / DIVERGED, {"job": "dense", "why": f"Diverged: {e}"})
         return _diverged(point)
     out = {"valid_mean_bpb": res["mean_bpb"], "domains": {d: v["bpb"] for d, v in res["domains"].items()}}
-    write_json_atomic(cached, out)
+    write_json_atomic(point / "valid.json", out if max_bytes is None else {**out, "max_bytes": max_bytes})
     return out
 
 
-def score_experts(forest: Forest, shards: Shards, domains: list[str], seq_len: int) -> dict:
-    """Each expert's valid BPB on its own domain and their mean (cached in the forest)."""
+def score_experts(
+    forest: Forest,
+    shards: Shards,
+    domains: list[str],
+    seq_len: int,
+    experts: dict[str, list[str]] | None = None,
+    max_bytes: int | None = None,
+) -> dict:
+    """Each domain's valid BPB under the expert trained on it, and their mean over domains (cached in
+    the forest). That expert is the domain's own, or with `experts` ({expert name: [domains]}: X-ELM's
+    groups) the one whose group holds the domain, as X-ELM routes a known language."""
     if (bad := _diverged(forest.root)) is not None:
         return bad
     cached = forest.root / "valid.json"
-    if cached.is_file():
-        return read_json(cached)
+    if (hit := _cached(cached, max_bytes)) is not None:
+        return hit
+    experts = experts or {d: [d] for d in domains}
     per = {}
-    for d in domains:
+    for name, mine in experts.items():
         try:
-            res = evaluate_shards(
-                load_model(forest.expert_dir(d)), shards, "valid", [d], seq_len, progress=False
-            )
+            model = load_model(forest.expert_dir(name))
+            res = evaluate_shards(model, shards, "valid", mine, seq_len, max_bytes=max_bytes, progress=False)
         except Diverged as e:
-            write_json_atomic(forest.root / DIVERGED, {"job": d, "why": f"Diverged: {e}"})
+            write_json_atomic(forest.root / DIVERGED, {"job": name, "why": f"Diverged: {e}"})
             return _diverged(forest.root)
-        per[d] = res["domains"][d]["bpb"]
+        per.update({d: res["domains"][d]["bpb"] for d in mine})
+    per = {d: per[d] for d in domains}
     out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per}
-    write_json_atomic(cached, out)
+    write_json_atomic(cached, out if max_bytes is None else {**out, "max_bytes": max_bytes})
     return out
 
 
@@ -157,29 +181,52 @@ def sweep(
     executor=None,
     threads: int | None = None,
     log=print,
+    groups: dict | None = None,
+    max_bytes: int | None = None,
 ) -> dict:
-    """Sweep the dense arm, then the expert arm from the best dense run's seed; returns sweep.json."""
+    """Sweep the dense arm, then the expert arm from the best dense run's seed; returns sweep.json.
+
+    `groups`: X-ELM's expert arm, {label: {expert name: [domains]}} (or one bare {expert name:
+    [domains]}, labelled `groups`), each grouping swept apart (sweep.json's `grouped`) instead of one
+    expert per domain. `max_bytes`: score on the first bytes of each domain's valid split only."""
     if arm not in ARMS:
         raise UserError(f"arm must be one of {ARMS}, got {arm!r}")
     shards = Shards(shards_dir)
     out = Path(out)
+    groupings = normalize(groups) if groups is not None else None
+    if groupings is not None:
+        domains = check_groupings(groupings, base.data.domains, shards)
+    else:
+        domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
+    for d in domains:
+        if not (shards.has(d, "train") and shards.has(d, "valid")):
+            raise UserError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
+    result = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
+    for label, grouping in (groupings or {}).items():
+        had = (result.get("grouped") or {}).get(label, {}).get("groups")
+        if had is not None and _canon(had) != _canon(grouping):
+            raise UserError(
+                f"{out}: grouping {label!r} was swept here as {had}, not {grouping}; use another --out "
+                "or another label (file name)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     executor = executor or LocalExecutor()
     echo = log is not None
     log = log or (lambda *_: None)
-    domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
-    for d in domains:
-        if not (shards.has(d, "train") and shards.has(d, "valid")):
-            raise UserError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
     base = RunConfig.from_dict(base.to_dict())
     base.data.shards = str(shards.root.resolve())
-    plan, base = btm.plan_for(base, domains, seed_share)
+    if groupings is None:
+        plan, base = btm.plan_for(base, domains, seed_share)
+    else:  # the seed mixes the domains; the batch splits evenly between the experts of every grouping
+        base.data.domains = list(domains)
+        plan, base = btm.plan_for(base, math.lcm(*(len(g) for g in groupings.values())), seed_share)
     seq_len = base.train.seq_len
-    result = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
     result.update({"shards": str(shards.root.resolve()), "domains": domains, "plan": asdict(plan)})
+    result["max_bytes"] = max_bytes
     result["criterion"] = {
         "dense": "mean valid BPB over the domains of the dense run",
         "experts": "mean over domains of each expert's valid BPB on its own domain",
+        "grouped": "mean over domains of the valid BPB of the expert whose group holds the domain",
     }
 
     if arm in ("dense", "both"):
@@ -200,7 +247,7 @@ def sweep(
             )
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
         with _monitor(
-            {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, log
+            {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
         ):
             _run_points(
                 executor,
@@ -211,7 +258,8 @@ def sweep(
                 [out / "dense" / _tag(x) for x in grid],
             )
         points = [
-            {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len)} for lr in grid
+            {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len, max_bytes)}
+            for lr in grid
         ]
         result["dense"] = {"grid": grid, "points": points, **choose(points)}
         write_json_atomic(out / "sweep.json", result)
@@ -222,6 +270,7 @@ def sweep(
                 "the expert arm branches from the best dense run: sweep the dense arm or give dense_lr"
             )
         seed_forest = out / "dense" / _tag(seed_lr)
+        trust = base.model.trust_remote_code
         if not btm.seed_ready(Forest.init(seed_forest, exist_ok=True)):
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
@@ -232,28 +281,37 @@ def sweep(
                     cfg.to_dict(),
                     asdict(plan),
                     threads,
-                    trust_remote_code=cfg.model.trust_remote_code,
+                    trust_remote_code=trust,
                 )
             )
         seed = Forest.load(seed_forest)
         grid = _check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
-        forests = {lr: btm.share_seed(out / "experts" / _tag(lr), seed, domains, expert_lr=lr) for lr in grid}
-        jobs = [
-            ExpertJob(
-                str(f.root),
-                str(shards.root),
-                d,
-                threads=threads,
-                trust_remote_code=cfg.model.trust_remote_code,
+        # each arm: (result key, directory, {expert: its domains}, None for one expert per domain)
+        arms = [("experts", out / "experts", {d: [d] for d in domains}, None)]
+        if groupings is not None:
+            arms = [(label, out / f"experts-{label}", g, g) for label, g in groupings.items()]
+        forests, jobs, labels = {}, [], []
+        for key, where, experts, grouping in arms:
+            for lr in grid:
+                f = btm.share_seed(where / _tag(lr), seed, list(experts), expert_lr=lr)
+                forests[key, lr] = f
+                for name, mine in experts.items():
+                    jobs.append(
+                        ExpertJob(
+                            str(f.root),
+                            str(shards.root),
+                            mine[0],
+                            name=name if grouping else None,
+                            threads=threads,
+                            trust_remote_code=trust,
+                            mix=list(mine) if grouping else None,
+                        )
+                    )
+                    labels.append(f"{where.name}/{f.root.name}/{name}")
+            log(
+                f"sweep, expert arm{'' if grouping is None else ' ' + key}: {len(experts)} experts x "
+                f"{len(grid)} LRs {grid}, branched from the seed of the dense run at LR {seed_lr:g}"
             )
-            for f in forests.values()
-            for d in domains
-        ]
-        log(
-            f"sweep, expert arm: {len(domains)} experts x {len(grid)} LRs {grid}, branched from the seed of "
-            f"the dense run at LR {seed_lr:g}"
-        )
-        labels = [f"experts/{Path(j.forest).name}/{j.domain}" for j in jobs]
         with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
             _run_points(
                 executor,
@@ -263,13 +321,27 @@ def sweep(
                 [j.run_dir() / "job.log" for j in jobs],
                 [Path(j.forest) for j in jobs],
             )
-        points = [
-            {"lr": lr, **score_experts(Forest.load(f.root), shards, domains, seq_len)}
-            for lr, f in forests.items()
-        ]
-        result["experts"] = {"grid": grid, "seed_lr": seed_lr, "points": points, **choose(points)}
+        for key, _, _, grouping in arms:
+            points = [
+                {
+                    "lr": lr,
+                    **score_experts(
+                        Forest.load(forests[key, lr].root), shards, domains, seq_len, grouping, max_bytes
+                    ),
+                }
+                for lr in grid
+            ]
+            r = {"grid": grid, "seed_lr": seed_lr, "points": points, **choose(points)}
+            if grouping is None:
+                result["experts"] = r
+            else:
+                result.setdefault("grouped", {})[key] = {"groups": grouping, **r}
         write_json_atomic(out / "sweep.json", result)
     return result
+
+
+def _canon(grouping: dict) -> dict:
+    return {g: sorted(ms) for g, ms in grouping.items()}
 
 
 def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):
@@ -284,13 +356,17 @@ def btm_grid_default(center: float) -> list[float]:
 
 def format_sweep(result: dict) -> str:
     """The sweep as Markdown tables, with the choice (and an edge warning) under each."""
+    arms = [(arm, result.get(arm), result["criterion"][arm]) for arm in ("dense", "experts")]
+    arms += [
+        (f"experts {label}", r, result["criterion"]["grouped"])
+        for label, r in result.get("grouped", {}).items()
+    ]
     lines = []
-    for arm in ("dense", "experts"):
-        r = result.get(arm)
+    for arm, r, criterion in arms:
         if not r:
             continue
         domains = next(list(p["domains"]) for p in r["points"] if p["domains"])
-        lines.append(f"{arm} arm ({result['criterion'][arm]}):")
+        lines.append(f"{arm} arm ({criterion}):")
         lines.append("| LR | mean valid BPB | " + " | ".join(domains) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in domains) + " |")
         for p in r["points"]:
@@ -300,6 +376,8 @@ def format_sweep(result: dict) -> str:
                 continue
             cells = " | ".join(f"{p['domains'][d]:.4f}" for d in domains)
             lines.append(f"| {p['lr']:g}{mark} | {p['valid_mean_bpb']:.4f} | {cells} |")
+        if "groups" in r:
+            lines.append("groups: " + "; ".join(f"{g} = {', '.join(ms)}" for g, ms in r["groups"].items()))
         note = f"best {arm} LR {r['best_lr']:g} (mean valid BPB {r['best_valid_mean_bpb']:.4f})"
         if r["at_edge"]:
             note += (

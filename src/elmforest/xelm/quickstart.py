@@ -40,10 +40,11 @@ NEW_LANGUAGE = "por"
 KS = (2, 4, 8)
 MAX_BYTES = 800_000  # per language: more than the budget reads (about 120 KB each), quicker to tokenize
 TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from: no language dominates
-# Peak LRs from `python bench/xelm_lr_sweep.py --out OUT --dense 2e-3,4e-3,8e-3,1.6e-2 --experts
-# 4e-3,8e-3,1.6e-2,3.2e-2` on the default run (docs/xelm.md, "Learning rates"): the dense run's (also
-# the seed's) and the expert phase's for each k, each the best of its grid on the valid split, none on
-# its grid's edge. The tf-idf forest borrows the LR of the k closest to its own (not swept apart).
+# Peak LRs from `elmforest sweep --shards OUT/shards --out OUT/sweep --preset cpu-small --groups
+# OUT/groups/k2.json,OUT/groups/k4.json,OUT/groups/k8.json --lrs 2e-3,4e-3,8e-3,1.6e-2 --expert-lrs
+# 4e-3,8e-3,1.6e-2,3.2e-2 --eval-bytes 32000` on the default run (docs/xelm.md, "Learning rates"): the
+# dense run's (also the seed's) and the expert phase's for each k, each the best of its grid on the valid
+# split, none on its grid's edge. The tf-idf forest borrows the LR of the k closest to its own (not swept).
 DENSE_LR = 8e-3
 EXPERT_LRS = {2: 1.6e-2, 4: 1.6e-2, 8: 8e-3}
 ADD_K = 4  # the forest the new language is added to

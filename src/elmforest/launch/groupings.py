@@ -1,0 +1,97 @@
+"""Groupings for a sweep's expert arm: X-ELM trains one expert per *group* of domains (languages grouped
+by typology, `elmforest cluster languages`), so its expert LR has to be swept with those experts, not
+with one expert per domain. A grouping is {expert name: [domains]}; a sweep takes several, by label
+(k2, k4, ...), all sharing the one dense arm and seed, as X-ELM's forests do.
+
+Everything is checked before any training: a domain in two groups would be scored by whichever group
+came last, a domain outside the sweep's domains would never be compared with the dense run, and a
+grouping that leaves a domain out would average over fewer domains than the dense arm does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from elmforest.data.shards import Shards, load_domain_map
+from elmforest.forest.trust import valid_name
+from elmforest.utils.errors import UserError
+
+
+def load_grouping(path: str | Path) -> dict[str, list[str]]:
+    """{expert name: [domains]} from a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`, as
+    `elmforest cluster languages` writes it) or a plain {domain: group} map (data/shards.py's domain
+    maps: a domain in two groups or an empty group is refused there)."""
+    groups: dict[str, list[str]] = {}
+    for d, g in load_domain_map(path).items():
+        groups.setdefault(g, []).append(d)
+    return groups
+
+
+def load_groupings(paths: list[str | Path]) -> dict[str, dict[str, list[str]]]:
+    """Several grouping files, each labelled by its file name's stem (groups/k4.json -> k4)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for p in paths:
+        label = Path(p).stem
+        if label in out:
+            raise UserError(f"two groupings are named {label!r} (their file names): rename one")
+        out[label] = load_grouping(p)
+    return out
+
+
+def normalize(groups: Mapping) -> dict[str, dict[str, list[str]]]:
+    """{label: {expert: [domains]}}; one bare grouping {expert: [domains]} is labelled `groups`."""
+    if not isinstance(groups, Mapping) or not groups:
+        raise UserError("groups: give {expert name: [domains]} or {label: {expert name: [domains]}}")
+    if all(isinstance(v, list | tuple) for v in groups.values()):
+        groups = {"groups": groups}
+    out = {}
+    for label, grouping in groups.items():
+        if not isinstance(grouping, Mapping) or not grouping:
+            raise UserError(f"grouping {label!r}: expected a non-empty {{expert name: [domains]}} mapping")
+        try:
+            valid_name(label)
+        except UserError:
+            raise UserError(
+                f"grouping label {label!r} names a directory: use letters, digits, . _ -"
+            ) from None
+        out[label] = {g: list(ms) if isinstance(ms, list | tuple) else ms for g, ms in grouping.items()}
+    return out
+
+
+def check_groupings(
+    groupings: dict[str, dict[str, list[str]]], domains: list[str] | None, shards: Shards
+) -> list[str]:
+    """Each grouping splits the same domains (`domains`, or the first grouping's) into disjoint, non-empty
+    groups of domains the shards can train and score; returns the domains."""
+    want = sorted(domains) if domains is not None else None
+    for label, grouping in groupings.items():
+        seen: dict[str, str] = {}
+        for g, members in grouping.items():
+            valid_name(g)  # each group names its expert
+            if not isinstance(members, list) or not members:
+                raise UserError(f"grouping {label!r}: group {g!r} is empty; every group needs domains")
+            for d in members:
+                if not isinstance(d, str) or not d:
+                    raise UserError(f"grouping {label!r}: group {g!r} lists {d!r}, not a domain name")
+                if d in seen:
+                    where = "twice" if seen[d] == g else f"in groups {seen[d]!r} and {g!r}"
+                    raise UserError(
+                        f"grouping {label!r}: domain {d!r} is {where}; each domain belongs to one group"
+                    )
+                seen[d] = g
+        unknown = sorted(d for d in seen if not shards.has(d, "train"))
+        if unknown:
+            raise UserError(
+                f"grouping {label!r}: unknown domain(s) {unknown}: {shards.root} has {shards.domains}"
+            )
+        if want is None:
+            want = sorted(seen)
+        elif sorted(seen) != want:
+            missing, extra = sorted(set(want) - set(seen)), sorted(set(seen) - set(want))
+            raise UserError(
+                f"grouping {label!r} must split exactly the swept domains {want}"
+                + (f"; it leaves out {missing}" if missing else "")
+                + (f"; it adds {extra}" if extra else "")
+            )
+    return list(domains) if domains is not None else want

@@ -1,0 +1,117 @@
+"""`elmforest sweep` over groups of domains (X-ELM): one expert per group, trained on the group's domains
+mixed, each domain scored by the expert whose group holds it; several groupings share one dense arm."""
+
+import json
+
+import pytest
+from conftest import tiny_config
+
+from elmforest.cli import main
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.forest.manifest import Forest
+from elmforest.launch.groupings import load_grouping
+from elmforest.launch.sweep import format_sweep, sweep
+from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json
+
+LRS, ELRS = [1e-3, 3e-3, 1e-2, 3e-2], [1e-3, 3e-3, 1e-2, 3e-2]
+SEED_LR = 3e-3  # the expert arm alone, from this dense run (the dense arm is tested in test_protocol.py)
+CFG = ["--set", "train.steps=6", "--set", "train.batch_size=4", "--set", "train.precision=fp32"]
+
+
+def test_grouped_sweep_trains_one_expert_per_group_and_scores_each_domain_by_its_group(
+    shards_dir, tmp_path, capsys
+):
+    sh = Shards(shards_dir)
+    a, b, c = sh.domains
+    groups = {"k2": {"pair": [b, a], "solo": [c]}, "k1": {"all": [a, b, c]}}
+    base = tiny_config(shards_dir, steps=6, batch_size=4)
+    kw = {"arm": "experts", "dense_lr": SEED_LR, "expert_lrs": ELRS, "groups": groups, "log": None}
+    res = sweep(shards_dir, tmp_path / "s", base, **kw)
+    assert "experts" not in res and sorted(res["grouped"]) == ["k1", "k2"]
+    # the batch splits evenly for every grouping (lcm of 2 and 1 experts), the dense run mixes every domain
+    assert res["plan"]["batch_size"] == 4 and res["plan"]["n_experts"] == 2
+    best = tmp_path / "s" / "dense" / f"lr-{SEED_LR:.3g}"
+    assert sorted(read_json(best / "runs" / "dense" / "run_config.json")["data"]["domains"]) == [a, b, c]
+    seq = base.train.seq_len
+    for label, grouping in groups.items():
+        r = res["grouped"][label]
+        assert r["groups"] == grouping and r["seed_lr"] == SEED_LR
+        assert [p["lr"] for p in r["points"]] == ELRS
+        assert r["best_lr"] == min(r["points"], key=lambda p: p["valid_mean_bpb"])["lr"]
+        for p in r["points"]:
+            f = Forest.load(tmp_path / "s" / f"experts-{label}" / f"lr-{p['lr']:.3g}")
+            assert str(best) in f.data["seed"]["source"] and sorted(f.names) == sorted(grouping)
+            for name, mix in grouping.items():
+                assert sorted(f.expert(name)["domains"]) == sorted(mix)  # the manifest records its mix
+                cfg = read_json(f.root / "runs" / name / "run_config.json")
+                assert cfg["data"]["domains"] == mix and cfg["optim"]["lr"] == p["lr"]
+                assert cfg["train"]["batch_size"] == 4 // len(grouping)
+            # brute force: each domain alone under the expert whose group holds it
+            own = {d: name for name, mix in grouping.items() for d in mix}
+            want = {
+                d: evaluate_shards(load_model(f.expert_dir(own[d])), sh, "valid", [d], seq, progress=False)[
+                    "mean_bpb"
+                ]
+                for d in (a, b, c)
+            }
+            assert p["domains"] == pytest.approx(want, rel=1e-6)
+            assert p["valid_mean_bpb"] == pytest.approx(sum(want.values()) / 3, rel=1e-6)
+    # the two-expert groups differ from one expert for all: the scores are not the same model's
+    k1, k2 = (res["grouped"][x]["points"][0]["domains"][a] for x in ("k1", "k2"))
+    assert k1 != pytest.approx(k2, rel=1e-9)
+    text = format_sweep(res)
+    assert "experts k2 arm" in text and f"pair = {b}, {a}" in text and "best experts k1 LR" in text
+
+    # the command line: grouping files as `elmforest cluster languages` writes them, resumed with no training
+    for label, grouping in groups.items():
+        (tmp_path / f"{label}.json").write_text(json.dumps({"k": len(grouping), "groups": grouping}))
+    stamp = (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns
+    files = f"{tmp_path / 'k2.json'},{tmp_path / 'k1.json'}"
+    argv = ["sweep", "--shards", str(shards_dir), "--out", str(tmp_path / "s"), "--groups", files]
+    argv += ["--arm", "experts", "--dense-lr", str(SEED_LR), "--expert-lrs", ",".join(map(str, ELRS))]
+    argv += ["--preset", "tiny", *CFG, "--json", str(tmp_path / "again.json"), "--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = read_json(tmp_path / "again.json")
+    for label in groups:
+        assert again["grouped"][label]["best_lr"] == res["grouped"][label]["best_lr"]
+    assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "experts k1 arm" in capsys.readouterr().out
+    # the same label with other groups is refused, not mixed with the points swept before
+    with pytest.raises(UserError, match="was swept here"):
+        sweep(shards_dir, tmp_path / "s", base, **{**kw, "groups": {"k2": {"x": [a], "y": [b, c]}}})
+
+
+def test_bad_groups_are_refused_before_any_work(shards_dir, tmp_path, capsys):
+    a, b, c = Shards(shards_dir).domains
+    base = tiny_config(shards_dir, steps=6, batch_size=4)
+    bad = [
+        ({"g": [a, b], "h": [b, c]}, f"domain '{b}' is in groups 'g' and 'h'"),
+        ({"g": [a, a], "h": [b, c]}, f"domain '{a}' is twice"),
+        ({"g": [a, b], "h": [c, "klingon"]}, r"unknown domain\(s\) \['klingon'\]"),
+        ({"g": [a, b, c], "h": []}, "group 'h' is empty"),
+        ({"k2": {"g": [a, b], "h": [c]}, "k1": {"all": [a, b]}}, rf"grouping 'k1' .* leaves out \['{c}'\]"),
+        ({"g/..": [a, b, c]}, "expert name"),
+        ({}, "give"),
+    ]
+    for groups, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            sweep(shards_dir, tmp_path / "s", base, lrs=LRS, groups=groups, log=None)
+    assert not (tmp_path / "s").exists()
+    # a grouping must split exactly the configured domains (data.domains), when they are given
+    base.data.domains = [a, b]
+    with pytest.raises(UserError, match=rf"adds \['{c}'\]"):
+        sweep(shards_dir, tmp_path / "s", base, lrs=LRS, groups={"g": [a], "h": [b, c]}, log=None)
+    # files: a domain in two groups is refused by the loader, and on the command line without a traceback
+    (tmp_path / "two.json").write_text(json.dumps({"groups": {"g": [a, b], "h": [b, c]}}))
+    with pytest.raises(UserError, match="mapped to both"):
+        load_grouping(tmp_path / "two.json")
+    argv = ["sweep", "--shards", str(shards_dir), "--out", str(tmp_path / "s"), "--preset", "tiny"]
+    assert main([*argv, "--groups", str(tmp_path / "two.json")]) == 2
+    out = capsys.readouterr()
+    assert "mapped to both" in out.err + out.out and "Traceback" not in out.err + out.out
+    assert main([*argv, "--groups", str(tmp_path / "none.json")]) != 0
+    assert not (tmp_path / "s").exists()
