@@ -10,12 +10,15 @@ grouping that leaves a domain out would average over fewer domains than the dens
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from elmforest.data.shards import Shards, load_domain_map
-from elmforest.forest.trust import valid_name
+from elmforest.forest.trust import NAME_RULE, RESERVED_NAMES
 from elmforest.utils.errors import UserError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # forest/trust.py's rule for expert names
 
 
 def load_grouping(path: str | Path) -> dict[str, list[str]]:
@@ -43,18 +46,18 @@ def normalize(groups: Mapping) -> dict[str, dict[str, list[str]]]:
     """{label: {expert: [domains]}}; one bare grouping {expert: [domains]} is labelled `groups`."""
     if not isinstance(groups, Mapping) or not groups:
         raise UserError("groups: give {expert name: [domains]} or {label: {expert name: [domains]}}")
-    if all(isinstance(v, list | tuple) for v in groups.values()):
+    if not any(isinstance(v, Mapping) for v in groups.values()):
         groups = {"groups": groups}
     out = {}
     for label, grouping in groups.items():
         if not isinstance(grouping, Mapping) or not grouping:
             raise UserError(f"grouping {label!r}: expected a non-empty {{expert name: [domains]}} mapping")
-        try:
-            valid_name(label)
-        except UserError:
+        # the label names only the directory experts-LABEL, so reserved expert names are fine
+        if not (isinstance(label, str) and NAME.fullmatch(label)):
             raise UserError(
-                f"grouping label {label!r} names a directory: use letters, digits, . _ -"
-            ) from None
+                f"grouping label {label!r} (its file name) names a directory: use {NAME_RULE}; "
+                "rename the file"
+            )
         out[label] = {g: list(ms) if isinstance(ms, list | tuple) else ms for g, ms in grouping.items()}
     return out
 
@@ -68,8 +71,10 @@ def check_groupings(
     for label, grouping in groupings.items():
         seen: dict[str, str] = {}
         for g, members in grouping.items():
-            valid_name(g)  # each group names its expert
-            if not isinstance(members, list) or not members:
+            _check_group_name(label, g)
+            if not isinstance(members, list):
+                raise UserError(f"grouping {label!r}: group {g!r} is not a list of domains: {members!r}")
+            if not members:
                 raise UserError(f"grouping {label!r}: group {g!r} is empty; every group needs domains")
             for d in members:
                 if not isinstance(d, str) or not d:
@@ -95,3 +100,16 @@ def check_groupings(
                 + (f"; it adds {extra}" if extra else "")
             )
     return list(domains) if domains is not None else want
+
+
+def _check_group_name(label: str, g) -> None:
+    """Each group names its expert, so it follows the expert names' rule (reserved names included)."""
+    if not (isinstance(g, str) and NAME.fullmatch(g)):
+        raise UserError(
+            f"grouping {label!r}: group {g!r} cannot name an expert: use {NAME_RULE}; rename the group"
+        )
+    if g in RESERVED_NAMES:
+        raise UserError(
+            f"grouping {label!r}: group {g!r} cannot name an expert ({sorted(RESERVED_NAMES)} are reserved); "
+            "rename the group"
+        )

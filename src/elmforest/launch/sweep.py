@@ -17,7 +17,8 @@ not can flip. So each arm is swept on its own, and chosen on the **valid** split
 
 Every point is a forest directory under `out` (dense/lr-X: seed + dense run; experts/lr-Y, or
 experts-LABEL/lr-Y for a grouping: experts sharing the best seed), so a killed sweep resumes where it
-stopped, and the Ray executor runs points (and each point's experts) in parallel. A best LR at either
+stopped, and the Ray executor runs points (and each point's experts) in parallel. A dense point planned
+by another sweep (other groupings round the batch otherwise) is refused, never reused as a seed. A best LR at either
 end of the grid is reported as such: the optimum may lie outside the grid.
 """
 
@@ -132,8 +133,9 @@ def _score_dense(
     except Diverged as e:  # finite training loss, non-finite on valid: as diverged as it gets
         write_json_atomic(point / DIVERGED, {"job": "dense", "why": f"Diverged: {e}"})
         return _diverged(point)
-    out = {"valid_mean_bpb": res["mean_bpb"], "domains": {d: v["bpb"] for d, v in res["domains"].items()}}
-    write_json_atomic(point / "valid.json", out if max_bytes is None else {**out, "max_bytes": max_bytes})
+    per = {d: v["bpb"] for d, v in res["domains"].items()}
+    out = {"valid_mean_bpb": res["mean_bpb"], "domains": per, "max_bytes": max_bytes}
+    write_json_atomic(point / "valid.json", out)
     return out
 
 
@@ -164,8 +166,8 @@ def score_experts(
             return _diverged(forest.root)
         per.update({d: res["domains"][d]["bpb"] for d in mine})
     per = {d: per[d] for d in domains}
-    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per}
-    write_json_atomic(cached, out if max_bytes is None else {**out, "max_bytes": max_bytes})
+    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per, "max_bytes": max_bytes}
+    write_json_atomic(cached, out)
     return out
 
 
@@ -219,10 +221,18 @@ def sweep(
         plan, base = btm.plan_for(base, domains, seed_share)
     else:  # the seed mixes the domains; the batch splits evenly between the experts of every grouping
         base.data.domains = list(domains)
-        plan, base = btm.plan_for(base, math.lcm(*(len(g) for g in groupings.values())), seed_share)
+        sizes = sorted({len(g) for g in groupings.values()})
+        asked = base.train.batch_size
+        plan, base = btm.plan_for(base, math.lcm(*sizes), seed_share)
+        log(
+            f"sweep: dense batch {asked} -> {plan.batch_size} (a multiple of {plan.n_experts}) so every "
+            f"grouping's experts ({', '.join(map(str, sizes))}) get an equal share"
+        )
+    for point in sorted((out / "dense").glob("lr-*")):  # before any work, seeds included
+        _check_dense_point(point, plan, base.data.domains)
     seq_len = base.train.seq_len
     result.update({"shards": str(shards.root.resolve()), "domains": domains, "plan": asdict(plan)})
-    result["max_bytes"] = max_bytes
+    result.pop("max_bytes", None)  # each arm records the bytes it was scored on (a rerun may rescore one)
     result["criterion"] = {
         "dense": "mean valid BPB over the domains of the dense run",
         "experts": "mean over domains of each expert's valid BPB on its own domain",
@@ -261,7 +271,7 @@ def sweep(
             {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len, max_bytes)}
             for lr in grid
         ]
-        result["dense"] = {"grid": grid, "points": points, **choose(points)}
+        result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
         write_json_atomic(out / "sweep.json", result)
     if arm in ("experts", "both"):
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
@@ -331,13 +341,31 @@ def sweep(
                 }
                 for lr in grid
             ]
-            r = {"grid": grid, "seed_lr": seed_lr, "points": points, **choose(points)}
+            r = {"grid": grid, "seed_lr": seed_lr, "max_bytes": max_bytes, "points": points, **choose(points)}
             if grouping is None:
                 result["experts"] = r
             else:
                 result.setdefault("grouped", {})[key] = {"groups": grouping, **r}
         write_json_atomic(out / "sweep.json", result)
     return result
+
+
+def _check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
+    """A dense point (and its seed) is reused only if planned as this sweep plans it: a sweep with
+    --groups rounds the batch to another multiple and names no expert domains, so it must not branch
+    from (or report) dense runs planned for one expert per domain, nor the reverse."""
+    if not (point / "forest.json").is_file() or "plan" not in (data := Forest.load(point).data):
+        return
+    have, want = asdict(btm.Plan(**data["plan"])), asdict(plan)
+    diff = [f"{k}: {have[k]!r} -> {want[k]!r}" for k in want if have.get(k) != want[k]]
+    mixed = ((data.get("seed") or {}).get("config") or {}).get("data", {}).get("domains")
+    if mixed is not None and sorted(mixed) != sorted(domains):
+        diff.append(f"mixed domains: {sorted(mixed)} -> {sorted(domains)}")
+    if diff:
+        raise UserError(
+            f"{point}: this dense run was planned by another sweep ({'; '.join(diff)}); a sweep with other "
+            "--groups, domains or training settings needs another --out"
+        )
 
 
 def _canon(grouping: dict) -> dict:
@@ -366,7 +394,8 @@ def format_sweep(result: dict) -> str:
         if not r:
             continue
         domains = next(list(p["domains"]) for p in r["points"] if p["domains"])
-        lines.append(f"{arm} arm ({criterion}):")
+        scored = f", first {r['max_bytes']} valid bytes per domain" if r.get("max_bytes") else ""
+        lines.append(f"{arm} arm ({criterion}{scored}):")
         lines.append("| LR | mean valid BPB | " + " | ".join(domains) + " |")
         lines.append("| ---: | ---: | " + " | ".join("---:" for _ in domains) + " |")
         for p in r["points"]:

@@ -45,6 +45,7 @@ TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from
 # 4e-3,8e-3,1.6e-2,3.2e-2 --eval-bytes 32000` on the default run (docs/xelm.md, "Learning rates"): the
 # dense run's (also the seed's) and the expert phase's for each k, each the best of its grid on the valid
 # split, none on its grid's edge. The tf-idf forest borrows the LR of the k closest to its own (not swept).
+# The command sweeps the quickstart's configs only with the same `--set` overrides as its run, if any.
 DENSE_LR = 8e-3
 EXPERT_LRS = {2: 1.6e-2, 4: 1.6e-2, 8: 8e-3}
 ADD_K = 4  # the forest the new language is added to
