@@ -9,14 +9,25 @@ search up to icp_plan's `exact_limit` documents).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from elmforest.cluster.icp import TokenDocuments, icp_plan
+from elmforest.cluster.icp_embed import embed
 from elmforest.data.reorder import DocumentOrderer, resolve_orderer
 from elmforest.utils.errors import UserError
+
+_EMBED_DEFAULTS = {
+    n: p
+    for n, p in inspect.signature(embed).parameters.items()
+    if n in ("dims", "max_tokens", "min_df", "max_features", "fit_docs", "svd_iter")
+}
+_SEARCH_DEFAULTS = {
+    n: p for n, p in inspect.signature(icp_plan).parameters.items() if n in ("exact_limit", "nprobe")
+}
 
 # the statistics of icp_plan the index keeps (all functions of the data and the seed)
 KEPT_STATS = (
@@ -49,7 +60,15 @@ class IcpOrder:
     name: ClassVar[str] = "icp"
 
     def params(self) -> dict:
-        return {"k": self.k, "dedup_threshold": self.dedup_threshold, "embedding": "token-id tf-idf/SVD"}
+        """Everything besides the seed the order depends on (recorded, so part of the fingerprint): a
+        change of the embedding's or the search's defaults makes other shards, never the same ones."""
+        return {
+            "k": self.k,
+            "dedup_threshold": self.dedup_threshold,
+            "embedding": "token-id tf-idf/SVD",
+            **{name: p.default for name, p in _EMBED_DEFAULTS.items()},
+            **{name: p.default for name, p in _SEARCH_DEFAULTS.items()},
+        }
 
     def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
         plan = icp_plan(
