@@ -38,7 +38,7 @@ from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.eval.crossdoc import evaluate_crossdoc
 from elmforest.forest.crossdoc import evaluate_forest_crossdoc
-from elmforest.forest.evaluate import evaluate_forest_shards
+from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import plan_for
 from elmforest.launch.executor import LocalExecutor
@@ -144,15 +144,18 @@ def score_arm(args, base_shards: Shards, forest: Forest) -> dict:
     common = {"split": "test", "domains": names, "seq_len": args.seq_len, "batch_size": 16}
     common["max_bytes"] = args.eval_bytes
     dense_dir = forest.root / "runs" / "dense" / "model"
+    pool = make_pool(forest, batch_size=16)  # the valid-split priors computed once for both evaluations
     cd = {"seq_len": args.seq_len, "max_docs": args.max_docs, "seed": 0, "progress": False}
     return {
         "bpb": {
             "dense": evaluate_shards(load_model(dense_dir), base_shards, progress=False, **common),
-            "forest": evaluate_forest_shards(forest, base_shards, mode="ensemble", prior="cached", **common),
+            "forest": evaluate_forest_shards(
+                forest, base_shards, mode="ensemble", prior="cached", pool=pool, **common
+            ),
         },
         "crossdoc": {
             "dense": evaluate_crossdoc(dense_dir, base_shards.root, **cd),
-            "forest": evaluate_forest_crossdoc(forest.root, base_shards.root, **cd),
+            "forest": evaluate_forest_crossdoc(forest.root, base_shards.root, pool=pool, **cd),
         },
         "compute": {"forest_flops": float(forest.total_flops()), "ledger": forest.ledger()},
     }

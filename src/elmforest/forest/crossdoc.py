@@ -69,9 +69,11 @@ def evaluate_forest_crossdoc(
     keep_loaded: bool = True,
     progress: bool = False,
     out: str | Path | None = None,
+    pool=None,
 ) -> dict:
     """Cross-document BPB of the forest's full ensemble (or of `experts`); the same tasks, targets and
-    table as evaluate_crossdoc, so a dense model's numbers compare directly."""
+    table as evaluate_crossdoc, so a dense model's numbers compare directly. `pool` (make_pool) may be
+    shared with evaluate_forest_shards on the same shards: the valid-split priors are then computed once."""
     if prior not in ("cached", "uniform"):
         raise UserError(f"unknown prior {prior!r}; expected cached or uniform")
     forest = Forest.load(forest_dir)
@@ -88,7 +90,9 @@ def evaluate_forest_crossdoc(
     items, info = build_tasks(
         shards, seq_len, target_len, max_docs, seed, resolve_tasks(tasks), neighbours, max_cosine, domains
     )
-    pool = make_pool(forest, names, device, precision, batch_size, keep_loaded)
+    pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
+    if pool.dirs != [forest.expert_dir(x) for x in names]:
+        raise UserError("the expert pool does not hold this forest's experts")
     n = len(names)
     priors, sources = {}, {}
     for d in dict.fromkeys(it.domain for its in items.values() for it in its):
