@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from elmforest.cluster import icp_kernels
 from elmforest.cluster.icp import TokenDocuments, icp_order, icp_plan
 from elmforest.cluster.icp_embed import embed
 from elmforest.cluster.icp_graph import greedy_path, knn_search, undirected_graph
@@ -96,7 +97,14 @@ def test_texts_duplicates_by_tfidf_cosine_and_unembedded_documents_kept():
     assert np.mean([a % 6 == b % 6 for a, b in zip(o, o[1:], strict=False)]) > 0.8
 
 
-def test_traversal_equals_the_trace_by_hand():
+TRAVERSALS = [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not icp_kernels.available(), reason="no numba")),
+]
+
+
+@pytest.mark.parametrize("compiled", TRAVERSALS)
+def test_traversal_equals_the_trace_by_hand(compiled):
     """Edges (weight): 0-1 .9, 1-3 .7, 2-3 .75, 3-4 .6, 4-5 .65, 3-5 .5, 6-7 .55, 5-6 .2.
     Degrees 0:1 1:2 2:1 3:4 4:2 5:3 6:2 7:1; priorities (lower first) below.
     Degree 1: 0 (p5), 2 (p0), 7 (p4) -> start at 2. 2 -> 3 (its only neighbour). 3's unvisited
@@ -119,7 +127,7 @@ def test_traversal_equals_the_trace_by_hand():
     priority = np.array([5, 3, 0, 6, 1, 7, 2, 4])
     keep = np.ones(8, dtype=bool)
     graph = undirected_graph(8, src, dst, w, keep, priority)
-    order, starts, steps = greedy_path(*graph, priority, keep)
+    order, starts, steps = greedy_path(*graph, priority, keep, compiled=compiled)
     assert order.tolist() == [2, 3, 1, 0, 4, 5, 6, 7]
     assert starts.tolist() == [0, 4]
     assert steps.tolist() == [0.75, 0.7, 0.9, 0.65, 0.2, 0.55]
@@ -127,7 +135,7 @@ def test_traversal_equals_the_trace_by_hand():
     # 2 has degree 0 -> [2]; degree 1: 0 (p5), 1 (p3), 4 (p1), 7 (p4) -> 4 -> 5 -> 6 -> 7; then 1 -> 0
     keep[3] = False
     graph = undirected_graph(8, src, dst, w, keep, priority)
-    order, starts, _ = greedy_path(*graph, priority, keep)
+    order, starts, _ = greedy_path(*graph, priority, keep, compiled=compiled)
     assert order.tolist() == [2, 4, 5, 6, 7, 1, 0] and starts.tolist() == [0, 1, 5]
 
 
@@ -149,7 +157,8 @@ def naive_path(n, edges, priority, keep):
     return order, starts
 
 
-def test_traversal_equals_the_rule_recomputed_from_scratch_on_random_graphs():
+@pytest.mark.parametrize("compiled", TRAVERSALS)
+def test_traversal_equals_the_rule_recomputed_from_scratch_on_random_graphs(compiled):
     rng = np.random.default_rng(7)
     for _ in range(30):
         n = int(rng.integers(2, 40))
@@ -164,7 +173,11 @@ def test_traversal_equals_the_rule_recomputed_from_scratch_on_random_graphs():
         ws = np.array([x for _, _, x in e])
         priority = rng.permutation(n)
         keep = rng.random(n) > 0.2
-        order, starts, _ = greedy_path(*undirected_graph(n, s, d, ws, keep, priority), priority, keep)
+        graph = undirected_graph(n, s, d, ws, keep, priority)
+        order, starts, steps = greedy_path(*graph, priority, keep, compiled=compiled)
+        if compiled:  # the same result as the Python loop, steps included
+            ref = greedy_path(*graph, priority, keep, compiled=False)
+            assert all(np.array_equal(a, b) for a, b in zip((order, starts, steps), ref, strict=True))
         assert (order.tolist(), starts.tolist()) == naive_path(n, e, priority, keep)
 
 

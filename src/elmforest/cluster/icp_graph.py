@@ -176,7 +176,12 @@ def undirected_graph(
 
 
 def greedy_path(
-    indptr: np.ndarray, nbrs: np.ndarray, weights: np.ndarray, priority: np.ndarray, nodes: np.ndarray
+    indptr: np.ndarray,
+    nbrs: np.ndarray,
+    weights: np.ndarray,
+    priority: np.ndarray,
+    nodes: np.ndarray,
+    compiled: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The paper's greedy traversal over `nodes` (bool [n]): start at an unvisited node of minimum
     degree, step to its most similar unvisited neighbour until none is left, then start again.
@@ -188,7 +193,14 @@ def greedy_path(
     `priority` (a permutation of range(n): the seeded tie-break). The minimum is kept in one lazy
     heap of keys degree·n + priority, pushed again on every decrement and skipped when stale.
 
-    Returns (order, segment start offsets into order, similarity of each step along an edge)."""
+    Returns (order, segment start offsets into order, similarity of each step along an edge).
+    `compiled`: the numba version in icp_kernels (the same result; default: when numba is there)."""
+    from elmforest.cluster import icp_kernels
+
+    if compiled is None:
+        compiled = icp_kernels.available()
+    if compiled:
+        return icp_kernels.greedy_path_compiled(indptr, nbrs, weights, priority, nodes)
     n = len(indptr) - 1
     ip = indptr.tolist()
     nb, wt = nbrs.tolist(), weights.tolist()

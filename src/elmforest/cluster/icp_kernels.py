@@ -1,0 +1,131 @@
+"""The ICP traversal compiled with numba, when numba is installed (the icp extra brings it).
+
+Why hand-written: the greedy traversal is sequential by nature (each step depends on every earlier
+visit), so no vectorised or library routine computes it; in Python it costs about 15 µs per
+document, a quarter of the whole ordering once the kNN search is fast. Compiled, it is ~50x faster.
+`icp_graph.greedy_path` calls this and falls back to its Python loop without numba; both give the
+same order (tested): the heap keys degree·n + priority are unique, so the pop order does not depend
+on how the heap is written.
+
+The first call compiles (about a second; the result is cached on disk beside this file, or in
+NUMBA_CACHE_DIR, so later processes load it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _push(heap, size, key):
+    i = size
+    heap[i] = key
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap[parent] <= key:
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = key
+    return size + 1
+
+
+def _pop(heap, size):
+    top = heap[0]
+    size -= 1
+    last = heap[size]
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            break
+        if child + 1 < size and heap[child + 1] < heap[child]:
+            child += 1
+        if heap[child] >= last:
+            break
+        heap[i] = heap[child]
+        i = child
+    if size > 0:
+        heap[i] = last
+    return top, size
+
+
+def _greedy(indptr, nbrs, weights, priority, nodes):
+    n = len(indptr) - 1
+    by_priority = np.empty(n, dtype=np.int64)
+    for v in range(n):
+        by_priority[priority[v]] = v
+    deg = np.empty(n, dtype=np.int64)
+    for v in range(n):
+        deg[v] = indptr[v + 1] - indptr[v]
+    heap = np.empty(n + len(nbrs) + 1, dtype=np.int64)
+    size = 0
+    left = 0
+    for v in range(n):
+        if nodes[v]:
+            size = _push(heap, size, deg[v] * n + priority[v])
+            left += 1
+    visited = np.zeros(n, dtype=np.bool_)
+    order = np.empty(left, dtype=np.int64)
+    starts = np.empty(left, dtype=np.int64)
+    steps = np.empty(left, dtype=np.float64)
+    n_order = 0
+    n_starts = 0
+    n_steps = 0
+    while left > 0 and size > 0:
+        key, size = _pop(heap, size)
+        d = key // n
+        v = by_priority[key - d * n]
+        if visited[v] or deg[v] != d:
+            continue
+        starts[n_starts] = n_order
+        n_starts += 1
+        while True:
+            visited[v] = True
+            order[n_order] = v
+            n_order += 1
+            left -= 1
+            nxt = -1
+            w = 0.0
+            for e in range(indptr[v], indptr[v + 1]):
+                u = nbrs[e]
+                if visited[u]:
+                    continue
+                deg[u] -= 1
+                if nxt < 0:
+                    nxt = u
+                    w = weights[e]
+                else:
+                    size = _push(heap, size, deg[u] * n + priority[u])
+            if nxt < 0:
+                break
+            steps[n_steps] = w
+            n_steps += 1
+            v = nxt
+    return order[:n_order], starts[:n_starts], steps[:n_steps]
+
+
+if numba is not None:
+    _push = numba.njit(cache=True, nogil=True)(_push)
+    _pop = numba.njit(cache=True, nogil=True)(_pop)
+    _greedy = numba.njit(cache=True, nogil=True)(_greedy)
+
+
+def greedy_path_compiled(indptr, nbrs, weights, priority, nodes):
+    """icp_graph.greedy_path's contract, compiled (see the module docstring)."""
+    order, starts, steps = _greedy(
+        np.ascontiguousarray(indptr, dtype=np.int64),
+        np.ascontiguousarray(nbrs, dtype=np.int64),
+        np.ascontiguousarray(weights, dtype=np.float64),
+        np.ascontiguousarray(priority, dtype=np.int64),
+        np.ascontiguousarray(nodes, dtype=np.bool_),
+    )
+    return order.copy(), starts.copy(), steps.copy()
