@@ -126,7 +126,7 @@ def test_traversal_equals_the_trace_by_hand(compiled):
     w = np.array([s for _, _, s in e])
     priority = np.array([5, 3, 0, 6, 1, 7, 2, 4])
     keep = np.ones(8, dtype=bool)
-    graph = undirected_graph(8, src, dst, w, keep, priority)
+    graph = undirected_graph(8, src, dst, w, keep, priority, compiled=compiled)
     order, starts, steps = greedy_path(*graph, priority, keep, compiled=compiled)
     assert order.tolist() == [2, 3, 1, 0, 4, 5, 6, 7]
     assert starts.tolist() == [0, 4]
@@ -134,7 +134,7 @@ def test_traversal_equals_the_trace_by_hand(compiled):
     # a node left out of `keep` (a dropped duplicate) loses its edges and is never visited. Without 3:
     # 2 has degree 0 -> [2]; degree 1: 0 (p5), 1 (p3), 4 (p1), 7 (p4) -> 4 -> 5 -> 6 -> 7; then 1 -> 0
     keep[3] = False
-    graph = undirected_graph(8, src, dst, w, keep, priority)
+    graph = undirected_graph(8, src, dst, w, keep, priority, compiled=compiled)
     order, starts, _ = greedy_path(*graph, priority, keep, compiled=compiled)
     assert order.tolist() == [2, 4, 5, 6, 7, 1, 0] and starts.tolist() == [0, 1, 5]
 
@@ -173,10 +173,12 @@ def test_traversal_equals_the_rule_recomputed_from_scratch_on_random_graphs(comp
         ws = np.array([x for _, _, x in e])
         priority = rng.permutation(n)
         keep = rng.random(n) > 0.2
-        graph = undirected_graph(n, s, d, ws, keep, priority)
+        graph = undirected_graph(n, s, d, ws, keep, priority, compiled=compiled)
         order, starts, steps = greedy_path(*graph, priority, keep, compiled=compiled)
-        if compiled:  # the same result as the Python loop, steps included
-            ref = greedy_path(*graph, priority, keep, compiled=False)
+        if compiled:  # the same results as the Python code, weights and steps included
+            ref_graph = undirected_graph(n, s, d, ws, keep, priority, compiled=False)
+            assert all(np.array_equal(a, b) for a, b in zip(graph, ref_graph, strict=True))
+            ref = greedy_path(*ref_graph, priority, keep, compiled=False)
             assert all(np.array_equal(a, b) for a, b in zip((order, starts, steps), ref, strict=True))
         assert (order.tolist(), starts.tolist()) == naive_path(n, e, priority, keep)
 

@@ -152,17 +152,28 @@ def near_duplicates(
 
 
 def undirected_graph(
-    n: int, src: np.ndarray, dst: np.ndarray, sim: np.ndarray, keep: np.ndarray, priority: np.ndarray
+    n: int,
+    src: np.ndarray,
+    dst: np.ndarray,
+    sim: np.ndarray,
+    keep: np.ndarray,
+    priority: np.ndarray,
+    compiled: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR adjacency (indptr [n+1], neighbours, weights) of the union of the kNN lists, both
     directions, edges touching a node outside `keep` removed, one entry per pair. Each node's
     neighbours are sorted by weight descending, ties by `priority` ascending: the traversal then
-    takes the first unvisited entry."""
+    takes the first unvisited entry. `compiled`: icp_kernels' version (the same result; default:
+    when numba is there)."""
     v = (dst >= 0) & (src != dst)
     v[v] &= keep[src[v]] & keep[dst[v]]
     a = np.concatenate([src[v], dst[v]])
     b = np.concatenate([dst[v], src[v]])
     w = np.concatenate([sim[v], sim[v]])
+    from elmforest.cluster import icp_kernels
+
+    if compiled if compiled is not None else icp_kernels.available():
+        return icp_kernels.adjacency_compiled(n, a, b, w, priority)
     o = np.lexsort((priority[b], -w, a))
     a, b, w = a[o], b[o], w[o]
     # a pair in both kNN lists comes twice with the same weight (edge_similarity is symmetric to the

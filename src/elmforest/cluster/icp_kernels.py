@@ -1,14 +1,16 @@
-"""The ICP traversal compiled with numba, when numba is installed (the icp extra brings it).
+"""The ICP graph build and traversal compiled with numba, when numba is installed (the icp extra).
 
 Why hand-written: the greedy traversal is sequential by nature (each step depends on every earlier
-visit), so no vectorised or library routine computes it; in Python it costs about 15 µs per
-document, a quarter of the whole ordering once the kNN search is fast. Compiled, it is ~50x faster.
-`icp_graph.greedy_path` calls this and falls back to its Python loop without numba; both give the
-same order (tested): the heap keys degree·n + priority are unique, so the pop order does not depend
-on how the heap is written.
+visit), so no vectorised or library routine computes it; in Python it costs about 12 µs per
+document, compiled under 1 µs. The adjacency build replaces one lexsort over every edge entry by a
+counting sort by node and a small sort per node (2-4x). `icp_graph.greedy_path` and
+`undirected_graph` call these and fall back to their NumPy/Python code without numba; both give the
+same result (tested): the heap keys degree·n + priority are unique, so the pop order does not
+depend on how the heap is written.
 
-The first call compiles (about a second; the result is cached on disk beside this file, or in
-NUMBA_CACHE_DIR, so later processes load it).
+Each function compiles on its first call in a process tree without a cache (a few seconds); the
+machine code is cached on disk beside this file (or in NUMBA_CACHE_DIR), so a later process only
+loads it (about 1 s with numba's import: bench/icp_order.py prints it apart).
 """
 
 from __future__ import annotations
@@ -113,7 +115,39 @@ def _greedy(indptr, nbrs, weights, priority, nodes):
     return order[:n_order], starts[:n_starts], steps[:n_steps]
 
 
+def _adjacency(n, a, b, w, prio_b):
+    counts = np.zeros(n + 1, dtype=np.int64)
+    for i in range(len(a)):
+        counts[a[i] + 1] += 1
+    indptr = np.cumsum(counts)
+    fill = indptr[:-1].copy()
+    pos = np.empty(len(a), dtype=np.int64)
+    for i in range(len(a)):  # stable counting sort by source node
+        pos[fill[a[i]]] = i
+        fill[a[i]] += 1
+    out_b = np.empty(len(a), dtype=np.int64)
+    out_w = np.empty(len(a), dtype=np.float64)
+    new_ptr = np.zeros(n + 1, dtype=np.int64)
+    m = 0
+    for v in range(n):
+        seg = pos[indptr[v] : indptr[v + 1]]
+        o = np.argsort(prio_b[seg], kind="mergesort")
+        o = o[np.argsort(-w[seg[o]], kind="mergesort")]  # weight descending, ties by priority
+        last = -1
+        for j in o:
+            e = seg[j]
+            if b[e] == last:  # a pair from both kNN lists: equal weights, so the copies are adjacent
+                continue
+            last = b[e]
+            out_b[m] = b[e]
+            out_w[m] = w[e]
+            m += 1
+        new_ptr[v + 1] = m
+    return new_ptr, out_b[:m].copy(), out_w[:m].copy()
+
+
 if numba is not None:
+    _adjacency = numba.njit(cache=True, nogil=True)(_adjacency)
     _push = numba.njit(cache=True, nogil=True)(_push)
     _pop = numba.njit(cache=True, nogil=True)(_pop)
     _greedy = numba.njit(cache=True, nogil=True)(_greedy)
@@ -129,3 +163,18 @@ def greedy_path_compiled(indptr, nbrs, weights, priority, nodes):
         np.ascontiguousarray(nodes, dtype=np.bool_),
     )
     return order.copy(), starts.copy(), steps.copy()
+
+
+def adjacency_compiled(n: int, a: np.ndarray, b: np.ndarray, w: np.ndarray, priority: np.ndarray):
+    """The sorting half of icp_graph.undirected_graph, compiled: CSR (indptr, neighbours, weights) of
+    the directed entries a -> b, each node's sorted by weight descending then priority, a repeated
+    (a, b) kept once. A counting sort by node and a small sort per node, not one lexsort over
+    every entry (the same result, tested)."""
+    b = np.ascontiguousarray(b, dtype=np.int64)
+    return _adjacency(
+        int(n),
+        np.ascontiguousarray(a, dtype=np.int64),
+        b,
+        np.ascontiguousarray(w, dtype=np.float64),
+        np.ascontiguousarray(priority, dtype=np.int64)[b],
+    )
