@@ -170,6 +170,27 @@ def _tfidf_dense(bags: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return x, y
 
 
+def _bag_dense(tokens, vocab: int, special) -> np.ndarray:
+    """A document's bag by hand: counts of its first 512 token ids, special tokens left out."""
+    t = np.asarray(tokens[:512], dtype=np.int64)
+    return np.bincount(t[~np.isin(t, special)], minlength=vocab).astype(float)
+
+
+def test_bags_count_each_spans_first_512_tokens_without_special_ones():
+    """Spans longer than 512 tokens (none in the fixture shards), empty, overlapping, holding EOS."""
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 50, 5000).astype(np.uint16)
+    stream[rng.random(5000) < 0.1] = 7
+    starts = rng.integers(0, 4000, 40)
+    ends = np.minimum(starts + rng.integers(0, 1200, 40), 5000)
+    ends[:3] = starts[:3]
+    got = _bags(stream, starts, ends, 60, np.array([7])).toarray()
+    want = np.stack([_bag_dense(stream[a:b], 60, [7]) for a, b in zip(starts, ends, strict=True)])
+    assert (ends - starts).max() > 512 and np.array_equal(got, want)
+    with pytest.raises(UserError, match="beyond the shards' vocabulary"):
+        _bags(stream, starts, ends, 40, np.array([7]))
+
+
 def test_retrieval_equals_a_dense_brute_force_and_reads_train_only(shards_dir, monkeypatch):
     sh = Shards(shards_dir)
     table, special = token_byte_table(Path(shards_dir) / "tokenizer.json")
@@ -188,12 +209,13 @@ def test_retrieval_equals_a_dense_brute_force_and_reads_train_only(shards_dir, m
     copy = _bags(index.streams[dom], np.array([s0]), np.array([e0]), sh.vocab_size, special)
     queries = sp.vstack([q, copy]).tocsr()
     ids, cos = index.neighbours(queries, 5, 0.9, chunk_cells=1000)  # several chunks
-    train_bags = np.vstack(
-        [
-            _bags(index.streams[w[0]], np.array([w[1]]), np.array([w[2]]), sh.vocab_size, special).toarray()
-            for w in index.where
-        ]
+    train_bags = np.stack(
+        [_bag_dense(index.streams[w[0]][w[1] : w[2]], sh.vocab_size, special) for w in index.where]
     )
+    want_q = [
+        _bag_dense(stream[a:b], sh.vocab_size, special) for a, b in zip(starts, docs[:, 0], strict=True)
+    ]
+    assert np.array_equal(queries.toarray(), np.stack([*want_q, train_bags[5]]))
     x, y = _tfidf_dense(train_bags, queries.toarray())
     sims = y @ x.T
     assert np.allclose(index.vectors.toarray(), x, atol=1e-9)

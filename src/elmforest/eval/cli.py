@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 import typer
@@ -39,6 +40,33 @@ def split_fractions(s):
 split_fractions.metavar = "VALID,TEST"
 
 
+Model = Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")]
+Json = Annotated[str | None, opt("write the result here", metavar="FILE")]
+Domains = Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")]
+Prior = Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")]
+PriorBatches = Annotated[
+    int,
+    opt("forest: valid batches for the cached prior (every valid window when there are fewer)", positive_int),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """Where and how a model runs (an option group, shared by the eval verbs)."""
+
+    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto"
+    precision: Annotated[
+        str,
+        opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P"),
+    ] = "auto"
+    trust_remote_code: Annotated[
+        bool, flag("--trust-remote-code", "allow custom model code from --model")
+    ] = False
+
+
+DEFAULT_RUN = RunArgs()
+
+
 def register(app: typer.Typer) -> None:
     verb(app, "eval")(eval_)
     verb(app, "eval-crossdoc")(eval_crossdoc)
@@ -53,9 +81,9 @@ def eval_(
             metavar="PATH",
         ),
     ],
-    model: Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")] = None,
+    model: Model = None,
     forest: Annotated[str | None, opt("evaluate a forest instead of one model", metavar="DIR")] = None,
-    json: Annotated[str | None, opt("write the result here", metavar="FILE")] = None,
+    json: Json = None,
     split: Annotated[
         str,
         opt(
@@ -63,7 +91,7 @@ def eval_(
             metavar="SPLIT",
         ),
     ] = "test",
-    domains: Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")] = None,
+    domains: Domains = None,
     max_bytes: Annotated[
         int | None,
         opt(
@@ -85,13 +113,7 @@ def eval_(
         int | None, opt("window length (default: the model's training context)", positive_int)
     ] = None,
     batch_size: Annotated[int, opt("windows per forward pass", positive_int)] = 16,
-    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
-    precision: Annotated[
-        str, opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P")
-    ] = "auto",
-    trust_remote_code: Annotated[
-        bool, flag("--trust-remote-code", "allow custom model code from --model")
-    ] = False,
+    run: RunArgs = DEFAULT_RUN,
     no_progress: NoProgressBar = False,
     mode: Annotated[
         Literal["ensemble", "topk", "average", "cluster"],
@@ -105,7 +127,7 @@ def eval_(
             positive_int,
         ),
     ] = 2,
-    prior: Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")] = "cached",
+    prior: Prior = "cached",
     weighting: Annotated[
         Literal["posterior", "fixed", "demix"],
         opt(
@@ -116,13 +138,7 @@ def eval_(
     select: Annotated[
         str, opt("forest, top-k selection: prior | prefix:W (first W tokens)", metavar="S")
     ] = "prior",
-    prior_batches: Annotated[
-        int,
-        opt(
-            "forest: valid batches for the cached prior (every valid window when there are fewer)",
-            positive_int,
-        ),
-    ] = 20,
+    prior_batches: PriorBatches = 20,
     prior_ema: Annotated[
         float | None,
         opt(
@@ -163,8 +179,8 @@ def eval_(
         seq_len=seq_len,
         batch_size=batch_size,
         max_bytes=max_bytes,
-        device=device,
-        precision=precision,
+        device=run.device,
+        precision=run.precision,
     )
     if forest:
         from elmforest.forest.evaluate import evaluate_forest
@@ -193,7 +209,9 @@ def eval_(
     else:
         from elmforest.eval.bpb import evaluate
 
-        res = evaluate(model, data, progress=not no_progress, trust_remote_code=trust_remote_code, **common)
+        res = evaluate(
+            model, data, progress=not no_progress, trust_remote_code=run.trust_remote_code, **common
+        )
         if "read" in res:
             print_read(res["read"])
         print_table({"model": res})
@@ -203,11 +221,11 @@ def eval_(
 
 def eval_crossdoc(
     data: Annotated[str, opt("a shards directory made with the model's tokenizer", metavar="DIR")],
-    model: Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")] = None,
+    model: Model = None,
     forest: Annotated[
         str | None, opt("score a forest's full ensemble (BTM posterior) instead of one model", metavar="DIR")
     ] = None,
-    json: Annotated[str | None, opt("write the result here", metavar="FILE")] = None,
+    json: Json = None,
     tasks: Annotated[
         str, opt("retrieval (nearest train documents as context) and/or second_half", metavar="A,B")
     ] = "retrieval,second_half",
@@ -228,19 +246,11 @@ def eval_crossdoc(
             unit_fraction,
         ),
     ] = 0.9,
-    domains: Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")] = None,
-    prior: Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")] = "cached",
-    prior_batches: Annotated[
-        int, opt("forest: valid batches for the cached prior (every valid window when fewer)", positive_int)
-    ] = 20,
+    domains: Domains = None,
+    prior: Prior = "cached",
+    prior_batches: PriorBatches = 20,
     batch_size: Annotated[int, opt("sequences per forward pass", positive_int)] = 16,
-    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
-    precision: Annotated[
-        str, opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P")
-    ] = "auto",
-    trust_remote_code: Annotated[
-        bool, flag("--trust-remote-code", "allow custom model code from --model")
-    ] = False,
+    run: RunArgs = DEFAULT_RUN,
     no_progress: NoProgressBar = False,
 ) -> None:
     """Cross-document bits per byte (In-Context Pretraining): a test document after its nearest train
@@ -259,8 +269,8 @@ def eval_crossdoc(
         max_cosine=max_cosine,
         domains=split_list(domains),
         batch_size=batch_size,
-        device=device,
-        precision=precision,
+        device=run.device,
+        precision=run.precision,
         progress=not no_progress,
         out=json,
     )
@@ -271,7 +281,7 @@ def eval_crossdoc(
     else:
         from elmforest.eval.crossdoc import evaluate_crossdoc
 
-        res = evaluate_crossdoc(model, data, trust_remote_code=trust_remote_code, **common)
+        res = evaluate_crossdoc(model, data, trust_remote_code=run.trust_remote_code, **common)
     for task, r in res["tasks"].items():
         print_table(r["conditions"], title=f"{task}: bits per byte (lower is better)")
         for g, v in r["gain"].items():

@@ -18,6 +18,8 @@ attention mask (nor position shift) is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,81 @@ def resolve_tasks(tasks) -> tuple[str, ...]:
     return tuple(tasks)
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """How the tasks are built (build_tasks' options): evaluate_crossdoc and evaluate_forest_crossdoc
+    take the same ones, so a dense model's and a forest's results score the same targets."""
+
+    seq_len: int | None = None  # default: the (first) model's training context
+    target_len: int | None = None
+    max_docs: int | None = 200
+    seed: int = 0
+    tasks: tuple[str, ...] | str = tuple(TASKS)
+    neighbours: int = 64
+    max_cosine: float = 0.9
+    domains: list[str] | None = None
+
+
+@dataclass
+class Prepared:
+    """The shards, the resolved seq_len and the built tasks: what every scorer starts from."""
+
+    shards: Shards
+    seq_len: int
+    items: dict[str, list[Item]]
+    info: dict
+    options: TaskOptions
+
+    def header(self, dev, amp) -> dict:
+        """What every cross-document result records about how it was made."""
+        o = self.options
+        return {
+            "shards": str(self.shards.root),
+            "split": "test",
+            "seq_len": self.seq_len,
+            "target_len": self.info["target_len"],
+            "max_docs": o.max_docs,
+            "seed": o.seed,
+            "neighbours": o.neighbours,
+            "max_cosine": o.max_cosine,
+            "built": self.info,
+            "device": str(dev),
+            "precision": str(amp or torch.float32).replace("torch.", ""),
+            "convention": CONVENTION,
+        }
+
+
+def prepare_crossdoc(
+    shards_path: str | Path,
+    options: TaskOptions,
+    model_dirs: list[Path],
+    fingerprint: Callable[[], str],
+    whose: str,
+) -> Prepared:
+    """Open the shards, refuse them unless tokenized with the models' tokenizer (`fingerprint`, read
+    only once the shards opened; `whose` names it in the error), check seq_len against every model's
+    positions (default: the first model's training context), and build the tasks."""
+    shards = Shards(shards_path)
+    if shards.tokenizer_fingerprint != fingerprint():
+        raise UserError(f"{shards.root} was tokenized with a different tokenizer than {whose}")
+    seq_len = options.seq_len or default_seq_len(model_dirs[0])
+    for d in model_dirs:
+        check_seq_len(d, seq_len)
+    o = options
+    items, info = build_tasks(
+        shards,
+        seq_len,
+        target_len=o.target_len,
+        max_docs=o.max_docs,
+        seed=o.seed,
+        tasks=resolve_tasks(o.tasks),
+        neighbours=o.neighbours,
+        max_cosine=o.max_cosine,
+        domains=o.domains,
+    )
+    return Prepared(shards, seq_len, items, info, options)
+
+
 def evaluate_crossdoc(
     model_path: str | Path,
     shards_path: str | Path,
@@ -171,48 +248,19 @@ def evaluate_crossdoc(
     """Cross-document BPB of one model (a run dir or HF checkpoint) on a shards dir made with its
     tokenizer; `seq_len` defaults to the model's training context. Written atomically to `out`."""
     mdir = resolve_model_dir(model_path)
-    shards = Shards(shards_path)
-    if shards.tokenizer_fingerprint != load_tokenizer(mdir).fingerprint():
-        raise UserError(f"{shards.root} was tokenized with a different tokenizer than {mdir}")
-    seq_len = seq_len or default_seq_len(mdir)
-    check_seq_len(mdir, seq_len)
-    tasks = resolve_tasks(tasks)
-    items, info = build_tasks(
-        shards, seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains
-    )
+    opts = TaskOptions(seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains)
+    prep = prepare_crossdoc(shards_path, opts, [mdir], lambda: load_tokenizer(mdir).fingerprint(), str(mdir))
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model = load_model(mdir, trust_remote_code=trust_remote_code).to(dev).eval()
-    nll = {}
+    items, eos, nll = prep.items, prep.shards.eos_id, {}
     for task, its in items.items():
         for cond in TASKS[task]:
             _, tgt = score_sequences(
-                model, sequences(its, cond), shards.eos_id, batch_size, dev, amp, f"{task}/{cond}", progress
+                model, sequences(its, cond), eos, batch_size, dev, amp, f"{task}/{cond}", progress
             )
             nll[(task, cond)] = -tgt.sum(1)
-    res = {
-        "model": str(mdir),
-        **header(shards, seq_len, max_docs, seed, neighbours, max_cosine, info, dev, amp),
-        "tasks": summarize(items, nll),
-    }
+    res = {"model": str(mdir), **prep.header(dev, amp), "tasks": summarize(items, nll)}
     if out:
         write_json_atomic(out, res)
     return res
-
-
-def header(shards, seq_len, max_docs, seed, neighbours, max_cosine, info, dev, amp) -> dict:
-    """What every cross-document result records about how it was made."""
-    return {
-        "shards": str(shards.root),
-        "split": "test",
-        "seq_len": seq_len,
-        "target_len": info["target_len"],
-        "max_docs": max_docs,
-        "seed": seed,
-        "neighbours": neighbours,
-        "max_cosine": max_cosine,
-        "built": info,
-        "device": str(dev),
-        "precision": str(amp or torch.float32).replace("torch.", ""),
-        "convention": CONVENTION,
-    }

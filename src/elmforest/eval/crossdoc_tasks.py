@@ -56,20 +56,6 @@ MIN_SEQ_LEN = 8
 TASKS = {"retrieval": ("retrieved", "random", "none"), "second_half": ("first_half", "none")}
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's ByteLevel alphabet: byte -> the printable character that stands for it in the vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def _has_bytelevel(node) -> bool:
     if isinstance(node, dict):
         return node.get("type") == "ByteLevel" or any(_has_bytelevel(v) for v in node.values())
@@ -93,6 +79,10 @@ def token_byte_table(tokenizer_json: str | Path) -> tuple[np.ndarray, np.ndarray
             f"{path}: not a byte-level BPE tokenizer (model {model.get('type')!r}, no ByteLevel pre-tokenizer "
             "or decoder): the bytes of part of a document cannot be read off its tokens"
         )
+    # GPT-2's byte -> printable character table, in which byte-level BPE spells its tokens: transformers'
+    # own, as cluster/router.py reads it (tokenizers exposes only the set of characters, not the mapping)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     back = {c: b for b, c in bytes_to_unicode().items()}
     added = {int(a["id"]): a for a in spec.get("added_tokens") or []}
     vocab = model.get("vocab") or {}
@@ -135,14 +125,19 @@ def document_bytes_ok(shards: Shards, domain: str, split: str, table: np.ndarray
 
 
 def _bags(stream: np.ndarray, starts: np.ndarray, ends: np.ndarray, vocab: int, special) -> sp.csr_matrix:
-    """Token-id counts [docs, vocab] of each [start, end) cut to its first BAG_TOKENS tokens."""
+    """Token-id counts [docs, vocab] of each [start, end) cut to its first BAG_TOKENS tokens, special
+    tokens left out: ICP's bags of token ids (cluster/icp_embed.py), over spans that need not tile the
+    stream (a query is the first tokens of a document). Imported here: icp_embed loads scikit-learn's
+    text module, which a second_half-only run never needs."""
+    from elmforest.cluster.icp_embed import bag_counts
+
     lengths = np.minimum(ends - starts, BAG_TOKENS).clip(0)
-    rows = np.repeat(np.arange(len(starts)), lengths)
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    ids = np.asarray(stream[np.repeat(starts, lengths) + offsets], dtype=np.int64)
-    keep = ~np.isin(ids, special)
-    m = sp.coo_matrix((np.ones(int(keep.sum())), (rows[keep], ids[keep])), shape=(len(starts), vocab))
-    return m.tocsr()
+    pos = np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    ids = np.asarray(stream[pos], dtype=np.int64)
+    if ids.size and int(ids.max()) >= vocab:
+        raise UserError(f"token id {int(ids.max())} is beyond the shards' vocabulary of {vocab}")
+    ids[np.isin(ids, special)] = -1
+    return bag_counts(lengths, ids, vocab)
 
 
 @dataclass

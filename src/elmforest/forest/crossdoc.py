@@ -18,17 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elmforest.data.shards import Shards
-from elmforest.eval.bpb import default_seq_len
-from elmforest.eval.crossdoc import (
-    check_seq_len,
-    header,
-    resolve_tasks,
-    score_sequences,
-    sequences,
-    summarize,
-)
-from elmforest.eval.crossdoc_tasks import TASKS, build_tasks
+from elmforest.eval.crossdoc import TaskOptions, prepare_crossdoc, score_sequences, sequences, summarize
+from elmforest.eval.crossdoc_tasks import TASKS
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import estimate_prior_info, make_pool
 from elmforest.forest.posterior import ensemble_logprob
@@ -80,16 +71,15 @@ def evaluate_forest_crossdoc(
     names = experts or forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
-    shards = Shards(shards_path)
-    if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
-        raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
-    first = forest.expert_dir(names[0])
-    seq_len = seq_len or default_seq_len(first)
-    for x in names:
-        check_seq_len(forest.expert_dir(x), seq_len)
-    items, info = build_tasks(
-        shards, seq_len, target_len, max_docs, seed, resolve_tasks(tasks), neighbours, max_cosine, domains
+    opts = TaskOptions(seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains)
+    prep = prepare_crossdoc(
+        shards_path,
+        opts,
+        [forest.expert_dir(x) for x in names],
+        lambda: forest.data["tokenizer"],
+        "the forest's experts",
     )
+    shards, seq_len, items = prep.shards, prep.seq_len, prep.items
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:
         raise UserError("the expert pool does not hold this forest's experts")
@@ -137,7 +127,7 @@ def evaluate_forest_crossdoc(
     res = {
         "forest": str(forest.root),
         "experts": names,
-        **header(shards, seq_len, max_docs, seed, neighbours, max_cosine, info, pool.device, pool.amp),
+        **prep.header(pool.device, pool.amp),
         "prior": {d: dict(zip(names, p.tolist(), strict=True)) for d, p in priors.items()},
         "prior_source": sources,
         "prior_batches": prior_batches,
