@@ -30,11 +30,12 @@ def qs_dir(forest_dir, shards_dir, tmp_path_factory) -> Path:
     that, report.html included): the shared tiny forest, a merged MoE with its routing statistics,
     and results.json assembled as the quickstart assembles it from the same evaluation
     (compare.evaluate_methods), in domain and on one domain standing in for an out-of-domain set."""
-    from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
+    from elmforest.compare import evaluate_methods, findings, priors_table
     from elmforest.data.shards import Shards
     from elmforest.forest.manifest import Forest
     from elmforest.merge.moe import MoeSpec, export_moe
     from elmforest.merge.routing import write_routing
+    from elmforest.quickstart import compute_summary
 
     qs = tmp_path_factory.mktemp("report") / "qs"
     shutil.copytree(forest_dir, qs / "forest")  # the shared fixture stays as it is
@@ -45,17 +46,8 @@ def qs_dir(forest_dir, shards_dir, tmp_path_factory) -> Path:
     pools, models = {}, {"moe": qs / "moe"}
     methods, _ = evaluate_methods(forest, shards, common, 1, pools, {}, models)
     ood, _ = evaluate_methods(forest, shards, {**common, "domains": ["legal"]}, 1, pools, {}, models)
-    arms = arm_flops(forest, {}, {})
-    flops = method_flops(methods, arms)
-    compute = {
-        "dense_flops": arms["dense"],
-        "forest_flops": arms["forest"],
-        "forest_over_dense": arms["forest"] / arms["dense"],
-        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
-        "arms": arms,
-        "methods": flops,
-        "tolerance": 0.01,
-    }
+    compute = compute_summary(forest, methods, {}, {})  # the quickstart's own, so it cannot drift
+    flops = compute["methods"]
     results = {
         "methods": methods,
         "ood_methods": ood,

@@ -26,7 +26,7 @@ from elmforest.compare import arm_flops, evaluate_methods, findings, method_flop
 from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.eval.report import flops_mark, plot_results, print_table
+from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark, plot_results, print_table
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
@@ -157,17 +157,8 @@ def quickstart(
             forest, ood_shards, ood_common, prior_batches, pools, others, models
         )
 
-    arms = arm_flops(forest, {k: v for k, v in others.items()}, phases)
-    flops = method_flops(methods, arms)
-    compute = {
-        "dense_flops": arms["dense"],
-        "forest_flops": arms["forest"],
-        "forest_over_dense": arms["forest"] / arms["dense"],
-        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
-        "arms": arms,
-        "methods": flops,
-        "tolerance": 0.01,
-    }
+    compute = compute_summary(forest, methods, others, phases)
+    flops = compute["methods"]
     results = {
         "methods": methods,
         "ood_methods": ood_methods,
@@ -215,6 +206,20 @@ def quickstart(
         f"forest in {forest.root}"
     )
     return results
+
+
+def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], phases: dict) -> dict:
+    """results.json's "compute", apart so that tests build the report from what the quickstart writes."""
+    arms = arm_flops(forest, others, phases)
+    return {
+        "dense_flops": arms["dense"],
+        "forest_flops": arms["forest"],
+        "forest_over_dense": arms["forest"] / arms["dense"],
+        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
+        "arms": arms,
+        "methods": method_flops(methods, arms),
+        "tolerance": FLOPS_TOLERANCE,
+    }
 
 
 def _workers(base, workers: int | None) -> tuple[int, int]:

@@ -21,10 +21,11 @@ from elmforest.utils.errors import UserError
 
 RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
 NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # NAME_RULE; names also become directory names
 
 
 def valid_name(name: str) -> str:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(f"expert name {name!r}: use {NAME_RULE}")
     if name in RESERVED_NAMES:
         raise UserError(f"expert name {name!r} is reserved; pass another name (--name)")

@@ -10,15 +10,12 @@ grouping that leaves a domain out would average over fewer domains than the dens
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from elmforest.data.shards import Shards, load_domain_map
-from elmforest.forest.trust import NAME_RULE, RESERVED_NAMES
+from elmforest.forest.trust import NAME, NAME_RULE, RESERVED_NAMES
 from elmforest.utils.errors import UserError
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # forest/trust.py's rule for expert names
 
 
 def load_grouping(path: str | Path) -> dict[str, list[str]]:

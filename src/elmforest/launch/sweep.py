@@ -30,15 +30,17 @@ from pathlib import Path
 
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
-from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
 from elmforest.launch.groupings import check_groupings, normalize
 from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
-from elmforest.model.build import load_model
-from elmforest.utils.errors import Diverged, UserError
+from elmforest.launch.sweep_results import DIVERGED, choose, format_sweep, score_dense, score_experts
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
+
+# scoring, choosing and formatting live in sweep_results.py; their names stay importable from here
+__all__ = ["ARMS", "btm_grid_default", "choose", "format_sweep", "lr_grid", "score_experts", "sweep"]
 
 ARMS = ("dense", "experts", "both")
 
@@ -54,7 +56,6 @@ def _tag(lr: float) -> str:
     return f"lr-{lr:.3g}"
 
 
-DIVERGED = "diverged.json"  # in a point's directory: its training hit a non-finite loss
 DIVERGED_ERRORS = ("Diverged", "FloatingPointError")  # how a failed job's report names them
 
 
@@ -87,88 +88,6 @@ def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Pa
                 write_json_atomic(points[i] / DIVERGED, {"job": labels[i], "why": why})
         if other:
             raise JobsFailed(other) from e
-
-
-def _diverged(point: Path) -> dict | None:
-    if (point / DIVERGED).is_file():
-        return {"valid_mean_bpb": None, "diverged": read_json(point / DIVERGED)["why"], "domains": {}}
-    return None
-
-
-def choose(points: list[dict]) -> dict:
-    """The best finite point; an edge is judged against the whole grid (a diverged LR above the best
-    one bounds it as well as a worse one does)."""
-    ok = [p for p in points if p.get("valid_mean_bpb") is not None and math.isfinite(p["valid_mean_bpb"])]
-    if not ok:
-        raise UserError("every LR of the grid diverged: sweep lower learning rates")
-    best = min(ok, key=lambda p: p["valid_mean_bpb"])
-    lrs = [p["lr"] for p in points]
-    edge = None
-    if best["lr"] == min(lrs):
-        edge = "lowest"
-    elif best["lr"] == max(lrs):
-        edge = "highest"
-    return {"best_lr": best["lr"], "best_valid_mean_bpb": best["valid_mean_bpb"], "at_edge": edge}
-
-
-def _cached(path: Path, max_bytes: int | None) -> dict | None:
-    """A point's valid scores, unless they were measured on another number of bytes."""
-    if path.is_file():
-        got = read_json(path)
-        if got.get("max_bytes") == max_bytes:
-            return got
-    return None
-
-
-def _score_dense(
-    point: Path, shards: Shards, domains: list[str], seq_len: int, max_bytes: int | None = None
-) -> dict:
-    if (bad := _diverged(point)) is not None:
-        return bad
-    if (hit := _cached(point / "valid.json", max_bytes)) is not None:
-        return hit
-    try:
-        model = load_model(point / "runs" / "dense" / "model")
-        res = evaluate_shards(model, shards, "valid", domains, seq_len, max_bytes=max_bytes, progress=False)
-    except Diverged as e:  # finite training loss, non-finite on valid: as diverged as it gets
-        write_json_atomic(point / DIVERGED, {"job": "dense", "why": f"Diverged: {e}"})
-        return _diverged(point)
-    per = {d: v["bpb"] for d, v in res["domains"].items()}
-    out = {"valid_mean_bpb": res["mean_bpb"], "domains": per, "max_bytes": max_bytes}
-    write_json_atomic(point / "valid.json", out)
-    return out
-
-
-def score_experts(
-    forest: Forest,
-    shards: Shards,
-    domains: list[str],
-    seq_len: int,
-    experts: dict[str, list[str]] | None = None,
-    max_bytes: int | None = None,
-) -> dict:
-    """Each domain's valid BPB under the expert trained on it, and their mean over domains (cached in
-    the forest). That expert is the domain's own, or with `experts` ({expert name: [domains]}: X-ELM's
-    groups) the one whose group holds the domain, as X-ELM routes a known language."""
-    if (bad := _diverged(forest.root)) is not None:
-        return bad
-    cached = forest.root / "valid.json"
-    if (hit := _cached(cached, max_bytes)) is not None:
-        return hit
-    experts = experts or {d: [d] for d in domains}
-    per = {}
-    for name, mine in experts.items():
-        try:
-            model = load_model(forest.expert_dir(name))
-            res = evaluate_shards(model, shards, "valid", mine, seq_len, max_bytes=max_bytes, progress=False)
-        except Diverged as e:
-            write_json_atomic(forest.root / DIVERGED, {"job": name, "why": f"Diverged: {e}"})
-            return _diverged(forest.root)
-        per.update({d: res["domains"][d]["bpb"] for d in mine})
-    per = {d: per[d] for d in domains}
-    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per, "max_bytes": max_bytes}
-    write_json_atomic(cached, out)
-    return out
 
 
 def sweep(
@@ -268,7 +187,7 @@ def sweep(
                 [out / "dense" / _tag(x) for x in grid],
             )
         points = [
-            {"lr": lr, **_score_dense(out / "dense" / _tag(lr), shards, domains, seq_len, max_bytes)}
+            {"lr": lr, **score_dense(out / "dense" / _tag(lr), shards, domains, seq_len, max_bytes)}
             for lr in grid
         ]
         result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
@@ -380,39 +299,3 @@ def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):
 
 def btm_grid_default(center: float) -> list[float]:
     return lr_grid(center, 5, 2.0)
-
-
-def format_sweep(result: dict) -> str:
-    """The sweep as Markdown tables, with the choice (and an edge warning) under each."""
-    arms = [(arm, result.get(arm), result["criterion"][arm]) for arm in ("dense", "experts")]
-    arms += [
-        (f"experts {label}", r, result["criterion"]["grouped"])
-        for label, r in result.get("grouped", {}).items()
-    ]
-    lines = []
-    for arm, r, criterion in arms:
-        if not r:
-            continue
-        domains = next(list(p["domains"]) for p in r["points"] if p["domains"])
-        scored = f", first {r['max_bytes']} valid bytes per domain" if r.get("max_bytes") else ""
-        lines.append(f"{arm} arm ({criterion}{scored}):")
-        lines.append("| LR | mean valid BPB | " + " | ".join(domains) + " |")
-        lines.append("| ---: | ---: | " + " | ".join("---:" for _ in domains) + " |")
-        for p in r["points"]:
-            mark = " **" if p["lr"] == r["best_lr"] else ""
-            if p.get("diverged"):
-                lines.append(f"| {p['lr']:g} | diverged | " + " | ".join("-" for _ in domains) + " |")
-                continue
-            cells = " | ".join(f"{p['domains'][d]:.4f}" for d in domains)
-            lines.append(f"| {p['lr']:g}{mark} | {p['valid_mean_bpb']:.4f} | {cells} |")
-        if "groups" in r:
-            lines.append("groups: " + "; ".join(f"{g} = {', '.join(ms)}" for g, ms in r["groups"].items()))
-        note = f"best {arm} LR {r['best_lr']:g} (mean valid BPB {r['best_valid_mean_bpb']:.4f})"
-        if r["at_edge"]:
-            note += (
-                f" -- WARNING: at the {r['at_edge']} end of the grid; the optimum may lie outside it, "
-                "extend the grid"
-            )
-        lines.append(note)
-        lines.append("")
-    return "\n".join(lines)
