@@ -306,3 +306,72 @@ def test_dedup_keeps_exactly_icps_documents_in_another_order(builds):
         assert "jumps" not in dedup.order["domains"][d]  # no path: its statistics would describe ICP's
     big = max(icp.domains, key=lambda d: icp.info(d, "train")["documents"] if icp.has(d, "train") else 0)
     assert _docs(dedup, big) != _docs(icp, big)
+
+
+def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_dir, tmp_path, capsys):
+    """--icp-embedder: each training document decoded with the shards' tokenizer and embedded by the
+    encoder (a tiny random BERT here; `minilm` in real use); the order equals icp_plan over the
+    encoder's vectors of the texts decoded independently (elmforest's tokenizer wrapper), the record
+    names the encoder, and every document is kept once (duplicates kept: a random encoder finds
+    every pair near cosine 1). Refused: the option with another order, a directory that is not an
+    encoder."""
+    from transformers import BertConfig, BertModel
+
+    from elmforest.cluster.clusterer import SentenceEmbedder
+    from elmforest.cluster.icp import icp_plan
+    from elmforest.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    enc = tmp_path / "encoder"
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(cfg).save_pretrained(enc)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, enc / f)
+    src = builds["source"]
+    out = tmp_path / "enc"
+    argv = [
+        "shards",
+        "reorder",
+        str(src.root),
+        "--out",
+        str(out),
+        "--order",
+        "icp",
+        "--icp-embedder",
+        str(enc),
+        "--icp-keep-duplicates",
+    ]
+    assert main(argv) == 0
+    sh = Shards(out)
+    params = sh.order["params"]
+    assert (
+        params["embedding"] == "sentence encoder" and params["encoder"] == SentenceEmbedder(enc).fingerprint()
+    )
+    assert "dims" not in params  # the tf-idf/SVD settings do not apply
+    embedder = SentenceEmbedder(enc)
+    for d in src.domains:
+        if not src.has(d, "train"):
+            continue
+        docs = _docs(src, d)
+        texts = [
+            tok.decode([t for t in np.frombuffer(b, dtype=src.dtype).tolist() if t != tok.eos_id])
+            for b, _ in docs
+        ]
+        z, ok = embedder.embed(texts)
+        z[~ok] = 0.0
+        plan = icp_plan(z, seed=0, dedup_threshold=None)
+        assert _docs(sh, d) == [docs[i] for i in plan.order]
+        assert sh.order["domains"][d]["dropped_documents"] == 0 and len(plan.order) == len(docs)
+    bad = ["shards", "reorder", str(src.root)]
+    assert main([*bad, "--out", str(tmp_path / "x"), "--icp-embedder", str(enc)]) != 0  # --order source
+    assert "only apply to --order icp" in capsys.readouterr().err
+    assert main([*bad, "--out", str(tmp_path / "y"), "--order", "icp", "--icp-embedder", str(tmp_path)]) != 0
+    assert "not a local embedding model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

