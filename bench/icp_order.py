@@ -1,7 +1,7 @@
 """In-Context Pretraining ordering: throughput, memory and what the order does, on the demo corpus.
 
     python bench/icp_order.py [--corpus quickstart/corpus] [--shards quickstart/shards] [--seeds 0 1 2]
-                              [--per-domain] [--show-pairs]
+                              [--per-domain] [--show-pairs] [--embedder minilm]
 
 Without --corpus it reads quickstart/corpus when present, else builds a synthetic corpus of 20,000
 documents (bench/common.py's generator). For each seed it orders the whole corpus from its texts and
@@ -12,7 +12,8 @@ two adjacent documents share a domain (ICP order vs a random order). Reading the
 apart and counted in neither rate. Also: the same with an IVF index instead of exact search, and,
 with --shards, the ordering of the shards' training documents from their token ids (TokenDocuments:
 no text analysis), exact and IVF. Each row prints the 1-minute load average after it. --per-domain orders each domain on its own, as each expert's data would be.
---show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
+--embedder also orders the texts with a sentence encoder (the duplicate threshold then applies
+to its cosine). --show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--per-domain", action="store_true")
     ap.add_argument("--show-pairs", action="store_true")
+    ap.add_argument("--embedder", help="also order the texts with this sentence encoder (a dir, or minilm)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     t = time.perf_counter()
@@ -174,6 +176,20 @@ def main() -> None:
     rows.append(
         run("texts, IVF (exact_limit=0)", texts, domains, seed=args.seeds[0], exact_limit=0, **common)
     )
+    if args.embedder:
+        from elmforest.cluster.clusterer import SentenceEmbedder
+
+        enc = SentenceEmbedder(args.embedder)
+        rows.append(
+            run(
+                f"texts, {Path(str(enc.model_dir)).name}",
+                texts,
+                domains,
+                seed=args.seeds[0],
+                embedder=enc,
+                **common,
+            )
+        )
     if args.per_domain:
         t = time.perf_counter()
         n = 0
