@@ -371,6 +371,11 @@ def test_tfidf_rows_equal_the_formula_and_threads_change_no_bit():
     comps = np.linalg.qr(rng.normal(size=(x.shape[1], 8)))[0].T
     assert np.array_equal(project(x, comps, threads=1, block=64), project(x, comps, threads=2, block=64))
     a, b = rng.integers(0, 300, 500), rng.integers(0, 300, 500)
-    one = sparse_pair_cosine(x, a, b, chunk=64, threads=1)
-    assert np.array_equal(one, sparse_pair_cosine(x, a, b, chunk=64, threads=2))
-    np.testing.assert_allclose(one, (x[a].toarray() * x[b].toarray()).sum(1), atol=1e-12)
+    one = sparse_pair_cosine(x, a, b, chunk=64, threads=1, compiled=False)
+    assert np.array_equal(one, sparse_pair_cosine(x, a, b, chunk=64, threads=2, compiled=False))
+    want = (x[a].toarray() * x[b].toarray()).sum(1)
+    np.testing.assert_allclose(one, want, atol=1e-12)
+    if icp_kernels.available():  # pairs in any order, grouped by a or not; a == b; empty rows
+        for aa, bb in ((a, b), (np.sort(a), b), (a, a)):
+            got = sparse_pair_cosine(x, aa, bb, compiled=True)
+            np.testing.assert_allclose(got, (x[aa].toarray() * x[bb].toarray()).sum(1), atol=1e-12)

@@ -269,10 +269,19 @@ def unit(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def sparse_pair_cosine(x, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 14, threads: int = 1):
+def sparse_pair_cosine(
+    x, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 14, threads: int = 1, compiled: bool | None = None
+):
     """x[a_i] · x[b_i] for rows of an L2-normalised CSR matrix, in chunks of pairs (never x @ x.T),
     over `threads` threads (scipy's sparse kernels release the GIL; chunks are independent, so the
-    values do not depend on the threads)."""
+    values do not depend on the threads). `compiled` (default: when numba is there): icp_kernels'
+    scatter-and-gather product instead, 6x faster on one thread than scipy on two, equal within 1e-15
+    (the order of the additions differs), so only a pair within 1e-15 of a threshold could change
+    side (none of the demo shards' is within 1e-4 of 0.9)."""
+    from elmforest.cluster import icp_kernels
+
+    if compiled if compiled is not None else icp_kernels.available():
+        return np.clip(icp_kernels.pair_dot_compiled(x, a, b), -1.0, 1.0)
     out = np.empty(len(a), dtype=np.float64)
 
     def one(s):
