@@ -12,8 +12,8 @@ two adjacent documents share a domain (ICP order vs a random order). Reading the
 apart and counted in neither rate. Also: the same with an IVF index instead of exact search, and,
 with --shards, the ordering of the shards' training documents from their token ids (TokenDocuments:
 no text analysis), exact and IVF. Each row prints the 1-minute load average after it. --per-domain orders each domain on its own, as each expert's data would be.
---embedder also orders the texts with a sentence encoder (the duplicate threshold then applies
-to its cosine). --show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
+--embedder also orders a seeded sample of --embedder-docs texts with a sentence encoder and, for
+comparison, with tf-idf/SVD (the duplicate threshold then applies to the encoder's cosine). --show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--per-domain", action="store_true")
     ap.add_argument("--show-pairs", action="store_true")
     ap.add_argument("--embedder", help="also order the texts with this sentence encoder (a dir, or minilm)")
+    ap.add_argument("--embedder-docs", type=int, default=2000, help="sample size for --embedder")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     t = time.perf_counter()
@@ -180,15 +181,13 @@ def main() -> None:
         from elmforest.cluster.clusterer import SentenceEmbedder
 
         enc = SentenceEmbedder(args.embedder)
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(len(texts), min(args.embedder_docs, len(texts)), replace=False))
+        sub, sub_dom = [texts[i] for i in pick], domains[pick]
+        rows.append(run(f"texts[{len(pick)}], tf-idf/SVD", sub, sub_dom, seed=args.seeds[0], **common))
+        name = Path(str(enc.model_dir)).name
         rows.append(
-            run(
-                f"texts, {Path(str(enc.model_dir)).name}",
-                texts,
-                domains,
-                seed=args.seeds[0],
-                embedder=enc,
-                **common,
-            )
+            run(f"texts[{len(pick)}], {name}", sub, sub_dom, seed=args.seeds[0], embedder=enc, **common)
         )
     if args.per_domain:
         t = time.perf_counter()
