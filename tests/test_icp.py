@@ -379,3 +379,19 @@ def test_tfidf_rows_equal_the_formula_and_threads_change_no_bit():
         for aa, bb in ((a, b), (np.sort(a), b), (a, a)):
             got = sparse_pair_cosine(x, aa, bb, compiled=True)
             np.testing.assert_allclose(got, (x[aa].toarray() * x[bb].toarray()).sum(1), atol=1e-12)
+
+
+@pytest.mark.skipif(not icp_kernels.available(), reason="no numba")
+def test_compiled_traversal_walks_beyond_the_start_nodes_as_python_does_and_checks_priority():
+    """A walk may enter nodes outside `nodes` (the Python loop does): the compiled one must too, not
+    write past its arrays; a priority that is not a permutation is refused, not read out of bounds."""
+    src, dst, w = np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([0.9, 0.8, 0.7])
+    priority = np.arange(4)
+    graph = undirected_graph(4, src, dst, w, np.ones(4, dtype=bool), priority)
+    start_only = np.array([True, False, False, False])
+    want = greedy_path(*graph, priority, start_only, compiled=False)
+    got = greedy_path(*graph, priority, start_only, compiled=True)
+    assert want[0].tolist() == [0, 1, 2, 3]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+    with pytest.raises(ValueError, match="permutation"):
+        greedy_path(*graph, np.array([0, 1, 2, 7]), start_only, compiled=True)

@@ -351,9 +351,9 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
     assert main(argv) == 0
     sh = Shards(out)
     params = sh.order["params"]
-    assert (
-        params["embedding"] == "sentence encoder" and params["encoder"] == SentenceEmbedder(enc).fingerprint()
-    )
+    assert params["embedding"] == "sentence encoder" and params["encoder"] == "encoder"  # the dir's name
+    assert params["encoder_fingerprint"] == SentenceEmbedder(enc).fingerprint()
+    weights = params["encoder_weights"]
     assert "dims" not in params  # the tf-idf/SVD settings do not apply
     embedder = SentenceEmbedder(enc)
     for d in src.domains:
@@ -369,9 +369,35 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
         plan = icp_plan(z, seed=0, dedup_threshold=None)
         assert _docs(sh, d) == [docs[i] for i in plan.order]
         assert sh.order["domains"][d]["dropped_documents"] == 0 and len(plan.order) == len(docs)
+    (enc / "model.safetensors").write_bytes((enc / "model.safetensors").read_bytes() + b" ")  # other weights
+    assert IcpOrder(embedder=str(enc)).params()["encoder_weights"] != weights
     bad = ["shards", "reorder", str(src.root)]
     assert main([*bad, "--out", str(tmp_path / "x"), "--icp-embedder", str(enc)]) != 0  # --order source
     assert "only apply to --order icp" in capsys.readouterr().err
     assert main([*bad, "--out", str(tmp_path / "y"), "--order", "icp", "--icp-embedder", str(tmp_path)]) != 0
     assert "not a local embedding model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_encoder_texts_are_each_documents_first_tokens_without_special_tokens(tokenizer_dir):
+    """What the encoder reads: the first DECODE_TOKENS tokens of each document as text, special tokens
+    (EOS, wherever they are) left out; an empty document is an empty text; no documents, no texts."""
+    from elmforest.cluster.icp_shards import DECODE_TOKENS
+    from elmforest.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    long_text = " ".join(f"word{i} license software" for i in range(400))
+    ids = tok.encode_batch([long_text])[0]
+    assert len(ids) > DECODE_TOKENS + 50
+    eos = tok.eos_id
+    doc0 = ids[:20] + [eos] + ids[20:] + [eos]  # a special token inside the document
+    doc1 = [eos]  # an empty document
+    doc2 = tok.encode_batch(["short one"])[0] + [eos]
+    tokens = np.array(doc0 + doc1 + doc2, dtype=np.uint16)
+    ends = np.cumsum([len(doc0), len(doc1), len(doc2)])
+    order = IcpOrder(embedder="unused").for_shards(tokenizer_dir)
+    texts = order._texts(tokens, ends, eos)
+    kept = [t for t in doc0[:DECODE_TOKENS] if t != eos]
+    assert texts[0] == tok.decode(kept) and long_text.startswith(texts[0])
+    assert len(texts[0]) < len(long_text) and texts[1] == "" and texts[2] == "short one"
+    assert order._texts(tokens[:0], ends[:0], eos) == []

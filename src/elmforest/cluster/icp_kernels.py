@@ -76,13 +76,13 @@ def _greedy(indptr, nbrs, weights, priority, nodes):
             size = _push(heap, size, deg[v] * n + priority[v])
             left += 1
     visited = np.zeros(n, dtype=np.bool_)
-    order = np.empty(left, dtype=np.int64)
-    starts = np.empty(left, dtype=np.int64)
-    steps = np.empty(left, dtype=np.float64)
+    order = np.empty(n, dtype=np.int64)  # n, not `left`: as in Python, a walk may enter any node
+    starts = np.empty(n, dtype=np.int64)
+    steps = np.empty(n, dtype=np.float64)
     n_order = 0
     n_starts = 0
     n_steps = 0
-    while left > 0 and size > 0:
+    while left != 0 and size > 0:  # Python's `while left and heap`
         key, size = _pop(heap, size)
         d = key // n
         v = by_priority[key - d * n]
@@ -162,16 +162,30 @@ def _pair_dot(indptr, indices, data, a, b, dense, out):
         out[i] = acc
 
 
+def _jit(f):
+    """Compiled with an on-disk cache where numba finds a writable place for one, else without (a
+    read-only install under a user without a home: numba refuses cache=True there)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(f)
+    except RuntimeError:
+        return numba.njit(cache=False, nogil=True)(f)
+
+
 if numba is not None:
-    _pair_dot = numba.njit(cache=True, nogil=True)(_pair_dot)
-    _adjacency = numba.njit(cache=True, nogil=True)(_adjacency)
-    _push = numba.njit(cache=True, nogil=True)(_push)
-    _pop = numba.njit(cache=True, nogil=True)(_pop)
-    _greedy = numba.njit(cache=True, nogil=True)(_greedy)
+    _pair_dot = _jit(_pair_dot)
+    _adjacency = _jit(_adjacency)
+    _push = _jit(_push)
+    _pop = _jit(_pop)
+    _greedy = _jit(_greedy)
 
 
 def greedy_path_compiled(indptr, nbrs, weights, priority, nodes):
-    """icp_graph.greedy_path's contract, compiled (see the module docstring)."""
+    """icp_graph.greedy_path's contract, compiled (see the module docstring). `priority` must be a
+    permutation of range(n) (checked: the kernel indexes by it)."""
+    n = len(indptr) - 1
+    p = np.asarray(priority)
+    if len(p) != n or (n and (p.min() < 0 or p.max() >= n or np.bincount(p, minlength=n).max() != 1)):
+        raise ValueError("ICP traversal: priority must be a permutation of range(n)")
     order, starts, steps = _greedy(
         np.ascontiguousarray(indptr, dtype=np.int64),
         np.ascontiguousarray(nbrs, dtype=np.int64),
@@ -187,14 +201,19 @@ def adjacency_compiled(n: int, a: np.ndarray, b: np.ndarray, w: np.ndarray, prio
     the directed entries a -> b, each node's sorted by weight descending then priority, a repeated
     (a, b) kept once. A counting sort by node and a small sort per node, not one lexsort over
     every entry (the same result, tested)."""
-    b = np.ascontiguousarray(b, dtype=np.int64)
-    return _adjacency(
+    b64 = np.ascontiguousarray(b, dtype=np.int64)
+    indptr, nb, wt = _adjacency(
         int(n),
         np.ascontiguousarray(a, dtype=np.int64),
-        b,
+        b64,
         np.ascontiguousarray(w, dtype=np.float64),
-        np.ascontiguousarray(priority, dtype=np.int64)[b],
+        np.ascontiguousarray(priority, dtype=np.int64)[b64],
     )
+    return (
+        indptr,
+        nb.astype(b.dtype, copy=False),
+        wt.astype(w.dtype, copy=False),
+    )  # the input's dtypes, as Python
 
 
 def pair_dot_compiled(x, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,20 @@ KEPT_STATS = (
 )
 
 
-@functools.lru_cache(maxsize=2)
+def _weights_digest(model_dir) -> str:
+    """The encoder's weight files, hashed: two checkpoints of one architecture and vocabulary differ
+    only there (Contriever and Contriever-msmarco)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file():
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)  # one encoder resident at a time
 def _encoder(name: str):
     from elmforest.cluster.clusterer import SentenceEmbedder
 
@@ -74,7 +88,7 @@ class IcpOrder:
     k: int = 10
     dedup_threshold: float | None = 0.9
     embedder: str | None = None  # a local encoder dir, or "minilm"
-    tokenizer_file: str | None = None  # set by for_shards: decodes documents for the encoder
+    shards_root: str | None = None  # set by for_shards: their tokenizer decodes documents for the encoder
     name: ClassVar[str] = "icp"
 
     def params(self) -> dict:
@@ -86,7 +100,9 @@ class IcpOrder:
             enc = _encoder(self.embedder)
             return base | {
                 "embedding": "sentence encoder",
-                "encoder": enc.fingerprint(),
+                "encoder": Path(self.embedder).name,  # not the path: shards built elsewhere compare
+                "encoder_fingerprint": enc.fingerprint(),  # its config and vocabulary
+                "encoder_weights": _weights_digest(enc.model_dir),
                 "encoder_max_length": enc.max_length,
                 "decode_tokens": DECODE_TOKENS,
                 **search,
@@ -98,21 +114,20 @@ class IcpOrder:
         }
 
     def for_shards(self, root: Path) -> IcpOrder:
-        """This orderer reading the shards at `root` (an encoder needs their tokenizer to decode)."""
-        if self.embedder is None:
-            return self
-        tj = Path(root) / "tokenizer.json"
-        if not tj.is_file():
-            raise UserError(f"{root}: no tokenizer.json to decode documents for the ICP encoder")
-        return dataclasses.replace(self, tokenizer_file=str(tj))
+        """This orderer reading the shards at `root` (an encoder decodes with their tokenizer: the
+        files the build loaded, so whatever tokenized them also decodes them)."""
+        return self if self.embedder is None else dataclasses.replace(self, shards_root=str(root))
 
     def _texts(self, tokens, ends, eos_id) -> list[str]:
-        from tokenizers import Tokenizer
+        """Each document's first DECODE_TOKENS tokens as text, its special tokens (EOS) left out."""
+        from elmforest.data.tokenizer import load_tokenizer
 
-        if self.tokenizer_file is None:
+        if self.shards_root is None:
             raise UserError("an ICP encoder needs the shards' tokenizer: call for_shards(root) first")
-        tok = Tokenizer.from_file(self.tokenizer_file)
         ends = np.asarray(ends, dtype=np.int64)
+        if len(ends) == 0:
+            return []
+        tok = load_tokenizer(self.shards_root).tokenizer
         starts = np.concatenate([[0], ends[:-1]])
         ids = [np.asarray(tokens[s : min(e, s + DECODE_TOKENS)]) for s, e in zip(starts, ends, strict=True)]
         return tok.decode_batch([x[x != eos_id].tolist() for x in ids], skip_special_tokens=True)
