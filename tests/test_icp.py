@@ -334,7 +334,9 @@ def test_word_bags_equal_a_regex_per_document_on_unicode_text():
         assert lengths.tolist() == want_lengths and cols.tolist() == want_cols and v == want_v
 
 
-def test_bag_counts_equal_a_count_per_row():
+@pytest.mark.parametrize("compiled", TRAVERSALS)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_bag_counts_equal_a_count_per_row(compiled, dtype):
     from collections import Counter
 
     from elmforest.cluster.icp_embed import bag_counts
@@ -343,7 +345,9 @@ def test_bag_counts_equal_a_count_per_row():
     lengths = rng.integers(0, 30, 50)
     lengths[[3, 49]] = 0  # empty rows, the last one too
     cols = rng.integers(-1, 12, int(lengths.sum()))  # -1: left out
-    x = bag_counts(lengths, cols, 12)
+    cols = cols.astype(dtype)
+    x = bag_counts(lengths, cols, 12, compiled=compiled)
+    assert x.has_canonical_format and x.indices.dtype == np.int32 and x.data.dtype == np.float64
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     for i in range(len(lengths)):
         want = Counter(c for c in cols[bounds[i] : bounds[i + 1]].tolist() if c >= 0)

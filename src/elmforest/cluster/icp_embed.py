@@ -128,13 +128,18 @@ def _token_counts(docs: TokenDocuments, max_tokens: int):
     return lens, cols, docs.vocab_size
 
 
-def bag_counts(lengths: np.ndarray, cols: np.ndarray, v: int):
+def bag_counts(lengths: np.ndarray, cols: np.ndarray, v: int, compiled: bool | None = None):
     """CSR counts [n, v]: row i counts the next lengths[i] entries of `cols` (-1: left out), columns
     sorted in each row. The occurrences come grouped by row, so the CSR is built directly and
     only each row's few hundred entries are sorted (scipy's sum_duplicates), not the whole
-    corpus's: 3x cheaper on the demo shards than COO -> CSR, and than one global sort of keys."""
+    corpus's: 3x cheaper on the demo shards than COO -> CSR, and than one global sort of keys.
+    `compiled` (default: when numba is there): icp_kernels' version, the same matrix, 4x faster."""
     import scipy.sparse as sp
 
+    from elmforest.cluster import icp_kernels
+
+    if compiled if compiled is not None else icp_kernels.available():
+        return icp_kernels.bag_counts_compiled(lengths, cols, v)
     lengths = np.asarray(lengths, dtype=np.int64)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])

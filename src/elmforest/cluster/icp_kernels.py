@@ -162,6 +162,27 @@ def _pair_dot(indptr, indices, data, a, b, dense, out):
         out[i] = acc
 
 
+def _bags(indptr, cols, v, out_ptr, out_cols, out_counts):
+    count = np.zeros(v, dtype=np.int64)
+    m = 0
+    for r in range(len(indptr) - 1):
+        start = m
+        for p in range(indptr[r], indptr[r + 1]):
+            c = cols[p]
+            if c < 0:
+                continue
+            if count[c] == 0:
+                out_cols[m] = c
+                m += 1
+            count[c] += 1
+        out_cols[start:m] = np.sort(out_cols[start:m])
+        for q in range(start, m):
+            out_counts[q] = count[out_cols[q]]
+            count[out_cols[q]] = 0
+        out_ptr[r + 1] = m
+    return m
+
+
 def _jit(f):
     """Compiled with an on-disk cache where numba finds a writable place for one, else without (a
     read-only install under a user without a home: numba refuses cache=True there)."""
@@ -172,6 +193,7 @@ def _jit(f):
 
 
 if numba is not None:
+    _bags = _jit(_bags)
     _pair_dot = _jit(_pair_dot)
     _adjacency = _jit(_adjacency)
     _push = _jit(_push)
@@ -233,3 +255,25 @@ def pair_dot_compiled(x, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out,
     )
     return out
+
+
+def bag_counts_compiled(lengths: np.ndarray, cols: np.ndarray, v: int):
+    """icp_embed.bag_counts compiled: each row's counts gathered in a scratch row of v counters, its
+    distinct columns (a few hundred) sorted, instead of sorting every occurrence of the row: the same
+    CSR (tested), 4x faster on the demo shards."""
+    import scipy.sparse as sp
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    index_t = np.int32 if len(cols) < 2**31 and v < 2**31 else np.int64
+    out_ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    out_cols = np.empty(len(cols), dtype=index_t)
+    out_counts = np.empty(len(cols), dtype=np.float64)
+    m = _bags(indptr, np.ascontiguousarray(cols), int(v), out_ptr, out_cols, out_counts)
+    x = sp.csr_matrix(
+        (out_counts[:m].copy(), out_cols[:m].copy(), out_ptr.astype(index_t)), shape=(len(lengths), v)
+    )
+    x.has_sorted_indices = True
+    x.has_canonical_format = True
+    return x
