@@ -399,3 +399,41 @@ def test_compiled_traversal_walks_beyond_the_start_nodes_as_python_does_and_chec
     assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
     with pytest.raises(ValueError, match="permutation"):
         greedy_path(*graph, np.array([0, 1, 2, 7]), start_only, compiled=True)
+
+
+@pytest.mark.skipif(not icp_kernels.available(), reason="no numba")
+def test_compiled_pair_products_and_bags_equal_scipy_and_refuse_bad_input():
+    """The compiled kernels against the scipy paths on rows that include empty ones (all terms under
+    min_df), and their input checks: they index raw arrays, so bad ids must raise, not read garbage."""
+    from elmforest.cluster.icp_embed import _tfidf, bag_counts, sparse_pair_cosine
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 30, 200)
+    cols = rng.integers(0, 60, int(lengths.sum()))
+    cols[: lengths[0]] = 60 + np.arange(lengths[0])  # document 0: every term in it alone -> an empty row
+    v = int(cols.max()) + 1
+    want = bag_counts(lengths, cols, v, compiled=False)
+    got = bag_counts(lengths, cols, v, compiled=True)
+    assert all(np.array_equal(getattr(want, f), getattr(got, f)) for f in ("data", "indices", "indptr"))
+    x = _tfidf(got, 2, None)
+    assert x[0].nnz == 0
+    a, b = rng.integers(0, 200, 3000), rng.integers(0, 200, 3000)
+    a[:5] = 0
+    ref = sparse_pair_cosine(x, a, b, compiled=False)
+    np.testing.assert_allclose(sparse_pair_cosine(x, a, b, compiled=True), ref, rtol=0, atol=1e-15)
+    with pytest.raises(IndexError):
+        sparse_pair_cosine(x, np.array([-1]), np.array([0]), compiled=True)
+    with pytest.raises(IndexError):
+        sparse_pair_cosine(x, np.array([0]), np.array([200]), compiled=True)
+    dup = x.copy()  # a row with a repeated column (not canonical): summed, as scipy does
+    dup.indices[dup.indptr[1] + 1] = dup.indices[dup.indptr[1]]
+    dup.has_canonical_format = False
+    np.testing.assert_allclose(
+        sparse_pair_cosine(dup, np.array([1]), np.array([1]), compiled=True),
+        sparse_pair_cosine(dup, np.array([1]), np.array([1]), compiled=False),
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="outside a vocabulary"):
+        bag_counts(lengths, cols, v - 1, compiled=True)
+    with pytest.raises(ValueError, match="sum to"):
+        bag_counts(lengths + 1, cols, v, compiled=True)

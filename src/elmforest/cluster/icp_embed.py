@@ -133,12 +133,16 @@ def bag_counts(lengths: np.ndarray, cols: np.ndarray, v: int, compiled: bool | N
     sorted in each row. The occurrences come grouped by row, so the CSR is built directly and
     only each row's few hundred entries are sorted (scipy's sum_duplicates), not the whole
     corpus's: 3x cheaper on the demo shards than COO -> CSR, and than one global sort of keys.
-    `compiled` (default: when numba is there): icp_kernels' version, the same matrix, 4x faster."""
+    `compiled` (default: when numba is there and the vocabulary is not far larger than the input):
+    icp_kernels' version runs instead, which sorts only each row's distinct columns (the same matrix,
+    about 2-3.5x faster)."""
     import scipy.sparse as sp
 
     from elmforest.cluster import icp_kernels
 
-    if compiled if compiled is not None else icp_kernels.available():
+    if compiled is None:  # the compiled path keeps v counters: not for a vocabulary far above the input
+        compiled = icp_kernels.available() and v <= max(1 << 22, 4 * len(cols))
+    if compiled:
         return icp_kernels.bag_counts_compiled(lengths, cols, v)
     lengths = np.asarray(lengths, dtype=np.int64)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)

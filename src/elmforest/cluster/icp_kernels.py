@@ -243,6 +243,18 @@ def pair_dot_compiled(x, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     while consecutive pairs share a_i), then row b_i's entries multiplied against it, with no
     branches, instead of fetching both rows and merging their columns. Equal to the sparse product
     up to the order of the additions (within 1e-15; tested)."""
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(x)
+    if not x.has_canonical_format:  # the scatter needs each column once per row
+        x = x.copy()
+        x.sum_duplicates()
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+        raise ValueError(f"pair_dot: {len(a)} first rows but {len(b)} second rows")
+    n = x.shape[0]
+    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+        raise IndexError(f"pair_dot: row ids outside [0, {n})")
     out = np.empty(len(a), dtype=np.float64)
     dense = np.zeros(x.shape[1], dtype=np.float64)
     _pair_dot(
@@ -260,12 +272,21 @@ def pair_dot_compiled(x, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def bag_counts_compiled(lengths: np.ndarray, cols: np.ndarray, v: int):
     """icp_embed.bag_counts compiled: each row's counts gathered in a scratch row of v counters, its
     distinct columns (a few hundred) sorted, instead of sorting every occurrence of the row: the same
-    CSR (tested), 4x faster on the demo shards."""
+    CSR (tested; index dtypes as scipy picks them below 2**31 entries), about 2-3.5x faster on the
+    demo shards. The scratch holds v counters: icp_embed.bag_counts takes this path only for a
+    vocabulary not much larger than the input."""
     import scipy.sparse as sp
 
     lengths = np.asarray(lengths, dtype=np.int64)
+    cols = np.asarray(cols)
+    if not np.issubdtype(cols.dtype, np.integer):
+        cols = cols.astype(np.int64)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
+    if (lengths < 0).any() or indptr[-1] != len(cols):
+        raise ValueError(f"bag counts: row lengths sum to {indptr[-1]}, not to the {len(cols)} columns given")
+    if len(cols) and cols.max() >= v:
+        raise ValueError(f"bag counts: column {int(cols.max())} outside a vocabulary of {v}")
     index_t = np.int32 if len(cols) < 2**31 and v < 2**31 else np.int64
     out_ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     out_cols = np.empty(len(cols), dtype=index_t)

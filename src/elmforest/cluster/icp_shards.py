@@ -61,15 +61,31 @@ KEPT_STATS = (
 
 def _weights_digest(model_dir) -> str:
     """The encoder's weight files, hashed: two checkpoints of one architecture and vocabulary differ
-    only there (Contriever and Contriever-msmarco)."""
+    only there (Contriever and Contriever-msmarco). Hashed once per version of the files."""
+    files = sorted(
+        f
+        for f in Path(model_dir).glob("*")
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()
+    )
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_files(stamps: tuple) -> str:
     h = hashlib.sha256()
-    for f in sorted(Path(model_dir).glob("*")):
-        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file():
-            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                    h.update(block)
+    for name, size, _ in stamps:
+        h.update(f"{Path(name).name}\0{size}\0".encode())
+        with open(name, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)  # loaded once for all the domains of one shards directory
+def _tokenizer(root: str):
+    from elmforest.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(root).tokenizer
 
 
 @functools.lru_cache(maxsize=1)  # one encoder resident at a time
@@ -120,14 +136,12 @@ class IcpOrder:
 
     def _texts(self, tokens, ends, eos_id) -> list[str]:
         """Each document's first DECODE_TOKENS tokens as text, its special tokens (EOS) left out."""
-        from elmforest.data.tokenizer import load_tokenizer
-
         if self.shards_root is None:
             raise UserError("an ICP encoder needs the shards' tokenizer: call for_shards(root) first")
         ends = np.asarray(ends, dtype=np.int64)
         if len(ends) == 0:
             return []
-        tok = load_tokenizer(self.shards_root).tokenizer
+        tok = _tokenizer(self.shards_root)
         starts = np.concatenate([[0], ends[:-1]])
         ids = [np.asarray(tokens[s : min(e, s + DECODE_TOKENS)]) for s, e in zip(starts, ends, strict=True)]
         return tok.decode_batch([x[x != eos_id].tolist() for x in ids], skip_special_tokens=True)
