@@ -401,3 +401,20 @@ def test_encoder_texts_are_each_documents_first_tokens_without_special_tokens(to
     assert texts[0] == tok.decode(kept) and long_text.startswith(texts[0])
     assert len(texts[0]) < len(long_text) and texts[1] == "" and texts[2] == "short one"
     assert order._texts(tokens[:0], ends[:0], eos) == []
+
+
+def test_icp_exact_limit_zero_orders_with_ivf_and_is_recorded(builds, tmp_path):
+    """--icp-exact-limit 0: every domain's kNN by IVF (the fast path), recorded in the params (so in the
+    fingerprint) and in each domain's statistics; the default stays exact, its params as before."""
+    src, default = builds["source"], builds["icp0"]
+    assert default.order["params"]["exact_limit"] == 20_000
+    out = tmp_path / "ivf"
+    argv = ["shards", "reorder", str(src.root), "--out", str(out), "--order", "icp", "--icp-exact-limit", "0"]
+    assert main(argv) == 0
+    sh = Shards(out)
+    assert sh.order["params"] == {**default.order["params"], "exact_limit": 0}
+    assert sh.fingerprint != default.fingerprint
+    for d, stats in sh.order["domains"].items():
+        assert stats["knn"]["method"] == "ivf" and default.order["domains"][d]["knn"]["method"] == "exact"
+        kept = Counter(_docs(sh, d))
+        assert sum(kept.values()) == stats["documents_after"] and not kept - Counter(_docs(src, d))

@@ -104,13 +104,16 @@ class IcpOrder:
     k: int = 10
     dedup_threshold: float | None = 0.9
     embedder: str | None = None  # a local encoder dir, or "minilm"
+    exact_limit: int = _SEARCH_DEFAULTS[
+        "exact_limit"
+    ].default  # exact kNN up to this many documents, IVF beyond
     shards_root: str | None = None  # set by for_shards: their tokenizer decodes documents for the encoder
     name: ClassVar[str] = "icp"
 
     def params(self) -> dict:
         """Everything besides the seed the order depends on (recorded, so part of the fingerprint): a
         change of the embedding's or the search's defaults makes other shards, never the same ones."""
-        search = {name: p.default for name, p in _SEARCH_DEFAULTS.items()}
+        search = {name: p.default for name, p in _SEARCH_DEFAULTS.items()} | {"exact_limit": self.exact_limit}
         base = {"k": self.k, "dedup_threshold": self.dedup_threshold}
         if self.embedder is not None:
             enc = _encoder(self.embedder)
@@ -147,7 +150,12 @@ class IcpOrder:
         return tok.decode_batch([x[x != eos_id].tolist() for x in ids], skip_special_tokens=True)
 
     def __call__(self, tokens, ends, vocab_size, eos_id, seed) -> tuple[np.ndarray, dict]:
-        common = {"seed": seed, "k": self.k, "dedup_threshold": self.dedup_threshold}
+        common = {
+            "seed": seed,
+            "k": self.k,
+            "dedup_threshold": self.dedup_threshold,
+            "exact_limit": self.exact_limit,
+        }
         if self.embedder is not None:
             plan = icp_plan(self._texts(tokens, ends, eos_id), embedder=_encoder(self.embedder), **common)
         else:
@@ -180,9 +188,11 @@ def make_orderer(
     k: int = 10,
     dedup_threshold: float | None = 0.9,
     embedder: str | None = None,
+    exact_limit: int = IcpOrder.exact_limit,
 ) -> DocumentOrderer | None:
     """The orderer a name stands for ("source" -> None, "random", "dedup" and "icp" with the given
-    options; `embedder`: a sentence encoder instead of tf-idf/SVD); an orderer object passes through."""
+    options; `embedder`: a sentence encoder instead of tf-idf/SVD; `exact_limit`: exact kNN up to this
+    many documents per domain, IVF beyond: 0 is the fast path); an orderer object passes through."""
     if order in ("dedup", "icp"):
         if k < 1:
             raise UserError(f"ICP k (neighbours per document) must be ≥ 1, got {k}")
@@ -194,6 +204,8 @@ def make_orderer(
             from elmforest.cluster.clusterer import resolve_embedding_model
 
             resolve_embedding_model(embedder)  # refused here, before any work, if it is not one
+        if exact_limit < 0:
+            raise UserError(f"ICP exact_limit must be ≥ 0 (0: IVF search always), got {exact_limit}")
         cls = IcpOrder if order == "icp" else DedupOrder
-        return cls(k=k, dedup_threshold=dedup_threshold, embedder=embedder)
+        return cls(k=k, dedup_threshold=dedup_threshold, embedder=embedder, exact_limit=exact_limit)
     return resolve_orderer(order)
