@@ -61,6 +61,29 @@ def shards_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+def make_tiny_encoder(tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny random BERT sentence encoder (hidden size 32) that ships the test tokenizer: a stand-in for
+    `minilm` wherever elmforest embeds texts with an encoder. Written fresh, so a test may change it."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from elmforest.data.tokenizer import load_tokenizer
+
+    cfg = BertConfig(
+        vocab_size=load_tokenizer(tokenizer_dir).vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(cfg).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
 def tiny_config(shards: Path, steps: int = 30, **train_kw):
     from elmforest.model.presets import preset_run_config
 

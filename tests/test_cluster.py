@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DOMAIN_WORDS, assert_all_die, descendants
+from conftest import DOMAIN_WORDS, assert_all_die, descendants, make_tiny_encoder
 from scipy.optimize import linear_sum_assignment
 
 from elmforest.cluster.assign import assign_corpus, fit_clusterer
@@ -385,26 +385,10 @@ def test_cbtm_generation_routes_to_top_k(cluster_forest):
 
 def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir, tmp_path):
     """A local sentence encoder instead of tf-idf (here a tiny random BERT; `minilm` in real use)."""
-    import shutil
-
-    from transformers import BertConfig, BertModel
-
     from elmforest.cluster.router import route_stream
 
     tok = load_tokenizer(tokenizer_dir)
-    enc_dir = tmp_path / "encoder"
-    BertModel(
-        BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=512,
-        )
-    ).save_pretrained(enc_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / f, enc_dir / f)
+    enc_dir = make_tiny_encoder(tokenizer_dir, tmp_path / "encoder")
     c = fit_clusterer(corpus, 3, tmp_path / "c", sample_docs=300, embeddings=str(enc_dir))
     assert c.dims == 32 and max(c.meta["fit"]["sizes"]) - min(c.meta["fit"]["sizes"]) <= 1
     texts = [d.text for d in iter_documents(corpus)][:20]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import make_tiny_encoder, tiny_config
 
 from elmforest.cli import main
 from elmforest.cluster.icp_shards import DedupOrder, IcpOrder
@@ -315,25 +315,12 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
     names the encoder, and every document is kept once (duplicates kept: a random encoder finds
     every pair near cosine 1). Refused: the option with another order, a directory that is not an
     encoder."""
-    from transformers import BertConfig, BertModel
-
     from elmforest.cluster.clusterer import SentenceEmbedder
     from elmforest.cluster.icp import icp_plan
     from elmforest.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    enc = tmp_path / "encoder"
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    BertModel(cfg).save_pretrained(enc)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / f, enc / f)
+    enc = make_tiny_encoder(tokenizer_dir, tmp_path / "encoder")
     src = builds["source"]
     out = tmp_path / "enc"
     argv = [

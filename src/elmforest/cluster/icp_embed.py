@@ -140,9 +140,9 @@ def bag_counts(lengths: np.ndarray, cols: np.ndarray, v: int, compiled: bool | N
 
     from elmforest.cluster import icp_kernels
 
-    if compiled is None:  # the compiled path keeps v counters: not for a vocabulary far above the input
-        compiled = icp_kernels.available() and v <= max(1 << 22, 4 * len(cols))
-    if compiled:
+    if compiled is None and v > max(1 << 22, 4 * len(cols)):
+        compiled = False  # the compiled path keeps v counters: not for a vocabulary far above the input
+    if icp_kernels.wanted(compiled):
         return icp_kernels.bag_counts_compiled(lengths, cols, v)
     lengths = np.asarray(lengths, dtype=np.int64)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -289,7 +289,7 @@ def sparse_pair_cosine(
     side (none of the demo shards' is within 1e-4 of 0.9)."""
     from elmforest.cluster import icp_kernels
 
-    if compiled if compiled is not None else icp_kernels.available():
+    if icp_kernels.wanted(compiled):
         return np.clip(icp_kernels.pair_dot_compiled(x, a, b), -1.0, 1.0)
     out = np.empty(len(a), dtype=np.float64)
 

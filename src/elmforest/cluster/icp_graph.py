@@ -172,7 +172,7 @@ def undirected_graph(
     w = np.concatenate([sim[v], sim[v]])
     from elmforest.cluster import icp_kernels
 
-    if compiled if compiled is not None else icp_kernels.available():
+    if icp_kernels.wanted(compiled):
         return icp_kernels.adjacency_compiled(n, a, b, w, priority)
     o = np.lexsort((priority[b], -w, a))
     a, b, w = a[o], b[o], w[o]
@@ -208,9 +208,7 @@ def greedy_path(
     `compiled`: the numba version in icp_kernels (the same result; default: when numba is there)."""
     from elmforest.cluster import icp_kernels
 
-    if compiled is None:
-        compiled = icp_kernels.available()
-    if compiled:
+    if icp_kernels.wanted(compiled):
         return icp_kernels.greedy_path_compiled(indptr, nbrs, weights, priority, nodes)
     n = len(indptr) - 1
     ip = indptr.tolist()

@@ -27,6 +27,11 @@ def available() -> bool:
     return numba is not None
 
 
+def wanted(compiled: bool | None) -> bool:
+    """A caller's `compiled` switch: None means the compiled kernel wherever numba is installed."""
+    return available() if compiled is None else bool(compiled)
+
+
 def _push(heap, size, key):
     i = size
     heap[i] = key

@@ -18,7 +18,6 @@ attention mask (nor position shift) is needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,14 +199,14 @@ def prepare_crossdoc(
     shards_path: str | Path,
     options: TaskOptions,
     model_dirs: list[Path],
-    fingerprint: Callable[[], str],
+    fingerprint: str,
     whose: str,
 ) -> Prepared:
-    """Open the shards, refuse them unless tokenized with the models' tokenizer (`fingerprint`, read
-    only once the shards opened; `whose` names it in the error), check seq_len against every model's
-    positions (default: the first model's training context), and build the tasks."""
+    """Open the shards, refuse them unless tokenized with the models' tokenizer (`fingerprint`;
+    `whose` names it in the error), check seq_len against every model's positions (default: the
+    first model's training context), and build the tasks."""
     shards = Shards(shards_path)
-    if shards.tokenizer_fingerprint != fingerprint():
+    if shards.tokenizer_fingerprint != fingerprint:
         raise UserError(f"{shards.root} was tokenized with a different tokenizer than {whose}")
     seq_len = options.seq_len or default_seq_len(model_dirs[0])
     for d in model_dirs:
@@ -249,7 +248,7 @@ def evaluate_crossdoc(
     tokenizer; `seq_len` defaults to the model's training context. Written atomically to `out`."""
     mdir = resolve_model_dir(model_path)
     opts = TaskOptions(seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains)
-    prep = prepare_crossdoc(shards_path, opts, [mdir], lambda: load_tokenizer(mdir).fingerprint(), str(mdir))
+    prep = prepare_crossdoc(shards_path, opts, [mdir], load_tokenizer(mdir).fingerprint(), str(mdir))
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model = load_model(mdir, trust_remote_code=trust_remote_code).to(dev).eval()

@@ -76,7 +76,7 @@ def evaluate_forest_crossdoc(
         shards_path,
         opts,
         [forest.expert_dir(x) for x in names],
-        lambda: forest.data["tokenizer"],
+        forest.data["tokenizer"],
         "the forest's experts",
     )
     shards, seq_len, items = prep.shards, prep.seq_len, prep.items
