@@ -11,7 +11,10 @@ jobs), the peak RSS, the duplicates dropped, jumps, the mean similarity along th
 two adjacent documents share a domain (ICP order vs a random order). Reading the files is timed
 apart and counted in neither rate. Also: the same with an IVF index instead of exact search, and,
 with --shards, the ordering of the shards' training documents from their token ids (TokenDocuments:
-no text analysis), exact and IVF. Each row prints the 1-minute load average after it. --per-domain orders each domain on its own, as each expert's data would be.
+no text analysis), exact and IVF, for the whole set and for each domain alone, one and two domains
+at a time (`shards build --order icp` orders two at a time on 2+ cores). Each row prints the 1-minute
+load average after it. --per-domain orders each domain's texts on its own, as each expert's data
+would be.
 --embedder also orders a seeded sample of --embedder-docs texts with a sentence encoder and, for
 comparison, with tf-idf/SVD (the duplicate threshold then applies to the encoder's cosine). --show-pairs prints sample kNN pairs by tf-idf cosine band (what the duplicate threshold cuts).
 """
@@ -31,6 +34,7 @@ import numpy as np
 from elmforest.cluster.icp import TokenDocuments, icp_plan
 from elmforest.cluster.icp_embed import embed
 from elmforest.data.readers import iter_documents
+from elmforest.data.reorder import map_domains
 
 
 def peak_rss_mb() -> float:
@@ -207,24 +211,27 @@ def main() -> None:
         rows.append(
             run("token ids, IVF (exact_limit=0)", docs, tdomains, seed=args.seeds[0], exact_limit=0, **common)
         )
-        for label, extra in (("exact", {}), ("IVF", {"exact_limit": 0})):
-            t, n = time.perf_counter(), 0  # what `shards build --order icp` does: each domain alone
-            for name in sorted(set(tdomains.tolist())):
-                idx = np.flatnonzero(tdomains == name)
-                lo = int(docs.ends[idx[0] - 1]) if idx[0] else 0  # a domain's documents are contiguous
-                sub = TokenDocuments(
-                    docs.tokens[lo : docs.ends[idx[-1]]], docs.ends[idx] - lo, docs.vocab_size, docs.ignore
-                )
-                n += icp_plan(sub, seed=args.seeds[0], **common, **extra).stats["documents"]
-            dt = time.perf_counter() - t
-            print(f"{'token ids, per domain, ' + label:<28} {n:>7,} docs  {n / dt:>8,.0f} docs/s", flush=True)
-            rows.append(
-                {
-                    "run": f"token ids, per domain, {label}",
-                    "documents": n,
-                    "docs_per_s_with_embedding": n / dt,
-                }
+        subs = {}
+        for name in sorted(set(tdomains.tolist())):
+            idx = np.flatnonzero(tdomains == name)
+            lo = int(docs.ends[idx[0] - 1]) if idx[0] else 0  # a domain's documents are contiguous
+            subs[name] = TokenDocuments(
+                docs.tokens[lo : docs.ends[idx[-1]]], docs.ends[idx] - lo, docs.vocab_size, docs.ignore
             )
+        sizes = {name: len(sub) for name, sub in subs.items()}
+        for workers in (1, 2):  # what `shards build --order icp` does: each domain alone, 2 at a time
+            for label, extra in (("exact", {}), ("IVF", {"exact_limit": 0})):
+                t = time.perf_counter()
+                plans = map_domains(
+                    lambda name, extra=extra: icp_plan(subs[name], seed=args.seeds[0], **common, **extra),
+                    sizes,
+                    workers,
+                )
+                dt = time.perf_counter() - t
+                n = sum(p.stats["documents"] for p in plans.values())
+                label = f"token ids, per domain, {label}, {workers} at a time"
+                print(f"{label:<28} {n:>7,} docs  {n / dt:>8,.0f} docs/s", flush=True)
+                rows.append({"run": label, "documents": n, "docs_per_s_with_embedding": n / dt})
     if args.show_pairs:
         show_pairs(texts)
     if args.json:

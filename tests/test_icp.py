@@ -231,6 +231,34 @@ def test_chunked_search_equals_brute_force_and_memory_stays_below_n_squared():
     assert peak < 40e6, f"peak {peak / 1e6:.0f} MB"
 
 
+@pytest.mark.skipif(not icp_kernels.available(), reason="no numba")
+def test_compiled_exact_search_equals_brute_force_and_faiss():
+    """self_knn_compiled against a sort of every score (score descending, then id), with planted
+    copies (ties) and rows fewer than kk; the lists do not depend on the threads or the block size,
+    and knn_search proposes the same neighbours through it as through faiss's IndexFlatIP."""
+    pytest.importorskip("faiss")
+    z = clustered(6, 25, 8, 0.3, seed=6)
+    z[[7, 30, 31, 90]] = z[5]  # a group of identical vectors: ties broken by id
+    n, kk = len(z), 9
+    s = (z @ z.T).astype(np.float32)  # the same float32 products the kernel's BLAS blocks compute
+    want = np.array([np.lexsort((np.arange(n), -s[r]))[: kk + 1] for r in range(n)])
+    sure = s[np.arange(n), want[:, kk - 1]] - s[np.arange(n), want[:, kk]] > 1e-5  # no near-tie at the cut
+    want = want[:, :kk]
+    assert sure.mean() > 0.9
+    runs = [icp_kernels.self_knn_compiled(z, kk, threads=t, block=b) for t, b in ((1, 512), (2, 16), (3, 7))]
+    for scores, ids in runs:
+        np.testing.assert_allclose(scores, np.take_along_axis(s, want, 1), rtol=0, atol=1e-6)
+        assert np.array_equal(np.sort(ids[sure], 1), np.sort(want[sure], 1))
+        assert (np.diff(scores, axis=1) <= 0).all() and np.array_equal(ids, runs[0][1])
+    assert {5, 7, 30, 31, 90} <= set(runs[0][1][5].tolist())  # the copies are each other's best
+    _, few = icp_kernels.self_knn_compiled(z[:3], 5)
+    assert (few[:, 3:] == -1).all() and sorted(few[0, :3].tolist()) == [0, 1, 2]
+    compiled, info = knn_search(z, 5, compiled=True)
+    via_faiss, _ = knn_search(z, 5, compiled=False)
+    assert info == {"method": "exact", "k": 5}
+    assert np.array_equal(compiled, via_faiss)
+
+
 def test_token_documents_are_ordered_and_checked():
     pytest.importorskip("faiss")
     rng = np.random.default_rng(0)

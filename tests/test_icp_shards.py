@@ -293,6 +293,26 @@ def test_reorder_of_source_shards_equals_building_in_that_order(builds, tmp_path
         reorder_shards(builds["source"].root, out, "random")
 
 
+def test_domains_ordered_two_at_a_time_give_the_same_shards_as_one_at_a_time(builds, tmp_path):
+    """Concurrent domains (ICP's default on 2+ cores) change nothing recorded: the same index (so the
+    same fingerprint) and the same files as one domain at a time; only the timings say how it ran."""
+    got = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        reorder_shards(builds["source"].root, out, IcpOrder(), workers=workers)
+        got[workers] = Shards(out)
+        timings = json.loads((out / TIMINGS_FILE).read_text())
+        assert timings["domain_workers"] == workers
+        assert set(timings["domains"]) == set(got[workers].order["domains"])
+    one, two = got[1], got[2]
+    assert one.index == two.index and one.fingerprint == two.fingerprint
+    assert list(two.order["domains"]) == list(one.order["domains"])  # recorded in the index's order
+    for d in one.domains:
+        if one.has(d, "train"):
+            assert _files(one, d, "train") == _files(two, d, "train")
+    assert IcpOrder().concurrent_domains and not IcpOrder(embedder="x").concurrent_domains
+
+
 def test_dedup_keeps_exactly_icps_documents_in_another_order(builds):
     """The control of the comparison: the same documents as ICP (so ICP vs dedup is the order alone),
     not in ICP's order, and recorded as its own method (its own fingerprint)."""

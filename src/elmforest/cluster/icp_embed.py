@@ -218,7 +218,7 @@ def embed(
     then do not depend on the machine's thread count; `threads` splits the projection of every
     document by rows, which changes no bit. `embedder`: anything with
     `.embed(texts) -> (z, ok)` (a SentenceEmbedder, a fitted Clusterer)."""
-    from threadpoolctl import threadpool_limits
+    from elmforest.utils.threads import one_blas_thread
 
     if embedder is not None:
         if isinstance(data, TokenDocuments):
@@ -241,7 +241,7 @@ def embed(
         return unit(x.toarray()), x
     from sklearn.decomposition import TruncatedSVD
 
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         sample = x
         if n > fit_docs:
             sample = x[np.sort(np.random.default_rng(seed).choice(n, fit_docs, replace=False))]

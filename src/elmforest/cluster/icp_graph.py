@@ -1,13 +1,14 @@
-"""The graph half of In-Context Pretraining ordering: kNN (faiss), near-duplicates, greedy traversal.
+"""The graph half of In-Context Pretraining ordering: kNN (faiss; exact search compiled where numba
+is installed), near-duplicates, greedy traversal.
 
 Memory is the embeddings plus the N x k neighbour lists and the undirected adjacency built from them
 (at most 2·N·k entries); nothing is ever N x N. The queries go to faiss in chunks, and exact search
-(IndexFlatIP) itself blocks its distance computation, so the result arrays of one chunk are the
-only extra.
+(IndexFlatIP, or icp_kernels.self_knn_compiled) itself blocks its score computation, so the score
+block and the candidate lists are the only extra.
 
-Edge weights are recomputed in float64 from the float32 embeddings, one dot product per edge: faiss
-decides only *which* documents are neighbours, so the weights that break ties and decide
-duplicates do not depend on how faiss or BLAS split the work across threads or chunks.
+Edge weights are recomputed in float64 from the float32 embeddings, one dot product per edge: the
+search decides only *which* documents are neighbours, so the weights that break ties and decide
+duplicates do not depend on how the search or BLAS split the work across threads or chunks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from elmforest.cluster import icp_kernels
 from elmforest.utils.errors import UserError
 
 
@@ -68,6 +70,7 @@ def knn_search(
     seed: int = 0,
     threads: int | None = None,
     margin: int = 4,
+    compiled: bool | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The k most similar other rows of unit vectors `z` by inner product: ids [N, k] int64, -1 where
     fewer than k were found. Exact up to `exact_limit` rows; beyond, IVF-Flat with nlist ≈ 4·√N
@@ -78,7 +81,11 @@ def knn_search(
     bits with its thread count and query blocking (23 of the demo corpus's 19,081 lists did between
     1 and 2 threads); the re-ranking makes the lists independent of both, except within a group of
     more than `margin` bit-identical vectors (documents that differ only outside the SVD subspace),
-    where faiss picks which members to propose."""
+    where faiss picks which members to propose.
+
+    Exact search goes to icp_kernels.self_knn_compiled where numba is installed (`compiled`, default:
+    then): the same candidates as IndexFlatIP (a total order by score, then id), each pair's score
+    computed once instead of twice, about 1.7x faster on the demo corpus's largest domain."""
     import_faiss()
     z = np.ascontiguousarray(z, dtype=np.float32)
     n, d = z.shape
@@ -87,7 +94,33 @@ def knn_search(
     if n < 2:
         return out, info
     kk = min(k + 1 + margin, n)
-    with faiss_threads(threads or default_threads()) as faiss:
+    threads = threads or default_threads()
+    proposed = index = None
+    if n <= exact_limit and icp_kernels.wanted(compiled):
+        proposed = icp_kernels.self_knn_compiled(z, kk, threads)[1]
+    else:
+        index = _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info)
+    with faiss_threads(threads):
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            ids = proposed[s:e] if index is None else index.search(z[s:e], kk)[1]
+            rows = np.arange(s, e)[:, None]
+            found = ids >= 0
+            safe = np.where(found, ids, 0)
+            sim = (z[s:e, None, :] * z[safe]).sum(-1, dtype=np.float64)
+            sim[~found | (ids == rows)] = -np.inf  # itself and empty slots last
+            o = np.lexsort((safe, -sim), axis=-1)[:, :k]
+            best = np.take_along_axis(ids, o, axis=1)
+            best[np.take_along_axis(sim, o, axis=1) == -np.inf] = -1
+            out[s:e, : best.shape[1]] = best
+    return out, info
+
+
+def _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info):
+    """A filled faiss index over z: IndexFlatIP up to exact_limit rows, else IVF-Flat (`info` says
+    which)."""
+    n, d = z.shape
+    with faiss_threads(threads) as faiss:
         if n <= exact_limit:
             index = faiss.IndexFlatIP(d)
         else:
@@ -99,21 +132,9 @@ def knn_search(
             index.cp.max_points_per_centroid = 39  # a seeded sample of ≤ 39 · nlist (faiss's minimum)
             index.train(z)
             index.nprobe = min(nprobe, nl)
-            info = {"method": "ivf", "k": k, "nlist": nl, "nprobe": index.nprobe}
+            info.update(method="ivf", nlist=nl, nprobe=index.nprobe)
         index.add(z)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            _, ids = index.search(z[s:e], kk)
-            rows = np.arange(s, e)[:, None]
-            found = ids >= 0
-            safe = np.where(found, ids, 0)
-            sim = (z[s:e, None, :] * z[safe]).sum(-1, dtype=np.float64)
-            sim[~found | (ids == rows)] = -np.inf  # itself and empty slots last
-            o = np.lexsort((safe, -sim), axis=-1)[:, :k]
-            best = np.take_along_axis(ids, o, axis=1)
-            best[np.take_along_axis(sim, o, axis=1) == -np.inf] = -1
-            out[s:e, : best.shape[1]] = best
-    return out, info
+    return index
 
 
 def edge_similarity(z: np.ndarray, src: np.ndarray, dst: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:

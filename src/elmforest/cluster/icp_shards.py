@@ -110,6 +110,12 @@ class IcpOrder:
     shards_root: str | None = None  # set by for_shards: their tokenizer decodes documents for the encoder
     name: ClassVar[str] = "icp"
 
+    @property
+    def concurrent_domains(self) -> bool:
+        """Two domains at a time (data/reorder.py): tf-idf/SVD ordering runs mostly on one core and
+        releases the GIL; an encoder is a torch model that uses every core by itself."""
+        return self.embedder is None
+
     def params(self) -> dict:
         """Everything besides the seed the order depends on (recorded, so part of the fingerprint): a
         change of the embedding's or the search's defaults makes other shards, never the same ones."""
