@@ -290,6 +290,7 @@ def test_token_documents_are_ordered_and_checked():
         (np.ones((4, 3)), {"dedup_threshold": 1.5}, r"dedup_threshold must be in \(0, 1\]"),
         (np.ones((4, 3)), {"nprobe": 0}, "nprobe"),
         (["text", 3], {}, "texts, TokenDocuments or a 2-D embedding array"),
+        (["a b", "c d"], {"svd_dtype": "float16"}, "svd_dtype must be 'float32' or 'float64'"),
     ],
 )
 def test_bad_input_is_refused_with_a_named_problem(data, kwargs, message):

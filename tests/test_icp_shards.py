@@ -141,6 +141,7 @@ def test_index_records_the_order_and_fingerprints_differ_by_order(builds):
     rec = icp.index["order"]
     assert (rec["method"], rec["seed"]) == ("icp", 0)
     assert rec["params"]["k"] == 10 and rec["params"]["dedup_threshold"] == 0.9
+    assert rec["params"]["svd_dtype"] == "float32"  # every choice the order depends on is recorded
     assert set(rec["domains"]) == set(src.domains)
     for st in rec["domains"].values():
         assert "seconds" not in st and "threads" not in st

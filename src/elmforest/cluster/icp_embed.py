@@ -198,6 +198,7 @@ def embed(
     max_features: int | None = 200_000,
     fit_docs: int = 5_000,
     svd_iter: int = 2,
+    svd_dtype: str = "float32",
     seed: int = 0,
     threads: int = 1,
     embedder=None,
@@ -220,6 +221,8 @@ def embed(
     `.embed(texts) -> (z, ok)` (a SentenceEmbedder, a fitted Clusterer)."""
     from elmforest.utils.threads import one_blas_thread
 
+    if svd_dtype not in ("float32", "float64"):
+        raise UserError(f"ICP svd_dtype must be 'float32' or 'float64', got {svd_dtype!r}")
     if embedder is not None:
         if isinstance(data, TokenDocuments):
             raise UserError("an ICP embedder reads texts, not TokenDocuments")
@@ -246,8 +249,9 @@ def embed(
         if n > fit_docs:
             sample = x[np.sort(np.random.default_rng(seed).choice(n, fit_docs, replace=False))]
         n_comp = min(dims, max(1, sample.shape[0] - 1))
-        svd = TruncatedSVD(n_components=n_comp, n_iter=svd_iter, random_state=seed).fit(sample)
-        return unit(project(x, svd.components_, threads)), x
+        svd = TruncatedSVD(n_components=n_comp, n_iter=svd_iter, random_state=seed)
+        svd.fit(sample.astype(svd_dtype))
+        return unit(project(x.astype(svd_dtype), svd.components_, threads)), x
 
 
 def project(x, components: np.ndarray, threads: int = 1, block: int = 4096) -> np.ndarray:

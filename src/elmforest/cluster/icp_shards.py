@@ -31,7 +31,7 @@ from elmforest.utils.errors import UserError
 _EMBED_DEFAULTS = {
     n: p
     for n, p in inspect.signature(embed).parameters.items()
-    if n in ("dims", "max_tokens", "min_df", "max_features", "fit_docs", "svd_iter")
+    if n in ("dims", "max_tokens", "min_df", "max_features", "fit_docs", "svd_iter", "svd_dtype")
 }
 _SEARCH_DEFAULTS = {
     n: p for n, p in inspect.signature(icp_plan).parameters.items() if n in ("exact_limit", "nprobe")
