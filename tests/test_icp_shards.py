@@ -16,7 +16,7 @@ from conftest import make_tiny_encoder, tiny_config
 from elmforest.cli import main
 from elmforest.cluster.icp_shards import DedupOrder, IcpOrder
 from elmforest.config import RunConfig
-from elmforest.data.reorder import TIMINGS_FILE, _gather, reorder_shards
+from elmforest.data.reorder import TIMINGS_FILE, RandomOrder, _gather, reorder_shards, start_warm_up
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
@@ -312,6 +312,23 @@ def test_domains_ordered_two_at_a_time_give_the_same_shards_as_one_at_a_time(bui
         if one.has(d, "train"):
             assert _files(one, d, "train") == _files(two, d, "train")
     assert IcpOrder().concurrent_domains and not IcpOrder(embedder="x").concurrent_domains
+
+
+def test_warm_up_runs_in_a_thread_and_leaves_its_failure_to_the_ordering():
+    calls = []
+
+    class Failing:
+        def warm_up(self):
+            calls.append(1)
+            raise RuntimeError("no faiss here")
+
+    thread = start_warm_up(Failing())
+    thread.join(timeout=10)
+    assert calls == [1] and not thread.is_alive()
+    assert start_warm_up(RandomOrder()) is None
+    thread = start_warm_up(IcpOrder())
+    thread.join(timeout=120)
+    assert not thread.is_alive()
 
 
 def test_dedup_keeps_exactly_icps_documents_in_another_order(builds):

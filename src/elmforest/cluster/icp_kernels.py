@@ -385,14 +385,18 @@ def self_knn_compiled(z: np.ndarray, kk: int, threads: int = 1, block: int = 512
 
     z = np.ascontiguousarray(z, dtype=np.float32)
     n = len(z)
-    blocks = [(a, b) for a in range(0, n, block) for b in range(a, n, block)]
-    workers = max(1, min(int(threads), len(blocks)))
+    starts = range(0, n, block)
+    workers = max(1, min(int(threads), len(starts) * (len(starts) + 1) // 2))
 
     def run(w):
         best_v = np.full((n, kk), -np.inf, dtype=np.float32)
         best_i = np.full((n, kk), np.iinfo(np.int64).max, dtype=np.int64)
-        for a, b in blocks[w::workers]:
-            _scan(z[a : a + block] @ z[b : b + block].T, a, b, b != a, best_v, best_i)
+        t = 0
+        for i, a in enumerate(starts):  # block pairs a ≤ b, dealt to the workers in turn
+            for b in starts[i:]:
+                if t % workers == w:
+                    _scan(z[a : a + block] @ z[b : b + block].T, a, b, b != a, best_v, best_i)
+                t += 1
         return best_v, best_i
 
     with one_blas_thread():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -45,6 +46,9 @@ class DocumentOrderer(Protocol):
     name: str
 
     def params(self) -> dict: ...
+
+    # optional: `warm_up()`, the one-time cost of a first call (imports, compiled code), which
+    # shards.build_shards runs in a thread while it tokenizes
 
     def __call__(
         self, tokens: np.ndarray, ends: np.ndarray, vocab_size: int, eos_id: int, seed: int
@@ -182,6 +186,24 @@ def reorder_split(
         f"orderer_{k}": v for k, v in timings.items()
     }
     return split, stats, timings
+
+
+def start_warm_up(orderer) -> threading.Thread | None:
+    """The orderer's `warm_up` in a daemon thread (None if it has none). A failure there is left
+    for the real call to raise, with its context."""
+    warm = getattr(orderer, "warm_up", None)
+    if warm is None:
+        return None
+
+    def run():
+        try:
+            warm()
+        except Exception:  # noqa: BLE001 - the ordering itself reports it
+            pass
+
+    thread = threading.Thread(target=run, name="orderer-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def map_domains(fn, sizes: dict, workers: int) -> dict:

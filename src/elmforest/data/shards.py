@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer
+from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer, start_warm_up
 from elmforest.data.sources import resolve_source
 from elmforest.data.splits import SPLITS, SplitSpec, random_domain
 from elmforest.data.tokenizer import (
@@ -169,6 +169,7 @@ def build_shards(
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
     relabel = _relabeller(random_domains, domain_map)
     orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
+    warming = start_warm_up(orderer)  # its one-time cost overlaps the tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -257,6 +258,8 @@ def build_shards(
             index["domain_map"] = dict(sorted(domain_map.items()))
         order_seconds = 0.0
         if orderer is not None:
+            if warming is not None:
+                warming.join()
             timings = reorder_staging(staging, index, orderer, order_seed)
             order_seconds = timings["seconds"]
             write_json_atomic(staging / TIMINGS_FILE, timings)
