@@ -101,7 +101,8 @@ class OrderArgs:
         int,
         opt(
             "icp: exact kNN search up to this many training documents per domain, IVF beyond (0: IVF "
-            "always, about 2x faster kNN at 93-98% of the exact neighbours; docs/icp.md)",
+            "always: 93-98% of the exact neighbours, no faster on domains of the demo's size; exact search "
+            "grows as N², IVF about as N·√N; docs/icp.md)",
             nonneg_int,
         ),
     ] = 20_000

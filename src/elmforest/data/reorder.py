@@ -230,7 +230,7 @@ def reorder_staging(
     releases the GIL, like ICP's tf-idf/SVD ordering) orders `workers` of them at a time (default:
     2 where the process may use 2 or more cores), largest first: most of one domain's work runs on
     one core (sparse products, the compiled kernels), so a small domain fits beside a large one
-    (ICP on the demo shards, 2 cores: 1.0-1.5 s -> 0.7-0.9 s). Nothing recorded depends on it: each
+    (ICP on the demo shards, 2 cores: 15.9-18.3k -> 21.2-23.4k documents/s, bench/icp_order.py). Nothing recorded depends on it: each
     order is a function of its domain and the seed, and BLAS is held at one thread for the whole
     pass (threadpoolctl's limit is process-wide, so the domains' own limits could not restore it
     under each other). The per-domain times then overlap; `seconds` is the wall time."""
