@@ -234,8 +234,9 @@ def test_chunked_search_equals_brute_force_and_memory_stays_below_n_squared():
 @pytest.mark.skipif(not icp_kernels.available(), reason="no numba")
 def test_compiled_exact_search_equals_brute_force_and_faiss():
     """self_knn_compiled against a sort of every score (score descending, then id), with planted
-    copies (ties) and rows fewer than kk; the lists do not depend on the threads or the block size,
-    and knn_search proposes the same neighbours through it as through faiss's IndexFlatIP."""
+    copies (ties) and rows fewer than kk, in blocks of two shapes; with the block fixed the lists do
+    not depend on the threads, and knn_search proposes the same neighbours through it as through
+    faiss's IndexFlatIP."""
     pytest.importorskip("faiss")
     z = clustered(6, 25, 8, 0.3, seed=6)
     z[[7, 30, 31, 90]] = z[5]  # a group of identical vectors: ties broken by id
@@ -245,12 +246,21 @@ def test_compiled_exact_search_equals_brute_force_and_faiss():
     sure = s[np.arange(n), want[:, kk - 1]] - s[np.arange(n), want[:, kk]] > 1e-5  # no near-tie at the cut
     want = want[:, :kk]
     assert sure.mean() > 0.9
-    runs = [icp_kernels.self_knn_compiled(z, kk, threads=t, block=b) for t, b in ((1, 512), (2, 16), (3, 7))]
-    for scores, ids in runs:
+    runs = {
+        (t, b): icp_kernels.self_knn_compiled(z, kk, threads=t, block=b) for t in (1, 2, 3) for b in (512, 7)
+    }
+    for (_, b), (scores, ids) in runs.items():
         np.testing.assert_allclose(scores, np.take_along_axis(s, want, 1), rtol=0, atol=1e-6)
         assert np.array_equal(np.sort(ids[sure], 1), np.sort(want[sure], 1))
-        assert (np.diff(scores, axis=1) <= 0).all() and np.array_equal(ids, runs[0][1])
-    assert {5, 7, 30, 31, 90} <= set(runs[0][1][5].tolist())  # the copies are each other's best
+        assert (np.diff(scores, axis=1) <= 0).all()
+        assert np.array_equal(ids, runs[1, b][1]) and np.array_equal(
+            scores, runs[1, b][0]
+        )  # no bit by threads
+        assert {5, 7, 30, 31, 90} <= set(ids[5].tolist())  # the copies are each other's best
+    one = icp_kernels.self_knn_compiled(z, kk, threads=4, memory=12 * n * kk)  # room for one thread's lists
+    assert np.array_equal(one[1], runs[1, 512][1])
+    with pytest.raises(ValueError, match="kk and block"):
+        icp_kernels.self_knn_compiled(z, 0)
     _, few = icp_kernels.self_knn_compiled(z[:3], 5)
     assert (few[:, 3:] == -1).all() and sorted(few[0, :3].tolist()) == [0, 1, 2]
     compiled, info = knn_search(z, 5, compiled=True)
@@ -291,6 +301,7 @@ def test_token_documents_are_ordered_and_checked():
         (np.ones((4, 3)), {"nprobe": 0}, "nprobe"),
         (["text", 3], {}, "texts, TokenDocuments or a 2-D embedding array"),
         (["a b", "c d"], {"svd_dtype": "float16"}, "svd_dtype must be 'float32' or 'float64'"),
+        (["a b", "c d"], {"svd_normalizer": "qr"}, "svd_normalizer must be"),
     ],
 )
 def test_bad_input_is_refused_with_a_named_problem(data, kwargs, message):

@@ -141,7 +141,7 @@ def test_index_records_the_order_and_fingerprints_differ_by_order(builds):
     rec = icp.index["order"]
     assert (rec["method"], rec["seed"]) == ("icp", 0)
     assert rec["params"]["k"] == 10 and rec["params"]["dedup_threshold"] == 0.9
-    assert rec["params"]["svd_dtype"] == "float32"  # every choice the order depends on is recorded
+    assert (rec["params"]["svd_dtype"], rec["params"]["svd_normalizer"]) == ("float32", "LU")  # recorded
     assert set(rec["domains"]) == set(src.domains)
     for st in rec["domains"].values():
         assert "seconds" not in st and "threads" not in st
@@ -312,6 +312,9 @@ def test_domains_ordered_two_at_a_time_give_the_same_shards_as_one_at_a_time(bui
         if one.has(d, "train"):
             assert _files(one, d, "train") == _files(two, d, "train")
     assert IcpOrder().concurrent_domains and not IcpOrder(embedder="x").concurrent_domains
+    out = tmp_path / "random"  # an orderer that does not say it is safe side by side runs alone
+    reorder_shards(builds["source"].root, out, RandomOrder(), workers=2)
+    assert json.loads((out / TIMINGS_FILE).read_text())["domain_workers"] == 1
 
 
 def test_warm_up_runs_in_a_thread_and_leaves_its_failure_to_the_ordering():

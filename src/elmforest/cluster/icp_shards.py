@@ -28,15 +28,22 @@ from elmforest.cluster.icp_embed import embed
 from elmforest.data.reorder import DocumentOrderer, resolve_orderer
 from elmforest.utils.errors import UserError
 
-_EMBED_DEFAULTS = {
-    n: p
-    for n, p in inspect.signature(embed).parameters.items()
-    if n in ("dims", "max_tokens", "min_df", "max_features", "fit_docs", "svd_iter", "svd_dtype")
-}
+_EMBED_CHOICES = (
+    "dims",
+    "max_tokens",
+    "min_df",
+    "max_features",
+    "fit_docs",
+    "svd_iter",
+    "svd_dtype",
+    "svd_normalizer",
+)
+_EMBED_DEFAULTS = {n: p for n, p in inspect.signature(embed).parameters.items() if n in _EMBED_CHOICES}
 _SEARCH_DEFAULTS = {
     n: p for n, p in inspect.signature(icp_plan).parameters.items() if n in ("exact_limit", "nprobe")
 }
 
+_WARM = False  # IcpOrder.warm_up has run in this process
 DECODE_TOKENS = 512  # tokens of a document decoded for a sentence encoder (it reads ≤ 256 of its own)
 
 # the statistics of icp_plan the index keeps (all functions of the data and the seed)
@@ -141,8 +148,11 @@ class IcpOrder:
     def warm_up(self) -> None:
         """What the first ordering in a process pays once, on a toy input: importing faiss and
         scikit-learn and loading the compiled kernels (0.6-0.7 s here; about 6 s when numba compiles
-        them after an install). `shards build` runs it in a thread while it tokenizes."""
-        if self.embedder is not None:
+        them after an install). `shards build` runs it in a thread while it tokenizes; reordering
+        runs it first when it orders domains side by side, so every BLAS library is loaded before
+        their one-thread limit is set. Once per process."""
+        global _WARM
+        if self.embedder is not None or _WARM:
             return
         from elmforest.cluster import icp_kernels
 
@@ -150,6 +160,7 @@ class IcpOrder:
         icp_plan(TokenDocuments(toks, np.arange(100, 30_001, 100), 500, ignore=(0,)), seed=0)
         if icp_kernels.available():  # two workers' lists merged: the one kernel the toy misses
             icp_kernels.self_knn_compiled(np.eye(20, 8, dtype=np.float32), 3, threads=2, block=8)
+        _WARM = True
 
     def for_shards(self, root: Path) -> IcpOrder:
         """This orderer reading the shards at `root` (an encoder decodes with their tokenizer: the

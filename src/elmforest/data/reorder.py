@@ -206,9 +206,18 @@ def start_warm_up(orderer) -> threading.Thread | None:
     return thread
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def map_domains(fn, sizes: dict, workers: int) -> dict:
     """{domain: fn(domain)} for the domains in `sizes` (name -> documents), `workers` at a time,
-    largest first, under one process-wide BLAS limit of one thread (see reorder_staging)."""
+    largest first, under one process-wide BLAS limit of one thread (see reorder_staging). If one
+    fails, the domains not started are cancelled and the error raised once the running ones end
+    (they write into the staging directory the caller then removes)."""
     if workers <= 1:
         return {d: fn(d) for d in sizes}
     from concurrent.futures import ThreadPoolExecutor
@@ -227,13 +236,15 @@ def reorder_staging(
     `index` (updated in place); returns the timings (written beside the index by the caller).
 
     Domains are independent, so an orderer that says so (`concurrent_domains = True`: its work
-    releases the GIL, like ICP's tf-idf/SVD ordering) orders `workers` of them at a time (default:
-    2 where the process may use 2 or more cores), largest first: most of one domain's work runs on
-    one core (sparse products, the compiled kernels), so a small domain fits beside a large one
-    (ICP on the demo shards, 2 cores: 15.9-18.3k -> 21.2-23.4k documents/s, bench/icp_order.py). Nothing recorded depends on it: each
-    order is a function of its domain and the seed, and BLAS is held at one thread for the whole
-    pass (threadpoolctl's limit is process-wide, so the domains' own limits could not restore it
-    under each other). The per-domain times then overlap; `seconds` is the wall time."""
+    releases the GIL and is thread-safe, like ICP's tf-idf/SVD ordering) orders `workers` of them at
+    a time (default: 2 where the process may use 2 or more cores), largest first: much of one
+    domain's work runs on one core (the embedding, most compiled kernels; the kNN search and the
+    projection use every core), so a small domain fits beside a large one (ICP on the demo shards,
+    2 cores: 15.9-18.3k -> 21.2-23.4k documents/s, bench/icp_order.py). Nothing recorded depends on
+    it: each order is a function of its domain and the seed, and BLAS is held at one thread for the
+    whole pass (threadpoolctl's limit is process-wide, so the domains' own limits could not restore
+    it under each other; the orderer's `warm_up` runs first, so every BLAS it loads is held too).
+    The per-domain times then overlap; `seconds` is the wall time."""
     dtype = np.dtype(index["dtype"])
     vocab, eos = int(index["tokenizer"]["vocab_size"]), int(index["tokenizer"]["eos_id"])
     if hasattr(orderer, "for_shards"):  # an orderer that reads the shards' own files (a tokenizer)
@@ -241,9 +252,13 @@ def reorder_staging(
     record = {"method": orderer.name, "seed": int(seed), "params": dict(orderer.params()), "domains": {}}
     timings: dict = {"method": orderer.name, "domains": {}}
     jobs = [d for d, entry in index["domains"].items() if "train" in entry.get("splits", {})]
-    if workers is None:
-        workers = min(2, len(os.sched_getaffinity(0))) if getattr(orderer, "concurrent_domains", False) else 1
+    if not getattr(orderer, "concurrent_domains", False):  # not said to be safe side by side: alone
+        workers = 1
+    elif workers is None:
+        workers = min(2, _cores())
     workers = max(1, min(int(workers), len(jobs)))
+    if workers > 1 and hasattr(orderer, "warm_up"):
+        orderer.warm_up()  # its libraries loaded before map_domains limits BLAS (a no-op when warm)
     timings["domain_workers"] = workers
 
     def one(domain):

@@ -169,7 +169,6 @@ def build_shards(
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
     relabel = _relabeller(random_domains, domain_map)
     orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
-    warming = start_warm_up(orderer)  # its one-time cost overlaps the tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
     out = Path(out)
@@ -181,6 +180,7 @@ def build_shards(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_sibling(out)  # a killed build's leftovers go now
     staging.mkdir()
+    warming = start_warm_up(orderer)  # its one-time cost overlaps the tokenizing
     dtype = token_dtype(tok.vocab_size)
     writers: dict[tuple[str, str], _Writer] = {}
     folders: dict[str, str] = {}
@@ -267,6 +267,8 @@ def build_shards(
         replace_dir(staging, out)
     except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once
         bar.close()
+        if warming is not None:
+            warming.join()  # not left running in BLAS or numba while the interpreter exits
         for w in writers.values():
             try:
                 w.f.close()  # flushing can fail again on a full disk: that must not hide the first error
