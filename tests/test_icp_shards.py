@@ -316,6 +316,21 @@ def test_domains_ordered_two_at_a_time_give_the_same_shards_as_one_at_a_time(bui
     reorder_shards(builds["source"].root, out, RandomOrder(), workers=2)
     assert json.loads((out / TIMINGS_FILE).read_text())["domain_workers"] == 1
 
+    class Spy(RandomOrder):  # side by side: warmed up first; a failing warm-up is left to the ordering
+        concurrent_domains = True
+        calls: list = []
+
+        def warm_up(self):
+            self.calls.append("warm")
+            raise RuntimeError("toy input failed")
+
+        def __call__(self, *args):
+            self.calls.append("order")
+            return super().__call__(*args)
+
+    reorder_shards(builds["source"].root, tmp_path / "spy", Spy(), workers=2)
+    assert Spy.calls[0] == "warm" and Spy.calls.count("order") == len(one.order["domains"])
+
 
 def test_warm_up_runs_in_a_thread_and_leaves_its_failure_to_the_ordering():
     calls = []
@@ -332,6 +347,37 @@ def test_warm_up_runs_in_a_thread_and_leaves_its_failure_to_the_ordering():
     thread = start_warm_up(IcpOrder())
     thread.join(timeout=120)
     assert not thread.is_alive()
+
+
+def test_domains_side_by_side_stop_at_a_failure_and_warm_up_first(tmp_path, monkeypatch):
+    """map_domains: a failing domain raises and the domains not started never start; reorder_staging
+    runs the orderer's warm_up before ordering side by side (a failing one is left to the ordering),
+    and a failed IcpOrder warm-up is tried again next time."""
+    import time
+
+    from elmforest.cluster import icp_shards
+    from elmforest.data.reorder import map_domains
+
+    started = []
+
+    def fn(d):
+        started.append(d)
+        if d == "b":
+            raise ValueError("bad domain b")
+        time.sleep(0.3 if d == "big" else 0.01)
+        return d
+
+    sizes = {"big": 100, "b": 50, "c": 10, "d": 9, "e": 8, "f": 7}
+    with pytest.raises(ValueError, match="bad domain b"):
+        map_domains(fn, sizes, 2)
+    assert "f" not in started and "e" not in started  # cancelled after b failed, while big still ran
+    assert map_domains(lambda d: d * 2, {"x": 1, "y": 2}, 2) == {"x": "xx", "y": "yy"}
+
+    monkeypatch.setattr(icp_shards, "_WARM", False)
+    monkeypatch.setattr(icp_shards, "icp_plan", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("toy")))
+    with pytest.raises(RuntimeError, match="toy"):
+        IcpOrder().warm_up()
+    assert icp_shards._WARM is False  # not marked warm: the next call tries again
 
 
 def test_dedup_keeps_exactly_icps_documents_in_another_order(builds):

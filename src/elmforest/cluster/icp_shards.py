@@ -147,7 +147,7 @@ class IcpOrder:
 
     def warm_up(self) -> None:
         """What the first ordering in a process pays once, on a toy input: importing faiss and
-        scikit-learn and loading the compiled kernels (0.6-0.7 s here; about 6 s when numba compiles
+        scikit-learn and loading the compiled kernels (0.44-0.69 s here; about 6 s when numba compiles
         them after an install). `shards build` runs it in a thread while it tokenizes; reordering
         runs it first when it orders domains side by side, so every BLAS library is loaded before
         their one-thread limit is set. Once per process."""

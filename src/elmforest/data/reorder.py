@@ -215,18 +215,25 @@ def _cores() -> int:
 
 def map_domains(fn, sizes: dict, workers: int) -> dict:
     """{domain: fn(domain)} for the domains in `sizes` (name -> documents), `workers` at a time,
-    largest first, under one process-wide BLAS limit of one thread (see reorder_staging). If one
-    fails, the domains not started are cancelled and the error raised once the running ones end
+    largest first, under one process-wide BLAS limit of one thread (see reorder_staging). When one
+    fails, the domains not started are cancelled and its error raised once the running ones end
     (they write into the staging directory the caller then removes)."""
     if workers <= 1:
         return {d: fn(d) for d in sizes}
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from elmforest.utils.threads import one_blas_thread
 
     largest_first = sorted(sizes, key=lambda d: -sizes[d])
     with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-        return dict(zip(largest_first, pool.map(fn, largest_first), strict=True))
+        futures = {d: pool.submit(fn, d) for d in largest_first}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures.values() if f in done and f.exception() is not None]
+        if failed:
+            for f in futures.values():
+                f.cancel()  # those not started; the pool's exit waits for the running ones
+            raise failed[0].exception()
+    return {d: f.result() for d, f in futures.items()}
 
 
 def reorder_staging(
@@ -258,7 +265,10 @@ def reorder_staging(
         workers = min(2, _cores())
     workers = max(1, min(int(workers), len(jobs)))
     if workers > 1 and hasattr(orderer, "warm_up"):
-        orderer.warm_up()  # its libraries loaded before map_domains limits BLAS (a no-op when warm)
+        try:  # its libraries loaded before map_domains limits BLAS (a no-op when warm)
+            orderer.warm_up()
+        except Exception:  # noqa: BLE001 - left for the ordering itself to raise, with its context
+            pass
     timings["domain_workers"] = workers
 
     def one(domain):

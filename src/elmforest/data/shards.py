@@ -267,14 +267,14 @@ def build_shards(
         replace_dir(staging, out)
     except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once
         bar.close()
-        if warming is not None:
-            warming.join()  # not left running in BLAS or numba while the interpreter exits
         for w in writers.values():
             try:
                 w.f.close()  # flushing can fail again on a full disk: that must not hide the first error
             except OSError:
                 pass
         remove_path(staging)
+        if warming is not None:
+            warming.join()  # not left running in BLAS or numba while the interpreter exits
         err = as_write_error(e, out)
         if err is not None:
             raise err from e
