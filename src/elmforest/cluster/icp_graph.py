@@ -35,7 +35,9 @@ def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, len(os.sched_getaffinity(0)))
+    from elmforest.utils.threads import cpu_cores
+
+    return max(1, cpu_cores())
 
 
 @contextmanager

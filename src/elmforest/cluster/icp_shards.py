@@ -222,7 +222,7 @@ def make_orderer(
 ) -> DocumentOrderer | None:
     """The orderer a name stands for ("source" -> None, "random", "dedup" and "icp" with the given
     options; `embedder`: a sentence encoder instead of tf-idf/SVD; `exact_limit`: exact kNN up to this
-    many documents per domain, IVF beyond: 0 is the fast path); an orderer object passes through."""
+    many documents per domain, IVF beyond, 0: IVF always); an orderer object passes through."""
     if order in ("dedup", "icp"):
         if k < 1:
             raise UserError(f"ICP k (neighbours per document) must be ≥ 1, got {k}")

@@ -257,9 +257,9 @@ def _build_manpages(cache: SourceCache) -> DomainBuild:
         except (OSError, ValueError, EOFError):
             rendered = None
     if rendered is None:
-        workers = max(
-            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
+        from elmforest.utils.threads import cpu_cores
+
+        workers = max(1, cpu_cores())
         with ThreadPoolExecutor(max_workers=min(workers, 8)) as ex:
             results = list(ex.map(_render_manpage, pages.values()))
         rendered = {f"{sec}/{name}": list(r) for (sec, name), r in zip(pages, results, strict=True)}

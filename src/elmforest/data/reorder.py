@@ -206,13 +206,6 @@ def start_warm_up(orderer) -> threading.Thread | None:
     return thread
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def map_domains(fn, sizes: dict, workers: int) -> dict:
     """{domain: fn(domain)} for the domains in `sizes` (name -> documents), `workers` at a time,
     largest first, under one process-wide BLAS limit of one thread (see reorder_staging). When one
@@ -262,7 +255,9 @@ def reorder_staging(
     if not getattr(orderer, "concurrent_domains", False):  # not said to be safe side by side: alone
         workers = 1
     elif workers is None:
-        workers = min(2, _cores())
+        from elmforest.utils.threads import cpu_cores
+
+        workers = min(2, cpu_cores())
     workers = max(1, min(int(workers), len(jobs)))
     if workers > 1 and hasattr(orderer, "warm_up"):
         try:  # its libraries loaded before map_domains limits BLAS (a no-op when warm)

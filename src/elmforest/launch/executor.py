@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.utils.errors import Failed, UserError
+from elmforest.utils.threads import cpu_cores  # noqa: F401 - re-exported: callers import it from here
 
 
 class JobsFailed(Failed):
@@ -21,11 +22,6 @@ class JobsFailed(Failed):
         self.failures = failures
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
         super().__init__(f"{len(failures)} job(s) failed after retries:\n{lines}")
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:

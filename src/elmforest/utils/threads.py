@@ -1,4 +1,4 @@
-"""BLAS held at one thread for a block of code, with threadpoolctl.
+"""Threads: the cores this process may use, and BLAS held at one thread for a block of code.
 
 Why not `threadpool_limits(1)` each time: entering it inspects every shared library the process has
 loaded (about 5 ms here), and ICP enters it per domain and per kNN search (0.09 s of 1.4 on the demo
@@ -8,6 +8,7 @@ may bring its own BLAS, so the controller is built again then.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -27,3 +28,8 @@ def one_blas_thread():
             _cached = (len(sys.modules), ThreadpoolController())
         controller = _cached[1]
     return controller.limit(limits=1, user_api="blas")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
