@@ -167,8 +167,8 @@ def test_gather_in_chunks_equals_concatenation(chunk):
     class Sink:
         data = b""
 
-        def write(self, b):
-            self.data += b
+        def write(self, b):  # like a binary file: any buffer, slices of the memory map here
+            self.data += bytes(memoryview(b))
 
     sink = Sink()
     _gather(src, starts, lens, order, sink, chunk)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from elmforest.cluster import icp_dots
 from elmforest.cluster.icp_embed import (
     TokenDocuments,
     embed,
@@ -140,12 +141,13 @@ def icp_plan(
     cand = np.flatnonzero(ok)
     exact_dups = 0
     if dedup_threshold is not None and len(cand):
-        first: dict[bytes, int] = {}
-        keys = row_keys(x, cand) if x is not None else [r.tobytes() for r in z[cand]]
-        for i, key in zip(cand.tolist(), keys, strict=True):
-            j = first.setdefault(key, i)
-            if j != i:
-                dropped[i], partner[i], psim[i] = True, j, 1.0
+        first = icp_dots.first_equal_rows(x, cand) if x is not None else None
+        if first is None:
+            seen: dict[bytes, int] = {}
+            keys = row_keys(x, cand) if x is not None else [r.tobytes() for r in z[cand]]
+            first = np.array([seen.setdefault(key, i) for i, key in zip(cand.tolist(), keys, strict=True)])
+        dup = cand[first != cand]
+        dropped[dup], partner[dup], psim[dup] = True, first[first != cand], 1.0
         exact_dups = int(dropped.sum())
         cand = np.flatnonzero(ok & ~dropped)
     lap("exact_duplicates")

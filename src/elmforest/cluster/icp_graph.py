@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from elmforest.cluster import icp_kernels
+from elmforest.cluster import icp_dots, icp_kernels
 from elmforest.utils.errors import UserError
 
 
@@ -105,10 +105,14 @@ def knn_search(
         proposed = icp_kernels.self_knn_compiled(z, kk, threads)[1]
     else:
         index = _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info)
+    fast = icp_dots.fits(z) and icp_kernels.wanted(compiled)
     with faiss_threads(threads):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             ids = proposed[s:e] if index is None else index.search(z[s:e], kk)[1]
+            if fast:  # the same re-ranking compiled, bit for bit (icp_dots)
+                out[s:e, : min(k, kk)] = icp_dots.rerank(z, ids, s, k)
+                continue
             rows = np.arange(s, e)[:, None]
             found = ids >= 0
             safe = np.where(found, ids, 0)
@@ -142,9 +146,14 @@ def _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info):
     return index
 
 
-def edge_similarity(z: np.ndarray, src: np.ndarray, dst: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+def edge_similarity(
+    z: np.ndarray, src: np.ndarray, dst: np.ndarray, chunk: int = 1 << 14, compiled: bool | None = None
+) -> np.ndarray:
     """cos(z[src], z[dst]): float32 products summed in float64 (elementwise, so no thread count or
-    chunking changes a bit), clipped to [-1, 1]; in chunks of edges that stay in cache."""
+    chunking changes a bit), clipped to [-1, 1]; in chunks of edges that stay in cache. `compiled`
+    (default: where numba is installed): icp_dots computes the same bits without temporaries."""
+    if icp_dots.fits(z) and icp_kernels.wanted(compiled):
+        return np.clip(icp_dots.pair_sims(z, src, dst), -1.0, 1.0)
     out = np.empty(len(src), dtype=np.float64)
     for s in range(0, len(src), chunk):
         prod = z[src[s : s + chunk]] * z[dst[s : s + chunk]]
