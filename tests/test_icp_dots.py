@@ -76,3 +76,13 @@ def test_first_equal_rows_equal_the_byte_keys_and_survive_collisions(monkeypatch
 
     monkeypatch.setattr(icp_dots, "_row_hashes", collide)
     assert np.array_equal(icp_dots.first_equal_rows(x, keep), want)
+
+
+def test_out_of_range_rows_are_refused_not_read():
+    z = np.eye(4, 8, dtype=np.float32)
+    with pytest.raises(IndexError):
+        icp_dots.pair_sims(z, np.array([0, 4]), np.array([1, 1]))
+    with pytest.raises(IndexError):
+        icp_dots.rerank(z, np.array([[1, 9]]), 0, 1)
+    with pytest.raises(IndexError):
+        icp_dots.rerank(z, np.array([[1, 2]]), 4, 1)

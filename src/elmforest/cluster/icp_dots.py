@@ -121,6 +121,11 @@ def fits(z: np.ndarray) -> bool:
 
 def pair_sims(z: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(z[a] * z[b]).sum(1, dtype=float64) for float32 rows, compiled (see the module docstring)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+        raise ValueError(f"pair_sims: {len(a)} first rows but {len(b)} second rows")
+    if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= len(z)):
+        raise IndexError(f"pair_sims: row ids outside [0, {len(z)})")  # the kernel does not check
     out = np.empty(len(a), dtype=np.float64)
     _pair_sims(
         np.ascontiguousarray(z), np.ascontiguousarray(a, np.int64), np.ascontiguousarray(b, np.int64), out
@@ -130,6 +135,9 @@ def pair_sims(z: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def rerank(z: np.ndarray, ids: np.ndarray, r0: int, k: int) -> np.ndarray:
     """icp_graph.knn_search's re-ranking of the candidates `ids` of rows r0.. (see `_rerank`)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < -1 or ids.max() >= len(z) or r0 < 0 or r0 + len(ids) > len(z)):
+        raise IndexError(f"rerank: candidates or rows outside [0, {len(z)})")  # the kernel does not check
     out = np.full((len(ids), min(k, ids.shape[1])), -1, dtype=np.int64)
     _rerank(np.ascontiguousarray(z), np.ascontiguousarray(ids, np.int64), int(r0), int(k), out)
     return out
@@ -144,7 +152,7 @@ def first_equal_rows(x, rows: np.ndarray) -> np.ndarray | None:
     rows = np.asarray(rows, dtype=np.int64)
     h = np.empty(x.shape[0], dtype=np.uint64)
     data = np.ascontiguousarray(x.data, dtype=np.float64)
-    _row_hashes(x.indptr.astype(np.int64), x.indices.astype(np.int64), data.view(np.uint64), h)
+    _row_hashes(x.indptr, x.indices, data.view(np.uint64), h)  # no copy of the indices: compiled per dtype
     _, first, inverse = np.unique(h[rows], return_index=True, return_inverse=True)
     partner = rows[first[inverse.ravel()]]
     ip, ind = x.indptr, x.indices

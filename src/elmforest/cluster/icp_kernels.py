@@ -379,9 +379,11 @@ def self_knn_compiled(z: np.ndarray, kk: int, threads: int = 1, block: int = 512
     kept by (score, id), a total order, so with `block` fixed they do not depend on the threads or
     on which block offered a candidate first; a pair's float32 score may differ by an ulp between
     block shapes (BLAS rounds by tile), which can reorder scores equal to within the ulp. Each
-    thread keeps private lists for its share of the block pairs (no locks; 12·n·kk bytes each, at
+    thread takes the next block pair when it is free (a thread slowed by other work on its core
+    takes fewer; a fixed share would wait for it) and keeps private lists (12·n·kk bytes each, at
     most `memory` bytes of them: fewer threads beyond), merged at the end; BLAS runs on one thread
     per call (threadpoolctl)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from elmforest.utils.threads import one_blas_thread
@@ -394,16 +396,18 @@ def self_knn_compiled(z: np.ndarray, kk: int, threads: int = 1, block: int = 512
     pairs = len(starts) * (len(starts) + 1) // 2
     workers = max(1, min(int(threads), pairs, memory // max(1, 12 * n * kk)))
 
+    todo = iter([(a, b) for i, a in enumerate(starts) for b in starts[i:]])  # block pairs a ≤ b
+    lock = threading.Lock()
+
     def run(w):
         best_v = np.full((n, kk), -np.inf, dtype=np.float32)
         best_i = np.full((n, kk), np.iinfo(np.int64).max, dtype=np.int64)
-        t = 0
-        for i, a in enumerate(starts):  # block pairs a ≤ b, dealt to the workers in turn
-            for b in starts[i:]:
-                if t % workers == w:
-                    _scan(z[a : a + block] @ z[b : b + block].T, a, b, b != a, best_v, best_i)
-                t += 1
-        return best_v, best_i
+        while True:
+            with lock:  # each worker takes the next pair when it is free, not a fixed share
+                a, b = next(todo, (-1, -1))
+            if a < 0:
+                return best_v, best_i
+            _scan(z[a : a + block] @ z[b : b + block].T, a, b, b != a, best_v, best_i)
 
     with one_blas_thread():
         if workers == 1:
