@@ -86,3 +86,37 @@ def test_out_of_range_rows_are_refused_not_read():
         icp_dots.rerank(z, np.array([[1, 9]]), 0, 1)
     with pytest.raises(IndexError):
         icp_dots.rerank(z, np.array([[1, 2]]), 4, 1)
+
+
+def numpy_rerank(z, ids, r0, k):
+    """knn_search's NumPy re-ranking, for the rows r0.. of the candidates `ids`."""
+    rows = np.arange(r0, r0 + len(ids))[:, None]
+    found = ids >= 0
+    safe = np.where(found, ids, 0)
+    sim = (z[r0 : r0 + len(ids), None, :] * z[safe]).sum(-1, dtype=np.float64)
+    sim[~found | (ids == rows)] = -np.inf
+    o = np.lexsort((safe, -sim), axis=-1)[:, :k]
+    best = np.take_along_axis(ids, o, axis=1)
+    best[np.take_along_axis(sim, o, axis=1) == -np.inf] = -1
+    return best
+
+
+def test_rerank_equals_numpy_with_empty_slots_repeats_and_ties():
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((60, 16)).astype(np.float32)
+    z[[7, 8, 9, 40]] = z[3]  # tied scores
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    for trial in range(60):
+        kk, r0 = int(rng.integers(1, 9)), int(rng.integers(0, 30))
+        ids = rng.integers(-1, 60, size=(int(rng.integers(1, 30)), kk))  # -1 slots, repeats, the row itself
+        ids[:, 0] = np.where(rng.random(len(ids)) < 0.3, np.arange(r0, r0 + len(ids)), ids[:, 0])
+        for k in (1, kk, kk + 3):
+            want = numpy_rerank(z, ids, r0, k)
+            assert np.array_equal(icp_dots.rerank(z, ids, r0, k), want), (trial, k)
+
+
+def test_first_equal_rows_on_float32_values():
+    x = sp.csr_matrix(np.array([[0, 1.5, 0], [0, 1.5, 0], [0, 1.5000001, 0], [2, 0, 0]], dtype=np.float32))
+    rows = np.arange(4)
+    assert np.array_equal(icp_dots.first_equal_rows(x, rows), by_dict(x, rows))
+    assert icp_dots.first_equal_rows(x, rows).tolist() == [0, 0, 2, 3]

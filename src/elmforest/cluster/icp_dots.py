@@ -149,19 +149,19 @@ def first_equal_rows(x, rows: np.ndarray) -> np.ndarray | None:
     without numba."""
     if not available():
         return None
+    data = np.ascontiguousarray(x.data)
+    if data.dtype.itemsize not in (1, 2, 4, 8):
+        return _by_keys(x, np.asarray(rows, dtype=np.int64))
+    bits = data.view(f"u{data.dtype.itemsize}")  # the stored bytes, as the byte keys see them
     rows = np.asarray(rows, dtype=np.int64)
     h = np.empty(x.shape[0], dtype=np.uint64)
-    data = np.ascontiguousarray(x.data, dtype=np.float64)
-    _row_hashes(x.indptr, x.indices, data.view(np.uint64), h)  # no copy of the indices: compiled per dtype
+    _row_hashes(x.indptr, x.indices, bits, h)  # no copy of the indices: compiled per dtype
     _, first, inverse = np.unique(h[rows], return_index=True, return_inverse=True)
     partner = rows[first[inverse.ravel()]]
     ip, ind = x.indptr, x.indices
     for i, j in zip(rows[partner != rows].tolist(), partner[partner != rows].tolist(), strict=True):
         a, b = slice(ip[i], ip[i + 1]), slice(ip[j], ip[j + 1])
-        if not (
-            np.array_equal(ind[a], ind[b])
-            and np.array_equal(data[a].view(np.uint64), data[b].view(np.uint64))
-        ):
+        if not (np.array_equal(ind[a], ind[b]) and np.array_equal(bits[a], bits[b])):
             return _by_keys(x, rows)  # a hash collision (never seen): the byte keys decide
     return partner
 

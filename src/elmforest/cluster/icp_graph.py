@@ -105,7 +105,9 @@ def knn_search(
         proposed = icp_kernels.self_knn_compiled(z, kk, threads)[1]
     else:
         index = _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info)
-    fast = icp_dots.fits(z) and icp_kernels.wanted(compiled)
+    fast = (
+        icp_dots.fits(z) and icp_kernels.wanted(compiled) and bool(np.isfinite(z).all())
+    )  # NaN: NumPy's order
     with faiss_threads(threads):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)

@@ -399,7 +399,7 @@ def self_knn_compiled(z: np.ndarray, kk: int, threads: int = 1, block: int = 512
     todo = iter([(a, b) for i, a in enumerate(starts) for b in starts[i:]])  # block pairs a ≤ b
     lock = threading.Lock()
 
-    def run(w):
+    def run(_worker):
         best_v = np.full((n, kk), -np.inf, dtype=np.float32)
         best_i = np.full((n, kk), np.iinfo(np.int64).max, dtype=np.int64)
         while True:
