@@ -238,7 +238,7 @@ def reorder_staging(
     a time (default: 2 where the process may use 2 or more cores), largest first: much of one
     domain's work runs on one core (the embedding, most compiled kernels; the kNN search and the
     projection use every core), so a small domain fits beside a large one (ICP on the demo shards,
-    2 cores, bench/icp_order.py: 15.0-17.1k -> 19.0-19.7k documents/s in one set of runs). Nothing recorded depends on
+    2 free cores, bench/icp_order.py: 17.6-20.5k -> 21.5-25.4k documents/s in one set of runs). Nothing recorded depends on
     it: each order is a function of its domain and the seed, and BLAS is held at one thread for the
     whole pass (threadpoolctl's limit is process-wide, so the domains' own limits could not restore
     it under each other; the orderer's `warm_up` runs first, so every BLAS it loads is held too).
