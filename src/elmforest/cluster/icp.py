@@ -142,10 +142,9 @@ def icp_plan(
     exact_dups = 0
     if dedup_threshold is not None and len(cand):
         first = icp_dots.first_equal_rows(x, cand) if x is not None else None
-        if first is None:
-            seen: dict[bytes, int] = {}
+        if first is None:  # without numba, or given vectors: equal rows by their bytes
             keys = row_keys(x, cand) if x is not None else [r.tobytes() for r in z[cand]]
-            first = np.array([seen.setdefault(key, i) for i, key in zip(cand.tolist(), keys, strict=True)])
+            first = icp_dots.first_by_keys(keys, cand)
         dup = cand[first != cand]
         dropped[dup], partner[dup], psim[dup] = True, first[first != cand], 1.0
         exact_dups = int(dropped.sum())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from elmforest.cluster.icp_embed import row_keys
 from elmforest.cluster.icp_kernels import _jit, available
 
 MAX_WIDTH = 128  # NumPy's PW_BLOCKSIZE: wider rows (a sentence encoder's) go to NumPy, which halves them
@@ -166,11 +167,15 @@ def first_equal_rows(x, rows: np.ndarray) -> np.ndarray | None:
     return partner
 
 
-def _by_keys(x, rows: np.ndarray) -> np.ndarray:
-    from elmforest.cluster.icp_embed import row_keys
-
+def first_by_keys(keys, rows: np.ndarray) -> np.ndarray:
+    """For each of `rows`, the first of `rows` with an equal key (itself if none earlier): the
+    dictionary the hashes stand in for, and the path without numba or on a collision."""
     first: dict[bytes, int] = {}
     return np.array(
-        [first.setdefault(key, i) for i, key in zip(rows.tolist(), row_keys(x, rows), strict=True)],
+        [first.setdefault(key, i) for i, key in zip(np.asarray(rows).tolist(), keys, strict=True)],
         dtype=np.int64,
     )
+
+
+def _by_keys(x, rows: np.ndarray) -> np.ndarray:
+    return first_by_keys(row_keys(x, rows), rows)

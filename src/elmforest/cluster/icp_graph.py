@@ -105,14 +105,13 @@ def knn_search(
         proposed = icp_kernels.self_knn_compiled(z, kk, threads)[1]
     else:
         index = _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info)
-    fast = (
-        icp_dots.fits(z) and icp_kernels.wanted(compiled) and bool(np.isfinite(z).all())
-    )  # NaN: NumPy's order
+    # the re-ranking compiled, bit for bit (icp_dots); NaN scores keep NumPy's order
+    fast = icp_dots.fits(z) and icp_kernels.wanted(compiled) and bool(np.isfinite(z).all())
     with faiss_threads(threads):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             ids = proposed[s:e] if index is None else index.search(z[s:e], kk)[1]
-            if fast:  # the same re-ranking compiled, bit for bit (icp_dots)
+            if fast:
                 out[s:e, : min(k, kk)] = icp_dots.rerank(z, ids, s, k)
                 continue
             rows = np.arange(s, e)[:, None]

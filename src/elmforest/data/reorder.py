@@ -116,9 +116,8 @@ def _gather(src: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: np.nda
     straight from the memory map as one slice (no gather index, no copy; 2-5x faster on the demo
     shards than gathering through an index array of every token), `chunk` tokens of a document at
     most per write, the slice bounds listed for 65,536 documents at a time."""
-    flat = np.ascontiguousarray(
-        src.view(np.ndarray)
-    )  # a plain view: slicing it costs a fraction of a memmap slice
+    # a plain view: slicing it costs a fraction of a memmap slice
+    flat = np.ascontiguousarray(src.view(np.ndarray))
     for i in range(0, len(order), 1 << 16):
         ids = order[i : i + (1 << 16)]
         for s, e in zip(starts[ids].tolist(), (starts[ids] + lens[ids]).tolist(), strict=True):
@@ -238,8 +237,8 @@ def reorder_staging(
     a time (default: 2 where the process may use 2 or more cores), largest first: much of one
     domain's work runs on one core (the embedding, most compiled kernels; the kNN search and the
     projection use every core), so a small domain fits beside a large one (ICP on the demo shards,
-    2 free cores, bench/icp_order.py: 17.6-20.5k -> 21.5-25.4k documents/s in one set of runs). Nothing recorded depends on
-    it: each order is a function of its domain and the seed, and BLAS is held at one thread for the
+    2 free cores, bench/icp_order.py: 17.6-20.5k -> 21.5-25.4k documents/s in one set of runs).
+    Nothing recorded depends on it: each order is a function of its domain and the seed, and BLAS is held at one thread for the
     whole pass (threadpoolctl's limit is process-wide, so the domains' own limits could not restore
     it under each other; the orderer's `warm_up` runs first, so every BLAS it loads is held too).
     The per-domain times then overlap; `seconds` is the wall time."""
