@@ -164,9 +164,10 @@ STUDY_PRESETS: dict[str, dict] = {
         "seed_shares": [0.25, 0.75],
         "cbtm_ks": [2, 4, 8],
     },
-    # the same study at twice the budget, so the seed (256 steps) is past the steep part of its curve;
-    # compiled with a fused optimizer (1.6x, docs/benchmarks.md), the prior from 64 valid windows
-    # per domain (as many tokens as the test text) instead of 160, to fit in 3 hours on 2 cores
+    # the same study at twice the budget, to move the seed (256 steps) further down its curve (it is
+    # still on the steep part there: docs/benchmarks.md, "The cpu-long study"); compiled with a fused
+    # optimizer (1.6x, docs/benchmarks.md), the prior from 64 valid windows per domain (as many tokens
+    # as the test text) instead of 160, to fit in 3 hours on 2 cores
     "cpu-long": {
         "preset": "cpu-small",
         "steps": 512,
