@@ -270,7 +270,7 @@ def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tm
 
 def test_mismatched_architectures_are_refused(forest_dir, tmp_path):
     llama = json.loads((Forest.load(forest_dir).expert_dirs()[0] / "config.json").read_text())
-    with pytest.raises(ValueError, match="GPT-2 has learned position embeddings.*merge average"):
+    with pytest.raises(ValueError, match="GPT-2 has learned position embeddings.*forest average"):
         mixtral_config({**llama, "model_type": "gpt2"}, 2, 2)
     with pytest.raises(ValueError, match="attention_bias"):
         mixtral_config({**llama, "attention_bias": True}, 2, 2)

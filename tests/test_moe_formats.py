@@ -136,7 +136,7 @@ def test_every_supported_architecture_merges_with_logit_parity(arch, tokenizer_d
 def test_architectures_without_an_moe_counterpart_are_refused_with_the_reason(arch, why):
     with pytest.raises(UserError, match=why) as e:
         format_for({"model_type": arch})
-    assert "merge average" in str(e.value) and "qwen2 -> qwen2_moe" in str(e.value)
+    assert "forest average" in str(e.value) and "qwen2 -> qwen2_moe" in str(e.value)
 
 
 def test_a_qwen2_with_biased_attention_is_not_refused_but_a_biased_mlp_is():

@@ -1,6 +1,6 @@
 """The `elmforest` command: one verb per function, generated from the functions' typed signatures.
 
-Each package's cli.py holds its verbs (data, cluster, train, eval, forest, merge, launch); this module
+Each package's cli.py holds its verbs (data, cluster, train, eval, forest, merge, launch, study, clients); this module
 puts them under one root and turns the project's errors into one line and exit status 2."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def build_app():
     train_cli.register(app)  # train, presets
     eval_cli.register(app)  # eval
     forest_cli.register(app)  # forest ..., generate
-    merge_cli.register(app)  # merge moe
-    cluster_cli.register(app)  # cluster fit|assign
+    merge_cli.register(app)  # merge moe|finetune|routing|flexolmo|flexolmo-pair
+    cluster_cli.register(app)  # cluster fit|assign|languages
     lm_eval_cli.register(app)  # lm-eval (lm-evaluation-harness with --model elmforest)
     serve_cli.register(app)  # serve (an OpenAI-compatible HTTP API)
     report_cli.register(app)  # report (one self-contained HTML page)

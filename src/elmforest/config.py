@@ -60,7 +60,7 @@ class DataConfig:
     # and the comparison is a macro average over domains) | tokens: in proportion to each domain's size
     mixture: str = "uniform"
     split: str = "train"
-    # the order the shards' training documents must be in (source | random | icp; elmforest shards
+    # the order the shards' training documents must be in (source | random | dedup | icp; elmforest shards
     # build --order): a run is refused on shards in another order. None: whatever the shards hold
     order: str | None = None
 

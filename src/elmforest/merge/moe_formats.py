@@ -163,7 +163,7 @@ FORMATS = {
 }
 
 _INSTEAD = (
-    "merge the experts by parameter averaging (`elmforest merge average`), or keep them as a forest "
+    "merge the experts by parameter averaging (`elmforest forest average`), or keep them as a forest "
     "(`elmforest eval --forest`, the ensemble)"
 )
 BLOCKED = {

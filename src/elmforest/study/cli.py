@@ -18,7 +18,7 @@ def study(
     config: Annotated[
         str,
         arg(
-            "a study config (YAML or JSON) or a preset: tiny, cpu, btm-125m, btm-350m, btm-750m, btm-1.3b",
+            "a study config (YAML or JSON) or a preset: tiny, cpu, cpu-long, btm-125m, btm-350m, btm-750m, btm-1.3b",
             metavar="CONFIG",
         ),
     ],

@@ -32,7 +32,7 @@ from elmforest.utils.errors import UserError
 
 @dataclass(frozen=True)
 class Point:
-    axis: str  # main | domains | share
+    axis: str  # main | domains | share | cbtm
     budget: float
     seed: int
     domains: tuple[str, ...]
