@@ -102,8 +102,8 @@ PRESETS: dict[str, Preset] = {
             # (5 points x2 apart each, chosen on the valid split; docs/benchmarks.md, docs/sweeps/)
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=256, batch_size=16, seq_len=256, ckpt_every=64, log_every=8),
-            description="about 1.3M parameters; the quickstart default, sized so it fits 15 minutes on 2 "
-            "CPU cores without bf16 (fp32, AVX2)",
+            description="about 1.3M parameters; the quickstart default, sized for 15 minutes on 2 CPU "
+            "cores (5-15 min in bf16 by the machine; fp32-only CPUs about 1.3x longer)",
             expert_lr=8e-3,
             # bench/moe_goals.py: 64 steps of 16 x 256, grid 1e-3..1.6e-2, best 4e-3 (docs/moe.md)
             moe_finetune_lr=4e-3,
