@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from elmforest.study.config import STUDY_PRESETS
 from elmforest.train.cli import NoProgress
 from elmforest.utils.argtypes import arg, flag, nonneg_float, opt, positive_float, verb
 
@@ -18,7 +19,7 @@ def study(
     config: Annotated[
         str,
         arg(
-            "a study config (YAML or JSON) or a preset: tiny, cpu, cpu-long, btm-125m, btm-350m, btm-750m, btm-1.3b",
+            f"a study config (YAML or JSON) or a preset: {', '.join(STUDY_PRESETS)}",
             metavar="CONFIG",
         ),
     ],
