@@ -214,7 +214,13 @@ class Clusterer:
             max_features=max_features,
             dtype=np.float64,
         )
-        x = vec.fit_transform(texts)
+        try:
+            x = vec.fit_transform(texts)
+        except ValueError as e:  # no term left after min_df / max_df pruning
+            raise UserError(
+                f"no word is left to cluster on after pruning by --min-df {min_df} / max_df {max_df} in "
+                f"{len(texts)} sampled documents ({e}); lower --min-df or sample more documents"
+            ) from None
         if x.shape[1] < 2:
             raise UserError("the sample has too few distinct words to cluster")
         dims = min(dims, x.shape[1] - 1)

@@ -198,8 +198,22 @@ def tokenizer_train(
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Train a byte-level BPE on a sample of the training split."""
+    from pathlib import Path
+
     from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
 
+    o = Path(out)
+    if o.exists():  # a shards or checkpoint folder would get a tokenizer its token ids do not match
+        if not o.is_dir():
+            raise UserError(f"--out {o}: exists and is not a folder")
+        other = sorted(
+            p.name for p in o.iterdir() if p.name not in ("tokenizer.json", "tokenizer_config.json")
+        )
+        if other:
+            raise UserError(
+                f"--out {o}: holds other files ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); "
+                "a tokenizer goes in a folder of its own (an empty one, or a previous tokenizer's)"
+            )
     tok, stats = train_bpe_on(
         read.source(data), vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
     )

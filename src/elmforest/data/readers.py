@@ -71,6 +71,9 @@ class ReadStats:
 
 
 def _domain_from_name(path: Path) -> str:
+    parent = path.parent.name
+    if parent.endswith(SUPPORTED) and not is_metadata(parent):  # Spark's x.parquet/part-*.parquet
+        path = path.parent
     name = path.name
     for suffix in SUPPORTED:
         if name.endswith(suffix):
@@ -172,16 +175,25 @@ def _check_record(
         stats.skipped["wrong_type"] += 1
         return None
     rid = rec.get("id", default_id)
-    if rid is None:
+    if rid is None or rid == "":  # an empty id would hash every such document into one split
         rid = default_id
     if not isinstance(rid, (str, int)):
         stats.skipped["wrong_type"] += 1
+        return None
+    try:  # the split hashes the id and folders are named after the domain: both must be UTF-8
+        domain.encode("utf-8"), str(rid).encode("utf-8")
+    except UnicodeEncodeError:
+        stats.skipped["invalid_utf8"] += 1
         return None
     stats.documents += 1
     return Document(id=str(rid), domain=domain, text=text)
 
 
 _PLAIN = Source(None, "")  # the default fields
+_ARRAY = (
+    "{path}: a JSON array, not JSON lines (one object per line); convert it "
+    "(`jq -c '.[]' FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
+)
 
 
 def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[Document]:
@@ -191,6 +203,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
+    first = True  # the first non-blank line
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -203,8 +216,13 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                if first and line.lstrip().startswith("["):
+                    raise DataError(_ARRAY.format(path=path)) from None
                 stats.skipped["invalid_json"] += 1
                 continue
+            if first and isinstance(rec, list):
+                raise DataError(_ARRAY.format(path=path))
+            first = False
             fields.see(rec)
             doc = _check_record(rec, stats, domain, f"{domain}:{lineno}", src.text_field, src.domain_field)
             if doc is not None:
@@ -324,7 +342,7 @@ def _read_txt(path: Path, root: Path, stats: ReadStats) -> Iterator[Document]:
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         stats.skipped["invalid_utf8"] += 1
         return

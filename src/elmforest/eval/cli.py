@@ -42,6 +42,16 @@ split_fractions.metavar = "VALID,TEST"
 
 Model = Annotated[str | None, opt("a run directory or HF checkpoint directory", metavar="DIR")]
 Json = Annotated[str | None, opt("write the result here", metavar="FILE")]
+
+
+def check_json_out(path: str | None) -> None:
+    """Before an evaluation, not after it: a --json that cannot be written is refused up front."""
+    from pathlib import Path
+
+    if path and Path(path).is_dir():
+        raise UserError(f"--json {path}: is a folder; give a file name")
+
+
 Domains = Annotated[str | None, opt("comma-separated subset", metavar="A,B,...")]
 Prior = Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")]
 PriorBatches = Annotated[
@@ -164,6 +174,7 @@ def eval_(
 
     if bool(model) == bool(forest):
         raise UserError("eval takes either --model or --forest")
+    check_json_out(json)
     if read != DEFAULT_READ:
         from elmforest.data.shards import Shards
 
@@ -200,6 +211,8 @@ def eval_(
             prior_alpha=prior_ema,
             **common,
         )
+        if json:  # before printing: the result is kept even if the terminal cannot show it
+            write_json_atomic(json, res)
         print_table({f"forest {mode}": res})
         c = res["compute"]
         print(
@@ -212,11 +225,11 @@ def eval_(
         res = evaluate(
             model, data, progress=not no_progress, trust_remote_code=run.trust_remote_code, **common
         )
+        if json:  # before printing: the result is kept even if the terminal cannot show it
+            write_json_atomic(json, res)
         if "read" in res:
             print_read(res["read"])
         print_table({"model": res})
-    if json:
-        write_json_atomic(json, res)
 
 
 def eval_crossdoc(

@@ -32,6 +32,11 @@ class WindowSampler:
         mixture: str = "uniform",
     ):
         domains = list(domains) if domains else [d for d in shards.domains if shards.has(d, split)]
+        if not domains:
+            raise UserError(
+                f"{shards.root}: no domain has a {split!r} split (shards built with --valid-frac + "
+                "--test-frac = 1, or too few documents); rebuild them with a smaller held-out share"
+            )
         missing = [d for d in domains if not shards.has(d, split)]
         if missing:
             raise UserError(

@@ -85,6 +85,11 @@ class Trainer:
         self.shards = Shards(cfg.data.shards)
         check_order(cfg, self.shards)
         self.tokenizer = load_tokenizer(self.shards.root)
+        if self.tokenizer.fingerprint() != self.shards.tokenizer_fingerprint:
+            raise UserError(
+                f"{self.shards.root}: its tokenizer files are not the tokenizer its tokens were made with "
+                "(replaced since `shards build`?); rebuild the shards or restore the tokenizer"
+            )
         if cfg.model.init_from:
             check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
         self.rank, self.world, self._owns_group = init_distributed(cfg.train.device)

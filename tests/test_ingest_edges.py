@@ -1,0 +1,134 @@
+"""Odd but legal inputs a user brings, found by trying them as a new user would: each either reads
+correctly or is refused with a message naming the file and the fix, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from elmforest.cli import main
+from elmforest.cluster.clusterer import Clusterer
+from elmforest.data.readers import DataError, ReadStats, iter_documents
+from elmforest.data.shards import Shards
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import _pieces, train_bpe
+from elmforest.train.batches import WindowSampler
+from elmforest.utils.errors import UserError
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_ids_and_domains_that_are_not_utf8_are_skipped_like_such_text(tmp_path):
+    """The split hashes the id's UTF-8 and the domain names a folder: a lone surrogate in either
+    crashed shards build, cluster assign and eval's table."""
+    p = tmp_path / "d.jsonl"
+    p.write_text(
+        '{"text": "ok", "id": "lone\\udc00id"}\n{"text": "ok", "domain": "dom\\udc00ain"}\n'
+        '{"text": "fine", "id": "good"}\n'
+    )
+    stats = ReadStats()
+    assert [d.id for d in iter_documents(p, stats)] == ["good"]
+    assert stats.skipped == {"invalid_utf8": 2}
+
+
+def test_an_empty_id_is_no_id(tmp_path):
+    """An empty (constant) id put every document in one split; it now falls back to the line number."""
+    p = tmp_path / "x.jsonl"
+    p.write_text("".join(json.dumps({"id": "", "text": f"doc {i}"}) + "\n" for i in range(200)))
+    docs = list(iter_documents(p))
+    assert len({d.id for d in docs}) == 200
+    splits = {SplitSpec().assign(d.id) for d in docs}
+    assert splits == {"train", "valid", "test"}
+
+
+@pytest.mark.parametrize("indent", [2, None])
+def test_a_json_array_is_refused_naming_the_file(tmp_path, indent):
+    (tmp_path / "news.jsonl").write_text(json.dumps({"text": "a line"}) + "\n")
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=indent))
+    with pytest.raises(DataError, match=r"data\.json: a JSON array, not JSON lines"):
+        list(iter_documents(tmp_path))
+
+
+def test_spark_part_files_take_their_folder_name(tmp_path):
+    folder = tmp_path / "news.parquet"
+    folder.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": [f"doc {i}"]}), folder / f"part-0000{i}-3f2a.snappy.parquet")
+    pq.write_table(pa.table({"text": ["loose"]}), tmp_path / "legal.parquet")
+    assert sorted({d.domain for d in iter_documents(tmp_path)}) == ["legal", "news"]
+
+
+def test_a_bom_is_not_text_in_txt_files(tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbfbom text")
+    assert [d.text for d in iter_documents(tmp_path)] == ["bom text"]
+
+
+def test_training_on_shards_without_a_train_split_is_refused(shards_dir, tmp_path):
+    s = tmp_path / "s"
+    shutil.copytree(shards_dir, s)
+    index = json.loads((s / "index.json").read_text())
+    for d in index["domains"].values():
+        d["splits"].pop("train", None)
+    (s / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="no domain has a 'train' split"):
+        WindowSampler(Shards(s), None, "train", 16, 2, 0)
+
+
+def test_clustering_with_no_word_left_after_pruning_is_refused():
+    texts = [f"word{chr(97 + i)}xyz" for i in range(12)]  # no word in two documents
+    with pytest.raises(UserError, match="no word is left to cluster on.*--min-df"):
+        Clusterer.fit(texts, k=2, min_df=2)
+
+
+def test_long_runs_without_spaces_are_cut_for_the_bpe_trainer():
+    text = "intro " + "ACGT" * 5000 + " outro"
+    pieces = list(_pieces(text))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 8192 + 6 and len(pieces) == 3
+    assert list(_pieces("short text")) == ["short text"]
+    t = time.perf_counter()
+    train_bpe(_pieces("ACGT" * 50_000), vocab_size=400)  # 15 s uncut at a 4,096 vocabulary
+    assert time.perf_counter() - t < 30
+
+
+def test_tokenizer_train_refuses_a_folder_holding_other_files(corpus, shards_dir, tmp_path, capsys):
+    s = tmp_path / "s"
+    shutil.copytree(shards_dir, s)
+    before = (s / "tokenizer.json").read_bytes()
+    rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", s, "--vocab-size", 300], capsys)
+    assert rc == 2 and "holds other files" in out and "index.json" in out and "Traceback" not in out
+    assert (s / "tokenizer.json").read_bytes() == before
+    fresh = tmp_path / "tok"
+    for _ in range(2):  # an empty folder, then the previous tokenizer's
+        rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", fresh, "--vocab-size", 300], capsys)
+        assert rc == 0, out
+
+
+def test_training_refuses_shards_whose_tokenizer_was_replaced(shards_dir, tmp_path, capsys):
+    s = tmp_path / "s"
+    shutil.copytree(shards_dir, s)
+    tok = json.loads((s / "tokenizer.json").read_text())
+    tok["model"]["merges"] = tok["model"]["merges"][:-1]
+    (s / "tokenizer.json").write_text(json.dumps(tok))
+    rc, out = _run(["train", "--shards", s, "--out", tmp_path / "r", "--preset", "tiny"], capsys)
+    assert rc == 2 and "not the tokenizer its tokens were made with" in out, out
+
+
+def test_eval_json_that_is_a_folder_is_refused_before_evaluating(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    rc, out = _run(
+        ["eval", "--model", tmp_path / "none", "--data", tmp_path, "--json", tmp_path / "out"], capsys
+    )
+    assert rc == 2 and "is a folder" in out
