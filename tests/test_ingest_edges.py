@@ -18,7 +18,7 @@ from elmforest.data.shards import Shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import _pieces, train_bpe
 from elmforest.train.batches import WindowSampler
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import NotFound, UserError
 
 
 def _run(argv, capsys) -> tuple[int, str]:
@@ -132,3 +132,52 @@ def test_eval_json_that_is_a_folder_is_refused_before_evaluating(tmp_path, capsy
         ["eval", "--model", tmp_path / "none", "--data", tmp_path, "--json", tmp_path / "out"], capsys
     )
     assert rc == 2 and "is a folder" in out
+
+
+def test_a_folder_of_loose_txt_files_says_each_is_a_domain(tmp_path, capsys):
+    """Passing `corpus/web` where the data was `corpus` makes 200 one-file domains whose ids (and
+    so splits) differ from the ones training used: a note says so."""
+    web = tmp_path / "corpus" / "web"
+    web.mkdir(parents=True)
+    for i in range(20):
+        (web / f"{i:03d}.txt").write_text(f"document {i}")
+    assert len({d.domain for d in iter_documents(web)}) == 20
+    assert "each is its own domain" in capsys.readouterr().err
+    assert {d.domain for d in iter_documents(tmp_path / "corpus")} == {"web"}
+    assert "own domain" not in capsys.readouterr().err
+
+
+def _random_model(shards_dir, out):
+    from elmforest.config import ModelConfig
+    from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+    from elmforest.model.build import build_model
+
+    sh = Shards(shards_dir)
+    build_model(ModelConfig(preset="tiny"), sh.vocab_size, sh.eos_id).save_pretrained(str(out))
+    save_tokenizer(load_tokenizer(shards_dir), out)
+    return out
+
+
+def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tmp_path, capsys):
+    from elmforest.eval.bpb import evaluate
+
+    model = _random_model(shards_dir, tmp_path / "m")
+    spec = SplitSpec()
+    held = next(f"d{i}" for i in range(1000) if spec.assign(f"d{i}") == "valid")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"id": held, "text": "only a valid-split document here"}) + "\n")
+    with pytest.raises(UserError, match=r"one\.jsonl: none of its 1 document\(s\) falls in the test split"):
+        evaluate(model, one, device="cpu", progress=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{i}", "text": f"text number {i} of a"}) + "\n" for i in range(200))
+    )
+    (data / "b.jsonl").write_text(json.dumps({"id": held, "text": "b has only a valid document"}) + "\n")
+    res = evaluate(model, data, device="cpu", progress=False, seq_len=16)
+    assert list(res["domains"]) == ["a"]
+    err = capsys.readouterr().err
+    assert f"note: {data}: b left out" in err and "elmforest-eval-" not in err
+    with pytest.raises(NotFound) as e:
+        evaluate(model, data, domains=["b"], device="cpu", progress=False, seq_len=16)
+    assert str(data) in str(e.value) and "elmforest-eval-" not in str(e.value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -190,6 +191,7 @@ def _check_record(
 
 
 _PLAIN = Source(None, "")  # the default fields
+LOOSE_TXT_NOTE = 20  # loose .txt files in the root given, each its own domain: likely the wrong root
 _ARRAY = (
     "{path}: a JSON array, not JSON lines (one object per line); convert it "
     "(`jq -c '.[]' FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
@@ -369,7 +371,16 @@ def iter_documents(
         yield from read_builder(src, stats)
         return
     root = Path(src.location) if src.format else Path(path)
-    for f in list_data_files(root):
+    files = list_data_files(root)
+    loose = [f for f in files if f.suffix == ".txt" and f.parent == root]
+    if len(loose) >= LOOSE_TXT_NOTE:
+        print(
+            f"note: {root}: {len(loose)} .txt files sit directly in it, so each is its own domain and its "
+            "id is its bare file name; to make the folder a domain, pass the folder above it (as the "
+            "data was given to `shards build`: ids and so splits depend on the path below the root given)",
+            file=sys.stderr,
+        )
+    for f in files:
         if f.is_dir():  # a saved Hugging Face dataset
             from elmforest.data.hf_readers import read_saved
 

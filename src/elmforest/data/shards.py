@@ -224,7 +224,14 @@ def build_shards(
             flush(batch)
         bar.close()
         if not writers:
-            raise UserError(f"{', '.join(map(str, sources))}: no usable documents ({stats.summary()})")
+            where = ", ".join(map(str, sources))
+            if only_splits and stats.documents:  # read fine, but every document hashed to another split
+                raise UserError(
+                    f"{where}: none of its {stats.documents} document(s) falls in the "
+                    f"{'/'.join(only_splits)} split (a hash of each id, {split.valid_frac:g} valid / "
+                    f"{split.test_frac:g} test); score another split (--split valid, or --split all)"
+                )
+            raise UserError(f"{where}: no usable documents ({stats.summary()})")
         domains: dict[str, dict] = {}
         for (domain, split_name), w in sorted(writers.items()):
             w.f.close()

@@ -34,7 +34,7 @@ from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
-from elmforest.utils.errors import Diverged, UserError
+from elmforest.utils.errors import Diverged, NotFound, UserError
 from elmforest.utils.io import read_json
 
 
@@ -65,15 +65,21 @@ def check_finite(nll: float, model: str, domain: str, split: str) -> float:
     return nll
 
 
-def missing_domains(shards: Shards, split: str, domains: list[str] | None) -> tuple[list[str], dict]:
+def missing_domains(
+    shards: Shards, split: str, domains: list[str] | None, where=None
+) -> tuple[list[str], dict]:
     """The domains to score (the given ones, or every domain with documents in `split`) and those of
-    the shards left out, with why; a note on stderr names the left-out ones."""
+    the shards left out, with why; a note on stderr names the left-out ones (and `where` the data,
+    when the shards are a temporary tokenization of it)."""
     if domains:
         return domains, {}
     names = [d for d in shards.domains if shards.has(d, split)]
     missing = {d: f"no {split} documents" for d in shards.domains if not shards.has(d, split)}
     if missing:
-        print(f"note: {shards.root}: {', '.join(missing)} left out: no {split} documents", file=sys.stderr)
+        print(
+            f"note: {where or shards.root}: {', '.join(missing)} left out: no {split} documents",
+            file=sys.stderr,
+        )
     return names, missing
 
 
@@ -164,15 +170,17 @@ def evaluate_shards(
     precision: str = "auto",
     progress: bool = True,
     name: str | None = None,
+    where=None,
 ) -> dict:
-    """`name` says which model a non-finite loss came from (default: the directory it was loaded from)."""
+    """`name` says which model a non-finite loss came from (default: the directory it was loaded from);
+    `where` names the data in messages when `shards` is a temporary tokenization of it."""
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev).eval()
     name = name or getattr(model, "name_or_path", None) or type(model).__name__
-    names, missing = missing_domains(shards, split, domains)
+    names, missing = missing_domains(shards, split, domains, where)
     if not names:
-        raise UserError(f"{shards.root}: no domain has a {split!r} split")
+        raise UserError(f"{where or shards.root}: no domain has a {split!r} split")
     out = {}
     for d in names:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
@@ -249,19 +257,25 @@ def evaluate(
                 data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
             )
             shards = Shards(built.out)
-        result = evaluate_shards(
-            model,
-            shards,
-            stored,
-            domains,
-            seq_len,
-            batch_size,
-            max_bytes,
-            device,
-            precision,
-            progress,
-            name=str(mdir),
-        )
+        try:
+            result = evaluate_shards(
+                model,
+                shards,
+                stored,
+                domains,
+                seq_len,
+                batch_size,
+                max_bytes,
+                device,
+                precision,
+                progress,
+                name=str(mdir),
+                where=data if raw else None,
+            )
+        except (UserError, NotFound) as e:  # name the data the user gave, not its temporary shards
+            if not raw:
+                raise
+            raise type(e)(str(e).replace(str(shards.root), str(data))) from None
         if raw:
             result["read"] = shards.index["read"]
             # which documents `split` meant: the hash split at these fractions (the model's training
