@@ -82,6 +82,8 @@ def serve(
         raise UserError(f"serving needs the serve extra: pip install 'elmforest[serve]' ({e})") from None
     from elmforest.forest.lm import open_lm
 
+    if experts is not None and not split_list(experts):
+        raise UserError("--experts: no expert named; leave it out to serve every expert")
     lm = open_lm(
         forest or model,
         mode,

@@ -88,7 +88,18 @@ class LoadedTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """As `AutoTokenizer(texts)` would: with the tokenizer's own special tokens, never truncated."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        try:
+            return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        except TypeError:  # a str the tokenizers library cannot take: lone surrogates, no UTF-8
+            for t in texts:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UserError(
+                        f"text is not valid UTF-8 (a lone surrogate at character {e.start}: undecodable "
+                        "bytes in a prompt or an escaped \\udXXX)"
+                    ) from None
+            raise
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
         """Whole documents as training sees them: each ends with exactly one EOS."""
@@ -243,19 +254,29 @@ def _whole_documents(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+def _json_object(f: Path) -> dict:
+    try:
+        v = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise UserError(f"{f}: expected a JSON object, got {type(v).__name__}")
+    return v
+
+
 def _find_eos(tok: Tokenizer, directory: Path) -> int:
     candidates = []
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = directory / name
         if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token")
+            eos = _json_object(f).get("eos_token")
             if isinstance(eos, dict):
                 eos = eos.get("content")
             if eos:
                 candidates.append(eos)
     cfg = directory / "config.json"
     if cfg.is_file():
-        eos_id = json.loads(cfg.read_text()).get("eos_token_id")
+        eos_id = _json_object(cfg).get("eos_token_id")
         if isinstance(eos_id, list):
             eos_id = eos_id[0] if eos_id else None
         if isinstance(eos_id, int):

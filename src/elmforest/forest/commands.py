@@ -79,7 +79,10 @@ def summary_of(src: Path) -> dict:
 
     for p in (src / "summary.json", src.parent / "summary.json"):
         if p.is_file():
-            return read_json(p)
+            s = read_json(p)
+            if not isinstance(s, dict):
+                raise UserError(f"{p}: expected a JSON object (a run's summary), got {type(s).__name__}")
+            return s
     return {}
 
 
@@ -96,12 +99,17 @@ def explicit_weights(spec: str, names: list[str]) -> list[float]:
             value = math.nan
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--weights {item!r}: expected NAME=W with W a non-negative number")
+        if name.strip() in pairs:
+            raise UserError(f"--weights: {name.strip()!r} is given twice")
         pairs[name.strip()] = value
     unknown = set(pairs) - set(names)
     if unknown:
         raise UserError(f"unknown expert(s) in --weights: {sorted(unknown)}; have {names}")
     if sum(pairs.values()) <= 0:
         raise UserError("--weights: at least one weight must be positive")
+    if not math.isfinite(sum(pairs.values())):
+        top = max(pairs.values())
+        pairs = {k: v / top for k, v in pairs.items()}
     return [pairs.get(n, 0.0) for n in names]
 
 
@@ -120,6 +128,10 @@ def average(
     from elmforest.merge.methods import NEEDS_BASE
 
     names = forest.names
+    if not names:
+        raise UserError(f"{forest.root}: the forest has no experts to average")
+    if method not in NEEDS_BASE and scale != 1.0:
+        raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
     if weights == "uniform":
         ws = [1.0] * len(names)
     elif weights == "posterior":
@@ -140,7 +152,16 @@ def average(
         if method == "ties":
             params["density"] = density
     forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
-    out = merge_checkpoints(forest.expert_dirs(), out, ws, method, base, metadata={"names": names}, **params)
+    try:
+        out = merge_checkpoints(
+            forest.expert_dirs(), out, ws, method, base, metadata={"names": names}, **params
+        )
+    except BaseException:
+        if not (
+            Path(out) / "elmforest_average.json"
+        ).is_file():  # no merge of ours there: nothing to remember
+            forest.forget_output(out)
+        raise
     print(
         f"merged ({method}) {len(names)} experts with weights "
         + ", ".join(f"{n}={w / sum(ws):.3f}" for n, w in zip(names, ws, strict=True))

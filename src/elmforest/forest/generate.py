@@ -15,6 +15,7 @@ lm-eval's generate_until all consume it, so they sample the same mixture the eva
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ def sample_token(mix: torch.Tensor, temperature: float, top_p: float, gen: torch
         p, order = torch.sort(probs, descending=True)
         # keep a token while the mass before it is below top_p: the first token always stays
         keep = (torch.cumsum(p, 0) - p) < top_p
+        keep[0] = True  # a top_p below float32's smallest number rounds to 0 and would keep none
         probs = torch.zeros_like(probs).scatter_(0, order[keep], p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 
@@ -157,6 +159,28 @@ def generate_steps(
             pool._decoding = {}
 
 
+def check_context(model_dir: Path, n_prompt: int, max_new_tokens: int) -> None:
+    """Refuse what the model's positions cannot hold; note what goes past the context it trained on
+    (the server refuses that too; here it is allowed, to see how the model degrades)."""
+    from elmforest.eval.bpb import default_seq_len
+    from elmforest.model.build import read_config
+
+    total = n_prompt + max_new_tokens
+    limit = read_config(Path(model_dir)).get("max_position_embeddings")
+    if isinstance(limit, int) and total > limit:
+        raise UserError(
+            f"{n_prompt} prompt tokens (with the start token) + {max_new_tokens} new ones = {total}, past the "
+            f"model's {limit} positions; shorten the prompt or --max-new-tokens"
+        )
+    trained = default_seq_len(Path(model_dir))
+    if total > trained:
+        print(
+            f"note: {total} tokens is past the {trained}-token context the experts were trained on; "
+            "expect worse text beyond it",
+            file=sys.stderr,
+        )
+
+
 @torch.no_grad()
 def generate(
     forest_dir: str | Path,
@@ -188,6 +212,7 @@ def generate(
     ids = [tok.eos_id] + tok.encode_batch([prompt])[0]  # as a document starts in training
     if tok.appends_eos and len(ids) > 1 and ids[-1] == tok.eos_id:  # the prompt continues: not ended
         ids = ids[:-1]
+    check_context(forest.expert_dir(names[0]), len(ids), max_new_tokens)
     routing = ClusterRouting(forest, names, cluster_k, routing_temperature) if cluster_k else None
     new, weights, logprobs = [], [], []
     for step in generate_steps(

@@ -33,7 +33,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
-from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.model.build import load_model, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
 
@@ -261,6 +261,9 @@ def open_lm(
             f"{path}: neither a forest (forest.json) nor a checkpoint (config.json) or run directory"
         )
     seq_len = seq_len or default_seq_len(dirs[0])
+    limit = read_config(Path(dirs[0])).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"seq_len {seq_len} is past the model's {limit} positions")
     dev = resolve_device(device)
     pool = ExpertPool(dirs, dev, resolve_precision(precision, dev))
     tok = load_tokenizer(dirs[0])

@@ -22,8 +22,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.forest.trust import RESERVED_NAMES, check_manifest, copy_regular_files, inside, valid_name
-from elmforest.model.build import resolve_model_dir
+from elmforest.forest.trust import (
+    RESERVED_NAMES,
+    check_manifest,
+    check_weights,
+    copy_regular_files,
+    count,
+    inside,
+    valid_name,
+)
+from elmforest.model.build import read_config, resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import (
     clean_stale,
@@ -57,7 +65,7 @@ _NON_ARCH_KEYS = {
 
 
 def architecture_fingerprint(model_dir: str | Path) -> str:
-    cfg = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
+    cfg = read_config(resolve_model_dir(model_dir))
     arch = {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
     return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -258,13 +266,13 @@ class Forest:
     # -- changes -----------------------------------------------------------------------------------
     def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
         tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
-        if self.data["tokenizer"] and tok != self.data["tokenizer"]:
+        if self.data.get("tokenizer") and tok != self.data["tokenizer"]:
             raise UserError(
                 f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
                 f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
             )
         if architecture is not None:  # an expert of another, derived shape (a FlexOlmo owner's pair)
-            if not self.data["architecture"]:
+            if not self.data.get("architecture"):
                 raise UserError(f"{self.root}: no seed yet; an expert of a derived architecture needs one")
             if arch != architecture:
                 raise UserError(
@@ -272,7 +280,7 @@ class Forest:
                     "started from; its shape changed in training"
                 )
             return tok, arch
-        if self.data["architecture"] and arch != self.data["architecture"]:
+        if self.data.get("architecture") and arch != self.data["architecture"]:
             raise UserError(
                 f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "
                 f"({self.data['architecture']}); experts must share the seed's architecture"
@@ -334,39 +342,54 @@ class Forest:
             raise UserError(
                 f"{self.root}: an expert named {name!r} exists; add it under another --name, or remove that one first (forest remove)"
             )
+        if not domains or not all(isinstance(d, str) and d.strip() for d in domains):
+            raise UserError(
+                f"expert {name!r}: needs at least one domain, each a non-empty name; got {domains}"
+            )
+        tokens, flops = count(tokens, f"expert {name!r}: tokens"), count(flops, f"expert {name!r}: flops")
         tok, arch = self._check_compatible(src, architecture)
         forest_arch = self.data["architecture"] if architecture is not None else arch
+        same = [  # experts of this shape so far (a FlexOlmo owner's pair has a shape of its own)
+            n
+            for n in self.names
+            if n != name and self.expert(n).get("fingerprints", {}).get("architecture") == arch
+        ]
+        ref = self.expert_dir(same[0]) if same else (self.seed_dir if architecture is None else None)
+        check_weights(src, ref if ref is not None and ref.is_dir() else None)
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
         staged = _stage_checkpoint(src, self.root / rel, link=owned)
-        entry = {
-            "name": name,
-            "domains": list(domains),
-            "path": rel,
-            "parents": parents or [],
-            "tokens": int(tokens),
-            "flops": int(flops),
-            "fingerprints": {"tokenizer": tok, "architecture": arch, "data": data_fingerprint},
-            "files": weight_digests(staged),
-            "added": _now(),
-            **(extra or {}),
-        }
+        try:  # the staged copy never outlives this call
+            entry = {
+                "name": name,
+                "domains": list(domains),
+                "path": rel,
+                "parents": parents or [],
+                "tokens": int(tokens),
+                "flops": int(flops),
+                "fingerprints": {"tokenizer": tok, "architecture": arch, "data": data_fingerprint},
+                "files": weight_digests(staged),
+                "added": _now(),
+                **(extra or {}),
+            }
 
-        def change(d):
-            if d["tokenizer"] not in (None, tok) or d["architecture"] not in (None, forest_arch):
-                raise UserError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
-            if not replace and name in [e["name"] for e in d["experts"]]:
-                raise UserError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
-            if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
-                raise UserError(f"{self.root}: expert {name!r} was opted out meanwhile; not adding it back")
-            # the checkpoint lands under the same lock as its manifest entry; a replaced one steps aside
-            # whole, so a kill between the renames leaves it to be put back, never a dangling entry
-            replace_dir(staged, self.root / rel)
-            d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
-            d["tokenizer"], d["architecture"] = tok, forest_arch
-            d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
+            def change(d):
+                if d.get("tokenizer") not in (None, tok) or d.get("architecture") not in (None, forest_arch):
+                    raise UserError(f"{self.root}: the forest changed underneath; {name} no longer fits it")
+                if not replace and name in [e["name"] for e in d["experts"]]:
+                    raise UserError(f"{self.root}: an expert named {name!r} exists (added meanwhile)")
+                if not (replace or force) and name in [r["name"] for r in d.get("removed", [])]:
+                    raise UserError(
+                        f"{self.root}: expert {name!r} was opted out (forest remove); its owner's choice is not "
+                        "undone by adding it back"
+                    )
+                # the checkpoint lands under the same lock as its manifest entry; a replaced one steps aside
+                # whole, so a kill between the renames leaves it to be put back, never a dangling entry
+                replace_dir(staged, self.root / rel)
+                d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
+                d["tokenizer"], d["architecture"] = tok, forest_arch
+                d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
 
-        try:
             self.update(change)
         finally:
             remove_path(staged)
@@ -396,6 +419,14 @@ class Forest:
                 file=sys.stderr,
             )
 
+    def forget_output(self, path: str | Path) -> None:
+        """Undo `record_output` for a merge that failed before writing anything."""
+        path = str(Path(path).resolve())
+        try:
+            self.update(lambda d: d.update(outputs=[o for o in d.get("outputs", []) if o["path"] != path]))
+        except OSError:
+            pass
+
     def set_clusterer(self, clusterer_dir: str | Path) -> None:
         """Keep a copy of the c-BTM clusterer that defines the experts' clusters (for routing)."""
         from elmforest.cluster.clusterer import Clusterer
@@ -407,17 +438,17 @@ class Forest:
 
     def describe(self) -> str:
         lines = [
-            f"forest {self.root}: {len(self.data['experts'])} expert(s), tokenizer {self.data['tokenizer']}, "
-            f"architecture {self.data['architecture']}"
+            f"forest {self.root}: {len(self.data['experts'])} expert(s), tokenizer {self.data.get('tokenizer')}, "
+            f"architecture {self.data.get('architecture')}"
         ]
         if self.data.get("seed"):
             s = self.data["seed"]
             lines.append(f"  seed: {s['tokens']:,} tokens, {s['flops']:.3e} FLOPs {s.get('source', '')}")
         for e in self.data["experts"]:
-            parents = ", ".join(f"{p['name']}×{p['weight']:.2f}" for p in e["parents"]) or "-"
+            parents = ", ".join(f"{p['name']}×{p['weight']:.2f}" for p in e.get("parents", [])) or "-"
             lines.append(
-                f"  {e['name']:20s} domains={','.join(e['domains'])}  from {parents}  "
-                f"{e['tokens']:,} tokens  {e['flops']:.3e} FLOPs"
+                f"  {e['name']:20s} domains={','.join(e.get('domains', []))}  from {parents}  "
+                f"{e.get('tokens', 0):,} tokens  {e.get('flops', 0):.3e} FLOPs"
             )
         return "\n".join(lines)
 

@@ -157,9 +157,16 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
     for name in forest.names:
         problem = forest.intact(name, deep=deep)
         if problem:
+            external = [p.get("name") for p in forest.expert(name).get("parents", [])] == ["external"]
             wrong.append(
-                f"expert {name}: {problem}; `elmforest forest train` (or `forest expert`) restores it "
-                f"from runs/{name} or trains it again"
+                f"expert {name}: {problem}; "
+                + (
+                    "it was added from outside the forest (`forest add`): copy its files back from the "
+                    "original, or opt it out (`forest remove`)"
+                    if external
+                    else f"`elmforest forest train` (or `forest expert`) restores it from runs/{name} or "
+                    "trains it again"
+                )
             )
     known = set(forest.names)
     experts = forest.root / "experts"

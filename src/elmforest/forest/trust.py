@@ -28,8 +28,42 @@ def valid_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(f"expert name {name!r}: use {NAME_RULE}")
     if name in RESERVED_NAMES:
-        raise UserError(f"expert name {name!r} is reserved; pass another name (--name)")
+        raise UserError(f"expert name {name!r} is reserved ({', '.join(sorted(RESERVED_NAMES))})")
     return name
+
+
+def count(v, what: str) -> int:
+    """A token or FLOP count from a file someone else wrote: a finite, non-negative number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+        raise UserError(f"{what}: expected a non-negative number, got {v!r}")
+    return int(v)
+
+
+def check_weights(src: Path, ref: Path | None) -> None:
+    """An expert brought in from elsewhere has readable safetensors weights (headers parsed, bytes
+    all there), with the tensor names and shapes of `ref` (an expert or seed of the forest) when given:
+    a config that matches says nothing about the weights beside it."""
+    from safetensors import safe_open
+
+    from elmforest.model.build import weight_files
+
+    def shapes(d: Path) -> dict:
+        out = {}
+        for f in sorted(set(weight_files(d).values())):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+        return out
+
+    got = shapes(src)
+    if ref is None:
+        return
+    want = shapes(ref)
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise UserError(
+            f"{src}: its weights do not fit the forest's ({len(diff)} tensor(s) missing, extra or of "
+            f"another shape, e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
+        )
 
 
 class ManifestError(UserError):

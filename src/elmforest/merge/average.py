@@ -24,10 +24,13 @@ from elmforest.utils.io import undone_on_failure, write_json_atomic
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
-    if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if n == 0:
+        raise UserError("nothing to merge: no experts")
+    if len(weights) != n or any(not (w >= 0) for w in weights) or sum(weights) <= 0:
         raise UserError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
-    s = float(sum(weights))
-    return [float(w) / s for w in weights]
+    top = float(max(weights))  # scaled first: 1e308 + 1e308 is inf, and w / inf is 0
+    s = sum(float(w) / top for w in weights)
+    return [float(w) / top / s for w in weights]
 
 
 def iter_merge(

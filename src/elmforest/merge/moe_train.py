@@ -122,6 +122,8 @@ def _train_moe(
     what = {"router_training": "router training", "finetuning": "fine-tuning"}[kind]
     moe_dir = resolve_model_dir(moe_dir)
     out = Path(out or moe_dir)
+    if not (moe_dir / "elmforest_moe.json").is_file():
+        raise UserError(f"{moe_dir}: not a merged MoE (no elmforest_moe.json; made by `elmforest merge moe`)")
     meta = read_json(moe_dir / "elmforest_moe.json")
     if kind == "finetuning" and out.resolve() == moe_dir.resolve() and "finetuning" in meta:
         raise UserError(

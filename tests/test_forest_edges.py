@@ -1,0 +1,157 @@
+"""Forest, merge and generation inputs a user tried that crashed, were taken in silently or left the
+forest inconsistent: each is now refused with a message naming the problem, or handled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elmforest.data.tokenizer import load_tokenizer
+from elmforest.forest import btm
+from elmforest.forest.commands import average, explicit_weights, summary_of
+from elmforest.forest.generate import generate, sample_token
+from elmforest.forest.manifest import Forest
+from elmforest.merge.average import normalise
+from elmforest.merge.moe_train import finetune_moe
+from elmforest.utils.errors import AlreadyExists, NotFound, UserError
+
+
+def _copy(forest_dir, tmp_path) -> Forest:
+    shutil.copytree(forest_dir, tmp_path / "f", symlinks=True)
+    return Forest.load(tmp_path / "f")
+
+
+def _no_staging_left(f: Forest) -> bool:
+    return not [p for p in (f.root / "experts").iterdir() if ".stage~" in p.name]
+
+
+def test_a_top_p_below_float32s_smallest_number_keeps_the_top_token():
+    mix = torch.log_softmax(torch.randn(50), -1)
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(mix, 1.0, 1e-46, g) == int(mix.argmax())
+
+
+def test_text_that_is_not_utf8_is_a_user_error(forest_dir):
+    tok = load_tokenizer(Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0]))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        tok.encode_batch(["ab\udcffcd"])
+
+
+def test_generation_past_the_models_positions_is_refused(forest_dir, capsys):
+    with pytest.raises(UserError, match="past the model's 2048 positions"):
+        generate(forest_dir, "word " * 10, max_new_tokens=2100, device="cpu")
+    generate(forest_dir, "word", max_new_tokens=70, device="cpu", temperature=0)
+    assert "past the 64-token context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "reshaped"])
+def test_forest_add_checks_the_weights_not_only_the_config(forest_dir, tmp_path, damage):
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ext"
+    shutil.copytree(f.expert_dir(f.names[0]), src)
+    w = src / "model.safetensors"
+    if damage == "missing":
+        w.unlink()
+    elif damage == "garbage":
+        w.write_text("garbage\n")
+    else:
+        t = load_file(w)
+        k = next(k for k in t if "embed_tokens" in k)
+        t[k] = t[k][:10].clone()
+        save_file(t, w, metadata={"format": "pt"})
+    with pytest.raises((UserError, NotFound)) as e:
+        f.add(src, "ext", ["x"])
+    assert str(src) in str(e.value)
+    if damage == "reshaped":
+        assert "do not fit the forest" in str(e.value) and "embed_tokens" in str(e.value)
+    assert "ext" not in Forest.load(f.root).names and _no_staging_left(f)
+
+
+@pytest.mark.parametrize(
+    "summary, match",
+    [([1, 2], "expected a JSON object"), ({"tokens": "abc"}, "tokens: expected a non-negative number")]
+    + [
+        ({"tokens": 5, "flops": v}, "flops: expected a non-negative number")
+        for v in (float("nan"), -5, 1e400)
+    ],
+)
+def test_forest_add_refuses_a_malformed_summary_and_leaves_nothing(forest_dir, tmp_path, summary, match):
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ext"
+    shutil.copytree(f.expert_dir(f.names[0]), src)
+    (src / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=match):
+        s = summary_of(src)
+        f.add(src, "ext", ["x"], tokens=s.get("tokens", 0), flops=s.get("flops", 0))
+    assert "ext" not in Forest.load(f.root).names and _no_staging_left(f)
+    assert not (f.root / "experts" / "ext").exists()
+
+
+@pytest.mark.parametrize("text", ["{bad", "[]"])
+def test_a_malformed_config_json_is_named(forest_dir, tmp_path, text):
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ext"
+    shutil.copytree(f.expert_dir(f.names[0]), src)
+    (src / "config.json").write_text(text)
+    with pytest.raises(UserError, match="config.json"):
+        f.add(src, "ext", ["x"])
+
+
+def test_forest_add_needs_a_domain(forest_dir, tmp_path):
+    f = _copy(forest_dir, tmp_path)
+    with pytest.raises(UserError, match="at least one domain"):
+        f.add(f.expert_dir(f.names[0]), "ext", [""])
+
+
+def test_a_same_size_corruption_is_retrained_not_taken_as_done(forest_dir, shards_dir, tmp_path):
+    from elmforest.data.shards import Shards
+
+    f = _copy(forest_dir, tmp_path)
+    name = f.names[0]
+    w = f.expert_dir(name) / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    assert "checksum mismatch" in f.intact(name, deep=True)
+    btm.train_expert(f, Shards(shards_dir), f.expert(name)["domains"][0], progress=False)
+    assert Forest.load(f.root).intact(name, deep=True) is None
+
+
+def test_huge_finite_weights_are_not_a_zero_model():
+    assert normalise([1e308, 1e308, 0.0], 3) == [0.5, 0.5, 0.0]
+    assert explicit_weights("a=1e308,b=1e308", ["a", "b", "c"]) == [1.0, 1.0, 0.0]
+    with pytest.raises(UserError, match="given twice"):
+        explicit_weights("a=1,a=2", ["a", "b"])
+
+
+def test_a_failed_average_is_not_recorded_as_an_output(forest_dir, tmp_path):
+    f = _copy(forest_dir, tmp_path)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("not a merge")
+    with pytest.raises(AlreadyExists):  # refused: not an earlier output of this command
+        average(f, str(tmp_path / "foreign"))
+    with pytest.raises(UserError, match="--scale applies to task_arithmetic and ties"):
+        average(f, str(tmp_path / "x"), scale=5.0)
+    empty = Forest.init(tmp_path / "empty")
+    with pytest.raises(UserError, match="no experts to average"):
+        average(empty, str(tmp_path / "y"))
+    assert Forest.load(f.root).data.get("outputs", []) == []
+    assert (tmp_path / "foreign" / "keep.txt").is_file()
+    average(f, str(tmp_path / "avg"))
+    assert [o["path"] for o in Forest.load(f.root).data["outputs"]] == [str((tmp_path / "avg").resolve())]
+
+
+def test_merge_finetune_of_a_dense_model_says_what_it_needs(forest_dir, shards_dir, tmp_path):
+    f = Forest.load(forest_dir)
+    with pytest.raises(UserError, match="not a merged MoE"):
+        finetune_moe(f.expert_dir(f.names[0]), shards_dir, 2, out=tmp_path / "o")
+
+
+def test_a_manifest_without_optional_keys_lists(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "forest.json").write_text(json.dumps({"version": 1, "experts": []}))
+    assert "0 expert(s)" in Forest.load(tmp_path / "q").describe()
