@@ -71,6 +71,61 @@ def test_forest_add_checks_the_weights_not_only_the_config(forest_dir, tmp_path,
     assert "ext" not in Forest.load(f.root).names and _no_staging_left(f)
 
 
+@pytest.mark.parametrize("harm", ["truncated", "same_size_garbage"])
+def test_a_damaged_expert_in_the_forest_does_not_refuse_a_sound_newcomer(forest_dir, tmp_path, harm):
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ext"
+    shutil.copytree(f.expert_dir(f.names[1]), src)
+    w = f.expert_dir(f.names[0]) / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[:100] if harm == "truncated" else bytes(8) + data[8:])
+    f.add(src, "ext", ["x"])  # the first expert is no reference; the next sound one is
+    assert "ext" in Forest.load(f.root).names
+
+
+def _weights(d, tied: bool, **tensors):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))
+    save_file({k: torch.zeros(v) for k, v in tensors.items()}, d / "model.safetensors")
+    return d
+
+
+def test_a_tied_output_head_may_be_saved_or_not(tmp_path):
+    from elmforest.forest.trust import check_weights
+
+    ref = _weights(tmp_path / "ref", True, **{"model.embed_tokens.weight": (8, 4)})
+    src = _weights(tmp_path / "src", True, **{"model.embed_tokens.weight": (8, 4), "lm_head.weight": (8, 4)})
+    check_weights(src, [ref])
+    bad = _weights(tmp_path / "bad", True, **{"model.embed_tokens.weight": (9, 4)})
+    with pytest.raises(UserError, match="embed_tokens"):
+        check_weights(bad, [ref])
+    untied = _weights(tmp_path / "untied", False, **{"model.embed_tokens.weight": (8, 4)})
+    with pytest.raises(UserError, match="lm_head"):
+        check_weights(
+            untied,
+            [
+                _weights(
+                    tmp_path / "ref2",
+                    False,
+                    **{"model.embed_tokens.weight": (8, 4), "lm_head.weight": (8, 4)},
+                )
+            ],
+        )
+
+
+def test_a_refused_average_keeps_an_earlier_record_of_that_path(forest_dir, tmp_path):
+    f = _copy(forest_dir, tmp_path)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an earlier MoE's weights")
+    f.record_output(out, "moe", f.names)
+    with pytest.raises(AlreadyExists):
+        average(f, str(out))
+    assert [(o["path"], o["kind"]) for o in Forest.load(f.root).data["outputs"]] == [
+        (str(out.resolve()), "moe")
+    ]
+
+
 @pytest.mark.parametrize(
     "summary, match",
     [([1, 2], "expected a JSON object"), ({"tokens": "abc"}, "tokens: expected a non-negative number")]

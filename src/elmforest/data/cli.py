@@ -207,7 +207,10 @@ def tokenizer_train(
         if not o.is_dir():
             raise UserError(f"--out {o}: exists and is not a folder")
         other = sorted(
-            p.name for p in o.iterdir() if p.name not in ("tokenizer.json", "tokenizer_config.json")
+            p.name
+            for p in o.iterdir()
+            if p.name not in ("tokenizer.json", "tokenizer_config.json")
+            and not p.name.startswith(".")  # .DS_Store, a write cut short (.NAME.tmp~...)
         )
         if other:
             raise UserError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -71,15 +72,28 @@ class ReadStats:
         return {"documents": self.documents, "files": self.files, "skipped": dict(self.skipped)}
 
 
-def _domain_from_name(path: Path) -> str:
+_PART = re.compile(r"part[-_.]?\d")  # Spark/Hadoop output files: news.parquet/part-00000-....parquet
+
+
+def _is_part(path: Path) -> bool:
     parent = path.parent.name
-    if parent.endswith(SUPPORTED) and not is_metadata(parent):  # Spark's x.parquet/part-*.parquet
+    return bool(_PART.match(path.name)) and parent.endswith(SUPPORTED) and not is_metadata(parent)
+
+
+def _domain_from_name(path: Path) -> str:
+    if _is_part(path):  # the parts of one written table are one domain, named by their folder
         path = path.parent
     name = path.name
     for suffix in SUPPORTED:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def _id_prefix(path: Path, domain: str) -> str:
+    """Default ids are `<domain>:<line or row>`; parts sharing a domain add their own name, so that
+    no two documents share an id."""
+    return f"{domain}/{path.name}" if _is_part(path) else domain
 
 
 def is_metadata(name: str) -> bool:
@@ -200,6 +214,7 @@ _ARRAY = (
 
 def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[Document]:
     domain = _domain_from_name(path)
+    at = _id_prefix(path, domain)
     fields = FieldCheck(path, src)
     try:
         f = open(path, "rb")
@@ -226,7 +241,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
                 raise DataError(_ARRAY.format(path=path))
             first = False
             fields.see(rec)
-            doc = _check_record(rec, stats, domain, f"{domain}:{lineno}", src.text_field, src.domain_field)
+            doc = _check_record(rec, stats, domain, f"{at}:{lineno}", src.text_field, src.domain_field)
             if doc is not None:
                 yield doc
     fields.done()
@@ -270,6 +285,7 @@ def _read_parquet(
     import pyarrow.parquet as pq
 
     domain = _domain_from_name(path)
+    at = _id_prefix(path, domain)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
@@ -284,7 +300,7 @@ def _read_parquet(
             if isinstance(rec[src.text_field], _InvalidUtf8):
                 stats.skipped["invalid_utf8"] += 1
                 continue
-            doc = _check_record(rec, stats, domain, f"{domain}:{row}", src.text_field, src.domain_field)
+            doc = _check_record(rec, stats, domain, f"{at}:{row}", src.text_field, src.domain_field)
             if doc is not None:
                 yield doc
 

@@ -151,16 +151,14 @@ def average(
         base, params["scale"] = forest.seed_dir, scale
         if method == "ties":
             params["density"] = density
-    forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
+    previous = forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
     try:
         out = merge_checkpoints(
             forest.expert_dirs(), out, ws, method, base, metadata={"names": names}, **params
         )
     except BaseException:
-        if not (
-            Path(out) / "elmforest_average.json"
-        ).is_file():  # no merge of ours there: nothing to remember
-            forest.forget_output(out)
+        if previous is not None or not (Path(out) / "elmforest_average.json").is_file():
+            forest.forget_output(out, previous)  # a refused merge leaves the record as it was
         raise
     print(
         f"merged ({method}) {len(names)} experts with weights "

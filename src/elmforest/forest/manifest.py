@@ -354,8 +354,10 @@ class Forest:
             for n in self.names
             if n != name and self.expert(n).get("fingerprints", {}).get("architecture") == arch
         ]
-        ref = self.expert_dir(same[0]) if same else (self.seed_dir if architecture is None else None)
-        check_weights(src, ref if ref is not None and ref.is_dir() else None)
+        refs = [self.expert_dir(n) for n in same if self.intact(n) is None]
+        if architecture is None and self.seed_dir is not None:
+            refs.append(self.seed_dir)
+        check_weights(src, [r for r in refs if r.is_dir()])
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
         staged = _stage_checkpoint(src, self.root / rel, link=owned)
@@ -401,12 +403,14 @@ class Forest:
 
         return remove_expert(self, name)
 
-    def record_output(self, path: str | Path, kind: str, experts: list[str]) -> None:
+    def record_output(self, path: str | Path, kind: str, experts: list[str]) -> dict | None:
         """Remember a merged model written from these experts (it holds copies of their weights), so
-        that opting one out also deletes its copies."""
+        that opting one out also deletes its copies. Returns the entry this one replaced, if any."""
         path = str(Path(path).resolve())
+        before = []
 
         def change(d):
+            before[:] = [o for o in d.get("outputs", []) if o["path"] == path]
             d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
             d["outputs"].append({"path": path, "kind": kind, "experts": list(experts), "written": _now()})
 
@@ -418,12 +422,20 @@ class Forest:
                 "out of this forest will not find this copy",
                 file=sys.stderr,
             )
+        return before[0] if before else None
 
-    def forget_output(self, path: str | Path) -> None:
-        """Undo `record_output` for a merge that failed before writing anything."""
+    def forget_output(self, path: str | Path, previous: dict | None = None) -> None:
+        """Undo `record_output` for a merge that failed: put back the entry it replaced (`previous`,
+        whose copies may still be there), or drop the path when there was none."""
         path = str(Path(path).resolve())
+
+        def change(d):
+            d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
+            if previous is not None:
+                d["outputs"].append(previous)
+
         try:
-            self.update(lambda d: d.update(outputs=[o for o in d.get("outputs", []) if o["path"] != path]))
+            self.update(change)
         except OSError:
             pass
 

@@ -39,31 +39,54 @@ def count(v, what: str) -> int:
     return int(v)
 
 
-def check_weights(src: Path, ref: Path | None) -> None:
+def check_weights(src: Path, refs: list[Path]) -> None:
     """An expert brought in from elsewhere has readable safetensors weights (headers parsed, bytes
-    all there), with the tensor names and shapes of `ref` (an expert or seed of the forest) when given:
-    a config that matches says nothing about the weights beside it."""
+    all there), with the tensor names and shapes of the forest: a config that matches says nothing
+    about the weights beside it. `refs` are the forest's checkpoints of this shape, best first; the
+    first one that reads cleanly is the reference, so a damaged expert already in the forest never
+    refuses a sound newcomer (fsck reports that one). An output head tied to the embeddings may be
+    saved or not, so it is not compared."""
+    from elmforest.utils.errors import NotFound
+
+    got = _shapes(src)
+    for ref in refs:
+        try:
+            want = _shapes(ref)
+        except (UserError, NotFound, OSError, ValueError, RuntimeError):
+            continue
+        if _tied(src):
+            got, want = (
+                {k: v for k, v in d.items() if not k.endswith("lm_head.weight")} for d in (got, want)
+            )
+        if got != want:
+            diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise UserError(
+                f"{src}: its weights do not fit the forest's ({len(diff)} tensor(s) missing, extra or of "
+                f"another shape, e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
+            )
+        return
+
+
+def _shapes(d: Path) -> dict:
     from safetensors import safe_open
 
     from elmforest.model.build import weight_files
 
-    def shapes(d: Path) -> dict:
-        out = {}
-        for f in sorted(set(weight_files(d).values())):
-            with safe_open(str(f), "pt") as h:
-                out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
-        return out
+    out = {}
+    for f in sorted(set(weight_files(d).values())):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+    return out
 
-    got = shapes(src)
-    if ref is None:
-        return
-    want = shapes(ref)
-    if got != want:
-        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        raise UserError(
-            f"{src}: its weights do not fit the forest's ({len(diff)} tensor(s) missing, extra or of "
-            f"another shape, e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
-        )
+
+def _tied(d: Path) -> bool:
+    import json
+
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("tie_word_embeddings", False))
 
 
 class ManifestError(UserError):
