@@ -151,7 +151,8 @@ def test_the_multiplier_never_extrapolates(exact):
     assert below.text().startswith("< the smallest dense budget (1.0e+13 FLOPs")
     floor = multiplier(exact, 0.99 * E, 1e14)
     assert (floor.status, floor.value) == ("unreachable", None) and "unreachable" in floor.text()
-    assert exact.compute_for(0.99 * E) == math.inf and exact.compute_for(E) == math.inf
+    assert exact.compute_for(0.99 * E) == math.inf and exact.compute_for(exact.E) == math.inf
+    assert exact.compute_for(E + 1e-16) == math.inf  # the fitted E is E only to rounding
     inside = multiplier(exact, float(curve(1e15)), 1e14)  # the largest budget itself is inside
     assert inside.status == "ok" and inside.value == pytest.approx(10.0, rel=1e-6)
 

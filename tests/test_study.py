@@ -256,12 +256,12 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     LRs x 0.5 x each forest budget, and both arms at c-BTM's data 0.25 and 0.5."""
     from elmforest.study.cost import training_units
 
-    u = training_units(load_study_config("cpu"), 8)
+    u = training_units(load_study_config("cpu"), [f"d{i}" for i in range(8)])
     assert u["main"] == pytest.approx(15 + 3.5) and u["domains"] == pytest.approx(6.0)
     assert u["share"] == pytest.approx(4.0) and u["cbtm"] == pytest.approx(1.5 + 10.5)
     assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
-    u = training_units(load_study_config("cpu", grids), 8)
+    u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
     assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -99,9 +99,10 @@ class PowerLawFit:
 
     def compute_for(self, L: float) -> float:
         """The least compute whose predicted loss is at most L (predict's inverse): math.inf when L <= E,
-        since the curve only approaches E. A flat curve (alpha = 0) reaches L at no compute or never."""
+        since the curve only approaches E (within rounding of E too: a fit's E is only known to ~1e-15).
+        A flat curve (alpha = 0) reaches L at no compute or never."""
         L = float(L)
-        if L <= self.E:
+        if L - self.E <= 1e-12 * max(1.0, abs(self.E)):
             return math.inf
         if self.alpha == 0:
             return 0.0 if L >= self.E + self.A else math.inf

@@ -97,6 +97,12 @@ def prepare_data(
     shards = Shards(shards_dir)
     if order is not None:
         check_shards_order(shards, orderer, order_seed)
+    missing = [d for d in domains or () if not shards.has(d, "train")]
+    if missing:
+        raise UserError(
+            f"domains {missing}: no training documents in {corpus} (its domains with some: "
+            f"{', '.join(d for d in shards.domains if shards.has(d, 'train'))})"
+        )
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
         _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None

@@ -165,17 +165,32 @@ def build_run_config(
     from elmforest.config import apply_overrides
     from elmforest.utils.io import read_json
 
-    cfg = (
-        RunConfig.from_dict(read_json(config_file))
-        if config_file
-        else preset_run_config(preset or DEFAULT_PRESET)
-    )
+    if config_file and Path(config_file).suffix.lower() in (".yaml", ".yml"):
+        raise UserError(
+            f"--config {config_file}: a run config is JSON (a run's run_config.json); YAML is read by `elmforest study`"
+        )
+    if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
+        cfg = RunConfig.from_dict(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
+    elif config_file:
+        cfg = RunConfig.from_dict(read_json(config_file))
+    else:
+        cfg = preset_run_config(preset or DEFAULT_PRESET)
     if shards:
         cfg.data.shards = str(Path(shards).resolve())
     if init_from:
         cfg.model.init_from = str(Path(init_from).resolve())
     cfg.model.trust_remote_code = bool(trust_remote_code)
     return apply_overrides(cfg, list(overrides))
+
+
+def _layered(base: dict, top) -> dict:
+    """`top`'s keys over `base`'s, section by section (a non-object `top` is left for from_dict to refuse)."""
+    if not isinstance(top, dict):
+        return top
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _layered(base[k], v) if isinstance(base.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def fill_architecture(model: ModelConfig) -> ModelConfig:

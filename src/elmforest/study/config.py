@@ -119,6 +119,16 @@ class StudyConfig:
                 )
             if self.dense_lr is not None or self.expert_lr is not None or self.sweep:
                 bad.append("lr_grid: the sweeps choose the LRs; drop dense_lr, expert_lr and sweep")
+        if self.domains is not None and len(set(self.domains)) < 2:
+            bad.append(f"domains {self.domains}: a forest needs >= 2 training domains")
+        if self.workers is not None and self.workers < 1:
+            bad.append(f"workers {self.workers}: >= 1 (or unset for the default)")
+        owned = [o for o in self.overrides if str(o).split("=", 1)[0].strip() in STUDY_OWNED]
+        if owned:
+            bad.append(
+                f"overrides {owned}: the study sets these for each run (budgets through steps and "
+                "dense_budgets, training seeds through seeds, the data and checkpoints itself)"
+            )
         if self.steps is not None and self.steps < 4:
             bad.append("steps must be >= 4")
         if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
@@ -133,6 +143,25 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+STUDY_OWNED = ("train.steps", "train.seed", "data.shards", "model.init_from")  # per run, by the study
+
+
+def sweep_lrs(path: str | Path) -> tuple[float, float]:
+    """(dense, expert) best LRs of a `elmforest sweep --arm both` result (the study's `sweep`)."""
+    from elmforest.utils.io import read_json
+
+    if not Path(path).is_file():
+        raise UserError(f"sweep {path}: no such file (a sweep.json written by `elmforest sweep --arm both`)")
+    s = read_json(path)
+    try:
+        lrs = float(s["dense"]["best_lr"]), float(s["experts"]["best_lr"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a sweep.json with both arms (elmforest sweep --arm both)") from None
+    if not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise UserError(f"{path}: best learning rates {lrs} are not positive numbers")
+    return lrs
 
 
 STUDY_PRESETS: dict[str, dict] = {

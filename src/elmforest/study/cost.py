@@ -11,19 +11,21 @@ token are elmforest's FLOPs formula (train/flops.py) on the preset's model, buil
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
-from elmforest.study.config import StudyConfig
+from elmforest.study.config import StudyConfig, sweep_lrs
 from elmforest.study.run import plan_batch, plan_points
+from elmforest.utils.errors import UserError
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
 GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
 MFU = 0.40  # a typical model-FLOPs utilisation of a well-tuned small-model training run
 
 
-def training_units(cfg: StudyConfig, n_domains: int) -> dict[str, float]:
+def training_units(cfg: StudyConfig, names: list[str]) -> dict[str, float]:
     """D units of training per part of the study."""
-    names = [f"d{i}" for i in range(n_domains)]
     dense_budgets = set(cfg.dense_budgets)
     units = {"main": 0.0, "domains": 0.0, "share": 0.0, "cbtm": 0.0, "lr sweeps": 0.0}
     for p in plan_points(cfg, names):
@@ -62,7 +64,7 @@ def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
         model = build_model(base.model, get_preset(cfg.preset).vocab_size, 0)
     fpt = flops_per_token(model, base.train.seq_len)
     tokens_d = steps * batch * base.train.grad_accum * base.train.seq_len
-    units = training_units(cfg, len(names))
+    units = training_units(cfg, names)
     flops = units["total"] * tokens_d * fpt
     return {
         "units_D": units,
@@ -90,19 +92,32 @@ def format_cost(cfg: StudyConfig, c: dict, n_domains: int) -> str:
 
 
 def domain_names(cfg: StudyConfig) -> list[str]:
-    """The training domains the study would use: its `domains`, the demo corpus's, or those of the
-    corpus with training documents (read once), as data preparation keeps them."""
-    if cfg.domains:
-        return list(cfg.domains)
+    """The training domains the study would use: its `domains` (each checked to have training
+    documents), the demo corpus's, or those of the corpus with training documents (read once), as
+    data preparation keeps them."""
     if cfg.corpus is None:
         from elmforest.corpora.demo import DEMO_DOMAINS
 
-        return sorted(DEMO_DOMAINS)
-    from elmforest.data.readers import iter_documents
-    from elmforest.data.splits import SplitSpec
+        have = sorted(DEMO_DOMAINS)
+    else:
+        from elmforest.data.readers import iter_documents
+        from elmforest.data.splits import SplitSpec
 
-    spec = SplitSpec()
-    return sorted({d.domain for d in iter_documents(cfg.corpus) if spec.assign(d.id) == "train"})
+        spec = SplitSpec()
+        have = sorted({d.domain for d in iter_documents(cfg.corpus) if spec.assign(d.id) == "train"})
+    where = cfg.corpus or "the demo corpus"
+    missing = [d for d in cfg.domains or () if d not in have]
+    if missing:
+        raise UserError(
+            f"domains {missing}: not domains of {where} with training documents ({', '.join(have)})"
+        )
+    names = list(cfg.domains) if cfg.domains else have
+    if len(names) < 2:
+        raise UserError(
+            f"{where}: {len(names)} domain(s) with training documents ({', '.join(names) or 'none'}); "
+            "a forest needs >= 2 to compare with a dense LM"
+        )
+    return names
 
 
 def dry_run(source, overrides=(), log=print) -> dict:
@@ -112,6 +127,11 @@ def dry_run(source, overrides=(), log=print) -> dict:
 
     cfg = load_study_config(source, overrides)
     names = domain_names(cfg)
+    for path in cfg.ood:
+        if not Path(path).exists():
+            raise UserError(f"ood {path}: no such file or folder")
+    if cfg.sweep:
+        sweep_lrs(cfg.sweep)
     c = study_cost(cfg, names)
     log(format_cost(cfg, c, len(names)))
     return c

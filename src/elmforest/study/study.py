@@ -19,7 +19,7 @@ from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
-from elmforest.study.config import StudyConfig, load_study_config
+from elmforest.study.config import StudyConfig, load_study_config, sweep_lrs
 from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
 from elmforest.study.run import (
@@ -93,13 +93,7 @@ def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, st
     p = get_preset(cfg.preset)
     dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
     if cfg.sweep:
-        s = read_json(cfg.sweep)
-        try:
-            dense, expert = s["dense"]["best_lr"], s["experts"]["best_lr"]
-        except (KeyError, TypeError):
-            raise UserError(
-                f"{cfg.sweep}: not a sweep.json with both arms (elmforest sweep --arm both)"
-            ) from None
+        dense, expert = sweep_lrs(cfg.sweep)
         source = f"sweep {cfg.sweep}"
     if cfg.dense_lr is not None or cfg.expert_lr is not None:
         source = "given"
@@ -209,6 +203,16 @@ def run_study(
     if analyse_only:
         study = read_json(Path(out) / "study.json") if (Path(out) / "study.json").is_file() else {}
         if study.get("config"):
+            changed = sorted(
+                k
+                for k, v in cfg.to_dict().items()
+                if k not in ("n_boot", "ci") and study["config"].get(k, v) != v
+            )
+            if changed:
+                log(
+                    f"note: --analyse-only re-fits the runs in {out} with this config's n_boot and ci only; "
+                    f"its other changes ({', '.join(changed)}) need a full run"
+                )
             study["config"].update({k: getattr(cfg, k) for k in ("n_boot", "ci")})
             write_json_atomic(Path(out) / "study.json", strict_json(study))
         return {"fits": reanalyse(out, log)}
@@ -221,6 +225,11 @@ def run_study(
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
     )
     steps_1x = cfg.steps or base.train.steps
+    if len(data.names) < 2:
+        raise UserError(
+            f"{cfg.corpus or 'the demo corpus'}: {len(data.names)} domain(s) with training documents "
+            f"({', '.join(data.names) or 'none'}); a forest needs >= 2 to compare with a dense LM"
+        )
     points = plan_points(cfg, data.names)
     plan_batch(cfg, base, data.names)
     if executor == "ray":

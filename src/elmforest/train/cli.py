@@ -29,7 +29,12 @@ Preset = Annotated[
 ]
 ConfigFile = Annotated[
     str | None,
-    opt("a run_config.json to start from instead of the preset's defaults", name="--config", metavar="FILE"),
+    opt(
+        "a run_config.json to start from instead of the preset's defaults (with --preset: the file's "
+        "fields over that preset's, so a partial file is completed by it)",
+        name="--config",
+        metavar="FILE",
+    ),
 ]
 InitFrom = Annotated[
     str | None,

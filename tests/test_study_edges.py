@@ -1,0 +1,73 @@
+"""Study and training-config inputs a user tried that ran and printed something meaningless, or were
+silently ignored: each is now refused naming the field, or said."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elmforest.cli import main
+from elmforest.model.presets import build_run_config, preset_run_config
+from elmforest.study.config import load_study_config
+from elmforest.utils.errors import UserError
+
+
+def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"steps": 7}}))
+    tiny, default = preset_run_config("tiny"), build_run_config(None, str(f))
+    cfg = build_run_config("tiny", str(f))
+    assert cfg.train.steps == 7 and default.train.steps == 7
+    assert cfg.model == tiny.model and cfg.optim == tiny.optim  # the preset was used, not ignored
+    assert cfg.model != default.model
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  steps: 5\n")
+    with pytest.raises(UserError, match="a run config is JSON"):
+        build_run_config(None, str(y))
+
+
+@pytest.mark.parametrize(
+    "sets, named",
+    [
+        (["domains=[code]"], ">= 2 training domains"),
+        (["workers=0"], "workers 0"),
+        (["overrides=[train.steps=5]"], "the study sets these"),
+        (["overrides=[train.seed=3]"], "train.seed"),
+    ],
+)
+def test_study_fields_it_would_ignore_or_misread_are_refused(sets, named):
+    with pytest.raises(UserError, match=named):
+        load_study_config("tiny", sets)
+
+
+@pytest.mark.parametrize(
+    "sets, named",
+    [
+        (["domains=[news, nosuchdomain]"], "nosuchdomain"),
+        (["ood=[/nonexistent/ood.jsonl]"], "/nonexistent/ood.jsonl"),
+        (["sweep=/nonexistent/sweep.json"], "no such file"),
+        (["domain_counts=[2, 16]"], "the corpus has 8"),
+    ],
+)
+def test_dry_run_checks_what_the_study_would_refuse(capsys, sets, named):
+    argv = ["study", "cpu", "--dry-run"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and "'d0'" not in err
+
+
+def test_a_one_domain_corpus_is_refused_before_any_training(tmp_path, capsys):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "only.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "text": f"document {i} " * 20}) + "\n" for i in range(200))
+    )
+    assert main(["study", "tiny", "--dry-run", "--set", f"corpus={corpus}"]) == 2
+    assert "a forest needs >= 2" in capsys.readouterr().err
+    assert (
+        main(["study", "tiny", "--set", f"corpus={corpus}", "--out", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
+    assert "a forest needs >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "runs").exists()
