@@ -71,3 +71,18 @@ def test_a_one_domain_corpus_is_refused_before_any_training(tmp_path, capsys):
     )
     assert "a forest needs >= 2" in capsys.readouterr().err
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_analyse_only_says_which_changes_it_leaves_for_a_full_run(tmp_path, monkeypatch):
+    import elmforest.study.study as study
+
+    cfg = load_study_config("tiny").to_dict()
+    (tmp_path / "study.json").write_text(json.dumps({"config": {**cfg, "steps": 99}}))
+    monkeypatch.setattr(study, "reanalyse", lambda out, log: {})
+    lines = []
+    study.run_study("tiny", tmp_path, ["n_boot=300"], analyse_only=True, log=lines.append)
+    assert any("steps" in line and "need a full run" in line for line in lines)
+    assert json.loads((tmp_path / "study.json").read_text())["config"]["n_boot"] == 300
+    lines.clear()
+    study.run_study("tiny", tmp_path, ["steps=99"], analyse_only=True, log=lines.append)
+    assert not lines  # nothing but n_boot/ci differs: nothing to say
