@@ -210,3 +210,16 @@ def test_a_manifest_without_optional_keys_lists(tmp_path):
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "forest.json").write_text(json.dumps({"version": 1, "experts": []}))
     assert "0 expert(s)" in Forest.load(tmp_path / "q").describe()
+
+
+def test_a_k_above_the_number_of_experts_is_said(forest_dir, shards_dir, capsys):
+    from elmforest.data.shards import Shards
+    from elmforest.forest.evaluate import evaluate_forest_shards
+
+    f, s = Forest.load(forest_dir), Shards(shards_dir)
+    kw = dict(mode="topk", seq_len=32, max_bytes=300, prior_batches=1, domains=s.domains[:1])
+    many = evaluate_forest_shards(f, s, k=len(f.names) + 2, **kw)
+    assert f"more than the forest's {len(f.names)} experts" in capsys.readouterr().err
+    every = evaluate_forest_shards(f, s, k=len(f.names), **kw)
+    assert "more than" not in capsys.readouterr().err
+    assert json.dumps(many, sort_keys=True, default=str) == json.dumps(every, sort_keys=True, default=str)

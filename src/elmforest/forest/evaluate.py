@@ -23,6 +23,7 @@ result), as for single models; an expert with non-finite log-probs is an error n
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,10 +123,15 @@ def evaluate_forest_shards(
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
     if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
-        raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
+        raise UserError(
+            f"{shards.root} was tokenized with a different tokenizer than the forest's experts; pass the raw "
+            "text instead (it is re-tokenized with the forest's tokenizer)"
+        )
     n = len(names)
     if mode == "topk" and k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    if mode in ("topk", "cluster") and k > n:
+        print(f"note: --k {k} is more than the forest's {n} experts: every expert is used", file=sys.stderr)
     k = min(k, n)
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:
