@@ -223,3 +223,30 @@ def test_a_k_above_the_number_of_experts_is_said(forest_dir, shards_dir, capsys)
     every = evaluate_forest_shards(f, s, k=len(f.names), **kw)
     assert "more than" not in capsys.readouterr().err
     assert json.dumps(many, sort_keys=True, default=str) == json.dumps(every, sort_keys=True, default=str)
+
+
+def test_the_ledger_counts_router_training_and_every_output_that_ran(forest_dir, shards_dir, tmp_path):
+    from elmforest.cli import main
+
+    f = _copy(forest_dir, tmp_path)
+    out = tmp_path / "moe"
+    argv = ["merge", "moe", "--forest", str(f.root), "--out", str(out), "--train-router", "--steps", "2"]
+    argv += ["--batch-size", "2", "--train-data", str(shards_dir), "--no-routing", "--no-progress"]
+    assert main(argv) == 0
+    rt = json.loads((out / "elmforest_moe.json").read_text())["router_training"]
+    rows = [r for r in Forest.load(f.root).data.get("ledger", []) if r["phase"] == "router_training"]
+    assert [(r["flops"], r["output"]) for r in rows] == [(rt["flops"], str(out.resolve()))] and rt[
+        "flops"
+    ] > 0
+    for where, flops in (("a", 3.0), ("b", 5.0), ("b", 7.0)):  # two outputs named ft; b's rerun replaces b's
+        f.record_phase(
+            {
+                "phase": "btx_finetuning",
+                "name": "ft",
+                "tokens": 1,
+                "flops": flops,
+                "output": str(tmp_path / where / "ft"),
+            }
+        )
+    ft = [r["flops"] for r in Forest.load(f.root).data["ledger"] if r["phase"] == "btx_finetuning"]
+    assert ft == [3.0, 7.0]

@@ -222,6 +222,8 @@ def test_the_verb_and_its_errors(qs_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert out.is_file() and str(out) in res.output
     assert not list(out.parent.glob(".*")), "a temporary file was left beside the report"
+    res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out.parent)])
+    assert isinstance(res.exception, UserError) and "is a folder" in str(res.exception)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: neither a quickstart output dir"):
         render_report(tmp_path / "empty")

@@ -254,12 +254,21 @@ class Forest:
 
     def record_phase(self, phase: dict) -> None:
         """Put a training phase that is neither the seed nor an expert (e.g. the router training of a
-        model merged from this forest) in the ledger; a phase of the same name is replaced."""
+        model merged from this forest) in the ledger. The same phase of the same output (its resolved
+        path; the name when there is none) is replaced, as a rerun overwrites that output; two
+        outputs that share a folder name both ran, so both stay."""
         if not {"phase", "name", "tokens", "flops"} <= set(phase):
             raise UserError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
+        phase = dict(phase)
+        if phase.get("output"):
+            phase["output"] = str(Path(phase["output"]).resolve())
+
+        def key(p: dict) -> tuple:
+            out = p.get("output")
+            return (p.get("phase"), str(Path(out).resolve()) if out else None, None if out else p.get("name"))
 
         def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if p["name"] != phase["name"]] + [dict(phase)]
+            d["ledger"] = [p for p in d.get("ledger", []) if key(p) != key(phase)] + [phase]
 
         self.update(change)
 

@@ -91,7 +91,7 @@ def moe(
     meta = read_json(path / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
     print(
-        f"merged {len(meta['experts'])} experts ({names}) into a {meta['moe_model_type']} MoE, "
+        f"merged {len(meta['experts'])} expert{'s' if len(meta['experts']) != 1 else ''} ({names}) into a {meta['moe_model_type']} MoE, "
         f"top-{meta['top_k']} -> {path}"
     )
     if train_router:
@@ -111,6 +111,20 @@ def moe(
             progress=not no_progress,
             device=None if device == "auto" else device,
         )
+        card = read_json(path / "elmforest_moe.json")
+        rt, root = card.get("router_training") or {}, Path(card.get("forest") or "")
+        if {"tokens", "flops"} <= set(rt) and (root / "forest.json").is_file():  # what ran after the merge
+            from elmforest.forest.manifest import Forest
+
+            Forest.load(root).record_phase(
+                {
+                    "phase": "router_training",
+                    "name": path.name,
+                    "tokens": rt["tokens"],
+                    "flops": rt["flops"],
+                    "output": str(path),
+                }
+            )
         print(f"trained the router for {steps} steps on {shards} -> {path}")
     if not no_routing and ((path / "elmforest_run.json").is_file() or data is not None):
         _report_routing(path, data, device)
