@@ -272,6 +272,7 @@ def eval_crossdoc(
 
     if bool(model) == bool(forest):
         raise UserError("eval-crossdoc takes either --model or --forest")
+    check_json_out(json)
     common = dict(
         seq_len=seq_len,
         target_len=target_len,
@@ -296,8 +297,12 @@ def eval_crossdoc(
 
         res = evaluate_crossdoc(model, data, trust_remote_code=run.trust_remote_code, **common)
     for task, r in res["tasks"].items():
+        if not all(c.get("domains") for c in r["conditions"].values()):  # nothing was scored
+            print(f"{task}: no test document qualifies (e.g. none longer than the context); nothing scored")
+            continue
         print_table(r["conditions"], title=f"{task}: bits per byte (lower is better)")
         for g, v in r["gain"].items():
-            print(
-                f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
-            )
+            if v.get("mean") is not None:
+                print(
+                    f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
+                )

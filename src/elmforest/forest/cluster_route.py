@@ -14,6 +14,14 @@ from elmforest.forest.pool import ExpertPool, doc_starts, valid_mask
 from elmforest.utils.errors import UserError
 
 
+def width(spec: str, what: str) -> int:
+    """W of a `name:W` option (`segment:W`, `prefix:W`): a whole number of tokens, at least 1."""
+    w = spec.split(":", 1)[1]
+    if not w.strip().isdigit() or int(w) < 1:
+        raise UserError(f"{what} {spec!r}: W must be a whole number of tokens >= 1")
+    return int(w)
+
+
 class ClusterRouting:
     """The forest's clusterer and which expert serves each cluster: context embeddings -> expert weights."""
 
@@ -91,7 +99,7 @@ class ClusterContext(ClusterRouting):
         if route == "sequence":
             self.seg = seq_len
         elif route.startswith("segment:"):
-            self.seg = max(1, int(route.split(":", 1)[1]))
+            self.seg = width(route, "--route")
         else:
             raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
         self.seq_len, self.reset = seq_len, reset

@@ -43,7 +43,7 @@ from elmforest.eval.bpb import (
     select_documents,
     training_split_spec,
 )
-from elmforest.forest.cluster_route import ClusterContext
+from elmforest.forest.cluster_route import ClusterContext, width
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is part of this module's API
     PRIOR_BATCH_WINDOWS,
@@ -288,7 +288,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         mean_w[top] = _mean_weight(lw, valid_mask(nw, seq_len, len(stream)))
         return -float(ens.sum()), mean_w, top
     if select.startswith("prefix:"):
-        w = int(select.split(":", 1)[1])
+        w = width(select, "--select")
         return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts)
     raise UserError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
 

@@ -453,6 +453,21 @@ class Forest:
         from elmforest.cluster.clusterer import Clusterer
 
         c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
+        have = self.root / "clusterer"
+        if self.data.get("clusterer") and self.names and have.is_dir():
+
+            def files(d: Path) -> dict:
+                return {
+                    f.name: f.read_bytes()
+                    for f in sorted(d.iterdir())
+                    if f.is_file() and not f.name.startswith(".")
+                }
+
+            if files(have) != files(Path(clusterer_dir)):  # its experts were trained on the old clusters
+                raise UserError(
+                    f"{self.root}: its experts were trained on the clusters of another clusterer "
+                    f"(k={self.data['clusterer'].get('k')}); a new clusterer needs a new forest"
+                )
         with staged_dir(self.root / "clusterer") as tmp:
             copy_regular_files(Path(clusterer_dir), tmp)
         self.update(lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims}))

@@ -123,6 +123,14 @@ def sweep(
         if not (shards.has(d, "train") and shards.has(d, "valid")):
             raise UserError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
     result = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
+    had = {"shards": result.get("shards"), "fingerprint": result.get("shards_fingerprint")}
+    now = {"shards": str(shards.root.resolve()), "fingerprint": shards.fingerprint}
+    key = "fingerprint" if had["fingerprint"] else "shards"  # the content; a sweep.json from before: the path
+    if had[key] is not None and had[key] != now[key]:  # its runs and cached scores are of other data
+        raise UserError(
+            f"{out}: swept on {had['shards']}, not on {now['shards']} ({'other content' if key == 'fingerprint' else 'another path'}); "
+            "a sweep on other shards needs another --out"
+        )
     for label, grouping in (groupings or {}).items():
         had = (result.get("grouped") or {}).get(label, {}).get("groups")
         if had is not None and _canon(had) != _canon(grouping):
@@ -150,7 +158,14 @@ def sweep(
     for point in sorted((out / "dense").glob("lr-*")):  # before any work, seeds included
         _check_dense_point(point, plan, base.data.domains)
     seq_len = base.train.seq_len
-    result.update({"shards": str(shards.root.resolve()), "domains": domains, "plan": asdict(plan)})
+    result.update(
+        {
+            "shards": str(shards.root.resolve()),
+            "shards_fingerprint": shards.fingerprint,
+            "domains": domains,
+            "plan": asdict(plan),
+        }
+    )
     result.pop("max_bytes", None)  # each arm records the bytes it was scored on (a rerun may rescore one)
     result["criterion"] = {
         "dense": "mean valid BPB over the domains of the dense run",
