@@ -1,6 +1,6 @@
 """c-BTM at matched compute: k in {2, 4, 8} clusters vs metadata-domain BTM vs random split vs dense.
 
-    python bench/cbtm_quality.py --quickstart quickstart [--ks 2 4 8]
+    python bench/cbtm_quality.py --quickstart quickstart [--ks 2 4 8] [--compare-warmup]
 
 Reuses a finished `elmforest quickstart --split random` directory: its seed (the first half of the
 dense run), its dense baseline, BTM forest and random-split forest. For each k it fits k balanced
@@ -12,6 +12,7 @@ the same test documents as the quickstart. Writes `cbtm.json` and `cbtm.png` (BP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def main() -> None:
         help="sweep the cluster experts' LR per k (each expert scored on its cluster's valid split) and "
         "evaluate the best; default: the seed forest's expert LR for every k",
     )
+    ap.add_argument(
+        "--compare-warmup",
+        action="store_true",
+        help="also score each forest without re-routing a document on its first tokens (the routing "
+        "before: a document opening inside a window kept the cluster-size fallback to the window's end)",
+    )
     args = ap.parse_args()
     qs = Path(args.quickstart)
     base, forest, shards, common = load_quickstart(qs)
@@ -55,8 +62,17 @@ def main() -> None:
             res[f"top{top}"] = {
                 "mean_bpb": r["mean_bpb"],
                 "fraction_of_full": r["compute"]["fraction_of_full"],
+                "fallback_share": _fallback_share(r),
                 "domains": {d: v["bpb"] for d, v in r["domains"].items()},
             }
+            if args.compare_warmup:
+                with _without_warmup():
+                    r0 = evaluate_forest_shards(cf, shards, mode="cluster", k=top, pool=pool, **common)
+                res[f"top{top}"]["without_warmup"] = {
+                    "mean_bpb": r0["mean_bpb"],
+                    "fraction_of_full": r0["compute"]["fraction_of_full"],
+                    "fallback_share": _fallback_share(r0),
+                }
         report = json.loads((qs / f"clusters-{k}" / "report.meta.json").read_text())
         cbtm[k] = {
             "nmi": report.get("nmi"),
@@ -70,6 +86,16 @@ def main() -> None:
             f"k={k}: NMI {report.get('nmi', float('nan')):.3f}, "
             + ", ".join(f"{n} {v['mean_bpb']:.4f}" for n, v in res.items())
         )
+        for n, v in res.items():
+            line = f"k={k} {n}: {v['fallback_share']:.1%} of tokens routed by the size fallback"
+            if "without_warmup" in v:
+                w0 = v["without_warmup"]
+                line += (
+                    f"; without re-routing documents on their first tokens {w0['mean_bpb']:.4f} "
+                    f"({w0['fallback_share']:.1%} fallback, {w0['fraction_of_full']:.3f} of full passes "
+                    f"vs {v['fraction_of_full']:.3f})"
+                )
+            print(line)
     out = {"baselines": rows, "cbtm": cbtm, "dense_flops": base["compute"]["dense_flops"]}
     write_json_atomic(qs / "cbtm.json", out)
     _plot(out, qs / "cbtm.png")
@@ -94,6 +120,37 @@ def main() -> None:
                 print(
                     f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} | {fl} |"
                 )
+
+
+def _fallback_share(r: dict) -> float:
+    doms = r["domains"].values()
+    return sum(v["fallback_share"] * v["tokens"] for v in doms) / sum(v["tokens"] for v in doms)
+
+
+@contextlib.contextmanager
+def _without_warmup():
+    """Routing points as before the first-tokens re-routing: the grid and each document's first token."""
+    import numpy as np
+
+    from elmforest.forest.cluster_route import ClusterContext
+    from elmforest.forest.pool import doc_starts
+
+    def points(self, stream, nw):
+        T, n_tok = self.seq_len, len(stream)
+        pts = np.zeros((nw, T), dtype=bool)
+        pts[:, :: self.seg] = True
+        if self.reset == "document":
+            pts |= doc_starts(stream, self.router.eos_id, T, nw).numpy()
+        pts &= np.arange(nw * T).reshape(nw, T) < n_tok
+        pts[:, 0] = True
+        return pts
+
+    saved = ClusterContext.points
+    ClusterContext.points = points
+    try:
+        yield
+    finally:
+        ClusterContext.points = saved
 
 
 def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):

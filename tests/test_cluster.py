@@ -298,37 +298,46 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     models = [load_model(x).eval() for x in f.expert_dirs()]
     ends = set(np.flatnonzero(np.asarray(stream) == sh.eos_id).tolist())
 
-    def routing(pos: int) -> np.ndarray:
-        """The weights c-BTM gives at stream position `pos`: its document's text before it, re-vectorised."""
+    def routing(pos: int) -> tuple[np.ndarray, bool]:
+        """The weights c-BTM gives at stream position `pos`: its document's text before it, re-vectorised;
+        and whether they are the size prior (no known word yet)."""
         doc_start = max([e + 1 for e in ends if e < pos], default=0)
         z, ok = c.embed([tok.decode(stream[doc_start:pos].tolist())])
         if ok[0]:
-            return c.route(z, None, 0.5)[0]
+            return c.route(z, None, 0.5)[0], False
         sizes = np.asarray(c.meta["fit"]["sizes"], float)
-        return sizes / sizes.sum()
+        return sizes / sizes.sum(), True
 
-    def brute(reset: str) -> float:
-        nll = 0.0
+    def brute(reset: str) -> tuple[float, float]:
+        nll, fell_back, scored = 0.0, 0, 0
         for w in range(math.ceil(len(stream) / 32)):
             start = w * 32
             x, y = window_batch(stream, sh.eos_id, 32, [w])
             with torch.no_grad():
                 lps = [torch.log_softmax(m(input_ids=x).logits[0].double(), -1) for m in models]
-            point = start
+            point, opened = start, None  # opened: where a document opened in this window
             for t in range(32):
                 if y[0, t] < 0:
                     continue
-                if reset == "document" and t > 0 and int(x[0, t]) == sh.eos_id:
-                    point = start + t  # a new document in the window: routed on its own (empty) context
-                weights = routing(point)
+                if reset == "document" and int(x[0, t]) == sh.eos_id:
+                    point = opened = start + t  # a new document: routed on its own (empty) context
+                elif opened is not None and ((start + t - opened) & (start + t - opened - 1)) == 0:
+                    point = start + t  # 1, 2, 4, ... tokens into it: re-routed on its first tokens
+                weights, fb = routing(point)
+                fell_back, scored = fell_back + fb, scored + 1
                 nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
-        return nll
+        return nll, fell_back / scored
 
     res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reset="window", **run)
-    assert res["domains"][d]["nll_nats"] == pytest.approx(brute("window"), rel=1e-6)
+    want, want_fb = brute("window")
+    assert res["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
+    assert res["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
     doc = evaluate_forest_shards(f, sh, k=3, temperature=0.5, **run)  # reset="document", the default
     assert doc["reset"] == "document"
-    assert doc["domains"][d]["nll_nats"] == pytest.approx(brute("document"), rel=1e-6)
+    want, want_fb = brute("document")
+    assert doc["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
+    assert doc["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
+    assert 0 < want_fb < 0.5  # only a document's first tokens fall back
     assert doc["domains"][d]["nll_nats"] != pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
     top1 = evaluate_forest_shards(f, sh, k=1, reset="window", **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9

@@ -57,3 +57,79 @@ def test_a_trained_cluster_forest_keeps_its_clusterer(cluster_forest, corpus, tm
         Forest.load(f).set_clusterer(other)
     assert Forest.load(f).data["clusterer"]["k"] == 3
     Forest.load(f).set_clusterer(f / "clusterer")  # the same clusterer again is fine
+
+
+def test_forest_eval_on_raw_data_prints_what_it_read_and_the_routing_fallback(
+    cluster_forest, corpus, tmp_path, capsys
+):
+    argv = ["eval", "--forest", str(cluster_forest), "--data", str(corpus), "--mode", "cluster"]
+    assert main([*argv, "--k", "1", "--max-bytes", "4000", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "documents from" in out.split("forest cluster")[0]  # the read counts come before the table
+    share = float(out.split("no known word of their document yet): ")[1].split("%")[0])
+    assert 0 < share < 50
+    # routing alone weighs the experts: no prior or weighting is reported as if it applied
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["prior"] is None and res["weighting"] is None
+    for v in res["domains"].values():
+        assert "prior" not in v and "prior_max" not in v and v["prior_source"] == "none: c-BTM routing"
+
+
+def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsys):
+    from elmforest.cluster.assign import fit_clusterer
+    from elmforest.data.readers import ReadStats, iter_documents
+    from elmforest.data.splits import SplitSpec
+
+    spec = SplitSpec(0.3, 0.3)
+    ids = [d.id for d in iter_documents(corpus, ReadStats())]
+    train = sum(spec.assign(i) == "train" for i in ids)
+    assert 0 < train < sum(SplitSpec().assign(i) == "train" for i in ids)
+    c = fit_clusterer(corpus, 2, tmp_path / "c", 10**6, dims=8, min_df=1, split="train", split_spec=spec)
+    assert c.meta["fit"]["documents"] == train
+    assert c.meta["fit"]["split_spec"] == {"valid_frac": 0.3, "test_frac": 0.3}
+    with pytest.raises(UserError, match="split must be train, valid or test"):
+        fit_clusterer(corpus, 2, tmp_path / "d", split="training")
+    argv = ["cluster", "fit", "--data", str(corpus), "--k", "2", "--out", str(tmp_path / "e")]
+    assert main([*argv, "--split", "training"]) == 2
+    assert "training" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    argv += ["--split", "valid", "--valid-frac", "0.5", "--dims", "8", "--min-df", "1"]
+    assert main(argv) == 0
+    valid = sum(SplitSpec(0.5, 0.05).assign(i) == "valid" for i in ids)
+    assert f"on {valid} sampled documents" in capsys.readouterr().out
+
+
+def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(
+    clusterer_dir, cluster_forest, shards_dir, tmp_path, capsys
+):
+    argv = [
+        "forest",
+        "train",
+        "--forest",
+        str(tmp_path / "f"),
+        "--shards",
+        str(shards_dir),
+        "--set",
+        "train.steps=2",
+    ]
+    assert main([*argv, "--clusterer", str(clusterer_dir)]) == 2
+    assert "are not the clusterer's clusters (cluster0..cluster2)" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()  # refused before anything was created
+    g = tmp_path / "g"
+    shutil.copytree(cluster_forest, g, symlinks=True)  # a c-BTM forest trained further: its own clusterer
+    assert (
+        main(["forest", "train", "--forest", str(g), "--shards", str(shards_dir), "--set", "train.steps=2"])
+        == 2
+    )
+    assert "are not the clusterer's clusters" in capsys.readouterr().err
+
+
+def test_cluster_assign_names_empty_clusters(clusterer_dir, tmp_path, capsys):
+    src = tmp_path / "one.jsonl"
+    src.write_text("".join(json.dumps({"text": "license warranty software"}) + "\n" for _ in range(6)))
+    argv = ["cluster", "assign", "--clusterer", str(clusterer_dir), "--data", str(src)]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--no-progress", "--workers", "1"]) == 0
+    rep = json.loads((tmp_path / "a" / "report.meta.json").read_text())
+    assert sorted(rep["sizes"]) == [0, 0, 6] and len(rep["empty"]) == 2
+    assert rep["max_over_min"] == 1.0  # over the clusters that got documents
+    err = capsys.readouterr().err
+    assert f"warning: {', '.join(rep['empty'])} got no documents" in err

@@ -165,6 +165,10 @@ def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_
         for w in range(math.ceil(r["tokens"] / 32))
     )
     assert windows > 0 and pre["compute"]["expert_token_passes"] == n * heads + tokens
+    # a prefix as long as the window is the full ensemble: no second pass is counted
+    whole = _eval(forest_dir, shards_dir, mode="topk", k=1, select="prefix:500")
+    assert whole["compute"]["fraction_of_full"] == pytest.approx(1.0)
+    assert whole["mean_bpb"] == pytest.approx(full["mean_bpb"], rel=1e-6)
     top1 = _eval(forest_dir, shards_dir, mode="topk", k=1)
     assert top1["compute"]["fraction_of_full"] == pytest.approx(1 / n)
     assert full["compute"]["fraction_of_full"] == pytest.approx(1.0)

@@ -42,13 +42,22 @@ _OWN = re.compile(r"cluster\d+\.jsonl|report(\.meta)?\.json|\.(cluster\d+\.jsonl
 
 
 def sample_texts(
-    data, n: int, seed: int = 0, max_chars: int = 100_000, split: str | None = None
+    data,
+    n: int,
+    seed: int = 0,
+    max_chars: int = 100_000,
+    split: str | None = None,
+    split_spec=None,
 ) -> tuple[list[str], ReadStats]:
     """A uniform reservoir sample of n documents, streaming (each text capped at max_chars);
-    `split` keeps only that split's documents (by the id hash), e.g. to fit on training data only."""
+    `split` keeps only that split's documents (by the id hash at `split_spec`'s fractions, the
+    defaults if None), e.g. to fit on training data only: the shards' fractions keep it the same
+    documents the experts train on."""
     from elmforest.data.splits import SplitSpec
 
-    spec = SplitSpec()
+    if split not in (None, "train", "valid", "test"):
+        raise UserError(f"split must be train, valid or test, got {split!r}")
+    spec = split_spec or SplitSpec()
     rng = random.Random(seed)
     stats = ReadStats()
     sample: list[str] = []
@@ -75,17 +84,22 @@ def fit_clusterer(
     split: str | None = None,
     embeddings: str | None = None,
     balance: str = "documents",
+    split_spec=None,
 ) -> Clusterer:
     """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD; `balance`
     is documents (c-BTM) or bytes (clusters of about equal text)."""
     from elmforest.cluster.clusterer import SentenceEmbedder
+    from elmforest.data.splits import SplitSpec
 
-    texts, stats = sample_texts(data, sample_docs, seed, split=split)
+    texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
     c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance)
     c.meta["fit"]["read"] = stats.to_dict()
     c.meta["fit"]["source"] = resolve_source(data)
     c.meta["fit"]["split"] = split
+    if split is not None:
+        sp = split_spec or SplitSpec()
+        c.meta["fit"]["split_spec"] = {"valid_frac": sp.valid_frac, "test_frac": sp.test_frac}
     c.save(out)
     return c
 
@@ -238,9 +252,11 @@ def assign_corpus(
             "slack": slack,
             "documents": len(labels_all),
             "sizes": sizes,
-            "max_over_min": max(sizes) / max(min(sizes), 1),
+            # over the clusters that got documents: an empty one is listed, not a ratio against 1
+            "max_over_min": max(sizes) / max(min([x for x in sizes if x] or [1]), 1),
             "bytes": text_bytes.tolist(),
-            "bytes_max_over_min": float(text_bytes.max() / max(text_bytes.min(), 1)),
+            "bytes_max_over_min": float(text_bytes.max() / max(min([x for x in text_bytes if x] or [1]), 1)),
+            "empty": [f"cluster{j}" for j in range(k) if not sizes[j]],
             "not_vectorised": not_vectorised,
             "read": stats.to_dict(),
             "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},

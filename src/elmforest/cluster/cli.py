@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Literal
 
 import typer
 
-from elmforest.data.cli import DEFAULT_READ, Data, ReadArgs
+from elmforest.data.cli import DEFAULT_READ, Data, ReadArgs, TestFrac, ValidFrac
 from elmforest.utils.argtypes import (
     NoProgressBar,
     flag,
@@ -36,8 +37,11 @@ def fit(
     min_df: Annotated[int, opt("drop words seen in fewer sampled documents than this", positive_int)] = 2,
     seed: Annotated[int, opt("sampling and k-means seed", nonneg_int)] = 0,
     split: Annotated[
-        str | None, opt("fit on this split's documents only (e.g. train)", metavar="SPLIT")
+        Literal["train", "valid", "test"] | None,
+        opt("fit on this split's documents only (by the id hash at --valid-frac / --test-frac)"),
     ] = None,
+    valid_frac: ValidFrac = 0.05,
+    test_frac: TestFrac = 0.05,
     balance: Annotated[
         Literal["documents", "bytes"],
         opt("balance the clusters by document count (c-BTM) or by bytes of text (skewed counts)"),
@@ -54,6 +58,7 @@ def fit(
 ) -> None:
     """tf-idf -> SVD -> balanced k-means on a sample of the corpus."""
     from elmforest.cluster.assign import fit_clusterer
+    from elmforest.data.splits import SplitSpec
 
     c = fit_clusterer(
         read.source(data),
@@ -66,6 +71,7 @@ def fit(
         split=split,
         embeddings=embeddings,
         balance=balance,
+        split_spec=SplitSpec(valid_frac, test_frac),
     )
     f = c.meta["fit"]
     print(
@@ -105,6 +111,12 @@ def assign(
         f"; bytes max/min {rep['bytes_max_over_min']:.2f}; not vectorised {rep['not_vectorised']}"
         + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
     )
+    if rep["empty"]:
+        print(
+            f"warning: {', '.join(rep['empty'])} got no documents (max/min is over the others); "
+            "no expert can train on an empty cluster: fit fewer clusters, or on this data",
+            file=sys.stderr,
+        )
 
 
 def languages(

@@ -213,12 +213,20 @@ def eval_(
         )
         if json:  # before printing: the result is kept even if the terminal cannot show it
             write_json_atomic(json, res)
+        if "read" in res:
+            print_read(res["read"])
         print_table({f"forest {mode}": res})
         c = res["compute"]
         print(
             f"expert token passes: {c['expert_token_passes']:,} = {c['fraction_of_full']:.2f} of the full "
             "ensemble's"
         )
+        if mode == "cluster":
+            doms = res["domains"].values()
+            share = sum(v["fallback_share"] * v["tokens"] for v in doms) / max(
+                sum(v["tokens"] for v in doms), 1
+            )
+            print(f"tokens routed by the cluster sizes (no known word of their document yet): {share:.1%}")
     else:
         from elmforest.eval.bpb import evaluate
 

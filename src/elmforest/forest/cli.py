@@ -247,6 +247,21 @@ def dense(forest: ForestDir, shards: ShardsDir, no_progress: NoProgress = False)
     print(f"dense baseline: {s['tokens']:,} tokens, {s['flops']:.3e} FLOPs -> {forest}/runs/dense/model")
 
 
+def _check_cluster_domains(clusterer: str, domains: list[str], shards: str) -> None:
+    """c-BTM routes to the expert of domain `clusterJ`: an expert trained on another domain is never
+    routed to, so shards that were not built from `cluster assign`'s output are refused up front."""
+    from elmforest.cluster.clusterer import Clusterer as C
+
+    k = C.load(clusterer).k
+    names = {f"cluster{j}" for j in range(k)}
+    other = [d for d in domains if d not in names]
+    if other:
+        raise UserError(
+            f"{shards}: domain(s) {other[:5]} are not the clusterer's clusters (cluster0..cluster{k - 1}); "
+            f"build the shards from `elmforest cluster assign --clusterer {clusterer}`'s output"
+        )
+
+
 def train(
     forest: ForestDir,
     shards: ShardsDir,
@@ -285,10 +300,7 @@ def train(
     from elmforest.launch.executor import job_threads, make_executor
     from elmforest.launch.forest import train_forest
 
-    f = _load(forest, create=True)
     sh = Shards(shards)
-    if clusterer:
-        f.set_clusterer(clusterer)
     if procs_per_expert > 1 and gpus_per_expert not in (0, procs_per_expert):
         raise UserError(
             "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
@@ -296,6 +308,13 @@ def train(
     cfg = train_args.run_config(shards)
     # one domain list (data.domains, else every domain with training data) drives every phase
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
+    if clusterer:
+        _check_cluster_domains(clusterer, domains, shards)
+    f = _load(forest, create=True)
+    if clusterer:
+        f.set_clusterer(clusterer)
+    elif f.data.get("clusterer"):  # a c-BTM forest trained further
+        _check_cluster_domains(str(f.root / f.data["clusterer"]["path"]), domains, shards)
     plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
     if plan.expert_batch_size % procs_per_expert:
         raise UserError(

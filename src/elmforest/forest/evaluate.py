@@ -171,14 +171,18 @@ def evaluate_forest_shards(
                 if prior == "uniform" or mode == "cluster"
                 else f"uniform: {d} has no {prior_split} split"
             )
-        entry["prior"] = dict(zip(names, pi.tolist(), strict=True))
-        top = int(torch.argmax(pi))
-        entry["prior_max"] = {"expert": names[top], "weight": float(pi[top])}
+        if mode == "cluster":  # no prior: the clusterer's routing alone weighs the experts
+            entry["prior_source"] = "none: c-BTM routing"
+        else:
+            entry["prior"] = dict(zip(names, pi.tolist(), strict=True))
+            top = int(torch.argmax(pi))
+            entry["prior_max"] = {"expert": names[top], "weight": float(pi[top])}
         starts = doc_starts(stream, eos, seq_len, nw) if reset == "document" else None
         pool.scoring = f"{d}/{split}"
         if mode == "cluster":
-            nll, mean_w, run = cluster_ctx.nll(pool, stream, nw)
+            nll, mean_w, run, fallback = cluster_ctx.nll(pool, stream, nw)
             entry.update(_score(nll, n_tok, n_bytes, n_docs))
+            entry["fallback_share"] = fallback  # tokens routed by the size prior: no known word yet
             entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
             entry["experts_run"] = [names[j] for j in run]
             posterior_table[d] = entry["posterior"]
@@ -227,8 +231,8 @@ def evaluate_forest_shards(
         "k": k if mode in ("topk", "cluster") else n,
         "temperature": temperature if mode == "cluster" else None,
         "route": route if mode == "cluster" else None,
-        "prior": prior,
-        "weighting": weighting,
+        "prior": prior if mode != "cluster" else None,
+        "weighting": weighting if mode in ("ensemble", "topk") else None,
         "reset": reset if mode in ("ensemble", "topk", "cluster") else None,
         "select": select if mode == "topk" else None,
         "experts": names,
@@ -304,6 +308,9 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     head = torch.stack([pool.logprobs(j, stream, eos, seq_len, range(nw), upto=w) for j in range(n)])
     lw_head = log_weights(head.double(), pi, weighting, starts)
     nll = -float(ensemble_logprob(head.double(), lw_head)[:, :w].sum())
+    valid = valid_mask(nw, seq_len, len(stream))
+    if w == seq_len:  # the full ensemble scored every position: no expert needs a second pass
+        return nll, _mean_weight(lw_head, valid), list(range(n))
     post_w = sequence_posterior(head.double()[:, :, :w], pi)  # [N, B] after the first w tokens
     chosen = torch.topk(post_w, k, dim=0).indices  # [k, B]
     used = sorted(set(chosen.flatten().tolist()))
@@ -320,7 +327,6 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     ens = ensemble_logprob(lp_sel, lw)
     nll += -float(ens[:, w:].sum())
     # mean weights: the full ensemble's before w, the chosen experts' from w on
-    valid = valid_mask(nw, seq_len, len(stream))
     mean_w = (lw_head[:, :, :w].exp() * valid[:, :w]).sum((1, 2))
     for slot in range(k):
         mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))

@@ -20,6 +20,8 @@ from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
+# c-BTM's routing points changed (documents re-routed on their first tokens): part of the cache key
+CLUSTER_ROUTING = "document starts re-routed at 1, 2, 4, ... tokens"
 
 
 def _stamp(sh: Shards | None):
@@ -51,6 +53,8 @@ def score_point(
     key["ood"] = sorted(ood.domains) if ood is not None else []
     key["ood_sources"] = _stamp(ood)  # a rebuilt out-of-domain set is scored again
     key["routing"] = routing
+    if routing.get("mode") == "cluster":  # scores of the routing before it are stale: scored again
+        key["cluster_routing"] = CLUSTER_ROUTING
     key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
     cache = where / "study_scores.json"
     if cache.is_file() and (old := read_json(cache)).get("key") == key:
