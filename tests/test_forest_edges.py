@@ -250,3 +250,34 @@ def test_the_ledger_counts_router_training_and_every_output_that_ran(forest_dir,
         )
     ft = [r["flops"] for r in Forest.load(f.root).data["ledger"] if r["phase"] == "btx_finetuning"]
     assert ft == [3.0, 7.0]
+
+
+def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest_dir, tmp_path):
+    from elmforest.forest.optout import remove_expert
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    gone, kept = f.names[0], f.names[1]
+    with_it = export_moe(f, tmp_path / "all", MoeSpec(router="random"), device="cpu")
+    without = export_moe(f, tmp_path / "some", MoeSpec(router="random", exclude=[gone]), device="cpu")
+    for out, flops in ((with_it, 3.0), (without, 5.0), (tmp_path / "elsewhere", 11.0)):
+        f.record_phase(
+            {"phase": "btx_finetuning", "name": out.name, "tokens": 1, "flops": flops, "output": str(out)}
+        )
+    own = Forest.load(f.root).expert(gone)
+    remove_expert(Forest.load(f.root), gone)
+    g = Forest.load(f.root)
+    assert not with_it.exists() and without.exists()
+    # the ledger keeps what still exists (and rows it cannot tie to this expert); the tombstone the rest
+    assert [r["flops"] for r in g.data["ledger"]] == [5.0, 11.0]
+    assert gone not in [r["name"] for r in g.ledger()] and kept in [r["name"] for r in g.ledger()]
+    spent = next(r for r in g.data["removed"] if r["name"] == gone)["spent"]
+    assert [(r["phase"], r["flops"]) for r in spent] == [("expert", own["flops"]), ("btx_finetuning", 3.0)]
+    remove_expert(Forest.load(f.root), gone)  # finishing again keeps what it recorded
+    assert next(r for r in Forest.load(f.root).data["removed"] if r["name"] == gone)["spent"] == spent
+    from elmforest.clients.report import render_report
+
+    total = own["flops"] + 3.0
+    assert f"Opted out, so not in the ledger: {gone} ({total:.3e} FLOPs: btx_finetuning, expert)" in (
+        render_report(f.root)
+    )

@@ -242,7 +242,7 @@ def test_hidden_state_router_rows_match_brute_force_with_one_common_model(
     assert meta["spec"]["router"] == "hidden-states" and meta["shared"] == shared
 
 
-def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tmp_path):
+def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tmp_path, capsys):
     f = Forest.load(forest_dir)
     gone = f.names[1]
     out = export_moe(f, tmp_path / "ex", MoeSpec(exclude=[gone], router="random"), device="cpu")
@@ -260,6 +260,10 @@ def test_exclude_and_opt_out_give_n_minus_one_experts(forest_dir, shards_dir, tm
     meta2 = json.loads((out2 / "elmforest_moe.json").read_text())
     assert gone in meta2["opted_out"] and gone not in [e["name"] for e in meta2["experts"]]
     assert "opted out" in (out2 / "README.md").read_text()
+    # excluding an expert that was opted out says so, and merges the rest
+    out3 = export_moe(copy, tmp_path / "ex2", MoeSpec(exclude=[gone], router="random"), device="cpu")
+    assert "already opted out" in capsys.readouterr().err
+    assert json.loads((out3 / "elmforest_moe.json").read_text())["experts"] == meta2["experts"]
     m = AutoModelForCausalLM.from_pretrained(str(out2))
     assert m.config.num_local_experts == len(f.names) - 1
     # no pickle anywhere in the output: only JSON, markdown and safetensors

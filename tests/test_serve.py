@@ -559,3 +559,18 @@ def test_the_serve_verb_starts_prints_its_address_and_stops_on_ctrl_c(forest_dir
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_logprob_tokens_inside_a_utf8_character_are_spelled_as_bytes(tokenizer_dir):
+    from elmforest.clients.server_engine import token_text
+    from elmforest.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    partial = [i for i in range(tok.vocab_size) if "\ufffd" in tok.decode([i])]
+    assert partial  # byte-level BPE has a token for each byte, 0x80-0xff among them
+    for i in partial:
+        shown = token_text(tok, i)
+        assert shown.startswith("bytes:\\x")
+        raw = bytes.fromhex(shown[len("bytes:") :].replace("\\x", ""))
+        assert tok.tokenizer.decode_batch([[i]])[0] == raw.decode("utf-8", "replace")
+    assert len({token_text(tok, i) for i in partial}) == len(partial)  # distinct, unlike "\ufffd"

@@ -336,6 +336,19 @@ def _ledger(src: Sources) -> str:
         header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
         cap = f"{f.root.name}: every training phase, counted by what ran"
         body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
+        gone = [r for r in f.data.get("removed", []) if r.get("spent")]
+        if gone:  # opting out discards compute that ran: said, never silently dropped
+            body.append(
+                para(
+                    "Opted out, so not in the ledger: "
+                    + "; ".join(
+                        f"{r['name']} ({sum(x.get('flops') or 0 for x in r['spent']):.3e} FLOPs: "
+                        + ", ".join(sorted({x["phase"] for x in r["spent"]}))
+                        + ")"
+                        for r in gone
+                    )
+                )
+            )
     arms = compute.get("arms")
     if arms and compute.get("dense_flops"):
         rows = [[a, v, flops_mark(v / compute["dense_flops"])] for a, v in arms.items()]

@@ -201,6 +201,27 @@ class StopFinder:
         return min(found) if found else None
 
 
+_BYTE_TABLES: dict[int, list[bytes]] = {}
+
+
+def token_text(tok, token_id: int) -> str:
+    """A token as logprobs show it: its text, or, for a token that is only part of a UTF-8 character
+    (it decodes to U+FFFD), OpenAI's `bytes:\\xNN...` spelling of its bytes, so tokens stay distinct."""
+    text = tok.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    if id(tok) not in _BYTE_TABLES:  # built once per tokenizer, on the first partial character
+        from elmforest.cluster.router import token_byte_table
+
+        _BYTE_TABLES[id(tok)] = token_byte_table(tok)
+    raw = _BYTE_TABLES[id(tok)][token_id]
+    try:
+        raw.decode("utf-8")  # a token that spells U+FFFD itself keeps its text
+        return text
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in raw)
+
+
 def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: int) -> Iterator[Chunk]:
     """One choice of a completion as a generator of Chunks, one per unit of model work: the echoed
     prompt (scored with `lm.score` when logprobs are asked for: the mixture the evaluation scores),
@@ -210,11 +231,11 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
 
     def info(token_id: int, logprob, top, at: int) -> dict:
         logprob = None if logprob is None else _finite(logprob)
-        alts, token = None, tok.decode([token_id])
+        alts, token = None, token_text(tok, token_id)
         if top is not None:  # most likely first: of tokens that read alike, the likeliest is shown
             alts = {}
             for t, v in top:
-                alts.setdefault(tok.decode([t]), _finite(v))
+                alts.setdefault(token_text(tok, t), _finite(v))
             alts[token] = logprob  # the chosen token is always listed, with its own log-prob
         return {"token": token, "logprob": logprob, "top": alts, "offset": at}
 

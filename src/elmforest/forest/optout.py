@@ -31,7 +31,8 @@ def remove_expert(forest: Forest, name: str) -> dict:
     valid_name(name)
 
     def tombstone(d):
-        if name in [e["name"] for e in d["experts"]]:
+        entry = next((e for e in d["experts"] if e["name"] == name), None)
+        if entry is not None:
             d["experts"] = [e for e in d["experts"] if e["name"] != name]
         elif name not in [r["name"] for r in d.get("removed", [])]:
             raise UnknownExpert(
@@ -39,7 +40,19 @@ def remove_expert(forest: Forest, name: str) -> dict:
             )
         old = next((r for r in d.get("removed", []) if r["name"] == name), {})
         d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
-        d["removed"].append({"name": name, "removed": old.get("removed", _now()), "state": "pending"})
+        record = {"name": name, "removed": old.get("removed", _now()), "state": "pending"}
+        # the compute that ran for it leaves the ledger with it, and is kept here
+        spent = old.get("spent") or []
+        if entry is not None:
+            spent = [
+                {
+                    "phase": "expert",
+                    "name": name,
+                    "tokens": entry.get("tokens", 0),
+                    "flops": entry.get("flops", 0),
+                }
+            ]
+        d["removed"].append({**record, "spent": spent})
 
     forest.update(tombstone)  # manifest first: from here on the expert is out, whatever happens next
     return finish_removal(forest, name)
@@ -75,6 +88,11 @@ def finish_removal(forest: Forest, name: str) -> dict:
     """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly."""
     problems, deleted = [], []
     places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name)
+    # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
+    # has no marker left to find it by
+    held = {str(p.resolve()) for p in places} | {
+        str(Path(o["path"]).resolve()) for o in forest.data.get("outputs", []) if name in o["experts"]
+    }
     for p in places:
         if p.is_symlink():
             if p.exists():
@@ -100,9 +118,14 @@ def finish_removal(forest: Forest, name: str) -> dict:
         )
 
     def done(d):
+        # phases of merged outputs deleted with it (their fine-tuning) move to its tombstone, so the
+        # ledger is uniformly what the forest and its outputs now hold cost
+        gone = [p for p in d.get("ledger", []) if p.get("output") in held and not Path(p["output"]).exists()]
         for r in d.get("removed", []):
             if r["name"] == name:
                 r.update(state="done", verified=_now())
+                r["spent"] = r.get("spent", []) + gone
+        d["ledger"] = [p for p in d.get("ledger", []) if p not in gone]
         d["outputs"] = [o for o in d.get("outputs", []) if Path(o["path"]).exists()]
 
     forest.update(done)

@@ -15,6 +15,7 @@ memory is about one expert plus one shard, whatever the number of experts.
 from __future__ import annotations
 
 import re
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -142,6 +143,10 @@ def export_moe(
     spec.validate()
     forest = forest if isinstance(forest, Forest) else Forest.load(forest)
     unknown = sorted(set(spec.exclude) - set(forest.names))
+    gone = [n for n in unknown if n in forest.removed]
+    if gone:  # already out of every merge: excluding it again is what the user wants, said plainly
+        print(f"note: --exclude {gone}: already opted out of {forest.root} (forest remove)", file=sys.stderr)
+        unknown = [n for n in unknown if n not in gone]
     if unknown:
         raise UserError(f"--exclude: no expert named {unknown} in {forest.root}; have {forest.names}")
     names = [n for n in forest.names if n not in spec.exclude]
