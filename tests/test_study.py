@@ -166,6 +166,18 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert main(argv) == 0  # all done: nothing trained, nothing rescored
     assert _summaries(out) == after
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")} == scores
+    # c-BTM scores from the routing before documents were re-routed on their first tokens are stale
+    stale = [p for p in scores if json.loads(p.read_text())["key"]["routing"].get("mode") == "cluster"]
+    assert stale and len(stale) < len(scores)
+    for p in stale:
+        old = json.loads(p.read_text())
+        del old["key"]["cluster_routing"]
+        p.write_text(json.dumps(old))
+    assert main(argv) == 0
+    assert _summaries(out) == after  # nothing trained again
+    now = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")}
+    assert {p for p in scores if now[p] != scores[p]} == set(stale)  # only those were scored again
+    scores = now
 
     assert main([*argv, "--analyse-only", "--set", "n_boot=150"]) == 0  # fits again from study.json
     assert json.loads((out / "fits.json").read_text())["n_boot"] == 150
