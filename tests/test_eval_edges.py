@@ -27,7 +27,12 @@ def test_crossdoc_with_no_qualifying_document_says_so(forest_dir, shards_dir, tm
 
 
 @pytest.mark.parametrize(
-    "opts", [["--mode", "cluster", "--route", "segment:abc"], ["--mode", "topk", "--select", "prefix:0"]]
+    "opts",
+    [
+        ["--mode", "cluster", "--route", "segment:abc"],
+        ["--mode", "cluster", "--route", "segment:\u00b2"],  # a digit to isdigit(), not to int()
+        ["--mode", "topk", "--select", "prefix:0"],
+    ],
 )
 def test_a_malformed_window_width_is_refused(cluster_forest, shards_dir, capsys, opts):
     assert main(["eval", "--forest", str(cluster_forest), "--data", str(shards_dir), *opts]) == 2
@@ -57,6 +62,10 @@ def test_a_trained_cluster_forest_keeps_its_clusterer(cluster_forest, corpus, tm
         Forest.load(f).set_clusterer(other)
     assert Forest.load(f).data["clusterer"]["k"] == 3
     Forest.load(f).set_clusterer(f / "clusterer")  # the same clusterer again is fine
+    same = tmp_path / "same"
+    shutil.copytree(f / "clusterer", same)
+    (same / "NOTES.txt").write_text("fitted on the train split")  # a note beside it changes nothing
+    Forest.load(f).set_clusterer(same)
 
 
 def test_forest_eval_on_raw_data_prints_what_it_read_and_the_routing_fallback(

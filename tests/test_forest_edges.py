@@ -281,3 +281,11 @@ def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest
     assert f"Opted out, so not in the ledger: {gone} ({total:.3e} FLOPs: btx_finetuning, expert)" in (
         render_report(f.root)
     )
+    # its owner adds it back (force) and opts out again: both removals' compute is kept
+    Forest.load(f.root).add(
+        Forest.load(forest_dir).expert_dir(gone), gone, own["domains"], tokens=1, flops=13, force=True
+    )
+    assert gone not in Forest.load(f.root).removed
+    remove_expert(Forest.load(f.root), gone)
+    again = next(r for r in Forest.load(f.root).data["removed"] if r["name"] == gone)["spent"]
+    assert [x["flops"] for x in again] == [own["flops"], 3.0, 13]

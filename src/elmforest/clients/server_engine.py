@@ -201,20 +201,18 @@ class StopFinder:
         return min(found) if found else None
 
 
-_BYTE_TABLES: dict[int, list[bytes]] = {}
-
-
 def token_text(tok, token_id: int) -> str:
     """A token as logprobs show it: its text, or, for a token that is only part of a UTF-8 character
     (it decodes to U+FFFD), OpenAI's `bytes:\\xNN...` spelling of its bytes, so tokens stay distinct."""
     text = tok.decode([token_id])
     if "\ufffd" not in text:
         return text
-    if id(tok) not in _BYTE_TABLES:  # built once per tokenizer, on the first partial character
+    table = getattr(tok, "_byte_table", None)
+    if table is None:  # built once per tokenizer (kept on it), on the first partial character
         from elmforest.cluster.router import token_byte_table
 
-        _BYTE_TABLES[id(tok)] = token_byte_table(tok)
-    raw = _BYTE_TABLES[id(tok)][token_id]
+        table = tok._byte_table = token_byte_table(tok)
+    raw = table[token_id]
     try:
         raw.decode("utf-8")  # a token that spells U+FFFD itself keeps its text
         return text

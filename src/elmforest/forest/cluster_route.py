@@ -17,7 +17,7 @@ from elmforest.utils.errors import UserError
 def width(spec: str, what: str) -> int:
     """W of a `name:W` option (`segment:W`, `prefix:W`): a whole number of tokens, at least 1."""
     w = spec.split(":", 1)[1]
-    if not w.strip().isdigit() or int(w) < 1:
+    if not (w.strip().isascii() and w.strip().isdecimal()) or int(w) < 1:
         raise UserError(f"{what} {spec!r}: W must be a whole number of tokens >= 1")
     return int(w)
 
@@ -107,12 +107,12 @@ class ClusterContext(ClusterRouting):
 
     def points(self, stream: np.ndarray, nw: int) -> np.ndarray:
         """[nw, T] True at the routing points: every W tokens (the window start for `sequence`) and,
-        with reset="document", each document's first token and then 1, 2, 4, ... tokens into it until
-        the next regular point.
+        with reset="document", each document's first token and then 1, 2, 4, ... (< W) tokens into it,
+        until the next document.
 
         A document's first token has an empty context, so it is routed by the size prior (the largest
         cluster). Routed only there, a document opening inside a window would keep that fallback to the
-        window's end (14% of the quickstart's test tokens, 0.8% with this). Re-routing on its own first tokens stays
+        window's end (14% of the quickstart's test tokens, 0.6% with this). Re-routing on its own first tokens stays
         causal (each point sees only the document before it) and costs log2(W) embeddings."""
         T, seg, n_tok = self.seq_len, self.seg, len(stream)
         points = np.zeros((nw, T), dtype=bool)
@@ -120,15 +120,16 @@ class ClusterContext(ClusterRouting):
         if self.reset == "document":
             starts = doc_starts(stream, self.router.eos_id, T, nw).numpy()
             points |= starts
-            w, t = np.nonzero(starts)  # row-major: sorted by stream position
-            # up to the next regular routing point or the next document, whichever comes first
-            until = np.minimum((t // seg + 1) * seg, T)
-            nxt = np.where(w[1:] == w[:-1], t[1:], T)
-            until = np.minimum(until, np.append(nxt, T)[: len(t)])
+            # offsets counted from the document, across window and segment boundaries (a document
+            # opening at a window's last token is re-routed in the next window too), up to W tokens in
+            # and never into the next document
+            first = np.flatnonzero(starts.reshape(-1))  # stream positions, sorted
+            nxt = np.append(first[1:], nw * T)
+            flat_points = points.reshape(-1)  # a view: setting it sets `points`
             off = 1
             while off < seg:
-                keep = t + off < until
-                points[w[keep], t[keep] + off] = True
+                q = first + off
+                flat_points[q[q < np.minimum(nxt, nw * T)]] = True
                 off *= 2
         points &= np.arange(nw * T).reshape(nw, T) < n_tok
         points[:, 0] |= True  # every window routes at its start (trailing padding windows never exist)

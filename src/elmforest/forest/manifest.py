@@ -399,6 +399,10 @@ class Forest:
                 replace_dir(staged, self.root / rel)
                 d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
                 d["tokenizer"], d["architecture"] = tok, forest_arch
+                # re-added after an opt-out: what its removal discarded goes with it, not lost
+                spent = [x for r in d.get("removed", []) if r["name"] == name for x in r.get("spent", [])]
+                if spent:
+                    entry["spent_before"] = spent
                 d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
 
             self.update(change)
@@ -456,14 +460,13 @@ class Forest:
         have = self.root / "clusterer"
         if self.data.get("clusterer") and self.names and have.is_dir():
 
-            def files(d: Path) -> dict:
-                return {
-                    f.name: f.read_bytes()
-                    for f in sorted(d.iterdir())
-                    if f.is_file() and not f.name.startswith(".")
-                }
+            def identity(d: Path):  # the centres, projection and vocabulary (their checksum), not notes
+                meta = json.loads((d / "clusterer.json").read_text())
+                return meta.get("k"), (meta.get("arrays") or {}).get("sha256")
 
-            if files(have) != files(Path(clusterer_dir)):  # its experts were trained on the old clusters
+            if identity(have) != identity(
+                Path(clusterer_dir)
+            ):  # its experts were trained on the old clusters
                 raise UserError(
                     f"{self.root}: its experts were trained on the clusters of another clusterer "
                     f"(k={self.data['clusterer'].get('k')}); a new clusterer needs a new forest"

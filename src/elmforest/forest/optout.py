@@ -43,15 +43,19 @@ def remove_expert(forest: Forest, name: str) -> dict:
         record = {"name": name, "removed": old.get("removed", _now()), "state": "pending"}
         # the compute that ran for it leaves the ledger with it, and is kept here
         spent = old.get("spent") or []
-        if entry is not None:
-            spent = [
-                {
-                    "phase": "expert",
-                    "name": name,
-                    "tokens": entry.get("tokens", 0),
-                    "flops": entry.get("flops", 0),
-                }
-            ]
+        if entry is not None:  # (an expert re-added after an opt-out carries what that one discarded)
+            spent = (
+                spent
+                + entry.get("spent_before", [])
+                + [
+                    {
+                        "phase": "expert",
+                        "name": name,
+                        "tokens": entry.get("tokens", 0),
+                        "flops": entry.get("flops", 0),
+                    }
+                ]
+            )
         d["removed"].append({**record, "spent": spent})
 
     forest.update(tombstone)  # manifest first: from here on the expert is out, whatever happens next
