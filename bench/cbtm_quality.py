@@ -62,7 +62,7 @@ def main() -> None:
             res[f"top{top}"] = {
                 "mean_bpb": r["mean_bpb"],
                 "fraction_of_full": r["compute"]["fraction_of_full"],
-                "fallback_share": _fallback_share(r),
+                "fallback_share": r["fallback_share"],
                 "domains": {d: v["bpb"] for d, v in r["domains"].items()},
             }
             if args.compare_warmup:
@@ -71,7 +71,7 @@ def main() -> None:
                 res[f"top{top}"]["without_warmup"] = {
                     "mean_bpb": r0["mean_bpb"],
                     "fraction_of_full": r0["compute"]["fraction_of_full"],
-                    "fallback_share": _fallback_share(r0),
+                    "fallback_share": r0["fallback_share"],
                 }
         report = json.loads((qs / f"clusters-{k}" / "report.meta.json").read_text())
         cbtm[k] = {
@@ -122,35 +122,16 @@ def main() -> None:
                 )
 
 
-def _fallback_share(r: dict) -> float:
-    doms = r["domains"].values()
-    return sum(v["fallback_share"] * v["tokens"] for v in doms) / sum(v["tokens"] for v in doms)
-
-
 @contextlib.contextmanager
 def _without_warmup():
     """Routing points as before the first-tokens re-routing: the grid and each document's first token."""
-    import numpy as np
-
     from elmforest.forest.cluster_route import ClusterContext
-    from elmforest.forest.pool import doc_starts
 
-    def points(self, stream, nw):
-        T, n_tok = self.seq_len, len(stream)
-        pts = np.zeros((nw, T), dtype=bool)
-        pts[:, :: self.seg] = True
-        if self.reset == "document":
-            pts |= doc_starts(stream, self.router.eos_id, T, nw).numpy()
-        pts &= np.arange(nw * T).reshape(nw, T) < n_tok
-        pts[:, 0] = True
-        return pts
-
-    saved = ClusterContext.points
-    ClusterContext.points = points
+    ClusterContext.reroute_first_tokens = False
     try:
         yield
     finally:
-        ClusterContext.points = saved
+        ClusterContext.reroute_first_tokens = True
 
 
 def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):

@@ -222,10 +222,7 @@ def eval_(
             "ensemble's"
         )
         if mode == "cluster":
-            doms = res["domains"].values()
-            share = sum(v["fallback_share"] * v["tokens"] for v in doms) / max(
-                sum(v["tokens"] for v in doms), 1
-            )
+            share = res["fallback_share"]
             print(f"tokens routed by the cluster sizes (no known word of their document yet): {share:.1%}")
     else:
         from elmforest.eval.bpb import evaluate

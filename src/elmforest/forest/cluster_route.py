@@ -81,6 +81,9 @@ class ClusterRouting:
 class ClusterContext(ClusterRouting):
     """c-BTM routing state for one evaluation: the shared routing plus where the routing points fall."""
 
+    # re-route each document 1, 2, 4, ... tokens into it (`points`); off only to measure what it adds
+    reroute_first_tokens = True
+
     def __init__(
         self,
         forest: Forest,
@@ -112,14 +115,15 @@ class ClusterContext(ClusterRouting):
 
         A document's first token has an empty context, so it is routed by the size prior (the largest
         cluster). Routed only there, a document opening inside a window would keep that fallback to the
-        window's end (14% of the quickstart's test tokens, 0.6% with this). Re-routing on its own first tokens stays
-        causal (each point sees only the document before it) and costs log2(W) embeddings."""
+        window's end (14% of the quickstart's test tokens, 0.6% with this). Re-routing on its own first
+        tokens stays causal (each point sees only the document before it) and costs log2(W) embeddings."""
         T, seg, n_tok = self.seq_len, self.seg, len(stream)
         points = np.zeros((nw, T), dtype=bool)
         points[:, ::seg] = True
         if self.reset == "document":
             starts = doc_starts(stream, self.router.eos_id, T, nw).numpy()
             points |= starts
+        if self.reset == "document" and self.reroute_first_tokens:
             # offsets counted from the document, across window and segment boundaries (a document
             # opening at a window's last token is re-routed in the next window too), up to W tokens in
             # and never into the next document

@@ -235,6 +235,13 @@ def evaluate_forest_shards(
         "weighting": weighting if mode in ("ensemble", "topk") else None,
         "reset": reset if mode in ("ensemble", "topk", "cluster") else None,
         "select": select if mode == "topk" else None,
+        # c-BTM: the share of scored tokens routed by the cluster sizes (their document had no known word)
+        "fallback_share": (
+            sum(v["fallback_share"] * v["tokens"] for v in out.values())
+            / max(sum(v["tokens"] for v in out.values()), 1)
+            if mode == "cluster"
+            else None
+        ),
         "experts": names,
         "split": split,
         "seq_len": seq_len,

@@ -464,9 +464,8 @@ class Forest:
                 meta = json.loads((d / "clusterer.json").read_text())
                 return meta.get("k"), (meta.get("arrays") or {}).get("sha256")
 
-            if identity(have) != identity(
-                Path(clusterer_dir)
-            ):  # its experts were trained on the old clusters
+            # its experts were trained on the old clusters
+            if identity(have) != identity(Path(clusterer_dir)):
                 raise UserError(
                     f"{self.root}: its experts were trained on the clusters of another clusterer "
                     f"(k={self.data['clusterer'].get('k')}); a new clusterer needs a new forest"
