@@ -12,7 +12,6 @@ the same test documents as the quickstart. Writes `cbtm.json` and `cbtm.png` (BP
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -66,8 +65,9 @@ def main() -> None:
                 "domains": {d: v["bpb"] for d, v in r["domains"].items()},
             }
             if args.compare_warmup:
-                with _without_warmup():
-                    r0 = evaluate_forest_shards(cf, shards, mode="cluster", k=top, pool=pool, **common)
+                r0 = evaluate_forest_shards(
+                    cf, shards, mode="cluster", k=top, pool=pool, reroute=False, **common
+                )
                 res[f"top{top}"]["without_warmup"] = {
                     "mean_bpb": r0["mean_bpb"],
                     "fraction_of_full": r0["compute"]["fraction_of_full"],
@@ -120,18 +120,6 @@ def main() -> None:
                 print(
                     f"| c-BTM k={k} {n} | {r[n]['mean_bpb']:.4f} | {r[n]['mean_bpb'] / rows['dense']:.3f} | {fl} |"
                 )
-
-
-@contextlib.contextmanager
-def _without_warmup():
-    """Routing points as before the first-tokens re-routing: the grid and each document's first token."""
-    from elmforest.forest.cluster_route import ClusterContext
-
-    ClusterContext.reroute_first_tokens = False
-    try:
-        yield
-    finally:
-        ClusterContext.reroute_first_tokens = True
 
 
 def _best_cluster_forest(qs: Path, forest, k: int, lrs, seq_len: int):

@@ -308,17 +308,18 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
         sizes = np.asarray(c.meta["fit"]["sizes"], float)
         return sizes / sizes.sum(), True
 
-    def point_of(pos: int, start: int, reset: str, seg: int) -> int:
+    def point_of(pos: int, start: int, reset: str, seg: int, reroute: bool) -> int:
         """The routing point position `pos` follows: the latest of its window's start, the window's
-        regular points (every seg tokens), and (reset="document") its document's first token and the
-        points 1, 2, 4, ... (< seg) tokens into that document, all within its window."""
+        regular points (every seg tokens), and (reset="document") its document's first token and (with
+        reroute) the points 1, 2, 4, ... (< seg) tokens into that document, all within its window."""
         cands = [start + j for j in range(0, pos - start + 1, seg)]
         if reset == "document":
             d0 = max([e + 1 for e in ends if e < pos], default=0)
-            cands += [q for q in [d0] + [d0 + 2**i for i in range(8) if 2**i < seg] if start <= q <= pos]
+            offs = [2**i for i in range(8) if 2**i < seg] if reroute else []
+            cands += [q for q in [d0] + [d0 + o for o in offs] if start <= q <= pos]
         return max(cands)
 
-    def brute(reset: str, seg: int = 32) -> tuple[float, float]:
+    def brute(reset: str, seg: int = 32, reroute: bool = True) -> tuple[float, float]:
         nll, fell_back, scored = 0.0, 0, 0
         for w in range(math.ceil(len(stream) / 32)):
             start = w * 32
@@ -328,7 +329,7 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
             for t in range(32):
                 if y[0, t] < 0:
                     continue
-                weights, fb = routing(point_of(start + t, start, reset, seg))
+                weights, fb = routing(point_of(start + t, start, reset, seg, reroute))
                 fell_back, scored = fell_back + fb, scored + 1
                 nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
         return nll, fell_back / scored
@@ -344,6 +345,13 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert doc["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
     assert 0 < want_fb < 0.5  # only a document's first tokens fall back
     assert doc["domains"][d]["nll_nats"] != pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
+    # c-BTM's own routing points: a document's first token and the grid, no re-routing into it
+    once = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reroute=False, **run)
+    want, want_fb_once = brute("document", reroute=False)
+    assert once["reroute"] is False and doc["reroute"] is True and res["reroute"] is None
+    assert once["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
+    assert once["domains"][d]["fallback_share"] == pytest.approx(want_fb_once, abs=1e-12)
+    assert want_fb_once > want_fb
     seg5 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:5", **run)
     want, want_fb = brute("document", 5)  # offsets run across segment boundaries
     assert seg5["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)

@@ -82,6 +82,17 @@ def test_forest_eval_on_raw_data_prints_what_it_read_and_the_routing_fallback(
     assert res["prior"] is None and res["weighting"] is None
     for v in res["domains"].values():
         assert "prior" not in v and "prior_max" not in v and v["prior_source"] == "none: c-BTM routing"
+    # c-BTM's own routing points: more tokens keep the size fallback, and the JSON says how it routed
+    once = tmp_path / "once.json"
+    assert main([*argv, "--k", "1", "--max-bytes", "4000", "--no-reroute", "--json", str(once)]) == 0
+    assert res["reroute"] is True and json.loads(once.read_text())["reroute"] is False
+    assert json.loads(once.read_text())["fallback_share"] > res["fallback_share"]
+
+
+def test_no_reroute_outside_cluster_routing_is_refused(cluster_forest, shards_dir, capsys):
+    argv = ["eval", "--forest", str(cluster_forest), "--data", str(shards_dir), "--no-reroute"]
+    assert main(argv) == 2  # --mode ensemble, the default: no routing points to change
+    assert "--no-reroute is c-BTM routing's" in capsys.readouterr().err
 
 
 def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsys):

@@ -166,6 +166,14 @@ def eval_(
     ] = "document",
     temperature: Annotated[float, opt("forest: c-BTM routing temperature T", positive_float)] = 0.1,
     route: Annotated[str, opt("forest: c-BTM routing: sequence | segment:W", metavar="R")] = "sequence",
+    no_reroute: Annotated[
+        bool,
+        flag(
+            "--no-reroute",
+            "forest, --mode cluster: route a document only at its first token (by the cluster sizes) and "
+            "every W tokens, as c-BTM does, not also 1, 2, 4, ... tokens into it",
+        ),
+    ] = False,
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Bits per byte per domain, of one model (--model) or a forest (--forest)."""
@@ -174,6 +182,8 @@ def eval_(
 
     if bool(model) == bool(forest):
         raise UserError("eval takes either --model or --forest")
+    if no_reroute and (not forest or mode != "cluster"):
+        raise UserError("--no-reroute is c-BTM routing's: it takes --forest with --mode cluster")
     check_json_out(json)
     if read != DEFAULT_READ:
         from elmforest.data.shards import Shards
@@ -208,6 +218,7 @@ def eval_(
             temperature=temperature,
             route=route,
             reset=reset,
+            reroute=not no_reroute,
             prior_alpha=prior_ema,
             **common,
         )

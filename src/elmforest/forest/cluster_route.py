@@ -81,7 +81,7 @@ class ClusterRouting:
 class ClusterContext(ClusterRouting):
     """c-BTM routing state for one evaluation: the shared routing plus where the routing points fall."""
 
-    # re-route each document 1, 2, 4, ... tokens into it (`points`); off only to measure what it adds
+    # re-route each document 1, 2, 4, ... tokens into it (`points`); off: c-BTM's own routing points
     reroute_first_tokens = True
 
     def __init__(

@@ -100,6 +100,7 @@ def evaluate_forest_shards(
     reset: str = "document",
     prior_alpha: float | None = None,
     given_prior: dict[str, dict[str, float]] | None = None,
+    reroute: bool = True,
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
 
@@ -108,6 +109,8 @@ def evaluate_forest_shards(
 
     mode="cluster" is c-BTM's sparse routing: the top-k experts by exp(−‖h(context) − c_j‖² / T) with
     the forest's clusterer, per window (`route="sequence"`) or per segment of W tokens (`segment:W`).
+    With reset="document" each document is also re-routed 1, 2, 4, ... tokens into it; reroute=False
+    routes it only at its first token and the grid, as c-BTM's own evaluation does.
     """
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -146,6 +149,7 @@ def evaluate_forest_shards(
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
         cluster_ctx = ClusterContext(forest, names, shards, k, temperature, route, seq_len, reset)
+        cluster_ctx.reroute_first_tokens = reroute
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
@@ -231,6 +235,7 @@ def evaluate_forest_shards(
         "k": k if mode in ("topk", "cluster") else n,
         "temperature": temperature if mode == "cluster" else None,
         "route": route if mode == "cluster" else None,
+        "reroute": reroute if mode == "cluster" and reset == "document" else None,
         "prior": prior if mode != "cluster" else None,
         "weighting": weighting if mode in ("ensemble", "topk") else None,
         "reset": reset if mode in ("ensemble", "topk", "cluster") else None,
