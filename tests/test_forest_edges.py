@@ -176,6 +176,44 @@ def test_a_same_size_corruption_is_retrained_not_taken_as_done(forest_dir, shard
     assert Forest.load(f.root).intact(name, deep=True) is None
 
 
+def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
+    forest_dir, tmp_path, monkeypatch
+):
+    import os
+
+    from elmforest.forest import digests
+
+    f = _copy(forest_dir, tmp_path)
+    name = f.names[0]
+    reads = []
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda p: reads.append(p) or real(p))
+    assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 1
+    # just copied: its timestamps are too recent to tell a later change apart, so nothing is cached
+    assert not (f.root / digests.CACHE).exists()
+    assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 2
+    monkeypatch.setattr(digests, "RACY_NS", -(10**12))  # as if the copy were old
+    assert f.intact(name, deep=True) is None and len(reads) == 3  # fsck's check reads, and caches
+    assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 3  # not read
+    assert f.intact(name, deep=True) is None and len(reads) == 4  # fsck always reads every byte
+    # changed in place, same size: the stat differs, so the resume reads it and sees the change
+    w = f.expert_dir(name) / "model.safetensors"
+    before = w.stat().st_mtime_ns
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(before + 10**9, before + 10**9))  # a coarse clock could have kept the old mtime
+    assert "checksum mismatch" in f.intact(name, deep=True, trust_unchanged=True) and len(reads) == 5
+    assert f"{f.expert(name)['path']}/model.safetensors" not in json.loads(
+        (f.root / digests.CACHE).read_text()
+    )
+    # a damaged cache is only a reason to read the files again
+    (f.root / digests.CACHE).write_text("{not json")
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 6
+
+
 def test_huge_finite_weights_are_not_a_zero_model():
     assert normalise([1e308, 1e308, 0.0], 3) == [0.5, 0.5, 0.0]
     assert explicit_weights("a=1e308,b=1e308", ["a", "b", "c"]) == [1.0, 1.0, 0.0]

@@ -254,7 +254,8 @@ def train_expert(
     name = valid_name(name or domain)
     replace, arch = False, None
     if name in forest.names:
-        problem = forest.intact(name, deep=True)  # a flipped byte keeps the size: check the sums
+        # a flipped byte keeps the size: check the sums (not read again for files unchanged since)
+        problem = forest.intact(name, deep=True, trust_unchanged=True)
         have = forest.expert(name)["domains"]
         if mix is not None and sorted(have) != sorted(mix):
             raise UserError(

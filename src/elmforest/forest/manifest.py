@@ -199,9 +199,12 @@ class Forest:
     def expert_dirs(self) -> list[Path]:
         return [self.expert_dir(n) for n in self.names]
 
-    def intact(self, name: str, deep: bool = False) -> str | None:
+    def intact(self, name: str, deep: bool = False, trust_unchanged: bool = False) -> str | None:
         """None when the expert's checkpoint is all there (config, weights of the recorded sizes; `deep`:
-        their checksums too), else what is wrong."""
+        their checksums too, not read again for a file unchanged since they last matched with
+        `trust_unchanged`: forest/digests.py), else what is wrong."""
+        from elmforest.forest.digests import DigestCheck
+
         d = self.expert_dir(name)
         if d.is_symlink() or not d.is_dir():
             return f"{d} is missing"
@@ -210,13 +213,18 @@ class Forest:
         recorded = self.expert(name).get("files") or {}
         if not recorded and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir()):
             return f"{d} holds no weights"
-        for fname, want in recorded.items():
-            f = d / fname
-            if not f.is_file() or f.stat().st_size != want["bytes"]:
-                return f"{f} is missing or not the size it was added with"
-            if deep and file_digest(f)["sha256"] != want["sha256"]:
-                return f"{f}: checksum mismatch (changed since it was added)"
-        return None
+        sums = DigestCheck(self.root, trust_unchanged) if deep else None
+        try:
+            for fname, want in recorded.items():
+                f = d / fname
+                if not f.is_file() or f.stat().st_size != want["bytes"]:
+                    return f"{f} is missing or not the size it was added with"
+                if deep and not sums.matches(f"{self.expert(name)['path']}/{fname}", f, want["sha256"]):
+                    return f"{f}: checksum mismatch (changed since it was added)"
+            return None
+        finally:
+            if sums is not None:
+                sums.save()
 
     def expert_for_domain(self, domain: str) -> str | None:
         for e in self.data["experts"]:
