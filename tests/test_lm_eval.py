@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -282,3 +283,40 @@ def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
         ElmforestLM(forest=str(forest_dir), prior="cached")
     with pytest.raises(UserError, match="neither a forest"):
         ElmforestLM(forest=str(tmp_path))
+
+
+def test_an_unreachable_hub_runs_lm_eval_offline_and_says_so(monkeypatch, capsys):
+    """Offline, the Hub client retries each request for about 25 s before failing: the command probes the
+    Hub's host first and, when it does not answer, runs offline; a user's own setting is left alone."""
+    import socket
+
+    import lm_eval.__main__
+
+    from elmforest.clients import lm_eval_cli
+
+    for v in (*lm_eval_cli.OFFLINE_VARS, *lm_eval_cli.PROXY_VARS):
+        monkeypatch.delenv(v, raising=False)
+    seen = []
+    monkeypatch.setattr(
+        lm_eval.__main__,
+        "cli_evaluate",
+        lambda: seen.append({v: os.environ.get(v) for v in lm_eval_cli.OFFLINE_VARS}),
+    )
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    assert "hub.invalid:443" in lm_eval_cli.hub_unreachable()
+    lm_eval_cli.lm_eval_(["run", "--tasks", "lambada_openai"])
+    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS, "1")
+    assert "runs offline" in capsys.readouterr().err
+    assert not any(v in os.environ for v in lm_eval_cli.OFFLINE_VARS)  # restored after the run
+    lm_eval_cli.lm_eval_(["ls", "tasks"])  # no task run: nothing probed
+    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS) and "offline" not in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as srv:  # a Hub that answers
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
+        assert lm_eval_cli.hub_unreachable() is None
+        lm_eval_cli.lm_eval_(["run", "--tasks=lambada_openai"])
+        assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    for v in ("HF_HUB_OFFLINE", "HTTPS_PROXY"):  # the user said how to reach the Hub: not guessed
+        monkeypatch.setenv(v, "0" if v == "HF_HUB_OFFLINE" else "http://proxy.invalid:3128")
+        assert lm_eval_cli.hub_unreachable() is None
+        monkeypatch.delenv(v)
