@@ -97,6 +97,26 @@ def test_texts_duplicates_by_tfidf_cosine_and_unembedded_documents_kept():
     assert np.mean([a % 6 == b % 6 for a, b in zip(o, o[1:], strict=False)]) > 0.8
 
 
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["hello world foo bar"],
+        ["hello world foo", "zebra yak xylophone"],
+        ["!!!", "???"],
+        ["a b c d", "x y z"],
+    ],
+)
+def test_documents_without_a_shared_term_are_kept_in_order_one_segment_each(texts):
+    """No term in min_df = 2 documents (one document, or none shared): nothing to place by similarity."""
+    pytest.importorskip("faiss")
+    plan = icp_plan(texts, seed=0)
+    check_partition(plan, len(texts))
+    assert plan.order.tolist() == list(range(len(texts))) and plan.segments.tolist() == list(
+        range(len(texts))
+    )
+    assert plan.stats["unembedded"] == len(texts) and plan.stats["dropped_duplicates"] == 0
+
+
 TRAVERSALS = [
     False,
     pytest.param(True, marks=pytest.mark.skipif(not icp_kernels.available(), reason="no numba")),

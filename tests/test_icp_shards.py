@@ -201,7 +201,14 @@ def test_bad_orders_are_refused(dup_corpus, tokenizer_dir, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "y"), "--order", "alphabetical"]) == 2
     assert "--order" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "y"), "--order", "random", "--icp-k", "3"]) != 0
-    assert "--icp-k only apply to --order icp or dedup" in capsys.readouterr().err
+    assert "--icp-k applies only to --order icp or dedup" in capsys.readouterr().err
+    for bad, said in (
+        (["--order", "source", "--order-seed", "3"], "--order-seed applies to"),
+        (["--order", "icp", "--icp-dedup-threshold", "0.95", "--icp-keep-duplicates"], "give one of them"),
+        (["--order", "dedup", "--icp-keep-duplicates"], "that is --order random"),
+    ):
+        assert main([*args, "--out", str(tmp_path / "y"), *bad]) == 2
+        assert said in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 
@@ -225,6 +232,30 @@ def test_cli_builds_and_shows_icp_order(dup_corpus, tokenizer_dir, tmp_path, cap
     assert main(["shards", "show", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "order of the training documents: icp" in shown and "exact" in shown
+    # dedup: ICP's documents without its path, so no path statistics to print
+    dedup = tmp_path / "dedup"
+    assert main([*args[:-1], str(dedup), "--order", "dedup", "--no-progress"]) == 0
+    assert "exact +" in capsys.readouterr().out
+    assert main(["shards", "show", str(dedup)]) == 0
+    shown = capsys.readouterr().out
+    assert "order of the training documents: dedup" in shown and "jumps" not in shown
+
+
+def test_a_domain_with_one_training_document_is_ordered_not_a_crash(corpus, tokenizer_dir, tmp_path):
+    """A low-resource domain (one document) has no term in two documents: it is unembedded, kept as read."""
+    root = tmp_path / "c"
+    shutil.copytree(corpus, root)
+    doc_id = next(f"gle/{i}" for i in range(100) if SPLIT.assign(f"gle/{i}") == "train")
+    (root / "gle.jsonl").write_text(
+        json.dumps({"id": doc_id, "domain": "gle", "text": "Is maith liom an fharraige agus na sléibhte."})
+        + "\n"
+    )
+    for order in ("icp", "dedup"):
+        args = ["shards", "build", "--data", str(root), "--tokenizer", str(tokenizer_dir)]
+        assert main([*args, "--out", str(tmp_path / order), "--order", order, "--no-progress"]) == 0
+        sh = Shards(tmp_path / order)
+        assert sh.order["domains"]["gle"]["documents_after"] == 1
+        assert len(_docs(sh, "gle")) == 1
 
 
 def test_data_order_mismatch_is_refused_at_run_start(builds, tmp_path):
@@ -445,7 +476,7 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
     assert IcpOrder(embedder=str(enc)).params()["encoder_weights"] != weights
     bad = ["shards", "reorder", str(src.root)]
     assert main([*bad, "--out", str(tmp_path / "x"), "--icp-embedder", str(enc)]) != 0  # --order source
-    assert "only apply to --order icp" in capsys.readouterr().err
+    assert "applies only to --order icp" in capsys.readouterr().err
     assert main([*bad, "--out", str(tmp_path / "y"), "--order", "icp", "--icp-embedder", str(tmp_path)]) != 0
     assert "not a local embedding model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

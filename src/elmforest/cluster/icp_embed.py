@@ -184,6 +184,10 @@ def _tfidf(counts, min_df: int, max_features: int | None):
             (counts.data[m], new_col[counts.indices[m]], indptr), shape=(n, int(keep.sum()))
         )
         counts.has_sorted_indices = True
+    if counts.shape[1] == 0:  # no term in min_df documents (one document, or no shared word): all
+        import scipy.sparse as sp  # unembedded, one zero column so every later shape stays valid
+
+        return sp.csr_matrix((n, 1), dtype=np.float64)
     tf = TfidfTransformer(sublinear_tf=True, smooth_idf=True, norm="l2")
     return tf.fit_transform(counts).tocsr()
 

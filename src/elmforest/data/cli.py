@@ -108,12 +108,24 @@ class OrderArgs:
     ] = 20_000
 
     def orderer(self):
+        if self.order == "source" and self.order_seed != DEFAULT_ORDER.order_seed:
+            raise UserError(
+                "--order-seed applies to --order random, dedup or icp; source keeps the order read"
+            )
         if self.order not in ("dedup", "icp"):
             icp = {f.name for f in dataclasses.fields(self) if f.name.startswith("icp_")}
             if given := sorted(f for f in icp if getattr(self, f) != getattr(DEFAULT_ORDER, f)):
                 flags = ", ".join("--" + f.replace("_", "-") for f in given)
-                raise UserError(f"{flags} only apply to --order icp or dedup (got --order {self.order})")
+                verb = "applies" if len(given) == 1 else "apply"
+                raise UserError(f"{flags} {verb} only to --order icp or dedup (got --order {self.order})")
             return self.order
+        if self.icp_keep_duplicates and self.icp_dedup_threshold != DEFAULT_ORDER.icp_dedup_threshold:
+            raise UserError(
+                "--icp-dedup-threshold sets which near-duplicates are dropped and --icp-keep-duplicates drops "
+                "none: give one of them"
+            )
+        if self.order == "dedup" and self.icp_keep_duplicates:
+            raise UserError("--order dedup with --icp-keep-duplicates drops nothing: that is --order random")
         from elmforest.cluster.icp_shards import make_orderer
 
         return make_orderer(
@@ -318,13 +330,14 @@ def print_order(order: dict, timings: dict | None = None) -> None:
     for d, st in order["domains"].items():
         line = f"  {d}: {st['documents_after']:,}/{st['documents_before']:,} documents"
         if "near_duplicates" in st:
+            line += f", dropped {st['exact_duplicates']} exact + {st['near_duplicates']} near duplicates"
+        if "jumps" in st:  # ICP's path (dedup keeps ICP's documents in a random order: no path)
             line += (
-                f", dropped {st['exact_duplicates']} exact + {st['near_duplicates']} near duplicates, "
-                f"{st['jumps']} jumps, neighbour similarity {num(st['mean_neighbour_similarity'])} along "
+                f", {st['jumps']} jumps, neighbour similarity {num(st['mean_neighbour_similarity'])} along "
                 f"the path, adjacent {num(st['mean_adjacent_similarity'])} "
                 f"(random order {num(st['mean_adjacent_similarity_random_order'])})"
             )
-        elif st["dropped_documents"]:
+        if "near_duplicates" not in st and st["dropped_documents"]:
             line += f", dropped {st['dropped_documents']}"
         t = (timings or {}).get("domains", {}).get(d)
         if t:
