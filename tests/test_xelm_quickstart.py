@@ -204,3 +204,37 @@ def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
     assert "need(s) --corpus multilingual" in capsys.readouterr().err
     assert main(["quickstart", "--corpus", "multilingual", "--k", "2,x"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+
+
+def test_what_a_quickstart_cannot_do_is_refused_before_anything_is_built(tmp_path):
+    from elmforest.quickstart import quickstart
+
+    five = ["deu", "fra", "spa", "rus", "jpn"]
+    with pytest.raises(UserError, match="5 languages were asked for"):  # before building the corpus
+        quickstart_xelm(tmp_path / "a", preset="tiny", languages=five, ks=(6,), progress=False)
+    for bad, said in (
+        ("data.order=icp", "shards reorder"),
+        ("data.shards=/elsewhere", "forest train --shards"),
+    ):
+        with pytest.raises(UserError, match=said):
+            quickstart_xelm(tmp_path / "b", preset="tiny", languages=five, overrides=[bad], progress=False)
+        with pytest.raises(UserError, match=said):
+            quickstart(tmp_path / "c", preset="tiny", overrides=[bad], progress=False)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_settings_only_training_uses_may_change_until_a_model_is_trained(tmp_path, capsys):
+    from elmforest.xelm.quickstart import _check_stamp
+
+    first = {"languages": ["deu", "fra"], "seed_config": {"train": {"seed": 0}}}
+    _check_stamp(tmp_path, first)
+    other_seed = {**first, "seed_config": {"train": {"seed": 1}}}
+    _check_stamp(tmp_path, other_seed)  # nothing trained: replaced, said
+    assert "seed_config" in capsys.readouterr().out
+    assert json.loads((tmp_path / "xelm-settings.json").read_text()) == other_seed
+    with pytest.raises(UserError, match="languages differ"):  # the shards hold them: refused
+        _check_stamp(tmp_path, {**other_seed, "languages": ["deu", "rus"]})
+    (tmp_path / "forest" / "seed").mkdir(parents=True)
+    (tmp_path / "forest" / "seed" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="seed_config differ"):  # a model trained: refused
+        _check_stamp(tmp_path, first)

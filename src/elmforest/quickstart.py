@@ -31,7 +31,7 @@ from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.forest import train_forest
-from elmforest.launch.prepare import OOD_SPLIT, prepare_data
+from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
@@ -71,6 +71,7 @@ def quickstart(
     """
     if split not in ("domains", "random", "clusters"):
         raise UserError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
+    check_quickstart_overrides(overrides)
     out = Path(out)
     p = get_preset(preset)
     t0 = time.perf_counter()

@@ -304,7 +304,12 @@ def write_groupings(
         paths = {k: out / f"k{k}.json" for k in groupings}
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not overwrite:
-        raise AlreadyExists(f"{', '.join(clash)} exists; pass --overwrite to replace it")
+        them = (
+            "they exist; pass --overwrite to replace them"
+            if len(clash) > 1
+            else "exists; pass --overwrite to replace it"
+        )
+        raise AlreadyExists(f"{', '.join(clash)} {them}")
     for k, p in paths.items():
         p.parent.mkdir(parents=True, exist_ok=True)
         save_grouping(groupings[k], p)

@@ -123,6 +123,29 @@ def prepare_data(
     return PreparedData(corpus, tok_dir, shards, ood_shards, names)
 
 
+def check_quickstart_overrides(overrides) -> None:
+    """A quickstart builds and scores its own shards, in source order. `--set data.shards` would train
+    on other data than it scores, and a `data.order` other than source is refused at the seed's start,
+    after the corpus and shards stages: both are refused before anything runs, saying what to do."""
+    from elmforest.config import RunConfig, apply_overrides
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == "data.shards":
+            raise UserError(
+                f"--set {item}: a quickstart trains and scores on the shards it builds from its corpus; "
+                "to train on other shards, use `elmforest forest train --shards DIR` (docs/btm.md)"
+            )
+        order = apply_overrides(RunConfig(), [item]).data.order if key == "data.order" else None
+        if order not in (None, "source"):
+            raise UserError(
+                f"--set {item}: a quickstart trains on its own shards in source order. For {order} order, "
+                f"build them (elmforest shards reorder OUT/shards --out DIR --order {order}) and train a "
+                f"forest on them (elmforest forest train --shards DIR --set data.order={order}); "
+                "bench/icp_compare.py compares ICP with random order at matched compute (docs/icp.md)"
+            )
+
+
 def _orderer(order):
     if order in ("dedup", "icp"):  # imported only when asked for: the embedding pulls in scikit-learn
         from elmforest.cluster.icp_shards import make_orderer

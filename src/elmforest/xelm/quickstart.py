@@ -27,7 +27,7 @@ from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, run_job
-from elmforest.launch.prepare import prepare_data
+from elmforest.launch.prepare import check_quickstart_overrides, prepare_data
 from elmforest.launch.progress import ProgressMonitor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.errors import UserError
@@ -82,11 +82,17 @@ def quickstart_xelm(
 
     out, t0, log = Path(out), time.perf_counter(), print
     p = get_preset(preset)
-    data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
-    shards, langs, new = data["shards"], data["languages"], data["new"]
+    check_quickstart_overrides(overrides)
     ks = sorted({int(k) for k in ks})
     if not ks or min(ks) < 2:
         raise UserError(f"k = {ks}: every forest needs at least 2 groups (k = 1 is the dense model)")
+    if new_language is not None and new_language in (languages or LANGUAGES):
+        raise UserError(f"the added language {new_language!r} is also one of the first round's languages")
+    asked = len(set(languages or LANGUAGES))
+    if [k for k in ks if k > asked]:  # before the corpus is built; again below, after languages are skipped
+        raise UserError(f"k = {ks} but {asked} languages were asked for: each group needs one")
+    data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
+    shards, langs, new = data["shards"], data["languages"], data["new"]
     too_many = [k for k in ks if k > len(langs)]
     if too_many:
         raise UserError(f"k = {too_many} but only {len(langs)} languages can train: each group needs one")
@@ -201,14 +207,23 @@ def quickstart_xelm(
     return results
 
 
+DATA_SETTINGS = ("languages", "new_language", "corpus", "max_bytes")  # what the built shards hold
+
+
 def _check_stamp(out: Path, stamp: dict) -> None:
     """Everything the trained stages depend on, written once; a rerun with other settings (languages,
-    LRs, seed, overrides, budget, corpus) is refused instead of mixing old runs into new results."""
+    LRs, seed, overrides, budget, corpus) is refused instead of mixing old runs into new results.
+    While no model has been trained (no weights anywhere in `out`), settings that only the training
+    uses may still change: there is nothing to mix."""
     path = out / "xelm-settings.json"
     stamp = json.loads(json.dumps(stamp))  # the JSON form, as it is read back
     if path.is_file():
         old = read_json(path)
         diff = sorted(k for k in set(old) | set(stamp) if old.get(k) != stamp.get(k))
+        if diff and set(diff).isdisjoint(DATA_SETTINGS) and next(out.rglob("*.safetensors"), None) is None:
+            print(f"note: {out} holds no trained model yet: its settings ({', '.join(diff)}) are replaced")
+            write_json_atomic(path, stamp)
+            return
         if diff:
             raise UserError(
                 f"{out} was run with other settings ({', '.join(diff)} differ; see {path}); its seed, experts "
