@@ -197,7 +197,7 @@ def test_a_missing_extra_names_it(monkeypatch, tmp_path):
             L.load_grouping(tmp_path / "g.json")
 
 
-def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, shards_dir, tmp_path):
+def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, shards_dir, tmp_path, capsys):
     """Relabelling happens as the shards are built: same documents, same splits (by id), group domains."""
     from elmforest.data.shards import Shards, build_shards
     from elmforest.data.splits import SplitSpec
@@ -231,3 +231,7 @@ def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, s
         build_shards(
             corpus, tokenizer_dir, tmp_path / "y", SplitSpec(), random_domains=2, domain_map={"a": "b"}
         )
+    capsys.readouterr()
+    extra = {"code": "g", "legal": "g", "scripture": "g", "xxx": "g"}  # a domain the data does not hold
+    build_shards(corpus, tokenizer_dir, tmp_path / "z", domain_map=extra, progress=False)
+    assert "the domain map names xxx, which the data does not hold" in capsys.readouterr().err

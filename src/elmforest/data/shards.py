@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ def build_shards(
     writers: dict[tuple[str, str], _Writer] = {}
     folders: dict[str, str] = {}
     read_domains: set[str] = set()  # with only_splits: domains read whose documents all fell elsewhere
+    source_domains: set[str] = set()  # as read, before a domain map
     stats = ReadStats()
     t0 = time.perf_counter()
     text_bytes = 0
@@ -211,6 +213,7 @@ def build_shards(
         batch = []
         docs = (doc for path in sources for doc in iter_documents(path, stats))
         for doc in docs:
+            source_domains.add(doc.domain)
             if only_splits and split.assign(doc.id) not in only_splits:
                 read_domains.add(relabel(doc))
                 continue
@@ -244,6 +247,11 @@ def build_shards(
             }
         for domain in sorted(read_domains - set(domains)):  # listed, so evaluation can say it is missing
             domains[domain] = {"folder": None, "splits": {}}
+        if unused := sorted(set(domain_map or {}) - source_domains):  # a typo, or another corpus's map
+            print(
+                f"note: the domain map names {', '.join(unused)}, which the data does not hold",
+                file=sys.stderr,
+            )
         save_tokenizer(tok, staging)
         index = {
             "version": INDEX_VERSION,
