@@ -59,8 +59,31 @@ def test_a_paused_run_is_reported_as_paused(shards_dir, tmp_path, capsys):
     argv = ["train", "--shards", shards_dir, "--out", tmp_path / "r", "--preset", "tiny", "--no-progress"]
     rc, out = _run([*argv, "--set", "train.steps=8", "--set", "train.stop_at=4"], capsys)
     assert rc == 0 and "paused at step 4 of 8" in out
+    assert main(["eval", "--model", str(tmp_path / "r"), "--data", str(shards_dir)]) == 2
+    assert "a run directory whose training has not finished" in capsys.readouterr().err
     rc, out = _run([*argv, "--set", "train.steps=8"], capsys)
     assert rc == 0 and "done: 8 steps" in out
+
+
+def test_what_would_fail_inside_torch_is_refused_in_one_line(shards_dir, forest_dir, tmp_path, capsys):
+    """A device torch does not know, a batch torchrun's processes cannot split, windows past the
+    model's positions: each was a traceback (from torch, from every rank, or from the embedding)."""
+
+    model = Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0])
+    for argv, said in (
+        (["eval", "--model", str(model), "--data", str(shards_dir), "--device", "tpu"], "expected auto, cpu"),
+        (["eval", "--model", str(model), "--data", str(shards_dir), "--seq-len", "4096"], "2048 positions"),
+        (["eval", "--forest", str(forest_dir), "--data", str(shards_dir), "--seq-len", "4096"], "2048 positions"),
+        (
+            ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "n"), "--preset", "tiny", "--nproc", "2",
+             "--set", "train.batch_size=9"],
+            "must divide evenly among 2 processes",
+        ),
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    assert not (tmp_path / "n").exists()  # refused before torchrun started anything
 
 
 def test_only_the_projects_errors_become_one_line(shards_dir, tmp_path, monkeypatch):

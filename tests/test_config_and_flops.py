@@ -172,6 +172,14 @@ def test_config_validation_catches_nonsense():
         "optim.schedule=wavy",
         "train.precision=fp8",
         "data.mixture=weird",
+        "data.split=bogus",
+        "data.domains=[]",
+        "data.domains=[code,code]",
+        "train.device=tpu",
+        "model.hidden_size=-4",
+        "model.num_kv_heads=3",  # does not divide the tiny preset's 4 heads
+        "model.num_heads=3",  # 64 is not a multiple of 3
+        "model.num_heads=64",  # head size 1: rotary embeddings need an even one
     ]:
         with pytest.raises(ValueError, match="invalid config"):
             apply_overrides(cfg, [bad])

@@ -21,10 +21,33 @@ def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path
     assert cfg.train.steps == 7 and default.train.steps == 7
     assert cfg.model == tiny.model and cfg.optim == tiny.optim  # the preset was used, not ignored
     assert cfg.model != default.model
+    # without --preset, the preset the file names completes it (not the dataclass defaults)
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps({"train": {"steps": 7}, "model": {"preset": "tiny"}}))
+    by_name = build_run_config(None, str(named))
+    assert by_name.model == tiny.model and by_name.optim == tiny.optim and by_name.train.batch_size == 8
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  steps: 5\n")
     with pytest.raises(UserError, match="a run config is JSON"):
         build_run_config(None, str(y))
+
+
+def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
+    """The checkpoint is the architecture: the preset's fields are not recorded as if they applied, and
+    an architecture override, which could not apply, is refused."""
+    from elmforest.config import ARCHITECTURE_FIELDS
+    from elmforest.train.runcheck import run_identity
+
+    cfg = build_run_config("tiny", init_from=str(tmp_path))
+    assert all(getattr(cfg.model, k) is None for k in ARCHITECTURE_FIELDS)
+    with pytest.raises(UserError, match="model.hidden_size, model.num_layers: a run from a checkpoint"):
+        build_run_config(
+            "tiny", init_from=str(tmp_path), overrides=["model.hidden_size=128", "model.num_layers=7"]
+        )
+    # a run started before this recorded the preset's fields: it still resumes as the same run
+    old = preset_run_config("tiny").to_dict()
+    old["model"]["init_from"] = str(tmp_path)
+    assert run_identity(old) == run_identity(cfg.to_dict())
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,33 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
 
+    def architecture_problems(self) -> list[str]:
+        """What transformers would refuse with a traceback, or fail on mid-forward (kv heads that do not
+        divide the heads), said as config errors."""
+        sizes = (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        )
+        bad = [
+            f"model.{k} must be >= 1" for k in sizes if getattr(self, k) is not None and getattr(self, k) < 1
+        ]
+        if bad:
+            return bad
+        h, nh, kv = self.hidden_size, self.num_heads, self.num_kv_heads
+        if h and nh and h % nh:
+            bad.append(f"model.hidden_size={h} must be a multiple of model.num_heads={nh}")
+        elif h and nh and (h // nh) % 2:
+            bad.append(f"model.hidden_size / model.num_heads = {h // nh} must be even (rotary embeddings)")
+        if nh and kv and nh % kv:
+            bad.append(f"model.num_heads={nh} must be a multiple of model.num_kv_heads={kv}")
+        if self.rms_norm_eps is not None and not self.rms_norm_eps > 0:
+            bad.append("model.rms_norm_eps must be > 0")
+        return bad
+
 
 @dataclass
 class DataConfig:
@@ -169,6 +196,10 @@ class RunConfig:
                 "train.router_aux_loss and train.router_z_loss must be >= 0",
             ),
             (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+                "train.device must be auto, cpu, cuda or cuda:N",
+            ),
             (math.isfinite(o.lr) and o.lr > 0, "optim.lr must be a positive number"),
             (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (0 <= o.warmup_frac < 1, "optim.warmup_frac must be in [0, 1)"),
@@ -179,12 +210,19 @@ class RunConfig:
                 "optim.schedule must be cosine, linear or constant",
             ),
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
+            (self.data.split in ("train", "valid", "test"), "data.split must be train, valid or test"),
+            (
+                self.data.domains is None
+                or (len(self.data.domains) > 0 and len(set(self.data.domains)) == len(self.data.domains)),
+                "data.domains must name each domain once (null: every domain of the shards)",
+            ),
             (
                 self.data.order in (None, "source", "random", "dedup", "icp"),
                 "data.order must be source, random, dedup, icp or null (whatever the shards hold)",
             ),
         ]
         bad = [msg for ok, msg in checks if not ok]
+        bad += self.model.architecture_problems()
         if unknown := [x for x in t.trackers if x not in TRACKERS]:
             bad.append(f"train.trackers: unknown {unknown}; known: {list(TRACKERS)}")
         if t.trainable is not None:

@@ -235,6 +235,7 @@ def evaluate(
     tok = load_tokenizer(mdir)
     model = load_model(mdir, trust_remote_code=trust_remote_code)
     seq_len = seq_len or default_seq_len(mdir)
+    check_seq_len(mdir, seq_len)
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
@@ -307,6 +308,18 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
         f"{mdir}: its training shards {shards or '(none recorded)'} are gone, so which documents it held out "
         "is unknown; pass --split-fractions VALID,TEST (the --valid-frac and --test-frac they were built with)"
     )
+
+
+def check_seq_len(mdir: Path, seq_len: int) -> None:
+    """A window longer than the model's position table is scored on positions it never had (Llama's
+    rotary embedding runs on) or fails deep in the embedding (GPT-2's IndexError): refused."""
+    cfg = read_json(Path(mdir) / "config.json")
+    most = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if most and seq_len > int(most):
+        raise UserError(
+            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (its config.json); use "
+            f"--seq-len {most} or less"
+        )
 
 
 def default_seq_len(mdir: Path) -> int:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.eval.bpb import default_seq_len, token_logprobs
+from elmforest.eval.bpb import check_seq_len, default_seq_len, token_logprobs
 from elmforest.eval.crossdoc_tasks import TASKS, Item, build_tasks
-from elmforest.model.build import load_model, read_config, resolve_model_dir
+from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
 from elmforest.utils.io import write_json_atomic
@@ -47,15 +47,6 @@ CONVENTION = (
     "each sequence read as 'EOS context target', target tokens scored only; a whole-document target "
     "includes its EOS (1 byte), a partial one its tokens' UTF-8 bytes"
 )
-
-
-def check_seq_len(mdir: Path, seq_len: int) -> None:
-    """A sequence longer than the model's positions would be scored on positions it never had."""
-    most = read_config(mdir).get("max_position_embeddings")
-    if most and seq_len > int(most):
-        raise UserError(
-            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (max_position_embeddings)"
-        )
 
 
 def sequences(items: list[Item], condition: str) -> list[tuple[np.ndarray, int]]:

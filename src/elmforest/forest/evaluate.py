@@ -36,6 +36,7 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import (
     StreamScore,
     check_finite,
+    check_seq_len,
     default_seq_len,
     evaluate_shards,
     missing_domains,
@@ -125,6 +126,8 @@ def evaluate_forest_shards(
     names = experts or forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
+    for name in names:
+        check_seq_len(forest.expert_dir(name), seq_len)
     if forest.data["tokenizer"] != shards.tokenizer_fingerprint:
         raise UserError(
             f"{shards.root} was tokenized with a different tokenizer than the forest's experts; pass the raw "

@@ -36,6 +36,11 @@ def resolve_model_dir(path: str | Path) -> Path:
         return p / "model"
     if (p / "config.json").is_file():
         return p
+    if (p / "run_config.json").is_file():  # a run without its final model: paused (stop_at) or cut
+        raise NotFound(
+            f"{p}: a run directory whose training has not finished (no model/ yet; its checkpoints are in "
+            f"{p / 'checkpoints'}); run `elmforest train --out {p}` again to finish it"
+        )
     raise NotFound(f"{p}: not a model checkpoint (no config.json) nor a run directory (no model/)")
 
 

@@ -169,10 +169,11 @@ def build_run_config(
         raise UserError(
             f"--config {config_file}: a run config is JSON (a run's run_config.json); YAML is read by `elmforest study`"
         )
-    if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
-        cfg = RunConfig.from_dict(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
-    elif config_file:
-        cfg = RunConfig.from_dict(read_json(config_file))
+    if config_file:  # the file's fields over a preset's (--preset, else the one the file names)
+        top = read_json(config_file)
+        named = (top.get("model") or {}).get("preset") if isinstance(top, dict) else None
+        base = preset_run_config(preset or (named if isinstance(named, str) else None) or DEFAULT_PRESET)
+        cfg = RunConfig.from_dict(_layered(base.to_dict(), top))
     else:
         cfg = preset_run_config(preset or DEFAULT_PRESET)
     if shards:
@@ -180,7 +181,20 @@ def build_run_config(
     if init_from:
         cfg.model.init_from = str(Path(init_from).resolve())
     cfg.model.trust_remote_code = bool(trust_remote_code)
-    return apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))
+    if cfg.model.init_from:  # the checkpoint is the architecture: the preset's fields do not apply
+        if given := [o.split("=", 1)[0].strip() for o in overrides if _architecture_key(o)]:
+            raise UserError(
+                f"{', '.join(given)}: a run from a checkpoint (--init-from / model.init_from) has the "
+                "checkpoint's architecture; change it in the checkpoint, or train from a preset"
+            )
+        fill_architecture(cfg.model)
+    return cfg
+
+
+def _architecture_key(override: str) -> bool:
+    key = override.split("=", 1)[0].strip()
+    return key.startswith("model.") and key[len("model.") :] in ARCHITECTURE_FIELDS
 
 
 def _layered(base: dict, top) -> dict:
@@ -197,8 +211,10 @@ def fill_architecture(model: ModelConfig) -> ModelConfig:
     """Fill the architecture fields left unset from the preset (in place). A config made today is
     filled when it is made; one saved before the fields existed is filled from today's preset when
     read, which is what it always meant. A config that starts from a checkpoint (init_from) has its
-    architecture in the checkpoint and keeps these unset."""
+    architecture in the checkpoint and keeps these unset (cleared, if a preset filled them first)."""
     if model.init_from:
+        for k in ARCHITECTURE_FIELDS:
+            setattr(model, k, None)
         return model
     arch = get_preset(model.preset).architecture()
     for k in ARCHITECTURE_FIELDS:

@@ -12,6 +12,7 @@ import typer
 
 from elmforest.config import override_keys
 from elmforest.utils.argtypes import flag, opt, positive_int, verb
+from elmforest.utils.errors import UserError
 
 # The config keys --set accepts, generated from the config dataclasses: the epilog of every training verb.
 CONFIG_KEYS = (
@@ -30,8 +31,8 @@ Preset = Annotated[
 ConfigFile = Annotated[
     str | None,
     opt(
-        "a run_config.json to start from instead of the preset's defaults (with --preset: the file's "
-        "fields over that preset's, so a partial file is completed by it)",
+        "a run_config.json to start from: its fields over a preset's (--preset, else the model.preset it "
+        "names, else the default), so a partial file is completed by that preset",
         name="--config",
         metavar="FILE",
     ),
@@ -97,11 +98,15 @@ def train(
     no_progress: NoProgress = False,
 ) -> int:
     """Train (or resume) one LM run."""
+    run_cfg = train_args.run_config(shards)  # a bad config is refused before any process starts
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if run_cfg.train.batch_size % nproc:
+            raise UserError(
+                f"train.batch_size={run_cfg.train.batch_size} must divide evenly among {nproc} processes"
+            )
         return _relaunch_distributed(nproc)
     from elmforest.train.trainer import train as train_run
 
-    run_cfg = train_args.run_config(shards)
     summary = train_run(run_cfg, out, progress=not no_progress)
     if "stopped_at" in summary:  # train.stop_at: paused, resumable
         print(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from elmforest.config import RunConfig
+from elmforest.config import ARCHITECTURE_FIELDS, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import resolve_model_dir
@@ -34,9 +34,12 @@ def run_identity(cfg: dict) -> dict:
     settings, where the inputs lie (their content is checked instead: inputs.json), the order the
     shards must hold (only a check: the shards' fingerprint records their order), and remote code,
     which only the command line turns on (config.py)."""
+    # from a checkpoint, its fingerprint is the architecture (runs before that was so recorded the
+    # preset's fields here, which never applied)
+    skip = ("trust_remote_code", "init_from", *(ARCHITECTURE_FIELDS if cfg["model"].get("init_from") else ()))
     return {
         **cfg,
-        "model": {k: v for k, v in cfg["model"].items() if k not in ("trust_remote_code", "init_from")},
+        "model": {k: v for k, v in cfg["model"].items() if k not in skip},
         "data": {k: v for k, v in cfg["data"].items() if k not in ("shards", "order")},
         "train": {k: v for k, v in cfg["train"].items() if k not in (*OPERATIONAL_FIELDS, "init_checkpoint")},
     }
@@ -173,7 +176,7 @@ def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
     for key, new in inputs.items() if old else ():
         was = old.get(key)
         if was is not None and new is not None and was["fingerprint"] != new["fingerprint"]:
-            what = "shards" if key == "shards" else key.replace("_", ".")
+            what = {"shards": "shards", "init_from": "model.init_from"}.get(key, f"train.{key}")
             raise UserError(
                 f"{run_dir} was started from {what} {was['path']} (fingerprint {was['fingerprint']}) "
                 f"but {new['path']} holds other data (fingerprint {new['fingerprint']}); point it at the "

@@ -12,7 +12,12 @@ from elmforest.utils.errors import Failed, UserError
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):  # what elmforest runs on (and is tested on)
+        raise UserError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise Failed(f"device {name!r} requested but CUDA is not available")
     return dev
