@@ -93,6 +93,8 @@ def test_no_reroute_outside_cluster_routing_is_refused(cluster_forest, shards_di
     argv = ["eval", "--forest", str(cluster_forest), "--data", str(shards_dir), "--no-reroute"]
     assert main(argv) == 2  # --mode ensemble, the default: no routing points to change
     assert "--no-reroute is c-BTM routing's" in capsys.readouterr().err
+    assert main([*argv, "--mode", "cluster", "--reset", "window"]) == 2  # no document starts to re-route
+    assert "--reset window routes at the grid only" in capsys.readouterr().err
 
 
 def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsys):

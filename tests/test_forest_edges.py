@@ -188,8 +188,9 @@ def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
     reads = []
     real = digests.file_digest
     monkeypatch.setattr(digests, "file_digest", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(digests, "RACY_NS", 10**15)  # as if just written, however slow the copy was
     assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 1
-    # just copied: its timestamps are too recent to tell a later change apart, so nothing is cached
+    # just written: its timestamps are too recent to tell a later change apart, so nothing is cached
     assert not (f.root / digests.CACHE).exists()
     assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 2
     monkeypatch.setattr(digests, "RACY_NS", -(10**12))  # as if the copy were old
@@ -212,6 +213,12 @@ def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
     data[-1] ^= 0xFF
     w.write_bytes(bytes(data))
     assert f.intact(name, deep=True, trust_unchanged=True) is None and len(reads) == 6
+    # opted out, nothing of the expert stays: its cached sums go too
+    from elmforest.forest.optout import remove_expert
+
+    assert any(k.startswith(f"experts/{name}/") for k in json.loads((f.root / digests.CACHE).read_text()))
+    remove_expert(f, name)
+    assert not any(k.startswith(f"experts/{name}/") for k in json.loads((f.root / digests.CACHE).read_text()))
 
 
 def test_huge_finite_weights_are_not_a_zero_model():

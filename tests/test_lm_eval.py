@@ -296,25 +296,34 @@ def test_an_unreachable_hub_runs_lm_eval_offline_and_says_so(monkeypatch, capsys
 
     for v in (*lm_eval_cli.OFFLINE_VARS, *lm_eval_cli.PROXY_VARS):
         monkeypatch.delenv(v, raising=False)
+    import huggingface_hub
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", False
+    )  # as imported on a networked machine
     seen = []
     monkeypatch.setattr(
         lm_eval.__main__,
-        "cli_evaluate",
-        lambda: seen.append({v: os.environ.get(v) for v in lm_eval_cli.OFFLINE_VARS}),
+        "cli_evaluate",  # what the Hub clients see: the variables, and the client already imported
+        lambda: seen.append(
+            {v: os.environ.get(v) for v in lm_eval_cli.OFFLINE_VARS}
+            | {"hub": huggingface_hub.is_offline_mode()}
+        ),
     )
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     assert "hub.invalid:443" in lm_eval_cli.hub_unreachable()
     lm_eval_cli.lm_eval_(["run", "--tasks", "lambada_openai"])
-    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS, "1")
+    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS, "1") | {"hub": True}
     assert "runs offline" in capsys.readouterr().err
     assert not any(v in os.environ for v in lm_eval_cli.OFFLINE_VARS)  # restored after the run
     lm_eval_cli.lm_eval_(["ls", "tasks"])  # no task run: nothing probed
-    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS) and "offline" not in capsys.readouterr().err
+    assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS) | {"hub": False}
+    assert "offline" not in capsys.readouterr().err and not huggingface_hub.is_offline_mode()
     with socket.create_server(("127.0.0.1", 0)) as srv:  # a Hub that answers
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
         assert lm_eval_cli.hub_unreachable() is None
         lm_eval_cli.lm_eval_(["run", "--tasks=lambada_openai"])
-        assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS)
+        assert seen[-1] == dict.fromkeys(lm_eval_cli.OFFLINE_VARS) | {"hub": False}
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
     for v in ("HF_HUB_OFFLINE", "HTTPS_PROXY"):  # the user said how to reach the Hub: not guessed
         monkeypatch.setenv(v, "0" if v == "HF_HUB_OFFLINE" else "http://proxy.invalid:3128")

@@ -13,7 +13,7 @@ from elmforest.study.config import load_study_config
 from elmforest.utils.errors import UserError
 
 
-def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path):
+def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path, capsys):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"train": {"steps": 7}}))
     tiny, default = preset_run_config("tiny"), build_run_config(None, str(f))
@@ -21,11 +21,16 @@ def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path
     assert cfg.train.steps == 7 and default.train.steps == 7
     assert cfg.model == tiny.model and cfg.optim == tiny.optim  # the preset was used, not ignored
     assert cfg.model != default.model
-    # without --preset, the preset the file names completes it (not the dataclass defaults)
+    # without --preset the file is taken as given (a run started from it resumes), and that is said
     named = tmp_path / "named.json"
     named.write_text(json.dumps({"train": {"steps": 7}, "model": {"preset": "tiny"}}))
-    by_name = build_run_config(None, str(named))
-    assert by_name.model == tiny.model and by_name.optim == tiny.optim and by_name.train.batch_size == 8
+    capsys.readouterr()
+    assert build_run_config(None, str(named)).train.batch_size == 16  # the built-in default, not tiny's 8
+    err = capsys.readouterr().err
+    assert "take elmforest's built-in defaults, not preset tiny's; add --preset tiny" in err
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(tiny.to_dict()))
+    assert build_run_config(None, str(full)) == tiny and "leaves out" not in capsys.readouterr().err
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  steps: 5\n")
     with pytest.raises(UserError, match="a run config is JSON"):

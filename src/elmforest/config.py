@@ -212,11 +212,6 @@ class RunConfig:
             (self.data.mixture in ("tokens", "uniform"), "data.mixture must be tokens or uniform"),
             (self.data.split in ("train", "valid", "test"), "data.split must be train, valid or test"),
             (
-                self.data.domains is None
-                or (len(self.data.domains) > 0 and len(set(self.data.domains)) == len(self.data.domains)),
-                "data.domains must name each domain once (null: every domain of the shards)",
-            ),
-            (
                 self.data.order in (None, "source", "random", "dedup", "icp"),
                 "data.order must be source, random, dedup, icp or null (whatever the shards hold)",
             ),
@@ -349,6 +344,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = [x if isinstance(x, str) else json.dumps(x) for x in value]  # [2023, 2024]: names
         if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
+        if (
+            key.strip() == "data.domains"
+            and isinstance(value, list)
+            and (not value or len(set(value)) < len(value))
+        ):
+            # a saved config may hold [] (every domain, as null): only a new --set is refused
+            raise UserError(
+                f"invalid config: {item}: data.domains must name each domain once (null: every domain)"
+            )
         node[parts[-1]] = value
     out = RunConfig.from_dict(d)
     out.model.trust_remote_code = cfg.model.trust_remote_code  # set by the command line, kept

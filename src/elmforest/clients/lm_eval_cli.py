@@ -64,6 +64,11 @@ def lm_eval_(
             file=sys.stderr,
         )
         os.environ.update(dict.fromkeys(OFFLINE_VARS, "1"))  # read when the Hub clients are imported
+    # huggingface_hub reads its variable once, at import, and the CLI has imported it (transformers)
+    hub = sys.modules.get("huggingface_hub.constants")
+    hub_was = getattr(hub, "HF_HUB_OFFLINE", None)
+    if why and hub is not None:
+        hub.HF_HUB_OFFLINE = True
     argv = sys.argv
     try:
         from lm_eval.__main__ import cli_evaluate
@@ -74,6 +79,8 @@ def lm_eval_(
         cli_evaluate()
     finally:
         sys.argv = argv
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_was
         for v, old in saved.items():
             if old is None:
                 os.environ.pop(v, None)

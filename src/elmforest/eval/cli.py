@@ -182,8 +182,11 @@ def eval_(
 
     if bool(model) == bool(forest):
         raise UserError("eval takes either --model or --forest")
-    if no_reroute and (not forest or mode != "cluster"):
-        raise UserError("--no-reroute is c-BTM routing's: it takes --forest with --mode cluster")
+    if no_reroute and (not forest or mode != "cluster" or reset != "document"):
+        raise UserError(
+            "--no-reroute is c-BTM routing's at document starts: it takes --forest with --mode cluster "
+            "(and --reset document, the default; --reset window routes at the grid only)"
+        )
     check_json_out(json)
     if read != DEFAULT_READ:
         from elmforest.data.shards import Shards

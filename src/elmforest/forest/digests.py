@@ -62,6 +62,11 @@ class DigestCheck:
             self.changes[rel] = {"stat": _stat_key(after), "sha256": sha256}
         return True
 
+    def forget(self, prefix: str) -> None:
+        """Drop the entries under `prefix` (an expert opted out: nothing of it is kept)."""
+        self.changes.update(dict.fromkeys((k for k in self.cache if k.startswith(prefix)), None))
+        self.save()
+
     def save(self) -> None:
         """Merge this pass into the cache on disk (read again: another process may have written it)."""
         if not self.changes:

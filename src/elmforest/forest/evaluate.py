@@ -373,6 +373,8 @@ def evaluate_forest(
         raise UserError(f"{forest_dir}: the forest has no experts")
     first = forest.expert_dir(forest.names[0])
     kw["seq_len"] = kw.get("seq_len") or default_seq_len(first)
+    for name in kw.get("experts") or forest.names:  # before raw data is tokenized
+        check_seq_len(forest.expert_dir(name), kw["seq_len"])
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")

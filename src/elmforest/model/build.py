@@ -39,7 +39,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / "run_config.json").is_file():  # a run without its final model: paused (stop_at) or cut
         raise NotFound(
             f"{p}: a run directory whose training has not finished (no model/ yet; its checkpoints are in "
-            f"{p / 'checkpoints'}); run `elmforest train --out {p}` again to finish it"
+            f"{p / 'checkpoints'}); finish it by running the command that started it again (without "
+            "train.stop_at if it was paused; `elmforest forest train` for a forest's runs)"
         )
     raise NotFound(f"{p}: not a model checkpoint (no config.json) nor a run directory (no model/)")
 

@@ -10,6 +10,7 @@ optimiser recipe: Adam(0.9, 0.95), LR 5e-4, 8% warmup, weight decay 0.1, clip 0.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 from elmforest.config import ARCHITECTURE_FIELDS, ModelConfig, OptimConfig, RunConfig, TrainConfig
@@ -169,11 +170,19 @@ def build_run_config(
         raise UserError(
             f"--config {config_file}: a run config is JSON (a run's run_config.json); YAML is read by `elmforest study`"
         )
-    if config_file:  # the file's fields over a preset's (--preset, else the one the file names)
+    if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
+        cfg = RunConfig.from_dict(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
+    elif config_file:  # as given (runs started from it resume as they were), missing fields said
         top = read_json(config_file)
-        named = (top.get("model") or {}).get("preset") if isinstance(top, dict) else None
-        base = preset_run_config(preset or (named if isinstance(named, str) else None) or DEFAULT_PRESET)
-        cfg = RunConfig.from_dict(_layered(base.to_dict(), top))
+        cfg = RunConfig.from_dict(top)
+        missing = [f"{s}.{k}" for s, v in cfg.to_dict().items() for k in v if k not in (top.get(s) or {})]
+        if missing and any(not m.startswith("model.") for m in missing):
+            print(
+                f"note: {config_file} leaves out {len(missing)} field(s) (e.g. {', '.join(missing[:3])}): they "
+                f"take elmforest's built-in defaults, not preset {cfg.model.preset}'s; add --preset "
+                f"{cfg.model.preset} to complete it from the preset",
+                file=sys.stderr,
+            )
     else:
         cfg = preset_run_config(preset or DEFAULT_PRESET)
     if shards:

@@ -31,8 +31,9 @@ Preset = Annotated[
 ConfigFile = Annotated[
     str | None,
     opt(
-        "a run_config.json to start from: its fields over a preset's (--preset, else the model.preset it "
-        "names, else the default), so a partial file is completed by that preset",
+        "a run_config.json to start from instead of the preset's defaults (with --preset: the file's "
+        "fields over that preset's, so a partial file is completed by it; without, missing fields take the "
+        "built-in defaults, and a note says so)",
         name="--config",
         metavar="FILE",
     ),
