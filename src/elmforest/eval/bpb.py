@@ -317,7 +317,8 @@ def check_seq_len(mdir: Path, seq_len: int) -> None:
     most = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     if most and seq_len > int(most):
         raise UserError(
-            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (its config.json); use "
+            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (max_position_embeddings in its "
+            "config.json); use "
             f"--seq-len {most} or less"
         )
 
