@@ -54,14 +54,7 @@ class ModelConfig:
     def architecture_problems(self) -> list[str]:
         """What transformers would refuse with a traceback, or fail on mid-forward (kv heads that do not
         divide the heads), said as config errors."""
-        sizes = (
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "max_position_embeddings",
-        )
+        sizes = [k for k in ARCHITECTURE_FIELDS if k not in ("tie_embeddings", "rms_norm_eps")]
         bad = [
             f"model.{k} must be >= 1" for k in sizes if getattr(self, k) is not None and getattr(self, k) < 1
         ]

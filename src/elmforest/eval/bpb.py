@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.model.build import load_model, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, NotFound, UserError
 from elmforest.utils.io import read_json
@@ -313,13 +313,12 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
 def check_seq_len(mdir: Path, seq_len: int) -> None:
     """A window longer than the model's position table is scored on positions it never had (Llama's
     rotary embedding runs on) or fails deep in the embedding (GPT-2's IndexError): refused."""
-    cfg = read_json(Path(mdir) / "config.json")
+    cfg = read_config(Path(mdir))
     most = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     if most and seq_len > int(most):
         raise UserError(
             f"seq_len {seq_len} is longer than {mdir}'s {most} positions (max_position_embeddings in its "
-            "config.json); use "
-            f"--seq-len {most} or less"
+            f"config.json); use --seq-len {most} or less"
         )
 
 

@@ -81,9 +81,6 @@ class ClusterRouting:
 class ClusterContext(ClusterRouting):
     """c-BTM routing state for one evaluation: the shared routing plus where the routing points fall."""
 
-    # re-route each document 1, 2, 4, ... tokens into it (`points`); off: c-BTM's own routing points
-    reroute_first_tokens = True
-
     def __init__(
         self,
         forest: Forest,
@@ -95,6 +92,7 @@ class ClusterContext(ClusterRouting):
         seq_len: int,
         reset: str = "document",
         tok=None,
+        reroute: bool = True,
     ):
         from elmforest.data.tokenizer import load_tokenizer as _load_tok
 
@@ -105,7 +103,8 @@ class ClusterContext(ClusterRouting):
             self.seg = width(route, "--route")
         else:
             raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
-        self.seq_len, self.reset = seq_len, reset
+        # re-route each document 1, 2, 4, ... tokens into it (`points`); off: c-BTM's own routing points
+        self.seq_len, self.reset, self.reroute = seq_len, reset, reroute
         self.router = self.incremental_router(tok or _load_tok(shards.root))  # a client passes its own
 
     def points(self, stream: np.ndarray, nw: int) -> np.ndarray:
@@ -123,7 +122,7 @@ class ClusterContext(ClusterRouting):
         if self.reset == "document":
             starts = doc_starts(stream, self.router.eos_id, T, nw).numpy()
             points |= starts
-        if self.reset == "document" and self.reroute_first_tokens:
+        if self.reset == "document" and self.reroute:
             # offsets counted from the document, across window and segment boundaries (a document
             # opening at a window's last token is re-routed in the next window too), up to W tokens in
             # and never into the next document

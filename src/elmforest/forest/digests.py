@@ -62,11 +62,6 @@ class DigestCheck:
             self.changes[rel] = {"stat": _stat_key(after), "sha256": sha256}
         return True
 
-    def forget(self, prefix: str) -> None:
-        """Drop the entries under `prefix` (an expert opted out: nothing of it is kept)."""
-        self.changes.update(dict.fromkeys((k for k in self.cache if k.startswith(prefix)), None))
-        self.save()
-
     def save(self) -> None:
         """Merge this pass into the cache on disk (read again: another process may have written it)."""
         if not self.changes:
@@ -82,3 +77,10 @@ class DigestCheck:
         except OSError:  # a read-only forest: the check stands, the next one reads the files again
             pass
         self.changes = {}
+
+
+def forget(root: Path, prefix: str) -> None:
+    """Drop the cache's entries under `prefix` (an expert opted out: nothing of it is kept)."""
+    check = DigestCheck(root, trust_unchanged=False)
+    check.changes = dict.fromkeys((k for k in check.cache if k.startswith(prefix)), None)
+    check.save()

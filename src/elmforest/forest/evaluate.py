@@ -151,8 +151,9 @@ def evaluate_forest_shards(
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
-        cluster_ctx = ClusterContext(forest, names, shards, k, temperature, route, seq_len, reset)
-        cluster_ctx.reroute_first_tokens = reroute
+        cluster_ctx = ClusterContext(
+            forest, names, shards, k, temperature, route, seq_len, reset, reroute=reroute
+        )
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]

@@ -214,12 +214,13 @@ class Forest:
         if not recorded and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir()):
             return f"{d} holds no weights"
         sums = DigestCheck(self.root, trust_unchanged) if deep else None
+        rel = self.expert(name)["path"]
         try:
             for fname, want in recorded.items():
                 f = d / fname
                 if not f.is_file() or f.stat().st_size != want["bytes"]:
                     return f"{f} is missing or not the size it was added with"
-                if deep and not sums.matches(f"{self.expert(name)['path']}/{fname}", f, want["sha256"]):
+                if deep and not sums.matches(f"{rel}/{fname}", f, want["sha256"]):
                     return f"{f}: checksum mismatch (changed since it was added)"
             return None
         finally:

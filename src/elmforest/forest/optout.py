@@ -97,9 +97,9 @@ def finish_removal(forest: Forest, name: str) -> dict:
     held = {str(p.resolve()) for p in places} | {
         str(Path(o["path"]).resolve()) for o in forest.data.get("outputs", []) if name in o["experts"]
     }
-    from elmforest.forest.digests import DigestCheck
+    from elmforest.forest import digests
 
-    DigestCheck(forest.root, trust_unchanged=False).forget(f"experts/{name}/")  # its sums go with it
+    digests.forget(forest.root, f"experts/{name}/")  # its cached sums go with it
     for p in places:
         if p.is_symlink():
             if p.exists():

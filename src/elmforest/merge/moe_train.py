@@ -141,9 +141,8 @@ def _train_moe(
         raise UserError(f"{shards}: {what} needs a shards directory (elmforest shards build)")
     sh = Shards(shards)
     if domains is None:
-        wanted = list(
-            dict.fromkeys(d for e in meta["experts"] for d in e["domains"])
-        )  # two experts, one domain
+        # each domain once, also when two experts share one
+        wanted = list(dict.fromkeys(d for e in meta["experts"] for d in e["domains"]))
         domains = [d for d in wanted if sh.has(d, "train")] or sh.domains
     run_cfg = moe_dir / "elmforest_run.json"
     cfg = RunConfig.from_dict(read_json(run_cfg)) if run_cfg.is_file() else RunConfig()
