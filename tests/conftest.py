@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+# One thread per test process (inherited by the runs tests start in subprocesses). The models here are
+# tiny: a second OpenMP thread buys nothing on their matmuls and, on a loaded 2-core machine (Ray
+# workers, a DDP pair, anything else running), a step waits for a descheduled thread: the tiny study
+# took 2.7 minutes with 2 threads under load and 0.9 with 1. A test that needs more sets them itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 DOMAIN_WORDS = {
     "scripture": "and the lord said unto moses thou shalt not israel king god people land of".split(),
     "code": "def return self import class for in if else none true false lambda yield with as".split(),

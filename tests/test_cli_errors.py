@@ -201,6 +201,8 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
 def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):
     rc, out = _run(["presets"], capsys)
     assert rc == 0 and "train: 256 steps x batch 16 x 256 tokens, LR 0.002, experts 0.008" in out
+    # the model's position table (what eval --seq-len may reach), not the training length under it
+    assert "tiny       d=64    layers=2   heads=4   positions=2048" in out
     rc, out = _run(
         [
             "train",

@@ -115,9 +115,11 @@ def test_tokenizer_train_refuses_a_folder_holding_other_files(corpus, shards_dir
     fresh = tmp_path / "tok"
     fresh.mkdir()
     (fresh / ".DS_Store").write_text("")  # hidden files are not the folder's contents
-    for _ in range(2):  # a folder with nothing of its own, then the previous tokenizer's
+    for _ in range(2):  # a folder with nothing of its own, then the previous tokenizer's (the same one)
         rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", fresh, "--vocab-size", 300], capsys)
-        assert rc == 0, out
+        assert rc == 0 and "replaced" not in out, out
+    rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", fresh, "--vocab-size", 280], capsys)
+    assert rc == 0 and "note: replaced the different tokenizer" in out, out  # shards made with it are stale
 
 
 def test_training_refuses_shards_whose_tokenizer_was_replaced(shards_dir, tmp_path, capsys):

@@ -229,11 +229,18 @@ def tokenizer_train(
                 f"--out {o}: holds other files ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); "
                 "a tokenizer goes in a folder of its own (an empty one, or a previous tokenizer's)"
             )
+    before = o / "tokenizer.json"
+    before = before.read_bytes() if before.is_file() else None
     tok, stats = train_bpe_on(
         read.source(data), vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
     )
     save_tokenizer(tok, out)
     print(f"read {stats.summary()}")
+    if before is not None and before != (o / "tokenizer.json").read_bytes():
+        print(
+            f"note: replaced the different tokenizer that was in {o}; shards built with it no longer match "
+            "it (training and eval refuse them by their fingerprint): build them again"
+        )
     print(f"tokenizer: {tok.vocab_size} tokens, EOS id {tok.eos_id} -> {out}/tokenizer.json")
 
 

@@ -131,7 +131,7 @@ def presets() -> None:
         experts = f", experts {p.expert_lr:g}" if p.expert_lr else ""
         print(
             f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
-            f"ctx={p.seq_len:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
+            f"positions={p.architecture()['max_position_embeddings']:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
             f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum} x {t.seq_len} tokens, "
             f"LR {o.lr:g}{experts} ({o.schedule}, warmup {o.warmup_frac:g}), checkpoint every {t.ckpt_every}"
         )
