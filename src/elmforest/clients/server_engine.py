@@ -207,12 +207,7 @@ def token_text(tok, token_id: int) -> str:
     text = tok.decode([token_id])
     if "\ufffd" not in text:
         return text
-    table = getattr(tok, "_byte_table", None)
-    if table is None:  # built once per tokenizer (kept on it), on the first partial character
-        from elmforest.cluster.router import token_byte_table
-
-        table = tok._byte_table = token_byte_table(tok)
-    raw = table[token_id]
+    raw = tok.token_bytes[token_id]
     try:
         raw.decode("utf-8")  # a token that spells U+FFFD itself keeps its text
         return text

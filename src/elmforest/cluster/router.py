@@ -13,8 +13,6 @@ incremental UTF-8 decoder, so multi-byte characters split across tokens are deco
 from __future__ import annotations
 
 import codecs
-import json
-import re
 from collections import Counter
 
 import numpy as np
@@ -24,27 +22,8 @@ from elmforest.data.tokenizer import LoadedTokenizer
 
 
 def token_byte_table(tok: LoadedTokenizer) -> list[bytes]:
-    """The bytes each token id stands for (exact for byte-level BPE; per-token decode otherwise)."""
-    spec = json.loads(tok.tokenizer.to_str())
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    # GPT-2's reversible byte <-> printable-character table, in which byte-level BPE spells its tokens:
-    # transformers' own rather than a copy (5.x keeps it here; the GPT-2 tokenizer module lost it)
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
-    table = []
-    for i in range(tok.vocab_size):
-        piece = tok.tokenizer.id_to_token(i)
-        if piece is None or i in special:
-            table.append(b"")
-        elif byte_level and all(ch in decoder for ch in piece):
-            table.append(bytes(decoder[ch] for ch in piece))
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
-            table.append(bytes([int(piece[3:5], 16)]))
-        else:  # SentencePiece pieces mark a leading space with U+2581
-            table.append(piece.replace("\u2581", " ").encode("utf-8"))
-    return table
+    """The bytes each token id stands for (`LoadedTokenizer.token_bytes`, built once per tokenizer)."""
+    return tok.token_bytes
 
 
 class IncrementalRouter:

@@ -86,6 +86,31 @@ class LoadedTokenizer:
         enc = self.tokenizer.encode("a", add_special_tokens=True)
         return bool(enc.ids) and enc.ids[-1] == self.eos_id and enc.special_tokens_mask[-1] == 1
 
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for (exact for byte-level BPE; per-token decode otherwise); the
+        c-BTM router reads tokens through it and the server spells partial characters with it."""
+        spec = json.loads(self.tokenizer.to_str())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        # GPT-2's reversible byte <-> printable-character table, in which byte-level BPE spells its tokens:
+        # transformers' own rather than a copy (5.x keeps it here; the GPT-2 tokenizer module lost it)
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        decoder = {c: b for b, c in bytes_to_unicode().items()}
+        table = []
+        for i in range(self.vocab_size):
+            piece = self.tokenizer.id_to_token(i)
+            if piece is None or i in special:
+                table.append(b"")
+            elif byte_level and all(ch in decoder for ch in piece):
+                table.append(bytes(decoder[ch] for ch in piece))
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+                table.append(bytes([int(piece[3:5], 16)]))
+            else:  # SentencePiece pieces mark a leading space with U+2581
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """As `AutoTokenizer(texts)` would: with the tokenizer's own special tokens, never truncated."""
         try:
