@@ -445,3 +445,31 @@ def test_compiled_loss_and_fused_adamw_train_the_same_model(shards_dir, tmp_path
     loss = [json.loads(x)["loss"] for x in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x)["loss"] for x in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
     assert loss == pytest.approx(want, rel=1e-3)
+
+
+def test_a_last_step_that_breaks_the_weights_is_a_divergence_not_a_result(shards_dir, tmp_path):
+    """The logged loss is computed before the step's update: a step whose gradient makes the weights
+    NaN still logs a finite loss. On the last step nothing would log the NaN that follows, and the
+    broken weights were saved as the run's model (a sweep's expert at LR 300 did)."""
+    from elmforest.train.callbacks import Callback, DivergenceGuard
+    from elmforest.utils.errors import Diverged
+
+    class BreakLastStep(Callback):
+        def on_log(self, trainer, m):
+            if trainer.step == trainer.end:  # after the guard has read this log line
+                with torch.no_grad():
+                    next(trainer.model.parameters()).view(-1)[0] = float("nan")
+
+    cfg = tiny_config(shards_dir, steps=4, log_every=2, ckpt_every=0)
+    with pytest.raises(Diverged, match="weights are not finite after step 4"):
+        train(cfg, tmp_path / "run", False, [BreakLastStep()])
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")  # nothing to resume into a result
+
+    class Stub:
+        run_dir = "r"
+
+    guard = DivergenceGuard()
+    guard.on_log(Stub(), {"step": 3, "loss": 2.0, "grad_norm": None})  # no clipping: no norm to check
+    with pytest.raises(Diverged, match="grad_norm is nan at step 3"):
+        guard.on_log(Stub(), {"step": 3, "loss": 2.0, "grad_norm": float("nan")})

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from elmforest.config import ModelConfig
 from elmforest.model.presets import llama_kwargs
-from elmforest.utils.errors import NotFound, UserError
+from elmforest.utils.errors import NonFiniteWeights, NotFound, UserError
 from elmforest.utils.io import read_json
 
 WEIGHTS = "model.safetensors"
@@ -195,7 +195,9 @@ def load_model(
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             where = files.get(name, files.get("", d / WEIGHTS_INDEX))
-            raise UserError(f"{where}: tensor {name} holds non-finite values (NaN or inf): corrupt weights")
+            raise NonFiniteWeights(
+                f"{where}: tensor {name} holds non-finite values (NaN or inf): corrupt or diverged weights"
+            )
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         raise UserError(
             f"{d}: model has {model.get_input_embeddings().num_embeddings} embeddings but the "

@@ -37,12 +37,23 @@ class Callback:
 
 
 class DivergenceGuard(Callback):
-    """A non-finite loss ends the run before it is logged or checkpointed (the loss is averaged over
-    processes, so every process stops at the same step)."""
+    """A non-finite loss or gradient norm ends the run before it is logged or checkpointed (both are the
+    same on every process, so every process stops at the same step). The logged loss was computed
+    before the step's update, so a step whose gradient broke the weights shows a finite loss: on the
+    last step nothing would log the NaN that follows, and the broken weights would be saved as the
+    run's result (a sweep's expert at a too-high LR did). The weights are checked before the last
+    checkpoint for that reason."""
 
     def on_log(self, trainer, m):
-        if not math.isfinite(m["loss"]):
-            raise Diverged(f"{trainer.run_dir}: loss is {m['loss']} at step {m['step']}; lower optim.lr?")
+        for key in ("loss", "grad_norm"):
+            if m.get(key) is not None and not math.isfinite(m[key]):
+                raise Diverged(f"{trainer.run_dir}: {key} is {m[key]} at step {m['step']}; lower optim.lr?")
+
+    def on_step_end(self, trainer, is_last):
+        if is_last and not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
+            raise Diverged(
+                f"{trainer.run_dir}: the weights are not finite after step {trainer.step}; lower optim.lr?"
+            )
 
 
 class Checkpointer(Callback):

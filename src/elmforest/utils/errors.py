@@ -29,6 +29,11 @@ class Diverged(ElmforestError, FloatingPointError):
     """Training or evaluation produced a non-finite loss."""
 
 
+class NonFiniteWeights(UserError, Diverged):
+    """Saved weights hold NaN or inf: a corrupt file, or a run that trained past its divergence (a sweep
+    takes such a point as diverged, as it takes a non-finite loss)."""
+
+
 class Failed(ElmforestError, RuntimeError):
     """Work that could not be completed (a job that failed after retries, a locked run directory)."""
 
