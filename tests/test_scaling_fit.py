@@ -169,6 +169,38 @@ def test_an_out_of_range_forest_is_reported_as_such_by_the_bootstrap():
         assert b["status"] == "below_range" and b["frac_below_range"] == 1.0 and b["ci"] == [0.0, 0.0]
 
 
+def test_a_dense_curve_that_does_not_fall_gives_no_multiplier_and_no_verdict(tmp_path):
+    """Out-of-domain BPB that rises with dense compute (a study's tiny run did: 5.71, 5.71, 6.28, 7.30)
+    fits a flat curve (alpha 0, R^2 < 0); reading compute off it called a forest WORSE than dense at
+    the same budget "> the largest dense budget" and the claim "holds"."""
+    from elmforest.study.analysis import findings
+    from elmforest.study.config import StudyConfig
+    from elmforest.study.report import plot_multiplier
+
+    rng = np.random.default_rng(3)
+    rising = [5.71, 5.708, 6.276, 7.298]
+    runs = [
+        {"arm": "dense", "budget": b, "seed": s, "flops": b * 1e9, "bpb": {"ood": v + rng.normal(0, 0.01)}}
+        for b, v in zip((0.5, 1.0, 2.0, 4.0), rising, strict=True)
+        for s in (0, 1)
+    ] + [
+        {"arm": "btm", "budget": b, "seed": s, "flops": b * 1e9, "bpb": {"ood": v + 0.006}}
+        for b, v in zip((0.5, 1.0, 2.0), rising, strict=False)
+        for s in (0, 1)
+    ]
+    res = bootstrap_multiplier(runs, "btm", n_boot=20, seed=1)
+    assert PowerLawFit.from_dict(res["dense_fit"]).flat()
+    for b in res["budgets"]:
+        assert (b["status"], b["value"], b["ci"]) == ("no_fit", None, None)
+        assert b["text"].startswith("no multiplier: the dense curve")
+    fits = {"in_domain": None, "ood": {**res, "ci_level": 0.9}, "ci": 0.9}
+    assert {f["verdict"] for f in findings(fits, StudyConfig())} == {"not shown"}
+    plot_multiplier(fits, tmp_path / "m.png")  # nothing to draw is no error
+    assert (tmp_path / "m.png").stat().st_size > 0
+    falling = make_runs(rng, "dense", BUDGETS)  # and a curve that falls is no such case
+    assert fit_power_law([r["flops"] for r in falling], [macro_bpb(r) for r in falling]).flat() is None
+
+
 def test_a_replicate_whose_fit_fails_is_skipped_and_counted(monkeypatch):
     rng = np.random.default_rng(10)
     runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e14])

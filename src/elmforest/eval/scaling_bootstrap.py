@@ -139,7 +139,28 @@ def bootstrap_multiplier(
     domains, B, flops, points, paired = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
     forest_pts = sorted((p for p in points if p[0] == forest_arm), key=lambda p: flops[points[p]].mean())
     full = _full_fit(B, flops, points, dense_arm, delta)
-    reps, n_failed = {p: [] for p in forest_pts}, 0
+    reps, n_failed, flat = {p: [] for p in forest_pts}, 0, full.flat()
+    head = dict(domains=domains, n_boot=n_boot, n_failed=n_failed, ci_level=ci, seed=seed, delta=delta)
+    if flat:  # no multiplier to bound: each budget says why instead
+        ans = {"forest_arm": forest_arm, "dense_arm": dense_arm, **head, "dense_fit": full.to_dict()}
+        ans["budgets"] = [
+            {
+                "budget": p[1],
+                "flops": float(flops[points[p]].mean()),
+                "bpb": float(B[points[p]].mean()),
+                "n_seeds": int(points[p].size),
+                "value": None,
+                "status": "no_fit",
+                "text": f"no multiplier: the dense curve {flat}",
+                "dense_compute": None,
+                "ci": None,
+                "ci_includes_1": False,
+                "frac_above_range": None,
+                "frac_below_range": None,
+            }
+            for p in forest_pts
+        ]
+        return ans
     for fit, m, pick in _replicate_fits(
         B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, paired
     ):

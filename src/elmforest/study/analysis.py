@@ -205,7 +205,9 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
             continue
         for m in table["budgets"]:
             claim = f"BTM ({label}, {m['budget']:g}x budget): the forest equals a dense LM trained with more compute"
-            if m["ci"] is None:
+            if m["status"] == "no_fit":
+                ev, v = m["text"], "not shown"
+            elif m["ci"] is None:
                 ev, v = f"{m['text']}; no bootstrap replicate could be fitted", "not shown"
             else:
                 lo, hi = m["ci"]

@@ -63,29 +63,44 @@ def plot_multiplier(fits: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (where, label), dx in zip(
-        (("in_domain", "in domain"), ("ood", "out of domain")), (0.97, 1.03), strict=True
+    for (where, label), dx, color in zip(
+        (("in_domain", "in domain"), ("ood", "out of domain")), (0.97, 1.03), ("C0", "C1"), strict=True
     ):
         t = fits.get(where)
         if not t:
             continue
-        bs = [m for m in t["budgets"] if m["ci"] is not None]
-        if not bs:
-            continue
-        x = np.array([m["budget"] for m in bs]) * dx
-        y = np.array([np.nan if m["value"] is None else m["value"] for m in bs], dtype=float)
-        finite = [v for m in bs for v in m["ci"] if np.isfinite(v)]
-        top = 10 * max([1.0, *finite])  # an unbounded interval is drawn to the top
-        lo = np.array([min(m["ci"][0], top) for m in bs])
-        hi = np.array([min(m["ci"][1], top) for m in bs])
-        mid = np.clip(np.where(np.isfinite(y), y, (lo + hi) / 2), lo, hi)
-        ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="o-", capsize=4, label=label)
+        # a measured multiplier with its interval (an unbounded end drawn to the top); a budget whose
+        # equivalent dense compute lies outside the dense budgets only as the bound it is known to pass
+        # (a triangle pointing away); one with no multiplier (unreachable, a flat dense fit) not at all
+        bs = [m for m in t["budgets"] if m["status"] == "ok" and m["ci"] is not None]
+        fit = t["dense_fit"]
+        edge = {"above_range": (fit["c_max"], "^"), "below_range": (fit["c_min"], "v")}
+        if bs:
+            x = np.array([m["budget"] for m in bs]) * dx
+            y = np.array([m["value"] for m in bs], dtype=float)
+            finite = [v for m in bs for v in m["ci"] if np.isfinite(v)]
+            top = 10 * max([1.0, *finite])
+            lo = np.array([min(m["ci"][0], top) for m in bs])
+            hi = np.array([min(m["ci"][1], top) for m in bs])
+            y = np.clip(y, lo, hi)
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=4, label=label, color=color)
+        for status, (c, marker) in edge.items():
+            out = [m for m in t["budgets"] if m["status"] == status]
+            if out:
+                ax.scatter(
+                    [m["budget"] * dx for m in out],
+                    [c / m["flops"] for m in out],
+                    marker=marker,
+                    color=color,
+                    label=f"{label}: {'>' if marker == '^' else '<'} the dense budgets' bound",
+                )
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("forest budget (x the 1x dense run)")
     ax.set_ylabel("compute multiplier (dense FLOPs / forest FLOPs)")
     ax.set_title(f"the forest's compute multiplier, {fits['ci']:.0%} CI")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     _save(fig, path)
 
 
