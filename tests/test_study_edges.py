@@ -76,6 +76,9 @@ def test_study_fields_it_would_ignore_or_misread_are_refused(sets, named):
         (["ood=[/nonexistent/ood.jsonl]"], "/nonexistent/ood.jsonl"),
         (["sweep=/nonexistent/sweep.json"], "no such file"),
         (["domain_counts=[2, 16]"], "the corpus has 8"),
+        # budgets that train the same steps (or fewer than 4) would each record a budget that never ran
+        (["steps=16", "dense_budgets=[0.05, 0.1, 1, 2]"], "0.05x -> 4, 0.1x -> 4"),
+        (["steps=8", "forest_budgets=[0.5, 1.0, 1.05]"], "1x -> 8, 1.05x -> 8"),
     ],
 )
 def test_dry_run_checks_what_the_study_would_refuse(capsys, sets, named):

@@ -17,6 +17,7 @@ import copy
 from pathlib import Path
 
 from elmforest.launch.sweep import sweep
+from elmforest.study.run import budget_steps
 
 
 def cbtm_key(fraction: float, cfg) -> float | str:
@@ -53,7 +54,7 @@ def budget_lrs(
     result = {}
     for key, b, root, both, tag in todo:
         c = copy.deepcopy(base)
-        c.train.steps = max(4, round(b * steps_1x))
+        c.train.steps = budget_steps(b, steps_1x)
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
         where = out / "sweeps" / tag

@@ -86,7 +86,28 @@ def plan_batch(cfg: StudyConfig, base: RunConfig, names: list[str]) -> int:
             f"the batch ({batch} sequences, a multiple of the {len(names)} domains) does not divide among "
             f"cbtm_ks {cfg.cbtm_ks}: set train.batch_size to a multiple of each"
         )
+    check_budget_steps(cfg, cfg.steps or base.train.steps)
     return batch
+
+
+def budget_steps(budget: float, steps_1x: int) -> int:
+    return max(4, round(budget * steps_1x))
+
+
+def check_budget_steps(cfg: StudyConfig, steps_1x: int) -> None:
+    """Budgets must be the runs they name: one under 4 steps trains 4, and two that round to the same
+    steps train the same run twice; both would record a budget that never ran and leave the fit fewer
+    distinct computes than it needs, found only after every run had trained."""
+    for name in ("dense_budgets", "forest_budgets"):
+        steps = {b: budget_steps(b, steps_1x) for b in sorted(set(getattr(cfg, name)))}
+        short = [b for b in steps if b * steps_1x < 3.5]
+        if short or len(set(steps.values())) < len(steps):
+            shown = ", ".join(f"{b:g}x -> {n}" for b, n in steps.items())
+            raise UserError(
+                f"invalid study config: {name}: at 1x = {steps_1x} steps they train {shown} steps; "
+                + ("a budget under 4 steps trains 4, " if short else "")
+                + "budgets must train different numbers of steps (raise steps or spread the budgets)"
+            )
 
 
 def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
@@ -103,7 +124,7 @@ def point_plan(
     main-axis point's LRs to its budget's and a c-BTM point's to its data fraction's (the other axes run
     at 1x with the 1x LRs, already in `base`/`cfg`)."""
     c = copy.deepcopy(base)
-    c.train.steps = max(4, round(p.budget * steps_1x))
+    c.train.steps = budget_steps(p.budget, steps_1x)
     c.train.seed = p.seed
     c.data.domains = None
     expert_lr = cfg.expert_lr
