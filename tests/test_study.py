@@ -179,8 +179,11 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert {p for p in scores if now[p] != scores[p]} == set(stale)  # only those were scored again
     scores = now
 
+    capsys.readouterr()
     assert main([*argv, "--analyse-only", "--set", "n_boot=150"]) == 0  # fits again from study.json
     assert json.loads((out / "fits.json").read_text())["n_boot"] == 150
+    assert "need a full run" not in capsys.readouterr().out  # the LRs it chose are no change of config
+    assert study["config"]["expert_lr"] is None and study["batch_size"] == 6
     assert _summaries(out) == after
 
     assert main([*argv, "--set", "steps=20"]) == 2  # would change the runs already trained

@@ -117,3 +117,17 @@ def test_analyse_only_says_which_changes_it_leaves_for_a_full_run(tmp_path, monk
     lines.clear()
     study.run_study("tiny", tmp_path, ["steps=99"], analyse_only=True, log=lines.append)
     assert not lines  # nothing but n_boot/ci differs: nothing to say
+
+
+def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):
+    from elmforest.study.study import reanalyse
+
+    cfg = load_study_config("tiny").to_dict()
+    run = {"axis": "main", "arm": "dense", "budget": 1.0, "seed": 0, "flops": 1.0, "bpb": {"a": 1.0}}
+    for study, named in (
+        ({"config": {**cfg, "bogus": 1}, "runs": [run], "steps_1x": 16}, "bogus"),
+        ({"config": cfg, "runs": [], "steps_1x": 16}, "no config or no runs"),
+    ):
+        (tmp_path / "study.json").write_text(json.dumps(study))
+        with pytest.raises(UserError, match=named):
+            reanalyse(tmp_path, log=lambda *a: None)

@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from elmforest.config import apply_overrides
+from elmforest.config import apply_overrides, from_dict
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
@@ -178,7 +178,9 @@ def reanalyse(out: str | Path, log=print) -> dict:
     if not (out / "study.json").is_file() or "steps_1x" not in read_json(out / "study.json"):
         raise UserError(f"{out}: no finished study (study.json) to analyse again; run the study first")
     study = read_json(out / "study.json")
-    cfg = StudyConfig(**study["config"])
+    if not isinstance(study.get("config"), dict) or not study.get("runs"):
+        raise UserError(f"{out}/study.json: no config or no runs to analyse; run the study again")
+    cfg = from_dict(StudyConfig, study["config"], where=f" ({out}/study.json)")
     fits = analyse(study["runs"], cfg)
     _write_fits(out, study, fits, log)
     return fits
@@ -231,7 +233,7 @@ def run_study(
             f"({', '.join(data.names) or 'none'}); a forest needs >= 2 to compare with a dense LM"
         )
     points = plan_points(cfg, data.names)
-    plan_batch(cfg, base, data.names)
+    batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
     if executor == "ray":
         ex, threads = (
             make_executor("ray", address, cpus_per_job, gpus_per_job),
@@ -247,6 +249,7 @@ def run_study(
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
     dense_lr, expert_lr, lr_source = _learning_rates(cfg, base, lrs)
+    given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
     cfg.expert_lr = expert_lr
     log(
@@ -272,17 +275,15 @@ def run_study(
         record(p, "cbtm", runs_dir / c.tag, s["btm"], k=c.k, balance=c.balance, routing=r)
         for (p, c, r), s in zip(cb, scores[len(points) :], strict=True)
     ]
-    write_json_atomic(
-        out / "study.json", strict_json({"config": cfg.to_dict(), "runs": recs})
-    )  # kept if a fit fails
+    write_json_atomic(out / "study.json", strict_json({"config": given, "runs": recs}))  # kept if a fit fails
     fits = analyse(recs, cfg)
     first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
     one_x = [r for r in recs if r["axis"] == "main" and r["budget"] == 1.0 and r["arm"] == "dense"]
-    tokens_1x = one_x[0]["tokens"] if one_x else steps_1x * base.train.tokens_per_step
+    tokens_1x = one_x[0]["tokens"] if one_x else steps_1x * batch * base.train.grad_accum * base.train.seq_len
     study = {
-        "config": cfg.to_dict(),
+        "config": given,
         "steps_1x": steps_1x,
-        "batch_size": base.train.batch_size,
+        "batch_size": batch,
         "seq_len": base.train.seq_len,
         "dense_lr": dense_lr,
         "expert_lr": expert_lr,
