@@ -131,3 +131,17 @@ def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):
         (tmp_path / "study.json").write_text(json.dumps(study))
         with pytest.raises(UserError, match=named):
             reanalyse(tmp_path, log=lambda *a: None)
+
+
+def test_a_second_study_in_the_same_folder_is_refused_at_once(tmp_path, capsys):
+    """Two studies into one --out prepared the same data side by side and then both failed on the
+    runs' locks; the second is now refused before it does anything."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".study.lock", "a") as held:  # as the first study holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["study", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "another study is running in this folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".study.lock"]  # nothing prepared

@@ -33,7 +33,7 @@ from elmforest.study.run import (
 )
 from elmforest.study.score import score_all, score_job
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import held_lock, read_json, write_json_atomic
 
 # the fields that shape runs already trained: changing them in an existing study is refused
 IDENTITY = (
@@ -187,6 +187,32 @@ def reanalyse(out: str | Path, log=print) -> dict:
 
 
 def run_study(
+    source: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple = (),
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_job: float = 1.0,
+    gpus_per_job: float = 0.0,
+    progress: bool = True,
+    log=None,
+    every: float = 30.0,
+    analyse_only: bool = False,
+) -> dict:
+    """One study at a time in a folder: a second one started beside it would prepare the same data and
+    train the same runs, and fail later on their run locks; it is refused at once instead."""
+    args = dict(locals())
+    out = Path(out)
+    if analyse_only and not out.is_dir():
+        return _run_study(**args)  # which says there is no study there
+    load_study_config(source, overrides)  # a bad config leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    busy = f"{out}: another study is running in this folder; wait for it, or give this one another --out"
+    with held_lock(out / ".study.lock", busy):
+        return _run_study(**args)
+
+
+def _run_study(
     source: str | Path,
     out: str | Path,
     overrides: list[str] | tuple = (),

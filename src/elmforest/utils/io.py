@@ -179,6 +179,22 @@ def undone_on_failure(tmp: str | os.PathLike, dst: str | os.PathLike) -> Iterato
 
 
 @contextmanager
+def held_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, or fail at once with `busy` when another process
+    holds it (the kernel drops a killed holder's lock: no stale lock files to clean)."""
+    import fcntl
+
+    from elmforest.utils.errors import Failed
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Failed(busy) from None
+        yield
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
