@@ -155,6 +155,11 @@ def test_temporaries_of_dead_processes_are_cleaned_by_the_next_write(tmp_path):
     (old / "w").write_text("only copy")
     clean_stale(tmp_path)
     assert (gone / "w").read_text() == "only copy"
+    # a killed stage folder's own staging copy is cleaned with the destination it was for
+    nested = tmp_path / f"..seed.stage~{HOST}~{dead}.tmp~{HOST}~{dead}"
+    nested.mkdir()
+    clean_stale(tmp_path, "seed")
+    assert not nested.exists()
 
 
 def test_a_full_disk_leaves_nothing_behind_and_names_the_file(shards_dir, tmp_path, monkeypatch):

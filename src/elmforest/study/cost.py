@@ -85,7 +85,8 @@ def format_cost(cfg: StudyConfig, c: dict, n_domains: int) -> str:
     return (
         f"study {cfg.preset} on {n_domains} domains: {u['total']:.1f} D of training ({parts}); "
         f"D = one 1x dense run = {c['steps_1x']:,} steps = {c['tokens_per_D']:,} tokens = "
-        f"{c['tokens_per_D'] * c['flops_per_token']:.3g} FLOPs ({c['parameters']:,} parameters, "
+        f"{c['tokens_per_D'] * c['flops_per_token']:.3g} FLOPs ({c['parameters']:,} parameters with the "
+        f"preset's {get_preset(cfg.preset).vocab_size:,}-token vocabulary, "
         f"{c['flops_per_token']:,} FLOPs/token); {c['training_flops']:.3g} training FLOPs in all; "
         f"at {c['mfu_assumed']:.0%} of the bf16 peak: {hours} (scoring and clustering not included)"
     )

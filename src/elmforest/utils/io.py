@@ -103,7 +103,10 @@ def clean_stale(parent: str | os.PathLike, name: str | None = None, restore_only
         return done
     for p in entries:
         t = parse_temp(p.name)
-        if t is None or (name is not None and t["name"] != name) or t["host"] != HOST or pid_alive(t["pid"]):
+        # a temporary of a temporary (a stage folder's own staging copy) belongs to the innermost name
+        inner = t and t["name"] and parse_temp(t["name"])
+        owner = inner["name"] if inner else t and t["name"]
+        if t is None or (name is not None and owner != name) or t["host"] != HOST or pid_alive(t["pid"]):
             continue
         if t["tag"] == "old" and t["name"] and not (parent / t["name"]).exists():
             try:
