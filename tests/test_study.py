@@ -29,6 +29,8 @@ from elmforest.utils.errors import UserError
         (["dense_budgets=[1, 2, 3, 4]"], "spanning >= 8x"),
         (["forest_budgets=[0.5, 1, 8]"], "forest_budgets"),
         (["seeds=[0]"], "seeds"),
+        (["cbtm_ks=[]", "cbtm_balance=[tokens]"], "cbtm_balance"),  # with the c-BTM axis off too
+        (["cbtm_ks=[]", "cbtm_data=[0, 2]"], "cbtm_data"),
         (["seed_share=1.5"], "seed_share"),
         (["n_boot=abc"], "n_boot"),
         (["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "expert_lr_grid"),

@@ -96,14 +96,14 @@ class StudyConfig:
             bad.append("seed_share and seed_shares must be in (0, 1)")
         if any(n < 2 for n in self.domain_counts):
             bad.append(f"domain_counts {self.domain_counts}: each >= 2")
-        if self.cbtm_ks:
-            data = sorted(set(self.cbtm_data))
-            if any(k < 2 for k in self.cbtm_ks):
-                bad.append(f"cbtm_ks {self.cbtm_ks}: each >= 2 (k = 1 is the dense run, always there)")
-            if not all(0 < f <= 1 for f in data) or len(data) < 3 or data[-1] / data[0] < 4:
-                bad.append(f"cbtm_data {self.cbtm_data}: >= 3 fractions in (0, 1] spanning >= 4x")
-            if not self.cbtm_balance or not set(self.cbtm_balance) <= {"documents", "bytes"}:
-                bad.append(f"cbtm_balance {self.cbtm_balance}: documents and/or bytes")
+        data = sorted(set(self.cbtm_data))  # values are checked with the c-BTM axis off too: a typo
+        # there is a typo still when the axis is turned back on
+        if any(k < 2 for k in self.cbtm_ks):
+            bad.append(f"cbtm_ks {self.cbtm_ks}: each >= 2 (k = 1 is the dense run, always there)")
+        if not all(0 < f <= 1 for f in data) or (self.cbtm_ks and (len(data) < 3 or data[-1] / data[0] < 4)):
+            bad.append(f"cbtm_data {self.cbtm_data}: >= 3 fractions in (0, 1] spanning >= 4x")
+        if (self.cbtm_ks and not self.cbtm_balance) or not set(self.cbtm_balance) <= {"documents", "bytes"}:
+            bad.append(f"cbtm_balance {self.cbtm_balance}: documents and/or bytes")
         if bool(self.lr_grid) != bool(self.expert_lr_grid):
             bad.append(
                 "lr_grid and expert_lr_grid: give both (a sweep at every budget tunes both arms) or neither"
