@@ -304,6 +304,12 @@ def test_a_study_saved_before_a_field_existed_resumes(tmp_path):
     _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, "seeds=[0, 1, 2]"]))  # seeds added
     with pytest.raises(UserError, match="seeds"):
         _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, "seeds=[5, 0, 1]"]))
+    # the same overrides in another order are the same runs; another value is not
+    ov = load_study_config("tiny").overrides
+    _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, f"overrides={ov[::-1]}"]))
+    with pytest.raises(UserError, match="overrides"):
+        bigger = [o.replace("batch_size=4", "batch_size=8") for o in ov]
+        _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, f"overrides={bigger}"]))
 
 
 def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, monkeypatch):

@@ -62,6 +62,11 @@ def strict_json(obj):
     return obj
 
 
+def _settings(overrides) -> dict:
+    """What `key=value` overrides set, the last of a key winning, as apply_overrides applies them."""
+    return {str(o).partition("=")[0].strip(): str(o).partition("=")[2].strip() for o in overrides or ()}
+
+
 def _check_identity(out: Path, cfg: StudyConfig) -> None:
     path = out / "study_config.json"
     if path.is_file():
@@ -69,6 +74,8 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
         defaults = StudyConfig()
         old = {k: saved.get(k, getattr(defaults, k)) for k in (*IDENTITY, "seeds")}  # a field added since
         diff = [k for k in IDENTITY if old[k] != getattr(cfg, k)]
+        if "overrides" in diff and _settings(old["overrides"]) == _settings(cfg.overrides):
+            diff.remove("overrides")  # the same settings in another order (or one repeated): the same runs
         if cfg.lr_grid and old["seeds"][:1] != cfg.seeds[:1]:
             diff.append("seeds")  # the first seed is the LR sweeps' (study/lrs.py)
         if diff:
