@@ -285,6 +285,23 @@ def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
         ElmforestLM(forest=str(tmp_path))
 
 
+def test_unused_prior_data_and_duplicate_experts_are_refused(forest_dir, shards_dir):
+    f, data = str(forest_dir), str(shards_dir)
+    with pytest.raises(UserError, match="prior_data is only used with prior=cached"):
+        ElmforestLM(forest=f, prior_data=data)
+    with pytest.raises(UserError, match="mode=cluster routes by the clusterer"):
+        ElmforestLM(forest=f, mode="cluster", prior="cached", prior_data=data)
+    with pytest.raises(UserError, match="experts named more than once: code"):
+        ElmforestLM(forest=f, experts="code+code+legal")
+
+
+def test_topk_from_a_uniform_prior_says_the_choice_is_a_tie(forest_dir, capsys):
+    lm = ElmforestLM(forest=str(forest_dir), mode="topk", k=2, precision="fp32")
+    err = capsys.readouterr().err
+    assert "uniform prior: the experts tie" in err and "prior=cached" in err
+    assert ", ".join(lm.lm.names) in err
+
+
 def test_an_unreachable_hub_runs_lm_eval_offline_and_says_so(monkeypatch, capsys):
     """Offline, the Hub client retries each request for about 25 s before failing: the command probes the
     Hub's host first and, when it does not answer, runs offline; a user's own setting is left alone."""

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from elmforest.clients import report_cli
 from elmforest.clients.report import render_report, write_report
 from elmforest.utils.argtypes import group
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import AlreadyExists, UserError
 
 IN_TABLES = ["results-in-domain", "priors-in-domain", "lineage-forest-table", "runs-forest", "ledger-forest"]
 QS_TABLES = [*IN_TABLES, "results-out-of-domain", "priors-out-of-domain", "arms", "protocol-table"]
@@ -231,6 +231,31 @@ def test_the_verb_and_its_errors(qs_dir, tmp_path):
     (tmp_path / "bad" / "results.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a quickstart results file"):
         render_report(tmp_path / "bad")
+
+
+def test_out_replaces_only_an_earlier_report_and_names_what_is_wrong(qs_dir, tmp_path):
+    app = group("test")
+    report_cli.register(app)
+    app.callback()(lambda: None)
+
+    def refused(out, match):
+        res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out)])
+        assert res.exit_code != 0 and isinstance(res.exception, UserError | AlreadyExists), res.output
+        assert re.search(match, str(res.exception)), str(res.exception)
+
+    manifest = tmp_path / "forest.json"
+    manifest.write_text('{"experts": []}')
+    fake = tmp_path / "notes.html"
+    fake.write_text("my own notes")
+    for p in (manifest, fake):
+        refused(p, "not an earlier HTML report")
+    assert manifest.read_text() == '{"experts": []}' and fake.read_text() == "my own notes"
+    refused(tmp_path / "forest.json" / "x.html", r"forest.json is not a folder")
+    refused("", "--out is empty")
+    out = tmp_path / "page.html"
+    for _ in range(2):  # an earlier report is replaced
+        res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out)])
+        assert res.exit_code == 0, res.output
 
 
 # -- in a real browser ------------------------------------------------------------------------------

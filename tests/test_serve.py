@@ -453,6 +453,25 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
     )
 
 
+def test_a_prompt_past_what_the_context_can_hold_is_refused_before_tokenizing(served, monkeypatch):
+    from elmforest.clients.server_api import max_prompt_bytes
+
+    lm, bg, c = served
+
+    def encode(text, encode=lm.encode):
+        assert len(text) < 1000, "a prompt too long for the context was tokenized"
+        return encode(text)
+
+    monkeypatch.setattr(lm, "encode", encode)
+    for prompt in ("x" * (max_prompt_bytes(lm) + 1), ["the", "\u00e9" * 10**6]):
+        r = httpx.post(bg.url + "/v1/completions", json={"model": "f", "prompt": prompt}, timeout=30)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"], err["code"]) == (400, "prompt", "context_length_exceeded"), (
+            r.text
+        )
+        assert "bytes" in err["message"]
+
+
 def test_a_bug_is_an_openai_shaped_500_and_a_dead_engine_fails_health(served, forest_dir, monkeypatch):
     lm, bg, c = served
 
@@ -574,3 +593,98 @@ def test_logprob_tokens_inside_a_utf8_character_are_spelled_as_bytes(tokenizer_d
         raw = bytes.fromhex(shown[len("bytes:") :].replace("\\x", ""))
         assert tok.tokenizer.decode_batch([[i]])[0] == raw.decode("utf-8", "replace")
     assert len({token_text(tok, i) for i in partial}) == len(partial)  # distinct, unlike "\ufffd"
+
+
+def test_a_diverged_expert_is_an_error_not_empty_text_nor_a_torch_traceback(forest_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from elmforest.utils.errors import Diverged
+
+    bad = tmp_path / "fbad"
+    shutil.copytree(forest_dir, bad)
+    weights = Forest.load(bad).expert_dir("legal") / "model.safetensors"
+    huge = {  # finite weights, far too big (the embedding kept: its rows must differ to overflow)
+        k: v if "embed" in k else torch.full_like(v, 8.4e37) for k, v in load_file(weights).items()
+    }
+    save_file(huge, weights, metadata={"format": "pt"})
+    for t in (0.0, 1.0):
+        with pytest.raises(Diverged, match="legal: non-finite log-probabilities"):
+            generate(bad, "the", max_new_tokens=3, temperature=t, device="cpu", precision="fp32")
+    bg = Background(create_app(open_lm(bad, device="cpu", precision="fp32"), name="f"))
+    try:
+        for t in (0, 1):
+            body = {"model": "f", "prompt": "the", "max_tokens": 3, "temperature": t}
+            r = httpx.post(bg.url + "/v1/completions", json=body, timeout=30)
+            assert r.status_code == 500 and "corrupt or diverged weights" in r.json()["error"]["message"], (
+                r.text
+            )
+    finally:
+        bg.close()
+
+
+def test_a_token_id_prompt_opening_with_eos_gets_no_second_eos(forest_dir):
+    expert = Forest.load(forest_dir).expert_dir("code")
+    lm = open_lm(expert, device="cpu", precision="fp32")
+    bg = Background(create_app(lm, name="solo"))
+    try:
+        ids = [lm.eos_id, *lm.encode("def return self")]
+        body = {
+            "model": "solo",
+            "prompt": ids,
+            "max_tokens": 4,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 1,
+        }
+        r = httpx.post(bg.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+        m, seq = load_model(expert).eval(), list(ids)
+        with torch.no_grad():  # transformers on the sequence as sent: one EOS in front
+            lp = torch.log_softmax(m(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+            for _ in range(4):
+                seq.append(int(m(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == lm.eos_id:
+                    break
+        want = [lp[i - 1, t].item() for i, t in enumerate(ids) if i]
+        assert r["logprobs"]["token_logprobs"][0] is None
+        assert r["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
+        new = [t for t in seq[len(ids) :] if t != lm.eos_id]
+        assert r["text"] == lm.tok.decode(ids) + lm.tok.decode(new)
+    finally:
+        bg.close()
+
+
+def test_any_integer_seed_samples_as_the_server_reduces_it(forest_dir):
+    def sample(seed):
+        return generate(
+            forest_dir, "the", 5, temperature=1.0, seed=seed, device="cpu", precision="fp32"
+        ).token_ids
+
+    assert sample(2**64 + 7) == sample(7)  # past 64 bits: reduced mod 2**63, not an overflow
+
+
+def test_a_port_in_use_is_named_before_the_models_load(forest_dir, monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from elmforest.clients import serve_cli
+    from elmforest.forest import lm as lm_module
+    from elmforest.utils.argtypes import group
+    from elmforest.utils.errors import UserError
+
+    def no_load(*a, **kw):
+        raise AssertionError("the models loaded before the port was checked")
+
+    monkeypatch.setattr(lm_module, "open_lm", no_load)
+    app = group("test")
+    serve_cli.register(app)
+    app.callback()(lambda: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(app, ["serve", "--forest", str(forest_dir), "--port", str(port)])
+    assert isinstance(res.exception, UserError), res.output
+    assert f"127.0.0.1:{port}" in str(res.exception) and "another --port" in str(res.exception)

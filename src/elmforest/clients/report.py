@@ -21,6 +21,7 @@ from elmforest.clients.report_data import Sources, forest_runs, lineage, locate,
 from elmforest.clients.report_html import absent, bullets, esc, image, page, para, section, slug, table
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark
 from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, write_text_atomic
 
 SETS = (("in_domain", "methods", "in-domain"), ("ood", "ood_methods", "out-of-domain"))
@@ -28,9 +29,40 @@ SETS = (("in_domain", "methods", "in-domain"), ("ood", "ood_methods", "out-of-do
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of the quickstart or forest dir `path` to `out` (default: path/report.html)."""
-    out = Path(out) if out is not None else Path(path) / "report.html"
+    out = check_out(out if out is not None else Path(path) / "report.html")  # before rendering
     write_text_atomic(out, render_report(path))
     return out
+
+
+def check_out(out: str | Path) -> Path:
+    """`out` as a Path, or a UserError saying why it must not be written. Only an earlier report may be
+    replaced: `--out forest/forest.json` once replaced a forest's manifest with HTML."""
+    if not str(out).strip():
+        raise UserError("--out is empty; give the HTML file to write (e.g. report.html)")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the HTML file to write (e.g. {out / 'report.html'})")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a folder")
+    if out.exists() and not _is_html(out):
+        raise AlreadyExists(
+            f"--out {out}: exists and is not an earlier HTML report; refusing to replace it "
+            "(remove it, or choose another --out)"
+        )
+    return out
+
+
+def _is_html(p: Path) -> bool:
+    """An earlier report (or another HTML page): named .html/.htm and starting like HTML."""
+    if p.suffix.lower() not in (".html", ".htm"):
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError:
+        return False
+    return head.startswith((b"<!doctype html", b"<html"))
 
 
 def render_report(path: str | Path) -> str:

@@ -21,13 +21,6 @@ def report(
 ) -> None:
     """One self-contained HTML page about a run: results tables and plots, priors and routing
     heatmaps, the forest's lineage, training curves and the FLOPs ledger; opens offline."""
-    from pathlib import Path
-
     from elmforest.clients.report import write_report
-    from elmforest.utils.errors import UserError
 
-    if out is not None and Path(out).is_dir():  # checked before the page is rendered
-        raise UserError(
-            f"--out {out}: is a folder; give the HTML file to write (e.g. {Path(out) / 'report.html'})"
-        )
-    print(write_report(dir, out))
+    print(write_report(dir, out))  # which checks --out before the page is rendered

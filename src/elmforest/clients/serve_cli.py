@@ -77,6 +77,7 @@ def serve(
     if bool(forest) == bool(model):
         raise UserError("serve takes either --forest or --model (a forest or checkpoint directory)")
     try:
+        from elmforest.clients.server import bind
         from elmforest.clients.server import serve as run
     except ImportError as e:
         raise UserError(f"serving needs the serve extra: pip install 'elmforest[serve]' ({e})") from None
@@ -84,17 +85,22 @@ def serve(
 
     if experts is not None and not split_list(experts):
         raise UserError("--experts: no expert named; leave it out to serve every expert")
-    lm = open_lm(
-        forest or model,
-        mode,
-        k,
-        prior,
-        prior_data,
-        weighting,
-        split_list(experts),
-        device,
-        precision,
-        seq_len,
-        routing_temperature,
-    )
-    run(lm, host, port, name, max_active)
+    sock = bind(host, port)  # a port in use is said now, not after the models load
+    try:
+        lm = open_lm(
+            forest or model,
+            mode,
+            k,
+            prior,
+            prior_data,
+            weighting,
+            split_list(experts),
+            device,
+            precision,
+            seq_len,
+            routing_temperature,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    run(lm, host, port, name, max_active, sock)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import socket
 import threading
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from elmforest.clients.server_api import ApiError, CompletionRequest, parse_completion
+from elmforest.clients.server_api import ApiError, CompletionRequest, max_prompt_bytes, parse_completion
 from elmforest.clients.server_engine import END, Chunk, Engine, choice_steps, engine_stopped
 from elmforest.model.build import read_config
 from elmforest.utils.errors import UserError
@@ -161,7 +162,7 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
     """The app serving `lm` (forest/lm.py's ForestLM) as the model `name` (default: its directory's
     name). `app.state.engine` runs the model; close it with `app.state.engine.close()`."""
     name = name or lm.path.name
-    vocab = vocab_size(lm)
+    vocab, max_bytes = vocab_size(lm), max_prompt_bytes(lm)
     engine = Engine(lm, max_active)
     app = FastAPI(title="elmforest", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.model = engine, name
@@ -211,7 +212,8 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
             raise ApiError(f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError("the request body's JSON is nested too deeply") from None
-        req = parse_completion(body, lm, name, vocab)
+        # tokenizing is off the event loop: a long prompt never holds back /health or other requests
+        req = await asyncio.to_thread(parse_completion, body, lm, name, vocab, max_bytes)
         c = Completion(engine, req, name)
         if req.stream:
             return StreamingResponse(c.events(request), media_type="text/event-stream")
@@ -221,12 +223,21 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: any free one), so a caller knows the port before serving."""
+    """A listening socket (port 0: any free one), so a caller knows the port before serving, and a port
+    in use is said before the models load, not after."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        raise UserError(
+            f"cannot listen on {shown}:{port}: {e.strerror or e}; choose another --port (0: any free one)"
+            + (" or --host" if e.errno != errno.EADDRINUSE else "")
+        ) from None
     return sock
 
 
@@ -258,16 +269,21 @@ class Background:
 
 
 def serve(
-    lm, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, max_active: int = 8
+    lm,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    max_active: int = 8,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+    """Serve until interrupted (Ctrl-C); on `sock` if given (bound before loading: `bind`)."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     if lm.routing is None:  # every expert loads now: a broken checkpoint fails here, not on a request
         for j in range(len(lm.names)):
             lm.pool.model(j)
     app = create_app(lm, name, max_active)
-    sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(
         f"serving {app.state.model!r} ({lm.mode}: {', '.join(lm.names)}) at "

@@ -77,14 +77,32 @@ def _get(body: dict, key: str, default, check, what: str):
     return v
 
 
-def _encode(lm, text: str) -> Prompt:
+def max_prompt_bytes(lm) -> int:
+    """The longest prompt text (UTF-8 bytes) the context could hold: every token the longest there is,
+    twice over for a normalizer that shrinks text (accents stripped). Anything longer is refused before
+    tokenizing, which costs time in proportion to the text (24 s for 20 MB)."""
+    return 2 * lm.seq_len * max(1, *map(len, lm.tok.token_bytes))
+
+
+def _encode(lm, text: str, max_bytes: int | None = None) -> Prompt:
+    if (
+        max_bytes is not None
+        and len(text) * 4 > max_bytes
+        and len(text.encode("utf-8", "replace")) > max_bytes
+    ):
+        raise ApiError(
+            f"this model's maximum context length is {lm.seq_len} tokens, however the prompt has "
+            f"{len(text.encode('utf-8', 'replace'))} bytes, more than {lm.seq_len} tokens can hold",
+            "prompt",
+            code="context_length_exceeded",
+        )
     try:
         return Prompt(text, lm.encode(text))
     except Exception as e:  # e.g. a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise ApiError(f"the prompt cannot be tokenized: {type(e).__name__}: {e}", "prompt") from None
 
 
-def _prompts(raw, lm, vocab: int) -> list[Prompt]:
+def _prompts(raw, lm, vocab: int, max_bytes: int | None = None) -> list[Prompt]:
     """A string, a list of strings, a list of token ids or a list of lists of token ids."""
 
     def ids_prompt(ids) -> Prompt:
@@ -93,12 +111,12 @@ def _prompts(raw, lm, vocab: int) -> list[Prompt]:
         return Prompt(lm.tok.decode(ids), list(ids))
 
     if isinstance(raw, str):
-        return [_encode(lm, raw)]
+        return [_encode(lm, raw, max_bytes)]
     if isinstance(raw, list) and raw:
         if len(raw) > MAX_CHOICES and not all(_is_int(t) for t in raw):
             raise ApiError(f"at most {MAX_CHOICES} prompts per request, got {len(raw)}", "prompt")
         if all(isinstance(p, str) for p in raw):
-            return [_encode(lm, p) for p in raw]
+            return [_encode(lm, p, max_bytes) for p in raw]
         if all(_is_int(t) for t in raw):
             return [ids_prompt(raw)]
         if all(isinstance(p, list) for p in raw):
@@ -112,9 +130,12 @@ def _prompts(raw, lm, vocab: int) -> list[Prompt]:
 UNSUPPORTED = {"suffix": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
 
 
-def parse_completion(body, lm, model_name: str, vocab: int) -> CompletionRequest:
+def parse_completion(
+    body, lm, model_name: str, vocab: int, max_bytes: int | None = None
+) -> CompletionRequest:
     """The request, checked against the served model `lm` (a ForestLM, whose tokenizer alone is used
-    here: the models belong to the engine's thread) of `vocab` tokens; ApiError if anything is off."""
+    here: the models belong to the engine's thread) of `vocab` tokens; ApiError if anything is off.
+    `max_bytes`: the longest prompt text tokenized (`max_prompt_bytes`)."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     model = body.get("model")
@@ -132,7 +153,7 @@ def parse_completion(body, lm, model_name: str, vocab: int) -> CompletionRequest
             raise ApiError(f"'{key}' is not supported by this server", key)
     if "prompt" not in body:
         raise ApiError("you must provide a prompt", "prompt")
-    req = CompletionRequest(prompts=_prompts(body["prompt"], lm, vocab))
+    req = CompletionRequest(prompts=_prompts(body["prompt"], lm, vocab, max_bytes))
     req.max_tokens = _get(body, "max_tokens", 16, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     req.echo = _get(body, "echo", False, lambda v: isinstance(v, bool), "true or false")
     req.stream = _get(body, "stream", False, lambda v: isinstance(v, bool), "true or false")

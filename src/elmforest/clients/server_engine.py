@@ -232,17 +232,24 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             alts[token] = logprob  # the chosen token is always listed, with its own log-prob
         return {"token": token, "logprob": logprob, "top": alts, "offset": at}
 
+    # the document opens with EOS, put in front only when the prompt does not open with it already
+    # (a token-id prompt may): scoring and generation read the same tokens
+    lead = 1 if prompt.ids and prompt.ids[0] == lm.eos_id else 0
     if req.echo:
         tokens = []
         if n_top is not None and prompt.ids:
-            scored = lm.score([([], prompt.ids)], want_vocab=True)[0]
+            body = prompt.ids[lead:]
+            scored = lm.score([([], body)], want_vocab=True)[0] if body else None
             for i, t in enumerate(prompt.ids):
                 at = len(tok.decode(prompt.ids[:i]))
                 if i == 0:  # OpenAI's convention: the first token has no context, so no log-prob
                     tokens.append(info(t, None, None, at))
                     continue
-                v, top = scored.vocab_logprobs[i].topk(min(n_top, scored.vocab_logprobs.shape[-1]))
-                tokens.append(info(t, scored.logprobs[i], zip(top.tolist(), v.tolist(), strict=True), at))
+                vocab = scored.vocab_logprobs[i - lead]
+                v, top = vocab.topk(min(n_top, vocab.shape[-1]))
+                tokens.append(
+                    info(t, scored.logprobs[i - lead], zip(top.tolist(), v.tolist(), strict=True), at)
+                )
         offset = len(prompt.text)
         if req.max_tokens == 0:
             yield Chunk(index, prompt.text, tokens, "length")
@@ -251,7 +258,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     steps = generate_steps(
         lm.pool,
         tok,
-        [lm.eos_id, *prompt.ids],
+        prompt.ids if lead else [lm.eos_id, *prompt.ids],
         lm.names,
         max_new_tokens=req.max_tokens,
         temperature=req.temperature,

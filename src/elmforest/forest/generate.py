@@ -27,7 +27,7 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest.cluster_route import ClusterRouting
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, make_pool
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
 
 
 def mixture_logprobs(logprobs: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,17 @@ class Step(NamedTuple):
             return []
         v, i = torch.topk(self.mixture, min(n, self.mixture.numel()))
         return list(zip(i.tolist(), v.tolist(), strict=True))
+
+
+def check_finite(lps: torch.Tensor, pool: ExpertPool, experts: list[int]) -> None:
+    """A Diverged naming the first expert whose log-probs [.., V] hold a NaN, or a row with no finite
+    entry. Without it a diverged expert's NaNs poison the mixture: its argmax is token 0 (EOS, an empty
+    completion that looks fine) and sampling fails inside torch."""
+    lps = lps.reshape(len(experts), -1, lps.shape[-1])  # [experts, positions, V]
+    bad = lps.isnan().any(-1).any(-1) | ~torch.isfinite(lps.amax(-1)).all(-1)
+    if bool(bad.any()):
+        j = experts[int(bad.nonzero()[0])]
+        raise Diverged(f"{pool.dirs[j]}: non-finite log-probabilities: corrupt or diverged weights")
 
 
 @dataclass
@@ -115,7 +126,8 @@ def generate_steps(
     pool._decoding = caches
     dev, n_exp = pool.device, len(names)
     ids = list(prompt_ids) if prompt_ids and prompt_ids[0] == tok.eos_id else [tok.eos_id, *prompt_ids]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # any integer seed, reduced as the server reduces a request's (torch takes at most 64 bits)
+    gen = torch.Generator(device="cpu").manual_seed(seed % 2**63)
     router = routing.incremental_router(tok) if routing is not None else None
     if router is not None:
         for t in ids:
@@ -129,6 +141,7 @@ def generate_steps(
         if router is None:  # read the prompt: the weights absorb its likelihood under every expert
             for j in range(n_exp):
                 lp = pool.advance(j, ids)
+                check_finite(lp[None], pool, [j])
                 if weighting == "posterior" and len(ids) > 1:
                     log_w[j] += lp[:-1].gather(1, torch.tensor(ids[1:], device=dev)[:, None]).sum().double()
             log_w = log_w - torch.logsumexp(log_w, 0)
@@ -142,6 +155,7 @@ def generate_steps(
                 active = list(range(n_exp))
                 cur_log_w = log_w
             lps = torch.stack([pool.next_logprobs(j, ids).double() for j in active])  # [active, V]
+            check_finite(lps, pool, active)
             mix = mixture_logprobs(lps, cur_log_w[active])
             nxt = sample_token(mix, temperature, top_p, gen)
             weights = dict(zip(names, cur_log_w.exp().tolist(), strict=True))

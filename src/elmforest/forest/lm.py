@@ -17,6 +17,7 @@ begins after EOS, as documents do in training, so the posterior starts at the pr
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,16 @@ def open_lm(
         raise UserError(f"k must be at least 1, got {k}")
     if prior == "cached" and prior_data is None:
         raise UserError("prior=cached needs prior_data: shards or raw data whose valid split gives the prior")
+    # refused, not ignored: a prior that silently does nothing would be taken for the one measured
+    if prior_data is not None and prior != "cached":
+        raise UserError(
+            f"prior_data is only used with prior=cached, not prior={prior}; add prior=cached or drop it"
+        )
+    if prior == "cached" and mode == "cluster":
+        raise UserError("mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data")
+    dupes = sorted({n for n in experts or [] if experts.count(n) > 1})
+    if dupes:  # the mixture would count such an expert twice
+        raise UserError(f"experts named more than once: {', '.join(dupes)}")
     if (path / "forest.json").is_file():
         forest = Forest.load(path)
         names = experts or forest.names
@@ -276,6 +287,13 @@ def open_lm(
     )
     if mode == "topk" and k < len(names):
         top = torch.topk(pi, k).indices.sort().values.tolist()
+        if source == "uniform":  # a tie: the choice says nothing about the data, and must not look as if
+            print(
+                f"note: topk with a uniform prior: the experts tie, so the top {k} are the first in the "
+                f"forest's order ({', '.join(names[j] for j in top)}); prior=cached (serve: --prior cached "
+                "--prior-data PATH) picks them by the data",
+                file=sys.stderr,
+            )
         lm.names = [names[j] for j in top]
         lm.prior = pi[top] / pi[top].sum()
         lm.pool = ExpertPool(
