@@ -283,6 +283,9 @@ def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
         ElmforestLM(forest=str(forest_dir), prior="cached")
     with pytest.raises(UserError, match="neither a forest"):
         ElmforestLM(forest=str(tmp_path))
+    (tmp_path / "run_config.json").write_text("{}")  # a run cut before its model was written
+    with pytest.raises(FileNotFoundError, match="a run directory whose training has not finished"):
+        ElmforestLM(forest=str(tmp_path))
 
 
 def test_unused_prior_data_and_duplicate_experts_are_refused(forest_dir, shards_dir):

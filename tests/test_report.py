@@ -369,3 +369,21 @@ def test_a_resumed_or_still_writing_run_reads_as_one_curve(tmp_path):
     assert run["steps"] == [2, 4, 6] and run["loss"] == [5.0, 3.5, 3.0]  # a rewritten step: the last
     assert run["valid_steps"] == [6] and run["valid_loss"] == [3.2]
     assert run["done"] is False and run["last_step"] == 6
+
+
+def test_a_run_in_training_is_not_labelled_as_a_removed_expert(forest_dir, tmp_path):
+    """A forest still training showed its expert in training as 'not an expert of the forest now',
+    which reads as if it had been removed."""
+    from elmforest.clients.report_data import forest_runs
+    from elmforest.forest.manifest import Forest
+
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f)
+    training, removed = f / "runs" / "training", f / "runs" / "removed"
+    for d in (training, removed):
+        shutil.copytree(f / "runs" / "code", d)
+    (training / "summary.json").unlink()
+    roles = {r["name"]: r["role"] for r in forest_runs(Forest.load(f))[0]}
+    assert roles["code"] == "expert"
+    assert roles["training"] == "run still training (not an expert yet)"
+    assert roles["removed"].startswith("run (not an expert of the forest now")

@@ -157,7 +157,13 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
         if d.name == "dense":
             role = "seed, then dense baseline" if forest.data.get("seed") else "dense baseline"
         else:
-            role = "expert" if f"runs/{d.name}" in names else "run (not an expert of the forest now)"
+            role = (
+                "expert"
+                if f"runs/{d.name}" in names
+                else "run still training (not an expert yet)"
+                if not (d / "summary.json").is_file()
+                else "run (not an expert of the forest now: opted out or replaced)"
+            )
         runs.append(read_run(d, d.name, role))
     return runs, absent
 

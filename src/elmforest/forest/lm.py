@@ -267,6 +267,8 @@ def open_lm(
         forest, names, dirs = None, [path.name], [mdir]
         if mode == "cluster":
             raise UserError(f"{path}: a single checkpoint has no clusterer; cluster routing needs a forest")
+    elif (path / "run_config.json").is_file():
+        resolve_model_dir(path)  # an unfinished run: it says so, and how to finish it
     else:
         raise UserError(
             f"{path}: neither a forest (forest.json) nor a checkpoint (config.json) or run directory"
