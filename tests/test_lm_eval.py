@@ -349,3 +349,17 @@ def test_an_unreachable_hub_runs_lm_eval_offline_and_says_so(monkeypatch, capsys
         monkeypatch.setenv(v, "0" if v == "HF_HUB_OFFLINE" else "http://proxy.invalid:3128")
         assert lm_eval_cli.hub_unreachable() is None
         monkeypatch.delenv(v)
+
+
+def test_a_context_past_the_training_length_gets_a_note(forest_dir, capsys):
+    """serve --seq-len and lm-eval's max_length past the experts' training context were taken
+    silently (generate already said so): the positions exist, the text there is worse."""
+    from elmforest.eval.bpb import default_seq_len
+    from elmforest.forest.lm import open_lm
+    from elmforest.forest.manifest import Forest
+
+    trained = default_seq_len(Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0]))
+    open_lm(forest_dir, seq_len=trained)
+    assert "note:" not in capsys.readouterr().err
+    open_lm(forest_dir, seq_len=trained + 1)
+    assert f"past the {trained}-token context the experts were trained on" in capsys.readouterr().err

@@ -277,6 +277,12 @@ def open_lm(
     limit = read_config(Path(dirs[0])).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:
         raise UserError(f"seq_len {seq_len} is past the model's {limit} positions")
+    if seq_len > (trained := default_seq_len(dirs[0])):  # allowed (the positions exist), as generate says
+        print(
+            f"note: seq_len {seq_len} is past the {trained}-token context the experts were trained on; "
+            "expect worse scores and text beyond it",
+            file=sys.stderr,
+        )
     dev = resolve_device(device)
     pool = ExpertPool(dirs, dev, resolve_precision(precision, dev))
     tok = load_tokenizer(dirs[0])
