@@ -165,6 +165,8 @@ def test_a_bare_forest_dir_reports_what_exists_and_says_results_are_absent(qs_di
     lineage = [r[0] for r in page.cells["lineage-forest-table"][1:]]
     assert lineage[0] == "seed" and set(lineage[1:]) == {"scripture", "code", "legal"}
     assert "dense" in [r[0] for r in page.cells["runs-forest"][1:]]
+    dense = [r for r in page.cells["ledger-forest"][1:] if r[0] == "dense"]  # with its tokens, as the runs
+    assert len(dense) == 1 and dense[0][2].replace(",", "").isdigit()
     _no_outside_references(page)
 
 

@@ -212,11 +212,16 @@ def quickstart(
 def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], phases: dict) -> dict:
     """results.json's "compute", apart so that tests build the report from what the quickstart writes."""
     arms = arm_flops(forest, others, phases)
+    dense = forest.root / "runs" / "dense" / "summary.json"
+    tokens = read_json(dense).get("tokens") if dense.is_file() else None
     return {
         "dense_flops": arms["dense"],
         "forest_flops": arms["forest"],
         "forest_over_dense": arms["forest"] / arms["dense"],
-        "ledger": [*forest.ledger(), {"phase": "dense", "name": "dense", "flops": arms["dense"]}],
+        "ledger": [
+            *forest.ledger(),
+            {"phase": "dense", "name": "dense", "flops": arms["dense"], "tokens": tokens},
+        ],
         "arms": arms,
         "methods": method_flops(methods, arms),
         "tolerance": FLOPS_TOLERANCE,

@@ -351,9 +351,9 @@ def _ledger(src: Sources) -> str:
             rows, dense = compute["ledger"], compute.get("dense_flops")  # them with a forest changed since
             total_flops = compute.get("forest_flops", total_flops)
         else:
-            rows, dense = f.ledger(), _dense_flops(f)
-            if dense and i == 0:
-                rows = [*rows, {"phase": "dense", "name": "dense", "flops": dense}]
+            rows, run = f.ledger(), _dense_run(f)
+            if (dense := run.get("flops")) and i == 0:
+                rows.append({"phase": "dense", "name": "dense", "flops": dense, "tokens": run.get("tokens")})
         table_rows = [
             [
                 p.get("phase"),
@@ -388,10 +388,10 @@ def _ledger(src: Sources) -> str:
     return "".join(body) or para("no forest, so no ledger")
 
 
-def _dense_flops(f: Forest) -> float | None:
+def _dense_run(f: Forest) -> dict:
     p = f.root / "runs" / "dense" / "summary.json"
     s = read_json(p) if p.is_file() else None
-    return s.get("flops") if isinstance(s, dict) else None
+    return s if isinstance(s, dict) else {}
 
 
 def _protocol(r: dict) -> str:
