@@ -101,6 +101,13 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     again = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
     assert again["dense"]["best_lr"] == d["best_lr"] and again["experts"]["best_lr"] == e["best_lr"]
     assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    # other training settings are refused once, up front, for the whole sweep (not once per LR point)
+    other = tiny_config(shards_dir, steps=8, batch_size=6)
+    other.optim.weight_decay = 0.05
+    with pytest.raises(
+        ValueError, match=r"this sweep's runs were trained with other settings \(optim.weight_decay"
+    ):
+        sweep(shards_dir, tmp_path / "s", other, lrs=lrs, expert_lrs=elrs, log=None)
 
 
 def test_edge_of_the_grid_is_reported():

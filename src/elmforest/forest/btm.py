@@ -60,7 +60,7 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     if seed_ready(forest):
         check_plan(forest, plan)
         return forest.data["seed"]
-    cfg = _dense_config(base, plan, shards)
+    cfg = dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
     run_dir = forest.root / "runs" / "dense"
     res = train(cfg, run_dir, progress=progress, label="seed")  # the dense run's first part
@@ -134,11 +134,11 @@ def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
 
 def train_dense(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
     """The compute-matched dense baseline: the seed's run, continued to the full budget on all domains."""
-    cfg = _dense_config(base, plan, shards)
+    cfg = dense_config(base, plan, shards)
     return train(cfg, forest.root / "runs" / "dense", progress=progress)
 
 
-def _dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
+def dense_config(base: RunConfig, plan: Plan, shards: Shards) -> RunConfig:
     """The seed's and dense run's config: they mix exactly the plan's domains (one list drives every
     phase), so a config that names other domains is refused rather than trained."""
     cfg = copy.deepcopy(base)

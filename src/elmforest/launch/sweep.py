@@ -189,6 +189,9 @@ def sweep(
                     trust_remote_code=cfg.model.trust_remote_code,
                 )
             )
+        _check_settings(
+            out, [(lr, RunConfig.from_dict(j.config)) for lr, j in zip(grid, jobs, strict=True)], plan, shards
+        )
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
         with _monitor(
             {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
@@ -282,6 +285,24 @@ def sweep(
                 result.setdefault("grouped", {})[key] = {"groups": grouping, **r}
         write_json_atomic(out / "sweep.json", result)
     return result
+
+
+def _check_settings(out: Path, points: list[tuple[float, RunConfig]], plan: btm.Plan, shards: Shards) -> None:
+    """Refused once, up front: a rerun of this sweep with other training settings (each dense run would
+    refuse them apart, one message per LR, each advising to delete that point)."""
+    from elmforest.train.runcheck import config_diff, has_progress, run_identity, saved_config
+
+    for lr, cfg in points:
+        run_dir = out / "dense" / _tag(lr) / "runs" / "dense"
+        if not (run_dir / "run_config.json").is_file() or not has_progress(run_dir):
+            continue
+        old = run_identity(saved_config(run_dir / "run_config.json").to_dict())
+        new = run_identity(btm.dense_config(cfg, plan, shards).to_dict())
+        if old != new:
+            raise UserError(
+                f"{out}: this sweep's runs were trained with other settings ({config_diff(old, new)}); "
+                "a sweep with other training settings needs another --out"
+            )
 
 
 def _check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
