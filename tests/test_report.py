@@ -254,10 +254,13 @@ def test_out_replaces_only_an_earlier_report_and_names_what_is_wrong(qs_dir, tmp
     assert manifest.read_text() == '{"experts": []}' and fake.read_text() == "my own notes"
     refused(tmp_path / "forest.json" / "x.html", r"forest.json is not a folder")
     refused("", "--out is empty")
-    out = tmp_path / "page.html"
-    for _ in range(2):  # an earlier report is replaced
-        res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out)])
-        assert res.exit_code == 0, res.output
+    for out in (
+        tmp_path / "page.html",
+        tmp_path / "page",
+    ):  # an earlier report is replaced, whatever its name
+        for _ in range(2):
+            res = CliRunner().invoke(app, ["report", str(qs_dir), "--out", str(out)])
+            assert res.exit_code == 0, res.output
 
 
 # -- in a real browser ------------------------------------------------------------------------------
@@ -387,5 +390,5 @@ def test_a_run_in_training_is_not_labelled_as_a_removed_expert(forest_dir, tmp_p
     (training / "summary.json").unlink()
     roles = {r["name"]: r["role"] for r in forest_runs(Forest.load(f))[0]}
     assert roles["code"] == "expert"
-    assert roles["training"] == "run still training (not an expert yet)"
+    assert roles["training"] == "run not finished (training, paused or stopped; not an expert yet)"
     assert roles["removed"].startswith("run (not an expert of the forest now")

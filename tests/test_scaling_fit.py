@@ -199,6 +199,10 @@ def test_a_dense_curve_that_does_not_fall_gives_no_multiplier_and_no_verdict(tmp
     assert (tmp_path / "m.png").stat().st_size > 0
     falling = make_runs(rng, "dense", BUDGETS)  # and a curve that falls is no such case
     assert fit_power_law([r["flops"] for r in falling], [macro_bpb(r) for r in falling]).flat() is None
+    # nor one that falls with one seed's spike at the top budget (R^2 < 0 there: the Huber fit ignores it)
+    c = np.repeat([0.5e9, 1e9, 2e9, 4e9], 2)
+    spiked = fit_power_law(c, [3.00, 3.01, 2.80, 2.81, 2.62, 2.63, 2.47, 3.6])
+    assert spiked.alpha > 0.1 and spiked.flat() is None
 
 
 def test_a_replicate_whose_fit_fails_is_skipped_and_counted(monkeypatch):

@@ -470,6 +470,11 @@ def test_a_prompt_past_what_the_context_can_hold_is_refused_before_tokenizing(se
             r.text
         )
         assert "bytes" in err["message"]
+    # an added token written as text ("<|endoftext|>": 13 bytes, one token) counts among the longest
+    from types import SimpleNamespace as NS
+
+    added = NS(get_added_tokens_decoder=lambda: {0: NS(content="<|endoftext|>")})
+    assert max_prompt_bytes(NS(seq_len=10, tok=NS(token_bytes=[b"", b"ab"], tokenizer=added))) == 2 * 10 * 13
 
 
 def test_a_bug_is_an_openai_shaped_500_and_a_dead_engine_fails_health(served, forest_dir, monkeypatch):

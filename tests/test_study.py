@@ -81,7 +81,7 @@ def _study_cfg(tmp_path: Path) -> Path:
     cfg = {
         "preset": "tiny",
         "corpus": str(corpus),
-        "steps": 12,
+        "steps": 14,  # c-BTM at data 0.25 trains 0.25 x 14 = 3.5 -> 4 steps: under 3.5 is refused
         "overrides": [
             "train.batch_size=6",
             "train.seq_len=32",
@@ -203,7 +203,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     calls = []
 
     def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log):
-        i = {4: 3, 6: 0, 12: 1, 24: 2, 48: 3}[base.train.steps]
+        i = {4: 3, 7: 0, 14: 1, 28: 2, 56: 3}[base.train.steps]
         sub = "shards-data" in str(shards)  # a c-BTM subsample
         calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains), sub))
         return {
@@ -228,12 +228,12 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
     both = ("scripture", "code")
     assert calls == [
-        (6, "both", 0, 0.5, both, False),
-        (12, "both", 0, 0.5, both, False),
-        (24, "both", 0, 0.5, both, False),
-        (48, "dense", 0, 0.5, both, False),
+        (7, "both", 0, 0.5, both, False),
+        (14, "both", 0, 0.5, both, False),
+        (28, "both", 0, 0.5, both, False),
+        (56, "dense", 0, 0.5, both, False),
         (4, "both", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
-        (6, "both", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
+        (7, "both", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
     ]
     study = json.loads((out / "study.json").read_text())
     lrs = study["lrs_by_budget"]

@@ -79,6 +79,7 @@ def test_study_fields_it_would_ignore_or_misread_are_refused(sets, named):
         # budgets that train the same steps (or fewer than 4) would each record a budget that never ran
         (["steps=16", "dense_budgets=[0.05, 0.1, 1, 2]"], "0.05x -> 4, 0.1x -> 4"),
         (["steps=8", "forest_budgets=[0.5, 1.0, 1.05]"], "1x -> 8, 1.05x -> 8"),
+        (["steps=8", "dense_budgets=[0.5, 1, 2, 8]"], "cbtm_data: at 1x = 8 steps they train 0.25x -> 4"),
     ],
 )
 def test_dry_run_checks_what_the_study_would_refuse(capsys, sets, named):
@@ -117,6 +118,13 @@ def test_analyse_only_says_which_changes_it_leaves_for_a_full_run(tmp_path, monk
     lines.clear()
     study.run_study("tiny", tmp_path, ["steps=99"], analyse_only=True, log=lines.append)
     assert not lines  # nothing but n_boot/ci differs: nothing to say
+    turned = f"overrides={cfg['overrides'][::-1]}"  # the same settings in another order
+    study.run_study("tiny", tmp_path, ["steps=99", turned], analyse_only=True, log=lines.append)
+    assert not lines
+    study.run_study(
+        "tiny", tmp_path, ["steps=99", "overrides=[train.batch_size=8]"], analyse_only=True, log=lines.append
+    )
+    assert any("overrides" in line and "need a full run" in line for line in lines)
 
 
 def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):
@@ -143,5 +151,12 @@ def test_a_second_study_in_the_same_folder_is_refused_at_once(tmp_path, capsys):
     with open(out / ".study.lock", "a") as held:  # as the first study holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["study", "tiny", "--out", str(out), "--no-progress"]) == 2
-    assert "another study is running in this folder" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".study.lock"]  # nothing prepared
+        (out / "study.json").write_text("{}")
+        assert main(["study", "tiny", "--out", str(out), "--analyse-only"]) == 2
+    err = capsys.readouterr().err
+    assert "another study is running in this folder; wait for it" in err
+    assert "analyse it again once that one has finished" in err
+    assert sorted(p.name for p in out.iterdir()) == [".study.lock", "study.json"]  # nothing prepared
+    (empty := tmp_path / "empty").mkdir()
+    assert main(["study", "tiny", "--out", str(empty), "--analyse-only"]) == 2  # no study there: no lock
+    assert "no finished study" in capsys.readouterr().err and not any(empty.iterdir())

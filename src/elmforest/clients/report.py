@@ -54,9 +54,7 @@ def check_out(out: str | Path) -> Path:
 
 
 def _is_html(p: Path) -> bool:
-    """An earlier report (or another HTML page): named .html/.htm and starting like HTML."""
-    if p.suffix.lower() not in (".html", ".htm"):
-        return False
+    """An earlier report (or another HTML page), by its content: any name --out was given."""
     try:
         with open(p, "rb") as f:
             head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()

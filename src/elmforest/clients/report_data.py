@@ -160,7 +160,7 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
             role = (
                 "expert"
                 if f"runs/{d.name}" in names
-                else "run still training (not an expert yet)"
+                else "run not finished (training, paused or stopped; not an expert yet)"
                 if not (d / "summary.json").is_file()
                 else "run (not an expert of the forest now: opted out or replaced)"
             )

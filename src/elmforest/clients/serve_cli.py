@@ -85,22 +85,19 @@ def serve(
 
     if experts is not None and not split_list(experts):
         raise UserError("--experts: no expert named; leave it out to serve every expert")
-    sock = bind(host, port)  # a port in use is said now, not after the models load
-    try:
-        lm = open_lm(
-            forest or model,
-            mode,
-            k,
-            prior,
-            prior_data,
-            weighting,
-            split_list(experts),
-            device,
-            precision,
-            seq_len,
-            routing_temperature,
-        )
-    except BaseException:
-        sock.close()
-        raise
-    run(lm, host, port, name, max_active, sock)
+    if port:  # a port in use is said now, not after the models load; it is bound for good only once
+        bind(host, port).close()  # they have loaded, so no client connects to a server that cannot answer
+    lm = open_lm(
+        forest or model,
+        mode,
+        k,
+        prior,
+        prior_data,
+        weighting,
+        split_list(experts),
+        device,
+        precision,
+        seq_len,
+        routing_temperature,
+    )
+    run(lm, host, port, name, max_active)

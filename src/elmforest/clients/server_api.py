@@ -81,7 +81,8 @@ def max_prompt_bytes(lm) -> int:
     """The longest prompt text (UTF-8 bytes) the context could hold: every token the longest there is,
     twice over for a normalizer that shrinks text (accents stripped). Anything longer is refused before
     tokenizing, which costs time in proportion to the text (24 s for 20 MB)."""
-    return 2 * lm.seq_len * max(1, *map(len, lm.tok.token_bytes))
+    added = (len(t.content.encode("utf-8")) for t in lm.tok.tokenizer.get_added_tokens_decoder().values())
+    return 2 * lm.seq_len * max(1, *map(len, lm.tok.token_bytes), *added)  # added: "<|endoftext|>" as text
 
 
 def _encode(lm, text: str, max_bytes: int | None = None) -> Prompt:

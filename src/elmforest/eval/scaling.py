@@ -111,13 +111,12 @@ class PowerLawFit:
 
     def flat(self) -> str | None:
         """Why this curve cannot convert BPB into compute, or None: a dense curve that does not fall
-        with compute (alpha at its bound 0) or fits no better than a constant (R^2 <= 0 in log space)
-        maps any BPB to no compute or to never, and a multiplier read off it would be the fit's
-        artefact, not a finding ((Mis)Fitting). E.g. out-of-domain BPB that rises with training."""
+        with compute (alpha at its bound 0) maps any BPB to no compute or to never, and a multiplier
+        read off it would be the fit's artefact, not a finding ((Mis)Fitting); e.g. out-of-domain BPB
+        that rises with training. R^2 is no test here: the Huber fit rightly ignores one outlier that
+        alone can push R^2 below 0 on a curve that clearly falls."""
         if self.alpha <= 1e-6:
             return f"does not fall with compute (alpha {self.alpha:.2g}, R^2(log) {self.r2_log:.2f})"
-        if not self.r2_log > 0:
-            return f"fits no better than a constant (R^2(log) {self.r2_log:.2f}, alpha {self.alpha:.3g})"
         return None
 
     def to_dict(self) -> dict:

@@ -29,7 +29,7 @@ from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
 from elmforest.eval.bpb import default_seq_len, n_windows, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
-from elmforest.forest.evaluate import _is_tied, _mixture_nll
+from elmforest.forest.evaluate import _is_tied, _mixture_nll, top_experts
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
@@ -294,7 +294,7 @@ def open_lm(
         pool, tok, names, pi, mode, weighting, seq_len, path, k, forest, None, source, routing_temperature
     )
     if mode == "topk" and k < len(names):
-        top = torch.topk(pi, k).indices.sort().values.tolist()
+        top = top_experts(pi, k)
         if source == "uniform":  # a tie: the choice says nothing about the data, and must not look as if
             print(
                 f"note: topk with a uniform prior: the experts tie, so the top {k} are the first in the "

@@ -56,7 +56,11 @@ def _tag(lr: float) -> str:
     return f"lr-{lr:.3g}"
 
 
-DIVERGED_ERRORS = ("Diverged", "FloatingPointError")  # how a failed job's report names them
+DIVERGED_ERRORS = (
+    "Diverged",
+    "FloatingPointError",
+    "NonFiniteWeights",
+)  # how a failed job's report names them
 
 
 def _check_grid(lrs: list[float], what: str) -> list[float]:

@@ -98,8 +98,8 @@ def check_budget_steps(cfg: StudyConfig, steps_1x: int) -> None:
     """Budgets must be the runs they name: one under 4 steps trains 4, and two that round to the same
     steps train the same run twice; both would record a budget that never ran and leave the fit fewer
     distinct computes than it needs, found only after every run had trained."""
-    for name in ("dense_budgets", "forest_budgets"):
-        steps = {b: budget_steps(b, steps_1x) for b in sorted(set(getattr(cfg, name)))}
+    for name in ("dense_budgets", "forest_budgets", *(("cbtm_data",) if cfg.cbtm_ks else ())):
+        steps = {b: budget_steps(b, steps_1x) for b in sorted(set(getattr(cfg, name)))}  # c-BTM: by fraction
         short = [b for b in steps if b * steps_1x < 3.5]
         if short or len(set(steps.values())) < len(steps):
             shown = ", ".join(f"{b:g}x -> {n}" for b, n in steps.items())

@@ -62,9 +62,16 @@ def strict_json(obj):
     return obj
 
 
-def _settings(overrides) -> dict:
-    """What `key=value` overrides set, the last of a key winning, as apply_overrides applies them."""
-    return {str(o).partition("=")[0].strip(): str(o).partition("=")[2].strip() for o in overrides or ()}
+def _same_overrides(preset: str, a, b) -> bool:
+    """Whether two override lists make the same run config (another order, a key repeated): compared
+    by applying them, since a section (`optim={...}`) and a key under it depend on their order."""
+    if list(a or ()) == list(b or ()):
+        return True
+    try:
+        made = [apply_overrides(preset_run_config(preset), list(x or ())).to_dict() for x in (a, b)]
+    except (UserError, ValueError):
+        return False
+    return made[0] == made[1]
 
 
 def _check_identity(out: Path, cfg: StudyConfig) -> None:
@@ -74,7 +81,7 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
         defaults = StudyConfig()
         old = {k: saved.get(k, getattr(defaults, k)) for k in (*IDENTITY, "seeds")}  # a field added since
         diff = [k for k in IDENTITY if old[k] != getattr(cfg, k)]
-        if "overrides" in diff and _settings(old["overrides"]) == _settings(cfg.overrides):
+        if "overrides" in diff and _same_overrides(cfg.preset, old["overrides"], cfg.overrides):
             diff.remove("overrides")  # the same settings in another order (or one repeated): the same runs
         if cfg.lr_grid and old["seeds"][:1] != cfg.seeds[:1]:
             diff.append("seeds")  # the first seed is the LR sweeps' (study/lrs.py)
@@ -210,11 +217,15 @@ def run_study(
     train the same runs, and fail later on their run locks; it is refused at once instead."""
     args = dict(locals())
     out = Path(out)
-    if analyse_only and not out.is_dir():
+    if analyse_only and not (out / "study.json").is_file():
         return _run_study(**args)  # which says there is no study there
     load_study_config(source, overrides)  # a bad config leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
-    busy = f"{out}: another study is running in this folder; wait for it, or give this one another --out"
+    busy = f"{out}: another study is running in this folder; " + (
+        "analyse it again once that one has finished"
+        if analyse_only
+        else "wait for it, or give this one another --out"
+    )
     with held_lock(out / ".study.lock", busy):
         return _run_study(**args)
 
@@ -241,7 +252,9 @@ def _run_study(
             changed = sorted(
                 k
                 for k, v in cfg.to_dict().items()
-                if k not in ("n_boot", "ci") and study["config"].get(k, v) != v
+                if k not in ("n_boot", "ci")
+                and study["config"].get(k, v) != v
+                and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
             )
             if changed:
                 log(
