@@ -269,21 +269,16 @@ class Background:
 
 
 def serve(
-    lm,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    name: str | None = None,
-    max_active: int = 8,
-    sock: socket.socket | None = None,
+    lm, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, max_active: int = 8
 ) -> None:
-    """Serve until interrupted (Ctrl-C); on `sock` if given (bound before loading: `bind`)."""
+    """Serve until interrupted (Ctrl-C); the port is bound once the models have loaded."""
     import uvicorn
 
-    sock = sock or bind(host, port)
     if lm.routing is None:  # every expert loads now: a broken checkpoint fails here, not on a request
         for j in range(len(lm.names)):
             lm.pool.model(j)
     app = create_app(lm, name, max_active)
+    sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(
         f"serving {app.state.model!r} ({lm.mode}: {', '.join(lm.names)}) at "
