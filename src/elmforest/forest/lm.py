@@ -273,11 +273,12 @@ def open_lm(
         raise UserError(
             f"{path}: neither a forest (forest.json) nor a checkpoint (config.json) or run directory"
         )
-    seq_len = seq_len or default_seq_len(dirs[0])
+    trained = default_seq_len(dirs[0])
+    seq_len = seq_len or trained
     limit = read_config(Path(dirs[0])).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:
         raise UserError(f"seq_len {seq_len} is past the model's {limit} positions")
-    if seq_len > (trained := default_seq_len(dirs[0])):  # allowed (the positions exist), as generate says
+    if seq_len > trained:  # allowed (the positions exist), as generate says
         print(
             f"note: seq_len {seq_len} is past the {trained}-token context the experts were trained on; "
             "expect worse scores and text beyond it",

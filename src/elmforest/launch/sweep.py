@@ -179,10 +179,11 @@ def sweep(
 
     if arm in ("dense", "both"):
         grid = _check_grid(lrs or btm_grid_default(base.optim.lr), "dense")
-        jobs = []
+        jobs, cfgs = [], []
         for lr in grid:
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = lr
+            cfgs.append((lr, cfg))
             jobs.append(
                 DenseRunJob(
                     str(out / "dense" / _tag(lr)),
@@ -193,9 +194,7 @@ def sweep(
                     trust_remote_code=cfg.model.trust_remote_code,
                 )
             )
-        _check_settings(
-            out, [(lr, RunConfig.from_dict(j.config)) for lr, j in zip(grid, jobs, strict=True)], plan, shards
-        )
+        _check_settings(out, cfgs, plan, shards)
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
         with _monitor(
             {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
@@ -294,17 +293,14 @@ def sweep(
 def _check_settings(out: Path, points: list[tuple[float, RunConfig]], plan: btm.Plan, shards: Shards) -> None:
     """Refused once, up front: a rerun of this sweep with other training settings (each dense run would
     refuse them apart, one message per LR, each advising to delete that point)."""
-    from elmforest.train.runcheck import config_diff, has_progress, run_identity, saved_config
+    from elmforest.train.runcheck import config_change
 
     for lr, cfg in points:
-        run_dir = out / "dense" / _tag(lr) / "runs" / "dense"
-        if not (run_dir / "run_config.json").is_file() or not has_progress(run_dir):
-            continue
-        old = run_identity(saved_config(run_dir / "run_config.json").to_dict())
-        new = run_identity(btm.dense_config(cfg, plan, shards).to_dict())
-        if old != new:
+        if diff := config_change(
+            out / "dense" / _tag(lr) / "runs" / "dense", btm.dense_config(cfg, plan, shards)
+        ):
             raise UserError(
-                f"{out}: this sweep's runs were trained with other settings ({config_diff(old, new)}); "
+                f"{out}: this sweep's runs were trained with other settings ({diff}); "
                 "a sweep with other training settings needs another --out"
             )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig, sweep_lrs
-from elmforest.study.run import plan_batch, plan_points
+from elmforest.study.run import check_budget_steps, plan_batch, plan_points
 from elmforest.utils.errors import UserError
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
@@ -60,6 +60,7 @@ def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
     base = apply_overrides(preset_run_config(cfg.preset), list(cfg.overrides))
     steps = cfg.steps or base.train.steps
     batch = plan_batch(cfg, base, names)  # what the runs use; refused here as in the study
+    check_budget_steps(cfg, steps)
     with torch.device("meta"):
         model = build_model(base.model, get_preset(cfg.preset).vocab_size, 0)
     fpt = flops_per_token(model, base.train.seq_len)

@@ -24,6 +24,7 @@ from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
 from elmforest.study.run import (
     Point,
+    check_budget_steps,
     plan_batch,
     plan_points,
     record,
@@ -215,11 +216,12 @@ def run_study(
 ) -> dict:
     """One study at a time in a folder: a second one started beside it would prepare the same data and
     train the same runs, and fail later on their run locks; it is refused at once instead."""
-    args = dict(locals())
+    log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
+    t0 = time.perf_counter()
+    cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
     out = Path(out)
     if analyse_only and not (out / "study.json").is_file():
-        return _run_study(**args)  # which says there is no study there
-    load_study_config(source, overrides)  # a bad config leaves no folder behind
+        return {"fits": reanalyse(out, log)}  # which says there is no study there
     out.mkdir(parents=True, exist_ok=True)
     busy = f"{out}: another study is running in this folder; " + (
         "analyse it again once that one has finished"
@@ -227,45 +229,44 @@ def run_study(
         else "wait for it, or give this one another --out"
     )
     with held_lock(out / ".study.lock", busy):
-        return _run_study(**args)
+        if analyse_only:
+            return {"fits": _analyse_again(cfg, out, log)}
+        return _study(cfg, out, t0, log, executor, address, cpus_per_job, gpus_per_job, progress, every)
 
 
-def _run_study(
-    source: str | Path,
-    out: str | Path,
-    overrides: list[str] | tuple = (),
-    executor: str = "local",
-    address: str | None = None,
-    cpus_per_job: float = 1.0,
-    gpus_per_job: float = 0.0,
-    progress: bool = True,
-    log=None,
-    every: float = 30.0,
-    analyse_only: bool = False,
-) -> dict:
-    log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
-    t0 = time.perf_counter()
-    cfg = load_study_config(source, overrides)
-    if analyse_only:
-        study = read_json(Path(out) / "study.json") if (Path(out) / "study.json").is_file() else {}
-        if study.get("config"):
-            changed = sorted(
-                k
-                for k, v in cfg.to_dict().items()
-                if k not in ("n_boot", "ci")
-                and study["config"].get(k, v) != v
-                and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
+def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:
+    """--analyse-only: the fits again with this config's n_boot and ci; its other changes are named."""
+    study = read_json(out / "study.json")
+    if study.get("config"):
+        changed = sorted(
+            k
+            for k, v in cfg.to_dict().items()
+            if k not in ("n_boot", "ci")
+            and study["config"].get(k, v) != v
+            and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
+        )
+        if changed:
+            log(
+                f"note: --analyse-only re-fits the runs in {out} with this config's n_boot and ci only; "
+                f"its other changes ({', '.join(changed)}) need a full run"
             )
-            if changed:
-                log(
-                    f"note: --analyse-only re-fits the runs in {out} with this config's n_boot and ci only; "
-                    f"its other changes ({', '.join(changed)}) need a full run"
-                )
-            study["config"].update({k: getattr(cfg, k) for k in ("n_boot", "ci")})
-            write_json_atomic(Path(out) / "study.json", strict_json(study))
-        return {"fits": reanalyse(out, log)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        study["config"].update({k: getattr(cfg, k) for k in ("n_boot", "ci")})
+        write_json_atomic(out / "study.json", strict_json(study))
+    return reanalyse(out, log)
+
+
+def _study(
+    cfg: StudyConfig,
+    out: Path,
+    t0: float,
+    log,
+    executor,
+    address,
+    cpus_per_job,
+    gpus_per_job,
+    progress,
+    every,
+) -> dict:
     _check_identity(out, cfg)
     preset = get_preset(cfg.preset)
     data = prepare_data(out / "data", preset.vocab_size, cfg.domains, cfg.corpus, cfg.ood, progress, log)
@@ -280,6 +281,7 @@ def _run_study(
         )
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
+    check_budget_steps(cfg, steps_1x)
     if executor == "ray":
         ex, threads = (
             make_executor("ray", address, cpus_per_job, gpus_per_job),

@@ -152,16 +152,21 @@ def has_progress(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir / "checkpoints")) or (run_dir / "model").exists()
 
 
-def check_config(run_dir: Path, cfg: RunConfig) -> None:
-    """A run with progress resumes only with the same config; a directory with no checkpoint yet (a
-    run that failed before its first) holds nothing to keep."""
+def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
+    """How `cfg` differs from the run with progress in `run_dir` (config_diff), or None: the same, or
+    nothing to keep there (no checkpoint yet: a run that failed before its first)."""
     saved = run_dir / "run_config.json"
     if not saved.exists() or not has_progress(run_dir):
-        return
+        return None
     old, new = run_identity(saved_config(saved).to_dict()), run_identity(cfg.to_dict())
-    if old != new:
+    return config_diff(old, new) if old != new else None
+
+
+def check_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A run with progress resumes only with the same config."""
+    if diff := config_change(run_dir, cfg):
         raise UserError(
-            f"{run_dir} holds a run with a different config ({config_diff(old, new)}); resume it "
+            f"{run_dir} holds a run with a different config ({diff}); resume it "
             f"with the same settings, or delete {run_dir} to train it again with the new ones"
         )
 
