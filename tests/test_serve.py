@@ -463,7 +463,7 @@ def test_a_prompt_past_what_the_context_can_hold_is_refused_before_tokenizing(se
         return encode(text)
 
     monkeypatch.setattr(lm, "encode", encode)
-    for prompt in ("x" * (max_prompt_bytes(lm) + 1), ["the", "\u00e9" * 10**6]):
+    for prompt in ("x" * (max_prompt_bytes(lm) + 1), ["the", "\u00e9" * (max_prompt_bytes(lm) // 2 + 1)]):
         r = httpx.post(bg.url + "/v1/completions", json={"model": "f", "prompt": prompt}, timeout=30)
         err = r.json()["error"]
         assert (r.status_code, err["param"], err["code"]) == (400, "prompt", "context_length_exceeded"), (
@@ -475,6 +475,29 @@ def test_a_prompt_past_what_the_context_can_hold_is_refused_before_tokenizing(se
 
     added = NS(get_added_tokens_decoder=lambda: {0: NS(content="<|endoftext|>")})
     assert max_prompt_bytes(NS(seq_len=10, tok=NS(token_bytes=[b"", b"ab"], tokenizer=added))) == 2 * 10 * 13
+
+
+def test_a_body_larger_than_any_request_could_need_is_refused_as_it_arrives(served, monkeypatch):
+    from elmforest.clients.server_api import max_prompt_bytes
+
+    lm, bg, c = served
+    limit = server.max_body_bytes(max_prompt_bytes(lm))
+    # the largest body a valid request could send still fits: 64 prompts of the longest text, escaped
+    assert limit > 6 * 64 * max_prompt_bytes(lm)
+
+    def chunks():  # no Content-Length: the server must count what arrives and stop reading
+        for _ in range(limit // 2**16 + 50):
+            yield b" " * 2**16
+
+    for content in (b" " * (limit + 1), chunks()):
+        r = httpx.post(bg.url + "/v1/completions", content=content, timeout=60)
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large"), r.text
+        assert f"({limit} bytes)" in r.json()["error"]["message"]
+    assert httpx.get(bg.url + "/health", timeout=30).json()["status"] == "ok"
+    # a body at the limit is read and parsed as usual
+    body = json.dumps({"model": "f", "prompt": "hi", "max_tokens": 1}).encode()
+    r = httpx.post(bg.url + "/v1/completions", content=body.ljust(limit), timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_a_bug_is_an_openai_shaped_500_and_a_dead_engine_fails_health(served, forest_dir, monkeypatch):

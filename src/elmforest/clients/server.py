@@ -25,7 +25,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from elmforest.clients.server_api import ApiError, CompletionRequest, max_prompt_bytes, parse_completion
+from elmforest.clients.server_api import (
+    MAX_CHOICES,
+    ApiError,
+    CompletionRequest,
+    max_prompt_bytes,
+    parse_completion,
+)
 from elmforest.clients.server_engine import END, Chunk, Engine, choice_steps, engine_stopped
 from elmforest.model.build import read_config
 from elmforest.utils.errors import UserError
@@ -158,6 +164,44 @@ def vocab_size(lm) -> int:
     return int(v) if isinstance(v, int) else lm.vocab_size
 
 
+def max_body_bytes(max_bytes: int) -> int:
+    """The largest request body read: every prompt a request may hold at the longest text the context
+    could take, each byte written as a 6-character JSON escape, plus room for the other fields.
+    Anything larger is refused while it arrives, so a client cannot make the server hold (or parse on
+    its event loop) an unbounded body."""
+    return 6 * MAX_CHOICES * max_bytes + 2**16
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_big = ApiError(
+        f"the request body is larger than this server reads ({limit} bytes): the prompts could not fit "
+        "in the model's context",
+        None,
+        413,
+        "request_too_large",
+    )
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
+
+
+def parse_body(raw: bytes, lm, name: str, vocab: int, max_bytes: int) -> CompletionRequest:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError("the request body's JSON is nested too deeply") from None
+    return parse_completion(body, lm, name, vocab, max_bytes)
+
+
 def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
     """The app serving `lm` (forest/lm.py's ForestLM) as the model `name` (default: its directory's
     name). `app.state.engine` runs the model; close it with `app.state.engine.close()`."""
@@ -204,16 +248,14 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
             raise ApiError(f"the model {model_id!r} does not exist", "model", 404, "model_not_found")
         return model_card()
 
+    max_body = max_body_bytes(max_bytes)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ApiError("the request body's JSON is nested too deeply") from None
-        # tokenizing is off the event loop: a long prompt never holds back /health or other requests
-        req = await asyncio.to_thread(parse_completion, body, lm, name, vocab, max_bytes)
+        raw = await read_body(request, max_body)
+        # parsing and tokenizing are off the event loop: a long prompt never holds back /health or
+        # other requests
+        req = await asyncio.to_thread(parse_body, raw, lm, name, vocab, max_bytes)
         c = Completion(engine, req, name)
         if req.stream:
             return StreamingResponse(c.events(request), media_type="text/event-stream")
