@@ -111,6 +111,10 @@ class _BytesTok:
     def decode(self, ids) -> str:
         return b"".join(self.vocab[i] for i in ids).decode("utf-8", "replace")
 
+    @property
+    def token_bytes(self) -> list[bytes]:
+        return self.vocab
+
 
 def _scripted(monkeypatch, vocab: list[bytes], script: list[int], mixture=None):
     """An lm whose generation yields the `script`ed token ids (id 0 is EOS), whatever the request."""
@@ -168,6 +172,40 @@ def test_streamed_text_never_shows_a_stop_string_multibyte_ones_included(monkeyp
         assert all(want.startswith("".join(texts[:k])) for k in range(len(texts))), (script, stops)
     finder = server_engine.StopFinder(["ab"])  # each token searches only where a new stop can be
     assert finder.first("x" * 1000) is None and finder.first("ab" + "x" * 999 + "ab") == 1001
+
+
+def _owners(raw: bytes) -> list[int]:
+    """For each byte, the index in the decoded text of the character it belongs to, from Python's
+    incremental UTF-8 decoder fed one byte at a time: a byte that breaks an unfinished character
+    belongs to the one after that character's U+FFFD."""
+    import codecs
+
+    dec, out, owners = codecs.getincrementaldecoder("utf-8")("replace"), "", []
+    for b in raw:
+        pending = dec.getstate()[0]
+        new = dec.decode(bytes([b]))
+        owners.append(len(out) + (1 if pending and new.startswith("\ufffd") else 0))
+        out += new
+    return owners
+
+
+def test_text_offsets_point_at_the_character_a_token_starts_in(monkeypatch):
+    zh, e = "中".encode(), "é".encode()
+    vocab = [b"", b"a", zh[:1], zh[1:], zh[:2], zh[2:], zh, e[:1], e[1:], e, b"\xad"]
+    rng = random.Random(0)
+    for _ in range(300):
+        script = [rng.randrange(1, len(vocab)) for _ in range(rng.randint(1, 10))]
+        lm = _scripted(monkeypatch, vocab, script)
+        got = [t["offset"] for c in _choice(lm, [], logprobs=0) for t in c.tokens]
+        raw, starts = (
+            b"".join(vocab[i] for i in script),
+            itertools.accumulate([0, *map(len, (vocab[i] for i in script))]),
+        )
+        owners = _owners(raw)
+        assert got == [owners[s] for s in list(starts)[:-1]], script
+    # a split character: its second token starts at it, not after it (the old offset was 1)
+    lm = _scripted(monkeypatch, vocab, [4, 5, 1])
+    assert [t["offset"] for c in _choice(lm, [], logprobs=0) for t in c.tokens] == [0, 0, 1]
 
 
 def test_top_logprobs_keep_the_likeliest_of_tokens_that_read_alike(monkeypatch):

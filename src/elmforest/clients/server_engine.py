@@ -215,6 +215,29 @@ def token_text(tok, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{c:02x}" for c in raw)
 
 
+def _continues_a_character(tok, ids: list[int], token_id: int) -> bool:
+    """Whether `token_id` opens with bytes that continue a UTF-8 character the bytes of `ids` left
+    unfinished. Decoded, that character is a U+FFFD at the end of the text so far, and the token's
+    text starts at it, not after it (its text_offset)."""
+    raw = tok.token_bytes[token_id]
+    if not raw or raw[0] & 0xC0 != 0x80:
+        return False
+    tail = b"".join(tok.token_bytes[i] for i in ids[-3:])[-3:]
+    for k in range(1, len(tail) + 1):  # the last byte that is not a continuation byte opens the char
+        c = tail[-k]
+        if c & 0xC0 != 0x80:
+            need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 1
+            return need > k
+    return False
+
+
+def _text_offset(tok, ids: list[int], text: str, token_id: int) -> int:
+    """Where the token after `ids` (decoded: `text`) starts in the text."""
+    return (
+        len(text) - 1 if text.endswith("\ufffd") and _continues_a_character(tok, ids, token_id) else len(text)
+    )
+
+
 def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: int) -> Iterator[Chunk]:
     """One choice of a completion as a generator of Chunks, one per unit of model work: the echoed
     prompt (scored with `lm.score` when logprobs are asked for: the mixture the evaluation scores),
@@ -241,7 +264,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             body = prompt.ids[lead:]
             scored = lm.score([([], body)], want_vocab=True)[0] if body else None
             for i, t in enumerate(prompt.ids):
-                at = len(tok.decode(prompt.ids[:i]))
+                at = _text_offset(tok, prompt.ids[:i], tok.decode(prompt.ids[:i]), t)
                 if i == 0:  # OpenAI's convention: the first token has no context, so no log-prob
                     tokens.append(info(t, None, None, at))
                     continue
@@ -276,8 +299,9 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             if step.token_id == lm.eos_id:
                 finish = "stop"
                 break
+            before = _text_offset(tok, ids, text, step.token_id)
             ids.append(step.token_id)
-            before, text = len(text), tok.decode(ids)
+            text = tok.decode(ids)
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
