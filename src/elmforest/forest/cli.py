@@ -373,7 +373,14 @@ def generate(
     weighting: Annotated[
         Literal["posterior", "fixed"], opt("posterior: the experts' weights follow the text so far")
     ] = "posterior",
-    show_weights: Annotated[bool, flag("--show-weights", "print the final mixture weights")] = False,
+    show_weights: Annotated[
+        bool,
+        flag(
+            "--show-weights",
+            "print the mixture weights the last token was drawn with (the experts' posterior given the "
+            "prompt and every earlier token)",
+        ),
+    ] = False,
     device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
     cluster_k: Annotated[
         int | None, opt("c-BTM: route each step to the top-k clusters of the context", positive_int)
