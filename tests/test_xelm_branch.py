@@ -43,6 +43,33 @@ def test_nearest_by_typology_picks_the_closest_language(forest_dir, shards_dir, 
     assert why["syntax_distance"]["deu"] < min(why["syntax_distance"]["jpn"], why["syntax_distance"]["ara"])
 
 
+def test_typology_finds_a_group_experts_languages_in_the_shards_it_trained_on(
+    forest_dir, shards_dir, tmp_path
+):
+    """X-ELM adds a language later from shards that hold it alone: the old experts' groups are named by
+    the domain map of the shards they trained on, not by the new language's shards."""
+    pytest.importorskip("lang2vec", reason="lang2vec not installed (pip install -e '.[xelm]')")
+    import json
+
+    src = Forest.load(forest_dir)
+    grouped = tmp_path / "grouped"
+    grouped.mkdir()
+    langs = {"group0": ["deu", "nld"], "group1": ["jpn", "kor"]}
+    index = {"domain_map": {lang: g for g, ls in langs.items() for lang in ls}}
+    (grouped / "index.json").write_text(json.dumps(index))
+    f = Forest.init(tmp_path / "langs")
+    for n, g in zip(src.names, langs, strict=False):
+        f.add(src.expert_dir(n), g, [g])
+        rec = f.expert_dir(g) / "elmforest_data.json"
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "shards": str(grouped)}))
+    best, why = nearest_expert(f, Shards(shards_dir), "afr", "typology")  # these shards map nothing
+    assert best == "group0", why
+    # the same forest with its groups' languages nowhere to be found: a UserError naming the group
+    (grouped / "index.json").write_text(json.dumps({}))
+    with pytest.raises(UserError, match="group 'group0'.*language 'group0'.*nearest:posterior"):
+        nearest_expert(f, Shards(shards_dir), "afr", "typology")
+
+
 def test_forest_expert_mix_trains_one_expert_on_several_domains(forest_dir, shards_dir, tmp_path):
     """`forest expert --mix`: X-ELM's expert for a group of languages, each still a domain of its own."""
     from elmforest.cli import main

@@ -345,10 +345,15 @@ def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
     feature set): where X-ELM branches a new language's expert from. Returns (group, every distance)."""
     table = load_features(grouping.get("features", DEFAULT_FEATURES))
     [c], _ = resolve_codes([code], table)
-    members = sorted({m for g in grouping["groups"].values() for m in g} | {c})
+    groups = {}
+    for name, g in grouping["groups"].items():
+        try:
+            groups[name] = resolve_codes(list(g), table)[0]
+        except UserError as e:
+            raise UserError(f"group {name!r}: {e}") from None
+    members = sorted({m for g in groups.values() for m in g} | {c})
     d = cosine_distances(language_vectors(members, table))
     dists = {
-        name: average_linkage(d, members, [c], [m for m in g if m != c] or g)
-        for name, g in grouping["groups"].items()
+        name: average_linkage(d, members, [c], [m for m in g if m != c] or g) for name, g in groups.items()
     }
     return min(dists, key=lambda n: (round(dists[n], _TIE), n)), dists

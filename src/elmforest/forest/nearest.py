@@ -11,9 +11,12 @@ Two measures, both recorded in the new expert's lineage so the choice can be aud
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json
 
 MEASURES = ("posterior", "typology")
 
@@ -46,14 +49,8 @@ def nearest_expert(
         return best, {"by": by, "posterior": scores}
     from elmforest.cluster.languages import nearest_group
 
-    groups = {}
     mapping = shards.index.get("domain_map") or {}
-    for n in candidates:
-        langs = []
-        for d in forest.expert(n)["domains"]:
-            members = sorted(lang for lang, g in mapping.items() if g == d)
-            langs += members or [d]
-        groups[n] = langs
+    groups = {n: _languages(forest, n, mapping) for n in candidates}
     new = sorted(lang for lang, g in mapping.items() if g == domain) or [domain]
     if len(new) != 1:
         raise UserError(f"{domain!r} is a group of languages {new}; typology branching adds one language")
@@ -61,6 +58,26 @@ def nearest_expert(
         best, dists = nearest_group(new[0], {"groups": groups})
     except UserError as e:
         raise UserError(
-            f"nearest:typology needs ISO 639-3 language domains ({e}); use nearest:posterior"
+            f"nearest:typology needs every domain to be an ISO 639-3 language, and an expert of a group "
+            f"its languages (from the domain map of the shards it trained on, or of --shards): {e}; "
+            "or use nearest:posterior"
         ) from None
     return best, {"by": by, "syntax_distance": dists}
+
+
+def _languages(forest: Forest, name: str, mapping: dict) -> list[str]:
+    """The languages expert `name` trained on: each of its domains, a group named in the domain map of
+    the shards it trained on (recorded beside its weights) or else of the shards given, counts as its
+    members. The new language's shards need not name the old groups."""
+    maps = []
+    rec = forest.expert_dir(name) / "elmforest_data.json"
+    if rec.is_file():
+        index = Path(str(read_json(rec).get("shards", ""))) / "index.json"
+        if index.is_file():
+            maps.append(read_json(index).get("domain_map") or {})
+    maps.append(mapping)
+    langs = []
+    for d in forest.expert(name)["domains"]:
+        members = next((m for m in ([lang for lang, g in dm.items() if g == d] for dm in maps) if m), [d])
+        langs += sorted(members)
+    return langs
