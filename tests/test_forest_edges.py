@@ -334,3 +334,31 @@ def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest
     remove_expert(Forest.load(f.root), gone)
     again = next(r for r in Forest.load(f.root).data["removed"] if r["name"] == gone)["spent"]
     assert [x["flops"] for x in again] == [own["flops"], 3.0, 13]
+
+
+def test_a_rerun_for_an_existing_expert_keeps_it_only_when_it_asks_for_the_same(
+    forest_dir, shards_dir, tmp_path, capsys
+):
+    """A finished expert is kept on a rerun (pipelines continue that way), but a rerun asking for
+    another domain, branch or setting was kept silently too, even with a branch that does not exist."""
+    from elmforest.data.shards import Shards
+
+    f, sh = _copy(forest_dir, tmp_path), Shards(shards_dir)
+    name, other = f.names[0], f.names[1]
+    domain = f.expert(name)["domains"][0]
+    entry = btm.train_expert(f, sh, domain, progress=False)
+    assert entry == f.expert(name) and "kept (not trained again)" in capsys.readouterr().out
+    run = f.root / "runs" / name / "run_config.json"
+    steps = json.loads(run.read_text())["train"]["steps"]
+    assert btm.train_expert(f, sh, domain, overrides=[f"train.steps={steps}"], progress=False) == entry
+    refused = [
+        (dict(branch="nearest:vibes"), "unknown branch 'nearest:vibes'"),
+        (dict(branch="mixture"), "branched with --branch seed, not mixture"),
+        (dict(overrides=[f"train.steps={steps + 1}"]), f"train.steps: {steps} -> {steps + 1}"),
+        (dict(name=name, domain=f.expert(other)["domains"][0]), f"trained on \\['{domain}'\\]"),
+    ]
+    for kw, message in refused:
+        kw = {"domain": domain, **kw}
+        with pytest.raises(UserError, match=message):
+            btm.train_expert(f, sh, kw.pop("domain"), progress=False, **kw)
+    assert f.expert(name) == entry

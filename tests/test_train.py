@@ -99,6 +99,13 @@ def test_completed_run_is_not_retrained_and_config_changes_are_refused(shards_di
     cfg.optim.lr = 1e-4
     with pytest.raises(ValueError, match="optim.lr"):
         train(cfg, tmp_path / "run", progress=False)
+    # started from a checkpoint instead: the start is named, not the architecture fields that only the
+    # config-built run records (they read '(absent)' on the other side)
+    from elmforest.train.runcheck import config_change
+
+    cfg.optim.lr, cfg.model.init_from = tiny_config(shards_dir).optim.lr, str(tmp_path / "run" / "model")
+    change = config_change(tmp_path / "run", cfg)
+    assert change.startswith("model.init_from: None -> ") and "absent" not in change, change
 
 
 def _train_cmd(shards, out, steps):

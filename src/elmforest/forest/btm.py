@@ -25,6 +25,7 @@ from safetensors.torch import load_model as st_load_model
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+from elmforest.forest.kept import check_branch, check_kept
 from elmforest.forest.manifest import Forest, architecture_fingerprint, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
 from elmforest.forest.trust import copy_regular_files
@@ -253,16 +254,14 @@ def train_expert(
 
     name = valid_name(name or domain)
     replace, arch = False, None
+    check_branch(branch)
     if name in forest.names:
         # a flipped byte keeps the size: check the sums (not read again for files unchanged since)
         problem = forest.intact(name, deep=True, trust_unchanged=True)
-        have = forest.expert(name)["domains"]
-        if mix is not None and sorted(have) != sorted(mix):
-            raise UserError(
-                f"{forest.root}: expert {name!r} exists, trained on {have}, not {sorted(mix)}; "
-                "give another --name, or remove it first (forest remove)"
-            )
+        check_kept(forest, name, list(mix) if mix else [domain], branch, list(overrides or []))
         if problem is None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"note: expert {name} exists, trained as asked; kept (not trained again)")
             return forest.expert(name)
         print(f"note: expert {name}: {problem}; restoring it from runs/{name} (training what is missing)")
         replace = True
@@ -340,10 +339,6 @@ def train_expert(
         cfg, owner = _flexolmo_owner(forest, shards, domain, name, cfg)
         overrides = [*owner, *(overrides or [])]
         arch = architecture_fingerprint(cfg.model.init_from)
-    elif branch != "seed":
-        raise UserError(
-            f"unknown branch {branch!r}; expected seed, expert:NAME, mixture, nearest[:posterior|typology] or flexolmo"
-        )
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     summary = train(cfg, run_dir, progress=progress)

@@ -158,8 +158,20 @@ def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
     saved = run_dir / "run_config.json"
     if not saved.exists() or not has_progress(run_dir):
         return None
-    old, new = run_identity(saved_config(saved).to_dict()), run_identity(cfg.to_dict())
-    return config_diff(old, new) if old != new else None
+    was, now = saved_config(saved).to_dict(), cfg.to_dict()
+    old, new = run_identity(was), run_identity(now)
+    if old == new:
+        return None
+    a, b = was["model"].get("init_from"), now["model"].get("init_from")
+    if (a is None) == (b is None):
+        return config_diff(old, new)
+    # one starts from a checkpoint (its architecture), the other from the config's: the start differs,
+    # which the architecture fields (absent on one side) would only hide
+    for d in (old, new):
+        d["model"] = {k: v for k, v in d["model"].items() if k not in ARCHITECTURE_FIELDS}
+    rest = config_diff(old, new)
+    lead = f"model.init_from: {a!r} -> {b!r}, another starting checkpoint (--branch or --init-from)"
+    return "; ".join(x for x in (lead, rest) if x)
 
 
 def check_config(run_dir: Path, cfg: RunConfig) -> None:

@@ -1,0 +1,59 @@
+"""A rerun of `forest expert` for an expert the forest holds already.
+
+Reruns are how interrupted pipelines continue (the quickstart, X-ELM's rounds), so a finished expert is
+kept, not trained again. But a rerun that asks for something else (another domain, branch or training
+setting) must say so: keeping the old expert silently would let a user believe the new settings ran.
+"""
+
+from __future__ import annotations
+
+from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
+
+BRANCHES = "seed, expert:NAME, mixture, nearest[:posterior|typology] or flexolmo"
+
+
+def check_branch(branch: str) -> None:
+    from elmforest.forest.nearest import MEASURES
+
+    kind, _, arg = branch.partition(":")
+    ok = (
+        branch in ("seed", "mixture", "flexolmo", "nearest")
+        or (kind == "expert" and arg)
+        or (kind == "nearest" and arg in MEASURES)
+    )
+    if not ok:
+        raise UserError(f"unknown branch {branch!r}; expected {BRANCHES}")
+
+
+def _same_branch(a: str, b: str) -> bool:
+    norm = {"nearest": "nearest:posterior"}
+    return norm.get(a, a) == norm.get(b, b)
+
+
+def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overrides: list[str]) -> None:
+    """Refuse a rerun for the existing expert `name` that differs from how it was trained: its domains,
+    its --branch (as recorded in the manifest), or a --set that would change its saved run config."""
+    from elmforest.config import apply_overrides
+    from elmforest.train.runcheck import config_diff, run_identity, saved_config
+
+    entry = forest.expert(name)
+    redo = "give another --name to train another, or remove it first (forest remove)"
+    if sorted(entry["domains"]) != sorted(trained):
+        raise UserError(
+            f"{forest.root}: expert {name!r} exists, trained on {entry['domains']}, not {trained}; {redo}"
+        )
+    was = entry.get("branch")
+    if was is not None and not _same_branch(was, branch):
+        raise UserError(
+            f"{forest.root}: expert {name!r} exists, branched with --branch {was}, not {branch}; {redo}"
+        )
+    saved = forest.root / (entry.get("run") or f"runs/{name}") / "run_config.json"
+    if overrides and saved.is_file():
+        old = saved_config(saved)
+        new = apply_overrides(old, list(overrides))
+        a, b = run_identity(old.to_dict()), run_identity(new.to_dict())
+        if a != b:
+            raise UserError(
+                f"{forest.root}: expert {name!r} exists, trained with other settings ({config_diff(a, b)}); {redo}"
+            )
