@@ -312,6 +312,10 @@ def test_bad_input_is_refused(shards_dir, dense, tmp_path):
         build_tasks(sh, SEQ, target_len=SEQ)
     with pytest.raises(UserError, match="unknown task"):
         build_tasks(sh, SEQ, tasks=("nope",))
+    with pytest.raises(UserError, match="no task given"):
+        build_tasks(sh, SEQ, tasks=())
+    with pytest.raises(UserError, match=r"no domain\(s\) \['nope'\]; it has"):
+        build_tasks(sh, SEQ, domains=["nope"])
     with pytest.raises(UserError, match="max_position_embeddings"):
         evaluate_crossdoc(dense, shards_dir, seq_len=100_000)
     spec = json.loads((Path(shards_dir) / "tokenizer.json").read_text())
@@ -333,10 +337,13 @@ def test_cli_writes_the_result(dense, shards_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["eval-crossdoc", "--data", str(shards_dir), "--max-docs", "2", "--no-progress", "--device", "cpu"]
     assert main([*args, "--model", str(dense), "--json", str(out), "--precision", "fp32"]) == 0
-    res = json.loads(out.read_text())
-    assert (
-        set(res["tasks"]) == {"retrieval", "second_half"} and "gain related_text" in capsys.readouterr().out
-    )
+    res, first = json.loads(out.read_text()), capsys.readouterr().out
+    assert set(res["tasks"]) == {"retrieval", "second_half"} and "gain related_text" in first
+    assert "retrieval targets had no neighbour" not in first, first
     for cond in res["tasks"]["retrieval"]["conditions"].values():
         assert all(math.isfinite(v["bpb"]) and v["documents"] == 2 for v in cond["domains"].values())
     assert main([*args, "--model", str(dense), "--forest", "f"]) == 2
+    # no neighbour close enough for any target: the gain is over nothing, and the output says so
+    assert main([*args, "--model", str(dense), "--max-cosine", "1e-9", "--tasks", "retrieval"]) == 0
+    out = capsys.readouterr().out
+    assert "6 of 6 retrieval targets had no neighbour" in out and "nothing was measured" in out, out

@@ -251,6 +251,22 @@ def eval_(
         print_table({"model": res})
 
 
+def print_lonely(res: dict) -> None:
+    """Targets with no neighbour get no context in any condition: they count toward every mean and pull
+    the gain toward zero, which the table alone does not show."""
+    built = [d.get("retrieval") or {} for d in res.get("built", {}).get("domains", {}).values()]
+    lonely, total = (
+        sum(b.get("without_neighbours", 0) for b in built),
+        sum(b.get("documents", 0) for b in built),
+    )
+    if lonely:
+        print(
+            f"  note: {lonely} of {total} retrieval targets had no neighbour to put in context (none other "
+            "in the pool, or all past --max-cosine): they are scored without context in every condition, "
+            "so the gain is diluted" + (" (all of them: nothing was measured)" if lonely == total else "")
+        )
+
+
 def eval_crossdoc(
     data: Annotated[str, opt("a shards directory made with the model's tokenizer", metavar="DIR")],
     model: Model = None,
@@ -325,3 +341,5 @@ def eval_crossdoc(
                 print(
                     f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
                 )
+        if task == "retrieval":
+            print_lonely(res)

@@ -264,7 +264,8 @@ def build_tasks(
     """The items of each task, and what was built (documents, skipped ones, neighbour similarities)."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
-        raise UserError(f"unknown task(s) {unknown or tasks}; expected some of {list(TASKS)}")
+        what = f"unknown task(s) {unknown}" if unknown else "no task given"
+        raise UserError(f"{what}; expected some of {list(TASKS)}")
     if seq_len < MIN_SEQ_LEN:
         raise UserError(f"seq_len must be at least {MIN_SEQ_LEN} (a context and a target), got {seq_len}")
     t_len = seq_len // 2 if target_len is None else target_len
@@ -274,6 +275,9 @@ def build_tasks(
         raise UserError(f"max_cosine must be in (0, 1], got {max_cosine}")
     table, special = token_byte_table(shards.root / "tokenizer.json")
     names = domains or [d for d in shards.domains if shards.has(d, "test")]
+    strangers = sorted(set(names) - set(shards.domains))
+    if strangers:
+        raise UserError(f"{shards.root}: no domain(s) {strangers}; it has {shards.domains}")
     index = TrainIndex.build(shards, special) if "retrieval" in tasks else None
     out: dict[str, list[Item]] = {t: [] for t in tasks}
     info: dict = {"target_len": t_len, "train_documents": len(index) if index else None, "domains": {}}
