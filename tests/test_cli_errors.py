@@ -241,3 +241,30 @@ def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys)
     assert rc == 2 and "at least 4" in out and "Traceback" not in out
     rc, out = _run([*argv, "--expert-lrs", "1e-3,-2"], capsys)
     assert rc == 2 and "--expert-lrs" in out
+
+
+def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporaries(shards_dir, tmp_path):
+    """A killed `shards reorder` left its half-written copy (as big as the shards) beside --out."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "reordered"
+    script = f"""
+import os, signal, time
+from elmforest.data import reorder
+def slow(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+reorder.reorder_staging = slow
+from elmforest.cli import main
+raise SystemExit(main(["shards", "reorder", {str(shards_dir)!r}, "--out", {str(out)!r}, "--order", "random"]))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "terminated (SIGTERM)" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # no .reordered.tmp~... left
+    # the handler is the caller's again after main returns (tests call main in-process)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    main(["presets"])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

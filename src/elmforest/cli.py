@@ -6,7 +6,9 @@ puts them under one root and turns the project's errors into one line and exit s
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from elmforest.clients import lm_eval_cli, report_cli, serve_cli
 from elmforest.cluster import cli as cluster_cli
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
+    # SIGTERM (a scheduler, `kill`, a container stopping) unwinds like Ctrl-C: temporaries are removed
+    # and trackers told, instead of the process vanishing mid-write
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         build_app()(args=argv, prog_name="elmforest")
     except SystemExit as e:  # the verb's status, a usage error (2) or --help (0)
@@ -52,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"elmforest: error: {error_line(e)}  (set ELMFOREST_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
     return 0
+
+
+def _terminated(signum, frame):
+    print("elmforest: terminated (SIGTERM)", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def error_line(e: BaseException) -> str:
