@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,22 @@ def test_temporaries_of_dead_processes_are_cleaned_by_the_next_write(tmp_path):
     nested.mkdir()
     clean_stale(tmp_path, "seed")
     assert not nested.exists()
+
+
+def test_an_unwritable_destination_is_named_not_its_temporary(tmp_path):
+    """A directory where a file goes, or a folder that takes no files, was reported under the
+    temporary's name (`.x.json.tmp~HOST~PID~...: Is a directory`), which the user never chose."""
+    from elmforest.utils.io import write_json_atomic
+
+    (tmp_path / "adir.json").mkdir()
+    for target, reason in (
+        (tmp_path / "adir.json", "Is a directory"),
+        (Path("/proc/x.json"), "No such file"),
+    ):
+        with pytest.raises(WriteError, match=f"^{target}: cannot write \\({reason}") as e:
+            write_json_atomic(target, {})
+        assert ".tmp~" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.json"]
 
 
 def test_a_full_disk_leaves_nothing_behind_and_names_the_file(shards_dir, tmp_path, monkeypatch):

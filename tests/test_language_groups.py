@@ -15,7 +15,7 @@ import pytest
 
 from elmforest.cli import main
 from elmforest.cluster import languages as L
-from elmforest.utils.errors import AlreadyExists, UserError
+from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 
 LANGS14 = "deu fra spa ita por rus pol jpn zho kor ara ell heb tur".split()
 has_lang2vec = pytest.mark.skipif(
@@ -147,6 +147,8 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     from elmforest.data.shards import load_domain_map
 
     assert load_domain_map(tmp_path / "g" / "k4.json") == dm
+    with pytest.raises(NotFound, match="a directory, not a JSON file"):
+        load_domain_map(tmp_path / "g")
     one = tmp_path / "one.json"
     assert main(["cluster", "languages", "--langs", "deu,jpn", "--k", "2", "--out", str(one)]) == 0
     assert json.loads(one.read_text())["groups"] == {"group0": ["deu"], "group1": ["jpn"]}

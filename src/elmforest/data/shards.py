@@ -119,7 +119,8 @@ def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
     """A domain -> new domain map from JSON: a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`,
     elmforest cluster languages) or a plain `{"deu": "group0", ...}` object."""
     if not Path(path).is_file():
-        raise NotFound(f"domain map {path}: no such file")
+        what = "a directory, not a JSON file" if Path(path).is_dir() else "no such file"
+        raise NotFound(f"domain map {path}: {what}")
     m = read_json(path)
     if isinstance(m, dict) and isinstance(m.get("groups"), dict):
         groups = m["groups"]

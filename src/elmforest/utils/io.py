@@ -135,12 +135,19 @@ def temp_sibling(dst: str | os.PathLike, tag: str = "tmp", unique: bool = False)
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def as_write_error(e: BaseException, path: str | os.PathLike) -> WriteError | None:
+def as_write_error(
+    e: BaseException, path: str | os.PathLike, tmp: str | os.PathLike | None = None
+) -> WriteError | None:
     """A WriteError naming `path` for disk-full / read-only / permission failures (also those safetensors
-    reports as its own error type), else None."""
+    reports as its own error type), or for any file-system error about `path`'s temporary `tmp` (a
+    person never chose that name: `path` is a directory, its folder takes no files), else None."""
     if isinstance(e, WriteError):
         return None
-    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+    about_tmp = tmp is not None and str(tmp) in (
+        str(getattr(e, "filename", None)),
+        str(getattr(e, "filename2", None)),
+    )
+    if isinstance(e, OSError) and (e.errno in _DISK_ERRNOS or about_tmp):
         reason = e.strerror or str(e)
     elif type(e).__name__ == "SafetensorError" and (m := re.search(r"code: (\d+)", str(e))):
         if int(m.group(1)) not in _DISK_ERRNOS:
@@ -176,7 +183,7 @@ def undone_on_failure(tmp: str | os.PathLike, dst: str | os.PathLike) -> Iterato
         yield
     except BaseException as e:
         remove_path(tmp)
-        if (err := as_write_error(e, dst)) is not None:
+        if (err := as_write_error(e, dst, tmp)) is not None:
             raise err from e
         raise
 
