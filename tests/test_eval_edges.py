@@ -155,3 +155,31 @@ def test_cluster_assign_names_empty_clusters(clusterer_dir, tmp_path, capsys):
     assert rep["max_over_min"] == 1.0  # over the clusters that got documents
     err = capsys.readouterr().err
     assert f"warning: {', '.join(rep['empty'])} got no documents" in err
+
+
+def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_refused(
+    forest_dir, corpus, tokenizer_dir, shards_dir, tmp_path, capsys
+):
+    """Shards rebuilt from the experts' own corpus at other fractions held 37 of 119 training documents
+    in `test`, and eval scored them as held out."""
+    from elmforest.data.shards import build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval.bpb import check_held_out, evaluate
+
+    other = tmp_path / "other"
+    build_shards(corpus, tokenizer_dir, other, SplitSpec(0.3, 0.3), progress=False)
+    f = Forest.load(forest_dir)
+    model = f.expert_dir(f.names[0])
+    for argv in (
+        ["eval", "--forest", forest_dir, "--data", other],
+        ["eval", "--model", model, "--data", other, "--split", "valid"],
+        ["eval", "--model", model, "--data", corpus, "--split-fractions", "0.3,0.3"],
+    ):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert "some of its" in err and "--valid-frac 0.1 --test-frac 0.1" in err, err
+    # the training split, the same fractions and other corpora pass (before any scoring)
+    check_held_out(model, corpus, SplitSpec(0.3, 0.3), "train", other)
+    check_held_out(model, corpus, SplitSpec(0.1, 0.1), "test", other)
+    check_held_out(model, tmp_path, SplitSpec(0.3, 0.3), "test", other)
+    assert evaluate(model, shards_dir, max_bytes=2000, progress=False)["split"] == "test"

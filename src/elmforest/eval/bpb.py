@@ -250,9 +250,11 @@ def evaluate(
                 )
             if split == "all":
                 raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
+            check_held_out(mdir, shards.index.get("source"), SplitSpec(**shards.index["split"]), split, data)
             stored = split
         else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
             spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
+            check_held_out(mdir, data, spec, split, data)
             stored = "train" if split == "all" else split
             built = build_shards(
                 data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
@@ -307,6 +309,29 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
     raise UserError(
         f"{mdir}: its training shards {shards or '(none recorded)'} are gone, so which documents it held out "
         "is unknown; pass --split-fractions VALID,TEST (the --valid-frac and --test-frac they were built with)"
+    )
+
+
+def check_held_out(mdir: Path, source, spec: SplitSpec, split: str, data) -> None:
+    """Refuse held-out documents cut from the model's own training corpus at other fractions: the hash
+    split at other fractions puts some of its training documents in `valid` and `test`, and they score
+    better than unseen text (a forest's prior would read them too). Other corpora, and models whose
+    training corpus is unknown, pass."""
+    if split in ("train", "all") or not (mdir / "elmforest_data.json").is_file():
+        return
+    rec = read_json(mdir / "elmforest_data.json")
+    trained = Path(str(rec.get("shards", ""))) / "index.json"
+    if not trained.is_file() or not source:
+        return
+    corpus = read_json(trained).get("source")
+    held = SplitSpec(**rec["split"])
+    if not corpus or Path(corpus).resolve() != Path(source).resolve() or held == spec:
+        return
+    raise UserError(
+        f"{data}: its {split} split is cut from {mdir}'s own training corpus ({corpus}) at other fractions "
+        f"(valid {spec.valid_frac}, test {spec.test_frac}; the model held out valid {held.valid_frac}, test "
+        f"{held.test_frac}), so some of its {split} documents were training documents; build the shards with "
+        f"--valid-frac {held.valid_frac} --test-frac {held.test_frac}, or leave out --split-fractions"
     )
 
 

@@ -36,6 +36,7 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import (
     StreamScore,
     check_finite,
+    check_held_out,
     check_seq_len,
     default_seq_len,
     evaluate_shards,
@@ -385,11 +386,16 @@ def evaluate_forest(
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
+    # each expert's held-out documents (experts may come from shards of their own)
+    forest_dirs = [forest.expert_dir(n) for n in forest.names]
     needs_prior = kw.get("prior", "cached") == "cached" and kw.get("mode", "ensemble") != "cluster"
     if Shards.is_shards_dir(data):
         if split == "all":
             raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
-        res = evaluate_forest_shards(forest, Shards(data), split=split, **kw)
+        sh = Shards(data)
+        for d in forest_dirs:
+            check_held_out(d, sh.index.get("source"), SplitSpec(**sh.index["split"]), split, data)
+        res = evaluate_forest_shards(forest, sh, split=split, **kw)
     else:
         if split == "all" and needs_prior:
             raise UserError(
@@ -398,6 +404,8 @@ def evaluate_forest(
             )
         prior_split = kw.get("prior_split", "valid")
         spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(first, split_spec)
+        for d in forest_dirs:
+            check_held_out(d, data, spec, split, data)
         stored = "train" if split == "all" else split
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(
