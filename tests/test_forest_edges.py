@@ -176,6 +176,35 @@ def test_a_same_size_corruption_is_retrained_not_taken_as_done(forest_dir, shard
     assert Forest.load(f.root).intact(name, deep=True) is None
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_expert_sharing_its_files_with_its_run_is_rebuilt_not_re_recorded(
+    forest_dir, shards_dir, tmp_path, damage, capsys
+):
+    """The expert's weights are hard links to its run's final model: a flipped byte in one is in both,
+    and "restoring" from the run recorded the damaged file's checksum as the expert's (a truncated one
+    failed, while fsck kept advising the same restore)."""
+    from elmforest.data.shards import Shards
+
+    f = _copy(forest_dir, tmp_path)
+    name = f.names[0]
+    recorded = f.expert(name)["files"]
+    before = {k: v.clone() for k, v in load_file(str(f.expert_dir(name) / "model.safetensors")).items()}
+    for w in (
+        f.expert_dir(name) / "model.safetensors",
+        f.root / "runs" / name / "model" / "model.safetensors",
+    ):
+        data = bytearray(w.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+        w.write_bytes(bytes(data if damage == "flip" else data[: len(data) // 2]))
+    btm.train_expert(f, Shards(shards_dir), f.expert(name)["domains"][0], progress=False)
+    assert "rebuilding the run's model from its last checkpoint" in capsys.readouterr().out
+    g = Forest.load(f.root)
+    assert g.intact(name, deep=True) is None and g.expert(name)["files"] == recorded
+    after = load_file(str(g.expert_dir(name) / "model.safetensors"))
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
     forest_dir, tmp_path, monkeypatch
 ):

@@ -25,7 +25,7 @@ from safetensors.torch import load_model as st_load_model
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.forest.kept import check_branch, check_kept
+from elmforest.forest.kept import check_branch, check_kept, set_aside_damaged_run_model
 from elmforest.forest.manifest import Forest, architecture_fingerprint, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
 from elmforest.forest.trust import copy_regular_files
@@ -264,6 +264,7 @@ def train_expert(
                 print(f"note: expert {name} exists, trained as asked; kept (not trained again)")
             return forest.expert(name)
         print(f"note: expert {name}: {problem}; restoring it from runs/{name} (training what is missing)")
+        set_aside_damaged_run_model(forest, name)
         replace = True
     if name in forest.removed and not force:
         raise UserError(

@@ -57,3 +57,26 @@ def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overr
             raise UserError(
                 f"{forest.root}: expert {name!r} exists, trained with other settings ({config_diff(a, b)}); {redo}"
             )
+
+
+def set_aside_damaged_run_model(forest: Forest, name: str) -> None:
+    """Before an expert is restored from its run's final model, check that model against the digests
+    the expert was added with. The two share files (hard links), so damage to one is damage to both;
+    restoring from it would record the damaged weights as the expert's. A model that does not match is
+    removed, and the run rebuilds it from its last checkpoint (training what is missing)."""
+    from elmforest.utils.io import file_digest, remove_path
+
+    entry = forest.expert(name)
+    model = forest.root / (entry.get("run") or f"runs/{name}") / "model"
+    recorded = entry.get("files") or {}
+    if not model.is_dir() or not recorded:
+        return
+    for fname, want in recorded.items():
+        f = model / fname
+        if not f.is_file() or f.stat().st_size != want["bytes"] or file_digest(f)["sha256"] != want["sha256"]:
+            print(
+                f"note: {f} is not the file expert {name} was added with either (they share their data); "
+                "rebuilding the run's model from its last checkpoint"
+            )
+            remove_path(model)
+            return
