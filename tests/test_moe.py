@@ -506,6 +506,14 @@ def test_routing_stats_match_the_models_own_router_logits(forest_dir, shards_dir
         assert sum(got["load_mean"]) == pytest.approx(1.0)
     assert main(["merge", "routing", "--model", str(out), "--shards", str(shards_dir), "--tokens", "96"]) == 0
     assert "top-1 expert = the domain's own" in capsys.readouterr().out
+    # shards of another tokenizer: refused, not routed as if their ids were this model's tokens
+    other = tmp_path / "other"
+    shutil.copytree(shards_dir, other)
+    index = json.loads((other / "index.json").read_text())
+    index["tokenizer"]["fingerprint"] = "0" * 16
+    (other / "index.json").write_text(json.dumps(index))
+    assert main(["merge", "routing", "--model", str(out), "--shards", str(other)]) == 2
+    assert "different tokenizer" in capsys.readouterr().err
     assert (out / "routing.png").stat().st_size > 0 and json.loads((out / "routing.json").read_text())[
         "top_k"
     ] == 2

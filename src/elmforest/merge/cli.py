@@ -162,8 +162,10 @@ def routing(
     print(summary_line(stats))
     for d, v in stats["domains"].items():
         own = "-" if v["top1_own"] is None else f"{v['top1_own']:.1%}"
+        fewer = f"  (only {v['tokens']} tokens routed: its {split} split is short)" if v["tokens"] < tokens else ""
         print(
             f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  load {[round(x, 2) for x in v['load_mean']]}"
+            + fewer
         )
     print(f"-> {model}/routing.json, routing.png")
 

@@ -170,6 +170,13 @@ def write_routing(
     if not Shards.is_shards_dir(shards):
         raise UserError(f"{shards}: not a shards directory")
     sh = Shards(shards)
+    from elmforest.data.tokenizer import load_tokenizer
+
+    if sh.tokenizer_fingerprint != load_tokenizer(moe_dir).fingerprint():
+        raise UserError(
+            f"{sh.root} was tokenized with a different tokenizer than {moe_dir}; pass shards built with its "
+            "tokenizer (its experts' shards: leave out --shards)"
+        )
     domains = [d for d in sh.domains if sh.has(d, split)]
     if not domains:
         raise UserError(
