@@ -233,7 +233,25 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, cap
     with pytest.raises(UserError, match="cannot branch from FlexOlmo owner"):
         btm.train_expert(f, Shards(shards_dir), doms[0], name="x", branch=f"expert:{doms[0]}", progress=False)
     assert not (f.root / "runs" / "x").exists()  # nothing trained
-    # opting an owner out deletes the merged model holding its expert, not the one made without it
+    # a merge of the forest's owners given one by one (--owner) is recorded with the forest too
+    by_hand = tmp_path / "by-hand"
+    owners = [f"{d}={f.expert_dir(d)}" for d in doms]
+    assert main(["merge", "flexolmo", "--owner", owners[0], "--owner", owners[1], "--out", str(by_hand)]) == 0
+    capsys.readouterr()
+    for bad, message in (
+        ([f"public={f.expert_dir(doms[0])}"], "'public' is the public expert's"),
+        ([owners[0], f"again={f.expert_dir(doms[0])}"], "are the same checkpoint"),
+        (
+            [owners[0], f"plain={seed_dir}"],
+            r"owner\(s\) \['plain'\] are not FlexOlmo owner models.*flexolmo-pair",
+        ),
+        ([owners[0]], "is inside the forest"),
+    ):
+        o = f.root / "inside" if message == "is inside the forest" else tmp_path / "bad"
+        assert main(["merge", "flexolmo", *(a for x in bad for a in ("--owner", x)), "--out", str(o)]) == 2
+        assert __import__("re").search(message, capsys.readouterr().err), message
+    # opting an owner out deletes the merged models holding its expert, not the one made without it
     assert main(["forest", "remove", "--forest", str(f.root), "--expert", doms[1]]) == 0
     assert not out.exists() and (tmp_path / "o" / "elmforest_moe.json").is_file()
+    assert not by_hand.exists()
     assert json.loads((tmp_path / "o" / "elmforest_moe.json").read_text())["excluded"] == [doms[1]]

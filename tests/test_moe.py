@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,7 +314,7 @@ def test_router_training_changes_only_the_router(forest_dir, shards_dir, tmp_pat
     assert "Router trained" in (out / "README.md").read_text()
 
 
-def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path):
+def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path, capsys):
     from elmforest.cli import main
 
     out = tmp_path / "moe"
@@ -330,6 +331,25 @@ def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path):
         main(["merge", "moe", "--forest", str(forest_dir), "--out", str(tmp_path / "x"), "--exclude", "zz"])
         == 2
     )
+    # refused before anything is merged: router-training options without --train-router, a bad --set
+    # or other-tokenizer --train-data with it, an output inside the forest
+    other = tmp_path / "other-shards"
+    shutil.copytree(shards_dir, other)
+    index = json.loads((other / "index.json").read_text())
+    index["tokenizer"]["fingerprint"] = "0" * 16
+    (other / "index.json").write_text(json.dumps(index))
+    base = ["merge", "moe", "--forest", str(forest_dir), "--out", str(tmp_path / "y")]
+    for extra, message in (
+        (["--steps", "7"], "--steps set the router training: add --train-router"),
+        (["--set", "foo"], "--set set the router training"),
+        (["--train-router", "--set", "optim.lr=abc"], "optim.lr: expected a number"),
+        (["--train-router", "--train-data", str(other)], "different tokenizer"),
+    ):
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    inside = ["merge", "moe", "--forest", str(forest_dir), "--out", str(Path(forest_dir) / "experts" / "m")]
+    assert main(inside) == 2 and "is inside the forest" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (Path(forest_dir) / "experts" / "m").exists()
 
 
 # -- merge methods -----------------------------------------------------------------------------------
@@ -460,7 +480,8 @@ def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shard
     first = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach().clone()
     run1 = json.loads((out / "elmforest_moe.json").read_text())["router_training"]["from_fingerprint"]
     assert not list(tmp_path.glob("moe.router-run-*"))  # the scratch run goes once `out` holds the result
-    export_moe(f, out, MoeSpec(router="random", seed=1))  # a new export into the same place
+    # a new export into the same place (its router trained again: a plain export there is refused)
+    export_moe(f, out, MoeSpec(router="random", seed=1), redo=("router_training",))
     train_router(out, shards_dir, **kw)
     second = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach()
     assert json.loads((out / "elmforest_moe.json").read_text())["router_training"]["from_fingerprint"] != run1
@@ -611,3 +632,39 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     # fine-tuning it again in place would count one run over another in the ledger: refused
     assert main(["merge", "finetune", "--model", str(ft), "--steps", "1", "--shards", str(shards_dir)]) == 2
     assert "already fine-tuned" in capsys.readouterr().err
+    # fine-tuned again into another folder: the card and record keep the first run
+    again = tmp_path / "ft2"
+    assert (
+        main(
+            [
+                "merge",
+                "finetune",
+                "--model",
+                str(ft),
+                "--steps",
+                "1",
+                "--out",
+                str(again),
+                *argv[8:],
+                "--no-progress",
+                "--no-routing",
+            ]
+        )
+        == 0
+    )
+    card = (again / "README.md").read_text()
+    assert "Fine-tuned afterwards (BTX) for 3 steps" in card and "Fine-tuned again (BTX) for 1 steps" in card
+    assert json.loads((again / "elmforest_moe.json").read_text())["finetuning"]["previous"]["steps"] == 3
+    # a fresh merge written over the fine-tuned model would discard its training: refused; over a
+    # merge whose router was trained, --train-router again is a rerun, and a plain one is refused
+    capsys.readouterr()
+    assert main(["merge", "moe", "--forest", str(root), "--out", str(ft), "--no-routing"]) == 2
+    assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
+    assert (ft / "train_logs").is_dir()
+    # a merge written over an output drops that output's training from the ledger
+    f = Forest.load(root)
+    f.record_phase({"phase": "router_training", "name": "moe", "tokens": 1, "flops": 7, "output": str(moe)})
+    assert any(p.get("output") == str(moe.resolve()) for p in Forest.load(root).ledger())
+    export_moe(f, moe, MoeSpec(top_k=2, sample_tokens=128), device="cpu")
+    assert not any(p.get("output") == str(moe.resolve()) for p in Forest.load(root).ledger())
+    assert any(p.get("output") == str(ft.resolve()) for p in Forest.load(root).ledger())

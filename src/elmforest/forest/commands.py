@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from elmforest.forest.manifest import refuse_inside_forest
 from elmforest.utils.errors import UserError
 
 
@@ -130,6 +131,7 @@ def average(
     names = forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts to average")
+    refuse_inside_forest(out)
     if method not in NEEDS_BASE and scale != 1.0:
         raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
     if weights == "uniform":

@@ -281,6 +281,21 @@ class Forest:
 
         self.update(change)
 
+    def drop_phases(self, output: str | Path) -> None:
+        """Forget the recorded training of an output that was just written over with an untrained model:
+        the ledger counts what the forest and its outputs now hold, and that training is gone."""
+        path = str(Path(output).resolve())
+        if not any(p.get("output") == path for p in self.data.get("ledger", [])):
+            return
+
+        def change(d):
+            d["ledger"] = [p for p in d.get("ledger", []) if p.get("output") != path]
+
+        try:
+            self.update(change)
+        except OSError:  # a read-only forest: nothing of it was recorded by this run either
+            pass
+
     # -- changes -----------------------------------------------------------------------------------
     def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
         tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
@@ -498,6 +513,18 @@ class Forest:
                 f"{e.get('tokens', 0):,} tokens  {e.get('flops', 0):.3e} FLOPs"
             )
         return "\n".join(lines)
+
+
+def refuse_inside_forest(out: str | Path) -> None:
+    """A merged or averaged model is written outside every forest: inside one it lands among the
+    checkpoints the manifest owns (an expert's or the seed's folder, or a stray folder fsck flags)."""
+    out = Path(out).resolve()
+    for d in (out, *out.parents):
+        if (d / "forest.json").is_file():
+            raise UserError(
+                f"{out} is inside the forest {d}; write merged and averaged models outside it (its folders "
+                "hold only the checkpoints its manifest owns)"
+            )
 
 
 def _read_manifest(root: Path) -> dict:

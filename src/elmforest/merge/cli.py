@@ -87,7 +87,30 @@ def moe(
         sample_tokens=sample_tokens,
         exclude=exclude or [],
     )
-    path = export_moe(forest, out, spec, data=data, device=device, max_shard_bytes=max_shard_bytes)
+    router_options = {"--steps": steps != 100, "--lr": lr != 1e-3, "--batch-size": batch_size != 16}
+    router_options |= {"--train-data": train_data is not None, "--set": bool(overrides)}
+    if not train_router and any(router_options.values()):
+        given = [k for k, v in router_options.items() if v]
+        raise UserError(f"{', '.join(given)} set the router training: add --train-router, or leave them out")
+    if train_router:  # what would fail after the merge is checked before it (a merge can take long)
+        from elmforest.config import RunConfig, apply_overrides
+
+        apply_overrides(RunConfig(), list(overrides or []))
+        if train_data is not None:
+            from elmforest.data.shards import Shards
+
+            if not Shards.is_shards_dir(train_data):
+                raise UserError(f"--train-data {train_data}: not a shards directory")
+            check_shards_tokenizer(forest, Shards(train_data), "--train-data")
+    path = export_moe(
+        forest,
+        out,
+        spec,
+        data=data,
+        device=device,
+        max_shard_bytes=max_shard_bytes,
+        redo=("router_training",) if train_router else (),
+    )
     meta = read_json(path / "elmforest_moe.json")
     names = ", ".join(e["name"] for e in meta["experts"])
     print(
@@ -130,6 +153,16 @@ def moe(
         _report_routing(path, data, device)
 
 
+def check_shards_tokenizer(forest: str, shards, flag: str) -> None:
+    from elmforest.forest.manifest import Forest
+
+    want = Forest.load(forest).data.get("tokenizer")
+    if want and shards.tokenizer_fingerprint != want:
+        raise UserError(
+            f"{flag} {shards.root} was tokenized with a different tokenizer than {forest}'s experts"
+        )
+
+
 def _report_routing(path, shards, device: str) -> None:
     """Routing statistics beside a model just written; a failure here (memory: the whole MoE is loaded;
     shards gone) is a warning, never a failure of the merge or fine-tuning that already succeeded."""
@@ -162,7 +195,11 @@ def routing(
     print(summary_line(stats))
     for d, v in stats["domains"].items():
         own = "-" if v["top1_own"] is None else f"{v['top1_own']:.1%}"
-        fewer = f"  (only {v['tokens']} tokens routed: its {split} split is short)" if v["tokens"] < tokens else ""
+        fewer = (
+            f"  (only {v['tokens']} tokens routed: its {split} split is short)"
+            if v["tokens"] < tokens
+            else ""
+        )
         print(
             f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  load {[round(x, 2) for x in v['load_mean']]}"
             + fewer

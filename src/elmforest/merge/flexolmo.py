@@ -162,6 +162,7 @@ def merge_pairs(
     leaving its pair out. Written atomically at `out`; returns `out`."""
     from transformers import AutoConfig
 
+    from elmforest.forest.manifest import refuse_inside_forest, valid_name
     from elmforest.merge.moe_formats import FORMATS
 
     if not pairs:
@@ -169,13 +170,28 @@ def merge_pairs(
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise UserError(f"owner names given twice: {names}")
+    for n in names:
+        valid_name(n)
+        if n == "public":
+            raise UserError("owner name 'public' is the public expert's (expert 0); name the owner otherwise")
+    refuse_inside_forest(out)
     dirs = [resolve_model_dir(d) for _, d in pairs]
+    twice = sorted({n for (n, _), d in zip(pairs, dirs, strict=True) if dirs.count(d) > 1})
+    if twice:
+        raise UserError(f"owners {twice} are the same checkpoint; each owner's pair is merged once")
     cfgs = [read_json(d / "config.json") for d in dirs]
     fmt = FORMATS.get(cfgs[0].get("model_type"))
     n_of = lambda c: c.get("num_local_experts") or c.get("num_experts")  # noqa: E731
-    if fmt is None or any(n_of(c) != 2 for c in cfgs):
+    bad = [
+        n
+        for n, c in zip(names, cfgs, strict=True)
+        if FORMATS.get(c.get("model_type")) is None or n_of(c) != 2
+    ]
+    if fmt is None or bad:
         raise UserError(
-            "FlexOlmo merges 2-expert owner models (from merge/flexolmo.public_pair and training)"
+            f"owner(s) {bad or names[:1]} are not FlexOlmo owner models (2-expert MoEs: the public expert and "
+            "the owner's); make the public pair with `elmforest merge flexolmo-pair` and train each owner's "
+            "from it (`forest expert --branch flexolmo`)"
         )
     skip = {"num_local_experts", "num_experts", "num_experts_per_tok", "transformers_version", "dtype"}
     for c, n in zip(cfgs[1:], names[1:], strict=True):
@@ -187,13 +203,9 @@ def merge_pairs(
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
-    removed = []
-    if forest is not None:  # before writing: opting an owner out finds every copy of its expert
-        from elmforest.forest.manifest import Forest
-
-        f = Forest.load(forest)
-        f.record_output(out, "moe", names)
-        removed = list(f.removed)
+    removed, recorded = [], _record_in_forests(out, names, dirs, forest)
+    if forest is not None:
+        removed = list(recorded[0].removed)
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
         ws = [LazyWeights(d, stack) for d in dirs]
         for name in ws[0].keys():
@@ -234,7 +246,33 @@ def merge_pairs(
             },
         )
         _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed)
-        return writer.commit()
+        path = writer.commit()
+    for f in recorded:
+        f.drop_phases(path)
+    return path
+
+
+def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> list:
+    """Before writing: record `out` with every forest holding one of the owners' experts, so opting an
+    owner out finds this copy of its expert, also when the pairs were given one by one (--owner)."""
+    from elmforest.forest.manifest import Forest
+
+    given = None if forest is None else Path(forest).resolve()
+    found: dict[Path, list[str]] = {} if given is None else {given: list(names)}
+    for d in dirs:
+        root = next((p for p in Path(d).resolve().parents if (p / "forest.json").is_file()), None)
+        if root is None or root == given:
+            continue
+        f = Forest.load(root)
+        owned = [e for e in f.names if f.expert_dir(e).resolve() == Path(d).resolve()]
+        if owned:
+            found.setdefault(root, []).extend(owned)
+    forests = []
+    for root, owned in found.items():
+        f = Forest.load(root)
+        f.record_output(out, "moe", owned)
+        forests.append(f)
+    return forests
 
 
 def _write_moe_card(

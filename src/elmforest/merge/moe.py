@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from elmforest.forest.manifest import Forest
+from elmforest.forest.manifest import Forest, refuse_inside_forest
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
 from elmforest.merge.methods import linear
 from elmforest.merge.moe_formats import PROJ, MoeFormat, format_for
@@ -39,7 +39,7 @@ from elmforest.merge.router import (
 )
 from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     read_json,
     undone_on_failure,
@@ -137,10 +137,15 @@ def export_moe(
     data: str | Path | None = None,
     device: str = "auto",
     max_shard_bytes: int | None = None,
+    redo: tuple[str, ...] = (),
 ) -> Path:
-    """Write the forest's experts as one MoE checkpoint at `out` (atomically); returns `out`."""
+    """Write the forest's experts as one MoE checkpoint at `out` (atomically); returns `out`. An `out`
+    holding a trained MoE is refused unless its training is in `redo` ("router_training": the caller
+    trains the router again), and the ledger forgets the training of the model written over."""
     spec = spec or MoeSpec()
     spec.validate()
+    refuse_inside_forest(out)
+    check_untrained(out, redo)
     forest = forest if isinstance(forest, Forest) else Forest.load(forest)
     unknown = sorted(set(spec.exclude) - set(forest.names))
     gone = [n for n in unknown if n in forest.removed]
@@ -183,7 +188,31 @@ def export_moe(
     with undone_on_failure(writer.tmp, writer.out):
         _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
-        return writer.commit()
+        path = writer.commit()
+    forest.drop_phases(path)
+    return path
+
+
+TRAINING = {"router_training": "router training", "finetuning": "BTX fine-tuning"}
+
+
+def check_untrained(out: str | Path, redo: tuple[str, ...] = ()) -> None:
+    """Refuse to write a fresh merge over a trained one: its training (and the ledger's record of it)
+    would be lost without a word. Reruns that train again (`redo`) may."""
+    card = Path(out) / "elmforest_moe.json"
+    if not card.is_file():
+        return
+    meta = read_json(card)
+    lost = [
+        f"{TRAINING[k]} ({meta[k].get('steps', '?')} steps)"
+        for k in TRAINING
+        if meta.get(k) and k not in redo
+    ]
+    if lost:
+        raise AlreadyExists(
+            f"{out} holds a trained MoE ({', '.join(lost)}); merging into it would discard that training: "
+            "choose another --out, or delete it first"
+        )
 
 
 def _write_tensors(
@@ -295,12 +324,17 @@ def model_card(meta: dict) -> str:
             f"{rt['data']} (everything else frozen)."
         )
     if meta.get("finetuning"):
-        ft = meta["finetuning"]
-        lines.append(
-            f"- Fine-tuned afterwards (BTX) for {ft['steps']} steps of {ft.get('batch_size', '?')} sequences on "
-            f"{ft['data']}: {ft.get('trainable') or 'every parameter'} trained, load-balancing loss x "
-            f"{ft.get('router_aux_loss', 0):g}, router z-loss x {ft.get('router_z_loss', 0):g}."
-        )
+        runs, ft = [], meta["finetuning"]
+        while ft:  # the earliest fine-tuning first
+            runs.insert(0, ft)
+            ft = ft.get("previous")
+        for i, ft in enumerate(runs):
+            lines.append(
+                f"- Fine-tuned {'afterwards' if i == 0 else 'again'} (BTX) for {ft['steps']} steps of "
+                f"{ft.get('batch_size', '?')} sequences on {ft['data']}: {ft.get('trainable') or 'every parameter'} "
+                f"trained, load-balancing loss x {ft.get('router_aux_loss', 0):g}, router z-loss x "
+                f"{ft.get('router_z_loss', 0):g}."
+            )
     if meta["excluded"] or meta["opted_out"]:
         lines.append(
             f"- Left out: {', '.join(meta['excluded'] + meta['opted_out'])} (opted out or excluded)."

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.forest.manifest import Forest
+from elmforest.forest.manifest import Forest, refuse_inside_forest
 from elmforest.merge.moe import SOURCE_MARKER, export_fingerprint, model_card
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
@@ -134,6 +134,7 @@ def _train_moe(
             f"{moe_dir}: {what} needs top-k >= 2: with top-1 routing the renormalised weight "
             "is always 1, so no gradient reaches the router"
         )
+    refuse_inside_forest(out)
     if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
         raise AlreadyExists(f"{out} exists and is not an MoE export; choose another output directory")
     fingerprint = export_fingerprint(moe_dir)
@@ -188,6 +189,8 @@ def _train_moe(
         "from": str(moe_dir),
         "from_fingerprint": fingerprint,
     }
+    if meta.get(kind):  # trained this way before (a fine-tuned MoE fine-tuned again): kept, not hidden
+        record["previous"] = meta[kind]
     tmp = temp_sibling(out)
     with undone_on_failure(tmp, out):
         _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
