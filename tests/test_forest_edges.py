@@ -48,7 +48,7 @@ def test_generation_past_the_models_positions_is_refused(forest_dir, capsys):
     assert "past the 64-token context" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "reshaped"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "reshaped", "nan"])
 def test_forest_add_checks_the_weights_not_only_the_config(forest_dir, tmp_path, damage):
     f = _copy(forest_dir, tmp_path)
     src = tmp_path / "ext"
@@ -61,13 +61,19 @@ def test_forest_add_checks_the_weights_not_only_the_config(forest_dir, tmp_path,
     else:
         t = load_file(w)
         k = next(k for k in t if "embed_tokens" in k)
-        t[k] = t[k][:10].clone()
+        t[k] = (
+            t[k][:10].clone()
+            if damage == "reshaped"
+            else t[k].clone().index_fill_(0, torch.tensor([3]), float("nan"))
+        )
         save_file(t, w, metadata={"format": "pt"})
     with pytest.raises((UserError, NotFound)) as e:
         f.add(src, "ext", ["x"])
     assert str(src) in str(e.value)
     if damage == "reshaped":
         assert "do not fit the forest" in str(e.value) and "embed_tokens" in str(e.value)
+    if damage == "nan":  # it broke every ensemble, average and merge of the forest after being added
+        assert "non-finite values" in str(e.value) and "embed_tokens" in str(e.value)
     assert "ext" not in Forest.load(f.root).names and _no_staging_left(f)
 
 

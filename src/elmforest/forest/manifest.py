@@ -24,6 +24,7 @@ from pathlib import Path
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest.trust import (
     RESERVED_NAMES,
+    check_finite,
     check_manifest,
     check_weights,
     copy_regular_files,
@@ -393,6 +394,8 @@ class Forest:
         check_weights(src, [r for r in refs if r.is_dir()])
         rel = f"experts/{name}"
         owned = self.root.resolve() in src.resolve().parents  # our own run dirs: hard links are safe
+        if not owned:
+            check_finite(src)
         staged = _stage_checkpoint(src, self.root / rel, link=owned)
         try:  # the staged copy never outlives this call
             entry = {

@@ -67,6 +67,26 @@ def check_weights(src: Path, refs: list[Path]) -> None:
         return
 
 
+def check_finite(src: Path) -> None:
+    """Every floating-point tensor of a checkpoint brought in from elsewhere is finite, read one tensor
+    at a time: a NaN expert added silently breaks every ensemble, average and merge of the forest
+    (the weights are read once more here; the forest's own runs are checked as they train)."""
+    import torch
+    from safetensors import safe_open
+
+    from elmforest.model.build import weight_files
+    from elmforest.utils.errors import NonFiniteWeights
+
+    for f in sorted(set(weight_files(src).values())):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteWeights(
+                        f"{f}: tensor {k} holds non-finite values (NaN or inf): corrupt or diverged weights"
+                    )
+
+
 def _shapes(d: Path) -> dict:
     from safetensors import safe_open
 
