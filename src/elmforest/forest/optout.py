@@ -198,6 +198,7 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
                     "trains it again"
                 )
             )
+    wrong += _seed_problems(forest)
     known = set(forest.names)
     experts = forest.root / "experts"
     if experts.is_dir():
@@ -205,6 +206,34 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
             if not p.name.startswith(".") and p.name not in known:
                 wrong.append(f"{p} belongs to no expert of the manifest (delete it, or `forest add` it)")
     return fixed, wrong
+
+
+def _seed_problems(forest: Forest) -> list[str]:
+    """The seed has no recorded checksums (it is not an expert), but its folders must be whole: every
+    new expert branches from them (seed_state: the weights and optimizer state the experts continue)."""
+    from safetensors import safe_open
+
+    if not forest.data.get("seed"):
+        return []
+    advice = (
+        "new experts branch from it (and `merge moe --shared seed` reads it): copy it back from a backup; "
+        "experts already trained are not affected"
+    )
+    seed, state = forest.seed_dir, forest.root / "seed_state"
+    if not (seed / "config.json").is_file():
+        return [f"the seed: {seed / 'config.json'} is missing; {advice}"]
+    files = [f for f in seed.iterdir() if f.name.endswith(".safetensors")]
+    if not files:
+        return [f"the seed: {seed} holds no weights; {advice}"]
+    if "config" in forest.data["seed"] and state.is_dir():
+        files += [f for f in state.iterdir() if f.name.endswith(".safetensors")]
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # safetensors' own error type: a header cut short or not covering the data
+            return [f"the seed: {f} cannot be read ({str(e).splitlines()[0]}); {advice}"]
+    return []
 
 
 def _now() -> str:
