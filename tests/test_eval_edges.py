@@ -118,6 +118,28 @@ def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsy
     assert main(argv) == 0
     valid = sum(SplitSpec(0.5, 0.05).assign(i) == "valid" for i in ids)
     assert f"on {valid} sampled documents" in capsys.readouterr().out
+    # fitting again into it would silently change the clusters experts and shards were made with
+    assert main(argv) == 2 and "holds a clusterer already" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_shards_assigned_by_another_clusterer_are_refused(clusterer_dir, corpus, tokenizer_dir, tmp_path):
+    """Any clusterer of the same k names its clusters cluster0..k-1: shards assigned by another one
+    passed, and routing then sent code text to the legal expert."""
+    from elmforest.cluster.assign import assign_corpus, fit_clusterer
+    from elmforest.data.shards import Shards, build_shards
+    from elmforest.forest.cli import _check_cluster_domains
+
+    assign_corpus(clusterer_dir, corpus, tmp_path / "clusters", progress=False, workers=1)
+    sh = build_shards(tmp_path / "clusters", tokenizer_dir, tmp_path / "shards", progress=False).out
+    other = tmp_path / "other"
+    fit_clusterer(corpus, 3, other, sample_docs=1000, dims=16, min_df=1, seed=5)
+    domains = Shards(sh).domains
+    with pytest.raises(UserError, match="assigned by another clusterer"):
+        _check_cluster_domains(str(other), domains, str(sh))
+    _check_cluster_domains(str(clusterer_dir), domains, str(sh))
+    shutil.copytree(clusterer_dir, tmp_path / "copy")  # a copy (a forest keeps one) is the same clusterer
+    _check_cluster_domains(str(tmp_path / "copy"), domains, str(sh))
 
 
 def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(

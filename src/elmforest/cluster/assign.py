@@ -32,7 +32,7 @@ from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.sources import resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
-from elmforest.utils.io import staged_dir, write_json_atomic
+from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent
 
 REPORT = "report.meta.json"
@@ -245,6 +245,8 @@ def assign_corpus(
         domain_names = sorted(set(domains_all))
         report = {
             "clusterer": str(Path(clusterer_dir).resolve()),
+            # its content (arrays and vocabulary): clusters of another clusterer share only their names
+            "clusterer_sha256": clusterer_digest(clusterer_dir),
             "data": resolve_source(data),
             "k": k,
             "balanced": balanced,
@@ -265,6 +267,25 @@ def assign_corpus(
             report["nmi"] = float(normalized_mutual_info_score(domains_all, labels_all))
         write_json_atomic(stage / REPORT, report)
     return report
+
+
+def clusterer_digest(clusterer_dir) -> str | None:
+    """The clusterer's own checksum of its arrays and vocabulary (clusterer.json), None if unreadable."""
+    try:
+        return read_json(Path(clusterer_dir) / "clusterer.json")["arrays"]["sha256"]
+    except (OSError, UserError, KeyError, TypeError):
+        return None
+
+
+def assigned_by(source) -> tuple[str | None, str | None]:
+    """(clusterer path, its checksum) that assigned the corpus at `source` (`cluster assign`'s report),
+    or Nones when the corpus is not such an output or the report is older than the checksum."""
+    rep = Path(str(source)) / REPORT
+    if not rep.is_file():
+        return None, None
+    r = read_json(rep)
+    path = r.get("clusterer")
+    return path, r.get("clusterer_sha256") or (clusterer_digest(path) if path else None)
 
 
 def _check_out(out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -18,6 +19,7 @@ from elmforest.utils.argtypes import (
     positive_int,
     verb,
 )
+from elmforest.utils.errors import AlreadyExists
 
 
 def register(app: typer.Typer) -> None:
@@ -55,10 +57,17 @@ def fit(
         ),
     ] = None,
     read: ReadArgs = DEFAULT_READ,
+    overwrite: Annotated[bool, flag("--overwrite", "replace an existing clusterer at --out")] = False,
 ) -> None:
     """tf-idf -> SVD -> balanced k-means on a sample of the corpus."""
     from elmforest.cluster.assign import fit_clusterer
     from elmforest.data.splits import SplitSpec
+
+    if (Path(out) / "clusterer.json").is_file() and not overwrite:
+        raise AlreadyExists(
+            f"{out} holds a clusterer already: experts and shards made with it would no longer match it; "
+            "pass --overwrite to replace it, or another --out"
+        )
 
     c = fit_clusterer(
         read.source(data),

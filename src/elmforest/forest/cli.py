@@ -250,7 +250,9 @@ def dense(forest: ForestDir, shards: ShardsDir, no_progress: NoProgress = False)
 def _check_cluster_domains(clusterer: str, domains: list[str], shards: str) -> None:
     """c-BTM routes to the expert of domain `clusterJ`: an expert trained on another domain is never
     routed to, so shards that were not built from `cluster assign`'s output are refused up front."""
+    from elmforest.cluster.assign import assigned_by, clusterer_digest
     from elmforest.cluster.clusterer import Clusterer as C
+    from elmforest.data.shards import Shards
 
     k = C.load(clusterer).k
     names = {f"cluster{j}" for j in range(k)}
@@ -259,6 +261,14 @@ def _check_cluster_domains(clusterer: str, domains: list[str], shards: str) -> N
         raise UserError(
             f"{shards}: domain(s) {other[:5]} are not the clusterer's clusters (cluster0..cluster{k - 1}); "
             f"build the shards from `elmforest cluster assign --clusterer {clusterer}`'s output"
+        )
+    # the names match for any clusterer of this k: the assignment must be this clusterer's
+    by, digest = assigned_by(Shards(shards).index.get("source"))
+    if digest is not None and digest != clusterer_digest(clusterer):
+        raise UserError(
+            f"{shards}: its clusters were assigned by another clusterer ({by}), not {clusterer}: the names "
+            f"match but not the documents, so routing would send text to the wrong experts; build the shards "
+            f"from `elmforest cluster assign --clusterer {clusterer}`'s output"
         )
 
 
