@@ -275,6 +275,30 @@ def test_a_crafted_clusterer_cannot_point_outside_its_folder(tmp_path, corpus, c
     assert rc == 2 and "must be a file name inside" in out and not (tmp_path / "f").exists()
 
 
+def test_an_owner_leaving_while_its_expert_trains_is_opted_out(forest, shards_dir, capsys):
+    """`forest remove` of an expert still training (or interrupted) said "no expert named" and kept its
+    run, trained on that owner's data, which a later `forest expert` resumed."""
+    import fcntl
+
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    run = forest / "runs" / "late"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    with open(run / ".trainer.lock", "a") as held:  # its trainer is running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", "late"], capsys)
+        assert rc == 2 and "is training now" in out and run.is_dir()
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", "late"], capsys)
+    assert rc == 0 and not run.exists(), out
+    f = Forest.load(forest)
+    assert [r["state"] for r in f.data["removed"] if r["name"] == "late"] == ["done"]
+    domain = Shards(shards_dir).domains[0]
+    with pytest.raises(UserError, match="was opted out"):
+        btm.train_expert(f, Shards(shards_dir), domain, name="late", progress=False)
+
+
 def test_removal_refuses_an_unknown_name_and_a_crafted_one(forest, capsys):
     rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", "nobody"], capsys)
     assert rc == 2 and "no expert named" in out

@@ -29,12 +29,20 @@ MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.jso
 def remove_expert(forest: Forest, name: str) -> dict:
     """Tombstone, delete, verify. Re-running it finishes (or re-checks) an earlier removal."""
     valid_name(name)
+    run = forest.root / "runs" / name
+    unfinished = name not in forest.names and run.is_dir() and not run.is_symlink()
+    if unfinished:  # an owner leaving while its expert trains: the run holds what it learned so far
+        from elmforest.utils.io import held_lock
+
+        busy = f"{run} is training now (its trainer holds the run's lock): stop it, then run `forest remove` again"
+        with held_lock(run / ".trainer.lock", busy):
+            pass
 
     def tombstone(d):
         entry = next((e for e in d["experts"] if e["name"] == name), None)
         if entry is not None:
             d["experts"] = [e for e in d["experts"] if e["name"] != name]
-        elif name not in [r["name"] for r in d.get("removed", [])]:
+        elif name not in [r["name"] for r in d.get("removed", [])] and not unfinished:
             raise UnknownExpert(
                 f"{forest.root}: no expert named {name!r} (and none was removed); have {forest.names}"
             )
