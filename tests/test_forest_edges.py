@@ -162,10 +162,19 @@ def test_a_malformed_config_json_is_named(forest_dir, tmp_path, text):
         f.add(src, "ext", ["x"])
 
 
-def test_forest_add_needs_a_domain(forest_dir, tmp_path):
+def test_forest_add_needs_a_domain(forest_dir, tmp_path, capsys):
     f = _copy(forest_dir, tmp_path)
     with pytest.raises(UserError, match="at least one domain"):
         f.add(f.expert_dir(f.names[0]), "ext", [""])
+    with pytest.raises(UserError, match="each domain once"):
+        f.add(f.expert_dir(f.names[0]), "ext", ["code", "code"])
+    # a checkpoint with no training record is added, and the user is told the ledger counts it as 0
+    from elmforest.cli import main
+
+    src = tmp_path / "hf"
+    shutil.copytree(f.expert_dir(f.names[0]), src)
+    assert main(["forest", "add", "--forest", str(f.root), "--expert", str(src), "--domain", "x"]) == 0
+    assert "no training record" in capsys.readouterr().err and Forest.load(f.root).expert("x")["flops"] == 0
 
 
 def test_a_same_size_corruption_is_retrained_not_taken_as_done(forest_dir, shards_dir, tmp_path):

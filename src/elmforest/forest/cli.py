@@ -4,6 +4,7 @@ the work is in forest/btm.py, forest/commands.py and launch/forest.py."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -107,6 +108,12 @@ def add(
         parents=[{"name": "external", "weight": 1.0}],
     )
     print(f"added expert {e['name']} ({', '.join(e['domains'])})")
+    if not summary:
+        print(
+            f"note: {src} has no training record (summary.json beside it or its run): the ledger counts "
+            "this expert's training as 0 tokens and 0 FLOPs, so compute-matched comparisons leave it out",
+            file=sys.stderr,
+        )
 
 
 def remove(forest: ForestDir, expert: Annotated[str, opt("expert name", metavar="NAME")]) -> None:

@@ -380,6 +380,8 @@ class Forest:
             raise UserError(
                 f"expert {name!r}: needs at least one domain, each a non-empty name; got {domains}"
             )
+        if len(set(domains)) != len(domains):
+            raise UserError(f"expert {name!r}: each domain once; got {list(domains)}")
         tokens, flops = count(tokens, f"expert {name!r}: tokens"), count(flops, f"expert {name!r}: flops")
         tok, arch = self._check_compatible(src, architecture)
         forest_arch = self.data["architecture"] if architecture is not None else arch
