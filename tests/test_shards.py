@@ -33,6 +33,15 @@ def test_shards_equal_direct_tokenization(corpus, tokenizer_dir, shards_dir):
     assert {s for (_, s) in expected} == {"train", "valid", "test"}
 
 
+def test_an_unknown_domain_is_named_as_such_not_as_a_missing_split(shards_dir):
+    from elmforest.utils.errors import NotFound
+
+    sh = Shards(shards_dir)
+    with pytest.raises(NotFound, match=r"no domain 'nosuch'; it has \["):
+        sh.info("nosuch", "test")
+    assert sh.info(sh.domains[0], "test")["tokens"] > 0
+
+
 def test_split_assignment_is_stable_and_proportional():
     spec = SplitSpec(0.1, 0.2)
     ids = [f"doc-{i}" for i in range(20_000)]

@@ -404,6 +404,8 @@ class Shards:
         try:
             return self.index["domains"][domain]["splits"][split]
         except KeyError:
+            if domain not in self.index["domains"]:
+                raise NotFound(f"{self.root}: no domain {domain!r}; it has {self.domains}") from None
             raise NotFound(f"{self.root}: no {split!r} split for domain {domain!r}") from None
 
     def _path(self, domain: str, split: str, suffix: str) -> Path:
