@@ -406,3 +406,15 @@ def test_a_rerun_for_an_existing_expert_keeps_it_only_when_it_asks_for_the_same(
         with pytest.raises(UserError, match=message):
             btm.train_expert(f, sh, kw.pop("domain"), progress=False, **kw)
     assert f.expert(name) == entry
+
+
+def test_evaluating_a_forest_with_a_deleted_expert_folder_points_to_fsck(
+    forest_dir, tmp_path, shards_dir, capsys
+):
+    from elmforest.cli import main
+
+    f = _copy(forest_dir, tmp_path)
+    shutil.rmtree(f.expert_dir(f.names[1]))
+    assert main(["eval", "--forest", str(f.root), "--data", str(shards_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"expert {f.names[1]}: " in err and "is missing" in err and "forest fsck" in err, err

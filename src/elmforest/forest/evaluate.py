@@ -50,6 +50,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is part of this module's API
     PRIOR_BATCH_WINDOWS,
     ExpertPool,
+    check_intact,
     doc_starts,
     estimate_prior,
     estimate_prior_info,
@@ -379,6 +380,8 @@ def evaluate_forest(
     forest = Forest.load(forest_dir)
     if not forest.names:
         raise UserError(f"{forest_dir}: the forest has no experts")
+    chosen = kw.get("experts")  # and the first expert, whose config gives the defaults
+    check_intact(forest, list(dict.fromkeys([forest.names[0], *chosen])) if chosen else None)
     first = forest.expert_dir(forest.names[0])
     kw["seq_len"] = kw.get("seq_len") or default_seq_len(first)
     for name in kw.get("experts") or forest.names:  # before raw data is tokenized

@@ -31,7 +31,7 @@ from elmforest.eval.bpb import default_seq_len, n_windows, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
 from elmforest.forest.evaluate import _is_tied, _mixture_nll, top_experts
 from elmforest.forest.manifest import Forest
-from elmforest.forest.pool import ExpertPool, doc_starts, estimate_prior_info
+from elmforest.forest.pool import ExpertPool, check_intact, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
 from elmforest.model.build import load_model, read_config, resolve_model_dir
@@ -261,6 +261,7 @@ def open_lm(
             raise UserError(f"{path}: no expert named {', '.join(unknown)}; it has {', '.join(forest.names)}")
         if not names:
             raise UserError(f"{path}: the forest has no experts")
+        check_intact(forest, names)
         dirs = [forest.expert_dir(n) for n in names]
     elif (path / "config.json").is_file() or (path / "model" / "config.json").is_file():
         mdir = resolve_model_dir(path)  # a checkpoint, or a run directory's final model

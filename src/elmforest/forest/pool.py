@@ -133,6 +133,16 @@ class ExpertPool:
         return self._decoding[j]["last"]
 
 
+def check_intact(forest: Forest, names: list[str] | None = None) -> None:
+    """A missing expert folder or file, said before anything reads it (sizes only, no checksums)."""
+    for x in names or forest.names:
+        if problem := forest.intact(x):
+            raise UserError(
+                f"expert {x}: {problem}; `elmforest forest fsck --forest {forest.root}` lists what is wrong, "
+                "and `forest expert` restores an expert from its run"
+            )
+
+
 def make_pool(
     forest: Forest,
     names: list[str] | None = None,
@@ -142,6 +152,7 @@ def make_pool(
     keep_loaded: bool = True,
 ) -> ExpertPool:
     dev = resolve_device(device)
+    check_intact(forest, names)
     dirs = [forest.expert_dir(x) for x in (names or forest.names)]
     return ExpertPool(dirs, dev, resolve_precision(precision, dev), batch_size, keep_loaded)
 
