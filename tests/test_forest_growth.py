@@ -229,6 +229,7 @@ def test_procs_per_expert_trains_each_expert_with_two_gloo_processes(
         rc, out = _run(argv, capsys)
         log = f / "runs" / "code" / "job.log"
         assert rc == 0, out + (log.read_text() if log.exists() else "")
+        assert "training 1 job(s) (code); each writes to" in out  # --no-progress still says where
         results[procs] = f
     one, two = (Forest.load(results[p]) for p in (1, 2))
     assert one.names == two.names == ["code"]

@@ -160,6 +160,8 @@ def test_sigkill_then_resume_gives_identical_weights(shards_dir, tmp_path):
 
     res = subprocess.run(_train_cmd(shards_dir, run, steps), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert "killed: resuming from its checkpoint at step " in res.stdout  # said, not only done
+    assert "resuming" not in ref.stdout
     a, b = _weights(tmp_path / "ref"), _weights(run)
     assert a.keys() == b.keys()
     for k in a:

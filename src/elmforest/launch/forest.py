@@ -46,6 +46,12 @@ def train_forest(
         jobs.insert(0, ExpertJob(*where, "", kind="dense", threads=threads, trust_remote_code=trust))
     executor = executor or LocalExecutor()
     runs = {j.label: j.run_dir() for j in jobs}
+    if jobs:  # a job writes to its own log: said once, so --no-progress is not minutes of silence
+        print(
+            f"training {len(jobs)} job(s) ({', '.join(runs)}); each writes to {forest.root}/runs/NAME/job.log, "
+            f"progress in {forest.root / 'progress.log'}",
+            flush=True,
+        )
     with ProgressMonitor(
         runs, plan.total_steps, forest.root / "progress.log", every=monitor_every, echo=progress
     ):

@@ -127,6 +127,8 @@ class ProgressBar(Callback):
 
     def on_train_start(self, trainer):
         self.desc = trainer.label or trainer.run_dir.name
+        if trainer.resumed_from is not None:  # a rerun that continues says so, and from where
+            print(f"{self.desc}: resuming from its checkpoint at step {trainer.resumed_from}", flush=True)
         self.bar = tqdm(
             total=trainer.cfg.train.steps,
             initial=trainer.step,
