@@ -149,6 +149,18 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     assert load_domain_map(tmp_path / "g" / "k4.json") == dm
     with pytest.raises(NotFound, match="a directory, not a JSON file"):
         load_domain_map(tmp_path / "g")
+    # languages given by two-letter codes: a corpus whose domains are `de`, `ja` maps through the aliases
+    two = tmp_path / "two.json"
+    assert main(["cluster", "languages", "--langs", "de,ja,fr", "--k", "2", "--out", str(two)]) == 0
+    dm2 = load_domain_map(two)
+    assert (
+        dm2["de"] == dm2["deu"]
+        and dm2["ja"] == dm2["jpn"]
+        and set(dm2) == {"de", "deu", "ja", "jpn", "fr", "fra"}
+    )
+    # an alias and its code in one group are one language to the typology
+    g = {"groups": {"a": ["deu", "de"], "b": ["jpn"]}}
+    assert L.nearest_group("nld", g)[0] == "a"
     one = tmp_path / "one.json"
     assert main(["cluster", "languages", "--langs", "deu,jpn", "--k", "2", "--out", str(one)]) == 0
     assert json.loads(one.read_text())["groups"] == {"group0": ["deu"], "group1": ["jpn"]}

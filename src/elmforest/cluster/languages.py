@@ -347,8 +347,8 @@ def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
     [c], _ = resolve_codes([code], table)
     groups = {}
     for name, g in grouping["groups"].items():
-        try:
-            groups[name] = resolve_codes(list(g), table)[0]
+        try:  # one by one: an alias and its code (`de`, `deu`) are one language, not a repeat
+            groups[name] = list(dict.fromkeys(resolve_codes([m], table)[0][0] for m in g))
         except UserError as e:
             raise UserError(f"group {name!r}: {e}") from None
     members = sorted({m for g in groups.values() for m in g} | {c})

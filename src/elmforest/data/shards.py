@@ -127,6 +127,10 @@ def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
         if not all(isinstance(v, list) and v for v in groups.values()):
             raise UserError(f"{path}: every group must be a non-empty list of domains")
         pairs = [(d, g) for g, members in groups.items() for d in members]
+        # the codes the user gave (two-letter `de` for `deu`) name the same languages as domains
+        group_of = dict(pairs)
+        aliases = m.get("aliases") if isinstance(m.get("aliases"), dict) else {}
+        pairs += [(a, group_of[c]) for a, c in aliases.items() if c in group_of and a not in group_of]
     elif isinstance(m, dict):
         pairs = list(m.items())
     else:
