@@ -204,4 +204,8 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     check_held_out(model, corpus, SplitSpec(0.3, 0.3), "train", other)
     check_held_out(model, corpus, SplitSpec(0.1, 0.1), "test", other)
     check_held_out(model, tmp_path, SplitSpec(0.3, 0.3), "test", other)
+    # shards built from several sources record a list (the quickstart's --ood shards)
+    with pytest.raises(UserError, match="some of its test documents"):
+        check_held_out(model, [str(tmp_path), str(corpus)], SplitSpec(0.3, 0.3), "test", other)
+    check_held_out(model, [str(tmp_path)], SplitSpec(0.3, 0.3), "test", other)
     assert evaluate(model, shards_dir, max_bytes=2000, progress=False)["split"] == "test"

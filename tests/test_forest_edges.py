@@ -89,6 +89,21 @@ def test_a_damaged_expert_in_the_forest_does_not_refuse_a_sound_newcomer(forest_
     assert "ext" in Forest.load(f.root).names
 
 
+def test_the_finiteness_check_reads_fp8_weights(tmp_path):
+    from elmforest.forest.trust import check_finite
+    from elmforest.utils.errors import NonFiniteWeights
+
+    d = tmp_path / "fp8"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    t = torch.linspace(-2, 2, 16).to(torch.float8_e4m3fn)
+    save_file({"w": t}, d / "model.safetensors")
+    check_finite(d)  # torch.isfinite has no float8 kernel: it raised a RuntimeError
+    save_file({"w": torch.full((4,), float("nan")).to(torch.float8_e4m3fn)}, d / "model.safetensors")
+    with pytest.raises(NonFiniteWeights):
+        check_finite(d)
+
+
 def _weights(d, tied: bool, **tensors):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))

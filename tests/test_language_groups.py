@@ -158,6 +158,7 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
         and dm2["ja"] == dm2["jpn"]
         and set(dm2) == {"de", "deu", "ja", "jpn", "fr", "fra"}
     )
+    assert dm2.unused({"de", "jpn"}) == ["fr", "fra"]  # one spelling of a language is enough
     # an alias and its code in one group are one language to the typology
     g = {"groups": {"a": ["deu", "de"], "b": ["jpn"]}}
     assert L.nearest_group("nld", g)[0] == "a"

@@ -186,3 +186,37 @@ def test_local_workers_keep_job_order_and_name_a_failed_job(tmp_path):
     with pytest.raises(JobsFailed) as e:
         LocalExecutor(workers=2).map(operator.itemgetter("x"), jobs, labels, logs)
     assert list(e.value.failures) == ["c"] and "c.log" in e.value.failures["c"]
+
+
+_STOP_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from elmforest.launch.executor import LocalExecutor
+
+def job(d):
+    time.sleep(d["s"])
+    Path(d["done"]).write_text("finished")
+    return d
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))  # as the CLI's handler does
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    out = Path(sys.argv[1])
+    LocalExecutor(2).map(job, [{"s": 5, "done": str(out / f"{i}")} for i in range(4)], list("abcd"), [None] * 4)
+"""
+
+
+def test_sigterm_stops_the_worker_jobs_at_once(tmp_path):
+    """The CLI unwinds on SIGTERM; leaving the worker pool then waited for the running jobs and ran
+    every queued one (the whole forest's training) before the process ended."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop.py"
+    script.write_text(_STOP_SCRIPT)
+    (tmp_path / "done").mkdir()
+    p = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "done")], capture_output=True, timeout=120
+    )
+    assert p.returncode == 143, p.stderr.decode()[-2000:]
+    assert list((tmp_path / "done").iterdir()) == []  # no job ran to its end

@@ -319,16 +319,19 @@ def test_fsck_reports_missing_or_altered_weights(forest, capsys):
     assert "the seed" not in out
 
 
-@pytest.mark.parametrize("harm", ["truncated_state", "no_seed"])
+@pytest.mark.parametrize("harm", ["truncated_state", "no_seed", "no_state"])
 def test_fsck_reports_a_damaged_seed(forest, capsys, harm):
     """A truncated seed_state or a deleted seed passed fsck; the next `forest expert` then failed."""
     f = Forest.load(forest)
     assert _run(["forest", "fsck", "--forest", str(forest)], capsys)[0] == 0
     if harm == "no_seed":
         shutil.rmtree(f.seed_dir)
+    elif harm == "no_state":
+        shutil.rmtree(forest / "seed_state")
     else:
         w = forest / "seed_state" / "model.safetensors"
         w.write_bytes(w.read_bytes()[:3000])
     rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
     assert rc == 1 and "problem: the seed: " in out and "copy it back from a backup" in out, out
-    assert ("model.safetensors cannot be read" if harm != "no_seed" else "config.json is missing") in out
+    want = {"truncated_state": "model.safetensors cannot be read", "no_seed": "config.json is missing"}
+    assert want.get(harm, "seed_state (its weights and optimizer state) is missing") in out

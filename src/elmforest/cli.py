@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elmforest: error: {error_line(e)}  (set ELMFOREST_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
+        if before is not None:  # None: the handler was not set from Python; ours stays
             signal.signal(signal.SIGTERM, before)
     return 0
 

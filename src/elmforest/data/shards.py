@@ -121,7 +121,7 @@ def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
     if not Path(path).is_file():
         what = "a directory, not a JSON file" if Path(path).is_dir() else "no such file"
         raise NotFound(f"domain map {path}: {what}")
-    m = read_json(path)
+    m, aliases = read_json(path), {}
     if isinstance(m, dict) and isinstance(m.get("groups"), dict):
         groups = m["groups"]
         if not all(isinstance(v, list) and v for v in groups.values()):
@@ -129,8 +129,9 @@ def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
         pairs = [(d, g) for g, members in groups.items() for d in members]
         # the codes the user gave (two-letter `de` for `deu`) name the same languages as domains
         group_of = dict(pairs)
-        aliases = m.get("aliases") if isinstance(m.get("aliases"), dict) else {}
-        pairs += [(a, group_of[c]) for a, c in aliases.items() if c in group_of and a not in group_of]
+        given = m.get("aliases") if isinstance(m.get("aliases"), dict) else {}
+        aliases = {a: c for a, c in given.items() if c in group_of and a not in group_of}
+        pairs += [(a, group_of[c]) for a, c in aliases.items()]
     elif isinstance(m, dict):
         pairs = list(m.items())
     else:
@@ -143,7 +144,23 @@ def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
             raise UserError(f"{path}: domain {d!r} is mapped to both {out[d]!r} and {g!r}")
     if not out:
         raise UserError(f"{path}: the domain map is empty")
-    return out
+    return DomainMap(out, aliases=aliases)
+
+
+class DomainMap(dict):
+    """domain -> group, knowing which keys are other spellings (`aliases`: `de` -> `deu`) of another key,
+    so a corpus holding one spelling is not told it lacks the other."""
+
+    def __init__(self, pairs: dict, aliases: dict | None = None):
+        super().__init__(pairs)
+        self.aliases = dict(aliases or {})
+
+    def unused(self, held: set[str]) -> list[str]:
+        spellings = {k: {k} for k in self}
+        for a, c in self.aliases.items():
+            spellings[a].add(c)
+            spellings[c].add(a)
+        return sorted(k for k in self if not spellings[k] & held)
 
 
 def build_shards(
@@ -252,7 +269,8 @@ def build_shards(
             }
         for domain in sorted(read_domains - set(domains)):  # listed, so evaluation can say it is missing
             domains[domain] = {"folder": None, "splits": {}}
-        if unused := sorted(set(domain_map or {}) - source_domains):  # a typo, or another corpus's map
+        mapped = domain_map if isinstance(domain_map, DomainMap) else DomainMap(domain_map or {})
+        if unused := mapped.unused(source_domains):  # a typo, or another corpus's map
             print(
                 f"note: the domain map names {', '.join(unused)}, which the data does not hold",
                 file=sys.stderr,

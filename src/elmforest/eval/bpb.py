@@ -323,10 +323,15 @@ def check_held_out(mdir: Path, source, spec: SplitSpec, split: str, data) -> Non
     trained = Path(str(rec.get("shards", ""))) / "index.json"
     if not trained.is_file() or not source:
         return
-    corpus = read_json(trained).get("source")
     held = SplitSpec(**rec["split"])
-    if not corpus or Path(corpus).resolve() != Path(source).resolve() or held == spec:
+
+    def paths(s) -> set[Path]:  # shards built from several sources record a list
+        return {Path(str(x)).resolve() for x in (s if isinstance(s, list) else [s]) if x}
+
+    shared = paths(read_json(trained).get("source")) & paths(source)
+    if not shared or held == spec:
         return
+    corpus = ", ".join(map(str, sorted(shared)))
     raise UserError(
         f"{data}: its {split} split is cut from {mdir}'s own training corpus ({corpus}) at other fractions "
         f"(valid {spec.valid_frac}, test {spec.test_frac}; the model held out valid {held.valid_frac}, test "

@@ -111,7 +111,7 @@ def add(
     if not summary:
         print(
             f"note: {src} has no training record (summary.json beside it or its run): the ledger counts "
-            "this expert's training as 0 tokens and 0 FLOPs, so compute-matched comparisons leave it out",
+            "this expert's training as 0 tokens and 0 FLOPs, so the forest's compute is undercounted",
             file=sys.stderr,
         )
 

@@ -390,7 +390,7 @@ def evaluate_forest(
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
     # each expert's held-out documents (experts may come from shards of their own)
-    forest_dirs = [forest.expert_dir(n) for n in forest.names]
+    forest_dirs = [forest.expert_dir(n) for n in kw.get("experts") or forest.names]
     needs_prior = kw.get("prior", "cached") == "cached" and kw.get("mode", "ensemble") != "cluster"
     if Shards.is_shards_dir(data):
         if split == "all":

@@ -31,13 +31,21 @@ def remove_expert(forest: Forest, name: str) -> dict:
     valid_name(name)
     run = forest.root / "runs" / name
     unfinished = name not in forest.names and run.is_dir() and not run.is_symlink()
-    if unfinished:  # an owner leaving while its expert trains: the run holds what it learned so far
-        from elmforest.utils.io import held_lock
+    if not unfinished:
+        return _remove(forest, name, unfinished)
+    # an owner leaving while its expert trains: the run holds what it learned so far. Its lock is held
+    # through the removal, so no trainer starts on it meanwhile (one that does later is refused: the
+    # name is tombstoned)
+    from elmforest.utils.io import held_lock
 
-        busy = f"{run} is training now (its trainer holds the run's lock): stop it, then run `forest remove` again"
-        with held_lock(run / ".trainer.lock", busy):
-            pass
+    busy = (
+        f"{run} is training now (its trainer holds the run's lock): stop it, then run `forest remove` again"
+    )
+    with held_lock(run / ".trainer.lock", busy):
+        return _remove(forest, name, unfinished)
 
+
+def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
     def tombstone(d):
         entry = next((e for e in d["experts"] if e["name"] == name), None)
         if entry is not None:
@@ -233,7 +241,9 @@ def _seed_problems(forest: Forest) -> list[str]:
     files = [f for f in seed.iterdir() if f.name.endswith(".safetensors")]
     if not files:
         return [f"the seed: {seed} holds no weights; {advice}"]
-    if "config" in forest.data["seed"] and state.is_dir():
+    if "config" in forest.data["seed"]:  # a trained seed: its experts continue its state
+        if not state.is_dir():
+            return [f"the seed: {state} (its weights and optimizer state) is missing; {advice}"]
         files += [f for f in state.iterdir() if f.name.endswith(".safetensors")]
     for f in files:
         try:

@@ -81,6 +81,7 @@ def check_finite(src: Path) -> None:
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
                 t = h.get_tensor(k)
+                t = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # fp8: no isfinite
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise NonFiniteWeights(
                         f"{f}: tensor {k} holds non-finite values (NaN or inf): corrupt or diverged weights"

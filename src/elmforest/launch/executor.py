@@ -8,6 +8,7 @@ nothing it did leaves the forest invalid (manifest writes are atomic and locked)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,20 @@ def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
     if kind == "ray":
         return int(cpus_per_job)
     return max(1, cpu_cores() // workers) if workers > 1 else None
+
+
+@contextlib.contextmanager
+def stopped_with(pool):
+    """Ctrl-C or SIGTERM in the parent stops the workers at once: leaving the pool's `with` would
+    otherwise wait for the running jobs and run every queued one (a whole forest's training)."""
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a failed job
+            for p in list((getattr(pool, "_processes", None) or {}).values()):  # no public handle on them
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 @dataclass
@@ -67,12 +82,15 @@ class LocalExecutor:
         ctx = multiprocessing.get_context("spawn")
         results: list[dict | None] = [None] * len(jobs)
         failures = {}
-        with ProcessPoolExecutor(
-            max_workers=min(self.workers, len(jobs)),
-            mp_context=ctx,
-            initializer=die_with_parent,  # a killed run leaves no worker training on
-            initargs=(os.getpid(),),
-        ) as pool:
+        with (
+            ProcessPoolExecutor(
+                max_workers=min(self.workers, len(jobs)),
+                mp_context=ctx,
+                initializer=die_with_parent,  # a killed run leaves no worker training on
+                initargs=(os.getpid(),),
+            ) as pool,
+            stopped_with(pool),
+        ):
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             for fut, i in futures.items():
                 try:

@@ -124,7 +124,8 @@ class MlflowLogger(Tracker):
         self._terminate("FINISHED", "complete" if summary else "paused")
 
     def abort(self, trainer):
-        self._terminate("KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED", "failed")
+        stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt | SystemExit)  # Ctrl-C, SIGTERM
+        self._terminate("KILLED" if stopped else "FAILED", "failed")
 
     def _terminate(self, status: str, state: str) -> None:
         if self.run_id is None:

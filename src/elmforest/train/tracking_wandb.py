@@ -93,7 +93,9 @@ class WandbLogger(Tracker):
         self._finish(0)
 
     def abort(self, trainer):
-        self._finish(255 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1)
+        self._finish(
+            255 if isinstance(sys.exc_info()[1], KeyboardInterrupt | SystemExit) else 1
+        )  # Ctrl-C, SIGTERM
 
     def _finish(self, exit_code: int) -> None:
         if not self.started:
