@@ -235,7 +235,7 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, cap
     assert not (f.root / "runs" / "x").exists()  # nothing trained
     # a merge of the forest's owners given one by one (--owner) is recorded with the forest too
     by_hand = tmp_path / "by-hand"
-    owners = [f"{d}={f.expert_dir(d)}" for d in doms]
+    owners = [f"owner{i}={f.expert_dir(d)}" for i, d in enumerate(doms)]  # the user's names, not the forest's
     assert main(["merge", "flexolmo", "--owner", owners[0], "--owner", owners[1], "--out", str(by_hand)]) == 0
     capsys.readouterr()
     for bad, message in (

@@ -97,7 +97,7 @@ def _marker_lists(path: Path, name: str) -> bool:
             except (OSError, ValueError):
                 return True  # unreadable marker on a recorded output: assume the worst, delete it
             names = meta.get("names") or [
-                e.get("name") for e in meta.get("experts", []) if isinstance(e, dict)
+                e.get("forest_name") or e.get("name") for e in meta.get("experts", []) if isinstance(e, dict)
             ]
             weights = meta.get("weights") or [1.0] * len(names)
             return any(n == name and w > 0 for n, w in zip(names, weights, strict=False))

@@ -203,7 +203,7 @@ def merge_pairs(
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
-    removed, recorded = [], _record_in_forests(out, names, dirs, forest)
+    removed, (recorded, known_as) = [], _record_in_forests(out, names, dirs, forest)
     if forest is not None:
         removed = list(recorded[0].removed)
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
@@ -245,21 +245,23 @@ def merge_pairs(
                 "top_k": cfg["num_experts_per_tok"],
             },
         )
-        _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed)
+        _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed, known_as)
         path = writer.commit()
     for f in recorded:
         f.drop_phases(path)
     return path
 
 
-def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> list:
+def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple[list, dict]:
     """Before writing: record `out` with every forest holding one of the owners' experts, so opting an
-    owner out finds this copy of its expert, also when the pairs were given one by one (--owner)."""
+    owner out finds this copy of its expert, also when the pairs were given one by one (--owner NAME=DIR,
+    NAME the user's). Returns (those forests, owner name -> its expert's name in its forest)."""
     from elmforest.forest.manifest import Forest
 
     given = None if forest is None else Path(forest).resolve()
     found: dict[Path, list[str]] = {} if given is None else {given: list(names)}
-    for d in dirs:
+    known_as = {}
+    for n, d in zip(names, dirs, strict=True):
         root = next((p for p in Path(d).resolve().parents if (p / "forest.json").is_file()), None)
         if root is None or root == given:
             continue
@@ -267,16 +269,17 @@ def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> list:
         owned = [e for e in f.names if f.expert_dir(e).resolve() == Path(d).resolve()]
         if owned:
             found.setdefault(root, []).extend(owned)
+            known_as[n] = owned[0]
     forests = []
     for root, owned in found.items():
         f = Forest.load(root)
         f.record_output(out, "moe", owned)
         forests.append(f)
-    return forests
+    return forests, known_as
 
 
 def _write_moe_card(
-    tmp: Path, names, dirs, cfg: dict, forest, excluded: list[str], removed: list[str]
+    tmp: Path, names, dirs, cfg: dict, forest, excluded: list[str], removed: list[str], known_as: dict
 ) -> None:
     """The card every merged MoE carries (elmforest_moe.json, README.md), so routing statistics,
     router training and BTX fine-tuning work on a FlexOlmo merge as on `merge moe`'s."""
@@ -290,6 +293,7 @@ def _write_moe_card(
     experts = [{"index": 0, "name": "public", "domains": [], "tokens": None}]
     experts += [
         {"index": i, "name": n, "domains": domains_of(d), "tokens": None}
+        | ({"forest_name": known_as[n]} if n in known_as else {})  # what opting it out calls it
         for i, (n, d) in enumerate(zip(names, dirs, strict=True), 1)
     ]
     meta = {
