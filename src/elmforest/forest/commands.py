@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.forest.manifest import refuse_inside_forest
+from elmforest.forest.trust import refuse_inside_forest
 from elmforest.utils.errors import UserError
 
 

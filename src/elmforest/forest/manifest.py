@@ -520,18 +520,6 @@ class Forest:
         return "\n".join(lines)
 
 
-def refuse_inside_forest(out: str | Path) -> None:
-    """A merged or averaged model is written outside every forest: inside one it lands among the
-    checkpoints the manifest owns (an expert's or the seed's folder, or a stray folder fsck flags)."""
-    out = Path(out).resolve()
-    for d in (out, *out.parents):
-        if (d / "forest.json").is_file():
-            raise UserError(
-                f"{out} is inside the forest {d}; write merged and averaged models outside it (its folders "
-                "hold only the checkpoints its manifest owns)"
-            )
-
-
 def _read_manifest(root: Path) -> dict:
     path = root / "forest.json"
     data = read_json(path)

@@ -229,3 +229,15 @@ def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
             except OSError:
                 pass
         shutil.copy2(f, dst / f.name, follow_symlinks=False)
+
+
+def refuse_inside_forest(out: str | Path) -> None:
+    """A merged or averaged model is written outside every forest: inside one it lands among the
+    checkpoints the manifest owns (an expert's or the seed's folder, or a stray folder fsck flags)."""
+    out = Path(out).resolve()
+    for d in (out, *out.parents):
+        if (d / "forest.json").is_file():
+            raise UserError(
+                f"{out} is inside the forest {d}; write merged and averaged models outside it (its folders "
+                "hold only the checkpoints its manifest owns)"
+            )

@@ -162,7 +162,7 @@ def merge_pairs(
     leaving its pair out. Written atomically at `out`; returns `out`."""
     from transformers import AutoConfig
 
-    from elmforest.forest.manifest import refuse_inside_forest, valid_name
+    from elmforest.forest.trust import refuse_inside_forest, valid_name
     from elmforest.merge.moe_formats import FORMATS
 
     if not pairs:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from elmforest.forest.manifest import Forest, refuse_inside_forest
+from elmforest.forest.manifest import Forest
+from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
 from elmforest.merge.methods import linear
 from elmforest.merge.moe_formats import PROJ, MoeFormat, format_for

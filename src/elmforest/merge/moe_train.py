@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.forest.manifest import Forest, refuse_inside_forest
+from elmforest.forest.manifest import Forest
+from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.moe import SOURCE_MARKER, export_fingerprint, model_card
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
