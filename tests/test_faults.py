@@ -179,6 +179,18 @@ def test_an_unwritable_destination_is_named_not_its_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.json"]
 
 
+def test_a_refused_read_elsewhere_is_not_a_failure_to_write_the_output(tmp_path):
+    """An unreadable input folder read inside a staged write was reported as `OUT: cannot write`."""
+    from elmforest.utils.io import as_write_error
+
+    out, tmp = tmp_path / "sh", tmp_path / ".sh.tmp~1"
+    read = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "in" / "b" / "x.json"))
+    assert as_write_error(read, out, tmp) is None  # the OSError itself names the input
+    write = PermissionError(errno.EACCES, "Permission denied", str(tmp / "d" / "train.bin"))
+    assert str(as_write_error(write, out, tmp)).startswith(f"{out}: cannot write (Permission denied)")
+    assert as_write_error(OSError(errno.ENOSPC, "No space left"), out, tmp) is not None
+
+
 def test_a_full_disk_leaves_nothing_behind_and_names_the_file(shards_dir, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -187,3 +187,28 @@ def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tm
     with pytest.raises(NotFound) as e:
         evaluate(model, data, domains=["b"], device="cpu", progress=False, seq_len=16)
     assert str(data) in str(e.value) and "elmforest-eval-" not in str(e.value)
+
+
+def test_files_and_linked_folders_left_out_of_a_data_folder_are_said(tmp_path, capsys, monkeypatch):
+    """A .jsonl.gz file and a link to a folder of text were dropped without a word (400 documents)."""
+    import gzip
+    import os
+
+    from elmforest.data.readers import is_saved_dataset, list_data_files
+
+    data = tmp_path / "data"
+    (data / "news").mkdir(parents=True)
+    (data / "news" / "a.txt").write_text("some news")
+    (data / "code.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x = 1"}\n'))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.txt").write_text("more")
+    os.symlink(tmp_path / "elsewhere", data / "linked")
+    (data / "manifest.json").write_text("{}")  # metadata: left out silently, as before
+    assert list_data_files(data) == [data / "news" / "a.txt"]
+    err = capsys.readouterr().err
+    assert "left out 2 file(s) or linked folder(s)" in err and "code.jsonl.gz" in err and "linked/" in err
+    assert "manifest.json" not in err
+    # a folder that cannot be read is named as such (not as a file in it, nor as the output)
+    monkeypatch.setattr(type(data), "is_file", lambda self: (_ for _ in ()).throw(PermissionError(13, "no")))
+    with pytest.raises(DataError, match="cannot read this folder"):
+        is_saved_dataset(data)

@@ -102,9 +102,12 @@ def is_metadata(name: str) -> bool:
 
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-    )
+    try:
+        return (path / "dataset_dict.json").is_file() or (
+            (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+        )
+    except PermissionError:  # an unreadable folder: said as such, not as a file inside it
+        raise DataError(f"{path}: cannot read this folder (permission denied)") from None
 
 
 def list_data_files(path: str | os.PathLike) -> list[Path]:
@@ -124,23 +127,32 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     files: list[Path] = []
     saved: set[Path] = set()
+    passed: list[str] = []  # files and folders a user may have meant as data, said once
     for f in sorted(p.rglob("*")):
         if saved and not saved.isdisjoint(f.parents):
             continue  # inside a saved dataset, which is read whole
         hidden = any(part.startswith(".") for part in f.relative_to(p).parts)
-        if f.is_dir() and not f.is_symlink() and not hidden and is_saved_dataset(f):
-            saved.add(f)
-            files.append(f)
-            continue
-        if (
-            (f.is_dir() and not f.is_symlink())  # a folder is searched, whatever its name (x.parquet/)
-            or not f.name.endswith(SUPPORTED)
-            or is_metadata(f.name)
-            or hidden  # hidden files and folders
-        ):
+        if f.is_dir() and not f.is_symlink() and not hidden:
+            if not os.access(f, os.R_OK | os.X_OK):  # rglob would skip what is in it without a word
+                raise DataError(f"{f}: cannot read this folder (permission denied)")
+            if is_saved_dataset(f):
+                saved.add(f)
+                files.append(f)
+                continue
+        if hidden or is_metadata(f.name) or (f.is_dir() and not f.is_symlink()):
+            continue  # a folder is searched, whatever its name (x.parquet/)
+        if f.is_dir() or not f.name.endswith(SUPPORTED):
+            passed.append(f"{f.relative_to(p)}{'/ (a link to a folder)' if f.is_dir() else ''}")
             continue
         _check_data_file(f)
         files.append(f)
+    if passed:
+        print(
+            f"note: {p}: left out {len(passed)} file(s) or linked folder(s) that are not data files "
+            f"({', '.join(SUPPORTED)}): {', '.join(passed[:5])}{' ...' if len(passed) > 5 else ''} (a compressed "
+            "file is read as json:PATH or csv:PATH; a linked folder, passed as --data itself)",
+            file=sys.stderr,
+        )
     if not files:
         raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
     return files

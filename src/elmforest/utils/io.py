@@ -143,11 +143,14 @@ def as_write_error(
     person never chose that name: `path` is a directory, its folder takes no files), else None."""
     if isinstance(e, WriteError):
         return None
-    about_tmp = tmp is not None and str(tmp) in (
-        str(getattr(e, "filename", None)),
-        str(getattr(e, "filename2", None)),
+    named = [str(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None)) if f]
+    about_tmp = tmp is not None and str(tmp) in named
+    # a refused read elsewhere (an unreadable input folder) is not a failure to write `path`
+    mine = [os.path.abspath(r) for r in (path, tmp) if r is not None]
+    elsewhere = bool(named) and not any(
+        a == r or a.startswith(r + os.sep) for a in map(os.path.abspath, named) for r in mine
     )
-    if isinstance(e, OSError) and (e.errno in _DISK_ERRNOS or about_tmp):
+    if isinstance(e, OSError) and (about_tmp or (e.errno in _DISK_ERRNOS and not elsewhere)):
         reason = e.strerror or str(e)
     elif type(e).__name__ == "SafetensorError" and (m := re.search(r"code: (\d+)", str(e))):
         if int(m.group(1)) not in _DISK_ERRNOS:
