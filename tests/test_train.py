@@ -106,6 +106,20 @@ def test_completed_run_is_not_retrained_and_config_changes_are_refused(shards_di
     cfg.optim.lr, cfg.model.init_from = tiny_config(shards_dir).optim.lr, str(tmp_path / "run" / "model")
     change = config_change(tmp_path / "run", cfg)
     assert change.startswith("model.init_from: None -> ") and "absent" not in change, change
+    # the finished run asked for again on other shards: refused, not "done" for data it never saw
+    import shutil
+
+    other = tmp_path / "other-shards"
+    shutil.copytree(shards_dir, other)
+    index = json.loads((other / "index.json").read_text())
+    index["split"] = {"valid_frac": 0.2, "test_frac": 0.2}
+    (other / "index.json").write_text(json.dumps(index))
+    cfg = tiny_config(other, steps=6)
+    with pytest.raises(ValueError, match="finished run trained on shards .* holds other data"):
+        train(cfg, tmp_path / "run", progress=False)
+    moved = tmp_path / "moved-shards"  # the same shards elsewhere: still done
+    shutil.copytree(shards_dir, moved)
+    assert train(tiny_config(moved, steps=6), tmp_path / "run", progress=False) == s1
 
 
 def _train_cmd(shards, out, steps):

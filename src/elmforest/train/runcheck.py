@@ -183,6 +183,23 @@ def check_config(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
+def check_finished_data(run_dir: Path, cfg: RunConfig) -> None:
+    """A finished run asked for again on other shards is refused as an unfinished one is, instead of
+    answering "done" for data it never saw (only the shards: a finished run's starting checkpoint may be
+    gone by now, and it no longer matters)."""
+    saved = run_dir / "inputs.json"
+    was = (read_json(saved).get("shards") or {}) if saved.is_file() else {}
+    if not was.get("fingerprint") or not cfg.data.shards or not Shards.is_shards_dir(cfg.data.shards):
+        return
+    now = Shards(cfg.data.shards).fingerprint
+    if now != was["fingerprint"]:
+        raise UserError(
+            f"{run_dir} is a finished run trained on shards {was.get('path')} (fingerprint {was['fingerprint']}), "
+            f"but {cfg.data.shards} holds other data (fingerprint {now}); point it at the original, or give "
+            "another --out to train on these"
+        )
+
+
 def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
     """The run's inputs (input_fingerprints), refused when a run with progress started from other
     content: shards rebuilt at the same path would silently continue on other text, while a moved

@@ -51,6 +51,7 @@ from elmforest.train.moe_loss import moe_shape, router_losses
 from elmforest.train.runcheck import (
     check_config,
     check_context,
+    check_finished_data,
     check_inputs,
     check_order,
     check_same_tokenizer,
@@ -174,6 +175,7 @@ class Trainer:
         summary_path = self.run_dir / "summary.json"
         check_config(self.run_dir, self.cfg)
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
+            check_finished_data(self.run_dir, self.cfg)
             return read_json(summary_path)  # complete: nothing to do
         self._setup()
         self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
