@@ -268,3 +268,12 @@ raise SystemExit(main(["shards", "reorder", {str(shards_dir)!r}, "--out", {str(o
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     main(["presets"])
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_single_valued_option_given_twice_is_refused(capsys):
+    """`--data A --data B` read only B (click keeps the last value): a whole source dropped silently."""
+    rc, out = _run(["shards", "build", "--data", "a", "--data=b", "--tokenizer", "t", "--out", "o"], capsys)
+    assert rc == 2 and "--data given more than once" in out
+    # repeatable options still repeat
+    rc, out = _run(["train", "--shards", "s", "--out", "o", "--set", "x=1", "--set", "y=2"], capsys)
+    assert "more than once" not in out

@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        build_app()(args=argv, prog_name="elmforest")
+        app = build_app()
+        if twice := repeated_option(app, argv):
+            print(f"elmforest: error: {twice} given more than once; it takes one value", file=sys.stderr)
+            return 2
+        app(args=argv, prog_name="elmforest")
     except SystemExit as e:  # the verb's status, a usage error (2) or --help (0)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
@@ -62,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         if before is not None:  # None: the handler was not set from Python; ours stays
             signal.signal(signal.SIGTERM, before)
     return 0
+
+
+def repeated_option(app, argv: list[str]) -> str | None:
+    """The first single-valued option given twice (`--data A --data B`), which click would silently
+    answer with the last value: a whole data source dropped without a word."""
+    import typer
+
+    # typer carries its own copy of click: groups and options are told apart by what they have
+    cmd, i = typer.main.get_command(app), 0
+    while hasattr(cmd, "commands") and i < len(argv) and argv[i] in cmd.commands:
+        cmd, i = cmd.commands[argv[i]], i + 1
+    if hasattr(cmd, "commands"):
+        return None
+    given = [a.split("=", 1)[0] for a in argv[i:] if a.startswith("-")]
+    for p in cmd.params:
+        single = p.param_type_name == "option" and not (p.multiple or p.is_flag or p.count)
+        if single and sum(a in p.opts for a in given) > 1:
+            return "/".join(p.opts)
+    return None
 
 
 def _terminated(signum, frame):
