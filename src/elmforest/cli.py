@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 
+import typer
+
 from elmforest.clients import lm_eval_cli, report_cli, serve_cli
 from elmforest.cluster import cli as cluster_cli
 from elmforest.data import cli as data_cli
@@ -50,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        app = build_app()
-        if twice := repeated_option(app, argv):
+        # the click command, built once (no pretty tracebacks to lose: the groups turn them off)
+        cmd = typer.main.get_command(build_app())
+        if twice := repeated_option(cmd, argv):
             print(f"elmforest: error: {twice} given more than once; it takes one value", file=sys.stderr)
             return 2
-        app(args=argv, prog_name="elmforest")
+        cmd(args=argv, prog_name="elmforest")
     except SystemExit as e:  # the verb's status, a usage error (2) or --help (0)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
@@ -68,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def repeated_option(app, argv: list[str]) -> str | None:
+def repeated_option(cmd, argv: list[str]) -> str | None:
     """The first single-valued option given twice (`--data A --data B`), which click would silently
-    answer with the last value: a whole data source dropped without a word."""
-    import typer
-
-    # typer carries its own copy of click: groups and options are told apart by what they have
-    cmd, i = typer.main.get_command(app), 0
+    answer with the last value: a whole data source dropped without a word. `cmd`: the app's click
+    command (typer carries its own copy of click: groups and options are told apart by what they have)."""
+    i = 0
     while hasattr(cmd, "commands") and i < len(argv) and argv[i] in cmd.commands:
         cmd, i = cmd.commands[argv[i]], i + 1
     if hasattr(cmd, "commands"):

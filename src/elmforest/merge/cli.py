@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(mg, name="merge")
 
 
+ROUTER_TRAINING = {"steps": 100, "lr": 1e-3, "batch_size": 16}  # `merge moe --train-router` defaults
+
+
 def moe(
     forest: Annotated[str, opt("forest directory", metavar="DIR")],
     out: Annotated[str, opt("output HF checkpoint directory", metavar="DIR")],
@@ -56,9 +59,11 @@ def moe(
     train_router: Annotated[
         bool, flag("--train-router", "then train only the router rows (FlexOlmo RT)")
     ] = False,
-    steps: Annotated[int, opt("router training steps", positive_int)] = 100,
-    lr: Annotated[float, opt("router training learning rate", positive_float)] = 1e-3,
-    batch_size: Annotated[int, opt("router training sequences per step", positive_int)] = 16,
+    steps: Annotated[int, opt("router training steps", positive_int)] = ROUTER_TRAINING["steps"],
+    lr: Annotated[float, opt("router training learning rate", positive_float)] = ROUTER_TRAINING["lr"],
+    batch_size: Annotated[int, opt("router training sequences per step", positive_int)] = ROUTER_TRAINING[
+        "batch_size"
+    ],
     train_data: Annotated[
         str | None,
         opt("shards for router training (default: --data, else the first expert's shards)", metavar="DIR"),
@@ -87,7 +92,8 @@ def moe(
         sample_tokens=sample_tokens,
         exclude=exclude or [],
     )
-    router_options = {"--steps": steps != 100, "--lr": lr != 1e-3, "--batch-size": batch_size != 16}
+    given = {"steps": steps, "lr": lr, "batch_size": batch_size}
+    router_options = {f"--{k.replace('_', '-')}": v != ROUTER_TRAINING[k] for k, v in given.items()}
     router_options |= {"--train-data": train_data is not None, "--set": bool(overrides)}
     if not train_router and any(router_options.values()):
         given = [k for k, v in router_options.items() if v]

@@ -187,9 +187,9 @@ def merge_pairs(
         for n, c in zip(names, cfgs, strict=True)
         if FORMATS.get(c.get("model_type")) is None or n_of(c) != 2
     ]
-    if fmt is None or bad:
+    if bad:  # an unknown format, or not a 2-expert MoE
         raise UserError(
-            f"owner(s) {bad or names[:1]} are not FlexOlmo owner models (2-expert MoEs: the public expert and "
+            f"owner(s) {bad} are not FlexOlmo owner models (2-expert MoEs: the public expert and "
             "the owner's); make the public pair with `elmforest merge flexolmo-pair` and train each owner's "
             "from it (`forest expert --branch flexolmo`)"
         )
@@ -203,9 +203,8 @@ def merge_pairs(
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
-    removed, (recorded, known_as) = [], _record_in_forests(out, names, dirs, forest)
-    if forest is not None:
-        removed = list(recorded[0].removed)
+    recorded, known_as = _record_in_forests(out, names, dirs, forest)
+    removed = list(recorded[Path(forest).resolve()].removed) if forest is not None else []
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
         ws = [LazyWeights(d, stack) for d in dirs]
         for name in ws[0].keys():
@@ -247,35 +246,35 @@ def merge_pairs(
         )
         _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed, known_as)
         path = writer.commit()
-    for f in recorded:
+    for f in recorded.values():
         f.drop_phases(path)
     return path
 
 
-def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple[list, dict]:
+def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple[dict, dict]:
     """Before writing: record `out` with every forest holding one of the owners' experts, so opting an
     owner out finds this copy of its expert, also when the pairs were given one by one (--owner NAME=DIR,
-    NAME the user's). Returns (those forests, owner name -> its expert's name in its forest)."""
+    NAME the user's). Returns ({forest root: Forest}, owner name -> its expert's name in its forest)."""
     from elmforest.forest.manifest import Forest
 
     given = None if forest is None else Path(forest).resolve()
-    found: dict[Path, list[str]] = {} if given is None else {given: list(names)}
+    forests = {} if given is None else {given: Forest.load(given)}
+    held = {} if given is None else {given: list(names)}
     known_as = {}
     for n, d in zip(names, dirs, strict=True):
         root = next((p for p in Path(d).resolve().parents if (p / "forest.json").is_file()), None)
         if root is None or root == given:
             continue
-        f = Forest.load(root)
+        if root not in forests:
+            forests[root] = Forest.load(root)
+        f = forests[root]
         owned = [e for e in f.names if f.expert_dir(e).resolve() == Path(d).resolve()]
         if owned:
-            found.setdefault(root, []).extend(owned)
+            held.setdefault(root, []).extend(owned)
             known_as[n] = owned[0]
-    forests = []
-    for root, owned in found.items():
-        f = Forest.load(root)
-        f.record_output(out, "moe", owned)
-        forests.append(f)
-    return forests, known_as
+    for root, owned in held.items():
+        forests[root].record_output(out, "moe", owned)
+    return {r: forests[r] for r in held}, known_as
 
 
 def _write_moe_card(

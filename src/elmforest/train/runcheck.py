@@ -188,16 +188,10 @@ def check_finished_data(run_dir: Path, cfg: RunConfig) -> None:
     answering "done" for data it never saw (only the shards: a finished run's starting checkpoint may be
     gone by now, and it no longer matters)."""
     saved = run_dir / "inputs.json"
-    was = (read_json(saved).get("shards") or {}) if saved.is_file() else {}
-    if not was.get("fingerprint") or not cfg.data.shards or not Shards.is_shards_dir(cfg.data.shards):
+    if not saved.is_file() or not cfg.data.shards or not Shards.is_shards_dir(cfg.data.shards):
         return
-    now = Shards(cfg.data.shards).fingerprint
-    if now != was["fingerprint"]:
-        raise UserError(
-            f"{run_dir} is a finished run trained on shards {was.get('path')} (fingerprint {was['fingerprint']}), "
-            f"but {cfg.data.shards} holds other data (fingerprint {now}); point it at the original, or give "
-            "another --out to train on these"
-        )
+    now = {"path": str(cfg.data.shards), "fingerprint": Shards(cfg.data.shards).fingerprint}
+    _refuse_changed(run_dir, read_json(saved), {"shards": now}, finished=True)
 
 
 def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
@@ -207,13 +201,19 @@ def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
     saved = run_dir / "inputs.json"
     old = read_json(saved) if saved.is_file() and has_progress(run_dir) else None
     inputs = input_fingerprints(cfg, shards, old)
-    for key, new in inputs.items() if old else ():
+    if old:
+        _refuse_changed(run_dir, old, inputs)
+    return inputs
+
+
+def _refuse_changed(run_dir: Path, old: dict, new: dict, finished: bool = False) -> None:
+    for key, now in new.items():
         was = old.get(key)
-        if was is not None and new is not None and was["fingerprint"] != new["fingerprint"]:
+        if was and now and was.get("fingerprint") and was["fingerprint"] != now["fingerprint"]:
             what = {"shards": "shards", "init_from": "model.init_from"}.get(key, f"train.{key}")
+            start = "is a finished run trained on" if finished else "was started from"
             raise UserError(
-                f"{run_dir} was started from {what} {was['path']} (fingerprint {was['fingerprint']}) "
-                f"but {new['path']} holds other data (fingerprint {new['fingerprint']}); point it at the "
+                f"{run_dir} {start} {what} {was['path']} (fingerprint {was['fingerprint']}) "
+                f"but {now['path']} holds other data (fingerprint {now['fingerprint']}); point it at the "
                 f"original, or delete {run_dir} to start over"
             )
-    return inputs
