@@ -99,3 +99,35 @@ def test_domain_folder_names_never_collide(tmp_path, tokenizer_dir):
     assert len(set(folders)) == 7  # none may take the name of a tokenizer file a checkpoint can ship
     assert not {"index.json", "vocab.json", "merges.txt"} & set(folders)
     assert all(sh.info(d, "train")["documents"] == 3 for d in sh.domains)
+
+
+def test_hundreds_of_domains_build_under_a_low_open_file_limit(tmp_path, tokenizer_dir, monkeypatch):
+    """A build held two open files per (domain, split): ~340 domains hit the default 1024 limit."""
+    import json
+    import resource
+
+    from elmforest.data import shards as shards_mod
+
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(900):
+            f.write(
+                json.dumps({"id": f"{i}", "domain": f"dom{i % 300}", "text": f"text {i} " * (i % 7 + 1)})
+                + "\n"
+            )
+    monkeypatch.setattr(shards_mod._Writer, "FLUSH_BYTES", 8)  # several appends per file
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(128, hard), hard))
+    try:
+        out = build_shards(
+            tmp_path / "d.jsonl", tokenizer_dir, tmp_path / "s", SplitSpec(0.1, 0.1), progress=False
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    sh, tok, spec = Shards(out.out), load_tokenizer(tokenizer_dir), SplitSpec(0.1, 0.1)
+    assert len(sh.domains) == 300
+    expected: dict[tuple[str, str], list[int]] = {}
+    for d in iter_documents(tmp_path / "d.jsonl"):
+        expected.setdefault((d.domain, spec.assign(d.id)), []).extend(
+            tok.encode_batch([d.text])[0] + [tok.eos_id]
+        )
+    assert all(sh.tokens(dom, split).tolist() == ids for (dom, split), ids in expected.items())

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,18 +66,33 @@ def safe_name(domain: str) -> str:
 
 @dataclass
 class _Writer:
+    """One (domain, split)'s token file. It buffers and appends, holding no file open between writes:
+    a corpus of hundreds of domains would otherwise hold two open files per domain and hit the
+    process's open-file limit (1024 by default)."""
+
     tokens_path: Path
-    f: object
     ends: list
     nbytes: list
     count: int = 0
+    pending: list = field(default_factory=list)
+    pending_bytes: int = 0
+
+    FLUSH_BYTES = 1 << 20
 
     def add(self, ids: list[int], nbytes: int, dtype: np.dtype) -> None:
         arr = np.asarray(ids, dtype=dtype)
-        self.f.write(arr.tobytes())
+        self.pending.append(arr.tobytes())
+        self.pending_bytes += arr.nbytes
         self.count += len(arr)
         self.ends.append(self.count)
         self.nbytes.append(nbytes)
+        if self.pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        with open(self.tokens_path, "ab") as f:  # creates the file even when nothing is pending
+            f.writelines(self.pending)
+        self.pending, self.pending_bytes = [], 0
 
 
 @dataclass
@@ -226,7 +241,7 @@ def build_shards(
                 folder = folders.setdefault(domain, _unique_folder(domain, folders))
                 (staging / folder).mkdir(exist_ok=True)
                 path = staging / folder / f"{key[1]}.bin"
-                w = writers[key] = _Writer(path, open(path, "wb"), [], [])
+                w = writers[key] = _Writer(path, [], [])
             w.add(ids, nbytes, dtype)
             total_tokens += len(ids)
         bar.update(sum(n for _, n in batch))
@@ -259,7 +274,7 @@ def build_shards(
             raise UserError(f"{where}: no usable documents ({stats.summary()})")
         domains: dict[str, dict] = {}
         for (domain, split_name), w in sorted(writers.items()):
-            w.f.close()
+            w.flush()
             table = np.stack([np.asarray(w.ends, np.int64), np.asarray(w.nbytes, np.int64)], axis=1)
             np.save(w.tokens_path.with_suffix(".docs.npy"), table, allow_pickle=False)
             domains.setdefault(domain, {"folder": folders[domain], "splits": {}})["splits"][split_name] = {
@@ -305,11 +320,6 @@ def build_shards(
         replace_dir(staging, out)
     except BaseException as e:  # a full disk, a bad file, a kill: free what was written, raise only once
         bar.close()
-        for w in writers.values():
-            try:
-                w.f.close()  # flushing can fail again on a full disk: that must not hide the first error
-            except OSError:
-                pass
         remove_path(staging)
         if warming is not None:
             warming.join()  # not left running in BLAS or numba while the interpreter exits
