@@ -35,6 +35,11 @@ def test_a_partial_run_config_with_a_preset_is_completed_by_that_preset(tmp_path
     y.write_text("train:\n  steps: 5\n")
     with pytest.raises(UserError, match="a run config is JSON"):
         build_run_config(None, str(y))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"steps": "abc"}}))
+    for preset in (None, "tiny"):  # the error names the file the user must edit
+        with pytest.raises(UserError, match=r"--config .*bad.json: config.train.steps: expected an integer"):
+            build_run_config(preset, str(bad))
 
 
 def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):

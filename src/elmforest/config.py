@@ -312,6 +312,7 @@ def _bare_list(raw: str, ann: str) -> list:
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `section.key=value` strings; values parse as JSON, else as plain strings."""
     d = cfg.to_dict()
+    given = cfg.to_dict()  # the types before any override: a bad value given earlier must not set them
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected section.key=value")
@@ -335,7 +336,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 value = _bare_list(raw, ann)
         if isinstance(value, list) and str(_list_field(parts)).startswith("list[str]"):
             value = [x if isinstance(x, str) else json.dumps(x) for x in value]  # [2023, 2024]: names
-        if isinstance(node[parts[-1]], str) and not isinstance(value, str) and value is not None:
+        was = given
+        for p in parts:
+            was = was[p]
+        if isinstance(was, str) and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
         if (
             key.strip() == "data.domains"

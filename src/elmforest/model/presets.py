@@ -170,11 +170,17 @@ def build_run_config(
         raise UserError(
             f"--config {config_file}: a run config is JSON (a run's run_config.json); YAML is read by `elmforest study`"
         )
+    def from_file(d: dict) -> RunConfig:
+        try:
+            return RunConfig.from_dict(d)
+        except UserError as e:  # the file is where the user must look
+            raise UserError(f"--config {config_file}: {e}") from e
+
     if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
-        cfg = RunConfig.from_dict(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
+        cfg = from_file(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
     elif config_file:  # as given (runs started from it resume as they were), missing fields said
         top = read_json(config_file)
-        cfg = RunConfig.from_dict(top)
+        cfg = from_file(top)
         missing = [f"{s}.{k}" for s, v in cfg.to_dict().items() for k in v if k not in (top.get(s) or {})]
         if missing and any(not m.startswith("model.") for m in missing):
             print(
