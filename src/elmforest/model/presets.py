@@ -170,6 +170,7 @@ def build_run_config(
         raise UserError(
             f"--config {config_file}: a run config is JSON (a run's run_config.json); YAML is read by `elmforest study`"
         )
+
     def from_file(d: dict) -> RunConfig:
         try:
             return RunConfig.from_dict(d)
