@@ -91,6 +91,24 @@ def test_training_on_shards_without_a_train_split_is_refused(shards_dir, tmp_pat
         WindowSampler(Shards(s), None, "train", 16, 2, 0)
 
 
+def test_a_domain_without_training_documents_is_said_when_every_domain_is_trained(
+    shards_dir, tmp_path, capsys
+):
+    """All of a small domain's documents can hash to valid/test: training on every domain left it out unsaid."""
+    s = tmp_path / "s"
+    shutil.copytree(shards_dir, s)
+    index = json.loads((s / "index.json").read_text())
+    lone = sorted(index["domains"])[0]
+    index["domains"][lone]["splits"].pop("train")
+    (s / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    sampler = WindowSampler(Shards(s), None, "train", 16, 2, 0)
+    assert lone not in sampler.domains
+    assert f"domain(s) {lone} have no 'train' documents" in capsys.readouterr().err
+    WindowSampler(Shards(shards_dir), None, "train", 16, 2, 0)
+    assert "note" not in capsys.readouterr().err
+
+
 def test_clustering_with_no_word_left_after_pruning_is_refused():
     texts = [f"word{chr(97 + i)}xyz" for i in range(12)]  # no word in two documents
     with pytest.raises(UserError, match="no word is left to cluster on.*--min-df"):

@@ -13,6 +13,8 @@ source or random order are read the same way, so the order is the only differenc
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -31,7 +33,14 @@ class WindowSampler:
         seed: int,
         mixture: str = "uniform",
     ):
-        domains = list(domains) if domains else [d for d in shards.domains if shards.has(d, split)]
+        if not domains:
+            domains = [d for d in shards.domains if shards.has(d, split)]
+            if domains and (lacking := [d for d in shards.domains if d not in domains]):
+                print(  # every document of theirs fell in the other splits: few documents, or big shares
+                    f"note: {shards.root}: domain(s) {', '.join(lacking)} have no {split!r} documents; "
+                    f"the {split} windows come from the other {len(domains)}",
+                    file=sys.stderr,
+                )
         if not domains:
             raise UserError(
                 f"{shards.root}: no domain has a {split!r} split (shards built with --valid-frac + "
