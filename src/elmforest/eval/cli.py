@@ -106,7 +106,7 @@ def eval_(
         int | None,
         opt(
             "per domain: the first whole documents that fit in this many bytes of text (the same documents "
-            "for every model and tokenizer)",
+            "for every model and tokenizer; at least one, even when it is longer)",
             positive_int,
         ),
     ] = None,
