@@ -42,6 +42,22 @@ def test_ids_and_domains_that_are_not_utf8_are_skipped_like_such_text(tmp_path):
     assert stats.skipped == {"invalid_utf8": 2}
 
 
+def test_file_and_folder_names_that_are_not_utf8_still_give_their_documents(tmp_path):
+    """A Latin-1 folder name (`caf\xe9`) made every document under it an `invalid_utf8` record."""
+    import os
+
+    root = os.fsencode(tmp_path)
+    for folder, name in [(b"caf\xe9", b"a.txt"), (b"good", b"b\xff.txt"), (b"good", b"c.jsonl")]:
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        body = b'{"text": "json text"}\n' if name.endswith(b"jsonl") else b"plain text"
+        with open(os.path.join(root, folder, name), "wb") as f:
+            f.write(body)
+    stats = ReadStats()
+    docs = list(iter_documents(tmp_path, stats))
+    assert sorted(d.domain for d in docs) == ["c", "caf\ufffd", "good"] and not stats.skipped
+    assert all(d.id.encode("utf-8") for d in docs) and len({d.id for d in docs}) == 3
+
+
 def test_an_empty_id_is_no_id(tmp_path):
     """An empty (constant) id put every document in one split; it now falls back to the line number."""
     p = tmp_path / "x.jsonl"

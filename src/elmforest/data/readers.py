@@ -180,6 +180,9 @@ def _check_record(
     if not isinstance(rec, dict):
         stats.skipped["not_an_object"] += 1
         return None
+    # defaults come from file and folder names, which need not be UTF-8 (a Latin-1 `café` folder): the
+    # text is fine, so the name is spelled with U+FFFD for its bad bytes rather than the documents dropped
+    default_domain, default_id = _name_text(default_domain), _name_text(default_id)
     text = rec.get(text_field)
     if text is None:
         stats.skipped["missing_text"] += 1
@@ -214,6 +217,13 @@ def _check_record(
         return None
     stats.documents += 1
     return Document(id=str(rid), domain=domain, text=text)
+
+
+def _name_text(name: str) -> str:
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not from a file name: left for the UTF-8 check to count
+        return name
 
 
 _PLAIN = Source(None, "")  # the default fields
