@@ -220,19 +220,30 @@ def test_a_full_disk_during_shards_build_frees_the_space_and_keeps_the_old_outpu
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
 
     class FullFile:
+        written = 0  # over every file: the disk fills, not one file
+
         def __init__(self, path, mode):
-            self.f, self.closed, self.written = open(path, mode), False, 0
+            self.f = open(path, mode)
 
         def write(self, b):
-            self.written += len(b)
-            if self.written > 2000:
+            FullFile.written += len(b)
+            if FullFile.written > 2000:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(b)
 
+        def writelines(self, parts):
+            for b in parts:
+                self.write(b)
+
         def close(self):
             self.f.close()
-            self.closed = True
             raise OSError(errno.ENOSPC, "No space left on device")  # the flush fails too
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
 
     monkeypatch.setattr(shards_mod, "open", FullFile, raising=False)
     with pytest.raises(WriteError, match="sh: cannot write .*No space left"):
