@@ -433,3 +433,37 @@ def test_evaluating_a_forest_with_a_deleted_expert_folder_points_to_fsck(
     assert main(["eval", "--forest", str(f.root), "--data", str(shards_dir), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"expert {f.names[1]}: " in err and "is missing" in err and "forest fsck" in err, err
+
+
+def test_opting_out_of_a_copied_tree_deletes_the_copys_merges_not_the_originals(forest_dir, tmp_path, capsys):
+    """`cp -a qs qs2` copies a forest with its merges; its manifest names the original's merges by
+    absolute path, so `forest remove` in the copy deleted the original's and kept the copy's."""
+    from elmforest.forest.commands import average, remove
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    shutil.copytree(forest_dir, tmp_path / "qs" / "f", symlinks=True)
+    f = Forest.load(tmp_path / "qs" / "f")
+    gone = f.names[0]
+    export_moe(f, tmp_path / "qs" / "moe", MoeSpec(router="random"), device="cpu")
+    average(f, str(tmp_path / "qs" / "avg"))
+    for copy in ("qs2", "qs3"):
+        shutil.copytree(tmp_path / "qs", tmp_path / copy, symlinks=True)
+    # a manifest written before outputs kept their place relative to the forest finds them by the marker
+    m = json.loads((tmp_path / "qs3" / "f" / "forest.json").read_text())
+    for o in m["outputs"]:
+        o.pop("relative", None)
+    (tmp_path / "qs3" / "f" / "forest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    remove(Forest.load(tmp_path / "qs2" / "f"), gone)
+    out = capsys.readouterr().out
+    assert (tmp_path / "qs" / "moe").is_dir() and (tmp_path / "qs" / "avg").is_dir()
+    assert not (tmp_path / "qs2" / "moe").exists() and not (tmp_path / "qs2" / "avg").exists()
+    assert f"{tmp_path / 'qs' / 'moe'} holds {gone}'s weights but was made from the forest at" in out
+    remove(Forest.load(tmp_path / "qs3" / "f"), gone)
+    assert not (tmp_path / "qs3" / "moe").exists() and not (tmp_path / "qs3" / "avg").exists()
+    assert (tmp_path / "qs" / "moe").is_dir() and "left alone" in capsys.readouterr().out
+    # the original's own opt-out still deletes its merges; a forest moved with them finds them
+    (tmp_path / "qs").rename(tmp_path / "moved")
+    remove(Forest.load(tmp_path / "moved" / "f"), gone)
+    assert not (tmp_path / "moved" / "moe").exists() and not (tmp_path / "moved" / "avg").exists()
+    assert "left alone" not in capsys.readouterr().out

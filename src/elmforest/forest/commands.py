@@ -22,6 +22,11 @@ def remove(forest, name: str) -> None:
             f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} and carry what it learned; "
             "remove them too if the opt-out covers derived models"
         )
+    for p, made_by in rep.get("other_forests", []):
+        print(
+            f"note: {p} holds {name}'s weights but was made from the forest at {made_by}, not this one (this "
+            f"forest is a copy of it?): left alone; opt {name} out of that forest too if the opt-out covers it"
+        )
     if rep["seed_saw_it"]:
         print(
             f"note: the seed was trained on a mixture that included {name}'s domain; removing the expert does "
@@ -156,7 +161,13 @@ def average(
     previous = forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
     try:
         out = merge_checkpoints(
-            forest.expert_dirs(), out, ws, method, base, metadata={"names": names}, **params
+            forest.expert_dirs(),
+            out,
+            ws,
+            method,
+            base,
+            metadata={"names": names, "forest": str(forest.root.resolve())},
+            **params,
         )
     except BaseException:
         if previous is not None or not (Path(out) / "elmforest_average.json").is_file():

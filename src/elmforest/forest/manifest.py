@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -454,7 +455,15 @@ class Forest:
         def change(d):
             before[:] = [o for o in d.get("outputs", []) if o["path"] == path]
             d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
-            d["outputs"].append({"path": path, "kind": kind, "experts": list(experts), "written": _now()})
+            d["outputs"].append(
+                {
+                    "path": path,
+                    "relative": os.path.relpath(path, self.root.resolve()),  # found again in a copied tree
+                    "kind": kind,
+                    "experts": list(experts),
+                    "written": _now(),
+                }
+            )
 
         try:
             self.update(change)

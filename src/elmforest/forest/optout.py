@@ -13,6 +13,7 @@ outside the forest is deleted except merged outputs that still carry the marker 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -78,14 +79,67 @@ def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
     return finish_removal(forest, name)
 
 
-def _outputs_holding(forest: Forest, name: str) -> list[Path]:
+def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
     """Merged models known to hold `name`'s weights: recorded outputs and mixture branches whose marker
-    still lists it (a re-export without it, or a directory that is no longer ours, is left alone)."""
-    candidates = [Path(o["path"]) for o in forest.data.get("outputs", []) if name in o["experts"]]
+    still lists it (a re-export without it, or a directory that is no longer ours, is left alone).
+
+    A recorded output is looked for where it was written and at the same place relative to the forest:
+    a forest copied or moved together with its merges (`cp -a qs qs2`) finds its own copies, and does
+    not delete the original's, which another forest holds (those are appended to `others`)."""
+    candidates = []
+    for o in forest.data.get("outputs", []):
+        if name not in o["experts"]:
+            continue
+        recorded = Path(o["path"])
+        rel = o.get("relative") or _relative_from_marker(recorded)
+        places = [recorded] + ([Path(os.path.normpath(forest.root.resolve() / rel))] if rel else [])
+        for c in dict.fromkeys(places):
+            if not _marker_lists(c, name):
+                continue
+            if _ours(forest, c, recorded):
+                candidates.append(c)
+            elif others is not None:
+                others.append((c, _marker_forest(c)))
     branches = forest.root / "branches"
     if branches.is_dir():
-        candidates += [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
-    return [p for p in candidates if _marker_lists(p, name)]
+        mixed = [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
+        candidates += [p for p in mixed if _marker_lists(p, name)]
+    return candidates
+
+
+def _marker_meta(path: Path, marker_names=MARKERS) -> dict:
+    for m in marker_names:
+        try:
+            return json.loads((path / m).read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _marker_forest(path: Path) -> str | None:
+    f = _marker_meta(path).get("forest")
+    return f if isinstance(f, str) and f else None
+
+
+def _relative_from_marker(recorded: Path) -> str | None:
+    """Where an output recorded before its place relative to the forest was kept sits from its forest."""
+    f = _marker_forest(recorded) if recorded.is_dir() else None
+    return os.path.relpath(recorded, f) if f else None
+
+
+def _ours(forest: Forest, output: Path, recorded: Path) -> bool:
+    """Whether this forest made `output` (or is a copy made together with it), rather than another
+    forest whose manifest this one was copied from."""
+    made_by = _marker_forest(output)
+    root = forest.root.resolve()
+    if made_by is None or Path(made_by).resolve() == root:
+        return True
+    if os.path.relpath(recorded, made_by) == os.path.relpath(output, root):
+        return True  # copied or moved together with this forest
+    if not (Path(made_by) / "forest.json").is_file():
+        return True  # its forest is gone: this one (moved, or recorded from it) is all that is left
+    pairs = _marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
+    return any(root in Path(p).resolve().parents for p in pairs)  # a FlexOlmo merge of our owners too
 
 
 def _marker_lists(path: Path, name: str) -> bool:
@@ -106,8 +160,8 @@ def _marker_lists(path: Path, name: str) -> bool:
 
 def finish_removal(forest: Forest, name: str) -> dict:
     """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly."""
-    problems, deleted = [], []
-    places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name)
+    problems, deleted, others = [], [], []
+    places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name, others)
     # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
     # has no marker left to find it by
     held = {str(p.resolve()) for p in places} | {
@@ -153,7 +207,13 @@ def finish_removal(forest: Forest, name: str) -> dict:
 
     forest.update(done)
     derived = [e["name"] for e in forest.experts if name in [p["name"] for p in e.get("parents", [])]]
-    return {"name": name, "deleted": deleted, "derived": derived, "seed_saw_it": _seed_saw(forest, name)}
+    return {
+        "name": name,
+        "deleted": deleted,
+        "derived": derived,
+        "seed_saw_it": _seed_saw(forest, name),
+        "other_forests": [(str(p), f) for p, f in others],
+    }
 
 
 def _delete_tree(p: Path) -> str | None:

@@ -196,6 +196,8 @@ def check_manifest(data, root: Path, path: Path) -> dict:
     for o in data.get("outputs", []):
         if not (isinstance(o.get("path"), str) and isinstance(o.get("experts"), list)):
             bad("each of 'outputs' needs a path and the experts it holds")
+        if not isinstance(o.get("relative", ""), str):
+            bad("an output's 'relative' (its place from the forest) must be a path")
     if "plan" in data and not isinstance(data["plan"], dict):
         bad("'plan' must be an object")
     return data
