@@ -392,3 +392,34 @@ def test_a_run_in_training_is_not_labelled_as_a_removed_expert(forest_dir, tmp_p
     assert roles["code"] == "expert"
     assert roles["training"] == "run not finished (training, paused or stopped; not an expert yet)"
     assert roles["removed"].startswith("run (not an expert of the forest now")
+
+
+def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named(qs_dir, tmp_path):
+    """After `forest remove`, the page showed results.json's tables (with the removed expert) as
+    current, and its ledger listed the expert while saying it was opted out."""
+    import os
+
+    from elmforest.forest.manifest import Forest
+    from elmforest.forest.optout import remove_expert
+
+    assert "Results older than the forest" not in render_report(qs_dir)
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    past = (qs / "results.json").stat().st_mtime - 3600
+    os.utime(qs / "results.json", (past, past))
+    gone = Forest.load(qs / "forest").names[0]
+    remove_expert(Forest.load(qs / "forest"), gone)
+    html = render_report(qs)
+    page = _parse(html)
+    ids = [a.get("id") for _, a in page.attrs if a.get("id")]
+    assert "stale-overview" in ids and "stale-results" in ids and len(ids) == len(set(ids))
+    assert f"was written before {gone} opted out" in html
+    assert "Opted out, so not in the ledger" not in html  # the ledger shown is results.json's, with it
+    assert gone in [row[1] for row in page.cells["ledger-forest"][1:]]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text(json.dumps({"methods": {"dense": {"domains": {}}}}))
+    with pytest.raises(
+        UserError, match=r"results.json: not a quickstart results file as elmforest .* \(KeyError"
+    ):
+        render_report(bad)

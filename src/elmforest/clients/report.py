@@ -65,10 +65,22 @@ def _is_html(p: Path) -> bool:
 
 def render_report(path: str | Path) -> str:
     src = locate(path)
+    try:
+        return _render(src)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        if src.results is None:
+            raise
+        raise UserError(  # a hand-edited or truncated-by-a-tool file, not what the quickstart writes
+            f"{src.root / 'results.json'}: not a quickstart results file as elmforest {elmforest.__version__} "
+            f"writes it ({type(e).__name__}: {e}); run the quickstart again to rewrite it"
+        ) from e
+
+
+def _render(src: Sources) -> str:
     sections = [("overview", "Overview", _overview(src))]
     if src.results is not None:
         sections += [
-            ("results", "Results", _results(src.results)),
+            ("results", "Results", _stale(src, "stale-results") + _results(src.results)),
             ("priors", "Priors, posteriors and routing", _priors(src)),
         ]
     elif src.moes:
@@ -104,6 +116,8 @@ def _overview(src: Sources) -> str:
     body = [bullets(items)]
     if r is None:  # said first, not only at the bottom: the page lacks its main tables
         body.insert(0, absent([src.absent[0]], "no-results") if src.absent else "")
+    if src.stale:
+        body.insert(0, _stale(src, "stale-overview"))
     if r is not None:
         secs = r.get("seconds")
         body.insert(
@@ -113,6 +127,21 @@ def _overview(src: Sources) -> str:
             body.append("<h3>Findings (as the quickstart states them)</h3>")
             body.append(bullets(r["findings"], "findings"))
     return "".join(body)
+
+
+def _stale(src: Sources, sid: str) -> str:
+    if not src.stale:
+        return ""
+    names = ", ".join(src.stale)
+    return (
+        f'<div class="absent" id="{sid}"><strong>Results older than the forest</strong>'
+        + para(
+            f"{src.root / 'results.json'} was written before {names} opted out (forest remove): its tables, "
+            f"priors, findings and ledger still include {names} and the merged models deleted with "
+            f"{'it' if len(src.stale) == 1 else 'them'}. Run the quickstart again for results without them."
+        )
+        + "</div>"
+    )
 
 
 def _results(r: dict) -> str:
@@ -366,7 +395,8 @@ def _ledger(src: Sources) -> str:
         header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
         cap = f"{f.root.name}: every training phase, counted by what ran"
         body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
-        gone = [r for r in f.data.get("removed", []) if r.get("spent")]
+        shown = {p.get("name") for p in rows if p.get("phase") == "expert"}
+        gone = [r for r in f.data.get("removed", []) if r.get("spent") and r["name"] not in shown]
         if gone:  # opting out discards compute that ran: said, never silently dropped
             body.append(
                 para(

@@ -23,6 +23,7 @@ class Sources:
     forests: list[Forest]  # the main forest first, then ablation forests (random splits, clusters)
     moes: list[Path]  # merged MoE dirs (elmforest_moe.json) made from the main forest
     absent: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # experts opted out after results.json was written
 
 
 def locate(path: str | Path) -> Sources:
@@ -53,6 +54,8 @@ def locate(path: str | Path) -> Sources:
             )
         if not forests:
             src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
+        elif results is not None:
+            src.stale = opted_out_since(root / "results.json", forests[0])
     else:
         raise UserError(
             f"{root}: neither a quickstart output dir (results.json or forest/forest.json in it) nor a "
@@ -60,6 +63,23 @@ def locate(path: str | Path) -> Sources:
         )
     src.moes = _moe_dirs(root if src.kind == "quickstart" else None, src.forests[:1])
     return src
+
+
+def opted_out_since(path: Path, forest: Forest) -> list[str]:
+    """Experts opted out of `forest` after `path` was written: its numbers still include them."""
+    import calendar
+    import time
+
+    written = path.stat().st_mtime
+    out = []
+    for r in forest.data.get("removed", []):
+        try:
+            when = calendar.timegm(time.strptime(r.get("removed", ""), "%Y-%m-%dT%H:%M:%SZ"))
+        except (TypeError, ValueError):
+            continue
+        if when >= int(written):
+            out.append(r["name"])
+    return out
 
 
 def _results(path: Path) -> dict | None:
