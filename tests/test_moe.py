@@ -616,6 +616,15 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     # the scratch run is gone, its record is not: metrics and TensorBoard events beside the result
     logged = [json.loads(x)["step"] for x in (ft / "train_logs" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == 3 and any((ft / "train_logs" / "tensorboard").iterdir())
+    from elmforest.clients.report_data import moe_runs
+
+    runs, absent = moe_runs([ft])  # the report draws the fine-tune's curve from them
+    assert (
+        [r["name"] for r in runs] == ["ft (MoE fine-tune (BTX))"]
+        and runs[0]["steps"][-1] == 3
+        and runs[0]["done"]
+        and not absent
+    )
     with ExitStack() as st:
         a, b = LazyWeights(moe, st), LazyWeights(ft, st)
         unchanged = [k for k in a.keys() if torch.equal(a.get(k), b.get(k))]

@@ -193,6 +193,9 @@ def moe_runs(moes: list[Path]) -> tuple[list[dict], list[str]]:
     runs, absent = [], []
     for m in moes:
         meta = read_json(m / "elmforest_moe.json")
+        # a stage trained in a scratch dir leaves its logs in train_logs/: the last stage's (fine-tuning
+        # comes after the router training of the merge)
+        latest = "finetuning" if isinstance(meta, dict) and isinstance(meta.get("finetuning"), dict) else None
         for key, role in (("router_training", "MoE router training"), ("finetuning", "MoE fine-tune (BTX)")):
             stage = meta.get(key) if isinstance(meta, dict) else None
             if not isinstance(stage, dict):
@@ -200,6 +203,8 @@ def moe_runs(moes: list[Path]) -> tuple[list[dict], list[str]]:
             run = stage.get("run")
             if run and (Path(run) / "metrics.jsonl").is_file():
                 runs.append(read_run(Path(run), f"{m.name} ({role})", role))
+            elif key == (latest or key) and (m / "train_logs" / "metrics.jsonl").is_file():
+                runs.append(read_run(m / "train_logs", f"{m.name} ({role})", role))
             else:
                 absent.append(
                     f"{m.name}: the {role}'s run directory was not kept (the quickstart trains it in a "

@@ -214,7 +214,7 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run
         forest.record_output(out, "moe", names)
 
 
-LOGS = ("metrics.jsonl", "valid.jsonl", "trackers.json", "tensorboard", "wandb", "mlruns")
+LOGS = ("metrics.jsonl", "valid.jsonl", "summary.json", "trackers.json", "tensorboard", "wandb", "mlruns")
 
 
 def _keep_logs(run_dir: Path, out: Path) -> None:
