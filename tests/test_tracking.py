@@ -329,3 +329,49 @@ def test_mlflow_file_store_equals_the_jsonl_logs_across_a_crash_and_resume_and_a
     (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert mrun.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2, 3]
+
+
+def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so_far(
+    shards_dir, tmp_path, monkeypatch
+):
+    """A SIGKILLed session's W&B file held only its header (its steps were in W&B's buffer), and a
+    tracker added on resume (or MLflow pointed at another store) started at the resumed step: the
+    steps before it never reached them."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.trackers = ["wandb"]
+    cfg.train.stop_at = 4
+    train(cfg, run, progress=False)
+    (first,) = (run / "wandb").glob("offline-run-*")
+    assert json.loads((run / "trackers.json").read_text())["wandb"]["open"] is False  # ended cleanly
+    # what a SIGKILL leaves: the session still marked open, its file no more than the header
+    ids = json.loads((run / "trackers.json").read_text())
+    (run / "trackers.json").write_text(json.dumps({**ids, "wandb": {**ids["wandb"], "open": True}}))
+    (f,) = first.glob("run-*.wandb")
+    f.write_bytes(f.read_bytes()[:7])
+    cfg.train.stop_at, cfg.train.trackers = None, ["wandb", "mlflow"]
+    train(cfg, run, progress=False)
+    second = next(s for s in (run / "wandb").glob("offline-run-*") if s != first)
+    _, hist, _ = _wandb_session(second)
+    loss = _jsonl(run / "metrics.jsonl", "loss")
+    assert _same_series(hist["train/loss"], loss)  # steps 2, 4 replayed, then 6, 8
+    assert [s for s, _ in hist["valid/loss"]] == [s for s, _ in _jsonl(run / "valid.jsonl", "valid_loss")]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    got = [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "train/loss")]
+    assert _same_series(sorted(got), loss)
+    # a clean pause and resume replays nothing (each session holds its own steps)
+    again = tmp_path / "again"
+    cfg.train.trackers, cfg.train.stop_at = ["wandb"], 4
+    train(cfg, again, progress=False)
+    cfg.train.stop_at = None
+    train(cfg, again, progress=False)
+    hists = [_wandb_session(s)[1] for s in sorted((again / "wandb").glob("offline-run-*"))]
+    assert sorted(len(h["train/loss"]) for h in hists) == [2, 2]

@@ -6,13 +6,12 @@ is still training, or one whose experts came from elsewhere, still gets a report
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.forest.manifest import Forest
 from elmforest.utils.errors import ElmforestError, NotFound, UserError
-from elmforest.utils.io import read_json
+from elmforest.utils.io import read_json, read_jsonl
 
 
 @dataclass
@@ -108,21 +107,6 @@ def _moe_dirs(root: Path | None, forests: list[Forest]) -> list[Path]:
                 found.append(p)
                 names.add(p.name)
     return found
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete JSON lines of a log (a run still writing may leave a partial last line)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

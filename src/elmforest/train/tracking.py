@@ -22,7 +22,7 @@ from pathlib import Path
 
 from elmforest.train.callbacks import Callback
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import read_json, read_jsonl, write_json_atomic
 
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> the pyproject extra that installs it
 
@@ -133,6 +133,23 @@ def tracker_ids(run_dir: Path) -> dict:
         return read_json(path) if path.is_file() else {}
     except (ValueError, OSError):
         return {}  # unreadable: the tracked run starts anew rather than the training failing
+
+
+def history(run_dir: Path, up_to: int) -> list[tuple[int, dict[str, float]]]:
+    """(step, scalars) of metrics.jsonl and valid.jsonl up to a step, in step order: what a tracker replays
+    on a resumed run when it did not see the earlier sessions (chosen only now, another MLflow store, a
+    killed session's W&B buffer that never reached its file). metrics.jsonl is the record."""
+    rows = [
+        (m["step"], scalars(m))
+        for m in read_jsonl(run_dir / "metrics.jsonl")
+        if isinstance(m.get("step"), int)
+    ]
+    rows += [
+        (m["step"], {"valid/loss": float(m["valid_loss"])})
+        for m in read_jsonl(run_dir / "valid.jsonl")
+        if isinstance(m.get("step"), int) and isinstance(m.get("valid_loss"), int | float)
+    ]
+    return sorted((r for r in rows if r[0] <= up_to), key=lambda r: r[0])
 
 
 def save_tracker_id(run_dir: Path, name: str, value: dict) -> None:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from elmforest.train.tracking import Tracker, env, save_tracker_id, scalars, tracker_ids
+from elmforest.train.tracking import Tracker, env, history, save_tracker_id, scalars, tracker_ids
 from elmforest.utils.io import write_text_atomic
 
 # for each call into MLflow only (tracking.env): the file store allowed, usage telemetry off
@@ -64,6 +64,13 @@ class MlflowLogger(Tracker):
                 with contextlib.suppress(Exception):  # an earlier start, killed: not left RUNNING
                     if self.client.get_run(known["run_id"]).info.status == "RUNNING":
                         self.client.set_terminated(known["run_id"], "KILLED")
+            if resumed and known.get("run_id") and not same_store:
+                print(
+                    f"note: {self.run_dir.name}: MLflow's store is now {self.store or 'RUN/mlruns'} (it was "
+                    f"{known.get('store') or 'RUN/mlruns'}): the run goes on as a new MLflow run there, with "
+                    "its steps so far copied from metrics.jsonl",
+                    file=sys.stderr,
+                )
             run = self.client.create_run(
                 self._experiment(),
                 run_name=self.run_dir.name,
@@ -76,6 +83,18 @@ class MlflowLogger(Tracker):
             for i in range(0, len(params), 100):  # MLflow's most params per batch
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
             self.client.log_dict(self.run_id, cfg, "run_config.json")
+        if resumed:  # a new MLflow run for a resumed run (chosen only now, another store): its history so far
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            points = [
+                Metric(k, v, ts, s)
+                for s, values in history(self.run_dir, trainer.step)
+                for k, v in values.items()
+            ]
+            with env(**ENV):
+                for i in range(0, len(points), 1000):  # MLflow's most metrics per batch
+                    self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
 
     def _experiment(self) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "elmforest"

@@ -8,7 +8,9 @@ sent even offline), the system monitor (it probes a cloud metadata address), git
 The W&B run id is kept in RUN/trackers.json: a resumed run (from its own checkpoint) continues the same
 W&B run; each session is a directory RUN/wandb/offline-run-*-ID, which `wandb sync` uploads in order
 of start time as one run. Steps a killed session logged past its last checkpoint stay in that
-session's directory (W&B keeps history in step order; metrics.jsonl is the record). A fresh start
+session's directory (W&B keeps history in step order; metrics.jsonl is the record). trackers.json
+marks the W&B run open while a session runs: a session killed outright (its buffer never written) or a
+W&B chosen only on resume gets the steps up to the checkpoint replayed from the logs. A fresh start
 deletes RUN/wandb/ (an earlier start killed before its first checkpoint) and takes a new id, as
 TensorBoard's events are deleted. The process's W&B session is torn down when the run ends, so the
 next run in the same process (a forest's experts) starts its own.
@@ -23,7 +25,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from elmforest.train.tracking import Tracker, env, save_tracker_id, scalars, tracker_ids
+from elmforest.train.tracking import Tracker, env, history, save_tracker_id, scalars, tracker_ids
 
 
 class WandbLogger(Tracker):
@@ -31,6 +33,7 @@ class WandbLogger(Tracker):
 
     def __init__(self, run_dir: Path, wandb):
         self.run_dir, self.wandb, self.run, self.started = Path(run_dir), wandb, None, False
+        self.run_id = None
         root = self.run_dir.resolve() / "wandb"
         self.env = {  # for each call into wandb only (tracking.env)
             "WANDB_MODE": "offline",
@@ -48,12 +51,16 @@ class WandbLogger(Tracker):
 
     def start(self, trainer):
         resumed = trainer.resumed_from is not None  # a branch (init_checkpoint) is a new run
-        run_id = (tracker_ids(self.run_dir).get("wandb") or {}).get("id") if resumed else None
+        known = (tracker_ids(self.run_dir).get("wandb") or {}) if resumed else {}
+        run_id = known.get("id")
+        # W&B writes its file from a buffer: a session killed (SIGKILL) while "open" may have written none
+        # of its steps, and a tracker chosen only on resume saw none. Both replay what the checkpoint holds
+        # (W&B keeps the first value of a step it already has when the sessions are synced)
+        replay = resumed and (run_id is None or known.get("open", False))
         if not resumed and (self.run_dir / "wandb").is_dir():
             shutil.rmtree(self.run_dir / "wandb")
-        if run_id is None:
-            run_id = uuid.uuid4().hex[:16]
-            save_tracker_id(self.run_dir, "wandb", {"id": run_id})
+        self.run_id = run_id = run_id or uuid.uuid4().hex[:16]
+        save_tracker_id(self.run_dir, "wandb", {"id": run_id, "open": True})
         wandb = self.wandb
         with env(**self.env):
             settings = wandb.Settings(
@@ -80,6 +87,9 @@ class WandbLogger(Tracker):
                 reinit="create_new",
                 settings=settings,
             )
+            if replay:
+                for step, values in history(self.run_dir, trainer.step):
+                    self.run.log(values, step=step)
 
     def log(self, trainer, m):
         with env(**self.env):
@@ -105,6 +115,7 @@ class WandbLogger(Tracker):
             try:
                 if run is not None:
                     run.finish(exit_code=exit_code)
+                    save_tracker_id(self.run_dir, "wandb", {"id": self.run_id, "open": False})
             finally:
                 with contextlib.suppress(Exception):
                     self.wandb.teardown()

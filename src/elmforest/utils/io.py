@@ -191,6 +191,22 @@ def undone_on_failure(tmp: str | os.PathLike, dst: str | os.PathLike) -> Iterato
         raise
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The complete JSON lines of a log (a run still writing may leave a partial last line)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
 @contextmanager
 def held_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
     """Hold an exclusive lock on `path` for the block, or fail at once with `busy` when another process
