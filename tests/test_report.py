@@ -392,6 +392,17 @@ def test_a_run_in_training_is_not_labelled_as_a_removed_expert(forest_dir, tmp_p
     assert roles["code"] == "expert"
     assert roles["training"] == "run not finished (training, paused or stopped; not an expert yet)"
     assert roles["removed"].startswith("run (not an expert of the forest now")
+    assert roles["dense"] == "seed, then dense baseline"
+    # a forest trained with --no-dense: its dense run stopped where the seed ends
+    from elmforest.clients.report_data import seed_steps
+
+    end = seed_steps(Forest.load(f))
+    metrics = f / "runs" / "dense" / "metrics.jsonl"
+    lines = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= end]
+    metrics.write_text("".join(x + "\n" for x in lines))
+    (f / "runs" / "dense" / "summary.json").unlink()
+    dense = next(r for r in forest_runs(Forest.load(f))[0] if r["name"] == "dense")
+    assert dense["role"].startswith("seed (the dense baseline's first part; its rest is not trained")
 
 
 def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named(qs_dir, tmp_path):

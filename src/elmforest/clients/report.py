@@ -185,7 +185,10 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict) -> str:
                 classes[(len(rows) + 1, j)] = "flag"
         if dense:
             sums.append(["train FLOPs", *(ratios[m] * dense if m in ratios else None for m in names)])
-    caption = f"{label} bits per byte (test splits; lower is better; best of each row shaded)"
+    caption = (
+        f"{label} bits per byte (test splits; lower is better; best of each row shaded among the arms "
+        "trained with the dense run's compute: one marked ! used another amount)"
+    )
     html = table(tid, caption, ["domain", *names], rows, sums, classes)
     notes = []
     for m, v in methods.items():
@@ -381,6 +384,8 @@ def _ledger(src: Sources) -> str:
             rows, run = f.ledger(), _dense_run(f)
             if (dense := run.get("flops")) and i == 0:
                 rows.append({"phase": "dense", "name": "dense", "flops": dense, "tokens": run.get("tokens")})
+            elif i > 0:  # an ablation forest (random splits, clusters) against the main dense run
+                dense = compute.get("dense_flops") or _dense_run(src.forests[0]).get("flops")
         table_rows = [
             [
                 p.get("phase"),

@@ -160,6 +160,12 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
             continue
         if d.name == "dense":
             role = "seed, then dense baseline" if forest.data.get("seed") else "dense baseline"
+            last = (read_jsonl(d / "metrics.jsonl") or [{}])[-1].get("step")
+            seed_end = seed_steps(forest)
+            if forest.data.get("seed") and not (d / "summary.json").is_file() and last == seed_end:
+                role = (
+                    "seed (the dense baseline's first part; its rest is not trained: --no-dense, or not yet)"
+                )
         else:
             role = (
                 "expert"
