@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from safetensors.torch import load_file
 
 from elmforest.cli import main
 from elmforest.quickstart import quickstart
+from elmforest.utils.errors import UserError
 
 
 def test_cli_pipeline_and_errors(corpus, tmp_path, capsys):
@@ -146,7 +148,7 @@ def _ood_set(path):
     return path
 
 
-def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
+def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     kw = dict(
         preset="tiny",
         corpus=corpus,
@@ -161,6 +163,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     )
     res = quickstart(tmp_path / "qs", **kw)
     assert (tmp_path / "qs" / "report.html").is_file()  # the quickstart writes its run report
+    assert "the preset's LRs were swept on the demo corpus, not on" in capsys.readouterr().out
     methods = res["methods"]
     assert set(methods) == {
         "dense",
@@ -257,6 +260,40 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path):
     )
     with pytest.raises(ValueError, match="share a name with a training domain"):
         quickstart(tmp_path / "qs", **{**kw, "ood": [clash]})
+    # the output dir holds this corpus's shards: another corpus (or the demo one) is refused before anything runs
+    assert res["protocol"]["corpus"] == str(Path(corpus).resolve())
+    with pytest.raises(
+        UserError, match=r"was built from .*, not .*clash: this output dir belongs to another"
+    ):
+        quickstart(tmp_path / "qs", **{**kw, "corpus": clash, "ood": []})
+    with pytest.raises(
+        UserError,
+        match=r"qs/corpus: this output dir belongs to another corpus; pass --data .* to resume that run",
+    ):
+        quickstart(tmp_path / "qs", **{**kw, "corpus": None, "ood": []})
+    assert not (tmp_path / "qs" / "corpus").exists()  # refused before building the demo corpus
+
+
+def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import elmforest.quickstart as qs_mod
+    from elmforest.launch.prepare import check_shards_source
+
+    seen = {}
+    monkeypatch.setattr(qs_mod, "quickstart", lambda out, **kw: seen.update(kw, out=out))
+    assert main(["quickstart", "--data", "mine.jsonl", "--preset", "tiny", "--out", str(tmp_path / "o")]) == 0
+    assert seen["corpus"] == "mine.jsonl" and seen["out"] == str(tmp_path / "o")
+    assert main(["quickstart", "--data", "mine.jsonl", "--corpus", "multilingual"]) == 2
+    # the demo corpus lives in OUT/corpus: an output dir copied or moved still resumes
+    out = tmp_path / "copy"
+    moved = SimpleNamespace(index={"source": "/elsewhere/old/corpus"}, root=out / "shards")
+    check_shards_source(moved, None, out)
+    check_shards_source(SimpleNamespace(index={"source": str(out.resolve() / "corpus")}, root=""), None, out)
+    with pytest.raises(UserError, match="mine.jsonl, not .*copy/corpus: this output dir belongs to another"):
+        check_shards_source(
+            SimpleNamespace(index={"source": "/data/mine.jsonl"}, root=out / "shards"), None, out
+        )
 
 
 def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):

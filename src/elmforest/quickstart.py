@@ -77,6 +77,7 @@ def quickstart(
     t0 = time.perf_counter()
     log = print
 
+    own_data = corpus is not None  # the user's corpus, not the demo one
     data = prepare_data(out, p.vocab_size, domains, corpus, ood, progress, log)
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
@@ -96,6 +97,13 @@ def quickstart(
         + f") for the seed and dense runs; dense LR {base.optim.lr:g}, expert LR {e_lr:g}"
         + (f" (preset {preset}'s, from a recorded LR sweep)" if p.expert_lr and expert_lr is None else "")
     )
+    lr_given = expert_lr is not None and any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
+    if own_data and not lr_given:  # each arm at its own best LR: on this data, not the demo's
+        log(
+            f"      note: the preset's LRs were swept on the demo corpus, not on {corpus}; for each arm at its "
+            f"own best LR on it, run `elmforest sweep --shards {shards_dir} --out SWEEP --preset {preset}` "
+            "and pass what it finds (--set optim.lr=X --expert-lr Y)"
+        )
     log(
         f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
         f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
@@ -168,6 +176,7 @@ def quickstart(
             "dense_lr": base.optim.lr,
             "expert_lr": e_lr,
             "preset": preset,
+            "corpus": str(Path(corpus).resolve()) if own_data else "demo",
             "precision": precision,
             "split": "test",
             "eval_bytes": eval_bytes,

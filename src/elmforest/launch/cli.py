@@ -55,7 +55,15 @@ def quickstart(
         str, opt("model + training preset (see `elmforest presets`)", metavar="NAME")
     ] = "cpu-small",
     domains: Annotated[
-        str | None, opt("comma-separated subset of the demo domains", metavar="A,B,...")
+        str | None, opt("comma-separated subset of the demo domains (or of --data's)", metavar="A,B,...")
+    ] = None,
+    data: Annotated[
+        str | None,
+        opt(
+            "your corpus instead of the demo one (JSONL / Parquet / a folder of domains; docs/data-formats.md): "
+            "the same comparison on your data (out-of-domain rows only from --ood)",
+            metavar="PATH",
+        ),
     ] = None,
     overrides: Overrides = None,
     split: Annotated[
@@ -129,6 +137,7 @@ def quickstart(
     if corpus == "multilingual":
         demo_only = {
             "--domains": domains,
+            "--data": data,
             "--split": split != "domains",
             "--ood": ood,
             "--expert-lr": expert_lr,
@@ -168,6 +177,7 @@ def quickstart(
         domains=split_list(domains),
         overrides=overrides or [],
         progress=not no_progress,
+        corpus=data,
         split=split,
         eval_bytes=eval_bytes or 64_000,
         ood=ood or [],

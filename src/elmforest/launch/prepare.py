@@ -47,6 +47,10 @@ def prepare_data(
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
     ood_sources = [Path(x) for x in (ood or [])]
+    orderer = _orderer(order)
+    shards_dir = shards_dir_for(out, orderer, order_seed)
+    if Shards.is_shards_dir(shards_dir):  # before building anything: the output dir may be another corpus's
+        check_shards_source(Shards(shards_dir), corpus, out)
     if corpus is None:
         corpus = out / "corpus"
         from elmforest.corpora.demo import build_demo_corpus
@@ -76,8 +80,6 @@ def prepare_data(
         tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes)
         save_tokenizer(tok, tok_dir)
 
-    orderer = _orderer(order)
-    shards_dir = shards_dir_for(out, orderer, order_seed)
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
         log(f"[3/8] tokenizing into shards{how} -> {shards_dir}")
@@ -121,6 +123,29 @@ def prepare_data(
         )
 
     return PreparedData(corpus, tok_dir, shards, ood_shards, names)
+
+
+def check_shards_source(shards: Shards, corpus: str | Path | None, out: Path) -> None:
+    """An output dir is resumed, so its shards are reused: only when built from the corpus asked for now
+    (another --data, or the demo corpus and then --data, would train and score on the earlier data).
+    `corpus` None is the demo corpus, built in OUT/corpus; a corpus inside OUT moves with it (an output
+    dir copied or moved keeps its own)."""
+    import os
+
+    from elmforest.data.sources import resolve_source
+
+    have = shards.index.get("source")
+    want = resolve_source(corpus if corpus is not None else out / "corpus")
+    if not isinstance(have, str) or have == want:
+        return
+    rel = os.path.relpath(want, out.resolve())
+    if not rel.startswith("..") and have.endswith(os.sep + rel):
+        return
+    resume = f"pass --data {have} to resume that run, or " if corpus is None else ""
+    raise UserError(
+        f"{shards.root} was built from {have}, not {want}: this output dir belongs to another corpus; "
+        f"{resume}give another --out (or delete it to start over)"
+    )
 
 
 def check_quickstart_overrides(overrides) -> None:
