@@ -467,3 +467,20 @@ def test_opting_out_of_a_copied_tree_deletes_the_copys_merges_not_the_originals(
     remove(Forest.load(tmp_path / "moved" / "f"), gone)
     assert not (tmp_path / "moved" / "moe").exists() and not (tmp_path / "moved" / "avg").exists()
     assert "left alone" not in capsys.readouterr().out
+
+
+def test_settings_given_once_the_seed_exists_are_refused_not_dropped(forest_dir, shards_dir, tmp_path):
+    """`forest train --set optim.weight_decay=0` on a forest with a seed trained experts and the dense run
+    with the seed's config, saying nothing."""
+    from conftest import tiny_config
+
+    from elmforest.data.shards import Shards
+
+    f, sh = _copy(forest_dir, tmp_path), Shards(shards_dir)
+    plan, base = btm.plan_for(tiny_config(shards_dir, steps=24, batch_size=6), sh.domains)
+    seed = btm.train_seed(f, sh, base, plan, progress=False)  # the same settings: the seed as it is
+    base.train.trackers, base.train.log_every = [], 1  # operational: they may change
+    assert btm.train_seed(f, sh, base, plan, progress=False) == seed
+    base.optim.weight_decay = 0.0 if base.optim.weight_decay else 0.05
+    with pytest.raises(UserError, match=r"its seed was trained with another config \(optim.weight_decay: "):
+        btm.train_seed(f, sh, base, plan, progress=False)

@@ -58,10 +58,11 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
 
 def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
     """Train the dense run up to the seed's share, then store the seed (HF + trainer state) in the forest."""
+    cfg = dense_config(base, plan, shards)
     if seed_ready(forest):
         check_plan(forest, plan)
+        check_seed_config(forest, cfg)
         return forest.data["seed"]
-    cfg = dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
     run_dir = forest.root / "runs" / "dense"
     res = train(cfg, run_dir, progress=progress, label="seed")  # the dense run's first part
@@ -85,6 +86,21 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     )
     remove_path(export)
     return forest.data["seed"]
+
+
+def check_seed_config(forest: Forest, cfg: RunConfig) -> None:
+    """The experts and the dense run continue the seed's config: a `--set` given once the seed exists
+    would not apply to them, so it is refused rather than dropped without a word."""
+    from elmforest.train.runcheck import config_diff, run_identity
+
+    was = forest.data["seed"]["config"]
+    now = {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "stop_at": was["train"].get("stop_at")}}
+    if diff := config_diff(run_identity(was), run_identity(now)):
+        raise UserError(
+            f"{forest.root}: its seed was trained with another config ({diff}); the experts and the dense "
+            "run continue the seed's, so these settings would not apply to them: give the seed's settings "
+            "(or none), or start a new forest (another --forest)"
+        )
 
 
 def seed_ready(forest: Forest) -> bool:
