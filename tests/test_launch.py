@@ -20,6 +20,7 @@ from elmforest.launch.executor import JobsFailed, LocalExecutor, RayExecutor
 from elmforest.launch.forest import train_forest
 from elmforest.launch.jobs import ExpertJob, as_dict, run_job
 from elmforest.train.checkpoint import list_checkpoints
+from elmforest.utils.errors import UserError
 
 STEPS = 300
 
@@ -153,6 +154,12 @@ def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
     assert "job.log" in str(err.value)
     assert sorted(Forest.load(root).names) == sorted(Forest.load(local_forest).names)
     assert "no training data" in (root / "runs" / "no_such_domain" / "job.log").read_text()
+    # the job's own reason, as locally (Ray's wrapper named only RayTaskError and coloured the text, and
+    # a sweep took its diverged points for failures)
+    why = err.value.failures["no_such_domain"]
+    assert not why.startswith("RayTaskError") and "\x1b[" not in why and "no_such_domain" in why
+    with pytest.raises(UserError, match=r"asks Ray for 64 CPU\(s\), but the cluster has 2 in all"):
+        RayExecutor(cpus_per_job=64).map(run_job, jobs, labels, logs)
 
 
 def test_lr_sweep_on_ray_matches_the_local_sweep(ray_cluster, shards_dir, tmp_path):

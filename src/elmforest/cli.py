@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`, a container stopping) unwinds like Ctrl-C: temporaries are removed
     # and trackers told, instead of the process vanishing mid-write
     main_thread = threading.current_thread() is threading.main_thread()
+    _STOPPED_BY.clear()
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         # the click command, built once (no pretty tracebacks to lose: the groups turn them off)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cmd(args=argv, prog_name="elmforest")
     except SystemExit as e:  # the verb's status, a usage error (2) or --help (0)
+        if _STOPPED_BY:  # SIGTERM's status, even when a library re-raised it as another SystemExit (Ray)
+            return _STOPPED_BY[-1]
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
@@ -88,8 +91,12 @@ def repeated_option(cmd, argv: list[str]) -> str | None:
     return None
 
 
+_STOPPED_BY: list[int] = []
+
+
 def _terminated(signum, frame):
     print("elmforest: terminated (SIGTERM)", file=sys.stderr)
+    _STOPPED_BY.append(128 + signum)
     raise SystemExit(128 + signum)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,16 @@ class JobsFailed(Failed):
     def __init__(self, failures: dict[str, str]):
         self.failures = failures
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
-        super().__init__(f"{len(failures)} job(s) failed after retries:\n{lines}")
+        super().__init__(f"{len(failures)} job(s) failed:\n{lines}")
+
+
+def _why(e: BaseException) -> str:
+    """A failed job's reason: Ray wraps it (RayTaskError(Diverged): ray::run_job() (pid=...), with terminal
+    colours); the job's own exception names what went wrong, as with the local executor."""
+    cause = getattr(e, "cause", None)
+    e = cause if isinstance(cause, BaseException) else e
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
@@ -96,7 +106,13 @@ class LocalExecutor:
                 try:
                     results[i] = fut.result()
                 except Exception as e:  # a failed job (or a dead worker) is reported with its log
-                    failures[labels[i]] = f"{type(e).__name__}: {e} (log: {logs[i]})"
+                    if type(e).__name__ == "BrokenProcessPool":  # one worker died (killed?): all stop
+                        failures[labels[i]] = (
+                            "stopped: a worker process died (killed, or out of memory), which stops the pool's "
+                            f"other jobs; rerun to resume them (log: {logs[i]})"
+                        )
+                        continue
+                    failures[labels[i]] = f"{_why(e)} (log: {logs[i]})"
         if failures:
             raise JobsFailed(failures)
         return results
@@ -111,26 +127,51 @@ class RayExecutor:
     num_cpus: int | None = None  # for a local instance; None = all cores
 
     def _init(self) -> None:
+        import signal
+        import threading
+
         import ray
 
         if ray.is_initialized():
             return
-        if self.address:
-            ray.init(address=self.address, log_to_driver=False)
-        else:
-            ray.init(
-                num_cpus=self.num_cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                _node_ip_address="127.0.0.1",
-            )
+        ours = signal.getsignal(signal.SIGTERM)  # the CLI's: SIGTERM unwinds like Ctrl-C (exit 143)
+        try:
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _node_ip_address="127.0.0.1",
+                )
+        except (ValueError, ConnectionError) as e:
+            raise UserError(f"Ray{f' at --address {self.address}' if self.address else ''}: {e}") from None
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)  # Ray's native handler aborts the driver with a core dump
+
+    def _check_resources(self) -> None:
+        import ray
+
+        have = ray.cluster_resources()
+        for key, want in (("CPU", self.cpus_per_job), ("GPU", self.gpus_per_job)):
+            if want > have.get(key, 0):
+                raise UserError(
+                    f"each job asks Ray for {want:g} {key}(s), but the cluster has {have.get(key, 0):g} in all: "
+                    "no job could ever start; ask for less per job"
+                )
+
+    def prepare(self) -> None:
+        """Start (or reach) Ray and check the resources asked for, before any local work (a seed) runs."""
+        self._init()
+        self._check_resources()
 
     def map(
         self, fn: Callable[[dict], dict], jobs: list[dict], labels: list[str], logs: list[Path]
     ) -> list[dict]:
         import ray
 
-        self._init()
+        self.prepare()
         task = ray.remote(
             num_cpus=self.cpus_per_job,
             num_gpus=self.gpus_per_job,
@@ -147,7 +188,7 @@ class RayExecutor:
             try:
                 results[i] = ray.get(done[0])
             except Exception as e:  # retries are exhausted: report, keep the others running
-                failures[labels[i]] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]} (log: {logs[i]})"
+                failures[labels[i]] = f"{_why(e)} (log: {logs[i]})"
         if failures:
             raise JobsFailed(failures)
         return results

@@ -37,6 +37,8 @@ def train_forest(
     skipped, unfinished ones resume.
     """
     planned = plan_domains(plan, shards, domains)
+    if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
+        executor.prepare()
     train_seed(forest, shards, base, plan, progress=progress)
     names = [d for d in planned if d not in forest.removed]
     where = (str(forest.root), str(Path(shards.root).resolve()))
