@@ -227,3 +227,22 @@ def test_sigterm_stops_the_worker_jobs_at_once(tmp_path):
     )
     assert p.returncode == 143, p.stderr.decode()[-2000:]
     assert list((tmp_path / "done").iterdir()) == []  # no job ran to its end
+
+
+def test_progress_says_waiting_until_a_job_writes_past_where_it_was(tmp_path):
+    """The dense run's metrics are the seed's until it continues: the driver printed them as its
+    progress (`dense step 200/400 ... ETA 3s`) while the job had not started."""
+    import json
+
+    from elmforest.launch.progress import ProgressMonitor
+
+    run = tmp_path / "dense"
+    run.mkdir()
+    line = {"step": 200, "loss": 2.0, "tokens_per_s": 1000.0, "elapsed_s": 10.0}
+    (run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    mon = ProgressMonitor({"dense": run}, 400, tmp_path / "progress.log", echo=False)
+    assert mon.report() == [f"{'dense':24s} waiting (from step 200)"]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**line, "step": 210, "start_step": 200, "elapsed_s": 1.0}) + "\n")
+    (now,) = mon.report()
+    assert now.startswith(f"{'dense':24s} step 210/400 loss 2.000") and "ETA" in now

@@ -30,12 +30,16 @@ def last_metrics(path: Path) -> dict | None:
     return None
 
 
-def progress_line(name: str, run_dir: Path, total_steps: int | None) -> str:
+def progress_line(name: str, run_dir: Path, total_steps: int | None, before: dict | None = None) -> str:
+    """`before`: the run's last metrics when the jobs were started; while it is still the last, the job
+    has not begun (the dense run's lines are the seed's until it continues)."""
     if (run_dir / "summary.json").is_file():
         return f"{name:24s} done"
     m = last_metrics(run_dir / "metrics.jsonl")
     if not m:
         return f"{name:24s} waiting"
+    if m == before:
+        return f"{name:24s} waiting (from step {m.get('step')})"
     eta = ""
     if total_steps and m.get("tokens_per_s") and m.get("elapsed_s"):
         rate = (m["step"] - m.get("start_step", 0)) / max(m["elapsed_s"], 1e-9)  # experts start at the seed
@@ -57,15 +61,16 @@ class ProgressMonitor:
         self.every = max(0.2, every)
         # the terminal as it is now: jobs in this process may point fds 1 and 2 at their logs
         self._out = os.fdopen(os.dup(1), "w", buffering=1) if echo else None
+        self._before = {n: last_metrics(d / "metrics.jsonl") for n, d in runs.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def report(self) -> list[str]:
-        lines = [progress_line(n, d, self.total) for n, d in self.runs.items()]
+        lines = [progress_line(n, d, self.total, self._before[n]) for n, d in self.runs.items()]
         if len(lines) > 12:  # many jobs (a sweep): the running ones, and a count of the others
             done = sum(ln.endswith(" done") for ln in lines)
-            waiting = sum(ln.endswith(" waiting") for ln in lines)
-            lines = [ln for ln in lines if not ln.endswith((" done", " waiting"))]
+            waiting = sum(" waiting" in ln for ln in lines)
+            lines = [ln for ln in lines if not (ln.endswith(" done") or " waiting" in ln)]
             lines.append(f"{len(self.runs)} jobs: {done} done, {len(lines)} running, {waiting} waiting")
         stamp = time.strftime("%H:%M:%S")
         with open(self.log_file, "a") as f:
