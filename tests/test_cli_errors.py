@@ -280,3 +280,23 @@ def test_a_single_valued_option_given_twice_is_refused(capsys):
     # repeatable options still repeat
     rc, out = _run(["train", "--shards", "s", "--out", "o", "--set", "x=1", "--set", "y=2"], capsys)
     assert "more than once" not in out
+
+
+def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path, capsys):
+    """`--executor ray --workers 2` ran one Ray job per CPU and `--address` without `--executor ray` ran
+    locally, both without a word."""
+    base = ["forest", "train", "--forest", tmp_path / "f", "--shards", shards_dir, "--preset", "tiny"]
+    for extra, said in [
+        (["--executor", "ray", "--workers", "2"], "--workers 2 is the local executor's"),
+        (["--address", "auto"], "--address: Ray's (--executor ray)"),
+        (["--max-retries", "1"], "--max-retries: Ray's"),
+        (["--cpus-per-expert", "2"], "--cpus-per-expert (--cpus-per-job): Ray's"),
+    ]:
+        rc, out = _run([*base, *extra], capsys)
+        assert rc == 2 and said in out, out
+    assert not (tmp_path / "f").exists()  # refused before the forest was made
+    rc, out = _run(
+        ["sweep", "--shards", shards_dir, "--out", tmp_path / "s", "--workers", "2", "--executor", "ray"],
+        capsys,
+    )
+    assert rc == 2 and "--workers 2 is the local executor's" in out

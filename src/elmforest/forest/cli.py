@@ -322,6 +322,9 @@ def train(
         raise UserError(
             "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
         )
+    ex = make_executor(
+        executor, address, cpus_per_expert, gpus_per_expert, max_retries, workers
+    )  # refused first
     cfg = train_args.run_config(shards)
     # one domain list (data.domains, else every domain with training data) drives every phase
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
@@ -338,7 +341,6 @@ def train(
             f"each expert's batch ({plan.expert_batch_size}) must divide among "
             f"--procs-per-expert {procs_per_expert} processes"
         )
-    ex = make_executor(executor, address, cpus_per_expert, gpus_per_expert, max_retries, workers)
     train_forest(
         f,
         sh,

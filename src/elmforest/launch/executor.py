@@ -203,7 +203,18 @@ def make_executor(
     workers: int = 1,
 ):
     if kind == "local":
+        ray_only = [o for o, given in (("--address", address), ("--max-retries", max_retries != 3)) if given]
+        if ray_only or cpus != 1.0:
+            raise UserError(
+                f"{', '.join(ray_only or ['--cpus-per-expert (--cpus-per-job)'])}: Ray's (--executor ray); the local executor runs "
+                "--workers jobs at a time, each on the cores divided among them"
+            )
         return LocalExecutor(workers)
+    if workers != 1:
+        raise UserError(
+            f"--workers {workers} is the local executor's: Ray runs as many jobs at a time as the CPUs (and "
+            "GPUs) asked per job allow"
+        )
     if kind == "ray":
         try:
             import ray  # noqa: F401
