@@ -196,6 +196,32 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
     assert rc == 0, out
     assert f"note: expert {name}" in (f / "runs" / name / "job.log").read_text()
     assert Forest.load(f).intact(name) is None
+    # a --set the seed was not trained with would not reach the experts: refused, before any job runs
+    shutil.rmtree(f / "experts" / name)
+    rc, out = _run(
+        [
+            "forest",
+            "train",
+            "--forest",
+            f,
+            "--shards",
+            shards_dir,
+            "--preset",
+            "tiny",
+            "--set",
+            "train.steps=24",
+            "--set",
+            "train.batch_size=6",
+            "--set",
+            "optim.weight_decay=0.123",
+        ],
+        capsys,
+    )
+    assert (
+        rc == 2
+        and "its seed was trained with optim.weight_decay" in out
+        and not (f / "experts" / name).exists()
+    )
 
 
 def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):

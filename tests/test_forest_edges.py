@@ -469,18 +469,18 @@ def test_opting_out_of_a_copied_tree_deletes_the_copys_merges_not_the_originals(
     assert "left alone" not in capsys.readouterr().out
 
 
-def test_settings_given_once_the_seed_exists_are_refused_not_dropped(forest_dir, shards_dir, tmp_path):
+def test_settings_given_once_the_seed_exists_are_refused_or_passed_on(forest_dir, tmp_path):
     """`forest train --set optim.weight_decay=0` on a forest with a seed trained experts and the dense run
-    with the seed's config, saying nothing."""
-    from conftest import tiny_config
-
-    from elmforest.data.shards import Shards
-
-    f, sh = _copy(forest_dir, tmp_path), Shards(shards_dir)
-    plan, base = btm.plan_for(tiny_config(shards_dir, steps=24, batch_size=6), sh.domains)
-    seed = btm.train_seed(f, sh, base, plan, progress=False)  # the same settings: the seed as it is
-    base.train.trackers, base.train.log_every = [], 1  # operational: they may change
-    assert btm.train_seed(f, sh, base, plan, progress=False) == seed
-    base.optim.weight_decay = 0.0 if base.optim.weight_decay else 0.05
-    with pytest.raises(UserError, match=r"its seed was trained with another config \(optim.weight_decay: "):
-        btm.train_seed(f, sh, base, plan, progress=False)
+    with the seed's config, saying nothing; `--set train.trackers=[...]` was dropped the same way."""
+    f = _copy(forest_dir, tmp_path)
+    ops = ["train.trackers=[]", "train.log_every=1", "train.stop_at=3"]
+    assert btm.seed_overrides(f, ops) == ops[:2]  # passed on to the jobs (each phase has its own end)
+    wd = f.data["seed"]["config"]["optim"]["weight_decay"]
+    assert btm.seed_overrides(f, [f"optim.weight_decay={wd}"]) == []  # the seed's own value: the same command
+    with pytest.raises(UserError, match=r"its seed was trained with optim.weight_decay: .*, not 0.123"):
+        btm.seed_overrides(f, ["optim.weight_decay=0.123"])
+    # a seed config written before a field existed is read with its default, not taken for a change
+    m = json.loads((f.root / "forest.json").read_text())
+    m["seed"]["config"]["optim"].pop("schedule")
+    (f.root / "forest.json").write_text(json.dumps(m))
+    assert btm.seed_overrides(Forest.load(f.root), [f"optim.weight_decay={wd}"]) == []

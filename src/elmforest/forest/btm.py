@@ -58,11 +58,10 @@ def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> 
 
 def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:
     """Train the dense run up to the seed's share, then store the seed (HF + trainer state) in the forest."""
-    cfg = dense_config(base, plan, shards)
     if seed_ready(forest):
         check_plan(forest, plan)
-        check_seed_config(forest, cfg)
         return forest.data["seed"]
+    cfg = dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
     run_dir = forest.root / "runs" / "dense"
     res = train(cfg, run_dir, progress=progress, label="seed")  # the dense run's first part
@@ -88,19 +87,25 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     return forest.data["seed"]
 
 
-def check_seed_config(forest: Forest, cfg: RunConfig) -> None:
-    """The experts and the dense run continue the seed's config: a `--set` given once the seed exists
-    would not apply to them, so it is refused rather than dropped without a word."""
-    from elmforest.train.runcheck import config_diff, run_identity
+def seed_overrides(forest: Forest, overrides: list[str]) -> list[str]:
+    """The experts and the dense run continue the seed's config, so a `--set` given once the seed exists
+    was dropped without a word. One that would change what is trained is refused; the operational ones
+    (trackers, logging, checkpoints: runcheck.OPERATIONAL_FIELDS) are returned, for the jobs to apply."""
+    from elmforest.config import apply_overrides
+    from elmforest.train.runcheck import OPERATIONAL_FIELDS, config_diff, run_identity
 
-    was = forest.data["seed"]["config"]
-    now = {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "stop_at": was["train"].get("stop_at")}}
-    if diff := config_diff(run_identity(was), run_identity(now)):
+    if not overrides:
+        return []
+    was = RunConfig.from_dict(forest.data["seed"]["config"]) if seed_ready(forest) else None
+    now = apply_overrides(was, list(overrides)) if was is not None else None  # None: they make the seed
+    if was is not None and (diff := config_diff(run_identity(was.to_dict()), run_identity(now.to_dict()))):
         raise UserError(
-            f"{forest.root}: its seed was trained with another config ({diff}); the experts and the dense "
-            "run continue the seed's, so these settings would not apply to them: give the seed's settings "
-            "(or none), or start a new forest (another --forest)"
+            f"{forest.root}: its seed was trained with {diff.replace(' -> ', ', not ')}; the experts and the "
+            "dense run continue the seed's config, so these --set values would not apply to them: leave them "
+            "out, or start a new forest (another --forest)"
         )
+    operational = {f"train.{k}" for k in OPERATIONAL_FIELDS if k != "stop_at"}  # each phase has its own end
+    return [o for o in overrides if o.split("=", 1)[0].strip() in operational]
 
 
 def seed_ready(forest: Forest) -> bool:

@@ -336,6 +336,7 @@ def train(
     elif f.data.get("clusterer"):  # a c-BTM forest trained further
         _check_cluster_domains(str(f.root / f.data["clusterer"]["path"]), domains, shards)
     plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
+    sets = btm.seed_overrides(f, train_args.overrides)  # refused when the seed was trained otherwise
     if plan.expert_batch_size % procs_per_expert:
         raise UserError(
             f"each expert's batch ({plan.expert_batch_size}) must divide among "
@@ -352,6 +353,7 @@ def train(
         procs=procs_per_expert,
         progress=not no_progress,
         monitor_every=progress_every,
+        overrides=sets,
     )
     print(_load(forest).describe())
 

@@ -28,13 +28,15 @@ def train_forest(
     procs: int = 1,
     progress: bool = True,
     monitor_every: float = 10.0,
+    overrides: list[str] | tuple = (),
 ) -> list[dict]:
     """All phases: the seed here, then every expert (and the dense baseline) as independent jobs.
 
     With the local executor the jobs run one after another in this process (or `workers` at a time in
     worker processes); with Ray they run concurrently wherever resources allow. The forest is re-read
     afterwards, since the jobs add their experts to the manifest on disk. Finished experts are
-    skipped, unfinished ones resume.
+    skipped, unfinished ones resume. `overrides`: operational `--set` values (trackers, logging) the
+    jobs apply on top of the seed's config (btm.seed_overrides).
     """
     planned = plan_domains(plan, shards, domains)
     if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
@@ -43,9 +45,15 @@ def train_forest(
     names = [d for d in planned if d not in forest.removed]
     where = (str(forest.root), str(Path(shards.root).resolve()))
     trust = base.model.trust_remote_code  # the command line's flag travels with each job, not in a file
-    jobs = [ExpertJob(*where, d, threads=threads, procs=procs, trust_remote_code=trust) for d in names]
+    sets = list(overrides)
+    jobs = [
+        ExpertJob(*where, d, overrides=sets, threads=threads, procs=procs, trust_remote_code=trust)
+        for d in names
+    ]
     if dense:  # first: the longest job, so it runs beside the experts when jobs run concurrently
-        jobs.insert(0, ExpertJob(*where, "", kind="dense", threads=threads, trust_remote_code=trust))
+        jobs.insert(
+            0, ExpertJob(*where, "", kind="dense", overrides=sets, threads=threads, trust_remote_code=trust)
+        )
     executor = executor or LocalExecutor()
     runs = {j.label: j.run_dir() for j in jobs}
     if jobs:  # a job writes to its own log: said once, so --no-progress is not minutes of silence
