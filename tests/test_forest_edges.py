@@ -445,9 +445,15 @@ def test_opting_out_of_a_copied_tree_deletes_the_copys_merges_not_the_originals(
     f = Forest.load(tmp_path / "qs" / "f")
     gone = f.names[0]
     export_moe(f, tmp_path / "qs" / "moe", MoeSpec(router="random"), device="cpu")
+    export_moe(f, tmp_path / "qs" / "some", MoeSpec(router="random", exclude=[gone]), device="cpu")
     average(f, str(tmp_path / "qs" / "avg"))
     for copy in ("qs2", "qs3"):
         shutil.copytree(tmp_path / "qs", tmp_path / copy, symlinks=True)
+    # a copy of the forest alone, beside the original: the merges outside it are the original's
+    shutil.copytree(tmp_path / "qs" / "f", tmp_path / "qs" / "f2", symlinks=True)
+    remove(Forest.load(tmp_path / "qs" / "f2"), gone)
+    assert (tmp_path / "qs" / "moe").is_dir() and (tmp_path / "qs" / "avg").is_dir()
+    assert "left alone" in capsys.readouterr().out
     # a manifest written before outputs kept their place relative to the forest finds them by the marker
     m = json.loads((tmp_path / "qs3" / "f" / "forest.json").read_text())
     for o in m["outputs"]:
@@ -467,6 +473,11 @@ def test_opting_out_of_a_copied_tree_deletes_the_copys_merges_not_the_originals(
     remove(Forest.load(tmp_path / "moved" / "f"), gone)
     assert not (tmp_path / "moved" / "moe").exists() and not (tmp_path / "moved" / "avg").exists()
     assert "left alone" not in capsys.readouterr().out
+    # the records of the merges still there are kept: the next opt-out finds them too
+    other = next(n for n in f.names if n != gone)
+    assert (tmp_path / "moved" / "some").is_dir()
+    remove(Forest.load(tmp_path / "moved" / "f"), other)
+    assert not (tmp_path / "moved" / "some").exists()
 
 
 def test_settings_given_once_the_seed_exists_are_refused_or_passed_on(forest_dir, tmp_path):

@@ -107,6 +107,11 @@ def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> l
     return candidates
 
 
+def _recorded_places_exist(forest: Forest, o: dict) -> bool:
+    rel = o.get("relative")
+    return Path(o["path"]).exists() or bool(rel and (forest.root.resolve() / rel).exists())
+
+
 def _marker_meta(path: Path, marker_names=MARKERS) -> dict:
     for m in marker_names:
         try:
@@ -129,17 +134,28 @@ def _relative_from_marker(recorded: Path) -> str | None:
 
 def _ours(forest: Forest, output: Path, recorded: Path) -> bool:
     """Whether this forest made `output` (or is a copy made together with it), rather than another
-    forest whose manifest this one was copied from."""
-    made_by = _marker_forest(output)
+    forest whose manifest this one was copied from (a sibling copy finds the original's outputs at the
+    same place: only an existing other forest's claim makes them not ours)."""
     root = forest.root.resolve()
-    if made_by is None or Path(made_by).resolve() == root:
-        return True
-    if os.path.relpath(recorded, made_by) == os.path.relpath(output, root):
-        return True  # copied or moved together with this forest
-    if not (Path(made_by) / "forest.json").is_file():
-        return True  # its forest is gone: this one (moved, or recorded from it) is all that is left
+    origins = _origins(output)
+    if not origins:
+        return True  # nothing says which forest made it: recorded by this one
+    for o in origins:
+        if o.resolve() == root:
+            return True
+        if output != recorded and os.path.relpath(recorded, o) == os.path.relpath(output, root):
+            return True  # copied or moved together with this forest (found at its place relative to us)
+    return not any((o / "forest.json").is_file() for o in origins)  # theirs, unless they are gone (moved)
+
+
+def _origins(output: Path) -> list[Path]:
+    """The forests a merged output names as its makers: its marker's forest and (a FlexOlmo merge, whose
+    owners' pairs may come from several forests) the forests its pairs sit in (FOREST/experts/NAME)."""
+    made_by = _marker_forest(output)
     pairs = _marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
-    return any(root in Path(p).resolve().parents for p in pairs)  # a FlexOlmo merge of our owners too
+    found = [Path(made_by)] if made_by else []
+    found += [Path(p).parent.parent for p in pairs if isinstance(p, str) and Path(p).parent.name == "experts"]
+    return list(dict.fromkeys(found))
 
 
 def _marker_lists(path: Path, name: str) -> bool:
@@ -203,7 +219,9 @@ def finish_removal(forest: Forest, name: str) -> dict:
                 r.update(state="done", verified=_now())
                 r["spent"] = r.get("spent", []) + gone
         d["ledger"] = [p for p in d.get("ledger", []) if p not in gone]
-        d["outputs"] = [o for o in d.get("outputs", []) if Path(o["path"]).exists()]
+        # a record stays while its output is where it was written or where it sits relative to us (a moved
+        # forest's records must still find the merges of its other experts)
+        d["outputs"] = [o for o in d.get("outputs", []) if _recorded_places_exist(forest, o)]
 
     forest.update(done)
     derived = [e["name"] for e in forest.experts if name in [p["name"] for p in e.get("parents", [])]]
