@@ -290,6 +290,12 @@ def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path
     moved = SimpleNamespace(index={"source": "/elsewhere/old/corpus"}, root=out / "shards")
     check_shards_source(moved, None, out)
     check_shards_source(SimpleNamespace(index={"source": str(out.resolve() / "corpus")}, root=""), None, out)
+    mine = tmp_path / "data" / "corpus"  # a user's folder named like the demo's
+    mine.mkdir(parents=True)
+    with pytest.raises(UserError, match="data/corpus, not .*copy/corpus: this output dir belongs to another"):
+        check_shards_source(SimpleNamespace(index={"source": str(mine)}, root=out / "shards"), None, out)
+    (mine / "manifest.json").write_text("{}")  # a built demo corpus (of the output dir copied from)
+    check_shards_source(SimpleNamespace(index={"source": str(mine)}, root=out / "shards"), None, out)
     with pytest.raises(UserError, match="mine.jsonl, not .*copy/corpus: this output dir belongs to another"):
         check_shards_source(
             SimpleNamespace(index={"source": "/data/mine.jsonl"}, root=out / "shards"), None, out

@@ -140,7 +140,10 @@ def check_shards_source(shards: Shards, corpus: str | Path | None, out: Path) ->
         return
     rel = os.path.relpath(want, out.resolve())
     if not rel.startswith("..") and have.endswith(os.sep + rel):
-        return
+        # the output dir's own corpus, moved or copied with it (gone from there, or a built one: a
+        # user's folder that happens to be named `corpus` holds no manifest)
+        if corpus is not None or not Path(have).exists() or (Path(have) / "manifest.json").is_file():
+            return
     resume = f"pass --data {have} to resume that run, or " if corpus is None else ""
     raise UserError(
         f"{shards.root} was built from {have}, not {want}: this output dir belongs to another corpus; "
