@@ -431,6 +431,11 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     bad.mkdir()
     (bad / "results.json").write_text(json.dumps({"methods": {"dense": {"domains": {}}}}))
     with pytest.raises(
-        UserError, match=r"results.json: not a quickstart results file as elmforest .* \(KeyError"
+        UserError, match=r"results.json: not a quickstart results file as this version .*mean_bpb"
     ):
+        render_report(bad)
+    good = json.loads((qs_dir / "results.json").read_text())
+    good["compute"]["methods"]["dense"] = None
+    (bad / "results.json").write_text(json.dumps(good))
+    with pytest.raises(UserError, match=r"compute.methods holds something other than FLOPs ratios"):
         render_report(bad)

@@ -87,7 +87,43 @@ def _results(path: Path) -> dict | None:
     r = read_json(path)
     if not isinstance(r, dict) or not isinstance(r.get("methods"), dict):
         raise UserError(f"{path}: not a quickstart results file (no 'methods' table in it)")
+    if problem := _shape_problem(r):
+        raise UserError(f"{path}: not a quickstart results file as this version writes it ({problem})")
     return r
+
+
+def _shape_problem(r: dict) -> str | None:
+    """What the page needs of results.json that a hand-edited or foreign file lacks (the quickstart's own
+    always has it), said instead of a KeyError from deep inside a table."""
+
+    def number(x) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    for key in ("methods", "ood_methods"):
+        table = r.get(key)
+        if table is None and key == "ood_methods":
+            continue
+        if not isinstance(table, dict):
+            return f"'{key}' is not a table"
+        for m, v in table.items():
+            if not isinstance(v, dict) or not isinstance(v.get("domains"), dict):
+                return f"{key}.{m} has no 'domains' table"
+            if not all(isinstance(x, dict) for x in v["domains"].values()):
+                return f"{key}.{m}.domains holds something other than per-domain results"
+            if "mean_bpb" not in v:
+                return f"{key}.{m} has no 'mean_bpb'"
+    compute = r.get("compute")
+    if compute is not None:
+        if not isinstance(compute, dict):
+            return "'compute' is not a table"
+        ratios = compute.get("methods") or {}
+        if not isinstance(ratios, dict) or not all(number(x) for x in ratios.values()):
+            return "compute.methods holds something other than FLOPs ratios"
+        if not isinstance(compute.get("ledger", []), list) or not all(
+            isinstance(x, dict) for x in compute.get("ledger", [])
+        ):
+            return "compute.ledger is not a list of rows"
+    return None
 
 
 def _forest_dirs(root: Path) -> list[Path]:
