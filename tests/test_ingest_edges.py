@@ -47,15 +47,20 @@ def test_file_and_folder_names_that_are_not_utf8_still_give_their_documents(tmp_
     import os
 
     root = os.fsencode(tmp_path)
-    for folder, name in [(b"caf\xe9", b"a.txt"), (b"good", b"b\xff.txt"), (b"good", b"c.jsonl")]:
+    for folder, name in [
+        (b"caf\xe9", b"a.txt"),
+        (b"caf\xe8", b"a.txt"),
+        (b"good", b"b\xff.txt"),
+        (b"good", b"c.jsonl"),
+    ]:
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         body = b'{"text": "json text"}\n' if name.endswith(b"jsonl") else b"plain text"
         with open(os.path.join(root, folder, name), "wb") as f:
             f.write(body)
     stats = ReadStats()
     docs = list(iter_documents(tmp_path, stats))
-    assert sorted(d.domain for d in docs) == ["c", "caf\ufffd", "good"] and not stats.skipped
-    assert all(d.id.encode("utf-8") for d in docs) and len({d.id for d in docs}) == 3
+    assert sorted(d.domain for d in docs) == ["c", "caf\\xe8", "caf\\xe9", "good"] and not stats.skipped
+    assert all(d.id.encode("utf-8") for d in docs) and len({d.id for d in docs}) == 4
 
 
 def test_an_empty_id_is_no_id(tmp_path):

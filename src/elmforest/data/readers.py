@@ -181,7 +181,8 @@ def _check_record(
         stats.skipped["not_an_object"] += 1
         return None
     # defaults come from file and folder names, which need not be UTF-8 (a Latin-1 `café` folder): the
-    # text is fine, so the name is spelled with U+FFFD for its bad bytes rather than the documents dropped
+    # text is fine, so the name spells its bad bytes as \xNN (distinct names stay distinct: `café` and
+    # `cafè` are two domains) rather than the documents being dropped
     default_domain, default_id = _name_text(default_domain), _name_text(default_id)
     text = rec.get(text_field)
     if text is None:
@@ -221,7 +222,7 @@ def _check_record(
 
 def _name_text(name: str) -> str:
     try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # not from a file name: left for the UTF-8 check to count
         return name
 
