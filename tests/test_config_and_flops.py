@@ -186,3 +186,5 @@ def test_config_validation_catches_nonsense():
     assert apply_overrides(cfg, ["data.shards=123"]).data.shards == "123"  # a string field stays a string
     # a bad value corrected by a later --set: the earlier one must not make the good one a string
     assert apply_overrides(cfg, ["train.steps=abc", "train.steps=3"]).train.steps == 3
+    # a text field whose default is null still takes a name that looks like a number
+    assert apply_overrides(cfg, ["model.init_from=x", "model.init_from=2024"]).model.init_from == "2024"

@@ -282,8 +282,8 @@ def _coerce(t, v, where: str):
     return v
 
 
-def _list_field(parts: list[str]) -> str | None:
-    """The annotation of a list-typed config field (e.g. 'list[str] | None'), else None."""
+def _annotation(parts: list[str]) -> str | None:
+    """The annotation of a config field (e.g. 'list[str] | None', 'str | None'), else None."""
     cls: Any = RunConfig
     for p in parts:
         ann = {f.name: f.type for f in dataclasses.fields(cls)}.get(p)
@@ -291,8 +291,14 @@ def _list_field(parts: list[str]) -> str | None:
         if cls is None:
             return None
         if not dataclasses.is_dataclass(cls):
-            return str(ann) if str(ann).startswith("list[") else None
+            return str(ann)
     return None
+
+
+def _list_field(parts: list[str]) -> str | None:
+    """The annotation of a list-typed config field, else None."""
+    ann = _annotation(parts)
+    return ann if ann and ann.startswith("list[") else None
 
 
 def _bare_list(raw: str, ann: str) -> list:
@@ -339,7 +345,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         was = given
         for p in parts:
             was = was[p]
-        if isinstance(was, str) and not isinstance(value, str) and value is not None:
+        ann = _annotation(parts) or ""
+        text = isinstance(was, str) or (was is None and "str" in ann and not ann.startswith("list["))
+        if text and not isinstance(value, str) and value is not None:
             value = raw  # a path or name that happens to look like a number
         if (
             key.strip() == "data.domains"
