@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ class JobsFailed(Failed):
 
 def _why(e: BaseException) -> str:
     """A failed job's reason: Ray wraps it (RayTaskError(Diverged): ray::run_job() (pid=...), with terminal
-    colours); the job's own exception names what went wrong, as with the local executor."""
+    colours and a traceback); the job's own exception names what went wrong, as with the local executor."""
     cause = getattr(e, "cause", None)
-    e = cause if isinstance(cause, BaseException) else e
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
@@ -112,7 +114,7 @@ class LocalExecutor:
                             f"other jobs; rerun to resume them (log: {logs[i]})"
                         )
                         continue
-                    failures[labels[i]] = f"{_why(e)} (log: {logs[i]})"
+                    failures[labels[i]] = f"{type(e).__name__}: {e} (log: {logs[i]})"
         if failures:
             raise JobsFailed(failures)
         return results
@@ -153,12 +155,15 @@ class RayExecutor:
     def _check_resources(self) -> None:
         import ray
 
-        have = ray.cluster_resources()
+        have = ray.cluster_resources()  # the nodes up now: an autoscaling cluster may add more
         for key, want in (("CPU", self.cpus_per_job), ("GPU", self.gpus_per_job)):
             if want > have.get(key, 0):
-                raise UserError(
-                    f"each job asks Ray for {want:g} {key}(s), but the cluster has {have.get(key, 0):g} in all: "
-                    "no job could ever start; ask for less per job"
+                said = f"each job asks Ray for {want:g} {key}(s), but the cluster has {have.get(key, 0):g} in all"
+                if not self.address:  # our own instance: it never grows
+                    raise UserError(f"{said}: no job could ever start; ask for less per job")
+                print(
+                    f"warning: {said} now: the jobs wait until nodes with more join (an autoscaler)",
+                    file=sys.stderr,
                 )
 
     def prepare(self) -> None:
