@@ -114,7 +114,8 @@ def test_hundreds_of_domains_build_under_a_low_open_file_limit(tmp_path, tokeniz
                 json.dumps({"id": f"{i}", "domain": f"dom{i % 300}", "text": f"text {i} " * (i % 7 + 1)})
                 + "\n"
             )
-    monkeypatch.setattr(shards_mod._Writer, "FLUSH_BYTES", 8)  # several appends per file
+    monkeypatch.setattr(shards_mod._Writer, "FLUSH_BYTES", 1 << 30)  # never full on its own:
+    monkeypatch.setattr(shards_mod, "PENDING_BYTES", 64)  # all written when they hold 64 bytes together
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(128, hard), hard))
     try:

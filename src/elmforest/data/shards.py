@@ -64,6 +64,9 @@ def safe_name(domain: str) -> str:
     return s[:100]
 
 
+PENDING_BYTES = 256 << 20  # tokens held in memory over every (domain, split) before all are written
+
+
 @dataclass
 class _Writer:
     """One (domain, split)'s token file. It buffers and appends, holding no file open between writes:
@@ -244,6 +247,10 @@ def build_shards(
                 w = writers[key] = _Writer(path, [], [])
             w.add(ids, nbytes, dtype)
             total_tokens += len(ids)
+        if sum(w.pending_bytes for w in writers.values()) > PENDING_BYTES:  # thousands of small domains
+            for w in writers.values():
+                if w.pending:
+                    w.flush()
         bar.update(sum(n for _, n in batch))
 
     try:
