@@ -272,6 +272,15 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     ):
         quickstart(tmp_path / "qs", **{**kw, "corpus": None, "ood": []})
     assert not (tmp_path / "qs" / "corpus").exists()  # refused before building the demo corpus
+    # killed after its tokenizer, before its shards: the output dir still says which corpus it is for
+    import shutil
+
+    shutil.rmtree(tmp_path / "qs" / "shards")
+    with pytest.raises(
+        UserError, match=r"qs was built from .*, not .*clash: this output dir belongs to another"
+    ):
+        quickstart(tmp_path / "qs", **{**kw, "corpus": clash, "ood": []})
+    assert not (tmp_path / "qs" / "shards").exists()
 
 
 def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path, monkeypatch):

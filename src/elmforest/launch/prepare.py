@@ -49,8 +49,18 @@ def prepare_data(
     ood_sources = [Path(x) for x in (ood or [])]
     orderer = _orderer(order)
     shards_dir = shards_dir_for(out, orderer, order_seed)
-    if Shards.is_shards_dir(shards_dir):  # before building anything: the output dir may be another corpus's
+    # before building anything: the output dir may be another corpus's (its tokenizer, or its shards)
+    if Shards.is_shards_dir(shards_dir):
         check_shards_source(Shards(shards_dir), corpus, out)
+    source_file = out / SOURCE_FILE
+    if source_file.is_file():
+        check_source(read_json(source_file).get("source"), corpus, out, out)
+    else:
+        from elmforest.data.sources import resolve_source
+
+        write_json_atomic(
+            source_file, {"source": resolve_source(corpus if corpus is not None else out / "corpus")}
+        )
     if corpus is None:
         corpus = out / "corpus"
         from elmforest.corpora.demo import build_demo_corpus
@@ -125,16 +135,23 @@ def prepare_data(
     return PreparedData(corpus, tok_dir, shards, ood_shards, names)
 
 
+SOURCE_FILE = "corpus_source.json"  # the corpus an output dir's stages are built from (written first)
+
+
 def check_shards_source(shards: Shards, corpus: str | Path | None, out: Path) -> None:
     """An output dir is resumed, so its shards are reused: only when built from the corpus asked for now
     (another --data, or the demo corpus and then --data, would train and score on the earlier data).
     `corpus` None is the demo corpus, built in OUT/corpus; a corpus inside OUT moves with it (an output
     dir copied or moved keeps its own)."""
+    check_source(shards.index.get("source"), corpus, out, shards.root)
+
+
+def check_source(have, corpus: str | Path | None, out: Path, what) -> None:
+    """`have`: the source `what` (shards, or the whole output dir: its tokenizer too) was built from."""
     import os
 
     from elmforest.data.sources import resolve_source
 
-    have = shards.index.get("source")
     want = resolve_source(corpus if corpus is not None else out / "corpus")
     if not isinstance(have, str) or have == want:
         return
@@ -146,7 +163,7 @@ def check_shards_source(shards: Shards, corpus: str | Path | None, out: Path) ->
             return
     resume = f"pass --data {have} to resume that run, or " if corpus is None else ""
     raise UserError(
-        f"{shards.root} was built from {have}, not {want}: this output dir belongs to another corpus; "
+        f"{what} was built from {have}, not {want}: this output dir belongs to another corpus; "
         f"{resume}give another --out (or delete it to start over)"
     )
 
