@@ -175,48 +175,15 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
     forest = Forest.load(f)
     name = forest.names[0]
     shutil.rmtree(f / "experts" / name)
-    rc, out = _run(
-        [
-            "forest",
-            "train",
-            "--forest",
-            f,
-            "--shards",
-            shards_dir,
-            "--preset",
-            "tiny",
-            "--no-progress",
-            "--set",
-            "train.steps=24",
-            "--set",
-            "train.batch_size=6",
-        ],
-        capsys,
-    )
+    argv = ["forest", "train", "--forest", f, "--shards", shards_dir, "--preset", "tiny", "--no-progress"]
+    argv += ["--set", "train.steps=24", "--set", "train.batch_size=6"]
+    rc, out = _run(argv, capsys)
     assert rc == 0, out
     assert f"note: expert {name}" in (f / "runs" / name / "job.log").read_text()
     assert Forest.load(f).intact(name) is None
     # a --set the seed was not trained with would not reach the experts: refused, before any job runs
     shutil.rmtree(f / "experts" / name)
-    rc, out = _run(
-        [
-            "forest",
-            "train",
-            "--forest",
-            f,
-            "--shards",
-            shards_dir,
-            "--preset",
-            "tiny",
-            "--set",
-            "train.steps=24",
-            "--set",
-            "train.batch_size=6",
-            "--set",
-            "optim.weight_decay=0.123",
-        ],
-        capsys,
-    )
+    rc, out = _run([*argv, "--set", "optim.weight_decay=0.123"], capsys)
     assert (
         rc == 2
         and "its seed was trained with optim.weight_decay" in out
