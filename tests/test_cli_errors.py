@@ -293,3 +293,15 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         capsys,
     )
     assert rc == 2 and "--workers 2 is the local executor's" in out
+
+
+def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path, monkeypatch, capsys):
+    """Typer turns Ctrl-C into exit 130 without a word: the user could not tell a stop from a crash."""
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("elmforest.train.trainer.train", interrupted)
+    rc = main(["train", "--shards", str(shards_dir), "--out", str(tmp_path / "r"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted (Ctrl-C)" in err and "last checkpoint" in err, err

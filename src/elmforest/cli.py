@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # the verb's status, a usage error (2) or --help (0)
         if _STOPPED_BY:  # SIGTERM's status, even when a library re-raised it as another SystemExit (Ray)
             return _STOPPED_BY[-1]
+        if e.code == 130 and _interrupted(e):  # typer turns Ctrl-C into a silent exit 130
+            print(
+                "elmforest: interrupted (Ctrl-C); the same command again continues a training verb "
+                "from its last checkpoint",
+                file=sys.stderr,
+            )
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
@@ -98,6 +104,17 @@ def _terminated(signum, frame):
     print("elmforest: terminated (SIGTERM)", file=sys.stderr)
     _STOPPED_BY.append(128 + signum)
     raise SystemExit(128 + signum)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to `e`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def error_line(e: BaseException) -> str:
