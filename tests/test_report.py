@@ -142,6 +142,11 @@ def test_the_report_holds_every_table_and_the_results_numbers(qs_dir):
     assert page.cells["ledger-forest"][-1][3] == f"{results['compute']['forest_flops']:.3e}" or results[
         "compute"
     ]["forest_flops"] == pytest.approx(float(page.cells["ledger-forest"][-1][3]))
+    # with the tokens of the rows it sums (the seed and the experts)
+    summed = [
+        int(r[2].replace(",", "")) for r in page.cells["ledger-forest"][1:-1] if r[0] in ("seed", "expert")
+    ]
+    assert page.cells["ledger-forest"][-1][2].replace(",", "") == str(sum(summed)) and sum(summed) > 0
     # images: the two results plots, heatmaps, lineage, curves, routing; each a decodable PNG
     ids = {a.get("id") for tag, a in page.attrs if tag == "img"}
     assert {
@@ -167,6 +172,10 @@ def test_a_bare_forest_dir_reports_what_exists_and_says_results_are_absent(qs_di
     assert "dense" in [r[0] for r in page.cells["runs-forest"][1:]]
     dense = [r for r in page.cells["ledger-forest"][1:] if r[0] == "dense"]  # with its tokens, as the runs
     assert len(dense) == 1 and dense[0][2].replace(",", "").isdigit()
+    summed = [
+        int(r[2].replace(",", "")) for r in page.cells["ledger-forest"][1:-1] if r[0] in ("seed", "expert")
+    ]
+    assert page.cells["ledger-forest"][-1][2].replace(",", "") == str(sum(summed)) and sum(summed) > 0
     _no_outside_references(page)
 
 

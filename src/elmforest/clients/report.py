@@ -387,7 +387,10 @@ def _ledger(src: Sources) -> str:
             ]
             for p in rows
         ]
-        total = [["forest (seed + experts)", "", None, total_flops, total_flops / dense if dense else None]]
+        counted = [p for p in rows if p.get("phase") in ("seed", "expert")]  # what total_flops sums
+        same = sum(p.get("flops") or 0 for p in counted) == total_flops
+        tokens = sum(p.get("tokens") or 0 for p in counted) if same else None
+        total = [["forest (seed + experts)", "", tokens, total_flops, total_flops / dense if dense else None]]
         header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
         cap = f"{f.root.name}: every training phase, counted by what ran"
         body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
