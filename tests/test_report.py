@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -429,6 +430,10 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     os.utime(qs / "results.json", (past, past))
     gone = Forest.load(qs / "forest").names[0]
     remove_expert(Forest.load(qs / "forest"), gone)
+    assert f"was written before {gone} opted out" in render_report(qs)
+    # a copy without -p dates results.json after the opt-out: its ledger still names the expert
+    later = time.time() + 3600
+    os.utime(qs / "results.json", (later, later))
     html = render_report(qs)
     page = _parse(html)
     ids = [a.get("id") for _, a in page.attrs if a.get("id")]

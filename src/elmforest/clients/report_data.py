@@ -54,7 +54,7 @@ def locate(path: str | Path) -> Sources:
         if not forests:
             src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
         elif results is not None:
-            src.stale = opted_out_since(root / "results.json", forests[0])
+            src.stale = opted_out_since(root / "results.json", forests[0], results)
     else:
         raise UserError(
             f"{root}: neither a quickstart output dir (results.json or forest/forest.json in it) nor a "
@@ -64,14 +64,20 @@ def locate(path: str | Path) -> Sources:
     return src
 
 
-def opted_out_since(path: Path, forest: Forest) -> list[str]:
-    """Experts opted out of `forest` after `path` was written: its numbers still include them."""
+def opted_out_since(path: Path, forest: Forest, results: dict | None = None) -> list[str]:
+    """Experts opted out of `forest` after `path` was written: its numbers still include them. Those
+    its ledger names (the file's content, which a copy keeps), else those removed after its file time."""
     import calendar
     import time
 
+    ledger = ((results or {}).get("compute") or {}).get("ledger") or []
+    held = {p.get("name") for p in ledger if isinstance(p, dict) and p.get("phase") == "expert"}
     written = path.stat().st_mtime
     out = []
     for r in forest.data.get("removed", []):
+        if r.get("name") in held and r.get("name") not in forest.names:
+            out.append(r["name"])
+            continue
         try:
             when = calendar.timegm(time.strptime(r.get("removed", ""), "%Y-%m-%dT%H:%M:%SZ"))
         except (TypeError, ValueError):
