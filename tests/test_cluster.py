@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from elmforest.cluster.assign import assign_corpus, fit_clusterer
 from elmforest.cluster.clusterer import Clusterer, ClustererError
 from elmforest.cluster.kmeans import assign_labels, balanced_assign, balanced_kmeans
-from elmforest.cluster.router import IncrementalRouter, token_byte_table
+from elmforest.cluster.router import IncrementalRouter
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
@@ -238,7 +238,7 @@ def test_incremental_routing_equals_routing_from_scratch_on_every_prefix(cluster
     tok = load_tokenizer(tokenizer_dir)
     text = "the lord said unto moses — café naïve ✓ def return self\nlicense 42 warranty thou shalt"
     ids = tok.encode_batch([text])[0]
-    router = IncrementalRouter(c, token_byte_table(tok), tok.eos_id)
+    router = IncrementalRouter(c, tok.token_bytes, tok.eos_id)
     for t in range(len(ids) + 1):
         if t:
             router.push_token(ids[t - 1])
@@ -260,7 +260,7 @@ def test_byte_table_is_gpt2s_and_spells_every_token(tokenizer_dir):
     assert bytes_to_unicode() == want
     tok = load_tokenizer(tokenizer_dir)
     text = "the lord — café naïve ✓\nlicense 42"
-    table = token_byte_table(tok)
+    table = tok.token_bytes
     assert b"".join(table[t] for t in tok.encode_batch([text])[0]) == text.encode("utf-8")
 
 
@@ -422,7 +422,7 @@ def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir,
     ids = np.array(
         tok.encode_batch(["license software warranty"])[0] + [tok.eos_id] + tok.encode_batch(["def x"])[0]
     )
-    router = IncrementalRouter(again, token_byte_table(tok), tok.eos_id)
+    router = IncrementalRouter(again, tok.token_bytes, tok.eos_id)
     z, ok = route_stream(router, ids, np.array([2, len(ids) - 1]))
     want, _ = again.embed(
         [tok.decode(ids[:2].tolist()), tok.decode(ids[len(ids) - 3 : len(ids) - 1].tolist())]

@@ -18,12 +18,6 @@ from collections import Counter
 import numpy as np
 
 from elmforest.cluster.clusterer import WORD, Clusterer, normalise_word
-from elmforest.data.tokenizer import LoadedTokenizer
-
-
-def token_byte_table(tok: LoadedTokenizer) -> list[bytes]:
-    """The bytes each token id stands for (`LoadedTokenizer.token_bytes`, built once per tokenizer)."""
-    return tok.token_bytes
 
 
 class IncrementalRouter:

@@ -55,9 +55,9 @@ class ClusterRouting:
 
     def incremental_router(self, tok):
         """A router over this clusterer that reads the token ids of `tok` one at a time."""
-        from elmforest.cluster.router import IncrementalRouter, token_byte_table
+        from elmforest.cluster.router import IncrementalRouter
 
-        return IncrementalRouter(self.clusterer, token_byte_table(tok), tok.eos_id)
+        return IncrementalRouter(self.clusterer, tok.token_bytes, tok.eos_id)
 
     def expert_weights(self, z: np.ndarray, ok: np.ndarray) -> np.ndarray:
         """Expert weights [P, N] (zero outside the top-k) for context embeddings z [P, d]."""
