@@ -84,17 +84,7 @@ class MlflowLogger(Tracker):
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
             self.client.log_dict(self.run_id, cfg, "run_config.json")
         if resumed:  # a new MLflow run for a resumed run (chosen only now, another store): its history so far
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            points = [
-                Metric(k, v, ts, s)
-                for s, values in history(self.run_dir, trainer.step)
-                for k, v in values.items()
-            ]
-            with env(**ENV):
-                for i in range(0, len(points), 1000):  # MLflow's most metrics per batch
-                    self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
+            self._metrics(list(history(self.run_dir, trainer.step)))
 
     def _experiment(self) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "elmforest"
@@ -126,18 +116,21 @@ class MlflowLogger(Tracker):
             if len(keep) != len(lines):
                 write_text_atomic(f, "".join(ln + "\n" for ln in keep))
 
-    def _metrics(self, values: dict[str, float], step: int) -> None:
+    def _metrics(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """Log (step, {name: value}) points, in batches of at most 1000 (MLflow's most per batch)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        points = [Metric(k, v, ts, s) for s, values in steps for k, v in values.items()]
         with env(**ENV):
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+            for i in range(0, len(points), 1000):
+                self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
 
     def log(self, trainer, m):
-        self._metrics(scalars(m), m["step"])
+        self._metrics([(m["step"], scalars(m))])
 
     def valid(self, trainer, m):
-        self._metrics({"valid/loss": m["valid_loss"]}, m["step"])
+        self._metrics([(m["step"], {"valid/loss": m["valid_loss"]})])
 
     def end(self, trainer, summary):
         self._terminate("FINISHED", "complete" if summary else "paused")
