@@ -48,11 +48,13 @@ def sample_texts(
     max_chars: int = 100_000,
     split: str | None = None,
     split_spec=None,
+    sizes: list[int] | None = None,
 ) -> tuple[list[str], ReadStats]:
-    """A uniform reservoir sample of n documents, streaming (each text capped at max_chars);
-    `split` keeps only that split's documents (by the id hash at `split_spec`'s fractions, the
-    defaults if None), e.g. to fit on training data only: the shards' fractions keep it the same
-    documents the experts train on."""
+    """A uniform reservoir sample of n documents, streaming (each text capped at max_chars, its
+    first part: memory stays bounded however long a document is); `split` keeps only that split's
+    documents (by the id hash at `split_spec`'s fractions, the defaults if None), e.g. to fit on
+    training data only: the shards' fractions keep it the same documents the experts train on.
+    `sizes`, if given, is filled with each sampled document's whole size in bytes (before the cap)."""
     from elmforest.data.splits import SplitSpec
 
     if split not in (None, "train", "valid", "test"):
@@ -62,14 +64,19 @@ def sample_texts(
     stats = ReadStats()
     sample: list[str] = []
     docs = (d for d in iter_documents(data, stats) if split is None or spec.assign(d.id) == split)
+    whole: list[int] = []
     for i, d in enumerate(docs):
         text = d.text[:max_chars]
+        size = len(d.text.encode("utf-8")) if len(d.text) > max_chars else -1  # -1: as `text`
         if len(sample) < n:
             sample.append(text)
+            whole.append(size)
         else:
             j = rng.randrange(i + 1)
             if j < n:
-                sample[j] = text
+                sample[j], whole[j] = text, size
+    if sizes is not None:
+        sizes[:] = [s if s >= 0 else len(t.encode("utf-8")) for s, t in zip(whole, sample, strict=True)]
     return sample, stats
 
 
@@ -91,9 +98,12 @@ def fit_clusterer(
     from elmforest.cluster.clusterer import SentenceEmbedder
     from elmforest.data.splits import SplitSpec
 
-    texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec)
+    sizes: list[int] = []
+    texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec, sizes=sizes)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
-    c = Clusterer.fit(texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance)
+    c = Clusterer.fit(
+        texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance, sizes=sizes
+    )
     c.meta["fit"]["read"] = stats.to_dict()
     c.meta["fit"]["source"] = resolve_source(data)
     c.meta["fit"]["split"] = split
@@ -156,13 +166,19 @@ def assign_corpus(
     chunk_docs: int = 512,
     workers: int | None = None,
     progress: bool = True,
+    split_spec=None,
 ) -> dict:
     """Assign every document of `data` to a cluster and write per-cluster JSONL plus a report.
 
-    balanced=True caps every cluster at ceil(N/K · (1 + slack)) documents (balance="bytes": at
-    (1 + slack) / K of the text's bytes) with one global balanced assignment: a first streaming pass
-    keeps only each document's K scores and size (not its text), a second pass writes them out.
+    balanced=True caps every cluster at ceil(N/K · (1 + slack)) of the N training documents
+    (balance="bytes": at (1 + slack) / K of their bytes) with one global balanced assignment: a
+    first streaming pass keeps only each document's K scores and size (not its text), a second pass
+    writes them out. The training split is told by the id hash at `split_spec`'s fractions (those
+    `shards build` will split at; the defaults if None); valid and test documents go to their nearest
+    centre, as c-BTM routes unseen text, so held-out data never moves a training document.
     """
+    from elmforest.data.splits import SplitSpec
+
     if balance not in ("documents", "bytes"):
         raise UserError(f"balance must be documents or bytes, got {balance!r}")
     if balance == "bytes" and not balanced:
@@ -178,8 +194,10 @@ def assign_corpus(
     _check_out(out)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     global_labels = None
+    spec = split_spec or SplitSpec()
+    train_sizes = train_bytes = None
     if balanced:
-        scores, oks, sizes_b = [], [], []
+        scores, oks, sizes_b, trains = [], [], [], []
         for docs, z, ok in tqdm(
             _embedded_chunks(clusterer_dir, data, ReadStats(), chunk_docs, workers),
             desc="scoring",
@@ -189,15 +207,23 @@ def assign_corpus(
             scores.append(clusterer.scores(z).astype(np.float32))
             oks.append(ok)
             sizes_b.append(np.array([max(1, len(d.text.encode("utf-8"))) for d in docs], dtype=np.float64))
-        s, ok = np.concatenate(scores), np.concatenate(oks)
-        if balance == "bytes":
-            w = np.concatenate(sizes_b)
-            s = np.where(ok[:, None], s, 0.0)  # documents with no known word: placed by room alone
-            cap = max(w.sum() / k * (1 + slack), float(w.max()))
-            global_labels = weighted_balanced_assign(s.astype(np.float64), w, cap)
-        else:
-            cap = np.full(k, math.ceil(len(s) / k * (1 + slack)), dtype=np.int64)
-            global_labels = assign_labels(s, ok, cap)
+            trains.append(np.array([spec.assign(d.id) == "train" for d in docs], dtype=bool))
+        s, ok, train = np.concatenate(scores), np.concatenate(oks), np.concatenate(trains)
+        global_labels = np.zeros(len(s), dtype=np.int64)
+        if train.any():
+            st, okt = s[train], ok[train]
+            if balance == "bytes":
+                w = np.concatenate(sizes_b)[train]
+                st = np.where(okt[:, None], st, 0.0)  # documents with no known word: placed by room alone
+                cap = max(w.sum() / k * (1 + slack), float(w.max()))
+                global_labels[train] = weighted_balanced_assign(st.astype(np.float64), w, cap)
+            else:  # rounded first: 400 / 4 * 1.1 is 110.00000000000001 in floating point, not 110
+                cap = np.full(k, math.ceil(round(len(st) / k * (1 + slack), 9)), dtype=np.int64)
+                global_labels[train] = assign_labels(st, okt, cap)
+        train_sizes = np.bincount(global_labels[train], minlength=k)
+        train_bytes = np.bincount(global_labels[train], np.concatenate(sizes_b)[train], minlength=k)
+        if (~train).any():  # held out: the nearest centre
+            global_labels[~train] = assign_labels(s[~train], ok[~train], sizes=train_sizes)
     stats = ReadStats()
     sizes = np.zeros(k, dtype=np.int64)
     text_bytes = np.zeros(k, dtype=np.int64)
@@ -252,6 +278,12 @@ def assign_corpus(
             "balanced": balanced,
             "balance": balance if balanced else None,
             "slack": slack,
+            # what the cap applied to: the training split's documents (valid/test by nearest centre)
+            "balanced_split": {"split": "train", "valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
+            if balanced
+            else None,
+            "train_sizes": train_sizes.tolist() if train_sizes is not None else None,
+            "train_bytes": train_bytes.astype(np.int64).tolist() if train_bytes is not None else None,
             "documents": len(labels_all),
             "sizes": sizes,
             # over the clusters that got documents: an empty one is listed, not a ratio against 1

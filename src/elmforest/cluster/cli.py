@@ -12,6 +12,7 @@ from elmforest.data.cli import DEFAULT_READ, Data, ReadArgs, TestFrac, ValidFrac
 from elmforest.utils.argtypes import (
     NoProgressBar,
     flag,
+    fraction,
     group,
     nonneg_float,
     nonneg_int,
@@ -19,7 +20,7 @@ from elmforest.utils.argtypes import (
     positive_int,
     verb,
 )
-from elmforest.utils.errors import AlreadyExists
+from elmforest.utils.errors import AlreadyExists, UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -34,9 +35,21 @@ def fit(
     data: Data,
     k: Annotated[int, opt("number of clusters (one expert each)", positive_int)],
     out: Annotated[str, opt("clusterer directory", metavar="DIR")],
-    dims: Annotated[int, opt("SVD dimensions of the tf-idf (c-BTM: 100)", positive_int)] = 100,
-    sample_docs: Annotated[int, opt("documents sampled to fit on", positive_int)] = 20_000,
-    min_df: Annotated[int, opt("drop words seen in fewer sampled documents than this", positive_int)] = 2,
+    dims: Annotated[
+        int | None,
+        opt("SVD dimensions of the tf-idf (default 100, as c-BTM)", positive_int, metavar="INTEGER"),
+    ] = None,
+    sample_docs: Annotated[
+        int, opt("documents sampled to fit on (each its first 100,000 characters)", positive_int)
+    ] = 20_000,
+    min_df: Annotated[
+        int | None,
+        opt(
+            "drop words seen in fewer sampled documents than this (default 2)",
+            positive_int,
+            metavar="INTEGER",
+        ),
+    ] = None,
     seed: Annotated[int, opt("sampling and k-means seed", nonneg_int)] = 0,
     split: Annotated[
         Literal["train", "valid", "test"] | None,
@@ -63,6 +76,10 @@ def fit(
     from elmforest.cluster.assign import fit_clusterer
     from elmforest.data.splits import SplitSpec
 
+    if embeddings and (dims is not None or min_df is not None):  # the encoder's width, no vocabulary
+        raise UserError(
+            "--dims and --min-df shape the tf-idf; with --embeddings they do not apply: drop them"
+        )
     if (Path(out) / "clusterer.json").is_file() and not overwrite:
         raise AlreadyExists(
             f"{out} holds a clusterer already: experts and shards made with it would no longer match it; "
@@ -74,9 +91,9 @@ def fit(
         k,
         out,
         sample_docs,
-        dims,
+        100 if dims is None else dims,
         seed,
-        min_df,
+        2 if min_df is None else min_df,
         split=split,
         embeddings=embeddings,
         balance=balance,
@@ -86,6 +103,7 @@ def fit(
     print(
         f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
         f"{f['dims']} dims, {f['iterations']} iterations), sizes {f['sizes']} -> {out}"
+        + _skipped(f.get("read"))
     )
 
 
@@ -99,11 +117,20 @@ def assign(
         Literal["documents", "bytes"], opt("--balanced: cap each cluster's documents or its bytes of text")
     ] = "documents",
     workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
+    valid_frac: Annotated[
+        float,
+        opt("--balanced: the valid fraction `shards build` will split at (held out: not capped)", fraction),
+    ] = 0.05,
+    test_frac: Annotated[
+        float, opt("--balanced: the test fraction `shards build` will split at", fraction)
+    ] = 0.05,
     no_progress: NoProgressBar = False,
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
-    """Assign a whole corpus to clusters: per-cluster JSONL + report."""
+    """Assign a whole corpus to clusters: per-cluster JSONL + report. With --balanced, the cap applies to
+    the training split; valid and test documents go to their nearest centre."""
     from elmforest.cluster.assign import assign_corpus
+    from elmforest.data.splits import SplitSpec
 
     rep = assign_corpus(
         clusterer,
@@ -114,11 +141,14 @@ def assign(
         balance=balance,
         workers=workers,
         progress=not no_progress,
+        split_spec=SplitSpec(valid_frac, test_frac),
     )
     print(
         f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
-        f"; bytes max/min {rep['bytes_max_over_min']:.2f}; not vectorised {rep['not_vectorised']}"
+        + (f", of the training split {rep['train_sizes']}" if rep.get("train_sizes") is not None else "")
+        + f"; bytes max/min {rep['bytes_max_over_min']:.2f}; not vectorised {rep['not_vectorised']}"
         + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
+        + _skipped(rep.get("read"))
     )
     if rep["empty"]:
         print(
@@ -126,6 +156,16 @@ def assign(
             "no expert can train on an empty cluster: fit fewer clusters, or on this data",
             file=sys.stderr,
         )
+
+
+def _skipped(read: dict | None) -> str:
+    """The bad records the reader skipped, as `shards build` says them (never dropped silently)."""
+    skipped = (read or {}).get("skipped") or {}
+    if not skipped:
+        return ""
+    return f"; skipped {sum(skipped.values())} bad record(s): " + ", ".join(
+        f"{k}={v}" for k, v in sorted(skipped.items())
+    )
 
 
 def languages(

@@ -83,7 +83,7 @@ def resolve_embedding_model(name: str | os.PathLike) -> Path:
     p = Path(name)
     if not (p / "config.json").is_file():
         raise ClustererError(f"{p}: not a local embedding model (no config.json)")
-    return p
+    return p.resolve()  # saved in clusterer.json: read from any folder, as forests copy the clusterer
 
 
 class SentenceEmbedder:
@@ -175,10 +175,12 @@ class Clusterer:
         max_iter: int = 20,
         embedder: SentenceEmbedder | None = None,
         balance: str = "documents",
+        sizes: list[int] | None = None,
     ) -> Clusterer:
         """balance="documents": every cluster holds about N/K of the sampled documents (c-BTM);
         "bytes": about 1/K of their text, so a domain of many short documents does not take most of
-        the clusters on a corpus whose counts are skewed."""
+        the clusters on a corpus whose counts are skewed. `sizes`: each text's bytes, when the texts
+        are cut short (a sample's documents capped in length) and weigh what they held before."""
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -186,10 +188,18 @@ class Clusterer:
             raise UserError(f"cannot fit {k} clusters on {len(texts)} documents")
         if balance not in ("documents", "bytes"):
             raise UserError(f"balance must be documents or bytes, got {balance!r}")
-        sizes = np.array([max(1, len(t.encode("utf-8"))) for t in texts], dtype=np.float64)
+        if sizes is None:
+            sizes = [len(t.encode("utf-8")) for t in texts]
+        weights = np.maximum(1, np.asarray(sizes, dtype=np.float64))
 
         def kmeans(z, ok):
-            w = sizes[ok] if balance == "bytes" else None
+            if ok.sum() < k:  # else balanced_kmeans names only the points, not why they are so few
+                raise UserError(
+                    f"only {int(ok.sum())} of {len(texts)} sampled documents have a word to cluster on "
+                    "(the rest are empty, or hold only stop words, numbers or words pruned by --min-df): "
+                    f"cannot fit {k} clusters; fit fewer, or on more text"
+                )
+            w = weights[ok] if balance == "bytes" else None
             return balanced_kmeans(z[ok], k, max_iter=max_iter, seed=seed, weights=w)
 
         if embedder is not None:
@@ -223,9 +233,13 @@ class Clusterer:
             ) from None
         if x.shape[1] < 2:
             raise UserError("the sample has too few distinct words to cluster")
-        dims = min(dims, x.shape[1] - 1)
+        # at most one component per word and per sampled document (randomized SVD returns no more)
+        dims = max(1, min(dims, x.shape[1] - 1, x.shape[0] - 1))
         svd = TruncatedSVD(n_components=dims, random_state=seed)
-        svd.fit(x)
+        with np.errstate(invalid="ignore", divide="ignore"):  # identical documents: no variance at all
+            svd.fit(x)
+        dims = svd.components_.shape[0]
+        explained = float(svd.explained_variance_ratio_.sum())
         terms = vec.get_feature_names_out().tolist()
         c = cls(terms, vec.idf_.astype(np.float64), svd.components_.astype(np.float64), np.zeros((k, dims)))
         z, ok = c.embed(texts)
@@ -241,7 +255,7 @@ class Clusterer:
                 "min_df": min_df,
                 "max_df": max_df,
                 "balance": balance,
-                "explained_variance": float(svd.explained_variance_ratio_.sum()),
+                "explained_variance": explained if np.isfinite(explained) else None,
                 **info,
             }
         }

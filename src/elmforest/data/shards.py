@@ -133,13 +133,14 @@ def _relabeller(random_domains: int | None, domain_map: dict[str, str] | None):
     return mapped
 
 
-def load_domain_map(path: str | os.PathLike) -> dict[str, str]:
+def load_domain_map(path: str | os.PathLike, role: str = "domain map") -> dict[str, str]:
     """A domain -> new domain map from JSON: a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`,
-    elmforest cluster languages) or a plain `{"deu": "group0", ...}` object."""
+    elmforest cluster languages) or a plain `{"deu": "group0", ...}` object. `role`: what the file is
+    to the command, for its errors."""
     if not Path(path).is_file():
         what = "a directory, not a JSON file" if Path(path).is_dir() else "no such file"
-        raise NotFound(f"domain map {path}: {what}")
-    m, aliases = read_json(path), {}
+        raise NotFound(f"{role} {path}: {what}")
+    m, aliases = read_json(path, unique_keys=True), {}
     if isinstance(m, dict) and isinstance(m.get("groups"), dict):
         groups = m["groups"]
         if not all(isinstance(v, list) and v for v in groups.values()):

@@ -23,7 +23,7 @@ def load_grouping(path: str | Path) -> dict[str, list[str]]:
     `elmforest cluster languages` writes it) or a plain {domain: group} map (data/shards.py's domain
     maps: a domain in two groups or an empty group is refused there)."""
     groups: dict[str, list[str]] = {}
-    for d, g in load_domain_map(path).items():
+    for d, g in load_domain_map(path, role="--groups file").items():
         groups.setdefault(g, []).append(d)
     return groups
 

@@ -260,14 +260,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
     """A JSON file's contents; a truncated or corrupt file is a UserError naming it (json's own
-    message names only a line and column)."""
+    message names only a line and column). `unique_keys`: a key given twice in one object is refused
+    (json keeps the last one silently: a hand-written map would lose an entry without a word)."""
     from elmforest.utils.errors import UserError
+
+    def once(pairs: list) -> dict:
+        seen: dict = {}
+        for k, v in pairs:
+            if k in seen:
+                raise UserError(f"{path}: key {k!r} is given twice in one object")
+            seen[k] = v
+        return seen
 
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=once if unique_keys else None)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     except UnicodeDecodeError as e:

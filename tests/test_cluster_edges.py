@@ -1,0 +1,155 @@
+"""c-BTM's command-line pieces on the inputs a new user gave them: small samples, identical or
+very long documents, held-out documents in a balanced assignment, a cap at an exact integer."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from conftest import DOMAIN_WORDS, make_tiny_encoder
+
+from elmforest.cli import main
+from elmforest.cluster.assign import assign_corpus, fit_clusterer, sample_texts
+from elmforest.cluster.clusterer import Clusterer
+from elmforest.data.readers import iter_documents
+from elmforest.data.shards import load_domain_map
+from elmforest.data.splits import SplitSpec
+from elmforest.launch.groupings import load_grouping
+from elmforest.utils.errors import NotFound, UserError
+
+
+def _write(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (domain, text) in enumerate(docs):
+            f.write(json.dumps({"id": f"d{i}", "domain": domain, "text": text}) + "\n")
+    return path
+
+
+def _docs(n_by_domain: dict[str, int], seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for domain, n in n_by_domain.items():
+        out += [(domain, " ".join(rng.choice(DOMAIN_WORDS[domain]) for _ in range(30))) for _ in range(n)]
+    rng.shuffle(out)
+    return out
+
+
+def test_fewer_sampled_documents_than_dims_and_identical_documents_fit(tmp_path):
+    """30 sampled documents and the default 100 dims failed with "inconsistent shapes"; identical
+    documents wrote NaN (not JSON) into clusterer.json."""
+    data = _write(tmp_path / "small.jsonl", _docs({"code": 10, "legal": 10, "scripture": 10}))
+    c = fit_clusterer(data, 3, tmp_path / "c", dims=100, min_df=1)
+    assert c.dims == 29 and c.components.shape == (29, len(c.terms)) and c.centres.shape == (3, 29)
+    again = Clusterer.load(tmp_path / "c")
+    texts = [d.text for d in iter_documents(data)]
+    assert np.array_equal(again.assign(texts)[0], c.assign(texts)[0])
+    same = _write(tmp_path / "same.jsonl", [("code", "def return self import class")] * 12)
+    fit_clusterer(same, 2, tmp_path / "s", min_df=1)
+
+    def no_nan(x):
+        raise AssertionError(f"{x} in clusterer.json")
+
+    info = json.loads((tmp_path / "s" / "clusterer.json").read_text(), parse_constant=no_nan)
+    assert info["meta"]["fit"]["explained_variance"] is None
+
+
+def test_too_few_vectorisable_documents_are_named_and_long_documents_weigh_their_whole_size(tmp_path):
+    stop = _write(tmp_path / "stop.jsonl", [("code", "the and of")] * 6 + [("code", "def class")] * 2)
+    with pytest.raises(UserError, match="only 2 of 8 sampled documents have a word"):
+        fit_clusterer(stop, 3, tmp_path / "c", min_df=1)
+    # the sample keeps each document's first characters, but its bytes weigh what it holds
+    long = _write(tmp_path / "long.jsonl", [("code", "é" * 50), ("code", "ab")])
+    sizes: list[int] = []
+    texts, _ = sample_texts(long, 10, max_chars=10, sizes=sizes)
+    assert sorted(len(t) for t in texts) == [2, 10] and sorted(sizes) == [2, 100]
+
+
+def test_balanced_assign_caps_the_training_split_and_routes_held_out_documents_to_the_nearest(
+    clusterer_dir, tmp_path
+):
+    """Held-out documents competed for the cap with training documents: the test set moved training
+    documents between experts. Now the cap is over the training split; the rest go to the nearest."""
+    docs = _docs({"code": 200, "legal": 60, "scripture": 60}, seed=1)
+    spec = SplitSpec(0.15, 0.15)
+    full = _write(tmp_path / "full.jsonl", docs)
+    rep = assign_corpus(
+        clusterer_dir,
+        full,
+        tmp_path / "a",
+        balanced=True,
+        slack=0.1,
+        split_spec=spec,
+        progress=False,
+        workers=1,
+    )
+    c = Clusterer.load(clusterer_dir)
+    label = {d.id: int(d.domain.removeprefix("cluster")) for d in iter_documents(tmp_path / "a")}
+    train = [d for d in iter_documents(full) if spec.assign(d.id) == "train"]
+    held = [d for d in iter_documents(full) if spec.assign(d.id) != "train"]
+    assert held and train
+    counts = np.bincount([label[d.id] for d in train], minlength=3)
+    assert rep["train_sizes"] == counts.tolist()
+    assert counts.max() <= math.ceil(len(train) / 3 * 1.1) and counts.max() < 200 * 0.7  # capped
+    z, ok = c.embed([d.text for d in held])
+    assert ok.all() and [label[d.id] for d in held] == c.scores(z).argmax(1).tolist()
+    # the training documents land where they land without the held-out ones beside them
+    only = _write(tmp_path / "train.jsonl", [(d.domain, d.text) for d in train])
+    ids = {f"d{i}": d.id for i, d in enumerate(train)}
+    assign_corpus(
+        clusterer_dir,
+        only,
+        tmp_path / "b",
+        balanced=True,
+        slack=0.1,
+        split_spec=SplitSpec(0, 0),
+        progress=False,
+    )
+    alone = {ids[d.id]: int(d.domain.removeprefix("cluster")) for d in iter_documents(tmp_path / "b")}
+    assert alone == {d.id: label[d.id] for d in train}
+
+
+def test_the_cap_at_an_exact_integer_is_that_integer(clusterer_dir, tmp_path):
+    """300 documents / 3 * 1.1 is 110.00000000000001 in floating point: the cap was 111."""
+    data = _write(tmp_path / "d.jsonl", _docs({"code": 200, "legal": 50, "scripture": 50}, seed=2))
+    rep = assign_corpus(
+        clusterer_dir,
+        data,
+        tmp_path / "a",
+        balanced=True,
+        slack=0.1,
+        split_spec=SplitSpec(0, 0),
+        progress=False,
+    )
+    assert rep["train_sizes"] == rep["sizes"] and max(rep["sizes"]) == 110
+
+
+def test_an_embedding_clusterer_works_from_any_folder_and_refuses_tfidf_options(
+    corpus, tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    make_tiny_encoder(tokenizer_dir, tmp_path / "encoder")
+    monkeypatch.chdir(tmp_path)
+    fit_clusterer(corpus, 3, tmp_path / "c", sample_docs=60, embeddings="encoder")  # a relative path
+    monkeypatch.chdir(tmp_path / "c")
+    assert Clusterer.load(tmp_path / "c").embedder.model_dir == (tmp_path / "encoder").resolve()
+    rc = main(["cluster", "fit", "--data", str(corpus), "--k", "3", "--out", str(tmp_path / "d")]
+              + ["--embeddings", str(tmp_path / "encoder"), "--dims", "5"])  # fmt: skip
+    assert rc == 2 and "--dims and --min-df" in capsys.readouterr().err
+
+
+def test_skipped_records_are_said_and_domain_maps_refuse_a_key_given_twice(clusterer_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    _write(data, _docs({"code": 20, "legal": 20}))
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "e", "text": ""}) + "\n")
+    assert main(["cluster", "fit", "--data", str(data), "--k", "2", "--out", str(tmp_path / "c")]) == 0
+    assert "skipped 1 bad record(s): empty_text=1" in capsys.readouterr().out
+    args = ["cluster", "assign", "--clusterer", str(tmp_path / "c"), "--data", str(data)]
+    assert main([*args, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "skipped 1 bad record(s): empty_text=1" in capsys.readouterr().out
+    twice = tmp_path / "map.json"
+    twice.write_text('{"deu": "g0", "fra": "g1", "deu": "g1"}')
+    with pytest.raises(UserError, match="'deu' is given twice"):
+        load_domain_map(twice)
+    with pytest.raises(NotFound, match="--groups file .*no such file"):
+        load_grouping(tmp_path / "missing.json")
