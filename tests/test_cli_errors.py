@@ -305,3 +305,7 @@ def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path
     rc = main(["train", "--shards", str(shards_dir), "--out", str(tmp_path / "r"), "--preset", "tiny"])
     err = capsys.readouterr().err
     assert rc == 130 and "interrupted (Ctrl-C)" in err and "last checkpoint" in err, err
+    monkeypatch.setattr("elmforest.model.presets.PRESETS", type("P", (), {"values": interrupted})())
+    assert main(["presets"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C)" in err and "checkpoint" not in err, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -288,9 +289,46 @@ def test_bad_model_args_are_clear_errors(forest_dir, tmp_path):
         ElmforestLM(forest=str(tmp_path))
 
 
+def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_dir, capsys):
+    """k=abc was a ValueError traceback, max_length=-5 failed on the first request, rolling_eos=no
+    was True; top_k=1 still sampled, top_p=0 sampled everything, num_beams was ignored, and a
+    max_gen_toks as long as the context kept one context token without a word."""
+    f = str(forest_dir)
+    for bad, said in (
+        ({"k": "abc"}, "k='abc': expected an integer"),
+        ({"max_length": -5}, "max_length=-5: expected at least 1"),
+        ({"max_length": 0}, "max_length=0"),
+        ({"rolling_eos": "nope"}, "rolling_eos='nope': expected true or false"),
+    ):
+        with pytest.raises(UserError, match=re.escape(said)):
+            ElmforestLM(forest=f, **bad)
+    assert ElmforestLM(forest=f, rolling_eos="no").rolling_eos is False
+    lm = ElmforestLM(forest=f, precision="fp32")
+    prompt = "and the lord said unto"
+    greedy = lm.generate_one(prompt, {"max_gen_toks": 8})
+    sampled = {lm.generate_one(prompt, {"max_gen_toks": 8, "do_sample": True, "seed": s}) for s in range(6)}
+    assert len(sampled) > 1  # sampling does sample here, so the next two are greedy by their settings
+    for kw in ({"top_k": 1}, {"top_p": 0}, {"top_p": 0.0, "temperature": 2.0}):
+        assert lm.generate_one(prompt, {"max_gen_toks": 8, "do_sample": True, "seed": 3, **kw}) == greedy, kw
+    assert lm.generate_one(prompt, {"max_gen_toks": 8, "num_beams": 1, "top_k": 50}) == greedy  # neutral
+    for kw, said in (
+        ({"num_beams": 4}, "num_beams=4"),
+        ({"do_sample": True, "top_k": 40}, "top_k=40"),
+        ({"repetition_penalty": 1.3}, "repetition_penalty=1.3"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+    ):
+        with pytest.raises(UserError, match=re.escape(said)):
+            lm.generate_one(prompt, {"max_gen_toks": 8, **kw})
+    capsys.readouterr()
+    lm.generate_one(prompt, {"max_gen_toks": lm.max_length})
+    assert f"max_gen_toks={lm.max_length} leaves 1 of the model's" in capsys.readouterr().err
+    with pytest.raises(UserError, match="without a chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_unused_prior_data_and_duplicate_experts_are_refused(forest_dir, shards_dir):
     f, data = str(forest_dir), str(shards_dir)
-    with pytest.raises(UserError, match="prior_data is only used with prior=cached"):
+    with pytest.raises(UserError, match=r"prior_data \(--prior-data\) is only used with prior=cached"):
         ElmforestLM(forest=f, prior_data=data)
     with pytest.raises(UserError, match="mode=cluster routes by the clusterer"):
         ElmforestLM(forest=f, mode="cluster", prior="cached", prior_data=data)

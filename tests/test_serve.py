@@ -433,6 +433,43 @@ def test_a_client_that_leaves_stops_its_work(forest_dir):
         bg.close()
 
 
+def test_stopping_the_server_ends_requests_in_flight_with_an_error_not_a_cut(forest_dir):
+    """Ctrl-C with requests in flight cancelled them at the grace's end: a traceback each, a stream
+    cut without [DONE], queued clients an empty reply."""
+
+    lm = open_lm(forest_dir, device="cpu", precision="fp32")
+    _slow(lm, delay=0.1)
+    bg = Background(create_app(lm, max_active=1))
+    body = {"model": "f", "prompt": "the", "max_tokens": 60, "temperature": 0}
+    got: dict = {}
+
+    def stream():
+        with (
+            httpx.Client(timeout=30) as h,
+            h.stream("POST", bg.url + "/v1/completions", json={**body, "stream": True}) as r,
+        ):
+            got["stream"] = list(r.iter_lines())
+
+    def whole():  # queued behind the stream (one active at a time)
+        got["whole"] = httpx.post(bg.url + "/v1/completions", json=body, timeout=30)
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=whole)]
+    try:
+        for t in threads:
+            t.start()
+            time.sleep(0.5)
+        t0 = time.time()
+        bg.server.handle_exit(signal.SIGINT, None)  # what Ctrl-C calls
+        for t in threads:
+            t.join(timeout=30)
+        assert time.time() - t0 < 1.5  # ended at once, well within the 2 s grace
+    finally:
+        bg.close()
+    events = [x for x in got["stream"] if x.startswith("data: ")]
+    assert len(events) >= 3 and events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-3:]
+    assert got["whole"].status_code == 503 and "shutting down" in got["whole"].json()["error"]["message"]
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
     lm, bg, c = served
     url, good = bg.url + "/v1/completions", {"model": "f", "prompt": "the"}
@@ -468,6 +505,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
         ({**good, "prompt": ["the"] * 5, "n": 13}, 400, "n"),
         ({**good, "stop": ["x" * 257]}, 400, "stop"),
         ({**good, "stop": ["x"] * 17}, 400, "stop"),
+        # vLLM's extensions were answered as if applied (top_k 1 still sampled): refused, as by OpenAI
+        ({**good, "top_k": 1, "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+        ({**good, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ]
     for body, status, param in bad:
         r = httpx.post(url, json=body, timeout=30)
@@ -483,6 +523,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     r = httpx.get(bg.url + "/v1/nowhere")
     assert r.status_code == 404 and "error" in r.json()
+    r = httpx.post(bg.url + "/v1/chat/completions", json={"model": "f", "messages": []})
+    assert r.status_code == 404 and "no chat endpoint" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="x")
     assert httpx.get(bg.url + "/health").json()["status"] == "ok"

@@ -63,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if _STOPPED_BY:  # SIGTERM's status, even when a library re-raised it as another SystemExit (Ray)
             return _STOPPED_BY[-1]
         if e.code == 130 and _interrupted(e):  # typer turns Ctrl-C into a silent exit 130
-            print(
-                "elmforest: interrupted (Ctrl-C); the same command again continues a training verb "
-                "from its last checkpoint",
-                file=sys.stderr,
-            )
+            resumes = " ".join(argv[:2]) in RESUMABLE or (argv[:1] and argv[0] in RESUMABLE)
+            more = "; the same command again continues from the last checkpoint" if resumes else ""
+            print(f"elmforest: interrupted (Ctrl-C){more}", file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
@@ -98,6 +96,7 @@ def repeated_option(cmd, argv: list[str]) -> str | None:
 
 
 _STOPPED_BY: list[int] = []
+RESUMABLE = {"train", "forest", "sweep", "study", "quickstart", "merge finetune"}  # continue when rerun
 
 
 def _terminated(signum, frame):

@@ -19,6 +19,7 @@ byte are the evaluation's. Model arguments (`--model_args k=v,...`):
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from elmforest.forest.lm import ForestLM, open_lm
@@ -72,22 +73,36 @@ class ElmforestLM(LM):
         if (forest is None) == (model is None):
             raise UserError("elmforest model_args need exactly one of forest=DIR or model=DIR")
         names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts else None
+        max_length = None if max_length is None else _number(max_length, "max_length", int, 1)
         self.lm: ForestLM = open_lm(
             Path(forest or model),
             mode=mode,
-            k=int(k),
+            k=_number(k, "k", int, 1),
             prior=prior,
             prior_data=prior_data,
             weighting=weighting,
             experts=names,
             device=device or "auto",
             precision=precision,
-            seq_len=int(max_length) if max_length else None,
-            routing_temperature=float(routing_temperature),
+            seq_len=max_length,
+            routing_temperature=_number(routing_temperature, "routing_temperature", float, 0),
         )
         self.batch_size = _batch_size(batch_size)
-        self.rolling_eos = bool(rolling_eos)
-        self.seed = int(seed)  # each sampled request takes the next seed: lm-eval's repeats differ
+        self.rolling_eos = _flag(rolling_eos, "rolling_eos")
+        self.seed = _number(seed, "seed", int)  # each sampled request takes the next seed: repeats differ
+        self._said_short_context = False
+
+    def chat_template(self, chat_template=False):
+        """lm-eval asks for it when given --apply_chat_template (with --output_path): said here."""
+        if chat_template:
+            self.apply_chat_template([])
+        return ""
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True):
+        raise UserError(
+            "--apply_chat_template: elmforest's experts are language models without a chat template; "
+            "drop the flag"
+        )
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -162,18 +177,43 @@ class ElmforestLM(LM):
         keeps its last tokens when it and `max_gen_toks` do not fit the window (as lm-eval's HF model)."""
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_gen = int(kw.pop("max_gen_toks", 256))
-        sample = bool(kw.pop("do_sample", False))
-        temperature = float(kw.pop("temperature", 1.0 if sample else 0.0))
+        max_gen = _number(kw.pop("max_gen_toks", 256), "max_gen_toks", int, 1)
+        sample = _flag(kw.pop("do_sample", False), "do_sample")
+        temperature = _number(kw.pop("temperature", 1.0 if sample else 0.0), "temperature", float, 0)
+        top_p = _number(kw.pop("top_p", 1.0), "top_p", float, 0)
+        if top_p > 1:
+            raise UserError(f"generate_until: top_p={top_p!r}: expected at most 1")
+        top_k = kw.pop("top_k", None)
+        if top_p == 0 or top_k == 1:  # the likeliest token alone (as transformers keeps one)
+            sample = False
         if not sample:
-            temperature = 0.0
-        top_p = float(kw.pop("top_p", 1.0) or 1.0)
+            temperature, top_p = 0.0, 1.0
         seed = kw.pop("seed", None)
         if seed is None:
             seed, self.seed = self.seed, self.seed + 1
+        neutral = {"num_beams": 1, "repetition_penalty": 1.0, "num_return_sequences": 1}
+        applied = {k: v for k, v in kw.items() if neutral.get(k, object()) != v}
+        if top_k not in (None, 0, 1) and sample:
+            applied["top_k"] = top_k
+        if applied:  # else answered as if applied: another sampler than the task asks for
+            raise UserError(
+                "generate_until: elmforest does not apply "
+                + ", ".join(f"{k}={v!r}" for k, v in sorted(applied.items()))
+                + " (it samples with temperature and top_p, or greedily); drop them from the task's "
+                "generation_kwargs or --gen_kwargs"
+            )
         from elmforest.forest.generate import generate_steps
 
         lm = self.lm
+        if max_gen > lm.seq_len // 2 and not self._said_short_context:
+            self._said_short_context = True
+            print(
+                f"elmforest: generate_until: max_gen_toks={max_gen} leaves "
+                f"{max(1, lm.seq_len - max_gen)} of the model's {lm.seq_len} context tokens for the task's "
+                "prompt (its last tokens are kept); pass a smaller max_gen_toks (--gen_kwargs "
+                "max_gen_toks=N) to keep more of it",
+                file=sys.stderr,
+            )
         max_gen = max(1, min(max_gen, lm.seq_len - 1))
         ids = lm.encode(context)[-(lm.seq_len - max_gen) :] if lm.seq_len - max_gen > 0 else []
         new: list[int] = []
@@ -204,6 +244,32 @@ class ElmforestLM(LM):
         finally:
             steps.close()
         return text
+
+
+def _number(v, name: str, kind: type, least: float | None = None):
+    """A model_arg or generation setting as `kind` (lm-eval passes strings, ints and floats), at least
+    `least`; said with its name instead of a ValueError traceback or a silently changed value."""
+    try:
+        x = kind(v)
+        if isinstance(v, bool) or (kind is int and float(v) != x):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={v!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if least is not None and x < least:
+        raise UserError(f"{name}={v!r}: expected at least {least:g}")
+    return x
+
+
+def _flag(v, name: str) -> bool:
+    """true/false (also 1/0, yes/no): bool("no") would be True."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes"):
+        return True
+    if s in ("false", "0", "no", ""):
+        return False
+    raise UserError(f"{name}={v!r}: expected true or false")
 
 
 def _first_stop(text: str, until: list[str]) -> int | None:

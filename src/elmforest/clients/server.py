@@ -91,6 +91,14 @@ class Completion:
         running = len(self.jobs)
         try:
             while running:
+                if self.engine.stopping:  # ended now, not cancelled with a traceback at the grace's end
+                    raise ApiError(
+                        "the server is shutting down; send the request again once it is back",
+                        None,
+                        503,
+                        "server_shutting_down",
+                        type="server_error",
+                    )
                 self.wake.clear()  # before looking: a chunk added after the look sets it again
                 if not self.pending:
                     try:
@@ -250,6 +258,16 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
 
     max_body = max_body_bytes(max_bytes)
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):  # said, not a bare "Not Found": OpenAI clients call it by default
+        raise ApiError(
+            "this server has no chat endpoint: the experts are language models without a chat template; "
+            "use /v1/completions with the text to continue",
+            None,
+            404,
+            "unsupported_endpoint",
+        )
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         raw = await read_body(request, max_body)
@@ -287,13 +305,11 @@ class Background:
     """The app served by uvicorn on a thread of this process (tests, benchmarks)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
 
         self.app, self.sock = app, bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = _server(app, log_level="warning", timeout_graceful_shutdown=2)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -303,6 +319,7 @@ class Background:
             time.sleep(0.02)
 
     def close(self) -> None:
+        self.app.state.engine.stopping = True
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.app.state.engine.close()
@@ -310,11 +327,24 @@ class Background:
             self.sock.close()
 
 
+def _server(app: FastAPI, **config):
+    """uvicorn's server, which on Ctrl-C or SIGTERM first tells the requests in flight to end (streams
+    with an error event and [DONE], others with a 503), so they finish within the graceful shutdown
+    instead of being cancelled at its end with a traceback each and a stream cut without [DONE]."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.engine.stopping = True
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, **config))
+
+
 def serve(
     lm, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, max_active: int = 8
 ) -> None:
     """Serve until interrupted (Ctrl-C); the port is bound once the models have loaded."""
-    import uvicorn
 
     if lm.routing is None:  # every expert loads now: a broken checkpoint fails here, not on a request
         for j in range(len(lm.names)):
@@ -328,7 +358,7 @@ def serve(
         flush=True,
     )
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
+        _server(app, log_level="info", timeout_graceful_shutdown=5).run(sockets=[sock])
     finally:
         app.state.engine.close()
         sock.close()

@@ -129,6 +129,13 @@ def _prompts(raw, lm, vocab: int, max_bytes: int | None = None) -> list[Prompt]:
 
 
 UNSUPPORTED = {"suffix": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
+# every argument of OpenAI's completions API; others (vLLM's top_k, repetition_penalty, ...) are refused,
+# as OpenAI refuses them, instead of answering as if they had been applied
+KNOWN = {
+    *UNSUPPORTED,
+    *("model", "prompt", "max_tokens", "echo", "stream", "stream_options", "temperature", "top_p"),
+    *("logprobs", "n", "best_of", "seed", "stop", "user"),
+}
 
 
 def parse_completion(
@@ -149,6 +156,8 @@ def parse_completion(
             404,
             "model_not_found",
         )
+    if unknown := sorted(str(k) for k in body if k not in KNOWN):
+        raise ApiError(f"unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
     for key, neutral in UNSUPPORTED.items():
         if body.get(key) not in (None, neutral, {}):
             raise ApiError(f"'{key}' is not supported by this server", key)
@@ -195,7 +204,9 @@ def parse_completion(
     opts = _get(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object")
     if opts and not req.stream:
         raise ApiError("'stream_options' is only allowed with stream: true", "stream_options")
-    req.include_usage = bool(opts.get("include_usage", False))
+    req.include_usage = opts.get("include_usage", False)
+    if not isinstance(req.include_usage, bool) or set(opts) - {"include_usage"}:
+        raise ApiError("'stream_options' takes one field, include_usage: true or false", "stream_options")
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(
             "'max_tokens' must be at least 1 (0 only with echo, to score the prompt)", "max_tokens"

@@ -64,6 +64,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._active: collections.deque = collections.deque()
         self._closed = self._stopped = False
+        self.stopping = False  # the server is shutting down: requests end with a 503 (server.py)
         self._thread = threading.Thread(target=self._run, name="elmforest-engine", daemon=True)
         self._thread.start()
 

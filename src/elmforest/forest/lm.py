@@ -242,14 +242,21 @@ def open_lm(
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     if prior == "cached" and prior_data is None:
-        raise UserError("prior=cached needs prior_data: shards or raw data whose valid split gives the prior")
+        raise UserError(
+            "prior=cached (--prior cached) needs prior_data (--prior-data): shards or raw data whose valid "
+            "split gives the prior"
+        )
     # refused, not ignored: a prior that silently does nothing would be taken for the one measured
     if prior_data is not None and prior != "cached":
         raise UserError(
-            f"prior_data is only used with prior=cached, not prior={prior}; add prior=cached or drop it"
+            f"prior_data (--prior-data) is only used with prior=cached, not prior={prior}; add prior=cached "
+            "(--prior cached) or drop it"
         )
     if prior == "cached" and mode == "cluster":
-        raise UserError("mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data")
+        raise UserError(
+            "mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data "
+            "(--prior, --prior-data)"
+        )
     dupes = sorted({n for n in experts or [] if experts.count(n) > 1})
     if dupes:  # the mixture would count such an expert twice
         raise UserError(f"experts named more than once: {', '.join(dupes)}")
@@ -278,7 +285,7 @@ def open_lm(
     seq_len = seq_len or trained
     limit = read_config(Path(dirs[0])).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:
-        raise UserError(f"seq_len {seq_len} is past the model's {limit} positions")
+        raise UserError(f"seq_len (--seq-len, max_length) {seq_len} is past the model's {limit} positions")
     if seq_len > trained:  # allowed (the positions exist), as generate says
         print(
             f"note: seq_len {seq_len} is past the {trained}-token context the experts were trained on; "
