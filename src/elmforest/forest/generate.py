@@ -220,6 +220,8 @@ def generate(
         raise UserError(f"{forest_dir}: the forest has no experts")
     if weighting not in ("posterior", "fixed"):
         raise UserError("generation supports weighting 'posterior' or 'fixed'")
+    # first: a forest without a clusterer is refused before models load and notes are printed
+    routing = ClusterRouting(forest, names, cluster_k, routing_temperature) if cluster_k else None
     if pool is None:
         pool = make_pool(forest, names, device, precision)
     tok = load_tokenizer(forest.expert_dir(names[0]))
@@ -227,7 +229,6 @@ def generate(
     if tok.appends_eos and len(ids) > 1 and ids[-1] == tok.eos_id:  # the prompt continues: not ended
         ids = ids[:-1]
     check_context(forest.expert_dir(names[0]), len(ids), max_new_tokens)
-    routing = ClusterRouting(forest, names, cluster_k, routing_temperature) if cluster_k else None
     new, weights, logprobs = [], [], []
     for step in generate_steps(
         pool,
