@@ -377,6 +377,7 @@ def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("done:") == 1, two.stdout  # one line for the run, not one per process
     a = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 12
@@ -385,6 +386,38 @@ def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_sigterm_to_a_data_parallel_run_stops_its_workers(shards_dir, tmp_path):
+    """subprocess.run SIGKILLed torchrun when the launcher got SIGTERM: its workers, in sessions of
+    their own, went on training into the run directory, orphaned."""
+    from conftest import assert_all_die, descendants
+
+    run = tmp_path / "run"
+    argv = ["train", "--shards", str(shards_dir), "--preset", "tiny", "--no-progress", "--out", str(run)]
+    argv += ["--nproc", "2", "--set", "train.steps=100000", "--set", "train.ckpt_every=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "elmforest.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None and not (run / "checkpoints").is_dir():
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        below = descendants(p.pid)
+        assert len(below) >= 3  # torchrun and its two workers
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, err[-2000:]
+    assert_all_die(below, within=5)
 
 
 def test_a_second_trainer_in_the_same_run_directory_is_refused(shards_dir, tmp_path):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.proc import tied_to_this_process
+from elmforest.utils.proc import run_stoppable, tied_to_this_process
 
 
 @dataclass
@@ -211,7 +210,7 @@ def _run_distributed(job: ExpertJob, log) -> dict:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
     # torchrun dies with this job (a killed Ray worker leaves no orphans): set in the child itself, not
     # by a preexec_fn, which is unsafe when the job runs in a multi-threaded worker
-    rc = subprocess.run(tied_to_this_process(cmd), stdout=log, stderr=log, env=env).returncode
+    rc = run_stoppable(tied_to_this_process(cmd), stdout=log, stderr=log, env=env)
     if rc != 0:
         raise Failed(f"expert {job.label}: torchrun exited with {rc}; see {job.run_dir() / 'job.log'}")
     from elmforest.forest.manifest import Forest

@@ -115,6 +115,8 @@ def train(
             f"-> {summary['checkpoint']}; run it again without train.stop_at to finish"
         )
         return 0
+    if int(os.environ.get("RANK", "0")) != 0:  # one line for the run, not one per process
+        return 0
     print(
         f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
         f"final loss {summary['final_loss']:.4f} -> {out}/model"
@@ -143,7 +145,7 @@ ARGV: list[str] = []
 
 def _relaunch_distributed(nproc: int) -> int:
     """Run this same command under torchrun with `nproc` processes (the trainer reads its environment)."""
-    import subprocess
+    from elmforest.utils.proc import run_stoppable
 
     argv, skip = [], False
     for a in ARGV or sys.argv[1:]:  # main() records the command line; a direct call has sys.argv
@@ -166,4 +168,11 @@ def _relaunch_distributed(nproc: int) -> int:
         "elmforest.cli",
         *argv,
     ]
-    return subprocess.run(cmd).returncode
+    rc = run_stoppable(cmd)
+    if rc != 0:  # torchrun's own report is above; what to do next is not in it
+        print(
+            f"elmforest: torchrun exited with {rc} (a training process failed or was stopped; its output "
+            "is above); the same command again resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+    return rc

@@ -39,6 +39,27 @@ def die_with_parent(parent: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_stoppable(cmd: list[str], grace: float = 60.0, **popen) -> int:
+    """Run `cmd` (torchrun) to its end, and if this process is stopped meanwhile (SIGTERM's SystemExit,
+    Ctrl-C) pass SIGTERM on and wait up to `grace` seconds before killing it. subprocess.run would
+    SIGKILL it at once: torchrun then never stops its workers, which live in sessions of their own
+    and went on training, orphaned, into the run directory."""
+    import subprocess
+
+    p = subprocess.Popen(cmd, **popen)
+    try:
+        return p.wait()
+    except BaseException:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)  # torchrun stops its workers, then exits
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        raise
+
+
 def wait_for(paths: list[Path], timeout: float) -> bool:
     """Whether every path appeared within `timeout` seconds (another process writes them)."""
     end = time.time() + timeout
