@@ -4,10 +4,8 @@ when every hash collides."""
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from elmforest.cluster import icp_dots, icp_kernels
-from elmforest.cluster.icp_embed import row_keys
 from elmforest.cluster.icp_graph import edge_similarity, knn_search
 
 pytestmark = pytest.mark.skipif(not icp_kernels.available(), reason="no numba")
@@ -48,36 +46,6 @@ def test_compiled_reranking_equals_numpys(exact_limit):
     assert (tiny[:, 3:] == -1).all() and np.array_equal(tiny, knn_search(z[:4], 6, compiled=False)[0])
 
 
-def by_dict(x, rows):
-    first: dict[bytes, int] = {}
-    return np.array([first.setdefault(k, i) for i, k in zip(rows.tolist(), row_keys(x, rows), strict=True)])
-
-
-def test_first_equal_rows_equal_the_byte_keys_and_survive_collisions(monkeypatch):
-    rng = np.random.default_rng(2)
-    x = sp.random(200, 50, density=0.1, random_state=3, format="csr")
-    x.data = np.round(x.data, 1)  # few distinct values: more chances for rows that differ slightly
-    rows = x.toarray()
-    rows[[20, 70, 150]] = rows[5]  # copies
-    rows[71] = rows[70] * (1 + 1e-16)  # equal in float64 (the factor rounds to 1): a copy too
-    rows[90] = rows[5]
-    rows[90, np.flatnonzero(rows[5])[0]] += 1e-12  # differs in one value's last bits: not a copy
-    rows[[120, 121]] = 0.0  # two empty rows are equal
-    x = sp.csr_matrix(rows)
-    keep = np.sort(rng.choice(200, 180, replace=False))
-    keep = np.union1d(keep, [5, 20, 70, 71, 90, 120, 121, 150])
-    want = by_dict(x, keep)
-    got = icp_dots.first_equal_rows(x, keep)
-    assert np.array_equal(got, want)
-    assert got[np.searchsorted(keep, 90)] == 90 and got[np.searchsorted(keep, 150)] == 5
-
-    def collide(indptr, indices, bits, out):
-        out[:] = 7  # every row the same hash: confirmation must fall back to the byte keys
-
-    monkeypatch.setattr(icp_dots, "_row_hashes", collide)
-    assert np.array_equal(icp_dots.first_equal_rows(x, keep), want)
-
-
 def test_out_of_range_rows_are_refused_not_read():
     z = np.eye(4, 8, dtype=np.float32)
     with pytest.raises(IndexError):
@@ -113,10 +81,3 @@ def test_rerank_equals_numpy_with_empty_slots_repeats_and_ties():
         for k in (1, kk, kk + 3):
             want = numpy_rerank(z, ids, r0, k)
             assert np.array_equal(icp_dots.rerank(z, ids, r0, k), want), (trial, k)
-
-
-def test_first_equal_rows_on_float32_values():
-    x = sp.csr_matrix(np.array([[0, 1.5, 0], [0, 1.5, 0], [0, 1.5000001, 0], [2, 0, 0]], dtype=np.float32))
-    rows = np.arange(4)
-    assert np.array_equal(icp_dots.first_equal_rows(x, rows), by_dict(x, rows))
-    assert icp_dots.first_equal_rows(x, rows).tolist() == [0, 0, 2, 3]

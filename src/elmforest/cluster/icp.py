@@ -12,8 +12,9 @@ kept) cannot be placed by similarity: they follow the path in index order, one s
 are counted. Every document is either in the order exactly once or dropped as a duplicate.
 
 Duplicates are judged on the bag-of-words (tf-idf) cosine of the embedded prefixes when elmforest
-embeds, on the embedding cosine when vectors or an embedder are given; "exact" duplicates are equal
-tf-idf rows (equal bags of kept terms), or equal vectors. Why 0.9 by default: on the demo corpus
+embeds, confirmed on the whole documents' (documents sharing a header longer than the prefix are not
+duplicates), on the embedding cosine when vectors or an embedder are given; exact duplicates are
+documents of equal content (a digest of the whole token ids or text), or equal vectors. Why 0.9 by default: on the demo corpus
 (bench/icp_order.py --show-pairs) kNN pairs at ≥ 0.95 are copies (one Jargon-File entry in two
 glossaries, one licence twice) or stubs of one template whose only differences are words the
 analyser drops; 0.9-0.95 holds versions of one licence and pages generated from one template
@@ -38,11 +39,12 @@ import numpy as np
 from elmforest.cluster import icp_dots
 from elmforest.cluster.icp_embed import (
     TokenDocuments,
+    content_keys,
     embed,
     embed_documents,
-    row_keys,
     sparse_pair_cosine,
     unit,
+    whole_pair_cosine,
 )
 from elmforest.cluster.icp_graph import (
     default_threads,
@@ -96,13 +98,17 @@ def icp_plan(
     nprobe: int = 16,
     chunk: int = 4096,
     threads: int | None = None,
+    whole=None,
     **embed_kwargs,
 ) -> IcpPlan:
     """ICP ordering of `data`: a list of texts or TokenDocuments (embedded by
     `icp_embed.embed(**embed_kwargs)`), or an [N, d] embedding array (rows are normalised; zero rows
     count as unembedded). A pure function of the data and `seed` (the seed fixes the SVD sample and
     its random start, the IVF training sample and every tie-break). `dedup_threshold=None` keeps
-    every document; `threads` (faiss) defaults to torch's thread count, else OMP_NUM_THREADS."""
+    every document; `threads` (faiss) defaults to torch's thread count, else OMP_NUM_THREADS.
+    `whole`: the whole documents (TokenDocuments or texts; `data` itself when it is either) that judge
+    duplicates: exact ones by their content, and a pair whose embedded prefixes pass the threshold
+    is a near-duplicate only if the whole documents' tf-idf cosine passes it too."""
     _check(k, dedup_threshold, exact_limit, nprobe, chunk)
     threads = threads or default_threads()
     t = {"start": time.perf_counter()}
@@ -130,6 +136,8 @@ def icp_plan(
             raise UserError("ICP ordering got no documents")
         import_faiss()
         z, x = embed(data, seed=seed, threads=threads, **embed_kwargs)
+        if whole is None:
+            whole = data
     n = len(z)
     lap("embed")
 
@@ -141,10 +149,12 @@ def icp_plan(
     cand = np.flatnonzero(ok)
     exact_dups = 0
     if dedup_threshold is not None and len(cand):
-        first = icp_dots.first_equal_rows(x, cand) if x is not None else None
-        if first is None:  # without numba, or given vectors: equal rows by their bytes
-            keys = row_keys(x, cand) if x is not None else [r.tobytes() for r in z[cand]]
-            first = icp_dots.first_by_keys(keys, cand)
+        if whole is not None:  # equal content, not only equal prefixes
+            every = content_keys(whole)
+            keys = [every[i] for i in cand.tolist()]
+        else:  # given vectors: equal rows by their bytes
+            keys = [r.tobytes() for r in z[cand]]
+        first = icp_dots.first_by_keys(keys, cand)
         dup = cand[first != cand]
         dropped[dup], partner[dup], psim[dup] = True, first[first != cand], 1.0
         exact_dups = int(dropped.sum())
@@ -168,6 +178,9 @@ def icp_plan(
             ds = sparse_pair_cosine(x, a, b, threads=threads)
         else:
             a, b, ds = src, dst, sim
+        if whole is not None and x is not None and (m := ds >= dedup_threshold).any():
+            ds = ds.copy()  # alike at the start: are they alike as a whole?
+            ds[m] = np.minimum(ds[m], whole_pair_cosine(whole, a[m], b[m], threads=threads))
         d2, p2, s2 = near_duplicates(n, a, b, ds, float(dedup_threshold))
         dropped |= d2
         partner[d2], psim[d2] = p2[d2], s2[d2]

@@ -1,4 +1,4 @@
-"""ICP's float64 similarities of float32 unit vectors and its exact-duplicate keys, compiled with numba
+"""ICP's float64 similarities of float32 unit vectors, compiled with numba
 when it is installed (the icp extra).
 
 Why hand-written: the edge weights and the re-ranking of kNN candidates are dot products of float32
@@ -8,16 +8,12 @@ cost on the demo shards' largest domain. The kernels here compute the same numbe
 temporaries, and bit for bit the same: the float32 product of each pair of coordinates, then NumPy's
 own pairwise summation (8 accumulators over a block of at most 128 terms; wider rows are left to
 NumPy) starting from 0.0, so no weight, tie-break or order changes (tested against NumPy on random rows of many widths).
-The exact-duplicate keys hash each tf-idf row's columns and value bits instead of building a byte
-string per row; equal hashes are then confirmed by comparing the rows, so a collision can cost time
-but never merge two different rows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from elmforest.cluster.icp_embed import row_keys
 from elmforest.cluster.icp_kernels import _jit, available
 
 MAX_WIDTH = 128  # NumPy's PW_BLOCKSIZE: wider rows (a sentence encoder's) go to NumPy, which halves them
@@ -96,22 +92,11 @@ def _rerank(z, ids, r0, k, out):
             out[q, c] = ids[q, pos[c]] if sim[pos[c]] != -np.inf else -1
 
 
-def _row_hashes(indptr, indices, bits, out):
-    for r in range(len(indptr) - 1):
-        h = np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(indptr[r + 1] - indptr[r])
-        for p in range(indptr[r], indptr[r + 1]):
-            for v in (np.uint64(indices[p]), np.uint64(bits[p])):
-                h ^= v + np.uint64(0x9E3779B97F4A7C15) + (h << np.uint64(6)) + (h >> np.uint64(2))
-                h *= np.uint64(0xBF58476D1CE4E5B9)
-        out[r] = h
-
-
 if available():
     _pairwise = _jit(_pairwise)
     _dot = _jit(_dot)
     _pair_sims = _jit(_pair_sims)
     _rerank = _jit(_rerank)
-    _row_hashes = _jit(_row_hashes)
 
 
 def fits(z: np.ndarray) -> bool:
@@ -144,38 +129,11 @@ def rerank(z: np.ndarray, ids: np.ndarray, r0: int, k: int) -> np.ndarray:
     return out
 
 
-def first_equal_rows(x, rows: np.ndarray) -> np.ndarray | None:
-    """For each of `rows` (ascending) of a CSR matrix with sorted columns, the first of `rows` whose
-    row equals it (itself if none earlier): what a dict of byte keys in that order gives. None
-    without numba."""
-    if not available():
-        return None
-    data = np.ascontiguousarray(x.data)
-    if data.dtype.itemsize not in (1, 2, 4, 8):
-        return _by_keys(x, np.asarray(rows, dtype=np.int64))
-    bits = data.view(f"u{data.dtype.itemsize}")  # the stored bytes, as the byte keys see them
-    rows = np.asarray(rows, dtype=np.int64)
-    h = np.empty(x.shape[0], dtype=np.uint64)
-    _row_hashes(x.indptr, x.indices, bits, h)  # no copy of the indices: compiled per dtype
-    _, first, inverse = np.unique(h[rows], return_index=True, return_inverse=True)
-    partner = rows[first[inverse.ravel()]]
-    ip, ind = x.indptr, x.indices
-    for i, j in zip(rows[partner != rows].tolist(), partner[partner != rows].tolist(), strict=True):
-        a, b = slice(ip[i], ip[i + 1]), slice(ip[j], ip[j + 1])
-        if not (np.array_equal(ind[a], ind[b]) and np.array_equal(bits[a], bits[b])):
-            return _by_keys(x, rows)  # a hash collision (never seen): the byte keys decide
-    return partner
-
-
 def first_by_keys(keys, rows: np.ndarray) -> np.ndarray:
-    """For each of `rows`, the first of `rows` with an equal key (itself if none earlier): the
-    dictionary the hashes stand in for, and the path without numba or on a collision."""
+    """For each of `rows`, the first of `rows` with an equal key (itself if none earlier): exact
+    duplicates by their content digests (icp_embed.content_keys) or their vectors' bytes."""
     first: dict[bytes, int] = {}
     return np.array(
         [first.setdefault(key, i) for i, key in zip(np.asarray(rows).tolist(), keys, strict=True)],
         dtype=np.int64,
     )
-
-
-def _by_keys(x, rows: np.ndarray) -> np.ndarray:
-    return first_by_keys(row_keys(x, rows), rows)

@@ -128,6 +128,49 @@ def _token_counts(docs: TokenDocuments, max_tokens: int):
     return lens, cols, docs.vocab_size
 
 
+def content_keys(whole) -> list[bytes]:
+    """A digest of each whole document (TokenDocuments: its token ids, those in `ignore` left out;
+    texts: their UTF-8): documents are exact duplicates when these are equal. Their embedded prefixes
+    may be equal while the rest differs (a long shared licence header)."""
+    import hashlib
+
+    if isinstance(whole, TokenDocuments):
+        ends = np.asarray(whole.ends, dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        tokens = np.asarray(whole.tokens)
+        ignore = np.asarray(whole.ignore, dtype=tokens.dtype) if whole.ignore else None
+        out = []
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            t = tokens[s:e]
+            if ignore is not None:
+                t = t[~np.isin(t, ignore)]
+            out.append(hashlib.blake2b(t.astype(np.int64).tobytes(), digest_size=16).digest())
+        return out
+    return [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in whole]
+
+
+def whole_pair_cosine(whole, a: np.ndarray, b: np.ndarray, threads: int = 1) -> np.ndarray:
+    """The tf-idf cosine of document pairs (a_i, b_i) over their *whole* texts or token ids (the idf
+    over the documents of these pairs): a pair whose embedded prefixes look alike is a near-duplicate
+    only if the whole documents are too."""
+    u = np.unique(np.concatenate([a, b]))
+    if isinstance(whole, TokenDocuments):
+        ends = np.asarray(whole.ends, dtype=np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        parts = [np.asarray(whole.tokens)[starts[i] : ends[i]] for i in u.tolist()]
+        sub = TokenDocuments(
+            np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64),
+            np.cumsum([len(p) for p in parts]),
+            whole.vocab_size,
+            whole.ignore,
+        )
+        counts = _token_counts(sub, np.iinfo(np.int64).max)
+    else:
+        counts = _word_counts([whole[i] for i in u.tolist()], max_chars=np.iinfo(np.int64).max)
+    x = _tfidf(bag_counts(*counts), min_df=1, max_features=None)
+    return sparse_pair_cosine(x, np.searchsorted(u, a), np.searchsorted(u, b), threads=threads)
+
+
 def bag_counts(lengths: np.ndarray, cols: np.ndarray, v: int, compiled: bool | None = None):
     """CSR counts [n, v]: row i counts the next lengths[i] entries of `cols` (-1: left out), columns
     sorted in each row. The occurrences come grouped by row, so the CSR is built directly and
@@ -328,9 +371,3 @@ def sparse_pair_cosine(
         for s in starts:
             one(s)
     return np.clip(out, -1.0, 1.0)
-
-
-def row_keys(x, rows: np.ndarray) -> list[bytes]:
-    """A byte string per CSR row (its columns and values): equal keys, equal rows."""
-    ip, ind, dat = x.indptr, x.indices, x.data
-    return [ind[ip[r] : ip[r + 1]].tobytes() + dat[ip[r] : ip[r + 1]].tobytes() for r in rows.tolist()]

@@ -186,10 +186,13 @@ class IcpOrder:
             "dedup_threshold": self.dedup_threshold,
             "exact_limit": self.exact_limit,
         }
-        if self.embedder is not None:
-            plan = icp_plan(self._texts(tokens, ends, eos_id), embedder=_encoder(self.embedder), **common)
+        docs = TokenDocuments(tokens, ends, vocab_size, ignore=(eos_id,))
+        if self.embedder is not None:  # exact duplicates by the whole documents, not the decoded starts
+            plan = icp_plan(
+                self._texts(tokens, ends, eos_id), embedder=_encoder(self.embedder), whole=docs, **common
+            )
         else:
-            plan = icp_plan(TokenDocuments(tokens, ends, vocab_size, ignore=(eos_id,)), **common)
+            plan = icp_plan(docs, **common)
         stats = {key: plan.stats[key] for key in KEPT_STATS if key in plan.stats}
         stats["seconds"] = plan.stats.get("seconds")  # moved to order_timings.json by the data layer
         stats["threads"] = plan.stats.get("threads")
