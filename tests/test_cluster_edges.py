@@ -153,3 +153,23 @@ def test_skipped_records_are_said_and_domain_maps_refuse_a_key_given_twice(clust
         load_domain_map(twice)
     with pytest.raises(NotFound, match="--groups file .*no such file"):
         load_grouping(tmp_path / "missing.json")
+
+
+def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_with_eos(
+    corpus, tokenizer_dir, tmp_path
+):
+    """A causal LM's pooled states sit at cosine ~0.99: as --icp-embedder it dropped 163 of 185
+    documents as near-duplicates; a tokenizer without a pad token was a transformers traceback."""
+    from elmforest.cluster.clusterer import ClustererError, SentenceEmbedder
+
+    enc = make_tiny_encoder(tokenizer_dir, tmp_path / "enc")
+    cfg = json.loads((enc / "config.json").read_text())
+    tok_cfg = json.loads((enc / "tokenizer_config.json").read_text())
+    tok_cfg.pop("pad_token")
+    (enc / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    texts = [d.text for d in iter_documents(corpus)][:5]
+    z, ok = SentenceEmbedder(enc).embed(texts)
+    assert ok.all() and np.allclose(np.linalg.norm(z, axis=1), 1)
+    (enc / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ClustererError, match="a causal language model .*not a sentence encoder"):
+        SentenceEmbedder(enc)

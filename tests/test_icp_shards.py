@@ -267,7 +267,7 @@ def test_data_order_mismatch_is_refused_at_run_start(builds, tmp_path):
     src, icp = builds["source"], builds["icp0"]
     cfg = tiny_config(src.root, steps=2)
     cfg.data.order = "icp"
-    with pytest.raises(UserError, match=r"'source' order.*--order icp"):
+    with pytest.raises(UserError, match=r"'source' order.*shards reorder .*--order icp"):
         Trainer(cfg, tmp_path / "run").fit()
     assert not (tmp_path / "run" / "run_config.json").exists()
     plan, base = btm.plan_for(cfg, src.domains)  # a forest phase takes its base config's data.order

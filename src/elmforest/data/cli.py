@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Annotated, Literal
 
 import typer
@@ -83,7 +84,11 @@ class OrderArgs:
     ] = 10
     icp_dedup_threshold: Annotated[
         float,
-        opt("icp: drop a training document at this cosine similarity to an earlier one", unit_fraction),
+        opt(
+            "icp: drop a training document at this cosine similarity to an earlier one among its 10 "
+            "nearest neighbours",
+            unit_fraction,
+        ),
     ] = 0.9
     icp_keep_duplicates: Annotated[
         bool, flag("--icp-keep-duplicates", "icp: drop no near-duplicates (order only)")
@@ -350,6 +355,13 @@ def print_order(order: dict, timings: dict | None = None) -> None:
         if t:
             line += f", {t['order_seconds'] + t['rewrite_seconds']:.2f}s"
         print(line)
+        if st["documents_before"] and st.get("dropped_documents", 0) > st["documents_before"] / 2:
+            print(  # rarely what a corpus holds: an encoder that does not tell documents apart, or templates
+                f"  warning: {d}: more than half its training documents were dropped as duplicates: check that "
+                "they are (an encoder that tells documents apart?), or rebuild with --icp-keep-duplicates or "
+                "a higher --icp-dedup-threshold",
+                file=sys.stderr,
+            )
 
 
 def print_read(read: dict) -> None:

@@ -91,9 +91,14 @@ def check_order(cfg: RunConfig, shards: Shards) -> None:
     seed = f" (seed {have['seed']})" if "seed" in have else ""
     raise UserError(
         f"data.order={want!r} but the shards in {shards.root} hold their training documents in "
-        f"{have['method']!r} order{seed}; build shards in {want} order (elmforest shards build --data "
-        f"CORPUS --tokenizer {shards.root} --out DIR --order {want}) and point data.shards at DIR, or "
-        f"set data.order={have['method']}"
+        f"{have['method']!r} order{seed}; "
+        + (  # only shards in source order can be reordered; others are built again
+            f"reorder a copy (elmforest shards reorder {shards.root} --out DIR --order {want})"
+            if have["method"] == "source"
+            else f"build shards in {want} order (elmforest shards build --data CORPUS --tokenizer "
+            f"{shards.root} --out DIR --order {want})"
+        )
+        + f" and point data.shards at DIR, or set data.order={have['method']}"
     )
 
 
