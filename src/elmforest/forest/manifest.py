@@ -66,10 +66,33 @@ _NON_ARCH_KEYS = {
 }
 
 
-def architecture_fingerprint(model_dir: str | Path) -> str:
-    cfg = read_config(resolve_model_dir(model_dir))
-    arch = {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
-    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+def architecture_config(model_dir: str | Path, raw: bool = False) -> dict:
+    """The config keys that decide what the weights compute, as transformers reads them (a config
+    written by transformers 4.x, `rope_theta` and no `head_dim`, and its 5.x rewrite are one
+    architecture); the file's own keys when transformers cannot read it without remote code, or `raw`."""
+    d = resolve_model_dir(model_dir)
+    cfg = read_config(d)
+    if not raw:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(d), local_files_only=True).to_dict()  # no remote code
+        except Exception:  # an architecture only remote code defines: its file decides
+            pass
+    return {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
+
+
+def architecture_fingerprint(model_dir: str | Path, raw: bool = False) -> str:
+    """`raw`: of the file's own keys, as forests written before the normalised fingerprint recorded."""
+    arch = architecture_config(model_dir, raw)
+    return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_difference(a: dict, b: dict, most: int = 6) -> str:
+    """The keys two architecture configs disagree on, with both values, for an error a person can act on."""
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "(absent)") != b.get(k, "(absent)"))
+    shown = [f"{k}: {a.get(k, '(absent)')!r} vs {b.get(k, '(absent)')!r}" for k in keys[:most]]
+    return "; ".join(shown) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def tokenizer_fingerprint(model_dir: str | Path) -> str:
@@ -315,12 +338,26 @@ class Forest:
                     "started from; its shape changed in training"
                 )
             return tok, arch
-        if self.data.get("architecture") and arch != self.data["architecture"]:
+        recorded = self.data.get("architecture")
+        seed = self.seed_dir
+        seed = seed if seed is not None and (seed / "config.json").is_file() else None
+        same = (  # a forest written before the fingerprint was normalised recorded the seed file's own
+            not recorded
+            or recorded in (arch, architecture_fingerprint(model_dir, raw=True))
+            or (seed is not None and arch == architecture_fingerprint(seed))
+        )
+        if not same:
+            differs = (
+                f" ({_config_difference(architecture_config(model_dir), architecture_config(seed))}; this "
+                "checkpoint's value first)"
+                if seed is not None
+                else ""
+            )
             raise UserError(
                 f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "
-                f"({self.data['architecture']}); experts must share the seed's architecture"
+                f"({recorded}){differs}; experts must share the seed's architecture"
             )
-        return tok, arch
+        return tok, recorded or arch
 
     def set_seed(
         self,

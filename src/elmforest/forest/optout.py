@@ -58,6 +58,9 @@ def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
         old = next((r for r in d.get("removed", []) if r["name"] == name), {})
         d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
         record = {"name": name, "removed": old.get("removed", _now()), "state": "pending"}
+        domains = (entry or {}).get("domains") or old.get("domains")
+        if domains:  # what it trained on, for the note on what the seed saw
+            record["domains"] = list(domains)
         # the compute that ran for it leaves the ledger with it, and is kept here
         spent = old.get("spent") or []
         if entry is not None:  # (an expert re-added after an opt-out carries what that one discarded)
@@ -242,11 +245,16 @@ def _delete_tree(p: Path) -> str | None:
 
 
 def _seed_saw(forest: Forest, name: str) -> bool:
-    """Whether the seed's mixture included this expert's domain (BTM's seed trains on every domain)."""
-    plan = forest.data.get("plan") or {}
-    return bool(forest.data.get("seed")) and (
-        plan.get("domains") is None or name in (plan.get("domains") or [])
-    )
+    """Whether the seed's mixture included one of this expert's domains (BTM's seed trains on every
+    domain of its plan). A seed taken from a checkpoint (`--from-checkpoint`) was not trained here:
+    what it saw is not known, so nothing is claimed."""
+    seed = forest.data.get("seed") or {}
+    if "config" not in seed:
+        return False
+    gone = [r for r in forest.data.get("removed", []) if r.get("name") == name]
+    domains = (gone[-1].get("domains") if gone else None) or [name]
+    mixed = (forest.data.get("plan") or {}).get("domains")
+    return mixed is None or any(d in mixed for d in domains)
 
 
 def pending(forest: Forest) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from elmforest.merge.io import LazyWeights, ShardedWriter, open_matching
+from elmforest.merge.io import SIDE_FILES, LazyWeights, ShardedWriter, open_matching, remote_code_files
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
@@ -101,7 +101,7 @@ def merge_checkpoints(
     with undone_on_failure(writer.tmp, writer.out):
         for name, t in iter_merge(dirs, weights, method, base, **params):
             writer.add(name, t)
-        writer.copy_side_files(dirs[0])
+        writer.copy_side_files(dirs[0], (*SIDE_FILES, *remote_code_files(dirs[0])))
         write_json_atomic(
             writer.tmp / "elmforest_average.json",
             {

@@ -7,7 +7,6 @@ whatever the number of inputs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import ExitStack
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 
 from elmforest.data.tokenizer import TOKENIZER_FILES
 from elmforest.model.build import resolve_model_dir
-from elmforest.utils.errors import AlreadyExists, NotFound, UserError
+from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import replace_dir, temp_sibling, write_json_atomic
 
 # Files copied from the first input so the output is a complete, loadable HF checkpoint; every
@@ -33,15 +32,27 @@ SIDE_FILES = (
 )
 
 
+def remote_code_files(src: Path) -> list[str]:
+    """The Python files a checkpoint's `auto_map` names (its remote code): a model of the same
+    architecture written from it needs them beside its config.json, or it cannot load."""
+    import json
+
+    try:
+        amap = json.loads((src / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    refs = [r for v in amap.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    mods = {r.split("--")[-1].rsplit(".", 1)[0] for r in refs}
+    return sorted(
+        f"{m}.py" for m in mods if m and Path(f"{m}.py").name == f"{m}.py" and (src / f"{m}.py").is_file()
+    )
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    d = resolve_model_dir(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
-    single = d / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise NotFound(f"{d}: no safetensors weights (model.safetensors or an index)")
+    """The checkpoint's safetensors files, as model/build.py checks them (inside its folder, whole)."""
+    from elmforest.model.build import weight_files as checked
+
+    return sorted(set(checked(resolve_model_dir(model_dir)).values()))
 
 
 class LazyWeights:
@@ -65,12 +76,30 @@ class LazyWeights:
 
 
 def open_matching(dirs: list[Path], stack: ExitStack) -> list[LazyWeights]:
-    """Open several checkpoints lazily, refusing any whose tensor names differ from the first's."""
+    """Open several checkpoints lazily, refusing any whose tensor names differ from the first's. A
+    head tied to the embeddings that a checkpoint stores anyway is left out: it is the embedding
+    matrix (`forest add` does not compare it either), and the merged model ties it again."""
+    import json
+
     opened = [LazyWeights(Path(d), stack) for d in dirs]
+    try:
+        cfg = json.loads((resolve_model_dir(Path(dirs[0])) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    if isinstance(cfg, dict) and cfg.get("tie_word_embeddings", False):
+        for w in opened:
+            for k in [k for k in w.keys() if k.endswith("lm_head.weight")]:
+                del w.where[k]
     names = set(opened[0].keys())
     for w, d in zip(opened[1:], dirs[1:], strict=True):
         if set(w.keys()) != names:
-            raise UserError(f"{d}: its tensors differ from {dirs[0]}'s; cannot merge")
+            extra, missing = sorted(set(w.keys()) - names), sorted(names - set(w.keys()))
+            said = "; ".join(
+                f"{what} {', '.join(ks[:3])}{' ...' if len(ks) > 3 else ''}"
+                for what, ks in (("it has", extra), ("it lacks", missing))
+                if ks
+            )
+            raise UserError(f"{d}: its tensors differ from {dirs[0]}'s ({said}); cannot merge")
     return opened
 
 

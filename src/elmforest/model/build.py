@@ -63,6 +63,12 @@ def weight_files(d: Path) -> dict[str, Path]:
         wm = wm.get("weight_map") if isinstance(wm, dict) else None
         if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
             raise UserError(f"{index}: not a safetensors index (no weight_map of tensor names to files)")
+        outside = sorted({f for f in wm.values() if Path(f).name != f or f in ("", ".", "..")})
+        if outside:  # weights read from elsewhere would pass every check made on this folder's files
+            raise UserError(
+                f"{index}: {outside[0]!r} is not a file name inside {d}; an index names the weight files "
+                "beside it"
+            )
         files = {name: d / f for name, f in wm.items()}
     elif pickled := [d / f for f in PICKLED if (d / f).exists()]:
         raise UserError(
