@@ -309,3 +309,13 @@ def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path
     assert main(["presets"]) == 130
     err = capsys.readouterr().err
     assert "interrupted (Ctrl-C)" in err and "checkpoint" not in err, err
+
+
+def test_more_processes_than_cores_is_a_warning(shards_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("elmforest.utils.threads.cpu_cores", lambda: 2)
+    monkeypatch.setattr("elmforest.train.cli._relaunch_distributed", lambda n: 0)  # no torchrun here
+    argv = ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "r"), "--preset", "tiny"]
+    assert main([*argv, "--nproc", "4", "--set", "train.batch_size=8", "--set", "train.device=cpu"]) == 0
+    assert "warning: --nproc 4 on 2 CPU core(s)" in capsys.readouterr().err
+    assert main([*argv, "--nproc", "2", "--set", "train.batch_size=8", "--set", "train.device=cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -105,6 +105,15 @@ def train(
             raise UserError(
                 f"train.batch_size={run_cfg.train.batch_size} must divide evenly among {nproc} processes"
             )
+        from elmforest.utils.device import resolve_device
+        from elmforest.utils.threads import cpu_cores
+
+        if resolve_device(run_cfg.train.device).type == "cpu" and nproc > (cores := cpu_cores()):
+            print(  # it runs, each process on a fraction of a core: slower than fewer processes
+                f"warning: --nproc {nproc} on {cores} CPU core(s): the processes share cores and run slower "
+                f"than --nproc {cores}",
+                file=sys.stderr,
+            )
         return _relaunch_distributed(nproc)
     from elmforest.train.trainer import train as train_run
 
