@@ -319,3 +319,21 @@ def test_more_processes_than_cores_is_a_warning(shards_dir, tmp_path, monkeypatc
     assert "warning: --nproc 4 on 2 CPU core(s)" in capsys.readouterr().err
     assert main([*argv, "--nproc", "2", "--set", "train.batch_size=8", "--set", "train.device=cpu"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_an_expert_batch_that_processes_cannot_share_is_refused_before_the_forest_is_made(
+    shards_dir, tmp_path, capsys
+):
+    argv = [
+        "forest",
+        "train",
+        "--forest",
+        str(tmp_path / "f"),
+        "--shards",
+        str(shards_dir),
+        "--preset",
+        "tiny",
+    ]
+    assert main([*argv, "--procs-per-expert", "7"]) == 2
+    assert "must divide among --procs-per-expert 7" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

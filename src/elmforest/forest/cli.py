@@ -330,18 +330,18 @@ def train(
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
     if clusterer:
         _check_cluster_domains(clusterer, domains, shards)
+    plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
+    if plan.expert_batch_size % procs_per_expert:  # before the forest is made
+        raise UserError(
+            f"each expert's batch ({plan.expert_batch_size}) must divide among "
+            f"--procs-per-expert {procs_per_expert} processes"
+        )
     f = _load(forest, create=True)
     if clusterer:
         f.set_clusterer(clusterer)
     elif f.data.get("clusterer"):  # a c-BTM forest trained further
         _check_cluster_domains(str(f.root / f.data["clusterer"]["path"]), domains, shards)
-    plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
     sets = btm.seed_overrides(f, train_args.overrides)  # refused when the seed was trained otherwise
-    if plan.expert_batch_size % procs_per_expert:
-        raise UserError(
-            f"each expert's batch ({plan.expert_batch_size}) must divide among "
-            f"--procs-per-expert {procs_per_expert} processes"
-        )
     train_forest(
         f,
         sh,
