@@ -310,7 +310,8 @@ def embed(
         svd = TruncatedSVD(
             n_components=n_comp, n_iter=svd_iter, random_state=seed, power_iteration_normalizer=svd_normalizer
         )
-        svd.fit(sample.astype(svd_dtype))
+        with np.errstate(divide="ignore", invalid="ignore"):  # equal rows: its variance ratio is 0/0
+            svd.fit(sample.astype(svd_dtype))
         return unit(project(x.astype(svd_dtype), svd.components_, threads)), x
 
 
