@@ -22,7 +22,7 @@ import numpy as np
 
 from elmforest.cluster.assign import assign_corpus, fit_clusterer, sample_texts
 from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans
-from elmforest.cluster.router import IncrementalRouter, token_byte_table
+from elmforest.cluster.router import IncrementalRouter
 from elmforest.data.readers import iter_documents
 from elmforest.data.tokenizer import load_tokenizer, train_bpe_on
 
@@ -94,7 +94,7 @@ def main() -> None:
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_bpe_on(args.corpus, 4096)[0]
         text = "\n".join(d.text for d in docs if d.domain == sorted(set(domains))[0])[:400_000]
         ids = tok.encode_batch([text])[0]
-        table = token_byte_table(tok)
+        table = tok.token_bytes
         print("3. routing cost per token (the next 64 tokens after a context of L tokens)")
         for L in (256, 1024, 4096):
             router = IncrementalRouter(c, table, None)

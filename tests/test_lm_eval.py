@@ -299,6 +299,7 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         ({"max_length": -5}, "max_length=-5: expected at least 1"),
         ({"max_length": 0}, "max_length=0"),
         ({"rolling_eos": "nope"}, "rolling_eos='nope': expected true or false"),
+        ({"routing_temperature": "nan"}, "routing_temperature='nan': expected a number"),
     ):
         with pytest.raises(UserError, match=re.escape(said)):
             ElmforestLM(forest=f, **bad)

@@ -507,6 +507,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
         ({**good, "stop": ["x"] * 17}, 400, "stop"),
         # vLLM's extensions were answered as if applied (top_k 1 still sampled): refused, as by OpenAI
         ({**good, "top_k": 1, "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+        ({**good, "top_k": 40, "num_beams": 1}, 400, "top_k"),
         ({**good, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ]
     for body, status, param in bad:
@@ -523,6 +524,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     r = httpx.get(bg.url + "/v1/nowhere")
     assert r.status_code == 404 and "error" in r.json()
+    # what clients pass through at the values that change nothing (lm-eval: a task's num_beams 1)
+    neutral = {"top_k": -1, "num_beams": 1, "repetition_penalty": 1.0, "ignore_eos": False, "min_p": None}
+    assert httpx.post(url, json={**good, **neutral, "max_tokens": 2}, timeout=30).status_code == 200
     r = httpx.post(bg.url + "/v1/chat/completions", json={"model": "f", "messages": []})
     assert r.status_code == 404 and "no chat endpoint" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if _STOPPED_BY:  # SIGTERM's status, even when a library re-raised it as another SystemExit (Ray)
             return _STOPPED_BY[-1]
         if e.code == 130 and _interrupted(e):  # typer turns Ctrl-C into a silent exit 130
-            resumes = " ".join(argv[:2]) in RESUMABLE or (argv[:1] and argv[0] in RESUMABLE)
+            resumes = " ".join(argv[:2]) in RESUMABLE or bool(argv[:1] and argv[0] in RESUMABLE)
             more = "; the same command again continues from the last checkpoint" if resumes else ""
             print(f"elmforest: interrupted (Ctrl-C){more}", file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -96,7 +96,10 @@ def repeated_option(cmd, argv: list[str]) -> str | None:
 
 
 _STOPPED_BY: list[int] = []
-RESUMABLE = {"train", "forest", "sweep", "study", "quickstart", "merge finetune"}  # continue when rerun
+RESUMABLE = {  # verbs that continue where they stopped when run again
+    *("train", "sweep", "study", "quickstart", "merge finetune"),
+    *("forest seed", "forest expert", "forest dense", "forest train"),
+}
 
 
 def _terminated(signum, frame):

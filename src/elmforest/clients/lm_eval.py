@@ -19,9 +19,11 @@ byte are the evaluation's. Model arguments (`--model_args k=v,...`):
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+from elmforest.clients.server_api import is_neutral
 from elmforest.forest.lm import ForestLM, open_lm
 from elmforest.utils.errors import UserError
 
@@ -191,9 +193,8 @@ class ElmforestLM(LM):
         seed = kw.pop("seed", None)
         if seed is None:
             seed, self.seed = self.seed, self.seed + 1
-        neutral = {"num_beams": 1, "repetition_penalty": 1.0, "num_return_sequences": 1}
-        applied = {k: v for k, v in kw.items() if neutral.get(k, object()) != v}
-        if top_k not in (None, 0, 1) and sample:
+        applied = {k: v for k, v in kw.items() if not is_neutral(k, v)}
+        if not is_neutral("top_k", top_k) and top_k != 1 and sample:
             applied["top_k"] = top_k
         if applied:  # else answered as if applied: another sampler than the task asks for
             raise UserError(
@@ -251,7 +252,7 @@ def _number(v, name: str, kind: type, least: float | None = None):
     `least`; said with its name instead of a ValueError traceback or a silently changed value."""
     try:
         x = kind(v)
-        if isinstance(v, bool) or (kind is int and float(v) != x):
+        if isinstance(v, bool) or not math.isfinite(x) or (kind is int and float(v) != x):
             raise ValueError
     except (TypeError, ValueError):
         raise UserError(f"{name}={v!r}: expected {'an integer' if kind is int else 'a number'}") from None

@@ -130,12 +130,40 @@ def _prompts(raw, lm, vocab: int, max_bytes: int | None = None) -> list[Prompt]:
 
 UNSUPPORTED = {"suffix": None, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
 # every argument of OpenAI's completions API; others (vLLM's top_k, repetition_penalty, ...) are refused,
-# as OpenAI refuses them, instead of answering as if they had been applied
+# as OpenAI refuses them, instead of answering as if they had been applied, unless null or at the value
+# that changes nothing (clients such as lm-eval's pass a task's settings through: num_beams 1, top_k -1)
 KNOWN = {
     *UNSUPPORTED,
     *("model", "prompt", "max_tokens", "echo", "stream", "stream_options", "temperature", "top_p"),
     *("logprobs", "n", "best_of", "seed", "stop", "user"),
 }
+
+
+# sampling settings of other servers and of transformers' generate, at the values that change nothing
+NEUTRAL = {
+    "top_k": (-1, 0),
+    "min_p": (0,),
+    "repetition_penalty": (1,),
+    "length_penalty": (1,),
+    "num_beams": (1,),
+    "num_return_sequences": (1,),
+    "min_tokens": (0,),
+    "ignore_eos": (False,),
+    "use_beam_search": (False,),
+    "stop_token_ids": ([],),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+}
+
+
+def is_neutral(key: str, value) -> bool:
+    """A setting this project does not apply, at a value that would change nothing (or null)."""
+    if value is None:
+        return True
+    same = [
+        n for n in NEUTRAL.get(key, ()) if type(n) is type(value) or {type(n), type(value)} <= {int, float}
+    ]
+    return any(value == n for n in same)
 
 
 def parse_completion(
@@ -156,7 +184,7 @@ def parse_completion(
             404,
             "model_not_found",
         )
-    if unknown := sorted(str(k) for k in body if k not in KNOWN):
+    if unknown := sorted(str(k) for k, v in body.items() if k not in KNOWN and not is_neutral(k, v)):
         raise ApiError(f"unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
     for key, neutral in UNSUPPORTED.items():
         if body.get(key) not in (None, neutral, {}):
