@@ -76,8 +76,8 @@ def test_remote_code_travels_and_a_stored_tied_head_merges(forest_dir, tmp_path)
     }
     (d / "config.json").write_text(json.dumps({"auto_map": amap}))
     for name in ("configuration_x.py", "modeling_x.py", "unrelated.py"):
-        (d / name).write_text("# code\n")
-    assert remote_code_files(d) == ["configuration_x.py", "modeling_x.py"]
+        (d / name).write_text("# code\n")  # unrelated.py: a helper the modules import
+    assert remote_code_files(d) == ["configuration_x.py", "modeling_x.py", "unrelated.py"]  # helpers too
     # a head tied to the embeddings, stored by one expert and not by the other: the same model
     a, b = _copy(forest_dir, 0, tmp_path / "a"), _copy(forest_dir, 1, tmp_path / "b")
     for x in (a, b):

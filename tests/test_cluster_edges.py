@@ -173,3 +173,5 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
     (enc / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ClustererError, match="a causal language model .*not a sentence encoder"):
         SentenceEmbedder(enc)
+    (enc / "modules.json").write_text("[]")  # a sentence-transformers encoder built on a decoder (gte-Qwen2)
+    assert SentenceEmbedder(enc).embed(texts)[1].all()

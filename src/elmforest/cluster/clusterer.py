@@ -87,7 +87,14 @@ def resolve_embedding_model(name: str | os.PathLike) -> Path:
         archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ClustererError(f"{p / 'config.json'}: not readable as a model config ({e})") from None
-    if archs and all(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    sentence_transformers = (p / "modules.json").is_file() or (
+        p / "config_sentence_transformers.json"
+    ).is_file()
+    if (
+        archs
+        and not sentence_transformers
+        and all(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    ):
         # its mean-pooled states sit at cosine ~0.99 for any two texts: every document a "near-duplicate"
         raise ClustererError(
             f"{p}: a causal language model ({archs[0]}), not a sentence encoder: its pooled states do not "

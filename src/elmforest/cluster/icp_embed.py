@@ -136,16 +136,16 @@ def content_keys(whole) -> list[bytes]:
 
     if isinstance(whole, TokenDocuments):
         ends = np.asarray(whole.ends, dtype=np.int64)
+        tokens = np.asarray(whole.tokens).astype(np.int64)
+        if whole.ignore:  # left out once for the whole array, the documents' ends moved with it
+            kept = ~np.isin(tokens, np.asarray(whole.ignore, dtype=np.int64))
+            ends = np.concatenate([[0], np.cumsum(kept)])[ends]
+            tokens = tokens[kept]
         starts = np.concatenate([[0], ends[:-1]])
-        tokens = np.asarray(whole.tokens)
-        ignore = np.asarray(whole.ignore, dtype=tokens.dtype) if whole.ignore else None
-        out = []
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            t = tokens[s:e]
-            if ignore is not None:
-                t = t[~np.isin(t, ignore)]
-            out.append(hashlib.blake2b(t.astype(np.int64).tobytes(), digest_size=16).digest())
-        return out
+        return [
+            hashlib.blake2b(tokens[s:e].tobytes(), digest_size=16).digest()
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
     return [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in whole]
 
 

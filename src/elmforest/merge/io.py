@@ -33,19 +33,18 @@ SIDE_FILES = (
 
 
 def remote_code_files(src: Path) -> list[str]:
-    """The Python files a checkpoint's `auto_map` names (its remote code): a model of the same
-    architecture written from it needs them beside its config.json, or it cannot load."""
+    """A checkpoint's remote code, when its config has an `auto_map`: every Python file at its top level
+    (the modules auto_map names and the helpers they import). A model of the same architecture written
+    from it needs them beside its config.json, or it cannot load."""
     import json
 
     try:
-        amap = json.loads((src / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+        amap = json.loads((src / "config.json").read_text(encoding="utf-8")).get("auto_map")
     except (OSError, ValueError, AttributeError):
         return []
-    refs = [r for v in amap.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
-    mods = {r.split("--")[-1].rsplit(".", 1)[0] for r in refs}
-    return sorted(
-        f"{m}.py" for m in mods if m and Path(f"{m}.py").name == f"{m}.py" and (src / f"{m}.py").is_file()
-    )
+    if not amap:
+        return []
+    return sorted(p.name for p in src.iterdir() if p.suffix == ".py" and p.is_file() and not p.is_symlink())
 
 
 def weight_files(model_dir: Path) -> list[Path]:
