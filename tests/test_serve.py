@@ -443,26 +443,35 @@ def test_stopping_the_server_ends_requests_in_flight_with_an_error_not_a_cut(for
     body = {"model": "f", "prompt": "the", "max_tokens": 60, "temperature": 0}
     got: dict = {}
 
+    first = threading.Event()
+
     def stream():
         with (
             httpx.Client(timeout=30) as h,
             h.stream("POST", bg.url + "/v1/completions", json={**body, "stream": True}) as r,
         ):
-            got["stream"] = list(r.iter_lines())
+            got["stream"] = []
+            for line in r.iter_lines():
+                got["stream"].append(line)
+                first.set()
 
     def whole():  # queued behind the stream (one active at a time)
         got["whole"] = httpx.post(bg.url + "/v1/completions", json=body, timeout=30)
 
     threads = [threading.Thread(target=stream), threading.Thread(target=whole)]
     try:
-        for t in threads:
-            t.start()
-            time.sleep(0.5)
+        threads[0].start()
+        assert first.wait(30)  # the stream is running before the other request queues behind it
+        threads[1].start()
+        deadline = time.time() + 30
+        while bg.app.state.engine.load["waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.02)
         t0 = time.time()
         bg.server.handle_exit(signal.SIGINT, None)  # what Ctrl-C calls
         for t in threads:
             t.join(timeout=30)
-        assert time.time() - t0 < 1.5  # ended at once, well within the 2 s grace
+        # both ended before the 2 s grace ran out (when they would have been cancelled and cut)
+        assert time.time() - t0 < 2.0
     finally:
         bg.close()
     events = [x for x in got["stream"] if x.startswith("data: ")]
