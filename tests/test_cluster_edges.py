@@ -175,3 +175,26 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
         SentenceEmbedder(enc)
     (enc / "modules.json").write_text("[]")  # a sentence-transformers encoder built on a decoder (gte-Qwen2)
     assert SentenceEmbedder(enc).embed(texts)[1].all()
+
+
+def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_is_refused(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", _docs({"code": 60, "legal": 60, "scripture": 60}))
+    fit_clusterer(data, 3, tmp_path / "c", min_df=1, split="train", split_spec=SplitSpec(0.2, 0.1))
+    rep = assign_corpus(tmp_path / "c", data, tmp_path / "a", balanced=True, progress=False, workers=1)
+    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1}
+    with pytest.raises(UserError, match="fitted on the training split at valid/test fractions 0.2/0.1"):
+        assign_corpus(
+            tmp_path / "c", data, tmp_path / "b", balanced=True, split_spec=SplitSpec(), progress=False
+        )
+    args = [
+        "cluster",
+        "assign",
+        "--clusterer",
+        str(tmp_path / "c"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main([*args, "--valid-frac", "0.2"]) == 2
+    assert "they need --balanced" in capsys.readouterr().err

@@ -194,7 +194,14 @@ def assign_corpus(
     _check_out(out)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     global_labels = None
-    spec = split_spec or SplitSpec()
+    recorded = clusterer.meta.get("fit", {}).get("split_spec")  # `cluster fit --split train`'s fractions
+    if split_spec is not None and recorded and SplitSpec(**recorded) != split_spec:
+        raise UserError(
+            f"the clusterer was fitted on the training split at valid/test fractions "
+            f"{recorded['valid_frac']}/{recorded['test_frac']}, but the assignment is asked to use "
+            f"{split_spec.valid_frac}/{split_spec.test_frac}; give the fractions your shards use to both"
+        )
+    spec = split_spec or (SplitSpec(**recorded) if recorded else SplitSpec())
     train_sizes = train_bytes = None
     if balanced:
         scores, oks, sizes_b, trains = [], [], [], []

@@ -118,12 +118,22 @@ def assign(
     ] = "documents",
     workers: Annotated[int | None, opt("processes (default: one per core)", positive_int)] = None,
     valid_frac: Annotated[
-        float,
-        opt("--balanced: the valid fraction `shards build` will split at (held out: not capped)", fraction),
-    ] = 0.05,
+        float | None,
+        opt(
+            "--balanced: the valid fraction `shards build` will split at (held out: not capped; default: "
+            "the clusterer's, else 0.05)",
+            fraction,
+            metavar="FLOAT",
+        ),
+    ] = None,
     test_frac: Annotated[
-        float, opt("--balanced: the test fraction `shards build` will split at", fraction)
-    ] = 0.05,
+        float | None,
+        opt(
+            "--balanced: the test fraction `shards build` will split at (default as --valid-frac)",
+            fraction,
+            metavar="FLOAT",
+        ),
+    ] = None,
     no_progress: NoProgressBar = False,
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
@@ -131,6 +141,12 @@ def assign(
     the training split; valid and test documents go to their nearest centre."""
     from elmforest.cluster.assign import assign_corpus
     from elmforest.data.splits import SplitSpec
+
+    given = valid_frac is not None or test_frac is not None
+    if given and not balanced:  # only the cap tells the splits apart
+        raise UserError(
+            "--valid-frac / --test-frac tell the training split the cap applies to: they need --balanced"
+        )
 
     rep = assign_corpus(
         clusterer,
@@ -141,7 +157,11 @@ def assign(
         balance=balance,
         workers=workers,
         progress=not no_progress,
-        split_spec=SplitSpec(valid_frac, test_frac),
+        split_spec=SplitSpec(
+            0.05 if valid_frac is None else valid_frac, 0.05 if test_frac is None else test_frac
+        )
+        if given
+        else None,
     )
     print(
         f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"

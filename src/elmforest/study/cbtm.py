@@ -84,7 +84,8 @@ def cluster_shards(
     root: Path, corpus: Path, tokenizer: Path, fraction: float, k: int, balance: str, progress: bool
 ) -> tuple[Shards, Path]:
     """(shards of the k clusters, clusterer dir) of the f-subsample `corpus`: fitted on its training
-    split, every document assigned under a balanced cap (by count or by bytes, 5% slack)."""
+    split, its training documents assigned under a balanced cap (by count or by bytes, 5% slack), the
+    held-out ones to their nearest centre (an assignment cached by an older version capped them all)."""
     from elmforest.cluster.assign import assign_corpus, fit_clusterer
 
     sub = corpus
