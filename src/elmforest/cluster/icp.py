@@ -12,8 +12,8 @@ kept) cannot be placed by similarity: they follow the path in index order, one s
 are counted. Every document is either in the order exactly once or dropped as a duplicate.
 
 Duplicates are judged on the bag-of-words (tf-idf) cosine of the embedded prefixes when elmforest
-embeds, confirmed on the whole documents' (documents sharing a header longer than the prefix are not
-duplicates), on the embedding cosine when vectors or an embedder are given; exact duplicates are
+embeds, confirmed on the whole documents' when either was cut to its prefix (documents sharing a header
+longer than the prefix are not duplicates), on the embedding cosine when vectors or an embedder are given; exact duplicates are
 documents of equal content (a digest of the whole token ids or text), or equal vectors. Why 0.9 by default: on the demo corpus
 (bench/icp_order.py --show-pairs) kNN pairs at ≥ 0.95 are copies (one Jargon-File entry in two
 glossaries, one licence twice) or stubs of one template whose only differences are words the
@@ -178,9 +178,11 @@ def icp_plan(
             ds = sparse_pair_cosine(x, a, b, threads=threads)
         else:
             a, b, ds = src, dst, sim
-        if whole is not None and x is not None and (m := ds >= dedup_threshold).any():
-            ds = ds.copy()  # alike at the start: are they alike as a whole?
-            ds[m] = np.minimum(ds[m], whole_pair_cosine(whole, a[m], b[m], threads=threads))
+        if whole is not None and x is not None:  # alike at the start, cut short: alike as a whole?
+            cut = truncated(whole, embed_kwargs)
+            if (m := (ds >= dedup_threshold) & (cut[a] | cut[b])).any():
+                ds = ds.copy()
+                ds[m] = np.minimum(ds[m], whole_pair_cosine(whole, a[m], b[m], threads=threads))
         d2, p2, s2 = near_duplicates(n, a, b, ds, float(dedup_threshold))
         dropped |= d2
         partner[d2], psim[d2] = p2[d2], s2[d2]
@@ -226,6 +228,23 @@ def icp_plan(
         "seconds": {name: round(s, 4) for name, s in t.items()},
     }
     return IcpPlan(order, segments, drop_ids, partner[drop_ids], psim[drop_ids], stats)
+
+
+def truncated(whole, embed_kwargs: dict) -> np.ndarray:
+    """Which documents the embedding read only the start of (longer than `max_tokens` token ids or
+    `max_chars` characters, embed's defaults unless given): the pairs whose verdict the whole decides."""
+    import inspect
+
+    limits = {
+        k: p.default
+        for k, p in inspect.signature(embed).parameters.items()
+        if k in ("max_tokens", "max_chars")
+    }
+    limits.update({k: v for k, v in embed_kwargs.items() if k in limits})
+    if isinstance(whole, TokenDocuments):
+        ends = np.asarray(whole.ends, dtype=np.int64)
+        return np.diff(np.concatenate([[0], ends])) > limits["max_tokens"]
+    return np.array([len(t) > limits["max_chars"] for t in whole], dtype=bool)
 
 
 def icp_order(data, **kwargs) -> tuple[np.ndarray, dict]:
