@@ -305,7 +305,6 @@ class Background:
     """The app served by uvicorn on a thread of this process (tests, benchmarks)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-
         self.app, self.sock = app, bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
@@ -345,7 +344,6 @@ def serve(
     lm, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, max_active: int = 8
 ) -> None:
     """Serve until interrupted (Ctrl-C); the port is bound once the models have loaded."""
-
     if lm.routing is None:  # every expert loads now: a broken checkpoint fails here, not on a request
         for j in range(len(lm.names)):
             lm.pool.model(j)
