@@ -40,7 +40,7 @@ def architecture_config(model_dir: str | Path, raw: bool = False) -> dict:
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(str(d), local_files_only=True).to_dict()  # no remote code
-        except Exception:  # an architecture only remote code defines: its file decides
+        except (ValueError, KeyError, OSError):  # an architecture only remote code defines: its file decides
             pass
     return {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
 

@@ -293,18 +293,20 @@ class Forest:
                 )
             return tok, arch
         recorded = self.data.get("architecture")
-        seed = self.seed_dir
-        seed = seed if seed is not None and (seed / "config.json").is_file() else None
-        same = (  # a forest written before the fingerprint was normalised recorded the seed file's own
+        # what the forest holds of that architecture: the seed, else its first intact expert
+        held = [self.seed_dir] if self.seed_dir is not None else []
+        held += [self.expert_dir(n) for n in self.names[:1] if self.intact(n) is None]
+        ref = next((d for d in held if (d / "config.json").is_file()), None)
+        same = (  # a forest written before the fingerprint was normalised (or by another transformers)
             not recorded
             or recorded in (arch, architecture_fingerprint(model_dir, raw=True))
-            or (seed is not None and arch == architecture_fingerprint(seed))
+            or (ref is not None and arch == architecture_fingerprint(ref))
         )
         if not same:
             differs = (
-                f" ({config_difference(architecture_config(model_dir), architecture_config(seed))}; this "
+                f" ({config_difference(architecture_config(model_dir), architecture_config(ref))}; this "
                 "checkpoint's value first)"
-                if seed is not None
+                if ref is not None
                 else ""
             )
             raise UserError(
