@@ -183,7 +183,7 @@ def main() -> None:
         run("texts, IVF (exact_limit=0)", texts, domains, seed=args.seeds[0], exact_limit=0, **common)
     )
     if args.embedder:
-        from elmforest.cluster.clusterer import SentenceEmbedder
+        from elmforest.cluster.embedder import SentenceEmbedder
 
         enc = SentenceEmbedder(args.embedder)
         rng = np.random.default_rng(0)

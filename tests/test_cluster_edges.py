@@ -160,7 +160,7 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
 ):
     """A causal LM's pooled states sit at cosine ~0.99: as --icp-embedder it dropped 163 of 185
     documents as near-duplicates; a tokenizer without a pad token was a transformers traceback."""
-    from elmforest.cluster.clusterer import ClustererError, SentenceEmbedder
+    from elmforest.cluster.embedder import ClustererError, SentenceEmbedder
 
     enc = make_tiny_encoder(tokenizer_dir, tmp_path / "enc")
     cfg = json.loads((enc / "config.json").read_text())

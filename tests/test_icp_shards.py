@@ -431,7 +431,7 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
     names the encoder, and every document is kept once (duplicates kept: a random encoder finds
     every pair near cosine 1). Refused: the option with another order, a directory that is not an
     encoder."""
-    from elmforest.cluster.clusterer import SentenceEmbedder
+    from elmforest.cluster.embedder import SentenceEmbedder
     from elmforest.cluster.icp import icp_plan
     from elmforest.data.tokenizer import load_tokenizer
 

@@ -95,7 +95,7 @@ def fit_clusterer(
 ) -> Clusterer:
     """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD; `balance`
     is documents (c-BTM) or bytes (clusters of about equal text)."""
-    from elmforest.cluster.clusterer import SentenceEmbedder
+    from elmforest.cluster.embedder import SentenceEmbedder
     from elmforest.data.splits import SplitSpec
 
     sizes: list[int] = []

@@ -97,7 +97,7 @@ def _tokenizer(root: str):
 
 @functools.lru_cache(maxsize=1)  # one encoder resident at a time
 def _encoder(name: str):
-    from elmforest.cluster.clusterer import SentenceEmbedder
+    from elmforest.cluster.embedder import SentenceEmbedder
 
     return SentenceEmbedder(name)
 
@@ -234,7 +234,7 @@ def make_orderer(
                 f"ICP dedup threshold must be in (0, 1] (a cosine similarity), got {dedup_threshold}"
             )
         if embedder is not None:
-            from elmforest.cluster.clusterer import resolve_embedding_model
+            from elmforest.cluster.embedder import resolve_embedding_model
 
             resolve_embedding_model(embedder)  # refused here, before any work, if it is not one
         if exact_limit < 0:
