@@ -264,3 +264,38 @@ def test_a_fit_survives_json_and_predict_and_compute_for_are_inverses(exact):
     del d["alpha"]
     with pytest.raises(UserError, match="lacks alpha"):
         PowerLawFit.from_dict(d)
+
+
+def test_a_multiplier_is_not_shown_where_the_dense_fit_misses_its_own_run_by_as_much_as_the_gain():
+    """A study reported "does not hold: 0.93x, CI [0.88, 0.99]" beside a measured +1.9% gain at the
+    same compute: the dense fit missed the dense run at that budget by 3.6%, twice the gain."""
+    from elmforest.study.analysis import findings
+    from elmforest.study.config import StudyConfig
+
+    rng = np.random.default_rng(0)
+    dense = [
+        {
+            "arm": "dense",
+            "budget": b,
+            "seed": s,
+            "flops": b * 1e9,
+            "bpb": {"a": 1.0 + 0.5 * b**-0.3 + rng.normal(0, 1e-4)},
+        }
+        for b in (0.5, 1.0, 2.0, 4.0)
+        for s in (0, 1)
+    ]
+    off = [dict(r, bpb={"a": r["bpb"]["a"] + (0.08 if r["budget"] == 1.0 else 0.0)}) for r in dense]
+    forest = [
+        {"arm": "btm", "budget": 1.0, "seed": s, "flops": 1e9, "bpb": {"a": 1.5 * 0.99 + 0.08}}
+        for s in (0, 1)
+    ]
+    res = bootstrap_multiplier(off + forest, "btm", n_boot=50, seed=1)
+    (m,) = res["budgets"]
+    assert m["measured_gain"] > 0 and abs(m["fit_miss"]) > m["measured_gain"], m
+    (f,) = findings({"in_domain": {**res, "ci_level": 0.9}}, StudyConfig())
+    assert f["verdict"] == "not shown" and "misses the dense run measured at this budget" in f["evidence"]
+    clean = bootstrap_multiplier(dense + [dict(r, bpb={"a": 1.5 * 0.97}) for r in forest], "btm", n_boot=50)
+    (c,) = clean["budgets"]
+    assert abs(c["fit_miss"]) < 0.01 < c["measured_gain"]
+    (f,) = findings({"in_domain": {**clean, "ci_level": 0.9}}, StudyConfig())
+    assert "misses" not in f["evidence"]

@@ -173,8 +173,18 @@ def bootstrap_multiplier(
         v, est = np.array(reps[p]), multiplier(full, B[points[p]].mean(), flops[points[p]].mean())
         lo = float(np.quantile(v, q[0], method="lower")) if v.size else None
         hi = float(np.quantile(v, q[1], method="higher")) if v.size else None
+        d = points.get((dense_arm, p[1]))  # the dense run measured at this budget, if there is one
+        check = {}
+        if d is not None:  # how far the fit is from it, against how far the forest is: said with the verdict
+            measured = float(B[d].mean())
+            check = {
+                "measured_dense_bpb": measured,
+                "fit_miss": float(full.predict(flops[d].mean()) / measured - 1),
+                "measured_gain": float(measured / est.forest_bpb - 1),
+            }
         out.append(
             {
+                **check,
                 "budget": p[1],
                 "flops": est.forest_flops,
                 "bpb": est.forest_bpb,

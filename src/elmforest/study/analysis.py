@@ -212,6 +212,14 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
             else:
                 lo, hi = m["ci"]
                 ev, v = f"{m['text']}, {table['ci_level']:.0%} CI [{lo:.2f}, {hi:.2f}]", verdict(lo, hi, 1.0)
+                miss, gain = m.get("fit_miss"), m.get("measured_gain")
+                if miss is not None and abs(miss) >= abs(gain):  # the curve cannot tell them apart here
+                    ev += (
+                        f"; but the dense fit misses the dense run measured at this budget by {miss:+.2%}, "
+                        f"as much as the forest differs from that run at the same compute ({gain:+.2%}): "
+                        "the multiplier is not determined"
+                    )
+                    v = "not shown"
             out.append({"claim": claim, "evidence": ev, "verdict": v})
     gains = fits.get("domains") or []
     if len(gains) >= 2:
