@@ -165,3 +165,18 @@ def test_a_second_study_in_the_same_folder_is_refused_at_once(tmp_path, capsys):
     (empty := tmp_path / "empty").mkdir()
     assert main(["study", "tiny", "--out", str(empty), "--analyse-only"]) == 2  # no study there: no lock
     assert "no finished study" in capsys.readouterr().err and not any(empty.iterdir())
+
+
+def test_a_dead_run_counts_as_diverged_in_a_sweep(tmp_path):
+    """A sweep chose LR 80 as best: its loss had blown up to 2e6, then sat at ln(vocabulary) with a
+    gradient norm of exactly 0, a BPB lower than the grid's other diverged points."""
+    from elmforest.launch.sweep_results import dead
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 4, "loss": 2136797.0, "grad_norm": 9e9}, {"step": 8, "loss": 6.089, "grad_norm": 0.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "grad norm 0 at step 8" in dead(run)
+    rows[-1]["grad_norm"] = 1e-3
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert dead(run) is None and dead(tmp_path / "nowhere") is None

@@ -26,6 +26,20 @@ def _diverged(point: Path) -> dict | None:
     return None
 
 
+def dead(run_dir: Path) -> str | None:
+    """Why a run that ended with finite numbers is as diverged as a non-finite one: its last logged
+    gradient norm is exactly 0 (a blow-up killed every unit; the loss then sits at the log of the
+    vocabulary and its BPB can beat the grid's other diverged points), else None."""
+    from elmforest.utils.io import read_jsonl
+
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "grad_norm" in r]
+    if rows and rows[-1]["grad_norm"] == 0.0:
+        return (
+            f"Diverged: the gradients vanished (grad norm 0 at step {rows[-1].get('step')}): a dead network"
+        )
+    return None
+
+
 def choose(points: list[dict]) -> dict:
     """The best finite point; an edge is judged against the whole grid (a diverged LR above the best
     one bounds it as well as a worse one does)."""
@@ -59,6 +73,9 @@ def score_dense(
         return bad
     if (hit := _cached(point / "valid.json", max_bytes)) is not None:
         return hit
+    if why := dead(point / "runs" / "dense"):
+        write_json_atomic(point / DIVERGED, {"job": "dense", "why": why})
+        return _diverged(point)
     try:
         model = load_model(point / "runs" / "dense" / "model")
         res = evaluate_shards(model, shards, "valid", domains, seq_len, max_bytes=max_bytes, progress=False)
@@ -90,6 +107,9 @@ def score_experts(
     experts = experts or {d: [d] for d in domains}
     per = {}
     for name, mine in experts.items():
+        if why := dead(forest.root / "runs" / name):
+            write_json_atomic(forest.root / DIVERGED, {"job": name, "why": why})
+            return _diverged(forest.root)
         try:
             model = load_model(forest.expert_dir(name))
             res = evaluate_shards(model, shards, "valid", mine, seq_len, max_bytes=max_bytes, progress=False)
