@@ -38,6 +38,8 @@ import numpy as np
 
 from elmforest.cluster import icp_dots
 from elmforest.cluster.icp_embed import (
+    MAX_CHARS,
+    MAX_TOKENS,
     TokenDocuments,
     content_keys,
     embed,
@@ -233,13 +235,7 @@ def icp_plan(
 def truncated(whole, embed_kwargs: dict) -> np.ndarray:
     """Which documents the embedding read only the start of (longer than `max_tokens` token ids or
     `max_chars` characters, embed's defaults unless given): the pairs whose verdict the whole decides."""
-    import inspect
-
-    limits = {
-        k: p.default
-        for k, p in inspect.signature(embed).parameters.items()
-        if k in ("max_tokens", "max_chars")
-    }
+    limits = {"max_tokens": MAX_TOKENS, "max_chars": MAX_CHARS}
     limits.update({k: v for k, v in embed_kwargs.items() if k in limits})
     if isinstance(whole, TokenDocuments):
         ends = np.asarray(whole.ends, dtype=np.int64)

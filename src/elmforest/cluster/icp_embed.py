@@ -108,6 +108,9 @@ class TokenDocuments:
         return len(self.ends)
 
 
+MAX_CHARS, MAX_TOKENS = 2_000, 512  # how much of each document `embed` reads: its prefix
+
+
 def _token_counts(docs: TokenDocuments, max_tokens: int):
     ends = np.asarray(docs.ends, dtype=np.int64)
     if ends.ndim != 1 or (
@@ -239,8 +242,8 @@ def embed(
     data,
     *,
     dims: int = 64,
-    max_chars: int = 2_000,
-    max_tokens: int = 512,
+    max_chars: int = MAX_CHARS,
+    max_tokens: int = MAX_TOKENS,
     min_df: int = 2,
     max_features: int | None = 200_000,
     fit_docs: int = 5_000,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.model.build import read_config, resolve_model_dir
+from elmforest.model.build import read_config, read_config_as_transformers, resolve_model_dir
 
 # Config keys that do not change what the weights compute.
 _NON_ARCH_KEYS = {
@@ -34,14 +34,7 @@ def architecture_config(model_dir: str | Path, raw: bool = False) -> dict:
     written by transformers 4.x, `rope_theta` and no `head_dim`, and its 5.x rewrite are one
     architecture); the file's own keys when transformers cannot read it without remote code, or `raw`."""
     d = resolve_model_dir(model_dir)
-    cfg = read_config(d)
-    if not raw:
-        try:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(str(d), local_files_only=True).to_dict()  # no remote code
-        except (ValueError, KeyError, OSError):  # an architecture only remote code defines: its file decides
-            pass
+    cfg = read_config(d) if raw else read_config_as_transformers(d)
     return {k: v for k, v in cfg.items() if k not in _NON_ARCH_KEYS}
 
 

@@ -17,6 +17,7 @@ import stat
 import sys
 from pathlib import Path, PurePosixPath
 
+from elmforest.model.build import tied_head
 from elmforest.utils.errors import UserError
 
 RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
@@ -54,7 +55,7 @@ def check_weights(src: Path, refs: list[Path]) -> None:
             want = _shapes(ref)
         except (UserError, NotFound, OSError, ValueError, RuntimeError):
             continue
-        if _tied(src):
+        if tied_head(src):
             got, want = (
                 {k: v for k, v in d.items() if not k.endswith("lm_head.weight")} for d in (got, want)
             )
@@ -98,16 +99,6 @@ def _shapes(d: Path) -> dict:
         with safe_open(str(f), "pt") as h:
             out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
     return out
-
-
-def _tied(d: Path) -> bool:
-    import json
-
-    try:
-        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and bool(cfg.get("tie_word_embeddings", False))
 
 
 class ManifestError(UserError):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elmforest.data.tokenizer import TOKENIZER_FILES
-from elmforest.model.build import resolve_model_dir
+from elmforest.model.build import resolve_model_dir, tied_head
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import replace_dir, temp_sibling, write_json_atomic
 
@@ -74,33 +74,13 @@ class LazyWeights:
         return self.where[name].get_tensor(name)
 
 
-def tied_head(model_dir: Path) -> bool:
-    """Whether the output head is the embedding matrix, as transformers reads the config (its class
-    default when the file does not say), else as the file says."""
-    import json
-
-    d = resolve_model_dir(model_dir)
-    try:
-        from transformers import AutoConfig
-
-        return bool(
-            getattr(AutoConfig.from_pretrained(str(d), local_files_only=True), "tie_word_embeddings", False)
-        )
-    except (ValueError, KeyError, OSError):  # an architecture only remote code defines
-        try:
-            cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(cfg, dict) and bool(cfg.get("tie_word_embeddings", False))
-
-
 def open_matching(dirs: list[Path], stack: ExitStack) -> list[LazyWeights]:
     """Open several checkpoints lazily, refusing any whose tensor names differ from the first's. A
     head tied to the embeddings that a checkpoint stores anyway is left out: it is the embedding
     matrix (`forest add` does not compare it either), and the merged model ties it again."""
 
     opened = [LazyWeights(Path(d), stack) for d in dirs]
-    if tied_head(Path(dirs[0])):
+    if tied_head(resolve_model_dir(Path(dirs[0]))):
         for w in opened:
             for k in [k for k in w.keys() if k.endswith("lm_head.weight")]:
                 del w.where[k]

@@ -52,6 +52,25 @@ def read_config(d: Path) -> dict:
     return cfg
 
 
+def read_config_as_transformers(d: Path) -> dict:
+    """The config as transformers reads it, without remote code: its class defaults filled in, a
+    transformers-4.x file (`rope_theta`, no `head_dim`) and its 5.x rewrite alike; the file's own keys
+    for an architecture only remote code defines."""
+    try:
+        return AutoConfig.from_pretrained(str(d), local_files_only=True).to_dict()
+    except (ValueError, KeyError, OSError):
+        return read_config(d)
+
+
+def tied_head(d: Path) -> bool:
+    """Whether checkpoint `d`'s output head is its embedding matrix (its class default when the file
+    is silent); False for a config that cannot be read."""
+    try:
+        return bool(read_config_as_transformers(d).get("tie_word_embeddings", False))
+    except UserError:
+        return False
+
+
 def weight_files(d: Path) -> dict[str, Path]:
     """Every safetensors file of checkpoint `d`, checked whole, by the tensor names it holds ("" for a
     single file). Pickled weights are refused: unpickling a file runs whatever code it holds."""
