@@ -300,9 +300,12 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         ({"max_length": 0}, "max_length=0"),
         ({"rolling_eos": "nope"}, "rolling_eos='nope': expected true or false"),
         ({"routing_temperature": "nan"}, "routing_temperature='nan': expected a number"),
+        ({"max_length": "64.5"}, "max_length='64.5': expected an integer"),
+        ({"max_length": "inf"}, "max_length='inf': expected an integer"),
     ):
         with pytest.raises(UserError, match=re.escape(said)):
             ElmforestLM(forest=f, **bad)
+    assert ElmforestLM(forest=f, max_length="64.0").max_length == 64  # as a config file may write it
     assert ElmforestLM(forest=f, rolling_eos="no").rolling_eos is False
     lm = ElmforestLM(forest=f, precision="fp32")
     prompt = "and the lord said unto"

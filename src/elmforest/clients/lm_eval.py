@@ -251,10 +251,10 @@ def _number(v, name: str, kind: type, least: float | None = None):
     """A model_arg or generation setting as `kind` (lm-eval passes strings, ints and floats), at least
     `least`; said with its name instead of a ValueError traceback or a silently changed value."""
     try:
-        x = kind(v)
+        x = kind(float(v)) if kind is int and isinstance(v, str) and v.strip() else kind(v)
         if isinstance(v, bool) or not math.isfinite(x) or (kind is int and float(v) != x):
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{name}={v!r}: expected {'an integer' if kind is int else 'a number'}") from None
     if least is not None and x < least:
         raise UserError(f"{name}={v!r}: expected at least {least:g}")
