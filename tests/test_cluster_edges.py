@@ -198,3 +198,7 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     ]
     assert main([*args, "--valid-frac", "0.2"]) == 2
     assert "they need --balanced" in capsys.readouterr().err
+    # the fraction not given is the clusterer's (the test fraction was 0.05, then refused as a mismatch)
+    assert main([*args, "--balanced", "--valid-frac", "0.2"]) == 0
+    rep = json.loads((tmp_path / "e" / "report.meta.json").read_text())
+    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1}

@@ -107,6 +107,19 @@ def fit(
     )
 
 
+def _or_recorded(clusterer: str, valid_frac: float | None, test_frac: float | None) -> tuple[float, float]:
+    """The fraction not given is the one the clusterer was fitted at (else 0.05): `--valid-frac`
+    alone took a test fraction of 0.05 and then refused a clusterer fitted at another."""
+    import json
+
+    try:
+        rec = json.loads((Path(clusterer) / "clusterer.json").read_text())["meta"]["fit"]["split_spec"]
+        rec = (float(rec["valid_frac"]), float(rec["test_frac"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none recorded; a broken file is said when loaded
+        rec = (0.05, 0.05)
+    return (rec[0] if valid_frac is None else valid_frac, rec[1] if test_frac is None else test_frac)
+
+
 def assign(
     clusterer: Annotated[str, opt("a clusterer directory (cluster fit)", metavar="DIR")],
     data: Data,
@@ -157,11 +170,7 @@ def assign(
         balance=balance,
         workers=workers,
         progress=not no_progress,
-        split_spec=SplitSpec(
-            0.05 if valid_frac is None else valid_frac, 0.05 if test_frac is None else test_frac
-        )
-        if given
-        else None,
+        split_spec=SplitSpec(*_or_recorded(clusterer, valid_frac, test_frac)) if given else None,
     )
     print(
         f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
