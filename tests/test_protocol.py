@@ -67,6 +67,8 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     base = tiny_config(shards_dir, steps=8, batch_size=6)
     with pytest.raises(ValueError, match="at least 4"):
         sweep(shards_dir, tmp_path / "s0", base, lrs=[1e-3, 2e-3, 4e-3])
+    with pytest.raises(ValueError, match="the dense grid repeats 0.001: give each LR once"):
+        sweep(shards_dir, tmp_path / "s0", base, lrs=[1e-3, 2e-3, 4e-3, 1e-3, 8e-3])
     lrs, elrs = [1e-4, 1e-3, 1e-2, 3e-2], [1e-4, 1e-3, 1e-2, 1e-1]
     res = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
     sh = Shards(shards_dir)

@@ -64,7 +64,11 @@ DIVERGED_ERRORS = (
 
 
 def _check_grid(lrs: list[float], what: str) -> list[float]:
-    lrs = sorted(set(float(x) for x in lrs))
+    given = [float(x) for x in lrs]
+    lrs = sorted(set(given))
+    if len(lrs) < len(given):  # dropped without a word, a grid of 4 became 3 and was refused as such
+        twice = sorted({x for x in given if given.count(x) > 1})
+        raise UserError(f"the {what} grid repeats {', '.join(f'{x:g}' for x in twice)}: give each LR once")
     if len(lrs) < 4:
         raise UserError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
     if not all(math.isfinite(x) and x > 0 for x in lrs):
