@@ -369,13 +369,13 @@ def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
         text=True,
     )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "elmforest.cli", *args, "--out", str(tmp_path / "two"), "--nproc", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    two_args = [sys.executable, "-m", "elmforest.cli", *args, "--out", str(tmp_path / "two"), "--nproc", "2"]
+    paused = subprocess.run(
+        [*two_args, "--set", "train.stop_at=6"], env=env, capture_output=True, text=True, timeout=300
     )
+    assert paused.returncode == 0, paused.stderr[-3000:]
+    assert paused.stdout.count("paused at step 6") == 1, paused.stdout  # said once, not once per process
+    two = subprocess.run(two_args, env=env, capture_output=True, text=True, timeout=300)  # resumed
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("done:") == 1, two.stdout  # one line for the run, not one per process
     a = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

@@ -118,13 +118,13 @@ def train(
     from elmforest.train.trainer import train as train_run
 
     summary = train_run(run_cfg, out, progress=not no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # one line for the run, not one per process
+        return 0
     if "stopped_at" in summary:  # train.stop_at: paused, resumable
         print(
             f"paused at step {summary['stopped_at']} of {run_cfg.train.steps} ({summary['tokens']:,} tokens) "
             f"-> {summary['checkpoint']}; run it again without train.stop_at to finish"
         )
-        return 0
-    if int(os.environ.get("RANK", "0")) != 0:  # one line for the run, not one per process
         return 0
     print(
         f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3e} FLOPs, "
