@@ -529,3 +529,24 @@ def test_a_last_step_that_breaks_the_weights_is_a_divergence_not_a_result(shards
     guard.on_log(Stub(), {"step": 3, "loss": 2.0, "grad_norm": None})  # no clipping: no norm to check
     with pytest.raises(Diverged, match="grad_norm is nan at step 3"):
         guard.on_log(Stub(), {"step": 3, "loss": 2.0, "grad_norm": float("nan")})
+    for step, norm in ((1, 0.0), (2, 0.5), (3, 0.0)):  # one zero norm alone is not a dead network
+        guard.on_log(Stub(), {"step": step, "loss": 2.0, "grad_norm": norm})
+
+
+def test_a_dead_network_ends_the_run_as_diverged(shards_dir, tmp_path):
+    """A blow-up that kills every unit leaves a finite loss (the log of the vocabulary) and a gradient
+    norm of exactly 0 for good: the run trained on to a 'done' model, which a sweep then had to tell
+    from a real one."""
+    from elmforest.train.callbacks import Callback
+    from elmforest.utils.errors import Diverged
+
+    class KillEveryUnit(Callback):
+        def on_train_start(self, trainer):
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.zero_()
+
+    cfg = tiny_config(shards_dir, steps=6, log_every=1, ckpt_every=0)
+    with pytest.raises(Diverged, match=r"gradients vanished \(grad norm 0 at step 2\): a dead network"):
+        train(cfg, tmp_path / "run", False, [KillEveryUnit()])
+    assert not (tmp_path / "run" / "model").exists()

@@ -42,12 +42,23 @@ class DivergenceGuard(Callback):
     before the step's update, so a step whose gradient broke the weights shows a finite loss: on the
     last step nothing would log the NaN that follows, and the broken weights would be saved as the
     run's result (a sweep's expert at a too-high LR did). The weights are checked before the last
-    checkpoint for that reason."""
+    checkpoint for that reason. A gradient norm of exactly 0 at two logged steps in a row is a dead
+    network (a blow-up killed every unit; no update can revive it, and its loss sits at the log of the
+    vocabulary, finite): it ends the run too, instead of training on to a model that a sweep would have
+    to tell from a real one."""
+
+    zero_grads = 0
 
     def on_log(self, trainer, m):
         for key in ("loss", "grad_norm"):
             if m.get(key) is not None and not math.isfinite(m[key]):
                 raise Diverged(f"{trainer.run_dir}: {key} is {m[key]} at step {m['step']}; lower optim.lr?")
+        self.zero_grads = self.zero_grads + 1 if m.get("grad_norm") == 0.0 else 0
+        if self.zero_grads >= 2:
+            raise Diverged(
+                f"{trainer.run_dir}: the gradients vanished (grad norm 0 at step {m['step']}): a dead "
+                "network; lower optim.lr?"
+            )
 
     def on_step_end(self, trainer, is_last):
         if is_last and not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
