@@ -295,6 +295,19 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
     assert rc == 2 and "--workers 2 is the local executor's" in out
 
 
+def test_a_ray_address_where_nothing_listens_is_said(shards_dir, tmp_path, capsys):
+    """ray.init retried such an address for minutes, printing only its own GCS timeouts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    argv = ["forest", "train", "--forest", tmp_path / "f", "--shards", shards_dir, "--preset", "tiny"]
+    rc, out = _run([*argv, "--executor", "ray", "--address", f"127.0.0.1:{port}"], capsys)
+    assert rc == 2 and f"Ray at --address 127.0.0.1:{port}: nothing answers there" in out, out
+    assert not (tmp_path / "f" / "seed").exists()  # said before the seed trained
+
+
 def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path, monkeypatch, capsys):
     """Typer turns Ctrl-C into exit 130 without a word: the user could not tell a stop from a crash."""
 

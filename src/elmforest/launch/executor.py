@@ -120,6 +120,23 @@ class LocalExecutor:
         return results
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A `host:port` where nothing listens is said in seconds: ray.init retries it for minutes,
+    printing only its own timeouts. `auto`, `ray://` (Ray Client) and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"Ray at --address {address}: nothing answers there ({e.strerror or e}); start the cluster "
+            "(`ray start --head`) or give its GCS address"
+        ) from None
+
+
 @dataclass
 class RayExecutor:
     address: str | None = None
@@ -137,6 +154,8 @@ class RayExecutor:
         if ray.is_initialized():
             return
         ours = signal.getsignal(signal.SIGTERM)  # the CLI's: SIGTERM unwinds like Ctrl-C (exit 143)
+        if self.address:
+            _check_reachable(self.address)
         try:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
