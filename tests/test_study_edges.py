@@ -180,3 +180,19 @@ def test_a_dead_run_counts_as_diverged_in_a_sweep(tmp_path):
     rows[-1]["grad_norm"] = 1e-3
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert dead(run) is None and dead(tmp_path / "nowhere") is None
+
+
+def test_clusters_assigned_by_an_older_version_are_kept_with_a_note(corpus, tokenizer_dir, tmp_path, capsys):
+    """An older version's balanced cap covered held-out documents too; a resumed study reused its
+    assignment (and the experts trained on it) without a word."""
+    from elmforest.study.cbtm import cluster_shards
+
+    sh, _ = cluster_shards(tmp_path, corpus, tokenizer_dir, 1.0, 2, "documents", progress=False)
+    assert "older elmforest" not in capsys.readouterr().err
+    report = tmp_path / "clusters-k2-documents-data1" / "report.meta.json"
+    old = json.loads(report.read_text())
+    del old["balanced_split"]  # as an assignment written before the training-split cap
+    report.write_text(json.dumps(old))
+    again, _ = cluster_shards(tmp_path, corpus, tokenizer_dir, 1.0, 2, "documents", progress=False)
+    assert again.root == sh.root and json.loads(report.read_text()) == old  # kept, not redone
+    assert "was assigned by an older elmforest" in capsys.readouterr().err

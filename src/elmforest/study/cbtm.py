@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from elmforest.data.readers import iter_documents
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.utils.io import staged_dir
+from elmforest.utils.io import read_json, staged_dir
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ def cluster_shards(
     assigned = root / f"clusters-{name}"
     if not (assigned / "report.meta.json").is_file():
         assign_corpus(cdir, sub, assigned, balanced=True, slack=0.05, balance=balance, progress=progress)
+    elif "balanced_split" not in read_json(assigned / "report.meta.json"):  # kept: its runs train on it
+        print(
+            f"note: {assigned} was assigned by an older elmforest, whose cap covered the held-out documents "
+            "too (its c-BTM experts' training sets moved with the test set); delete it and the runs that "
+            "train on it to assign them again",
+            file=sys.stderr,
+        )
     sh = root / f"shards-{name}"
     if not Shards.is_shards_dir(sh):
         build_shards(assigned, load_tokenizer(tokenizer), sh, progress=progress)
