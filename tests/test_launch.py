@@ -82,6 +82,20 @@ def test_ray_trains_experts_concurrently_with_the_same_weights_as_local(
     assert time.time() - t < 60
 
 
+def test_a_rerun_of_a_finished_forest_starts_no_executor(local_forest, shards_dir):
+    """A rerun started Ray (or a worker per job) only for each job to say its expert is kept."""
+
+    class Refuses:
+        def prepare(self):
+            raise AssertionError("a cluster was started")
+
+        def map(self, *args):
+            raise AssertionError("workers were started")
+
+    results = _train(local_forest, shards_dir, Refuses())
+    assert sorted(r["name"] for r in results) == sorted([*Forest.load(local_forest).names, "dense"])
+
+
 def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, local_forest, shards_dir, tmp_path):
     root = tmp_path / "f"
     victim = sorted(Shards(shards_dir).domains)[0]

@@ -39,10 +39,12 @@ def train_forest(
     jobs apply on top of the seed's config (btm.seed_overrides).
     """
     planned = plan_domains(plan, shards, domains)
+    names = [d for d in planned if d not in forest.removed]
+    if _finished(forest, names, dense):  # a rerun: each job only checks it is kept, here (Ray not started)
+        executor = LocalExecutor()
     if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
         executor.prepare()
     train_seed(forest, shards, base, plan, progress=progress)
-    names = [d for d in planned if d not in forest.removed]
     where = (str(forest.root), str(Path(shards.root).resolve()))
     trust = base.model.trust_remote_code  # the command line's flag travels with each job, not in a file
     sets = list(overrides)
@@ -74,3 +76,15 @@ def train_forest(
             )
         finally:
             forest.reload()
+
+
+def _finished(forest: Forest, names: list[str], dense: bool) -> bool:
+    """Every job's result is there (the seed, each expert's checkpoint, the dense run's summary): the
+    jobs then only check that what is kept was trained as asked, which needs no worker or cluster."""
+    from elmforest.forest.btm import seed_ready
+
+    return (
+        seed_ready(forest)
+        and all(n in forest.names and forest.intact(n) is None for n in names)
+        and (not dense or (forest.root / "runs" / "dense" / "summary.json").is_file())
+    )
