@@ -98,9 +98,15 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     assert "best dense LR" in text and "best experts LR" in text
     if e["at_edge"] or d["at_edge"]:
         assert "WARNING" in text
-    # a second call trains nothing and finds the same answer
+    # a second call trains nothing, starts no worker (each point only checks it is kept) and finds
+    # the same answer
+
+    class Refuses:
+        def map(self, *args):
+            raise AssertionError("workers were started")
+
     stamp = (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns
-    again = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None)
+    again = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None, executor=Refuses())
     assert again["dense"]["best_lr"] == d["best_lr"] and again["experts"]["best_lr"] == e["best_lr"]
     assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     # other training settings are refused once, up front, for the whole sweep (not once per LR point)

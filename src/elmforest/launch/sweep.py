@@ -81,11 +81,25 @@ def _check_grid(lrs: list[float], what: str) -> list[float]:
     return lrs
 
 
+def _finished(job: dict) -> bool:
+    """A dense point's run, or an expert point's checkpoint, is there: no worker is needed for it."""
+    if "config" in job:  # DenseRunJob
+        return (Path(job["forest"]) / "runs" / "dense" / "summary.json").is_file()
+    try:
+        forest = Forest.load(job["forest"])
+    except Exception:  # noqa: BLE001 - unreadable: the job says why
+        return False
+    name = job.get("name") or job["domain"]
+    return name in forest.names and forest.intact(name) is None
+
+
 def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
     """Run the jobs of the sweep's points. A job whose loss diverged (high LRs do, which is what a
     sweep is there to find) marks its point diverged, remembered on disk so a rerun does not train it
     again, instead of failing the sweep; any other failure still fails it."""
     todo = [i for i, p in enumerate(points) if not (p / DIVERGED).is_file()]
+    if all(_finished(jobs[i]) for i in todo):  # a rerun: each job only checks what is kept, here
+        executor = LocalExecutor()
     try:
         executor.map(fn, [jobs[i] for i in todo], [labels[i] for i in todo], [logs[i] for i in todo])
     except JobsFailed as e:
