@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -192,20 +193,91 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     build_shards(corpus, tokenizer_dir, other, SplitSpec(0.3, 0.3), progress=False)
     f = Forest.load(forest_dir)
     model = f.expert_dir(f.names[0])
-    for argv in (
-        ["eval", "--forest", forest_dir, "--data", other],
-        ["eval", "--model", model, "--data", other, "--split", "valid"],
-        ["eval", "--model", model, "--data", corpus, "--split-fractions", "0.3,0.3"],
+    said = "some of them were training documents"
+    for argv, advice in (
+        (["eval", "--forest", forest_dir, "--data", other], "--valid-frac 0.1 --test-frac 0.1"),
+        (["eval", "--model", model, "--data", other, "--split", "valid"], "--valid-frac 0.1 --test-frac 0.1"),
+        (["eval", "--model", model, "--data", corpus, "--split-fractions", "0.3,0.3"], "(e.g. 0.1,0.1)"),
+        # part of the corpus (one file of it), and the same file read with an option, are the corpus
+        (["eval", "--model", model, "--data", corpus / "code.jsonl", "--split-fractions", "0.3,0.3"], said),
+        (
+            [
+                "eval",
+                "--model",
+                model,
+                "--data",
+                corpus / "code.jsonl",
+                "--text-field",
+                "body",
+                "--split-fractions",
+                "0.3,0.3",
+            ],
+            said,
+        ),
     ):
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
-        assert "some of its" in err and "--valid-frac 0.1 --test-frac 0.1" in err, err
-    # the training split, the same fractions and other corpora pass (before any scoring)
+        assert said in err and advice in err, err
+    # the training split, fractions inside what the model held out, and other corpora pass
     check_held_out(model, corpus, SplitSpec(0.3, 0.3), "train", other)
     check_held_out(model, corpus, SplitSpec(0.1, 0.1), "test", other)
+    check_held_out(model, corpus, SplitSpec(0.05, 0.05), "test", other)  # inside its 0.2: no training doc
+    check_held_out(model, corpus / "code.jsonl", SplitSpec(0.1, 0.15), "test", other)  # test 0.15 <= 0.2
+    for split, prior in (("valid", False), ("test", True)):  # but its valid split reaches 0.25
+        with pytest.raises(UserError, match=said):
+            check_held_out(model, corpus / "code.jsonl", SplitSpec(0.1, 0.15), split, other, prior=prior)
     check_held_out(model, tmp_path, SplitSpec(0.3, 0.3), "test", other)
     # shards built from several sources record a list (the quickstart's --ood shards)
-    with pytest.raises(UserError, match="some of its test documents"):
+    with pytest.raises(UserError, match=said):
         check_held_out(model, [str(tmp_path), str(corpus)], SplitSpec(0.3, 0.3), "test", other)
     check_held_out(model, [str(tmp_path)], SplitSpec(0.3, 0.3), "test", other)
+    # a shards directory's splits are fixed: --split-fractions there was ignored without a word
+    for who in (["--model", model], ["--forest", forest_dir]):
+        assert main(["eval", *map(str, who), "--data", str(shards_dir), "--split-fractions", "0.1,0.1"]) == 2
+        assert "--split-fractions applies to raw data" in capsys.readouterr().err
     assert evaluate(model, shards_dir, max_bytes=2000, progress=False)["split"] == "test"
+
+
+def _fake_model(root: Path, source: Path, split=(0.1, 0.1)) -> Path:
+    """A model directory whose recorded training shards were built from `source` at `split`."""
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "index.json").write_text(json.dumps({"source": str(source)}))
+    (root / "m").mkdir()
+    rec = {"shards": str(root / "shards"), "split": {"valid_frac": split[0], "test_frac": split[1]}}
+    (root / "m" / "elmforest_data.json").write_text(json.dumps(rec))
+    return root / "m"
+
+
+def test_txt_documents_read_from_another_folder_of_the_training_corpus_are_refused(tmp_path):
+    """A .txt document is named by its path under the folder given (`tiny/d0.txt` from the corpus,
+    `d0.txt` from corpus/tiny), so read from another folder it is hashed into another split, whatever
+    the fractions: the model's training documents were scored as test."""
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval.bpb import check_held_out
+
+    corpus = tmp_path / "corpus"
+    (corpus / "tiny").mkdir(parents=True)
+    (corpus / "tiny" / "d0.txt").write_text("a document")
+    (corpus / "prose.jsonl").write_text('{"text": "x"}\n')
+    model = _fake_model(tmp_path, corpus)
+    same = SplitSpec(0.1, 0.1)
+    check_held_out(model, corpus, same, "test", corpus)  # the training read itself
+    check_held_out(model, corpus / "prose.jsonl", same, "test", "p")  # JSON lines keep their ids
+    for data in (corpus / "tiny", corpus / "tiny" / "d0.txt", tmp_path):
+        with pytest.raises(UserError, match=r"\.txt documents .* get other names"):
+            check_held_out(model, data, same, "test", data)
+
+
+def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_all_held_out(tmp_path, capsys):
+    """Experts built from shards at 0.1/0.1 and 0.1/0.2: raw data was split at the first expert's
+    fractions, then refused for the other, so such a forest could not be evaluated at all."""
+    from elmforest.data.splits import SplitSpec
+    from elmforest.forest.evaluate import held_out_by_all
+
+    a = _fake_model(tmp_path / "a", tmp_path, (0.1, 0.2))
+    b = _fake_model(tmp_path / "b", tmp_path, (0.1, 0.1))
+    assert held_out_by_all([a, a], None) == SplitSpec(0.1, 0.2)
+    assert "different fractions" not in capsys.readouterr().err
+    assert held_out_by_all([a, b], None) == SplitSpec(0.1, 0.1)  # inside a's 0.3 and b's 0.2
+    assert "split at valid 0.1, test 0.1, which every expert held out" in capsys.readouterr().err
+    assert held_out_by_all([a, b], SplitSpec(0.05, 0.05)) == SplitSpec(0.05, 0.05)

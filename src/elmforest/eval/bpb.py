@@ -242,6 +242,11 @@ def evaluate(
     raw = not Shards.is_shards_dir(data)
     with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
         if not raw:
+            if split_spec is not None:  # its splits are fixed: the option would be ignored
+                raise UserError(
+                    f"{data} is a shards directory, split when it was built: --split-fractions applies to "
+                    "raw data"
+                )
             shards = Shards(data)
             if shards.tokenizer_fingerprint != tok.fingerprint():
                 raise UserError(
@@ -254,7 +259,7 @@ def evaluate(
             stored = split
         else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
             spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
-            check_held_out(mdir, data, spec, split, data)
+            check_held_out(mdir, data, spec, split, data, given=split_spec is not None)
             stored = "train" if split == "all" else split
             built = build_shards(
                 data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
@@ -312,11 +317,17 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
     )
 
 
-def check_held_out(mdir: Path, source, spec: SplitSpec, split: str, data) -> None:
-    """Refuse held-out documents cut from the model's own training corpus at other fractions: the hash
-    split at other fractions puts some of its training documents in `valid` and `test`, and they score
-    better than unseen text (a forest's prior would read them too). Other corpora, and models whose
-    training corpus is unknown, pass."""
+def check_held_out(
+    mdir: Path, source, spec: SplitSpec, split: str, data, given: bool = False, prior: bool = False
+) -> None:
+    """Refuse scoring documents the model trained on as held out. Data read from the model's own
+    training corpus (the same location, a file or folder inside it, or a folder holding it; whatever
+    reading options) is split by the id hash: its `split` at `spec` must lie inside what the model held
+    out (test: the test fraction at most the model's valid + test; valid, or `prior` for a forest's
+    prior on valid: valid + test at most that). `.txt` documents are named by their path under the
+    folder given, so read from another folder they get other ids and splits: refused too. Other
+    corpora, and models whose training corpus is unknown, pass. `given`: the fractions are the
+    command line's --split-fractions (said in the advice)."""
     if split in ("train", "all") or not (mdir / "elmforest_data.json").is_file():
         return
     rec = read_json(mdir / "elmforest_data.json")
@@ -324,20 +335,56 @@ def check_held_out(mdir: Path, source, spec: SplitSpec, split: str, data) -> Non
     if not trained.is_file() or not source:
         return
     held = SplitSpec(**rec["split"])
+    out = held.valid_frac + held.test_frac  # the model held out the documents hashed below this
+    for t in _locations(read_json(trained).get("source")):
+        for e in _locations(source):
+            if not (t == e or t.is_relative_to(e) or e.is_relative_to(t)):
+                continue
+            inner = t if t.is_relative_to(e) else e
+            if t != e and _has_txt(inner):
+                raise UserError(
+                    f"{data}: {inner} holds .txt documents of {mdir}'s training corpus ({t}), which are "
+                    f"named by their path under the folder given: read from {e} they get other names, so "
+                    f"other splits, and some of its {split} documents were training documents; pass --data "
+                    f"{t} (with --domains to choose)"
+                )
+            reads = spec.test_frac if split == "test" and not prior else spec.test_frac + spec.valid_frac
+            if reads <= out + 1e-12:
+                continue
+            what = f"{split} split" + (" and the prior's valid split" if prior and split == "test" else "")
+            raise UserError(
+                f"{data}: the documents scored (its {what} at valid {spec.valid_frac}, test "
+                f"{spec.test_frac}) are cut from {mdir}'s own training corpus ({t}), split for it at valid "
+                f"{held.valid_frac}, test {held.test_frac}, so some of them were training documents (it "
+                f"held out the first {out:g} of the id hash; they reach {reads:g}); "
+                + (
+                    "give --split-fractions inside that (e.g. "
+                    f"{held.valid_frac},{held.test_frac}) or leave them out"
+                    if given
+                    else f"build the shards with --valid-frac {held.valid_frac} --test-frac {held.test_frac}"
+                )
+            )
 
-    def paths(s) -> set[Path]:  # shards built from several sources record a list
-        return {Path(str(x)).resolve() for x in (s if isinstance(s, list) else [s]) if x}
 
-    shared = paths(read_json(trained).get("source")) & paths(source)
-    if not shared or held == spec:
-        return
-    corpus = ", ".join(map(str, sorted(shared)))
-    raise UserError(
-        f"{data}: its {split} split is cut from {mdir}'s own training corpus ({corpus}) at other fractions "
-        f"(valid {spec.valid_frac}, test {spec.test_frac}; the model held out valid {held.valid_frac}, test "
-        f"{held.test_frac}), so some of its {split} documents were training documents; build the shards with "
-        f"--valid-frac {held.valid_frac} --test-frac {held.test_frac}, or leave out --split-fractions"
-    )
+def _locations(source) -> list[Path]:
+    """The resolved locations of a source or of the list of them that shards built from several record,
+    reading options (`auto,text=content:PATH`) left aside."""
+    from elmforest.data.sources import parse_source
+
+    locs = []
+    for x in source if isinstance(source, list) else [source]:
+        if x:
+            try:
+                locs.append(Path(parse_source(str(x)).location).resolve())
+            except UserError:
+                locs.append(Path(str(x)).resolve())
+    return locs
+
+
+def _has_txt(p: Path) -> bool:
+    if p.is_file():
+        return p.suffix == ".txt"
+    return p.is_dir() and any(True for _ in p.rglob("*.txt"))
 
 
 def check_seq_len(mdir: Path, seq_len: int) -> None:

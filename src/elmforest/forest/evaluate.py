@@ -104,6 +104,7 @@ def evaluate_forest_shards(
     prior_alpha: float | None = None,
     given_prior: dict[str, dict[str, float]] | None = None,
     reroute: bool = True,
+    where: str | None = None,
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
 
@@ -146,7 +147,7 @@ def evaluate_forest_shards(
         raise UserError("the expert pool does not hold this forest's experts")
     dev, amp = pool.device, pool.amp
     pool.passes = 0
-    wanted, left_out = missing_domains(shards, split, domains)
+    wanted, left_out = missing_domains(shards, split, domains, where)
     if not wanted:
         raise UserError(f"{shards.root}: no domain has a {split!r} split")
     eos = shards.eos_id
@@ -363,6 +364,23 @@ def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (lw.exp() * valid).sum((1, 2)) / valid.sum().clamp_min(1)
 
 
+def held_out_by_all(expert_dirs: list[Path], given: SplitSpec | None) -> SplitSpec:
+    """The fractions raw data is split at for a forest: `given` (--split-fractions), else the experts'
+    own when they agree, else those of the expert that held out least (its valid and test documents
+    lie inside every other expert's held-out ones, as the hash puts test first, then valid)."""
+    if given is not None:
+        return given
+    specs = [training_split_spec(d) for d in expert_dirs]
+    least = min(specs, key=lambda sp: sp.valid_frac + sp.test_frac)
+    if len(set(specs)) > 1:
+        print(
+            f"note: the experts were trained on shards split at different fractions; the data is split at "
+            f"valid {least.valid_frac}, test {least.test_frac}, which every expert held out",
+            file=sys.stderr,
+        )
+    return least
+
+
 def evaluate_forest(
     forest_dir: str | Path,
     data: str | Path,
@@ -395,9 +413,14 @@ def evaluate_forest(
     if Shards.is_shards_dir(data):
         if split == "all":
             raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
+        if split_spec is not None:  # its splits are fixed: the option would be ignored
+            raise UserError(
+                f"{data} is a shards directory, split when it was built: --split-fractions applies to raw data"
+            )
         sh = Shards(data)
         for d in forest_dirs:
-            check_held_out(d, sh.index.get("source"), SplitSpec(**sh.index["split"]), split, data)
+            spec = SplitSpec(**sh.index["split"])
+            check_held_out(d, sh.index.get("source"), spec, split, data, prior=needs_prior)
         res = evaluate_forest_shards(forest, sh, split=split, **kw)
     else:
         if split == "all" and needs_prior:
@@ -406,9 +429,9 @@ def evaluate_forest(
                 "prior on: pass --prior uniform, or evaluate the test split"
             )
         prior_split = kw.get("prior_split", "valid")
-        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(first, split_spec)
+        spec = SplitSpec(0.0, 0.0) if split == "all" else held_out_by_all(forest_dirs, split_spec)
         for d in forest_dirs:
-            check_held_out(d, data, spec, split, data)
+            check_held_out(d, data, spec, split, data, given=split_spec is not None, prior=needs_prior)
         stored = "train" if split == "all" else split
         with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
             shards = Shards(
@@ -421,7 +444,7 @@ def evaluate_forest(
                     only_splits=(stored, prior_split) if needs_prior else (stored,),
                 ).out
             )
-            res = evaluate_forest_shards(forest, shards, split=stored, **kw)
+            res = evaluate_forest_shards(forest, shards, split=stored, where=str(data), **kw)
             res["read"] = shards.index["read"]
             res["split_spec"] = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
         res["split"] = split
