@@ -17,6 +17,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_checkpoints
 from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
 
 
 def _eval(forest_dir, shards_dir, **kw):
@@ -297,6 +298,46 @@ def test_branching_from_a_mixture_uses_the_posterior(forest_dir, shards_dir, tmp
         after = load_file(str(forest.expert_dir(n) / "model.safetensors"))
         assert all(torch.equal(after[t], before[n][t]) for t in after)
     assert "grown" in Forest.load(tmp_path / "f").names
+
+
+def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_domain(
+    forest_dir, shards_dir, tmp_path
+):
+    """A mixture-branched expert cut after its average was written, then run again for another domain,
+    started from the posterior on the first domain's text and recorded it as its parents."""
+    import shutil
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    forest, shards = Forest.load(tmp_path / "f"), Shards(shards_dir)
+    first, other = shards.domains[0], shards.domains[1]
+    cut = btm.branch_weights(forest, shards, first, prior_batches=20, device="cpu")
+    init = tmp_path / "f" / "branches" / "newx"
+    average_checkpoints(  # what the cut run left
+        [forest.expert_dir(n) for n in cut],
+        init,
+        list(cut.values()),
+        metadata={"branch_for": first, "names": list(cut)},
+    )
+    want = btm.branch_weights(forest, shards, other, prior_batches=20, device="cpu")
+    assert want != pytest.approx(cut)
+    e = btm.train_expert(
+        forest, shards, other, name="newx", branch="mixture", progress=False, overrides=["train.steps=2"]
+    )
+    assert [(p["name"], p["weight"]) for p in e["parents"]] == [
+        (n, pytest.approx(w)) for n, w in want.items()
+    ]
+    assert json.loads((init / "elmforest_average.json").read_text())["branch_for"] == other
+    # a run already begun from such an average is not silently continued for another domain
+    average_checkpoints(
+        [forest.expert_dir(n) for n in cut],
+        tmp_path / "f" / "branches" / "newy",
+        list(cut.values()),
+        metadata={"branch_for": first, "names": list(cut)},
+    )
+    (tmp_path / "f" / "runs" / "newy" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "f" / "runs" / "newy" / "checkpoints" / "step-2" / "state.json").write_text("{}")
+    with pytest.raises(UserError, match=f"its run began from an average weighed for domain '{first}'"):
+        btm.train_expert(forest, shards, other, name="newy", branch="mixture", progress=False)
 
 
 def test_generation_with_one_expert_is_that_experts_greedy_decode(forest_dir, tmp_path):

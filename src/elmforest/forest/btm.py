@@ -148,6 +148,29 @@ def share_seed(
     return other
 
 
+def _kept_average(init: Path, name: str, domain: str, others: list[str], run_dir: Path | None) -> dict | None:
+    """The metadata of a mixture branch's average already written, when it is still this expert's
+    start: weighed for this domain, and on the forest's current experts unless its run has begun from
+    it (a run cut before its first checkpoint, re-run for another domain, started from the posterior on
+    the first one's text, recorded as its parents). None: average again."""
+    from elmforest.train.checkpoint import list_checkpoints
+
+    if not (init / "elmforest_average.json").is_file():
+        return None
+    meta = read_json(init / "elmforest_average.json")
+    started = run_dir is not None and bool(list_checkpoints(run_dir / "checkpoints"))
+    if meta.get("branch_for", domain) != domain:
+        if started:
+            raise UserError(
+                f"expert {name}: its run began from an average weighed for domain {meta['branch_for']!r}, not "
+                f"{domain!r}; train it for {meta['branch_for']!r}, or remove {run_dir} and {init} to start over"
+            )
+        return None
+    if sorted(meta["names"]) != sorted(others) and not started:
+        return None  # experts added or removed since: the current forest's posterior
+    return meta
+
+
 def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
     """Use any local HF checkpoint as the seed (no seed training; experts get a fresh optimizer)."""
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
@@ -328,15 +351,20 @@ def train_expert(
             )
         if branch == "mixture":
             init = forest.root / "branches" / name
-            if (init / "elmforest_average.json").is_file():  # a re-run: keep the weights actually averaged
-                meta = read_json(init / "elmforest_average.json")
+            others = [n for n in forest.names if n != name]
+            meta = _kept_average(init, name, domain, others, forest.root / "runs" / name)
+            if meta is not None:  # a re-run: keep the weights actually averaged
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             elif int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process averages
-                from elmforest.utils.proc import wait_for
+                import time
 
-                if not wait_for([init / "elmforest_average.json"], timeout=3600):
-                    raise Failed(f"{init}: the branch average never appeared")
-                meta = read_json(init / "elmforest_average.json")
+                end = time.time() + 3600
+                while (
+                    meta := _kept_average(init, name, domain, others, forest.root / "runs" / name)
+                ) is None:
+                    if time.time() > end:
+                        raise Failed(f"{init}: the branch average never appeared")
+                    time.sleep(0.05)
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             else:
                 weights = branch_weights(forest, shards, domain, prior_batches)
