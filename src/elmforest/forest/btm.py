@@ -253,7 +253,10 @@ def branch_weights(
     if not forest.names:
         raise UserError(f"{forest.root}: no experts to branch from")
     if not shards.has(domain, "valid"):
-        raise UserError(f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on")
+        raise UserError(
+            f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on; branch it with "
+            "--branch seed or --branch expert:NAME, or build the shards with a larger --valid-frac"
+        )
     if shards.tokenizer_fingerprint != forest.data["tokenizer"]:
         raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")
     names = list(names or forest.names)
