@@ -281,12 +281,30 @@ def test_bad_records_are_counted_as_by_the_native_readers(hf, tmp_path):
         {"id": "e", "text": "second good", "domain": "sports"},
         {"id": "f", "text": "bad domain", "domain": 7},  # a domain that is not a string
         {"id": "g", "text": None},
+        {"id": 3.0, "text": "a float id", "domain": "floats"},  # pandas' int ids once a NaN made them floats
+        {"id": float("nan"), "text": "no id", "domain": "floats"},  # NaN: no id (the line's)
+        {"id": 2.5, "text": "a fractional id"},
     ]
     _write_jsonl(tmp_path / "news.jsonl", lines)
     native = _docs(tmp_path / "news.jsonl")
     assert native == (
-        [("a", "news", "good one"), ("e", "sports", "second good")],
-        {"documents": 2, "files": 1, "skipped": {"missing_text": 2, "empty_text": 1, "wrong_type": 2}},
+        [
+            ("a", "news", "good one"),
+            ("e", "sports", "second good"),
+            ("3", "floats", "a float id"),
+            ("news:9", "floats", "no id"),
+        ],
+        {
+            "documents": 4,
+            "files": 1,
+            "skipped": {
+                "missing_text": 2,
+                "empty_text": 1,
+                "wrong_type(text)": 1,
+                "wrong_type(domain)": 1,  # the field is named: a user could not tell which it was
+                "wrong_type(id)": 1,
+            },
+        },
     )
     assert _docs(f"json:{tmp_path}/news.jsonl") == native
     # a saved dataset: typed columns, so a bad domain is a whole column of another type
@@ -297,7 +315,7 @@ def test_bad_records_are_counted_as_by_the_native_readers(hf, tmp_path):
         {"documents": 2, "files": 1, "skipped": {"missing_text": 1, "empty_text": 1}},
     )
     hf.Dataset.from_dict({"text": ["a", "b"], "domain": [1, 2]}).save_to_disk(str(tmp_path / "intdom"))
-    assert _docs(tmp_path / "intdom")[1]["skipped"] == {"wrong_type": 2}
+    assert _docs(tmp_path / "intdom")[1]["skipped"] == {"wrong_type(domain)": 2}
 
 
 def test_a_class_label_column_names_the_domains(hf, tmp_path):

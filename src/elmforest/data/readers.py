@@ -15,6 +15,7 @@ a folder is read as one dataset, not as its files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -189,7 +190,7 @@ def _check_record(
         stats.skipped["missing_text"] += 1
         return None
     if not isinstance(text, str):
-        stats.skipped["wrong_type"] += 1
+        stats.skipped[f"wrong_type({text_field})"] += 1  # which field: a user cannot guess it
         return None
     if not text.strip():
         stats.skipped["empty_text"] += 1
@@ -203,13 +204,15 @@ def _check_record(
     if domain is None or domain == "":
         domain = default_domain
     if not isinstance(domain, str):
-        stats.skipped["wrong_type"] += 1
+        stats.skipped[f"wrong_type({domain_field})"] += 1
         return None
     rid = rec.get("id", default_id)
-    if rid is None or rid == "":  # an empty id would hash every such document into one split
-        rid = default_id
-    if not isinstance(rid, (str, int)):
-        stats.skipped["wrong_type"] += 1
+    if rid is None or rid == "" or (isinstance(rid, float) and math.isnan(rid)):  # empty: as no id
+        rid = default_id  # (an empty id would hash every such document into one split)
+    if isinstance(rid, float) and rid.is_integer():  # pandas' integer ids once a NaN made them floats
+        rid = int(rid)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        stats.skipped["wrong_type(id)"] += 1
         return None
     try:  # the split hashes the id and folders are named after the domain: both must be UTF-8
         domain.encode("utf-8"), str(rid).encode("utf-8")
