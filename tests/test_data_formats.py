@@ -115,6 +115,9 @@ def test_bad_specs_and_contradicting_options_are_refused():
         with_options("json:x", hf_split=["train"])
     with pytest.raises(DataError, match="only local files"):
         list(iter_documents("json:hf://datasets/someone/thing"))
+    for url in ("hf://datasets/someone/thing", "https://example.com/x.jsonl"):  # was "hf:/...: no such file"
+        with pytest.raises(DataError, match=f"{url}: only local files are read"):
+            list(iter_documents(url))
 
 
 def test_a_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):

@@ -116,6 +116,13 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
     dataset's folder stands for its files."""
     p = Path(path)
     if not p.exists() and not p.is_symlink():
+        if re.match(
+            r"[A-Za-z][A-Za-z0-9+.-]*:/", os.fspath(path)
+        ):  # hf://..., https://... (a Path keeps one /)
+            raise DataError(
+                f"{os.fspath(path)}: only local files are read (no hub or URL); download it first, e.g. "
+                "`datasets.load_dataset(...).save_to_disk(DIR)`, and pass DIR"
+            )
         raise DataError(f"{p}: no such file or directory")
     if p.is_dir() and is_saved_dataset(p):
         return [p]
@@ -413,7 +420,7 @@ def iter_documents(
         yield from read_builder(src, stats)
         return
     root = Path(src.location) if src.format else Path(path)
-    files = list_data_files(root)
+    files = list_data_files(src.location if src.format else path)  # as given: a URL keeps its //
     loose = [f for f in files if f.suffix == ".txt" and f.parent == root]
     if len(loose) >= LOOSE_TXT_NOTE:
         print(
