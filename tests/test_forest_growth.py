@@ -244,3 +244,41 @@ def test_procs_per_expert_trains_each_expert_with_two_gloo_processes(
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
     assert any(not torch.allclose(w1[k], seed[k], atol=1e-3) for k in w1)  # the experts did move
+
+
+def test_a_domain_without_held_out_documents_is_said_before_the_seed_trains(
+    corpus, tokenizer_dir, tmp_path, capsys
+):
+    """A 4-document domain got a full share of the seed's mix and an expert no evaluation could score,
+    without a word."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    (data / "tiny.jsonl").write_text(
+        "".join(json.dumps({"id": f"t{i}", "text": f"a tiny text {i} " * 30}) + "\n" for i in range(4))
+    )
+    argv = [
+        "shards",
+        "build",
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(tmp_path / "sh"),
+    ]
+    assert main(argv) == 0
+    sh = Shards(tmp_path / "sh")
+    assert sh.has("tiny", "train") and not sh.has("tiny", "test")  # 4 ids hashed at 5%/5%: all train here
+    capsys.readouterr()
+    seed = [
+        "forest",
+        "seed",
+        "--forest",
+        str(tmp_path / "f"),
+        "--shards",
+        str(tmp_path / "sh"),
+        "--preset",
+        "tiny",
+    ]
+    assert main([*seed, "--set", "train.steps=2", "--no-progress"]) == 0
+    assert "note: tiny: no valid or no test documents" in capsys.readouterr().err

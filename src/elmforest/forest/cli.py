@@ -176,9 +176,23 @@ def seed(
         sh = Shards(shards)
         cfg = train_args.run_config(shards)
         domains = experts or cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
+        _note_unscored(sh, domains)
         plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
         btm.train_seed(f, sh, base, plan, progress=not no_progress)
     print(f.describe())
+
+
+def _note_unscored(sh, domains: list[str]) -> None:
+    """A domain with training documents but no valid or test ones (a handful of documents) still takes
+    a full share of the seed's mix and an expert of its own, which no evaluation can score: said."""
+    bare = [d for d in domains if not (sh.has(d, "valid") and sh.has(d, "test"))]
+    if bare:
+        print(
+            f"note: {', '.join(bare)}: no valid or no test documents in {sh.root}, yet each takes an equal share "
+            "of the seed's mix and an expert that evaluation cannot score (nor a prior be read for); leave "
+            "them out with --set 'data.domains=[...]', or build the shards with a larger --valid-frac / --test-frac",
+            file=sys.stderr,
+        )
 
 
 def expert(
@@ -330,6 +344,7 @@ def train(
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
     if clusterer:
         _check_cluster_domains(clusterer, domains, shards)
+    _note_unscored(sh, domains)
     plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
     if plan.expert_batch_size % procs_per_expert:  # before the forest is made
         raise UserError(
