@@ -281,3 +281,6 @@ def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_al
     assert held_out_by_all([a, b], None) == SplitSpec(0.1, 0.1)  # inside a's 0.3 and b's 0.2
     assert "split at valid 0.1, test 0.1, which every expert held out" in capsys.readouterr().err
     assert held_out_by_all([a, b], SplitSpec(0.05, 0.05)) == SplitSpec(0.05, 0.05)
+    (ext := tmp_path / "hub").mkdir()  # a checkpoint from elsewhere: its split is unknown, not 0.05/0.05
+    assert held_out_by_all([a, ext], None) == SplitSpec(0.1, 0.2)
+    assert "different fractions" not in capsys.readouterr().err

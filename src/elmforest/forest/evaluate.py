@@ -370,7 +370,12 @@ def held_out_by_all(expert_dirs: list[Path], given: SplitSpec | None) -> SplitSp
     lie inside every other expert's held-out ones, as the hash puts test first, then valid)."""
     if given is not None:
         return given
-    specs = [training_split_spec(d) for d in expert_dirs]
+    known = [
+        d
+        for d in expert_dirs
+        if (d / "elmforest_data.json").is_file() or (d / "elmforest_run.json").is_file()
+    ]
+    specs = [training_split_spec(d) for d in known] or [SplitSpec()]  # a checkpoint from elsewhere: unknown
     least = min(specs, key=lambda sp: sp.valid_frac + sp.test_frac)
     if len(set(specs)) > 1:
         print(
