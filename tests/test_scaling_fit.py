@@ -151,6 +151,9 @@ def test_the_multiplier_never_extrapolates(exact):
     assert below.text().startswith("< the smallest dense budget (1.0e+13 FLOPs")
     floor = multiplier(exact, 0.99 * E, 1e14)
     assert (floor.status, floor.value) == ("unreachable", None) and "unreachable" in floor.text()
+    assert floor.text().startswith(
+        "> the largest dense budget (1.0e+15 FLOPs, 10x); below even"
+    )  # measured first
     assert exact.compute_for(0.99 * E) == math.inf and exact.compute_for(exact.E) == math.inf
     assert exact.compute_for(E + 1e-16) == math.inf  # the fitted E is E only to rounding
     inside = multiplier(exact, float(curve(1e15)), 1e14)  # the largest budget itself is inside

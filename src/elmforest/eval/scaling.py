@@ -226,8 +226,12 @@ class Multiplier:
     def text(self) -> str:
         if self.status == "ok":
             return f"{self.value:.2f}x"
-        if self.status == "unreachable":
-            return f"unreachable (BPB {self.forest_bpb:.4f} <= dense floor E = {self.dense_floor:.4f})"
+        if self.status == "unreachable":  # said from what was measured first: E is itself extrapolated
+            return (
+                f"> the largest dense budget ({self.edge_compute:.1e} FLOPs, "
+                f"{self.edge_compute / self.forest_flops:.2g}x); below even the dense fit's floor (BPB "
+                f"{self.forest_bpb:.4f} <= E = {self.dense_floor:.4f}): on the fitted curve unreachable"
+            )
         side, which = (">", "largest") if self.status == "above_range" else ("<", "smallest")
         bound = self.edge_compute / self.forest_flops
         return f"{side} the {which} dense budget ({self.edge_compute:.1e} FLOPs, {bound:.2g}x)"
