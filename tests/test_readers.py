@@ -32,7 +32,7 @@ def test_jsonl_bad_records_are_skipped_and_counted(tmp_path):
     assert dict(stats.skipped) == {
         "missing_text": 1,
         "empty_text": 1,
-        "wrong_type": 1,
+        "wrong_type(text)": 1,
         "invalid_utf8": 2,
         "invalid_json": 1,
         "not_an_object": 1,
