@@ -238,3 +238,42 @@ def test_settings_only_training_uses_may_change_until_a_model_is_trained(tmp_pat
     (tmp_path / "forest" / "seed" / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="seed_config differ"):  # a model trained: refused
         _check_stamp(tmp_path, first)
+
+
+def test_a_language_the_shards_were_built_without_is_refused_not_skipped(tmp_path):
+    """A rerun asking for a language an earlier run of the directory did not build (the corpus grew,
+    the tokenizer and shards did not) said it had no documents and scored the others: exit 0."""
+    from elmforest.xelm.quickstart import prepare
+
+    corpus = _corpus(tmp_path / "corpus", docs_per_lang=30)
+    held = tmp_path / "held"
+    held.mkdir()
+    (corpus / "rus.jsonl").rename(held / "rus.jsonl")  # not there when the shards are built
+    args = (400, corpus, 10**6, False, lambda *a: None)
+    prepare(tmp_path / "out", ["deu", "fra"], None, *args)
+    (held / "rus.jsonl").rename(corpus / "rus.jsonl")
+    with pytest.raises(UserError, match="built by an earlier run for other languages, without rus"):
+        prepare(tmp_path / "out", ["deu", "fra", "rus"], None, *args)
+    with pytest.raises(UserError, match="deu given twice"):  # refused before anything is built
+        quickstart_xelm(tmp_path / "twice", preset="tiny", languages=["deu", "fra", "deu"], progress=False)
+    assert not (tmp_path / "twice").exists()
+
+
+def test_the_smallest_corpus_is_no_test_of_the_curse_under_a_uniform_mixture():
+    """Every language was capped and mixed uniformly, yet the finding read the gain on the language
+    with the fewest bytes as the curse of multilinguality's low-resource prediction."""
+    from elmforest.xelm.evaluate import findings
+
+    dom = {x: {"bpb": 1.0} for x in ("deu", "fra")}
+    out = {
+        "methods": {
+            "dense": {"domains": dom, "mean_bpb": 1.0},
+            "k2_ensemble": {"domains": dom, "mean_bpb": 1.0},
+        },
+        "gains": {"k2_ensemble": {"deu": 0.01, "fra": 0.02}},
+        "train_bytes": {"deu": 700_000, "fra": 780_000},
+    }
+    line = next(x for x in findings(out, ["deu", "fra"], None) if "smallest training corpus" in x)
+    assert "deu (0.70 MB)" in line and "not a test of the curse of multilinguality" in line
+    line = next(x for x in findings(out, ["deu", "fra"], None, "tokens") if "smallest training corpus" in x)
+    assert "predicts the largest gains there; mixture tokens" in line

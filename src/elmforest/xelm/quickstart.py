@@ -88,6 +88,9 @@ def quickstart_xelm(
         raise UserError(f"k = {ks}: every forest needs at least 2 groups (k = 1 is the dense model)")
     if new_language is not None and new_language in (languages or LANGUAGES):
         raise UserError(f"the added language {new_language!r} is also one of the first round's languages")
+    twice = sorted({x for x in languages or () if list(languages).count(x) > 1})
+    if twice:  # before the corpus, tokenizer and shards are built
+        raise UserError(f"language(s) {', '.join(twice)} given twice")
     asked = len(set(languages or LANGUAGES))
     if [k for k in ks if k > asked]:  # before the corpus is built; again below, after languages are skipped
         raise UserError(f"k = {ks} but {asked} languages were asked for: each group needs one")
@@ -173,6 +176,7 @@ def quickstart_xelm(
         prior_batches,
         base.train.seq_len,
         others,
+        base.data.mixture,
     )
     results.update(
         {
@@ -249,10 +253,21 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
 
             log(f"[1/8] building the multilingual corpus ({len(every)} languages) -> {corpus}")
             build_multilingual_corpus(
-                corpus, every, max_bytes=max_bytes, min_bytes=max_bytes, progress=progress
-            )
+                corpus, every, max_bytes=max_bytes, min_bytes=max_bytes // 2, progress=progress
+            )  # flagged: under half the cap (a capped language's whole documents fall just under it)
     corpus = Path(corpus)
     shards = prepare_data(out, vocab_size, None, corpus, None, progress, log, TOKENIZER_CAP).shards
+    man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
+    stale = [  # in the corpus, yet not in the tokenizer and shards an earlier run of `out` built
+        x
+        for x in every
+        if x not in shards.domains and (x in man.get("domains", {}) or (corpus / f"{x}.jsonl").is_file())
+    ]
+    if stale:
+        raise UserError(
+            f"{out}: its tokenizer and shards were built by an earlier run for other languages, without "
+            f"{', '.join(stale)}; use another --out, or delete {out} to build them again"
+        )
     skipped = {}
     for lang in every:
         lacking = [s for s in ("train", "valid", "test") if not shards.has(lang, s)]
