@@ -204,6 +204,9 @@ def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
     assert "need(s) --corpus multilingual" in capsys.readouterr().err
     assert main(["quickstart", "--corpus", "multilingual", "--k", "2,x"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+    for given in (["--clusters", "8"], ["--moe-finetune-steps", "64"]):  # at the demo's default: still given
+        assert main(["quickstart", "--corpus", "multilingual", *given]) == 2
+        assert f"{given[0]} apply to the demo corpus only" in capsys.readouterr().err
 
 
 def test_what_a_quickstart_cannot_do_is_refused_before_anything_is_built(tmp_path):

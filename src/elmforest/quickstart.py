@@ -88,7 +88,7 @@ def quickstart(
     plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
     ft_lr = p.moe_finetune_lr if p.moe_finetune_lr is not None else base.optim.lr
-    precision = _precision_line(base.train.precision, base.train.device)
+    precision = _precision_line(base.train.precision, base.train.device, eval_bytes)
     forest = Forest.init(out / "forest", exist_ok=True)
     log(f"      precision: {precision}")
     log(
@@ -249,7 +249,7 @@ def _workers(base, workers: int | None) -> tuple[int, int]:
     return workers, max(1, cores // workers) if workers > 1 else 0
 
 
-def _precision_line(precision: str, device: str) -> str:
+def _precision_line(precision: str, device: str, eval_bytes: int = 64_000) -> str:
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     if dev.type != "cpu":
@@ -257,7 +257,7 @@ def _precision_line(precision: str, device: str) -> str:
     if amp is not None:
         return "bf16 autocast on the CPU (it has AVX512-BF16 or AMX)"
     why = "train.precision=fp32" if precision == "fp32" else "this CPU has no AVX512-BF16/AMX"
-    return f"fp32 on the CPU ({why}); about 1.3x the bf16 time (--eval-bytes 32000 shortens it)"
+    return f"fp32 on the CPU ({why}); about 1.3x the bf16 time (--eval-bytes {eval_bytes // 2} shortens it)"
 
 
 def _print_ledger(compute: dict, log) -> None:

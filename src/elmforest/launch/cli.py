@@ -99,19 +99,22 @@ def quickstart(
         int | None,
         opt("valid batches for each cached prior, or all windows (default 20; 5 for X-ELM)", positive_int),
     ] = None,
-    clusters: Annotated[int, opt("number of clusters for --split clusters", positive_int)] = 8,
+    clusters: Annotated[
+        int | None, opt("number of clusters for --split clusters (default 8)", positive_int)
+    ] = None,
     no_moe: Annotated[bool, flag("--no-moe", "skip merging the experts into one MoE model")] = False,
     moe_router_steps: Annotated[
         int,
         opt("also train the MoE's router alone for this many steps (adds moe_router_trained)", nonneg_int),
     ] = 0,
     moe_finetune_steps: Annotated[
-        int,
+        int | None,
         opt(
-            "BTX: fine-tune the whole MoE on the mix for this many steps (row moe_btx; 0 skips it)",
+            "BTX: fine-tune the whole MoE on the mix for this many steps (row moe_btx; 0 skips it; "
+            "default 64)",
             nonneg_int,
         ),
-    ] = 64,
+    ] = None,
     corpus: Annotated[
         Literal["demo", "multilingual"],
         opt(
@@ -143,8 +146,8 @@ def quickstart(
             "--expert-lr": expert_lr,
             "--no-moe": no_moe,
             "--moe-router-steps": moe_router_steps,
-            "--clusters": clusters != 8,
-            "--moe-finetune-steps": moe_finetune_steps != 64,
+            "--clusters": clusters is not None,  # given at all, even at the demo's default
+            "--moe-finetune-steps": moe_finetune_steps is not None,
         }
         bad = [f for f, v in demo_only.items() if v]
         if bad:
@@ -184,10 +187,10 @@ def quickstart(
         expert_lr=expert_lr,
         workers=workers,
         prior_batches=prior_batches or 20,
-        clusters=clusters,
+        clusters=8 if clusters is None else clusters,
         moe=not no_moe,
         moe_router_steps=moe_router_steps,
-        moe_finetune_steps=moe_finetune_steps,
+        moe_finetune_steps=64 if moe_finetune_steps is None else moe_finetune_steps,
     )
 
 

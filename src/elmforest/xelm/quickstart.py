@@ -132,7 +132,7 @@ def quickstart_xelm(
         },
     )
     write_groupings(groupings, out / "groups", overwrite=True)
-    log(f"      precision: {_precision_line(base.train.precision, base.train.device)}")
+    log(f"      precision: {_precision_line(base.train.precision, base.train.device, eval_bytes)}")
     log(
         f"      protocol: every language equally likely in the seed and dense runs (data.mixture="
         f"{base.data.mixture}) and within each group; dense LR {base.optim.lr:g}, expert LRs "
