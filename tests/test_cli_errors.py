@@ -324,6 +324,27 @@ def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path
     assert "interrupted (Ctrl-C)" in err and "checkpoint" not in err, err
 
 
+def test_sigterm_is_said_once_with_how_to_continue(shards_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM's line lacked Ctrl-C's hint, and a second SIGTERM while unwinding printed it again."""
+    import os
+    import signal
+    import time
+
+    def terminated_twice(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        except SystemExit:  # a second one while unwinding (a process group's, a supervisor's retry)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+    monkeypatch.setattr("elmforest.train.trainer.train", terminated_twice)
+    rc = main(["train", "--shards", str(shards_dir), "--out", str(tmp_path / "r"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGTERM and err.count("terminated (SIGTERM)") == 1, err
+    assert "the same command again continues from the last checkpoint" in err, err
+
+
 def test_more_processes_than_cores_is_a_warning(shards_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("elmforest.utils.threads.cpu_cores", lambda: 2)
     monkeypatch.setattr("elmforest.train.cli._relaunch_distributed", lambda n: 0)  # no torchrun here

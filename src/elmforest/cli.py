@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if _STOPPED_BY:  # SIGTERM's status, even when a library re-raised it as another SystemExit (Ray)
             return _STOPPED_BY[-1]
         if e.code == 130 and _interrupted(e):  # typer turns Ctrl-C into a silent exit 130
-            resumes = " ".join(argv[:2]) in RESUMABLE or bool(argv[:1] and argv[0] in RESUMABLE)
-            more = "; the same command again continues from the last checkpoint" if resumes else ""
-            print(f"elmforest: interrupted (Ctrl-C){more}", file=sys.stderr)
+            print(f"elmforest: interrupted (Ctrl-C){_resumes_hint(argv)}", file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (ElmforestError, OSError) as e:  # the project's own errors and the file system's, nothing else
         if os.environ.get("ELMFOREST_DEBUG"):
@@ -103,9 +101,15 @@ RESUMABLE = {  # verbs that continue where they stopped when run again
 
 
 def _terminated(signum, frame):
-    print("elmforest: terminated (SIGTERM)", file=sys.stderr)
+    if not _STOPPED_BY:  # said once: a second SIGTERM (a process group's, a supervisor's retry) only unwinds
+        print(f"elmforest: terminated (SIGTERM){_resumes_hint(train_cli.ARGV)}", file=sys.stderr)
     _STOPPED_BY.append(128 + signum)
     raise SystemExit(128 + signum)
+
+
+def _resumes_hint(argv: list[str]) -> str:
+    resumes = " ".join(argv[:2]) in RESUMABLE or bool(argv[:1] and argv[0] in RESUMABLE)
+    return "; the same command again continues from the last checkpoint" if resumes else ""
 
 
 def _interrupted(e: BaseException) -> bool:
