@@ -409,4 +409,8 @@ def continue_dense(
     if lr is not None:
         cfg.optim.lr = lr
     summary = train(cfg, run_dir, progress=progress, label="dense+" + new)
-    return {"model": str(run_dir / "model"), "tokens": summary["tokens"], "flops": summary["flops"]}
+    return {
+        "model": str((run_dir / "model").resolve()),
+        "tokens": summary["tokens"],
+        "flops": summary["flops"],
+    }
