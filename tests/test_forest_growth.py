@@ -282,3 +282,6 @@ def test_a_domain_without_held_out_documents_is_said_before_the_seed_trains(
     ]
     assert main([*seed, "--set", "train.steps=2", "--no-progress"]) == 0
     assert "note: tiny: no valid or no test documents" in capsys.readouterr().err
+    # --experts N (a number of experts, not domains) has nothing to name: no note, no TypeError traceback
+    seed[3] = str(tmp_path / "f2")
+    assert main([*seed, "--experts", "2", "--set", "train.steps=2", "--no-progress"]) == 0

@@ -185,6 +185,8 @@ def seed(
 def _note_unscored(sh, domains: list[str]) -> None:
     """A domain with training documents but no valid or test ones (a handful of documents) still takes
     a full share of the seed's mix and an expert of its own, which no evaluation can score: said."""
+    if isinstance(domains, int):  # --experts N: N experts over the mix, not named domains
+        return
     bare = [d for d in domains if not (sh.has(d, "valid") and sh.has(d, "test"))]
     if bare:
         print(
