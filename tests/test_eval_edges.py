@@ -193,7 +193,7 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     build_shards(corpus, tokenizer_dir, other, SplitSpec(0.3, 0.3), progress=False)
     f = Forest.load(forest_dir)
     model = f.expert_dir(f.names[0])
-    said = "some of them were training documents"
+    said = "some of the documents read were trained or tuned on"
     for argv, advice in (
         (["eval", "--forest", forest_dir, "--data", other], "--valid-frac 0.1 --test-frac 0.1"),
         (["eval", "--model", model, "--data", other, "--split", "valid"], "--valid-frac 0.1 --test-frac 0.1"),
@@ -221,11 +221,20 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     # the training split, fractions inside what the model held out, and other corpora pass
     check_held_out(model, corpus, SplitSpec(0.3, 0.3), "train", other)
     check_held_out(model, corpus, SplitSpec(0.1, 0.1), "test", other)
-    check_held_out(model, corpus, SplitSpec(0.05, 0.05), "test", other)  # inside its 0.2: no training doc
-    check_held_out(model, corpus / "code.jsonl", SplitSpec(0.1, 0.15), "test", other)  # test 0.15 <= 0.2
-    for split, prior in (("valid", False), ("test", True)):  # but its valid split reaches 0.25
-        with pytest.raises(UserError, match=said):
-            check_held_out(model, corpus / "code.jsonl", SplitSpec(0.1, 0.15), split, other, prior=prior)
+    check_held_out(model, corpus, SplitSpec(0.05, 0.05), "test", other)  # inside its test and held-out
+    code = corpus / "code.jsonl"
+    check_held_out(model, code, SplitSpec(0.15, 0.05), "valid", other, prior=True)  # valid + test 0.2 <= 0.2
+    for split, prior in (("valid", False), ("test", True)):  # valid + test 0.25: past its held-out 0.2
+        with pytest.raises(UserError, match="its valid split reaches 0.25, past the 0.2 the model held out"):
+            check_held_out(model, code, SplitSpec(0.2, 0.05), split, other, prior=prior)
+    check_held_out(model, code, SplitSpec(0.2, 0.05), "test", other)  # test alone: inside its test 0.1
+    with pytest.raises(UserError, match="its test split reaches 0.15 of the id hash, past the model's 0.1"):
+        check_held_out(model, code, SplitSpec(0.0, 0.15), "test", other)  # its valid documents (tuned on)
+    # read in another format, the same files number their documents otherwise: other ids, other splits
+    with pytest.raises(
+        UserError, match="read as json, but .* read as a plain path: its documents get other ids"
+    ):
+        check_held_out(model, f"json:{code}", SplitSpec(0.1, 0.1), "test", other)
     check_held_out(model, tmp_path, SplitSpec(0.3, 0.3), "test", other)
     # shards built from several sources record a list (the quickstart's --ood shards)
     with pytest.raises(UserError, match=said):
@@ -266,6 +275,11 @@ def test_txt_documents_read_from_another_folder_of_the_training_corpus_are_refus
     for data in (corpus / "tiny", corpus / "tiny" / "d0.txt", tmp_path):
         with pytest.raises(UserError, match=r"\.txt documents .* get other names"):
             check_held_out(model, data, same, "test", data)
+    # a glob stands for its folder: a file it matched is the training corpus
+    globbed = _fake_model(tmp_path / "g", f"json:{corpus}/*.jsonl")
+    check_held_out(globbed, f"json:{corpus / 'prose.jsonl'}", same, "test", "p")
+    with pytest.raises(UserError, match="its test split reaches 0.3"):
+        check_held_out(globbed, f"json:{corpus / 'prose.jsonl'}", SplitSpec(0.1, 0.3), "test", "p")
 
 
 def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_all_held_out(tmp_path, capsys):
@@ -279,8 +293,15 @@ def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_al
     assert held_out_by_all([a, a], None) == SplitSpec(0.1, 0.2)
     assert "different fractions" not in capsys.readouterr().err
     assert held_out_by_all([a, b], None) == SplitSpec(0.1, 0.1)  # inside a's 0.3 and b's 0.2
-    assert "split at valid 0.1, test 0.1, which every expert held out" in capsys.readouterr().err
+    assert "split at valid 0.1, test 0.1, inside what each held out" in capsys.readouterr().err
     assert held_out_by_all([a, b], SplitSpec(0.05, 0.05)) == SplitSpec(0.05, 0.05)
+    # the test split inside every model's test, whatever the order (valid+test sums tie here)
+    c, d = (
+        _fake_model(tmp_path / "c", tmp_path, (0.05, 0.05)),
+        _fake_model(tmp_path / "d", tmp_path, (0.02, 0.08)),
+    )
+    assert held_out_by_all([c, d], None) == held_out_by_all([d, c], None) == SplitSpec(0.05, 0.05)
+    capsys.readouterr()
     (ext := tmp_path / "hub").mkdir()  # a checkpoint from elsewhere: its split is unknown, not 0.05/0.05
     assert held_out_by_all([a, ext], None) == SplitSpec(0.1, 0.2)
     assert "different fractions" not in capsys.readouterr().err

@@ -320,14 +320,15 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
 def check_held_out(
     mdir: Path, source, spec: SplitSpec, split: str, data, given: bool = False, prior: bool = False
 ) -> None:
-    """Refuse scoring documents the model trained on as held out. Data read from the model's own
-    training corpus (the same location, a file or folder inside it, or a folder holding it; whatever
-    reading options) is split by the id hash: its `split` at `spec` must lie inside what the model held
-    out (test: the test fraction at most the model's valid + test; valid, or `prior` for a forest's
-    prior on valid: valid + test at most that). `.txt` documents are named by their path under the
-    folder given, so read from another folder they get other ids and splits: refused too. Other
-    corpora, and models whose training corpus is unknown, pass. `given`: the fractions are the
-    command line's --split-fractions (said in the advice)."""
+    """Refuse scoring documents the model trained or was tuned on as held out. Data read from the
+    model's own training corpus (the same location, a file or folder inside it, or a folder holding
+    it) is split by the id hash, which puts test first, then valid: the scored test split must lie
+    inside the model's test split (its valid documents chose LRs, branch weights and priors), and the
+    valid split read (`split` valid, or `prior` for a forest's prior) inside what it held out. Read
+    in another format than the model's (`text:` lines vs whole files, a builder vs the native reader),
+    or `.txt` documents from another folder (named by their path under the folder given), documents
+    get other ids, so other splits: refused too. Other corpora, and models whose training corpus is
+    unknown, pass. `given`: the fractions are the command line's --split-fractions (said in the advice)."""
     if split in ("train", "all") or not (mdir / "elmforest_data.json").is_file():
         return
     rec = read_json(mdir / "elmforest_data.json")
@@ -336,11 +337,17 @@ def check_held_out(
         return
     held = SplitSpec(**rec["split"])
     out = held.valid_frac + held.test_frac  # the model held out the documents hashed below this
-    for t in _locations(read_json(trained).get("source")):
-        for e in _locations(source):
+    for t, t_fmt in _locations(read_json(trained).get("source")):
+        for e, e_fmt in _locations(source):
             if not (t == e or t.is_relative_to(e) or e.is_relative_to(t)):
                 continue
             inner = t if t.is_relative_to(e) else e
+            if t_fmt != e_fmt:
+                raise UserError(
+                    f"{data}: read as {e_fmt or 'a plain path'}, but {mdir} was trained on {t} read as "
+                    f"{t_fmt or 'a plain path'}: its documents get other ids, so other splits, and some of "
+                    f"the {split} documents were training documents; read it as the model's shards did"
+                )
             if t != e and _has_txt(inner):
                 raise UserError(
                     f"{data}: {inner} holds .txt documents of {mdir}'s training corpus ({t}), which are "
@@ -348,17 +355,24 @@ def check_held_out(
                     f"other splits, and some of its {split} documents were training documents; pass --data "
                     f"{t} (with --domains to choose)"
                 )
-            reads = spec.test_frac if split == "test" and not prior else spec.test_frac + spec.valid_frac
-            if reads <= out + 1e-12:
+            bad = []
+            if split == "test" and spec.test_frac > held.test_frac + 1e-12:
+                bad.append(
+                    f"its test split reaches {spec.test_frac:g} of the id hash, past the model's {held.test_frac:g}"
+                )
+            if (split == "valid" or prior) and spec.test_frac + spec.valid_frac > out + 1e-12:
+                bad.append(
+                    f"its valid split reaches {spec.test_frac + spec.valid_frac:g}, past the {out:g} the model "
+                    "held out"
+                )
+            if not bad:
                 continue
-            what = f"{split} split" + (" and the prior's valid split" if prior and split == "test" else "")
             raise UserError(
-                f"{data}: the documents scored (its {what} at valid {spec.valid_frac}, test "
-                f"{spec.test_frac}) are cut from {mdir}'s own training corpus ({t}), split for it at valid "
-                f"{held.valid_frac}, test {held.test_frac}, so some of them were training documents (it "
-                f"held out the first {out:g} of the id hash; they reach {reads:g}); "
+                f"{data}: split at valid {spec.valid_frac}, test {spec.test_frac}, it is cut from {mdir}'s own "
+                f"training corpus ({t}), split for it at valid {held.valid_frac}, test {held.test_frac}: "
+                f"{'; '.join(bad)}, so some of the documents read were trained or tuned on; "
                 + (
-                    "give --split-fractions inside that (e.g. "
+                    "give --split-fractions inside the model's (e.g. "
                     f"{held.valid_frac},{held.test_frac}) or leave them out"
                     if given
                     else f"build the shards with --valid-frac {held.valid_frac} --test-frac {held.test_frac}"
@@ -366,18 +380,26 @@ def check_held_out(
             )
 
 
-def _locations(source) -> list[Path]:
-    """The resolved locations of a source or of the list of them that shards built from several record,
-    reading options (`auto,text=content:PATH`) left aside."""
+def _locations(source) -> list[tuple[Path, str | None]]:
+    """(resolved location, format) of a source or of each source shards built from several record; a
+    plain path reads as `auto`; a glob stands for the folder above its first wildcard."""
+    import glob
+
     from elmforest.data.sources import parse_source
 
     locs = []
     for x in source if isinstance(source, list) else [source]:
-        if x:
-            try:
-                locs.append(Path(parse_source(str(x)).location).resolve())
-            except UserError:
-                locs.append(Path(str(x)).resolve())
+        if not x:
+            continue
+        try:
+            src = parse_source(str(x))
+            loc, fmt = src.location, (src.format or "auto")
+        except UserError:
+            loc, fmt = str(x), "auto"
+        if glob.has_magic(loc):
+            parts = Path(loc).parts
+            loc = str(Path(*parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]))
+        locs.append((Path(loc).resolve(), None if fmt == "auto" else fmt))
     return locs
 
 

@@ -366,8 +366,10 @@ def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def held_out_by_all(expert_dirs: list[Path], given: SplitSpec | None) -> SplitSpec:
     """The fractions raw data is split at for a forest: `given` (--split-fractions), else the experts'
-    own when they agree, else those of the expert that held out least (its valid and test documents
-    lie inside every other expert's held-out ones, as the hash puts test first, then valid)."""
+    own when they agree, else the test fraction none exceeds and the valid fraction that keeps valid +
+    test inside what every one held out (the hash puts test first, then valid): no test document was
+    any model's valid or training document. Models of unknown training data (from elsewhere) do not
+    choose."""
     if given is not None:
         return given
     known = [
@@ -375,15 +377,17 @@ def held_out_by_all(expert_dirs: list[Path], given: SplitSpec | None) -> SplitSp
         for d in expert_dirs
         if (d / "elmforest_data.json").is_file() or (d / "elmforest_run.json").is_file()
     ]
-    specs = [training_split_spec(d) for d in known] or [SplitSpec()]  # a checkpoint from elsewhere: unknown
-    least = min(specs, key=lambda sp: sp.valid_frac + sp.test_frac)
-    if len(set(specs)) > 1:
-        print(
-            f"note: the experts were trained on shards split at different fractions; the data is split at "
-            f"valid {least.valid_frac}, test {least.test_frac}, which every expert held out",
-            file=sys.stderr,
-        )
-    return least
+    specs = [training_split_spec(d) for d in known] or [SplitSpec()]
+    if len(set(specs)) == 1:
+        return specs[0]
+    test = min(sp.test_frac for sp in specs)
+    spec = SplitSpec(max(0.0, round(min(sp.valid_frac + sp.test_frac for sp in specs) - test, 12)), test)
+    print(
+        f"note: the models were trained on shards split at different fractions; the data is split at "
+        f"valid {spec.valid_frac:g}, test {spec.test_frac:g}, inside what each held out",
+        file=sys.stderr,
+    )
+    return spec
 
 
 def evaluate_forest(
@@ -414,6 +418,10 @@ def evaluate_forest(
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
     # each expert's held-out documents (experts may come from shards of their own)
     forest_dirs = [forest.expert_dir(n) for n in kw.get("experts") or forest.names]
+    if (
+        forest.seed_dir is not None and (forest.seed_dir / "elmforest_data.json").is_file()
+    ):  # the experts' start trained on its documents
+        forest_dirs.append(forest.seed_dir)
     needs_prior = kw.get("prior", "cached") == "cached" and kw.get("mode", "ensemble") != "cluster"
     if Shards.is_shards_dir(data):
         if split == "all":
