@@ -252,6 +252,10 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         for d in ("moe", "moe-router-trained", "moe-btx")
     ]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
+    # another --set (the LR a sweep found) kept the forest trained before, reported under the new LR
+    with pytest.raises(UserError, match=r"was run with other settings \(optim.lr: 0.003 -> 0.012\)"):
+        quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "optim.lr=0.012"]})
+    quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "train.log_every=5"]})  # operational
     # an out-of-domain set named like a training domain is refused
     clash = tmp_path / "clash"
     clash.mkdir()

@@ -108,6 +108,7 @@ def quickstart(
         f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
         f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
     )
+    _check_seed_settings(forest, shards, base, plan, out)
     btm.train_seed(forest, shards, base, plan, progress=progress)
     removed = [d for d in names if d in forest.removed]
     for d in removed:
@@ -247,6 +248,26 @@ def _workers(base, workers: int | None) -> tuple[int, int]:
         workers = 2 if resolve_device(base.train.device).type == "cpu" and cores >= 2 else 1
     workers = max(1, workers)
     return workers, max(1, cores // workers) if workers > 1 else 0
+
+
+def _check_seed_settings(forest, shards, base, plan, out: Path) -> None:
+    """A rerun into a finished `out` with another `--set` (the LR a sweep found, a seed) kept the seed,
+    experts and dense run trained before and labelled their scores with the new settings: refused,
+    naming what differs (operational settings may change)."""
+    from elmforest.config import RunConfig
+    from elmforest.train.runcheck import config_diff, run_identity
+
+    if not btm.seed_ready(forest):
+        return
+    want = btm.dense_config(base, plan, shards)
+    want.train.stop_at = plan.seed_steps
+    was = RunConfig.from_dict(forest.data["seed"]["config"]).to_dict()
+    diff = config_diff(run_identity(was), run_identity(want.to_dict()))
+    if diff:
+        raise UserError(
+            f"{out} was run with other settings ({diff}); its seed, experts and dense run were trained with "
+            "them, so their scores would be reported under the new ones: use another --out, or delete it"
+        )
 
 
 def _precision_line(precision: str, device: str, eval_bytes: int = 64_000) -> str:
