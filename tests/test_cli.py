@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,7 +164,10 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     )
     res = quickstart(tmp_path / "qs", **kw)
     assert (tmp_path / "qs" / "report.html").is_file()  # the quickstart writes its run report
-    assert "the preset's LRs were swept on the demo corpus, not on" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "the preset's LRs were not swept, not on" in said  # tiny's never were (cpu-small's were)
+    assert "--preset tiny --set train.steps=20` and pass what it finds" in said  # the run's own settings
+    assert "to a quickstart in a new --out" in said
     methods = res["methods"]
     assert set(methods) == {
         "dense",
@@ -252,6 +256,20 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         for d in ("moe", "moe-router-trained", "moe-btx")
     ]
     assert (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns == mtime
+    # one domain, or a domain too small for a test split, failed only after all the training
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(Path(corpus) / "code.jsonl", one / "code.jsonl")
+    with pytest.raises(UserError, match="1 domain\\(s\\) with training documents \\(code\\); a forest needs"):
+        quickstart(tmp_path / "one-out", **{**kw, "corpus": one, "ood": [], "split": "domains"})
+    (one / "few.jsonl").write_text(
+        "".join(json.dumps({"id": f"f{i}", "text": "few words " * 40}) + "\n" for i in range(3))
+    )
+    with pytest.raises(UserError, match="domain\\(s\\) few have no valid or no test documents"):
+        quickstart(tmp_path / "few-out", **{**kw, "corpus": one, "ood": [], "split": "domains"})
+    with pytest.raises(UserError, match="nope: no such file or directory"):  # a typo: the --out stays usable
+        quickstart(tmp_path / "typo", **{**kw, "corpus": tmp_path / "nope", "ood": []})
+    assert not (tmp_path / "typo" / "corpus_source.json").exists()
     # another --set (the LR a sweep found) kept the forest trained before, reported under the new LR
     with pytest.raises(UserError, match=r"was run with other settings \(optim.lr: 0.003 -> 0.012\)"):
         quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "optim.lr=0.012"]})
@@ -277,7 +295,6 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         quickstart(tmp_path / "qs", **{**kw, "corpus": None, "ood": []})
     assert not (tmp_path / "qs" / "corpus").exists()  # refused before building the demo corpus
     # killed after its tokenizer, before its shards: the output dir still says which corpus it is for
-    import shutil
 
     shutil.rmtree(tmp_path / "qs" / "shards")
     with pytest.raises(

@@ -81,6 +81,7 @@ def quickstart(
     data = prepare_data(out, p.vocab_size, domains, corpus, ood, progress, log)
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
+    _check_domains(shards, names)  # before any training: scoring would fail after all of it
 
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
@@ -99,10 +100,12 @@ def quickstart(
     )
     lr_given = expert_lr is not None and any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
     if own_data and not lr_given:  # each arm at its own best LR: on this data, not the demo's
+        sets = "".join(f" --set {o}" for o in overrides if o.split("=", 1)[0].strip() != "optim.lr")
         log(
-            f"      note: the preset's LRs were swept on the demo corpus, not on {corpus}; for each arm at its "
-            f"own best LR on it, run `elmforest sweep --shards {shards_dir} --out SWEEP --preset {preset}` "
-            "and pass what it finds (--set optim.lr=X --expert-lr Y)"
+            f"      note: the preset's LRs were {'swept on the demo corpus' if p.expert_lr else 'not swept'}, "
+            f"not on {corpus}; for each arm at its own best LR on it, run `elmforest sweep --shards "
+            f"{shards_dir} --out SWEEP --preset {preset}{sets}` and pass what it finds (--set optim.lr=X "
+            "--expert-lr Y) to a quickstart in a new --out"
         )
     log(
         f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
@@ -248,6 +251,22 @@ def _workers(base, workers: int | None) -> tuple[int, int]:
         workers = 2 if resolve_device(base.train.device).type == "cpu" and cores >= 2 else 1
     workers = max(1, workers)
     return workers, max(1, cores // workers) if workers > 1 else 0
+
+
+def _check_domains(shards: Shards, names: list[str]) -> None:
+    if len(names) < 2:
+        raise UserError(
+            f"{shards.root}: {len(names)} domain(s) with training documents ({', '.join(names)}); a forest "
+            "needs at least 2 to compare with a dense LM (give each document a `domain`, or one file or "
+            "folder per domain)"
+        )
+    bare = [d for d in names if not (shards.has(d, "valid") and shards.has(d, "test"))]
+    if bare:
+        raise UserError(
+            f"{shards.root}: domain(s) {', '.join(bare)} have no valid or no test documents (too few "
+            "documents for the id-hash split): their experts could not be scored nor a prior read for them; "
+            "leave them out (--domains) or give them more documents"
+        )
 
 
 def _check_seed_settings(forest, shards, base, plan, out: Path) -> None:

@@ -56,8 +56,15 @@ def prepare_data(
     if source_file.is_file():
         check_source(read_json(source_file).get("source"), corpus, out, out)
     else:
-        from elmforest.data.sources import resolve_source
+        import glob
 
+        from elmforest.data.sources import parse_source, resolve_source
+
+        loc = parse_source(corpus).location if corpus is not None else None
+        if (
+            loc is not None and not glob.has_magic(loc) and not Path(loc).exists()
+        ):  # not recorded as this dir's
+            raise UserError(f"{corpus}: no such file or directory")
         write_json_atomic(
             source_file, {"source": resolve_source(corpus if corpus is not None else out / "corpus")}
         )
