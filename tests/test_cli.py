@@ -282,6 +282,14 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="share a name with a training domain"):
         quickstart(tmp_path / "qs", **{**kw, "ood": [clash]})
+    # the training documents under another domain name are not out of domain either
+    (copy := tmp_path / "copy").mkdir()
+    rows = [json.loads(x) for x in (Path(corpus) / "legal.jsonl").read_text().splitlines()]
+    (copy / "renamed.jsonl").write_text("".join(json.dumps({**r, "domain": "renamed"}) + "\n" for r in rows))
+    with pytest.raises(
+        UserError, match=f"out-of-domain set renamed: {len(rows)} of its {len(rows)} documents are"
+    ):
+        quickstart(tmp_path / "qs", **{**kw, "ood": [copy]})
     # the output dir holds this corpus's shards: another corpus (or the demo one) is refused before anything runs
     assert res["protocol"]["corpus"] == str(Path(corpus).resolve())
     with pytest.raises(

@@ -5,6 +5,7 @@ scaling study."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def prepare_data(
         )
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
-        _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress) if ood_sources else None
+        _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress, corpus)
+        if ood_sources
+        else None
     )
     if ood_shards is None:
         if ood is not None:
@@ -235,19 +238,44 @@ def _describe(o: dict) -> str:
     return f"{o['method']}, seed {o.get('seed')}, params {o.get('params')}"
 
 
-def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: list[str], progress) -> Shards:
+def _ood_shards(
+    path: Path,
+    sources: list[Path],
+    tok_dir: Path,
+    train_names: list[str],
+    progress,
+    corpus: Path | None = None,
+) -> Shards:
     """The out-of-domain sets tokenized once (half valid for the priors, half test); rebuilt when the
     sources change (their list, or any file's size or mtime: a rebuilt evaluation-only corpus or an
-    edited --ood file). A set named like a training domain is refused: it would not be OOD."""
+    edited --ood file). A set named like a training domain is refused: it would not be OOD; so is one
+    whose documents are mostly the training corpus's (the same text under another domain name), and
+    a few such documents are said."""
     want = [str(s.resolve()) for s in sources]
     stamp = {"sources": want, "files": _file_stamps(sources)}
     tok = load_tokenizer(tok_dir)
     sh = Shards(path) if Shards.is_shards_dir(path) else None
     seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
-    if sh is None or seen != stamp or sh.tokenizer_fingerprint != tok.fingerprint():
+    if (
+        sh is None
+        or {k: (seen or {}).get(k) for k in stamp} != stamp
+        or sh.tokenizer_fingerprint != tok.fingerprint()
+    ):
+        shared = _shared_with(corpus, sources) if corpus is not None else {}
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
-        write_json_atomic(path / "sources.json", stamp)
-        sh = Shards(path)
+        write_json_atomic(path / "sources.json", {**stamp, "shared_with_training": shared})
+        sh, seen = Shards(path), {"shared_with_training": shared}
+    for name, (n, of) in (seen.get("shared_with_training") or {}).items():
+        if 2 * n > of:
+            raise UserError(
+                f"out-of-domain set {name}: {n} of its {of} documents are documents of the training corpus (the "
+                "same text): it is not out of domain"
+            )
+        print(
+            f"note: out-of-domain set {name}: {n} of its {of} documents are also in the training corpus (the "
+            "same text); its BPB is not wholly out of domain",
+            file=sys.stderr,
+        )
     clash = sorted(set(sh.domains) & set(train_names))
     if clash:
         raise UserError(
@@ -255,6 +283,25 @@ def _ood_shards(path: Path, sources: list[Path], tok_dir: Path, train_names: lis
             "field or the file name): a domain the experts trained on is not out of domain"
         )
     return sh
+
+
+def _shared_with(corpus: Path, sources: list[Path]) -> dict[str, list[int]]:
+    """{OOD set: [documents whose text is a training document's, documents]} for the sets with any."""
+    import hashlib
+
+    from elmforest.data.readers import iter_documents
+
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+    train = {key(d.text) for d in iter_documents(corpus)}
+    counts: dict[str, list[int]] = {}
+    for src in sources:
+        for d in iter_documents(src):
+            c = counts.setdefault(d.domain, [0, 0])
+            c[0] += key(d.text) in train
+            c[1] += 1
+    return {name: c for name, c in counts.items() if c[0]}
 
 
 def _file_stamps(sources: list[Path]) -> list[list]:
