@@ -370,7 +370,7 @@ def train_expert(
                     time.sleep(0.05)
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             else:
-                weights = branch_weights(forest, shards, domain, prior_batches)
+                weights = branch_weights(forest, shards, domain, prior_batches, names=others)
                 average_checkpoints(
                     [forest.expert_dir(n) for n in weights],
                     init,

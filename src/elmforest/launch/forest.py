@@ -85,6 +85,12 @@ def _finished(forest: Forest, names: list[str], dense: bool) -> bool:
 
     return (
         seed_ready(forest)
-        and all(n in forest.names and forest.intact(n) is None for n in names)
-        and (not dense or (forest.root / "runs" / "dense" / "summary.json").is_file())
+        and all(
+            n in forest.names and forest.intact(n, deep=True, trust_unchanged=True) is None for n in names
+        )
+        and (not dense or _dense_done(forest.root / "runs" / "dense"))
     )
+
+
+def _dense_done(run: Path) -> bool:
+    return (run / "summary.json").is_file() and (run / "model" / "config.json").is_file()

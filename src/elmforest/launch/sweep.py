@@ -84,13 +84,14 @@ def _check_grid(lrs: list[float], what: str) -> list[float]:
 def _finished(job: dict) -> bool:
     """A dense point's run, or an expert point's checkpoint, is there: no worker is needed for it."""
     if "config" in job:  # DenseRunJob
-        return (Path(job["forest"]) / "runs" / "dense" / "summary.json").is_file()
+        run = Path(job["forest"]) / "runs" / "dense"
+        return (run / "summary.json").is_file() and (run / "model" / "config.json").is_file()
     try:
         forest = Forest.load(job["forest"])
     except Exception:  # noqa: BLE001 - unreadable: the job says why
         return False
     name = job.get("name") or job["domain"]
-    return name in forest.names and forest.intact(name) is None
+    return name in forest.names and forest.intact(name, deep=True, trust_unchanged=True) is None
 
 
 def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
