@@ -240,6 +240,11 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     with pytest.raises(UserError, match=said):
         check_held_out(model, [str(tmp_path), str(corpus)], SplitSpec(0.3, 0.3), "test", other)
     check_held_out(model, [str(tmp_path)], SplitSpec(0.3, 0.3), "test", other)
+    # no valid documents at these fractions: the cached prior turned uniform without a word
+    assert (
+        main(["eval", "--forest", str(forest_dir), "--data", str(corpus), "--split-fractions", "0,0.1"]) == 2
+    )
+    assert "no valid documents to read the cached prior on" in capsys.readouterr().err
     # a shards directory's splits are fixed: --split-fractions there was ignored without a word
     for who in (["--model", model], ["--forest", forest_dir]):
         assert main(["eval", *map(str, who), "--data", str(shards_dir), "--split-fractions", "0.1,0.1"]) == 2

@@ -443,6 +443,11 @@ def evaluate_forest(
             )
         prior_split = kw.get("prior_split", "valid")
         spec = SplitSpec(0.0, 0.0) if split == "all" else held_out_by_all(forest_dirs, split_spec)
+        if needs_prior and split != "all" and spec.valid_frac == 0 and prior_split == "valid":
+            raise UserError(
+                f"split at valid 0, test {spec.test_frac:g}, the data has no valid documents to read the cached "
+                "prior on: pass --prior uniform, or --split-fractions with a valid fraction"
+            )
         for d in forest_dirs:
             check_held_out(d, data, spec, split, data, given=split_spec is not None, prior=needs_prior)
         stored = "train" if split == "all" else split
