@@ -18,6 +18,7 @@ of the table and of `mean_bpb`, and said so: a note on stderr, and `missing` in 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import tempfile
@@ -403,6 +404,7 @@ def _locations(source) -> list[tuple[Path, str | None]]:
     return locs
 
 
+@functools.lru_cache(maxsize=64)  # asked once per model of a forest, about the same folder
 def _has_txt(p: Path) -> bool:
     if p.is_file():
         return p.suffix == ".txt"

@@ -12,7 +12,7 @@ from elmforest.forest.btm import train_seed
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains
 from elmforest.launch.executor import LocalExecutor
-from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.launch.jobs import ExpertJob, as_dict, dense_done, expert_kept, run_job
 from elmforest.launch.progress import ProgressMonitor
 
 
@@ -79,18 +79,12 @@ def train_forest(
 
 
 def _finished(forest: Forest, names: list[str], dense: bool) -> bool:
-    """Every job's result is there (the seed, each expert's checkpoint, the dense run's summary): the
-    jobs then only check that what is kept was trained as asked, which needs no worker or cluster."""
+    """Every job's result is there (the seed, each expert's checkpoint, the dense run): the jobs then
+    only check that what is kept was trained as asked, which needs no worker or cluster."""
     from elmforest.forest.btm import seed_ready
 
     return (
         seed_ready(forest)
-        and all(
-            n in forest.names and forest.intact(n, deep=True, trust_unchanged=True) is None for n in names
-        )
-        and (not dense or _dense_done(forest.root / "runs" / "dense"))
+        and all(expert_kept(forest, n) for n in names)
+        and (not dense or dense_done(forest.root / "runs" / "dense"))
     )
-
-
-def _dense_done(run: Path) -> bool:
-    return (run / "summary.json").is_file() and (run / "model" / "config.json").is_file()

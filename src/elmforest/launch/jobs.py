@@ -60,6 +60,16 @@ class DenseRunJob:
         return Path(self.forest) / "runs" / "dense"
 
 
+def expert_kept(forest, name: str) -> bool:
+    """The expert's checkpoint is in the forest, whole (its checksums): its job would only check it."""
+    return name in forest.names and forest.intact(name, deep=True, trust_unchanged=True) is None
+
+
+def dense_done(run: Path) -> bool:
+    """A dense run finished (its summary, written last, and its model): its job would only check it."""
+    return (run / "summary.json").is_file() and (run / "model" / "config.json").is_file()
+
+
 def run_job(job: ExpertJob | dict) -> dict:
     """Run one job here; its output goes to <run dir>/job.log (appended across retries)."""
     job = ExpertJob(**job) if isinstance(job, dict) else job

@@ -34,7 +34,15 @@ from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
 from elmforest.launch.groupings import check_groupings, normalize
-from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
+from elmforest.launch.jobs import (
+    DenseRunJob,
+    ExpertJob,
+    as_dict,
+    dense_done,
+    expert_kept,
+    run_dense_run,
+    run_job,
+)
 from elmforest.launch.sweep_results import DIVERGED, choose, format_sweep, score_dense, score_experts
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -84,14 +92,12 @@ def _check_grid(lrs: list[float], what: str) -> list[float]:
 def _finished(job: dict) -> bool:
     """A dense point's run, or an expert point's checkpoint, is there: no worker is needed for it."""
     if "config" in job:  # DenseRunJob
-        run = Path(job["forest"]) / "runs" / "dense"
-        return (run / "summary.json").is_file() and (run / "model" / "config.json").is_file()
+        return dense_done(Path(job["forest"]) / "runs" / "dense")
     try:
         forest = Forest.load(job["forest"])
     except Exception:  # noqa: BLE001 - unreadable: the job says why
         return False
-    name = job.get("name") or job["domain"]
-    return name in forest.names and forest.intact(name, deep=True, trust_unchanged=True) is None
+    return expert_kept(forest, job.get("name") or job["domain"])
 
 
 def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
