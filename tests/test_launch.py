@@ -82,8 +82,9 @@ def test_ray_trains_experts_concurrently_with_the_same_weights_as_local(
     assert time.time() - t < 60
 
 
-def test_a_rerun_of_a_finished_forest_starts_no_executor(local_forest, shards_dir):
-    """A rerun started Ray (or a worker per job) only for each job to say its expert is kept."""
+def test_a_rerun_of_a_finished_forest_starts_no_executor(local_forest, shards_dir, capsys):
+    """A rerun started Ray (or a worker per job) only for each job to say its expert is kept, and
+    said `training 3 job(s)` when there was nothing to train."""
 
     class Refuses:
         def prepare(self):
@@ -94,6 +95,8 @@ def test_a_rerun_of_a_finished_forest_starts_no_executor(local_forest, shards_di
 
     results = _train(local_forest, shards_dir, Refuses())
     assert sorted(r["name"] for r in results) == sorted([*Forest.load(local_forest).names, "dense"])
+    out = capsys.readouterr().out
+    assert "finished before" in out and "training" not in out
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, local_forest, shards_dir, tmp_path):
@@ -260,3 +263,25 @@ def test_progress_says_waiting_until_a_job_writes_past_where_it_was(tmp_path):
         f.write(json.dumps({**line, "step": 210, "start_step": 200, "elapsed_s": 1.0}) + "\n")
     (now,) = mon.report()
     assert now.startswith(f"{'dense':24s} step 210/400 loss 2.000") and "ETA" in now
+
+
+def test_progress_prints_a_line_once_on_the_terminal_and_every_time_in_its_log(tmp_path, capfd):
+    """Every report printed every job's line: a finished job's `done` came back every 10 s."""
+    import json
+
+    from elmforest.launch.progress import ProgressMonitor
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    (a / "summary.json").write_text("{}")
+    mon = ProgressMonitor({"a": a, "b": b}, 400, tmp_path / "progress.log")
+    mon.report()
+    (b / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 2.0, "tokens_per_s": 10.0}) + "\n")
+    mon.report()
+    mon.report()
+    mon._out.flush()
+    out = capfd.readouterr().out
+    assert out.count(" done") == 1 and out.count(" waiting") == 1 and out.count("step 5/400") == 1
+    log = (tmp_path / "progress.log").read_text()
+    assert log.count(" done") == 3 and log.count("step 5/400") == 2

@@ -260,7 +260,7 @@ def _check_domains(shards: Shards, names: list[str]) -> None:
             "needs at least 2 to compare with a dense LM (give each document a `domain`, or one file or "
             "folder per domain)"
         )
-    bare = [d for d in names if not (shards.has(d, "valid") and shards.has(d, "test"))]
+    bare = shards.unscorable(names)
     if bare:
         raise UserError(
             f"{shards.root}: domain(s) {', '.join(bare)} have no valid or no test documents (too few "

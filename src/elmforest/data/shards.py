@@ -438,6 +438,11 @@ class Shards:
     def has(self, domain: str, split: str) -> bool:
         return split in self.index["domains"].get(domain, {}).get("splits", {})
 
+    def unscorable(self, domains) -> list[str]:
+        """Domains with no valid or no test documents (too few for the id-hash split): an expert for one
+        cannot be scored, nor a prior read for it."""
+        return [d for d in domains if not (self.has(d, "valid") and self.has(d, "test"))]
+
     def info(self, domain: str, split: str) -> dict:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")

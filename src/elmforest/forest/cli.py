@@ -187,7 +187,7 @@ def _note_unscored(sh, domains: list[str]) -> None:
     a full share of the seed's mix and an expert of its own, which no evaluation can score: said."""
     if isinstance(domains, int):  # --experts N: N experts over the mix, not named domains
         return
-    bare = [d for d in domains if not (sh.has(d, "valid") and sh.has(d, "test"))]
+    bare = sh.unscorable(domains)
     if bare:
         print(
             f"note: {', '.join(bare)}: no valid or no test documents in {sh.root}, yet each takes an equal share "

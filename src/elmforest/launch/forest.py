@@ -40,7 +40,8 @@ def train_forest(
     """
     planned = plan_domains(plan, shards, domains)
     names = [d for d in planned if d not in forest.removed]
-    if _finished(forest, names, dense):  # a rerun: each job only checks it is kept, here (Ray not started)
+    finished = _finished(forest, names, dense)
+    if finished:  # a rerun: each job only checks it is kept, here (Ray not started)
         executor = LocalExecutor()
     if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
         executor.prepare()
@@ -58,7 +59,11 @@ def train_forest(
         )
     executor = executor or LocalExecutor()
     runs = {j.label: j.run_dir() for j in jobs}
-    if jobs:  # a job writes to its own log: said once, so --no-progress is not minutes of silence
+    if jobs and finished:
+        print(
+            f"all {len(jobs)} job(s) finished before ({', '.join(runs)}): checking they were trained as asked"
+        )
+    elif jobs:  # a job writes to its own log: said once, so --no-progress is not minutes of silence
         print(
             f"training {len(jobs)} job(s) ({', '.join(runs)}); each writes to {forest.root}/runs/NAME/job.log, "
             f"progress in {forest.root / 'progress.log'}",

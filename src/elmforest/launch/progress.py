@@ -62,6 +62,7 @@ class ProgressMonitor:
         # the terminal as it is now: jobs in this process may point fds 1 and 2 at their logs
         self._out = os.fdopen(os.dup(1), "w", buffering=1) if echo else None
         self._before = {n: last_metrics(d / "metrics.jsonl") for n, d in runs.items()}
+        self._shown: set[str] = set()  # lines already on the terminal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -76,8 +77,10 @@ class ProgressMonitor:
         with open(self.log_file, "a") as f:
             for line in lines:
                 f.write(f"{stamp} {line}\n")
-        if self._out is not None:
-            self._out.write("".join(f"{stamp} {line}\n" for line in lines))
+        if self._out is not None:  # the terminal: a line once, not every job's `done` every 10 s
+            new = [ln for ln in lines if ln not in self._shown]
+            self._shown.update(new)
+            self._out.write("".join(f"{stamp} {line}\n" for line in new))
         return lines
 
     def _loop(self) -> None:
