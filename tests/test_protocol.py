@@ -205,11 +205,21 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
         {},
     )
     verdicts = [f.rsplit("-> ", 1)[1] for f in out]
-    assert verdicts[0] == "holds"  # 0.95
+    assert len(out) == 5 and verdicts[0] == "holds"  # 0.95
     assert verdicts[1].startswith("a tie")  # 1.005
     assert verdicts[2] == "does NOT hold here"  # 1.05 out of domain
     assert verdicts[3].startswith("a tie")  # 0.9975
     assert verdicts[4] == "holds"
+    # c-BTM's rows (`quickstart --split clusters`) are checked against dense too, at their FLOPs
+    out = findings(
+        res(dense=2.0, cbtm_top1=1.9, cbtm_top2=2.1), res(dense=4.0, cbtm_top2=3.0), {"cbtm_top2": 1.2}
+    )
+    assert [f.split(":")[0] for f in out] == [
+        "c-BTM (discovered clusters, top-1) beats dense in-domain",
+        "c-BTM (discovered clusters, top-2) beats dense in-domain",
+        "c-BTM (top-2) beats dense out-of-domain",
+    ]
+    assert out[1].endswith("does NOT hold here [NOT compute-matched: 1.200x the dense FLOPs]")
 
 
 def test_a_diverged_lr_is_recorded_not_fatal_and_not_retrained(shards_dir, tmp_path, monkeypatch):

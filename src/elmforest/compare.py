@@ -163,6 +163,10 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
         cmp(ood, "ensemble_fixed", "dense", "the fixed cached-prior mixture beats dense out-of-domain")
         cmp(ood, "ensemble_uniform", "dense", "the label-free ensemble beats dense out-of-domain")
     cmp(methods, "random_ensemble", "dense", "experts on random splits do not beat dense", lower=False)
+    for k in (1, 2):  # c-BTM: discovered clusters, the top-k nearest experts per document
+        cmp(methods, f"cbtm_top{k}", "dense", f"c-BTM (discovered clusters, top-{k}) beats dense in-domain")
+        if ood:
+            cmp(ood, f"cbtm_top{k}", "dense", f"c-BTM (top-{k}) beats dense out-of-domain")
     cmp(methods, "average", "average_uniform", "posterior-weighted averaging beats uniform averaging")
     m = {k: v["mean_bpb"] for k, v in methods.items()}
     if "moe_btx" in m:
