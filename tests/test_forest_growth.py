@@ -285,3 +285,22 @@ def test_a_domain_without_held_out_documents_is_said_before_the_seed_trains(
     # --experts N (a number of experts, not domains) has nothing to name: no note, no TypeError traceback
     seed[3] = str(tmp_path / "f2")
     assert main([*seed, "--experts", "2", "--set", "train.steps=2", "--no-progress"]) == 0
+
+
+def test_a_forest_sharing_a_seed_refuses_a_seed_trained_otherwise(forest_dir, tmp_path):
+    """A sweep's expert points are kept by expert LR: rerun with another --dense-lr, they were reported
+    as branched from that LR's seed while every one had grown from the first seed."""
+    from elmforest.forest import btm
+    from elmforest.utils.errors import UserError
+
+    src = Forest.load(forest_dir)
+    btm.share_seed(tmp_path / "x", src, src.names)
+    btm.share_seed(tmp_path / "x", src, src.names)  # a rerun from the same seed
+    other = tmp_path / "other"
+    shutil.copytree(forest_dir, other)
+    m = json.loads((other / "forest.json").read_text())
+    lr = m["seed"]["config"]["optim"]["lr"]
+    m["seed"]["config"]["optim"]["lr"] = 0.5
+    (other / "forest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=f"optim.lr: {lr!r} -> 0.5"):
+        btm.share_seed(tmp_path / "x", Forest.load(other), src.names)

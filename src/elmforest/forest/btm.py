@@ -134,7 +134,17 @@ def share_seed(
     old = Plan(**forest.data["plan"])
     lr = expert_lr if expert_lr is not None else old.expert_lr
     plan = Plan(old.total_steps, old.batch_size, len(domains), old.seed_share, list(domains), lr)
-    if not seed_ready(other):
+    if seed_ready(other):  # a rerun: its experts grew from the seed it holds, which must be this one
+        from elmforest.train.runcheck import config_diff, run_identity
+
+        held, wanted = (RunConfig.from_dict(f.data["seed"]["config"]).to_dict() for f in (other, forest))
+        diff = config_diff(run_identity(held), run_identity(wanted))
+        if diff:  # e.g. a sweep's expert points branched from the dense run at another LR
+            raise UserError(
+                f"{other.root}: its experts grew from a seed trained with other settings than "
+                f"{forest.root}'s ({diff}); use another directory, or delete {other.root} to branch again"
+            )
+    else:
         copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state")
         other.set_seed(
             forest.seed_dir,

@@ -276,7 +276,10 @@ def sweep(
     from elmforest.utils.io import write_json_atomic
 
     grid, expert_grid = _grid(lrs, "--lrs"), _grid(expert_lrs, "--expert-lrs")  # refused before any work
-    groupings = load_groupings(split_list(groups)) if groups else None
+    from elmforest.data.shards import Shards
+
+    held = set(Shards(shards).domains) if groups else set()
+    groupings = load_groupings(split_list(groups), held) if groups else None
     run_cfg = train_args.run_config(shards)
     ex = make_executor(executor, address, cpus_per_job, gpus_per_job, max_retries, workers)
     res = run(

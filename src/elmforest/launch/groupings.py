@@ -18,24 +18,30 @@ from elmforest.forest.trust import NAME, NAME_RULE, RESERVED_NAMES
 from elmforest.utils.errors import UserError
 
 
-def load_grouping(path: str | Path) -> dict[str, list[str]]:
+def load_grouping(path: str | Path, held: set[str] | frozenset = frozenset()) -> dict[str, list[str]]:
     """{expert name: [domains]} from a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`, as
     `elmforest cluster languages` writes it) or a plain {domain: group} map (data/shards.py's domain
-    maps: a domain in two groups or an empty group is refused there)."""
+    maps: a domain in two groups or an empty group is refused there). A language the artifact also
+    knows by the code the user gave (`de` for `deu`) is listed once, as the shards in `held` spell it."""
+    m = load_domain_map(path, role="--groups file")
+    spelled = {c: a for a, c in m.aliases.items() if a in held and c not in held}
     groups: dict[str, list[str]] = {}
-    for d, g in load_domain_map(path, role="--groups file").items():
-        groups.setdefault(g, []).append(d)
+    for d, g in m.items():
+        if d not in m.aliases:
+            groups.setdefault(g, []).append(spelled.get(d, d))
     return groups
 
 
-def load_groupings(paths: list[str | Path]) -> dict[str, dict[str, list[str]]]:
+def load_groupings(
+    paths: list[str | Path], held: set[str] | frozenset = frozenset()
+) -> dict[str, dict[str, list[str]]]:
     """Several grouping files, each labelled by its file name's stem (groups/k4.json -> k4)."""
     out: dict[str, dict[str, list[str]]] = {}
     for p in paths:
         label = Path(p).stem
         if label in out:
             raise UserError(f"two groupings are named {label!r} (their file names): rename one")
-        out[label] = load_grouping(p)
+        out[label] = load_grouping(p, held)
     return out
 
 
@@ -63,7 +69,8 @@ def check_groupings(
     groupings: dict[str, dict[str, list[str]]], domains: list[str] | None, shards: Shards
 ) -> list[str]:
     """Each grouping splits the same domains (`domains`, or the first grouping's) into disjoint, non-empty
-    groups of domains the shards can train and score; returns the domains."""
+    groups of domains the shards can train and score; returns the domains. Each group's domains are put
+    in sorted order: the order its expert mixes them in, whatever the file's."""
     want = sorted(domains) if domains is not None else None
     for label, grouping in groupings.items():
         seen: dict[str, str] = {}
@@ -96,6 +103,8 @@ def check_groupings(
                 + (f"; it leaves out {missing}" if missing else "")
                 + (f"; it adds {extra}" if extra else "")
             )
+        for g in grouping:
+            grouping[g] = sorted(grouping[g])
     return list(domains) if domains is not None else want
 
 

@@ -146,6 +146,12 @@ def sweep(
     groupings = normalize(groups) if groups is not None else None
     if groupings is not None:
         domains = check_groupings(groupings, base.data.domains, shards)
+        left = [d for d in shards.domains if shards.has(d, "train") and d not in domains]
+        if left and log is not None:  # X-ELM's language added later is one: said, not dropped silently
+            log(
+                f"note: {', '.join(left)} in {shards.root} but in no group: neither swept arm trains on or "
+                "scores them"
+            )
     else:
         domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
     for d in domains:
