@@ -451,5 +451,11 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     good = json.loads((qs_dir / "results.json").read_text())
     good["compute"]["methods"]["dense"] = None
     (bad / "results.json").write_text(json.dumps(good))
-    with pytest.raises(UserError, match=r"compute.methods holds something other than FLOPs ratios"):
+    with pytest.raises(UserError, match=r"compute.methods holds something other than numbers"):
+        render_report(bad)
+    good["compute"]["methods"]["dense"] = 1.0
+    d = next(iter(good["methods"]["dense"]["domains"]))
+    good["methods"]["dense"]["domains"][d]["bpb"] = None  # a plot cannot draw it: refused, not a traceback
+    (bad / "results.json").write_text(json.dumps(good))
+    with pytest.raises(UserError, match=rf"methods.dense.domains.{d}.bpb is None, not a number"):
         render_report(bad)

@@ -280,3 +280,45 @@ def test_the_smallest_corpus_is_no_test_of_the_curse_under_a_uniform_mixture():
     assert "deu (0.70 MB)" in line and "not a test of the curse of multilinguality" in line
     line = next(x for x in findings(out, ["deu", "fra"], None, "tokens") if "smallest training corpus" in x)
     assert "predicts the largest gains there; mixture tokens" in line
+
+
+def test_the_report_of_an_xelm_dir_holds_its_tables_runs_and_compute(xelm_run, tmp_path):
+    """`elmforest report` on an X-ELM --out read the demo quickstart's keys only: `preset ?`, no FLOPs
+    rows, no second-round table, no curve of the dense run continued, a k-forest's ledger at 1.75x
+    dense with no word that no arm used it all, and nothing said of a forest dir that was gone."""
+    import shutil
+
+    from test_report import _parse
+
+    from elmforest.clients.report import render_report
+
+    out, res = xelm_run
+    html = render_report(out)
+    page = _parse(html)
+    assert "preset tiny" in html
+    arms = res["compute"]["arms"]
+    header, *rows = page.cells["results-in-domain"]
+    assert header[1:] == list(res["methods"])
+    flops = dict(zip(header[1:], next(r for r in rows if r[0] == "train FLOPs / dense")[1:], strict=True))
+    assert flops["seed"] == "0.500!" and flops["k4_ensemble"] == "1.000"
+    # the second round, its FLOPs against the dense run continued on the new language
+    header, *rows = page.cells["results-added-language-x-elm-s-second-round"]
+    assert header[1:] == list(res["added"])
+    by = {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in rows}
+    assert (
+        by["por"]["k4+nearest_ensemble"]
+        == f"{res['added']['k4+nearest_ensemble']['domains']['por']['bpb']:.4f}"
+    )
+    near = arms["k4+nearest_ensemble"] / arms["dense_continued"]
+    assert by["train FLOPs / dense"]["dense_continued"] == "1.000"
+    assert by["train FLOPs / dense"]["k4+nearest_ensemble"] == f"{near:.3f}" + (
+        "!" if abs(near - 1) > 0.01 else ""
+    )
+    assert "dense-continued" in [r[0] for r in page.cells["runs-other"][1:]]
+    assert "No arm uses all of forest-k4" in html.replace("&#x27;", "'")
+    # a grouping's forest gone: said among what is absent
+    copy = tmp_path / "x"
+    shutil.copytree(
+        out, copy, ignore=shutil.ignore_patterns("forest-k2", "checkpoints", "corpus*", "shards*")
+    )
+    assert f"{copy / 'forest-k2'}: no forest, yet results.json has its rows (k2_*)" in render_report(copy)

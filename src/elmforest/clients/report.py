@@ -17,14 +17,41 @@ import numpy as np
 
 import elmforest
 from elmforest.clients import report_plots as plots
-from elmforest.clients.report_data import Sources, forest_runs, lineage, locate, moe_runs, seed_steps
+from elmforest.clients.report_data import (
+    Sources,
+    forest_runs,
+    lineage,
+    locate,
+    moe_runs,
+    other_runs,
+    seed_steps,
+)
 from elmforest.clients.report_html import absent, bullets, esc, image, page, para, section, slug, table
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark
 from elmforest.forest.manifest import Forest
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, write_text_atomic
 
-SETS = (("in_domain", "methods", "in-domain"), ("ood", "ood_methods", "out-of-domain"))
+SETS = (
+    ("in_domain", "methods", "in-domain"),
+    ("ood", "ood_methods", "out-of-domain"),
+    ("added", "added", "added language (X-ELM's second round)"),
+)
+
+
+def _compute(r: dict, key: str = "methods") -> dict:
+    """results.json's compute as the tables read it: each method's training FLOPs over its dense run's
+    (`methods`) and that run's FLOPs. The X-ELM quickstart records `arms` (FLOPs) and `over_dense`; its
+    added-language arms are set against the dense run continued on the new language, as it prints them."""
+    c = dict(r.get("compute") or {})
+    arms = c.get("arms") if isinstance(c.get("arms"), dict) else {}
+    if key == "added" and arms.get("dense_continued"):
+        base = arms["dense_continued"]
+        return {**c, "methods": {m: v / base for m, v in arms.items()}, "dense_flops": base}
+    c.setdefault("methods", c.get("over_dense") or {})
+    if not c.get("dense_flops") and arms.get("dense"):
+        c["dense_flops"] = arms["dense"]
+    return c
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
@@ -111,9 +138,8 @@ def _overview(src: Sources) -> str:
         body.insert(0, _stale(src, "stale-overview"))
     if r is not None:
         secs = r.get("seconds")
-        body.insert(
-            0, para(f"preset {r.get('preset', '?')}" + (f"; {secs:.0f} s end to end" if secs else ""))
-        )
+        preset = r.get("preset") or (r.get("protocol") or {}).get("preset", "?")  # X-ELM: in its protocol
+        body.insert(0, para(f"preset {preset}" + (f"; {secs:.0f} s end to end" if secs else "")))
         if r.get("findings"):
             body.append("<h3>Findings (as the quickstart states them)</h3>")
             body.append(bullets(r["findings"], "findings"))
@@ -136,20 +162,21 @@ def _stale(src: Sources, sid: str) -> str:
 
 
 def _results(r: dict) -> str:
-    compute = r.get("compute") or {}
     body = []
-    for _, key, label in SETS:
+    for where, key, label in SETS:
         methods = r.get(key)
         if not methods:
-            body.append(para(f"no {label} results in results.json"))
+            if where != "added":  # only the X-ELM quickstart adds a language
+                body.append(para(f"no {label} results in results.json"))
             continue
-        body.append(_results_table(f"results-{slug(label)}", label, methods, compute))
+        against = "the dense run continued on it" if key == "added" else "the dense run"
+        body.append(_results_table(f"results-{slug(label)}", label, methods, _compute(r, key), against))
         png = plots.bars_png(methods, f"{label} bits per byte by domain (lower is better)")
         body.append(image(png, f"{label} bits per byte by domain and method", f"plot-{slug(label)}"))
     return "".join(body)
 
 
-def _results_table(tid: str, label: str, methods: dict, compute: dict) -> str:
+def _results_table(tid: str, label: str, methods: dict, compute: dict, against: str = "the dense run") -> str:
     names = list(methods)
     domains = sorted({d for m in methods.values() for d in m["domains"]})
     rows = [[d, *(methods[m]["domains"].get(d, {}).get("bpb") for m in names)] for d in domains]
@@ -178,7 +205,7 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict) -> str:
             sums.append(["train FLOPs", *(ratios[m] * dense if m in ratios else None for m in names)])
     caption = (
         f"{label} bits per byte (test splits; lower is better; best of each row shaded among the arms "
-        "trained with the dense run's compute: one marked ! used another amount)"
+        f"trained with {against}'s compute: one marked ! used another amount)"
     )
     html = table(tid, caption, ["domain", *names], rows, sums, classes)
     notes = []
@@ -324,6 +351,10 @@ def _curves(src: Sources) -> str:
             )
         )
         body.append(_runs_table(f"runs-{slug(f.root.name)}", f"{f.root.name}: runs", runs))
+    if src.kind == "quickstart" and (runs := other_runs(src.root, src.forests)):
+        body.append("<h3>other runs</h3>")
+        body.append(image(plots.curves_png(runs), "training curves of the other runs", "curves-other"))
+        body.append(_runs_table("runs-other", "other runs", runs))
     runs, gone = moe_runs(src.moes)
     src.absent.extend(gone)
     if runs:
@@ -364,7 +395,8 @@ def _runs_table(tid: str, caption: str, runs: list[dict]) -> str:
 
 def _ledger(src: Sources) -> str:
     body = []
-    compute = (src.results or {}).get("compute") or {}
+    compute = _compute(src.results or {})
+    arms = compute.get("arms")
     for i, f in enumerate(src.forests):
         body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
         total_flops = f.total_flops()
@@ -394,6 +426,13 @@ def _ledger(src: Sources) -> str:
         header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
         cap = f"{f.root.name}: every training phase, counted by what ran"
         body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
+        if arms and dense and total_flops > max(arms.values()) * (1 + FLOPS_TOLERANCE):
+            body.append(  # X-ELM's k-forest holds the added language's expert three ways
+                para(
+                    f"No arm uses all of {f.root.name}'s experts ({total_flops / dense:.3f}x the dense run's "
+                    "FLOPs together): each arm's own training FLOPs are in the table of arms below"
+                )
+            )
         shown = {p.get("name") for p in rows if p.get("phase") == "expert"}
         gone = [r for r in f.data.get("removed", []) if r.get("spent") and r["name"] not in shown]
         if gone:  # opting out discards compute that ran: said, never silently dropped
@@ -408,7 +447,6 @@ def _ledger(src: Sources) -> str:
                     )
                 )
             )
-    arms = compute.get("arms")
     if arms and compute.get("dense_flops"):
         rows = [[a, v, flops_mark(v / compute["dense_flops"])] for a, v in arms.items()]
         body.append(table("arms", "training FLOPs of each arm", ["arm", "FLOPs", "/ dense"], rows))

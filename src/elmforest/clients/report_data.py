@@ -39,8 +39,9 @@ def locate(path: str | Path) -> Sources:
         )
     elif (root / "results.json").is_file() or (root / "forest" / "forest.json").is_file():
         results = _results(root / "results.json")
-        forests, unreadable = [], []
+        forests, unreadable, held = [], [], set()
         for d in _forest_dirs(root):
+            held.add(d.name)
             try:
                 forests.append(Forest.load(d))
             except (ElmforestError, OSError) as e:  # one broken ablation forest must not lose the page
@@ -53,7 +54,13 @@ def locate(path: str | Path) -> Sources:
             )
         if not forests:
             src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
-        elif results is not None:
+        for name, rows in _results_forests(results or {}).items():
+            if name not in held:
+                src.absent.append(
+                    f"{root / name}: no forest, yet results.json has its rows ({rows}): no lineage, curves "
+                    "or ledger for them"
+                )
+        if forests and results is not None:
             src.stale = opted_out_since(root / "results.json", forests[0], results)
     else:
         raise UserError(
@@ -105,9 +112,9 @@ def _shape_problem(r: dict) -> str | None:
     def number(x) -> bool:
         return isinstance(x, int | float) and not isinstance(x, bool)
 
-    for key in ("methods", "ood_methods"):
+    for key in ("methods", "ood_methods", "added"):
         table = r.get(key)
-        if table is None and key == "ood_methods":
+        if table is None and key != "methods":
             continue
         if not isinstance(table, dict):
             return f"'{key}' is not a table"
@@ -118,18 +125,45 @@ def _shape_problem(r: dict) -> str | None:
                 return f"{key}.{m}.domains holds something other than per-domain results"
             if "mean_bpb" not in v:
                 return f"{key}.{m} has no 'mean_bpb'"
+            for d, x in v["domains"].items():
+                if "bpb" in x and not number(x["bpb"]):  # a plot cannot draw a null
+                    return f"{key}.{m}.domains.{d}.bpb is {x['bpb']!r}, not a number"
     compute = r.get("compute")
     if compute is not None:
         if not isinstance(compute, dict):
             return "'compute' is not a table"
-        ratios = compute.get("methods") or {}
-        if not isinstance(ratios, dict) or not all(number(x) for x in ratios.values()):
-            return "compute.methods holds something other than FLOPs ratios"
+        for k in ("methods", "over_dense", "arms"):  # `over_dense`, `arms`: the X-ELM quickstart's
+            ratios = compute.get(k) or {}
+            if not isinstance(ratios, dict) or not all(number(x) for x in ratios.values()):
+                return f"compute.{k} holds something other than numbers"
         if not isinstance(compute.get("ledger", []), list) or not all(
             isinstance(x, dict) for x in compute.get("ledger", [])
         ):
             return "compute.ledger is not a list of rows"
     return None
+
+
+def _results_forests(r: dict) -> dict[str, str]:
+    """The forest dirs beside results.json whose experts some of its rows score: the random-split
+    ablation's, and each X-ELM grouping's (`forest-k<K>`)."""
+    out = {f"forest-k{k}": f"k{k}_*" for k in r.get("groupings") or {}}
+    if "random_ensemble" in (r.get("methods") or {}):
+        out["forest-random"] = "random_ensemble"
+    return out
+
+
+def other_runs(root: Path, forests: list[Forest]) -> list[dict]:
+    """Run dirs directly in a quickstart dir, outside any forest: X-ELM's dense run continued on the
+    language added later (`dense-continued/`)."""
+    inside = {f.root.resolve() for f in forests}
+    return [
+        read_run(d, d.name, "run outside the forests" if d.name != "dense-continued" else ROLE_CONTINUED)
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.resolve() not in inside and (d / "metrics.jsonl").is_file()
+    ]
+
+
+ROLE_CONTINUED = "dense run continued on the added language"
 
 
 def _forest_dirs(root: Path) -> list[Path]:
