@@ -250,3 +250,11 @@ def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, s
     extra = {"code": "g", "legal": "g", "scripture": "g", "xxx": "g"}  # a domain the data does not hold
     build_shards(corpus, tokenizer_dir, tmp_path / "z", domain_map=extra, progress=False)
     assert "the domain map names xxx, which the data does not hold" in capsys.readouterr().err
+
+
+def test_an_inline_domain_map_is_told_to_be_a_file():
+    from elmforest.data.shards import load_domain_map
+    from elmforest.utils.errors import NotFound
+
+    with pytest.raises(NotFound, match="inline JSON is not read: write it to a file"):
+        load_domain_map('{"deu": "g0"}', role="--domain-map")

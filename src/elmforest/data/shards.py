@@ -115,7 +115,7 @@ class BuildReport:
 
 def _relabeller(random_domains: int | None, domain_map: dict[str, str] | None):
     if random_domains and domain_map:
-        raise UserError("random_domains and domain_map both replace the domains: give one")
+        raise UserError("--random-domains and --domain-map both replace the domains: give one")
     if random_domains:
         return lambda doc: random_domain(doc.id, random_domains)
     if not domain_map:
@@ -139,6 +139,8 @@ def load_domain_map(path: str | os.PathLike, role: str = "domain map") -> dict[s
     to the command, for its errors."""
     if not Path(path).is_file():
         what = "a directory, not a JSON file" if Path(path).is_dir() else "no such file"
+        if str(path).lstrip().startswith("{"):
+            what += " (inline JSON is not read: write it to a file and give its path)"
         raise NotFound(f"{role} {path}: {what}")
     m, aliases = read_json(path, unique_keys=True), {}
     if isinstance(m, dict) and isinstance(m.get("groups"), dict):

@@ -248,7 +248,7 @@ def sweep(
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
         if seed_lr is None:
             raise UserError(
-                "the expert arm branches from the best dense run: sweep the dense arm or give dense_lr"
+                "the expert arm branches from the best dense run: sweep the dense arm first or give --dense-lr"
             )
         seed_forest = out / "dense" / _tag(seed_lr)
         trust = base.model.trust_remote_code
