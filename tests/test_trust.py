@@ -335,3 +335,38 @@ def test_fsck_reports_a_damaged_seed(forest, capsys, harm):
     assert rc == 1 and "problem: the seed: " in out and "copy it back from a backup" in out, out
     want = {"truncated_state": "model.safetensors cannot be read", "no_seed": "config.json is missing"}
     assert want.get(harm, "seed_state (its weights and optimizer state) is missing") in out
+
+
+def test_fsck_keeps_the_run_of_an_opted_out_expert_its_owner_trains_again(
+    forest, shards_dir, capsys, monkeypatch
+):
+    """`forest fsck` took the run of `forest expert --force` (the owner training an opted-out expert
+    again) for what the removal had left, and deleted it under the live trainer."""
+    import fcntl
+
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    f = Forest.load(forest)
+    name = f.names[0]
+    domain = f.expert(name)["domains"][0]
+    assert _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)[0] == 0
+    run = forest / "runs" / name
+
+    def cut(cfg, run_dir, progress=True):  # the owner's run, stopped after its first checkpoint
+        (Path(run_dir) / "checkpoints" / "step-00000004").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(btm, "train", cut)
+    with pytest.raises(KeyboardInterrupt):
+        btm.train_expert(
+            Forest.load(forest), Shards(shards_dir), domain, name=name, force=True, progress=False
+        )
+    with open(run / ".trainer.lock", "a") as held:  # still training
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+        assert rc == 0 and (run / "checkpoints").is_dir(), out
+    rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)  # cut: said, still kept
+    assert rc == 1 and "began training it again" in out and (run / "checkpoints").is_dir()
+    assert _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)[0] == 0
+    assert not run.exists() and _run(["forest", "fsck", "--forest", str(forest)], capsys)[0] == 0

@@ -257,6 +257,31 @@ def _seed_saw(forest: Forest, name: str) -> bool:
     return mixed is None or any(d in mixed for d in domains)
 
 
+def mark_retraining(forest: Forest, name: str) -> None:
+    """The owner trains an opted-out expert again (`forest expert --force`): its tombstone says so, so
+    `forest fsck` does not take the new run for what the removal left (a new `forest remove` clears it)."""
+
+    def mark(d):
+        for r in d.get("removed", []):
+            if r["name"] == name and r.get("state") == "done":
+                r["retraining"] = _now()
+
+    forest.update(mark)
+
+
+def _training_now(run: Path) -> bool:
+    """A trainer holds the run's lock (it dies with its process)."""
+    from elmforest.utils.io import held_lock
+
+    if not (run / ".trainer.lock").is_file():
+        return False
+    try:
+        with held_lock(run / ".trainer.lock", "busy"):
+            return False
+    except Failed:
+        return True
+
+
 def pending(forest: Forest) -> list[str]:
     return [r["name"] for r in forest.data.get("removed", []) if r.get("state") == "pending"]
 
@@ -269,6 +294,14 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
         name = r["name"]
         leftover = [p for p in (forest.root / a / name for a in AREAS) if p.is_symlink() or p.exists()]
         if r.get("state") == "done" and not leftover and not _outputs_holding(forest, name):
+            continue
+        if r.get("state") == "done" and r.get("retraining"):  # the owner's new run, live or cut: kept
+            if not _training_now(forest.root / "runs" / name):
+                wrong.append(
+                    f"expert {name}: opted out, and its owner began training it again (forest expert --force, "
+                    f"{r['retraining']}), not finished: run that again to finish it, or `forest remove` "
+                    "it again to delete its run"
+                )
             continue
         try:
             rep = finish_removal(forest, name)
