@@ -370,3 +370,35 @@ def test_fsck_keeps_the_run_of_an_opted_out_expert_its_owner_trains_again(
     assert rc == 1 and "began training it again" in out and (run / "checkpoints").is_dir()
     assert _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)[0] == 0
     assert not run.exists() and _run(["forest", "fsck", "--forest", str(forest)], capsys)[0] == 0
+
+
+def test_removal_deletes_the_copies_a_killed_merge_left_beside_its_output(forest, tmp_path, capsys):
+    """A merge killed while writing leaves its shards in `.OUT.tmp~HOST~PID`, and one killed between the
+    renames of replace_dir its only copy in `.OUT.old~HOST~PID`: `forest remove` said it verified none
+    of the expert was left, and `forest fsck` found no problem."""
+    from elmforest.utils.io import HOST
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a dead process's id
+    f = Forest.load(forest)
+    name = f.names[0]
+    avg = tmp_path / "avg"
+    assert _run(["forest", "average", "--forest", str(forest), "--out", str(avg)], capsys)[0] == 0
+    aside = tmp_path / f".avg.old~{HOST}~{pid}"
+    avg.rename(aside)  # killed between the two renames
+    f.record_output(tmp_path / "moe", "moe", f.names)  # recorded before writing, then killed
+    stage = tmp_path / f".moe.tmp~{HOST}~{pid}"
+    stage.mkdir()
+    (stage / "model-00001.safetensors").write_bytes(b"weights")
+    f.record_output(tmp_path / "live", "moe", f.names)
+    writing = tmp_path / f".live.tmp~{HOST}~{os.getpid()}"  # a merge still running
+    writing.mkdir()
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc != 0 and f"{writing} is being written by a running process" in out
+    assert not stage.exists() and not aside.exists() and not avg.exists()
+    writing.rmdir()
+    rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+    assert rc == 0 and f"finished removing expert {name}" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

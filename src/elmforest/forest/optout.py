@@ -21,7 +21,7 @@ from pathlib import Path
 from elmforest.forest.manifest import Forest, UnknownExpert
 from elmforest.forest.trust import valid_name
 from elmforest.utils.errors import Failed
-from elmforest.utils.io import clean_stale
+from elmforest.utils.io import clean_stale, parse_temp
 
 AREAS = ("experts", "runs", "branches")
 MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
@@ -94,9 +94,7 @@ def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> l
         if name not in o["experts"]:
             continue
         recorded = Path(o["path"])
-        rel = o.get("relative") or _relative_from_marker(recorded)
-        places = [recorded] + ([Path(os.path.normpath(forest.root.resolve() / rel))] if rel else [])
-        for c in dict.fromkeys(places):
+        for c in _places(forest, o):
             if not _marker_lists(c, name):
                 continue
             if _ours(forest, c, recorded):
@@ -108,6 +106,36 @@ def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> l
         mixed = [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
         candidates += [p for p in mixed if _marker_lists(p, name)]
     return candidates
+
+
+def _places(forest: Forest, o: dict) -> list[Path]:
+    """Where a recorded output may be: where it was written, and there relative to the forest."""
+    recorded = Path(o["path"])
+    rel = o.get("relative") or _relative_from_marker(recorded)
+    return list(
+        dict.fromkeys([recorded] + ([Path(os.path.normpath(forest.root.resolve() / rel))] if rel else []))
+    )
+
+
+def _temporaries(forest: Forest, name: str) -> list[Path]:
+    """The staging and set-aside copies (`.OUT.tmp~HOST~PID`, `.OUT.old~HOST~PID`) of every output
+    recorded as holding `name`: a merge killed while writing leaves its shards there."""
+    out = []
+    for c in _output_places(forest, name):
+        try:
+            entries = list(c.parent.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            t = parse_temp(p.name)
+            inner = t and t["name"] and parse_temp(t["name"])
+            if t and (inner["name"] if inner else t["name"]) == c.name:
+                out.append(p)
+    return out
+
+
+def _output_places(forest: Forest, name: str) -> list[Path]:
+    return [c for o in forest.data.get("outputs", []) if name in o["experts"] for c in _places(forest, o)]
 
 
 def _recorded_places_exist(forest: Forest, o: dict) -> bool:
@@ -180,6 +208,14 @@ def _marker_lists(path: Path, name: str) -> bool:
 def finish_removal(forest: Forest, name: str) -> dict:
     """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly."""
     problems, deleted, others = [], [], []
+    for c in _output_places(forest, name):  # a killed merge's stage: deleted; a set-aside copy: put back,
+        clean_stale(c.parent, c.name)  # then found below by its marker
+    live = _temporaries(forest, name)
+    problems += [
+        f"{p} is being written by a running process (a merge of {name}'s weights): stop it, then run "
+        "`forest remove` again"
+        for p in live
+    ]
     places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name, others)
     # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
     # has no marker left to find it by
@@ -293,7 +329,9 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
     for r in forest.data.get("removed", []):
         name = r["name"]
         leftover = [p for p in (forest.root / a / name for a in AREAS) if p.is_symlink() or p.exists()]
-        if r.get("state") == "done" and not leftover and not _outputs_holding(forest, name):
+        if r.get("state") == "done" and not (
+            leftover or _outputs_holding(forest, name) or _temporaries(forest, name)
+        ):
             continue
         if r.get("state") == "done" and r.get("retraining"):  # the owner's new run, live or cut: kept
             if not _training_now(forest.root / "runs" / name):
