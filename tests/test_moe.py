@@ -669,6 +669,12 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     capsys.readouterr()
     assert main(["merge", "moe", "--forest", str(root), "--out", str(ft), "--no-routing"]) == 2
     assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
+    # and so would a fine-tune of another MoE written into it (its ledger row stayed, its training went)
+    assert main([*argv[:5], "1", "--out", str(ft), *argv[8:], "--no-progress"]) == 2
+    assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
+    stamp = (ft / "elmforest_moe.json").stat().st_mtime_ns  # the same run again: kept, not trained again
+    assert main(argv + ["--no-progress"]) == 0 and "already holds this fine-tuning" in capsys.readouterr().out
+    assert (ft / "elmforest_moe.json").stat().st_mtime_ns == stamp
     assert (ft / "train_logs").is_dir()
     # a merge written over an output drops that output's training from the ledger
     f = Forest.load(root)

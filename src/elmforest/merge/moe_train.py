@@ -15,7 +15,7 @@ from pathlib import Path
 
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
-from elmforest.merge.moe import SOURCE_MARKER, export_fingerprint, model_card
+from elmforest.merge.moe import SOURCE_MARKER, check_untrained, export_fingerprint, model_card
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
@@ -168,6 +168,19 @@ def _train_moe(
     for k, v in optim.items():
         setattr(o, k, v)
     cfg = apply_overrides(cfg, list(overrides or []))
+    if out.resolve() != moe_dir.resolve() and (out / "elmforest_moe.json").is_file():
+        held = read_json(out / "elmforest_moe.json").get(kind) or {}
+        asked = {
+            "from_fingerprint": fingerprint,
+            "steps": steps,
+            "lr": cfg.optim.lr,
+            "batch_size": batch_size,
+        }
+        asked |= {"domains": domains, "trainable": cfg.train.trainable}
+        if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
+            print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
+            return out
+        check_untrained(out)  # another training there would be lost, and its ledger row left behind
     # one run per export: re-exporting into the same place must not pick up an older finished run
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = "router-run" if kind == "router_training" else "finetune-run"
