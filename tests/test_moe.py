@@ -472,7 +472,8 @@ def test_transformers4_config_keeps_rope_and_architectures(forest_dir, tmp_path)
 
 
 def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shards_dir, tmp_path):
-    f = Forest.load(forest_dir)
+    shutil.copytree(forest_dir, tmp_path / "f")
+    f = Forest.load(tmp_path / "f")
     out = tmp_path / "moe"
     kw = {"steps": 2, "lr": 1e-2, "overrides": ["train.precision=fp32"], "progress": False}
     export_moe(f, out, MoeSpec(router="random", seed=0))
@@ -482,7 +483,14 @@ def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shard
     assert not list(tmp_path.glob("moe.router-run-*"))  # the scratch run goes once `out` holds the result
     # a new export into the same place (its router trained again: a plain export there is refused)
     export_moe(f, out, MoeSpec(router="random", seed=1), redo=("router_training",))
+    # the run of an export killed while its router trained: never resumable (a rerun writes the merge
+    # anew), a copy of every expert: deleted, and so is its record (as the finished run's)
+    orphan = tmp_path / "moe.router-run-0123456789ab"
+    (orphan / "checkpoints").mkdir(parents=True)
+    f.record_output(orphan, "router-run", f.names)
     train_router(out, shards_dir, **kw)
+    assert not orphan.exists() and not list(tmp_path.glob("moe.router-run-*"))
+    assert [o["kind"] for o in Forest.load(f.root).data["outputs"]] == ["moe"]
     second = AutoModelForCausalLM.from_pretrained(str(out)).model.layers[0].mlp.gate.weight.detach()
     assert json.loads((out / "elmforest_moe.json").read_text())["router_training"]["from_fingerprint"] != run1
     assert not torch.equal(first, second)

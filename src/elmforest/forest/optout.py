@@ -305,7 +305,7 @@ def mark_retraining(forest: Forest, name: str) -> None:
     forest.update(mark)
 
 
-def _training_now(run: Path) -> bool:
+def training_now(run: Path) -> bool:
     """A trainer holds the run's lock (it dies with its process)."""
     from elmforest.utils.io import held_lock
 
@@ -334,7 +334,7 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
         ):
             continue
         if r.get("state") == "done" and r.get("retraining"):  # the owner's new run, live or cut: kept
-            if not _training_now(forest.root / "runs" / name):
+            if not training_now(forest.root / "runs" / name):
                 wrong.append(
                     f"expert {name}: opted out, and its owner began training it again (forest expert --force, "
                     f"{r['retraining']}), not finished: run that again to finish it, or `forest remove` "

@@ -185,6 +185,8 @@ def _train_moe(
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = "router-run" if kind == "router_training" else "finetune-run"
     run_dir = Path(run_dir or out.with_name(f"{out.name}.{tag}-{fingerprint}"))
+    if not keep:
+        _drop_other_runs(out, tag, run_dir, meta)
     _record_copies(meta, run_dir, out, tag)
     summary = train(cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx")
 
@@ -211,7 +213,33 @@ def _train_moe(
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
         _keep_logs(run_dir, out)
         remove_path(run_dir)
+        _forget(meta, run_dir)
     return out
+
+
+def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict) -> None:
+    """A scratch run for `out` made from another export (`merge moe --train-router` killed, then run
+    again: the merge is written anew, so its fingerprint and run name change) can never be resumed, and
+    holds a full copy of the experts and the optimizer state: deleted, unless a trainer still holds it."""
+    import re
+
+    from elmforest.forest.optout import training_now
+
+    pattern = re.compile(rf"{re.escape(out.name)}\.{tag}-[0-9a-f]{{12}}")
+    for d in out.parent.glob(f"{out.name}.{tag}-*"):
+        if d != run_dir and pattern.fullmatch(d.name) and d.is_dir() and not training_now(d):
+            print(
+                f"note: deleting {d}: the scratch run of an earlier export of {out}, which cannot be resumed"
+            )
+            remove_path(d)
+            _forget(meta, d)
+
+
+def _forget(meta: dict, run_dir: Path) -> None:
+    """The forest's record of a scratch run deleted: opting out has nothing there to find."""
+    root = meta.get("forest")
+    if root is not None and (Path(root) / "forest.json").is_file():
+        Forest.load(root).forget_output(run_dir)
 
 
 def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run") -> None:
