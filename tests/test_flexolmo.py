@@ -255,3 +255,10 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, cap
     assert not out.exists() and (tmp_path / "o" / "elmforest_moe.json").is_file()
     assert not by_hand.exists()
     assert json.loads((tmp_path / "o" / "elmforest_moe.json").read_text())["excluded"] == [doms[1]]
+
+
+def test_an_empty_forest_is_said_to_be_empty_not_every_owner_excluded(tmp_path):
+    from elmforest.merge.flexolmo import forest_pairs
+
+    with pytest.raises(UserError, match="no experts \\(FlexOlmo owners\\) to merge"):
+        forest_pairs(Forest.init(tmp_path / "e"))

@@ -243,6 +243,7 @@ def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
     from elmforest.forest import digests
 
     f = _copy(forest_dir, tmp_path)
+    (f.root / digests.CACHE).unlink(missing_ok=True)  # the shared forest's, from tests that scored it
     name = f.names[0]
     reads = []
     real = digests.file_digest
@@ -495,3 +496,26 @@ def test_settings_given_once_the_seed_exists_are_refused_or_passed_on(forest_dir
     m["seed"]["config"]["optim"].pop("schedule")
     (f.root / "forest.json").write_text(json.dumps(m))
     assert btm.seed_overrides(Forest.load(f.root), [f"optim.weight_decay={wd}"]) == []
+
+
+def test_a_byte_flipped_on_disk_is_not_scored_or_merged_without_a_word(forest_dir, tmp_path):
+    """Only `forest fsck` and a resumed `forest train` read the checksums: `eval`, `merge moe` and
+    `forest average` used a same-size corrupted expert as it was."""
+    from elmforest.forest.pool import make_pool
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    assert make_pool(f) is not None  # an intact forest: checked, and cached for the next time
+    name = f.names[-1]
+    w = f.expert_dir(name) / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0x40
+    w.write_bytes(bytes(data))
+    for use in (
+        lambda: make_pool(f),
+        lambda: export_moe(f, tmp_path / "moe", MoeSpec(router="random")),
+        lambda: average(f, str(tmp_path / "avg")),
+    ):
+        with pytest.raises(UserError, match=f"expert {name}: .*checksum mismatch.*forest fsck"):
+            use()
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "avg").exists()

@@ -130,6 +130,7 @@ def average(
     scale: float = 1.0,
     density: float = 0.2,
 ) -> None:
+    from elmforest.forest.pool import check_intact
     from elmforest.merge.average import merge_checkpoints
     from elmforest.merge.methods import NEEDS_BASE
 
@@ -137,6 +138,7 @@ def average(
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts to average")
     refuse_inside_forest(out)
+    check_intact(forest, names)
     if method not in NEEDS_BASE and scale != 1.0:
         raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
     if weights == "uniform":

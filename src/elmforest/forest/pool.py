@@ -134,9 +134,11 @@ class ExpertPool:
 
 
 def check_intact(forest: Forest, names: list[str] | None = None) -> None:
-    """A missing expert folder or file, said before anything reads it (sizes only, no checksums)."""
+    """A missing, resized or changed expert file, said before anything reads it: checksums, read again
+    only for files changed since they last matched (forest/digests.py), so a byte flipped on disk is
+    not scored or merged without a word, and an unchanged forest costs a stat per file."""
     for x in names or forest.names:
-        if problem := forest.intact(x):
+        if problem := forest.intact(x, deep=True, trust_unchanged=True):
             raise UserError(
                 f"expert {x}: {problem}; `elmforest forest fsck --forest {forest.root}` lists what is wrong, "
                 "and `forest expert` restores an expert from its run"

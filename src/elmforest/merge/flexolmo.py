@@ -10,6 +10,7 @@ both experts run on every token, as in the paper's owner training.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -131,9 +132,16 @@ def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
     """(name, checkpoint) of every owner of `forest` trained with `forest expert --branch flexolmo`,
     minus `exclude`; refuses a forest with other experts (they have no public expert to share)."""
     from elmforest.forest.manifest import Forest
+    from elmforest.forest.pool import check_intact
 
     f = forest if isinstance(forest, Forest) else Forest.load(forest)
+    if not f.names:
+        raise UserError(f"{f.root}: no experts (FlexOlmo owners) to merge")
     unknown = sorted(set(exclude) - set(f.names))
+    gone = [n for n in unknown if n in f.removed]
+    if gone:  # already out of every merge, as `merge moe --exclude` says
+        print(f"note: --exclude {gone}: already opted out of {f.root} (forest remove)", file=sys.stderr)
+        unknown = [n for n in unknown if n not in gone]
     if unknown:
         raise UserError(f"{f.root}: no expert(s) {unknown} to exclude; have {f.names}")
     other = [n for n in f.names if f.expert(n).get("branch") != "flexolmo" and n not in exclude]
@@ -145,6 +153,7 @@ def forest_pairs(forest, exclude: list[str] = ()) -> list[tuple[str, Path]]:
     pairs = [(n, f.expert_dir(n)) for n in f.names if n not in exclude]
     if not pairs:
         raise UserError(f"{f.root}: every owner excluded; nothing to merge")
+    check_intact(f, [n for n, _ in pairs])
     return pairs
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from elmforest.forest.manifest import Forest
+from elmforest.forest.pool import check_intact
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
 from elmforest.merge.methods import linear
@@ -164,6 +165,7 @@ def export_moe(
             f"{forest.root}: expert(s) {owners} are FlexOlmo owners (2-expert MoEs); merge them with "
             "`elmforest merge flexolmo --forest`"
         )
+    check_intact(forest, names)
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))
