@@ -45,6 +45,8 @@ def test_the_pair_is_the_seed_and_an_owner_trains_only_its_expert(forest_dir, sh
             rtol=1e-5,
             atol=1e-5,
         )
+    with pytest.raises(UserError, match="is already a mixture of experts \\(mixtral\\)"):
+        public_pair(pair, tmp_path / "pair2")  # an MoE as the seed: said so, not "cannot merge"
 
     domain = Shards(shards_dir).domains[1]
     cfg = tiny_config(shards_dir, steps=4, batch_size=4, ckpt_every=0)

@@ -35,6 +35,13 @@ def public_pair(seed_dir: str | Path, out: str | Path, rows: torch.Tensor | None
 
     seed_dir = resolve_model_dir(seed_dir)
     dense = read_json(seed_dir / "config.json")
+    from elmforest.merge.moe_formats import FORMATS
+
+    if dense.get("model_type") in {f.model_type for f in FORMATS.values()}:
+        raise UserError(
+            f"{seed_dir} is already a mixture of experts ({dense['model_type']}); the FlexOlmo pair is made from "
+            "the dense seed (forest seed, or the checkpoint it was branched from)"
+        )
     fmt = format_for(dense)
     cfg = fmt.config(dense, 2, 2)
     L, H = cfg["num_hidden_layers"], cfg["hidden_size"]

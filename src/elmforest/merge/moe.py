@@ -169,6 +169,11 @@ def export_moe(
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))
+    if top_k < spec.top_k:  # said, not only seen in the last line's "top-N"
+        print(
+            f"note: --top-k {spec.top_k} > {len(names)} experts: every token uses all {top_k}",
+            file=sys.stderr,
+        )
     fmt = format_for(dense)
     cfg = fmt.config(dense, len(names), top_k)
     base_dir = None

@@ -38,7 +38,8 @@ def routing_stats(
 ) -> dict:
     """{"layers", "experts", "top_k", "domains": {d: {"load": [[per expert] per layer], "load_mean",
     "entropy" (nats, mean over tokens and layers), "entropy_norm" (/ ln E), "top1_own" (share of
-    tokens whose top-1 expert was trained on d; None when no expert was), "tokens"}}, "top1_own_mean"}.
+    tokens whose top-1 expert was trained on d; None when no expert was), "own" (those experts'
+    indices), "tokens"}}, "top1_own_mean"}.
 
     `experts`: elmforest_moe.json's list (index, name, domains). `tokens` per domain, in windows spread
     evenly over its split."""
@@ -92,6 +93,7 @@ def routing_stats(
                 "entropy": ent,
                 "entropy_norm": ent / math.log(E) if E > 1 else 0.0,
                 "top1_own": sum(state["own"]) / (n * L) if own[d] else None,
+                "own": own[d],  # the experts trained on d, by index (a name need not be its domain's)
                 "tokens": n,
             }
     finally:
@@ -132,12 +134,13 @@ def plot_load(stats: dict, path: Path) -> None:
                 fontsize=7,
                 color="w" if m[i][j] < 0.6 else "k",
             )
-            if stats["experts"][j] == d:
+            mine = stats["domains"][d].get("own")  # routing.json from before it was recorded: by name
+            if (j in mine) if mine is not None else stats["experts"][j] == d:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     ax.set_xticks(range(E), stats["experts"], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(doms)), doms, fontsize=8)
     ax.set_title(
-        f"expert load per domain (top-{stats['top_k']}, mean over {stats['layers']} layers)", fontsize=9
+        f"expert load per domain\n(top-{stats['top_k']}, mean over {stats['layers']} layers)", fontsize=9
     )
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
