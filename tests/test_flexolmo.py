@@ -5,6 +5,7 @@ everything outside the MLPs stay bit-identical, checked against a brute-force 2-
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import ExitStack
 
 import numpy as np
@@ -128,6 +129,12 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
     merged = merge_pairs(owners, tmp_path / "merged", top_k=2)
     moe = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     assert moe.config.num_local_experts == 3
+    # the card says what was merged: no forest ("from `None`"), each owner's trained rows, its tokens
+    card = (merged / "README.md").read_text()
+    assert "from the owners' pairs given one by one" in card and "None" not in card
+    assert "each owner's row as its owner trained it" in card and "domain embeddings" in card
+    meta = json.loads((merged / "elmforest_moe.json").read_text())
+    assert [e["tokens"] for e in meta["experts"]] == [None, 3 * 4 * 64, 3 * 4 * 64]
     ref = copy.deepcopy(seed)
     with ExitStack() as st:
         ws = [LazyWeights(o, st) for _, o in owners]

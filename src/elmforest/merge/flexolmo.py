@@ -305,9 +305,24 @@ def _write_moe_card(
         run = d / "elmforest_run.json"
         return list((read_json(run).get("data") or {}).get("domains") or []) if run.is_file() else []
 
+    def tokens_of(n: str, d: Path) -> int | None:
+        """The owner's training tokens: its forest's record, else its run's summary.json (a run's
+        model/ sits inside the run directory)."""
+        f = Path(forest) if forest is not None else None
+        if f is not None and (f / "forest.json").is_file():
+            from elmforest.forest.manifest import Forest
+
+            held = Forest.load(f)
+            if known_as.get(n, n) in held.names:
+                return held.expert(known_as.get(n, n)).get("tokens")
+        for s in (d / "summary.json", d.parent / "summary.json"):
+            if s.is_file() and isinstance(t := read_json(s).get("tokens"), int):
+                return t
+        return None
+
     experts = [{"index": 0, "name": "public", "domains": [], "tokens": None}]
     experts += [
-        {"index": i, "name": n, "domains": domains_of(d), "tokens": None}
+        {"index": i, "name": n, "domains": domains_of(d), "tokens": tokens_of(n, d)}
         | ({"forest_name": known_as[n]} if n in known_as else {})  # what opting it out calls it
         for i, (n, d) in enumerate(zip(names, dirs, strict=True), 1)
     ]
@@ -319,14 +334,16 @@ def _write_moe_card(
         "opted_out": removed,
         "shared": "seed",
         "shared_from": str(dirs[0]),
-        "spec": {"router": "domain-embeddings", "center": False},
+        "spec": {"router": "owner-rows", "center": False},
         "top_k": cfg["num_experts_per_tok"],
         "near_parallel_router_rows": [],
         "dense_model_type": None,
         "moe_model_type": cfg["model_type"],
     }
     write_json_atomic(tmp / "elmforest_moe.json", meta)
+    made = f"from `{meta['forest']}`" if forest is not None else "from the owners' pairs given one by one"
     card = model_card(meta).replace(
-        "Made by `elmforest merge moe`", "Made by `elmforest merge flexolmo` (no training)"
+        f"Made by `elmforest merge moe` from `{meta['forest']}`",
+        f"Made by `elmforest merge flexolmo` (no training) {made}",
     )
     write_text_atomic(tmp / "README.md", card)

@@ -306,6 +306,9 @@ def model_card(meta: dict) -> str:
         "hidden-states": "the normalised mean hidden state entering each layer's MLP, computed by one common "
         "dense model on a sample of each expert's training data (mergekit-moe's hidden-state gates)",
         "random": "random N(0, 0.02²) rows (no routing signal; train the router before use)",
+        "owner-rows": "the public row of the pair every owner started from, and each owner's row as its owner "
+        "trained it (FlexOlmo; `forest expert --branch flexolmo` starts both from domain embeddings, "
+        "`merge flexolmo-pair` from zeros)",
     }[meta["spec"]["router"]]
     if meta["spec"]["center"] and meta["spec"]["router"] != "random":
         router += ", centred over the experts before normalising"
