@@ -682,8 +682,14 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert main([*argv[:5], "1", "--out", str(ft), *argv[8:], "--no-progress"]) == 2
     assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
     stamp = (ft / "elmforest_moe.json").stat().st_mtime_ns  # the same run again: kept, not trained again
-    assert main(argv + ["--no-progress"]) == 0 and "already holds this fine-tuning" in capsys.readouterr().out
+    assert main(argv + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already holds this fine-tuning" in out and "fine-tuned for" not in out
     assert (ft / "elmforest_moe.json").stat().st_mtime_ns == stamp
+    # with any other setting (a loss weight, a --set) it is not the same run: refused, not kept
+    for other in (["--aux-loss", "0.5"], ["--set", "optim.weight_decay=0.3"]):
+        assert main(argv + other + ["--no-progress"]) == 2
+        assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
     assert (ft / "train_logs").is_dir()
     # a merge written over an output drops that output's training from the ledger
     f = Forest.load(root)

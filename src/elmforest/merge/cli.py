@@ -236,12 +236,15 @@ def finetune(
 ) -> None:
     """BTX: fine-tune a merged MoE on a uniform mix of its experts' domains with the load-balancing
     loss, as a resumable run; its FLOPs are recorded in the forest's ledger."""
+    import time
+
     from elmforest.forest.manifest import Forest
     from elmforest.merge.moe_train import finetune_moe
     from elmforest.utils.io import read_json
 
     if aux_loss < 0 or z_loss < 0:
         raise UserError("--aux-loss and --z-loss must be >= 0")
+    started = time.time()
     src = Path(model)
     if shards is None:
         run = src / "elmforest_run.json"
@@ -264,6 +267,8 @@ def finetune(
     )
     meta = read_json(path / "elmforest_moe.json")
     ft = meta["finetuning"]
+    if ft.get("finished", 0) < started:  # kept: fine-tuned before, as asked (said by finetune_moe)
+        return
     root = Path(meta.get("forest") or "")
     if (root / "forest.json").is_file():  # the ledger counts what ran after the merge too
         Forest.load(root).record_phase(

@@ -11,6 +11,7 @@ recorded so the forest's ledger can count them.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from elmforest.forest.manifest import Forest
@@ -168,15 +169,10 @@ def _train_moe(
     for k, v in optim.items():
         setattr(o, k, v)
     cfg = apply_overrides(cfg, list(overrides or []))
+    digest = _config_digest(cfg)
     if out.resolve() != moe_dir.resolve() and (out / "elmforest_moe.json").is_file():
         held = read_json(out / "elmforest_moe.json").get(kind) or {}
-        asked = {
-            "from_fingerprint": fingerprint,
-            "steps": steps,
-            "lr": cfg.optim.lr,
-            "batch_size": batch_size,
-        }
-        asked |= {"domains": domains, "trainable": cfg.train.trainable}
+        asked = {"from_fingerprint": fingerprint, "config_digest": digest, "data": str(sh.root)}
         if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
             return out
@@ -204,6 +200,8 @@ def _train_moe(
         "run": str(run_dir) if keep else None,  # kept only where the caller asked for it
         "from": str(moe_dir),
         "from_fingerprint": fingerprint,
+        "config_digest": digest,  # every setting that shapes the result (a rerun of the same is kept)
+        "finished": time.time(),
     }
     if meta.get(kind):  # trained this way before (a fine-tuned MoE fine-tuned again): kept, not hidden
         record["previous"] = meta[kind]
@@ -215,6 +213,16 @@ def _train_moe(
         remove_path(run_dir)
         _forget(meta, run_dir)
     return out
+
+
+def _config_digest(cfg) -> str:
+    import hashlib
+    import json
+
+    from elmforest.train.runcheck import run_identity
+
+    text = json.dumps(run_identity(cfg.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict) -> None:
