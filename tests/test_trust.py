@@ -402,3 +402,43 @@ def test_removal_deletes_the_copies_a_killed_merge_left_beside_its_output(forest
     rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
     assert rc == 0 and f"finished removing expert {name}" in out
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_merge_copy_from_another_host_is_named_and_a_pending_removal_keeps_the_owners_new_run(
+    forest, shards_dir, capsys, monkeypatch
+):
+    """A killed merge's copy left by a process on another machine (a shared file system) was said to be
+    "written by a running process"; and with the removal pending, `forest fsck` deleted the run of the
+    owner training the expert again (`forest expert --force`) under its live trainer."""
+    import fcntl
+
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    f = Forest.load(forest)
+    name = f.names[0]
+    domain = f.expert(name)["domains"][0]
+    f.record_output(forest.parent / "moe", "moe", f.names)
+    foreign = forest.parent / ".moe.tmp~node-a~4242"
+    foreign.mkdir()
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert (
+        rc != 0 and "left by a merge on host node-a (process 4242), which cannot be checked from here" in out
+    )
+    assert foreign.is_dir() and Forest.load(forest).data["removed"][-1]["state"] == "pending"
+    run = forest / "runs" / name
+
+    def cut(cfg, run_dir, progress=True):
+        (Path(run_dir) / "checkpoints" / "step-00000004").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(btm, "train", cut)
+    with pytest.raises(KeyboardInterrupt):
+        btm.train_expert(
+            Forest.load(forest), Shards(shards_dir), domain, name=name, force=True, progress=False
+        )
+    foreign.rmdir()  # its owner deleted it
+    with open(run / ".trainer.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+        assert rc == 0 and f"finished removing expert {name}" in out and (run / "checkpoints").is_dir(), out

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from elmforest.forest.manifest import Forest, UnknownExpert
 from elmforest.forest.trust import valid_name
+from elmforest.train.runlock import LOCK, training_now
 from elmforest.utils.errors import Failed
-from elmforest.utils.io import clean_stale, parse_temp
+from elmforest.utils.io import HOST, clean_stale, parse_temp
 
 AREAS = ("experts", "runs", "branches")
 MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
@@ -42,7 +43,7 @@ def remove_expert(forest: Forest, name: str) -> dict:
     busy = (
         f"{run} is training now (its trainer holds the run's lock): stop it, then run `forest remove` again"
     )
-    with held_lock(run / ".trainer.lock", busy):
+    with held_lock(run / LOCK, busy):
         return _remove(forest, name, unfinished)
 
 
@@ -79,7 +80,7 @@ def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
         d["removed"].append({**record, "spent": spent})
 
     forest.update(tombstone)  # manifest first: from here on the expert is out, whatever happens next
-    return finish_removal(forest, name)
+    return finish_removal(forest, name, run_locked_here=unfinished)
 
 
 def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
@@ -205,18 +206,27 @@ def _marker_lists(path: Path, name: str) -> bool:
     return False
 
 
-def finish_removal(forest: Forest, name: str) -> dict:
-    """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly."""
+def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> dict:
+    """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly.
+    `run_locked_here`: the caller holds the run's trainer lock (no trainer can be on it)."""
     problems, deleted, others = [], [], []
     for c in _output_places(forest, name):  # a killed merge's stage: deleted; a set-aside copy: put back,
         clean_stale(c.parent, c.name)  # then found below by its marker
-    live = _temporaries(forest, name)
-    problems += [
-        f"{p} is being written by a running process (a merge of {name}'s weights): stop it, then run "
-        "`forest remove` again"
-        for p in live
-    ]
-    places = [forest.root / area / name for area in AREAS] + _outputs_holding(forest, name, others)
+    for p in _temporaries(forest, name):
+        t = parse_temp(p.name)
+        problems.append(
+            f"{p} is being written by a running process (a merge of {name}'s weights): stop it, then run "
+            "`forest remove` again"
+            if t["host"] == HOST
+            else f"{p} holds a copy of {name}'s weights left by a merge on host {t['host']} (process "
+            f"{t['pid']}), which cannot be checked from here: once no merge runs there, delete it, then "
+            "run `forest remove` again"
+        )
+    tomb = next((r for r in forest.data.get("removed", []) if r["name"] == name), {})
+    run = forest.root / "runs" / name  # the owner's own, if it trains the expert again (--force)
+    owners = tomb.get("retraining") or (not run_locked_here and training_now(run))
+    areas = [a for a in AREAS if a != "runs" or not owners]
+    places = [forest.root / area / name for area in areas] + _outputs_holding(forest, name, others)
     # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
     # has no marker left to find it by
     held = {str(p.resolve()) for p in places} | {
@@ -299,23 +309,10 @@ def mark_retraining(forest: Forest, name: str) -> None:
 
     def mark(d):
         for r in d.get("removed", []):
-            if r["name"] == name and r.get("state") == "done":
+            if r["name"] == name:
                 r["retraining"] = _now()
 
     forest.update(mark)
-
-
-def training_now(run: Path) -> bool:
-    """A trainer holds the run's lock (it dies with its process)."""
-    from elmforest.utils.io import held_lock
-
-    if not (run / ".trainer.lock").is_file():
-        return False
-    try:
-        with held_lock(run / ".trainer.lock", "busy"):
-            return False
-    except Failed:
-        return True
 
 
 def pending(forest: Forest) -> list[str]:

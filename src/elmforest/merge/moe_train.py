@@ -231,7 +231,7 @@ def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict) -> None:
     holds a full copy of the experts and the optimizer state: deleted, unless a trainer still holds it."""
     import re
 
-    from elmforest.forest.optout import training_now
+    from elmforest.train.runlock import training_now
 
     pattern = re.compile(rf"{re.escape(out.name)}\.{tag}-[0-9a-f]{{12}}")
     for d in out.parent.glob(f"{out.name}.{tag}-*"):

@@ -407,7 +407,9 @@ class Trainer:
         is refused instead of interleaving checkpoints. The lock dies with the process."""
         import fcntl
 
-        self._lock = open(self.run_dir / ".trainer.lock", "a")
+        from elmforest.train.runlock import LOCK
+
+        self._lock = open(self.run_dir / LOCK, "a")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
