@@ -519,3 +519,28 @@ def test_a_byte_flipped_on_disk_is_not_scored_or_merged_without_a_word(forest_di
         with pytest.raises(UserError, match=f"expert {name}: .*checksum mismatch.*forest fsck"):
             use()
     assert not (tmp_path / "moe").exists() and not (tmp_path / "avg").exists()
+
+
+def test_a_forest_whose_cache_cannot_be_written_is_hashed_once_per_process(forest_dir, tmp_path, monkeypatch):
+    """eval, merges and averages check the checksums: on a read-only forest (another user's) every
+    call read every expert's bytes again, as the cache of what matched could not be saved."""
+    from elmforest.forest import digests
+    from elmforest.forest.pool import check_intact
+
+    f = _copy(forest_dir, tmp_path)
+    (f.root / digests.CACHE).unlink(missing_ok=True)
+    reads = []
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(digests, "RACY_NS", -(10**12))  # as if the copy were old
+
+    def refuse(*a, **k):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(digests, "write_json_atomic", refuse)
+    check_intact(f)
+    files = len(reads)
+    assert files >= len(f.names)
+    check_intact(f)
+    check_intact(f)
+    assert len(reads) == files and not (f.root / digests.CACHE).exists()

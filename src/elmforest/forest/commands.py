@@ -138,25 +138,24 @@ def average(
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts to average")
     refuse_inside_forest(out)
-    check_intact(forest, names)
     if method not in NEEDS_BASE and scale != 1.0:
         raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
+    if method in NEEDS_BASE and forest.seed_dir is None:
+        raise UserError(f"--method {method} merges updates relative to the seed; {forest.root} has none")
+    if weights == "posterior" and not (data and domain):
+        raise UserError("--weights posterior needs --data (shards) and --domain")
+    ws = explicit_weights(weights, names) if weights not in ("uniform", "posterior") else None
+    check_intact(forest, names)  # after the cheap checks: it may read every expert's bytes
     if weights == "uniform":
         ws = [1.0] * len(names)
     elif weights == "posterior":
-        if not (data and domain):
-            raise UserError("--weights posterior needs --data (shards) and --domain")
         from elmforest.data.shards import Shards
         from elmforest.forest.btm import branch_weights
 
         w = branch_weights(forest, Shards(data), domain, prior_batches)
         ws = [w[n] for n in names]
-    else:
-        ws = explicit_weights(weights, names)
     params, base = {}, None
     if method in NEEDS_BASE:
-        if forest.seed_dir is None:
-            raise UserError(f"--method {method} merges updates relative to the seed; {forest.root} has none")
         base, params["scale"] = forest.seed_dir, scale
         if method == "ties":
             params["density"] = density

@@ -39,6 +39,9 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+_VERIFIED: dict[str, dict] = {}  # this process's own matches: a read-only forest's cache cannot be written
+
+
 class DigestCheck:
     """One pass of checksum checks over a forest's files (`matches`), then `save`."""
 
@@ -51,15 +54,17 @@ class DigestCheck:
     def matches(self, rel: str, f: Path, sha256: str) -> bool:
         """Whether `f` (`rel` to the forest's root) has the checksum `sha256`."""
         st = f.stat()
-        if self.trust and self.cache.get(rel) == {"stat": _stat_key(st), "sha256": sha256}:
+        entry, where = {"stat": _stat_key(st), "sha256": sha256}, str(f.resolve())
+        if self.trust and entry in (self.cache.get(rel), _VERIFIED.get(where)):
             return True
         if file_digest(f)["sha256"] != sha256:
             self.changes[rel] = None
+            _VERIFIED.pop(where, None)
             return False
         after = f.stat()
         newest = max(after.st_mtime_ns, after.st_ctime_ns)
         if _stat_key(after) == _stat_key(st) and time.time_ns() - newest > RACY_NS:
-            self.changes[rel] = {"stat": _stat_key(after), "sha256": sha256}
+            self.changes[rel] = _VERIFIED[where] = {"stat": _stat_key(after), "sha256": sha256}
         return True
 
     def save(self) -> None:

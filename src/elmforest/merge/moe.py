@@ -165,7 +165,9 @@ def export_moe(
             f"{forest.root}: expert(s) {owners} are FlexOlmo owners (2-expert MoEs); merge them with "
             "`elmforest merge flexolmo --forest`"
         )
-    check_intact(forest, names)
+    if spec.shared == "seed" and forest.seed_dir is None:
+        raise UserError(f"{forest.root}: --shared seed needs a seed, and this forest has none")
+    check_intact(forest, names)  # after the cheap checks: it may read every expert's bytes
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
     top_k = min(spec.top_k, len(names))
@@ -178,8 +180,6 @@ def export_moe(
     cfg = fmt.config(dense, len(names), top_k)
     base_dir = None
     if spec.shared == "seed":
-        if forest.seed_dir is None:
-            raise UserError(f"{forest.root}: --shared seed needs a seed, and this forest has none")
         base_dir = resolve_model_dir(forest.seed_dir)
         check_same_architecture([dirs[0], base_dir], [names[0], "seed"])
 
