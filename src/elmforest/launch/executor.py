@@ -159,8 +159,9 @@ class RayExecutor:
         try:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
-            else:
+            else:  # an instance of our own, also where a cluster already runs (`ray start`): --address joins one
                 ray.init(
+                    address="local",
                     num_cpus=self.num_cpus,
                     include_dashboard=False,
                     log_to_driver=False,
