@@ -247,6 +247,8 @@ def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, cap
     owners = [f"owner{i}={f.expert_dir(d)}" for i, d in enumerate(doms)]  # the user's names, not the forest's
     assert main(["merge", "flexolmo", "--owner", owners[0], "--owner", owners[1], "--out", str(by_hand)]) == 0
     capsys.readouterr()
+    tokens = [e["tokens"] for e in json.loads((by_hand / "elmforest_moe.json").read_text())["experts"]]
+    assert tokens == [None, *(f.expert(d)["tokens"] for d in doms)]  # from the forest they were found in
     for bad, message in (
         ([f"public={f.expert_dir(doms[0])}"], "'public' is the public expert's"),
         ([owners[0], f"again={f.expert_dir(doms[0])}"], "are the same checkpoint"),

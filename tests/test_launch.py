@@ -287,8 +287,10 @@ def test_progress_prints_a_line_once_on_the_terminal_and_every_time_in_its_log(t
     (b / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 2.0, "tokens_per_s": 10.0}) + "\n")
     mon.report()
     mon.report()
+    (b / "metrics.jsonl").unlink()  # started over (a retried job): its waiting line is news again
+    mon.report()
     mon._out.flush()
     out = capfd.readouterr().out
-    assert out.count(" done") == 1 and out.count(" waiting") == 1 and out.count("step 5/400") == 1
+    assert out.count(" done") == 1 and out.count(" waiting") == 2 and out.count("step 5/400") == 1
     log = (tmp_path / "progress.log").read_text()
-    assert log.count(" done") == 3 and log.count("step 5/400") == 2
+    assert log.count(" done") == 4 and log.count("step 5/400") == 2

@@ -459,3 +459,17 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     (bad / "results.json").write_text(json.dumps(good))
     with pytest.raises(UserError, match=rf"methods.dense.domains.{d}.bpb is None, not a number"):
         render_report(bad)
+
+
+def test_a_forest_whose_rows_are_in_the_results_but_whose_dir_is_gone_is_said(qs_dir, tmp_path):
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    r = json.loads((qs / "results.json").read_text())
+    r["methods"]["cbtm_top1"] = r["methods"]["ensemble"]  # as `quickstart --split clusters` adds it
+    (qs / "results.json").write_text(json.dumps(r))
+    assert (
+        f"{qs / 'forest-clusters-K'}: no forest, yet results.json has its rows (cbtm_top*)"
+        in render_report(qs)
+    )
+    shutil.copytree(qs / "forest", qs / "forest-clusters-4-lr-0.01")
+    assert "no forest, yet" not in render_report(qs)

@@ -54,11 +54,11 @@ def locate(path: str | Path) -> Sources:
             )
         if not forests:
             src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
-        for name, rows in _results_forests(results or {}).items():
-            if name not in held:
+        for name, rows in _results_forests(results or {}):
+            if not any(h == name or (name.endswith("-") and h.startswith(name)) for h in held):
                 src.absent.append(
-                    f"{root / name}: no forest, yet results.json has its rows ({rows}): no lineage, curves "
-                    "or ledger for them"
+                    f"{root / name}{'K' if name.endswith('-') else ''}: no forest, yet results.json has its "
+                    f"rows ({rows}): no lineage, curves or ledger for them"
                 )
         if forests and results is not None:
             src.stale = opted_out_since(root / "results.json", forests[0], results)
@@ -143,12 +143,13 @@ def _shape_problem(r: dict) -> str | None:
     return None
 
 
-def _results_forests(r: dict) -> dict[str, str]:
-    """The forest dirs beside results.json whose experts some of its rows score: the random-split
-    ablation's, and each X-ELM grouping's (`forest-k<K>`)."""
-    out = {f"forest-k{k}": f"k{k}_*" for k in r.get("groupings") or {}}
-    if "random_ensemble" in (r.get("methods") or {}):
-        out["forest-random"] = "random_ensemble"
+def _results_forests(r: dict) -> list[tuple[str, str]]:
+    """(forest dir name, the rows that score its experts) beside results.json: the random-split
+    ablation's, c-BTM's (`forest-clusters-K...`: a name that starts so) and each X-ELM grouping's."""
+    methods = r.get("methods") or {}
+    out = [(f"forest-k{k}", f"k{k}_*") for k in r.get("groupings") or {}]
+    out += [("forest-random", "random_ensemble")] if "random_ensemble" in methods else []
+    out += [("forest-clusters-", "cbtm_top*")] if any(m.startswith("cbtm_top") for m in methods) else []
     return out
 
 

@@ -62,24 +62,25 @@ class ProgressMonitor:
         # the terminal as it is now: jobs in this process may point fds 1 and 2 at their logs
         self._out = os.fdopen(os.dup(1), "w", buffering=1) if echo else None
         self._before = {n: last_metrics(d / "metrics.jsonl") for n, d in runs.items()}
-        self._shown: set[str] = set()  # lines already on the terminal
+        self._shown: dict[str, str] = {}  # each job's (or the count's) line last put on the terminal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def report(self) -> list[str]:
-        lines = [progress_line(n, d, self.total, self._before[n]) for n, d in self.runs.items()]
-        if len(lines) > 12:  # many jobs (a sweep): the running ones, and a count of the others
-            done = sum(ln.endswith(" done") for ln in lines)
-            waiting = sum(" waiting" in ln for ln in lines)
-            lines = [ln for ln in lines if not (ln.endswith(" done") or " waiting" in ln)]
-            lines.append(f"{len(self.runs)} jobs: {done} done, {len(lines)} running, {waiting} waiting")
+        keyed = {n: progress_line(n, d, self.total, self._before[n]) for n, d in self.runs.items()}
+        if len(keyed) > 12:  # many jobs (a sweep): the running ones, and a count of the others
+            done = sum(ln.endswith(" done") for ln in keyed.values())
+            waiting = sum(" waiting" in ln for ln in keyed.values())
+            keyed = {n: ln for n, ln in keyed.items() if not (ln.endswith(" done") or " waiting" in ln)}
+            keyed[""] = f"{len(self.runs)} jobs: {done} done, {len(keyed)} running, {waiting} waiting"
+        lines = list(keyed.values())
         stamp = time.strftime("%H:%M:%S")
         with open(self.log_file, "a") as f:
             for line in lines:
                 f.write(f"{stamp} {line}\n")
-        if self._out is not None:  # the terminal: a line once, not every job's `done` every 10 s
-            new = [ln for ln in lines if ln not in self._shown]
-            self._shown.update(new)
+        if self._out is not None:  # the terminal: a job's line when it changed, not its `done` every 10 s
+            new = [ln for n, ln in keyed.items() if self._shown.get(n) != ln]
+            self._shown.update(keyed)
             self._out.write("".join(f"{stamp} {line}\n" for line in new))
         return lines
 

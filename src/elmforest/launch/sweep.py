@@ -147,7 +147,9 @@ def sweep(
     if groupings is not None:
         domains = check_groupings(groupings, base.data.domains, shards)
         left = [d for d in shards.domains if shards.has(d, "train") and d not in domains]
-        if left and log is not None:  # X-ELM's language added later is one: said, not dropped silently
+        if (
+            left and log is not None and base.data.domains is None
+        ):  # not those data.domains leaves out  # X-ELM's language added later is one: said, not dropped silently
             log(
                 f"note: {', '.join(left)} in {shards.root} but in no group: neither swept arm trains on or "
                 "scores them"

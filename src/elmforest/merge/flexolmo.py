@@ -306,16 +306,19 @@ def _write_moe_card(
         return list((read_json(run).get("data") or {}).get("domains") or []) if run.is_file() else []
 
     def tokens_of(n: str, d: Path) -> int | None:
-        """The owner's training tokens: its forest's record, else its run's summary.json (a run's
-        model/ sits inside the run directory)."""
-        f = Path(forest) if forest is not None else None
-        if f is not None and (f / "forest.json").is_file():
-            from elmforest.forest.manifest import Forest
+        """The owner's training tokens: the record of the forest holding it (given, or found above a
+        pair given by --owner), else its run's summary.json (`elmforest train --out RUN` writes the
+        model to RUN/model)."""
+        from elmforest.forest.manifest import Forest
 
-            held = Forest.load(f)
-            if known_as.get(n, n) in held.names:
-                return held.expert(known_as.get(n, n)).get("tokens")
-        for s in (d / "summary.json", d.parent / "summary.json"):
+        above = next((p for p in Path(d).resolve().parents if (p / "forest.json").is_file()), None)
+        for root in (Path(forest) if forest is not None else None, above):
+            if root is not None and (root / "forest.json").is_file():
+                held = Forest.load(root)
+                if known_as.get(n, n) in held.names:
+                    return held.expert(known_as.get(n, n)).get("tokens")
+        runs = [d / "summary.json"] + ([d.parent / "summary.json"] if d.name == "model" else [])
+        for s in runs:
             if s.is_file() and isinstance(t := read_json(s).get("tokens"), int):
                 return t
         return None
