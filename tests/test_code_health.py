@@ -22,6 +22,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.model import presets
 from elmforest.train.trainer import train
 from elmforest.utils.errors import UserError
+from elmforest.utils.proc import wait_for
 
 
 def test_the_run_config_names_the_whole_model_and_a_changed_preset_is_refused(
@@ -143,6 +144,32 @@ def test_a_tied_child_dies_with_its_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
+    assert_all_die(kids)
+
+
+def test_a_rank_started_by_torchrun_dies_with_it(tmp_path):
+    """A SIGKILLed torchrun left its ranks training on, orphaned, into the run directory."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys, time
+        rank = (
+            "import pathlib, sys, time; from elmforest.utils.device import tie_to_launcher; tie_to_launcher(); "
+            "pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"
+        )
+        env = {**os.environ, "TORCHELASTIC_RUN_ID": "x"}
+        subprocess.Popen([sys.executable, "-c", rank, sys.argv[1]], env=env)
+        time.sleep(120)
+        """
+    )
+    ready = tmp_path / "tied"
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(ready)])
+    try:
+        assert wait_for([ready], 60), "the rank never tied itself to its launcher"
+        kids = descendants(launcher.pid)
+        assert kids
+    finally:
+        launcher.kill()
+        launcher.wait()
     assert_all_die(kids)
 
 

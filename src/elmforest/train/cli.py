@@ -154,7 +154,7 @@ ARGV: list[str] = []
 
 def _relaunch_distributed(nproc: int) -> int:
     """Run this same command under torchrun with `nproc` processes (the trainer reads its environment)."""
-    from elmforest.utils.proc import run_stoppable
+    from elmforest.utils.proc import run_stoppable, tied_to_this_process
 
     argv, skip = [], False
     for a in ARGV or sys.argv[1:]:  # main() records the command line; a direct call has sys.argv
@@ -177,7 +177,7 @@ def _relaunch_distributed(nproc: int) -> int:
         "elmforest.cli",
         *argv,
     ]
-    rc = run_stoppable(cmd)
+    rc = run_stoppable(tied_to_this_process(cmd))  # torchrun dies with this process, its ranks with it
     if rc != 0:  # torchrun's own report is above; what to do next is not in it
         print(
             f"elmforest: torchrun exited with {rc} (a training process failed or was stopped; its output "

@@ -52,6 +52,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def tie_to_launcher() -> None:
+    """A rank started by torchrun dies with it. torchrun stops its ranks when it is stopped, but a
+    SIGKILLed torchrun (its launcher killed, a job cancelled) left them training on, orphaned, into the
+    run directory: a rerun was refused as a second trainer, and they merged their expert on their own."""
+    import os
+
+    from elmforest.utils.proc import die_with_parent
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun for its workers
+        die_with_parent(os.getppid())
+
+
 def init_distributed(device: str) -> tuple[int, int, bool]:
     """(rank, world size, whether we created the process group), from torchrun's environment."""
     import os
@@ -61,6 +73,7 @@ def init_distributed(device: str) -> tuple[int, int, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
+    tie_to_launcher()
     owns = False
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
