@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +295,22 @@ def test_progress_prints_a_line_once_on_the_terminal_and_every_time_in_its_log(t
     assert out.count(" done") == 1 and out.count(" waiting") == 2 and out.count("step 5/400") == 1
     log = (tmp_path / "progress.log").read_text()
     assert log.count(" done") == 4 and log.count("step 5/400") == 2
+
+
+def test_jobs_name_absolute_paths_for_workers_that_run_elsewhere(shards_dir, tmp_path, monkeypatch):
+    """On a Ray cluster (--address) a job runs in the worker's directory: a relative --forest sent
+    every job to look (and write) there."""
+
+    class Captures:
+        def map(self, fn, jobs, labels, logs):
+            self.jobs = jobs
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    ex = Captures()
+    with pytest.raises(KeyboardInterrupt):
+        _train(Path("f"), os.path.relpath(shards_dir, tmp_path), ex)
+    assert ex.jobs and all(
+        Path(j["forest"]).is_absolute() and Path(j["shards"]).is_absolute() for j in ex.jobs
+    )
+    assert Path(ex.jobs[0]["forest"]) == tmp_path / "f"

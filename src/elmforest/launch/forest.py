@@ -46,7 +46,8 @@ def train_forest(
     if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
         executor.prepare()
     train_seed(forest, shards, base, plan, progress=progress)
-    where = (str(forest.root), str(Path(shards.root).resolve()))
+    # absolute: a job on a Ray cluster (--address) runs in the worker's directory, not this one's
+    where = (str(forest.root.resolve()), str(Path(shards.root).resolve()))
     trust = base.model.trust_remote_code  # the command line's flag travels with each job, not in a file
     sets = list(overrides)
     jobs = [

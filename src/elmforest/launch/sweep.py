@@ -141,8 +141,10 @@ def sweep(
     expert per domain. `max_bytes`: score on the first bytes of each domain's valid split only."""
     if arm not in ARMS:
         raise UserError(f"arm must be one of {ARMS}, got {arm!r}")
-    shards = Shards(shards_dir)
-    out = Path(out)
+    shards = Shards(
+        Path(shards_dir).resolve()
+    )  # absolute: jobs on a Ray cluster run in the worker's directory
+    out = Path(out).resolve()
     groupings = normalize(groups) if groups is not None else None
     if groupings is not None:
         domains = check_groupings(groupings, base.data.domains, shards)

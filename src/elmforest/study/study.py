@@ -219,7 +219,7 @@ def run_study(
     log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
     t0 = time.perf_counter()
     cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
-    out = Path(out)
+    out = Path(out).resolve()  # absolute: jobs on a Ray cluster run in the worker's directory
     if analyse_only and not (out / "study.json").is_file():
         return {"fits": reanalyse(out, log)}  # which says there is no study there
     out.mkdir(parents=True, exist_ok=True)
