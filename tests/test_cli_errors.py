@@ -284,6 +284,7 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         (["--address", "auto"], "--address: Ray's (--executor ray)"),
         (["--max-retries", "1"], "--max-retries: Ray's"),
         (["--cpus-per-expert", "2"], "--cpus-per-expert (--cpus-per-job): Ray's"),
+        (["--gpus-per-expert", "1"], "--gpus-per-expert (--gpus-per-job): Ray's"),  # trained on the CPU
     ]:
         rc, out = _run([*base, *extra], capsys)
         assert rc == 2 and said in out, out

@@ -228,11 +228,17 @@ def make_executor(
     workers: int = 1,
 ):
     if kind == "local":
-        ray_only = [o for o, given in (("--address", address), ("--max-retries", max_retries != 3)) if given]
-        if ray_only or cpus != 1.0:
+        given = {
+            "--address": address,
+            "--max-retries": max_retries != 3,
+            "--cpus-per-expert (--cpus-per-job)": cpus != 1.0,
+            "--gpus-per-expert (--gpus-per-job)": gpus != 0.0,  # the local jobs use train.device
+        }
+        ray_only = [o for o, g in given.items() if g]
+        if ray_only:
             raise UserError(
-                f"{', '.join(ray_only or ['--cpus-per-expert (--cpus-per-job)'])}: Ray's (--executor ray); the local executor runs "
-                "--workers jobs at a time, each on the cores divided among them"
+                f"{', '.join(ray_only)}: Ray's (--executor ray); the local executor runs --workers jobs at a "
+                "time, each on the cores divided among them (and on train.device)"
             )
         return LocalExecutor(workers)
     if workers != 1:

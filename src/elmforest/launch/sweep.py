@@ -179,6 +179,8 @@ def sweep(
             )
     out.mkdir(parents=True, exist_ok=True)
     executor = executor or LocalExecutor()
+    if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before any run trains here
+        executor.prepare()
     echo = log is not None
     log = log or (lambda *_: None)
     base = RunConfig.from_dict(base.to_dict())

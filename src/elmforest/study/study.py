@@ -287,6 +287,7 @@ def _study(
             make_executor("ray", address, cpus_per_job, gpus_per_job),
             job_threads("ray", cpus_per_job, 1),
         )
+        ex.prepare()  # a bad address or resources said before any run trains
     else:
         from elmforest.launch.executor import cpu_cores
 
