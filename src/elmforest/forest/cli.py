@@ -4,6 +4,7 @@ the work is in forest/btm.py, forest/commands.py and launch/forest.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -250,10 +251,11 @@ def expert(
         trust_remote_code=train_args.trust_remote_code,
         mix=split_list(mix),
     )
-    print(
-        f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "
-        + ", ".join(f"{p['name']}×{p['weight']:.3f}" for p in e["parents"])
-    )
+    if os.environ.get("RANK", "0") == "0":  # data parallel: said once, by the process that merged it
+        print(
+            f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "
+            + ", ".join(f"{p['name']}×{p['weight']:.3f}" for p in e["parents"])
+        )
 
 
 def dense(forest: ForestDir, shards: ShardsDir, no_progress: NoProgress = False) -> None:

@@ -80,7 +80,7 @@ class LocalExecutor:
             try:
                 results.append(fn(job))
             except Exception as e:  # keep going: other experts do not depend on this one
-                failures[label] = f"{type(e).__name__}: {e} (log: {log})"
+                failures[label] = _with_log(f"{type(e).__name__}: {e}", log)
         if failures:
             raise JobsFailed(failures)
         return results
@@ -114,7 +114,7 @@ class LocalExecutor:
                             f"other jobs; rerun to resume them (log: {logs[i]})"
                         )
                         continue
-                    failures[labels[i]] = f"{type(e).__name__}: {e} (log: {logs[i]})"
+                    failures[labels[i]] = _with_log(f"{type(e).__name__}: {e}", logs[i])
         if failures:
             raise JobsFailed(failures)
         return results
@@ -213,10 +213,15 @@ class RayExecutor:
             try:
                 results[i] = ray.get(done[0])
             except Exception as e:  # retries are exhausted: report, keep the others running
-                failures[labels[i]] = f"{_why(e)} (log: {logs[i]})"
+                failures[labels[i]] = _with_log(_why(e), logs[i])
         if failures:
             raise JobsFailed(failures)
         return results
+
+
+def _with_log(why: str, log) -> str:
+    """A failure with where its job's output is, once (a job's own error may already name it)."""
+    return why if str(log) in why else f"{why} (log: {log})"
 
 
 def make_executor(

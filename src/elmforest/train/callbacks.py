@@ -36,6 +36,10 @@ class Callback:
     def on_abort(self, trainer: Trainer) -> None: ...  # the run raised; release what must be kept
 
 
+# the LR that applies: the run's, or for experts of a forest the expert phase's
+LOWER_LR = "lower the learning rate (optim.lr; a forest's experts: --expert-lr)?"
+
+
 class DivergenceGuard(Callback):
     """A non-finite loss or gradient norm ends the run before it is logged or checkpointed (both are the
     same on every process, so every process stops at the same step). The logged loss was computed
@@ -52,18 +56,18 @@ class DivergenceGuard(Callback):
     def on_log(self, trainer, m):
         for key in ("loss", "grad_norm"):
             if m.get(key) is not None and not math.isfinite(m[key]):
-                raise Diverged(f"{trainer.run_dir}: {key} is {m[key]} at step {m['step']}; lower optim.lr?")
+                raise Diverged(f"{trainer.run_dir}: {key} is {m[key]} at step {m['step']}; {LOWER_LR}")
         self.zero_grads = self.zero_grads + 1 if m.get("grad_norm") == 0.0 else 0
         if self.zero_grads >= 2:
             raise Diverged(
                 f"{trainer.run_dir}: the gradients vanished (grad norm 0 at step {m['step']}): a dead "
-                "network; lower optim.lr?"
+                f"network; {LOWER_LR}"
             )
 
     def on_step_end(self, trainer, is_last):
         if is_last and not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
             raise Diverged(
-                f"{trainer.run_dir}: the weights are not finite after step {trainer.step}; lower optim.lr?"
+                f"{trainer.run_dir}: the weights are not finite after step {trainer.step}; {LOWER_LR}"
             )
 
 
