@@ -12,12 +12,11 @@ outside the forest is deleted except merged outputs that still carry the marker 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 
+from elmforest.forest.copies import output_places, outputs_holding, recorded_places_exist, temporaries
 from elmforest.forest.manifest import Forest, UnknownExpert
 from elmforest.forest.trust import valid_name
 from elmforest.train.runlock import LOCK, training_now
@@ -25,7 +24,6 @@ from elmforest.utils.errors import Failed
 from elmforest.utils.io import HOST, clean_stale, parse_temp
 
 AREAS = ("experts", "runs", "branches")
-MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
 
 
 def remove_expert(forest: Forest, name: str) -> dict:
@@ -83,136 +81,13 @@ def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
     return finish_removal(forest, name, run_locked_here=unfinished)
 
 
-def _outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
-    """Merged models known to hold `name`'s weights: recorded outputs and mixture branches whose marker
-    still lists it (a re-export without it, or a directory that is no longer ours, is left alone).
-
-    A recorded output is looked for where it was written and at the same place relative to the forest:
-    a forest copied or moved together with its merges (`cp -a qs qs2`) finds its own copies, and does
-    not delete the original's, which another forest holds (those are appended to `others`)."""
-    candidates = []
-    for o in forest.data.get("outputs", []):
-        if name not in o["experts"]:
-            continue
-        recorded = Path(o["path"])
-        for c in _places(forest, o):
-            if not _marker_lists(c, name):
-                continue
-            if _ours(forest, c, recorded):
-                candidates.append(c)
-            elif others is not None:
-                others.append((c, _marker_forest(c)))
-    branches = forest.root / "branches"
-    if branches.is_dir():
-        mixed = [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
-        candidates += [p for p in mixed if _marker_lists(p, name)]
-    return candidates
-
-
-def _places(forest: Forest, o: dict) -> list[Path]:
-    """Where a recorded output may be: where it was written, and there relative to the forest."""
-    recorded = Path(o["path"])
-    rel = o.get("relative") or _relative_from_marker(recorded)
-    return list(
-        dict.fromkeys([recorded] + ([Path(os.path.normpath(forest.root.resolve() / rel))] if rel else []))
-    )
-
-
-def _temporaries(forest: Forest, name: str) -> list[Path]:
-    """The staging and set-aside copies (`.OUT.tmp~HOST~PID`, `.OUT.old~HOST~PID`) of every output
-    recorded as holding `name`: a merge killed while writing leaves its shards there."""
-    out = []
-    for c in _output_places(forest, name):
-        try:
-            entries = list(c.parent.iterdir())
-        except OSError:
-            continue
-        for p in entries:
-            t = parse_temp(p.name)
-            inner = t and t["name"] and parse_temp(t["name"])
-            if t and (inner["name"] if inner else t["name"]) == c.name:
-                out.append(p)
-    return out
-
-
-def _output_places(forest: Forest, name: str) -> list[Path]:
-    return [c for o in forest.data.get("outputs", []) if name in o["experts"] for c in _places(forest, o)]
-
-
-def _recorded_places_exist(forest: Forest, o: dict) -> bool:
-    rel = o.get("relative")
-    return Path(o["path"]).exists() or bool(rel and (forest.root.resolve() / rel).exists())
-
-
-def _marker_meta(path: Path, marker_names=MARKERS) -> dict:
-    for m in marker_names:
-        try:
-            return json.loads((path / m).read_text())
-        except (OSError, ValueError):
-            continue
-    return {}
-
-
-def _marker_forest(path: Path) -> str | None:
-    f = _marker_meta(path).get("forest")
-    return f if isinstance(f, str) and f else None
-
-
-def _relative_from_marker(recorded: Path) -> str | None:
-    """Where an output recorded before its place relative to the forest was kept sits from its forest."""
-    f = _marker_forest(recorded) if recorded.is_dir() else None
-    return os.path.relpath(recorded, f) if f else None
-
-
-def _ours(forest: Forest, output: Path, recorded: Path) -> bool:
-    """Whether this forest made `output` (or is a copy made together with it), rather than another
-    forest whose manifest this one was copied from (a sibling copy finds the original's outputs at the
-    same place: only an existing other forest's claim makes them not ours)."""
-    root = forest.root.resolve()
-    origins = _origins(output)
-    if not origins:
-        return True  # nothing says which forest made it: recorded by this one
-    for o in origins:
-        if o.resolve() == root:
-            return True
-        if output != recorded and os.path.relpath(recorded, o) == os.path.relpath(output, root):
-            return True  # copied or moved together with this forest (found at its place relative to us)
-    return not any((o / "forest.json").is_file() for o in origins)  # theirs, unless they are gone (moved)
-
-
-def _origins(output: Path) -> list[Path]:
-    """The forests a merged output names as its makers: its marker's forest and (a FlexOlmo merge, whose
-    owners' pairs may come from several forests) the forests its pairs sit in (FOREST/experts/NAME)."""
-    made_by = _marker_forest(output)
-    pairs = _marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
-    found = [Path(made_by)] if made_by else []
-    found += [Path(p).parent.parent for p in pairs if isinstance(p, str) and Path(p).parent.name == "experts"]
-    return list(dict.fromkeys(found))
-
-
-def _marker_lists(path: Path, name: str) -> bool:
-    for m in MARKERS:
-        f = path / m
-        if f.is_file():
-            try:
-                meta = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return True  # unreadable marker on a recorded output: assume the worst, delete it
-            names = meta.get("names") or [
-                e.get("forest_name") or e.get("name") for e in meta.get("experts", []) if isinstance(e, dict)
-            ]
-            weights = meta.get("weights") or [1.0] * len(names)
-            return any(n == name and w > 0 for n, w in zip(names, weights, strict=False))
-    return False
-
-
 def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> dict:
     """Delete what is left of `name`, then verify nothing is; mark the tombstone done or fail loudly.
     `run_locked_here`: the caller holds the run's trainer lock (no trainer can be on it)."""
     problems, deleted, others = [], [], []
-    for c in _output_places(forest, name):  # a killed merge's stage: deleted; a set-aside copy: put back,
+    for c in output_places(forest, name):  # a killed merge's stage: deleted; a set-aside copy: put back,
         clean_stale(c.parent, c.name)  # then found below by its marker
-    for p in _temporaries(forest, name):
+    for p in temporaries(forest, name):
         t = parse_temp(p.name)
         problems.append(
             f"{p} is being written by a running process (a merge of {name}'s weights): stop it, then run "
@@ -226,7 +101,7 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
     run = forest.root / "runs" / name  # the owner's own, if it trains the expert again (--force)
     owners = tomb.get("retraining") or (not run_locked_here and training_now(run))
     areas = [a for a in AREAS if a != "runs" or not owners]
-    places = [forest.root / area / name for area in areas] + _outputs_holding(forest, name, others)
+    places = [forest.root / area / name for area in areas] + outputs_holding(forest, name, others)
     # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
     # has no marker left to find it by
     held = {str(p.resolve()) for p in places} | {
@@ -270,7 +145,7 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
         d["ledger"] = [p for p in d.get("ledger", []) if p not in gone]
         # a record stays while its output is where it was written or where it sits relative to us (a moved
         # forest's records must still find the merges of its other experts)
-        d["outputs"] = [o for o in d.get("outputs", []) if _recorded_places_exist(forest, o)]
+        d["outputs"] = [o for o in d.get("outputs", []) if recorded_places_exist(forest, o)]
 
     forest.update(done)
     derived = [e["name"] for e in forest.experts if name in [p["name"] for p in e.get("parents", [])]]
@@ -327,7 +202,7 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
         name = r["name"]
         leftover = [p for p in (forest.root / a / name for a in AREAS) if p.is_symlink() or p.exists()]
         if r.get("state") == "done" and not (
-            leftover or _outputs_holding(forest, name) or _temporaries(forest, name)
+            leftover or outputs_holding(forest, name) or temporaries(forest, name)
         ):
             continue
         if r.get("state") == "done" and r.get("retraining"):  # the owner's new run, live or cut: kept

@@ -1,0 +1,140 @@
+"""Where copies of an expert's weights are outside its own folders: the merged models this forest
+recorded writing from it (manifest `outputs`, found where they were written or at the same place
+relative to a copied or moved forest), mixture branches, and the staging or set-aside copies a merge
+killed while writing left beside them. Opting out (forest/optout.py) deletes what these find."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from elmforest.forest.manifest import Forest
+from elmforest.utils.io import parse_temp
+
+MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
+
+
+def outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
+    """Merged models known to hold `name`'s weights: recorded outputs and mixture branches whose marker
+    still lists it (a re-export without it, or a directory that is no longer ours, is left alone).
+
+    A recorded output is looked for where it was written and at the same place relative to the forest:
+    a forest copied or moved together with its merges (`cp -a qs qs2`) finds its own copies, and does
+    not delete the original's, which another forest holds (those are appended to `others`)."""
+    candidates = []
+    for o in forest.data.get("outputs", []):
+        if name not in o["experts"]:
+            continue
+        recorded = Path(o["path"])
+        for c in recorded_places(forest, o):
+            if not marker_lists(c, name):
+                continue
+            if ours(forest, c, recorded):
+                candidates.append(c)
+            elif others is not None:
+                others.append((c, marker_forest(c)))
+    branches = forest.root / "branches"
+    if branches.is_dir():
+        mixed = [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]
+        candidates += [p for p in mixed if marker_lists(p, name)]
+    return candidates
+
+
+def recorded_places(forest: Forest, o: dict) -> list[Path]:
+    """Where a recorded output may be: where it was written, and there relative to the forest."""
+    recorded = Path(o["path"])
+    rel = o.get("relative") or relative_from_marker(recorded)
+    return list(
+        dict.fromkeys([recorded] + ([Path(os.path.normpath(forest.root.resolve() / rel))] if rel else []))
+    )
+
+
+def temporaries(forest: Forest, name: str) -> list[Path]:
+    """The staging and set-aside copies (`.OUT.tmp~HOST~PID`, `.OUT.old~HOST~PID`) of every output
+    recorded as holding `name`: a merge killed while writing leaves its shards there."""
+    out = []
+    for c in output_places(forest, name):
+        try:
+            entries = list(c.parent.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            t = parse_temp(p.name)
+            inner = t and t["name"] and parse_temp(t["name"])
+            if t and (inner["name"] if inner else t["name"]) == c.name:
+                out.append(p)
+    return out
+
+
+def output_places(forest: Forest, name: str) -> list[Path]:
+    return [
+        c for o in forest.data.get("outputs", []) if name in o["experts"] for c in recorded_places(forest, o)
+    ]
+
+
+def recorded_places_exist(forest: Forest, o: dict) -> bool:
+    rel = o.get("relative")
+    return Path(o["path"]).exists() or bool(rel and (forest.root.resolve() / rel).exists())
+
+
+def marker_meta(path: Path, marker_names=MARKERS) -> dict:
+    for m in marker_names:
+        try:
+            return json.loads((path / m).read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def marker_forest(path: Path) -> str | None:
+    f = marker_meta(path).get("forest")
+    return f if isinstance(f, str) and f else None
+
+
+def relative_from_marker(recorded: Path) -> str | None:
+    """Where an output recorded before its place relative to the forest was kept sits from its forest."""
+    f = marker_forest(recorded) if recorded.is_dir() else None
+    return os.path.relpath(recorded, f) if f else None
+
+
+def ours(forest: Forest, output: Path, recorded: Path) -> bool:
+    """Whether this forest made `output` (or is a copy made together with it), rather than another
+    forest whose manifest this one was copied from (a sibling copy finds the original's outputs at the
+    same place: only an existing other forest's claim makes them not ours)."""
+    root = forest.root.resolve()
+    found = origins(output)
+    if not found:
+        return True  # nothing says which forest made it: recorded by this one
+    for o in found:
+        if o.resolve() == root:
+            return True
+        if output != recorded and os.path.relpath(recorded, o) == os.path.relpath(output, root):
+            return True  # copied or moved together with this forest (found at its place relative to us)
+    return not any((o / "forest.json").is_file() for o in found)  # theirs, unless they are gone (moved)
+
+
+def origins(output: Path) -> list[Path]:
+    """The forests a merged output names as its makers: its marker's forest and (a FlexOlmo merge, whose
+    owners' pairs may come from several forests) the forests its pairs sit in (FOREST/experts/NAME)."""
+    made_by = marker_forest(output)
+    pairs = marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
+    found = [Path(made_by)] if made_by else []
+    found += [Path(p).parent.parent for p in pairs if isinstance(p, str) and Path(p).parent.name == "experts"]
+    return list(dict.fromkeys(found))
+
+
+def marker_lists(path: Path, name: str) -> bool:
+    for m in MARKERS:
+        f = path / m
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return True  # unreadable marker on a recorded output: assume the worst, delete it
+            names = meta.get("names") or [
+                e.get("forest_name") or e.get("name") for e in meta.get("experts", []) if isinstance(e, dict)
+            ]
+            weights = meta.get("weights") or [1.0] * len(names)
+            return any(n == name and w > 0 for n, w in zip(names, weights, strict=False))
+    return False
