@@ -521,3 +521,20 @@ def test_icp_exact_limit_zero_orders_with_ivf_and_is_recorded(builds, tmp_path):
         assert stats["knn"]["method"] == "ivf" and default.order["domains"][d]["knn"]["method"] == "exact"
         kept = Counter(_docs(sh, d))
         assert sum(kept.values()) == stats["documents_after"] and not kept - Counter(_docs(src, d))
+
+
+def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(corpus, tokenizer_dir, tmp_path):
+    """A study rerun after a domain was added to its corpus trained and scored the old shards' domains,
+    with no word that the new one was left out."""
+    from elmforest.launch.prepare import prepare_data
+
+    mine = tmp_path / "corpus"
+    shutil.copytree(corpus, mine)
+    out = tmp_path / "out"
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    quiet = dict(corpus=mine, ood=None, progress=False, log=lambda *a: None)
+    first = prepare_data(out, 400, **quiet).shards.fingerprint
+    assert prepare_data(out, 400, **quiet).shards.fingerprint == first  # unchanged: reused
+    shutil.copy(mine / "code.jsonl", mine / "licenses.jsonl")
+    with pytest.raises(UserError, match=r"changed since .* \(added licenses.jsonl\).*another --out"):
+        prepare_data(out, 400, **quiet)

@@ -354,3 +354,15 @@ def test_seed_position_by_hand(tmp_path):
     assert seed_position(tmp_path, cfg, 16, 256) is None
     (tmp_path / "b4-s0" / "runs" / "dense" / "valid.jsonl").unlink()  # valid losses off: nothing to say
     assert seed_position(tmp_path, cfg, 16, 256) is None and seed_lines(None, 0.25) == []
+
+
+def test_the_same_corpus_written_otherwise_is_the_same_study(corpus, tmp_path, monkeypatch):
+    """`corpus=DIR/` or a relative path after `corpus=DIR` was refused as "another corpus"."""
+    from elmforest.study.study import _check_identity
+
+    _check_identity(tmp_path, load_study_config("tiny", [f"corpus={corpus}"]))
+    _check_identity(tmp_path, load_study_config("tiny", [f"corpus={corpus}/"]))
+    monkeypatch.chdir(corpus.parent)
+    _check_identity(tmp_path, load_study_config("tiny", [f"corpus={corpus.name}"]))
+    with pytest.raises(UserError, match="corpus"):
+        _check_identity(tmp_path, load_study_config("tiny", [f"corpus={tmp_path}"]))

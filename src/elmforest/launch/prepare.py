@@ -55,7 +55,10 @@ def prepare_data(
         check_shards_source(Shards(shards_dir), corpus, out)
     source_file = out / SOURCE_FILE
     if source_file.is_file():
-        check_source(read_json(source_file).get("source"), corpus, out, out)
+        recorded = read_json(source_file)
+        check_source(recorded.get("source"), corpus, out, out)
+        if corpus is not None and recorded.get("files") is not None:
+            check_listing(recorded["files"], corpus, out)
     else:
         import glob
 
@@ -66,9 +69,10 @@ def prepare_data(
             loc is not None and not glob.has_magic(loc) and not Path(loc).exists()
         ):  # not recorded as this dir's
             raise UserError(f"{corpus}: no such file or directory")
-        write_json_atomic(
-            source_file, {"source": resolve_source(corpus if corpus is not None else out / "corpus")}
-        )
+        record = {"source": resolve_source(corpus if corpus is not None else out / "corpus")}
+        if corpus is not None:
+            record["files"] = corpus_listing(corpus)
+        write_json_atomic(source_file, record)
     if corpus is None:
         corpus = out / "corpus"
         from elmforest.corpora.demo import build_demo_corpus
@@ -131,7 +135,9 @@ def prepare_data(
     )
     if ood_shards is None:
         if ood is not None:
-            log("      no out-of-domain sets (the demo corpus brings its own; --ood PATH adds yours)")
+            log(
+                "      no out-of-domain sets (the demo corpus brings its own; --ood PATH, or a study's `ood`, adds yours)"
+            )
     else:
         log(
             "      out-of-domain sets (valid tokens for the prior / test documents): "
@@ -154,6 +160,43 @@ def check_shards_source(shards: Shards, corpus: str | Path | None, out: Path) ->
     `corpus` None is the demo corpus, built in OUT/corpus; a corpus inside OUT moves with it (an output
     dir copied or moved keeps its own)."""
     check_source(shards.index.get("source"), corpus, out, shards.root)
+
+
+def corpus_listing(corpus) -> dict | None:
+    """{relative path: bytes} of a local corpus's files (None for other sources): enough to tell a
+    corpus that gained, lost or rewrote files since an output dir tokenized it, without reading it."""
+    from elmforest.data.sources import parse_source
+
+    loc = Path(parse_source(corpus).location)
+    if loc.is_file():
+        return {loc.name: loc.stat().st_size}
+    if not loc.is_dir():
+        return None
+    return {
+        str(f.relative_to(loc)): f.stat().st_size
+        for f in sorted(loc.rglob("*"))
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(loc).parts)
+    }
+
+
+def check_listing(had: dict, corpus, out: Path) -> None:
+    """A rerun on a corpus changed since its tokenizer and shards were built here trained and scored the
+    old ones: a domain added since was left out without a word. Refused, naming what changed."""
+    now = corpus_listing(corpus)
+    if now is None or now == had:
+        return
+    added = sorted(set(now) - set(had))
+    gone = sorted(set(had) - set(now))
+    changed = sorted(k for k in set(now) & set(had) if now[k] != had[k])
+    said = "; ".join(
+        f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        for what, names in (("added", added), ("removed", gone), ("resized", changed))
+        if names
+    )
+    raise UserError(
+        f"{corpus} changed since {out} tokenized it ({said}): its tokenizer and shards are of the corpus as "
+        "it was; give another --out for the corpus as it is now (or delete it to start over)"
+    )
 
 
 def check_source(have, corpus: str | Path | None, out: Path, what) -> None:

@@ -75,6 +75,10 @@ def _same_overrides(preset: str, a, b) -> bool:
     return made[0] == made[1]
 
 
+def _where(corpus):
+    return str(Path(corpus).resolve()) if corpus and Path(corpus).exists() else corpus
+
+
 def _check_identity(out: Path, cfg: StudyConfig) -> None:
     path = out / "study_config.json"
     if path.is_file():
@@ -82,6 +86,8 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
         defaults = StudyConfig()
         old = {k: saved.get(k, getattr(defaults, k)) for k in (*IDENTITY, "seeds")}  # a field added since
         diff = [k for k in IDENTITY if old[k] != getattr(cfg, k)]
+        if "corpus" in diff and _where(old["corpus"]) == _where(cfg.corpus):
+            diff.remove("corpus")  # the same folder written otherwise (a trailing slash, relative)
         if "overrides" in diff and _same_overrides(cfg.preset, old["overrides"], cfg.overrides):
             diff.remove("overrides")  # the same settings in another order (or one repeated): the same runs
         if cfg.lr_grid and old["seeds"][:1] != cfg.seeds[:1]:
