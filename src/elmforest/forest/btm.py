@@ -328,10 +328,6 @@ def train_expert(
             f"{forest.root}: expert {name!r} was opted out (forest remove); only its owner may train it "
             "again (forest expert --force)"
         )
-    if name in forest.removed and int(os.environ.get("RANK", "0")) == 0:
-        from elmforest.forest.optout import mark_retraining
-
-        mark_retraining(forest, name)  # its run is the owner's again: `forest fsck` must not delete it
     trained = list(mix) if mix else [domain]
     if mix is not None and (not mix or len(set(mix)) != len(mix) or domain not in mix):
         raise UserError(f"expert {name}: mix must list each domain once, {domain!r} among them; got {mix}")
@@ -408,6 +404,10 @@ def train_expert(
         arch = architecture_fingerprint(cfg.model.init_from)
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
+    if name in forest.removed and int(os.environ.get("RANK", "0")) == 0:
+        from elmforest.forest.optout import mark_retraining
+
+        mark_retraining(forest, name)  # its run is the owner's again: `forest fsck` must not delete it
     summary = train(cfg, run_dir, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # data parallel: only the first process merges
         return {"name": name, "tokens": summary["tokens"], "flops": summary["flops"], "parents": parents}

@@ -141,17 +141,15 @@ def sweep(
     expert per domain. `max_bytes`: score on the first bytes of each domain's valid split only."""
     if arm not in ARMS:
         raise UserError(f"arm must be one of {ARMS}, got {arm!r}")
-    shards = Shards(
-        Path(shards_dir).resolve()
-    )  # absolute: jobs on a Ray cluster run in the worker's directory
+    # absolute: a job on a Ray cluster (--address) runs in the worker's directory, not this one's
+    shards = Shards(Path(shards_dir).resolve())
     out = Path(out).resolve()
     groupings = normalize(groups) if groups is not None else None
     if groupings is not None:
         domains = check_groupings(groupings, base.data.domains, shards)
+        # X-ELM's language added later is one: said, not dropped silently (unless data.domains chose)
         left = [d for d in shards.domains if shards.has(d, "train") and d not in domains]
-        if (
-            left and log is not None and base.data.domains is None
-        ):  # not those data.domains leaves out  # X-ELM's language added later is one: said, not dropped silently
+        if left and log is not None and base.data.domains is None:
             log(
                 f"note: {', '.join(left)} in {shards.root} but in no group: neither swept arm trains on or "
                 "scores them"
