@@ -337,23 +337,13 @@ def test_fsck_reports_a_damaged_seed(forest, capsys, harm):
     assert want.get(harm, "seed_state (its weights and optimizer state) is missing") in out
 
 
-def test_fsck_keeps_the_run_of_an_opted_out_expert_its_owner_trains_again(
-    forest, shards_dir, capsys, monkeypatch
-):
-    """`forest fsck` took the run of `forest expert --force` (the owner training an opted-out expert
-    again) for what the removal had left, and deleted it under the live trainer."""
-    import fcntl
-
+def _retrain_cut(forest, shards_dir, name, domain, monkeypatch) -> Path:
+    """The owner trains its opted-out expert again (`forest expert --force`), stopped after its first
+    checkpoint; returns the run."""
     from elmforest.data.shards import Shards
     from elmforest.forest import btm
 
-    f = Forest.load(forest)
-    name = f.names[0]
-    domain = f.expert(name)["domains"][0]
-    assert _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)[0] == 0
-    run = forest / "runs" / name
-
-    def cut(cfg, run_dir, progress=True):  # the owner's run, stopped after its first checkpoint
+    def cut(cfg, run_dir, progress=True):
         (Path(run_dir) / "checkpoints" / "step-00000004").mkdir(parents=True)
         raise KeyboardInterrupt
 
@@ -362,6 +352,21 @@ def test_fsck_keeps_the_run_of_an_opted_out_expert_its_owner_trains_again(
         btm.train_expert(
             Forest.load(forest), Shards(shards_dir), domain, name=name, force=True, progress=False
         )
+    return forest / "runs" / name
+
+
+def test_fsck_keeps_the_run_of_an_opted_out_expert_its_owner_trains_again(
+    forest, shards_dir, capsys, monkeypatch
+):
+    """`forest fsck` took the run of `forest expert --force` (the owner training an opted-out expert
+    again) for what the removal had left, and deleted it under the live trainer."""
+    import fcntl
+
+    f = Forest.load(forest)
+    name = f.names[0]
+    domain = f.expert(name)["domains"][0]
+    assert _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)[0] == 0
+    run = _retrain_cut(forest, shards_dir, name, domain, monkeypatch)
     with open(run / ".trainer.lock", "a") as held:  # still training
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
@@ -412,9 +417,6 @@ def test_a_merge_copy_from_another_host_is_named_and_a_pending_removal_keeps_the
     owner training the expert again (`forest expert --force`) under its live trainer."""
     import fcntl
 
-    from elmforest.data.shards import Shards
-    from elmforest.forest import btm
-
     f = Forest.load(forest)
     name = f.names[0]
     domain = f.expert(name)["domains"][0]
@@ -426,17 +428,7 @@ def test_a_merge_copy_from_another_host_is_named_and_a_pending_removal_keeps_the
         rc != 0 and "left by a merge on host node-a (process 4242), which cannot be checked from here" in out
     )
     assert foreign.is_dir() and Forest.load(forest).data["removed"][-1]["state"] == "pending"
-    run = forest / "runs" / name
-
-    def cut(cfg, run_dir, progress=True):
-        (Path(run_dir) / "checkpoints" / "step-00000004").mkdir(parents=True)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(btm, "train", cut)
-    with pytest.raises(KeyboardInterrupt):
-        btm.train_expert(
-            Forest.load(forest), Shards(shards_dir), domain, name=name, force=True, progress=False
-        )
+    run = _retrain_cut(forest, shards_dir, name, domain, monkeypatch)
     foreign.rmdir()  # its owner deleted it
     with open(run / ".trainer.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

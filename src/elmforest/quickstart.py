@@ -273,16 +273,13 @@ def _check_seed_settings(forest, shards, base, plan, out: Path) -> None:
     """A rerun into a finished `out` with another `--set` (the LR a sweep found, a seed) kept the seed,
     experts and dense run trained before and labelled their scores with the new settings: refused,
     naming what differs (operational settings may change)."""
-    from elmforest.config import RunConfig
-    from elmforest.train.runcheck import config_diff, run_identity
+    from elmforest.train.runcheck import settings_diff
 
     if not btm.seed_ready(forest):
         return
     want = btm.dense_config(base, plan, shards)
     want.train.stop_at = plan.seed_steps
-    was = RunConfig.from_dict(forest.data["seed"]["config"]).to_dict()
-    diff = config_diff(run_identity(was), run_identity(want.to_dict()))
-    if diff:
+    if diff := settings_diff(forest.data["seed"]["config"], want):
         raise UserError(
             f"{out} was run with other settings ({diff}); its seed, experts and dense run were trained with "
             "them, so their scores would be reported under the new ones: use another --out, or delete it"

@@ -92,13 +92,13 @@ def seed_overrides(forest: Forest, overrides: list[str]) -> list[str]:
     was dropped without a word. One that would change what is trained is refused; the operational ones
     (trackers, logging, checkpoints: runcheck.OPERATIONAL_FIELDS) are returned, for the jobs to apply."""
     from elmforest.config import apply_overrides
-    from elmforest.train.runcheck import OPERATIONAL_FIELDS, config_diff, run_identity
+    from elmforest.train.runcheck import OPERATIONAL_FIELDS, settings_diff
 
     if not overrides:
         return []
     was = RunConfig.from_dict(forest.data["seed"]["config"]) if seed_ready(forest) else None
     now = apply_overrides(was, list(overrides)) if was is not None else None  # None: they make the seed
-    if was is not None and (diff := config_diff(run_identity(was.to_dict()), run_identity(now.to_dict()))):
+    if was is not None and (diff := settings_diff(was, now)):
         raise UserError(
             f"{forest.root}: its seed was trained with {diff.replace(' -> ', ', not ')}; the experts and the "
             "dense run continue the seed's config, so these --set values would not apply to them: leave them "
@@ -135,11 +135,11 @@ def share_seed(
     lr = expert_lr if expert_lr is not None else old.expert_lr
     plan = Plan(old.total_steps, old.batch_size, len(domains), old.seed_share, list(domains), lr)
     if seed_ready(other):  # a rerun: its experts grew from the seed it holds, which must be this one
-        from elmforest.train.runcheck import config_diff, run_identity
+        from elmforest.train.runcheck import settings_diff
 
-        held, wanted = (RunConfig.from_dict(f.data["seed"]["config"]).to_dict() for f in (other, forest))
-        diff = config_diff(run_identity(held), run_identity(wanted))
-        if diff:  # e.g. a sweep's expert points branched from the dense run at another LR
+        if diff := settings_diff(
+            other.data["seed"]["config"], forest.data["seed"]["config"]
+        ):  # e.g. a sweep's expert points branched from the dense run at another LR
             raise UserError(
                 f"{other.root}: its experts grew from a seed trained with other settings than "
                 f"{forest.root}'s ({diff}); use another directory, or delete {other.root} to branch again"

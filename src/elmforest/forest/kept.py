@@ -35,7 +35,7 @@ def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overr
     """Refuse a rerun for the existing expert `name` that differs from how it was trained: its domains,
     its --branch (as recorded in the manifest), or a --set that would change its saved run config."""
     from elmforest.config import apply_overrides
-    from elmforest.train.runcheck import config_diff, run_identity, saved_config
+    from elmforest.train.runcheck import saved_config, settings_diff
 
     entry = forest.expert(name)
     redo = "give another --name to train another, or remove it first (forest remove)"
@@ -52,10 +52,9 @@ def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overr
     if overrides and saved.is_file():
         old = saved_config(saved)
         new = apply_overrides(old, list(overrides))
-        a, b = run_identity(old.to_dict()), run_identity(new.to_dict())
-        if a != b:
+        if diff := settings_diff(old, new):
             raise UserError(
-                f"{forest.root}: expert {name!r} exists, trained with other settings ({config_diff(a, b)}); {redo}"
+                f"{forest.root}: expert {name!r} exists, trained with other settings ({diff}); {redo}"
             )
 
 

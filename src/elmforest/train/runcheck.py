@@ -157,6 +157,16 @@ def has_progress(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir / "checkpoints")) or (run_dir / "model").exists()
 
 
+def settings_diff(a: RunConfig | dict, b: RunConfig | dict) -> str:
+    """How two configs (or their saved dicts) differ in what shapes a run (run_identity), as config_diff
+    says it; '' when they do not."""
+
+    def ident(c) -> dict:
+        return run_identity((RunConfig.from_dict(c) if isinstance(c, dict) else c).to_dict())
+
+    return config_diff(ident(a), ident(b))
+
+
 def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
     """How `cfg` differs from the run with progress in `run_dir` (config_diff), or None: the same, or
     nothing to keep there (no checkpoint yet: a run that failed before its first)."""
