@@ -52,6 +52,42 @@ def plot_curves(recs: list[dict], fits: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _over(study: dict) -> str:
+    """What the bootstrap resamples: one seed or one domain leaves nothing to resample on that axis."""
+    seeds = len(study["config"].get("seeds") or [0])
+    n_in, n_ood = len(study.get("domains") or []), len(study.get("ood_domains") or [])
+
+    def axes(n_dom):
+        a = [w for w, n in (("seeds", seeds), ("domains", n_dom)) if n > 1]
+        return " and ".join(a) or "nothing (one seed, one domain: no interval)"
+
+    if n_ood and axes(n_ood) != axes(n_in):
+        sets = f"{n_ood} set{'s' if n_ood > 1 else ''}"
+        return f"{axes(n_in)} in domain, over {axes(n_ood)} out of domain ({sets})"
+    return axes(n_in)
+
+
+def scored_line(scored: dict | None, eval_bytes: int) -> str:
+    """What was scored, from study.json's record: the range of bytes per domain, and the domains whose
+    first test document alone is longer than `eval_bytes` (scored whole: more than the limit)."""
+    if not scored:
+        return ""  # a study.json from before the record
+    parts = []
+    for key, what in (("in_domain", "in domain"), ("ood", "out of domain")):
+        s = scored.get(key) or {}
+        if s:
+            b = [v["bytes"] for v in s.values()]
+            parts.append(
+                f"{what} {min(b):,}-{max(b):,} bytes" if min(b) != max(b) else f"{what} {b[0]:,} bytes"
+            )
+    over = {d: v for s in scored.values() for d, v in s.items() if v["bytes"] > eval_bytes}
+    line = f": {', '.join(parts)} per domain" if parts else ""
+    if over:
+        line += "; " + ", ".join(f"{d} ({v['bytes']:,} bytes)" for d, v in sorted(over.items()))
+        line += " scored on one whole document longer than the limit"
+    return line
+
+
 def _where(key: str) -> str:
     return "in_domain" if key == "bpb" else "ood"
 
@@ -190,11 +226,12 @@ def markdown(study: dict, fits: dict) -> str:
             study["steps_1x"] and study["tokens_per_parameter_1x"] / study["steps_1x"],
         ),
         "Every arm is scored on the same bytes (the first whole test documents within "
-        f"{cfg['eval_bytes']:,} bytes of each domain); the forest is its ensemble with the cached prior from "
+        f"{cfg['eval_bytes']:,} bytes of each domain{scored_line(study.get('scored'), cfg['eval_bytes'])}); "
+        "the forest is its ensemble with the cached prior from "
         "valid data. FLOPs are counted by what ran (the forest: seed + experts). The multiplier is the dense "
         "compute that reaches the forest's BPB on the fitted dense curve over the forest's compute, read "
         f"only inside the measured dense range; intervals are {fits['ci']:.0%} bootstrap intervals over "
-        f"seeds and domains ({fits['n_boot']} replicates).",
+        f"{_over(study)} ({fits['n_boot']} replicates).",
         "",
         *(
             [

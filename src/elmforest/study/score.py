@@ -90,6 +90,20 @@ def score_point(
     return scores
 
 
+def scored_text(shards: Shards, domains, eval_bytes: int) -> dict:
+    """The test text every model is scored on, per domain: {"documents", "bytes"} (bytes of text, EOS
+    not counted). A domain whose first test document alone is longer than `eval_bytes` is scored on that
+    whole document, so the bytes can exceed `eval_bytes`: the report says so from this record."""
+    from elmforest.eval.bpb import select_documents
+
+    out = {}
+    for d in domains:
+        if shards.has(d, "test"):
+            n_docs, _, n_bytes = select_documents(shards.documents(d, "test"), eval_bytes)
+            out[d] = {"documents": n_docs, "bytes": n_bytes}
+    return out
+
+
 @dataclass
 class ScoreJob:
     """One point's scoring, as plain data an executor can ship to a worker."""

@@ -32,7 +32,7 @@ from elmforest.study.run import (
     seed_position,
     train_points,
 )
-from elmforest.study.score import score_all, score_job
+from elmforest.study.score import score_all, score_job, scored_text
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import held_lock, read_json, write_json_atomic
 
@@ -350,6 +350,12 @@ def _study(
         "seed_position": seed_position(runs_dir, cfg, steps_1x, data.shards.vocab_size),
         "domains": data.names,
         "ood_domains": sorted(data.ood_shards.domains) if data.ood_shards is not None else [],
+        "scored": {
+            "in_domain": scored_text(data.shards, data.names, cfg.eval_bytes),
+            "ood": scored_text(data.ood_shards, data.ood_shards.domains, cfg.eval_bytes)
+            if data.ood_shards is not None
+            else {},
+        },
         "runs": recs,
         "seconds": time.perf_counter() - t0,
     }
