@@ -145,14 +145,14 @@ def test_a_forest_needing_half_the_compute_has_multiplier_2_and_a_ci_excluding_1
 def test_the_multiplier_never_extrapolates(exact):
     above = multiplier(exact, float(curve(3e15)), 1e14)
     assert (above.status, above.value, above.dense_compute) == ("above_range", None, None)
-    assert above.text() == "> the largest dense budget (1.0e+15 FLOPs, 10x)"
+    assert above.text() == "> 10x (above the largest dense budget, 1.0e+15 FLOPs)"
     below = multiplier(exact, float(curve(5e12)), 1e14)
     assert (below.status, below.value) == ("below_range", None)
-    assert below.text().startswith("< the smallest dense budget (1.0e+13 FLOPs")
+    assert below.text() == "< 0.1x (below the smallest dense budget, 1.0e+13 FLOPs)"
     floor = multiplier(exact, 0.99 * E, 1e14)
     assert (floor.status, floor.value) == ("unreachable", None) and "unreachable" in floor.text()
     assert floor.text().startswith(
-        "> the largest dense budget (1.0e+15 FLOPs, 10x); below even"
+        "> 10x (above the largest dense budget, 1.0e+15 FLOPs; below even"
     )  # measured first
     assert exact.compute_for(0.99 * E) == math.inf and exact.compute_for(exact.E) == math.inf
     assert exact.compute_for(E + 1e-16) == math.inf  # the fitted E is E only to rounding

@@ -228,13 +228,16 @@ class Multiplier:
             return f"{self.value:.2f}x"
         if self.status == "unreachable":  # said from what was measured first: E is itself extrapolated
             return (
-                f"> the largest dense budget ({self.edge_compute:.1e} FLOPs, "
-                f"{self.edge_compute / self.forest_flops:.2g}x); below even the dense fit's floor (BPB "
-                f"{self.forest_bpb:.4f} <= E = {self.dense_floor:.4f}): on the fitted curve unreachable"
+                f"> {self.edge_compute / self.forest_flops:.2g}x (above the largest dense budget, "
+                f"{self.edge_compute:.1e} FLOPs; below even the dense fit's floor, BPB "
+                f"{self.forest_bpb:.4f} <= E = {self.dense_floor:.4f}: on the fitted curve unreachable)"
             )
-        side, which = (">", "largest") if self.status == "above_range" else ("<", "smallest")
+        # the bound on the multiplier first: "< the smallest dense budget (.., 1x)" read as a budget
+        side, where = (
+            (">", "above the largest") if self.status == "above_range" else ("<", "below the smallest")
+        )
         bound = self.edge_compute / self.forest_flops
-        return f"{side} the {which} dense budget ({self.edge_compute:.1e} FLOPs, {bound:.2g}x)"
+        return f"{side} {bound:.2g}x ({where} dense budget, {self.edge_compute:.1e} FLOPs)"
 
 
 def multiplier(dense: PowerLawFit, forest_bpb: float, forest_flops: float) -> Multiplier:
