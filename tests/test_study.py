@@ -18,7 +18,9 @@ from conftest import make_corpus
 from elmforest.cli import main
 from elmforest.study.analysis import findings, paired_gain, verdict
 from elmforest.study.config import load_study_config
+from elmforest.study.report import _over, scored_line
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_yaml
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,14 @@ def test_a_study_config_file_is_read_and_checked(tmp_path):
     f.write_text("- a list\n")
     with pytest.raises(UserError, match="mapping"):
         load_study_config(f)
+    f.write_text("preset: tiny\nsteps: 20\nseeds: [3, 4]\nsteps: 30\n")  # yaml would keep 30 silently
+    with pytest.raises(UserError, match="'steps' is given twice .*line 4"):
+        load_study_config(f)
+    f.write_text('{"preset": "tiny", "seeds": [1, 2],\n "seeds": [3, 4]}')  # JSON too
+    with pytest.raises(UserError, match="'seeds' is given twice"):
+        load_study_config(f)
+    f.write_text("base: &b {steps: 20, seeds: [3, 4]}\nx:\n  <<: *b\n  steps: 30\n")
+    assert read_yaml(f)["x"] == {"steps": 30, "seeds": [3, 4]}  # overriding a `<<` merge is no repetition
 
 
 def test_verdicts_follow_the_intervals():
@@ -68,6 +78,21 @@ def test_verdicts_follow_the_intervals():
     assert findings({"domains": gains}, cfg)[0]["verdict"] == "holds"
     gains[1]["ci"] = [0.015, 0.08]  # overlaps the 2-domain interval
     assert findings({"domains": gains}, cfg)[0]["verdict"] == "not shown"
+
+
+def test_the_report_says_what_was_scored_and_what_the_intervals_resample():
+    scored = {"in_domain": {"a": {"documents": 3, "bytes": 900}, "b": {"documents": 1, "bytes": 5000}}}
+    scored["ood"] = {"x": {"documents": 2, "bytes": 1000}}
+    line = scored_line(scored, 1000)
+    assert line == (
+        ": in domain 900-5,000 bytes, out of domain 1,000 bytes per domain; b (5,000 bytes) "
+        "scored on one whole document longer than the limit"
+    )
+    assert scored_line(None, 1000) == ""  # a study.json from before the record
+    study = {"config": {"seeds": [0, 1]}, "domains": ["a", "b"], "ood_domains": ["x"]}
+    assert _over(study) == "seeds and domains in domain, over seeds out of domain (1 set)"
+    study["ood_domains"] = ["x", "y"]
+    assert _over(study) == "seeds and domains"
 
 
 def test_paired_gain_by_hand():
@@ -159,6 +184,11 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert {s["seed_share"] for s in fits["seed_share"]} == {0.25, 0.5}
     report = (out / "report.md").read_text()
     assert "## Findings" in report and any(v in report for v in ("holds", "not shown", "does not hold"))
+    scored = study["scored"]["in_domain"]  # what every arm was scored on, as the report states it
+    assert set(scored) == set(study["domains"])
+    assert all(v["documents"] >= 1 and (v["bytes"] <= 3000 or v["documents"] == 1) for v in scored.values())
+    lo, hi = min(v["bytes"] for v in scored.values()), max(v["bytes"] for v in scored.values())
+    assert f"in domain {lo:,}-{hi:,} bytes" in report
     assert all(
         (out / f).stat().st_size > 0 for f in ("curves.png", "multiplier.png", "domains.png", "cbtm.png")
     )

@@ -227,16 +227,15 @@ def load_study_config(source: str | Path, overrides: list[str] | tuple = ()) -> 
     """A preset's name, or a YAML/JSON file; then `key=value` overrides (values parsed as YAML)."""
     import yaml
 
+    from elmforest.utils.io import read_yaml
+
     if str(source) in STUDY_PRESETS:
         raw = dict(STUDY_PRESETS[str(source)])
     else:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"{source}: no such study config file (or preset: {sorted(STUDY_PRESETS)})")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise UserError(f"{path}: a study config is a mapping of fields, got {type(raw).__name__}")
     for item in overrides:

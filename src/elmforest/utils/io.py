@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,40 @@ def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML (or JSON) file's contents, a key given twice in one mapping refused with its line: PyYAML
+    keeps the last one silently, so a config that sets a field twice would run with one of them."""
+    import yaml
+
+    from elmforest.utils.errors import UserError
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        seen = set()
+        for key_node, _ in node.value:  # the keys as written: a `<<` merge's may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # construct_mapping refuses it with yaml's own message
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise UserError(f"{path}: key {key!r} is given twice in one mapping (again at line {line})")
+            seen.add(key)
+        loader.flatten_mapping(node)
+        return loader.construct_mapping(node, deep=True)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid YAML/JSON (not UTF-8 text at byte {e.start})") from e
 
 
 def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
