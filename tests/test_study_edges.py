@@ -196,3 +196,18 @@ def test_clusters_assigned_by_an_older_version_are_kept_with_a_note(corpus, toke
     again, _ = cluster_shards(tmp_path, corpus, tokenizer_dir, 1.0, 2, "documents", progress=False)
     assert again.root == sh.root and json.loads(report.read_text()) == old  # kept, not redone
     assert "was assigned by an older elmforest" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_an_ood_set_named_like_a_training_domain(tmp_path, capsys):
+    """The study refuses it only after building the corpus and tokenizer; --dry-run said nothing."""
+    from elmforest.corpora.demo import DEMO_DOMAINS
+
+    name = sorted(DEMO_DOMAINS)[0]
+    (tmp_path / f"{name}.jsonl").write_text('{"text": "a held-out document"}\n')
+    (tmp_path / "fine.jsonl").write_text('{"text": "another"}\n')
+    argv = ["study", "cpu", "--dry-run", "--set", f"ood=[{tmp_path / 'fine.jsonl'}, {tmp_path / name}.jsonl]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"out-of-domain set(s) ['{name}'] share a name with a training domain" in err
+    argv[-1] = f"ood=[{tmp_path / 'fine.jsonl'}]"
+    assert main(argv) == 0

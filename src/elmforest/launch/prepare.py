@@ -319,13 +319,18 @@ def _ood_shards(
             "same text); its BPB is not wholly out of domain",
             file=sys.stderr,
         )
-    clash = sorted(set(sh.domains) & set(train_names))
+    check_ood_names(sh.domains, train_names)
+    return sh
+
+
+def check_ood_names(ood_names, train_names) -> None:
+    """An out-of-domain set named like a training domain is refused (`study --dry-run` checks it too)."""
+    clash = sorted(set(ood_names) & set(train_names))
     if clash:
         raise UserError(
             f"out-of-domain set(s) {clash} share a name with a training domain; rename them (the `domain` "
             "field or the file name): a domain the experts trained on is not out of domain"
         )
-    return sh
 
 
 def _shared_with(corpus: Path, sources: list[Path]) -> dict[str, list[int]]:
