@@ -91,6 +91,8 @@ def prepare_data(
             build_demo_corpus(demo_ood, eval_only=True, progress=progress)
         if read_json(demo_ood / "manifest.json").get("domains"):
             ood_sources.insert(0, demo_ood)
+    elif not (out / "tokenizer" / "tokenizer.json").exists():  # step 1 said, not skipped from [2/8]
+        log(f"[1/8] your corpus: {corpus} (the demo corpus is not built)")
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
