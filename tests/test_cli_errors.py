@@ -12,6 +12,7 @@ from conftest import make_corpus
 
 from elmforest.cli import main
 from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
 
 
 def _run(argv, capsys) -> tuple[int, str]:
@@ -285,6 +286,8 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         (["--max-retries", "1"], "--max-retries: Ray's"),
         (["--cpus-per-expert", "2"], "--cpus-per-expert (--cpus-per-job): Ray's"),
         (["--gpus-per-expert", "1"], "--gpus-per-expert (--gpus-per-job): Ray's"),  # trained on the CPU
+        # two busy processes on one reserved CPU
+        (["--executor", "ray", "--procs-per-expert", "2", "--cpus-per-expert", "1"], "--cpus-per-expert 1 <"),
     ]:
         rc, out = _run([*base, *extra], capsys)
         assert rc == 2 and said in out, out
@@ -294,6 +297,24 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         capsys,
     )
     assert rc == 2 and "--workers 2 is the local executor's" in out
+
+
+def test_ray_reserves_a_cpu_for_each_data_parallel_process(shards_dir, tmp_path, capsys, monkeypatch):
+    """`--procs-per-expert 2` on Ray reserved the default 1 CPU for two busy processes."""
+    import elmforest.launch.executor as executor
+
+    asked = []
+
+    def make(kind, address, cpus, *rest):
+        asked.append((kind, cpus))
+        raise UserError("stop here")
+
+    monkeypatch.setattr(executor, "make_executor", make)
+    base = ["forest", "train", "--forest", tmp_path / "f", "--shards", shards_dir, "--preset", "tiny"]
+    for extra in (["--executor", "ray", "--procs-per-expert", "2"], ["--procs-per-expert", "2"]):
+        rc, out = _run([*base, *extra], capsys)
+        assert rc == 2 and "stop here" in out
+    assert asked == [("ray", 2.0), ("local", 1.0)]
 
 
 def test_a_ray_address_where_nothing_listens_is_said(shards_dir, tmp_path, capsys):

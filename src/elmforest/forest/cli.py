@@ -310,7 +310,10 @@ def train(
     address: Annotated[
         str | None, opt("Ray cluster address (default: start a local Ray instance)", metavar="ADDR")
     ] = None,
-    cpus_per_expert: Annotated[float, opt("Ray: CPUs per expert", positive_float)] = 1.0,
+    cpus_per_expert: Annotated[
+        float | None,
+        opt("Ray: CPUs per expert, at least one per process (default: --procs-per-expert)", positive_float),
+    ] = None,
     gpus_per_expert: Annotated[float, opt("Ray: GPUs per expert", nonneg_float)] = 0.0,
     procs_per_expert: Annotated[
         int, opt("data-parallel processes per expert (torchrun: one per GPU, or gloo on CPU)", positive_int)
@@ -340,6 +343,13 @@ def train(
         raise UserError(
             "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
         )
+    if executor == "ray" and cpus_per_expert is not None and cpus_per_expert < procs_per_expert:
+        raise UserError(  # Ray would reserve fewer CPUs than the processes it runs busy
+            f"--cpus-per-expert {cpus_per_expert:g} < --procs-per-expert {procs_per_expert}: Ray reserves "
+            "--cpus-per-expert CPUs for each expert's processes; give at least one per process"
+        )
+    if cpus_per_expert is None:  # the local executor refuses any value given
+        cpus_per_expert = float(procs_per_expert) if executor == "ray" else 1.0
     ex = make_executor(
         executor, address, cpus_per_expert, gpus_per_expert, max_retries, workers
     )  # refused first
