@@ -325,3 +325,8 @@ def test_the_report_of_an_xelm_dir_holds_its_tables_runs_and_compute(xelm_run, t
         out, copy, ignore=shutil.ignore_patterns("forest-k2", "checkpoints", "corpus*", "shards*")
     )
     assert f"{copy / 'forest-k2'}: no forest, yet results.json has its rows (k2_*)" in render_report(copy)
+    # the note compares a forest with its own arms: a bigger arm of another forest does not hide it
+    r = json.loads((copy / "results.json").read_text())
+    r["compute"]["arms"]["tfidf9_ensemble"] = 100 * r["compute"]["arms"]["dense"]
+    (copy / "results.json").write_text(json.dumps(r))
+    assert "No arm uses all of forest-k4" in render_report(copy).replace("&#x27;", "'")

@@ -163,7 +163,10 @@ def quickstart_xelm(
         ka = ADD_K if ADD_K in forests else ks[len(ks) // 2]
         groups = list(groupings[ka]["groups"])
         added = add_language(out, forest, forests[ka], ka, groups, shards, new, plan, progress, log)
-    log(f"[8/8] per-language bits per byte on each language's test split (the first {eval_bytes:,} bytes)")
+    log(
+        f"[8/8] per-language bits per byte on each language's test split (the first whole documents within "
+        f"{eval_bytes:,} bytes)"
+    )
     results = evaluate_all(
         forest,
         forests,
