@@ -266,11 +266,19 @@ def test_progress_says_waiting_until_a_job_writes_past_where_it_was(tmp_path):
     line = {"step": 200, "loss": 2.0, "tokens_per_s": 1000.0, "elapsed_s": 10.0}
     (run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     mon = ProgressMonitor({"dense": run}, 400, tmp_path / "progress.log", echo=False)
-    assert mon.report() == [f"{'dense':24s} waiting (from step 200)"]
+    assert mon.report() == [f"{'dense':24s} waiting (logged up to step 200)"]
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({**line, "step": 210, "start_step": 200, "elapsed_s": 1.0}) + "\n")
     (now,) = mon.report()
-    assert now.startswith(f"{'dense':24s} step 210/400 loss 2.000") and "ETA" in now
+    assert now.startswith(f"{'dense':24s} step 210/400 loss 2.000") and "ETA" in now and "again" not in now
+    # a run cut at step 210 resumes from its checkpoint at 205: its steps after 205 are not a regression
+    mon = ProgressMonitor({"dense": run}, 400, tmp_path / "progress.log", echo=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**line, "step": 206, "start_step": 200, "elapsed_s": 11.0}) + "\n")
+    (now,) = mon.report()
+    assert now.startswith(f"{'dense':24s} step 206/400") and now.endswith(
+        "(again: resumed from a checkpoint before step 210)"
+    )
 
 
 def test_progress_prints_a_line_once_on_the_terminal_and_every_time_in_its_log(tmp_path, capfd):

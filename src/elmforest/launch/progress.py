@@ -39,13 +39,17 @@ def progress_line(name: str, run_dir: Path, total_steps: int | None, before: dic
     if not m:
         return f"{name:24s} waiting"
     if m == before:
-        return f"{name:24s} waiting (from step {m.get('step')})"
+        return f"{name:24s} waiting (logged up to step {m.get('step')})"
     eta = ""
     if total_steps and m.get("tokens_per_s") and m.get("elapsed_s"):
         rate = (m["step"] - m.get("start_step", 0)) / max(m["elapsed_s"], 1e-9)  # experts start at the seed
         eta = f" ETA {max(0.0, (total_steps - m['step']) / max(rate, 1e-9)):6.0f}s"
     total = f"/{total_steps}" if total_steps else ""
-    return f"{name:24s} step {m['step']}{total} loss {m['loss']:.3f} {m['tokens_per_s']:8,.0f} tok/s{eta}"
+    again = ""  # a cut run resumes from its last checkpoint, before the last step it logged
+    if before and isinstance(before.get("step"), int) and m["step"] <= before["step"]:
+        again = f" (again: resumed from a checkpoint before step {before['step']})"
+    line = f"{name:24s} step {m['step']}{total} loss {m['loss']:.3f} {m['tokens_per_s']:8,.0f} tok/s{eta}"
+    return line + again
 
 
 class ProgressMonitor:
