@@ -237,6 +237,12 @@ def test_add_remove_and_incompatible_experts(forest_dir, shards_dir, corpus, tmp
     f.remove(src.names[1])
     again = Forest.load(tmp_path / "f")
     assert again.names == [src.names[0], src.names[2]]
+    # experts trained side by side finish in any order: forest.json lists them as the plan does
+    g = Forest.init(tmp_path / "g")
+    g.update(lambda d: d.update(plan={"domains": src.names[::-1][:2]}))
+    for n in src.names:
+        g.add(src.expert_dir(n), n, src.expert(n)["domains"])
+    assert g.names == [src.names[2], src.names[1], src.names[0]]  # one outside the plan last
     assert not (tmp_path / "f" / "experts" / src.names[1]).exists()
     assert all((tmp_path / "f" / e["path"] / "model.safetensors").is_file() for e in again.experts)
 

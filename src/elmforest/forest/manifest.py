@@ -86,6 +86,14 @@ def weight_digests(model_dir: Path) -> dict:
     return {f.name: file_digest(f) for f in sorted(model_dir.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES)}
 
 
+def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
+    """Experts in the order of the plan's domains (the ones it does not name after them, as added):
+    experts trained side by side finish in any order, and that order became the MoE's expert index,
+    the tables' columns and the ensemble's, different from one run to the next."""
+    rank = {n: i for i, n in enumerate((d.get("plan") or {}).get("domains") or [])}
+    return sorted(experts, key=lambda e: rank.get(e["name"], len(rank)))
+
+
 class Forest:
     def __init__(self, root: str | Path, data: dict):
         self.root = Path(root)
@@ -420,7 +428,7 @@ class Forest:
                 # the checkpoint lands under the same lock as its manifest entry; a replaced one steps aside
                 # whole, so a kill between the renames leaves it to be put back, never a dangling entry
                 replace_dir(staged, self.root / rel)
-                d["experts"] = [e for e in d["experts"] if e["name"] != name] + [entry]
+                d["experts"] = _in_plan_order(d, [e for e in d["experts"] if e["name"] != name] + [entry])
                 d["tokenizer"], d["architecture"] = tok, forest_arch
                 # re-added after an opt-out: what its removal discarded goes with it, not lost
                 spent = [x for r in d.get("removed", []) if r["name"] == name for x in r.get("spent", [])]
