@@ -393,3 +393,21 @@ def test_an_expert_batch_that_processes_cannot_share_is_refused_before_the_fores
     assert main([*argv, "--procs-per-expert", "7"]) == 2
     assert "must divide among --procs-per-expert 7" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def test_sigterm_is_said_once_by_the_launcher_not_by_each_data_parallel_rank(monkeypatch, capsys):
+    """`train --nproc 2` under SIGTERM printed the terminated line from the launcher and each rank."""
+    import signal
+
+    from elmforest import cli
+
+    for rank, said in ((None, True), ("1", False)):
+        monkeypatch.setattr(cli, "_STOPPED_BY", [])
+        if rank is None:
+            monkeypatch.delenv("LOCAL_RANK", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            cli._terminated(signal.SIGTERM, None)
+        assert e.value.code == 143 and cli._STOPPED_BY == [143]
+        assert ("terminated (SIGTERM)" in capsys.readouterr().err) is said

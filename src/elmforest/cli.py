@@ -101,7 +101,9 @@ RESUMABLE = {  # verbs that continue where they stopped when run again
 
 
 def _terminated(signum, frame):
-    if not _STOPPED_BY:  # said once: a second SIGTERM (a process group's, a supervisor's retry) only unwinds
+    # said once: a second SIGTERM (a process group's, a supervisor's retry) only unwinds, and a
+    # data-parallel rank (torchrun's worker) leaves it to the `train --nproc` command that launched it
+    if not _STOPPED_BY and "LOCAL_RANK" not in os.environ:
         print(f"elmforest: terminated (SIGTERM){_resumes_hint(train_cli.ARGV)}", file=sys.stderr)
     _STOPPED_BY.append(128 + signum)
     raise SystemExit(128 + signum)
