@@ -5,6 +5,8 @@ skip when it is missing."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -322,3 +324,47 @@ def test_jobs_name_absolute_paths_for_workers_that_run_elsewhere(shards_dir, tmp
         Path(j["forest"]).is_absolute() and Path(j["shards"]).is_absolute() for j in ex.jobs
     )
     assert Path(ex.jobs[0]["forest"]) == tmp_path / "f"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="the reaper reads /proc (Linux)")
+def test_a_sigkilled_driver_leaves_no_ray_instance_behind(tmp_path):
+    """ray.init's own instance (GCS, raylet, agents, workers) outlived a SIGKILLed driver until `ray stop`."""
+    pytest.importorskip("ray")
+    from elmforest.launch.ray_reaper import _start_time, _tree
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time\n"
+        "from elmforest.launch.executor import RayExecutor\n"
+        "from elmforest.launch.ray_reaper import ray_process_ids\n"
+        "RayExecutor(num_cpus=1)._init()\n"
+        "print(' '.join(map(str, ray_process_ids())), flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        roots = [int(x) for x in p.stdout.readline().split()]
+        assert roots, "the driver started no Ray processes"
+        deadline = time.time() + 30
+        while len(_tree(roots)) <= len(roots) and time.time() < deadline:
+            time.sleep(0.2)  # the raylet's agents and workers
+        time.sleep(1.5)  # the reaper's first look at them
+        ray = {q: _start_time(q) for q in _tree(roots)}
+        assert len(ray) > len(roots)
+    finally:
+        p.kill()
+        p.wait()
+
+    def running(q):
+        try:
+            stat = Path(f"/proc/{q}/stat").read_text()
+        except OSError:
+            return False
+        return _start_time(q) == ray[q] and stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
+
+    deadline = time.time() + 20
+    while any(running(q) for q in ray) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [q for q in ray if running(q)]

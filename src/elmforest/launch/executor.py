@@ -167,6 +167,9 @@ class RayExecutor:
                     log_to_driver=False,
                     _node_ip_address="127.0.0.1",
                 )
+                from elmforest.launch.ray_reaper import ray_process_ids, reap_with_driver
+
+                reap_with_driver(ray_process_ids())  # a SIGKILLed driver leaves no Ray behind
         except (ValueError, ConnectionError) as e:
             raise UserError(f"Ray{f' at --address {self.address}' if self.address else ''}: {e}") from None
         if callable(ours) and threading.current_thread() is threading.main_thread():
