@@ -396,3 +396,19 @@ def test_the_same_corpus_written_otherwise_is_the_same_study(corpus, tmp_path, m
     _check_identity(tmp_path, load_study_config("tiny", [f"corpus={corpus.name}"]))
     with pytest.raises(UserError, match="corpus"):
         _check_identity(tmp_path, load_study_config("tiny", [f"corpus={tmp_path}"]))
+
+
+def test_gain_plots_tick_each_count_measured(tmp_path, monkeypatch):
+    """A log2 axis wrote 2^1, 2^2, 2^3 and left a 3-domain point without a tick."""
+    from elmforest.study import report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig))
+    g = [{"n_domains": n, "gain": 0.01, "ci": [0.0, 0.02]} for n in (2, 3, 8)]
+    report.plot_domains({"domains": g}, tmp_path / "d.png")
+    rows = [
+        {"data_fraction": 0.5, "balance": "bytes", "k": k, "gain": 0.01, "ci": [0.0, 0.02]} for k in (2, 4)
+    ]
+    report.plot_cbtm({"cbtm": rows}, tmp_path / "c.png")
+    labels = [[t.get_text() for t in f.axes[0].get_xticklabels()] for f in figs]
+    assert labels == [["2", "3", "8"], ["1", "2", "4"]]

@@ -156,10 +156,20 @@ def plot_domains(fits: dict, path: Path) -> None:
         ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt="o-", capsize=4)
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
+    _integer_ticks(ax, [x["n_domains"] for x in g])
     ax.set_xlabel("domains (one expert each)")
     ax.set_ylabel("gain over dense at 1x budget (%)")
     ax.set_title("BTM's gain vs the number of domains")
     _save(fig, path)
+
+
+def _integer_ticks(ax, values) -> None:
+    """A tick at each count measured, written as the count (a log axis wrote 2^1, 2^2 and left a
+    3-domain point without one)."""
+    if values:
+        ticks = sorted(set(values))
+        ax.set_xticks(ticks, [str(v) for v in ticks])
+        ax.minorticks_off()
 
 
 def plot_cbtm(fits: dict, path: Path) -> None:
@@ -185,6 +195,7 @@ def plot_cbtm(fits: dict, path: Path) -> None:
         ax.errorbar(k, y, yerr=[y - lo, hi - y], fmt=style, capsize=3, label=f"data {f:g}, {balance}")
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
+    _integer_ticks(ax, [1] + [r["k"] for r in rows])
     ax.set_xlabel("clusters k (k = 1: the dense run)")
     ax.set_ylabel("gain over dense at the same data and compute (%)")
     ax.set_title("c-BTM: gain vs k for each amount of data")
