@@ -730,7 +730,7 @@ def test_a_diverged_expert_is_an_error_not_empty_text_nor_a_torch_traceback(fore
         k: v if "embed" in k else torch.full_like(v, 8.4e37) for k, v in load_file(weights).items()
     }
     save_file(huge, weights, metadata={"format": "pt"})
-    from elmforest.forest.manifest import weight_digests
+    from elmforest.forest.staging import weight_digests
 
     def diverged(d):  # trained so, not damaged on disk: its recorded checksums are these weights'
         next(e for e in d["experts"] if e["name"] == "legal")["files"] = weight_digests(weights.parent)

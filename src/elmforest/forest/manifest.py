@@ -14,10 +14,6 @@ forest, structure. Removing an expert (forest/optout.py) changes nothing else.
 from __future__ import annotations
 
 import fcntl
-import json
-import os
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,12 +23,13 @@ from elmforest.forest.fingerprint import (
     config_difference,
     tokenizer_fingerprint,
 )
+from elmforest.forest.records import ForestRecords, _now
+from elmforest.forest.staging import WEIGHT_SUFFIXES, _copy_checkpoint, _stage_checkpoint, weight_digests
 from elmforest.forest.trust import (
     RESERVED_NAMES,
     check_finite,
     check_manifest,
     check_weights,
-    copy_regular_files,
     count,
     inside,
     valid_name,
@@ -41,12 +38,9 @@ from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import (
     clean_stale,
-    file_digest,
     read_json,
     remove_path,
     replace_dir,
-    staged_dir,
-    temp_sibling,
     write_json_atomic,
 )
 
@@ -58,32 +52,6 @@ class UnknownExpert(UserError, LookupError):
 
 
 __all__ = ["RESERVED_NAMES", "Forest", "UnknownExpert", "valid_name"]
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
-
-
-def _stage_checkpoint(src: Path, dst: Path, link: bool = False) -> Path:
-    """Copy a checkpoint's regular files next to `dst` (unique per host and process), ready to be
-    renamed into place; nothing is left behind if the copy fails."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(dst, "stage")
-    try:
-        tmp.mkdir()
-        copy_regular_files(src, tmp, link=link)
-    except BaseException:
-        remove_path(tmp)
-        raise
-    return tmp
-
-
-def _copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
-    """Copy an HF checkpoint dir (hard links only for files the forest owns); lands atomically by rename."""
-    with staged_dir(dst) as tmp:
-        copy_regular_files(src, tmp, link=link)
-
-
-def weight_digests(model_dir: Path) -> dict:
-    """Size and sha256 of each weight file, recorded when an expert lands, verified by `forest fsck`."""
-    return {f.name: file_digest(f) for f in sorted(model_dir.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES)}
 
 
 def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
@@ -94,7 +62,7 @@ def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
     return sorted(experts, key=lambda e: rank.get(e["name"], len(rank)))
 
 
-class Forest:
+class Forest(ForestRecords):
     def __init__(self, root: str | Path, data: dict):
         self.root = Path(root)
         self.data = data
@@ -224,64 +192,6 @@ class Forest:
     def seed_dir(self) -> Path | None:
         s = self.data.get("seed")
         return inside(self.root, s["path"], "seed", self.root / "forest.json") if s else None
-
-    def total_flops(self) -> int:
-        """Training FLOPs of the seed and the current experts (the forest used as an ensemble)."""
-        seed = (self.data.get("seed") or {}).get("flops", 0) or 0
-        return int(seed + sum(e.get("flops", 0) or 0 for e in self.data["experts"]))
-
-    def ledger(self) -> list[dict]:
-        """Every training phase behind this forest, each counted by what actually ran (train/flops.py):
-        the seed, each current expert, and recorded extra phases (a merged model's router training)."""
-        seed = self.data.get("seed") or {}
-        rows = []
-        if seed:
-            rows.append(
-                {
-                    "phase": "seed",
-                    "name": "seed",
-                    "tokens": seed.get("tokens", 0),
-                    "flops": seed.get("flops", 0),
-                }
-            )
-        for e in self.data["experts"]:
-            rows.append({"phase": "expert", "name": e["name"], "tokens": e["tokens"], "flops": e["flops"]})
-        return rows + [dict(p) for p in self.data.get("ledger", [])]
-
-    def record_phase(self, phase: dict) -> None:
-        """Put a training phase that is neither the seed nor an expert (e.g. the router training of a
-        model merged from this forest) in the ledger. The same phase of the same output (its resolved
-        path; the name when there is none) is replaced, as a rerun overwrites that output; two
-        outputs that share a folder name both ran, so both stay."""
-        if not {"phase", "name", "tokens", "flops"} <= set(phase):
-            raise UserError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
-        phase = dict(phase)
-        if phase.get("output"):
-            phase["output"] = str(Path(phase["output"]).resolve())
-
-        def key(p: dict) -> tuple:
-            out = p.get("output")
-            return (p.get("phase"), str(Path(out).resolve()) if out else None, None if out else p.get("name"))
-
-        def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if key(p) != key(phase)] + [phase]
-
-        self.update(change)
-
-    def drop_phases(self, output: str | Path) -> None:
-        """Forget the recorded training of an output that was just written over with an untrained model:
-        the ledger counts what the forest and its outputs now hold, and that training is gone."""
-        path = str(Path(output).resolve())
-        if not any(p.get("output") == path for p in self.data.get("ledger", [])):
-            return
-
-        def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if p.get("output") != path]
-
-        try:
-            self.update(change)
-        except OSError:  # a read-only forest: nothing of it was recorded by this run either
-            pass
 
     # -- changes -----------------------------------------------------------------------------------
     def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
@@ -447,72 +357,6 @@ class Forest:
 
         return remove_expert(self, name)
 
-    def record_output(self, path: str | Path, kind: str, experts: list[str]) -> dict | None:
-        """Remember a merged model written from these experts (it holds copies of their weights), so
-        that opting one out also deletes its copies. Returns the entry this one replaced, if any."""
-        path = str(Path(path).resolve())
-        before = []
-
-        def change(d):
-            before[:] = [o for o in d.get("outputs", []) if o["path"] == path]
-            d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
-            d["outputs"].append(
-                {
-                    "path": path,
-                    "relative": os.path.relpath(path, self.root.resolve()),  # found again in a copied tree
-                    "kind": kind,
-                    "experts": list(experts),
-                    "written": _now(),
-                }
-            )
-
-        try:
-            self.update(change)
-        except OSError as e:  # a read-only forest (someone else's) can still be merged from
-            print(
-                f"warning: could not record {path} in {self.root / 'forest.json'} ({e}); opting an expert "
-                "out of this forest will not find this copy",
-                file=sys.stderr,
-            )
-        return before[0] if before else None
-
-    def forget_output(self, path: str | Path, previous: dict | None = None) -> None:
-        """Undo `record_output` for a merge that failed: put back the entry it replaced (`previous`,
-        whose copies may still be there), or drop the path when there was none."""
-        path = str(Path(path).resolve())
-
-        def change(d):
-            d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
-            if previous is not None:
-                d["outputs"].append(previous)
-
-        try:
-            self.update(change)
-        except OSError:
-            pass
-
-    def set_clusterer(self, clusterer_dir: str | Path) -> None:
-        """Keep a copy of the c-BTM clusterer that defines the experts' clusters (for routing)."""
-        from elmforest.cluster.clusterer import Clusterer
-
-        c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
-        have = self.root / "clusterer"
-        if self.data.get("clusterer") and self.names and have.is_dir():
-
-            def identity(d: Path):  # the centres, projection and vocabulary (their checksum), not notes
-                meta = json.loads((d / "clusterer.json").read_text())
-                return meta.get("k"), (meta.get("arrays") or {}).get("sha256")
-
-            # its experts were trained on the old clusters
-            if identity(have) != identity(Path(clusterer_dir)):
-                raise UserError(
-                    f"{self.root}: its experts were trained on the clusters of another clusterer "
-                    f"(k={self.data['clusterer'].get('k')}); a new clusterer needs a new forest"
-                )
-        with staged_dir(self.root / "clusterer") as tmp:
-            copy_regular_files(Path(clusterer_dir), tmp)
-        self.update(lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims}))
-
     def describe(self) -> str:
         lines = [
             f"forest {self.root}: {len(self.data['experts'])} expert(s), tokenizer {self.data.get('tokenizer')}, "
@@ -537,7 +381,3 @@ def _read_manifest(root: Path) -> dict:
         found = data.get("version") if isinstance(data, dict) else type(data).__name__
         raise UserError(f"{path}: not a forest manifest of version {VERSION} (found {found})")
     return check_manifest(data, root, path)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
