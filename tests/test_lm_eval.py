@@ -345,7 +345,7 @@ def test_topk_from_a_uniform_prior_says_the_choice_is_a_tie(forest_dir, capsys):
     err = capsys.readouterr().err
     assert "uniform prior: the experts tie" in err and "prior=cached" in err
     assert ", ".join(lm.lm.names) in err
-    from elmforest.forest.evaluate import top_experts
+    from elmforest.forest.mixture import top_experts
 
     # a tie goes to the earlier experts, as the note says (torch.topk gave experts 5, 6 of 8 equal ones)
     assert [top_experts(torch.full((n,), 1.0 / n), k) for n, k in ((8, 1), (8, 2), (5, 2))] == [

@@ -45,8 +45,9 @@ from elmforest.eval.bpb import (
     select_documents,
     training_split_spec,
 )
-from elmforest.forest.cluster_route import ClusterContext, width
+from elmforest.forest.cluster_route import ClusterContext
 from elmforest.forest.manifest import Forest
+from elmforest.forest.mixture import _mixture_nll
 from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is part of this module's API
     PRIOR_BATCH_WINDOWS,
     ExpertPool,
@@ -57,7 +58,6 @@ from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is par
     make_pool,
     valid_mask,
 )
-from elmforest.forest.posterior import ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_state_dict
 from elmforest.model.build import load_model
 from elmforest.utils.errors import UserError
@@ -291,77 +291,6 @@ def _given(given_prior: dict, d: str, names: list[str]) -> torch.Tensor:
 
 def _is_tied(model, name: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")
-
-
-def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weighting, select, key, starts):
-    """Summed NLL of the (top-k) mixture, the mean weight per expert, and the experts that ran."""
-    n = len(pool.dirs)
-    if mode == "ensemble":
-        lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key)
-        lw = log_weights(lp.double(), pi, weighting, starts)
-        ens = ensemble_logprob(lp.double(), lw)
-        return -float(ens.sum()), _mean_weight(lw, valid_mask(nw, seq_len, len(stream))), list(range(n))
-    if select == "prior":
-        # BTM: keep the k largest prior entries, renormalise, and run only those experts.
-        top = top_experts(pi, k)
-        lp = pool.all_logprobs(top, stream, eos, seq_len, range(nw), key=key)
-        lw = log_weights(lp.double(), pi[top], weighting, starts)
-        ens = ensemble_logprob(lp.double(), lw)
-        mean_w = torch.zeros(n, dtype=torch.float64)
-        mean_w[top] = _mean_weight(lw, valid_mask(nw, seq_len, len(stream)))
-        return -float(ens.sum()), mean_w, top
-    if select.startswith("prefix:"):
-        w = width(select, "--select")
-        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts)
-    raise UserError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
-
-
-def top_experts(pi: torch.Tensor, k: int) -> list[int]:
-    """The k experts of largest prior, in forest order. A tie goes to the earlier expert (a stable
-    sort): torch.topk breaks ties by no documented rule (of 8 equal priors, k = 2 gave experts 5, 6)."""
-    return sorted(torch.sort(pi, descending=True, stable=True).indices[:k].tolist())
-
-
-def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
-    """Per window: all experts read the first w tokens, the k most probable then score the rest.
-
-    Positions < w are scored by the full ensemble (every expert has run there); positions >= w by
-    the chosen k only, with the prior restricted to them and renormalised.
-    """
-    n = len(pool.dirs)
-    w = max(1, min(w, seq_len))
-    head = torch.stack([pool.logprobs(j, stream, eos, seq_len, range(nw), upto=w) for j in range(n)])
-    lw_head = log_weights(head.double(), pi, weighting, starts)
-    nll = -float(ensemble_logprob(head.double(), lw_head)[:, :w].sum())
-    valid = valid_mask(nw, seq_len, len(stream))
-    if w == seq_len:  # the full ensemble scored every position: no expert needs a second pass
-        return nll, _mean_weight(lw_head, valid), list(range(n))
-    post_w = sequence_posterior(head.double()[:, :, :w], pi)  # [N, B] after the first w tokens
-    chosen = torch.topk(post_w, k, dim=0).indices  # [k, B]
-    used = sorted(set(chosen.flatten().tolist()))
-    # run each expert only on the windows that chose it
-    lp_sel = torch.zeros(k, nw, seq_len, dtype=torch.float64)
-    for j in used:
-        rows, wins = (chosen == j).nonzero(as_tuple=True)
-        lp_j = pool.logprobs(j, stream, eos, seq_len, wins.tolist())
-        lp_sel[rows, wins] = lp_j.double()
-    # each window's k-expert mixture: the prior restricted to the chosen experts and renormalised; the
-    # posterior then re-reads the first w tokens itself (using post_w as the prior would count them twice)
-    sel_prior = pi.double()[chosen]
-    lw = log_weights(lp_sel, sel_prior, weighting, starts)
-    ens = ensemble_logprob(lp_sel, lw)
-    nll += -float(ens[:, w:].sum())
-    # mean weights: the full ensemble's before w, the chosen experts' from w on
-    mean_w = (lw_head[:, :, :w].exp() * valid[:, :w]).sum((1, 2))
-    for slot in range(k):
-        mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))
-    mean_w /= valid.sum().clamp_min(1)
-    return nll, mean_w, list(range(n))  # every expert read the first w tokens
-
-
-def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean weight of each expert over the real (non-padding) positions."""
-    return (lw.exp() * valid).sum((1, 2)) / valid.sum().clamp_min(1)
 
 
 def held_out_by_all(expert_dirs: list[Path], given: SplitSpec | None) -> SplitSpec:

@@ -29,8 +29,9 @@ from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
 from elmforest.eval.bpb import default_seq_len, n_windows, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
-from elmforest.forest.evaluate import _is_tied, _mixture_nll, top_experts
+from elmforest.forest.evaluate import _is_tied
 from elmforest.forest.manifest import Forest
+from elmforest.forest.mixture import _mixture_nll, top_experts
 from elmforest.forest.pool import ExpertPool, check_intact, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
