@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards, window_batch
-from elmforest.forest import btm
+from elmforest.forest import branching, btm
 from elmforest.forest.evaluate import estimate_prior, evaluate_forest_shards, make_pool
 from elmforest.forest.generate import generate, mixture_logprobs
 from elmforest.forest.manifest import Forest
@@ -276,7 +276,7 @@ def test_branching_from_a_mixture_uses_the_posterior(forest_dir, shards_dir, tmp
     forest = Forest.load(tmp_path / "f")
     shards = Shards(shards_dir)
     new_domain = shards.domains[0]
-    want = btm.branch_weights(forest, shards, new_domain, prior_batches=20, device="cpu")
+    want = branching.branch_weights(forest, shards, new_domain, prior_batches=20, device="cpu")
     pool = make_pool(forest, device="cpu")
     pi = estimate_prior(pool, shards.tokens(new_domain, "valid"), shards.eos_id, 64, 20)
     assert list(want.values()) == pytest.approx(pi.tolist())
@@ -316,7 +316,7 @@ def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_doma
     shutil.copytree(forest_dir, tmp_path / "f")
     forest, shards = Forest.load(tmp_path / "f"), Shards(shards_dir)
     first, other = shards.domains[0], shards.domains[1]
-    cut = btm.branch_weights(forest, shards, first, prior_batches=20, device="cpu")
+    cut = branching.branch_weights(forest, shards, first, prior_batches=20, device="cpu")
     init = tmp_path / "f" / "branches" / "newx"
     average_checkpoints(  # what the cut run left
         [forest.expert_dir(n) for n in cut],
@@ -324,7 +324,7 @@ def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_doma
         list(cut.values()),
         metadata={"branch_for": first, "names": list(cut)},
     )
-    want = btm.branch_weights(forest, shards, other, prior_batches=20, device="cpu")
+    want = branching.branch_weights(forest, shards, other, prior_batches=20, device="cpu")
     assert want != pytest.approx(cut)
     e = btm.train_expert(
         forest, shards, other, name="newx", branch="mixture", progress=False, overrides=["train.steps=2"]

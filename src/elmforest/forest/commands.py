@@ -150,7 +150,7 @@ def average(
         ws = [1.0] * len(names)
     elif weights == "posterior":
         from elmforest.data.shards import Shards
-        from elmforest.forest.btm import branch_weights
+        from elmforest.forest.branching import branch_weights
 
         w = branch_weights(forest, Shards(data), domain, prior_batches)
         ws = [w[n] for n in names]

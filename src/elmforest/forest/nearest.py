@@ -2,7 +2,7 @@
 
 Two measures, both recorded in the new expert's lineage so the choice can be audited:
 - `posterior` (the default): the forest's posterior over its experts on the new domain's valid split
-  (BTM's branching weights, forest/btm.py `branch_weights`): the expert that already predicts the new
+  (BTM's branching weights, forest/branching.py `branch_weights`): the expert that already predicts the new
   data best. Works for any domain.
 - `typology`: the URIEL syntax distance (cluster/languages.py) between the new language and each
   expert's languages (average linkage): X-ELM's choice, needing ISO 639-3 domains. An expert trained on
@@ -31,7 +31,7 @@ def nearest_expert(
 ) -> tuple[str, dict]:
     """(the expert to branch from, the record of why: the measure and every expert's score); `among`
     limits the candidates (default: every expert of the forest)."""
-    from elmforest.forest.btm import branch_weights
+    from elmforest.forest.branching import branch_weights
 
     if by not in MEASURES:
         raise UserError(f"unknown nearest measure {by!r}; expected nearest:posterior or nearest:typology")
