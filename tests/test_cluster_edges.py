@@ -12,8 +12,8 @@ from conftest import DOMAIN_WORDS, make_tiny_encoder
 from elmforest.cli import main
 from elmforest.cluster.assign import assign_corpus, fit_clusterer, sample_texts
 from elmforest.cluster.clusterer import Clusterer
+from elmforest.data.domain_map import load_domain_map
 from elmforest.data.readers import iter_documents
-from elmforest.data.shards import load_domain_map
 from elmforest.data.splits import SplitSpec
 from elmforest.launch.groupings import load_grouping
 from elmforest.utils.errors import NotFound, UserError

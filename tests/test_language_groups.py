@@ -144,7 +144,7 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     assert g4["lang2vec_version"] == "1.1.2" and g4["languages"] == sorted(LANGS14)
     dm = L.domain_map(g4)
     assert set(dm) == set(LANGS14) and set(dm.values()) == set(g4["groups"])
-    from elmforest.data.shards import load_domain_map
+    from elmforest.data.domain_map import load_domain_map
 
     assert load_domain_map(tmp_path / "g" / "k4.json") == dm
     with pytest.raises(NotFound, match="a directory, not a JSON file"):
@@ -253,7 +253,7 @@ def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, s
 
 
 def test_an_inline_domain_map_is_told_to_be_a_file():
-    from elmforest.data.shards import load_domain_map
+    from elmforest.data.domain_map import load_domain_map
     from elmforest.utils.errors import NotFound
 
     with pytest.raises(NotFound, match="inline JSON is not read: write it to a file"):

@@ -275,7 +275,8 @@ def build(
     order: OrderArgs = DEFAULT_ORDER,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
-    from elmforest.data.shards import build_shards, load_domain_map
+    from elmforest.data.domain_map import load_domain_map
+    from elmforest.data.shards import build_shards
     from elmforest.data.splits import SplitSpec
 
     rep = build_shards(

@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from elmforest.data.shards import Shards, load_domain_map
+from elmforest.data.domain_map import load_domain_map
+from elmforest.data.shards import Shards
 from elmforest.forest.trust import NAME, NAME_RULE, RESERVED_NAMES
 from elmforest.utils.errors import UserError
 
 
 def load_grouping(path: str | Path, held: set[str] | frozenset = frozenset()) -> dict[str, list[str]]:
     """{expert name: [domains]} from a grouping artifact (`{"groups": {"group0": ["deu", ...]}}`, as
-    `elmforest cluster languages` writes it) or a plain {domain: group} map (data/shards.py's domain
+    `elmforest cluster languages` writes it) or a plain {domain: group} map (data/domain_map.py's domain
     maps: a domain in two groups or an empty group is refused there). A language the artifact also
     knows by the code the user gave (`de` for `deu`) is listed once, as the shards in `held` spell it."""
     m = load_domain_map(path, role="--groups file")
