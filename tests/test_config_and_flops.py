@@ -7,7 +7,7 @@ from elmforest.config import ModelConfig, RunConfig, apply_overrides
 from elmforest.model.build import build_model, load_model
 from elmforest.model.presets import PRESETS, preset_run_config
 from elmforest.train.flops import flops_breakdown, flops_per_token, matmul_params
-from elmforest.train.trainer import freeze_except
+from elmforest.train.setup import freeze_except
 
 
 def test_config_round_trip_and_overrides():

@@ -314,7 +314,7 @@ def test_frozen_parameters_stay_put_and_branching_keeps_moments_by_name(shards_d
     assert moved and all(".mlp." in k for k in moved)
     # the MLP-only run continued the seed's Adam moments, each under its own parameter's name
     from elmforest.train.checkpoint import load_checkpoint
-    from elmforest.train.trainer import freeze_except
+    from elmforest.train.setup import freeze_except
 
     model = build_model(part.model, Shards(shards_dir).vocab_size, Shards(shards_dir).eos_id)
     freeze_except(model, part.train.trainable)
@@ -440,7 +440,7 @@ def test_flops_of_a_frozen_run_are_what_torch_counts(shards_dir, tmp_path, train
 
     from elmforest.model.build import load_model
     from elmforest.train.flops import flops_breakdown
-    from elmforest.train.trainer import freeze_except
+    from elmforest.train.setup import freeze_except
 
     cfg = tiny_config(shards_dir, steps=2, trainable=trainable)
     s = train(cfg, tmp_path / "run", progress=False)
