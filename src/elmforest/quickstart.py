@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from elmforest.arms import _moe_models, _random_split_forest, cluster_forest
 from elmforest.clients.report import write_report
 from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
 from elmforest.config import apply_overrides
-from elmforest.data.shards import Shards, build_shards
-from elmforest.data.tokenizer import load_tokenizer
+from elmforest.data.shards import Shards
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark, plot_results, print_table
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
@@ -326,127 +326,3 @@ def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log
             f"cached prior estimated as the mean over valid windows vs BTM's moving average ({where}, mean BPB): "
             + "; ".join(f"{m} {pe['mean'][m]:.4f} vs {pe['ema_0.3'][m]:.4f}" for m in pe["mean"])
         )
-
-
-def _moe_models(
-    out: Path, forest: Forest, shards: Shards, router_steps: int, ft_steps: int, ft_lr: float, progress, log
-):
-    """BTX: the experts' MLPs as the experts of one Mixtral MoE, shared weights averaged, router rows
-    from each expert's domain embeddings (no training); optionally the router trained alone, and the
-    whole MoE fine-tuned on the mix (BTX's last stage), their compute recorded in the forest's ledger.
-    Each MoE's routing statistics land beside it. Returns (row -> model dir, row -> ledger phase)."""
-    from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe
-    from elmforest.merge.moe_train import finetune_moe, train_router
-
-    moe_dir, models, phases = out / "moe", {}, {}
-    meta = moe_dir / "elmforest_moe.json"
-    if not meta.is_file() or [e["name"] for e in read_json(meta)["experts"]] != forest.names:
-        log(f"      merging {len(forest.names)} experts into one Mixtral MoE (top-2) -> {moe_dir}")
-        export_moe(forest, moe_dir, MoeSpec())
-    models["moe"] = moe_dir
-    fp = export_fingerprint(moe_dir) if router_steps or ft_steps else None
-    if router_steps:
-        rt = out / "moe-router-trained"
-
-        def run_router():
-            log(f"      training the MoE's router alone for {router_steps} steps -> {rt}")
-            train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
-
-        want = {"steps": router_steps, "from_fingerprint": fp}
-        phases["moe_router_trained"] = _moe_phase(forest, rt, "router_training", want, run_router)
-        models["moe_router_trained"] = rt
-    if ft_steps:
-        ft = out / "moe-btx"
-
-        def run_btx():
-            log(
-                f"      BTX: fine-tuning the whole MoE on the mix for {ft_steps} steps at LR {ft_lr:g} -> {ft}"
-            )
-            finetune_moe(moe_dir, shards.root, ft_steps, out=ft, lr=ft_lr, progress=progress)
-
-        want = {"steps": ft_steps, "lr": ft_lr, "from_fingerprint": fp}
-        phases["moe_btx"] = _moe_phase(forest, ft, "finetuning", want, run_btx, phase="btx_finetuning")
-        models["moe_btx"] = ft
-    from elmforest.merge.routing import summary_line, write_routing
-
-    for name, d in models.items():  # an export or router training replaces the directory: recomputed
-        stats = read_json(d / "routing.json") if (d / "routing.json").is_file() else None
-        stats = stats or write_routing(d, shards.root)
-        log(f"      {name}: {summary_line(stats)} ({d / 'routing.png'})")
-    return models, phases
-
-
-def _moe_phase(forest: Forest, out_dir: Path, key: str, want: dict, run, phase: str | None = None) -> dict:
-    """A training stage of a merged MoE (router training, BTX fine-tuning), rerun unless the output's
-    card records exactly `want` under `key`; its tokens and FLOPs enter the forest's ledger."""
-    card = out_dir / "elmforest_moe.json"
-    meta = read_json(card).get(key, {}) if card.is_file() else {}
-    if any(meta.get(k) != v for k, v in want.items()):
-        run()
-        meta = read_json(card)[key]
-    rec = {
-        "phase": phase or key,
-        "name": out_dir.name,
-        "tokens": meta["tokens"],
-        "flops": meta["flops"],
-        "output": str(out_dir),
-    }
-    forest.record_phase(rec)
-    return rec
-
-
-def _random_split_forest(out: Path, corpus: Path, forest: Forest, k: int, progress: bool, log) -> Forest:
-    """BTM's ablation: the same seed, experts on k random groups of the same documents."""
-    rshards_dir = out / "shards-random"
-    if not Shards.is_shards_dir(rshards_dir):
-        build_shards(
-            corpus, load_tokenizer(out / "tokenizer"), rshards_dir, random_domains=k, progress=progress
-        )
-    rshards = Shards(rshards_dir)
-    rforest = btm.share_seed(out / "forest-random", forest, rshards.domains)
-    log(f"      ablation: {k} experts on random splits of the data -> {rforest.root}")
-    for d in rshards.domains:
-        btm.train_expert(rforest, rshards, d, progress=progress)
-    return rforest
-
-
-def cluster_forest(
-    out: Path,
-    corpus: Path,
-    forest: Forest,
-    k: int,
-    progress: bool,
-    log,
-    sample_docs: int = 20_000,
-    expert_lr: float | None = None,
-) -> Forest:
-    """c-BTM: discover k clusters on the training split, one expert per cluster from the same seed
-    (at `expert_lr`, in its own forest directory, when given; else the seed forest's expert LR)."""
-    from elmforest.cluster.assign import assign_corpus, fit_clusterer
-    from elmforest.cluster.clusterer import Clusterer
-
-    cdir = out / f"clusterer-{k}"
-    if not (cdir / "clusterer.json").is_file():
-        log(f"      fitting {k} balanced clusters (tf-idf -> SVD -> balanced k-means) -> {cdir}")
-        fit_clusterer(corpus, k, cdir, sample_docs=sample_docs, split="train")
-    assigned = out / f"clusters-{k}"
-    if not (assigned / "report.meta.json").is_file():
-        rep = assign_corpus(cdir, corpus, assigned, progress=progress)
-        log(
-            f"      cluster sizes {rep['sizes']}, NMI with the true domains {rep.get('nmi', float('nan')):.3f}"
-        )
-    cshards_dir = out / f"shards-clusters-{k}"
-    if not Shards.is_shards_dir(cshards_dir):
-        build_shards(assigned, load_tokenizer(out / "tokenizer"), cshards_dir, progress=progress)
-    cshards = Shards(cshards_dir)
-    if expert_lr == (forest.data.get("plan") or {}).get("expert_lr"):
-        expert_lr = None  # the default forest already trains at this LR
-    name = f"forest-clusters-{k}" + ("" if expert_lr is None else f"-lr-{expert_lr:g}")
-    cforest = btm.share_seed(out / name, forest, cshards.domains, expert_lr=expert_lr)
-    if not cforest.data.get("clusterer"):
-        cforest.set_clusterer(cdir)
-    Clusterer.load(cforest.root / "clusterer")
-    log(f"      c-BTM: {len(cshards.domains)} cluster experts -> {cforest.root}")
-    for d in cshards.domains:
-        btm.train_expert(cforest, cshards, d, progress=progress)
-    return cforest
