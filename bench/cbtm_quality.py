@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from elmforest.arms import cluster_forest
 from elmforest.eval.report import flops_mark
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
+from elmforest.quickstart_arms import cluster_forest
 from elmforest.utils.io import write_json_atomic
 
 try:

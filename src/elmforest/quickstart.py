@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from elmforest.arms import _moe_models, _random_split_forest, cluster_forest
 from elmforest.clients.report import write_report
 from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
 from elmforest.config import apply_overrides
@@ -33,6 +32,7 @@ from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.forest import train_forest
 from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
+from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic

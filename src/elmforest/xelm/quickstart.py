@@ -330,7 +330,7 @@ def _train_jobs(forest, forests, groupings, shards, plan, workers, threads, prog
 def _tfidf_forest(out: Path, data: dict, forest: Forest, k: int, lrs: dict, progress, log) -> Forest:
     """X-ELM's other grouping: balanced tf-idf clusters of the first round's documents (whatever their
     language), one expert each from the same seed, at the k-expert LR when swept (else the nearest k's)."""
-    from elmforest.arms import cluster_forest
+    from elmforest.quickstart_arms import cluster_forest
 
     first = out / "corpus-first-round"  # the new language must not shape the first round's clusters
     if not first.is_dir():
