@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from elmforest.cli import main
 from elmforest.config import RunConfig
@@ -119,6 +119,45 @@ def test_a_gpt2_checkpoint_seeds_a_forest_whose_experts_start_from_it(
     assert start.keys() == end.keys()
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+    # a rerun that asks for other settings: the whole config is compared ("kept" compared nothing)
+    again = [*("forest", "expert", "--forest", f, "--shards", sh, "--domain", "code", "--preset", "tiny")]
+    again += [*("--no-progress", "--set", "train.batch_size=2", "--set", "train.precision=fp32")]
+    rc, out = _run([*again, "--set", "train.steps=4"], capsys)
+    assert rc == 2 and "trained with other settings (train.steps: 3 -> 4)" in out, out
+    rc, out = _run([*again, "--set", "train.steps=3", "--set", "train.log_every=1"], capsys)
+    assert rc == 0 and "trained as asked; kept" in out, out
+    # forest train would have trained a seed of its own over the checkpoint (and mixed two seeds)
+    digests = _weights(forest.seed_dir)
+    rc, out = _run(
+        ["forest", "train", "--forest", f, "--shards", sh, "--preset", "tiny", "--no-progress"], capsys
+    )
+    assert rc == 2 and "its seed is a local checkpoint" in out and "forest expert --domain" in out, out
+    # another checkpoint does not replace the seed its experts branched from; the same one is kept
+    other = tmp_path / "other"
+    shutil.copytree(seed, other)
+    w = _weights(other)
+    save_file({k: v + 1 for k, v in w.items()}, str(other / "model.safetensors"), metadata={"format": "pt"})
+    rc, out = _run(["forest", "seed", "--forest", f, "--shards", sh, "--from-checkpoint", other], capsys)
+    assert rc == 2 and "has a seed already" in out and "1 expert(s) branched from it" in out, out
+    rc, out = _run(["forest", "seed", "--forest", f, "--shards", sh, "--from-checkpoint", seed], capsys)
+    assert rc == 0 and "its seed has these weights already; kept" in out, out
+    after = _weights(Forest.load(f).seed_dir)
+    assert after.keys() == digests.keys() and all(torch.equal(after[k], digests[k]) for k in after)
+    # a broken checkpoint is refused as the seed, not stored to fail at the first expert
+    save_file(
+        {k: v * float("nan") for k, v in w.items()},
+        str(other / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    rc, out = _run(
+        ["forest", "seed", "--forest", tmp_path / "g", "--shards", sh, "--from-checkpoint", other], capsys
+    )
+    assert rc == 2 and "non-finite" in out, out
+    assert not (tmp_path / "g" / "seed").exists()
+    # generation past GPT-2's n_positions: refused, not torch's IndexError
+    rc, out = _run(["generate", "--forest", f, "--prompt", "a b " * 40, "--max-new-tokens", "5"], capsys)
+    assert rc == 2 and "past the model's 64 positions" in out, out
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])

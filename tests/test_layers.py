@@ -15,7 +15,8 @@ LAYERS = [
     {"eval", "train", "cluster"},
     {"forest", "merge"},
     {"launch", "clients"},  # clients: lm-eval, the HTTP server, the run report
-    {"cli", "quickstart", "quickstart_arms", "compare", "study", "xelm"},  # and every package's cli.py: argument parsing only
+    # and every package's cli.py: argument parsing only
+    {"cli", "quickstart", "quickstart_arms", "compare", "study", "xelm"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.model.build import load_model, read_config, resolve_model_dir
+from elmforest.model.build import load_model, position_limit, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, NotFound, UserError
 from elmforest.utils.io import read_json
@@ -415,8 +415,8 @@ def check_seq_len(mdir: Path, seq_len: int) -> None:
     """A window longer than the model's position table is scored on positions it never had (Llama's
     rotary embedding runs on) or fails deep in the embedding (GPT-2's IndexError): refused."""
     cfg = read_config(Path(mdir))
-    most = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    if most and seq_len > int(most):
+    most = position_limit(cfg)
+    if most and seq_len > most:
         raise UserError(
             f"seq_len {seq_len} is longer than {mdir}'s {most} positions (max_position_embeddings in its "
             f"config.json); use --seq-len {most} or less"
@@ -429,4 +429,4 @@ def default_seq_len(mdir: Path) -> int:
     if run_cfg.is_file():
         return int(read_json(run_cfg)["train"]["seq_len"])
     cfg = read_json(mdir / "config.json")
-    return int(min(cfg.get("max_position_embeddings") or 1024, 1024))
+    return int(min(position_limit(cfg) or 1024, 1024))

@@ -62,6 +62,14 @@ def train_seed(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, prog
     if seed_ready(forest):
         check_plan(forest, plan)
         return forest.data["seed"]
+    seed = forest.data.get("seed") or {}
+    if seed and "config" not in seed:  # `forest seed --from-checkpoint`: no run of ours to continue
+        raise UserError(
+            f"{forest.root}: its seed is a {seed.get('source') or 'checkpoint'} (forest seed --from-checkpoint), "
+            "not a run this forest trained: training a seed here would replace it, and there is no seed run "
+            "for a dense baseline to continue. Train its experts with `forest expert --domain D` (one per "
+            "domain), or start a new forest (another --forest) to train a seed and its dense run"
+        )
     cfg = dense_config(base, plan, shards)
     cfg.train.stop_at = plan.seed_steps  # the pause always writes a checkpoint
     run_dir = forest.root / "runs" / "dense"
@@ -159,8 +167,35 @@ def share_seed(
     return other
 
 
-def seed_from_checkpoint(forest: Forest, model_dir: str | Path) -> dict:
-    """Use any local HF checkpoint as the seed (no seed training; experts get a fresh optimizer)."""
+def seed_from_checkpoint(
+    forest: Forest, model_dir: str | Path, shards: Shards | None = None, trust_remote_code: bool = False
+) -> dict:
+    """Use any local HF checkpoint as the seed (no seed training; experts get a fresh optimizer). A
+    forest's seed is never replaced: its experts branched from it (and a trained seed is the first
+    part of the dense run), so another checkpoint here would leave them labelled "from seed" of a
+    seed they never saw. The same weights again are kept. The checkpoint is loaded first (weights
+    whole and finite, embeddings for every token of `shards`' tokenizer, that tokenizer its own):
+    stored unchecked, a broken one failed only at the first expert, its shape already the forest's."""
+    from elmforest.forest.staging import weight_digests
+    from elmforest.model.build import resolve_model_dir
+
+    seed = forest.data.get("seed")
+    if seed:
+        have, given = forest.seed_dir, resolve_model_dir(model_dir)
+        if have.is_dir() and weight_digests(have) == weight_digests(given):
+            print(f"note: {forest.root}: its seed has these weights already; kept")
+            return seed
+        raise UserError(
+            f"{forest.root}: has a seed already ({seed.get('source') or 'trained here'}"
+            f"{f', {len(forest.names)} expert(s) branched from it' if forest.names else ''}); another "
+            "checkpoint would replace it under them: start a new forest (another --forest) for this one"
+        )
+    if shards is not None:
+        from elmforest.model.build import load_model
+        from elmforest.train.runcheck import check_same_tokenizer
+
+        check_same_tokenizer(str(model_dir), shards.tokenizer_fingerprint, Path(shards.root))
+        load_model(model_dir, trust_remote_code=trust_remote_code, vocab_size=shards.vocab_size)
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
     return forest.data["seed"]
 
@@ -264,7 +299,11 @@ def train_expert(
     if name in forest.names:
         # a flipped byte keeps the size: check the sums (not read again for files unchanged since)
         problem = forest.intact(name, deep=True, trust_unchanged=True)
-        check_kept(forest, name, list(mix) if mix else [domain], branch, list(overrides or []))
+        want = None
+        if base is not None:  # a checkpoint seed: the config asked for now, whole
+            want = expert_config(forest, shards, (list(mix) if mix else [domain])[0], base, trust_remote_code)
+            want.data.domains = list(mix) if mix else [domain]
+        check_kept(forest, name, list(mix) if mix else [domain], branch, list(overrides or []), want)
         if problem is None:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"note: expert {name} exists, trained as asked; kept (not trained again)")

@@ -172,7 +172,7 @@ def seed(
 
     f = _load(forest, create=True)
     if from_checkpoint:
-        btm.seed_from_checkpoint(f, from_checkpoint)
+        btm.seed_from_checkpoint(f, from_checkpoint, Shards(shards), train_args.trust_remote_code)
     else:
         sh = Shards(shards)
         cfg = train_args.run_config(shards)

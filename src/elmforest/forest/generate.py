@@ -177,11 +177,11 @@ def check_context(model_dir: Path, n_prompt: int, max_new_tokens: int) -> None:
     """Refuse what the model's positions cannot hold; note what goes past the context it trained on
     (the server refuses that too; here it is allowed, to see how the model degrades)."""
     from elmforest.eval.bpb import default_seq_len
-    from elmforest.model.build import read_config
+    from elmforest.model.build import position_limit, read_config
 
     total = n_prompt + max_new_tokens
-    limit = read_config(Path(model_dir)).get("max_position_embeddings")
-    if isinstance(limit, int) and total > limit:
+    limit = position_limit(read_config(Path(model_dir)))  # GPT-2: n_positions (an IndexError past it)
+    if limit is not None and total > limit:
         raise UserError(
             f"{n_prompt} prompt tokens (with the start token) + {max_new_tokens} new ones = {total}, past the "
             f"model's {limit} positions; shorten the prompt or --max-new-tokens"

@@ -31,9 +31,14 @@ def _same_branch(a: str, b: str) -> bool:
     return norm.get(a, a) == norm.get(b, b)
 
 
-def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overrides: list[str]) -> None:
+def check_kept(
+    forest: Forest, name: str, trained: list[str], branch: str, overrides: list[str], config=None
+) -> None:
     """Refuse a rerun for the existing expert `name` that differs from how it was trained: its domains,
-    its --branch (as recorded in the manifest), or a --set that would change its saved run config."""
+    its --branch (as recorded in the manifest), or a --set that would change its saved run config.
+    `config`: the whole run config asked for, when it is not the seed's plus `overrides` (a checkpoint
+    seed's experts take the preset, --config and --set each time: comparing `overrides` alone, with
+    none given, compared nothing)."""
     from elmforest.config import apply_overrides
     from elmforest.train.runcheck import saved_config, settings_diff
 
@@ -49,9 +54,9 @@ def check_kept(forest: Forest, name: str, trained: list[str], branch: str, overr
             f"{forest.root}: expert {name!r} exists, branched with --branch {was}, not {branch}; {redo}"
         )
     saved = forest.root / (entry.get("run") or f"runs/{name}") / "run_config.json"
-    if overrides and saved.is_file():
+    if (overrides or config is not None) and saved.is_file():
         old = saved_config(saved)
-        new = apply_overrides(old, list(overrides))
+        new = config if config is not None else apply_overrides(old, list(overrides))
         if diff := settings_diff(old, new):
             raise UserError(
                 f"{forest.root}: expert {name!r} exists, trained with other settings ({diff}); {redo}"

@@ -52,6 +52,13 @@ def read_config(d: Path) -> dict:
     return cfg
 
 
+def position_limit(cfg: dict) -> int | None:
+    """The positions a config.json's model has: `max_position_embeddings`, or GPT-2's `n_positions`
+    (transformers maps one to the other on the config object, not in the file)."""
+    most = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(most) if isinstance(most, int | float) and most > 0 else None
+
+
 def read_config_as_transformers(d: Path) -> dict:
     """The config as transformers reads it, without remote code: its class defaults filled in, a
     transformers-4.x file (`rope_theta`, no `head_dim`) and its 5.x rewrite alike; the file's own keys

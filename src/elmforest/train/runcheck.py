@@ -124,7 +124,8 @@ def check_same_tokenizer(model_dir: str, fingerprint: str, shards_root: Path) ->
         return  # the checkpoint ships no tokenizer: nothing to compare against
     if theirs.fingerprint() != fingerprint:
         raise UserError(
-            f"{model_dir} uses a different tokenizer than the shards in {shards_root}; "
+            f"{model_dir}: its tokenizer files differ from those the shards in {shards_root} were built with "
+            "(compared as files: the same vocabulary saved again by another library counts as another); "
             f"build the shards with --tokenizer {model_dir}"
         )
 
