@@ -194,9 +194,11 @@ def write_routing(
 
 def summary_line(stats: dict) -> str:
     own = stats["top1_own_mean"]
-    ent = sum(v["entropy_norm"] for v in stats["domains"].values()) / len(stats["domains"])
+    ent = sum(v["entropy_norm"] for v in stats["domains"].values()) / len(stats["domains"])  # the same
     return (
-        f"routing on {stats['split']}: top-1 expert = the domain's own in {own:.1%} of tokens"
+        # the mean of each domain's share (domains alike, whatever their tokens), said so
+        f"routing on {stats['split']}: top-1 expert = the domain's own for {own:.1%} of a domain's tokens "
+        "(mean over domains)"
         if own is not None
         else "routing: no domain has its own expert"
     ) + f"; router entropy {ent:.2f} of its maximum"
