@@ -310,3 +310,42 @@ def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_al
     (ext := tmp_path / "hub").mkdir()  # a checkpoint from elsewhere: its split is unknown, not 0.05/0.05
     assert held_out_by_all([a, ext], None) == SplitSpec(0.1, 0.2)
     assert "different fractions" not in capsys.readouterr().err
+
+
+def test_the_training_corpus_copied_elsewhere_without_ids_is_refused_by_its_text(
+    forest_dir, corpus, tmp_path, capsys
+):
+    """The same documents as another file (no ids: numbered by that file) get other splits; its "test"
+    split was mostly the model's training documents and was scored as held out (a new user's Parquet
+    copy: 18 of 19)."""
+    import json
+
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval.bpb import check_held_out
+
+    f = Forest.load(forest_dir)
+    model = f.expert_dir(f.names[0])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    rows = [json.loads(x) for x in (corpus / "code.jsonl").read_text().splitlines()]
+    (copy / "code.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    argv = ["eval", "--model", str(model), "--data", str(copy)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "test documents read are documents" in err and "trained or was tuned on (the same text)" in err, (
+        err
+    )
+    # another corpus of the same domain name passes; a few shared documents are a note
+    other = tmp_path / "other"
+    other.mkdir()
+    fresh = [{"text": f"fresh document number {i} " * 5} for i in range(len(rows))]
+    (other / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fresh))
+    check_held_out(model, other, SplitSpec(0.1, 0.1), "test", "other")
+    assert "note" not in capsys.readouterr().err
+    spec = SplitSpec(0.1, 0.1)
+    test = [i for i in range(len(fresh)) if spec.assign(f"code:{i + 1}") == "test"]  # ids: name:line
+    trained = next(r for r in rows if spec.assign(r["id"]) == "train")
+    fresh[test[0]] = {"text": trained["text"]}
+    (other / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fresh))
+    check_held_out(model, other, spec, "test", "other")
+    assert f"note: other: 1 of the {len(test)} test documents read are documents" in capsys.readouterr().err

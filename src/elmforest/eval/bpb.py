@@ -338,10 +338,12 @@ def check_held_out(
         return
     held = SplitSpec(**rec["split"])
     out = held.valid_frac + held.test_frac  # the model held out the documents hashed below this
+    mine = False  # read from the model's own corpus: judged by its location, else by its text
     for t, t_fmt in _locations(read_json(trained).get("source")):
         for e, e_fmt in _locations(source):
             if not (t == e or t.is_relative_to(e) or e.is_relative_to(t)):
                 continue
+            mine = True
             inner = t if t.is_relative_to(e) else e
             if t_fmt != e_fmt:
                 raise UserError(
@@ -379,6 +381,10 @@ def check_held_out(
                     else f"build the shards with --valid-frac {held.valid_frac} --test-frac {held.test_frac}"
                 )
             )
+    if not mine:  # a copy of it elsewhere, in another format, has other ids (eval/leakage.py)
+        from elmforest.eval.leakage import check_same_text
+
+        check_same_text(mdir, trained, held, source, spec, split, data, prior)
 
 
 def _locations(source) -> list[tuple[Path, str | None]]:
