@@ -148,7 +148,7 @@ def build_shards(
     out = Path(out)
     if out.exists():
         if not overwrite:
-            raise AlreadyExists(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+            raise AlreadyExists(f"{out} exists; pass --overwrite to replace it")
         if not (Shards.is_shards_dir(out) or (out.is_dir() and not any(out.iterdir()))):
             raise AlreadyExists(f"{out} exists and is not a shards directory; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,16 @@ def select_documents(docs: np.ndarray, max_bytes: int | None) -> tuple[int, int,
     return n, int(ends[n - 1]), int(nbytes[:n].sum())
 
 
+def no_split_hint(where) -> str:
+    """Raw data (`where` names it) split too finely for its few documents: what to pass."""
+    if not where:
+        return ""
+    return (
+        "; too few documents to reach it at these split fractions: give larger ones with --split-fractions "
+        "VALID,TEST (e.g. 0.5,0.5 for an evaluation-only set)"
+    )
+
+
 def evaluate_shards(
     model,
     shards: Shards,
@@ -181,7 +191,7 @@ def evaluate_shards(
     name = name or getattr(model, "name_or_path", None) or type(model).__name__
     names, missing = missing_domains(shards, split, domains, where)
     if not names:
-        raise UserError(f"{where or shards.root}: no domain has a {split!r} split")
+        raise UserError(f"{where or shards.root}: no domain has a {split!r} split" + no_split_hint(where))
     out = {}
     for d in names:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)

@@ -42,6 +42,7 @@ from elmforest.eval.bpb import (
     evaluate_shards,
     missing_domains,
     n_windows,
+    no_split_hint,
     select_documents,
     training_split_spec,
 )
@@ -149,7 +150,7 @@ def evaluate_forest_shards(
     pool.passes = 0
     wanted, left_out = missing_domains(shards, split, domains, where)
     if not wanted:
-        raise UserError(f"{shards.root}: no domain has a {split!r} split")
+        raise UserError(f"{where or shards.root}: no domain has a {split!r} split" + no_split_hint(where))
     eos = shards.eos_id
     out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
     if mode == "cluster":
