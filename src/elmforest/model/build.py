@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -206,16 +207,18 @@ def load_model(
         # the eager per-expert loop (measured on cpu-small, bench/forest_inference.py)
         extra["experts_implementation"] = "eager"
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(d),
-            config=config,
-            trust_remote_code=trust_remote_code,
-            local_files_only=True,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            output_loading_info=True,
-            **extra,
-        )
+        with warnings.catch_warnings():  # Qwen2-MoE without a shared expert has 0-size linears: harmless
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(d),
+                config=config,
+                trust_remote_code=trust_remote_code,
+                local_files_only=True,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                **extra,
+            )
     except (OSError, ValueError, RuntimeError) as e:  # e.g. tensor shapes that do not fit config.json
         raise UserError(f"{d}: cannot load the weights ({_first_line(e)})") from e
     if info.get("missing_keys"):  # transformers would initialise them at random, with a mere warning
