@@ -157,7 +157,8 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
         out.append(  # a protocol fact, not this run's: said whatever the ratios
             "caveat: the experts' phase trains at an LR swept for it, the dense run's second half at the whole "
             "run's LR; on the demo corpus, tuning that half as well made the dense LM tie the ensemble in "
-            "domain (1.001) and beat it out of domain (docs/benchmarks.md, 'The dense run's second half')"
+            "domain (0.999) and beat it out of domain (bench/dense_continuation.py; docs/benchmarks.md, "
+            "'The dense run's second half')"
         )
     if ood:
         cmp(
