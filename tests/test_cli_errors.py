@@ -404,9 +404,9 @@ def test_sigterm_is_said_once_by_the_launcher_not_by_each_data_parallel_rank(mon
     for rank, said in ((None, True), ("1", False)):
         monkeypatch.setattr(cli, "_STOPPED_BY", [])
         if rank is None:
-            monkeypatch.delenv("LOCAL_RANK", raising=False)
+            monkeypatch.delenv("ELMFOREST_LAUNCHED_BY", raising=False)
         else:
-            monkeypatch.setenv("LOCAL_RANK", rank)
+            monkeypatch.setenv("ELMFOREST_LAUNCHED_BY", rank)
         with pytest.raises(SystemExit) as e:
             cli._terminated(signal.SIGTERM, None)
         assert e.value.code == 143 and cli._STOPPED_BY == [143]

@@ -187,7 +187,8 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
     in `test`, and eval scored them as held out."""
     from elmforest.data.shards import build_shards
     from elmforest.data.splits import SplitSpec
-    from elmforest.eval.bpb import check_held_out, evaluate
+    from elmforest.eval.bpb import evaluate
+    from elmforest.eval.held_out import check_held_out
 
     other = tmp_path / "other"
     build_shards(corpus, tokenizer_dir, other, SplitSpec(0.3, 0.3), progress=False)
@@ -267,7 +268,7 @@ def test_txt_documents_read_from_another_folder_of_the_training_corpus_are_refus
     `d0.txt` from corpus/tiny), so read from another folder it is hashed into another split, whatever
     the fractions: the model's training documents were scored as test."""
     from elmforest.data.splits import SplitSpec
-    from elmforest.eval.bpb import check_held_out
+    from elmforest.eval.held_out import check_held_out
 
     corpus = tmp_path / "corpus"
     (corpus / "tiny").mkdir(parents=True)
@@ -321,7 +322,7 @@ def test_the_training_corpus_copied_elsewhere_without_ids_is_refused_by_its_text
     import json
 
     from elmforest.data.splits import SplitSpec
-    from elmforest.eval.bpb import check_held_out
+    from elmforest.eval.held_out import check_held_out
 
     f = Forest.load(forest_dir)
     model = f.expert_dir(f.names[0])
@@ -332,9 +333,8 @@ def test_the_training_corpus_copied_elsewhere_without_ids_is_refused_by_its_text
     argv = ["eval", "--model", str(model), "--data", str(copy)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "test documents read are documents" in err and "trained or was tuned on (the same text)" in err, (
-        err
-    )
+    assert "10 of the 10 test documents read are documents" in err, err
+    assert "trained or was tuned on (the same text, in its train or valid split" in err, err
     # another corpus of the same domain name passes; a few shared documents are a note
     other = tmp_path / "other"
     other.mkdir()

@@ -343,3 +343,54 @@ def test_a_forest_sharing_a_seed_refuses_a_seed_trained_otherwise(forest_dir, tm
     (other / "forest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match=f"optim.lr: {lr!r} -> 0.5"):
         btm.share_seed(tmp_path / "x", Forest.load(other), src.names)
+
+
+def test_a_flexolmo_owner_of_a_checkpoint_seed_is_kept_on_a_rerun(shards_dir, tmp_path, capsys):
+    """The rerun compared the config asked for before the owner's settings were applied to it, and
+    refused the very same command (train.frozen_experts: [0] -> [])."""
+    quick = [
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.precision=fp32",
+    ]
+    rc, out = _run(
+        ["train", "--shards", shards_dir, "--out", tmp_path / "ck", *quick, "--set", "train.steps=1"], capsys
+    )
+    assert rc == 0, out
+    f = tmp_path / "f"
+    rc, out = _run(
+        [
+            "forest",
+            "seed",
+            "--forest",
+            f,
+            "--shards",
+            shards_dir,
+            "--from-checkpoint",
+            tmp_path / "ck" / "model",
+        ],
+        capsys,
+    )
+    assert rc == 0, out
+    argv = [
+        "forest",
+        "expert",
+        "--forest",
+        f,
+        "--shards",
+        shards_dir,
+        "--domain",
+        "code",
+        "--branch",
+        "flexolmo",
+    ]
+    argv += [*quick, "--set", "train.steps=2"]
+    assert _run(argv, capsys)[0] == 0
+    rc, out = _run(argv, capsys)
+    assert rc == 0 and "trained as asked; kept" in out, out
+    rc, out = _run([*argv[:-1], "train.steps=3"], capsys)  # another setting is still said
+    assert rc == 2 and "train.steps: 2 -> 3" in out, out

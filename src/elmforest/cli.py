@@ -102,8 +102,9 @@ RESUMABLE = {  # verbs that continue where they stopped when run again
 
 def _terminated(signum, frame):
     # said once: a second SIGTERM (a process group's, a supervisor's retry) only unwinds, and a
-    # data-parallel rank (torchrun's worker) leaves it to the `train --nproc` command that launched it
-    if not _STOPPED_BY and "LOCAL_RANK" not in os.environ:
+    # data-parallel rank (torchrun's worker) leaves it to the elmforest command that launched it (which
+    # marks its ranks: LOCAL_RANK alone is set for a whole job by some launchers, which say nothing)
+    if not _STOPPED_BY and "ELMFOREST_LAUNCHED_BY" not in os.environ:
         print(f"elmforest: terminated (SIGTERM){_resumes_hint(train_cli.ARGV)}", file=sys.stderr)
     _STOPPED_BY.append(128 + signum)
     raise SystemExit(128 + signum)

@@ -18,7 +18,6 @@ of the table and of `mean_bpb`, and said so: a note on stderr, and `missing` in 
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
+from elmforest.eval.held_out import check_held_out, training_split_spec
 from elmforest.model.build import load_model, position_limit, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, NotFound, UserError
@@ -164,8 +164,8 @@ def no_split_hint(where) -> str:
     if not where:
         return ""
     return (
-        "; too few documents to reach it at these split fractions: give larger ones with --split-fractions "
-        "VALID,TEST (e.g. 0.5,0.5 for an evaluation-only set)"
+        "; too few documents to reach it at these split fractions: for an evaluation-only set, --split all "
+        "scores every document (or larger --split-fractions VALID,TEST)"
     )
 
 
@@ -306,127 +306,6 @@ def evaluate(
     return result
 
 
-def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec:
-    """The split fractions of the model's training shards, so raw-data `test` means the documents it
-    never trained on: `given` (--split-fractions) first, then the model's elmforest_data.json, then its
-    training shards (models saved before that file). An elmforest model whose shards are gone is an
-    error rather than a guess (default fractions could put its training documents in `test`); a
-    checkpoint from elsewhere, whose training data elmforest cannot know, takes the defaults."""
-    if given is not None:
-        return given
-    if (mdir / "elmforest_data.json").is_file():
-        return SplitSpec(**read_json(mdir / "elmforest_data.json")["split"])
-    run_cfg = mdir / "elmforest_run.json"
-    if not run_cfg.is_file():
-        return SplitSpec()
-    shards = read_json(run_cfg)["data"]["shards"]
-    if shards and Shards.is_shards_dir(shards):
-        return SplitSpec(**Shards(shards).index["split"])
-    raise UserError(
-        f"{mdir}: its training shards {shards or '(none recorded)'} are gone, so which documents it held out "
-        "is unknown; pass --split-fractions VALID,TEST (the --valid-frac and --test-frac they were built with)"
-    )
-
-
-def check_held_out(
-    mdir: Path, source, spec: SplitSpec, split: str, data, given: bool = False, prior: bool = False
-) -> None:
-    """Refuse scoring documents the model trained or was tuned on as held out. Data read from the
-    model's own training corpus (the same location, a file or folder inside it, or a folder holding
-    it) is split by the id hash, which puts test first, then valid: the scored test split must lie
-    inside the model's test split (its valid documents chose LRs, branch weights and priors), and the
-    valid split read (`split` valid, or `prior` for a forest's prior) inside what it held out. Read
-    in another format than the model's (`text:` lines vs whole files, a builder vs the native reader),
-    or `.txt` documents from another folder (named by their path under the folder given), documents
-    get other ids, so other splits: refused too. Other corpora, and models whose training corpus is
-    unknown, pass. `given`: the fractions are the command line's --split-fractions (said in the advice)."""
-    if split in ("train", "all") or not (mdir / "elmforest_data.json").is_file():
-        return
-    rec = read_json(mdir / "elmforest_data.json")
-    trained = Path(str(rec.get("shards", ""))) / "index.json"
-    if not trained.is_file() or not source:
-        return
-    held = SplitSpec(**rec["split"])
-    out = held.valid_frac + held.test_frac  # the model held out the documents hashed below this
-    mine = False  # read from the model's own corpus: judged by its location, else by its text
-    for t, t_fmt in _locations(read_json(trained).get("source")):
-        for e, e_fmt in _locations(source):
-            if not (t == e or t.is_relative_to(e) or e.is_relative_to(t)):
-                continue
-            mine = True
-            inner = t if t.is_relative_to(e) else e
-            if t_fmt != e_fmt:
-                raise UserError(
-                    f"{data}: read as {e_fmt or 'a plain path'}, but {mdir} was trained on {t} read as "
-                    f"{t_fmt or 'a plain path'}: its documents get other ids, so other splits, and some of "
-                    f"the {split} documents were training documents; read it as the model's shards did"
-                )
-            if t != e and _has_txt(inner):
-                raise UserError(
-                    f"{data}: {inner} holds .txt documents of {mdir}'s training corpus ({t}), which are "
-                    f"named by their path under the folder given: read from {e} they get other names, so "
-                    f"other splits, and some of its {split} documents were training documents; pass --data "
-                    f"{t} (with --domains to choose)"
-                )
-            bad = []
-            if split == "test" and spec.test_frac > held.test_frac + 1e-12:
-                bad.append(
-                    f"its test split reaches {spec.test_frac:g} of the id hash, past the model's {held.test_frac:g}"
-                )
-            if (split == "valid" or prior) and spec.test_frac + spec.valid_frac > out + 1e-12:
-                bad.append(
-                    f"its valid split reaches {spec.test_frac + spec.valid_frac:g}, past the {out:g} the model "
-                    "held out"
-                )
-            if not bad:
-                continue
-            raise UserError(
-                f"{data}: split at valid {spec.valid_frac}, test {spec.test_frac}, it is cut from {mdir}'s own "
-                f"training corpus ({t}), split for it at valid {held.valid_frac}, test {held.test_frac}: "
-                f"{'; '.join(bad)}, so some of the documents read were trained or tuned on; "
-                + (
-                    "give --split-fractions inside the model's (e.g. "
-                    f"{held.valid_frac},{held.test_frac}) or leave them out"
-                    if given
-                    else f"build the shards with --valid-frac {held.valid_frac} --test-frac {held.test_frac}"
-                )
-            )
-    if not mine:  # a copy of it elsewhere, in another format, has other ids (eval/leakage.py)
-        from elmforest.eval.leakage import check_same_text
-
-        check_same_text(mdir, trained, held, source, spec, split, data, prior)
-
-
-def _locations(source) -> list[tuple[Path, str | None]]:
-    """(resolved location, format) of a source or of each source shards built from several record; a
-    plain path reads as `auto`; a glob stands for the folder above its first wildcard."""
-    import glob
-
-    from elmforest.data.sources import parse_source
-
-    locs = []
-    for x in source if isinstance(source, list) else [source]:
-        if not x:
-            continue
-        try:
-            src = parse_source(str(x))
-            loc, fmt = src.location, (src.format or "auto")
-        except UserError:
-            loc, fmt = str(x), "auto"
-        if glob.has_magic(loc):
-            parts = Path(loc).parts
-            loc = str(Path(*parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]))
-        locs.append((Path(loc).resolve(), None if fmt == "auto" else fmt))
-    return locs
-
-
-@functools.lru_cache(maxsize=64)  # asked once per model of a forest, about the same folder
-def _has_txt(p: Path) -> bool:
-    if p.is_file():
-        return p.suffix == ".txt"
-    return p.is_dir() and any(True for _ in p.rglob("*.txt"))
-
-
 def check_seq_len(mdir: Path, seq_len: int) -> None:
     """A window longer than the model's position table is scored on positions it never had (Llama's
     rotary embedding runs on) or fails deep in the embedding (GPT-2's IndexError): refused."""
@@ -434,8 +313,8 @@ def check_seq_len(mdir: Path, seq_len: int) -> None:
     most = position_limit(cfg)
     if most and seq_len > most:
         raise UserError(
-            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (max_position_embeddings in its "
-            f"config.json); use --seq-len {most} or less"
+            f"seq_len {seq_len} is longer than {mdir}'s {most} positions (its config.json); use --seq-len "
+            f"{most} or less"
         )
 
 

@@ -2,18 +2,25 @@
 
 Splits hash each document's id, and ids come from where a document was read: the same corpus as
 Parquet instead of JSONL, or as a folder of .txt files, gives every document another id and so
-another split. eval/bpb.check_held_out refuses the model's own corpus read otherwise by its location;
-a copy elsewhere passed, and its "test" split was mostly the model's training documents (18 of 19 in
-a new user's Parquet copy). Here the text decides: the scored documents are hashed and looked up among
-the documents the model trained on (or was tuned on, for a test split), read from the corpus its
-training shards were built from. Only data that shares a domain name with those shards is checked
-(another corpus costs nothing), and each corpus is read once per process (a forest's experts share it).
+another split. eval/held_out.check_held_out refuses the model's own corpus read otherwise by its
+location; a copy elsewhere passed, and its "test" split was mostly the model's training documents (18
+of 19 in a new user's Parquet copy). Here the text decides: the scored documents are hashed and looked
+up among the documents the model trained on (or was tuned on, for a test split), read from the corpus
+its training shards were built from.
+
+Only what the model could have seen counts: the domains it (and the seed it branched from) trained on,
+under the shards' domain map; and only texts that occur once in that corpus (a line such as `}` sits in
+every split of a corpus read a line per document, and a real duplicate is no sign of a re-split copy).
+Data that shares no domain with them is not read at all, a corpus over MAX_BYTES is not checked (this is
+a guard against a slip, not an audit), and each corpus is read once per process (a forest's experts
+share it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 from elmforest.data.readers import iter_documents
@@ -21,8 +28,10 @@ from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
 
-_SEEN: dict[tuple, set[bytes] | None] = {}  # (index, fractions, splits) -> the texts the model saw
-_READ: dict[tuple, list | None] = {}  # (source, fractions, splits, domains) -> the documents scored
+MAX_BYTES = 2_000_000_000  # training corpora larger than this are not read again to check
+_SEEN: dict[tuple, dict | None] = {}  # (corpus stamp, fractions, domains) -> {text: split} of unique texts
+_READ: dict[tuple, list | None] = {}  # (source stamp, fractions, splits, domains) -> the documents scored
+_SAID: set = set()
 
 
 def _key(text: str) -> bytes:
@@ -44,61 +53,99 @@ def _stamp(sources: list[str]) -> tuple:
     return tuple(out)
 
 
-def _seen_texts(index: Path, held: SplitSpec, splits: frozenset) -> set[bytes] | None:
-    """Texts of the training corpus's documents in `splits` of the model's split; None when the corpus
-    cannot be read any more (moved, deleted): nothing to compare against."""
-    k = (_stamp(_sources(read_json(index).get("source"))), held.valid_frac, held.test_frac, splits)
+def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
+    """The domains a model's training read: its run's `data.domains` and those of the checkpoint it
+    started from (an expert: the seed, which mixed every domain), None for all of them."""
+    out: set[str] = set()
+    for _ in range(hops):
+        run = mdir / "elmforest_run.json"
+        if not run.is_file():
+            return None if not out else out  # a checkpoint from elsewhere: only what is known
+        cfg = read_json(run)
+        doms = (cfg.get("data") or {}).get("domains")
+        if not doms:
+            return None
+        out |= set(doms)
+        start = (cfg.get("model") or {}).get("init_from")
+        if not start or not Path(start).is_dir():
+            return out
+        mdir = Path(start)
+    return out
+
+
+def _unique_texts(index: dict, held: SplitSpec, allowed: frozenset, dmap: dict) -> dict | None:
+    """{text key: its split} of the texts that occur once among the training corpus's documents of the
+    `allowed` domains (mapped names); None when the corpus is too large or cannot be read any more."""
+    sources = _sources(index.get("source"))
+    stamp = _stamp(sources)
+    if sum(size for _, files in stamp for _, size, _ in files) > MAX_BYTES:
+        return None
+    k = (stamp, held.valid_frac, held.test_frac, allowed)
     if k not in _SEEN:
+        counts: Counter = Counter()
+        split_of: dict[bytes, str] = {}
         try:
-            _SEEN[k] = {
-                _key(d.text)
-                for x in _sources(read_json(index).get("source"))
-                for d in iter_documents(x)
-                if held.assign(d.id) in splits
-            }
+            for x in sources:
+                for d in iter_documents(x):
+                    if dmap.get(d.domain, d.domain) in allowed:
+                        key = _key(d.text)
+                        counts[key] += 1
+                        split_of[key] = held.assign(d.id)
         except (UserError, OSError):
             _SEEN[k] = None
+        else:
+            _SEEN[k] = {key: s for key, s in split_of.items() if counts[key] == 1}
     return _SEEN[k]
 
 
 def check_same_text(
-    mdir: Path, index: Path, held: SplitSpec, source, spec: SplitSpec, split: str, data, prior: bool = False
+    mdir: Path,
+    index_path: Path,
+    held: SplitSpec,
+    source,
+    spec: SplitSpec,
+    split: str,
+    data,
+    prior: bool = False,
 ) -> None:
     """Refuse when more than half of the documents read as `split` (or as the prior's valid split) are
-    documents `mdir` trained on (a test split: or was tuned on, its valid split); note a few."""
+    documents `mdir` trained on (a test split: or was tuned on, its valid split); note a few, once."""
     reads = [s for s, on in (("test", split == "test"), ("valid", split == "valid" or prior)) if on]
     if not reads:
         return
-    trained_domains = frozenset(read_json(index).get("domains") or {})
-    k = (_stamp(_sources(source)), spec.valid_frac, spec.test_frac, tuple(reads), trained_domains)
+    index = read_json(index_path)
+    dmap = index.get("domain_map") or {}
+    allowed = frozenset(model_domains(mdir) or index.get("domains") or {})
+    k = (_stamp(_sources(source)), spec.valid_frac, spec.test_frac, tuple(reads), allowed)
     if k not in _READ:  # once per process: a forest's experts and seed are each checked
         try:
             _READ[k] = [
                 (s, _key(d.text))
                 for x in _sources(source)
                 for d in iter_documents(x)
-                if d.domain in trained_domains and (s := spec.assign(d.id)) in reads
+                if dmap.get(d.domain, d.domain) in allowed and (s := spec.assign(d.id)) in reads
             ]
         except (UserError, OSError):
             _READ[k] = None  # unreadable here: the evaluation itself says why
     docs = _READ[k]
-    if not docs:
+    if not docs or (seen := _unique_texts(index, held, allowed, dmap)) is None:
         return
     for s in reads:
-        keys = [k for r, k in docs if r == s]
-        seen = _seen_texts(index, held, frozenset({"train", "valid"} if s == "test" else {"train"}))
-        if not keys or seen is None:
+        keys = [key for r, key in docs if r == s]
+        bad = {"train", "valid"} if s == "test" else {"train"}
+        n = sum(seen.get(key) in bad for key in keys)
+        if not keys or not n:
             continue
-        n = sum(k in seen for k in keys)
         what = "trained or was tuned on" if s == "test" else "trained on"
         said = (
-            f"{data}: {n} of the {len(keys)} {s} documents read are documents {mdir} {what} (the same text), "
-            f"in the corpus its shards were built from ({read_json(index).get('source')})"
+            f"{data}: {n} of the {len(keys)} {s} documents read are documents {mdir} {what} (the same text, "
+            f"in its {'train or valid' if s == 'test' else 'train'} split of {index.get('source')})"
         )
         if 2 * n > len(keys):
             raise UserError(
                 f"{said}: read from another file or format, they got other ids, so other splits; evaluate "
                 "on the model's own shards, or the files it was trained on as they were read"
             )
-        if n:
+        if (str(data), s, n) not in _SAID:
+            _SAID.add((str(data), s, n))
             print(f"note: {said}; their BPB is not wholly held out", file=sys.stderr)

@@ -81,7 +81,7 @@ def _flexolmo_owner(forest: Forest, shards: Shards, domain: str, name: str, cfg:
     --forest`). Its schedule is the expert phase's, started fresh (the seed's optimizer state has no
     place for a router), and its FLOPs are what that run costs, frozen weights' missing gradients
     included. Returns (config, overrides that make it an owner run)."""
-    from elmforest.merge.flexolmo import OWNER_TRAINABLE, owner_rows, public_pair
+    from elmforest.merge.flexolmo import owner_rows, public_pair
 
     init = forest.root / "branches" / name
     if not (init / "elmforest_pair.json").is_file():
@@ -106,4 +106,11 @@ def _flexolmo_owner(forest: Forest, shards: Shards, domain: str, name: str, cfg:
     plan = forest.data.get("plan")
     if plan:
         cfg.train.steps = plan["total_steps"] - Plan(**plan).seed_steps
-    return cfg, [f"train.trainable={OWNER_TRAINABLE}", "train.frozen_experts=[0]"]
+    return cfg, owner_overrides()
+
+
+def owner_overrides() -> list[str]:
+    """What makes a run a FlexOlmo owner's: only its FFN copy and router row train, the public FFN frozen."""
+    from elmforest.merge.flexolmo import OWNER_TRAINABLE
+
+    return [f"train.trainable={OWNER_TRAINABLE}", "train.frozen_experts=[0]"]

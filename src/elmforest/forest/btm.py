@@ -25,7 +25,7 @@ from safetensors.torch import load_model as st_load_model
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
-from elmforest.forest.branching import _flexolmo_owner, _kept_average, branch_weights
+from elmforest.forest.branching import _flexolmo_owner, _kept_average, branch_weights, owner_overrides
 from elmforest.forest.kept import check_branch, check_kept, set_aside_damaged_run_model
 from elmforest.forest.manifest import Forest, architecture_fingerprint, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
@@ -303,6 +303,8 @@ def train_expert(
         if base is not None:  # a checkpoint seed: the config asked for now, whole
             want = expert_config(forest, shards, (list(mix) if mix else [domain])[0], base, trust_remote_code)
             want.data.domains = list(mix) if mix else [domain]
+            if branch == "flexolmo":  # what makes it an owner run (_flexolmo_owner), as it was saved
+                want = apply_overrides(want, owner_overrides())
         check_kept(forest, name, list(mix) if mix else [domain], branch, list(overrides or []), want)
         if problem is None:
             if int(os.environ.get("RANK", "0")) == 0:

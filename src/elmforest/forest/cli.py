@@ -343,7 +343,12 @@ def train(
         raise UserError(
             "--gpus-per-expert must be 0 (CPU, gloo) or equal to --procs-per-expert (one GPU per process)"
         )
-    if executor == "ray" and cpus_per_expert is not None and cpus_per_expert < procs_per_expert:
+    if (
+        executor == "ray"
+        and procs_per_expert > 1
+        and cpus_per_expert is not None
+        and cpus_per_expert < procs_per_expert
+    ):
         raise UserError(  # Ray would reserve fewer CPUs than the processes it runs busy
             f"--cpus-per-expert {cpus_per_expert:g} < --procs-per-expert {procs_per_expert}: Ray reserves "
             "--cpus-per-expert CPUs for each expert's processes; give at least one per process"

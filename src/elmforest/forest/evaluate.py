@@ -36,7 +36,6 @@ from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.bpb import (
     StreamScore,
     check_finite,
-    check_held_out,
     check_seq_len,
     default_seq_len,
     evaluate_shards,
@@ -44,8 +43,8 @@ from elmforest.eval.bpb import (
     n_windows,
     no_split_hint,
     select_documents,
-    training_split_spec,
 )
+from elmforest.eval.held_out import check_held_out, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext
 from elmforest.forest.manifest import Forest
 from elmforest.forest.mixture import _mixture_nll

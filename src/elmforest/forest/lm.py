@@ -27,7 +27,8 @@ import torch
 
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
-from elmforest.eval.bpb import default_seq_len, n_windows, training_split_spec
+from elmforest.eval.bpb import default_seq_len, n_windows
+from elmforest.eval.held_out import training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
 from elmforest.forest.evaluate import _is_tied
 from elmforest.forest.manifest import Forest

@@ -215,7 +215,7 @@ def _run_distributed(job: ExpertJob, log) -> dict:
         cmd += ["--trust-remote-code"]
     for o in job.overrides:
         cmd += ["--set", o]
-    env = {**os.environ}
+    env = {**os.environ, "ELMFOREST_LAUNCHED_BY": str(os.getpid())}  # its ranks leave SIGTERM's line to it
     if job.threads:
         env["OMP_NUM_THREADS"] = str(max(1, job.threads // job.procs))
     # torchrun dies with this job (a killed Ray worker leaves no orphans): set in the child itself, not

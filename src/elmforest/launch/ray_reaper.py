@@ -53,12 +53,13 @@ def watch(driver: str, processes: list[str], poll: float = 1.0) -> None:
     pid, start = driver.split(":")
     known = {int(p): s for p, s in (x.split(":") for x in processes)}
     while _start_time(int(pid)) == start:
-        if not any(_start_time(p) == s for p, s in known.items()):
+        if not any(s is not None and _start_time(p) == s for p, s in known.items()):
             return  # Ray was shut down (ray.shutdown, the driver's normal exit): nothing left to watch
         # what they spawned (agents, workers), recorded while it lives: once the raylet dies with the
         # driver its agents belong to init, no longer found under it
-        for p in _tree([p for p, s in known.items() if _start_time(p) == s]):
-            known.setdefault(p, _start_time(p))
+        for p in _tree([p for p, s in known.items() if s is not None and _start_time(p) == s]):
+            if p not in known and (s := _start_time(p)) is not None:  # gone since the scan: nothing to kill
+                known[p] = s
         time.sleep(poll)
     for victim, s in known.items():
         if s is not None and _start_time(victim) == s:

@@ -177,7 +177,10 @@ def _relaunch_distributed(nproc: int) -> int:
         "elmforest.cli",
         *argv,
     ]
-    rc = run_stoppable(tied_to_this_process(cmd))  # torchrun dies with this process, its ranks with it
+    env = {**os.environ, "ELMFOREST_LAUNCHED_BY": str(os.getpid())}  # its ranks leave SIGTERM's line to it
+    rc = run_stoppable(
+        tied_to_this_process(cmd), env=env
+    )  # torchrun dies with this process, its ranks with it
     if rc != 0:  # torchrun's own report is above; what to do next is not in it
         print(
             f"elmforest: torchrun exited with {rc} (a training process failed or was stopped; its output "
