@@ -161,6 +161,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         moe_router_steps=2,
         moe_finetune_steps=2,
         ood=[_ood_set(tmp_path / "ood")],
+        expert_lr=0.02,  # not the dense LR: the dense run's second half is trained again at it
     )
     res = quickstart(tmp_path / "qs", **kw)
     assert (tmp_path / "qs" / "report.html").is_file()  # the quickstart writes its run report
@@ -182,6 +183,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         "moe",
         "moe_router_trained",
         "moe_btx",
+        "dense_expert_lr",
     }
     for m in methods.values():
         assert set(m["domains"]) == {"scripture", "code", "legal"}
@@ -218,6 +220,17 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         "dense",
     }
     assert c["methods"]["ensemble"] == pytest.approx(1.0) and c["methods"]["seed"] == pytest.approx(0.5)
+    # the dense run's second half again at the experts' LR: the same FLOPs, from the same seed state
+    assert c["methods"]["dense_expert_lr"] == pytest.approx(1.0, rel=1e-6)
+    again = json.loads(
+        (tmp_path / "qs" / "forest" / "runs" / "dense-expert-lr" / "run_config.json").read_text()
+    )
+    assert again["optim"]["lr"] == 0.02 and again["train"]["init_checkpoint"].endswith("seed_state")
+    assert methods["dense_expert_lr"]["mean_bpb"] != methods["dense"]["mean_bpb"]
+    assert any(
+        f.startswith("the ensemble beats dense with its second half at the experts' LR")
+        for f in res["findings"]
+    )
     assert c["methods"]["moe_router_trained"] > 1.01
     router = next(r for r in c["ledger"] if r["phase"] == "router_training")
     assert c["arms"]["moe_router_trained"] == pytest.approx(c["arms"]["forest"] + router["flops"])
@@ -241,7 +254,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     assert on_disk["ood_methods"]["dense"]["mean_bpb"] == res["ood_methods"]["dense"]["mean_bpb"]
     assert (tmp_path / "qs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plan = json.loads((tmp_path / "qs" / "forest" / "forest.json").read_text())["plan"]
-    assert plan["domains"] == ["code", "legal", "scripture"] and plan["expert_lr"] is None
+    assert plan["domains"] == ["code", "legal", "scripture"] and plan["expert_lr"] == 0.02
     # re-running continues from what exists and trains nothing more
     mtime = (tmp_path / "qs" / "forest" / "experts" / "code" / "model.safetensors").stat().st_mtime_ns
     moe_mtime = [

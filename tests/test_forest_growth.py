@@ -154,7 +154,7 @@ def test_a_gpt2_checkpoint_seeds_a_forest_whose_experts_start_from_it(
         ["forest", "seed", "--forest", tmp_path / "g", "--shards", sh, "--from-checkpoint", other], capsys
     )
     assert rc == 2 and "non-finite" in out, out
-    assert not (tmp_path / "g" / "seed").exists()
+    assert not (tmp_path / "g").exists()  # no empty forest left behind
     # generation past GPT-2's n_positions: refused, not torch's IndexError
     rc, out = _run(["generate", "--forest", f, "--prompt", "a b " * 40, "--max-new-tokens", "5"], capsys)
     assert rc == 2 and "past the model's 64 positions" in out, out

@@ -32,7 +32,7 @@ from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.forest import train_forest
 from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
-from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest
+from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest, dense_at_expert_lr
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -150,6 +150,8 @@ def quickstart(
         if moe
         else ({}, {})
     )
+    if e_lr != base.optim.lr:  # the dense arm's second half at the experts' LR too (the same FLOPs)
+        models = {"dense_expert_lr": dense_at_expert_lr(forest, e_lr, progress, log), **models}
 
     common = {"split": "test", "domains": names, "seq_len": base.train.seq_len, "batch_size": 16}
     common["max_bytes"] = eval_bytes
@@ -234,11 +236,28 @@ def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], ph
         "ledger": [
             *forest.ledger(),
             {"phase": "dense", "name": "dense", "flops": arms["dense"], "tokens": tokens},
+            *_second_half(forest, arms),
         ],
         "arms": arms,
         "methods": method_flops(methods, arms),
         "tolerance": FLOPS_TOLERANCE,
     }
+
+
+def _second_half(forest: Forest, arms: dict) -> list[dict]:
+    """The ledger row of the dense run's second half at the experts' LR (row dense_expert_lr): its own
+    training only, the seed's counted once above."""
+    if "dense_expert_lr" not in arms:
+        return []
+    s = read_json(forest.root / "runs" / "dense-expert-lr" / "summary.json")
+    return [
+        {
+            "phase": "dense",
+            "name": "dense_expert_lr (second half)",
+            "flops": s["flops"],
+            "tokens": s.get("tokens"),
+        }
+    ]
 
 
 def _workers(base, workers: int | None) -> tuple[int, int]:

@@ -140,3 +140,23 @@ def cluster_forest(
     for d in cshards.domains:
         btm.train_expert(cforest, cshards, d, progress=progress)
     return cforest
+
+
+def dense_at_expert_lr(forest: Forest, lr: float, progress: bool, log) -> Path:
+    """The dense run's second half again, at the experts' LR: the same seed state (weights, optimizer
+    moments, step), data order, steps and batch, so the same FLOPs; only `optim.lr` differs.
+
+    The experts' phase trains at an LR swept for it, while the dense run's second half keeps the whole
+    run's: one more tuned setting for the forest. An audit found the forest's in-domain advantage on
+    the demo corpus came from that (docs/benchmarks.md, "The dense run's second half"); this row gives
+    the dense arm the same second-phase LR, so the comparison can be read both ways."""
+    from elmforest.train.runcheck import saved_config
+    from elmforest.train.trainer import train
+
+    run = forest.root / "runs" / "dense-expert-lr"
+    if not (run / "summary.json").is_file():
+        log(f"      the dense run's second half again at the experts' LR {lr:g} (row dense_expert_lr)")
+    cfg = saved_config(forest.root / "runs" / "dense" / "run_config.json")
+    cfg.optim.lr, cfg.train.init_checkpoint = lr, str((forest.root / "seed_state").resolve())
+    train(cfg, run, progress=progress, label="dense at the experts' LR")
+    return run / "model"

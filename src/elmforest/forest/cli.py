@@ -31,7 +31,7 @@ from elmforest.utils.argtypes import (
     verb,
 )
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import split_list
+from elmforest.utils.io import remove_path, split_list
 
 ForestDir = Annotated[str, opt("forest directory", name="--forest", metavar="DIR")]
 ShardsDir = Annotated[str, opt("shards directory", metavar="DIR")]
@@ -170,9 +170,15 @@ def seed(
     from elmforest.data.shards import Shards
     from elmforest.forest import btm
 
+    new = not Path(forest).exists()
     f = _load(forest, create=True)
     if from_checkpoint:
-        btm.seed_from_checkpoint(f, from_checkpoint, Shards(shards), train_args.trust_remote_code)
+        try:
+            btm.seed_from_checkpoint(f, from_checkpoint, Shards(shards), train_args.trust_remote_code)
+        except Exception:
+            if new:  # a refused checkpoint leaves no empty forest behind
+                remove_path(f.root)
+            raise
     else:
         sh = Shards(shards)
         cfg = train_args.run_config(shards)

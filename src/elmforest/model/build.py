@@ -20,6 +20,10 @@ from elmforest.model.presets import llama_kwargs
 from elmforest.utils.errors import NonFiniteWeights, NotFound, UserError
 from elmforest.utils.io import read_json
 
+# a Qwen2-MoE without a shared expert has 0-size linears, whose init torch warns about on every load:
+# harmless, and filtered by its exact text once for the process (catch_warnings is not thread-safe)
+warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -207,18 +211,16 @@ def load_model(
         # the eager per-expert loop (measured on cpu-small, bench/forest_inference.py)
         extra["experts_implementation"] = "eager"
     try:
-        with warnings.catch_warnings():  # Qwen2-MoE without a shared expert has 0-size linears: harmless
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(d),
-                config=config,
-                trust_remote_code=trust_remote_code,
-                local_files_only=True,
-                dtype=dtype,
-                attn_implementation=attn_implementation,
-                output_loading_info=True,
-                **extra,
-            )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(d),
+            config=config,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **extra,
+        )
     except (OSError, ValueError, RuntimeError) as e:  # e.g. tensor shapes that do not fit config.json
         raise UserError(f"{d}: cannot load the weights ({_first_line(e)})") from e
     if info.get("missing_keys"):  # transformers would initialise them at random, with a mere warning
