@@ -316,7 +316,7 @@ def test_bad_input_is_refused(shards_dir, dense, tmp_path):
         build_tasks(sh, SEQ, tasks=())
     with pytest.raises(UserError, match=r"no domain\(s\) \['nope'\]; it has"):
         build_tasks(sh, SEQ, domains=["nope"])
-    with pytest.raises(UserError, match="max_position_embeddings"):
+    with pytest.raises(UserError, match=r"positions \(its config.json\)"):
         evaluate_crossdoc(dense, shards_dir, seq_len=100_000)
     spec = json.loads((Path(shards_dir) / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {
