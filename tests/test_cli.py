@@ -227,10 +227,11 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     )
     assert again["optim"]["lr"] == 0.02 and again["train"]["init_checkpoint"].endswith("seed_state")
     assert methods["dense_expert_lr"]["mean_bpb"] != methods["dense"]["mean_bpb"]
-    assert any(
-        f.startswith("the ensemble beats dense with its second half at the experts' LR")
-        for f in res["findings"]
-    )
+    for who in ("the ensemble", "the BTX-fine-tuned MoE"):
+        assert any(
+            f.startswith(f"{who} beats dense with its second half at the experts' LR")
+            for f in res["findings"]
+        )
     assert c["methods"]["moe_router_trained"] > 1.01
     router = next(r for r in c["ledger"] if r["phase"] == "router_training")
     assert c["arms"]["moe_router_trained"] == pytest.approx(c["arms"]["forest"] + router["flops"])

@@ -199,6 +199,12 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
     m = {k: v["mean_bpb"] for k, v in methods.items()}
     if "moe_btx" in m:
         cmp(methods, "moe_btx", "dense", "the BTX-fine-tuned MoE beats dense in-domain")
+        cmp(
+            methods,
+            "moe_btx",
+            "dense_expert_lr",
+            "the BTX-fine-tuned MoE beats dense with its second half at the experts' LR, in-domain",
+        )
         cmp(methods, "moe_btx", "ensemble", "the BTX-fine-tuned MoE matches the ensemble in-domain")
         if ood:
             cmp(ood, "moe_btx", "dense", "the BTX-fine-tuned MoE beats dense out-of-domain")
