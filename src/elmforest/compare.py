@@ -108,7 +108,7 @@ def arm_flops(forest: Forest, others: dict[str, Forest], moe_phases: dict[str, d
     dense = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]
     seed = forest.data["seed"]["flops"]
     arms = {"dense": dense, "seed": seed, "forest": float(forest.total_flops())}
-    again = forest.root / "runs" / "dense-expert-lr" / "summary.json"  # the seed + its own second half
+    again = forest.root / "runs" / DENSE_EXPERT_LR_RUN / "summary.json"  # the seed + its own second half
     if again.is_file():
         arms["dense_expert_lr"] = seed + read_json(again)["flops"]
     for name, f in others.items():
@@ -127,6 +127,7 @@ def method_flops(methods: dict, arms: dict[str, float]) -> dict[str, float]:
     return out
 
 
+DENSE_EXPERT_LR_RUN = "dense-expert-lr"  # runs/ folder of row dense_expert_lr (quickstart_arms.py)
 TIE = 0.01  # a claim within 1% of its baseline is a tie (one seed; docs/benchmarks.md has the spread)
 
 

@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 
 from elmforest.clients.report import write_report
-from elmforest.compare import arm_flops, evaluate_methods, findings, method_flops, priors_table
+from elmforest.compare import (
+    DENSE_EXPERT_LR_RUN,
+    arm_flops,
+    evaluate_methods,
+    findings,
+    method_flops,
+    priors_table,
+)
 from elmforest.config import apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark, plot_results, print_table
@@ -249,7 +256,7 @@ def _second_half(forest: Forest, arms: dict) -> list[dict]:
     training only, the seed's counted once above."""
     if "dense_expert_lr" not in arms:
         return []
-    s = read_json(forest.root / "runs" / "dense-expert-lr" / "summary.json")
+    s = read_json(forest.root / "runs" / DENSE_EXPERT_LR_RUN / "summary.json")
     return [
         {
             "phase": "dense",

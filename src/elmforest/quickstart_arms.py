@@ -150,10 +150,11 @@ def dense_at_expert_lr(forest: Forest, lr: float, progress: bool, log) -> Path:
     run's: one more tuned setting for the forest. An audit found the forest's in-domain advantage on
     the demo corpus came from that (docs/benchmarks.md, "The dense run's second half"); this row gives
     the dense arm the same second-phase LR, so the comparison can be read both ways."""
+    from elmforest.compare import DENSE_EXPERT_LR_RUN
     from elmforest.train.runcheck import saved_config
     from elmforest.train.trainer import train
 
-    run = forest.root / "runs" / "dense-expert-lr"
+    run = forest.root / "runs" / DENSE_EXPERT_LR_RUN
     if not (run / "summary.json").is_file():
         log(f"      the dense run's second half again at the experts' LR {lr:g} (row dense_expert_lr)")
     cfg = saved_config(forest.root / "runs" / "dense" / "run_config.json")

@@ -26,7 +26,7 @@ from pathlib import Path
 from elmforest.data.readers import iter_documents
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json
+from elmforest.utils.io import file_stamps, read_json
 
 MAX_BYTES = 2_000_000_000  # training corpora larger than this are not read again to check
 _SEEN: dict[tuple, dict | None] = {}  # (corpus stamp, fractions, domains) -> {text: split} of unique texts
@@ -34,7 +34,8 @@ _READ: dict[tuple, list | None] = {}  # (source stamp, fractions, splits, domain
 _SAID: set = set()
 
 
-def _key(text: str) -> bytes:
+def text_key(text: str) -> bytes:
+    """A document's text, as compared (launch/prepare.py's out-of-domain check uses it too)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
@@ -43,14 +44,8 @@ def _sources(source) -> list[str]:
 
 
 def _stamp(sources: list[str]) -> tuple:
-    """The sources as they are now (each file's size and modification time): a memo of an earlier
-    read of files since rewritten is stale."""
-    out = []
-    for x in sources:
-        p = Path(x)
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-        out.append((x, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)))
-    return tuple(out)
+    """The sources as they are now: a memo of an earlier read of files since rewritten is stale."""
+    return tuple((x, tuple(map(tuple, file_stamps([x])))) for x in sources)
 
 
 def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
@@ -88,7 +83,7 @@ def _unique_texts(index: dict, held: SplitSpec, allowed: frozenset, dmap: dict) 
             for x in sources:
                 for d in iter_documents(x):
                     if dmap.get(d.domain, d.domain) in allowed:
-                        key = _key(d.text)
+                        key = text_key(d.text)
                         counts[key] += 1
                         split_of[key] = held.assign(d.id)
         except (UserError, OSError):
@@ -120,7 +115,7 @@ def check_same_text(
     if k not in _READ:  # once per process: a forest's experts and seed are each checked
         try:
             _READ[k] = [
-                (s, _key(d.text))
+                (s, text_key(d.text))
                 for x in _sources(source)
                 for d in iter_documents(x)
                 if dmap.get(d.domain, d.domain) in allowed and (s := spec.assign(d.id)) in reads

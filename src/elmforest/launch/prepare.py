@@ -14,7 +14,7 @@ from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.io import file_stamps, read_json, write_json_atomic
 
 OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5)  # no model trains on these: half prior, half test
 
@@ -297,7 +297,7 @@ def _ood_shards(
     whose documents are mostly the training corpus's (the same text under another domain name), and
     a few such documents are said."""
     want = [str(s.resolve()) for s in sources]
-    stamp = {"sources": want, "files": _file_stamps(sources)}
+    stamp = {"sources": want, "files": file_stamps(sources)}
     tok = load_tokenizer(tok_dir)
     sh = Shards(path) if Shards.is_shards_dir(path) else None
     seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
@@ -337,12 +337,8 @@ def check_ood_names(ood_names, train_names) -> None:
 
 def _shared_with(corpus: Path, sources: list[Path]) -> dict[str, list[int]]:
     """{OOD set: [documents whose text is a training document's, documents]} for the sets with any."""
-    import hashlib
-
     from elmforest.data.readers import iter_documents
-
-    def key(text: str) -> bytes:
-        return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    from elmforest.eval.leakage import text_key as key
 
     train = {key(d.text) for d in iter_documents(corpus)}
     counts: dict[str, list[int]] = {}
@@ -352,8 +348,3 @@ def _shared_with(corpus: Path, sources: list[Path]) -> dict[str, list[int]]:
             c[0] += key(d.text) in train
             c[1] += 1
     return {name: c for name, c in counts.items() if c[0]}
-
-
-def _file_stamps(sources: list[Path]) -> list[list]:
-    files = [f for s in sources for f in ([s] if s.is_file() else sorted(s.rglob("*"))) if f.is_file()]
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]

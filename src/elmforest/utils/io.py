@@ -283,6 +283,15 @@ def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
         raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
 
 
+def file_stamps(sources) -> list[list]:
+    """[resolved path, size, modification time] of every file of `sources` (files or folders, walked):
+    what says a corpus read earlier was rewritten since (a missing source has none)."""
+    files = [
+        f for s in map(Path, sources) for f in ([s] if s.is_file() else sorted(s.rglob("*"))) if f.is_file()
+    ]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """A YAML (or JSON) file's contents, a key given twice in one mapping refused with its line: PyYAML
     keeps the last one silently, so a config that sets a field twice would run with one of them."""
