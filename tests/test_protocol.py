@@ -94,9 +94,50 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
             load_model(f.expert_dir(sh.domains[0])), sh, "valid", [sh.domains[0]], 64, progress=False
         )
         assert p["domains"][sh.domains[0]] == pytest.approx(own["mean_bpb"])
+    # the dense run's second half, continued from the best dense run's seed at each expert LR: the
+    # same steps, batch and data from the same trainer state, only the peak LR differs
+    c = res["dense_continue"]
+    assert c["seed_lr"] == d["best_lr"] and [p["lr"] for p in c["points"]] == elrs
+    dense_flops = read_json(best / "runs" / "dense" / "summary.json")["flops"]
+    seed_flops = Forest.load(best).data["seed"]["flops"]
+    for p in c["points"]:
+        if p["lr"] == d["best_lr"]:  # that run itself, not trained again
+            assert p["valid_mean_bpb"] == d["best_valid_mean_bpb"]
+            continue
+        run = tmp_path / "s" / "dense-continue" / f"lr-{d['best_lr']:.3g}".replace("lr-", "from-lr-")
+        run = run / f"lr-{p['lr']:.3g}" / "runs" / "dense"
+        cfg = read_json(run / "run_config.json")
+        assert cfg["optim"]["lr"] == p["lr"] and cfg["train"]["batch_size"] == 6
+        assert cfg["train"]["init_checkpoint"] == str((best / "seed_state").resolve())
+        assert read_json(run / "summary.json")["flops"] == pytest.approx(dense_flops - seed_flops, rel=1e-9)
+        if p.get("diverged"):
+            continue
+        own = evaluate_shards(load_model(run / "model"), sh, "valid", sh.domains, 64, progress=False)
+        assert p["valid_mean_bpb"] == pytest.approx(own["mean_bpb"])
+    assert (
+        c["best_lr"]
+        == min(
+            (p for p in c["points"] if p["valid_mean_bpb"] is not None), key=lambda p: p["valid_mean_bpb"]
+        )["lr"]
+    )
+    # at the dense run's own LR a continuation is that run: the same weights, bit for bit
+    from elmforest.launch.jobs import DenseContinueJob, run_dense_continue
+
+    job = DenseContinueJob(
+        str(tmp_path / "same"),
+        str(best / "runs" / "dense" / "run_config.json"),
+        str(best / "seed_state"),
+        d["best_lr"],
+    )
+    run_dense_continue(job)
+    from safetensors.torch import load_file
+
+    a = load_file(best / "runs" / "dense" / "model" / "model.safetensors")
+    b = load_file(job.run_dir() / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     text = format_sweep(res)
-    assert "best dense LR" in text and "best experts LR" in text
-    if e["at_edge"] or d["at_edge"]:
+    assert "best dense LR" in text and "best experts LR" in text and "best dense continuation LR" in text
+    if e["at_edge"] or d["at_edge"] or c["at_edge"]:
         assert "WARNING" in text
     # a second call trains nothing, starts no worker (each point only checks it is kept) and finds
     # the same answer
@@ -108,6 +149,7 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     stamp = (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns
     again = sweep(shards_dir, tmp_path / "s", base, lrs=lrs, expert_lrs=elrs, log=None, executor=Refuses())
     assert again["dense"]["best_lr"] == d["best_lr"] and again["experts"]["best_lr"] == e["best_lr"]
+    assert again["dense_continue"]["points"] == c["points"]
     assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     # other training settings are refused once, up front, for the whole sweep (not once per LR point)
     other = tiny_config(shards_dir, steps=8, batch_size=6)

@@ -215,7 +215,13 @@ def _ks(k: str | None) -> list[int]:
 def sweep(
     shards: Annotated[str, opt("shards directory (train and valid splits)", metavar="DIR")],
     out: Annotated[str, opt("sweep directory; an existing one is resumed", metavar="DIR")],
-    arm: Annotated[Literal["dense", "experts", "both"], opt("which arm(s) to tune")] = "both",
+    arm: Annotated[
+        Literal["dense", "experts", "continue", "both", "all"],
+        opt(
+            "which arm(s) to tune: continue = the best dense run's second half, continued from its seed at "
+            "each LR; both = dense and experts; all = the three",
+        ),
+    ] = "all",
     lrs: Annotated[
         str | None,
         opt(
@@ -230,8 +236,15 @@ def sweep(
             metavar="X,X,...",
         ),
     ] = None,
+    continue_lrs: Annotated[
+        str | None,
+        opt(
+            "comma-separated LRs of the dense run's second half (default: the expert LRs)", metavar="X,X,..."
+        ),
+    ] = None,
     dense_lr: Annotated[
-        float | None, opt("--arm experts: the LR of the dense run the seed comes from", positive_float)
+        float | None,
+        opt("--arm experts/continue: the LR of the dense run the seed comes from", positive_float),
     ] = None,
     seed_share: Annotated[
         float, opt("share of the dense run's steps that trains the seed", open_fraction)
@@ -268,7 +281,7 @@ def sweep(
     train_args: TrainArgs = DEFAULT_TRAIN_ARGS,
     no_progress: NoProgress = False,
 ) -> None:
-    """Tune the learning rate of each arm (dense run, expert phase) on the valid split."""
+    """Tune the learning rate of each arm (dense run, expert phase, dense run's second half) on the valid split."""
     from elmforest.launch.executor import job_threads, make_executor
     from elmforest.launch.groupings import load_groupings
     from elmforest.launch.sweep import format_sweep
@@ -276,6 +289,7 @@ def sweep(
     from elmforest.utils.io import write_json_atomic
 
     grid, expert_grid = _grid(lrs, "--lrs"), _grid(expert_lrs, "--expert-lrs")  # refused before any work
+    continue_grid = _grid(continue_lrs, "--continue-lrs")
     from elmforest.data.shards import Shards
 
     held = set(Shards(shards).domains) if groups else set()
@@ -289,6 +303,7 @@ def sweep(
         arm=arm,
         lrs=grid,
         expert_lrs=expert_grid,
+        continue_lrs=continue_grid,
         dense_lr=dense_lr,
         seed_share=seed_share,
         executor=ex,

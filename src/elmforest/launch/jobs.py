@@ -60,6 +60,49 @@ class DenseRunJob:
         return Path(self.forest) / "runs" / "dense"
 
 
+@dataclass
+class DenseContinueJob:
+    """The dense run's second half again from its seed state, at another peak LR: the same weights,
+    optimizer moments, step, data order, batch and steps (so the same FLOPs); only `optim.lr` differs.
+    One point of a sweep's dense-continuation arm (launch/sweep_continue.py)."""
+
+    point: str  # the point's directory; the run lands in point/runs/dense
+    config: str  # the dense run's run_config.json
+    seed_state: str  # the trainer state the dense run had at the seed's last step
+    lr: float
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+    def run_dir(self) -> Path:
+        return Path(self.point) / "runs" / "dense"
+
+
+def continuation_config(config: Path, seed_state: Path, lr: float):
+    """The dense run's config, continued from `seed_state` at peak LR `lr` (the quickstart's
+    dense_tuned row and the sweep's continuation points are built the same way)."""
+    from elmforest.train.runcheck import saved_config
+
+    cfg = saved_config(Path(config))
+    cfg.optim.lr, cfg.train.init_checkpoint = lr, str(Path(seed_state).resolve())
+    return cfg
+
+
+def run_dense_continue(job: DenseContinueJob | dict) -> dict:
+    """Train one continuation, logged like every job; idempotent and resumable (a finished run only
+    checks its config)."""
+    job = DenseContinueJob(**job) if isinstance(job, dict) else job
+
+    def work(log):
+        from elmforest.train.trainer import train
+
+        cfg = continuation_config(Path(job.config), Path(job.seed_state), job.lr)
+        cfg.model.trust_remote_code = job.trust_remote_code
+        s = train(cfg, job.run_dir(), progress=False, label=f"dense continued at LR {job.lr:g}")
+        return {"name": "dense", "tokens": s["tokens"], "flops": s["flops"]}
+
+    return logged(job.run_dir(), "dense", job.threads, work)
+
+
 def expert_kept(forest, name: str) -> bool:
     """The expert's checkpoint is in the forest, whole (its checksums): its job would only check it."""
     return name in forest.names and forest.intact(name, deep=True, trust_unchanged=True) is None

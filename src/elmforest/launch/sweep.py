@@ -50,7 +50,7 @@ from elmforest.utils.io import read_json, write_json_atomic
 # scoring, choosing and formatting live in sweep_results.py; their names stay importable from here
 __all__ = ["ARMS", "btm_grid_default", "choose", "format_sweep", "lr_grid", "score_experts", "sweep"]
 
-ARMS = ("dense", "experts", "both")
+ARMS = ("dense", "experts", "continue", "both", "all")  # both: dense and experts; all: the three
 
 
 def lr_grid(center: float, points: int = 5, factor: float = 2.0) -> list[float]:
@@ -91,6 +91,8 @@ def _check_grid(lrs: list[float], what: str) -> list[float]:
 
 def _finished(job: dict) -> bool:
     """A dense point's run, or an expert point's checkpoint, is there: no worker is needed for it."""
+    if "point" in job:  # DenseContinueJob
+        return dense_done(Path(job["point"]) / "runs" / "dense")
     if "config" in job:  # DenseRunJob
         return dense_done(Path(job["forest"]) / "runs" / "dense")
     try:
@@ -123,9 +125,10 @@ def sweep(
     shards_dir: str | Path,
     out: str | Path,
     base: RunConfig,
-    arm: str = "both",
+    arm: str = "all",
     lrs: list[float] | None = None,
     expert_lrs: list[float] | None = None,
+    continue_lrs: list[float] | None = None,
     dense_lr: float | None = None,
     seed_share: float = 0.5,
     executor=None,
@@ -134,7 +137,9 @@ def sweep(
     groups: dict | None = None,
     max_bytes: int | None = None,
 ) -> dict:
-    """Sweep the dense arm, then the expert arm from the best dense run's seed; returns sweep.json.
+    """Sweep the dense arm, then the expert arm from the best dense run's seed, then that dense run's
+    second half (launch/sweep_continue.py: at `continue_lrs`, by default the expert grid); returns
+    sweep.json.
 
     `groups`: X-ELM's expert arm, {label: {expert name: [domains]}} (or one bare {expert name:
     [domains]}, labelled `groups`), each grouping swept apart (sweep.json's `grouped`) instead of one
@@ -210,9 +215,10 @@ def sweep(
         "dense": "mean valid BPB over the domains of the dense run",
         "experts": "mean over domains of each expert's valid BPB on its own domain",
         "grouped": "mean over domains of the valid BPB of the expert whose group holds the domain",
+        "dense_continue": "mean valid BPB over the domains of the dense run, its second half at this LR",
     }
 
-    if arm in ("dense", "both"):
+    if arm in ("dense", "both", "all"):
         grid = _check_grid(lrs or btm_grid_default(base.optim.lr), "dense")
         jobs, cfgs = [], []
         for lr in grid:
@@ -248,15 +254,19 @@ def sweep(
         ]
         result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
         write_json_atomic(out / "sweep.json", result)
-    if arm in ("experts", "both"):
+    if arm in ("experts", "continue", "both", "all"):
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
         if seed_lr is None:
             raise UserError(
-                "the expert arm branches from the best dense run: sweep the dense arm first or give --dense-lr"
+                f"the {'expert' if arm != 'continue' else 'dense continuation'} arm branches from the best "
+                "dense run: sweep the dense arm first or give --dense-lr"
             )
         seed_forest = out / "dense" / _tag(seed_lr)
         trust = base.model.trust_remote_code
-        if not btm.seed_ready(Forest.init(seed_forest, exist_ok=True)):
+        if not (
+            btm.seed_ready(Forest.init(seed_forest, exist_ok=True))
+            and dense_done(seed_forest / "runs" / "dense")
+        ):
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
             run_dense_run(
@@ -271,6 +281,7 @@ def sweep(
             )
         seed = Forest.load(seed_forest)
         grid = _check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
+    if arm in ("experts", "both", "all"):
         # each arm: (result key, directory, {expert: its domains}, None for one expert per domain)
         arms = [("experts", out / "experts", {d: [d] for d in domains}, None)]
         if groupings is not None:
@@ -321,6 +332,27 @@ def sweep(
                 result["experts"] = r
             else:
                 result.setdefault("grouped", {})[key] = {"groups": grouping, **r}
+        write_json_atomic(out / "sweep.json", result)
+    if arm in ("continue", "all"):
+        from elmforest.launch.sweep_continue import sweep_continuation
+
+        cgrid = _check_grid(continue_lrs or grid, "dense continuation")
+        result["dense_continue"] = sweep_continuation(
+            out,
+            seed_forest,
+            seed_lr,
+            cgrid,
+            shards,
+            domains,
+            plan,
+            seq_len,
+            executor,
+            threads,
+            trust,
+            max_bytes,
+            log,
+            echo,
+        )
         write_json_atomic(out / "sweep.json", result)
     return result
 

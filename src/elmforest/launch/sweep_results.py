@@ -125,7 +125,8 @@ def score_experts(
 
 def format_sweep(result: dict) -> str:
     """The sweep as Markdown tables, with the choice (and an edge warning) under each."""
-    arms = [(arm, result.get(arm), result["criterion"][arm]) for arm in ("dense", "experts")]
+    names = {"dense": "dense", "experts": "experts", "dense_continue": "dense continuation"}
+    arms = [(names[a], result.get(a), result["criterion"].get(a)) for a in names]
     arms += [
         (f"experts {label}", r, result["criterion"]["grouped"])
         for label, r in result.get("grouped", {}).items()
@@ -146,6 +147,10 @@ def format_sweep(result: dict) -> str:
                 continue
             cells = " | ".join(f"{p['domains'][d]:.4f}" for d in domains)
             lines.append(f"| {p['lr']:g}{mark} | {p['valid_mean_bpb']:.4f} | {cells} |")
+        if arm == "dense continuation":
+            lines.append(
+                f"the dense run at LR {r['seed_lr']:g} continued from its seed; at {r['seed_lr']:g}, that run itself"
+            )
         if "groups" in r:
             lines.append("groups: " + "; ".join(f"{g} = {', '.join(ms)}" for g, ms in r["groups"].items()))
         note = f"best {arm} LR {r['best_lr']:g} (mean valid BPB {r['best_valid_mean_bpb']:.4f})"
