@@ -183,7 +183,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         "moe",
         "moe_router_trained",
         "moe_btx",
-        "dense_expert_lr",
+        "dense_tuned",
     }
     for m in methods.values():
         assert set(m["domains"]) == {"scripture", "code", "legal"}
@@ -220,18 +220,20 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
         "dense",
     }
     assert c["methods"]["ensemble"] == pytest.approx(1.0) and c["methods"]["seed"] == pytest.approx(0.5)
-    # the dense run's second half again at the experts' LR: the same FLOPs, from the same seed state
-    assert c["methods"]["dense_expert_lr"] == pytest.approx(1.0, rel=1e-6)
-    again = json.loads(
-        (tmp_path / "qs" / "forest" / "runs" / "dense-expert-lr" / "run_config.json").read_text()
-    )
+    # the dense run's second half again at its own LR (tiny's is not swept: the experts'), the same
+    # FLOPs, from the same seed state; the claims are checked against it, then against dense at one LR
+    assert c["methods"]["dense_tuned"] == pytest.approx(1.0, rel=1e-6)
+    again = json.loads((tmp_path / "qs" / "forest" / "runs" / "dense-tuned" / "run_config.json").read_text())
     assert again["optim"]["lr"] == 0.02 and again["train"]["init_checkpoint"].endswith("seed_state")
-    assert methods["dense_expert_lr"]["mean_bpb"] != methods["dense"]["mean_bpb"]
-    for who in ("the ensemble", "the BTX-fine-tuned MoE"):
+    assert p["dense_continue_lr"] == 0.02 and p["dense_continue_lr_source"] == "not swept: the experts' LR"
+    assert methods["dense_tuned"]["mean_bpb"] != methods["dense"]["mean_bpb"]
+    assert "the dense run's second half at LR 0.02 too (not swept: the experts' LR)" in said
+    for who, row in (("ensemble", "ensemble (cached prior)"), ("moe_btx", "BTX-fine-tuned MoE")):
         assert any(
-            f.startswith(f"{who} beats dense with its second half at the experts' LR")
+            f.startswith(f"the {row} beats ") and f" {who} " in f and "vs dense_tuned" in f
             for f in res["findings"]
         )
+        assert any(f.startswith("  the ") and f" {who} " in f and "vs dense " in f for f in res["findings"])
     assert c["methods"]["moe_router_trained"] > 1.01
     router = next(r for r in c["ledger"] if r["phase"] == "router_training")
     assert c["arms"]["moe_router_trained"] == pytest.approx(c["arms"]["forest"] + router["flops"])

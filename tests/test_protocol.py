@@ -248,7 +248,7 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
     )
     caveat = [f for f in out if f.startswith("caveat:")]  # the dense run's second half was not tuned
     assert len(caveat) == 1 and "tie the ensemble in domain, 0.999" in caveat[0]
-    assert "dense_expert_lr" not in caveat[0]  # no such row here: none named
+    assert caveat[0].startswith("caveat: no dense_tuned row")
     out = [f for f in out if f not in caveat]
     verdicts = [f.rsplit("-> ", 1)[1] for f in out]
     assert len(out) == 5 and verdicts[0] == "holds"  # 0.95
@@ -256,6 +256,26 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
     assert verdicts[2] == "does NOT hold here"  # 1.05 out of domain
     assert verdicts[3].startswith("a tie")  # 0.9975
     assert verdicts[4] == "holds"
+    # with dense_tuned (the dense run's second half at its own LR) the claims are checked against it,
+    # then against dense at one LR for the whole run, as the papers compare; no caveat then
+    out = findings(
+        res(dense=2.0, dense_tuned=1.8, ensemble=1.9, moe_btx=1.7),
+        res(dense=4.0, dense_tuned=4.1, ensemble=4.2),
+        {},
+    )
+    assert not [f for f in out if f.startswith("caveat:")]
+    head = [f for f in out if not f.startswith(" ")]
+    assert head[0].startswith("the ensemble (cached prior) beats") and "vs dense_tuned 1.8000" in head[0]
+    assert head[0].endswith("does NOT hold here")  # 1.9 / 1.8
+    assert "vs dense_tuned 4.1000" in head[1] and "moe_btx 1.7000 vs dense_tuned" in head[2]
+    under = out[out.index(head[-1]) + 1 :]
+    assert head[-1].startswith("dense_tuned is the dense run with its second half at its own LR")
+    assert [f.split(":")[0] for f in under] == [
+        "  the ensemble beats dense at one LR, in-domain",
+        "  the ensemble beats dense at one LR, out-of-domain",
+        "  the BTX-fine-tuned MoE beats dense at one LR, in-domain",
+    ]
+    assert under[0].endswith("holds") and under[1].endswith("does NOT hold here")
     # c-BTM's rows (`quickstart --split clusters`) are checked against dense too, at their FLOPs
     out = findings(
         res(dense=2.0, cbtm_top1=1.9, cbtm_top2=2.1), res(dense=4.0, cbtm_top2=3.0), {"cbtm_top2": 1.2}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from elmforest.clients.report import write_report
 from elmforest.compare import (
-    DENSE_EXPERT_LR_RUN,
+    DENSE_TUNED_RUN,
     arm_flops,
     evaluate_methods,
     findings,
@@ -39,7 +39,7 @@ from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.forest import train_forest
 from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
-from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest, dense_at_expert_lr
+from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest, dense_tuned
 from elmforest.utils.device import resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -63,6 +63,7 @@ def quickstart(
     ood: list[str | Path] | None = None,
     expert_lr: float | None = None,
     workers: int | None = None,
+    dense_continue_lr: float | None = None,
 ) -> dict:
     """Run the pipeline into `out`; `corpus` (any JSONL/Parquet/txt data with domains) replaces the demo.
 
@@ -72,7 +73,9 @@ def quickstart(
     moe_finetune_steps > 0 also fine-tunes the whole MoE on the mix (BTX, row moe_btx, at the preset's
     swept moe_finetune_lr; its FLOPs on top of the forest's, flagged as not compute-matched).
     `ood` adds out-of-domain sets (any data; each file or domain one set) to the demo's evaluation-only
-    domains (used when the corpus is the demo). `expert_lr` overrides the preset's expert LR.
+    domains (used when the corpus is the demo). `expert_lr` overrides the preset's expert LR,
+    `dense_continue_lr` its LR of the dense run's second half (row dense_tuned, trained where it
+    differs from the whole run's; `sweep`'s continuation arm finds it).
     `workers` trains that many experts (and the dense run) at a time in worker processes (default:
     2 on a CPU with 2 or more cores, 1 on a GPU).
     """
@@ -95,6 +98,7 @@ def quickstart(
     base = apply_overrides(base, list(overrides))
     plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
+    c_lr, c_source = _continue_lr(p, preset, overrides, expert_lr, dense_continue_lr, e_lr)
     ft_lr = p.moe_finetune_lr if p.moe_finetune_lr is not None else base.optim.lr
     precision = _precision_line(base.train.precision, base.train.device, eval_bytes)
     forest = Forest.init(out / "forest", exist_ok=True)
@@ -104,6 +108,7 @@ def quickstart(
         + ("every domain equally likely" if base.data.mixture == "uniform" else "domains sampled by size")
         + f") for the seed and dense runs; dense LR {base.optim.lr:g}, expert LR {e_lr:g}"
         + (f" (preset {preset}'s, from a recorded LR sweep)" if p.expert_lr and expert_lr is None else "")
+        + f"; the dense run's second half at LR {c_lr:g} too ({c_source})"
     )
     lr_given = expert_lr is not None and any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
     if own_data and not lr_given:  # each arm at its own best LR: on this data, not the demo's
@@ -112,7 +117,7 @@ def quickstart(
             f"      note: the preset's LRs were {'swept on the demo corpus' if p.expert_lr else 'not swept'}, "
             f"not on {corpus}; for each arm at its own best LR on it, run `elmforest sweep --shards "
             f"{shards_dir} --out SWEEP --preset {preset}{sets}` and pass what it finds (--set optim.lr=X "
-            "--expert-lr Y) to a quickstart in a new --out"
+            "--expert-lr Y --dense-continue-lr Z) to a quickstart in a new --out"
         )
     log(
         f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
@@ -157,8 +162,8 @@ def quickstart(
         if moe
         else ({}, {})
     )
-    if e_lr != base.optim.lr:  # the dense arm's second half at the experts' LR too (the same FLOPs)
-        models = {"dense_expert_lr": dense_at_expert_lr(forest, e_lr, progress, log), **models}
+    if c_lr != base.optim.lr:  # the dense arm's second half at its own LR too (the same FLOPs)
+        models = {"dense_tuned": dense_tuned(forest, c_lr, progress, log), **models}
 
     common = {"split": "test", "domains": names, "seq_len": base.train.seq_len, "batch_size": 16}
     common["max_bytes"] = eval_bytes
@@ -188,6 +193,8 @@ def quickstart(
             "mixture": base.data.mixture,
             "dense_lr": base.optim.lr,
             "expert_lr": e_lr,
+            "dense_continue_lr": c_lr,
+            "dense_continue_lr_source": c_source,
             "preset": preset,
             "corpus": str(Path(corpus).resolve()) if own_data else "demo",
             "precision": precision,
@@ -252,19 +259,31 @@ def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], ph
 
 
 def _second_half(forest: Forest, arms: dict) -> list[dict]:
-    """The ledger row of the dense run's second half at the experts' LR (row dense_expert_lr): its own
-    training only, the seed's counted once above."""
-    if "dense_expert_lr" not in arms:
+    """The ledger row of the dense run's second half at its own LR (row dense_tuned): its own training
+    only, the seed's counted once above."""
+    if "dense_tuned" not in arms:
         return []
-    s = read_json(forest.root / "runs" / DENSE_EXPERT_LR_RUN / "summary.json")
+    s = read_json(forest.root / "runs" / DENSE_TUNED_RUN / "summary.json")
     return [
         {
             "phase": "dense",
-            "name": "dense_expert_lr (second half)",
+            "name": "dense_tuned (second half)",
             "flops": s["flops"],
             "tokens": s.get("tokens"),
         }
     ]
+
+
+def _continue_lr(p, preset, overrides, expert_lr, given, e_lr) -> tuple[float, str]:
+    """The LR of the dense run's second half (row dense_tuned) and where it comes from. The preset's
+    was swept beside its dense and expert LRs, so it holds only while neither is overridden; unswept,
+    it is the experts' LR, the second-phase LR the forest has."""
+    if given is not None:
+        return given, "given"
+    lr_set = any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
+    if p.dense_continue_lr is not None and expert_lr is None and not lr_set:
+        return p.dense_continue_lr, f"preset {preset}'s, from a recorded LR sweep"
+    return e_lr, "not swept: the experts' LR"
 
 
 def _workers(base, workers: int | None) -> tuple[int, int]:

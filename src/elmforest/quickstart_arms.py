@@ -142,22 +142,23 @@ def cluster_forest(
     return cforest
 
 
-def dense_at_expert_lr(forest: Forest, lr: float, progress: bool, log) -> Path:
-    """The dense run's second half again, at the experts' LR: the same seed state (weights, optimizer
-    moments, step), data order, steps and batch, so the same FLOPs; only `optim.lr` differs.
+def dense_tuned(forest: Forest, lr: float, progress: bool, log) -> Path:
+    """The dense run's second half again at its own LR (row dense_tuned): the same seed state (weights,
+    optimizer moments, step), data order, steps and batch, so the same FLOPs; only `optim.lr` differs.
 
-    The experts' phase trains at an LR swept for it, while the dense run's second half keeps the whole
+    The experts' phase trains at an LR swept for it, while the dense run's second half kept the whole
     run's: one more tuned setting for the forest. An audit found the forest's in-domain advantage on
-    the demo corpus came from that (docs/benchmarks.md, "The dense run's second half"); this row gives
-    the dense arm the same second-phase LR, so the comparison can be read both ways."""
-    from elmforest.compare import DENSE_EXPERT_LR_RUN
-    from elmforest.train.runcheck import saved_config
+    the demo corpus came from that (docs/benchmarks.md, "The dense run's second half"); `sweep`'s
+    continuation arm (launch/sweep_continue.py) tunes that half as this row trains it."""
+    from elmforest.compare import DENSE_TUNED_RUN
+    from elmforest.launch.jobs import continuation_config
     from elmforest.train.trainer import train
 
-    run = forest.root / "runs" / DENSE_EXPERT_LR_RUN
+    run = forest.root / "runs" / DENSE_TUNED_RUN
     if not (run / "summary.json").is_file():
-        log(f"      the dense run's second half again at the experts' LR {lr:g} (row dense_expert_lr)")
-    cfg = saved_config(forest.root / "runs" / "dense" / "run_config.json")
-    cfg.optim.lr, cfg.train.init_checkpoint = lr, str((forest.root / "seed_state").resolve())
-    train(cfg, run, progress=progress, label="dense at the experts' LR")
+        log(f"      the dense run's second half again at its own LR {lr:g} (row dense_tuned)")
+    cfg = continuation_config(
+        forest.root / "runs" / "dense" / "run_config.json", forest.root / "seed_state", lr
+    )
+    train(cfg, run, progress=progress, label="dense, second half at its own LR")
     return run / "model"

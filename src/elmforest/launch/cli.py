@@ -88,6 +88,14 @@ def quickstart(
     expert_lr: Annotated[
         float | None, opt("peak LR of the expert phase (default: the preset's swept one)", positive_float)
     ] = None,
+    dense_continue_lr: Annotated[
+        float | None,
+        opt(
+            "peak LR of the dense run's second half, row dense_tuned (default: the preset's swept one; "
+            "sweep's continuation arm finds it)",
+            positive_float,
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         opt(
@@ -144,6 +152,7 @@ def quickstart(
             "--split": split != "domains",
             "--ood": ood,
             "--expert-lr": expert_lr,
+            "--dense-continue-lr": dense_continue_lr,
             "--no-moe": no_moe,
             "--moe-router-steps": moe_router_steps,
             "--clusters": clusters is not None,  # given at all, even at the demo's default
@@ -185,6 +194,7 @@ def quickstart(
         eval_bytes=eval_bytes or 64_000,
         ood=ood or [],
         expert_lr=expert_lr,
+        dense_continue_lr=dense_continue_lr,
         workers=workers,
         prior_batches=prior_batches or 20,
         clusters=8 if clusters is None else clusters,

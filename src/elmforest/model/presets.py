@@ -33,6 +33,9 @@ class Preset:
     # The peak LR of the expert phase (experts see 1/k of the batch, so theirs may differ from the dense
     # run's optim.lr); None: the same. Set from a recorded `elmforest sweep` where the preset has one.
     expert_lr: float | None = None
+    # The peak LR of the dense run's second half (the quickstart's dense_tuned row), from the recorded
+    # sweep's continuation arm; None: not swept (the quickstart then takes the experts' LR).
+    dense_continue_lr: float | None = None
     # The peak LR of BTX's fine-tuning of the merged MoE (merge finetune); None: the dense run's optim.lr.
     # Set from bench/moe_goals.py's sweep on the valid split where the preset has one.
     moe_finetune_lr: float | None = None
