@@ -10,6 +10,10 @@ step, data order, batch and steps, so the same FLOPs) with only `optim.lr` chang
 the valid split (the choice, as `sweep` chooses) and on the quickstart's test bytes in and out of
 domain, against the quickstart's ensemble. Continuations land in OUT/lr-X (resumable: a finished one
 is kept). The LR the quickstart used must reproduce its dense row exactly: the first check.
+
+`elmforest sweep` now tunes this continuation itself (its `continue` arm, on the whole valid split or
+--eval-bytes) and the quickstart trains row dense_tuned at the LR it found; this benchmark stays as the
+check on a finished quickstart's own test bytes, in and out of domain.
 """
 
 from __future__ import annotations

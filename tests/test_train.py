@@ -550,3 +550,16 @@ def test_a_dead_network_ends_the_run_as_diverged(shards_dir, tmp_path):
     with pytest.raises(Diverged, match=r"gradients vanished \(grad norm 0 at step 2\): a dead network"):
         train(cfg, tmp_path / "run", False, [KillEveryUnit()])
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_run_refused_before_it_starts_leaves_no_empty_folder(shards_dir, tmp_path):
+    cfg = tiny_config(shards_dir, steps=4)
+    cfg.data.domains = ["no_such_domain"]
+    with pytest.raises(ValueError, match="no_such_domain"):
+        train(cfg, tmp_path / "runs" / "a", progress=False)
+    assert not (tmp_path / "runs" / "a").exists()
+    # a folder the user made (or a run to resume) is kept, refused or not
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="no_such_domain"):
+        train(cfg, tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine").is_dir()

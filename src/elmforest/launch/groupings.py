@@ -120,3 +120,8 @@ def _check_group_name(label: str, g) -> None:
             f"grouping {label!r}: group {g!r} cannot name an expert ({sorted(RESERVED_NAMES)} are reserved); "
             "rename the group"
         )
+
+
+def canon(grouping: dict) -> dict:
+    """A grouping as compared across runs: its members' order does not matter."""
+    return {g: sorted(ms) for g, ms in grouping.items()}

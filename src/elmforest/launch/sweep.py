@@ -33,7 +33,7 @@ from elmforest.data.shards import Shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import JobsFailed, LocalExecutor
-from elmforest.launch.groupings import check_groupings, normalize
+from elmforest.launch.groupings import canon, check_groupings, normalize
 from elmforest.launch.jobs import (
     DenseRunJob,
     ExpertJob,
@@ -175,7 +175,7 @@ def sweep(
         )
     for label, grouping in (groupings or {}).items():
         had = (result.get("grouped") or {}).get(label, {}).get("groups")
-        if had is not None and _canon(had) != _canon(grouping):
+        if had is not None and canon(had) != canon(grouping):
             raise UserError(
                 f"{out}: grouping {label!r} was swept here as {had}, not {grouping}; use another --out "
                 "or another label (file name)"
@@ -269,6 +269,7 @@ def sweep(
         ):
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
+            log(f"sweep: the dense run at LR {seed_lr:g}, which the other arms continue -> {seed_forest}")
             run_dense_run(
                 DenseRunJob(
                     str(seed_forest),
@@ -388,10 +389,6 @@ def _check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
             f"{point}: this dense run was planned by another sweep ({'; '.join(diff)}); a sweep with other "
             "--groups, domains or training settings needs another --out"
         )
-
-
-def _canon(grouping: dict) -> dict:
-    return {g: sorted(ms) for g, ms in grouping.items()}
 
 
 def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):

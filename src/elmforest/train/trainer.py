@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,14 +78,20 @@ class Trainer(TrainerSetup):
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary_path = self.run_dir / "summary.json"
         check_config(self.run_dir, self.cfg)
         if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
             check_finished_data(self.run_dir, self.cfg)
             return read_json(summary_path)  # complete: nothing to do
-        self._setup()
-        self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
+        try:
+            self._setup()
+            self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
+        except BaseException:
+            if created:  # refused before anything was written: leave no empty run folder behind
+                _drop_if_empty(self.run_dir)
+            raise
         self.lead = self.rank == 0  # only the first process writes; the others compute
         if self.lead:  # once setup succeeded
             self._lock_run_dir()
@@ -335,6 +342,11 @@ class Trainer(TrainerSetup):
             save_tokenizer(self.tokenizer, tmp)
             write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
             write_json_atomic(tmp / "elmforest_data.json", self.shards.record())
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    if not any(p.is_file() for p in run_dir.rglob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def train(
