@@ -544,3 +544,41 @@ def test_a_forest_whose_cache_cannot_be_written_is_hashed_once_per_process(fores
     check_intact(f)
     check_intact(f)
     assert len(reads) == files and not (f.root / digests.CACHE).exists()
+
+
+def test_forest_add_names_the_seed_or_expert_a_run_started_from(forest_dir, tmp_path, capsys):
+    """An expert branched by hand from this forest's seed (or one of its experts) and added back is
+    that parent's child in the lineage, not `external`; one from anywhere else stays external."""
+    from elmforest.cli import main
+
+    f = _copy(forest_dir, tmp_path)
+    first, other = f.names[0], f.names[1]
+    cases = [
+        ("train", "init_checkpoint", str(f.root / "seed_state"), "seed"),
+        ("model", "init_from", str(f.seed_dir), "seed"),
+        ("model", "init_from", str(f.expert_dir(other)), other),
+        ("train", "init_checkpoint", str(forest_dir / "seed_state"), "external"),  # another forest's
+    ]
+    for i, (section, key, start, want) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(f.root / "runs" / first, run)
+        cfg = json.loads((run / "run_config.json").read_text())
+        cfg["train"]["init_checkpoint"] = cfg["model"]["init_from"] = None
+        cfg[section][key] = start
+        (run / "run_config.json").write_text(json.dumps(cfg))
+        args = [
+            "forest",
+            "add",
+            "--forest",
+            str(f.root),
+            "--expert",
+            str(run),
+            "--domain",
+            "x",
+            "--name",
+            f"e{i}",
+        ]
+        assert main(args) == 0
+        assert Forest.load(f.root).expert(f"e{i}")["parents"] == [{"name": want, "weight": 1.0}]
+        said = capsys.readouterr().out
+        assert ("trained elsewhere" if want == "external" else f"branched from {want}") in said

@@ -96,19 +96,24 @@ def add(
     name: Annotated[str | None, opt("expert name (default: the first domain)", metavar="NAME")] = None,
 ) -> None:
     """Register an expert trained elsewhere (an HF checkpoint or run directory)."""
-    from elmforest.forest.commands import summary_of
+    from elmforest.forest.commands import parents_of, summary_of
 
     src = Path(expert)
     summary = summary_of(src)
-    e = _load(forest).add(
+    f = _load(forest)
+    parents = parents_of(f, src)
+    e = f.add(
         src,
         name or domain[0],
         domain,
         tokens=summary.get("tokens", 0),
         flops=summary.get("flops", 0),
-        parents=[{"name": "external", "weight": 1.0}],
+        parents=parents,
     )
-    print(f"added expert {e['name']} ({', '.join(e['domains'])})")
+    origin = (
+        "trained elsewhere" if parents[0]["name"] == "external" else f"branched from {parents[0]['name']}"
+    )
+    print(f"added expert {e['name']} ({', '.join(e['domains'])}; {origin})")
     if not summary:
         print(
             f"note: {src} has no training record (summary.json beside it or its run): the ledger counts "

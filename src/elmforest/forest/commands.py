@@ -92,6 +92,34 @@ def summary_of(src: Path) -> dict:
     return {}
 
 
+def parents_of(forest, src: Path) -> list[dict]:
+    """The lineage of an expert trained elsewhere: its run's config (run_config.json beside it or its
+    run) says where its weights started (train.init_checkpoint, else model.init_from). When that is
+    this forest's seed, the seed's trainer state or one of its experts, the lineage names it, not
+    `external` (an expert branched by hand from the forest's seed is the seed's child). Paths are only
+    compared, never opened: the file is the user's."""
+    from elmforest.utils.io import read_json
+
+    targets = {}
+    if forest.data.get("seed"):
+        targets[forest.seed_dir.resolve()] = "seed"
+        targets[(forest.root / "seed_state").resolve()] = "seed"
+    for n in forest.names:
+        targets[forest.expert_dir(n).resolve()] = n
+    for p in (src / "run_config.json", src.parent / "run_config.json"):
+        if not p.is_file():
+            continue
+        try:
+            cfg = read_json(p)
+            start = cfg["train"].get("init_checkpoint") or cfg["model"].get("init_from")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            break  # not a run's config: nothing known about where it started
+        if isinstance(start, str) and Path(start).is_absolute() and Path(start).resolve() in targets:
+            return [{"name": targets[Path(start).resolve()], "weight": 1.0}]
+        break
+    return [{"name": "external", "weight": 1.0}]
+
+
 def explicit_weights(spec: str, names: list[str]) -> list[float]:
     """--weights NAME=W,NAME=W: every name an expert of the forest, every W a non-negative number."""
     import math
