@@ -180,6 +180,36 @@ def test_a_bare_forest_dir_reports_what_exists_and_says_results_are_absent(qs_di
     _no_outside_references(page)
 
 
+def test_eval_json_files_are_shown_as_tables_on_a_forest_page(qs_dir, shards_dir, tmp_path, capsys):
+    """A forest dir has no results.json: the evaluations run on it (`eval --json`) join its page."""
+    from elmforest.cli import main
+
+    f = qs_dir / "forest"
+    one, ens = tmp_path / "seed.json", tmp_path / "ensemble.json"
+    common = ["--data", str(shards_dir), "--split", "test", "--max-bytes", "3000", "--no-progress"]
+    assert main(["eval", "--model", str(f / "seed"), "--json", str(one), *common]) == 0
+    assert main(["eval", "--forest", str(f), "--mode", "ensemble", "--json", str(ens), *common]) == 0
+    capsys.readouterr()
+    out = write_report(f, tmp_path / "f.html", [one, ens])
+    page = _parse(out.read_text(encoding="utf-8"))
+    for i, path in enumerate((one, ens)):
+        res = json.loads(path.read_text())
+        assert page.tables[f"eval-{i}"].startswith(f"{path.name}: ")
+        assert f"mean BPB {res['mean_bpb']:.4f}" in page.tables[f"eval-{i}"]
+        rows = {r[0]: r for r in page.cells[f"eval-{i}"][1:]}
+        assert set(rows) == set(res["domains"])
+        for d, v in res["domains"].items():
+            assert rows[d][1] == f"{v['bpb']:.4f}" and rows[d][2].replace(",", "") == str(v["bytes"])
+    assert "forest, mode ensemble" in page.tables["eval-1"] and page.cells["eval-1"][0][-1] == "prior"
+    _no_outside_references(page)
+    # a file that is not an eval result is refused by name, and nothing is written
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"methods": {}}))
+    with pytest.raises(UserError, match=r"--eval .*bad.json: not an `elmforest eval --json` file"):
+        write_report(f, tmp_path / "g.html", [bad])
+    assert not (tmp_path / "g.html").exists()
+
+
 def _synthetic_results(root: Path, domain: str) -> Path:
     """A results.json with the quickstart's structure (two methods, priors, compute), no training."""
     experts = ["a", domain]

@@ -11,6 +11,7 @@ Content-Security-Policy that forbids any request), so it opens the same offline 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,17 @@ from elmforest.clients.report_data import (
     seed_steps,
 )
 from elmforest.clients.report_html import absent, bullets, esc, image, page, para, section, slug, table
-from elmforest.clients.report_tables import SETS, ledger_section, results_section
+from elmforest.clients.report_tables import SETS, eval_tables, ledger_section, results_section
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, write_text_atomic
 
 
-def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report of the quickstart or forest dir `path` to `out` (default: path/report.html)."""
+def write_report(path: str | Path, out: str | Path | None = None, evals: Sequence[str | Path] = ()) -> Path:
+    """Write the report of the quickstart or forest dir `path` to `out` (default: path/report.html),
+    with a table for each `elmforest eval --json` file in `evals`."""
     out = check_out(out if out is not None else Path(path) / "report.html")  # before rendering
-    write_text_atomic(out, render_report(path))
+    tables = eval_tables(evals)  # a bad file refused before the page is rendered
+    write_text_atomic(out, render_report(path, tables))
     return out
 
 
@@ -68,12 +71,14 @@ def _is_html(p: Path) -> bool:
     return head.startswith((b"<!doctype html", b"<html"))
 
 
-def render_report(path: str | Path) -> str:
-    return _render(locate(path))
+def render_report(path: str | Path, evals: str = "") -> str:
+    return _render(locate(path), evals)
 
 
-def _render(src: Sources) -> str:
+def _render(src: Sources, evals: str = "") -> str:
     sections = [("overview", "Overview", _overview(src))]
+    if evals:
+        sections.append(("evaluations", "Evaluations", evals))
     if src.results is not None:
         sections += [
             ("results", "Results", _stale(src, "stale-results") + results_section(src.results)),

@@ -18,9 +18,13 @@ def report(
     out: Annotated[
         str | None, opt("the HTML file to write (default: DIR/report.html)", metavar="FILE")
     ] = None,
+    eval: Annotated[
+        list[str] | None,
+        opt("an `elmforest eval --json` file to show as a table (repeatable)", metavar="FILE"),
+    ] = None,
 ) -> None:
     """One self-contained HTML page about a run: results tables and plots, priors and routing
     heatmaps, the forest's lineage, training curves and the FLOPs ledger; opens offline."""
     from elmforest.clients.report import write_report
 
-    print(write_report(dir, out))  # which checks --out before the page is rendered
+    print(write_report(dir, out, eval or []))  # which checks --out and --eval before the page is rendered

@@ -6,12 +6,14 @@ a second-round table `added`): `compute_of` reads both the same way."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from elmforest.clients import report_plots as plots
 from elmforest.clients.report_data import Sources
 from elmforest.clients.report_html import esc, image, para, slug, table
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark
 from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
 
 SETS = (
@@ -169,3 +171,32 @@ def _dense_run(f: Forest) -> dict:
     p = f.root / "runs" / "dense" / "summary.json"
     s = read_json(p) if p.is_file() else None
     return s if isinstance(s, dict) else {}
+
+
+def eval_tables(paths) -> str:
+    """One table per `elmforest eval --json` file: each domain's bits per byte with the bytes, tokens and
+    documents scored (and, for a forest, where its prior came from), the file named in the caption. A
+    forest dir has no results.json; the evaluations a user ran on it belong on its page too."""
+    out = []
+    for i, p in enumerate(paths):
+        p = Path(p)
+        try:
+            res = read_json(p)
+            domains = res["domains"]
+            mean = float(res["mean_bpb"])
+            rows = [
+                [d, f"{v['bpb']:.4f}", v.get("bytes", "-"), v.get("tokens", "-"), v.get("documents", "-")]
+                + ([v.get("prior_source", "-")] if "mode" in res else [])
+                for d, v in domains.items()
+            ]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(
+                f"--eval {p}: not an `elmforest eval --json` file (domains and mean_bpb): {type(e).__name__}: {e}"
+            ) from None
+        what = f"forest, mode {res['mode']}" if "mode" in res else "one model"
+        caption = f"{p.name}: {what}, split {res.get('split', '?')}, mean BPB {mean:.4f}" + (
+            f", first {res['max_bytes']:,} bytes per domain" if res.get("max_bytes") else ""
+        )
+        header = ["domain", "BPB", "bytes", "tokens", "documents"] + (["prior"] if "mode" in res else [])
+        out.append(table(f"eval-{i}", caption, header, rows))
+    return "".join(out)
