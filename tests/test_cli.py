@@ -242,6 +242,7 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     )  # the fine-tuning on top, by what ran
     ft = json.loads((tmp_path / "qs" / "moe-btx" / "elmforest_moe.json").read_text())["finetuning"]
     assert btx["flops"] == ft["flops"] > 0 and ft["steps"] == 2 and ft["router_aux_loss"] == 0.01
+    btx_flops = btx["flops"]
     assert c["arms"]["moe_btx"] == pytest.approx(c["arms"]["forest"] + btx["flops"])
     assert any(f.startswith("the BTX-fine-tuned MoE beats dense in-domain") for f in res["findings"])
     assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
@@ -290,6 +291,20 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     with pytest.raises(UserError, match=r"was run with other settings \(optim.lr: 0.003 -> 0.012\)"):
         quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "optim.lr=0.012"]})
     quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "train.log_every=5"]})  # operational
+    # other BTX steps: the quickstart's own fine-tuned MoE is out of date, trained again (not refused)
+    capsys.readouterr()
+    longer = quickstart(tmp_path / "qs", **{**kw, "moe_finetune_steps": 3})
+    assert (
+        "moe-btx: trained from another export or with other settings; trained again"
+        in capsys.readouterr().out
+    )
+    ft = json.loads((tmp_path / "qs" / "moe-btx" / "elmforest_moe.json").read_text())["finetuning"]
+    btx = [r for r in longer["compute"]["ledger"] if r["phase"] == "btx_finetuning"]
+    assert (
+        ft["steps"] == 3
+        and len(btx) == 1
+        and btx[0]["flops"] == ft["flops"] == pytest.approx(1.5 * btx_flops)
+    )
     # an out-of-domain set named like a training domain is refused
     clash = tmp_path / "clash"
     clash.mkdir()

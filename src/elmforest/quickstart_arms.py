@@ -9,6 +9,7 @@ continues.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from elmforest.data.shards import Shards, build_shards
@@ -43,7 +44,7 @@ def _moe_models(
             train_router(moe_dir, shards.root, router_steps, out=rt, progress=progress)
 
         want = {"steps": router_steps, "from_fingerprint": fp}
-        phases["moe_router_trained"] = _moe_phase(forest, rt, "router_training", want, run_router)
+        phases["moe_router_trained"] = _moe_phase(forest, rt, "router_training", want, run_router, log)
         models["moe_router_trained"] = rt
     if ft_steps:
         ft = out / "moe-btx"
@@ -55,7 +56,7 @@ def _moe_models(
             finetune_moe(moe_dir, shards.root, ft_steps, out=ft, lr=ft_lr, progress=progress)
 
         want = {"steps": ft_steps, "lr": ft_lr, "from_fingerprint": fp}
-        phases["moe_btx"] = _moe_phase(forest, ft, "finetuning", want, run_btx, phase="btx_finetuning")
+        phases["moe_btx"] = _moe_phase(forest, ft, "finetuning", want, run_btx, log, phase="btx_finetuning")
         models["moe_btx"] = ft
     from elmforest.merge.routing import summary_line, write_routing
 
@@ -66,12 +67,19 @@ def _moe_models(
     return models, phases
 
 
-def _moe_phase(forest: Forest, out_dir: Path, key: str, want: dict, run, phase: str | None = None) -> dict:
+def _moe_phase(
+    forest: Forest, out_dir: Path, key: str, want: dict, run, log, phase: str | None = None
+) -> dict:
     """A training stage of a merged MoE (router training, BTX fine-tuning), rerun unless the output's
-    card records exactly `want` under `key`; its tokens and FLOPs enter the forest's ledger."""
+    card records exactly `want` under `key`; its tokens and FLOPs enter the forest's ledger. One trained
+    otherwise (other steps or LR, another export: a re-merge, a copied folder's new file times) is this
+    quickstart's own output and out of date, so it is replaced, said, where `merge finetune` refuses."""
     card = out_dir / "elmforest_moe.json"
     meta = read_json(card).get(key, {}) if card.is_file() else {}
     if any(meta.get(k) != v for k, v in want.items()):
+        if card.is_file() and meta:
+            log(f"      {out_dir.name}: trained from another export or with other settings; trained again")
+            shutil.rmtree(out_dir)
         run()
         meta = read_json(card)[key]
     rec = {
