@@ -102,13 +102,16 @@ PRESETS: dict[str, Preset] = {
             vocab_size=4096,
             seq_len=256,
             tie_embeddings=True,
-            # dense and expert LRs: `elmforest sweep --shards quickstart/shards --out sweep-cpu-small`
+            # dense, expert and dense-continuation LRs: `elmforest sweep --shards quickstart/shards --out sweep-cpu-small`
             # (5 points x2 apart each, chosen on the valid split; docs/benchmarks.md, docs/sweeps/)
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=256, batch_size=16, seq_len=256, ckpt_every=64, log_every=8),
             description="about 1.3M parameters; the quickstart default, sized for 15 minutes on 2 CPU "
             "cores (5-15 min in bf16 by the machine; fp32-only CPUs about 1.3x longer)",
             expert_lr=8e-3,
+            # the dense run's second half: the same sweep's continuation arm (--arm continue, grid
+            # 5e-4..3.2e-2 from the 2e-3 run's seed; 1.6e-2 2.4418 vs 8e-3 2.4436 mean valid BPB)
+            dense_continue_lr=1.6e-2,
             # bench/moe_goals.py: 64 steps of 16 x 256, grid 1e-3..1.6e-2, best 4e-3 (docs/moe.md)
             moe_finetune_lr=4e-3,
         ),
