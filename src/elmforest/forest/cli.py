@@ -1,9 +1,9 @@
 """`elmforest forest ...` verbs and `elmforest generate`: each verb is its signature (see utils/argtypes.py);
-the work is in forest/btm.py, forest/commands.py and launch/forest.py."""
+the work is in forest/btm.py, forest/commands.py and launch/forest.py. The training verbs are here; those
+that train nothing are in forest/manage_cli.py, registered here under the same group."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +11,19 @@ from typing import Annotated, Literal
 
 import typer
 
+from elmforest.forest.manage_cli import (
+    Clusterer,
+    ForestDir,
+    _load,
+    add,
+    average,
+    fsck,
+    generate,
+    init,
+    list_,
+    remove,
+    show,
+)
 from elmforest.train.cli import (
     CONFIG_KEYS,
     DEFAULT_TRAIN_ARGS,
@@ -18,7 +31,6 @@ from elmforest.train.cli import (
     TrainArgs,
 )
 from elmforest.utils.argtypes import (
-    finite_float,
     flag,
     group,
     nonneg_float,
@@ -27,17 +39,12 @@ from elmforest.utils.argtypes import (
     opt,
     positive_float,
     positive_int,
-    unit_fraction,
     verb,
 )
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import remove_path, split_list
 
-ForestDir = Annotated[str, opt("forest directory", name="--forest", metavar="DIR")]
 ShardsDir = Annotated[str, opt("shards directory", metavar="DIR")]
-Clusterer = Annotated[
-    str | None, opt("c-BTM: the clusterer whose clusters the experts are trained on", metavar="DIR")
-]
 SeedShare = Annotated[
     float, opt("share of the dense run's steps that trains the seed (BTM: 0.5)", open_fraction)
 ]
@@ -57,87 +64,6 @@ def register(app: typer.Typer) -> None:
     verb(fo)(average)
     app.add_typer(fo, name="forest")
     verb(app)(generate)
-
-
-def _load(forest: str, create: bool = False):
-    from elmforest.forest.manifest import Forest
-
-    return Forest.init(forest, exist_ok=True) if create else Forest.load(forest)
-
-
-def init(forest: ForestDir, clusterer: Clusterer = None) -> None:
-    """Create an empty forest."""
-    from elmforest.forest.manifest import Forest
-
-    if clusterer:  # refuse a bad clusterer before anything is created
-        from elmforest.cluster.clusterer import Clusterer as C
-
-        C.load(clusterer)
-    f = Forest.init(forest)
-    if clusterer:
-        f.set_clusterer(clusterer)
-    print(f"created an empty forest in {forest}")
-
-
-def list_(forest: ForestDir) -> None:
-    """One line per expert."""
-    print(_load(forest).describe())
-
-
-def show(forest: ForestDir) -> None:
-    """The whole manifest (JSON)."""
-    print(json.dumps(_load(forest).data, indent=2))
-
-
-def add(
-    forest: ForestDir,
-    expert: Annotated[str, opt("HF checkpoint dir or elmforest run dir", metavar="DIR")],
-    domain: Annotated[list[str], opt("domain(s) it was trained on (repeatable)", metavar="DOMAIN")],
-    name: Annotated[str | None, opt("expert name (default: the first domain)", metavar="NAME")] = None,
-) -> None:
-    """Register an expert trained elsewhere (an HF checkpoint or run directory)."""
-    from elmforest.forest.commands import parents_of, summary_of
-
-    src = Path(expert)
-    summary = summary_of(src)
-    f = _load(forest)
-    parents = parents_of(f, src)
-    e = f.add(
-        src,
-        name or domain[0],
-        domain,
-        tokens=summary.get("tokens", 0),
-        flops=summary.get("flops", 0),
-        parents=parents,
-    )
-    origin = (
-        "trained elsewhere" if parents[0]["name"] == "external" else f"branched from {parents[0]['name']}"
-    )
-    print(f"added expert {e['name']} ({', '.join(e['domains'])}; {origin})")
-    if not summary:
-        print(
-            f"note: {src} has no training record (summary.json beside it or its run): the ledger counts "
-            "this expert's training as 0 tokens and 0 FLOPs, so the forest's compute is undercounted",
-            file=sys.stderr,
-        )
-
-
-def remove(forest: ForestDir, expert: Annotated[str, opt("expert name", metavar="NAME")]) -> None:
-    """Opt an expert out: delete its weights, run and merged copies, verified; re-run to finish an
-    interrupted removal."""
-    from elmforest.forest import commands
-
-    commands.remove(_load(forest), expert)
-
-
-def fsck(
-    forest: ForestDir, quick: Annotated[bool, flag("--quick", "check sizes only, not checksums")] = False
-) -> int:
-    """Check a forest and repair what is safe: finish pending removals, delete temporary files of dead
-    processes, verify each expert's weights against their recorded checksums."""
-    from elmforest.forest import commands
-
-    return commands.fsck(_load(forest), deep=not quick)
 
 
 def expert_lr_of(given: float | None, train_args: TrainArgs) -> float | None:
@@ -401,75 +327,3 @@ def train(
         overrides=sets,
     )
     print(_load(forest).describe())
-
-
-def average(
-    forest: ForestDir,
-    out: Annotated[str, opt("output HF checkpoint directory", metavar="DIR")],
-    weights: Annotated[
-        str, opt("uniform | posterior (needs --data and --domain) | NAME=W,NAME=W", metavar="W")
-    ] = "uniform",
-    data: Annotated[
-        str | None,
-        opt("shards or raw data holding the target domain (for posterior weights)", metavar="PATH"),
-    ] = None,
-    domain: Annotated[
-        str | None, opt("target domain whose valid split sets the posterior weights", metavar="DOMAIN")
-    ] = None,
-    prior_batches: Annotated[int, opt("valid batches for the posterior weights", positive_int)] = 20,
-    method: Annotated[
-        Literal["linear", "task_arithmetic", "ties"],
-        opt("linear: weighted mean; task_arithmetic / ties: merge the experts' updates relative to the seed"),
-    ] = "linear",
-    scale: Annotated[float, opt("task_arithmetic / ties: lambda on the merged update", finite_float)] = 1.0,
-    density: Annotated[float, opt("ties: fraction of each update kept", unit_fraction)] = 0.2,
-) -> None:
-    """Average the experts' parameters into one HF checkpoint."""
-    from elmforest.forest import commands
-
-    commands.average(_load(forest), out, weights, data, domain, prior_batches, method, scale, density)
-
-
-def generate(
-    forest: ForestDir,
-    prompt: Annotated[str, opt("the text to continue", metavar="TEXT")],
-    max_new_tokens: Annotated[int, opt("tokens to sample", positive_int)] = 100,
-    temperature: Annotated[float, opt("sampling temperature; 0 = greedy", nonneg_float)] = 1.0,
-    seed: Annotated[int, opt("sampling seed", nonneg_int)] = 0,
-    weighting: Annotated[
-        Literal["posterior", "fixed"], opt("posterior: the experts' weights follow the text so far")
-    ] = "posterior",
-    show_weights: Annotated[
-        bool,
-        flag(
-            "--show-weights",
-            "print the mixture weights the last token was drawn with (the experts' posterior given the "
-            "prompt and every earlier token)",
-        ),
-    ] = False,
-    device: Annotated[str, opt("auto | cpu | cuda | cuda:N", metavar="DEVICE")] = "auto",
-    cluster_k: Annotated[
-        int | None, opt("c-BTM: route each step to the top-k clusters of the context", positive_int)
-    ] = None,
-    temperature_routing: Annotated[
-        float,
-        opt("c-BTM: T in exp(-distance^2 / T) when routing to clusters (with --cluster-k)", positive_float),
-    ] = 0.1,
-) -> None:
-    """Sample from a forest's ensemble."""
-    from elmforest.forest.generate import generate as sample
-
-    g = sample(
-        forest,
-        prompt,
-        max_new_tokens,
-        temperature,
-        seed,
-        weighting=weighting,
-        device=device,
-        cluster_k=cluster_k,
-        routing_temperature=temperature_routing,
-    )
-    print(prompt + g.text)
-    if show_weights and g.weights:
-        print(json.dumps(g.weights[-1], indent=2))
