@@ -8,9 +8,9 @@ from pathlib import Path
 
 from elmforest.config import RunConfig
 from elmforest.data.shards import Shards
-from elmforest.forest.btm import train_seed
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains
+from elmforest.forest.seeding import train_seed
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, dense_done, expert_kept, run_job
 from elmforest.launch.progress import ProgressMonitor
@@ -36,7 +36,7 @@ def train_forest(
     worker processes); with Ray they run concurrently wherever resources allow. The forest is re-read
     afterwards, since the jobs add their experts to the manifest on disk. Finished experts are
     skipped, unfinished ones resume. `overrides`: operational `--set` values (trackers, logging) the
-    jobs apply on top of the seed's config (btm.seed_overrides).
+    jobs apply on top of the seed's config (seeding.seed_overrides).
     """
     planned = plan_domains(plan, shards, domains)
     names = [d for d in planned if d not in forest.removed]
@@ -87,7 +87,7 @@ def train_forest(
 def _finished(forest: Forest, names: list[str], dense: bool) -> bool:
     """Every job's result is there (the seed, each expert's checkpoint, the dense run): the jobs then
     only check that what is kept was trained as asked, which needs no worker or cluster."""
-    from elmforest.forest.btm import seed_ready
+    from elmforest.forest.seeding import seed_ready
 
     return (
         seed_ready(forest)
