@@ -26,18 +26,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from elmforest.data.readers import (
+from elmforest.data.documents import (
     DataError,
     Document,
     ReadStats,
-    _check_data_file,
     _check_record,
     _InvalidUtf8,
     batch_records,
     check_columns,
-    is_metadata,
     record_columns,
 )
+from elmforest.data.readers import _check_data_file, is_metadata
 from elmforest.data.sources import Source
 from elmforest.utils.errors import UserError
 

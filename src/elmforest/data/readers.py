@@ -1,6 +1,7 @@
 """Stream documents from the user's files: JSONL, Parquet, folders of .txt, saved Hugging Face
 datasets, and `datasets` builders (json/parquet/csv/text) through a source spec (data/sources.py;
-the saved datasets and builders are read in data/hf_readers.py).
+the saved datasets and builders are read in data/hf_readers.py, and a record becomes a Document or a
+counted skip in data/documents.py).
 
 Nothing is loaded whole: JSONL is read line by line, Parquet batch by batch. Bad records are
 skipped and counted by reason so the caller can report them; a file that cannot be read at all is
@@ -15,62 +16,30 @@ a folder is read as one dataset, not as its files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from elmforest.data.documents import (
+    DataError,
+    Document,
+    FieldCheck,
+    ReadStats,
+    _check_record,
+    _InvalidUtf8,
+    batch_records,
+    check_columns,
+    record_columns,
+)
 from elmforest.data.sources import Source, parse_source, with_options
-from elmforest.utils.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_SUFFIXES = (".txt",)
 SUPPORTED = JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
 META_SUFFIX = ".meta.json"  # elmforest metadata beside data files: never data
-
-
-class DataError(UserError):
-    """Input data that cannot be used; the message names the file and the reason."""
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    domain: str
-    text: str
-
-
-@dataclass
-class ReadStats:
-    """Counts of what a read produced and skipped; `skipped` maps reason -> count."""
-
-    documents: int = 0
-    files: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
-    def merge(self, other: ReadStats) -> None:
-        self.documents += other.documents
-        self.files += other.files
-        self.skipped.update(other.skipped)
-
-    def summary(self) -> str:
-        s = f"{self.documents} documents from {self.files} file(s)"
-        if self.skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-            s += f"; skipped {self.skipped_total} bad record(s) ({reasons})"
-        return s
-
-    def to_dict(self) -> dict:
-        return {"documents": self.documents, "files": self.files, "skipped": dict(self.skipped)}
 
 
 _PART = re.compile(r"part[-_.]?\d")  # Spark/Hadoop output files: news.parquet/part-00000-....parquet
@@ -177,66 +146,6 @@ def _check_data_file(f: Path) -> None:
         raise DataError(f"{f}: cannot open (permission denied)")
 
 
-def _check_record(
-    rec,
-    stats: ReadStats,
-    default_domain: str,
-    default_id: str,
-    text_field: str = "text",
-    domain_field: str = "domain",
-) -> Document | None:
-    if not isinstance(rec, dict):
-        stats.skipped["not_an_object"] += 1
-        return None
-    # defaults come from file and folder names, which need not be UTF-8 (a Latin-1 `café` folder): the
-    # text is fine, so the name spells its bad bytes as \xNN (distinct names stay distinct: `café` and
-    # `cafè` are two domains) rather than the documents being dropped
-    default_domain, default_id = _name_text(default_domain), _name_text(default_id)
-    text = rec.get(text_field)
-    if text is None:
-        stats.skipped["missing_text"] += 1
-        return None
-    if not isinstance(text, str):
-        stats.skipped[f"wrong_type({text_field})"] += 1  # which field: a user cannot guess it
-        return None
-    if not text.strip():
-        stats.skipped["empty_text"] += 1
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from "\udXXX" escapes in JSON
-        stats.skipped["invalid_utf8"] += 1
-        return None
-    domain = rec.get(domain_field, default_domain)
-    if domain is None or domain == "":
-        domain = default_domain
-    if not isinstance(domain, str):
-        stats.skipped[f"wrong_type({domain_field})"] += 1
-        return None
-    rid = rec.get("id", default_id)
-    if rid is None or rid == "" or (isinstance(rid, float) and math.isnan(rid)):  # empty: as no id
-        rid = default_id  # (an empty id would hash every such document into one split)
-    if isinstance(rid, float) and rid.is_integer():  # pandas' integer ids once a NaN made them floats
-        rid = int(rid)
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        stats.skipped["wrong_type(id)"] += 1
-        return None
-    try:  # the split hashes the id and folders are named after the domain: both must be UTF-8
-        domain.encode("utf-8"), str(rid).encode("utf-8")
-    except UnicodeEncodeError:
-        stats.skipped["invalid_utf8"] += 1
-        return None
-    stats.documents += 1
-    return Document(id=str(rid), domain=domain, text=text)
-
-
-def _name_text(name: str) -> str:
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # not from a file name: left for the UTF-8 check to count
-        return name
-
-
 _PLAIN = Source(None, "")  # the default fields
 LOOSE_TXT_NOTE = 20  # loose .txt files in the root given, each its own domain: likely the wrong root
 _ARRAY = (
@@ -280,38 +189,6 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
     fields.done()
 
 
-class FieldCheck:
-    """Whether the fields the user named occur in a file of schema-less records (JSON lines): a file
-    with records but none of them carrying such a field is an error naming it, where the default
-    fields keep today's per-record counts (`missing_text`)."""
-
-    def __init__(self, path, src: Source):
-        self.path, self.wanted = path, set(src.explicit_fields)
-        self.found: set[str] = set()
-        self.keys: set[str] = set()
-
-    def see(self, rec) -> None:
-        if self.wanted and isinstance(rec, dict):
-            self.found.update(self.wanted.intersection(rec))
-            if len(self.keys) < 100:  # enough to show in the message
-                self.keys.update(rec)
-
-    def done(self) -> None:
-        missing = sorted(self.wanted - self.found)
-        if missing and self.keys:
-            raise DataError(
-                f"{self.path}: no record has the field(s) {', '.join(map(repr, missing))} "
-                f"(fields seen: {', '.join(sorted(map(str, self.keys))[:20])})"
-            )
-
-
-def check_columns(where, names, src: Source, kind: str) -> None:
-    """A schema without the text field, or without a domain field the user named, is an error."""
-    for name in dict.fromkeys((src.text_field, *src.explicit_fields)):
-        if name not in names:
-            raise DataError(f"{where}: {kind} has no {name!r} column (columns: {sorted(names)})")
-
-
 def _read_parquet(
     path: Path, stats: ReadStats, batch_size: int = 1024, src: Source = _PLAIN
 ) -> Iterator[Document]:
@@ -338,27 +215,6 @@ def _read_parquet(
                 yield doc
 
 
-def record_columns(names, src: Source) -> list[str]:
-    return list(dict.fromkeys(c for c in ("id", src.domain_field, src.text_field) if c in names))
-
-
-def batch_records(batch, columns: list[str], text_field: str, convert=None) -> Iterator[dict]:
-    """The rows of an Arrow record batch as dicts of `columns`; binary text columns may hold invalid
-    UTF-8, decoded per value (failures marked _InvalidUtf8, to be counted). `convert` maps a column
-    name to a function applied to its values (a ClassLabel's ids to names)."""
-    cols = {}
-    for c in columns:
-        arr = batch.column(c)
-        if c == text_field and arr.type not in ("string", "large_string"):
-            cols[c] = [_decode_bytes(v) for v in arr.to_pylist()]
-        else:
-            cols[c] = arr.to_pylist()
-        if convert and c in convert:
-            cols[c] = [convert[c](v) for v in cols[c]]
-    for i in range(batch.num_rows):
-        yield {c: cols[c][i] for c in columns}
-
-
 def _batches(pf, path: Path, batch_size: int, columns: list[str]):
     it = pf.iter_batches(batch_size=batch_size, columns=columns)
     while True:
@@ -369,19 +225,6 @@ def _batches(pf, path: Path, batch_size: int, columns: list[str]):
         except Exception as e:  # a corrupt row group part-way through the file
             raise DataError(f"{path}: cannot read Parquet data ({e})") from e
         yield batch
-
-
-class _InvalidUtf8:
-    pass
-
-
-def _decode_bytes(v):
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            return _InvalidUtf8()
-    return v
 
 
 def _read_txt(path: Path, root: Path, stats: ReadStats) -> Iterator[Document]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from elmforest.data.readers import DataError, Document
+from elmforest.data.documents import DataError, Document
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import atomic_path
 
