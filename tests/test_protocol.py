@@ -97,12 +97,15 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     # the dense run's second half, continued from the best dense run's seed at each expert LR: the
     # same steps, batch and data from the same trainer state, only the peak LR differs
     c = res["dense_continue"]
-    assert c["seed_lr"] == d["best_lr"] and [p["lr"] for p in c["points"]] == elrs
+    assert c["seed_lr"] == d["best_lr"] and [p["lr"] for p in c["points"]] == sorted({*elrs, d["best_lr"]})
     dense_flops = read_json(best / "runs" / "dense" / "summary.json")["flops"]
     seed_flops = Forest.load(best).data["seed"]["flops"]
     for p in c["points"]:
-        if p["lr"] == d["best_lr"]:  # that run itself, not trained again
+        if p["lr"] == d["best_lr"]:  # that run itself (always a point), not trained again
             assert p["valid_mean_bpb"] == d["best_valid_mean_bpb"]
+            assert not (
+                tmp_path / "s" / "dense-continue" / f"from-lr-{p['lr']:.3g}" / f"lr-{p['lr']:.3g}"
+            ).exists()
             continue
         run = tmp_path / "s" / "dense-continue" / f"lr-{d['best_lr']:.3g}".replace("lr-", "from-lr-")
         run = run / f"lr-{p['lr']:.3g}" / "runs" / "dense"
@@ -247,7 +250,7 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
         {},
     )
     caveat = [f for f in out if f.startswith("caveat:")]  # the dense run's second half was not tuned
-    assert len(caveat) == 1 and "tie the ensemble in domain, 0.999" in caveat[0]
+    assert len(caveat) == 1 and "tie the ensemble in domain, 1.001" in caveat[0]
     assert caveat[0].startswith("caveat: no dense_tuned row")
     out = [f for f in out if f not in caveat]
     verdicts = [f.rsplit("-> ", 1)[1] for f in out]
@@ -348,3 +351,73 @@ def test_the_dense_phases_refuse_a_config_that_mixes_other_domains(shards_dir, t
     with pytest.raises(ValueError, match="one domain list"):
         btm.train_seed(f, sh, base, plan, progress=False)  # base mixes all three domains
     assert not (tmp_path / "f" / "runs").exists()
+
+
+def test_the_dense_continuation_lr_is_the_presets_while_the_dense_lr_is():
+    """cpu-small's was swept from its dense run's seed: it holds with another expert LR (which does not
+    enter that sweep), not with another dense LR; unswept, the experts' LR; given, the given one."""
+    from elmforest.model.presets import get_preset
+    from elmforest.quickstart import _continue_lr
+
+    p = get_preset("cpu-small")
+    assert p.dense_continue_lr == 0.016
+    assert _continue_lr(p, "cpu-small", [], None, 0.008) == (
+        0.016,
+        "preset cpu-small's, from a recorded LR sweep",
+    )
+    assert _continue_lr(p, "cpu-small", ["train.steps=20"], None, 0.004)[0] == 0.016  # --expert-lr 0.004
+    assert _continue_lr(p, "cpu-small", ["optim.lr=0.004"], None, 0.008) == (
+        0.008,
+        "not swept: the experts' LR",
+    )
+    assert _continue_lr(p, "cpu-small", ["optim.lr=0.004"], 0.01, 0.008) == (0.01, "given")
+    assert _continue_lr(get_preset("tiny"), "tiny", [], None, 0.02) == (0.02, "not swept: the experts' LR")
+
+
+def test_the_continuation_arm_alone_adds_the_runs_own_lr_and_refuses_a_point_of_another_seed(
+    shards_dir, tmp_path
+):
+    base = tiny_config(shards_dir, steps=8, batch_size=6)
+    with pytest.raises(ValueError, match="the dense continuation grid has 3 learning rate"):  # before any run
+        sweep(
+            shards_dir, tmp_path / "s", base, arm="continue", dense_lr=1e-3, continue_lrs=[1e-4, 3e-3, 1e-2]
+        )
+    assert not (tmp_path / "s").exists()
+    lines = []
+    res = sweep(
+        shards_dir,
+        tmp_path / "s",
+        base,
+        arm="continue",
+        dense_lr=1e-3,
+        continue_lrs=[1e-4, 3e-3, 1e-2, 3e-2],
+        log=lines.append,
+    )
+    c = res["dense_continue"]
+    assert "dense" not in res and "experts" not in res and c["seed_lr"] == 1e-3
+    assert [p["lr"] for p in c["points"]] == [1e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # not continuing: a point
+    assert any("own LR 0.001 joins the grid" in x for x in lines)
+    point = tmp_path / "s" / "dense" / "lr-0.001"
+    own = evaluate_shards(
+        load_model(point / "runs" / "dense" / "model"),
+        Shards(shards_dir),
+        "valid",
+        Shards(shards_dir).domains,
+        64,
+        progress=False,
+    )
+    assert c["points"][1]["valid_mean_bpb"] == pytest.approx(own["mean_bpb"])
+    assert not (tmp_path / "s" / "dense-continue" / "from-lr-0.001" / "lr-0.001").exists()
+    # the dense run trained again (another seed state): its old continuations are refused, not scored
+    state = point / "seed_state" / "state.json"
+    state.write_text(state.read_text() + " ")
+    with pytest.raises(ValueError, match="continued from another seed state"):
+        sweep(
+            shards_dir,
+            tmp_path / "s",
+            base,
+            arm="continue",
+            dense_lr=1e-3,
+            continue_lrs=[1e-4, 3e-3, 1e-2, 3e-2],
+            log=None,
+        )

@@ -91,8 +91,8 @@ def quickstart(
     dense_continue_lr: Annotated[
         float | None,
         opt(
-            "peak LR of the dense run's second half, row dense_tuned (default: the preset's swept one; "
-            "sweep's continuation arm finds it)",
+            "peak LR of the dense run's second half, row dense_tuned (default: the preset's swept one, else "
+            "the expert LR; no such row when it equals the dense LR; sweep's continuation arm finds it)",
             positive_float,
         ),
     ] = None,

@@ -60,6 +60,9 @@ class DenseRunJob:
         return Path(self.forest) / "runs" / "dense"
 
 
+DENSE_TUNED_RUN = "dense-tuned"  # a forest's runs/ folder of the quickstart's row dense_tuned
+
+
 @dataclass
 class DenseContinueJob:
     """The dense run's second half again from its seed state, at another peak LR: the same weights,
@@ -72,6 +75,7 @@ class DenseContinueJob:
     lr: float
     threads: int | None = None
     trust_remote_code: bool = False
+    shards: str | None = None  # where the shards are now (a sweep on moved shards); None: as the config says
 
     def run_dir(self) -> Path:
         return Path(self.point) / "runs" / "dense"
@@ -97,6 +101,8 @@ def run_dense_continue(job: DenseContinueJob | dict) -> dict:
 
         cfg = continuation_config(Path(job.config), Path(job.seed_state), job.lr)
         cfg.model.trust_remote_code = job.trust_remote_code
+        if job.shards is not None:
+            cfg.data.shards = job.shards
         s = train(cfg, job.run_dir(), progress=False, label=f"dense continued at LR {job.lr:g}")
         return {"name": "dense", "tokens": s["tokens"], "flops": s["flops"]}
 

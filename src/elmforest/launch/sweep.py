@@ -14,9 +14,13 @@ not can flip. So each arm is swept on its own, and chosen on the **valid** split
   group's domains mixed as the seed mixes them, at batch B/k for k groups; each domain is scored by the
   valid BPB of the expert whose group holds it. Several groupings (k = 2, 4, 8) share the dense arm and
   the seed, and the plan splits the batch evenly for every k, as X-ELM's forests do.
+- **dense continuation** (launch/sweep_continue.py): that best dense run's second half, continued from
+  its seed state once per LR, scored as the dense arm is, so the dense arm has a second-phase LR of its
+  own as the experts' phase has.
 
 Every point is a forest directory under `out` (dense/lr-X: seed + dense run; experts/lr-Y, or
-experts-LABEL/lr-Y for a grouping: experts sharing the best seed), so a killed sweep resumes where it
+experts-LABEL/lr-Y for a grouping: experts sharing the best seed; dense-continue/from-lr-X/lr-Y a run
+continued from that seed), so a killed sweep resumes where it
 stopped, and the Ray executor runs points (and each point's experts) in parallel. A dense point planned
 by another sweep (other groupings round the batch otherwise) is refused, never reused as a seed. A best LR at either
 end of the grid is reported as such: the optimum may lie outside the grid.
@@ -43,6 +47,7 @@ from elmforest.launch.jobs import (
     run_dense_run,
     run_job,
 )
+from elmforest.launch.sweep_grid import btm_grid_default, check_grid, lr_grid, point_tag
 from elmforest.launch.sweep_results import DIVERGED, choose, format_sweep, score_dense, score_experts
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -53,17 +58,6 @@ __all__ = ["ARMS", "btm_grid_default", "choose", "format_sweep", "lr_grid", "sco
 ARMS = ("dense", "experts", "continue", "both", "all")  # both: dense and experts; all: the three
 
 
-def lr_grid(center: float, points: int = 5, factor: float = 2.0) -> list[float]:
-    """`points` learning rates log-spaced by `factor`, centred on `center`."""
-    if points < 1 or factor <= 1 or not center > 0:
-        raise UserError("an LR grid needs points >= 1, factor > 1 and a positive centre")
-    return [float(f"{center * factor ** (i - (points - 1) / 2):.3g}") for i in range(points)]
-
-
-def _tag(lr: float) -> str:
-    return f"lr-{lr:.3g}"
-
-
 DIVERGED_ERRORS = (
     "Diverged",
     "FloatingPointError",
@@ -71,26 +65,9 @@ DIVERGED_ERRORS = (
 )  # how a failed job's report names them
 
 
-def _check_grid(lrs: list[float], what: str) -> list[float]:
-    given = [float(x) for x in lrs]
-    lrs = sorted(set(given))
-    if len(lrs) < len(given):  # dropped without a word, a grid of 4 became 3 and was refused as such
-        twice = sorted({x for x in given if given.count(x) > 1})
-        raise UserError(f"the {what} grid repeats {', '.join(f'{x:g}' for x in twice)}: give each LR once")
-    if len(lrs) < 4:
-        raise UserError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
-    if not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"the {what} grid must hold positive learning rates, got {lrs}")
-    tags = [_tag(x) for x in lrs]
-    if len(set(tags)) < len(tags):
-        raise UserError(
-            f"the {what} grid has LRs equal to 3 significant digits (they share a directory): {lrs}"
-        )
-    return lrs
-
-
 def _finished(job: dict) -> bool:
-    """A dense point's run, or an expert point's checkpoint, is there: no worker is needed for it."""
+    """A dense or continuation point's run, or an expert point's checkpoint, is there: no worker is
+    needed for it."""
     if "point" in job:  # DenseContinueJob
         return dense_done(Path(job["point"]) / "runs" / "dense")
     if "config" in job:  # DenseRunJob
@@ -146,6 +123,9 @@ def sweep(
     expert per domain. `max_bytes`: score on the first bytes of each domain's valid split only."""
     if arm not in ARMS:
         raise UserError(f"arm must be one of {ARMS}, got {arm!r}")
+    for given, what in ((lrs, "dense"), (expert_lrs, "expert"), (continue_lrs, "dense continuation")):
+        if given:  # refused before any run trains, not after the arms before it
+            check_grid(given, what)
     # absolute: a job on a Ray cluster (--address) runs in the worker's directory, not this one's
     shards = Shards(Path(shards_dir).resolve())
     out = Path(out).resolve()
@@ -219,7 +199,7 @@ def sweep(
     }
 
     if arm in ("dense", "both", "all"):
-        grid = _check_grid(lrs or btm_grid_default(base.optim.lr), "dense")
+        grid = check_grid(lrs or btm_grid_default(base.optim.lr), "dense")
         jobs, cfgs = [], []
         for lr in grid:
             cfg = RunConfig.from_dict(base.to_dict())
@@ -227,7 +207,7 @@ def sweep(
             cfgs.append((lr, cfg))
             jobs.append(
                 DenseRunJob(
-                    str(out / "dense" / _tag(lr)),
+                    str(out / "dense" / point_tag(lr)),
                     str(shards.root),
                     cfg.to_dict(),
                     asdict(plan),
@@ -238,18 +218,18 @@ def sweep(
         _check_settings(out, cfgs, plan, shards)
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
         with _monitor(
-            {f"dense/{_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
+            {f"dense/{point_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
         ):
             _run_points(
                 executor,
                 run_dense_run,
                 [as_dict(j) for j in jobs],
-                [f"dense/{_tag(x)}" for x in grid],
+                [f"dense/{point_tag(x)}" for x in grid],
                 [j.run_dir() / "job.log" for j in jobs],
-                [out / "dense" / _tag(x) for x in grid],
+                [out / "dense" / point_tag(x) for x in grid],
             )
         points = [
-            {"lr": lr, **score_dense(out / "dense" / _tag(lr), shards, domains, seq_len, max_bytes)}
+            {"lr": lr, **score_dense(out / "dense" / point_tag(lr), shards, domains, seq_len, max_bytes)}
             for lr in grid
         ]
         result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
@@ -261,12 +241,11 @@ def sweep(
                 f"the {'expert' if arm != 'continue' else 'dense continuation'} arm branches from the best "
                 "dense run: sweep the dense arm first or give --dense-lr"
             )
-        seed_forest = out / "dense" / _tag(seed_lr)
+        seed_forest = out / "dense" / point_tag(seed_lr)
         trust = base.model.trust_remote_code
-        if not (
-            btm.seed_ready(Forest.init(seed_forest, exist_ok=True))
-            and dense_done(seed_forest / "runs" / "dense")
-        ):
+        if not btm.seed_ready(Forest.init(seed_forest, exist_ok=True)) or (
+            arm in ("continue", "all") and not dense_done(seed_forest / "runs" / "dense")
+        ):  # the continuation arm continues the dense run's config: it must have run
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
             log(f"sweep: the dense run at LR {seed_lr:g}, which the other arms continue -> {seed_forest}")
@@ -281,7 +260,7 @@ def sweep(
                 )
             )
         seed = Forest.load(seed_forest)
-        grid = _check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
+        grid = check_grid(expert_lrs or btm_grid_default(seed_lr), "expert")
     if arm in ("experts", "both", "all"):
         # each arm: (result key, directory, {expert: its domains}, None for one expert per domain)
         arms = [("experts", out / "experts", {d: [d] for d in domains}, None)]
@@ -290,7 +269,7 @@ def sweep(
         forests, jobs, labels = {}, [], []
         for key, where, experts, grouping in arms:
             for lr in grid:
-                f = btm.share_seed(where / _tag(lr), seed, list(experts), expert_lr=lr)
+                f = btm.share_seed(where / point_tag(lr), seed, list(experts), expert_lr=lr)
                 forests[key, lr] = f
                 for name, mine in experts.items():
                     jobs.append(
@@ -337,7 +316,7 @@ def sweep(
     if arm in ("continue", "all"):
         from elmforest.launch.sweep_continue import sweep_continuation
 
-        cgrid = _check_grid(continue_lrs or grid, "dense continuation")
+        cgrid = check_grid(continue_lrs or grid, "dense continuation")
         result["dense_continue"] = sweep_continuation(
             out,
             seed_forest,
@@ -365,7 +344,7 @@ def _check_settings(out: Path, points: list[tuple[float, RunConfig]], plan: btm.
 
     for lr, cfg in points:
         if diff := config_change(
-            out / "dense" / _tag(lr) / "runs" / "dense", btm.dense_config(cfg, plan, shards)
+            out / "dense" / point_tag(lr) / "runs" / "dense", btm.dense_config(cfg, plan, shards)
         ):
             raise UserError(
                 f"{out}: this sweep's runs were trained with other settings ({diff}); "
@@ -395,7 +374,3 @@ def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):
     from elmforest.launch.progress import ProgressMonitor
 
     return ProgressMonitor(runs, plan.total_steps, out / "progress.log", every=60.0, echo=echo)
-
-
-def btm_grid_default(center: float) -> list[float]:
-    return lr_grid(center, 5, 2.0)

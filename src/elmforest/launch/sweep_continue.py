@@ -3,7 +3,7 @@
 The expert phase trains at an LR swept for it (the `experts` arm), while the dense run's second half,
 the part that runs beside the experts, kept the whole dense run's LR: one more tuned setting for the
 forest. On the demo corpus that setting alone made the forest look better than dense in domain
-(ensemble/dense 0.943; 0.999 with the dense half tuned too: docs/benchmarks.md, "The dense run's
+(ensemble/dense 0.943; 1.001 with the dense half tuned too: docs/benchmarks.md, "The dense run's
 second half was not tuned"). So the dense arm gets the same freedom: its run is continued from the
 seed state (`seed_state`: the same weights, optimizer moments, step, data order, batch and steps, so
 the same FLOPs) with only `optim.lr` changed, once per LR of the grid, and chosen on the valid split
@@ -22,8 +22,10 @@ from pathlib import Path
 from elmforest.data.shards import Shards
 from elmforest.forest.btm import Plan
 from elmforest.launch.jobs import DenseContinueJob, run_dense_continue
-from elmforest.launch.sweep import _monitor, _run_points, _tag
+from elmforest.launch.sweep import _monitor, _run_points
+from elmforest.launch.sweep_grid import point_tag
 from elmforest.launch.sweep_results import choose, score_dense
+from elmforest.utils.errors import UserError
 
 CONTINUE_DIR = "dense-continue"  # under the sweep's --out
 
@@ -47,23 +49,30 @@ def sweep_continuation(
     """sweep.json's `dense_continue`: each point run and scored as a dense point of the sweep is, the
     best chosen by the same `choose`."""
     dense_run = seed_forest / "runs" / "dense"
-    where = out / CONTINUE_DIR / f"from-{_tag(seed_lr)}"  # another best dense LR: other points
+    where = out / CONTINUE_DIR / f"from-{point_tag(seed_lr)}"  # another best dense LR: other points
+    own = point_tag(seed_lr)
+    if own not in {point_tag(x) for x in grid}:  # not continuing at all is a point of the grid, for free
+        log(f"      the dense run's own LR {seed_lr:g} joins the grid (that run itself, nothing trained)")
+        grid = sorted([*grid, seed_lr])
+    state = seed_forest / "seed_state"
     jobs, labels, points = [], [], []
     for lr in grid:
-        if lr == seed_lr:  # the dense run at its own LR is this point already
+        if point_tag(lr) == own:  # the dense run at its own LR is this point already
             continue
-        point = where / _tag(lr)
+        point = where / point_tag(lr)
+        _check_same_seed(point, state)
         jobs.append(
             DenseContinueJob(
                 str(point),
                 str(dense_run / "run_config.json"),
-                str(seed_forest / "seed_state"),
+                str(state),
                 lr,
                 threads,
                 trust_remote_code=trust_remote_code,
+                shards=str(shards.root),
             )
         )
-        labels.append(f"{where.parent.name}/{where.name}/{_tag(lr)}")
+        labels.append(f"{where.parent.name}/{where.name}/{point_tag(lr)}")
         points.append(point)
     log(
         f"sweep, dense continuation arm: the dense run at LR {seed_lr:g} continued from its seed at LR "
@@ -80,6 +89,25 @@ def sweep_continuation(
         )
     scored = []
     for lr in grid:
-        point = seed_forest if lr == seed_lr else where / _tag(lr)
+        point = seed_forest if point_tag(lr) == own else where / point_tag(lr)
         scored.append({"lr": lr, **score_dense(point, shards, domains, seq_len, max_bytes)})
     return {"grid": grid, "seed_lr": seed_lr, "max_bytes": max_bytes, "points": scored, **choose(scored)}
+
+
+def _check_same_seed(point: Path, state: Path) -> None:
+    """A point continued from another seed state (the dense run it came from was deleted and trained
+    again) is refused, not scored as this seed's: a finished run checks only its own config."""
+    import hashlib
+
+    from elmforest.utils.io import read_json
+
+    inputs = point / "runs" / "dense" / "inputs.json"
+    if not inputs.is_file() or not (state / "state.json").is_file():
+        return
+    had = (read_json(inputs).get("init_checkpoint") or {}).get("fingerprint")
+    now = hashlib.sha256((state / "state.json").read_bytes()).hexdigest()[:16]
+    if had is not None and had != now:
+        raise UserError(
+            f"{point}: continued from another seed state than {state} holds now (the dense run was trained "
+            "again); delete this point (or the whole dense-continue folder) to continue from the new one"
+        )
