@@ -293,11 +293,14 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "train.log_every=5"]})  # operational
     # other BTX steps: the quickstart's own fine-tuned MoE is out of date, trained again (not refused)
     capsys.readouterr()
-    longer = quickstart(tmp_path / "qs", **{**kw, "moe_finetune_steps": 3})
-    assert (
-        "moe-btx: trained from another export or with other settings; trained again"
-        in capsys.readouterr().out
-    )
+    longer = quickstart(tmp_path / "qs", **{**kw, "moe_finetune_steps": 3, "dense_continue_lr": 0.01})
+    said = capsys.readouterr().out
+    assert "moe-btx: trained from another export or with other settings; trained again" in said
+    assert "dense-tuned: trained at another LR (0.02); trained again" in said  # its own row, given now
+    assert longer["protocol"]["dense_continue_lr"] == 0.01
+    assert longer["protocol"]["dense_continue_lr_source"] == "given"
+    tuned = json.loads((tmp_path / "qs" / "forest" / "runs" / "dense-tuned" / "run_config.json").read_text())
+    assert tuned["optim"]["lr"] == 0.01
     ft = json.loads((tmp_path / "qs" / "moe-btx" / "elmforest_moe.json").read_text())["finetuning"]
     btx = [r for r in longer["compute"]["ledger"] if r["phase"] == "btx_finetuning"]
     assert (

@@ -582,3 +582,10 @@ def test_forest_add_names_the_seed_or_expert_a_run_started_from(forest_dir, tmp_
         assert Forest.load(f.root).expert(f"e{i}")["parents"] == [{"name": want, "weight": 1.0}]
         said = capsys.readouterr().out
         assert ("trained elsewhere" if want == "external" else f"branched from {want}") in said
+    # damaged, an added expert comes back from where it was added from, whatever its parent: the forest
+    # has no run of it to restore or retrain
+    from elmforest.forest.optout import fsck
+
+    (Forest.load(f.root).expert_dir("e0") / "model.safetensors").write_bytes(b"not weights")
+    wrong = [w for w in fsck(Forest.load(f.root), deep=True)[1] if w.startswith("expert e0:")]
+    assert len(wrong) == 1 and "copy its files back from the original" in wrong[0]

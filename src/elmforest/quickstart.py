@@ -98,7 +98,7 @@ def quickstart(
     base = apply_overrides(base, list(overrides))
     plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
-    c_lr, c_source = _continue_lr(p, preset, overrides, expert_lr, dense_continue_lr, e_lr)
+    c_lr, c_source = _continue_lr(p, preset, overrides, dense_continue_lr, e_lr)
     ft_lr = p.moe_finetune_lr if p.moe_finetune_lr is not None else base.optim.lr
     precision = _precision_line(base.train.precision, base.train.device, eval_bytes)
     forest = Forest.init(out / "forest", exist_ok=True)
@@ -110,7 +110,11 @@ def quickstart(
         + (f" (preset {preset}'s, from a recorded LR sweep)" if p.expert_lr and expert_lr is None else "")
         + f"; the dense run's second half at LR {c_lr:g} too ({c_source})"
     )
-    lr_given = expert_lr is not None and any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
+    lr_given = (
+        expert_lr is not None
+        and dense_continue_lr is not None
+        and any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
+    )
     if own_data and not lr_given:  # each arm at its own best LR: on this data, not the demo's
         sets = "".join(f" --set {o}" for o in overrides if o.split("=", 1)[0].strip() != "optim.lr")
         log(
@@ -274,14 +278,14 @@ def _second_half(forest: Forest, arms: dict) -> list[dict]:
     ]
 
 
-def _continue_lr(p, preset, overrides, expert_lr, given, e_lr) -> tuple[float, str]:
-    """The LR of the dense run's second half (row dense_tuned) and where it comes from. The preset's
-    was swept beside its dense and expert LRs, so it holds only while neither is overridden; unswept,
-    it is the experts' LR, the second-phase LR the forest has."""
+def _continue_lr(p, preset, overrides, given, e_lr) -> tuple[float, str]:
+    """The LR of the dense run's second half (row dense_tuned) and where it comes from. The preset's was
+    swept from its dense run's seed, so it holds while the dense LR is the preset's (the experts' LR
+    does not enter that sweep); unswept, it is the experts' LR, the second-phase LR the forest has."""
     if given is not None:
         return given, "given"
     lr_set = any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
-    if p.dense_continue_lr is not None and expert_lr is None and not lr_set:
+    if p.dense_continue_lr is not None and not lr_set:
         return p.dense_continue_lr, f"preset {preset}'s, from a recorded LR sweep"
     return e_lr, "not swept: the experts' LR"
 

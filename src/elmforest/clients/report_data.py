@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.forest.manifest import Forest
+from elmforest.launch.jobs import DENSE_TUNED_RUN
 from elmforest.utils.errors import ElmforestError, NotFound, UserError
 from elmforest.utils.io import read_json, read_jsonl
 
@@ -243,6 +244,8 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
                 role = (
                     "seed (the dense baseline's first part; its rest is not trained: --no-dense, or not yet)"
                 )
+        elif d.name == DENSE_TUNED_RUN:
+            role = "dense baseline's second half again at its own LR (row dense_tuned)"
         else:
             role = (
                 "expert"

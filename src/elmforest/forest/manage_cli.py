@@ -79,6 +79,7 @@ def add(
         tokens=summary.get("tokens", 0),
         flops=summary.get("flops", 0),
         parents=parents,
+        extra={"added_from": str(src.resolve())},  # fsck: its files come back from there, not by training
     )
     origin = (
         "trained elsewhere" if parents[0]["name"] == "external" else f"branched from {parents[0]['name']}"

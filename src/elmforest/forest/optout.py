@@ -232,7 +232,9 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
     for name in forest.names:
         problem = forest.intact(name, deep=deep)
         if problem:
-            external = [p.get("name") for p in forest.expert(name).get("parents", [])] == ["external"]
+            e = forest.expert(name)
+            # added from outside (`forest add`; before added_from was recorded, its only parent "external")
+            external = "added_from" in e or [p.get("name") for p in e.get("parents", [])] == ["external"]
             wrong.append(
                 f"expert {name}: {problem}; "
                 + (
