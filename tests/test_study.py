@@ -135,6 +135,8 @@ def _summaries(out: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     cfg, out = _study_cfg(tmp_path), tmp_path / "out"
+    given = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**given, "dense_continue_lr": 0.006}))  # tiny's dense LR is 3e-3
     argv = ["study", str(cfg), "--out", str(out), "--no-progress"]
     p = subprocess.Popen(
         [sys.executable, "-m", "elmforest.cli", *argv],
@@ -159,6 +161,7 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     arms = {(r["axis"], r["arm"]) for r in study["runs"]}
     assert arms == {
         ("main", "dense"),
+        ("main", "dense_tuned"),  # each main dense run's second half again at its own LR
         ("main", "btm"),
         ("domains", "dense"),
         ("domains", "btm"),
@@ -171,12 +174,23 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     for r in study["runs"]:  # every arm scored on the same test bytes, whatever data it trained on
         assert set(r["bpb"]) == set(r["domains"] if r["axis"] == "domains" else study["domains"])
     main_runs = [r for r in study["runs"] if r["axis"] == "main"]
-    assert len(main_runs) == 4 * 2 + 3 * 2  # dense at 4 budgets, forests at 3, two seeds each
+    assert len(main_runs) == 4 * 2 * 2 + 3 * 2  # dense and dense_tuned at 4 budgets, forests at 3, 2 seeds
     for r in main_runs:  # the same bytes for every arm, FLOPs counted by what ran
         assert set(r["bpb"]) == set(study["domains"]) and r["flops"] > 0
     dense_1x = [r for r in main_runs if r["arm"] == "dense" and r["budget"] == 1.0]
     forest_1x = [r for r in main_runs if r["arm"] == "btm" and r["budget"] == 1.0]
     assert forest_1x[0]["flops"] == pytest.approx(dense_1x[0]["flops"], rel=0.01)  # compute-matched
+    for d in (r for r in main_runs if r["arm"] == "dense"):  # the same FLOPs, from the same seed state
+        t = next(
+            r
+            for r in main_runs
+            if r["arm"] == "dense_tuned" and (r["budget"], r["seed"]) == (d["budget"], d["seed"])
+        )
+        assert t["flops"] == pytest.approx(d["flops"], rel=1e-9) and t["lr"] == 0.006 and t["bpb"] != d["bpb"]
+        run = json.loads((Path(d["dir"]) / "runs" / "dense-tuned" / "run_config.json").read_text())
+        assert run["train"]["init_checkpoint"] == str((Path(d["dir"]) / "seed_state").resolve())
+    assert [m["budget"] for m in fits["in_domain_tuned"]["budgets"]] == [0.5, 1.0, 2.0]
+    assert fits["in_domain_tuned"]["dense_arm"] == "dense_tuned" and fits["in_domain"]["dense_arm"] == "dense"
     assert [m["budget"] for m in fits["in_domain"]["budgets"]] == [0.5, 1.0, 2.0]
     for m in fits["in_domain"]["budgets"]:
         assert m["status"] in ("ok", "above_range", "below_range", "unreachable") and len(m["ci"]) == 2
@@ -184,6 +198,8 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert {s["seed_share"] for s in fits["seed_share"]} == {0.25, 0.5}
     report = (out / "report.md").read_text()
     assert "## Findings" in report and any(v in report for v in ("holds", "not shown", "does not hold"))
+    assert "## Multiplier, in domain, against dense with its second half at its own LR" in report
+    assert "the dense runs' second half 0.006 (arm dense_tuned)" in report
     scored = study["scored"]["in_domain"]  # what every arm was scored on, as the report states it
     assert set(scored) == set(study["domains"])
     assert all(v["documents"] >= 1 and (v["bytes"] <= 3000 or v["documents"] == 1) for v in scored.values())
@@ -232,13 +248,20 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
 
     calls = []
 
-    def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log):
+    def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log, **kw):
         i = {4: 3, 7: 0, 14: 1, 28: 2, 56: 3}[base.train.steps]
         sub = "shards-data" in str(shards)  # a c-BTM subsample
         calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains), sub))
+        if arm == "continue":  # after the dense arm, from its best run
+            assert kw["dense_lr"] == lrs[i]
         return {
             "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
             "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
+            **(
+                {"dense_continue": {"best_lr": expert_lrs[i], "at_edge": None}}
+                if arm in ("all", "continue")
+                else {}
+            ),
         }
 
     monkeypatch.setattr(lrs_mod, "sweep", fake_sweep)
@@ -257,11 +280,12 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     out = tmp_path / "out"
     assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
     both = ("scripture", "code")
-    assert calls == [
-        (7, "both", 0, 0.5, both, False),
-        (14, "both", 0, 0.5, both, False),
-        (28, "both", 0, 0.5, both, False),
+    assert calls == [  # the main budgets' dense runs' second half too (all; continue after dense)
+        (7, "all", 0, 0.5, both, False),
+        (14, "all", 0, 0.5, both, False),
+        (28, "all", 0, 0.5, both, False),
         (56, "dense", 0, 0.5, both, False),
+        (56, "continue", 0, 0.5, both, False),
         (4, "both", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
         (7, "both", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
     ]
@@ -270,6 +294,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert [lrs[b]["dense_lr"] for b in ("0.5", "1", "2", "4")] == cfg["lr_grid"]
     assert [lrs[b]["expert_lr"] for b in ("0.5", "1", "2")] == [0.128, 3.2e-2, 8e-3]
     assert "expert_lr" not in lrs["4"]
+    assert [lrs[b]["dense_continue_lr"] for b in ("0.5", "1", "2", "4")] == cfg["expert_lr_grid"]
+    assert "dense_continue_lr" not in lrs["data0.25"]
     assert (lrs["data0.25"]["dense_lr"], lrs["data0.25"]["expert_lr"]) == (6.4e-2, 2e-3)
     axes = set()
 
@@ -282,7 +308,11 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         want = lrs.get(key, lrs["1"])  # c-BTM at data 1 shares the 1x point
         if r["arm"] != "cbtm":  # a c-BTM forest's dense run is its base point's, checked there
             assert lr_of(where / "runs" / "dense") == want["dense_lr"], (r["axis"], r["budget"])
-        experts = [d for d in (where / "runs").iterdir() if d.name != "dense"] if r["arm"] != "dense" else []
+        if r["arm"] == "dense_tuned":  # its second half at its budget's own swept LR
+            assert lr_of(where / "runs" / "dense-tuned") == want["dense_continue_lr"] == r["lr"]
+        dense = ("dense", "dense_tuned")
+        experts = [d for d in (where / "runs").iterdir() if d.name not in ("dense", "dense-tuned")]
+        experts = experts if r["arm"] not in dense else []
         assert all(lr_of(d) == want["expert_lr"] for d in experts), (r["axis"], r["budget"], r["arm"])
         axes.add((r["axis"], r["arm"], bool(experts)))
     assert {a[:2] for a in axes} >= {("main", "btm"), ("share", "btm"), ("cbtm", "dense"), ("cbtm", "cbtm")}
@@ -290,7 +320,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
-    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 |" in report
+    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | - |" in report
+    assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
 
@@ -306,10 +337,11 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     u = training_units(load_study_config("cpu"), [f"d{i}" for i in range(8)])
     assert u["main"] == pytest.approx(15 + 3.5) and u["domains"] == pytest.approx(6.0)
     assert u["share"] == pytest.approx(4.0) and u["cbtm"] == pytest.approx(1.5 + 10.5)
-    assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5)
+    assert u["dense_tuned"] == pytest.approx(0.5 * 15)  # each main dense run's second half again
+    assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5 + 7.5)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
     u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
-    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75)
+    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out

@@ -76,9 +76,10 @@ class DenseContinueJob:
     threads: int | None = None
     trust_remote_code: bool = False
     shards: str | None = None  # where the shards are now (a sweep on moved shards); None: as the config says
+    run: str = "dense"  # the run's folder under point/runs (a study's dense_tuned: DENSE_TUNED_RUN)
 
     def run_dir(self) -> Path:
-        return Path(self.point) / "runs" / "dense"
+        return Path(self.point) / "runs" / self.run
 
 
 def continuation_config(config: Path, seed_state: Path, lr: float):
@@ -106,7 +107,7 @@ def run_dense_continue(job: DenseContinueJob | dict) -> dict:
         s = train(cfg, job.run_dir(), progress=False, label=f"dense continued at LR {job.lr:g}")
         return {"name": "dense", "tokens": s["tokens"], "flops": s["flops"]}
 
-    return logged(job.run_dir(), "dense", job.threads, work)
+    return logged(job.run_dir(), job.run, job.threads, work)
 
 
 def expert_kept(forest, name: str) -> bool:

@@ -23,16 +23,18 @@ def _runs(recs: list[dict], key: str) -> list[dict]:
     ]
 
 
-def multiplier_table(recs: list[dict], key: str, cfg: StudyConfig) -> dict | None:
-    """The multiplier at every forest budget on one evaluation set (`bpb` or `ood_bpb`), and each arm's
+def multiplier_table(recs: list[dict], key: str, cfg: StudyConfig, dense_arm: str = "dense") -> dict | None:
+    """The multiplier at every forest budget on one evaluation set (`bpb` or `ood_bpb`) against the
+    fitted curve of `dense_arm` (dense, or dense_tuned: its second half at its own LR), and each arm's
     fitted curve with its parameters' intervals."""
     runs = _runs([r for r in recs if r["axis"] == "main"], key)
-    if not any(r["arm"] == "btm" for r in runs):
+    if not any(r["arm"] == "btm" for r in runs) or not any(r["arm"] == dense_arm for r in runs):
         return None
-    res = bootstrap_multiplier(runs, forest_arm="btm", dense_arm="dense", n_boot=cfg.n_boot, ci=cfg.ci)
+    res = bootstrap_multiplier(runs, forest_arm="btm", dense_arm=dense_arm, n_boot=cfg.n_boot, ci=cfg.ci)
     res["arm_fits"] = {
-        arm: bootstrap_fit(runs, arm, n_boot=cfg.n_boot, ci=cfg.ci) for arm in ("dense", "btm")
+        arm: bootstrap_fit(runs, arm, n_boot=cfg.n_boot, ci=cfg.ci) for arm in (dense_arm, "btm")
     }
+    res["dense_arm"] = dense_arm
     return res
 
 
@@ -199,7 +201,12 @@ def verdict(lo: float, hi: float, null: float) -> str:
 def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
     """The papers' claims, each with the evidence and a verdict."""
     out = []
-    for where, label in (("in_domain", "in domain"), ("ood", "out of domain")):
+    for where, label in (
+        ("in_domain_tuned", "in domain, against dense with its second half at its own LR"),
+        ("ood_tuned", "out of domain, against dense with its second half at its own LR"),
+        ("in_domain", "in domain"),
+        ("ood", "out of domain"),
+    ):
         table = fits.get(where)
         if not table:
             continue
@@ -256,6 +263,9 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
     fits = {
         "in_domain": multiplier_table(recs, "bpb", cfg),
         "ood": multiplier_table(recs, "ood_bpb", cfg),
+        # against the dense runs with their second half at its own LR, as the experts' phase has its own
+        "in_domain_tuned": multiplier_table(recs, "bpb", cfg, "dense_tuned"),
+        "ood_tuned": multiplier_table(recs, "ood_bpb", cfg, "dense_tuned"),
         "domains": domain_gains(recs, cfg),
         "seed_share": share_table(recs, cfg),
         "ci": cfg.ci,

@@ -35,6 +35,10 @@ class StudyConfig:
     dense_lr: float | None = None
     expert_lr: float | None = None
     sweep: str | None = None
+    # the dense arm's second half at its own LR (arm dense_tuned: each main-axis dense run continued from
+    # its seed state at this LR, the same FLOPs), as the experts' phase has its own: None takes the
+    # `sweep` file's continuation arm, else the preset's, else the expert LR
+    dense_continue_lr: float | None = None
     # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
     # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`),
     # and so does c-BTM at each data fraction below 1 (swept on its subsample at its budget); the domain
@@ -117,8 +121,15 @@ class StudyConfig:
                 bad.append(
                     "lr_grid: the other axes take the 1x budget's LRs: put 1.0 in dense_budgets and forest_budgets"
                 )
-            if self.dense_lr is not None or self.expert_lr is not None or self.sweep:
-                bad.append("lr_grid: the sweeps choose the LRs; drop dense_lr, expert_lr and sweep")
+            if (
+                self.dense_lr is not None
+                or self.expert_lr is not None
+                or self.sweep
+                or self.dense_continue_lr
+            ):
+                bad.append(
+                    "lr_grid: the sweeps choose the LRs; drop dense_lr, expert_lr, dense_continue_lr and sweep"
+                )
         if self.domains is not None and len(set(self.domains)) < 2:
             bad.append(f"domains {self.domains}: a forest needs >= 2 training domains")
         if self.workers is not None and self.workers < 1:
@@ -135,7 +146,11 @@ class StudyConfig:
             bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
         if not 0.5 <= self.ci < 1:
             bad.append("ci must be in [0.5, 1)")
-        for lr, name in ((self.dense_lr, "dense_lr"), (self.expert_lr, "expert_lr")):
+        for lr, name in (
+            (self.dense_lr, "dense_lr"),
+            (self.expert_lr, "expert_lr"),
+            (self.dense_continue_lr, "dense_continue_lr"),
+        ):
             if lr is not None and not (math.isfinite(lr) and lr > 0):
                 bad.append(f"{name} must be a positive number")
         if bad:
@@ -146,6 +161,14 @@ class StudyConfig:
 
 
 STUDY_OWNED = ("train.steps", "train.seed", "data.shards", "model.init_from")  # per run, by the study
+
+
+def sweep_continue_lr(path: str | Path) -> float | None:
+    """The best LR of a sweep.json's continuation arm (`elmforest sweep --arm all`), None without one."""
+    from elmforest.utils.io import read_json
+
+    best = (read_json(path).get("dense_continue") or {}).get("best_lr")
+    return float(best) if best is not None else None
 
 
 def sweep_lrs(path: str | Path) -> tuple[float, float]:

@@ -3,7 +3,8 @@ from the plan alone (`elmforest study CONFIG --dry-run`), and the hours that mea
 utilisation.
 
 The unit D keeps the count honest across arms: a forest point that shares its seed with the dense run
-at its budget adds only its experts, (1 - seed share) x budget; a forest point without a dense run at
+at its budget adds only its experts, (1 - seed share) x budget, and each main-axis dense run its second
+half again at its own LR (dense_tuned), as much; a forest point without a dense run at
 its budget (the seed-share axis) pays for its own seed; c-BTM at data fraction f costs f (its dense run,
 k = 1) plus (1 - seed share) x f per forest; an LR sweep at a budget costs its grid's runs. FLOPs per
 token are elmforest's FLOPs formula (train/flops.py) on the preset's model, built on the meta device.
@@ -24,16 +25,19 @@ GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
 MFU = 0.40  # a typical model-FLOPs utilisation of a well-tuned small-model training run
 
 
-def training_units(cfg: StudyConfig, names: list[str]) -> dict[str, float]:
-    """D units of training per part of the study."""
+def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> dict[str, float]:
+    """D units of training per part of the study; `tuned`: the dense runs' second half is trained again
+    at its own LR (False where that LR is the dense run's: dense_tuned is the dense run itself)."""
     dense_budgets = set(cfg.dense_budgets)
-    units = {"main": 0.0, "domains": 0.0, "share": 0.0, "cbtm": 0.0, "lr sweeps": 0.0}
+    units = {"main": 0.0, "dense_tuned": 0.0, "domains": 0.0, "share": 0.0, "cbtm": 0.0, "lr sweeps": 0.0}
     for p in plan_points(cfg, names):
         experts = (1 - p.seed_share) * p.budget
         if p.axis == "cbtm":
             units["cbtm"] += p.budget  # its dense run (k = 1); at all the data it is the main 1x point
         elif p.dense:
             units[p.axis] += p.budget + (experts if p.forest else 0.0)
+            if p.axis == "main" and tuned:  # its second half again at its own LR
+                units["dense_tuned"] += (1 - p.seed_share) * p.budget
         else:  # a forest whose dense run is another point's (or none): its own seed, then its experts
             units[p.axis] += p.budget
     for f in set(cfg.cbtm_data) if cfg.cbtm_ks else ():
@@ -43,10 +47,13 @@ def training_units(cfg: StudyConfig, names: list[str]) -> dict[str, float]:
     both = [(b, b in cfg.forest_budgets) for b in dense_budgets | set(cfg.forest_budgets)]
     if cfg.lr_grid and cfg.cbtm_ks:  # c-BTM's fractions that do not share the 1x point: their own sweeps
         both += [(f, True) for f in set(cfg.cbtm_data) if not (f == 1.0 and 1.0 in dense_budgets)]
+    main = dense_budgets | set(cfg.forest_budgets)
     for b, experts in both:
         units["lr sweeps"] += len(cfg.lr_grid) * b
         if experts:
             units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
+    if cfg.lr_grid:  # the dense runs' second half at every main-axis budget, over the expert grid
+        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in main)
     units["total"] = sum(units.values())
     return units
 
@@ -65,7 +72,16 @@ def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
         model = build_model(base.model, get_preset(cfg.preset).vocab_size, 0)
     fpt = flops_per_token(model, base.train.seq_len)
     tokens_d = steps * batch * base.train.grad_accum * base.train.seq_len
-    units = training_units(cfg, names)
+    p = get_preset(cfg.preset)
+    dense = cfg.dense_lr or base.optim.lr  # as study._learning_rates resolves them (a sweep file aside)
+    cont = (
+        cfg.dense_continue_lr
+        or (p.dense_continue_lr if cfg.dense_lr is None else None)
+        or cfg.expert_lr
+        or p.expert_lr
+        or dense
+    )
+    units = training_units(cfg, names, tuned=bool(cfg.lr_grid) or f"{cont:.3g}" != f"{dense:.3g}")
     flops = units["total"] * tokens_d * fpt
     return {
         "units_D": units,

@@ -5,7 +5,9 @@ whichever arm sits nearer its optimum there, and a multiplier read off such a cu
 not the method. With `lr_grid` / `expert_lr_grid` the study runs `elmforest sweep` (launch/sweep.py) at
 every main-axis budget before it trains anything: the dense arm over `lr_grid` (whole dense runs at that
 budget), and at forest budgets the experts over `expert_lr_grid`, branched from the best dense run's seed,
-both chosen on the valid split with training seed `seeds[0]`; and c-BTM's smaller data fractions at
+both chosen on the valid split with training seed `seeds[0]`, and at every main-axis budget the best
+dense run's second half continued from its seed over `expert_lr_grid` (the `dense_tuned` arm's LR, as
+the experts' phase has its own); and c-BTM's smaller data fractions at
 their own budgets on their own subsamples (c-BTM at all the data shares the 1x point). A best LR at either end of its grid is
 reported as such (the optimum may lie outside it). Sweeps are ordinary sweep directories under
 `sweeps/`, resumable like every run.
@@ -58,31 +60,30 @@ def budget_lrs(
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
         where = out / "sweeps" / tag
-        s = _finished(where, both, cfg)
+        main = tag.startswith("b")  # a main-axis budget: its dense run's second half is tuned too
+        s = _finished(where, both, cfg, main)
         if s is None:
             log(
                 f"      LR sweep at {b:g}x ({c.train.steps} steps{', c-BTM subsample' if root != shards_root else ''}): {where}"
             )
-        s = s or sweep(
-            root,
-            where,
-            c,
-            "both" if both else "dense",
-            list(cfg.lr_grid),
-            list(cfg.expert_lr_grid),
-            seed_share=cfg.seed_share,
-            executor=executor,
-            threads=threads,
-            log=log,
-        )
+        kw = dict(seed_share=cfg.seed_share, executor=executor, threads=threads, log=log)
+        if s is None:
+            grids = (list(cfg.lr_grid), list(cfg.expert_lr_grid))
+            arm = ("all" if main else "both") if both else "dense"
+            s = sweep(root, where, c, arm, *grids, **kw)
+            if main and not both:  # a dense-only budget: its dense run's second half after its dense arm
+                s = sweep(root, where, c, "continue", *grids, dense_lr=s["dense"]["best_lr"], **kw)
         r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"], "sweep": str(where)}
         if both:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
+        if main:
+            c_ = s["dense_continue"]
+            r |= {"dense_continue_lr": c_["best_lr"], "dense_continue_edge": c_["at_edge"]}
         result[key] = r
     return result
 
 
-def _finished(where: Path, experts: bool, cfg) -> dict | None:
+def _finished(where: Path, experts: bool, cfg, main: bool = False) -> dict | None:
     """A sweep.json that already holds this budget's answer over these grids (a rerun dispatches none
     of its jobs again)."""
     from elmforest.utils.io import read_json
@@ -91,7 +92,13 @@ def _finished(where: Path, experts: bool, cfg) -> dict | None:
         return None
     s = read_json(where / "sweep.json")
     arms = [("dense", cfg.lr_grid)] + ([("experts", cfg.expert_lr_grid)] if experts else [])
-    ok = all((s.get(a) or {}).get("grid") == sorted(set(map(float, g))) for a, g in arms)
+    arms += [("dense_continue", None)] if main else []
+    ok = all(
+        (s.get(a) or {}).get("grid") == sorted(set(map(float, g)))
+        if g is not None
+        else (s.get(a) or {}).get("best_lr") is not None  # its grid also holds the dense run's own LR
+        for a, g in arms
+    )
     return s if ok else None
 
 
@@ -99,7 +106,7 @@ def lrs_table(lrs: dict) -> list[str]:
     """Markdown rows of the report: each budget's chosen LRs, the grid's edge flagged."""
     if not lrs:
         return []
-    rows = ["| budget | dense LR | expert LR |", "| --- | --- | --- |"]
+    rows = ["| budget | dense LR | expert LR | dense second-half LR |", "| --- | --- | --- | --- |"]
 
     def order(kv):
         k = str(kv[0])
@@ -110,6 +117,10 @@ def lrs_table(lrs: dict) -> list[str]:
         e = "-"
         if "expert_lr" in r:
             e = f"{r['expert_lr']:g}" + (f" ({r['expert_edge']} of the grid)" if r.get("expert_edge") else "")
+        t = "-"
+        if "dense_continue_lr" in r:
+            edge = r.get("dense_continue_edge")
+            t = f"{r['dense_continue_lr']:g}" + (f" ({edge} of the grid)" if edge else "")
         name = f"c-BTM, data {b[4:]} ({b[4:]}x)" if str(b).startswith("data") else f"{float(b):g}x"
-        rows.append(f"| {name} | {d} | {e} |")
+        rows.append(f"| {name} | {d} | {e} | {t} |")
     return rows

@@ -228,7 +228,13 @@ def markdown(study: dict, fits: dict) -> str:
         f"Preset `{cfg['preset']}`, 1x budget = {study['steps_1x']} dense steps of {study['batch_size']} x "
         f"{study['seq_len']} tokens; dense budgets {cfg['dense_budgets']}, forest budgets {cfg['forest_budgets']}, "
         f"seeds {cfg['seeds']}, seed share {cfg['seed_share']}; dense LR {study['dense_lr']:g}, expert LR "
-        f"{study['expert_lr']:g} ({study['lr_source']}). {len(study['runs'])} results (dense runs and forests); "
+        f"{study['expert_lr']:g}"
+        + (
+            f", the dense runs' second half {study['dense_continue_lr']:g} (arm dense_tuned)"
+            if study.get("dense_continue_lr") is not None
+            else ""
+        )
+        + f" ({study['lr_source']}). {len(study['runs'])} results (dense runs and forests); "
         f"the model has {study['parameters']:,} parameters; {study['tokens_per_parameter_1x']:.2g} training tokens per "
         f"parameter at 1x ({study['tokens_per_expert_1x']:,} tokens per expert).",
         "",
@@ -261,7 +267,12 @@ def markdown(study: dict, fits: dict) -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| {f['claim']} | {f['evidence']} | **{f['verdict']}** |" for f in fits["findings"]]
-    for where, label in (("in_domain", "in domain"), ("ood", "out of domain")):
+    for where, label in (
+        ("in_domain_tuned", "in domain, against dense with its second half at its own LR (dense_tuned)"),
+        ("ood_tuned", "out of domain, against dense_tuned"),
+        ("in_domain", "in domain, against dense at one LR for the whole run"),
+        ("ood", "out of domain, against dense at one LR"),
+    ):
         t = fits.get(where)
         if not t:
             continue

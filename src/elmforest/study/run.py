@@ -24,7 +24,16 @@ from pathlib import Path
 from elmforest.config import RunConfig
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains, plan_for
-from elmforest.launch.jobs import DenseRunJob, ExpertJob, as_dict, run_dense_run, run_job
+from elmforest.launch.jobs import (
+    DENSE_TUNED_RUN,
+    DenseContinueJob,
+    DenseRunJob,
+    ExpertJob,
+    as_dict,
+    run_dense_continue,
+    run_dense_run,
+    run_job,
+)
 from elmforest.launch.progress import last_metrics
 from elmforest.study.config import StudyConfig
 from elmforest.utils.errors import UserError
@@ -114,6 +123,16 @@ def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
     if p_fraction == 1.0 and 1.0 in cfg.dense_budgets:
         return f"b1-s{seed}"
     return f"data{p_fraction:g}-s{seed}"
+
+
+def continue_lr(cfg: StudyConfig, p: Point, lrs: dict | None, dense_lr: float) -> float | None:
+    """The peak LR of the point's dense_tuned run: a main-axis dense run's second half at its budget's
+    swept continuation LR (or the study's), None where there is none to train (another axis, or the
+    LR is the dense run's own: dense_tuned is then the dense run itself)."""
+    if p.axis != "main" or not p.dense:
+        return None
+    lr = ((lrs or {}).get(p.budget) or {}).get("dense_continue_lr", cfg.dense_continue_lr)
+    return None if lr is None or f"{lr:.3g}" == f"{dense_lr:.3g}" else lr
 
 
 def point_plan(
@@ -209,6 +228,41 @@ def train_points(
             [j.run_dir() / "job.log" for j in dense_jobs],
         )
         log(prog.line())
+    tuned = [
+        (p, lr) for p, (_, c) in plans.items() if (lr := continue_lr(cfg, p, lrs, c.optim.lr)) is not None
+    ]
+    if tuned:  # each main-axis dense run's second half again at its own LR: the dense_tuned arm
+        jobs = [
+            DenseContinueJob(
+                str(root / p.tag),
+                str(root / p.tag / "runs" / "dense" / "run_config.json"),
+                str(root / p.tag / "seed_state"),
+                lr,
+                threads,
+                shards=str(Path(shards_of(p).root).resolve()),
+                run=DENSE_TUNED_RUN,
+            )
+            for p, lr in tuned
+        ]
+        runs = [
+            (
+                f"{p.tag}/{DENSE_TUNED_RUN}",
+                j.run_dir(),
+                plans[p][0].seed_steps,
+                plans[p][0].total_steps,
+                plans[p][0].batch_size * seq,
+            )
+            for (p, _), j in zip(tuned, jobs, strict=True)
+        ]
+        with Progress(runs, log, every) as prog:
+            log(f"      phase 1b: {len(jobs)} dense runs' second half at its own LR (arm dense_tuned)")
+            executor.map(
+                run_dense_continue,
+                [as_dict(j) for j in jobs],
+                [f"{p.tag}/{DENSE_TUNED_RUN}" for p, _ in tuned],
+                [j.run_dir() / "job.log" for j in jobs],
+            )
+            log(prog.line())
     forests = [(root / p.tag, shards_of(p)) for p in points if p.forest]
     forests += more_forests() if more_forests else []
     expert_jobs, runs = [], []

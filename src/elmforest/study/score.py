@@ -13,7 +13,7 @@ from pathlib import Path
 
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
-from elmforest.launch.jobs import logged
+from elmforest.launch.jobs import DENSE_TUNED_RUN, logged
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
 from elmforest.utils.errors import UserError
@@ -56,6 +56,11 @@ def score_point(
     if routing.get("mode") == "cluster":  # scores of the routing before it are stale: scored again
         key["cluster_routing"] = CLUSTER_ROUTING
     key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
+    tuned = where / "runs" / DENSE_TUNED_RUN
+    if p.dense and p.axis == "main":  # its dense run's second half at its own LR: arm dense_tuned
+        key["arms"].append("dense_tuned")
+        had = tuned / "run_config.json"
+        key["dense_tuned_lr"] = read_json(had)["optim"]["lr"] if (tuned / "summary.json").is_file() else None
     cache = where / "study_scores.json"
     if cache.is_file() and (old := read_json(cache)).get("key") == key:
         return old["scores"]
@@ -72,6 +77,19 @@ def score_point(
         for name, sh, doms in sets:
             r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
+        if "dense_tuned" in key["arms"] and key["dense_tuned_lr"] is None:  # its LR was the run's own
+            scores["dense_tuned"] = {**s, "same_as": "dense"}
+        elif "dense_tuned" in key["arms"]:
+            summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
+            t = scores["dense_tuned"] = {
+                "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
+                "tokens": seed["tokens"] + summary["tokens"],
+                "lr": key["dense_tuned_lr"],
+            }
+            model = load_model(tuned / "model")
+            for name, sh, doms in sets:
+                r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
+                t[name] = {d: v["bpb"] for d, v in r["domains"].items()}
     if p.forest:
         missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
         if missing:

@@ -19,7 +19,7 @@ from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
-from elmforest.study.config import StudyConfig, load_study_config, sweep_lrs
+from elmforest.study.config import StudyConfig, load_study_config, sweep_continue_lr, sweep_lrs
 from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
 from elmforest.study.run import (
@@ -46,6 +46,7 @@ IDENTITY = (
     "seed_share",
     "dense_lr",
     "expert_lr",
+    "dense_continue_lr",
     "sweep",
     "lr_grid",
     "expert_lr_grid",
@@ -106,19 +107,29 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
     write_json_atomic(path, cfg.to_dict())
 
 
-def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, str]:
-    """(dense LR, expert LR, where they come from) at 1x: swept at every budget, given, else a
-    sweep.json's best, else the preset's."""
+def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str]:
+    """(dense LR, expert LR, LR of the dense run's second half, where they come from) at 1x: swept at
+    every budget, given, else a sweep.json's best, else the preset's (the second half's: the expert LR
+    where neither has one)."""
     if lrs:
-        return lrs[1.0]["dense_lr"], lrs[1.0]["expert_lr"], "swept at every budget (lrs_by_budget)"
+        one = lrs[1.0]
+        return (
+            one["dense_lr"],
+            one["expert_lr"],
+            one["dense_continue_lr"],
+            "swept at every budget (lrs_by_budget)",
+        )
     p = get_preset(cfg.preset)
     dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
+    cont = p.dense_continue_lr if cfg.dense_lr is None else None  # swept from the preset's dense run
     if cfg.sweep:
         dense, expert = sweep_lrs(cfg.sweep)
+        cont = sweep_continue_lr(cfg.sweep)
         source = f"sweep {cfg.sweep}"
-    if cfg.dense_lr is not None or cfg.expert_lr is not None:
+    if cfg.dense_lr is not None or cfg.expert_lr is not None or cfg.dense_continue_lr is not None:
         source = "given"
-    return cfg.dense_lr or dense, cfg.expert_lr or expert, source
+    expert = cfg.expert_lr or expert
+    return cfg.dense_lr or dense, expert, cfg.dense_continue_lr or cont or expert, source
 
 
 def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
@@ -303,14 +314,15 @@ def _study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
-    dense_lr, expert_lr, lr_source = _learning_rates(cfg, base, lrs)
+    dense_lr, expert_lr, continue_lr, lr_source = _learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
-    cfg.expert_lr = expert_lr
+    cfg.expert_lr, cfg.dense_continue_lr = expert_lr, continue_lr
     log(
         f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
         f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
-        f"dense LR {dense_lr:g}, expert LR {expert_lr:g} ({lr_source})"
+        f"dense LR {dense_lr:g}, expert LR {expert_lr:g}, the dense runs' second half at {continue_lr:g} too "
+        f"(arm dense_tuned) ({lr_source})"
     )
     runs_dir = out / "runs"
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
@@ -342,6 +354,7 @@ def _study(
         "seq_len": base.train.seq_len,
         "dense_lr": dense_lr,
         "expert_lr": expert_lr,
+        "dense_continue_lr": continue_lr,
         "lr_source": lr_source,
         "lrs_by_budget": {(b if isinstance(b, str) else f"{b:g}"): r for b, r in lrs.items()},
         "parameters": first["params"],
