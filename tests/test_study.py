@@ -444,3 +444,19 @@ def test_gain_plots_tick_each_count_measured(tmp_path, monkeypatch):
     report.plot_cbtm({"cbtm": rows}, tmp_path / "c.png")
     labels = [[t.get_text() for t in f.axes[0].get_xticklabels()] for f in figs]
     assert labels == [["2", "3", "8"], ["1", "2", "4"]]
+
+
+def test_the_dense_runs_second_half_lr_and_whether_it_was_tuned():
+    """cpu-small carries a swept LR for the dense runs' second half (the dense_tuned arm); a preset
+    without one (tiny, btm-*) stands the expert LR in and says it is not tuned; a given one is tuned."""
+    from elmforest.model.presets import preset_run_config
+    from elmforest.study.study import _learning_rates
+
+    def lrs(preset, **given):
+        cfg = load_study_config("tiny", [f"preset={preset}", *(f"{k}={v}" for k, v in given.items())])
+        return _learning_rates(cfg, preset_run_config(preset), {})
+
+    assert lrs("cpu-small") == (2e-3, 8e-3, 1.6e-2, "preset cpu-small", True)
+    assert lrs("tiny")[2:] == (3e-3, "preset tiny", False)  # tiny's expert LR is its dense LR
+    assert lrs("tiny", dense_continue_lr=0.006)[2:] == (0.006, "given", True)
+    assert lrs("cpu-small", dense_lr=0.004)[2:] == (8e-3, "given", False)  # swept from another dense LR

@@ -60,7 +60,7 @@ def sweep_continuation(
         if point_tag(lr) == own:  # the dense run at its own LR is this point already
             continue
         point = where / point_tag(lr)
-        _check_same_seed(point, state)
+        check_same_seed(point, state)
         jobs.append(
             DenseContinueJob(
                 str(point),
@@ -94,20 +94,20 @@ def sweep_continuation(
     return {"grid": grid, "seed_lr": seed_lr, "max_bytes": max_bytes, "points": scored, **choose(scored)}
 
 
-def _check_same_seed(point: Path, state: Path) -> None:
+def check_same_seed(point: Path, state: Path, run: str = "dense") -> None:
     """A point continued from another seed state (the dense run it came from was deleted and trained
     again) is refused, not scored as this seed's: a finished run checks only its own config."""
     import hashlib
 
     from elmforest.utils.io import read_json
 
-    inputs = point / "runs" / "dense" / "inputs.json"
+    inputs = point / "runs" / run / "inputs.json"
     if not inputs.is_file() or not (state / "state.json").is_file():
         return
     had = (read_json(inputs).get("init_checkpoint") or {}).get("fingerprint")
     now = hashlib.sha256((state / "state.json").read_bytes()).hexdigest()[:16]
     if had is not None and had != now:
         raise UserError(
-            f"{point}: continued from another seed state than {state} holds now (the dense run was trained "
-            "again); delete this point (or the whole dense-continue folder) to continue from the new one"
+            f"{point / 'runs' / run}: continued from another seed state than {state} holds now (the dense run "
+            "was trained again); delete it to continue from the new one"
         )

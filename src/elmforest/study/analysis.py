@@ -204,8 +204,8 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
     for where, label in (
         ("in_domain_tuned", "in domain, against dense with its second half at its own LR"),
         ("ood_tuned", "out of domain, against dense with its second half at its own LR"),
-        ("in_domain", "in domain"),
-        ("ood", "out of domain"),
+        ("in_domain", "in domain, against dense at one LR"),
+        ("ood", "out of domain, against dense at one LR"),
     ):
         table = fits.get(where)
         if not table:

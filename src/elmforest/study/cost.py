@@ -47,13 +47,12 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
     both = [(b, b in cfg.forest_budgets) for b in dense_budgets | set(cfg.forest_budgets)]
     if cfg.lr_grid and cfg.cbtm_ks:  # c-BTM's fractions that do not share the 1x point: their own sweeps
         both += [(f, True) for f in set(cfg.cbtm_data) if not (f == 1.0 and 1.0 in dense_budgets)]
-    main = dense_budgets | set(cfg.forest_budgets)
     for b, experts in both:
         units["lr sweeps"] += len(cfg.lr_grid) * b
         if experts:
             units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
     if cfg.lr_grid:  # the dense runs' second half at every main-axis budget, over the expert grid
-        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in main)
+        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in dense_budgets)
     units["total"] = sum(units.values())
     return units
 

@@ -60,7 +60,7 @@ def budget_lrs(
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
         where = out / "sweeps" / tag
-        main = tag.startswith("b")  # a main-axis budget: its dense run's second half is tuned too
+        main = tag.startswith("b") and b in cfg.dense_budgets  # a main dense run: its second half tuned too
         s = _finished(where, both, cfg, main)
         if s is None:
             log(

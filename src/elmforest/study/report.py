@@ -11,7 +11,11 @@ from elmforest.eval.scaling import PowerLawFit
 from elmforest.study.lrs import lrs_table
 from elmforest.utils.io import atomic_path, write_text_atomic
 
-ARM_STYLE = {"dense": ("tab:gray", "o", "dense"), "btm": ("tab:green", "s", "BTM forest (ensemble)")}
+ARM_STYLE = {
+    "dense": ("tab:gray", "o", "dense (one LR)"),
+    "dense_tuned": ("tab:blue", "D", "dense, second half at its own LR"),
+    "btm": ("tab:green", "s", "BTM forest (ensemble)"),
+}
 
 
 def _save(fig, path: Path) -> None:
@@ -39,7 +43,8 @@ def plot_curves(recs: list[dict], fits: dict, path: Path) -> None:
                 continue
             c, b = np.array(pts).T
             ax.scatter(c, b, color=color, marker=marker, label=label, alpha=0.8)
-            fit = (fits[_where(key)].get("arm_fits") or {}).get(arm)
+            tables = (fits[_where(key)], fits.get(_where(key) + "_tuned") or {})
+            fit = next((t["arm_fits"][arm] for t in tables if arm in (t.get("arm_fits") or {})), None)
             if fit:
                 f = PowerLawFit.from_dict(fit["fit"])
                 grid = np.geomspace(c.min() / 1.2, c.max() * 1.2, 100)
@@ -99,8 +104,14 @@ def plot_multiplier(fits: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    series = (
+        ("in_domain_tuned", "in domain, vs dense_tuned"),
+        ("ood_tuned", "out of domain, vs dense_tuned"),
+        ("in_domain", "in domain, vs dense at one LR"),
+        ("ood", "out of domain, vs dense at one LR"),
+    )
     for (where, label), dx, color in zip(
-        (("in_domain", "in domain"), ("ood", "out of domain")), (0.97, 1.03), ("C0", "C1"), strict=True
+        series, (0.94, 0.98, 1.02, 1.06), ("C0", "C1", "C7", "C3"), strict=True
     ):
         t = fits.get(where)
         if not t:

@@ -35,6 +35,7 @@ from elmforest.launch.jobs import (
     run_job,
 )
 from elmforest.launch.progress import last_metrics
+from elmforest.launch.sweep_continue import check_same_seed
 from elmforest.study.config import StudyConfig
 from elmforest.utils.errors import UserError
 
@@ -231,6 +232,8 @@ def train_points(
     tuned = [
         (p, lr) for p, (_, c) in plans.items() if (lr := continue_lr(cfg, p, lrs, c.optim.lr)) is not None
     ]
+    for p, _ in tuned:  # a finished run from an older seed state is refused, not scored as this one's
+        check_same_seed(root / p.tag, root / p.tag / "seed_state", DENSE_TUNED_RUN)
     if tuned:  # each main-axis dense run's second half again at its own LR: the dense_tuned arm
         jobs = [
             DenseContinueJob(

@@ -57,40 +57,42 @@ def score_point(
         key["cluster_routing"] = CLUSTER_ROUTING
     key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
     tuned = where / "runs" / DENSE_TUNED_RUN
-    if p.dense and p.axis == "main":  # its dense run's second half at its own LR: arm dense_tuned
+    has_tuned = p.dense and p.axis == "main" and (tuned / "summary.json").is_file()
+    if has_tuned:  # its dense run's second half at its own LR: arm dense_tuned
         key["arms"].append("dense_tuned")
-        had = tuned / "run_config.json"
-        key["dense_tuned_lr"] = read_json(had)["optim"]["lr"] if (tuned / "summary.json").is_file() else None
+        key["dense_tuned_lr"] = read_json(tuned / "run_config.json")["optim"]["lr"]
     cache = where / "study_scores.json"
-    if cache.is_file() and (old := read_json(cache)).get("key") == key:
-        return old["scores"]
+    old = read_json(cache) if cache.is_file() else {}
+    if old.get("key") == key:
+        return _with_same(p, old["scores"])
+    before = {k: v for k, v in key.items() if k != "dense_tuned_lr"}
+    before["arms"] = [a for a in key["arms"] if a != "dense_tuned"]
     common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
     sets = [("bpb", shards, list(p.domains))]
     if ood is not None:
         sets.append(("ood_bpb", ood, [d for d in ood.domains if ood.has(d, "test")]))
-    scores: dict = {}
+    # the same scores before the dense_tuned run existed: only that run is scored
+    scores: dict = dict(old["scores"]) if has_tuned and old.get("key") == before else {}
     forest = Forest.load(where)
-    if p.dense:
+    if p.dense and "dense" not in scores:
         model = load_model(where / "runs" / "dense" / "model")
         summary = read_json(where / "runs" / "dense" / "summary.json")
         s = scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"]}
         for name, sh, doms in sets:
             r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-        if "dense_tuned" in key["arms"] and key["dense_tuned_lr"] is None:  # its LR was the run's own
-            scores["dense_tuned"] = {**s, "same_as": "dense"}
-        elif "dense_tuned" in key["arms"]:
-            summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
-            t = scores["dense_tuned"] = {
-                "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
-                "tokens": seed["tokens"] + summary["tokens"],
-                "lr": key["dense_tuned_lr"],
-            }
-            model = load_model(tuned / "model")
-            for name, sh, doms in sets:
-                r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
-                t[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    if p.forest:
+    if has_tuned and "dense_tuned" not in scores:
+        summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
+        t = scores["dense_tuned"] = {
+            "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
+            "tokens": seed["tokens"] + summary["tokens"],
+            "lr": key["dense_tuned_lr"],
+        }
+        model = load_model(tuned / "model")
+        for name, sh, doms in sets:
+            r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
+            t[name] = {d: v["bpb"] for d, v in r["domains"].items()}
+    if p.forest and "btm" not in scores:
         missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
         if missing:
             raise UserError(f"{where}: expert(s) {missing} were not trained; run the study again")
@@ -105,6 +107,14 @@ def score_point(
             )
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
     write_json_atomic(cache, {"key": key, "scores": scores})
+    return _with_same(p, scores)
+
+
+def _with_same(p: Point, scores: dict) -> dict:
+    """A main-axis dense run with no second run is its own dense_tuned (its second half's LR was its
+    own); study.py drops the arm where that LR was never tuned."""
+    if p.dense and p.axis == "main" and "dense_tuned" not in scores:
+        return {**scores, "dense_tuned": {**scores["dense"], "same_as": "dense"}}
     return scores
 
 

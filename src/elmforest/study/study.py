@@ -46,7 +46,6 @@ IDENTITY = (
     "seed_share",
     "dense_lr",
     "expert_lr",
-    "dense_continue_lr",
     "sweep",
     "lr_grid",
     "expert_lr_grid",
@@ -107,18 +106,14 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
     write_json_atomic(path, cfg.to_dict())
 
 
-def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str]:
-    """(dense LR, expert LR, LR of the dense run's second half, where they come from) at 1x: swept at
-    every budget, given, else a sweep.json's best, else the preset's (the second half's: the expert LR
-    where neither has one)."""
+def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str, bool]:
+    """(dense LR, expert LR, LR of the dense run's second half, where they come from, whether that last
+    one was tuned at all) at 1x: swept at every budget, given, else a sweep.json's best, else the
+    preset's (the second half's: the expert LR where neither has one, not tuned)."""
     if lrs:
         one = lrs[1.0]
-        return (
-            one["dense_lr"],
-            one["expert_lr"],
-            one["dense_continue_lr"],
-            "swept at every budget (lrs_by_budget)",
-        )
+        source = "swept at every budget (lrs_by_budget)"
+        return one["dense_lr"], one["expert_lr"], one["dense_continue_lr"], source, True
     p = get_preset(cfg.preset)
     dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
     cont = p.dense_continue_lr if cfg.dense_lr is None else None  # swept from the preset's dense run
@@ -129,7 +124,8 @@ def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, fl
     if cfg.dense_lr is not None or cfg.expert_lr is not None or cfg.dense_continue_lr is not None:
         source = "given"
     expert = cfg.expert_lr or expert
-    return cfg.dense_lr or dense, expert, cfg.dense_continue_lr or cont or expert, source
+    tuned = (cfg.dense_continue_lr or cont) is not None
+    return cfg.dense_lr or dense, expert, cfg.dense_continue_lr or cont or expert, source, tuned
 
 
 def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
@@ -314,15 +310,21 @@ def _study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
-    dense_lr, expert_lr, continue_lr, lr_source = _learning_rates(cfg, base, lrs)
+    dense_lr, expert_lr, continue_lr, lr_source, tuned = _learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
     cfg.expert_lr, cfg.dense_continue_lr = expert_lr, continue_lr
     log(
         f"study: {len(points)} points ({sum(p.dense for p in points)} dense runs, "
         f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
-        f"dense LR {dense_lr:g}, expert LR {expert_lr:g}, the dense runs' second half at {continue_lr:g} too "
-        f"(arm dense_tuned) ({lr_source})"
+        f"dense LR {dense_lr:g}, expert LR {expert_lr:g}"
+        + (
+            f", the dense runs' second half at {continue_lr:g} too (arm dense_tuned)"
+            if tuned
+            else f" (the dense runs' second half has no LR of its own: the expert LR {continue_lr:g} stands "
+            "in, arm dense_tuned; give dense_continue_lr or lr_grid to tune it)"
+        )
+        + f" ({lr_source})"
     )
     runs_dir = out / "runs"
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
@@ -342,6 +344,9 @@ def _study(
         record(p, "cbtm", runs_dir / c.tag, s["btm"], k=c.k, balance=c.balance, routing=r)
         for (p, c, r), s in zip(cb, scores[len(points) :], strict=True)
     ]
+    if not tuned and all(r.get("same_as") for r in recs if r["arm"] == "dense_tuned"):
+        recs = [r for r in recs if r["arm"] != "dense_tuned"]  # nothing tuned, nothing trained: no such arm
+        continue_lr = None
     write_json_atomic(out / "study.json", strict_json({"config": given, "runs": recs}))  # kept if a fit fails
     fits = analyse(recs, cfg)
     first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
