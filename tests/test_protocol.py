@@ -383,16 +383,8 @@ def test_the_continuation_arm_alone_adds_the_runs_own_lr_and_refuses_a_point_of_
             shards_dir, tmp_path / "s", base, arm="continue", dense_lr=1e-3, continue_lrs=[1e-4, 3e-3, 1e-2]
         )
     assert not (tmp_path / "s").exists()
-    lines = []
-    res = sweep(
-        shards_dir,
-        tmp_path / "s",
-        base,
-        arm="continue",
-        dense_lr=1e-3,
-        continue_lrs=[1e-4, 3e-3, 1e-2, 3e-2],
-        log=lines.append,
-    )
+    lines, kw = [], {"arm": "continue", "dense_lr": 1e-3, "continue_lrs": [1e-4, 3e-3, 1e-2, 3e-2]}
+    res = sweep(shards_dir, tmp_path / "s", base, log=lines.append, **kw)
     c = res["dense_continue"]
     assert "dense" not in res and "experts" not in res and c["seed_lr"] == 1e-3
     assert [p["lr"] for p in c["points"]] == [1e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # not continuing: a point
@@ -412,12 +404,4 @@ def test_the_continuation_arm_alone_adds_the_runs_own_lr_and_refuses_a_point_of_
     state = point / "seed_state" / "state.json"
     state.write_text(state.read_text() + " ")
     with pytest.raises(ValueError, match="continued from another seed state"):
-        sweep(
-            shards_dir,
-            tmp_path / "s",
-            base,
-            arm="continue",
-            dense_lr=1e-3,
-            continue_lrs=[1e-4, 3e-3, 1e-2, 3e-2],
-            log=None,
-        )
+        sweep(shards_dir, tmp_path / "s", base, log=None, **kw)

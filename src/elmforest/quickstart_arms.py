@@ -163,11 +163,9 @@ def dense_tuned(forest: Forest, lr: float, progress: bool, log) -> Path:
     from elmforest.train.trainer import train
 
     run = forest.root / "runs" / DENSE_TUNED_RUN
-    had = run / "run_config.json"
-    if had.is_file() and read_json(had)["optim"]["lr"] != lr:  # this quickstart's own row, out of date
-        log(
-            f"      {DENSE_TUNED_RUN}: trained at another LR ({read_json(had)['optim']['lr']:g}); trained again"
-        )
+    had = read_json(run / "run_config.json")["optim"]["lr"] if (run / "run_config.json").is_file() else lr
+    if had != lr:  # this quickstart's own row, out of date
+        log(f"      {DENSE_TUNED_RUN}: trained at another LR ({had:g}); trained again")
         shutil.rmtree(run)
     if not (run / "summary.json").is_file():
         log(f"      the dense run's second half again at its own LR {lr:g} (row dense_tuned)")

@@ -217,17 +217,9 @@ def sweep(
             )
         _check_settings(out, cfgs, plan, shards)
         log(f"sweep, dense arm: {len(grid)} full dense runs ({plan.total_steps} steps) at LR {grid}")
-        with _monitor(
-            {f"dense/{point_tag(x)}": j.run_dir() for x, j in zip(grid, jobs, strict=True)}, plan, out, echo
-        ):
-            _run_points(
-                executor,
-                run_dense_run,
-                [as_dict(j) for j in jobs],
-                [f"dense/{point_tag(x)}" for x in grid],
-                [j.run_dir() / "job.log" for j in jobs],
-                [out / "dense" / point_tag(x) for x in grid],
-            )
+        labels = [f"dense/{point_tag(x)}" for x in grid]
+        points = [out / "dense" / point_tag(x) for x in grid]
+        run_arm(executor, run_dense_run, jobs, labels, points, plan, out, echo)
         points = [
             {"lr": lr, **score_dense(out / "dense" / point_tag(lr), shards, domains, seq_len, max_bytes)}
             for lr in grid
@@ -288,15 +280,7 @@ def sweep(
                 f"sweep, expert arm{'' if grouping is None else ' ' + key}: {len(experts)} experts x "
                 f"{len(grid)} LRs {grid}, branched from the seed of the dense run at LR {seed_lr:g}"
             )
-        with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
-            _run_points(
-                executor,
-                run_job,
-                [as_dict(j) for j in jobs],
-                labels,
-                [j.run_dir() / "job.log" for j in jobs],
-                [Path(j.forest) for j in jobs],
-            )
+        run_arm(executor, run_job, jobs, labels, [Path(j.forest) for j in jobs], plan, out, echo)
         for key, _, _, grouping in arms:
             points = [
                 {
@@ -368,6 +352,13 @@ def _check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
             f"{point}: this dense run was planned by another sweep ({'; '.join(diff)}); a sweep with other "
             "--groups, domains or training settings needs another --out"
         )
+
+
+def run_arm(executor, fn, jobs: list, labels: list[str], points: list[Path], plan, out: Path, echo: bool):
+    """One arm's jobs (each with its run_dir), a progress line per job while they run."""
+    with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
+        logs = [j.run_dir() / "job.log" for j in jobs]
+        _run_points(executor, fn, [as_dict(j) for j in jobs], labels, logs, points)
 
 
 def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):

@@ -16,13 +16,12 @@ diverged-point record apply unchanged.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from elmforest.data.shards import Shards
 from elmforest.forest.btm import Plan
 from elmforest.launch.jobs import DenseContinueJob, run_dense_continue
-from elmforest.launch.sweep import _monitor, _run_points
+from elmforest.launch.sweep import run_arm
 from elmforest.launch.sweep_grid import point_tag
 from elmforest.launch.sweep_results import choose, score_dense
 from elmforest.utils.errors import UserError
@@ -78,15 +77,7 @@ def sweep_continuation(
         f"sweep, dense continuation arm: the dense run at LR {seed_lr:g} continued from its seed at LR "
         f"{grid} ({len(jobs)} runs; the point at {seed_lr:g} is that run itself)"
     )
-    with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
-        _run_points(
-            executor,
-            run_dense_continue,
-            [asdict(j) for j in jobs],
-            labels,
-            [j.run_dir() / "job.log" for j in jobs],
-            points,
-        )
+    run_arm(executor, run_dense_continue, jobs, labels, points, plan, out, echo)
     scored = []
     for lr in grid:
         point = seed_forest if point_tag(lr) == own else where / point_tag(lr)
