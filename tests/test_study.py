@@ -161,16 +161,24 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     arms = {(r["axis"], r["arm"]) for r in study["runs"]}
     assert arms == {
         ("main", "dense"),
-        ("main", "dense_tuned"),  # each main dense run's second half again at its own LR
+        ("main", "dense_tuned"),  # each dense run's second half again at its own LR, on every axis
         ("main", "btm"),
         ("domains", "dense"),
+        ("domains", "dense_tuned"),
         ("domains", "btm"),
         ("share", "btm"),
         ("cbtm", "dense"),
+        ("cbtm", "dense_tuned"),
         ("cbtm", "cbtm"),
     }
-    cbtm = [(r["data_fraction"], r["k"], r["balance"]) for r in fits["cbtm"]]
-    assert sorted(cbtm) == sorted((f, 2, b) for f in (0.25, 0.5, 1.0) for b in ("bytes", "documents"))
+    for r in study["runs"]:  # every dense_tuned run continued its own point's dense run, at the same FLOPs
+        if r["arm"] == "dense_tuned" and r["axis"] != "main":
+            d = next(x for x in study["runs"] if x["arm"] == "dense" and x["dir"] == r["dir"])
+            assert r["flops"] == pytest.approx(d["flops"], rel=1e-9) and r["lr"] == 0.006
+            assert r["bpb"] != d["bpb"] and r["domains"] == d["domains"]
+    for key in ("cbtm", "cbtm_tuned"):  # c-BTM against each dense arm
+        cbtm = [(r["data_fraction"], r["k"], r["balance"]) for r in fits[key]]
+        assert sorted(cbtm) == sorted((f, 2, b) for f in (0.25, 0.5, 1.0) for b in ("bytes", "documents"))
     for r in study["runs"]:  # every arm scored on the same test bytes, whatever data it trained on
         assert set(r["bpb"]) == set(r["domains"] if r["axis"] == "domains" else study["domains"])
     main_runs = [r for r in study["runs"] if r["axis"] == "main"]
@@ -194,12 +202,20 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert [m["budget"] for m in fits["in_domain"]["budgets"]] == [0.5, 1.0, 2.0]
     for m in fits["in_domain"]["budgets"]:
         assert m["status"] in ("ok", "above_range", "below_range", "unreachable") and len(m["ci"]) == 2
-    assert [g["n_domains"] for g in fits["domains"]] == [2, 3]
-    assert {s["seed_share"] for s in fits["seed_share"]} == {0.25, 0.5}
+    for s in ("", "_tuned"):  # every axis against dense at one LR and against dense_tuned
+        assert [g["n_domains"] for g in fits["domains" + s]] == [2, 3]
+        assert {x["seed_share"] for x in fits["seed_share" + s]} == {0.25, 0.5}
+    assert fits["domains_tuned"] != fits["domains"] and fits["cbtm_tuned"] != fits["cbtm"]
     report = (out / "report.md").read_text()
     assert "## Findings" in report and any(v in report for v in ("holds", "not shown", "does not hold"))
     assert "## Multiplier, in domain, against dense with its second half at its own LR" in report
     assert "the dense runs' second half 0.006 (arm dense_tuned)" in report
+    assert "| domains | gain over dense_tuned | CI | gain over dense (one LR) | CI |" in report
+    claims = [f["claim"] for f in fits["findings"]]
+    assert "BTM, against dense_tuned: the forest's gain grows with the number of domains" in claims
+    assert claims.index("BTM, against dense_tuned: a seed of 40-60% of the budget is best") < claims.index(
+        "BTM, against dense at one LR: a seed of 40-60% of the budget is best"
+    )
     scored = study["scored"]["in_domain"]  # what every arm was scored on, as the report states it
     assert set(scored) == set(study["domains"])
     assert all(v["documents"] >= 1 and (v["bytes"] <= 3000 or v["documents"] == 1) for v in scored.values())
@@ -286,8 +302,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         (28, "all", 0, 0.5, both, False),
         (56, "dense", 0, 0.5, both, False),
         (56, "continue", 0, 0.5, both, False),
-        (4, "both", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
-        (7, "both", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
+        (4, "all", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
+        (7, "all", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
     ]
     study = json.loads((out / "study.json").read_text())
     lrs = study["lrs_by_budget"]
@@ -295,7 +311,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert [lrs[b]["expert_lr"] for b in ("0.5", "1", "2")] == [0.128, 3.2e-2, 8e-3]
     assert "expert_lr" not in lrs["4"]
     assert [lrs[b]["dense_continue_lr"] for b in ("0.5", "1", "2", "4")] == cfg["expert_lr_grid"]
-    assert "dense_continue_lr" not in lrs["data0.25"]
+    assert lrs["data0.25"]["dense_continue_lr"] == 0.128  # its dense run's second half too
     assert (lrs["data0.25"]["dense_lr"], lrs["data0.25"]["expert_lr"]) == (6.4e-2, 2e-3)
     axes = set()
 
@@ -320,7 +336,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
-    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | - |" in report
+    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | 0.128 |" in report
     assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
@@ -330,18 +346,20 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     """D units (one 1x dense run each) of the cpu preset, counted by hand: main = dense 2 x (0.5+1+2+4)
     + experts 2 x 0.5 x (0.5+1+2); domains = 2 counts (2, 4; 8 is the main point) x 2 seeds x (1 + 0.5);
     share = 2 shares x 2 seeds x 1 (own seed + experts); c-BTM = dense at 0.25 and 0.5 x 2 seeds +
-    experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; sweeps = 4 LRs x each budget + 4 expert
-    LRs x 0.5 x each forest budget, and both arms at c-BTM's data 0.25 and 0.5."""
+    experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; dense_tuned = the second half (0.5) of
+    every dense run: main 2 x (0.5+1+2+4), domains 2 x 2 x 1, c-BTM 2 x (0.25+0.5); sweeps = 4 LRs x
+    each budget + 4 expert LRs x 0.5 x each forest budget, all three arms at c-BTM's data 0.25 and 0.5,
+    and the continuation (4 expert LRs x 0.5) at every dense budget."""
     from elmforest.study.cost import training_units
 
     u = training_units(load_study_config("cpu"), [f"d{i}" for i in range(8)])
     assert u["main"] == pytest.approx(15 + 3.5) and u["domains"] == pytest.approx(6.0)
     assert u["share"] == pytest.approx(4.0) and u["cbtm"] == pytest.approx(1.5 + 10.5)
-    assert u["dense_tuned"] == pytest.approx(0.5 * 15)  # each main dense run's second half again
-    assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5 + 7.5)
+    assert u["dense_tuned"] == pytest.approx(0.5 * (15 + 4 + 1.5))  # each dense run's second half again
+    assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5 + 10.25)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
     u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
-    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5)
+    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 2 * 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out

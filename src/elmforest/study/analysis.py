@@ -63,9 +63,9 @@ def paired_gain(
     return {"gain": gain(all_rows, all_cols), "ci": [float(lo), float(hi)], "seeds": len(pairs)}
 
 
-def domain_gains(recs: list[dict], cfg: StudyConfig) -> list[dict]:
-    """The forest's gain over the dense LM at the 1x budget against the number of domains (each point
-    on its own n domains); the main 1x point stands for all the domains."""
+def domain_gains(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
+    """The forest's gain over the dense LM (`dense_arm`) at the 1x budget against the number of domains
+    (each point on its own n domains); the main 1x point stands for all the domains."""
     by_n: dict[int, dict[int, dict]] = {}
     for r in recs:
         if r["budget"] != 1.0 or r["axis"] not in ("main", "domains") or r["seed_share"] != cfg.seed_share:
@@ -75,7 +75,7 @@ def domain_gains(recs: list[dict], cfg: StudyConfig) -> list[dict]:
     for n in sorted(by_n):
         if n not in cfg.domain_counts and n != max(by_n):
             continue
-        pairs = [(v["dense"], v["btm"]) for v in by_n[n].values() if "dense" in v and "btm" in v]
+        pairs = [(v[dense_arm], v["btm"]) for v in by_n[n].values() if dense_arm in v and "btm" in v]
         if len(pairs) < 2:
             continue
         doms = pairs[0][1]["domains"]
@@ -84,9 +84,11 @@ def domain_gains(recs: list[dict], cfg: StudyConfig) -> list[dict]:
     return out
 
 
-def share_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
-    """The forest's gain over the 1x dense run for every seed share."""
-    dense = {r["seed"]: r for r in recs if r["arm"] == "dense" and r["axis"] == "main" and r["budget"] == 1.0}
+def share_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
+    """The forest's gain over the 1x dense run (`dense_arm`) for every seed share."""
+    dense = {
+        r["seed"]: r for r in recs if r["arm"] == dense_arm and r["axis"] == "main" and r["budget"] == 1.0
+    }
     out = []
     for share in sorted({cfg.seed_share, *cfg.seed_shares}):
         forests = [
@@ -108,14 +110,14 @@ def share_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
     return out
 
 
-def cbtm_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
-    """c-BTM's gain over the dense run of the same data and budget, for every k x data fraction x
-    balance (k = 1, the dense run itself, is 0 by definition)."""
+def cbtm_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
+    """c-BTM's gain over the dense run (`dense_arm`) of the same data and budget, for every k x data
+    fraction x balance (k = 1, the dense run itself, is 0 by definition)."""
     full = max((r["n_domains"] for r in recs), default=0)
     dense = {
         (r.get("data_fraction", 1.0), r["seed"]): r
         for r in recs
-        if r["arm"] == "dense" and r["budget"] == r.get("data_fraction", 1.0) and r["n_domains"] == full
+        if r["arm"] == dense_arm and r["budget"] == r.get("data_fraction", 1.0) and r["n_domains"] == full
         and r["seed_share"] == cfg.seed_share and r["axis"] in ("main", "cbtm")
     }  # fmt: skip
     groups: dict[tuple, list] = {}
@@ -131,7 +133,8 @@ def cbtm_table(recs: list[dict], cfg: StudyConfig) -> list[dict]:
     return rows
 
 
-def _cbtm_findings(rows: list[dict]) -> list[dict]:
+def _cbtm_findings(rows: list[dict], against: str = "") -> list[dict]:
+    """c-BTM's claims; `against` names the dense arm in each claim ("" for dense at one LR)."""
     out = []
     for balance in sorted({r["balance"] for r in rows}):
         rs = [r for r in rows if r["balance"] == balance]
@@ -161,7 +164,7 @@ def _cbtm_findings(rows: list[dict]) -> list[dict]:
             v = "not shown"
         out.append(
             {
-                "claim": f"c-BTM ({balance}-balanced): the best number of clusters grows with the data",
+                "claim": f"c-BTM ({balance}-balanced{against}): the best number of clusters grows with the data",
                 "evidence": ev,
                 "verdict": v,
             }
@@ -169,7 +172,7 @@ def _cbtm_findings(rows: list[dict]) -> list[dict]:
         ev = f"best gain at data {lo_f:g}: {b_lo['gain']:+.2%} {_ci(b_lo)}; at data {hi_f:g}: {b_hi['gain']:+.2%} {_ci(b_hi)}"
         out.append(
             {
-                "claim": f"c-BTM ({balance}-balanced): the gain over dense grows with the data",
+                "claim": f"c-BTM ({balance}-balanced{against}): the gain over dense grows with the data",
                 "evidence": ev,
                 "verdict": verdict(b_hi["ci"][0] - b_lo["ci"][1], b_hi["ci"][1] - b_lo["ci"][0], 0.0),
             }
@@ -178,7 +181,7 @@ def _cbtm_findings(rows: list[dict]) -> list[dict]:
         if top is not None:
             out.append(
                 {
-                    "claim": f"c-BTM ({balance}-balanced, {top['k']} clusters, data {hi_f:g}): beats the compute-matched dense LM",
+                    "claim": f"c-BTM ({balance}-balanced, {top['k']} clusters, data {hi_f:g}{against}): beats the compute-matched dense LM",
                     "evidence": f"{top['gain']:+.2%} {_ci(top)}",
                     "verdict": verdict(top["ci"][0], top["ci"][1], 0.0),
                 }
@@ -228,7 +231,19 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
                     )
                     v = "not shown"
             out.append({"claim": claim, "evidence": ev, "verdict": v})
-    gains = fits.get("domains") or []
+    for suffix, against in TUNED_FIRST:
+        out += _gain_findings(fits, suffix, against)
+    return out
+
+
+# (fits key suffix, words in each claim): against the tuned dense runs first, then dense at one LR
+TUNED_FIRST = (("_tuned", ", against dense_tuned"), ("", ", against dense at one LR"))
+
+
+def _gain_findings(fits: dict, suffix: str, against: str) -> list[dict]:
+    """The domain-count and seed-share claims against one dense arm (fits' "domains" + suffix, ...)."""
+    out = []
+    gains = fits.get("domains" + suffix) or []
     if len(gains) >= 2:
         first, last = gains[0], gains[-1]
         rising = all(a["gain"] < b["gain"] for a, b in zip(gains, gains[1:], strict=False))
@@ -242,9 +257,13 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
         else:
             v = "not shown"
         out.append(
-            {"claim": "BTM: the forest's gain grows with the number of domains", "evidence": ev, "verdict": v}
+            {
+                "claim": f"BTM{against}: the forest's gain grows with the number of domains",
+                "evidence": ev,
+                "verdict": v,
+            }
         )
-    shares = fits.get("seed_share") or []
+    shares = fits.get("seed_share" + suffix) or []
     if len(shares) >= 2:
         best = max(shares, key=lambda s: s["gain"])
         rest = [s for s in shares if s is not best]
@@ -255,7 +274,9 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
         )
         inside = 0.4 <= best["seed_share"] <= 0.6
         v = "not shown" if not clear else ("holds" if inside else "does not hold")
-        out.append({"claim": "BTM: a seed of 40-60% of the budget is best", "evidence": ev, "verdict": v})
+        out.append(
+            {"claim": f"BTM{against}: a seed of 40-60% of the budget is best", "evidence": ev, "verdict": v}
+        )
     return out
 
 
@@ -266,13 +287,17 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
         # against the dense runs with their second half at its own LR, as the experts' phase has its own
         "in_domain_tuned": multiplier_table(recs, "bpb", cfg, "dense_tuned"),
         "ood_tuned": multiplier_table(recs, "ood_bpb", cfg, "dense_tuned"),
-        "domains": domain_gains(recs, cfg),
-        "seed_share": share_table(recs, cfg),
         "ci": cfg.ci,
         "n_boot": cfg.n_boot,
     }
-    fits["cbtm"] = cbtm_table(recs, cfg)
-    fits["findings"] = findings(fits, cfg) + _cbtm_findings(fits["cbtm"])
+    for suffix, _ in TUNED_FIRST:  # every axis against both dense arms (the tuned one's first)
+        arm = "dense" + suffix
+        fits["domains" + suffix] = domain_gains(recs, cfg, arm)
+        fits["seed_share" + suffix] = share_table(recs, cfg, arm)
+        fits["cbtm" + suffix] = cbtm_table(recs, cfg, arm)
+    fits["findings"] = findings(fits, cfg)
+    for suffix, against in TUNED_FIRST:
+        fits["findings"] += _cbtm_findings(fits["cbtm" + suffix], against)
     if len(cfg.seeds) < 3:  # a bootstrap over 2 seeds has 3 outcomes and understates their spread
         fits["caveat"] = (
             f"{len(cfg.seeds)} training seeds per point: the intervals understate the seed-to-seed spread "

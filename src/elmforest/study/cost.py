@@ -3,8 +3,8 @@ from the plan alone (`elmforest study CONFIG --dry-run`), and the hours that mea
 utilisation.
 
 The unit D keeps the count honest across arms: a forest point that shares its seed with the dense run
-at its budget adds only its experts, (1 - seed share) x budget, and each main-axis dense run its second
-half again at its own LR (dense_tuned), as much; a forest point without a dense run at
+at its budget adds only its experts, (1 - seed share) x budget, and each dense run (of every axis) its
+second half again at its own LR (dense_tuned), as much; a forest point without a dense run at
 its budget (the seed-share axis) pays for its own seed; c-BTM at data fraction f costs f (its dense run,
 k = 1) plus (1 - seed share) x f per forest; an LR sweep at a budget costs its grid's runs. FLOPs per
 token are elmforest's FLOPs formula (train/flops.py) on the preset's model, built on the meta device.
@@ -36,10 +36,10 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
             units["cbtm"] += p.budget  # its dense run (k = 1); at all the data it is the main 1x point
         elif p.dense:
             units[p.axis] += p.budget + (experts if p.forest else 0.0)
-            if p.axis == "main" and tuned:  # its second half again at its own LR
-                units["dense_tuned"] += (1 - p.seed_share) * p.budget
         else:  # a forest whose dense run is another point's (or none): its own seed, then its experts
             units[p.axis] += p.budget
+        if p.dense and tuned:  # every dense run's second half again at its own LR
+            units["dense_tuned"] += (1 - p.seed_share) * p.budget
     for f in set(cfg.cbtm_data) if cfg.cbtm_ks else ():
         units["cbtm"] += (
             (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
@@ -51,8 +51,9 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
         units["lr sweeps"] += len(cfg.lr_grid) * b
         if experts:
             units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
-    if cfg.lr_grid:  # the dense runs' second half at every main-axis budget, over the expert grid
-        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in dense_budgets)
+    if cfg.lr_grid:  # the dense runs' second half at every main-axis budget and c-BTM fraction swept
+        continued = [*dense_budgets, *(b for b, _ in both[len(dense_budgets | set(cfg.forest_budgets)) :])]
+        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in continued)
     units["total"] = sum(units.values())
     return units
 

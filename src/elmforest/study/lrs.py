@@ -5,10 +5,10 @@ whichever arm sits nearer its optimum there, and a multiplier read off such a cu
 not the method. With `lr_grid` / `expert_lr_grid` the study runs `elmforest sweep` (launch/sweep.py) at
 every main-axis budget before it trains anything: the dense arm over `lr_grid` (whole dense runs at that
 budget), and at forest budgets the experts over `expert_lr_grid`, branched from the best dense run's seed,
-both chosen on the valid split with training seed `seeds[0]`, and at every main-axis budget the best
-dense run's second half continued from its seed over `expert_lr_grid` (the `dense_tuned` arm's LR, as
-the experts' phase has its own); and c-BTM's smaller data fractions at
-their own budgets on their own subsamples (c-BTM at all the data shares the 1x point). A best LR at either end of its grid is
+both chosen on the valid split with training seed `seeds[0]`, and wherever a dense run is swept the best
+one's second half continued from its seed over `expert_lr_grid` (the `dense_tuned` arm's LR, as the
+experts' phase has its own); and c-BTM's smaller data fractions (all three arms) at their own budgets on
+their own subsamples (c-BTM at all the data shares the 1x point). A best LR at either end of its grid is
 reported as such (the optimum may lie outside it). Sweeps are ordinary sweep directories under
 `sweeps/`, resumable like every run.
 """
@@ -60,7 +60,8 @@ def budget_lrs(
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(names)
         where = out / "sweeps" / tag
-        main = tag.startswith("b") and b in cfg.dense_budgets  # a main dense run: its second half tuned too
+        # a dense run (main axis, or a c-BTM fraction's k = 1): its second half tuned too
+        main = not tag.startswith("b") or b in cfg.dense_budgets
         s = _finished(where, both, cfg, main)
         if s is None:
             log(

@@ -157,17 +157,21 @@ def plot_domains(fits: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = fits.get("domains") or []
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if g:
-        n = [x["n_domains"] for x in g]
-        y = np.array([x["gain"] for x in g]) * 100
-        lo = np.array([x["ci"][0] for x in g]) * 100
-        hi = np.array([x["ci"][1] for x in g]) * 100
-        ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt="o-", capsize=4)
+    counts = []
+    for suffix, fmt, label in (("_tuned", "D-", "over dense_tuned"), ("", "o--", "over dense at one LR")):
+        g = fits.get("domains" + suffix) or []
+        if g:
+            n = [x["n_domains"] for x in g]
+            y = np.array([x["gain"] for x in g]) * 100
+            lo = np.array([x["ci"][0] for x in g]) * 100
+            hi = np.array([x["ci"][1] for x in g]) * 100
+            ax.errorbar(n, y, yerr=[y - lo, hi - y], fmt=fmt, capsize=4, label=label)
+            counts += n
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
-    _integer_ticks(ax, [x["n_domains"] for x in g])
+    _integer_ticks(ax, counts)
+    ax.legend(fontsize=8)
     ax.set_xlabel("domains (one expert each)")
     ax.set_ylabel("gain over dense at 1x budget (%)")
     ax.set_title("BTM's gain vs the number of domains")
@@ -189,7 +193,8 @@ def plot_cbtm(fits: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = fits.get("cbtm") or []
+    tuned = bool(fits.get("cbtm_tuned"))  # against the tuned dense runs where the study has them
+    rows = fits.get("cbtm_tuned" if tuned else "cbtm") or []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (f, balance), style in zip(
         sorted({(r["data_fraction"], r["balance"]) for r in rows}),
@@ -208,7 +213,7 @@ def plot_cbtm(fits: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     _integer_ticks(ax, [1] + [r["k"] for r in rows])
     ax.set_xlabel("clusters k (k = 1: the dense run)")
-    ax.set_ylabel("gain over dense at the same data and compute (%)")
+    ax.set_ylabel(f"gain over {'dense_tuned' if tuned else 'dense'} at the same data and compute (%)")
     ax.set_title("c-BTM: gain vs k for each amount of data")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -324,18 +329,13 @@ def markdown(study: dict, fits: dict) -> str:
         ),
     ]
     for key, title, heads, cells in gain_tables:
-        if fits.get(key):
-            heads = [*heads, "gain over dense", "CI"]
-            lines += ["", f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
-            lines += [
-                "| " + " | ".join(str(c) for c in cells(g)) + f" | {g['gain']:+.2%} | {_ci_text(g)} |"
-                for g in fits[key]
-            ]
+        lines += _gain_table(fits, key, title, heads, cells)
     lines += [
         "",
         "Plots: "
         + ", ".join(
-            ["curves.png", "multiplier.png"] + [f"{k}.png" for k in ("domains", "cbtm") if fits.get(k)]
+            ["curves.png", "multiplier.png"]
+            + [f"{k}.png" for k in ("domains", "cbtm") if fits.get(k) or fits.get(k + "_tuned")]
         )
         + ". Data: study.json, fits.json.",
         "",
@@ -347,12 +347,30 @@ def _ci_text(g: dict) -> str:
     return f"[{g['ci'][0]:+.2%}, {g['ci'][1]:+.2%}]"
 
 
+def _gain_table(fits: dict, key: str, title: str, heads: list[str], cells) -> list[str]:
+    """One axis's gains, a row per point: over dense_tuned (fits[key + "_tuned"]) first where the study
+    has it, then over dense at one LR; a point with only one of them shows "-" for the other."""
+    arms = [(s, name) for s, name in (("_tuned", "dense_tuned"), ("", "dense (one LR)")) if fits.get(key + s)]
+    if not arms:
+        return []
+    rows: dict[tuple, dict] = {}
+    for s, _ in arms:
+        for g in fits[key + s]:
+            rows.setdefault(tuple(str(c) for c in cells(g)), {})[s] = g
+    heads = [*heads, *(h for _, name in arms for h in (f"gain over {name}", "CI"))]
+    out = ["", f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    for row, by in rows.items():
+        gains = [(f"{by[s]['gain']:+.2%}", _ci_text(by[s])) if s in by else ("-", "-") for s, _ in arms]
+        out.append("| " + " | ".join([*row, *(x for g in gains for x in g)]) + " |")
+    return out
+
+
 def write_report(out: Path, study: dict, fits: dict) -> None:
     recs = study["runs"]
     plot_curves(recs, fits, out / "curves.png")
     plot_multiplier(fits, out / "multiplier.png")
-    if fits.get("domains"):
+    if fits.get("domains") or fits.get("domains_tuned"):
         plot_domains(fits, out / "domains.png")
-    if fits.get("cbtm"):
+    if fits.get("cbtm") or fits.get("cbtm_tuned"):
         plot_cbtm(fits, out / "cbtm.png")
     write_text_atomic(out / "report.md", markdown(study, fits))

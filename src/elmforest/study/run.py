@@ -126,13 +126,20 @@ def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
     return f"data{p_fraction:g}-s{seed}"
 
 
+def lr_key(p: Point) -> float | str | None:
+    """The point's entry in the swept LRs (study/lrs.py): a main-axis point's budget, a c-BTM point's data
+    fraction; None for the other axes, which run at 1x with the 1x LRs (the study's own)."""
+    return p.budget if p.axis == "main" else f"data{p.data_fraction:g}" if p.axis == "cbtm" else None
+
+
 def continue_lr(cfg: StudyConfig, p: Point, lrs: dict | None, dense_lr: float) -> float | None:
-    """The peak LR of the point's dense_tuned run: a main-axis dense run's second half at its budget's
-    swept continuation LR (or the study's), None where there is none to train (another axis, or the
-    LR is the dense run's own: dense_tuned is then the dense run itself)."""
-    if p.axis != "main" or not p.dense:
+    """The peak LR of the point's dense_tuned run: a dense run's second half at its budget's (or data
+    fraction's) swept continuation LR, else the study's; None where there is none to train (no dense run,
+    or the LR is the dense run's own: dense_tuned is then the dense run itself). Every axis compares its
+    forests with it, so every dense run of the study has one."""
+    if not p.dense:
         return None
-    lr = ((lrs or {}).get(p.budget) or {}).get("dense_continue_lr", cfg.dense_continue_lr)
+    lr = ((lrs or {}).get(lr_key(p)) or {}).get("dense_continue_lr", cfg.dense_continue_lr)
     return None if lr is None or f"{lr:.3g}" == f"{dense_lr:.3g}" else lr
 
 
@@ -147,7 +154,7 @@ def point_plan(
     c.train.seed = p.seed
     c.data.domains = None
     expert_lr = cfg.expert_lr
-    key = p.budget if p.axis == "main" else f"data{p.data_fraction:g}" if p.axis == "cbtm" else None
+    key = lr_key(p)
     if lrs and key in lrs:
         c.optim.lr = lrs[key]["dense_lr"]
         expert_lr = lrs[key].get("expert_lr", expert_lr)
@@ -234,7 +241,7 @@ def train_points(
     ]
     for p, _ in tuned:  # a finished run from an older seed state is refused, not scored as this one's
         check_same_seed(root / p.tag, root / p.tag / "seed_state", DENSE_TUNED_RUN)
-    if tuned:  # each main-axis dense run's second half again at its own LR: the dense_tuned arm
+    if tuned:  # each dense run's second half again at its own LR: the dense_tuned arm
         jobs = [
             DenseContinueJob(
                 str(root / p.tag),

@@ -57,7 +57,7 @@ def score_point(
         key["cluster_routing"] = CLUSTER_ROUTING
     key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
     tuned = where / "runs" / DENSE_TUNED_RUN
-    has_tuned = p.dense and p.axis == "main" and (tuned / "summary.json").is_file()
+    has_tuned = p.dense and (tuned / "summary.json").is_file()
     if has_tuned:  # its dense run's second half at its own LR: arm dense_tuned
         key["arms"].append("dense_tuned")
         key["dense_tuned_lr"] = read_json(tuned / "run_config.json")["optim"]["lr"]
@@ -111,9 +111,9 @@ def score_point(
 
 
 def _with_same(p: Point, scores: dict) -> dict:
-    """A main-axis dense run with no second run is its own dense_tuned (its second half's LR was its
-    own); study.py drops the arm where that LR was never tuned."""
-    if p.dense and p.axis == "main" and "dense_tuned" not in scores:
+    """A dense run with no second run is its own dense_tuned (its second half's LR was its own);
+    study.py drops the arm where that LR was never tuned."""
+    if p.dense and "dense_tuned" not in scores:
         return {**scores, "dense_tuned": {**scores["dense"], "same_as": "dense"}}
     return scores
 
