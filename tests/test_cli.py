@@ -399,6 +399,41 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1", "cluster2"]
 
 
+def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(tokenizer_dir, tmp_path):
+    """Two source files of 10 chunks each: valid (the prior) and test hold whole files, never chunks of
+    the same one; shards split by document (before the split was by file) are rebuilt, not reused."""
+    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.data.tokenizer import load_tokenizer
+    from elmforest.launch.prepare import OOD_SPLIT, _ood_shards
+    from elmforest.utils.io import file_stamps
+
+    def words(sh, split):
+        return set(tok.decode(sh.tokens("poetry", split).tolist()).replace("<|endoftext|>", " ").split())
+
+    names = [f"f{i}" for i in range(40)]
+    a = next(n for n in names if OOD_SPLIT.assign(f"poetry/{n}") == "valid")
+    b = next(n for n in names if OOD_SPLIT.assign(f"poetry/{n}") == "test")
+    src = tmp_path / "ood"
+    src.mkdir()
+    with open(src / "poetry.jsonl", "w") as f:
+        for name, word in ((a, "river"), (b, "stone")):
+            for k in range(10):
+                f.write(json.dumps({"id": f"poetry/{name}#{k:04d}", "text": f"{word} " * (20 + k)}) + "\n")
+    build_shards([src], tokenizer_dir, tmp_path / "sh", SplitSpec(0.5, 0.5), progress=False)
+    stamp = {"sources": [str(src.resolve())], "files": file_stamps([src])}  # as written before the split
+    (tmp_path / "sh" / "sources.json").write_text(json.dumps(stamp))
+    tok = load_tokenizer(tokenizer_dir)
+    old = Shards(tmp_path / "sh")
+    assert {"river", "stone"} <= words(old, "valid")  # by document: chunks of both files on each side
+    sh = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    assert sh.index["split"]["by_file"] is True
+    assert json.loads((tmp_path / "sh" / "sources.json").read_text())["split"]["by_file"] is True
+    for split, word in (("valid", "river"), ("test", "stone")):
+        assert sh.info("poetry", split)["documents"] == 10
+        assert words(sh, split) == {word}
+
+
 def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):
     import os
 

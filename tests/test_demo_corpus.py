@@ -494,6 +494,14 @@ def test_chunks_and_hash_sample_are_deterministic_and_capped():
     assert [p.id for p in parts] == ["d/x#0000", "d/x#0001", "d/x#0002"]
     assert "\n".join(p.text for p in parts) == text
     assert chunk_lines("d/y", "short", lines=100)[0].id == "d/y"
+    # the fortune files' groups of cookies: the cookie file is the key the split by file hashes
+    from elmforest.corpora.demo_ood import fortune_id
+    from elmforest.corpora.demo_sources import fortune_docs
+
+    ids = [
+        fortune_id(d.id) for d in fortune_docs("zitate", "\n%\n".join(f"Spruch {i}" for i in range(45)), 20)
+    ]
+    assert ids == ["german_fortunes/zitate#000", "german_fortunes/zitate#001", "german_fortunes/zitate#002"]
     docs = [Doc(f"d/{i}", "x" * 100) for i in range(50)]
     kept = sample_by_hash(docs, max_bytes=1000)
     assert len(kept) == 10 and kept == sample_by_hash(list(reversed(docs)), max_bytes=1000)

@@ -53,6 +53,21 @@ def test_split_assignment_is_stable_and_proportional():
         SplitSpec(0.6, 0.5)
 
 
+def test_a_split_by_file_keeps_each_files_chunks_together_and_plain_ids_as_they_were():
+    """Out-of-domain sets split by source file: every chunk FILE#N of a file lands where FILE hashes,
+    so a prior never reads the neighbours of the chunks it is tested on; an id without "#" splits as
+    it always did."""
+    by_file, by_doc = SplitSpec(0.5, 0.5, by_file=True), SplitSpec(0.5, 0.5)
+    files = [f"perl/lib{i}.pm" for i in range(200)]
+    for f in files:
+        assert {by_file.assign(f"{f}#{k:04d}") for k in range(12)} == {by_file.assign(f)}
+    sides = [by_file.assign(f) for f in files]
+    assert 70 < sides.count("valid") < 130 and set(sides) == {"valid", "test"}
+    assert [by_file.assign(f) for f in files] == [by_doc.assign(f) for f in files]
+    # split by document, the chunks of a file fall on both sides
+    assert sum(len({by_doc.assign(f"{f}#{k:04d}") for k in range(12)}) == 2 for f in files) > 150
+
+
 def test_existing_output_is_refused_unless_overwrite(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "s"
     build_shards(corpus, tokenizer_dir, out, progress=False)

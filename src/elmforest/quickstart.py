@@ -208,7 +208,7 @@ def quickstart(
             "prior_batches": prior_batches,
             "prior_estimate": "mean of the posteriors of every valid window used",
             "reset": "document",
-            "ood_split": {"valid": OOD_SPLIT.valid_frac, "test": OOD_SPLIT.test_frac},
+            "ood_split": {"valid": OOD_SPLIT.valid_frac, "test": OOD_SPLIT.test_frac, "by_file": True},
         },
         "priors": {
             "in_domain": priors_table(methods),

@@ -12,7 +12,8 @@ domains in a different way:
 Built like the demo corpus (Debian packages, cached under the same cache directory), capped at
 `EVAL_ONLY_BYTES` per domain: documents are cut to at most `CHUNK_LINES` lines (so no single document
 dominates a byte budget), then a deterministic sample by id hash is kept up to the cap. Evaluation
-splits them half valid (the forest's prior for that domain), half test.
+splits them half valid (the forest's prior for that domain), half test, by source file: every chunk
+id is `FILE#N`, and the chunks of one file stay on one side (data/splits.py, `by_file`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from elmforest.corpora.demo import DomainBuild, SkipDomain, SourceCache
 from elmforest.corpora.demo_sources import Doc
 
 EVAL_ONLY_DOMAINS: tuple[str, ...] = ("german_fortunes", "unicode_tables", "tex_macros", "perl_code")
-EVAL_ONLY_BYTES = 240_000  # per domain, after sampling: 120 kB valid (priors), 120 kB test
+EVAL_ONLY_BYTES = 240_000  # per domain, after sampling: about half valid (priors), half test, by file
 EVAL_ONLY_MIN_BYTES = 100_000
 CHUNK_LINES = 120
-EVAL_ONLY_REVISION = 2  # bump when the sampling changes: quickstarts rebuild an older eval-only corpus
+EVAL_ONLY_REVISION = 3  # bump when the sampling or the ids change: quickstarts rebuild an older one
 PERL_PACKAGE = "perl-modules-5.36"  # Debian 12's; pinned so rebuilds are reproducible
 
 
@@ -82,6 +83,12 @@ def _text_docs(domain: str, root: Path, files: list[Path], fallback: str = "lati
     return docs
 
 
+def fortune_id(doc_id: str) -> str:
+    """aphorisms/<file>/<k> -> german_fortunes/<file>#<k>: the cookie file is the split's file key."""
+    file, k = doc_id.split("/", 1)[1].rsplit("/", 1)
+    return f"german_fortunes/{file}#{k}"
+
+
 def _build_german_fortunes(cache: SourceCache) -> DomainBuild:
     root = cache.unpack_deb("fortunes-de")
     base = root / "usr/share/games/fortunes/de"
@@ -91,7 +98,7 @@ def _build_german_fortunes(cache: SourceCache) -> DomainBuild:
     docs = []
     for f in files:
         for d in src.fortune_docs(f.name, src.decode_text(f.read_bytes()), group=20):
-            docs.append(Doc("german_fortunes/" + d.id.split("/", 1)[1], d.text))
+            docs.append(Doc(fortune_id(d.id), d.text))
     return DomainBuild(
         sample_by_hash(docs),
         f"German fortune cookies from Debian {cache.deb_label('fortunes-de')}, 20 per document",

@@ -6,7 +6,7 @@ scaling study."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from elmforest.data.reorder import resolve_orderer
@@ -16,7 +16,8 @@ from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_o
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_stamps, read_json, write_json_atomic
 
-OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5)  # no model trains on these: half prior, half test
+# no model trains on these: half prior, half test, each source file's chunks on one side (data/splits.py)
+OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5, by_file=True)
 
 
 @dataclass
@@ -291,13 +292,14 @@ def _ood_shards(
     progress,
     corpus: Path | None = None,
 ) -> Shards:
-    """The out-of-domain sets tokenized once (half valid for the priors, half test); rebuilt when the
-    sources change (their list, or any file's size or mtime: a rebuilt evaluation-only corpus or an
-    edited --ood file). A set named like a training domain is refused: it would not be OOD; so is one
+    """The out-of-domain sets tokenized once (half valid for the priors, half test, by source file);
+    rebuilt when the sources change (their list, or any file's size or mtime: a rebuilt evaluation-only
+    corpus or an edited --ood file) or were split otherwise (before the split was by file). A set named like a training domain is refused: it would not be OOD; so is one
     whose documents are mostly the training corpus's (the same text under another domain name), and
     a few such documents are said."""
     want = [str(s.resolve()) for s in sources]
-    stamp = {"sources": want, "files": file_stamps(sources)}
+    # the split too: a study's scores keyed by this stamp are then scored again on the new halves
+    stamp = {"sources": want, "files": file_stamps(sources), "split": asdict(OOD_SPLIT)}
     tok = load_tokenizer(tok_dir)
     sh = Shards(path) if Shards.is_shards_dir(path) else None
     seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
