@@ -211,3 +211,52 @@ def test_dry_run_refuses_an_ood_set_named_like_a_training_domain(tmp_path, capsy
     assert f"out-of-domain set(s) ['{name}'] share a name with a training domain" in err
     argv[-1] = f"ood=[{tmp_path / 'fine.jsonl'}]"
     assert main(argv) == 0
+
+
+def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_again(
+    tmp_path, monkeypatch, capsys
+):
+    """The continuation at dense_continue_lr diverges at one point: the study finishes, that point's
+    dense_tuned is its dense run (the run's own LR, a sweep grid's fallback) with the reason kept and
+    said in the report; a rerun does not train it again; asking for another LR there is refused."""
+    from elmforest.cli import main
+    from elmforest.launch import jobs
+    from elmforest.study import run as study_run
+
+    real, calls = jobs.run_dense_continue, []
+
+    def cont(job):
+        calls.append(job["point"])
+        if job["point"].endswith("b1-s1"):
+            raise FloatingPointError("loss is nan at step 9; lower optim.lr?")
+        return real(job)
+
+    monkeypatch.setattr(study_run, "run_dense_continue", cont)
+    from conftest import make_corpus
+
+    cfg = load_study_config("tiny", ["domain_counts=[]", "seed_shares=[]", "cbtm_ks=[]"])
+    cfg.corpus, cfg.steps, cfg.dense_continue_lr = (
+        str(make_corpus(tmp_path / "corpus", docs_per_domain=60)),
+        14,
+        0.006,
+    )
+    cfg.overrides = ["train.batch_size=6", "train.seq_len=32", "train.ckpt_every=0", "train.valid_every=0"]
+    cfg.workers, cfg.n_boot, cfg.eval_bytes, cfg.prior_batches = 1, 100, 2000, 2
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "out"
+    argv = ["study", str(path), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr()
+    assert "b1-s1/dense-tuned at LR 0.006 diverged" in capsys.readouterr().out
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    tuned = {(r["budget"], r["seed"]): r for r in runs if r["arm"] == "dense_tuned"}
+    dense = {(r["budget"], r["seed"]): r for r in runs if r["arm"] == "dense"}
+    bad = tuned[(1.0, 1)]
+    assert bad["same_as"] == "dense" and "nan" in bad["diverged"] and bad["bpb"] == dense[(1.0, 1)]["bpb"]
+    assert all("diverged" not in r and "same_as" not in r for k, r in tuned.items() if k != (1.0, 1))
+    assert "diverged at its LR for 1 point(s) (main 1x seed 1)" in (out / "report.md").read_text()
+    n = calls.count(bad["dir"])
+    assert main(argv) == 0 and calls.count(bad["dir"]) == n == 1  # the diverged point is not tried again
+    cfg.dense_continue_lr = 0.004
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert main(argv) == 2 and "delete that folder" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def _finished(job: dict) -> bool:
     """A dense or continuation point's run, or an expert point's checkpoint, is there: no worker is
     needed for it."""
     if "point" in job:  # DenseContinueJob
-        return dense_done(Path(job["point"]) / "runs" / "dense")
+        return dense_done(Path(job["point"]) / "runs" / job.get("run", "dense"))
     if "config" in job:  # DenseRunJob
         return dense_done(Path(job["forest"]) / "runs" / "dense")
     try:
@@ -79,10 +79,11 @@ def _finished(job: dict) -> bool:
     return expert_kept(forest, job.get("name") or job["domain"])
 
 
-def _run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
+def run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
     """Run the jobs of the sweep's points. A job whose loss diverged (high LRs do, which is what a
     sweep is there to find) marks its point diverged, remembered on disk so a rerun does not train it
-    again, instead of failing the sweep; any other failure still fails it."""
+    again, instead of failing the sweep; any other failure still fails it. (A study's dense_tuned runs
+    go through here too, each run's folder its point.)"""
     todo = [i for i, p in enumerate(points) if not (p / DIVERGED).is_file()]
     if all(_finished(jobs[i]) for i in todo):  # a rerun: each job only checks what is kept, here
         executor = LocalExecutor()
@@ -358,7 +359,7 @@ def run_arm(executor, fn, jobs: list, labels: list[str], points: list[Path], pla
     """One arm's jobs (each with its run_dir), a progress line per job while they run."""
     with _monitor(dict(zip(labels, [j.run_dir() for j in jobs], strict=True)), plan, out, echo):
         logs = [j.run_dir() / "job.log" for j in jobs]
-        _run_points(executor, fn, [as_dict(j) for j in jobs], labels, logs, points)
+        run_points(executor, fn, [as_dict(j) for j in jobs], labels, logs, points)
 
 
 def _monitor(runs: dict, plan: btm.Plan, out: Path, echo: bool):

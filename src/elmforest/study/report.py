@@ -219,6 +219,20 @@ def plot_cbtm(fits: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def diverged_lines(recs: list[dict]) -> list[str]:
+    """The dense_tuned runs that diverged: there the arm is the dense run itself, and the report says so."""
+    bad = [r for r in recs if r["arm"] == "dense_tuned" and r.get("diverged")]
+    if not bad:
+        return []
+    where = ", ".join(f"{r['axis']} {r['budget']:g}x seed {r['seed']}" for r in bad)
+    return [
+        f"The dense run's second half diverged at its LR for {len(bad)} point(s) ({where}): there "
+        "`dense_tuned` is the dense run itself (its own LR, which a sweep's grid always holds); a lower "
+        "`dense_continue_lr` (or `lr_grid`) tunes it.",
+        "",
+    ]
+
+
 def seed_lines(pos: dict | None, tokens_per_param_per_step: float) -> list[str]:
     """Where the 1x forest's seed stops on its loss curve (study/run.seed_position)."""
     if not pos:
@@ -254,6 +268,7 @@ def markdown(study: dict, fits: dict) -> str:
         f"the model has {study['parameters']:,} parameters; {study['tokens_per_parameter_1x']:.2g} training tokens per "
         f"parameter at 1x ({study['tokens_per_expert_1x']:,} tokens per expert).",
         "",
+        *diverged_lines(study["runs"]),
         *seed_lines(
             study.get("seed_position"),
             study["steps_1x"] and study["tokens_per_parameter_1x"] / study["steps_1x"],

@@ -35,9 +35,12 @@ from elmforest.launch.jobs import (
     run_job,
 )
 from elmforest.launch.progress import last_metrics
+from elmforest.launch.sweep import run_points
 from elmforest.launch.sweep_continue import check_same_seed
+from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,14 @@ def train_points(
             )
             for p, lr in tuned
         ]
+        labels = [f"{p.tag}/{DENSE_TUNED_RUN} at LR {lr:g}" for p, lr in tuned]
+        for j, label in zip(jobs, labels, strict=True):
+            mark = j.run_dir() / DIVERGED
+            if mark.is_file() and (was := read_json(mark).get("job")) != label:
+                raise UserError(
+                    f"{j.run_dir()}: {was} diverged; the study now asks for {label}: delete that folder "
+                    "to train it at this LR"
+                )
         runs = [
             (
                 f"{p.tag}/{DENSE_TUNED_RUN}",
@@ -266,13 +277,20 @@ def train_points(
         ]
         with Progress(runs, log, every) as prog:
             log(f"      phase 1b: {len(jobs)} dense runs' second half at its own LR (arm dense_tuned)")
-            executor.map(
+            # a continuation that diverges (a too-high LR) is marked so, not fatal: that point's
+            # dense_tuned is then its dense run, the grid's fallback (study/score.py)
+            run_points(
+                executor,
                 run_dense_continue,
                 [as_dict(j) for j in jobs],
-                [f"{p.tag}/{DENSE_TUNED_RUN}" for p, _ in tuned],
+                labels,
                 [j.run_dir() / "job.log" for j in jobs],
+                [j.run_dir() for j in jobs],
             )
             log(prog.line())
+        for label, j in zip(labels, jobs, strict=True):
+            if (j.run_dir() / DIVERGED).is_file():
+                log(f"      {label} diverged: that point's dense_tuned is its dense run (the run's own LR)")
     forests = [(root / p.tag, shards_of(p)) for p in points if p.forest]
     forests += more_forests() if more_forests else []
     expert_jobs, runs = [], []

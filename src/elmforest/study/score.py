@@ -14,6 +14,7 @@ from pathlib import Path
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.launch.jobs import DENSE_TUNED_RUN, logged
+from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
 from elmforest.utils.errors import UserError
@@ -64,7 +65,7 @@ def score_point(
     cache = where / "study_scores.json"
     old = read_json(cache) if cache.is_file() else {}
     if old.get("key") == key:
-        return _with_same(p, old["scores"])
+        return _with_same(p, old["scores"], tuned)
     before = {k: v for k, v in key.items() if k != "dense_tuned_lr"}
     before["arms"] = [a for a in key["arms"] if a != "dense_tuned"]
     common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
@@ -107,14 +108,17 @@ def score_point(
             )
             s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
     write_json_atomic(cache, {"key": key, "scores": scores})
-    return _with_same(p, scores)
+    return _with_same(p, scores, tuned)
 
 
-def _with_same(p: Point, scores: dict) -> dict:
-    """A dense run with no second run is its own dense_tuned (its second half's LR was its own);
-    study.py drops the arm where that LR was never tuned."""
+def _with_same(p: Point, scores: dict, tuned: Path) -> dict:
+    """A dense run with no second run is its own dense_tuned: its second half's LR was its own, or the
+    second run at another LR diverged (`tuned` holds the mark; a sweep's grid, which always holds the
+    run's own LR, would choose the run then too). study.py drops the arm where that LR was never tuned."""
     if p.dense and "dense_tuned" not in scores:
-        return {**scores, "dense_tuned": {**scores["dense"], "same_as": "dense"}}
+        mark = tuned / DIVERGED
+        why = {"diverged": read_json(mark).get("why", "")} if mark.is_file() else {}
+        return {**scores, "dense_tuned": {**scores["dense"], "same_as": "dense", **why}}
     return scores
 
 
