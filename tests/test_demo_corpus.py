@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from elmforest.corpora import demo
+from elmforest.corpora import demo, demo_builders
 from elmforest.corpora import demo_sources as src
 from elmforest.corpora.demo_sources import Doc
 
@@ -347,14 +347,14 @@ def test_render_tiny_manpage_with_groff(tmp_path):
             b".B demo\nprints\n.I nothing\nat all, with \\(em dashes.\n"
         )
     )
-    text, err = demo._render_manpage(page)
+    text, err = demo_builders._render_manpage(page)
     assert err == ""
     assert "NAME" in text and "demo - a demo page" in text
     assert "demo prints nothing at all" in text
     assert "\b" not in text and "\x1b" not in text
     alias = tmp_path / "alias.1.gz"
     alias.write_bytes(gzip.compress(b".so man1/demo.1\n"))
-    assert demo._render_manpage(alias) == (None, "")
+    assert demo_builders._render_manpage(alias) == (None, "")
 
 
 # ---------------------------------------------------------------------------------------
