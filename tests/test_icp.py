@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from elmforest.cluster import icp_kernels
+from elmforest.cluster import icp_kernels, icp_knn
 from elmforest.cluster.icp import TokenDocuments, icp_order, icp_plan
 from elmforest.cluster.icp_embed import embed
 from elmforest.cluster.icp_graph import greedy_path, knn_search, undirected_graph
@@ -266,9 +266,7 @@ def test_compiled_exact_search_equals_brute_force_and_faiss():
     sure = s[np.arange(n), want[:, kk - 1]] - s[np.arange(n), want[:, kk]] > 1e-5  # no near-tie at the cut
     want = want[:, :kk]
     assert sure.mean() > 0.9
-    runs = {
-        (t, b): icp_kernels.self_knn_compiled(z, kk, threads=t, block=b) for t in (1, 2, 3) for b in (512, 7)
-    }
+    runs = {(t, b): icp_knn.self_knn_compiled(z, kk, threads=t, block=b) for t in (1, 2, 3) for b in (512, 7)}
     for (_, b), (scores, ids) in runs.items():
         np.testing.assert_allclose(scores, np.take_along_axis(s, want, 1), rtol=0, atol=1e-6)
         assert np.array_equal(np.sort(ids[sure], 1), np.sort(want[sure], 1))
@@ -277,11 +275,11 @@ def test_compiled_exact_search_equals_brute_force_and_faiss():
             scores, runs[1, b][0]
         )  # no bit by threads
         assert {5, 7, 30, 31, 90} <= set(ids[5].tolist())  # the copies are each other's best
-    one = icp_kernels.self_knn_compiled(z, kk, threads=4, memory=12 * n * kk)  # room for one thread's lists
+    one = icp_knn.self_knn_compiled(z, kk, threads=4, memory=12 * n * kk)  # room for one thread's lists
     assert np.array_equal(one[1], runs[1, 512][1])
     with pytest.raises(ValueError, match="kk and block"):
-        icp_kernels.self_knn_compiled(z, 0)
-    _, few = icp_kernels.self_knn_compiled(z[:3], 5)
+        icp_knn.self_knn_compiled(z, 0)
+    _, few = icp_knn.self_knn_compiled(z[:3], 5)
     assert (few[:, 3:] == -1).all() and sorted(few[0, :3].tolist()) == [0, 1, 2]
     compiled, info = knn_search(z, 5, compiled=True)
     via_faiss, _ = knn_search(z, 5, compiled=False)

@@ -3,7 +3,7 @@ is installed), near-duplicates, greedy traversal.
 
 Memory is the embeddings plus the N x k neighbour lists and the undirected adjacency built from them
 (at most 2·N·k entries); nothing is ever N x N. The queries go to faiss in chunks, and exact search
-(IndexFlatIP, or icp_kernels.self_knn_compiled) itself blocks its score computation, so the score
+(IndexFlatIP, or icp_knn.self_knn_compiled) itself blocks its score computation, so the score
 block and the candidate lists (one N x k' set per search thread, bounded) are the only extra.
 
 Edge weights are recomputed in float64 from the float32 embeddings, one dot product per edge: the
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from elmforest.cluster import icp_dots, icp_kernels
+from elmforest.cluster import icp_dots, icp_kernels, icp_knn
 from elmforest.utils.errors import UserError
 
 
@@ -85,7 +85,7 @@ def knn_search(
     more than `margin` bit-identical vectors (documents that differ only outside the SVD subspace),
     where faiss picks which members to propose.
 
-    Exact search goes to icp_kernels.self_knn_compiled where numba is installed (`compiled`, default:
+    Exact search goes to icp_knn.self_knn_compiled where numba is installed (`compiled`, default:
     then): each pair's score computed once instead of twice, 1.4-1.7x faster on the demo corpus's
     largest domain, and the same candidates as IndexFlatIP, except where more than `margin` scores
     tie at the cut (bit-identical vectors): it proposes the lowest ids, faiss whichever its blocking
@@ -102,7 +102,7 @@ def knn_search(
     threads = threads or default_threads()
     proposed = index = None
     if n <= exact_limit and icp_kernels.wanted(compiled):
-        proposed = icp_kernels.self_knn_compiled(z, kk, threads)[1]
+        proposed = icp_knn.self_knn_compiled(z, kk, threads)[1]
     else:
         index = _faiss_index(z, exact_limit, nprobe, nlist, seed, threads, info)
     # the re-ranking compiled, bit for bit (icp_dots); NaN scores keep NumPy's order

@@ -154,12 +154,12 @@ class IcpOrder:
         global _WARM
         if self.embedder is not None or _WARM:
             return
-        from elmforest.cluster import icp_kernels
+        from elmforest.cluster import icp_kernels, icp_knn
 
         toks = (np.arange(30_000) * 7919 % 500).astype(np.uint16)
         icp_plan(TokenDocuments(toks, np.arange(100, 30_001, 100), 500, ignore=(0,)), seed=0)
         if icp_kernels.available():  # two workers' lists merged: the one kernel the toy misses
-            icp_kernels.self_knn_compiled(np.eye(20, 8, dtype=np.float32), 3, threads=2, block=8)
+            icp_knn.self_knn_compiled(np.eye(20, 8, dtype=np.float32), 3, threads=2, block=8)
         _WARM = True
 
     def for_shards(self, root: Path) -> IcpOrder:
