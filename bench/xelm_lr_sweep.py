@@ -6,7 +6,7 @@ a language is added, chosen on the valid split.
 OUT is a finished `elmforest quickstart --corpus multilingual --out OUT`. At each peak LR, its trained
 dense LM is continued on all languages (the added one too, mixed equally) for the new expert's steps and
 batch (xelm.quickstart.continue_dense), and scored by the mean valid BPB over all languages; the result
-lands in OUT/lr-sweep-continue.json. Put the winner into elmforest/xelm/quickstart.py (DENSE_CONTINUE_LR).
+lands in OUT/lr-sweep-continue.json. Put the winner into elmforest/xelm/second_round.py (DENSE_CONTINUE_LR).
 
 The first round's LRs (the dense run and seed, the experts of each grouping) are `elmforest sweep` with
 the quickstart's grouping files (docs/xelm.md, "Learning rates"):

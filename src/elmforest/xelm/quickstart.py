@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from elmforest.cluster.languages import group_languages, write_groupings
-from elmforest.config import RunConfig, apply_overrides
-from elmforest.data.shards import Shards
+from elmforest.config import apply_overrides
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
@@ -32,6 +31,7 @@ from elmforest.launch.progress import ProgressMonitor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.xelm.second_round import DENSE_CONTINUE_LR, add_language, continue_dense  # noqa: F401
 
 # 12 languages in 3 scripts (Latin, Cyrillic, Han/Kana), 10 with >= 1 MB in the corpus and Finnish
 # with 0.27 MB (the low-resource end); Portuguese (0.69 MB) is the language added later.
@@ -49,10 +49,6 @@ TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from
 DENSE_LR = 8e-3
 EXPERT_LRS = {2: 1.6e-2, 4: 1.6e-2, 8: 8e-3}
 ADD_K = 4  # the forest the new language is added to
-# The dense LM continued with the added language: `python bench/xelm_lr_sweep.py --out OUT --continue-lrs
-# 5e-4,1e-3,2e-3,4e-3,8e-3`, chosen by the mean valid BPB over all 13 languages (docs/xelm.md): higher
-# LRs learn the new language faster but cost the others more.
-DENSE_CONTINUE_LR = 1e-3
 
 
 def quickstart_xelm(
@@ -346,74 +342,3 @@ def _tfidf_forest(out: Path, data: dict, forest: Forest, k: int, lrs: dict, prog
     lr = lrs[min(lrs, key=lambda kk: (abs(kk - k), kk))]
     log(f"[6/8] X-ELM's alternative grouping: {k} balanced tf-idf clusters of documents, one expert each")
     return cluster_forest(out, first, forest, k, progress, log, expert_lr=lr)
-
-
-def add_language(
-    out: Path,
-    forest: Forest,
-    fk: Forest,
-    k: int,
-    groups: list[str],
-    shards: Shards,
-    new: str,
-    plan,
-    progress,
-    log,
-):
-    """X-ELM's second round on forest `fk`: the new language's expert branched from the nearest expert
-    (by URIEL syntax distance, and by the forest's posterior when that picks another), and from the seed;
-    the dense LM continued on every language (the new one included) for the same extra compute."""
-    from elmforest.forest.nearest import nearest_expert
-
-    picks = {}
-    for by in ("typology", "posterior"):  # among the first round's experts, also on a rerun
-        src, why = nearest_expert(fk, shards, new, by, among=groups)
-        picks[by] = {"expert": src, **why}
-    log(
-        f"[7/8] adding {new} to the k={k} forest: nearest expert by syntax distance {picks['typology']['expert']}, "
-        f"by posterior {picks['posterior']['expert']}; and from the seed; dense continued for the same compute"
-    )
-    names = {"nearest": f"{new}-nearest", "seed": f"{new}-seed"}
-    kw = {"candidates": groups, "progress": progress}  # the lineage records the measure and scores
-    btm.train_expert(fk, shards, new, names["nearest"], "nearest:typology", **kw)
-    if picks["posterior"]["expert"] != picks["typology"]["expert"]:
-        names["posterior"] = f"{new}-posterior"
-        btm.train_expert(fk, shards, new, names["posterior"], "nearest:posterior", **kw)
-    btm.train_expert(fk, shards, new, names["seed"], "seed", progress=progress)
-    steps = plan.total_steps - plan.seed_steps
-    batch = plan.batch_size // k
-    dense_cont = continue_dense(
-        out / "dense-continued", forest, shards, new, steps, batch, progress, DENSE_CONTINUE_LR
-    )
-    return {"k": k, "groups": groups, "experts": names, "picks": picks, "dense_continued": dense_cont}
-
-
-def continue_dense(
-    run_dir: Path,
-    forest: Forest,
-    shards: Shards,
-    new: str,
-    steps: int,
-    batch: int,
-    progress,
-    lr: float | None = None,
-):
-    """The dense LM's way to add a language: continue it on every language (the new one included, mixed
-    equally) with a fresh schedule peaking at `lr` (default: the dense run's), for as many steps and
-    sequences as the new expert."""
-    from elmforest.train.trainer import train
-
-    cfg = RunConfig.from_dict(forest.data["seed"]["config"])
-    cfg.model.init_from = str((forest.root / "runs" / "dense" / "model").resolve())
-    cfg.train.init_checkpoint, cfg.train.stop_at = None, None
-    cfg.train.steps, cfg.train.batch_size = steps, batch
-    cfg.data.domains = [*cfg.data.domains, new]
-    cfg.data.shards = str(Path(shards.root).resolve())
-    if lr is not None:
-        cfg.optim.lr = lr
-    summary = train(cfg, run_dir, progress=progress, label="dense+" + new)
-    return {
-        "model": str((run_dir / "model").resolve()),
-        "tokens": summary["tokens"],
-        "flops": summary["flops"],
-    }
