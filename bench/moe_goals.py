@@ -2,7 +2,7 @@
 
     python bench/moe_goals.py --quickstart quickstart [--ft-steps 64] [--opt-out legal]
         [--owner-lrs 0.001 0.002 0.004 0.008 0.016] [--ft-lrs 0.001 0.002 0.004 0.008 0.016]
-        [--dense-lrs 0.001 0.002 0.004]
+        [--dense-lrs 0.001 0.002 0.004] [--dense-tuned-lrs 0.008 0.016 0.032] [--skip-flexolmo]
 
 Arms, each at its own LR chosen on the valid split (`elmforest sweep`'s rule, edges reported):
 - flexolmo: FlexOlmo's owner training as the paper does it (`forest expert --branch flexolmo`: the
@@ -15,6 +15,11 @@ Arms, each at its own LR chosen on the valid split (`elmforest sweep`'s rule, ed
   the Switch load-balancing loss (0.01), top-2; flexolmo_ft: the FlexOlmo MoE fine-tuned the same way.
 - dense_long: the dense run lengthened so its training FLOPs equal seed + experts + fine-tuning (the
   comparison BTX's fine-tuning must win), at its own LR.
+- dense_long_tuned: the same FLOPs as dense_long, but the quickstart's dense run continued from its
+  seed state (the state the experts branch from) to dense_long's steps, that second part at its own
+  LR (--dense-tuned-lrs), as the experts' phase and the fine-tuning have theirs: the quickstart's
+  dense_tuned lengthened. The goals are judged against it first.
+--skip-flexolmo runs only the BTX and dense arms (FlexOlmo's rows stay as goals.json has them).
 
 Every row is scored on the quickstart's test bytes in and out of domain, with its training FLOPs over
 the quickstart dense run's. Writes goals.json beside the quickstart's results and prints the tables
@@ -35,7 +40,7 @@ from elmforest.forest.btm import share_seed
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
-from elmforest.launch.jobs import ExpertJob, as_dict, run_job
+from elmforest.launch.jobs import ExpertJob, as_dict, continuation_config, run_job
 from elmforest.launch.sweep import choose, score_experts
 from elmforest.merge.flexolmo import forest_pairs, merge_pairs
 from elmforest.merge.moe import MoeSpec, export_moe
@@ -57,6 +62,8 @@ def main() -> None:
     ap.add_argument("--owner-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
     ap.add_argument("--ft-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
     ap.add_argument("--dense-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    ap.add_argument("--dense-tuned-lrs", type=float, nargs="+", default=[8e-3, 1.6e-2, 3.2e-2])
+    ap.add_argument("--skip-flexolmo", action="store_true", help="only the BTX and dense arms")
     ap.add_argument("--opt-out", default="legal")
     args = ap.parse_args()
     qs = Path(args.quickstart)
@@ -109,66 +116,67 @@ def main() -> None:
         return next(p for p in points if p["lr"] == sw["best_lr"])
 
     # 1. FlexOlmo owners, each LR a forest sharing the quickstart's seed
-    points = []
-    for lr in sorted(args.owner_lrs):
-        f = share_seed(qs / f"forest-flexolmo-lr-{lr:g}", forest, forest.names, expert_lr=lr)
-        todo = [n for n in forest.names if n not in f.names]
-        jobs = [
-            ExpertJob(
-                str(f.root),
-                str(Path(shards.root).resolve()),
-                forest.expert(n)["domains"][0],
-                branch="flexolmo",
-                threads=1,
-            )
-            for n in todo
-        ]
-        if jobs:
-            LocalExecutor(2).map(
-                run_job,
-                [as_dict(j) for j in jobs],
-                [j.label for j in jobs],
-                [j.run_dir() / "job.log" for j in jobs],
-            )
-        f = Forest.load(f.root)
-        points.append({"lr": lr, **score_experts(f, shards, f.names, common["seq_len"]), "forest": f})
-    before = (sweeps.get("flexolmo_owner_lr") or {}).get("best_lr")
-    flex = pick("flexolmo_owner_lr", points)["forest"]
-    if before is not None and before != sweeps["flexolmo_owner_lr"]["best_lr"]:  # rows of other owners
-        for k in [k for k in rows if k.startswith("flexolmo")]:
-            rows.pop(k), ood_rows.pop(k, None), flops.pop(k, None)
-    flex_fl = flex.total_flops() / dense_flops
-    tag = f"lr-{sweeps['flexolmo_owner_lr']['best_lr']:g}"
-    moe_flex = qs / f"moe-flexolmo-{tag}"
-    if not (moe_flex / "elmforest_moe.json").is_file():
-        merge_pairs(forest_pairs(flex), moe_flex)
-    score("flexolmo", moe_flex, flex_fl)
-    out_dir = qs / f"moe-flexolmo-{tag}-without-{args.opt_out}"
-    if not (out_dir / "elmforest_moe.json").is_file():
-        merge_pairs(forest_pairs(flex, [args.opt_out]), out_dir)
-    score(f"flexolmo_without_{args.opt_out}", out_dir, flex_fl)
-    if "flexolmo_ensemble" not in rows:
-        fe = {
-            "prior_batches": 20,
-            "pool": make_pool(flex, batch_size=16),
-            "prior": "cached",
-            "mode": "ensemble",
-        }
-        rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, shards, **fe, **common)
-        if ood:
-            ood_rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, ood, **fe, **ood_common)
-        flops["flexolmo_ensemble"] = flex_fl
-        save()
+    moe_flex = tag = flex_fl = None
+    if not args.skip_flexolmo:
+        points = []
+        for lr in sorted(args.owner_lrs):
+            f = share_seed(qs / f"forest-flexolmo-lr-{lr:g}", forest, forest.names, expert_lr=lr)
+            todo = [n for n in forest.names if n not in f.names]
+            jobs = [
+                ExpertJob(
+                    str(f.root),
+                    str(Path(shards.root).resolve()),
+                    forest.expert(n)["domains"][0],
+                    branch="flexolmo",
+                    threads=1,
+                )
+                for n in todo
+            ]
+            if jobs:
+                LocalExecutor(2).map(
+                    run_job,
+                    [as_dict(j) for j in jobs],
+                    [j.label for j in jobs],
+                    [j.run_dir() / "job.log" for j in jobs],
+                )
+            f = Forest.load(f.root)
+            points.append({"lr": lr, **score_experts(f, shards, f.names, common["seq_len"]), "forest": f})
+        before = (sweeps.get("flexolmo_owner_lr") or {}).get("best_lr")
+        flex = pick("flexolmo_owner_lr", points)["forest"]
+        if before is not None and before != sweeps["flexolmo_owner_lr"]["best_lr"]:  # rows of other owners
+            for k in [k for k in rows if k.startswith("flexolmo")]:
+                rows.pop(k), ood_rows.pop(k, None), flops.pop(k, None)
+        flex_fl = flex.total_flops() / dense_flops
+        tag = f"lr-{sweeps['flexolmo_owner_lr']['best_lr']:g}"
+        moe_flex = qs / f"moe-flexolmo-{tag}"
+        if not (moe_flex / "elmforest_moe.json").is_file():
+            merge_pairs(forest_pairs(flex), moe_flex)
+        score("flexolmo", moe_flex, flex_fl)
+        out_dir = qs / f"moe-flexolmo-{tag}-without-{args.opt_out}"
+        if not (out_dir / "elmforest_moe.json").is_file():
+            merge_pairs(forest_pairs(flex, [args.opt_out]), out_dir)
+        score(f"flexolmo_without_{args.opt_out}", out_dir, flex_fl)
+        if "flexolmo_ensemble" not in rows:
+            fe = {
+                "prior_batches": 20,
+                "pool": make_pool(flex, batch_size=16),
+                "prior": "cached",
+                "mode": "ensemble",
+            }
+            rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, shards, **fe, **common)
+            if ood:
+                ood_rows["flexolmo_ensemble"] = evaluate_forest_shards(flex, ood, **fe, **ood_common)
+            flops["flexolmo_ensemble"] = flex_fl
+            save()
 
     # 2. BTX: the experts merged (shared weights averaged), then the whole MoE fine-tuned
     btx = qs / "moe-btx_avg"
     if not (btx / "elmforest_moe.json").is_file():
         export_moe(forest, btx, MoeSpec(shared="average"))
     ft_flops = None
-    for name, src, fl in (
-        ("btx_ft", btx, forest.total_flops() / dense_flops),
-        ("flexolmo_ft", moe_flex, flex_fl),
-    ):
+    arms = [("btx_ft", btx, forest.total_flops() / dense_flops)]
+    arms += [] if args.skip_flexolmo else [("flexolmo_ft", moe_flex, flex_fl)]
+    for name, src, fl in arms:
         pts = []
         for lr in sorted(args.ft_lrs):
             out = qs / f"moe-{name}{'' if name == 'btx_ft' else '-' + tag}-{args.ft_steps}-lr-{lr:g}"
@@ -201,6 +209,19 @@ def main() -> None:
         )
     best = pick("dense_long_lr", pts)
     score("dense_long", best["dir"], steps * per_step / dense_flops)
+
+    # 4. the same FLOPs from the seed state the experts branch from, the second part at its own LR
+    pts = []
+    for lr in sorted(args.dense_tuned_lrs):
+        cfg = continuation_config(dense_run / "run_config.json", forest.root / "seed_state", lr)
+        cfg.train.steps, cfg.train.stop_at = steps, None
+        run = qs / f"dense-long-tuned-{steps}-lr-{lr:g}"
+        train(cfg, run, progress=False, label=f"dense continued to {steps} steps at LR {lr:g}")
+        pts.append(
+            {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
+        )
+    best = pick("dense_long_tuned_lr", pts)
+    score("dense_long_tuned", best["dir"], steps * per_step / dense_flops)
     report(rows, ood_rows, flops, sweeps, common["domains"], ood.domains if ood else None, args.opt_out)
     save()
 
@@ -219,38 +240,50 @@ def report(rows, ood_rows, flops, sweeps, domains, ood_domains, opt_out) -> None
         if not block:
             continue
         print(f"\n{title} test BPB per domain ({len(dom)} domains):")
-        print("| method | mean | vs dense | vs dense_long | train FLOPs / dense | " + " | ".join(dom) + " |")
-        print("| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in dom) + " |")
+        heads = "| method | mean | vs dense | vs dense_long | vs dense_long_tuned | train FLOPs / dense | "
+        print(heads + " | ".join(dom) + " |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in dom) + " |")
         for m, r in block.items():
             per = " | ".join(f"{r['domains'][d]['bpb']:.3f}" for d in dom)
-            a = r["mean_bpb"] / block["dense"]["mean_bpb"]
-            b = r["mean_bpb"] / block["dense_long"]["mean_bpb"] if "dense_long" in block else math.nan
-            print(f"| {m} | {r['mean_bpb']:.4f} | {a:.3f} | {b:.3f} | {flops_mark(flops.get(m))} | {per} |")
+            a, b, c = (
+                r["mean_bpb"] / block[k]["mean_bpb"] if k in block else math.nan
+                for k in ("dense", "dense_long", "dense_long_tuned")
+            )
+            print(
+                f"| {m} | {r['mean_bpb']:.4f} | {a:.3f} | {b:.3f} | {c:.3f} | {flops_mark(flops.get(m))} | {per} |"
+            )
     for name, sw in sweeps.items():
         edge = f" -- AT THE {sw['at_edge'].upper()} EDGE" if sw["at_edge"] else ""
         print(f"{name}: best {sw['best_lr']:g}{edge}")
     m = lambda blk, k: blk[k]["mean_bpb"]  # noqa: E731
-    before, after = rows["flexolmo"], rows[f"flexolmo_without_{opt_out}"]
-    others = [d for d in domains if d != opt_out]
-    rel = [abs(after["domains"][d]["bpb"] / before["domains"][d]["bpb"] - 1) for d in others] or [0.0]
-    best_merged = min(("flexolmo", "btx_ft", "flexolmo_ft"), key=lambda k: m(rows, k))
-    goals = [
-        ("an untrained merged MoE (flexolmo) beats dense in domain", m(rows, "flexolmo") < m(rows, "dense")),
-        (
-            "btx_ft beats the same-FLOPs dense (dense_long) in domain",
-            m(rows, "btx_ft") < m(rows, "dense_long"),
-        ),
-        *(
-            [("btx_ft beats dense_long out of domain", m(ood_rows, "btx_ft") < m(ood_rows, "dense_long"))]
-            if ood_rows
-            else []
-        ),
-        ("btx_ft within 1% of the full ensemble in domain", m(rows, "btx_ft") <= 1.01 * m(rows, "ensemble")),
-        (
-            f"opting {opt_out} out moves every other domain < 0.5% (max {100 * max(rel):.2f}%)",
-            max(rel) < 0.005,
-        ),
-    ]
+    best_merged = min(
+        (k for k in ("flexolmo", "btx_ft", "flexolmo_ft") if k in rows), key=lambda k: m(rows, k)
+    )
+    goals = []
+    if "flexolmo" in rows:
+        goals.append(
+            (
+                "an untrained merged MoE (flexolmo) beats dense in domain",
+                m(rows, "flexolmo") < m(rows, "dense"),
+            )
+        )
+    for dense in ("dense_long_tuned", "dense_long"):  # the same FLOPs, the second part tuned first
+        goals.append((f"btx_ft beats the same-FLOPs {dense} in domain", m(rows, "btx_ft") < m(rows, dense)))
+        if ood_rows:
+            goals.append((f"btx_ft beats {dense} out of domain", m(ood_rows, "btx_ft") < m(ood_rows, dense)))
+    goals.append(
+        ("btx_ft within 1% of the full ensemble in domain", m(rows, "btx_ft") <= 1.01 * m(rows, "ensemble"))
+    )
+    if f"flexolmo_without_{opt_out}" in rows:
+        before, after = rows["flexolmo"], rows[f"flexolmo_without_{opt_out}"]
+        others = [d for d in domains if d != opt_out]
+        rel = [abs(after["domains"][d]["bpb"] / before["domains"][d]["bpb"] - 1) for d in others] or [0.0]
+        goals.append(
+            (
+                f"opting {opt_out} out moves every other domain < 0.5% (max {100 * max(rel):.2f}%)",
+                max(rel) < 0.005,
+            )
+        )
     print(f"\nbest merged model in domain: {best_merged} ({m(rows, best_merged):.4f})")
     for text, ok in goals:
         print(f"  {'MET    ' if ok else 'NOT MET'}  {text}")

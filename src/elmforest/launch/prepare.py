@@ -294,9 +294,9 @@ def _ood_shards(
 ) -> Shards:
     """The out-of-domain sets tokenized once (half valid for the priors, half test, by source file);
     rebuilt when the sources change (their list, or any file's size or mtime: a rebuilt evaluation-only
-    corpus or an edited --ood file) or were split otherwise (before the split was by file). A set named like a training domain is refused: it would not be OOD; so is one
-    whose documents are mostly the training corpus's (the same text under another domain name), and
-    a few such documents are said."""
+    corpus or an edited --ood file) or were split otherwise (before the split was by file). A set named
+    like a training domain is refused: it would not be OOD; so is one whose documents are mostly the
+    training corpus's (the same text under another domain name), and a few such documents are said."""
     want = [str(s.resolve()) for s in sources]
     # the split too: a study's scores keyed by this stamp are then scored again on the new halves
     stamp = {"sources": want, "files": file_stamps(sources), "split": asdict(OOD_SPLIT)}
