@@ -42,11 +42,13 @@ from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, continuation_config, run_job
 from elmforest.launch.sweep import choose, score_experts
+from elmforest.launch.sweep_results import DIVERGED
 from elmforest.merge.flexolmo import forest_pairs, merge_pairs
 from elmforest.merge.moe import MoeSpec, export_moe
 from elmforest.merge.moe_train import finetune_moe
 from elmforest.model.build import load_model
 from elmforest.train.trainer import train
+from elmforest.utils.errors import Diverged
 from elmforest.utils.io import read_json, write_json_atomic
 
 try:
@@ -73,6 +75,10 @@ def main() -> None:
     valid = {**common, "split": "valid", "max_bytes": None}
     path = qs / "goals.json"
     saved = read_json(path) if path.is_file() else {}
+    # rows scored on other test bytes (a rebuilt out-of-domain set, other eval settings) are scored again
+    scored_on = {"ood": _stamp(qs / "shards-ood"), "common": {k: str(v) for k, v in common.items()}}
+    if saved.get("scored_on") != scored_on:
+        saved = {k: v for k, v in saved.items() if k not in ("methods", "ood_methods", "sources")}
     rows, ood_rows = saved.get("methods", {}), saved.get("ood_methods", {})
     flops, sweeps, sources = saved.get("flops", {}), saved.get("sweeps", {}), saved.get("sources", {})
     dense_flops = base["compute"]["dense_flops"]
@@ -91,6 +97,7 @@ def main() -> None:
                 "sweeps": sweeps,
                 "sources": sources,
                 "opt_out": args.opt_out,
+                "scored_on": scored_on,
             },
         )
 
@@ -211,12 +218,20 @@ def main() -> None:
     score("dense_long", best["dir"], steps * per_step / dense_flops)
 
     # 4. the same FLOPs from the seed state the experts branch from, the second part at its own LR
+    # (the dense run's own LR is always in the grid; a point that diverges is one the grid rules out)
     pts = []
-    for lr in sorted(args.dense_tuned_lrs):
+    for lr in sorted({*args.dense_tuned_lrs, cfg0.optim.lr}):
         cfg = continuation_config(dense_run / "run_config.json", forest.root / "seed_state", lr)
         cfg.train.steps, cfg.train.stop_at = steps, None
         run = qs / f"dense-long-tuned-{steps}-lr-{lr:g}"
-        train(cfg, run, progress=False, label=f"dense continued to {steps} steps at LR {lr:g}")
+        try:
+            if not (run / DIVERGED).is_file():
+                train(cfg, run, progress=False, label=f"dense continued to {steps} steps at LR {lr:g}")
+        except Diverged as e:
+            write_json_atomic(run / DIVERGED, {"job": run.name, "why": f"Diverged: {e}"})
+        if (run / DIVERGED).is_file():
+            pts.append({"lr": lr, "valid_mean_bpb": None, "dir": None})
+            continue
         pts.append(
             {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
         )
@@ -224,6 +239,11 @@ def main() -> None:
     score("dense_long_tuned", best["dir"], steps * per_step / dense_flops)
     report(rows, ood_rows, flops, sweeps, common["domains"], ood.domains if ood else None, args.opt_out)
     save()
+
+
+def _stamp(ood: Path) -> dict | None:
+    """What the quickstart's out-of-domain shards were built from and how they were split."""
+    return read_json(ood / "sources.json") if (ood / "sources.json").is_file() else None
 
 
 def _cached_valid(model_dir: Path, fn) -> float:

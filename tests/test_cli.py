@@ -399,7 +399,9 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1", "cluster2"]
 
 
-def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(tokenizer_dir, tmp_path):
+def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(
+    tokenizer_dir, tmp_path, capsys
+):
     """Two source files of 10 chunks each: valid (the prior) and test hold whole files, never chunks of
     the same one; shards split by document (before the split was by file) are rebuilt, not reused."""
     from elmforest.data.shards import Shards, build_shards
@@ -432,6 +434,13 @@ def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(t
     for split, word in (("valid", "river"), ("test", "stone")):
         assert sh.info("poetry", split)["documents"] == 10
         assert words(sh, split) == {word}
+    assert "has no" not in capsys.readouterr().err
+    with open(src / "poetry.jsonl", "w") as f:  # one file only: all of it on its side, and said
+        f.writelines(
+            json.dumps({"id": f"poetry/{a}#{k:04d}", "text": "river " * 30}) + "\n" for k in range(10)
+        )
+    sh = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    assert not sh.has("poetry", "test") and "poetry has no test documents" in capsys.readouterr().err
 
 
 def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):

@@ -64,6 +64,9 @@ def test_a_split_by_file_keeps_each_files_chunks_together_and_plain_ids_as_they_
     sides = [by_file.assign(f) for f in files]
     assert 70 < sides.count("valid") < 130 and set(sides) == {"valid", "test"}
     assert [by_file.assign(f) for f in files] == [by_doc.assign(f) for f in files]
+    # only a trailing chunk number is a chunk: ids such as "c#:3" (a file c#.jsonl) stay documents
+    assert [by_file.assign(f"c#:{i}") for i in range(50)] == [by_doc.assign(f"c#:{i}") for i in range(50)]
+    assert by_file.assign("notes#a") == by_doc.assign("notes#a")
     # split by document, the chunks of a file fall on both sides
     assert sum(len({by_doc.assign(f"{f}#{k:04d}") for k in range(12)}) == 2 for f in files) > 150
 

@@ -254,9 +254,14 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     bad = tuned[(1.0, 1)]
     assert bad["same_as"] == "dense" and "nan" in bad["diverged"] and bad["bpb"] == dense[(1.0, 1)]["bpb"]
     assert all("diverged" not in r and "same_as" not in r for k, r in tuned.items() if k != (1.0, 1))
-    assert "diverged at its LR for 1 point(s) (main 1x seed 1)" in (out / "report.md").read_text()
+    assert "diverged at its LR for 1 point(s) (b1-s1)" in (out / "report.md").read_text()
     n = calls.count(bad["dir"])
     assert main(argv) == 0 and calls.count(bad["dir"]) == n == 1  # the diverged point is not tried again
     cfg.dense_continue_lr = 0.004
     path.write_text(json.dumps(cfg.to_dict()))
     assert main(argv) == 2 and "delete that folder" in capsys.readouterr().err
+    cfg.dense_continue_lr = 3e-3  # tiny's dense LR: no continuation asked for, the old mark is not news
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert main(argv) == 0, capsys.readouterr()
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert not any(r.get("diverged") for r in runs) and "diverged" not in (out / "report.md").read_text()

@@ -23,6 +23,7 @@ import random
 import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ def fit_clusterer(
     c.meta["fit"]["split"] = split
     if split is not None:
         sp = split_spec or SplitSpec()
-        c.meta["fit"]["split_spec"] = {"valid_frac": sp.valid_frac, "test_frac": sp.test_frac}
+        c.meta["fit"]["split_spec"] = asdict(sp)  # every field: SplitSpec(**it) is this split again
     c.save(out)
     return c
 
@@ -286,9 +287,7 @@ def assign_corpus(
             "balance": balance if balanced else None,
             "slack": slack,
             # what the cap applied to: the training split's documents (valid/test by nearest centre)
-            "balanced_split": {"split": "train", "valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
-            if balanced
-            else None,
+            "balanced_split": {"split": "train", **asdict(spec)} if balanced else None,
             "train_sizes": train_sizes.tolist() if train_sizes is not None else None,
             "train_bytes": train_bytes.astype(np.int64).tolist() if train_bytes is not None else None,
             "documents": len(labels_all),

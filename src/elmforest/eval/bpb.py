@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +299,7 @@ def evaluate(
             result["read"] = shards.index["read"]
             # which documents `split` meant: the hash split at these fractions (the model's training
             # shards' when known, else the defaults), so two results can be checked for the same bytes
-            result["split_spec"] = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
+            result["split_spec"] = asdict(spec)  # every field: a by-file split re-reads as one
         result["split"] = split
     result["model"] = str(mdir)
     result["data"] = str(data)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -393,7 +394,7 @@ def evaluate_forest(
             )
             res = evaluate_forest_shards(forest, shards, split=stored, where=str(data), **kw)
             res["read"] = shards.index["read"]
-            res["split_spec"] = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
+            res["split_spec"] = asdict(spec)  # every field: a by-file split re-reads as one
         res["split"] = split
     res["forest"] = str(forest_dir)
     res["data"] = str(data)

@@ -324,6 +324,15 @@ def _ood_shards(
             file=sys.stderr,
         )
     check_ood_names(sh.domains, train_names)
+    for name in sh.domains:  # split by source file, a set of one or two files can fall on one side
+        missing = [s for s in ("valid", "test") if not sh.has(name, s)]
+        if missing:
+            print(
+                f"note: out-of-domain set {name} has no {' and no '.join(missing)} documents (split half and "
+                "half by source file, ids FILE#N; too few files or documents?): "
+                + ("it is not scored" if "test" in missing else "the forests' prior for it is uniform"),
+                file=sys.stderr,
+            )
     return sh
 
 

@@ -193,7 +193,13 @@ def plot_cbtm(fits: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tuned = bool(fits.get("cbtm_tuned"))  # against the tuned dense runs where the study has them
+    # against the tuned dense runs where the study has them at every point (a study.json from before
+    # every axis had them holds only the 1x point's)
+    keys = [
+        {(r["data_fraction"], r["k"], r["balance"]) for r in fits.get(k) or []}
+        for k in ("cbtm", "cbtm_tuned")
+    ]
+    tuned = bool(keys[1]) and keys[1] >= keys[0]
     rows = fits.get("cbtm_tuned" if tuned else "cbtm") or []
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (f, balance), style in zip(
@@ -224,7 +230,7 @@ def diverged_lines(recs: list[dict]) -> list[str]:
     bad = [r for r in recs if r["arm"] == "dense_tuned" and r.get("diverged")]
     if not bad:
         return []
-    where = ", ".join(f"{r['axis']} {r['budget']:g}x seed {r['seed']}" for r in bad)
+    where = ", ".join(Path(r["dir"]).name for r in bad)  # the point's folder: b1-s0, domains2-s1, ...
     return [
         f"The dense run's second half diverged at its LR for {len(bad)} point(s) ({where}): there "
         "`dense_tuned` is the dense run itself (its own LR, which a sweep's grid always holds); a lower "

@@ -244,6 +244,8 @@ def train_points(
     ]
     for p, _ in tuned:  # a finished run from an older seed state is refused, not scored as this one's
         check_same_seed(root / p.tag, root / p.tag / "seed_state", DENSE_TUNED_RUN)
+    for p in set(plans) - {p for p, _ in tuned}:  # no continuation asked for now: an old mark is not news
+        (root / p.tag / "runs" / DENSE_TUNED_RUN / DIVERGED).unlink(missing_ok=True)
     if tuned:  # each dense run's second half again at its own LR: the dense_tuned arm
         jobs = [
             DenseContinueJob(
