@@ -119,7 +119,11 @@ def main() -> None:
         sw = {"points": [{"lr": p["lr"], "valid_mean_bpb": p["valid_mean_bpb"]} for p in points]}
         sw.update(choose(sw["points"]))
         sweeps[name] = sw
-        print(f"{name} sweep: " + ", ".join(f"{p['lr']:g}: {p['valid_mean_bpb']:.4f}" for p in points))
+        shown = [
+            f"{p['lr']:g}: " + ("diverged" if p["valid_mean_bpb"] is None else f"{p['valid_mean_bpb']:.4f}")
+            for p in points
+        ]
+        print(f"{name} sweep: " + ", ".join(shown))
         return next(p for p in points if p["lr"] == sw["best_lr"])
 
     # 1. FlexOlmo owners, each LR a forest sharing the quickstart's seed
