@@ -181,7 +181,7 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     data = _write(tmp_path / "d.jsonl", _docs({"code": 60, "legal": 60, "scripture": 60}))
     fit_clusterer(data, 3, tmp_path / "c", min_df=1, split="train", split_spec=SplitSpec(0.2, 0.1))
     rep = assign_corpus(tmp_path / "c", data, tmp_path / "a", balanced=True, progress=False, workers=1)
-    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1}
+    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1, "by_file": False}
     with pytest.raises(UserError, match="fitted on the training split at valid/test fractions 0.2/0.1"):
         assign_corpus(
             tmp_path / "c", data, tmp_path / "b", balanced=True, split_spec=SplitSpec(), progress=False
@@ -201,4 +201,4 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     # the fraction not given is the clusterer's (the test fraction was 0.05, then refused as a mismatch)
     assert main([*args, "--balanced", "--valid-frac", "0.2"]) == 0
     rep = json.loads((tmp_path / "e" / "report.meta.json").read_text())
-    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1}
+    assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1, "by_file": False}

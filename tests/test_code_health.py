@@ -187,7 +187,7 @@ def test_raw_data_evaluation_never_guesses_which_documents_were_held_out(corpus,
     want = evaluate(run, shards, progress=False)  # the shards' own test split
     shutil.move(shards, tmp_path / "elsewhere")
     got = evaluate(run, corpus, progress=False)  # elmforest_data.json keeps the fractions
-    assert got["split_spec"] == {"valid_frac": 0.1, "test_frac": 0.1}
+    assert got["split_spec"] == {"valid_frac": 0.1, "test_frac": 0.1, "by_file": False}
     for d, r in want["domains"].items():
         assert (got["domains"][d]["bytes"], got["domains"][d]["documents"]) == (r["bytes"], r["documents"])
     (run / "model" / "elmforest_data.json").unlink()  # a model saved before that file

@@ -109,7 +109,7 @@ def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsy
     assert 0 < train < sum(SplitSpec().assign(i) == "train" for i in ids)
     c = fit_clusterer(corpus, 2, tmp_path / "c", 10**6, dims=8, min_df=1, split="train", split_spec=spec)
     assert c.meta["fit"]["documents"] == train
-    assert c.meta["fit"]["split_spec"] == {"valid_frac": 0.3, "test_frac": 0.3}
+    assert c.meta["fit"]["split_spec"] == {"valid_frac": 0.3, "test_frac": 0.3, "by_file": False}
     with pytest.raises(UserError, match="split must be train, valid or test"):
         fit_clusterer(corpus, 2, tmp_path / "d", split="training")
     argv = ["cluster", "fit", "--data", str(corpus), "--k", "2", "--out", str(tmp_path / "e")]
