@@ -4,6 +4,7 @@ silently ignored: each is now refused naming the field, or said."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -253,8 +254,41 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     dense = {(r["budget"], r["seed"]): r for r in runs if r["arm"] == "dense"}
     bad = tuned[(1.0, 1)]
     assert bad["same_as"] == "dense" and "nan" in bad["diverged"] and bad["bpb"] == dense[(1.0, 1)]["bpb"]
-    assert all("diverged" not in r and "same_as" not in r for k, r in tuned.items() if k != (1.0, 1))
     assert "diverged at its LR for 1 point(s) (b1-s1)" in (out / "report.md").read_text()
+    # elsewhere dense_tuned is the better on valid of the dense run and its continuation
+    won = []
+    for k, r in tuned.items():
+        if k != (1.0, 1):
+            v = r["valid_mean_bpb"] if "same_as" not in r else r["lost_on_valid"]["valid_mean_bpb"]
+            assert ("same_as" in r) == (v["continued"] >= v["dense"]) and "diverged" not in r
+            won += [k] if "same_as" not in r else []
+    assert won
+    # a continuation that loses on valid is not the arm: the dense run is, and the report says so
+    from elmforest.eval import bpb
+
+    real_eval = bpb.evaluate_shards
+
+    def worse(model, shards, split="test", *a, **kw):
+        r = real_eval(model, shards, split, *a, **kw)
+        if split == "valid" and "dense-tuned" in model.config._name_or_path:
+            r = {**r, "mean_bpb": r["mean_bpb"] + 5.0}
+        return r
+
+    point = Path(tuned[won[0]]["dir"])
+    (point / "study_scores.json").unlink()
+    monkeypatch.setattr(bpb, "evaluate_shards", worse)
+    assert main(argv) == 0, capsys.readouterr()
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    lost = next(r for r in runs if r["arm"] == "dense_tuned" and r["dir"] == str(point))
+    assert lost["same_as"] == "dense" and lost["lost_on_valid"]["lr"] == 0.006
+    assert lost["bpb"] == dense[won[0]]["bpb"] != tuned[won[0]]["bpb"]
+    entries = json.loads((point / "study_scores.json").read_text())["entries"]
+    assert "dense_tuned/valid" in entries and "dense_tuned/bpb" not in entries  # not scored on test
+    assert (
+        f"scored worse on valid than the dense run for 1 point(s) ({point.name} at LR 0.006"
+        in (out / "report.md").read_text()
+    )
+    monkeypatch.setattr(bpb, "evaluate_shards", real_eval)
     n = calls.count(bad["dir"])
     assert main(argv) == 0 and calls.count(bad["dir"]) == n == 1  # the diverged point is not tried again
     cfg.dense_continue_lr = 0.004
@@ -265,3 +299,48 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     assert main(argv) == 0, capsys.readouterr()
     runs = json.loads((out / "study.json").read_text())["runs"]
     assert not any(r.get("diverged") for r in runs) and "diverged" not in (out / "report.md").read_text()
+
+
+def test_an_older_score_cache_is_reused_only_where_each_score_s_own_key_holds(tmp_path):
+    """A study scored by an earlier version (one key for every score) is not scored again whole when one
+    thing changes: a rebuilt out-of-domain set rescores the out-of-domain rows, a new routing the forest."""
+    from types import SimpleNamespace
+
+    from elmforest.study.run import Point
+    from elmforest.study.score import ENSEMBLE, _entry_keys, _hit, _read_cache
+
+    cfg = load_study_config("tiny", ["eval_bytes=100", "prior_batches=2"])
+    (tmp_path / "sources.json").write_text(json.dumps({"revision": 3}))
+    ood = SimpleNamespace(root=str(tmp_path), domains=["x"])
+    p = Point("main", 1.0, 0, ("a",), 0.5, True, True)
+    old_key = {"eval_bytes": 100, "prior_batches": 2, "seq_len": 32, "ood": ["x"], "routing": ENSEMBLE}
+    old_key |= {
+        "ood_sources": {"revision": 2},
+        "arms": ["dense", "forest", "dense_tuned"],
+        "dense_tuned_lr": 0.01,
+    }
+    s = {"flops": 1.0, "tokens": 2, "bpb": {"a": 1.5}, "ood_bpb": {"x": 4.0}}
+    (tmp_path / "cache.json").write_text(
+        json.dumps({"key": old_key, "scores": {"dense": s, "dense_tuned": {**s, "lr": 0.01}, "btm": s}})
+    )
+    entries = _read_cache(tmp_path / "cache.json")
+
+    def hits(routing, tuned_lr):
+        keys = _entry_keys(p, cfg, 32, ood, routing, tuned_lr)
+        return {n for n, k in keys.items() if _hit(entries, n, k) is not None}, set(keys)
+
+    got, wanted = hits(ENSEMBLE, 0.01)
+    assert got == {"dense/bpb", "dense_tuned/bpb", "btm/bpb"}  # out of domain: other halves now
+    assert wanted - got == {
+        "dense/ood_bpb",
+        "dense_tuned/ood_bpb",
+        "btm/ood_bpb",
+        "dense/valid",
+        "dense_tuned/valid",
+    }
+    assert hits({"mode": "ensemble", "prior": "uniform"}, 0.01)[0] == {"dense/bpb", "dense_tuned/bpb"}
+    assert hits(ENSEMBLE, 0.02)[0] == {"dense/bpb", "btm/bpb"}  # another continuation LR: another run
+    (tmp_path / "sources.json").write_text(json.dumps({"revision": 2}))
+    assert hits(ENSEMBLE, 0.01)[0] == {
+        f"{a}/{s}" for a in ("dense", "dense_tuned", "btm") for s in ("bpb", "ood_bpb")
+    }

@@ -226,17 +226,34 @@ def plot_cbtm(fits: dict, path: Path) -> None:
 
 
 def diverged_lines(recs: list[dict]) -> list[str]:
-    """The dense_tuned runs that diverged: there the arm is the dense run itself, and the report says so."""
-    bad = [r for r in recs if r["arm"] == "dense_tuned" and r.get("diverged")]
-    if not bad:
-        return []
-    where = ", ".join(Path(r["dir"]).name for r in bad)  # the point's folder: b1-s0, domains2-s1, ...
-    return [
-        f"The dense run's second half diverged at its LR for {len(bad)} point(s) ({where}): there "
-        "`dense_tuned` is the dense run itself (its own LR, which a sweep's grid always holds); a lower "
-        "`dense_continue_lr` (or `lr_grid`) tunes it.",
-        "",
-    ]
+    """The points whose dense_tuned is the dense run itself because the second half at its LR diverged or
+    scored worse on valid: the report says which."""
+    tuned = [r for r in recs if r["arm"] == "dense_tuned"]
+    bad = [r for r in tuned if r.get("diverged")]
+    lost = [r for r in tuned if r.get("lost_on_valid")]
+    out = []
+    if bad:
+        where = ", ".join(Path(r["dir"]).name for r in bad)  # the point's folder: b1-s0, domains2-s1, ...
+        out += [
+            f"The dense run's second half diverged at its LR for {len(bad)} point(s) ({where}): there "
+            "`dense_tuned` is the dense run itself (its own LR, which a sweep's grid always holds); a lower "
+            "`dense_continue_lr` (or `lr_grid`) tunes it.",
+            "",
+        ]
+    if lost:
+        where = ", ".join(
+            f"{Path(r['dir']).name} at LR {r['lost_on_valid']['lr']:g}: "
+            f"{r['lost_on_valid']['valid_mean_bpb']['continued']:.4f} against "
+            f"{r['lost_on_valid']['valid_mean_bpb']['dense']:.4f}"
+            for r in lost
+        )
+        out += [
+            f"The dense run's second half at its LR scored worse on valid than the dense run for {len(lost)} "
+            f"point(s) ({where}, mean valid BPB): there `dense_tuned` is the dense run itself, the better of "
+            "the two LRs on valid (a two-point grid holding the run's own LR, as a sweep's).",
+            "",
+        ]
+    return out
 
 
 def seed_lines(pos: dict | None, tokens_per_param_per_step: float) -> list[str]:

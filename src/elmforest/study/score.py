@@ -4,10 +4,20 @@ in domain and out of domain, cached beside each point and keyed by what was scor
 Scoring is a job like training (`ScoreJob`, run by the executor: local workers or Ray), so a study's
 points are scored side by side rather than one after another in the driver; a job is a plain dict, and
 a rerun finds the cache and returns at once.
+
+The cache holds one entry per (arm, scored set), each under its own key, so what changed is all that is
+scored again: a rebuilt out-of-domain set rescores the out-of-domain rows only, a new routing the forest
+only. The single-key cache of earlier versions is read as such entries.
+
+A point's `dense_tuned` is the better on valid of its dense run and that run's second half continued at
+another LR: a two-point grid, as `elmforest sweep`'s continuation arm always holds the run's own LR. The
+continuation LR is swept at some points and carried unswept to others (study/run.py `continue_lr`), and
+where it loses on valid the dense run is the tuned arm, not the worse continuation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,19 +27,73 @@ from elmforest.launch.jobs import DENSE_TUNED_RUN, logged
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
 ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
 # c-BTM's routing points changed (documents re-routed on their first tokens): part of the cache key
 CLUSTER_ROUTING = "document starts re-routed at 1, 2, 4, ... tokens"
+CACHE_VERSION = 2
 
 
-def _stamp(sh: Shards | None):
-    """What an out-of-domain shards directory was built from (launch/prepare.py writes it)."""
+def ood_stamp(sh: Shards | None) -> dict | None:
+    """What an out-of-domain shards directory was built from (launch/prepare.py writes it): a score made
+    on other out-of-domain halves is stale."""
     if sh is None or not (Path(sh.root) / "sources.json").is_file():
         return None
     return read_json(Path(sh.root) / "sources.json")
+
+
+def _entry_keys(
+    p: Point, cfg: StudyConfig, seq_len: int, ood: Shards | None, routing: dict, tuned_lr: float | None
+) -> dict[str, dict]:
+    """{"arm/set": the key of that score}: only what the score depends on, so one change rescores only
+    what it touches (a dense run does not depend on the forest's routing or prior)."""
+    common = {"eval_bytes": cfg.eval_bytes, "seq_len": seq_len}
+    sets = {"bpb": {}, "valid": {}}
+    if ood is not None:
+        sets["ood_bpb"] = {"ood": sorted(ood.domains), "ood_sources": ood_stamp(ood)}
+    arms: dict[str, dict] = {}
+    if p.dense:
+        arms["dense"] = {}
+        if tuned_lr is not None:
+            arms["dense_tuned"] = {"dense_tuned_lr": tuned_lr}
+    if p.forest:
+        arms["btm"] = {"prior_batches": cfg.prior_batches, "routing": routing}
+        if routing.get("mode") == "cluster":  # scores of the routing before it are stale: scored again
+            arms["btm"]["cluster_routing"] = CLUSTER_ROUTING
+    return {
+        f"{a}/{s}": {**common, **sk, **ak}
+        for a, ak in arms.items()
+        for s, sk in sets.items()
+        if s != "valid" or (a != "btm" and tuned_lr is not None)  # valid: the dense_tuned choice only
+    }
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """{"arm/set": {"key", "value"}}; an earlier version's single key (every score made under it) is read
+    as entries under that key, so only the entries whose own key changed are scored again."""
+    if not path.is_file():
+        return {}
+    old = read_json(path)
+    if old.get("version") == CACHE_VERSION:
+        return old["entries"]
+    key, out = old.get("key") or {}, {}
+    for arm, s in (old.get("scores") or {}).items():
+        for name in ("bpb", "ood_bpb"):
+            if name in s:
+                v1 = {**key, "dense_tuned_lr": s.get("lr", key.get("dense_tuned_lr"))}
+                out[f"{arm}/{name}"] = {"key": v1, "value": s[name], "v1": True}
+    return out
+
+
+def _hit(entries: dict, name: str, key: dict):
+    e = entries.get(name)
+    if e is None:
+        return None
+    if e.get("v1"):  # an old single key holds more fields: this entry's must all match
+        return e["value"] if all(e["key"].get(k) == v for k, v in key.items()) else None
+    return e["value"] if e["key"] == key else None
 
 
 def score_point(
@@ -40,74 +104,122 @@ def score_point(
     cfg: StudyConfig,
     seq_len: int,
     routing: dict | None = None,
+    tuned_lr: float | None = None,
 ) -> dict:
-    """Per-domain test BPB of the point's dense run and of its forest (by default the ensemble: cached
-    prior from the valid split, the posterior restarted at each document; c-BTM: `routing` =
-    {"mode": "cluster", "k": 2}), in domain and out of domain, on the same first `eval_bytes` of every
-    domain for every model."""
+    """Per-domain test BPB of the point's dense run, of its dense_tuned run (the second half continued at
+    `tuned_lr`, None where the study asks for none) where it beats the dense run on valid, and of its forest
+    (by default the ensemble: cached prior from the valid split, the posterior restarted at each document;
+    c-BTM: `routing` = {"mode": "cluster", "k": 2}), in domain and out of domain, on the same first
+    `eval_bytes` of every domain for every model."""
     routing = routing or ENSEMBLE
     from elmforest.eval.bpb import evaluate_shards
     from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
     from elmforest.model.build import load_model
 
-    key = {"eval_bytes": cfg.eval_bytes, "prior_batches": cfg.prior_batches, "seq_len": seq_len}
-    key["ood"] = sorted(ood.domains) if ood is not None else []
-    key["ood_sources"] = _stamp(ood)  # a rebuilt out-of-domain set is scored again
-    key["routing"] = routing
-    if routing.get("mode") == "cluster":  # scores of the routing before it are stale: scored again
-        key["cluster_routing"] = CLUSTER_ROUTING
-    key["arms"] = [a for a, on in (("dense", p.dense), ("forest", p.forest)) if on]
     tuned = where / "runs" / DENSE_TUNED_RUN
-    has_tuned = p.dense and (tuned / "summary.json").is_file()
-    if has_tuned:  # its dense run's second half at its own LR: arm dense_tuned
-        key["arms"].append("dense_tuned")
-        key["dense_tuned_lr"] = read_json(tuned / "run_config.json")["optim"]["lr"]
+    if not (p.dense and (tuned / "summary.json").is_file()):
+        tuned_lr = None  # none trained: its LR is the dense run's own, or it diverged in training
+    elif tuned_lr is not None:
+        had = read_json(tuned / "run_config.json")["optim"]["lr"]
+        if f"{had:.3g}" != f"{tuned_lr:.3g}":
+            raise UserError(f"{tuned} was trained at LR {had:g}; the study asks for {tuned_lr:g}: delete it")
+    keys = _entry_keys(p, cfg, seq_len, ood, routing, tuned_lr)
     cache = where / "study_scores.json"
-    old = read_json(cache) if cache.is_file() else {}
-    if old.get("key") == key:
-        return _with_same(p, old["scores"], tuned)
-    before = {k: v for k, v in key.items() if k != "dense_tuned_lr"}
-    before["arms"] = [a for a in key["arms"] if a != "dense_tuned"]
-    common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
-    sets = [("bpb", shards, list(p.domains))]
+    entries = _read_cache(cache)
+    got = {name: v for name, k in keys.items() if (v := _hit(entries, name, k)) is not None}
+    sets = {"bpb": (shards, "test", list(p.domains))}
+    sets["valid"] = (shards, "valid", [d for d in p.domains if shards.has(d, "valid")])
     if ood is not None:
-        sets.append(("ood_bpb", ood, [d for d in ood.domains if ood.has(d, "test")]))
-    # the same scores before the dense_tuned run existed: only that run is scored
-    scores: dict = dict(old["scores"]) if has_tuned and old.get("key") == before else {}
+        sets["ood_bpb"] = (ood, "test", [d for d in ood.domains if ood.has(d, "test")])
+    common = {"seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
+
+    def score_dense(arm: str, run: Path, names: list[str]) -> None:
+        names = [n for n in names if n in keys and n not in got]
+        if not names:
+            return
+        model = load_model(run / "model")
+        for name in names:
+            sh, split, doms = sets[name.split("/")[1]]
+            try:
+                r = evaluate_shards(model, sh, split, doms, progress=False, **common)
+            except Diverged as e:  # finite in training, not on valid: it loses the choice
+                if name != "dense_tuned/valid":
+                    raise
+                got[name] = {"mean": math.inf, "diverged": f"Diverged on valid: {e}"}
+                continue
+            per = {d: v["bpb"] for d, v in r["domains"].items()}
+            got[name] = {"mean": r["mean_bpb"]} if split == "valid" else per
+
+    score_dense("dense", where / "runs" / "dense", [f"dense/{s}" for s in sets])
+    if tuned_lr is not None:  # valid first: a continuation that loses there is not the arm
+        score_dense("dense_tuned", tuned, ["dense_tuned/valid"])
+        if _continued_wins(got):
+            score_dense("dense_tuned", tuned, [f"dense_tuned/{s}" for s in sets])
     forest = Forest.load(where)
-    if p.dense and "dense" not in scores:
-        model = load_model(where / "runs" / "dense" / "model")
-        summary = read_json(where / "runs" / "dense" / "summary.json")
-        s = scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"]}
-        for name, sh, doms in sets:
-            r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
-            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    if has_tuned and "dense_tuned" not in scores:
-        summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
-        t = scores["dense_tuned"] = {
-            "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
-            "tokens": seed["tokens"] + summary["tokens"],
-            "lr": key["dense_tuned_lr"],
-        }
-        model = load_model(tuned / "model")
-        for name, sh, doms in sets:
-            r = evaluate_shards(model, sh, domains=doms, progress=False, **common)
-            t[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    if p.forest and "btm" not in scores:
+    todo = [n for n in keys if n.startswith("btm/") and n not in got]
+    if todo:
         missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
         if missing:
             raise UserError(f"{where}: expert(s) {missing} were not trained; run the study again")
         pool = make_pool(forest, batch_size=16)
-        s = scores["btm"] = {
+        for name in todo:
+            sh, split, doms = sets[name.split("/")[1]]
+            r = evaluate_forest_shards(
+                forest,
+                sh,
+                split=split,
+                domains=doms,
+                prior_batches=cfg.prior_batches,
+                pool=pool,
+                **routing,
+                **common,
+            )
+            got[name] = {d: v["bpb"] for d, v in r["domains"].items()}
+    now = {"version": CACHE_VERSION, "entries": {n: {"key": keys[n], "value": v} for n, v in got.items()}}
+    if not cache.is_file() or read_json(cache) != now:  # a rerun that scored nothing leaves it be
+        write_json_atomic(cache, now)
+    return _scores(p, where, forest, got, tuned_lr, tuned)
+
+
+def _continued_wins(got: dict) -> bool:
+    return got["dense_tuned/valid"]["mean"] < got["dense/valid"]["mean"]
+
+
+def _scores(p: Point, where: Path, forest: Forest, got: dict, tuned_lr: float | None, tuned: Path) -> dict:
+    """{arm: {"flops", "tokens", "bpb", "ood_bpb", ...}} as study.json records them."""
+
+    def sets(arm: str) -> dict:
+        return {s: got[f"{arm}/{s}"] for s in ("bpb", "ood_bpb") if f"{arm}/{s}" in got}
+
+    scores: dict = {}
+    if p.dense:
+        summary = read_json(where / "runs" / "dense" / "summary.json")
+        scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"], **sets("dense")}
+    if tuned_lr is not None:
+        valid = {"dense": got["dense/valid"]["mean"], "continued": got["dense_tuned/valid"]["mean"]}
+        if _continued_wins(got):
+            summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
+            scores["dense_tuned"] = {
+                "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
+                "tokens": seed["tokens"] + summary["tokens"],
+                "lr": tuned_lr,
+                "valid_mean_bpb": valid,
+                **sets("dense_tuned"),
+            }
+        else:
+            why = got["dense_tuned/valid"].get("diverged")
+            lost = {"lr": tuned_lr, "valid_mean_bpb": valid}
+            scores["dense_tuned"] = {
+                **scores["dense"],
+                "same_as": "dense",
+                **({"diverged": why} if why else {"lost_on_valid": lost}),
+            }
+    if p.forest:
+        scores["btm"] = {
             "flops": float(forest.total_flops()),
             "tokens": sum(r["tokens"] for r in forest.ledger()),
+            **sets("btm"),
         }
-        for name, sh, doms in sets:
-            r = evaluate_forest_shards(
-                forest, sh, domains=doms, prior_batches=cfg.prior_batches, pool=pool, **routing, **common
-            )
-            s[name] = {d: v["bpb"] for d, v in r["domains"].items()}
-    write_json_atomic(cache, {"key": key, "scores": scores})
     return _with_same(p, scores, tuned)
 
 
@@ -148,6 +260,7 @@ class ScoreJob:
     seq_len: int
     routing: dict | None = None
     threads: int | None = None
+    tuned_lr: float | None = None  # the dense_tuned run's LR; None: the study asks for none
 
     @property
     def label(self) -> str:
@@ -166,6 +279,7 @@ def score_job(
     seq_len: int,
     routing: dict | None = None,
     threads: int | None = None,
+    tuned_lr: float | None = None,
 ) -> ScoreJob:
     return ScoreJob(
         asdict(p),
@@ -176,6 +290,7 @@ def score_job(
         seq_len,
         routing,
         threads,
+        tuned_lr,
     )
 
 
@@ -188,7 +303,7 @@ def run_score(job: ScoreJob | dict) -> dict:
     def work(log):
         ood = Shards(job.ood) if job.ood else None
         cfg = StudyConfig(**job.config)
-        return score_point(p, where, Shards(job.shards), ood, cfg, job.seq_len, job.routing)
+        return score_point(p, where, Shards(job.shards), ood, cfg, job.seq_len, job.routing, job.tuned_lr)
 
     return logged(where, job.label, job.threads, work, log_name="score.log")
 
