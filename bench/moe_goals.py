@@ -41,6 +41,7 @@ from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, continuation_config, run_job
+from elmforest.launch.prepare import ood_stamp
 from elmforest.launch.sweep import choose, score_experts
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.merge.flexolmo import forest_pairs, merge_pairs
@@ -76,7 +77,7 @@ def main() -> None:
     path = qs / "goals.json"
     saved = read_json(path) if path.is_file() else {}
     # rows scored on other test bytes (a rebuilt out-of-domain set, other eval settings) are scored again
-    scored_on = {"ood": _stamp(qs / "shards-ood"), "common": {k: str(v) for k, v in common.items()}}
+    scored_on = {"ood": ood_stamp(qs / "shards-ood"), "common": {k: str(v) for k, v in common.items()}}
     if saved.get("scored_on") != scored_on:
         saved = {k: v for k, v in saved.items() if k not in ("methods", "ood_methods", "sources")}
     rows, ood_rows = saved.get("methods", {}), saved.get("ood_methods", {})
@@ -214,10 +215,7 @@ def main() -> None:
         cfg = RunConfig.from_dict(cfg0.to_dict())
         cfg.train.steps, cfg.optim.lr, cfg.train.stop_at = steps, lr, None
         run = qs / f"dense-long-{steps}-lr-{lr:g}"
-        train(cfg, run, progress=False)
-        pts.append(
-            {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
-        )
+        pts.append(_dense_point(run, cfg, lr, f"dense at {steps} steps, LR {lr:g}", valid_bpb))
     best = pick("dense_long_lr", pts)
     score("dense_long", best["dir"], steps * per_step / dense_flops)
 
@@ -228,26 +226,24 @@ def main() -> None:
         cfg = continuation_config(dense_run / "run_config.json", forest.root / "seed_state", lr)
         cfg.train.steps, cfg.train.stop_at = steps, None
         run = qs / f"dense-long-tuned-{steps}-lr-{lr:g}"
-        try:
-            if not (run / DIVERGED).is_file():
-                train(cfg, run, progress=False, label=f"dense continued to {steps} steps at LR {lr:g}")
-        except Diverged as e:
-            write_json_atomic(run / DIVERGED, {"job": run.name, "why": f"Diverged: {e}"})
-        if (run / DIVERGED).is_file():
-            pts.append({"lr": lr, "valid_mean_bpb": None, "dir": None})
-            continue
-        pts.append(
-            {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
-        )
+        pts.append(_dense_point(run, cfg, lr, f"dense continued to {steps} steps at LR {lr:g}", valid_bpb))
     best = pick("dense_long_tuned_lr", pts)
     score("dense_long_tuned", best["dir"], steps * per_step / dense_flops)
     report(rows, ood_rows, flops, sweeps, common["domains"], ood.domains if ood else None, args.opt_out)
     save()
 
 
-def _stamp(ood: Path) -> dict | None:
-    """What the quickstart's out-of-domain shards were built from and how they were split."""
-    return read_json(ood / "sources.json") if (ood / "sources.json").is_file() else None
+def _dense_point(run: Path, cfg: RunConfig, lr: float, label: str, valid_bpb) -> dict:
+    """One LR of a dense arm's grid, trained (kept when done) and scored on valid; a run that diverges is
+    marked so and is a point the grid rules out (`choose` skips it), not the end of the benchmark."""
+    try:
+        if not (run / DIVERGED).is_file():
+            train(cfg, run, progress=False, label=label)
+    except Diverged as e:
+        write_json_atomic(run / DIVERGED, {"job": run.name, "why": f"Diverged: {e}"})
+    if (run / DIVERGED).is_file():
+        return {"lr": lr, "valid_mean_bpb": None, "dir": None}
+    return {"lr": lr, "valid_mean_bpb": _cached_valid(run / "model", valid_bpb), "dir": run / "model"}
 
 
 def _cached_valid(model_dir: Path, fn) -> float:

@@ -29,6 +29,9 @@ class PreparedData:
     names: list[str]  # the training domains
 
 
+SOURCES = "sources.json"  # beside out-of-domain shards: what they were built from
+
+
 def prepare_data(
     out: Path,
     vocab_size: int,
@@ -284,6 +287,13 @@ def _describe(o: dict) -> str:
     return f"{o['method']}, seed {o.get('seed')}, params {o.get('params')}"
 
 
+def ood_stamp(path: Path | str | None) -> dict | None:
+    """What an out-of-domain shards directory was built from and how it was split (`_ood_shards` writes
+    it): a score made on other out-of-domain halves is stale, so score caches key on this."""
+    f = Path(path) / SOURCES if path is not None else None
+    return read_json(f) if f is not None and f.is_file() else None
+
+
 def _ood_shards(
     path: Path,
     sources: list[Path],
@@ -302,7 +312,7 @@ def _ood_shards(
     stamp = {"sources": want, "files": file_stamps(sources), "split": asdict(OOD_SPLIT)}
     tok = load_tokenizer(tok_dir)
     sh = Shards(path) if Shards.is_shards_dir(path) else None
-    seen = read_json(path / "sources.json") if (path / "sources.json").is_file() else None
+    seen = ood_stamp(path)
     if (
         sh is None
         or {k: (seen or {}).get(k) for k in stamp} != stamp
@@ -310,7 +320,7 @@ def _ood_shards(
     ):
         shared = _shared_with(corpus, sources) if corpus is not None else {}
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
-        write_json_atomic(path / "sources.json", {**stamp, "shared_with_training": shared})
+        write_json_atomic(path / SOURCES, {**stamp, "shared_with_training": shared})
         sh, seen = Shards(path), {"shared_with_training": shared}
     for name, (n, of) in (seen.get("shared_with_training") or {}).items():
         if 2 * n > of:

@@ -17,6 +17,7 @@ from pathlib import Path
 from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig, sweep_lrs
+from elmforest.study.lrs import cbtm_key
 from elmforest.study.run import check_budget_steps, plan_batch, plan_points
 from elmforest.utils.errors import UserError
 
@@ -44,16 +45,16 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
         units["cbtm"] += (
             (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
         )
-    both = [(b, b in cfg.forest_budgets) for b in dense_budgets | set(cfg.forest_budgets)]
-    if cfg.lr_grid and cfg.cbtm_ks:  # c-BTM's fractions that do not share the 1x point: their own sweeps
-        both += [(f, True) for f in set(cfg.cbtm_data) if not (f == 1.0 and 1.0 in dense_budgets)]
-    for b, experts in both:
-        units["lr sweeps"] += len(cfg.lr_grid) * b
-        if experts:
-            units["lr sweeps"] += len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b
-    if cfg.lr_grid:  # the dense runs' second half at every main-axis budget and c-BTM fraction swept
-        continued = [*dense_budgets, *(b for b, _ in both[len(dense_budgets | set(cfg.forest_budgets)) :])]
-        units["lr sweeps"] += sum(len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b for b in continued)
+    # what study/lrs.py sweeps: each main-axis budget (the dense arm; the experts at forest budgets; the
+    # dense run's second half at dense budgets), and each c-BTM fraction with a sweep of its own (all three)
+    swept = [
+        (b, b in cfg.forest_budgets, b in dense_budgets) for b in dense_budgets | set(cfg.forest_budgets)
+    ]
+    if cfg.cbtm_ks:
+        swept += [(f, True, True) for f in set(cfg.cbtm_data) if isinstance(cbtm_key(f, cfg), str)]
+    for b, experts, continued in swept if cfg.lr_grid else ():
+        half = len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b  # a grid of runs' second half
+        units["lr sweeps"] += len(cfg.lr_grid) * b + half * experts + half * continued
     units["total"] = sum(units.values())
     return units
 

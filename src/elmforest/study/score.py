@@ -24,6 +24,7 @@ from pathlib import Path
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.launch.jobs import DENSE_TUNED_RUN, logged
+from elmforest.launch.prepare import ood_stamp
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
@@ -36,14 +37,6 @@ CLUSTER_ROUTING = "document starts re-routed at 1, 2, 4, ... tokens"
 CACHE_VERSION = 2
 
 
-def ood_stamp(sh: Shards | None) -> dict | None:
-    """What an out-of-domain shards directory was built from (launch/prepare.py writes it): a score made
-    on other out-of-domain halves is stale."""
-    if sh is None or not (Path(sh.root) / "sources.json").is_file():
-        return None
-    return read_json(Path(sh.root) / "sources.json")
-
-
 def _entry_keys(
     p: Point, cfg: StudyConfig, seq_len: int, ood: Shards | None, routing: dict, tuned_lr: float | None
 ) -> dict[str, dict]:
@@ -52,7 +45,7 @@ def _entry_keys(
     common = {"eval_bytes": cfg.eval_bytes, "seq_len": seq_len}
     sets = {"bpb": {}, "valid": {}}
     if ood is not None:
-        sets["ood_bpb"] = {"ood": sorted(ood.domains), "ood_sources": ood_stamp(ood)}
+        sets["ood_bpb"] = {"ood": sorted(ood.domains), "ood_sources": ood_stamp(ood.root)}
     arms: dict[str, dict] = {}
     if p.dense:
         arms["dense"] = {}
