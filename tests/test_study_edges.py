@@ -284,6 +284,7 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     assert lost["bpb"] == dense[won[0]]["bpb"] != tuned[won[0]]["bpb"]
     entries = json.loads((point / "study_scores.json").read_text())["entries"]
     assert "dense_tuned/valid" in entries and "dense_tuned/bpb" not in entries  # not scored on test
+    assert entries["dense_tuned/valid"]["key"]["valid_bytes"] == "all"  # chosen as a sweep chooses
     assert (
         f"scored worse on valid than the dense run for 1 point(s) ({point.name} at LR 0.006"
         in (out / "report.md").read_text()
@@ -340,7 +341,44 @@ def test_an_older_score_cache_is_reused_only_where_each_score_s_own_key_holds(tm
     }
     assert hits({"mode": "ensemble", "prior": "uniform"}, 0.01)[0] == {"dense/bpb", "dense_tuned/bpb"}
     assert hits(ENSEMBLE, 0.02)[0] == {"dense/bpb", "btm/bpb"}  # another continuation LR: another run
+    assert not any(n.endswith("/valid") for n in _entry_keys(p, cfg, 32, ood, ENSEMBLE, 0.01, choose=False))
     (tmp_path / "sources.json").write_text(json.dumps({"revision": 2}))
     assert hits(ENSEMBLE, 0.01)[0] == {
         f"{a}/{s}" for a in ("dense", "dense_tuned", "btm") for s in ("bpb", "ood_bpb")
     }
+
+
+@pytest.mark.slow
+def test_untuned_continuations_that_all_lose_on_valid_are_kept_and_said(tmp_path, capsys, monkeypatch):
+    """With no continuation LR of its own the expert LR stands in; when every such run loses on valid,
+    dense_tuned is the dense run everywhere, but the arm and the report still say what was trained."""
+    from conftest import make_corpus
+
+    from elmforest.eval import bpb
+
+    real_eval = bpb.evaluate_shards
+
+    def worse(model, shards, split="test", *a, **kw):
+        r = real_eval(model, shards, split, *a, **kw)
+        if split == "valid" and "dense-tuned" in model.config._name_or_path:
+            r = {**r, "mean_bpb": r["mean_bpb"] + 5.0}
+        return r
+
+    monkeypatch.setattr(bpb, "evaluate_shards", worse)
+    cfg = load_study_config("tiny", ["domain_counts=[]", "seed_shares=[]", "cbtm_ks=[]"])
+    cfg.corpus = str(make_corpus(tmp_path / "corpus", docs_per_domain=40))
+    cfg.steps, cfg.expert_lr, cfg.dense_continue_lr = 12, 0.006, None
+    cfg.overrides = ["train.batch_size=6", "train.seq_len=32", "train.ckpt_every=0", "train.valid_every=0"]
+    cfg.workers, cfg.n_boot, cfg.eval_bytes, cfg.prior_batches = 1, 100, 1500, 2
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "out"
+    assert main(["study", str(path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
+    study = json.loads((out / "study.json").read_text())
+    tuned = [r for r in study["runs"] if r["arm"] == "dense_tuned"]
+    assert tuned and all(r["same_as"] == "dense" and r["lost_on_valid"]["lr"] == 0.006 for r in tuned)
+    assert study["dense_continue_lr"] == 0.006
+    assert (
+        f"scored worse on valid than the dense run for {len(tuned)} point(s)"
+        in (out / "report.md").read_text()
+    )

@@ -13,7 +13,7 @@ from elmforest.utils.io import atomic_path, write_text_atomic
 
 ARM_STYLE = {
     "dense": ("tab:gray", "o", "dense (one LR)"),
-    "dense_tuned": ("tab:blue", "D", "dense, second half at its own LR"),
+    "dense_tuned": ("tab:blue", "D", "dense, second half at its own LR where it wins on valid"),
     "btm": ("tab:green", "s", "BTM forest (ensemble)"),
 }
 

@@ -17,7 +17,6 @@ where it loses on valid the dense run is the tuned arm, not the worse continuati
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,12 +37,21 @@ CACHE_VERSION = 2
 
 
 def _entry_keys(
-    p: Point, cfg: StudyConfig, seq_len: int, ood: Shards | None, routing: dict, tuned_lr: float | None
+    p: Point,
+    cfg: StudyConfig,
+    seq_len: int,
+    ood: Shards | None,
+    routing: dict,
+    tuned_lr: float | None,
+    choose: bool = True,
 ) -> dict[str, dict]:
     """{"arm/set": the key of that score}: only what the score depends on, so one change rescores only
-    what it touches (a dense run does not depend on the forest's routing or prior)."""
+    what it touches (a dense run does not depend on the forest's routing or prior). `choose`: the point's
+    domains have a valid split to choose dense_tuned on."""
     common = {"eval_bytes": cfg.eval_bytes, "seq_len": seq_len}
-    sets = {"bpb": {}, "valid": {}}
+    sets: dict[str, dict] = {"bpb": {}}
+    if tuned_lr is not None and choose:  # the whole valid split, as a sweep chooses: not eval_bytes
+        sets["valid"] = {"eval_bytes": None, "valid_bytes": "all"}
     if ood is not None:
         sets["ood_bpb"] = {"ood": sorted(ood.domains), "ood_sources": ood_stamp(ood.root)}
     arms: dict[str, dict] = {}
@@ -59,7 +67,7 @@ def _entry_keys(
         f"{a}/{s}": {**common, **sk, **ak}
         for a, ak in arms.items()
         for s, sk in sets.items()
-        if s != "valid" or (a != "btm" and tuned_lr is not None)  # valid: the dense_tuned choice only
+        if s != "valid" or a != "btm"  # valid: the dense_tuned choice only
     }
 
 
@@ -116,12 +124,12 @@ def score_point(
         had = read_json(tuned / "run_config.json")["optim"]["lr"]
         if f"{had:.3g}" != f"{tuned_lr:.3g}":
             raise UserError(f"{tuned} was trained at LR {had:g}; the study asks for {tuned_lr:g}: delete it")
-    keys = _entry_keys(p, cfg, seq_len, ood, routing, tuned_lr)
+    valid = [d for d in p.domains if shards.has(d, "valid")]  # none: no choice, the continuation stands
+    keys = _entry_keys(p, cfg, seq_len, ood, routing, tuned_lr, choose=bool(valid))
     cache = where / "study_scores.json"
     entries = _read_cache(cache)
     got = {name: v for name, k in keys.items() if (v := _hit(entries, name, k)) is not None}
-    sets = {"bpb": (shards, "test", list(p.domains))}
-    sets["valid"] = (shards, "valid", [d for d in p.domains if shards.has(d, "valid")])
+    sets = {"bpb": (shards, "test", list(p.domains)), "valid": (shards, "valid", valid)}
     if ood is not None:
         sets["ood_bpb"] = (ood, "test", [d for d in ood.domains if ood.has(d, "test")])
     common = {"seq_len": seq_len, "batch_size": 16, "max_bytes": cfg.eval_bytes}
@@ -133,12 +141,14 @@ def score_point(
         model = load_model(run / "model")
         for name in names:
             sh, split, doms = sets[name.split("/")[1]]
+            # valid: all of it, the bytes a sweep chooses on (study/lrs.py, `elmforest sweep`)
+            kw = {**common, "max_bytes": None} if split == "valid" else common
             try:
-                r = evaluate_shards(model, sh, split, doms, progress=False, **common)
+                r = evaluate_shards(model, sh, split, doms, progress=False, **kw)
             except Diverged as e:  # finite in training, not on valid: it loses the choice
                 if name != "dense_tuned/valid":
                     raise
-                got[name] = {"mean": math.inf, "diverged": f"Diverged on valid: {e}"}
+                got[name] = {"mean": None, "diverged": f"Diverged on valid: {e}"}
                 continue
             per = {d: v["bpb"] for d, v in r["domains"].items()}
             got[name] = {"mean": r["mean_bpb"]} if split == "valid" else per
@@ -175,7 +185,12 @@ def score_point(
 
 
 def _continued_wins(got: dict) -> bool:
-    return got["dense_tuned/valid"]["mean"] < got["dense/valid"]["mean"]
+    """The continuation is the arm where it beats the dense run on valid (or nothing can be chosen on:
+    no valid split; the continuation stands, as before there was a choice)."""
+    if "dense_tuned/valid" not in got:
+        return True
+    mean = got["dense_tuned/valid"]["mean"]
+    return mean is not None and mean < got["dense/valid"]["mean"]
 
 
 def _scores(p: Point, where: Path, forest: Forest, got: dict, tuned_lr: float | None, tuned: Path) -> dict:
@@ -189,14 +204,19 @@ def _scores(p: Point, where: Path, forest: Forest, got: dict, tuned_lr: float | 
         summary = read_json(where / "runs" / "dense" / "summary.json")
         scores["dense"] = {"flops": summary["flops"], "tokens": summary["tokens"], **sets("dense")}
     if tuned_lr is not None:
-        valid = {"dense": got["dense/valid"]["mean"], "continued": got["dense_tuned/valid"]["mean"]}
+        chose = "dense_tuned/valid" in got
+        valid = (
+            {"dense": got["dense/valid"]["mean"], "continued": got["dense_tuned/valid"]["mean"]}
+            if chose
+            else {}
+        )
         if _continued_wins(got):
             summary, seed = read_json(tuned / "summary.json"), forest.data["seed"]
             scores["dense_tuned"] = {
                 "flops": seed["flops"] + summary["flops"],  # the seed's (shared), then its own half
                 "tokens": seed["tokens"] + summary["tokens"],
                 "lr": tuned_lr,
-                "valid_mean_bpb": valid,
+                **({"valid_mean_bpb": valid} if chose else {"not_chosen": "no valid split"}),
                 **sets("dense_tuned"),
             }
         else:

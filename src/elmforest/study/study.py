@@ -348,7 +348,10 @@ def _study(
         record(p, "cbtm", runs_dir / c.tag, s["btm"], k=c.k, balance=c.balance, routing=r)
         for (p, c, r), s in zip(cb, scores[len(points) :], strict=True)
     ]
-    if not tuned and all(r.get("same_as") for r in recs if r["arm"] == "dense_tuned"):
+    trained = ("lost_on_valid", "diverged")  # a continuation trained, not chosen: kept, and said
+    if not tuned and all(
+        r.get("same_as") and not any(k in r for k in trained) for r in recs if r["arm"] == "dense_tuned"
+    ):
         recs = [r for r in recs if r["arm"] != "dense_tuned"]  # nothing tuned, nothing trained: no such arm
         continue_lr = None
     write_json_atomic(out / "study.json", strict_json({"config": given, "runs": recs}))  # kept if a fit fails
