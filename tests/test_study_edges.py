@@ -382,3 +382,15 @@ def test_untuned_continuations_that_all_lose_on_valid_are_kept_and_said(tmp_path
         f"scored worse on valid than the dense run for {len(tuned)} point(s)"
         in (out / "report.md").read_text()
     )
+
+
+def test_the_valid_choice_counts_a_non_finite_continuation_as_lost_and_keeps_one_with_nothing_to_choose_on():
+    from elmforest.study.score import _continued_wins
+
+    dense = {"dense/valid": {"mean": 3.0}}
+    assert _continued_wins({**dense, "dense_tuned/valid": {"mean": 2.9}})
+    assert not _continued_wins({**dense, "dense_tuned/valid": {"mean": 3.0}})  # a tie: the run's own LR
+    assert not _continued_wins(
+        {**dense, "dense_tuned/valid": {"mean": None, "diverged": "Diverged on valid"}}
+    )
+    assert _continued_wins({})  # no valid split: no choice, the continuation stands
