@@ -267,12 +267,7 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     from elmforest.eval import bpb
 
     real_eval = bpb.evaluate_shards
-
-    def worse(model, shards, split="test", *a, **kw):
-        r = real_eval(model, shards, split, *a, **kw)
-        if split == "valid" and "dense-tuned" in model.config._name_or_path:
-            r = {**r, "mean_bpb": r["mean_bpb"] + 5.0}
-        return r
+    worse = _worse_on_valid_for_continuations(real_eval)
 
     point = Path(tuned[won[0]]["dir"])
     (point / "study_scores.json").unlink()
@@ -348,6 +343,18 @@ def test_an_older_score_cache_is_reused_only_where_each_score_s_own_key_holds(tm
     }
 
 
+def _worse_on_valid_for_continuations(real_eval):
+    """evaluate_shards with every dense-tuned run made to lose on valid (its test scores untouched)."""
+
+    def worse(model, shards, split="test", *a, **kw):
+        r = real_eval(model, shards, split, *a, **kw)
+        if split == "valid" and "dense-tuned" in model.config._name_or_path:
+            r = {**r, "mean_bpb": r["mean_bpb"] + 5.0}
+        return r
+
+    return worse
+
+
 @pytest.mark.slow
 def test_untuned_continuations_that_all_lose_on_valid_are_kept_and_said(tmp_path, capsys, monkeypatch):
     """With no continuation LR of its own the expert LR stands in; when every such run loses on valid,
@@ -357,12 +364,7 @@ def test_untuned_continuations_that_all_lose_on_valid_are_kept_and_said(tmp_path
     from elmforest.eval import bpb
 
     real_eval = bpb.evaluate_shards
-
-    def worse(model, shards, split="test", *a, **kw):
-        r = real_eval(model, shards, split, *a, **kw)
-        if split == "valid" and "dense-tuned" in model.config._name_or_path:
-            r = {**r, "mean_bpb": r["mean_bpb"] + 5.0}
-        return r
+    worse = _worse_on_valid_for_continuations(real_eval)
 
     monkeypatch.setattr(bpb, "evaluate_shards", worse)
     cfg = load_study_config("tiny", ["domain_counts=[]", "seed_shares=[]", "cbtm_ks=[]"])

@@ -214,9 +214,10 @@ def train_points(
     every: float = 30.0,
     more_forests=None,
     lrs: dict | None = None,
-) -> None:
+) -> dict[Point, float]:
     """`shards_of(point)` gives a point's shards; `more_forests()`, called once the seeds exist, gives
-    further forests (directory, shards) whose experts train in phase 2 with the points' (c-BTM's)."""
+    further forests (directory, shards) whose experts train in phase 2 with the points' (c-BTM's).
+    Returns {point: its dense_tuned run's LR} for the points that have one (scoring's `tuned_lr`)."""
     plans = {p: point_plan(cfg, base, p, steps_1x, lrs) for p in points}
     seq = base.train.seq_len
     dense_jobs, runs = [], []
@@ -318,6 +319,7 @@ def train_points(
             [j.run_dir() / "job.log" for j in expert_jobs],
         )
         log(prog.line())
+    return dict(tuned)
 
 
 def record(p: Point, arm: str, where: Path, scores: dict, **extra) -> dict:

@@ -27,13 +27,11 @@ from elmforest.study.run import (
     check_budget_steps,
     plan_batch,
     plan_points,
-    point_plan,
     record,
     records,
     seed_position,
     train_points,
 )
-from elmforest.study.run import continue_lr as continue_lr_of
 from elmforest.study.score import score_all, score_job, scored_text
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import held_lock, read_json, write_json_atomic
@@ -330,13 +328,16 @@ def _study(
     )
     runs_dir = out / "runs"
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
-    train_points(points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs)
+    tuned_lrs = train_points(
+        points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs
+    )
     seq = base.train.seq_len
     cb = _cbtm_points(cfg, cbtm_forests, data)
     jobs = [
-        score_job(p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq, None, threads, lr)
+        score_job(
+            p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq, None, threads, tuned_lrs.get(p)
+        )
         for p in points
-        for lr in [continue_lr_of(cfg, p, lrs, point_plan(cfg, base, p, steps_1x, lrs)[1].optim.lr)]
     ]
     jobs += [
         score_job(p, runs_dir / c.tag, shards_of(p), data.ood_shards, cfg, seq, r, threads) for p, c, r in cb
