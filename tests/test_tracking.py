@@ -226,7 +226,9 @@ def test_wandb_offline_history_equals_the_jsonl_logs_and_a_resume_continues_the_
 
     run_id = json.loads((run / "trackers.json").read_text())["wandb"]["id"]
     sessions = sorted((run / "wandb").glob("offline-run-*"))
-    assert [s.name.rsplit("-", 1)[-1] for s in sessions] == [run_id, run_id]  # one W&B run, two sessions
+    # offline-run-<time>-<id>, with "-1" after it when the resume starts within the same second
+    ids = [re.fullmatch(r"offline-run-[\d_]+-(\w+?)(?:-\d+)?", s.name).group(1) for s in sessions]
+    assert ids == [run_id, run_id]  # one W&B run, two sessions
     (first_run, first, first_exit), (second_run, second, second_exit) = map(_wandb_session, sessions)
     assert first_exit == second_exit == [0]
     assert first_run.run_id == second_run.run_id == run_id and first_run.display_name == "run"
