@@ -357,6 +357,40 @@ def test_the_ledger_counts_router_training_and_every_output_that_ran(forest_dir,
     assert ft == [3.0, 7.0]
 
 
+def test_a_copied_folder_rerun_replaces_the_originals_ledger_row(forest_dir, tmp_path):
+    """`cp -a qs qs2` and a rerun in qs2: its MoE's fine-tuning is counted once, not once per copy; a row
+    written before the relative place was kept is tied to its output through the output's card."""
+    import shutil
+
+    for legacy in (False, True):
+        top = tmp_path / ("legacy" if legacy else "new")
+        f = _copy(forest_dir, top)
+        (top / "ft").mkdir()
+        (top / "ft" / "elmforest_moe.json").write_text(json.dumps({"forest": str(f.root.resolve())}))
+        f.record_phase(
+            {"phase": "btx_finetuning", "name": "ft", "tokens": 1, "flops": 3.0, "output": str(top / "ft")}
+        )
+        if legacy:
+            f.update(lambda d: [r.pop("relative") for r in d["ledger"]])
+        shutil.copytree(top, tmp_path / "copy", symlinks=True)
+        g = Forest.load(tmp_path / "copy" / f.root.name)
+        g.record_phase(
+            {
+                "phase": "btx_finetuning",
+                "name": "ft",
+                "tokens": 1,
+                "flops": 5.0,
+                "output": str(tmp_path / "copy" / "ft"),
+            }
+        )
+        rows = [(r["flops"], r["output"]) for r in Forest.load(g.root).data["ledger"]]
+        assert rows == [(5.0, str((tmp_path / "copy" / "ft").resolve()))], legacy
+        assert [r["flops"] for r in Forest.load(f.root).data["ledger"]] == [3.0]  # the original's is its own
+        g.drop_phases(tmp_path / "copy" / "ft")
+        assert Forest.load(g.root).data["ledger"] == []
+        shutil.rmtree(tmp_path / "copy")
+
+
 def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest_dir, tmp_path):
     from elmforest.forest.optout import remove_expert
     from elmforest.merge.moe import MoeSpec, export_moe

@@ -49,16 +49,19 @@ class ForestRecords:
         """Put a training phase that is neither the seed nor an expert (e.g. the router training of a
         model merged from this forest) in the ledger. The same phase of the same output (its resolved
         path; the name when there is none) is replaced, as a rerun overwrites that output; two
-        outputs that share a folder name both ran, so both stay."""
+        outputs that share a folder name both ran, so both stay. An output is the same one where it sits
+        at the same place relative to the forest: a quickstart folder copied with its forest
+        (`cp -a qs qs2`) and rerun replaces the original's row rather than counting that training twice."""
         if not {"phase", "name", "tokens", "flops"} <= set(phase):
             raise UserError(f"a ledger phase needs phase, name, tokens and flops; got {sorted(phase)}")
         phase = dict(phase)
         if phase.get("output"):
             phase["output"] = str(Path(phase["output"]).resolve())
+            phase["relative"] = os.path.relpath(phase["output"], self.root.resolve())
 
         def key(p: dict) -> tuple:
-            out = p.get("output")
-            return (p.get("phase"), str(Path(out).resolve()) if out else None, None if out else p.get("name"))
+            out = self._output_place(p)
+            return (p.get("phase"), out, None if out else p.get("name"))
 
         def change(d):
             d["ledger"] = [p for p in d.get("ledger", []) if key(p) != key(phase)] + [phase]
@@ -69,16 +72,29 @@ class ForestRecords:
         """Forget the recorded training of an output that was just written over with an untrained model:
         the ledger counts what the forest and its outputs now hold, and that training is gone."""
         path = str(Path(output).resolve())
-        if not any(p.get("output") == path for p in self.data.get("ledger", [])):
+        if not any(self._output_place(p) == path for p in self.data.get("ledger", [])):
             return
 
         def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if p.get("output") != path]
+            d["ledger"] = [p for p in d.get("ledger", []) if self._output_place(p) != path]
 
         try:
             self.update(change)
         except OSError:  # a read-only forest: nothing of it was recorded by this run either
             pass
+
+    def _output_place(self, phase: dict) -> str | None:
+        """Where a ledger row's output is for this forest: at its place relative to the forest when that
+        is known (kept since it was recorded, or read from the card of an output written before, which
+        names the forest it was merged from), else where it was written."""
+        out = phase.get("output")
+        if not out:
+            return None
+        rel = phase.get("relative")
+        if not isinstance(rel, str):
+            made_by = _card_forest(Path(out))
+            rel = os.path.relpath(Path(out).resolve(), Path(made_by).resolve()) if made_by else None
+        return os.path.normpath(self.root.resolve() / rel) if rel else str(Path(out).resolve())
 
     def record_output(self, path: str | Path, kind: str, experts: list[str]) -> dict | None:
         """Remember a merged model written from these experts (it holds copies of their weights), so
@@ -150,3 +166,14 @@ class ForestRecords:
 # the manifest's timestamps: forest/manifest.py stamps the forest, its seed and its experts with it too
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _card_forest(output: Path) -> str | None:
+    """The forest a merged output's card says it was merged from (None when it has no such card)."""
+    for card in ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json"):
+        try:
+            made_by = json.loads((output / card).read_text()).get("forest")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return made_by if isinstance(made_by, str) and made_by else None
+    return None
