@@ -333,6 +333,39 @@ def test_mlflow_file_store_equals_the_jsonl_logs_across_a_crash_and_resume_and_a
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2, 3]
 
 
+def test_an_mlflow_run_moved_with_its_run_directory_keeps_its_artifacts_there(
+    shards_dir, tmp_path, monkeypatch
+):
+    """MLflow's file store holds absolute artifact URIs: a run directory moved and resumed points them
+    at its new place, so its run_config.json is found after the old place is gone."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
+    cfg.train.trackers = ["mlflow"]
+    cfg.train.stop_at = 4
+    train(cfg, tmp_path / "old" / "run", progress=False)
+    run = tmp_path / "new" / "run"
+    shutil.copytree(tmp_path / "old", tmp_path / "new", symlinks=True)
+    shutil.rmtree(tmp_path / "old")
+    cfg.train.stop_at = None
+    train(cfg, run, progress=False)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "elmforest"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.info.run_id == json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert mrun.info.status == "FINISHED" and exp.artifact_location.startswith(
+        (run / "mlruns").resolve().as_uri()
+    )
+    art = Path(mrun.info.artifact_uri.removeprefix("file://"))
+    assert art.is_relative_to(run.resolve()) and (art / "run_config.json").is_file()
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [2, 4, 6, 8]
+
+
 def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so_far(
     shards_dir, tmp_path, monkeypatch
 ):

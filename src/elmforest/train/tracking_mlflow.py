@@ -14,7 +14,8 @@ limit truncated, the whole config also as the artifact run_config.json); metrics
 checkpoint continues the same MLflow run, and in its own store the points a killed session logged past
 that checkpoint are dropped, so each step keeps one value as in metrics.jsonl (another store keeps
 them: MLflow cannot delete a metric point). A fresh start deletes RUN/mlruns (an earlier start killed
-before its first checkpoint), as TensorBoard's events are deleted. A failed run ends FAILED (KILLED
+before its first checkpoint), as TensorBoard's events are deleted; a run directory moved or copied
+points its store's artifact locations at the new place when it resumes. A failed run ends FAILED (KILLED
 on Ctrl-C), a paused or complete one FINISHED, tagged elmforest.state paused/complete.
 """
 
@@ -53,6 +54,8 @@ class MlflowLogger(Tracker):
             _telemetry_off()
             if not resumed and self.store is None and (self.run_dir / "mlruns").is_dir():
                 shutil.rmtree(self.run_dir / "mlruns")
+            if resumed and self.store is None and (self.run_dir / "mlruns").is_dir():
+                _relocate(self.run_dir / "mlruns")
             self.client = MlflowClient(tracking_uri=self.uri)
             if resumed and same_store and self._exists(known.get("run_id")):
                 self.run_id = known["run_id"]
@@ -146,6 +149,29 @@ class MlflowLogger(Tracker):
         with env(**ENV):
             self.client.set_tag(run_id, "elmforest.state", state)
             self.client.set_terminated(run_id, status)
+
+
+def _relocate(store: Path) -> None:
+    """Point our file store's artifact locations at where the store is now. MLflow writes them into
+    meta.yaml as absolute file URIs, so a run directory moved or copied (a quickstart folder copied
+    with `cp -a`) would keep reading and writing its artifacts (run_config.json) in the old place, or
+    find none once that is deleted. Each location must be the store's own, so one that ends as ours
+    does (`/<experiment>` or `/<experiment>/<run>/artifacts`) under another folder is rewritten."""
+    store = store.resolve()
+    metas = [(m, "artifact_location", m.parent) for m in store.glob("*/meta.yaml")]
+    metas += [(m, "artifact_uri", m.parent / "artifacts") for m in store.glob("*/*/meta.yaml")]
+    for meta, key, own in metas:
+        try:
+            lines = meta.read_text().splitlines(keepends=True)
+        except OSError:
+            continue
+        tail = "/" + own.relative_to(store).as_posix()
+        for i, line in enumerate(lines):
+            value = line[len(key) + 1 :].strip() if line.startswith(key + ":") else None
+            if value and value.startswith("file:") and value.endswith(tail) and value != own.as_uri():
+                lines[i] = f"{key}: {own.as_uri()}\n"
+                write_text_atomic(meta, "".join(lines))
+                break
 
 
 def _telemetry_off() -> None:
