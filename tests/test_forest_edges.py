@@ -391,6 +391,29 @@ def test_a_copied_folder_rerun_replaces_the_originals_ledger_row(forest_dir, tmp
         shutil.rmtree(tmp_path / "copy")
 
 
+def test_opting_out_of_a_copied_forest_moves_its_copys_compute_not_the_originals(forest_dir, tmp_path):
+    """A forest copied with its merged MoE (`cp -a qs qs2`): opting an expert out of the copy deletes the
+    copy's MoE, so the copy's ledger row of that MoE's fine-tuning (which names the original's path)
+    moves to the tombstone; the original keeps its MoE and its row."""
+    from elmforest.forest.optout import remove_expert
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    top = tmp_path / "qs"
+    f = _copy(forest_dir, top)
+    moe = export_moe(f, top / "moe", MoeSpec(router="random"), device="cpu")
+    f.record_phase({"phase": "btx_finetuning", "name": "moe", "tokens": 1, "flops": 3.0, "output": str(moe)})
+    shutil.copytree(top, tmp_path / "qs2", symlinks=True)
+    g = Forest.load(tmp_path / "qs2" / "f")
+    gone = g.names[0]
+    remove_expert(g, gone)
+    g = Forest.load(g.root)
+    assert not (tmp_path / "qs2" / "moe").exists() and moe.exists()
+    assert g.data.get("ledger", []) == []
+    spent = next(r for r in g.data["removed"] if r["name"] == gone)["spent"]
+    assert [r["phase"] for r in spent] == ["expert", "btx_finetuning"]
+    assert [r["flops"] for r in Forest.load(f.root).data["ledger"]] == [3.0]
+
+
 def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest_dir, tmp_path):
     from elmforest.forest.optout import remove_expert
     from elmforest.merge.moe import MoeSpec, export_moe

@@ -137,7 +137,10 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
     def done(d):
         # phases of merged outputs deleted with it (their fine-tuning) move to its tombstone, so the
         # ledger is uniformly what the forest and its outputs now hold cost
-        gone = [p for p in d.get("ledger", []) if p.get("output") in held and not Path(p["output"]).exists()]
+        # (where each sits for this forest: a copied forest's row may still name the original's path)
+        gone = [
+            p for p in d.get("ledger", []) if (at := forest.output_place(p)) in held and not Path(at).exists()
+        ]
         for r in d.get("removed", []):
             if r["name"] == name:
                 r.update(state="done", verified=_now())

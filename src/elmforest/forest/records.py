@@ -60,7 +60,7 @@ class ForestRecords:
             phase["relative"] = os.path.relpath(phase["output"], self.root.resolve())
 
         def key(p: dict) -> tuple:
-            out = self._output_place(p)
+            out = self.output_place(p)
             return (p.get("phase"), out, None if out else p.get("name"))
 
         def change(d):
@@ -72,18 +72,18 @@ class ForestRecords:
         """Forget the recorded training of an output that was just written over with an untrained model:
         the ledger counts what the forest and its outputs now hold, and that training is gone."""
         path = str(Path(output).resolve())
-        if not any(self._output_place(p) == path for p in self.data.get("ledger", [])):
+        if not any(self.output_place(p) == path for p in self.data.get("ledger", [])):
             return
 
         def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if self._output_place(p) != path]
+            d["ledger"] = [p for p in d.get("ledger", []) if self.output_place(p) != path]
 
         try:
             self.update(change)
         except OSError:  # a read-only forest: nothing of it was recorded by this run either
             pass
 
-    def _output_place(self, phase: dict) -> str | None:
+    def output_place(self, phase: dict) -> str | None:
         """Where a ledger row's output is for this forest: at its place relative to the forest when that
         is known (kept since it was recorded, or read from the card of an output written before, which
         names the forest it was merged from), else where it was written."""
