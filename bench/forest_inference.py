@@ -8,7 +8,8 @@ depend on what the weights learned), then times, on the same test windows: one e
 (plain evaluation), the top-1 and top-2 sparse ensembles (experts chosen from the prior, only those
 run), the full ensemble, and the MoE export (transformers' Mixtral, top-2 per token; random router
 rows, which spread tokens evenly). Each configuration gets a fresh expert pool (no cached
-log-probs). Target: top-k costs <= 1.1·k single-expert passes.
+log-probs). The cost is per token: every model is loaded before its timing starts (a server loads
+once), and the load times are printed apart. Target: top-k costs <= 1.1·k single-expert passes.
 """
 
 from __future__ import annotations
@@ -53,26 +54,42 @@ def main() -> None:
             "max_bytes": args.bytes,
         }
 
-        def single():
-            evaluate_shards(load_model(forest.expert_dir("e0")), shards, progress=False, **common)
-
-        def forest_eval(mode, k):
-            pool = make_pool(forest, batch_size=16)
-            return evaluate_forest_shards(
-                forest, shards, mode=mode, k=k, prior="uniform", pool=pool, **common
-            )  # uniform prior: no valid split is read, so only the scoring itself is timed
-
         export_moe(forest, work / "moe", MoeSpec(router="random", top_k=2))
+        loads: dict[str, list[float]] = {"one expert": [], "MoE top-2": [], f"{args.experts} experts": []}
 
-        def moe():
-            evaluate_shards(load_model(work / "moe"), shards, progress=False, **common)
+        def loaded(what: str, load):
+            t = time.perf_counter()
+            out = load()
+            loads[what].append(time.perf_counter() - t)
+            return out
+
+        def model_run(what: str, path: Path):
+            def setup():
+                return loaded(what, lambda: load_model(path))
+
+            return setup, lambda m: evaluate_shards(m, shards, progress=False, **common)
+
+        def forest_run(mode: str, k: int):
+            def load_all():  # a fresh pool (no cached log-probs) with every expert loaded
+                pool = make_pool(forest, batch_size=16)
+                for j in range(len(pool.dirs)):
+                    pool.model(j)
+                return pool
+
+            def setup():
+                return loaded(f"{args.experts} experts", load_all)
+
+            # uniform prior: no valid split is read, so only the scoring itself is timed
+            return setup, lambda pool: evaluate_forest_shards(
+                forest, shards, mode=mode, k=k, prior="uniform", pool=pool, **common
+            )
 
         runs = {
-            "one expert": single,
-            "MoE top-2": moe,
-            "top-1": lambda: forest_eval("topk", 1),
-            "top-2": lambda: forest_eval("topk", 2),
-            f"full ({args.experts})": lambda: forest_eval("ensemble", 0),
+            "one expert": model_run("one expert", forest.expert_dir("e0")),
+            "MoE top-2": model_run("MoE top-2", work / "moe"),
+            "top-1": forest_run("topk", 1),
+            "top-2": forest_run("topk", 2),
+            f"full ({args.experts})": forest_run("ensemble", 0),
         }
         times = _interleaved_times(runs, args.rounds)
         from elmforest.eval.bpb import select_documents
@@ -84,18 +101,25 @@ def main() -> None:
         for name, ts in times.items():
             t = statistics.median(ts)
             print(f"{name:14s} {n_tok / t:10,.0f} {t / base:20.2f}")
+        print(
+            "loading (s, median; not in the times above): "
+            + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in loads.items())
+        )
         if args.gen_tokens:
             generation(forest, work / "moe", shards, args.gen_tokens, args.rounds)
 
 
 def _interleaved_times(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each run, the runs interleaved within each round so a machine whose speed
-    drifts affects them alike."""
+    drifts affects them alike. A run is a function, or (setup, fn): setup's result (a loaded model) is
+    made untimed before each call and passed to fn."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, fn in runs.items():
+        for name, run in runs.items():
+            setup, fn = run if isinstance(run, tuple) else (None, run)
+            args = (setup(),) if setup else ()
             t = time.perf_counter()
-            fn()
+            fn(*args)
             times[name].append(time.perf_counter() - t)
     return times
 
