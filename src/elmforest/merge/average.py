@@ -8,6 +8,7 @@ safetensors with an index when larger than `max_shard_bytes`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,12 +23,12 @@ from elmforest.utils.io import undone_on_failure, write_json_atomic
 
 
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n] * n
     if n == 0:
         raise UserError("nothing to merge: no experts")
-    if len(weights) != n or any(not (w >= 0) for w in weights) or sum(weights) <= 0:
-        raise UserError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n or any(not (0 <= w < math.inf) for w in weights) or sum(weights) <= 0:
+        raise UserError(f"need {n} finite non-negative weights with a positive sum, got {list(weights)}")
     top = float(max(weights))  # scaled first: 1e308 + 1e308 is inf, and w / inf is 0
     s = sum(float(w) / top for w in weights)
     return [float(w) / top / s for w in weights]
