@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,33 @@ def test_an_empty_forest_is_said_to_be_empty_not_every_owner_excluded(tmp_path):
 
     with pytest.raises(UserError, match="no experts \\(FlexOlmo owners\\) to merge"):
         forest_pairs(Forest.init(tmp_path / "e"))
+
+
+def test_owner_pairs_given_one_by_one_are_recorded_wherever_they_sit_in_their_forest(
+    forest_dir, shards_dir, tmp_path, monkeypatch
+):
+    """Pairs given by --owner from a forest's folders (experts/E, runs/E): the merge and the MoE fine-tuned
+    from it are both recorded with that forest, so opting E out deletes both copies of E's weights; one
+    checkpoint given twice, its path spelled two ways, is refused."""
+    from elmforest.cli import main
+    from elmforest.forest import btm
+    from elmforest.merge.flexolmo import merge_pairs
+    from elmforest.merge.moe_train import finetune_moe
+
+    src = Forest.load(forest_dir)
+    a, b = Shards(shards_dir).domains[:2]
+    f = btm.share_seed(tmp_path / "fx", src, src.names)
+    for d in (a, b):
+        btm.train_expert(f, Shards(shards_dir), d, branch="flexolmo", progress=False)
+    merged = tmp_path / "by-hand"
+    argv = ["merge", "flexolmo", "--no-routing", "--owner", f"o0={f.root}/experts/{a}"]
+    assert main([*argv, "--owner", f"o1={f.root}/runs/{b}", "--out", str(merged)]) == 0
+    ft = finetune_moe(merged, shards_dir, 1, out=tmp_path / "ft", lr=1e-2, batch_size=2, progress=False)
+    outs = {o["path"]: o["experts"] for o in Forest.load(f.root).data["outputs"]}
+    assert outs[str(merged.resolve())] == [a, b] and outs[str(ft.resolve())] == [a, b]
+    assert main(["forest", "remove", "--forest", str(f.root), "--expert", b]) == 0
+    assert not merged.exists() and not ft.exists()
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="same checkpoint"):
+        merge_pairs([("x", f.root / "experts" / a), ("y", Path("fx") / "experts" / a)], tmp_path / "twice")

@@ -4,6 +4,7 @@ forest inconsistent: each is now refused with a message naming the problem, or h
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -283,6 +284,11 @@ def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
 
 def test_huge_finite_weights_are_not_a_zero_model():
     assert normalise([1e308, 1e308, 0.0], 3) == [0.5, 0.5, 0.0]
+    for bad in ([math.inf, 1.0], [math.nan, 1.0]):  # not a NaN model
+        with pytest.raises(UserError, match="finite non-negative"):
+            normalise(bad, 2)
+    with pytest.raises(UserError, match="nothing to merge"):
+        normalise(None, 0)
     assert explicit_weights("a=1e308,b=1e308", ["a", "b", "c"]) == [1.0, 1.0, 0.0]
     with pytest.raises(UserError, match="given twice"):
         explicit_weights("a=1,a=2", ["a", "b"])
@@ -412,6 +418,35 @@ def test_opting_out_of_a_copied_forest_moves_its_copys_compute_not_the_originals
     spent = next(r for r in g.data["removed"] if r["name"] == gone)["spent"]
     assert [r["phase"] for r in spent] == ["expert", "btx_finetuning"]
     assert [r["flops"] for r in Forest.load(f.root).data["ledger"]] == [3.0]
+
+
+def test_a_failed_re_merge_without_an_expert_still_lets_opting_it_out_find_the_old_copy(
+    forest_dir, tmp_path, monkeypatch
+):
+    """`merge moe` again at the same --out, leaving X out, killed or failing while writing: the old MoE
+    (which holds X) is still there, so the record keeps X until the new one is written, and opting X out
+    deletes the old one; a re-merge that is written holds exactly what it names."""
+    from elmforest.forest.optout import remove_expert
+    from elmforest.merge import moe
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    gone = f.names[0]
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    good = export_moe(f, tmp_path / "other", MoeSpec(router="random"), device="cpu")
+    export_moe(Forest.load(f.root), good, MoeSpec(router="random", exclude=[gone]), device="cpu")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(moe, "_write_side_files", full)
+    with pytest.raises(Exception, match="No space left"):
+        export_moe(Forest.load(f.root), out, MoeSpec(router="random", exclude=[gone]), device="cpu")
+    monkeypatch.undo()
+    outs = {o["path"]: o["experts"] for o in Forest.load(f.root).data["outputs"]}
+    assert gone in outs[str(out.resolve())] and gone not in outs[str(good.resolve())]
+    remove_expert(Forest.load(f.root), gone)
+    assert not out.exists() and good.exists()
 
 
 def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest_dir, tmp_path):

@@ -187,7 +187,8 @@ def average(
         base, params["scale"] = forest.seed_dir, scale
         if method == "ties":
             params["density"] = density
-    previous = forest.record_output(out, "average", [n for n, w in zip(names, ws, strict=True) if w > 0])
+    held = [n for n, w in zip(names, ws, strict=True) if w > 0]
+    previous = forest.record_output(out, "average", held)
     try:
         out = merge_checkpoints(
             forest.expert_dirs(),
@@ -202,6 +203,7 @@ def average(
         if previous is not None or not (Path(out) / "elmforest_average.json").is_file():
             forest.forget_output(out, previous)  # a refused merge leaves the record as it was
         raise
+    forest.settle_output(out, held)
     print(
         f"merged ({method}) {len(names)} experts with weights "
         + ", ".join(f"{n}={w / sum(ws):.3f}" for n, w in zip(names, ws, strict=True))

@@ -97,20 +97,26 @@ class ForestRecords:
         return os.path.normpath(self.root.resolve() / rel) if rel else str(Path(out).resolve())
 
     def record_output(self, path: str | Path, kind: str, experts: list[str]) -> dict | None:
-        """Remember a merged model written from these experts (it holds copies of their weights), so
-        that opting one out also deletes its copies. Returns the entry this one replaced, if any."""
+        """Remember a merged model about to be written from these experts (it holds copies of their
+        weights), so that opting one out also deletes its copies. Returns the entry this one replaced, if
+        any. Until `settle_output` says the write is done, the entry keeps the experts the output there
+        held before as well: a write that fails or is killed leaves that output in place, and opting one
+        of them out must still find it (opt-out deletes only what an output's own card lists)."""
         path = str(Path(path).resolve())
         before = []
 
         def change(d):
             before[:] = [o for o in d.get("outputs", []) if o["path"] == path]
+            held = list(experts)
+            for o in before:
+                held += [x for x in o.get("experts", []) if x not in held]
             d["outputs"] = [o for o in d.get("outputs", []) if o["path"] != path]
             d["outputs"].append(
                 {
                     "path": path,
                     "relative": os.path.relpath(path, self.root.resolve()),  # found again in a copied tree
                     "kind": kind,
-                    "experts": list(experts),
+                    "experts": held,
                     "written": _now(),
                 }
             )
@@ -124,6 +130,24 @@ class ForestRecords:
                 file=sys.stderr,
             )
         return before[0] if before else None
+
+    def settle_output(self, path: str | Path, experts: list[str]) -> None:
+        """The output at `path` is written and holds exactly `experts`: its record no longer keeps the
+        experts the output there held before (`record_output`)."""
+        path = str(Path(path).resolve())
+        entry = next((o for o in self.data.get("outputs", []) if o["path"] == path), None)
+        if entry is None or entry.get("experts") == list(experts):
+            return
+
+        def change(d):
+            for o in d.get("outputs", []):
+                if o["path"] == path:
+                    o["experts"] = list(experts)
+
+        try:
+            self.update(change)
+        except OSError:  # a read-only forest: it could not record the output either
+            pass
 
     def forget_output(self, path: str | Path, previous: dict | None = None) -> None:
         """Undo `record_output` for a merge that failed: put back the entry it replaced (`previous`,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter
-from elmforest.merge.moe import MLP_KEY
+from elmforest.merge.moe import MLP_KEY, check_untrained
 from elmforest.merge.moe_formats import PROJ, format_for
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
@@ -191,8 +191,10 @@ def merge_pairs(
         if n == "public":
             raise UserError("owner name 'public' is the public expert's (expert 0); name the owner otherwise")
     refuse_inside_forest(out)
+    check_untrained(out)  # a fine-tuned merge keeps elmforest_flexolmo.json: not written over unasked
     dirs = [resolve_model_dir(d) for _, d in pairs]
-    twice = sorted({n for (n, _), d in zip(pairs, dirs, strict=True) if dirs.count(d) > 1})
+    same = [d.resolve() for d in dirs]  # one checkpoint however its path is spelled
+    twice = sorted({n for (n, _), d in zip(pairs, same, strict=True) if same.count(d) > 1})
     if twice:
         raise UserError(f"owners {twice} are the same checkpoint; each owner's pair is merged once")
     cfgs = [read_json(d / "config.json") for d in dirs]
@@ -219,7 +221,7 @@ def merge_pairs(
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
-    recorded, known_as = _record_in_forests(out, names, dirs, forest)
+    recorded, known_as, held = _record_in_forests(out, names, dirs, forest)
     removed = list(recorded[Path(forest).resolve()].removed) if forest is not None else []
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
         ws = [LazyWeights(d, stack) for d in dirs]
@@ -262,15 +264,28 @@ def merge_pairs(
         )
         _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed, known_as)
         path = writer.commit()
-    for f in recorded.values():
+    for root, f in recorded.items():
         f.drop_phases(path)
+        f.settle_output(path, held[root])
     return path
 
 
-def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple[dict, dict]:
+def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple[dict, dict, dict]:
     """Before writing: record `out` with every forest holding one of the owners' experts, so opting an
     owner out finds this copy of its expert, also when the pairs were given one by one (--owner NAME=DIR,
-    NAME the user's). Returns ({forest root: Forest}, owner name -> its expert's name in its forest)."""
+    NAME the user's). Returns ({forest root: Forest}, owner name -> its expert's name in its forest,
+    {forest root: the experts of it that `out` holds})."""
+    forests, held, known_as = owners_in_forests(names, dirs, forest)
+    for root, owned in held.items():
+        forests[root].record_output(out, "moe", owned)
+    return forests, known_as, held
+
+
+def owners_in_forests(names: list[str], dirs: list[Path], forest) -> tuple[dict, dict, dict]:
+    """Which forests' experts the owners' pairs are: ({forest root: Forest}, {forest root: expert names},
+    owner name -> its expert's name in its forest). A pair is a forest's expert `E` wherever it sits in
+    that forest's folders for E (experts/E, runs/E/model or a checkpoint of runs/E, branches/E): each is
+    a copy of E's weights that opting E out deletes. With `forest` given, every owner is its expert."""
     from elmforest.forest.manifest import Forest
 
     given = None if forest is None else Path(forest).resolve()
@@ -278,19 +293,21 @@ def _record_in_forests(out, names: list[str], dirs: list[Path], forest) -> tuple
     held = {} if given is None else {given: list(names)}
     known_as = {}
     for n, d in zip(names, dirs, strict=True):
-        root = next((p for p in Path(d).resolve().parents if (p / "forest.json").is_file()), None)
+        d = Path(d).resolve()
+        root = next((p for p in d.parents if (p / "forest.json").is_file()), None)
         if root is None or root == given:
             continue
         if root not in forests:
             forests[root] = Forest.load(root)
-        f = forests[root]
-        owned = [e for e in f.names if f.expert_dir(e).resolve() == Path(d).resolve()]
-        if owned:
-            held.setdefault(root, []).extend(owned)
-            known_as[n] = owned[0]
-    for root, owned in held.items():
-        forests[root].record_output(out, "moe", owned)
-    return {r: forests[r] for r in held}, known_as
+        parts = d.relative_to(root).parts
+        if (
+            len(parts) >= 2
+            and parts[0] in ("experts", "runs", "branches")
+            and parts[1] in forests[root].names
+        ):
+            held.setdefault(root, []).append(parts[1])
+            known_as[n] = parts[1]
+    return {r: forests[r] for r in held}, held, known_as
 
 
 def _write_moe_card(

@@ -198,6 +198,7 @@ def export_moe(
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
         path = writer.commit()
     forest.drop_phases(path)
+    forest.settle_output(path, names)
     return path
 
 

@@ -182,8 +182,8 @@ def _train_moe(
     tag = "router-run" if kind == "router_training" else "finetune-run"
     run_dir = Path(run_dir or out.with_name(f"{out.name}.{tag}-{fingerprint}"))
     if not keep:
-        _drop_other_runs(out, tag, run_dir, meta)
-    _record_copies(meta, run_dir, out, tag)
+        _drop_other_runs(out, tag, run_dir, meta, moe_dir)
+    _record_copies(meta, run_dir, out, tag, moe_dir)
     summary = train(cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx")
 
     record = {
@@ -208,10 +208,12 @@ def _train_moe(
     tmp = temp_sibling(out)
     with undone_on_failure(tmp, out):
         _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
+    for f, names in _forests_of(meta, moe_dir):
+        f.settle_output(out, names)
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
         _keep_logs(run_dir, out)
         remove_path(run_dir)
-        _forget(meta, run_dir)
+        _forget(meta, run_dir, moe_dir)
     return out
 
 
@@ -225,7 +227,7 @@ def _config_digest(cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict) -> None:
+def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict, moe_dir: Path) -> None:
     """A scratch run for `out` made from another export (`merge moe --train-router` killed, then run
     again: the merge is written anew, so its fingerprint and run name change) can never be resumed, and
     holds a full copy of the experts and the optimizer state: deleted, unless a trainer still holds it."""
@@ -240,25 +242,44 @@ def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict) -> None:
                 f"note: deleting {d}: the scratch run of an earlier export of {out}, which cannot be resumed"
             )
             remove_path(d)
-            _forget(meta, d)
+            _forget(meta, d, moe_dir)
 
 
-def _forget(meta: dict, run_dir: Path) -> None:
-    """The forest's record of a scratch run deleted: opting out has nothing there to find."""
+def _forget(meta: dict, run_dir: Path, moe_dir: Path | None = None) -> None:
+    """The forests' record of a scratch run deleted: opting out has nothing there to find."""
+    for f, _ in _forests_of(meta, moe_dir):
+        f.forget_output(run_dir)
+
+
+def _forests_of(meta: dict, moe_dir: Path | None) -> list[tuple[Forest, list[str]]]:
+    """The forests whose experts a merged MoE holds, each with the names of those experts there: the
+    forest it was merged from, and (a FlexOlmo merge of owners' pairs given one by one, which names no
+    forest) the forests its pairs sit in (merge/flexolmo.py `owners_in_forests`)."""
+    from elmforest.merge.flexolmo import owners_in_forests
+
+    out = []
     root = meta.get("forest")
     if root is not None and (Path(root) / "forest.json").is_file():
-        Forest.load(root).forget_output(run_dir)
+        names = [e.get("forest_name") or e["name"] for e in meta["experts"] if e["name"] != "public"]
+        out.append((Forest.load(root), names))
+    flex = moe_dir / "elmforest_flexolmo.json" if moe_dir is not None else None
+    if flex is not None and flex.is_file():
+        pairs = [Path(p) for p in read_json(flex).get("pairs") or []]
+        names = [e["name"] for e in meta["experts"] if e["name"] != "public"]
+        if len(pairs) == len(names):
+            forests, held, _ = owners_in_forests(names, pairs, None)
+            seen = {f.root.resolve() for f, _ in out}
+            out += [(f, held[r]) for r, f in forests.items() if r not in seen]
+    return out
 
 
-def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str = "router-run") -> None:
+def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Path) -> None:
     """Training a merged MoE copies every expert (the run's checkpoints and model, the trained MoE): mark the
-    run with the experts it holds and record both with the forest, so opting an expert out deletes
-    them too (forest/optout.py)."""
+    run with the experts it holds and record both with every forest they came from, so opting an expert
+    out deletes them too (forest/optout.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
-    root = meta.get("forest")  # None: merged from owners' pairs given one by one, no forest to tell
-    if root is not None and (Path(root) / "forest.json").is_file():
-        forest, names = Forest.load(root), [e["name"] for e in meta["experts"]]
+    for forest, names in _forests_of(meta, moe_dir):
         forest.record_output(run_dir, kind, names)
         forest.record_output(out, "moe", names)
 
@@ -285,7 +306,7 @@ def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):
     import shutil
 
     shutil.copytree(trained, tmp)
-    for f in ("generation_config.json",):
+    for f in ("generation_config.json", "elmforest_flexolmo.json"):  # the latter: where the pairs came from
         if (moe_dir / f).is_file() and not (tmp / f).is_file():
             shutil.copy2(moe_dir / f, tmp / f)
     meta[kind] = record
