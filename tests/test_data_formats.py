@@ -273,6 +273,18 @@ def test_a_dataset_dict_reads_every_split_or_those_asked_for(hf, tmp_path):
         list(iter_documents(tmp_path / "dd", hf_split=["validation"]))
     with pytest.raises(DataError, match="saved dataset has no 'body' column"):
         list(iter_documents(tmp_path / "dd", text_field="body"))
+    # a split asked for is read, or refused: never silently other rows, nor one split twice
+    with pytest.raises(DataError, match="split 'train' of a saved DatasetDict.*test were asked for"):
+        list(iter_documents(tmp_path / "dd" / "train", hf_split=["test"]))
+    a.save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(DataError, match="not a DatasetDict, so it has no split test"):
+        list(iter_documents(tmp_path / "plain", hf_split=["test"]))
+    (tmp_path / "j").mkdir()
+    _write_jsonl(tmp_path / "j" / "x.jsonl", _records(3))
+    with pytest.raises(DataError, match="none here"):
+        list(iter_documents(tmp_path / "j", hf_split=["validation"]))
+    with pytest.raises(UserError, match=r"\['train'\] given twice"):
+        list(iter_documents(tmp_path / "dd", hf_split=["train", "train"]))
 
 
 def test_bad_records_are_counted_as_by_the_native_readers(hf, tmp_path):

@@ -70,9 +70,19 @@ def read_saved(path: Path, stats: ReadStats, src: Source) -> Iterator[Document]:
     parent = path.parent  # one split of a DatasetDict, named as when the whole dict is read
     if (parent / "dataset_dict.json").is_file():
         if path.name in (_read_json(parent / "dataset_dict.json").get("splits") or []):
+            if src.hf_splits and src.hf_splits != [path.name]:  # not silently the split given instead
+                raise DataError(
+                    f"{path}: split {path.name!r} of a saved DatasetDict, but split(s) "
+                    f"{'+'.join(src.hf_splits)} were asked for: pass the DatasetDict's folder {parent}"
+                )
             name = _dataset_name(parent)
             yield from _read_saved_split(path, stats, src, name, f"{name}:{path.name}")
             return
+    if src.hf_splits:
+        raise DataError(
+            f"{path}: a saved Dataset, not a DatasetDict, so it has no split {'+'.join(src.hf_splits)} to "
+            "read; drop --hf-split (split=) to read it whole"
+        )
     yield from _read_saved_split(path, stats, src, name, name)
 
 

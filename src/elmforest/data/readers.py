@@ -264,6 +264,11 @@ def iter_documents(
         return
     root = Path(src.location) if src.format else Path(path)
     files = list_data_files(src.location if src.format else path)  # as given: a URL keeps its //
+    if src.hf_splits and not any(f.is_dir() for f in files):  # else every row read, whatever was asked
+        raise DataError(
+            f"{root}: --hf-split (split=) picks splits of a saved Hugging Face DatasetDict, and there is "
+            "none here; drop it to read these files whole"
+        )
     loose = [f for f in files if f.suffix == ".txt" and f.parent == root]
     if len(loose) >= LOOSE_TXT_NOTE:
         print(

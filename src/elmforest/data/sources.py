@@ -96,6 +96,11 @@ def parse_source(data: str | os.PathLike) -> Source:
         value = unquote(value)
         if not value:
             raise UserError(f"{s}: option {key!r} is empty")
+        if key == "split":  # each split read once: one named twice would duplicate every document
+            names = value.split("+")
+            if "" in names or len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise UserError(f"{s}: split(s) {twice or names} given twice or empty; name each split once")
         options[key] = value
     for key in ("text", "domain"):
         if options.get(key) == key:
