@@ -80,6 +80,14 @@ def test_existing_output_is_refused_unless_overwrite(corpus, tokenizer_dir, tmp_
     assert Shards(out).domains and not list(tmp_path.glob(".s.tmp-*"))
 
 
+def test_the_current_folder_as_the_output(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    """`--out .` in an empty folder (a traceback before: '.' has no name to stage a sibling by)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    build_shards(corpus, tokenizer_dir, ".", overwrite=True, progress=False)
+    assert Shards(tmp_path / "here").domains and not list(tmp_path.glob(".here.tmp*"))
+
+
 def test_failed_build_leaves_nothing(tmp_path, tokenizer_dir):
     (tmp_path / "data.jsonl").write_text('{"text": ""}\n')
     with pytest.raises(ValueError, match="no usable documents"):

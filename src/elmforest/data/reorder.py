@@ -292,7 +292,7 @@ def reorder_shards(
 
     from elmforest.utils.io import read_json, remove_path, replace_dir, temp_sibling, write_json_atomic
 
-    src, out = Path(src), Path(out)
+    src, out = Path(src), Path(os.path.abspath(out))  # `--out .` has no name to stage its sibling by
     orderer = resolve_orderer(order)
     if orderer is None:
         raise UserError("reorder needs an order other than 'source' (random, or an orderer such as icp)")

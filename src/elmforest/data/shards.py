@@ -145,7 +145,7 @@ def build_shards(
     orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `--out .` has no name to stage its sibling by
     if out.exists():
         if not overwrite:
             raise AlreadyExists(f"{out} exists; pass --overwrite to replace it")
