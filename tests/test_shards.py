@@ -5,6 +5,7 @@ from elmforest.data.readers import iter_documents
 from elmforest.data.shards import Shards, build_shards, token_dtype
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
+from elmforest.utils.errors import UserError
 
 
 def test_shards_equal_direct_tokenization(corpus, tokenizer_dir, shards_dir):
@@ -86,6 +87,14 @@ def test_the_current_folder_as_the_output(corpus, tokenizer_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path / "here")
     build_shards(corpus, tokenizer_dir, ".", overwrite=True, progress=False)
     assert Shards(tmp_path / "here").domains and not list(tmp_path.glob(".here.tmp*"))
+
+
+def test_a_source_given_twice_is_refused(corpus, tokenizer_dir, tmp_path):
+    """Each of its documents would be read twice (an out-of-domain set passed twice, --data a --data a)."""
+    (tmp_path / "link").symlink_to(corpus)  # the same folder by another name
+    with pytest.raises(UserError, match="given twice"):
+        build_shards([corpus, tmp_path / "link"], tokenizer_dir, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
 
 
 def test_failed_build_leaves_nothing(tmp_path, tokenizer_dir):

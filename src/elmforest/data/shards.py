@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from elmforest.data.domain_map import DomainMap, _relabeller
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer, start_warm_up
-from elmforest.data.sources import resolve_source
+from elmforest.data.sources import parse_source, resolve_source
 from elmforest.data.splits import SPLITS, SplitSpec
 from elmforest.data.tokenizer import (
     ENCODING,
@@ -141,6 +141,9 @@ def build_shards(
     validation and test are never touched. The index records the order and its statistics.
     """
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
+    keys = [os.path.realpath(s) if parse_source(s).format is None else str(s) for s in sources]
+    if twice := sorted({str(s) for s, k in zip(sources, keys, strict=True) if keys.count(k) > 1}):
+        raise UserError(f"{', '.join(twice)}: given twice; every document would be read twice")
     relabel = _relabeller(random_domains, domain_map)
     orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
