@@ -538,3 +538,20 @@ def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(corpu
     shutil.copy(mine / "code.jsonl", mine / "licenses.jsonl")
     with pytest.raises(UserError, match=r"changed since .* \(added licenses.jsonl\).*another --out"):
         prepare_data(out, 400, **quiet)
+
+
+def test_prepare_data_refuses_another_vocabulary_and_shards_of_another_tokenizer(corpus, tmp_path):
+    """A rerun in the same --out with another preset's vocabulary trained on the old tokenizer without a
+    word; a tokenizer trained again left the shards of the old one in use beside out-of-domain shards of
+    the new one."""
+    from elmforest.launch.prepare import prepare_data
+
+    out = tmp_path / "out"
+    quiet = dict(corpus=corpus, ood=None, progress=False, log=lambda *a: None, tokenizer_sample_bytes=20_000)
+    first = prepare_data(out, 300, **quiet).shards
+    assert prepare_data(out, 300, **quiet).shards.fingerprint == first.fingerprint  # the same: reused
+    with pytest.raises(UserError, match=r"a 300-token BPE.*asks for 400 tokens.*another --out"):
+        prepare_data(out, 400, **quiet)
+    shutil.rmtree(out / "tokenizer")
+    with pytest.raises(UserError, match="tokenized with another tokenizer"):
+        prepare_data(out, 400, **quiet)

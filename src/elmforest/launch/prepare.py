@@ -100,7 +100,19 @@ def prepare_data(
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
+    want_tok = {"vocab_size": vocab_size, "sample_bytes_per_domain": tokenizer_sample_bytes}
+    had_tok = read_json(source_file).get("tokenizer")
+    if (tok_dir / "tokenizer.json").exists() and had_tok is not None and had_tok != want_tok:
+        raise UserError(
+            f"{tok_dir} is a {had_tok['vocab_size']}-token BPE trained on at most "
+            f"{had_tok['sample_bytes_per_domain']:,} bytes of each domain; this run asks for "
+            f"{vocab_size} tokens on {tokenizer_sample_bytes:,} bytes (another preset?), and everything in "
+            f"{out} is tokenized with the one there: use another --out"
+        )
     if not (tok_dir / "tokenizer.json").exists():
+        write_json_atomic(
+            source_file, {**read_json(source_file), "tokenizer": want_tok}
+        )  # before it: checked
         log(
             f"[2/8] training a {vocab_size}-token byte-level BPE on the training split (at most "
             f"{tokenizer_sample_bytes:,} bytes of each domain)"
@@ -125,6 +137,11 @@ def prepare_data(
             read = sum(d["documents_before"] for d in rep.order["domains"].values())
             log(f"      ordered in {rep.order_seconds:.1f}s: {kept:,} of {read:,} training documents kept")
     shards = Shards(shards_dir)
+    if shards.tokenizer_fingerprint != load_tokenizer(tok_dir).fingerprint():
+        raise UserError(
+            f"{shards_dir} was tokenized with another tokenizer than {tok_dir} (trained again since?): "
+            f"use another --out, or delete {shards_dir} and every run trained on it"
+        )
     if order is not None:
         check_shards_order(shards, orderer, order_seed)
     missing = [d for d in domains or () if not shards.has(d, "train")]
