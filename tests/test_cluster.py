@@ -357,6 +357,8 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert seg5["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
     assert seg5["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
     top1 = evaluate_forest_shards(f, sh, k=1, reset="window", **run)
+    with pytest.raises(UserError, match="k must be at least 1"):  # no cluster routed to: NaN weights
+        evaluate_forest_shards(f, sh, k=0, **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
     # restarted at documents, a window holding two documents may run one expert for each of them
     top1_doc = evaluate_forest_shards(f, sh, k=1, **run)

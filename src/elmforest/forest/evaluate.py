@@ -138,7 +138,7 @@ def evaluate_forest_shards(
             "text instead (it is re-tokenized with the forest's tokenizer)"
         )
     n = len(names)
-    if mode == "topk" and k < 1:
+    if mode in ("topk", "cluster") and k < 1:  # cluster: no cluster routed to, NaN weights
         raise UserError(f"k must be at least 1, got {k}")
     if mode in ("topk", "cluster") and k > n:
         print(f"note: --k {k} is more than the forest's {n} experts: every expert is used", file=sys.stderr)
