@@ -49,6 +49,17 @@ def test_generation_past_the_models_positions_is_refused(forest_dir, capsys):
     assert "past the 64-token context" in capsys.readouterr().err
 
 
+def test_a_prior_given_as_weights_reads_as_evaluation_reads_it(forest_dir):
+    """An expert the prior does not name has no weight (it had 1.0, as much as one named); a name that is
+    not an expert, or weights that are no distribution, are refused."""
+    names = Forest.load(forest_dir).names
+    one = generate(forest_dir, "word", max_new_tokens=3, device="cpu", temperature=0, prior={names[0]: 1.0})
+    assert one.weights[-1] == pytest.approx({n: float(n == names[0]) for n in names})
+    for bad in ({"nobody": 1.0}, {names[0]: -1.0}, {names[0]: 0.0}):
+        with pytest.raises(UserError, match="prior"):
+            generate(forest_dir, "word", max_new_tokens=1, device="cpu", prior=bad)
+
+
 @pytest.mark.parametrize("damage", ["missing", "garbage", "reshaped", "nan"])
 def test_forest_add_checks_the_weights_not_only_the_config(forest_dir, tmp_path, damage):
     f = _copy(forest_dir, tmp_path)

@@ -132,10 +132,16 @@ def generate_steps(
     if router is not None:
         for t in ids:
             router.push_token(t)
-    if isinstance(prior, dict) or prior is None:
-        pi = torch.tensor([(prior or {}).get(n, 1.0) for n in names], dtype=torch.float64)
+    if prior is None:
+        pi = torch.ones(len(names), dtype=torch.float64)
+    elif isinstance(prior, dict):  # as evaluation reads a given prior: an expert not named has none
+        if unknown := sorted(set(prior) - set(names)):
+            raise UserError(f"prior names expert(s) {unknown} not among {names}")
+        pi = torch.tensor([float(prior.get(n, 0.0)) for n in names], dtype=torch.float64)
     else:
         pi = torch.as_tensor(prior, dtype=torch.float64).cpu()
+    if pi.shape != (len(names),) or not bool(torch.isfinite(pi).all()) or (pi < 0).any() or pi.sum() <= 0:
+        raise UserError(f"prior: {len(names)} non-negative weights with a positive sum, got {prior}")
     log_w = torch.log(pi / pi.sum()).to(dev)
     try:  # from the prompt's read on: a failure anywhere still frees this generation's caches
         if router is None:  # read the prompt: the weights absorb its likelihood under every expert
