@@ -19,6 +19,7 @@ from elmforest.model.build import build_model
 from elmforest.train.checkpoint import list_checkpoints
 from elmforest.train.schedule import lr_at
 from elmforest.train.trainer import train
+from elmforest.utils.errors import UserError
 
 
 def _weights(run_dir):
@@ -563,3 +564,51 @@ def test_a_run_refused_before_it_starts_leaves_no_empty_folder(shards_dir, tmp_p
     with pytest.raises(ValueError, match="no_such_domain"):
         train(cfg, tmp_path / "mine", progress=False)
     assert (tmp_path / "mine").is_dir()
+
+
+def test_a_run_that_fails_in_this_process_frees_its_directory(shards_dir, tmp_path):
+    """The lock was held until the garbage collector freed the failed trainer: training the run again (or
+    opting it out) from the same process said another trainer was running."""
+    from elmforest.train.callbacks import Callback
+    from elmforest.train.runlock import training_now
+
+    class Stop(Callback):
+        def on_step_end(self, trainer, is_last):
+            if trainer.step == 2:
+                raise KeyboardInterrupt
+
+    import gc
+
+    gc.disable()  # the cycle that kept the trainer alive is not collected meanwhile
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(shards_dir, steps=4, ckpt_every=2), tmp_path / "run", False, [Stop()])
+        assert not training_now(tmp_path / "run")
+        assert train(tiny_config(shards_dir, steps=4, ckpt_every=2), tmp_path / "run", False)["steps"] == 4
+    finally:
+        gc.enable()
+
+
+def test_configs_built_in_code_are_checked_before_anything_is_written(shards_dir, tmp_path):
+    """`train()` with a config made in Python (not read from a file): a bad field is named before the run
+    folder is made; a stop_at not past an init_checkpoint's step is refused, not an IndexError."""
+    for field, value, says in (
+        ("log_every", 0, "train.log_every"),
+        ("seed", -1, "train.seed must be >= 0"),
+    ):
+        cfg = tiny_config(shards_dir, steps=4)
+        setattr(cfg.train, field, value)
+        with pytest.raises(UserError, match=says):
+            train(cfg, tmp_path / field, progress=False)
+        assert not (tmp_path / field).exists()
+    cfg = tiny_config(shards_dir, steps=4)
+    cfg.data.domains = [cfg.data.domains[0]] * 2 if cfg.data.domains else ["code", "code"]
+    with pytest.raises(UserError, match="each domain once"):
+        train(cfg, tmp_path / "twice", progress=False)
+    paused = tiny_config(shards_dir, steps=6, ckpt_every=2)
+    paused.train.stop_at = 2
+    ckpt = train(paused, tmp_path / "a", progress=False)["checkpoint"]
+    again = tiny_config(shards_dir, steps=6, ckpt_every=2)
+    again.train.stop_at, again.train.init_checkpoint = 2, ckpt
+    with pytest.raises(UserError, match="stop_at=2 is not past step 2"):
+        train(again, tmp_path / "b", progress=False)

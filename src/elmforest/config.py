@@ -184,6 +184,12 @@ class RunConfig:
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
             (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
+            (t.seed >= 0, "train.seed must be >= 0"),
+            (
+                self.data.domains is None or len(set(self.data.domains)) == len(self.data.domains),
+                "data.domains must name each domain once (a domain named twice would take two shares of "
+                "the mixture)",
+            ),
             (
                 t.router_aux_loss >= 0 and t.router_z_loss >= 0,
                 "train.router_aux_loss and train.router_z_loss must be >= 0",

@@ -68,6 +68,7 @@ class Trainer(TrainerSetup):
         self.run_dir = Path(self.run_dir)
         self.cfg = copy.deepcopy(self.cfg)
         fill_architecture(self.cfg.model)  # run_config.json names the whole model, not just a preset
+        self.cfg.validate()  # a config built in code, not read: refused before anything is written
         self.step = 0
         self.tokens = 0
 
@@ -95,10 +96,24 @@ class Trainer(TrainerSetup):
         self.lead = self.rank == 0  # only the first process writes; the others compute
         if self.lead:  # once setup succeeded
             self._lock_run_dir()
+        try:
+            return self._locked_fit(summary_path)
+        except BaseException:  # the lock freed now, not when the garbage collector gets to this trainer:
+            self._release_lock()  # a caller in the same process may train or delete the run next
+            raise
+
+    def _locked_fit(self, summary_path: Path) -> dict:
+        if self.lead:
             write_json_atomic(self.run_dir / "run_config.json", self.cfg.to_dict())
             write_json_atomic(self.run_dir / "inputs.json", self.inputs)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._resume()
+        stop = self.cfg.train.stop_at
+        if stop is not None and self.step >= stop and not list_checkpoints(self.ckpt_root):
+            raise UserError(
+                f"{self.run_dir}: train.stop_at={stop} is not past step {self.step}, where this run starts "
+                "(its init_checkpoint's): there is nothing to train before pausing"
+            )
         # after the weights in effect are loaded: those are the ones kept
         self.frozen = (
             FrozenExperts(self.model, self.cfg.train.frozen_experts)
@@ -328,10 +343,13 @@ class Trainer(TrainerSetup):
         except BlockingIOError:
             raise Failed(f"{self.run_dir}: another trainer is running in this directory") from None
 
-    def _finish_distributed(self) -> None:
+    def _release_lock(self) -> None:
         if getattr(self, "_lock", None) is not None:
             self._lock.close()
             self._lock = None
+
+    def _finish_distributed(self) -> None:
+        self._release_lock()
         self._barrier()
         if self._owns_group:
             torch.distributed.destroy_process_group()
