@@ -612,3 +612,34 @@ def test_configs_built_in_code_are_checked_before_anything_is_written(shards_dir
     again.train.stop_at, again.train.init_checkpoint = 2, ckpt
     with pytest.raises(UserError, match="stop_at=2 is not past step 2"):
         train(again, tmp_path / "b", progress=False)
+
+
+def test_weights_broken_between_logged_steps_are_never_checkpointed(shards_dir, tmp_path):
+    """A step between two logged ones that makes the weights NaN was checkpointed (the guard read the
+    weights only at the last step), and a rerun resumed from the broken weights."""
+    from elmforest.train.callbacks import Callback
+    from elmforest.utils.errors import Diverged
+
+    class BreakStep3(Callback):
+        def on_step_end(self, trainer, is_last):
+            if trainer.step == 3:
+                with torch.no_grad():
+                    next(trainer.model.parameters()).view(-1)[0] = float("nan")
+
+    cfg = tiny_config(shards_dir, steps=8, log_every=8, ckpt_every=2)
+    with pytest.raises(Diverged, match="weights are not finite after step 4"):
+        train(cfg, tmp_path / "run", False, [BreakStep3()])
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
+
+
+def test_a_run_checkpointed_only_at_its_end_is_validated_at_its_end(shards_dir, tmp_path):
+    """valid_every unset means at each checkpoint and at the end: with ckpt_every 0 nothing was measured."""
+    cfg = tiny_config(shards_dir, steps=4, log_every=2, ckpt_every=0)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "valid.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4]
+    cfg.train.valid_every = 0  # never, said so
+    train(cfg, tmp_path / "off", progress=False)
+    assert (
+        not (tmp_path / "off" / "valid.jsonl").exists() or not (tmp_path / "off" / "valid.jsonl").read_text()
+    )

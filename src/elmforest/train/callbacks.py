@@ -49,7 +49,8 @@ class DivergenceGuard(Callback):
     checkpoint for that reason. A gradient norm of exactly 0 at two logged steps in a row is a dead
     network (a blow-up killed every unit; no update can revive it, and its loss sits at the log of the
     vocabulary, finite): it ends the run too, instead of training on to a model that a sweep would have
-    to tell from a real one."""
+    to tell from a real one. The weights are checked before every checkpoint, not only the last: a
+    step between two logged ones can break them, and a resume would start from the broken ones."""
 
     zero_grads = 0
 
@@ -65,7 +66,9 @@ class DivergenceGuard(Callback):
             )
 
     def on_step_end(self, trainer, is_last):
-        if is_last and not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
+        every = trainer.cfg.train.ckpt_every
+        due = is_last or (every and trainer.step % every == 0)  # the Checkpointer saves next
+        if due and not all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters()):
             raise Diverged(
                 f"{trainer.run_dir}: the weights are not finite after step {trainer.step}; {LOWER_LR}"
             )
@@ -98,12 +101,14 @@ class ValidationLoss(Callback):
     def on_train_start(self, trainer):
         tc = trainer.cfg.train
         self.every = tc.ckpt_every if tc.valid_every is None else tc.valid_every
-        self.windows = _valid_windows(trainer) if self.every and tc.valid_windows else None
+        # at the end too, also where the only checkpoint is the last one (ckpt_every 0); 0 given: never
+        on = self.every or tc.valid_every is None
+        self.windows = _valid_windows(trainer) if on and tc.valid_windows else None
         self.log = JsonlLogger(trainer.run_dir / "valid.jsonl")
         self.log.on_train_start(trainer)  # lines past a resumed step go, as in metrics.jsonl
 
     def on_step_end(self, trainer, is_last):
-        if self.windows is None or not (trainer.step % self.every == 0 or is_last):
+        if self.windows is None or not ((self.every and trainer.step % self.every == 0) or is_last):
             return
         loss = trainer.validation_loss(self.windows)
         m = {"step": trainer.step, "valid_loss": loss, "windows": len(self.windows)}
