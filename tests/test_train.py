@@ -433,7 +433,17 @@ def test_a_second_trainer_in_the_same_run_directory_is_refused(shards_dir, tmp_p
     assert train(tiny_config(shards_dir, steps=2), run, progress=False)["steps"] == 2  # free again
 
 
-@pytest.mark.parametrize("trainable", [r"layers\.1\.", r"embed_tokens|layers\.0\.self_attn\.o_proj"])
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        r"layers\.1\.",
+        r"embed_tokens|layers\.0\.self_attn\.o_proj",
+        # the first trained matrices are Q, K or V: only the attention products their gradients need
+        r"v_proj",
+        r"q_proj|v_proj",
+        r"layers\.1\.self_attn\.k_proj",
+    ],
+)
 def test_flops_of_a_frozen_run_are_what_torch_counts(shards_dir, tmp_path, trainable):
     """A run with train.trainable records per-token FLOPs equal to train/flops.py's count for that split,
     and to what torch's FlopCounterMode counts for one training step of the trained model, so split."""

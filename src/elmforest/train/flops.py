@@ -44,6 +44,12 @@ _LAYER = re.compile(r"\.(\d+)\.")
 _SIBLING = re.compile(r"\.(k_proj|v_proj|up_proj|w3|experts\.gate_up_proj|experts\.\d+\.w1)(\.weight)?$")
 _ROUTER = re.compile(r"\.mlp\.gate\.weight$")
 _ATTN_IN = re.compile(r"(attn|attention)\.(q_proj|k_proj|v_proj|c_attn|query_key_value|qkv_proj|Wqkv)")
+_QKV = re.compile(r"(?:attn|attention)\.([qkv])_proj\.")  # separate Q, K, V matrices (and their biases)
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 def _moe_share(model: PreTrainedModel) -> float:
@@ -116,11 +122,23 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
     attn_fwd = per_layer * layers
     # backward through a layer's attention products when anything at or before its Q/K/V trains
     # (a layer whose Q/K/V are not recognised by name is assumed to need it)
-    attn_bwd = sum(
-        2 * per_layer
-        for layer in range(layers)
-        if first is not None and (layer not in attn_in_group or first <= attn_in_group[layer])
-    )
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def attn_backward(layer: int) -> float:
+        if first is None or (layer in attn_in_group and first > attn_in_group[layer]):
+            return 0.0
+        if layer in attn_in_group and first == attn_in_group[layer]:
+            # the first trained matrices are this layer's Q/K/V: only the products their gradients
+            # need run (dV = P^T dO; dP = dO V^T for Q or K; then dQ, dK), each per_layer / 2
+            own = {m.group(1) for n in trains if _layer_of(n) == layer and (m := _QKV.search(n))}
+            if own and not any(
+                _ATTN_IN.search(n) and not _QKV.search(n) for n in trains if _layer_of(n) == layer
+            ):
+                need = ("v" in own) + bool(own & {"q", "k"}) + ("q" in own) + ("k" in own)
+                return per_layer / 2 * need
+        return 2.0 * per_layer
+
+    attn_bwd = sum(attn_backward(layer) for layer in range(layers))
     total = forward + input_grad + weight_grad + attn_fwd + attn_bwd
     return {
         "flops_per_token": int(round(total)),
