@@ -653,3 +653,22 @@ def test_a_run_checkpointed_only_at_its_end_is_validated_at_its_end(shards_dir, 
     assert (
         not (tmp_path / "off" / "valid.jsonl").exists() or not (tmp_path / "off" / "valid.jsonl").read_text()
     )
+
+
+def test_a_run_resumed_with_the_fused_optimizer_uses_it(shards_dir, tmp_path):
+    """Loading the optimizer state took the saved run's `fused`/`foreach` too: a resume asking for the
+    fused kernel kept the one it was paused with (a speed switch, so only the kernel differs)."""
+    from elmforest.train.callbacks import Callback
+
+    seen = []
+
+    class Kernel(Callback):
+        def on_train_start(self, trainer):
+            seen.append(trainer.opt.param_groups[0].get("fused"))
+
+    cfg = tiny_config(shards_dir, steps=4, ckpt_every=2)
+    cfg.train.stop_at = 2
+    train(cfg, tmp_path / "run", False, [Kernel()])
+    cfg.train.stop_at, cfg.train.fused_optimizer = None, True
+    train(cfg, tmp_path / "run", False, [Kernel()])
+    assert not seen[0] and seen[1] is True

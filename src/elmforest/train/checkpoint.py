@@ -141,7 +141,15 @@ def optimizer_from_flat(
                 ids.append(list(range(start, start + len(g["params"]))))
                 start += len(g["params"])
             groups = [{**saved, "params": i} for saved, i in zip(groups, ids, strict=True)]
+    # how the update runs is this session's choice (fused kernel, foreach on CUDA), not the saved one's
+    impl = {
+        k: opt.param_groups[0][k]
+        for k in ("fused", "foreach")
+        if opt.param_groups and k in opt.param_groups[0]
+    }
     opt.load_state_dict({"state": state, "param_groups": groups})
+    for g in opt.param_groups:
+        g.update(impl)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
