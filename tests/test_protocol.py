@@ -60,6 +60,10 @@ def test_plan_counts_must_match_the_domains(shards_dir):
         btm.plan_domains(plan, Shards(shards_dir))
     with pytest.raises(ValueError, match="one expert per domain"):
         btm.Plan(8, 6, 2, domains=["a", "b", "c"])
+    with pytest.raises(ValueError, match="at least 2 steps"):  # the seed's pause would be the end
+        btm.Plan(1, 6, 2)
+    with pytest.raises(ValueError, match="at least one expert"):  # not a ZeroDivisionError
+        btm.Plan(8, 6, 0)
 
 
 def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, capsys):

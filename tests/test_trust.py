@@ -85,6 +85,39 @@ def test_expert_paths_must_stay_inside_the_forest(forest, tmp_path, capsys, path
     assert rc == 2 and "must be relative" in out
 
 
+@pytest.mark.parametrize("field", ["run", "linked run", "files"])
+def test_an_experts_run_and_file_names_must_stay_inside_the_forest(forest, tmp_path, field):
+    """A restore deleted `forest.root / entry["run"] / "model"` after hashing `files` there: a run path
+    outside the forest (or a file name with '..') made `forest expert` delete a folder outside it."""
+    from elmforest.forest.kept import set_aside_damaged_run_model
+
+    victim = _victim(tmp_path)
+    (victim / "model").mkdir()
+    m = _manifest(forest)
+    e = m["experts"][0]
+    if field == "run":
+        e["run"] = str(victim)
+    elif field == "linked run":
+        shutil.rmtree(forest / e["run"])
+        os.symlink(victim, forest / e["run"])
+    else:
+        e["files"] = {"../../../victim/important/data.txt": {"bytes": 8, "sha256": "0" * 64}}
+    _write_manifest(forest, m)
+    with pytest.raises(ManifestError, match="run|plain file names|outside the forest"):
+        set_aside_damaged_run_model(Forest.load(forest), e["name"])
+    assert (victim / "model").is_dir() and (victim / "data.txt").read_text() == "precious"
+
+
+def test_a_weight_file_linked_outside_the_forest_is_not_intact(forest, tmp_path):
+    """The folder was checked for a link, its files were not: weights read through a link passed."""
+    name = _manifest(forest)["experts"][0]["name"]
+    f = next((forest / "experts" / name).glob("*.safetensors"))
+    shutil.copy(f, tmp_path / "outside.safetensors")
+    f.unlink()
+    os.symlink(tmp_path / "outside.safetensors", f)
+    assert "symbolic link" in Forest.load(forest).intact(name, deep=True)
+
+
 def test_an_expert_directory_linked_outside_the_forest_is_refused(forest, tmp_path):
     victim = _victim(tmp_path)
     name = _manifest(forest)["experts"][0]["name"]

@@ -26,6 +26,23 @@ def test_nearest_by_posterior_branches_from_the_expert_that_knows_the_domain(
     assert entry["nearest"]["by"] == "posterior" and max(scores, key=scores.get) == "legal"
     assert entry["parents"] == [{"name": "legal", "weight": 1.0}] and entry["branch"] == "nearest"
     assert sum(scores.values()) == pytest.approx(1.0)
+    # damaged, then restored: from the source its run branched from, not scored again (it was among the
+    # candidates, and its broken weights stopped the restore)
+    w = next((root / "experts" / "legal2").glob("*.safetensors"))
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    again = btm.train_expert(
+        Forest.load(root),
+        sh,
+        "legal",
+        name="legal2",
+        branch="nearest",
+        overrides=["train.steps=2"],
+        progress=False,
+    )
+    assert again["parents"] == entry["parents"] and again["nearest"] == entry["nearest"]
+    assert Forest.load(root).intact("legal2", deep=True) is None
     with pytest.raises(UserError, match="ISO 639-3"):  # these domains are not languages
         nearest_expert(f, sh, "legal", "typology")
     with pytest.raises(UserError, match="unknown nearest measure"):

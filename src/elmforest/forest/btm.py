@@ -168,9 +168,15 @@ def train_expert(
     if branch == "nearest" or branch.startswith("nearest:"):  # X-ELM: from the most similar expert
         from elmforest.forest.nearest import nearest_expert
 
-        src, extra["nearest"] = nearest_expert(
-            forest, shards, domain, branch.partition(":")[2] or "posterior", among=candidates
-        )
+        kept = forest.expert(name) if replace else {}  # a restore: the choice its run was branched on
+        was = [p["name"] for p in kept.get("parents", [])]
+        if kept.get("nearest") and len(was) == 1 and was[0] in forest.names and was[0] != name:
+            src, extra["nearest"] = was[0], kept["nearest"]
+        else:  # never itself (a damaged expert being restored cannot be scored, nor branched from)
+            among = candidates if candidates is not None else [n for n in forest.names if n != name]
+            src, extra["nearest"] = nearest_expert(
+                forest, shards, domain, branch.partition(":")[2] or "posterior", among=among
+            )
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"note: {name} branches from {src} ({extra['nearest']['by']})")
         branch = f"expert:{src}"

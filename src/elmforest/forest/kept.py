@@ -68,10 +68,15 @@ def set_aside_damaged_run_model(forest: Forest, name: str) -> None:
     the expert was added with. The two share files (hard links), so damage to one is damage to both;
     restoring from it would record the damaged weights as the expert's. A model that does not match is
     removed, and the run rebuilds it from its last checkpoint (training what is missing)."""
+    from elmforest.forest.trust import inside
     from elmforest.utils.io import file_digest, remove_path
 
     entry = forest.expert(name)
-    model = forest.root / (entry.get("run") or f"runs/{name}") / "model"
+    # resolved: a run folder linked outside the forest is refused, never deleted from
+    run = inside(
+        forest.root, entry.get("run") or f"runs/{name}", f"expert {name!r}'s run", forest.root / "forest.json"
+    )
+    model = run / "model"
     recorded = entry.get("files") or {}
     if not model.is_dir() or not recorded:
         return

@@ -163,8 +163,8 @@ class Forest(ForestRecords):
         d = self.expert_dir(name)
         if d.is_symlink() or not d.is_dir():
             return f"{d} is missing"
-        if not (d / "config.json").is_file():
-            return f"{d / 'config.json'} is missing"
+        if (d / "config.json").is_symlink() or not (d / "config.json").is_file():
+            return f"{d / 'config.json'} is missing (or a symbolic link)"
         recorded = self.expert(name).get("files") or {}
         if not recorded and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir()):
             return f"{d} holds no weights"
@@ -173,6 +173,8 @@ class Forest(ForestRecords):
         try:
             for fname, want in recorded.items():
                 f = d / fname
+                if f.is_symlink():  # its bytes would come from outside the forest
+                    return f"{f} is a symbolic link, not the file that was added"
                 if not f.is_file() or f.stat().st_size != want["bytes"]:
                     return f"{f} is missing or not the size it was added with"
                 if deep and not sums.matches(f"{rel}/{fname}", f, want["sha256"]):

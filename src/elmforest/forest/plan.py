@@ -29,6 +29,12 @@ class Plan:
     expert_lr: float | None = None  # peak LR of the schedule the experts continue; None: the seed's
 
     def __post_init__(self):
+        if self.total_steps < 2:
+            raise UserError(
+                f"train.steps={self.total_steps}: a forest needs at least 2 steps, the seed's and the experts'"
+            )
+        if not (isinstance(self.n_experts, int) and self.n_experts >= 1):
+            raise UserError(f"a plan needs at least one expert, got {self.n_experts}")
         if not 0 < self.seed_share < 1:
             raise UserError(f"seed_share must be in (0, 1), got {self.seed_share}")
         if self.batch_size % self.n_experts:

@@ -121,6 +121,14 @@ def inside(root: Path, rel, what: str, manifest: Path) -> Path:
     return full
 
 
+def _plain_relative(rel) -> bool:
+    """A relative path without `..` (not resolved: a link in it is judged where it is followed)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel:
+        return False
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and not any(x in ("..", ".") for x in p.parts)
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
 
@@ -147,6 +155,21 @@ def check_manifest(data, root: Path, path: Path) -> dict:
             bad(f"expert {e['name']!r} appears twice")
         seen.add(e["name"])
         inside(root, e.get("path"), f"expert {e['name']!r}", path)
+        run = e.get("run")  # read and deleted from (forest/kept.py, which resolves it there)
+        if run is not None and not _plain_relative(run):
+            bad(f"expert {e['name']!r}: its run path {run!r} must be relative to the forest, without '..'")
+        files = e.get("files") or {}
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str)
+            and k not in ("", ".", "..")
+            and "/" not in k
+            and "\\" not in k
+            and isinstance(v, dict)
+            and _number(v.get("bytes"))
+            and isinstance(v.get("sha256"), str)
+            for k, v in files.items()
+        ):
+            bad(f"expert {e['name']!r}: 'files' must map plain file names to {{bytes, sha256}}")
         if not (isinstance(e.get("domains"), list) and all(isinstance(d, str) for d in e["domains"])):
             bad(f"expert {e['name']!r}: 'domains' must be a list of strings")
         if not (_number(e.get("tokens", 0)) and _number(e.get("flops", 0))):
