@@ -68,6 +68,9 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
         (["workers=0"], "workers 0"),
         (["overrides=[train.steps=5]"], "the study sets these"),
         (["overrides=[train.seed=3]"], "train.seed"),
+        # a whole section reaches them too: every run would have started from that checkpoint
+        (["""overrides=['model={"init_from": "gpt2"}']"""], "it sets model.init_from"),
+        (["overrides=[train.init_checkpoint=x]"], "the study sets these"),
     ],
 )
 def test_study_fields_it_would_ignore_or_misread_are_refused(sets, named):
