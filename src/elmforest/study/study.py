@@ -46,7 +46,6 @@ IDENTITY = (
     "seed_share",
     "dense_lr",
     "expert_lr",
-    "dense_continue_lr",  # the continuations trained at it: another is refused here, naming it
     "sweep",
     "lr_grid",
     "expert_lr_grid",
