@@ -281,6 +281,26 @@ def test_concurrent_requests_are_all_answered_as_if_alone(served):
     assert httpx.get(bg.url + "/health").json()["active"] == 0
 
 
+def test_each_choice_of_a_request_samples_with_its_own_seed(served):
+    """Choice i of every prompt had seed `seed + i`: the same prompt sent twice in one request gave the
+    same sample twice. Now each choice in order takes the next seed, as `n` choices always did."""
+    lm, bg, c = served
+    two = c.completions.create(model="f", prompt=["the", "the"], max_tokens=8, temperature=1.0, seed=5)
+    n2 = c.completions.create(model="f", prompt="the", max_tokens=8, temperature=1.0, seed=5, n=2)
+    texts = [ch.text for ch in sorted(two.choices, key=lambda ch: ch.index)]
+    assert texts[0] != texts[1] and texts == [ch.text for ch in sorted(n2.choices, key=lambda ch: ch.index)]
+
+
+def test_broken_weights_met_while_answering_are_the_servers_error_not_the_requests():
+    """NonFiniteWeights is a UserError too: an expert first loaded for a request (cluster mode) with NaN
+    weights was answered 400, invalid request."""
+    from elmforest.clients.server import _error
+    from elmforest.utils.errors import NonFiniteWeights, UserError
+
+    assert _error(NonFiniteWeights("x: non-finite")).status == 500
+    assert _error(UserError("bad prompt")).status == 400
+
+
 class _Work:
     """A job's work: `n` items; `gate` holds the first one back; `close` may raise, `next` may raise
     anything (a BaseException gets past every `except Exception`)."""

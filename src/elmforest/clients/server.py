@@ -34,7 +34,7 @@ from elmforest.clients.server_api import (
 )
 from elmforest.clients.server_engine import END, Chunk, Engine, choice_steps, engine_stopped
 from elmforest.model.build import read_config
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Diverged, UserError
 
 POLL_S = 0.1  # how often a waiting request checks that its client is still there
 
@@ -51,7 +51,9 @@ def _logprobs(tokens: list[dict]) -> dict:
 def _error(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, UserError):
+    # broken weights are the server's fault, not the request's (NonFiniteWeights is a UserError too: an
+    # expert loaded when a request is first routed to it, in cluster mode, would be answered 400)
+    if isinstance(e, UserError) and not isinstance(e, Diverged):
         return ApiError(str(e))
     return ApiError(
         f"the model failed on this request: {type(e).__name__}: {e}", None, 500, type="server_error"
@@ -78,7 +80,8 @@ class Completion:
         self.jobs = []
         for p, prompt in enumerate(req.prompts):
             for i in range(req.n):
-                work = choice_steps(engine.lm, req, prompt, p * req.n + i, req.seed + i)
+                k = p * req.n + i  # every choice its own seed: the same prompt twice samples twice
+                work = choice_steps(engine.lm, req, prompt, k, req.seed + k)
                 self.jobs.append(engine.submit(work, sink))
         self.completion_tokens = 0
 
