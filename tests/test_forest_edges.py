@@ -293,6 +293,30 @@ def test_resuming_reads_only_the_files_changed_since_their_sums_last_matched(
     assert not any(k.startswith(f"experts/{name}/") for k in json.loads((f.root / digests.CACHE).read_text()))
 
 
+def test_init_racing_another_process_never_writes_over_its_forest(tmp_path, monkeypatch):
+    """Two jobs calling Forest.init(exist_ok=True) at once: both saw no forest.json, and the later one
+    wrote an empty manifest over the entries the other had added meanwhile."""
+    from pathlib import Path
+
+    Forest.init(tmp_path / "f").update(lambda d: d.update(marker="theirs"))
+    real, seen = Path.exists, []
+
+    def late(self):  # the first look happened before the other process made the forest
+        if self.name == "forest.json" and not seen:
+            seen.append(self)
+            return False
+        return real(self)
+
+    monkeypatch.setattr(Path, "exists", late)
+    f = Forest.init(tmp_path / "f", exist_ok=True)
+    monkeypatch.undo()
+    assert seen and f.data.get("marker") == "theirs" == Forest.load(tmp_path / "f").data.get("marker")
+    seen.clear()
+    monkeypatch.setattr(Path, "exists", late)
+    with pytest.raises(FileExistsError, match="already holds a forest"):
+        Forest.init(tmp_path / "f")
+
+
 def test_huge_finite_weights_are_not_a_zero_model():
     assert normalise([1e308, 1e308, 0.0], 3) == [0.5, 0.5, 0.0]
     for bad in ([math.inf, 1.0], [math.nan, 1.0]):  # not a NaN model

@@ -87,8 +87,15 @@ class Forest(ForestRecords):
                 "experts": [],
             },
         )
-        f.save()
-        return f
+        with f._locked():  # checked again under the lock: another process may have made it meanwhile,
+            made = not (root / "forest.json").exists()  # and added experts an empty one would erase
+            if made:
+                write_json_atomic(root / "forest.json", f.data)
+        if made:
+            return f
+        if exist_ok:
+            return cls.load(root)
+        raise AlreadyExists(f"{root} already holds a forest (forest.json)")
 
     @classmethod
     def load(cls, root: str | Path) -> Forest:
