@@ -55,6 +55,16 @@ def test_impossible_capacities_are_refused():
         weighted_balanced_assign(np.zeros((2, 2)), np.array([1.0, 0.0]), 4.0)
 
 
+def test_a_few_large_documents_that_can_be_packed_are_placed():
+    """Placing the largest first, each in its best-scoring cluster with room, can corner itself on an
+    instance that packs (81 + 50 + 32 | 68 + 67 + 28 under 171.15 each): it was refused."""
+    w = np.array([32.0, 68.0, 67.0, 81.0, 50.0, 28.0])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        labels = weighted_balanced_assign(rng.normal(size=(6, 2)), w, 171.15, rounds=1)
+        assert (np.bincount(labels, weights=w, minlength=2) <= 171.15).all()
+
+
 def test_skewed_counts_balanced_by_size():
     rng = np.random.default_rng(1)
     # 300 short documents near one point, 60 long ones near two others: 75% of the count, 20% of the bytes

@@ -157,19 +157,23 @@ def weighted_balanced_assign(
 
 def _largest_first(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
     """The fallback when moving documents out one at a time cannot empty a cluster enough (a few large
-    documents, little slack): place them largest first, each in its best cluster with room."""
-    labels = np.zeros(len(w), dtype=np.int64)
-    room = cap.copy()
-    for i in np.argsort(-w, kind="stable"):
-        fits = np.flatnonzero(room >= w[i])
-        if fits.size == 0:
-            raise UserError(
-                "could not place the documents under the clusters' size caps: a few documents are too large "
-                "for the slack; allow more slack, fewer clusters, or balance by documents"
-            )
-        labels[i] = fits[np.argmax(scores[i, fits])]
-        room[labels[i]] -= w[i]
-    return labels
+    documents, little slack): place them largest first, each in its best cluster with room; where that
+    paints itself into a corner, each in the cluster with the most room (packing first, then scores)."""
+    for by_score in (True, False):
+        labels = np.zeros(len(w), dtype=np.int64)
+        room = cap.copy()
+        for i in np.argsort(-w, kind="stable"):
+            fits = np.flatnonzero(room >= w[i])
+            if fits.size == 0:
+                break
+            labels[i] = fits[np.argmax(scores[i, fits])] if by_score else int(np.argmax(room))
+            room[labels[i]] -= w[i]
+        else:
+            return labels
+    raise UserError(
+        "could not place the documents under the clusters' size caps: a few documents are too large "
+        "for the slack; allow more slack, fewer clusters, or balance by documents"
+    )
 
 
 def assign_labels(
