@@ -302,6 +302,8 @@ def test_the_forest_prior_is_the_cached_prior_of_the_valid_split(forest_dir, sha
         want = estimate_prior(pool, sh.tokens(d, "valid"), sh.eos_id, SEQ, 2)
         assert np.allclose([w[x] for x in forest.names], want.numpy(), atol=1e-9)
         assert res["prior_source"][d].startswith(f"{d}/valid")
+    with pytest.raises(UserError, match="more than once"):  # it would count twice in the mixture
+        evaluate_forest_crossdoc(forest_dir, shards_dir, experts=[forest.names[0]] * 2, max_docs=1)
 
 
 def test_bad_input_is_refused(shards_dir, dense, tmp_path):

@@ -65,6 +65,7 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
     "sets, named",
     [
         (["domains=[code]"], ">= 2 training domains"),
+        (["domains=[code, code, legal]"], "name each domain once"),
         (["workers=0"], "workers 0"),
         (["overrides=[train.steps=5]"], "the study sets these"),
         (["overrides=[train.seed=3]"], "train.seed"),

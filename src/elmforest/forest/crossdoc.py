@@ -71,6 +71,8 @@ def evaluate_forest_crossdoc(
     names = experts or forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
+    if dupes := sorted({n for n in names if names.count(n) > 1}):  # counted twice in the mixture
+        raise UserError(f"experts named more than once: {', '.join(dupes)}")
     opts = TaskOptions(seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains)
     prep = prepare_crossdoc(
         shards_path,

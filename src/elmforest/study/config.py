@@ -132,6 +132,8 @@ class StudyConfig:
                 )
         if self.domains is not None and len(set(self.domains)) < 2:
             bad.append(f"domains {self.domains}: a forest needs >= 2 training domains")
+        elif self.domains is not None and len(set(self.domains)) < len(self.domains):
+            bad.append(f"domains {self.domains}: name each domain once")
         if self.workers is not None and self.workers < 1:
             bad.append(f"workers {self.workers}: >= 1 (or unset for the default)")
         owned = self._owned_overrides()
