@@ -204,6 +204,15 @@ def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
     assert "need(s) --corpus multilingual" in capsys.readouterr().err
     assert main(["quickstart", "--corpus", "multilingual", "--k", "2,x"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+    # empty values: refused at once, not the defaults, nor a first round trained to fail on language ""
+    for argv, says in (
+        (["--corpus", "multilingual", "--new-language", ""], "needs a language code"),
+        (["--corpus", "multilingual", "--languages", ""], "--languages is empty"),
+        (["--corpus", "multilingual", "--k", ""], "--k is empty"),
+        (["--new-language", ""], "need(s) --corpus multilingual"),
+    ):
+        assert main(["quickstart", *argv]) == 2
+        assert says in capsys.readouterr().err, argv
     for given in (["--clusters", "8"], ["--moe-finetune-steps", "64"]):  # at the demo's default: still given
         assert main(["quickstart", "--corpus", "multilingual", *given]) == 2
         assert f"{given[0]} apply to the demo corpus only" in capsys.readouterr().err

@@ -165,6 +165,9 @@ def quickstart(
             )
         from elmforest.xelm.quickstart import quickstart_xelm
 
+        for flag, v in (("--languages", languages), ("--k", k)):
+            if v is not None and not split_list(v):  # not silently the defaults
+                raise typer.BadParameter(f"{flag} is empty; leave it out for the defaults")
         quickstart_xelm(
             out or "quickstart-xelm",
             preset=preset,
@@ -178,7 +181,11 @@ def quickstart(
             workers=workers,
         )
         return
-    given = [f for f, v in (("--languages", languages), ("--new-language", new_language), ("--k", k)) if v]
+    given = [
+        f
+        for f, v in (("--languages", languages), ("--new-language", new_language), ("--k", k))
+        if v is not None  # given at all, even empty
+    ]
     if given:
         raise typer.BadParameter(f"{', '.join(given)} need(s) --corpus multilingual")
     from elmforest.quickstart import quickstart as run
@@ -207,6 +214,8 @@ def quickstart(
 def _new_language(code: str | None) -> str | None:
     from elmforest.xelm.quickstart import NEW_LANGUAGE
 
+    if code is not None and not code.strip():  # it trained the whole first round, then failed on ""
+        raise typer.BadParameter("--new-language needs a language code, or 'none' for no second round")
     return NEW_LANGUAGE if code is None else (None if code.lower() == "none" else code)
 
 
