@@ -614,8 +614,11 @@ def test_concurrent_adds_keep_both_and_opt_out_is_durable(forest_dir, shards_dir
     assert sorted(f.names) == want  # every entry of both processes landed, none overwritten
     assert all(f.intact(n, deep=True) is None for n in want)
     assert sorted(p.name for p in (root / "experts").iterdir() if not p.name.startswith(".")) == want
-    with pytest.raises(ValueError, match="reserved"):
-        f.add(src.expert_dir(src.names[1]), "dense", ["y"])
+    from elmforest.launch.jobs import DENSE_TUNED_RUN
+
+    for reserved in ("dense", DENSE_TUNED_RUN):  # runs/dense-tuned is the dense run's second half
+        with pytest.raises(ValueError, match="reserved"):
+            f.add(src.expert_dir(src.names[1]), reserved, ["y"])
 
     import shutil
 

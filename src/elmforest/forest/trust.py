@@ -20,7 +20,8 @@ from pathlib import Path, PurePosixPath
 from elmforest.model.build import tied_head
 from elmforest.utils.errors import UserError
 
-RESERVED_NAMES = {"seed", "dense", "external"}  # used by the lineage and by runs/dense
+# used by the lineage and by runs/dense, runs/dense-tuned (the dense run's second half: launch/jobs.py)
+RESERVED_NAMES = {"seed", "dense", "dense-tuned", "external"}
 NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # NAME_RULE; names also become directory names
 
