@@ -409,3 +409,35 @@ def test_the_continuation_arm_alone_adds_the_runs_own_lr_and_refuses_a_point_of_
     state.write_text(state.read_text() + " ")
     with pytest.raises(ValueError, match="continued from another seed state"):
         sweep(shards_dir, tmp_path / "s", base, log=None, **kw)
+
+
+def test_the_ledger_holds_only_this_runs_rows(forest_dir, tmp_path):
+    """A quickstart rerun in the same folder with other settings (no dense_tuned, no MoE training) listed
+    the earlier run's dense_tuned and BTX fine-tuning in its compute, rows it no longer had."""
+    import shutil
+
+    from elmforest.launch.jobs import DENSE_TUNED_RUN
+    from elmforest.quickstart import compute_summary
+
+    shutil.copytree(forest_dir, tmp_path / "f", symlinks=True)
+    f = Forest.load(tmp_path / "f")
+    dense = read_json(f.root / "runs" / "dense" / "summary.json")
+    (f.root / "runs" / DENSE_TUNED_RUN).mkdir()
+    (f.root / "runs" / DENSE_TUNED_RUN / "summary.json").write_text(json.dumps({"flops": 5.0, "tokens": 1}))
+    ft = {
+        "phase": "btx_finetuning",
+        "name": "moe-btx",
+        "tokens": 1,
+        "flops": 7.0,
+        "output": str(tmp_path / "moe-btx"),
+    }
+    f.record_phase(ft)
+    methods = {"dense": {}, "seed": {}, "ensemble": {}}
+    now = compute_summary(Forest.load(f.root), methods, {}, {})
+    assert "dense_tuned" not in now["arms"] and not [r for r in now["ledger"] if r["flops"] in (5.0, 7.0)]
+    assert now["arms"]["dense"] == dense["flops"]
+    then = compute_summary(
+        Forest.load(f.root), {**methods, "dense_tuned": {}, "moe_btx": {}}, {}, {"moe_btx": ft}
+    )
+    assert then["arms"]["dense_tuned"] == f.data["seed"]["flops"] + 5.0 and then["arms"]["moe_btx"] > 0
+    assert sorted(r["flops"] for r in then["ledger"] if r["flops"] in (5.0, 7.0)) == [5.0, 7.0]

@@ -243,16 +243,25 @@ def quickstart(
 
 
 def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], phases: dict) -> dict:
-    """results.json's "compute", apart so that tests build the report from what the quickstart writes."""
+    """results.json's "compute", apart so that tests build the report from what the quickstart writes.
+    Only this run's rows: a dense_tuned run or a trained MoE an earlier run with other settings left in
+    the folder is not this run's compute."""
     arms = arm_flops(forest, others, phases)
+    if "dense_tuned" not in methods:
+        arms.pop("dense_tuned", None)
     dense = forest.root / "runs" / "dense" / "summary.json"
     tokens = read_json(dense).get("tokens") if dense.is_file() else None
+    ours = {str(Path(p["output"]).resolve()) for p in phases.values() if p.get("output")}
     return {
         "dense_flops": arms["dense"],
         "forest_flops": arms["forest"],
         "forest_over_dense": arms["forest"] / arms["dense"],
         "ledger": [
-            *forest.ledger(),
+            *(
+                r
+                for r in forest.ledger()
+                if r["phase"] in ("seed", "expert") or forest.output_place(r) in ours
+            ),
             {"phase": "dense", "name": "dense", "flops": arms["dense"], "tokens": tokens},
             *_second_half(forest, arms),
         ],
