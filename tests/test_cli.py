@@ -149,6 +149,24 @@ def _ood_set(path):
     return path
 
 
+def test_an_ablation_split_of_part_of_a_corpus_is_refused_before_training(corpus, tmp_path):
+    """--split random/clusters build their forest from the whole corpus: with --domains naming part of it,
+    the ablation experts trained on domains the main forest never saw, at the same FLOPs."""
+    from elmforest.utils.errors import UserError
+
+    with pytest.raises(UserError, match="domains the main forest never saw"):
+        quickstart(
+            tmp_path / "qs",
+            preset="tiny",
+            corpus=corpus,
+            domains=["code", "legal"],
+            split="random",
+            progress=False,
+            ood=[],
+        )
+    assert not (tmp_path / "qs" / "forest" / "seed").exists()
+
+
 def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     kw = dict(
         preset="tiny",

@@ -92,6 +92,13 @@ def quickstart(
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
     _check_domains(shards, names)  # before any training: scoring would fail after all of it
+    every = [d for d in shards.domains if shards.has(d, "train")]
+    if split != "domains" and sorted(names) != sorted(every):
+        raise UserError(
+            f"--split {split} with --domains {','.join(names)}: the ablation forest is built from the whole "
+            f"corpus ({', '.join(every)}), so it would train on domains the main forest never saw; give a "
+            "corpus with only these domains"
+        )
 
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
