@@ -204,6 +204,14 @@ def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
     assert "need(s) --corpus multilingual" in capsys.readouterr().err
     assert main(["quickstart", "--corpus", "multilingual", "--k", "2,x"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+    # options this run would not use: said, not silently dropped
+    for argv, says in (
+        (["--no-moe", "--moe-finetune-steps", "8"], "--moe-finetune-steps (it needs the MoE"),
+        (["--no-moe", "--moe-router-steps", "8"], "--moe-router-steps (it needs the MoE"),
+        (["--clusters", "4"], "--clusters (it needs --split clusters)"),
+    ):
+        assert main(["quickstart", *argv]) == 2
+        assert says in capsys.readouterr().err, argv
     # empty values: refused at once, not the defaults, nor a first round trained to fail on language ""
     for argv, says in (
         (["--corpus", "multilingual", "--new-language", ""], "needs a language code"),

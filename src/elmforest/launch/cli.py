@@ -188,6 +188,17 @@ def quickstart(
     ]
     if given:
         raise typer.BadParameter(f"{', '.join(given)} need(s) --corpus multilingual")
+    unused = [  # said, not silently dropped
+        f"{flag} (it needs {need})"
+        for flag, v, need in (
+            ("--moe-router-steps", no_moe and moe_router_steps, "the MoE: drop --no-moe"),
+            ("--moe-finetune-steps", no_moe and moe_finetune_steps, "the MoE: drop --no-moe"),
+            ("--clusters", clusters is not None and split != "clusters", "--split clusters"),
+        )
+        if v
+    ]
+    if unused:
+        raise typer.BadParameter(f"{'; '.join(unused)} would not be used")
     from elmforest.quickstart import quickstart as run
 
     run(
