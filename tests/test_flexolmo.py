@@ -293,8 +293,10 @@ def test_owner_pairs_given_one_by_one_are_recorded_wherever_they_sit_in_their_fo
     for d in (a, b):
         btm.train_expert(f, Shards(shards_dir), d, branch="flexolmo", progress=False)
     merged = tmp_path / "by-hand"
-    argv = ["merge", "flexolmo", "--no-routing", "--owner", f"o0={f.root}/experts/{a}"]
-    assert main([*argv, "--owner", f"o1={f.root}/runs/{b}", "--out", str(merged)]) == 0
+    monkeypatch.chdir(tmp_path)  # the pairs given relative to here, the fine-tuning run from elsewhere
+    argv = ["merge", "flexolmo", "--no-routing", "--owner", f"o0=fx/experts/{a}"]
+    assert main([*argv, "--owner", f"o1=fx/runs/{b}", "--out", str(merged)]) == 0
+    monkeypatch.chdir(f.root)
     ft = finetune_moe(merged, shards_dir, 1, out=tmp_path / "ft", lr=1e-2, batch_size=2, progress=False)
     outs = {o["path"]: o["experts"] for o in Forest.load(f.root).data["outputs"]}
     assert outs[str(merged.resolve())] == [a, b] and outs[str(ft.resolve())] == [a, b]

@@ -430,6 +430,32 @@ def test_a_copied_folder_rerun_replaces_the_originals_ledger_row(forest_dir, tmp
         g.drop_phases(tmp_path / "copy" / "ft")
         assert Forest.load(g.root).data["ledger"] == []
         shutil.rmtree(tmp_path / "copy")
+    # a forest moved without its outputs (they sit outside it) still finds them where they were written
+    f = _copy(forest_dir, tmp_path / "stay")
+    (tmp_path / "stay" / "moe").mkdir()
+    f.record_phase(
+        {
+            "phase": "btx_finetuning",
+            "name": "moe",
+            "tokens": 1,
+            "flops": 3.0,
+            "output": str(tmp_path / "stay" / "moe"),
+        }
+    )
+    shutil.move(f.root, tmp_path / "moved")
+    m = Forest.load(tmp_path / "moved")
+    m.record_phase(
+        {
+            "phase": "btx_finetuning",
+            "name": "moe",
+            "tokens": 1,
+            "flops": 5.0,
+            "output": str(tmp_path / "stay" / "moe"),
+        }
+    )
+    assert [r["flops"] for r in Forest.load(m.root).data["ledger"]] == [5.0]  # not counted twice
+    m.drop_phases(tmp_path / "stay" / "moe")
+    assert Forest.load(m.root).data["ledger"] == []
 
 
 def test_opting_out_of_a_copied_forest_moves_its_copys_compute_not_the_originals(forest_dir, tmp_path):

@@ -267,7 +267,7 @@ def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], ph
             *(
                 r
                 for r in forest.ledger()
-                if r["phase"] in ("seed", "expert") or forest.output_place(r) in ours
+                if r["phase"] in ("seed", "expert") or forest.ledger_places(r) & ours
             ),
             {"phase": "dense", "name": "dense", "flops": arms["dense"], "tokens": tokens},
             *_second_half(forest, arms),

@@ -137,9 +137,13 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
     def done(d):
         # phases of merged outputs deleted with it (their fine-tuning) move to its tombstone, so the
         # ledger is uniformly what the forest and its outputs now hold cost
-        # (where each sits for this forest: a copied forest's row may still name the original's path)
+        # (where each sits for this forest: a copied forest's row still names the original's output, which
+        # is another forest's and stays)
+        theirs = {str(Path(c).resolve()) for c, _ in others}
         gone = [
-            p for p in d.get("ledger", []) if (at := forest.output_place(p)) in held and not Path(at).exists()
+            p
+            for p in d.get("ledger", [])
+            if (at := (forest.ledger_places(p) & held) - theirs) and not any(Path(x).exists() for x in at)
         ]
         for r in d.get("removed", []):
             if r["name"] == name:

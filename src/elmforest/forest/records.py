@@ -59,12 +59,16 @@ class ForestRecords:
             phase["output"] = str(Path(phase["output"]).resolve())
             phase["relative"] = os.path.relpath(phase["output"], self.root.resolve())
 
-        def key(p: dict) -> tuple:
-            out = self.output_place(p)
-            return (p.get("phase"), out, None if out else p.get("name"))
+        mine = self.ledger_places(phase)
+
+        def same(p: dict) -> bool:
+            if p.get("phase") != phase.get("phase"):
+                return False
+            theirs = self.ledger_places(p)
+            return bool(theirs & mine) if theirs or mine else p.get("name") == phase.get("name")
 
         def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if key(p) != key(phase)] + [phase]
+            d["ledger"] = [p for p in d.get("ledger", []) if not same(p)] + [phase]
 
         self.update(change)
 
@@ -72,29 +76,34 @@ class ForestRecords:
         """Forget the recorded training of an output that was just written over with an untrained model:
         the ledger counts what the forest and its outputs now hold, and that training is gone."""
         path = str(Path(output).resolve())
-        if not any(self.output_place(p) == path for p in self.data.get("ledger", [])):
+        if not any(path in self.ledger_places(p) for p in self.data.get("ledger", [])):
             return
 
         def change(d):
-            d["ledger"] = [p for p in d.get("ledger", []) if self.output_place(p) != path]
+            d["ledger"] = [p for p in d.get("ledger", []) if path not in self.ledger_places(p)]
 
         try:
             self.update(change)
         except OSError:  # a read-only forest: nothing of it was recorded by this run either
             pass
 
-    def output_place(self, phase: dict) -> str | None:
-        """Where a ledger row's output is for this forest: at its place relative to the forest when that
-        is known (kept since it was recorded, or read from the card of an output written before, which
-        names the forest it was merged from), else where it was written."""
+    def ledger_places(self, phase: dict) -> set[str]:
+        """Where a ledger row's output may be for this forest: where it was written, and at its place
+        relative to the forest when that is known (kept since it was recorded, or read from the card of an
+        output written before, which names the forest it was merged from). A tree copied with its outputs
+        (`cp -a qs qs2`) finds its own copy at the relative place; a forest moved without them (merged
+        outputs sit outside it) still finds them where they were written."""
         out = phase.get("output")
         if not out:
-            return None
+            return set()
+        places = {str(Path(out).resolve())}
         rel = phase.get("relative")
         if not isinstance(rel, str):
             made_by = _card_forest(Path(out))
             rel = os.path.relpath(Path(out).resolve(), Path(made_by).resolve()) if made_by else None
-        return os.path.normpath(self.root.resolve() / rel) if rel else str(Path(out).resolve())
+        if rel:
+            places.add(os.path.normpath(self.root.resolve() / rel))
+        return places
 
     def record_output(self, path: str | Path, kind: str, experts: list[str]) -> dict | None:
         """Remember a merged model about to be written from these experts (it holds copies of their

@@ -258,7 +258,7 @@ def merge_pairs(
             writer.tmp / "elmforest_flexolmo.json",
             {
                 "experts": ["public", *names],
-                "pairs": [str(d) for d in dirs],
+                "pairs": [str(d.resolve()) for d in dirs],  # read again from any working directory
                 "top_k": cfg["num_experts_per_tok"],
             },
         )

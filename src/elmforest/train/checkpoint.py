@@ -141,15 +141,15 @@ def optimizer_from_flat(
                 ids.append(list(range(start, start + len(g["params"]))))
                 start += len(g["params"])
             groups = [{**saved, "params": i} for saved, i in zip(groups, ids, strict=True)]
-    # how the update runs is this session's choice (fused kernel, foreach on CUDA), not the saved one's
+    # how the update runs is this session's choice (fused kernel, foreach on CUDA), not the saved one's;
+    # given to load_state_dict, which places each `step` where that kernel wants it (on the parameter's
+    # device for the fused one: a CPU step beside CUDA parameters would fail its first update)
     impl = {
         k: opt.param_groups[0][k]
         for k in ("fused", "foreach")
         if opt.param_groups and k in opt.param_groups[0]
     }
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    for g in opt.param_groups:
-        g.update(impl)
+    opt.load_state_dict({"state": state, "param_groups": [{**g, **impl} for g in groups]})
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
