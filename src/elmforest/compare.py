@@ -103,14 +103,17 @@ def priors_table(methods: dict) -> dict:
     return out
 
 
-def arm_flops(forest: Forest, others: dict[str, Forest], moe_phases: dict[str, dict]) -> dict[str, float]:
+def arm_flops(
+    forest: Forest, others: dict[str, Forest], moe_phases: dict[str, dict], tuned: bool = True
+) -> dict[str, float]:
     """Training FLOPs of each arm, from the ledger of the forest that trained it; `moe_phases` maps a
-    merged model's row to the training it had on top of the forest (router training, BTX fine-tuning)."""
+    merged model's row to the training it had on top of the forest (router training, BTX fine-tuning);
+    `tuned`: the run has row dense_tuned (else a runs/dense-tuned an earlier run left is not its arm)."""
     dense = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]
     seed = forest.data["seed"]["flops"]
     arms = {"dense": dense, "seed": seed, "forest": float(forest.total_flops())}
     again = forest.root / "runs" / DENSE_TUNED_RUN / "summary.json"  # the seed + its own second half
-    if again.is_file():
+    if tuned and again.is_file():
         arms["dense_tuned"] = seed + read_json(again)["flops"]
     for name, f in others.items():
         arms[name] = float(f.total_flops())

@@ -253,9 +253,7 @@ def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], ph
     """results.json's "compute", apart so that tests build the report from what the quickstart writes.
     Only this run's rows: a dense_tuned run or a trained MoE an earlier run with other settings left in
     the folder is not this run's compute."""
-    arms = arm_flops(forest, others, phases)
-    if "dense_tuned" not in methods:
-        arms.pop("dense_tuned", None)
+    arms = arm_flops(forest, others, phases, tuned="dense_tuned" in methods)
     dense = forest.root / "runs" / "dense" / "summary.json"
     tokens = read_json(dense).get("tokens") if dense.is_file() else None
     ours = {str(Path(p["output"]).resolve()) for p in phases.values() if p.get("output")}

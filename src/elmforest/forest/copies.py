@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 from elmforest.forest.manifest import Forest
+from elmforest.forest.records import MARKERS, marker_forest, marker_meta
 from elmforest.utils.io import parse_temp
-
-MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
 
 
 def outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
@@ -76,20 +75,6 @@ def output_places(forest: Forest, name: str) -> list[Path]:
 def recorded_places_exist(forest: Forest, o: dict) -> bool:
     rel = o.get("relative")
     return Path(o["path"]).exists() or bool(rel and (forest.root.resolve() / rel).exists())
-
-
-def marker_meta(path: Path, marker_names=MARKERS) -> dict:
-    for m in marker_names:
-        try:
-            return json.loads((path / m).read_text())
-        except (OSError, ValueError):
-            continue
-    return {}
-
-
-def marker_forest(path: Path) -> str | None:
-    f = marker_meta(path).get("forest")
-    return f if isinstance(f, str) and f else None
 
 
 def relative_from_marker(recorded: Path) -> str | None:

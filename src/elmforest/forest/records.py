@@ -99,7 +99,7 @@ class ForestRecords:
         places = {str(Path(out).resolve())}
         rel = phase.get("relative")
         if not isinstance(rel, str):
-            made_by = _card_forest(Path(out))
+            made_by = marker_forest(Path(out))
             rel = os.path.relpath(Path(out).resolve(), Path(made_by).resolve()) if made_by else None
         if rel:
             places.add(os.path.normpath(self.root.resolve() / rel))
@@ -201,12 +201,20 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _card_forest(output: Path) -> str | None:
-    """The forest a merged output's card says it was merged from (None when it has no such card)."""
-    for card in ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json"):
+# the cards a merged output carries, each naming the forest it was merged from (forest/copies.py too)
+MARKERS = ("elmforest_moe.json", "elmforest_average.json", "elmforest_source.json")
+
+
+def marker_meta(path: Path, marker_names=MARKERS) -> dict:
+    for m in marker_names:
         try:
-            made_by = json.loads((output / card).read_text()).get("forest")
-        except (OSError, ValueError, AttributeError):
+            return json.loads((path / m).read_text())
+        except (OSError, ValueError):
             continue
-        return made_by if isinstance(made_by, str) and made_by else None
-    return None
+    return {}
+
+
+def marker_forest(path: Path) -> str | None:
+    """The forest a merged output's card says it was merged from (None when it has no such card)."""
+    f = marker_meta(path).get("forest")
+    return f if isinstance(f, str) and f else None

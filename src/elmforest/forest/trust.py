@@ -110,8 +110,7 @@ def inside(root: Path, rel, what: str, manifest: Path) -> Path:
     """`root / rel` for a manifest path that is relative, has no `..`, and resolves inside `root`."""
     if not isinstance(rel, str) or not rel:
         raise ManifestError(f"{manifest}: {what} path {rel!r} is not a relative path")
-    parts = PurePosixPath(rel).parts
-    if PurePosixPath(rel).is_absolute() or "\\" in rel or any(p in ("..", ".") for p in parts):
+    if not _plain_relative(rel):
         raise ManifestError(f"{manifest}: {what} path {rel!r} must be relative to the forest, without '..'")
     full = root / rel
     real_root = root.resolve()

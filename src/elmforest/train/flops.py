@@ -79,8 +79,7 @@ def flops_breakdown(model: PreTrainedModel, seq_len: int) -> dict:
     # not multiplied; like the input embedding it costs nothing but needs the gradient of its output
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
-        m = _LAYER.search(name)
-        layer = int(m.group(1)) if m else None
+        layer = _layer_of(name)
         if p is emb:
             continue
         if id(p) in lookups:
