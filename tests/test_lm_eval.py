@@ -414,3 +414,20 @@ def test_a_context_past_the_training_length_gets_a_note(forest_dir, capsys):
     assert "note:" not in capsys.readouterr().err
     open_lm(forest_dir, seq_len=trained + 1)
     assert f"past the {trained}-token context the experts were trained on" in capsys.readouterr().err
+
+
+def test_a_sampled_request_is_the_same_whatever_runs_beside_it(forest_dir):
+    """Seeds were taken in turn, so a request's sample depended on the requests lm-eval ordered before
+    it (another task, --limit); now each is a function of the base seed, its context and its repeat."""
+    lm = ElmforestLM(forest=str(forest_dir), precision="fp32", seed=5)
+    kw = {"max_gen_toks": 8, "do_sample": True, "temperature": 1.5}
+    a, b = "and the lord said unto", "def return self"
+    first = lm.generate_one(a, dict(kw))
+    repeat = lm.generate_one(a, dict(kw))
+    other = ElmforestLM(forest=str(forest_dir), precision="fp32", seed=5)
+    other.generate_one(b, dict(kw))
+    other.generate_one(b, dict(kw))
+    assert other.generate_one(a, dict(kw)) == first  # after other requests, still its first sample
+    assert other.generate_one(a, dict(kw)) == repeat
+    samples = {first, repeat, *(lm.generate_one(a, dict(kw)) for _ in range(4))}
+    assert len(samples) > 1  # repeats of one request sample afresh

@@ -19,6 +19,7 @@ byte are the evaluation's. Model arguments (`--model_args k=v,...`):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ class ElmforestLM(LM):
         )
         self.batch_size = _batch_size(batch_size)
         self.rolling_eos = _flag(rolling_eos, "rolling_eos")
-        self.seed = _number(seed, "seed", int)  # each sampled request takes the next seed: repeats differ
+        self.seed = _number(seed, "seed", int)
+        self._repeats: dict[str, int] = {}  # times each context was asked for: lm-eval's repeats differ
         self._said_short_context = False
 
     def chat_template(self, chat_template=False):
@@ -174,6 +176,15 @@ class ElmforestLM(LM):
             self.cache_hook.add_partial("generate_until", r.args, text)
         return out
 
+    def _request_seed(self, context: str) -> int:
+        """A sampled request's seed from the base seed, its context and how many times that context came
+        before. lm-eval orders requests by length, so a seed taken in turn depended on which other
+        requests ran (another task, `--limit`): the same request sampled other text."""
+        n = self._repeats.get(context, 0)
+        self._repeats[context] = n + 1
+        digest = hashlib.sha256(f"{self.seed}\0{n}\0{context}".encode("utf-8", "surrogatepass")).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
     def generate_one(self, context: str, kw: dict) -> str:
         """One continuation, cut before the first stop string. Greedy unless `do_sample`; the context
         keeps its last tokens when it and `max_gen_toks` do not fit the window (as lm-eval's HF model)."""
@@ -192,7 +203,7 @@ class ElmforestLM(LM):
             temperature, top_p = 0.0, 1.0
         seed = kw.pop("seed", None)
         if seed is None:
-            seed, self.seed = self.seed, self.seed + 1
+            seed = self._request_seed(context)
         applied = {k: v for k, v in kw.items() if not is_neutral(k, v)}
         if not is_neutral("top_k", top_k) and top_k != 1 and sample:
             applied["top_k"] = top_k
