@@ -5,6 +5,7 @@ part of the fingerprint; a run that names an order is refused on shards in anoth
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -535,6 +536,14 @@ def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(corpu
     quiet = dict(corpus=mine, ood=None, progress=False, log=lambda *a: None)
     first = prepare_data(out, 400, **quiet).shards.fingerprint
     assert prepare_data(out, 400, **quiet).shards.fingerprint == first  # unchanged: reused
+    legal = mine / "legal.jsonl"
+    text = legal.read_text(encoding="utf-8")
+    os.utime(legal, ns=(1, 1))  # touched (a copy): the same bytes, reused
+    assert prepare_data(out, 400, **quiet).shards.fingerprint == first
+    legal.write_text(text.replace("license", "licenze", 1), encoding="utf-8")  # the same size, edited
+    with pytest.raises(UserError, match=r"changed since .* \(rewritten legal.jsonl\)"):
+        prepare_data(out, 400, **quiet)
+    legal.write_text(text, encoding="utf-8")
     shutil.copy(mine / "code.jsonl", mine / "licenses.jsonl")
     with pytest.raises(UserError, match=r"changed since .* \(added licenses.jsonl\).*another --out"):
         prepare_data(out, 400, **quiet)

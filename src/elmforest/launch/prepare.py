@@ -5,6 +5,7 @@ scaling study."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ def prepare_data(
         recorded = read_json(source_file)
         check_source(recorded.get("source"), corpus, out, out)
         if corpus is not None and recorded.get("files") is not None:
-            check_listing(recorded["files"], corpus, out)
+            check_listing(recorded["files"], corpus, out, recorded.get("digests"))
     else:
         import glob
 
@@ -76,6 +77,7 @@ def prepare_data(
         record = {"source": resolve_source(corpus if corpus is not None else out / "corpus")}
         if corpus is not None:
             record["files"] = corpus_listing(corpus)
+            record["digests"] = corpus_digests(corpus, record["files"])
         write_json_atomic(source_file, record)
     if corpus is None:
         corpus = out / "corpus"
@@ -201,18 +203,61 @@ def corpus_listing(corpus) -> dict | None:
     }
 
 
-def check_listing(had: dict, corpus, out: Path) -> None:
+def corpus_digests(corpus, listing: dict | None) -> dict | None:
+    """{relative path: {mtime_ns, sha256}} of a local corpus's files. A file rewritten at the same
+    size (a typo fixed, a label changed) keeps its listing; its digest tells it apart. Read once when
+    an output dir is started; a rerun hashes again only the files whose mtime changed (a copy)."""
+    if listing is None:
+        return None
+    root = _corpus_root(corpus)
+    return {name: _digest(root / name) for name in listing}
+
+
+def _corpus_root(corpus) -> Path:
+    from elmforest.data.sources import parse_source
+
+    loc = Path(parse_source(corpus).location)
+    return loc.parent if loc.is_file() else loc
+
+
+def _digest(path: Path) -> dict:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return {
+            "mtime_ns": os.fstat(f.fileno()).st_mtime_ns,
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+        }
+
+
+def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> None:
     """A rerun on a corpus changed since its tokenizer and shards were built here trained and scored the
-    old ones: a domain added since was left out without a word. Refused, naming what changed."""
+    old ones: a domain added since was left out without a word. Refused, naming what changed (a file
+    rewritten at its old size too, where the output dir recorded its digest)."""
     now = corpus_listing(corpus)
-    if now is None or now == had:
+    if now is None:
         return
     added = sorted(set(now) - set(had))
     gone = sorted(set(had) - set(now))
     changed = sorted(k for k in set(now) & set(had) if now[k] != had[k])
+    rewritten = []
+    if not (added or gone or changed) and digests:
+        root = _corpus_root(corpus)
+        for name, d in sorted(digests.items()):
+            path = root / name
+            if name in now and path.stat().st_mtime_ns != d.get("mtime_ns"):
+                if _digest(path)["sha256"] != d.get("sha256"):
+                    rewritten.append(name)
+    if not (added or gone or changed or rewritten):
+        return
     said = "; ".join(
         f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-        for what, names in (("added", added), ("removed", gone), ("resized", changed))
+        for what, names in (
+            ("added", added),
+            ("removed", gone),
+            ("resized", changed),
+            ("rewritten", rewritten),
+        )
         if names
     )
     raise UserError(
