@@ -165,6 +165,10 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
         ValueError, match=r"this sweep's runs were trained with other settings \(optim.weight_decay"
     ):
         sweep(shards_dir, tmp_path / "s", other, lrs=lrs, expert_lrs=elrs, log=None)
+    # so they are for an arm run alone: it branches from (and reports) runs trained with the old ones
+    for arm in ("experts", "continue"):
+        with pytest.raises(ValueError, match=r"trained with other settings \(optim.weight_decay"):
+            sweep(shards_dir, tmp_path / "s", other, arm=arm, expert_lrs=elrs, log=None, executor=Refuses())
 
 
 def test_edge_of_the_grid_is_reported():

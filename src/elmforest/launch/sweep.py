@@ -182,6 +182,8 @@ def sweep(
         )
     for point in sorted((out / "dense").glob("lr-*")):  # before any work, seeds included
         _check_dense_point(point, plan, base.data.domains)
+    if arm not in ("dense", "both", "all"):  # the dense arm checks its grid below; the others branch
+        _check_settings(out, _swept_points(out, base), plan, shards)  # from (and score) those runs
     seq_len = base.train.seq_len
     result.update(
         {
@@ -335,6 +337,22 @@ def _check_settings(out: Path, points: list[tuple[float, RunConfig]], plan: btm.
                 f"{out}: this sweep's runs were trained with other settings ({diff}); "
                 "a sweep with other training settings needs another --out"
             )
+
+
+def _swept_points(out: Path, base: RunConfig) -> list[tuple[float, RunConfig]]:
+    """The dense points trained here, each as `base` at its own LR: an arm run alone (`--arm experts`)
+    with other settings branched from runs trained with the old ones and reported their cached scores
+    as if trained with the new."""
+    from elmforest.train.runcheck import saved_config
+
+    points = []
+    for point in sorted((out / "dense").glob("lr-*")):
+        saved = point / "runs" / "dense" / "run_config.json"
+        if saved.is_file():
+            cfg = RunConfig.from_dict(base.to_dict())
+            cfg.optim.lr = saved_config(saved).optim.lr
+            points.append((cfg.optim.lr, cfg))
+    return points
 
 
 def _check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
