@@ -17,6 +17,7 @@ from elmforest.eval.bpb import evaluate_shards  # noqa: E402
 from elmforest.forest.manifest import Forest  # noqa: E402
 from elmforest.model.build import load_model  # noqa: E402
 from elmforest.utils.errors import UserError  # noqa: E402
+from elmforest.utils.io import read_json  # noqa: E402
 from elmforest.xelm.evaluate import typology_weights  # noqa: E402
 from elmforest.xelm.quickstart import quickstart_xelm  # noqa: E402
 
@@ -150,6 +151,18 @@ def test_added_language_leaves_first_round_experts_unchanged(xelm_run):
     assert set(picks["posterior"]["posterior"]) == set(res["groupings"][4])
     assert sum(picks["posterior"]["posterior"].values()) == pytest.approx(1.0)
     assert f.expert("por-seed")["parents"] == [{"name": "seed", "weight": 1.0}]
+    # both start a schedule of their own from their weights: they differ in where they start only (the
+    # seed's expert continued the seed's half-decayed schedule and its optimizer state)
+    cfgs = {n: read_json(f.root / "runs" / n / "run_config.json") for n in ("por-nearest", "por-seed")}
+    for c in cfgs.values():
+        assert c["train"]["init_checkpoint"] is None
+    assert cfgs["por-seed"]["model"]["init_from"] == str(f.seed_dir.resolve())
+    assert cfgs["por-nearest"]["model"]["init_from"] == str(
+        f.expert_dir(picks["typology"]["expert"]).resolve()
+    )
+    for c in cfgs.values():
+        c["model"].pop("init_from")
+    assert cfgs["por-nearest"] == cfgs["por-seed"]
     a = res["added"]
     for x in res["languages"]:
         assert a["k4+nearest_top1"]["domains"][x]["bpb"] == res["methods"]["k4_top1"]["domains"][x]["bpb"]

@@ -52,13 +52,28 @@ def add_language(
     if picks["posterior"]["expert"] != picks["typology"]["expert"]:
         names["posterior"] = f"{new}-posterior"
         btm.train_expert(fk, shards, new, names["posterior"], "nearest:posterior", **kw)
-    btm.train_expert(fk, shards, new, names["seed"], "seed", progress=progress)
     steps = plan.total_steps - plan.seed_steps
+    btm.train_expert(
+        fk, shards, new, names["seed"], "seed", overrides=fresh_from_seed(fk, steps), progress=progress
+    )
     batch = plan.batch_size // k
     dense_cont = continue_dense(
         out / "dense-continued", forest, shards, new, steps, batch, progress, DENSE_CONTINUE_LR
     )
     return {"k": k, "groups": groups, "experts": names, "picks": picks, "dense_continued": dense_cont}
+
+
+def fresh_from_seed(forest: Forest, steps: int) -> list[str]:
+    """The seed's weights with a schedule of the expert's own, as the nearest expert's branch starts
+    one: the two differ in where they start only. Branched the BTM way, the seed's expert continued the
+    seed's run (its optimizer state, its LR already half decayed) while the nearest expert's warmed up
+    to the full peak LR: a schedule difference X-ELM's comparison would have credited to the choice of
+    expert. X-ELM branches both from finished models."""
+    return [
+        "train.init_checkpoint=null",
+        f"model.init_from={forest.seed_dir.resolve()}",
+        f"train.steps={steps}",
+    ]
 
 
 def continue_dense(
