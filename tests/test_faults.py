@@ -250,3 +250,43 @@ def test_a_full_disk_during_shards_build_frees_the_space_and_keeps_the_old_outpu
         build_shards(corpus, tokenizer_dir, out, SplitSpec(0.1, 0.1), overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sh"]  # no staging left beside it
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_run_that_lost_its_run_config_is_checked_against_its_checkpoint_or_model(shards_dir, tmp_path):
+    """A removal killed after run_config.json went (rmtree deletes in the file system's order) left
+    checkpoints that a rerun with another LR resumed, and a finished model it kept as the new run's."""
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=8, ckpt_every=4, stop_at=4)
+    train(cfg, run, progress=False)
+    (run / "run_config.json").unlink()
+    other = tiny_config(shards_dir, steps=8, ckpt_every=4)
+    other.optim.lr *= 3
+    with pytest.raises(UserError, match=r"different config \(optim.lr"):
+        train(other, run, progress=False)
+    assert train(tiny_config(shards_dir, steps=8, ckpt_every=4), run, progress=False)["resumed_from"] == 4
+    (run / "run_config.json").unlink()  # finished: its model records the config
+    with pytest.raises(UserError, match=r"different config \(optim.lr"):
+        train(other, run, progress=False)
+    assert train(tiny_config(shards_dir, steps=8, ckpt_every=4), run, progress=False)["steps"] == 8
+
+
+def test_a_discarded_folder_goes_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The quickstart deleted an out-of-date run or MoE export with rmtree: killed part way, the rest
+    (a run without run_config.json, an export without its card) was read on the rerun."""
+    from elmforest.utils import io as io_mod
+
+    run = tmp_path / "runs" / "dense-tuned"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    (run / "checkpoints" / "x").write_text("1")
+
+    def killed(path, *a, **k):
+        (Path(path) / "run_config.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_mod.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io_mod.discard_dir(run)
+    assert not run.exists()  # gone whole; what is left is a temporary the next write removes
+    left = [p.name for p in run.parent.iterdir()]
+    assert len(left) == 1 and io_mod.parse_temp(left[0])["tag"] == "trash"

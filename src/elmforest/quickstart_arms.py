@@ -9,14 +9,13 @@ continues.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
-from elmforest.utils.io import read_json
+from elmforest.utils.io import discard_dir, read_json
 
 
 def _moe_models(
@@ -79,7 +78,7 @@ def _moe_phase(
     if any(meta.get(k) != v for k, v in want.items()):
         if card.is_file() and meta:
             log(f"      {out_dir.name}: trained from another export or with other settings; trained again")
-            shutil.rmtree(out_dir)
+            discard_dir(out_dir)
         run()
         meta = read_json(card)[key]
     rec = {
@@ -166,7 +165,7 @@ def dense_tuned(forest: Forest, lr: float, progress: bool, log) -> Path:
     had = read_json(run / "run_config.json")["optim"]["lr"] if (run / "run_config.json").is_file() else lr
     if had != lr:  # this quickstart's own row, out of date
         log(f"      {DENSE_TUNED_RUN}: trained at another LR ({had:g}); trained again")
-        shutil.rmtree(run)
+        discard_dir(run)
     if not (run / "summary.json").is_file():
         log(f"      the dense run's second half again at its own LR {lr:g} (row dense_tuned)")
     cfg = continuation_config(

@@ -151,6 +151,28 @@ def saved_config(path: Path) -> RunConfig:
     return cfg
 
 
+def recorded_config(run_dir: Path) -> dict | None:
+    """The config a run with progress was trained with: run_config.json, else the one its model or its
+    newest checkpoint records. A removal of the run killed after run_config.json went (rmtree's order
+    is the file system's) left checkpoints a rerun with another config resumed, or a model it kept."""
+    from elmforest.train.checkpoint import list_checkpoints
+
+    saved = run_dir / "run_config.json"
+    if saved.exists():
+        return saved_config(saved).to_dict()
+    found = [run_dir / "model" / "elmforest_run.json"]
+    found += [p / "state.json" for p in reversed(list_checkpoints(run_dir / "checkpoints"))]
+    for f in found:
+        if f.is_file():
+            d = read_json(f)
+            d = d.get("config") if f.name == "state.json" else d
+            if isinstance(d, dict):
+                c = RunConfig.from_dict(d)
+                fill_architecture(c.model)
+                return c.to_dict()
+    return None
+
+
 def has_progress(run_dir: Path) -> bool:
     """A checkpoint or a final model: something a different config must not overwrite."""
     from elmforest.train.checkpoint import list_checkpoints
@@ -171,10 +193,12 @@ def settings_diff(a: RunConfig | dict, b: RunConfig | dict) -> str:
 def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
     """How `cfg` differs from the run with progress in `run_dir` (config_diff), or None: the same, or
     nothing to keep there (no checkpoint yet: a run that failed before its first)."""
-    saved = run_dir / "run_config.json"
-    if not saved.exists() or not has_progress(run_dir):
+    if not has_progress(run_dir):
         return None
-    was, now = saved_config(saved).to_dict(), cfg.to_dict()
+    was = recorded_config(run_dir)
+    if was is None:
+        return "run_config.json is missing and no checkpoint or model records the config"
+    now = cfg.to_dict()
     old, new = run_identity(was), run_identity(now)
     if old == new:
         return None

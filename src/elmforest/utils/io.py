@@ -89,6 +89,16 @@ def remove_path(p: str | os.PathLike) -> None:
         pass
 
 
+def discard_dir(p: str | os.PathLike) -> None:
+    """Delete a folder whole or not at all: renamed aside first (a dead process's temporary, removed by
+    the next write beside it), then deleted. rmtree alone, killed, left part of it, in the file system's
+    order: a run without its run_config.json, an MoE export without its card, read on the rerun."""
+    p = Path(p)
+    trash = temp_sibling(p, "trash", unique=True)
+    os.rename(p, trash)
+    shutil.rmtree(trash)
+
+
 def clean_stale(parent: str | os.PathLike, name: str | None = None, restore_only: bool = False) -> list[Path]:
     """Remove temporary entries in `parent` (those for destination `name` only, if given) left by
     processes of this host that are dead. An `old` copy whose destination is missing (a kill
