@@ -349,3 +349,23 @@ def test_the_training_corpus_copied_elsewhere_without_ids_is_refused_by_its_text
     (other / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fresh))
     check_held_out(model, other, spec, "test", "other")
     assert f"note: other: 1 of the {len(test)} test documents read are documents" in capsys.readouterr().err
+
+
+def test_the_leakage_checks_cache_keys_hold_the_whole_split(tmp_path):
+    """The check's per-process cache was keyed by the split fractions alone: a second model whose corpus
+    was split by file got the first one's split of the same corpus."""
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval import leakage
+
+    src = tmp_path / "c" / "a.jsonl"
+    src.parent.mkdir()
+    rows = [{"id": f"file{i // 20}#{i % 20}", "domain": "a", "text": f"doc {i} text"} for i in range(400)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index, allowed = {"source": str(src.parent)}, frozenset({"a"})
+    by_doc, by_file = SplitSpec(0.2, 0.2, by_file=False), SplitSpec(0.2, 0.2, by_file=True)
+    leakage._SEEN.clear()
+    first = dict(leakage._unique_texts(index, by_doc, allowed, {}))
+    second = leakage._unique_texts(index, by_file, allowed, {})
+    want = {leakage.text_key(r["text"]): by_file.assign(r["id"]) for r in rows}
+    assert second == want and first != want
+    assert leakage._unique_texts(index, by_file, allowed, {"a": "b"}) == {}  # another map: no domain a

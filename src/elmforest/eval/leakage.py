@@ -19,6 +19,7 @@ share it).
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,8 +30,12 @@ from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_stamps, read_json
 
 MAX_BYTES = 2_000_000_000  # training corpora larger than this are not read again to check
-_SEEN: dict[tuple, dict | None] = {}  # (corpus stamp, fractions, domains) -> {text: split} of unique texts
-_READ: dict[tuple, list | None] = {}  # (source stamp, fractions, splits, domains) -> the documents scored
+_SEEN: dict[
+    tuple, dict | None
+] = {}  # (corpus stamp, split spec, domains, map) -> {text: split} of unique texts
+_READ: dict[
+    tuple, list | None
+] = {}  # (source stamp, split spec, splits, domains, map) -> the documents scored
 _SAID: set = set()
 
 
@@ -75,7 +80,7 @@ def _unique_texts(index: dict, held: SplitSpec, allowed: frozenset, dmap: dict) 
     stamp = _stamp(sources)
     if sum(size for _, files in stamp for _, size, _ in files) > MAX_BYTES:
         return None
-    k = (stamp, held.valid_frac, held.test_frac, allowed)
+    k = (stamp, held.valid_frac, held.test_frac, held.by_file, allowed, json.dumps(dmap, sort_keys=True))
     if k not in _SEEN:
         counts: Counter = Counter()
         split_of: dict[bytes, str] = {}
@@ -111,7 +116,15 @@ def check_same_text(
     index = read_json(index_path)
     dmap = index.get("domain_map") or {}
     allowed = frozenset(model_domains(mdir) or index.get("domains") or {})
-    k = (_stamp(_sources(source)), spec.valid_frac, spec.test_frac, tuple(reads), allowed)
+    k = (
+        _stamp(_sources(source)),
+        spec.valid_frac,
+        spec.test_frac,
+        spec.by_file,
+        tuple(reads),
+        allowed,
+        json.dumps(dmap, sort_keys=True),
+    )
     if k not in _READ:  # once per process: a forest's experts and seed are each checked
         try:
             _READ[k] = [
