@@ -111,6 +111,12 @@ def test_bad_specs_and_contradicting_options_are_refused():
         parse_source("json,text=a,text=b:x")
     with pytest.raises(UserError, match="contradicts"):
         with_options("csv,text=body:x.csv", text_field="other")
+    # the default named (`--text-field text`) was dropped before the check: the string's `body` was read
+    with pytest.raises(UserError, match=r"--text-field 'text' contradicts text='body'"):
+        with_options("auto,text=body:x.jsonl", text_field="text")
+    with pytest.raises(UserError, match=r"--domain-field 'domain' contradicts domain='lang'"):
+        with_options("auto,domain=lang:x.jsonl", domain_field="domain")
+    assert with_options("json:x.jsonl", text_field="text") == "json:x.jsonl"  # agrees: unchanged
     with pytest.raises(UserError, match="--hf-split applies"):
         with_options("json:x", hf_split=["train"])
     with pytest.raises(DataError, match="only local files"):

@@ -117,7 +117,7 @@ def with_options(
     """`data` with the command line's reading options folded in; unchanged when none is given."""
     given = {"text": text_field, "domain": domain_field, "split": "+".join(hf_split or []) or None}
     defaults = {"text": "text", "domain": "domain"}  # named explicitly: read exactly as without them
-    given = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
+    given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return os.fspath(data)
     names = {"text": "--text-field", "domain": "--domain-field", "split": "--hf-split"}
@@ -127,11 +127,15 @@ def with_options(
     src = parse_source(data)
     fmt = src.format or "auto"
     options = dict(src.options)
+    for k, v in given.items():  # a default named explicitly contradicts another name in the string too
+        if k in options and options[k] != v:
+            raise UserError(f"{names[k]} {v!r} contradicts {k}={options[k]!r} in {os.fspath(data)!r}")
+    given = {k: v for k, v in given.items() if v != defaults.get(k)}
+    if not given:
+        return os.fspath(data)
     for k, v in given.items():
         if fmt not in KEYS[k]:
             raise UserError(f"{names[k]} applies to saved datasets and plain paths, not {fmt}: sources")
-        if k in options and options[k] != v:
-            raise UserError(f"{names[k]} {v!r} contradicts {k}={options[k]!r} in {os.fspath(data)!r}")
         options[k] = v
     return str(parse_source(str(Source(fmt, src.location, options))))
 
