@@ -511,3 +511,16 @@ def test_documents_sharing_a_header_longer_than_the_prefix_are_not_duplicates():
     check_partition(plan, len(docs))
     assert list(zip(plan.dropped.tolist(), plan.dropped_partner.tolist(), strict=True)) == [(30, 4)]
     assert plan.stats["exact_duplicates"] == 1 and plan.stats["near_duplicates"] == 0
+
+
+def test_a_document_read_whole_but_for_its_eos_is_not_cut():
+    """The whole-document check applies to pairs where a document was cut to its prefix; a document of
+    exactly max_tokens tokens and its trailing EOS was counted as cut, though the bag read all of it."""
+    from elmforest.cluster.icp import truncated
+
+    eos, n = 0, 8
+    docs = [np.r_[np.arange(1, n + 1), eos], np.r_[np.arange(1, n + 2), eos], np.r_[eos, np.arange(1, n + 1)]]
+    whole = TokenDocuments(np.concatenate(docs), np.cumsum([len(d) for d in docs]), 50, ignore=(eos,))
+    assert truncated(whole, {"max_tokens": n}).tolist() == [False, True, True]  # brute force: what is past
+    plain = TokenDocuments(whole.tokens, whole.ends, 50)  # nothing ignored: every token counts
+    assert truncated(plain, {"max_tokens": n}).tolist() == [True, True, True]

@@ -239,7 +239,14 @@ def truncated(whole, embed_kwargs: dict) -> np.ndarray:
     limits.update({k: v for k, v in embed_kwargs.items() if k in limits})
     if isinstance(whole, TokenDocuments):
         ends = np.asarray(whole.ends, dtype=np.int64)
-        return np.diff(np.concatenate([[0], ends])) > limits["max_tokens"]
+        starts = np.concatenate([[0], ends[:-1]])
+        if not whole.ignore:
+            return ends - starts > limits["max_tokens"]
+        # cut only where a token the bag counts lies past the prefix: a document of max_tokens tokens and
+        # its EOS was read whole, yet its pairs were judged on the whole document as if cut
+        kept = ~np.isin(np.asarray(whole.tokens), np.asarray(whole.ignore))
+        counted = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
+        return counted[ends] - counted[np.minimum(starts + limits["max_tokens"], ends)] > 0
     return np.array([len(t) > limits["max_chars"] for t in whole], dtype=bool)
 
 
