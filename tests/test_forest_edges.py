@@ -742,3 +742,31 @@ def test_forest_add_names_the_seed_or_expert_a_run_started_from(forest_dir, tmp_
     (Forest.load(f.root).expert_dir("e0") / "model.safetensors").write_bytes(b"not weights")
     wrong = [w for w in fsck(Forest.load(f.root), deep=True)[1] if w.startswith("expert e0:")]
     assert len(wrong) == 1 and "copy its files back from the original" in wrong[0]
+
+
+def test_a_replacement_refused_by_the_manifest_check_leaves_the_old_weights(forest_dir, tmp_path, monkeypatch):
+    """`forest add --replace` put the new checkpoint in place before the changed manifest was checked:
+    a refused manifest left the new weights under the old entry (a checksum mismatch from then on)."""
+    import elmforest.forest.manifest as manifest_mod
+    from elmforest.utils.io import file_digest
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    f = Forest.load(root)
+    a, b = f.names[:2]
+    before = file_digest(f.expert_dir(a) / "model.safetensors")
+
+    real = manifest_mod.check_manifest
+
+    def refused(data, *args):
+        if any(e["tokens"] == 1 for e in data["experts"]):  # the changed manifest, not one read
+            raise UserError("refused")
+        return real(data, *args)
+
+    monkeypatch.setattr(manifest_mod, "check_manifest", refused)
+    with pytest.raises(UserError, match="refused"):
+        f.add(f.expert_dir(b), a, f.expert(a)["domains"], tokens=1, flops=1, replace=True)
+    monkeypatch.undo()
+    g = Forest.load(root)
+    assert file_digest(g.expert_dir(a) / "model.safetensors") == before
+    assert g.intact(a, deep=True) is None

@@ -126,14 +126,18 @@ class Forest(ForestRecords):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def update(self, change) -> None:
+    def update(self, change, before_write=None) -> None:
         """Apply `change(data)` to the manifest on disk under a lock, so experts finishing at the same
-        time in different processes never overwrite each other's entries."""
+        time in different processes never overwrite each other's entries. `before_write()` runs under
+        the same lock once the changed manifest passed its checks (a checkpoint put in place: not before
+        a manifest that would be refused, which left new weights under the old entry)."""
         with self._locked():
             path = self.root / "forest.json"
             self.data = _read_manifest(self.root) if path.is_file() else self.data
             change(self.data)
             check_manifest(self.data, self.root, path)
+            if before_write is not None:
+                before_write()
             write_json_atomic(path, self.data)
 
     @property
@@ -344,9 +348,6 @@ class Forest(ForestRecords):
                         f"{self.root}: expert {name!r} was opted out (forest remove); its owner's choice is not "
                         "undone by adding it back"
                     )
-                # the checkpoint lands under the same lock as its manifest entry; a replaced one steps aside
-                # whole, so a kill between the renames leaves it to be put back, never a dangling entry
-                replace_dir(staged, self.root / rel)
                 d["experts"] = _in_plan_order(d, [e for e in d["experts"] if e["name"] != name] + [entry])
                 d["tokenizer"], d["architecture"] = tok, forest_arch
                 # re-added after an opt-out: what its removal discarded goes with it, not lost
@@ -355,7 +356,10 @@ class Forest(ForestRecords):
                     entry["spent_before"] = spent
                 d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
 
-            self.update(change)
+            # the checkpoint lands under the same lock as its manifest entry, once that entry passed its
+            # checks; a replaced one steps aside whole, so a kill between the renames leaves it to be
+            # put back, never a dangling entry
+            self.update(change, lambda: replace_dir(staged, self.root / rel))
         finally:
             remove_path(staged)
         return entry
