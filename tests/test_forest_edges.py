@@ -744,7 +744,9 @@ def test_forest_add_names_the_seed_or_expert_a_run_started_from(forest_dir, tmp_
     assert len(wrong) == 1 and "copy its files back from the original" in wrong[0]
 
 
-def test_a_replacement_refused_by_the_manifest_check_leaves_the_old_weights(forest_dir, tmp_path, monkeypatch):
+def test_a_replacement_refused_by_the_manifest_check_leaves_the_old_weights(
+    forest_dir, tmp_path, monkeypatch
+):
     """`forest add --replace` put the new checkpoint in place before the changed manifest was checked:
     a refused manifest left the new weights under the old entry (a checksum mismatch from then on)."""
     import elmforest.forest.manifest as manifest_mod
