@@ -530,3 +530,26 @@ def test_eval_only_corpus_manifest_says_so(tmp_path, monkeypatch):
     assert (tmp_path / "ood" / "german_fortunes.jsonl").is_file()
     with pytest.raises(ValueError, match="unknown demo domain"):
         demo.build_demo_corpus(tmp_path / "ood", domains=["legal"], eval_only=True, progress=False)
+
+
+def test_a_download_killed_part_way_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """apt-get, pip and npm wrote into the cache folder as they went, and any file there counted as
+    cached: a download killed part way was a truncated package on every later run."""
+    from elmforest.corpora import demo_fetch
+
+    def killed(cmd, *, cwd=None, **kw):
+        (Path(cwd) / "left-pad-1.3.0.tgz").write_bytes(b"\x1f\x8b half")
+        raise KeyboardInterrupt
+
+    def whole(cmd, *, cwd=None, **kw):
+        (Path(cwd) / "left-pad-1.3.0.tgz").write_bytes(b"whole")
+
+    cache = demo_fetch.SourceCache(tmp_path / "cache")
+    monkeypatch.setattr(demo_fetch.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(demo_fetch, "_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.npm_tarball("left-pad", "1.3.0")
+    assert [p.name for p in (tmp_path / "cache" / "npm").iterdir()] == []
+    monkeypatch.setattr(demo_fetch, "_run", whole)
+    assert cache.npm_tarball("left-pad", "1.3.0").read_bytes() == b"whole"
+    assert [p.name for p in (tmp_path / "cache" / "npm").iterdir()] == ["left-pad-1.3.0.tgz"]

@@ -51,6 +51,22 @@ def _tail(text: str | bytes | None, limit: int = 400) -> str:
     return out if len(out) <= limit else "..." + out[-limit:]
 
 
+def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
+    """Run a download tool in a folder of its own, then move what it wrote matching `pattern` into the
+    cache: a file is there whole or not at all. apt-get, pip and npm write into their working
+    directory as they go, and any file there counts as cached, so a download killed part way was a
+    truncated package on every later run (its domain skipped as unreadable)."""
+    tmp = into / f".download.{os.getpid()}.{threading.get_ident()}.tmp"  # domains fetch in threads
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _run(cmd, cwd=tmp, timeout=_TIMEOUT_DOWNLOAD)
+        for f in tmp.glob(pattern):
+            os.replace(f, into / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = _TIMEOUT_TOOL, **kw):
     """Run a command, turning a missing program, a timeout or a failure into SkipDomain."""
     try:
@@ -95,7 +111,7 @@ class SourceCache:
             self.debs.mkdir(parents=True, exist_ok=True)
             cmd = ["apt-get", "download", "-q", pkg]
             try:
-                _run(cmd, cwd=self.debs, timeout=_TIMEOUT_DOWNLOAD)
+                _download(cmd, self.debs, f"{pkg}_*.deb")
             except SkipDomain as first:
                 # Usually missing or stale package lists: refresh once (needs root) and retry.
                 if self._apt_updated or not hasattr(os, "geteuid") or os.geteuid() != 0:
@@ -106,7 +122,7 @@ class SourceCache:
                     _run(["apt-get", "update", "-q"], timeout=_TIMEOUT_DOWNLOAD)
                 except SkipDomain as e:
                     raise SkipDomain(f"{first}; `apt-get update` also failed: {e}") from None
-                _run(cmd, cwd=self.debs, timeout=_TIMEOUT_DOWNLOAD)
+                _download(cmd, self.debs, f"{pkg}_*.deb")
             hit = self._cached_deb(pkg)
             if hit is None:
                 raise SkipDomain(f"apt-get download {pkg} produced no .deb file")
@@ -149,8 +165,8 @@ class SourceCache:
             return hits[0]
         d.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--disable-pip-version-check", "-q", "-d", str(d), f"{name}=={version}"]
-        _run(cmd, timeout=_TIMEOUT_DOWNLOAD)
+        cmd += ["--disable-pip-version-check", "-q", "-d", ".", f"{name}=={version}"]
+        _download(cmd, d, f"{name}-{version}.*")
         hits = sorted(d.glob(f"{name}-{version}.tar.gz")) + sorted(d.glob(f"{name}-{version}.zip"))
         if not hits:
             raise SkipDomain(f"pip download {name}=={version} produced no sdist in {d}")
@@ -164,7 +180,7 @@ class SourceCache:
         if shutil.which("npm") is None:
             raise SkipDomain("npm not found: npm packages unavailable")
         d.mkdir(parents=True, exist_ok=True)
-        _run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=d, timeout=_TIMEOUT_DOWNLOAD)
+        _download(["npm", "pack", "--silent", f"{name}@{version}"], d, target.name)
         if not target.exists():
             raise SkipDomain(f"npm pack {name}@{version} produced no {target.name}")
         return target
