@@ -187,8 +187,8 @@ def write_routing(
         )
     model = load_model(moe_dir).to(device).eval()
     stats = routing_stats(model, meta["experts"], sh, domains, split, tokens, default_seq_len(moe_dir))
+    plot_load(stats, moe_dir / "routing.png")  # first: routing.json marks the step done (the quickstart)
     write_json_atomic(moe_dir / "routing.json", stats)
-    plot_load(stats, moe_dir / "routing.png")
     return stats
 
 
