@@ -124,6 +124,9 @@ def quickstart_xelm(
             "plan": {**plan.__dict__},
             "expert_lrs": {str(k): v for k, v in lrs.items()},
             "continue_lr": DENSE_CONTINUE_LR,
+            # the seed's new-language expert on a schedule of its own (second_round.fresh_from_seed);
+            # absent from outputs that continued the seed's: refused, not an expert trained otherwise
+            "added_from_seed": "own schedule" if new else None,
             "groups": {str(k): g["groups"] for k, g in groupings.items()},
         },
     )
