@@ -534,8 +534,18 @@ def test_routing_stats_match_the_models_own_router_logits(forest_dir, shards_dir
         assert got["top1_own"] == pytest.approx(np.mean(hits), abs=1e-9)
         assert got["own"] == own  # the plot outlines these, not the expert that happens to share d's name
         assert sum(got["load_mean"]) == pytest.approx(1.0)
-    assert main(["merge", "routing", "--model", str(out), "--shards", str(shards_dir), "--tokens", "96"]) == 0
-    assert "top-1 expert = the domain's own" in capsys.readouterr().out
+    for asked in (96, 10**6):  # "short" only where the split is: not where its last window is partial
+        assert (
+            main(
+                ["merge", "routing", "--model", str(out), "--shards", str(shards_dir), "--tokens", str(asked)]
+            )
+            == 0
+        )
+        said = capsys.readouterr().out
+        assert "top-1 expert = the domain's own" in said
+        for d in sh.domains:
+            line = next(x for x in said.splitlines() if x.strip().startswith(d))
+            assert ("split is short" in line) == (len(sh.tokens(d, "valid")) < asked), line
     # shards of another tokenizer: refused, not routed as if their ids were this model's tokens
     other = tmp_path / "other"
     shutil.copytree(shards_dir, other)

@@ -203,7 +203,7 @@ def routing(
         own = "-" if v["top1_own"] is None else f"{v['top1_own']:.1%}"
         fewer = (
             f"  (only {v['tokens']} tokens routed: its {split} split is short)"
-            if v["tokens"] < tokens
+            if v["tokens"] < tokens and v.get("split_tokens", 0) < tokens
             else ""
         )
         print(

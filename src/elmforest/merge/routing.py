@@ -94,7 +94,8 @@ def routing_stats(
                 "entropy_norm": ent / math.log(E) if E > 1 else 0.0,
                 "top1_own": sum(state["own"]) / (n * L) if own[d] else None,
                 "own": own[d],  # the experts trained on d, by index (a name need not be its domain's)
-                "tokens": n,
+                "tokens": n,  # the windows' scored tokens: a few short of `tokens` where one is the last
+                "split_tokens": len(stream),
             }
     finally:
         for h in handles:
