@@ -690,7 +690,7 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
     # and so would a fine-tune of another MoE written into it (its ledger row stayed, its training went)
     assert main([*argv[:5], "1", "--out", str(ft), *argv[8:], "--no-progress"]) == 2
-    assert "holds a trained MoE (BTX fine-tuning (3 steps))" in capsys.readouterr().err
+    assert "(BTX fine-tuning (3 steps)); fine-tuning into it would discard" in capsys.readouterr().err
     stamp = (ft / "elmforest_moe.json").stat().st_mtime_ns  # the same run again: kept, not trained again
     assert main(argv + ["--no-progress"]) == 0
     out = capsys.readouterr().out

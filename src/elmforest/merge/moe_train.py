@@ -176,7 +176,7 @@ def _train_moe(
         if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
             return out
-        check_untrained(out)  # another training there would be lost, and its ledger row left behind
+        check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
     # one run per export: re-exporting into the same place must not pick up an older finished run
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = "router-run" if kind == "router_training" else "finetune-run"
