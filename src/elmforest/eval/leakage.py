@@ -30,12 +30,10 @@ from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_stamps, read_json
 
 MAX_BYTES = 2_000_000_000  # training corpora larger than this are not read again to check
-_SEEN: dict[
-    tuple, dict | None
-] = {}  # (corpus stamp, split spec, domains, map) -> {text: split} of unique texts
-_READ: dict[
-    tuple, list | None
-] = {}  # (source stamp, split spec, splits, domains, map) -> the documents scored
+# (corpus stamp, split spec, domains, domain map) -> {text: split} of unique texts
+_SEEN: dict[tuple, dict | None] = {}
+# (source stamp, split spec, splits, domains, domain map) -> the documents scored
+_READ: dict[tuple, list | None] = {}
 _SAID: set = set()
 
 
