@@ -150,3 +150,28 @@ def test_a_qwen2_with_biased_attention_is_not_refused_but_a_biased_mlp_is():
         with pytest.raises(UserError, match="sliding window"):
             format_for({"model_type": mt, "use_sliding_window": True, "max_window_layers": 1})
     assert {f.model_type for f in FORMATS.values()} == {"mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "olmo2"])
+def test_flexolmo_owner_pairs_of_every_format_merge_into_a_loadable_moe(arch, tokenizer_dir, tmp_path):
+    """transformers 5 saves Qwen3-MoE's expert count as `num_local_experts`: the merged owners' config
+    kept the pair's 2 beside `num_experts`, and the merged model did not load. Owners not trained yet
+    hold the seed's MLP in every expert, so any renormalised routing computes the seed."""
+    import shutil
+
+    from elmforest.merge.flexolmo import merge_pairs, public_pair
+
+    (seed,) = _experts(arch, tokenizer_dir, tmp_path, n=1)
+    pair = public_pair(seed, tmp_path / "pair")
+    owners = []
+    for i in range(3):
+        o = tmp_path / f"o{i}"
+        shutil.copytree(pair, o)
+        owners.append((f"o{i}", o))
+    merged = merge_pairs(owners, tmp_path / "merged")
+    moe = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert moe.model.layers[0].mlp.gate.weight.shape[0] == 4
+    dense = AutoModelForCausalLM.from_pretrained(str(seed)).eval()
+    x = torch.randint(0, dense.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=x).logits, dense(input_ids=x).logits, atol=2e-5, rtol=2e-5)

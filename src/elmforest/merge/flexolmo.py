@@ -218,6 +218,9 @@ def merge_pairs(
             raise UserError(f"owner {n!r} has another architecture than {names[0]!r} ({diff})")
     E, L = len(pairs) + 1, cfgs[0]["num_hidden_layers"]
     cfg = {**cfgs[0], **fmt.moe_fields(cfgs[0], E, min(top_k, E))}
+    for k in ("num_local_experts", "num_experts"):  # transformers 5 saves Qwen3-MoE's count under the
+        if k in cfgs[0]:  # other name: left at 2, the merged model did not load
+            cfg[k] = E
     expert = {fmt.expert_name(layer, e, p) for layer in range(L) for e in (0, 1) for p in PROJ}
     router = {fmt.router_name(layer) for layer in range(L)}
     writer = ShardedWriter(out, replaces="elmforest_flexolmo.json")
