@@ -393,6 +393,13 @@ def test_merge_methods_match_hand_computation():
     for density in (0.3, 1.0):
         got = get_method("ties")(ts, w, base=base, density=density, scale=0.8)
         torch.testing.assert_close(got, _ties_brute(ts, w, base, density, 0.8), rtol=1e-5, atol=1e-6)
+    # deltas of few distinct magnitudes (bf16 checkpoints): exactly `density` of each kept, ties by
+    # position; every tie at the threshold was kept (65% at density 0.5)
+    qb = (base * 4).round() / 4  # exact in float32, as the deltas are
+    q = [qb + (torch.randn(5, 7, generator=g) * 2).round() / 4 for _ in range(3)]
+    for density in (0.2, 0.5):
+        got = get_method("ties")(q, w, base=qb, density=density, scale=1.0)
+        torch.testing.assert_close(got, _ties_brute(q, w, qb, density, 1.0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown merge method"):
         get_method("slerp")
 

@@ -79,9 +79,13 @@ def ties(
     flat = deltas.view(n, -1)
     keep = max(1, int(round(density * flat.shape[1])))
     if keep < flat.shape[1]:
-        # the keep-th largest magnitude per expert is its threshold (ties at it are kept)
-        thresh = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-        flat = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
+        for row in flat:  # exactly `keep` entries each: those above the keep-th largest magnitude, then
+            a = row.abs()  # of those equal to it the first ones. Keeping every tie kept 65% at density
+            thresh = a.kthvalue(a.numel() - keep + 1).values  # 0.5 of bf16 checkpoints, whose deltas
+            mask = a > thresh  # take few distinct values
+            ties_at = (a == thresh).nonzero().flatten()
+            mask[ties_at[: keep - int(mask.sum())]] = True
+            row.mul_(mask)
     wv = torch.tensor(w, dtype=flat.dtype).view(n, 1)
     sign = torch.sign((wv * flat).sum(0, keepdim=True))
     agree = (torch.sign(flat) == sign) & (flat != 0)
