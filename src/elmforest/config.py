@@ -88,13 +88,13 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio (its last step: one short of it)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    warmup_frac: float = 0.08
+    warmup_frac: float = 0.08  # of the steps, rounded (1: the whole run warms up, nothing decays)
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
 
 
