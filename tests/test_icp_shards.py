@@ -564,3 +564,23 @@ def test_prepare_data_refuses_another_vocabulary_and_shards_of_another_tokenizer
     shutil.rmtree(out / "tokenizer")
     with pytest.raises(UserError, match="tokenized with another tokenizer"):
         prepare_data(out, 400, **quiet)
+
+
+def test_a_folder_written_again_in_one_process_is_read_again(corpus, tmp_path):
+    """The ICP orderer's tokenizer and the held-out check's `.txt` probe were cached by path alone: a
+    staging folder (the same path for one output and process) rebuilt with another tokenizer decoded
+    with the first, and a folder that gained .txt files still had none."""
+    from elmforest.cluster import icp_shards
+    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.eval import held_out
+
+    stage = tmp_path / "stage"
+    for vocab in (300, 420):
+        tok, _ = train_bpe_on(corpus, vocab_size=vocab, bytes_per_domain=20_000)
+        save_tokenizer(tok, stage)
+        assert icp_shards._tokenizer(str(stage)).get_vocab_size() == tok.vocab_size
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    assert not held_out._has_txt(folder)
+    (folder / "a.txt").write_text("x")
+    assert held_out._has_txt(folder)

@@ -88,15 +88,37 @@ def _hash_files(stamps: tuple) -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)  # loaded once for all the domains of one shards directory
+def _files_stamp(path: str) -> tuple:
+    """What a folder's files are now (name, size, mtime, inode): a cache keyed by the path alone kept
+    the first tokenizer or encoder read from a folder written again in the same process (a build's
+    staging folder is the same path for the same output and process)."""
+    p = Path(path)
+    if not p.is_dir():
+        return ()
+    return tuple(
+        (f.name, s.st_size, s.st_mtime_ns, s.st_ino)
+        for f in sorted(p.iterdir())
+        if f.is_file() and (s := f.stat())
+    )
+
+
 def _tokenizer(root: str):
+    return _load_tokenizer(root, _files_stamp(root))
+
+
+@functools.lru_cache(maxsize=1)  # loaded once for all the domains of one shards directory
+def _load_tokenizer(root: str, stamp: tuple):
     from elmforest.data.tokenizer import load_tokenizer
 
     return load_tokenizer(root).tokenizer
 
 
-@functools.lru_cache(maxsize=1)  # one encoder resident at a time
 def _encoder(name: str):
+    return _load_encoder(name, _files_stamp(name))
+
+
+@functools.lru_cache(maxsize=1)  # one encoder resident at a time
+def _load_encoder(name: str, stamp: tuple):
     from elmforest.cluster.embedder import SentenceEmbedder
 
     return SentenceEmbedder(name)

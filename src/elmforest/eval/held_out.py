@@ -8,7 +8,6 @@ Apart from eval/bpb.py, which scores the documents these checks let through.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from elmforest.data.shards import Shards
@@ -131,8 +130,7 @@ def _locations(source) -> list[tuple[Path, str | None]]:
     return locs
 
 
-@functools.lru_cache(maxsize=64)  # asked once per model of a forest, about the same folder
-def _has_txt(p: Path) -> bool:
+def _has_txt(p: Path) -> bool:  # not cached by path: the folder may gain .txt files in one process
     if p.is_file():
         return p.suffix == ".txt"
     return p.is_dir() and any(True for _ in p.rglob("*.txt"))
