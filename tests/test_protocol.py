@@ -3,6 +3,7 @@
 
 import json
 import math
+import shutil
 from dataclasses import asdict
 
 import numpy as np
@@ -445,3 +446,20 @@ def test_the_ledger_holds_only_this_runs_rows(forest_dir, tmp_path):
     )
     assert then["arms"]["dense_tuned"] == f.data["seed"]["flops"] + 5.0 and then["arms"]["moe_btx"] > 0
     assert sorted(r["flops"] for r in then["ledger"] if r["flops"] in (5.0, 7.0)) == [5.0, 7.0]
+
+
+def test_a_points_cached_valid_scores_are_those_asked_for(forest_dir, shards_dir, tmp_path):
+    """Cached by the bytes alone: scoring a forest again on other domains or windows returned the first
+    call's scores (one domain for three, another seq_len's numbers)."""
+    from elmforest.launch.sweep_results import score_experts
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    f, sh = Forest.load(root), Shards(shards_dir)
+    one = score_experts(f, sh, sh.domains[:1], 32, max_bytes=3000)
+    every = score_experts(f, sh, sh.domains, 32, max_bytes=3000)
+    assert list(every["domains"]) == sh.domains and list(one["domains"]) == sh.domains[:1]
+    assert every["domains"][sh.domains[0]] == one["domains"][sh.domains[0]]
+    other = score_experts(f, sh, sh.domains, 16, max_bytes=3000)
+    assert other["domains"] != every["domains"]
+    assert score_experts(f, sh, sh.domains, 16, max_bytes=3000) == other  # the same asked again: cached

@@ -56,13 +56,30 @@ def choose(points: list[dict]) -> dict:
     return {"best_lr": best["lr"], "best_valid_mean_bpb": best["valid_mean_bpb"], "at_edge": edge}
 
 
-def _cached(path: Path, max_bytes: int | None) -> dict | None:
-    """A point's valid scores, unless they were measured on another number of bytes."""
+def _cached(path: Path, key: dict) -> dict | None:
+    """A point's valid scores, unless they were measured otherwise: on other bytes, shards, domains,
+    windows or groups (keyed by the bytes alone, a call with other domains or seq_len got the first
+    call's scores)."""
     if path.is_file():
         got = read_json(path)
-        if got.get("max_bytes") == max_bytes:
-            return got
+        if all(got.get(k) == v for k, v in key.items()):
+            return _point(got)
     return None
+
+
+def _point(scores: dict) -> dict:
+    """What a sweep point reports of its scores (the key they were cached under stays in valid.json)."""
+    return {k: scores[k] for k in ("valid_mean_bpb", "domains", "max_bytes")}
+
+
+def _key(shards: Shards, domains: list[str], seq_len: int, max_bytes, experts=None) -> dict:
+    return {
+        "max_bytes": max_bytes,
+        "shards_fingerprint": shards.fingerprint,
+        "scored_domains": list(domains),
+        "seq_len": seq_len,
+        "groups": experts,
+    }
 
 
 def score_dense(
@@ -71,7 +88,8 @@ def score_dense(
     """The dense run's valid BPB, macro-averaged over the domains as the comparison reports it."""
     if (bad := _diverged(point)) is not None:
         return bad
-    if (hit := _cached(point / "valid.json", max_bytes)) is not None:
+    key = _key(shards, domains, seq_len, max_bytes)
+    if (hit := _cached(point / "valid.json", key)) is not None:
         return hit
     if why := dead(point / "runs" / "dense"):
         write_json_atomic(point / DIVERGED, {"job": "dense", "why": why})
@@ -83,9 +101,9 @@ def score_dense(
         write_json_atomic(point / DIVERGED, {"job": "dense", "why": f"Diverged: {e}"})
         return _diverged(point)
     per = {d: v["bpb"] for d, v in res["domains"].items()}
-    out = {"valid_mean_bpb": res["mean_bpb"], "domains": per, "max_bytes": max_bytes}
+    out = {"valid_mean_bpb": res["mean_bpb"], "domains": per, **key}
     write_json_atomic(point / "valid.json", out)
-    return out
+    return _point(out)
 
 
 def score_experts(
@@ -102,7 +120,8 @@ def score_experts(
     if (bad := _diverged(forest.root)) is not None:
         return bad
     cached = forest.root / "valid.json"
-    if (hit := _cached(cached, max_bytes)) is not None:
+    key = _key(shards, domains, seq_len, max_bytes, experts)
+    if (hit := _cached(cached, key)) is not None:
         return hit
     experts = experts or {d: [d] for d in domains}
     per = {}
@@ -118,9 +137,9 @@ def score_experts(
             return _diverged(forest.root)
         per.update({d: res["domains"][d]["bpb"] for d in mine})
     per = {d: per[d] for d in domains}
-    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per, "max_bytes": max_bytes}
+    out = {"valid_mean_bpb": sum(per.values()) / len(per), "domains": per, **key}
     write_json_atomic(cached, out)
-    return out
+    return _point(out)
 
 
 def format_sweep(result: dict) -> str:
