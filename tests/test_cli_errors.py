@@ -411,3 +411,42 @@ def test_sigterm_is_said_once_by_the_launcher_not_by_each_data_parallel_rank(mon
             cli._terminated(signal.SIGTERM, None)
         assert e.value.code == 143 and cli._STOPPED_BY == [143]
         assert ("terminated (SIGTERM)" in capsys.readouterr().err) is said
+
+
+def test_out_of_range_settings_are_refused_before_anything_is_written(
+    shards_dir, forest_dir, corpus, tmp_path, capsys
+):
+    """Each was a traceback from torch or scikit-learn after the run folder was written (a seed of
+    2**64, an lr past float32), trained nothing without a word (an infinite eps), read only the last of
+    two keys of a --config file, trained an expert on another domain than the forest records, or was
+    dropped (a top-k or cluster option given to another mode)."""
+    run = tmp_path / "r"
+    train = ["train", "--shards", shards_dir, "--out", run, "--preset", "tiny", "--set", "train.steps=4"]
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"train": {"steps": 4, "steps": 5000000}}')
+    study = tmp_path / "s.yaml"
+    study.write_text("preset: tiny\n")
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f, symlinks=True)
+    ev = ["eval", "--forest", forest_dir, "--data", shards_dir, "--json", tmp_path / "e.json"]
+    for argv, said in (
+        ([*train, "--set", "train.seed=18446744073709551616"], "train.seed must be in [0, 2**63)"),
+        ([*train, "--set", "optim.lr=1e39"], "optim.lr: expected a finite number of at most 3.4e+38"),
+        ([*train, "--set", "optim.eps=Infinity"], "optim.eps: expected a finite number"),
+        ([*train, "--set", "model.rms_norm_eps=Infinity"], "model.rms_norm_eps: expected a finite number"),
+        ([*train, "--config", dup], "key 'steps' is given twice"),
+        (["study", study, "--dry-run", "--set", "seeds=[0, 1"], "seeds's value is not valid YAML"),
+        (["study", study, "--dry-run", "--set", "seeds=[0, 18446744073709551616]"], "in [0, 2**63)"),
+        (["cluster", "fit", "--data", corpus, "--out", tmp_path / "c", "--k", "2", "--seed", "4294967296"], "2**32"),
+        (
+            ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--name", "c2",
+             "--set", "data.domains=[legal]"],
+            "an expert's data is its --domain",
+        ),
+        ([*ev, "--select", "prefix:4"], "--select prefix:4: not used by --mode ensemble"),
+        ([*ev, "--mode", "topk", "--route", "segment:8"], "--route segment:8: not used by --mode topk"),
+    ):  # fmt: skip
+        rc, out = _run(argv, capsys)
+        assert rc == 2 and said in out and "Traceback" not in out, (argv, out)
+    assert not run.exists() and not (tmp_path / "c").exists() and not (f / "runs" / "c2").exists()
+    assert not (tmp_path / "e.json").exists()

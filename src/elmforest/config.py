@@ -184,7 +184,10 @@ class RunConfig:
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
             (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
-            (t.seed >= 0, "train.seed must be >= 0"),
+            (
+                0 <= t.seed < 2**63,
+                "train.seed must be in [0, 2**63)",
+            ),  # torch's generators take 64 signed bits
             (
                 self.data.domains is None or len(set(self.data.domains)) == len(self.data.domains),
                 "data.domains must name each domain once (a domain named twice would take two shares of "
@@ -216,6 +219,17 @@ class RunConfig:
             ),
         ]
         bad = [msg for ok, msg in checks if not ok]
+        # every float a finite number float32 can hold: an infinite eps or rms_norm_eps trained nothing
+        # without a word, an lr of 1e39 failed in the first step after the run folder was written
+        huge = [
+            f"{section}.{f.name}"
+            for section, part in (("model", self.model), ("optim", o), ("train", t), ("data", self.data))
+            for f in dataclasses.fields(part)
+            if isinstance(v := getattr(part, f.name), float)
+            and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)
+        ]
+        if huge:
+            bad.append(f"{', '.join(huge)}: expected a finite number of at most {FLOAT32_MAX:.3g} in size")
         bad += self.model.architecture_problems()
         if unknown := [x for x in t.trackers if x not in TRACKERS]:
             bad.append(f"train.trackers: unknown {unknown}; known: {list(TRACKERS)}")
@@ -244,6 +258,8 @@ def from_dict(cls, d: dict, where: str = ""):
         )
     return cls(**kwargs)
 
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 

@@ -15,9 +15,9 @@ from elmforest.utils.argtypes import (
     fraction,
     group,
     nonneg_float,
-    nonneg_int,
     opt,
     positive_int,
+    seed32,
     verb,
 )
 from elmforest.utils.errors import AlreadyExists, UserError
@@ -50,7 +50,7 @@ def fit(
             metavar="INTEGER",
         ),
     ] = None,
-    seed: Annotated[int, opt("sampling and k-means seed", nonneg_int)] = 0,
+    seed: Annotated[int, opt("sampling and k-means seed", seed32)] = 0,
     split: Annotated[
         Literal["train", "valid", "test"] | None,
         opt("fit on this split's documents only (by the id hash at --valid-frac / --test-frac)"),

@@ -187,6 +187,20 @@ def eval_(
             "--no-reroute is c-BTM routing's at document starts: it takes --forest with --mode cluster "
             "(and --reset document, the default; --reset window routes at the grid only)"
         )
+    unused = [  # a mode's own option given to another was dropped without a word
+        opt_
+        for opt_, given, modes in (
+            (f"--select {select}", select != "prior", ("topk",)),
+            (f"--route {route}", route != "sequence", ("cluster",)),
+            (f"--temperature {temperature:g}", temperature != 0.1, ("cluster",)),
+        )
+        if given and (not forest or mode not in modes)
+    ]
+    if unused:
+        raise UserError(
+            f"{', '.join(unused)}: not used by {'--mode ' + mode if forest else 'a single --model'} "
+            "(--select is --mode topk's; --route and --temperature are --mode cluster's)"
+        )
     check_json_out(json)
     if read != DEFAULT_READ:
         from elmforest.data.shards import Shards

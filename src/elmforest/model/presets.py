@@ -184,9 +184,11 @@ def build_run_config(
             raise UserError(f"--config {config_file}: {e}") from e
 
     if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
-        cfg = from_file(_layered(preset_run_config(preset).to_dict(), read_json(config_file)))
+        cfg = from_file(
+            _layered(preset_run_config(preset).to_dict(), read_json(config_file, unique_keys=True))
+        )
     elif config_file:  # as given (runs started from it resume as they were), missing fields said
-        top = read_json(config_file)
+        top = read_json(config_file, unique_keys=True)  # a key given twice: json kept the last silently
         cfg = from_file(top)
         missing = [f"{s}.{k}" for s, v in cfg.to_dict().items() for k in v if k not in (top.get(s) or {})]
         if missing and any(not m.startswith("model.") for m in missing):
