@@ -450,3 +450,33 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         assert rc == 2 and said in out and "Traceback" not in out, (argv, out)
     assert not run.exists() and not (tmp_path / "c").exists() and not (f / "runs" / "c2").exists()
     assert not (tmp_path / "e.json").exists()
+
+
+def test_a_refused_setting_leaves_no_forest_or_quickstart_folder(shards_dir, corpus, tmp_path, capsys):
+    """`forest seed` and `forest train` made the forest (and the seed's run folder, for a domain the
+    shards do not hold) before the config was refused; the quickstart built its corpus, tokenizer and
+    shards first."""
+    for verb in ("seed", "train"):
+        for bad, said in (
+            ("train.steps=abc", "expected an integer"),
+            ("data.domains=[nope]", "holds no training documents of nope"),
+        ):
+            where = tmp_path / f"{verb}-f"
+            argv = [
+                "forest",
+                verb,
+                "--forest",
+                where,
+                "--shards",
+                shards_dir,
+                "--preset",
+                "tiny",
+                "--set",
+                bad,
+            ]
+            rc, out = _run(argv, capsys)
+            assert rc == 2 and said in out and not where.exists(), (verb, bad, out)
+    for bad, said in (("train.steps=abc", "expected an integer"), ("optim.lr=-1", "optim.lr must be")):
+        argv = ["quickstart", "--out", tmp_path / "qs", "--preset", "tiny", "--data", corpus, "--set", bad]
+        rc, out = _run(argv, capsys)
+        assert rc == 2 and said in out and not (tmp_path / "qs").exists(), out

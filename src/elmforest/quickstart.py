@@ -81,9 +81,9 @@ def quickstart(
     """
     if split not in ("domains", "random", "clusters"):
         raise UserError(f"split must be 'domains', 'random' or 'clusters', got {split!r}")
-    check_quickstart_overrides(overrides)
-    out = Path(out)
     p = get_preset(preset)
+    check_quickstart_overrides(overrides, preset)
+    out = Path(out)
     t0 = time.perf_counter()
     log = print
 

@@ -102,6 +102,13 @@ def seed(
     from elmforest.forest import btm
 
     new = not Path(forest).exists()
+    if not from_checkpoint:  # the config and plan first: one refused leaves no empty forest behind
+        sh = Shards(shards)
+        cfg = train_args.run_config(shards)
+        domains = experts or cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
+        _check_trainable(sh, domains)
+        _note_unscored(sh, domains)
+        plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
     f = _load(forest, create=True)
     if from_checkpoint:
         try:
@@ -111,13 +118,18 @@ def seed(
                 remove_path(f.root)
             raise
     else:
-        sh = Shards(shards)
-        cfg = train_args.run_config(shards)
-        domains = experts or cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
-        _note_unscored(sh, domains)
-        plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
         btm.train_seed(f, sh, base, plan, progress=not no_progress)
     print(f.describe())
+
+
+def _check_trainable(sh, domains: list[str]) -> None:
+    """A domain the shards hold no training documents of was found only when the seed's run started
+    (after the forest and its run folder were made), behind a note that it had no valid or test ones."""
+    if isinstance(domains, list) and (bad := [d for d in domains if not sh.has(d, "train")]):
+        have = [d for d in sh.domains if sh.has(d, "train")]
+        raise UserError(
+            f"{sh.root} holds no training documents of {', '.join(bad)} (it has {', '.join(have)})"
+        )
 
 
 def _note_unscored(sh, domains: list[str]) -> None:
@@ -300,6 +312,7 @@ def train(
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
     if clusterer:
         _check_cluster_domains(clusterer, domains, shards)
+    _check_trainable(sh, domains)
     _note_unscored(sh, domains)
     plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
     if plan.expert_batch_size % procs_per_expert:  # before the forest is made

@@ -288,11 +288,18 @@ def check_source(have, corpus: str | Path | None, out: Path, what) -> None:
     )
 
 
-def check_quickstart_overrides(overrides) -> None:
+def check_quickstart_overrides(overrides, preset: str | None = None) -> None:
     """A quickstart builds and scores its own shards, in source order. `--set data.shards` would train
     on other data than it scores, and a `data.order` other than source is refused at the seed's start,
-    after the corpus and shards stages: both are refused before anything runs, saying what to do."""
+    after the corpus and shards stages: both are refused before anything runs, saying what to do. So
+    is any override the preset's config refuses (`train.steps=abc`, `optim.lr=-1`), which failed after
+    the corpus, tokenizer and shards were built."""
     from elmforest.config import RunConfig, apply_overrides
+
+    if preset is not None:
+        from elmforest.model.presets import preset_run_config
+
+        apply_overrides(preset_run_config(preset), list(overrides)).validate()
 
     for item in overrides:
         key = item.split("=", 1)[0].strip()

@@ -78,7 +78,7 @@ def quickstart_xelm(
 
     out, t0, log = Path(out), time.perf_counter(), print
     p = get_preset(preset)
-    check_quickstart_overrides(overrides)
+    check_quickstart_overrides(overrides, preset)
     ks = sorted({int(k) for k in ks})
     if not ks or min(ks) < 2:
         raise UserError(f"k = {ks}: every forest needs at least 2 groups (k = 1 is the dense model)")
