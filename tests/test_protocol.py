@@ -298,6 +298,12 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
         "c-BTM (top-2) beats dense out-of-domain",
     ]
     assert out[1].endswith("does NOT hold here [NOT compute-matched: 1.200x the dense FLOPs]")
+    # the ratio is printed finely enough to see the side of the 1% line, and a reference row that
+    # trained more is flagged too
+    out = findings(res(dense=1.0, dense_tuned=1.0, ensemble=0.9901), None, {"dense_tuned": 1.2})
+    assert "(ratio 0.9901) -> a tie" in out[0] and out[0].endswith(
+        "[dense_tuned NOT compute-matched: 1.200x the dense FLOPs]"
+    )
 
 
 def test_a_diverged_lr_is_recorded_not_fatal_and_not_retrained(shards_dir, tmp_path, monkeypatch):

@@ -360,3 +360,31 @@ def test_the_report_of_an_xelm_dir_holds_its_tables_runs_and_compute(xelm_run, t
     r["compute"]["arms"]["tfidf9_ensemble"] = 100 * r["compute"]["arms"]["dense"]
     (copy / "results.json").write_text(json.dumps(r))
     assert "No arm uses all of forest-k4" in render_report(copy).replace("&#x27;", "'")
+
+
+def test_every_language_is_judged_by_the_quickstarts_tie_rule_and_its_compute():
+    """A forest 0.1% better everywhere 'held' while one equal language did not; a language 0.01% worse
+    flipped the verdict; a forest trained on 1.5x the dense FLOPs 'held' with no flag; exactly 1% was a
+    tie here and a result in the quickstart's findings."""
+    from elmforest.xelm.evaluate import findings
+
+    def run(**rows):
+        langs = ("deu", "fra")
+        methods = {n: {"domains": {x: {"bpb": v[i]} for i, x in enumerate(langs)}, "mean_bpb": sum(v) / 2}
+                   for n, v in rows.items()}  # fmt: skip
+        out = {
+            "methods": methods,
+            "gains": {n: {x: 0.0 for x in langs} for n in methods},
+            "train_bytes": {x: 1 for x in langs},
+            "compute": {"over_dense": {"far": 1.5}},
+        }
+        return [x for x in findings(out, list(langs), None) if "every language" in x]
+
+    lines = run(
+        dense=(1.0, 1.0), near=(0.999, 0.9999), worse=(0.9, 1.02), better=(0.98, 0.95), far=(0.9, 0.9)
+    )
+    by = {x.split(" ")[0]: x for x in lines}
+    assert "not shown: a tie (within 1%) in deu, fra" in by["near"]
+    assert "does NOT hold: worse in fra" in by["worse"]
+    assert ": holds (" in by["better"] and "NOT compute-matched" not in by["better"]
+    assert ": holds (" in by["far"] and by["far"].endswith("[NOT compute-matched: 1.500x the dense FLOPs]")

@@ -19,7 +19,7 @@ import numpy as np
 from elmforest.compare import TIE
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
-from elmforest.eval.report import print_table
+from elmforest.eval.report import FLOPS_TOLERANCE, print_table
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.model.build import load_model
@@ -182,15 +182,29 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
     which is said instead of a verdict."""
     m, lines = out["methods"], []
     dense = m["dense"]["domains"]
+    over = (out.get("compute") or {}).get("over_dense") or {}
+
+    def matched(name: str) -> str:  # as the quickstart's findings flag an arm that trained more
+        r = over.get(name, 1.0)
+        return "" if abs(r - 1) <= FLOPS_TOLERANCE else f" [NOT compute-matched: {r:.3f}x the dense FLOPs]"
+
     for name, r in m.items():
         if name in ("dense", "seed"):
             continue
-        worse = [x for x in langs if r["domains"][x]["bpb"] >= dense[x]["bpb"]]
-        tied = [x for x in langs if abs(r["domains"][x]["bpb"] / dense[x]["bpb"] - 1) < TIE]
-        verdict = "holds" if not worse else f"does NOT hold: worse or equal in {', '.join(worse)}"
+        # compare.findings' rule per language: within TIE a tie, which one seed cannot separate
+        ratio = {x: r["domains"][x]["bpb"] / dense[x]["bpb"] for x in langs}
+        worse = [x for x in langs if ratio[x] >= 1 and abs(ratio[x] - 1) >= TIE]
+        tied = [x for x in langs if abs(ratio[x] - 1) < TIE]
+        if worse:
+            verdict = f"does NOT hold: worse in {', '.join(worse)}"
+        elif tied:
+            verdict = f"not shown: a tie (within {TIE:.0%}) in {', '.join(tied)}, better in the rest"
+        else:
+            verdict = "holds"
         lines.append(
             f"{name} beats the jointly trained dense LM in every language: {verdict} (mean {r['mean_bpb']:.4f} "
             f"vs {m['dense']['mean_bpb']:.4f}; within {TIE:.0%} of dense in {len(tied)} of {len(langs)})"
+            + matched(name)
         )
     small = min(langs, key=lambda x: out["train_bytes"][x])
     mb = out["train_bytes"][small] / 1e6
@@ -211,10 +225,11 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
         k = next(int(n[1:].split("_")[0]) for n in a if n.startswith("k") and "+" not in n)
         b = {n: r["domains"][new]["bpb"] for n, r in a.items()}
         near, seed = b.get(f"k{k}+nearest_ensemble"), b.get(f"k{k}+seed_ensemble")
+        r = near / seed  # compare.findings' rule: within TIE a tie, exactly TIE a result
         lines.append(
             f"adding {new}: forest + expert branched from the nearest expert {near:.4f} vs from the seed "
-            f"{seed:.4f} BPB on {new} -> nearest-expert branching "
-            + ("helps" if near < seed * (1 - TIE) else "hurts" if near > seed * (1 + TIE) else "is a tie")
+            f"{seed:.4f} BPB on {new} (ratio {r:.4f}) -> nearest-expert branching "
+            + ("is a tie" if abs(r - 1) < TIE else "helps" if r < 1 else "hurts")
         )
         lines.append(
             f"adding {new}: forest {near:.4f} vs dense continued on every language for the same extra compute "
