@@ -400,3 +400,23 @@ def test_the_valid_choice_counts_a_non_finite_continuation_as_lost_and_keeps_one
         {**dense, "dense_tuned/valid": {"mean": None, "diverged": "Diverged on valid"}}
     )
     assert _continued_wins({})  # no valid split: no choice, the continuation stands
+
+
+def test_cbtm_gain_grows_only_when_no_k_at_the_least_data_could_reach_the_most_datas_best():
+    """The best k at each end was compared by its point estimate alone: the dense run (0, no interval)
+    won at the least data while k = 2 there reached +0.8%, and +0.5% [+0.1, +0.9] at all the data
+    'held'."""
+    from elmforest.study.analysis import _cbtm_findings
+
+    def rows(low_k2, high_k4):
+        return [
+            {"balance": "bytes", "data_fraction": 0.25, "k": 2, "gain": low_k2[0], "ci": list(low_k2[1:])},
+            {"balance": "bytes", "data_fraction": 1.0, "k": 4, "gain": high_k4[0], "ci": list(high_k4[1:])},
+        ]
+
+    def grows(r):
+        return next(x for x in _cbtm_findings(r) if "gain over dense grows" in x["claim"])["verdict"]
+
+    assert grows(rows((-0.001, -0.010, 0.008), (0.005, 0.001, 0.009))) == "not shown"
+    assert grows(rows((-0.001, -0.010, 0.0005), (0.005, 0.001, 0.009))) == "holds"
+    assert grows(rows((0.02, 0.015, 0.025), (-0.01, -0.02, -0.005))) == "does not hold"
