@@ -420,3 +420,17 @@ def test_cbtm_gain_grows_only_when_no_k_at_the_least_data_could_reach_the_most_d
     assert grows(rows((-0.001, -0.010, 0.008), (0.005, 0.001, 0.009))) == "not shown"
     assert grows(rows((-0.001, -0.010, 0.0005), (0.005, 0.001, 0.009))) == "holds"
     assert grows(rows((0.02, 0.015, 0.025), (-0.01, -0.02, -0.005))) == "does not hold"
+
+
+def test_a_multipliers_interval_bound_shows_its_side_of_one():
+    """[1.00, 1.24] was printed for 'holds' (1.004) and for 'not shown' (0.997)."""
+    from elmforest.study.analysis import ci_bound
+
+    assert [ci_bound(x) for x in (1.004, 0.997, 1.0, 1.2358, 0.5)] == [
+        "1.004",
+        "0.997",
+        "1.00",
+        "1.24",
+        "0.50",
+    ]
+    assert float(ci_bound(1.00001)) > 1 and float(ci_bound(0.99999)) < 1

@@ -196,6 +196,17 @@ def _cbtm_findings(rows: list[dict], against: str = "") -> list[dict]:
     return out
 
 
+def ci_bound(x: float) -> str:
+    """A multiplier's interval bound in two decimals, more where two would read as 1.00: the verdict
+    turns on which side of 1 it lies, and [1.00, 1.24] was printed both for holds (1.004) and not shown
+    (0.997)."""
+    for digits in (2, 3, 4, 6):
+        s = f"{x:.{digits}f}"
+        if float(s) != 1.0 or x == 1.0:
+            break
+    return s
+
+
 def _ci(r: dict) -> str:
     return f"[{r['ci'][0]:+.2%}, {r['ci'][1]:+.2%}]"
 
@@ -228,7 +239,8 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
                 ev, v = f"{m['text']}; no bootstrap replicate could be fitted", "not shown"
             else:
                 lo, hi = m["ci"]
-                ev, v = f"{m['text']}, {table['ci_level']:.0%} CI [{lo:.2f}, {hi:.2f}]", verdict(lo, hi, 1.0)
+                ev = f"{m['text']}, {table['ci_level']:.0%} CI [{ci_bound(lo)}, {ci_bound(hi)}]"
+                v = verdict(lo, hi, 1.0)
                 miss, gain = m.get("fit_miss"), m.get("measured_gain")
                 if miss is not None and abs(miss) >= abs(gain):  # the curve cannot tell them apart here
                     ev += (

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.eval.scaling import PowerLawFit
+from elmforest.study.analysis import ci_bound
 from elmforest.study.lrs import lrs_table
 from elmforest.utils.io import atomic_path, write_text_atomic
 
@@ -338,10 +339,10 @@ def markdown(study: dict, fits: dict) -> str:
         ]
         lines += ["| --- | --- | --- | --- | --- |"]
         for m in t["budgets"]:
-            ci = "-" if m["ci"] is None else f"[{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]"
-            lines.append(
-                f"| {m['budget']:g}x | {m['flops']:.3g} | {m['text']} | {ci} | {'yes' if m['ci_includes_1'] else 'no'} |"
-            )
+            ci = "-" if m["ci"] is None else f"[{ci_bound(m['ci'][0])}, {ci_bound(m['ci'][1])}]"
+            # no interval (a flat dense fit) is not an interval that excludes 1
+            includes = "-" if m["ci"] is None else "yes" if m["ci_includes_1"] else "no"
+            lines.append(f"| {m['budget']:g}x | {m['flops']:.3g} | {m['text']} | {ci} | {includes} |")
         for arm, b in (t.get("arm_fits") or {}).items():
             f = b["fit"]
             cis = ", ".join(
