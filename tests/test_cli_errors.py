@@ -430,13 +430,13 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
     shutil.copytree(forest_dir, f, symlinks=True)
     ev = ["eval", "--forest", forest_dir, "--data", shards_dir, "--json", tmp_path / "e.json"]
     for argv, said in (
-        ([*train, "--set", "train.seed=18446744073709551616"], "train.seed must be in [0, 2**63)"),
+        ([*train, "--set", "train.seed=18446744073709551616"], "train.seed must be in [0, 2**64)"),
         ([*train, "--set", "optim.lr=1e39"], "optim.lr: expected a finite number of at most 3.4e+38"),
         ([*train, "--set", "optim.eps=Infinity"], "optim.eps: expected a finite number"),
         ([*train, "--set", "model.rms_norm_eps=Infinity"], "model.rms_norm_eps: expected a finite number"),
         ([*train, "--config", dup], "key 'steps' is given twice"),
         (["study", study, "--dry-run", "--set", "seeds=[0, 1"], "seeds's value is not valid YAML"),
-        (["study", study, "--dry-run", "--set", "seeds=[0, 18446744073709551616]"], "in [0, 2**63)"),
+        (["study", study, "--dry-run", "--set", "seeds=[0, 18446744073709551616]"], "in [0, 2**64)"),
         (["cluster", "fit", "--data", corpus, "--out", tmp_path / "c", "--k", "2", "--seed", "4294967296"], "2**32"),
         (
             ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--name", "c2",

@@ -268,6 +268,10 @@ def test_a_run_that_lost_its_run_config_is_checked_against_its_checkpoint_or_mod
     with pytest.raises(UserError, match=r"different config \(optim.lr"):
         train(other, run, progress=False)
     assert train(tiny_config(shards_dir, steps=8, ckpt_every=4), run, progress=False)["steps"] == 8
+    # what a removal killed later left, a bare model folder: nothing to keep, so trained from the start
+    bare = tmp_path / "bare"
+    (bare / "model").mkdir(parents=True)
+    assert train(other, bare, progress=False)["resumed_from"] is None
 
 
 def test_a_discarded_folder_goes_whole_or_not_at_all(tmp_path, monkeypatch):

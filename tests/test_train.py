@@ -604,7 +604,7 @@ def test_configs_built_in_code_are_checked_before_anything_is_written(shards_dir
     folder is made; a stop_at not past an init_checkpoint's step is refused, not an IndexError."""
     for field, value, says in (
         ("log_every", 0, "train.log_every"),
-        ("seed", -1, "train.seed must be >= 0"),
+        ("seed", -1, r"train.seed must be in \[0, 2\*\*64\)"),
     ):
         cfg = tiny_config(shards_dir, steps=4)
         setattr(cfg.train, field, value)

@@ -184,10 +184,7 @@ class RunConfig:
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
             (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
-            (
-                0 <= t.seed < 2**63,
-                "train.seed must be in [0, 2**63)",
-            ),  # torch's generators take 64 signed bits
+            (0 <= t.seed < 2**64, "train.seed must be in [0, 2**64)"),  # torch's and numpy's seeds
             (
                 self.data.domains is None or len(set(self.data.domains)) == len(self.data.domains),
                 "data.domains must name each domain once (a domain named twice would take two shares of "

@@ -94,8 +94,8 @@ class StudyConfig:
             bad.append(
                 "seed_shares compares forests at the 1x budget with the 1x dense run: put 1.0 in dense_budgets and forest_budgets"
             )
-        if len(set(self.seeds)) < 2 or any(not 0 <= s < 2**63 for s in self.seeds):
-            bad.append(f"seeds {self.seeds}: >= 2 distinct training seeds in [0, 2**63)")
+        if len(set(self.seeds)) < 2 or any(not 0 <= s < 2**64 for s in self.seeds):
+            bad.append(f"seeds {self.seeds}: >= 2 distinct training seeds in [0, 2**64)")
         if not 0 < self.seed_share < 1 or not all(0 < s < 1 for s in self.seed_shares):
             bad.append("seed_share and seed_shares must be in (0, 1)")
         if any(n < 2 for n in self.domain_counts):

@@ -197,6 +197,13 @@ def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
         return None
     was = recorded_config(run_dir)
     if was is None:
+        from elmforest.train.checkpoint import list_checkpoints
+
+        if (
+            not list_checkpoints(run_dir / "checkpoints")
+            and not (run_dir / "model" / "config.json").is_file()
+        ):
+            return None  # what a killed removal left: nothing to resume or keep, trained from the start
         return "run_config.json is missing and no checkpoint or model records the config"
     now = cfg.to_dict()
     old, new = run_identity(was), run_identity(now)

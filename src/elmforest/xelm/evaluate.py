@@ -198,7 +198,8 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
         if worse:
             verdict = f"does NOT hold: worse in {', '.join(worse)}"
         elif tied:
-            verdict = f"not shown: a tie (within {TIE:.0%}) in {', '.join(tied)}, better in the rest"
+            rest = ", better in the rest" if len(tied) < len(langs) else ""
+            verdict = f"not shown: a tie (within {TIE:.0%}) in {', '.join(tied)}{rest}"
         else:
             verdict = "holds"
         lines.append(
