@@ -290,7 +290,10 @@ def _coerce(t, v, where: str):
         raise UserError(f"config{where}: expected an integer, got {v!r}")
     if t is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
+            try:
+                return float(v)
+            except OverflowError:  # an integer past any float: said as validate says of huge floats
+                raise UserError(f"config{where}: {str(v)[:12]}...: too large for a number") from None
         if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(v)
         raise UserError(f"config{where}: expected a number, got {v!r}")
