@@ -481,3 +481,32 @@ def test_a_refused_setting_leaves_no_forest_or_quickstart_folder(shards_dir, cor
         argv = ["quickstart", "--out", tmp_path / "qs", "--preset", "tiny", "--data", corpus, "--set", bad]
         rc, out = _run(argv, capsys)
         assert rc == 2 and said in out and not (tmp_path / "qs").exists(), out
+
+
+def test_a_run_refused_for_its_start_or_its_frozen_experts_leaves_no_run_folder(
+    shards_dir, forest_dir, tmp_path, capsys
+):
+    """An expert asked for fewer steps than its seed's checkpoint, and frozen experts on a dense model,
+    were refused after the run's run_config.json and inputs.json were written (the second naming the
+    router losses)."""
+    f = tmp_path / "f"
+    shutil.copytree(forest_dir, f, symlinks=True)
+    argv = ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--name", "c2"]
+    rc, out = _run([*argv, "--set", "train.steps=1"], capsys)
+    assert rc == 2 and "not before train.steps=1" in out and not (f / "runs" / "c2").exists(), out
+    run = tmp_path / "r"
+    argv = [
+        "train",
+        "--shards",
+        shards_dir,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--set",
+        "train.frozen_experts=[0]",
+    ]
+    rc, out = _run(argv, capsys)
+    assert (
+        rc == 2 and "train.frozen_experts need(s) a mixture-of-experts model" in out and not run.exists()
+    ), out

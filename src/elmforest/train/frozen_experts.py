@@ -31,7 +31,7 @@ class FrozenExperts:
     def __init__(self, model, indices: list[int]):
         from elmforest.train.moe_loss import moe_shape
 
-        n, _ = moe_shape(model.config)
+        n, _ = moe_shape(model.config, "train.frozen_experts")
         bad = [i for i in indices if not 0 <= i < n]
         if bad:
             raise UserError(f"train.frozen_experts {bad}: the model has experts 0..{n - 1}")

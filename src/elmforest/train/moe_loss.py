@@ -14,15 +14,12 @@ import torch
 from elmforest.utils.errors import UserError
 
 
-def moe_shape(config) -> tuple[int, int]:
-    """(experts, experts per token) of an MoE config; a UserError for a dense model."""
+def moe_shape(config, what: str = "train.router_aux_loss / router_z_loss") -> tuple[int, int]:
+    """(experts, experts per token) of an MoE config; a UserError naming `what` for a dense model."""
     n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     k = getattr(config, "num_experts_per_tok", None)
     if not n or not k:
-        raise UserError(
-            f"train.router_aux_loss / router_z_loss need a mixture-of-experts model; {config.model_type!r} "
-            "has no router"
-        )
+        raise UserError(f"{what} need(s) a mixture-of-experts model; {config.model_type!r} has no router")
     return int(n), int(k)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from elmforest.train.moe_loss import moe_shape, router_losses
 from elmforest.train.runcheck import check_context, check_order, check_same_tokenizer
 from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json
 
 
 class TrainerSetup:
@@ -40,6 +42,11 @@ class TrainerSetup:
             )
         if cfg.model.init_from:
             check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root)
+        state = Path(cfg.train.init_checkpoint or "") / "state.json"
+        if cfg.train.init_checkpoint and state.is_file() and not (self.run_dir / "checkpoints").is_dir():
+            at = read_json(state).get("step")  # said before the run's files, as _resume would after them
+            if isinstance(at, int) and at >= cfg.train.steps:
+                raise UserError(f"init_checkpoint is at step {at}, not before train.steps={cfg.train.steps}")
         self.rank, self.world, self._owns_group = init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device)
         if self.world > 1 and self.device.type == "cuda":
@@ -54,6 +61,10 @@ class TrainerSetup:
         check_context(self.model, cfg)
         if cfg.train.router_aux_loss > 0 or cfg.train.router_z_loss > 0:
             moe_shape(self.model.config)  # refused before any step for a model with no router
+        if cfg.train.frozen_experts:  # and before the run's files: it was refused after them, naming
+            n, _ = moe_shape(self.model.config, "train.frozen_experts")  # the router losses
+            if bad := [i for i in cfg.train.frozen_experts if not 0 <= i < n]:
+                raise UserError(f"train.frozen_experts {bad}: the model has experts 0..{n - 1}")
         self.model.to(self.device)
         self.model.train()
         if cfg.train.trainable:
