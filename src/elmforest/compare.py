@@ -131,6 +131,14 @@ def method_flops(methods: dict, arms: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def compute_flag(ratio: float, who: str = "") -> str:
+    """' [NOT compute-matched: ...]' for an arm whose training FLOPs are off the dense run's by more
+    than FLOPS_TOLERANCE (`who` names it where it is not the claim's own row), else ''."""
+    if abs(ratio - 1) <= FLOPS_TOLERANCE:
+        return ""
+    return f" [{who + ' ' if who else ''}NOT compute-matched: {ratio:.3f}x the dense FLOPs]"
+
+
 TIE = 0.01  # a claim within 1% of its baseline is a tie (one seed; docs/benchmarks.md has the spread)
 
 
@@ -143,12 +151,8 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
     out = []
     base = "dense_tuned" if "dense_tuned" in methods else "dense"
 
-    def matched(a: str, named: bool = False) -> str:
-        r = flops.get(a, 1.0)
-        who = f"{a} " if named else ""  # the reference row (the claim's own row is unnamed, as before)
-        return (
-            "" if abs(r - 1) <= FLOPS_TOLERANCE else f" [{who}NOT compute-matched: {r:.3f}x the dense FLOPs]"
-        )
+    def matched(a: str, named: bool = False) -> str:  # the reference row named, the claim's own not
+        return compute_flag(flops.get(a, 1.0), a if named else "")
 
     def cmp(res: dict, a: str, b: str, claim: str, lower: bool = True) -> None:
         if a not in res or b not in res:

@@ -27,6 +27,7 @@ from elmforest.cluster.icp import TokenDocuments, icp_plan
 from elmforest.cluster.icp_embed import embed
 from elmforest.data.reorder import DocumentOrderer, resolve_orderer
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import file_stamps
 
 _EMBED_CHOICES = (
     "dims",
@@ -89,17 +90,10 @@ def _hash_files(stamps: tuple) -> str:
 
 
 def _files_stamp(path: str) -> tuple:
-    """What a folder's files are now (name, size, mtime, inode): a cache keyed by the path alone kept
+    """What a folder's files are now (utils.io.file_stamps, walked): a cache keyed by the path alone kept
     the first tokenizer or encoder read from a folder written again in the same process (a build's
     staging folder is the same path for the same output and process)."""
-    p = Path(path)
-    if not p.is_dir():
-        return ()
-    return tuple(
-        (f.name, s.st_size, s.st_mtime_ns, s.st_ino)
-        for f in sorted(p.iterdir())
-        if f.is_file() and (s := f.stat())
-    )
+    return tuple(map(tuple, file_stamps([path]))) if Path(path).is_dir() else ()
 
 
 def _tokenizer(root: str):

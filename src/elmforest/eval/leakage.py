@@ -71,6 +71,11 @@ def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
     return out
 
 
+def _split_key(spec: SplitSpec, dmap: dict) -> tuple:
+    """Everything of a split that decides which document lands where, for the caches' keys."""
+    return (spec.valid_frac, spec.test_frac, spec.by_file, json.dumps(dmap, sort_keys=True))
+
+
 def _unique_texts(index: dict, held: SplitSpec, allowed: frozenset, dmap: dict) -> dict | None:
     """{text key: its split} of the texts that occur once among the training corpus's documents of the
     `allowed` domains (mapped names); None when the corpus is too large or cannot be read any more."""
@@ -78,7 +83,7 @@ def _unique_texts(index: dict, held: SplitSpec, allowed: frozenset, dmap: dict) 
     stamp = _stamp(sources)
     if sum(size for _, files in stamp for _, size, _ in files) > MAX_BYTES:
         return None
-    k = (stamp, held.valid_frac, held.test_frac, held.by_file, allowed, json.dumps(dmap, sort_keys=True))
+    k = (stamp, *_split_key(held, dmap), allowed)
     if k not in _SEEN:
         counts: Counter = Counter()
         split_of: dict[bytes, str] = {}
@@ -114,15 +119,7 @@ def check_same_text(
     index = read_json(index_path)
     dmap = index.get("domain_map") or {}
     allowed = frozenset(model_domains(mdir) or index.get("domains") or {})
-    k = (
-        _stamp(_sources(source)),
-        spec.valid_frac,
-        spec.test_frac,
-        spec.by_file,
-        tuple(reads),
-        allowed,
-        json.dumps(dmap, sort_keys=True),
-    )
+    k = (_stamp(_sources(source)), *_split_key(spec, dmap), tuple(reads), allowed)
     if k not in _READ:  # once per process: a forest's experts and seed are each checked
         try:
             _READ[k] = [

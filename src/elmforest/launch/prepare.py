@@ -221,13 +221,9 @@ def _corpus_root(corpus) -> Path:
 
 
 def _digest(path: Path) -> dict:
-    import hashlib
+    from elmforest.utils.io import file_digest
 
-    with open(path, "rb") as f:
-        return {
-            "mtime_ns": os.fstat(f.fileno()).st_mtime_ns,
-            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
-        }
+    return {"mtime_ns": path.stat().st_mtime_ns, "sha256": file_digest(path)["sha256"]}
 
 
 def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> None:
@@ -268,7 +264,6 @@ def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> 
 
 def check_source(have, corpus: str | Path | None, out: Path, what) -> None:
     """`have`: the source `what` (shards, or the whole output dir: its tokenizer too) was built from."""
-    import os
 
     from elmforest.data.sources import resolve_source
 

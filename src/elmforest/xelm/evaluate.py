@@ -16,10 +16,10 @@ import math
 
 import numpy as np
 
-from elmforest.compare import TIE
+from elmforest.compare import TIE, compute_flag
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
-from elmforest.eval.report import FLOPS_TOLERANCE, print_table
+from elmforest.eval.report import print_table
 from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.model.build import load_model
@@ -184,10 +184,6 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
     dense = m["dense"]["domains"]
     over = (out.get("compute") or {}).get("over_dense") or {}
 
-    def matched(name: str) -> str:  # as the quickstart's findings flag an arm that trained more
-        r = over.get(name, 1.0)
-        return "" if abs(r - 1) <= FLOPS_TOLERANCE else f" [NOT compute-matched: {r:.3f}x the dense FLOPs]"
-
     for name, r in m.items():
         if name in ("dense", "seed"):
             continue
@@ -205,7 +201,7 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
         lines.append(
             f"{name} beats the jointly trained dense LM in every language: {verdict} (mean {r['mean_bpb']:.4f} "
             f"vs {m['dense']['mean_bpb']:.4f}; within {TIE:.0%} of dense in {len(tied)} of {len(langs)})"
-            + matched(name)
+            + compute_flag(over.get(name, 1.0))
         )
     small = min(langs, key=lambda x: out["train_bytes"][x])
     mb = out["train_bytes"][small] / 1e6
