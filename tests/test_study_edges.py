@@ -434,3 +434,24 @@ def test_a_multipliers_interval_bound_shows_its_side_of_one():
         "0.50",
     ]
     assert float(ci_bound(1.00001)) > 1 and float(ci_bound(0.99999)) < 1
+
+
+def test_a_score_made_on_another_device_or_precision_is_made_again(tmp_path, monkeypatch):
+    """A study moved from a GPU (or a bf16 CPU) to this machine scores its points again here: its
+    points would otherwise be compared across precisions. A score from before the field is kept."""
+    from elmforest.study import score
+    from elmforest.study.run import Point
+
+    cfg = load_study_config("tiny", ["eval_bytes=100", "prior_batches=2"])
+    p = Point("main", 1.0, 0, ("a",), 0.5, True, True)
+    keys = score._entry_keys(p, cfg, 32, None, score.ENSEMBLE, None)
+    assert {k["scored_on"] for k in keys.values()} == {score.scored_on()}
+    entries = {n: {"key": k, "value": 1.0} for n, k in keys.items()}
+    assert all(score._hit(entries, n, k) == 1.0 for n, k in keys.items())
+    monkeypatch.setattr(score, "scored_on", lambda: "cuda/bfloat16")
+    moved = score._entry_keys(p, cfg, 32, None, score.ENSEMBLE, None)
+    assert all(score._hit(entries, n, k) is None for n, k in moved.items())
+    older = {
+        n: {"key": {f: v for f, v in k.items() if f != "scored_on"}, "value": 2.0} for n, k in keys.items()
+    }
+    assert all(score._hit(older, n, k) == 2.0 for n, k in moved.items())

@@ -48,7 +48,7 @@ def _entry_keys(
     """{"arm/set": the key of that score}: only what the score depends on, so one change rescores only
     what it touches (a dense run does not depend on the forest's routing or prior). `choose`: the point's
     domains have a valid split to choose dense_tuned on."""
-    common = {"eval_bytes": cfg.eval_bytes, "seq_len": seq_len}
+    common = {"eval_bytes": cfg.eval_bytes, "seq_len": seq_len, "scored_on": scored_on()}
     sets: dict[str, dict] = {"bpb": {}}
     if tuned_lr is not None and choose:  # the whole valid split, as a sweep chooses: not eval_bytes
         sets["valid"] = {"eval_bytes": None, "valid_bytes": "all"}
@@ -69,6 +69,15 @@ def _entry_keys(
         for s, sk in sets.items()
         if s != "valid" or a != "btm"  # valid: the dense_tuned choice only
     }
+
+
+def scored_on() -> str:
+    """Where and in what precision this process scores ("cpu/bfloat16"): a study moved to another machine
+    (a GPU, a CPU without bf16) scores again rather than compare its points across precisions."""
+    from elmforest.utils.device import resolve_device, resolve_precision
+
+    dev = resolve_device("auto")
+    return f"{dev.type}/{str(resolve_precision('auto', dev) or 'float32').removeprefix('torch.')}"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
@@ -92,6 +101,8 @@ def _hit(entries: dict, name: str, key: dict):
     e = entries.get(name)
     if e is None:
         return None
+    if "scored_on" not in e["key"]:  # made before it was recorded: taken as made here, as it then was
+        key = {k: v for k, v in key.items() if k != "scored_on"}
     if e.get("v1"):  # an old single key holds more fields: this entry's must all match
         return e["value"] if all(e["key"].get(k) == v for k, v in key.items()) else None
     return e["value"] if e["key"] == key else None
