@@ -227,6 +227,18 @@ class RunConfig:
         ]
         if huge:
             bad.append(f"{', '.join(huge)}: expected a finite number of at most {FLOAT32_MAX:.3g} in size")
+        # every other integer fits an int64, as torch holds it: steps of 1e26 overflowed deep in a run
+        vast = [
+            f"{section}.{f.name}"
+            for section, part in (("model", self.model), ("optim", o), ("train", t), ("data", self.data))
+            for f in dataclasses.fields(part)
+            if (section, f.name) != ("train", "seed")
+            and isinstance(v := getattr(part, f.name), int)
+            and not isinstance(v, bool)
+            and abs(v) >= 2**63
+        ]
+        if vast:
+            bad.append(f"{', '.join(vast)}: expected an integer below 2**63")
         bad += self.model.architecture_problems()
         if unknown := [x for x in t.trackers if x not in TRACKERS]:
             bad.append(f"train.trackers: unknown {unknown}; known: {list(TRACKERS)}")

@@ -144,6 +144,11 @@ class StudyConfig:
             )
         if self.steps is not None and self.steps < 4:
             bad.append("steps must be >= 4")
+        elif dense and all(map(math.isfinite, dense)) and max(dense) * (self.steps or 1) >= 2**63:
+            # found here, not in every run's config after the data was prepared
+            bad.append(
+                f"steps x dense_budgets: {max(dense):g} x {self.steps or 1}: a run's steps must be below 2**63"
+            )
         if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
             bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
         if not 0.5 <= self.ci < 1:
