@@ -312,6 +312,16 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
     greedy = lm.generate_one(prompt, {"max_gen_toks": 8})
     sampled = {lm.generate_one(prompt, {"max_gen_toks": 8, "do_sample": True, "seed": s}) for s in range(6)}
     assert len(sampled) > 1  # sampling does sample here, so the next two are greedy by their settings
+    # as lm-eval's normalize_gen_kwargs: a temperature samples where do_sample is left out, and the
+    # length is read under its other names (max_gen_toks first)
+    by_temperature = {
+        lm.generate_one(prompt, {"max_gen_toks": 8, "temperature": 1.0, "seed": s}) for s in range(6)
+    }
+    assert by_temperature == sampled
+    for length in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
+        assert lm.generate_one(prompt, {length: 8}) == greedy
+        assert lm.generate_one(prompt, {length: 2, "max_gen_toks": 8}) == greedy
+    assert lm.generate_one(prompt, {"max_new_tokens": 8, "max_tokens": 2}) == greedy
     for kw in ({"top_k": 1}, {"top_p": 0}, {"top_p": 0.0, "temperature": 2.0}):
         assert lm.generate_one(prompt, {"max_gen_toks": 8, "do_sample": True, "seed": 3, **kw}) == greedy, kw
     assert lm.generate_one(prompt, {"max_gen_toks": 8, "num_beams": 1, "top_k": 50}) == greedy  # neutral

@@ -38,6 +38,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 # what lm-eval passes every model type besides its model_args
 LM_EVAL_SETTINGS = {"max_batch_size", "device"}
+# a continuation's length under each name lm-eval's tasks give it, first taken first
+_LENGTHS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
 
 def _batch_size(v) -> int:
@@ -186,12 +188,20 @@ class ElmforestLM(LM):
         return int.from_bytes(digest[:8], "big") >> 1
 
     def generate_one(self, context: str, kw: dict) -> str:
-        """One continuation, cut before the first stop string. Greedy unless `do_sample`; the context
-        keeps its last tokens when it and `max_gen_toks` do not fit the window (as lm-eval's HF model)."""
+        """One continuation, cut before the first stop string. Greedy unless `do_sample`, or, where the
+        task leaves it out, a temperature above 0; the length under any name lm-eval takes for it, the
+        first of max_gen_toks > max_new_tokens > max_tokens > max_completion_tokens (both as lm-eval's
+        normalize_gen_kwargs). The context keeps its last tokens when it and the length do not fit the
+        window (as lm-eval's HF model)."""
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_gen = _number(kw.pop("max_gen_toks", 256), "max_gen_toks", int, 1)
-        sample = _flag(kw.pop("do_sample", False), "do_sample")
+        named = [(k, v) for k in _LENGTHS if (v := kw.pop(k, None)) is not None]
+        length, max_gen = named[0] if named else ("max_gen_toks", 256)
+        max_gen = _number(max_gen, length, int, 1)
+        if "do_sample" in kw:
+            sample = _flag(kw.pop("do_sample"), "do_sample")
+        else:
+            sample = _number(kw.get("temperature", 0.0), "temperature", float, 0) > 0
         temperature = _number(kw.pop("temperature", 1.0 if sample else 0.0), "temperature", float, 0)
         top_p = _number(kw.pop("top_p", 1.0), "top_p", float, 0)
         if top_p > 1:
