@@ -545,12 +545,16 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
         assert (r.status_code, err["param"]) == (status, param), (body, r.text)
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     deep = b"[" * 100_000 + b"]" * 100_000  # past the parser's recursion limit
-    for raw in (b"{", b"\xff\xfe", b"", deep):
+    vast = b'{"model": "f", "prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"  # past int's 4300 digits
+    for raw in (b"{", b"\xff\xfe", b"", deep, vast):
         r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     surrogate = b'{"model": "f", "prompt": "\\ud800abc"}'  # valid JSON, not valid UTF-8: no tokens
     r = httpx.post(url, content=surrogate, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    surrogate = b'{"model": "f", "prompt": "a", "\\ud800x": 1}'  # a key UTF-8 cannot say back
+    r = httpx.post(url, content=surrogate, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "\\ud800x", r.text
     r = httpx.get(bg.url + "/v1/nowhere")
     assert r.status_code == 404 and "error" in r.json()
     # what clients pass through at the values that change nothing (lm-eval: a task's num_beams 1)

@@ -206,7 +206,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_body(raw: bytes, lm, name: str, vocab: int, max_bytes: int) -> CompletionRequest:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4300 digits
         raise ApiError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise ApiError("the request body's JSON is nested too deeply") from None

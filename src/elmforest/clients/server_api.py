@@ -30,7 +30,14 @@ class ApiError(Exception):
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """Lone surrogates (JSON allows "\\ud800" in a key the message names) escaped: UTF-8 cannot
+        encode them, and the answer became a 500."""
+
+        def utf8(s):
+            return s.encode("utf-8", "backslashreplace").decode() if isinstance(s, str) else s
+
+        e = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": {k: utf8(v) for k, v in e.items()}}
 
 
 @dataclass
