@@ -672,3 +672,30 @@ def test_a_run_resumed_with_the_fused_optimizer_uses_it(shards_dir, tmp_path):
     cfg.train.stop_at, cfg.train.fused_optimizer = None, True
     train(cfg, tmp_path / "run", False, [Kernel()])
     assert not seen[0] and seen[1] is True
+
+
+def test_a_model_with_dropout_trains_the_same_whatever_the_process_drew_before(shards_dir, tmp_path):
+    """Dropout draws from torch's global generator, which a process starts at a random state: the
+    trainer seeds it from train.seed, so one config trains one model (and a resume matches it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer(shards_dir)
+    c = LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64, attention_dropout=0.5,
+        eos_token_id=0, bos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(c).save_pretrained(tmp_path / "drop")
+    save_tokenizer(tok, tmp_path / "drop")
+    got = []
+    for i, before in enumerate((1, 2)):
+        cfg = tiny_config(shards_dir, steps=3, batch_size=2, trackers=[], valid_every=0, seq_len=32)
+        cfg.model.init_from, cfg.model.attn_implementation = str(tmp_path / "drop"), "eager"
+        torch.manual_seed(before)  # what the process happened to draw before
+        train(cfg, tmp_path / f"r{i}", progress=False)
+        got.append(_weights(tmp_path / f"r{i}"))
+    for k in got[0]:
+        assert torch.equal(got[0][k], got[1][k]), k

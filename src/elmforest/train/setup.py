@@ -66,6 +66,9 @@ class TrainerSetup:
             if bad := [i for i in cfg.train.frozen_experts if not 0 <= i < n]:
                 raise UserError(f"train.frozen_experts {bad}: the model has experts 0..{n - 1}")
         self.model.to(self.device)
+        # dropout (a GPT-2 checkpoint's 0.1) draws from the global generator: unseeded, two runs of one
+        # config differed, and a resumed run from an uninterrupted one. A resume restores its state.
+        torch.manual_seed((cfg.train.seed + self.rank) % 2**64)
         self.model.train()
         if cfg.train.trainable:
             freeze_except(self.model, cfg.train.trainable)
