@@ -94,7 +94,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    warmup_frac: float = 0.08  # of the steps, rounded (1: the whole run warms up, nothing decays)
+    warmup_frac: float = 0.08  # of the steps, in [0, 1), rounded half to even (0.05 x 50 = 2 steps)
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
 
 
