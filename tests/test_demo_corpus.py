@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -550,6 +551,14 @@ def test_a_download_killed_part_way_leaves_nothing_in_the_cache(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         cache.npm_tarball("left-pad", "1.3.0")
     assert [p.name for p in (tmp_path / "cache" / "npm").iterdir()] == []
+    # SIGKILLed (no finally): its folder stays, and the next fetch clears it, a live fetch's kept
+    dead, live = (
+        tmp_path / "cache" / "npm" / ".download.999999999.1.tmp",
+        tmp_path / "cache" / "npm" / f".download.{os.getppid()}.1.tmp",
+    )
+    for d in (dead, live):
+        d.mkdir()
+        (d / "left-pad-1.3.0.tgz").write_bytes(b"\x1f\x8b half")
     monkeypatch.setattr(demo_fetch, "_run", whole)
     assert cache.npm_tarball("left-pad", "1.3.0").read_bytes() == b"whole"
-    assert [p.name for p in (tmp_path / "cache" / "npm").iterdir()] == ["left-pad-1.3.0.tgz"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "npm").iterdir()) == [live.name, "left-pad-1.3.0.tgz"]

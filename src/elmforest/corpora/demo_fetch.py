@@ -19,6 +19,8 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+from elmforest.utils.io import pid_alive
+
 _TIMEOUT_DOWNLOAD = 300
 _TIMEOUT_TOOL = 120
 
@@ -57,6 +59,10 @@ def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
     directory as they go, and any file there counts as cached, so a download killed part way was a
     truncated package on every later run (its domain skipped as unreadable)."""
     tmp = into / f".download.{os.getpid()}.{threading.get_ident()}.tmp"  # domains fetch in threads
+    for old in into.glob(".download.*.tmp"):  # a killed fetch's: it left its folder behind
+        pid = old.name.split(".")[2]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
