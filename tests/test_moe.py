@@ -715,3 +715,28 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     export_moe(f, moe, MoeSpec(top_k=2, sample_tokens=128), device="cpu")
     assert not any(p.get("output") == str(moe.resolve()) for p in Forest.load(root).ledger())
     assert any(p.get("output") == str(ft.resolve()) for p in Forest.load(root).ledger())
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_an_expert_with_nan_weights_is_refused_by_name_not_merged_into_nan(forest_dir, tmp_path, method):
+    """A NaN passes through averaging, and TIES's trim multiplies it by 0 (NaN again): the merged model
+    answered NaN. The expert and the tensor are named, and nothing is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from elmforest.merge.average import merge_checkpoints
+    from elmforest.utils.errors import UserError
+
+    f = Forest.load(forest_dir)
+    dirs = [resolve_model_dir(d) for d in f.expert_dirs()]
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs[1], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w["model.norm.weight"][3] = float("nan")
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{bad}: tensor model.norm.weight holds NaN"):
+        merge_checkpoints(
+            [dirs[0], bad], tmp_path / "out", method=method, base_dir=resolve_model_dir(f.seed_dir)
+        )
+    assert not (tmp_path / "out").exists()

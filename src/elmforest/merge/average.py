@@ -34,6 +34,15 @@ def normalise(weights: Sequence[float] | None, n: int) -> list[float]:
     return [float(w) / top / s for w in weights]
 
 
+def _finite(t: torch.Tensor, name: str, where) -> torch.Tensor:
+    """`t` in float32, refused if it holds a NaN or an inf: a diverged expert's NaN passes through every
+    method (TIES's trim multiplies it by 0, which is NaN) into a merged model that answers NaN."""
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise UserError(f"{where}: tensor {name} holds NaN or inf values (a diverged run?); not merged")
+    return t
+
+
 def iter_merge(
     model_dirs: Sequence[Path],
     weights: Sequence[float] | None = None,
@@ -58,19 +67,19 @@ def iter_merge(
             first = experts[0].get(name)
 
             def tensors(name=name, first=first):
-                yield first.to(torch.float32)
-                for e in experts[1:]:
+                yield _finite(first, name, model_dirs[0])
+                for d, e in zip(model_dirs[1:], experts[1:], strict=True):
                     t = e.get(name)
                     if t.shape != first.shape:
                         raise UserError(f"tensor {name}: shape {tuple(t.shape)} vs {tuple(first.shape)}")
-                    yield t.to(torch.float32)
+                    yield _finite(t, name, d)
 
             kw = dict(params)
             if method in NEEDS_BASE:
                 b = base.get(name)
                 if b.shape != first.shape:
                     raise UserError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
-                kw["base"] = b.to(torch.float32)
+                kw["base"] = _finite(b, name, base_dir)
             yield name, fn(tensors(), w, **kw).to(first.dtype)
 
 
