@@ -493,3 +493,30 @@ def test_tfidf_transform_matches_sklearn_tfidf_vectorizer(corpus):
     zc, okc = c.embed(probe)
     np.testing.assert_allclose(zc[okc], (proj / np.where(norm > 0, norm, 1))[okc], rtol=1e-9, atol=1e-12)
     assert okc.tolist() == ok.tolist()
+
+
+def test_a_refit_killed_between_its_two_files_leaves_the_old_clusterer_whole(
+    clusterer_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    from elmforest.cluster import clusterer as mod
+
+    folder = tmp_path / "c"
+    shutil.copytree(clusterer_dir, folder)
+    old = Clusterer.load(folder)
+    new = Clusterer.load(folder)
+    new.centres = new.centres[::-1].copy()  # another fit: its clusters in the other order
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(mod, "write_json_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            new.save(folder)
+    assert np.array_equal(Clusterer.load(folder).centres, old.centres)  # not a checksum mismatch
+    for _ in range(2):  # each refit swaps the arrays' name, and leaves one arrays file
+        new.save(folder)
+        assert np.array_equal(Clusterer.load(folder).centres, new.centres)
+        assert len(list(folder.glob("arrays*.safetensors"))) == 1

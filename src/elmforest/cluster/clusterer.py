@@ -61,6 +61,15 @@ def analyze(text: str) -> list[str]:
     return [t for t in (normalise_word(m) for m in WORD.findall(text)) if t is not None]
 
 
+def _arrays_named(folder: Path) -> str | None:
+    """The arrays file a clusterer already in `folder` names (None: none there, or unreadable)."""
+    try:
+        name = json.loads((folder / "clusterer.json").read_text())["arrays"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and Path(name).name == name and name not in (".", "..") else None
+
+
 def _digest(arrays: bytes, vocabulary: list[str]) -> str:
     """Covers the arrays and the vocabulary's column order: either changing alone is caught."""
     return hashlib.sha256(arrays + json.dumps(vocabulary).encode("utf-8")).hexdigest()
@@ -270,10 +279,14 @@ class Clusterer:
     def save(self, out: str | os.PathLike) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "arrays.safetensors") as tmp:
+        # a refit writes its arrays beside the ones clusterer.json names and swaps the name with the
+        # json: killed between the two files, the old clusterer loads whole (it failed its checksum)
+        old = _arrays_named(out)
+        name = "arrays.1.safetensors" if old == "arrays.safetensors" else "arrays.safetensors"
+        with atomic_path(out / name) as tmp:
             arrays = {"idf": self.idf, "components": self.components, "centres": self.centres}
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        digest = _digest((out / "arrays.safetensors").read_bytes(), self.terms)
+        digest = _digest((out / name).read_bytes(), self.terms)
         write_json_atomic(
             out / "clusterer.json",
             {
@@ -289,7 +302,7 @@ class Clusterer:
                     "numbers": NUMBER,
                     "tf": "1 + ln(tf)",
                 },
-                "arrays": {"file": "arrays.safetensors", "sha256": digest},
+                "arrays": {"file": name, "sha256": digest},
                 "embedder": None
                 if self.embedder is None
                 else {
@@ -302,6 +315,8 @@ class Clusterer:
                 "vocabulary": self.terms,
             },
         )
+        if old is not None and old != name:
+            (out / old).unlink(missing_ok=True)
         return out
 
     @classmethod
