@@ -301,4 +301,12 @@ def test_a_multiplier_is_not_shown_where_the_dense_fit_misses_its_own_run_by_as_
     (c,) = clean["budgets"]
     assert abs(c["fit_miss"]) < 0.01 < c["measured_gain"]
     (f,) = findings({"in_domain": {**clean, "ci_level": 0.9}}, StudyConfig())
-    assert "misses" not in f["evidence"]
+    assert "misses" not in f["evidence"] and "could not be fitted" not in f["evidence"]
+    held = f["verdict"]
+    assert held == "holds", f
+    # replicates whose fit failed are left out of the interval: said, and past its tail (5% of 50 at
+    # 90%), placed on one side they could move its bound, so the interval decides nothing
+    (f,) = findings({"in_domain": {**clean, "ci_level": 0.9, "n_failed": 2}}, StudyConfig())
+    assert f["verdict"] == held and "2 of 50 bootstrap replicates could not be fitted" in f["evidence"]
+    (f,) = findings({"in_domain": {**clean, "ci_level": 0.9, "n_failed": 3}}, StudyConfig())
+    assert f["verdict"] == "not shown" and "not determined" in f["evidence"]

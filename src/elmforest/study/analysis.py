@@ -249,6 +249,13 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
                         "the multiplier is not determined"
                     )
                     v = "not shown"
+                if failed := table.get("n_failed", 0):  # fits that failed are left out of the interval
+                    ev += (
+                        f"; {failed} of {table['n_boot']} bootstrap replicates could not be fitted (left out)"
+                    )
+                    if failed / table["n_boot"] > (1 - table["ci_level"]) / 2:  # more than a tail holds:
+                        ev += ", more than the interval's tail holds, so it is not determined"  # on one
+                        v = "not shown"  # side they could move its bound past 1
             out.append({"claim": claim, "evidence": ev, "verdict": v})
     for suffix, against in TUNED_FIRST:
         out += _gain_findings(fits, suffix, against)
