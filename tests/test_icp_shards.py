@@ -529,7 +529,9 @@ def test_icp_exact_limit_zero_orders_with_ivf_and_is_recorded(builds, tmp_path):
         assert sum(kept.values()) == stats["documents_after"] and not kept - Counter(_docs(src, d))
 
 
-def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(corpus, tokenizer_dir, tmp_path):
+def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(
+    corpus, tokenizer_dir, tmp_path, monkeypatch
+):
     """A study rerun after a domain was added to its corpus trained and scored the old shards' domains,
     with no word that the new one was left out."""
     from elmforest.launch.prepare import prepare_data
@@ -545,6 +547,13 @@ def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(corpu
     text = legal.read_text(encoding="utf-8")
     os.utime(legal, ns=(1, 1))  # touched (a copy): the same bytes, reused
     assert prepare_data(out, 400, **quiet).shards.fingerprint == first
+    from elmforest.launch import prepare
+
+    hashed = []
+    with monkeypatch.context() as m:  # hashed once for its new mtime, not again on every rerun
+        m.setattr(prepare, "_digest", lambda p, real=prepare._digest: hashed.append(p.name) or real(p))
+        prepare_data(out, 400, **quiet)
+    assert hashed == []
     legal.write_text(text.replace("license", "licenze", 1), encoding="utf-8")  # the same size, edited
     with pytest.raises(UserError, match=r"changed since .* \(rewritten legal.jsonl\)"):
         prepare_data(out, 400, **quiet)

@@ -63,7 +63,9 @@ def prepare_data(
         recorded = read_json(source_file)
         check_source(recorded.get("source"), corpus, out, out)
         if corpus is not None and recorded.get("files") is not None:
-            check_listing(recorded["files"], corpus, out, recorded.get("digests"))
+            fresh = check_listing(recorded["files"], corpus, out, recorded.get("digests"))
+            if fresh != recorded.get("digests"):  # a copy's new mtimes: hashed once, not on every rerun
+                write_json_atomic(source_file, {**recorded, "digests": fresh})
     else:
         import glob
 
@@ -226,13 +228,15 @@ def _digest(path: Path) -> dict:
     return {"mtime_ns": path.stat().st_mtime_ns, "sha256": file_digest(path)["sha256"]}
 
 
-def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> None:
+def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> dict | None:
     """A rerun on a corpus changed since its tokenizer and shards were built here trained and scored the
     old ones: a domain added since was left out without a word. Refused, naming what changed (a file
-    rewritten at its old size too, where the output dir recorded its digest)."""
+    rewritten at its old size too, where the output dir recorded its digest). Returns `digests` with the
+    mtimes of files found unchanged by their digest (a copy) brought up to date."""
     now = corpus_listing(corpus)
     if now is None:
-        return
+        return digests
+    fresh = dict(digests or {}) if digests is not None else None
     added = sorted(set(now) - set(had))
     gone = sorted(set(had) - set(now))
     changed = sorted(k for k in set(now) & set(had) if now[k] != had[k])
@@ -242,10 +246,12 @@ def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> 
         for name, d in sorted(digests.items()):
             path = root / name
             if name in now and path.stat().st_mtime_ns != d.get("mtime_ns"):
-                if _digest(path)["sha256"] != d.get("sha256"):
+                if (got := _digest(path))["sha256"] != d.get("sha256"):
                     rewritten.append(name)
+                else:
+                    fresh[name] = got
     if not (added or gone or changed or rewritten):
-        return
+        return fresh
     said = "; ".join(
         f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
         for what, names in (
