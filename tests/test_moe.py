@@ -699,10 +699,17 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert main([*argv[:5], "1", "--out", str(ft), *argv[8:], "--no-progress"]) == 2
     assert "(BTX fine-tuning (3 steps)); fine-tuning into it would discard" in capsys.readouterr().err
     stamp = (ft / "elmforest_moe.json").stat().st_mtime_ns  # the same run again: kept, not trained again
+    # killed after the result was written, before its scratch run (a copy of the experts) was deleted
+    from elmforest.merge.moe import export_fingerprint
+
+    left = ft.with_name(f"ft.finetune-run-{export_fingerprint(moe)}")
+    (left / "model").mkdir(parents=True)
+    (left / "metrics.jsonl").write_text('{"step": 3}\n')
     assert main(argv + ["--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "already holds this fine-tuning" in out and "fine-tuned for" not in out
     assert (ft / "elmforest_moe.json").stat().st_mtime_ns == stamp
+    assert not left.exists() and (ft / "train_logs" / "metrics.jsonl").read_text() == '{"step": 3}\n'
     # with any other setting (a loss weight, a --set) it is not the same run: refused, not kept
     for other in (["--aux-loss", "0.5"], ["--set", "optim.weight_decay=0.3"]):
         assert main(argv + other + ["--no-progress"]) == 2

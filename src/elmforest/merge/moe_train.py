@@ -175,12 +175,14 @@ def _train_moe(
         asked = {"from_fingerprint": fingerprint, "config_digest": digest, "data": str(sh.root)}
         if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
+            if run_dir is None:  # killed after `out` was written, before its scratch run was removed
+                _tidy(out, _scratch(out, kind, fingerprint), meta, moe_dir)
             return out
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
     # one run per export: re-exporting into the same place must not pick up an older finished run
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = "router-run" if kind == "router_training" else "finetune-run"
-    run_dir = Path(run_dir or out.with_name(f"{out.name}.{tag}-{fingerprint}"))
+    run_dir = Path(run_dir or _scratch(out, kind, fingerprint))
     if not keep:
         _drop_other_runs(out, tag, run_dir, meta, moe_dir)
     _record_copies(meta, run_dir, out, tag, moe_dir)
@@ -211,10 +213,24 @@ def _train_moe(
     for f, names in _forests_of(meta, moe_dir):
         f.settle_output(out, names)
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
+        _tidy(out, run_dir, meta, moe_dir)
+    return out
+
+
+def _scratch(out: Path, kind: str, fingerprint: str) -> Path:
+    return out.with_name(
+        f"{out.name}.{'router-run' if kind == 'router_training' else 'finetune-run'}-{fingerprint}"
+    )
+
+
+def _tidy(out: Path, run_dir: Path, meta: dict, moe_dir: Path) -> None:
+    """The scratch run of a finished `out`: its logs into `out`, the rest (a copy of the experts) deleted."""
+    from elmforest.train.runlock import training_now
+
+    if run_dir.is_dir() and not training_now(run_dir):
         _keep_logs(run_dir, out)
         remove_path(run_dir)
         _forget(meta, run_dir, moe_dir)
-    return out
 
 
 def _config_digest(cfg) -> str:
