@@ -99,6 +99,35 @@ def test_spark_part_files_take_their_folder_name(tmp_path):
 def test_a_bom_is_not_text_in_txt_files(tmp_path):
     (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbfbom text")
     assert [d.text for d in iter_documents(tmp_path)] == ["bom text"]
+    # nor through the text: builder, which reads the same file line by line
+    (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbfbom line\r\nsecond\n")
+    assert [d.text for d in iter_documents(f"text:{tmp_path / 'notes.txt'}")] == ["bom line", "second"]
+
+
+def test_a_bad_line_before_an_array_does_not_make_the_file_an_array(tmp_path):
+    """The array check held for every line until one parsed: a bad line first, and a later line holding
+    a list refused the whole file as a JSON array."""
+    f = tmp_path / "x.jsonl"
+    f.write_text('garbage\n["a", "b"]\n{"text": "fine"}\n')
+    assert [d.text for d in iter_documents(f)] == ["fine"]
+    f.write_text('{\n  "text": "spread over lines"\n}\n')  # each line was skipped as invalid, unsaid
+    with pytest.raises(DataError, match="a JSON object spread over lines"):
+        list(iter_documents(f))
+
+
+def test_a_tokenizer_or_shards_written_into_the_data_folder_are_not_read_as_data(tmp_path, capsys):
+    """`tokenizer train --out DATA/tok` wrote tokenizer.json there, and every later read of DATA
+    refused it as a JSON array."""
+    (tmp_path / "news.jsonl").write_text('{"text": "hello"}\n')
+    for out in ("tok", "shards/tokenizer"):
+        (tmp_path / out).mkdir(parents=True)
+        (tmp_path / out / "tokenizer.json").write_text('{"model": {"vocab": [1, 2]}}')
+        (tmp_path / out / "tokenizer_config.json").write_text('{"a": 1}')
+    (tmp_path / "shards" / "index.json").write_text('[{"text": "no"}]')  # beside it: read, and refused
+    assert [d.text for d in iter_documents(tmp_path / "news.jsonl")] == ["hello"]
+    (tmp_path / "shards" / "index.json").unlink()
+    assert [d.text for d in iter_documents(tmp_path)] == ["hello"]
+    assert "tok/ (a tokenizer, shards or model folder)" in capsys.readouterr().err
 
 
 def test_training_on_shards_without_a_train_split_is_refused(shards_dir, tmp_path):

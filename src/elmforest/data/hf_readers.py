@@ -209,6 +209,9 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
                 row += 1
                 if row == 1:
                     check_columns(f, set(rec), src, f"{src.format} file")
+                    text = rec.get("text")
+                    if src.format == "text" and isinstance(text, str) and text.startswith("\ufeff"):
+                        rec = {**rec, "text": text[1:]}  # a byte-order mark, as the .txt reader drops it
                 if lines and isinstance(rec.get("text"), str) and not rec["text"].strip():
                     continue  # a blank line is no record, as in JSON lines
                 doc = _check_record(rec, stats, domain, f"{domain}:{row}", src.text_field, src.domain_field)

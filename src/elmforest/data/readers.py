@@ -70,6 +70,12 @@ def is_metadata(name: str) -> bool:
     return name == "manifest.json" or name.endswith(META_SUFFIX)
 
 
+def _is_tokenizer_output(folder: Path) -> bool:
+    """`tokenizer train`, `shards build` and Hugging Face models write these two side by side; their JSON
+    read as JSON lines failed every later read of a data folder they were written into."""
+    return (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     try:
@@ -104,10 +110,17 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     files: list[Path] = []
     saved: set[Path] = set()
+    tools: set[Path] = set()  # a tokenizer, shards or model written inside the data folder: not data
     passed: list[str] = []  # files and folders a user may have meant as data, said once
     for f in sorted(p.rglob("*")):
         if saved and not saved.isdisjoint(f.parents):
             continue  # inside a saved dataset, which is read whole
+        if tools and not tools.isdisjoint(f.parents):
+            continue
+        if f.is_dir() and not f.is_symlink() and _is_tokenizer_output(f):
+            tools.add(f)
+            passed.append(f"{f.relative_to(p)}/ (a tokenizer, shards or model folder)")
+            continue
         hidden = any(part.startswith(".") for part in f.relative_to(p).parts)
         if f.is_dir() and not f.is_symlink() and not hidden:
             if not os.access(f, os.R_OK | os.X_OK):  # rglob would skip what is in it without a word
@@ -152,6 +165,10 @@ _ARRAY = (
     "{path}: a JSON array, not JSON lines (one object per line); convert it "
     "(`jq -c '.[]' FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
 )
+_SPREAD = (
+    "{path}: a JSON object spread over lines (pretty-printed), not JSON lines (one object per line); "
+    "convert it (`jq -c . FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
+)
 
 
 def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[Document]:
@@ -167,6 +184,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
+            was_first, first = first, False  # a bad first line does not make a later array the file's
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
@@ -175,13 +193,14 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                if first and line.lstrip().startswith("["):
+                if was_first and line.lstrip().startswith("["):
                     raise DataError(_ARRAY.format(path=path)) from None
+                if was_first and line.strip() == "{":  # its lines would each be skipped as invalid
+                    raise DataError(_SPREAD.format(path=path)) from None
                 stats.skipped["invalid_json"] += 1
                 continue
-            if first and isinstance(rec, list):
+            if was_first and isinstance(rec, list):
                 raise DataError(_ARRAY.format(path=path))
-            first = False
             fields.see(rec)
             doc = _check_record(rec, stats, domain, f"{at}:{lineno}", src.text_field, src.domain_field)
             if doc is not None:
