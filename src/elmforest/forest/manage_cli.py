@@ -119,7 +119,10 @@ def average(
     ] = "uniform",
     data: Annotated[
         str | None,
-        opt("shards or raw data holding the target domain (for posterior weights)", metavar="PATH"),
+        opt(
+            "shards (elmforest shards build) holding the target domain (for posterior weights)",
+            metavar="PATH",
+        ),
     ] = None,
     domain: Annotated[
         str | None, opt("target domain whose valid split sets the posterior weights", metavar="DOMAIN")
