@@ -130,6 +130,17 @@ def test_a_tokenizer_or_shards_written_into_the_data_folder_are_not_read_as_data
     assert "tok/ (a tokenizer, shards or model folder)" in capsys.readouterr().err
 
 
+def test_a_link_to_a_file_of_the_folder_is_read_once(tmp_path, capsys):
+    """Read through the link and again as itself, a document had two ids, and the split could put one
+    in train and the other in test."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "a.jsonl").symlink_to("sub/b.jsonl")  # listed before its target
+    (tmp_path / "c.jsonl").symlink_to(tmp_path / "sub" / "b.jsonl")
+    assert [(d.id, d.text) for d in iter_documents(tmp_path)] == [("b:1", "one"), ("b:2", "two")]
+    assert "a.jsonl (a link to sub/b.jsonl, read once)" in capsys.readouterr().err
+
+
 def test_training_on_shards_without_a_train_split_is_refused(shards_dir, tmp_path):
     s = tmp_path / "s"
     shutil.copytree(shards_dir, s)
@@ -274,7 +285,11 @@ def test_files_and_linked_folders_left_out_of_a_data_folder_are_said(tmp_path, c
     (data / "manifest.json").write_text("{}")  # metadata: left out silently, as before
     assert list_data_files(data) == [data / "news" / "a.txt"]
     err = capsys.readouterr().err
-    assert "left out 2 file(s) or linked folder(s)" in err and "code.jsonl.gz" in err and "linked/" in err
+    assert (
+        "left out 2 file(s) or folder(s) not read as data" in err
+        and "code.jsonl.gz" in err
+        and "linked/" in err
+    )
     assert "manifest.json" not in err
     # a folder that cannot be read is named as such (not as a file in it, nor as the output)
     monkeypatch.setattr(type(data), "is_file", lambda self: (_ for _ in ()).throw(PermissionError(13, "no")))

@@ -136,10 +136,17 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
             continue
         _check_data_file(f)
         files.append(f)
+    # a link to a file also listed (or two links to one) was read twice: the same text under two ids,
+    # which the split could put in train and in test
+    real: dict[Path, Path] = {}
+    for f in sorted(files, key=lambda f: f.is_symlink()):  # the file itself first, then links to it
+        if real.setdefault(f.resolve(), f) is not f:
+            passed.append(f"{f.relative_to(p)} (a link to {real[f.resolve()].relative_to(p)}, read once)")
+    files = [f for f in files if real[f.resolve()] is f]
     if passed:
         print(
-            f"note: {p}: left out {len(passed)} file(s) or linked folder(s) that are not data files "
-            f"({', '.join(SUPPORTED)}): {', '.join(passed[:5])}{' ...' if len(passed) > 5 else ''} (a compressed "
+            f"note: {p}: left out {len(passed)} file(s) or folder(s) not read as data (data files: "
+            f"{', '.join(SUPPORTED)}): {', '.join(passed[:5])}{' ...' if len(passed) > 5 else ''} (a compressed "
             "file is read as json:PATH or csv:PATH; a linked folder, passed as --data itself)",
             file=sys.stderr,
         )
