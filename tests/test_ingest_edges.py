@@ -295,3 +295,17 @@ def test_files_and_linked_folders_left_out_of_a_data_folder_are_said(tmp_path, c
     monkeypatch.setattr(type(data), "is_file", lambda self: (_ for _ in ()).throw(PermissionError(13, "no")))
     with pytest.raises(DataError, match="cannot read this folder"):
         is_saved_dataset(data)
+
+
+def test_shards_build_says_which_domains_got_no_valid_or_test_documents(tokenizer_dir, tmp_path, capsys):
+    """A domain of one document lands whole in one split: said at the build, not first where a prior
+    or an evaluation finds nothing of it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "one.jsonl").write_text('{"text": "a lone document"}\n')
+    (data / "big.jsonl").write_text("".join(json.dumps({"text": f"doc {i} text"}) + "\n" for i in range(300)))
+    argv = ["shards", "build", "--data", data, "--tokenizer", tokenizer_dir, "--out", tmp_path / "s"]
+    assert main([str(a) for a in [*argv, "--no-progress"]]) == 0
+    err = capsys.readouterr().err
+    assert "note: no valid documents in one (too few" in err and "note: no test documents in one" in err
+    assert "big" not in err

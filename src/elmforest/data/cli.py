@@ -304,12 +304,28 @@ def build(
         f"{rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB in {rep.seconds:.1f}s "
         f"({rep.mb_per_s:.2f} MB/s) -> {rep.out}"
     )
+    _say_empty_splits(rep.out, {"valid": valid_frac, "test": test_frac})
     if rep.order:
         from elmforest.data.reorder import TIMINGS_FILE
         from elmforest.utils.io import read_json
 
         print(f"training documents in {rep.order['method']} order ({rep.order_seconds:.1f}s):")
         print_order(rep.order, read_json(f"{rep.out}/{TIMINGS_FILE}"))
+
+
+def _say_empty_splits(out, fracs: dict[str, float]) -> None:
+    """A domain of a few documents can get none in a split: said here, not first by the evaluation or
+    the prior that has nothing of it to read."""
+    from elmforest.data.shards import Shards
+
+    sh = Shards(out)
+    for split, frac in fracs.items():
+        if frac > 0 and (empty := [d for d in sh.domains if not sh.has(d, split)]):
+            print(
+                f"note: no {split} documents in {', '.join(empty)} (too few documents for a {frac:g} share): "
+                f"nothing of {'them' if len(empty) > 1 else 'it'} can be scored on {split} data",
+                file=sys.stderr,
+            )
 
 
 def reorder(
