@@ -263,6 +263,23 @@ def test_pause_and_continue_from_another_runs_checkpoint(shards_dir, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_pause_off_the_log_grid_logs_what_an_uninterrupted_run_logs(shards_dir, tmp_path):
+    """A pause at step 5 (log_every 2) logged step 5 and restarted the loss window: the resumed run's
+    step 6 averaged one step where the uninterrupted run's averaged two."""
+
+    def logged(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"]) for m in map(json.loads, lines)]
+
+    train(tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4), tmp_path / "full", progress=False)
+    cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4, stop_at=5)
+    assert train(cfg, tmp_path / "paused", progress=False)["stopped_at"] == 5
+    cfg.train.stop_at = None
+    train(cfg, tmp_path / "paused", progress=False)
+    assert [s for s, _ in logged(tmp_path / "paused")] == [2, 4, 6, 8]
+    assert logged(tmp_path / "paused") == logged(tmp_path / "full")
+
+
 def test_torn_metrics_line_does_not_block_resume(shards_dir, tmp_path):
     cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
     cfg.train.stop_at = 4

@@ -141,7 +141,9 @@ class Trainer(TrainerSetup):
             self.step += 1
             self.tokens += tc.tokens_per_step
             is_last = self.step == self.end
-            if self.step % tc.log_every == 0 or is_last:
+            # a pause (stop_at) off the log grid logs nothing: its window goes on in the checkpoint, so a
+            # paused and resumed run logs what an uninterrupted one does
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
                 now = time.perf_counter()
                 self.last_loss = self._mean_over_processes(self.loss_sum / self.loss_count)
                 m = {
