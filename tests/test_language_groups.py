@@ -258,3 +258,22 @@ def test_an_inline_domain_map_is_told_to_be_a_file():
 
     with pytest.raises(NotFound, match="inline JSON is not read: write it to a file"):
         load_domain_map('{"deu": "g0"}', role="--domain-map")
+
+
+@has_lang2vec
+def test_the_xelm_quickstart_raises_its_group_cap_where_it_blocks_a_k(capsys):
+    """Capped at half the languages, average linkage stops at 3 pairs of ces deu fin jpn rus tur, none
+    of which may join another: k = 2 was refused after the corpus, tokenizer and shards were built,
+    naming a flag the quickstart does not take."""
+    from elmforest.xelm.quickstart import _groupings
+
+    langs = ["ces", "deu", "fin", "jpn", "rus", "tur"]
+    with pytest.raises(UserError, match="group size cap"):
+        L.group_languages(langs, [2], max_group_size=3)
+    g = _groupings(langs, [2])
+    assert sorted(len(m) for m in g[2]["groups"].values()) == [2, 4]
+    assert "groups hold up to 4" in capsys.readouterr().out
+    capsys.readouterr()
+    twelve = ["ces", "deu", "fin", "fra", "ita", "jpn", "pol", "rus", "spa", "tur", "ukr", "zho"]
+    _groupings(twelve, [2, 4])  # the quickstart's languages: half is enough, nothing said
+    assert "note" not in capsys.readouterr().out

@@ -90,6 +90,8 @@ def quickstart_xelm(
     asked = len(set(languages or LANGUAGES))
     if [k for k in ks if k > asked]:  # before the corpus is built; again below, after languages are skipped
         raise UserError(f"k = {ks} but {asked} languages were asked for: each group needs one")
+    if corpus is None:  # the languages' features alone: an unknown code refused before the corpus is built
+        _groupings(sorted(set(languages or LANGUAGES)), ks, say=False)
     data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
     shards, langs, new = data["shards"], data["languages"], data["new"]
     too_many = [k for k in ks if k > len(langs)]
@@ -298,12 +300,24 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
     }
 
 
-def _groupings(langs: list[str], ks: list[int]) -> dict[int, dict]:
+def _groupings(langs: list[str], ks: list[int], say: bool = True) -> dict[int, dict]:
     """URIEL syntax groups (cluster/languages.py; saved as OUT/groups/k<K>.json). No group may hold more
     than half the languages: every expert gets the same compute (B/k), and unbalanced merging (k = 4:
-    9, 1, 1 and 1 of these 12 languages) would starve the big group's languages."""
-    groupings, _ = group_languages(langs, ks, max_group_size=math.ceil(len(langs) / 2))
-    for k in ks:
+    9, 1, 1 and 1 of these 12 languages) would starve the big group's languages. Where that cap stops
+    the merging short of a k (ces deu fin jpn rus tur: 3 groups of 2, none of which may join another),
+    the cap is raised one language at a time until every k is reached, and said."""
+    cap = math.ceil(len(langs) / 2)
+    while True:
+        try:
+            groupings, _ = group_languages(langs, ks, max_group_size=cap)
+            break
+        except UserError:
+            if cap >= len(langs):
+                raise
+            cap += 1
+    if say and cap > math.ceil(len(langs) / 2):
+        print(f"note: groups of at most half the languages cannot make k = {ks}; groups hold up to {cap}")
+    for k in ks if say else ():
         print(f"[4/8] k={k}: " + " · ".join(" ".join(g) for g in groupings[k]["groups"].values()))
     return groupings
 
