@@ -227,6 +227,10 @@ def test_grad_accumulation_equals_one_big_batch(shards_dir, tmp_path):
         betas=(o.beta1, o.beta2),
         eps=o.eps,
     )
+    # with clipping off the norm is still measured and logged (the divergence guard reads it)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    (m,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert m["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
     opt.step()
     want = model.state_dict()
     for k, v in got.items():
