@@ -216,6 +216,8 @@ def test_a_domain_without_test_documents_is_named_not_dropped_silently(
     print_table({"model": res})
     out = capsys.readouterr().out
     assert gone in out and "no test documents" in out
+    for v in res["domains"].values():  # what each score rests on: its bytes and whole documents
+        assert f"{v['bytes']:,} ({v['documents']})" in out
     # the same for a forest
     f = Forest.init(tmp_path / "forest")
     f.add(model_dir, "only", ["a"])

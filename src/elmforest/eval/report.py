@@ -15,6 +15,19 @@ def flops_mark(ratio: float | None) -> str:
     return f"{ratio:.3f}" + ("!" if abs(ratio - 1) > FLOPS_TOLERANCE else "")
 
 
+def _scored(results: dict[str, dict], domain: str) -> str:
+    """ "64,012 (9)": the bytes and documents every result scored of `domain` ("varies" where they differ)."""
+    seen = {
+        (v.get("bytes"), v.get("documents"))
+        for r in results.values()
+        if (v := r["domains"].get(domain)) and v.get("bytes") is not None
+    }
+    if len(seen) != 1:
+        return "varies" if seen else "-"
+    ((b, n),) = seen
+    return f"{b:,}" + (f" ({n})" if n is not None else "")
+
+
 def print_table(
     results: dict[str, dict],
     title: str = "bits per byte (lower is better)",
@@ -23,27 +36,33 @@ def print_table(
 ) -> None:
     """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...}); `flops` maps
     a method to its training FLOPs over the dense baseline's (a last row, '!' where not matched). Domains
-    a result left out (`missing`: no documents in its split) are named under the table."""
+    a result left out (`missing`: no documents in its split) are named under the table. What each domain's
+    score rests on (bytes, whole documents) is a column: a few long documents make a noisy score."""
     domains = sorted({d for r in results.values() for d in r["domains"]})
+    scored = {d: _scored(results, d) for d in domains}
     # wide enough for every column: a pipe or log file would otherwise get 80 columns and truncated names
     need = (
-        max(len(d) for d in domains + ["train FLOPs / dense"]) + sum(max(len(m), 7) + 3 for m in results) + 8
+        max(len(d) for d in domains + ["train FLOPs / dense"])
+        + sum(max(len(m), 7) + 3 for m in results)
+        + max(len(s) + 3 for s in [*scored.values(), "bytes (docs)"])
+        + 8
     )
     console = console or Console(width=max(need, Console().width))
     table = Table(title=title)
     table.add_column("domain")
+    table.add_column("bytes (docs)", justify="right")
     for m in results:
         table.add_column(m, justify="right")
     for d in domains:
-        row = [d]
+        row = [d, scored[d]]
         for r in results.values():
             v = r["domains"].get(d)
             row.append(f"{v['bpb']:.4f}" if v else "-")
         table.add_row(*row)
     table.add_section()
-    table.add_row("mean", *[f"{r['mean_bpb']:.4f}" for r in results.values()])
+    table.add_row("mean", "", *[f"{r['mean_bpb']:.4f}" for r in results.values()])
     if flops:
-        table.add_row("train FLOPs / dense", *[flops_mark(flops.get(m)) for m in results])
+        table.add_row("train FLOPs / dense", "", *[flops_mark(flops.get(m)) for m in results])
     console.print(table)
     for m, r in results.items():  # a domain without documents in the split must not vanish unnoticed
         if r.get("missing"):
