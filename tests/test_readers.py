@@ -135,8 +135,8 @@ def test_entries_with_a_data_suffix_that_are_not_readable_files_are_errors_namin
     import os
 
     (tmp_path / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
-    (tmp_path / "linked.jsonl").symlink_to(tmp_path / "good.jsonl")  # a link to a file is fine
-    assert [d.text for d in iter_documents(tmp_path)] == ["fine", "fine"]
+    (tmp_path / "linked.jsonl").symlink_to(tmp_path / "good.jsonl")  # a link to a file the folder
+    assert [d.text for d in iter_documents(tmp_path)] == ["fine"]  # also holds: read once, as the file
     (tmp_path / "sub").mkdir()
     gone = tmp_path / "sub" / "gone.jsonl"
     gone.symlink_to(tmp_path / "nowhere.jsonl")
@@ -148,7 +148,7 @@ def test_entries_with_a_data_suffix_that_are_not_readable_files_are_errors_namin
     gone.unlink()
     (tmp_path / "parts.parquet").mkdir()  # a folder named like data (Spark's x.parquet/) is searched
     (tmp_path / "parts.parquet" / "more.jsonl").write_text(json.dumps({"text": "inside"}) + "\n")
-    assert sorted(d.text for d in iter_documents(tmp_path)) == ["fine", "fine", "inside"]
+    assert sorted(d.text for d in iter_documents(tmp_path)) == ["fine", "inside"]
     shutil.rmtree(tmp_path / "parts.parquet")
     os.mkfifo(tmp_path / "pipe.ndjson")
     with pytest.raises(DataError, match=r"pipe\.ndjson: .*not a regular file"):

@@ -223,6 +223,14 @@ def read_run(run_dir: Path, name: str, role: str) -> dict:
     }
 
 
+def _paused_at(run: Path) -> int | None:
+    """The step of a run's newest checkpoint (a pause always writes one; it may log no line there)."""
+    from elmforest.train.checkpoint import PREFIX, list_checkpoints
+
+    done = list_checkpoints(run / "checkpoints")
+    return int(done[-1].name[len(PREFIX) :]) if done else None
+
+
 def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
     """The run dirs under the forest's runs/ (the dense run, whose first part is the seed, then each
     expert), and what is absent."""
@@ -238,9 +246,10 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
             continue
         if d.name == "dense":
             role = "seed, then dense baseline" if forest.data.get("seed") else "dense baseline"
-            last = (read_jsonl(d / "metrics.jsonl") or [{}])[-1].get("step")
             seed_end = seed_steps(forest)
-            if forest.data.get("seed") and not (d / "summary.json").is_file() and last == seed_end:
+            last = (read_jsonl(d / "metrics.jsonl") or [{}])[-1].get("step")
+            paused = seed_end in (last, _paused_at(d))  # a pause off the log grid logs no line there
+            if forest.data.get("seed") and not (d / "summary.json").is_file() and paused:
                 role = (
                     "seed (the dense baseline's first part; its rest is not trained: --no-dense, or not yet)"
                 )
