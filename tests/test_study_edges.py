@@ -455,3 +455,13 @@ def test_a_score_made_on_another_device_or_precision_is_made_again(tmp_path, mon
         n: {"key": {f: v for f, v in k.items() if f != "scored_on"}, "value": 2.0} for n, k in keys.items()
     }
     assert all(score._hit(older, n, k) == 2.0 for n, k in moved.items())
+
+
+def test_a_study_on_ray_without_ray_is_refused_before_its_data_is_prepared(tmp_path, capsys, monkeypatch):
+    """The refusal came after the corpus, tokenizer and shards were built (30 s and 114 MB here)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is not installed
+    assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--executor", "ray", "--no-progress"]) == 2
+    assert "needs Ray" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "data").exists()

@@ -282,6 +282,10 @@ def _study(
 ) -> dict:
     _check_identity(out, cfg)
     preset = get_preset(cfg.preset)
+    ray = None
+    if executor == "ray":  # Ray missing, a bad address or resources: said before the data is prepared
+        ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
+        ray.prepare()
     data = prepare_data(out / "data", preset.vocab_size, cfg.domains, cfg.corpus, cfg.ood, progress, log)
     base = apply_overrides(
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
@@ -295,12 +299,8 @@ def _study(
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
     check_budget_steps(cfg, steps_1x)
-    if executor == "ray":
-        ex, threads = (
-            make_executor("ray", address, cpus_per_job, gpus_per_job),
-            job_threads("ray", cpus_per_job, 1),
-        )
-        ex.prepare()  # a bad address or resources said before any run trains
+    if ray is not None:
+        ex, threads = ray, job_threads("ray", cpus_per_job, 1)
     else:
         from elmforest.launch.executor import cpu_cores
 
