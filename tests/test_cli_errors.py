@@ -190,6 +190,16 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
         and "its seed was trained with optim.weight_decay" in out
         and not (f / "experts" / name).exists()
     )
+    # a tracker whose package is missing: said once, before any job (each job failed alone on it)
+    import sys
+
+    sys.modules["mlflow"], had = None, sys.modules.get("mlflow")
+    try:
+        rc, out = _run([*argv, "--set", "train.trackers=[mlflow]"], capsys)
+    finally:
+        sys.modules.pop("mlflow") if had is None else sys.modules.__setitem__("mlflow", had)
+    assert rc == 2 and out.count("mlflow cannot be imported") == 1, out
+    assert not (f / "experts" / name).exists()
 
 
 def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):

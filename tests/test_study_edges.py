@@ -465,3 +465,15 @@ def test_a_study_on_ray_without_ray_is_refused_before_its_data_is_prepared(tmp_p
     assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--executor", "ray", "--no-progress"]) == 2
     assert "needs Ray" in capsys.readouterr().err
     assert not (tmp_path / "s" / "data").exists()
+
+
+def test_a_missing_tracker_package_is_said_once_before_any_data_or_run(tmp_path, capsys, monkeypatch):
+    """Each job failed alone on it, after its run folder was written, every one with the same message."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    argv = ["study", "tiny", "--out", str(tmp_path / "s"), "--no-progress"]
+    assert main([*argv, "--set", "overrides=['train.trackers=[mlflow]']"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("train.trackers includes mlflow, but mlflow cannot be imported") == 1
+    assert not (tmp_path / "s" / "data").exists()

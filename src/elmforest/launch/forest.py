@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.config import RunConfig
+from elmforest.config import RunConfig, apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan, plan_domains
@@ -14,6 +14,7 @@ from elmforest.forest.seeding import train_seed
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, dense_done, expert_kept, run_job
 from elmforest.launch.progress import ProgressMonitor
+from elmforest.train.tracking import require_trackers
 
 
 def train_forest(
@@ -43,6 +44,8 @@ def train_forest(
     finished = _finished(forest, names, dense)
     if finished:  # a rerun: each job only checks it is kept, here (Ray not started)
         executor = LocalExecutor()
+    else:  # a tracker's missing package said once, before the seed or any job
+        require_trackers(apply_overrides(base, list(overrides)).train.trackers)
     if hasattr(executor, "prepare"):  # Ray: a bad address or resources said before the seed trains
         executor.prepare()
     train_seed(forest, shards, base, plan, progress=progress)

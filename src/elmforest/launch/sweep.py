@@ -49,6 +49,7 @@ from elmforest.launch.jobs import (
 )
 from elmforest.launch.sweep_grid import btm_grid_default, check_grid, lr_grid, point_tag
 from elmforest.launch.sweep_results import DIVERGED, choose, format_sweep, score_dense, score_experts
+from elmforest.train.tracking import require_trackers
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -127,6 +128,7 @@ def sweep(
     for given, what in ((lrs, "dense"), (expert_lrs, "expert"), (continue_lrs, "dense continuation")):
         if given:  # refused before any run trains, not after the arms before it
             check_grid(given, what)
+    require_trackers(base.train.trackers)
     # absolute: a job on a Ray cluster (--address) runs in the worker's directory, not this one's
     shards = Shards(Path(shards_dir).resolve())
     out = Path(out).resolve()

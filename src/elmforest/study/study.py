@@ -33,6 +33,7 @@ from elmforest.study.run import (
     train_points,
 )
 from elmforest.study.score import score_all, score_job, scored_text
+from elmforest.train.tracking import require_trackers
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import held_lock, read_json, write_json_atomic
 
@@ -282,6 +283,8 @@ def _study(
 ) -> dict:
     _check_identity(out, cfg)
     preset = get_preset(cfg.preset)
+    # a tracker's missing package said once, before the data and any run (the shards are not there yet)
+    require_trackers(apply_overrides(preset_run_config(cfg.preset, "."), list(cfg.overrides)).train.trackers)
     ray = None
     if executor == "ray":  # Ray missing, a bad address or resources: said before the data is prepared
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)

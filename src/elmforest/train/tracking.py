@@ -212,3 +212,17 @@ class TensorBoardLogger(Tracker):
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
+
+
+def require_trackers(names) -> None:
+    """Each tracker `names` asks for that needs a package (wandb, mlflow) importable: checked by a driver
+    (forest train, sweep, study) before any job starts, where every job failed alone, after its run
+    folder was written, each with the same message. With Ray it checks the driver's machine only."""
+    for name in names:
+        if name == "wandb":
+            require("wandb")
+        elif name == "mlflow":
+            from elmforest.train.tracking_mlflow import ENV
+
+            with env(**ENV):
+                require("mlflow")
