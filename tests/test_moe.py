@@ -302,7 +302,8 @@ def test_shards_stay_within_one_expert(forest_dir, tmp_path):
 
 
 def test_router_training_changes_only_the_router(forest_dir, shards_dir, tmp_path):
-    f = Forest.load(forest_dir)
+    shutil.copytree(forest_dir, tmp_path / "f")  # its training enters the forest's ledger: a copy's
+    f = Forest.load(tmp_path / "f")
     out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
     before = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     train_router(out, shards_dir, steps=3, lr=1e-2, overrides=["train.precision=fp32"], progress=False)
@@ -312,6 +313,10 @@ def test_router_training_changes_only_the_router(forest_dir, shards_dir, tmp_pat
     meta = json.loads((out / "elmforest_moe.json").read_text())
     assert meta["router_training"]["steps"] == 3
     assert "Router trained" in (out / "README.md").read_text()
+    # trained through Python, not the CLI: its compute is in the forest's ledger all the same
+    card = meta["router_training"]
+    (row,) = [p for p in Forest.load(tmp_path / "f").ledger() if p.get("phase") == "router_training"]
+    assert (row["name"], row["flops"]) == ("moe", card["flops"]) and card["flops"] > 0
 
 
 def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path, capsys):
@@ -705,11 +710,18 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     left = ft.with_name(f"ft.finetune-run-{export_fingerprint(moe)}")
     (left / "model").mkdir(parents=True)
     (left / "metrics.jsonl").write_text('{"step": 3}\n')
+    ledger = json.loads((root / "forest.json").read_text())  # and before its ledger row was written
+    rows = [p for p in ledger["ledger"] if p.get("phase") == "btx_finetuning" and p.get("name") == "ft"]
+    assert len(rows) == 1
+    ledger["ledger"] = [p for p in ledger["ledger"] if p not in rows]
+    (root / "forest.json").write_text(json.dumps(ledger))
     assert main(argv + ["--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "already holds this fine-tuning" in out and "fine-tuned for" not in out
     assert (ft / "elmforest_moe.json").stat().st_mtime_ns == stamp
     assert not left.exists() and (ft / "train_logs" / "metrics.jsonl").read_text() == '{"step": 3}\n'
+    back = [p for p in Forest.load(root).ledger() if p.get("phase") == "btx_finetuning" and p["name"] == "ft"]
+    assert [(p["tokens"], p["flops"]) for p in back] == [(r["tokens"], r["flops"]) for r in rows]
     # with any other setting (a loss weight, a --set) it is not the same run: refused, not kept
     for other in (["--aux-loss", "0.5"], ["--set", "optim.weight_decay=0.3"]):
         assert main(argv + other + ["--no-progress"]) == 2

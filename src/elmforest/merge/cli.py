@@ -140,20 +140,6 @@ def moe(
             progress=not no_progress,
             device=None if device == "auto" else device,
         )
-        card = read_json(path / "elmforest_moe.json")
-        rt, root = card.get("router_training") or {}, Path(card.get("forest") or "")
-        if {"tokens", "flops"} <= set(rt) and (root / "forest.json").is_file():  # what ran after the merge
-            from elmforest.forest.manifest import Forest
-
-            Forest.load(root).record_phase(
-                {
-                    "phase": "router_training",
-                    "name": path.name,
-                    "tokens": rt["tokens"],
-                    "flops": rt["flops"],
-                    "output": str(path),
-                }
-            )
         print(f"trained the router for {steps} steps on {shards} -> {path}")
     if not no_routing and ((path / "elmforest_run.json").is_file() or data is not None):
         _report_routing(path, data, device)
@@ -238,7 +224,6 @@ def finetune(
     loss, as a resumable run; its FLOPs are recorded in the forest's ledger."""
     import time
 
-    from elmforest.forest.manifest import Forest
     from elmforest.merge.moe_train import finetune_moe
     from elmforest.utils.io import read_json
 
@@ -265,21 +250,9 @@ def finetune(
         progress=not no_progress,
         device=None if device == "auto" else device,
     )
-    meta = read_json(path / "elmforest_moe.json")
-    ft = meta["finetuning"]
+    ft = read_json(path / "elmforest_moe.json")["finetuning"]  # its ledger row: written with it
     if ft.get("finished", 0) < started:  # kept: fine-tuned before, as asked (said by finetune_moe)
         return
-    root = Path(meta.get("forest") or "")
-    if (root / "forest.json").is_file():  # the ledger counts what ran after the merge too
-        Forest.load(root).record_phase(
-            {
-                "phase": "btx_finetuning",
-                "name": path.name,
-                "tokens": ft["tokens"],
-                "flops": ft["flops"],
-                "output": str(path),
-            }
-        )
     print(f"fine-tuned for {steps} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
     if not no_routing:
         _report_routing(path, shards, device)

@@ -176,6 +176,7 @@ def _train_moe(
         if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
             if run_dir is None:  # killed after `out` was written, before its scratch run was removed
+                _ledger(meta, kind, held, out)  # or before its ledger row was written
                 _tidy(out, _scratch(out, kind, fingerprint), meta, moe_dir)
             return out
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
@@ -212,9 +213,21 @@ def _train_moe(
         _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
     for f, names in _forests_of(meta, moe_dir):
         f.settle_output(out, names)
+    _ledger(meta, kind, record, out)
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
         _tidy(out, run_dir, meta, moe_dir)
     return out
+
+
+def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
+    """The training's row in the ledger of the forest the MoE was merged from: written here, with the
+    output, where the CLI wrote it after the run returned (a kill between them, or a call from Python,
+    left the compute out of the ledger). A rerun replaces the row of the same output."""
+    root = Path(meta.get("forest") or "")
+    if {"tokens", "flops"} <= set(record) and (root / "forest.json").is_file():
+        phase = "btx_finetuning" if kind == "finetuning" else kind
+        row = {"phase": phase, "name": out.name, "tokens": record["tokens"], "flops": record["flops"]}
+        Forest.load(root).record_phase({**row, "output": str(out)})
 
 
 def _scratch(out: Path, kind: str, fingerprint: str) -> Path:
