@@ -520,3 +520,31 @@ def test_a_refit_killed_between_its_two_files_leaves_the_old_clusterer_whole(
         new.save(folder)
         assert np.array_equal(Clusterer.load(folder).centres, new.centres)
         assert len(list(folder.glob("arrays*.safetensors"))) == 1
+
+
+def test_top_k_below_1_and_a_balanced_assignment_of_nothing_are_refused(clusterer_dir, tmp_path, capsys):
+    """k = 0 gave NaN weights and k = -1 sliced off one cluster (top-(K-1)) through the Python API; a
+    corpus whose every record was skipped raised numpy's 'need at least one array to concatenate'."""
+    from elmforest.cli import main
+    from elmforest.utils.errors import UserError
+
+    c = Clusterer.load(clusterer_dir)
+    z = c.embed(["thou shalt not", "def return self"])[0]
+    assert np.allclose(c.route(z, k=1).sum(1), 1.0)
+    for k in (0, -1):
+        with pytest.raises(UserError, match="k >= 1"):
+            c.route(z, k=k)
+    data = tmp_path / "empty.jsonl"
+    data.write_text('{"text": ""}\n{"text": "   "}\n')
+    argv = [
+        "cluster",
+        "assign",
+        "--clusterer",
+        str(clusterer_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--balanced", "--no-progress"]) == 2
+    assert "no documents to assign" in capsys.readouterr().err

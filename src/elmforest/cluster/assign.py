@@ -216,6 +216,10 @@ def assign_corpus(
             oks.append(ok)
             sizes_b.append(np.array([max(1, len(d.text.encode("utf-8"))) for d in docs], dtype=np.float64))
             trains.append(np.array([spec.assign(d.id) == "train" for d in docs], dtype=bool))
+        if not scores:  # every record skipped (empty text): nothing to balance
+            raise UserError(
+                f"{data}: no documents to assign (every record was skipped: empty or unreadable text)"
+            )
         s, ok, train = np.concatenate(scores), np.concatenate(oks), np.concatenate(trains)
         global_labels = np.zeros(len(s), dtype=np.int64)
         if train.any():

@@ -265,6 +265,8 @@ class Clusterer:
         """
         if temperature <= 0:
             raise UserError(f"temperature must be positive, got {temperature}")
+        if k is not None and k < 1:  # 0 gave NaN weights, -1 sliced off one cluster: top-(K-1)
+            raise UserError(f"top-k routing needs k >= 1, got {k}")
         logits = self.scores(z) / temperature
         if allowed is not None:
             logits[:, ~np.asarray(allowed, bool)] = -np.inf

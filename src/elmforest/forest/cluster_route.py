@@ -28,6 +28,11 @@ class ClusterRouting:
     def __init__(self, forest: Forest, names: list[str], k: int, temperature: float):
         from elmforest.cluster.clusterer import Clusterer
 
+        if k is not None and k < 1 or not temperature > 0:  # said before the clusterer and experts load
+            raise UserError(
+                f"cluster routing needs top-k >= 1 and a temperature > 0, got k={k}, T={temperature}"
+            )
+
         info = forest.data.get("clusterer")
         if not info:
             raise UserError(

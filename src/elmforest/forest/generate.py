@@ -227,7 +227,7 @@ def generate(
     if weighting not in ("posterior", "fixed"):
         raise UserError("generation supports weighting 'posterior' or 'fixed'")
     # first: a forest without a clusterer is refused before models load and notes are printed
-    routing = ClusterRouting(forest, names, cluster_k, routing_temperature) if cluster_k else None
+    routing = ClusterRouting(forest, names, cluster_k, routing_temperature) if cluster_k is not None else None
     if pool is None:
         pool = make_pool(forest, names, device, precision)
     tok = load_tokenizer(forest.expert_dir(names[0]))
