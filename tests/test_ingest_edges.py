@@ -104,15 +104,15 @@ def test_a_bom_is_not_text_in_txt_files(tmp_path):
     assert [d.text for d in iter_documents(f"text:{tmp_path / 'notes.txt'}")] == ["bom line", "second"]
 
 
-def test_a_bad_line_before_an_array_does_not_make_the_file_an_array(tmp_path):
+def test_a_bad_line_before_an_array_does_not_make_the_file_an_array(tmp_path, capsys):
     """The array check held for every line until one parsed: a bad line first, and a later line holding
     a list refused the whole file as a JSON array."""
     f = tmp_path / "x.jsonl"
     f.write_text('garbage\n["a", "b"]\n{"text": "fine"}\n')
     assert [d.text for d in iter_documents(f)] == ["fine"]
     f.write_text('{\n  "text": "spread over lines"\n}\n')  # each line was skipped as invalid, unsaid
-    with pytest.raises(DataError, match="a JSON object spread over lines"):
-        list(iter_documents(f))
+    assert list(iter_documents(f)) == []
+    assert "x.jsonl: a JSON object spread over lines" in capsys.readouterr().err
 
 
 def test_a_tokenizer_or_shards_written_into_the_data_folder_are_not_read_as_data(tmp_path, capsys):
@@ -128,6 +128,10 @@ def test_a_tokenizer_or_shards_written_into_the_data_folder_are_not_read_as_data
     (tmp_path / "shards" / "index.json").unlink()
     assert [d.text for d in iter_documents(tmp_path)] == ["hello"]
     assert "tok/ (a tokenizer, shards or model folder)" in capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # written into the data folder itself
+        (tmp_path / name).write_text('{\n  "model": {\n    "merges": [\n      ["a", "b"]\n    ]\n  }\n}\n')
+    assert [d.text for d in iter_documents(tmp_path)] == ["hello"]
+    assert "tokenizer.json (a tokenizer's file)" in capsys.readouterr().err
 
 
 def test_a_link_to_a_file_of_the_folder_is_read_once(tmp_path, capsys):

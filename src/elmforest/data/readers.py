@@ -70,6 +70,9 @@ def is_metadata(name: str) -> bool:
     return name == "manifest.json" or name.endswith(META_SUFFIX)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def _is_tokenizer_output(folder: Path) -> bool:
     """`tokenizer train`, `shards build` and Hugging Face models write these two side by side; their JSON
     read as JSON lines failed every later read of a data folder they were written into."""
@@ -134,6 +137,9 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         if f.is_dir() or not f.name.endswith(SUPPORTED):
             passed.append(f"{f.relative_to(p)}{'/ (a link to a folder)' if f.is_dir() else ''}")
             continue
+        if f.parent == p and f.name in _TOKENIZER_FILES and _is_tokenizer_output(p):  # --data is one
+            passed.append(f"{f.name} (a tokenizer's file)")
+            continue
         _check_data_file(f)
         files.append(f)
     # a link to a file also listed (or two links to one) was read twice: the same text under two ids,
@@ -173,8 +179,9 @@ _ARRAY = (
     "(`jq -c '.[]' FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
 )
 _SPREAD = (
-    "{path}: a JSON object spread over lines (pretty-printed), not JSON lines (one object per line); "
-    "convert it (`jq -c . FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
+    "note: {path}: a JSON object spread over lines (pretty-printed), not JSON lines (one object per "
+    "line): no document read from it; convert it (`jq -c . FILE > FILE.jsonl`) or read it with the "
+    "`json:` source (docs/data-formats.md)"
 )
 
 
@@ -186,7 +193,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
-    first = True  # the first non-blank line
+    first, spread, read = True, False, 0  # the first non-blank line; it a lone "{"; records read
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -202,16 +209,18 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
             except json.JSONDecodeError:
                 if was_first and line.lstrip().startswith("["):
                     raise DataError(_ARRAY.format(path=path)) from None
-                if was_first and line.strip() == "{":  # its lines would each be skipped as invalid
-                    raise DataError(_SPREAD.format(path=path)) from None
+                spread = spread or (was_first and line.strip() == "{")  # its lines each skipped
                 stats.skipped["invalid_json"] += 1
                 continue
             if was_first and isinstance(rec, list):
                 raise DataError(_ARRAY.format(path=path))
             fields.see(rec)
+            read += 1
             doc = _check_record(rec, stats, domain, f"{at}:{lineno}", src.text_field, src.domain_field)
             if doc is not None:
                 yield doc
+    if spread and not read:  # said, not fatal: a stray config.json beside the data read nothing before
+        print(_SPREAD.format(path=path), file=sys.stderr)
     fields.done()
 
 
