@@ -448,6 +448,8 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         ([*train, "--set", "optim.weight_decay=1" + "0" * 400], "too large for a number"),
         ([*train, "--set", "train.steps=1" + "0" * 26], "train.steps: expected an integer below 2**63"),
         (["study", study, "--dry-run", "--set", "dense_budgets=[0.5, 1, 2, 1e300]"], "below 2**63"),
+        # steps left to the preset's: its steps count, not 1
+        (["study", study, "--dry-run", "--set", "dense_budgets=[0.5, 1, 2, 1e18]"], "1e+18 x 40"),
         (["study", study, "--dry-run", "--set", "seeds=[0, 1"], "seeds's value is not valid YAML"),
         (["study", study, "--dry-run", "--set", "seeds=[0, 18446744073709551616]"], "in [0, 2**64)"),
         (["cluster", "fit", "--data", corpus, "--out", tmp_path / "c", "--k", "2", "--seed", "4294967296"], "2**32"),
