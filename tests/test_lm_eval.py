@@ -318,6 +318,11 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         lm.generate_one(prompt, {"max_gen_toks": 8, "temperature": 1.0, "seed": s}) for s in range(6)
     }
     assert by_temperature == sampled
+    nulled = {
+        lm.generate_one(prompt, {"max_gen_toks": 8, "do_sample": None, "temperature": 1.0, "seed": s})
+        for s in range(6)
+    }
+    assert nulled == sampled  # do_sample: null is left out, as lm-eval reads it
     for length in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
         assert lm.generate_one(prompt, {length: 8}) == greedy
         assert lm.generate_one(prompt, {length: 2, "max_gen_toks": 8}) == greedy

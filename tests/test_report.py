@@ -449,6 +449,10 @@ def test_a_run_in_training_is_not_labelled_as_a_removed_expert(forest_dir, tmp_p
     assert json.loads(lines[-1])["step"] < end
     dense = next(r for r in forest_runs(Forest.load(f))[0] if r["name"] == "dense")
     assert dense["role"].startswith("seed (the dense baseline's first part; its rest is not trained")
+    # killed past the seed, before its next checkpoint: part of the dense baseline trained, not a pause
+    metrics.write_text(metrics.read_text() + json.dumps({"step": end + 3, "loss": 3.0}) + "\n")
+    dense = next(r for r in forest_runs(Forest.load(f))[0] if r["name"] == "dense")
+    assert not dense["role"].startswith("seed (the dense baseline's first part")
 
 
 def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named(qs_dir, tmp_path):

@@ -412,6 +412,12 @@ def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, m
     (todo / "metrics.jsonl").write_text(json.dumps({"step": 25}) + "\n")
     # 250 tokens in 60 s since the start; 750 to go -> 180 s = 3.0 min (not 1.2 min from 1250 tokens)
     assert prog.line() == "      study: 1/2 runs, 62% of the tokens, ETA 3.0 min"
+    # a run paused at its end off the log grid (a seed: its last line at 96, its checkpoint at 100)
+    monkeypatch.undo()
+    (todo / "metrics.jsonl").write_text(json.dumps({"step": 96}) + "\n")
+    (todo / "checkpoints" / "step-00000100").mkdir(parents=True)
+    (todo / "checkpoints" / "step-00000100" / "state.json").write_text("{}")
+    assert run_mod.Progress([("todo", todo, 0, 100, 10)], log=None)._done() == (1, 1000)
 
 
 def test_seed_position_by_hand(tmp_path):

@@ -198,9 +198,10 @@ class ElmforestLM(LM):
         named = [(k, v) for k in _LENGTHS if (v := kw.pop(k, None)) is not None]
         length, max_gen = named[0] if named else ("max_gen_toks", 256)
         max_gen = _number(max_gen, length, int, 1)
-        if "do_sample" in kw:
+        if kw.get("do_sample") is not None:
             sample = _flag(kw.pop("do_sample"), "do_sample")
         else:
+            kw.pop("do_sample", None)  # null: left to the temperature, as lm-eval reads it
             sample = _number(kw.get("temperature", 0.0), "temperature", float, 0) > 0
         temperature = _number(kw.pop("temperature", 1.0 if sample else 0.0), "temperature", float, 0)
         top_p = _number(kw.pop("top_p", 1.0), "top_p", float, 0)

@@ -248,7 +248,11 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
             role = "seed, then dense baseline" if forest.data.get("seed") else "dense baseline"
             seed_end = seed_steps(forest)
             last = (read_jsonl(d / "metrics.jsonl") or [{}])[-1].get("step")
-            paused = seed_end in (last, _paused_at(d))  # a pause off the log grid logs no line there
+            # paused at the seed's end (a pause off the log grid logs no line there, its checkpoint stays
+            # the newest): not a run killed past the seed, nor one without a plan
+            paused = seed_end is not None and (
+                last == seed_end or (last is not None and last < seed_end and _paused_at(d) == seed_end)
+            )
             if forest.data.get("seed") and not (d / "summary.json").is_file() and paused:
                 role = (
                     "seed (the dense baseline's first part; its rest is not trained: --no-dense, or not yet)"

@@ -175,8 +175,8 @@ def _train_moe(
         asked = {"from_fingerprint": fingerprint, "config_digest": digest, "data": str(sh.root)}
         if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
-            if run_dir is None:  # killed after `out` was written, before its scratch run was removed
-                _ledger(meta, kind, held, out)  # or before its ledger row was written
+            _ledger(meta, kind, held, out)  # killed after `out` was written, before its ledger row
+            if run_dir is None:  # or before its scratch run was removed
                 _tidy(out, _scratch(out, kind, fingerprint), meta, moe_dir)
             return out
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind

@@ -252,8 +252,12 @@ class Trainer(TrainerSetup):
         if self.cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         else:  # measured all the same: it is logged, and the divergence checks read it (a dead network)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]  # as clip_grad_norm_
+            grad_norm = (
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else None
+            )
         self.opt.step()
         if self.frozen is not None:
             self.frozen.restore()
