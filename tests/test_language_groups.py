@@ -206,7 +206,12 @@ def test_a_missing_extra_names_it(monkeypatch, tmp_path):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(UserError, match=r'pip install -e "\.\[xelm\]"'):
         L.group_languages(["deu", "fra"], [1])
-    for bad, match in (({"groups": {"a": ["x"], "b": ["x"]}}, "'x' is in both"), ({"k": 2}, "no `groups`")):
+    twice = {"groups": {"a": ["de"], "b": ["deu"]}, "aliases": {"de": "deu"}}  # one language, two spellings
+    for bad, match in (
+        ({"groups": {"a": ["x"], "b": ["x"]}}, "'x' is in both"),
+        ({"k": 2}, "no `groups`"),
+        (twice, "'deu' is in both 'a' \\(as 'de'\\) and 'b'"),
+    ):
         (tmp_path / "g.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=match):
             L.load_grouping(tmp_path / "g.json")
@@ -277,3 +282,13 @@ def test_the_xelm_quickstart_raises_its_group_cap_where_it_blocks_a_k(capsys):
     twelve = ["ces", "deu", "fin", "fra", "ita", "jpn", "pol", "rus", "spa", "tur", "ukr", "zho"]
     _groupings(twelve, [2, 4])  # the quickstart's languages: half is enough, nothing said
     assert "note" not in capsys.readouterr().out
+
+
+@has_lang2vec
+def test_a_hand_written_grouping_with_one_language_spelled_two_ways_is_refused(tmp_path):
+    """`de` in one group and `deu` in another loaded, and the language then sat in both."""
+    (tmp_path / "g.json").write_text(json.dumps({"groups": {"g0": ["de", "fra"], "g1": ["deu", "jpn"]}}))
+    with pytest.raises(UserError, match="'deu' is in both 'g0' \\(as 'de'\\) and 'g1'"):
+        L.load_grouping(tmp_path / "g.json")
+    (tmp_path / "g.json").write_text(json.dumps({"groups": {"g0": ["de", "fra"], "g1": ["jpn"]}}))
+    assert L.load_grouping(tmp_path / "g.json")["groups"]["g0"] == ["de", "fra"]

@@ -324,15 +324,34 @@ def load_grouping(path: str | os.PathLike) -> dict:
     groups = g.get("groups") if isinstance(g, dict) else None
     if not isinstance(groups, dict) or not groups:
         raise UserError(f"{path}: not a language grouping (no `groups` object)")
-    seen: dict[str, str] = {}
+    one = _spelling(g)
+    seen: dict[str, tuple[str, str]] = {}
     for name, members in groups.items():
         if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
             raise UserError(f"{path}: group {name!r} must be a non-empty list of language codes")
         for m in members:
-            if m in seen:
-                raise UserError(f"{path}: language {m!r} is in both {seen[m]!r} and {name!r}")
-            seen[m] = name
+            if (c := one(m)) in seen:  # `de` in one group and `deu` in another: one language, twice
+                was, where = seen[c]
+                also = f" (as {was!r})" if was != m else ""
+                raise UserError(f"{path}: language {m!r} is in both {where!r}{also} and {name!r}")
+            seen[c] = (m, name)
     return g
+
+
+def _spelling(grouping: dict):
+    """code -> one spelling of its language: the artifact's aliases, and lang2vec's two-letter and
+    ISO 639-2/B codes where it is installed (a hand-written grouping names no aliases)."""
+    aliases = {str(k).lower(): str(v) for k, v in (grouping.get("aliases") or {}).items()}
+    letters: dict[str, str] = {}
+    if _installed():
+        try:
+            table = load_features(grouping.get("features", DEFAULT_FEATURES))
+        except UserError:  # an unknown feature set: refused where the features are read
+            table = None
+        if table is not None:
+            known = set(table.languages.tolist())
+            letters = {k: v for k, v in table.letter_codes.items() if k not in known}
+    return lambda m: aliases.get(m.lower()) or letters.get(m.lower(), m.lower())
 
 
 def domain_map(grouping: dict) -> dict[str, str]:
