@@ -368,3 +368,47 @@ def test_a_sigkilled_driver_leaves_no_ray_instance_behind(tmp_path):
     while any(running(q) for q in ray) and time.time() < deadline:
         time.sleep(0.2)
     assert not [q for q in ray if running(q)]
+
+
+_KILL_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from elmforest.launch.executor import JobsFailed, LocalExecutor
+
+def job(d):
+    Path(d["dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(d["dir"]) / "worker.pid").write_text(str(os.getpid()))  # as launch/jobs.py's `logged`
+    time.sleep(0.5)
+    if d["die"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed, or out of memory
+    time.sleep(5)
+    return d
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    names = list("abcd")
+    jobs = [{"dir": str(out / n), "die": n == "a"} for n in names]
+    try:
+        LocalExecutor(2).map(job, jobs, names, [out / n / "job.log" for n in names])
+    except JobsFailed as e:
+        print(e)
+"""
+
+
+def test_a_killed_worker_says_which_jobs_were_running_and_which_had_not_started(tmp_path):
+    """Every job got the same line when a worker died, the ones never started too, under 'N job(s)
+    failed' though none had failed on its own."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    said = out.stdout
+    assert "4 job(s) did not finish" in said, out.stderr
+    lines = {x.split(":")[0].strip(): x for x in said.splitlines() if x.startswith("  ")}
+    assert "(was running)" in lines["a"] and "(was running)" in lines["b"]
+    assert "(had not started)" in lines["c"] and "(had not started)" in lines["d"]

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ class JobsFailed(Failed):
     def __init__(self, failures: dict[str, str]):
         self.failures = failures
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
-        super().__init__(f"{len(failures)} job(s) failed:\n{lines}")
+        super().__init__(f"{len(failures)} job(s) did not finish:\n{lines}")
 
 
 def _why(e: BaseException) -> str:
@@ -92,6 +93,7 @@ class LocalExecutor:
         from elmforest.utils.proc import die_with_parent
 
         ctx = multiprocessing.get_context("spawn")
+        started = time.time()
         results: list[dict | None] = [None] * len(jobs)
         failures = {}
         with (
@@ -109,15 +111,25 @@ class LocalExecutor:
                     results[i] = fut.result()
                 except Exception as e:  # a failed job (or a dead worker) is reported with its log
                     if type(e).__name__ == "BrokenProcessPool":  # one worker died (killed?): all stop
+                        was = "was running" if _began(logs[i], started) else "had not started"
                         failures[labels[i]] = (
-                            "stopped: a worker process died (killed, or out of memory), which stops the pool's "
-                            f"other jobs; rerun to resume them (log: {logs[i]})"
+                            f"stopped ({was}): a worker process died (killed, or out of memory), which stops "
+                            f"every job of the pool; rerun to resume them (log: {logs[i]})"
                         )
                         continue
                     failures[labels[i]] = _with_log(f"{type(e).__name__}: {e}", logs[i])
         if failures:
             raise JobsFailed(failures)
         return results
+
+
+def _began(log: Path, since: float) -> bool:
+    """Whether a job started in this pool: its worker writes worker.pid beside its log as it begins
+    (launch/jobs.py `logged`). The worker that died is among the jobs that had."""
+    try:
+        return (Path(log).parent / "worker.pid").stat().st_mtime >= since - 1
+    except OSError:
+        return False
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
