@@ -839,3 +839,21 @@ def test_a_port_in_use_is_named_before_the_models_load(forest_dir, monkeypatch):
         res = CliRunner().invoke(app, ["serve", "--forest", str(forest_dir), "--port", str(port)])
     assert isinstance(res.exception, UserError), res.output
     assert f"127.0.0.1:{port}" in str(res.exception) and "another --port" in str(res.exception)
+
+
+def test_a_token_id_prompt_ending_inside_a_character_has_it_finished_in_the_completion(monkeypatch):
+    """The completion was decoded alone, so the tokens finishing the prompt's last character read
+    U+FFFD; that character now opens the completion, whole, at offset 0."""
+    zh = "中".encode()
+    vocab = [b"", zh[:1], zh[1:], b"b", zh[1:2], zh[2:]]
+
+    def complete(prompt_ids, script, logprobs=None):
+        lm = _scripted(monkeypatch, vocab, script)
+        req = CompletionRequest(prompts=[Prompt("", prompt_ids)], max_tokens=64, stop=[], logprobs=logprobs)
+        return list(choice_steps(lm, req, req.prompts[0], 0, 0))
+
+    assert "".join(c.text for c in complete([3, 1], [2, 3])) == "中b"
+    assert "".join(c.text for c in complete([3, 1], [4, 5, 3])) == "中b"  # finished by two tokens
+    assert [t["offset"] for c in complete([3, 1], [4, 5, 3], logprobs=0) for t in c.tokens] == [0, 0, 1]
+    assert "".join(c.text for c in complete([3, 1], [3])) == "b"  # left unfinished: not the completion's
+    assert "".join(c.text for c in complete([3], [3, 1, 2])) == "b中"  # a whole prompt: as before

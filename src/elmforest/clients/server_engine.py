@@ -232,6 +232,22 @@ def _continues_a_character(tok, ids: list[int], token_id: int) -> bool:
     return False
 
 
+def _unfinished(tok, ids: list[int]) -> list[int]:
+    """The last of `ids` from the one holding the first byte of a UTF-8 character their bytes leave
+    unfinished ([] where they end on a whole character): a token-id prompt may end inside one."""
+    raw = b""
+    for n in range(1, min(len(ids), 4) + 1):
+        raw = tok.token_bytes[ids[-n]] + raw
+        for k in range(1, min(len(raw), 4) + 1):  # the last byte that is not a continuation byte
+            c = raw[-k]
+            if c & 0xC0 != 0x80:
+                need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 1
+                return ids[-n:] if need > k else []
+        if len(raw) >= 4:
+            return []
+    return []
+
+
 def _text_offset(tok, ids: list[int], text: str, token_id: int) -> int:
     """Where the token after `ids` (decoded: `text`) starts in the text."""
     return (
@@ -294,15 +310,20 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     )
     ids: list[int] = []
     text, sent, count, finish, stops = "", 0, 0, "length", StopFinder(req.stop)
+    # a token-id prompt ending inside a character: the tokens that finish it finish it in the text (its
+    # whole character opens the completion), where decoded alone they read U+FFFD
+    carry = _unfinished(tok, prompt.ids)
     try:
         for step in steps:
             count += 1
             if step.token_id == lm.eos_id:
                 finish = "stop"
                 break
-            before = _text_offset(tok, ids, text, step.token_id)
+            if carry and not ids and not _continues_a_character(tok, carry, step.token_id):
+                carry = []  # the prompt's character is left unfinished: not the completion's
+            before = _text_offset(tok, carry + ids, text, step.token_id)
             ids.append(step.token_id)
-            text = tok.decode(ids)
+            text = tok.decode(carry + ids)[len(tok.decode(carry)) - 1 :] if carry else tok.decode(ids)
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
