@@ -107,9 +107,12 @@ def main() -> None:
             if r["lr_sweep"]
             else f"not swept for k: the domain experts' LR (their batch {plan['batch_size'] // plan['n_experts']})"
         )
-        print(
-            f"k={k}: cluster experts at batch {plan['batch_size'] // k}, expert LR {r['expert_lr']:g} ({how})"
+        lr = (
+            f"{r['expert_lr']:g}"
+            if r["expert_lr"] is not None
+            else "none recorded (the run config's optim.lr)"
         )
+        print(f"k={k}: cluster experts at batch {plan['batch_size'] // k}, expert LR {lr} ({how})")
     print("| method | mean BPB | vs dense | train FLOPs / dense |\n| --- | ---: | ---: | ---: |")
     for m, v in rows.items():
         print(f"| {m} | {v:.4f} | {v / rows['dense']:.3f} | {flops_mark(flops.get(m))} |")

@@ -12,7 +12,6 @@ the forest won in every seed.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,4 +84,8 @@ def main(dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", help="X-ELM quickstart outputs (each holding results.json)")
+    main(ap.parse_args().dirs)
