@@ -88,6 +88,8 @@ def _moe_phase(
         "flops": meta["flops"],
         "output": str(out_dir),
     }
+    # the training wrote its row in the forest its card names; this quickstart's forest is the one
+    # compared (a copied folder's card may still name the original's): recorded here too (replaced)
     forest.record_phase(rec)
     return rec
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from elmforest.forest.manifest import Forest
 from elmforest.launch.jobs import DENSE_TUNED_RUN
+from elmforest.train.checkpoint import newest_step
 from elmforest.utils.errors import ElmforestError, NotFound, UserError
 from elmforest.utils.io import read_json, read_jsonl
 
@@ -223,14 +224,6 @@ def read_run(run_dir: Path, name: str, role: str) -> dict:
     }
 
 
-def _paused_at(run: Path) -> int | None:
-    """The step of a run's newest checkpoint (a pause always writes one; it may log no line there)."""
-    from elmforest.train.checkpoint import PREFIX, list_checkpoints
-
-    done = list_checkpoints(run / "checkpoints")
-    return int(done[-1].name[len(PREFIX) :]) if done else None
-
-
 def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
     """The run dirs under the forest's runs/ (the dense run, whose first part is the seed, then each
     expert), and what is absent."""
@@ -251,7 +244,8 @@ def forest_runs(forest: Forest) -> tuple[list[dict], list[str]]:
             # paused at the seed's end (a pause off the log grid logs no line there, its checkpoint stays
             # the newest): not a run killed past the seed, nor one without a plan
             paused = seed_end is not None and (
-                last == seed_end or (last is not None and last < seed_end and _paused_at(d) == seed_end)
+                last == seed_end
+                or (last is not None and last < seed_end and newest_step(d / "checkpoints") == seed_end)
             )
             if forest.data.get("seed") and not (d / "summary.json").is_file() and paused:
                 role = (

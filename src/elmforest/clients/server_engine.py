@@ -221,15 +221,7 @@ def _continues_a_character(tok, ids: list[int], token_id: int) -> bool:
     unfinished. Decoded, that character is a U+FFFD at the end of the text so far, and the token's
     text starts at it, not after it (its text_offset)."""
     raw = tok.token_bytes[token_id]
-    if not raw or raw[0] & 0xC0 != 0x80:
-        return False
-    tail = b"".join(tok.token_bytes[i] for i in ids[-3:])[-3:]
-    for k in range(1, len(tail) + 1):  # the last byte that is not a continuation byte opens the char
-        c = tail[-k]
-        if c & 0xC0 != 0x80:
-            need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 1
-            return need > k
-    return False
+    return bool(raw) and raw[0] & 0xC0 == 0x80 and bool(_unfinished(tok, ids))
 
 
 def _unfinished(tok, ids: list[int]) -> list[int]:
@@ -313,6 +305,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     # a token-id prompt ending inside a character: the tokens that finish it finish it in the text (its
     # whole character opens the completion), where decoded alone they read U+FFFD
     carry = _unfinished(tok, prompt.ids)
+    cut = len(tok.decode(carry)) - 1  # where the unfinished character's U+FFFD starts
     try:
         for step in steps:
             count += 1
@@ -323,7 +316,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
                 carry = []  # the prompt's character is left unfinished: not the completion's
             before = _text_offset(tok, carry + ids, text, step.token_id)
             ids.append(step.token_id)
-            text = tok.decode(carry + ids)[len(tok.decode(carry)) - 1 :] if carry else tok.decode(ids)
+            text = tok.decode(carry + ids)[cut:] if carry else tok.decode(ids)
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]

@@ -236,7 +236,7 @@ def check_listing(had: dict, corpus, out: Path, digests: dict | None = None) -> 
     now = corpus_listing(corpus)
     if now is None:
         return digests
-    fresh = dict(digests or {}) if digests is not None else None
+    fresh = dict(digests) if digests is not None else None
     added = sorted(set(now) - set(had))
     gone = sorted(set(had) - set(now))
     changed = sorted(k for k in set(now) & set(had) if now[k] != had[k])

@@ -182,7 +182,7 @@ def _train_moe(
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
     # one run per export: re-exporting into the same place must not pick up an older finished run
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
-    tag = "router-run" if kind == "router_training" else "finetune-run"
+    tag = _TAGS[kind]
     run_dir = Path(run_dir or _scratch(out, kind, fingerprint))
     if not keep:
         _drop_other_runs(out, tag, run_dir, meta, moe_dir)
@@ -230,10 +230,11 @@ def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
         Forest.load(root).record_phase({**row, "output": str(out)})
 
 
+_TAGS = {"router_training": "router-run", "finetuning": "finetune-run"}  # the scratch runs' names
+
+
 def _scratch(out: Path, kind: str, fingerprint: str) -> Path:
-    return out.with_name(
-        f"{out.name}.{'router-run' if kind == 'router_training' else 'finetune-run'}-{fingerprint}"
-    )
+    return out.with_name(f"{out.name}.{_TAGS[kind]}-{fingerprint}")
 
 
 def _tidy(out: Path, run_dir: Path, meta: dict, moe_dir: Path) -> None:

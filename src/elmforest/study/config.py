@@ -144,7 +144,7 @@ class StudyConfig:
             )
         if self.steps is not None and self.steps < 4:
             bad.append("steps must be >= 4")
-        elif dense and all(map(math.isfinite, dense)) and max(dense) * (one := self._steps_1x()) >= 2**63:
+        elif dense and all(map(math.isfinite, dense)) and max(dense) * (one := self.steps_1x()) >= 2**63:
             # found here, not in every run's config after the data was prepared
             bad.append(f"steps x dense_budgets: {max(dense):g} x {one}: a run's steps must be below 2**63")
         if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
@@ -164,7 +164,7 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def _steps_1x(self) -> int:
+    def steps_1x(self) -> int:
         """The 1x budget's steps: `steps`, else the preset's (1 where the preset is unknown: refused
         on its own)."""
         from elmforest.model.presets import preset_run_config

@@ -66,7 +66,7 @@ def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
     from elmforest.train.flops import flops_per_token
 
     base = apply_overrides(preset_run_config(cfg.preset), list(cfg.overrides))
-    steps = cfg.steps or base.train.steps
+    steps = cfg.steps_1x()
     batch = plan_batch(cfg, base, names)  # what the runs use; refused here as in the study
     check_budget_steps(cfg, steps)
     with torch.device("meta"):

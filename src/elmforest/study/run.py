@@ -39,6 +39,7 @@ from elmforest.launch.sweep import run_points
 from elmforest.launch.sweep_continue import check_same_seed
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
+from elmforest.train.checkpoint import newest_step
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
 
@@ -178,7 +179,9 @@ class Progress:
         done_runs, tokens = 0, 0
         for _, d, a, b, t in self.runs:
             m = {"step": b} if (d / "summary.json").is_file() else last_metrics(d / "metrics.jsonl") or {}
-            step = min(b, max(a, int(m.get("step", a)), _checkpointed(d)))  # a pause off the log grid
+            step = min(
+                b, max(a, int(m.get("step", a)), newest_step(d / "checkpoints") or 0)
+            )  # a pause off the log grid
             done_runs += step >= b
             tokens += (step - a) * t
         return done_runs, tokens
@@ -380,12 +383,3 @@ def seed_position(runs_dir: Path, cfg: StudyConfig, steps_1x: int, vocab_size: i
         "uniform_loss": uniform,
         "share_of_fall": (uniform - one[seed]) / (uniform - last[n]),
     }
-
-
-def _checkpointed(run: Path) -> int:
-    """The step of a run's newest checkpoint (0: none): a seed paused off the log grid logs no line at
-    its end, and counted as not done."""
-    from elmforest.train.checkpoint import PREFIX, list_checkpoints
-
-    done = list_checkpoints(run / "checkpoints")
-    return int(done[-1].name[len(PREFIX) :]) if done else 0

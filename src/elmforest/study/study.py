@@ -293,7 +293,7 @@ def _study(
     base = apply_overrides(
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
     )
-    steps_1x = cfg.steps or base.train.steps
+    steps_1x = cfg.steps_1x()
     if len(data.names) < 2:
         raise UserError(
             f"{cfg.corpus or 'the demo corpus'}: {len(data.names)} domain(s) with training documents "

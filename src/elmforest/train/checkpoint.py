@@ -213,7 +213,18 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         for p in ckpt_root.iterdir()
         if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
     ]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(done, key=_step_of)
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name[len(PREFIX) :])
+
+
+def newest_step(ckpt_root: Path) -> int | None:
+    """The step of the newest complete checkpoint (None: none). A pause (`train.stop_at`) always writes
+    one, and logs no line where it falls between two logged steps."""
+    done = list_checkpoints(ckpt_root)
+    return _step_of(done[-1]) if done else None
 
 
 def clean_partial(ckpt_root: Path) -> None:
