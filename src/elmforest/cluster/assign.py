@@ -35,6 +35,7 @@ from elmforest.data.sources import resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent
+from elmforest.utils.threads import cpu_cores
 
 REPORT = "report.meta.json"
 _LEGACY_REPORT = "report.json"  # its name before: `shards build` read it as (bad) data
@@ -193,7 +194,7 @@ def assign_corpus(
     k = clusterer.k
     out = Path(out)
     _check_out(out)
-    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    workers = workers or min(cpu_cores(), 8)
     global_labels = None
     recorded = clusterer.meta.get("fit", {}).get("split_spec")  # `cluster fit --split train`'s fractions
     if split_spec is not None and recorded and SplitSpec(**recorded) != split_spec:

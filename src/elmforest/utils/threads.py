@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from pathlib import Path
 
 _lock = threading.Lock()
 _cached: tuple[int, object] | None = None
@@ -31,5 +32,30 @@ def one_blas_thread():
 
 
 def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on: its affinity mask (not the machine's count), capped by its
+    cgroup's CPU quota where one is set (a container given 2 CPUs on a 64-core host sees all 64 in its
+    mask, and 32 workers of 2 threads each would share 2 CPUs' time)."""
+    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(mask, quota)) if quota else mask
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota() -> int | None:
+    """The CPUs this process's cgroup may use (quota / period, rounded up), None where unlimited or
+    unreadable: cgroup v2's `cpu.max` ("max 100000" or "200000 100000"), else v1's cfs quota and period
+    (quota -1 = none)."""
+    try:
+        if (v2 := CGROUP_ROOT / "cpu.max").is_file():
+            quota, period = v2.read_text().split()[:2]
+        else:
+            v1 = CGROUP_ROOT / "cpu"
+            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1 / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0 or int(quota) <= 0:
+            return None
+        return -(-int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
