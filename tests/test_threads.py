@@ -42,3 +42,15 @@ def test_a_quota_above_the_mask_leaves_the_mask(cgroup, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     (cgroup / "cpu.max").write_text("800000 100000\n")
     assert threads.cpu_cores() == 2
+
+
+def test_omp_threads_set_to_the_quota_unless_given(cgroup, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads.threads_within_quota()
+    assert "OMP_NUM_THREADS" not in os.environ  # no quota: torch's own default stands
+    (cgroup / "cpu.max").write_text("200000 100000\n")
+    threads.threads_within_quota()
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's choice wins
+    threads.threads_within_quota()
+    assert os.environ["OMP_NUM_THREADS"] == "7"

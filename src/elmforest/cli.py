@@ -23,6 +23,7 @@ from elmforest.study import cli as study_cli
 from elmforest.train import cli as train_cli
 from elmforest.utils.argtypes import group
 from elmforest.utils.errors import ElmforestError
+from elmforest.utils.threads import threads_within_quota
 
 
 def build_app():
@@ -44,6 +45,7 @@ def build_app():
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_cli.ARGV[:] = argv  # `train --nproc N` runs this same command again under torchrun
+    threads_within_quota()  # before anything imports torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
