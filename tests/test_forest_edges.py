@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest import btm
 from elmforest.forest.commands import average, explicit_weights, summary_of
-from elmforest.forest.generate import generate, sample_token
+from elmforest.forest.generate import check_context, generate, sample_token
 from elmforest.forest.manifest import Forest
 from elmforest.merge.average import normalise
 from elmforest.merge.moe_train import finetune_moe
@@ -47,6 +47,16 @@ def test_generation_past_the_models_positions_is_refused(forest_dir, capsys):
         generate(forest_dir, "word " * 10, max_new_tokens=2100, device="cpu")
     generate(forest_dir, "word", max_new_tokens=70, device="cpu", temperature=0)
     assert "past the 64-token context" in capsys.readouterr().err
+    # the positions read: the prompt's and every new token but the last (the server counts the same)
+    expert = Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0])
+    check_context(expert, 1, 2048)
+    with pytest.raises(UserError, match="read 2049 positions"):
+        check_context(expert, 1, 2049)
+    capsys.readouterr()
+    check_context(expert, 2, 63)
+    assert "note" not in capsys.readouterr().err
+    check_context(expert, 2, 64)
+    assert "65 tokens is past the 64-token context" in capsys.readouterr().err
 
 
 def test_a_prior_given_as_weights_reads_as_evaluation_reads_it(forest_dir):

@@ -513,3 +513,36 @@ def test_a_forest_whose_rows_are_in_the_results_but_whose_dir_is_gone_is_said(qs
     )
     shutil.copytree(qs / "forest", qs / "forest-clusters-4-lr-0.01")
     assert "no forest, yet" not in render_report(qs)
+
+
+def test_an_unreadable_main_forest_is_said_and_no_ablation_forest_takes_its_place(qs_dir, tmp_path):
+    from elmforest.clients.report_data import locate
+
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    shutil.copytree(qs / "forest", qs / "forest-random")
+    m = json.loads((qs / "forest-random" / "forest.json").read_text())
+    for e in m["experts"]:
+        e["tokens"], e["flops"] = 1, 1
+    (qs / "forest-random" / "forest.json").write_text(json.dumps(m))
+    (qs / "forest" / "forest.json").write_text('{"version": 1')  # cut mid-write by hand
+    src = locate(qs)
+    assert src.main is None and [f.root.name for f in src.forests] == ["forest-random"]
+    assert any(f"{qs / 'forest'}: not readable as a forest" in a for a in src.absent)
+    html = render_report(qs)
+    assert "not readable as a forest" in html and "no forest (forest.json)" not in html
+    ledger = _parse(html).cells["ledger-forest-random"]
+    experts = [row for row in ledger if row and row[0] == "expert"]
+    assert experts and all(row[3] == "1" for row in experts)  # its own ledger, not results.json's
+
+
+def test_a_nan_cell_leaves_the_best_of_its_row_shaded(qs_dir, tmp_path):
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    r = json.loads((qs / "results.json").read_text())
+    domain = sorted(r["methods"]["dense"]["domains"])[0]
+    r["methods"]["dense"]["domains"][domain]["bpb"] = float("nan")  # dense: the first column
+    (qs / "results.json").write_text(json.dumps(r))
+    table = render_report(qs).split('id="results-in-domain"')[1].split("</table>")[0]
+    row = next(tr for tr in table.split("<tr")[1:] if f">{domain}<" in tr)
+    assert 'class="best"' in row

@@ -26,6 +26,14 @@ class Sources:
     absent: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # experts opted out after results.json was written
 
+    @property
+    def main(self) -> Forest | None:
+        """The forest results.json's ledger and MoEs belong to (a quickstart's forest/, or the forest dir
+        itself); None where it could not be read: an ablation forest is never taken for it."""
+        if self.forests and (self.kind == "forest" or self.forests[0].root == self.root / "forest"):
+            return self.forests[0]
+        return None
+
 
 def locate(path: str | Path) -> Sources:
     """Read a quickstart output dir or a forest dir; which one is decided by what it holds."""
@@ -48,13 +56,13 @@ def locate(path: str | Path) -> Sources:
                 forests.append(Forest.load(d))
             except (ElmforestError, OSError) as e:  # one broken ablation forest must not lose the page
                 unreadable.append(f"{d}: not readable as a forest ({e}); left out")
-        src = Sources(root, "quickstart", results, forests, unreadable)
+        src = Sources(root, "quickstart", results, forests, [], absent=unreadable)
         if results is None:
             src.absent.append(
                 f"{root / 'results.json'}: not written yet (the quickstart has not finished its "
                 "evaluation): no results tables, results plots, priors or posteriors"
             )
-        if not forests:
+        if not (root / "forest" / "forest.json").is_file():
             src.absent.append(f"{root / 'forest'}: no forest (forest.json) beside the results")
         for name, rows in _results_forests(results or {}):
             if not any(h == name or (name.endswith("-") and h.startswith(name)) for h in held):
@@ -62,14 +70,14 @@ def locate(path: str | Path) -> Sources:
                     f"{root / name}{'K' if name.endswith('-') else ''}: no forest, yet results.json has its "
                     f"rows ({rows}): no lineage, curves or ledger for them"
                 )
-        if forests and results is not None:
-            src.stale = opted_out_since(root / "results.json", forests[0], results)
+        if src.main is not None and results is not None:
+            src.stale = opted_out_since(root / "results.json", src.main, results)
     else:
         raise UserError(
             f"{root}: neither a quickstart output dir (results.json or forest/forest.json in it) nor a "
             "forest dir (forest.json in it)"
         )
-    src.moes = _moe_dirs(root if src.kind == "quickstart" else None, src.forests[:1])
+    src.moes = _moe_dirs(root if src.kind == "quickstart" else None, [src.main] if src.main else [])
     return src
 
 

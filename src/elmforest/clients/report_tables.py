@@ -5,6 +5,7 @@ a second-round table `added`): `compute_of` reads both the same way."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -63,12 +64,14 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict, against: 
     # value as printed, so arms that tie on the page are shaded alike
     fair = [not flops_mark(ratios.get(m)).endswith("!") for m in names]
     classes = {}
+
+    def finite(v) -> bool:  # a NaN (a hand-edited file) shades nothing and hides no other cell's shade
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
     for i, row in enumerate(rows):
-        vals = [
-            round(v, 4) for v, ok in zip(row[1:], fair, strict=True) if ok and isinstance(v, (int, float))
-        ]
+        vals = [round(v, 4) for v, ok in zip(row[1:], fair, strict=True) if ok and finite(v)]
         for j, (v, ok) in enumerate(zip(row[1:], fair, strict=True), start=1):
-            if ok and vals and isinstance(v, (int, float)) and round(v, 4) == min(vals):
+            if ok and vals and finite(v) and round(v, 4) == min(vals):
                 classes[(i, j)] = "best"
     dense = compute.get("dense_flops")
     sums = [rows.pop()]
@@ -105,18 +108,18 @@ def ledger_section(src: Sources) -> str:
     body = []
     compute = compute_of(src.results or {})
     arms = compute.get("arms")
-    for i, f in enumerate(src.forests):
+    for f in src.forests:
         body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
         total_flops = f.total_flops()
-        if i == 0 and compute.get("ledger"):  # the results' own ledger and total: the page never mixes
+        if f is src.main and compute.get("ledger"):  # the results' own ledger and total: the page never mixes
             rows, dense = compute["ledger"], compute.get("dense_flops")  # them with a forest changed since
             total_flops = compute.get("forest_flops", total_flops)
         else:
             rows, run = f.ledger(), _dense_run(f)
-            if (dense := run.get("flops")) and i == 0:
+            if (dense := run.get("flops")) and f is src.main:
                 rows.append({"phase": "dense", "name": "dense", "flops": dense, "tokens": run.get("tokens")})
-            elif i > 0:  # an ablation forest (random splits, clusters) against the main dense run
-                dense = compute.get("dense_flops") or _dense_run(src.forests[0]).get("flops")
+            elif f is not src.main:  # an ablation forest (random splits, clusters) against the main dense run
+                dense = compute.get("dense_flops") or (src.main and _dense_run(src.main).get("flops"))
         table_rows = [
             [
                 p.get("phase"),

@@ -185,12 +185,13 @@ def check_context(model_dir: Path, n_prompt: int, max_new_tokens: int) -> None:
     from elmforest.eval.bpb import default_seq_len
     from elmforest.model.build import position_limit, read_config
 
-    total = n_prompt + max_new_tokens
+    total = n_prompt + max_new_tokens - 1  # the positions read: the last new token is never fed back
     limit = position_limit(read_config(Path(model_dir)))  # GPT-2: n_positions (an IndexError past it)
     if limit is not None and total > limit:
         raise UserError(
-            f"{n_prompt} prompt tokens (with the start token) + {max_new_tokens} new ones = {total}, past the "
-            f"model's {limit} positions; shorten the prompt or --max-new-tokens"
+            f"{n_prompt} prompt tokens (with the start token) + {max_new_tokens} new ones read {total} "
+            f"positions (the last new one is not read back), past the model's {limit} positions; shorten "
+            "the prompt or --max-new-tokens"
         )
     trained = default_seq_len(Path(model_dir))
     if total > trained:
