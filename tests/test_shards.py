@@ -167,3 +167,29 @@ def test_hundreds_of_domains_build_under_a_low_open_file_limit(tmp_path, tokeniz
             tok.encode_batch([d.text])[0] + [tok.eos_id]
         )
     assert all(sh.tokens(dom, split).tolist() == ids for (dom, split), ids in expected.items())
+
+
+def test_held_out_text_that_is_also_training_text_is_counted_and_said(tokenizer_dir, tmp_path, capsys):
+    """The split hashes ids: the same text under two ids (two domains) can be trained on and scored as
+    held out. The build says so and records it, checked against a brute-force count."""
+    import json
+
+    texts = [f"document number {i} about topic {i % 7}" for i in range(120)]
+    rows = [{"id": f"{d}-{i}", "domain": d, "text": t} for d in ("a", "b") for i, t in enumerate(texts)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = SplitSpec(valid_frac=0.1, test_frac=0.1)
+    build_shards(tmp_path / "c.jsonl", tokenizer_dir, tmp_path / "s", split=spec, progress=False)
+    side = {(r["domain"], spec.assign(r["id"])): [] for r in rows}
+    for r in rows:
+        side[(r["domain"], spec.assign(r["id"]))].append(r["text"])
+    train = {t for (_, s), ts in side.items() if s == "train" for t in ts}
+    want = {}
+    for (d, s), ts in side.items():
+        if s != "train" and (hit := [t for t in ts if t in train]):
+            want.setdefault(d, {})[s] = {"documents": len(hit), "bytes": sum(len(t.encode()) for t in hit)}
+    sh = Shards(tmp_path / "s")
+    assert want and sh.index["in_train"] == want
+    assert "are also training text" in capsys.readouterr().err
+    index = {k: v for k, v in sh.index.items() if k != "in_train"}  # derived: not part of the identity
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    assert Shards(tmp_path / "s").fingerprint == sh.fingerprint

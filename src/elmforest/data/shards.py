@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class _Writer:
     ends: list
     nbytes: list
     count: int = 0
+    keys: array = field(default_factory=lambda: array("Q"))  # each document's text hash (_text_key)
     pending: list = field(default_factory=list)
     pending_bytes: int = 0
 
@@ -182,6 +184,7 @@ def build_shards(
                 path = staging / folder / f"{key[1]}.bin"
                 w = writers[key] = _Writer(path, [], [])
             w.add(ids, nbytes, dtype)
+            w.keys.append(_text_key(doc.text))
             total_tokens += len(ids)
         if sum(w.pending_bytes for w in writers.values()) > PENDING_BYTES:  # thousands of small domains
             for w in writers.values():
@@ -227,6 +230,7 @@ def build_shards(
             }
         for domain in sorted(read_domains - set(domains)):  # listed, so evaluation can say it is missing
             domains[domain] = {"folder": None, "splits": {}}
+        in_train = _held_out_in_train(writers)
         mapped = domain_map if isinstance(domain_map, DomainMap) else DomainMap(domain_map or {})
         if unused := mapped.unused(source_domains):  # a typo, or another corpus's map
             print(
@@ -252,6 +256,8 @@ def build_shards(
         }
         if domain_map:
             index["domain_map"] = dict(sorted(domain_map.items()))
+        if in_train:
+            index["in_train"] = in_train
         order_seconds = 0.0
         if orderer is not None:
             if warming is not None:
@@ -279,6 +285,42 @@ def build_shards(
         index.get("order"),
         order_seconds,
     )
+
+
+def _text_key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _held_out_in_train(writers: dict) -> dict:
+    """Valid and test documents whose text is also a training document's, in any domain (the split
+    hashes ids, so a text held under two ids can fall on both sides): {domain: {split: {documents,
+    bytes}}}, said on stderr. They are still scored as held out (the corpus is the user's); deduplicate
+    it to score only unseen text. Nothing to say where no training split was built."""
+    train = [np.frombuffer(w.keys, np.uint64) for (_, s), w in writers.items() if s == "train" and w.keys]
+    if not train:
+        return {}
+    train = np.concatenate(train)
+    out: dict[str, dict] = {}
+    for (domain, split), w in sorted(writers.items()):
+        if split == "train" or not w.keys:
+            continue
+        hit = np.isin(np.frombuffer(w.keys, np.uint64), train)
+        if hit.any():
+            nbytes = int(np.asarray(w.nbytes, np.int64)[hit].sum())
+            out.setdefault(domain, {})[split] = {"documents": int(hit.sum()), "bytes": nbytes}
+    if out:
+        parts = [
+            f"{d}/{s} {v['documents']} of {len(writers[(d, s)].ends)}"
+            for d, x in out.items()
+            for s, v in x.items()
+        ]
+        print(
+            f"note: {sum(v['documents'] for x in out.values() for v in x.values())} valid/test document(s) "
+            f"are also training text (the same text under another id): {', '.join(parts)}; they are "
+            "scored as held out all the same (deduplicate the corpus to score only unseen text)",
+            file=sys.stderr,
+        )
+    return out
 
 
 _RESERVED = {"index.json", TIMINGS_FILE, *TOKENIZER_FILES}
@@ -329,7 +371,7 @@ class Shards:
     def fingerprint(self) -> str:
         """What the shards hold (tokenizer, split, every domain's token, document and byte counts),
         not where they came from: a run is tied to this, not to a path."""
-        content = {k: v for k, v in self.index.items() if k != "source"}
+        content = {k: v for k, v in self.index.items() if k not in ("source", "in_train")}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
