@@ -20,6 +20,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.launch.forest import train_forest
 from elmforest.launch.sweep import format_sweep, lr_grid, sweep
 from elmforest.model.build import load_model
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
 
 KW = {"seq_len": 32, "batch_size": 4, "device": "cpu", "precision": "fp32"}
@@ -170,6 +171,39 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
     for arm in ("experts", "continue"):
         with pytest.raises(ValueError, match=r"trained with other settings \(optim.weight_decay"):
             sweep(shards_dir, tmp_path / "s", other, arm=arm, expert_lrs=elrs, log=None, executor=Refuses())
+    # and for the dense arm on a grid sharing no LR with the runs there (it checked its grid's alone)
+    with pytest.raises(ValueError, match=r"trained with other settings \(optim.weight_decay"):
+        sweep(
+            shards_dir,
+            tmp_path / "s",
+            other,
+            arm="dense",
+            lrs=[x * 5 for x in lrs],
+            log=None,
+            executor=Refuses(),
+        )
+
+
+def test_arms_branched_from_another_dense_run_than_the_best_are_dropped_and_refused(tmp_path):
+    """A dense arm rerun on a wider grid moves its best LR: the expert and continuation arms tuned on the
+    old best's seed no longer belong beside it (a study taking sweep.json's LRs would pair them)."""
+    from elmforest.launch.sweep import _drop_stale_arms
+    from elmforest.study.config import sweep_continue_lr, sweep_lrs
+
+    said = []
+    old = {"seed_lr": 0.008, "best_lr": 0.004}
+    r = {"dense": {"best_lr": 0.032}, "experts": dict(old), "dense_continue": dict(old), "grouped": dict(old)}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(r))
+    with pytest.raises(UserError, match=r"experts arm branched from the dense run at LR 0.008, not from"):
+        sweep_lrs(path)
+    r["experts"]["seed_lr"] = 0.032
+    path.write_text(json.dumps(r))
+    assert sweep_lrs(path) == (0.032, 0.004)
+    with pytest.raises(UserError, match=r"dense_continue arm branched from the dense run at LR 0.008"):
+        sweep_continue_lr(path)
+    _drop_stale_arms(r, said.append)
+    assert set(r) == {"dense", "experts"} and len(said) == 2 and "no longer the best" in said[0]
 
 
 def test_edge_of_the_grid_is_reported():

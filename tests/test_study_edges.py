@@ -477,3 +477,32 @@ def test_a_missing_tracker_package_is_said_once_before_any_data_or_run(tmp_path,
     err = capsys.readouterr().err
     assert err.count("train.trackers includes mlflow, but mlflow cannot be imported") == 1
     assert not (tmp_path / "s" / "data").exists()
+
+
+def test_a_refused_config_does_not_bind_the_out_folder_to_itself(tmp_path, capsys):
+    """study_config.json was written first: steps refused after the data was prepared, or a domain typo,
+    left `--out` refusing the corrected config ("was started with other steps") with nothing trained."""
+    out = tmp_path / "s"
+    assert main(["study", "tiny", "--out", str(out), "--no-progress", "--set", "steps=4"]) == 2
+    assert "dense_budgets" in capsys.readouterr().err
+    assert not (out / "data").exists() and not (out / "study_config.json").exists()  # as --dry-run does
+    corpus = tmp_path / "c.jsonl"
+    rows = [
+        {"id": f"{d}{i}", "domain": d, "text": f"{d} text {i} " * 30} for d in ("aa", "bb") for i in range(60)
+    ]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["study", "tiny", "--out", str(out), "--no-progress", "--set", f"corpus={corpus}"]
+    assert main([*argv, "--set", "domains=[aa, Bb]"]) == 2
+    assert "Bb" in capsys.readouterr().err
+    assert not (out / "study_config.json").exists()
+
+
+def test_a_sweep_of_another_run_than_the_studys_1x_is_refused(tmp_path):
+    from elmforest.study.study import _sweep_matches
+
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"domains": ["b", "a"], "plan": {"total_steps": 16, "batch_size": 8}}))
+    _sweep_matches(path, ["a", "b"], 16, 8, "S")
+    for args in ((["a", "b", "c"], 16, 8), (["a", "b"], 32, 8), (["a", "b"], 16, 4)):
+        with pytest.raises(UserError, match=r"tuned 16 steps x batch 8 on domains \['a', 'b'\]; this study"):
+            _sweep_matches(path, *args, "S")

@@ -184,8 +184,9 @@ def sweep(
         )
     for point in sorted((out / "dense").glob("lr-*")):  # before any work, seeds included
         _check_dense_point(point, plan, base.data.domains)
-    if arm not in ("dense", "both", "all"):  # the dense arm checks its grid below; the others branch
-        _check_settings(out, _swept_points(out, base), plan, shards)  # from (and score) those runs
+    # every dense run trained here, not only a new grid's: a dense arm rerun on a grid disjoint from the
+    # old one would otherwise train other settings beside the old runs, and the arms branched from them
+    _check_settings(out, _swept_points(out, base), plan, shards)
     seq_len = base.train.seq_len
     result.update(
         {
@@ -230,6 +231,7 @@ def sweep(
             for lr in grid
         ]
         result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
+        _drop_stale_arms(result, log)
         write_json_atomic(out / "sweep.json", result)
     if arm in ("experts", "continue", "both", "all"):
         seed_lr = dense_lr or (result.get("dense") or {}).get("best_lr")
@@ -338,6 +340,21 @@ def _check_settings(out: Path, points: list[tuple[float, RunConfig]], plan: btm.
             raise UserError(
                 f"{out}: this sweep's runs were trained with other settings ({diff}); "
                 "a sweep with other training settings needs another --out"
+            )
+
+
+def _drop_stale_arms(result: dict, log) -> None:
+    """The arms branched from another dense run than the dense arm's best (a dense arm rerun on a wider
+    grid moved it) are dropped, said: kept, sweep.json would pair the new dense LR with expert and
+    continuation LRs tuned on another run, and a study taking its LRs from it would train that mix."""
+    best = result["dense"].get("best_lr")
+    for name in ("experts", "grouped", "dense_continue"):
+        r = result.get(name)
+        if r and best is not None and f"{r.get('seed_lr', best):.6g}" != f"{best:.6g}":
+            del result[name]
+            log(
+                f"sweep: the {name} arm branched from the dense run at LR {r['seed_lr']:g}, no longer the "
+                f"best ({best:g}): dropped from sweep.json; run that arm again (its runs are kept)"
             )
 
 

@@ -218,7 +218,10 @@ def sweep_continue_lr(path: str | Path) -> float | None:
     """The best LR of a sweep.json's continuation arm (`elmforest sweep --arm all`), None without one."""
     from elmforest.utils.io import read_json
 
-    best = (read_json(path).get("dense_continue") or {}).get("best_lr")
+    s = read_json(path)
+    best = (s.get("dense_continue") or {}).get("best_lr")
+    if best is not None and (s.get("dense") or {}).get("best_lr") is not None:
+        _same_seed_run(path, s, "dense_continue")
     return float(best) if best is not None else None
 
 
@@ -235,7 +238,20 @@ def sweep_lrs(path: str | Path) -> tuple[float, float]:
         raise UserError(f"{path}: not a sweep.json with both arms (elmforest sweep --arm both)") from None
     if not all(math.isfinite(x) and x > 0 for x in lrs):
         raise UserError(f"{path}: best learning rates {lrs} are not positive numbers")
+    _same_seed_run(path, s, "experts")
     return lrs
+
+
+def _same_seed_run(path, s: dict, arm: str) -> None:
+    """An arm tuned by branching from another dense run than the dense arm's best (`sweep --arm experts
+    --dense-lr X`) would pair LRs no sweep compared."""
+    seed, best = (s.get(arm) or {}).get("seed_lr"), s["dense"]["best_lr"]
+    if seed is not None and f"{float(seed):.6g}" != f"{float(best):.6g}":
+        raise UserError(
+            f"{path}: its {arm} arm branched from the dense run at LR {float(seed):g}, not from the dense "
+            f"arm's best ({float(best):g}); run `elmforest sweep --arm {'continue' if arm == 'dense_continue' else 'experts'}` "
+            "on that --out again, or give the LRs instead of `sweep`"
+        )
 
 
 STUDY_PRESETS: dict[str, dict] = {

@@ -80,7 +80,10 @@ def _where(corpus):
     return str(Path(corpus).resolve()) if corpus and Path(corpus).exists() else corpus
 
 
-def _check_identity(out: Path, cfg: StudyConfig) -> None:
+def _check_identity(out: Path, cfg: StudyConfig, write: bool = True) -> None:
+    """Refuses a config other than the one `out` was started with; `write` records it (done once the
+    data and the plan pass their checks: a config refused there, a typo in a domain, must not bind
+    `out` to itself)."""
     path = out / "study_config.json"
     if path.is_file():
         saved = read_json(path)
@@ -104,7 +107,25 @@ def _check_identity(out: Path, cfg: StudyConfig) -> None:
                     else ""
                 )
             )
-    write_json_atomic(path, cfg.to_dict())
+    if write:
+        write_json_atomic(path, cfg.to_dict())
+
+
+def _sweep_matches(path, names: list[str], steps_1x: int, batch: int, shards: str) -> None:
+    """A sweep.json is this study's best LRs only if it swept the study's 1x run: the same domains, steps
+    and batch (a sweep of another corpus, budget or preset tunes another run; give its LRs by hand to
+    use them anyway). The model is not recorded in a sweep.json, so not compared."""
+    s = read_json(path)
+    plan = s.get("plan") or {}
+    have = (sorted(s.get("domains") or []), plan.get("total_steps"), plan.get("batch_size"))
+    want = (sorted(names), steps_1x, batch)
+    if have != want:
+        raise UserError(
+            f"sweep {path} tuned {have[1]} steps x batch {have[2]} on domains {have[0]}; this study's 1x "
+            f"run is {want[1]} steps x batch {want[2]} on {want[0]}: sweep that run (`elmforest sweep --shards "
+            f"{shards} --preset PRESET --set train.steps={want[1]} --set train.batch_size={want[2]} ...`), or "
+            "give dense_lr / expert_lr / dense_continue_lr instead of `sweep`"
+        )
 
 
 def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str, bool]:
@@ -281,7 +302,9 @@ def _study(
     progress,
     every,
 ) -> dict:
-    _check_identity(out, cfg)
+    _check_identity(out, cfg, write=False)
+    steps_1x = cfg.steps_1x()
+    check_budget_steps(cfg, steps_1x)  # before the data: it needs none
     preset = get_preset(cfg.preset)
     # a tracker's missing package said once, before the data and any run (the shards are not there yet)
     require_trackers(apply_overrides(preset_run_config(cfg.preset, "."), list(cfg.overrides)).train.trackers)
@@ -293,7 +316,6 @@ def _study(
     base = apply_overrides(
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
     )
-    steps_1x = cfg.steps_1x()
     if len(data.names) < 2:
         raise UserError(
             f"{cfg.corpus or 'the demo corpus'}: {len(data.names)} domain(s) with training documents "
@@ -301,7 +323,7 @@ def _study(
         )
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
-    check_budget_steps(cfg, steps_1x)
+    _check_identity(out, cfg)
     if ray is not None:
         ex, threads = ray, job_threads("ray", cpus_per_job, 1)
     else:
@@ -313,6 +335,8 @@ def _study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
+    if cfg.sweep and not lrs:
+        _sweep_matches(cfg.sweep, data.names, steps_1x, batch, root)
     dense_lr, expert_lr, continue_lr, lr_source, tuned = _learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
