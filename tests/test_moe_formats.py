@@ -175,3 +175,30 @@ def test_flexolmo_owner_pairs_of_every_format_merge_into_a_loadable_moe(arch, to
     x = torch.randint(0, dense.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(moe(input_ids=x).logits, dense(input_ids=x).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_a_field_the_experts_files_leave_out_keeps_the_dense_default_and_non_arch_keys_do_not_block(
+    tokenizer_dir, shards_dir, tmp_path
+):
+    """merge moe read the raw config.json: a file silent on rms_norm_eps exported Mixtral's default
+    (1e-5) for Llama's (1e-6), and `use_cache: false` in one expert (as HF Trainer writes it) refused a
+    merge that `forest add` had accepted."""
+    from transformers import LlamaConfig
+
+    domains = Shards(shards_dir).domains
+    dirs = _experts("llama", tokenizer_dir, tmp_path, n=len(domains))
+    for i, d in enumerate(dirs):
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["rms_norm_eps"]
+        if i == 1:
+            cfg["use_cache"] = False
+        (d / "config.json").write_text(json.dumps(cfg))
+    f = Forest.init(tmp_path / "f")
+    for d, dom in zip(dirs, domains, strict=True):
+        f.add(d, dom, [dom])
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == LlamaConfig().rms_norm_eps == 1e-6
+    from elmforest.merge.flexolmo import public_pair  # the FlexOlmo pair is made from the seed alike
+
+    pair = public_pair(dirs[0], tmp_path / "pair")
+    assert json.loads((pair / "config.json").read_text())["rms_norm_eps"] == 1e-6

@@ -19,7 +19,7 @@ import torch
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter
 from elmforest.merge.moe import MLP_KEY, check_untrained
 from elmforest.merge.moe_formats import PROJ, format_for
-from elmforest.model.build import resolve_model_dir
+from elmforest.model.build import read_config_as_transformers, resolve_model_dir
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, undone_on_failure, write_json_atomic
 
@@ -34,7 +34,7 @@ def public_pair(seed_dir: str | Path, out: str | Path, rows: torch.Tensor | None
     from transformers import AutoConfig
 
     seed_dir = resolve_model_dir(seed_dir)
-    dense = read_json(seed_dir / "config.json")
+    dense = read_config_as_transformers(seed_dir)  # a field the file leaves out: the dense class's default
     from elmforest.merge.moe_formats import FORMATS
 
     if dense.get("model_type") in {f.model_type for f in FORMATS.values()}:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from elmforest.forest.fingerprint import architecture_config, config_difference
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import check_intact
 from elmforest.forest.trust import refuse_inside_forest
@@ -39,7 +40,7 @@ from elmforest.merge.router import (
     sample_windows,
     warn_parallel,
 )
-from elmforest.model.build import load_model, resolve_model_dir
+from elmforest.model.build import load_model, read_config_as_transformers, resolve_model_dir
 from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
@@ -84,20 +85,19 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
     return fmt.config(dense, n_experts, top_k)
 
 
-def _arch(cfg: dict) -> dict:
-    skip = {"architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"}
-    return {k: v for k, v in cfg.items() if k not in skip}
-
-
 def check_same_architecture(dirs: list[Path], names: list[str]) -> dict:
-    cfgs = [read_json(d / "config.json") for d in dirs]
-    for c, n in zip(cfgs[1:], names[1:], strict=True):
-        if _arch(c) != _arch(cfgs[0]):
-            diff = sorted(k for k in set(_arch(c)) | set(_arch(cfgs[0])) if c.get(k) != cfgs[0].get(k))
+    """The first expert's config as transformers reads it (class defaults filled in), once every expert
+    computes as it does. Compared as `forest add` compares them (forest/fingerprint.py), so a 4.x file
+    and its 5.x rewrite, or `use_cache: false`, merge; and a field the files leave out takes the dense
+    class's default, not the MoE class's (Llama's rms_norm_eps 1e-6 against Mixtral's 1e-5)."""
+    archs = [architecture_config(d) for d in dirs]
+    for a, n in zip(archs[1:], names[1:], strict=True):
+        if a != archs[0]:
             raise UserError(
-                f"expert {n!r} has a different architecture than {names[0]!r} ({diff}); cannot merge"
+                f"expert {n!r} has a different architecture than {names[0]!r} "
+                f"({config_difference(archs[0], a)}); cannot merge"
             )
-    return cfgs[0]
+    return read_config_as_transformers(dirs[0])
 
 
 def _router_rows(forest: Forest, names, dirs, spec: MoeSpec, data, device, cfg, base_dir) -> torch.Tensor:
