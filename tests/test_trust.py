@@ -467,3 +467,60 @@ def test_a_merge_copy_from_another_host_is_named_and_a_pending_removal_keeps_the
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
         assert rc == 0 and f"finished removing expert {name}" in out and (run / "checkpoints").is_dir(), out
+
+
+def test_an_experts_copy_is_counted_once_and_an_opted_out_experts_copy_is_refused(forest):
+    """`forest add` took an expert's own weights under a new name: its run counted twice in the ledger,
+    and after the original's opt-out the copy stayed (unsaid), or came back under a new name."""
+    f = Forest.load(forest)
+    a, b = f.names[:2]
+    total = f.total_flops()
+    e = f.add(f.expert_dir(a), "a_copy", f.expert(a)["domains"], tokens=5, flops=7)
+    assert (e["tokens"], e["flops"], e["copy_of"]) == (0, 0, a) and f.total_flops() == total
+    backup = forest.parent / "b_backup"
+    shutil.copytree(f.expert_dir(b), backup)
+    rep = f.remove(a)
+    assert "a_copy" in rep["derived"]
+    f.remove(b)
+    with pytest.raises(UserError, match=f"its weights are those of expert '{b}', opted out"):
+        Forest.load(forest).add(backup, "b_again", ["x"])
+    assert "b_again" not in Forest.load(forest).names
+
+
+def test_a_removal_cut_before_it_deleted_anything_is_finished_before_the_owner_trains_again(
+    forest, shards_dir, monkeypatch
+):
+    """Killed between its tombstone and its deletions, a removal left the old run: `forest expert
+    --force` resumed it at its last step (no training) and its compute entered the tombstone twice."""
+    import elmforest.forest.optout as optout
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    f = Forest.load(forest)
+    name = f.names[0]
+    domain = f.expert(name)["domains"][0]
+    run = forest / "runs" / name
+    assert (run / "summary.json").is_file()
+    monkeypatch.setattr(optout, "finish_removal", lambda *a, **k: {})  # killed right after the tombstone
+    f.remove(name)
+    monkeypatch.undo()
+    assert run.is_dir() and name in optout.pending(Forest.load(forest))
+    seen = []
+
+    def train(cfg, run_dir, progress=True):
+        seen.append(Path(run_dir).exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(btm, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        btm.train_expert(
+            Forest.load(forest),
+            Shards(shards_dir),
+            domain,
+            name=name,
+            force=True,
+            progress=False,
+        )
+    assert seen == [False]  # the old run was gone before training started
+    tomb = next(r for r in Forest.load(forest).data["removed"] if r["name"] == name)
+    assert tomb["state"] == "done" and len([s for s in tomb["spent"] if s["phase"] == "expert"]) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from elmforest.forest.seeding import (  # noqa: F401 - btm.train_seed etc.
     train_seed,
 )
 from elmforest.train.trainer import train
-from elmforest.utils.errors import Failed, UserError
+from elmforest.utils.errors import ElmforestError, Failed, UserError
 from elmforest.utils.io import read_json
 
 
@@ -237,8 +238,21 @@ def train_expert(
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
     if name in forest.removed and int(os.environ.get("RANK", "0")) == 0:
-        from elmforest.forest.optout import mark_retraining
+        from elmforest.forest.optout import finish_removal, mark_retraining, pending
 
+        tomb = next(r for r in forest.data["removed"] if r["name"] == name)
+        if name in pending(forest) and not tomb.get("retraining"):
+            # a removal cut short: its old run must go before a new one starts there (it resumed at its
+            # last step: the old weights back, counted twice, trained never)
+            try:
+                finish_removal(forest, name)
+            except ElmforestError:
+                if run_dir.exists():
+                    raise
+                print(
+                    f"note: the removal of {name} is still pending (above); its old run is gone",
+                    file=sys.stderr,
+                )
         mark_retraining(forest, name)  # its run is the owner's again: `forest fsck` must not delete it
     summary = train(cfg, run_dir, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # data parallel: only the first process merges

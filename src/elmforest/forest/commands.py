@@ -19,7 +19,7 @@ def remove(forest, name: str) -> None:
         print(f"  deleted {p}")
     if rep["derived"]:
         print(
-            f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} and carry what it learned; "
+            f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} (or are its copies) and carry what it learned; "
             "remove them too if the opt-out covers derived models"
         )
     for p, made_by in rep.get("other_forests", []):

@@ -14,6 +14,7 @@ forest, structure. Removing an expert (forest/optout.py) changes nothing else.
 from __future__ import annotations
 
 import fcntl
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,6 +53,30 @@ class UnknownExpert(UserError, LookupError):
 
 
 __all__ = ["RESERVED_NAMES", "Forest", "UnknownExpert", "valid_name"]
+
+
+def _not_a_copy(d: dict, entry: dict, force: bool) -> None:
+    """A copy of an opted-out expert (its weight files, byte for byte: its tombstone holds their
+    digests) brings back what its owner withdrew under a new name: refused (`force`: the owner re-adding
+    its own, under its name). A copy of an expert in the forest is one training run: it is counted once,
+    the copy at 0 tokens and 0 FLOPs (`copy_of` names the original), said."""
+    name, files = entry["name"], entry["files"]
+    if not files:
+        return
+    if twin := next((e["name"] for e in d["experts"] if e["name"] != name and e.get("files") == files), None):
+        if entry["tokens"] or entry["flops"]:
+            print(
+                f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one training run, "
+                f"counted once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger",
+                file=sys.stderr,
+            )
+        entry.update(tokens=0, flops=0, copy_of=twin)
+    gone = next((r["name"] for r in d.get("removed", []) if r.get("files") == files), None)
+    if gone is not None and not (force and gone == name):
+        raise UserError(
+            f"expert {name!r}: its weights are those of expert {gone!r}, opted out (forest remove); its "
+            "owner's choice is not undone by adding them under another name"
+        )
 
 
 def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
@@ -234,10 +259,14 @@ class Forest(ForestRecords):
             or (ref is not None and arch == architecture_fingerprint(ref))
         )
         if not same:
+            gone = [r["name"] for r in self.data.get("removed", [])]
             differs = (
                 f" ({config_difference(architecture_config(model_dir), architecture_config(ref))}; this "
                 "checkpoint's value first)"
                 if ref is not None
+                else f" (set by expert(s) {gone}, opted out since; a forest keeps its architecture: start "
+                "another forest for this one)"
+                if gone
                 else ""
             )
             raise UserError(
@@ -348,6 +377,7 @@ class Forest(ForestRecords):
                         f"{self.root}: expert {name!r} was opted out (forest remove); its owner's choice is not "
                         "undone by adding it back"
                     )
+                _not_a_copy(d, entry, force)
                 d["experts"] = _in_plan_order(d, [e for e in d["experts"] if e["name"] != name] + [entry])
                 d["tokenizer"], d["architecture"] = tok, forest_arch
                 # re-added after an opt-out: what its removal discarded goes with it, not lost

@@ -60,6 +60,8 @@ def _remove(forest: Forest, name: str, unfinished: bool) -> dict:
         domains = (entry or {}).get("domains") or old.get("domains")
         if domains:  # what it trained on, for the note on what the seed saw
             record["domains"] = list(domains)
+        if files := (entry or {}).get("files") or old.get("files"):  # its weights, never added back as
+            record["files"] = files  # another expert (forest/manifest.py's add)
         # the compute that ran for it leaves the ledger with it, and is kept here
         spent = old.get("spent") or []
         if entry is not None:  # (an expert re-added after an opt-out carries what that one discarded)
@@ -155,7 +157,11 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
         d["outputs"] = [o for o in d.get("outputs", []) if recorded_places_exist(forest, o)]
 
     forest.update(done)
-    derived = [e["name"] for e in forest.experts if name in [p["name"] for p in e.get("parents", [])]]
+    derived = [  # branched from it, or its weights added again under another name (forest add)
+        e["name"]
+        for e in forest.experts
+        if name in [p["name"] for p in e.get("parents", [])] or e.get("copy_of") == name
+    ]
     return {
         "name": name,
         "deleted": deleted,
