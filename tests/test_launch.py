@@ -412,3 +412,23 @@ def test_a_killed_worker_says_which_jobs_were_running_and_which_had_not_started(
     lines = {x.split(":")[0].strip(): x for x in said.splitlines() if x.startswith("  ")}
     assert "(was running)" in lines["a"] and "(was running)" in lines["b"]
     assert "(had not started)" in lines["c"] and "(had not started)" in lines["d"]
+
+
+def test_a_domain_that_cannot_name_an_expert_is_refused_before_the_shards_and_its_rename_is_taken(tmp_path):
+    """A non-ASCII folder name was refused after the tokenizer and shards were built, by a rule saying
+    "letters"; renamed, the corpus was then refused as changed since it was tokenized (it never was)."""
+    from elmforest.launch.prepare import prepare_data
+    from elmforest.utils.errors import UserError
+
+    corpus = tmp_path / "c"
+    for d in ("café latte", "plain"):
+        (corpus / d).mkdir(parents=True)
+        for i in range(40):
+            (corpus / d / f"{i}.txt").write_text(f"{d} document {i} " * 20)
+    quiet = {"progress": False, "log": lambda *a: None}
+    with pytest.raises(UserError, match=r"domain 'café latte' cannot name an expert.*ASCII letters.*folder"):
+        prepare_data(tmp_path / "o", 300, corpus=corpus, **quiet)
+    assert not (tmp_path / "o" / "shards").exists() and not (tmp_path / "o" / "tokenizer").exists()
+    (corpus / "café latte").rename(corpus / "cafe_latte")
+    data = prepare_data(tmp_path / "o", 300, corpus=corpus, **quiet)
+    assert data.names == ["cafe_latte", "plain"]

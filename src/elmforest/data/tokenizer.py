@@ -320,8 +320,11 @@ def train_bpe_on(
     bytes_per_domain: int = 1_000_000,
     valid_frac: float = 0.05,
     test_frac: float = 0.05,
+    domains: set | None = None,
 ):
-    """Train a BPE on the *training split* of `data` only, so held-out text never shapes the vocabulary."""
+    """Train a BPE on the *training split* of `data` only, so held-out text never shapes the vocabulary.
+    `domains`, a set, receives the training documents' domains (read anyway: a bad one is said before
+    the shards are built)."""
     from elmforest.data.readers import ReadStats, iter_documents
     from elmforest.data.splits import SplitSpec
 
@@ -334,6 +337,8 @@ def train_bpe_on(
         for d in iter_documents(data, stats):
             if spec.assign(d.id) == "train":
                 seen += 1
+                if domains is not None:
+                    domains.add(d.domain)
                 yield d
 
     tok = train_bpe(sample_texts(docs(), bytes_per_domain), vocab_size)

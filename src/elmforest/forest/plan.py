@@ -98,8 +98,8 @@ def check_expert_names(domains: list[str]) -> None:
             valid_name(d)
         except UserError as e:
             raise UserError(
-                f"domain {d!r} cannot name an expert ({e}); rename its data file or set the documents' "
-                '"domain" field'
+                f"domain {d!r} cannot name an expert ({e}); rename its data file (or folder, for .txt files) "
+                'or set the documents\' "domain" field'
             ) from None
 
 

@@ -22,7 +22,7 @@ from elmforest.utils.errors import UserError
 
 # used by the lineage and by runs/dense, runs/dense-tuned (the dense run's second half: launch/jobs.py)
 RESERVED_NAMES = {"seed", "dense", "dense-tuned", "external"}
-NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
+NAME_RULE = "ASCII letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # NAME_RULE; names also become directory names
 
 

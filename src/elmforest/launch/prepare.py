@@ -14,6 +14,7 @@ from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
+from elmforest.forest.plan import check_expert_names
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_stamps, read_json, write_json_atomic
 
@@ -62,7 +63,14 @@ def prepare_data(
     if source_file.is_file():
         recorded = read_json(source_file)
         check_source(recorded.get("source"), corpus, out, out)
-        if corpus is not None and recorded.get("files") is not None:
+        built = (out / "tokenizer" / "tokenizer.json").exists() or Shards.is_shards_dir(shards_dir)
+        if corpus is not None and recorded.get("files") is not None and not built:
+            # nothing made of it yet (refused before its tokenizer was saved: a domain's name): read afresh
+            listing = corpus_listing(corpus)
+            write_json_atomic(
+                source_file, {**recorded, "files": listing, "digests": corpus_digests(corpus, listing)}
+            )
+        elif corpus is not None and recorded.get("files") is not None:
             fresh = check_listing(recorded["files"], corpus, out, recorded.get("digests"))
             if fresh != recorded.get("digests"):  # a copy's new mtimes: hashed once, not on every rerun
                 write_json_atomic(source_file, {**recorded, "digests": fresh})
@@ -120,7 +128,9 @@ def prepare_data(
             f"[2/8] training a {vocab_size}-token byte-level BPE on the training split (at most "
             f"{tokenizer_sample_bytes:,} bytes of each domain)"
         )
-        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes)
+        found: set[str] = set()
+        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes, domains=found)
+        check_expert_names(list(domains or sorted(found)))  # before the shards: each names an expert
         save_tokenizer(tok, tok_dir)
 
     if not Shards.is_shards_dir(shards_dir):
