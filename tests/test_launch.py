@@ -3,6 +3,7 @@
 The local executor's tests run without Ray installed; only those that take the `ray_cluster` fixture
 skip when it is missing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -432,3 +433,18 @@ def test_a_domain_that_cannot_name_an_expert_is_refused_before_the_shards_and_it
     (corpus / "café latte").rename(corpus / "cafe_latte")
     data = prepare_data(tmp_path / "o", 300, corpus=corpus, **quiet)
     assert data.names == ["cafe_latte", "plain"]
+
+
+def test_an_ood_set_copied_from_a_domain_left_out_is_out_of_domain(tmp_path):
+    """`--domains drama,legal --ood scripture.jsonl` (scripture's own text) was refused as "documents of
+    the training corpus": no model trained on them."""
+    from elmforest.launch.prepare import _shared_with
+
+    rows = [
+        {"id": f"{d}{i}", "domain": d, "text": f"{d} text number {i}"} for d in ("a", "b") for i in range(10)
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ood = tmp_path / "ood.jsonl"
+    ood.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows if r["domain"] == "b"))
+    assert _shared_with(tmp_path / "c.jsonl", [ood], ["a"]) == {}
+    assert _shared_with(tmp_path / "c.jsonl", [ood], ["a", "b"]) == {"ood": [10, 10]}

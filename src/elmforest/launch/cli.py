@@ -55,7 +55,11 @@ def quickstart(
         str, opt("model + training preset (see `elmforest presets`)", metavar="NAME")
     ] = "cpu-small",
     domains: Annotated[
-        str | None, opt("comma-separated subset of the demo domains (or of --data's)", metavar="A,B,...")
+        str | None,
+        opt(
+            "comma-separated subset of the demo domains (or of --data's; the tokenizer learns from all of them)",
+            metavar="A,B,...",
+        ),
     ] = None,
     data: Annotated[
         str | None,

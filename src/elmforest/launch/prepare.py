@@ -397,7 +397,7 @@ def _ood_shards(
         or {k: (seen or {}).get(k) for k in stamp} != stamp
         or sh.tokenizer_fingerprint != tok.fingerprint()
     ):
-        shared = _shared_with(corpus, sources) if corpus is not None else {}
+        shared = _shared_with(corpus, sources, train_names) if corpus is not None else {}
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
         write_json_atomic(path / SOURCES, {**stamp, "shared_with_training": shared})
         sh, seen = Shards(path), {"shared_with_training": shared}
@@ -435,12 +435,14 @@ def check_ood_names(ood_names, train_names) -> None:
         )
 
 
-def _shared_with(corpus: Path, sources: list[Path]) -> dict[str, list[int]]:
-    """{OOD set: [documents whose text is a training document's, documents]} for the sets with any."""
+def _shared_with(corpus: Path, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
+    """{OOD set: [documents whose text is a document of a training domain, documents]} for the sets with
+    any. Only the domains trained on (`names`): a domain left out with --domains is a fair OOD set."""
     from elmforest.data.readers import iter_documents
     from elmforest.eval.leakage import text_key as key
 
-    train = {key(d.text) for d in iter_documents(corpus)}
+    keep = set(names)
+    train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
     counts: dict[str, list[int]] = {}
     for src in sources:
         for d in iter_documents(src):
