@@ -57,7 +57,7 @@ def quickstart(
     domains: Annotated[
         str | None,
         opt(
-            "comma-separated subset of the demo domains (or of --data's; the tokenizer learns from all of them)",
+            "comma-separated subset of the demo domains (or of --data's, whose tokenizer learns from all its domains)",
             metavar="A,B,...",
         ),
     ] = None,
