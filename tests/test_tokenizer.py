@@ -72,3 +72,40 @@ def test_training_on_no_documents_is_refused(tmp_path):
     (tmp_path / "held.jsonl").write_text(json.dumps({"id": held, "text": "only held-out text here"}) + "\n")
     with pytest.raises(DataError, match="held.jsonl: no training-split documents"):
         train_bpe_on(tmp_path / "held.jsonl", vocab_size=300)
+
+
+def test_a_checkpoints_own_end_token_travels_with_its_shards_and_a_mismatch_is_refused(
+    forest_dir, corpus, tmp_path
+):
+    """A checkpoint whose config.json names another eos_token_id than its tokenizer files: shards built
+    from its files alone (or from shards built from it) had the same fingerprint and other separators,
+    and eval scored them without a word."""
+    import shutil
+
+    from elmforest.data.shards import Shards, build_shards
+    from elmforest.eval.bpb import evaluate
+    from elmforest.forest.manifest import Forest
+    from elmforest.utils.errors import UserError
+
+    model = tmp_path / "m"
+    shutil.copytree(Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0]), model)
+    files_eos = load_tokenizer(model).eos_id
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["eos_token_id"] = other = files_eos + 5
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert load_tokenizer(model).eos_id == other
+    files_only = tmp_path / "tok"
+    save_tokenizer(load_tokenizer(model), files_only)  # the tokenizer files alone, as shards hold them
+    spec = SplitSpec(0.1, 0.1)  # the model's own
+    build_shards(corpus, files_only, tmp_path / "s_files", split=spec, progress=False)
+    build_shards(corpus, model, tmp_path / "s_model", split=spec, progress=False)
+    assert Shards(tmp_path / "s_model").eos_id == other == load_tokenizer(tmp_path / "s_model").eos_id
+    build_shards(corpus, tmp_path / "s_model", tmp_path / "s_again", split=spec, progress=False)
+    assert Shards(tmp_path / "s_again").eos_id == other  # shards built from shards keep the end token
+    with pytest.raises(
+        UserError, match=f"its documents end with token {files_eos}; .* ends them with {other}"
+    ):
+        evaluate(model, tmp_path / "s_files", split="test", seq_len=64, device="cpu", progress=False)
+    evaluate(
+        model, tmp_path / "s_model", split="test", seq_len=64, device="cpu", progress=False, max_bytes=2000
+    )

@@ -408,6 +408,17 @@ class Shards:
     def eos_id(self) -> int:
         return int(self.index["tokenizer"]["eos_id"])
 
+    def check_eos(self, eos_id: int, model) -> None:
+        """The same tokenizer files can end documents with another token (a checkpoint's config.json
+        naming another `eos_token_id` than its tokenizer files): its fingerprint matches, its separators
+        would not, and every document boundary would read as text."""
+        if self.eos_id != eos_id:
+            raise UserError(
+                f"{self.root}: its documents end with token {self.eos_id}; {model} ends them with {eos_id} "
+                f"(the same tokenizer files, another end-of-document token): build the shards with "
+                f"--tokenizer {model}"
+            )
+
     @property
     def vocab_size(self) -> int:
         return int(self.index["tokenizer"]["vocab_size"])

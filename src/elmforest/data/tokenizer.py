@@ -290,6 +290,14 @@ def _json_object(f: Path) -> dict:
 
 
 def _find_eos(tok: Tokenizer, directory: Path) -> int:
+    """A shards dir's own record first (the end token its documents were built with: a checkpoint's
+    config.json may name another than its tokenizer files do, and only those files are copied here),
+    then config.json's `eos_token_id`, then the tokenizer files' `eos_token`, then the usual names."""
+    index = directory / "index.json"
+    if index.is_file():
+        eos_id = (_json_object(index).get("tokenizer") or {}).get("eos_id")
+        if isinstance(eos_id, int) and not isinstance(eos_id, bool):
+            return eos_id
     candidates = []
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = directory / name

@@ -264,6 +264,7 @@ def evaluate(
                     f"{data} was tokenized with a different tokenizer than {mdir}; "
                     "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
                 )
+            shards.check_eos(tok.eos_id, mdir)
             if split == "all":
                 raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
             check_held_out(mdir, shards.index.get("source"), SplitSpec(**shards.index["split"]), split, data)

@@ -137,6 +137,7 @@ def evaluate_forest_shards(
             f"{shards.root} was tokenized with a different tokenizer than the forest's experts; pass the raw "
             "text instead (it is re-tokenized with the forest's tokenizer)"
         )
+    shards.check_eos(load_tokenizer(forest.expert_dir(names[0])).eos_id, forest.expert_dir(names[0]))
     n = len(names)
     if mode in ("topk", "cluster") and k < 1:  # cluster: no cluster routed to, NaN weights
         raise UserError(f"k must be at least 1, got {k}")

@@ -342,6 +342,7 @@ def _cached_prior(pool, tok, first: Path, data, seq_len: int, batches: int) -> t
     def pooled(shards: Shards) -> tuple[torch.Tensor, str]:
         if shards.tokenizer_fingerprint != tok.fingerprint():
             raise UserError(f"{data}: tokenized with another tokenizer than the forest's experts")
+        shards.check_eos(tok.eos_id, first)
         total, n_win, used = None, 0, []
         for d in shards.domains:
             if not shards.has(d, "valid"):
