@@ -390,6 +390,9 @@ def test_cluster_routing_maps_clusters_to_experts_and_falls_back_on_sizes(
     z, ok = r.clusterer.embed([text])
     assert np.allclose(r.context_weights(router), r.expert_weights(z, ok)[0], atol=1e-12)
     assert (r.context_weights(router) > 0).sum() == 1
+    every = ClusterRouting(f, [f.names[0], f.names[2]], k=None, temperature=0.1)  # k None: every cluster
+    z[:] = 0
+    assert np.allclose(every.expert_weights(z, np.array([False]))[0], sizes / sizes.sum())
     with pytest.raises(UserError, match="no clusterer"):
         ClusterRouting(Forest.load(forest_dir), Forest.load(forest_dir).names, 1, 0.1)
     g = Forest.init(tmp_path / "g")
@@ -436,6 +439,12 @@ def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir,
         router.push_token(t)
     h, h_ok = router.embedding()
     assert h_ok and np.allclose(h, want[1], atol=1e-6)
+    # past the encoder's 256 tokens a routing context keeps its end: the weights go on following it
+    long = np.array(tok.encode_batch([" ".join(texts) * 3])[0][:1200])
+    z, ok = route_stream(router, long, np.array([600, 1199]))
+    assert ok.all() and not np.allclose(z[0], z[1], atol=1e-4)
+    want, _ = again.embed([tok.decode(long[:1199].tolist())], recent=True)
+    assert np.allclose(z[1], want[0], atol=1e-6)
     (enc_dir / "config.json").write_text(
         (enc_dir / "config.json").read_text().replace('"hidden_act"', '"x": 1, "hidden_act"')
     )

@@ -219,12 +219,14 @@ class Clusterer:
                 u += (1.0 + np.log(tf)) * self.term_vectors[i]
         return u
 
-    def embed(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(unit vectors [N, d], ok [N]); a text with no known word gets a zero row and ok=False."""
+    def embed(self, texts: Iterable[str], recent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(unit vectors [N, d], ok [N]); a text with no known word gets a zero row and ok=False.
+        `recent`: a routing context, embedded by its end where a sentence encoder must truncate (tf-idf
+        reads all of it either way)."""
         import scipy.sparse as sp
 
         if self.embedder is not None:
-            return self.embedder.embed(texts)
+            return self.embedder.embed(texts, recent=recent)
 
         rows, cols, vals = [], [], []
         n = 0

@@ -77,10 +77,15 @@ class SentenceEmbedder:
             :16
         ]
 
-    def embed(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, texts: Iterable[str], recent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`recent`: a text past `max_length` encoder tokens keeps its end (a routing context: the text
+        nearest the routed position), else its start (a whole document, as `cluster assign` embeds it).
+        Kept from the start, every routing point past the first `max_length` tokens of a document got
+        the same embedding, and re-routing (and generation's own text) stopped moving the weights."""
         torch = self.torch
         texts = list(texts)
         out = []
+        self.tok.truncation_side = "left" if recent else "right"
         for i in range(0, len(texts), self.batch_size):
             batch = [t if t.strip() else " " for t in texts[i : i + self.batch_size]]
             enc = self.tok(

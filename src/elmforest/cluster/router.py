@@ -78,7 +78,7 @@ class IncrementalRouter:
         text so far (the same embedding `route_stream` and evaluation use), so generation and scoring
         follow the context with either kind of clusterer."""
         if self.c.embedder is not None:
-            z, ok = self.c.embed(["".join(self.text)])
+            z, ok = self.c.embed(["".join(self.text)], recent=True)
             return z[0], bool(ok[0])
         v = self.u + self._delta(self.fragment) if self.fragment else self.u.copy()
         n = float(np.linalg.norm(v))
@@ -126,4 +126,4 @@ def _route_stream_from_scratch(router: IncrementalRouter, stream: np.ndarray, po
         else:
             pieces.append(decoder.decode(router.token_bytes[int(t)]))
     texts += ["".join(pieces)] * (len(positions) - len(texts))
-    return router.c.embed(texts)
+    return router.c.embed(texts, recent=True)

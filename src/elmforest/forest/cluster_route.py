@@ -69,7 +69,8 @@ class ClusterRouting:
         w_cluster = self.clusterer.route(z, self.k, self.temperature, allowed=self.allowed)
         if (~ok).any():  # no known word yet: the k largest clusters with an expert, weighted by size
             fb = self.fallback.copy()
-            fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
+            if self.k is not None:  # None: every cluster, as Clusterer.route reads it (NaN weights before)
+                fb[np.argsort(-fb, kind="stable")[self.k :]] = 0.0
             w_cluster[~ok] = fb / fb.sum()
         w = np.zeros((len(z), self.n))
         for j, i in self.expert_of.items():
