@@ -163,3 +163,20 @@ def test_elmforest_metadata_files_are_not_data(tmp_path):
     stats = ReadStats()
     assert [d.text for d in iter_documents(tmp_path, stats)] == ["a story"]
     assert stats.files == 1 and not stats.skipped
+
+
+def test_one_file_name_in_several_folders_is_said(tmp_path, capsys):
+    """drama/part1.jsonl and legal/part1.jsonl without a `domain` field: one domain 'part1' mixing both,
+    with colliding ids, and nothing said."""
+    from elmforest.data.readers import list_data_files
+
+    for d in ("drama", "legal"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "part1.jsonl").write_text('{"text": "x"}\n')
+        (tmp_path / d / f"{d}.jsonl").write_text('{"text": "y"}\n')
+    list_data_files(tmp_path)
+    err = capsys.readouterr().err
+    assert "1 file name(s) appear in several folders (part1 in drama, legal)" in err
+    (tmp_path / "legal" / "part1.jsonl").rename(tmp_path / "legal" / "part2.jsonl")
+    list_data_files(tmp_path)
+    assert "several folders" not in capsys.readouterr().err

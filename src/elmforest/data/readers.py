@@ -158,7 +158,29 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         )
     if not files:
         raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
+    _say_shared_names(p, files)
     return files
+
+
+def _say_shared_names(root: Path, files: list[Path]) -> None:
+    """JSONL/Parquet files of one name in different folders (drama/part1.jsonl, legal/part1.jsonl) name
+    one domain where their records have no `domain` field, and their default ids (`part1:<line>`) are
+    the same: the two folders' documents are mixed into one domain and paired into the same split. The
+    layout of a folder per domain holds for .txt files only; said, since the records decide."""
+    by: dict[str, set[Path]] = {}
+    for f in files:
+        if f.is_file() and not f.name.endswith(TEXT_SUFFIXES) and not _is_part(f):
+            by.setdefault(_domain_from_name(f), set()).add(f.parent)
+    shared = {name: dirs for name, dirs in by.items() if len(dirs) > 1}
+    if shared:
+        name, dirs = next(iter(sorted(shared.items())))
+        where = ", ".join(str(d.relative_to(root)) for d in sorted(dirs))
+        print(
+            f"note: {root}: {len(shared)} file name(s) appear in several folders ({name} in {where}): without "
+            "a `domain` field a JSONL/Parquet file's domain is its name, not its folder, so those files are "
+            "one domain with colliding ids; give the records a `domain` field or rename the files",
+            file=sys.stderr,
+        )
 
 
 def _check_data_file(f: Path) -> None:
