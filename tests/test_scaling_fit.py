@@ -310,3 +310,19 @@ def test_a_multiplier_is_not_shown_where_the_dense_fit_misses_its_own_run_by_as_
     assert f["verdict"] == held and "2 of 50 bootstrap replicates could not be fitted" in f["evidence"]
     (f,) = findings({"in_domain": {**clean, "ci_level": 0.9, "n_failed": 3}}, StudyConfig())
     assert f["verdict"] == "not shown" and "not determined" in f["evidence"]
+
+
+def test_a_flat_optimum_gives_one_fit_whatever_the_order_of_the_points():
+    """Two seeds per budget straddling the curve, their spread far above the Huber delta: every curve
+    between each pair has the same loss, and which one was reported depended on the points' order."""
+    rng = np.random.default_rng(0)
+    C = np.repeat([1e12, 2e12, 4e12, 8e12], 2)
+    mid = 3.9 + 1.1 * (C / 2.8e12) ** -0.9
+    L = mid * np.exp(np.tile([-0.012, 0.012], 4) + rng.normal(0, 0.002, 8))
+    fits = []
+    for _ in range(4):
+        order = rng.permutation(8)
+        fits.append(fit_power_law(C[order], L[order]))
+    for f in fits[1:]:
+        assert f.loss == pytest.approx(fits[0].loss, rel=1e-9)
+        assert (f.E, f.alpha, f.A) == pytest.approx((fits[0].E, fits[0].alpha, fits[0].A), rel=1e-6)

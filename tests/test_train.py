@@ -720,3 +720,31 @@ def test_a_model_with_dropout_trains_the_same_whatever_the_process_drew_before(s
         got.append(_weights(tmp_path / f"r{i}"))
     for k in got[0]:
         assert torch.equal(got[0][k], got[1][k]), k
+
+
+def test_data_parallel_dropout_streams_are_per_rank_and_survive_a_pause(
+    forest_dir, shards_dir, tmp_path, monkeypatch
+):
+    """Only rank 0's generator is checkpointed: every rank loaded it on a resume (and from an
+    init_checkpoint, as every expert branches), so ranks drew one dropout stream and a paused run ended
+    elsewhere than an uninterrupted one. Ranks past 0 now draw from (seed, rank, step)."""
+    import shutil
+
+    from elmforest.cli import main
+    from elmforest.forest.manifest import Forest
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the torchrun workers inherit it: 2 workers on 2 cores
+    drop = tmp_path / "drop"
+    shutil.copytree(Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0]), drop)
+    cfg = json.loads((drop / "config.json").read_text())
+    (drop / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.3}))
+    common = ["--init-from", str(drop), "--shards", str(shards_dir), "--nproc", "2", "--no-progress"]
+    for o in ("train.steps=8", "train.batch_size=4", "train.seq_len=32", "train.ckpt_every=4", "train.log_every=4",
+              "train.precision=fp32", "train.device=cpu", "train.trackers=[]"):  # fmt: skip
+        common += ["--set", o]
+    assert main(["train", "--out", str(tmp_path / "whole"), *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "paused"), *common, "--set", "train.stop_at=4"]) == 0
+    assert main(["train", "--out", str(tmp_path / "paused"), *common]) == 0
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "paused" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
