@@ -446,3 +446,20 @@ def test_a_sampled_request_is_the_same_whatever_runs_beside_it(forest_dir):
     assert other.generate_one(a, dict(kw)) == repeat
     samples = {first, repeat, *(lm.generate_one(a, dict(kw)) for _ in range(4))}
     assert len(samples) > 1  # repeats of one request sample afresh
+
+
+def test_the_stderr_bootstrap_runs_in_process_unless_the_user_says_otherwise(monkeypatch):
+    """lm-eval forks a pool for each metric's stderr from a process holding torch's threads: a test run
+    hung in it (a fork taken while a thread held a lock)."""
+    import os
+
+    import lm_eval.__main__ as lm_main
+
+    from elmforest.cli import main
+
+    seen = []
+    monkeypatch.setattr(lm_main, "cli_evaluate", lambda: seen.append(os.environ.get("DISABLE_MULTIPROC")))
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    assert main(["lm-eval", "ls"]) == 0 and seen == ["1"] and "DISABLE_MULTIPROC" not in os.environ
+    monkeypatch.setenv("DISABLE_MULTIPROC", "")
+    assert main(["lm-eval", "ls"]) == 0 and seen == ["1", ""]

@@ -54,7 +54,11 @@ def lm_eval_(
 ) -> None:
     """Evaluate a forest with lm-evaluation-harness: `--model elmforest` (needs `pip install -e ".[eval]"`)."""
     args = list(args or [])
-    saved = {v: os.environ.get(v) for v in OFFLINE_VARS}
+    saved = {v: os.environ.get(v) for v in (*OFFLINE_VARS, "DISABLE_MULTIPROC")}
+    # lm-eval bootstraps each metric's stderr in a pool forked from this process, which holds torch's
+    # threads: a fork taken while one holds a lock never returns (a test run hung there). Unless the
+    # user set it, the same seeded replicates are drawn in this process instead.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     why = hub_unreachable() if any(a == "--tasks" or a.startswith("--tasks=") for a in args) else None
     if why:
         print(

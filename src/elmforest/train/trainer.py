@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import shutil
 import time
@@ -54,6 +55,10 @@ from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast
 from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -136,6 +141,10 @@ class Trainer(TrainerSetup):
         tokens_at_log = self.tokens
         self.end = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
         while self.step < self.end:
+            if self.rank > 0:  # only rank 0's generator is checkpointed: every rank loaded it on a resume,
+                # and from an init_checkpoint (each expert), so ranks drew one dropout stream. Past rank 0
+                # each draws from (seed, rank, step): the same whether the run was paused or not
+                torch.manual_seed(rank_step_seed(tc.seed, self.rank, self.step))
             lr = lr_at(self.step, tc.steps, self.cfg.optim)
             grad_norm = self._train_step(lr)
             self.step += 1
