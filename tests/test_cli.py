@@ -393,6 +393,8 @@ def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path
 
 
 def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
+    """2 clusters of 3 domains: the dense batch (8, rounded to 9 for the domains) divided by neither, and
+    the run failed once everything else had trained; it is a multiple of both from the start."""
     res = quickstart(
         tmp_path / "qs",
         preset="tiny",
@@ -400,7 +402,7 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
         overrides=["train.steps=20"],
         progress=False,
         split="clusters",
-        clusters=3,
+        clusters=2,
         eval_bytes=6000,
         prior_batches=1,
         moe_finetune_steps=0,
@@ -409,12 +411,13 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)
     top1 = res["methods"]["cbtm_top1"]
     # top-1 per document: a window holding the end of one document and the start of another runs two
-    assert top1["mode"] == "cluster" and 1 / 3 - 1e-9 <= top1["compute"]["fraction_of_full"] < 2 / 3
-    report = json.loads((tmp_path / "qs" / "clusters-3" / "report.meta.json").read_text())
-    assert report["documents"] == sum(report["sizes"]) and report["nmi"] > 0.5
-    forest = json.loads((tmp_path / "qs" / "forest-clusters-3" / "forest.json").read_text())
-    assert forest["clusterer"]["k"] == 3 and forest["plan"]["n_experts"] == 3
-    assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1", "cluster2"]
+    assert top1["mode"] == "cluster" and 1 / 2 - 1e-9 <= top1["compute"]["fraction_of_full"] < 1
+    report = json.loads((tmp_path / "qs" / "clusters-2" / "report.meta.json").read_text())
+    assert report["documents"] == sum(report["sizes"]) and report["nmi"] > 0.3
+    forest = json.loads((tmp_path / "qs" / "forest-clusters-2" / "forest.json").read_text())
+    assert forest["clusterer"]["k"] == 2 and forest["plan"]["n_experts"] == 2
+    assert forest["plan"]["batch_size"] == 6  # a multiple of 3 domains and 2 clusters
+    assert sorted(e["name"] for e in forest["experts"]) == ["cluster0", "cluster1"]
 
 
 def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(

@@ -17,6 +17,7 @@ stopped (training itself resumes from its last checkpoint).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,13 @@ def quickstart(
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
     base = apply_overrides(base, list(overrides))
+    clusters_batch = None
+    if split == "clusters" and base.train.batch_size % (step := math.lcm(len(names), clusters)):
+        # the c-BTM forest shares the seed's plan: its experts split the batch the domain experts split,
+        # which must then divide by both (else it failed once everything else had trained)
+        was = base.train.batch_size
+        base.train.batch_size = max(step, round(was / step) * step)
+        clusters_batch = (was, base.train.batch_size, step)
     plan, base = btm.plan_for(base, names, seed_share, expert_lr if expert_lr is not None else p.expert_lr)
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
     c_lr, c_source = _continue_lr(p, preset, overrides, dense_continue_lr, e_lr)
@@ -110,6 +118,12 @@ def quickstart(
     precision = _precision_line(base.train.precision, base.train.device, eval_bytes)
     forest = Forest.init(out / "forest", exist_ok=True)
     log(f"      precision: {precision}")
+    if clusters_batch:
+        log(
+            f"      --split clusters: dense batch {clusters_batch[0]} -> {clusters_batch[1]}, a multiple of "
+            f"{len(names)} domains and {clusters} clusters ({clusters_batch[2]}): every expert of both forests "
+            "gets an equal share"
+        )
     log(
         f"      protocol: data.mixture={base.data.mixture} ("
         + ("every domain equally likely" if base.data.mixture == "uniform" else "domains sampled by size")
