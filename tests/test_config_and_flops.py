@@ -8,6 +8,7 @@ from elmforest.model.build import build_model, load_model
 from elmforest.model.presets import PRESETS, preset_run_config
 from elmforest.train.flops import flops_breakdown, flops_per_token, matmul_params
 from elmforest.train.setup import freeze_except
+from elmforest.utils.errors import UserError
 
 
 def test_config_round_trip_and_overrides():
@@ -188,3 +189,23 @@ def test_config_validation_catches_nonsense():
     assert apply_overrides(cfg, ["train.steps=abc", "train.steps=3"]).train.steps == 3
     # a text field whose default is null still takes a name that looks like a number
     assert apply_overrides(cfg, ["model.init_from=x", "model.init_from=2024"]).model.init_from == "2024"
+
+
+def test_a_preset_label_an_attention_and_a_whole_config_of_a_gone_preset(tmp_path):
+    """`--set model.preset=cpu-small` on `--preset tiny` trained tiny's model labelled cpu-small; a
+    mistyped attn_implementation was a transformers traceback; a whole run config naming a preset since
+    renamed could not be read, though it needs nothing from it."""
+    import json
+
+    from elmforest.model.presets import build_run_config, fill_architecture
+
+    with pytest.raises(UserError, match="model.preset: choose the preset with --preset"):
+        build_run_config("tiny", overrides=["model.preset=cpu-small"])
+    with pytest.raises(UserError, match="model.attn_implementation must be one of sdpa, eager"):
+        build_run_config("tiny", overrides=["model.attn_implementation=eager2"])
+    cfg = build_run_config("tiny")
+    whole = json.loads(json.dumps(cfg.to_dict()))
+    whole["model"]["preset"] = "renamed-since"
+    (tmp_path / "c.json").write_text(json.dumps(whole))
+    again = build_run_config(None, config_file=str(tmp_path / "c.json"))
+    assert fill_architecture(again.model).hidden_size == cfg.model.hidden_size

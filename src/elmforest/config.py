@@ -72,6 +72,10 @@ class ModelConfig:
         return bad
 
 
+# what transformers' attention dispatch knows (another is a traceback deep inside build_model)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 @dataclass
 class DataConfig:
     shards: str = ""
@@ -195,6 +199,10 @@ class RunConfig:
                 "train.router_aux_loss and train.router_z_loss must be >= 0",
             ),
             (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (
+                self.model.attn_implementation in ATTN_IMPLEMENTATIONS,
+                f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+            ),
             (
                 re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
                 "train.device must be auto, cpu, cuda or cuda:N",

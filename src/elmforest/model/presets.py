@@ -205,6 +205,11 @@ def build_run_config(
     if init_from:
         cfg.model.init_from = str(Path(init_from).resolve())
     cfg.model.trust_remote_code = bool(trust_remote_code)
+    if [o for o in overrides if o.split("=", 1)[0].strip() == "model.preset"]:
+        raise UserError(
+            "model.preset: choose the preset with --preset NAME (a preset's architecture is filled in when "
+            "the config is made: --set model.preset would change its label and not its model)"
+        )
     cfg = apply_overrides(cfg, list(overrides))
     if cfg.model.init_from:  # the checkpoint is the architecture: the preset's fields do not apply
         if given := [o.split("=", 1)[0].strip() for o in overrides if _architecture_key(o)]:
@@ -240,6 +245,8 @@ def fill_architecture(model: ModelConfig) -> ModelConfig:
         for k in ARCHITECTURE_FIELDS:
             setattr(model, k, None)
         return model
+    if all(getattr(model, k) is not None for k in ARCHITECTURE_FIELDS):
+        return model  # whole: a run is the model it was, whatever presets.py says (or drops) later
     arch = get_preset(model.preset).architecture()
     for k in ARCHITECTURE_FIELDS:
         if getattr(model, k) is None:
