@@ -495,6 +495,25 @@ def test_a_refused_config_does_not_bind_the_out_folder_to_itself(tmp_path, capsy
     assert main([*argv, "--set", "domains=[aa, Bb]"]) == 2
     assert "Bb" in capsys.readouterr().err
     assert not (out / "study_config.json").exists()
+    # a sweep.json of another run (4 steps) is refused before any run, and binds nothing either
+    sweep = tmp_path / "sweep.json"
+    arm = {"best_lr": 0.01, "seed_lr": 0.01}
+    sweep.write_text(
+        json.dumps(
+            {
+                "domains": ["aa", "bb"],
+                "plan": {"total_steps": 4, "batch_size": 8},
+                "dense": arm,
+                "experts": arm,
+            }
+        )
+    )
+    assert main([*argv, "--set", f"sweep={sweep}"]) == 2
+    assert (
+        "tuned 4 steps x batch 8 on domains ['aa', 'bb']; this study's 1x run is 16"
+        in capsys.readouterr().err
+    )
+    assert not (out / "study_config.json").exists() and not (out / "runs").exists()
 
 
 def test_a_sweep_of_another_run_than_the_studys_1x_is_refused(tmp_path):

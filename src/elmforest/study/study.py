@@ -323,6 +323,8 @@ def _study(
         )
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
+    if cfg.sweep and not cfg.lr_grid:  # before the c-BTM data and any run (lr_grid sweeps its own)
+        _sweep_matches(cfg.sweep, data.names, steps_1x, batch, str(Path(data.shards.root).resolve()))
     _check_identity(out, cfg)
     if ray is not None:
         ex, threads = ray, job_threads("ray", cpus_per_job, 1)
@@ -335,8 +337,6 @@ def _study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
-    if cfg.sweep and not lrs:
-        _sweep_matches(cfg.sweep, data.names, steps_1x, batch, root)
     dense_lr, expert_lr, continue_lr, lr_source, tuned = _learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
