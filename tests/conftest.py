@@ -17,6 +17,15 @@ import pytest
 # took 2.7 minutes with 2 threads under load and 0.9 with 1. A test that needs more sets them itself.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core this process may use, a container's CPU quota
+    included (xdist's own count is the host's cores, 64 workers on a 2-CPU container of a 64-core host),
+    and no more than 8: several tests start processes of their own (torchrun, Ray, a server)."""
+    from elmforest.utils.threads import cpu_cores
+
+    return min(cpu_cores(), 8)
+
 DOMAIN_WORDS = {
     "scripture": "and the lord said unto moses thou shalt not israel king god people land of".split(),
     "code": "def return self import class for in if else none true false lambda yield with as".split(),
