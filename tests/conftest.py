@@ -26,6 +26,7 @@ def pytest_xdist_auto_num_workers(config):
 
     return min(cpu_cores(), 8)
 
+
 DOMAIN_WORDS = {
     "scripture": "and the lord said unto moses thou shalt not israel king god people land of".split(),
     "code": "def return self import class for in if else none true false lambda yield with as".split(),
