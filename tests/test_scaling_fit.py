@@ -326,3 +326,35 @@ def test_a_flat_optimum_gives_one_fit_whatever_the_order_of_the_points():
     for f in fits[1:]:
         assert f.loss == pytest.approx(fits[0].loss, rel=1e-9)
         assert (f.E, f.alpha, f.A) == pytest.approx((fits[0].E, fits[0].alpha, fits[0].A), rel=1e-6)
+
+
+def test_a_repeated_fit_is_looked_up_and_gives_what_a_fresh_fit_gives(monkeypatch):
+    """A study fits each dense arm against every forest arm and again for its own intervals: the dense
+    replicates (drawn alike) are fitted once, and every answer equals the one made with nothing cached."""
+    from elmforest.eval import scaling as fitting
+
+    rng = np.random.default_rng(21)
+    runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14])
+    runs += [{**r, "arm": "other"} for r in make_runs(rng, "btm", [3e13, 1e14, 3e14], speedup=1.3)]
+    made = []
+    real = fitting._fit_from
+    monkeypatch.setattr(fitting, "_fit_from", lambda *a: made.append(1) or real(*a))
+    monkeypatch.setattr(fitting, "_FITS", {})
+    first = bootstrap_multiplier(runs, "btm", n_boot=20, seed=3)
+    n = len(made)
+    assert 10 < n <= 21  # the full dense fit and its 20 replicates (a replicate drawn twice: once)
+    again = [
+        bootstrap_multiplier(runs, "other", n_boot=20, seed=3),
+        bootstrap_fit(runs, "dense", n_boot=20, seed=3),
+    ]
+    assert len(made) == n  # the same dense points: nothing fitted again
+    fit = fit_power_law(BUDGETS, curve(BUDGETS))
+    fit.init["a"] = 99.0  # a caller's change to its fit is its own
+    assert fit_power_law(BUDGETS, curve(BUDGETS)).init["a"] != 99.0
+    monkeypatch.setattr(fitting, "_FITS", {})
+    fresh = [
+        bootstrap_multiplier(runs, "btm", n_boot=20, seed=3),
+        bootstrap_multiplier(runs, "other", n_boot=20, seed=3),
+    ]
+    fresh.append(bootstrap_fit(runs, "dense", n_boot=20, seed=3))
+    assert json.dumps([first, *again]) == json.dumps(fresh)
