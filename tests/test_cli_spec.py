@@ -137,3 +137,16 @@ def test_every_flag_the_docs_show_exists(verbs):
                 if f not in flags[name]:
                     wrong.append(f"{doc.name}: elmforest {name} {f}")
     assert seen > 30 and not wrong, wrong
+
+
+def test_the_routing_temperature_has_one_name_in_every_verb_and_the_old_one_still_works(verbs, capsys):
+    """`generate` called it --temperature-routing, `serve` --routing-temperature."""
+    shown = {
+        name: {p.opts[0] for p in cmd.params if p.param_type_name == "option"} for name, cmd in verbs.items()
+    }
+    assert "--routing-temperature" in shown["generate"] and "--routing-temperature" in shown["serve"]
+    assert not [name for name, flags in shown.items() if "--temperature-routing" in flags]
+    gen = next(p for p in verbs["generate"].params if "--routing-temperature" in p.opts)
+    assert "--temperature-routing" in gen.opts  # the old name: scripts that used it still run
+    assert main(["generate", "--forest", "nowhere", "--prompt", "x", "--temperature-routing", "0"]) == 2
+    assert "--temperature-routing" in capsys.readouterr().err  # checked like the new name

@@ -162,9 +162,13 @@ def generate(
     cluster_k: Annotated[
         int | None, opt("c-BTM: route each step to the top-k clusters of the context", positive_int)
     ] = None,
-    temperature_routing: Annotated[
+    routing_temperature: Annotated[
         float,
-        opt("c-BTM: T in exp(-distance^2 / T) when routing to clusters (with --cluster-k)", positive_float),
+        opt(
+            "c-BTM: T in exp(-distance^2 / T) when routing to clusters (with --cluster-k)",
+            positive_float,
+            name=("--routing-temperature", "--temperature-routing"),  # the second: its name before serve's
+        ),
     ] = 0.1,
 ) -> None:
     """Sample from a forest's ensemble."""
@@ -179,7 +183,7 @@ def generate(
         weighting=weighting,
         device=device,
         cluster_k=cluster_k,
-        routing_temperature=temperature_routing,
+        routing_temperature=routing_temperature,
     )
     print(prompt + g.text)
     if show_weights and g.weights:

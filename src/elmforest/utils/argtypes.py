@@ -73,11 +73,16 @@ positive_floats.metavar = "X,X,..."
 
 
 def opt(
-    help: str = "", parse: Callable | None = None, *, name: str | None = None, metavar: str | None = None
+    help: str = "",
+    parse: Callable | None = None,
+    *,
+    name: str | tuple[str, ...] | None = None,
+    metavar: str | None = None,
 ):
-    """An option: its help text, and the parser that checks its value (one of the above)."""
+    """An option: its help text, and the parser that checks its value (one of the above); `name`, the
+    flag(s) where the parameter's own name is not it (a tuple: the first shown, the others accepted)."""
     return typer.Option(
-        *([name] if name else []),
+        *((name,) if isinstance(name, str) else name or ()),
         help=help,
         parser=parse,
         metavar=metavar or getattr(parse, "metavar", None),
