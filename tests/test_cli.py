@@ -309,6 +309,12 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     with pytest.raises(UserError, match=r"was run with other settings \(optim.lr: 0.003 -> 0.012\)"):
         quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "optim.lr=0.012"]})
     quickstart(tmp_path / "qs", **{**kw, "overrides": [*kw["overrides"], "train.log_every=5"]})  # operational
+    with pytest.raises(
+        UserError, match=r"planned differently \(expert_lr: .*\); use a new forest \(another --out\)"
+    ):
+        quickstart(
+            tmp_path / "qs", **{**kw, "expert_lr": 0.05}
+        )  # the quickstart's flag, not forest's --forest
     # other BTX steps: the quickstart's own fine-tuned MoE is out of date, trained again (not refused)
     capsys.readouterr()
     longer = quickstart(tmp_path / "qs", **{**kw, "moe_finetune_steps": 3, "dense_continue_lr": 0.01})

@@ -148,6 +148,7 @@ def quickstart(
         f"[4/8] seed: the first {plan.seed_steps} of {plan.total_steps} dense steps "
         f"({plan.batch_size} x {base.train.seq_len} tokens) on {len(names)} domains mixed"
     )
+    btm.check_plan(forest, plan, elsewhere="another --out")  # before train_seed's, which names --forest
     _check_seed_settings(forest, shards, base, plan, out)
     btm.train_seed(forest, shards, base, plan, progress=progress)
     removed = [d for d in names if d in forest.removed]

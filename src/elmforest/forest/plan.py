@@ -103,8 +103,9 @@ def check_expert_names(domains: list[str]) -> None:
             ) from None
 
 
-def check_plan(forest: Forest, plan: Plan) -> None:
-    """A forest is planned once: re-running a phase with another plan would mix two budgets."""
+def check_plan(forest: Forest, plan: Plan, elsewhere: str = "another --forest") -> None:
+    """A forest is planned once: re-running a phase with another plan would mix two budgets.
+    `elsewhere`: how the command that asks names a new forest (the quickstart's is its --out)."""
     old = forest.data.get("plan")
     if old is None:
         return
@@ -114,7 +115,7 @@ def check_plan(forest: Forest, plan: Plan) -> None:
         raise UserError(
             f"{forest.root} was planned differently ("
             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            + "); use a new forest (another --forest) or the same settings"
+            + f"); use a new forest ({elsewhere}) or the same settings"
         )
 
 
