@@ -80,6 +80,16 @@ def test_what_would_fail_inside_torch_is_refused_in_one_line(shards_dir, forest_
              "--set", "train.batch_size=9"],
             "must divide evenly among 2 processes",
         ),
+        (
+            ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "n"), "--preset", "tiny",
+             "--set", "train.seq_len=4096"],
+            "4096 is longer than the model's 2048 positions (max_position_embeddings of preset tiny)",
+        ),
+        (  # the user's own limit is named as theirs, not the preset's
+            ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "n"), "--preset", "tiny",
+             "--set", "model.max_position_embeddings=16"],
+            "64 is longer than the model's 16 positions (model.max_position_embeddings=16 as set)",
+        ),
     ):  # fmt: skip
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
