@@ -415,6 +415,12 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     )
     assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
     assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)
+    ((name, ab),) = res["compute"]["ablation_ledgers"].items()  # its experts itemised, as the main forest's
+    rows = ab["ledger"]
+    assert ab["arms"] == ["cbtm_top1", "cbtm_top2"] and (tmp_path / "qs" / name / "forest.json").is_file()
+    assert sorted(r["name"] for r in rows if r["phase"] == "expert") == ["cluster0", "cluster1"]
+    total = sum(r["flops"] for r in rows if r["phase"] in ("seed", "expert"))
+    assert total == res["compute"]["arms"]["cbtm_top1"] == res["compute"]["arms"]["cbtm_top2"]
     top1 = res["methods"]["cbtm_top1"]
     # top-1 per document: a window holding the end of one document and the start of another runs two
     assert top1["mode"] == "cluster" and 1 / 2 - 1e-9 <= top1["compute"]["fraction_of_full"] < 1

@@ -285,6 +285,12 @@ def compute_summary(forest: Forest, methods: dict, others: dict[str, Forest], ph
             {"phase": "dense", "name": "dense", "flops": arms["dense"], "tokens": tokens},
             *_second_half(forest, arms),
         ],
+        # each ablation forest's rows (random split, clusters; experts branched from the same seed) by
+        # its folder, and the arms it is: their FLOPs itemised as the main forest's are
+        "ablation_ledgers": {
+            f.root.name: {"arms": sorted(n for n, g in others.items() if g is f), "ledger": f.ledger()}
+            for f in {id(f): f for f in others.values()}.values()
+        },
         "arms": arms,
         "methods": method_flops(methods, arms),
         "tolerance": FLOPS_TOLERANCE,
