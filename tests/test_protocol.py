@@ -332,6 +332,13 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
         "c-BTM (top-2) beats dense out-of-domain",
     ]
     assert out[1].endswith("does NOT hold here [NOT compute-matched: 1.200x the dense FLOPs]")
+    # the random-split ablation (`quickstart --split random`), in and out of domain
+    out = findings(res(dense=2.0, random_ensemble=2.1), res(dense=4.0, random_ensemble=3.5), {})
+    assert [f.split(":")[0] for f in out] == [
+        "experts on random splits do not beat dense",
+        "experts on random splits do not beat dense out-of-domain",
+    ]
+    assert out[0].endswith("-> holds") and out[1].endswith("-> does NOT hold here")
     # the ratio is printed finely enough to see the side of the 1% line, and a reference row that
     # trained more is flagged too
     out = findings(res(dense=1.0, dense_tuned=1.0, ensemble=0.9901), None, {"dense_tuned": 1.2})
