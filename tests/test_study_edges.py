@@ -525,3 +525,31 @@ def test_a_sweep_of_another_run_than_the_studys_1x_is_refused(tmp_path):
     for args in ((["a", "b", "c"], 16, 8), (["a", "b"], 32, 8), (["a", "b"], 16, 4)):
         with pytest.raises(UserError, match=r"tuned 16 steps x batch 8 on domains \['a', 'b'\]; this study"):
             _sweep_matches(path, *args, "S")
+
+
+def test_a_sweep_files_lrs_at_the_edge_of_their_grid_are_said_where_the_lrs_come_from(tmp_path):
+    """A study's own sweeps flag a best LR at a grid's edge in the report; one given as a sweep.json
+    file lost the flag (the report named only the file)."""
+    from types import SimpleNamespace
+
+    from elmforest.study.study import _learning_rates
+
+    path = tmp_path / "sweep.json"
+    arms = {
+        "dense": {"best_lr": 0.002, "at_edge": "lowest"},
+        "experts": {"best_lr": 0.008, "at_edge": None, "seed_lr": 0.002},
+        "dense_continue": {"best_lr": 0.064, "at_edge": "highest", "seed_lr": 0.002},
+    }
+    path.write_text(json.dumps(arms))
+    cfg = load_study_config("tiny", [])
+    cfg.sweep = str(path)
+    base = SimpleNamespace(optim=SimpleNamespace(lr=3e-3))
+    dense, expert, cont, source, tuned = _learning_rates(cfg, base, {})
+    assert (dense, expert, cont, tuned) == (0.002, 0.008, 0.064, True)
+    assert source == (
+        f"sweep {path}, the dense LR 0.002 at the lowest of its grid; the dense second half LR 0.064 at the "
+        "highest of its grid: the optimum may lie outside it"
+    )
+    arms["dense"]["at_edge"] = arms["dense_continue"]["at_edge"] = None
+    path.write_text(json.dumps(arms))
+    assert _learning_rates(cfg, base, {})[3] == f"sweep {path}"

@@ -225,6 +225,21 @@ def sweep_continue_lr(path: str | Path) -> float | None:
     return float(best) if best is not None else None
 
 
+def sweep_edges(path: str | Path) -> str:
+    """Which of a sweep.json's best LRs lie at an edge of their grid, said as the report says it for a
+    study's own sweeps ("" where none do): the optimum may lie outside the grid."""
+    from elmforest.utils.io import read_json
+
+    s = read_json(path)
+    names = {"dense": "dense", "experts": "expert", "dense_continue": "dense second half"}
+    said = [
+        f"the {name} LR {float(s[arm]['best_lr']):g} at the {s[arm]['at_edge']} of its grid"
+        for arm, name in names.items()
+        if isinstance(s.get(arm), dict) and s[arm].get("at_edge") and s[arm].get("best_lr") is not None
+    ]
+    return "; ".join(said) + ": the optimum may lie outside it" if said else ""
+
+
 def sweep_lrs(path: str | Path) -> tuple[float, float]:
     """(dense, expert) best LRs of a `elmforest sweep --arm both` result (the study's `sweep`)."""
     from elmforest.utils.io import read_json

@@ -19,7 +19,7 @@ from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
-from elmforest.study.config import StudyConfig, load_study_config, sweep_continue_lr, sweep_lrs
+from elmforest.study.config import StudyConfig, load_study_config, sweep_continue_lr, sweep_edges, sweep_lrs
 from elmforest.study.lrs import budget_lrs
 from elmforest.study.report import write_report
 from elmforest.study.run import (
@@ -142,7 +142,7 @@ def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, fl
     if cfg.sweep:
         dense, expert = sweep_lrs(cfg.sweep)
         cont = sweep_continue_lr(cfg.sweep)
-        source = f"sweep {cfg.sweep}"
+        source = f"sweep {cfg.sweep}" + (f", {edges}" if (edges := sweep_edges(cfg.sweep)) else "")
     if cfg.dense_lr is not None or cfg.expert_lr is not None or cfg.dense_continue_lr is not None:
         source = "given"
     expert = cfg.expert_lr or expert
