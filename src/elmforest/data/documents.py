@@ -9,6 +9,7 @@ reason whichever format it came in.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,13 @@ from elmforest.utils.errors import UserError
 
 class DataError(UserError):
     """Input data that cannot be used; the message names the file and the reason."""
+
+
+def text_key(text: str, size: int = 16) -> bytes:
+    """A document's text as compared: the same text under two ids (a copy in two domains, a crawl's
+    duplicate) has one key. The shards keep 8 bytes per document (millions fit in an array); the
+    leakage and out-of-domain checks 16 (eval/leakage.py, launch/prepare.py)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=size).digest()
 
 
 @dataclass(frozen=True)

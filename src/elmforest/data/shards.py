@@ -31,6 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from elmforest.data.documents import text_key
 from elmforest.data.domain_map import DomainMap, _relabeller
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer, start_warm_up
@@ -288,7 +289,7 @@ def build_shards(
 
 
 def _text_key(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return int.from_bytes(text_key(text, 8), "little")
 
 
 def _held_out_in_train(writers: dict) -> dict:

@@ -18,12 +18,12 @@ share it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 
+from elmforest.data.documents import text_key
 from elmforest.data.readers import iter_documents
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
@@ -35,11 +35,6 @@ _SEEN: dict[tuple, dict | None] = {}
 # (source stamp, split spec, splits, domains, domain map) -> the documents scored
 _READ: dict[tuple, list | None] = {}
 _SAID: set = set()
-
-
-def text_key(text: str) -> bytes:
-    """A document's text, as compared (launch/prepare.py's out-of-domain check uses it too)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def _sources(source) -> list[str]:

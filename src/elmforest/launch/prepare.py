@@ -438,8 +438,8 @@ def check_ood_names(ood_names, train_names) -> None:
 def _shared_with(corpus: Path, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
     """{OOD set: [documents whose text is a document of a training domain, documents]} for the sets with
     any. Only the domains trained on (`names`): a domain left out with --domains is a fair OOD set."""
+    from elmforest.data.documents import text_key as key
     from elmforest.data.readers import iter_documents
-    from elmforest.eval.leakage import text_key as key
 
     keep = set(names)
     train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
