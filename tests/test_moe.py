@@ -669,9 +669,30 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
         sum(p["flops"] for p in Forest.load(root).ledger()) == before + meta["flops"]
     )  # seed + experts + BTX
     assert (ft / "routing.json").is_file() and "Fine-tuned afterwards (BTX)" in (ft / "README.md").read_text()
-    # fine-tuning it again in place would count one run over another in the ledger: refused
+    # fine-tuning it again in place would count one run over another in the ledger: refused; a run
+    # killed after its output was written, before its ledger row and tidying, has both done then
+    from elmforest.merge.moe import export_fingerprint
+
+    left = ft.with_name(f"ft.finetune-run-{export_fingerprint(moe)}")
+    (left / "model").mkdir(parents=True)
+    (left / "metrics.jsonl").write_text('{"step": 3}\n')
+    kept = json.loads((root / "forest.json").read_text())
+    row = [p for p in kept["ledger"] if p.get("phase") == "btx_finetuning" and p.get("name") == "ft"]
+    (root / "forest.json").write_text(
+        json.dumps({**kept, "ledger": [p for p in kept["ledger"] if p not in row]})
+    )
     assert main(["merge", "finetune", "--model", str(ft), "--steps", "1", "--shards", str(shards_dir)]) == 2
     assert "already fine-tuned" in capsys.readouterr().err
+    again_row = [p for p in Forest.load(root).ledger() if p.get("phase") == "btx_finetuning"]
+    assert [(p["tokens"], p["flops"]) for p in again_row] == [(p["tokens"], p["flops"]) for p in row]
+    assert not left.exists()
+    # a run the trainer refuses (a --trainable that matches nothing) leaves no scratch run, and the
+    # forest no record of an output never written
+    bad = [*argv[:7], str(tmp_path / "ft3"), *argv[8:], "--trainable", "nomatch", "--no-progress"]
+    assert main(bad) == 2 and "matches no parameter" in capsys.readouterr().err
+    assert not list(tmp_path.glob("ft3*"))
+    recorded = json.loads((root / "forest.json").read_text()).get("outputs", [])
+    assert not [o for o in recorded if "ft3" in o["path"]]
     # fine-tuned again into another folder: the card and record keep the first run
     again = tmp_path / "ft2"
     assert (
@@ -688,12 +709,16 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
                 *argv[8:],
                 "--no-progress",
                 "--no-routing",
+                "--set",
+                "train.frozen_experts=[0]",
             ]
         )
         == 0
     )
     card = (again / "README.md").read_text()
     assert "Fine-tuned afterwards (BTX) for 3 steps" in card and "Fine-tuned again (BTX) for 1 steps" in card
+    assert "every parameter trained (experts 0 held frozen)" in card  # the record says what trained
+    assert json.loads((again / "elmforest_moe.json").read_text())["finetuning"]["frozen_experts"] == [0]
     assert json.loads((again / "elmforest_moe.json").read_text())["finetuning"]["previous"]["steps"] == 3
     # a fresh merge written over the fine-tuned model would discard its training: refused; over a
     # merge whose router was trained, --train-router again is a rerun, and a plain one is refused
@@ -705,8 +730,6 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert "(BTX fine-tuning (3 steps)); fine-tuning into it would discard" in capsys.readouterr().err
     stamp = (ft / "elmforest_moe.json").stat().st_mtime_ns  # the same run again: kept, not trained again
     # killed after the result was written, before its scratch run (a copy of the experts) was deleted
-    from elmforest.merge.moe import export_fingerprint
-
     left = ft.with_name(f"ft.finetune-run-{export_fingerprint(moe)}")
     (left / "model").mkdir(parents=True)
     (left / "metrics.jsonl").write_text('{"step": 3}\n')

@@ -295,6 +295,12 @@ def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pair
     write_text_atomic(writer.tmp / "README.md", model_card(meta))
 
 
+def _frozen(record: dict) -> str:
+    """The experts a training held frozen (`--set train.frozen_experts=[...]`), said in the card."""
+    frozen = record.get("frozen_experts") or []
+    return f" (experts {', '.join(map(str, frozen))} held frozen)" if frozen else ""
+
+
 def model_card(meta: dict) -> str:
     shared = (
         "the **average of the experts'** (BTX: Sukhbaatar et al. 2024)"
@@ -344,7 +350,7 @@ def model_card(meta: dict) -> str:
             lines.append(
                 f"- Fine-tuned {'afterwards' if i == 0 else 'again'} (BTX) for {ft['steps']} steps of "
                 f"{ft.get('batch_size', '?')} sequences on {ft['data']}: {ft.get('trainable') or 'every parameter'} "
-                f"trained, load-balancing loss x {ft.get('router_aux_loss', 0):g}, router z-loss x "
+                f"trained{_frozen(ft)}, load-balancing loss x {ft.get('router_aux_loss', 0):g}, router z-loss x "
                 f"{ft.get('router_z_loss', 0):g}."
             )
     if meta["excluded"] or meta["opted_out"]:

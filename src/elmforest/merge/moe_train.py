@@ -128,6 +128,10 @@ def _train_moe(
         raise UserError(f"{moe_dir}: not a merged MoE (no elmforest_moe.json; made by `elmforest merge moe`)")
     meta = read_json(moe_dir / "elmforest_moe.json")
     if kind == "finetuning" and out.resolve() == moe_dir.resolve() and "finetuning" in meta:
+        # a run killed after its output was written, before its ledger row and tidying: both done now
+        _ledger(meta, kind, meta[kind], out)
+        if meta[kind].get("run") is None and meta[kind].get("from_fingerprint"):
+            _tidy(out, _scratch(out, kind, meta[kind]["from_fingerprint"]), meta, moe_dir)
         raise UserError(
             f"{moe_dir} is already fine-tuned; fine-tune it into another --out (the ledger counts each run once)"
         )
@@ -187,7 +191,13 @@ def _train_moe(
     if not keep:
         _drop_other_runs(out, tag, run_dir, meta, moe_dir)
     _record_copies(meta, run_dir, out, tag, moe_dir)
-    summary = train(cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx")
+    try:
+        summary = train(
+            cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx"
+        )
+    except UserError:  # refused before training (a --trainable that matches nothing): nothing to keep
+        _unrecord_if_untouched(meta, run_dir, out, moe_dir)
+        raise
 
     record = {
         "steps": steps,
@@ -196,6 +206,7 @@ def _train_moe(
         "data": str(sh.root),
         "domains": domains,
         "trainable": cfg.train.trainable,
+        "frozen_experts": list(cfg.train.frozen_experts),
         "router_aux_loss": cfg.train.router_aux_loss,
         "router_z_loss": cfg.train.router_z_loss,
         "tokens": summary["tokens"],
@@ -312,6 +323,17 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Pat
     for forest, names in _forests_of(meta, moe_dir):
         forest.record_output(run_dir, kind, names)
         forest.record_output(out, "moe", names)
+
+
+def _unrecord_if_untouched(meta: dict, run_dir: Path, out: Path, moe_dir: Path) -> None:
+    """_record_copies undone for a run the trainer refused before writing anything: the folder held only
+    its marker and the forests recorded it and an `out` never written."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {SOURCE_MARKER}:
+        return
+    remove_path(run_dir)
+    _forget(meta, run_dir, moe_dir)
+    if not (out / "elmforest_moe.json").is_file():
+        _forget(meta, out, moe_dir)
 
 
 LOGS = ("metrics.jsonl", "valid.jsonl", "summary.json", "trackers.json", "tensorboard", "wandb", "mlruns")

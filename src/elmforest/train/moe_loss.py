@@ -1,7 +1,9 @@
 """The router losses of a mixture-of-experts model in training (BTX fine-tuning of a merged forest).
 
 Load balancing: the Switch Transformer's auxiliary loss (Fedus et al. 2021), E * sum_e f_e * P_e with f_e
-the share of top-k slots expert e takes and P_e its mean router probability, computed by transformers'
+the tokens routed to expert e in any of their k slots over all tokens (so f sums to k, and perfectly
+balanced routing scores k: 2 at top-2, where Switch's top-1 scores 1; a coefficient taken from Switch
+weighs twice as much at top-2) and P_e its mean router probability, computed by transformers'
 `load_balancing_loss_func` (the one its MoE models add when `output_router_logits` is on). Router z-loss
 (ST-MoE, Zoph et al. 2022): the mean over tokens and layers of logsumexp(router logits)^2, which keeps
 the logits small; transformers has no shared function for it, so it is the one line below.
