@@ -32,6 +32,9 @@ STEPS = 300
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
+    # ray.init installs its own SIGTERM handler and sets environment variables, and shutdown leaves both:
+    # put back for the tests this worker process runs next (pytest-xdist: any test may follow)
+    handler, env = signal.getsignal(signal.SIGTERM), dict(os.environ)
     # a fresh instance of its own, also where a cluster already runs on this machine (`ray start --head`)
     ray.init(
         address="local",
@@ -42,6 +45,9 @@ def ray_cluster():
     )
     yield
     ray.shutdown()
+    signal.signal(signal.SIGTERM, handler)
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _plan(shards_dir):
@@ -206,7 +212,9 @@ def test_lr_sweep_on_ray_matches_the_local_sweep(ray_cluster, shards_dir, tmp_pa
         for a, b in zip(local[arm]["points"], remote[arm]["points"], strict=True):
             assert a["valid_mean_bpb"] == pytest.approx(b["valid_mean_bpb"], abs=1e-6)
     pids = {(p / "runs" / "dense" / "worker.pid").read_text() for p in (tmp_path / "ray" / "dense").iterdir()}
-    assert len(pids) >= 2  # the dense points ran in more than one worker
+    assert (
+        pids and str(os.getpid()) not in pids
+    )  # in Ray workers (how many: timing, a loaded host reuses one)
 
 
 def test_local_workers_keep_job_order_and_name_a_failed_job(tmp_path):
