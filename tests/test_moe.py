@@ -782,3 +782,35 @@ def test_an_expert_with_nan_weights_is_refused_by_name_not_merged_into_nan(fores
             [dirs[0], bad], tmp_path / "out", method=method, base_dir=resolve_model_dir(f.seed_dir)
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_integer_tensors_are_copied_not_averaged_and_must_agree(tmp_path):
+    """A checkpoint's integer tensor (saved position ids) averaged in float and cast back lost one
+    wherever the weighted sum fell just below a whole number: 365 of 2048 at weights 0.7/0.2/0.1."""
+    from safetensors.torch import save_file
+
+    from elmforest.merge.average import iter_merge
+    from elmforest.utils.errors import UserError
+
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.arange(2048), torch.rand(7, generator=g) > 0.5
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"e{i}"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        save_file(
+            {"w": torch.randn(3, 4, generator=g), "position_ids": ids, "mask": mask},
+            str(d / "model.safetensors"),
+        )
+        dirs.append(d)
+    for method, extra in (("linear", {}), ("ties", {"base_dir": dirs[0], "density": 0.5})):
+        got = dict(iter_merge(dirs, [0.7, 0.2, 0.1], method, **extra))
+        assert got["position_ids"].dtype == torch.int64 and torch.equal(got["position_ids"], ids), method
+        assert got["mask"].dtype == torch.bool and torch.equal(got["mask"], mask)
+    save_file(
+        {"w": torch.zeros(3, 4), "position_ids": ids.flip(0), "mask": mask},
+        str(dirs[2] / "model.safetensors"),
+    )
+    with pytest.raises(UserError, match=r"tensor position_ids \(torch.int64\) differs between .*e0 and .*e2"):
+        dict(iter_merge(dirs, [0.7, 0.2, 0.1]))

@@ -65,6 +65,9 @@ def iter_merge(
                 raise UserError(f"{base_dir}: base model lacks tensors {missing[:3]}; not the experts' seed?")
         for name in names:
             first = experts[0].get(name)
+            if not first.is_floating_point():  # position ids, masks, counters: not weights to average
+                yield name, _same_everywhere(name, first, model_dirs, experts, base)
+                continue
 
             def tensors(name=name, first=first):
                 yield _finite(first, name, model_dirs[0])
@@ -81,6 +84,21 @@ def iter_merge(
                     raise UserError(f"tensor {name}: base shape {tuple(b.shape)} vs {tuple(first.shape)}")
                 kw["base"] = _finite(b, name, base_dir)
             yield name, fn(tensors(), w, **kw).to(first.dtype)
+
+
+def _same_everywhere(name, first, model_dirs, experts, base) -> torch.Tensor:
+    """An integer or bool tensor, copied as it is where every input holds it alike: averaged in float and
+    cast back it lost one wherever the weighted sum fell just below a whole number (uneven weights)."""
+    others = [(d, e.get(name)) for d, e in zip(model_dirs[1:], experts[1:], strict=True)]
+    if base is not None and name in base:
+        others.append(("the base model", base.get(name)))
+    for d, t in others:
+        if t.dtype != first.dtype or t.shape != first.shape or not torch.equal(t, first):
+            raise UserError(
+                f"tensor {name} ({first.dtype}) differs between {model_dirs[0]} and {d}: a non-float tensor "
+                "is not a weight to average; the experts must hold the same one"
+            )
+    return first
 
 
 def iter_average(
