@@ -430,6 +430,23 @@ def test_forest_average_cli_with_ties(forest_dir, tmp_path):
     assert meta["method"] == "ties" and meta["params"] == {"scale": 0.9, "density": 0.5}
 
 
+def test_forest_average_refuses_options_of_another_mode_it_would_ignore(forest_dir, tmp_path, capsys):
+    """`--data --domain` without `--weights posterior` gave a uniform average, `--density` outside TIES
+    did nothing, each without a word (`--scale` outside its methods was refused)."""
+    from elmforest.cli import main
+
+    argv = ["forest", "average", "--forest", str(forest_dir), "--out", str(tmp_path / "a")]
+    for extra, said in (
+        (["--data", str(tmp_path), "--domain", "code"], "--data, --domain choose(s) the posterior weights"),
+        (["--prior-batches", "5"], "--prior-batches choose(s) the posterior weights"),
+        (["--method", "task_arithmetic", "--density", "0.5"], "--density applies to --method ties"),
+        (["--density", "0.5"], "--density applies to --method ties, not --method linear"),
+    ):
+        assert main([*argv, *extra]) == 2, extra
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_failed_export_leaves_the_old_output_and_no_temp(forest_dir, tmp_path, monkeypatch):
     import elmforest.merge.moe as moe_mod
 

@@ -168,6 +168,18 @@ def average(
     refuse_inside_forest(out)
     if method not in NEEDS_BASE and scale != 1.0:
         raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
+    if method != "ties" and density != 0.2:  # options of another mode were ignored without a word
+        raise UserError(f"--density applies to --method ties, not --method {method}")
+    if weights != "posterior" and (data or domain or prior_batches != 20):
+        given = [
+            f
+            for f, v in (("--data", data), ("--domain", domain), ("--prior-batches", prior_batches != 20))
+            if v
+        ]
+        raise UserError(
+            f"{', '.join(given)} choose(s) the posterior weights: add --weights posterior (the weights are "
+            f"{weights!r} now)"
+        )
     if method in NEEDS_BASE and forest.seed_dir is None:
         raise UserError(f"--method {method} merges updates relative to the seed; {forest.root} has none")
     if weights == "posterior" and not (data and domain):
