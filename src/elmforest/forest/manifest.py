@@ -66,8 +66,9 @@ def _not_a_copy(d: dict, entry: dict, force: bool) -> None:
     if twin := next((e["name"] for e in d["experts"] if e["name"] != name and e.get("files") == files), None):
         if entry["tokens"] or entry["flops"]:
             print(
-                f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one training run, "
-                f"counted once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger",
+                f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one model, counted "
+                f"once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger (a run that "
+                "trained the same weights again is not counted)",
                 file=sys.stderr,
             )
         entry.update(tokens=0, flops=0, copy_of=twin)
