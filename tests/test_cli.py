@@ -400,12 +400,16 @@ def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path
 
 def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     """2 clusters of 3 domains: the dense batch (8, rounded to 9 for the domains) divided by neither, and
-    the run failed once everything else had trained; it is a multiple of both from the start."""
+    the run failed once everything else had trained; it is a multiple of both from the start. Scored at
+    the precision asked for (train.precision), which the evaluation took as "auto" while the log said it."""
+    from elmforest.utils.device import cpu_supports_bf16
+
+    want = "fp32" if cpu_supports_bf16() else "bf16"  # what "auto" would not choose on this host
     res = quickstart(
         tmp_path / "qs",
         preset="tiny",
         corpus=corpus,
-        overrides=["train.steps=20"],
+        overrides=["train.steps=20", f"train.precision={want}"],
         progress=False,
         split="clusters",
         clusters=2,
@@ -414,6 +418,9 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
         moe_finetune_steps=0,
     )
     assert {"cbtm_top1", "cbtm_top2"} <= set(res["methods"])
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[want]
+    assert {m: r["precision"] for m, r in res["methods"].items()} == {m: dtype for m in res["methods"]}
+    assert res["protocol"]["precision"].startswith(want)
     assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)
     ((name, ab),) = res["compute"]["ablation_ledgers"].items()  # its experts itemised, as the main forest's
     rows = ab["ledger"]

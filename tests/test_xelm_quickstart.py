@@ -388,3 +388,20 @@ def test_every_language_is_judged_by_the_quickstarts_tie_rule_and_its_compute():
     assert "does NOT hold: worse in fra" in by["worse"]
     assert ": holds (" in by["better"] and "NOT compute-matched" not in by["better"]
     assert ": holds (" in by["far"] and by["far"].endswith("[NOT compute-matched: 1.500x the dense FLOPs]")
+
+
+def test_the_scorer_scores_at_the_runs_precision_not_auto(xelm_run):
+    """The quickstart's log states train.precision; its scores were made at "auto" whatever it was."""
+    import torch
+
+    from elmforest.data.shards import Shards
+    from elmforest.utils.device import cpu_supports_bf16
+    from elmforest.xelm.evaluate import Scorer
+
+    out, res = xelm_run
+    want = "fp32" if cpu_supports_bf16() else "bf16"  # what "auto" would not choose on this host
+    sc = Scorer(Shards(out / "shards"), 2000, 1, 32, device="cpu", precision=want)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[want]
+    assert sc.model(out / "forest" / "runs" / "dense" / "model", res["languages"][:2])["precision"] == dtype
+    f = Forest.load(out / "forest-k2")
+    assert sc.pool(f, f.names).amp == (None if want == "fp32" else torch.bfloat16)

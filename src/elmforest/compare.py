@@ -39,7 +39,12 @@ def evaluate_methods(
 
     def pool(name: str, f: Forest) -> ExpertPool:
         if name not in pools:
-            pools[name] = make_pool(f, batch_size=common["batch_size"])
+            pools[name] = make_pool(
+                f,
+                batch_size=common["batch_size"],
+                device=common.get("device", "auto"),
+                precision=common.get("precision", "auto"),
+            )
         return pools[name]
 
     methods: dict[str, dict] = {}

@@ -192,7 +192,8 @@ def quickstart(
         models = {"dense_tuned": dense_tuned(forest, c_lr, progress, log), **models}
 
     common = {"split": "test", "domains": names, "seq_len": base.train.seq_len, "batch_size": 16}
-    common["max_bytes"] = eval_bytes
+    # scored where and how the precision line says (train.device / train.precision), not "auto"
+    common |= {"max_bytes": eval_bytes, "device": base.train.device, "precision": base.train.precision}
     log(
         f"[7/8] evaluating on each domain's test split (the first whole documents within {eval_bytes:,} "
         f"bytes; cached priors from up to {prior_batches} valid batches)"

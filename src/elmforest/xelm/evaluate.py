@@ -44,9 +44,18 @@ def typology_weights(
 class Scorer:
     """Scores shared by every table: same split, bytes and windows; one expert pool per expert set."""
 
-    def __init__(self, shards: Shards, eval_bytes: int, prior_batches: int, seq_len: int):
+    def __init__(
+        self,
+        shards: Shards,
+        eval_bytes: int,
+        prior_batches: int,
+        seq_len: int,
+        device: str = "auto",
+        precision: str = "auto",
+    ):
         self.shards, self.prior_batches, self.pools = shards, prior_batches, {}
         self.common = {"split": "test", "seq_len": seq_len, "batch_size": 16, "max_bytes": eval_bytes}
+        self.common |= {"device": device, "precision": precision}  # as the quickstart's precision line says
 
     def model(self, path, domains: list[str]) -> dict:
         return evaluate_shards(load_model(path), self.shards, progress=False, domains=domains, **self.common)
@@ -54,7 +63,9 @@ class Scorer:
     def pool(self, f: Forest, experts: list[str]):
         key = (str(f.root), tuple(experts))
         if key not in self.pools:
-            pool = make_pool(f, experts, batch_size=16)
+            pool = make_pool(
+                f, experts, batch_size=16, device=self.common["device"], precision=self.common["precision"]
+            )
             for (root, names), other in self.pools.items():  # experts already run on these texts
                 if root == key[0] and set(names) & set(experts):
                     pool.adopt(other)
@@ -103,11 +114,13 @@ def evaluate_all(
     seq_len,
     others=None,
     mixture: str = "uniform",
+    device: str = "auto",
+    precision: str = "auto",
 ):
     """Every table of results.json: `methods` (first-round languages), `added` (the second round),
     the FLOPs of each arm, per-language gains and the findings. `others`: the tf-idf cluster forests
     (scored with the posterior and with c-BTM's routing by distance to the cluster centres, top-1)."""
-    sc = Scorer(shards, eval_bytes, prior_batches, seq_len)
+    sc = Scorer(shards, eval_bytes, prior_batches, seq_len, device, precision)
     dense_dir = forest.root / "runs" / "dense" / "model"
     methods = {"dense": sc.model(dense_dir, langs), "seed": sc.model(forest.seed_dir, langs)}
     dense_flops = read_json(forest.root / "runs" / "dense" / "summary.json")["flops"]

@@ -181,6 +181,8 @@ def quickstart_xelm(
         base.train.seq_len,
         others,
         base.data.mixture,
+        base.train.device,
+        base.train.precision,
     )
     results.update(
         {
