@@ -177,3 +177,22 @@ def test_a_grouping_file_with_the_users_language_codes_reads_as_the_shards_spell
     assert load_grouping(f, {"deu", "fra", "rus"}) == {"g0": ["deu", "fra"], "g1": ["rus"]}
     assert load_grouping(f, {"de", "fra", "ru"}) == {"g0": ["de", "fra"], "g1": ["ru"]}
     assert load_grouping(f) == {"g0": ["deu", "fra"], "g1": ["rus"]}
+
+
+def test_a_sweep_score_made_on_another_device_or_precision_is_made_again(shards_dir, tmp_path, monkeypatch):
+    """The sweep's valid.json was keyed without where it was scored: a sweep resumed on a CPU without
+    bf16 (or a GPU) compared its new points with the old ones' bf16 scores. A score from before the key
+    was recorded is taken as made here, as the study's cache takes it."""
+    from elmforest.launch import sweep_results as sr
+
+    monkeypatch.setattr(sr, "scored_on", lambda: "cpu/bfloat16")
+    key = sr._key(Shards(shards_dir), ["code"], 32, 1000)
+    assert key["scored_on"] == "cpu/bfloat16"
+    path = tmp_path / "valid.json"
+    scores = {"valid_mean_bpb": 3.0, "domains": {"code": 3.0}, "max_bytes": 1000}
+    path.write_text(json.dumps({**scores, **key}))
+    assert sr._cached(path, key) == scores
+    monkeypatch.setattr(sr, "scored_on", lambda: "cpu/float32")
+    assert sr._cached(path, sr._key(Shards(shards_dir), ["code"], 32, 1000)) is None
+    path.write_text(json.dumps({**scores, **{k: v for k, v in key.items() if k != "scored_on"}}))
+    assert sr._cached(path, sr._key(Shards(shards_dir), ["code"], 32, 1000)) == scores

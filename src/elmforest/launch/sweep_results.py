@@ -14,6 +14,7 @@ from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest.manifest import Forest
 from elmforest.model.build import load_model
+from elmforest.utils.device import scored_on
 from elmforest.utils.errors import Diverged, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -62,7 +63,8 @@ def _cached(path: Path, key: dict) -> dict | None:
     call's scores)."""
     if path.is_file():
         got = read_json(path)
-        if all(got.get(k) == v for k, v in key.items()):
+        # a score made before "scored_on" was recorded: taken as made here, as the study's cache does
+        if all(got.get(k) == v for k, v in key.items() if k != "scored_on" or k in got):
             return _point(got)
     return None
 
@@ -79,6 +81,7 @@ def _key(shards: Shards, domains: list[str], seq_len: int, max_bytes, experts=No
         "scored_domains": list(domains),
         "seq_len": seq_len,
         "groups": experts,
+        "scored_on": scored_on(),  # device and precision: a sweep resumed elsewhere scores again
     }
 
 

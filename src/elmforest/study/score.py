@@ -27,6 +27,7 @@ from elmforest.launch.prepare import ood_stamp
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
+from elmforest.utils.device import scored_on
 from elmforest.utils.errors import Diverged, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -69,15 +70,6 @@ def _entry_keys(
         for s, sk in sets.items()
         if s != "valid" or a != "btm"  # valid: the dense_tuned choice only
     }
-
-
-def scored_on() -> str:
-    """Where and in what precision this process scores ("cpu/bfloat16"): a study moved to another machine
-    (a GPU, a CPU without bf16) scores again rather than compare its points across precisions."""
-    from elmforest.utils.device import resolve_device, resolve_precision
-
-    dev = resolve_device("auto")
-    return f"{dev.type}/{str(resolve_precision('auto', dev) or 'float32').removeprefix('torch.')}"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:

@@ -80,3 +80,11 @@ def init_distributed(device: str) -> tuple[int, int, bool]:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         owns = True
     return dist.get_rank(), dist.get_world_size(), owns
+
+
+def scored_on() -> str:
+    """Where and in what precision this process scores by default ("cpu/bfloat16"), part of the score
+    caches' keys (a study's, a sweep's): one moved to another machine (a GPU, a CPU without bf16) scores
+    again rather than compare its points across precisions."""
+    dev = resolve_device("auto")
+    return f"{dev.type}/{str(resolve_precision('auto', dev) or 'float32').removeprefix('torch.')}"
