@@ -299,6 +299,21 @@ def test_a_diverged_dense_tuned_run_is_its_dense_run_said_so_and_not_trained_aga
     assert main(argv) == 0, capsys.readouterr()
     runs = json.loads((out / "study.json").read_text())["runs"]
     assert not any(r.get("diverged") for r in runs) and "diverged" not in (out / "report.md").read_text()
+    # an analysis that fails (or is killed) leaves the last finished study.json, the runs beside it
+    from elmforest.study import study as study_mod
+
+    real_analyse, finished = study_mod.analyse, (out / "study.json").read_text()
+
+    def broken(*a, **k):
+        raise RuntimeError("the fit failed")
+
+    monkeypatch.setattr(study_mod, "analyse", broken)
+    with pytest.raises(RuntimeError, match="the fit failed"):
+        main(argv)
+    assert (out / "study.json").read_text() == finished  # --analyse-only still has it to work from
+    assert len(json.loads((out / "study.partial.json").read_text())["runs"]) == len(runs)
+    monkeypatch.setattr(study_mod, "analyse", real_analyse)
+    assert main(argv) == 0 and not (out / "study.partial.json").exists()
 
 
 def test_an_older_score_cache_is_reused_only_where_each_score_s_own_key_holds(tmp_path):

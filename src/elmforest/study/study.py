@@ -221,6 +221,9 @@ def _write_fits(out: Path, study: dict, fits: dict, log) -> None:
         log(f"  caveat: {fits['caveat']}")
 
 
+PARTIAL = "study.partial.json"  # the runs of a study whose analysis has not finished
+
+
 def reanalyse(out: str | Path, log=print) -> dict:
     """The fits, findings and report again from a finished study's study.json (after a change to the
     analysis, or with other n_boot / ci: `--set` them), without training or scoring anything."""
@@ -382,7 +385,9 @@ def _study(
     ):
         recs = [r for r in recs if r["arm"] != "dense_tuned"]  # nothing tuned, nothing trained: no such arm
         continue_lr = None
-    write_json_atomic(out / "study.json", strict_json({"config": given, "runs": recs}))  # kept if a fit fails
+    # the runs as scored, kept if the analysis fails; beside study.json, not over it: a study extended
+    # (more seeds) and killed while it fits kept neither its last finished record nor a new one
+    write_json_atomic(out / PARTIAL, strict_json({"config": given, "runs": recs}))
     fits = analyse(recs, cfg)
     first = read_json(runs_dir / points[0].tag / "runs" / "dense" / "summary.json")
     one_x = [r for r in recs if r["axis"] == "main" and r["budget"] == 1.0 and r["arm"] == "dense"]
@@ -414,5 +419,6 @@ def _study(
     }
     write_json_atomic(out / "study.json", strict_json(study))
     _write_fits(out, study, fits, log)
+    (out / PARTIAL).unlink(missing_ok=True)
     log(f"study done in {study['seconds'] / 60:.1f} min: {out / 'report.md'}")
     return {"study": study, "fits": fits}
