@@ -568,3 +568,28 @@ def test_a_sweep_files_lrs_at_the_edge_of_their_grid_are_said_where_the_lrs_come
     arms["dense"]["at_edge"] = arms["dense_continue"]["at_edge"] = None
     path.write_text(json.dumps(arms))
     assert _learning_rates(cfg, base, {})[3] == f"sweep {path}"
+
+
+def test_the_studys_progress_lines_reach_its_output_while_the_driver_runs_a_job(tmp_path):
+    """With one worker the driver runs each job itself, its fd 1 and sys.stdout pointed at the job's
+    log meanwhile: the progress thread's lines went into whichever job.log was open."""
+    import subprocess
+    import sys
+
+    script = (
+        "import contextlib, sys\n"
+        "from pathlib import Path\n"
+        "from elmforest.launch.jobs import logged\n"
+        "from elmforest.study.study import _driver_log\n"
+        "print('before', flush=True)\n"
+        "with contextlib.ExitStack() as stack:\n"
+        "    log = _driver_log(stack)\n"
+        "    logged(Path(sys.argv[1]), 'x', None, lambda f: log('study: 1/2 runs'))\n"
+        "    log('after')\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "job")], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["before", "study: 1/2 runs", "after"]
+    assert "study:" not in (tmp_path / "job" / "job.log").read_text()

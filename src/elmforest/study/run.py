@@ -194,7 +194,10 @@ class Progress:
 
     def _loop(self):
         while not self.stop.wait(self.every):
-            self.log(self.line())
+            try:
+                self.log(self.line())
+            except (OSError, ValueError):  # the output closed as the study ended: nothing left to say
+                return
 
     def __enter__(self):
         threading.Thread(target=self._loop, daemon=True).start()

@@ -9,8 +9,12 @@ naming the fields, while budgets, seeds and axes may be added.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -254,7 +258,37 @@ def run_study(
 ) -> dict:
     """One study at a time in a folder: a second one started beside it would prepare the same data and
     train the same runs, and fail later on their run locks; it is refused at once instead."""
-    log = log or functools.partial(print, flush=True)  # progress lines reach a redirected log as they come
+    with contextlib.ExitStack() as stack:
+        log = log or _driver_log(stack)
+        return _run_study(
+            source, out, overrides, executor, address, cpus_per_job, gpus_per_job, progress, log, every,
+            analyse_only,
+        )  # fmt: skip
+
+
+def _driver_log(stack: contextlib.ExitStack):
+    """print() to this process's output as it is when the study starts, flushed per line (a redirected log
+    gets the progress lines as they come). A job the driver runs itself (one worker) points fd 1 and
+    sys.stdout at its job.log meanwhile, and the progress thread's lines went there: so a copy of fd 1
+    (launch/progress.py's monitor keeps the terminal the same way), or the stream object itself where it
+    is none (a test's capture)."""
+    stream = sys.stdout
+    try:
+        if stream.fileno() == 1:
+            stream = stack.enter_context(os.fdopen(os.dup(1), "w", buffering=1))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+    def log(*args, **kw):
+        sys.stdout.flush()  # what lower layers printed before this line, before it (pipes buffer)
+        print(*args, **kw, file=stream, flush=True)
+
+    return log
+
+
+def _run_study(
+    source, out, overrides, executor, address, cpus_per_job, gpus_per_job, progress, log, every, analyse_only
+) -> dict:
     t0 = time.perf_counter()
     cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
     out = Path(out).resolve()  # absolute: jobs on a Ray cluster run in the worker's directory
