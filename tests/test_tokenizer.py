@@ -109,3 +109,27 @@ def test_a_checkpoints_own_end_token_travels_with_its_shards_and_a_mismatch_is_r
     evaluate(
         model, tmp_path / "s_model", split="test", seq_len=64, device="cpu", progress=False, max_bytes=2000
     )
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_save_cut_between_its_files_leaves_no_tokenizer_json(tmp_path, monkeypatch, loaded):
+    """tokenizer.json is what a rerun looks for (launch/prepare.py): written first, a kill before its
+    config left a tokenizer without tokenizer_config.json (no eos for AutoTokenizer) for good."""
+    from elmforest.data import tokenizer as tokmod
+
+    tok = train_bpe(["hello world", "def f(x): return x"] * 20, vocab_size=280)
+    if loaded:  # written back from its files, as a checkpoint's tokenizer is
+        save_tokenizer(tok, tmp_path / "src")
+        tok = load_tokenizer(tmp_path / "src")
+    real, calls = tokmod.atomic_path, []
+
+    def killed_at_the_second(path):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # SIGKILL, as far as the files on disk go
+        return real(path)
+
+    monkeypatch.setattr(tokmod, "atomic_path", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_tokenizer(tok, tmp_path / "out")
+    assert calls[-1] == "tokenizer.json" and not (tmp_path / "out" / "tokenizer.json").exists()

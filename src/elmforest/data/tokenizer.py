@@ -207,18 +207,20 @@ def save_tokenizer(tok: LoadedTokenizer, out_dir: str | os.PathLike) -> None:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in tok.files.items():
+    # tokenizer.json last: callers take it as the sign the tokenizer is saved (launch/prepare.py), so a
+    # kill between the files leaves none of it there, not one without its config for good
+    for name, data in sorted(tok.files.items(), key=lambda kv: kv[0] == "tokenizer.json"):
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(data)
     if tok.hf:
         return
-    if "tokenizer.json" not in tok.files:
-        with atomic_path(out / "tokenizer.json") as tmp:
-            tok.tokenizer.save(str(tmp))
     if "tokenizer_config.json" not in tok.files:
         cfg = _own_config(tok.tokenizer.id_to_token(tok.eos_id))
         with atomic_path(out / "tokenizer_config.json") as tmp:
             tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    if "tokenizer.json" not in tok.files:
+        with atomic_path(out / "tokenizer.json") as tmp:
+            tok.tokenizer.save(str(tmp))
 
 
 def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
