@@ -479,7 +479,7 @@ def test_the_dense_runs_second_half_lr_and_whether_it_was_tuned():
     """cpu-small carries a swept LR for the dense runs' second half (the dense_tuned arm); a preset
     without one (tiny, btm-*) stands the expert LR in and says it is not tuned; a given one is tuned."""
     from elmforest.model.presets import preset_run_config
-    from elmforest.study.study import _learning_rates
+    from elmforest.study.lrs import learning_rates as _learning_rates
 
     def lrs(preset, **given):
         cfg = load_study_config("tiny", [f"preset={preset}", *(f"{k}={v}" for k, v in given.items())])

@@ -532,7 +532,7 @@ def test_a_refused_config_does_not_bind_the_out_folder_to_itself(tmp_path, capsy
 
 
 def test_a_sweep_of_another_run_than_the_studys_1x_is_refused(tmp_path):
-    from elmforest.study.study import _sweep_matches
+    from elmforest.study.lrs import sweep_matches as _sweep_matches
 
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({"domains": ["b", "a"], "plan": {"total_steps": 16, "batch_size": 8}}))
@@ -547,7 +547,7 @@ def test_a_sweep_files_lrs_at_the_edge_of_their_grid_are_said_where_the_lrs_come
     file lost the flag (the report named only the file)."""
     from types import SimpleNamespace
 
-    from elmforest.study.study import _learning_rates
+    from elmforest.study.lrs import learning_rates as _learning_rates
 
     path = tmp_path / "sweep.json"
     arms = {
@@ -580,7 +580,7 @@ def test_the_studys_progress_lines_reach_its_output_while_the_driver_runs_a_job(
         "import contextlib, sys\n"
         "from pathlib import Path\n"
         "from elmforest.launch.jobs import logged\n"
-        "from elmforest.study.study import _driver_log\n"
+        "from elmforest.launch.jobs import driver_log as _driver_log\n"
         "print('before', flush=True)\n"
         "with contextlib.ExitStack() as stack:\n"
         "    log = _driver_log(stack)\n"

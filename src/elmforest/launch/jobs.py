@@ -9,6 +9,7 @@ finished expert is merged exactly once.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import traceback
@@ -177,6 +178,26 @@ def logged(run_dir: Path, label: str, threads: int | None, work, log_name: str =
             raise
         finally:
             torch.set_num_threads(before)  # a job run in the driver leaves the driver's threads as they were
+
+
+def driver_log(stack: contextlib.ExitStack):
+    """print() to this process's output as it is now (a study's, for its whole run), flushed per line (a redirected log
+    gets the progress lines as they come). A job the driver runs itself (one worker) points fd 1 and
+    sys.stdout at its job.log meanwhile, and the progress thread's lines went there: so a copy of fd 1
+    (launch/progress.py's monitor keeps the terminal the same way), or the stream object itself where it
+    is none (a test's capture)."""
+    stream = sys.stdout
+    try:
+        if stream.fileno() == 1:
+            stream = stack.enter_context(os.fdopen(os.dup(1), "w", buffering=1))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+    def log(*args, **kw):
+        sys.stdout.flush()  # what lower layers printed before this line, before it (pipes buffer)
+        print(*args, **kw, file=stream, flush=True)
+
+    return log
 
 
 @contextlib.contextmanager

@@ -19,7 +19,11 @@ import copy
 from pathlib import Path
 
 from elmforest.launch.sweep import sweep
+from elmforest.model.presets import get_preset
+from elmforest.study.config import StudyConfig, sweep_continue_lr, sweep_edges, sweep_lrs
 from elmforest.study.run import budget_steps
+from elmforest.utils.errors import UserError
+from elmforest.utils.io import read_json
 
 
 def cbtm_key(fraction: float, cfg) -> float | str:
@@ -125,3 +129,42 @@ def lrs_table(lrs: dict) -> list[str]:
         name = f"c-BTM, data {b[4:]} ({b[4:]}x)" if str(b).startswith("data") else f"{float(b):g}x"
         rows.append(f"| {name} | {d} | {e} | {t} |")
     return rows
+
+
+def sweep_matches(path, names: list[str], steps_1x: int, batch: int, shards: str) -> None:
+    """A sweep.json is this study's best LRs only if it swept the study's 1x run: the same domains, steps
+    and batch (a sweep of another corpus, budget or preset tunes another run; give its LRs by hand to
+    use them anyway). The model is not recorded in a sweep.json, so not compared."""
+    s = read_json(path)
+    plan = s.get("plan") or {}
+    have = (sorted(s.get("domains") or []), plan.get("total_steps"), plan.get("batch_size"))
+    want = (sorted(names), steps_1x, batch)
+    if have != want:
+        raise UserError(
+            f"sweep {path} tuned {have[1]} steps x batch {have[2]} on domains {have[0]}; this study's 1x "
+            f"run is {want[1]} steps x batch {want[2]} on {want[0]}: sweep that run (`elmforest sweep --shards "
+            f"{shards} --preset PRESET --set train.steps={want[1]} --set train.batch_size={want[2]} ...`), or "
+            "give dense_lr / expert_lr / dense_continue_lr instead of `sweep`"
+        )
+
+
+def learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str, bool]:
+    """(dense LR, expert LR, LR of the dense run's second half, where they come from, whether that last
+    one was tuned at all) at 1x: swept at every budget, given, else a sweep.json's best, else the
+    preset's (the second half's: the expert LR where neither has one, not tuned)."""
+    if lrs:
+        one = lrs[1.0]
+        source = "swept at every budget (lrs_by_budget)"
+        return one["dense_lr"], one["expert_lr"], one["dense_continue_lr"], source, True
+    p = get_preset(cfg.preset)
+    dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
+    cont = p.dense_continue_lr if cfg.dense_lr is None else None  # swept from the preset's dense run
+    if cfg.sweep:
+        dense, expert = sweep_lrs(cfg.sweep)
+        cont = sweep_continue_lr(cfg.sweep)
+        source = f"sweep {cfg.sweep}" + (f", {edges}" if (edges := sweep_edges(cfg.sweep)) else "")
+    if cfg.dense_lr is not None or cfg.expert_lr is not None or cfg.dense_continue_lr is not None:
+        source = "given"
+    expert = cfg.expert_lr or expert
+    tuned = (cfg.dense_continue_lr or cont) is not None
+    return cfg.dense_lr or dense, expert, cfg.dense_continue_lr or cont or expert, source, tuned

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
 from elmforest.config import apply_overrides, from_dict
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
+from elmforest.launch.jobs import driver_log
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
-from elmforest.study.config import StudyConfig, load_study_config, sweep_continue_lr, sweep_edges, sweep_lrs
-from elmforest.study.lrs import budget_lrs
+from elmforest.study.config import StudyConfig, load_study_config
+from elmforest.study.lrs import budget_lrs, learning_rates, sweep_matches
 from elmforest.study.report import write_report
 from elmforest.study.run import (
     Point,
@@ -113,45 +111,6 @@ def _check_identity(out: Path, cfg: StudyConfig, write: bool = True) -> None:
             )
     if write:
         write_json_atomic(path, cfg.to_dict())
-
-
-def _sweep_matches(path, names: list[str], steps_1x: int, batch: int, shards: str) -> None:
-    """A sweep.json is this study's best LRs only if it swept the study's 1x run: the same domains, steps
-    and batch (a sweep of another corpus, budget or preset tunes another run; give its LRs by hand to
-    use them anyway). The model is not recorded in a sweep.json, so not compared."""
-    s = read_json(path)
-    plan = s.get("plan") or {}
-    have = (sorted(s.get("domains") or []), plan.get("total_steps"), plan.get("batch_size"))
-    want = (sorted(names), steps_1x, batch)
-    if have != want:
-        raise UserError(
-            f"sweep {path} tuned {have[1]} steps x batch {have[2]} on domains {have[0]}; this study's 1x "
-            f"run is {want[1]} steps x batch {want[2]} on {want[0]}: sweep that run (`elmforest sweep --shards "
-            f"{shards} --preset PRESET --set train.steps={want[1]} --set train.batch_size={want[2]} ...`), or "
-            "give dense_lr / expert_lr / dense_continue_lr instead of `sweep`"
-        )
-
-
-def _learning_rates(cfg: StudyConfig, base, lrs: dict) -> tuple[float, float, float, str, bool]:
-    """(dense LR, expert LR, LR of the dense run's second half, where they come from, whether that last
-    one was tuned at all) at 1x: swept at every budget, given, else a sweep.json's best, else the
-    preset's (the second half's: the expert LR where neither has one, not tuned)."""
-    if lrs:
-        one = lrs[1.0]
-        source = "swept at every budget (lrs_by_budget)"
-        return one["dense_lr"], one["expert_lr"], one["dense_continue_lr"], source, True
-    p = get_preset(cfg.preset)
-    dense, expert, source = base.optim.lr, p.expert_lr or base.optim.lr, f"preset {cfg.preset}"
-    cont = p.dense_continue_lr if cfg.dense_lr is None else None  # swept from the preset's dense run
-    if cfg.sweep:
-        dense, expert = sweep_lrs(cfg.sweep)
-        cont = sweep_continue_lr(cfg.sweep)
-        source = f"sweep {cfg.sweep}" + (f", {edges}" if (edges := sweep_edges(cfg.sweep)) else "")
-    if cfg.dense_lr is not None or cfg.expert_lr is not None or cfg.dense_continue_lr is not None:
-        source = "given"
-    expert = cfg.expert_lr or expert
-    tuned = (cfg.dense_continue_lr or cont) is not None
-    return cfg.dense_lr or dense, expert, cfg.dense_continue_lr or cont or expert, source, tuned
 
 
 def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
@@ -259,31 +218,11 @@ def run_study(
     """One study at a time in a folder: a second one started beside it would prepare the same data and
     train the same runs, and fail later on their run locks; it is refused at once instead."""
     with contextlib.ExitStack() as stack:
-        log = log or _driver_log(stack)
+        log = log or driver_log(stack)
         return _run_study(
             source, out, overrides, executor, address, cpus_per_job, gpus_per_job, progress, log, every,
             analyse_only,
         )  # fmt: skip
-
-
-def _driver_log(stack: contextlib.ExitStack):
-    """print() to this process's output as it is when the study starts, flushed per line (a redirected log
-    gets the progress lines as they come). A job the driver runs itself (one worker) points fd 1 and
-    sys.stdout at its job.log meanwhile, and the progress thread's lines went there: so a copy of fd 1
-    (launch/progress.py's monitor keeps the terminal the same way), or the stream object itself where it
-    is none (a test's capture)."""
-    stream = sys.stdout
-    try:
-        if stream.fileno() == 1:
-            stream = stack.enter_context(os.fdopen(os.dup(1), "w", buffering=1))
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        pass
-
-    def log(*args, **kw):
-        sys.stdout.flush()  # what lower layers printed before this line, before it (pipes buffer)
-        print(*args, **kw, file=stream, flush=True)
-
-    return log
 
 
 def _run_study(
@@ -361,7 +300,7 @@ def _study(
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
     if cfg.sweep and not cfg.lr_grid:  # before the c-BTM data and any run (lr_grid sweeps its own)
-        _sweep_matches(cfg.sweep, data.names, steps_1x, batch, str(Path(data.shards.root).resolve()))
+        sweep_matches(cfg.sweep, data.names, steps_1x, batch, str(Path(data.shards.root).resolve()))
     _check_identity(out, cfg)
     if ray is not None:
         ex, threads = ray, job_threads("ray", cpus_per_job, 1)
@@ -374,7 +313,7 @@ def _study(
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
-    dense_lr, expert_lr, continue_lr, lr_source, tuned = _learning_rates(cfg, base, lrs)
+    dense_lr, expert_lr, continue_lr, lr_source, tuned = learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
     cfg.expert_lr, cfg.dense_continue_lr = expert_lr, continue_lr
