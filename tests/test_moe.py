@@ -831,3 +831,24 @@ def test_integer_tensors_are_copied_not_averaged_and_must_agree(tmp_path):
     )
     with pytest.raises(UserError, match=r"tensor position_ids \(torch.int64\) differs between .*e0 and .*e2"):
         dict(iter_merge(dirs, [0.7, 0.2, 0.1]))
+
+
+def test_a_copied_tree_trains_its_moe_into_its_own_forest_not_the_originals(forest_dir, shards_dir, tmp_path):
+    """The card named its forest by absolute path: fine-tuning the MoE of a `cp -r` copy wrote its ledger
+    row and its copies of the experts into the original's manifest (whose opt-out then deleted in the
+    copy, while the copy's own opt-out missed the fine-tuned model)."""
+    from elmforest.merge.moe_train import finetune_moe
+
+    a = tmp_path / "a"
+    shutil.copytree(forest_dir, a / "forest")
+    export_moe(Forest.load(a / "forest"), a / "moe", MoeSpec(top_k=2, sample_tokens=64), device="cpu")
+    shutil.copytree(a, tmp_path / "b")
+    before = (a / "forest" / "forest.json").read_bytes()
+    b = tmp_path / "b"
+    finetune_moe(b / "moe", shards_dir, 1, out=b / "ft", batch_size=2, progress=False)
+    assert (a / "forest" / "forest.json").read_bytes() == before  # the original is not touched
+    f = Forest.load(b / "forest")
+    assert [p["name"] for p in f.ledger() if p["phase"] == "btx_finetuning"] == ["ft"]
+    assert any(Path(o["path"]) == (b / "ft").resolve() for o in f.data["outputs"])
+    card = json.loads((b / "ft" / "elmforest_moe.json").read_text())
+    assert Path(card["forest"]) == (b / "forest").resolve() and card["forest_relative"] == "../forest"

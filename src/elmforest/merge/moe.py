@@ -14,6 +14,7 @@ memory is about one expert plus one shard, whatever the number of experts.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from contextlib import ExitStack
@@ -280,6 +281,9 @@ def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pair
     ]
     meta = {
         "forest": str(forest.root.resolve()),
+        # where the forest sits from the MoE: a copy of both (cp -r, rsync) finds its own forest there,
+        # not the original's (merge/moe_train.py `located`)
+        "forest_relative": os.path.relpath(forest.root.resolve(), writer.out.resolve()),
         "experts": experts,
         "excluded": list(spec.exclude),
         "opted_out": forest.removed,

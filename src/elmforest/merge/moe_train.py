@@ -11,6 +11,7 @@ recorded so the forest's ledger can count them.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _train_moe(
     out = Path(out or moe_dir)
     if not (moe_dir / "elmforest_moe.json").is_file():
         raise UserError(f"{moe_dir}: not a merged MoE (no elmforest_moe.json; made by `elmforest merge moe`)")
-    meta = read_json(moe_dir / "elmforest_moe.json")
+    meta = located(read_json(moe_dir / "elmforest_moe.json"), moe_dir)
     if kind == "finetuning" and out.resolve() == moe_dir.resolve() and "finetuning" in meta:
         # a run killed after its output was written, before its ledger row and tidying: both done now
         _ledger(meta, kind, meta[kind], out)
@@ -155,7 +156,7 @@ def _train_moe(
     cfg = RunConfig.from_dict(read_json(run_cfg)) if run_cfg.is_file() else RunConfig()
     cfg.model.init_from = str(moe_dir.resolve())
     cfg.data.shards, cfg.data.domains, cfg.data.mixture, cfg.data.split = (
-        str(sh.root),
+        str(sh.root.resolve()),  # absolute: the run config and card are read from elsewhere (a copy)
         domains,
         "uniform",
         "train",
@@ -176,8 +177,9 @@ def _train_moe(
     digest = _config_digest(cfg)
     if out.resolve() != moe_dir.resolve() and (out / "elmforest_moe.json").is_file():
         held = read_json(out / "elmforest_moe.json").get(kind) or {}
-        asked = {"from_fingerprint": fingerprint, "config_digest": digest, "data": str(sh.root)}
-        if all(held.get(k) == v for k, v in asked.items()):  # a rerun of this very run, finished
+        asked = {"from_fingerprint": fingerprint, "config_digest": digest}
+        same_data = held.get("data") is not None and Path(held["data"]).resolve() == sh.root.resolve()
+        if same_data and all(held.get(k) == v for k, v in asked.items()):  # this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
             _ledger(meta, kind, held, out)  # killed after `out` was written, before its ledger row
             if run_dir is None:  # or before its scratch run was removed
@@ -203,7 +205,7 @@ def _train_moe(
         "steps": steps,
         "lr": cfg.optim.lr,
         "batch_size": batch_size,
-        "data": str(sh.root),
+        "data": str(sh.root.resolve()),
         "domains": domains,
         "trainable": cfg.train.trainable,
         "frozen_experts": list(cfg.train.frozen_experts),
@@ -212,7 +214,7 @@ def _train_moe(
         "tokens": summary["tokens"],
         "flops": summary["flops"],  # by what ran: frozen weights cost no weight gradient
         "run": str(run_dir) if keep else None,  # kept only where the caller asked for it
-        "from": str(moe_dir),
+        "from": str(moe_dir.resolve()),
         "from_fingerprint": fingerprint,
         "config_digest": digest,  # every setting that shapes the result (a rerun of the same is kept)
         "finished": time.time(),
@@ -228,6 +230,33 @@ def _train_moe(
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
         _tidy(out, run_dir, meta, moe_dir)
     return out
+
+
+def located(meta: dict, moe_dir: Path) -> dict:
+    """`meta` with `forest` the forest this MoE sits with. The card records its forest's absolute path,
+    so a copied tree (cp -r, rsync) recorded its training, and its copies of the experts, in the
+    original's manifest (whose opt-out then deleted in the copy, and the copy's missed them): the forest
+    at the recorded place relative to the MoE (`forest_relative`; cards from before it: a sibling of the
+    recorded forest's name, the quickstart's layout) is taken where it holds the MoE's experts."""
+    recorded = meta.get("forest")
+    if recorded is None:
+        return meta
+    rel = meta.get("forest_relative")
+    here = (
+        Path(os.path.normpath(moe_dir.resolve() / rel))
+        if rel
+        else moe_dir.resolve().parent / Path(recorded).name
+    )
+    if here == Path(recorded) or not (here / "forest.json").is_file():
+        return meta
+    try:
+        f = Forest.load(here)
+        have = set(f.names) | {r.get("name") for r in f.data.get("removed", [])}
+    except (OSError, ValueError, UserError):
+        return meta
+    if {e.get("forest_name") or e["name"] for e in meta["experts"] if e["name"] != "public"} <= have:
+        return {**meta, "forest": str(here)}
+    return meta
 
 
 def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
@@ -362,6 +391,8 @@ def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):
         if (moe_dir / f).is_file() and not (tmp / f).is_file():
             shutil.copy2(moe_dir / f, tmp / f)
     meta[kind] = record
+    if meta.get("forest"):  # the forest it was trained with, from where the output sits
+        meta["forest_relative"] = os.path.relpath(meta["forest"], Path(out).resolve())
     write_json_atomic(tmp / "elmforest_moe.json", meta)
     write_text_atomic(tmp / "README.md", model_card(meta))
     return replace_dir(tmp, out)
