@@ -852,3 +852,25 @@ def test_a_copied_tree_trains_its_moe_into_its_own_forest_not_the_originals(fore
     assert any(Path(o["path"]) == (b / "ft").resolve() for o in f.data["outputs"])
     card = json.loads((b / "ft" / "elmforest_moe.json").read_text())
     assert Path(card["forest"]) == (b / "forest").resolve() and card["forest_relative"] == "../forest"
+
+
+def test_shards_recorded_but_gone_are_said_as_such(forest_dir, tmp_path, capsys):
+    """A copied forest whose recorded shards were moved or deleted: `merge moe` without --data and
+    `merge finetune` without --shards said the path was "not a shards directory (build one ...)"."""
+    from elmforest.cli import main
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root)
+    for d in Forest.load(root).expert_dirs():
+        run = resolve_model_dir(d) / "elmforest_run.json"
+        cfg = json.loads(run.read_text())
+        cfg["data"]["shards"] = str(tmp_path / "gone")
+        run.write_text(json.dumps(cfg))
+    assert main(["merge", "moe", "--forest", str(root), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "the shards" in err and "are not there (moved or deleted?); pass --data" in err
+    fake = tmp_path / "moe"  # only the record `merge finetune` reads its shards from
+    fake.mkdir()
+    (fake / "elmforest_run.json").write_text(json.dumps({"data": {"shards": str(tmp_path / "gone")}}))
+    assert main(["merge", "finetune", "--model", str(fake), "--steps", "1"]) == 2
+    assert "are not there (moved or deleted?); pass --shards" in capsys.readouterr().err

@@ -224,6 +224,7 @@ def finetune(
     loss, as a resumable run; its FLOPs are recorded in the forest's ledger."""
     import time
 
+    from elmforest.data.shards import Shards
     from elmforest.merge.moe_train import finetune_moe
     from elmforest.utils.io import read_json
 
@@ -236,6 +237,11 @@ def finetune(
         shards = read_json(run)["data"]["shards"] if run.is_file() else None
         if shards is None:
             raise UserError(f"{src}: no record of the experts' shards; pass --shards")
+        if not Shards.is_shards_dir(shards):  # moved or deleted since (a copied tree, another machine)
+            raise UserError(
+                f"{shards}: the shards {run} records the experts' training on are not there (moved or "
+                "deleted?); pass --shards"
+            )
     path = finetune_moe(
         src,
         shards,

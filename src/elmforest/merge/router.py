@@ -132,6 +132,11 @@ def expert_data(expert_dir: Path, domains: list[str], data: str | Path | None, t
             )
         cfg = read_json(run)["data"]
         data, domains = cfg["shards"], cfg["domains"] or domains
+        if not Shards.is_shards_dir(data):  # moved or deleted since (a copied forest, another machine)
+            raise UserError(
+                f"{data}: the shards {run} records its training on are not there (moved or deleted?); "
+                "pass --data SHARDS holding its domain(s)"
+            )
     if not Shards.is_shards_dir(data):
         raise UserError(f"{data}: not a shards directory (build one with `elmforest shards build`)")
     shards = Shards(data)
