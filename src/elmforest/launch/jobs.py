@@ -181,11 +181,11 @@ def logged(run_dir: Path, label: str, threads: int | None, work, log_name: str =
 
 
 def driver_log(stack: contextlib.ExitStack):
-    """print() to this process's output as it is now (a study's, for its whole run), flushed per line (a redirected log
-    gets the progress lines as they come). A job the driver runs itself (one worker) points fd 1 and
-    sys.stdout at its job.log meanwhile, and the progress thread's lines went there: so a copy of fd 1
-    (launch/progress.py's monitor keeps the terminal the same way), or the stream object itself where it
-    is none (a test's capture)."""
+    """print() to this process's output as it is now (a study's, for its whole run), flushed per line
+    (a redirected log gets the progress lines as they come). A job the driver runs itself (one worker)
+    points fd 1 and sys.stdout at its job.log meanwhile, and the progress thread's lines went there: so
+    a copy of fd 1 (launch/progress.py's monitor keeps the terminal the same way), or the stream object
+    itself where it is none (a test's capture)."""
     stream = sys.stdout
     try:
         if stream.fileno() == 1:
