@@ -176,7 +176,7 @@ def seed_from_checkpoint(
         from elmforest.model.build import load_model
         from elmforest.train.runcheck import check_same_tokenizer
 
-        check_same_tokenizer(str(model_dir), shards.tokenizer_fingerprint, Path(shards.root))
+        check_same_tokenizer(str(model_dir), shards.tokenizer_fingerprint, shards)
         load_model(model_dir, trust_remote_code=trust_remote_code, vocab_size=shards.vocab_size)
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
     return forest.data["seed"]

@@ -129,10 +129,7 @@ def _train_moe(
         raise UserError(f"{moe_dir}: not a merged MoE (no elmforest_moe.json; made by `elmforest merge moe`)")
     meta = located(read_json(moe_dir / "elmforest_moe.json"), moe_dir)
     if kind == "finetuning" and out.resolve() == moe_dir.resolve() and "finetuning" in meta:
-        # a run killed after its output was written, before its ledger row and tidying: both done now
-        _ledger(meta, kind, meta[kind], out)
-        if meta[kind].get("run") is None and meta[kind].get("from_fingerprint"):
-            _tidy(out, _scratch(out, kind, meta[kind]["from_fingerprint"]), meta, moe_dir)
+        _settle_finished(meta, kind, meta[kind], out, moe_dir)
         raise UserError(
             f"{moe_dir} is already fine-tuned; fine-tune it into another --out (the ledger counts each run once)"
         )
@@ -181,9 +178,10 @@ def _train_moe(
         same_data = held.get("data") is not None and Path(held["data"]).resolve() == sh.root.resolve()
         if same_data and all(held.get(k) == v for k, v in asked.items()):  # this very run, finished
             print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
-            _ledger(meta, kind, held, out)  # killed after `out` was written, before its ledger row
-            if run_dir is None:  # or before its scratch run was removed
-                _tidy(out, _scratch(out, kind, fingerprint), meta, moe_dir)
+            if run_dir is None:  # a run the caller placed is theirs to keep
+                _settle_finished(meta, kind, held, out, moe_dir)
+            else:
+                _ledger(meta, kind, held, out)
             return out
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
     # one run per export: re-exporting into the same place must not pick up an older finished run
@@ -257,6 +255,14 @@ def located(meta: dict, moe_dir: Path) -> dict:
     if {e.get("forest_name") or e["name"] for e in meta["experts"] if e["name"] != "public"} <= have:
         return {**meta, "forest": str(here)}
     return meta
+
+
+def _settle_finished(meta: dict, kind: str, record: dict, out: Path, moe_dir: Path) -> None:
+    """A finished output found again: a run killed after `out` was written, before its ledger row or
+    before its scratch run was removed, gets both done now (the row is replaced, never added twice)."""
+    _ledger(meta, kind, record, out)
+    if record.get("run") is None and record.get("from_fingerprint"):
+        _tidy(out, _scratch(out, kind, record["from_fingerprint"]), meta, moe_dir)
 
 
 def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:

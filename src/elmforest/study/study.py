@@ -218,31 +218,22 @@ def run_study(
     """One study at a time in a folder: a second one started beside it would prepare the same data and
     train the same runs, and fail later on their run locks; it is refused at once instead."""
     with contextlib.ExitStack() as stack:
-        log = log or driver_log(stack)
-        return _run_study(
-            source, out, overrides, executor, address, cpus_per_job, gpus_per_job, progress, log, every,
-            analyse_only,
-        )  # fmt: skip
-
-
-def _run_study(
-    source, out, overrides, executor, address, cpus_per_job, gpus_per_job, progress, log, every, analyse_only
-) -> dict:
-    t0 = time.perf_counter()
-    cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
-    out = Path(out).resolve()  # absolute: jobs on a Ray cluster run in the worker's directory
-    if analyse_only and not (out / "study.json").is_file():
-        return {"fits": reanalyse(out, log)}  # which says there is no study there
-    out.mkdir(parents=True, exist_ok=True)
-    busy = f"{out}: another study is running in this folder; " + (
-        "analyse it again once that one has finished"
-        if analyse_only
-        else "wait for it, or give this one another --out"
-    )
-    with held_lock(out / ".study.lock", busy):
-        if analyse_only:
-            return {"fits": _analyse_again(cfg, out, log)}
-        return _study(cfg, out, t0, log, executor, address, cpus_per_job, gpus_per_job, progress, every)
+        log = log or driver_log(stack)  # the output it started with, for the whole study
+        t0 = time.perf_counter()
+        cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
+        out = Path(out).resolve()  # absolute: jobs on a Ray cluster run in the worker's directory
+        if analyse_only and not (out / "study.json").is_file():
+            return {"fits": reanalyse(out, log)}  # which says there is no study there
+        out.mkdir(parents=True, exist_ok=True)
+        busy = f"{out}: another study is running in this folder; " + (
+            "analyse it again once that one has finished"
+            if analyse_only
+            else "wait for it, or give this one another --out"
+        )
+        with held_lock(out / ".study.lock", busy):
+            if analyse_only:
+                return {"fits": _analyse_again(cfg, out, log)}
+            return _study(cfg, out, t0, log, executor, address, cpus_per_job, gpus_per_job, progress, every)
 
 
 def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:

@@ -121,26 +121,20 @@ def check_context(model, cfg: RunConfig) -> None:
         )
 
 
-def check_same_tokenizer(
-    model_dir: str, fingerprint: str, shards_root: Path, eos_id: int | None = None
-) -> None:
-    """A checkpoint trained with another tokenizer would read the shards' ids as different tokens."""
+def check_same_tokenizer(model_dir: str, fingerprint: str, shards: Shards) -> None:
+    """A checkpoint trained with another tokenizer would read the shards' ids as different tokens, and
+    one that ends documents with another token would read every boundary as text (Shards.check_eos)."""
     try:
         theirs = load_tokenizer(resolve_model_dir(model_dir))
     except (ValueError, FileNotFoundError):
         return  # the checkpoint ships no tokenizer: nothing to compare against
     if theirs.fingerprint() != fingerprint:
         raise UserError(
-            f"{model_dir}: its tokenizer files differ from those the shards in {shards_root} were built with "
+            f"{model_dir}: its tokenizer files differ from those the shards in {shards.root} were built with "
             "(compared as files: the same vocabulary saved again by another library counts as another); "
             f"build the shards with --tokenizer {model_dir}"
         )
-    if eos_id is not None and theirs.eos_id != eos_id:
-        raise UserError(
-            f"{model_dir} ends documents with token {theirs.eos_id}; the shards in {shards_root} with "
-            f"{eos_id} (the same tokenizer files, another end-of-document token): build the shards with "
-            f"--tokenizer {model_dir}"
-        )
+    shards.check_eos(theirs.eos_id, model_dir)
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> str:

@@ -41,9 +41,7 @@ class TrainerSetup:
                 "(replaced since `shards build`?); rebuild the shards or restore the tokenizer"
             )
         if cfg.model.init_from:
-            check_same_tokenizer(
-                cfg.model.init_from, self.tokenizer.fingerprint(), self.shards.root, self.shards.eos_id
-            )
+            check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards)
         state = Path(cfg.train.init_checkpoint or "") / "state.json"
         if cfg.train.init_checkpoint and state.is_file() and not (self.run_dir / "checkpoints").is_dir():
             at = read_json(state).get("step")  # said before the run's files, as _resume would after them
