@@ -52,6 +52,17 @@ def test_posterior_weights_match_brute_force():
     assert torch.allclose(seq, torch.softmax(torch.log(prior)[:, None] + lp.sum(-1), 0))
 
 
+def test_window_posterior_keeps_a_far_behind_expert_above_zero():
+    # float32 evidence: 120 nats behind is exp(-120) ~ 8e-53, below float32's smallest number; a cached
+    # prior averaging such windows would give the expert exactly 0 and -inf log weight for good
+    lp = torch.full((2, 3, 100), -3.0, dtype=torch.float32)
+    lp[1] -= 1.2
+    post = sequence_posterior(lp)
+    assert post.dtype == torch.float64
+    assert float(post[1, 0]) == pytest.approx(math.exp(-120) / (1 + math.exp(-120)), rel=1e-4)
+    assert float(cached_prior([post])[1]) > 0
+
+
 def test_posterior_is_stable_for_very_long_prefixes():
     lp = torch.full((2, 1, 5000), -8.0, dtype=torch.float64)
     lp[0] -= 0.01  # expert 1 slightly better on every token: its weight must go to 1, not NaN

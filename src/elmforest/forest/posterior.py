@@ -75,7 +75,10 @@ def ensemble_logprob(lp: torch.Tensor, lw: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_posterior(lp: torch.Tensor, prior=None) -> torch.Tensor:
-    """P(D=j | whole window) [N, B]: the evidence of every token in each window."""
+    """P(D=j | whole window) [N, B]: the evidence of every token in each window, in float64 (a window's
+    evidence spans hundreds of nats: in float32 an expert 104 nats behind underflows to exactly 0, and a
+    cached prior made of such windows would shut it out of every later posterior for good)."""
+    lp = lp.double()
     lw = _as_log_prior(prior, lp.shape[0], lp)[:, :, 0] + lp.sum(-1)
     return torch.softmax(lw, dim=0)
 
