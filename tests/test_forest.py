@@ -217,6 +217,14 @@ def test_average_equals_hand_computed_mean(forest_dir, tmp_path):
     assert not [p for p in sharded.rglob("*") if p.suffix in (".bin", ".pkl", ".pt")]
 
 
+def test_average_records_its_experts_from_anywhere(forest_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(forest_dir)
+    rel = [d.relative_to(forest_dir) for d in Forest.load(forest_dir).expert_dirs()]
+    out = average_checkpoints(rel[:2], tmp_path / "avg_rel")
+    meta = json.loads((out / "elmforest_average.json").read_text())
+    assert meta["experts"] == [str((forest_dir / d).resolve()) for d in rel[:2]]  # not cwd-relative
+
+
 def test_compute_is_matched_and_lineage_recorded(forest_dir):
     forest = Forest.load(forest_dir)
     dense = json.loads((forest.root / "runs" / "dense" / "summary.json").read_text())

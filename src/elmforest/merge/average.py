@@ -135,8 +135,8 @@ def merge_checkpoints(
             {
                 "method": method,
                 "params": params,
-                "base": str(base) if base is not None else None,
-                "experts": [str(d) for d in dirs],
+                "base": str(base.resolve()) if base is not None else None,  # provenance from any directory
+                "experts": [str(d.resolve()) for d in dirs],
                 "weights": normalise(weights, len(dirs)),
                 **(metadata or {}),
             },
