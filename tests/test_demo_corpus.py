@@ -173,7 +173,7 @@ def test_spdx_docs_shape():
     docs = src.spdx_docs(data)
     assert [d.id for d in docs] == ["legal/0BSD", "legal/MIT"]
     assert docs[1].text == "MIT License\n\nPermission"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected an object keyed by SPDX id"):
         src.spdx_docs("[1, 2]")
 
 

@@ -50,7 +50,7 @@ def test_split_assignment_is_stable_and_proportional():
     assert a == [spec.assign(i) for i in ids]
     assert abs(a.count("test") / len(a) - 0.2) < 0.015
     assert abs(a.count("valid") / len(a) - 0.1) < 0.015
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad split fractions"):
         SplitSpec(0.6, 0.5)
 
 

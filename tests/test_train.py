@@ -195,7 +195,7 @@ def test_lr_schedule_shapes():
     o.schedule = "linear"
     assert lr_at(55, 100, o) == pytest.approx(1.0 - 0.9 * 0.5)
     o.schedule = "bogus"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown schedule 'bogus'"):
         lr_at(50, 100, o)
 
 
