@@ -688,3 +688,42 @@ def test_pool_adopts_the_cached_logprobs_of_shared_experts(forest_dir, shards_di
     assert torch.allclose(got, fresh)
     other = second.logprobs(1, stream, sh.eos_id, 32, range(2), key="k")  # c: computed, not borrowed
     assert not torch.equal(other, want)
+
+
+def test_pool_cache_keeps_the_most_recently_used_within_its_bytes(forest_dir, shards_dir):
+    f, sh = Forest.load(forest_dir), Shards(shards_dir)
+    stream = sh.tokens(sh.domains[0], "valid")
+    pool = make_pool(f, f.names[:2], precision="fp32")
+    one = 2 * 32 * 4  # two windows of 32 float32 log-probs
+    pool.cache_bytes = 2 * one
+    a = pool.logprobs(0, stream, sh.eos_id, 32, range(2), key="k")
+    pool.logprobs(1, stream, sh.eos_id, 32, range(2), key="k")
+    pool.logprobs(0, stream, sh.eos_id, 32, range(2), key="k")  # a hit: expert 0 is the most recent now
+    pool.logprobs(0, stream, sh.eos_id, 32, range(2, 4), key="k")  # evicts expert 1, the least recent
+    assert [ck[0] for ck in pool._cache] == [0, 0] and pool._cached == 2 * one
+    before = pool.passes
+    again = pool.logprobs(0, stream, sh.eos_id, 32, range(2), key="k")
+    assert again is a and pool.passes == before + int(
+        (window_batch(stream, sh.eos_id, 32, [0, 1])[1] != -100).sum()
+    )
+    pool.clear_cache()
+    assert not pool._cache and pool._cached == 0
+
+
+def test_forest_evaluation_keeps_one_domains_logprobs_not_the_whole_splits(
+    forest_dir, shards_dir, monkeypatch
+):
+    import elmforest.forest.evaluate as ev
+
+    made, held = [], []
+    real_nll = ev._mixture_nll
+
+    def spy_nll(pool, *a, **kw):
+        held.append(len(pool._cache))  # entries alive when a domain starts: the prior's only
+        return real_nll(pool, *a, **kw)
+
+    monkeypatch.setattr(ev, "make_pool", lambda *a, **kw: made.append(make_pool(*a, **kw)) or made[-1])
+    monkeypatch.setattr(ev, "_mixture_nll", spy_nll)
+    res = _eval(forest_dir, shards_dir, mode="ensemble", prior_batches=1)
+    n = len(Forest.load(forest_dir).names)
+    assert len(res["domains"]) >= 2 and held == [n] * len(res["domains"]) and not made[0]._cache

@@ -144,6 +144,7 @@ def evaluate_forest_shards(
     if mode in ("topk", "cluster") and k > n:
         print(f"note: --k {k} is more than the forest's {n} experts: every expert is used", file=sys.stderr)
     k = min(k, n)
+    own_pool = pool is None  # nobody scores these domains again with it: keep one domain's log-probs
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:
         raise UserError("the expert pool does not hold this forest's experts")
@@ -235,6 +236,8 @@ def evaluate_forest_shards(
             posterior_table[d] = entry["posterior"]
         check_finite(entry["nll_nats"], str(forest.root), d, split)
         out[d] = entry
+        if own_pool:
+            pool.clear_cache()
     pool.scoring = ""
     return {
         "domains": out,

@@ -33,8 +33,12 @@ class ExpertPool:
     amp: torch.dtype | None
     batch_size: int = 16
     keep_loaded: bool = True
+    # scored log-probs kept for reuse, the least recently used dropped past this many bytes (4 bytes a
+    # token per expert: a whole corpus's test split at 64 experts would not fit in memory)
+    cache_bytes: int = 2 * 1024**3
     _models: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
+    _cached: int = 0  # bytes in _cache
     _decoding: dict = field(default_factory=dict)  # expert -> its KV cache over a prefix of the tokens
     passes: int = 0  # expert token passes asked for (cached or not): the compute of inference
     scoring: str = ""  # what is being scored ("domain/split"), for the error of a non-finite expert
@@ -65,7 +69,8 @@ class ExpertPool:
         ids = list(window_ids)
         ck = (j, key, tuple(ids), upto, seq_len) if key is not None else None
         if ck in self._cache:
-            out, count = self._cache[ck]
+            out, count = self._cache.pop(ck)
+            self._cache[ck] = (out, count)  # most recently used last
             self.passes += count
             return out
         before = self.passes
@@ -84,8 +89,22 @@ class ExpertPool:
             out[i : i + len(x), : lp.shape[1]] = lp
             self.passes += int((y != -100).sum())
         if ck is not None:
-            self._cache[ck] = (out, self.passes - before)
+            self._keep(ck, out, self.passes - before)
         return out
+
+    def _keep(self, ck, out: torch.Tensor, count: int) -> None:
+        size = out.numel() * out.element_size()
+        while self._cache and self._cached + size > self.cache_bytes:
+            old, _ = self._cache.pop(next(iter(self._cache)))
+            self._cached -= old.numel() * old.element_size()
+        if size <= self.cache_bytes:
+            self._cache[ck] = (out, count)
+            self._cached += size
+
+    def clear_cache(self) -> None:
+        """Forget every scored log-prob (the models stay loaded)."""
+        self._cache.clear()
+        self._cached = 0
 
     def adopt(self, other: ExpertPool) -> None:
         """Take over another pool's loaded experts and cached log-probs for the experts both hold (the same
@@ -95,9 +114,9 @@ class ExpertPool:
             return
         index = {d: j for j, d in enumerate(self.dirs)}
         same = {j: index[d] for j, d in enumerate(other.dirs) if d in index}
-        for (j, *rest), v in other._cache.items():
+        for (j, *rest), (out, count) in other._cache.items():
             if j in same:
-                self._cache[(same[j], *rest)] = v
+                self._keep((same[j], *rest), out, count)
         if self.keep_loaded:
             self._models.update({same[j]: m for j, m in other._models.items() if j in same})
 
