@@ -748,3 +748,49 @@ def test_data_parallel_dropout_streams_are_per_rank_and_survive_a_pause(
     a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "paused" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_being_set_up_is_held_against_deletion(shards_dir, tmp_path, monkeypatch):
+    """The lock was taken after setup (the model loaded, init_from hashed: minutes for a large MoE), so
+    meanwhile the run looked like a dead leftover that `merge finetune` deleted under it."""
+    import elmforest.train.trainer as tr
+    from elmforest.train.runlock import training_now, unless_training
+
+    seen = {}
+    real = tr.check_inputs
+
+    def spy(run_dir, *a, **kw):
+        seen["training"] = training_now(run_dir)
+        with unless_training(run_dir) as idle:
+            seen["idle"] = idle
+        return real(run_dir, *a, **kw)
+
+    monkeypatch.setattr(tr, "check_inputs", spy)
+    train(tiny_config(shards_dir, steps=2), tmp_path / "run", progress=False)
+    assert seen == {"training": True, "idle": False}
+    assert not training_now(tmp_path / "run")  # freed once done, and again on a finished rerun
+    train(tiny_config(shards_dir, steps=2), tmp_path / "run", progress=False)
+    assert not training_now(tmp_path / "run")
+
+
+def test_a_refused_run_leaves_no_folder_and_a_deleted_one_is_said(shards_dir, tmp_path):
+    from elmforest.train.runlock import unless_training
+
+    bad = tiny_config(shards_dir, steps=2)
+    bad.data.domains = ["no-such-domain"]
+    with pytest.raises(Exception, match="no-such-domain"):
+        train(bad, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()  # its lock file is not "something written"
+    with unless_training(tmp_path / "gone") as idle:
+        assert idle is False
+    t = tr_trainer(tiny_config(shards_dir, steps=2), tmp_path / "run")
+    t.run_dir.mkdir()
+    t.run_dir.rmdir()
+    with pytest.raises(RuntimeError, match="deleted by another process"):
+        t._lock_run_dir()
+
+
+def tr_trainer(cfg, run_dir):
+    from elmforest.train.trainer import Trainer
+
+    return Trainer(cfg, run_dir, [], False, None)

@@ -285,11 +285,13 @@ def _scratch(out: Path, kind: str, fingerprint: str) -> Path:
 
 def _tidy(out: Path, run_dir: Path, meta: dict, moe_dir: Path) -> None:
     """The scratch run of a finished `out`: its logs into `out`, the rest (a copy of the experts) deleted."""
-    from elmforest.train.runlock import training_now
+    from elmforest.train.runlock import unless_training
 
-    if run_dir.is_dir() and not training_now(run_dir):
-        _keep_logs(run_dir, out)
-        remove_path(run_dir)
+    with unless_training(run_dir) as idle:
+        if idle:
+            _keep_logs(run_dir, out)
+            remove_path(run_dir)
+    if idle:
         _forget(meta, run_dir, moe_dir)
 
 
@@ -309,15 +311,20 @@ def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict, moe_dir: Pa
     holds a full copy of the experts and the optimizer state: deleted, unless a trainer still holds it."""
     import re
 
-    from elmforest.train.runlock import training_now
+    from elmforest.train.runlock import unless_training
 
     pattern = re.compile(rf"{re.escape(out.name)}\.{tag}-[0-9a-f]{{12}}")
     for d in out.parent.glob(f"{out.name}.{tag}-*"):
-        if d != run_dir and pattern.fullmatch(d.name) and d.is_dir() and not training_now(d):
-            print(
-                f"note: deleting {d}: the scratch run of an earlier export of {out}, which cannot be resumed"
-            )
-            remove_path(d)
+        if d == run_dir or not pattern.fullmatch(d.name) or not d.is_dir():
+            continue
+        with unless_training(d) as idle:
+            if idle:
+                print(
+                    f"note: deleting {d}: the scratch run of an earlier export of {out}, which cannot be "
+                    "resumed"
+                )
+                remove_path(d)
+        if idle:
             _forget(meta, d, moe_dir)
 
 

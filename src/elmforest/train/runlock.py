@@ -4,6 +4,8 @@ replace a run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCK = ".trainer.lock"
@@ -11,7 +13,8 @@ LOCK = ".trainer.lock"
 
 def training_now(run_dir: str | Path) -> bool:
     """A live trainer holds `run_dir`'s lock. The check takes the lock for an instant, so a trainer
-    starting at that very moment is refused as a duplicate (and says so); it never waits."""
+    starting at that very moment is refused as a duplicate (and says so); it never waits. To delete
+    or replace a run, hold the lock instead (`unless_training`)."""
     from elmforest.utils.errors import Failed
     from elmforest.utils.io import held_lock
 
@@ -23,3 +26,24 @@ def training_now(run_dir: str | Path) -> bool:
             return False
     except Failed:
         return True
+
+
+@contextmanager
+def unless_training(run_dir: str | Path) -> Iterator[bool]:
+    """True, holding `run_dir`'s trainer lock for the block, so no trainer starts there while the run is
+    deleted or replaced; False, holding nothing, when a trainer holds it now or the folder is gone. (A
+    check, then a delete, lets a trainer start in between and lose its folder under it.)"""
+    import fcntl
+
+    try:
+        f = open(Path(run_dir) / LOCK, "a")  # noqa: SIM115 (held for the caller's block)
+    except (FileNotFoundError, NotADirectoryError):
+        yield False
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

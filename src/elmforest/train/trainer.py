@@ -22,6 +22,7 @@ import contextlib
 import copy
 import hashlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -86,22 +87,25 @@ class Trainer(TrainerSetup):
     def fit(self) -> dict:
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        summary_path = self.run_dir / "summary.json"
-        check_config(self.run_dir, self.cfg)
-        if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
-            check_finished_data(self.run_dir, self.cfg)
-            return read_json(summary_path)  # complete: nothing to do
-        try:
-            self._setup()
-            self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
-        except BaseException:
-            if created:  # refused before anything was written: leave no empty run folder behind
-                _drop_if_empty(self.run_dir)
-            raise
-        self.lead = self.rank == 0  # only the first process writes; the others compute
-        if self.lead:  # once setup succeeded
+        # locked before anything is read: a run being set up (hashing a large init_from takes minutes)
+        # must not look like a dead leftover that another command may delete (runlock.unless_training)
+        if int(os.environ.get("RANK", "0")) == 0:
             self._lock_run_dir()
         try:
+            summary_path = self.run_dir / "summary.json"
+            check_config(self.run_dir, self.cfg)
+            if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
+                check_finished_data(self.run_dir, self.cfg)
+                self._release_lock()
+                return read_json(summary_path)  # complete: nothing to do
+            try:
+                self._setup()
+                self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
+            except BaseException:
+                if created:  # refused before anything was written: leave no empty run folder behind
+                    _drop_if_empty(self.run_dir)
+                raise
+            self.lead = self.rank == 0  # only the first process writes; the others compute
             return self._locked_fit(summary_path)
         except BaseException:  # the lock freed now, not when the garbage collector gets to this trainer:
             self._release_lock()  # a caller in the same process may train or delete the run next
@@ -354,7 +358,13 @@ class Trainer(TrainerSetup):
 
         from elmforest.train.runlock import LOCK
 
-        self._lock = open(self.run_dir / LOCK, "a")
+        try:
+            self._lock = open(self.run_dir / LOCK, "a")
+        except FileNotFoundError:
+            raise Failed(
+                f"{self.run_dir}: the run directory was deleted by another process as this trainer started; "
+                "run the command again"
+            ) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -380,7 +390,9 @@ class Trainer(TrainerSetup):
 
 
 def _drop_if_empty(run_dir: Path) -> None:
-    if not any(p.is_file() for p in run_dir.rglob("*")):
+    from elmforest.train.runlock import LOCK
+
+    if not any(p.is_file() and p.name != LOCK for p in run_dir.rglob("*")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
