@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def test_verdicts_follow_the_intervals():
     assert verdict(1.1, 1.6, 1.0) == "holds"
     assert verdict(0.9, 1.6, 1.0) == "not shown"
     assert verdict(0.5, 0.9, 1.0) == "does not hold"
+    # a bound exactly at the null does not exclude it: neither claim is shown
+    assert verdict(1.0, 1.5, 1.0) == verdict(0.5, 1.0, 1.0) == verdict(0.0, 0.0, 0.0) == "not shown"
     gains = [
         {"n_domains": 2, "gain": 0.01, "ci": [0.0, 0.02]},
         {"n_domains": 8, "gain": 0.05, "ci": [0.04, 0.06]},
@@ -211,6 +214,14 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert "## Multiplier, in domain, against dense with its second half at its own LR" in report
     assert "the dense runs' second half 0.006 (arm dense_tuned)" in report
     assert "| domains | gain over dense_tuned | CI | gain over dense (one LR) | CI |" in report
+    checked = 0  # each multiplier table's last column says whether the interval it prints holds 1
+    for row in (
+        x for x in report.splitlines() if re.fullmatch(r"\| [\d.]+x \| .* \| \[[\d.]+, [\d.]+\] \| \w+ \|", x)
+    ):
+        lo, hi = map(float, re.search(r"\[([\d.]+), ([\d.]+)\]", row).groups())
+        assert row.endswith(f"| {'yes' if lo <= 1.0 <= hi else 'no'} |"), row
+        checked += 1
+    assert checked >= 3
     claims = [f["claim"] for f in fits["findings"]]
     assert "BTM, against dense_tuned: the forest's gain grows with the number of domains" in claims
     assert claims.index("BTM, against dense_tuned: a seed of 40-60% of the budget is best") < claims.index(

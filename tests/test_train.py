@@ -211,6 +211,9 @@ def test_grad_accumulation_equals_one_big_batch(shards_dir, tmp_path):
     cfg.optim.eps, cfg.optim.lr = 1.0, 1.0
     train(cfg, tmp_path / "run", progress=False)
     got = _weights(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tokens"] == 1 * 4 * 2 * cfg.train.seq_len  # both micro-batches counted (and their FLOPs)
+    assert summary["flops"] == pytest.approx(summary["tokens"] * summary["flops_per_token"], rel=1e-12)
 
     sh = Shards(shards_dir)
     model = build_model(cfg.model, sh.vocab_size, sh.eos_id, seed=cfg.train.seed)
