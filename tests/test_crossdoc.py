@@ -284,6 +284,10 @@ def test_forest_score_is_the_posterior_mixture_by_hand(forest_dir, shards_dir):
                 assert got[cond][k] == pytest.approx(nll, abs=1e-4)
                 checked += 1
     assert checked >= 4
+    for t in res["tasks"].values():  # each expert's mean weight over target tokens: no padding counted
+        for c in t["conditions"].values():
+            for w in c["posterior"].values():
+                assert sum(w.values()) == pytest.approx(1.0, abs=1e-9)
     r = res["tasks"]["retrieval"]
     assert r["gain"]["related_text"]["mean"] == pytest.approx(
         r["conditions"]["random"]["mean_bpb"] - r["conditions"]["retrieved"]["mean_bpb"]

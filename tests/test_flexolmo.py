@@ -162,6 +162,18 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
     loose = _owner(pair, shards_dir, doms[2], tmp_path / "loose", frozen=False)
     with pytest.raises(UserError, match="public expert differs"):
         merge_pairs([owners[0], ("loose", loose)], tmp_path / "bad")
+    # an owner whose public router row alone moved: refused, not merged with the first owner's row
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    drift = tmp_path / "drift"
+    shutil.copytree(resolve_model_dir(owners[1][1]), drift)
+    sd = load_file(str(drift / "model.safetensors"))
+    sd[MIX.router_name(0)][0] += 0.01
+    save_file(sd, str(drift / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="public router rows differ"):
+        merge_pairs([owners[0], ("drift", drift)], tmp_path / "bad2")
 
 
 def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, capsys):
