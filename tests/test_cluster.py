@@ -557,3 +557,20 @@ def test_top_k_below_1_and_a_balanced_assignment_of_nothing_are_refused(clustere
     ]
     assert main([*argv, "--balanced", "--no-progress"]) == 2
     assert "no documents to assign" in capsys.readouterr().err
+
+
+def test_nmi_from_the_cluster_by_domain_counts_is_sklearns():
+    from collections import Counter
+
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from elmforest.cluster.assign import nmi_of
+
+    rng = np.random.default_rng(4)
+    for k, nd in [(4, 3), (1, 3), (3, 1), (1, 1), (5, 5)]:
+        labels = rng.integers(0, k, 500)
+        domains = [f"d{(x + rng.integers(0, 2)) % nd}" for x in labels]
+        table = Counter(zip(labels.tolist(), domains, strict=True))
+        assert nmi_of(table) == pytest.approx(normalized_mutual_info_score(domains, labels), abs=1e-12)
+    same = Counter({(0, "a"): 10, (1, "b"): 5})  # a perfect match
+    assert nmi_of(same) == pytest.approx(1.0)

@@ -187,7 +187,6 @@ def assign_corpus(
         raise UserError("balance by bytes caps the clusters: it needs --balanced")
     if balance == "bytes":
         slack = max(slack, 0.01)  # a cap of exactly 1/K of the bytes rarely fits whole documents
-    from sklearn.metrics import normalized_mutual_info_score
     from tqdm.auto import tqdm
 
     clusterer = Clusterer.load(clusterer_dir)
@@ -241,7 +240,7 @@ def assign_corpus(
     sizes = np.zeros(k, dtype=np.int64)
     text_bytes = np.zeros(k, dtype=np.int64)
     table: Counter = Counter()
-    labels_all, domains_all, not_vectorised, done = [], [], 0, 0
+    not_vectorised, done = 0, 0
     with staged_dir(out) as stage:
         paths = {j: stage / f"cluster{j}.jsonl" for j in range(k)}
         handles = {}
@@ -269,8 +268,6 @@ def assign_corpus(
                         rec["vectorised"] = False
                     handles[j].write(json.dumps(rec, ensure_ascii=False) + "\n")
                     table[(j, d.domain)] += 1
-                    labels_all.append(j)
-                    domains_all.append(d.domain)
             for h in handles.values():  # on disk before the folder is swapped in
                 h.flush()
                 os.fsync(h.fileno())
@@ -281,7 +278,7 @@ def assign_corpus(
             if not sizes[j]:
                 paths[j].unlink()
         sizes = sizes.tolist()
-        domain_names = sorted(set(domains_all))
+        domain_names = sorted({d for _, d in table})
         report = {
             "clusterer": str(Path(clusterer_dir).resolve()),
             # its content (arrays and vocabulary): clusters of another clusterer share only their names
@@ -295,7 +292,7 @@ def assign_corpus(
             "balanced_split": {"split": "train", **asdict(spec)} if balanced else None,
             "train_sizes": train_sizes.tolist() if train_sizes is not None else None,
             "train_bytes": train_bytes.astype(np.int64).tolist() if train_bytes is not None else None,
-            "documents": len(labels_all),
+            "documents": done,
             "sizes": sizes,
             # over the clusters that got documents: an empty one is listed, not a ratio against 1
             "max_over_min": max(sizes) / max(min([x for x in sizes if x] or [1]), 1),
@@ -307,9 +304,31 @@ def assign_corpus(
             "cluster_by_domain": {f"cluster{j}": {d: table[(j, d)] for d in domain_names} for j in range(k)},
         }
         if len(domain_names) > 1:
-            report["nmi"] = float(normalized_mutual_info_score(domains_all, labels_all))
+            report["nmi"] = nmi_of(table)
         write_json_atomic(stage / REPORT, report)
     return report
+
+
+def nmi_of(table: Counter) -> float:
+    """sklearn's normalized_mutual_info_score (arithmetic mean of the entropies) from the cluster x
+    domain counts, so no list of every document's labels is kept for it (a few GB at 10M documents)."""
+    from sklearn.metrics import mutual_info_score
+
+    rows = sorted({j for j, _ in table})
+    cols = sorted({d for _, d in table})
+    c = np.array([[table[(j, d)] for d in cols] for j in rows], dtype=np.int64)
+    if len(rows) == len(cols) == 1:
+        return 1.0
+    mi = mutual_info_score(None, None, contingency=c)
+    if mi == 0:
+        return 0.0
+
+    def entropy(counts: np.ndarray) -> float:
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    norm = max((entropy(c.sum(1)) + entropy(c.sum(0))) / 2, np.finfo(np.float64).eps)
+    return float(mi / norm)
 
 
 def clusterer_digest(clusterer_dir) -> str | None:
