@@ -191,6 +191,47 @@ def test_a_refused_read_elsewhere_is_not_a_failure_to_write_the_output(tmp_path)
     assert as_write_error(OSError(errno.ENOSPC, "No space left"), out, tmp) is not None
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })',
+        "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors 0.8
+    ],
+)
+def test_safetensors_disk_errors_in_either_wording_name_the_output(tmp_path, text):
+    from safetensors import SafetensorError
+
+    from elmforest.utils.io import as_write_error
+
+    err = as_write_error(SafetensorError(text), tmp_path / "run", None)
+    assert str(err) == f"{tmp_path / 'run'}: cannot write (No space left on device); nothing was changed"
+    assert (
+        as_write_error(SafetensorError("Error while deserializing header: (os error 2x)"), tmp_path, None)
+        is None
+    )
+
+
+def test_a_refused_second_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
+    from elmforest.utils import io
+
+    dst, staged = tmp_path / "out", tmp_path / "staged"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    staged.mkdir()
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(io.os, "rename", rename)
+    with pytest.raises(OSError, match="No space"):
+        io.replace_dir(staged, dst)
+    assert (dst / "old.txt").read_text() == "old" and staged.is_dir()
+
+
 def test_a_full_disk_leaves_nothing_behind_and_names_the_file(shards_dir, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -162,7 +162,7 @@ def as_write_error(
     )
     if isinstance(e, OSError) and (about_tmp or (e.errno in _DISK_ERRNOS and not elsewhere)):
         reason = e.strerror or str(e)
-    elif type(e).__name__ == "SafetensorError" and (m := re.search(r"code: (\d+)", str(e))):
+    elif type(e).__name__ == "SafetensorError" and (m := re.search(r"(?:code: |os error )(\d+)", str(e))):
         if int(m.group(1)) not in _DISK_ERRNOS:
             return None
         reason = os.strerror(int(m.group(1)))
@@ -343,9 +343,15 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
     staged, dst = Path(staged), Path(dst)
     fix_modes(staged)
     old = temp_sibling(dst, "old")
-    if dst.exists() or dst.is_symlink():
+    moved = dst.exists() or dst.is_symlink()
+    if moved:
         os.rename(dst, old)
-    os.rename(staged, dst)
+    try:
+        os.rename(staged, dst)
+    except BaseException:  # (a full disk can refuse a rename that must grow the directory)
+        if moved:
+            os.rename(old, dst)  # the old one back: "nothing was changed" stays true
+        raise
     remove_path(old)
     return dst
 
