@@ -335,3 +335,25 @@ def test_a_discarded_folder_goes_whole_or_not_at_all(tmp_path, monkeypatch):
     assert not run.exists()  # gone whole; what is left is a temporary the next write removes
     left = [p.name for p in run.parent.iterdir()]
     assert len(left) == 1 and io_mod.parse_temp(left[0])["tag"] == "trash"
+
+
+def test_a_full_disk_while_logging_metrics_names_the_log(tmp_path, monkeypatch):
+    from elmforest.train import callbacks
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = callbacks.JsonlLogger(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(callbacks, "open", Full, raising=False)
+    with pytest.raises(WriteError, match=f"^{tmp_path / 'metrics.jsonl'}: cannot write \\(No space left"):
+        log.on_log(None, {"step": 1})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from elmforest.train.checkpoint import save_checkpoint
 from elmforest.utils.errors import Diverged
+from elmforest.utils.io import as_write_error, write_text_atomic
 
 if TYPE_CHECKING:
     from elmforest.train.trainer import Trainer
@@ -182,13 +182,14 @@ class JsonlLogger(Callback):
         # Drop lines past the resumed step: they belong to work the crash threw away.
         if self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= trainer.step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def on_log(self, trainer, m):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+        except OSError as e:  # a write's own error names no file: a full disk said only "No space left"
+            raise (as_write_error(e, self.path) or e) from e
 
 
 def _logged_step(line: str) -> float:
