@@ -782,3 +782,32 @@ def test_a_replacement_refused_by_the_manifest_check_leaves_the_old_weights(
     g = Forest.load(root)
     assert file_digest(g.expert_dir(a) / "model.safetensors") == before
     assert g.intact(a, deep=True) is None
+
+
+def test_a_manifest_the_disk_refuses_moves_no_weights_in(forest_dir, tmp_path, monkeypatch):
+    """The weights were put in place before forest.json was written: a disk too full for the manifest
+    left an expert's new weights under its old record (or an unrecorded folder), said 'nothing changed'."""
+    import errno
+    from pathlib import Path
+
+    from elmforest.utils.errors import WriteError
+
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ext"
+    shutil.copytree(f.expert_dir(f.names[1]), src)
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if "forest.json" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    before = (f.root / "forest.json").read_bytes()
+    with pytest.raises(WriteError, match="forest.json: cannot write \\(No space left"):
+        f.add(src, "ext", ["x"])
+    assert not (f.root / "experts" / "ext").exists() and _no_staging_left(f)
+    assert (f.root / "forest.json").read_bytes() == before
+    monkeypatch.setattr(Path, "write_text", real)
+    f.add(src, "ext", ["x"])
+    assert "ext" in Forest.load(f.root).names and f.intact("ext", deep=True) is None
