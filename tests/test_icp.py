@@ -524,3 +524,29 @@ def test_a_document_read_whole_but_for_its_eos_is_not_cut():
     assert truncated(whole, {"max_tokens": n}).tolist() == [False, True, True]  # brute force: what is past
     plain = TokenDocuments(whole.tokens, whole.ends, 50)  # nothing ignored: every token counts
     assert truncated(plain, {"max_tokens": n}).tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 22])  # one document per block, a few, all at once
+def test_whole_document_keys_and_cuts_read_in_blocks_match_brute_force(monkeypatch, block):
+    """Read a block of documents at a time (a domain of a billion ids as int64 at once was 8 GB, and
+    its mask and sums as much again): the same keys and cuts as each document by hand."""
+    import hashlib
+
+    from elmforest.cluster import icp_embed
+    from elmforest.cluster.icp import TokenDocuments, truncated
+    from elmforest.cluster.icp_embed import content_keys
+
+    monkeypatch.setattr(icp_embed, "BLOCK_TOKENS", block)
+    rng = np.random.default_rng(0)
+    lens = rng.integers(1, 12, 40)
+    tokens = rng.integers(0, 6, int(lens.sum())).astype(np.uint16)
+    ends = np.cumsum(lens)
+    docs = TokenDocuments(tokens, ends, 6, ignore=(0, 5))
+    starts = np.concatenate([[0], ends[:-1]])
+    want_keys, want_cut = [], []
+    for s, e in zip(starts, ends, strict=True):
+        t = tokens[s:e].astype(np.int64)
+        want_keys.append(hashlib.blake2b(t[(t != 0) & (t != 5)].tobytes(), digest_size=16).digest())
+        want_cut.append(bool(((t[4:] != 0) & (t[4:] != 5)).any()))
+    assert content_keys(docs) == want_keys
+    assert truncated(docs, {"max_tokens": 4}).tolist() == want_cut

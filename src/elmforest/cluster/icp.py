@@ -45,6 +45,7 @@ from elmforest.cluster.icp_embed import (
     embed,
     embed_documents,
     sparse_pair_cosine,
+    token_blocks,
     unit,
     whole_pair_cosine,
 )
@@ -244,9 +245,11 @@ def truncated(whole, embed_kwargs: dict) -> np.ndarray:
             return ends - starts > limits["max_tokens"]
         # cut only where a token the bag counts lies past the prefix: a document of max_tokens tokens and
         # its EOS was read whole, yet its pairs were judged on the whole document as if cut
-        kept = ~np.isin(np.asarray(whole.tokens), np.asarray(whole.ignore))
-        counted = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
-        return counted[ends] - counted[np.minimum(starts + limits["max_tokens"], ends)] > 0
+        cut = []
+        for s, e, _, kept in token_blocks(whole):
+            counted = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
+            cut.append(counted[e] - counted[np.minimum(s + limits["max_tokens"], e)] > 0)
+        return np.concatenate(cut) if cut else np.zeros(0, dtype=bool)
     return np.array([len(t) > limits["max_chars"] for t in whole], dtype=bool)
 
 

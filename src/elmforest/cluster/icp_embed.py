@@ -131,6 +131,28 @@ def _token_counts(docs: TokenDocuments, max_tokens: int):
     return lens, cols, docs.vocab_size
 
 
+BLOCK_TOKENS = 1 << 22  # token ids read at once (32 MB as int64), never a whole domain's
+
+
+def token_blocks(docs: TokenDocuments, block: int | None = None):
+    """(starts, ends, tokens, kept) per run of whole documents of about `block` tokens (one document
+    longer than that alone): their bounds within `tokens`, the ids as int64, and which are not in
+    `ignore` (None without one). A domain of a billion tokens as int64 at once was 8 GB, and as much
+    again for its mask and sums."""
+    block = block or BLOCK_TOKENS
+    ends = np.asarray(docs.ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    ignore = np.asarray(docs.ignore, dtype=np.int64) if docs.ignore else None
+    i = 0
+    while i < len(ends):
+        j = max(i + 1, int(np.searchsorted(ends, starts[i] + block, side="right")))
+        lo = int(starts[i])
+        tokens = np.asarray(docs.tokens[lo : int(ends[j - 1])]).astype(np.int64)
+        kept = None if ignore is None else ~np.isin(tokens, ignore)
+        yield starts[i:j] - lo, ends[i:j] - lo, tokens, kept
+        i = j
+
+
 def content_keys(whole) -> list[bytes]:
     """A digest of each whole document (TokenDocuments: its token ids, those in `ignore` left out;
     texts: their UTF-8): documents are exact duplicates when these are equal. Their embedded prefixes
@@ -138,17 +160,16 @@ def content_keys(whole) -> list[bytes]:
     import hashlib
 
     if isinstance(whole, TokenDocuments):
-        ends = np.asarray(whole.ends, dtype=np.int64)
-        tokens = np.asarray(whole.tokens).astype(np.int64)
-        if whole.ignore:  # left out once for the whole array, the documents' ends moved with it
-            kept = ~np.isin(tokens, np.asarray(whole.ignore, dtype=np.int64))
-            ends = np.concatenate([[0], np.cumsum(kept)])[ends]
-            tokens = tokens[kept]
-        starts = np.concatenate([[0], ends[:-1]])
-        return [
-            hashlib.blake2b(tokens[s:e].tobytes(), digest_size=16).digest()
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-        ]
+        keys = []
+        for starts, ends, tokens, kept in token_blocks(whole):
+            if kept is not None:  # left out once per block, the documents' ends moved with it
+                at = np.concatenate([[0], np.cumsum(kept)])
+                starts, ends, tokens = at[starts], at[ends], tokens[kept]
+            keys += [
+                hashlib.blake2b(tokens[s:e].tobytes(), digest_size=16).digest()
+                for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+            ]
+        return keys
     return [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in whole]
 
 
