@@ -574,3 +574,34 @@ def test_nmi_from_the_cluster_by_domain_counts_is_sklearns():
         assert nmi_of(table) == pytest.approx(normalized_mutual_info_score(domains, labels), abs=1e-12)
     same = Counter({(0, "a"): 10, (1, "b"): 5})  # a perfect match
     assert nmi_of(same) == pytest.approx(1.0)
+
+
+def test_every_kmeans_assignment_step_is_the_optimal_balanced_one(monkeypatch):
+    """Warm-started prices may be stale where a cluster ends under-filled (N not a multiple of K): the
+    step then starts cold. Each step's labels, for the centres of that step, against brute force."""
+    import elmforest.cluster.kmeans as km
+
+    steps, real = [], km.balanced_assign
+
+    def spy(scores, cap, **kw):
+        lab = real(scores, cap, **kw)
+        if steps and steps[-1][0] is scores:
+            steps.pop()  # the cold redo of this step: its labels are the step's
+        steps.append((scores, np.broadcast_to(np.asarray(cap), (scores.shape[1],)), lab))
+        return lab
+
+    monkeypatch.setattr(km, "balanced_assign", spy)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(30):
+        x = np.concatenate([rng.normal(0, 1, (14, 2)), rng.normal(4, 1, (5, 2)), rng.normal(-4, 1, (3, 2))])
+        steps.clear()
+        balanced_kmeans(x, 4, seed=int(rng.integers(1000)), max_iter=6)
+        for s, cap, lab in steps:
+            n, k = s.shape
+            slots = np.repeat(np.arange(k), cap)
+            r, c = linear_sum_assignment(-s[:, slots])
+            best = s[r, slots[c]].sum()
+            assert s[np.arange(n), lab].sum() >= best - (s.max() - s.min()) / 4 - 1e-9
+            checked += 1
+    assert checked >= 60
