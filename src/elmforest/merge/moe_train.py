@@ -370,7 +370,9 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Pat
 def _unrecord_if_untouched(meta: dict, run_dir: Path, out: Path, moe_dir: Path) -> None:
     """_record_copies undone for a run the trainer refused before writing anything: the folder held only
     its marker and the forests recorded it and an `out` never written."""
-    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {SOURCE_MARKER}:
+    from elmforest.train.runlock import LOCK
+
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {SOURCE_MARKER, LOCK}:
         return
     remove_path(run_dir)
     _forget(meta, run_dir, moe_dir)
