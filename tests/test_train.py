@@ -797,3 +797,34 @@ def tr_trainer(cfg, run_dir):
     from elmforest.train.trainer import Trainer
 
     return Trainer(cfg, run_dir, [], False, None)
+
+
+@pytest.mark.parametrize("recorded", ["before", "after"])
+def test_shards_rebuilt_by_another_version_from_the_same_data_are_the_same_data(shards_dir, tmp_path, recorded):
+    """Shards built before the split recorded `by_file` (always false then) fingerprinted otherwise: the
+    same data rebuilt by the other version refused every finished and paused run as "other data"."""
+    import shutil
+
+    sh = tmp_path / "sh"
+    shutil.copytree(shards_dir, sh)
+    index = json.loads((sh / "index.json").read_text())
+    assert index["split"]["by_file"] is False
+    old = {**index, "split": {k: v for k, v in index["split"].items() if k != "by_file"}}
+
+    def write(ix):
+        (sh / "index.json").write_text(json.dumps(ix))
+
+    write(old if recorded == "before" else index)
+    fp = Shards(sh).fingerprint
+    cfg = tiny_config(sh, steps=4, ckpt_every=2)
+    cfg.train.stop_at = 2
+    train(cfg, tmp_path / "run", progress=False)  # paused at step 2
+    write(index if recorded == "before" else old)  # rebuilt by the other version
+    assert Shards(sh).fingerprint != fp and fp in Shards(sh).fingerprints
+    cfg.train.stop_at = None
+    assert train(cfg, tmp_path / "run", progress=False)["steps"] == 4  # resumed, not refused
+    assert train(cfg, tmp_path / "run", progress=False)["steps"] == 4  # finished: kept
+    index["documents_changed"] = 1  # other content stays other
+    write(index)
+    with pytest.raises(UserError, match="holds other data"):
+        train(cfg, tmp_path / "run", progress=False)

@@ -372,8 +372,23 @@ class Shards:
     def fingerprint(self) -> str:
         """What the shards hold (tokenizer, split, every domain's token, document and byte counts),
         not where they came from: a run is tied to this, not to a path."""
+        return self.fingerprints[0]
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """`fingerprint`, then the same content's as written before the split recorded `by_file`
+        (2026-12-05; false throughout before): shards rebuilt from the same data by either version are
+        the data that runs recorded by the other trained on."""
         content = {k: v for k, v in self.index.items() if k not in ("source", "in_train")}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        forms, split = [content], content.get("split")
+        if isinstance(split, dict) and split.get("by_file", False) is False:
+            other = (
+                {k: v for k, v in split.items() if k != "by_file"}
+                if "by_file" in split
+                else {**split, "by_file": False}
+            )
+            forms.append({**content, "split": other})
+        return tuple(hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16] for c in forms)
 
     @property
     def order(self) -> dict:

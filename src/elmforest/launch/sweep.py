@@ -151,10 +151,16 @@ def sweep(
     had = {"shards": result.get("shards"), "fingerprint": result.get("shards_fingerprint")}
     now = {"shards": str(shards.root.resolve()), "fingerprint": shards.fingerprint}
     key = "fingerprint" if had["fingerprint"] else "shards"  # the content; a sweep.json from before: the path
-    if had[key] is not None and had[key] != now[key]:  # its runs and cached scores are of other data
+    same = shards.fingerprints if key == "fingerprint" else (now["shards"],)
+    if had[key] is not None and had[key] not in same:  # its runs and cached scores are of other data
+        what = (
+            f"content {had['fingerprint']}, not {now['fingerprint']}"
+            if key == "fingerprint"
+            else f"not {now['shards']}"
+        )
         raise UserError(
-            f"{out}: swept on {had['shards']}, not on {now['shards']} ({'other content' if key == 'fingerprint' else 'another path'}); "
-            "a sweep on other shards needs another --out"
+            f"{out}: swept on shards {had['shards']} ({what}): other data; a sweep on other shards needs "
+            "another --out"
         )
     for label, grouping in (groupings or {}).items():
         had = (result.get("grouped") or {}).get(label, {}).get("groups")

@@ -54,7 +54,7 @@ def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = N
         return {"path": str(Path(path).resolve()), "fingerprint": fp, **extra}
 
     out = {
-        "shards": entry(shards.root, shards.fingerprint),
+        "shards": entry(shards.root, shards.fingerprint, same_as=list(shards.fingerprints[1:])),
         "init_checkpoint": None,
         "init_from": None,
     }
@@ -244,7 +244,8 @@ def check_finished_data(run_dir: Path, cfg: RunConfig) -> None:
     saved = run_dir / "inputs.json"
     if not saved.is_file() or not cfg.data.shards or not Shards.is_shards_dir(cfg.data.shards):
         return
-    now = {"path": str(cfg.data.shards), "fingerprint": Shards(cfg.data.shards).fingerprint}
+    sh = Shards(cfg.data.shards)
+    now = {"path": str(cfg.data.shards), "fingerprint": sh.fingerprint, "same_as": list(sh.fingerprints[1:])}
     _refuse_changed(run_dir, read_json(saved), {"shards": now}, finished=True)
 
 
@@ -263,7 +264,8 @@ def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
 def _refuse_changed(run_dir: Path, old: dict, new: dict, finished: bool = False) -> None:
     for key, now in new.items():
         was = old.get(key)
-        if was and now and was.get("fingerprint") and was["fingerprint"] != now["fingerprint"]:
+        same = (now or {}).get("same_as") or []  # the same content as an older elmforest fingerprinted it
+        if was and now and was.get("fingerprint") and was["fingerprint"] not in (now["fingerprint"], *same):
             what = {"shards": "shards", "init_from": "model.init_from"}.get(key, f"train.{key}")
             start = "is a finished run trained on" if finished else "was started from"
             raise UserError(
