@@ -800,7 +800,9 @@ def tr_trainer(cfg, run_dir):
 
 
 @pytest.mark.parametrize("recorded", ["before", "after"])
-def test_shards_rebuilt_by_another_version_from_the_same_data_are_the_same_data(shards_dir, tmp_path, recorded):
+def test_shards_rebuilt_by_another_version_from_the_same_data_are_the_same_data(
+    shards_dir, tmp_path, recorded
+):
     """Shards built before the split recorded `by_file` (always false then) fingerprinted otherwise: the
     same data rebuilt by the other version refused every finished and paused run as "other data"."""
     import shutil

@@ -118,6 +118,45 @@ def test_a_weight_file_linked_outside_the_forest_is_not_intact(forest, tmp_path)
     assert "symbolic link" in Forest.load(forest).intact(name, deep=True)
 
 
+def test_a_merge_reads_no_file_linked_out_of_a_checkpoint(forest, tmp_path):
+    """A side file (tokenizer) or a weight file linked elsewhere was read and published in the merge: a
+    key beside the checkpoint, or another owner's weights that then survived that owner's opt-out."""
+    from elmforest.merge.average import merge_checkpoints
+
+    f = Forest.load(forest)
+    a, b = (tmp_path / "owner_a", tmp_path / "owner_b")
+    for d, name in ((a, f.names[0]), (b, f.names[1])):
+        shutil.copytree(f.expert_dir(name), d)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    (a / "vocab.txt").unlink(missing_ok=True)
+    os.symlink(secret, a / "vocab.txt")
+    with pytest.raises(
+        UserError, match="vocab.txt is a symbolic link to .*secret.txt, outside its checkpoint"
+    ):
+        merge_checkpoints([a, b], tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
+    (a / "vocab.txt").unlink()
+    w = b / "model.safetensors"
+    w.unlink()
+    os.symlink(f.expert_dir(f.names[2]) / "model.safetensors", w)
+    with pytest.raises(UserError, match="model.safetensors is a symbolic link"):
+        merge_checkpoints([a, b], tmp_path / "avg")
+    os.symlink("model.safetensors", a / "alias.txt")  # a link inside the checkpoint is its own file
+    from elmforest.merge.io import within
+
+    assert within(a / "alias.txt", a) == a / "alias.txt"
+
+
+def test_a_deeply_nested_safetensors_header_is_a_corrupt_header(tmp_path):
+    from elmforest.model.build import weight_files
+
+    header = b"[" * 200_000 + b"]" * 200_000
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(UserError, match="corrupt safetensors header"):
+        weight_files(tmp_path)
+
+
 def test_an_expert_directory_linked_outside_the_forest_is_refused(forest, tmp_path):
     victim = _victim(tmp_path)
     name = _manifest(forest)["experts"][0]["name"]

@@ -48,14 +48,31 @@ def remote_code_files(src: Path) -> list[str]:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files, as model/build.py checks them (inside its folder, whole)."""
+    """The checkpoint's safetensors files, as model/build.py checks them (inside its folder, whole), none
+    a link out of it (`within`)."""
     from elmforest.model.build import weight_files as checked
 
-    return sorted(set(checked(resolve_model_dir(model_dir)).values()))
+    d = resolve_model_dir(model_dir)
+    return sorted({within(f, d) for f in checked(d).values()})
+
+
+def within(f: Path, checkpoint: Path) -> Path:
+    """`f`, refused when it is a symbolic link leading out of `checkpoint`: a merge would read, and
+    publish in its output, whatever the checkpoint's owner pointed it at (a key file, another owner's
+    weights that then survive that owner's opt-out). Hugging Face cache snapshots link into their blob
+    store this way: copy those out with `cp -rL` first."""
+    if f.is_symlink():
+        target, root = f.resolve(), Path(checkpoint).resolve()
+        if target != root and root not in target.parents:
+            raise UserError(
+                f"{f} is a symbolic link to {target}, outside its checkpoint {checkpoint}: a merge reads only "
+                "the checkpoint's own files; copy the file in (cp -L) if it belongs there"
+            )
+    return f
 
 
 class LazyWeights:
-    """name -> tensor, read on demand from a checkpoint's safetensors files."""
+    """name -> tensor, read on demand from a checkpoint's safetensors files (none linked from elsewhere)."""
 
     def __init__(self, model_dir: Path, stack: ExitStack):
         self.where: dict[str, object] = {}
@@ -142,7 +159,7 @@ class ShardedWriter:
     def copy_side_files(self, src: Path, names=SIDE_FILES) -> None:
         for f in names:
             if (src / f).is_file():
-                shutil.copy2(src / f, self.tmp / f)
+                shutil.copy2(within(src / f, src), self.tmp / f)
 
     def commit(self) -> Path:
         self._flush()

@@ -129,7 +129,7 @@ def check_safetensors(f: Path) -> None:
             )
         try:
             header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # (nested past Python's stack)
             header = None
     if not isinstance(header, dict):
         raise UserError(f"{f}: corrupt safetensors header (not a JSON object)")
