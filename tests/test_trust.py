@@ -118,6 +118,25 @@ def test_a_weight_file_linked_outside_the_forest_is_not_intact(forest, tmp_path)
     assert "symbolic link" in Forest.load(forest).intact(name, deep=True)
 
 
+def test_a_manifest_cannot_point_a_removal_at_an_output_no_forest_made(forest, tmp_path, capsys):
+    """An output outside the forest whose card names no forest that made it (a FlexOlmo merge of loose
+    pairs; hand-made) was deleted because a forest.json said so: a received manifest could delete it."""
+    from elmforest.merge.average import merge_checkpoints
+
+    f = Forest.load(forest)
+    name = f.names[0]
+    out = merge_checkpoints(f.expert_dirs(), tmp_path / "elsewhere", metadata={"names": f.names})
+    m = _manifest(forest)
+    m["outputs"] = [{"path": str(out), "relative": os.path.relpath(out, forest), "experts": f.names}]
+    _write_manifest(forest, m)
+    rc, text = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 2 and "names no forest that made it" in text and "removed expert" not in text
+    assert (out / "model.safetensors").is_file()  # not deleted
+    shutil.rmtree(out)  # its owner deletes it: the removal finishes
+    rc, text = _run(["forest", "remove", "--forest", str(forest), "--expert", name], capsys)
+    assert rc == 0 and "verified" in text
+
+
 def test_a_merge_reads_no_file_linked_out_of_a_checkpoint(forest, tmp_path):
     """A side file (tokenizer) or a weight file linked elsewhere was read and published in the merge: a
     key beside the checkpoint, or another owner's weights that then survived that owner's opt-out."""

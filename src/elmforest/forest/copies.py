@@ -86,11 +86,13 @@ def relative_from_marker(recorded: Path) -> str | None:
 def ours(forest: Forest, output: Path, recorded: Path) -> bool:
     """Whether this forest made `output` (or is a copy made together with it), rather than another
     forest whose manifest this one was copied from (a sibling copy finds the original's outputs at the
-    same place: only an existing other forest's claim makes them not ours)."""
+    same place: only an existing other forest's claim makes them not ours). An output outside the forest
+    that names no forest is not ours either: a manifest received from elsewhere could otherwise point a
+    removal at any folder whose card lists the expert."""
     root = forest.root.resolve()
     found = origins(output)
-    if not found:
-        return True  # nothing says which forest made it: recorded by this one
+    if not found:  # nothing says which forest made it: this one's if inside it; outside, a record in a
+        return root in output.resolve().parents  # forest.json (perhaps written by hand) is not enough
     for o in found:
         if o.resolve() == root:
             return True

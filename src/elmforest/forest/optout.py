@@ -104,6 +104,14 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
     owners = tomb.get("retraining") or (not run_locked_here and training_now(run))
     areas = [a for a in AREAS if a != "runs" or not owners]
     places = [forest.root / area / name for area in areas] + outputs_holding(forest, name, others)
+    problems += [
+        f"{c} holds {name}'s weights by its card and is recorded in this forest's manifest, but names no "
+        f"forest that made it and lies outside {forest.root}: not deleted (a manifest alone never makes "
+        "elmforest delete outside its forest); delete it yourself if it is this forest's, then run `forest "
+        "remove` again"
+        for c, made_by in others
+        if made_by is None
+    ]
     # ledger rows name their output resolved; a recorded output deleted by a killed earlier attempt
     # has no marker left to find it by
     held = {str(p.resolve()) for p in places} | {
