@@ -369,3 +369,20 @@ def test_the_leakage_checks_cache_keys_hold_the_whole_split(tmp_path):
     want = {leakage.text_key(r["text"]): by_file.assign(r["id"]) for r in rows}
     assert second == want and first != want
     assert leakage._unique_texts(index, by_file, allowed, {"a": "b"}) == {}  # another map: no domain a
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("elmforest_data.json", '{"shards": "x", "split": {"bogus": 1}}'),
+        ("elmforest_data.json", '{"shards": "x"}'),
+        ("elmforest_data.json", '{"split": [1, 2]}'),
+        ("elmforest_run.json", '{"data": 3}'),
+    ],
+)
+def test_a_malformed_training_record_beside_a_model_is_named(tmp_path, name, text):
+    from elmforest.eval.held_out import training_split_spec
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=name):
+        training_split_spec(tmp_path)

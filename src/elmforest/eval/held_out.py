@@ -24,12 +24,19 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
     checkpoint from elsewhere, whose training data elmforest cannot know, takes the defaults."""
     if given is not None:
         return given
-    if (mdir / "elmforest_data.json").is_file():
-        return SplitSpec(**read_json(mdir / "elmforest_data.json")["split"])
+    record = mdir / "elmforest_data.json"
+    if record.is_file():
+        try:  # a file that came with a contributed checkpoint: checked, not trusted
+            return SplitSpec(**read_json(record)["split"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{record}: not a record of the training shards' split ({e!r})") from None
     run_cfg = mdir / "elmforest_run.json"
     if not run_cfg.is_file():
         return SplitSpec()
-    shards = read_json(run_cfg)["data"]["shards"]
+    try:
+        shards = read_json(run_cfg)["data"]["shards"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{run_cfg}: not a run config naming its shards ({e!r})") from None
     if shards and Shards.is_shards_dir(shards):
         return SplitSpec(**Shards(shards).index["split"])
     raise UserError(
