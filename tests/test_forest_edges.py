@@ -811,3 +811,17 @@ def test_a_manifest_the_disk_refuses_moves_no_weights_in(forest_dir, tmp_path, m
     monkeypatch.setattr(Path, "write_text", real)
     f.add(src, "ext", ["x"])
     assert "ext" in Forest.load(f.root).names and f.intact("ext", deep=True) is None
+
+
+def test_forest_add_refuses_integer_weights_of_the_forests_shapes(forest_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    f = _copy(forest_dir, tmp_path)
+    src = tmp_path / "ints"
+    shutil.copytree(f.expert_dir(f.names[1]), src)
+    sd = load_file(str(src / "model.safetensors"))
+    save_file({k: (v * 1000).to(torch.int32) for k, v in sd.items()}, str(src / "model.safetensors"))
+    with pytest.raises(UserError, match="another shape or type.*'integer'.*'float'"):
+        f.add(src, "ints", ["x"])
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(src / "model.safetensors"))
+    f.add(src, "halves", ["x"])  # bf16 weights beside fp32 ones are the same kind

@@ -63,8 +63,8 @@ def check_weights(src: Path, refs: list[Path]) -> None:
         if got != want:
             diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
             raise UserError(
-                f"{src}: its weights do not fit the forest's ({len(diff)} tensor(s) missing, extra or of "
-                f"another shape, e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
+                f"{src}: its weights do not fit the forest's ({len(diff)} tensor(s) missing, extra, of "
+                f"another shape or type, e.g. {diff[0]}: {got.get(diff[0])} vs {want.get(diff[0])})"
             )
         return
 
@@ -98,7 +98,11 @@ def _shapes(d: Path) -> dict:
     out = {}
     for f in sorted(set(weight_files(d).values())):
         with safe_open(str(f), "pt") as h:
-            out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+            for k in h.keys():  # shape, and whether floating point (bf16 beside fp32 is fine; int32 is not)
+                s = h.get_slice(k)
+                t = s.get_dtype()
+                kind = "float" if t.startswith(("F", "BF")) else "integer" if t.startswith(("I", "U")) else t
+                out[k] = (tuple(s.get_shape()), kind)
     return out
 
 
