@@ -107,6 +107,7 @@ def origins(output: Path) -> list[Path]:
     made_by = marker_forest(output)
     pairs = marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
     found = [Path(made_by)] if made_by else []
+    found += [Path(f) for f in marker_meta(output).get("forests") or [] if isinstance(f, str) and f]
     found += [Path(p).parent.parent for p in pairs if isinstance(p, str) and Path(p).parent.name == "experts"]
     return list(dict.fromkeys(found))
 

@@ -361,8 +361,16 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Pat
     run with the experts it holds and record both with every forest they came from, so opting an expert
     out deletes them too (forest/optout.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / SOURCE_MARKER, {"forest": meta.get("forest"), "experts": meta["experts"]})
-    for forest, names in _forests_of(meta, moe_dir):
+    held = _forests_of(meta, moe_dir)
+    write_json_atomic(
+        run_dir / SOURCE_MARKER,
+        {  # every forest that records it (a FlexOlmo merge of owners' pairs names no one forest)
+            "forest": meta.get("forest"),
+            "forests": [str(f.root.resolve()) for f, _ in held],
+            "experts": meta["experts"],
+        },
+    )
+    for forest, names in held:
         forest.record_output(run_dir, kind, names)
         forest.record_output(out, "moe", names)
 
