@@ -308,6 +308,8 @@ def test_owner_pairs_given_one_by_one_are_recorded_wherever_they_sit_in_their_fo
     monkeypatch.chdir(tmp_path)  # the pairs given relative to here, the fine-tuning run from elsewhere
     argv = ["merge", "flexolmo", "--no-routing", "--owner", f"o0=fx/experts/{a}"]
     assert main([*argv, "--owner", f"o1=fx/runs/{b}", "--out", str(merged)]) == 0
+    runs_only = tmp_path / "from-runs"  # no pair under experts/: its card names the forest by runs/E alone
+    assert main([*argv[:4], f"o0=fx/runs/{a}", "--owner", f"o1=fx/runs/{b}", "--out", str(runs_only)]) == 0
     monkeypatch.chdir(f.root)
     ft = finetune_moe(merged, shards_dir, 1, out=tmp_path / "ft", lr=1e-2, batch_size=2, progress=False)
     outs = {o["path"]: o["experts"] for o in Forest.load(f.root).data["outputs"]}
@@ -323,7 +325,7 @@ def test_owner_pairs_given_one_by_one_are_recorded_wherever_they_sit_in_their_fo
         merged,
     )
     assert main(["forest", "remove", "--forest", str(f.root), "--expert", b]) == 0
-    assert not merged.exists() and not ft.exists() and not left.exists()
+    assert not merged.exists() and not ft.exists() and not left.exists() and not runs_only.exists()
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="same checkpoint"):

@@ -103,12 +103,16 @@ def ours(forest: Forest, output: Path, recorded: Path) -> bool:
 
 def origins(output: Path) -> list[Path]:
     """The forests a merged output names as its makers: its marker's forest and (a FlexOlmo merge, whose
-    owners' pairs may come from several forests) the forests its pairs sit in (FOREST/experts/NAME)."""
+    owners' pairs may come from several forests) the forests its pairs sit in (FOREST/experts/NAME,
+    FOREST/runs/NAME/model, FOREST/branches/NAME), and the forests a scratch run names."""
     made_by = marker_forest(output)
     pairs = marker_meta(output, ("elmforest_flexolmo.json",)).get("pairs") or []
     found = [Path(made_by)] if made_by else []
     found += [Path(f) for f in marker_meta(output).get("forests") or [] if isinstance(f, str) and f]
-    found += [Path(p).parent.parent for p in pairs if isinstance(p, str) and Path(p).parent.name == "experts"]
+    for p in (Path(p).parts for p in pairs if isinstance(p, str) and p):  # a pair sits in its forest's
+        i = next((i for i in range(len(p) - 2, 0, -1) if p[i] in ("experts", "runs", "branches")), None)
+        if i is not None:  # folders for its expert (experts/E, runs/E/model, branches/E: where
+            found.append(Path(*p[:i]))  # merge/flexolmo.py owners_in_forests records it), moved or not
     return list(dict.fromkeys(found))
 
 
