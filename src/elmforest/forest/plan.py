@@ -67,8 +67,7 @@ def plan_for(
     """The plan for one expert per domain (or for `domains` experts not named yet), and the dense config.
 
     The batch is rounded to a multiple of the number of experts (at least one sequence each). When the
-    domains are named, the seed and the dense run mix exactly those (`data.domains`, sorted as the plan
-    is: a plan that does not record an order must not leave one to change the seed); a config that
+    domains are named, the seed and the dense run mix exactly those (`data.domains`); a config that
     names other domains is refused, so the arms never see different data.
     """
     names = None if isinstance(domains, int) else list(domains)
@@ -83,7 +82,10 @@ def plan_for(
                 f"data.domains={cfg.data.domains} (the seed and dense mixture) differs from the experts' "
                 f"domains {names}; one domain list must drive every phase"
             )
-        cfg.data.domains = sorted(names)  # as the plan records them: the sampler's draws follow the order
+        # in the order given: the sampler draws by list position, so another order is another seed
+        # (the plan, a set, records them sorted; a run's config keeps the order, and a paused run
+        # resumed with another order is refused as another config: sorting here refused runs made so)
+        cfg.data.domains = names
     per_expert = max(1, round(base.train.batch_size / n))
     cfg.train.batch_size = per_expert * n
     return Plan(cfg.train.steps, cfg.train.batch_size, n, seed_share, names, expert_lr), cfg
