@@ -381,8 +381,12 @@ def test_the_leakage_checks_cache_keys_hold_the_whole_split(tmp_path):
     ],
 )
 def test_a_malformed_training_record_beside_a_model_is_named(tmp_path, name, text):
-    from elmforest.eval.held_out import training_split_spec
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval.held_out import check_held_out, training_split_spec
 
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match=name):
         training_split_spec(tmp_path)
+    if name == "elmforest_data.json":  # also where shards are scored, or fractions are given
+        with pytest.raises(UserError, match=name):
+            check_held_out(tmp_path, "somewhere", SplitSpec(), "test", "somewhere")

@@ -708,6 +708,14 @@ def test_pool_cache_keeps_the_most_recently_used_within_its_bytes(forest_dir, sh
     )
     pool.clear_cache()
     assert not pool._cache and pool._cached == 0
+    other = make_pool(f, f.names[:2], precision="fp32")
+    other.logprobs(0, stream, sh.eos_id, 32, range(2), key="k")
+    pool.adopt(other)
+    pool.adopt(other)  # a key adopted twice is counted once
+    assert len(pool._cache) == 1 and pool._cached == one
+    pool.cache_bytes = one - 1  # an entry larger than the budget is not kept, nor empties the rest
+    pool.logprobs(1, stream, sh.eos_id, 32, range(2), key="k")
+    assert len(pool._cache) == 1 and pool._cached == one
 
 
 def test_forest_evaluation_keeps_one_domains_logprobs_not_the_whole_splits(

@@ -24,12 +24,8 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
     checkpoint from elsewhere, whose training data elmforest cannot know, takes the defaults."""
     if given is not None:
         return given
-    record = mdir / "elmforest_data.json"
-    if record.is_file():
-        try:  # a file that came with a contributed checkpoint: checked, not trusted
-            return SplitSpec(**read_json(record)["split"])
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{record}: not a record of the training shards' split ({e!r})") from None
+    if (mdir / "elmforest_data.json").is_file():
+        return _training_record(mdir)[1]
     run_cfg = mdir / "elmforest_run.json"
     if not run_cfg.is_file():
         return SplitSpec()
@@ -43,6 +39,17 @@ def training_split_spec(mdir: Path, given: SplitSpec | None = None) -> SplitSpec
         f"{mdir}: its training shards {shards or '(none recorded)'} are gone, so which documents it held out "
         "is unknown; pass --split-fractions VALID,TEST (the --valid-frac and --test-frac they were built with)"
     )
+
+
+def _training_record(mdir: Path) -> tuple[dict, SplitSpec]:
+    """The model's elmforest_data.json and its split, or a UserError naming it: a file that came with a
+    contributed checkpoint is checked, not trusted."""
+    record = mdir / "elmforest_data.json"
+    try:
+        rec = read_json(record)
+        return rec, SplitSpec(**rec["split"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{record}: not a record of the training shards and their split ({e!r})") from None
 
 
 def check_held_out(
@@ -59,11 +66,10 @@ def check_held_out(
     unknown, pass. `given`: the fractions are the command line's --split-fractions (said in the advice)."""
     if split in ("train", "all") or not (mdir / "elmforest_data.json").is_file():
         return
-    rec = read_json(mdir / "elmforest_data.json")
+    rec, held = _training_record(mdir)
     trained = Path(str(rec.get("shards", ""))) / "index.json"
     if not trained.is_file() or not source:
         return
-    held = SplitSpec(**rec["split"])
     out = held.valid_frac + held.test_frac  # the model held out the documents hashed below this
     mine = False  # read from the model's own corpus: judged by its location, else by its text
     for t, t_fmt in _locations(read_json(trained).get("source")):

@@ -94,12 +94,16 @@ class ExpertPool:
 
     def _keep(self, ck, out: torch.Tensor, count: int) -> None:
         size = out.numel() * out.element_size()
+        if ck in self._cache:  # the same key again (pools adopted from share experts): replaced
+            old, _ = self._cache.pop(ck)
+            self._cached -= old.numel() * old.element_size()
+        if size > self.cache_bytes:
+            return  # never kept: the others stay
         while self._cache and self._cached + size > self.cache_bytes:
             old, _ = self._cache.pop(next(iter(self._cache)))
             self._cached -= old.numel() * old.element_size()
-        if size <= self.cache_bytes:
-            self._cache[ck] = (out, count)
-            self._cached += size
+        self._cache[ck] = (out, count)
+        self._cached += size
 
     def clear_cache(self) -> None:
         """Forget every scored log-prob (the models stay loaded)."""
