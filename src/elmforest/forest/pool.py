@@ -94,7 +94,7 @@ class ExpertPool:
 
     def _keep(self, ck, out: torch.Tensor, count: int) -> None:
         size = out.numel() * out.element_size()
-        if ck in self._cache:  # the same key again (pools adopted from share experts): replaced
+        if ck in self._cache:  # the same key again (from pools that share experts): replaced
             old, _ = self._cache.pop(ck)
             self._cached -= old.numel() * old.element_size()
         if size > self.cache_bytes:
