@@ -312,6 +312,7 @@ def assign_corpus(
 def nmi_of(table: Counter) -> float:
     """sklearn's normalized_mutual_info_score (arithmetic mean of the entropies) from the cluster x
     domain counts, so no list of every document's labels is kept for it (a few GB at 10M documents)."""
+    from scipy.stats import entropy
     from sklearn.metrics import mutual_info_score
 
     rows = sorted({j for j, _ in table})
@@ -322,11 +323,6 @@ def nmi_of(table: Counter) -> float:
     mi = mutual_info_score(None, None, contingency=c)
     if mi == 0:
         return 0.0
-
-    def entropy(counts: np.ndarray) -> float:
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
-
     norm = max((entropy(c.sum(1)) + entropy(c.sum(0))) / 2, np.finfo(np.float64).eps)
     return float(mi / norm)
 

@@ -327,6 +327,10 @@ def _held_out_in_train(writers: dict) -> dict:
 _RESERVED = {"index.json", TIMINGS_FILE, *TOKENIZER_FILES}
 
 
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _unique_folder(domain: str, folders: dict[str, str]) -> str:
     base = safe_name(domain)
     taken = {f.casefold() for f in folders.values()} | _RESERVED  # case-insensitive file systems
@@ -372,23 +376,26 @@ class Shards:
     def fingerprint(self) -> str:
         """What the shards hold (tokenizer, split, every domain's token, document and byte counts),
         not where they came from: a run is tied to this, not to a path."""
-        return self.fingerprints[0]
+        return _digest(self._content())
+
+    def _content(self) -> dict:
+        return {k: v for k, v in self.index.items() if k not in ("source", "in_train")}
 
     @property
     def fingerprints(self) -> tuple[str, ...]:
         """`fingerprint`, then the same content's as written before the split recorded `by_file`
         (2026-12-05; false throughout before): shards rebuilt from the same data by either version are
         the data that runs recorded by the other trained on."""
-        content = {k: v for k, v in self.index.items() if k not in ("source", "in_train")}
-        forms, split = [content], content.get("split")
-        if isinstance(split, dict) and split.get("by_file", False) is False:
-            other = (
-                {k: v for k, v in split.items() if k != "by_file"}
-                if "by_file" in split
-                else {**split, "by_file": False}
-            )
-            forms.append({**content, "split": other})
-        return tuple(hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16] for c in forms)
+        content = self._content()
+        split = content.get("split")
+        if not (isinstance(split, dict) and split.get("by_file", False) is False):
+            return (_digest(content),)
+        other = (
+            {k: v for k, v in split.items() if k != "by_file"}
+            if "by_file" in split
+            else {**split, "by_file": False}
+        )
+        return _digest(content), _digest({**content, "split": other})
 
     @property
     def order(self) -> dict:

@@ -31,8 +31,9 @@ def outputs_holding(forest: Forest, name: str, others: list | None = None) -> li
                 continue
             if ours(forest, c, recorded):
                 candidates.append(c)
-            elif others is not None:
-                others.append((c, marker_forest(c)))
+            elif others is not None:  # another forest's (None: no forest made it, said as a problem)
+                found = origins(c)
+                others.append((c, marker_forest(c) or (str(found[0]) if found else None)))
     branches = forest.root / "branches"
     if branches.is_dir():
         mixed = [p for p in branches.iterdir() if p.name != name and not p.is_symlink()]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +39,6 @@ from elmforest.forest.trust import (
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import (
-    atomic_path,
     clean_stale,
     read_json,
     remove_path,
@@ -168,14 +165,9 @@ class Forest(ForestRecords):
             try:
                 change(self.data)
                 check_manifest(self.data, self.root, path)
-                if before_write is None:
-                    write_json_atomic(path, self.data)
-                    return
-                with atomic_path(path) as tmp:  # the new manifest on disk first: a disk too full for it
-                    tmp.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")  # refuses
-                    with open(tmp, "rb+") as f:  # before the weights move: "nothing was changed" holds
-                        os.fsync(f.fileno())
-                    before_write()
+                # the new manifest on disk first: a disk too full for it refuses before the weights
+                # move, so "nothing was changed" holds
+                write_json_atomic(path, self.data, before_replace=before_write)
             except BaseException:
                 self.data = on_disk  # a refused change is not kept in memory either
                 raise

@@ -54,7 +54,7 @@ def input_fingerprints(cfg: RunConfig, shards: Shards, previous: dict | None = N
         return {"path": str(Path(path).resolve()), "fingerprint": fp, **extra}
 
     out = {
-        "shards": entry(shards.root, shards.fingerprint, same_as=list(shards.fingerprints[1:])),
+        "shards": entry(shards.root, shards.fingerprint),
         "init_checkpoint": None,
         "init_from": None,
     }
@@ -245,8 +245,8 @@ def check_finished_data(run_dir: Path, cfg: RunConfig) -> None:
     if not saved.is_file() or not cfg.data.shards or not Shards.is_shards_dir(cfg.data.shards):
         return
     sh = Shards(cfg.data.shards)
-    now = {"path": str(cfg.data.shards), "fingerprint": sh.fingerprint, "same_as": list(sh.fingerprints[1:])}
-    _refuse_changed(run_dir, read_json(saved), {"shards": now}, finished=True)
+    now = {"path": str(cfg.data.shards), "fingerprint": sh.fingerprint}
+    _refuse_changed(run_dir, read_json(saved), {"shards": now}, sh.fingerprints, finished=True)
 
 
 def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
@@ -257,14 +257,18 @@ def check_inputs(run_dir: Path, cfg: RunConfig, shards: Shards) -> dict:
     old = read_json(saved) if saved.is_file() and has_progress(run_dir) else None
     inputs = input_fingerprints(cfg, shards, old)
     if old:
-        _refuse_changed(run_dir, old, inputs)
+        _refuse_changed(run_dir, old, inputs, shards.fingerprints)
     return inputs
 
 
-def _refuse_changed(run_dir: Path, old: dict, new: dict, finished: bool = False) -> None:
+def _refuse_changed(
+    run_dir: Path, old: dict, new: dict, shards_fps: tuple[str, ...], finished: bool = False
+) -> None:
+    """`shards_fps`: every fingerprint of the shards' content (Shards.fingerprints: as older versions
+    wrote it too)."""
     for key, now in new.items():
         was = old.get(key)
-        same = (now or {}).get("same_as") or []  # the same content as an older elmforest fingerprinted it
+        same = shards_fps if key == "shards" else ()
         if was and now and was.get("fingerprint") and was["fingerprint"] not in (now["fingerprint"], *same):
             what = {"shards": "shards", "init_from": "model.init_from"}.get(key, f"train.{key}")
             start = "is a finished run trained on" if finished else "was started from"

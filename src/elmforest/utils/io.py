@@ -234,8 +234,10 @@ def held_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, before_replace=None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    `before_replace()` runs once the new file is on disk (synced), just before the rename: what must
+    change with it (forest.json and the weights it records) moves only when it could be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, unique=True)
@@ -245,6 +247,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
 
 
@@ -261,13 +265,13 @@ def staged_dir(dst: str | os.PathLike) -> Iterator[Path]:
         replace_dir(tmp, dst)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text_atomic(path: str | os.PathLike, text: str, before_replace=None) -> None:
+    with atomic_path(path, before_replace) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, before_replace=None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", before_replace)
 
 
 def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
