@@ -150,3 +150,24 @@ def test_the_routing_temperature_has_one_name_in_every_verb_and_the_old_one_stil
     assert "--temperature-routing" in gen.opts  # the old name: scripts that used it still run
     assert main(["generate", "--forest", "nowhere", "--prompt", "x", "--temperature-routing", "0"]) == 2
     assert "--temperature-routing" in capsys.readouterr().err  # checked like the new name
+
+
+def test_the_cli_starts_without_importing_torch():
+    """`elmforest --help` and a usage error answer in a fraction of a second: the CLI's modules import
+    torch only inside the verbs that run something (it takes seconds on a cold cache)."""
+    import subprocess
+    import sys
+
+    code = "import sys, elmforest.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_first_process_is_rank_zero_of_torchruns_environment(monkeypatch):
+    from elmforest.utils.proc import first_process
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert first_process()
+    monkeypatch.setenv("RANK", "0")
+    assert first_process()
+    monkeypatch.setenv("RANK", "1")
+    assert not first_process()

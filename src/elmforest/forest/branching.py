@@ -10,7 +10,6 @@ expert (forest/nearest.py).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from elmforest.config import RunConfig
@@ -19,6 +18,7 @@ from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan
 from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json
+from elmforest.utils.proc import first_process
 
 
 def branch_weights(
@@ -85,7 +85,7 @@ def _flexolmo_owner(forest: Forest, shards: Shards, domain: str, name: str, cfg:
 
     init = forest.root / "branches" / name
     if not (init / "elmforest_pair.json").is_file():
-        if int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process builds the pair
+        if not first_process():  # data parallel: the first process builds the pair
             from elmforest.utils.proc import wait_for
 
             if not wait_for([init / "elmforest_pair.json"], timeout=3600):

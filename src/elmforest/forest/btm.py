@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from elmforest.forest.seeding import (  # noqa: F401 - btm.train_seed etc.
 from elmforest.train.trainer import train
 from elmforest.utils.errors import ElmforestError, Failed, UserError
 from elmforest.utils.io import read_json
+from elmforest.utils.proc import first_process
 
 
 def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -> str:
@@ -138,7 +138,7 @@ def train_expert(
                 want = apply_overrides(want, owner_overrides())
         check_kept(forest, name, list(mix) if mix else [domain], branch, list(overrides or []), want)
         if problem is None:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if first_process():
                 print(f"note: expert {name} exists, trained as asked; kept (not trained again)")
             return forest.expert(name)
         print(f"note: expert {name}: {problem}; restoring it from runs/{name} (training what is missing)")
@@ -159,7 +159,7 @@ def train_expert(
     cfg.data.domains = trained
     planned = (forest.data.get("plan") or {}).get("domains")
     label = name if mix else domain
-    if planned is not None and label not in planned and int(os.environ.get("RANK", "0")) == 0:
+    if planned is not None and label not in planned and first_process():
         print(
             f"note: {label!r} is not one of the plan's experts {planned}: this expert's compute comes on "
             "top of the matched budget (the forest's ledger counts it)"
@@ -178,7 +178,7 @@ def train_expert(
             src, extra["nearest"] = nearest_expert(
                 forest, shards, domain, branch.partition(":")[2] or "posterior", among=among
             )
-        if int(os.environ.get("RANK", "0")) == 0:
+        if first_process():
             print(f"note: {name} branches from {src} ({extra['nearest']['by']})")
         branch = f"expert:{src}"
     if branch.startswith("expert:") or branch == "mixture":
@@ -195,7 +195,7 @@ def train_expert(
             meta = _kept_average(init, name, domain, others, forest.root / "runs" / name)
             if meta is not None:  # a re-run: keep the weights actually averaged
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
-            elif int(os.environ.get("RANK", "0")) != 0:  # data parallel: the first process averages
+            elif not first_process():  # data parallel: the first process averages
                 import time
 
                 end = time.time() + 3600
@@ -237,7 +237,7 @@ def train_expert(
         )
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name
-    if name in forest.removed and int(os.environ.get("RANK", "0")) == 0:
+    if name in forest.removed and first_process():
         from elmforest.forest.optout import finish_removal, mark_retraining, pending
 
         tomb = next(r for r in forest.data["removed"] if r["name"] == name)
@@ -255,7 +255,7 @@ def train_expert(
                 )
         mark_retraining(forest, name)  # its run is the owner's again: `forest fsck` must not delete it
     summary = train(cfg, run_dir, progress=progress)
-    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: only the first process merges
+    if not first_process():  # data parallel: only the first process merges
         return {"name": name, "tokens": summary["tokens"], "flops": summary["flops"], "parents": parents}
     entry = forest.add(
         run_dir / "model",

@@ -4,7 +4,6 @@ that train nothing are in forest/manage_cli.py, registered here under the same g
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -43,6 +42,7 @@ from elmforest.utils.argtypes import (
 )
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import remove_path, split_list
+from elmforest.utils.proc import first_process
 
 ShardsDir = Annotated[str, opt("shards directory", metavar="DIR")]
 SeedShare = Annotated[
@@ -200,7 +200,7 @@ def expert(
         trust_remote_code=train_args.trust_remote_code,
         mix=split_list(mix),
     )
-    if os.environ.get("RANK", "0") == "0":  # data parallel: said once, by the process that merged it
+    if first_process():  # data parallel: said once, by the process that merged it
         print(
             f"expert {e['name']}: {e['tokens']:,} tokens, {e['flops']:.3e} FLOPs, parents "
             + ", ".join(f"{p['name']}×{p['weight']:.3f}" for p in e["parents"])

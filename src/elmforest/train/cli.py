@@ -13,6 +13,7 @@ import typer
 from elmforest.config import override_keys
 from elmforest.utils.argtypes import flag, opt, positive_int, verb
 from elmforest.utils.errors import UserError
+from elmforest.utils.proc import first_process
 
 # The config keys --set accepts, generated from the config dataclasses: the epilog of every training verb.
 CONFIG_KEYS = (
@@ -118,7 +119,7 @@ def train(
     from elmforest.train.trainer import train as train_run
 
     summary = train_run(run_cfg, out, progress=not no_progress)
-    if int(os.environ.get("RANK", "0")) != 0:  # one line for the run, not one per process
+    if not first_process():  # one line for the run, not one per process
         return 0
     if "stopped_at" in summary:  # train.stop_at: paused, resumable
         print(

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast
 from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
+from elmforest.utils.proc import first_process
 
 
 def rank_step_seed(seed: int, rank: int, step: int) -> int:
@@ -89,7 +89,7 @@ class Trainer(TrainerSetup):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # locked before anything is read: a run being set up (hashing a large init_from takes minutes)
         # must not look like a dead leftover that another command may delete (runlock.unless_training)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if first_process():
             self._lock_run_dir()
         try:
             summary_path = self.run_dir / "summary.json"

@@ -1,4 +1,5 @@
-"""Child processes that cannot outlive the process that started them.
+"""Child processes that cannot outlive the process that started them, and which process of a
+data-parallel job speaks for it.
 
 A worker blocked on its task queue never notices that its parent was SIGKILLed (its siblings keep
 the queue's pipe open), so without this it lives on, holding its memory, until someone kills it.
@@ -13,6 +14,13 @@ import time
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+
+def first_process() -> bool:
+    """Whether this is the process that speaks and writes for a data-parallel job (rank 0 of torchrun's
+    environment; a plain process is its own first). Read from the environment, not the process group, so
+    that it holds before the group is made and in helpers that never make one."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def die_with_parent(parent: int | None = None) -> None:
