@@ -468,6 +468,16 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
              "--set", "data.domains=[legal]"],
             "an expert's data is its --domain",
         ),
+        (  # the same as a whole section went round that check: recorded as code, trained on legal
+            ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--name", "c2",
+             "--set", 'data={"domains": ["legal"]}'],
+            "data is a section; set its fields one by one",
+        ),
+        (  # its valid split is where the forest's priors come from
+            ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--name", "c2",
+             "--set", "data.split=valid"],
+            "an expert's data is its --domain",
+        ),
         ([*ev, "--select", "prefix:4"], "--select prefix:4: not used by --mode ensemble"),
         ([*ev, "--mode", "topk", "--route", "segment:8"], "--route segment:8: not used by --mode topk"),
     ):  # fmt: skip

@@ -184,6 +184,10 @@ def test_config_validation_catches_nonsense():
     ]:
         with pytest.raises(ValueError, match="invalid config"):
             apply_overrides(cfg, [bad])
+    preset_run_config("tiny").train.trackers.append("wandb")  # a caller's own copy
+    assert "wandb" not in preset_run_config("tiny").train.trackers
+    with pytest.raises(ValueError, match="train is a section"):  # it reset the section's other fields
+        apply_overrides(cfg, ['train={"steps": 3}'])
     assert apply_overrides(cfg, ["data.shards=123"]).data.shards == "123"  # a string field stays a string
     # a bad value corrected by a later --set: the earlier one must not make the good one a string
     assert apply_overrides(cfg, ["train.steps=abc", "train.steps=3"]).train.steps == 3

@@ -852,6 +852,13 @@ def test_a_copied_tree_trains_its_moe_into_its_own_forest_not_the_originals(fore
     assert any(Path(o["path"]) == (b / "ft").resolve() for o in f.data["outputs"])
     card = json.loads((b / "ft" / "elmforest_moe.json").read_text())
     assert Path(card["forest"]) == (b / "forest").resolve() and card["forest_relative"] == "../forest"
+    # the ledger row says what ran: --set over the flags (it recorded the flags' 1 step of 2, all domains)
+    dom = json.loads((a / "forest" / "forest.json").read_text())["experts"][0]["domains"][0]
+    sets = ["train.steps=2", "train.batch_size=1", f"data.domains=[{dom}]"]
+    finetune_moe(a / "moe", shards_dir, 1, out=a / "ft", batch_size=2, overrides=sets, progress=False)
+    ft = json.loads((a / "ft" / "elmforest_moe.json").read_text())["finetuning"]
+    seq = json.loads((a / "ft" / "elmforest_run.json").read_text())["train"]["seq_len"]
+    assert (ft["steps"], ft["batch_size"], ft["domains"]) == (2, 1, [dom]) and ft["tokens"] == 2 * seq
 
 
 def test_shards_recorded_but_gone_are_said_as_such(forest_dir, tmp_path, capsys):

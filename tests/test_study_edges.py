@@ -69,8 +69,11 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
         (["workers=0"], "workers 0"),
         (["overrides=[train.steps=5]"], "the study sets these"),
         (["overrides=[train.seed=3]"], "train.seed"),
-        # a whole section reaches them too: every run would have started from that checkpoint
-        (["""overrides=['model={"init_from": "gpt2"}']"""], "it sets model.init_from"),
+        # a whole section went round these (every run would have started from that checkpoint)
+        (["""overrides=['model={"init_from": "gpt2"}']"""], "model is a section"),
+        (["overrides=[optim.nope=1]"], "unknown key 'optim.nope'"),
+        # the study's domains: this one was set over for each run, silently
+        (["overrides=['data.domains=[drama]']"], "the study sets these"),
         (["overrides=[train.init_checkpoint=x]"], "the study sets these"),
     ],
 )

@@ -358,7 +358,8 @@ def _bare_list(raw: str, ann: str) -> list:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.key=value` strings; values parse as JSON, else as plain strings."""
+    """Apply `section.key=value` strings; values parse as JSON, else as plain strings. A whole section
+    is refused: every check of what an override sets reads its dotted key."""
     d = cfg.to_dict()
     given = cfg.to_dict()  # the types before any override: a bad value given earlier must not set them
     for item in overrides:
@@ -373,6 +374,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             node = node[p]
         if parts[-1] not in node:
             raise UserError(f"override {item!r}: unknown key {key!r}")
+        if isinstance(node[parts[-1]], dict):
+            # a whole section (`data={...}`) set its other fields to their defaults, and went round every
+            # check that reads the keys given (an expert's data, the quickstart's shards, the study's own)
+            raise UserError(
+                f"override {item!r}: {key.strip()} is a section; set its fields one by one "
+                f"({key.strip()}.KEY=VALUE)"
+            )
         if key.strip() == "model.trust_remote_code":
             raise UserError(f"override {item!r}: remote code is turned on by --trust-remote-code only")
         try:

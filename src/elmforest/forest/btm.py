@@ -230,10 +230,12 @@ def train_expert(
         overrides = [*owner, *(overrides or [])]
         arch = architecture_fingerprint(cfg.model.init_from)
     if owned := [
-        o for o in overrides or [] if o.partition("=")[0].strip() in ("data.domains", "data.shards")
+        o
+        for o in overrides or []
+        if o.partition("=")[0].strip() in ("data.domains", "data.shards", "data.split")
     ]:
         raise UserError(  # the manifest records the domain given; the run trained on the override's
-            f"{owned[0]}: an expert's data is its --domain (or --mix) in --shards, not a --set"
+            f"{owned[0]}: an expert's data is its --domain (or --mix) in --shards' train split, not a --set"
         )
     cfg = apply_overrides(cfg, list(overrides or []))
     run_dir = forest.root / "runs" / name

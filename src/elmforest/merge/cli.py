@@ -259,7 +259,7 @@ def finetune(
     ft = read_json(path / "elmforest_moe.json")["finetuning"]  # its ledger row: written with it
     if ft.get("finished", 0) < started:  # kept: fine-tuned before, as asked (said by finetune_moe)
         return
-    print(f"fine-tuned for {steps} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
+    print(f"fine-tuned for {ft['steps']} steps ({ft['tokens']:,} tokens, {ft['flops']:.3g} FLOPs) -> {path}")
     if not no_routing:
         _report_routing(path, shards, device)
 

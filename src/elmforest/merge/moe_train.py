@@ -175,9 +175,11 @@ def _train_moe(
     if out.resolve() != moe_dir.resolve() and (out / "elmforest_moe.json").is_file():
         held = read_json(out / "elmforest_moe.json").get(kind) or {}
         asked = {"from_fingerprint": fingerprint, "config_digest": digest}
-        same_data = held.get("data") is not None and Path(held["data"]).resolve() == sh.root.resolve()
+        same_data = (
+            held.get("data") is not None and Path(held["data"]).resolve() == Path(cfg.data.shards).resolve()
+        )
         if same_data and all(held.get(k) == v for k, v in asked.items()):  # this very run, finished
-            print(f"note: {out} already holds this {what} ({steps} steps from {moe_dir}); kept")
+            print(f"note: {out} already holds this {what} ({cfg.train.steps} steps from {moe_dir}); kept")
             if run_dir is None:  # a run the caller placed is theirs to keep
                 _settle_finished(meta, kind, held, out, moe_dir)
             else:
@@ -199,12 +201,13 @@ def _train_moe(
         _unrecord_if_untouched(meta, run_dir, out, moe_dir)
         raise
 
-    record = {
-        "steps": steps,
+    record = {  # from the config that ran: --set train.steps / data.domains outrank the flags
+        "steps": cfg.train.steps,
         "lr": cfg.optim.lr,
-        "batch_size": batch_size,
-        "data": str(sh.root.resolve()),
-        "domains": domains,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "data": str(Path(cfg.data.shards).resolve()),
+        "domains": list(cfg.data.domains or sh.domains),
         "trainable": cfg.train.trainable,
         "frozen_experts": list(cfg.train.frozen_experts),
         "router_aux_loss": cfg.train.router_aux_loss,

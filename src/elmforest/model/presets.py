@@ -9,6 +9,7 @@ optimiser recipe: Adam(0.9, 0.95), LR 5e-4, 8% warmup, weight decay 0.1, clip 0.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ def get_preset(name: str) -> Preset:
 def preset_run_config(name: str, shards: str = "") -> RunConfig:
     """A run config filled with the preset's defaults."""
     p = get_preset(name)
-    cfg = RunConfig(optim=dataclasses.replace(p.optim), train=dataclasses.replace(p.train))
+    # deep copies: a shallow one shared the preset's lists (trackers), so one caller's append was the next's
+    cfg = RunConfig(optim=copy.deepcopy(p.optim), train=copy.deepcopy(p.train))
     cfg.model.preset = name
     fill_architecture(cfg.model)
     cfg.data.shards = shards
