@@ -1,6 +1,6 @@
 """c-BTM at matched compute: k in {2, 4, 8} clusters vs metadata-domain BTM vs random split vs dense.
 
-    python bench/cbtm_quality.py --quickstart quickstart [--ks 2 4 8] [--compare-warmup]
+    python bench/cbtm_quality.py --quickstart quickstart [--ks 2 4 8] [--compare-warmup] [--compare-context]
 
 Reuses a finished `elmforest quickstart --split random` directory: its seed (the first half of the
 dense run), its dense baseline, BTM forest and random-split forest. For each k it fits k balanced
@@ -43,6 +43,12 @@ def main() -> None:
         help="also score each forest without re-routing a document on its first tokens (the routing "
         "before: a document opening inside a window kept the cluster-size fallback to the window's end)",
     )
+    ap.add_argument(
+        "--compare-context",
+        action="store_true",
+        help="also score each forest with the router reading the document's text before the window "
+        "(router_context='document', the routing before 12-06: context no other row's model sees)",
+    )
     args = ap.parse_args()
     qs = Path(args.quickstart)
     base, forest, shards, common = load_quickstart(qs)
@@ -73,6 +79,15 @@ def main() -> None:
                     "fraction_of_full": r0["compute"]["fraction_of_full"],
                     "fallback_share": r0["fallback_share"],
                 }
+            if args.compare_context:
+                r1 = evaluate_forest_shards(
+                    cf, shards, mode="cluster", k=top, pool=pool, router_context="document", **common
+                )
+                res[f"top{top}"]["document_context"] = {
+                    "mean_bpb": r1["mean_bpb"],
+                    "fraction_of_full": r1["compute"]["fraction_of_full"],
+                    "fallback_share": r1["fallback_share"],
+                }
         report = json.loads((qs / f"clusters-{k}" / "report.meta.json").read_text())
         cbtm[k] = {
             "nmi": report.get("nmi"),
@@ -93,6 +108,13 @@ def main() -> None:
                 line += (
                     f"; without re-routing documents on their first tokens {w0['mean_bpb']:.4f} "
                     f"({w0['fallback_share']:.1%} fallback, {w0['fraction_of_full']:.3f} of full passes "
+                    f"vs {v['fraction_of_full']:.3f})"
+                )
+            if "document_context" in v:
+                w1 = v["document_context"]
+                line += (
+                    f"; routed on the document's text before the window too {w1['mean_bpb']:.4f} "
+                    f"({w1['fallback_share']:.1%} fallback, {w1['fraction_of_full']:.3f} of full passes "
                     f"vs {v['fraction_of_full']:.3f})"
                 )
             print(line)

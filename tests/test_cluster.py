@@ -298,28 +298,36 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     models = [load_model(x).eval() for x in f.expert_dirs()]
     ends = set(np.flatnonzero(np.asarray(stream) == sh.eos_id).tolist())
 
-    def routing(pos: int) -> tuple[np.ndarray, bool]:
-        """The weights c-BTM gives at stream position `pos`: its document's text before it, re-vectorised;
-        and whether they are the size prior (no known word yet)."""
+    def routing(pos: int, context: str) -> tuple[np.ndarray, bool]:
+        """The weights c-BTM gives at stream position `pos`: its document's text before it (in its own
+        window of 32 tokens with context="window"), re-vectorised; and whether they are the size prior (no
+        known word yet)."""
         doc_start = max([e + 1 for e in ends if e < pos], default=0)
+        if context == "window":
+            doc_start = max(doc_start, pos - pos % 32)
         z, ok = c.embed([tok.decode(stream[doc_start:pos].tolist())])
         if ok[0]:
             return c.route(z, None, 0.5)[0], False
         sizes = np.asarray(c.meta["fit"]["sizes"], float)
         return sizes / sizes.sum(), True
 
-    def point_of(pos: int, start: int, reset: str, seg: int, reroute: bool) -> int:
+    def point_of(pos: int, start: int, reset: str, seg: int, reroute: bool, context: str) -> int:
         """The routing point position `pos` follows: the latest of its window's start, the window's
         regular points (every seg tokens), and (reset="document") its document's first token and (with
-        reroute) the points 1, 2, 4, ... (< seg) tokens into that document, all within its window."""
+        reroute) the points 1, 2, 4, ... (< seg) tokens into that document (with context="window": into
+        its text in this window), all within its window."""
         cands = [start + j for j in range(0, pos - start + 1, seg)]
         if reset == "document":
             d0 = max([e + 1 for e in ends if e < pos], default=0)
             offs = [2**i for i in range(8) if 2**i < seg] if reroute else []
-            cands += [q for q in [d0] + [d0 + o for o in offs] if start <= q <= pos]
+            cands += [q for q in [d0] if start <= q <= pos]
+            d0 = max(d0, start) if context == "window" else d0
+            cands += [q for q in [d0 + o for o in offs] if start <= q <= pos]
         return max(cands)
 
-    def brute(reset: str, seg: int = 32, reroute: bool = True) -> tuple[float, float]:
+    def brute(
+        reset: str, seg: int = 32, reroute: bool = True, context: str = "window"
+    ) -> tuple[float, float]:
         nll, fell_back, scored = 0.0, 0, 0
         for w in range(math.ceil(len(stream) / 32)):
             start = w * 32
@@ -329,7 +337,7 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
             for t in range(32):
                 if y[0, t] < 0:
                     continue
-                weights, fb = routing(point_of(start + t, start, reset, seg, reroute))
+                weights, fb = routing(point_of(start + t, start, reset, seg, reroute, context), context)
                 fell_back, scored = fell_back + fb, scored + 1
                 nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
         return nll, fell_back / scored
@@ -352,6 +360,13 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert once["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
     assert once["domains"][d]["fallback_share"] == pytest.approx(want_fb_once, abs=1e-12)
     assert want_fb_once > want_fb
+    # the router reading the document's text before the window too (more than any model scored sees)
+    whole = evaluate_forest_shards(f, sh, k=3, temperature=0.5, router_context="document", **run)
+    want, want_fb_whole = brute("document", context="document")
+    assert whole["router_context"] == "document" and doc["router_context"] == "window"
+    assert whole["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
+    assert whole["domains"][d]["fallback_share"] == pytest.approx(want_fb_whole, abs=1e-12)
+    assert whole["domains"][d]["nll_nats"] != pytest.approx(doc["domains"][d]["nll_nats"], rel=1e-6)
     seg5 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:5", **run)
     want, want_fb = brute("document", 5)  # offsets run across segment boundaries
     assert seg5["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
@@ -361,8 +376,23 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
         evaluate_forest_shards(f, sh, k=0, **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
     # restarted at documents, a window holding two documents may run one expert for each of them
+    # (and a window opening inside a document starts with an empty context: the largest cluster's expert
+    # runs on it too). Each expert some position of a window is routed to runs on the whole window.
     top1_doc = evaluate_forest_shards(f, sh, k=1, **run)
-    assert 1 / 3 - 1e-9 <= top1_doc["compute"]["fraction_of_full"] < 2 / 3
+    runs, windows = 0, math.ceil(len(stream) / 32)
+    for w in range(windows):
+        runs += len(
+            {
+                int(
+                    np.argmax(
+                        routing(point_of(w * 32 + t, w * 32, "document", 32, True, "window"), "window")[0]
+                    )
+                )
+                for t in range(min(32, len(stream) - 1 - w * 32))
+            }
+        )
+    assert top1_doc["compute"]["fraction_of_full"] == pytest.approx(runs / (3 * windows), rel=1e-9)
+    assert 1 / 3 < top1_doc["compute"]["fraction_of_full"]
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
     seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **run)
     assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)

@@ -86,19 +86,23 @@ class IncrementalRouter:
 
 
 def route_stream(
-    router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray
+    router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray, window: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the document context before each stream position (sorted), in one pass.
 
-    The context of position p is every token of its document before p (documents end with EOS).
+    The context of position p is every token of its document before p (documents end with EOS); with
+    `window` T, only those of its own window of T tokens (the stream cut at multiples of T): the text a
+    model scoring that window conditions on, and nothing before it.
     """
     if router.c.embedder is not None:
-        return _route_stream_from_scratch(router, stream, positions)
+        return _route_stream_from_scratch(router, stream, positions, window)
     router.reset()
     out = np.zeros((len(positions), router.c.dims))
     ok = np.zeros(len(positions), dtype=bool)
     j = 0
     for p, t in enumerate(np.asarray(stream)):
+        if window and p % window == 0:
+            router.reset()
         while j < len(positions) and positions[j] == p:
             out[j], ok[j] = router.embedding()
             j += 1
@@ -111,11 +115,15 @@ def route_stream(
     return out, ok
 
 
-def _route_stream_from_scratch(router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray):
+def _route_stream_from_scratch(
+    router: IncrementalRouter, stream: np.ndarray, positions: np.ndarray, window: int | None = None
+):
     """Embedding-model clusterers cannot be updated incrementally: re-embed the document's text."""
     texts, pieces, j = [], [], 0
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for p, t in enumerate(np.asarray(stream)):
+        if window and p % window == 0:
+            pieces, decoder = [], codecs.getincrementaldecoder("utf-8")(errors="replace")
         while j < len(positions) and positions[j] == p:
             texts.append("".join(pieces))
             j += 1

@@ -174,6 +174,14 @@ def eval_(
             "every W tokens, as c-BTM does, not also 1, 2, 4, ... tokens into it",
         ),
     ] = False,
+    router_context: Annotated[
+        Literal["window", "document"],
+        opt(
+            "forest, --mode cluster: the text c-BTM's router reads before a position: its document's in the "
+            "window scored (what every model conditions on), or all of it, across windows (more context "
+            "than the dense model gets)"
+        ),
+    ] = "window",
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Bits per byte per domain, of one model (--model) or a forest (--forest)."""
@@ -192,6 +200,7 @@ def eval_(
         for opt_, given, modes in (
             (f"--select {select}", select != "prior", ("topk",)),
             (f"--route {route}", route != "sequence", ("cluster",)),
+            (f"--router-context {router_context}", router_context != "window", ("cluster",)),
             (f"--temperature {temperature:g}", temperature != 0.1, ("cluster",)),
         )
         if given and (not forest or mode not in modes)
@@ -199,7 +208,7 @@ def eval_(
     if unused:
         raise UserError(
             f"{', '.join(unused)}: not used by {'--mode ' + mode if forest else 'a single --model'} "
-            "(--select is --mode topk's; --route and --temperature are --mode cluster's)"
+            "(--select is --mode topk's; --route, --router-context and --temperature are --mode cluster's)"
         )
     check_json_out(json)
     if read != DEFAULT_READ:
@@ -236,6 +245,7 @@ def eval_(
             route=route,
             reset=reset,
             reroute=not no_reroute,
+            router_context=router_context,
             prior_alpha=prior_ema,
             **common,
         )

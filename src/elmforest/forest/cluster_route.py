@@ -84,6 +84,12 @@ class ClusterRouting:
         return self.expert_weights(h[None], np.array([ok]))[0]
 
 
+# what the router reads before a position: its document's text in its own window (what every model scored
+# conditions on: the default), or in the whole document before it, across windows (text the dense model
+# and the posterior ensemble never see for that window: c-BTM rows scored that way read more context)
+CONTEXTS = ("window", "document")
+
+
 class ClusterContext(ClusterRouting):
     """c-BTM routing state for one evaluation: the shared routing plus where the routing points fall."""
 
@@ -99,9 +105,12 @@ class ClusterContext(ClusterRouting):
         reset: str = "document",
         tok=None,
         reroute: bool = True,
+        context: str = "window",
     ):
         from elmforest.data.tokenizer import load_tokenizer as _load_tok
 
+        if context not in CONTEXTS:
+            raise UserError(f"unknown router context {context!r}; expected one of {', '.join(CONTEXTS)}")
         super().__init__(forest, names, k, temperature)
         if route == "sequence":
             self.seg = seq_len
@@ -110,7 +119,7 @@ class ClusterContext(ClusterRouting):
         else:
             raise UserError(f"unknown route {route!r}; expected 'sequence' or 'segment:W'")
         # re-route each document 1, 2, 4, ... tokens into it (`points`); off: c-BTM's own routing points
-        self.seq_len, self.reset, self.reroute = seq_len, reset, reroute
+        self.seq_len, self.reset, self.reroute, self.context = seq_len, reset, reroute, context
         self.router = self.incremental_router(tok or _load_tok(shards.root))  # a client passes its own
 
     def points(self, stream: np.ndarray, nw: int) -> np.ndarray:
@@ -129,9 +138,12 @@ class ClusterContext(ClusterRouting):
             starts = doc_starts(stream, self.router.eos_id, T, nw).numpy()
             points |= starts
         if self.reset == "document" and self.reroute:
-            # offsets counted from the document, across window and segment boundaries (a document
-            # opening at a window's last token is re-routed in the next window too), up to W tokens in
-            # and never into the next document
+            # offsets counted from where the context starts (the document, or with context="window" a
+            # window that opens inside it: its context is empty there too), across segment boundaries,
+            # up to W tokens in and never into the next context
+            if self.context == "window":
+                starts = starts.copy()
+                starts[:, 0] = True
             first = np.flatnonzero(starts.reshape(-1))  # stream positions, sorted
             nxt = np.append(first[1:], nw * T)
             flat_points = points.reshape(-1)  # a view: setting it sets `points`
@@ -154,7 +166,12 @@ class ClusterContext(ClusterRouting):
         points = self.points(stream, nw)
         flat = np.arange(nw * T).reshape(nw, T)
         positions = flat[points]  # sorted stream positions
-        z, ok = route_stream(self.router, stream, np.minimum(positions, max(n_tok - 1, 0)))
+        z, ok = route_stream(
+            self.router,
+            stream,
+            np.minimum(positions, max(n_tok - 1, 0)),
+            window=T if self.context == "window" else None,
+        )
         w_route = self.expert_weights(z, ok)  # [P, N]
         # the routing point each position follows: the latest one at or before it in its window
         t_idx = np.where(points, np.arange(T)[None, :], 0)

@@ -106,6 +106,7 @@ def evaluate_forest_shards(
     given_prior: dict[str, dict[str, float]] | None = None,
     reroute: bool = True,
     where: str | None = None,
+    router_context: str = "window",
 ) -> dict:
     """`pool` (from `make_pool`) may be shared between calls, so experts are loaded and run once.
 
@@ -115,7 +116,9 @@ def evaluate_forest_shards(
     mode="cluster" is c-BTM's sparse routing: the top-k experts by exp(−‖h(context) − c_j‖² / T) with
     the forest's clusterer, per window (`route="sequence"`) or per segment of W tokens (`segment:W`).
     With reset="document" each document is also re-routed 1, 2, 4, ... tokens into it; reroute=False
-    routes it only at its first token and the grid, as c-BTM's own evaluation does.
+    routes it only at its first token and the grid, as c-BTM's own evaluation does. The router reads
+    the document's text in the window being scored (`router_context="window"`: the tokens every other
+    model conditions on), or all of it before the position ("document": more than the dense model sees).
     """
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -158,7 +161,16 @@ def evaluate_forest_shards(
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
         cluster_ctx = ClusterContext(
-            forest, names, shards, k, temperature, route, seq_len, reset, reroute=reroute
+            forest,
+            names,
+            shards,
+            k,
+            temperature,
+            route,
+            seq_len,
+            reset,
+            reroute=reroute,
+            context=router_context,
         )
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
@@ -248,6 +260,7 @@ def evaluate_forest_shards(
         "temperature": temperature if mode == "cluster" else None,
         "route": route if mode == "cluster" else None,
         "reroute": reroute if mode == "cluster" and reset == "document" else None,
+        "router_context": router_context if mode == "cluster" else None,
         "prior": prior if mode != "cluster" else None,
         "weighting": weighting if mode in ("ensemble", "topk") else None,
         "reset": reset if mode in ("ensemble", "topk", "cluster") else None,

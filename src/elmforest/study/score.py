@@ -33,7 +33,7 @@ from elmforest.utils.io import read_json, write_json_atomic
 
 ENSEMBLE = {"mode": "ensemble", "prior": "cached"}
 # c-BTM's routing points changed (documents re-routed on their first tokens): part of the cache key
-CLUSTER_ROUTING = "document starts re-routed at 1, 2, 4, ... tokens"
+CLUSTER_ROUTING = "the window's own text; document and window starts re-routed at 1, 2, 4, ... tokens"
 CACHE_VERSION = 2
 
 
