@@ -355,6 +355,19 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
     )
 
 
+def test_each_method_is_charged_its_own_arms_flops():
+    """A forest method (ensemble, top2, c-BTM) takes the forest's FLOPs and a single model its own run's:
+    with the forest at the dense run's FLOPs in every test forest, charging it the dense run's went unseen,
+    and a forest grown past dense (an expert added later) was never flagged."""
+    from elmforest.compare import findings, method_flops
+
+    arms = {"dense": 2.0, "forest": 3.0, "seed": 1.0, "dense_tuned": 2.0}
+    got = method_flops({"ensemble": {}, "top2": {}, "seed": {}, "dense": {}, "dense_tuned": {}}, arms)
+    assert got == {"ensemble": 1.5, "top2": 1.5, "seed": 0.5, "dense": 1.0, "dense_tuned": 1.0}
+    res = {"dense": {"mean_bpb": 2.0}, "dense_tuned": {"mean_bpb": 2.0}, "ensemble": {"mean_bpb": 1.9}}
+    assert findings(res, None, got)[0].endswith("[NOT compute-matched: 1.500x the dense FLOPs]")
+
+
 def test_a_diverged_lr_is_recorded_not_fatal_and_not_retrained(shards_dir, tmp_path, monkeypatch):
     import elmforest.launch.sweep as sw
 

@@ -105,6 +105,30 @@ def test_a_forest_that_is_a_dense_model_has_multiplier_1_within_its_ci():
         assert b["text"] == f"{b['value']:.2f}x" and b["frac_above_range"] == b["frac_below_range"] == 0
 
 
+def test_the_multiplier_ci_is_the_replicates_outer_order_statistics(monkeypatch):
+    """The interval at level ci is the replicates' (1-ci)/2 quantile taken low and the 1-(1-ci)/2 one taken
+    high (conservative). An 80% interval of the 10th/90th percentiles as 90%, or an end taken inward, is
+    narrower than it says and passes every coverage test."""
+    rng = np.random.default_rng(21)
+    runs = make_runs(rng, "dense", BUDGETS, noise=0.01) + make_runs(rng, "btm", [1e14], noise=0.01)
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(m := multiplier(*args, **kw))
+        return m
+
+    monkeypatch.setattr(scaling, "multiplier", spy)
+    b = bootstrap_multiplier(runs, "btm", n_boot=41, seed=3, ci=0.8)["budgets"][0]
+    *reps, est = seen  # the replicates, then the estimate
+    v = np.array(
+        [m.value if m.status == "ok" else 0.0 if m.status == "below_range" else math.inf for m in reps]
+    )
+    assert len(v) == 41 and b["value"] == est.value and len(set(v.tolist())) > 30
+    lo, hi = (1 - 0.8) / 2, 1 - (1 - 0.8) / 2  # 0.1 and 0.9 as floats round them (0.1 is 0.0999...)
+    assert b["ci"] == [np.quantile(v, lo, method="lower"), np.quantile(v, hi, method="higher")]
+    assert scaling._check_boot(10, 0.9) == pytest.approx((0.05, 0.95))
+
+
 def test_the_domain_draw_is_shared_so_arms_stay_paired():
     """Domains differ by +-30% here. Forest runs that copy the dense runs must keep multiplier ~1 in every
     replicate; drawing domains per run would swing it by tens of percent."""
