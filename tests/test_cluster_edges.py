@@ -202,3 +202,21 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     assert main([*args, "--balanced", "--valid-frac", "0.2"]) == 0
     rep = json.loads((tmp_path / "e" / "report.meta.json").read_text())
     assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1, "by_file": False}
+
+
+def test_an_output_in_or_at_the_data_it_reads_is_refused(clusterer_dir, tmp_path):
+    """`cluster assign --out` inside its --data folder: the second run read the first's cluster files as
+    documents (every document twice, NMI against itself); --out the data folder itself replaced the
+    corpus (its domain labels lost). Refused before anything is read or written."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    _write(data / "d.jsonl", _docs({"code": 30, "legal": 30, "scripture": 30}, seed=4))
+    before = (data / "d.jsonl").read_bytes()
+    for out, said in ((data / "clusters", "inside the data"), (data, "is the data")):
+        with pytest.raises(UserError, match=said):
+            assign_corpus(clusterer_dir, data, out, progress=False)
+        with pytest.raises(UserError, match=said):
+            fit_clusterer(data, 2, out, sample_docs=50)
+    assert sorted(p.name for p in data.iterdir()) == ["d.jsonl"] and (data / "d.jsonl").read_bytes() == before
+    rep = assign_corpus(clusterer_dir, data, tmp_path / "a", progress=False)  # beside it: fine
+    assert sum(rep["sizes"]) == 90

@@ -100,6 +100,7 @@ def fit_clusterer(
     from elmforest.cluster.embedder import SentenceEmbedder
     from elmforest.data.splits import SplitSpec
 
+    _refuse_out_in_data(out, data, "fit")
     sizes: list[int] = []
     texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec, sizes=sizes)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
@@ -181,6 +182,7 @@ def assign_corpus(
     """
     from elmforest.data.splits import SplitSpec
 
+    _refuse_out_in_data(out, data, "assign")
     if balance not in ("documents", "bytes"):
         raise UserError(f"balance must be documents or bytes, got {balance!r}")
     if balance == "bytes" and not balanced:
@@ -344,6 +346,22 @@ def assigned_by(source) -> tuple[str | None, str | None]:
     r = read_json(rep)
     path = r.get("clusterer")
     return path, r.get("clusterer_sha256") or (clusterer_digest(path) if path else None)
+
+
+def _refuse_out_in_data(out, data, verb: str) -> None:
+    """An output written into the folder it reads is read back as data by the next run (a second
+    `cluster assign` counted every document twice), and one that is that folder replaces it (the
+    corpus's domain labels lost for good)."""
+    src = Path(str(data)).expanduser()
+    if not src.is_dir():
+        return  # a file, or data that is not a local folder
+    o, d = Path(out).expanduser().resolve(), src.resolve()
+    if o == d or d in o.parents:
+        raise UserError(
+            f"--out {out} is {'the data' if o == d else 'inside the data'} `cluster {verb}` reads "
+            f"({data}): {'it would replace it' if o == d else 'the next run would read it as documents'}; "
+            "pass an --out outside it"
+        )
 
 
 def _check_out(out: Path) -> None:
