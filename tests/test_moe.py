@@ -428,6 +428,14 @@ def test_forest_average_cli_with_ties(forest_dir, tmp_path):
         torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
     meta = json.loads((out / "elmforest_average.json").read_text())
     assert meta["method"] == "ties" and meta["params"] == {"scale": 0.9, "density": 0.5}
+    # an --out that is a link to a folder: the output was renamed onto the link (a real folder on this
+    # disk now) while the folder it pointed to kept the old output. Refused, naming the folder
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    argv = ["forest", "average", "--forest", str(forest_dir), "--out", str(link)]
+    assert main(argv) == 2 and link.is_symlink()
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_forest_average_refuses_options_of_another_mode_it_would_ignore(forest_dir, tmp_path, capsys):

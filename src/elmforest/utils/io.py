@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from elmforest.utils.errors import WriteError
+from elmforest.utils.errors import UserError, WriteError
 
 
 def _read_umask() -> int:
@@ -135,6 +135,10 @@ def temp_sibling(dst: str | os.PathLike, tag: str = "tmp", unique: bool = False)
     """A temporary name beside `dst` for this process (stale ones of dead processes removed first);
     `unique` adds a random part for several temporaries of one destination in one process."""
     dst = Path(dst)
+    if tag != "trash" and dst.is_symlink() and dst.is_dir():
+        # a folder is written beside its name and renamed onto it: onto the link, which became a real
+        # folder on this disk while its target (a bigger disk, say) kept the old output
+        raise UserError(f"{dst} is a symbolic link to a folder ({dst.resolve()}); give that folder itself")
     clean_stale(dst.parent, dst.name)
     suffix = f"~{secrets.token_hex(4)}" if unique else ""
     p = dst.with_name(f".{dst.name}.{tag}~{HOST}~{os.getpid()}{suffix}")
