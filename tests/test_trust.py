@@ -276,11 +276,13 @@ def test_forest_add_takes_in_regular_files_only(forest, tmp_path, capsys):
     )
     assert rc == 2 and "not a regular file" in out
     (src / "pipe").unlink()
+    (src / "training_args.bin").write_bytes(b"\x80\x04N.")  # a pickle: never read, and not taken in
     rc, out = _run(
         ["forest", "add", "--forest", str(forest), "--expert", str(src), "--domain", "x", "--name", "theirs"],
         capsys,
     )
-    assert rc == 0 and "theirs" in Forest.load(forest).names
+    assert rc == 0 and "theirs" in Forest.load(forest).names and "skipped" in out
+    assert not list(forest.rglob("training_args.bin"))
 
 
 # -- opting out --------------------------------------------------------------------------------------

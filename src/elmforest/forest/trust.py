@@ -221,6 +221,10 @@ def check_manifest(data, root: Path, path: Path) -> dict:
     return data
 
 
+# files that hold pickles by convention (torch.save, training_args.bin, sklearn/joblib dumps)
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+
+
 def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
     """Copy the regular files directly inside `src` into the existing directory `dst`.
 
@@ -242,6 +246,10 @@ def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
             continue
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{f}: not a regular file; elmforest takes in regular files only")
+        if f.suffix.lower() in PICKLED:
+            # never read here (weights come from safetensors), but a tool given the forest may unpickle it
+            print(f"note: skipped {f} (pickled; elmforest keeps safetensors only)", file=sys.stderr)
+            continue
         if link:
             try:
                 os.link(f, dst / f.name, follow_symlinks=False)
