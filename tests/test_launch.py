@@ -457,3 +457,27 @@ def test_an_ood_set_copied_from_a_domain_left_out_is_out_of_domain(tmp_path):
     ood.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows if r["domain"] == "b"))
     assert _shared_with(tmp_path / "c.jsonl", [ood], ["a"]) == {}
     assert _shared_with(tmp_path / "c.jsonl", [ood], ["a", "b"]) == {"ood": [10, 10]}
+
+
+def test_the_quickstarts_dense_tuned_row_is_not_deleted_under_a_trainer(forest_dir, tmp_path):
+    """An out-of-date dense_tuned run is deleted and trained again, but only under its trainer lock: a
+    second quickstart into the same --out deleted it while the first was training it."""
+    import fcntl
+    import shutil
+
+    from elmforest.compare import DENSE_TUNED_RUN
+    from elmforest.quickstart_arms import dense_tuned
+    from elmforest.train.runlock import LOCK
+
+    root = tmp_path / "forest"
+    shutil.copytree(forest_dir, root)
+    run = root / "runs" / DENSE_TUNED_RUN
+    run.mkdir(parents=True)
+    cfg = json.loads((root / "runs" / "dense" / "run_config.json").read_text())
+    cfg["optim"]["lr"] = 0.5  # trained at another LR: out of date
+    (run / "run_config.json").write_text(json.dumps(cfg))
+    with open(run / LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="training in another process"):
+            dense_tuned(Forest.load(root), 0.01, False, lambda s: None)
+        assert (run / "run_config.json").is_file()

@@ -15,6 +15,7 @@ from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import discard_dir, read_json
 
 
@@ -166,8 +167,15 @@ def dense_tuned(forest: Forest, lr: float, progress: bool, log) -> Path:
     run = forest.root / "runs" / DENSE_TUNED_RUN
     had = read_json(run / "run_config.json")["optim"]["lr"] if (run / "run_config.json").is_file() else lr
     if had != lr:  # this quickstart's own row, out of date
-        log(f"      {DENSE_TUNED_RUN}: trained at another LR ({had:g}); trained again")
-        discard_dir(run)
+        from elmforest.train.runlock import unless_training
+
+        with unless_training(run) as free:  # deleted under its lock: not under a trainer in another process
+            if not free and run.is_dir():
+                raise UserError(
+                    f"{run} is training in another process (a second quickstart into this --out?)"
+                )
+            log(f"      {DENSE_TUNED_RUN}: trained at another LR ({had:g}); trained again")
+            discard_dir(run)
     if not (run / "summary.json").is_file():
         log(f"      the dense run's second half again at its own LR {lr:g} (row dense_tuned)")
     cfg = continuation_config(
