@@ -72,6 +72,7 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
         # a whole section went round these (every run would have started from that checkpoint)
         (["""overrides=['model={"init_from": "gpt2"}']"""], "model is a section"),
         (["overrides=[optim.nope=1]"], "unknown key 'optim.nope'"),
+        (["overrides=[optim.lr=0.01]"], "dense_lr, expert_lr and dense_continue_lr"),
         # the study's domains: this one was set over for each run, silently
         (["overrides=['data.domains=[drama]']"], "the study sets these"),
         (["overrides=[train.init_checkpoint=x]"], "the study sets these"),

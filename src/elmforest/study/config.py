@@ -144,6 +144,11 @@ class StudyConfig:
         except UserError as e:
             if not str(e).startswith("unknown preset"):
                 bad.append(str(e))
+        if lr := [o for o in self.overrides if str(o).split("=", 1)[0].strip() == "optim.lr"]:
+            bad.append(  # it moved the dense LR only, kept the preset's second-half LR swept for another
+                f"overrides {lr}: a study's LRs are dense_lr, expert_lr and dense_continue_lr (or sweep / "
+                "lr_grid), each for its own arm"
+            )
         owned = self._owned_overrides()
         if owned:
             bad.append(
