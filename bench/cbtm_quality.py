@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument(
         "--compare-warmup",
         action="store_true",
-        help="also score each forest without re-routing a document on its first tokens (the routing "
-        "before: a document opening inside a window kept the cluster-size fallback to the window's end)",
+        help="also score each forest without re-routing a document on its first tokens, the router "
+        "reading the document before the window (the routing before 12-04: a document opening inside a "
+        "window kept the cluster-size fallback to the window's end)",
     )
     ap.add_argument(
         "--compare-context",
@@ -71,8 +72,16 @@ def main() -> None:
                 "domains": {d: v["bpb"] for d, v in r["domains"].items()},
             }
             if args.compare_warmup:
-                r0 = evaluate_forest_shards(
-                    cf, shards, mode="cluster", k=top, pool=pool, reroute=False, **common
+                r0 = evaluate_forest_shards(  # on the document before the window: with the window's
+                    # own text alone, every point left routes on an empty context
+                    cf,
+                    shards,
+                    mode="cluster",
+                    k=top,
+                    pool=pool,
+                    reroute=False,
+                    router_context="document",
+                    **common,
                 )
                 res[f"top{top}"]["without_warmup"] = {
                     "mean_bpb": r0["mean_bpb"],

@@ -85,9 +85,18 @@ def test_forest_eval_on_raw_data_prints_what_it_read_and_the_routing_fallback(
         assert "prior" not in v and "prior_max" not in v and v["prior_source"] == "none: c-BTM routing"
     # c-BTM's own routing points: more tokens keep the size fallback, and the JSON says how it routed
     once = tmp_path / "once.json"
-    assert main([*argv, "--k", "1", "--max-bytes", "4000", "--no-reroute", "--json", str(once)]) == 0
+    assert main([*argv, "--k", "1", "--max-bytes", "4000", "--no-reroute", "--json", str(once)]) == 2
+    assert "--router-context document" in capsys.readouterr().err  # every token by the sizes otherwise
+    doc = tmp_path / "doc.json"
+    assert (
+        main([*argv, "--k", "1", "--max-bytes", "4000", "--router-context", "document", "--json", str(doc)])
+        == 0
+    )
+    argv += ["--k", "1", "--max-bytes", "4000", "--router-context", "document"]
+    assert main([*argv, "--no-reroute", "--json", str(once)]) == 0
     assert res["reroute"] is True and json.loads(once.read_text())["reroute"] is False
-    assert json.loads(once.read_text())["fallback_share"] > res["fallback_share"]
+    assert json.loads(once.read_text())["fallback_share"] > json.loads(doc.read_text())["fallback_share"]
+    assert json.loads(doc.read_text())["router_context"] == "document" and res["router_context"] == "window"
 
 
 def test_no_reroute_outside_cluster_routing_is_refused(cluster_forest, shards_dir, capsys):

@@ -140,6 +140,13 @@ def test_topk_runs_only_the_chosen_experts_and_cluster_routes_on_the_context(for
     one = [load_model(Forest.load(cluster_forest).expert_dirs()[run[0]]).eval()]
     assert s.experts == [c.lm.names[run[0]]]
     assert s.continuation == pytest.approx(brute_mixture(one, c.lm.eos_id, ctx, cont)[0], abs=1e-4)
+    # a context longer than the window is cut on the left: routed on what the experts read, not on the
+    # text cut away (c-BTM was routed on text no expert, and no dense model, conditions on)
+    gone = c.lm.encode("and the lord said unto moses thou shalt " * 30)
+    seen = c.lm.encode("def return self import class for in if else " * 40)[: c.lm.seq_len - len(cont)]
+    assert c.lm.experts_for([*gone, *seen])[0] != c.lm.experts_for(seen)[0]  # the cut text routes elsewhere
+    [s] = c.lm.score([([*gone, *seen], cont)])
+    assert s.experts == [c.lm.names[i] for i in c.lm.experts_for(seen)[0]]
 
 
 def test_scores_match_the_brute_force_with_a_cached_prior_fixed_weights_and_edge_cases(

@@ -145,8 +145,9 @@ class ForestLM:
                 raise UserError("a continuation to score must have at least one token")
             if len(cont) > self.seq_len:
                 raise UserError(f"a continuation of {len(cont)} tokens exceeds the context of {self.seq_len}")
-            run, prior, weighting = self.experts_for(ctx)
             seq = [self.eos_id, *ctx, *cont][-(self.seq_len + 1) :]
+            # routed on the context the experts read: a context cut on the left was routed on all of it
+            run, prior, weighting = self.experts_for(seq[: len(seq) - len(cont)])
             plans.append((seq, len(cont), prior, weighting))
             groups.setdefault(tuple(run), []).append(i)
         for run, members in groups.items():
