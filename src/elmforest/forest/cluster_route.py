@@ -129,8 +129,10 @@ class ClusterContext(ClusterRouting):
 
         A document's first token has an empty context, so it is routed by the size prior (the largest
         cluster). Routed only there, a document opening inside a window would keep that fallback to the
-        window's end (14% of the quickstart's test tokens, 0.6% with this). Re-routing on its own first
-        tokens stays causal (each point sees only the document before it) and costs log2(W) embeddings."""
+        window's end (14% of the quickstart's test tokens, 0.6% with this, measured with the router
+        reading the document before the window). With context="window" a window that opens inside a
+        document starts from an empty context as well, and is re-routed the same way from its start.
+        Re-routing stays causal (each point sees only the text before it) and costs log2(W) embeddings."""
         T, seg, n_tok = self.seq_len, self.seg, len(stream)
         points = np.zeros((nw, T), dtype=bool)
         points[:, ::seg] = True

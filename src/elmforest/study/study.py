@@ -169,7 +169,7 @@ def _cbtm_points(cfg, forests, data) -> list[tuple]:
         (
             Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction),
             c,
-            {"mode": "cluster", "k": min(2, c.k)},
+            {"mode": "cluster", "k": min(2, c.k), "router_context": "window"},  # recorded in each row
         )
         for c in forests
     ]
