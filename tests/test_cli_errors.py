@@ -139,6 +139,11 @@ def test_experts_of_a_checkpoint_seed_take_the_seeds_own_config(forest_dir, shar
     """After `forest seed --from-checkpoint`, `forest expert` used the cpu-small preset's full schedule."""
     seed = Path(forest_dir) / "runs" / "dense" / "model"  # an elmforest export: carries elmforest_run.json
     f = tmp_path / "f"
+    # training options beside it were parsed and dropped without a word (the checkpoint trains no further)
+    argv = ["forest", "seed", "--forest", f, "--shards", shards_dir, "--from-checkpoint", seed]
+    rc, out = _run([*argv, "--preset", "tiny", "--set", "train.steps=8", "--seed-share", "0.3"], capsys)
+    assert rc == 2 and "--seed-share, --preset, --set: not used with --from-checkpoint" in out
+    assert not f.exists()
     assert (
         _run(["forest", "seed", "--forest", f, "--shards", shards_dir, "--from-checkpoint", seed], capsys)[0]
         == 0

@@ -102,6 +102,25 @@ def seed(
     from elmforest.forest import btm
 
     new = not Path(forest).exists()
+    if from_checkpoint and (
+        unused := [
+            name
+            for name, given in (
+                ("--experts", experts is not None),
+                ("--seed-share", seed_share != 0.5),
+                ("--expert-lr", expert_lr is not None),
+                ("--preset", train_args.preset is not None),
+                ("--config", train_args.config is not None),
+                ("--init-from", train_args.init_from is not None),
+                ("--set", bool(train_args.overrides)),
+            )
+            if given
+        ]
+    ):
+        raise UserError(  # they were parsed and dropped: the checkpoint is the seed, nothing is planned
+            f"{', '.join(unused)}: not used with --from-checkpoint (the checkpoint is the seed, trained no "
+            "further; each expert takes its settings from `forest expert`)"
+        )
     if not from_checkpoint:  # the config and plan first: one refused leaves no empty forest behind
         sh = Shards(shards)
         cfg = train_args.run_config(shards)
