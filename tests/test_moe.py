@@ -346,6 +346,7 @@ def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path, capsys):
     base = ["merge", "moe", "--forest", str(forest_dir), "--out", str(tmp_path / "y")]
     for extra, message in (
         (["--steps", "7"], "--steps set the router training: add --train-router"),
+        (["--steps", "100"], "--steps set the router training"),  # the default given by hand, too
         (["--set", "foo"], "--set set the router training"),
         (["--train-router", "--set", "optim.lr=abc"], "optim.lr: expected a number"),
         (["--train-router", "--train-data", str(other)], "different tokenizer"),
@@ -449,6 +450,7 @@ def test_forest_average_refuses_options_of_another_mode_it_would_ignore(forest_d
         (["--prior-batches", "5"], "--prior-batches choose(s) the posterior weights"),
         (["--method", "task_arithmetic", "--density", "0.5"], "--density applies to --method ties"),
         (["--density", "0.5"], "--density applies to --method ties, not --method linear"),
+        (["--density", "0.2"], "--density applies to --method ties"),  # the default given by hand, too
     ):
         assert main([*argv, *extra]) == 2, extra
         assert said in capsys.readouterr().err

@@ -155,11 +155,13 @@ def average(
     weights: str = "uniform",
     data: str | None = None,
     domain: str | None = None,
-    prior_batches: int = 20,
+    prior_batches: int | None = None,
     method: str = "linear",
-    scale: float = 1.0,
-    density: float = 0.2,
+    scale: float | None = None,
+    density: float | None = None,
 ) -> None:
+    """None: not given (the defaults 20, 1.0 and 0.2), so an option of another mode given at its default
+    value is refused like any other."""
     from elmforest.forest.pool import check_intact
     from elmforest.merge.average import merge_checkpoints
     from elmforest.merge.methods import NEEDS_BASE
@@ -168,20 +170,27 @@ def average(
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts to average")
     refuse_inside_forest(out)
-    if method not in NEEDS_BASE and scale != 1.0:
+    if method not in NEEDS_BASE and scale is not None:
         raise UserError(f"--scale applies to task_arithmetic and ties, not --method {method}")
-    if method != "ties" and density != 0.2:  # options of another mode were ignored without a word
+    if method != "ties" and density is not None:  # options of another mode were ignored without a word
         raise UserError(f"--density applies to --method ties, not --method {method}")
-    if weights != "posterior" and (data or domain or prior_batches != 20):
+    if weights != "posterior" and (data or domain or prior_batches is not None):
         given = [
             f
-            for f, v in (("--data", data), ("--domain", domain), ("--prior-batches", prior_batches != 20))
+            for f, v in (
+                ("--data", data),
+                ("--domain", domain),
+                ("--prior-batches", prior_batches is not None),
+            )
             if v
         ]
         raise UserError(
             f"{', '.join(given)} choose(s) the posterior weights: add --weights posterior (the weights are "
             f"{weights!r} now)"
         )
+    prior_batches = 20 if prior_batches is None else prior_batches
+    scale = 1.0 if scale is None else scale
+    density = 0.2 if density is None else density
     if method in NEEDS_BASE and forest.seed_dir is None:
         raise UserError(f"--method {method} merges updates relative to the seed; {forest.root} has none")
     if weights == "posterior" and not (data and domain):

@@ -127,13 +127,20 @@ def average(
     domain: Annotated[
         str | None, opt("target domain whose valid split sets the posterior weights", metavar="DOMAIN")
     ] = None,
-    prior_batches: Annotated[int, opt("valid batches for the posterior weights", positive_int)] = 20,
+    # None: not given (a default given by hand, e.g. --density 0.2 with --method linear, was taken silently)
+    prior_batches: Annotated[
+        int | None, opt("valid batches for the posterior weights (default 20)", positive_int)
+    ] = None,
     method: Annotated[
         Literal["linear", "task_arithmetic", "ties"],
         opt("linear: weighted mean; task_arithmetic / ties: merge the experts' updates relative to the seed"),
     ] = "linear",
-    scale: Annotated[float, opt("task_arithmetic / ties: lambda on the merged update", finite_float)] = 1.0,
-    density: Annotated[float, opt("ties: fraction of each update kept", unit_fraction)] = 0.2,
+    scale: Annotated[
+        float | None, opt("task_arithmetic / ties: lambda on the merged update (default 1)", finite_float)
+    ] = None,
+    density: Annotated[
+        float | None, opt("ties: fraction of each update kept (default 0.2)", unit_fraction)
+    ] = None,
 ) -> None:
     """Average the experts' parameters into one HF checkpoint."""
     from elmforest.forest import commands

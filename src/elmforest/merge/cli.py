@@ -59,11 +59,18 @@ def moe(
     train_router: Annotated[
         bool, flag("--train-router", "then train only the router rows (FlexOlmo RT)")
     ] = False,
-    steps: Annotated[int, opt("router training steps", positive_int)] = ROUTER_TRAINING["steps"],
-    lr: Annotated[float, opt("router training learning rate", positive_float)] = ROUTER_TRAINING["lr"],
-    batch_size: Annotated[int, opt("router training sequences per step", positive_int)] = ROUTER_TRAINING[
-        "batch_size"
-    ],
+    # None: not given (a default of 100 given as --steps 100 without --train-router was taken silently)
+    steps: Annotated[
+        int | None, opt(f"router training steps (default {ROUTER_TRAINING['steps']})", positive_int)
+    ] = None,
+    lr: Annotated[
+        float | None,
+        opt(f"router training learning rate (default {ROUTER_TRAINING['lr']:g})", positive_float),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        opt(f"router training sequences per step (default {ROUTER_TRAINING['batch_size']})", positive_int),
+    ] = None,
     train_data: Annotated[
         str | None,
         opt("shards for router training (default: --data, else the first expert's shards)", metavar="DIR"),
@@ -93,11 +100,14 @@ def moe(
         exclude=exclude or [],
     )
     given = {"steps": steps, "lr": lr, "batch_size": batch_size}
-    router_options = {f"--{k.replace('_', '-')}": v != ROUTER_TRAINING[k] for k, v in given.items()}
+    router_options = {f"--{k.replace('_', '-')}": v is not None for k, v in given.items()}
     router_options |= {"--train-data": train_data is not None, "--set": bool(overrides)}
     if not train_router and any(router_options.values()):
         given = [k for k, v in router_options.items() if v]
         raise UserError(f"{', '.join(given)} set the router training: add --train-router, or leave them out")
+    steps = ROUTER_TRAINING["steps"] if steps is None else steps
+    lr = ROUTER_TRAINING["lr"] if lr is None else lr
+    batch_size = ROUTER_TRAINING["batch_size"] if batch_size is None else batch_size
     if train_router:  # what would fail after the merge is checked before it (a merge can take long)
         from elmforest.config import RunConfig, apply_overrides
 
