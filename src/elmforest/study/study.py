@@ -313,7 +313,9 @@ def _study(
         f"{sum(p.forest for p in points)} forests of up to {len(data.names)} experts); 1x = {steps_1x} steps; "
         f"dense LR {dense_lr:g}, expert LR {expert_lr:g}"
         + (
-            f", the dense runs' second half at {continue_lr:g} too (arm dense_tuned)"
+            f"; no dense_tuned arm: the second half's LR {continue_lr:g} is the dense runs' own"
+            if f"{continue_lr:.3g}" == f"{dense_lr:.3g}" and not lrs  # nothing trained (run.continue_lr)
+            else f", the dense runs' second half at {continue_lr:g} too (arm dense_tuned)"
             if tuned
             else f" (the dense runs' second half has no LR of its own: the expert LR {continue_lr:g} stands "
             "in, arm dense_tuned; give dense_continue_lr or lr_grid to tune it)"
