@@ -52,6 +52,21 @@ def test_load_from_run_or_checkpoint_dir(tmp_path, tokenizer_dir):
     assert load_tokenizer(run).fingerprint() == load_tokenizer(tokenizer_dir).fingerprint()
 
 
+def test_a_tokenizer_is_loaded_once_per_process_until_its_files_change(tmp_path, tokenizer_dir):
+    """Each load built a new `tokenizers.Tokenizer`, whose encoding keeps native memory after it is
+    dropped (~4 MB per raw-data evaluation in one process); the same files give the same object."""
+    d = tmp_path / "tok"
+    save_tokenizer(load_tokenizer(tokenizer_dir), d)
+    a = load_tokenizer(d)
+    assert load_tokenizer(d) is a and load_tokenizer(str(d) + "/") is a
+    (d / "config.json").write_text('{"eos_token_id": 1}')  # where an HF checkpoint's EOS may come from
+    b = load_tokenizer(d)
+    assert b is not a and load_tokenizer(d) is b
+    text = (d / "tokenizer.json").read_text()
+    (d / "tokenizer.json").write_text(text.replace('"<eos>"', '"<eos>"', 1) + " ")  # other bytes
+    assert load_tokenizer(d) is not b
+
+
 def test_saved_truncation_and_padding_are_ignored(tmp_path):
     """An HF checkpoint's tokenizer.json may carry max_length truncation: documents must stay whole."""
     tok = train_bpe(["some words to learn from"] * 10, vocab_size=300)

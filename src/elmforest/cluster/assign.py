@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -34,7 +35,7 @@ from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.sources import resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
-from elmforest.utils.proc import die_with_parent
+from elmforest.utils.proc import die_with_parent, stopped_with
 from elmforest.utils.threads import cpu_cores
 
 REPORT = "report.meta.json"
@@ -123,6 +124,10 @@ _WORKER: Clusterer | None = None
 def _init_worker(path: str, parent: int | None) -> None:
     global _WORKER
     die_with_parent(parent)  # a killed `cluster assign` leaves no worker waiting forever for work
+    # forked with the CLI's handlers: Ctrl-C printed each worker's traceback, and the pool's SIGTERM of
+    # the others printed "terminated (SIGTERM)". The parent alone answers Ctrl-C, and stops them
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER = Clusterer.load(path)
 
 
@@ -146,9 +151,12 @@ def _embedded_chunks(clusterer_dir, data, stats: ReadStats, chunk_docs: int, wor
 
     ctx = multiprocessing.get_context()
     parent = None if ctx.get_start_method() == "forkserver" else os.getpid()  # else the fork server's
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(clusterer_dir), parent)
-    ) as pool:
+    with (
+        ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(str(clusterer_dir), parent)
+        ) as pool,
+        stopped_with(pool),  # Ctrl-C: the workers ignore it, so they are stopped here
+    ):
         pending = []
         for docs in chunks():  # a few chunks in flight: reading, embedding and writing overlap
             pending.append((docs, pool.submit(_embed_chunk, [d.text for d in docs])))

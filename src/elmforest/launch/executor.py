@@ -8,7 +8,6 @@ nothing it did leaves the forest invalid (manifest writes are atomic and locked)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.utils.errors import Failed, UserError
+from elmforest.utils.proc import stopped_with  # noqa: F401 - re-exported (tests, older imports)
 from elmforest.utils.threads import cpu_cores  # noqa: F401 - re-exported: callers import it from here
 
 
@@ -44,20 +44,6 @@ def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
     if kind == "ray":
         return int(cpus_per_job)
     return max(1, cpu_cores() // workers) if workers > 1 else None
-
-
-@contextlib.contextmanager
-def stopped_with(pool):
-    """Ctrl-C or SIGTERM in the parent stops the workers at once: leaving the pool's `with` would
-    otherwise wait for the running jobs and run every queued one (a whole forest's training)."""
-    try:
-        yield
-    except BaseException as e:
-        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a failed job
-            for p in list((getattr(pool, "_processes", None) or {}).values()):  # no public handle on them
-                p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise
 
 
 @dataclass

@@ -7,6 +7,7 @@ the queue's pipe open), so without this it lives on, holding its memory, until s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -14,6 +15,20 @@ import time
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def stopped_with(pool):
+    """Ctrl-C or SIGTERM in the parent stops the workers at once: leaving the pool's `with` would
+    otherwise wait for the running jobs and run every queued one (a whole forest's training)."""
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a failed job
+            for p in list((getattr(pool, "_processes", None) or {}).values()):  # no public handle on them
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def first_process() -> bool:
