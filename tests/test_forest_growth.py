@@ -231,6 +231,8 @@ def test_branching_from_one_expert_starts_from_its_weights(forest_dir, shards_di
         capsys,
     )
     assert rc == 0, out
+    # a second expert on a planned domain is compute beyond the matched budget: said, as for a new domain
+    assert f"note: {domain!r} is the plan's expert for {domain!r} already" in out
     forest = Forest.load(f)
     e = forest.expert("grown")
     assert e["parents"] == [{"name": src, "weight": 1.0}] and e["branch"] == f"expert:{src}"

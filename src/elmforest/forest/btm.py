@@ -164,6 +164,19 @@ def train_expert(
             f"note: {label!r} is not one of the plan's experts {planned}: this expert's compute comes on "
             "top of the matched budget (the forest's ledger counts it)"
         )
+    elif (
+        planned is not None
+        and first_process()
+        and (
+            twin := [
+                e["name"] for e in forest.data["experts"] if e["name"] != name and e["domains"] == trained
+            ]
+        )
+    ):
+        print(
+            f"note: {twin[0]!r} is the plan's expert for {label!r} already: this second one's compute comes "
+            "on top of the matched budget (the forest's ledger counts it)"
+        )
     parents: list[dict] = [{"name": "seed", "weight": 1.0}]
     extra = {"run": f"runs/{name}", "branch": branch}
     if branch == "nearest" or branch.startswith("nearest:"):  # X-ELM: from the most similar expert
