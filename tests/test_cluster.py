@@ -342,8 +342,12 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
                 nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
         return nll, fell_back / scored
 
-    res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reset="window", **run)
-    want, want_fb = brute("window")
+    # routed only at the grid (reset="window"), the window's own text is empty at every point: refused
+    with pytest.raises(UserError, match="--router-context document"):
+        evaluate_forest_shards(f, sh, k=3, temperature=0.5, reset="window", **run)
+    doc_ctx = {"router_context": "document"}
+    res = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reset="window", **doc_ctx, **run)
+    want, want_fb = brute("window", context="document")
     assert res["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
     assert res["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
     doc = evaluate_forest_shards(f, sh, k=3, temperature=0.5, **run)  # reset="document", the default
@@ -354,8 +358,8 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert 0 < want_fb < 0.5  # only a document's first tokens fall back
     assert doc["domains"][d]["nll_nats"] != pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
     # c-BTM's own routing points: a document's first token and the grid, no re-routing into it
-    once = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reroute=False, **run)
-    want, want_fb_once = brute("document", reroute=False)
+    once = evaluate_forest_shards(f, sh, k=3, temperature=0.5, reroute=False, **doc_ctx, **run)
+    want, want_fb_once = brute("document", reroute=False, context="document")
     assert once["reroute"] is False and doc["reroute"] is True and res["reroute"] is None
     assert once["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
     assert once["domains"][d]["fallback_share"] == pytest.approx(want_fb_once, abs=1e-12)
@@ -371,7 +375,7 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     want, want_fb = brute("document", 5)  # offsets run across segment boundaries
     assert seg5["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
     assert seg5["domains"][d]["fallback_share"] == pytest.approx(want_fb, abs=1e-12)
-    top1 = evaluate_forest_shards(f, sh, k=1, reset="window", **run)
+    top1 = evaluate_forest_shards(f, sh, k=1, reset="window", **doc_ctx, **run)
     with pytest.raises(UserError, match="k must be at least 1"):  # no cluster routed to: NaN weights
         evaluate_forest_shards(f, sh, k=0, **run)
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
@@ -394,7 +398,9 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert top1_doc["compute"]["fraction_of_full"] == pytest.approx(runs / (3 * windows), rel=1e-9)
     assert 1 / 3 < top1_doc["compute"]["fraction_of_full"]
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
-    seg32 = evaluate_forest_shards(f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **run)
+    seg32 = evaluate_forest_shards(
+        f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **doc_ctx, **run
+    )
     assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
 
 

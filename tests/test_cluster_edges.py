@@ -217,6 +217,8 @@ def test_an_output_in_or_at_the_data_it_reads_is_refused(clusterer_dir, tmp_path
             assign_corpus(clusterer_dir, data, out, progress=False)
         with pytest.raises(UserError, match=said):
             fit_clusterer(data, 2, out, sample_docs=50)
+        with pytest.raises(UserError, match=said):  # a reader's spec (--text-field) names the folder too
+            assign_corpus(clusterer_dir, f"auto,text=text:{data}", out, progress=False)
     assert sorted(p.name for p in data.iterdir()) == ["d.jsonl"] and (data / "d.jsonl").read_bytes() == before
     rep = assign_corpus(clusterer_dir, data, tmp_path / "a", progress=False)  # beside it: fine
     assert sum(rep["sizes"]) == 90

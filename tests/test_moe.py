@@ -869,6 +869,13 @@ def test_a_copied_tree_trains_its_moe_into_its_own_forest_not_the_originals(fore
     ft = json.loads((a / "ft" / "elmforest_moe.json").read_text())["finetuning"]
     seq = json.loads((a / "ft" / "elmforest_run.json").read_text())["train"]["seq_len"]
     assert (ft["steps"], ft["batch_size"], ft["domains"]) == (2, 1, [dom]) and ft["tokens"] == 2 * seq
+    # an --out linked to a folder is refused before training (after it, a scratch copy was left recorded)
+    from elmforest.utils.errors import UserError
+
+    (a / "ftlink").symlink_to(a / "ft")
+    with pytest.raises(UserError, match="symbolic link to a folder"):
+        finetune_moe(a / "moe", shards_dir, 1, out=a / "ftlink", batch_size=2, progress=False)
+    assert [p.name for p in a.iterdir() if p.name.startswith("ftlink")] == ["ftlink"]
 
 
 def test_shards_recorded_but_gone_are_said_as_such(forest_dir, tmp_path, capsys):

@@ -65,6 +65,10 @@ def test_a_tokenizer_is_loaded_once_per_process_until_its_files_change(tmp_path,
     text = (d / "tokenizer.json").read_text()
     (d / "tokenizer.json").write_text(text.replace('"<eos>"', '"<eos>"', 1) + " ")  # other bytes
     assert load_tokenizer(d) is not b
+    # given as a tokenizer.json file, the EOS may come from its folder's files: they are in the key too
+    c = load_tokenizer(d / "tokenizer.json")
+    (d / "index.json").write_text('{"tokenizer": {"eos_id": 2}}')
+    assert load_tokenizer(d / "tokenizer.json") is not c
 
 
 def test_saved_truncation_and_padding_are_ignored(tmp_path):

@@ -175,7 +175,8 @@ def dense_tuned(forest: Forest, lr: float, progress: bool, log) -> Path:
                     f"{run} is training in another process (a second quickstart into this --out?)"
                 )
             log(f"      {DENSE_TUNED_RUN}: trained at another LR ({had:g}); trained again")
-            discard_dir(run)
+            if run.is_dir():  # (gone since it was read: nothing to delete)
+                discard_dir(run)
     if not (run / "summary.json").is_file():
         log(f"      the dense run's second half again at its own LR {lr:g} (row dense_tuned)")
     cfg = continuation_config(

@@ -360,7 +360,9 @@ def _refuse_out_in_data(out, data, verb: str) -> None:
     """An output written into the folder it reads is read back as data by the next run (a second
     `cluster assign` counted every document twice), and one that is that folder replaces it (the
     corpus's domain labels lost for good)."""
-    src = Path(str(data)).expanduser()
+    from elmforest.data.sources import parse_source
+
+    src = Path(parse_source(str(data)).location).expanduser()  # `auto,text=body:DIR` reads DIR too
     if not src.is_dir():
         return  # a file, or data that is not a local folder
     o, d = Path(out).expanduser().resolve(), src.resolve()

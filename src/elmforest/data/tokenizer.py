@@ -235,8 +235,14 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     """Load from a directory (ours or any local HF checkpoint) or a tokenizer.json file (the same
     files loaded before in this process: the same object)."""
     p = Path(path)
+    also: dict[str, bytes] = {}  # read to find the EOS only (_find_eos): part of the key
     if p.is_file():
         files = {"tokenizer.json": p.read_bytes()}
+        also = {
+            n: (p.parent / n).read_bytes()
+            for n in (*TOKENIZER_FILES, *_ALSO_READ)
+            if (p.parent / n).is_file()
+        }
     elif not p.is_dir():
         raise UserError(f"{p}: no tokenizer.json found")
     else:
@@ -245,7 +251,11 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
         files = {n: (p / n).read_bytes() for n in (*TOKENIZER_FILES, *_ALSO_READ) if (p / n).is_file()}
         if not set(files) - set(_ALSO_READ):
             raise UserError(f"{p}: no tokenizer files found (tokenizer.json, tokenizer_config.json, ...)")
-    key = (str(p.resolve()), tuple(sorted((n, hashlib.sha256(b).digest()) for n, b in files.items())))
+    key = (
+        str(p.resolve()),
+        tuple(sorted((n, hashlib.sha256(b).digest()) for n, b in files.items())),
+        tuple(sorted((n, hashlib.sha256(b).digest()) for n, b in also.items())),
+    )
     if (tok := _LOADED.get(key)) is None:
         tok = _load(p, {n: b for n, b in files.items() if n not in _ALSO_READ})
         if len(_LOADED) >= _KEEP:

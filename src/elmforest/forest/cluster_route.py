@@ -111,6 +111,12 @@ class ClusterContext(ClusterRouting):
 
         if context not in CONTEXTS:
             raise UserError(f"unknown router context {context!r}; expected one of {', '.join(CONTEXTS)}")
+        if context == "window" and (reset != "document" or not reroute):
+            raise UserError(  # each window starts from an empty context, re-routed only on its first tokens
+                "c-BTM routing on the window's own text re-routes each window and document on its first "
+                "tokens; with --reset window or --no-reroute every routing point left would read an empty "
+                "context (routed by the cluster sizes): give --router-context document"
+            )
         super().__init__(forest, names, k, temperature)
         if route == "sequence":
             self.seg = seq_len

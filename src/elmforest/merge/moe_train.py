@@ -22,6 +22,7 @@ from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     read_json,
+    refuse_linked_dir,
     remove_path,
     replace_dir,
     temp_sibling,
@@ -139,6 +140,7 @@ def _train_moe(
             "is always 1, so no gradient reaches the router"
         )
     refuse_inside_forest(out)
+    refuse_linked_dir(out)  # before training: temp_sibling would refuse it only once trained
     if out.exists() and any(out.iterdir()) and not (out / "elmforest_moe.json").is_file():
         raise AlreadyExists(f"{out} exists and is not an MoE export; choose another output directory")
     fingerprint = export_fingerprint(moe_dir)

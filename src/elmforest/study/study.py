@@ -68,7 +68,7 @@ def strict_json(obj):
 
 def _same_overrides(preset: str, a, b) -> bool:
     """Whether two override lists make the same run config (another order, a key repeated): compared
-    by applying them, since a section (`optim={...}`) and a key under it depend on their order."""
+    by applying them, since a key given twice depends on the order."""
     if list(a or ()) == list(b or ()):
         return True
     try:

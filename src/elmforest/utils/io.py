@@ -131,14 +131,21 @@ def clean_stale(parent: str | os.PathLike, name: str | None = None, restore_only
     return done
 
 
+def refuse_linked_dir(dst: str | os.PathLike) -> None:
+    """A folder output is written beside its name and renamed onto it: onto a link to a folder, which
+    became a real folder on this disk while its target (a bigger disk, say) kept the old output. Called by
+    temp_sibling, and first thing by writers that work long before they stage their output."""
+    dst = Path(dst)
+    if dst.is_symlink() and dst.is_dir():
+        raise UserError(f"{dst} is a symbolic link to a folder ({dst.resolve()}); give that folder itself")
+
+
 def temp_sibling(dst: str | os.PathLike, tag: str = "tmp", unique: bool = False) -> Path:
     """A temporary name beside `dst` for this process (stale ones of dead processes removed first);
     `unique` adds a random part for several temporaries of one destination in one process."""
     dst = Path(dst)
-    if tag != "trash" and dst.is_symlink() and dst.is_dir():
-        # a folder is written beside its name and renamed onto it: onto the link, which became a real
-        # folder on this disk while its target (a bigger disk, say) kept the old output
-        raise UserError(f"{dst} is a symbolic link to a folder ({dst.resolve()}); give that folder itself")
+    if tag != "trash":
+        refuse_linked_dir(dst)
     clean_stale(dst.parent, dst.name)
     suffix = f"~{secrets.token_hex(4)}" if unique else ""
     p = dst.with_name(f".{dst.name}.{tag}~{HOST}~{os.getpid()}{suffix}")
