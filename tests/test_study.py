@@ -195,6 +195,14 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
         assert sorted(cbtm) == sorted((f, 2, b) for f in (0.25, 0.5, 1.0) for b in ("bytes", "documents"))
     for r in study["runs"]:  # every arm scored on the same test bytes, whatever data it trained on
         assert set(r["bpb"]) == set(r["domains"] if r["axis"] == "domains" else study["domains"])
+    one_x = {
+        r["seed"]: r["tokens"]
+        for r in study["runs"]
+        if (r["axis"], r["arm"], r["budget"]) == ("main", "dense", 1)
+    }
+    for r in study["runs"]:  # a domain-count point trains the main 1x run's tokens, whatever its n
+        if r["axis"] == "domains" and r["arm"] == "dense":
+            assert r["tokens"] == one_x[r["seed"]]
     main_runs = [r for r in study["runs"] if r["axis"] == "main"]
     assert len(main_runs) == 4 * 2 * 2 + 3 * 2  # dense and dense_tuned at 4 budgets, forests at 3, 2 seeds
     for r in main_runs:  # the same bytes for every arm, FLOPs counted by what ran

@@ -597,3 +597,24 @@ def test_the_studys_progress_lines_reach_its_output_while_the_driver_runs_a_job(
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["before", "study: 1/2 runs", "after"]
     assert "study:" not in (tmp_path / "job" / "job.log").read_text()
+
+
+def test_every_domain_count_point_trains_the_main_runs_batch():
+    """The plan rounded each point's batch to its own n domains (tiny: 8 sequences at 8 domains, 4 at 2, 3
+    at 3), so the gain against the number of domains compared forests of other budgets. Each point now
+    trains the main 1x run's batch, and an n that cannot split it evenly is refused before any run."""
+    from elmforest.config import apply_overrides
+    from elmforest.model.presets import preset_run_config
+    from elmforest.study.run import plan_batch, plan_points, point_plan
+
+    names = [f"d{i}" for i in range(8)]
+    cfg = load_study_config("tiny", ["domain_counts=[2, 4]"])
+    base = apply_overrides(preset_run_config(cfg.preset, "."), list(cfg.overrides))
+    base.train.batch_size = plan_batch(cfg, base, names)
+    batches = {
+        (p.axis, len(p.domains)): point_plan(cfg, base, p, 16)[0].batch_size for p in plan_points(cfg, names)
+    }
+    assert batches[("domains", 2)] == batches[("domains", 4)] == batches[("main", 8)] == 8
+    cfg = load_study_config("tiny", ["domain_counts=[3]"])
+    with pytest.raises(UserError, match="does not divide among domain_counts"):
+        plan_batch(cfg, base, names)

@@ -290,6 +290,7 @@ def _study(
         )
     points = plan_points(cfg, data.names)
     batch = plan_batch(cfg, base, data.names)  # the preset's, rounded to a multiple of the domains
+    base.train.batch_size = batch  # every point's: a domain-count point's plan keeps it (it divides)
     if cfg.sweep and not cfg.lr_grid:  # before the c-BTM data and any run (lr_grid sweeps its own)
         sweep_matches(cfg.sweep, data.names, steps_1x, batch, str(Path(data.shards.root).resolve()))
     _check_identity(out, cfg)
