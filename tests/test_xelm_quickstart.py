@@ -405,3 +405,26 @@ def test_the_scorer_scores_at_the_runs_precision_not_auto(xelm_run):
     assert sc.model(out / "forest" / "runs" / "dense" / "model", res["languages"][:2])["precision"] == dtype
     f = Forest.load(out / "forest-k2")
     assert sc.pool(f, f.names).amp == (None if want == "fp32" else torch.bfloat16)
+
+
+def test_a_language_whose_download_failed_is_built_again_on_the_rerun(tmp_path, monkeypatch):
+    """A language skipped by a failed download counted as built: a rerun with the network back never
+    asked for it again, and with every language skipped the error was the tokenizer's "no data files"."""
+    from elmforest.corpora import multilingual
+    from elmforest.xelm.quickstart import prepare
+
+    calls = []
+
+    def offline(out, codes, max_bytes, min_bytes, progress):
+        calls.append(list(codes))
+        out.mkdir(parents=True, exist_ok=True)
+        skipped = {c: f"manpages-{c} unavailable: apt-get download failed" for c in codes}
+        (out / "manifest.json").write_text(
+            json.dumps({"domains": {}, "skipped": skipped, "max_bytes": max_bytes})
+        )
+
+    monkeypatch.setattr(multilingual, "build_multilingual_corpus", offline)
+    for _ in range(2):
+        with pytest.raises(UserError, match="could be built: deu: manpages-deu unavailable"):
+            prepare(tmp_path / "o", ["deu", "fin"], None, 512, None, 1000, False, lambda s: None)
+    assert calls == [["deu", "fin"], ["deu", "fin"]]

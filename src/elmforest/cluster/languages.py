@@ -305,9 +305,9 @@ def write_groupings(
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not overwrite:
         them = (
-            "they exist; pass --overwrite to replace them"
+            "already exist; pass --overwrite to replace them"
             if len(clash) > 1
-            else "exists; pass --overwrite to replace it"
+            else "already exists; pass --overwrite to replace it"
         )
         raise AlreadyExists(f"{', '.join(clash)} {them}")
     for k, p in paths.items():

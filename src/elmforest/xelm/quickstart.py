@@ -253,14 +253,23 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
     if corpus is None:
         corpus = out / "corpus"
         man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
-        have = set(man.get("domains", {})) | set(man.get("skipped", {}))
-        if not set(every) <= have or man.get("max_bytes") != max_bytes:
+        # a language skipped before is built again: its download may have failed (no network then)
+        todo = [x for x in every if x not in man.get("domains", {})]
+        if man.get("max_bytes") != max_bytes:
+            todo = every
+        if todo:
             from elmforest.corpora.multilingual import build_multilingual_corpus
 
-            log(f"[1/8] building the multilingual corpus ({len(every)} languages) -> {corpus}")
+            log(f"[1/8] building the multilingual corpus ({len(todo)} languages) -> {corpus}")
             build_multilingual_corpus(
-                corpus, every, max_bytes=max_bytes, min_bytes=max_bytes // 2, progress=progress
+                corpus, todo, max_bytes=max_bytes, min_bytes=max_bytes // 2, progress=progress
             )  # flagged: under half the cap (a capped language's whole documents fall just under it)
+        man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
+        if not set(every) & set(man.get("domains", {})):
+            raise UserError(  # said here, not as "no data files found" by the tokenizer stage
+                "no language of the multilingual corpus could be built: "
+                + "; ".join(f"{k}: {v}" for k, v in man.get("skipped", {}).items())
+            )
     corpus = Path(corpus)
     shards = prepare_data(out, vocab_size, None, corpus, None, progress, log, TOKENIZER_CAP).shards
     man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
@@ -278,7 +287,9 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
     for lang in every:
         lacking = [s for s in ("train", "valid", "test") if not shards.has(lang, s)]
         if lang not in shards.domains:
-            skipped[lang] = "not in the corpus (no document left after cleaning, or not built)"
+            skipped[lang] = man.get("skipped", {}).get(lang) or (
+                "not in the corpus (no document left after cleaning, or not built)"
+            )
         elif lacking:
             skipped[lang] = f"too little text: no {'/'.join(lacking)} split"
     for lang, why in skipped.items():
