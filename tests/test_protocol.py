@@ -64,6 +64,17 @@ def test_a_plan_in_another_order_is_the_same_plan_and_the_order_given_is_the_mix
     assert a_plan == b_plan and a.data.domains == ["legal", "code"] and b.data.domains == ["code", "legal"]
 
 
+def test_the_plan_rounds_the_batch_to_its_experts_and_leaves_them_a_step(shards_dir):
+    """The dense batch is the preset's rounded to a multiple of the experts (6 over 4 -> 2 each, 8; cut, it
+    was 4: another compute-matched budget), and the seed never takes every step (no expert would train)."""
+    cfg = tiny_config(shards_dir, steps=8)
+    cfg.train.batch_size = 6
+    plan, dense = btm.plan_for(cfg, ["code", "legal", "scripture", "news"])
+    assert plan.batch_size == dense.train.batch_size == 8 and plan.expert_batch_size == 2
+    assert btm.Plan(2, 4, 2, seed_share=0.75).seed_steps == 1
+    assert btm.Plan(3, 4, 2, seed_share=0.9).seed_steps == 2
+
+
 def test_plan_counts_must_match_the_domains(shards_dir):
     plan = btm.Plan(8, 6, 2)  # two experts planned, three domains would train
     with pytest.raises(ValueError, match="between 2 experts"):

@@ -378,6 +378,33 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "lr_grid" in capsys.readouterr().err
 
 
+def test_the_best_seed_share_is_shown_only_beyond_every_other_shares_interval():
+    from elmforest.study.analysis import _gain_findings
+
+    def shares(a, b):
+        return {
+            "seed_share": [
+                {"seed_share": 0.5, "gain": 0.05, "ci": a},
+                {"seed_share": 0.25, "gain": 0.04, "ci": b},
+            ]
+        }
+
+    [f] = _gain_findings(shares([0.03, 0.07], [0.02, 0.06]), "", "")  # the intervals overlap
+    assert f["verdict"] == "not shown"
+    [f] = _gain_findings(shares([0.045, 0.055], [0.035, 0.044]), "", "")
+    assert f["verdict"] == "holds"
+
+
+def test_dry_run_counts_the_dense_tuned_half_by_the_seed_share():
+    """Each dense run's second half again: (1 - seed_share) of its budget (equal to seed_share at 0.5)."""
+    from elmforest.study.cost import training_units
+
+    names = [f"d{i}" for i in range(8)]
+    half = training_units(load_study_config("cpu"), names)["dense_tuned"]
+    quarter = training_units(load_study_config("cpu", ["seed_share=0.25"]), names)["dense_tuned"]
+    assert quarter == pytest.approx(half / 0.5 * 0.75)
+
+
 def test_dry_run_counts_the_training_by_hand(capsys):
     """D units (one 1x dense run each) of the cpu preset, counted by hand: main = dense 2 x (0.5+1+2+4)
     + experts 2 x 0.5 x (0.5+1+2); domains = 2 counts (2, 4; 8 is the main point) x 2 seeds x (1 + 0.5);

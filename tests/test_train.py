@@ -192,6 +192,9 @@ def test_lr_schedule_shapes():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    # the warm-up is warmup_frac of the steps rounded (0.08 x 60 = 4.8 -> 5), not cut (4)
+    w = OptimConfig(lr=1.0, warmup_frac=0.08, schedule="constant")
+    assert [lr_at(s, 60, w) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
     o.schedule = "linear"
     assert lr_at(55, 100, o) == pytest.approx(1.0 - 0.9 * 0.5)
     o.schedule = "bogus"
