@@ -26,6 +26,14 @@ except ImportError:
     from bench.common import load_quickstart
 
 
+def _summary(r: dict) -> dict:
+    return {
+        "mean_bpb": r["mean_bpb"],
+        "fraction_of_full": r["compute"]["fraction_of_full"],
+        "fallback_share": r["fallback_share"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quickstart", required=True)
@@ -58,6 +66,16 @@ def main() -> None:
         for m in ("dense", "ensemble", "random_ensemble")
         if m in base["methods"]
     }
+    # the routings compared with the default: (key, what the line says, evaluate's settings); the
+    # first-token-only one reads the document before the window (on the window's own text alone every
+    # routing point left would be empty)
+    others = []
+    if args.compare_warmup:
+        warmup = {"reroute": False, "router_context": "document"}
+        others.append(("without_warmup", "without re-routing documents on their first tokens", warmup))
+    if args.compare_context:
+        context = {"router_context": "document"}
+        others.append(("document_context", "routed on the document's text before the window too", context))
     cbtm = {}
     for k in args.ks:
         cf, lr_sweep = _best_cluster_forest(qs, forest, k, args.expert_lrs, common["seq_len"])
@@ -65,38 +83,10 @@ def main() -> None:
         res = {}
         for top in sorted({1, min(2, k)}):
             r = evaluate_forest_shards(cf, shards, mode="cluster", k=top, pool=pool, **common)
-            res[f"top{top}"] = {
-                "mean_bpb": r["mean_bpb"],
-                "fraction_of_full": r["compute"]["fraction_of_full"],
-                "fallback_share": r["fallback_share"],
-                "domains": {d: v["bpb"] for d, v in r["domains"].items()},
-            }
-            if args.compare_warmup:
-                r0 = evaluate_forest_shards(  # on the document before the window: with the window's
-                    # own text alone, every point left routes on an empty context
-                    cf,
-                    shards,
-                    mode="cluster",
-                    k=top,
-                    pool=pool,
-                    reroute=False,
-                    router_context="document",
-                    **common,
-                )
-                res[f"top{top}"]["without_warmup"] = {
-                    "mean_bpb": r0["mean_bpb"],
-                    "fraction_of_full": r0["compute"]["fraction_of_full"],
-                    "fallback_share": r0["fallback_share"],
-                }
-            if args.compare_context:
-                r1 = evaluate_forest_shards(
-                    cf, shards, mode="cluster", k=top, pool=pool, router_context="document", **common
-                )
-                res[f"top{top}"]["document_context"] = {
-                    "mean_bpb": r1["mean_bpb"],
-                    "fraction_of_full": r1["compute"]["fraction_of_full"],
-                    "fallback_share": r1["fallback_share"],
-                }
+            res[f"top{top}"] = {**_summary(r), "domains": {d: v["bpb"] for d, v in r["domains"].items()}}
+            for key, _, how in others:
+                o = evaluate_forest_shards(cf, shards, mode="cluster", k=top, pool=pool, **how, **common)
+                res[f"top{top}"][key] = _summary(o)
         report = json.loads((qs / f"clusters-{k}" / "report.meta.json").read_text())
         cbtm[k] = {
             "nmi": report.get("nmi"),
@@ -112,19 +102,11 @@ def main() -> None:
         )
         for n, v in res.items():
             line = f"k={k} {n}: {v['fallback_share']:.1%} of tokens routed by the size fallback"
-            if "without_warmup" in v:
-                w0 = v["without_warmup"]
+            for key, said, _ in others:
+                w = v[key]
                 line += (
-                    f"; without re-routing documents on their first tokens {w0['mean_bpb']:.4f} "
-                    f"({w0['fallback_share']:.1%} fallback, {w0['fraction_of_full']:.3f} of full passes "
-                    f"vs {v['fraction_of_full']:.3f})"
-                )
-            if "document_context" in v:
-                w1 = v["document_context"]
-                line += (
-                    f"; routed on the document's text before the window too {w1['mean_bpb']:.4f} "
-                    f"({w1['fallback_share']:.1%} fallback, {w1['fraction_of_full']:.3f} of full passes "
-                    f"vs {v['fraction_of_full']:.3f})"
+                    f"; {said} {w['mean_bpb']:.4f} ({w['fallback_share']:.1%} fallback, "
+                    f"{w['fraction_of_full']:.3f} of full passes vs {v['fraction_of_full']:.3f})"
                 )
             print(line)
     out = {"baselines": rows, "cbtm": cbtm, "dense_flops": base["compute"]["dense_flops"]}

@@ -241,7 +241,7 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
         also = {
             n: (p.parent / n).read_bytes()
             for n in (*TOKENIZER_FILES, *_ALSO_READ)
-            if (p.parent / n).is_file()
+            if n != p.name and (p.parent / n).is_file()
         }
     elif not p.is_dir():
         raise UserError(f"{p}: no tokenizer.json found")

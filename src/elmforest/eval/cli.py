@@ -195,12 +195,6 @@ def eval_(
             "--no-reroute is c-BTM routing's at document starts: it takes --forest with --mode cluster "
             "(and --reset document, the default; --reset window routes at the grid only)"
         )
-    if no_reroute and router_context == "window":
-        raise UserError(  # every routing point left would have an empty context: all by the cluster sizes
-            "--no-reroute routes a window only at its start and at document starts, where the window's own "
-            "context is empty (every token routed by the cluster sizes): give it with --router-context "
-            "document, c-BTM's routing on the text before the window"
-        )
     unused = [  # a mode's own option given to another was dropped without a word
         opt_
         for opt_, given, modes in (
