@@ -326,7 +326,7 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
         return max(cands)
 
     def brute(
-        reset: str, seg: int = 32, reroute: bool = True, context: str = "window"
+        reset: str, seg: int = 32, reroute: bool = True, context: str = "window", k: int = 3
     ) -> tuple[float, float]:
         nll, fell_back, scored = 0.0, 0, 0
         for w in range(math.ceil(len(stream) / 32)):
@@ -338,6 +338,8 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
                 if y[0, t] < 0:
                     continue
                 weights, fb = routing(point_of(start + t, start, reset, seg, reroute, context), context)
+                if k == 1:  # the nearest centre (or the largest cluster) alone
+                    weights = np.eye(3)[np.argmax(weights)]
                 fell_back, scored = fell_back + fb, scored + 1
                 nll -= math.log(sum(weights[j] * math.exp(float(lps[j][t, y[0, t]])) for j in range(3)))
         return nll, fell_back / scored
@@ -381,22 +383,23 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert top1["compute"]["fraction_of_full"] <= 1 / 3 + 1e-9
     # restarted at documents, a window holding two documents may run one expert for each of them
     # (and a window opening inside a document starts with an empty context: the largest cluster's expert
-    # runs on it too). Each expert some position of a window is routed to runs on the whole window.
+    # runs on it too). Each expert some position of a window is routed to runs on the window's tokens up
+    # to the last such position (the models are causal), rounded up to a power of two.
     top1_doc = evaluate_forest_shards(f, sh, k=1, **run)
-    runs, windows = 0, math.ceil(len(stream) / 32)
+    want, _ = brute("document", k=1)
+    assert top1_doc["domains"][d]["nll_nats"] == pytest.approx(want, rel=1e-6)
+    runs, whole_runs, windows = 0, 0, math.ceil(len(stream) / 32)
     for w in range(windows):
-        runs += len(
-            {
-                int(
-                    np.argmax(
-                        routing(point_of(w * 32 + t, w * 32, "document", 32, True, "window"), "window")[0]
-                    )
-                )
-                for t in range(min(32, len(stream) - 1 - w * 32))
-            }
-        )
-    assert top1_doc["compute"]["fraction_of_full"] == pytest.approx(runs / (3 * windows), rel=1e-9)
-    assert 1 / 3 < top1_doc["compute"]["fraction_of_full"]
+        scored = min(32, len(stream) - w * 32)  # window w predicts stream[32w : 32w + 32]
+        last = {}
+        for t in range(scored):
+            weights, _ = routing(point_of(w * 32 + t, w * 32, "document", 32, True, "window"), "window")
+            last[int(np.argmax(weights))] = t
+        runs += sum(min(scored, 2 ** math.ceil(math.log2(t + 1))) for t in last.values())
+        whole_runs += len(last)
+    full = 3 * len(stream)
+    assert top1_doc["compute"]["fraction_of_full"] == pytest.approx(runs / full, rel=1e-9)
+    assert 1 / 3 < top1_doc["compute"]["fraction_of_full"] < whole_runs / (3 * windows) - 0.01
     # segment routing: W = the window is sequence routing; a shorter W re-routes inside windows
     seg32 = evaluate_forest_shards(
         f, sh, k=3, temperature=0.5, route="segment:32", reset="window", **doc_ctx, **run

@@ -84,6 +84,25 @@ class ClusterRouting:
         return self.expert_weights(h[None], np.array([ok]))[0]
 
 
+def prefix_runs(routed: np.ndarray):
+    """(expert, windows, length) runs that cover `routed` [nw, T, N] (True where a position takes the
+    expert): the models are causal, so an expert routed to a window's positions up to t needs only its
+    first t + 1 tokens. A window opening inside a document re-routes 1, 2, 4, ... tokens in, so the
+    experts of its early routing points need a few tokens, not the window. Lengths are rounded up to a
+    power of two (at most T) so that runs batch: the re-routing offsets are powers of two, so that
+    rounding is exact there; the passes counted are the tokens that run."""
+    nw, T, n = routed.shape
+    last = np.where(routed, np.arange(T)[None, :, None], -1).max(1) if nw else np.zeros((0, n), int)
+    for i in range(n):
+        wins = np.flatnonzero(last[:, i] >= 0)
+        if not len(wins):
+            continue
+        need = last[wins, i] + 1
+        upto = np.minimum(T, 1 << np.ceil(np.log2(need)).astype(np.int64))
+        for u in np.unique(upto):
+            yield i, wins[upto == u], int(u)
+
+
 # what the router reads before a position: its document's text in its own window (what every model scored
 # conditions on: the default), or in the whole document before it, across windows (text the dense model
 # and the posterior ensemble never see for that window: c-BTM rows scored that way read more context)
@@ -190,12 +209,10 @@ class ClusterContext(ClusterRouting):
         w_pos_np = w_route[rows]  # [nw, T, N]
         needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
         lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
-        for i in range(self.n):
-            wins = np.flatnonzero(needed[:, i])
-            if len(wins):
-                lp[i, torch.as_tensor(wins)] = pool.logprobs(
-                    i, stream, self.router.eos_id, T, wins.tolist()
-                ).double()
+        for i, wins, upto in prefix_runs(w_pos_np > 0):
+            lp[i, torch.as_tensor(wins), :upto] = pool.logprobs(
+                i, stream, self.router.eos_id, T, wins.tolist(), upto=None if upto == T else upto
+            )[:, :upto].double()
         w_pos = torch.from_numpy(w_pos_np).permute(2, 0, 1)  # [N, nw, T]
         log_w = torch.log(w_pos)
         valid = valid_mask(nw, T, n_tok)
