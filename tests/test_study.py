@@ -293,18 +293,23 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
 def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monkeypatch):
     """With lr_grid / expert_lr_grid the study sweeps at every main-axis budget (both arms at forest
     budgets, the dense arm alone elsewhere; `elmforest sweep` itself is tested in test_launch.py, here a
-    stand-in answers with a different best LR per budget) and trains each main point at its budget's
-    LRs, the other axes at the 1x budget's; the report lists them, the edge of a grid flagged."""
+    stand-in answers with a different best LR per budget), at each c-BTM data fraction, domain count
+    (all three arms on its domains) and seed share (its experts from a seed at the 1x dense LR), and
+    trains each point at its own sweep's LRs; the report lists them, the edge of a grid flagged."""
     from elmforest.study import lrs as lrs_mod
 
     calls = []
 
     def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log, **kw):
         i = {4: 3, 7: 0, 14: 1, 28: 2, 56: 3}[base.train.steps]
+        if len(base.data.domains) == 2 or seed_share != 0.5:  # a domain count's or a seed share's, at 1x
+            i = 2 if seed_share == 0.5 else 0
         sub = "shards-data" in str(shards)  # a c-BTM subsample
         calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains), sub))
         if arm == "continue":  # after the dense arm, from its best run
             assert kw["dense_lr"] == lrs[i]
+        if arm == "experts":  # a seed share's experts branch from the seed of the 1x dense LR's run
+            assert kw["dense_lr"] == lrs[1]
         return {
             "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
             "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
@@ -322,24 +327,29 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         {
             "lr_grid": [1e-3, 4e-3, 1.6e-2, 6.4e-2],
             "expert_lr_grid": [2e-3, 8e-3, 3.2e-2, 0.128],
-            "domain_counts": [],
+            "domain_counts": [2],
             "seed_shares": [0.25],
-            "domains": ["scripture", "code"],
         }
     )
     cfg_path.write_text(json.dumps(cfg))
     out = tmp_path / "out"
     assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
-    both = ("scripture", "code")
-    assert calls == [  # the main budgets' dense runs' second half too (all; continue after dense)
-        (7, "all", 0, 0.5, both, False),
-        (14, "all", 0, 0.5, both, False),
-        (28, "all", 0, 0.5, both, False),
-        (56, "dense", 0, 0.5, both, False),
-        (56, "continue", 0, 0.5, both, False),
-        (4, "all", 0, 0.5, both, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
-        (7, "all", 0, 0.5, both, True),  # c-BTM at data 0.5; data 1 shares the 1x point
-    ]
+    every = tuple(json.loads((out / "study.json").read_text())["domains"])
+    assert len(every) == 3
+    assert (
+        calls
+        == [  # the main budgets' dense runs' second half too (all; continue after dense)
+            (7, "all", 0, 0.5, every, False),
+            (14, "all", 0, 0.5, every, False),
+            (28, "all", 0, 0.5, every, False),
+            (56, "dense", 0, 0.5, every, False),
+            (56, "continue", 0, 0.5, every, False),
+            (4, "all", 0, 0.5, every, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
+            (7, "all", 0, 0.5, every, True),  # c-BTM at data 0.5; data 1 shares the 1x point
+            (14, "all", 0, 0.5, every[:2], False),  # the 2-domain point: its experts at batch 6 / 2
+            (14, "experts", 0, 0.25, every, False),  # the seed share 0.25: the experts alone
+        ]
+    )
     study = json.loads((out / "study.json").read_text())
     lrs = study["lrs_by_budget"]
     assert [lrs[b]["dense_lr"] for b in ("0.5", "1", "2", "4")] == cfg["lr_grid"]
@@ -348,6 +358,10 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert [lrs[b]["dense_continue_lr"] for b in ("0.5", "1", "2", "4")] == cfg["expert_lr_grid"]
     assert lrs["data0.25"]["dense_continue_lr"] == 0.128  # its dense run's second half too
     assert (lrs["data0.25"]["dense_lr"], lrs["data0.25"]["expert_lr"]) == (6.4e-2, 2e-3)
+    assert (lrs["domains2"]["dense_lr"], lrs["domains2"]["expert_lr"]) == (1.6e-2, 8e-3)
+    assert lrs["domains2"]["dense_continue_lr"] == 3.2e-2
+    assert (lrs["share0.25"]["dense_lr"], lrs["share0.25"]["expert_lr"]) == (4e-3, 0.128)  # 1x's dense
+    assert "dense_continue_lr" not in lrs["share0.25"]  # it trains no dense run
     axes = set()
 
     def lr_of(run_dir):
@@ -355,7 +369,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
 
     for r in study["runs"]:
         where = Path(r["dir"])
-        key = {"main": f"{r['budget']:g}", "cbtm": f"data{r['budget']:g}"}.get(r["axis"], "1")
+        key = {"main": f"{r['budget']:g}", "cbtm": f"data{r['budget']:g}"}.get(r["axis"], "")
+        key = key or Path(r["dir"]).name.split("-s")[0]  # domains2-s0, share0.25-s1
         want = lrs.get(key, lrs["1"])  # c-BTM at data 1 shares the 1x point
         if r["arm"] != "cbtm":  # a c-BTM forest's dense run is its base point's, checked there
             assert lr_of(where / "runs" / "dense") == want["dense_lr"], (r["axis"], r["budget"])
@@ -367,12 +382,21 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         experts = experts if r["arm"] not in dense else []
         assert all(lr_of(d) == want["expert_lr"] for d in experts), (r["axis"], r["budget"], r["arm"])
         axes.add((r["axis"], r["arm"], bool(experts)))
-    assert {a[:2] for a in axes} >= {("main", "btm"), ("share", "btm"), ("cbtm", "dense"), ("cbtm", "cbtm")}
+    assert {a[:2] for a in axes} >= {
+        ("main", "btm"),
+        ("share", "btm"),
+        ("domains", "btm"),
+        ("domains", "dense_tuned"),
+        ("cbtm", "dense"),
+        ("cbtm", "cbtm"),
+    }
     assert all(has for axis, arm, has in axes if arm in ("btm", "cbtm"))
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
     assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | 0.128 |" in report
+    assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
+    assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
     assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
@@ -412,7 +436,9 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; dense_tuned = the second half (0.5) of
     every dense run: main 2 x (0.5+1+2+4), domains 2 x 2 x 1, c-BTM 2 x (0.25+0.5); sweeps = 4 LRs x
     each budget + 4 expert LRs x 0.5 x each forest budget, all three arms at c-BTM's data 0.25 and 0.5,
-    and the continuation (4 expert LRs x 0.5) at every dense budget."""
+    and the continuation (4 expert LRs x 0.5) at every dense budget; all three arms at 1x for the domain
+    counts 2 and 4 (8 is the main 1x point); the seed shares 0.25 and 0.75 each a seed of their own and
+    4 expert LRs x their experts' share."""
     from elmforest.study.cost import training_units
 
     u = training_units(load_study_config("cpu"), [f"d{i}" for i in range(8)])
@@ -422,7 +448,9 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5 + 10.25)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
     u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
-    assert u["lr sweeps"] == pytest.approx(4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 2 * 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5)
+    main_axis = 4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 2 * 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5
+    other_axes = 2 * (4 + 2 * 4 * 0.5) + (0.25 + 4 * 0.75) + (0.75 + 4 * 0.25)
+    assert u["lr sweeps"] == pytest.approx(main_axis + other_axes)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out

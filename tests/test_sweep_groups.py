@@ -43,6 +43,10 @@ def test_grouped_sweep_trains_one_expert_per_group_and_scores_each_domain_by_its
     best = tmp_path / "s" / "dense" / f"lr-{SEED_LR:.3g}"
     assert res["domains"] == sorted([a, b])
     assert read_json(best / "runs" / "dense" / "run_config.json")["data"]["domains"] == sorted([a, b])
+    # the expert arm alone branches from that run's seed: the rest of the dense run is not trained
+    from elmforest.launch.jobs import dense_done
+
+    assert not dense_done(best / "runs" / "dense") and any("its seed at LR" in x for x in lines)
     seq = base.train.seq_len
     full = {}  # (label, lr, domain) -> valid BPB on the whole split
     for label, grouping in groups.items():
@@ -103,7 +107,8 @@ def test_grouped_sweep_trains_one_expert_per_group_and_scores_each_domain_by_its
     # the command line: grouping files as `elmforest cluster languages` writes them, resumed with no training
     for label, grouping in groups.items():
         (tmp_path / f"{label}.json").write_text(json.dumps({"k": len(grouping), "groups": grouping}))
-    stamp = (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns
+    seed_weights = Forest.load(best).seed_dir / "model.safetensors"
+    stamp = seed_weights.stat().st_mtime_ns
     files = f"{tmp_path / 'k2.json'},{tmp_path / 'k1.json'}"
     argv = ["sweep", "--shards", str(shards_dir), "--out", str(tmp_path / "s"), "--groups", files]
     argv += ["--arm", "experts", "--dense-lr", str(SEED_LR), "--expert-lrs", ",".join(map(str, ELRS))]
@@ -113,7 +118,7 @@ def test_grouped_sweep_trains_one_expert_per_group_and_scores_each_domain_by_its
     again = read_json(tmp_path / "again.json")
     for label in groups:
         assert again["grouped"][label]["best_lr"] == res["grouped"][label]["best_lr"]
-    assert (best / "runs" / "dense" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert seed_weights.stat().st_mtime_ns == stamp and not dense_done(best / "runs" / "dense")
     assert "experts k1 arm" in capsys.readouterr().out
     # the same label with other groups is refused, not mixed with the points swept before
     with pytest.raises(UserError, match="was swept here"):

@@ -253,7 +253,9 @@ def sweep(
         ):  # the continuation arm continues the dense run's config: it must have run
             cfg = RunConfig.from_dict(base.to_dict())
             cfg.optim.lr = seed_lr
-            log(f"sweep: the dense run at LR {seed_lr:g}, which the other arms continue -> {seed_forest}")
+            # the expert arm alone needs only the seed, the first part of that run: not the rest of it
+            what = "its seed" if arm == "experts" else "the dense run"
+            log(f"sweep: {what} at LR {seed_lr:g}, which the other arms continue -> {seed_forest}")
             run_dense_run(
                 DenseRunJob(
                     str(seed_forest),
@@ -262,6 +264,7 @@ def sweep(
                     asdict(plan),
                     threads,
                     trust_remote_code=trust,
+                    seed_only=arm == "experts",
                 )
             )
         seed = Forest.load(seed_forest)

@@ -41,9 +41,10 @@ class StudyConfig:
     dense_continue_lr: float | None = None
     # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
     # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`),
-    # and so does c-BTM at each data fraction below 1 (swept on its subsample at its budget); the domain
-    # and seed-share axes take the 1x budget's. Costs len(lr_grid) dense runs per budget and
-    # len(expert_lr_grid) expert phases per forest budget, on top of the study (--dry-run counts it).
+    # and so does c-BTM at each data fraction below 1 (swept on its subsample at its budget), each
+    # domain count (on its n domains at 1x) and each seed share (its experts alone at 1x). Costs
+    # len(lr_grid) dense runs per budget and len(expert_lr_grid) expert phases per forest budget, on
+    # top of the study (--dry-run counts it).
     lr_grid: list[float] = field(default_factory=list)
     expert_lr_grid: list[float] = field(default_factory=list)
     # the axes the papers claim, each at the 1x budget: forests of the first n domains (with a dense
@@ -119,7 +120,7 @@ class StudyConfig:
                     bad.append(f"{name} {g}: >= 4 positive learning rates, distinct to 3 significant digits")
             if not (1.0 in self.dense_budgets and 1.0 in self.forest_budgets):
                 bad.append(
-                    "lr_grid: the other axes take the 1x budget's LRs: put 1.0 in dense_budgets and forest_budgets"
+                    "lr_grid: the study's own LRs (and the seed-share points' dense LR) are the 1x budget's: put 1.0 in dense_budgets and forest_budgets"
                 )
             if (
                 self.dense_lr is not None

@@ -18,7 +18,7 @@ from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig, sweep_lrs
 from elmforest.study.lrs import cbtm_key
-from elmforest.study.run import check_budget_steps, plan_batch, plan_points
+from elmforest.study.run import check_budget_steps, lr_key, plan_batch, plan_points
 from elmforest.utils.errors import UserError
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
@@ -55,6 +55,12 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
     for b, experts, continued in swept if cfg.lr_grid else ():
         half = len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b  # a grid of runs' second half
         units["lr sweeps"] += len(cfg.lr_grid) * b + half * experts + half * continued
+    # each domain-count point at 1x on its own domains (all three arms); each seed-share point its
+    # experts alone, after a seed of its own at the 1x dense LR
+    keys = {lr_key(p): p for p in plan_points(cfg, names) if p.axis in ("domains", "share")}
+    for p in keys.values() if cfg.lr_grid else ():
+        half = len(cfg.expert_lr_grid) * (1 - p.seed_share)
+        units["lr sweeps"] += len(cfg.lr_grid) + 2 * half if p.dense else p.seed_share + half
     units["total"] = sum(units.values())
     return units
 

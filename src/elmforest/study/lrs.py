@@ -7,10 +7,13 @@ every main-axis budget before it trains anything: the dense arm over `lr_grid` (
 budget), and at forest budgets the experts over `expert_lr_grid`, branched from the best dense run's seed,
 both chosen on the valid split with training seed `seeds[0]`, and wherever a dense run is swept the best
 one's second half continued from its seed over `expert_lr_grid` (the `dense_tuned` arm's LR, as the
-experts' phase has its own); and c-BTM's smaller data fractions (all three arms) at their own budgets on
-their own subsamples (c-BTM at all the data shares the 1x point). A best LR at either end of its grid is
-reported as such (the optimum may lie outside it). Sweeps are ordinary sweep directories under
-`sweeps/`, resumable like every run.
+experts' phase has its own); c-BTM's smaller data fractions (all three arms) at their own budgets on
+their own subsamples (c-BTM at all the data shares the 1x point); each domain-count point (all three
+arms on its n domains: its experts train at batch B / n, not the B / N of the main sweep, and the best
+expert LR moves with the batch per expert); and each seed share other than the study's (the experts
+arm alone, branched from the 1x dense LR's seed at that share: the experts' length changes with it).
+A best LR at either end of its grid is reported as such (the optimum may lie outside it). Sweeps are
+ordinary sweep directories under `sweeps/`, resumable like every run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from elmforest.launch.sweep import sweep
 from elmforest.model.presets import get_preset
 from elmforest.study.config import StudyConfig, sweep_continue_lr, sweep_edges, sweep_lrs
-from elmforest.study.run import budget_steps
+from elmforest.study.run import budget_steps, lr_key, plan_points
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
 
@@ -44,41 +47,60 @@ def budget_lrs(
     log,
     subsamples: dict | None = None,
 ):
-    """{budget or "data<f>": {"dense_lr", "expert_lr" (forest budgets), "dense_edge", "expert_edge",
-    "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the data; each c-BTM
-    data fraction f that does not share the 1x point is swept at budget f on its own subsample
-    (`subsamples` {f: shards root}), both arms: c-BTM's dense run (k = 1) takes that dense LR, its cluster
-    experts that expert LR (found for the metadata-domain experts of the same subsample and budget)."""
+    """{budget, "data<f>", "domains<n>" or "share<s>": {"dense_lr", "expert_lr" (forests), "dense_edge",
+    "expert_edge", "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the
+    data; each c-BTM data fraction f that does not share the 1x point is swept at budget f on its own
+    subsample (`subsamples` {f: shards root}), both arms: c-BTM's dense run (k = 1) takes that dense LR,
+    its cluster experts that expert LR (found for the metadata-domain experts of the same subsample and
+    budget). Each domain-count and seed-share point of plan_points is swept at 1x on its own domains and
+    at its own seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run)."""
     if not cfg.lr_grid:
         return {}
     forest = set(cfg.forest_budgets)
-    todo = [(b, b, shards_root, b in forest, f"b{b:g}") for b in sorted(set(cfg.dense_budgets) | forest)]
+    # (key, budget, shards, domains, seed share, dense arm swept, experts swept, tag)
+    todo = [
+        (b, b, shards_root, names, cfg.seed_share, True, b in forest, f"b{b:g}")
+        for b in sorted(set(cfg.dense_budgets) | forest)
+    ]
     for f in sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else ():
         key = cbtm_key(f, cfg)
         if isinstance(key, str):
-            todo.append((key, f, str((subsamples or {})[f]), True, f"cbtm-{key}"))
+            todo.append(
+                (key, f, str((subsamples or {})[f]), names, cfg.seed_share, True, True, f"cbtm-{key}")
+            )
+    for p in plan_points(cfg, names):
+        key = lr_key(p)
+        if p.axis in ("domains", "share") and key not in [t[0] for t in todo]:
+            todo.append((key, 1.0, shards_root, list(p.domains), p.seed_share, p.dense, True, key))
     result = {}
-    for key, b, root, both, tag in todo:
+    for key, b, root, domains, share, dense, both, tag in todo:
         c = copy.deepcopy(base)
         c.train.steps = budget_steps(b, steps_1x)
         c.train.seed = cfg.seeds[0]
-        c.data.domains = list(names)
+        c.data.domains = list(domains)
         where = out / "sweeps" / tag
-        # a dense run (main axis, or a c-BTM fraction's k = 1): its second half tuned too
-        main = not tag.startswith("b") or b in cfg.dense_budgets
-        s = _finished(where, both, cfg, main)
+        # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
+        main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
+        s = _finished(where, both, cfg, main, dense)
         if s is None:
-            log(
-                f"      LR sweep at {b:g}x ({c.train.steps} steps{', c-BTM subsample' if root != shards_root else ''}): {where}"
-            )
-        kw = dict(seed_share=cfg.seed_share, executor=executor, threads=threads, log=log)
+            what = f", {len(domains)} domains" if len(domains) < len(names) else ""
+            what += f", seed share {share:g}" if share != cfg.seed_share else ""
+            what += ", c-BTM subsample" if root != shards_root else ""
+            log(f"      LR sweep at {b:g}x ({c.train.steps} steps{what}): {where}")
+        kw = dict(seed_share=share, executor=executor, threads=threads, log=log)
         if s is None:
             grids = (list(cfg.lr_grid), list(cfg.expert_lr_grid))
-            arm = ("all" if main else "both") if both else "dense"
-            s = sweep(root, where, c, arm, *grids, **kw)
+            if not dense:  # the experts alone, branched from the seed of the 1x dense LR's run
+                s = sweep(root, where, c, "experts", *grids, dense_lr=result[1.0]["dense_lr"], **kw)
+            else:
+                s = sweep(root, where, c, ("all" if main else "both") if both else "dense", *grids, **kw)
             if main and not both:  # a dense-only budget: its dense run's second half after its dense arm
                 s = sweep(root, where, c, "continue", *grids, dense_lr=s["dense"]["best_lr"], **kw)
-        r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"], "sweep": str(where)}
+        if dense:
+            r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"]}
+        else:
+            r = {"dense_lr": result[1.0]["dense_lr"], "dense_edge": result[1.0]["dense_edge"]}
+        r["sweep"] = str(where)
         if both:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
         if main:
@@ -88,15 +110,14 @@ def budget_lrs(
     return result
 
 
-def _finished(where: Path, experts: bool, cfg, main: bool = False) -> dict | None:
+def _finished(where: Path, experts: bool, cfg, main: bool = False, dense: bool = True) -> dict | None:
     """A sweep.json that already holds this budget's answer over these grids (a rerun dispatches none
     of its jobs again)."""
-    from elmforest.utils.io import read_json
-
     if not (where / "sweep.json").is_file():
         return None
     s = read_json(where / "sweep.json")
-    arms = [("dense", cfg.lr_grid)] + ([("experts", cfg.expert_lr_grid)] if experts else [])
+    arms = [("dense", cfg.lr_grid)] if dense else []
+    arms += [("experts", cfg.expert_lr_grid)] if experts else []
     arms += [("dense_continue", None)] if main else []
     ok = all(
         (s.get(a) or {}).get("grid") == sorted(set(map(float, g)))
@@ -115,7 +136,9 @@ def lrs_table(lrs: dict) -> list[str]:
 
     def order(kv):
         k = str(kv[0])
-        return (k.startswith("data"), float(k.removeprefix("data")))
+        kinds = ("", "data", "domains", "share")
+        kind = max(i for i, s in enumerate(kinds) if k.startswith(s))
+        return (kind, float(k.removeprefix(kinds[kind])))
 
     for b, r in sorted(lrs.items(), key=order):
         d = f"{r['dense_lr']:g}" + (f" ({r['dense_edge']} of the grid)" if r.get("dense_edge") else "")
@@ -126,7 +149,16 @@ def lrs_table(lrs: dict) -> list[str]:
         if "dense_continue_lr" in r:
             edge = r.get("dense_continue_edge")
             t = f"{r['dense_continue_lr']:g}" + (f" ({edge} of the grid)" if edge else "")
-        name = f"c-BTM, data {b[4:]} ({b[4:]}x)" if str(b).startswith("data") else f"{float(b):g}x"
+        b = str(b)
+        name = (
+            f"c-BTM, data {b[4:]} ({b[4:]}x)"
+            if b.startswith("data")
+            else f"{b[7:]} domains (1x)"
+            if b.startswith("domains")
+            else f"seed share {b[5:]} (1x)"
+            if b.startswith("share")
+            else f"{float(b):g}x"
+        )
         rows.append(f"| {name} | {d} | {e} | {t} |")
     return rows
 

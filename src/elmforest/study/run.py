@@ -133,10 +133,12 @@ def cbtm_base(p_fraction: float, seed: int, cfg: StudyConfig) -> str:
     return f"data{p_fraction:g}-s{seed}"
 
 
-def lr_key(p: Point) -> float | str | None:
+def lr_key(p: Point) -> float | str:
     """The point's entry in the swept LRs (study/lrs.py): a main-axis point's budget, a c-BTM point's data
-    fraction; None for the other axes, which run at 1x with the 1x LRs (the study's own)."""
-    return p.budget if p.axis == "main" else f"data{p.data_fraction:g}" if p.axis == "cbtm" else None
+    fraction, a domain-count point's n ("domains2"), a seed-share point's share ("share0.25")."""
+    if p.axis in ("domains", "share"):
+        return f"domains{len(p.domains)}" if p.axis == "domains" else f"share{p.seed_share:g}"
+    return p.budget if p.axis == "main" else f"data{p.data_fraction:g}"
 
 
 def continue_lr(cfg: StudyConfig, p: Point, lrs: dict | None, dense_lr: float) -> float | None:
@@ -153,9 +155,8 @@ def continue_lr(cfg: StudyConfig, p: Point, lrs: dict | None, dense_lr: float) -
 def point_plan(
     cfg: StudyConfig, base: RunConfig, p: Point, steps_1x: int, lrs: dict | None = None
 ) -> tuple[Plan, RunConfig]:
-    """The point's plan and dense config; `lrs` ({budget or "data<f>": swept LRs}, study/lrs.py) sets a
-    main-axis point's LRs to its budget's and a c-BTM point's to its data fraction's (the other axes run
-    at 1x with the 1x LRs, already in `base`/`cfg`)."""
+    """The point's plan and dense config; `lrs` (swept LRs by `lr_key`, study/lrs.py) sets each point's
+    LRs to its own sweep's; without them every point takes the study's (already in `base`/`cfg`)."""
     c = copy.deepcopy(base)
     c.train.steps = budget_steps(p.budget, steps_1x)
     c.train.seed = p.seed
