@@ -33,6 +33,11 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+# batches of valid windows BTM's cached prior averages over unless told (docs/btm.md, "Cached prior"):
+# one default for every verb, the quickstart and the study, so a forest scored two ways has one prior
+PRIOR_BATCHES = 20
+
+
 @dataclass
 class ModelConfig:
     preset: str = "cpu-small"

@@ -31,7 +31,7 @@ from elmforest.compare import (
     method_flops,
     priors_table,
 )
-from elmforest.config import apply_overrides
+from elmforest.config import PRIOR_BATCHES, apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark, plot_results, print_table
 from elmforest.forest import btm
@@ -56,7 +56,7 @@ def quickstart(
     split: str = "domains",
     seed_share: float = 0.5,
     eval_bytes: int = 64_000,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     clusters: int = 8,
     moe: bool = True,
     moe_router_steps: int = 0,

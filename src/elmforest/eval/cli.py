@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.data.cli import DEFAULT_READ, ReadArgs, print_read
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.argtypes import (
@@ -148,7 +149,7 @@ def eval_(
     select: Annotated[
         str, opt("forest, top-k selection: prior | prefix:W (first W tokens)", metavar="S")
     ] = "prior",
-    prior_batches: PriorBatches = 20,
+    prior_batches: PriorBatches = PRIOR_BATCHES,
     prior_ema: Annotated[
         float | None,
         opt(
@@ -320,7 +321,7 @@ def eval_crossdoc(
     ] = 0.9,
     domains: Domains = None,
     prior: Prior = "cached",
-    prior_batches: PriorBatches = 20,
+    prior_batches: PriorBatches = PRIOR_BATCHES,
     batch_size: Annotated[int, opt("sequences per forward pass", positive_int)] = 16,
     run: RunArgs = DEFAULT_RUN,
     no_progress: NoProgressBar = False,

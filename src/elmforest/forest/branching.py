@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.config import RunConfig
+from elmforest.config import PRIOR_BATCHES, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.forest.plan import Plan
@@ -25,7 +25,7 @@ def branch_weights(
     forest: Forest,
     shards: Shards,
     domain: str,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     device: str = "auto",
     names: list[str] | None = None,
 ) -> dict[str, float]:

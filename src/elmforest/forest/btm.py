@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elmforest.config import RunConfig
+from elmforest.config import PRIOR_BATCHES, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.forest.branching import _flexolmo_owner, _kept_average, branch_weights, owner_overrides
 from elmforest.forest.kept import check_branch, check_kept, set_aside_damaged_run_model
@@ -100,7 +100,7 @@ def train_expert(
     base: RunConfig | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     force: bool = False,
     trust_remote_code: bool = False,
     mix: list[str] | None = None,

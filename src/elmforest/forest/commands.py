@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.utils.errors import UserError
 
@@ -188,7 +189,7 @@ def average(
             f"{', '.join(given)} choose(s) the posterior weights: add --weights posterior (the weights are "
             f"{weights!r} now)"
         )
-    prior_batches = 20 if prior_batches is None else prior_batches
+    prior_batches = PRIOR_BATCHES if prior_batches is None else prior_batches
     scale = 1.0 if scale is None else scale
     density = 0.2 if density is None else density
     if method in NEEDS_BASE and forest.seed_dir is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.eval.crossdoc import TaskOptions, prepare_crossdoc, score_sequences, sequences, summarize
 from elmforest.eval.crossdoc_tasks import TASKS
 from elmforest.forest.manifest import Forest
@@ -51,7 +52,7 @@ def evaluate_forest_crossdoc(
     max_cosine: float = 0.9,
     domains: list[str] | None = None,
     prior: str = "cached",
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     prior_alpha: float | None = None,
     experts: list[str] | None = None,
     batch_size: int = 16,

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ def evaluate_forest_shards(
     seq_len: int = 256,
     batch_size: int = 16,
     max_bytes: int | None = None,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     prior_split: str = "valid",
     device: str = "auto",
     precision: str = "auto",

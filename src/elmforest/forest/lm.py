@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.data.shards import Shards, build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
 from elmforest.eval.bpb import default_seq_len, n_windows
@@ -232,7 +233,7 @@ def open_lm(
     precision: str = "auto",
     seq_len: int | None = None,
     routing_temperature: float = 0.1,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
 ) -> ForestLM:
     """Open a forest directory (its manifest) or a single checkpoint directory as one LM."""
     path = Path(path)

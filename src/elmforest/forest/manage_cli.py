@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.utils.argtypes import (
     finite_float,
     flag,
@@ -129,7 +130,7 @@ def average(
     ] = None,
     # None: not given (a default given by hand, e.g. --density 0.2 with --method linear, was taken silently)
     prior_batches: Annotated[
-        int | None, opt("valid batches for the posterior weights (default 20)", positive_int)
+        int | None, opt(f"valid batches for the posterior weights (default {PRIOR_BATCHES})", positive_int)
     ] = None,
     method: Annotated[
         Literal["linear", "task_arithmetic", "ties"],

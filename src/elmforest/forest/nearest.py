@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.utils.errors import UserError
@@ -26,7 +27,7 @@ def nearest_expert(
     shards: Shards,
     domain: str,
     by: str,
-    prior_batches: int = 20,
+    prior_batches: int = PRIOR_BATCHES,
     among: list[str] | None = None,
 ) -> tuple[str, dict]:
     """(the expert to branch from, the record of why: the measure and every expert's score); `among`

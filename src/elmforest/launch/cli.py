@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.train.cli import (
     CONFIG_KEYS,
     DEFAULT_TRAIN_ARGS,
@@ -109,7 +110,10 @@ def quickstart(
     ] = None,
     prior_batches: Annotated[
         int | None,
-        opt("valid batches for each cached prior, or all windows (default 20; 5 for X-ELM)", positive_int),
+        opt(
+            f"valid batches for each cached prior, or all windows (default {PRIOR_BATCHES}; 5 for X-ELM)",
+            positive_int,
+        ),
     ] = None,
     clusters: Annotated[
         int | None, opt("number of clusters for --split clusters (default 8)", positive_int)
@@ -218,7 +222,7 @@ def quickstart(
         expert_lr=expert_lr,
         dense_continue_lr=dense_continue_lr,
         workers=workers,
-        prior_batches=prior_batches or 20,
+        prior_batches=prior_batches or PRIOR_BATCHES,
         clusters=8 if clusters is None else clusters,
         moe=not no_moe,
         moe_router_steps=moe_router_steps,

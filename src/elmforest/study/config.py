@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elmforest.config import from_dict
+from elmforest.config import PRIOR_BATCHES, from_dict
 from elmforest.utils.errors import UserError
 
 
@@ -57,7 +57,7 @@ class StudyConfig:
     cbtm_data: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     cbtm_balance: list[str] = field(default_factory=lambda: ["documents", "bytes"])
     eval_bytes: int = 64_000  # test text per domain: the first whole documents within this many bytes
-    prior_batches: int = 20
+    prior_batches: int = PRIOR_BATCHES
     n_boot: int = 1000
     ci: float = 0.90
     workers: int | None = None  # jobs at a time (default: 2 on a CPU of 2+ cores)
