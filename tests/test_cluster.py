@@ -407,6 +407,40 @@ def test_cluster_routing_with_all_experts_equals_the_dense_mixture(cluster_fores
     assert seg32["domains"][d]["nll_nats"] == pytest.approx(res["domains"][d]["nll_nats"], rel=1e-6)
 
 
+def test_no_expert_runs_over_the_last_windows_padding(cluster_forest, shards_dir, monkeypatch):
+    """The last window of a stream is partly padding: its experts run over its real tokens (rounded up to
+    a power of two), not the whole window, and the NLL is what whole-window runs give."""
+    from elmforest.forest import cluster_route
+    from elmforest.forest.cluster_route import ClusterContext
+    from elmforest.forest.manifest import Forest
+    from elmforest.forest.pool import ExpertPool, make_pool
+
+    f, sh = Forest.load(cluster_forest), Shards(shards_dir)
+    stream = np.asarray(sh.tokens(sh.domains[0], "test")[: 2 * 32 + 5])  # 2 whole windows and 5 tokens
+    ctx = ClusterContext(f, f.names, sh, 2, 0.5, "sequence", 32)
+    pool = make_pool(f, precision="fp32")
+    ran, logprobs = [], ExpertPool.logprobs
+
+    def spy(self, j, stream, eos_id, seq_len, window_ids, upto=None, key=None):
+        ran.append((list(window_ids), upto or seq_len))
+        return logprobs(self, j, stream, eos_id, seq_len, window_ids, upto, key)
+
+    monkeypatch.setattr(ExpertPool, "logprobs", spy)
+    nll = ctx.nll(pool, stream, 3)[0]
+    assert ran and max(u for wins, u in ran if 2 in wins) == 8  # 5 real tokens -> a run of 8
+    # every needed expert over whole windows: the same NLL
+    monkeypatch.setattr(
+        cluster_route,
+        "prefix_runs",
+        lambda routed: (
+            (i, np.flatnonzero(routed[:, :, i].any(1)), 32)
+            for i in range(routed.shape[2])
+            if routed[:, :, i].any()
+        ),
+    )
+    assert ctx.nll(pool, stream, 3)[0] == pytest.approx(nll, rel=1e-6)
+
+
 def test_cluster_routing_maps_clusters_to_experts_and_falls_back_on_sizes(
     cluster_forest, forest_dir, tokenizer_dir, tmp_path
 ):

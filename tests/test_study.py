@@ -287,6 +287,15 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
 
     assert main([*argv, "--set", "steps=20"]) == 2  # would change the runs already trained
     assert "steps" in capsys.readouterr().err
+    # a point planned otherwise (an older study's LRs): refused with the study's way out, before training
+    manifest = out / "runs" / "domains2-s0" / "forest.json"
+    planned = json.loads(manifest.read_text())
+    planned["plan"]["expert_lr"] *= 2
+    manifest.write_text(json.dumps(planned))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "domains2-s0 was planned differently (expert_lr" in err and "another --out" in err
+    assert "--forest" not in err and _summaries(out) == after
 
 
 @pytest.mark.slow
@@ -575,3 +584,20 @@ def test_the_dense_runs_second_half_lr_and_whether_it_was_tuned():
     assert lrs("tiny")[2:] == (3e-3, "preset tiny", False)  # tiny's expert LR is its dense LR
     assert lrs("tiny", dense_continue_lr=0.006)[2:] == (0.006, "given", True)
     assert lrs("cpu-small", dense_lr=0.004)[2:] == (8e-3, "given", False)  # swept from another dense LR
+
+
+def test_a_seed_shares_sweep_is_reused_only_from_the_seed_it_needs(tmp_path):
+    """A seed share's expert sweep branches from the 1x dense LR's seed: when that LR moved (the 1x sweep
+    swept again), its finished sweep.json is not the answer any more."""
+    from elmforest.study.lrs import _finished
+
+    cfg = load_study_config(
+        "tiny", ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
+    )
+    grid = sorted(cfg.expert_lr_grid)
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"experts": {"grid": grid, "seed_lr": 2e-3, "best_lr": 4e-3}})
+    )
+    assert _finished(tmp_path, True, cfg, dense=False, seed_lr=2e-3)["experts"]["best_lr"] == 4e-3
+    assert _finished(tmp_path, True, cfg, dense=False, seed_lr=4e-3) is None
+    assert _finished(tmp_path, True, cfg) is None  # a budget's sweep needs its dense arm too

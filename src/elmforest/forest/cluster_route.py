@@ -209,7 +209,8 @@ class ClusterContext(ClusterRouting):
         w_pos_np = w_route[rows]  # [nw, T, N]
         needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
         lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
-        for i, wins, upto in prefix_runs(w_pos_np > 0):
+        real = (flat < n_tok)[:, :, None]  # the last window's padding needs no expert to run over it
+        for i, wins, upto in prefix_runs((w_pos_np > 0) & real):
             lp[i, torch.as_tensor(wins), :upto] = pool.logprobs(
                 i, stream, self.router.eos_id, T, wins.tolist(), upto=None if upto == T else upto
             )[:, :upto].double()

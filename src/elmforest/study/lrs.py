@@ -81,7 +81,8 @@ def budget_lrs(
         where = out / "sweeps" / tag
         # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
         main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
-        s = _finished(where, both, cfg, main, dense)
+        seed_lr = None if dense else result[1.0]["dense_lr"]  # a seed share's experts branch from it
+        s = _finished(where, both, cfg, main, dense, seed_lr)
         if s is None:
             what = f", {len(domains)} domains" if len(domains) < len(names) else ""
             what += f", seed share {share:g}" if share != cfg.seed_share else ""
@@ -91,7 +92,7 @@ def budget_lrs(
         if s is None:
             grids = (list(cfg.lr_grid), list(cfg.expert_lr_grid))
             if not dense:  # the experts alone, branched from the seed of the 1x dense LR's run
-                s = sweep(root, where, c, "experts", *grids, dense_lr=result[1.0]["dense_lr"], **kw)
+                s = sweep(root, where, c, "experts", *grids, dense_lr=seed_lr, **kw)
             else:
                 s = sweep(root, where, c, ("all" if main else "both") if both else "dense", *grids, **kw)
             if main and not both:  # a dense-only budget: its dense run's second half after its dense arm
@@ -110,12 +111,17 @@ def budget_lrs(
     return result
 
 
-def _finished(where: Path, experts: bool, cfg, main: bool = False, dense: bool = True) -> dict | None:
+def _finished(
+    where: Path, experts: bool, cfg, main: bool = False, dense: bool = True, seed_lr: float | None = None
+) -> dict | None:
     """A sweep.json that already holds this budget's answer over these grids (a rerun dispatches none
-    of its jobs again)."""
+    of its jobs again); `seed_lr`: its experts must have branched from the dense run at that LR (a
+    seed share's, from the 1x dense LR: swept again if that moved)."""
     if not (where / "sweep.json").is_file():
         return None
     s = read_json(where / "sweep.json")
+    if seed_lr is not None and (s.get("experts") or {}).get("seed_lr") != seed_lr:
+        return None
     arms = [("dense", cfg.lr_grid)] if dense else []
     arms += [("experts", cfg.expert_lr_grid)] if experts else []
     arms += [("dense_continue", None)] if main else []

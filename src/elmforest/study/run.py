@@ -23,7 +23,7 @@ from pathlib import Path
 
 from elmforest.config import RunConfig
 from elmforest.forest.manifest import Forest
-from elmforest.forest.plan import Plan, plan_domains, plan_for
+from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for
 from elmforest.launch.jobs import (
     DENSE_TUNED_RUN,
     DenseContinueJob,
@@ -229,6 +229,9 @@ def train_points(
     further forests (directory, shards) whose experts train in phase 2 with the points' (c-BTM's).
     Returns {point: its dense_tuned run's LR} for the points that have one (scoring's `tuned_lr`)."""
     plans = {p: point_plan(cfg, base, p, steps_1x, lrs) for p in points}
+    for p, (plan, _) in plans.items():  # said once, here, with the study's way out: not by each job
+        if (root / p.tag / "forest.json").is_file():
+            check_plan(Forest.load(root / p.tag), plan, elsewhere="another --out")
     seq = base.train.seq_len
     dense_jobs, runs = [], []
     for p, (plan, c) in plans.items():
