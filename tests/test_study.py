@@ -311,13 +311,17 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
 
     def fake_sweep(shards, where, base, arm, lrs, expert_lrs, seed_share, executor, threads, log, **kw):
         i = {4: 3, 7: 0, 14: 1, 28: 2, 56: 3}[base.train.steps]
-        if len(base.data.domains) == 2 or seed_share != 0.5:  # a domain count's or a seed share's, at 1x
+        clusters = base.data.domains[0].startswith("cluster")  # c-BTM's cluster experts at a data fraction
+        if clusters:  # from the seed of that fraction's dense LR
+            assert arm == "experts" and kw["dense_lr"] == lrs[i]
+            i = {4: 3, 7: 2, 14: 1}[base.train.steps]  # expert LR 2e-3, 8e-3, 3.2e-2 at data 0.25, 0.5, 1
+        elif len(base.data.domains) == 2 or seed_share != 0.5:  # a domain count's or a seed share's, at 1x
             i = 2 if seed_share == 0.5 else 0
         sub = "shards-data" in str(shards)  # a c-BTM subsample
         calls.append((base.train.steps, arm, base.train.seed, seed_share, tuple(base.data.domains), sub))
         if arm == "continue":  # after the dense arm, from its best run
             assert kw["dense_lr"] == lrs[i]
-        if arm == "experts":  # a seed share's experts branch from the seed of the 1x dense LR's run
+        if arm == "experts" and not clusters:  # a seed share's: from the seed of the 1x dense LR's run
             assert kw["dense_lr"] == lrs[1]
         return {
             "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
@@ -345,6 +349,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert main(["study", str(cfg_path), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr()
     every = tuple(json.loads((out / "study.json").read_text())["domains"])
     assert len(every) == 3
+    clusters = [(s, "experts", 0, 0.5, ("cluster0", "cluster1"), False) for s in (4, 4, 7, 7, 14, 14)]
     assert (
         calls
         == [  # the main budgets' dense runs' second half too (all; continue after dense)
@@ -357,6 +362,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
             (7, "all", 0, 0.5, every, True),  # c-BTM at data 0.5; data 1 shares the 1x point
             (14, "all", 0, 0.5, every[:2], False),  # the 2-domain point: its experts at batch 6 / 2
             (14, "experts", 0, 0.25, every, False),  # the seed share 0.25: the experts alone
+            *clusters,  # c-BTM's 2 cluster experts at each data fraction (budget) and balance: experts alone
         ]
     )
     study = json.loads((out / "study.json").read_text())
@@ -371,6 +377,9 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert lrs["domains2"]["dense_continue_lr"] == 3.2e-2
     assert (lrs["share0.25"]["dense_lr"], lrs["share0.25"]["expert_lr"]) == (4e-3, 0.128)  # 1x's dense
     assert "dense_continue_lr" not in lrs["share0.25"]  # it trains no dense run
+    for f, lr in (("0.25", 2e-3), ("0.5", 8e-3), ("1", 3.2e-2)):
+        for balance in ("documents", "bytes"):
+            assert lrs[f"cbtm-k2-{balance}-data{f}"]["expert_lr"] == lr
     axes = set()
 
     def lr_of(run_dir):
@@ -379,7 +388,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     for r in study["runs"]:
         where = Path(r["dir"])
         key = {"main": f"{r['budget']:g}", "cbtm": f"data{r['budget']:g}"}.get(r["axis"], "")
-        key = key or Path(r["dir"]).name.split("-s")[0]  # domains2-s0, share0.25-s1
+        if not key or r["arm"] == "cbtm":  # domains2-s0, share0.25-s1, cbtm-k2-bytes-data0.5-s0
+            key = Path(r["dir"]).name.split("-s")[0]
         want = lrs.get(key, lrs["1"])  # c-BTM at data 1 shares the 1x point
         if r["arm"] != "cbtm":  # a c-BTM forest's dense run is its base point's, checked there
             assert lr_of(where / "runs" / "dense") == want["dense_lr"], (r["axis"], r["budget"])
@@ -406,6 +416,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | 0.128 |" in report
     assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
     assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
+    assert "| c-BTM k = 2 (documents), data 0.25 (0.25x) | 0.064 | 0.002 | - |" in report
     assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
@@ -447,7 +458,8 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     each budget + 4 expert LRs x 0.5 x each forest budget, all three arms at c-BTM's data 0.25 and 0.5,
     and the continuation (4 expert LRs x 0.5) at every dense budget; all three arms at 1x for the domain
     counts 2 and 4 (8 is the main 1x point); the seed shares 0.25 and 0.75 each a seed of their own and
-    4 expert LRs x their experts' share."""
+    4 expert LRs x their experts' share; each of c-BTM's 3 ks x 2 balances x 3 fractions f a seed
+    (0.5 f) and 4 expert LRs x 0.5 f."""
     from elmforest.study.cost import training_units
 
     u = training_units(load_study_config("cpu"), [f"d{i}" for i in range(8)])
@@ -459,6 +471,7 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
     main_axis = 4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 2 * 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5
     other_axes = 2 * (4 + 2 * 4 * 0.5) + (0.25 + 4 * 0.75) + (0.75 + 4 * 0.25)
+    other_axes += 3 * 2 * (0.25 + 0.5 + 1) * (0.5 + 4 * 0.5)  # c-BTM: 3 ks x 2 balances x fractions
     assert u["lr sweeps"] == pytest.approx(main_axis + other_axes)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out

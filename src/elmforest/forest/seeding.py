@@ -116,11 +116,16 @@ def copy_dir_atomic(src: Path, dst: Path) -> None:
 
 
 def share_seed(
-    path: str | Path, forest: Forest, domains: list[str], expert_lr: float | None = None
+    path: str | Path,
+    forest: Forest,
+    domains: list[str],
+    expert_lr: float | None = None,
+    elsewhere: str = "another --forest",
 ) -> Forest:
     """A new forest grown from the same seed (copied whole, recorded in one manifest write), with the
     budget split between one expert per domain of `domains` (each gets batch / k, so compute stays
-    matched): BTM's random-split ablation, c-BTM's cluster experts, an LR sweep's expert points."""
+    matched): BTM's random-split ablation, c-BTM's cluster experts, an LR sweep's expert points.
+    `elsewhere`: how the command names a new forest, should `path` be planned otherwise."""
     other = Forest.init(path, exist_ok=True)
     old = Plan(**forest.data["plan"])
     lr = expert_lr if expert_lr is not None else old.expert_lr
@@ -145,7 +150,7 @@ def share_seed(
             extra={"plan": asdict(plan)},
             seed_fields={"config": forest.data["seed"]["config"]},
         )
-    check_plan(other, plan)
+    check_plan(other, plan, elsewhere)
     return other
 
 

@@ -34,7 +34,13 @@ class CbtmForest:
 
     @property
     def tag(self) -> str:
-        return f"cbtm-k{self.k}-{self.balance}-data{self.fraction:g}-s{self.seed}"
+        return f"{sweep_key(self.fraction, self.k, self.balance)}-s{self.seed}"
+
+
+def sweep_key(fraction: float, k: int, balance: str) -> str:
+    """The LR sweep (and `budget_lrs` entry) of c-BTM's k cluster experts at this data fraction and
+    balance, shared by every training seed."""
+    return f"cbtm-k{k}-{balance}-data{fraction:g}"
 
 
 def kept(doc_id: str, fraction: float) -> bool:

@@ -42,7 +42,8 @@ class StudyConfig:
     # LR sweeps at every main-axis budget (each >= 4 LRs; both or neither): the dense arm at each budget
     # and the experts at each forest budget take their own best LR on the valid split (seed `seeds[0]`),
     # and so does c-BTM at each data fraction below 1 (swept on its subsample at its budget), each
-    # domain count (on its n domains at 1x) and each seed share (its experts alone at 1x). Costs
+    # domain count (on its n domains at 1x), each seed share (its experts alone at 1x) and each set
+    # of c-BTM cluster experts (k x balance x data fraction, on its clusters). Costs
     # len(lr_grid) dense runs per budget and len(expert_lr_grid) expert phases per forest budget, on
     # top of the study (--dry-run counts it).
     lr_grid: list[float] = field(default_factory=list)

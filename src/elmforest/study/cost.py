@@ -61,6 +61,10 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
     for p in keys.values() if cfg.lr_grid else ():
         half = len(cfg.expert_lr_grid) * (1 - p.seed_share)
         units["lr sweeps"] += len(cfg.lr_grid) + 2 * half if p.dense else p.seed_share + half
+    # and each set of c-BTM cluster experts (k, balance, data fraction f): a seed, then the expert grid
+    for f in set(cfg.cbtm_data) if cfg.lr_grid and cfg.cbtm_ks else ():
+        sets = len(set(cfg.cbtm_ks)) * len(set(cfg.cbtm_balance))
+        units["lr sweeps"] += sets * f * (cfg.seed_share + len(cfg.expert_lr_grid) * (1 - cfg.seed_share))
     units["total"] = sum(units.values())
     return units
 

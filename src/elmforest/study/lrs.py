@@ -10,8 +10,11 @@ one's second half continued from its seed over `expert_lr_grid` (the `dense_tune
 experts' phase has its own); c-BTM's smaller data fractions (all three arms) at their own budgets on
 their own subsamples (c-BTM at all the data shares the 1x point); each domain-count point (all three
 arms on its n domains: its experts train at batch B / n, not the B / N of the main sweep, and the best
-expert LR moves with the batch per expert); and each seed share other than the study's (the experts
-arm alone, branched from the 1x dense LR's seed at that share: the experts' length changes with it).
+expert LR moves with the batch per expert); each seed share other than the study's (the experts
+arm alone, branched from the 1x dense LR's seed at that share: the experts' length changes with it);
+and c-BTM's k cluster experts at each data fraction and balance (the experts arm alone on the cluster
+shards at batch B / k, from a seed at that fraction's dense LR: that seed mixes the clusters, where
+the study's mixes the metadata domains, an approximation made for the LR's sake only).
 A best LR at either end of its grid is reported as such (the optimum may lie outside it). Sweeps are
 ordinary sweep directories under `sweeps/`, resumable like every run.
 """
@@ -19,10 +22,12 @@ ordinary sweep directories under `sweeps/`, resumable like every run.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from elmforest.launch.sweep import sweep
 from elmforest.model.presets import get_preset
+from elmforest.study.cbtm import sweep_key
 from elmforest.study.config import StudyConfig, sweep_continue_lr, sweep_edges, sweep_lrs
 from elmforest.study.run import budget_steps, lr_key, plan_points
 from elmforest.utils.errors import UserError
@@ -46,6 +51,7 @@ def budget_lrs(
     threads,
     log,
     subsamples: dict | None = None,
+    cbtm_shards: dict | None = None,
 ):
     """{budget, "data<f>", "domains<n>" or "share<s>": {"dense_lr", "expert_lr" (forests), "dense_edge",
     "expert_edge", "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the
@@ -53,27 +59,33 @@ def budget_lrs(
     subsample (`subsamples` {f: shards root}), both arms: c-BTM's dense run (k = 1) takes that dense LR,
     its cluster experts that expert LR (found for the metadata-domain experts of the same subsample and
     budget). Each domain-count and seed-share point of plan_points is swept at 1x on its own domains and
-    at its own seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run)."""
+    at its own seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run).
+    `cbtm_shards` {(f, k, balance): (cluster shards, clusterer)}: each set of c-BTM cluster experts is
+    swept on its clusters at budget f, its entry keyed by cbtm.sweep_key (its dense LR: the fraction's)."""
     if not cfg.lr_grid:
         return {}
     forest = set(cfg.forest_budgets)
-    # (key, budget, shards, domains, seed share, dense arm swept, experts swept, tag)
+    # (key, budget, shards, domains, seed share, dense arm swept, experts swept, tag, whose dense LR
+    # an experts-only sweep's seed takes)
     todo = [
-        (b, b, shards_root, names, cfg.seed_share, True, b in forest, f"b{b:g}")
+        (b, b, shards_root, names, cfg.seed_share, True, b in forest, f"b{b:g}", None)
         for b in sorted(set(cfg.dense_budgets) | forest)
     ]
     for f in sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else ():
         key = cbtm_key(f, cfg)
         if isinstance(key, str):
-            todo.append(
-                (key, f, str((subsamples or {})[f]), names, cfg.seed_share, True, True, f"cbtm-{key}")
-            )
+            root = str((subsamples or {})[f])
+            todo.append((key, f, root, names, cfg.seed_share, True, True, f"cbtm-{key}", None))
     for p in plan_points(cfg, names):
         key = lr_key(p)
         if p.axis in ("domains", "share") and key not in [t[0] for t in todo]:
-            todo.append((key, 1.0, shards_root, list(p.domains), p.seed_share, p.dense, True, key))
+            todo.append((key, 1.0, shards_root, list(p.domains), p.seed_share, p.dense, True, key, 1.0))
+    for (f, k, balance), (sh, _) in sorted((cbtm_shards or {}).items()):
+        key = sweep_key(f, k, balance)
+        root = str(Path(sh.root).resolve())
+        todo.append((key, f, root, list(sh.domains), cfg.seed_share, False, True, key, cbtm_key(f, cfg)))
     result = {}
-    for key, b, root, domains, share, dense, both, tag in todo:
+    for key, b, root, domains, share, dense, both, tag, seed_of in todo:
         c = copy.deepcopy(base)
         c.train.steps = budget_steps(b, steps_1x)
         c.train.seed = cfg.seeds[0]
@@ -81,17 +93,18 @@ def budget_lrs(
         where = out / "sweeps" / tag
         # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
         main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
-        seed_lr = None if dense else result[1.0]["dense_lr"]  # a seed share's experts branch from it
+        seed_lr = None if dense else result[seed_of]["dense_lr"]  # an experts-only sweep branches from it
         s = _finished(where, both, cfg, main, dense, seed_lr)
         if s is None:
             what = f", {len(domains)} domains" if len(domains) < len(names) else ""
             what += f", seed share {share:g}" if share != cfg.seed_share else ""
-            what += ", c-BTM subsample" if root != shards_root else ""
+            what += f", c-BTM's {len(domains)} cluster experts" if tag.startswith("cbtm-k") else ""
+            what += ", c-BTM subsample" if root != shards_root and b != 1 else ""
             log(f"      LR sweep at {b:g}x ({c.train.steps} steps{what}): {where}")
         kw = dict(seed_share=share, executor=executor, threads=threads, log=log)
         if s is None:
             grids = (list(cfg.lr_grid), list(cfg.expert_lr_grid))
-            if not dense:  # the experts alone, branched from the seed of the 1x dense LR's run
+            if not dense:  # the experts alone, branched from the seed of that dense LR's run
                 s = sweep(root, where, c, "experts", *grids, dense_lr=seed_lr, **kw)
             else:
                 s = sweep(root, where, c, ("all" if main else "both") if both else "dense", *grids, **kw)
@@ -100,7 +113,7 @@ def budget_lrs(
         if dense:
             r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"]}
         else:
-            r = {"dense_lr": result[1.0]["dense_lr"], "dense_edge": result[1.0]["dense_edge"]}
+            r = {"dense_lr": seed_lr, "dense_edge": result[seed_of]["dense_edge"]}
         r["sweep"] = str(where)
         if both:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
@@ -140,13 +153,7 @@ def lrs_table(lrs: dict) -> list[str]:
         return []
     rows = ["| budget | dense LR | expert LR | dense second-half LR |", "| --- | --- | --- | --- |"]
 
-    def order(kv):
-        k = str(kv[0])
-        kinds = ("", "data", "domains", "share")
-        kind = max(i for i, s in enumerate(kinds) if k.startswith(s))
-        return (kind, float(k.removeprefix(kinds[kind])))
-
-    for b, r in sorted(lrs.items(), key=order):
+    for b, r in sorted(lrs.items(), key=lambda kv: _row(kv[0])[0]):
         d = f"{r['dense_lr']:g}" + (f" ({r['dense_edge']} of the grid)" if r.get("dense_edge") else "")
         e = "-"
         if "expert_lr" in r:
@@ -155,18 +162,28 @@ def lrs_table(lrs: dict) -> list[str]:
         if "dense_continue_lr" in r:
             edge = r.get("dense_continue_edge")
             t = f"{r['dense_continue_lr']:g}" + (f" ({edge} of the grid)" if edge else "")
-        b = str(b)
-        name = (
-            f"c-BTM, data {b[4:]} ({b[4:]}x)"
-            if b.startswith("data")
-            else f"{b[7:]} domains (1x)"
-            if b.startswith("domains")
-            else f"seed share {b[5:]} (1x)"
-            if b.startswith("share")
-            else f"{float(b):g}x"
-        )
-        rows.append(f"| {name} | {d} | {e} | {t} |")
+        rows.append(f"| {_row(b)[1]} | {d} | {e} | {t} |")
     return rows
+
+
+def _row(key) -> tuple[tuple, str]:
+    """(sort key, name) of a `budget_lrs` entry's row: the budgets, then c-BTM's data fractions, the
+    domain counts, the seed shares and c-BTM's cluster experts."""
+    k = str(key)
+    if m := re.fullmatch(r"cbtm-k(\d+)-(\w+)-data(.+)", k):
+        n, balance, f = m.groups()
+        return (4, float(f), int(n), balance), f"c-BTM k = {n} ({balance}), data {f} ({f}x)"
+    for i, (prefix, name) in enumerate(
+        (
+            ("data", "c-BTM, data {0} ({0}x)"),
+            ("domains", "{0} domains (1x)"),
+            ("share", "seed share {0} (1x)"),
+        ),
+        1,
+    ):
+        if k.startswith(prefix):
+            return (i, float(k.removeprefix(prefix))), name.format(k.removeprefix(prefix))
+    return (0, float(k)), f"{float(k):g}x"
 
 
 def sweep_matches(path, names: list[str], steps_1x: int, batch: int, shards: str) -> None:

@@ -145,18 +145,18 @@ def _subsamples(shards_of, cfg: StudyConfig) -> dict:
 
 def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None = None) -> list:
     """Each c-BTM forest shares the seed of the dense run at its data fraction and budget; its experts
-    train at that fraction's swept expert LR when the study sweeps."""
+    train at the expert LR swept for its k, balance and fraction when the study sweeps."""
     from elmforest.forest import btm
     from elmforest.forest.manifest import Forest
-    from elmforest.study.lrs import cbtm_key
+    from elmforest.study.cbtm import sweep_key
     from elmforest.study.run import cbtm_base
 
     out = []
     for c in forests:
         sh, cdir = cshards[(c.fraction, c.k, c.balance)]
         base = Forest.load(runs_dir / cbtm_base(c.fraction, c.seed, cfg))
-        lr = lrs[cbtm_key(c.fraction, cfg)]["expert_lr"] if lrs else expert_lr
-        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=lr)
+        lr = lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
+        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=lr, elsewhere="another --out")
         if not f.data.get("clusterer"):
             f.set_clusterer(cdir)
         out.append((f.root, sh))
@@ -304,7 +304,7 @@ def _study(
     root = str(Path(data.shards.root).resolve())
     shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
     subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
-    lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples)
+    lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples, cbtm_shards)
     dense_lr, expert_lr, continue_lr, lr_source, tuned = learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
     base.optim.lr = dense_lr
