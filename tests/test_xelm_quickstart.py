@@ -388,6 +388,12 @@ def test_every_language_is_judged_by_the_quickstarts_tie_rule_and_its_compute():
     assert "does NOT hold: worse in fra" in by["worse"]
     assert ": holds (" in by["better"] and "NOT compute-matched" not in by["better"]
     assert ": holds (" in by["far"] and by["far"].endswith("[NOT compute-matched: 1.500x the dense FLOPs]")
+    # the routing options that read the test text's language say so; the posterior from a uniform prior not
+    lines = run(dense=(1.0, 1.0), k2_ensemble=(0.9, 0.9), k2_uniform=(0.9, 0.9), k2_top1=(0.9, 0.9))
+    by = {x.split(" ")[0]: x for x in lines}
+    assert "[uses the test text's language label: its prior is cached" in by["k2_ensemble"]
+    assert "[uses the test text's language label: routed by the text's language]" in by["k2_top1"]
+    assert "language label" not in by["k2_uniform"]
 
 
 def test_the_scorer_scores_at_the_runs_precision_not_auto(xelm_run):

@@ -27,6 +27,13 @@ from elmforest.utils.io import read_json
 
 TEMPERATURE = 0.1
 OPTIONS = ("ensemble", "uniform", "top1", "typology")
+# what the routing options know of a test text that the dense LM does not: its language (a label no
+# deployed model is given); said beside each finding, so a win read from them is read as such
+USES_LABEL = {
+    "ensemble": "its prior is cached from the text's language's valid split",
+    "top1": "routed by the text's language",
+    "typology": "routed by the text's language's typology",
+}
 
 
 def typology_weights(
@@ -211,9 +218,11 @@ def findings(out: dict, langs: list[str], new: str | None, mixture: str = "unifo
             verdict = f"not shown: a tie (within {TIE:.0%}) in {', '.join(tied)}{rest}"
         else:
             verdict = "holds"
+        label = USES_LABEL.get(name.rsplit("_", 1)[-1])
         lines.append(
             f"{name} beats the jointly trained dense LM in every language: {verdict} (mean {r['mean_bpb']:.4f} "
             f"vs {m['dense']['mean_bpb']:.4f}; within {TIE:.0%} of dense in {len(tied)} of {len(langs)})"
+            + (f" [uses the test text's language label: {label}]" if label else "")
             + compute_flag(over.get(name, 1.0))
         )
     small = min(langs, key=lambda x: out["train_bytes"][x])
