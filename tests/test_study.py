@@ -18,6 +18,7 @@ import pytest
 from conftest import make_corpus
 
 from elmforest.cli import main
+from elmforest.data.shards import Shards
 from elmforest.study.analysis import findings, paired_gain, verdict
 from elmforest.study.config import load_study_config
 from elmforest.study.report import _over, scored_line
@@ -358,11 +359,13 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
             (28, "all", 0, 0.5, every, False),
             (56, "dense", 0, 0.5, every, False),
             (56, "continue", 0, 0.5, every, False),
-            (4, "all", 0, 0.5, every, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
-            (7, "all", 0, 0.5, every, True),  # c-BTM at data 0.5; data 1 shares the 1x point
+            (4, "dense", 0, 0.5, every, True),  # c-BTM at data 0.25 (budget 0.25x), on its own subsample
+            (4, "continue", 0, 0.5, every, True),  # (its experts are the cluster experts': swept per k)
+            (7, "dense", 0, 0.5, every, True),  # c-BTM at data 0.5; data 1 shares the 1x point
+            (7, "continue", 0, 0.5, every, True),
             (14, "all", 0, 0.5, every[:2], False),  # the 2-domain point: its experts at batch 6 / 2
             (14, "experts", 0, 0.25, every, False),  # the seed share 0.25: the experts alone
-            *clusters,  # c-BTM's 2 cluster experts at each data fraction (budget) and balance: experts alone
+            *clusters,  # c-BTM's 2 cluster experts per data fraction (budget) and balance
         ]
     )
     study = json.loads((out / "study.json").read_text())
@@ -372,7 +375,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "expert_lr" not in lrs["4"]
     assert [lrs[b]["dense_continue_lr"] for b in ("0.5", "1", "2", "4")] == cfg["expert_lr_grid"]
     assert lrs["data0.25"]["dense_continue_lr"] == 0.128  # its dense run's second half too
-    assert (lrs["data0.25"]["dense_lr"], lrs["data0.25"]["expert_lr"]) == (6.4e-2, 2e-3)
+    assert lrs["data0.25"]["dense_lr"] == 6.4e-2 and "expert_lr" not in lrs["data0.25"]
     assert (lrs["domains2"]["dense_lr"], lrs["domains2"]["expert_lr"]) == (1.6e-2, 8e-3)
     assert lrs["domains2"]["dense_continue_lr"] == 3.2e-2
     assert (lrs["share0.25"]["dense_lr"], lrs["share0.25"]["expert_lr"]) == (4e-3, 0.128)  # 1x's dense
@@ -413,7 +416,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
-    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | 0.002 | 0.128 |" in report
+    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | - | 0.128 |" in report
     assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
     assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
     assert "| c-BTM k = 2 (documents), data 0.25 (0.25x) | 0.064 | 0.002 | - |" in report
@@ -455,7 +458,7 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     share = 2 shares x 2 seeds x 1 (own seed + experts); c-BTM = dense at 0.25 and 0.5 x 2 seeds +
     experts 0.5 x (0.25+0.5+1) x 3 ks x 2 balances x 2 seeds; dense_tuned = the second half (0.5) of
     every dense run: main 2 x (0.5+1+2+4), domains 2 x 2 x 1, c-BTM 2 x (0.25+0.5); sweeps = 4 LRs x
-    each budget + 4 expert LRs x 0.5 x each forest budget, all three arms at c-BTM's data 0.25 and 0.5,
+    each budget + 4 expert LRs x 0.5 x each forest budget, the dense arm and its second half at c-BTM's data 0.25 and 0.5,
     and the continuation (4 expert LRs x 0.5) at every dense budget; all three arms at 1x for the domain
     counts 2 and 4 (8 is the main 1x point); the seed shares 0.25 and 0.75 each a seed of their own and
     4 expert LRs x their experts' share; each of c-BTM's 3 ks x 2 balances x 3 fractions f a seed
@@ -469,7 +472,7 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     assert u["lr sweeps"] == 0 and u["total"] == pytest.approx(40.5 + 10.25)
     grids = ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]
     u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
-    main_axis = 4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 2 * 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5
+    main_axis = 4 * 7.5 + 4 * 0.5 * 3.5 + (4 + 4 * 0.5) * 0.75 + 4 * 0.5 * 7.5
     other_axes = 2 * (4 + 2 * 4 * 0.5) + (0.25 + 4 * 0.75) + (0.75 + 4 * 0.25)
     other_axes += 3 * 2 * (0.25 + 0.5 + 1) * (0.5 + 4 * 0.5)  # c-BTM: 3 ks x 2 balances x fractions
     assert u["lr sweeps"] == pytest.approx(main_axis + other_axes)
@@ -599,9 +602,10 @@ def test_the_dense_runs_second_half_lr_and_whether_it_was_tuned():
     assert lrs("cpu-small", dense_lr=0.004)[2:] == (8e-3, "given", False)  # swept from another dense LR
 
 
-def test_a_seed_shares_sweep_is_reused_only_from_the_seed_it_needs(tmp_path):
+def test_a_seed_shares_sweep_is_reused_only_from_the_seed_it_needs(tmp_path, shards_dir):
     """A seed share's expert sweep branches from the 1x dense LR's seed: when that LR moved (the 1x sweep
-    swept again), its finished sweep.json is not the answer any more."""
+    swept again), its finished sweep.json is not the answer any more; nor is a sweep of other shards
+    (clusters fitted again)."""
     from elmforest.study.lrs import _finished
 
     cfg = load_study_config(
@@ -614,3 +618,9 @@ def test_a_seed_shares_sweep_is_reused_only_from_the_seed_it_needs(tmp_path):
     assert _finished(tmp_path, True, cfg, dense=False, seed_lr=2e-3)["experts"]["best_lr"] == 4e-3
     assert _finished(tmp_path, True, cfg, dense=False, seed_lr=4e-3) is None
     assert _finished(tmp_path, True, cfg) is None  # a budget's sweep needs its dense arm too
+    sh = Shards(shards_dir)
+    for fingerprint, reused in ((sh.fingerprint, True), ("0123456789ab", False)):
+        s = json.loads((tmp_path / "sweep.json").read_text())
+        (tmp_path / "sweep.json").write_text(json.dumps({**s, "shards_fingerprint": fingerprint}))
+        got = _finished(tmp_path, True, cfg, dense=False, seed_lr=2e-3, shards=str(shards_dir))
+        assert (got is not None) == reused

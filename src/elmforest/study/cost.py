@@ -46,12 +46,13 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
             (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
         )
     # what study/lrs.py sweeps: each main-axis budget (the dense arm; the experts at forest budgets; the
-    # dense run's second half at dense budgets), and each c-BTM fraction with a sweep of its own (all three)
+    # dense run's second half at dense budgets), and each c-BTM fraction with a sweep of its own (its
+    # dense run and that run's second half)
     swept = [
         (b, b in cfg.forest_budgets, b in dense_budgets) for b in dense_budgets | set(cfg.forest_budgets)
     ]
     if cfg.cbtm_ks:
-        swept += [(f, True, True) for f in set(cfg.cbtm_data) if isinstance(cbtm_key(f, cfg), str)]
+        swept += [(f, False, True) for f in set(cfg.cbtm_data) if isinstance(cbtm_key(f, cfg), str)]
     for b, experts, continued in swept if cfg.lr_grid else ():
         half = len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b  # a grid of runs' second half
         units["lr sweeps"] += len(cfg.lr_grid) * b + half * experts + half * continued

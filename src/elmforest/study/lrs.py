@@ -7,7 +7,7 @@ every main-axis budget before it trains anything: the dense arm over `lr_grid` (
 budget), and at forest budgets the experts over `expert_lr_grid`, branched from the best dense run's seed,
 both chosen on the valid split with training seed `seeds[0]`, and wherever a dense run is swept the best
 one's second half continued from its seed over `expert_lr_grid` (the `dense_tuned` arm's LR, as the
-experts' phase has its own); c-BTM's smaller data fractions (all three arms) at their own budgets on
+experts' phase has its own); c-BTM's smaller data fractions (dense and second half) at their own budgets on
 their own subsamples (c-BTM at all the data shares the 1x point); each domain-count point (all three
 arms on its n domains: its experts train at batch B / n, not the B / N of the main sweep, and the best
 expert LR moves with the batch per expert); each seed share other than the study's (the experts
@@ -25,6 +25,7 @@ import copy
 import re
 from pathlib import Path
 
+from elmforest.data.shards import Shards
 from elmforest.launch.sweep import sweep
 from elmforest.model.presets import get_preset
 from elmforest.study.cbtm import sweep_key
@@ -56,9 +57,7 @@ def budget_lrs(
     """{budget, "data<f>", "domains<n>" or "share<s>": {"dense_lr", "expert_lr" (forests), "dense_edge",
     "expert_edge", "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the
     data; each c-BTM data fraction f that does not share the 1x point is swept at budget f on its own
-    subsample (`subsamples` {f: shards root}), both arms: c-BTM's dense run (k = 1) takes that dense LR,
-    its cluster experts that expert LR (found for the metadata-domain experts of the same subsample and
-    budget). Each domain-count and seed-share point of plan_points is swept at 1x on its own domains and
+    subsample (`subsamples` {f: shards root}), for c-BTM's dense run (k = 1) and its second half. Each domain-count and seed-share point of plan_points is swept at 1x on its own domains and
     at its own seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run).
     `cbtm_shards` {(f, k, balance): (cluster shards, clusterer)}: each set of c-BTM cluster experts is
     swept on its clusters at budget f, its entry keyed by cbtm.sweep_key (its dense LR: the fraction's)."""
@@ -73,9 +72,9 @@ def budget_lrs(
     ]
     for f in sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else ():
         key = cbtm_key(f, cfg)
-        if isinstance(key, str):
+        if isinstance(key, str):  # its dense run and that run's second half (its experts: swept per k below)
             root = str((subsamples or {})[f])
-            todo.append((key, f, root, names, cfg.seed_share, True, True, f"cbtm-{key}", None))
+            todo.append((key, f, root, names, cfg.seed_share, True, False, f"cbtm-{key}", None))
     for p in plan_points(cfg, names):
         key = lr_key(p)
         if p.axis in ("domains", "share") and key not in [t[0] for t in todo]:
@@ -94,7 +93,7 @@ def budget_lrs(
         # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
         main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
         seed_lr = None if dense else result[seed_of]["dense_lr"]  # an experts-only sweep branches from it
-        s = _finished(where, both, cfg, main, dense, seed_lr)
+        s = _finished(where, both, cfg, main, dense, seed_lr, root)
         if s is None:
             what = f", {len(domains)} domains" if len(domains) < len(names) else ""
             what += f", seed share {share:g}" if share != cfg.seed_share else ""
@@ -125,14 +124,24 @@ def budget_lrs(
 
 
 def _finished(
-    where: Path, experts: bool, cfg, main: bool = False, dense: bool = True, seed_lr: float | None = None
+    where: Path,
+    experts: bool,
+    cfg,
+    main: bool = False,
+    dense: bool = True,
+    seed_lr: float | None = None,
+    shards: str | None = None,
 ) -> dict | None:
     """A sweep.json that already holds this budget's answer over these grids (a rerun dispatches none
     of its jobs again); `seed_lr`: its experts must have branched from the dense run at that LR (a
-    seed share's, from the 1x dense LR: swept again if that moved)."""
+    seed share's, from the 1x dense LR: swept again if that moved); `shards`: swept on their content
+    (clusters fitted again are other data: `sweep` then says so)."""
     if not (where / "sweep.json").is_file():
         return None
     s = read_json(where / "sweep.json")
+    had = s.get("shards_fingerprint")
+    if shards is not None and had is not None and had not in Shards(shards).fingerprints:
+        return None
     if seed_lr is not None and (s.get("experts") or {}).get("seed_lr") != seed_lr:
         return None
     arms = [("dense", cfg.lr_grid)] if dense else []
