@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -898,3 +899,31 @@ def test_shards_recorded_but_gone_are_said_as_such(forest_dir, tmp_path, capsys)
     (fake / "elmforest_run.json").write_text(json.dumps({"data": {"shards": str(tmp_path / "gone")}}))
     assert main(["merge", "finetune", "--model", str(fake), "--steps", "1"]) == 2
     assert "are not there (moved or deleted?); pass --shards" in capsys.readouterr().err
+
+
+def test_an_exports_fingerprint_is_its_content_so_a_copy_is_the_same_export(forest_dir, tmp_path):
+    """The card records the weight files' checksums as they are written: a copy with new times (cp -r)
+    keeps the fingerprint (the quickstart's fine-tuned row is not trained again in a copied tree), another
+    merge does not; a card from before the checksums falls back to the files' times."""
+    from elmforest.merge.moe import export_fingerprint
+    from elmforest.utils.io import file_digest
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    f = Forest.load(tmp_path / "f")
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random", seed=0))
+    card = json.loads((out / "elmforest_moe.json").read_text())
+    files = sorted(out.glob("*.safetensors"))
+    assert files and card["weight_files"] == {
+        p.name: {"sha256": file_digest(p)["sha256"], "bytes": p.stat().st_size} for p in files
+    }
+    time.sleep(0.01)
+    copy = Path(shutil.copytree(out, tmp_path / "copy", copy_function=shutil.copy))  # new modification times
+    assert (copy / files[0].name).stat().st_mtime_ns != files[0].stat().st_mtime_ns
+    assert export_fingerprint(copy) == export_fingerprint(out)
+    other = export_moe(f, tmp_path / "other", MoeSpec(router="random", seed=1))
+    assert export_fingerprint(other) != export_fingerprint(out)
+    for d in (out, copy):  # an older card: names, sizes and times
+        old = json.loads((d / "elmforest_moe.json").read_text())
+        del old["weight_files"]
+        (d / "elmforest_moe.json").write_text(json.dumps(old))
+    assert export_fingerprint(copy) != export_fingerprint(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter
-from elmforest.merge.moe import MLP_KEY, check_untrained
+from elmforest.merge.moe import MLP_KEY, check_untrained, record_weight_files
 from elmforest.merge.moe_formats import PROJ, format_for
 from elmforest.model.build import read_config_as_transformers, resolve_model_dir
 from elmforest.utils.errors import UserError
@@ -266,7 +266,7 @@ def merge_pairs(
             },
         )
         _write_moe_card(writer.tmp, names, dirs, cfg, forest, list(excluded), removed, known_as)
-        path = writer.commit()
+        path = writer.commit(finish=record_weight_files)
     for root, f in recorded.items():
         f.drop_phases(path)
         f.settle_output(path, held[root])

@@ -161,7 +161,9 @@ class ShardedWriter:
             if (src / f).is_file():
                 shutil.copy2(within(src / f, src), self.tmp / f)
 
-    def commit(self) -> Path:
+    def commit(self, finish=None) -> Path:
+        """Writes the last shard and the index, calls `finish(tmp)` (the folder complete but for what
+        it adds), and puts the folder in place."""
         self._flush()
         if len(self.files) == 1:
             os.rename(self.tmp / self.files[0], self.tmp / "model.safetensors")
@@ -171,4 +173,6 @@ class ShardedWriter:
                 self.tmp / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": self.weight_map},
             )
+        if finish is not None:
+            finish(self.tmp)
         return replace_dir(self.tmp, self.out)

@@ -45,6 +45,7 @@ from elmforest.model.build import load_model, read_config_as_transformers, resol
 from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
+    file_digest,
     read_json,
     undone_on_failure,
     write_json_atomic,
@@ -197,7 +198,7 @@ def export_moe(
     with undone_on_failure(writer.tmp, writer.out):
         _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
         _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
-        path = writer.commit()
+        path = writer.commit(finish=record_weight_files)
     forest.drop_phases(path)
     forest.settle_output(path, names)
     return path
@@ -371,12 +372,36 @@ def model_card(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_fingerprint(moe_dir: Path) -> str:
-    """Identifies one export: its metadata and its weight files as written (name, size, mtime)."""
-    import hashlib
+def weight_digests(moe_dir: Path) -> dict:
+    """{file name: {"sha256", "bytes"}} of an MoE's weight files, recorded in its card as it is written."""
+    return {
+        f.name: {"sha256": file_digest(f)["sha256"], "bytes": f.stat().st_size}
+        for f in sorted(Path(moe_dir).glob("*.safetensors"))
+    }
 
-    h = hashlib.sha256((moe_dir / "elmforest_moe.json").read_bytes())
-    for f in sorted(moe_dir.glob("*.safetensors")):
+
+def record_weight_files(moe_dir: Path) -> None:
+    """The card in `moe_dir` with its weight files' checksums (`weight_files`), once they are all
+    written (the writer's last shard is written and named on commit)."""
+    card = Path(moe_dir) / "elmforest_moe.json"
+    write_json_atomic(card, {**read_json(card), "weight_files": weight_digests(moe_dir)})
+
+
+def export_fingerprint(moe_dir: Path) -> str:
+    """Identifies one export by content: its card, which records its weight files' checksums (written
+    with them), so a copy (`cp -r`, new times) is the same export and another merge is not, with no
+    gigabytes hashed again on every rerun. The sizes are checked against the card; a card from before
+    the checksums were recorded: the files' names, sizes and modification times."""
+    import hashlib
+    import json
+
+    card = (moe_dir / "elmforest_moe.json").read_bytes()
+    h = hashlib.sha256(card)
+    files = sorted(moe_dir.glob("*.safetensors"))
+    recorded = json.loads(card).get("weight_files") or {}
+    if recorded and {f.name: f.stat().st_size for f in files} == {n: w["bytes"] for n, w in recorded.items()}:
+        return h.hexdigest()[:12]
+    for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
-from elmforest.merge.moe import SOURCE_MARKER, check_untrained, export_fingerprint, model_card
+from elmforest.merge.moe import (
+    SOURCE_MARKER,
+    check_untrained,
+    export_fingerprint,
+    model_card,
+    weight_digests,
+)
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
@@ -419,6 +425,7 @@ def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):
         if (moe_dir / f).is_file() and not (tmp / f).is_file():
             shutil.copy2(moe_dir / f, tmp / f)
     meta[kind] = record
+    meta["weight_files"] = weight_digests(tmp)  # the trained weights, not the export's
     if meta.get("forest"):  # the forest it was trained with, from where the output sits
         meta["forest_relative"] = os.path.relpath(meta["forest"], Path(out).resolve())
     write_json_atomic(tmp / "elmforest_moe.json", meta)
