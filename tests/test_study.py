@@ -297,6 +297,17 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "domains2-s0 was planned differently (expert_lr" in err and "another --out" in err
     assert "--forest" not in err and _summaries(out) == after
+    planned["plan"]["expert_lr"] /= 2
+    manifest.write_text(json.dumps(planned))
+    # so is a c-BTM forest, before the seeds and dense runs it branches after
+    cbtm = next((out / "runs").glob("cbtm-k2-*-s0")) / "forest.json"
+    planned = json.loads(cbtm.read_text())
+    planned["plan"]["expert_lr"] *= 2
+    cbtm.write_text(json.dumps(planned))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{cbtm.parent.name} was planned differently (expert_lr" in err and "another --out" in err
+    assert _summaries(out) == after
 
 
 @pytest.mark.slow
@@ -315,7 +326,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         clusters = base.data.domains[0].startswith("cluster")  # c-BTM's cluster experts at a data fraction
         if clusters:  # from the seed of that fraction's dense LR
             assert arm == "experts" and kw["dense_lr"] == lrs[i]
-            i = {4: 3, 7: 2, 14: 1}[base.train.steps]  # expert LR 2e-3, 8e-3, 3.2e-2 at data 0.25, 0.5, 1
+            i = {4: 2, 7: 1, 14: 3}[base.train.steps]  # expert LR 8e-3, 3.2e-2, 2e-3 at data 0.25, 0.5, 1
         elif len(base.data.domains) == 2 or seed_share != 0.5:  # a domain count's or a seed share's, at 1x
             i = 2 if seed_share == 0.5 else 0
         sub = "shards-data" in str(shards)  # a c-BTM subsample
@@ -324,6 +335,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
             assert kw["dense_lr"] == lrs[i]
         if arm == "experts" and not clusters:  # a seed share's: from the seed of the 1x dense LR's run
             assert kw["dense_lr"] == lrs[1]
+        if arm == "experts":  # in a folder of that seed's own (a seed at another LR: another folder)
+            assert Path(where).name == f"from-lr-{kw['dense_lr']:.3g}"
         return {
             "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
             "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
@@ -380,7 +393,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert lrs["domains2"]["dense_continue_lr"] == 3.2e-2
     assert (lrs["share0.25"]["dense_lr"], lrs["share0.25"]["expert_lr"]) == (4e-3, 0.128)  # 1x's dense
     assert "dense_continue_lr" not in lrs["share0.25"]  # it trains no dense run
-    for f, lr in (("0.25", 2e-3), ("0.5", 8e-3), ("1", 3.2e-2)):
+    for f, lr in (("0.25", 8e-3), ("0.5", 3.2e-2), ("1", 2e-3)):  # none the main 1x point's 3.2e-2 at data 1
         for balance in ("documents", "bytes"):
             assert lrs[f"cbtm-k2-{balance}-data{f}"]["expert_lr"] == lr
     axes = set()
@@ -393,7 +406,10 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         key = {"main": f"{r['budget']:g}", "cbtm": f"data{r['budget']:g}"}.get(r["axis"], "")
         if not key or r["arm"] == "cbtm":  # domains2-s0, share0.25-s1, cbtm-k2-bytes-data0.5-s0
             key = Path(r["dir"]).name.split("-s")[0]
-        want = lrs.get(key, lrs["1"])  # c-BTM at data 1 shares the 1x point
+        if key not in lrs:  # c-BTM's dense run at data 1 is the 1x point's
+            assert key == "data1"
+            key = "1"
+        want = lrs[key]
         if r["arm"] != "cbtm":  # a c-BTM forest's dense run is its base point's, checked there
             assert lr_of(where / "runs" / "dense") == want["dense_lr"], (r["axis"], r["budget"])
         if r["arm"] == "dense_tuned":  # its second half at its budget's own swept LR (where it beat the run)
@@ -419,7 +435,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "| c-BTM, data 0.25 (0.25x) | 0.064 | - | 0.128 |" in report
     assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
     assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
-    assert "| c-BTM k = 2 (documents), data 0.25 (0.25x) | 0.064 | 0.002 | - |" in report
+    assert "| c-BTM k = 2 (documents), data 0.25 (0.25x) | 0.064 | 0.008 | - |" in report
     assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err

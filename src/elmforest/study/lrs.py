@@ -27,6 +27,7 @@ from pathlib import Path
 
 from elmforest.data.shards import Shards
 from elmforest.launch.sweep import sweep
+from elmforest.launch.sweep_grid import point_tag
 from elmforest.model.presets import get_preset
 from elmforest.study.cbtm import sweep_key
 from elmforest.study.config import StudyConfig, sweep_continue_lr, sweep_edges, sweep_lrs
@@ -89,15 +90,17 @@ def budget_lrs(
         c.train.steps = budget_steps(b, steps_1x)
         c.train.seed = cfg.seeds[0]
         c.data.domains = list(domains)
-        where = out / "sweeps" / tag
         # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
         main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
         seed_lr = None if dense else result[seed_of]["dense_lr"]  # an experts-only sweep branches from it
+        # an experts-only sweep's points grow from one seed: a seed at another LR sweeps in a folder of its own
+        where = out / "sweeps" / tag / ("" if dense else f"from-{point_tag(seed_lr)}")
         s = _finished(where, both, cfg, main, dense, seed_lr, root)
         if s is None:
-            what = f", {len(domains)} domains" if len(domains) < len(names) else ""
+            cbtm = tag.startswith("cbtm-k")
+            what = f", {len(domains)} domains" if len(domains) < len(names) and not cbtm else ""
             what += f", seed share {share:g}" if share != cfg.seed_share else ""
-            what += f", c-BTM's {len(domains)} cluster experts" if tag.startswith("cbtm-k") else ""
+            what += f", c-BTM's {len(domains)} cluster experts" if cbtm else ""
             what += ", c-BTM subsample" if root != shards_root and b != 1 else ""
             log(f"      LR sweep at {b:g}x ({c.train.steps} steps{what}): {where}")
         kw = dict(seed_share=share, executor=executor, threads=threads, log=log)
@@ -160,7 +163,7 @@ def lrs_table(lrs: dict) -> list[str]:
     """Markdown rows of the report: each budget's chosen LRs, the grid's edge flagged."""
     if not lrs:
         return []
-    rows = ["| budget | dense LR | expert LR | dense second-half LR |", "| --- | --- | --- | --- |"]
+    rows = ["| swept for | dense LR | expert LR | dense second-half LR |", "| --- | --- | --- | --- |"]
 
     for b, r in sorted(lrs.items(), key=lambda kv: _row(kv[0])[0]):
         d = f"{r['dense_lr']:g}" + (f" ({r['dense_edge']} of the grid)" if r.get("dense_edge") else "")

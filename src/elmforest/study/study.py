@@ -143,19 +143,38 @@ def _subsamples(shards_of, cfg: StudyConfig) -> dict:
     }
 
 
+def _cbtm_lr(c, expert_lr: float, lrs: dict | None) -> float:
+    """The expert LR of c-BTM forest `c`: its cluster experts' sweep's when the study sweeps."""
+    from elmforest.study.cbtm import sweep_key
+
+    return lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
+
+
+def _check_cbtm_lrs(cfg, forests, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
+    """A c-BTM forest of this study planned at another expert LR (an older study's) is refused before any
+    run trains, not once every seed and dense run has (its experts branch only after them)."""
+    for c in forests:
+        manifest = runs_dir / c.tag / "forest.json"
+        had = (read_json(manifest).get("plan") or {}).get("expert_lr") if manifest.is_file() else None
+        if had is not None and had != (lr := _cbtm_lr(c, expert_lr, lrs)):
+            raise UserError(
+                f"{manifest.parent} was planned differently (expert_lr: {had!r} -> {lr!r}); its experts "
+                "would train at another LR than its sweep chose: use another --out or the same settings"
+            )
+
+
 def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None = None) -> list:
     """Each c-BTM forest shares the seed of the dense run at its data fraction and budget; its experts
     train at the expert LR swept for its k, balance and fraction when the study sweeps."""
     from elmforest.forest import btm
     from elmforest.forest.manifest import Forest
-    from elmforest.study.cbtm import sweep_key
     from elmforest.study.run import cbtm_base
 
     out = []
     for c in forests:
         sh, cdir = cshards[(c.fraction, c.k, c.balance)]
         base = Forest.load(runs_dir / cbtm_base(c.fraction, c.seed, cfg))
-        lr = lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
+        lr = _cbtm_lr(c, expert_lr, lrs)
         f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=lr, elsewhere="another --out")
         if not f.data.get("clusterer"):
             f.set_clusterer(cdir)
@@ -324,6 +343,7 @@ def _study(
         + f" ({lr_source})"
     )
     runs_dir = out / "runs"
+    _check_cbtm_lrs(cfg, cbtm_forests, runs_dir, expert_lr, lrs)
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     tuned_lrs = train_points(
         points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs
