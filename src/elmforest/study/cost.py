@@ -17,8 +17,8 @@ from pathlib import Path
 from elmforest.config import apply_overrides
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig, sweep_lrs
-from elmforest.study.lrs import cbtm_key
-from elmforest.study.run import check_budget_steps, lr_key, plan_batch, plan_points
+from elmforest.study.lrs import sweep_specs
+from elmforest.study.run import check_budget_steps, plan_batch, plan_points
 from elmforest.utils.errors import UserError
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
@@ -29,7 +29,6 @@ MFU = 0.40  # a typical model-FLOPs utilisation of a well-tuned small-model trai
 def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> dict[str, float]:
     """D units of training per part of the study; `tuned`: the dense runs' second half is trained again
     at its own LR (False where that LR is the dense run's: dense_tuned is the dense run itself)."""
-    dense_budgets = set(cfg.dense_budgets)
     units = {"main": 0.0, "dense_tuned": 0.0, "domains": 0.0, "share": 0.0, "cbtm": 0.0, "lr sweeps": 0.0}
     for p in plan_points(cfg, names):
         experts = (1 - p.seed_share) * p.budget
@@ -45,27 +44,7 @@ def training_units(cfg: StudyConfig, names: list[str], tuned: bool = True) -> di
         units["cbtm"] += (
             (1 - cfg.seed_share) * f * len(set(cfg.cbtm_ks)) * len(cfg.cbtm_balance) * len(cfg.seeds)
         )
-    # what study/lrs.py sweeps: each main-axis budget (the dense arm; the experts at forest budgets; the
-    # dense run's second half at dense budgets), and each c-BTM fraction with a sweep of its own (its
-    # dense run and that run's second half)
-    swept = [
-        (b, b in cfg.forest_budgets, b in dense_budgets) for b in dense_budgets | set(cfg.forest_budgets)
-    ]
-    if cfg.cbtm_ks:
-        swept += [(f, False, True) for f in set(cfg.cbtm_data) if isinstance(cbtm_key(f, cfg), str)]
-    for b, experts, continued in swept if cfg.lr_grid else ():
-        half = len(cfg.expert_lr_grid) * (1 - cfg.seed_share) * b  # a grid of runs' second half
-        units["lr sweeps"] += len(cfg.lr_grid) * b + half * experts + half * continued
-    # each domain-count point at 1x on its own domains (all three arms); each seed-share point its
-    # experts alone, after a seed of its own at the 1x dense LR
-    keys = {lr_key(p): p for p in plan_points(cfg, names) if p.axis in ("domains", "share")}
-    for p in keys.values() if cfg.lr_grid else ():
-        half = len(cfg.expert_lr_grid) * (1 - p.seed_share)
-        units["lr sweeps"] += len(cfg.lr_grid) + 2 * half if p.dense else p.seed_share + half
-    # and each set of c-BTM cluster experts (k, balance, data fraction f): a seed, then the expert grid
-    for f in set(cfg.cbtm_data) if cfg.lr_grid and cfg.cbtm_ks else ():
-        sets = len(set(cfg.cbtm_ks)) * len(set(cfg.cbtm_balance))
-        units["lr sweeps"] += sets * f * (cfg.seed_share + len(cfg.expert_lr_grid) * (1 - cfg.seed_share))
+    units["lr sweeps"] = sum(s.units(cfg) for s in sweep_specs(cfg, names))  # what study/lrs.py sweeps
     units["total"] = sum(units.values())
     return units
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.data.shards import Shards
@@ -58,72 +59,113 @@ def budget_lrs(
     """{budget, "data<f>", "domains<n>" or "share<s>": {"dense_lr", "expert_lr" (forests), "dense_edge",
     "expert_edge", "sweep"}}; {} when the study sweeps nothing. Main-axis budgets are swept on all the
     data; each c-BTM data fraction f that does not share the 1x point is swept at budget f on its own
-    subsample (`subsamples` {f: shards root}), for c-BTM's dense run (k = 1) and its second half. Each domain-count and seed-share point of plan_points is swept at 1x on its own domains and
-    at its own seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run).
+    subsample (`subsamples` {f: shards root}), for c-BTM's dense run (k = 1) and its second half. Each
+    domain-count and seed-share point of plan_points is swept at 1x on its own domains and at its own
+    seed share; a seed-share point's dense LR is the 1x budget's (it trains no dense run). The sweeps
+    are `sweep_specs`'s, which study/cost.py counts.
     `cbtm_shards` {(f, k, balance): (cluster shards, clusterer)}: each set of c-BTM cluster experts is
     swept on its clusters at budget f, its entry keyed by cbtm.sweep_key (its dense LR: the fraction's)."""
-    if not cfg.lr_grid:
-        return {}
-    forest = set(cfg.forest_budgets)
-    # (key, budget, shards, domains, seed share, dense arm swept, experts swept, tag, whose dense LR
-    # an experts-only sweep's seed takes)
-    todo = [
-        (b, b, shards_root, names, cfg.seed_share, True, b in forest, f"b{b:g}", None)
-        for b in sorted(set(cfg.dense_budgets) | forest)
-    ]
-    for f in sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else ():
-        key = cbtm_key(f, cfg)
-        if isinstance(key, str):  # its dense run and that run's second half (its experts: swept per k below)
-            root = str((subsamples or {})[f])
-            todo.append((key, f, root, names, cfg.seed_share, True, False, f"cbtm-{key}", None))
-    for p in plan_points(cfg, names):
-        key = lr_key(p)
-        if p.axis in ("domains", "share") and key not in [t[0] for t in todo]:
-            todo.append((key, 1.0, shards_root, list(p.domains), p.seed_share, p.dense, True, key, 1.0))
-    for (f, k, balance), (sh, _) in sorted((cbtm_shards or {}).items()):
-        key = sweep_key(f, k, balance)
-        root = str(Path(sh.root).resolve())
-        todo.append((key, f, root, list(sh.domains), cfg.seed_share, False, True, key, cbtm_key(f, cfg)))
     result = {}
-    for key, b, root, domains, share, dense, both, tag, seed_of in todo:
+    for spec in sweep_specs(cfg, names):
+        kind, *at = spec.shards
+        root, domains = shards_root, list(spec.domains)
+        if kind == "subsample":
+            root = str((subsamples or {})[at[0]])
+        elif kind == "clusters":  # the clusters of that subsample, k and balance
+            sh = (cbtm_shards or {})[tuple(at)][0]
+            root, domains = str(Path(sh.root).resolve()), list(sh.domains)
         c = copy.deepcopy(base)
-        c.train.steps = budget_steps(b, steps_1x)
+        c.train.steps = budget_steps(spec.budget, steps_1x)
         c.train.seed = cfg.seeds[0]
-        c.data.domains = list(domains)
-        # a dense run (main axis, a c-BTM fraction's k = 1, a domain count's): its second half tuned too
-        main = dense and (not tag.startswith("b") or b in cfg.dense_budgets)
-        seed_lr = None if dense else result[seed_of]["dense_lr"]  # an experts-only sweep branches from it
-        # an experts-only sweep's points grow from one seed: a seed at another LR sweeps in a folder of its own
-        where = out / "sweeps" / tag / ("" if dense else f"from-{point_tag(seed_lr)}")
-        s = _finished(where, both, cfg, main, dense, seed_lr, root)
+        c.data.domains = domains
+        # an experts-only sweep branches from the seed of another's dense LR, in a folder of that LR's (a
+        # seed at another LR: another folder, not the old points)
+        seed_lr = None if spec.dense else result[spec.seed_of]["dense_lr"]
+        where = out / "sweeps" / spec.tag / ("" if spec.dense else f"from-{point_tag(seed_lr)}")
+        s = _finished(where, spec.experts, cfg, spec.main, spec.dense, seed_lr, root)
         if s is None:
-            cbtm = tag.startswith("cbtm-k")
+            cbtm = kind == "clusters"
             what = f", {len(domains)} domains" if len(domains) < len(names) and not cbtm else ""
-            what += f", seed share {share:g}" if share != cfg.seed_share else ""
+            what += f", seed share {spec.seed_share:g}" if spec.seed_share != cfg.seed_share else ""
             what += f", c-BTM's {len(domains)} cluster experts" if cbtm else ""
-            what += ", c-BTM subsample" if root != shards_root and b != 1 else ""
-            log(f"      LR sweep at {b:g}x ({c.train.steps} steps{what}): {where}")
-        kw = dict(seed_share=share, executor=executor, threads=threads, log=log)
-        if s is None:
+            what += ", c-BTM subsample" if root != shards_root and spec.budget != 1 else ""
+            log(f"      LR sweep at {spec.budget:g}x ({c.train.steps} steps{what}): {where}")
+            kw = dict(seed_share=spec.seed_share, executor=executor, threads=threads, log=log)
             grids = (list(cfg.lr_grid), list(cfg.expert_lr_grid))
-            if not dense:  # the experts alone, branched from the seed of that dense LR's run
+            if not spec.dense:
                 s = sweep(root, where, c, "experts", *grids, dense_lr=seed_lr, **kw)
             else:
-                s = sweep(root, where, c, ("all" if main else "both") if both else "dense", *grids, **kw)
-            if main and not both:  # a dense-only budget: its dense run's second half after its dense arm
+                arm = ("all" if spec.main else "both") if spec.experts else "dense"
+                s = sweep(root, where, c, arm, *grids, **kw)
+            if spec.main and not spec.experts:  # a dense-only sweep: its dense run's second half after it
                 s = sweep(root, where, c, "continue", *grids, dense_lr=s["dense"]["best_lr"], **kw)
-        if dense:
+        if spec.dense:
             r = {"dense_lr": s["dense"]["best_lr"], "dense_edge": s["dense"]["at_edge"]}
         else:
-            r = {"dense_lr": seed_lr, "dense_edge": result[seed_of]["dense_edge"]}
+            r = {"dense_lr": seed_lr, "dense_edge": result[spec.seed_of]["dense_edge"]}
         r["sweep"] = str(where)
-        if both:
+        if spec.experts:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
-        if main:
+        if spec.main:
             c_ = s["dense_continue"]
             r |= {"dense_continue_lr": c_["best_lr"], "dense_continue_edge": c_["at_edge"]}
-        result[key] = r
+        result[spec.key] = r
     return result
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One LR sweep of a study: what `budget_lrs` runs and study/cost.py counts, from one list."""
+
+    key: float | str  # its entry in budget_lrs's answer
+    budget: float
+    shards: tuple  # ("main",), ("subsample", f) or ("clusters", f, k, balance): budget_lrs finds them
+    domains: tuple  # a c-BTM cluster set's: its clusters, read from its shards
+    seed_share: float
+    dense: bool  # its dense arm swept; else its experts alone, from the seed of `seed_of`'s dense LR
+    experts: bool
+    main: bool  # its dense run's second half swept too (a dense run the study compares with)
+    tag: str  # its folder under sweeps/
+    seed_of: float | str | None = None
+
+    def units(self, cfg) -> float:
+        """D units it trains at most: the dense grid, the expert grid's second halves, the continuation's
+        (its point at the dense run's own LR is that run, not trained again); an experts-only sweep's seed."""
+        half = len(cfg.expert_lr_grid) * (1 - self.seed_share) * self.budget
+        if not self.dense:
+            return self.seed_share * self.budget + half
+        return len(cfg.lr_grid) * self.budget + half * self.experts + half * self.main
+
+
+def sweep_specs(cfg, names: list[str]) -> list[SweepSpec]:
+    """Every sweep of a study with `lr_grid`, in the order they run (a sweep whose seed takes another's
+    dense LR after it); [] without."""
+    if not cfg.lr_grid:
+        return []
+    forest, dense_budgets, share = set(cfg.forest_budgets), set(cfg.dense_budgets), cfg.seed_share
+    specs = [
+        SweepSpec(b, b, ("main",), tuple(names), share, True, b in forest, b in dense_budgets, f"b{b:g}")
+        for b in sorted(dense_budgets | forest)
+    ]
+    fractions = sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else []
+    for f in fractions:  # c-BTM's dense run and its second half (its experts: the cluster sets' below)
+        if isinstance(key := cbtm_key(f, cfg), str):
+            specs.append(
+                SweepSpec(key, f, ("subsample", f), tuple(names), share, True, False, True, f"cbtm-{key}")
+            )
+    for p in plan_points(cfg, names):
+        key = lr_key(p)
+        if p.axis in ("domains", "share") and key not in [s.key for s in specs]:
+            specs.append(
+                SweepSpec(key, 1.0, ("main",), p.domains, p.seed_share, p.dense, True, p.dense, key, 1.0)
+            )
+    for f in fractions:
+        for k in sorted(set(cfg.cbtm_ks)):
+            for balance in sorted(set(cfg.cbtm_balance)):
+                key = sweep_key(f, k, balance)
+                where = ("clusters", f, k, balance)
+                specs.append(SweepSpec(key, f, where, (), share, False, True, False, key, cbtm_key(f, cfg)))
+    return specs
 
 
 def _finished(
