@@ -150,7 +150,7 @@ def _cbtm_lr(c, expert_lr: float, lrs: dict | None) -> float:
     return lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
 
 
-def _check_cbtm_lrs(cfg, forests, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
+def _check_cbtm_lrs(forests, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
     """A c-BTM forest of this study planned at another expert LR (an older study's) is refused before any
     run trains, not once every seed and dense run has (its experts branch only after them)."""
     for c in forests:
@@ -343,7 +343,7 @@ def _study(
         + f" ({lr_source})"
     )
     runs_dir = out / "runs"
-    _check_cbtm_lrs(cfg, cbtm_forests, runs_dir, expert_lr, lrs)
+    _check_cbtm_lrs(cbtm_forests, runs_dir, expert_lr, lrs)
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     tuned_lrs = train_points(
         points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs
