@@ -922,6 +922,9 @@ def test_an_exports_fingerprint_is_its_content_so_a_copy_is_the_same_export(fore
     assert export_fingerprint(copy) == export_fingerprint(out)
     other = export_moe(f, tmp_path / "other", MoeSpec(router="random", seed=1))
     assert export_fingerprint(other) != export_fingerprint(out)
+    with open(copy / files[0].name, "ab") as fh:  # a weight file that is not the one recorded: its times
+        fh.write(b"\0")
+    assert export_fingerprint(copy) != export_fingerprint(out)
     for d in (out, copy):  # an older card: names, sizes and times
         old = json.loads((d / "elmforest_moe.json").read_text())
         del old["weight_files"]

@@ -492,6 +492,12 @@ def test_dry_run_counts_the_training_by_hand(capsys):
     other_axes = 2 * (4 + 2 * 4 * 0.5) + (0.25 + 4 * 0.75) + (0.75 + 4 * 0.25)
     other_axes += 3 * 2 * (0.25 + 0.5 + 1) * (0.5 + 4 * 0.5)  # c-BTM: 3 ks x 2 balances x fractions
     assert u["lr sweeps"] == pytest.approx(main_axis + other_axes)
+    # a forest budget with no dense run of its own (3x): its dense arm and experts, no second half
+    grids += ["forest_budgets=[0.5, 1.0, 3.0]", "domain_counts=[]", "seed_shares=[]", "cbtm_ks=[]"]
+    u = training_units(load_study_config("cpu", grids), [f"d{i}" for i in range(8)])
+    b = {0.5: (True, True), 1.0: (True, True), 2.0: (False, True), 3.0: (True, False), 4.0: (False, True)}
+    want = sum(4 * x + 4 * 0.5 * x * forest + 4 * 0.5 * x * dense for x, (forest, dense) in b.items())
+    assert u["lr sweeps"] == pytest.approx(want)
     assert main(["study", "btm-125m", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "25.0 D of training" in out and "GPU-hours" in out
