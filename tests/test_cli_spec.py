@@ -171,3 +171,15 @@ def test_the_first_process_is_rank_zero_of_torchruns_environment(monkeypatch):
     assert first_process()
     monkeypatch.setenv("RANK", "1")
     assert not first_process()
+
+
+def test_a_home_folder_after_an_equals_sign_is_expanded(monkeypatch, tmp_path, capsys):
+    """`--forest=~/x` names the home folder's x, as `--forest ~/x` does once the shell expands it; other
+    values keep their `~` (a --set value, a short option)."""
+    from elmforest.cli import home_expanded, main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["forest", "show", "--forest=~/nope"]) == 2
+    assert f"{tmp_path}/nope: not a forest" in capsys.readouterr().err
+    assert home_expanded("--set=data.x=~y") == "--set=data.x=~y" and home_expanded("-o=~/x") == "-o=~/x"
+    assert home_expanded("~/x") == "~/x" and home_expanded("--out=~") == str(f"--out={tmp_path}")

@@ -43,7 +43,7 @@ def build_app():
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [home_expanded(a) for a in (sys.argv[1:] if argv is None else argv)]
     train_cli.ARGV[:] = argv  # `train --nproc N` runs this same command again under torchrun
     threads_within_quota()  # before anything imports torch
     from transformers.utils import logging as hf_logging
@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if before is not None:  # None: the handler was not set from Python; ours stays
             signal.signal(signal.SIGTERM, before)
     return 0
+
+
+def home_expanded(arg: str) -> str:
+    """`--out=~/runs` with the home folder, as the shell gives `--out ~/runs`: a shell expands `~` only
+    at a word's start, so the `=` form made a folder named `~` in the working directory."""
+    name, eq, value = arg.partition("=")
+    return f"{name}={os.path.expanduser(value)}" if arg.startswith("--") and eq and value[:1] == "~" else arg
 
 
 def repeated_option(cmd, argv: list[str]) -> str | None:
