@@ -207,18 +207,18 @@ class ClusterContext(ClusterRouting):
         row_of[positions] = np.arange(len(positions))
         rows = row_of[(np.arange(nw)[:, None] * T + latest).reshape(-1)].reshape(nw, T)
         w_pos_np = w_route[rows]  # [nw, T, N]
-        needed = w_pos_np.sum(1) > 0  # [nw, N]: experts a window needs (for any of its positions)
+        valid = valid_mask(nw, T, n_tok)
         lp = torch.zeros(self.n, nw, T, dtype=torch.float64)
-        real = (flat < n_tok)[:, :, None]  # the last window's padding needs no expert to run over it
-        for i, wins, upto in prefix_runs((w_pos_np > 0) & real):
+        ran = set()  # the last window's padding needs no expert to run over it
+        for i, wins, upto in prefix_runs((w_pos_np > 0) & (valid > 0).numpy()[:, :, None]):
             lp[i, torch.as_tensor(wins), :upto] = pool.logprobs(
                 i, stream, self.router.eos_id, T, wins.tolist(), upto=None if upto == T else upto
             )[:, :upto].double()
+            ran.add(i)
         w_pos = torch.from_numpy(w_pos_np).permute(2, 0, 1)  # [N, nw, T]
         log_w = torch.log(w_pos)
-        valid = valid_mask(nw, T, n_tok)
         # positions past the end of the stream are padding: they count 0
         ens = torch.where(valid > 0, torch.logsumexp(log_w + lp, dim=0), torch.zeros(()))
         mean_w = (w_pos * valid).sum((1, 2)) / valid.sum().clamp_min(1)
         fallback = float((torch.from_numpy(~ok[rows]).double() * valid).sum() / valid.sum().clamp_min(1))
-        return -float(ens.sum()), mean_w, sorted(np.flatnonzero(needed.any(0)).tolist()), fallback
+        return -float(ens.sum()), mean_w, sorted(ran), fallback

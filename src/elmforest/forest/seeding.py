@@ -115,6 +115,13 @@ def copy_dir_atomic(src: Path, dst: Path) -> None:
         copy_regular_files(src, tmp)
 
 
+def shared_plan(forest: Forest, domains: list[str], expert_lr: float | None = None) -> Plan:
+    """The plan of a forest grown from `forest`'s seed by `share_seed`: its budget, one expert per domain."""
+    old = Plan(**forest.data["plan"])
+    lr = expert_lr if expert_lr is not None else old.expert_lr
+    return Plan(old.total_steps, old.batch_size, len(domains), old.seed_share, list(domains), lr)
+
+
 def share_seed(
     path: str | Path,
     forest: Forest,
@@ -127,9 +134,7 @@ def share_seed(
     matched): BTM's random-split ablation, c-BTM's cluster experts, an LR sweep's expert points.
     `elsewhere`: how the command names a new forest, should `path` be planned otherwise."""
     other = Forest.init(path, exist_ok=True)
-    old = Plan(**forest.data["plan"])
-    lr = expert_lr if expert_lr is not None else old.expert_lr
-    plan = Plan(old.total_steps, old.batch_size, len(domains), old.seed_share, list(domains), lr)
+    plan = shared_plan(forest, domains, expert_lr)
     if seed_ready(other):  # a rerun: its experts grew from the seed it holds, which must be this one
         from elmforest.train.runcheck import settings_diff
 

@@ -375,8 +375,7 @@ def model_card(meta: dict) -> str:
 def weight_digests(moe_dir: Path) -> dict:
     """{file name: {"sha256", "bytes"}} of an MoE's weight files, recorded in its card as it is written."""
     return {
-        f.name: {"sha256": file_digest(f)["sha256"], "bytes": f.stat().st_size}
-        for f in sorted(Path(moe_dir).glob("*.safetensors"))
+        f.name: {"sha256": file_digest(f)["sha256"], "bytes": f.stat().st_size} for f in weight_files(moe_dir)
     }
 
 
@@ -397,7 +396,7 @@ def export_fingerprint(moe_dir: Path) -> str:
 
     card = (moe_dir / "elmforest_moe.json").read_bytes()
     h = hashlib.sha256(card)
-    files = sorted(moe_dir.glob("*.safetensors"))
+    files = sorted(moe_dir.glob("*.safetensors"))  # by stat alone: nothing read on a rerun
     recorded = json.loads(card).get("weight_files") or {}
     if recorded and {f.name: f.stat().st_size for f in files} == {n: w["bytes"] for n, w in recorded.items()}:
         return h.hexdigest()[:12]

@@ -150,17 +150,24 @@ def _cbtm_lr(c, expert_lr: float, lrs: dict | None) -> float:
     return lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
 
 
-def _check_cbtm_lrs(forests, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
-    """A c-BTM forest of this study planned at another expert LR (an older study's) is refused before any
-    run trains, not once every seed and dense run has (its experts branch only after them)."""
+def _check_cbtm_plans(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
+    """A c-BTM forest of this study planned otherwise (an older study's LRs) is refused before any run
+    trains, as the points are (study/run.py), not once every seed and dense run has: its experts branch
+    only after them. Checked as `share_seed` checks it, against the plan it would make."""
+    from elmforest.forest.manifest import Forest
+    from elmforest.forest.plan import check_plan
+    from elmforest.forest.seeding import shared_plan
+    from elmforest.study.run import cbtm_base
+
     for c in forests:
-        manifest = runs_dir / c.tag / "forest.json"
-        had = (read_json(manifest).get("plan") or {}).get("expert_lr") if manifest.is_file() else None
-        if had is not None and had != (lr := _cbtm_lr(c, expert_lr, lrs)):
-            raise UserError(
-                f"{manifest.parent} was planned differently (expert_lr: {had!r} -> {lr!r}); its experts "
-                "would train at another LR than its sweep chose: use another --out or the same settings"
-            )
+        here, base = runs_dir / c.tag, runs_dir / cbtm_base(c.fraction, c.seed, cfg)
+        if not ((here / "forest.json").is_file() and (base / "forest.json").is_file()):
+            continue
+        seed = Forest.load(base)
+        if seed.data.get("plan"):  # a seed planned (it is, before any c-BTM forest branches from it)
+            domains = cshards[(c.fraction, c.k, c.balance)][0].domains
+            plan = shared_plan(seed, domains, _cbtm_lr(c, expert_lr, lrs))
+            check_plan(Forest.load(here), plan, elsewhere="another --out")
 
 
 def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None = None) -> list:
@@ -343,7 +350,7 @@ def _study(
         + f" ({lr_source})"
     )
     runs_dir = out / "runs"
-    _check_cbtm_lrs(cbtm_forests, runs_dir, expert_lr, lrs)
+    _check_cbtm_plans(cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     tuned_lrs = train_points(
         points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs
