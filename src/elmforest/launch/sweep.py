@@ -48,7 +48,14 @@ from elmforest.launch.jobs import (
     run_job,
 )
 from elmforest.launch.sweep_grid import btm_grid_default, check_grid, lr_grid, point_tag
-from elmforest.launch.sweep_results import DIVERGED, choose, format_sweep, score_dense, score_experts
+from elmforest.launch.sweep_results import (
+    DIVERGED,
+    choose,
+    format_sweep,
+    score_dense,
+    score_experts,
+    scored_domains,
+)
 from elmforest.train.tracking import require_trackers
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -144,9 +151,7 @@ def sweep(
             )
     else:
         domains = base.data.domains or [d for d in shards.domains if shards.has(d, "train")]
-    for d in domains:
-        if not (shards.has(d, "train") and shards.has(d, "valid")):
-            raise UserError(f"{shards.root}: domain {d!r} needs a train and a valid split to be swept")
+    scored = scored_domains(shards, domains, log)
     result = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
     had = {"shards": result.get("shards"), "fingerprint": result.get("shards_fingerprint")}
     now = {"shards": str(shards.root.resolve()), "fingerprint": shards.fingerprint}
@@ -202,9 +207,12 @@ def sweep(
             "plan": asdict(plan),
         }
     )
+    result.pop("scored_domains", None)
+    if scored != domains:  # a domain with no valid documents trains, but no LR is chosen on it
+        result["scored_domains"] = scored
     result.pop("max_bytes", None)  # each arm records the bytes it was scored on (a rerun may rescore one)
     result["criterion"] = {
-        "dense": "mean valid BPB over the domains of the dense run",
+        "dense": "mean valid BPB over the domains (those with a valid split) of the dense run",
         "experts": "mean over domains of each expert's valid BPB on its own domain",
         "grouped": "mean over domains of the valid BPB of the expert whose group holds the domain",
         "dense_continue": "mean valid BPB over the domains of the dense run, its second half at this LR",
@@ -233,7 +241,7 @@ def sweep(
         points = [out / "dense" / point_tag(x) for x in grid]
         run_arm(executor, run_dense_run, jobs, labels, points, plan, out, echo)
         points = [
-            {"lr": lr, **score_dense(out / "dense" / point_tag(lr), shards, domains, seq_len, max_bytes)}
+            {"lr": lr, **score_dense(out / "dense" / point_tag(lr), shards, scored, seq_len, max_bytes)}
             for lr in grid
         ]
         result["dense"] = {"grid": grid, "max_bytes": max_bytes, "points": points, **choose(points)}
@@ -302,7 +310,7 @@ def sweep(
                 {
                     "lr": lr,
                     **score_experts(
-                        Forest.load(forests[key, lr].root), shards, domains, seq_len, grouping, max_bytes
+                        Forest.load(forests[key, lr].root), shards, scored, seq_len, grouping, max_bytes
                     ),
                 }
                 for lr in grid
@@ -323,7 +331,7 @@ def sweep(
             seed_lr,
             cgrid,
             shards,
-            domains,
+            scored,
             plan,
             seq_len,
             executor,

@@ -41,6 +41,22 @@ def dead(run_dir: Path) -> str | None:
     return None
 
 
+def scored_domains(shards: Shards, domains: list[str], log=None) -> list[str]:
+    """The domains an LR is chosen on: those with a valid split. A domain with training documents but
+    no valid ones (a small c-BTM cluster of a subsample, a user's domain of a handful of documents)
+    still trains in every arm, as it does in the forest the sweep tunes for; refusing the whole sweep
+    for it stopped a study with `lr_grid` at its c-BTM cluster sets."""
+    if missing := [d for d in domains if not shards.has(d, "train")]:
+        raise UserError(f"{shards.root}: no train split for {', '.join(missing)}: nothing to sweep there")
+    scored = [d for d in domains if shards.has(d, "valid")]
+    if not scored:
+        raise UserError(f"{shards.root}: none of {', '.join(domains)} has a valid split to choose an LR on")
+    if len(scored) < len(domains) and log is not None:
+        bare = ", ".join(d for d in domains if d not in scored)
+        log(f"note: {bare}: no valid documents in {shards.root}; trained, but the LR is chosen on the others")
+    return scored
+
+
 def choose(points: list[dict]) -> dict:
     """The best finite point; an edge is judged against the whole grid (a diverged LR above the best
     one bounds it as well as a worse one does)."""
@@ -129,6 +145,8 @@ def score_experts(
     experts = experts or {d: [d] for d in domains}
     per = {}
     for name, mine in experts.items():
+        if not (mine := [d for d in mine if d in domains]):  # its domains have no valid documents
+            continue
         if why := dead(forest.root / "runs" / name):
             write_json_atomic(forest.root / DIVERGED, {"job": name, "why": why})
             return _diverged(forest.root)

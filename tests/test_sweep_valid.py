@@ -1,0 +1,51 @@
+"""A sweep over domains one of which has no valid documents (a small c-BTM cluster of a subsample)."""
+
+import json
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from elmforest.data.shards import Shards
+from elmforest.eval.bpb import evaluate_shards
+from elmforest.forest.manifest import Forest
+from elmforest.launch.sweep import sweep
+from elmforest.model.build import load_model
+
+
+def _without_valid(shards_dir, out, domains):
+    shutil.copytree(shards_dir, out)
+    index = json.loads((out / "index.json").read_text())
+    for d in domains:
+        del index["domains"][d]["splits"]["valid"]
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def test_a_domain_without_valid_documents_trains_but_the_lr_is_chosen_on_the_others(shards_dir, tmp_path):
+    """It stopped a study with `lr_grid` at a c-BTM cluster set whose smallest cluster drew no valid
+    document: the sweep refused the whole set. The domain's expert still trains (the forest being
+    tuned has it); each arm is scored on the domains that can be."""
+    sh = Shards(_without_valid(shards_dir, tmp_path / "shards", ["legal"]))
+    assert not sh.has("legal", "valid") and sh.has("legal", "train")
+    lines = []
+    lrs = [1e-4, 1e-3, 1e-2, 3e-2]
+    base = tiny_config(sh.root, steps=8, batch_size=8)
+    res = sweep(sh.root, tmp_path / "s", base, "all", lrs, lrs, log=lines.append)
+    scored = [d for d in sh.domains if d != "legal"]
+    assert res["domains"] == sh.domains and res["scored_domains"] == scored
+    assert any("legal: no valid documents" in x for x in lines)
+    for arm in ("dense", "experts", "dense_continue"):
+        assert all(sorted(p["domains"]) == sorted(scored) for p in res[arm]["points"]), arm
+    best = tmp_path / "s" / "experts" / f"lr-{res['experts']['best_lr']:.3g}"
+    assert Forest.load(best).intact("legal") is None  # trained all the same
+    dense = tmp_path / "s" / "dense" / f"lr-{res['dense']['best_lr']:.3g}" / "runs" / "dense" / "model"
+    want = evaluate_shards(load_model(dense), sh, "valid", scored, 64, progress=False)["mean_bpb"]
+    assert res["dense"]["best_valid_mean_bpb"] == pytest.approx(want)
+
+
+def test_a_sweep_with_no_valid_documents_at_all_is_refused(shards_dir, tmp_path):
+    sh = Shards(_without_valid(shards_dir, tmp_path / "shards", Shards(shards_dir).domains))
+    with pytest.raises(ValueError, match="has a valid split to choose an LR on"):
+        sweep(sh.root, tmp_path / "s", tiny_config(sh.root, steps=8), lrs=[1e-4, 1e-3, 1e-2, 3e-2], log=None)
+    assert not (tmp_path / "s").exists()
