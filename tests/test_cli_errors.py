@@ -456,6 +456,7 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
     ev = ["eval", "--forest", forest_dir, "--data", shards_dir, "--json", tmp_path / "e.json"]
     for argv, said in (
         ([*train, "--set", "train.seed=18446744073709551616"], "train.seed must be in [0, 2**64)"),
+        ([*train, "--set", "train.stop_at=5"], "past the end the run finishes: no pause"),  # steps=4
         ([*train, "--set", "optim.lr=1e39"], "optim.lr: expected a finite number of at most 3.4e+38"),
         ([*train, "--set", "optim.eps=Infinity"], "optim.eps: expected a finite number"),
         ([*train, "--set", "model.rms_norm_eps=Infinity"], "model.rms_norm_eps: expected a finite number"),

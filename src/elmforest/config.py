@@ -192,7 +192,10 @@ class RunConfig:
                 t.ckpt_every >= 0 and t.keep_checkpoints >= 1,
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
-            (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
+            (
+                t.stop_at is None or 1 <= t.stop_at <= t.steps,
+                "train.stop_at must be in [1, train.steps] (past the end the run finishes: no pause)",
+            ),
             (0 <= t.seed < 2**64, "train.seed must be in [0, 2**64)"),  # torch's and numpy's seeds
             (
                 self.data.domains is None or len(set(self.data.domains)) == len(self.data.domains),
