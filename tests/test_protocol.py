@@ -206,7 +206,7 @@ def test_lr_sweep_tunes_each_arm_on_valid_and_resumes(shards_dir, tmp_path, caps
 def test_arms_branched_from_another_dense_run_than_the_best_are_dropped_and_refused(tmp_path):
     """A dense arm rerun on a wider grid moves its best LR: the expert and continuation arms tuned on the
     old best's seed no longer belong beside it (a study taking sweep.json's LRs would pair them)."""
-    from elmforest.launch.sweep import _drop_stale_arms
+    from elmforest.launch.sweep_checks import drop_stale_arms
     from elmforest.study.config import sweep_continue_lr, sweep_lrs
 
     said = []
@@ -221,7 +221,7 @@ def test_arms_branched_from_another_dense_run_than_the_best_are_dropped_and_refu
     assert sweep_lrs(path) == (0.032, 0.004)
     with pytest.raises(UserError, match=r"dense_continue arm branched from the dense run at LR 0.008"):
         sweep_continue_lr(path)
-    _drop_stale_arms(r, said.append)
+    drop_stale_arms(r, said.append)
     assert set(r) == {"dense", "experts"} and len(said) == 2 and "no longer the best" in said[0]
 
 
