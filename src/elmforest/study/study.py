@@ -21,11 +21,11 @@ from elmforest.launch.jobs import driver_log
 from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
+from elmforest.study.cbtm_arm import cbtm_data, cbtm_points, cbtm_seeds, check_cbtm_plans, fraction_shards
 from elmforest.study.config import StudyConfig, load_study_config
 from elmforest.study.lrs import budget_lrs, learning_rates, sweep_matches
 from elmforest.study.report import write_report
 from elmforest.study.run import (
-    Point,
     check_budget_steps,
     plan_batch,
     plan_points,
@@ -111,94 +111,6 @@ def _check_identity(out: Path, cfg: StudyConfig, write: bool = True) -> None:
             )
     if write:
         write_json_atomic(path, cfg.to_dict())
-
-
-def _cbtm_data(cfg: StudyConfig, data, root: Path, progress: bool, log):
-    """(shards of a point, the c-BTM forests, their cluster shards): the subsamples and their clusters
-    are made before any training, so a bad clusterer fails the study before hours are spent."""
-    from elmforest.study.cbtm import CbtmForest, cluster_shards, subsample, subsample_shards
-
-    sub = {1.0: data.shards}
-    forests, cshards = [], {}
-    if cfg.cbtm_ks:
-        log(f"      c-BTM: k {cfg.cbtm_ks} x data {cfg.cbtm_data} x balance {cfg.cbtm_balance}")
-    for f in sorted(set(cfg.cbtm_data) if cfg.cbtm_ks else ()):
-        corpus = subsample(data.corpus, root / f"corpus-data{f:g}", f, data.names)
-        if f < 1.0:
-            sub[f] = subsample_shards(root, corpus, data.tokenizer, f, progress)
-        for k in sorted(set(cfg.cbtm_ks)):
-            for balance in cfg.cbtm_balance:
-                cshards[(f, k, balance)] = cluster_shards(
-                    root, corpus, data.tokenizer, f, k, balance, progress
-                )
-                forests += [CbtmForest(f, s, k, balance) for s in cfg.seeds]
-    return (lambda p: sub[p.data_fraction]), forests, cshards
-
-
-def _subsamples(shards_of, cfg: StudyConfig) -> dict:
-    """{data fraction: its shards} of the c-BTM axis."""
-    fractions = sorted(set(cfg.cbtm_data)) if cfg.cbtm_ks else []
-    return {
-        f: shards_of(Point("cbtm", f, cfg.seeds[0], (), cfg.seed_share, False, True, f)) for f in fractions
-    }
-
-
-def _cbtm_lr(c, expert_lr: float, lrs: dict | None) -> float:
-    """The expert LR of c-BTM forest `c`: its cluster experts' sweep's when the study sweeps."""
-    from elmforest.study.cbtm import sweep_key
-
-    return lrs[sweep_key(c.fraction, c.k, c.balance)]["expert_lr"] if lrs else expert_lr
-
-
-def _check_cbtm_plans(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None) -> None:
-    """A c-BTM forest of this study planned otherwise (an older study's LRs) is refused before any run
-    trains, as the points are (study/run.py), not once every seed and dense run has: its experts branch
-    only after them. Checked as `share_seed` checks it, against the plan it would make."""
-    from elmforest.forest.manifest import Forest
-    from elmforest.forest.plan import check_plan
-    from elmforest.forest.seeding import shared_plan
-    from elmforest.study.run import cbtm_base
-
-    for c in forests:
-        here, base = runs_dir / c.tag, runs_dir / cbtm_base(c.fraction, c.seed, cfg)
-        if not ((here / "forest.json").is_file() and (base / "forest.json").is_file()):
-            continue
-        seed = Forest.load(base)
-        if seed.data.get("plan"):  # a seed planned (it is, before any c-BTM forest branches from it)
-            domains = cshards[(c.fraction, c.k, c.balance)][0].domains
-            plan = shared_plan(seed, domains, _cbtm_lr(c, expert_lr, lrs))
-            check_plan(Forest.load(here), plan, elsewhere="another --out")
-
-
-def _cbtm_seeds(cfg, forests, cshards, runs_dir: Path, expert_lr: float, lrs: dict | None = None) -> list:
-    """Each c-BTM forest shares the seed of the dense run at its data fraction and budget; its experts
-    train at the expert LR swept for its k, balance and fraction when the study sweeps."""
-    from elmforest.forest import btm
-    from elmforest.forest.manifest import Forest
-    from elmforest.study.run import cbtm_base
-
-    out = []
-    for c in forests:
-        sh, cdir = cshards[(c.fraction, c.k, c.balance)]
-        base = Forest.load(runs_dir / cbtm_base(c.fraction, c.seed, cfg))
-        lr = _cbtm_lr(c, expert_lr, lrs)
-        f = btm.share_seed(runs_dir / c.tag, base, sh.domains, expert_lr=lr, elsewhere="another --out")
-        if not f.data.get("clusterer"):
-            f.set_clusterer(cdir)
-        out.append((f.root, sh))
-    return out
-
-
-def _cbtm_points(cfg, forests, data) -> list[tuple]:
-    """(point, forest, routing) of every c-BTM forest: scored with top-2 routing by cluster distance."""
-    return [
-        (
-            Point("cbtm", c.fraction, c.seed, tuple(data.names), cfg.seed_share, True, False, c.fraction),
-            c,
-            {"mode": "cluster", "k": min(2, c.k), "router_context": "window"},  # recorded in each row
-        )
-        for c in forests
-    ]
 
 
 def _write_fits(out: Path, study: dict, fits: dict, log) -> None:
@@ -328,8 +240,8 @@ def _study(
         workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
         ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
     root = str(Path(data.shards.root).resolve())
-    shards_of, cbtm_forests, cbtm_shards = _cbtm_data(cfg, data, out / "data", progress, log)
-    subsamples = {f: str(Path(sh.root).resolve()) for f, sh in _subsamples(shards_of, cfg).items()}
+    shards_of, cbtm_forests, cbtm_shards = cbtm_data(cfg, data, out / "data", progress, log)
+    subsamples = {f: str(Path(sh.root).resolve()) for f, sh in fraction_shards(shards_of, cfg).items()}
     lrs = budget_lrs(cfg, base, data.names, root, out, steps_1x, ex, threads, log, subsamples, cbtm_shards)
     dense_lr, expert_lr, continue_lr, lr_source, tuned = learning_rates(cfg, base, lrs)
     given = cfg.to_dict()  # as written: --analyse-only compares with it (the LRs chosen are below)
@@ -350,13 +262,13 @@ def _study(
         + f" ({lr_source})"
     )
     runs_dir = out / "runs"
-    _check_cbtm_plans(cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
-    more = functools.partial(_cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
+    check_cbtm_plans(cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
+    more = functools.partial(cbtm_seeds, cfg, cbtm_forests, cbtm_shards, runs_dir, expert_lr, lrs)
     tuned_lrs = train_points(
         points, runs_dir, shards_of, cfg, base, steps_1x, ex, threads, log, every, more, lrs
     )
     seq = base.train.seq_len
-    cb = _cbtm_points(cfg, cbtm_forests, data)
+    cb = cbtm_points(cfg, cbtm_forests, data)
     jobs = [
         score_job(
             p, runs_dir / p.tag, shards_of(p), data.ood_shards, cfg, seq, None, threads, tuned_lrs.get(p)
