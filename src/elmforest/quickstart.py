@@ -33,15 +33,15 @@ from elmforest.compare import (
 )
 from elmforest.config import PRIOR_BATCHES, apply_overrides
 from elmforest.data.shards import Shards
-from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark, plot_results, print_table
+from elmforest.eval.report import FLOPS_TOLERANCE, plot_results, print_table
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
-from elmforest.launch.executor import LocalExecutor
+from elmforest.launch.executor import LocalExecutor, local_workers
 from elmforest.launch.forest import train_forest
 from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest, dense_tuned
-from elmforest.utils.device import resolve_device, resolve_precision
+from elmforest.quickstart_lines import precision_line, print_ledger, print_priors
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -115,7 +115,7 @@ def quickstart(
     e_lr = plan.expert_lr if plan.expert_lr is not None else base.optim.lr
     c_lr, c_source = _continue_lr(p, preset, overrides, dense_continue_lr, e_lr)
     ft_lr = p.moe_finetune_lr if p.moe_finetune_lr is not None else base.optim.lr
-    precision = _precision_line(base.train.precision, base.train.device, eval_bytes)
+    precision = precision_line(base.train.precision, base.train.device, eval_bytes)
     forest = Forest.init(out / "forest", exist_ok=True)
     log(f"      precision: {precision}")
     if clusters_batch:
@@ -154,7 +154,7 @@ def quickstart(
     removed = [d for d in names if d in forest.removed]
     for d in removed:
         log(f"      {d}: opted out of this forest (forest remove); not retrained")
-    workers, threads = _workers(base, workers)
+    workers, threads = local_workers(base.train.device, workers)
     log(
         f"[5/8] {len(names) - len(removed)} experts, each alone on its domain: "
         f"{plan.total_steps - plan.seed_steps} steps of {plan.expert_batch_size} x {base.train.seq_len} "
@@ -249,8 +249,8 @@ def quickstart(
     print_table(methods, "in-domain bits per byte (test splits; lower is better)", flops=flops)
     if ood_methods:
         print_table(ood_methods, "out-of-domain bits per byte (lower is better)", flops=flops)
-    _print_ledger(compute, log)
-    _print_priors(results["priors"], ablations, ood_ablations, log)
+    print_ledger(compute, log)
+    print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:
         log(f"  - {line}")
     try:  # one offline HTML page: tables, plots, lineage, curves, ledger; never at the results' cost
@@ -326,18 +326,6 @@ def _continue_lr(p, preset, overrides, given, e_lr) -> tuple[float, str]:
     return e_lr, "not swept: the experts' LR"
 
 
-def _workers(base, workers: int | None) -> tuple[int, int]:
-    """(jobs at a time, threads per job): on a CPU, two single-threaded small-batch jobs beat one job
-    on two threads; on a GPU one at a time."""
-    from elmforest.launch.executor import cpu_cores
-
-    cores = cpu_cores()
-    if workers is None:
-        workers = 2 if resolve_device(base.train.device).type == "cpu" and cores >= 2 else 1
-    workers = max(1, workers)
-    return workers, max(1, cores // workers) if workers > 1 else 0
-
-
 def _check_domains(shards: Shards, names: list[str]) -> None:
     if len(names) < 2:
         raise UserError(
@@ -368,46 +356,4 @@ def _check_seed_settings(forest, shards, base, plan, out: Path) -> None:
         raise UserError(
             f"{out} was run with other settings ({diff}); its seed, experts and dense run were trained with "
             "them, so their scores would be reported under the new ones: use another --out, or delete it"
-        )
-
-
-def _precision_line(precision: str, device: str, eval_bytes: int = 64_000) -> str:
-    dev = resolve_device(device)
-    amp = resolve_precision(precision, dev)
-    if dev.type != "cpu":
-        return f"{'bf16 autocast' if amp else 'fp32'} on {dev}"
-    if amp is not None:
-        return "bf16 autocast on the CPU (it has AVX512-BF16 or AMX)"
-    why = "train.precision=fp32" if precision == "fp32" else "this CPU has no AVX512-BF16/AMX"
-    return f"fp32 on the CPU ({why}); about 1.3x the bf16 time (--eval-bytes {eval_bytes // 2} shortens it)"
-
-
-def _print_ledger(compute: dict, log) -> None:
-    log("training compute (FLOPs counted by what ran; frozen weights cost no weight gradient):")
-    for row in compute["ledger"]:
-        log(f"      {row['phase']:16s} {row['name']:24s} {row['flops']:.4e}")
-    log(
-        f"      forest (seed + experts) / dense = {compute['forest_over_dense']:.6f}; per method: "
-        + ", ".join(f"{m} {flops_mark(r)}" for m, r in compute["methods"].items())
-    )
-
-
-def _print_priors(priors: dict, ablations: dict, ood_ablations: dict | None, log) -> None:
-    for where, table in priors.items():
-        if not table:
-            continue
-        cells = ", ".join(f"{d} -> {v['expert']} {v['weight']:.2f}" for d, v in table.items())
-        log(f"cached prior's largest entry ({where.replace('_', '-')}): {cells}")
-    for where, ab in (("in-domain", ablations), ("out-of-domain", ood_ablations)):
-        if not ab:
-            continue
-        cells = "; ".join(
-            f"{m}: restarted at each document {v['document']:.4f}, carried across documents {v['window']:.4f}"
-            for m, v in ab["document_reset"].items()
-        )
-        log(f"posterior at document boundaries ({where}, mean BPB): {cells}")
-        pe = ab["prior_estimate"]
-        log(
-            f"cached prior estimated as the mean over valid windows vs BTM's moving average ({where}, mean BPB): "
-            + "; ".join(f"{m} {pe['mean'][m]:.4f} vs {pe['ema_0.3'][m]:.4f}" for m in pe["mean"])
         )

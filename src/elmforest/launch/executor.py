@@ -46,6 +46,18 @@ def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
     return max(1, cpu_cores() // workers) if workers > 1 else None
 
 
+def local_workers(device: str, workers: int | None) -> tuple[int, int]:
+    """(jobs at a time, threads per job) of a quickstart: on a CPU, two single-threaded small-batch jobs
+    beat one job on two threads; on a GPU one at a time."""
+    from elmforest.utils.device import resolve_device
+
+    cores = cpu_cores()
+    if workers is None:
+        workers = 2 if resolve_device(device).type == "cpu" and cores >= 2 else 1
+    workers = max(1, workers)
+    return workers, max(1, cores // workers) if workers > 1 else 0
+
+
 @dataclass
 class LocalExecutor:
     """Jobs on this machine: one after another in this process, or `workers` at a time in worker

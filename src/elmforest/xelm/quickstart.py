@@ -73,7 +73,8 @@ def quickstart_xelm(
     replaces the built multilingual corpus. `new_language=None` skips the added-language experiment;
     `tfidf_k` > 0 adds X-ELM's alternative grouping: that many balanced tf-idf clusters of documents
     (c-BTM's clustering), one expert each, at the same budget (rows tfidf<K>_*); 0 skips it."""
-    from elmforest.quickstart import _precision_line, _workers
+    from elmforest.launch.executor import local_workers
+    from elmforest.quickstart_lines import precision_line
     from elmforest.xelm.evaluate import evaluate_all, print_results
 
     out, t0, log = Path(out), time.perf_counter(), print
@@ -133,7 +134,7 @@ def quickstart_xelm(
         },
     )
     write_groupings(groupings, out / "groups", overwrite=True)
-    log(f"      precision: {_precision_line(base.train.precision, base.train.device, eval_bytes)}")
+    log(f"      precision: {precision_line(base.train.precision, base.train.device, eval_bytes)}")
     log(
         f"      protocol: every language equally likely in the seed and dense runs (data.mixture="
         f"{base.data.mixture}) and within each group; dense LR {base.optim.lr:g}, expert LRs "
@@ -148,7 +149,7 @@ def quickstart_xelm(
     forests = {
         k: btm.share_seed(out / f"forest-k{k}", forest, list(groupings[k]["groups"]), lrs[k]) for k in ks
     }
-    workers, threads = _workers(base, workers)
+    workers, threads = local_workers(base.train.device, workers)
     log(
         f"[6/8] dense baseline (the seed's run continued) and {sum(ks)} group experts for k = "
         + ", ".join(map(str, ks))
