@@ -14,6 +14,7 @@ from elmforest.forest import branching, btm
 from elmforest.forest.evaluate import estimate_prior, evaluate_forest_shards, make_pool
 from elmforest.forest.generate import generate, mixture_logprobs
 from elmforest.forest.manifest import Forest
+from elmforest.forest.mixture import tied_at_k
 from elmforest.forest.posterior import cached_prior, ensemble_logprob, log_weights, sequence_posterior
 from elmforest.merge.average import average_checkpoints
 from elmforest.model.build import load_model
@@ -187,6 +188,24 @@ def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_
     for r in top1["domains"].values():
         assert len(r["experts_run"]) == 1
         assert r["experts_run"][0] == max(r["prior"], key=r["prior"].get)
+
+
+def test_a_top_k_that_a_prior_tie_chose_says_so(forest_dir, shards_dir, capsys):
+    """With a uniform prior (given, or a domain with no valid split to read one from) the experts tie and
+    top-k keeps the first k in the forest's order: `eval` reported that row as if chosen."""
+    names = Forest.load(forest_dir).names
+    tied = _eval(forest_dir, shards_dir, mode="topk", k=1, prior="uniform")
+    err = capsys.readouterr().err
+    for d, r in tied["domains"].items():
+        assert r["experts_run"] == names[:1] and "tie" in r["top_by"]
+        assert f"{d} ({names[0]})" in err
+    assert "top-1 by the prior, which ties for" in err
+    chosen = _eval(forest_dir, shards_dir, mode="topk", k=1, prior_batches=4)  # cached: no tie
+    assert all("top_by" not in r for r in chosen["domains"].values())
+    assert "ties for" not in capsys.readouterr().err
+    # the tie at the k-th place is what matters, not one above it
+    assert tied_at_k(torch.tensor([0.3, 0.4, 0.3]), 2) and not tied_at_k(torch.tensor([0.4, 0.2, 0.4]), 2)
+    assert not tied_at_k(torch.tensor([0.5, 0.5]), 2)
 
 
 def test_cached_prior_prefers_the_domain_expert(forest_dir, shards_dir):

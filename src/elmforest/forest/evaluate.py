@@ -49,7 +49,7 @@ from elmforest.eval.bpb import (
 from elmforest.eval.held_out import check_held_out, training_split_spec
 from elmforest.forest.cluster_route import ClusterContext
 from elmforest.forest.manifest import Forest
-from elmforest.forest.mixture import _mixture_nll
+from elmforest.forest.mixture import _mixture_nll, tied_at_k
 from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is part of this module's API
     PRIOR_BATCH_WINDOWS,
     ExpertPool,
@@ -158,7 +158,7 @@ def evaluate_forest_shards(
     if not wanted:
         raise UserError(f"{where or shards.root}: no domain has a {split!r} split" + no_split_hint(where))
     eos = shards.eos_id
-    out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
+    out, posterior_table, full_passes, prior_passes, tied = {}, {}, 0, 0, []
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
         cluster_ctx = ClusterContext(
@@ -247,11 +247,21 @@ def evaluate_forest_shards(
             entry["posterior"] = dict(zip(names, mean_w.tolist(), strict=True))
             entry["experts_run"] = [names[j] for j in run]
             posterior_table[d] = entry["posterior"]
+            if mode == "topk" and select == "prior" and tied_at_k(pi, k):
+                entry["top_by"] = "a tie in the prior: the first experts in the forest's order"
+                tied.append(f"{d} ({', '.join(entry['experts_run'])})")
         check_finite(entry["nll_nats"], str(forest.root), d, split)
         out[d] = entry
         if own_pool:
             pool.clear_cache()
     pool.scoring = ""
+    if tied:
+        print(
+            f"note: top-{k} by the prior, which ties for {'; '.join(tied)}: those experts are the first in "
+            "the forest's order, not chosen by the data (a cached prior from a valid split, or "
+            "--select prefix:W, chooses by the data)",
+            file=sys.stderr,
+        )
     return {
         "domains": out,
         "mean_bpb": float(np.mean([v["bpb"] for v in out.values()])),

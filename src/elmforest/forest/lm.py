@@ -33,7 +33,7 @@ from elmforest.eval.held_out import training_split_spec
 from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
 from elmforest.forest.evaluate import _is_tied
 from elmforest.forest.manifest import Forest
-from elmforest.forest.mixture import _mixture_nll, top_experts
+from elmforest.forest.mixture import _mixture_nll, tied_at_k, top_experts
 from elmforest.forest.pool import ExpertPool, check_intact, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
@@ -308,9 +308,9 @@ def open_lm(
     )
     if mode == "topk" and k < len(names):
         top = top_experts(pi, k)
-        if source == "uniform":  # a tie: the choice says nothing about the data, and must not look as if
+        if tied_at_k(pi, k):  # a tie: the choice says nothing about the data, and must not look as if
             print(
-                f"note: topk with a uniform prior: the experts tie, so the top {k} are the first in the "
+                f"note: topk with a prior that ties ({source}), so the top {k} are the first in the "
                 f"forest's order ({', '.join(names[j] for j in top)}); prior=cached (serve: --prior cached "
                 "--prior-data PATH) picks them by the data",
                 file=sys.stderr,

@@ -45,6 +45,16 @@ def top_experts(pi: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.sort(pi, descending=True, stable=True).indices[:k].tolist())
 
 
+def tied_at_k(pi: torch.Tensor, k: int) -> bool:
+    """Whether the k-th and (k+1)-th largest prior entries tie (a uniform prior: a domain with no valid
+    split to read one from): then `top_experts` picks by the forest's order, not by the data, and a
+    top-k row that does not say so reads as a choice."""
+    if k >= len(pi):
+        return False
+    v = torch.sort(pi, descending=True).values
+    return bool(v[k - 1] == v[k])
+
+
 def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     """Per window: all experts read the first w tokens, the k most probable then score the rest.
 
