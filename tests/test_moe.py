@@ -597,6 +597,14 @@ def test_routing_stats_match_the_models_own_router_logits(forest_dir, shards_dir
     assert (out / "routing.png").stat().st_size > 0 and json.loads((out / "routing.json").read_text())[
         "top_k"
     ] == 2
+    # a domain without a valid split (a small owner) is not routed: said, not dropped from the mean unseen
+    index = json.loads((other / "index.json").read_text())
+    index["tokenizer"]["fingerprint"] = Shards(shards_dir).tokenizer_fingerprint
+    del index["domains"]["legal"]["splits"]["valid"]
+    (other / "index.json").write_text(json.dumps(index))
+    assert main(["merge", "routing", "--model", str(out), "--shards", str(other)]) == 0
+    assert "(over 2 of 3 domains; no valid split: legal)" in capsys.readouterr().out
+    assert json.loads((out / "routing.json").read_text())["missing"] == ["legal"]
 
 
 def test_router_losses_by_hand_and_a_btx_run_logs_the_lm_loss(forest_dir, shards_dir, tmp_path):

@@ -188,6 +188,8 @@ def write_routing(
         )
     model = load_model(moe_dir).to(device).eval()
     stats = routing_stats(model, meta["experts"], sh, domains, split, tokens, default_seq_len(moe_dir))
+    # a domain without this split (a small data owner) is not routed: said, not left out of the mean unseen
+    stats["missing"] = [d for d in sh.domains if d not in domains]
     plot_load(stats, moe_dir / "routing.png")  # first: routing.json marks the step done (the quickstart)
     write_json_atomic(moe_dir / "routing.json", stats)
     return stats
@@ -197,9 +199,20 @@ def summary_line(stats: dict) -> str:
     own = stats["top1_own_mean"]
     ent = sum(v["entropy_norm"] for v in stats["domains"].values()) / len(stats["domains"])  # the same
     return (
-        # the mean of each domain's share (domains alike, whatever their tokens), said so
-        f"routing on {stats['split']}: top-1 expert = the domain's own for {own:.1%} of a domain's tokens "
-        "(mean over domains)"
-        if own is not None
-        else "routing: no domain has its own expert"
-    ) + f"; router entropy {ent:.2f} of its maximum"
+        (
+            # the mean of each domain's share (domains alike, whatever their tokens), said so
+            f"routing on {stats['split']}: top-1 expert = the domain's own for {own:.1%} of a domain's tokens "
+            "(mean over domains)"
+            if own is not None
+            else "routing: no domain has its own expert"
+        )
+        + f"; router entropy {ent:.2f} of its maximum"
+        + _missing(stats)
+    )
+
+
+def _missing(stats: dict) -> str:
+    if not (missing := stats.get("missing")):
+        return ""
+    n = len(stats["domains"])
+    return f" (over {n} of {n + len(missing)} domains; no {stats['split']} split: {', '.join(missing)})"
