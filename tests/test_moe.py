@@ -440,7 +440,9 @@ def test_forest_average_cli_with_ties(forest_dir, tmp_path):
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_forest_average_refuses_options_of_another_mode_it_would_ignore(forest_dir, tmp_path, capsys):
+def test_forest_average_refuses_options_of_another_mode_it_would_ignore(
+    forest_dir, shards_dir, tmp_path, capsys
+):
     """`--data --domain` without `--weights posterior` gave a uniform average, `--density` outside TIES
     did nothing, each without a word (`--scale` outside its methods was refused)."""
     from elmforest.cli import main
@@ -456,6 +458,18 @@ def test_forest_average_refuses_options_of_another_mode_it_would_ignore(forest_d
         assert main([*argv, *extra]) == 2, extra
         assert said in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    # a domain with no valid split: this command's own options are offered, not branching's --branch
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    index = json.loads((shards / "index.json").read_text())
+    del index["domains"]["code"]["splits"]["valid"]
+    (shards / "index.json").write_text(json.dumps(index))
+    assert main([*argv, "--weights", "posterior", "--data", str(shards), "--domain", "code"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no valid split to weigh the experts on; average with --weights uniform" in err
+        and "--branch" not in err
+    )
 
 
 def test_failed_export_leaves_the_old_output_and_no_temp(forest_dir, tmp_path, monkeypatch):

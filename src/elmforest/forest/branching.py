@@ -28,9 +28,11 @@ def branch_weights(
     prior_batches: int = PRIOR_BATCHES,
     device: str = "auto",
     names: list[str] | None = None,
+    instead: str = "branch it with --branch seed or --branch expert:NAME",
 ) -> dict[str, float]:
     """BTM's branching from a mixture: the current forest's posterior over experts (`names`, default
-    all) on the new domain's held-out (valid) data, estimated like a cached prior."""
+    all) on the new domain's held-out (valid) data, estimated like a cached prior. `instead`: what the
+    caller's user can do where the domain has no valid split (its own options, not branching's)."""
     from elmforest.eval.bpb import default_seq_len
     from elmforest.forest.evaluate import estimate_prior, make_pool
 
@@ -38,8 +40,8 @@ def branch_weights(
         raise UserError(f"{forest.root}: no experts to branch from")
     if not shards.has(domain, "valid"):
         raise UserError(
-            f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on; branch it with "
-            "--branch seed or --branch expert:NAME, or build the shards with a larger --valid-frac"
+            f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on; {instead}, "
+            "or build the shards with a larger --valid-frac"
         )
     if shards.tokenizer_fingerprint != forest.data["tokenizer"]:
         raise UserError(f"{shards.root} was tokenized with a different tokenizer than the forest's experts")

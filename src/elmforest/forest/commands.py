@@ -204,7 +204,8 @@ def average(
         from elmforest.data.shards import Shards
         from elmforest.forest.branching import branch_weights
 
-        w = branch_weights(forest, Shards(data), domain, prior_batches)
+        instead = "average with --weights uniform or NAME=W,..."
+        w = branch_weights(forest, Shards(data), domain, prior_batches, instead=instead)
         ws = [w[n] for n in names]
     params, base = {}, None
     if method in NEEDS_BASE:
