@@ -415,8 +415,13 @@ def test_an_expert_batch_that_processes_cannot_share_is_refused_before_the_fores
         "--preset",
         "tiny",
     ]
-    assert main([*argv, "--procs-per-expert", "7"]) == 2
-    assert "must divide among --procs-per-expert 7" in capsys.readouterr().err
+    assert main([*argv, "--procs-per-expert", "7", "--set", "train.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "must divide among --procs-per-expert 7" in err
+    # the batch the plan trains at, where it is not the one asked for: said (4 over 3 experts -> 3)
+    assert "note: dense batch 4 -> 3, a multiple of the 3 experts (1 sequence(s) each)" in err
+    assert main([*argv, "--procs-per-expert", "7", "--set", "train.batch_size=6"]) == 2
+    assert "note: dense batch" not in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
 
 

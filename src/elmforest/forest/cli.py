@@ -128,6 +128,7 @@ def seed(
         _check_trainable(sh, domains)
         _note_unscored(sh, domains)
         plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
+        _note_batch(cfg, plan)
     f = _load(forest, create=True)
     if from_checkpoint:
         try:
@@ -162,6 +163,17 @@ def _note_unscored(sh, domains: list[str]) -> None:
             f"note: {', '.join(bare)}: no valid or no test documents in {sh.root}, yet each takes an equal share "
             "of the seed's mix and an expert that evaluation cannot score (nor a prior be read for); leave "
             "them out with --set 'data.domains=[...]', or build the shards with a larger --valid-frac / --test-frac",
+            file=sys.stderr,
+        )
+
+
+def _note_batch(cfg, plan) -> None:
+    """The dense batch rounded to a multiple of the experts is another budget than the one asked for
+    (16 over 11 domains trains at 11): said, as the sweep and the quickstart say it."""
+    if plan.batch_size != cfg.train.batch_size:
+        print(
+            f"note: dense batch {cfg.train.batch_size} -> {plan.batch_size}, a multiple of the "
+            f"{plan.n_experts} experts ({plan.expert_batch_size} sequence(s) each)",
             file=sys.stderr,
         )
 
@@ -334,6 +346,7 @@ def train(
     _check_trainable(sh, domains)
     _note_unscored(sh, domains)
     plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
+    _note_batch(cfg, plan)
     if plan.expert_batch_size % procs_per_expert:  # before the forest is made
         raise UserError(
             f"each expert's batch ({plan.expert_batch_size}) must divide among "
