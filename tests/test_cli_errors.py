@@ -555,3 +555,18 @@ def test_a_run_refused_for_its_start_or_its_frozen_experts_leaves_no_run_folder(
     assert (
         rc == 2 and "train.frozen_experts need(s) a mixture-of-experts model" in out and not run.exists()
     ), out
+
+
+def test_ctrl_c_before_the_cli_has_set_up_its_handling_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while the CLI's modules imported printed a traceback (the console script's window)."""
+    from elmforest import cli
+    from elmforest.console import entry
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert entry() == 130
+    assert capsys.readouterr().err == "elmforest: interrupted (Ctrl-C)\n"
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    assert entry() == 0
