@@ -345,6 +345,8 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
                 if arm in ("all", "continue")
                 else {}
             ),
+            # a cluster with no valid documents: the LR chosen on the other (said in the report)
+            **({"domains": base.data.domains, "scored_domains": ["cluster0"]} if clusters and i == 2 else {}),
         }
 
     monkeypatch.setattr(lrs_mod, "sweep", fake_sweep)
@@ -435,7 +437,11 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert "| c-BTM, data 0.25 (0.25x) | 0.064 | - | 0.128 |" in report
     assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
     assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
-    assert "| c-BTM k = 2 (documents), data 0.25 (0.25x) | 0.064 | 0.008 | - |" in report
+    assert (
+        "| c-BTM k = 2 (documents), data 0.25 (0.25x), chosen on 1 of 2 (no valid split) | 0.064 | 0.008 | - |"
+        in report
+    )
+    assert "| c-BTM k = 2 (documents), data 0.5 (0.5x) | 0.001 (lowest of the grid) | 0.032 | - |" in report
     assert "| 4x | 0.064 | - | 0.128 |" in report
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards
 from elmforest.forest.manifest import Forest
 from elmforest.launch.sweep import sweep
+from elmforest.launch.sweep_results import score_experts
 from elmforest.model.build import load_model
 
 
@@ -42,6 +43,17 @@ def test_a_domain_without_valid_documents_trains_but_the_lr_is_chosen_on_the_oth
     dense = tmp_path / "s" / "dense" / f"lr-{res['dense']['best_lr']:.3g}" / "runs" / "dense" / "model"
     want = evaluate_shards(load_model(dense), sh, "valid", scored, 64, progress=False)["mean_bpb"]
     assert res["dense"]["best_valid_mean_bpb"] == pytest.approx(want)
+    # an expert that died (grad norm 0) makes its LR diverged, scored or not: the unscored one is the
+    # one trained on the fewest documents, the likeliest to die at the top of the grid
+    point = tmp_path / "dead"
+    shutil.copytree(best, point)
+    (point / "valid.json").unlink()
+    log = point / "runs" / "legal" / "metrics.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    rows[-1] = {**rows[-1], "grad_norm": 0.0} if "grad_norm" in rows[-1] else {"step": 8, "grad_norm": 0.0}
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = score_experts(Forest.load(point), sh, scored, 64)
+    assert got["valid_mean_bpb"] is None and "gradients vanished" in got["diverged"]
 
 
 def test_a_sweep_with_no_valid_documents_at_all_is_refused(shards_dir, tmp_path):

@@ -142,14 +142,15 @@ def score_experts(
     key = _key(shards, domains, seq_len, max_bytes, experts)
     if (hit := _cached(cached, key)) is not None:
         return hit
-    experts = experts or {d: [d] for d in domains}
+    experts = experts or {n: [n] for n in forest.names}  # one per domain, named after it; unscored too
     per = {}
-    for name, mine in experts.items():
-        if not (mine := [d for d in mine if d in domains]):  # its domains have no valid documents
-            continue
+    for name in experts:  # every expert, scored or not: one that died makes the whole LR diverged
         if why := dead(forest.root / "runs" / name):
             write_json_atomic(forest.root / DIVERGED, {"job": name, "why": why})
             return _diverged(forest.root)
+    for name, mine in experts.items():
+        if not (mine := [d for d in mine if d in domains]):  # its domains have no valid documents
+            continue
         try:
             model = load_model(forest.expert_dir(name))
             res = evaluate_shards(model, shards, "valid", mine, seq_len, max_bytes=max_bytes, progress=False)

@@ -104,6 +104,8 @@ def budget_lrs(
         else:
             r = {"dense_lr": seed_lr, "dense_edge": result[spec.seed_of]["dense_edge"]}
         r["sweep"] = str(where)
+        if s.get("scored_domains"):  # some of its domains (small clusters) had no valid documents
+            r["chosen_on"] = [len(s["scored_domains"]), len(s["domains"])]
         if spec.experts:
             r |= {"expert_lr": s["experts"]["best_lr"], "expert_edge": s["experts"]["at_edge"]}
         if spec.main:
@@ -216,7 +218,12 @@ def lrs_table(lrs: dict) -> list[str]:
         if "dense_continue_lr" in r:
             edge = r.get("dense_continue_edge")
             t = f"{r['dense_continue_lr']:g}" + (f" ({edge} of the grid)" if edge else "")
-        rows.append(f"| {_row(b)[1]} | {d} | {e} | {t} |")
+        on = (
+            f", chosen on {r['chosen_on'][0]} of {r['chosen_on'][1]} (no valid split)"
+            if r.get("chosen_on")
+            else ""
+        )
+        rows.append(f"| {_row(b)[1]}{on} | {d} | {e} | {t} |")
     return rows
 
 
