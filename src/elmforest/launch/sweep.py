@@ -43,7 +43,7 @@ from elmforest.launch.jobs import (
     ExpertJob,
     as_dict,
     dense_done,
-    expert_kept,
+    in_process_if_done,
     run_dense_run,
     run_job,
 )
@@ -79,28 +79,13 @@ DIVERGED_ERRORS = (
 )  # how a failed job's report names them
 
 
-def _finished(job: dict) -> bool:
-    """A dense or continuation point's run, or an expert point's checkpoint, is there: no worker is
-    needed for it."""
-    if "point" in job:  # DenseContinueJob
-        return dense_done(Path(job["point"]) / "runs" / job.get("run", "dense"))
-    if "config" in job:  # DenseRunJob
-        return dense_done(Path(job["forest"]) / "runs" / "dense")
-    try:
-        forest = Forest.load(job["forest"])
-    except Exception:  # noqa: BLE001 - unreadable: the job says why
-        return False
-    return expert_kept(forest, job.get("name") or job["domain"])
-
-
 def run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Path], points: list[Path]):
     """Run the jobs of the sweep's points. A job whose loss diverged (high LRs do, which is what a
     sweep is there to find) marks its point diverged, remembered on disk so a rerun does not train it
     again, instead of failing the sweep; any other failure still fails it. (A study's dense_tuned runs
     go through here too, each run's folder its point.)"""
     todo = [i for i, p in enumerate(points) if not (p / DIVERGED).is_file()]
-    if all(_finished(jobs[i]) for i in todo):  # a rerun: each job only checks what is kept, here
-        executor = LocalExecutor()
+    executor = in_process_if_done(executor, [jobs[i] for i in todo])
     try:
         executor.map(fn, [jobs[i] for i in todo], [labels[i] for i in todo], [logs[i] for i in todo])
     except JobsFailed as e:

@@ -30,6 +30,7 @@ from elmforest.launch.jobs import (
     DenseRunJob,
     ExpertJob,
     as_dict,
+    in_process_if_done,
     run_dense_continue,
     run_dense_run,
     run_job,
@@ -246,9 +247,10 @@ def train_points(
             runs.append((label, where / "runs" / "dense", 0, last, plan.batch_size * seq))
     with Progress(runs, log, every) as prog:
         log(f"      phase 1: {len(dense_jobs)} seed (+ dense) runs")
-        executor.map(
+        jobs = [as_dict(j) for j in dense_jobs]
+        in_process_if_done(executor, jobs).map(
             run_dense_run,
-            [as_dict(j) for j in dense_jobs],
+            jobs,
             [j.label for j in dense_jobs],
             [j.run_dir() / "job.log" for j in dense_jobs],
         )
@@ -325,9 +327,10 @@ def train_points(
             )
     with Progress(runs, log, every) as prog:
         log(f"      phase 2: {len(expert_jobs)} experts")
-        executor.map(
+        jobs = [as_dict(j) for j in expert_jobs]
+        in_process_if_done(executor, jobs).map(
             run_job,
-            [as_dict(j) for j in expert_jobs],
+            jobs,
             [f"{Path(j.forest).name}/{j.domain}" for j in expert_jobs],
             [j.run_dir() / "job.log" for j in expert_jobs],
         )
