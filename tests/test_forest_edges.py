@@ -520,6 +520,29 @@ def test_a_failed_re_merge_without_an_expert_still_lets_opting_it_out_find_the_o
     assert not out.exists() and good.exists()
 
 
+def test_a_copy_of_a_merge_made_before_an_opt_out_is_not_trained_again(forest_dir, shards_dir, tmp_path):
+    """A merged MoE copied aside before its expert was opted out, then fine-tuned: the forest recorded
+    the new model (the owner's weights carried on, its training in the ledger) and the next `forest
+    fsck` deleted it. Refused before anything is written or trained."""
+    from elmforest.forest.optout import remove_expert
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    gone = f.names[0]
+    moe_dir = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    shutil.copytree(moe_dir, tmp_path / "kept")
+    remove_expert(Forest.load(f.root), gone)
+    assert not moe_dir.exists()
+    with pytest.raises(UserError, match=f"would hold {gone} .*, opted out of"):
+        finetune_moe(tmp_path / "kept", shards_dir, 1, out=tmp_path / "ft", batch_size=2, progress=False)
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("*btx*"))
+    f = Forest.load(f.root)
+    assert not any(p["phase"] == "btx_finetuning" for p in f.ledger())
+    assert not any(o["path"].endswith("/ft") for o in f.data.get("outputs", []))
+    # the forest as it is now merges and records as before
+    export_moe(f, tmp_path / "moe2", MoeSpec(router="random"), device="cpu")
+
+
 def test_opting_out_moves_the_compute_of_what_it_deletes_to_its_tombstone(forest_dir, tmp_path):
     from elmforest.forest.optout import remove_expert
     from elmforest.merge.moe import MoeSpec, export_moe

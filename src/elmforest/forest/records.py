@@ -111,6 +111,7 @@ class ForestRecords:
         any. Until `settle_output` says the write is done, the entry keeps the experts the output there
         held before as well: a write that fails or is killed leaves that output in place, and opting one
         of them out must still find it (opt-out deletes only what an output's own card lists)."""
+        self.refuse_opted_out(experts, path)
         path = str(Path(path).resolve())
         before = []
 
@@ -139,6 +140,21 @@ class ForestRecords:
                 file=sys.stderr,
             )
         return before[0] if before else None
+
+    def refuse_opted_out(self, experts: list[str], path: str | Path) -> None:
+        """A new output may not hold an expert opted out of this forest (and not trained again): made
+        from a copy that predates the removal (a merged MoE copied elsewhere, then fine-tuned), it would
+        carry the owner's weights on, and the next `forest fsck` would delete it, training and all."""
+        gone = [
+            f"{r['name']} (removed {r.get('removed', '?')})"
+            for r in self.data.get("removed", [])
+            if r["name"] in experts and r["name"] not in self.names
+        ]
+        if gone:
+            raise UserError(
+                f"{path} would hold {', '.join(gone)}, opted out of {self.root}: its weights are not to be "
+                "used again. Merge again from the forest as it is now (without it)"
+            )
 
     def settle_output(self, path: str | Path, experts: list[str]) -> None:
         """The output at `path` is written and holds exactly `experts`: its record no longer keeps the

@@ -371,8 +371,10 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Pat
     """Training a merged MoE copies every expert (the run's checkpoints and model, the trained MoE): mark the
     run with the experts it holds and record both with every forest they came from, so opting an expert
     out deletes them too (forest/optout.py)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     held = _forests_of(meta, moe_dir)
+    for forest, names in held:  # before anything is written: an opted-out owner's weights stay out
+        forest.refuse_opted_out(names, out)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run_dir / SOURCE_MARKER,
         {  # every forest that records it (a FlexOlmo merge of owners' pairs names no one forest)
