@@ -678,3 +678,22 @@ def test_every_kmeans_assignment_step_is_the_optimal_balanced_one(monkeypatch):
             assert s[np.arange(n), lab].sum() >= best - (s.max() - s.min()) / 4 - 1e-9
             checked += 1
     assert checked >= 60
+
+
+def test_a_cluster_served_by_two_experts_is_said_to_route_to_the_last(cluster_forest, tmp_path, capsys):
+    """An expert added later on a cluster that had one (`forest add` / `forest expert`) took the cluster
+    over in cluster routing, the first never running, without a word."""
+    import shutil
+
+    from elmforest.forest.cluster_route import ClusterRouting
+    from elmforest.forest.manifest import Forest
+
+    shutil.copytree(cluster_forest, tmp_path / "f", symlinks=True)
+    f = Forest.load(tmp_path / "f")
+    ClusterRouting(f, f.names, 2, 1.0)
+    assert "served by several experts" not in capsys.readouterr().err
+    f.add(f.expert_dir("cluster0"), "extra", ["cluster1"])
+    f = Forest.load(tmp_path / "f")
+    r = ClusterRouting(f, f.names, 2, 1.0)
+    assert r.expert_of[1] == f.names.index("extra") and r.expert_of[0] == f.names.index("cluster0")
+    assert "(cluster1: cluster1, extra -> extra)" in capsys.readouterr().err

@@ -5,6 +5,8 @@ the cluster -> expert map and the fallback before any known word cannot drift ap
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -40,12 +42,21 @@ class ClusterRouting:
                 "(elmforest forest init --clusterer DIR)"
             )
         self.clusterer = Clusterer.load(forest.root / info["path"])
-        # a cluster served by several experts goes to the last of them (in `names` order)
-        self.expert_of = {}
+        # a cluster served by several experts goes to the last of them (in `names` order): said, as
+        # the others then never run (an expert added later on a cluster, `forest add` / `forest expert`)
+        self.expert_of, shared = {}, []
         for j in range(self.clusterer.k):
-            for i, n in enumerate(names):
-                if f"cluster{j}" in forest.expert(n)["domains"]:
-                    self.expert_of[j] = i
+            serving = [i for i, n in enumerate(names) if f"cluster{j}" in forest.expert(n)["domains"]]
+            if serving:
+                self.expert_of[j] = serving[-1]
+            if len(serving) > 1:
+                shared.append(f"cluster{j}: {', '.join(names[i] for i in serving)} -> {names[serving[-1]]}")
+        if shared:
+            print(
+                f"note: {forest.root}: a cluster served by several experts is routed to the last of them "
+                f"alone ({'; '.join(shared)}); the others never run in cluster routing",
+                file=sys.stderr,
+            )
         if not self.expert_of:  # nothing could be routed to: every weight would be 0/0
             raise UserError(
                 f"{forest.root}: no expert is trained on a cluster (domains cluster0..cluster{self.clusterer.k - 1})"
