@@ -848,3 +848,28 @@ def test_forest_add_refuses_integer_weights_of_the_forests_shapes(forest_dir, tm
         f.add(src, "ints", ["x"])
     save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(src / "model.safetensors"))
     f.add(src, "halves", ["x"])  # bf16 weights beside fp32 ones are the same kind
+
+
+def test_averaging_an_expert_trained_elsewhere_is_warned(forest_dir, shards_dir, tmp_path, capsys):
+    """`forest add` of a model that did not start from the forest's seed (its lineage "external"), then
+    `forest average`, `eval --mode average` or `merge moe` (shared weights averaged): a meaningless
+    average of unrelated weights, made without a word."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest.evaluate import evaluate_forest_shards
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    first = f.names[0]
+    average(f, str(tmp_path / "a0"))
+    assert "trained elsewhere" not in capsys.readouterr().err
+    f.add(f.expert_dir(first), "alien", ["code"], parents=[{"name": "external", "weight": 1.0}])
+    f = Forest.load(f.root)
+    average(f, str(tmp_path / "a1"))
+    assert "warning: averaging alien, trained elsewhere" in capsys.readouterr().err
+    kw = dict(seq_len=32, max_bytes=300, prior="uniform", domains=["code"], device="cpu")
+    evaluate_forest_shards(f, Shards(shards_dir), mode="average", **kw)
+    assert "warning: averaging alien" in capsys.readouterr().err
+    evaluate_forest_shards(f, Shards(shards_dir), mode="ensemble", **kw)
+    assert "trained elsewhere" not in capsys.readouterr().err  # an ensemble shares no weights
+    export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    assert "averages the attention and embeddings of alien" in capsys.readouterr().err

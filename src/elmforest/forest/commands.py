@@ -213,6 +213,9 @@ def average(
         if method == "ties":
             params["density"] = density
     held = [n for n, w in zip(names, ws, strict=True) if w > 0]
+    from elmforest.merge.average import warn_unrelated
+
+    warn_unrelated(forest, held, "averaging")
     previous = forest.record_output(out, "average", held)
     try:
         out = merge_checkpoints(

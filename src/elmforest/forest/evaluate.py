@@ -60,7 +60,7 @@ from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is par
     make_pool,
     valid_mask,
 )
-from elmforest.merge.average import average_state_dict
+from elmforest.merge.average import average_state_dict, warn_unrelated
 from elmforest.model.build import load_model
 from elmforest.utils.errors import UserError
 
@@ -148,6 +148,8 @@ def evaluate_forest_shards(
     if mode in ("topk", "cluster") and k > n:
         print(f"note: --k {k} is more than the forest's {n} experts: every expert is used", file=sys.stderr)
     k = min(k, n)
+    if mode == "average":
+        warn_unrelated(forest, names, "averaging")
     own_pool = pool is None  # nobody scores these domains again with it: keep one domain's log-probs
     pool = pool or make_pool(forest, names, device, precision, batch_size, keep_loaded)
     if pool.dirs != [forest.expert_dir(x) for x in names]:

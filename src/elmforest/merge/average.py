@@ -9,6 +9,7 @@ safetensors with an index when larger than `max_shard_bytes`).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +21,23 @@ from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import undone_on_failure, write_json_atomic
+
+
+def warn_unrelated(forest, names: list[str], what: str) -> None:
+    """Experts added from elsewhere whose run did not start from this forest's seed (`forest add`
+    records them as "external") share no initialisation with the rest: BTM's parameter averaging
+    works for experts branched from one seed, and a task vector θ − θ_seed of a model that never was
+    the seed means nothing. Warned, not refused: the user may know where it started."""
+    alien = [
+        n for n in names if [p.get("name") for p in forest.expert(n).get("parents") or []] == ["external"]
+    ]
+    if alien:
+        print(
+            f"warning: {what} {', '.join(alien)}, trained elsewhere (not from this forest's seed, as far "
+            "as the forest knows): averaging weights of models that did not start from one seed gives a "
+            "meaningless model",
+            file=sys.stderr,
+        )
 
 
 def normalise(weights: Sequence[float] | None, n: int) -> list[float]:

@@ -28,6 +28,7 @@ from elmforest.forest.fingerprint import architecture_config, config_difference
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import check_intact
 from elmforest.forest.trust import refuse_inside_forest
+from elmforest.merge.average import warn_unrelated
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
 from elmforest.merge.methods import linear
 from elmforest.merge.moe_formats import PROJ, MoeFormat, format_for
@@ -172,6 +173,8 @@ def export_moe(
     check_intact(forest, names)  # after the cheap checks: it may read every expert's bytes
     dirs = [resolve_model_dir(forest.expert_dir(n)) for n in names]
     dense = check_same_architecture(dirs, names)
+    if spec.shared == "average":  # attention, embeddings and norms: every expert's averaged
+        warn_unrelated(forest, names, "--shared average averages the attention and embeddings of")
     top_k = min(spec.top_k, len(names))
     if top_k < spec.top_k:  # said, not only seen in the last line's "top-N"
         print(
