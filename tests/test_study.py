@@ -341,7 +341,7 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         if arm == "experts":  # in a folder of that seed's own (a seed at another LR: another folder)
             assert Path(where).name == f"from-lr-{kw['dense_lr']:.3g}"
         return {
-            "dense": {"best_lr": lrs[i], "at_edge": "lowest" if i == 0 else None},
+            "dense": {"best_lr": lrs[i], "at_edge": {0: "lowest", 3: "highest"}.get(i)},
             "experts": {"best_lr": expert_lrs[3 - i], "at_edge": None},
             **(
                 {"dense_continue": {"best_lr": expert_lrs[i], "at_edge": None}}
@@ -353,6 +353,13 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
         }
 
     monkeypatch.setattr(lrs_mod, "sweep", fake_sweep)
+    finished, looked = lrs_mod._finished, []
+
+    def spy(where, experts, cfg, main, dense, seed_lr, shards):  # each on its own shards, from its seed
+        looked.append((Path(where), seed_lr, shards))
+        return finished(where, experts, cfg, main, dense, seed_lr, shards)
+
+    monkeypatch.setattr(lrs_mod, "_finished", spy)
     cfg_path = _study_cfg(tmp_path)
     cfg = json.loads(cfg_path.read_text())
     cfg.update(
@@ -437,15 +444,26 @@ def test_every_budget_takes_its_own_swept_learning_rates(tmp_path, capsys, monke
     assert study["dense_lr"] == 4e-3 and "swept at every budget" in study["lr_source"]
     report = (out / "report.md").read_text()
     assert "Learning rates chosen at each budget" in report and "0.001 (lowest of the grid)" in report
-    assert "| c-BTM, data 0.25 (0.25x) | 0.064 | - | 0.128 |" in report
+    assert "| c-BTM, data 0.25 (0.25x) | 0.064 (highest of the grid) | - | 0.128 |" in report
     assert "| 2 domains (1x) | 0.016 | 0.008 | 0.032 |" in report
     assert "| seed share 0.25 (1x) | 0.004 | 0.128 | - |" in report
     assert (
-        "| c-BTM k = 2 (documents), data 0.25 (0.25x), chosen on 1 of 2 (no valid split) | 0.064 | 0.008 | - |"
+        "| c-BTM k = 2 (documents), data 0.25 (0.25x), chosen on 1 of 2 (no valid split) | 0.064 (highest of the grid) | 0.008 | - |"
         in report
     )
     assert "| c-BTM k = 2 (documents), data 0.5 (0.5x) | 0.001 (lowest of the grid) | 0.032 | - |" in report
-    assert "| 4x | 0.064 | - | 0.128 |" in report
+    assert "| 4x | 0.064 (highest of the grid) | - | 0.128 |" in report
+    for where, seed_lr, shards in looked:
+        tag = where.parent.name if where.name.startswith("from-") else where.name
+        if tag.startswith("cbtm-k"):  # its clusters' shards, its seed at the fraction's dense LR
+            f, balance = tag.split("-data")[1], tag.split("-")[2]
+            assert Path(shards).name == f"shards-k2-{balance}-data{f}", (tag, shards)
+            assert seed_lr == lrs["1" if f == "1" else f"data{f}"]["dense_lr"], tag
+        elif tag.startswith("share"):
+            assert seed_lr == lrs["1"]["dense_lr"] and shards == str(Path(shards).resolve())
+        else:
+            assert seed_lr is None, tag
+    assert len(looked) == len(lrs)
     assert main(["study", str(cfg_path), "--out", str(out), "--set", "lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"]) == 2
     assert "lr_grid" in capsys.readouterr().err
 
@@ -655,3 +673,39 @@ def test_a_seed_shares_sweep_is_reused_only_from_the_seed_it_needs(tmp_path, sha
         (tmp_path / "sweep.json").write_text(json.dumps({**s, "shards_fingerprint": fingerprint}))
         got = _finished(tmp_path, True, cfg, dense=False, seed_lr=2e-3, shards=str(shards_dir))
         assert (got is not None) == reused
+    # a sweep.json from before the shards' content was recorded: reused (nothing to compare it with)
+    s.pop("shards_fingerprint")
+    (tmp_path / "sweep.json").write_text(json.dumps(s))
+    assert _finished(tmp_path, True, cfg, dense=False, seed_lr=2e-3, shards=str(shards_dir)) is not None
+    # a main budget's sweep cut between its dense arm and its second half is not finished
+    (tmp_path / "sweep.json").write_text(json.dumps({"dense": {"grid": grid, "best_lr": 1e-3}}))
+    assert _finished(tmp_path, False, cfg, main=True) is None
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"dense": {"grid": grid, "best_lr": 1e-3}, "dense_continue": {"best_lr": 2e-3}})
+    )
+    assert _finished(tmp_path, False, cfg, main=True)["dense_continue"]["best_lr"] == 2e-3
+
+
+def test_the_lr_table_orders_budgets_then_fractions_domains_shares_and_cluster_sets():
+    from elmforest.study.lrs import lrs_table
+
+    r = {"dense_lr": 1e-3}
+    keys = [
+        "cbtm-k2-documents-data0.5",
+        "share0.25",
+        "domains2",
+        "data0.25",
+        "cbtm-k4-documents-data0.25",
+        1.0,
+        0.5,
+    ]
+    names = [row.split(" | ")[0][2:] for row in lrs_table({k: r for k in keys})[2:]]
+    assert names == [
+        "0.5x",
+        "1x",
+        "c-BTM, data 0.25 (0.25x)",
+        "2 domains (1x)",
+        "seed share 0.25 (1x)",
+        "c-BTM k = 4 (documents), data 0.25 (0.25x)",
+        "c-BTM k = 2 (documents), data 0.5 (0.5x)",
+    ]
