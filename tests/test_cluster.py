@@ -422,12 +422,22 @@ def test_no_expert_runs_over_the_last_windows_padding(cluster_forest, shards_dir
     ran, logprobs = [], ExpertPool.logprobs
 
     def spy(self, j, stream, eos_id, seq_len, window_ids, upto=None, key=None):
-        ran.append((list(window_ids), upto or seq_len))
+        ran.append((list(window_ids), upto or seq_len, j))
         return logprobs(self, j, stream, eos_id, seq_len, window_ids, upto, key)
 
     monkeypatch.setattr(ExpertPool, "logprobs", spy)
-    nll = ctx.nll(pool, stream, 3)[0]
-    assert ran and max(u for wins, u in ran if 2 in wins) == 8  # 5 real tokens -> a run of 8
+    nll, _, experts_run, _ = ctx.nll(pool, stream, 3)
+    assert ran and max(u for wins, u, _ in ran if 2 in wins) == 8  # 5 real tokens -> a run of 8
+    assert sorted(experts_run) == sorted({j for _, _, j in ran})  # the experts run: those that ran
+    some = []  # top-1: the experts run per domain are those that ran, fewer than all somewhere
+    for d in sh.domains:
+        ran.clear()
+        one = ClusterContext(f, f.names, sh, 1, 0.5, "sequence", 32)
+        got = one.nll(pool, np.asarray(sh.tokens(d, "test")[: 2 * 32 + 5]), 3)[2]
+        assert sorted(got) == sorted({j for _, _, j in ran}), d
+        some.append(len(got) < len(f.names))
+    assert any(some)
+    assert list(cluster_route.prefix_runs(np.zeros((0, 32, 3), bool))) == []  # no window: no run
     # every needed expert over whole windows: the same NLL
     monkeypatch.setattr(
         cluster_route,

@@ -201,7 +201,11 @@ def test_a_top_k_that_a_prior_tie_chose_says_so(forest_dir, shards_dir, capsys):
         assert f"{d} ({names[0]})" in err
     assert "top-1 by the prior, which ties for" in err
     chosen = _eval(forest_dir, shards_dir, mode="topk", k=1, prior_batches=4)  # cached: no tie
-    assert all("top_by" not in r for r in chosen["domains"].values())
+    # chosen per window by the data (prefix), or no choice at all (the ensemble): nothing to say
+    by_prefix = _eval(forest_dir, shards_dir, mode="topk", k=1, prior="uniform", select="prefix:8")
+    every = _eval(forest_dir, shards_dir, mode="ensemble", prior="uniform")
+    for res in (chosen, by_prefix, every):
+        assert all("top_by" not in r for r in res["domains"].values())
     assert "ties for" not in capsys.readouterr().err
     # the tie at the k-th place is what matters, not one above it
     assert tied_at_k(torch.tensor([0.3, 0.4, 0.3]), 2) and not tied_at_k(torch.tensor([0.4, 0.2, 0.4]), 2)

@@ -54,6 +54,26 @@ def test_a_domain_without_valid_documents_trains_but_the_lr_is_chosen_on_the_oth
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = score_experts(Forest.load(point), sh, scored, 64)
     assert got["valid_mean_bpb"] is None and "gradients vanished" in got["diverged"]
+    # X-ELM's groups: a group's domains without valid documents are left out of its scoring, not read
+    forest = Forest.load(best)
+    other = scored[0]
+    got = score_experts(forest, sh, scored, 64, experts={"legal": ["legal", other], scored[1]: [scored[1]]})
+    assert sorted(got["domains"]) == sorted(scored)
+    by_legal = evaluate_shards(
+        load_model(forest.expert_dir("legal")), sh, "valid", [other], 64, progress=False
+    )
+    assert got["domains"][other] == pytest.approx(by_legal["domains"][other]["bpb"])
+
+
+def test_a_domain_named_without_training_documents_is_refused(shards_dir, tmp_path):
+    sh = Shards(_without_valid(shards_dir, tmp_path / "shards", []))
+    index = json.loads((sh.root / "index.json").read_text())
+    del index["domains"]["legal"]["splits"]["train"]
+    (sh.root / "index.json").write_text(json.dumps(index))
+    base = tiny_config(sh.root, steps=8)
+    base.data.domains = ["code", "legal", "scripture"]
+    with pytest.raises(ValueError, match="no train split for legal: nothing to sweep there"):
+        sweep(sh.root, tmp_path / "s", base, lrs=[1e-4, 1e-3, 1e-2, 3e-2], log=None)
 
 
 def test_a_sweep_with_no_valid_documents_at_all_is_refused(shards_dir, tmp_path):
