@@ -16,7 +16,7 @@ LAYERS = [
     {"forest", "merge"},
     {"launch", "clients"},  # clients: lm-eval, the HTTP server, the run report
     # and every package's cli.py: argument parsing only
-    {"cli", "quickstart", "quickstart_arms", "compare", "study", "xelm"},
+    {"cli", "console", "quickstart", "quickstart_arms", "quickstart_lines", "compare", "study", "xelm"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
