@@ -119,3 +119,19 @@ def test_nearest_among_limits_the_candidates_and_their_posterior(forest_dir, sha
     assert sum(why["posterior"].values()) == pytest.approx(1.0)  # renormalised over the candidates
     with pytest.raises(UserError, match="no expert\\(s\\) \\['nope'\\]"):
         nearest_expert(f, sh, "legal", "posterior", among=["nope"])
+
+
+def test_flexolmo_owners_left_out_of_nearest_are_named(forest_dir, shards_dir, tmp_path, capsys):
+    """`--branch nearest` left FlexOlmo owners (2-expert MoEs) out of its candidates without a word,
+    where `--branch mixture` refuses them."""
+    import json
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root, symlinks=True)
+    m = json.loads((root / "forest.json").read_text())
+    m["experts"][0]["branch"] = "flexolmo"
+    owner = m["experts"][0]["name"]
+    (root / "forest.json").write_text(json.dumps(m))
+    best, why = nearest_expert(Forest.load(root), Shards(shards_dir), "legal", "posterior", prior_batches=2)
+    assert owner not in why["posterior"] and best != owner
+    assert f"note: FlexOlmo owner(s) {owner} are not candidates" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Two measures, both recorded in the new expert's lineage so the choice can be aud
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from elmforest.config import PRIOR_BATCHES
@@ -44,6 +45,11 @@ def nearest_expert(
     ]
     if not candidates:
         raise UserError(f"{forest.root}: no expert with the seed's architecture to branch from")
+    if owners := [n for n in (forest.names if among is None else among) if n not in candidates]:
+        print(  # said, as --branch mixture refuses them: their 2-expert MoEs are not the seed's shape
+            f"note: FlexOlmo owner(s) {', '.join(owners)} are not candidates to branch from (2-expert MoEs)",
+            file=sys.stderr,
+        )
     if by == "posterior":
         scores = branch_weights(forest, shards, domain, prior_batches, names=candidates)
         best = max(scores, key=lambda n: (scores[n], n))
