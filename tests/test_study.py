@@ -709,3 +709,17 @@ def test_the_lr_table_orders_budgets_then_fractions_domains_shares_and_cluster_s
         "c-BTM k = 4 (documents), data 0.25 (0.25x)",
         "c-BTM k = 2 (documents), data 0.5 (0.5x)",
     ]
+
+
+def test_a_study_sweep_of_other_data_is_refused_naming_its_folder(tmp_path, shards_dir):
+    """`sweep` refused it naming `--out`, which `study` does not have."""
+    from elmforest.study.lrs import check_same_shards
+
+    where = tmp_path / "sweeps" / "cbtm-k2-bytes-data0.5" / "from-lr-0.002"
+    check_same_shards(where, str(shards_dir))  # none there yet
+    where.mkdir(parents=True)
+    (where / "sweep.json").write_text(json.dumps({"shards_fingerprint": Shards(shards_dir).fingerprint}))
+    check_same_shards(where, str(shards_dir))
+    (where / "sweep.json").write_text(json.dumps({"shards_fingerprint": "0123456789ab"}))
+    with pytest.raises(UserError, match=f"delete {where} to sweep it again"):
+        check_same_shards(where, str(shards_dir))

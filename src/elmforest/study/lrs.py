@@ -84,6 +84,7 @@ def budget_lrs(
         where = out / "sweeps" / spec.tag / ("" if spec.dense else f"from-{point_tag(seed_lr)}")
         s = _finished(where, spec.experts, cfg, spec.main, spec.dense, seed_lr, root)
         if s is None:
+            check_same_shards(where, root)
             cbtm = kind == "clusters"
             what = f", {len(domains)} domains" if len(domains) < len(names) and not cbtm else ""
             what += f", seed share {spec.seed_share:g}" if spec.seed_share != cfg.seed_share else ""
@@ -201,6 +202,22 @@ def _finished(
         for a, g in arms
     )
     return s if ok else None
+
+
+def check_same_shards(where: Path, shards: str) -> None:
+    """A study's sweep folder swept on other data than its shards now hold (clusters fitted again by
+    another version) is refused naming the folder: `sweep` itself would say "another --out", an option
+    `study` does not have."""
+    had = (
+        read_json(where / "sweep.json").get("shards_fingerprint")
+        if (where / "sweep.json").is_file()
+        else None
+    )
+    if had is not None and had not in (now := Shards(shards)).fingerprints:
+        raise UserError(
+            f"{where} was swept on other data (shards content {had}) than {shards} holds now "
+            f"({now.fingerprint}); delete {where} to sweep it again on these"
+        )
 
 
 def lrs_table(lrs: dict) -> list[str]:
