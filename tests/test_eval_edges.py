@@ -301,7 +301,7 @@ def test_a_forest_of_experts_split_at_different_fractions_reads_the_fractions_al
     """Experts built from shards at 0.1/0.1 and 0.1/0.2: raw data was split at the first expert's
     fractions, then refused for the other, so such a forest could not be evaluated at all."""
     from elmforest.data.splits import SplitSpec
-    from elmforest.forest.evaluate import held_out_by_all
+    from elmforest.forest.evaluate_text import held_out_by_all
 
     a = _fake_model(tmp_path / "a", tmp_path, (0.1, 0.2))
     b = _fake_model(tmp_path / "b", tmp_path, (0.1, 0.1))

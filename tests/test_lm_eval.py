@@ -184,7 +184,7 @@ def test_scores_match_the_brute_force_with_a_cached_prior_fixed_weights_and_edge
 
 
 def test_rolling_loglikelihood_equals_elmforest_eval(forest_dir, corpus, tmp_path):
-    from elmforest.forest.evaluate import evaluate_forest
+    from elmforest.forest.evaluate_text import evaluate_forest
 
     text = " ".join(("and the lord said unto moses thou shalt not " * 30).split())  # several windows
     data = tmp_path / "one.jsonl"

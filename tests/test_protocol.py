@@ -15,7 +15,8 @@ from elmforest.cli import main
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate_shards, window_batch
 from elmforest.forest import btm
-from elmforest.forest.evaluate import evaluate_forest, evaluate_forest_shards
+from elmforest.forest.evaluate import evaluate_forest_shards
+from elmforest.forest.evaluate_text import evaluate_forest
 from elmforest.forest.manifest import Forest
 from elmforest.launch.forest import train_forest
 from elmforest.launch.sweep import format_sweep, lr_grid, sweep

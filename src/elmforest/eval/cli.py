@@ -231,7 +231,7 @@ def eval_(
         precision=run.precision,
     )
     if forest:
-        from elmforest.forest.evaluate import evaluate_forest
+        from elmforest.forest.evaluate_text import evaluate_forest
 
         res = evaluate_forest(
             forest,
