@@ -64,6 +64,14 @@ def test_a_paused_run_is_reported_as_paused(shards_dir, tmp_path, capsys):
     assert "a run directory whose training has not finished" in capsys.readouterr().err
     rc, out = _run([*argv, "--set", "train.steps=8"], capsys)
     assert rc == 0 and "done: 8 steps" in out
+    # a run an older version saved with a pause past its end (it finished) still loads to be run again
+    for saved in (tmp_path / "r" / "run_config.json", tmp_path / "r" / "model" / "elmforest_run.json"):
+        if saved.is_file():
+            cfg = json.loads(saved.read_text())
+            cfg["train"]["stop_at"] = 100
+            saved.write_text(json.dumps(cfg))
+    rc, out = _run([*argv, "--set", "train.steps=8"], capsys)
+    assert rc == 0 and "done: 8 steps" in out, out
 
 
 def test_what_would_fail_inside_torch_is_refused_in_one_line(shards_dir, forest_dir, tmp_path, capsys):
@@ -461,7 +469,7 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
     ev = ["eval", "--forest", forest_dir, "--data", shards_dir, "--json", tmp_path / "e.json"]
     for argv, said in (
         ([*train, "--set", "train.seed=18446744073709551616"], "train.seed must be in [0, 2**64)"),
-        ([*train, "--set", "train.stop_at=5"], "past the end the run finishes: no pause"),  # steps=4
+        ([*train, "--set", "train.stop_at=5"], "is past train.steps=4: the run would finish, not pause"),  # steps=4
         ([*train, "--set", "optim.lr=1e39"], "optim.lr: expected a finite number of at most 3.4e+38"),
         ([*train, "--set", "optim.eps=Infinity"], "optim.eps: expected a finite number"),
         ([*train, "--set", "model.rms_norm_eps=Infinity"], "model.rms_norm_eps: expected a finite number"),

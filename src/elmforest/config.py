@@ -174,6 +174,17 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    def check_pause(self) -> None:
+        """A pause past the end is refused when a run is about to train (the run would finish where a
+        pause was asked), not when a config is read: a run saved by an older version with such a
+        stop_at finished, and its config must still load to be resumed or extended."""
+        t = self.train
+        if t.stop_at is not None and t.stop_at > t.steps:
+            raise UserError(
+                f"train.stop_at={t.stop_at} is past train.steps={t.steps}: the run would finish, not pause "
+                "(drop stop_at, or give a step before the end)"
+            )
+
     def validate(self) -> None:
         """Catch values that would only fail (or silently misbehave) deep inside training."""
         t, o = self.train, self.optim
@@ -192,10 +203,7 @@ class RunConfig:
                 t.ckpt_every >= 0 and t.keep_checkpoints >= 1,
                 "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
             ),
-            (
-                t.stop_at is None or 1 <= t.stop_at <= t.steps,
-                "train.stop_at must be in [1, train.steps] (past the end the run finishes: no pause)",
-            ),
+            (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
             (0 <= t.seed < 2**64, "train.seed must be in [0, 2**64)"),  # torch's and numpy's seeds
             (
                 self.data.domains is None or len(set(self.data.domains)) == len(self.data.domains),

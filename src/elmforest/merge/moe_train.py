@@ -198,6 +198,8 @@ def _train_moe(
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = _TAGS[kind]
     run_dir = Path(run_dir or _scratch(out, kind, fingerprint))
+    for forest, names in _forests_of(meta, moe_dir):  # before anything is touched: opted-out weights
+        forest.refuse_opted_out(names, out)
     if not keep:
         _drop_other_runs(out, tag, run_dir, meta, moe_dir)
     _record_copies(meta, run_dir, out, tag, moe_dir)
@@ -372,8 +374,6 @@ def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Pat
     run with the experts it holds and record both with every forest they came from, so opting an expert
     out deletes them too (forest/optout.py)."""
     held = _forests_of(meta, moe_dir)
-    for forest, names in held:  # before anything is written: an opted-out owner's weights stay out
-        forest.refuse_opted_out(names, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run_dir / SOURCE_MARKER,

@@ -101,6 +101,7 @@ def train(
 ) -> int:
     """Train (or resume) one LM run."""
     run_cfg = train_args.run_config(shards)  # a bad config is refused before any process starts
+    run_cfg.check_pause()
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if run_cfg.train.batch_size % nproc:
             raise UserError(

@@ -75,6 +75,7 @@ class Trainer(TrainerSetup):
         self.cfg = copy.deepcopy(self.cfg)
         fill_architecture(self.cfg.model)  # run_config.json names the whole model, not just a preset
         self.cfg.validate()  # a config built in code, not read: refused before anything is written
+        self.cfg.check_pause()
         self.step = 0
         self.tokens = 0
 
