@@ -259,8 +259,11 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert any("c-BTM" in f["claim"] for f in fits["findings"])
 
     scores = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")}
+    logs = {p: p.stat().st_size for p in (out / "runs").glob("*/score.log")}
+    assert logs
     assert main([*argv, "--set", "workers=2"]) == 0  # all done: nothing trained, nothing rescored
     assert _summaries(out) == after
+    assert {p: p.stat().st_size for p in (out / "runs").glob("*/score.log")} == logs  # read here
     # and no worker process started per finished run to find it done (2 workers asked): checked here
     pids = {p.read_text() for p in (out / "runs").glob("*/runs/*/worker.pid")}
     assert pids == {str(os.getpid())}, len(pids)

@@ -109,6 +109,7 @@ def score_point(
     seq_len: int,
     routing: dict | None = None,
     tuned_lr: float | None = None,
+    cached_only: bool = False,
 ) -> dict:
     """Per-domain test BPB of the point's dense run, of its dense_tuned run (the second half continued at
     `tuned_lr`, None where the study asks for none) where it beats the dense run on valid, and of its forest
@@ -141,6 +142,8 @@ def score_point(
         names = [n for n in names if n in keys and n not in got]
         if not names:
             return
+        if cached_only:
+            raise Uncached
         model = load_model(run / "model")
         for name in names:
             sh, split, doms = sets[name.split("/")[1]]
@@ -163,6 +166,8 @@ def score_point(
             score_dense("dense_tuned", tuned, [f"dense_tuned/{s}" for s in sets])
     forest = Forest.load(where)
     todo = [n for n in keys if n.startswith("btm/") and n not in got]
+    if todo and cached_only:
+        raise Uncached
     if todo:
         missing = [d for d in forest.data["plan"]["domains"] if d not in forest.names]  # c-BTM: clusters
         if missing:
@@ -324,7 +329,36 @@ def run_score(job: ScoreJob | dict) -> dict:
     return logged(where, job.label, job.threads, work, log_name="score.log")
 
 
+class Uncached(Exception):
+    """A point has something left to score (`score_point(cached_only=True)`)."""
+
+
 def score_all(jobs: list[ScoreJob], executor) -> list[dict]:
-    return executor.map(
-        run_score, [asdict(j) for j in jobs], [j.label for j in jobs], [j.log_path() for j in jobs]
+    """Each point's scores: read here where its cache holds them all, else by the executor (a rerun
+    of a finished study started a worker process per point to read its cache)."""
+    results: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, j in enumerate(jobs):
+        try:
+            results[i] = _cached_scores(j)
+        except Uncached:
+            todo.append(i)
+    if todo:
+        got = executor.map(
+            run_score,
+            [asdict(jobs[i]) for i in todo],
+            [jobs[i].label for i in todo],
+            [jobs[i].log_path() for i in todo],
+        )
+        for i, r in zip(todo, got, strict=True):
+            results[i] = r
+    return results
+
+
+def _cached_scores(job: ScoreJob) -> dict:
+    p = Point(**{**job.point, "domains": tuple(job.point["domains"])})
+    ood = Shards(job.ood) if job.ood else None
+    cfg = StudyConfig(**job.config)
+    return score_point(
+        p, Path(job.where), Shards(job.shards), ood, cfg, job.seq_len, job.routing, job.tuned_lr, True
     )
