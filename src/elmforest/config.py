@@ -120,6 +120,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     ckpt_every: int = 100
+    # the newest kept while training (at least 1, to resume); 0: one, deleted once the run has finished
+    # (a finished run is judged by its model and summary.json; each checkpoint is ~3x the model)
     keep_checkpoints: int = 2
     log_every: int = 10
     # the validation loss (metrics.jsonl `valid_loss`): every this many steps (None: at each
@@ -200,8 +202,8 @@ class RunConfig:
                 "train.valid_every and train.valid_windows must be >= 0",
             ),
             (
-                t.ckpt_every >= 0 and t.keep_checkpoints >= 1,
-                "train.ckpt_every must be >= 0, keep_checkpoints >= 1",
+                t.ckpt_every >= 0 and t.keep_checkpoints >= 0,
+                "train.ckpt_every must be >= 0, keep_checkpoints >= 0",
             ),
             (t.stop_at is None or t.stop_at >= 1, "train.stop_at must be >= 1"),
             (0 <= t.seed < 2**64, "train.seed must be in [0, 2**64)"),  # torch's and numpy's seeds

@@ -57,12 +57,12 @@ def _kept_average(init: Path, name: str, domain: str, others: list[str], run_dir
     start: weighed for this domain, and on the forest's current experts unless its run has begun from
     it (a run cut before its first checkpoint, re-run for another domain, started from the posterior on
     the first one's text, recorded as its parents). None: average again."""
-    from elmforest.train.checkpoint import list_checkpoints
+    from elmforest.train.runcheck import has_progress
 
     if not (init / "elmforest_average.json").is_file():
         return None
     meta = read_json(init / "elmforest_average.json")
-    started = run_dir is not None and bool(list_checkpoints(run_dir / "checkpoints"))
+    started = run_dir is not None and has_progress(run_dir)  # a checkpoint, or finished (its model)
     if meta.get("branch_for", domain) != domain:
         if started:
             raise UserError(

@@ -54,7 +54,7 @@ from elmforest.train.setup import TrainerSetup
 from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.io import read_json, staged_dir, write_json_atomic
+from elmforest.utils.io import read_json, remove_path, staged_dir, write_json_atomic
 from elmforest.utils.proc import first_process
 
 
@@ -196,6 +196,8 @@ class Trainer(TrainerSetup):
         for cb in callbacks:
             cb.on_train_end(self, summary)
         self._finish_distributed()
+        if self.lead and tc.keep_checkpoints == 0:  # finished: its model and summary are the result
+            remove_path(self.ckpt_root)
         return summary
 
     def _resume(self) -> None:
