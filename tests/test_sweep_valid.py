@@ -81,3 +81,18 @@ def test_a_sweep_with_no_valid_documents_at_all_is_refused(shards_dir, tmp_path)
     with pytest.raises(ValueError, match="has a valid split to choose an LR on"):
         sweep(sh.root, tmp_path / "s", tiny_config(sh.root, steps=8), lrs=[1e-4, 1e-3, 1e-2, 3e-2], log=None)
     assert not (tmp_path / "s").exists()
+
+
+def test_expert_points_of_another_seed_are_named_all_at_once(shards_dir, tmp_path):
+    """The best dense LR moved: the expert points branched from the old seed were refused one per rerun
+    ("use another directory"), the user deleting them one by one."""
+    base, grid = tiny_config(shards_dir, steps=8), [1e-4, 1e-3, 1e-2, 3e-2]
+    sweep(shards_dir, tmp_path / "s", base, "experts", expert_lrs=grid, dense_lr=1e-3, log=None)
+    with pytest.raises(ValueError, match="expert point") as e:
+        sweep(shards_dir, tmp_path / "s", base, "experts", expert_lrs=grid, dense_lr=2e-3, log=None)
+    for lr in ("0.0001", "0.001", "0.01", "0.03"):
+        assert str(tmp_path / "s" / "experts" / f"lr-{lr}") in str(e.value)
+    for lr in ("0.0001", "0.001", "0.01", "0.03"):
+        shutil.rmtree(tmp_path / "s" / "experts" / f"lr-{lr}")
+    res = sweep(shards_dir, tmp_path / "s", base, "experts", expert_lrs=grid, dense_lr=2e-3, log=None)
+    assert res["experts"]["seed_lr"] == 2e-3

@@ -49,6 +49,7 @@ from elmforest.launch.jobs import (
 )
 from elmforest.launch.sweep_checks import (
     check_dense_point,
+    check_expert_points,
     check_settings,
     drop_stale_arms,
     swept_points,
@@ -274,6 +275,7 @@ def sweep(
         if groupings is not None:
             arms = [(label, out / f"experts-{label}", g, g) for label, g in groupings.items()]
         forests, jobs, labels = {}, [], []
+        check_expert_points([where / point_tag(lr) for _, where, _, _ in arms for lr in grid], seed)
         for key, where, experts, grouping in arms:
             for lr in grid:
                 f = btm.share_seed(where / point_tag(lr), seed, list(experts), expert_lr=lr)

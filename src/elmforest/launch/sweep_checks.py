@@ -41,7 +41,8 @@ def drop_stale_arms(result: dict, log) -> None:
             del result[name]
             log(
                 f"sweep: the {name} arm branched from the dense run at LR {r['seed_lr']:g}, no longer the "
-                f"best ({best:g}): dropped from sweep.json; run that arm again (its runs are kept)"
+                f"best ({best:g}): dropped from sweep.json; run that arm again (its points branched from the "
+                "old seed are named then, to delete)"
             )
 
 
@@ -76,4 +77,25 @@ def check_dense_point(point: Path, plan: btm.Plan, domains: list[str]) -> None:
         raise UserError(
             f"{point}: this dense run was planned by another sweep ({'; '.join(diff)}); a sweep with other "
             "--groups, domains or training settings needs another --out"
+        )
+
+
+def check_expert_points(points: list[Path], seed: Forest) -> None:
+    """Expert points of this sweep that grew from another seed (the best dense LR moved since) are
+    refused all at once, each named: `share_seed` refused them one per rerun, the user deleting them
+    one by one, and advised "another directory", which a sweep cannot choose but by --out."""
+    from elmforest.forest.seeding import seed_ready
+    from elmforest.train.runcheck import settings_diff
+
+    stale = [
+        str(p)
+        for p in points
+        if (p / "forest.json").is_file()
+        and seed_ready(other := Forest.load(p))
+        and settings_diff(other.data["seed"]["config"], seed.data["seed"]["config"])
+    ]
+    if stale:
+        raise UserError(
+            f"expert point(s) branched from another dense run's seed than {seed.root}'s (the best dense LR "
+            f"moved): {', '.join(stale)}; delete them to sweep those LRs from this seed"
         )
