@@ -44,6 +44,9 @@ from elmforest.utils.io import read_yaml
             ["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]", "dense_lr=0.1"],
             "drop dense_lr",
         ),
+        # each of its runs would fail on it, after the dry run had passed
+        (['overrides=["train.seq_len=100000"]'], "longer than the model's 2048 positions"),
+        (['overrides=["model.preset=cpu-small"]'], "model.preset: choose the preset"),  # a label, not a model
     ],
 )
 def test_a_bad_study_field_is_refused_by_name(sets, named):

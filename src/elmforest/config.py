@@ -384,6 +384,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
+        if key.strip() == "model.preset":  # every caller: the CLI's, a study's overrides, the quickstart's
+            raise UserError(
+                "model.preset: choose the preset with --preset NAME (a study's `preset`): its architecture "
+                "is filled in when the config is made, so setting model.preset would change its label and "
+                "not its model"
+            )
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:

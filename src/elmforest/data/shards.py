@@ -216,7 +216,8 @@ def build_shards(
                 raise UserError(
                     f"{where}: none of its {stats.documents} document(s) falls in the "
                     f"{'/'.join(only_splits)} split (a hash of each id, {split.valid_frac:g} valid / "
-                    f"{split.test_frac:g} test); score another split (--split valid, or --split all)"
+                    f"{split.test_frac:g} test): give more documents (`elmforest eval` can also score another "
+                    "--split, `all` included; a cached prior needs valid documents, or shards)"
                 )
             raise UserError(f"{where}: no usable documents ({stats.summary()})")
         domains: dict[str, dict] = {}

@@ -38,8 +38,8 @@ class ClusterRouting:
         info = forest.data.get("clusterer")
         if not info:
             raise UserError(
-                f"{forest.root}: the forest has no clusterer; cluster routing needs one "
-                "(elmforest forest init --clusterer DIR)"
+                f"{forest.root}: the forest has no clusterer; cluster routing needs a c-BTM forest: experts "
+                "trained on `cluster assign` shards by `elmforest forest train --clusterer DIR ...`"
             )
         self.clusterer = Clusterer.load(forest.root / info["path"])
         # a cluster served by several experts goes to the last of them (in `names` order): said, as

@@ -43,7 +43,10 @@ def check_kept(
     from elmforest.train.runcheck import saved_config, settings_diff
 
     entry = forest.expert(name)
-    redo = "give another --name to train another, or remove it first (forest remove)"
+    redo = (  # reached from `forest expert` and `forest train` (which has no --name or --branch)
+        "train another under a new name (`elmforest forest expert --name NEW ...`), or opt it out "
+        "(`forest remove`) and train it again (`forest expert ... --force`)"
+    )
     if sorted(entry["domains"]) != sorted(trained):
         raise UserError(
             f"{forest.root}: expert {name!r} exists, trained on {entry['domains']}, not {trained}; {redo}"

@@ -207,12 +207,7 @@ def build_run_config(
     if init_from:
         cfg.model.init_from = str(Path(init_from).resolve())
     cfg.model.trust_remote_code = bool(trust_remote_code)
-    if [o for o in overrides if o.split("=", 1)[0].strip() == "model.preset"]:
-        raise UserError(
-            "model.preset: choose the preset with --preset NAME (a preset's architecture is filled in when "
-            "the config is made: --set model.preset would change its label and not its model)"
-        )
-    cfg = apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))  # refuses model.preset (a label, not the model)
     if cfg.model.init_from:  # the checkpoint is the architecture: the preset's fields do not apply
         if given := [o.split("=", 1)[0].strip() for o in overrides if _architecture_key(o)]:
             raise UserError(

@@ -142,7 +142,11 @@ class StudyConfig:
             from elmforest.config import apply_overrides
             from elmforest.model.presets import preset_run_config
 
-            apply_overrides(preset_run_config(self.preset, "shards"), [o for o in self.overrides if o])
+            run = apply_overrides(preset_run_config(self.preset, "shards"), [o for o in self.overrides if o])
+            if (limit := run.model.max_position_embeddings) and run.train.seq_len > limit:
+                bad.append(  # every run would fail on it, after the dry run had passed
+                    f"overrides: train.seq_len={run.train.seq_len} is longer than the model's {limit} positions"
+                )
         except UserError as e:
             if not str(e).startswith("unknown preset"):
                 bad.append(str(e))

@@ -37,7 +37,10 @@ class Callback:
 
 
 # the LR that applies: the run's, or for experts of a forest the expert phase's
-LOWER_LR = "lower the learning rate (optim.lr; a forest's experts: --expert-lr)?"
+LOWER_LR = (  # --expert-lr exists on forest seed/train only: an existing forest's expert takes --set
+    "lower the learning rate (`--set optim.lr=X`, also for one expert of a forest with `forest expert`; "
+    "every expert of a new forest: `--expert-lr X`)?"
+)
 
 
 class DivergenceGuard(Callback):

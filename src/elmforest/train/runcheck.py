@@ -117,7 +117,7 @@ def check_context(model, cfg: RunConfig) -> None:
             where = f"model.max_position_embeddings={limit} as set"
         raise UserError(
             f"train.seq_len={cfg.train.seq_len} is longer than the model's {limit} positions "
-            f"({where}); use --set train.seq_len={limit} or less"
+            f"({where}); set train.seq_len={limit} or less (`--set`; a study's `overrides` list)"
         )
 
 
