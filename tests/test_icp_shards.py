@@ -598,3 +598,16 @@ def test_a_folder_written_again_in_one_process_is_read_again(corpus, tmp_path):
     assert not held_out._has_txt(folder)
     (folder / "a.txt").write_text("x")
     assert held_out._has_txt(folder)
+
+
+def test_an_output_folder_inside_the_data_is_refused_before_anything_is_read(dup_corpus, tmp_path):
+    """`quickstart --data c --out c/run`: its own files were read as documents, so it failed after
+    training (clusters) and every rerun found the corpus changed, whatever the advice."""
+    from elmforest.launch.prepare import prepare_data
+
+    data = tmp_path / "c"
+    shutil.copytree(dup_corpus, data) if Path(dup_corpus).is_dir() else data.mkdir()
+    quiet = dict(corpus=data, ood=None, progress=False, log=lambda *a: None)
+    with pytest.raises(UserError, match="is inside the data"):
+        prepare_data(data / "run", 400, **quiet)
+    assert not (data / "run").exists()

@@ -54,6 +54,12 @@ def prepare_data(
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
     ood_sources = [Path(x) for x in (ood or [])]
+    for src in ([Path(corpus)] if corpus is not None else []) + ood_sources:
+        if src.is_dir() and Path(out).resolve().is_relative_to(src.resolve()):  # read as documents
+            raise UserError(
+                f"the output folder {out} is inside the data {src}: its files would be read as documents "
+                "(a rerun would find the corpus changed); give an output folder outside the data"
+            )
     orderer = _orderer(order)
     shards_dir = shards_dir_for(out, orderer, order_seed)
     # before building anything: the output dir may be another corpus's (its tokenizer, or its shards)
