@@ -96,3 +96,7 @@ def test_expert_points_of_another_seed_are_named_all_at_once(shards_dir, tmp_pat
         shutil.rmtree(tmp_path / "s" / "experts" / f"lr-{lr}")
     res = sweep(shards_dir, tmp_path / "s", base, "experts", expert_lrs=grid, dense_lr=2e-3, log=None)
     assert res["experts"]["seed_lr"] == 2e-3
+    # each point's seed and trainer state are the seed's files, hard-linked, not a copy per point
+    for part in ("seed_state/optimizer.safetensors", "seed/model.safetensors"):
+        have = {(p / part).stat().st_ino for p in (tmp_path / "s" / "experts").glob("lr-*")}
+        assert have == {(tmp_path / "s" / "dense" / "lr-0.002" / part).stat().st_ino}, part

@@ -110,9 +110,9 @@ def seed_ready(forest: Forest) -> bool:
     )
 
 
-def copy_dir_atomic(src: Path, dst: Path) -> None:
+def copy_dir_atomic(src: Path, dst: Path, link: bool = False) -> None:
     with staged_dir(dst) as tmp:
-        copy_regular_files(src, tmp)
+        copy_regular_files(src, tmp, link=link)
 
 
 def shared_plan(forest: Forest, domains: list[str], expert_lr: float | None = None) -> Plan:
@@ -129,7 +129,7 @@ def share_seed(
     expert_lr: float | None = None,
     elsewhere: str = "another --forest",
 ) -> Forest:
-    """A new forest grown from the same seed (copied whole, recorded in one manifest write), with the
+    """A new forest grown from the same seed (hard-linked, else copied; recorded in one manifest write), with the
     budget split between one expert per domain of `domains` (each gets batch / k, so compute stays
     matched): BTM's random-split ablation, c-BTM's cluster experts, an LR sweep's expert points.
     `elsewhere`: how the command names a new forest, should `path` be planned otherwise."""
@@ -145,10 +145,12 @@ def share_seed(
                 f"{other.root}: its experts grew from a seed trained with other settings than "
                 f"{forest.root}'s ({diff}); use another directory, or delete {other.root} to branch again"
             )
-    else:
-        copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state")
+    else:  # hard links where the file system allows: both forests are elmforest's, never written in place
+        # (a sweep's expert points, a study's and the quickstart's ablation forests each held a full copy)
+        copy_dir_atomic(forest.root / "seed_state", other.root / "seed_state", link=True)
         other.set_seed(
             forest.seed_dir,
+            link=True,
             tokens=forest.data["seed"]["tokens"],
             flops=forest.data["seed"]["flops"],
             source="shared with " + str(forest.root),
