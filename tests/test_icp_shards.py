@@ -610,4 +610,8 @@ def test_an_output_folder_inside_the_data_is_refused_before_anything_is_read(dup
     quiet = dict(corpus=data, ood=None, progress=False, log=lambda *a: None)
     with pytest.raises(UserError, match="is inside the data"):
         prepare_data(data / "run", 400, **quiet)
+    with pytest.raises(UserError, match="is inside the data"):  # a source with its format named
+        prepare_data(data / "run", 400, **{**quiet, "corpus": f"auto:{data}"})
     assert not (data / "run").exists()
+    # a hidden folder is not read as documents (nor listed as the corpus's): accepted
+    assert prepare_data(data / ".runs" / "qs", 400, **quiet).shards is not None

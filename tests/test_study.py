@@ -561,6 +561,9 @@ def test_a_study_saved_before_a_field_existed_resumes(tmp_path):
     with pytest.raises(UserError, match="overrides"):
         bigger = [o.replace("batch_size=4", "batch_size=8") for o in ov]
         _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, f"overrides={bigger}"]))
+    # an operational field (docs/design.md: train.keep_checkpoints=0 at any time) is not another run
+    dropping = json.dumps([*ov, "train.keep_checkpoints=0"])
+    _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, f"overrides={dropping}"]))
 
 
 def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, monkeypatch):

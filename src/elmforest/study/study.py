@@ -67,12 +67,17 @@ def strict_json(obj):
 
 
 def _same_overrides(preset: str, a, b) -> bool:
-    """Whether two override lists make the same run config (another order, a key repeated): compared
-    by applying them, since a key given twice depends on the order."""
+    """Whether two override lists make the same runs (another order, a key repeated, an operational
+    field such as train.keep_checkpoints, which a run takes at any time): compared by applying them,
+    since a key given twice depends on the order."""
+    from elmforest.train.runcheck import run_identity
+
     if list(a or ()) == list(b or ()):
         return True
     try:
-        made = [apply_overrides(preset_run_config(preset), list(x or ())).to_dict() for x in (a, b)]
+        made = [
+            run_identity(apply_overrides(preset_run_config(preset), list(x or ())).to_dict()) for x in (a, b)
+        ]
     except (UserError, ValueError):
         return False
     return made[0] == made[1]
