@@ -32,7 +32,7 @@ import numpy as np
 from elmforest.cluster.clusterer import Clusterer
 from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.data.sources import resolve_source
+from elmforest.data.sources import refuse_out_in_data, resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent, stopped_with
@@ -101,7 +101,7 @@ def fit_clusterer(
     from elmforest.cluster.embedder import SentenceEmbedder
     from elmforest.data.splits import SplitSpec
 
-    _refuse_out_in_data(out, data, "fit")
+    refuse_out_in_data(out, data, "`cluster fit`")
     sizes: list[int] = []
     texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec, sizes=sizes)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
@@ -190,7 +190,7 @@ def assign_corpus(
     """
     from elmforest.data.splits import SplitSpec
 
-    _refuse_out_in_data(out, data, "assign")
+    refuse_out_in_data(out, data, "`cluster assign`")
     if balance not in ("documents", "bytes"):
         raise UserError(f"balance must be documents or bytes, got {balance!r}")
     if balance == "bytes" and not balanced:
@@ -354,24 +354,6 @@ def assigned_by(source) -> tuple[str | None, str | None]:
     r = read_json(rep)
     path = r.get("clusterer")
     return path, r.get("clusterer_sha256") or (clusterer_digest(path) if path else None)
-
-
-def _refuse_out_in_data(out, data, verb: str) -> None:
-    """An output written into the folder it reads is read back as data by the next run (a second
-    `cluster assign` counted every document twice), and one that is that folder replaces it (the
-    corpus's domain labels lost for good)."""
-    from elmforest.data.sources import parse_source
-
-    src = Path(parse_source(str(data)).location).expanduser()  # `auto,text=body:DIR` reads DIR too
-    if not src.is_dir():
-        return  # a file, or data that is not a local folder
-    o, d = Path(out).expanduser().resolve(), src.resolve()
-    if o == d or d in o.parents:
-        raise UserError(
-            f"--out {out} is {'the data' if o == d else 'inside the data'} `cluster {verb}` reads "
-            f"({data}): {'it would replace it' if o == d else 'the next run would read it as documents'}; "
-            "pass an --out outside it"
-        )
 
 
 def _check_out(out: Path) -> None:

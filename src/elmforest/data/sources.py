@@ -147,3 +147,21 @@ def resolve_source(data: str | os.PathLike) -> str:
     if src.format is None:
         return str(Path(data).resolve())
     return str(Source(src.format, os.path.abspath(src.location), src.options))
+
+
+def refuse_out_in_data(out, data, reader: str) -> None:
+    """An output written into the folder it reads is read back as data by the next run (a second
+    `cluster assign` counted every document twice; a quickstart failed after training, and no rerun
+    could resume: its corpus had changed), and one that is that folder replaces it (the corpus's domain
+    labels lost for good). A hidden folder inside is fine: the readers skip dot names."""
+    src = Path(parse_source(str(data)).location).expanduser()  # `auto,text=body:DIR` reads DIR too
+    if not src.is_dir():
+        return  # a file, or data that is not a local folder
+    o, d = Path(out).expanduser().resolve(), src.resolve()
+    if o != d and (d not in o.parents or any(p.startswith(".") for p in o.relative_to(d).parts)):
+        return
+    raise UserError(
+        f"--out {out} is {'the data' if o == d else 'inside the data'} {reader} reads "
+        f"({data}): {'it would replace it' if o == d else 'the next run would read it as documents'}; "
+        "pass an --out outside it"
+    )

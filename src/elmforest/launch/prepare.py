@@ -54,20 +54,10 @@ def prepare_data(
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
     ood_sources = [Path(x) for x in (ood or [])]
-    from elmforest.data.sources import parse_source
+    from elmforest.data.sources import refuse_out_in_data
 
-    for src in [
-        Path(parse_source(s).location) for s in ([corpus] if corpus is not None else []) + ood_sources
-    ]:
-        inside = src.is_dir() and Path(out).resolve().is_relative_to(src.resolve())
-        # read as documents (a hidden folder is not: the readers and the corpus listing skip dot names)
-        if inside and not any(
-            p.startswith(".") for p in Path(out).resolve().relative_to(src.resolve()).parts
-        ):
-            raise UserError(
-                f"the output folder {out} is inside the data {src}: its files would be read as documents "
-                "(a rerun would find the corpus changed); give an output folder outside the data"
-            )
+    for src in ([corpus] if corpus is not None else []) + ood_sources:
+        refuse_out_in_data(out, src, "the run")
     orderer = _orderer(order)
     shards_dir = shards_dir_for(out, orderer, order_seed)
     # before building anything: the output dir may be another corpus's (its tokenizer, or its shards)
