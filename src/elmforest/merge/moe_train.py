@@ -198,11 +198,12 @@ def _train_moe(
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = _TAGS[kind]
     run_dir = Path(run_dir or _scratch(out, kind, fingerprint))
-    for forest, names in _forests_of(meta, moe_dir):  # before anything is touched: opted-out weights
+    held = _forests_of(meta, moe_dir)
+    for forest, names in held:  # before anything is touched: opted-out weights stay out
         forest.refuse_opted_out(names, out)
     if not keep:
         _drop_other_runs(out, tag, run_dir, meta, moe_dir)
-    _record_copies(meta, run_dir, out, tag, moe_dir)
+    _record_copies(meta, held, run_dir, out, tag)
     try:
         summary = train(
             cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx"
@@ -369,11 +370,10 @@ def _forests_of(meta: dict, moe_dir: Path | None) -> list[tuple[Forest, list[str
     return out
 
 
-def _record_copies(meta: dict, run_dir: Path, out: Path, kind: str, moe_dir: Path) -> None:
+def _record_copies(meta: dict, held: list, run_dir: Path, out: Path, kind: str) -> None:
     """Training a merged MoE copies every expert (the run's checkpoints and model, the trained MoE): mark the
     run with the experts it holds and record both with every forest they came from, so opting an expert
     out deletes them too (forest/optout.py)."""
-    held = _forests_of(meta, moe_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run_dir / SOURCE_MARKER,
