@@ -99,6 +99,15 @@ def seed_overrides(forest: Forest, overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].strip() in operational]
 
 
+def other_seed(other: Forest, forest: Forest) -> str:
+    """How the seed `other` grew from differs from `forest`'s ('' when the same, or none yet)."""
+    from elmforest.train.runcheck import settings_diff
+
+    if not seed_ready(other):
+        return ""
+    return settings_diff(other.data["seed"]["config"], forest.data["seed"]["config"])
+
+
 def seed_ready(forest: Forest) -> bool:
     """A trained seed is complete only with its config, the plan and the full trainer state."""
     seed = forest.data.get("seed") or {}
@@ -136,11 +145,7 @@ def share_seed(
     other = Forest.init(path, exist_ok=True)
     plan = shared_plan(forest, domains, expert_lr)
     if seed_ready(other):  # a rerun: its experts grew from the seed it holds, which must be this one
-        from elmforest.train.runcheck import settings_diff
-
-        if diff := settings_diff(
-            other.data["seed"]["config"], forest.data["seed"]["config"]
-        ):  # e.g. a sweep's expert points branched from the dense run at another LR
+        if diff := other_seed(other, forest):  # e.g. a sweep's expert points branched at another LR
             raise UserError(
                 f"{other.root}: its experts grew from a seed trained with other settings than "
                 f"{forest.root}'s ({diff}); use another directory, or delete {other.root} to branch again"

@@ -84,16 +84,9 @@ def check_expert_points(points: list[Path], seed: Forest) -> None:
     """Expert points of this sweep that grew from another seed (the best dense LR moved since) are
     refused all at once, each named: `share_seed` refused them one per rerun, the user deleting them
     one by one, and advised "another directory", which a sweep cannot choose but by --out."""
-    from elmforest.forest.seeding import seed_ready
-    from elmforest.train.runcheck import settings_diff
+    from elmforest.forest.seeding import other_seed
 
-    stale = [
-        str(p)
-        for p in points
-        if (p / "forest.json").is_file()
-        and seed_ready(other := Forest.load(p))
-        and settings_diff(other.data["seed"]["config"], seed.data["seed"]["config"])
-    ]
+    stale = [str(p) for p in points if (p / "forest.json").is_file() and other_seed(Forest.load(p), seed)]
     if stale:
         raise UserError(
             f"expert point(s) branched from another dense run's seed than {seed.root}'s (the best dense LR "

@@ -318,15 +318,7 @@ def score_job(
 def run_score(job: ScoreJob | dict) -> dict:
     """Score one point here (its log: <point>/score.log); returns the scores."""
     job = ScoreJob(**job) if isinstance(job, dict) else job
-    p = Point(**{**job.point, "domains": tuple(job.point["domains"])})
-    where = Path(job.where)
-
-    def work(log):
-        ood = Shards(job.ood) if job.ood else None
-        cfg = StudyConfig(**job.config)
-        return score_point(p, where, Shards(job.shards), ood, cfg, job.seq_len, job.routing, job.tuned_lr)
-
-    return logged(where, job.label, job.threads, work, log_name="score.log")
+    return logged(Path(job.where), job.label, job.threads, lambda log: _score(job), log_name="score.log")
 
 
 class Uncached(Exception):
@@ -340,7 +332,7 @@ def score_all(jobs: list[ScoreJob], executor) -> list[dict]:
     todo = []
     for i, j in enumerate(jobs):
         try:
-            results[i] = _cached_scores(j)
+            results[i] = _score(j, cached_only=True)
         except Uncached:
             todo.append(i)
     if todo:
@@ -355,10 +347,9 @@ def score_all(jobs: list[ScoreJob], executor) -> list[dict]:
     return results
 
 
-def _cached_scores(job: ScoreJob) -> dict:
+def _score(job: ScoreJob, cached_only: bool = False) -> dict:
     p = Point(**{**job.point, "domains": tuple(job.point["domains"])})
     ood = Shards(job.ood) if job.ood else None
     cfg = StudyConfig(**job.config)
-    return score_point(
-        p, Path(job.where), Shards(job.shards), ood, cfg, job.seq_len, job.routing, job.tuned_lr, True
-    )
+    args = (job.seq_len, job.routing, job.tuned_lr, cached_only)
+    return score_point(p, Path(job.where), Shards(job.shards), ood, cfg, *args)
