@@ -1,18 +1,24 @@
 """How the balanced assignment's cost grows with the number of training documents (c-BTM's
 `cluster assign --balanced`): the exact auction (by count) and the Lagrangian one (by bytes).
 
-    OMP_NUM_THREADS=1 python bench/balanced_scaling.py [--n 20000 60000 200000] [--k 64]
+    OMP_NUM_THREADS=1 python bench/balanced_scaling.py [--n 20000 60000 200000] [--k 64] [--against REV]
 
 Scores are cosines of unit vectors to K unit centres, documents drawn with skewed cluster sizes
 (8 clusters hold 60% of them), as a corpus with a few large domains gives; capacity ceil(N/K). Prints
-seconds per N and the growth exponent between consecutive sizes (1 = linear).
+seconds per N and the growth exponent between consecutive sizes (1 = linear). `--against REV` also
+times the auction of cluster/kmeans.py at git revision REV on the same scores, side by side, and checks
+that both give the same labels; `--no-bytes` skips the Lagrangian.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,31 +36,71 @@ def scores(n: int, k: int, seed: int = 0) -> np.ndarray:
     return x @ c.T
 
 
+def auction_at(rev: str):
+    """balanced_assign as cluster/kmeans.py had it at git revision `rev`."""
+    repo = Path(__file__).resolve().parents[1]
+    text = subprocess.run(
+        ["git", "show", f"{rev}:src/elmforest/cluster/kmeans.py"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "kmeans_then.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("kmeans_then", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.balanced_assign
+
+
+def growth(rows: list[tuple], col: int, i: int) -> str:
+    if not i:
+        return "-"
+    (n0, *a), (n, *b) = rows[i - 1], rows[i]
+    return f"N^{math.log(b[col] / a[col]) / math.log(n / n0):.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[20_000, 60_000, 200_000])
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--against", metavar="REV", help="also time the auction at this git revision")
+    ap.add_argument("--no-bytes", action="store_true", help="skip the by-bytes (Lagrangian) assignment")
     args = ap.parse_args()
+    then = auction_at(args.against) if args.against else None
     rows = []
     for n in args.n:
         s = scores(n, args.k)
         t = time.perf_counter()
-        balanced_assign(s, math.ceil(n / args.k))
-        by_count = time.perf_counter() - t
-        w = np.random.default_rng(1).integers(100, 5000, n).astype(float)
-        t = time.perf_counter()
-        weighted_balanced_assign(s, w, w.sum() / args.k * 1.01)
-        rows.append((n, by_count, time.perf_counter() - t))
+        labels = balanced_assign(s, math.ceil(n / args.k))
+        row = [n, time.perf_counter() - t]
+        if then is not None:
+            t = time.perf_counter()
+            same = np.array_equal(then(s, math.ceil(n / args.k)), labels)
+            row += [time.perf_counter() - t, same]
+        if not args.no_bytes:
+            w = np.random.default_rng(1).integers(100, 5000, n).astype(float)
+            t = time.perf_counter()
+            weighted_balanced_assign(s, w, w.sum() / args.k * 1.01)
+            row.append(time.perf_counter() - t)
+        rows.append(tuple(row))
+        print(f"  {n:,} done", flush=True)
+    head = ["documents", "by count (auction) s", "growth"]
+    if then is not None:
+        head += [f"auction at {args.against} s", "growth", "same labels"]
+    if not args.no_bytes:
+        head += ["by bytes (Lagrangian) s", "growth"]
     print(f"K = {args.k}")
-    print("| documents | by count (auction) s | growth | by bytes (Lagrangian) s | growth |")
-    print("| --- | --- | --- | --- | --- |")
-    for i, (n, a, b) in enumerate(rows):
-        if i:
-            n0, a0, b0 = rows[i - 1]
-            ga, gb = (f"N^{math.log(x / x0) / math.log(n / n0):.2f}" for x, x0 in ((a, a0), (b, b0)))
-        else:
-            ga = gb = "-"
-        print(f"| {n:,} | {a:.1f} | {ga} | {b:.1f} | {gb} |")
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for i, (n, *r) in enumerate(rows):
+        cells = [f"{n:,}", f"{r[0]:.1f}", growth(rows, 0, i)]
+        if then is not None:
+            cells += [f"{r[1]:.1f}", growth(rows, 1, i), "yes" if r[2] else "NO"]
+        if not args.no_bytes:
+            cells += [f"{r[-1]:.1f}", growth(rows, len(r) - 1, i)]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

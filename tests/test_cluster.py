@@ -34,6 +34,60 @@ def test_balanced_assignment_is_optimal_and_respects_capacity():
         )
 
 
+def _auction_as_first_written(scores, cap, prices):
+    """The auction as first written: every bid re-sorts the cluster's members (found by scanning all N
+    labels), O(N) per bid. The reference for the incremental bookkeeping that replaced it."""
+    n, k = scores.shape
+    eps = max(float(scores.max() - scores.min()), 1e-12) / (4.0 * n)
+    price = prices - prices[np.isfinite(prices)].min()
+    label, bid_of = np.full(n, -1), np.zeros(n)
+    price[cap <= 0] = np.inf
+    unassigned = np.arange(n)
+    while unassigned.size:
+        v = scores[unassigned] - price
+        best = np.argmax(v, axis=1)
+        v_best = v[np.arange(len(unassigned)), best]
+        v[np.arange(len(unassigned)), best] = -np.inf
+        v_second = v.max(axis=1) if k > 1 else v_best
+        bids = price[best] + (v_best - np.where(np.isfinite(v_second), v_second, v_best)) + eps
+        evicted = []
+        for j in np.unique(best):
+            newcomers, members = unassigned[best == j], np.flatnonzero(label == j)
+            cand = np.concatenate([members, newcomers])
+            amounts = np.concatenate([bid_of[members], bids[best == j]])
+            keep, drop = cand, cand[:0]
+            if len(cand) > cap[j]:
+                order = np.argsort(-amounts, kind="stable")
+                keep, drop = cand[order[: cap[j]]], cand[order[cap[j] :]]
+                price[j] = amounts[order[cap[j] - 1]]
+            label[keep], bid_of[newcomers], label[drop] = j, bids[best == j], -1
+            evicted.append(drop)
+        unassigned = np.concatenate(evicted)
+    return label, price
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_auction_gives_the_labels_and_prices_of_its_first_version(seed):
+    """Members kept sorted per cluster (only the lowest can be outbid) must change the cost, not one
+    label: ties included (integer scores, duplicated rows), unequal and zero capacities, warm prices."""
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(1, 7))
+        s = rng.integers(-3, 4, size=(n, k)).astype(float) if trial % 2 else rng.normal(size=(n, k))
+        if trial % 3 == 0:
+            s[n // 2 :] = s[: n - n // 2]  # duplicated documents bid exactly alike
+        cap = rng.integers(0, n + 1, size=k)
+        cap[rng.integers(k)] += max(n - cap.sum(), 0)
+        warm = rng.uniform(0, 2, size=k) if trial % 4 == 1 else np.zeros(k)
+        got_prices = warm.copy()
+        got = balanced_assign(s, cap, prices=got_prices)
+        want, want_prices = _auction_as_first_written(s, cap, warm.copy())
+        assert got.tolist() == want.tolist(), (seed, trial)
+        fin = np.isfinite(want_prices)
+        assert np.isfinite(got_prices).tolist() == fin.tolist()
+        assert got_prices[fin] == pytest.approx(want_prices[fin], abs=1e-12)
+
+
 def test_balanced_kmeans_caps_every_cluster():
     rng = np.random.default_rng(1)
     x = np.concatenate(

@@ -48,6 +48,7 @@ def balanced_assign(
     full_clusters = cap <= 0
     price[full_clusters] = np.inf  # zero-capacity clusters never take anyone
     unassigned = np.arange(n)
+    members = [(np.zeros(0), np.zeros(0, np.int64))] * k  # each cluster's (-bid, index), sorted
     rounds = 0
     while unassigned.size:
         rounds += 1
@@ -61,25 +62,46 @@ def balanced_assign(
         v_second = np.where(np.isfinite(v_second), v_second, v_best)
         bids = price[best] + (v_best - v_second) + eps
         evicted = []
-        for j in np.unique(best):
-            newcomers = unassigned[best == j]
-            members = np.flatnonzero(label == j)
-            cand = np.concatenate([members, newcomers])
-            amounts = np.concatenate([bid_of[members], bids[best == j]])
-            if len(cand) <= cap[j]:
-                keep, drop = cand, cand[:0]
-            else:
-                order = np.argsort(-amounts, kind="stable")
-                keep, drop = cand[order[: cap[j]]], cand[order[cap[j] :]]
-                price[j] = amounts[order[cap[j] - 1]]  # the lowest accepted bid
+        by_cluster = np.argsort(best, kind="stable")  # each cluster's bidders, in bidding order
+        clusters, starts = np.unique(best[by_cluster], return_index=True)
+        for j, group in zip(clusters, np.split(by_cluster, starts[1:]), strict=True):
+            newcomers, offers = unassigned[group], bids[group]
+            na, idx = members[j]
+            excess = len(idx) + len(newcomers) - cap[j]
+            n_base = max(len(idx) - max(excess, 0), 0)
+            # Only the `excess` lowest members can lose their place. Ties go to members before newcomers,
+            # members by index: the order of one stable sort of every member (by index) and newcomer.
+            tail = idx[n_base:]
+            cand = np.concatenate([tail, newcomers])
+            amounts = np.concatenate([bid_of[tail], offers])
+            order = np.argsort(-amounts, kind="stable") if excess > 0 else np.arange(len(cand))
+            n_keep = len(cand) - max(excess, 0)
+            keep, drop = cand[order[:n_keep]], cand[order[n_keep:]]
+            if excess > 0:  # the lowest accepted bid
+                price[j] = min(
+                    amounts[order[n_keep - 1]] if n_keep else np.inf, -na[n_base - 1] if n_base else np.inf
+                )
             label[keep] = j
-            bid_of[newcomers] = bids[best == j]
+            bid_of[newcomers] = offers
             label[drop] = -1
             evicted.append(drop)
+            members[j] = _merged(na[:n_base], idx[:n_base], -bid_of[keep], keep)
         unassigned = np.concatenate(evicted) if evicted else unassigned[:0]
     if prices is not None:
         prices[:] = price
     return label
+
+
+def _merged(na: np.ndarray, idx: np.ndarray, add_na: np.ndarray, add_idx: np.ndarray):
+    """(na, idx) sorted by (na, idx) with the pairs (add_na, add_idx) inserted: a copy of the members,
+    not a sort of them, so a bid costs the cluster's size in memory moves and the bids' in comparisons."""
+    order = np.lexsort((add_idx, add_na))
+    add_na, add_idx = add_na[order], add_idx[order]
+    pos = np.searchsorted(na, add_na, "left")
+    for t in np.flatnonzero(np.searchsorted(na, add_na, "right") > pos):  # equal bids: by index
+        hi = np.searchsorted(na, add_na[t], "right")
+        pos[t] += np.searchsorted(idx[pos[t] : hi], add_idx[t])
+    return np.insert(na, pos, add_na), np.insert(idx, pos, add_idx)
 
 
 def weighted_balanced_assign(
