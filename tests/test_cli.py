@@ -183,6 +183,8 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     )
     res = quickstart(tmp_path / "qs", **kw)
     assert (tmp_path / "qs" / "report.html").is_file()  # the quickstart writes its run report
+    kept = [s.parent for s in (tmp_path / "qs").rglob("summary.json") if (s.parent / "checkpoints").exists()]
+    assert not kept  # its finished runs keep no checkpoints (~3x the model each; nothing reads them)
     said = capsys.readouterr().out
     assert "the preset's LRs were not swept, not on" in said  # tiny's never were (cpu-small's were)
     assert "--preset tiny --set train.steps=20` and pass what it finds" in said  # the run's own settings

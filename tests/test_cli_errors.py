@@ -270,6 +270,23 @@ def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys)
     assert rc == 2 and "--expert-lrs" in out
 
 
+def test_a_sweeps_finished_runs_keep_no_checkpoints_unless_asked(shards_dir, tmp_path, monkeypatch, capsys):
+    """~80% of a sweep's disk was its finished runs' checkpoints, which nothing reads again."""
+    import elmforest.launch.sweep as sweep_mod
+
+    seen = []
+
+    def stop(shards, out, run_cfg, **kw):
+        seen.append(run_cfg.train.keep_checkpoints)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(sweep_mod, "sweep", stop)
+    argv = ["sweep", "--shards", shards_dir, "--out", tmp_path / "s", "--preset", "tiny"]
+    assert _run(argv, capsys)[0] == 2
+    assert _run([*argv, "--set", "train.keep_checkpoints=3"], capsys)[0] == 2
+    assert seen == [0, 3]
+
+
 def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporaries(shards_dir, tmp_path):
     """A killed `shards reorder` left its half-written copy (as big as the shards) beside --out."""
     import signal

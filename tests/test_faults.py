@@ -373,3 +373,27 @@ def test_keep_checkpoints_0_keeps_one_to_resume_and_none_once_finished(shards_di
     assert _same(_final(run), _final(straight))
     again = train(tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0), run, progress=False)
     assert again["tokens"] == summary["tokens"] and not (run / "checkpoints").exists()  # done: not trained
+    # a run finished with keep 2 (or killed between its summary and the deletion) is cleared by a rerun
+    # with keep 0, not trained, its model untouched
+    model = _final(straight)
+    train(tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0), straight, progress=False)
+    assert not (straight / "checkpoints").exists() and _same(_final(straight), model)
+    assert not [p for p in straight.iterdir() if "trash" in p.name]
+
+
+def test_keep_checkpoints_0_never_leaves_a_half_deleted_checkpoint(shards_dir, tmp_path, monkeypatch):
+    """Deleted in place, a kill part-way left a checkpoint missing some files but still holding the
+    state.json that makes it look complete. Renamed aside first, a cut deletion leaves only trash."""
+    import elmforest.utils.io as io_mod
+
+    def cut(path, *a, **kw):
+        for f in sorted(Path(path).rglob("*.safetensors"))[:1]:
+            f.unlink()
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    train(tiny_config(shards_dir, steps=8, ckpt_every=4), run, progress=False)
+    monkeypatch.setattr(io_mod.shutil, "rmtree", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(shards_dir, steps=8, ckpt_every=4, keep_checkpoints=0), run, progress=False)
+    assert not (run / "checkpoints").exists()

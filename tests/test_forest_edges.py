@@ -228,7 +228,7 @@ def test_a_same_size_corruption_is_retrained_not_taken_as_done(forest_dir, shard
     assert Forest.load(f.root).intact(name, deep=True) is None
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "flip, no checkpoint kept"])
 def test_a_damaged_expert_sharing_its_files_with_its_run_is_rebuilt_not_re_recorded(
     forest_dir, shards_dir, tmp_path, damage, capsys
 ):
@@ -246,11 +246,14 @@ def test_a_damaged_expert_sharing_its_files_with_its_run_is_rebuilt_not_re_recor
         f.root / "runs" / name / "model" / "model.safetensors",
     ):
         data = bytearray(w.read_bytes())
-        if damage == "flip":
+        if damage.startswith("flip"):
             data[len(data) // 2] ^= 0xFF
-        w.write_bytes(bytes(data if damage == "flip" else data[: len(data) // 2]))
+        w.write_bytes(bytes(data if damage.startswith("flip") else data[: len(data) // 2]))
+    if damage.endswith("kept"):  # train.keep_checkpoints=0: the run is trained again from the seed
+        shutil.rmtree(f.root / "runs" / name / "checkpoints")
     btm.train_expert(f, Shards(shards_dir), f.expert(name)["domains"][0], progress=False)
-    assert "rebuilding the run's model from its last checkpoint" in capsys.readouterr().out
+    said = "training the run again from the seed" if damage.endswith("kept") else "from its last checkpoint"
+    assert said in capsys.readouterr().out
     g = Forest.load(f.root)
     assert g.intact(name, deep=True) is None and g.expert(name)["files"] == recorded
     after = load_file(str(g.expert_dir(name) / "model.safetensors"))

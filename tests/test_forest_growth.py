@@ -4,6 +4,7 @@ branched from another expert, and experts trained by several data-parallel proce
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -335,7 +336,18 @@ def test_a_forest_sharing_a_seed_refuses_a_seed_trained_otherwise(forest_dir, tm
     from elmforest.utils.errors import UserError
 
     src = Forest.load(forest_dir)
-    btm.share_seed(tmp_path / "x", src, src.names)
+    shared = [f for d in ("seed", "seed_state") for f in (src.root / d).iterdir() if f.is_file()]
+    modes = {f: f.stat().st_mode for f in shared}
+    for f in shared:
+        f.chmod(0o444)  # an owner who made the seed read-only
+    try:
+        btm.share_seed(tmp_path / "x", src, src.names)
+        assert all(
+            f.stat().st_nlink == 2 and f.stat().st_mode & 0o777 == 0o444 for f in shared
+        )  # linked, as it was
+    finally:
+        for f in shared:
+            f.chmod(modes[f])
     btm.share_seed(tmp_path / "x", src, src.names)  # a rerun from the same seed
     other = tmp_path / "other"
     shutil.copytree(forest_dir, other)
@@ -345,6 +357,21 @@ def test_a_forest_sharing_a_seed_refuses_a_seed_trained_otherwise(forest_dir, tm
     (other / "forest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match=f"optim.lr: {lr!r} -> 0.5"):
         btm.share_seed(tmp_path / "x", Forest.load(other), src.names)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving files to another user takes root")
+def test_another_users_seed_is_copied_not_linked(forest_dir, tmp_path):
+    """A link to another user's file (group-writable, or where protected_hardlinks is off) is a file they
+    may change or make read-only later, under this forest."""
+    from elmforest.forest import btm
+
+    theirs = tmp_path / "theirs"
+    shutil.copytree(forest_dir, theirs)
+    for f in theirs.rglob("*"):
+        os.chown(f, 12345, 12345)
+    btm.share_seed(tmp_path / "mine", Forest.load(theirs), Forest.load(theirs).names)
+    mine = [f for d in ("seed", "seed_state") for f in (tmp_path / "mine" / d).iterdir() if f.is_file()]
+    assert mine and all(f.stat().st_nlink == 1 and f.stat().st_uid == 0 for f in mine)
 
 
 def test_a_flexolmo_owner_of_a_checkpoint_seed_is_kept_on_a_rerun(shards_dir, tmp_path, capsys):

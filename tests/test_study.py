@@ -174,6 +174,8 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr()
     after = _summaries(out)
     assert all(after[k] == v for k, v in done.items())  # finished runs were not trained again
+    kept = [s.parent for s in out.rglob("summary.json") if (s.parent / "checkpoints").exists()]
+    assert not kept  # finished runs keep no checkpoints: nothing reads them
     study = json.loads((out / "study.json").read_text())
     fits = json.loads((out / "fits.json").read_text())
     arms = {(r["axis"], r["arm"]) for r in study["runs"]}

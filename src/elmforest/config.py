@@ -375,6 +375,9 @@ def _bare_list(raw: str, ann: str) -> list:
     return out
 
 
+UNKEPT = "train.keep_checkpoints=0"  # the sweeps', studies' and quickstart's runs: docs/design.md
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `section.key=value` strings; values parse as JSON, else as plain strings. A whole section
     is refused: every check of what an override sets reads its dotted key."""

@@ -31,7 +31,7 @@ from elmforest.compare import (
     method_flops,
     priors_table,
 )
-from elmforest.config import PRIOR_BATCHES, apply_overrides
+from elmforest.config import PRIOR_BATCHES, UNKEPT, apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.eval.report import FLOPS_TOLERANCE, plot_results, print_table
 from elmforest.forest import btm
@@ -103,7 +103,7 @@ def quickstart(
 
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
-    base = apply_overrides(base, list(overrides))
+    base = apply_overrides(base, [UNKEPT, *overrides])  # finished runs keep no checkpoints, unless asked
     clusters_batch = None
     if split == "clusters" and base.train.batch_size % (step := math.lcm(len(names), clusters)):
         # the c-BTM forest shares the seed's plan: its experts split the batch the domain experts split,

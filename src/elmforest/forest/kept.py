@@ -86,9 +86,15 @@ def set_aside_damaged_run_model(forest: Forest, name: str) -> None:
     for fname, want in recorded.items():
         f = model / fname
         if not f.is_file() or f.stat().st_size != want["bytes"] or file_digest(f)["sha256"] != want["sha256"]:
-            print(
-                f"note: {f} is not the file expert {name} was added with either (they share their data); "
+            from elmforest.train.checkpoint import list_checkpoints
+
+            how = (
                 "rebuilding the run's model from its last checkpoint"
+                if list_checkpoints(run / "checkpoints")
+                else "no checkpoint was kept (train.keep_checkpoints=0): training the run again from the seed"
+            )
+            print(
+                f"note: {f} is not the file expert {name} was added with either (they share their data); {how}"
             )
             remove_path(model)
             return

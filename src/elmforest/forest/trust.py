@@ -250,7 +250,7 @@ def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
             # never read here (weights come from safetensors), but a tool given the forest may unpickle it
             print(f"note: skipped {f} (pickled; elmforest keeps safetensors only)", file=sys.stderr)
             continue
-        if link:
+        if link and st.st_uid == os.getuid():  # another user's file would stay theirs to change
             try:
                 os.link(f, dst / f.name, follow_symlinks=False)
                 continue

@@ -3,11 +3,12 @@ work is in elmforest.quickstart and elmforest.launch.sweep."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 import typer
 
-from elmforest.config import PRIOR_BATCHES
+from elmforest.config import PRIOR_BATCHES, UNKEPT
 from elmforest.train.cli import (
     CONFIG_KEYS,
     DEFAULT_TRAIN_ARGS,
@@ -332,7 +333,8 @@ def sweep(
 
     held = set(Shards(shards).domains) if groups else set()
     groupings = load_groupings(split_list(groups), held) if groups else None
-    run_cfg = train_args.run_config(shards)
+    # finished runs keep no checkpoints (nothing reads them; --set train.keep_checkpoints=N keeps them)
+    run_cfg = dataclasses.replace(train_args, overrides=[UNKEPT, *train_args.overrides]).run_config(shards)
     ex = make_executor(executor, address, cpus_per_job, gpus_per_job, max_retries, workers)
     res = run(
         shards,

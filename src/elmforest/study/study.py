@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from elmforest.config import apply_overrides, from_dict
+from elmforest.config import UNKEPT, apply_overrides, from_dict
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.jobs import driver_log
 from elmforest.launch.prepare import prepare_data
@@ -223,8 +223,8 @@ def _study(
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
         ray.prepare()
     data = prepare_data(out / "data", preset.vocab_size, cfg.domains, cfg.corpus, cfg.ood, progress, log)
-    base = apply_overrides(
-        preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), list(cfg.overrides)
+    base = apply_overrides(  # finished runs keep no checkpoints unless the study's overrides say so
+        preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), [UNKEPT, *cfg.overrides]
     )
     if len(data.names) < 2:
         raise UserError(

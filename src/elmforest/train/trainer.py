@@ -54,7 +54,7 @@ from elmforest.train.setup import TrainerSetup
 from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.io import read_json, remove_path, staged_dir, write_json_atomic
+from elmforest.utils.io import discard_dir, read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import first_process
 
 
@@ -97,6 +97,8 @@ class Trainer(TrainerSetup):
             check_config(self.run_dir, self.cfg)
             if summary_path.exists() and (self.run_dir / "model" / "config.json").exists():
                 check_finished_data(self.run_dir, self.cfg)
+                if first_process():  # a kill between the summary and the deletion left them, or keep was 2
+                    self._drop_checkpoints_if_unkept()
                 self._release_lock()
                 return read_json(summary_path)  # complete: nothing to do
             try:
@@ -196,9 +198,15 @@ class Trainer(TrainerSetup):
         for cb in callbacks:
             cb.on_train_end(self, summary)
         self._finish_distributed()
-        if self.lead and tc.keep_checkpoints == 0:  # finished: its model and summary are the result
-            remove_path(self.ckpt_root)
+        if self.lead:
+            self._drop_checkpoints_if_unkept()
         return summary
+
+    def _drop_checkpoints_if_unkept(self) -> None:
+        """keep_checkpoints=0: a finished run is its model and summary. Renamed aside before deletion,
+        so a kill never leaves a half-deleted checkpoint that still looks complete."""
+        if self.cfg.train.keep_checkpoints == 0 and (root := self.run_dir / "checkpoints").is_dir():
+            discard_dir(root)
 
     def _resume(self) -> None:
         """Where this run starts: its newest good checkpoint, else the checkpoint it branches from

@@ -192,11 +192,14 @@ def file_digest(path: str | os.PathLike) -> dict:
 
 
 def fix_modes(path: str | os.PathLike) -> None:
-    """Give every file under `path` the mode a plain open() would (safetensors writes 0600)."""
+    """Give every file under `path` the mode a plain open() would (safetensors writes 0600). A file
+    with other hard links (a seed shared between forests) is left alone: its mode is the other
+    path's too, set when it was written, and perhaps made read-only since by its owner."""
     path = Path(path)
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
     for f in files:
-        os.chmod(f, FILE_MODE)
+        if f.stat().st_nlink == 1:
+            os.chmod(f, FILE_MODE)
 
 
 @contextmanager
