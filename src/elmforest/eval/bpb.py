@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,60 +252,65 @@ def evaluate(
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
-    raw = not Shards.is_shards_dir(data)
-    with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
-        if not raw:
-            if split_spec is not None:  # its splits are fixed: the option would be ignored
-                raise UserError(
-                    f"{data} is a shards directory, split when it was built: --split-fractions applies to "
-                    "raw data"
-                )
-            shards = Shards(data)
-            if shards.tokenizer_fingerprint != tok.fingerprint():
-                raise UserError(
-                    f"{data} was tokenized with a different tokenizer than {mdir}; "
-                    "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
-                )
-            shards.check_eos(tok.eos_id, mdir)
-            if split == "all":
-                raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
-            check_held_out(mdir, shards.index.get("source"), SplitSpec(**shards.index["split"]), split, data)
-            stored = split
-        else:  # raw text: tokenize the wanted split once, with the model's tokenizer, into temporary shards
-            spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
-            check_held_out(mdir, data, spec, split, data, given=split_spec is not None)
-            stored = "train" if split == "all" else split
-            built = build_shards(
-                data, tok, Path(tmp) / "shards", spec, progress=progress, only_splits=(stored,)
+    settings = (domains, seq_len, batch_size, max_bytes, device, precision, progress)
+    if Shards.is_shards_dir(data):
+        if split_spec is not None:  # its splits are fixed: the option would be ignored
+            raise UserError(
+                f"{data} is a shards directory, split when it was built: --split-fractions applies to raw data"
             )
-            shards = Shards(built.out)
-        try:
-            result = evaluate_shards(
-                model,
-                shards,
-                stored,
-                domains,
-                seq_len,
-                batch_size,
-                max_bytes,
-                device,
-                precision,
-                progress,
-                name=str(mdir),
-                where=data if raw else None,
+        shards = Shards(data)
+        if shards.tokenizer_fingerprint != tok.fingerprint():
+            raise UserError(
+                f"{data} was tokenized with a different tokenizer than {mdir}; "
+                "pass the raw text instead (it is re-tokenized with the model's tokenizer)"
             )
-        except (UserError, NotFound) as e:  # name the data the user gave, not its temporary shards
-            if not raw:
-                raise
-            raise type(e)(str(e).replace(str(shards.root), str(data))) from None
-        if raw:
-            result["read"] = shards.index["read"]
-            # which documents `split` meant: the hash split at these fractions (the model's training
-            # shards' when known, else the defaults), so two results can be checked for the same bytes
-            result["split_spec"] = asdict(spec)  # every field: a by-file split re-reads as one
-        result["split"] = split
+        shards.check_eos(tok.eos_id, mdir)
+        if split == "all":
+            raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
+        check_held_out(mdir, shards.index.get("source"), SplitSpec(**shards.index["split"]), split, data)
+        result = evaluate_shards(model, shards, split, *settings, name=str(mdir))
+    else:  # raw text, split at the model's training shards' fractions when known, else the defaults
+        spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
+        check_held_out(mdir, data, spec, split, data, given=split_spec is not None)
+        with raw_as_shards(data, tok, spec, split, progress=progress) as (shards, stored):
+            result = evaluate_shards(model, shards, stored, *settings, name=str(mdir), where=data)
+            read_from_raw(result, shards, spec)
+    result["split"] = split
     result["model"] = str(mdir)
     result["data"] = str(data)
+    return result
+
+
+@contextmanager
+def raw_as_shards(
+    data: str | Path, tok, spec: SplitSpec, split: str, also: tuple[str, ...] = (), progress: bool = False
+) -> Iterator[tuple[Shards, str]]:
+    """Raw text as temporary shards for one evaluation: the documents of `split` (and `also`, e.g. the
+    prior's split), split by the id hash at `spec` and tokenized with `tok`. Yields the shards and the
+    split they hold `split` as (`all` is stored as train, at fractions 0). An error naming the temporary
+    shards names `data` instead: the user never saw the former."""
+    stored = "train" if split == "all" else split
+    with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
+        built = build_shards(
+            data,
+            tok,
+            Path(tmp) / "shards",
+            spec,
+            progress=progress,
+            only_splits=tuple(dict.fromkeys((stored, *also))),
+        )
+        shards = Shards(built.out)
+        try:
+            yield shards, stored
+        except (UserError, NotFound) as e:
+            raise type(e)(str(e).replace(str(shards.root), str(data))) from None
+
+
+def read_from_raw(result: dict, shards: Shards, spec: SplitSpec) -> dict:
+    """What a result on raw text records: what was read, and which documents its split meant (the hash
+    split at these fractions), so two results can be checked for the same bytes."""
+    result["read"] = shards.index["read"]
+    result["split_spec"] = asdict(spec)  # every field: a by-file split re-reads as one
     return result
 
 

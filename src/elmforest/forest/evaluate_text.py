@@ -6,14 +6,12 @@ mixture's scoring alone."""
 from __future__ import annotations
 
 import sys
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
-from elmforest.eval.bpb import check_seq_len, default_seq_len
+from elmforest.eval.bpb import check_seq_len, default_seq_len, raw_as_shards, read_from_raw
 from elmforest.eval.held_out import check_held_out, training_split_spec
 from elmforest.forest.evaluate import evaluate_forest_shards
 from elmforest.forest.manifest import Forest
@@ -107,21 +105,11 @@ def evaluate_forest(
             )
         for d in forest_dirs:
             check_held_out(d, data, spec, split, data, given=split_spec is not None, prior=needs_prior)
-        stored = "train" if split == "all" else split
-        with tempfile.TemporaryDirectory(prefix="elmforest-eval-") as tmp:
-            shards = Shards(
-                build_shards(
-                    data,
-                    load_tokenizer(first),
-                    Path(tmp) / "shards",
-                    spec,
-                    progress=False,
-                    only_splits=(stored, prior_split) if needs_prior else (stored,),
-                ).out
+        also = (prior_split,) if needs_prior else ()
+        with raw_as_shards(data, load_tokenizer(first), spec, split, also) as (shards, stored):
+            res = read_from_raw(
+                evaluate_forest_shards(forest, shards, split=stored, where=str(data), **kw), shards, spec
             )
-            res = evaluate_forest_shards(forest, shards, split=stored, where=str(data), **kw)
-            res["read"] = shards.index["read"]
-            res["split_spec"] = asdict(spec)  # every field: a by-file split re-reads as one
         res["split"] = split
     res["forest"] = str(forest_dir)
     res["data"] = str(data)
