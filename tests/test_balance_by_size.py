@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from elmforest.cluster.kmeans import balanced_kmeans, weighted_balanced_assign
+from elmforest.cluster.kmeans import balanced_kmeans, neg_sq_dist, weighted_balanced_assign
 from elmforest.utils.errors import UserError
 
 
@@ -63,6 +63,54 @@ def test_a_few_large_documents_that_can_be_packed_are_placed():
     for _ in range(200):
         labels = weighted_balanced_assign(rng.normal(size=(6, 2)), w, 171.15, rounds=1)
         assert (np.bincount(labels, weights=w, minlength=2) <= 171.15).all()
+
+
+def test_a_feasible_instance_the_heuristics_cannot_pack_is_solved_exactly():
+    """3 + 3 | 2 + 2 + 2 under 6.06: the relaxation, its repair and largest-first all cornered themselves
+    on most score draws and refused an instance that packs (an audit: 83 of 200)."""
+    w = np.array([3.0, 3.0, 2.0, 2.0, 2.0])
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        scores = rng.normal(size=(5, 2))
+        labels = weighted_balanced_assign(scores, w, 6.06)
+        assert (np.bincount(labels, weights=w, minlength=2) <= 6.06).all()
+        assert scores[np.arange(5), labels].sum() == pytest.approx(_brute(scores, w, np.full(2, 6.06)))
+
+
+def test_a_stuck_repair_starts_again_from_the_pass_least_over_its_caps():
+    """A large instance (past the exact solver) whose last pass left a cluster with a document of 0.88 of
+    the cap that nothing could take: every document was placed largest first, the centres ignored (81%
+    of them off their best cluster, twice the score lost)."""
+    rng = np.random.default_rng(1)
+    n, k = 2000, 16
+    mu = rng.normal(size=(k, 32))
+    x = mu[rng.choice(k, n, p=rng.dirichlet(np.ones(k) * 0.7))] + 0.8 * rng.normal(size=(n, 32))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores = neg_sq_dist(x, x[rng.choice(n, k, replace=False)]).astype(np.float32).astype(np.float64)
+    w = np.maximum(1, np.round(np.exp(rng.normal(7, 1.5, n))))
+    w[rng.choice(n, 3, replace=False)] *= 50
+    cap = max(w.sum() / k * 1.01, float(w.max()))
+    labels = weighted_balanced_assign(scores, w, cap)
+    assert (np.bincount(labels, weights=w, minlength=k) <= cap).all()
+    assert (labels == scores.argmax(1)).mean() > 0.5
+    assert scores[np.arange(n), labels].sum() > scores.max(1).sum() * 1.05  # scores are <= 0: within 5%
+
+
+def test_more_kmeans_iterations_never_return_a_worse_fit():
+    """Size-balanced steps are approximate: the objective oscillated, and the last iterate (not the best)
+    was returned, so the saved centres depended on where max_iter cut it."""
+    rng = np.random.default_rng(2)
+    n, k = 1500, 16
+    mu = rng.normal(size=(k, 16))
+    x = mu[rng.integers(0, k, n)] + rng.normal(size=(n, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = np.maximum(1, np.round(np.exp(rng.normal(7, 1.5, n))))
+    objectives = []
+    for m in range(4, 10):  # its objective rose from the 6th iteration on
+        centres, labels, info = balanced_kmeans(x, k, max_iter=m, seed=0, weights=w, slack=0.01, patience=99)
+        assert info["objective"] == pytest.approx(float(-neg_sq_dist(x, centres)[np.arange(n), labels].sum()))
+        objectives.append(info["objective"])
+    assert all(b <= a + 1e-9 for a, b in zip(objectives, objectives[1:], strict=False))
 
 
 def test_skewed_counts_balanced_by_size():

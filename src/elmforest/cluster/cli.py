@@ -102,7 +102,9 @@ def fit(
     f = c.meta["fit"]
     print(
         f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
-        f"{f['dims']} dims, {f['iterations']} iterations), sizes {f['sizes']} -> {out}"
+        f"{f['dims']} dims, {f['iterations']} iterations"
+        + ("" if f.get("converged", True) else ", not settled: the best kept")
+        + f"), sizes {f['sizes']} -> {out}"
         + _skipped(f.get("read"))
     )
 

@@ -12,6 +12,8 @@ our own; `assign_labels` is the one rule for documents that cannot be vectorised
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from elmforest.utils.errors import Failed, UserError
@@ -113,12 +115,14 @@ def weighted_balanced_assign(
     Hand-written because no library solves it at corpus scale: with weights the exact problem is a
     generalised assignment (NP-hard), so this takes its Lagrangian relaxation. Each cluster has a price
     per unit of weight; every document goes where score - price x weight is highest, and the prices of
-    overfull clusters rise until the loads fit (dual subgradient steps, shrinking). A repair pass then
-    moves, out of any cluster still over its capacity, the documents that lose least score per unit of
-    weight to their best cluster with room; if that cannot make room (a few large documents and little
-    slack), the documents are placed largest first, each in its best cluster with room. Corpora (many
-    small documents, a few % of slack) never get that far; an instance nothing fits raises Failed.
-    With equal weights it is an ordinary balanced assignment, up to the relaxation's gap.
+    overfull clusters rise until the loads fit (dual subgradient steps, shrinking). Where no pass fits
+    (most instances), a repair moves, out of any cluster still over its capacity, the documents that
+    lose least score per unit of weight to their best cluster with room, from the last pass and else
+    from the pass least over its caps. Where neither can make room (a few large documents and little
+    slack), a small instance (N·K <= EXACT_MAX) is solved exactly (scipy's MILP, HiGHS); a large one is
+    placed largest first, each document in its best cluster with room, and said. Only an instance
+    nothing fits raises. With equal weights it is an ordinary balanced assignment, up to the
+    relaxation's gap.
     """
     n, k = scores.shape
     w = np.asarray(weights, dtype=np.float64)
@@ -139,10 +143,13 @@ def weighted_balanced_assign(
     step = max(float(scores.max() - scores.min()), 1e-12)
     labels = scores.argmax(1)
     best, best_score = None, -np.inf
+    least_over, least = labels, np.inf
     rows = np.arange(n)
     for _ in range(rounds):
         labels = np.argmax(scores - price[None, :] * wn[:, None], axis=1)
         over = np.bincount(labels, weights=w, minlength=k) - cap
+        if (excess := float(np.maximum(over, 0).sum())) < least:
+            least_over, least = labels, excess
         if (over <= 0).all():  # feasible: keep the best such iterate, and lower the prices that bind
             total = float(scores[rows, labels].sum())
             if total > best_score:
@@ -153,7 +160,27 @@ def weighted_balanced_assign(
         step *= 0.97
     if best is not None:
         return best
-    load = np.bincount(labels, weights=w, minlength=k)
+    for start in (labels, least_over):
+        if (fixed := _repaired(scores, w, wn, cap, start.copy())) is not None:
+            return fixed
+    if n * k <= EXACT_MAX and (exact := _exact(scores, w, cap)) is not None:
+        return exact
+    print(
+        f"note: the size-balanced assignment could not be repaired ({n:,} documents, {k} clusters, a few too "
+        "large for the slack): documents placed largest first, each in its best cluster with room; more "
+        "slack gives clusters closer to the centres",
+        file=sys.stderr,
+    )
+    return _largest_first(scores, w, cap)
+
+
+EXACT_MAX = 20_000  # documents x clusters solved exactly when the relaxation cannot be repaired
+
+
+def _repaired(scores: np.ndarray, w: np.ndarray, wn: np.ndarray, cap: np.ndarray, labels: np.ndarray):
+    """`labels` with documents moved out of every cluster over its capacity, those losing least score
+    per unit of weight first, each to its best cluster with room; None where that cannot make room."""
+    load = np.bincount(labels, weights=w, minlength=len(cap))
     for j in np.argsort(cap - load):  # the most overfull first
         if load[j] <= cap[j]:
             continue
@@ -173,8 +200,31 @@ def weighted_balanced_assign(
             to = fits[np.argmax(scores[i, fits])]
             labels[i], load[j], load[to] = to, load[j] - w[i], load[to] + w[i]
         if load[j] > cap[j] * (1 + 1e-9):
-            return _largest_first(scores, w, cap)
+            return None
     return labels
+
+
+def _exact(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray | None:
+    """The generalised assignment solved exactly (a MILP; a small instance only: it is NP-hard). None
+    where the solver finds no assignment within its time limit."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array, eye, kron
+
+    n, k = scores.shape
+    one_each = kron(eye(n), np.ones((1, k)), format="csr")  # x[i*k + j]: document i in cluster j
+    loads = csr_array((np.repeat(w, k), (np.tile(np.arange(k), n), np.arange(n * k))), shape=(k, n * k))
+    res = milp(
+        -scores.ravel(),
+        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(loads, -np.inf, cap)],
+        integrality=np.ones(n * k),
+        bounds=Bounds(0, 1),
+        options={"time_limit": 60.0},
+    )
+    if res.x is None:
+        return None
+    labels = res.x.reshape(n, k).argmax(1)
+    fits = (np.bincount(labels, weights=w, minlength=k) <= cap * (1 + 1e-9)).all()
+    return labels if fits else None
 
 
 def _largest_first(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -243,10 +293,15 @@ def balanced_kmeans(
     tol: float = 1e-6,
     weights: np.ndarray | None = None,
     slack: float = 0.05,
+    patience: int = 5,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(centres [K, d], labels [N], info). Each cluster holds ceil(N/K) points at most; with `weights`
     (each point's size) instead a total weight of at most (1 + slack) W/K (and at least the heaviest
-    point's): clusters balanced by size, for corpora whose document counts are skewed."""
+    point's): clusters balanced by size, for corpora whose document counts are skewed.
+
+    Size-balanced assignment steps are approximate, so the objective need not fall at every step (it
+    can oscillate to max_iter): the best iterate is returned, and the loop stops once `patience` steps
+    in a row did not improve on it. info["converged"] says whether the labels settled."""
     n = len(x)
     if k < 1 or k > n:
         raise UserError(f"need 1 <= k <= number of points ({n}), got k={k}")
@@ -260,7 +315,8 @@ def balanced_kmeans(
         wcap = max(weights.sum() / k * (1 + slack), float(weights.max()))
     labels = np.full(n, -1)
     prices = np.zeros(k)
-    iterations, objective = 0, np.inf
+    iterations, objective, converged = 0, np.inf, False
+    kept, since_best = (np.inf, centres.copy(), labels), 0  # the best iterate: (objective, centres, labels)
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported below)
         scores = neg_sq_dist(x, centres)
         if weights is not None:
@@ -279,12 +335,22 @@ def balanced_kmeans(
         obj = float(-neg_sq_dist(x, centres)[np.arange(n), new].sum())
         stable = np.array_equal(new, labels)
         labels = new
-        if stable or abs(objective - obj) <= tol * max(abs(obj), 1.0):
-            objective = obj
-            break
+        converged = stable or abs(objective - obj) <= tol * max(abs(obj), 1.0)
         objective = obj
+        if obj < kept[0]:
+            kept, since_best = (obj, centres.copy(), labels), 0
+        else:
+            since_best += 1
+        if converged or since_best >= patience:
+            break
+    objective, centres, labels = kept
     sizes = np.bincount(labels, minlength=k)
-    info = {"iterations": iterations, "objective": objective, "sizes": sizes.tolist()}
+    info = {
+        "iterations": iterations,
+        "objective": objective,
+        "sizes": sizes.tolist(),
+        "converged": bool(converged),
+    }
     if weights is not None:
         info["weights"] = np.bincount(labels, weights=weights, minlength=k).tolist()
     return centres, labels, info
