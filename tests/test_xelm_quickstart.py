@@ -182,6 +182,7 @@ def test_rerun_trains_nothing_and_refuses_bad_input(xelm_run, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("forest*/runs/*/summary.json")}
     again = quickstart_xelm(out, corpus=out.parent / "corpus", **RUN)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert mtimes and not [p for p in out.rglob("summary.json") if (p.parent / "checkpoints").exists()]
     assert again["methods"]["k2_ensemble"]["mean_bpb"] == pytest.approx(
         res["methods"]["k2_ensemble"]["mean_bpb"]
     )

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from elmforest.cluster.languages import group_languages, write_groupings
-from elmforest.config import apply_overrides
+from elmforest.config import UNKEPT, apply_overrides
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
@@ -109,7 +109,7 @@ def quickstart_xelm(
     base = preset_run_config(preset, str(Path(shards.root).resolve()))
     base.data.domains = list(langs)
     base.optim.lr = dense_lr if dense_lr is not None else DENSE_LR
-    base = apply_overrides(base, list(overrides))
+    base = apply_overrides(base, [UNKEPT, *overrides])  # finished runs keep no checkpoints, unless asked
     lrs = {k: (expert_lrs or {}).get(k, EXPERT_LRS.get(k, base.optim.lr)) for k in ks}
     # the batch splits evenly between the experts of every forest (B/k each: compute matched)
     plan, base = btm.plan_for(base, math.lcm(*ks, max(tfidf_k, 1)), seed_share)
