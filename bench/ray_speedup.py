@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from elmforest.data.shards import build_shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.tokenizer import train_bpe_on
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from elmforest.data.readers import iter_documents
-from elmforest.data.shards import build_shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.tokenizer import train_bpe_on
 
 

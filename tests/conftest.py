@@ -69,7 +69,7 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
     out = tmp_path_factory.mktemp("shards") / "shards"

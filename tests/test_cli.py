@@ -446,7 +446,8 @@ def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(
 ):
     """Two source files of 10 chunks each: valid (the prior) and test hold whole files, never chunks of
     the same one; shards split by document (before the split was by file) are rebuilt, not reused."""
-    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.shards import Shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
     from elmforest.data.tokenizer import load_tokenizer
     from elmforest.launch.prepare import OOD_SPLIT, _ood_shards

@@ -176,7 +176,7 @@ def test_a_rank_started_by_torchrun_dies_with_it(tmp_path):
 def test_raw_data_evaluation_never_guesses_which_documents_were_held_out(corpus, tokenizer_dir, tmp_path):
     """With its training shards moved, raw-data evaluation used the default fractions (5%/5%), so its
     `test` documents were not the model's held-out ones (these shards hold out 10%/10%)."""
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
     from elmforest.eval.bpb import evaluate
 

@@ -104,7 +104,7 @@ def test_token_bytes_sum_to_the_recorded_bytes_of_every_test_document(shards_dir
 
 
 def test_a_document_holding_a_special_token_is_skipped(corpus, tokenizer_dir, tmp_path):
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
     raw = tmp_path / "raw"
@@ -126,7 +126,7 @@ def test_a_copy_of_the_target_never_enters_its_context(corpus, tokenizer_dir, tm
     stays below 0.9, so the cosine rule alone lets them in): they must be left out and counted."""
     import random
 
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
     from elmforest.eval import crossdoc_tasks as ct
 

@@ -184,7 +184,7 @@ def test_without_ids_each_format_numbers_rows_like_the_jsonl_reader(hf, tmp_path
 
 
 def test_shards_from_a_saved_dataset_and_from_csv_equal_those_from_jsonl(hf, tmp_path, tokenizer_dir):
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
 
     recs = _records(40)
     _write_jsonl(tmp_path / "mix.jsonl", recs)

@@ -137,7 +137,8 @@ def test_shards_assigned_by_another_clusterer_are_refused(clusterer_dir, corpus,
     """Any clusterer of the same k names its clusters cluster0..k-1: shards assigned by another one
     passed, and routing then sent code text to the legal expert."""
     from elmforest.cluster.assign import assign_corpus, fit_clusterer
-    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.shards import Shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.forest.cli import _check_cluster_domains
 
     assign_corpus(clusterer_dir, corpus, tmp_path / "clusters", progress=False, workers=1)
@@ -194,7 +195,7 @@ def test_held_out_documents_cut_from_the_training_corpus_at_other_fractions_are_
 ):
     """Shards rebuilt from the experts' own corpus at other fractions held 37 of 119 training documents
     in `test`, and eval scored them as held out."""
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
     from elmforest.eval.bpb import evaluate
     from elmforest.eval.held_out import check_held_out

@@ -15,7 +15,7 @@ import torch
 from conftest import make_corpus, tiny_config
 from safetensors.torch import load_file
 
-from elmforest.data.shards import build_shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.train import checkpoint as ckpt_mod
 from elmforest.train.checkpoint import list_checkpoints
@@ -254,7 +254,7 @@ def test_a_full_disk_during_shards_build_frees_the_space_and_keeps_the_old_outpu
 ):
     """The cleanup itself used to fail (closing a file flushes it, on a full disk that fails again),
     leaving the staging directory and the disk full."""
-    from elmforest.data import shards as shards_mod
+    from elmforest.data import shards_build as shards_mod
 
     out = tmp_path / "sh"
     build_shards(corpus, tokenizer_dir, out, SplitSpec(0.1, 0.1), progress=False)

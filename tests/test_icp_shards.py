@@ -18,7 +18,8 @@ from elmforest.cli import main
 from elmforest.cluster.icp_shards import DedupOrder, IcpOrder
 from elmforest.config import RunConfig
 from elmforest.data.reorder import TIMINGS_FILE, RandomOrder, _gather, reorder_shards, start_warm_up
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.utils.errors import UserError
 

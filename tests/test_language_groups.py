@@ -219,7 +219,8 @@ def test_a_missing_extra_names_it(monkeypatch, tmp_path):
 
 def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, shards_dir, tmp_path, capsys):
     """Relabelling happens as the shards are built: same documents, same splits (by id), group domains."""
-    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.shards import Shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
     grouping = tmp_path / "k2.json"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from elmforest.data.readers import iter_documents
-from elmforest.data.shards import Shards, build_shards, token_dtype
+from elmforest.data.shards import Shards, token_dtype
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.utils.errors import UserError
@@ -141,7 +142,7 @@ def test_hundreds_of_domains_build_under_a_low_open_file_limit(tmp_path, tokeniz
     import json
     import resource
 
-    from elmforest.data import shards as shards_mod
+    from elmforest.data import shards_build as shards_mod
 
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(900):

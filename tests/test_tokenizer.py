@@ -101,7 +101,8 @@ def test_a_checkpoints_own_end_token_travels_with_its_shards_and_a_mismatch_is_r
     and eval scored them without a word."""
     import shutil
 
-    from elmforest.data.shards import Shards, build_shards
+    from elmforest.data.shards import Shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.eval.bpb import evaluate
     from elmforest.forest.manifest import Forest
     from elmforest.utils.errors import UserError

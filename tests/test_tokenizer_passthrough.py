@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer
 
 from elmforest.data.readers import iter_documents
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.utils.errors import UserError

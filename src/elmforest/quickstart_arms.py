@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest

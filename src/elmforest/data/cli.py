@@ -284,7 +284,7 @@ def build(
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
     from elmforest.data.domain_map import load_domain_map
-    from elmforest.data.shards import build_shards
+    from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
     rep = build_shards(

@@ -6,7 +6,7 @@ the documents to keep, in their new order; documents it leaves out (duplicates) 
 split. Only the training split is ever reordered or deduplicated: validation and test stay as read, so
 every score stays comparable with a model trained on the source order.
 
-The rewrite is a post-pass over a staging directory (shards.build_shards, before its atomic rename):
+The rewrite is a post-pass over a staging directory (shards_build.build_shards, before its atomic rename):
 each domain's train.bin is rewritten into a new file one document slice at a time, straight from the
 memory-mapped old one, so memory is the order array plus the slice bounds of 65,536 documents, never
 the domain's tokens.
@@ -49,7 +49,7 @@ class DocumentOrderer(Protocol):
     def params(self) -> dict: ...
 
     # optional: `warm_up()`, the one-time cost of a first call (imports, compiled code), which
-    # shards.build_shards runs in a thread while it tokenizes
+    # shards_build.build_shards runs in a thread while it tokenizes
 
     def __call__(
         self, tokens: np.ndarray, ends: np.ndarray, vocab_size: int, eos_id: int, seed: int

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.held_out import check_held_out, training_split_spec

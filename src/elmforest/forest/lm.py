@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from elmforest.config import PRIOR_BATCHES
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.tokenizer import LoadedTokenizer, load_tokenizer
 from elmforest.eval.bpb import default_seq_len, n_windows
 from elmforest.eval.held_out import training_split_spec

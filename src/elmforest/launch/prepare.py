@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from elmforest.data.reorder import resolve_orderer
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
 from elmforest.forest.plan import check_expert_names

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.data.readers import iter_documents
-from elmforest.data.shards import Shards, build_shards
+from elmforest.data.shards import Shards
+from elmforest.data.shards_build import build_shards
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.utils.io import read_json, staged_dir
