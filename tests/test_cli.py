@@ -372,6 +372,22 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     assert not (tmp_path / "qs" / "shards").exists()
 
 
+@pytest.mark.parametrize("given, kept", [([], 0), (["train.keep_checkpoints=3"], 3)])
+def test_the_quickstarts_runs_keep_no_checkpoints_unless_asked(corpus, tmp_path, monkeypatch, given, kept):
+    import elmforest.quickstart as qs_mod
+
+    seen = []
+
+    def stop(forest, shards, base, plan, out):
+        seen.append(base.train.keep_checkpoints)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(qs_mod, "_check_seed_settings", stop)
+    with pytest.raises(UserError, match="stopped here"):
+        quickstart(tmp_path / "qs", preset="tiny", corpus=corpus, overrides=given, progress=False)
+    assert seen == [kept]
+
+
 def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -66,6 +66,20 @@ def _auction_as_first_written(scores, cap, prices):
     return label, price
 
 
+def test_equal_bids_over_several_rounds_are_kept_by_index_as_the_first_version_keeps_them():
+    """Rows that bid exactly alike for one cluster, round after round: which of them keeps a place is
+    the order of ties (members by index, before newcomers), kept across the rounds."""
+    s = np.zeros((6, 2))
+    s[:, 0] = 1.0
+    one_in_a_tie = np.array([[1, 0, 1], [1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 1, 0], [1, 1, 0]], dtype=float)
+    for scores, cap in [(s, [3, 3]), (s, [2, 4]), (s, [4, 2]), (one_in_a_tie, [2, 2, 2])]:
+        k = scores.shape[1]
+        prices, want_prices = np.zeros(k), np.zeros(k)
+        got = balanced_assign(scores, np.array(cap), prices=prices)
+        want, want_prices = _auction_as_first_written(scores, np.array(cap), want_prices)
+        assert got.tolist() == want.tolist() and prices.tolist() == pytest.approx(want_prices.tolist())
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_auction_gives_the_labels_and_prices_of_its_first_version(seed):
     """Members kept sorted per cluster (only the lowest can be outbid) must change the cost, not one

@@ -270,6 +270,7 @@ def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tm
     with pytest.raises(NotFound) as e:
         evaluate(model, data, domains=["b"], device="cpu", progress=False, seq_len=16)
     assert str(data) in str(e.value) and "elmforest-eval-" not in str(e.value)
+    assert f"{data}/shards" not in str(e.value) and str(e.value).startswith(f"{data}:")
 
 
 def test_files_and_linked_folders_left_out_of_a_data_folder_are_said(tmp_path, capsys, monkeypatch):

@@ -151,6 +151,24 @@ def _summaries(out: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("given, kept", [([], 0), (["train.keep_checkpoints=3"], 3)])
+def test_a_studys_runs_keep_no_checkpoints_unless_its_overrides_say_so(tmp_path, monkeypatch, given, kept):
+    import elmforest.study.study as study_mod
+
+    seen = []
+
+    def stop(cfg, base, names):
+        seen.append(base.train.keep_checkpoints)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(study_mod, "plan_batch", stop)
+    cfg = _study_cfg(tmp_path)
+    d = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**d, "overrides": [*d["overrides"], *given]}))
+    assert main(["study", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert seen == [kept]
+
+
 def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     cfg, out = _study_cfg(tmp_path), tmp_path / "out"
     given = json.loads(cfg.read_text())

@@ -97,13 +97,23 @@ def balanced_assign(
 def _merged(na: np.ndarray, idx: np.ndarray, add_na: np.ndarray, add_idx: np.ndarray):
     """(na, idx) sorted by (na, idx) with the pairs (add_na, add_idx) inserted: a copy of the members,
     not a sort of them, so a bid costs the cluster's size in memory moves and the bids' in comparisons."""
+    if len(add_na) == 1:  # most bids late in an auction: one place found, two copies made
+        pos = int(na.searchsorted(add_na[0]))
+        if (hi := int(na.searchsorted(add_na[0], "right"))) > pos:  # equal bids: by index
+            pos += int(idx[pos:hi].searchsorted(add_idx[0]))
+        return np.concatenate((na[:pos], add_na, na[pos:])), np.concatenate((idx[:pos], add_idx, idx[pos:]))
     order = np.lexsort((add_idx, add_na))
     add_na, add_idx = add_na[order], add_idx[order]
-    pos = np.searchsorted(na, add_na, "left")
-    for t in np.flatnonzero(np.searchsorted(na, add_na, "right") > pos):  # equal bids: by index
-        hi = np.searchsorted(na, add_na[t], "right")
-        pos[t] += np.searchsorted(idx[pos[t] : hi], add_idx[t])
-    return np.insert(na, pos, add_na), np.insert(idx, pos, add_idx)
+    pos = na.searchsorted(add_na, "left")
+    for t in np.flatnonzero(na.searchsorted(add_na, "right") > pos):  # equal bids: by index
+        hi = na.searchsorted(add_na[t], "right")
+        pos[t] += idx[pos[t] : hi].searchsorted(add_idx[t])
+    at = pos + np.arange(len(pos))  # where each lands in the merged arrays (np.insert, without its overhead)
+    old = np.ones(len(na) + len(at), dtype=bool)
+    old[at] = False
+    out_na, out_idx = np.empty(len(old)), np.empty(len(old), dtype=np.int64)
+    out_na[at], out_idx[at], out_na[old], out_idx[old] = add_na, add_idx, na, idx
+    return out_na, out_idx
 
 
 def weighted_balanced_assign(
