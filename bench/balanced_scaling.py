@@ -8,6 +8,13 @@ Scores are cosines of unit vectors to K unit centres, documents drawn with skewe
 seconds per N and the growth exponent between consecutive sizes (1 = linear). `--against REV` also
 times the auction of cluster/kmeans.py at git revision REV on the same scores, side by side, and checks
 that both give the same labels; `--no-bytes` skips the Lagrangian.
+
+Real scores instead, as `cluster assign --balanced` makes them (tf-idf scores run many more rounds of
+a few bidders each than the synthetic ones):
+
+    OMP_NUM_THREADS=1 python bench/balanced_scaling.py --clusterer CLUS --data DIR [--fractions 0.1 1]
+
+scores the training documents of the first fraction of each DIR/*.jsonl file with the clusterer.
 """
 
 from __future__ import annotations
@@ -34,6 +41,26 @@ def scores(n: int, k: int, seed: int = 0) -> np.ndarray:
     x = c[rng.choice(k, n, p=p / p.sum())] + rng.normal(size=(n, 100)) * 0.15
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x @ c.T
+
+
+def real_scores(clusterer: str, data: str, fractions: list[float]) -> list[np.ndarray]:
+    """`cluster assign --balanced`'s scores (float32, as it keeps them) of the training documents, for
+    the first `fraction` of every JSONL file of `data`."""
+    import json
+
+    from elmforest.cluster.clusterer import Clusterer
+    from elmforest.data.splits import SplitSpec
+
+    c, spec = Clusterer.load(clusterer), SplitSpec()
+    files = [[json.loads(line) for line in open(f)] for f in sorted(Path(data).glob("*.jsonl"))]
+    out = []
+    for fr in fractions:
+        docs = [
+            r for rows in files for r in rows[: math.ceil(len(rows) * fr)] if spec.assign(r["id"]) == "train"
+        ]
+        z, ok = c.embed([r["text"] for r in docs])
+        out.append(c.scores(z[ok]).astype(np.float32).astype(np.float64))
+    return out
 
 
 def auction_at(rev: str):
@@ -67,11 +94,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--against", metavar="REV", help="also time the auction at this git revision")
     ap.add_argument("--no-bytes", action="store_true", help="skip the by-bytes (Lagrangian) assignment")
+    ap.add_argument("--clusterer", help="score real documents with this clusterer (with --data)")
+    ap.add_argument("--data", help="a folder of JSONL files (with --clusterer)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     args = ap.parse_args()
     then = auction_at(args.against) if args.against else None
+    if args.clusterer:
+        sets = real_scores(args.clusterer, args.data, args.fractions)
+        args.k, args.no_bytes = sets[0].shape[1], True
+    else:
+        sets = (scores(n, args.k) for n in args.n)
     rows = []
-    for n in args.n:
-        s = scores(n, args.k)
+    for s in sets:
+        n = len(s)
         t = time.perf_counter()
         labels = balanced_assign(s, math.ceil(n / args.k))
         row = [n, time.perf_counter() - t]

@@ -519,6 +519,35 @@ def test_no_expert_runs_over_the_last_windows_padding(cluster_forest, shards_dir
     assert ctx.nll(pool, stream, 3)[0] == pytest.approx(nll, rel=1e-6)
 
 
+def test_a_tie_of_the_fitted_sizes_is_said_where_it_picks_the_first_clusters(
+    cluster_forest, monkeypatch, capsys
+):
+    """A document-balanced fit makes every size equal: a context with no known word went to the first k
+    clusters by number, a choice nothing said."""
+    from elmforest.cluster.clusterer import Clusterer
+    from elmforest.forest.cluster_route import ClusterRouting
+    from elmforest.forest.manifest import Forest
+
+    f = Forest.load(cluster_forest)
+    load, fitted = Clusterer.load, []
+
+    def with_sizes(path, *a, **kw):
+        c = load(path, *a, **kw)
+        c.meta["fit"]["sizes"] = fitted[-1]
+        return c
+
+    monkeypatch.setattr(Clusterer, "load", staticmethod(with_sizes))
+    fitted.append([3, 9, 5])
+    ClusterRouting(f, f.names, k=1, temperature=0.1)
+    assert "tie" not in capsys.readouterr().err  # unequal: the largest, nothing to say
+    fitted.append([7, 7, 7])  # a document-balanced fit
+    r = ClusterRouting(f, [f.names[1], f.names[2]], k=1, temperature=0.1)
+    assert "goes to the first 1 cluster(s) with an expert by number (cluster1)" in capsys.readouterr().err
+    assert r.expert_weights(np.zeros((1, r.clusterer.dims)), np.array([False]))[0].tolist() == [1.0, 0.0]
+    ClusterRouting(f, f.names, k=None, temperature=0.1)  # every cluster: nothing is picked
+    assert "tie" not in capsys.readouterr().err
+
+
 def test_cluster_routing_maps_clusters_to_experts_and_falls_back_on_sizes(
     cluster_forest, forest_dir, tokenizer_dir, tmp_path
 ):

@@ -68,6 +68,15 @@ class ClusterRouting:
         # an empty context (no known word yet) has no embedding: the fit's cluster sizes are the prior
         self.fallback = np.where(self.allowed, sizes, 0.0)
         self.k, self.temperature, self.n = k, temperature, len(names)
+        ranked = np.sort(self.fallback[self.allowed])[::-1]
+        if k is not None and k < len(ranked) and ranked[k - 1] == ranked[k]:  # a balanced fit: all equal
+            first = np.argsort(-self.fallback, kind="stable")[:k]
+            print(
+                f"note: {forest.root}: the clusters' fitted sizes tie, so a context with no known word yet (a "
+                f"document's first tokens) goes to the first {k} cluster(s) with an expert by number "
+                f"({', '.join(f'cluster{j}' for j in first)}), not to the largest",
+                file=sys.stderr,
+            )
 
     def incremental_router(self, tok):
         """A router over this clusterer that reads the token ids of `tok` one at a time."""
