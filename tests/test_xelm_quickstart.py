@@ -180,6 +180,14 @@ def test_added_language_leaves_first_round_experts_unchanged(xelm_run):
 def test_rerun_trains_nothing_and_refuses_bad_input(xelm_run, tmp_path):
     out, res = xelm_run
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("forest*/runs/*/summary.json")}
+    stamp = json.loads((out / "xelm-settings.json").read_text())
+    stamp["seed_config"]["train"]["keep_checkpoints"] = 2  # as outputs made before the default was 0 hold it
+    (out / "xelm-settings.json").write_text(json.dumps(stamp))
+    quickstart_xelm(
+        out,
+        corpus=out.parent / "corpus",
+        **{**RUN, "overrides": [*RUN.get("overrides", []), "train.keep_checkpoints=2"]},
+    )
     again = quickstart_xelm(out, corpus=out.parent / "corpus", **RUN)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert mtimes and not [p for p in out.rglob("summary.json") if (p.parent / "checkpoints").exists()]

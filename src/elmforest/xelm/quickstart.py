@@ -226,11 +226,19 @@ def _check_stamp(out: Path, stamp: dict) -> None:
     LRs, seed, overrides, budget, corpus) is refused instead of mixing old runs into new results.
     While no model has been trained (no weights anywhere in `out`), settings that only the training
     uses may still change: there is nothing to mix."""
+    from elmforest.train.runcheck import settings_diff
+
     path = out / "xelm-settings.json"
     stamp = json.loads(json.dumps(stamp))  # the JSON form, as it is read back
     if path.is_file():
         old = read_json(path)
-        diff = sorted(k for k in set(old) | set(stamp) if old.get(k) != stamp.get(k))
+
+        def differs(key: str) -> bool:  # the seed's config by what shapes a run (not keep_checkpoints)
+            if key == "seed_config" and old.get(key) and stamp.get(key):
+                return bool(settings_diff(old[key], stamp[key]))
+            return old.get(key) != stamp.get(key)
+
+        diff = sorted(k for k in set(old) | set(stamp) if differs(k))
         if diff and set(diff).isdisjoint(DATA_SETTINGS) and next(out.rglob("*.safetensors"), None) is None:
             print(f"note: {out} holds no trained model yet: its settings ({', '.join(diff)}) are replaced")
             write_json_atomic(path, stamp)
