@@ -73,11 +73,12 @@ def auction_at(rev: str):
         capture_output=True,
         text=True,
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "kmeans_then.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("kmeans_then", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kmeans_then.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("kmeans_then", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module.balanced_assign
 
 
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--data", help="a folder of JSONL files (with --clusterer)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     args = ap.parse_args()
+    if bool(args.clusterer) != bool(args.data):
+        ap.error("--clusterer and --data go together")
     then = auction_at(args.against) if args.against else None
     if args.clusterer:
         sets = real_scores(args.clusterer, args.data, args.fractions)

@@ -65,16 +65,23 @@ def test_a_few_large_documents_that_can_be_packed_are_placed():
         assert (np.bincount(labels, weights=w, minlength=2) <= 171.15).all()
 
 
-def test_a_feasible_instance_the_heuristics_cannot_pack_is_solved_exactly():
+def test_a_feasible_instance_the_heuristics_cannot_pack_is_solved_exactly(monkeypatch):
     """3 + 3 | 2 + 2 + 2 under 6.06: the relaxation, its repair and largest-first all cornered themselves
-    on most score draws and refused an instance that packs (an audit: 83 of 200)."""
+    on many score draws and refused an instance that packs (an audit: 83 of 200)."""
+    import elmforest.cluster.kmeans as km
+
     w = np.array([3.0, 3.0, 2.0, 2.0, 2.0])
     rng = np.random.default_rng(0)
+    solved, exact = [], km._exact
+    monkeypatch.setattr(km, "_exact", lambda *a: solved.append(exact(*a)) or solved[-1])
     for _ in range(100):
         scores = rng.normal(size=(5, 2))
+        n_before = len(solved)
         labels = weighted_balanced_assign(scores, w, 6.06)
         assert (np.bincount(labels, weights=w, minlength=2) <= 6.06).all()
-        assert scores[np.arange(5), labels].sum() == pytest.approx(_brute(scores, w, np.full(2, 6.06)))
+        if len(solved) > n_before:  # the cornered draws: exact
+            assert scores[np.arange(5), labels].sum() == pytest.approx(_brute(scores, w, np.full(2, 6.06)))
+    assert 10 <= len(solved) < 100  # only where nothing else packed
 
 
 def test_a_stuck_repair_starts_again_from_the_pass_least_over_its_caps():

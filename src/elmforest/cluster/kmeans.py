@@ -129,10 +129,10 @@ def weighted_balanced_assign(
     (most instances), a repair moves, out of any cluster still over its capacity, the documents that
     lose least score per unit of weight to their best cluster with room, from the last pass and else
     from the pass least over its caps. Where neither can make room (a few large documents and little
-    slack), a small instance (N·K <= EXACT_MAX) is solved exactly (scipy's MILP, HiGHS); a large one is
-    placed largest first, each document in its best cluster with room, and said. Only an instance
-    nothing fits raises. With equal weights it is an ordinary balanced assignment, up to the
-    relaxation's gap.
+    slack), they are placed largest first, each in its best cluster with room, and said; where that
+    corners itself, a small instance (N·K <= EXACT_MAX) is solved exactly (scipy's MILP, HiGHS), and
+    only an instance that does not pack raises. With equal weights it is an ordinary balanced
+    assignment, up to the relaxation's gap.
     """
     n, k = scores.shape
     w = np.asarray(weights, dtype=np.float64)
@@ -170,21 +170,24 @@ def weighted_balanced_assign(
         step *= 0.97
     if best is not None:
         return best
-    for start in (labels, least_over):
+    for start in (labels,) if least_over is labels else (labels, least_over):
         if (fixed := _repaired(scores, w, wn, cap, start.copy())) is not None:
             return fixed
-    if n * k <= EXACT_MAX and (exact := _exact(scores, w, cap)) is not None:
-        return exact
     print(
         f"note: the size-balanced assignment could not be repaired ({n:,} documents, {k} clusters, a few too "
         "large for the slack): documents placed largest first, each in its best cluster with room; more "
         "slack gives clusters closer to the centres",
         file=sys.stderr,
     )
-    return _largest_first(scores, w, cap)
+    try:
+        return _largest_first(scores, w, cap)
+    except UserError:  # cornered: a small instance may still pack (an exact solve takes seconds, or more)
+        if n * k <= EXACT_MAX and (exact := _exact(scores, w, cap)) is not None:
+            return exact
+        raise
 
 
-EXACT_MAX = 20_000  # documents x clusters solved exactly when the relaxation cannot be repaired
+EXACT_MAX = 20_000  # documents x clusters solved exactly where nothing else packs them
 
 
 def _repaired(scores: np.ndarray, w: np.ndarray, wn: np.ndarray, cap: np.ndarray, labels: np.ndarray):
@@ -311,7 +314,8 @@ def balanced_kmeans(
 
     Size-balanced assignment steps are approximate, so the objective need not fall at every step (it
     can oscillate to max_iter): the best iterate is returned, and the loop stops once `patience` steps
-    in a row did not improve on it. info["converged"] says whether the labels settled."""
+    in a row did not improve on it. info["converged"]: the labels (or the objective, within tol)
+    settled on the iterate returned."""
     n = len(x)
     if k < 1 or k > n:
         raise UserError(f"need 1 <= k <= number of points ({n}), got k={k}")
@@ -347,12 +351,13 @@ def balanced_kmeans(
         labels = new
         converged = stable or abs(objective - obj) <= tol * max(abs(obj), 1.0)
         objective = obj
-        if obj < kept[0]:
+        if obj <= kept[0]:  # equal: labels that settled, the iterate they settled on
             kept, since_best = (obj, centres.copy(), labels), 0
         else:
             since_best += 1
         if converged or since_best >= patience:
             break
+    converged = converged and since_best == 0  # settled on the iterate returned
     objective, centres, labels = kept
     sizes = np.bincount(labels, minlength=k)
     info = {

@@ -253,7 +253,15 @@ def evaluate(
     split = split or "test"
     if split not in ("train", "valid", "test", "all"):
         raise UserError(f"split must be train, valid, test or all, got {split!r}")
-    settings = (domains, seq_len, batch_size, max_bytes, device, precision, progress)
+    settings = dict(
+        domains=domains,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_bytes=max_bytes,
+        device=device,
+        precision=precision,
+        progress=progress,
+    )
     if Shards.is_shards_dir(data):
         if split_spec is not None:  # its splits are fixed: the option would be ignored
             raise UserError(
@@ -269,12 +277,12 @@ def evaluate(
         if split == "all":
             raise UserError("--split all needs raw data (a shards directory keeps its splits apart)")
         check_held_out(mdir, shards.index.get("source"), SplitSpec(**shards.index["split"]), split, data)
-        result = evaluate_shards(model, shards, split, *settings, name=str(mdir))
+        result = evaluate_shards(model, shards, split, **settings, name=str(mdir))
     else:  # raw text, split at the model's training shards' fractions when known, else the defaults
         spec = SplitSpec(0.0, 0.0) if split == "all" else training_split_spec(mdir, split_spec)
         check_held_out(mdir, data, spec, split, data, given=split_spec is not None)
         with raw_as_shards(data, tok, spec, split, progress=progress) as (shards, stored):
-            result = evaluate_shards(model, shards, stored, *settings, name=str(mdir), where=data)
+            result = evaluate_shards(model, shards, stored, **settings, name=str(mdir), where=data)
             read_from_raw(result, shards, spec)
     result["split"] = split
     result["model"] = str(mdir)

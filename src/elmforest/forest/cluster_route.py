@@ -69,12 +69,14 @@ class ClusterRouting:
         self.fallback = np.where(self.allowed, sizes, 0.0)
         self.k, self.temperature, self.n = k, temperature, len(names)
         ranked = np.sort(self.fallback[self.allowed])[::-1]
-        if k is not None and k < len(ranked) and ranked[k - 1] == ranked[k]:  # a balanced fit: all equal
+        said = (str(forest.root), k, tuple(names))  # a ForestLM builds two routings of one forest
+        if k is not None and k < len(ranked) and ranked[k - 1] == ranked[k] and said not in _TIES_SAID:
+            _TIES_SAID.add(said)  # a count-balanced fit: the largest all hold ceil(N/K)
             first = np.argsort(-self.fallback, kind="stable")[:k]
             print(
-                f"note: {forest.root}: the clusters' fitted sizes tie, so a context with no known word yet (a "
-                f"document's first tokens) goes to the first {k} cluster(s) with an expert by number "
-                f"({', '.join(f'cluster{j}' for j in first)}), not to the largest",
+                f"note: {forest.root}: clusters of equal fitted size tie for a context with no known word yet "
+                f"(a document's first tokens); the tie is broken by number: "
+                f"{', '.join(f'cluster{j}' for j in first)}",
                 file=sys.stderr,
             )
 
@@ -102,6 +104,9 @@ class ClusterRouting:
         re-routes after every token without re-reading the context."""
         h, ok = router.embedding()
         return self.expert_weights(h[None], np.array([ok]))[0]
+
+
+_TIES_SAID: set = set()  # (forest, k, experts) whose tie was said in this process
 
 
 def prefix_runs(routed: np.ndarray):

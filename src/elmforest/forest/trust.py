@@ -231,7 +231,8 @@ def copy_regular_files(src: Path, dst: Path, link: bool = False) -> None:
     A symbolic link, device or pipe is refused by name: following a link would pull a file from
     outside the checkpoint (a key, another owner's weights) into the forest. Sub-directories are
     skipped with a note (HF checkpoints are flat). `link` hard-links instead of copying (only for
-    files the forest owns: a user's checkpoint may be overwritten later)."""
+    files the forest owns: a user's checkpoint may be overwritten later), where this user owns the
+    file (another's stays theirs to change or chmod) and the file system allows."""
     for f in sorted(src.iterdir()):
         st = f.lstat()
         if stat.S_ISLNK(st.st_mode):
