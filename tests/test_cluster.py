@@ -520,16 +520,14 @@ def test_no_expert_runs_over_the_last_windows_padding(cluster_forest, shards_dir
 
 
 def test_a_tie_of_the_fitted_sizes_is_said_where_it_picks_the_first_clusters(
-    cluster_forest, monkeypatch, capsys
+    cluster_forest, tokenizer_dir, monkeypatch, capsys
 ):
     """A document-balanced fit makes every size equal: a context with no known word went to the first k
     clusters by number, a choice nothing said."""
-    import elmforest.forest.cluster_route as route_mod
     from elmforest.cluster.clusterer import Clusterer
-    from elmforest.forest.cluster_route import ClusterRouting
+    from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
     from elmforest.forest.manifest import Forest
 
-    monkeypatch.setattr(route_mod, "_TIES_SAID", set())  # said once per process: not by another test
     f = Forest.load(cluster_forest)
     load, fitted = Clusterer.load, []
 
@@ -545,7 +543,8 @@ def test_a_tie_of_the_fitted_sizes_is_said_where_it_picks_the_first_clusters(
     fitted.append([7, 7, 7])  # a document-balanced fit
     r = ClusterRouting(f, [f.names[1], f.names[2]], k=1, temperature=0.1)
     assert "the tie is broken by number: cluster1" in capsys.readouterr().err
-    ClusterRouting(f, [f.names[1], f.names[2]], k=1, temperature=0.1)  # said once (a ForestLM builds two)
+    tok = load_tokenizer(tokenizer_dir)  # a ForestLM's evaluation context takes its routing: said once
+    ClusterContext(f, [f.names[1], f.names[2]], None, 1, 0.1, "sequence", 16, tok=tok, routing=r)
     assert "tie" not in capsys.readouterr().err
     assert r.expert_weights(np.zeros((1, r.clusterer.dims)), np.array([False]))[0].tolist() == [1.0, 0.0]
     ClusterRouting(f, f.names, k=None, temperature=0.1)  # every cluster: nothing is picked

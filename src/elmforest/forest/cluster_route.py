@@ -69,9 +69,7 @@ class ClusterRouting:
         self.fallback = np.where(self.allowed, sizes, 0.0)
         self.k, self.temperature, self.n = k, temperature, len(names)
         ranked = np.sort(self.fallback[self.allowed])[::-1]
-        said = (str(forest.root), k, tuple(names))  # a ForestLM builds two routings of one forest
-        if k is not None and k < len(ranked) and ranked[k - 1] == ranked[k] and said not in _TIES_SAID:
-            _TIES_SAID.add(said)  # a count-balanced fit: the largest all hold ceil(N/K)
+        if k is not None and k < len(ranked) and ranked[k - 1] == ranked[k]:  # count-balanced: ceil(N/K)
             first = np.argsort(-self.fallback, kind="stable")[:k]
             print(
                 f"note: {forest.root}: clusters of equal fitted size tie for a context with no known word yet "
@@ -104,9 +102,6 @@ class ClusterRouting:
         re-routes after every token without re-reading the context."""
         h, ok = router.embedding()
         return self.expert_weights(h[None], np.array([ok]))[0]
-
-
-_TIES_SAID: set = set()  # (forest, k, experts) whose tie was said in this process
 
 
 def prefix_runs(routed: np.ndarray):
@@ -150,7 +145,10 @@ class ClusterContext(ClusterRouting):
         tok=None,
         reroute: bool = True,
         context: str = "window",
+        routing: ClusterRouting | None = None,
     ):
+        """`routing`: one already built for these experts (a ForestLM's), taken as it is rather than
+        loading the clusterer and saying its notes again."""
         from elmforest.data.tokenizer import load_tokenizer as _load_tok
 
         if context not in CONTEXTS:
@@ -161,7 +159,10 @@ class ClusterContext(ClusterRouting):
                 "tokens; with --reset window or --no-reroute every routing point left would read an empty "
                 "context (routed by the cluster sizes): give --router-context document"
             )
-        super().__init__(forest, names, k, temperature)
+        if routing is not None:
+            self.__dict__.update(vars(routing))
+        else:
+            super().__init__(forest, names, k, temperature)
         if route == "sequence":
             self.seg = seq_len
         elif route.startswith("segment:"):

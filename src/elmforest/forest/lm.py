@@ -202,6 +202,7 @@ class ForestLM:
                     "sequence",
                     self.seq_len,
                     tok=self.tok,
+                    routing=self.routing,
                 )
             return self._cluster_ctx.nll(self.pool, stream, nw)[0]
         starts = doc_starts(stream, self.eos_id, self.seq_len, nw)
