@@ -616,3 +616,61 @@ def test_an_output_folder_inside_the_data_is_refused_before_anything_is_read(dup
     assert not (data / "run").exists()
     # a hidden folder is not read as documents (nor listed as the corpus's): accepted
     assert prepare_data(data / ".runs" / "qs", 400, **quiet).shards is not None
+
+
+def test_prepare_data_with_domains_learns_and_tokenizes_only_those(corpus, tmp_path):
+    """A study or quickstart of some of a corpus's domains trained its tokenizer on all of them and
+    tokenized every one into its shards: text no run of it trains or is scored on shaped its vocabulary
+    (and the tokenizing of a large corpus cost its whole size). Reference: the same two domains alone in
+    a corpus of their own give the same tokenizer and the same shards, byte for byte."""
+    from elmforest.launch.prepare import SOURCE_FILE, prepare_data
+
+    every = sorted(p.stem for p in corpus.glob("*.jsonl"))
+    pick = every[:2]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for d in pick:
+        shutil.copy(corpus / f"{d}.jsonl", alone / f"{d}.jsonl")
+    quiet = dict(ood=None, progress=False, log=lambda *a: None, tokenizer_sample_bytes=20_000)
+    got = prepare_data(tmp_path / "out", 300, pick, corpus, **quiet)
+    ref = prepare_data(tmp_path / "ref", 300, None, alone, **quiet)
+    assert got.names == pick and got.shards.domains == pick and got.corpus_domains == every
+    assert got.shards.tokenizer_fingerprint == ref.shards.tokenizer_fingerprint
+    for d in pick:
+        for split in ("train", "valid", "test"):
+            assert _files(got.shards, d, split) == _files(ref.shards, d, split)
+    assert Shards(got.shards.root).index["only_domains"] == pick
+    assert prepare_data(tmp_path / "out", 300, pick[::-1], corpus, **quiet).names == pick[::-1]  # reused
+    with pytest.raises(UserError, match=rf"made of {pick[0]}, {pick[1]}; this run asks for every domain"):
+        prepare_data(tmp_path / "out", 300, None, corpus, **quiet)
+    with pytest.raises(UserError, match=rf"this run asks for {every[0]}, {every[2]}.*another --out"):
+        prepare_data(tmp_path / "out", 300, [every[0], every[2]], corpus, **quiet)
+    # an output made before the tokenizer recorded its domains (of every domain) is reused as it was
+    old = prepare_data(tmp_path / "old", 300, None, corpus, **quiet)
+    rec = json.loads((tmp_path / "old" / SOURCE_FILE).read_text())
+    del rec["tokenizer"]["domains"], rec["corpus_domains"]
+    (tmp_path / "old" / SOURCE_FILE).write_text(json.dumps(rec))
+    again = prepare_data(tmp_path / "old", 300, pick, corpus, **quiet)
+    assert again.names == pick and again.shards.domains == every == again.corpus_domains
+    assert again.shards.fingerprint == old.shards.fingerprint
+
+
+def test_shards_of_domains_the_data_lacks_are_refused_with_its_domains(corpus, tokenizer_dir, tmp_path):
+    from elmforest.data.shards_build import build_shards
+
+    with pytest.raises(UserError, match=r"no documents of nope \(its domains: .*legal"):
+        build_shards(corpus, tokenizer_dir, tmp_path / "s", progress=False, only_domains=["nope"])
+
+
+def test_a_domain_typo_binds_nothing_and_no_domain_at_all_is_named(corpus, tmp_path):
+    """The tokenizer records its domains, so one saved for a typo's list would refuse the corrected run."""
+    from elmforest.data.documents import DataError
+    from elmforest.launch.prepare import prepare_data
+
+    quiet = dict(ood=None, progress=False, log=lambda *a: None, tokenizer_sample_bytes=20_000)
+    with pytest.raises(UserError, match=r"domains \['Legal'\]: no training documents .*legal"):
+        prepare_data(tmp_path / "out", 300, ["code", "Legal"], corpus, **quiet)
+    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert prepare_data(tmp_path / "out", 300, ["code", "legal"], corpus, **quiet).names == ["code", "legal"]
+    with pytest.raises(DataError, match=r"no training-split documents of nope.*with some: .*legal"):
+        prepare_data(tmp_path / "other", 300, ["nope"], corpus, **quiet)

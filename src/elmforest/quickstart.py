@@ -93,7 +93,7 @@ def quickstart(
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
     _check_domains(shards, names)  # before any training: scoring would fail after all of it
-    every = [d for d in shards.domains if shards.has(d, "train")]
+    every = data.corpus_domains
     if split != "domains" and sorted(names) != sorted(every):
         raise UserError(
             f"--split {split} with --domains {','.join(names)}: the ablation forest is built from the whole "

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from array import array
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def build_shards(
     domain_map: dict[str, str] | None = None,
     order=None,
     order_seed: int = 0,
+    only_domains: Collection[str] | None = None,
 ) -> BuildReport:
     """Tokenize every document under `data` into `out`. Uses all cores via `encode_batch`.
 
@@ -112,6 +114,8 @@ def build_shards(
     `order` ("source": as read; "random"; or an orderer object, data/reorder.py) reorders, and may
     deduplicate, each domain's training documents after tokenizing, seeded by `order_seed`;
     validation and test are never touched. The index records the order and its statistics.
+    `only_domains` names the domains, as read (before `random_domains` or `domain_map`), whose documents
+    are tokenized; the others are read past (the index records the list).
     """
     sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
     keys = [os.path.realpath(s) if parse_source(s).format is None else str(s) for s in sources]
@@ -168,6 +172,8 @@ def build_shards(
         docs = (doc for path in sources for doc in iter_documents(path, stats))
         for doc in docs:
             source_domains.add(doc.domain)
+            if only_domains is not None and doc.domain not in only_domains:
+                continue
             if only_splits and split.assign(doc.id) not in only_splits:
                 read_domains.add(relabel(doc))
                 continue
@@ -182,6 +188,11 @@ def build_shards(
         bar.close()
         if not writers:
             where = ", ".join(map(str, sources))
+            if only_domains is not None and stats.documents:
+                raise UserError(
+                    f"{where}: no documents of {', '.join(sorted(only_domains))} (its domains: "
+                    f"{', '.join(sorted(source_domains))})"
+                )
             if only_splits and stats.documents:  # read fine, but every document hashed to another split
                 raise UserError(
                     f"{where}: none of its {stats.documents} document(s) falls in the "
@@ -226,6 +237,8 @@ def build_shards(
             "read": stats.to_dict(),
             "domains": domains,
         }
+        if only_domains is not None:
+            index["only_domains"] = sorted(only_domains)
         if domain_map:
             index["domain_map"] = dict(sorted(domain_map.items()))
         if in_train:

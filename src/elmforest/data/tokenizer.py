@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -362,28 +362,36 @@ def train_bpe_on(
     valid_frac: float = 0.05,
     test_frac: float = 0.05,
     domains: set | None = None,
+    only: Collection[str] | None = None,
 ):
     """Train a BPE on the *training split* of `data` only, so held-out text never shapes the vocabulary.
-    `domains`, a set, receives the training documents' domains (read anyway: a bad one is said before
-    the shards are built)."""
+    `domains`, a set, receives the training documents' domains, `only`'s or not (read anyway: a bad
+    one is said before the shards are built). `only` names the domains whose text it learns from (a
+    study of some of a corpus's domains: the others shape neither its vocabulary nor its shards)."""
     from elmforest.data.readers import ReadStats, iter_documents
     from elmforest.data.splits import SplitSpec
 
     spec = SplitSpec(valid_frac, test_frac)
     stats = ReadStats()
     seen = 0
+    found = domains if domains is not None else set()
 
     def docs():
         nonlocal seen
         for d in iter_documents(data, stats):
             if spec.assign(d.id) == "train":
-                seen += 1
-                if domains is not None:
-                    domains.add(d.domain)
-                yield d
+                found.add(d.domain)
+                if only is None or d.domain in only:
+                    seen += 1
+                    yield d
 
     tok = train_bpe(sample_texts(docs(), bytes_per_domain), vocab_size)
     if not seen:
         # a BPE of nothing is the bare byte alphabet: refuse it rather than write a useless tokenizer
+        if only is not None and stats.documents:
+            raise DataError(
+                f"{data}: no training-split documents of {', '.join(sorted(only))} to learn a "
+                f"tokenizer from ({stats.summary()}; its domains with some: {', '.join(sorted(found))})"
+            )
         raise DataError(f"{data}: no training-split documents to learn a tokenizer from ({stats.summary()})")
     return tok, stats

@@ -30,6 +30,7 @@ class PreparedData:
     shards: Shards
     ood_shards: Shards | None
     names: list[str]  # the training domains
+    corpus_domains: list[str]  # every domain of the corpus with training documents, `names` or not
 
 
 SOURCES = "sources.json"  # beside out-of-domain shards: what they were built from
@@ -51,6 +52,8 @@ def prepare_data(
     each domain's training split) -> shards, and the out-of-domain sets tokenized apart (the demo's
     evaluation-only domains and `ood`; `ood=None` with a corpus given: none, and nothing said about
     them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study.
+    `domains` (None: every one with training documents) are the only ones the tokenizer learns from
+    and the shards hold, so the corpus's others shape nothing of a run.
 
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
@@ -117,8 +120,23 @@ def prepare_data(
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
-    want_tok = {"vocab_size": vocab_size, "sample_bytes_per_domain": tokenizer_sample_bytes}
+    only = sorted(set(domains)) if domains else None
+    want_tok = {"vocab_size": vocab_size, "sample_bytes_per_domain": tokenizer_sample_bytes, "domains": only}
     had_tok = read_json(source_file).get("tokenizer")
+    if (tok_dir / "tokenizer.json").exists() and had_tok is not None and "domains" not in had_tok:
+        want_tok.pop("domains")  # made before 12-07, of every domain: reused as it is
+    if (
+        (tok_dir / "tokenizer.json").exists()
+        and had_tok is not None
+        and had_tok.get("domains") != want_tok.get("domains")
+    ):
+        raise UserError(
+            f"{tok_dir} and the shards beside it are made of "
+            + (", ".join(had_tok["domains"]) if had_tok["domains"] else "every domain of the corpus")
+            + "; this run asks for "
+            + (", ".join(only) if only else "every domain")
+            + f", and everything in {out} is tokenized with the one there: use another --out"
+        )
     if (tok_dir / "tokenizer.json").exists() and had_tok is not None and had_tok != want_tok:
         raise UserError(
             f"{tok_dir} is a {had_tok['vocab_size']}-token BPE trained on at most "
@@ -134,9 +152,17 @@ def prepare_data(
             f"{tokenizer_sample_bytes:,} bytes of each domain)"
         )
         found: set[str] = set()
-        tok, _ = train_bpe_on(corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes, domains=found)
+        tok, _ = train_bpe_on(
+            corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes, domains=found, only=only
+        )
+        if lost := sorted(set(only or ()) - found):  # before it is saved: a corrected rerun trains afresh
+            raise UserError(
+                f"domains {lost}: no training documents in {corpus} (its domains with some: "
+                f"{', '.join(sorted(found))})"
+            )
         check_expert_names(list(domains or sorted(found)))  # before the shards: each names an expert
         save_tokenizer(tok, tok_dir)
+        write_json_atomic(source_file, {**read_json(source_file), "corpus_domains": sorted(found)})
 
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
@@ -148,6 +174,7 @@ def prepare_data(
             progress=progress,
             order=orderer,
             order_seed=order_seed,
+            only_domains=only,
         )
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
         if rep.order:
@@ -162,11 +189,12 @@ def prepare_data(
         )
     if order is not None:
         check_shards_order(shards, orderer, order_seed)
+    every = read_json(source_file).get("corpus_domains")  # recorded since 12-07; before, the shards held all
+    every = every or [d for d in shards.domains if shards.has(d, "train")]
     missing = [d for d in domains or () if not shards.has(d, "train")]
     if missing:
         raise UserError(
-            f"domains {missing}: no training documents in {corpus} (its domains with some: "
-            f"{', '.join(d for d in shards.domains if shards.has(d, 'train'))})"
+            f"domains {missing}: no training documents in {corpus} (its domains with some: {', '.join(every)})"
         )
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
@@ -189,7 +217,7 @@ def prepare_data(
             )
         )
 
-    return PreparedData(corpus, tok_dir, shards, ood_shards, names)
+    return PreparedData(corpus, tok_dir, shards, ood_shards, names, every)
 
 
 SOURCE_FILE = "corpus_source.json"  # the corpus an output dir's stages are built from (written first)
