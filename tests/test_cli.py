@@ -392,7 +392,7 @@ def test_quickstart_data_option_and_the_corpus_an_output_dir_belongs_to(tmp_path
     from types import SimpleNamespace
 
     import elmforest.quickstart as qs_mod
-    from elmforest.launch.prepare import check_shards_source
+    from elmforest.launch.corpus_source import check_shards_source
 
     seen = {}
     monkeypatch.setattr(qs_mod, "quickstart", lambda out, **kw: seen.update(kw, out=out))

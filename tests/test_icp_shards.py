@@ -548,11 +548,13 @@ def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(
     text = legal.read_text(encoding="utf-8")
     os.utime(legal, ns=(1, 1))  # touched (a copy): the same bytes, reused
     assert prepare_data(out, 400, **quiet).shards.fingerprint == first
-    from elmforest.launch import prepare
+    from elmforest.launch import corpus_source
 
     hashed = []
     with monkeypatch.context() as m:  # hashed once for its new mtime, not again on every rerun
-        m.setattr(prepare, "_digest", lambda p, real=prepare._digest: hashed.append(p.name) or real(p))
+        m.setattr(
+            corpus_source, "_digest", lambda p, real=corpus_source._digest: hashed.append(p.name) or real(p)
+        )
         prepare_data(out, 400, **quiet)
     assert hashed == []
     legal.write_text(text.replace("license", "licenze", 1), encoding="utf-8")  # the same size, edited

@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elmforest.config import PRIOR_BATCHES, from_dict
+from elmforest.config import PRIOR_BATCHES
 from elmforest.utils.errors import UserError
+from elmforest.utils.typed import from_dict
 
 
 @dataclass

@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from elmforest.config import UNKEPT, apply_overrides, from_dict
+from elmforest.config import UNKEPT, apply_overrides
 from elmforest.launch.executor import LocalExecutor, job_threads, make_executor
 from elmforest.launch.jobs import driver_log
 from elmforest.launch.prepare import prepare_data
@@ -38,6 +38,7 @@ from elmforest.study.score import score_all, score_job, scored_text
 from elmforest.train.tracking import require_trackers
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import held_lock, read_json, write_json_atomic
+from elmforest.utils.typed import from_dict
 
 # the fields that shape runs already trained: changing them in an existing study is refused
 IDENTITY = (

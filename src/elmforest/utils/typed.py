@@ -1,0 +1,76 @@
+"""A dataclass tree from parsed JSON/YAML with exact types: unknown keys named with their path, no bool
+taken for an int, YAML 1.1's `1e-3` (a string to it) read as the number it means. Hand-written: the
+libraries that do this (pydantic, cattrs) would be a dependency for these ~60 lines, with errors worded
+by their own conventions instead of the dotted path the user typed (`config.train.steps: ...`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+
+from elmforest.utils.errors import UserError
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    if not isinstance(d, dict):
+        raise UserError(f"config{where}: expected an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise UserError(f"config{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        kwargs[k] = (
+            from_dict(t, v, f"{where}.{k}") if dataclasses.is_dataclass(t) else _coerce(t, v, f"{where}.{k}")
+        )
+    return cls(**kwargs)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _coerce(t, v, where: str):
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if v is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, where)
+            except (TypeError, ValueError):
+                continue
+        raise UserError(f"config{where}: {v!r} does not fit {t}")
+    if origin is list:
+        if not isinstance(v, list):
+            raise UserError(f"config{where}: expected a list, got {v!r}")
+        (a,) = typing.get_args(t)
+        return [_coerce(a, x, where) for x in v]
+    if t is bool:
+        if isinstance(v, bool):
+            return v
+        raise UserError(f"config{where}: expected true/false, got {v!r}")
+    if t is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        raise UserError(f"config{where}: expected an integer, got {v!r}")
+    if t is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                return float(v)
+            except OverflowError:  # an integer past any float: said as validate says of huge floats
+                raise UserError(f"config{where}: {str(v)[:12]}...: too large for a number") from None
+        if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(v)
+        raise UserError(f"config{where}: expected a number, got {v!r}")
+    if t is str:
+        if isinstance(v, str):
+            return v
+        raise UserError(f"config{where}: expected a string, got {v!r}")
+    return v
