@@ -381,6 +381,45 @@ def test_keep_checkpoints_0_keeps_one_to_resume_and_none_once_finished(shards_di
     assert not [p for p in straight.iterdir() if "trash" in p.name]
 
 
+def test_keep_checkpoints_0_writes_no_checkpoint_at_the_last_step(shards_dir, tmp_path, monkeypatch):
+    """A finishing run with keep 0 wrote a whole checkpoint at its last step (weights, both moments,
+    hashed and fsynced) only to delete it a moment later. A kill before its final model resumes from the
+    newest periodic checkpoint, to the same weights."""
+    from elmforest.train import callbacks
+    from elmforest.train.trainer import Trainer
+
+    saved = []
+    real = callbacks.save_checkpoint
+    monkeypatch.setattr(
+        callbacks, "save_checkpoint", lambda *a, **k: saved.append(a[3]["step"]) or real(*a, **k)
+    )
+    straight = tmp_path / "straight"
+    train(tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0), straight, progress=False)
+    assert saved == [4, 8]
+    saved.clear()
+    train(
+        tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0, stop_at=12),
+        tmp_path / "b",
+        progress=False,
+    )
+    assert saved == [4, 8]  # stop_at at the end is the end
+    saved.clear()
+    train(
+        tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0, stop_at=10),
+        tmp_path / "p",
+        progress=False,
+    )
+    assert saved == [4, 8, 10]  # a pause is resumed from its checkpoint
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_final", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0), run, progress=False)
+    summary = train(tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0), run, progress=False)
+    assert summary["resumed_from"] == 8 and _same(_final(run), _final(straight))
+    assert not (run / "checkpoints").exists()
+
+
 def test_keep_checkpoints_0_never_leaves_a_half_deleted_checkpoint(shards_dir, tmp_path, monkeypatch):
     """Deleted in place, a kill part-way left a checkpoint missing some files but still holding the
     state.json that makes it look complete. Renamed aside first, a cut deletion leaves only trash."""

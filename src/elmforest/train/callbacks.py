@@ -78,7 +78,10 @@ class DivergenceGuard(Callback):
 
 
 class Checkpointer(Callback):
-    """Every `train.ckpt_every` steps and at the last step (a pause included): a resumable checkpoint."""
+    """Every `train.ckpt_every` steps and at the last step (a pause included): a resumable checkpoint.
+    Not at the last step of a run that finishes with `keep_checkpoints=0`: it would be deleted once the
+    final model is saved (at 1.3B parameters ~16 GB written, hashed and deleted per run); a kill before
+    that save resumes from the newest periodic checkpoint instead."""
 
     def on_train_start(self, trainer):
         self.others = [cb for cb in trainer.active_callbacks if cb is not self]
@@ -86,6 +89,8 @@ class Checkpointer(Callback):
     def on_step_end(self, trainer, is_last):
         tc = trainer.cfg.train
         if not ((tc.ckpt_every and trainer.step % tc.ckpt_every == 0) or is_last):
+            return
+        if tc.keep_checkpoints == 0 and trainer.step >= tc.steps:
             return
         state = trainer.checkpoint_state()  # collective: every process takes part
         if trainer.lead:
