@@ -421,3 +421,25 @@ def test_a_flexolmo_owner_of_a_checkpoint_seed_is_kept_on_a_rerun(shards_dir, tm
     assert rc == 0 and "trained as asked; kept" in out, out
     rc, out = _run([*argv[:-1], "train.steps=3"], capsys)  # another setting is still said
     assert rc == 2 and "train.steps: 2 -> 3" in out, out
+
+
+def test_a_planned_expert_given_another_length_by_set_is_said_off_the_plan(
+    forest_dir, shards_dir, tmp_path, capsys
+):
+    """`forest expert --set train.steps=N` on a domain of the plan trained N - seed steps where the plan
+    gives each expert its share: the ledger counted it, but nothing said the forest was no longer
+    compute-matched (an expert off the plan, or a second one on a domain, is said)."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    src = Forest.load(forest_dir)
+    f = btm.share_seed(tmp_path / "x", src, src.names)
+    shards = Shards(shards_dir)
+    a, b = src.names[:2]
+    capsys.readouterr()
+    btm.train_expert(f, shards, a, progress=False)
+    assert "off the matched budget" not in capsys.readouterr().out
+    longer = btm.train_expert(f, shards, b, overrides=["train.steps=30"], progress=False)
+    out = capsys.readouterr().out
+    assert f"note: expert {b}: train.steps 30 (the plan's 24): its compute is not the plan's share" in out
+    assert longer["tokens"] == 1.5 * Forest.load(tmp_path / "x").expert(a)["tokens"]  # 18 steps, not 12

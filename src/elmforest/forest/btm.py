@@ -53,6 +53,21 @@ def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -
     return h.hexdigest()[:16]
 
 
+def _note_off_plan(name: str, planned, cfg) -> None:
+    """A plan's expert given another length or batch by --set trains another share than the plan's,
+    silently before (the ledger counted it; nothing said so): said, as an expert off the plan is."""
+    keys = ("steps", "batch_size", "grad_accum", "seq_len")
+    if changed := [
+        f"train.{k} {getattr(cfg.train, k)} (the plan's {getattr(planned.train, k)})"
+        for k in keys
+        if getattr(cfg.train, k) != getattr(planned.train, k)
+    ]:
+        print(
+            f"note: expert {name}: {', '.join(changed)}: its compute is not the plan's share; the "
+            "difference is off the matched budget (the forest's ledger counts what it trains)"
+        )
+
+
 def expert_config(
     forest: Forest,
     shards: Shards,
@@ -159,20 +174,14 @@ def train_expert(
     cfg.data.domains = trained
     planned = (forest.data.get("plan") or {}).get("domains")
     label = name if mix else domain
+    twin = [e["name"] for e in forest.data["experts"] if e["name"] != name and e["domains"] == trained]
+    off_plan = planned is not None and (label not in planned or bool(twin))  # on top of the budget: said
     if planned is not None and label not in planned and first_process():
         print(
             f"note: {label!r} is not one of the plan's experts {planned}: this expert's compute comes on "
             "top of the matched budget (the forest's ledger counts it)"
         )
-    elif (
-        planned is not None
-        and first_process()
-        and (
-            twin := [
-                e["name"] for e in forest.data["experts"] if e["name"] != name and e["domains"] == trained
-            ]
-        )
-    ):
+    elif planned is not None and first_process() and twin:
         print(
             f"note: {twin[0]!r} is the plan's expert for {label!r} already: this second one's compute comes "
             "on top of the matched budget (the forest's ledger counts it)"
@@ -250,7 +259,10 @@ def train_expert(
         raise UserError(  # the manifest records the domain given; the run trained on the override's
             f"{owned[0]}: an expert's data is its --domain (or --mix) in --shards' train split, not a --set"
         )
+    was = cfg
     cfg = apply_overrides(cfg, list(overrides or []))
+    if planned is not None and not off_plan and first_process():
+        _note_off_plan(name, was, cfg)
     run_dir = forest.root / "runs" / name
     if name in forest.removed and first_process():
         from elmforest.forest.optout import finish_removal, mark_retraining, pending
