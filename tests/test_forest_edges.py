@@ -876,3 +876,32 @@ def test_averaging_an_expert_trained_elsewhere_is_warned(forest_dir, shards_dir,
     assert "trained elsewhere" not in capsys.readouterr().err  # an ensemble shares no weights
     export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
     assert "averages the attention and embeddings of alien" in capsys.readouterr().err
+
+
+def test_the_parameter_average_is_built_once_per_distinct_weights(
+    forest_dir, shards_dir, tmp_path, monkeypatch
+):
+    """`eval --mode average` read every expert's weights again for each domain, though a uniform prior
+    gives every domain the same average (a 64-expert forest: 54 rebuilds, 70% of its evaluation). Each
+    domain's score must still be that of a model averaged afresh with its own weights."""
+    from elmforest.data.shards import Shards
+    from elmforest.eval.bpb import evaluate_shards
+    from elmforest.forest import evaluate
+    from elmforest.merge.average import merge_checkpoints
+    from elmforest.model.build import load_model
+
+    f = Forest.load(forest_dir)
+    shards = Shards(shards_dir)
+    built = []
+    real = evaluate.average_state_dict
+    monkeypatch.setattr(evaluate, "average_state_dict", lambda d, w: built.append(w) or real(d, w))
+    kw = dict(seq_len=32, max_bytes=400, device="cpu", precision="fp32")
+    evaluate.evaluate_forest_shards(f, shards, mode="average", prior="uniform", **kw)
+    assert len(built) == 1
+    built.clear()
+    res = evaluate.evaluate_forest_shards(f, shards, mode="average", prior="cached", prior_batches=2, **kw)
+    assert len(built) == len(res["domains"]) == len({tuple(w) for w in built}) >= 2
+    for d, entry in res["domains"].items():  # the reference: a fresh model of this domain's average
+        out = merge_checkpoints(f.expert_dirs(), tmp_path / d, list(entry["weights"].values()))
+        ref = evaluate_shards(load_model(out), shards, "test", [d], progress=False, **kw)["domains"][d]
+        assert entry["bpb"] == ref["bpb"]

@@ -169,6 +169,10 @@ def evaluate_forest_shards(
             reroute=reroute,
             context=router_context,
         )
+    averaged, averaged_by = (
+        None,
+        None,
+    )  # mode average: the model of the last weights (one for a uniform prior)
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
@@ -210,15 +214,19 @@ def evaluate_forest_shards(
             entry["experts_run"] = [names[j] for j in run]
             posterior_table[d] = entry["posterior"]
         elif mode == "average":
-            model = load_model(pool.dirs[0])
             weights = pi.tolist()
-            missing, unexpected = model.load_state_dict(average_state_dict(pool.dirs, weights), strict=False)
-            if unexpected or any(not _is_tied(model, m) for m in missing):
-                raise UserError(
-                    f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
-                )
+            if weights != averaged_by:  # every expert's weights read again per domain otherwise
+                if averaged is None:
+                    averaged = load_model(pool.dirs[0])
+                state = average_state_dict(pool.dirs, weights)
+                missing, unexpected = averaged.load_state_dict(state, strict=False)
+                if unexpected or any(not _is_tied(averaged, m) for m in missing):
+                    raise UserError(
+                        f"averaged weights do not fit the model (missing {missing}, unexpected {unexpected})"
+                    )
+                averaged_by = weights
             res = evaluate_shards(
-                model,
+                averaged,
                 shards,
                 split,
                 [d],
