@@ -959,3 +959,39 @@ def test_an_exports_fingerprint_is_its_content_so_a_copy_is_the_same_export(fore
     data[-1] ^= 1
     files[0].write_bytes(bytes(data))
     assert export_fingerprint(out) != was
+
+
+def test_the_load_heatmap_of_a_wide_forest_has_no_cell_labels_and_a_bounded_size(tmp_path, monkeypatch):
+    """`merge moe` drew a number in each of 64 x 64 cells on a figure that grew with both: 0.6 GB and
+    most of the merge's time (128 experts: 2.4 GB). Past 14 a side the cells go unlabelled and shrink."""
+    import matplotlib.axes
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from elmforest.merge.routing import MAX_FIGURE_INCHES, plot_load
+
+    texts, sizes = [], []
+    real_text, real_subplots = matplotlib.axes.Axes.text, plt.subplots
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "text", lambda self, *a, **k: texts.append(a) or real_text(self, *a, **k)
+    )
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: sizes.append(k["figsize"]) or real_subplots(*a, **k))
+
+    def stats(n):
+        names = [f"e{i}" for i in range(n)]
+        load = [[1.0 / n] * n for _ in names]
+        return {
+            "experts": names,
+            "top_k": 2,
+            "layers": 2,
+            "domains": {
+                d: {"load_mean": row, "own": [i]} for i, (d, row) in enumerate(zip(names, load, strict=True))
+            },
+        }
+
+    plot_load(stats(3), tmp_path / "small.png")
+    assert len(texts) == 9 and sizes[-1][0] == pytest.approx(1.2 + 0.55 * 3)
+    texts.clear()
+    plot_load(stats(64), tmp_path / "wide.png")
+    assert texts == [] and max(sizes[-1]) <= MAX_FIGURE_INCHES + 1.2
+    assert Image.open(tmp_path / "wide.png").size[0] <= (MAX_FIGURE_INCHES + 1.2) * 120

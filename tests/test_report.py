@@ -546,3 +546,22 @@ def test_a_nan_cell_leaves_the_best_of_its_row_shaded(qs_dir, tmp_path):
     table = render_report(qs).split('id="results-in-domain"')[1].split("</table>")[0]
     row = next(tr for tr in table.split("<tr")[1:] if f">{domain}<" in tr)
     assert 'class="best"' in row
+
+
+def test_heatmaps_of_a_wide_forest_stay_page_sized():
+    """The report's prior / posterior / routing panels grew 0.45 inch a column: three panels of a
+    64-expert forest made a PNG over 8,000 pixels wide, inline in the page."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from elmforest.clients.report_plots import heatmaps_png
+
+    def width(n):
+        names = [f"e{i}" for i in range(n)]
+        panel = ("prior", names, names, np.full((n, n), 1.0 / n))
+        return Image.open(io.BytesIO(heatmaps_png([panel, panel, panel]))).size[0]
+
+    small, wide = width(8), width(64)
+    assert wide < 3 * small and wide < 3000, (small, wide)

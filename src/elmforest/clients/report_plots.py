@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 
 MAX_CELL_LABELS = 14  # a heatmap with more rows or columns than this gets no numbers in its cells
+MAX_CELLS_DRAWN = 16  # ... and with more than this, smaller cells (a 64-expert forest's page stays a page)
 
 
 @contextmanager
@@ -64,7 +65,11 @@ def heatmaps_png(panels: list[tuple[str, list[str], list[str], np.ndarray]]) -> 
     ncols = len(panels)
     rows = max(len(p[1]) for p in panels)
     cols = max(len(p[2]) for p in panels)
-    with _figure(max(4.0, 0.45 * cols + 2.2) * ncols, max(2.6, 0.32 * rows + 1.8), ncols) as (fig, axes):
+    cell = min(1.0, MAX_CELLS_DRAWN / max(rows, cols))  # past 16 a side the cells shrink, not the page grow
+    with _figure(max(4.0, 0.45 * cell * cols + 2.2) * ncols, max(2.6, 0.32 * cell * rows + 1.8), ncols) as (
+        fig,
+        axes,
+    ):
         same_rows = all(p[1] == panels[0][1] for p in panels)
         for k, (ax, (title, row_names, col_names, m)) in enumerate(zip(axes, panels, strict=True)):
             im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
