@@ -248,8 +248,14 @@ def test_grad_accumulation_equals_one_big_batch(shards_dir, tmp_path):
     )
 
 
-def test_pause_and_continue_from_another_runs_checkpoint(shards_dir, tmp_path):
-    """stop_at pauses a run; init_checkpoint continues weights, Adam moments and LR schedule exactly."""
+def test_pause_and_continue_from_another_runs_checkpoint(shards_dir, tmp_path, monkeypatch):
+    """stop_at pauses a run; init_checkpoint continues weights, Adam moments and LR schedule exactly
+    (its model built without a random initialisation: every weight is loaded next)."""
+    from elmforest.train import setup
+
+    built = []
+    real = setup.build_model
+    monkeypatch.setattr(setup, "build_model", lambda *a, **k: built.append(k["initialise"]) or real(*a, **k))
     full = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=6)
     train(full, tmp_path / "full", progress=False)
 
@@ -263,6 +269,7 @@ def test_pause_and_continue_from_another_runs_checkpoint(shards_dir, tmp_path):
     cont.train.init_checkpoint = out["checkpoint"]
     s = train(cont, tmp_path / "cont", progress=False)
     assert s["start_step"] == 6 and s["tokens"] == 6 * cont.train.tokens_per_step
+    assert built == [True, True, False]
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cont")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

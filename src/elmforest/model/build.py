@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -160,8 +161,12 @@ def check_safetensors(f: Path) -> None:
         raise UserError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
-    """A freshly initialised model, or the weights of `cfg.init_from`."""
+def build_model(
+    cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0, initialise: bool = True
+) -> PreTrainedModel:
+    """A freshly initialised model, or the weights of `cfg.init_from`. `initialise=False`: its weights
+    are left as allocated, for a caller that loads every one of them next (a run from a checkpoint:
+    at 1.3B parameters the random initialisation alone takes most of a minute on a CPU)."""
     if cfg.init_from:
         return load_model(
             cfg.init_from,
@@ -177,9 +182,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int = 0) -
         **llama_kwargs(cfg),
     )
     config._attn_implementation = cfg.attn_implementation
-    with torch.random.fork_rng(devices=[]):
+    from transformers.initialization import no_init_weights
+
+    with torch.random.fork_rng(devices=[]), nullcontext() if initialise else no_init_weights():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    if not initialise:
+        model.tie_weights()  # skipped with the initialisation (transformers' init_weights does both)
     return model
 
 

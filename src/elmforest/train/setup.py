@@ -57,7 +57,14 @@ class TrainerSetup:
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
             )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
-        self.model = build_model(cfg.model, self.shards.vocab_size, self.shards.eos_id, seed=cfg.train.seed)
+        # from a checkpoint (init_checkpoint, whichever this run resumes from), every weight is loaded next
+        self.model = build_model(
+            cfg.model,
+            self.shards.vocab_size,
+            self.shards.eos_id,
+            seed=cfg.train.seed,
+            initialise=not cfg.train.init_checkpoint,
+        )
         check_context(self.model, cfg)
         if cfg.train.router_aux_loss > 0 or cfg.train.router_z_loss > 0:
             moe_shape(self.model.config)  # refused before any step for a model with no router
