@@ -752,3 +752,45 @@ def test_a_study_sweep_of_other_data_is_refused_naming_its_folder(tmp_path, shar
     (where / "sweep.json").write_text(json.dumps({"shards_fingerprint": "0123456789ab"}))
     with pytest.raises(UserError, match=f"delete {where} to sweep it again"):
         check_same_shards(where, str(shards_dir))
+
+
+def test_the_forests_curve_is_fitted_once_for_both_dense_arms(monkeypatch):
+    """analyse bootstrapped the forest's curve (n_boot fits and a 150-start full fit) once in the table
+    against dense and again, identically, in the one against dense_tuned."""
+    from elmforest.study import analysis
+
+    cfg = load_study_config("tiny", ["n_boot=100"])
+    recs = []
+    for arm, scale in (("dense", 1.0), ("dense_tuned", 0.99), ("btm", 0.97)):
+        for budget in (0.5, 1, 2, 4):
+            for seed in (0, 1):
+                c = 1e12 * budget
+                bpb = {
+                    d: scale * (1.5 + 40 * c**-0.15) * (1 + 0.01 * seed + 0.02 * k)
+                    for k, d in enumerate("ab")
+                }
+                recs.append(
+                    {
+                        "axis": "main",
+                        "arm": arm,
+                        "budget": budget,
+                        "seed": seed,
+                        "flops": c,
+                        "bpb": bpb,
+                        "ood_bpb": bpb,
+                    }
+                )
+    calls = []
+    real = analysis.bootstrap_fit
+    monkeypatch.setattr(
+        analysis, "bootstrap_fit", lambda runs, arm, **k: calls.append(arm) or real(runs, arm, **k)
+    )
+    fitted: dict = {}
+    one = analysis.multiplier_table(recs, "bpb", cfg, fitted=fitted)
+    two = analysis.multiplier_table(recs, "bpb", cfg, "dense_tuned", fitted)
+    assert calls == ["dense", "btm", "dense_tuned"]
+    fresh = real(analysis._runs(recs, "bpb"), "btm", n_boot=cfg.n_boot, ci=cfg.ci)
+    assert one["arm_fits"]["btm"] == two["arm_fits"]["btm"] == fresh
+    assert two["arm_fits"]["dense_tuned"] == real(
+        analysis._runs(recs, "bpb"), "dense_tuned", n_boot=cfg.n_boot, ci=cfg.ci
+    )

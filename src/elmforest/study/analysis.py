@@ -9,6 +9,8 @@ an interval that includes it is "not shown", whatever the point estimate says.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier
@@ -23,17 +25,22 @@ def _runs(recs: list[dict], key: str) -> list[dict]:
     ]
 
 
-def multiplier_table(recs: list[dict], key: str, cfg: StudyConfig, dense_arm: str = "dense") -> dict | None:
+def multiplier_table(
+    recs: list[dict], key: str, cfg: StudyConfig, dense_arm: str = "dense", fitted: dict | None = None
+) -> dict | None:
     """The multiplier at every forest budget on one evaluation set (`bpb` or `ood_bpb`) against the
     fitted curve of `dense_arm` (dense, or dense_tuned: its second half at its own LR), and each arm's
-    fitted curve with its parameters' intervals."""
+    fitted curve with its parameters' intervals. `fitted` keeps each (key, arm)'s curve for the next
+    table: the forest's is the same against either dense arm (its bootstrap, 1000 fits, ran twice)."""
     runs = _runs([r for r in recs if r["axis"] == "main"], key)
     if not any(r["arm"] == "btm" for r in runs) or not any(r["arm"] == dense_arm for r in runs):
         return None
     res = bootstrap_multiplier(runs, forest_arm="btm", dense_arm=dense_arm, n_boot=cfg.n_boot, ci=cfg.ci)
-    res["arm_fits"] = {
-        arm: bootstrap_fit(runs, arm, n_boot=cfg.n_boot, ci=cfg.ci) for arm in (dense_arm, "btm")
-    }
+    fitted = {} if fitted is None else fitted
+    for arm in (dense_arm, "btm"):
+        if (key, arm) not in fitted:
+            fitted[key, arm] = bootstrap_fit(runs, arm, n_boot=cfg.n_boot, ci=cfg.ci)
+    res["arm_fits"] = {arm: copy.deepcopy(fitted[key, arm]) for arm in (dense_arm, "btm")}
     res["dense_arm"] = dense_arm
     return res
 
@@ -307,12 +314,13 @@ def _gain_findings(fits: dict, suffix: str, against: str) -> list[dict]:
 
 
 def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
+    fitted: dict = {}  # each arm's curve fitted once, shared by the tables against both dense arms
     fits = {
-        "in_domain": multiplier_table(recs, "bpb", cfg),
-        "ood": multiplier_table(recs, "ood_bpb", cfg),
+        "in_domain": multiplier_table(recs, "bpb", cfg, fitted=fitted),
+        "ood": multiplier_table(recs, "ood_bpb", cfg, fitted=fitted),
         # against the dense runs with their second half at its own LR, as the experts' phase has its own
-        "in_domain_tuned": multiplier_table(recs, "bpb", cfg, "dense_tuned"),
-        "ood_tuned": multiplier_table(recs, "ood_bpb", cfg, "dense_tuned"),
+        "in_domain_tuned": multiplier_table(recs, "bpb", cfg, "dense_tuned", fitted),
+        "ood_tuned": multiplier_table(recs, "ood_bpb", cfg, "dense_tuned", fitted),
         "ci": cfg.ci,
         "n_boot": cfg.n_boot,
     }
