@@ -1,3 +1,4 @@
+import json
 import math
 from types import SimpleNamespace
 
@@ -111,3 +112,14 @@ def test_two_tokenizers_score_exactly_the_same_documents_and_bytes(corpus, tmp_p
         ends = Shards(tmp_path / f"v{vocab}").documents(d, "test")[:, 0]
         by_tokens.append(int(np.searchsorted(ends, min(a[d][2], b[d][2]), side="right")))
     assert by_tokens[0] != by_tokens[1]
+
+
+@pytest.mark.parametrize("limit, want", [(4096, 1024), (128, 128), (None, 1024)])
+def test_a_checkpoint_of_elsewhere_is_read_at_its_positions_capped_at_1024(tmp_path, limit, want):
+    """Without elmforest's run config, the window is the model's positions, at most 1024 (a 4096-
+    position model read 4096-token windows: another number than the other rows' 1024)."""
+    from elmforest.eval.bpb import default_seq_len
+
+    cfg = {"model_type": "llama"} | ({"max_position_embeddings": limit} if limit else {})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert default_seq_len(tmp_path) == want

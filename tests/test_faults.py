@@ -5,6 +5,7 @@ killed leaves nothing behind (or is cleaned by the next write of the same thing)
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -436,3 +437,65 @@ def test_keep_checkpoints_0_never_leaves_a_half_deleted_checkpoint(shards_dir, t
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(shards_dir, steps=8, ckpt_every=4, keep_checkpoints=0), run, progress=False)
     assert not (run / "checkpoints").exists()
+
+
+def test_before_replace_runs_while_the_old_file_is_in_place_and_a_failure_keeps_it(tmp_path):
+    """Forest.update moves the weights it records in before_replace: the manifest must change only once
+    they have moved, so the hook runs before the rename, and its failure keeps the old file."""
+    p = tmp_path / "f.json"
+    write_json_atomic(p, {"v": 1})
+    seen = []
+
+    def hook():
+        seen.append(json.loads(p.read_text()))
+
+    write_json_atomic(p, {"v": 2}, before_replace=hook)
+    assert seen == [{"v": 1}] and json.loads(p.read_text()) == {"v": 2}
+
+    def refuse():
+        raise OSError("weights could not move")
+
+    with pytest.raises(OSError):
+        write_json_atomic(p, {"v": 3}, before_replace=refuse)
+    assert json.loads(p.read_text()) == {"v": 2}
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_directory_replaced_twice_leaves_no_old_copy(tmp_path):
+    from elmforest.utils.io import staged_dir
+
+    for text in ("one", "two"):
+        with staged_dir(tmp_path / "out") as d:
+            (d / "x.txt").write_text(text)
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "x.txt").read_text() == "two"
+
+
+def test_a_file_a_library_writes_through_atomic_path_gets_the_usual_mode(tmp_path):
+    """safetensors writes 0600 onto the temporary it is given; atomic_path sets the usual mode (the
+    clusterer's arrays go this way), or a shared forest's files were unreadable to its group."""
+    from safetensors.torch import save_file
+
+    p = tmp_path / "a.safetensors"
+    with atomic_path(p) as t:
+        save_file({"x": torch.zeros(2)}, str(t))
+    assert stat.S_IMODE(p.stat().st_mode) == FILE_MODE
+
+
+def test_an_atomic_write_is_synced_before_its_rename(tmp_path, monkeypatch):
+    """Renamed before its bytes reach the disk, a power cut can leave the new name on an empty file."""
+    import elmforest.utils.io as io_mod
+
+    events = []
+    real_fsync, real_replace = io_mod.os.fsync, io_mod.os.replace
+    monkeypatch.setattr(
+        io_mod.os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        io_mod.os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b)
+    )
+    write_json_atomic(tmp_path / "f.json", {"v": 1})
+    kinds = [k for k, _ in events]
+    assert "fsync" in kinds and kinds.index("fsync") < kinds.index("replace")
+    assert dict(events)["fsync"] == dict(events)["replace"]  # the temporary's own bytes

@@ -564,6 +564,18 @@ def test_prepare_data_refuses_a_corpus_changed_since_its_shards_were_built(
     shutil.copy(mine / "code.jsonl", mine / "licenses.jsonl")
     with pytest.raises(UserError, match=r"changed since .* \(added licenses.jsonl\).*another --out"):
         prepare_data(out, 400, **quiet)
+    (mine / "licenses.jsonl").unlink()
+    legal.write_text(text + text.splitlines(keepends=True)[0], encoding="utf-8")  # a document appended
+    with pytest.raises(UserError, match=r"changed since .* \(resized legal.jsonl\)"):
+        prepare_data(out, 400, **quiet)
+    from elmforest.launch.corpus_source import SOURCE_FILE
+
+    rec = json.loads((out / SOURCE_FILE).read_text())
+    (out / SOURCE_FILE).write_text(json.dumps({k: v for k, v in rec.items() if k != "digests"}))
+    with pytest.raises(
+        UserError, match=r"changed since .* \(resized legal.jsonl\)"
+    ):  # recorded before digests
+        prepare_data(out, 400, **quiet)
 
 
 def test_prepare_data_refuses_another_vocabulary_and_shards_of_another_tokenizer(corpus, tmp_path):

@@ -481,3 +481,29 @@ def test_the_quickstarts_dense_tuned_row_is_not_deleted_under_a_trainer(forest_d
         with pytest.raises(UserError, match="training in another process"):
             dense_tuned(Forest.load(root), 0.01, False, lambda s: None)
         assert (run / "run_config.json").is_file()
+
+
+@pytest.mark.parametrize("shared, refused", [(5, False), (6, True)])
+def test_an_ood_set_mostly_of_training_text_is_refused_and_half_of_it_said(
+    tmp_path, tokenizer_dir, shared, refused, capsys
+):
+    """The line is more than half: 6 of 10 documents of the training corpus is not out of domain; 5 of
+    10 is scored, with a note (only 0 and 10 of 10 were tested)."""
+    from elmforest.launch.prepare import _ood_shards
+
+    rows = [{"id": f"a{i}", "domain": "a", "text": f"a text number {i}"} for i in range(10)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    texts = [r["text"] for r in rows[:shared]] + [f"other words {i}" for i in range(10 - shared)]
+    for j in range(2):  # two files: one valid, one test
+        (ood / f"p{j}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "domain": "o"}) + "\n" for t in texts[j::2])
+        )
+    args = (tmp_path / "shards-ood", [ood], tokenizer_dir, ["a"], False, tmp_path / "c.jsonl")
+    if refused:
+        with pytest.raises(UserError, match=f"{shared} of its 10 documents are documents of the training"):
+            _ood_shards(*args)
+    else:
+        _ood_shards(*args)
+        assert f"{shared} of its 10 documents are also in the training corpus" in capsys.readouterr().err

@@ -436,6 +436,27 @@ def test_a_context_past_the_training_length_gets_a_note(forest_dir, capsys):
     assert "note:" not in capsys.readouterr().err
     open_lm(forest_dir, seq_len=trained + 1)
     assert f"past the {trained}-token context the experts were trained on" in capsys.readouterr().err
+    # the model's last position is usable; one past it is refused (mutation: >= refused the last)
+    limit = json.loads(
+        (Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0]) / "config.json").read_text()
+    )["max_position_embeddings"]
+    assert open_lm(forest_dir, seq_len=limit).seq_len == limit
+    with pytest.raises(UserError, match=f"past the model's {limit} positions"):
+        open_lm(forest_dir, seq_len=limit + 1)
+
+
+def test_a_continuation_of_exactly_the_window_is_scored_and_one_more_token_refused(forest_dir):
+    """The window holds EOS and the continuation less its last token: seq_len tokens fit."""
+    from elmforest.forest.lm import open_lm
+
+    lm = open_lm(forest_dir, seq_len=16, precision="fp32")
+    models = _models(forest_dir)
+    ids = lm.encode("def return self import class for in if else while " * 4)[:17]
+    (got,) = lm.score([([], ids[:16])])
+    want = brute_mixture(models, lm.eos_id, [], ids[:16], prior=lm.prior.tolist())
+    assert got.continuation == pytest.approx(want[0], abs=1e-4)
+    with pytest.raises(UserError, match="a continuation of 17 tokens exceeds the context of 16"):
+        lm.score([([], ids)])
 
 
 def test_a_sampled_request_is_the_same_whatever_runs_beside_it(forest_dir):

@@ -180,3 +180,31 @@ def test_one_file_name_in_several_folders_is_said(tmp_path, capsys):
     (tmp_path / "legal" / "part1.jsonl").rename(tmp_path / "legal" / "part2.jsonl")
     list_data_files(tmp_path)
     assert "several folders" not in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_before_the_first_json_line_is_dropped(tmp_path):
+    """docs/data-formats.md: a BOM is dropped from JSON lines too (only .txt was tested); read as text
+    it made the first record invalid JSON, lost with a count."""
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    stats = ReadStats()
+    assert [d.text for d in iter_documents(p, stats)] == ["first", "second"]
+    assert not stats.skipped
+
+
+def test_hidden_data_files_and_folders_are_left_out_silently(tmp_path, capsys):
+    """docs/data-formats.md: hidden files are left out silently (a crash's `.x.jsonl.tmp~...` among
+    them); the one test used `.DS_Store`, which no data suffix would have read anyway."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "kept"}) + "\n")
+    (tmp_path / ".b.jsonl").write_text(json.dumps({"text": "hidden file"}) + "\n")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "c.jsonl").write_text(json.dumps({"text": "hidden folder"}) + "\n")
+    assert [d.text for d in iter_documents(tmp_path)] == ["kept"]
+    assert "left out" not in capsys.readouterr().err
+
+
+def test_the_spread_object_note_is_for_a_file_that_yielded_nothing(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_text("{\n" + "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(3)))
+    assert [d.text for d in iter_documents(p)] == ["t0", "t1", "t2"]
+    assert "spread over lines" not in capsys.readouterr().err
