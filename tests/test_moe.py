@@ -995,3 +995,23 @@ def test_the_load_heatmap_of_a_wide_forest_has_no_cell_labels_and_a_bounded_size
     plot_load(stats(64), tmp_path / "wide.png")
     assert texts == [] and max(sizes[-1]) <= MAX_FIGURE_INCHES + 1.2
     assert Image.open(tmp_path / "wide.png").size[0] <= (MAX_FIGURE_INCHES + 1.2) * 120
+
+
+def test_merge_routing_of_a_wide_moe_shows_each_domains_busiest_experts(monkeypatch, capsys):
+    """Each domain's line held its load on every expert: 64 experts, 57 lines of ~400 characters."""
+    from elmforest.cli import main
+    from elmforest.merge import routing
+
+    names = [f"e{i}" for i in range(20)]
+    load = [0.0] * 20
+    load[7], load[3], load[12], load[0] = 0.5, 0.3, 0.15, 0.05
+    stats = {
+        "experts": names,
+        "split": "valid",
+        "top1_own_mean": 0.5,
+        "domains": {"dom": {"load_mean": load, "top1_own": 0.5, "entropy_norm": 0.4, "tokens": 10}},
+    }
+    monkeypatch.setattr(routing, "write_routing", lambda *a: stats)
+    assert main(["merge", "routing", "--model", "m", "--device", "cpu", "--tokens", "10"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("dom"))
+    assert line.endswith("top e7 0.50, e3 0.30, e12 0.15") and "load [" not in line

@@ -154,7 +154,8 @@ def evaluate_forest_shards(
     if not wanted:
         raise UserError(f"{where or shards.root}: no domain has a {split!r} split" + no_split_hint(where))
     eos = shards.eos_id
-    out, posterior_table, full_passes, prior_passes, tied = {}, {}, 0, 0, []
+    out, posterior_table, full_passes, prior_passes = {}, {}, 0, 0
+    tied: dict[tuple, list[str]] = {}  # the experts a tie chose -> the domains it chose them for
     if mode == "cluster":
         prior = "uniform"  # routing replaces the prior
         cluster_ctx = ClusterContext(
@@ -253,15 +254,18 @@ def evaluate_forest_shards(
             posterior_table[d] = entry["posterior"]
             if mode == "topk" and select == "prior" and tied_at_k(pi, k):
                 entry["top_by"] = "a tie in the prior: the first experts in the forest's order"
-                tied.append(f"{d} ({', '.join(entry['experts_run'])})")
+                tied.setdefault(tuple(entry["experts_run"]), []).append(d)
         check_finite(entry["nll_nats"], str(forest.root), d, split)
         out[d] = entry
         if own_pool:
             pool.clear_cache()
     pool.scoring = ""
-    if tied:
+    if tied:  # one clause per set of experts chosen (a uniform prior: every domain, the same experts)
+        said = "; ".join(
+            f"{_some(ds)} ({', '.join(run)})" for run, ds in sorted(tied.items(), key=lambda x: -len(x[1]))
+        )
         print(
-            f"note: top-{k} by the prior, which ties for {'; '.join(tied)}: those experts are the first in "
+            f"note: top-{k} by the prior, which ties for {said}: those experts are the first in "
             "the forest's order, not chosen by the data (a cached prior from a valid split, or "
             "--select prefix:W, chooses by the data)",
             file=sys.stderr,
@@ -320,6 +324,12 @@ def _given(given_prior: dict, d: str, names: list[str]) -> torch.Tensor:
     if not bool(torch.isfinite(pi).all()) or bool((pi < 0).any()) or float(pi.sum()) <= 0:
         raise UserError(f"given_prior for {d!r} must be non-negative weights with a positive sum, got {w}")
     return pi / pi.sum()
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    """A list of domains for a note: the first few and how many more (64 domains were one long line)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _is_tied(model, name: str) -> bool:

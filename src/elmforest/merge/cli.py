@@ -202,10 +202,13 @@ def routing(
             if v["tokens"] < tokens and v.get("split_tokens", 0) < tokens
             else ""
         )
-        print(
-            f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  load {[round(x, 2) for x in v['load_mean']]}"
-            + fewer
-        )
+        load = v["load_mean"]
+        if len(load) > 16:  # a wide MoE: its three busiest experts, not a list of 64 numbers
+            top = sorted(range(len(load)), key=lambda j: -load[j])[:3]
+            shown = "top " + ", ".join(f"{stats['experts'][j]} {load[j]:.2f}" for j in top)
+        else:
+            shown = f"load {[round(x, 2) for x in load]}"
+        print(f"  {d:24s} top-1 own {own:>6s}  entropy {v['entropy_norm']:.2f}  {shown}" + fewer)
     print(f"-> {model}/routing.json, routing.png")
 
 
