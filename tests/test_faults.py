@@ -499,3 +499,26 @@ def test_an_atomic_write_is_synced_before_its_rename(tmp_path, monkeypatch):
     kinds = [k for k, _ in events]
     assert "fsync" in kinds and kinds.index("fsync") < kinds.index("replace")
     assert dict(events)["fsync"] == dict(events)["replace"]  # the temporary's own bytes
+
+
+def test_a_checkpoint_is_hashed_once_per_process_while_its_files_stay(shards_dir, tmp_path, monkeypatch):
+    """Every expert of a forest verified the one seed_state again: its tensors' sha256 once per expert
+    (8 x 1.3B: ~16 GB hashed 8 times). A file changed since (another mtime) is hashed, and caught."""
+    from elmforest.train.checkpoint import verify_checkpoint
+
+    train(tiny_config(shards_dir, steps=4, ckpt_every=2, stop_at=2), tmp_path / "r", progress=False)
+    (ck,) = list_checkpoints(tmp_path / "r" / "checkpoints")
+    hashed = []
+    real = ckpt_mod.file_digest
+    monkeypatch.setattr(ckpt_mod, "file_digest", lambda p: hashed.append(Path(p).name) or real(p))
+    verify_checkpoint(ck)
+    verify_checkpoint(ck)
+    assert sorted(hashed) == ["model.safetensors", "optimizer.safetensors"]
+    f = ck / "optimizer.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    mtime = f.stat().st_mtime_ns
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(mtime + 10**9, mtime + 10**9))
+    with pytest.raises(ckpt_mod.CorruptCheckpoint, match="checksum mismatch"):
+        verify_checkpoint(ck)
