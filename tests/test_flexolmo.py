@@ -314,11 +314,11 @@ def test_owner_pairs_given_one_by_one_are_recorded_wherever_they_sit_in_their_fo
     ft = finetune_moe(merged, shards_dir, 1, out=tmp_path / "ft", lr=1e-2, batch_size=2, progress=False)
     outs = {o["path"]: o["experts"] for o in Forest.load(f.root).data["outputs"]}
     assert outs[str(merged.resolve())] == [a, b] and outs[str(ft.resolve())] == [a, b]
-    from elmforest.merge.moe_train import _forests_of, _record_copies  # a fine-tune killed: its run left
+    from elmforest.merge.moe_copies import forests_of, record_copies  # a fine-tune killed: its run left
 
     left = tmp_path / "ft2.finetune-run-0123456789ab"
     meta = json.loads((merged / "elmforest_moe.json").read_text())
-    _record_copies(meta, _forests_of(meta, merged), left, tmp_path / "ft2", "finetune-run")
+    record_copies(meta, forests_of(meta, merged), left, tmp_path / "ft2", "finetune-run")
     assert main(["forest", "remove", "--forest", str(f.root), "--expert", b]) == 0
     assert not merged.exists() and not ft.exists() and not left.exists() and not runs_only.exists()
 

@@ -18,11 +18,17 @@ from pathlib import Path
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.moe import (
-    SOURCE_MARKER,
     check_untrained,
     export_fingerprint,
     model_card,
     weight_digests,
+)
+from elmforest.merge.moe_copies import (
+    drop_other_runs,
+    forests_of,
+    forget,
+    record_copies,
+    unrecord_if_untouched,
 )
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import AlreadyExists, UserError
@@ -198,18 +204,18 @@ def _train_moe(
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = _TAGS[kind]
     run_dir = Path(run_dir or _scratch(out, kind, fingerprint))
-    held = _forests_of(meta, moe_dir)
+    held = forests_of(meta, moe_dir)
     for forest, names in held:  # before anything is touched: opted-out weights stay out
         forest.refuse_opted_out(names, out)
     if not keep:
-        _drop_other_runs(out, tag, run_dir, meta, moe_dir)
-    _record_copies(meta, held, run_dir, out, tag)
+        drop_other_runs(out, tag, run_dir, meta, moe_dir)
+    record_copies(meta, held, run_dir, out, tag)
     try:
         summary = train(
             cfg, run_dir, progress=progress, label="router" if kind == "router_training" else "btx"
         )
     except UserError:  # refused before training (a --trainable that matches nothing): nothing to keep
-        _unrecord_if_untouched(meta, run_dir, out, moe_dir)
+        unrecord_if_untouched(meta, run_dir, out, moe_dir)
         raise
 
     record = {  # from the config that ran: --set train.steps / data.domains outrank the flags
@@ -236,7 +242,7 @@ def _train_moe(
     tmp = temp_sibling(out)
     with undone_on_failure(tmp, out):
         _finish(tmp, run_dir / "model", moe_dir, meta, kind, record, out)
-    for f, names in _forests_of(meta, moe_dir):
+    for f, names in forests_of(meta, moe_dir):
         f.settle_output(out, names)
     _ledger(meta, kind, record, out)
     if not keep:  # resumable while it trains; once `out` holds the result it is a stray copy of the experts
@@ -306,7 +312,7 @@ def _tidy(out: Path, run_dir: Path, meta: dict, moe_dir: Path) -> None:
             _keep_logs(run_dir, out)
             remove_path(run_dir)
     if idle:
-        _forget(meta, run_dir, moe_dir)
+        forget(meta, run_dir, moe_dir)
 
 
 def _config_digest(cfg) -> str:
@@ -317,88 +323,6 @@ def _config_digest(cfg) -> str:
 
     text = json.dumps(run_identity(cfg.to_dict()), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _drop_other_runs(out: Path, tag: str, run_dir: Path, meta: dict, moe_dir: Path) -> None:
-    """A scratch run for `out` made from another export (`merge moe --train-router` killed, then run
-    again: the merge is written anew, so its fingerprint and run name change) can never be resumed, and
-    holds a full copy of the experts and the optimizer state: deleted, unless a trainer still holds it."""
-    import re
-
-    from elmforest.train.runlock import unless_training
-
-    pattern = re.compile(rf"{re.escape(out.name)}\.{tag}-[0-9a-f]{{12}}")
-    for d in out.parent.glob(f"{out.name}.{tag}-*"):
-        if d == run_dir or not pattern.fullmatch(d.name) or not d.is_dir():
-            continue
-        with unless_training(d) as idle:
-            if idle:
-                print(
-                    f"note: deleting {d}: the scratch run of an earlier export of {out}, which cannot be "
-                    "resumed"
-                )
-                remove_path(d)
-        if idle:
-            _forget(meta, d, moe_dir)
-
-
-def _forget(meta: dict, run_dir: Path, moe_dir: Path | None = None) -> None:
-    """The forests' record of a scratch run deleted: opting out has nothing there to find."""
-    for f, _ in _forests_of(meta, moe_dir):
-        f.forget_output(run_dir)
-
-
-def _forests_of(meta: dict, moe_dir: Path | None) -> list[tuple[Forest, list[str]]]:
-    """The forests whose experts a merged MoE holds, each with the names of those experts there: the
-    forest it was merged from, and (a FlexOlmo merge of owners' pairs given one by one, which names no
-    forest) the forests its pairs sit in (merge/flexolmo.py `owners_in_forests`)."""
-    from elmforest.merge.flexolmo import owners_in_forests
-
-    out = []
-    root = meta.get("forest")
-    if root is not None and (Path(root) / "forest.json").is_file():
-        names = [e.get("forest_name") or e["name"] for e in meta["experts"] if e["name"] != "public"]
-        out.append((Forest.load(root), names))
-    flex = moe_dir / "elmforest_flexolmo.json" if moe_dir is not None else None
-    if flex is not None and flex.is_file():
-        pairs = [Path(p) for p in read_json(flex).get("pairs") or []]
-        names = [e["name"] for e in meta["experts"] if e["name"] != "public"]
-        if len(pairs) == len(names):
-            forests, held, _ = owners_in_forests(names, pairs, None)
-            seen = {f.root.resolve() for f, _ in out}
-            out += [(f, held[r]) for r, f in forests.items() if r not in seen]
-    return out
-
-
-def _record_copies(meta: dict, held: list, run_dir: Path, out: Path, kind: str) -> None:
-    """Training a merged MoE copies every expert (the run's checkpoints and model, the trained MoE): mark the
-    run with the experts it holds and record both with every forest they came from, so opting an expert
-    out deletes them too (forest/optout.py)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        run_dir / SOURCE_MARKER,
-        {  # every forest that records it (a FlexOlmo merge of owners' pairs names no one forest)
-            "forest": meta.get("forest"),
-            "forests": [str(f.root.resolve()) for f, _ in held],
-            "experts": meta["experts"],
-        },
-    )
-    for forest, names in held:
-        forest.record_output(run_dir, kind, names)
-        forest.record_output(out, "moe", names)
-
-
-def _unrecord_if_untouched(meta: dict, run_dir: Path, out: Path, moe_dir: Path) -> None:
-    """_record_copies undone for a run the trainer refused before writing anything: the folder held only
-    its marker and the forests recorded it and an `out` never written."""
-    from elmforest.train.runlock import LOCK
-
-    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {SOURCE_MARKER, LOCK}:
-        return
-    remove_path(run_dir)
-    _forget(meta, run_dir, moe_dir)
-    if not (out / "elmforest_moe.json").is_file():
-        _forget(meta, out, moe_dir)
 
 
 LOGS = ("metrics.jsonl", "valid.jsonl", "summary.json", "trackers.json", "tensorboard", "wandb", "mlruns")
