@@ -170,10 +170,8 @@ def evaluate_forest_shards(
             reroute=reroute,
             context=router_context,
         )
-    averaged, averaged_by = (
-        None,
-        None,
-    )  # mode average: the model of the last weights (one for a uniform prior)
+    # mode average: one model, holding the average of the last weights (a uniform prior: one average)
+    averaged, averaged_by = None, None
     for d in wanted:
         n_docs, n_tok, n_bytes = select_documents(shards.documents(d, split), max_bytes)
         stream = shards.tokens(d, split)[:n_tok]
