@@ -437,9 +437,24 @@ def test_a_planned_expert_given_another_length_by_set_is_said_off_the_plan(
     shards = Shards(shards_dir)
     a, b = src.names[:2]
     capsys.readouterr()
-    btm.train_expert(f, shards, a, progress=False)
-    assert "off the matched budget" not in capsys.readouterr().out
+    share = btm.train_expert(
+        f, shards, a, overrides=["train.batch_size=1", "train.grad_accum=2"], progress=False
+    )
+    assert "off the matched budget" not in capsys.readouterr().out  # the same tokens, accumulated
     longer = btm.train_expert(f, shards, b, overrides=["train.steps=30"], progress=False)
     out = capsys.readouterr().out
-    assert f"note: expert {b}: train.steps 30 (the plan's 24): its compute is not the plan's share" in out
-    assert longer["tokens"] == 1.5 * Forest.load(tmp_path / "x").expert(a)["tokens"]  # 18 steps, not 12
+    assert longer["tokens"] == 1.5 * share["tokens"]  # 18 steps, not 12
+    assert (
+        f"note: expert {b} trains {longer['tokens']:,} tokens of 64 (the plan's share: {share['tokens']:,} of 64)"
+        in out
+    )
+    # from the seed's weights instead of its state: the whole schedule again, twice the share
+    c = src.names[2]
+    fresh = btm.train_expert(
+        f,
+        shards,
+        c,
+        overrides=["train.init_checkpoint=null", f"model.init_from={f.seed_dir}"],
+        progress=False,
+    )
+    assert fresh["tokens"] == 2 * share["tokens"] and f"note: expert {c} trains" in capsys.readouterr().out

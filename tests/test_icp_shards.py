@@ -667,6 +667,21 @@ def test_prepare_data_with_domains_learns_and_tokenizes_only_those(corpus, tmp_p
     again = prepare_data(tmp_path / "old", 300, pick, corpus, **quiet)
     assert again.names == pick and again.shards.domains == every == again.corpus_domains
     assert again.shards.fingerprint == old.shards.fingerprint
+    # ... also where it was cut before its shards: they hold every domain, as its tokenizer learnt
+    shutil.rmtree(tmp_path / "old" / "shards")
+    again = prepare_data(tmp_path / "old", 300, pick, corpus, **quiet)
+    assert again.shards.domains == every and again.shards.fingerprint == old.shards.fingerprint
+    # every domain named is no list at all; a name the corpus lacks is said so, not "another list"
+    assert prepare_data(tmp_path / "ref", 300, None, alone, **quiet).names == pick
+    assert prepare_data(tmp_path / "ref", 300, pick, alone, **quiet).names == pick
+    rec = json.loads((tmp_path / "ref" / SOURCE_FILE).read_text())
+    rec["tokenizer"]["domains"] = pick  # every domain recorded as a list: the same as none
+    (tmp_path / "ref" / SOURCE_FILE).write_text(json.dumps(rec))
+    assert prepare_data(tmp_path / "ref", 300, None, alone, **quiet).names == pick
+    with pytest.raises(
+        UserError, match=rf"domains \['nope'\]: no training documents .*\(its domains with some: {pick[0]}"
+    ):
+        prepare_data(tmp_path / "out", 300, [pick[0], "nope"], corpus, **quiet)
 
 
 def test_shards_of_domains_the_data_lacks_are_refused_with_its_domains(corpus, tokenizer_dir, tmp_path):

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-MAX_CELL_LABELS = 14  # a heatmap with more rows or columns than this gets no numbers in its cells
+from elmforest.merge.routing import MAX_CELL_LABELS  # past it a heatmap's cells have no numbers
+
 MAX_CELLS_DRAWN = 16  # ... and with more than this, smaller cells (a 64-expert forest's page stays a page)
 
 

@@ -53,18 +53,20 @@ def data_fingerprint(shards: Shards, domains: list[str], split: str = "train") -
     return h.hexdigest()[:16]
 
 
-def _note_off_plan(name: str, planned, cfg) -> None:
-    """A plan's expert given another length or batch by --set trains another share than the plan's,
-    silently before (the ledger counted it; nothing said so): said, as an expert off the plan is."""
-    keys = ("steps", "batch_size", "grad_accum", "seq_len")
-    if changed := [
-        f"train.{k} {getattr(cfg.train, k)} (the plan's {getattr(planned.train, k)})"
-        for k in keys
-        if getattr(cfg.train, k) != getattr(planned.train, k)
-    ]:
+def _note_off_plan(name: str, planned, cfg, seed_steps: int) -> None:
+    """A plan's expert that --set makes train other tokens than the plan's share (its steps, batch,
+    sequence length, or a start from the seed's weights instead of its state) did so silently before
+    (the ledger counted it; nothing said so): said, as an expert off the plan is. Compared by the
+    tokens each config trains: a batch traded for accumulation at the same tokens is the plan's."""
+
+    def tokens(c) -> int:  # from seed_state the run continues at the seed's step; from weights, at 0
+        return (c.train.steps - (seed_steps if c.train.init_checkpoint else 0)) * c.train.tokens_per_step
+
+    if (got := tokens(cfg)) != (want := tokens(planned)) or cfg.train.seq_len != planned.train.seq_len:
         print(
-            f"note: expert {name}: {', '.join(changed)}: its compute is not the plan's share; the "
-            "difference is off the matched budget (the forest's ledger counts what it trains)"
+            f"note: expert {name} trains {got:,} tokens of {cfg.train.seq_len} (the plan's share: {want:,} of "
+            f"{planned.train.seq_len}): its compute is not the plan's; the difference is off the matched "
+            "budget (the forest's ledger counts what it trains)"
         )
 
 
@@ -262,7 +264,7 @@ def train_expert(
     was = cfg
     cfg = apply_overrides(cfg, list(overrides or []))
     if planned is not None and not off_plan and first_process():
-        _note_off_plan(name, was, cfg)
+        _note_off_plan(name, was, cfg, Plan(**forest.data["plan"]).seed_steps)
     run_dir = forest.root / "runs" / name
     if name in forest.removed and first_process():
         from elmforest.forest.optout import finish_removal, mark_retraining, pending

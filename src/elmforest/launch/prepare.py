@@ -127,24 +127,36 @@ def prepare_data(
     corpus = Path(corpus)
 
     tok_dir = out / "tokenizer"
+    record = read_json(source_file)
+    had_tok, every = record.get("tokenizer"), record.get("corpus_domains")  # both recorded since 12-07
+    built_tok = (tok_dir / "tokenizer.json").exists()
+    # a tokenizer made before 12-07 recorded no domains: it learnt every one, and its shards hold (or,
+    # built now, will hold) every one, as they always did
+    legacy = built_tok and (had_tok is None or "domains" not in had_tok)
     only = sorted(set(domains)) if domains else None
-    want_tok = {"vocab_size": vocab_size, "sample_bytes_per_domain": tokenizer_sample_bytes, "domains": only}
-    had_tok = read_json(source_file).get("tokenizer")
-    if (tok_dir / "tokenizer.json").exists() and had_tok is not None and "domains" not in had_tok:
-        want_tok.pop("domains")  # made before 12-07, of every domain: reused as it is
-    if (
-        (tok_dir / "tokenizer.json").exists()
-        and had_tok is not None
-        and had_tok.get("domains") != want_tok.get("domains")
-    ):
-        raise UserError(
-            f"{tok_dir} and the shards beside it are made of "
-            + (", ".join(had_tok["domains"]) if had_tok["domains"] else "every domain of the corpus")
-            + "; this run asks for "
-            + (", ".join(only) if only else "every domain")
-            + f", and everything in {out} is tokenized with the one there: use another --out"
-        )
-    if (tok_dir / "tokenizer.json").exists() and had_tok is not None and had_tok != want_tok:
+    if only is not None and every is not None and only == sorted(every):
+        only = None  # every domain named: the same tokenizer and shards as none named
+    want_tok = {"vocab_size": vocab_size, "sample_bytes_per_domain": tokenizer_sample_bytes}
+    if not legacy:
+        want_tok["domains"] = only
+    if built_tok and not legacy:
+        if every is not None and (lost := sorted(set(only or ()) - set(every))):
+            raise UserError(
+                f"domains {lost}: no training documents in {corpus} (its domains with some: {', '.join(every)})"
+            )
+        had = had_tok["domains"]
+        if had is not None and every is not None and sorted(had) == sorted(every):
+            had = None  # recorded as a list of every domain (12-07's first version): every domain
+        if had != only:
+            raise UserError(
+                f"{tok_dir} and the shards beside it are made of "
+                + (", ".join(had) if had else "every domain of the corpus")
+                + "; this run asks for "
+                + (", ".join(only) if only else "every domain")
+                + f", and everything in {out} is tokenized with the one there: use another --out"
+            )
+    same_bpe = ("vocab_size", "sample_bytes_per_domain")  # its domains: checked above
+    if built_tok and had_tok is not None and any(had_tok.get(k) != want_tok[k] for k in same_bpe):
         raise UserError(
             f"{tok_dir} is a {had_tok['vocab_size']}-token BPE trained on at most "
             f"{had_tok['sample_bytes_per_domain']:,} bytes of each domain; this run asks for "
@@ -168,8 +180,13 @@ def prepare_data(
                 f"{', '.join(sorted(found))})"
             )
         check_expert_names(list(domains or sorted(found)))  # before the shards: each names an expert
+        every = sorted(found)
+        only = None if only == every else only
+        rec = read_json(source_file)  # before the tokenizer: with it, the record says of what it is made
+        write_json_atomic(
+            source_file, {**rec, "tokenizer": {**want_tok, "domains": only}, "corpus_domains": every}
+        )
         save_tokenizer(tok, tok_dir)
-        write_json_atomic(source_file, {**read_json(source_file), "corpus_domains": sorted(found)})
 
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
@@ -181,7 +198,7 @@ def prepare_data(
             progress=progress,
             order=orderer,
             order_seed=order_seed,
-            only_domains=only,
+            only_domains=None if legacy else only,
         )
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
         if rep.order:
@@ -196,8 +213,7 @@ def prepare_data(
         )
     if order is not None:
         check_shards_order(shards, orderer, order_seed)
-    every = read_json(source_file).get("corpus_domains")  # recorded since 12-07; before, the shards held all
-    every = every or [d for d in shards.domains if shards.has(d, "train")]
+    every = every or [d for d in shards.domains if shards.has(d, "train")]  # before 12-07 they held all
     missing = [d for d in domains or () if not shards.has(d, "train")]
     if missing:
         raise UserError(

@@ -190,7 +190,7 @@ def routing(
 ) -> None:
     """Routing statistics of a merged MoE per domain (expert load, router entropy, top-1 = own expert),
     written beside it as routing.json and routing.png."""
-    from elmforest.merge.routing import summary_line, write_routing
+    from elmforest.merge.routing import MAX_CELL_LABELS, summary_line, write_routing
     from elmforest.utils.device import resolve_device
 
     stats = write_routing(model, shards, split, tokens, str(resolve_device(device)))
@@ -203,7 +203,7 @@ def routing(
             else ""
         )
         load = v["load_mean"]
-        if len(load) > 16:  # a wide MoE: its three busiest experts, not a list of 64 numbers
+        if len(load) > MAX_CELL_LABELS:  # as its heatmap: its three busiest experts, not 64 numbers
             top = sorted(range(len(load)), key=lambda j: -load[j])[:3]
             shown = "top " + ", ".join(f"{stats['experts'][j]} {load[j]:.2f}" for j in top)
         else:

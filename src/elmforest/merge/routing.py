@@ -111,7 +111,7 @@ def routing_stats(
     }
 
 
-MAX_CELL_LABELS = 14  # experts or domains past which the heatmap has no number in its cells
+MAX_CELL_LABELS = 14  # experts or domains past which a heatmap (the report's too) has no number in its cells
 MAX_FIGURE_INCHES = 16.0  # and its cells shrink to keep it this size
 
 

@@ -57,7 +57,8 @@ class TrainerSetup:
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
             )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
-        # from a checkpoint (init_checkpoint, whichever this run resumes from), every weight is loaded next
+        # from init_checkpoint every weight is loaded next (or from this run's own checkpoint, when it has
+        # one; a resume without init_checkpoint initialises: its checkpoints may all be set aside as corrupt)
         self.model = build_model(
             cfg.model,
             self.shards.vocab_size,
