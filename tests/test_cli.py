@@ -520,3 +520,14 @@ def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):
     os.utime(src / "poetry.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     grown = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     assert len(grown.tokens("poetry", "test")) + len(grown.tokens("poetry", "valid")) > n
+
+
+@pytest.mark.parametrize("names", [["code", "code"], ["code"]])
+def test_a_duplicated_or_single_domain_is_refused_before_the_tokenizer_is_made(corpus, tmp_path, names):
+    """The tokenizer is made of the named domains: refused after it was saved, the corrected rerun in
+    the same --out found a tokenizer of one domain and was refused in turn."""
+    from elmforest.utils.errors import UserError
+
+    with pytest.raises(UserError, match="name at least 2 domains, each once"):
+        quickstart(tmp_path / "qs", preset="tiny", corpus=corpus, domains=names, progress=False, ood=[])
+    assert not (tmp_path / "qs" / "tokenizer").exists()

@@ -406,6 +406,12 @@ def test_keep_checkpoints_0_writes_no_checkpoint_at_the_last_step(shards_dir, tm
     assert saved == [4, 8]  # stop_at at the end is the end
     saved.clear()
     train(
+        tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=1), tmp_path / "k1", progress=False
+    )
+    kept = [p.name for p in list_checkpoints(tmp_path / "k1" / "checkpoints")]
+    assert saved == [4, 8, 12] and kept == ["step-00000012"]  # keep 1: the last one, written and kept
+    saved.clear()
+    train(
         tiny_config(shards_dir, steps=12, ckpt_every=4, keep_checkpoints=0, stop_at=10),
         tmp_path / "p",
         progress=False,

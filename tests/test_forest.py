@@ -203,6 +203,7 @@ def test_a_top_k_that_a_prior_tie_chose_says_so(forest_dir, shards_dir, capsys):
     from elmforest.forest.evaluate import _some
 
     assert _some([f"d{i}" for i in range(8)]) == "d0, d1, d2, d3, d4, d5 and 2 more"
+    assert _some([f"d{i}" for i in range(6)]) == "d0, d1, d2, d3, d4, d5"
     assert "top-1 by the prior, which ties for" in err
     chosen = _eval(forest_dir, shards_dir, mode="topk", k=1, prior_batches=4)  # cached: no tie
     # chosen per window by the data (prefix), or no choice at all (the ensemble): nothing to say

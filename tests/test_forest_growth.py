@@ -458,3 +458,10 @@ def test_a_planned_expert_given_another_length_by_set_is_said_off_the_plan(
         progress=False,
     )
     assert fresh["tokens"] == 2 * share["tokens"] and f"note: expert {c} trains" in capsys.readouterr().out
+    # the same tokens in sequences half as long: another per-token cost, and another share of the windows
+    g = btm.share_seed(tmp_path / "y", src, src.names)
+    btm.train_expert(g, shards, a, overrides=["train.seq_len=32", "train.batch_size=4"], progress=False)
+    assert (
+        f"note: expert {a} trains {share['tokens']:,} tokens of 32 (the plan's share: {share['tokens']:,} of 64)"
+        in capsys.readouterr().out
+    )

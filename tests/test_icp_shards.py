@@ -659,6 +659,14 @@ def test_prepare_data_with_domains_learns_and_tokenizes_only_those(corpus, tmp_p
         prepare_data(tmp_path / "out", 300, None, corpus, **quiet)
     with pytest.raises(UserError, match=rf"this run asks for {every[0]}, {every[2]}.*another --out"):
         prepare_data(tmp_path / "out", 300, [every[0], every[2]], corpus, **quiet)
+    # nothing trained from them yet (a run refused for a domain, rerun without it): made again
+    other = prepare_data(tmp_path / "out", 300, [every[0], every[2]], corpus, **quiet, unused=True)
+    assert other.shards.domains == [every[0], every[2]] and other.names == [every[0], every[2]]
+    assert other.shards.tokenizer_fingerprint != got.shards.tokenizer_fingerprint
+    # a dir made of every domain refuses a subset too (not only the other way round)
+    prepare_data(tmp_path / "all", 300, None, corpus, **quiet)
+    with pytest.raises(UserError, match="made of every domain of the corpus; this run asks for"):
+        prepare_data(tmp_path / "all", 300, pick, corpus, **quiet)
     # an output made before the tokenizer recorded its domains (of every domain) is reused as it was
     old = prepare_data(tmp_path / "old", 300, None, corpus, **quiet)
     rec = json.loads((tmp_path / "old" / SOURCE_FILE).read_text())

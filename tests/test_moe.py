@@ -995,6 +995,16 @@ def test_the_load_heatmap_of_a_wide_forest_has_no_cell_labels_and_a_bounded_size
     plot_load(stats(64), tmp_path / "wide.png")
     assert texts == [] and max(sizes[-1]) <= MAX_FIGURE_INCHES + 1.2
     assert Image.open(tmp_path / "wide.png").size[0] <= (MAX_FIGURE_INCHES + 1.2) * 120
+    texts.clear()
+    plot_load(stats(14), tmp_path / "edge.png")  # 14 a side is still labelled
+    assert len(texts) == 14 * 14
+    texts.clear()
+    tall = stats(3)
+    tall["domains"] = {
+        f"d{i}": {"load_mean": [1 / 3] * 3, "own": []} for i in range(64)
+    }  # 3 experts, 64 domains
+    plot_load(tall, tmp_path / "tall.png")
+    assert texts == [] and max(sizes[-1]) <= MAX_FIGURE_INCHES + 1.2
 
 
 def test_merge_routing_of_a_wide_moe_shows_each_domains_busiest_experts(monkeypatch, capsys):
@@ -1015,3 +1025,8 @@ def test_merge_routing_of_a_wide_moe_shows_each_domains_busiest_experts(monkeypa
     assert main(["merge", "routing", "--model", "m", "--device", "cpu", "--tokens", "10"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("dom"))
     assert line.endswith("top e7 0.50, e3 0.30, e12 0.15") and "load [" not in line
+    for n, listed in ((15, False), (14, True)):  # as the heatmap: numbers up to 14 experts
+        stats["experts"], stats["domains"]["dom"]["load_mean"] = names[:n], load[:n]
+        assert main(["merge", "routing", "--model", "m", "--device", "cpu", "--tokens", "10"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("dom"))
+        assert ("load [" in line) == listed and ("top e7" in line) != listed

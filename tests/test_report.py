@@ -565,3 +565,6 @@ def test_heatmaps_of_a_wide_forest_stay_page_sized():
 
     small, wide = width(8), width(64)
     assert wide < 3 * small and wide < 3000, (small, wide)
+    names, few = [f"d{i}" for i in range(64)], ["e0", "e1", "e2"]  # 64 domains x 3 experts: tall, not wide
+    tall = Image.open(io.BytesIO(heatmaps_png([("prior", names, few, np.full((64, 3), 1 / 3))]))).size[1]
+    assert tall < 1000, tall

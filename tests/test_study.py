@@ -777,7 +777,7 @@ def test_the_forests_curve_is_fitted_once_for_both_dense_arms(monkeypatch):
                         "seed": seed,
                         "flops": c,
                         "bpb": bpb,
-                        "ood_bpb": bpb,
+                        "ood_bpb": {d: 1.3 * v for d, v in bpb.items()},
                     }
                 )
     calls = []
@@ -794,3 +794,6 @@ def test_the_forests_curve_is_fitted_once_for_both_dense_arms(monkeypatch):
     assert two["arm_fits"]["dense_tuned"] == real(
         analysis._runs(recs, "bpb"), "dense_tuned", n_boot=cfg.n_boot, ci=cfg.ci
     )
+    ood = analysis.multiplier_table(recs, "ood_bpb", cfg, fitted=fitted)  # its own fits, not in-domain's
+    want = real(analysis._runs(recs, "ood_bpb"), "btm", n_boot=cfg.n_boot, ci=cfg.ci)
+    assert ood["arm_fits"]["btm"] == want != fresh

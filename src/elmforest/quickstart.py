@@ -89,7 +89,15 @@ def quickstart(
     log = print
 
     own_data = corpus is not None  # the user's corpus, not the demo one
-    data = prepare_data(out, p.vocab_size, domains, corpus, ood, progress, log)
+    if domains is not None and (len(set(domains)) < 2 or len(set(domains)) < len(domains)):
+        raise UserError(  # before the tokenizer is made of them, which a corrected rerun could not reuse
+            f"--domains {','.join(domains)}: name at least 2 domains, each once (a forest is compared with "
+            "a dense LM)"
+        )
+    # nothing trained from this --out's tokenizer yet: a rerun with other --domains (as a refusal
+    # advised) makes it and the shards again
+    unused = not (out / "forest" / "runs").exists()
+    data = prepare_data(out, p.vocab_size, domains, corpus, ood, progress, log, unused=unused)
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
     _check_domains(shards, names)  # before any training: scoring would fail after all of it

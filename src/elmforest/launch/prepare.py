@@ -24,7 +24,7 @@ from elmforest.launch.corpus_source import (
     corpus_listing,
 )
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import file_stamps, read_json, write_json_atomic
+from elmforest.utils.io import discard_dir, file_stamps, read_json, write_json_atomic
 
 # no model trains on these: half prior, half test, each source file's chunks on one side (data/splits.py)
 OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5, by_file=True)
@@ -54,13 +54,16 @@ def prepare_data(
     tokenizer_sample_bytes: int = 1_000_000,
     order=None,
     order_seed: int = 0,
+    unused: bool = False,
 ) -> PreparedData:
     """Corpus (the demo one unless given) -> tokenizer (trained on at most `tokenizer_sample_bytes` of
     each domain's training split) -> shards, and the out-of-domain sets tokenized apart (the demo's
     evaluation-only domains and `ood`; `ood=None` with a corpus given: none, and nothing said about
     them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study.
     `domains` (None: every one with training documents) are the only ones the tokenizer learns from
-    and the shards hold, so the corpus's others shape nothing of a run.
+    and the shards hold, so the corpus's others shape nothing of a run. Another list in an output dir
+    is refused, unless the caller says nothing was trained from it yet (`unused`: a run refused for
+    its domains and given others, as the refusal advised): then both are made again.
 
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
@@ -147,7 +150,17 @@ def prepare_data(
         had = had_tok["domains"]
         if had is not None and every is not None and sorted(had) == sorted(every):
             had = None  # recorded as a list of every domain (12-07's first version): every domain
-        if had != only:
+        if had != only and unused:
+            log(
+                f"      the tokenizer and shards in {out} were made of "
+                + (", ".join(had) if had else "every domain")
+                + "; nothing was trained from them: made again of "
+                + (", ".join(only) if only else "every domain")
+            )
+            for d in (tok_dir, *(p for p in out.glob("shards*") if Shards.is_shards_dir(p))):
+                discard_dir(d)
+            built_tok = False
+        elif had != only:
             raise UserError(
                 f"{tok_dir} and the shards beside it are made of "
                 + (", ".join(had) if had else "every domain of the corpus")

@@ -223,7 +223,16 @@ def _study(
     if executor == "ray":  # Ray missing, a bad address or resources: said before the data is prepared
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
         ray.prepare()
-    data = prepare_data(out / "data", preset.vocab_size, cfg.domains, cfg.corpus, cfg.ood, progress, log)
+    data = prepare_data(
+        out / "data",
+        preset.vocab_size,
+        cfg.domains,
+        cfg.corpus,
+        cfg.ood,
+        progress,
+        log,
+        unused=not (out / "runs").exists(),  # nothing trained from its tokenizer yet
+    )
     base = apply_overrides(  # finished runs keep no checkpoints unless the study's overrides say so
         preset_run_config(cfg.preset, str(Path(data.shards.root).resolve())), [UNKEPT, *cfg.overrides]
     )
