@@ -40,6 +40,12 @@ class PreparedData:
     corpus_domains: list[str]  # every domain of the corpus with training documents, `names` or not
 
 
+def _no_training_documents(names: list[str], corpus, have: list[str]) -> UserError:
+    return UserError(
+        f"domains {names}: no training documents in {corpus} (its domains with some: {', '.join(have)})"
+    )
+
+
 SOURCES = "sources.json"  # beside out-of-domain shards: what they were built from
 
 
@@ -144,9 +150,7 @@ def prepare_data(
         want_tok["domains"] = only
     if built_tok and not legacy:
         if every is not None and (lost := sorted(set(only or ()) - set(every))):
-            raise UserError(
-                f"domains {lost}: no training documents in {corpus} (its domains with some: {', '.join(every)})"
-            )
+            raise _no_training_documents(lost, corpus, every)
         had = had_tok["domains"]
         if had is not None and every is not None and sorted(had) == sorted(every):
             had = None  # recorded as a list of every domain (12-07's first version): every domain
@@ -188,10 +192,7 @@ def prepare_data(
             corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes, domains=found, only=only
         )
         if lost := sorted(set(only or ()) - found):  # before it is saved: a corrected rerun trains afresh
-            raise UserError(
-                f"domains {lost}: no training documents in {corpus} (its domains with some: "
-                f"{', '.join(sorted(found))})"
-            )
+            raise _no_training_documents(lost, corpus, sorted(found))
         check_expert_names(list(domains or sorted(found)))  # before the shards: each names an expert
         every = sorted(found)
         only = None if only == every else only
@@ -229,9 +230,7 @@ def prepare_data(
     every = every or [d for d in shards.domains if shards.has(d, "train")]  # before 12-07 they held all
     missing = [d for d in domains or () if not shards.has(d, "train")]
     if missing:
-        raise UserError(
-            f"domains {missing}: no training documents in {corpus} (its domains with some: {', '.join(every)})"
-        )
+        raise _no_training_documents(missing, corpus, every)
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
         _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress, corpus)
