@@ -9,7 +9,8 @@ from contextlib import ExitStack
 import pytest
 from safetensors.torch import load_file, save_file
 
-from elmforest.forest.manifest import Forest, architecture_fingerprint
+from elmforest.forest.fingerprint import architecture_fingerprint
+from elmforest.forest.manifest import Forest
 from elmforest.forest.optout import remove_expert
 from elmforest.merge.io import open_matching, remote_code_files
 from elmforest.utils.errors import UserError

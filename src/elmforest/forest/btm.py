@@ -24,8 +24,9 @@ import numpy as np
 from elmforest.config import PRIOR_BATCHES, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.forest.branching import _flexolmo_owner, _kept_average, branch_weights, owner_overrides
+from elmforest.forest.fingerprint import architecture_fingerprint
 from elmforest.forest.kept import check_branch, check_kept, set_aside_damaged_run_model
-from elmforest.forest.manifest import Forest, architecture_fingerprint, valid_name
+from elmforest.forest.manifest import Forest, valid_name
 from elmforest.forest.plan import Plan, check_plan, plan_domains, plan_for  # noqa: F401 - btm.Plan etc.
 from elmforest.forest.seeding import (  # noqa: F401 - btm.train_seed etc.
     copy_dir_atomic,

@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from elmforest.forest.fingerprint import (
-    architecture_config,
-    architecture_fingerprint,
-    config_difference,
-    tokenizer_fingerprint,
-)
+from elmforest.forest.admission import check_compatible, not_a_copy
 from elmforest.forest.records import ForestRecords, _now
 from elmforest.forest.staging import WEIGHT_SUFFIXES, _copy_checkpoint, _stage_checkpoint, weight_digests
 from elmforest.forest.trust import (
@@ -54,31 +48,6 @@ class UnknownExpert(UserError, LookupError):
 
 
 __all__ = ["RESERVED_NAMES", "Forest", "UnknownExpert", "valid_name"]
-
-
-def _not_a_copy(d: dict, entry: dict, force: bool) -> None:
-    """A copy of an opted-out expert (its weight files, byte for byte: its tombstone holds their
-    digests) brings back what its owner withdrew under a new name: refused (`force`: the owner re-adding
-    its own, under its name). A copy of an expert in the forest is one training run: it is counted once,
-    the copy at 0 tokens and 0 FLOPs (`copy_of` names the original), said."""
-    name, files = entry["name"], entry["files"]
-    if not files:
-        return
-    if twin := next((e["name"] for e in d["experts"] if e["name"] != name and e.get("files") == files), None):
-        if entry["tokens"] or entry["flops"]:
-            print(
-                f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one model, counted "
-                f"once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger (a run that "
-                "trained the same weights again is not counted)",
-                file=sys.stderr,
-            )
-        entry.update(tokens=0, flops=0, copy_of=twin)
-    gone = next((r["name"] for r in d.get("removed", []) if r.get("files") == files), None)
-    if gone is not None and not (force and gone == name):
-        raise UserError(
-            f"expert {name!r}: its weights are those of expert {gone!r}, opted out (forest remove); its "
-            "owner's choice is not undone by adding them under another name"
-        )
 
 
 def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
@@ -239,49 +208,6 @@ class Forest(ForestRecords):
         return inside(self.root, s["path"], "seed", self.root / "forest.json") if s else None
 
     # -- changes -----------------------------------------------------------------------------------
-    def _check_compatible(self, model_dir: Path, architecture: str | None = None) -> tuple[str, str]:
-        tok, arch = tokenizer_fingerprint(model_dir), architecture_fingerprint(model_dir)
-        if self.data.get("tokenizer") and tok != self.data["tokenizer"]:
-            raise UserError(
-                f"{model_dir}: its tokenizer (fingerprint {tok}) differs from the forest's "
-                f"({self.data['tokenizer']}); experts of one forest must share a tokenizer"
-            )
-        if architecture is not None:  # an expert of another, derived shape (a FlexOlmo owner's pair)
-            if not self.data.get("architecture"):
-                raise UserError(f"{self.root}: no seed yet; an expert of a derived architecture needs one")
-            if arch != architecture:
-                raise UserError(
-                    f"{model_dir}: its architecture (fingerprint {arch}) is not the {architecture} it "
-                    "started from; its shape changed in training"
-                )
-            return tok, arch
-        recorded = self.data.get("architecture")
-        # what the forest holds of that architecture: the seed, else its first intact expert
-        held = [self.seed_dir] if self.seed_dir is not None else []
-        held += [self.expert_dir(n) for n in self.names[:1] if self.intact(n) is None]
-        ref = next((d for d in held if (d / "config.json").is_file()), None)
-        same = (  # a forest written before the fingerprint was normalised (or by another transformers)
-            not recorded
-            or recorded in (arch, architecture_fingerprint(model_dir, raw=True))
-            or (ref is not None and arch == architecture_fingerprint(ref))
-        )
-        if not same:
-            gone = [r["name"] for r in self.data.get("removed", [])]
-            differs = (
-                f" ({config_difference(architecture_config(model_dir), architecture_config(ref))}; this "
-                "checkpoint's value first)"
-                if ref is not None
-                else f" (set by expert(s) {gone}, opted out since; a forest keeps its architecture: start "
-                "another forest for this one)"
-                if gone
-                else ""
-            )
-            raise UserError(
-                f"{model_dir}: its architecture (fingerprint {arch}) differs from the forest's "
-                f"({recorded}){differs}; experts must share the seed's architecture"
-            )
-        return tok, recorded or arch
-
     def set_seed(
         self,
         model_dir: str | Path,
@@ -295,7 +221,7 @@ class Forest(ForestRecords):
         """Store the seed; `seed_fields` (its run config) and top-level `extra` (the plan) land in the
         same atomic manifest write, so a crash never leaves a seed without them."""
         src = resolve_model_dir(model_dir)
-        tok, arch = self._check_compatible(src)
+        tok, arch = check_compatible(self, src)
         _copy_checkpoint(src, self.root / "seed", link=link)
         seed = {
             "path": "seed",
@@ -344,7 +270,7 @@ class Forest(ForestRecords):
         if len(set(domains)) != len(domains):
             raise UserError(f"expert {name!r}: each domain once; got {list(domains)}")
         tokens, flops = count(tokens, f"expert {name!r}: tokens"), count(flops, f"expert {name!r}: flops")
-        tok, arch = self._check_compatible(src, architecture)
+        tok, arch = check_compatible(self, src, architecture)
         forest_arch = self.data["architecture"] if architecture is not None else arch
         same = [  # experts of this shape so far (a FlexOlmo owner's pair has a shape of its own)
             n
@@ -384,7 +310,7 @@ class Forest(ForestRecords):
                         f"{self.root}: expert {name!r} was opted out (forest remove); its owner's choice is not "
                         "undone by adding it back"
                     )
-                _not_a_copy(d, entry, force)
+                not_a_copy(d, entry, force)
                 d["experts"] = _in_plan_order(d, [e for e in d["experts"] if e["name"] != name] + [entry])
                 d["tokenizer"], d["architecture"] = tok, forest_arch
                 # re-added after an opt-out: what its removal discarded goes with it, not lost
