@@ -7,8 +7,40 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 LOCK = ".trainer.lock"
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """The open lock file a trainer holds while it runs in `run_dir`: a second trainer there (an orphan
+    of a killed job, a duplicate launch) is refused instead of interleaving checkpoints."""
+    import fcntl
+
+    from elmforest.utils.errors import Failed
+
+    try:
+        f = open(run_dir / LOCK, "a")  # noqa: SIM115 (held until the trainer releases it)
+    except FileNotFoundError:
+        raise Failed(
+            f"{run_dir}: the run directory was deleted by another process as this trainer started; "
+            "run the command again"
+        ) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise Failed(f"{run_dir}: another trainer is running in this directory") from None
+    return f
+
+
+def drop_if_empty(run_dir: Path) -> None:
+    """Removes a run directory that holds nothing but its lock file: a run refused before it wrote
+    anything leaves no folder that looks like a run."""
+    import shutil
+
+    if not any(p.is_file() and p.name != LOCK for p in run_dir.rglob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def training_now(run_dir: str | Path) -> bool:

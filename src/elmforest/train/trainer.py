@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +48,12 @@ from elmforest.train.runcheck import (
     check_finished_data,
     check_inputs,
 )
+from elmforest.train.runlock import drop_if_empty, lock_run_dir
 from elmforest.train.schedule import lr_at
 from elmforest.train.setup import TrainerSetup
 from elmforest.train.tracking import tracker_callbacks
 from elmforest.utils.device import autocast
-from elmforest.utils.errors import Failed, UserError
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import discard_dir, read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import first_process
 
@@ -106,7 +106,7 @@ class Trainer(TrainerSetup):
                 self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
             except BaseException:
                 if created:  # refused before anything was written: leave no empty run folder behind
-                    _drop_if_empty(self.run_dir)
+                    drop_if_empty(self.run_dir)
                 raise
             self.lead = self.rank == 0  # only the first process writes; the others compute
             return self._locked_fit(summary_path)
@@ -363,23 +363,7 @@ class Trainer(TrainerSetup):
         return float(x)
 
     def _lock_run_dir(self) -> None:
-        """One trainer per run directory: a second one (an orphan of a killed job, a duplicate launch)
-        is refused instead of interleaving checkpoints. The lock dies with the process."""
-        import fcntl
-
-        from elmforest.train.runlock import LOCK
-
-        try:
-            self._lock = open(self.run_dir / LOCK, "a")
-        except FileNotFoundError:
-            raise Failed(
-                f"{self.run_dir}: the run directory was deleted by another process as this trainer started; "
-                "run the command again"
-            ) from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Failed(f"{self.run_dir}: another trainer is running in this directory") from None
+        self._lock = lock_run_dir(self.run_dir)
 
     def _release_lock(self) -> None:
         if getattr(self, "_lock", None) is not None:
@@ -398,13 +382,6 @@ class Trainer(TrainerSetup):
             save_tokenizer(self.tokenizer, tmp)
             write_json_atomic(tmp / "elmforest_run.json", self.cfg.to_dict())
             write_json_atomic(tmp / "elmforest_data.json", self.shards.record())
-
-
-def _drop_if_empty(run_dir: Path) -> None:
-    from elmforest.train.runlock import LOCK
-
-    if not any(p.is_file() and p.name != LOCK for p in run_dir.rglob("*")):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def train(
