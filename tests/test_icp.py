@@ -550,3 +550,39 @@ def test_whole_document_keys_and_cuts_read_in_blocks_match_brute_force(monkeypat
         want_cut.append(bool(((t[4:] != 0) & (t[4:] != 5)).any()))
     assert content_keys(docs) == want_keys
     assert truncated(docs, {"max_tokens": 4}).tolist() == want_cut
+
+
+def test_words_a_document_holds_alone_count_in_the_duplicate_test():
+    """The near-duplicate cosine was taken on the embedding's tf-idf, which leaves out words of one
+    document (min_df=2): two sayings alike but for their own words scored 1.0 and one was dropped
+    (all-terms tf-idf: 0.59 and 0.63). Reference: scikit-learn's tf-idf over every word."""
+    pytest.importorskip("faiss")
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [
+        "Patience is the key to wisdom and a long happy life",
+        "Silence is the fence around wisdom and a long happy life",
+        "Rockets reach orbit after launch from the pad",
+        "Rockets reach the moon after launch from Florida",
+        "Courts hear appeals from lower courts",
+    ]
+    x = TfidfVectorizer(sublinear_tf=True).fit_transform(texts)
+    assert (x[0] @ x[1].T).toarray()[0, 0] < 0.9 and (x[2] @ x[3].T).toarray()[0, 0] < 0.9
+    plan = icp_plan(texts, seed=0, threads=1)
+    check_partition(plan, len(texts))
+    assert plan.dropped.tolist() == [] and plan.stats["near_duplicates"] == 0
+    copied = [*texts, texts[1] + " "]  # a near copy (a space more) still goes
+    plan = icp_plan(copied, seed=0, threads=1)
+    assert plan.dropped.tolist() == [5] and plan.dropped_partner.tolist() == [1]
+
+
+def test_exact_copies_of_a_document_with_nothing_to_embed_are_dropped():
+    """Exact duplicates were looked for among embeddable documents only: two copies of a text of words
+    no other document holds were both kept, each a segment of its own."""
+    pytest.importorskip("faiss")
+    texts = ["It is what it is.", "It is what it is.", "rockets reach orbit", "rockets reach the moon"]
+    plan = icp_plan(texts, seed=0)
+    check_partition(plan, len(texts))
+    assert list(zip(plan.dropped.tolist(), plan.dropped_partner.tolist(), strict=True)) == [(1, 0)]
+    assert plan.stats["exact_duplicates"] == 1 and plan.stats["unembedded"] == 1
+    assert sorted(plan.order.tolist()) == [0, 2, 3]

@@ -149,12 +149,12 @@ def icp_plan(
     dropped = np.zeros(n, dtype=bool)
     partner = np.full(n, -1, dtype=np.int64)
     psim = np.zeros(n, dtype=np.float64)
-    cand = np.flatnonzero(ok)
+    # exact copies of any document, embeddable or not (a text of stop words alone, copied)
+    cand = np.arange(n) if whole is not None else np.flatnonzero(ok)
     exact_dups = 0
     if dedup_threshold is not None and len(cand):
         if whole is not None:  # equal content, not only equal prefixes
-            every = content_keys(whole)
-            keys = [every[i] for i in cand.tolist()]
+            keys = content_keys(whole)
         else:  # given vectors: equal rows by their bytes
             keys = [r.tobytes() for r in z[cand]]
         first = icp_dots.first_by_keys(keys, cand)
@@ -196,7 +196,7 @@ def icp_plan(
     indptr, nbrs, w = undirected_graph(n, src, dst, sim, keep, priority)
     lap("graph")
     path, starts, steps = greedy_path(indptr, nbrs, w, priority, keep)
-    unembedded = np.flatnonzero(~ok)
+    unembedded = np.flatnonzero(~ok & ~dropped)
     order = np.concatenate([path, unembedded])
     segments = np.concatenate([starts, len(path) + np.arange(len(unembedded))])
     lap("traverse")

@@ -275,9 +275,11 @@ def embed(
     threads: int = 1,
     embedder=None,
 ):
-    """(unit vectors z [N, d] float32, the L2-normalised tf-idf rows x (CSR), None for an
-    `embedder`). A document that cannot be embedded (no term kept, or an empty text for an
-    embedder) gets a zero row in both.
+    """(unit vectors z [N, d] float32, the L2-normalised tf-idf rows (CSR) over every term read, the
+    near-duplicate test's, or None for an `embedder`). The embedding keeps the terms of `min_df`
+    documents (at most `max_features`); the near-duplicate rows keep all, with the idf over these
+    documents: two documents alike but for words each holds alone are not duplicates. A document that
+    cannot be embedded (no term kept, or an empty text for an embedder) gets a zero vector z.
 
     Default: the c-BTM tf-idf -> truncated SVD embedding (for texts the same analyser, sublinear tf,
     smooth idf, SVD fitted on L2-normalised rows as Clusterer.fit does; for TokenDocuments the same
@@ -321,9 +323,13 @@ def embed(
         texts = data if isinstance(data, list) else list(data)
         n = len(texts)
         lengths, cols, v = _word_counts(texts, max_chars)
-    x = _tfidf(bag_counts(lengths, cols, v), min_df, max_features)
+    counts = bag_counts(lengths, cols, v)
+    x = _tfidf(counts, min_df, max_features)
+    # the near-duplicate test counts every term read: a word in one document alone (left out of the
+    # embedding by min_df) is what tells two otherwise alike documents apart
+    every = x if min_df <= 1 and max_features is None else _tfidf(counts, 1, None)
     if x.shape[1] <= dims:
-        return unit(x.toarray()), x
+        return unit(x.toarray()), every
     from sklearn.decomposition import TruncatedSVD
 
     with one_blas_thread():
@@ -336,7 +342,7 @@ def embed(
         )
         with np.errstate(divide="ignore", invalid="ignore"):  # equal rows: its variance ratio is 0/0
             svd.fit(sample.astype(svd_dtype))
-        return unit(project(x.astype(svd_dtype), svd.components_, threads)), x
+        return unit(project(x.astype(svd_dtype), svd.components_, threads)), every
 
 
 def project(x, components: np.ndarray, threads: int = 1, block: int = 4096) -> np.ndarray:

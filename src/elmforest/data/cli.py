@@ -85,8 +85,8 @@ class OrderArgs:
     icp_dedup_threshold: Annotated[
         float,
         opt(
-            "icp: drop a training document at this cosine similarity to an earlier one among its 10 "
-            "nearest neighbours",
+            "icp: drop a training document at this cosine similarity (tf-idf over every term it shares "
+            "or not) to an earlier one among its --icp-k nearest neighbours",
             unit_fraction,
         ),
     ] = 0.9
