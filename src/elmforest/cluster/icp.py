@@ -133,6 +133,11 @@ def icp_plan(
         import_faiss()
         z = unit(data)
     else:
+        if isinstance(data, str | bytes):
+            raise UserError(
+                "ICP orders documents: give a list of texts, TokenDocuments or an [N, d] array, not one "
+                f"{type(data).__name__}"
+            )
         if not isinstance(data, TokenDocuments | list):
             data = list(data)
         if len(data) == 0:

@@ -310,11 +310,19 @@ def embed(
     if embedder is not None:
         if isinstance(data, TokenDocuments):
             raise UserError("an ICP embedder reads texts, not TokenDocuments")
-        z, ok = embedder.embed(list(data))
-        z = np.asarray(z, dtype=np.float64)
+        texts = list(data)
+        got = embedder.embed(texts)
+        if not (isinstance(got, tuple | list) and len(got) == 2):
+            raise UserError("an ICP embedder's .embed(texts) must return (vectors [N, d], ok [N])")
+        z, ok = np.asarray(got[0], dtype=np.float64), np.asarray(got[1], dtype=bool)
+        if z.ndim != 2 or len(z) != len(texts) or ok.shape != (len(texts),):
+            raise UserError(
+                f"the ICP embedder returned vectors of shape {z.shape} and ok of shape {ok.shape} for "
+                f"{len(texts)} texts; it must return one row and one flag per text"
+            )
         if not np.isfinite(z).all():
             raise UserError("the ICP embedder returned NaN or infinite values")
-        z[~np.asarray(ok, dtype=bool)] = 0.0
+        z[~ok] = 0.0
         return unit(z), None
     if isinstance(data, TokenDocuments):
         n = len(data)

@@ -245,6 +245,9 @@ def group_languages(
     that were resolved. Languages are clustered in sorted order, so the order given changes nothing.
     `max_group_size` caps the languages a group may hold (balance: no expert left with most of them);
     the groups for every k are still cuts of one merge sequence."""
+    from elmforest.utils.typed import check_call_args
+
+    check_call_args("group_languages", lists=dict(codes=codes, ks=ks))
     table = load_features(features)
     names, aliases = resolve_codes(codes, table)
     if len(names) < 2:
@@ -354,14 +357,25 @@ def _spelling(grouping: dict):
     return lambda m: aliases.get(m.lower()) or letters.get(m.lower(), m.lower())
 
 
+def _a_grouping(grouping) -> None:
+    if not (isinstance(grouping, dict) and isinstance(grouping.get("groups"), dict) and grouping["groups"]):
+        raise UserError(
+            f"expected a language grouping (the dict load_grouping(path) returns), got {grouping!r:.80}"
+        )
+
+
 def domain_map(grouping: dict) -> dict[str, str]:
     """language -> group: what relabels a corpus's language domains into the forest's group domains."""
+    _a_grouping(grouping)
     return {lang: name for name, members in grouping["groups"].items() for lang in members}
 
 
 def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
     """The group typologically closest to a language (average cosine distance to its members, same
     feature set): where X-ELM branches a new language's expert from. Returns (group, every distance)."""
+    _a_grouping(grouping)
+    if not isinstance(code, str):
+        raise UserError(f"nearest_group: code must be one language code (a str), got {code!r}")
     table = load_features(grouping.get("features", DEFAULT_FEATURES))
     [c], _ = resolve_codes([code], table)
     groups = {}

@@ -59,6 +59,9 @@ def _in_plan_order(d: dict, experts: list[dict]) -> list[dict]:
 
 
 class Forest(ForestRecords):
+    """One forest on disk: `root` and its manifest `data` as last read. `Forest.load(root)` reads it,
+    `Forest.init(root)` makes one; every change goes through `update`, under the manifest's lock."""
+
     def __init__(self, root: str | Path, data: dict):
         self.root = Path(root)
         self.data = data
@@ -95,6 +98,7 @@ class Forest(ForestRecords):
 
     @classmethod
     def load(cls, root: str | Path) -> Forest:
+        """The forest at `root`, its manifest checked (forest/trust.py); NotFound where there is none."""
         root = Path(root)
         path = root / "forest.json"
         if not path.is_file():

@@ -29,7 +29,8 @@ class ForestRecords:
 
     def ledger(self) -> list[dict]:
         """Every training phase behind this forest, each counted by what actually ran (train/flops.py):
-        the seed, each current expert, and recorded extra phases (a merged model's router training)."""
+        the seed, each current expert, and recorded extra phases (a merged model's router training or
+        BTX fine-tuning), as rows with at least phase, name, tokens and flops."""
         seed = self.data.get("seed") or {}
         rows = []
         if seed:

@@ -25,6 +25,7 @@ from elmforest.launch.corpus_source import (
 )
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import discard_dir, file_stamps, read_json, write_json_atomic
+from elmforest.utils.typed import check_call_args
 
 # no model trains on these: half prior, half test, each source file's chunks on one side (data/splits.py)
 OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5, by_file=True)
@@ -63,7 +64,7 @@ def prepare_data(
     unused: bool = False,
 ) -> PreparedData:
     """Corpus (the demo one unless given) -> tokenizer (trained on at most `tokenizer_sample_bytes` of
-    each domain's training split) -> shards, and the out-of-domain sets tokenized apart (the demo's
+    each domain's training split) -> shards (PreparedData: where each is), and the out-of-domain sets tokenized apart (the demo's
     evaluation-only domains and `ood`; `ood=None` with a corpus given: none, and nothing said about
     them); each stage skipped when its output exists. Shared by the quickstarts and the scaling study.
     `domains` (None: every one with training documents) are the only ones the tokenizer learns from
@@ -73,6 +74,9 @@ def prepare_data(
 
     `order` (None or "source": as read; "random", "icp" or an orderer, data/reorder.py) orders each
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
+    ints = dict(vocab_size=vocab_size, order_seed=order_seed, tokenizer_sample_bytes=tokenizer_sample_bytes)
+    check_call_args("prepare_data", ints, dict(domains=domains, ood=ood))
+    out = Path(out)
     ood_sources = [Path(x) for x in (ood or [])]
     from elmforest.data.sources import refuse_out_in_data
 

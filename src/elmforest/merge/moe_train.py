@@ -61,7 +61,8 @@ def train_router(
 ) -> Path:
     """FlexOlmo's router-only training: every parameter but the router rows frozen, a few steps on a
     small mix of the domains (sampled uniformly), no weight decay. The run is resumable; the trained
-    model replaces `out` (default: `moe_dir`) atomically, with its card and metadata updated."""
+    model replaces `out` (default: `moe_dir`) atomically, with its card and metadata updated; returns
+    that output's path."""
     return _train_moe(
         "router_training",
         moe_dir,
@@ -98,7 +99,8 @@ def finetune_moe(
     """BTX's fine-tuning: the whole merged MoE (or the parameters `trainable` matches) trained on a
     uniform mix of the experts' domains with the Switch load-balancing loss (x `aux_loss`, 0.01 as in
     Switch) and the router z-loss (x `z_loss`, off by default), AdamW with the run config's weight decay,
-    warm-up 10%, cosine to 10% of `lr`. Resumable; replaces `out` atomically like `train_router`."""
+    warm-up 10%, cosine to 10% of `lr`. Resumable; replaces `out` atomically like `train_router`, and
+    returns its path."""
     return _train_moe(
         "finetuning",
         moe_dir,
@@ -133,6 +135,12 @@ def _train_moe(
 ) -> Path:
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.data.shards import Shards
+    from elmforest.utils.typed import check_call_args
+
+    where = {"router_training": "train_router", "finetuning": "finetune_moe"}[kind]
+    check_call_args(
+        where, dict(steps=steps, batch_size=batch_size), dict(domains=domains, overrides=overrides)
+    )
     from elmforest.train.trainer import train
 
     what = {"router_training": "router training", "finetuning": "fine-tuning"}[kind]

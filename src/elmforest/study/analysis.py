@@ -340,7 +340,7 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
         )
     if few := sorted(n for n in set(cfg.domain_counts) if n < 5):
         # 2 domains x 2 seeds: 9 possible replicates, an interval that looks tight and excludes 0
-        fits["caveat"] = (fits.get("caveat", "") + " " if "caveat" in fits else "") + (
+        fits["caveat"] = (fits.get("caveat", "") + "; " if "caveat" in fits else "") + (
             f"the gain at {', '.join(map(str, few))} domain(s) is bootstrapped over that few domains: its "
             "interval has a handful of possible values and understates the spread; read it as indicative"
         )

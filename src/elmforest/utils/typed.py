@@ -33,6 +33,15 @@ def from_dict(cls, d: dict, where: str = ""):
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+def _short(v) -> str:
+    """A value as an error shows it, bounded: a YAML list of aliases printed whole is billions of items."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel = 120, 120, 3
+    return r.repr(v)
+
+
 def _coerce(t, v, where: str):
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
@@ -46,20 +55,20 @@ def _coerce(t, v, where: str):
                 return _coerce(a, v, where)
             except (TypeError, ValueError):
                 continue
-        raise UserError(f"config{where}: {v!r} does not fit {t}")
+        raise UserError(f"config{where}: {_short(v)} does not fit {t}")
     if origin is list:
         if not isinstance(v, list):
-            raise UserError(f"config{where}: expected a list, got {v!r}")
+            raise UserError(f"config{where}: expected a list, got {_short(v)}")
         (a,) = typing.get_args(t)
         return [_coerce(a, x, where) for x in v]
     if t is bool:
         if isinstance(v, bool):
             return v
-        raise UserError(f"config{where}: expected true/false, got {v!r}")
+        raise UserError(f"config{where}: expected true/false, got {_short(v)}")
     if t is int:
         if isinstance(v, int) and not isinstance(v, bool):
             return v
-        raise UserError(f"config{where}: expected an integer, got {v!r}")
+        raise UserError(f"config{where}: expected an integer, got {_short(v)}")
     if t is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             try:
@@ -68,9 +77,30 @@ def _coerce(t, v, where: str):
                 raise UserError(f"config{where}: {str(v)[:12]}...: too large for a number") from None
         if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(v)
-        raise UserError(f"config{where}: expected a number, got {v!r}")
+        raise UserError(f"config{where}: expected a number, got {_short(v)}")
     if t is str:
         if isinstance(v, str):
             return v
-        raise UserError(f"config{where}: expected a string, got {v!r}")
+        raise UserError(f"config{where}: expected a string, got {_short(v)}")
     return v
+
+
+def check_call_args(where: str, ints: dict | None = None, lists: dict | None = None) -> None:
+    """What the CLI's parser types for its user, checked for a Python caller: an integer given as a
+    string, a float or a bool (`ints`), and one string or path where a list belongs (`lists`; None
+    allowed): iterated, a string is a list of its characters, each taken for a name."""
+    import operator
+    from pathlib import PurePath
+
+    for name, v in (ints or {}).items():
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            operator.index(v)
+        except TypeError:
+            raise UserError(f"{where}: {name} must be an integer, got {v!r}") from None
+    for name, v in (lists or {}).items():
+        if isinstance(v, str | bytes | PurePath):
+            raise UserError(
+                f"{where}: {name} must be a list, got one {type(v).__name__} ({v!r}); give [{v!r}]"
+            )

@@ -1,0 +1,79 @@
+"""The Python API's arguments that the CLI's parser types for its users: a caller passing a string
+where a list belongs, a number as a string, or a path where a loaded object belongs gets an error
+naming the argument, not a result built from the string's characters or a traceback deep inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elmforest.utils.errors import UserError
+
+
+def test_icp_refuses_one_string_and_an_embedder_that_returns_other_rows():
+    pytest.importorskip("faiss")
+    from elmforest.cluster.icp import icp_plan
+
+    with pytest.raises(UserError, match="not one str"):
+        icp_plan("the quick brown fox jumps over the lazy dog")  # was 43 one-character documents
+
+    class Rows:
+        def __init__(self, n, pair=True):
+            self.n, self.pair = n, pair
+
+        def embed(self, texts):
+            z = np.eye(self.n, 4)
+            return (z, np.ones(self.n, dtype=bool)) if self.pair else z
+
+    texts = ["a b c", "d e f", "a b d", "x y z", "g h i"]
+    for n in (3, 7):  # 3: two documents were missing from the order; 7: an IndexError
+        with pytest.raises(UserError, match=f"shape \\({n}, 4\\).*for 5 texts"):
+            icp_plan(texts, embedder=Rows(n))
+    with pytest.raises(UserError, match="must return \\(vectors"):
+        icp_plan(texts, embedder=Rows(5, pair=False))
+    assert sorted(icp_plan(texts, embedder=Rows(5)).order.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_prepare_data_names_a_mistyped_argument(tmp_path):
+    from elmforest.launch.prepare import prepare_data
+
+    with pytest.raises(UserError, match="prepare_data: vocab_size must be an integer, got '512'"):
+        prepare_data(tmp_path, "512")
+    with pytest.raises(UserError, match="order_seed must be an integer"):
+        prepare_data(tmp_path, 512, order="random", order_seed="1")
+    with pytest.raises(UserError, match=r"domains must be a list, got one str \('legal'\); give \['legal'\]"):
+        prepare_data(tmp_path, 512, domains="legal")  # was the domains l, e, g, a, l
+    with pytest.raises(UserError, match="ood must be a list"):
+        prepare_data(tmp_path, 512, ood=str(tmp_path / "ood"))
+    with pytest.raises(UserError, match="no such file or directory"):  # a str out: was a TypeError
+        prepare_data(str(tmp_path / "out"), 512, corpus=str(tmp_path / "missing"))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_moe_training_from_python_names_a_mistyped_argument(tmp_path):
+    from elmforest.merge.moe_train import finetune_moe, train_router
+
+    with pytest.raises(UserError, match="train_router: steps must be an integer, got '2'"):
+        train_router(tmp_path / "moe", tmp_path / "shards", steps="2")
+    with pytest.raises(UserError, match="finetune_moe: overrides must be a list"):
+        finetune_moe(tmp_path / "moe", tmp_path / "shards", steps=2, overrides="train.seed=3")
+    with pytest.raises(UserError, match="finetune_moe: batch_size must be an integer, got True"):
+        finetune_moe(tmp_path / "moe", tmp_path / "shards", steps=2, batch_size=True)
+
+
+def test_language_helpers_want_a_loaded_grouping_and_lists():
+    from elmforest.cluster.languages import domain_map, group_languages, nearest_group
+
+    grouping = {"groups": {"g0": ["deu", "nld"], "g1": ["fra", "spa"]}}
+    assert domain_map(grouping) == {"deu": "g0", "nld": "g0", "fra": "g1", "spa": "g1"}
+    for bad in ("groups/k4.json", Path("groups/k4.json"), {}):
+        with pytest.raises(UserError, match="expected a language grouping"):
+            domain_map(bad)
+        with pytest.raises(UserError, match="expected a language grouping"):
+            nearest_group("ukr", bad)
+    with pytest.raises(UserError, match="one language code"):
+        nearest_group(["ukr"], grouping)
+    with pytest.raises(UserError, match="codes must be a list"):
+        group_languages("deu,fra,spa", [2])
