@@ -135,6 +135,8 @@ def _shape_problem(r: dict) -> str | None:
                 return f"{key}.{m}.domains holds something other than per-domain results"
             if "mean_bpb" not in v:
                 return f"{key}.{m} has no 'mean_bpb'"
+            if not number(v["mean_bpb"]):
+                return f"{key}.{m}.mean_bpb is {v['mean_bpb']!r}, not a number"
             for d, x in v["domains"].items():
                 if "bpb" in x and not number(x["bpb"]):  # a plot cannot draw a null
                     return f"{key}.{m}.domains.{d}.bpb is {x['bpb']!r}, not a number"

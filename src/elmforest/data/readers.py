@@ -228,7 +228,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # a syntax error, nesting past the stack, a huge int
                 if was_first and line.lstrip().startswith("["):
                     raise DataError(_ARRAY.format(path=path)) from None
                 spread = spread or (was_first and line.strip() == "{")  # its lines each skipped

@@ -63,6 +63,8 @@ class Shards:
         self.index = read_json(idx)
         if self.index.get("version") != INDEX_VERSION:
             raise UserError(f"{idx}: unsupported shards version {self.index.get('version')}")
+        if self.index.get("dtype") not in ("uint16", "uint32"):
+            raise UserError(f"{idx}: token dtype {self.index.get('dtype')!r}; shards hold uint16 or uint32")
         self.dtype = np.dtype(self.index["dtype"])
         self._check_encoding(idx)
 
@@ -179,10 +181,41 @@ class Shards:
         return self.root / self.index["domains"][domain]["folder"] / f"{split}{suffix}"
 
     def tokens(self, domain: str, split: str) -> np.ndarray:
+        """The split's token ids, memory-mapped: as many as the index says, the file exactly that size
+        (a half-copied or edited shards folder is said as such, not read short or past its end)."""
         n = self.info(domain, split)["tokens"]
-        return np.memmap(self._path(domain, split, ".bin"), dtype=self.dtype, mode="r", shape=(n,))
+        path = self._path(domain, split, ".bin")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UserError(f"{self.root / 'index.json'}: {domain}/{split} tokens {n!r} is not a count")
+        size = path.stat().st_size if path.is_file() else None
+        if size != n * self.dtype.itemsize:
+            raise UserError(
+                f"{path}: {'missing' if size is None else f'{size:,} bytes'}, but the index says {n:,} "
+                f"{self.dtype.name} tokens ({n * self.dtype.itemsize:,} bytes): truncated or edited shards; "
+                "build them again"
+            )
+        if n == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
 
     def documents(self, domain: str, split: str) -> np.ndarray:
-        """int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes)."""
-        self.info(domain, split)
-        return np.load(self._path(domain, split, ".docs.npy"), allow_pickle=False)
+        """int64 [n_docs, 2]: (end offset in tokens, UTF-8 bytes), checked against the index: ends that
+        never decrease, the last one the split's token count."""
+        n = self.info(domain, split)["tokens"]
+        path = self._path(domain, split, ".docs.npy")
+        try:
+            docs = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: not a document table ({e}); build the shards again") from None
+        ends = docs[:, 0] if docs.ndim == 2 and docs.shape[1:] == (2,) else None
+        if (
+            ends is None
+            or docs.dtype != np.int64
+            or (len(ends) and (ends[0] < 0 or (np.diff(ends) < 0).any() or ends[-1] != n))
+            or (docs[:, 1] < 0).any()
+        ):
+            raise UserError(
+                f"{path}: not the document table of {domain}/{split} (int64 [documents, 2], ends rising to "
+                f"the {n!r} tokens the index says); build the shards again"
+            )
+        return docs

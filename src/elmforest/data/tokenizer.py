@@ -325,12 +325,22 @@ def _json_object(f: Path) -> dict:
 def _find_eos(tok: Tokenizer, directory: Path) -> int:
     """A shards dir's own record first (the end token its documents were built with: a checkpoint's
     config.json may name another than its tokenizer files do, and only those files are copied here),
-    then config.json's `eos_token_id`, then the tokenizer files' `eos_token`, then the usual names."""
+    then config.json's `eos_token_id`, then the tokenizer files' `eos_token`, then the usual names;
+    an id that is not a token of the tokenizer is refused, naming the file that gave it."""
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+
+    def token(i, f: Path) -> int:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+            raise UserError(
+                f"{f}: end-of-document id {i!r} is not a token of its tokenizer (vocabulary {vocab})"
+            )
+        return i
+
     index = directory / "index.json"
     if index.is_file():
         eos_id = (_json_object(index).get("tokenizer") or {}).get("eos_id")
-        if isinstance(eos_id, int) and not isinstance(eos_id, bool):
-            return eos_id
+        if eos_id is not None:
+            return token(eos_id, index)
     candidates = []
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = directory / name
@@ -338,6 +348,8 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
             eos = _json_object(f).get("eos_token")
             if isinstance(eos, dict):
                 eos = eos.get("content")
+            if eos is not None and not isinstance(eos, str):
+                raise UserError(f"{f}: eos_token {eos!r} is not a token's text")
             if eos:
                 candidates.append(eos)
     cfg = directory / "config.json"
@@ -345,8 +357,8 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
         eos_id = _json_object(cfg).get("eos_token_id")
         if isinstance(eos_id, list):
             eos_id = eos_id[0] if eos_id else None
-        if isinstance(eos_id, int):
-            return eos_id
+        if eos_id is not None:
+            return token(eos_id, cfg)
     candidates += [EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>"]
     for c in candidates:
         i = tok.token_to_id(c)

@@ -309,6 +309,37 @@ def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
+    except UserError:
+        raise
+    except (ValueError, RecursionError) as e:  # an integer of > 4,300 digits; nesting past the stack
+        raise UserError(f"{path}: not valid JSON ({_unreadable(e)})") from None
+
+
+def _unreadable(e: BaseException) -> str:
+    """What a JSON or YAML parser could not read that is not a syntax error, in a line: nesting deeper
+    than Python's stack, an integer longer than Python converts (4,300 digits)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0]
+
+
+def _bounded(obj: Any, path, limit: int = 1_000_000) -> Any:
+    """`obj`, refused once walking it passes `limit` values: YAML aliases share one object, so a
+    300-byte file of nested aliases expands to billions of values when anything walks or prints it."""
+    from elmforest.utils.errors import UserError
+
+    stack, seen = [obj], 0
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise UserError(f"{path}: holds more than {limit:,} values once its aliases are expanded")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return obj
 
 
 def file_stamps(sources) -> list[list]:
@@ -347,11 +378,16 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid YAML/JSON (not UTF-8 text at byte {e.start})") from e
+    except UserError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid YAML/JSON ({_unreadable(e)})") from None
+    return _bounded(loaded, path)
 
 
 def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
