@@ -642,10 +642,19 @@ def test_router_losses_by_hand_and_a_btx_run_logs_the_lm_loss(forest_dir, shards
     tr._setup()
     batch = tr.sampler.batch(0, 0)
     objective, ce = tr._loss(batch)
+    seen = []  # the logits rebuilt from what each router reads: not the model's own router_logits
+    gates = [layer.mlp.gate for layer in tr.model.model.layers]
+    hooks = [
+        g.register_forward_pre_hook(lambda m, a: seen.append(a[0].double() @ m.weight.double().T))
+        for g in gates
+    ]
     with torch.no_grad():
-        o = tr.model(input_ids=batch[:, :-1], output_router_logits=True)
+        tr.model(input_ids=batch[:, :-1])
+    for h in hooks:
+        h.remove()
     E, k = tr.model.config.num_local_experts, 2
-    lg = torch.cat([g.reshape(-1, E).double() for g in o.router_logits])
+    lg = torch.cat([g.reshape(-1, E) for g in seen])
+    assert len(seen) == len(gates) and not torch.allclose(lg.sum(-1), torch.ones((), dtype=lg.dtype))
     p = torch.softmax(lg, -1)
     top = p.topk(k, -1).indices
     aux = E * sum(
@@ -662,6 +671,12 @@ def test_router_losses_by_hand_and_a_btx_run_logs_the_lm_loss(forest_dir, shards
     dense.train.router_aux_loss = 0.01
     with pytest.raises(UserError, match="has no router"):
         train(dense, tmp_path / "dense", progress=False)
+    from elmforest.train.moe_loss import router_losses
+    from elmforest.utils.errors import Failed
+
+    probs = [torch.softmax(g, -1) for g in seen]  # what transformers 5.0-5.5 returned as router_logits
+    with pytest.raises(Failed, match="are probabilities, not logits"):
+        router_losses(tr.model.config, probs, 0.05, 0.01)
 
 
 def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(

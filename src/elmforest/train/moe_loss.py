@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import Failed, UserError
 
 
 def moe_shape(config, what: str = "train.router_aux_loss / router_z_loss") -> tuple[int, int]:
@@ -30,6 +30,12 @@ def router_losses(config, router_logits, aux_coef: float, z_coef: float) -> torc
 
     n, k = moe_shape(config)
     logits = [g.float().reshape(-1, n) for g in router_logits]
+    if all(g.min() >= 0 and torch.allclose(g.sum(-1), torch.ones(()), atol=1e-4) for g in logits):
+        # transformers 5.0-5.5 hand out softmax(logits) under this name: softmaxed again, the loss is wrong
+        raise Failed(
+            "the model's router_logits are probabilities, not logits (transformers < 5.6 returns them so): "
+            "the router losses would be computed on them softmaxed twice; upgrade transformers to >= 5.6"
+        )
     total = torch.zeros((), device=logits[0].device)
     if aux_coef > 0:
         total = total + aux_coef * load_balancing_loss_func(tuple(logits), n, k)
