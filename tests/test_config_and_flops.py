@@ -26,6 +26,11 @@ def test_config_round_trip_and_overrides():
     cfg4 = apply_overrides(cfg, ["data.domains=[2023, 'b']", "train.frozen_experts=[0, 1,]"])
     assert cfg4.data.domains == ["2023", "b"] and cfg4.train.frozen_experts == [0, 1]
     assert apply_overrides(cfg, ["data.domains=[2023, 2024]"]).data.domains == ["2023", "2024"]
+    # a quoted name keeps its comma: it was split into two domains never asked for, silently
+    assert apply_overrides(cfg, ["data.domains=['a,b', legal]"]).data.domains == ["a,b", "legal"]
+    assert apply_overrides(cfg, ['data.domains=[ "x, y" ,z]']).data.domains == ["x, y", "z"]
+    with pytest.raises(ValueError, match="a quote \\(\'\\) is not closed"):
+        apply_overrides(cfg, ["data.domains=['a, b]"])
     with pytest.raises(ValueError, match="neptune"):
         apply_overrides(cfg, ["train.trackers=[neptune]"])
     with pytest.raises(ValueError, match="unknown key"):

@@ -300,8 +300,21 @@ def _list_field(parts: list[str]) -> str | None:
 
 
 def _bare_list(raw: str, ann: str) -> list:
-    """`[a, b]` for a list field: bare (or quoted) names; numbers where the list holds numbers."""
-    items = [x.strip().strip("'\"") for x in raw.strip()[1:-1].split(",") if x.strip()]
+    """`[a, b]` for a list field: bare (or quoted) names; numbers where the list holds numbers. A
+    quoted name keeps its commas (`['a,b', c]`: two names, not three)."""
+    items, cur, quote = [], "", None
+    for ch in raw.strip()[1:-1]:
+        if quote:
+            quote, cur = (None, cur) if ch == quote else (quote, cur + ch)
+        elif ch in "'\"" and not cur.strip():
+            quote, cur = ch, ""
+        elif ch == ",":
+            items, cur = [*items, cur.strip()], ""
+        else:
+            cur += ch
+    if quote:
+        raise UserError(f"{raw}: a quote ({quote}) is not closed")
+    items = [x for x in [*items, cur.strip()] if x]
     if ann.startswith("list[str]"):
         return items
     out = []
