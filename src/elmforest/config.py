@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import split_quoted
 from elmforest.utils.typed import from_dict
 
 # The fields of ModelConfig that shape a freshly built model (a Llama). A run config stores them all,
@@ -302,19 +303,7 @@ def _list_field(parts: list[str]) -> str | None:
 def _bare_list(raw: str, ann: str) -> list:
     """`[a, b]` for a list field: bare (or quoted) names; numbers where the list holds numbers. A
     quoted name keeps its commas (`['a,b', c]`: two names, not three)."""
-    items, cur, quote = [], "", None
-    for ch in raw.strip()[1:-1]:
-        if quote:
-            quote, cur = (None, cur) if ch == quote else (quote, cur + ch)
-        elif ch in "'\"" and not cur.strip():
-            quote, cur = ch, ""
-        elif ch == ",":
-            items, cur = [*items, cur.strip()], ""
-        else:
-            cur += ch
-    if quote:
-        raise UserError(f"{raw}: a quote ({quote}) is not closed")
-    items = [x for x in [*items, cur.strip()] if x]
+    items = split_quoted(raw.strip()[1:-1], raw)
     if ann.startswith("list[str]"):
         return items
     out = []
