@@ -41,7 +41,7 @@ from elmforest.forest.evaluate import evaluate_forest_shards, make_pool
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor
 from elmforest.launch.jobs import ExpertJob, as_dict, continuation_config, run_job
-from elmforest.launch.prepare import ood_stamp
+from elmforest.launch.ood_sets import ood_stamp
 from elmforest.launch.sweep import choose, score_experts
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.merge.flexolmo import forest_pairs, merge_pairs

@@ -466,7 +466,7 @@ def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(
     from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
     from elmforest.data.tokenizer import load_tokenizer
-    from elmforest.launch.prepare import OOD_SPLIT, _ood_shards
+    from elmforest.launch.ood_sets import OOD_SPLIT, build_ood_shards
     from elmforest.utils.io import file_stamps
 
     def words(sh, split):
@@ -487,7 +487,7 @@ def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(
     tok = load_tokenizer(tokenizer_dir)
     old = Shards(tmp_path / "sh")
     assert {"river", "stone"} <= words(old, "valid")  # by document: chunks of both files on each side
-    sh = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    sh = build_ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     assert sh.index["split"]["by_file"] is True
     assert json.loads((tmp_path / "sh" / "sources.json").read_text())["split"]["by_file"] is True
     for split, word in (("valid", "river"), ("test", "stone")):
@@ -498,28 +498,48 @@ def test_ood_shards_split_by_file_and_older_ones_split_by_document_are_rebuilt(
         f.writelines(
             json.dumps({"id": f"poetry/{a}#{k:04d}", "text": "river " * 30}) + "\n" for k in range(10)
         )
-    sh = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    sh = build_ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     assert not sh.has("poetry", "test") and "poetry has no test documents" in capsys.readouterr().err
 
 
 def test_ood_shards_are_rebuilt_when_a_source_changes(tokenizer_dir, tmp_path):
     import os
 
-    from elmforest.launch.prepare import _ood_shards
+    from elmforest.launch.ood_sets import build_ood_shards
 
     src = tmp_path / "ood"
     _ood_set(src)
-    first = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    first = build_ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     n = len(first.tokens("poetry", "test")) + len(first.tokens("poetry", "valid"))
-    again = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    again = build_ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     assert len(again.tokens("poetry", "test")) + len(again.tokens("poetry", "valid")) == n
     with open(src / "poetry.jsonl", "a") as f:  # the user edits the file in place (same path)
         for i in range(40):
             f.write(json.dumps({"id": f"poetry/x{i}", "text": "moon " * 50}) + "\n")
     st = (src / "poetry.jsonl").stat()
     os.utime(src / "poetry.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    grown = _ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
+    grown = build_ood_shards(tmp_path / "sh", [src], tokenizer_dir, ["code"], progress=False)
     assert len(grown.tokens("poetry", "test")) + len(grown.tokens("poetry", "valid")) > n
+
+
+def test_two_out_of_domain_sets_of_one_name_are_refused_not_merged(tokenizer_dir, tmp_path):
+    """`--ood A/poetry.jsonl --ood B/poetry.jsonl` (or a user's set named like one of the demo's) were
+    built into one `poetry` set, scored as one row, with no word."""
+    from elmforest.launch.ood_sets import build_ood_shards
+    from elmforest.utils.errors import UserError
+
+    _ood_set(tmp_path / "A")
+    _ood_set(tmp_path / "B")
+    with pytest.raises(UserError, match=r"same name from more than one source \(poetry in .*A and .*B\)"):
+        build_ood_shards(
+            tmp_path / "sh", [tmp_path / "A", tmp_path / "B"], tokenizer_dir, ["code"], progress=False
+        )
+    assert not (tmp_path / "sh").exists()
+    (tmp_path / "B" / "poetry.jsonl").rename(tmp_path / "B" / "verse.jsonl")
+    sh = build_ood_shards(
+        tmp_path / "sh", [tmp_path / "A", tmp_path / "B"], tokenizer_dir, ["code"], progress=False
+    )
+    assert sorted(sh.domains) == ["poetry", "verse"]
 
 
 @pytest.mark.parametrize("names", [["code", "code"], ["code"]])

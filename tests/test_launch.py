@@ -447,7 +447,7 @@ def test_a_domain_that_cannot_name_an_expert_is_refused_before_the_shards_and_it
 def test_an_ood_set_copied_from_a_domain_left_out_is_out_of_domain(tmp_path):
     """`--domains drama,legal --ood scripture.jsonl` (scripture's own text) was refused as "documents of
     the training corpus": no model trained on them."""
-    from elmforest.launch.prepare import _shared_with
+    from elmforest.launch.ood_sets import _shared_with
 
     rows = [
         {"id": f"{d}{i}", "domain": d, "text": f"{d} text number {i}"} for d in ("a", "b") for i in range(10)
@@ -489,7 +489,7 @@ def test_an_ood_set_mostly_of_training_text_is_refused_and_half_of_it_said(
 ):
     """The line is more than half: 6 of 10 documents of the training corpus is not out of domain; 5 of
     10 is scored, with a note (only 0 and 10 of 10 were tested)."""
-    from elmforest.launch.prepare import _ood_shards
+    from elmforest.launch.ood_sets import build_ood_shards
 
     rows = [{"id": f"a{i}", "domain": "a", "text": f"a text number {i}"} for i in range(10)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -503,7 +503,7 @@ def test_an_ood_set_mostly_of_training_text_is_refused_and_half_of_it_said(
     args = (tmp_path / "shards-ood", [ood], tokenizer_dir, ["a"], False, tmp_path / "c.jsonl")
     if refused:
         with pytest.raises(UserError, match=f"{shared} of its 10 documents are documents of the training"):
-            _ood_shards(*args)
+            build_ood_shards(*args)
     else:
-        _ood_shards(*args)
+        build_ood_shards(*args)
         assert f"{shared} of its 10 documents are also in the training corpus" in capsys.readouterr().err

@@ -38,7 +38,8 @@ from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor, local_workers
 from elmforest.launch.forest import train_forest
-from elmforest.launch.prepare import OOD_SPLIT, check_quickstart_overrides, prepare_data
+from elmforest.launch.ood_sets import OOD_SPLIT
+from elmforest.launch.prepare import check_quickstart_overrides, prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.quickstart_arms import _moe_models, _random_split_forest, cluster_forest, dense_tuned
 from elmforest.quickstart_lines import precision_line, print_ledger, print_priors

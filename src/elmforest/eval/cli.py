@@ -53,7 +53,9 @@ def check_json_out(path: str | None) -> None:
         raise UserError(f"--json {path}: is a folder; give a file name")
 
 
-Domains = Annotated[str | None, opt("comma-separated subset (quote a name holding a comma: \"'a,b',c\")", metavar="A,B,...")]
+Domains = Annotated[
+    str | None, opt("comma-separated subset (quote a name holding a comma: \"'a,b',c\")", metavar="A,B,...")
+]
 Prior = Annotated[Literal["cached", "uniform"], opt("forest: the prior over experts")]
 PriorBatches = Annotated[
     int,

@@ -5,14 +5,12 @@ scaling study."""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
-from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
 from elmforest.forest.plan import check_expert_names
 from elmforest.launch.corpus_source import (
@@ -23,12 +21,10 @@ from elmforest.launch.corpus_source import (
     corpus_digests,
     corpus_listing,
 )
+from elmforest.launch.ood_sets import build_ood_shards
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import discard_dir, file_stamps, read_json, write_json_atomic
+from elmforest.utils.io import discard_dir, read_json, write_json_atomic
 from elmforest.utils.typed import check_call_args
-
-# no model trains on these: half prior, half test, each source file's chunks on one side (data/splits.py)
-OOD_SPLIT = SplitSpec(valid_frac=0.5, test_frac=0.5, by_file=True)
 
 
 @dataclass
@@ -45,9 +41,6 @@ def _no_training_documents(names: list[str], corpus, have: list[str]) -> UserErr
     return UserError(
         f"domains {names}: no training documents in {corpus} (its domains with some: {', '.join(have)})"
     )
-
-
-SOURCES = "sources.json"  # beside out-of-domain shards: what they were built from
 
 
 def prepare_data(
@@ -237,7 +230,7 @@ def prepare_data(
         raise _no_training_documents(missing, corpus, every)
     names = domains or [d for d in shards.domains if shards.has(d, "train")]
     ood_shards = (
-        _ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress, corpus)
+        build_ood_shards(out / "shards-ood", ood_sources, tok_dir, names, progress, corpus)
         if ood_sources
         else None
     )
@@ -324,89 +317,3 @@ def _describe(o: dict) -> str:
     if o["method"] == "source":
         return "source"
     return f"{o['method']}, seed {o.get('seed')}, params {o.get('params')}"
-
-
-def ood_stamp(path: Path | str | None) -> dict | None:
-    """What an out-of-domain shards directory was built from and how it was split (`_ood_shards` writes
-    it): a score made on other out-of-domain halves is stale, so score caches key on this."""
-    f = Path(path) / SOURCES if path is not None else None
-    return read_json(f) if f is not None and f.is_file() else None
-
-
-def _ood_shards(
-    path: Path,
-    sources: list[Path],
-    tok_dir: Path,
-    train_names: list[str],
-    progress,
-    corpus: Path | None = None,
-) -> Shards:
-    """The out-of-domain sets tokenized once (half valid for the priors, half test, by source file);
-    rebuilt when the sources change (their list, or any file's size or mtime: a rebuilt evaluation-only
-    corpus or an edited --ood file) or were split otherwise (before the split was by file). A set named
-    like a training domain is refused: it would not be OOD; so is one whose documents are mostly the
-    training corpus's (the same text under another domain name), and a few such documents are said."""
-    want = [str(s.resolve()) for s in sources]
-    # the split too: a study's scores keyed by this stamp are then scored again on the new halves
-    stamp = {"sources": want, "files": file_stamps(sources), "split": asdict(OOD_SPLIT)}
-    tok = load_tokenizer(tok_dir)
-    sh = Shards(path) if Shards.is_shards_dir(path) else None
-    seen = ood_stamp(path)
-    if (
-        sh is None
-        or {k: (seen or {}).get(k) for k in stamp} != stamp
-        or sh.tokenizer_fingerprint != tok.fingerprint()
-    ):
-        shared = _shared_with(corpus, sources, train_names) if corpus is not None else {}
-        build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
-        write_json_atomic(path / SOURCES, {**stamp, "shared_with_training": shared})
-        sh, seen = Shards(path), {"shared_with_training": shared}
-    for name, (n, of) in (seen.get("shared_with_training") or {}).items():
-        if 2 * n > of:
-            raise UserError(
-                f"out-of-domain set {name}: {n} of its {of} documents are documents of the training corpus (the "
-                "same text): it is not out of domain"
-            )
-        print(
-            f"note: out-of-domain set {name}: {n} of its {of} documents are also in the training corpus (the "
-            "same text); its BPB is not wholly out of domain",
-            file=sys.stderr,
-        )
-    check_ood_names(sh.domains, train_names)
-    for name in sh.domains:  # split by source file, a set of one or two files can fall on one side
-        missing = [s for s in ("valid", "test") if not sh.has(name, s)]
-        if missing:
-            print(
-                f"note: out-of-domain set {name} has no {' and no '.join(missing)} documents (split half and "
-                "half by source file, ids FILE#N; too few files or documents?): "
-                + ("it is not scored" if "test" in missing else "the forests' prior for it is uniform"),
-                file=sys.stderr,
-            )
-    return sh
-
-
-def check_ood_names(ood_names, train_names) -> None:
-    """An out-of-domain set named like a training domain is refused (`study --dry-run` checks it too)."""
-    clash = sorted(set(ood_names) & set(train_names))
-    if clash:
-        raise UserError(
-            f"out-of-domain set(s) {clash} share a name with a training domain; rename them (the `domain` "
-            "field or the file name): a domain the experts trained on is not out of domain"
-        )
-
-
-def _shared_with(corpus: Path, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
-    """{OOD set: [documents whose text is a document of a training domain, documents]} for the sets with
-    any. Only the domains trained on (`names`): a domain left out with --domains is a fair OOD set."""
-    from elmforest.data.documents import text_key as key
-    from elmforest.data.readers import iter_documents
-
-    keep = set(names)
-    train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
-    counts: dict[str, list[int]] = {}
-    for src in sources:
-        for d in iter_documents(src):
-            c = counts.setdefault(d.domain, [0, 0])
-            c[0] += key(d.text) in train
-            c[1] += 1
-    return {name: c for name, c in counts.items() if c[0]}

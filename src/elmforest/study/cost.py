@@ -141,7 +141,7 @@ def dry_run(source, overrides=(), log=print) -> dict:
             raise UserError(f"ood {path}: no such file or folder")
     if cfg.ood:  # the study would refuse it after tokenizing the corpus
         from elmforest.data.readers import iter_documents
-        from elmforest.launch.prepare import check_ood_names
+        from elmforest.launch.ood_sets import check_ood_names
 
         check_ood_names({d.domain for p in cfg.ood for d in iter_documents(p)}, names)
     if cfg.sweep:

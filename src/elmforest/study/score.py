@@ -23,7 +23,7 @@ from pathlib import Path
 from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.launch.jobs import DENSE_TUNED_RUN, logged
-from elmforest.launch.prepare import ood_stamp
+from elmforest.launch.ood_sets import ood_stamp
 from elmforest.launch.sweep_results import DIVERGED
 from elmforest.study.config import StudyConfig
 from elmforest.study.run import Point
