@@ -193,6 +193,13 @@ def test_an_expert_directory_linked_outside_the_forest_is_refused(forest, tmp_pa
         lambda m: {**m, "experts": [{"name": "x", "path": "experts/x", "domains": "legal"}]},
         lambda m: {**m, "seed": {"path": "seed", "config": {"model": {"preset": 3}}}},
         lambda m: {**m, "removed": [{"name": "../x"}]},
+        # JSON's Infinity for a count: every compute ratio of the forest would be inf
+        lambda m: {**m, "experts": [{**m["experts"][0], "flops": float("inf")}, *m["experts"][1:]]},
+        lambda m: {**m, "seed": {**(m.get("seed") or {"path": "seed"}), "tokens": float("inf")}},
+        lambda m: {
+            **m,
+            "ledger": [{"phase": "btx_finetuning", "name": "moe", "tokens": 1, "flops": float("inf")}],
+        },
     ],
 )
 def test_a_malformed_manifest_is_one_line_naming_the_file(forest, capsys, change):

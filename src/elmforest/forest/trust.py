@@ -134,7 +134,9 @@ def _plain_relative(rel) -> bool:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    """A count or weight as elmforest writes it: a finite number >= 0 (JSON's Infinity in a hand-edited
+    manifest would make every compute ratio of the forest inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
 
 
 def check_manifest(data, root: Path, path: Path) -> dict:
@@ -191,6 +193,10 @@ def check_manifest(data, root: Path, path: Path) -> dict:
         if not isinstance(v, dict):
             bad(f"'{key}' must be an object or null")
         inside(root, v.get("path"), key, path)
+    if data.get("seed") and not (
+        _number(data["seed"].get("tokens", 0)) and _number(data["seed"].get("flops", 0))
+    ):
+        bad("seed: 'tokens' and 'flops' must be non-negative numbers")
     seed = data.get("seed")
     if seed and "config" in seed:
         from elmforest.config import RunConfig
@@ -211,6 +217,9 @@ def check_manifest(data, root: Path, path: Path) -> dict:
         v = data.get(key, [])
         if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
             bad(f"'{key}' must be a list of objects")
+    for row in data.get("ledger", []):
+        if not all(_number(row.get(k, 0)) for k in ("tokens", "flops")):
+            bad(f"ledger row {row.get('name')!r}: 'tokens' and 'flops' must be non-negative numbers")
     for o in data.get("outputs", []):
         if not (isinstance(o.get("path"), str) and isinstance(o.get("experts"), list)):
             bad("each of 'outputs' needs a path and the experts it holds")
