@@ -308,6 +308,8 @@ def test_add_remove_and_incompatible_experts(forest_dir, shards_dir, corpus, tmp
     assert Forest.load(tmp_path / "f").names == again.names  # refusals changed nothing
     with pytest.raises(ValueError, match="exists"):
         again.add(src.expert_dir(src.names[0]), src.names[0], ["x"])
+    with pytest.raises(ValueError, match="only in case"):  # one folder on macOS and Windows
+        again.add(src.expert_dir(src.names[0]), src.names[0].upper(), ["x"])
 
 
 def load_tokenizer_of(path):

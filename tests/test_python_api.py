@@ -77,3 +77,14 @@ def test_language_helpers_want_a_loaded_grouping_and_lists():
         nearest_group(["ukr"], grouping)
     with pytest.raises(UserError, match="codes must be a list"):
         group_languages("deu,fra,spa", [2])
+
+
+def test_names_that_differ_only_in_case_are_refused_before_training(tmp_path):
+    """`Legal` and `legal` (or an expert `Dense` beside the dense baseline's `runs/dense`) were two
+    folders on Linux and one on macOS or Windows, where a copied forest lost one of them."""
+    from elmforest.forest.plan import check_expert_names
+
+    check_expert_names(["legal", "code"])
+    for names, twin in ((["legal", "Legal"], "legal"), (["Dense", "code"], "dense"), (["SEED"], "seed")):
+        with pytest.raises(UserError, match=f"differs from {twin!r} only in case"):
+            check_expert_names(names)

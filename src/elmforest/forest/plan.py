@@ -94,11 +94,14 @@ def plan_for(
 def check_expert_names(domains: list[str]) -> None:
     """Each domain names its expert: check every name before any training starts (a seed trained for
     nothing is the alternative)."""
-    from elmforest.forest.trust import valid_name
+    from elmforest.forest.trust import RESERVED_NAMES, valid_name
 
+    seen: dict[str, str] = {r: r for r in RESERVED_NAMES}
     for d in domains:
         try:
             valid_name(d)
+            if (other := seen.setdefault(d.casefold(), d)) != d:  # one folder on macOS and Windows
+                raise UserError(f"it differs from {other!r} only in case, one folder where case is not kept")
         except UserError as e:
             raise UserError(
                 f"domain {d!r} cannot name an expert ({e}); rename its data file (or folder, for .txt files) "
