@@ -178,8 +178,6 @@ def prepare_data(
             f"{out} is tokenized with the one there: use another --out"
         )
     if not (tok_dir / "tokenizer.json").exists():
-        # recorded before it is trained: a rerun that asks for another is refused above
-        write_json_atomic(source_file, {**read_json(source_file), "tokenizer": want_tok})
         log(
             f"[2/8] training a {vocab_size}-token byte-level BPE on the training split (at most "
             f"{tokenizer_sample_bytes:,} bytes of each domain)"
