@@ -180,9 +180,9 @@ def build_model(
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
+        attn_implementation=cfg.attn_implementation,
         **llama_kwargs(cfg),
     )
-    config._attn_implementation = cfg.attn_implementation
     from transformers.initialization import no_init_weights
 
     with torch.random.fork_rng(devices=[]), nullcontext() if initialise else no_init_weights():

@@ -25,7 +25,12 @@ def stopped_with(pool):
         yield
     except BaseException as e:
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a failed job
-            for p in list((getattr(pool, "_processes", None) or {}).values()):  # no public handle on them
+            if not hasattr(pool, "_processes"):  # CPython's; no public handle on the workers
+                print(
+                    "warning: this Python's process pool hides its workers; they may outlive this",
+                    file=sys.stderr,
+                )
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
                 p.kill()
             pool.shutdown(wait=False, cancel_futures=True)
         raise
