@@ -202,7 +202,7 @@ def test_a_dense_curve_that_does_not_fall_gives_no_multiplier_and_no_verdict(tmp
     the same budget "> the largest dense budget" and the claim "holds"."""
     from elmforest.study.analysis import findings
     from elmforest.study.config import StudyConfig
-    from elmforest.study.report import plot_multiplier
+    from elmforest.study.plots import plot_multiplier
 
     rng = np.random.default_rng(3)
     rising = [5.71, 5.708, 6.276, 7.298]

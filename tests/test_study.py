@@ -651,7 +651,7 @@ def test_the_same_corpus_written_otherwise_is_the_same_study(corpus, tmp_path, m
 
 def test_gain_plots_tick_each_count_measured(tmp_path, monkeypatch):
     """A log2 axis wrote 2^1, 2^2, 2^3 and left a 3-domain point without a tick."""
-    from elmforest.study import report
+    from elmforest.study import plots as report
 
     figs = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig))
