@@ -736,7 +736,7 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
     assert (ft / "routing.json").is_file() and "Fine-tuned afterwards (BTX)" in (ft / "README.md").read_text()
     # fine-tuning it again in place would count one run over another in the ledger: refused; a run
     # killed after its output was written, before its ledger row and tidying, has both done then
-    from elmforest.merge.moe import export_fingerprint
+    from elmforest.merge.moe_card import export_fingerprint
 
     left = ft.with_name(f"ft.finetune-run-{export_fingerprint(moe)}")
     (left / "model").mkdir(parents=True)
@@ -942,7 +942,7 @@ def test_an_exports_fingerprint_is_its_content_so_a_copy_is_the_same_export(fore
     """The card records the weight files' checksums as they are written: a copy with new times (cp -r)
     keeps the fingerprint (the quickstart's fine-tuned row is not trained again in a copied tree), another
     merge does not; a card from before the checksums falls back to the files' times."""
-    from elmforest.merge.moe import export_fingerprint
+    from elmforest.merge.moe_card import export_fingerprint
     from elmforest.utils.io import file_digest
 
     shutil.copytree(forest_dir, tmp_path / "f")

@@ -27,7 +27,8 @@ def _moe_models(
     from each expert's domain embeddings (no training); optionally the router trained alone, and the
     whole MoE fine-tuned on the mix (BTX's last stage), their compute recorded in the forest's ledger.
     Each MoE's routing statistics land beside it. Returns (row -> model dir, row -> ledger phase)."""
-    from elmforest.merge.moe import MoeSpec, export_fingerprint, export_moe
+    from elmforest.merge.moe import MoeSpec, export_moe
+    from elmforest.merge.moe_card import export_fingerprint
     from elmforest.merge.moe_train import finetune_moe, train_router
 
     moe_dir, models, phases = out / "moe", {}, {}

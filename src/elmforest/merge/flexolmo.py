@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter
-from elmforest.merge.moe import MLP_KEY, check_untrained, record_weight_files
+from elmforest.merge.moe import MLP_KEY, check_untrained
+from elmforest.merge.moe_card import record_weight_files
 from elmforest.merge.moe_formats import PROJ, format_for
 from elmforest.model.build import read_config_as_transformers, resolve_model_dir
 from elmforest.utils.errors import UserError
@@ -318,7 +319,7 @@ def _write_moe_card(
 ) -> None:
     """The card every merged MoE carries (elmforest_moe.json, README.md), so routing statistics,
     router training and BTX fine-tuning work on a FlexOlmo merge as on `merge moe`'s."""
-    from elmforest.merge.moe import model_card
+    from elmforest.merge.moe_card import model_card
     from elmforest.utils.io import write_text_atomic
 
     def domains_of(d: Path) -> list[str]:

@@ -17,12 +17,8 @@ from pathlib import Path
 
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
-from elmforest.merge.moe import (
-    check_untrained,
-    export_fingerprint,
-    model_card,
-    weight_digests,
-)
+from elmforest.merge.moe import check_untrained
+from elmforest.merge.moe_card import export_fingerprint, model_card, weight_digests
 from elmforest.merge.moe_copies import (
     drop_other_runs,
     forests_of,
