@@ -31,7 +31,7 @@ def test_config_round_trip_and_overrides():
     assert apply_overrides(cfg, ['data.domains=[ "x, y" ,z]']).data.domains == ["x, y", "z"]
     with pytest.raises(ValueError, match="a quote \\('\\) is not closed"):
         apply_overrides(cfg, ["data.domains=['a, b]"])
-    from elmforest.utils.io import split_list  # the command line's lists (eval --domains) alike
+    from elmforest.utils.typed import split_list  # the command line's lists (eval --domains) alike
 
     assert split_list("'a,b',legal") == ["a,b", "legal"] and split_list("a, b,,") == ["a", "b"]
     assert split_list(" , ") is None and split_list(None) is None

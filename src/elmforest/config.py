@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import split_quoted
-from elmforest.utils.typed import from_dict
+from elmforest.utils.typed import from_dict, split_quoted
 
 # The fields of ModelConfig that shape a freshly built model (a Llama). A run config stores them all,
 # so a run resumes, exports and branches as the model it was, whatever presets.py says later; a

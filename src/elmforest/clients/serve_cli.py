@@ -8,7 +8,7 @@ import typer
 
 from elmforest.utils.argtypes import opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import split_list
+from elmforest.utils.typed import split_list
 
 
 def register(app: typer.Typer) -> None:

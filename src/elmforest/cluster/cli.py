@@ -225,7 +225,7 @@ def languages(
     """Group languages by URIEL syntax (cosine, average-linkage merging) into k groups: X-ELM's experts."""
     from elmforest.cluster.languages import group_languages, list_languages, write_groupings
     from elmforest.utils.errors import UserError
-    from elmforest.utils.io import split_list
+    from elmforest.utils.typed import split_list
 
     if list_codes:
         for code, alias in list_languages(features):

@@ -22,7 +22,7 @@ from elmforest.utils.argtypes import (
     verb,
 )
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import split_list
+from elmforest.utils.typed import split_list
 
 Data = Annotated[
     str,

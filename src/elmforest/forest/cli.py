@@ -41,8 +41,9 @@ from elmforest.utils.argtypes import (
     verb,
 )
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import remove_path, split_list
+from elmforest.utils.io import remove_path
 from elmforest.utils.proc import first_process
+from elmforest.utils.typed import split_list
 
 ShardsDir = Annotated[str, opt("shards directory", metavar="DIR")]
 SeedShare = Annotated[

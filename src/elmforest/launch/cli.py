@@ -27,7 +27,7 @@ from elmforest.utils.argtypes import (
     positive_int,
     verb,
 )
-from elmforest.utils.io import split_list
+from elmforest.utils.typed import split_list
 
 
 def _grid(text: str | None, flag: str) -> list[float] | None:

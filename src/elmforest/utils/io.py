@@ -408,29 +408,3 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise
     remove_path(old)
     return dst
-
-
-def split_list(s: str | None) -> list[str] | None:
-    """A comma-separated command-line list (None when empty); a quoted item keeps its commas
-    (`--domains "'a,b',legal"`: a domain named `a,b`, and legal)."""
-    return split_quoted(s) or None if s else None
-
-
-def split_quoted(s: str, what: str | None = None) -> list[str]:
-    """Comma-separated items, blanks dropped, each stripped; one in single or double quotes is taken
-    whole, commas and all. Hand-written: csv takes one quote character, shlex splits on spaces."""
-    from elmforest.utils.errors import UserError
-
-    items, cur, quote = [], "", None
-    for ch in s:
-        if quote:
-            quote, cur = (None, cur) if ch == quote else (quote, cur + ch)
-        elif ch in "'\"" and not cur.strip():
-            quote, cur = ch, ""
-        elif ch == ",":
-            items, cur = [*items, cur.strip()], ""
-        else:
-            cur += ch
-    if quote:
-        raise UserError(f"{what or s}: a quote ({quote}) is not closed")
-    return [x for x in [*items, cur.strip()] if x]

@@ -1,7 +1,9 @@
 """A dataclass tree from parsed JSON/YAML with exact types: unknown keys named with their path, no bool
 taken for an int, YAML 1.1's `1e-3` (a string to it) read as the number it means. Hand-written: the
 libraries that do this (pydantic, cattrs) would be a dependency for these ~60 lines, with errors worded
-by their own conventions instead of the dotted path the user typed (`config.train.steps: ...`)."""
+by their own conventions instead of the dotted path the user typed (`config.train.steps: ...`).
+Also the typing a command line's parser does for its user, for Python callers (`check_call_args`) and
+for lists given as text (`split_list`)."""
 
 from __future__ import annotations
 
@@ -104,3 +106,27 @@ def check_call_args(where: str, ints: dict | None = None, lists: dict | None = N
             raise UserError(
                 f"{where}: {name} must be a list, got one {type(v).__name__} ({v!r}); give [{v!r}]"
             )
+
+
+def split_list(s: str | None) -> list[str] | None:
+    """A comma-separated command-line list (None when empty); a quoted item keeps its commas
+    (`--domains "'a,b',legal"`: a domain named `a,b`, and legal)."""
+    return split_quoted(s) or None if s else None
+
+
+def split_quoted(s: str, what: str | None = None) -> list[str]:
+    """Comma-separated items, blanks dropped, each stripped; one in single or double quotes is taken
+    whole, commas and all. Hand-written: csv takes one quote character, shlex splits on spaces."""
+    items, cur, quote = [], "", None
+    for ch in s:
+        if quote:
+            quote, cur = (None, cur) if ch == quote else (quote, cur + ch)
+        elif ch in "'\"" and not cur.strip():
+            quote, cur = ch, ""
+        elif ch == ",":
+            items, cur = [*items, cur.strip()], ""
+        else:
+            cur += ch
+    if quote:
+        raise UserError(f"{what or s}: a quote ({quote}) is not closed")
+    return [x for x in [*items, cur.strip()] if x]
