@@ -132,3 +132,24 @@ def test_a_results_file_with_a_mean_that_is_not_a_number_is_named(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(r))
     with pytest.raises(UserError, match=r"methods\.dense\.mean_bpb is None, not a number"):
         _results(tmp_path / "results.json")
+
+
+def test_domains_that_print_alike_are_said(tokenizer_dir, tmp_path, capsys):
+    """`café` written precomposed and decomposed are two domains, two rows that look like one."""
+    import unicodedata
+
+    from elmforest.data.shards_build import build_shards
+    from elmforest.data.splits import SplitSpec
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    lines = [
+        json.dumps({"id": f"{d}{i}", "domain": d, "text": f"coffee and cake number {i} " * 5})
+        for d in (nfc, nfd, "tea")
+        for i in range(30)
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    build_shards(tmp_path / "c.jsonl", tokenizer_dir, tmp_path / "sh", SplitSpec(0.1, 0.1), progress=False)
+    err = capsys.readouterr().err
+    assert "differ only in case or Unicode form" in err and "tea" not in err.split("note: domains")[-1]
+    assert sorted(Shards(tmp_path / "sh").domains) == sorted([nfc, nfd, "tea"])  # kept, not merged

@@ -214,6 +214,7 @@ def build_shards(
         for domain in sorted(read_domains - set(domains)):  # listed, so evaluation can say it is missing
             domains[domain] = {"folder": None, "splits": {}}
         in_train = _held_out_in_train(writers)
+        _note_lookalikes(list(domains))
         mapped = domain_map if isinstance(domain_map, DomainMap) else DomainMap(domain_map or {})
         if unused := mapped.unused(source_domains):  # a typo, or another corpus's map
             print(
@@ -274,6 +275,22 @@ def build_shards(
 
 def _text_key(text: str) -> int:
     return int.from_bytes(text_key(text, 8), "little")
+
+
+def _note_lookalikes(names: list[str]) -> None:
+    """Domains whose names print alike (NFC and NFD spellings of one word, a case apart): two domains,
+    two rows that a reader takes for one; said, not changed (the corpus is the user's)."""
+    import unicodedata
+
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(unicodedata.normalize("NFC", n).casefold(), []).append(n)
+    for same in (g for g in groups.values() if len(g) > 1):
+        print(
+            f"note: domains {', '.join(map(ascii, sorted(same)))} differ only in case or Unicode form: "
+            "two domains that print alike",
+            file=sys.stderr,
+        )
 
 
 def _held_out_in_train(writers: dict) -> dict:
