@@ -118,6 +118,20 @@ def test_an_end_of_document_id_outside_the_vocabulary_is_refused(tokenizer_dir, 
         (d / "config.json").write_text(json.dumps({"eos_token_id": bad}))
         with pytest.raises(UserError, match=rf"config\.json: end-of-document id {bad!r} is not a token"):
             load_tokenizer(d)
+    # an id the tokenizer holds past its count of tokens (a vocabulary with a gap) is a token all the same
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    eos_name = next(
+        t["content"] for t in tok["added_tokens"] if t["id"] == load_tokenizer(tokenizer_dir).eos_id
+    )
+    for t in tok["added_tokens"]:
+        if t["content"] == eos_name:
+            t["id"] = vocab + 20
+    tok["model"]["vocab"][eos_name] = vocab + 20
+    gap = tmp_path / "gap"
+    shutil.copytree(tokenizer_dir, gap)
+    (gap / "tokenizer.json").write_text(json.dumps(tok))
+    (gap / "config.json").write_text(json.dumps({"eos_token_id": vocab + 20}))
+    assert load_tokenizer(gap).eos_id == vocab + 20
     d = tmp_path / "named"
     shutil.copytree(tokenizer_dir, d)
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": 5}))

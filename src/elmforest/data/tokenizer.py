@@ -330,7 +330,7 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
     vocab = tok.get_vocab_size(with_added_tokens=True)
 
     def token(i, f: Path) -> int:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0 or tok.id_to_token(i) is None:
             raise UserError(
                 f"{f}: end-of-document id {i!r} is not a token of its tokenizer (vocabulary {vocab})"
             )

@@ -263,7 +263,8 @@ class Forest(ForestRecords):
         FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
         valid_name(name)
         src = resolve_model_dir(model_dir)
-        if twin := next((n for n in self.names if n != name and n.casefold() == name.casefold()), None):
+        twins = [n for n in self.names if n.casefold() == name.casefold()]
+        if name not in self.names and (twin := next(iter(twins), None)):
             raise UserError(
                 f"{self.root}: expert {name!r} differs from expert {twin!r} only in case: one folder on a file "
                 "system that does not keep case (macOS, Windows); add it under another --name"

@@ -16,6 +16,18 @@ import torch
 from elmforest.utils.errors import Failed, UserError
 
 
+def _softmaxed_router_logits() -> bool:
+    """transformers 5.0-5.5's MoE routers hand out softmax(logits) as `router_logits` (fixed in 5.6,
+    huggingface/transformers#45131): the losses below would softmax them again."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release < (5, 6)
+
+
+SOFTMAXED_ROUTER_LOGITS = _softmaxed_router_logits()
+
+
 def moe_shape(config, what: str = "train.router_aux_loss / router_z_loss") -> tuple[int, int]:
     """(experts, experts per token) of an MoE config; a UserError naming `what` for a dense model."""
     n = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
@@ -30,8 +42,7 @@ def router_losses(config, router_logits, aux_coef: float, z_coef: float) -> torc
 
     n, k = moe_shape(config)
     logits = [g.float().reshape(-1, n) for g in router_logits]
-    if all(g.min() >= 0 and torch.allclose(g.sum(-1), torch.ones(()), atol=1e-4) for g in logits):
-        # transformers 5.0-5.5 hand out softmax(logits) under this name: softmaxed again, the loss is wrong
+    if SOFTMAXED_ROUTER_LOGITS:  # checked by version: no device sync, nothing for torch.compile to trace
         raise Failed(
             "the model's router_logits are probabilities, not logits (transformers < 5.6 returns them so): "
             "the router losses would be computed on them softmaxed twice; upgrade transformers to >= 5.6"

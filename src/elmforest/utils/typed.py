@@ -115,18 +115,22 @@ def split_list(s: str | None) -> list[str] | None:
 
 
 def split_quoted(s: str, what: str | None = None) -> list[str]:
-    """Comma-separated items, blanks dropped, each stripped; one in single or double quotes is taken
-    whole, commas and all. Hand-written: csv takes one quote character, shlex splits on spaces."""
-    items, cur, quote = [], "", None
-    for ch in s:
-        if quote:
-            quote, cur = (None, cur) if ch == quote else (quote, cur + ch)
-        elif ch in "'\"" and not cur.strip():
-            quote, cur = ch, ""
-        elif ch == ",":
-            items, cur = [*items, cur.strip()], ""
-        else:
-            cur += ch
-    if quote:
-        raise UserError(f"{what or s}: a quote ({quote}) is not closed")
-    return [x for x in [*items, cur.strip()] if x]
+    """Comma-separated items, blanks dropped, each stripped; an item in single or double quotes, the
+    closing quote followed by a comma or the end, is taken whole and as written, commas and apostrophes
+    and all (`'o'reilly', 'a,b'`). A quote that closes nowhere is text like any other. Hand-written:
+    csv takes one quote character, shlex splits on spaces. (`what`: kept for callers naming the list.)"""
+    import re
+
+    items, i, n = [], 0, len(s)
+    while i <= n:
+        while i < n and s[i].isspace():
+            i += 1
+        if i < n and s[i] in "'\"":
+            if m := re.compile(re.escape(s[i]) + r"\s*(,|$)").search(s, i + 1):
+                items.append(s[i + 1 : m.start()])
+                i = m.end() if m.group(1) else n + 1
+                continue
+        j = s.find(",", i)
+        items.append(s[i : j if j >= 0 else n].strip())
+        i = j + 1 if j >= 0 else n + 1
+    return [x for x in items if x]
