@@ -115,7 +115,7 @@ def document_bytes_ok(shards: Shards, domain: str, split: str, table: np.ndarray
     ok = sums == docs[:, 1]
     is_special = np.isin(stream, special)
     for i in np.flatnonzero(~ok):
-        inner = is_special[starts[i] + 1 : docs[i, 0] - 1]
+        inner = is_special[starts[i] : docs[i, 0] - 1]  # from its first token: a text may start with one
         if not inner.any():
             raise UserError(
                 f"{shards.root}: {domain}/{split} document {i}: its tokens hold {int(sums[i])} bytes but the "
@@ -274,7 +274,11 @@ def build_tasks(
     if not 0 < max_cosine <= 1:
         raise UserError(f"max_cosine must be in (0, 1], got {max_cosine}")
     table, special = token_byte_table(shards.root / "tokenizer.json")
-    names = domains or [d for d in shards.domains if shards.has(d, "test")]
+    from elmforest.eval.bpb import missing_domains
+
+    names, _ = missing_domains(shards, "test", domains)  # the left-out ones said, as eval says them
+    if not names:
+        raise UserError(f"{shards.root}: no domain has a 'test' split: nothing to score")
     strangers = sorted(set(names) - set(shards.domains))
     if strangers:
         raise UserError(f"{shards.root}: no domain(s) {strangers}; it has {shards.domains}")

@@ -88,6 +88,7 @@ def evaluate_forest_crossdoc(
         raise UserError("the expert pool does not hold this forest's experts")
     n = len(names)
     priors, sources = {}, {}
+    before = pool.passes  # a shared pool has counted another evaluation's passes already
     for d in dict.fromkeys(it.domain for its in items.values() for it in its):
         if prior == "cached" and shards.has(d, "valid"):
             pool.scoring = f"{d}/valid"
@@ -100,8 +101,11 @@ def evaluate_forest_crossdoc(
             pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
             sources[d] = "uniform" if prior == "uniform" else f"uniform: {d} has no valid split"
         priors[d] = pi.double()
-    prior_passes, pool.passes = pool.passes, 0
-    groups = [(task, cond) for task in items for cond in TASKS[task]]
+    prior_passes = pool.passes - before
+    mark = pool.passes
+    groups = [
+        (task, cond) for task in items if items[task] for cond in TASKS[task]
+    ]  # a task none qualify for: unscored
     seqs = {g: sequences(items[g[0]], g[1]) for g in groups}
     scores: dict = {g: [] for g in groups}
     for j in range(n):  # expert by expert: with keep_loaded=False each is loaded once
@@ -138,7 +142,7 @@ def evaluate_forest_crossdoc(
         if prior_alpha is None
         else f"EMA {prior_alpha:g}",
         "tasks": summarize(items, nll),
-        "compute": {"expert_token_passes": pool.passes, "prior_token_passes": prior_passes},
+        "compute": {"expert_token_passes": pool.passes - mark, "prior_token_passes": prior_passes},
     }
     for (task, cond), w in weights.items():
         res["tasks"][task]["conditions"][cond]["posterior"] = w
