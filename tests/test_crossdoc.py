@@ -355,6 +355,14 @@ def test_bad_input_is_refused(shards_dir, dense, tmp_path):
         build_tasks(Shards(tmp_path / "notest"), SEQ)
     with pytest.raises(UserError, match=r"positions \(its config.json\)"):
         evaluate_crossdoc(dense, shards_dir, seq_len=100_000)
+    import shutil
+
+    other = tmp_path / "other-eos"  # the same tokenizer files, documents ended with another token
+    shutil.copytree(dense, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "eos_token_id": sh.eos_id + 1}))
+    with pytest.raises(UserError, match=f"its documents end with token {sh.eos_id}"):
+        evaluate_crossdoc(other, shards_dir, max_docs=1)
     spec = json.loads((Path(shards_dir) / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {
         "type": "Metaspace",

@@ -202,6 +202,7 @@ def prepare_crossdoc(
     seq_len = options.seq_len or default_seq_len(model_dirs[0])
     for d in model_dirs:
         check_seq_len(d, seq_len)
+    shards.check_eos(load_tokenizer(model_dirs[0]).eos_id, model_dirs[0])  # its boundaries, not text
     o = options
     items, info = build_tasks(
         shards,
