@@ -301,7 +301,6 @@ def embed(
     to the float64 fit up to 1e-2 rad on the demo's domains, against 1-5e-5 with "LU"). Fitting
     the demo's 8 domains and 2 whole corpora: 0.56 CPU-seconds in float32 with LU, 1.38 in float64
     with QR (its angles 1e-11)."""
-    from elmforest.utils.threads import one_blas_thread
 
     if svd_dtype not in ("float32", "float64"):
         raise UserError(f"ICP svd_dtype must be 'float32' or 'float64', got {svd_dtype!r}")
@@ -333,11 +332,24 @@ def embed(
         lengths, cols, v = _word_counts(texts, max_chars)
     counts = bag_counts(lengths, cols, v)
     x = _tfidf(counts, min_df, max_features)
-    # the near-duplicate test counts every term read: a word in one document alone (left out of the
-    # embedding by min_df) is what tells two otherwise alike documents apart
-    every = x if min_df <= 1 and max_features is None else _tfidf(counts, 1, None)
+    z = _project_tfidf(x, n, dims, fit_docs, svd_iter, svd_dtype, svd_normalizer, seed, threads)
+    if not (min_df <= 1 and max_features is None):
+        # the near-duplicate test counts every term read: a word in one document alone (left out of the
+        # embedding by min_df) is what tells two otherwise alike documents apart; made once the
+        # embedding's matrix is freed (the demo corpus as texts: peak 121 MB by tracemalloc, against
+        # 111 MB with the embedding's terms alone and 131 MB with both held; time within noise)
+        del x
+        x = _tfidf(counts, 1, None)
+    return z, x
+
+
+def _project_tfidf(x, n, dims, fit_docs, svd_iter, svd_dtype, svd_normalizer, seed, threads) -> np.ndarray:
+    """The tf-idf rows' unit vectors: themselves with no more terms than `dims`, else their projection
+    on a truncated SVD fitted on a seeded sample of `fit_docs` rows (see `embed`)."""
+    from elmforest.utils.threads import one_blas_thread
+
     if x.shape[1] <= dims:
-        return unit(x.toarray()), every
+        return unit(x.toarray())
     from sklearn.decomposition import TruncatedSVD
 
     with one_blas_thread():
@@ -350,7 +362,7 @@ def embed(
         )
         with np.errstate(divide="ignore", invalid="ignore"):  # equal rows: its variance ratio is 0/0
             svd.fit(sample.astype(svd_dtype))
-        return unit(project(x.astype(svd_dtype), svd.components_, threads)), every
+        return unit(project(x.astype(svd_dtype), svd.components_, threads))
 
 
 def project(x, components: np.ndarray, threads: int = 1, block: int = 4096) -> np.ndarray:
