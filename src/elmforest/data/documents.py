@@ -26,7 +26,7 @@ class DataError(UserError):
 def text_key(text: str, size: int = 16) -> bytes:
     """A document's text as compared: the same text under two ids (a copy in two domains, a crawl's
     duplicate) has one key. The shards keep 8 bytes per document (millions fit in an array); the
-    leakage and out-of-domain checks 16 (eval/leakage.py, launch/prepare.py)."""
+    leakage and out-of-domain checks 16 (eval/leakage.py, launch/ood_sets.py)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=size).digest()
 
 

@@ -52,8 +52,7 @@ def build_ood_shards(
         or {k: (seen or {}).get(k) for k in stamp} != stamp
         or sh.tokenizer_fingerprint != tok.fingerprint()
     ):
-        _one_source_each(sources)
-        shared = _shared_with(corpus, sources, train_names) if corpus is not None else {}
+        shared = _shared_with(corpus, sources, train_names)
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
         write_json_atomic(path / SOURCES, {**stamp, "shared_with_training": shared})
         sh, seen = Shards(path), {"shared_with_training": shared}
@@ -91,35 +90,31 @@ def check_ood_names(ood_names, train_names) -> None:
         )
 
 
-def _shared_with(corpus: Path, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
-    """{OOD set: [documents whose text is a document of a training domain, documents]} for the sets with
-    any. Only the domains trained on (`names`): a domain left out with --domains is a fair OOD set."""
+def _shared_with(corpus: Path | None, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
+    """One read of the out-of-domain sources: refuses a set name two sources hold (a user's
+    `--ood mine/perl_code.jsonl` beside the demo's own perl_code, `A/news.jsonl` and `B/news.jsonl`:
+    built together they were one row, silently); then, with the training `corpus`, {OOD set: [documents
+    whose text is a document of a training domain, documents]} for the sets with any. Only the domains
+    trained on (`names`): a domain left out with --domains is a fair OOD set."""
     from elmforest.data.documents import text_key as key
     from elmforest.data.readers import iter_documents
 
-    keep = set(names)
-    train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
-    counts: dict[str, list[int]] = {}
+    where: dict[str, list[str]] = {}
+    texts: dict[str, list[bytes]] = {}
     for src in sources:
         for d in iter_documents(src):
-            c = counts.setdefault(d.domain, [0, 0])
-            c[0] += key(d.text) in train
-            c[1] += 1
-    return {name: c for name, c in counts.items() if c[0]}
-
-
-def _one_source_each(sources: list[Path]) -> None:
-    """Refuses a set name that two sources hold (a user's `--ood mine/perl_code.jsonl` beside the demo's
-    own perl_code, or `A/news.jsonl` and `B/news.jsonl`): built together they were one row, silently."""
-    from elmforest.data.readers import iter_documents
-
-    where: dict[str, list[str]] = {}
-    for src in sources:
-        for name in dict.fromkeys(d.domain for d in iter_documents(src)):
-            where.setdefault(name, []).append(str(src))
+            if str(src) not in (w := where.setdefault(d.domain, [])):
+                w.append(str(src))
+            texts.setdefault(d.domain, []).append(key(d.text))
     if clash := {n: s for n, s in where.items() if len(s) > 1}:
         said = "; ".join(f"{n} in {' and '.join(s)}" for n, s in sorted(clash.items()))
         raise UserError(
             f"out-of-domain sets of the same name from more than one source ({said}): they would be scored "
             "as one set; rename one (the `domain` field or the file name)"
         )
+    if corpus is None:
+        return {}
+    keep = set(names)
+    train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
+    counts = {name: [sum(k in train for k in ks), len(ks)] for name, ks in texts.items()}
+    return {name: c for name, c in counts.items() if c[0]}
