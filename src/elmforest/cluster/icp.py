@@ -143,7 +143,7 @@ def icp_plan(
         if len(data) == 0:
             raise UserError("ICP ordering got no documents")
         import_faiss()
-        z, x = embed(data, seed=seed, threads=threads, **embed_kwargs)
+        z, x = embed(data, seed=seed, threads=threads, pair_rows=dedup_threshold is not None, **embed_kwargs)
         if whole is None:
             whole = data
     n = len(z)

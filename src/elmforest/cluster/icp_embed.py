@@ -274,11 +274,13 @@ def embed(
     seed: int = 0,
     threads: int = 1,
     embedder=None,
+    pair_rows: bool = True,
 ):
     """(unit vectors z [N, d] float32, the L2-normalised tf-idf rows (CSR) over every term read, the
     near-duplicate test's, or None for an `embedder`). The embedding keeps the terms of `min_df`
     documents (at most `max_features`); the near-duplicate rows keep all, with the idf over these
-    documents: two documents alike but for words each holds alone are not duplicates. A document that
+    documents: two documents alike but for words each holds alone are not duplicates (`pair_rows=False`,
+    no near-duplicate test to come: the embedding's own rows, no second matrix). A document that
     cannot be embedded (no term kept, or an empty text for an embedder) gets a zero vector z.
 
     Default: the c-BTM tf-idf -> truncated SVD embedding (for texts the same analyser, sublinear tf,
@@ -333,7 +335,7 @@ def embed(
     counts = bag_counts(lengths, cols, v)
     x = _tfidf(counts, min_df, max_features)
     z = _project_tfidf(x, n, dims, fit_docs, svd_iter, svd_dtype, svd_normalizer, seed, threads)
-    if not (min_df <= 1 and max_features is None):
+    if pair_rows and not (min_df <= 1 and max_features is None):
         # the near-duplicate test counts every term read: a word in one document alone (left out of the
         # embedding by min_df) is what tells two otherwise alike documents apart; made once the
         # embedding's matrix is freed (the demo corpus as texts: peak 121 MB by tracemalloc, against

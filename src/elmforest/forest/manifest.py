@@ -23,6 +23,7 @@ from elmforest.forest.records import ForestRecords, _now
 from elmforest.forest.staging import WEIGHT_SUFFIXES, _copy_checkpoint, _stage_checkpoint, weight_digests
 from elmforest.forest.trust import (
     RESERVED_NAMES,
+    case_twin,
     check_finite,
     check_manifest,
     check_weights,
@@ -263,8 +264,7 @@ class Forest(ForestRecords):
         FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
         valid_name(name)
         src = resolve_model_dir(model_dir)
-        twins = [n for n in self.names if n.casefold() == name.casefold()]
-        if name not in self.names and (twin := next(iter(twins), None)):
+        if name not in self.names and (twin := case_twin(name, self.names)):
             raise UserError(
                 f"{self.root}: expert {name!r} differs from expert {twin!r} only in case: one folder on a file "
                 "system that does not keep case (macOS, Windows); add it under another --name"

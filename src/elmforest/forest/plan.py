@@ -94,13 +94,12 @@ def plan_for(
 def check_expert_names(domains: list[str]) -> None:
     """Each domain names its expert: check every name before any training starts (a seed trained for
     nothing is the alternative)."""
-    from elmforest.forest.trust import RESERVED_NAMES, valid_name
+    from elmforest.forest.trust import RESERVED_NAMES, case_twin, valid_name
 
-    seen: dict[str, str] = {r: r for r in RESERVED_NAMES}
-    for d in domains:
+    for i, d in enumerate(domains):
         try:
             valid_name(d)
-            if (other := seen.setdefault(d.casefold(), d)) != d:  # one folder on macOS and Windows
+            if other := case_twin(d, [*sorted(RESERVED_NAMES), *domains[:i]]):
                 raise UserError(f"it differs from {other!r} only in case, one folder where case is not kept")
         except UserError as e:
             raise UserError(

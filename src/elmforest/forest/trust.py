@@ -34,9 +34,15 @@ def valid_name(name: str) -> str:
     return name
 
 
+def case_twin(name: str, names) -> str | None:
+    """Another of `names` that differs from `name` only in case: on macOS and Windows the two are one
+    folder (an expert's, or an expert's run beside the reserved `runs/dense`)."""
+    return next((n for n in names if n != name and n.casefold() == name.casefold()), None)
+
+
 def count(v, what: str) -> int:
     """A token or FLOP count from a file someone else wrote: a finite, non-negative number."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+    if not _number(v):
         raise UserError(f"{what}: expected a non-negative number, got {v!r}")
     return int(v)
 
@@ -139,6 +145,11 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
 
 
+def _counts(row: dict, who: str, bad) -> None:
+    if not (_number(row.get("tokens", 0)) and _number(row.get("flops", 0))):
+        bad(f"{who}: 'tokens' and 'flops' must be non-negative numbers")
+
+
 def check_manifest(data, root: Path, path: Path) -> dict:
     """Refuse a manifest whose structure, names or paths are not what elmforest writes."""
 
@@ -178,8 +189,7 @@ def check_manifest(data, root: Path, path: Path) -> dict:
             bad(f"expert {e['name']!r}: 'files' must map plain file names to {{bytes, sha256}}")
         if not (isinstance(e.get("domains"), list) and all(isinstance(d, str) for d in e["domains"])):
             bad(f"expert {e['name']!r}: 'domains' must be a list of strings")
-        if not (_number(e.get("tokens", 0)) and _number(e.get("flops", 0))):
-            bad(f"expert {e['name']!r}: 'tokens' and 'flops' must be non-negative numbers")
+        _counts(e, f"expert {e['name']!r}", bad)
         parents = e.get("parents", [])
         if not isinstance(parents, list) or not all(
             isinstance(p, dict) and isinstance(p.get("name"), str) and _number(p.get("weight"))
@@ -193,11 +203,9 @@ def check_manifest(data, root: Path, path: Path) -> dict:
         if not isinstance(v, dict):
             bad(f"'{key}' must be an object or null")
         inside(root, v.get("path"), key, path)
-    if data.get("seed") and not (
-        _number(data["seed"].get("tokens", 0)) and _number(data["seed"].get("flops", 0))
-    ):
-        bad("seed: 'tokens' and 'flops' must be non-negative numbers")
     seed = data.get("seed")
+    if seed:
+        _counts(seed, "seed", bad)
     if seed and "config" in seed:
         from elmforest.config import RunConfig
 
@@ -218,8 +226,7 @@ def check_manifest(data, root: Path, path: Path) -> dict:
         if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
             bad(f"'{key}' must be a list of objects")
     for row in data.get("ledger", []):
-        if not all(_number(row.get(k, 0)) for k in ("tokens", "flops")):
-            bad(f"ledger row {row.get('name')!r}: 'tokens' and 'flops' must be non-negative numbers")
+        _counts(row, f"ledger row {row.get('name')!r}", bad)
     for o in data.get("outputs", []):
         if not (isinstance(o.get("path"), str) and isinstance(o.get("experts"), list)):
             bad("each of 'outputs' needs a path and the experts it holds")

@@ -191,9 +191,8 @@ def prepare_data(
         check_expert_names(list(domains or sorted(found)))  # before the shards: each names an expert
         every = sorted(found)
         only = None if only == every else only
-        rec = read_json(source_file)  # before the tokenizer: with it, the record says of what it is made
-        write_json_atomic(
-            source_file, {**rec, "tokenizer": {**want_tok, "domains": only}, "corpus_domains": every}
+        write_json_atomic(  # before the tokenizer: with it, the record says of what it is made
+            source_file, {**record, "tokenizer": {**want_tok, "domains": only}, "corpus_domains": every}
         )
         save_tokenizer(tok, tok_dir)
 
