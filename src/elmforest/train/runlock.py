@@ -12,25 +12,36 @@ from typing import IO
 LOCK = ".trainer.lock"
 
 
-def lock_run_dir(run_dir: Path) -> IO:
-    """The open lock file a trainer holds while it runs in `run_dir`: a second trainer there (an orphan
-    of a killed job, a duplicate launch) is refused instead of interleaving checkpoints."""
+def _try_lock(run_dir: Path) -> tuple[IO | None, str]:
+    """(the open lock file, held), or (None, why not: "gone", the folder is not there; "busy", a
+    trainer holds it). The kernel drops the lock with the process."""
     import fcntl
 
-    from elmforest.utils.errors import Failed
-
     try:
-        f = open(run_dir / LOCK, "a")  # noqa: SIM115 (held until the trainer releases it)
-    except FileNotFoundError:
-        raise Failed(
-            f"{run_dir}: the run directory was deleted by another process as this trainer started; "
-            "run the command again"
-        ) from None
+        f = open(Path(run_dir) / LOCK, "a")  # noqa: SIM115 (held by the caller)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, "gone"
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise Failed(f"{run_dir}: another trainer is running in this directory") from None
+        return None, "busy"
+    return f, ""
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """The open lock file a trainer holds while it runs in `run_dir`: a second trainer there (an orphan
+    of a killed job, a duplicate launch) is refused instead of interleaving checkpoints."""
+    from elmforest.utils.errors import Failed
+
+    f, why = _try_lock(run_dir)
+    if why == "gone":
+        raise Failed(
+            f"{run_dir}: the run directory was deleted by another process as this trainer started; "
+            "run the command again"
+        )
+    if why == "busy":
+        raise Failed(f"{run_dir}: another trainer is running in this directory")
     return f
 
 
@@ -65,17 +76,9 @@ def unless_training(run_dir: str | Path) -> Iterator[bool]:
     """True, holding `run_dir`'s trainer lock for the block, so no trainer starts there while the run is
     deleted or replaced; False, holding nothing, when a trainer holds it now or the folder is gone. (A
     check, then a delete, lets a trainer start in between and lose its folder under it.)"""
-    import fcntl
-
-    try:
-        f = open(Path(run_dir) / LOCK, "a")  # noqa: SIM115 (held for the caller's block)
-    except (FileNotFoundError, NotADirectoryError):
+    f, _ = _try_lock(run_dir)
+    if f is None:
         yield False
         return
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
         yield True
