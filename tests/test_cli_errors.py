@@ -481,6 +481,10 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
     dup.write_text('{"train": {"steps": 4, "steps": 5000000}}')
     study = tmp_path / "s.yaml"
     study.write_text("preset: tiny\n")
+    for side in ("A", "B"):  # two out-of-domain sources of one name: refused by the dry run too
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "news.jsonl").write_text('{"text": "a day of news"}\n')
+    two_ood = f"ood=[{tmp_path / 'A'}, {tmp_path / 'B'}]"
     f = tmp_path / "f"
     shutil.copytree(forest_dir, f, symlinks=True)
     ev = ["eval", "--forest", forest_dir, "--data", shards_dir, "--json", tmp_path / "e.json"]
@@ -497,6 +501,7 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         # steps left to the preset's: its steps count, not 1
         (["study", study, "--dry-run", "--set", "dense_budgets=[0.5, 1, 2, 1e18]"], "1e+18 x 40"),
         (["study", study, "--dry-run", "--set", "seeds=[0, 1"], "seeds's value is not valid YAML"),
+        (["study", study, "--dry-run", "--set", two_ood], "same name from more than one source (news in"),
         (["study", study, "--dry-run", "--set", "seeds=[0, 18446744073709551616]"], "in [0, 2**64)"),
         (["cluster", "fit", "--data", corpus, "--out", tmp_path / "c", "--k", "2", "--seed", "4294967296"], "2**32"),
         (

@@ -447,7 +447,7 @@ def test_a_domain_that_cannot_name_an_expert_is_refused_before_the_shards_and_it
 def test_an_ood_set_copied_from_a_domain_left_out_is_out_of_domain(tmp_path):
     """`--domains drama,legal --ood scripture.jsonl` (scripture's own text) was refused as "documents of
     the training corpus": no model trained on them."""
-    from elmforest.launch.ood_sets import _shared_with
+    from elmforest.launch.ood_sets import scan_ood_sources
 
     rows = [
         {"id": f"{d}{i}", "domain": d, "text": f"{d} text number {i}"} for d in ("a", "b") for i in range(10)
@@ -455,8 +455,8 @@ def test_an_ood_set_copied_from_a_domain_left_out_is_out_of_domain(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ood = tmp_path / "ood.jsonl"
     ood.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows if r["domain"] == "b"))
-    assert _shared_with(tmp_path / "c.jsonl", [ood], ["a"]) == {}
-    assert _shared_with(tmp_path / "c.jsonl", [ood], ["a", "b"]) == {"ood": [10, 10]}
+    assert scan_ood_sources(tmp_path / "c.jsonl", [ood], ["a"]) == (["ood"], {})
+    assert scan_ood_sources(tmp_path / "c.jsonl", [ood], ["a", "b"]) == (["ood"], {"ood": [10, 10]})
 
 
 def test_the_quickstarts_dense_tuned_row_is_not_deleted_under_a_trainer(forest_dir, tmp_path):

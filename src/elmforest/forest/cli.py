@@ -201,7 +201,8 @@ def expert(
         str | None,
         opt(
             "train on these domains mixed (data.mixture; X-ELM's group of languages), --domain among them; "
-            "each stays a domain of its own in the shards and the lineage",
+            "each stays a domain of its own in the shards and the lineage (quote a name holding a comma: "
+            "\"'a,b',c\")",
             metavar="A,B,...",
         ),
     ] = None,

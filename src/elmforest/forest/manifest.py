@@ -264,7 +264,7 @@ class Forest(ForestRecords):
         FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
         valid_name(name)
         src = resolve_model_dir(model_dir)
-        if name not in self.names and (twin := case_twin(name, self.names)):
+        if name not in self.names and (twin := case_twin(name, [*sorted(RESERVED_NAMES), *self.names])):
             raise UserError(
                 f"{self.root}: expert {name!r} differs from expert {twin!r} only in case: one folder on a file "
                 "system that does not keep case (macOS, Windows); add it under another --name"

@@ -59,7 +59,7 @@ def quickstart(
     domains: Annotated[
         str | None,
         opt(
-            "comma-separated subset of the demo domains or of --data's (in a new --out, the others shape neither the tokenizer nor the shards)",
+            "comma-separated subset of the demo domains or of --data's (in a new --out, the others shape neither the tokenizer nor the shards; quote a name holding a comma: \"'a,b',c\")",
             metavar="A,B,...",
         ),
     ] = None,

@@ -1,7 +1,7 @@
 """The out-of-domain sets of a comparison, tokenized apart from the training shards with the same
 tokenizer: half of each set's files give the forests' prior, half are scored, and no model trains on
-them. A set is refused where it is not out of domain: named like a training domain, or mostly the
-training corpus's text under another name."""
+them. A set is refused where it is not out of domain (named like a training domain, or mostly the
+training corpus's text under another name), and where two sources hold one name (scored as one set)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def build_ood_shards(
     rebuilt when the sources change (their list, or any file's size or mtime: a rebuilt evaluation-only
     corpus or an edited --ood file) or were split otherwise (before the split was by file). A set named
     like a training domain is refused: it would not be OOD; so is one whose documents are mostly the
-    training corpus's (the same text under another domain name), and a few such documents are said."""
+    training corpus's (the same text under another domain name), and a few such documents are said; so
+    is a name two sources hold."""
     want = [str(s.resolve()) for s in sources]
     # the split too: a study's scores keyed by this stamp are then scored again on the new halves
     stamp = {"sources": want, "files": file_stamps(sources), "split": asdict(OOD_SPLIT)}
@@ -52,7 +53,8 @@ def build_ood_shards(
         or {k: (seen or {}).get(k) for k in stamp} != stamp
         or sh.tokenizer_fingerprint != tok.fingerprint()
     ):
-        shared = _shared_with(corpus, sources, train_names)
+        found, shared = scan_ood_sources(corpus, sources, train_names)
+        check_ood_names(found, train_names)  # before anything is tokenized
         build_shards(sources, tok, path, OOD_SPLIT, overwrite=True, progress=progress)
         write_json_atomic(path / SOURCES, {**stamp, "shared_with_training": shared})
         sh, seen = Shards(path), {"shared_with_training": shared}
@@ -90,12 +92,14 @@ def check_ood_names(ood_names, train_names) -> None:
         )
 
 
-def _shared_with(corpus: Path | None, sources: list[Path], names: list[str]) -> dict[str, list[int]]:
-    """One read of the out-of-domain sources: refuses a set name two sources hold (a user's
-    `--ood mine/perl_code.jsonl` beside the demo's own perl_code, `A/news.jsonl` and `B/news.jsonl`:
-    built together they were one row, silently); then, with the training `corpus`, {OOD set: [documents
-    whose text is a document of a training domain, documents]} for the sets with any. Only the domains
-    trained on (`names`): a domain left out with --domains is a fair OOD set."""
+def scan_ood_sources(
+    corpus: Path | None, sources: list[Path], names: list[str]
+) -> tuple[list[str], dict[str, list[int]]]:
+    """One read of the out-of-domain sources: (the set names they hold, and with the training `corpus`
+    {OOD set: [documents whose text is a document of a training domain, documents]} for the sets with
+    any; only the domains trained on, `names`: a domain left out with --domains is a fair OOD set).
+    Refuses a set name two sources hold (a user's `--ood mine/perl_code.jsonl` beside the demo's own
+    perl_code, `A/news.jsonl` and `B/news.jsonl`: built together they were one row, silently)."""
     from elmforest.data.documents import text_key as key
     from elmforest.data.readers import iter_documents
 
@@ -113,8 +117,8 @@ def _shared_with(corpus: Path | None, sources: list[Path], names: list[str]) -> 
             "as one set; rename one (the `domain` field or the file name)"
         )
     if corpus is None:
-        return {}
+        return list(where), {}
     keep = set(names)
     train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
     counts = {name: [sum(k in train for k in ks), len(ks)] for name, ks in texts.items()}
-    return {name: c for name, c in counts.items() if c[0]}
+    return list(where), {name: c for name, c in counts.items() if c[0]}

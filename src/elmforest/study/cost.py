@@ -140,10 +140,9 @@ def dry_run(source, overrides=(), log=print) -> dict:
         if not Path(path).exists():
             raise UserError(f"ood {path}: no such file or folder")
     if cfg.ood:  # the study would refuse it after tokenizing the corpus
-        from elmforest.data.readers import iter_documents
-        from elmforest.launch.ood_sets import check_ood_names
+        from elmforest.launch.ood_sets import check_ood_names, scan_ood_sources
 
-        check_ood_names({d.domain for p in cfg.ood for d in iter_documents(p)}, names)
+        check_ood_names(scan_ood_sources(None, [Path(p) for p in cfg.ood], names)[0], names)
     if cfg.sweep:
         sweep_lrs(cfg.sweep)
     c = study_cost(cfg, names)

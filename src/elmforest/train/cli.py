@@ -18,8 +18,8 @@ from elmforest.utils.proc import first_process
 # The config keys --set accepts, generated from the config dataclasses: the epilog of every training verb.
 CONFIG_KEYS = (
     "\b\n--set KEY=VALUE accepts every field of the run config, shown as KEY: TYPE = DEFAULT\n"
-    "(the dataclass default; a preset sets its own, see `elmforest presets`):\n"
-    + "\n".join(f"  {line}" for line in override_keys())
+    "(the dataclass default; a preset sets its own, see `elmforest presets`); a list is [a, b], a quoted\n"
+    "item keeping its commas ('key=[\"a,b\", c]'):\n" + "\n".join(f"  {line}" for line in override_keys())
 )
 
 Preset = Annotated[
