@@ -16,7 +16,7 @@ def test_icp_refuses_one_string_and_an_embedder_that_returns_other_rows():
     pytest.importorskip("faiss")
     from elmforest.cluster.icp import icp_plan
 
-    with pytest.raises(UserError, match="not one str"):
+    with pytest.raises(UserError, match="data must be a list, got one str"):
         icp_plan("the quick brown fox jumps over the lazy dog")  # was 43 one-character documents
 
     class Rows:

@@ -302,7 +302,7 @@ def _list_field(parts: list[str]) -> str | None:
 def _bare_list(raw: str, ann: str) -> list:
     """`[a, b]` for a list field: bare (or quoted) names; numbers where the list holds numbers. A
     quoted name keeps its commas (`['a,b', c]`: two names, not three)."""
-    items = split_quoted(raw.strip()[1:-1], raw)
+    items = split_quoted(raw.strip()[1:-1])
     if ann.startswith("list[str]"):
         return items
     out = []

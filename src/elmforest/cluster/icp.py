@@ -59,6 +59,7 @@ from elmforest.cluster.icp_graph import (
     undirected_graph,
 )
 from elmforest.utils.errors import UserError
+from elmforest.utils.typed import check_call_args
 
 __all__ = ["IcpPlan", "TokenDocuments", "embed_documents", "icp_order", "icp_plan"]
 
@@ -133,11 +134,7 @@ def icp_plan(
         import_faiss()
         z = unit(data)
     else:
-        if isinstance(data, str | bytes):
-            raise UserError(
-                "ICP orders documents: give a list of texts, TokenDocuments or an [N, d] array, not one "
-                f"{type(data).__name__}"
-            )
+        check_call_args("icp_plan", lists=dict(data=data))  # one text is not a list of documents
         if not isinstance(data, TokenDocuments | list):
             data = list(data)
         if len(data) == 0:

@@ -324,9 +324,9 @@ def load_grouping(path: str | os.PathLike) -> dict:
     if not Path(path).is_file():
         raise NotFound(f"language grouping {path}: no such file")
     g = read_json(path)
-    groups = g.get("groups") if isinstance(g, dict) else None
-    if not isinstance(groups, dict) or not groups:
+    if not _is_grouping(g):
         raise UserError(f"{path}: not a language grouping (no `groups` object)")
+    groups = g["groups"]
     one = _spelling(g)
     seen: dict[str, tuple[str, str]] = {}
     for name, members in groups.items():
@@ -357,8 +357,12 @@ def _spelling(grouping: dict):
     return lambda m: aliases.get(m.lower()) or letters.get(m.lower(), m.lower())
 
 
+def _is_grouping(g) -> bool:
+    return isinstance(g, dict) and isinstance(g.get("groups"), dict) and bool(g["groups"])
+
+
 def _a_grouping(grouping) -> None:
-    if not (isinstance(grouping, dict) and isinstance(grouping.get("groups"), dict) and grouping["groups"]):
+    if not _is_grouping(grouping):
         raise UserError(
             f"expected a language grouping (the dict load_grouping(path) returns), got {grouping!r:.80}"
         )

@@ -171,11 +171,15 @@ class Shards:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
         try:
-            return self.index["domains"][domain]["splits"][split]
+            info = self.index["domains"][domain]["splits"][split]
         except KeyError:
             if domain not in self.index["domains"]:
                 raise NotFound(f"{self.root}: no domain {domain!r}; it has {self.domains}") from None
             raise NotFound(f"{self.root}: no {split!r} split for domain {domain!r}") from None
+        n = info.get("tokens") if isinstance(info, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:  # an index edited by hand
+            raise UserError(f"{self.root / 'index.json'}: {domain}/{split} tokens {n!r} is not a count")
+        return info
 
     def _path(self, domain: str, split: str, suffix: str) -> Path:
         return self.root / self.index["domains"][domain]["folder"] / f"{split}{suffix}"
@@ -185,8 +189,6 @@ class Shards:
         (a half-copied or edited shards folder is said as such, not read short or past its end)."""
         n = self.info(domain, split)["tokens"]
         path = self._path(domain, split, ".bin")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise UserError(f"{self.root / 'index.json'}: {domain}/{split} tokens {n!r} is not a count")
         size = path.stat().st_size if path.is_file() else None
         if size != n * self.dtype.itemsize:
             raise UserError(

@@ -131,15 +131,14 @@ def _train_moe(
 ) -> Path:
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.data.shards import Shards
+    from elmforest.train.trainer import train
     from elmforest.utils.typed import check_call_args
 
-    where = {"router_training": "train_router", "finetuning": "finetune_moe"}[kind]
-    check_call_args(
-        where, dict(steps=steps, batch_size=batch_size), dict(domains=domains, overrides=overrides)
-    )
-    from elmforest.train.trainer import train
-
-    what = {"router_training": "router training", "finetuning": "fine-tuning"}[kind]
+    api, what = {
+        "router_training": ("train_router", "router training"),
+        "finetuning": ("finetune_moe", "fine-tuning"),
+    }[kind]
+    check_call_args(api, dict(steps=steps, batch_size=batch_size), dict(domains=domains, overrides=overrides))
     moe_dir = resolve_model_dir(moe_dir)
     out = Path(out or moe_dir)
     if not (moe_dir / "elmforest_moe.json").is_file():

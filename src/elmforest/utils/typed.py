@@ -114,11 +114,11 @@ def split_list(s: str | None) -> list[str] | None:
     return split_quoted(s) or None if s else None
 
 
-def split_quoted(s: str, what: str | None = None) -> list[str]:
+def split_quoted(s: str) -> list[str]:
     """Comma-separated items, blanks dropped, each stripped; an item in single or double quotes, the
     closing quote followed by a comma or the end, is taken whole and as written, commas and apostrophes
     and all (`'o'reilly', 'a,b'`). A quote that closes nowhere is text like any other. Hand-written:
-    csv takes one quote character, shlex splits on spaces. (`what`: kept for callers naming the list.)"""
+    csv takes one quote character, shlex splits on spaces."""
     import re
 
     items, i, n = [], 0, len(s)
