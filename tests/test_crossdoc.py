@@ -337,6 +337,9 @@ def test_bad_input_is_refused(shards_dir, dense, tmp_path):
         build_tasks(sh, 4)
     with pytest.raises(UserError, match="target_len"):
         build_tasks(sh, SEQ, target_len=SEQ)
+    with pytest.raises(UserError, match="no room for a neighbour"):  # every context its EOS alone
+        build_tasks(sh, SEQ, target_len=SEQ - 1, tasks=("retrieval",))
+    assert build_tasks(sh, SEQ, target_len=SEQ - 1, tasks=("second_half",), max_docs=1)[0]["second_half"]
     with pytest.raises(UserError, match="unknown task"):
         build_tasks(sh, SEQ, tasks=("nope",))
     with pytest.raises(UserError, match="no task given"):

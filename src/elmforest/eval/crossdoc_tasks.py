@@ -271,6 +271,11 @@ def build_tasks(
     t_len = seq_len // 2 if target_len is None else target_len
     if not 1 <= t_len < seq_len:
         raise UserError(f"target_len must be in [1, seq_len - 1 = {seq_len - 1}], got {t_len}")
+    if "retrieval" in tasks and t_len > seq_len - 2:  # a context of its leading EOS alone: nothing measured
+        raise UserError(
+            f"target_len {t_len} leaves the retrieval task's context no room for a neighbour's text "
+            f"(at most seq_len - 2 = {seq_len - 2})"
+        )
     if not 0 < max_cosine <= 1:
         raise UserError(f"max_cosine must be in (0, 1], got {max_cosine}")
     table, special = token_byte_table(shards.root / "tokenizer.json")
