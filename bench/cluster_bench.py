@@ -23,8 +23,9 @@ import numpy as np
 from elmforest.cluster.assign import assign_corpus, fit_clusterer, sample_texts
 from elmforest.cluster.kmeans import balanced_assign, balanced_kmeans
 from elmforest.cluster.router import IncrementalRouter
+from elmforest.data.bpe import train_bpe_on
 from elmforest.data.readers import iter_documents
-from elmforest.data.tokenizer import load_tokenizer, train_bpe_on
+from elmforest.data.tokenizer import load_tokenizer
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ def synthetic_corpus(root: Path, n_docs: int = 3000, seed: int = 0) -> Path:
 
 
 def synthetic_shards(work: Path, vocab_size: int) -> Path:
+    from elmforest.data.bpe import train_bpe_on
     from elmforest.data.shards import Shards
     from elmforest.data.shards_build import build_shards
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.data.tokenizer import save_tokenizer
 
     shards = work / "shards"
     if Shards.is_shards_dir(shards):

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from elmforest.data.bpe import train_bpe_on
 from elmforest.data.shards_build import build_shards
-from elmforest.data.tokenizer import train_bpe_on
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
 from elmforest.launch.executor import LocalExecutor, RayExecutor

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from elmforest.data.bpe import train_bpe_on
 from elmforest.data.readers import iter_documents
 from elmforest.data.shards_build import build_shards
-from elmforest.data.tokenizer import train_bpe_on
 
 
 def main() -> None:

@@ -59,7 +59,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory) -> Path:
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.data.bpe import train_bpe_on
+    from elmforest.data.tokenizer import save_tokenizer
 
     tok, _ = train_bpe_on(corpus, vocab_size=400, bytes_per_domain=200_000)
     out = tmp_path_factory.mktemp("tok")

@@ -87,9 +87,9 @@ def test_max_bytes_selects_whole_documents_by_their_text():
 def test_two_tokenizers_score_exactly_the_same_documents_and_bytes(corpus, tmp_path):
     """Selecting by tokens gave a fine-grained tokenizer fewer documents than a coarse one; by bytes,
     every tokenizer scores the same documents."""
+    from elmforest.data.bpe import train_bpe_on
     from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
-    from elmforest.data.tokenizer import train_bpe_on
 
     picked = []
     for vocab in (270, 600):

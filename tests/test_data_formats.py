@@ -357,7 +357,7 @@ def test_a_saved_dataset_inside_a_folder_is_read_whole_not_as_json_files(hf, tmp
 
 def test_clustering_and_tokenizer_training_read_the_new_formats_alike(hf, tmp_path):
     from elmforest.cluster.assign import sample_texts
-    from elmforest.data.tokenizer import train_bpe_on
+    from elmforest.data.bpe import train_bpe_on
 
     recs = _records(30)
     _write_jsonl(tmp_path / "mix.jsonl", recs)

@@ -274,7 +274,8 @@ def test_compute_is_matched_and_lineage_recorded(forest_dir):
 
 def test_add_remove_and_incompatible_experts(forest_dir, shards_dir, corpus, tmp_path):
     from elmforest.config import ModelConfig
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.data.bpe import train_bpe_on
+    from elmforest.data.tokenizer import save_tokenizer
     from elmforest.model.build import build_model
 
     src = Forest.load(forest_dir)

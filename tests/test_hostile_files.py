@@ -16,7 +16,8 @@ from elmforest.data.documents import ReadStats
 from elmforest.data.readers import iter_documents
 from elmforest.data.shards import Shards
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_json, read_yaml
+from elmforest.utils.io import read_json
+from elmforest.utils.yaml_file import read_yaml
 
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE = "9" * 5_000  # past the 4,300 digits Python converts

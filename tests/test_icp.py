@@ -416,7 +416,8 @@ def test_bag_counts_equal_a_count_per_row(compiled, dtype):
 
 
 def test_tfidf_rows_equal_the_formula_and_threads_change_no_bit():
-    from elmforest.cluster.icp_embed import _tfidf, bag_counts, project, sparse_pair_cosine
+    from elmforest.cluster.icp_embed import _tfidf, bag_counts, project
+    from elmforest.cluster.icp_pairs import sparse_pair_cosine
 
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 40, 300)
@@ -463,7 +464,8 @@ def test_compiled_traversal_walks_beyond_the_start_nodes_as_python_does_and_chec
 def test_compiled_pair_products_and_bags_equal_scipy_and_refuse_bad_input():
     """The compiled kernels against the scipy paths on rows that include empty ones (all terms under
     min_df), and their input checks: they index raw arrays, so bad ids must raise, not read garbage."""
-    from elmforest.cluster.icp_embed import _tfidf, bag_counts, sparse_pair_cosine
+    from elmforest.cluster.icp_embed import _tfidf, bag_counts
+    from elmforest.cluster.icp_pairs import sparse_pair_cosine
 
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 30, 200)
@@ -534,7 +536,7 @@ def test_whole_document_keys_and_cuts_read_in_blocks_match_brute_force(monkeypat
 
     from elmforest.cluster import icp_embed
     from elmforest.cluster.icp import TokenDocuments, truncated
-    from elmforest.cluster.icp_embed import content_keys
+    from elmforest.cluster.icp_pairs import content_keys
 
     monkeypatch.setattr(icp_embed, "BLOCK_TOKENS", block)
     rng = np.random.default_rng(0)

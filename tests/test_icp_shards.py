@@ -600,7 +600,8 @@ def test_a_folder_written_again_in_one_process_is_read_again(corpus, tmp_path):
     staging folder (the same path for one output and process) rebuilt with another tokenizer decoded
     with the first, and a folder that gained .txt files still had none."""
     from elmforest.cluster import icp_shards
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.data.bpe import train_bpe_on
+    from elmforest.data.tokenizer import save_tokenizer
     from elmforest.eval import held_out
 
     stage = tmp_path / "stage"

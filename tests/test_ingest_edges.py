@@ -12,10 +12,10 @@ import pytest
 
 from elmforest.cli import main
 from elmforest.cluster.clusterer import Clusterer
+from elmforest.data.bpe import _pieces
 from elmforest.data.readers import DataError, ReadStats, iter_documents
 from elmforest.data.shards import Shards
 from elmforest.data.splits import SplitSpec
-from elmforest.data.tokenizer import _pieces
 from elmforest.train.batches import WindowSampler
 from elmforest.utils.errors import NotFound, UserError
 

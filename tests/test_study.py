@@ -23,7 +23,7 @@ from elmforest.study.analysis import findings, paired_gain, verdict
 from elmforest.study.config import load_study_config
 from elmforest.study.report import _over, scored_line
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import read_yaml
+from elmforest.utils.yaml_file import read_yaml
 
 
 @pytest.mark.parametrize(

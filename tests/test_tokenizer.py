@@ -3,9 +3,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from elmforest.data.bpe import train_bpe, train_bpe_on
 from elmforest.data.readers import DataError, iter_documents
 from elmforest.data.splits import SplitSpec
-from elmforest.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe, train_bpe_on
+from elmforest.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer
 
 
 def test_bpe_round_trips_any_utf8(tmp_path):

@@ -41,13 +41,10 @@ from elmforest.cluster.icp_embed import (
     MAX_CHARS,
     MAX_TOKENS,
     TokenDocuments,
-    content_keys,
     embed,
     embed_documents,
-    sparse_pair_cosine,
     token_blocks,
     unit,
-    whole_pair_cosine,
 )
 from elmforest.cluster.icp_graph import (
     default_threads,
@@ -58,6 +55,7 @@ from elmforest.cluster.icp_graph import (
     near_duplicates,
     undirected_graph,
 )
+from elmforest.cluster.icp_pairs import content_keys, sparse_pair_cosine, whole_pair_cosine
 from elmforest.utils.errors import UserError
 from elmforest.utils.typed import check_call_args
 

@@ -131,7 +131,7 @@ def rerank(z: np.ndarray, ids: np.ndarray, r0: int, k: int) -> np.ndarray:
 
 def first_by_keys(keys, rows: np.ndarray) -> np.ndarray:
     """For each of `rows`, the first of `rows` with an equal key (itself if none earlier): exact
-    duplicates by their content digests (icp_embed.content_keys) or their vectors' bytes."""
+    duplicates by their content digests (icp_pairs.content_keys) or their vectors' bytes."""
     first: dict[bytes, int] = {}
     return np.array(
         [first.setdefault(key, i) for i, key in zip(np.asarray(rows).tolist(), keys, strict=True)],

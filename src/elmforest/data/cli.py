@@ -225,7 +225,8 @@ def tokenizer_train(
     """Train a byte-level BPE on a sample of the training split."""
     from pathlib import Path
 
-    from elmforest.data.tokenizer import save_tokenizer, train_bpe_on
+    from elmforest.data.bpe import train_bpe_on
+    from elmforest.data.tokenizer import save_tokenizer
 
     o = Path(out)
     if o.exists():  # a shards or checkpoint folder would get a tokenizer its token ids do not match

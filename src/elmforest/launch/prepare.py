@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from elmforest.data.bpe import train_bpe_on
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
-from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe_on
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
 from elmforest.forest.plan import check_expert_names
 from elmforest.launch.corpus_source import (
     SOURCE_FILE,

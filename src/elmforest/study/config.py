@@ -331,7 +331,7 @@ def load_study_config(source: str | Path, overrides: list[str] | tuple = ()) -> 
     """A preset's name, or a YAML/JSON file; then `key=value` overrides (values parsed as YAML)."""
     import yaml
 
-    from elmforest.utils.io import read_yaml
+    from elmforest.utils.yaml_file import read_yaml
 
     if str(source) in STUDY_PRESETS:
         raw = dict(STUDY_PRESETS[str(source)])

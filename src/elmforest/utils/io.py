@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -292,7 +292,6 @@ def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
     """A JSON file's contents; a truncated or corrupt file is a UserError naming it (json's own
     message names only a line and column). `unique_keys`: a key given twice in one object is refused
     (json keeps the last one silently: a hand-written map would lose an entry without a word)."""
-    from elmforest.utils.errors import UserError
 
     def once(pairs: list) -> dict:
         seen: dict = {}
@@ -323,25 +322,6 @@ def _unreadable(e: BaseException) -> str:
     return str(e).split(";")[0]
 
 
-def _bounded(obj: Any, path, limit: int = 1_000_000) -> Any:
-    """`obj`, refused once walking it passes `limit` values: YAML aliases share one object, so a
-    300-byte file of nested aliases expands to billions of values when anything walks or prints it."""
-    from elmforest.utils.errors import UserError
-
-    stack, seen = [obj], 0
-    while stack:
-        x = stack.pop()
-        seen += 1
-        if seen > limit:
-            raise UserError(f"{path}: holds more than {limit:,} values once its aliases are expanded")
-        if isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-    return obj
-
-
 def file_stamps(sources) -> list[list]:
     """[resolved path, size, modification time] of every file of `sources` (files or folders, walked):
     what says a corpus read earlier was rewritten since (a missing source has none)."""
@@ -349,45 +329,6 @@ def file_stamps(sources) -> list[list]:
         f for s in map(Path, sources) for f in ([s] if s.is_file() else sorted(s.rglob("*"))) if f.is_file()
     ]
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def read_yaml(path: str | os.PathLike) -> Any:
-    """A YAML (or JSON) file's contents, a key given twice in one mapping refused with its line: PyYAML
-    keeps the last one silently, so a config that sets a field twice would run with one of them."""
-    import yaml
-
-    from elmforest.utils.errors import UserError
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node):
-        seen = set()
-        for key_node, _ in node.value:  # the keys as written: a `<<` merge's may be overridden
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                continue  # construct_mapping refuses it with yaml's own message
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise UserError(f"{path}: key {key!r} is given twice in one mapping (again at line {line})")
-            seen.add(key)
-        loader.flatten_mapping(node)
-        return loader.construct_mapping(node, deep=True)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid YAML/JSON (not UTF-8 text at byte {e.start})") from e
-    except UserError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({_unreadable(e)})") from None
-    return _bounded(loaded, path)
 
 
 def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
