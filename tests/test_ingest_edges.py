@@ -314,3 +314,31 @@ def test_shards_build_says_which_domains_got_no_valid_or_test_documents(tokenize
     err = capsys.readouterr().err
     assert "note: no valid documents in one (too few" in err and "note: no test documents in one" in err
     assert "big" not in err
+
+
+def test_each_note_on_the_files_is_said_once_when_a_corpus_is_read_again(tmp_path, capsys):
+    """The corpus is read for the tokenizer and again for the shards, the out-of-domain sets for their
+    checks and again for theirs: a note on a file left out was said two or three times."""
+    from elmforest.launch.prepare import prepare_data
+
+    for d in ("a", "b"):
+        (tmp_path / "c" / d).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "c" / d / f"{i}.txt").write_text(f"{d} words number {i} " * 40)
+    (tmp_path / "c" / "README.md").write_text("not data")
+    (tmp_path / "ood").mkdir()
+    (tmp_path / "ood" / "news.jsonl").write_text(
+        "".join(json.dumps({"text": f"news {i} " * 30}) + "\n" for i in range(8))
+    )
+    (tmp_path / "ood" / "notes.md").write_text("not data")
+    prepare_data(
+        tmp_path / "out",
+        300,
+        corpus=tmp_path / "c",
+        ood=[tmp_path / "ood"],
+        progress=False,
+        log=lambda *a: None,
+    )
+    err = capsys.readouterr().err
+    assert err.count("left out 1 file(s)") == 2, err
+    assert err.count("README.md") == 1 and err.count("notes.md") == 1, err

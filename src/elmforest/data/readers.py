@@ -20,6 +20,8 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from elmforest.data.documents import (
@@ -150,11 +152,10 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
             passed.append(f"{f.relative_to(p)} (a link to {real[f.resolve()].relative_to(p)}, read once)")
     files = [f for f in files if real[f.resolve()] is f]
     if passed:
-        print(
+        _note(
             f"note: {p}: left out {len(passed)} file(s) or folder(s) not read as data (data files: "
             f"{', '.join(SUPPORTED)}): {', '.join(passed[:5])}{' ...' if len(passed) > 5 else ''} (a compressed "
-            "file is read as json:PATH or csv:PATH; a linked folder, passed as --data itself)",
-            file=sys.stderr,
+            "file is read as json:PATH or csv:PATH; a linked folder, passed as --data itself)"
         )
     if not files:
         raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
@@ -175,11 +176,10 @@ def _say_shared_names(root: Path, files: list[Path]) -> None:
     if shared:
         name, dirs = next(iter(sorted(shared.items())))
         where = ", ".join(str(d.relative_to(root)) for d in sorted(dirs))
-        print(
+        _note(
             f"note: {root}: {len(shared)} file name(s) appear in several folders ({name} in {where}): without "
             "a `domain` field a JSONL/Parquet file's domain is its name, not its folder, so those files are "
-            "one domain with colliding ids; give the records a `domain` field or rename the files",
-            file=sys.stderr,
+            "one domain with colliding ids; give the records a `domain` field or rename the files"
         )
 
 
@@ -192,6 +192,26 @@ def _check_data_file(f: Path) -> None:
         raise DataError(f"{f}: not a regular file (a fifo, socket or device); data must be a file")
     if not os.access(f, os.R_OK):
         raise DataError(f"{f}: cannot open (permission denied)")
+
+
+_QUIET: ContextVar[bool] = ContextVar("quiet_notes", default=False)
+
+
+@contextmanager
+def quiet_notes() -> Iterator[None]:
+    """Reads without the notes on the files (left out, named alike, spread JSON): for a first read of
+    sources that are read again at once (the out-of-domain sets: checked, then built), so each note is
+    said once."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def _note(text: str) -> None:
+    if not _QUIET.get():
+        print(text, file=sys.stderr)
 
 
 _PLAIN = Source(None, "")  # the default fields
@@ -242,7 +262,7 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
             if doc is not None:
                 yield doc
     if spread and not read:  # said, not fatal: a stray config.json beside the data read nothing before
-        print(_SPREAD.format(path=path), file=sys.stderr)
+        _note(_SPREAD.format(path=path))
     fields.done()
 
 
@@ -328,11 +348,10 @@ def iter_documents(
         )
     loose = [f for f in files if f.suffix == ".txt" and f.parent == root]
     if len(loose) >= LOOSE_TXT_NOTE:
-        print(
+        _note(
             f"note: {root}: {len(loose)} .txt files sit directly in it, so each is its own domain and its "
             "id is its bare file name; to make the folder a domain, pass the folder above it (as the "
-            "data was given to `shards build`: ids and so splits depend on the path below the root given)",
-            file=sys.stderr,
+            "data was given to `shards build`: ids and so splits depend on the path below the root given)"
         )
     for f in files:
         if f.is_dir():  # a saved Hugging Face dataset

@@ -101,15 +101,16 @@ def scan_ood_sources(
     Refuses a set name two sources hold (a user's `--ood mine/perl_code.jsonl` beside the demo's own
     perl_code, `A/news.jsonl` and `B/news.jsonl`: built together they were one row, silently)."""
     from elmforest.data.documents import text_key as key
-    from elmforest.data.readers import iter_documents
+    from elmforest.data.readers import iter_documents, quiet_notes
 
     where: dict[str, list[str]] = {}
     texts: dict[str, list[bytes]] = {}
-    for src in sources:
-        for d in iter_documents(src):
-            if str(src) not in (w := where.setdefault(d.domain, [])):
-                w.append(str(src))
-            texts.setdefault(d.domain, []).append(key(d.text))
+    with quiet_notes():  # the build that follows says them (the corpus's: its shards' build did)
+        for src in sources:
+            for d in iter_documents(src):
+                if str(src) not in (w := where.setdefault(d.domain, [])):
+                    w.append(str(src))
+                texts.setdefault(d.domain, []).append(key(d.text))
     if clash := {n: s for n, s in where.items() if len(s) > 1}:
         said = "; ".join(f"{n} in {' and '.join(s)}" for n, s in sorted(clash.items()))
         raise UserError(
@@ -119,6 +120,7 @@ def scan_ood_sources(
     if corpus is None:
         return list(where), {}
     keep = set(names)
-    train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
+    with quiet_notes():
+        train = {key(d.text) for d in iter_documents(corpus) if d.domain in keep}
     counts = {name: [sum(k in train for k in ks), len(ks)] for name, ks in texts.items()}
     return list(where), {name: c for name, c in counts.items() if c[0]}

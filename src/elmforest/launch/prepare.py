@@ -5,10 +5,12 @@ scaling study."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from elmforest.data.bpe import train_bpe_on
+from elmforest.data.readers import quiet_notes
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
@@ -178,12 +180,14 @@ def prepare_data(
             f"{vocab_size} tokens on {tokenizer_sample_bytes:,} bytes (another preset?), and everything in "
             f"{out} is tokenized with the one there: use another --out"
         )
+    said = nullcontext
     if not (tok_dir / "tokenizer.json").exists():
         log(
             f"[2/8] training a {vocab_size}-token byte-level BPE on the training split (at most "
             f"{tokenizer_sample_bytes:,} bytes of each domain)"
         )
         found: set[str] = set()
+        said = quiet_notes  # read once here: the shards' read below says nothing more about its files
         tok, _ = train_bpe_on(
             corpus, vocab_size, bytes_per_domain=tokenizer_sample_bytes, domains=found, only=only
         )
@@ -200,15 +204,16 @@ def prepare_data(
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
         log(f"[3/8] tokenizing into shards{how} -> {shards_dir}")
-        rep = build_shards(
-            corpus,
-            load_tokenizer(tok_dir),
-            shards_dir,
-            progress=progress,
-            order=orderer,
-            order_seed=order_seed,
-            only_domains=None if legacy else only,
-        )
+        with said():
+            rep = build_shards(
+                corpus,
+                load_tokenizer(tok_dir),
+                shards_dir,
+                progress=progress,
+                order=orderer,
+                order_seed=order_seed,
+                only_domains=None if legacy else only,
+            )
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
         if rep.order:
             kept = sum(d["documents_after"] for d in rep.order["domains"].values())
