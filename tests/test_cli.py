@@ -551,3 +551,23 @@ def test_a_duplicated_or_single_domain_is_refused_before_the_tokenizer_is_made(c
     with pytest.raises(UserError, match="name at least 2 domains, each once"):
         quickstart(tmp_path / "qs", preset="tiny", corpus=corpus, domains=names, progress=False, ood=[])
     assert not (tmp_path / "qs" / "tokenizer").exists()
+
+
+def test_a_list_option_given_empty_is_refused_not_taken_for_the_default(shards_dir, tmp_path, capsys):
+    """`--domains ","` scored every domain, `forest expert --mix ","` trained on one, `sweep --groups ","`
+    raised a TypeError: a list given with no item (a slip of quoting or of a script) is refused, before
+    any work."""
+    for argv, says in (
+        (
+            ["eval", "--model", str(tmp_path / "none"), "--data", str(shards_dir), "--domains", ","],
+            "--domains is empty",
+        ),
+        (
+            ["sweep", "--shards", str(shards_dir), "--out", str(tmp_path / "sw"), "--groups", " , "],
+            "--groups is empty",
+        ),
+        (["serve", "--model", str(tmp_path / "none"), "--experts", ","], "--experts is empty"),
+    ):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert not (tmp_path / "sw").exists()

@@ -33,9 +33,12 @@ def test_config_round_trip_and_overrides():
     assert apply_overrides(cfg, ["data.domains=['o'reilly', legal]"]).data.domains == ["o'reilly", "legal"]
     from elmforest.utils.typed import split_list  # the command line's lists (eval --domains) alike
 
-    assert split_list("'a,b',legal") == ["a,b", "legal"] and split_list("a, b,,") == ["a", "b"]
-    assert split_list("'o'reilly', '80s") == ["o'reilly", "'80s"]  # a quote that closes nowhere is text
-    assert split_list(" , ") is None and split_list(None) is None
+    assert split_list("'a,b',legal", "-d") == ["a,b", "legal"] and split_list("a, b,,", "-d") == ["a", "b"]
+    assert split_list("'o'reilly', '80s", "-d") == ["o'reilly", "'80s"]  # a quote closing nowhere is text
+    assert split_list(None, "-d") is None
+    for empty in (" , ", ""):  # not given is the default; given empty was taken as not given, silently
+        with pytest.raises(UserError, match="--domains is empty"):
+            split_list(empty, "--domains")
     with pytest.raises(ValueError, match="neptune"):
         apply_overrides(cfg, ["train.trackers=[neptune]"])
     with pytest.raises(ValueError, match="unknown key"):

@@ -83,8 +83,7 @@ def serve(
         raise UserError(f"serving needs the serve extra: pip install 'elmforest[serve]' ({e})") from None
     from elmforest.forest.lm import open_lm
 
-    if experts is not None and not split_list(experts):
-        raise UserError("--experts: no expert named; leave it out to serve every expert")
+    experts_ = split_list(experts, "--experts")
     if port:  # a port in use is said now, not after the models load; it is bound for good only once
         bind(host, port).close()  # they have loaded, so no client connects to a server that cannot answer
     lm = open_lm(
@@ -94,7 +93,7 @@ def serve(
         prior,
         prior_data,
         weighting,
-        split_list(experts),
+        experts_,
         device,
         precision,
         seq_len,

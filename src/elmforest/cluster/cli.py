@@ -231,9 +231,9 @@ def languages(
         for code, alias in list_languages(features):
             print(f"{code}\t{alias}" if alias else code)
         return
-    codes = split_list(langs)
+    codes = split_list(langs, "--langs")
     try:
-        ks = [positive_int(x) for x in split_list(k) or []]
+        ks = [positive_int(x) for x in split_list(k, "--k") or []]
     except typer.BadParameter as e:
         raise typer.BadParameter(e.message, param_hint="--k") from None
     if not ks:

@@ -59,7 +59,7 @@ class ReadArgs:
     def source(self, data: str) -> str:
         from elmforest.data.sources import with_options
 
-        return with_options(data, self.text_field, self.domain_field, split_list(self.hf_split))
+        return with_options(data, self.text_field, self.domain_field, split_list(self.hf_split, "--hf-split"))
 
 
 DEFAULT_READ = ReadArgs()  # read as the records say: fields `text` and `domain`, every split
@@ -182,7 +182,11 @@ def demo(
     from elmforest.corpora.demo import build_demo_corpus
 
     build_demo_corpus(
-        out, domains=split_list(domains), cache_dir=cache, min_bytes=min_bytes, eval_only=eval_only
+        out,
+        domains=split_list(domains, "--domains"),
+        cache_dir=cache,
+        min_bytes=min_bytes,
+        eval_only=eval_only,
     )
 
 
@@ -209,7 +213,11 @@ def multilingual(
     from elmforest.corpora.multilingual import build_multilingual_corpus
 
     build_multilingual_corpus(
-        out, languages=split_list(languages), cache_dir=cache, min_bytes=min_bytes, max_bytes=max_bytes
+        out,
+        languages=split_list(languages, "--languages"),
+        cache_dir=cache,
+        min_bytes=min_bytes,
+        max_bytes=max_bytes,
     )
 
 

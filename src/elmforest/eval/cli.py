@@ -225,7 +225,7 @@ def eval_(
     common = dict(
         split=split,
         split_spec=split_fractions_,
-        domains=split_list(domains),
+        domains=split_list(domains, "--domains"),
         seq_len=seq_len,
         batch_size=batch_size,
         max_bytes=max_bytes,
@@ -343,7 +343,7 @@ def eval_crossdoc(
         tasks=tasks,
         neighbours=neighbours,
         max_cosine=max_cosine,
-        domains=split_list(domains),
+        domains=split_list(domains, "--domains"),
         batch_size=batch_size,
         device=run.device,
         precision=run.precision,

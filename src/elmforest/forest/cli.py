@@ -231,7 +231,7 @@ def expert(
         progress=not no_progress,
         force=force,
         trust_remote_code=train_args.trust_remote_code,
-        mix=split_list(mix),
+        mix=split_list(mix, "--mix"),
     )
     if first_process():  # data parallel: said once, by the process that merged it
         print(

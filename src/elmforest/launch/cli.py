@@ -174,13 +174,10 @@ def quickstart(
             )
         from elmforest.xelm.quickstart import quickstart_xelm
 
-        for flag, v in (("--languages", languages), ("--k", k)):
-            if v is not None and not split_list(v):  # not silently the defaults
-                raise typer.BadParameter(f"{flag} is empty; leave it out for the defaults")
         quickstart_xelm(
             out or "quickstart-xelm",
             preset=preset,
-            languages=split_list(languages),
+            languages=split_list(languages, "--languages"),
             new_language=_new_language(new_language),
             ks=_ks(k),
             overrides=overrides or [],
@@ -213,7 +210,7 @@ def quickstart(
     run(
         out or "quickstart",
         preset=preset,
-        domains=split_list(domains),
+        domains=split_list(domains, "--domains"),
         overrides=overrides or [],
         progress=not no_progress,
         corpus=data,
@@ -242,8 +239,9 @@ def _new_language(code: str | None) -> str | None:
 def _ks(k: str | None) -> list[int]:
     from elmforest.xelm.quickstart import KS
 
+    items = split_list(k, "--k")  # (a UserError: not the ValueError below)
     try:
-        ks = [int(x) for x in split_list(k)] if k else list(KS)
+        ks = [int(x) for x in items] if items is not None else list(KS)
     except ValueError:
         raise typer.BadParameter(f"--k takes whole numbers, got {k!r}") from None
     if any(x < 1 for x in ks):
@@ -331,8 +329,9 @@ def sweep(
     continue_grid = _grid(continue_lrs, "--continue-lrs")
     from elmforest.data.shards import Shards
 
-    held = set(Shards(shards).domains) if groups else set()
-    groupings = load_groupings(split_list(groups), held) if groups else None
+    paths = split_list(groups, "--groups")
+    held = set(Shards(shards).domains) if paths else set()
+    groupings = load_groupings(paths, held) if paths else None
     # finished runs keep no checkpoints (nothing reads them; --set train.keep_checkpoints=N keeps them)
     run_cfg = dataclasses.replace(train_args, overrides=[UNKEPT, *train_args.overrides]).run_config(shards)
     ex = make_executor(executor, address, cpus_per_job, gpus_per_job, max_retries, workers)

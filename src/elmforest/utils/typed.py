@@ -108,10 +108,17 @@ def check_call_args(where: str, ints: dict | None = None, lists: dict | None = N
             )
 
 
-def split_list(s: str | None) -> list[str] | None:
-    """A comma-separated command-line list (None when empty); a quoted item keeps its commas
-    (`--domains "'a,b',legal"`: a domain named `a,b`, and legal)."""
-    return split_quoted(s) or None if s else None
+def split_list(s: str | None, flag: str) -> list[str] | None:
+    """A comma-separated command-line list `flag` (None when not given); a quoted item keeps its commas
+    (`--domains "'a,b',legal"`: a domain named `a,b`, and legal). Given with no item (`--domains ","`
+    or `""`, a slip of quoting or of a script) it is refused: taken as not given, it silently meant
+    the default (every domain: a subset's evaluation became the whole one's)."""
+    if s is None:
+        return None
+    items = split_quoted(s)
+    if not items:
+        raise UserError(f"{flag} is empty ({s!r}); leave it out for the default")
+    return items
 
 
 def split_quoted(s: str) -> list[str]:
