@@ -568,3 +568,57 @@ def test_heatmaps_of_a_wide_forest_stay_page_sized():
     names, few = [f"d{i}" for i in range(64)], ["e0", "e1", "e2"]  # 64 domains x 3 experts: tall, not wide
     tall = Image.open(io.BytesIO(heatmaps_png([("prior", names, few, np.full((64, 3), 1 / 3))]))).size[1]
     assert tall < 1000, tall
+
+
+def test_arms_whose_training_flops_are_not_recorded_are_not_shaded_best(qs_dir, tmp_path):
+    """Results from before the per-arm FLOPs ratios (compute: only dense_flops, forest_flops,
+    forest_over_dense) shaded an arm at 5x the dense run's compute as the best of the row."""
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    r = json.loads((qs / "results.json").read_text())
+    r["compute"]["methods"].pop("ensemble")
+    for row in r["methods"]["ensemble"]["domains"].values():
+        row["bpb"] = 0.01  # the lowest of every row
+    (qs / "results.json").write_text(json.dumps(r))
+    table = render_report(qs).split('id="results-in-domain"')[1].split("</table>")[0]
+    column = ["domain", *r["methods"]].index("ensemble")
+    rows = [tr.split("<td")[1:] for tr in table.split("<tr")[1:] if "<td" in tr]
+    assert rows and all('class="best"' not in row[column] for row in rows if len(row) > column)
+    assert "ensemble: training FLOPs not recorded, not shaded" in table
+    r["compute"] = {k: r["compute"][k] for k in ("dense_flops", "forest_flops", "forest_over_dense")}
+    (qs / "results.json").write_text(json.dumps(r))
+    table = render_report(qs).split('id="results-in-domain"')[1].split("</table>")[0]
+    assert 'class="best"' not in table and "so none is shaded as best" in table
+
+
+def test_hand_edited_results_are_named_or_drawn_never_a_traceback(qs_dir, tmp_path):
+    """A domain row without its bpb (which the tables show as -) was a KeyError in the plot; a string
+    for seconds, a prior without its table, findings as one string: tracebacks or a bullet per letter."""
+    good = json.loads((qs_dir / "results.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    r = json.loads(json.dumps(good))
+    d = next(iter(r["methods"]["dense"]["domains"]))
+    del r["methods"]["dense"]["domains"][d]["bpb"]
+    (bad / "results.json").write_text(json.dumps(r))
+    assert 'id="results-in-domain"' in render_report(bad)
+    for edit, says in (
+        (lambda r: r.update(seconds="12"), "seconds is '12', not a number"),
+        (lambda r: r.update(findings="one sentence"), "findings is not a list of sentences"),
+        (lambda r: r.update(priors=[1]), "priors is not a table"),
+        (lambda r: next(iter(r["priors"]["in_domain"].values())).pop("prior"), "priors.in_domain holds"),
+    ):
+        r = json.loads(json.dumps(good))
+        edit(r)
+        (bad / "results.json").write_text(json.dumps(r))
+        with pytest.raises(UserError, match=re.escape(says)):
+            render_report(bad)
+
+
+def test_results_copied_without_their_forest_still_show_their_ledger(qs_dir, tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(qs_dir / "results.json", alone)
+    ledger = json.loads((alone / "results.json").read_text())["compute"]["ledger"]
+    cells = _parse(render_report(alone)).cells["ledger-results-json"]
+    assert [row[:2] for row in cells[1 : 1 + len(ledger)]] == [[p["phase"], p["name"]] for p in ledger]

@@ -152,6 +152,19 @@ def _shape_problem(r: dict) -> str | None:
             isinstance(x, dict) for x in compute.get("ledger", [])
         ):
             return "compute.ledger is not a list of rows"
+    if "seconds" in r and r["seconds"] is not None and not number(r["seconds"]):
+        return f"seconds is {r['seconds']!r}, not a number"
+    if not isinstance(r.get("findings") or [], list) or not all(
+        isinstance(x, str) for x in r.get("findings") or []
+    ):
+        return "findings is not a list of sentences"
+    if not isinstance(r.get("priors") or {}, dict):
+        return "priors is not a table"
+    for where, rows in (r.get("priors") or {}).items():  # (None: no such sets)
+        if not isinstance(rows or {}, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("prior"), dict) for v in (rows or {}).values()
+        ):
+            return f"priors.{where} holds something other than per-domain priors"
     return None
 
 

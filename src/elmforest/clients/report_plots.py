@@ -47,11 +47,16 @@ def bars_png(results: dict[str, dict], title: str) -> bytes:
         x = np.arange(len(domains))
         for i, m in enumerate(methods):
             r = results[m]
-            vals = [r["domains"][d]["bpb"] if d in r["domains"] else np.nan for d in domains[:-1]]
+            vals = [r["domains"].get(d, {}).get("bpb", np.nan) for d in domains[:-1]]
             ax.bar(x + (i - (len(methods) - 1) / 2) * width, [*vals, r["mean_bpb"]], width, label=m)
         ax.set_xticks(x, domains, rotation=30, ha="right")
         ax.set_ylabel("bits per byte")
-        lows = [v["bpb"] for r in results.values() for v in r["domains"].values()]
+        lows = [
+            v["bpb"]
+            for r in results.values()
+            for v in r["domains"].values()
+            if np.isfinite(v.get("bpb", np.nan))
+        ]
         if lows:
             ax.set_ylim(bottom=max(0.0, min(lows) * 0.85))
         ax.set_title(title)

@@ -60,9 +60,10 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict, against: 
     rows = [[d, *(methods[m]["domains"].get(d, {}).get("bpb") for m in names)] for d in domains]
     rows.append(["mean", *(methods[m].get("mean_bpb") for m in names)])
     ratios = compute.get("methods") or {}
-    # "best" only among the arms at the dense run's compute or less (a flagged arm used more), by the
-    # value as printed, so arms that tie on the page are shaded alike
-    fair = [not flops_mark(ratios.get(m)).endswith("!") for m in names]
+    # "best" only among the arms at the dense run's compute (a flagged arm used another amount; one with
+    # none recorded, results from before the per-arm ratios, might have), by the value as printed, so
+    # arms that tie on the page are shaded alike
+    fair = [m in ratios and not flops_mark(ratios[m]).endswith("!") for m in names]
     classes = {}
 
     def finite(v) -> bool:  # a NaN (a hand-edited file) shades nothing and hides no other cell's shade
@@ -83,9 +84,13 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict, against: 
                 classes[(len(rows) + 1, j)] = "flag"
         if dense:
             sums.append(["train FLOPs", *(ratios[m] * dense if m in ratios else None for m in names)])
-    caption = (
-        f"{label} bits per byte (test splits; lower is better; best of each row shaded among the arms "
-        f"trained with {against}'s compute: one marked ! used another amount)"
+    unknown = [m for m in names if m not in ratios]
+    caption = f"{label} bits per byte (test splits; lower is better; " + (
+        "no arm's training FLOPs are recorded in results.json, so none is shaded as best)"
+        if len(unknown) == len(names)
+        else f"best of each row shaded among the arms trained with {against}'s compute: one marked ! used "
+        "another amount"
+        + (f"; {', '.join(unknown)}: training FLOPs not recorded, not shaded)" if unknown else ")")
     )
     html = table(tid, caption, ["domain", *names], rows, sums, classes)
     notes = []
@@ -108,6 +113,12 @@ def ledger_section(src: Sources) -> str:
     body = []
     compute = compute_of(src.results or {})
     arms = compute.get("arms")
+    if src.main is None and compute.get("ledger"):  # results.json without its forest (copied alone)
+        ledger = compute["ledger"]
+        total = compute.get(
+            "forest_flops", sum(p.get("flops") or 0 for p in ledger if p.get("phase") in _FOREST)
+        )
+        body.append(_ledger_table("results.json", ledger, compute.get("dense_flops"), total))
     for f in src.forests:
         body.append(f"<h3>forest {esc(f.root.name)}/</h3>")
         total_flops = f.total_flops()
@@ -120,23 +131,7 @@ def ledger_section(src: Sources) -> str:
                 rows.append({"phase": "dense", "name": "dense", "flops": dense, "tokens": run.get("tokens")})
             elif f is not src.main:  # an ablation forest (random splits, clusters) against the main dense run
                 dense = compute.get("dense_flops") or (src.main and _dense_run(src.main).get("flops"))
-        table_rows = [
-            [
-                p.get("phase"),
-                p.get("name"),
-                p.get("tokens"),
-                p.get("flops"),
-                (p.get("flops") or 0) / dense if dense else None,
-            ]
-            for p in rows
-        ]
-        counted = [p for p in rows if p.get("phase") in ("seed", "expert")]  # what total_flops sums
-        same = sum(p.get("flops") or 0 for p in counted) == total_flops
-        tokens = sum(p.get("tokens") or 0 for p in counted) if same else None
-        total = [["forest (seed + experts)", "", tokens, total_flops, total_flops / dense if dense else None]]
-        header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
-        cap = f"{f.root.name}: every training phase, counted by what ran"
-        body.append(table(f"ledger-{slug(f.root.name)}", cap, header, table_rows, total))
+        body.append(_ledger_table(f.root.name, rows, dense, total_flops))
         # its own arms (X-ELM's forest-k4: k4_*, k4+nearest_*), all when none is named after it
         own = [
             v
@@ -168,6 +163,29 @@ def ledger_section(src: Sources) -> str:
         rows = [[a, v, flops_mark(v / compute["dense_flops"])] for a, v in arms.items()]
         body.append(table("arms", "training FLOPs of each arm", ["arm", "FLOPs", "/ dense"], rows))
     return "".join(body) or para("no forest, so no ledger")
+
+
+_FOREST = ("seed", "expert")  # the phases a forest's total_flops sums
+
+
+def _ledger_table(name: str, rows: list[dict], dense, total_flops) -> str:
+    table_rows = [
+        [
+            p.get("phase"),
+            p.get("name"),
+            p.get("tokens"),
+            p.get("flops"),
+            (p.get("flops") or 0) / dense if dense else None,
+        ]
+        for p in rows
+    ]
+    counted = [p for p in rows if p.get("phase") in _FOREST]
+    same = sum(p.get("flops") or 0 for p in counted) == total_flops
+    tokens = sum(p.get("tokens") or 0 for p in counted) if same else None
+    total = [["forest (seed + experts)", "", tokens, total_flops, total_flops / dense if dense else None]]
+    header = ["phase", "name", "tokens", "FLOPs", "FLOPs / dense"]
+    cap = f"{name}: every training phase, counted by what ran"
+    return table(f"ledger-{slug(name)}", cap, header, table_rows, total)
 
 
 def _dense_run(f: Forest) -> dict:
