@@ -465,3 +465,30 @@ def test_a_planned_expert_given_another_length_by_set_is_said_off_the_plan(
         f"note: expert {a} trains {share['tokens']:,} tokens of 32 (the plan's share: {share['tokens']:,} of 64)"
         in capsys.readouterr().out
     )
+
+
+def test_a_run_that_loads_every_weight_next_reads_only_the_checkpoints_architecture(
+    gpt2_checkpoint, monkeypatch
+):
+    """An expert of a seed that started from a checkpoint loaded that checkpoint's weights, then the
+    seed's over them: the architecture alone is made, with the buffers a load makes."""
+    import transformers
+    from safetensors.torch import load_model as load_into
+
+    from elmforest.config import ModelConfig
+    from elmforest.model.build import build_model, load_model
+
+    full = load_model(gpt2_checkpoint).eval()
+    weights = gpt2_checkpoint / "model.safetensors"
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)
+        bare = build_model(ModelConfig(init_from=str(gpt2_checkpoint)), 300, 0, initialise=False)
+    assert type(bare) is type(full)
+    load_into(bare, str(weights), strict=True)  # as train/checkpoint.py loads a seed's state
+    bare.eval()
+    assert {k: v for k, v in bare.named_buffers()}.keys() == {k: v for k, v in full.named_buffers()}.keys()
+    for (k, a), b in zip(bare.named_buffers(), full.buffers(), strict=True):
+        assert torch.equal(a, b), k
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(bare(x).logits, full(x).logits)

@@ -166,14 +166,15 @@ def build_model(
 ) -> PreTrainedModel:
     """A freshly initialised model, or the weights of `cfg.init_from`. `initialise=False`: its weights
     are left as allocated, for a caller that loads every one of them next (a run from a checkpoint:
-    at 1.3B parameters the random initialisation alone takes ~20 s on one core). A model of
-    `cfg.init_from` is loaded whatever `initialise` says."""
+    at 1.3B parameters the random initialisation alone takes ~20 s on one core; an expert of a seed
+    that started from `cfg.init_from` reads the seed's weights, not that checkpoint's)."""
     if cfg.init_from:
         return load_model(
             cfg.init_from,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
             vocab_size=vocab_size,
+            weights=initialise,
         )
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -199,8 +200,11 @@ def load_model(
     attn_implementation: str = "sdpa",
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: bool = True,
 ) -> PreTrainedModel:
-    """Load a local checkpoint offline; refuse remote code unless asked, and check the vocabulary fits."""
+    """Load a local checkpoint offline; refuse remote code unless asked, and check the vocabulary fits.
+    `weights=False`: its architecture only, the weights left as allocated, for a caller that loads every
+    one next (strictly: train/checkpoint.py); the buffers a model computes are made as in a load."""
     d = resolve_model_dir(path)
     raw = read_config(d)
     if raw.get("auto_map") and not trust_remote_code:
@@ -220,6 +224,19 @@ def load_model(
         # transformers picks grouped_mm for MoE experts; on CPU its per-token loop is 2x slower than
         # the eager per-expert loop (measured on cpu-small, bench/forest_inference.py)
         extra["experts_implementation"] = "eager"
+    if not weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(
+                config,
+                trust_remote_code=trust_remote_code,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                **extra,
+            )
+        model.tie_weights()  # skipped with the initialisation
+        return _check_vocab(model, d, vocab_size)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(d),
@@ -245,6 +262,10 @@ def load_model(
             raise NonFiniteWeights(
                 f"{where}: tensor {name} holds non-finite values (NaN or inf): corrupt or diverged weights"
             )
+    return _check_vocab(model, d, vocab_size)
+
+
+def _check_vocab(model: PreTrainedModel, d: Path, vocab_size: int | None) -> PreTrainedModel:
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         raise UserError(
             f"{d}: model has {model.get_input_embeddings().num_embeddings} embeddings but the "
