@@ -107,14 +107,17 @@ def test_paired_gain_by_hand():
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0}), ({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0})]
     g = paired_gain(pairs, ["a", "b"], n_boot=100, ci=0.9)
     assert g["gain"] == pytest.approx(1.0) and g["ci"] == pytest.approx([1.0, 1.0])
-    # gains that differ by seed and domain: the interval is the replicates' 5th and 95th percentiles
+    # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
+    # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]
     g = paired_gain(pairs, ["a", "b"], n_boot=400, ci=0.8, seed=3)
     rng, dense, forest = np.random.default_rng(3), np.array([[2, 4], [2.2, 4]]), np.array([[1, 3], [2, 2]])
     boots = []
     for _ in range(400):
-        rows, cols = rng.integers(0, 2, 2), rng.integers(0, 2, 2)
-        boots.append(dense[np.ix_(rows, cols)].mean() / forest[np.ix_(rows, cols)].mean() - 1)
+        cols = rng.integers(0, 2, 2)
+        w = rng.normal(0, 1 / np.sqrt(2), 2)
+        d, f = dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)  # each seed's
+        boots.append((d.mean() + w @ (d - d.mean())) / (f.mean() + w @ (f - f.mean())) - 1)
     assert g["ci"] == pytest.approx(list(np.quantile(boots, [0.1, 0.9])), rel=1e-12)
     assert g["ci"][0] < g["gain"] < g["ci"][1]
 

@@ -13,7 +13,7 @@ import copy
 
 import numpy as np
 
-from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier
+from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier, seed_weights
 from elmforest.study.config import StudyConfig
 
 
@@ -53,21 +53,21 @@ def paired_gain(
     pairs: list[tuple[dict, dict]], domains: list[str], n_boot: int, ci: float, seed: int = 0
 ) -> dict:
     """Relative gain dense/forest - 1 of paired runs (same seed, same budget), macro-averaged over
-    `domains`, with a bootstrap interval over seeds and domains (one domain draw for both arms)."""
+    `domains`, with a bootstrap interval over seeds and domains: one domain draw for both arms, and one
+    draw of seed weights (eval/scaling_bootstrap.seed_weights) moving both arms' means by their seed
+    runs' deviations, so the pairs stay paired."""
     rng = np.random.default_rng(seed)
     dense = np.array([[d[x] for x in domains] for d, _ in pairs])
     forest = np.array([[f[x] for x in domains] for _, f in pairs])
 
-    def gain(rows, cols):
-        return float(dense[np.ix_(rows, cols)].mean() / forest[np.ix_(rows, cols)].mean() - 1)
+    def gain(cols, w):
+        a, b = dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)  # per seed
+        return float((a.mean() + w @ (a - a.mean())) / (b.mean() + w @ (b - b.mean())) - 1)
 
-    all_rows, all_cols = np.arange(len(pairs)), np.arange(len(domains))
-    boots = [
-        gain(rng.integers(0, len(pairs), len(pairs)), rng.integers(0, len(domains), len(domains)))
-        for _ in range(n_boot)
-    ]
+    n, D = len(pairs), len(domains)
+    boots = [gain(rng.integers(0, D, D), seed_weights(rng, n)) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
-    return {"gain": gain(all_rows, all_cols), "ci": [float(lo), float(hi)], "seeds": len(pairs)}
+    return {"gain": gain(np.arange(D), np.zeros(n)), "ci": [float(lo), float(hi)], "seeds": n}
 
 
 def domain_gains(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
