@@ -326,6 +326,7 @@ def test_each_note_on_the_files_is_said_once_when_a_corpus_is_read_again(tmp_pat
         for i in range(12):
             (tmp_path / "c" / d / f"{i}.txt").write_text(f"{d} words number {i} " * 40)
     (tmp_path / "c" / "README.md").write_text("not data")
+    (tmp_path / "c" / "a" / "empty.txt").write_text("  \n")  # skipped, and said (it was in the index only)
     (tmp_path / "ood").mkdir()
     (tmp_path / "ood" / "news.jsonl").write_text(
         "".join(json.dumps({"text": f"news {i} " * 30}) + "\n" for i in range(8))
@@ -337,8 +338,30 @@ def test_each_note_on_the_files_is_said_once_when_a_corpus_is_read_again(tmp_pat
         corpus=tmp_path / "c",
         ood=[tmp_path / "ood"],
         progress=False,
-        log=lambda *a: None,
     )
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "24 documents from 25 file(s); skipped 1 bad record(s) (empty_text: 1)" in out, out
     assert err.count("left out 1 file(s)") == 2, err
     assert err.count("README.md") == 1 and err.count("notes.md") == 1, err
+
+
+def test_the_quickstart_refuses_a_domain_it_would_drop_or_could_not_train_naming_its_flag(
+    shards_dir, tmp_path
+):
+    """A domain whose few documents all hashed to valid/test was left out of every table without a word;
+    one with less training text than a window was refused by the trainer, advising data.domains."""
+    from elmforest.quickstart import _check_domains
+
+    s = tmp_path / "s"
+    shutil.copytree(shards_dir, s)
+    index = json.loads((s / "index.json").read_text())
+    lone, *names = sorted(index["domains"])
+    index["domains"][lone]["splits"].pop("train")
+    (s / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=rf"domain\(s\) {lone} have no training documents.*\(--domains\)"):
+        _check_domains(Shards(s), names, 17)
+    _check_domains(Shards(s), names, 17, every=False)  # --domains left it out
+    n, d = min((Shards(s).info(d, "train")["tokens"], d) for d in names)
+    with pytest.raises(UserError, match=rf": {d} \({n} tokens\); .*leave them out \(--domains\)"):
+        _check_domains(Shards(s), names, n + 1, every=False)
+    _check_domains(Shards(s), names, n, every=False)

@@ -543,3 +543,28 @@ def test_a_points_cached_valid_scores_are_those_asked_for(forest_dir, shards_dir
     other = score_experts(f, sh, sh.domains, 16, max_bytes=3000)
     assert other["domains"] != every["domains"]
     assert score_experts(f, sh, sh.domains, 16, max_bytes=3000) == other  # the same asked again: cached
+
+
+def test_a_domain_scored_on_a_few_bytes_is_a_caveat_of_the_findings():
+    """A domain whose test text was 2 bytes counted a third of the mean and turned the seed-vs-dense order."""
+    from elmforest.compare import findings
+
+    def res(bpb, scored):
+        dom = {d: {"bpb": bpb, "bytes": b} for d, b in scored.items()}
+        return {"domains": dom, "mean_bpb": bpb}
+
+    out = findings(
+        {"dense": res(2.0, {"a": 60_000, "mini": 2}), "ensemble": res(1.9, {"a": 60_000, "mini": 2})},
+        None,
+        {},
+    )
+    assert (
+        out[0].startswith("caveat: mini (2 bytes) scored on less than 1,000 bytes")
+        and "1/2 of the mean" in out[0]
+    )
+    out = findings(
+        {"dense": res(2.0, {"a": 60_000, "b": 1000}), "ensemble": res(1.9, {"a": 60_000, "b": 1000})},
+        None,
+        {},
+    )
+    assert not any("bytes of test text" in f for f in out)

@@ -145,6 +145,7 @@ def compute_flag(ratio: float, who: str = "") -> str:
 
 
 TIE = 0.01  # a claim within 1% of its baseline is a tie (one seed; docs/benchmarks.md has the spread)
+FEW_BYTES = 1000  # a domain scored on less test text than this: its row is noise, yet 1/k of the mean
 
 
 def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[str]:
@@ -155,6 +156,13 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
     run at one LR for the whole run, as BTM's papers compare, follow it."""
     out = []
     base = "dense_tuned" if "dense_tuned" in methods else "dense"
+    scored = {d: r.get("bytes") for d, r in (methods.get("dense") or {}).get("domains", {}).items()}
+    if few := {d: b for d, b in scored.items() if isinstance(b, int) and b < FEW_BYTES}:
+        out.append(
+            f"caveat: {', '.join(f'{d} ({b:,} bytes)' for d, b in sorted(few.items()))} scored on less than "
+            f"{FEW_BYTES:,} bytes of test text: noise, yet each is 1/{len(scored)} of the mean BPB the claims "
+            "below compare; give such a domain more documents or leave it out (--domains)"
+        )
 
     def matched(a: str, named: bool = False) -> str:  # the reference row named, the claim's own not
         return compute_flag(flops.get(a, 1.0), a if named else "")

@@ -101,7 +101,6 @@ def quickstart(
     data = prepare_data(out, p.vocab_size, domains, corpus, ood, progress, log, unused=unused)
     corpus, shards, ood_shards, names = data.corpus, data.shards, data.ood_shards, data.names
     shards_dir = Path(shards.root)
-    _check_domains(shards, names)  # before any training: scoring would fail after all of it
     every = data.corpus_domains
     if split != "domains" and sorted(names) != sorted(every):
         raise UserError(
@@ -113,6 +112,8 @@ def quickstart(
     base = preset_run_config(preset, str(shards_dir.resolve()))
     base.data.domains = names
     base = apply_overrides(base, [UNKEPT, *overrides])  # finished runs keep no checkpoints, unless asked
+    # before any training: scoring (or the first step) would fail after it
+    _check_domains(shards, names, base.train.seq_len + 1, every=domains is None)
     clusters_batch = None
     if split == "clusters" and base.train.batch_size % (step := math.lcm(len(names), clusters)):
         # the c-BTM forest shares the seed's plan: its experts split the batch the domain experts split,
@@ -335,12 +336,28 @@ def _continue_lr(p, preset, overrides, given, e_lr) -> tuple[float, str]:
     return e_lr, "not swept: the experts' LR"
 
 
-def _check_domains(shards: Shards, names: list[str]) -> None:
+def _check_domains(shards: Shards, names: list[str], window: int, every: bool = True) -> None:
+    """`every`: no --domains given, so a domain of the corpus with held-out documents only (a few
+    documents, all hashed to valid or test) would be left out of every table without a word. `window`:
+    the training tokens each domain needs (the trainer's own refusal names data.domains, not --domains)."""
+    if every and (held := [d for d in shards.domains if d not in names and not shards.has(d, "train")]):
+        raise UserError(
+            f"{shards.root}: domain(s) {', '.join(held)} have no training documents (too few documents for "
+            "the id-hash split: all of them are held out): no expert could train on them, and they would be "
+            "left out of every table; leave them out (--domains) or give them more documents"
+        )
     if len(names) < 2:
         raise UserError(
             f"{shards.root}: {len(names)} domain(s) with training documents ({', '.join(names)}); a forest "
             "needs at least 2 to compare with a dense LM (give each document a `domain`, or one file or "
             "folder per domain)"
+        )
+    if short := {d: n for d in names if (n := shards.info(d, "train")["tokens"]) < window}:
+        raise UserError(
+            f"{shards.root}: domain(s) with fewer training tokens than one window (train.seq_len + 1 = "
+            f"{window}): "
+            + ", ".join(f"{d} ({n} tokens)" for d, n in short.items())
+            + "; give them more text, leave them out (--domains), or lower train.seq_len (--set)"
         )
     bare = shards.unscorable(names)
     if bare:
