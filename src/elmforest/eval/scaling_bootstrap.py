@@ -74,8 +74,10 @@ def seed_weights(rng: np.random.Generator, n: int) -> np.ndarray:
     """Weights w (n,) for the seed part of a replicate: a point's mean moves by sum_s w_s (x_s - mean),
     whose variance is then s^2 / n on average, the unbiased variance of a mean of n seeds. Drawing the
     seeds with replacement gives (n - 1)/n of it, and with 2 seeds only 3 outcomes: in simulations of
-    the study's design (4 dense budgets, 2 seeds, 8 domains, seed noise sized from docs/results) its
-    90% intervals covered the true multiplier 79% of the time, 58% where seed noise dominates.
+    the study's design (bench/study_ci_coverage.py: 4 dense budgets, 2 seeds, 8 domains, seed noise
+    sized from docs/results) its 90% intervals covered the true multiplier 70-82% of the time, 58% where
+    seed noise dominates; these weights, 82-93% and 67% (one difference per point still estimates the
+    spread: only more seeds close the rest).
     Gaussian weights (a wild bootstrap) keep the deviations' pattern across points when one draw
     serves every point, so arms that share a seed stay paired, and give a continuous distribution."""
     return rng.normal(0.0, 1.0 / math.sqrt(n * (n - 1)), n) if n > 1 else np.zeros(n)
