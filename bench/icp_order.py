@@ -128,7 +128,7 @@ def read_shards(root: Path) -> tuple[TokenDocuments, np.ndarray]:
 
 
 def show_pairs(texts: list[str]) -> None:
-    from elmforest.cluster.icp_embed import sparse_pair_cosine
+    from elmforest.cluster.icp_pairs import sparse_pair_cosine
     from elmforest.cluster.icp_graph import knn_search
 
     z, x = embed(texts)

@@ -53,7 +53,7 @@ def test_prepare_data_ood_as_a_path(tmp_path):
 def test_quoted_item_kept_as_written():
     from elmforest.utils.typed import split_list
 
-    assert split_list("' a ',b") == [" a ", "b"]
+    assert split_list("' a ',b", "--domains") == [" a ", "b"]
 
 
 def test_type_error_message_is_bounded():

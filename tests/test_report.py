@@ -607,6 +607,8 @@ def test_hand_edited_results_are_named_or_drawn_never_a_traceback(qs_dir, tmp_pa
         (lambda r: r.update(findings="one sentence"), "findings is not a list of sentences"),
         (lambda r: r.update(priors=[1]), "priors is not a table"),
         (lambda r: next(iter(r["priors"]["in_domain"].values())).pop("prior"), "priors.in_domain holds"),
+        (lambda r: r["compute"].update(forest_flops="1e12"), "compute.forest_flops is '1e12', not a number"),
+        (lambda r: r["compute"]["ledger"][0].update(flops="x"), "flops and tokens must be numbers"),
     ):
         r = json.loads(json.dumps(good))
         edit(r)
@@ -618,7 +620,9 @@ def test_hand_edited_results_are_named_or_drawn_never_a_traceback(qs_dir, tmp_pa
 def test_results_copied_without_their_forest_still_show_their_ledger(qs_dir, tmp_path):
     alone = tmp_path / "alone"
     alone.mkdir()
-    shutil.copy(qs_dir / "results.json", alone)
-    ledger = json.loads((alone / "results.json").read_text())["compute"]["ledger"]
+    r = json.loads((qs_dir / "results.json").read_text())
+    r["compute"]["forest_flops"] = None  # a hand-edit: the ledger's own sum then
+    (alone / "results.json").write_text(json.dumps(r))
+    ledger = r["compute"]["ledger"]
     cells = _parse(render_report(alone)).cells["ledger-results-json"]
     assert [row[:2] for row in cells[1 : 1 + len(ledger)]] == [[p["phase"], p["name"]] for p in ledger]

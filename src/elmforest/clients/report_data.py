@@ -152,6 +152,12 @@ def _shape_problem(r: dict) -> str | None:
             isinstance(x, dict) for x in compute.get("ledger", [])
         ):
             return "compute.ledger is not a list of rows"
+        for k in ("dense_flops", "forest_flops"):
+            if compute.get(k) is not None and not number(compute[k]):
+                return f"compute.{k} is {compute[k]!r}, not a number"
+        for row in compute.get("ledger") or []:
+            if any(row.get(k) is not None and not number(row[k]) for k in ("flops", "tokens")):
+                return f"compute.ledger row {row.get('name')!r}: flops and tokens must be numbers"
     if "seconds" in r and r["seconds"] is not None and not number(r["seconds"]):
         return f"seconds is {r['seconds']!r}, not a number"
     if not isinstance(r.get("findings") or [], list) or not all(

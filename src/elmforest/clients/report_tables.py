@@ -115,8 +115,8 @@ def ledger_section(src: Sources) -> str:
     arms = compute.get("arms")
     if src.main is None and compute.get("ledger"):  # results.json without its forest (copied alone)
         ledger = compute["ledger"]
-        total = compute.get(
-            "forest_flops", sum(p.get("flops") or 0 for p in ledger if p.get("phase") in _FOREST)
+        total = compute.get("forest_flops") or sum(
+            p.get("flops") or 0 for p in ledger if p.get("phase") in _FOREST
         )
         body.append(_ledger_table("results.json", ledger, compute.get("dense_flops"), total))
     for f in src.forests:

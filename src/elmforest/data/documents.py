@@ -64,6 +64,10 @@ class ReadStats:
     def to_dict(self) -> dict:
         return {"documents": self.documents, "files": self.files, "skipped": dict(self.skipped)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ReadStats:
+        return cls(d["documents"], d["files"], Counter(d.get("skipped") or {}))
+
 
 def _check_record(
     rec,

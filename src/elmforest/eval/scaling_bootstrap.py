@@ -59,11 +59,11 @@ def _prepare(runs, arms, domains, resample_seeds):
             raise UserError(f"arm {arm!r} budget {budget!r} has the same seed twice: {seeds}")
         if resample_seeds and len(idx) < 2:
             raise UserError(
-                f"arm {arm!r} budget {budget!r} has a single seed ({seeds[0]!r}); the bootstrap resamples "
-                "seeds within each point and needs >= 2 (or pass resample_seeds=False)"
+                f"arm {arm!r} budget {budget!r} has a single seed ({seeds[0]!r}); the bootstrap's seed part "
+                "needs >= 2 within each point (or pass resample_seeds=False)"
             )
-    # each point's runs in seed order: when every point has the same seeds, a replicate draws the seeds
-    # once for all of them (runs of one seed share an initialisation and data order, and a forest shares
+    # each point's runs in seed order: when every point has the same seeds, a replicate draws the seed
+    # weights once for all of them (runs of one seed share an initialisation and data order, and a forest shares
     # its seed run with the dense run of its budget, so the arms stay paired on seeds too)
     ordered = {p: sorted(i, key=lambda j: str(chosen[j]["seed"])) for p, i in points.items()}
     paired = len({tuple(str(chosen[j]["seed"]) for j in i) for i in ordered.values()}) == 1

@@ -216,13 +216,9 @@ def prepare_data(
             )
         log(f"      {rep.tokens:,} tokens from {rep.text_bytes / 1e6:.1f} MB ({rep.mb_per_s:.2f} MB/s)")
         if rep.read.get("skipped"):  # said: an empty document is no document, and a split may lack it
-            from collections import Counter
-
             from elmforest.data.documents import ReadStats
 
-            log(
-                f"      {ReadStats(rep.read['documents'], rep.read['files'], Counter(rep.read['skipped'])).summary()}"
-            )
+            log(f"      {ReadStats.from_dict(rep.read).summary()}")
         if rep.order:
             kept = sum(d["documents_after"] for d in rep.order["domains"].values())
             read = sum(d["documents_before"] for d in rep.order["domains"].values())

@@ -212,7 +212,6 @@ def load_model(
             f"{d}: checkpoint needs custom code (auto_map in config.json); elmforest runs it only "
             "when the command line says --trust-remote-code (never because a file asks), so only if you trust it"
         )
-    files = weight_files(d)
     try:
         config = AutoConfig.from_pretrained(
             str(d), trust_remote_code=trust_remote_code, local_files_only=True
@@ -237,6 +236,7 @@ def load_model(
             )
         model.tie_weights()  # skipped with the initialisation
         return _check_vocab(model, d, vocab_size)
+    files = weight_files(d)  # (every header checked: not for the architecture alone)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(d),

@@ -332,20 +332,19 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
     fits["findings"] = findings(fits, cfg)
     for suffix, against in TUNED_FIRST:
         fits["findings"] += _cbtm_findings(fits["cbtm" + suffix], against)
-    if (
-        len(cfg.seeds) < 3
-    ):  # 2 seeds' spread is read off one difference per point (bench/study_ci_coverage.py)
+    # 2 seeds' spread is read off one difference per point (coverage: bench/study_ci_coverage.py)
+    if len(cfg.seeds) < 3:
         fits["caveat"] = (
             f"{len(cfg.seeds)} training seeds per point: the seed-to-seed spread is read off one difference "
-            "per point, so the 90% intervals are narrower than they say (in simulations of this design they "
-            "covered the true multiplier 82-93% of the time, 67% where seed noise dominates; 93% with 3 "
-            "seeds); read holds / does not hold as indicative: 3 or more seeds (--set seeds=[0,1,2]) make "
-            "them firmer"
+            f"per point, so the {cfg.ci:.0%} intervals are narrower than they say (in simulations of the "
+            "presets' design the 90% ones covered the true multiplier 82-93% of the time at 1x and 2x, 75% "
+            "at the dense range's lower edge, 67% where seed-to-seed noise dominates; 93% with 3 seeds); "
+            "read holds / does not hold as indicative: 3 or more seeds (--set seeds=[0,1,2]) make them firmer"
         )
     if few := sorted(n for n in set(cfg.domain_counts) if n < 5):
-        # 2 domains x 2 seeds: 9 possible replicates, an interval that looks tight and excludes 0
+        # 2 domains: a domain draw has 3 outcomes, an interval that looks tight and excludes 0
         fits["caveat"] = (fits.get("caveat", "") + "; " if "caveat" in fits else "") + (
             f"the gain at {', '.join(map(str, few))} domain(s) is bootstrapped over that few domains: its "
-            "interval has a handful of possible values and understates the spread; read it as indicative"
+            "domain draw has a handful of outcomes and understates the spread; read it as indicative"
         )
     return fits
