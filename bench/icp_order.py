@@ -128,8 +128,8 @@ def read_shards(root: Path) -> tuple[TokenDocuments, np.ndarray]:
 
 
 def show_pairs(texts: list[str]) -> None:
-    from elmforest.cluster.icp_pairs import sparse_pair_cosine
     from elmforest.cluster.icp_graph import knn_search
+    from elmforest.cluster.icp_pairs import sparse_pair_cosine
 
     z, x = embed(texts)
     nb, _ = knn_search(z, 10)

@@ -6,9 +6,9 @@ levels in log space (a seed effect shared by every run of that seed, one shared 
 runs of a (budget, seed), one per run, one per domain), and runs the study's own analysis on it:
 `bootstrap_multiplier` (what `multiplier_table` calls) and `analysis.findings` for the verdict. It reports,
 per forest budget, the share of 90% intervals holding M, with its standard error, and the share of
-verdicts other than "not shown". The noise levels are sized from docs/results/*/study.json (two seeds of
-one point differ by about 0.008 in macro log-BPB, 0.0095 per domain). Hand-written: no library
-simulates this design.
+verdicts other than "not shown". The noise levels are sized from docs/results/*/study.json (the mean
+absolute difference between a point's two seeds: 0.005-0.009 in macro log-BPB, 0.009-0.013 per domain,
+across the four studies). Hand-written: no library simulates this design.
 
     OMP_NUM_THREADS=1 python bench/study_ci_coverage.py --trials 40 --seeds 2
 """
