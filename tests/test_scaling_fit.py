@@ -164,11 +164,12 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     runs = make_runs(rng, "dense", BUDGETS, noise=0.0)
     for r in runs:
         r["bpb"] = {"code": r["bpb"]["code"] + (0.1 if r["seed"] else -0.1) * (1 + (r["budget"] > 5))}
-    _, B, flops, points, paired = scaling._prepare(runs, ["dense"], None, True)
+    _, B, flops, points, seeds_of = scaling._prepare(runs, ["dense"], None, True)
+    paired = len({tuple(s) for s in seeds_of.values()}) == 1
     full = scaling._full_fit(B, flops, points, "dense", 1e-3)
     monkeypatch.setattr(scaling, "_fit", lambda *a, **k: None)  # only the replicates' runs are looked at
     reps = [
-        m for _, m in scaling._replicate_fits(B, flops, points, "dense", full, 4000, 5, 1e-3, True, paired)
+        m for _, m in scaling._replicate_fits(B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of)
     ]
     means = np.array([[m[i].mean() for i in points.values()] for m in reps])  # replicate x point
     spread = np.array([B[i, 0].std(ddof=1) ** 2 / i.size for i in points.values()])  # s^2 / n per point
@@ -176,6 +177,15 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     np.testing.assert_allclose(means.var(axis=0), spread, rtol=0.08)
     np.testing.assert_allclose(means.mean(axis=0), B.mean(axis=1).reshape(-1, 2).mean(axis=1), atol=0.01)
     assert np.corrcoef(means[:, 0], means[:, -1])[0, 1] > 0.999  # paired: one draw for every point
+    # a point with a third seed (another point's run of it failed, or was added) leaves the others paired:
+    # one draw per seed, not one per point whenever the points' seeds differ
+    runs.append({**runs[0], "seed": 2, "bpb": {"code": runs[0]["bpb"]["code"] + 0.05}})
+    _, B, flops, points, seeds_of = scaling._prepare(runs, ["dense"], None, True)
+    reps = [
+        m for _, m in scaling._replicate_fits(B, flops, points, "dense", full, 2000, 5, 1e-3, True, seeds_of)
+    ]
+    means = np.array([[m[i].mean() for i in points.values()] for m in reps])
+    assert np.corrcoef(means[:, 1], means[:, -1])[0, 1] > 0.999
 
 
 def test_a_forest_needing_half_the_compute_has_multiplier_2_and_a_ci_excluding_1():

@@ -1,7 +1,7 @@
 """Bootstrap confidence intervals for the scaling fits of eval/scaling.py: the forest's compute multiplier
 at each budget and each arm's curve parameters, resampling domains (one draw per replicate, shared by
-every run, so arms stay paired) and training seeds (one draw of seed weights for all points when they
-share seeds, `seed_weights`)."""
+every run, so arms stay paired) and training seeds (one Gaussian draw per seed, shared by every point
+that ran it, `seed_weights`)."""
 
 from __future__ import annotations
 
@@ -62,12 +62,13 @@ def _prepare(runs, arms, domains, resample_seeds):
                 f"arm {arm!r} budget {budget!r} has a single seed ({seeds[0]!r}); the bootstrap's seed part "
                 "needs >= 2 within each point (or pass resample_seeds=False)"
             )
-    # each point's runs in seed order: when every point has the same seeds, a replicate draws the seed
-    # weights once for all of them (runs of one seed share an initialisation and data order, and a forest shares
-    # its seed run with the dense run of its budget, so the arms stay paired on seeds too)
+    # each point's runs and the index of each one's seed among all the seeds: a replicate draws one weight
+    # per seed, shared by every point that ran it (runs of one seed share an initialisation and data
+    # order, and a forest shares its seed run with the dense run of its budget: the arms stay paired)
+    labels = {s: k for k, s in enumerate(sorted({str(r["seed"]) for r in chosen}))}
     ordered = {p: sorted(i, key=lambda j: str(chosen[j]["seed"])) for p, i in points.items()}
-    paired = len({tuple(str(chosen[j]["seed"]) for j in i) for i in ordered.values()}) == 1
-    return domains, B, flops, {p: np.array(i) for p, i in ordered.items()}, paired
+    seeds_of = {p: np.array([labels[str(chosen[j]["seed"])] for j in i]) for p, i in ordered.items()}
+    return domains, B, flops, {p: np.array(i) for p, i in ordered.items()}, seeds_of
 
 
 def seed_weights(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -78,9 +79,14 @@ def seed_weights(rng: np.random.Generator, n: int) -> np.ndarray:
     sized from docs/results) its 90% intervals covered the true multiplier 70-82% of the time, 58% where
     seed noise dominates; these weights, 82-93% and 67% (one difference per point still estimates the
     spread: only more seeds close the rest).
-    Gaussian weights (a wild bootstrap) keep the deviations' pattern across points when one draw
-    serves every point, so arms that share a seed stay paired, and give a continuous distribution."""
-    return rng.normal(0.0, 1.0 / math.sqrt(n * (n - 1)), n) if n > 1 else np.zeros(n)
+    Gaussian weights (a wild bootstrap) keep the deviations' pattern across points when one draw per
+    seed serves every point that ran it, so arms that share a seed stay paired, and give a continuous
+    distribution."""
+    return _seed_scale(n) * rng.standard_normal(n)
+
+
+def _seed_scale(n: int) -> float:
+    return 1.0 / math.sqrt(n * (n - 1)) if n > 1 else 0.0
 
 
 def _near(fit: PowerLawFit) -> list[tuple[float, float, float]]:
@@ -100,23 +106,21 @@ def _check_boot(n_boot, ci):
     return (1 - ci) / 2, 1 - (1 - ci) / 2
 
 
-def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, paired_seeds=False):
+def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
-    domains), each point's runs moved together by its seed part (`seed_weights`: one draw for every
-    point when they all have the same seeds, `paired_seeds`, so the seed runs' deviations keep their
-    pattern across points), and the fit of `arm` on those runs, None when it fails (one bad replicate is
-    counted, never fatal). Yields (fit, run metrics)."""
+    domains), each point's runs moved together by its seed part (`seed_weights`' scale on one Gaussian
+    draw per seed, `seeds_of` naming each run's: a seed's runs move alike at every point that ran it),
+    and the fit of `arm` on those runs, None when it fails (one bad replicate is counted, never fatal).
+    Yields (fit, run metrics)."""
     rng = np.random.default_rng(seed)
     D = B.shape[1]
-    sizes = {i.size for i in points.values()}
-    paired = paired_seeds and len(sizes) == 1
+    n_seeds = 1 + max(int(s.max()) for s in seeds_of.values())
     for _ in range(n_boot):
         m = B @ (np.bincount(rng.integers(0, D, D), minlength=D) / D)
         if resample_seeds:
-            w = seed_weights(rng, next(iter(sizes))) if paired else None
-            for i in points.values():  # runs of a point in seed order (_prepare): w_s is seed s's
-                dev = m[i] - m[i].mean()
-                m[i] += (w if paired else seed_weights(rng, i.size)) @ dev
+            z = rng.standard_normal(n_seeds)
+            for p, i in points.items():
+                m[i] += (_seed_scale(i.size) * z[seeds_of[p]]) @ (m[i] - m[i].mean())
         idx = np.concatenate([i for p, i in points.items() if p[0] == arm])
         try:
             fit = _fit(flops[idx], m[idx], delta, None, full.c0, _near(full))
@@ -148,7 +152,7 @@ def bootstrap_multiplier(
     large (the CI may hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
     counted in n_failed."""
     q = _check_boot(n_boot, ci)
-    domains, B, flops, points, paired = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
+    domains, B, flops, points, seeds_of = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
     forest_pts = sorted((p for p in points if p[0] == forest_arm), key=lambda p: flops[points[p]].mean())
     full = _full_fit(B, flops, points, dense_arm, delta)
     reps, n_failed, flat = {p: [] for p in forest_pts}, 0, full.flat()
@@ -174,7 +178,7 @@ def bootstrap_multiplier(
         ]
         return ans
     for fit, m in _replicate_fits(
-        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, paired
+        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, seeds_of
     ):
         n_failed += fit is None
         for p in forest_pts if fit else ():
@@ -236,11 +240,13 @@ def bootstrap_fit(
     c0 in every replicate, so its CI is of one quantity. Wide CIs here are the weak determination of a
     3-parameter fit on few budgets made visible, which is the point of reporting them."""
     q = _check_boot(n_boot, ci)
-    domains, B, flops, points, paired = _prepare(runs, [arm], domains, resample_seeds)
+    domains, B, flops, points, seeds_of = _prepare(runs, [arm], domains, resample_seeds)
     full = _full_fit(B, flops, points, arm, delta)
     fits = [
         f
-        for f, _ in _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, paired)
+        for f, _ in _replicate_fits(
+            B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of
+        )
     ]
     v = np.array([(f.E, f.A, f.alpha) for f in fits if f]).reshape(-1, 3)
     out = dict(
