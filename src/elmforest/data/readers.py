@@ -199,9 +199,9 @@ _QUIET: ContextVar[bool] = ContextVar("quiet_notes", default=False)
 
 @contextmanager
 def quiet_notes() -> Iterator[None]:
-    """Reads without the notes on the files (left out, named alike, spread JSON): for a first read of
-    sources that are read again at once (the out-of-domain sets: checked, then built), so each note is
-    said once."""
+    """Reads without the notes on the files (left out, named alike, spread JSON), for one of two reads of
+    the same sources (the corpus: the tokenizer's, then the shards'; the out-of-domain sets: their
+    checks, then their build), so each note is said once."""
     token = _QUIET.set(True)
     try:
         yield

@@ -301,25 +301,28 @@ def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
             seen[k] = v
         return seen
 
+    with parse_errors(path, "JSON"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f, object_pairs_hook=once if unique_keys else None)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+
+
+@contextmanager
+def parse_errors(path, kind: str) -> Iterator[None]:
+    """What a JSON or YAML parser could not read that is not a syntax error (the caller says those: each
+    parser words them its own way), as one UserError naming the file: text that is not UTF-8, nesting
+    deeper than Python's stack, an integer longer than Python converts (4,300 digits)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=once if unique_keys else None)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
+        yield
     except UserError:
         raise
-    except (ValueError, RecursionError) as e:  # an integer of > 4,300 digits; nesting past the stack
-        raise UserError(f"{path}: not valid JSON ({_unreadable(e)})") from None
-
-
-def _unreadable(e: BaseException) -> str:
-    """What a JSON or YAML parser could not read that is not a syntax error, in a line: nesting deeper
-    than Python's stack, an integer longer than Python converts (4,300 digits)."""
-    if isinstance(e, RecursionError):
-        return "nested too deeply"
-    return str(e).split(";")[0]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid {kind} (not UTF-8 text at byte {e.start})") from e
+    except (ValueError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise UserError(f"{path}: not valid {kind} ({what})") from None
 
 
 def file_stamps(sources) -> list[list]:

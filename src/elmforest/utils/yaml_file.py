@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import _unreadable
+from elmforest.utils.io import parse_errors
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -36,16 +36,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
         return loader.construct_mapping(node, deep=True)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid YAML/JSON (not UTF-8 text at byte {e.start})") from e
-    except UserError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path}: not valid YAML/JSON ({_unreadable(e)})") from None
+    with parse_errors(path, "YAML/JSON"):
+        try:
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
     return _bounded(loaded, path)
 
 
