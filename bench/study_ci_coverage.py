@@ -8,9 +8,12 @@ runs of a (budget, seed), one per run, one per domain), and runs the study's own
 per forest budget, the share of 90% intervals holding M, with its standard error, and the share of
 verdicts other than "not shown". The noise levels are sized from docs/results/*/study.json (the mean
 absolute difference between a point's two seeds: 0.005-0.009 in macro log-BPB, 0.009-0.013 per domain,
-across the four studies). Hand-written: no library simulates this design.
+across the four studies). `--seed-pool` picks the seed part (each arm's spread pooled over its budgets,
+the default, or each point's own); `--trend a` scales the per-(budget, seed) and per-run noise by
+budget^-a, seed noise that is not the same at every budget (which pooling assumes). Hand-written: no
+library simulates this design.
 
-    OMP_NUM_THREADS=1 python bench/study_ci_coverage.py --trials 40 --seeds 2
+    OMP_NUM_THREADS=1 python bench/study_ci_coverage.py --trials 100 --seeds 2 --seed-pool arm
 """
 
 from __future__ import annotations
@@ -29,19 +32,19 @@ DENSE = [0.5, 1, 2, 4]
 FOREST = [0.5, 1, 2]
 
 
-def make_runs(rng, domains: int, seeds: int, m: float, sig: list[float]) -> list[dict]:
+def make_runs(rng, domains: int, seeds: int, m: float, sig: list[float], trend: float = 0.0) -> list[dict]:
     e = rng.uniform(0.1, 0.6, domains)  # like the in-domain fits: E small, alpha 0.18-0.35
     alpha = rng.uniform(0.18, 0.35, domains)
     a = rng.uniform(1.9, 2.9, domains) - e  # BPB at 1x of 1.9-2.9
     s_seed, s_point, s_run, s_dom = sig
     u = rng.normal(0, s_seed, seeds)
-    v = {(b, s): rng.normal(0, s_point) for b in DENSE for s in range(seeds)}
+    v = {(b, s): rng.normal(0, s_point * b**-trend) for b in DENSE for s in range(seeds)}
     runs = []
     for arm, budgets, mult in (("dense", DENSE, 1.0), ("btm", FOREST, m)):
         for b in budgets:
             for s in range(seeds):
                 bpb = (e + a * (mult * b) ** -alpha) * np.exp(
-                    u[s] + v[b, s] + rng.normal(0, s_run) + rng.normal(0, s_dom, domains)
+                    u[s] + v[b, s] + rng.normal(0, s_run * b**-trend) + rng.normal(0, s_dom, domains)
                 )
                 runs.append(
                     {
@@ -66,13 +69,15 @@ def main() -> None:
     ap.add_argument("--noise", default="0.004,0.004,0.004,0.007", help="seed, (budget, seed), run, domain")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--rng", type=int, default=11)
+    ap.add_argument("--seed-pool", default="arm", choices=["arm", "point"])
+    ap.add_argument("--trend", type=float, default=0.0, help="seed noise scales as budget^-trend")
     args = ap.parse_args()
     sig = [float(x) for x in args.noise.split(",")]
     rng, t0 = np.random.default_rng(args.rng), time.perf_counter()
     rows = []
     for _ in range(args.trials):
-        runs = make_runs(rng, args.domains, args.seeds, args.multiplier, sig)
-        res = bootstrap_multiplier(runs, "btm", n_boot=args.n_boot, ci=0.9)
+        runs = make_runs(rng, args.domains, args.seeds, args.multiplier, sig, args.trend)
+        res = bootstrap_multiplier(runs, "btm", n_boot=args.n_boot, ci=0.9, seed_pool=args.seed_pool)
         verdicts = [f["verdict"] for f in findings({"in_domain": res}, None)]
         rows.append([(b["ci"], v) for b, v in zip(res["budgets"], verdicts, strict=True)])
     print(

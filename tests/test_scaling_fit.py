@@ -188,6 +188,34 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     assert np.corrcoef(means[:, 1], means[:, -1])[0, 1] > 0.999
 
 
+def test_the_pooled_seed_part_moves_each_point_by_its_arms_pooled_spread_widened_to_t(monkeypatch):
+    """seed_pool="arm": every point of an arm moves by its mean x S / sqrt(n) x a standard normal, S^2
+    the arm's relative seed deviations pooled over its points (here 5 budgets, 5 degrees of freedom),
+    widened by t_5 / z at the CI's quantile, whatever the point's own spread, even none; the points stay
+    paired (the sign of each point's own deviation sets its direction)."""
+    from scipy.stats import norm, t
+
+    rng = np.random.default_rng(19)
+    runs = make_runs(rng, "dense", BUDGETS, noise=0.0)
+    dev = [0.02, 0.0, 0.01, -0.04, 0.03]  # seed 1's relative deviation from its point's mean, per budget
+    for r in runs:
+        k = int(np.argmin(abs(BUDGETS - r["flops"])))
+        r["bpb"] = {"code": r["bpb"]["code"] * (1 + (dev[k] if r["seed"] else -dev[k]))}
+    _, B, flops, points, seeds_of = scaling._prepare(runs, ["dense"], None, True)
+    full = scaling._full_fit(B, flops, points, "dense", 1e-3)
+    monkeypatch.setattr(scaling, "_fit", lambda *a, **k: None)
+    reps = scaling._replicate_fits(B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of, "arm", 0.8)
+    means = np.array([[m[i].mean() for i in points.values()] for _, m in reps])
+    mean = B[:, 0].reshape(-1, 2).mean(axis=1)
+    pooled = 2 * sum(d * d for d in dev) / 5  # each point's 2 runs deviate by +-d: 2 d^2, 1 df
+    widen = t.ppf(0.9, 5) / norm.ppf(0.9)
+    np.testing.assert_allclose(means.var(axis=0), mean**2 * pooled * widen**2 / 2, rtol=0.08)
+    np.testing.assert_allclose(means.mean(axis=0), mean, rtol=0.01)
+    c = np.corrcoef(means.T)
+    sign = np.sign([d if d else 1 for d in dev])  # a point without spread takes the contrast seed 1 - seed 0
+    assert np.allclose(c, np.outer(sign, sign), atol=1e-6)
+
+
 def test_a_forest_needing_half_the_compute_has_multiplier_2_and_a_ci_excluding_1():
     rng = np.random.default_rng(6)
     runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14], speedup=2.0)
@@ -306,6 +334,8 @@ def test_bad_input_is_refused_naming_the_problem():
         bootstrap_multiplier(runs, "btm", n_boot=5)
     with pytest.raises(UserError, match="no runs of arm 'cbtm'; the runs have arms btm, dense"):
         bootstrap_multiplier(runs, "cbtm", n_boot=5)
+    with pytest.raises(UserError, match="seed_pool must be one of arm, point, got 'budget'"):
+        bootstrap_fit(runs, "dense", n_boot=5, seed_pool="budget")
     runs[0]["flops"] = -1.0
     with pytest.raises(UserError, match="FLOPs must be positive and finite, got -1.0"):
         bootstrap_fit(runs, "dense", n_boot=5)

@@ -38,6 +38,7 @@ from elmforest.utils.yaml_file import read_yaml
         (["cbtm_ks=[]", "cbtm_data=[0, 2]"], "cbtm_data"),
         (["seed_share=1.5"], "seed_share"),
         (["n_boot=abc"], "n_boot"),
+        (["seed_pool=domain"], "seed_pool must be one of arm, point"),
         (["lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "expert_lr_grid"),
         (["lr_grid=[1e-3, 2e-3]", "expert_lr_grid=[1e-3, 2e-3, 4e-3, 8e-3]"], "distinct to 3"),
         (
@@ -261,7 +262,7 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert "the dense runs' second half 0.006 (arm dense_tuned)" in report
     assert "| domains | gain over dense_tuned | CI | gain over dense (one LR) | CI |" in report
     assert "the gain at 2 domain(s) is bootstrapped over that few domains" in report  # 9 replicates
-    assert "make them firmer; the gain at 2 domain(s)" in report  # 2 seeds: both caveats, apart
+    assert "interval firmer; the gain at 2 domain(s)" in report  # 2 seeds: both caveats, apart
     checked = 0  # each multiplier table's last column says whether the interval it prints holds 1
     for row in (
         x for x in report.splitlines() if re.fullmatch(r"\| [\d.]+x \| .* \| \[[\d.]+, [\d.]+\] \| \w+ \|", x)

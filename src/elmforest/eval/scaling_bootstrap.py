@@ -1,16 +1,20 @@
 """Bootstrap confidence intervals for the scaling fits of eval/scaling.py: the forest's compute multiplier
 at each budget and each arm's curve parameters, resampling domains (one draw per replicate, shared by
 every run, so arms stay paired) and training seeds (one Gaussian draw per seed, shared by every point
-that ran it, `seed_weights`)."""
+that ran it, `seed_weights`), each arm's seed spread pooled over its budgets by default
+(`_pooled_moves`)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy.stats import norm, t
 
 from elmforest.eval.scaling import PowerLawFit, _fit, _one_blas_thread, multiplier
 from elmforest.utils.errors import Failed, UserError
+
+SEED_POOLS = ("arm", "point")  # the seed part's spread: pooled over an arm's budgets, or each point's own
 
 
 def macro_bpb(run: dict, domains=None) -> float:
@@ -89,6 +93,31 @@ def _seed_scale(n: int) -> float:
     return 1.0 / math.sqrt(n * (n - 1)) if n > 1 else 0.0
 
 
+def _pooled_moves(m, points, seeds_of, z, ci):
+    """The seed part with each arm's seed spread pooled over its budgets: a point's mean moves by
+    mean_p * S_a / sqrt(n_p) * u_p, S_a^2 the arm's pooled variance of the runs' relative deviations
+    from their point's mean (sum_p (n_p - 1) degrees of freedom), u_p = z @ r_p / |r_p| the point's own
+    deviation pattern r_p (so arms sharing a seed stay paired, as in `seed_weights`), standard normal
+    for Gaussian z, widened by t_df / z at the CI's upper quantile for the pooled estimate's own noise.
+    One difference per point estimates its spread with 1 degree of freedom, which the per-point seed
+    part (`seed_weights`) takes at face value; pooled, an arm of 4 budgets has 4."""
+    moves = np.zeros_like(m)
+    for arm in {p[0] for p in points}:
+        pts = [p for p in points if p[0] == arm]
+        rel = {p: m[points[p]] / m[points[p]].mean() - 1 for p in pts}
+        df = sum(points[p].size - 1 for p in pts)
+        if df < 1:
+            continue
+        widen = float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
+        s = math.sqrt(sum(float(r @ r) for r in rel.values()) / df) * widen
+        for p in pts:
+            r, zs = rel[p], z[seeds_of[p]]
+            norm_r = math.sqrt(float(r @ r))
+            u = zs @ r / norm_r if norm_r > 0 else (zs[-1] - zs[0]) / math.sqrt(2)
+            moves[points[p]] = m[points[p]].mean() * s / math.sqrt(r.size) * u
+    return moves
+
+
 def _near(fit: PowerLawFit) -> list[tuple[float, float, float]]:
     """Replicate starts. A replicate perturbs the full data a little, so the full fit's optimum is the
     right basin in nearly every replicate (in trials the full grid found a lower loss in under 1 replicate
@@ -98,7 +127,9 @@ def _near(fit: PowerLawFit) -> list[tuple[float, float, float]]:
     return [(a, e, al), (a, e - 0.5, min(max(al, 0.05) * 2.0, 4.5))]
 
 
-def _check_boot(n_boot, ci):
+def _check_boot(n_boot, ci, seed_pool="arm"):
+    if seed_pool not in SEED_POOLS:
+        raise UserError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {seed_pool!r}")
     if not (isinstance(n_boot, int | np.integer) and n_boot >= 1):
         raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 < ci < 1:
@@ -106,7 +137,9 @@ def _check_boot(n_boot, ci):
     return (1 - ci) / 2, 1 - (1 - ci) / 2
 
 
-def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of):
+def _replicate_fits(
+    B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool="point", ci=0.9
+):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
     domains), each point's runs moved together by its seed part (`seed_weights`' scale on one Gaussian
     draw per seed, `seeds_of` naming each run's: a seed's runs move alike at every point that ran it),
@@ -119,8 +152,11 @@ def _replicate_fits(B, flops, points, arm, full, n_boot, seed, delta, resample_s
         m = B @ (np.bincount(rng.integers(0, D, D), minlength=D) / D)
         if resample_seeds:
             z = rng.standard_normal(n_seeds)
-            for p, i in points.items():
-                m[i] += (_seed_scale(i.size) * z[seeds_of[p]]) @ (m[i] - m[i].mean())
+            if seed_pool == "arm":
+                m += _pooled_moves(m, points, seeds_of, z, ci)
+            else:
+                for p, i in points.items():
+                    m[i] += (_seed_scale(i.size) * z[seeds_of[p]]) @ (m[i] - m[i].mean())
         idx = np.concatenate([i for p, i in points.items() if p[0] == arm])
         try:
             fit = _fit(flops[idx], m[idx], delta, None, full.c0, _near(full))
@@ -145,13 +181,14 @@ def bootstrap_multiplier(
     delta: float = 1e-3,
     domains=None,
     resample_seeds: bool = True,
+    seed_pool: str = "arm",
 ) -> dict:
     """The forest's compute multiplier at each of its budgets, with a percentile CI over domains and
     seeds. An out-of-range replicate counts as +inf (above the dense range, or unreachable) or 0 (below)
     and the fractions are reported, so a CI reaching inf says the data cannot bound it, not that it is
     large (the CI may hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
     counted in n_failed."""
-    q = _check_boot(n_boot, ci)
+    q = _check_boot(n_boot, ci, seed_pool)
     domains, B, flops, points, seeds_of = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
     forest_pts = sorted((p for p in points if p[0] == forest_arm), key=lambda p: flops[points[p]].mean())
     full = _full_fit(B, flops, points, dense_arm, delta)
@@ -178,7 +215,7 @@ def bootstrap_multiplier(
         ]
         return ans
     for fit, m in _replicate_fits(
-        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, seeds_of
+        B, flops, points, dense_arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool, ci
     ):
         n_failed += fit is None
         for p in forest_pts if fit else ():
@@ -235,17 +272,18 @@ def bootstrap_fit(
     delta: float = 1e-3,
     domains=None,
     resample_seeds: bool = True,
+    seed_pool: str = "arm",
 ) -> dict:
     """CIs of E, A and alpha for one arm, resampled as in `bootstrap_multiplier`; A is at the full fit's
     c0 in every replicate, so its CI is of one quantity. Wide CIs here are the weak determination of a
     3-parameter fit on few budgets made visible, which is the point of reporting them."""
-    q = _check_boot(n_boot, ci)
+    q = _check_boot(n_boot, ci, seed_pool)
     domains, B, flops, points, seeds_of = _prepare(runs, [arm], domains, resample_seeds)
     full = _full_fit(B, flops, points, arm, delta)
     fits = [
         f
         for f, _ in _replicate_fits(
-            B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of
+            B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool, ci
         )
     ]
     v = np.array([(f.E, f.A, f.alpha) for f in fits if f]).reshape(-1, 3)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.config import PRIOR_BATCHES
+from elmforest.eval.scaling_bootstrap import SEED_POOLS
 from elmforest.utils.errors import UserError
 from elmforest.utils.typed import from_dict
 
@@ -62,6 +63,9 @@ class StudyConfig:
     prior_batches: int = PRIOR_BATCHES
     n_boot: int = 1000
     ci: float = 0.90
+    # the bootstrap's seed part: each arm's seed spread pooled over its budgets ("arm"), or each
+    # point's own ("point": 1 degree of freedom with 2 seeds; eval/scaling_bootstrap._pooled_moves)
+    seed_pool: str = "arm"
     workers: int | None = None  # jobs at a time (default: 2 on a CPU of 2+ cores)
 
     def validate(self) -> None:
@@ -171,6 +175,8 @@ class StudyConfig:
             bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
         if not 0.5 <= self.ci < 1:
             bad.append("ci must be in [0.5, 1)")
+        if self.seed_pool not in SEED_POOLS:
+            bad.append(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {self.seed_pool!r}")
         for lr, name in (
             (self.dense_lr, "dense_lr"),
             (self.expert_lr, "expert_lr"),
