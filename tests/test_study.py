@@ -314,8 +314,13 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     scores = now
 
     capsys.readouterr()
-    assert main([*argv, "--analyse-only", "--set", "n_boot=150"]) == 0  # fits again from study.json
-    assert json.loads((out / "fits.json").read_text())["n_boot"] == 150
+    assert main([*argv, "--analyse-only", "--set", "n_boot=150", "--set", "seed_pool=point"]) == 0
+    fits = json.loads((out / "fits.json").read_text())  # fitted again from study.json, with both
+    assert (
+        fits["n_boot"] == 150
+        and fits["seed_pool"] == "point"
+        and "one difference per point" in fits["caveat"]
+    )
     assert "need a full run" not in capsys.readouterr().out  # the LRs it chose are no change of config
     assert study["config"]["expert_lr"] is None and study["batch_size"] == 6
     assert _summaries(out) == after

@@ -133,7 +133,7 @@ PARTIAL = "study.partial.json"  # the runs of a study whose analysis has not fin
 
 def reanalyse(out: str | Path, log=print) -> dict:
     """The fits, findings and report again from a finished study's study.json (after a change to the
-    analysis, or with other n_boot / ci: `--set` them), without training or scoring anything."""
+    analysis, or with other n_boot / ci / seed_pool: `--set` them), without training or scoring anything."""
     out = Path(out)
     if not (out / "study.json").is_file() or "steps_1x" not in read_json(out / "study.json"):
         raise UserError(f"{out}: no finished study (study.json) to analyse again; run the study first")
@@ -180,23 +180,27 @@ def run_study(
             return _study(cfg, out, t0, log, executor, address, cpus_per_job, gpus_per_job, progress, every)
 
 
+ANALYSIS_FIELDS = ("n_boot", "ci", "seed_pool")  # what --analyse-only takes from the config
+
+
 def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:
-    """--analyse-only: the fits again with this config's n_boot and ci; its other changes are named."""
+    """--analyse-only: the fits again with this config's n_boot, ci and seed_pool; its other changes are
+    named."""
     study = read_json(out / "study.json")
     if study.get("config"):
         changed = sorted(
             k
             for k, v in cfg.to_dict().items()
-            if k not in ("n_boot", "ci")
+            if k not in ANALYSIS_FIELDS
             and study["config"].get(k, v) != v
             and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
         )
         if changed:
             log(
-                f"note: --analyse-only re-fits the runs in {out} with this config's n_boot and ci only; "
+                f"note: --analyse-only re-fits the runs in {out} with this config's n_boot, ci and seed_pool only; "
                 f"its other changes ({', '.join(changed)}) need a full run"
             )
-        study["config"].update({k: getattr(cfg, k) for k in ("n_boot", "ci")})
+        study["config"].update({k: getattr(cfg, k) for k in ANALYSIS_FIELDS})
         write_json_atomic(out / "study.json", strict_json(study))
     return reanalyse(out, log)
 
