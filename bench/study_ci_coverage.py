@@ -10,10 +10,12 @@ verdicts other than "not shown". The noise levels are sized from docs/results/*/
 absolute difference between a point's two seeds: 0.005-0.009 in macro log-BPB, 0.009-0.013 per domain,
 across the four studies). `--seed-pool` picks the seed part (each arm's spread pooled over its budgets,
 the default, or each point's own); `--trend a` scales the per-(budget, seed) and per-run noise by
-budget^-a, seed noise that is not the same at every budget (which pooling assumes). Hand-written: no
-library simulates this design.
+budget^-a, seed noise that is not the same at every budget (which pooling assumes). `--gains R`
+measures instead the paired gains' intervals (domains, seed share, c-BTM: `paired_gains`) on tables of R
+rows whose true gain is `--gain`. Hand-written: no library simulates this design.
 
     OMP_NUM_THREADS=1 python bench/study_ci_coverage.py --trials 100 --seeds 2 --seed-pool arm
+    OMP_NUM_THREADS=1 python bench/study_ci_coverage.py --gains 3 --trials 300 --seed-pool arm
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import numpy as np
 
 from elmforest.eval.scaling_bootstrap import bootstrap_multiplier
-from elmforest.study.analysis import findings
+from elmforest.study.analysis import findings, paired_gains
 
 C1 = 9.92e12  # the cpu preset's 1x budget in FLOPs (any scale would do: the fit works in ratios)
 DENSE = [0.5, 1, 2, 4]
@@ -60,6 +62,39 @@ def make_runs(rng, domains: int, seeds: int, m: float, sig: list[float], trend: 
     return runs
 
 
+def gain_table(rng, rows: int, domains: int, seeds: int, gain: float, sig: list[float]) -> list[tuple]:
+    """A table of `rows` paired gains (like the seed shares, or the numbers of domains, at one budget):
+    each row's forest is truly `gain` better than its dense run on every domain, and the pair shares its
+    seed's effects; each run has its own run and domain noise."""
+    s_seed, s_point, s_run, s_dom = sig
+    out = []
+    for _ in range(rows):
+        truth, pairs = rng.uniform(1.9, 2.9, domains), []
+        for _ in range(seeds):
+            shared = rng.normal(0, s_seed) + rng.normal(0, s_point)
+            d, f = (
+                scale * np.exp(shared + rng.normal(0, s_run) + rng.normal(0, s_dom, domains))
+                for scale in (truth, truth / (1 + gain))
+            )
+            pairs.append(tuple({f"d{k}": v for k, v in enumerate(x.tolist())} for x in (d, f)))
+        out.append((pairs, [f"d{k}" for k in range(domains)]))
+    return out
+
+
+def gains(args, sig) -> None:
+    rng, t0, covered = np.random.default_rng(args.rng), time.perf_counter(), []
+    for _ in range(args.trials):
+        table = gain_table(rng, args.gains, args.domains, args.seeds, args.gain, sig)
+        for g in paired_gains(table, args.n_boot, 0.9, seed_pool=args.seed_pool):
+            covered.append(g["ci"][0] <= args.gain <= g["ci"][1])
+    cover = float(np.mean(covered))
+    print(
+        f"{args.trials} tables of {args.gains} rows, {args.seeds} seeds, {args.domains} domains, gain {args.gain}, "
+        f"noise {sig}, {args.n_boot} replicates, seed_pool {args.seed_pool}: {time.perf_counter() - t0:.0f} s\n"
+        f"  90% interval covers the gain in {cover:.3f} +- {math.sqrt(cover * (1 - cover) / len(covered)):.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=40)
@@ -71,8 +106,12 @@ def main() -> None:
     ap.add_argument("--rng", type=int, default=11)
     ap.add_argument("--seed-pool", default="arm", choices=["arm", "point"])
     ap.add_argument("--trend", type=float, default=0.0, help="seed noise scales as budget^-trend")
+    ap.add_argument("--gains", type=int, default=0, help="instead: tables of this many paired gains")
+    ap.add_argument("--gain", type=float, default=0.01, help="the paired gains' true value")
     args = ap.parse_args()
     sig = [float(x) for x in args.noise.split(",")]
+    if args.gains:
+        return gains(args, sig)
     rng, t0 = np.random.default_rng(args.rng), time.perf_counter()
     rows = []
     for _ in range(args.trials):

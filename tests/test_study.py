@@ -19,7 +19,7 @@ from conftest import make_corpus
 
 from elmforest.cli import main
 from elmforest.data.shards import Shards
-from elmforest.study.analysis import findings, paired_gain, verdict
+from elmforest.study.analysis import findings, paired_gains, verdict
 from elmforest.study.config import load_study_config
 from elmforest.study.report import _over, scored_line
 from elmforest.utils.errors import UserError
@@ -104,10 +104,15 @@ def test_the_report_says_what_was_scored_and_what_the_intervals_resample():
     assert _over(study) == "seeds and domains"
 
 
+def paired_gain(pairs, domains, n_boot, ci, seed=0):
+    return paired_gains([(pairs, domains)], n_boot, ci, seed, seed_pool="point")[0]
+
+
 def test_paired_gain_by_hand():
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0}), ({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0})]
     g = paired_gain(pairs, ["a", "b"], n_boot=100, ci=0.9)
     assert g["gain"] == pytest.approx(1.0) and g["ci"] == pytest.approx([1.0, 1.0])
+    assert paired_gains([(pairs, ["a", "b"])], 100, 0.9) == [g]  # pooled: no spread is none either
     # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
     # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]
@@ -121,6 +126,35 @@ def test_paired_gain_by_hand():
         boots.append((d.mean() + w @ (d - d.mean())) / (f.mean() + w @ (f - f.mean())) - 1)
     assert g["ci"] == pytest.approx(list(np.quantile(boots, [0.1, 0.9])), rel=1e-12)
     assert g["ci"][0] < g["gain"] < g["ci"][1]
+
+
+def test_paired_gains_pool_the_seed_spread_over_a_tables_rows():
+    """seed_pool "arm": each row's gain moves by (1 + gain) S t_df/z / sqrt(n) u, S^2 the paired relative
+    differences' variance pooled over the rows (here 3 rows of 2 seeds: 3 degrees of freedom), so a row
+    whose 2 seeds happen to agree gets the table's spread, not none."""
+    from scipy.stats import norm, t
+
+    def pair(d, f):
+        return {"a": d}, {"a": f}
+
+    rows = [
+        ([pair(2.0, 1.9), pair(2.0, 1.9)], ["a"]),  # the seeds agree exactly
+        ([pair(2.0, 1.8), pair(2.2, 1.9)], ["a"]),
+        ([pair(3.0, 3.1), pair(3.1, 3.0)], ["a"]),
+    ]
+    got = paired_gains(rows, n_boot=4000, ci=0.8, seed=5)
+    dev = (
+        [np.array([d["a"] for d, _ in r]) for r, _ in rows],
+        [np.array([f["a"] for _, f in r]) for r, _ in rows],
+    )
+    diffs = [a / a.mean() - b / b.mean() for a, b in zip(*dev, strict=True)]
+    s = np.sqrt(sum(x @ x for x in diffs) / 3) * t.ppf(0.9, 3) / norm.ppf(0.9)
+    for g, a, b in zip(got, *dev, strict=True):
+        gain = a.mean() / b.mean() - 1
+        assert g["gain"] == pytest.approx(gain) and g["seeds"] == 2
+        # the replicates are (1 + gain)(1 + step) - 1 with step ~ N(0, s^2 / 2): the 10th-90th percentiles
+        half = (1 + gain) * s / np.sqrt(2) * norm.ppf(0.9)
+        assert g["ci"] == pytest.approx([gain - half, gain + half], abs=0.04 * half)
 
 
 def _study_cfg(tmp_path: Path) -> Path:

@@ -1,7 +1,7 @@
 """Bootstrap confidence intervals for the scaling fits of eval/scaling.py: the forest's compute multiplier
 at each budget and each arm's curve parameters, resampling domains (one draw per replicate, shared by
 every run, so arms stay paired) and training seeds (one Gaussian draw per seed, shared by every point
-that ran it, `seed_weights`), each arm's seed spread pooled over its budgets by default
+that ran it, `seed_scale`), each arm's seed spread pooled over its budgets by default
 (`_pooled_moves`)."""
 
 from __future__ import annotations
@@ -75,46 +75,50 @@ def _prepare(runs, arms, domains, resample_seeds):
     return domains, B, flops, {p: np.array(i) for p, i in ordered.items()}, seeds_of
 
 
-def seed_weights(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Weights w (n,) for the seed part of a replicate: a point's mean moves by sum_s w_s (x_s - mean),
-    whose variance is then s^2 / n on average, the unbiased variance of a mean of n seeds. Drawing the
-    seeds with replacement gives (n - 1)/n of it, and with 2 seeds only 3 outcomes: in simulations of
-    the study's design (bench/study_ci_coverage.py: 4 dense budgets, 2 seeds, 8 domains, seed noise
-    sized from docs/results) its 90% intervals covered the true multiplier 70-82% of the time, 58% where
-    seed noise dominates; these weights, 82-93% and 67% (one difference per point still estimates the
-    spread: only more seeds close the rest).
-    Gaussian weights (a wild bootstrap) keep the deviations' pattern across points when one draw per
-    seed serves every point that ran it, so arms that share a seed stay paired, and give a continuous
-    distribution."""
-    return _seed_scale(n) * rng.standard_normal(n)
-
-
-def _seed_scale(n: int) -> float:
+def seed_scale(n: int) -> float:
+    """The per-point seed part (seed_pool "point"): weights w = seed_scale(n) * z, z standard normal
+    per seed, move a point's mean by sum_s w_s (x_s - mean), whose variance is then s^2 / n on average,
+    the unbiased variance of a mean of n seeds. Drawing the seeds with replacement gives (n - 1)/n of
+    it, and with 2 seeds only 3 outcomes: in simulations of the study's design
+    (bench/study_ci_coverage.py: 4 dense budgets, 2 seeds, 8 domains, seed noise sized from
+    docs/results) its 90% intervals covered the true multiplier 70-82% of the time, 58% where seed noise
+    dominates; these weights, 81-93% and 67-73% (one difference per point still estimates the spread:
+    `pooled_steps` pools it). Gaussian weights (a wild bootstrap) keep the deviations' pattern across
+    points when one draw per seed serves every point that ran it, so arms that share a seed stay
+    paired, and give a continuous distribution."""
     return 1.0 / math.sqrt(n * (n - 1)) if n > 1 else 0.0
 
 
+def pooled_steps(devs: list[np.ndarray], zs: list[np.ndarray], ci: float) -> list[float]:
+    """The seed part with the spread pooled over points that share it: point j's mean moves by a
+    relative step S / sqrt(n_j) * u_j, S^2 the variance of the relative deviations `devs` (each point's
+    runs, or paired differences, from its mean) pooled over the points (sum_j (n_j - 1) degrees of
+    freedom), u_j = z_j @ r_j / |r_j| the point's own deviation pattern applied to its seeds' Gaussian
+    draws `zs` (standard normal; arms that share a seed stay paired, as in `seed_scale`), widened by
+    t_df / z at the CI's upper quantile for the pooled estimate's own noise. One difference per point
+    estimates its spread with 1 degree of freedom, which the per-point part (`seed_scale`) takes at
+    face value; pooled over an arm of 4 budgets of 2 seeds it has 4."""
+    df = sum(r.size - 1 for r in devs)
+    if df < 1:
+        return [0.0] * len(devs)
+    widen = float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
+    s = math.sqrt(sum(float(r @ r) for r in devs) / df) * widen
+    out = []
+    for r, z in zip(devs, zs, strict=True):
+        size = math.sqrt(float(r @ r))
+        u = z @ r / size if size > 0 else (z[-1] - z[0]) / math.sqrt(2)  # no spread: the seeds' contrast
+        out.append(s / math.sqrt(r.size) * float(u))
+    return out
+
+
 def _pooled_moves(m, points, seeds_of, z, ci):
-    """The seed part with each arm's seed spread pooled over its budgets: a point's mean moves by
-    mean_p * S_a / sqrt(n_p) * u_p, S_a^2 the arm's pooled variance of the runs' relative deviations
-    from their point's mean (sum_p (n_p - 1) degrees of freedom), u_p = z @ r_p / |r_p| the point's own
-    deviation pattern r_p (so arms sharing a seed stay paired, as in `seed_weights`), standard normal
-    for Gaussian z, widened by t_df / z at the CI's upper quantile for the pooled estimate's own noise.
-    One difference per point estimates its spread with 1 degree of freedom, which the per-point seed
-    part (`seed_weights`) takes at face value; pooled, an arm of 4 budgets has 4."""
+    """`pooled_steps` for each arm's points (its seed spread pooled over its budgets), as moves of m."""
     moves = np.zeros_like(m)
     for arm in {p[0] for p in points}:
         pts = [p for p in points if p[0] == arm]
-        rel = {p: m[points[p]] / m[points[p]].mean() - 1 for p in pts}
-        df = sum(points[p].size - 1 for p in pts)
-        if df < 1:
-            continue
-        widen = float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
-        s = math.sqrt(sum(float(r @ r) for r in rel.values()) / df) * widen
-        for p in pts:
-            r, zs = rel[p], z[seeds_of[p]]
-            norm_r = math.sqrt(float(r @ r))
-            u = zs @ r / norm_r if norm_r > 0 else (zs[-1] - zs[0]) / math.sqrt(2)
-            moves[points[p]] = m[points[p]].mean() * s / math.sqrt(r.size) * u
+        devs = [m[points[p]] / m[points[p]].mean() - 1 for p in pts]
+        for p, step in zip(pts, pooled_steps(devs, [z[seeds_of[p]] for p in pts], ci), strict=True):
+            moves[points[p]] = m[points[p]].mean() * step
     return moves
 
 
@@ -141,7 +145,7 @@ def _replicate_fits(
     B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool="point", ci=0.9
 ):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
-    domains), each point's runs moved together by its seed part (`seed_weights`' scale on one Gaussian
+    domains), each point's runs moved together by its seed part (`seed_scale` on one Gaussian
     draw per seed, `seeds_of` naming each run's: a seed's runs move alike at every point that ran it),
     and the fit of `arm` on those runs, None when it fails (one bad replicate is counted, never fatal).
     Yields (fit, run metrics)."""
@@ -156,7 +160,7 @@ def _replicate_fits(
                 m += _pooled_moves(m, points, seeds_of, z, ci)
             else:
                 for p, i in points.items():
-                    m[i] += (_seed_scale(i.size) * z[seeds_of[p]]) @ (m[i] - m[i].mean())
+                    m[i] += (seed_scale(i.size) * z[seeds_of[p]]) @ (m[i] - m[i].mean())
         idx = np.concatenate([i for p, i in points.items() if p[0] == arm])
         try:
             fit = _fit(flops[idx], m[idx], delta, None, full.c0, _near(full))

@@ -13,7 +13,7 @@ import copy
 
 import numpy as np
 
-from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier, seed_weights
+from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier, pooled_steps, seed_scale
 from elmforest.study.config import StudyConfig
 
 
@@ -50,25 +50,49 @@ def _macro(bpb: dict, domains) -> float:
     return float(np.mean([bpb[d] for d in domains]))
 
 
-def paired_gain(
-    pairs: list[tuple[dict, dict]], domains: list[str], n_boot: int, ci: float, seed: int = 0
-) -> dict:
-    """Relative gain dense/forest - 1 of paired runs (same seed, same budget), macro-averaged over
-    `domains`, with a bootstrap interval over seeds and domains: one domain draw for both arms, and one
-    draw of seed weights (eval/scaling_bootstrap.seed_weights) moving both arms' means by their seed
-    runs' deviations, so the pairs stay paired."""
-    rng = np.random.default_rng(seed)
-    dense = np.array([[d[x] for x in domains] for d, _ in pairs])
-    forest = np.array([[f[x] for x in domains] for _, f in pairs])
-
-    def gain(cols, w):
-        a, b = dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)  # per seed
-        return float((a.mean() + w @ (a - a.mean())) / (b.mean() + w @ (b - b.mean())) - 1)
-
-    n, D = len(pairs), len(domains)
-    boots = [gain(rng.integers(0, D, D), seed_weights(rng, n)) for _ in range(n_boot)]
-    lo, hi = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
-    return {"gain": gain(np.arange(D), np.zeros(n)), "ci": [float(lo), float(hi)], "seeds": n}
+def paired_gains(
+    rows: list[tuple[list[tuple[dict, dict]], list[str]]],
+    n_boot: int,
+    ci: float,
+    seed: int = 0,
+    seed_pool="arm",
+) -> list[dict]:
+    """For each row (paired runs: same seed, same budget; and its domains) the relative gain
+    dense/forest - 1, macro-averaged over the domains, with a bootstrap interval over seeds and domains:
+    one domain draw for both arms, and a seed part that moves both arms alike, so the pairs stay paired.
+    seed_pool "arm": the gain moves by (1 + gain) x a step of the seeds' paired relative differences,
+    pooled over the rows (eval/scaling_bootstrap.pooled_steps: a table's rows share how far seeds
+    disagree); "point": each row's means by its own seeds' deviations (eval/scaling_bootstrap.seed_scale)."""
+    mats = [
+        (
+            np.array([[d[x] for x in doms] for d, _ in pairs]),
+            np.array([[f[x] for x in doms] for _, f in pairs]),
+        )
+        for pairs, doms in rows
+    ]
+    rngs = [np.random.default_rng(seed) for _ in rows]  # one per row: a row's draws are its own
+    boots: list[list[float]] = [[] for _ in rows]
+    for _ in range(n_boot):
+        per_seed, zs = [], []
+        for (dense, forest), rng in zip(mats, rngs, strict=True):
+            cols = rng.integers(0, dense.shape[1], dense.shape[1])
+            per_seed.append((dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)))
+            zs.append(rng.standard_normal(dense.shape[0]))
+        if seed_pool == "point":
+            for j, ((a, b), z) in enumerate(zip(per_seed, zs, strict=True)):
+                w = seed_scale(a.size) * z
+                boots[j].append(float((a.mean() + w @ (a - a.mean())) / (b.mean() + w @ (b - b.mean())) - 1))
+            continue
+        steps = pooled_steps([a / a.mean() - b / b.mean() for a, b in per_seed], zs, ci)
+        for j, ((a, b), step) in enumerate(zip(per_seed, steps, strict=True)):
+            boots[j].append(float(a.mean() / b.mean() * (1 + step) - 1))
+    out = []
+    for (dense, forest), row in zip(mats, boots, strict=True):
+        lo, hi = np.quantile(row, [(1 - ci) / 2, (1 + ci) / 2])
+        every = np.arange(dense.shape[1])  # every domain, indexed as a replicate's draw is (same rounding)
+        gain = float(dense[:, every].mean(axis=1).mean() / forest[:, every].mean(axis=1).mean() - 1)
+        out.append({"gain": gain, "ci": [float(lo), float(hi)], "seeds": len(dense)})
+    return out
 
 
 def domain_gains(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
@@ -79,17 +103,22 @@ def domain_gains(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -
         if r["budget"] != 1.0 or r["axis"] not in ("main", "domains") or r["seed_share"] != cfg.seed_share:
             continue
         by_n.setdefault(r["n_domains"], {}).setdefault(r["seed"], {})[r["arm"]] = r
-    out = []
+    items = []
     for n in sorted(by_n):
         if n not in cfg.domain_counts and n != max(by_n):
             continue
         pairs = [(v[dense_arm], v["btm"]) for v in by_n[n].values() if dense_arm in v and "btm" in v]
-        if len(pairs) < 2:
-            continue
-        doms = pairs[0][1]["domains"]
-        g = paired_gain([(d["bpb"], f["bpb"]) for d, f in pairs], doms, cfg.n_boot, cfg.ci)
-        out.append({"n_domains": n, "domains": doms, **g})
-    return out
+        doms = pairs[0][1]["domains"] if pairs else []
+        items.append(({"n_domains": n, "domains": doms}, [(d["bpb"], f["bpb"]) for d, f in pairs], doms))
+    return _gain_rows(items, cfg)
+
+
+def _gain_rows(items: list[tuple[dict, list, list]], cfg: StudyConfig) -> list[dict]:
+    """A table's rows (row fields, paired runs, domains) of >= 2 pairs with their gains, bootstrapped
+    together: with seed_pool "arm" the rows pool their seed spread (`paired_gains`)."""
+    items = [it for it in items if len(it[1]) >= 2]
+    gains = paired_gains([(pairs, doms) for _, pairs, doms in items], cfg.n_boot, cfg.ci, 0, cfg.seed_pool)
+    return [{**row, **g} for (row, _, _), g in zip(items, gains, strict=True)]
 
 
 def share_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
@@ -97,7 +126,7 @@ def share_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") ->
     dense = {
         r["seed"]: r for r in recs if r["arm"] == dense_arm and r["axis"] == "main" and r["budget"] == 1.0
     }
-    out = []
+    items = []
     for share in sorted({cfg.seed_share, *cfg.seed_shares}):
         forests = [
             r
@@ -106,16 +135,10 @@ def share_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") ->
             and r["n_domains"] == max(x["n_domains"] for x in recs)
         ]  # fmt: skip
         pairs = [(dense[f["seed"]]["bpb"], f["bpb"]) for f in forests if f["seed"] in dense]
-        if len(pairs) >= 2:
-            g = paired_gain(pairs, forests[0]["domains"], cfg.n_boot, cfg.ci)
-            out.append(
-                {
-                    "seed_share": share,
-                    "forest_bpb": float(np.mean([_macro(f, forests[0]["domains"]) for _, f in pairs])),
-                    **g,
-                }
-            )
-    return out
+        doms = forests[0]["domains"] if forests else []
+        bpb = float(np.mean([_macro(f, doms) for _, f in pairs])) if pairs else None
+        items.append(({"seed_share": share, "forest_bpb": bpb}, pairs, doms))
+    return _gain_rows(items, cfg)
 
 
 def cbtm_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> list[dict]:
@@ -132,13 +155,11 @@ def cbtm_table(recs: list[dict], cfg: StudyConfig, dense_arm: str = "dense") -> 
     for r in recs:
         if r["arm"] == "cbtm":
             groups.setdefault((r["data_fraction"], r["k"], r["balance"]), []).append(r)
-    rows = []
+    items = []
     for (f, k, balance), rs in sorted(groups.items()):
         pairs = [(dense[(f, r["seed"])]["bpb"], r["bpb"]) for r in rs if (f, r["seed"]) in dense]
-        if len(pairs) >= 2:
-            g = paired_gain(pairs, rs[0]["domains"], cfg.n_boot, cfg.ci)
-            rows.append({"data_fraction": f, "k": k, "balance": balance, **g})
-    return rows
+        items.append(({"data_fraction": f, "k": k, "balance": balance}, pairs, rs[0]["domains"]))
+    return _gain_rows(items, cfg)
 
 
 def _cbtm_findings(rows: list[dict], against: str = "") -> list[dict]:
@@ -337,12 +358,11 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
     # 2 seeds' spread is read off one difference per point (coverage: bench/study_ci_coverage.py)
     if len(cfg.seeds) < 3 and cfg.seed_pool == "arm":
         fits["caveat"] = (
-            f"{len(cfg.seeds)} training seeds per point: the multipliers' seed spread is pooled over each "
-            f"arm's budgets and widened to Student's t (in simulations of the presets' design the 90% "
-            "intervals covered the true multiplier 88-95% of the time, 80-83% where seed-to-seed noise "
-            "dominates); the gains against domains, seed share and c-BTM's k read each point's spread off one "
-            "difference, so their intervals are narrower than they say: read those as indicative; 3 or more "
-            "seeds (--set seeds=[0,1,2]) make every interval firmer"
+            f"{len(cfg.seeds)} training seeds per point: the seed-to-seed spread is pooled over each arm's "
+            "budgets (over a table's rows for the gains) and widened to Student's t; in simulations of the "
+            "presets' design the 90% intervals covered the true multiplier 88-95% of the time (80-83% where "
+            "seed-to-seed noise dominates) and the true gain 95-96% (91%); 3 or more seeds "
+            "(--set seeds=[0,1,2]) make every interval firmer"
         )
     elif len(cfg.seeds) < 3:
         fits["caveat"] = (
