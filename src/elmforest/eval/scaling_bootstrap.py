@@ -82,10 +82,10 @@ def seed_scale(n: int) -> float:
     it, and with 2 seeds only 3 outcomes: in simulations of the study's design
     (bench/study_ci_coverage.py: 4 dense budgets, 2 seeds, 8 domains, seed noise sized from
     docs/results) its 90% intervals covered the true multiplier 70-82% of the time, 58% where seed noise
-    dominates; these weights, 81-93% and 67-73% (one difference per point still estimates the spread:
-    `pooled_steps` pools it). Gaussian weights (a wild bootstrap) keep the deviations' pattern across
-    points when one draw per seed serves every point that ran it, so arms that share a seed stay
-    paired, and give a continuous distribution."""
+    dominates; these weights, 75-93% and 67-73% (one difference per point still estimates the spread:
+    `pooled_steps` pools it, 88-95% and 80-83%). Gaussian weights (a wild bootstrap) keep the
+    deviations' pattern across points when one draw per seed serves every point that ran it, so arms
+    that share a seed stay paired, and give a continuous distribution."""
     return 1.0 / math.sqrt(n * (n - 1)) if n > 1 else 0.0
 
 

@@ -355,7 +355,7 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
     fits["findings"] = findings(fits, cfg)
     for suffix, against in TUNED_FIRST:
         fits["findings"] += _cbtm_findings(fits["cbtm" + suffix], against)
-    # 2 seeds' spread is read off one difference per point (coverage: bench/study_ci_coverage.py)
+    # coverage with 2 seeds: bench/study_ci_coverage.py, docs/benchmarks.md
     if len(cfg.seeds) < 3 and cfg.seed_pool == "arm":
         fits["caveat"] = (
             f"{len(cfg.seeds)} training seeds per point: the seed-to-seed spread is pooled over each arm's "
@@ -368,9 +368,9 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
         fits["caveat"] = (
             f"{len(cfg.seeds)} training seeds per point: the seed-to-seed spread is read off one difference "
             f"per point, so the {cfg.ci:.0%} intervals are narrower than they say (in simulations of the "
-            "presets' design the 90% ones covered the true multiplier 82-93% of the time at 1x and 2x, 75% "
-            "at the dense range's lower edge, 67% where seed-to-seed noise dominates; 93% with 3 seeds); "
-            "read holds / does not hold as indicative: 3 or more seeds (--set seeds=[0,1,2]) make them firmer"
+            "presets' design the 90% ones covered the true multiplier 75-93% of the time and the true gain "
+            "85%, 67-73% and 70% where seed-to-seed noise dominates); read holds / does not hold as "
+            "indicative: seed_pool=arm pools the spread, and 3 or more seeds (--set seeds=[0,1,2]) make them firmer"
         )
     if few := sorted(n for n in set(cfg.domain_counts) if n < 5):
         # 2 domains: a domain draw has 3 outcomes, an interval that looks tight and excludes 0
