@@ -277,3 +277,23 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_first_document_longer_than_the_byte_limit_is_said_under_the_table(model_dir, shards_dir, capsys):
+    """Whole documents are kept, so a limit below the first document scores that document alone, past
+    the limit: the table says so for each such domain, and nothing where the limit held."""
+    sh = Shards(shards_dir)
+    kw = {**EVAL, "max_bytes": 1}
+    res = evaluate_shards(load_model(model_dir), sh, progress=False, **kw)
+    capsys.readouterr()
+    print_table({"model": res})
+    out = capsys.readouterr().out
+    for d, v in res["domains"].items():
+        assert v["documents"] == 1
+        assert (
+            f"note: {d}'s first document alone ({v['bytes'] - 1:,} bytes) is longer than the byte limit (1)"
+            in out
+        )
+    kw["max_bytes"] = 10**9
+    print_table({"model": evaluate_shards(load_model(model_dir), sh, progress=False, **kw)})
+    assert "longer than the byte limit" not in capsys.readouterr().out

@@ -28,6 +28,18 @@ def _scored(results: dict[str, dict], domain: str) -> str:
     return f"{b:,}" + (f" ({n})" if n is not None else "")
 
 
+def _over_limit(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """Domains some result scored past its byte limit, with (bytes, limit): whole documents are kept,
+    so a first document longer than the limit is scored alone, and whole (`bytes` counts its EOS as 1)."""
+    return {
+        d: (v["bytes"] - 1, r["max_bytes"])
+        for r in results.values()
+        if r.get("max_bytes")
+        for d, v in sorted(r["domains"].items())
+        if v.get("documents") == 1 and v.get("bytes") is not None and v["bytes"] - 1 > r["max_bytes"]
+    }
+
+
 def print_table(
     results: dict[str, dict],
     title: str = "bits per byte (lower is better)",
@@ -69,6 +81,12 @@ def print_table(
             who = f"{m}: " if len(results) > 1 else ""
             gone = ", ".join(f"{d} ({why})" for d, why in r["missing"].items())
             console.print(f"  {who}left out of the table and the mean: {gone}")
+    for d, (n, limit) in _over_limit(results).items():
+        console.print(
+            f"  note: {d}'s first document alone ({n:,} bytes) is longer than the byte limit ({limit:,}): "
+            "it is scored on that one whole document",
+            soft_wrap=True,  # one line: a log is searched for it
+        )
     if flops and any(abs(v - 1) > FLOPS_TOLERANCE for m, v in flops.items() if m in results):
         console.print(
             "  '!': this arm's training FLOPs differ from the dense baseline's by more than "
