@@ -113,6 +113,8 @@ def test_paired_gain_by_hand():
     g = paired_gain(pairs, ["a", "b"], n_boot=100, ci=0.9)
     assert g["gain"] == pytest.approx(1.0) and g["ci"] == pytest.approx([1.0, 1.0])
     assert paired_gains([(pairs, ["a", "b"])], 100, 0.9) == [g]  # pooled: no spread is none either
+    with pytest.raises(UserError, match="seed_pool must be one of arm, point, got 'row'"):
+        paired_gains([(pairs, ["a", "b"])], 100, 0.9, seed_pool="row")
     # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
     # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]

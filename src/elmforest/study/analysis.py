@@ -13,8 +13,15 @@ import copy
 
 import numpy as np
 
-from elmforest.eval.scaling_bootstrap import bootstrap_fit, bootstrap_multiplier, pooled_steps, seed_scale
+from elmforest.eval.scaling_bootstrap import (
+    SEED_POOLS,
+    bootstrap_fit,
+    bootstrap_multiplier,
+    pooled_steps,
+    seed_scale,
+)
 from elmforest.study.config import StudyConfig
+from elmforest.utils.errors import UserError
 
 
 def _runs(recs: list[dict], key: str) -> list[dict]:
@@ -63,6 +70,8 @@ def paired_gains(
     seed_pool "arm": the gain moves by (1 + gain) x a step of the seeds' paired relative differences,
     pooled over the rows (eval/scaling_bootstrap.pooled_steps: a table's rows share how far seeds
     disagree); "point": each row's means by its own seeds' deviations (eval/scaling_bootstrap.seed_scale)."""
+    if seed_pool not in SEED_POOLS:
+        raise UserError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {seed_pool!r}")
     mats = [
         (
             np.array([[d[x] for x in doms] for d, _ in pairs]),
