@@ -169,7 +169,10 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     full = scaling._full_fit(B, flops, points, "dense", 1e-3)
     monkeypatch.setattr(scaling, "_fit", lambda *a, **k: None)  # only the replicates' runs are looked at
     reps = [
-        m for _, m in scaling._replicate_fits(B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of)
+        m
+        for _, m in scaling._replicate_fits(
+            B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of, "point"
+        )
     ]
     means = np.array([[m[i].mean() for i in points.values()] for m in reps])  # replicate x point
     spread = np.array([B[i, 0].std(ddof=1) ** 2 / i.size for i in points.values()])  # s^2 / n per point
@@ -182,7 +185,10 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     runs.append({**runs[0], "seed": 2, "bpb": {"code": runs[0]["bpb"]["code"] + 0.05}})
     _, B, flops, points, seeds_of = scaling._prepare(runs, ["dense"], None, True)
     reps = [
-        m for _, m in scaling._replicate_fits(B, flops, points, "dense", full, 2000, 5, 1e-3, True, seeds_of)
+        m
+        for _, m in scaling._replicate_fits(
+            B, flops, points, "dense", full, 2000, 5, 1e-3, True, seeds_of, "point"
+        )
     ]
     means = np.array([[m[i].mean() for i in points.values()] for m in reps])
     assert np.corrcoef(means[:, 1], means[:, -1])[0, 1] > 0.999

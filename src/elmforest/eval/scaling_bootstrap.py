@@ -142,11 +142,12 @@ def _check_boot(n_boot, ci, seed_pool="arm"):
 
 
 def _replicate_fits(
-    B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool="point", ci=0.9
+    B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool="arm", ci=0.9
 ):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
-    domains), each point's runs moved together by its seed part (`seed_scale` on one Gaussian
-    draw per seed, `seeds_of` naming each run's: a seed's runs move alike at every point that ran it),
+    domains), each point's runs moved together by its seed part (one Gaussian draw per seed,
+    `seeds_of` naming each run's: a seed's runs move alike at every point that ran it; scaled by the
+    arm's pooled spread, `_pooled_moves`, or with seed_pool "point" by the point's own, `seed_scale`),
     and the fit of `arm` on those runs, None when it fails (one bad replicate is counted, never fatal).
     Yields (fit, run metrics)."""
     rng = np.random.default_rng(seed)
@@ -191,7 +192,8 @@ def bootstrap_multiplier(
     seeds. An out-of-range replicate counts as +inf (above the dense range, or unreachable) or 0 (below)
     and the fractions are reported, so a CI reaching inf says the data cannot bound it, not that it is
     large (the CI may hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
-    counted in n_failed."""
+    counted in n_failed. `seed_pool`: each arm's seed spread pooled over its budgets ("arm"), or each
+    point's own ("point"; `pooled_steps` says why not)."""
     q = _check_boot(n_boot, ci, seed_pool)
     domains, B, flops, points, seeds_of = _prepare(runs, [dense_arm, forest_arm], domains, resample_seeds)
     forest_pts = sorted((p for p in points if p[0] == forest_arm), key=lambda p: flops[points[p]].mean())
