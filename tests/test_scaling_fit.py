@@ -212,12 +212,12 @@ def test_the_pooled_seed_part_moves_each_point_by_its_arms_pooled_spread_widened
     monkeypatch.setattr(scaling, "_fit", lambda *a, **k: None)
     reps = scaling._replicate_fits(B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of, "arm", 0.8)
     means = np.array([[m[i].mean() for i in points.values()] for _, m in reps])
-    mean = B[:, 0].reshape(-1, 2).mean(axis=1)
+    steps = np.log(means / B[:, 0].reshape(-1, 2).mean(axis=1))  # each point's mean x exp(step)
     pooled = 2 * sum(d * d for d in dev) / 5  # each point's 2 runs deviate by +-d: 2 d^2, 1 df
     widen = t.ppf(0.9, 5) / norm.ppf(0.9)
-    np.testing.assert_allclose(means.var(axis=0), mean**2 * pooled * widen**2 / 2, rtol=0.08)
-    np.testing.assert_allclose(means.mean(axis=0), mean, rtol=0.01)
-    c = np.corrcoef(means.T)
+    np.testing.assert_allclose(steps.var(axis=0), pooled * widen**2 / 2, rtol=0.08)
+    np.testing.assert_allclose(steps.mean(axis=0), 0, atol=0.005)
+    c = np.corrcoef(steps.T)
     sign = np.sign([d if d else 1 for d in dev])  # a point without spread takes the contrast seed 1 - seed 0
     assert np.allclose(c, np.outer(sign, sign), atol=1e-6)
 

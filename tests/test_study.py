@@ -115,6 +115,9 @@ def test_paired_gain_by_hand():
     assert paired_gains([(pairs, ["a", "b"])], 100, 0.9) == [g]  # pooled: no spread is none either
     with pytest.raises(UserError, match="seed_pool must be one of arm, point, got 'row'"):
         paired_gains([(pairs, ["a", "b"])], 100, 0.9, seed_pool="row")
+    bad = [({"a": 2.0, "b": 4.0}, {"a": float("nan"), "b": 2.0}), pairs[1]]
+    with pytest.raises(UserError, match="row 1 holds a BPB that is not positive and finite"):
+        paired_gains([(pairs, ["a", "b"]), (bad, ["a", "b"])], 100, 0.9)
     # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
     # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]
@@ -154,9 +157,16 @@ def test_paired_gains_pool_the_seed_spread_over_a_tables_rows():
     for g, a, b in zip(got, *dev, strict=True):
         gain = a.mean() / b.mean() - 1
         assert g["gain"] == pytest.approx(gain) and g["seeds"] == 2
-        # the replicates are (1 + gain)(1 + step) - 1 with step ~ N(0, s^2 / 2): the 10th-90th percentiles
-        half = (1 + gain) * s / np.sqrt(2) * norm.ppf(0.9)
-        assert g["ci"] == pytest.approx([gain - half, gain + half], abs=0.04 * half)
+        # the replicates are (1 + gain) exp(step) - 1 with step ~ N(0, s^2 / 2): the 10th-90th percentiles
+        half = s / np.sqrt(2) * norm.ppf(0.9)
+        want = [(1 + gain) * np.exp(-half) - 1, (1 + gain) * np.exp(half) - 1]
+        assert g["ci"] == pytest.approx(want, abs=0.04 * half)
+    # one row alone (1 degree of freedom): t_1 would widen it 2.5x at 80%; it keeps its own spread instead
+    (one,) = paired_gains(rows[1:2], n_boot=4000, ci=0.8, seed=5)
+    gain, half = dev[0][1].mean() / dev[1][1].mean() - 1, np.sqrt(diffs[1] @ diffs[1] / 2) * norm.ppf(0.9)
+    assert one["ci"] == pytest.approx(
+        [(1 + gain) * np.exp(-half) - 1, (1 + gain) * np.exp(half) - 1], abs=0.04 * half
+    )
 
 
 def _study_cfg(tmp_path: Path) -> Path:

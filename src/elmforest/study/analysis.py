@@ -10,6 +10,7 @@ an interval that includes it is "not shown", whatever the point estimate says.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def paired_gains(
     """For each row (paired runs: same seed, same budget; and its domains) the relative gain
     dense/forest - 1, macro-averaged over the domains, with a bootstrap interval over seeds and domains:
     one domain draw for both arms, and a seed part that moves both arms alike, so the pairs stay paired.
-    seed_pool "arm": the gain moves by (1 + gain) x a step of the seeds' paired relative differences,
+    seed_pool "arm": 1 + gain moves by exp(step), a step of the seeds' paired relative differences
     pooled over the rows (eval/scaling_bootstrap.pooled_steps: a table's rows share how far seeds
     disagree); "point": each row's means by its own seeds' deviations (eval/scaling_bootstrap.seed_scale)."""
     if seed_pool not in SEED_POOLS:
@@ -79,6 +80,9 @@ def paired_gains(
         )
         for pairs, doms in rows
     ]
+    for j, (dense, forest) in enumerate(mats):  # pooled, one bad number would spread to every row
+        if not all(np.isfinite(x).all() and (x > 0).all() for x in (dense, forest)):
+            raise UserError(f"paired gains: row {j} holds a BPB that is not positive and finite")
     rngs = [np.random.default_rng(seed) for _ in rows]  # one per row: a row's draws are its own
     boots: list[list[float]] = [[] for _ in rows]
     for _ in range(n_boot):
@@ -94,7 +98,7 @@ def paired_gains(
             continue
         steps = pooled_steps([a / a.mean() - b / b.mean() for a, b in per_seed], zs, ci)
         for j, ((a, b), step) in enumerate(zip(per_seed, steps, strict=True)):
-            boots[j].append(float(a.mean() / b.mean() * (1 + step) - 1))
+            boots[j].append(float(a.mean() / b.mean() * math.exp(step) - 1))
     out = []
     for (dense, forest), row in zip(mats, boots, strict=True):
         lo, hi = np.quantile(row, [(1 - ci) / 2, (1 + ci) / 2])
