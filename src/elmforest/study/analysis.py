@@ -374,8 +374,9 @@ def analyse(recs: list[dict], cfg: StudyConfig) -> dict:
             f"{len(cfg.seeds)} training seeds per point: the seed-to-seed spread is pooled over each arm's "
             "budgets (over a table's rows for the gains) and widened to Student's t; in simulations of the "
             "presets' design the 90% intervals covered the true multiplier 88-95% of the time (80-83% where "
-            "seed-to-seed noise dominates) and the true gain 95-96% (91%); 3 or more seeds "
-            "(--set seeds=[0,1,2]) make every interval firmer"
+            "seed-to-seed noise dominates) and the true gain 95-96% (91%; 87-88% for the noisiest row of a "
+            "table whose rows differ in noise; a table of one row keeps its own spread: 85%); 3 or more "
+            "seeds (--set seeds=[0,1,2]) make every interval firmer"
         )
     elif len(cfg.seeds) < 3:
         fits["caveat"] = (
