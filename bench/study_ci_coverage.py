@@ -89,8 +89,8 @@ def gains(args, sig) -> None:
     rng, t0, covered = np.random.default_rng(args.rng), time.perf_counter(), []
     for _ in range(args.trials):
         table = gain_table(rng, scales, args.domains, args.seeds, args.gain, sig)
-        gains = paired_gains(table, args.n_boot, 0.9, seed_pool=args.seed_pool)
-        covered.append([g["ci"][0] <= args.gain <= g["ci"][1] for g in gains])
+        res = paired_gains(table, args.n_boot, 0.9, seed_pool=args.seed_pool)
+        covered.append([g["ci"][0] <= args.gain <= g["ci"][1] for g in res])
     c = np.array(covered, dtype=float)  # table x row; a table's rows share their pooled spread
     se = c.mean(axis=1).std(ddof=1) / math.sqrt(len(c))
     print(
@@ -111,15 +111,19 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--rng", type=int, default=11)
     ap.add_argument("--seed-pool", default="arm", choices=["arm", "point"])
-    ap.add_argument("--trend", type=float, default=0.0, help="seed noise scales as budget^-trend")
-    ap.add_argument("--gains", type=int, default=0, help="instead: tables of this many paired gains")
+    ap.add_argument("--trend", type=float, default=0.0, help="multiplier: seed noise scales as budget^-trend")
+    ap.add_argument(
+        "--gains", type=int, default=0, help="instead: tables of this many paired gains (no --trend)"
+    )
     ap.add_argument("--gain", type=float, default=0.01, help="the paired gains' true value")
     ap.add_argument(
-        "--row-noise", default="", help="gains: each row's noise scale, e.g. 1,1,3 (sets the rows)"
+        "--row-noise",
+        default="",
+        help="gains: each row's noise scale, e.g. 1,1,3 (sets the rows, over --gains)",
     )
     args = ap.parse_args()
     sig = [float(x) for x in args.noise.split(",")]
-    if args.gains:
+    if args.gains or args.row_noise:
         return gains(args, sig)
     rng, t0 = np.random.default_rng(args.rng), time.perf_counter()
     rows = []

@@ -171,7 +171,7 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     reps = [
         m
         for _, m in scaling._replicate_fits(
-            B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of, "point"
+            B, flops, points, "dense", full, 4000, 5, 1e-3, True, seeds_of, "point", 0.9
         )
     ]
     means = np.array([[m[i].mean() for i in points.values()] for m in reps])  # replicate x point
@@ -187,7 +187,7 @@ def test_the_seed_part_of_a_replicate_has_the_unbiased_variance_and_keeps_seeds_
     reps = [
         m
         for _, m in scaling._replicate_fits(
-            B, flops, points, "dense", full, 2000, 5, 1e-3, True, seeds_of, "point"
+            B, flops, points, "dense", full, 2000, 5, 1e-3, True, seeds_of, "point", 0.9
         )
     ]
     means = np.array([[m[i].mean() for i in points.values()] for m in reps])
@@ -220,6 +220,32 @@ def test_the_pooled_seed_part_moves_each_point_by_its_arms_pooled_spread_widened
     c = np.corrcoef(steps.T)
     sign = np.sign([d if d else 1 for d in dev])  # a point without spread takes the contrast seed 1 - seed 0
     assert np.allclose(c, np.outer(sign, sign), atol=1e-6)
+
+
+def test_the_pooled_seed_part_keeps_a_forest_paired_with_the_dense_run_of_its_seeds(monkeypatch):
+    """Two arms, each pooled on its own: at a budget where the forest's seed deviations have the dense
+    run's sign, its step moves with dense's in every replicate (one draw per seed serves both arms);
+    where the signs are opposite, against it."""
+    rng = np.random.default_rng(23)
+    dense, forest = (
+        make_runs(rng, "dense", BUDGETS, noise=0.0),
+        make_runs(rng, "btm", BUDGETS[1:4], noise=0.0),
+    )
+    sign = {"dense": [1, 1, 1, 1, 1], "btm": [0, 1, -1, 1, 0]}  # btm's second budget against dense's
+    for r in dense + forest:
+        k = int(np.argmin(abs(BUDGETS - r["flops"])))
+        d = 0.01 * (1 + k % 2) * sign[r["arm"]][k]
+        r["bpb"] = {"code": r["bpb"]["code"] * (1 + (d if r["seed"] else -d))}
+    _, B, flops, points, seeds_of = scaling._prepare(dense + forest, ["dense", "btm"], None, True)
+    full = scaling._full_fit(B, flops, points, "dense", 1e-3)
+    monkeypatch.setattr(scaling, "_fit", lambda *a, **k: None)
+    reps = scaling._replicate_fits(B, flops, points, "dense", full, 500, 5, 1e-3, True, seeds_of, "arm", 0.9)
+    steps = np.log(np.array([[m[i].mean() / B[i, 0].mean() for i in points.values()] for _, m in reps]))
+    col = {p: j for j, p in enumerate(points)}
+    for k, b in enumerate(BUDGETS[1:4], start=1):
+        budget = round(b / 1e13, 3)
+        r = np.corrcoef(steps[:, col["dense", budget]], steps[:, col["btm", budget]])[0, 1]
+        assert r == pytest.approx(sign["btm"][k], abs=1e-9)
 
 
 def test_a_forest_needing_half_the_compute_has_multiplier_2_and_a_ci_excluding_1():

@@ -104,13 +104,13 @@ def test_the_report_says_what_was_scored_and_what_the_intervals_resample():
     assert _over(study) == "seeds and domains"
 
 
-def paired_gain(pairs, domains, n_boot, ci, seed=0):
+def _one_row_gain(pairs, domains, n_boot, ci, seed=0):
     return paired_gains([(pairs, domains)], n_boot, ci, seed, seed_pool="point")[0]
 
 
 def test_paired_gain_by_hand():
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0}), ({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 2.0})]
-    g = paired_gain(pairs, ["a", "b"], n_boot=100, ci=0.9)
+    g = _one_row_gain(pairs, ["a", "b"], n_boot=100, ci=0.9)
     assert g["gain"] == pytest.approx(1.0) and g["ci"] == pytest.approx([1.0, 1.0])
     assert paired_gains([(pairs, ["a", "b"])], 100, 0.9) == [g]  # pooled: no spread is none either
     with pytest.raises(UserError, match="seed_pool must be one of arm, point, got 'row'"):
@@ -121,7 +121,7 @@ def test_paired_gain_by_hand():
     # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
     # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]
-    g = paired_gain(pairs, ["a", "b"], n_boot=400, ci=0.8, seed=3)
+    g = _one_row_gain(pairs, ["a", "b"], n_boot=400, ci=0.8, seed=3)
     rng, dense, forest = np.random.default_rng(3), np.array([[2, 4], [2.2, 4]]), np.array([[1, 3], [2, 2]])
     boots = []
     for _ in range(400):
@@ -309,6 +309,7 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     assert "| domains | gain over dense_tuned | CI | gain over dense (one LR) | CI |" in report
     assert "the gain at 2 domain(s) is bootstrapped over that few domains" in report  # 9 replicates
     assert "interval firmer; the gain at 2 domain(s)" in report  # 2 seeds: both caveats, apart
+    assert "replicates; the seed spread pooled over each arm's budgets and each table's rows)" in report
     checked = 0  # each multiplier table's last column says whether the interval it prints holds 1
     for row in (
         x for x in report.splitlines() if re.fullmatch(r"\| [\d.]+x \| .* \| \[[\d.]+, [\d.]+\] \| \w+ \|", x)
@@ -367,6 +368,7 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
         and fits["seed_pool"] == "point"
         and "one difference per point" in fits["caveat"]
     )
+    assert "replicates; each point's seed spread its own)" in (out / "report.md").read_text()
     assert "need a full run" not in capsys.readouterr().out  # the LRs it chose are no change of config
     assert study["config"]["expert_lr"] is None and study["batch_size"] == 6
     assert _summaries(out) == after

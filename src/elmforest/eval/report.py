@@ -28,16 +28,17 @@ def _scored(results: dict[str, dict], domain: str) -> str:
     return f"{b:,}" + (f" ({n})" if n is not None else "")
 
 
-def _over_limit(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
-    """Domains some result scored past its byte limit, with (bytes, limit): whole documents are kept,
-    so a first document longer than the limit is scored alone, and whole (`bytes` counts its EOS as 1)."""
-    return {
-        d: (v["bytes"] - 1, r["max_bytes"])
-        for r in results.values()
+def _over_limit(results: dict[str, dict]) -> list[tuple[str, str, int, int]]:
+    """(method, domain, bytes, limit) where a result scored past its byte limit: whole documents are
+    kept, so a first document longer than the limit is scored alone, and whole (`bytes` counts its EOS
+    as 1)."""
+    return [
+        (m, d, v["bytes"] - 1, r["max_bytes"])
+        for m, r in results.items()
         if r.get("max_bytes")
         for d, v in sorted(r["domains"].items())
         if v.get("documents") == 1 and v.get("bytes") is not None and v["bytes"] - 1 > r["max_bytes"]
-    }
+    ]
 
 
 def print_table(
@@ -81,9 +82,13 @@ def print_table(
             who = f"{m}: " if len(results) > 1 else ""
             gone = ", ".join(f"{d} ({why})" for d, why in r["missing"].items())
             console.print(f"  {who}left out of the table and the mean: {gone}")
-    for d, (n, limit) in _over_limit(results).items():
+    said: dict[tuple, list[str]] = {}  # one note per (domain, bytes, limit), naming the methods if not all
+    for m, d, n, limit in _over_limit(results):
+        said.setdefault((d, n, limit), []).append(m)
+    for (d, n, limit), methods in said.items():
+        who = "" if len(methods) == len(results) else f"{', '.join(methods)}: "
         console.print(
-            f"  note: {d}'s first document alone ({n:,} bytes) is longer than the byte limit ({limit:,}): "
+            f"  note: {who}{d}'s first document alone ({n:,} bytes) is longer than the byte limit ({limit:,}): "
             "it is scored on that one whole document",
             soft_wrap=True,  # one line: a log is searched for it
         )

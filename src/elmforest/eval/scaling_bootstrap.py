@@ -6,15 +6,15 @@ that ran it, `seed_scale`), each arm's seed spread pooled over its budgets by de
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-from scipy.stats import norm, t
 
 from elmforest.eval.scaling import PowerLawFit, _fit, _one_blas_thread, multiplier
+from elmforest.eval.seed_pool import check_seed_pool
 from elmforest.utils.errors import Failed, UserError
 
-SEED_POOLS = ("arm", "point")  # the seed part's spread: pooled over an arm's budgets, or each point's own
 MIN_POOLED_DF = 3  # fewer degrees of freedom pooled: each point's own spread (`pooled_steps`)
 
 
@@ -105,14 +105,21 @@ def pooled_steps(devs: list[np.ndarray], zs: list[np.ndarray], ci: float) -> lis
     df = sum(r.size - 1 for r in devs)
     if df < MIN_POOLED_DF:
         return [seed_scale(r.size) * float(z @ r) for r, z in zip(devs, zs, strict=True)]
-    widen = float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
-    s = math.sqrt(sum(float(r @ r) for r in devs) / df) * widen
+    s = math.sqrt(sum(float(r @ r) for r in devs) / df) * _widen(df, ci)
     out = []
     for r, z in zip(devs, zs, strict=True):
         size = math.sqrt(float(r @ r))
         u = z @ r / size if size > 0 else (z[-1] - z[0]) / math.sqrt(2)  # no spread: the seeds' contrast
         out.append(s / math.sqrt(r.size) * float(u))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _widen(df: int, ci: float) -> float:
+    """t_df / z at the CI's upper quantile (the same for every replicate: computed once)."""
+    from scipy.stats import norm, t
+
+    return float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
 
 
 def _pooled_moves(m, points, seeds_of, z, ci):
@@ -136,8 +143,7 @@ def _near(fit: PowerLawFit) -> list[tuple[float, float, float]]:
 
 
 def _check_boot(n_boot, ci, seed_pool="arm"):
-    if seed_pool not in SEED_POOLS:
-        raise UserError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {seed_pool!r}")
+    check_seed_pool(seed_pool)
     if not (isinstance(n_boot, int | np.integer) and n_boot >= 1):
         raise UserError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 < ci < 1:
@@ -146,7 +152,7 @@ def _check_boot(n_boot, ci, seed_pool="arm"):
 
 
 def _replicate_fits(
-    B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool="arm", ci=0.9
+    B, flops, points, arm, full, n_boot, seed, delta, resample_seeds, seeds_of, seed_pool, ci
 ):
     """Per replicate: one draw of the domains shared by every run (arms stay paired on the same
     domains), each point's runs moved together by its seed part (one Gaussian draw per seed,

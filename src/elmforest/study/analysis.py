@@ -15,12 +15,12 @@ import math
 import numpy as np
 
 from elmforest.eval.scaling_bootstrap import (
-    SEED_POOLS,
     bootstrap_fit,
     bootstrap_multiplier,
     pooled_steps,
     seed_scale,
 )
+from elmforest.eval.seed_pool import check_seed_pool
 from elmforest.study.config import StudyConfig
 from elmforest.utils.errors import UserError
 
@@ -71,8 +71,7 @@ def paired_gains(
     seed_pool "arm": 1 + gain moves by exp(step), a step of the seeds' paired relative differences
     pooled over the rows (eval/scaling_bootstrap.pooled_steps: a table's rows share how far seeds
     disagree); "point": each row's means by its own seeds' deviations (eval/scaling_bootstrap.seed_scale)."""
-    if seed_pool not in SEED_POOLS:
-        raise UserError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {seed_pool!r}")
+    check_seed_pool(seed_pool)
     mats = [
         (
             np.array([[d[x] for x in doms] for d, _ in pairs]),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.config import PRIOR_BATCHES
-from elmforest.eval.scaling_bootstrap import SEED_POOLS
+from elmforest.eval.seed_pool import check_seed_pool
 from elmforest.utils.errors import UserError
 from elmforest.utils.typed import from_dict
 
@@ -64,7 +64,7 @@ class StudyConfig:
     n_boot: int = 1000
     ci: float = 0.90
     # the bootstrap's seed part: each arm's seed spread pooled over its budgets ("arm"), or each
-    # point's own ("point": 1 degree of freedom with 2 seeds; eval/scaling_bootstrap._pooled_moves)
+    # point's own ("point": 1 degree of freedom with 2 seeds; eval/scaling_bootstrap.pooled_steps)
     seed_pool: str = "arm"
     workers: int | None = None  # jobs at a time (default: 2 on a CPU of 2+ cores)
 
@@ -175,8 +175,10 @@ class StudyConfig:
             bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
         if not 0.5 <= self.ci < 1:
             bad.append("ci must be in [0.5, 1)")
-        if self.seed_pool not in SEED_POOLS:
-            bad.append(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {self.seed_pool!r}")
+        try:
+            check_seed_pool(self.seed_pool)
+        except UserError as e:
+            bad.append(str(e))
         for lr, name in (
             (self.dense_lr, "dense_lr"),
             (self.expert_lr, "expert_lr"),

@@ -9,6 +9,11 @@ from elmforest.study.lrs import lrs_table
 from elmforest.study.plots import plot_cbtm, plot_curves, plot_domains, plot_multiplier
 from elmforest.utils.io import write_text_atomic
 
+_POOLS = {  # the seed part the fits used (a fits.json without seed_pool predates it: per point)
+    "arm": "the seed spread pooled over each arm's budgets and each table's rows",
+    "point": "each point's seed spread its own",
+}
+
 
 def _over(study: dict) -> str:
     """What the bootstrap resamples: one seed or one domain leaves nothing to resample on that axis."""
@@ -123,7 +128,7 @@ def markdown(study: dict, fits: dict) -> str:
         "valid data. FLOPs are counted by what ran (the forest: seed + experts). The multiplier is the dense "
         "compute that reaches the forest's BPB on the fitted dense curve over the forest's compute, read "
         f"only inside the measured dense range; intervals are {fits['ci']:.0%} bootstrap intervals over "
-        f"{_over(study)} ({fits['n_boot']} replicates).",
+        f"{_over(study)} ({fits['n_boot']} replicates; {_POOLS[fits.get('seed_pool', 'point')]}).",
         "",
         *(
             [
