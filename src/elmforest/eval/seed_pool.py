@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from elmforest.utils.errors import UserError
 
-SEED_POOLS = (
-    "arm",
-    "point",
-)  # the seed part's spread: pooled over an arm's budgets (a table's rows), or each point's own
+# the seed part's spread: pooled over an arm's budgets (a gain table's rows), or each point's own
+SEED_POOLS = ("arm", "point")
 
 
 def check_seed_pool(seed_pool: str) -> None:
