@@ -840,3 +840,28 @@ def test_shards_rebuilt_by_another_version_from_the_same_data_are_the_same_data(
     write(index)
     with pytest.raises(UserError, match="holds other data"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_a_checkpoint_exports_its_own_weights_and_reads_none_from_init_from(shards_dir, tmp_path):
+    """The seed's export builds the model without weights and loads the checkpoint's: it read
+    `model.init_from`'s weights first (a second model's disk reads, thrown away), and failed where they
+    were gone though the checkpoint holds every weight."""
+    import shutil
+
+    from elmforest.forest.seeding import export_checkpoint
+
+    base = tiny_config(shards_dir, steps=3)
+    train(base, tmp_path / "base", progress=False)
+    start = tmp_path / "start"
+    shutil.copytree(tmp_path / "base" / "model", start)
+    cfg = tiny_config(shards_dir, steps=3, ckpt_every=3)
+    cfg.model.init_from = str(start)
+    train(cfg, tmp_path / "run", progress=False)
+    ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    (start / "model.safetensors").unlink()  # only its config is needed to build the architecture
+    out = export_checkpoint(ckpt, cfg, Shards(shards_dir), tmp_path / "export")
+    want, got = load_file(ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    tied = {"model.embed_tokens.weight": "lm_head.weight"}  # the tiny preset ties them; each file keeps one
+    assert got and all(name in want or tied.get(name) in want for name in got)
+    for name, t in got.items():
+        assert torch.equal(t, want.get(name, want.get(tied.get(name)))), name

@@ -28,8 +28,10 @@ from elmforest.utils.io import remove_path, staged_dir, temp_sibling, write_json
 
 
 def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> Path:
-    """Turn a trainer checkpoint into an HF checkpoint directory (atomically)."""
-    model = build_model(cfg.model, shards.vocab_size, shards.eos_id)
+    """Turn a trainer checkpoint into an HF checkpoint directory (atomically). The model is built without
+    weights, since the checkpoint holds every one (loaded strictly): initialising it at random, or reading
+    `model.init_from`'s weights, cost a second copy's time and disk reads for nothing."""
+    model = build_model(cfg.model, shards.vocab_size, shards.eos_id, initialise=False)
     st_load_model(model, str(ckpt / "model.safetensors"), strict=True)
     with staged_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
