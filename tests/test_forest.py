@@ -164,20 +164,20 @@ def test_topk_with_all_experts_equals_full_ensemble_and_topk_runs_only_k(forest_
         assert topn["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-6)
         assert prefix["domains"][d]["bpb"] == pytest.approx(full["domains"][d]["bpb"], rel=1e-6)
         assert sum(full["domains"][d]["posterior"].values()) == pytest.approx(1.0)
-    # prefix selection with k < n: every expert reads the first w tokens, the chosen k the whole window
+    # prefix selection with k < n, each window one piece (--reset window): every expert reads the first
+    # w tokens, the chosen k the whole window where it has tokens past them (per document: below)
     sh = Shards(shards_dir)
-    pre = _eval(forest_dir, shards_dir, mode="topk", k=1, select="prefix:8")
+    pre = _eval(forest_dir, shards_dir, mode="topk", k=1, select="prefix:8", reset="window")
     for d, r in pre["domains"].items():
         assert r["bpb"] > 0 and sum(r["posterior"].values()) == pytest.approx(1.0)
         assert sh.info(d, "test")["tokens"] == r["tokens"]
-    tokens = sum(r["tokens"] for r in pre["domains"].values())
-    windows = sum(math.ceil(r["tokens"] / 32) for r in pre["domains"].values())
-    heads = sum(
-        min(8, r["tokens"] - 32 * w)
+    lengths = [
+        min(32, r["tokens"] - 32 * w)
         for r in pre["domains"].values()
         for w in range(math.ceil(r["tokens"] / 32))
-    )
-    assert windows > 0 and pre["compute"]["expert_token_passes"] == n * heads + tokens
+    ]
+    heads, tails = sum(min(8, t) for t in lengths), sum(t for t in lengths if t > 8)
+    assert lengths and pre["compute"]["expert_token_passes"] == n * heads + tails
     # a prefix as long as the window is the full ensemble: no second pass is counted
     whole = _eval(forest_dir, shards_dir, mode="topk", k=1, select="prefix:500")
     assert whole["compute"]["fraction_of_full"] == pytest.approx(1.0)
@@ -770,3 +770,120 @@ def test_forest_evaluation_keeps_one_domains_logprobs_not_the_whole_splits(
     res = _eval(forest_dir, shards_dir, mode="ensemble", prior_batches=1)
     n = len(Forest.load(forest_dir).names)
     assert len(res["domains"]) >= 2 and held == [n] * len(res["domains"]) and not made[0]._cache
+
+
+class _TablePool:
+    """An expert pool whose log-probs are a fixed table [N, windows, T], counting the real tokens each
+    request runs (as ExpertPool counts them)."""
+
+    def __init__(self, lp: torch.Tensor, n_tok: int):
+        self.lp, self.n_tok, self.dirs, self.passes = lp, n_tok, list(range(lp.shape[0])), 0
+
+    def logprobs(self, j, stream, eos, seq_len, window_ids, upto=None, key=None):
+        ids, u = list(window_ids), upto or seq_len
+        out = torch.zeros(len(ids), seq_len, dtype=self.lp.dtype)
+        out[:, :u] = self.lp[j, ids, :u]
+        self.passes += sum(max(0, min(u, self.n_tok - b * seq_len)) for b in ids)
+        return out
+
+
+@pytest.mark.parametrize("weighting", ["posterior", "fixed", "demix"])
+def test_prefix_top_k_chooses_for_each_document_on_its_own_first_tokens(weighting):
+    """--select prefix:W under --reset document, against a position-by-position reference: each
+    document in a window is chosen for on its own first W tokens (the choice was once per window, so
+    the end of one document picked the experts of the next), scored by the full ensemble there and by
+    its chosen k (prior restricted and renormalised, evidence from the document's start) after."""
+    from elmforest.forest.mixture import _mixture_nll
+    from elmforest.forest.pool import doc_starts
+
+    g = torch.Generator().manual_seed(3)
+    n, T, w, k, eos = 4, 16, 3, 2, 0
+    stream = np.array(
+        [
+            5,
+            6,
+            7,
+            0,
+            8,
+            9,
+            9,
+            9,
+            9,
+            9,
+            0,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            0,
+            0,
+            6,
+            6,
+            6,
+            6,
+            6,
+            0,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+            4,
+        ]
+    )
+    nw = math.ceil(len(stream) / T)
+    lp = -torch.rand(n, nw, T, generator=g, dtype=torch.float64) * 4
+    lp.view(n, -1)[:, len(stream) :] = 0.0  # padding
+    pi = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    starts = doc_starts(stream, eos, T, nw)
+    pool = _TablePool(lp, len(stream))
+    nll, mean_w, _ = _mixture_nll(
+        pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, starts
+    )
+
+    want, passes, weights = 0.0, 0, torch.zeros(n, dtype=torch.float64)
+    for b in range(nw):
+        real = min(T, len(stream) - b * T)
+        opens = [t for t in range(real) if t == 0 or starts[b, t]]
+        head_end, tail_end = 0, [0] * n
+        for a, e in zip(opens, [*opens[1:], real], strict=True):
+            h = min(a + w, e)
+            chosen = list(range(n))
+            if h < e:
+                score = [math.log(pi[j]) + float(lp[j, b, a:h].sum()) for j in range(n)]
+                chosen = sorted(range(n), key=lambda j: -score[j])[:k]
+            for t in range(a, e):
+                use = range(n) if t < h else chosen
+                if weighting == "posterior":
+                    lw = {j: math.log(pi[j]) + float(lp[j, b, a:t].sum()) for j in use}
+                elif weighting == "fixed":
+                    lw = {j: math.log(pi[j]) for j in use}
+                else:
+                    lw = {j: math.log(pi[j]) + (float(lp[j, b, t - 1]) if t > a else 0.0) for j in use}
+                z = torch.logsumexp(torch.tensor(list(lw.values()), dtype=torch.float64), 0)
+                want -= float(torch.logsumexp(torch.stack([lw[j] - z + lp[j, b, t] for j in use]), 0))
+                for j in use:
+                    weights[j] += math.exp(lw[j] - z)
+            head_end = max(head_end, h)
+            for j in chosen if h < e else []:
+                tail_end[j] = max(tail_end[j], e)
+        round_up = lambda u, keep: u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())  # noqa: E731
+        passes += n * min(real, round_up(head_end, w)) + sum(min(real, round_up(u, T)) for u in tail_end if u)
+    assert nll == pytest.approx(want, rel=1e-12)
+    assert mean_w.tolist() == pytest.approx((weights / len(stream)).tolist(), rel=1e-12)
+    assert pool.passes == passes
+    # one piece per window (--reset window) is the choice on the window's first w tokens, as before
+    pool = _TablePool(lp, len(stream))
+    one, _, _ = _mixture_nll(pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, None)
+    assert one != pytest.approx(nll) and pool.passes == n * w * nw + k * len(stream)

@@ -149,7 +149,7 @@ def eval_(
         ),
     ] = "posterior",
     select: Annotated[
-        str, opt("forest, top-k selection: prior | prefix:W (first W tokens)", metavar="S")
+        str, opt("forest, top-k selection: prior | prefix:W (each document's first W tokens)", metavar="S")
     ] = "prior",
     prior_batches: PriorBatches = PRIOR_BATCHES,
     prior_ema: Annotated[

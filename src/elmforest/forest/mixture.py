@@ -8,6 +8,8 @@ forest LM (forest/lm.py) scores its requests with the same mixture.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from elmforest.forest.cluster_route import width
@@ -56,40 +58,74 @@ def tied_at_k(pi: torch.Tensor, k: int) -> bool:
 
 
 def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
-    """Per window: all experts read the first w tokens, the k most probable then score the rest.
+    """Per document in each window: every expert reads its first w tokens, the k most probable then
+    score the rest of it.
 
-    Positions < w are scored by the full ensemble (every expert has run there); positions >= w by
-    the chosen k only, with the prior restricted to them and renormalised.
+    With `starts` (`--reset document`) a window is cut where each document opens, and each piece is
+    chosen for on its own first w tokens: choosing once per window let the end of one document pick the
+    experts of the next (in a test stream of one domain, the leak the posterior's reset closes), and
+    the document's own opening tokens did not count. Without `starts` a window is one piece. Positions
+    within w of a piece's start are scored by the full ensemble (every expert has run there); the rest
+    by the chosen k, with the prior restricted to them and renormalised, the posterior re-reading the
+    piece from its start (using the choice's posterior as the prior would count those tokens twice).
+    The models are causal over the window, so a piece opening at a reads a + w tokens of every expert
+    and its chosen k run to its end: with one piece that is N·w + k·T per window.
     """
-    n = len(pool.dirs)
-    w = max(1, min(w, seq_len))
-    head = torch.stack([pool.logprobs(j, stream, eos, seq_len, range(nw), upto=w) for j in range(n)])
-    lw_head = log_weights(head.double(), pi, weighting, starts)
-    nll = -float(ensemble_logprob(head.double(), lw_head)[:, :w].sum())
-    valid = valid_mask(nw, seq_len, len(stream))
-    if w == seq_len:  # the full ensemble scored every position: no expert needs a second pass
-        return nll, _mean_weight(lw_head, valid), list(range(n))
-    post_w = sequence_posterior(head.double()[:, :, :w], pi)  # [N, B] after the first w tokens
-    chosen = torch.topk(post_w, k, dim=0).indices  # [k, B]
-    used = sorted(set(chosen.flatten().tolist()))
-    # run each expert only on the windows that chose it
-    lp_sel = torch.zeros(k, nw, seq_len, dtype=torch.float64)
-    for j in used:
-        rows, wins = (chosen == j).nonzero(as_tuple=True)
-        lp_j = pool.logprobs(j, stream, eos, seq_len, wins.tolist())
-        lp_sel[rows, wins] = lp_j.double()
-    # each window's k-expert mixture: the prior restricted to the chosen experts and renormalised; the
-    # posterior then re-reads the first w tokens itself (using post_w as the prior would count them twice)
-    sel_prior = pi.double()[chosen]
-    lw = log_weights(lp_sel, sel_prior, weighting, starts)
-    ens = ensemble_logprob(lp_sel, lw)
-    nll += -float(ens[:, w:].sum())
-    # mean weights: the full ensemble's before w, the chosen experts' from w on
-    mean_w = (lw_head[:, :, :w].exp() * valid[:, :w]).sum((1, 2))
-    for slot in range(k):
-        mean_w.index_add_(0, chosen[slot], (lw[slot, :, w:].exp() * valid[:, w:]).sum(-1))
-    mean_w /= valid.sum().clamp_min(1)
-    return nll, mean_w, list(range(n))  # every expert read the first w tokens
+    n, T = len(pool.dirs), seq_len
+    w = max(1, min(w, T))
+    valid = valid_mask(nw, T, len(stream))
+    length = valid.sum(1).long().tolist()  # real tokens per window
+    cut = starts.clone() if starts is not None else torch.zeros(nw, T, dtype=torch.bool)
+    cut[:, 0] = True
+    pieces = []  # (window, start, end of its head, end)
+    need = [0] * nw  # every expert runs each window up to its last head position
+    head_mask = torch.zeros(nw, T, dtype=torch.bool)
+    for b in range(nw):
+        opens = [int(a) for a in cut[b].nonzero().flatten() if a < length[b]]
+        for a, e in zip(opens, [*opens[1:], length[b]], strict=True):
+            pieces.append((b, a, min(a + w, e), e))
+            head_mask[b, a : pieces[-1][2]] = True
+            need[b] = pieces[-1][2]
+    lp_head = torch.zeros(n, nw, T, dtype=torch.float64)
+    for u, wins in _by_length(need, w, T):
+        for j in range(n):
+            lp_head[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
+    lw_head = log_weights(lp_head, pi, weighting, starts)
+    ens = ensemble_logprob(lp_head, lw_head)
+    nll = -float(ens[head_mask].sum())
+    # each piece with tokens past its head: the k most probable after its head, run to its end
+    tails = [p for p in pieces if p[2] < p[3]]
+    active = torch.zeros(n, nw, T, dtype=torch.bool)
+    ends = [[0] * nw for _ in range(n)]
+    for b, a, h, e in tails:
+        post = sequence_posterior(lp_head[:, b : b + 1, a:h], pi)[:, 0]
+        for j in torch.topk(post, k).indices.tolist():
+            active[j, b, h:e] = True
+            ends[j][b] = max(ends[j][b], e)
+    lp_tail = torch.zeros(n, nw, T, dtype=torch.float64)
+    for j in range(n):
+        for u, wins in _by_length(ends[j], T, T):
+            lp_tail[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
+    tail_mask = active.any(0)
+    lw = log_weights(lp_tail, pi, weighting, starts).masked_fill(~active, -math.inf)
+    lw = lw - torch.logsumexp(lw, dim=0, keepdim=True).nan_to_num(neginf=0.0)
+    nll += -float(ensemble_logprob(lp_tail, lw)[tail_mask].sum())
+    # mean weights: the full ensemble's in the heads, the chosen experts' after them
+    weights = torch.where(head_mask, lw_head.exp(), lw.exp().nan_to_num(0.0))
+    mean_w = (weights * valid).sum((1, 2)) / valid.sum().clamp_min(1)
+    return nll, mean_w, list(range(n))  # every expert read the heads
+
+
+def _by_length(need: list[int], keep: int, T: int):
+    """(length, windows) groups that run each window up to `need` tokens (0: not at all). A need of
+    `keep` or T runs as it is; others are rounded up to a power of two (at most T), so that pieces
+    opening anywhere in a window batch into a few lengths rather than one call per length."""
+    groups: dict[int, list[int]] = {}
+    for b, u in enumerate(need):
+        if u > 0:
+            u = u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())
+            groups.setdefault(u, []).append(b)
+    return sorted(groups.items())
 
 
 def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
