@@ -76,6 +76,9 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
         # the study's domains: this one was set over for each run, silently
         (["overrides=['data.domains=[drama]']"], "the study sets these"),
         (["overrides=[train.init_checkpoint=x]"], "the study sets these"),
+        # every run trained on the split the study scores (the experts copy the seed's config), or paused
+        (["overrides=[data.split=test]"], "the study sets these"),
+        (["overrides=[train.stop_at=2]"], "the study sets these"),
     ],
 )
 def test_study_fields_it_would_ignore_or_misread_are_refused(sets, named):
@@ -101,6 +104,14 @@ def test_dry_run_checks_what_the_study_would_refuse(capsys, sets, named):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err and "'d0'" not in err
+
+
+def test_dry_run_names_a_domain_count_past_the_corpus_before_the_batch(capsys):
+    """tiny's batch of 8 does not divide among 16: --dry-run advised a batch of 16, which then met
+    the real error (the corpus has 8 domains), as the study itself says first."""
+    assert main(["study", "tiny", "--dry-run", "--set", "domain_counts=[16]"]) == 2
+    err = capsys.readouterr().err
+    assert "the corpus has 8" in err and "train.batch_size" not in err
 
 
 def test_a_one_domain_corpus_is_refused_before_any_training(tmp_path, capsys):
@@ -139,6 +150,15 @@ def test_analyse_only_says_which_changes_it_leaves_for_a_full_run(tmp_path, monk
         "tiny", tmp_path, ["steps=99", "overrides=[train.batch_size=8]"], analyse_only=True, log=lines.append
     )
     assert any("overrides" in line and "need a full run" in line for line in lines)
+    # an older study recorded the LR it resolved in its config: a config leaving it to the preset is that
+    lines.clear()
+    (tmp_path / "study.json").write_text(
+        json.dumps({"config": {**cfg, "steps": 99, "expert_lr": 0.008}, "expert_lr": 0.008})
+    )
+    study.run_study("tiny", tmp_path, ["steps=99"], analyse_only=True, log=lines.append)
+    assert not lines
+    study.run_study("tiny", tmp_path, ["steps=99", "expert_lr=0.004"], analyse_only=True, log=lines.append)
+    assert any("expert_lr" in line and "need a full run" in line for line in lines)
 
 
 def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):

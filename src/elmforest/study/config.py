@@ -217,6 +217,8 @@ STUDY_OWNED = (
     "train.init_checkpoint",
     "data.shards",
     "data.domains",  # the study's `domains` (it set them for each run over this override, silently)
+    "data.split",  # every run trains on the train split; the study scores the test split (a run on it
+    "train.stop_at",  # scored its own training text), and every run goes to its steps
     "model.init_from",
 )
 

@@ -57,6 +57,7 @@ def study_cost(cfg: StudyConfig, names: list[str]) -> dict:
 
     base = apply_overrides(preset_run_config(cfg.preset), list(cfg.overrides))
     steps = cfg.steps_1x()
+    plan_points(cfg, names)  # a domain count past the corpus's, said before the batch's advice (as the study)
     batch = plan_batch(cfg, base, names)  # what the runs use; refused here as in the study
     check_budget_steps(cfg, steps)
     with torch.device("meta"):

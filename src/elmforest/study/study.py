@@ -50,6 +50,7 @@ IDENTITY = (
     "seed_share",
     "dense_lr",
     "expert_lr",
+    "dense_continue_lr",
     "sweep",
     "lr_grid",
     "expert_lr_grid",
@@ -181,6 +182,7 @@ def run_study(
 
 
 ANALYSIS_FIELDS = ("n_boot", "ci", "seed_pool")  # what --analyse-only takes from the config
+LR_FIELDS = ("dense_lr", "expert_lr", "dense_continue_lr")  # None: the sweep's or the preset's
 
 
 def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:
@@ -194,6 +196,8 @@ def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:
             if k not in ANALYSIS_FIELDS
             and study["config"].get(k, v) != v
             and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
+            # an older study recorded the LR it resolved (the preset's) in its config
+            and not (k in LR_FIELDS and v is None and study["config"][k] == study.get(k))
         )
         if changed:
             log(
@@ -254,9 +258,9 @@ def _study(
     if ray is not None:
         ex, threads = ray, job_threads("ray", cpus_per_job, 1)
     else:
-        from elmforest.launch.executor import cpu_cores
+        from elmforest.launch.executor import local_workers
 
-        workers = cfg.workers or (2 if cpu_cores() >= 2 and base.train.device in ("auto", "cpu") else 1)
+        workers, _ = local_workers(base.train.device, cfg.workers)  # "auto" on a GPU: one at a time
         ex, threads = LocalExecutor(workers), job_threads("local", 1.0, workers)
     root = str(Path(data.shards.root).resolve())
     shards_of, cbtm_forests, cbtm_shards = cbtm_data(cfg, data, out / "data", progress, log)
