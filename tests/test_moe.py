@@ -1050,3 +1050,19 @@ def test_merge_routing_of_a_wide_moe_shows_each_domains_busiest_experts(monkeypa
         assert main(["merge", "routing", "--model", "m", "--device", "cpu", "--tokens", "10"]) == 0
         line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("dom"))
         assert ("load [" in line) == listed and ("top e7" in line) != listed
+
+
+def test_training_a_merge_that_records_no_forest_writes_no_ledger_row(forest_dir, tmp_path, monkeypatch):
+    """A merge of owner pairs given by folder records no forest (`forest: null`): its fine-tuning's row
+    went to Path(""), the working directory, so a forest there gained compute it never spent."""
+    from elmforest.merge.moe_train import _ledger
+
+    root = tmp_path / "f"
+    shutil.copytree(forest_dir, root)
+    before = (root / "forest.json").read_text()
+    monkeypatch.chdir(root)
+    record = {"tokens": 256, "flops": 1e9}
+    _ledger({"forest": None}, "finetuning", record, tmp_path / "ft")
+    assert (root / "forest.json").read_text() == before
+    _ledger({"forest": str(root)}, "finetuning", record, tmp_path / "ft")  # its own forest: recorded
+    assert Forest.load(root).data != json.loads(before)

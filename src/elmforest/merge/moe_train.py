@@ -291,8 +291,12 @@ def _settle_finished(meta: dict, kind: str, record: dict, out: Path, moe_dir: Pa
 def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
     """The training's row in the ledger of the forest the MoE was merged from: written here, with the
     output, where the CLI wrote it after the run returned (a kill between them, or a call from Python,
-    left the compute out of the ledger). A rerun replaces the row of the same output."""
-    root = Path(meta.get("forest") or "")
+    left the compute out of the ledger). A rerun replaces the row of the same output. A merge of owner
+    pairs given by folder records no forest: its training has no ledger (Path("") was the working
+    directory, so a forest there gained the row)."""
+    if not meta.get("forest"):
+        return
+    root = Path(meta["forest"])
     if {"tokens", "flops"} <= set(record) and (root / "forest.json").is_file():
         phase = "btx_finetuning" if kind == "finetuning" else kind
         row = {"phase": phase, "name": out.name, "tokens": record["tokens"], "flops": record["flops"]}
