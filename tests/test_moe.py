@@ -351,6 +351,10 @@ def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path, capsys):
         (["--set", "foo"], "--set set the router training"),
         (["--train-router", "--set", "optim.lr=abc"], "optim.lr: expected a number"),
         (["--train-router", "--train-data", str(other)], "different tokenizer"),
+        # these were found only once the merge was written, leaving an untrained one in --out
+        (["--train-router", "--top-k", "1"], "needs top-k >= 2 (here top-1 of 3"),
+        (["--train-router", "--set", "data.domains=[nope]"], "no 'train' split for domain(s) ['nope']"),
+        (["--train-router", "--train-data", str(tmp_path / "none")], "not a shards directory"),
     ):
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
@@ -1066,3 +1070,21 @@ def test_training_a_merge_that_records_no_forest_writes_no_ledger_row(forest_dir
     assert (root / "forest.json").read_text() == before
     _ledger({"forest": str(root)}, "finetuning", record, tmp_path / "ft")  # its own forest: recorded
     assert Forest.load(root).data != json.loads(before)
+
+
+def test_a_paused_fine_tune_says_so_and_the_same_command_continues_it(forest_dir, shards_dir, tmp_path):
+    """`--set train.stop_at` paused the run, then the output was made from a model the run had not
+    written: 'No such file or directory'."""
+    from elmforest.merge.moe_train import finetune_moe
+    from elmforest.utils.errors import UserError
+
+    shutil.copytree(forest_dir, tmp_path / "forest")
+    export_moe(
+        Forest.load(tmp_path / "forest"), tmp_path / "moe", MoeSpec(top_k=2, sample_tokens=64), device="cpu"
+    )
+    kw = dict(out=tmp_path / "ft", batch_size=2, progress=False)
+    with pytest.raises(UserError, match=r"paused at step 1 of 2 \(train.stop_at\).*continues it"):
+        finetune_moe(tmp_path / "moe", shards_dir, 2, overrides=["train.stop_at=1"], **kw)
+    assert not (tmp_path / "ft").exists()
+    finetune_moe(tmp_path / "moe", shards_dir, 2, **kw)
+    assert json.loads((tmp_path / "ft" / "elmforest_moe.json").read_text())["finetuning"]["steps"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -108,16 +109,9 @@ def moe(
     steps = ROUTER_TRAINING["steps"] if steps is None else steps
     lr = ROUTER_TRAINING["lr"] if lr is None else lr
     batch_size = ROUTER_TRAINING["batch_size"] if batch_size is None else batch_size
+    router_shards = None
     if train_router:  # what would fail after the merge is checked before it (a merge can take long)
-        from elmforest.config import RunConfig, apply_overrides
-
-        apply_overrides(RunConfig(), list(overrides or []))
-        if train_data is not None:
-            from elmforest.data.shards import Shards
-
-            if not Shards.is_shards_dir(train_data):
-                raise UserError(f"--train-data {train_data}: not a shards directory")
-            check_shards_tokenizer(forest, Shards(train_data), "--train-data")
+        router_shards = _check_router_training(forest, spec, overrides, train_data or data)
     path = export_moe(
         forest,
         out,
@@ -134,12 +128,7 @@ def moe(
         f"top-{meta['top_k']} -> {path}"
     )
     if train_router:
-        shards = train_data or data
-        if shards is None:
-            first = path / "elmforest_run.json"
-            shards = read_json(first)["data"]["shards"] if first.is_file() else None
-        if shards is None:
-            raise UserError("--train-router needs --train-data SHARDS")
+        shards = router_shards
         train_rows(
             path,
             shards,
@@ -153,6 +142,44 @@ def moe(
         print(f"trained the router for {steps} steps on {shards} -> {path}")
     if not no_routing and ((path / "elmforest_run.json").is_file() or data is not None):
         _report_routing(path, data, device)
+    elif not no_routing:  # every merged model gets them (docs/moe.md): one that cannot is said
+        print(
+            f"note: no routing statistics for {path}: its first expert records no shards; give --data SHARDS, "
+            f"or run `elmforest merge routing --model {path} --shards SHARDS`",
+            file=sys.stderr,
+        )
+
+
+def _check_router_training(forest: str, spec, overrides, given: str | None) -> str:
+    """The router training's shards (given, else those the first expert trained on), checked with its
+    top-k and `--set` before the merge is written: found after it, they left an untrained merge in
+    `--out`, over whatever was there."""
+    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.data.shards import Shards
+    from elmforest.forest.manifest import Forest
+    from elmforest.utils.io import read_json
+
+    cfg = apply_overrides(RunConfig(), list(overrides or []))
+    f = Forest.load(forest)
+    names = [n for n in f.names if n not in spec.exclude]
+    if min(spec.top_k, len(names)) < 2:
+        raise UserError(
+            f"--train-router needs top-k >= 2 (here top-{min(spec.top_k, len(names))} of {len(names)} "
+            "experts): with top-1 routing the renormalised weight is always 1, so no gradient reaches the router"
+        )
+    shards = given
+    if shards is None and names:
+        run = f.expert_dir(names[0]) / "elmforest_run.json"
+        shards = read_json(run)["data"]["shards"] if run.is_file() else None
+    if shards is None:
+        raise UserError("--train-router needs --train-data SHARDS (the first expert records no shards)")
+    if not Shards.is_shards_dir(shards):
+        raise UserError(f"--train-data {shards}: not a shards directory")
+    sh = Shards(shards)
+    check_shards_tokenizer(forest, sh, "--train-data")
+    if missing := [d for d in cfg.data.domains or [] if not sh.has(d, "train")]:
+        raise UserError(f"--set data.domains: no 'train' split for domain(s) {missing} in {shards}")
+    return shards
 
 
 def check_shards_tokenizer(forest: str, shards, flag: str) -> None:

@@ -70,7 +70,7 @@ def model_card(meta: dict) -> str:
             )
     if meta["excluded"] or meta["opted_out"]:
         lines.append(
-            f"- Left out: {', '.join(meta['excluded'] + meta['opted_out'])} (opted out or excluded)."
+            f"- Left out: {', '.join(dict.fromkeys(meta['excluded'] + meta['opted_out']))} (opted out or excluded)."
         )
     if meta["near_parallel_router_rows"]:
         lines.append(

@@ -220,6 +220,11 @@ def _train_moe(
     except UserError:  # refused before training (a --trainable that matches nothing): nothing to keep
         unrecord_if_untouched(meta, run_dir, out, moe_dir)
         raise
+    if "stopped_at" in summary:  # `--set train.stop_at`: paused; there is no model to finish `out` with
+        raise UserError(
+            f"{what} paused at step {summary['stopped_at']} of {cfg.train.steps} (train.stop_at) in {run_dir}; "
+            "the same command without train.stop_at continues it"
+        )
 
     record = {  # from the config that ran: --set train.steps / data.domains outrank the flags
         "steps": cfg.train.steps,
