@@ -176,6 +176,16 @@ def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(
         == 2
     )
     assert "are not the clusterer's clusters" in capsys.readouterr().err
+    # and one phase at a time: `forest expert` / `forest seed` trained on them, never to be routed to
+    from elmforest.data.shards import Shards
+
+    before = (g / "forest.json").read_text()
+    one = ["--forest", str(g), "--shards", str(shards_dir)]
+    assert main(["forest", "expert", *one, "--domain", Shards(shards_dir).domains[0]]) == 2
+    assert "are not the clusterer's clusters" in capsys.readouterr().err
+    assert main(["forest", "seed", *one, "--set", "train.steps=2"]) == 2
+    assert "are not the clusterer's clusters" in capsys.readouterr().err
+    assert (g / "forest.json").read_text() == before
 
 
 def test_cluster_assign_names_empty_clusters(clusterer_dir, tmp_path, capsys):

@@ -131,6 +131,8 @@ def seed(
         plan, base = btm.plan_for(cfg, domains, seed_share, expert_lr_of(expert_lr, train_args))
         _note_batch(cfg, plan)
     f = _load(forest, create=True)
+    if not from_checkpoint and f.data.get("clusterer") and isinstance(domains, list):
+        _check_cluster_domains(str(f.root / f.data["clusterer"]["path"]), domains, shards)  # as `train`
     if from_checkpoint:
         try:
             btm.seed_from_checkpoint(f, from_checkpoint, Shards(shards), train_args.trust_remote_code)
@@ -214,6 +216,10 @@ def expert(
     from elmforest.forest import btm, commands
 
     f = _load(forest)
+    if f.data.get("clusterer"):  # as `forest train`: an expert on other shards is never routed to
+        _check_cluster_domains(
+            str(f.root / f.data["clusterer"]["path"]), split_list(mix, "--mix") or [domain], shards
+        )
     seed_entry = f.data.get("seed")
     base = (
         commands.checkpoint_seed_config(f, train_args, shards)
