@@ -905,3 +905,18 @@ def test_the_parameter_average_is_built_once_per_distinct_weights(
         out = merge_checkpoints(f.expert_dirs(), tmp_path / d, list(entry["weights"].values()))
         ref = evaluate_shards(load_model(out), shards, "test", [d], progress=False, **kw)["domains"][d]
         assert entry["bpb"] == ref["bpb"]
+
+
+def test_forest_train_again_without_preset_takes_the_seeds(forest_dir, shards_dir, tmp_path, capsys):
+    """`--preset`'s help says "default cpu-small, or a seed's own": `forest train` run again on a forest
+    of the tiny preset without --preset planned a cpu-small forest and was refused as a changed plan."""
+    import shutil
+
+    from elmforest.cli import main
+
+    g = tmp_path / "g"
+    shutil.copytree(forest_dir, g)
+    sets = ["train.steps=24", "train.batch_size=6", "train.precision=fp32"]  # the fixture's own
+    argv = ["forest", "train", "--forest", str(g), "--shards", str(shards_dir), "--no-progress"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 0, capsys.readouterr().err
+    assert "planned differently" not in capsys.readouterr().err

@@ -67,6 +67,24 @@ def register(app: typer.Typer) -> None:
     verb(app)(generate)
 
 
+def with_seed_preset(forest: str, train_args: TrainArgs) -> TrainArgs:
+    """No --preset, --config or --init-from on a forest whose seed it trained itself: the seed's preset
+    (the options' help: "default cpu-small, or a seed's own"). The default planned another forest, so
+    `forest train` run again to resume a `--preset tiny` forest was refused as a changed plan."""
+    import dataclasses
+
+    from elmforest.utils.io import read_json
+
+    path = Path(forest) / "forest.json"
+    if train_args.preset or train_args.config or train_args.init_from or not path.is_file():
+        return train_args
+    try:
+        preset = read_json(path)["seed"]["config"]["model"]["preset"]
+    except (KeyError, TypeError, ValueError, OSError):  # no seed yet, or one from a checkpoint
+        return train_args
+    return dataclasses.replace(train_args, preset=preset) if preset else train_args
+
+
 def expert_lr_of(given: float | None, train_args: TrainArgs) -> float | None:
     """--expert-lr, else the preset's recorded expert LR (not for a --config run: it names its own)."""
     if given is not None:
@@ -124,6 +142,7 @@ def seed(
         )
     if not from_checkpoint:  # the config and plan first: one refused leaves no empty forest behind
         sh = Shards(shards)
+        train_args = with_seed_preset(forest, train_args)
         cfg = train_args.run_config(shards)
         domains = experts or cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
         _check_trainable(sh, domains)
@@ -346,6 +365,7 @@ def train(
     ex = make_executor(
         executor, address, cpus_per_expert, gpus_per_expert, max_retries, workers
     )  # refused first
+    train_args = with_seed_preset(forest, train_args)
     cfg = train_args.run_config(shards)
     # one domain list (data.domains, else every domain with training data) drives every phase
     domains = cfg.data.domains or [d for d in sh.domains if sh.has(d, "train")]
