@@ -521,6 +521,12 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         ),
         ([*ev, "--select", "prefix:4"], "--select prefix:4: not used by --mode ensemble"),
         ([*ev, "--mode", "topk", "--route", "segment:8"], "--route segment:8: not used by --mode topk"),
+        # taken and dropped without a word (some recorded in the JSON beside the prior they never shaped)
+        ([*ev, "--mode", "average", "--k", "3"], "--k 3: not used by --mode average"),
+        ([*ev, "--mode", "average", "--weighting", "demix"], "--weighting demix: not used by --mode average"),
+        ([*ev, "--mode", "cluster", "--prior", "uniform"], "--prior uniform: not used by --mode cluster"),
+        ([*ev, "--prior", "uniform", "--prior-ema", "0.3"], "--prior-ema 0.3: they estimate the cached prior"),
+        ([*ev, "--prior", "uniform", "--prior-batches", "3"], "--prior uniform does not read"),
     ):  # fmt: skip
         rc, out = _run(argv, capsys)
         assert rc == 2 and said in out and "Traceback" not in out, (argv, out)

@@ -150,6 +150,12 @@ def test_the_routing_temperature_has_one_name_in_every_verb_and_the_old_one_stil
     assert "--temperature-routing" in gen.opts  # the old name: scripts that used it still run
     assert main(["generate", "--forest", "nowhere", "--prompt", "x", "--temperature-routing", "0"]) == 2
     assert "--temperature-routing" in capsys.readouterr().err  # checked like the new name
+    # an option of the other weighting, taken and dropped without a word (said before the forest loads)
+    base = ["generate", "--forest", "nowhere", "--prompt", "x"]
+    assert main([*base, "--routing-temperature", "0.5"]) == 2
+    assert "--routing-temperature 0.5 is c-BTM routing's: it needs --cluster-k" in capsys.readouterr().err
+    assert main([*base, "--cluster-k", "2", "--weighting", "fixed"]) == 2
+    assert "--weighting fixed: with --cluster-k" in capsys.readouterr().err
 
 
 def test_the_cli_starts_without_importing_torch():

@@ -198,6 +198,22 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     ]
     assert main([*args, "--valid-frac", "0.2"]) == 2
     assert "they need --balanced" in capsys.readouterr().err
+    assert main([*args, "--slack", "0.1"]) == 2  # taken and dropped without a word
+    assert "--slack 0.1 loosens the cap of --balanced: it needs --balanced" in capsys.readouterr().err
+    fit = [
+        "cluster",
+        "fit",
+        "--data",
+        str(data),
+        "--k",
+        "2",
+        "--out",
+        str(tmp_path / "f"),
+        "--valid-frac",
+        "0.2",
+    ]
+    assert main(fit) == 2 and "they need --split" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
     # the fraction not given is the clusterer's (the test fraction was 0.05, then refused as a mismatch)
     assert main([*args, "--balanced", "--valid-frac", "0.2"]) == 0
     rep = json.loads((tmp_path / "e" / "report.meta.json").read_text())

@@ -309,9 +309,12 @@ def test_add_remove_and_incompatible_experts(forest_dir, shards_dir, corpus, tmp
     assert Forest.load(tmp_path / "f").names == again.names  # refusals changed nothing
     with pytest.raises(ValueError, match="exists"):
         again.add(src.expert_dir(src.names[0]), src.names[0], ["x"])
-    for twin in (src.names[0].upper(), "Dense"):  # one folder on macOS and Windows (runs/dense)
-        with pytest.raises(ValueError, match="only in case"):
-            again.add(src.expert_dir(src.names[0]), twin, ["x"])
+    for twin, said in (
+        (src.names[0].upper(), f"expert {src.names[0]!r}"),
+        ("Dense", "the reserved name 'dense'"),
+    ):
+        with pytest.raises(ValueError, match=f"differs from {said} .*only in case"):  # one folder on macOS
+            again.add(src.expert_dir(src.names[0]), twin, ["x"])  # and Windows (runs/dense)
     name = src.names[0]  # a forest holding a case twin from before keeps replacing its experts
     again.data["experts"] = [*again.data["experts"], {**again.expert(name), "name": name.upper()}]
     again.add(src.expert_dir(name), name, again.expert(name)["domains"], replace=True)
@@ -887,3 +890,10 @@ def test_prefix_top_k_chooses_for_each_document_on_its_own_first_tokens(weightin
     pool = _TablePool(lp, len(stream))
     one, _, _ = _mixture_nll(pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, None)
     assert one != pytest.approx(nll) and pool.passes == n * w * nw + k * len(stream)
+
+
+def test_branch_weights_name_a_domain_the_shards_lack(forest_dir, shards_dir):
+    """`forest average --weights posterior --domain nosuch` said "domain 'nosuch' has no valid split",
+    as if it existed."""
+    with pytest.raises(UserError, match="no domain 'nosuch'; it has "):
+        branching.branch_weights(Forest.load(forest_dir), Shards(shards_dir), "nosuch", device="cpu")

@@ -80,6 +80,8 @@ def fit(
         raise UserError(
             "--dims and --min-df shape the tf-idf; with --embeddings they do not apply: drop them"
         )
+    if split is None and (valid_frac, test_frac) != (0.05, 0.05):  # read, then dropped without a word
+        raise UserError("--valid-frac / --test-frac say which documents --split fits on: they need --split")
     if (Path(out) / "clusterer.json").is_file() and not overwrite:
         raise AlreadyExists(
             f"{out} holds a clusterer already: experts and shards made with it would no longer match it; "
@@ -162,6 +164,8 @@ def assign(
         raise UserError(
             "--valid-frac / --test-frac tell the training split the cap applies to: they need --balanced"
         )
+    if slack and not balanced:
+        raise UserError(f"--slack {slack:g} loosens the cap of --balanced: it needs --balanced")
 
     rep = assign_corpus(
         clusterer,

@@ -205,13 +205,37 @@ def eval_(
             (f"--route {route}", route != "sequence", ("cluster",)),
             (f"--router-context {router_context}", router_context != "window", ("cluster",)),
             (f"--temperature {temperature:g}", temperature != 0.1, ("cluster",)),
+            (f"--k {k}", k != 2, ("topk", "cluster")),
+            (f"--weighting {weighting}", weighting != "posterior", ("ensemble", "topk")),
+            (f"--prior {prior}", prior != "cached", ("ensemble", "topk", "average")),
         )
         if given and (not forest or mode not in modes)
     ]
     if unused:
         raise UserError(
             f"{', '.join(unused)}: not used by {'--mode ' + mode if forest else 'a single --model'} "
-            "(--select is --mode topk's; --route, --router-context and --temperature are --mode cluster's)"
+            "(--select is --mode topk's; --route, --router-context and --temperature are --mode cluster's; "
+            "--k is topk's and cluster's; --weighting is ensemble's and topk's; --prior is every mode's but "
+            "cluster's, which routes by the clusterer)"
+        )
+    cached = forest and mode != "cluster" and prior == "cached"  # what reads the valid split for a prior
+    if not cached and (
+        estimate := [
+            o
+            for o, given in (
+                (f"--prior-batches {prior_batches}", prior_batches != PRIOR_BATCHES),
+                (f"--prior-ema {prior_ema:g}" if prior_ema is not None else "", prior_ema is not None),
+            )
+            if given
+        ]
+    ):
+        raise UserError(
+            f"{', '.join(estimate)}: they estimate the cached prior, which "
+            + (
+                "--prior uniform does not read"
+                if forest and mode != "cluster"
+                else "this evaluation has none"
+            )
         )
     check_json_out(json)
     if read != DEFAULT_READ:

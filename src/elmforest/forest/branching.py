@@ -38,6 +38,8 @@ def branch_weights(
 
     if not forest.names:
         raise UserError(f"{forest.root}: no experts to branch from")
+    if domain not in shards.domains:
+        raise UserError(f"{shards.root}: no domain {domain!r}; it has {', '.join(shards.domains)}")
     if not shards.has(domain, "valid"):
         raise UserError(
             f"{shards.root}: domain {domain!r} has no valid split to weigh the experts on; {instead}, "

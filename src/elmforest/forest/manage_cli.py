@@ -23,6 +23,7 @@ from elmforest.utils.argtypes import (
     positive_int,
     unit_fraction,
 )
+from elmforest.utils.errors import UserError
 
 ForestDir = Annotated[str, opt("forest directory", name="--forest", metavar="DIR")]
 Clusterer = Annotated[
@@ -182,6 +183,15 @@ def generate(
     """Sample from a forest's ensemble."""
     from elmforest.forest.generate import generate as sample
 
+    # an option of the other way to weigh the experts, taken and dropped without a word
+    if cluster_k is None and routing_temperature != 0.1:
+        raise UserError(
+            f"--routing-temperature {routing_temperature:g} is c-BTM routing's: it needs --cluster-k"
+        )
+    if cluster_k is not None and weighting != "posterior":
+        raise UserError(
+            f"--weighting {weighting}: with --cluster-k the clusterer's routing weighs the experts"
+        )
     g = sample(
         forest,
         prompt,

@@ -265,8 +265,13 @@ class Forest(ForestRecords):
         valid_name(name)
         src = resolve_model_dir(model_dir)
         if name not in self.names and (twin := case_twin(name, [*sorted(RESERVED_NAMES), *self.names])):
+            whose = (
+                f"the reserved name {twin!r} (any case: {', '.join(sorted(RESERVED_NAMES))})"
+                if twin in RESERVED_NAMES
+                else f"expert {twin!r}"
+            )
             raise UserError(
-                f"{self.root}: expert {name!r} differs from expert {twin!r} only in case: one folder on a file "
+                f"{self.root}: expert {name!r} differs from {whose} only in case: one folder on a file "
                 "system that does not keep case (macOS, Windows); add it under another --name"
             )
         if name in self.names and not replace:
