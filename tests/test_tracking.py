@@ -410,3 +410,31 @@ def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so
     train(cfg, again, progress=False)
     hists = [_wandb_session(s)[1] for s in sorted((again / "wandb").glob("offline-run-*"))]
     assert sorted(len(h["train/loss"]) for h in hists) == [2, 2]
+
+
+def test_a_killed_run_waits_for_its_tensorboard_writer_a_bounded_time(monkeypatch):
+    """A SIGTERM inside the writer's queue left its thread asleep until the flush timer (120 s): the killed
+    run sat in SummaryWriter.close() holding its lock. A failed run waits ABORT_WAIT at most; one that
+    ends closes its writer whole."""
+    import threading
+    import time
+
+    from elmforest.train.tracking import TensorBoardLogger
+
+    released, closed = threading.Event(), []
+
+    class Stuck:
+        def close(self):
+            released.wait(30)
+            closed.append(True)
+
+    logger = TensorBoardLogger(Path("unused"), None)
+    monkeypatch.setattr(TensorBoardLogger, "ABORT_WAIT", 0.2)
+    logger.writer = Stuck()
+    t0 = time.monotonic()
+    logger.abort(None)
+    assert time.monotonic() - t0 < 5 and logger.writer is None
+    released.set()
+    logger.writer = Stuck()
+    logger.end(None, {})
+    assert len(closed) >= 1 and logger.writer is None

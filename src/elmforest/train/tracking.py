@@ -182,6 +182,7 @@ class TensorBoardLogger(Tracker):
     each checkpoint and closed when the run ends or fails."""
 
     name = "TensorBoard"
+    ABORT_WAIT = 10.0  # seconds a failed or killed run waits for the writer to close
 
     def __init__(self, log_dir: Path, writer_cls):
         self.log_dir, self.writer_cls, self.writer = Path(log_dir), writer_cls, None
@@ -206,12 +207,21 @@ class TensorBoardLogger(Tracker):
         self.writer.flush()
 
     def end(self, trainer, summary):
-        self.abort(trainer)
-
-    def abort(self, trainer):
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.close()
+
+    def abort(self, trainer):
+        """A run that failed or was killed closes its writer for at most ABORT_WAIT seconds: a SIGTERM
+        that landed inside the writer's queue left its thread to wake at the next flush timer (120 s),
+        while the run held its lock and a rerun was refused as "another trainer is running"."""
+        if self.writer is not None:
+            import threading
+
+            writer, self.writer = self.writer, None
+            closing = threading.Thread(target=writer.close, name="tensorboard-close", daemon=True)
+            closing.start()
+            closing.join(self.ABORT_WAIT)
 
 
 def require_trackers(names) -> None:
