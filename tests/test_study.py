@@ -642,11 +642,6 @@ def test_a_study_saved_before_a_field_existed_resumes(tmp_path):
     # an operational field (docs/design.md: train.keep_checkpoints=0 at any time) is not another run
     dropping = json.dumps([*ov, "train.keep_checkpoints=0"])
     _check_identity(tmp_path / "new", load_study_config("tiny", [*grids, f"overrides={dropping}"]))
-    # the dense_tuned arm's LR shapes its runs as the other LRs do: refused up front, the field named
-    (tmp_path / "lr").mkdir()
-    _check_identity(tmp_path / "lr", load_study_config("tiny"))
-    with pytest.raises(UserError, match="dense_continue_lr: None -> 0.01"):
-        _check_identity(tmp_path / "lr", load_study_config("tiny", ["dense_continue_lr=0.01"]))
 
 
 def test_progress_eta_counts_only_the_tokens_trained_since_the_start(tmp_path, monkeypatch):

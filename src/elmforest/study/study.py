@@ -40,7 +40,9 @@ from elmforest.utils.errors import UserError
 from elmforest.utils.io import held_lock, read_json, write_json_atomic
 from elmforest.utils.typed import from_dict
 
-# the fields that shape runs already trained: changing them in an existing study is refused
+# the fields that shape runs already trained: changing them in an existing study is refused (not
+# dense_continue_lr: only the dense_tuned runs change, each refused by name with "delete it", so a new
+# LR for that arm, after one diverged say, keeps every other run)
 IDENTITY = (
     "preset",
     "overrides",
@@ -50,7 +52,6 @@ IDENTITY = (
     "seed_share",
     "dense_lr",
     "expert_lr",
-    "dense_continue_lr",
     "sweep",
     "lr_grid",
     "expert_lr_grid",
