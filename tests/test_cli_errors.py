@@ -335,6 +335,7 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         (["--address", "auto"], "--address: Ray's (--executor ray)"),
         (["--max-retries", "1"], "--max-retries: Ray's"),
         (["--cpus-per-expert", "2"], "--cpus-per-expert (--cpus-per-job): Ray's"),
+        (["--cpus-per-expert", "1"], "--cpus-per-expert (--cpus-per-job): Ray's"),  # taken, then dropped
         (["--gpus-per-expert", "1"], "--gpus-per-expert (--gpus-per-job): Ray's"),  # trained on the CPU
         # two busy processes on one reserved CPU
         (["--executor", "ray", "--procs-per-expert", "2", "--cpus-per-expert", "1"], "--cpus-per-expert 1 <"),
@@ -347,6 +348,13 @@ def test_executor_options_of_the_other_executor_are_refused(shards_dir, tmp_path
         capsys,
     )
     assert rc == 2 and "--workers 2 is the local executor's" in out
+    for verb in (
+        ["sweep", "--shards", shards_dir, "--out", tmp_path / "s"],
+        ["study", "tiny", "--out", tmp_path / "t"],
+    ):
+        rc, out = _run([*verb, "--cpus-per-job", "1"], capsys)  # the local executor ran as if not given
+        assert rc == 2 and "--cpus-per-expert (--cpus-per-job): Ray's" in out, out
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
 
 
 def test_ray_reserves_a_cpu_for_each_data_parallel_process(shards_dir, tmp_path, capsys, monkeypatch):
@@ -364,7 +372,7 @@ def test_ray_reserves_a_cpu_for_each_data_parallel_process(shards_dir, tmp_path,
     for extra in (["--executor", "ray", "--procs-per-expert", "2"], ["--procs-per-expert", "2"]):
         rc, out = _run([*base, *extra], capsys)
         assert rc == 2 and "stop here" in out
-    assert asked == [("ray", 2.0), ("local", 1.0)]
+    assert asked == [("ray", 2.0), ("local", None)]  # none given: the local executor's refusal stays quiet
 
 
 def test_a_ray_address_where_nothing_listens_is_said(shards_dir, tmp_path, capsys):
@@ -377,7 +385,7 @@ def test_a_ray_address_where_nothing_listens_is_said(shards_dir, tmp_path, capsy
     argv = ["forest", "train", "--forest", tmp_path / "f", "--shards", shards_dir, "--preset", "tiny"]
     rc, out = _run([*argv, "--executor", "ray", "--address", f"127.0.0.1:{port}"], capsys)
     assert rc == 2 and f"Ray at --address 127.0.0.1:{port}: nothing answers there" in out, out
-    assert not (tmp_path / "f" / "seed").exists()  # said before the seed trained
+    assert not (tmp_path / "f").exists()  # said before the forest was made (an empty one was left)
 
 
 def test_ctrl_c_says_it_was_interrupted_and_how_to_continue(shards_dir, tmp_path, monkeypatch, capsys):

@@ -857,3 +857,33 @@ def test_a_token_id_prompt_ending_inside_a_character_has_it_finished_in_the_comp
     assert [t["offset"] for c in complete([3, 1], [4, 5, 3], logprobs=0) for t in c.tokens] == [0, 0, 1]
     assert "".join(c.text for c in complete([3, 1], [3])) == "b"  # left unfinished: not the completion's
     assert "".join(c.text for c in complete([3], [3, 1, 2])) == "b中"  # a whole prompt: as before
+    # the carried token holds text before the character's first byte (GPT-2's b" \xe2\x80"): the
+    # stop-string check reused the carry's cut as its own, so from the second token on the completion
+    # re-read that text (" “ab" came out "““ab")
+    quote = "“".encode()
+    vocab = [b"", b" " + quote[:2], quote[2:], b"a", b"b", b"x"]
+    for stop in ([], ["zz"]):
+        lm = _scripted(monkeypatch, vocab, [2, 3, 4])
+        req = CompletionRequest(prompts=[Prompt("", [5, 1])], max_tokens=3, stop=stop)
+        assert "".join(c.text for c in choice_steps(lm, req, req.prompts[0], 0, 0)) == "“ab", stop
+
+
+def test_health_counts_the_job_taking_its_turn():
+    """The job whose turn it is is out of the deque meanwhile: 8 admitted read as 7 active."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def work():
+        entered.set()
+        release.wait(10)
+        yield "done"
+
+    engine = Engine(lm=None, max_active=8)
+    try:
+        engine.submit(work(), lambda item: None)
+        assert entered.wait(10)
+        assert engine.load == {"active": 1, "waiting": 0}
+    finally:
+        release.set()
+        engine.close()

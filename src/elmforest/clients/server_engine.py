@@ -64,6 +64,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._active: collections.deque = collections.deque()
         self._closed = self._stopped = False
+        self._current = None  # the job whose turn it is (the worker thread's; /health reads it)
         self.stopping = False  # the server is shutting down: requests end with a 503 (server.py)
         self._thread = threading.Thread(target=self._run, name="elmforest-engine", daemon=True)
         self._thread.start()
@@ -83,7 +84,8 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return {"active": len(self._active), "waiting": self._inbox.qsize()}
+        # the job taking its turn is out of the deque meanwhile: counted, or 8 admitted read as 7
+        return {"active": len(self._active) + (self._current is not None), "waiting": self._inbox.qsize()}
 
     def close(self) -> None:
         self._closed = True
@@ -107,12 +109,12 @@ class Engine:
                 self._admit(block=True)
                 if not self._active:
                     continue
-                job = self._active.popleft()
+                job = self._current = self._active.popleft()
                 try:
                     self._turn(job)
                 except Exception as e:  # its cleanup or its sink failed: this job ends, the rest go on
                     _abandon(job, e)
-                job = None
+                job = self._current = None
         except BaseException as e:  # a bug: the thread ends, everyone is answered below, /health says so
             self.error = e
             traceback.print_exception(e, file=sys.stderr)
@@ -320,9 +322,9 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
-            cut = stops.first(text) if req.stop else None
-            if cut is not None:
-                text, finish = text[: max(cut, sent)], "stop"
+            hit = stops.first(text) if req.stop else None  # not `cut`: the carried character's, reused
+            if hit is not None:  # below (reused as this, it re-read the carried token's earlier text)
+                text, finish = text[: max(hit, sent)], "stop"
                 yield Chunk(index, text[sent:], tokens, "stop", count)
                 return
             safe = max(len(text) - _hold_back(text, req.stop), sent)

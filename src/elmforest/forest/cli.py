@@ -360,8 +360,8 @@ def train(
             f"--cpus-per-expert {cpus_per_expert:g} < --procs-per-expert {procs_per_expert}: Ray reserves "
             "--cpus-per-expert CPUs for each expert's processes; give at least one per process"
         )
-    if cpus_per_expert is None:  # the local executor refuses any value given
-        cpus_per_expert = float(procs_per_expert) if executor == "ray" else 1.0
+    if cpus_per_expert is None and executor == "ray":  # the local executor refuses any value given
+        cpus_per_expert = float(procs_per_expert)
     ex = make_executor(
         executor, address, cpus_per_expert, gpus_per_expert, max_retries, workers
     )  # refused first
@@ -380,6 +380,9 @@ def train(
             f"each expert's batch ({plan.expert_batch_size}) must divide among "
             f"--procs-per-expert {procs_per_expert} processes"
         )
+    if hasattr(ex, "prepare") and not (Path(forest) / "forest.json").is_file():
+        ex.prepare()  # Ray unreachable or short of resources: said before a new forest is made (an existing
+        # one's rerun starts Ray only if a job is left: launch/forest.py)
     f = _load(forest, create=True)
     if clusterer:
         f.set_clusterer(clusterer)

@@ -290,7 +290,7 @@ def sweep(
     address: Annotated[
         str | None, opt("Ray cluster address (default: start a local Ray instance)", metavar="ADDR")
     ] = None,
-    cpus_per_job: Annotated[float, opt("Ray: CPUs per job", positive_float)] = 1.0,
+    cpus_per_job: Annotated[float | None, opt("Ray: CPUs per job (default 1)", positive_float)] = None,
     gpus_per_job: Annotated[float, opt("Ray: GPUs per job", nonneg_float)] = 0.0,
     max_retries: Annotated[int, opt("retries of a job whose worker died", nonneg_int)] = 3,
     workers: Annotated[

@@ -38,11 +38,11 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def job_threads(kind: str, cpus_per_job: float, workers: int) -> int | None:
-    """Threads for each job: Ray's declared CPUs, the cores shared among local workers, or None
-    (PyTorch's default) for one local job at a time."""
+def job_threads(kind: str, cpus_per_job: float | None, workers: int) -> int | None:
+    """Threads for each job: Ray's declared CPUs (1 when not given), the cores shared among local
+    workers, or None (PyTorch's default) for one local job at a time."""
     if kind == "ray":
-        return int(cpus_per_job)
+        return int(cpus_per_job or 1)
     return max(1, cpu_cores() // workers) if workers > 1 else None
 
 
@@ -240,7 +240,7 @@ def _with_log(why: str, log) -> str:
 def make_executor(
     kind: str = "local",
     address: str | None = None,
-    cpus: float = 1.0,
+    cpus: float | None = None,  # None: not given (Ray: 1 per job); the local executor refuses any given
     gpus: float = 0.0,
     max_retries: int = 3,
     workers: int = 1,
@@ -249,7 +249,7 @@ def make_executor(
         given = {
             "--address": address,
             "--max-retries": max_retries != 3,
-            "--cpus-per-expert (--cpus-per-job)": cpus != 1.0,
+            "--cpus-per-expert (--cpus-per-job)": cpus is not None,  # 1 given was taken, then ignored
             "--gpus-per-expert (--gpus-per-job)": gpus != 0.0,  # the local jobs use train.device
         }
         ray_only = [o for o, g in given.items() if g]
@@ -271,5 +271,5 @@ def make_executor(
             raise UserError(
                 "--executor ray needs Ray: pip install 'elmforest[ray]' (or pip install ray)"
             ) from e
-        return RayExecutor(address, cpus, gpus, max_retries)
+        return RayExecutor(address, 1.0 if cpus is None else cpus, gpus, max_retries)
     raise UserError(f"unknown executor {kind!r}; expected local or ray")

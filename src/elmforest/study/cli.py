@@ -36,7 +36,7 @@ def study(
     address: Annotated[
         str | None, opt("Ray cluster address (default: start a local Ray instance)", metavar="ADDR")
     ] = None,
-    cpus_per_job: Annotated[float, opt("Ray: CPUs per run", positive_float)] = 1.0,
+    cpus_per_job: Annotated[float | None, opt("Ray: CPUs per run (default 1)", positive_float)] = None,
     gpus_per_job: Annotated[float, opt("Ray: GPUs per run", nonneg_float)] = 0.0,
     analyse_only: Annotated[
         bool,

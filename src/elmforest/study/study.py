@@ -154,7 +154,7 @@ def run_study(
     overrides: list[str] | tuple = (),
     executor: str = "local",
     address: str | None = None,
-    cpus_per_job: float = 1.0,
+    cpus_per_job: float | None = None,
     gpus_per_job: float = 0.0,
     progress: bool = True,
     log=None,
@@ -167,6 +167,8 @@ def run_study(
         log = log or driver_log(stack)  # the output it started with, for the whole study
         t0 = time.perf_counter()
         cfg = load_study_config(source, overrides)  # a bad config leaves no folder behind
+        if executor != "ray":  # Ray's options given to the local executor: refused, not dropped
+            make_executor(executor, address, cpus_per_job, gpus_per_job)
         out = Path(out).resolve()  # absolute: jobs on a Ray cluster run in the worker's directory
         if analyse_only and not (out / "study.json").is_file():
             return {"fits": reanalyse(out, log)}  # which says there is no study there
