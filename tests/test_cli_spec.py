@@ -61,6 +61,7 @@ def test_training_verbs_list_every_config_key(verbs, capsys):
     keys = override_keys()
     assert len(keys) > 30 and any(k.startswith("train.steps: int") for k in keys)
     assert not any(k.startswith("model.trust_remote_code") for k in keys)  # the flag only
+    assert not any(k.startswith("model.preset") for k in keys)  # --preset only: --set model.preset is refused
     for name in TRAINING:
         main([*name.split(), "--help"])
         usage = capsys.readouterr().out
@@ -71,7 +72,7 @@ def test_training_verbs_list_every_config_key(verbs, capsys):
     d = RunConfig().to_dict()
     assert {k.split(":")[0] for k in keys} == {
         f"{s}.{f}" for s, fields in d.items() for f in fields if f != "trust_remote_code"
-    }
+    } - {"model.preset"}
 
 
 def test_usage_errors_exit_2_and_name_the_problem(capsys):

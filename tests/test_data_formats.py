@@ -107,6 +107,8 @@ def test_bad_specs_and_contradicting_options_are_refused():
         parse_source("csv,txt=body:x.csv")
     with pytest.raises(UserError, match="applies to auto, not csv"):
         parse_source("csv,split=train:x.csv")
+    with pytest.raises(UserError, match="sample_by 'bogus': expected one of line, paragraph, document"):
+        parse_source("text,sample_by=bogus:x.txt")  # the builder read 0 documents without a word
     with pytest.raises(UserError, match="'text' given twice"):
         parse_source("json,text=a,text=b:x")
     with pytest.raises(UserError, match="contradicts"):
@@ -372,3 +374,62 @@ def test_clustering_and_tokenizer_training_read_the_new_formats_alike(hf, tmp_pa
 def test_eval_refuses_reading_options_for_a_shards_dir(shards_dir, capsys):
     assert main(["eval", "--data", str(shards_dir), "--model", "m", "--text-field", "body"]) != 0
     assert "read raw data, not a shards directory" in capsys.readouterr().err
+
+
+def test_csv_cells_pandas_reads_as_missing_are_text(hf, tmp_path):
+    """pandas' missing-value words applied under the str converters: a domain `nan` (Min Nan's ISO 639-3
+    code) became the file's name, an id `NA` the default id, a text `NA` a skipped record. An empty
+    cell is still missing."""
+    (tmp_path / "langs.csv").write_text(
+        "id,text,domain\nNA,first doc,nan\nnull,second doc,NA\nN/A,NA,None\n4,,x\n"
+    )
+    docs, stats = _docs(f"csv:{tmp_path}/langs.csv")
+    assert docs == [("NA", "nan", "first doc"), ("null", "NA", "second doc"), ("N/A", "None", "NA")]
+    assert stats["skipped"] == {"missing_text": 1}
+
+
+def test_the_dot_slash_escape_reaches_shards_build(tmp_path, tokenizer_dir, monkeypatch):
+    """`./json:x.jsonl` names a file really called so (docs/data-formats.md); shards build made it a
+    Path, which drops the `./`, and read it as the json builder's source `x.jsonl`."""
+    from elmforest.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _write_jsonl(
+        tmp_path / "json:x.jsonl", [{"text": f"document {i} of a file named oddly"} for i in range(40)]
+    )
+    argv = ["shards", "build", "--data", "./json:x.jsonl", "--tokenizer", str(tokenizer_dir), "--out", "sh"]
+    assert main([*argv, "--no-progress"]) == 0
+    from elmforest.data.shards import Shards
+
+    assert Shards(tmp_path / "sh").domains == ["json:x"]
+
+
+def test_a_saved_dataset_named_through_dots_is_the_same_dataset(hf, tmp_path, monkeypatch):
+    """`hf/agnews/train/..` took the domain `..`, and `.` inside a DatasetDict's split folder missed the
+    dict's name: other domains, ids and so splits for the same files."""
+    hf.DatasetDict({"train": hf.Dataset.from_dict({"text": ["a b c", "d e f"]})}).save_to_disk(
+        str(tmp_path / "agnews")
+    )
+    want = _docs(tmp_path / "agnews")
+    assert want[0][0][:2] == ("agnews:train:1", "agnews")
+    assert _docs(tmp_path / "agnews" / "train" / "..") == want
+    monkeypatch.chdir(tmp_path / "agnews")
+    assert _docs(".") == want
+    monkeypatch.chdir(tmp_path / "agnews" / "train")
+    assert _docs(".")[0] == [("agnews:train:1", "agnews", "a b c"), ("agnews:train:2", "agnews", "d e f")]
+
+
+def test_a_binary_text_column_reads_alike_natively_and_through_the_builder(hf, tmp_path):
+    """Through `parquet:` every binary text was `wrong_type(text)`; read natively the valid ones are
+    documents and the rest `invalid_utf8`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"text": pa.array([b"hello world", b"\xff\xfe bad", None], type=pa.binary())}),
+        tmp_path / "bin.parquet",
+    )
+    native = _docs(tmp_path / "bin.parquet")
+    assert native[0] == [("bin:1", "bin", "hello world")]
+    assert native[1]["skipped"] == {"invalid_utf8": 1, "missing_text": 1}
+    assert _docs(f"parquet:{tmp_path}/bin.parquet") == native

@@ -390,8 +390,8 @@ def override_keys(cls=RunConfig, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(t):
             out += override_keys(t, f"{prefix}{f.name}.")
             continue
-        if f.name == "trust_remote_code":
-            continue  # --trust-remote-code only
+        if f.name == "trust_remote_code" or prefix == "model." and f.name == "preset":
+            continue  # --trust-remote-code only; --preset only (--set model.preset is refused)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = str(t).replace("typing.", "").replace("<class '", "").replace("'>", "")
         out.append(f"{prefix}{f.name}: {kind} = {json.dumps(default)}")

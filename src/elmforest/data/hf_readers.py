@@ -31,6 +31,7 @@ from elmforest.data.documents import (
     Document,
     ReadStats,
     _check_record,
+    _decode_bytes,
     _InvalidUtf8,
     batch_records,
     check_columns,
@@ -54,7 +55,7 @@ COMPRESSED = ("", ".gz", ".bz2", ".xz", ".zst")
 
 
 def read_saved(path: Path, stats: ReadStats, src: Source) -> Iterator[Document]:
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `hf/agnews/train/..` or `.` named the domain `..` / missed the dict
     name = _dataset_name(path)
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits")
@@ -187,6 +188,9 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
     kwargs = dict(src.builder_kwargs)
     if src.format == "csv":  # every cell as written: an id 007 stays "007", a year-named domain a name
         kwargs["converters"] = {c: str for c in ("id", src.domain_field, src.text_field)}
+        # pandas' missing-value words (NA, nan, null, None, N/A) are text too: a language `nan` (Min Nan),
+        # an id `NA`, a text `NA` were read as missing; an empty cell is still missing
+        kwargs |= {"keep_default_na": False, "na_values": [""]}
     lines = src.format == "text" and kwargs.get("sample_by", "line") == "line"
     with tempfile.TemporaryDirectory(prefix="elmforest-hf-") as cache:
         for f in files:
@@ -214,6 +218,11 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
                         rec = {**rec, "text": text[1:]}  # a byte-order mark, as the .txt reader drops it
                 if lines and isinstance(rec.get("text"), str) and not rec["text"].strip():
                     continue  # a blank line is no record, as in JSON lines
+                if isinstance(rec.get(src.text_field), bytes):  # a binary column, decoded as the native
+                    rec = {**rec, src.text_field: _decode_bytes(rec[src.text_field])}  # reader decodes it
+                    if isinstance(rec[src.text_field], _InvalidUtf8):
+                        stats.skipped["invalid_utf8"] += 1
+                        continue
                 doc = _check_record(rec, stats, domain, f"{domain}:{row}", src.text_field, src.domain_field)
                 if doc is not None:
                     yield doc

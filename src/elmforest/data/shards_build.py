@@ -117,7 +117,8 @@ def build_shards(
     `only_domains` names the domains, as read (before `random_domains` or `domain_map`), whose documents
     are tokenized; the others are read past (the index records the list).
     """
-    sources = [Path(x) for x in data] if isinstance(data, (list, tuple)) else [Path(data)]
+    # strings, not Paths: Path("./json:x") is "json:x", a json builder source, not the file the escape names
+    sources = [os.fspath(x) for x in data] if isinstance(data, (list, tuple)) else [os.fspath(data)]
     keys = [os.path.realpath(s) if parse_source(s).format is None else str(s) for s in sources]
     if twice := sorted({str(s) for s, k in zip(sources, keys, strict=True) if keys.count(k) > 1}):
         raise UserError(f"{', '.join(twice)}: given twice; every document would be read twice")

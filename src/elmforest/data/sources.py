@@ -40,6 +40,7 @@ KEYS = {
     "sep": ("csv",),
 }
 BUILDER_KEYS = ("sample_by", "field", "sep")
+SAMPLE_BY = ("line", "paragraph", "document")  # the text builder's
 _SPEC = re.compile(r"(?P<fmt>[a-z]+)(?P<opts>(?:,[a-z_]+=[^,:/]*)*):(?P<loc>.+)\Z", re.S)
 
 
@@ -101,6 +102,8 @@ def parse_source(data: str | os.PathLike) -> Source:
             if "" in names or len(set(names)) != len(names):
                 twice = sorted({n for n in names if names.count(n) > 1})
                 raise UserError(f"{s}: split(s) {twice or names} given twice or empty; name each split once")
+        if key == "sample_by" and value not in SAMPLE_BY:  # the builder read nothing, without a word
+            raise UserError(f"{s}: sample_by {value!r}: expected one of {', '.join(SAMPLE_BY)}")
         options[key] = value
     for key in ("text", "domain"):
         if options.get(key) == key:
