@@ -433,3 +433,53 @@ def test_a_binary_text_column_reads_alike_natively_and_through_the_builder(hf, t
     assert native[0] == [("bin:1", "bin", "hello world")]
     assert native[1]["skipped"] == {"invalid_utf8": 1, "missing_text": 1}
     assert _docs(f"parquet:{tmp_path}/bin.parquet") == native
+
+
+def test_malformed_saved_dataset_metadata_is_a_clear_error(hf, tmp_path):
+    """A state.json filename of 5 or a split name of 3 raised TypeError (a traceback), a ClassLabel's
+    names as a dict KeyError, and a filename `../test/...` read the other split's file too."""
+    import shutil
+
+    from elmforest.data.documents import DataError
+
+    dd = hf.DatasetDict(
+        {s: hf.Dataset.from_dict({"text": [f"{s} one", f"{s} two"]}) for s in ("train", "test")}
+    )
+    dd.save_to_disk(str(tmp_path / "good"))
+
+    def broken(name, file, edit):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        p = tmp_path / name / file
+        p.write_text(json.dumps(edit(json.loads(p.read_text()))))
+        return tmp_path / name
+
+    cases = [
+        (
+            broken("splits", "dataset_dict.json", lambda d: {**d, "splits": ["train", 3]}),
+            "no list of split names",
+        ),
+        (
+            broken("num", "train/state.json", lambda d: {**d, "_data_files": [{"filename": 5}]}),
+            "not file names",
+        ),
+        (
+            broken(
+                "up", "train/state.json", lambda d: {**d, "_data_files": [{"filename": "../test/x.arrow"}]}
+            ),
+            "not file names",
+        ),
+    ]
+    for path, said in cases:
+        with pytest.raises(DataError, match=said):
+            _docs(path)
+    labels = hf.Dataset.from_dict(
+        {"text": ["a b", "c d"], "domain": [0, 1]},
+        features=hf.Features({"text": hf.Value("string"), "domain": hf.ClassLabel(names=["x", "y"])}),
+    )
+    labels.save_to_disk(str(tmp_path / "labels"))
+    info = tmp_path / "labels" / "dataset_info.json"
+    d = json.loads(info.read_text())
+    d["features"]["domain"]["names"] = {"0": "x"}
+    info.write_text(json.dumps(d))
+    with pytest.raises(DataError, match="has no list of names"):
+        _docs(tmp_path / "labels")

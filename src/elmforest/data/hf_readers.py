@@ -59,8 +59,8 @@ def read_saved(path: Path, stats: ReadStats, src: Source) -> Iterator[Document]:
     name = _dataset_name(path)
     if (path / "dataset_dict.json").is_file():
         splits = _read_json(path / "dataset_dict.json").get("splits")
-        if not isinstance(splits, list):
-            raise DataError(f"{path}/dataset_dict.json: no list of splits")
+        if not (isinstance(splits, list) and all(_plain_name(s) for s in splits)):
+            raise DataError(f"{path}/dataset_dict.json: no list of split names")
         wanted = src.hf_splits or splits
         unknown = [s for s in wanted if s not in splits]
         if unknown:
@@ -85,6 +85,11 @@ def read_saved(path: Path, stats: ReadStats, src: Source) -> Iterator[Document]:
             "read; drop --hf-split (split=) to read it whole"
         )
     yield from _read_saved_split(path, stats, src, name, name)
+
+
+def _plain_name(s) -> bool:
+    """A file or folder name inside its folder: a string, no path separator, not `.` or `..`."""
+    return isinstance(s, str) and s not in ("", ".", "..") and "/" not in s and os.sep not in s
 
 
 def _dataset_name(path: Path) -> str:
@@ -112,6 +117,8 @@ def _read_saved_split(
         files = [d["filename"] for d in _read_json(path / "state.json")["_data_files"]]
     except (KeyError, TypeError) as e:
         raise DataError(f"{path}/state.json: no list of data files") from e
+    if bad := [f for f in files if not _plain_name(f)]:  # `../test/x.arrow` read the other split's file
+        raise DataError(f"{path}/state.json: data file(s) {bad[:3]} are not file names in {path}")
     convert = _class_label_names(path, src.domain_field)
     row = 0
     for name in files:
@@ -172,6 +179,8 @@ def _class_label_names(path: Path, column: str) -> dict | None:
     if not (isinstance(feature, dict) and feature.get("_type") == "ClassLabel"):
         return None
     names = feature.get("names") or []
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{info}: the ClassLabel {column!r} has no list of names")
 
     def name(v):
         return names[v] if isinstance(v, int) and 0 <= v < len(names) else v
