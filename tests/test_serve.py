@@ -887,3 +887,12 @@ def test_health_counts_the_job_taking_its_turn():
     finally:
         release.set()
         engine.close()
+
+
+def test_a_single_checkpoint_refuses_mixture_settings(forest_dir):
+    """`serve --model X --mode topk --k 4 --weighting fixed` served X alone, saying `topk: X`."""
+    from elmforest.utils.errors import UserError
+
+    expert = Forest.load(forest_dir).expert_dir("code")
+    with pytest.raises(UserError, match="k=4 .*single checkpoint, one model"):
+        open_lm(expert, mode="topk", k=4, device="cpu")

@@ -247,6 +247,21 @@ def open_lm(
         raise UserError(f"unknown weighting {weighting!r}; expected posterior or fixed")
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    # a mode's own setting given to another was dropped without a word (as `eval` refuses them)
+    given = [
+        (f"k={k} (--k)", k != 2, ("topk", "cluster")),
+        (f"weighting={weighting} (--weighting)", weighting != "posterior", ("ensemble", "topk")),
+        (
+            f"routing_temperature={routing_temperature:g} (--routing-temperature)",
+            routing_temperature != 0.1,
+            ("cluster",),
+        ),
+    ]
+    if unused := [what for what, set_, modes in given if set_ and mode not in modes]:
+        raise UserError(
+            f"{', '.join(unused)}: not used by mode={mode} (k is topk's and cluster's, weighting ensemble's "
+            "and topk's, routing_temperature cluster's)"
+        )
     if prior == "cached" and prior_data is None:
         raise UserError(
             "prior=cached (--prior cached) needs prior_data (--prior-data): shards or raw data whose valid "
@@ -281,6 +296,10 @@ def open_lm(
         forest, names, dirs = None, [path.name], [mdir]
         if mode == "cluster":
             raise UserError(f"{path}: a single checkpoint has no clusterer; cluster routing needs a forest")
+        if unused := [what for what, set_, _ in given if set_]:
+            raise UserError(
+                f"{', '.join(unused)}: {path} is a single checkpoint, one model: nothing to weigh"
+            )
     elif (path / "run_config.json").is_file():
         resolve_model_dir(path)  # an unfinished run: it says so, and how to finish it
     else:
