@@ -310,7 +310,10 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         ({"max_length": "64.5"}, "max_length='64.5': expected an integer"),
         ({"max_length": "inf"}, "max_length='inf': expected an integer"),
         # a mode's own setting given to another was dropped without a word (as `eval` refuses them)
-        ({"mode": "average", "weighting": "fixed"}, "weighting=fixed (--weighting): not used by mode=average"),
+        (
+            {"mode": "average", "weighting": "fixed"},
+            "weighting=fixed (--weighting): not used by mode=average",
+        ),
         ({"mode": "ensemble", "k": 3}, "k=3 (--k): not used by mode=ensemble"),
         ({"routing_temperature": 0.5}, "routing_temperature=0.5 (--routing-temperature): not used"),
     ):
