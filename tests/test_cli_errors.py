@@ -533,7 +533,7 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         ([*ev, "--mode", "average", "--k", "3"], "--k 3: not used by --mode average"),
         ([*ev, "--mode", "average", "--weighting", "demix"], "--weighting demix: not used by --mode average"),
         ([*ev, "--mode", "cluster", "--prior", "uniform"], "--prior uniform: not used by --mode cluster"),
-        ([*ev, "--prior", "uniform", "--prior-ema", "0.3"], "--prior-ema 0.3: they estimate the cached prior"),
+        ([*ev, "--prior", "uniform", "--prior-ema", "0.3"], "--prior-ema 0.3: it estimates the cached prior"),
         ([*ev, "--prior", "uniform", "--prior-batches", "3"], "--prior uniform does not read"),
     ):  # fmt: skip
         rc, out = _run(argv, capsys)

@@ -446,6 +446,7 @@ def test_malformed_saved_dataset_metadata_is_a_clear_error(hf, tmp_path):
         {s: hf.Dataset.from_dict({"text": [f"{s} one", f"{s} two"]}) for s in ("train", "test")}
     )
     dd.save_to_disk(str(tmp_path / "good"))
+    theirs = json.loads((tmp_path / "good" / "test" / "state.json").read_text())["_data_files"][0]["filename"]
 
     def broken(name, file, edit):
         shutil.copytree(tmp_path / "good", tmp_path / name)
@@ -464,7 +465,7 @@ def test_malformed_saved_dataset_metadata_is_a_clear_error(hf, tmp_path):
         ),
         (
             broken(
-                "up", "train/state.json", lambda d: {**d, "_data_files": [{"filename": "../test/x.arrow"}]}
+                "up", "train/state.json", lambda d: {**d, "_data_files": [{"filename": f"../test/{theirs}"}]}
             ),
             "not file names",
         ),

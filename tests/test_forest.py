@@ -789,107 +789,80 @@ class _TablePool:
         self.passes += sum(max(0, min(u, self.n_tok - b * seq_len)) for b in ids)
         return out
 
+    def all_logprobs(self, experts, stream, eos, seq_len, window_ids, key=None):
+        return torch.stack([self.logprobs(j, stream, eos, seq_len, window_ids) for j in experts])
+
 
 @pytest.mark.parametrize("weighting", ["posterior", "fixed", "demix"])
 def test_prefix_top_k_chooses_for_each_document_on_its_own_first_tokens(weighting):
     """--select prefix:W under --reset document, against a position-by-position reference: each
     document in a window is chosen for on its own first W tokens (the choice was once per window, so
     the end of one document picked the experts of the next), scored by the full ensemble there and by
-    its chosen k (prior restricted and renormalised, evidence from the document's start) after."""
+    its chosen k (prior restricted and renormalised, evidence from the document's start) after. An
+    expert reads a window again only past what every expert read for the heads. --reset window: the
+    window is one piece, as before."""
     from elmforest.forest.mixture import _mixture_nll
     from elmforest.forest.pool import doc_starts
 
     g = torch.Generator().manual_seed(3)
     n, T, w, k, eos = 4, 16, 3, 2, 0
-    stream = np.array(
-        [
-            5,
-            6,
-            7,
-            0,
-            8,
-            9,
-            9,
-            9,
-            9,
-            9,
-            0,
-            7,
-            7,
-            7,
-            7,
-            7,
-            7,
-            7,
-            0,
-            0,
-            6,
-            6,
-            6,
-            6,
-            6,
-            0,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-            4,
-        ]
-    )
+    docs = [[5, 6, 7], [8, 9, 9, 9, 9, 9], [7] * 7, [], [6] * 5, [4] * 14]  # [] : two EOS in a row
+    stream = np.array([t for d in docs for t in [*d, eos]][:-1])
     nw = math.ceil(len(stream) / T)
     lp = -torch.rand(n, nw, T, generator=g, dtype=torch.float64) * 4
     lp.view(n, -1)[:, len(stream) :] = 0.0  # padding
     pi = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
     starts = doc_starts(stream, eos, T, nw)
-    pool = _TablePool(lp, len(stream))
-    nll, mean_w, _ = _mixture_nll(
-        pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, starts
-    )
 
-    want, passes, weights = 0.0, 0, torch.zeros(n, dtype=torch.float64)
-    for b in range(nw):
-        real = min(T, len(stream) - b * T)
-        opens = [t for t in range(real) if t == 0 or starts[b, t]]
-        head_end, tail_end = 0, [0] * n
-        for a, e in zip(opens, [*opens[1:], real], strict=True):
-            h = min(a + w, e)
-            chosen = list(range(n))
-            if h < e:
-                score = [math.log(pi[j]) + float(lp[j, b, a:h].sum()) for j in range(n)]
-                chosen = sorted(range(n), key=lambda j: -score[j])[:k]
-            for t in range(a, e):
-                use = range(n) if t < h else chosen
-                if weighting == "posterior":
-                    lw = {j: math.log(pi[j]) + float(lp[j, b, a:t].sum()) for j in use}
-                elif weighting == "fixed":
-                    lw = {j: math.log(pi[j]) for j in use}
-                else:
-                    lw = {j: math.log(pi[j]) + (float(lp[j, b, t - 1]) if t > a else 0.0) for j in use}
-                z = torch.logsumexp(torch.tensor(list(lw.values()), dtype=torch.float64), 0)
-                want -= float(torch.logsumexp(torch.stack([lw[j] - z + lp[j, b, t] for j in use]), 0))
-                for j in use:
-                    weights[j] += math.exp(lw[j] - z)
-            head_end = max(head_end, h)
-            for j in chosen if h < e else []:
-                tail_end[j] = max(tail_end[j], e)
-        round_up = lambda u, keep: u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())  # noqa: E731
-        passes += n * min(real, round_up(head_end, w)) + sum(min(real, round_up(u, T)) for u in tail_end if u)
-    assert nll == pytest.approx(want, rel=1e-12)
-    assert mean_w.tolist() == pytest.approx((weights / len(stream)).tolist(), rel=1e-12)
-    assert pool.passes == passes
-    # one piece per window (--reset window) is the choice on the window's first w tokens, as before
+    def reference(reset: bool):
+        want, passes, weights = 0.0, 0, torch.zeros(n, dtype=torch.float64)
+        for b in range(nw):
+            real = min(T, len(stream) - b * T)
+            opens = [t for t in range(real) if t == 0 or reset and starts[b, t]]
+            head_end, tail_end = 0, [0] * n
+            for a, e in zip(opens, [*opens[1:], real], strict=True):
+                h = min(a + w, e)
+                chosen = list(range(n))
+                if h < e:
+                    score = [math.log(pi[j]) + float(lp[j, b, a:h].sum()) for j in range(n)]
+                    chosen = sorted(range(n), key=lambda j: -score[j])[:k]
+                for t in range(a, e):
+                    use = range(n) if t < h else chosen
+                    lw = {}
+                    for j in use:
+                        lw[j] = math.log(pi[j])
+                        if weighting == "posterior":
+                            lw[j] += float(lp[j, b, a:t].sum())
+                        elif weighting == "demix" and t > a:
+                            lw[j] += float(lp[j, b, t - 1])
+                    z = torch.logsumexp(torch.tensor(list(lw.values()), dtype=torch.float64), 0)
+                    want -= float(torch.logsumexp(torch.stack([lw[j] - z + lp[j, b, t] for j in use]), 0))
+                    for j in use:
+                        weights[j] += math.exp(lw[j] - z)
+                head_end = max(head_end, h)
+                for j in chosen if h < e else []:
+                    tail_end[j] = max(tail_end[j], e)
+            round_up = lambda u, keep: u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())  # noqa: E731
+            read = round_up(head_end, w)  # every expert read this far; a chosen one reads again only past it
+            passes += n * min(real, read) + sum(min(real, round_up(u, T)) for u in tail_end if u > read)
+        return want, weights / len(stream), passes
+
+    for reset, where in ((True, starts), (False, None)):
+        pool = _TablePool(lp, len(stream))
+        nll, mean_w, _ = _mixture_nll(
+            pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, where
+        )
+        want, weights, passes = reference(reset)
+        assert nll == pytest.approx(want, rel=1e-12), reset
+        assert mean_w.tolist() == pytest.approx(weights.tolist(), rel=1e-12)
+        assert pool.passes == passes
+    assert pool.passes == n * w * nw + k * len(stream)  # one piece per window: N·w + k·T each
+    # k >= N: the full ensemble, read once
     pool = _TablePool(lp, len(stream))
-    one, _, _ = _mixture_nll(pool, stream, eos, T, nw, pi, "topk", k, weighting, f"prefix:{w}", None, None)
-    assert one != pytest.approx(nll) and pool.passes == n * w * nw + k * len(stream)
+    full, _, _ = _mixture_nll(pool, stream, eos, T, nw, pi, "topk", n, weighting, f"prefix:{w}", None, starts)
+    lw = log_weights(lp, pi, weighting, starts)
+    assert full == pytest.approx(-float(ensemble_logprob(lp, lw).sum()), rel=1e-12)
+    assert pool.passes == len(stream) * n
 
 
 def test_branch_weights_name_a_domain_the_shards_lack(forest_dir, shards_dir):

@@ -541,8 +541,8 @@ def test_router_training_never_reuses_a_run_of_an_older_export(forest_dir, shard
     assert not list(tmp_path.glob("moe.router-run-*"))  # the scratch run goes once `out` holds the result
     # a new export into the same place (its router trained again: a plain export there is refused)
     export_moe(f, out, MoeSpec(router="random", seed=1), redo=("router_training",))
-    # the run of an export killed while its router trained: never resumable (a rerun writes the merge
-    # anew), a copy of every expert: deleted, and so is its record (as the finished run's)
+    # the run of another export (another fingerprint) killed while its router trained: not this export's
+    # to resume, a copy of every expert: deleted, and so is its record (as the finished run's)
     orphan = tmp_path / "moe.router-run-0123456789ab"
     (orphan / "checkpoints").mkdir(parents=True)
     f.record_output(orphan, "router-run", f.names)

@@ -230,11 +230,11 @@ def eval_(
         ]
     ):
         raise UserError(
-            f"{', '.join(estimate)}: they estimate the cached prior, which "
+            f"{', '.join(estimate)}: {'they estimate' if len(estimate) > 1 else 'it estimates'} the cached "
             + (
-                "--prior uniform does not read"
+                "prior, which --prior uniform does not read"
                 if forest and mode != "cluster"
-                else "this evaluation has none"
+                else f"prior; {'--mode cluster' if forest else 'a single --model'} has none"
             )
         )
     check_json_out(json)

@@ -1,5 +1,5 @@
 """The negative log-likelihood of a forest's mixture on one token stream: the full ensemble, BTM's top-k
-experts by prior, or the k most probable after each window's first W tokens (`--select prefix:W`),
+experts by prior, or the k most probable after each document's first W tokens in a window (`--select prefix:W`),
 each expert run only where it is used.
 
 Apart from forest/evaluate.py, which decides what is scored and how the prior is read, because the
@@ -68,10 +68,21 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     within w of a piece's start are scored by the full ensemble (every expert has run there); the rest
     by the chosen k, with the prior restricted to them and renormalised, the posterior re-reading the
     piece from its start (using the choice's posterior as the prior would count those tokens twice).
-    The models are causal over the window, so a piece opening at a reads a + w tokens of every expert
-    and its chosen k run to its end: with one piece that is N·w + k·T per window.
+    The models are causal over the window, so every expert reads each window up to its last piece's
+    head (a + w, rounded up to a power of two below T so that runs batch), and a chosen expert reads it
+    again, from its start, only where its piece ends past that: with one piece that is N·w + k·T per
+    window, and never more than the full ensemble's N·T plus the chosen experts' second reads. k >= N
+    is the full ensemble, read once.
     """
     n, T = len(pool.dirs), seq_len
+    if k >= n:  # every expert scores every piece: the full ensemble, read once
+        lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw)).double()
+        lw = log_weights(lp, pi, weighting, starts)
+        return (
+            -float(ensemble_logprob(lp, lw).sum()),
+            _mean_weight(lw, valid_mask(nw, T, len(stream))),
+            list(range(n)),
+        )
     w = max(1, min(w, T))
     valid = valid_mask(nw, T, len(stream))
     length = valid.sum(1).long().tolist()  # real tokens per window
@@ -86,34 +97,35 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
             pieces.append((b, a, min(a + w, e), e))
             head_mask[b, a : pieces[-1][2]] = True
             need[b] = pieces[-1][2]
-    lp_head = torch.zeros(n, nw, T, dtype=torch.float64)
+    lp = torch.zeros(n, nw, T, dtype=torch.float64)
+    read = [0] * nw  # how far every expert has read each window
     for u, wins in _by_length(need, w, T):
+        for b in wins:
+            read[b] = u
         for j in range(n):
-            lp_head[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
-    lw_head = log_weights(lp_head, pi, weighting, starts)
-    ens = ensemble_logprob(lp_head, lw_head)
-    nll = -float(ens[head_mask].sum())
-    # each piece with tokens past its head: the k most probable after its head, run to its end
-    tails = [p for p in pieces if p[2] < p[3]]
+            lp[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
+    lw = log_weights(lp, pi, weighting, starts)
+    nll = -float(ensemble_logprob(lp, lw)[head_mask].sum())
+    weight = (lw.exp() * head_mask).sum((1, 2))  # the full ensemble's weights in the heads
+    # each piece with tokens past its head: the k most probable after its head, scored to its end; an
+    # expert runs a window again only past what it has read (a piece ending before the window's last
+    # head needs nothing more: rereading it made short documents cost more than the full ensemble)
     active = torch.zeros(n, nw, T, dtype=torch.bool)
     ends = [[0] * nw for _ in range(n)]
-    for b, a, h, e in tails:
-        post = sequence_posterior(lp_head[:, b : b + 1, a:h], pi)[:, 0]
+    for b, a, h, e in (p for p in pieces if p[2] < p[3]):
+        post = sequence_posterior(lp[:, b : b + 1, a:h], pi)[:, 0]
         for j in torch.topk(post, k).indices.tolist():
             active[j, b, h:e] = True
             ends[j][b] = max(ends[j][b], e)
-    lp_tail = torch.zeros(n, nw, T, dtype=torch.float64)
     for j in range(n):
-        for u, wins in _by_length(ends[j], T, T):
-            lp_tail[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
-    tail_mask = active.any(0)
-    lw = log_weights(lp_tail, pi, weighting, starts).masked_fill(~active, -math.inf)
+        further = [e if e > read[b] else 0 for b, e in enumerate(ends[j])]
+        for u, wins in _by_length(further, T, T):
+            lp[j, wins, :u] = pool.logprobs(j, stream, eos, T, wins, upto=u).double()[:, :u]
+    lw = log_weights(lp, pi, weighting, starts).masked_fill(~active, -math.inf)
     lw = lw - torch.logsumexp(lw, dim=0, keepdim=True).nan_to_num(neginf=0.0)
-    nll += -float(ensemble_logprob(lp_tail, lw)[tail_mask].sum())
-    # mean weights: the full ensemble's in the heads, the chosen experts' after them
-    weights = torch.where(head_mask, lw_head.exp(), lw.exp().nan_to_num(0.0))
-    mean_w = (weights * valid).sum((1, 2)) / valid.sum().clamp_min(1)
-    return nll, mean_w, list(range(n))  # every expert read the heads
+    nll += -float(ensemble_logprob(lp, lw)[active.any(0)].sum())
+    weight += lw.exp().sum((1, 2))  # zero outside the chosen experts' tails
+    return nll, weight / valid.sum().clamp_min(1), list(range(n))  # every expert read the heads
 
 
 def _by_length(need: list[int], keep: int, T: int):

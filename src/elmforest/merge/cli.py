@@ -111,7 +111,7 @@ def moe(
     batch_size = ROUTER_TRAINING["batch_size"] if batch_size is None else batch_size
     router_shards = None
     if train_router:  # what would fail after the merge is checked before it (a merge can take long)
-        router_shards = _check_router_training(forest, spec, overrides, train_data or data)
+        router_shards = _check_router_training(forest, spec, overrides, train_data, data)
     path = export_moe(
         forest,
         out,
@@ -150,7 +150,7 @@ def moe(
         )
 
 
-def _check_router_training(forest: str, spec, overrides, given: str | None) -> str:
+def _check_router_training(forest: str, spec, overrides, train_data: str | None, data: str | None) -> str:
     """The router training's shards (given, else those the first expert trained on), checked with its
     top-k and `--set` before the merge is written: found after it, they left an untrained merge in
     `--out`, over whatever was there."""
@@ -162,21 +162,24 @@ def _check_router_training(forest: str, spec, overrides, given: str | None) -> s
     cfg = apply_overrides(RunConfig(), list(overrides or []))
     f = Forest.load(forest)
     names = [n for n in f.names if n not in spec.exclude]
+    if not names:
+        return ""  # nothing to merge: export_moe says so in its own words
     if min(spec.top_k, len(names)) < 2:
         raise UserError(
             f"--train-router needs top-k >= 2 (here top-{min(spec.top_k, len(names))} of {len(names)} "
             "experts): with top-1 routing the renormalised weight is always 1, so no gradient reaches the router"
         )
-    shards = given
-    if shards is None and names:
+    shards, flag = (train_data, "--train-data") if train_data is not None else (data, "--data")
+    if shards is None:
         run = f.expert_dir(names[0]) / "elmforest_run.json"
         shards = read_json(run)["data"]["shards"] if run.is_file() else None
+        flag = f"the shards {names[0]} trained on,"
     if shards is None:
         raise UserError("--train-router needs --train-data SHARDS (the first expert records no shards)")
     if not Shards.is_shards_dir(shards):
-        raise UserError(f"--train-data {shards}: not a shards directory")
+        raise UserError(f"{flag} {shards}: not a shards directory")
     sh = Shards(shards)
-    check_shards_tokenizer(forest, sh, "--train-data")
+    check_shards_tokenizer(forest, sh, flag)
     if missing := [d for d in cfg.data.domains or [] if not sh.has(d, "train")]:
         raise UserError(f"--set data.domains: no 'train' split for domain(s) {missing} in {shards}")
     return shards
