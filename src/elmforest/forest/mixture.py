@@ -37,7 +37,7 @@ def _mixture_nll(pool: ExpertPool, stream, eos, seq_len, nw, pi, mode, k, weight
         return -float(ens.sum()), mean_w, top
     if select.startswith("prefix:"):
         w = width(select, "--select")
-        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts)
+        return _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts, key)
     raise UserError(f"unknown expert selection {select!r}; expected 'prior' or 'prefix:W'")
 
 
@@ -57,7 +57,7 @@ def tied_at_k(pi: torch.Tensor, k: int) -> bool:
     return bool(v[k - 1] == v[k])
 
 
-def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
+def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts, key=None):
     """Per document in each window: every expert reads its first w tokens, the k most probable then
     score the rest of it.
 
@@ -69,14 +69,16 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
     by the chosen k, with the prior restricted to them and renormalised, the posterior re-reading the
     piece from its start (using the choice's posterior as the prior would count those tokens twice).
     The models are causal over the window, so every expert reads each window up to its last piece's
-    head (a + w, rounded up to a power of two below T so that runs batch), and a chosen expert reads it
-    again, from its start, only where its piece ends past that: with one piece that is N·w + k·T per
-    window, and never more than the full ensemble's N·T plus the chosen experts' second reads. k >= N
-    is the full ensemble, read once.
+    head (min(a + w, end), rounded up to a power of two below T so that runs batch), and the last
+    piece's chosen k read it again, from its start, to that piece's end (only the last piece can end
+    past the heads). Where that second read would cost as much as every expert reading the window to
+    that end at once (k·U >= N·(U - u), for a first read to u and an end at U), every expert reads it
+    once instead. So a window costs N·w + k·T with one piece, and never more than the full ensemble's
+    N·T. k >= N is the full ensemble, read once.
     """
     n, T = len(pool.dirs), seq_len
     if k >= n:  # every expert scores every piece: the full ensemble, read once
-        lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw)).double()
+        lp = pool.all_logprobs(range(n), stream, eos, seq_len, range(nw), key=key).double()
         lw = log_weights(lp, pi, weighting, starts)
         return (
             -float(ensemble_logprob(lp, lw).sum()),
@@ -97,6 +99,10 @@ def _prefix_topk(pool, stream, eos, seq_len, nw, pi, k, weighting, w, starts):
             pieces.append((b, a, min(a + w, e), e))
             head_mask[b, a : pieces[-1][2]] = True
             need[b] = pieces[-1][2]
+        if opens and need[b] < length[b]:  # the last piece has a tail: its k read again, or all read once
+            u, end = _rounded(need[b], w, T), _rounded(length[b], T, T)
+            if k * end >= n * (end - u):
+                need[b] = length[b]
     lp = torch.zeros(n, nw, T, dtype=torch.float64)
     read = [0] * nw  # how far every expert has read each window
     for u, wins in _by_length(need, w, T):
@@ -135,9 +141,12 @@ def _by_length(need: list[int], keep: int, T: int):
     groups: dict[int, list[int]] = {}
     for b, u in enumerate(need):
         if u > 0:
-            u = u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())
-            groups.setdefault(u, []).append(b)
+            groups.setdefault(_rounded(u, keep, T), []).append(b)
     return sorted(groups.items())
+
+
+def _rounded(u: int, keep: int, T: int) -> int:
+    return u if u in (keep, T) else min(T, 1 << (u - 1).bit_length())
 
 
 def _mean_weight(lw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

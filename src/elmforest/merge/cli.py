@@ -151,9 +151,9 @@ def moe(
 
 
 def _check_router_training(forest: str, spec, overrides, train_data: str | None, data: str | None) -> str:
-    """The router training's shards (given, else those the first expert trained on), checked with its
-    top-k and `--set` before the merge is written: found after it, they left an untrained merge in
-    `--out`, over whatever was there."""
+    """The router training's shards (--train-data, else --data, else those the first expert trained on),
+    checked with its top-k and `--set` before the merge is written: found after it, they left an
+    untrained merge in `--out`, over whatever was there."""
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.data.shards import Shards
     from elmforest.forest.manifest import Forest
@@ -175,7 +175,9 @@ def _check_router_training(forest: str, spec, overrides, train_data: str | None,
         shards = read_json(run)["data"]["shards"] if run.is_file() else None
         flag = f"the shards {names[0]} trained on,"
     if shards is None:
-        raise UserError("--train-router needs --train-data SHARDS (the first expert records no shards)")
+        raise UserError(
+            "--train-router needs --train-data (or --data) SHARDS: the first expert records no shards"
+        )
     if not Shards.is_shards_dir(shards):
         raise UserError(f"{flag} {shards}: not a shards directory")
     sh = Shards(shards)
