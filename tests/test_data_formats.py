@@ -484,3 +484,21 @@ def test_malformed_saved_dataset_metadata_is_a_clear_error(hf, tmp_path):
     info.write_text(json.dumps(d))
     with pytest.raises(DataError, match="has no list of names"):
         _docs(tmp_path / "labels")
+
+
+def test_a_builder_folder_reads_a_linked_file_once_and_leaves_a_tokenizer_out(hf, tmp_path, capsys):
+    """`json:FOLDER` read a link to a file of the folder as a second file (the same text under two ids,
+    which the split could put in train and in test) and a tokenizer folder inside it as data; the native
+    reader reads the file once and leaves the tokenizer out."""
+    import os
+
+    f = tmp_path / "f"
+    (f / "sub").mkdir(parents=True)
+    _write_jsonl(f / "sub" / "a.jsonl", [{"text": f"in sub {i}"} for i in range(3)])
+    os.symlink(f / "sub" / "a.jsonl", f / "link.jsonl")
+    (f / "tokdir").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (f / "tokdir" / name).write_text('{"version": "1.0"}')
+    docs, _ = _docs(f"json:{f}")
+    assert [d[2] for d in docs] == ["in sub 0", "in sub 1", "in sub 2"]
+    assert "link.jsonl (a link to" in capsys.readouterr().err

@@ -37,7 +37,13 @@ from elmforest.data.documents import (
     check_columns,
     record_columns,
 )
-from elmforest.data.readers import _check_data_file, is_metadata
+from elmforest.data.readers import (
+    _TOKENIZER_FILES,
+    _check_data_file,
+    _is_tokenizer_output,
+    _note,
+    is_metadata,
+)
 from elmforest.data.sources import Source
 from elmforest.utils.errors import UserError
 
@@ -249,6 +255,15 @@ def _records(ds, f: Path, builder: str):
         yield rec
 
 
+def _in_tokenizer_output(f: Path, root: Path) -> bool:
+    """A file of a tokenizer, shards or model folder written inside the data folder (or the tokenizer's
+    own files where the data folder is one): its JSON is not data, as the native reader leaves it out."""
+    inside = [root / d for d in f.relative_to(root).parents if d != Path(".")]
+    return any(_is_tokenizer_output(d) for d in inside) or (
+        f.parent == root and f.name in _TOKENIZER_FILES and _is_tokenizer_output(root)
+    )
+
+
 def builder_files(builder: str, location: str) -> list[Path]:
     """The local files a builder source names: a file, a glob (`**` recursive), or a folder (its
     files with the builder's suffixes, recursively); hidden files and elmforest metadata excluded."""
@@ -269,6 +284,7 @@ def builder_files(builder: str, location: str) -> list[Path]:
             and not is_metadata(f.name)
             and not any(part.startswith(".") for part in f.relative_to(p).parts)
             and not (f.is_dir() and not f.is_symlink())
+            and not _in_tokenizer_output(f, p)
         ]
         if not files:
             raise DataError(
@@ -278,6 +294,18 @@ def builder_files(builder: str, location: str) -> list[Path]:
         files = [p]
     else:
         raise DataError(f"{p}: no such file or directory")
+    # a link to a file also listed (or two links to one) read it twice: the same text under two ids,
+    # which the split could put in train and in test (as the native reader reads it once)
+    real: dict[Path, Path] = {}
+    for f in sorted(files, key=lambda f: f.is_symlink()):  # the file itself first, then links to it
+        real.setdefault(f.resolve(), f)
+    if twice := [f for f in files if real[f.resolve()] is not f]:
+        _note(
+            f"note: {builder}:{location}: read once: "
+            + ", ".join(f"{f} (a link to {real[f.resolve()]})" for f in twice[:5])
+            + (" ..." if len(twice) > 5 else "")
+        )
+    files = [f for f in files if real[f.resolve()] is f]
     for f in files:
         _check_data_file(f)
     return files
