@@ -43,6 +43,7 @@ from elmforest.data.readers import (
     _is_tokenizer_output,
     _note,
     is_metadata,
+    read_once,
 )
 from elmforest.data.sources import Source
 from elmforest.utils.errors import UserError
@@ -294,18 +295,13 @@ def builder_files(builder: str, location: str) -> list[Path]:
         files = [p]
     else:
         raise DataError(f"{p}: no such file or directory")
-    # a link to a file also listed (or two links to one) read it twice: the same text under two ids,
-    # which the split could put in train and in test (as the native reader reads it once)
-    real: dict[Path, Path] = {}
-    for f in sorted(files, key=lambda f: f.is_symlink()):  # the file itself first, then links to it
-        real.setdefault(f.resolve(), f)
-    if twice := [f for f in files if real[f.resolve()] is not f]:
+    files, links = read_once(files)  # as the native reader: a linked file read twice could span splits
+    if links:
         _note(
             f"note: {builder}:{location}: read once: "
-            + ", ".join(f"{f} (a link to {real[f.resolve()]})" for f in twice[:5])
-            + (" ..." if len(twice) > 5 else "")
+            + ", ".join(f"{f} (a link to {t})" for f, t in links[:5])
+            + (" ..." if len(links) > 5 else "")
         )
-    files = [f for f in files if real[f.resolve()] is f]
     for f in files:
         _check_data_file(f)
     return files

@@ -144,13 +144,8 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
             continue
         _check_data_file(f)
         files.append(f)
-    # a link to a file also listed (or two links to one) was read twice: the same text under two ids,
-    # which the split could put in train and in test
-    real: dict[Path, Path] = {}
-    for f in sorted(files, key=lambda f: f.is_symlink()):  # the file itself first, then links to it
-        if real.setdefault(f.resolve(), f) is not f:
-            passed.append(f"{f.relative_to(p)} (a link to {real[f.resolve()].relative_to(p)}, read once)")
-    files = [f for f in files if real[f.resolve()] is f]
+    files, links = read_once(files)
+    passed += [f"{f.relative_to(p)} (a link to {t.relative_to(p)}, read once)" for f, t in links]
     if passed:
         _note(
             f"note: {p}: left out {len(passed)} file(s) or folder(s) not read as data (data files: "
@@ -161,6 +156,18 @@ def list_data_files(path: str | os.PathLike) -> list[Path]:
         raise DataError(f"{p}: no data files found (expected {', '.join(SUPPORTED)})")
     _say_shared_names(p, files)
     return files
+
+
+def read_once(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """`files` with each real file once, and the (link, file read instead) pairs left out: a link to a
+    file also listed (or two links to one) read it twice, the same text under two ids, which the split
+    could put in train and in test. The file itself is kept over links to it."""
+    real: dict[Path, Path] = {}
+    for f in sorted(files, key=lambda f: f.is_symlink()):
+        real.setdefault(f.resolve(), f)
+    return [f for f in files if real[f.resolve()] is f], [
+        (f, real[f.resolve()]) for f in files if real[f.resolve()] is not f
+    ]
 
 
 def _say_shared_names(root: Path, files: list[Path]) -> None:
