@@ -198,20 +198,22 @@ def eval_(
             "--no-reroute is c-BTM routing's at document starts: it takes --forest with --mode cluster "
             "(and --reset document, the default; --reset window routes at the grid only)"
         )
-    unused = [  # a mode's own option given to another was dropped without a word
-        opt_
-        for opt_, given, modes in (
-            (f"--select {select}", select != "prior", ("topk",)),
-            (f"--route {route}", route != "sequence", ("cluster",)),
-            (f"--router-context {router_context}", router_context != "window", ("cluster",)),
-            (f"--temperature {temperature:g}", temperature != 0.1, ("cluster",)),
-            (f"--k {k}", k != 2, ("topk", "cluster")),
-            (f"--weighting {weighting}", weighting != "posterior", ("ensemble", "topk")),
-            (f"--prior {prior}", prior != "cached", ("ensemble", "topk", "average")),
+    from elmforest.forest.mode_options import unused as ignored_by
+
+    given = {  # a mode's own option given to another was dropped without a word
+        name: label
+        for name, label, set_ in (
+            ("select", f"--select {select}", select != "prior"),
+            ("route", f"--route {route}", route != "sequence"),
+            ("router_context", f"--router-context {router_context}", router_context != "window"),
+            ("routing_temperature", f"--temperature {temperature:g}", temperature != 0.1),
+            ("k", f"--k {k}", k != 2),
+            ("weighting", f"--weighting {weighting}", weighting != "posterior"),
+            ("prior", f"--prior {prior}", prior != "cached"),
         )
-        if given and (not forest or mode not in modes)
-    ]
-    if unused:
+        if set_
+    }
+    if unused := ignored_by(mode if forest else None, given):
         raise UserError(
             f"{', '.join(unused)}: not used by {'--mode ' + mode if forest else 'a single --model'} "
             "(--select is --mode topk's; --route, --router-context and --temperature are --mode cluster's; "

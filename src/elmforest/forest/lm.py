@@ -35,6 +35,7 @@ from elmforest.forest.cluster_route import ClusterContext, ClusterRouting
 from elmforest.forest.evaluate import _is_tied
 from elmforest.forest.manifest import Forest
 from elmforest.forest.mixture import _mixture_nll, tied_at_k, top_experts
+from elmforest.forest.mode_options import unused as ignored_by
 from elmforest.forest.pool import ExpertPool, check_intact, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
 from elmforest.merge.average import average_state_dict
@@ -248,16 +249,20 @@ def open_lm(
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
     # a mode's own setting given to another was dropped without a word (as `eval` refuses them)
-    given = [
-        (f"k={k} (--k)", k != 2, ("topk", "cluster")),
-        (f"weighting={weighting} (--weighting)", weighting != "posterior", ("ensemble", "topk")),
-        (
-            f"routing_temperature={routing_temperature:g} (--routing-temperature)",
-            routing_temperature != 0.1,
-            ("cluster",),
-        ),
-    ]
-    if unused := [what for what, set_, modes in given if set_ and mode not in modes]:
+    given = {
+        name: label
+        for name, label, set_ in (
+            ("k", f"k={k} (--k)", k != 2),
+            ("weighting", f"weighting={weighting} (--weighting)", weighting != "posterior"),
+            (
+                "routing_temperature",
+                f"routing_temperature={routing_temperature:g} (--routing-temperature)",
+                routing_temperature != 0.1,
+            ),
+        )
+        if set_
+    }
+    if unused := ignored_by(mode, given):
         raise UserError(
             f"{', '.join(unused)}: not used by mode={mode} (k is topk's and cluster's, weighting ensemble's "
             "and topk's, routing_temperature cluster's)"
@@ -296,7 +301,7 @@ def open_lm(
         forest, names, dirs = None, [path.name], [mdir]
         if mode == "cluster":
             raise UserError(f"{path}: a single checkpoint has no clusterer; cluster routing needs a forest")
-        if unused := [what for what, set_, _ in given if set_]:
+        if unused := ignored_by(None, given):
             raise UserError(
                 f"{', '.join(unused)}: {path} is a single checkpoint, one model: nothing to weigh"
             )
