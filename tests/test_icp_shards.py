@@ -482,8 +482,12 @@ def test_icp_with_a_sentence_encoder_orders_the_decoded_texts(builds, tokenizer_
     save_file(other, enc / "model.safetensors", metadata={"format": "pt"})  # other weights
     assert IcpOrder(embedder=str(enc)).params()["encoder_weights"] != weights
     bad = ["shards", "reorder", str(src.root)]
-    assert main([*bad, "--out", str(tmp_path / "x"), "--icp-embedder", str(enc)]) != 0  # --order source
+    assert main([*bad, "--out", str(tmp_path / "x"), "--order", "random", "--icp-embedder", str(enc)]) != 0
     assert "applies only to --order icp" in capsys.readouterr().err
+    assert main([*bad, "--out", str(tmp_path / "x")]) != 0  # the order is required: no default it refuses
+    assert "Missing option '--order'" in capsys.readouterr().err
+    assert main([*bad, "--out", str(tmp_path / "x"), "--order", "source"]) != 0
+    assert "'source' is not one of" in capsys.readouterr().err
     assert main([*bad, "--out", str(tmp_path / "y"), "--order", "icp", "--icp-embedder", str(tmp_path)]) != 0
     assert "not a local embedding model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -178,7 +178,11 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     "codes, ks, match",
     [
         (["deu", "xyz"], [2], "'xyz' is not one of lang2vec's 7970 ISO 639-3 codes.*--list"),
-        (["deu", "qq"], [2], "'qq': lang2vec has no ISO 639-3 code for this two-letter code"),
+        (
+            ["deu", "qq"],
+            [2],
+            r"'qq': lang2vec has no ISO 639-3 code for this two-letter code \(close: sq \(sqi\), qu",
+        ),
         (["deu", "de"], [1], "'de' given twice"),
         (["deu", "fra"], [3], "k = 3 but only 2 languages"),
         (["deu"], [1], "at least 2 languages"),

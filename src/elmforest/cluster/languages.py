@@ -124,9 +124,14 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
             aliases[c] = table.letter_codes[c]
             c = aliases[c]
         elif len(c) == 2:
+            two = sorted(k for k in table.letter_codes if len(k) == 2)
+            close = [
+                f"{k} ({table.letter_codes[k]})" for k in difflib.get_close_matches(c, two, n=4, cutoff=0.5)
+            ]
             raise UserError(
-                f"language {raw!r}: lang2vec has no ISO 639-3 code for this two-letter code; "
-                "give the three-letter ISO 639-3 code (e.g. deu, not de)"
+                f"language {raw!r}: lang2vec has no ISO 639-3 code for this two-letter code"
+                + (f" (close: {', '.join(close)})" if close else "")
+                + "; give the three-letter ISO 639-3 code (e.g. deu, not de)"
             )
         if c not in known:
             close = difflib.get_close_matches(c, sorted(known), n=4)

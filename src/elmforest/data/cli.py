@@ -145,6 +145,21 @@ class OrderArgs:
 DEFAULT_ORDER = OrderArgs()
 
 
+@dataclasses.dataclass(frozen=True)
+class ReorderArgs(OrderArgs):
+    """`shards reorder`'s order group: the order is required and cannot be the source order the
+    input is already in (so its help shows no default the verb would refuse)."""
+
+    order: Annotated[
+        Literal["random", "dedup", "icp"],
+        opt(
+            "order of each domain's training documents: a seeded shuffle, ICP's near-duplicates dropped "
+            "and the rest shuffled (dedup: ICP's control), or In-Context Pretraining (similar documents "
+            "adjacent, near-duplicates dropped); valid/test stay as read"
+        ),
+    ] = dataclasses.field()  # no default: getattr would find OrderArgs' "source"
+
+
 def register(app: typer.Typer) -> None:
     corpus = group("build corpora")
     verb(corpus)(demo)
@@ -340,7 +355,7 @@ def _say_empty_splits(out, fracs: dict[str, float]) -> None:
 def reorder(
     dir: Annotated[str, arg("shards directory in source order (built without --order)")],
     out: Out,
-    order: OrderArgs = DEFAULT_ORDER,
+    order: ReorderArgs,
 ) -> None:
     """Copy source-order shards into another order of the training documents, without tokenizing again."""
     from elmforest.data.reorder import TIMINGS_FILE, reorder_shards
