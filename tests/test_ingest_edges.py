@@ -94,6 +94,25 @@ def test_spark_part_files_take_their_folder_name(tmp_path):
     docs = list(iter_documents(tmp_path))
     assert sorted({d.domain for d in docs}) == ["forum", "legal", "news"]
     assert len({d.id for d in docs}) == len(docs) == 5  # each part's rows keep ids of their own
+    # the builders follow the same rule: a domain per part, each part's ids `1`, `2`, ... before
+    docs = list(iter_documents(f"parquet:{tmp_path}"))
+    assert sorted({d.domain for d in docs}) == ["forum", "legal", "news"]
+    assert len({d.id for d in docs}) == len(docs) == 5
+    assert "news/part-00001-3f2a.snappy.parquet:1" in {d.id for d in docs}
+
+
+def test_a_builder_says_one_file_name_in_several_folders(tmp_path, capsys):
+    """`json:FOLDER` (or a glob) over drama/part1.jsonl and legal/part1.jsonl: one domain `part1`
+    mixing both with colliding ids, said as the native reader says it."""
+    for d in ("drama", "legal"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "part1.jsonl").write_text('{"text": "x"}\n')
+    for src in (f"json:{tmp_path}", f"json:{tmp_path}/*/part1.jsonl"):
+        assert {d.domain for d in iter_documents(src)} == {"part1"}
+        assert "1 file name(s) appear in several folders (part1 in drama, legal)" in capsys.readouterr().err
+    (tmp_path / "legal" / "part1.jsonl").rename(tmp_path / "legal" / "part2.jsonl")
+    list(iter_documents(f"json:{tmp_path}"))
+    assert "several folders" not in capsys.readouterr().err
 
 
 def test_a_bom_is_not_text_in_txt_files(tmp_path):

@@ -38,10 +38,12 @@ from elmforest.data.documents import (
     record_columns,
 )
 from elmforest.data.readers import (
+    _PART,
     _TOKENIZER_FILES,
     _check_data_file,
     _is_tokenizer_output,
     _note,
+    _say_shared_names,
     is_metadata,
     read_once,
 )
@@ -212,6 +214,7 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
         for f in files:
             stats.files += 1
             domain = _builder_domain(f, src.format)
+            ids = f"{domain}/{f.name}" if _builder_part(f, src.format) else domain  # parts: no id twice
             tsv = src.format == "csv" and "sep" not in kwargs and ".tsv" in f.suffixes
             try:
                 ds = datasets.load_dataset(
@@ -239,7 +242,7 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
                     if isinstance(rec[src.text_field], _InvalidUtf8):
                         stats.skipped["invalid_utf8"] += 1
                         continue
-                doc = _check_record(rec, stats, domain, f"{domain}:{row}", src.text_field, src.domain_field)
+                doc = _check_record(rec, stats, domain, f"{ids}:{row}", src.text_field, src.domain_field)
                 if doc is not None:
                     yield doc
 
@@ -304,16 +307,41 @@ def builder_files(builder: str, location: str) -> list[Path]:
         )
     for f in files:
         _check_data_file(f)
+    if len(files) > 1:  # as the native reader says it of a folder: a domain spread over folders
+        root = p if p.is_dir() else Path(os.path.commonpath([f.parent for f in files]))
+        _say_shared_names(
+            root,
+            files,
+            lambda f: None if _builder_part(f, builder) else _builder_domain(f, builder),
+            f"a {builder} file's",
+        )
     return files
 
 
-def _builder_domain(f: Path, builder: str) -> str:
-    name = f.name
+def _builder_part(f: Path, builder: str) -> bool:
+    """A part file of a table written as a folder named like a data file (Spark's
+    `news.parquet/part-00000-....parquet`): as for the native reader, the folder names the domain."""
+    return bool(_PART.match(f.name)) and _builder_name(f.parent.name, builder) is not None
+
+
+def _builder_name(name: str, builder: str) -> str | None:
+    """A file name without its builder suffix and compression, or None where it has neither suffix."""
     for c in COMPRESSED[1:]:
         name = name.removesuffix(c)
     for s in BUILDER_SUFFIXES[builder]:
         if name.endswith(s):
             return name[: -len(s)] or name
+    return None
+
+
+def _builder_domain(f: Path, builder: str) -> str:
+    if _builder_part(f, builder):
+        return _builder_name(f.parent.name, builder)
+    if (name := _builder_name(f.name, builder)) is not None:
+        return name
+    name = f.name  # a file a glob or the user named, of another suffix
+    for c in COMPRESSED[1:]:
+        name = name.removesuffix(c)
     return Path(name).stem or name
 
 

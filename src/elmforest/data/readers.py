@@ -170,22 +170,30 @@ def read_once(files: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
     ]
 
 
-def _say_shared_names(root: Path, files: list[Path]) -> None:
+def _say_shared_names(
+    root: Path, files: list[Path], named=None, what: str = "a JSONL/Parquet file's"
+) -> None:
     """JSONL/Parquet files of one name in different folders (drama/part1.jsonl, legal/part1.jsonl) name
     one domain where their records have no `domain` field, and their default ids (`part1:<line>`) are
     the same: the two folders' documents are mixed into one domain and paired into the same split. The
-    layout of a folder per domain holds for .txt files only; said, since the records decide."""
+    layout of a folder per domain holds for .txt files only; said, since the records decide. `named`
+    gives a file's domain, or None for files the rule leaves out (a builder's files: hf_readers)."""
+
+    def native(f: Path) -> str | None:
+        ok = f.is_file() and not f.name.endswith(TEXT_SUFFIXES) and not _is_part(f)
+        return _domain_from_name(f) if ok else None
+
     by: dict[str, set[Path]] = {}
     for f in files:
-        if f.is_file() and not f.name.endswith(TEXT_SUFFIXES) and not _is_part(f):
-            by.setdefault(_domain_from_name(f), set()).add(f.parent)
+        if (name := (named or native)(f)) is not None:
+            by.setdefault(name, set()).add(f.parent)
     shared = {name: dirs for name, dirs in by.items() if len(dirs) > 1}
     if shared:
         name, dirs = next(iter(sorted(shared.items())))
-        where = ", ".join(str(d.relative_to(root)) for d in sorted(dirs))
+        where = ", ".join(str(d.relative_to(root) if d.is_relative_to(root) else d) for d in sorted(dirs))
         _note(
             f"note: {root}: {len(shared)} file name(s) appear in several folders ({name} in {where}): without "
-            "a `domain` field a JSONL/Parquet file's domain is its name, not its folder, so those files are "
+            f"a `domain` field {what} domain is its name, not its folder, so those files are "
             "one domain with colliding ids; give the records a `domain` field or rename the files"
         )
 
