@@ -15,6 +15,7 @@ import pytest
 from elmforest.corpora import demo, demo_builders
 from elmforest.corpora import demo_sources as src
 from elmforest.corpora.demo_sources import Doc
+from elmforest.utils.errors import UserError
 
 # ---------------------------------------------------------------------------------------
 # cleaning
@@ -418,7 +419,7 @@ def test_failing_domain_is_skipped_without_aborting_others(tmp_path, monkeypatch
     monkeypatch.setitem(demo.BUILDERS, "scripture", boom)
     monkeypatch.setitem(demo.BUILDERS, "drama", crash)
     monkeypatch.setitem(demo.BUILDERS, "legal", fine)
-    (tmp_path / "drama.jsonl").write_text("stale\n")
+    (tmp_path / "drama.jsonl").write_text('{"id": "drama/old", "domain": "drama", "text": "stale"}\n')
     m = demo.build_demo_corpus(
         tmp_path, domains=["scripture", "drama", "legal"], cache_dir=tmp_path / "c", progress=False
     )
@@ -433,6 +434,53 @@ def test_failing_domain_is_skipped_without_aborting_others(tmp_path, monkeypatch
     assert [r["id"] for r in _read_jsonl(tmp_path / "legal.jsonl")] == ["legal/A", "legal/C"]
     report = demo.format_report(m)
     assert "scripture" in report and "SKIPPED: apt-get not found" in report
+
+
+def test_an_output_folder_of_another_corpus_or_foreign_data_is_refused(tmp_path, monkeypatch):
+    """`corpus demo --out` replaced a user's file of a domain's name without a word, and `--eval-only`
+    into the training corpus mixed the out-of-domain sets into it (its manifest then listing only them);
+    a relative --cache was lost where a tool runs from another folder. Nothing is written when refused."""
+    from elmforest.corpora import demo_ood
+    from elmforest.corpora.demo_fetch import SourceCache
+
+    def fine(name):
+        return lambda cache: demo.DomainBuild([Doc(f"{name}/A", f"text of {name}")], "test")
+
+    for name in ("legal", "drama"):
+        monkeypatch.setitem(demo.BUILDERS, name, fine(name))
+    monkeypatch.setitem(demo_ood.EVAL_ONLY_BUILDERS, "perl_code", fine("perl_code"))
+    train, cache = tmp_path / "train", tmp_path / "c"
+    demo.build_demo_corpus(train, domains=["legal"], cache_dir=cache, progress=False)
+    demo.build_demo_corpus(
+        train, domains=["legal", "drama"], cache_dir=cache, progress=False
+    )  # its own: fine
+    before = sorted(p.name for p in train.iterdir())
+    with pytest.raises(
+        UserError, match="holds the demo's training corpus.*evaluation sets into another folder"
+    ):
+        demo.build_demo_corpus(train, domains=["perl_code"], cache_dir=cache, progress=False, eval_only=True)
+    ood = tmp_path / "ood"
+    demo.build_demo_corpus(ood, domains=["perl_code"], cache_dir=cache, progress=False, eval_only=True)
+    with pytest.raises(UserError, match="holds the demo's out-of-domain evaluation sets"):
+        demo.build_demo_corpus(ood, domains=["legal"], cache_dir=cache, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "legal.jsonl").write_text('{"text": "my own legal text", "domain": "mine"}\n')
+    for domains in (["legal"], ["drama"]):  # the file itself, or beside it
+        with pytest.raises(UserError, match=r"holds data this command did not write \(legal.jsonl\)"):
+            demo.build_demo_corpus(mine, domains=domains, cache_dir=cache, progress=False)
+    assert (mine / "legal.jsonl").read_text() == '{"text": "my own legal text", "domain": "mine"}\n'
+    assert sorted(p.name for p in mine.iterdir()) == ["legal.jsonl"]
+    assert sorted(p.name for p in train.iterdir()) == before
+    with pytest.raises(UserError, match="given more than once"):
+        demo.build_demo_corpus(tmp_path / "x", domains=["legal", "legal"], progress=False)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="not a folder"):
+        demo.build_demo_corpus(tmp_path / "f", domains=["legal"], progress=False)
+    with pytest.raises(UserError, match="cache .*f: not a folder"):
+        demo.build_demo_corpus(tmp_path / "y", domains=["legal"], cache_dir=tmp_path / "f", progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert SourceCache(Path("rel")).root == tmp_path / "rel"
 
 
 def test_duplicate_ids_and_unknown_domains_are_errors(tmp_path):

@@ -270,3 +270,25 @@ def test_unknown_language_codes_are_refused_with_the_list(tmp_path):
     with pytest.raises(UserError, match=r"'xxx'.*deu"):
         ml.build_multilingual_corpus(tmp_path, ["deu", "xxx"], cache=_fake_cache(tmp_path), progress=False)
     assert not os.path.exists(tmp_path / "manifest.json")
+
+
+def test_a_folder_of_another_corpus_or_of_foreign_data_is_refused(tmp_path):
+    """Built into the demo corpus's folder, the languages joined its training domains (and the manifest,
+    rewritten, listed only them); a user's `deu.jsonl` was replaced without a word."""
+    cache = _fake_cache(tmp_path)
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    (demo_dir / "manifest.json").write_text(json.dumps({"version": 1, "domains": {}, "skipped": {}}))
+    with pytest.raises(UserError, match="holds the demo's training corpus"):
+        ml.build_multilingual_corpus(demo_dir, ["deu"], cache=cache, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "deu.jsonl").write_text('{"text": "meins"}\n')
+    with pytest.raises(UserError, match=r"did not write \(deu.jsonl\)"):
+        ml.build_multilingual_corpus(mine, ["deu"], cache=cache, progress=False)
+    assert (mine / "deu.jsonl").read_text() == '{"text": "meins"}\n'
+    with pytest.raises(UserError, match="given more than once"):
+        ml.build_multilingual_corpus(tmp_path / "x", ["deu", "deu"], cache=cache, progress=False)
+    out = tmp_path / "out"  # its own folder, built again: fine
+    ml.build_multilingual_corpus(out, ["deu"], cache=cache, progress=False)
+    ml.build_multilingual_corpus(out, ["deu"], cache=cache, progress=False)

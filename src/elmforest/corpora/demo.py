@@ -45,6 +45,69 @@ DEMO_DOMAINS: tuple[str, ...] = (
 MANIFEST_VERSION = 1
 
 
+def corpus_kind(manifest: dict) -> str:
+    """What a corpus folder's manifest says the folder holds."""
+    if manifest.get("kind") == "multilingual":
+        return "the multilingual corpus"
+    return (
+        "the demo's out-of-domain evaluation sets"
+        if manifest.get("eval_only")
+        else "the demo's training corpus"
+    )
+
+
+def claim_folder(out: Path, kind: str, old: dict | None, known: Iterable[str]) -> None:
+    """Refuse an output folder holding another corpus, or data this builder did not write: a folder is
+    one corpus (`shards build` reads every file in it), so building into it would mix the out-of-domain
+    sets into text some model trains on, or replace a user's own file of a domain's name. Files of the
+    folder's manifest, and files whose first record is this builder's (a build killed before its
+    manifest was written), are this builder's own."""
+    from elmforest.data.readers import SUPPORTED, is_metadata
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a folder")
+    if not out.exists():
+        return
+    if old is not None and corpus_kind(old) != kind:
+        raise UserError(
+            f"{out} holds {corpus_kind(old)} (its manifest.json): build {kind} into another folder "
+            "(a folder is one corpus: `shards build` reads every file in it)"
+        )
+    listed = {v.get("file") for v in (old or {}).get("domains", {}).values() if isinstance(v, dict)}
+    known = set(known)
+    foreign = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in sorted(out.iterdir())
+        if not p.name.startswith(".")
+        and p.name != "manifest.json"
+        and not is_metadata(p.name)
+        and (p.is_dir() or p.name.endswith(SUPPORTED))
+        and p.name not in listed
+        and not _written_here(p, known)
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise UserError(
+            f"{out} holds data this command did not write ({shown}): building {kind} there would mix it "
+            "in or replace it; choose another --out (or move those files)"
+        )
+
+
+def _written_here(p: Path, known: set[str]) -> bool:
+    if p.suffix != ".jsonl" or p.stem not in known or not p.is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8") as f:
+            rec = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(rec, dict)
+        and rec.get("domain") == p.stem
+        and str(rec.get("id", "")).startswith(p.stem + "/")
+    )
+
+
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
@@ -124,16 +187,21 @@ def build_demo_corpus(
     unknown = [d for d in names if d not in builders]
     if unknown:
         raise UserError(f"unknown demo domain(s) {unknown}; choose from {list(order)}")
+    if twice := sorted({d for d in names if names.count(d) > 1}):
+        raise UserError(f"demo domain(s) {twice} given more than once")
     out = Path(out)
+    manifest_path = out / "manifest.json"
+    old = _load_manifest(manifest_path)
+    kind = "the demo's out-of-domain evaluation sets" if eval_only else "the demo's training corpus"
+    claim_folder(out, kind, old, builders)
+    old = old or {}
+    cache = SourceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     out.mkdir(parents=True, exist_ok=True)
-    cache = SourceCache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
 
     def say(msg: str) -> None:
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    manifest_path = out / "manifest.json"
-    old = _load_manifest(manifest_path) or {}
     entries: dict[str, dict] = {
         k: v
         for k, v in old.get("domains", {}).items()
@@ -143,8 +211,7 @@ def build_demo_corpus(
         k: v for k, v in old.get("skipped", {}).items() if k in builders and k not in names
     }
 
-    kind = "evaluation-only demo domains" if eval_only else "demo corpus"
-    say(f"building the {kind} into {out} (cache: {cache.root})")
+    say(f"building {kind} into {out} (cache: {cache.root})")
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
@@ -189,7 +256,9 @@ def build_demo_corpus(
         manifest["revision"] = EVAL_ONLY_REVISION
     write_json_atomic(manifest_path, manifest)
     say(
-        f"done in {time.perf_counter() - t_all:.1f}s: {len(ordered)} domains built, {len(manifest['skipped'])} skipped"
+        f"done in {time.perf_counter() - t_all:.1f}s: {sum(n in ordered for n in names)} domains built, "
+        f"{sum(n in manifest['skipped'] for n in names)} skipped"
+        + (f"; {len(ordered)} in the folder" if len(ordered) != len(names) else "")
     )
     if manifest["skipped"]:
         say("skipped domains:")

@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import pid_alive
 
 _TIMEOUT_DOWNLOAD = 300
@@ -92,7 +93,10 @@ class SourceCache:
     """Downloads and unpacks source packages into ``root``; every step is reused if present."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        # absolute: tools run from other working directories (the bible program, cwd its data) find it
+        self.root = root = Path(root).expanduser().absolute()
+        if root.exists() and not root.is_dir():
+            raise UserError(f"cache {root}: not a folder")
         self.debs = root / "debs"
         self.unpacked = root / "unpacked"
         self._apt_updated = False

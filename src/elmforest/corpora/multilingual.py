@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.corpora import multilingual_text as mt
-from elmforest.corpora.demo import write_domain_jsonl
+from elmforest.corpora.demo import claim_folder, write_domain_jsonl
 from elmforest.corpora.demo_fetch import SkipDomain, SourceCache, default_cache_dir
 from elmforest.corpora.demo_sources import Doc, clean_text, parse_fortunes
 from elmforest.corpora.multilingual_langs import BY_CODE, LANGUAGES, Language, Source
@@ -263,21 +263,29 @@ def build_multilingual_corpus(
     unknown = [c for c in codes if c not in BY_CODE]
     if unknown:
         raise UserError(f"unknown language code(s) {unknown}; choose from {sorted(BY_CODE)}")
+    if twice := sorted({c for c in codes if codes.count(c) > 1}):
+        raise UserError(f"language code(s) {twice} given more than once")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    try:
+        found = json.loads(manifest_path.read_text(encoding="utf-8"))
+        found = found if isinstance(found, dict) and isinstance(found.get("domains"), dict) else None
+    except (OSError, ValueError):
+        found = None
+    claim_folder(out, "the multilingual corpus", found, BY_CODE)
     if cache is None:
-        cache = SourceCache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+        cache = SourceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    out.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str) -> None:
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    manifest_path = out / "manifest.json"
-    try:
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        old = old if old.get("kind") == "multilingual" and old.get("version") == MANIFEST_VERSION else {}
-    except (OSError, ValueError, AttributeError):
-        old = {}
+    old = (
+        found
+        if found and found.get("kind") == "multilingual" and found.get("version") == MANIFEST_VERSION
+        else {}
+    )
     entries = {
         k: v
         for k, v in old.get("domains", {}).items()

@@ -187,7 +187,10 @@ def demo(
             metavar="DIR",
         ),
     ] = None,
-    min_bytes: Annotated[int, opt("text wanted per domain", positive_int)] = 2_000_000,
+    min_bytes: Annotated[
+        int,
+        opt("flag domains with less text than this (bytes) in the manifest; nothing is cut", positive_int),
+    ] = 2_000_000,
     eval_only: Annotated[
         bool,
         flag("--eval-only", "build the 4 out-of-domain evaluation sets instead (no model trains on them)"),
