@@ -325,6 +325,31 @@ def test_reorder_of_source_shards_equals_building_in_that_order(builds, tmp_path
         reorder_shards(builds["source"].root, out, "random")
 
 
+def test_damaged_shards_are_said_before_a_reorder_copies_them_and_by_show(builds, tmp_path, capsys):
+    """A truncated token file crashed `shards reorder` with a traceback part-way (mmap length), and a
+    missing document table was named under the staging folder; `shards show` printed the index as fine."""
+    src = builds["source"]
+    d = src.domains[0]
+    for name, damage in (("bin", lambda p: p.write_bytes(p.read_bytes()[:10])), ("npy", Path.unlink)):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(src.root, broken)
+        damage(
+            broken / src.index["domains"][d]["folder"] / ("train.bin" if name == "bin" else "train.docs.npy")
+        )
+        assert (
+            main(
+                ["shards", "reorder", str(broken), "--out", str(tmp_path / f"re-{name}"), "--order", "random"]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert str(broken) in err and "build" in err and "Traceback" not in err and ".tmp" not in err, err
+        assert not (tmp_path / f"re-{name}").exists()
+        assert main(["shards", "show", str(broken)]) == 2 and str(broken) in capsys.readouterr().err
+    assert main(["shards", "show", str(src.root)]) == 0
+    assert f"fingerprint: {src.fingerprint}" in capsys.readouterr().out
+
+
 def test_domains_ordered_two_at_a_time_give_the_same_shards_as_one_at_a_time(builds, tmp_path):
     """Concurrent domains (ICP's default on 2+ cores) change nothing recorded: the same index (so the
     same fingerprint) and the same files as one domain at a time; only the timings say how it ran."""

@@ -222,6 +222,29 @@ def test_tokenizer_train_refuses_a_folder_holding_other_files(corpus, shards_dir
         assert rc == 0 and "replaced" not in out, out
     rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", fresh, "--vocab-size", 280], capsys)
     assert rc == 0 and "note: replaced the different tokenizer" in out, out  # shards made with it are stale
+    assert "note: learned" not in out  # all 280 learned
+    rc, out = _run(["tokenizer", "train", "--data", corpus, "--out", fresh, "--vocab-size", 2**32], capsys)
+    assert rc == 2 and "more than 1,048,576" in out, out  # asked, the BPE trainer aborted allocating 283 GB
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "hello world hello there"}\n')
+    rc, out = _run(
+        [
+            "tokenizer",
+            "train",
+            "--data",
+            small,
+            "--out",
+            tmp_path / "t",
+            "--vocab-size",
+            1000,
+            "--valid-frac",
+            0,
+            "--test-frac",
+            0,
+        ],
+        capsys,
+    )
+    assert rc == 0 and "note: learned 261 of the 1,000 tokens asked" in out, out
 
 
 def test_training_refuses_shards_whose_tokenizer_was_replaced(shards_dir, tmp_path, capsys):

@@ -45,10 +45,17 @@ def sample_texts(docs: Iterable[Document], bytes_per_domain: int) -> Iterator[st
         yield from _pieces(d.text)
 
 
+MAX_VOCAB = 1 << 20
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> LoadedTokenizer:
     """Byte-level BPE (GPT-2 style): any UTF-8 text round-trips exactly, no unknown tokens."""
     if vocab_size < 256 + 1:
         raise UserError(f"vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+    if vocab_size > MAX_VOCAB:  # the BPE trainer allocates by it up front (2^32 asked for 283 GB)
+        raise UserError(
+            f"vocab_size {vocab_size:,} is more than {MAX_VOCAB:,}, 4x the largest vocabularies in use (256k)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

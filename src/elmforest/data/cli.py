@@ -282,6 +282,12 @@ def tokenizer_train(
             "it (training and eval refuse them by their fingerprint): build them again"
         )
     print(f"tokenizer: {tok.vocab_size} tokens, EOS id {tok.eos_id} -> {out}/tokenizer.json")
+    if tok.vocab_size < vocab_size:
+        print(
+            f"note: learned {tok.vocab_size:,} of the {vocab_size:,} tokens asked: the text sampled holds no "
+            "more merges seen twice (more text, or a larger --sample-bytes-per-domain, learns more); models "
+            "take the tokenizer's own size"
+        )
 
 
 def build(
@@ -377,6 +383,8 @@ def show(dir: Annotated[str, arg("shards directory")]) -> None:
 
     sh = Shards(dir)
     print(json.dumps(sh.index, indent=2))
+    print(f"fingerprint: {sh.fingerprint}")
+    print(f"files: {sh.check_files()} splits match the index")  # or the damage, named, and status 2
     timings = sh.root / TIMINGS_FILE
     print(f"order of the training documents: {sh.order['method']}")
     if "order" in sh.index:

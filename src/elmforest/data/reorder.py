@@ -300,6 +300,9 @@ def reorder_shards(
         raise UserError(f"{src}: not a shards directory (no index.json)")
     if out.exists():
         raise UserError(f"{out} exists; choose a new directory for the reordered shards")
+    from elmforest.data.shards import Shards
+
+    Shards(src).check_files()  # damaged shards said as such, not met part-way through the copy
     index = read_json(src / "index.json")
     if "order" in index:
         raise UserError(

@@ -221,3 +221,16 @@ class Shards:
                 f"the {n!r} tokens the index says); build the shards again"
             )
         return docs
+
+    def check_files(self) -> int:
+        """Every split's token and document files against the index (sizes and document tables; the
+        tokens are not read): the whole set's check before a command copies or reports it, so damage
+        is said as such, naming the file, rather than met part-way. Returns the splits checked."""
+        n = 0
+        for d in self.domains:
+            for split in SPLITS:
+                if self.has(d, split):
+                    self.tokens(d, split)
+                    self.documents(d, split)
+                    n += 1
+        return n

@@ -279,17 +279,22 @@ def _text_key(text: str) -> int:
 
 
 def _note_lookalikes(names: list[str]) -> None:
-    """Domains whose names print alike (NFC and NFD spellings of one word, a case apart): two domains,
-    two rows that a reader takes for one; said, not changed (the corpus is the user's)."""
+    """Domains whose names print alike (NFC and NFD spellings of one word, a case apart, spaces around
+    or inside it, an invisible format character such as a zero-width space): separate domains, rows
+    that a reader takes for one; said, not changed (the corpus is the user's)."""
     import unicodedata
+
+    def key(n: str) -> str:
+        n = "".join(c for c in unicodedata.normalize("NFC", n) if unicodedata.category(c) != "Cf")
+        return " ".join(n.split()).casefold()
 
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(unicodedata.normalize("NFC", n).casefold(), []).append(n)
+        groups.setdefault(key(n), []).append(n)
     for same in (g for g in groups.values() if len(g) > 1):
         print(
-            f"note: domains {', '.join(map(ascii, sorted(same)))} differ only in case or Unicode form: "
-            "two domains that print alike",
+            f"note: domains {', '.join(map(ascii, sorted(same)))} differ only in case, Unicode form, "
+            f"white space or invisible characters: {len(same)} domains that print alike",
             file=sys.stderr,
         )
 

@@ -8,7 +8,9 @@ exactly once. Each document-ending EOS is predicted and counted as 1 byte (as in
 byte count is Σ UTF-8 bytes of the documents + number of documents. A document is encoded as the
 tokenizer's own `AutoTokenizer` would (a Llama-style `<s>` included): such a BOS is predicted, its
 loss counted, and it counts 0 bytes (it stands for no text). The stream is cut into
-non-overlapping windows of `seq_len` predictions; each window conditions on its own tokens only.
+non-overlapping windows of `seq_len` predictions; each window's input is the token before its first
+prediction (a later window's: the last token of the one before) and its own tokens but its last; no
+context is carried further.
 Token perplexity is exp(Σ NLL / predicted tokens) (inf when that overflows: a finite but huge loss).
 
 A non-finite summed loss is an error naming the model and the domain (corrupt or diverged weights),
