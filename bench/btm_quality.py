@@ -55,7 +55,10 @@ def main() -> None:
     ap.add_argument("--expert-lr", type=float)
     ap.add_argument("--no-random", action="store_true", help="skip the random-split ablation")
     ap.add_argument(
-        "--from-quickstart", help="an existing quickstart dir to reuse as the first seed (and its data)"
+        "--from-quickstart",
+        help="an existing quickstart dir to reuse as the first seed (and its data); it is extended in place "
+        "(the random-split ablation unless --no-random, its logs and results.json rewritten): copy it first "
+        "to keep it as it is",
     )
     args = ap.parse_args()
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """Inference cost of a forest: top-1, top-2 and the full ensemble, and the forest merged into one
 top-2 Mixtral MoE, vs one expert (= one dense model of the same shape), side by side.
 
-    python bench/forest_inference.py [--experts 8] [--tokens 60000] [--rounds 2]
+    python bench/forest_inference.py [--experts 8] [--bytes 180000] [--rounds 2]
 
 Builds a forest of randomly initialised `cpu-small` experts on synthetic shards (speed does not
 depend on what the weights learned), then times, on the same test windows: one expert alone
@@ -96,7 +96,9 @@ def main() -> None:
 
         n_tok = select_documents(shards.documents(shards.domains[0], "train"), args.bytes)[1]
         base = statistics.median(times["one expert"])
-        print(f"{args.experts} cpu-small experts, ~{n_tok:,} test tokens, threads {torch.get_num_threads()}")
+        print(
+            f"{args.experts} cpu-small experts, ~{n_tok:,} tokens scored (synthetic text), threads {torch.get_num_threads()}"
+        )
         print(f"{'config':14s} {'tokens/s':>10s} {'cost vs one expert':>20s}")
         for name, ts in times.items():
             t = statistics.median(ts)

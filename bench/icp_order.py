@@ -36,6 +36,7 @@ from elmforest.cluster.icp_embed import embed
 from elmforest.cluster.icp_shards import IcpOrder
 from elmforest.data.readers import iter_documents
 from elmforest.data.reorder import map_domains
+from elmforest.utils.io import write_json_atomic
 
 
 def peak_rss_mb() -> float:
@@ -48,10 +49,15 @@ def read_corpus(path: str | None) -> tuple[list[str], np.ndarray, str]:
         if default.is_dir():
             path = str(default)
         else:
-            from common import synthetic_corpus
+            try:
+                from common import synthetic_corpus
+            except ImportError:
+                from bench.common import synthetic_corpus
 
-            tmp = Path(tempfile.mkdtemp(prefix="icp-bench-"))
-            path = str(synthetic_corpus(tmp / "corpus", n_docs=20_000))
+            with tempfile.TemporaryDirectory(prefix="icp-bench-") as tmp:  # read whole, then removed
+                path = str(synthetic_corpus(Path(tmp) / "corpus", n_docs=20_000))
+                docs = list(iter_documents(path))
+            return [d.text for d in docs], np.array([d.domain for d in docs]), "a synthetic corpus"
     docs = list(iter_documents(path))
     return [d.text for d in docs], np.array([d.domain for d in docs]), path
 
@@ -235,7 +241,7 @@ def main() -> None:
     if args.show_pairs:
         show_pairs(texts)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json_atomic(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,11 @@ def main() -> None:
     dense_run = forest.root / "runs" / "dense"
     cfg0 = RunConfig.from_dict(read_json(dense_run / "model" / "elmforest_run.json"))
     per_step = dense_flops / cfg0.train.steps
-    steps = math.ceil(target / per_step)
+    steps = math.ceil(target / per_step)  # whole steps, at least the target: never less than BTX's
+    if (over := steps * per_step / target - 1) > 0.01:
+        print(
+            f"note: the same-FLOPs dense runs take {over:.1%} more FLOPs than BTX's total (whole steps of a short run)"
+        )
     pts = []
     for lr in sorted(args.dense_lrs):
         cfg = RunConfig.from_dict(cfg0.to_dict())

@@ -32,7 +32,15 @@ SHAPE = dict(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument(
+        "--impls",
+        default="eager,grouped_mm,batched_mm",
+        help="expert kernels to time (batched_mm: one round; minutes on one thread)",
+    )
     args = ap.parse_args()
+    impls = args.impls.split(",")
+    if bad := [i for i in impls if i not in ("eager", "grouped_mm", "batched_mm")]:
+        ap.error(f"unknown --impls {bad}: eager, grouped_mm, batched_mm")
     torch.manual_seed(0)
     x = torch.randint(0, SHAPE["vocab_size"], (16, 256))
     dense = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE)).eval()
@@ -51,7 +59,8 @@ def main() -> None:
         f"FLOP floor of MoE / dense: {moe_fl / dense_fl:.2f} ({moe_fl / 1e6:.2f} vs {dense_fl / 1e6:.2f} MFLOPs/token)"
     )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for impl, rounds in (("eager", args.rounds), ("grouped_mm", args.rounds), ("batched_mm", 1)):
+        for impl in impls:
+            rounds = 1 if impl == "batched_mm" else args.rounds
             moe = AutoModelForCausalLM.from_config(moe_cfg, experts_implementation=impl).eval()
             once(dense), once(moe)
             td, tm = [], []
