@@ -98,6 +98,16 @@ def test_what_would_fail_inside_torch_is_refused_in_one_line(shards_dir, forest_
              "--set", "model.max_position_embeddings=16"],
             "64 is longer than the model's 16 positions (model.max_position_embeddings=16 as set)",
         ),
+        (  # an ImportError traceback; flex failed at the first backward, leaving the run's files
+            ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "n"), "--preset", "tiny",
+             "--set", "model.attn_implementation=flash_attention_2"],
+            "flash_attention_2 runs on CUDA GPUs only (device cpu); use sdpa",
+        ),
+        (
+            ["train", "--shards", str(shards_dir), "--out", str(tmp_path / "n"), "--preset", "tiny",
+             "--set", "model.attn_implementation=flex_attention", "--set", "train.steps=3"],
+            "flex_attention cannot train on CPU",
+        ),
     ):  # fmt: skip
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -268,6 +278,15 @@ def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys)
     assert rc == 2 and "at least 4" in out and "Traceback" not in out
     rc, out = _run([*argv, "--expert-lrs", "1e-3,-2"], capsys)
     assert rc == 2 and "--expert-lrs" in out
+    # past float32: its job failed after the grid's other runs had trained
+    rc, out = _run([*argv, "--arm", "dense", "--lrs", "1e39,1e-3,2e-3,4e-3"], capsys)
+    assert rc == 2 and "grid must hold positive learning rates of at most 3.4e+38" in out, out
+    # refused after the folder was made (the plan, the expert arm's need of a dense sweep): no folder left
+    rc, out = _run([*argv, "--arm", "dense", "--lrs", "1e-3,2e-3,4e-3,8e-3", "--set", "train.steps=1"], capsys)
+    assert rc == 2 and "at least 2 steps" in out, out
+    rc, out = _run([*argv, "--arm", "experts", "--expert-lrs", "1e-3,2e-3,4e-3,8e-3"], capsys)
+    assert rc == 2 and "branches from the best dense run" in out, out
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_sweeps_finished_runs_keep_no_checkpoints_unless_asked(shards_dir, tmp_path, monkeypatch, capsys):

@@ -63,6 +63,7 @@ from elmforest.launch.sweep_results import (
     score_experts,
     scored_domains,
 )
+from elmforest.train.runlock import drop_if_empty
 from elmforest.train.tracking import require_trackers
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
@@ -99,7 +100,21 @@ def run_points(executor, fn, jobs: list[dict], labels: list[str], logs: list[Pat
             raise JobsFailed(other) from e
 
 
-def sweep(
+def sweep(shards_dir: str | Path, out: str | Path, base: RunConfig, *args, **kwargs) -> dict:
+    """Sweep the dense arm, then the expert arm from the best dense run's seed, then that dense run's
+    second half (launch/sweep_continue.py: at `continue_lrs`, by default the expert grid); returns
+    sweep.json (`_sweep` has the options). A sweep refused before anything is written leaves no `out`
+    it created (as a refused run leaves no run folder)."""
+    created = not Path(out).exists()
+    try:
+        return _sweep(shards_dir, out, base, *args, **kwargs)
+    except BaseException:
+        if created and Path(out).is_dir():
+            drop_if_empty(Path(out))
+        raise
+
+
+def _sweep(
     shards_dir: str | Path,
     out: str | Path,
     base: RunConfig,

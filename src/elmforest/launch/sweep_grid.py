@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from elmforest.config import FLOAT32_MAX
 from elmforest.utils.errors import UserError
 
 
@@ -30,8 +31,10 @@ def check_grid(lrs: list[float], what: str) -> list[float]:
         raise UserError(f"the {what} grid repeats {', '.join(f'{x:g}' for x in twice)}: give each LR once")
     if len(lrs) < 4:
         raise UserError(f"the {what} grid has {len(lrs)} learning rate(s); a sweep needs at least 4")
-    if not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise UserError(f"the {what} grid must hold positive learning rates, got {lrs}")
+    if not all(math.isfinite(x) and 0 < x <= FLOAT32_MAX for x in lrs):  # past it, its job fails last
+        raise UserError(
+            f"the {what} grid must hold positive learning rates of at most {FLOAT32_MAX:.3g}, got {lrs}"
+        )
     tags = [point_tag(x) for x in lrs]
     if len(set(tags)) < len(tags):
         raise UserError(

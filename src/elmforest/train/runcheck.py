@@ -102,6 +102,28 @@ def check_order(cfg: RunConfig, shards: Shards) -> None:
     )
 
 
+def check_attention(impl: str, device) -> None:
+    """Attention backends transformers accepts by name but that cannot train here failed after the
+    run's files were written (flex: at the first backward on CPU) or with a traceback (flash: an
+    ImportError): refused first, with what to use instead."""
+    if impl.startswith("flash_attention"):
+        from transformers import utils
+
+        if device.type != "cuda":
+            raise UserError(
+                f"model.attn_implementation={impl} runs on CUDA GPUs only (device {device}); use sdpa"
+            )
+        if not getattr(utils, f"is_flash_attn_{impl[-1]}_available")():
+            raise UserError(
+                f"model.attn_implementation={impl} needs the FlashAttention {impl[-1]} package, not installed "
+                "here; install it or use sdpa"
+            )
+    if impl == "flex_attention" and device.type == "cpu":
+        raise UserError(
+            "model.attn_implementation=flex_attention cannot train on CPU (PyTorch has no backward for it there); use sdpa"
+        )
+
+
 def check_context(model, cfg: RunConfig) -> None:
     """Windows longer than the model's position table fail deep inside transformers (an IndexError in
     the embedding): refuse them before anything is written."""

@@ -21,7 +21,7 @@ from elmforest.model.build import build_model, count_params
 from elmforest.train.batches import WindowSampler
 from elmforest.train.flops import flops_breakdown
 from elmforest.train.moe_loss import moe_shape, router_losses
-from elmforest.train.runcheck import check_context, check_order, check_same_tokenizer
+from elmforest.train.runcheck import check_attention, check_context, check_order, check_same_tokenizer
 from elmforest.utils.device import autocast, init_distributed, resolve_device, resolve_precision
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
@@ -57,6 +57,7 @@ class TrainerSetup:
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
             )
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        check_attention(cfg.model.attn_implementation, self.device)
         # from init_checkpoint every weight is loaded next (or from this run's own checkpoint, when it has
         # one; a resume without init_checkpoint initialises: its checkpoints may all be set aside as corrupt)
         self.model = build_model(
