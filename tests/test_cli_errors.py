@@ -282,7 +282,9 @@ def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys)
     rc, out = _run([*argv, "--arm", "dense", "--lrs", "1e39,1e-3,2e-3,4e-3"], capsys)
     assert rc == 2 and "grid must hold positive learning rates of at most 3.4e+38" in out, out
     # refused after the folder was made (the plan, the expert arm's need of a dense sweep): no folder left
-    rc, out = _run([*argv, "--arm", "dense", "--lrs", "1e-3,2e-3,4e-3,8e-3", "--set", "train.steps=1"], capsys)
+    rc, out = _run(
+        [*argv, "--arm", "dense", "--lrs", "1e-3,2e-3,4e-3,8e-3", "--set", "train.steps=1"], capsys
+    )
     assert rc == 2 and "at least 2 steps" in out, out
     rc, out = _run([*argv, "--arm", "experts", "--expert-lrs", "1e-3,2e-3,4e-3,8e-3"], capsys)
     assert rc == 2 and "branches from the best dense run" in out, out

@@ -807,3 +807,25 @@ def test_a_cluster_served_by_two_experts_is_said_to_route_to_the_last(cluster_fo
     r = ClusterRouting(f, f.names, 2, 1.0)
     assert r.expert_of[1] == f.names.index("extra") and r.expert_of[0] == f.names.index("cluster0")
     assert "(cluster1: cluster1, extra -> extra)" in capsys.readouterr().err
+
+
+def test_a_fit_with_an_empty_cluster_and_an_assign_with_no_training_split_are_said(tmp_path, capsys):
+    """Both passed without a word: a fitted cluster holding no document (an expert with nothing to
+    train on; only `assign` warned), and `--balanced` with valid + test taking every document."""
+    from elmforest.cli import main
+
+    data = tmp_path / "d"
+    data.mkdir()
+    texts = ["apples pears fruit"] * 3 + ["dogs cats pets"] * 2
+    (data / "d.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    assert main(["cluster", "fit", "--data", str(data), "--k", "4", "--out", str(tmp_path / "c4")]) == 0
+    out = capsys.readouterr()
+    assert "sizes [2, 2, 1, 0]" in out.out and "cluster(s) [3] hold none of the sampled documents" in out.err
+    assert main(["cluster", "fit", "--data", str(data), "--k", "2", "--out", str(tmp_path / "c2")]) == 0
+    assert "hold none" not in capsys.readouterr().err
+    argv = ["cluster", "assign", "--clusterer", str(tmp_path / "c2"), "--data", str(data), "--balanced"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--valid-frac", "0.5", "--test-frac", "0.5"]) == 2
+    assert "leave no training split for --balanced to cap" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

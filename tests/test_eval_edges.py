@@ -410,3 +410,38 @@ def test_a_malformed_training_record_beside_a_model_is_named(tmp_path, name, tex
     if name == "elmforest_data.json":  # also where shards are scored, or fractions are given
         with pytest.raises(UserError, match=name):
             check_held_out(tmp_path, "somewhere", SplitSpec(), "test", "somewhere")
+
+
+def test_the_domains_a_model_read_follow_its_training_state_and_merges_read_all(tmp_path):
+    """An expert records the seed's state as `train.init_checkpoint`, not `model.init_from`: its
+    training was taken as its own domain alone (the seed mixed every one); a merge carries its first
+    expert's run file, so an 8-expert MoE was taken as trained on one domain. The leak check then
+    looked up the scored documents among too few training documents."""
+    from elmforest.eval.leakage import model_domains
+
+    def run(d, domains, **start):
+        d.mkdir()
+        cfg = {
+            "data": {"domains": domains},
+            "model": {"init_from": start.get("init_from")},
+            "train": {"init_checkpoint": start.get("init_checkpoint")},
+        }
+        (d / "elmforest_run.json").write_text(json.dumps(cfg))
+        return cfg
+
+    state = tmp_path / "seed_state"
+    state.mkdir()
+    (state / "state.json").write_text(
+        json.dumps({"step": 3, "config": {"data": {"domains": ["a", "b", "c"]}}})
+    )
+    run(tmp_path / "expert", ["a"], init_checkpoint=str(state))
+    assert model_domains(tmp_path / "expert") == {"a", "b", "c"}
+    run(tmp_path / "alone", ["b"])
+    assert model_domains(tmp_path / "alone") == {"b"}
+    run(tmp_path / "from_model", ["c"], init_from=str(tmp_path / "alone"))
+    assert model_domains(tmp_path / "from_model") == {"b", "c"}
+    for record in ("elmforest_moe.json", "elmforest_average.json", "elmforest_flexolmo.json"):
+        merged = tmp_path / record
+        run(merged, ["a"])  # the first expert's run file, copied with the merge
+        (merged / record).write_text("{}")
+        assert model_domains(merged) is None  # every domain

@@ -105,10 +105,16 @@ def fit(
     print(
         f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
         f"{f['dims']} dims, {f['iterations']} iterations"
-        + ("" if f.get("converged", True) else ", not settled: the best kept")
+        + ("" if f.get("converged", True) else ", the limit, a few documents still moving: the best fit kept")
         + f"), sizes {f['sizes']} -> {out}"
         + _skipped(f.get("read"))
     )
+    if empty := [i for i, n in enumerate(f["sizes"]) if n == 0]:
+        print(
+            f"warning: cluster(s) {empty} hold none of the sampled documents (fewer distinct documents than "
+            "clusters can fill): no expert can train on an empty cluster; fit fewer clusters",
+            file=sys.stderr,
+        )
 
 
 def _or_recorded(clusterer: str, valid_frac: float | None, test_frac: float | None) -> tuple[float, float]:
@@ -166,6 +172,11 @@ def assign(
         )
     if slack and not balanced:
         raise UserError(f"--slack {slack:g} loosens the cap of --balanced: it needs --balanced")
+    fracs = _or_recorded(clusterer, valid_frac, test_frac) if given else None
+    if fracs and sum(fracs) >= 1:
+        raise UserError(
+            f"--valid-frac {fracs[0]:g} and --test-frac {fracs[1]:g} leave no training split for --balanced to cap"
+        )
 
     rep = assign_corpus(
         clusterer,
@@ -176,7 +187,7 @@ def assign(
         balance=balance,
         workers=workers,
         progress=not no_progress,
-        split_spec=SplitSpec(*_or_recorded(clusterer, valid_frac, test_frac)) if given else None,
+        split_spec=SplitSpec(*fracs) if fracs else None,
     )
     print(
         f"{rep['documents']} documents -> {out}; sizes {rep['sizes']} (max/min {rep['max_over_min']:.2f})"
@@ -185,6 +196,8 @@ def assign(
         + (f"; NMI {rep['nmi']:.3f}" if "nmi" in rep else "")
         + _skipped(rep.get("read"))
     )
+    if balanced and rep.get("train_sizes") is not None and not sum(rep["train_sizes"]):
+        print("warning: no document fell in the training split: --balanced capped nothing", file=sys.stderr)
     if rep["empty"]:
         print(
             f"warning: {', '.join(rep['empty'])} got no documents (max/min is over the others); "

@@ -46,20 +46,31 @@ def _stamp(sources: list[str]) -> tuple:
     return tuple((x, tuple(map(tuple, file_stamps([x])))) for x in sources)
 
 
+# a merge of a forest's experts (an average, an MoE, a FlexOlmo merge): they branched from a seed that
+# mixed every domain, and the merge's elmforest_run.json is its first expert's, naming that domain alone
+MERGE_RECORDS = ("elmforest_average.json", "elmforest_moe.json", "elmforest_flexolmo.json")
+
+
 def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
-    """The domains a model's training read: its run's `data.domains` and those of the checkpoint it
-    started from (an expert: the seed, which mixed every domain), None for all of them."""
+    """The domains a model's training read: its run's `data.domains` and those of the model or training
+    state it started from (`model.init_from`, `train.init_checkpoint`: an expert's is the seed's state,
+    which mixed every domain), None for all of them."""
     out: set[str] = set()
     for _ in range(hops):
-        run = mdir / "elmforest_run.json"
-        if not run.is_file():
+        if any((mdir / f).is_file() for f in MERGE_RECORDS):
+            return None
+        run, state = mdir / "elmforest_run.json", mdir / "state.json"
+        if run.is_file():
+            cfg = read_json(run)
+        elif state.is_file() and isinstance(cfg := read_json(state).get("config"), dict):
+            pass  # a training state (a checkpoint, the forest's seed_state): its run's config
+        else:
             return None if not out else out  # a checkpoint from elsewhere: only what is known
-        cfg = read_json(run)
         doms = (cfg.get("data") or {}).get("domains")
         if not doms:
             return None
         out |= set(doms)
-        start = (cfg.get("model") or {}).get("init_from")
+        start = (cfg.get("model") or {}).get("init_from") or (cfg.get("train") or {}).get("init_checkpoint")
         if not start or not Path(start).is_dir():
             return out
         mdir = Path(start)
