@@ -515,6 +515,22 @@ def test_a_forest_whose_rows_are_in_the_results_but_whose_dir_is_gone_is_said(qs
     assert "no forest, yet" not in render_report(qs)
 
 
+def test_a_copy_without_its_moe_does_not_show_the_originals_and_says_it_is_gone(qs_dir, tmp_path):
+    """The copy's forest.json names the original's MoE by its absolute path: the page about the copy
+    showed the original's routing and curves as the copy's, and said nothing was missing."""
+    qs = tmp_path / "qs"
+    shutil.copytree(qs_dir, qs)
+    assert "heatmap-routing-moe" in render_report(qs)  # the copy's own
+    shutil.rmtree(qs / "moe")
+    page = render_report(qs)
+    assert "heatmap-routing-moe" not in page, "the original's MoE shown as the copy's"
+    assert f"{qs_dir / 'moe'}: a merged MoE the forest records, not found" in page
+    alone = tmp_path / "alone"  # results.json alone: its MoE row's folder is said to be gone too
+    alone.mkdir()
+    shutil.copy(qs / "results.json", alone)
+    assert f"{alone / 'moe'}: no merged MoE, yet results.json has its row (moe)" in render_report(alone)
+
+
 def test_an_unreadable_main_forest_is_said_and_no_ablation_forest_takes_its_place(qs_dir, tmp_path):
     from elmforest.clients.report_data import locate
 

@@ -244,6 +244,6 @@ def findings(methods: dict, ood: dict | None, flops: dict[str, float]) -> list[s
             "caveat: no dense_tuned row: the dense run's second half was not trained at an LR of its own "
             "(it is at its swept LR already where `sweep`'s continuation arm chose the whole run's; else the "
             "experts' phase had one more tuned LR: on the demo corpus, tuning that half made the dense LM tie "
-            "the ensemble in domain, 1.001, and beat it out of domain: docs/benchmarks.md)"
+            "the ensemble in domain, 1.000, and beat it out of domain: docs/benchmarks.md)"
         )
     return out

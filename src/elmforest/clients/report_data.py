@@ -77,7 +77,16 @@ def locate(path: str | Path) -> Sources:
             f"{root}: neither a quickstart output dir (results.json or forest/forest.json in it) nor a "
             "forest dir (forest.json in it)"
         )
-    src.moes = _moe_dirs(root if src.kind == "quickstart" else None, [src.main] if src.main else [])
+    src.moes, gone = _moe_dirs(root if src.kind == "quickstart" else None, [src.main] if src.main else [])
+    src.absent += gone
+    for m in sorted((src.results or {}).get("methods") or {}):  # rows of a merged MoE whose folder is gone
+        folder = m.replace("_", "-")
+        if m.startswith("moe") and not any(p.name == folder for p in src.moes):
+            if not any(f"{folder}:" in a or f"/{folder}" in a for a in src.absent):
+                src.absent.append(
+                    f"{root / folder}: no merged MoE, yet results.json has its row ({m}): no routing or "
+                    "training curve for it"
+                )
     return src
 
 
@@ -204,17 +213,34 @@ def _forest_dirs(root: Path) -> list[Path]:
     return main + others
 
 
-def _moe_dirs(root: Path | None, forests: list[Forest]) -> list[Path]:
+def _moe_dirs(root: Path | None, forests: list[Forest]) -> tuple[list[Path], list[str]]:
+    """The merged MoEs to show, and a sentence for each the forest records but that is not found: where
+    it was merged relative to the forest first (a copied or moved tree holds its own), the absolute
+    path recorded only if this forest made what is there (a copy's record names the original's MoE,
+    which a page about the copy must not show as its own)."""
+    from elmforest.forest.copies import ours, recorded_places
+
     found = sorted(p for p in root.glob("moe*") if (p / "elmforest_moe.json").is_file()) if root else []
-    names = {p.name for p in found}
+    names, gone = {p.name for p in found}, []
     for f in forests:  # merged elsewhere but recorded in the manifest (it must delete them on opt-out)
         for o in f.data.get("outputs", []):
-            p = Path(o["path"])
-            # the manifest names absolute paths: a copied or moved quickstart dir holds its own MoEs
-            if o.get("kind") == "moe" and p.name not in names and (p / "elmforest_moe.json").is_file():
-                found.append(p)
-                names.add(p.name)
-    return found
+            recorded = Path(o["path"])
+            if o.get("kind") != "moe" or recorded.name in names:
+                continue
+            here = [
+                p
+                for p in reversed(recorded_places(f, o))  # relative to the forest first
+                if (p / "elmforest_moe.json").is_file() and ours(f, p, recorded)
+            ]
+            if here:
+                found.append(here[0])
+                names.add(here[0].name)
+            else:
+                gone.append(
+                    f"{recorded}: a merged MoE the forest records, not found (nor beside the forest as "
+                    f"{o.get('relative', '-')}): no routing or training curve for it"
+                )
+    return found, gone
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
