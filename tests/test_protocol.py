@@ -313,7 +313,7 @@ def test_findings_call_a_gap_within_one_percent_a_tie():
         {},
     )
     caveat = [f for f in out if f.startswith("caveat:")]  # the dense run's second half was not tuned
-    assert len(caveat) == 1 and "tie the ensemble in domain, 1.001" in caveat[0]
+    assert len(caveat) == 1 and "tie the ensemble in domain, 1.000" in caveat[0]
     assert caveat[0].startswith("caveat: no dense_tuned row")
     out = [f for f in out if f not in caveat]
     verdicts = [f.rsplit("-> ", 1)[1] for f in out]
