@@ -258,7 +258,7 @@ def quickstart(
     plot_results(methods, out / "results.png", ood=ood_methods)
     print_table(methods, "in-domain bits per byte (test splits; lower is better)", flops=flops)
     if ood_methods:
-        print_table(ood_methods, "out-of-domain bits per byte (lower is better)", flops=flops)
+        print_table(ood_methods, "out-of-domain bits per byte (test halves; lower is better)", flops=flops)
     print_ledger(compute, log)
     print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:
