@@ -66,6 +66,9 @@ def test_a_run_from_a_checkpoint_records_no_preset_architecture(tmp_path):
     [
         (["domains=[code]"], ">= 2 training domains"),
         (["domains=[code, code, legal]"], "name each domain once"),
+        (["domains=[legal, legal]"], "name each domain once"),  # was "needs >= 2 training domains"
+        (["n_boot=0"], "n_boot 0: must be >= 100"),  # one message named three fields
+        (["eval_bytes=-1"], "eval_bytes -1: must be >= 1"),
         (["workers=0"], "workers 0"),
         (["overrides=[train.steps=5]"], "the study sets these"),
         (["overrides=[train.seed=3]"], "train.seed"),

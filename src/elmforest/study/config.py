@@ -137,10 +137,10 @@ class StudyConfig:
                 bad.append(
                     "lr_grid: the sweeps choose the LRs; drop dense_lr, expert_lr, dense_continue_lr and sweep"
                 )
-        if self.domains is not None and len(set(self.domains)) < 2:
-            bad.append(f"domains {self.domains}: a forest needs >= 2 training domains")
-        elif self.domains is not None and len(set(self.domains)) < len(self.domains):
+        if self.domains is not None and len(set(self.domains)) < len(self.domains):
             bad.append(f"domains {self.domains}: name each domain once")
+        elif self.domains is not None and len(set(self.domains)) < 2:
+            bad.append(f"domains {self.domains}: a forest needs >= 2 training domains")
         if self.workers is not None and self.workers < 1:
             bad.append(f"workers {self.workers}: >= 1 (or unset for the default)")
         try:  # a malformed override (an unknown key, a whole section) said now, not at the first run
@@ -171,8 +171,9 @@ class StudyConfig:
         elif dense and all(map(math.isfinite, dense)) and max(dense) * (one := self.steps_1x()) >= 2**63:
             # found here, not in every run's config after the data was prepared
             bad.append(f"steps x dense_budgets: {max(dense):g} x {one}: a run's steps must be below 2**63")
-        if self.eval_bytes < 1 or self.prior_batches < 1 or self.n_boot < 100:
-            bad.append("eval_bytes and prior_batches must be >= 1, n_boot >= 100")
+        for name, least in (("eval_bytes", 1), ("prior_batches", 1), ("n_boot", 100)):
+            if getattr(self, name) < least:
+                bad.append(f"{name} {getattr(self, name)}: must be >= {least}")
         if not 0.5 <= self.ci < 1:
             bad.append("ci must be in [0.5, 1)")
         try:

@@ -94,6 +94,9 @@ def plot_multiplier(fits: dict, path: Path) -> None:
             hi = np.array([min(m["ci"][1], top) for m in bs])
             y = np.clip(y, lo, hi)
             ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=4, label=label, color=color)
+            for xi, m in zip(x, bs, strict=True):  # an end drawn at the top is not a bound: marked so
+                if m["ci"][1] > top:
+                    ax.annotate("∞", (xi, top), ha="center", va="bottom", color=color)
         for status, (c, marker) in edge.items():
             out = [m for m in t["budgets"] if m["status"] == status]
             if out:
