@@ -161,7 +161,10 @@ def ledger_section(src: Sources) -> str:
             )
     if arms and compute.get("dense_flops"):
         rows = [[a, v, flops_mark(v / compute["dense_flops"])] for a, v in arms.items()]
-        body.append(table("arms", "training FLOPs of each arm", ["arm", "FLOPs", "/ dense"], rows))
+        flagged = {(i, 2): "flag" for i, r in enumerate(rows) if r[2].endswith("!")}  # red, as the results'
+        body.append(
+            table("arms", "training FLOPs of each arm", ["arm", "FLOPs", "/ dense"], rows, classes=flagged)
+        )
     return "".join(body) or para("no forest, so no ledger")
 
 
