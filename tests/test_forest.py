@@ -349,6 +349,10 @@ def test_branching_from_a_mixture_uses_the_posterior(forest_dir, shards_dir, tmp
     assert [(p["name"], p["weight"]) for p in e["parents"]] == [
         (n, pytest.approx(w)) for n, w in want.items()
     ]
+    # exactly the weights averaged, as a re-run cut after the average reads them back (the raw
+    # posterior differed from them in the last digits: two lineages for one expert)
+    avg = json.loads((tmp_path / "f" / "branches" / "grown" / "elmforest_average.json").read_text())
+    assert [p["weight"] for p in e["parents"]] == avg["weights"]
     init = load_file(str(tmp_path / "f" / "branches" / "grown" / "model.safetensors"))
     tensors = [load_file(str(forest.expert_dir(n) / "model.safetensors")) for n in want]
     k = "model.layers.0.mlp.up_proj.weight"

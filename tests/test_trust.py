@@ -536,6 +536,28 @@ def test_a_merge_copy_from_another_host_is_named_and_a_pending_removal_keeps_the
         assert rc == 0 and f"finished removing expert {name}" in out and (run / "checkpoints").is_dir(), out
 
 
+def test_a_run_that_trained_anothers_weights_is_counted_and_a_restore_keeps_earlier_spend(forest):
+    """Deterministic training of a second expert on the same domain gives the first's files: the run
+    was booked at 0 tokens and 0 FLOPs, right after being told it would be counted. And a re-added
+    expert restored from its run (replace) lost what its earlier opt-out had discarded."""
+    f = Forest.load(forest)
+    a, b = f.names[:2]
+    total = f.total_flops()
+    e = f.add(f.expert_dir(a), "a_again", f.expert(a)["domains"], tokens=5, flops=7, ran=True)
+    assert (e["tokens"], e["flops"], e["copy_of"]) == (5, 7, a) and f.total_flops() == total + 7
+    backup, domains = forest.parent / "b_backup", f.expert(b)["domains"]
+    shutil.copytree(f.expert_dir(b), backup)
+    f.remove(b)
+    gone = [r for r in Forest.load(forest).data["removed"] if r["name"] == b][0]["spent"]
+    assert gone
+    f = Forest.load(forest)
+    e = f.add(backup, b, domains, tokens=3, flops=4, force=True)
+    assert e["spent_before"] == gone
+    e = f.add(backup, b, domains, tokens=3, flops=4, replace=True)  # restored: the earlier spend stays
+    assert e["spent_before"] == gone
+    assert Forest.load(forest).expert(b)["spent_before"] == gone
+
+
 def test_an_experts_copy_is_counted_once_and_an_opted_out_experts_copy_is_refused(forest):
     """`forest add` took an expert's own weights under a new name: its run counted twice in the ledger,
     and after the original's opt-out the copy stayed (unsaid), or came back under a new name."""

@@ -20,23 +20,33 @@ if TYPE_CHECKING:
     from elmforest.forest.manifest import Forest
 
 
-def not_a_copy(d: dict, entry: dict, force: bool) -> None:
+def not_a_copy(d: dict, entry: dict, force: bool, ran: bool = False) -> None:
     """A copy of an opted-out expert (its weight files, byte for byte: its tombstone holds their
     digests) brings back what its owner withdrew under a new name: refused (`force`: the owner re-adding
     its own, under its name). A copy of an expert in the forest is one training run: it is counted once,
-    the copy at 0 tokens and 0 FLOPs (`copy_of` names the original), said."""
+    the copy at 0 tokens and 0 FLOPs (`copy_of` names the original), said. `ran`: the entry is a run
+    that trained here (deterministic training of the same domain and settings gives the same files):
+    `copy_of` is kept, and its compute counted, since it ran."""
     name, files = entry["name"], entry["files"]
     if not files:
         return
     if twin := next((e["name"] for e in d["experts"] if e["name"] != name and e.get("files") == files), None):
-        if entry["tokens"] or entry["flops"]:
+        if ran:
             print(
-                f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one model, counted "
-                f"once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger (a run that "
-                "trained the same weights again is not counted)",
+                f"note: expert {name!r} trained to expert {twin!r}'s weights, file for file (the same domain "
+                "and settings): one model twice; its run's tokens and FLOPs are counted, it ran",
                 file=sys.stderr,
             )
-        entry.update(tokens=0, flops=0, copy_of=twin)
+            entry["copy_of"] = twin
+        else:
+            if entry["tokens"] or entry["flops"]:
+                print(
+                    f"note: expert {name!r} is expert {twin!r}'s weights, file for file: one model, counted "
+                    f"once (under {twin!r}); {name!r} adds 0 tokens and 0 FLOPs to the ledger (a copy's "
+                    "record is not a run)",
+                    file=sys.stderr,
+                )
+            entry.update(tokens=0, flops=0, copy_of=twin)
     gone = next((r["name"] for r in d.get("removed", []) if r.get("files") == files), None)
     if gone is not None and not (force and gone == name):
         raise UserError(

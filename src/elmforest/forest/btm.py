@@ -140,7 +140,7 @@ def train_expert(
     the experts `nearest` may pick (default: all).
     """
     from elmforest.config import apply_overrides
-    from elmforest.merge.average import average_checkpoints
+    from elmforest.merge.average import average_checkpoints, normalise
 
     name = valid_name(name or domain)
     replace, arch = False, None
@@ -239,6 +239,8 @@ def train_expert(
                     list(weights.values()),
                     metadata={"branch_for": domain, "names": list(weights)},
                 )
+                # the weights averaged, as a re-run reads them back: one lineage whether or not cut
+                weights = dict(zip(weights, normalise(list(weights.values()), len(weights)), strict=True))
             parents = [{"name": n, "weight": w} for n, w in weights.items()]
         else:
             src = branch.split(":", 1)[1]
@@ -291,6 +293,7 @@ def train_expert(
         run_dir / "model",
         name,
         trained,
+        ran=True,
         parents=parents,
         tokens=summary["tokens"],
         flops=summary["flops"],

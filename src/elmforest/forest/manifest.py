@@ -256,10 +256,13 @@ class Forest(ForestRecords):
         extra: dict | None = None,
         force: bool = False,
         architecture: str | None = None,
+        ran: bool = False,
     ) -> dict:
         """Register a trained expert: copy its checkpoint in, then record it in the manifest.
 
-        `force` re-adds an expert that was opted out (only its owner should ask for that).
+        `force` re-adds an expert that was opted out (only its owner should ask for that). `ran`: its
+        tokens and FLOPs are a run that trained it here (counted even where it trained to another
+        expert's very weights), not a copy's record (`forest add`: a twin's copy counts 0).
         `architecture`: the fingerprint this expert must have when it is not the seed's own shape (a
         FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
         valid_name(name)
@@ -325,11 +328,14 @@ class Forest(ForestRecords):
                         f"{self.root}: expert {name!r} was opted out (forest remove); its owner's choice is not "
                         "undone by adding it back"
                     )
-                not_a_copy(d, entry, force)
+                not_a_copy(d, entry, force, ran)
+                old = next((e for e in d["experts"] if e["name"] == name), {}) if replace else {}
                 d["experts"] = _in_plan_order(d, [e for e in d["experts"] if e["name"] != name] + [entry])
                 d["tokenizer"], d["architecture"] = tok, forest_arch
-                # re-added after an opt-out: what its removal discarded goes with it, not lost
-                spent = [x for r in d.get("removed", []) if r["name"] == name for x in r.get("spent", [])]
+                # re-added after an opt-out: what its removal discarded goes with it, not lost (also
+                # through a replaced entry: a damaged re-added expert restored from its run)
+                spent = list(old.get("spent_before", []))
+                spent += [x for r in d.get("removed", []) if r["name"] == name for x in r.get("spent", [])]
                 if spent:
                     entry["spent_before"] = spent
                 d["removed"] = [r for r in d.get("removed", []) if r["name"] != name]
