@@ -4,7 +4,7 @@ top-2 Mixtral MoE, vs one expert (= one dense model of the same shape), side by 
     python bench/forest_inference.py [--experts 8] [--bytes 180000] [--rounds 2]
 
 Builds a forest of randomly initialised `cpu-small` experts on synthetic shards (speed does not
-depend on what the weights learned), then times, on the same test windows: one expert alone
+depend on what the weights learned), then times, on the same windows: one expert alone
 (plain evaluation), the top-1 and top-2 sparse ensembles (experts chosen from the prior, only those
 run), the full ensemble, and the MoE export (transformers' Mixtral, top-2 per token; random router
 rows, which spread tokens evenly). Each configuration gets a fresh expert pool (no cached
@@ -39,7 +39,12 @@ except ImportError:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--bytes", type=int, default=180_000, help="test text per domain (whole documents)")
+    ap.add_argument(
+        "--bytes",
+        type=int,
+        default=180_000,
+        help="text scored per domain (whole documents of the synthetic shards' training split)",
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gen-tokens", type=int, default=128, help="greedy generation timing (0: skip)")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """transformers' MoE expert kernels on CPU, against the dense model of the same shape: a bare forward.
 
-    python bench/moe_kernels.py [--rounds 10]
+    python bench/moe_kernels.py [--rounds 10] [--impls eager,grouped_mm,batched_mm]
 
 A `cpu-small`-shaped Llama (d=128, 4 layers, SwiGLU 344, vocab 4,096) and the Mixtral with 8 such
 MLPs, top-2, random init (the router spreads tokens evenly), one forward of 16 x 256 tokens under bf16

@@ -203,9 +203,10 @@ def main() -> None:
         help="config override, e.g. model.num_layers=2",
     )
     args = ap.parse_args()
-    if not 0 <= args.warm < args.steps:
+    if not 1 <= args.warm < args.steps or args.steps < 8:
         ap.error(
-            f"--warm ({args.warm}) must be below --steps ({args.steps}): the timed steps are those after it"
+            f"--warm {args.warm}, --steps {args.steps}: need 1 <= --warm < --steps (the timed steps come after "
+            "it) and --steps >= 8 (the eager profile times steps 3-7)"
         )
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")

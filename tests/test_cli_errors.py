@@ -288,6 +288,12 @@ def test_sweep_grids_are_one_comma_separated_value(shards_dir, tmp_path, capsys)
     assert rc == 2 and "at least 2 steps" in out, out
     rc, out = _run([*argv, "--arm", "experts", "--expert-lrs", "1e-3,2e-3,4e-3,8e-3"], capsys)
     assert rc == 2 and "branches from the best dense run" in out, out
+    rc, out = _run(
+        [*argv, "--arm", "experts", "--dense-lr", "1e39", "--expert-lrs", "1e-3,2e-3,4e-3,8e-3"], capsys
+    )
+    assert rc == 2 and "--dense-lr 1e+39: a positive learning rate of at most" in out, (
+        out
+    )  # its seed run's files
     assert not (tmp_path / "s").exists()
 
 

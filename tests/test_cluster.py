@@ -828,4 +828,6 @@ def test_a_fit_with_an_empty_cluster_and_an_assign_with_no_training_split_are_sa
     argv = ["cluster", "assign", "--clusterer", str(tmp_path / "c2"), "--data", str(data), "--balanced"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--valid-frac", "0.5", "--test-frac", "0.5"]) == 2
     assert "leave no training split for --balanced to cap" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "a"), "--valid-frac", "0.95"]) == 2
+    assert "--valid-frac 0.95 and --test-frac 0.05 (the clusterer's) leave no" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

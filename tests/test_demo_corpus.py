@@ -467,9 +467,21 @@ def test_an_output_folder_of_another_corpus_or_foreign_data_is_refused(tmp_path,
     mine.mkdir()
     (mine / "legal.jsonl").write_text('{"text": "my own legal text", "domain": "mine"}\n')
     for domains in (["legal"], ["drama"]):  # the file itself, or beside it
-        with pytest.raises(UserError, match=r"holds data this command did not write \(legal.jsonl\)"):
+        with pytest.raises(
+            UserError, match=r"holds data files or folders this command did not write \(legal.jsonl\)"
+        ):
             demo.build_demo_corpus(mine, domains=domains, cache_dir=cache, progress=False)
     assert (mine / "legal.jsonl").read_text() == '{"text": "my own legal text", "domain": "mine"}\n'
+    (train / "logs").mkdir()  # no data: not refused (a folder holding data is: `shards build` reads it)
+    demo.build_demo_corpus(train, domains=["legal"], cache_dir=cache, progress=False)
+    (train / "logs" / "x.jsonl").write_text('{"text": "t"}\n')
+    with pytest.raises(UserError, match=r"did not write \(logs/\)"):
+        demo.build_demo_corpus(train, domains=["legal"], cache_dir=cache, progress=False)
+    shutil.rmtree(train / "logs")
+    bad = tmp_path / "bad"  # a hand-edited manifest: a message, not a traceback
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"version": 1, "domains": null}')
+    demo.build_demo_corpus(bad, domains=["legal"], cache_dir=cache, progress=False)
     assert sorted(p.name for p in mine.iterdir()) == ["legal.jsonl"]
     assert sorted(p.name for p in train.iterdir()) == before
     with pytest.raises(UserError, match="given more than once"):

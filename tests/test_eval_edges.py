@@ -444,4 +444,21 @@ def test_the_domains_a_model_read_follow_its_training_state_and_merges_read_all(
         merged = tmp_path / record
         run(merged, ["a"])  # the first expert's run file, copied with the merge
         (merged / record).write_text("{}")
-        assert model_domains(merged) is None  # every domain
+        assert model_domains(merged) is None  # the record names no experts: every domain
+    # the seed mixed a and b; an expert added later on d: the merges read a, b and d, not c
+    run(tmp_path / "added", ["d"], init_checkpoint=str(state))
+    state_ab = tmp_path / "seed_ab"
+    state_ab.mkdir()
+    (state_ab / "state.json").write_text(json.dumps({"config": {"data": {"domains": ["a", "b"]}}}))
+    run(tmp_path / "ea", ["a"], init_checkpoint=str(state_ab))
+    run(tmp_path / "ed", ["d"], init_checkpoint=str(state_ab))
+    avg = tmp_path / "avg"
+    run(avg, ["a"], init_checkpoint=str(state_ab))
+    (avg / "elmforest_average.json").write_text(
+        json.dumps({"experts": [str(tmp_path / "ea"), str(tmp_path / "ed")]})
+    )
+    assert model_domains(avg) == {"a", "b", "d"}
+    moe = tmp_path / "moe"
+    run(moe, ["a"], init_checkpoint=str(state_ab))
+    (moe / "elmforest_moe.json").write_text(json.dumps({"experts": [{"domains": ["a"]}, {"domains": ["d"]}]}))
+    assert model_domains(moe) == {"a", "b", "d"}

@@ -82,7 +82,7 @@ def test_a_json_array_is_refused_naming_the_file(tmp_path, indent):
         list(iter_documents(tmp_path))
 
 
-def test_spark_part_files_take_their_folder_name(tmp_path):
+def test_spark_part_files_take_their_folder_name(tmp_path, capsys):
     folder = tmp_path / "news.parquet"
     folder.mkdir()
     for i in range(3):
@@ -99,6 +99,15 @@ def test_spark_part_files_take_their_folder_name(tmp_path):
     assert sorted({d.domain for d in docs}) == ["forum", "legal", "news"]
     assert len({d.id for d in docs}) == len(docs) == 5
     assert "news/part-00001-3f2a.snappy.parquet:1" in {d.id for d in docs}
+    assert "several folders" not in capsys.readouterr().err  # one table's parts share its folder
+    # two tables of one name in two folders: one domain, colliding ids: said, natively and by a builder
+    (tmp_path / "b" / "news.parquet").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"text": ["other"]}), tmp_path / "b" / "news.parquet" / "part-00000-3f2a.snappy.parquet"
+    )
+    for src in (tmp_path, f"parquet:{tmp_path}"):
+        list(iter_documents(src))
+        assert "(news in b/news.parquet, news.parquet)" in capsys.readouterr().err
 
 
 def test_a_builder_says_one_file_name_in_several_folders(tmp_path, capsys):

@@ -520,11 +520,21 @@ def test_a_copy_without_its_moe_does_not_show_the_originals_and_says_it_is_gone(
     showed the original's routing and curves as the copy's, and said nothing was missing."""
     qs = tmp_path / "qs"
     shutil.copytree(qs_dir, qs)
-    assert "heatmap-routing-moe" in render_report(qs)  # the copy's own
+    page = render_report(qs)
+    assert "heatmap-routing-moe" in page  # the copy's own
+    arms = page[page.index('id="arms"') :].split("</table>")[0]  # unmatched FLOPs red, as in the results
+    assert re.search(r'<td class="flag">\d\.\d{3}!</td>', arms), arms
     shutil.rmtree(qs / "moe")
     page = render_report(qs)
     assert "heatmap-routing-moe" not in page, "the original's MoE shown as the copy's"
-    assert f"{qs_dir / 'moe'}: a merged MoE the forest records, not found" in page
+    assert (
+        f"{qs_dir / 'moe'}: a merged MoE the forest records, made by another forest" in page
+    )  # the original's
+    shutil.copytree(qs, tmp_path / "moe-study" / "qs")  # a path holding "/moe" hid the row's note
+    shutil.rmtree(tmp_path / "moe-study" / "qs" / "forest")
+    assert "qs/moe: no merged MoE, yet results.json has its row (moe)" in render_report(
+        tmp_path / "moe-study" / "qs"
+    )
     alone = tmp_path / "alone"  # results.json alone: its MoE row's folder is said to be gone too
     alone.mkdir()
     shutil.copy(qs / "results.json", alone)

@@ -545,6 +545,10 @@ def test_a_run_that_trained_anothers_weights_is_counted_and_a_restore_keeps_earl
     total = f.total_flops()
     e = f.add(f.expert_dir(a), "a_again", f.expert(a)["domains"], tokens=5, flops=7, ran=True)
     assert (e["tokens"], e["flops"], e["copy_of"]) == (5, 7, a) and f.total_flops() == total + 7
+    a_files = forest.parent / "a_backup"  # `a` restored from its run: not a copy of its own copy
+    shutil.copytree(f.expert_dir(a), a_files)
+    e = f.add(a_files, a, f.expert(a)["domains"], tokens=11, flops=13, replace=True, ran=True)
+    assert "copy_of" not in e and Forest.load(forest).expert("a_again")["copy_of"] == a
     backup, domains = forest.parent / "b_backup", f.expert(b)["domains"]
     shutil.copytree(f.expert_dir(b), backup)
     f.remove(b)

@@ -78,11 +78,11 @@ def locate(path: str | Path) -> Sources:
             "forest dir (forest.json in it)"
         )
     src.moes, gone = _moe_dirs(root if src.kind == "quickstart" else None, [src.main] if src.main else [])
-    src.absent += gone
+    src.absent += gone.values()
     for m in sorted((src.results or {}).get("methods") or {}):  # rows of a merged MoE whose folder is gone
         folder = m.replace("_", "-")
         if m.startswith("moe") and not any(p.name == folder for p in src.moes):
-            if not any(f"{folder}:" in a or f"/{folder}" in a for a in src.absent):
+            if folder not in gone:  # said already, from the forest's record
                 src.absent.append(
                     f"{root / folder}: no merged MoE, yet results.json has its row ({m}): no routing or "
                     "training curve for it"
@@ -213,15 +213,16 @@ def _forest_dirs(root: Path) -> list[Path]:
     return main + others
 
 
-def _moe_dirs(root: Path | None, forests: list[Forest]) -> tuple[list[Path], list[str]]:
-    """The merged MoEs to show, and a sentence for each the forest records but that is not found: where
+def _moe_dirs(root: Path | None, forests: list[Forest]) -> tuple[list[Path], dict[str, str]]:
+    """The merged MoEs to show, and a sentence for each the forest records but that is not shown (by its
+    folder's name): where
     it was merged relative to the forest first (a copied or moved tree holds its own), the absolute
     path recorded only if this forest made what is there (a copy's record names the original's MoE,
     which a page about the copy must not show as its own)."""
     from elmforest.forest.copies import ours, recorded_places
 
     found = sorted(p for p in root.glob("moe*") if (p / "elmforest_moe.json").is_file()) if root else []
-    names, gone = {p.name for p in found}, []
+    names, gone = {p.name for p in found}, {}
     for f in forests:  # merged elsewhere but recorded in the manifest (it must delete them on opt-out)
         for o in f.data.get("outputs", []):
             recorded = Path(o["path"])
@@ -235,8 +236,13 @@ def _moe_dirs(root: Path | None, forests: list[Forest]) -> tuple[list[Path], lis
             if here:
                 found.append(here[0])
                 names.add(here[0].name)
+            elif any((p / "elmforest_moe.json").is_file() for p in recorded_places(f, o)):
+                gone[recorded.name] = (
+                    f"{recorded}: a merged MoE the forest records, made by another forest (the one this "
+                    "was copied from?): not shown as this one's"
+                )
             else:
-                gone.append(
+                gone[recorded.name] = (
                     f"{recorded}: a merged MoE the forest records, not found (nor beside the forest as "
                     f"{o.get('relative', '-')}): no routing or training curve for it"
                 )

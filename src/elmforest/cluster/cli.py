@@ -174,9 +174,11 @@ def assign(
         raise UserError(f"--slack {slack:g} loosens the cap of --balanced: it needs --balanced")
     fracs = _or_recorded(clusterer, valid_frac, test_frac) if given else None
     if fracs and sum(fracs) >= 1:
-        raise UserError(
-            f"--valid-frac {fracs[0]:g} and --test-frac {fracs[1]:g} leave no training split for --balanced to cap"
-        )
+        named = [
+            f"--{n}-frac {x:g}" + ("" if given_x is not None else " (the clusterer's)")
+            for n, x, given_x in (("valid", fracs[0], valid_frac), ("test", fracs[1], test_frac))
+        ]
+        raise UserError(f"{' and '.join(named)} leave no training split for --balanced to cap")
 
     rep = assign_corpus(
         clusterer,

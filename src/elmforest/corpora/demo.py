@@ -62,7 +62,16 @@ def claim_folder(out: Path, kind: str, old: dict | None, known: Iterable[str]) -
     sets into text some model trains on, or replace a user's own file of a domain's name. Files of the
     folder's manifest, and files whose first record is this builder's (a build killed before its
     manifest was written), are this builder's own."""
-    from elmforest.data.readers import SUPPORTED, is_metadata
+    from elmforest.data.readers import _TOKENIZER_FILES, SUPPORTED, _is_tokenizer_output, is_metadata
+
+    def data(p: Path) -> bool:  # what `shards build` of the folder would read as data
+        if p.name.startswith(".") or p.name == "manifest.json" or is_metadata(p.name):
+            return False
+        if p.is_dir():
+            return not _is_tokenizer_output(p) and any(
+                f.name.endswith(SUPPORTED) and not f.name.startswith(".") for f in p.rglob("*")
+            )
+        return p.name.endswith(SUPPORTED) and not (p.name in _TOKENIZER_FILES and _is_tokenizer_output(out))
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a folder")
@@ -78,18 +87,13 @@ def claim_folder(out: Path, kind: str, old: dict | None, known: Iterable[str]) -
     foreign = [
         p.name + ("/" if p.is_dir() else "")
         for p in sorted(out.iterdir())
-        if not p.name.startswith(".")
-        and p.name != "manifest.json"
-        and not is_metadata(p.name)
-        and (p.is_dir() or p.name.endswith(SUPPORTED))
-        and p.name not in listed
-        and not _written_here(p, known)
+        if data(p) and p.name not in listed and not _written_here(p, known)
     ]
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise UserError(
-            f"{out} holds data this command did not write ({shown}): building {kind} there would mix it "
-            "in or replace it; choose another --out (or move those files)"
+            f"{out} holds data files or folders this command did not write ({shown}): building {kind} there would mix them "
+            "in or replace them; choose another --out (or move those files)"
         )
 
 
@@ -146,7 +150,7 @@ def _load_manifest(path: Path) -> dict | None:
         return None
     if not isinstance(obj, dict) or obj.get("version") != MANIFEST_VERSION:
         return None
-    return obj
+    return obj if isinstance(obj.get("domains", {}), dict) else None  # hand-edited: as unreadable
 
 
 def format_report(manifest: dict) -> str:

@@ -312,7 +312,7 @@ def builder_files(builder: str, location: str) -> list[Path]:
         _say_shared_names(
             root,
             files,
-            lambda f: None if _builder_part(f, builder) else _builder_domain(f, builder),
+            lambda f: _builder_domain(f, builder),  # a part's folder is its table's
             f"a {builder} file's",
         )
     return files

@@ -176,11 +176,12 @@ def _say_shared_names(
     """JSONL/Parquet files of one name in different folders (drama/part1.jsonl, legal/part1.jsonl) name
     one domain where their records have no `domain` field, and their default ids (`part1:<line>`) are
     the same: the two folders' documents are mixed into one domain and paired into the same split. The
-    layout of a folder per domain holds for .txt files only; said, since the records decide. `named`
+    layout of a folder per domain holds for .txt files only; said, since the records decide. So are
+    two Spark tables of one name in two folders (`a/news.parquet/part-0...`, `b/news.parquet/...`). `named`
     gives a file's domain, or None for files the rule leaves out (a builder's files: hf_readers)."""
 
-    def native(f: Path) -> str | None:
-        ok = f.is_file() and not f.name.endswith(TEXT_SUFFIXES) and not _is_part(f)
+    def native(f: Path) -> str | None:  # a part's folder is its table: parts of one table share it
+        ok = f.is_file() and not f.name.endswith(TEXT_SUFFIXES)
         return _domain_from_name(f) if ok else None
 
     by: dict[str, set[Path]] = {}

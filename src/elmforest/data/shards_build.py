@@ -285,7 +285,8 @@ def _note_lookalikes(names: list[str]) -> None:
     import unicodedata
 
     def key(n: str) -> str:
-        n = "".join(c for c in unicodedata.normalize("NFC", n) if unicodedata.category(c) != "Cf")
+        n = unicodedata.normalize("NFC", n)  # ZWNJ and ZWJ change how text is drawn: kept
+        n = "".join(c for c in n if unicodedata.category(c) != "Cf" or c in "\u200c\u200d")
         return " ".join(n.split()).casefold()
 
     groups: dict[str, list[str]] = {}
@@ -294,7 +295,7 @@ def _note_lookalikes(names: list[str]) -> None:
     for same in (g for g in groups.values() if len(g) > 1):
         print(
             f"note: domains {', '.join(map(ascii, sorted(same)))} differ only in case, Unicode form, "
-            f"white space or invisible characters: {len(same)} domains that print alike",
+            f"white space or invisible characters: {len(same)} domains that may print alike",
             file=sys.stderr,
         )
 

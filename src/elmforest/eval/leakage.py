@@ -46,8 +46,8 @@ def _stamp(sources: list[str]) -> tuple:
     return tuple((x, tuple(map(tuple, file_stamps([x])))) for x in sources)
 
 
-# a merge of a forest's experts (an average, an MoE, a FlexOlmo merge): they branched from a seed that
-# mixed every domain, and the merge's elmforest_run.json is its first expert's, naming that domain alone
+# a merge of a forest's experts (an average, an MoE, a FlexOlmo merge): its elmforest_run.json is its
+# first expert's, naming that domain alone; what it read is its experts' domains and their seed's
 MERGE_RECORDS = ("elmforest_average.json", "elmforest_moe.json", "elmforest_flexolmo.json")
 
 
@@ -57,8 +57,9 @@ def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
     which mixed every domain), None for all of them."""
     out: set[str] = set()
     for _ in range(hops):
-        if any((mdir / f).is_file() for f in MERGE_RECORDS):
-            return None
+        if merged := next((f for f in MERGE_RECORDS if (mdir / f).is_file()), None):
+            inner = _merge_domains(mdir, merged, hops - 1)
+            return None if inner is None else out | inner
         run, state = mdir / "elmforest_run.json", mdir / "state.json"
         if run.is_file():
             cfg = read_json(run)
@@ -75,6 +76,31 @@ def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
             return out
         mdir = Path(start)
     return out
+
+
+def _merge_domains(mdir: Path, record: str, hops: int) -> set[str] | None:
+    """The domains a merge's experts read: an average's experts (their dirs, each followed to its
+    seed), an MoE's experts' domains and the seed its first expert started from; None (every domain)
+    where the record does not say."""
+    rec = read_json(mdir / record)
+    experts = rec.get("experts")
+    if not isinstance(experts, list) or not experts:
+        return None
+    if record == "elmforest_average.json" and all(isinstance(e, str) for e in experts):
+        out: set[str] = set()
+        for e in experts:
+            d = model_domains(Path(e), hops) if Path(e).is_dir() else None
+            if d is None:
+                return None
+            out |= d
+        return out
+    if record == "elmforest_moe.json" and all(isinstance(e, dict) for e in experts):
+        own = {x for e in experts for x in e.get("domains") or []}
+        run = read_json(mdir / "elmforest_run.json") if (mdir / "elmforest_run.json").is_file() else {}
+        start = (run.get("model") or {}).get("init_from") or (run.get("train") or {}).get("init_checkpoint")
+        seed = model_domains(Path(start), hops) if start and Path(start).is_dir() else None
+        return own | seed if own and seed is not None else None
+    return None
 
 
 def _split_key(spec: SplitSpec, dmap: dict) -> tuple:

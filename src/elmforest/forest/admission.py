@@ -30,7 +30,12 @@ def not_a_copy(d: dict, entry: dict, force: bool, ran: bool = False) -> None:
     name, files = entry["name"], entry["files"]
     if not files:
         return
-    if twin := next((e["name"] for e in d["experts"] if e["name"] != name and e.get("files") == files), None):
+    twins = (  # not a copy of this very expert (restored from its run: its copy is not its original)
+        e["name"]
+        for e in d["experts"]
+        if e["name"] != name and e.get("files") == files and e.get("copy_of") != name
+    )
+    if twin := next(twins, None):
         if ran:
             print(
                 f"note: expert {name!r} trained to expert {twin!r}'s weights, file for file (the same domain "

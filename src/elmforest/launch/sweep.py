@@ -32,7 +32,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from elmforest.config import RunConfig
+from elmforest.config import FLOAT32_MAX, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
@@ -142,6 +142,8 @@ def _sweep(
     for given, what in ((lrs, "dense"), (expert_lrs, "expert"), (continue_lrs, "dense continuation")):
         if given:  # refused before any run trains, not after the arms before it
             check_grid(given, what)
+    if dense_lr is not None and not (math.isfinite(dense_lr) and 0 < dense_lr <= FLOAT32_MAX):
+        raise UserError(f"--dense-lr {dense_lr:g}: a positive learning rate of at most {FLOAT32_MAX:.3g}")
     require_trackers(base.train.trackers)
     # absolute: a job on a Ray cluster (--address) runs in the worker's directory, not this one's
     shards = Shards(Path(shards_dir).resolve())
