@@ -228,15 +228,12 @@ def _moe_dirs(root: Path | None, forests: list[Forest]) -> tuple[list[Path], dic
             recorded = Path(o["path"])
             if o.get("kind") != "moe" or recorded.name in names:
                 continue
-            here = [
-                p
-                for p in reversed(recorded_places(f, o))  # relative to the forest first
-                if (p / "elmforest_moe.json").is_file() and ours(f, p, recorded)
-            ]
+            there = [p for p in reversed(recorded_places(f, o)) if (p / "elmforest_moe.json").is_file()]
+            here = [p for p in there if ours(f, p, recorded)]  # relative to the forest first
             if here:
                 found.append(here[0])
                 names.add(here[0].name)
-            elif any((p / "elmforest_moe.json").is_file() for p in recorded_places(f, o)):
+            elif there:
                 gone[recorded.name] = (
                     f"{recorded}: a merged MoE the forest records, made by another forest (the one this "
                     "was copied from?): not shown as this one's"

@@ -62,16 +62,8 @@ def claim_folder(out: Path, kind: str, old: dict | None, known: Iterable[str]) -
     sets into text some model trains on, or replace a user's own file of a domain's name. Files of the
     folder's manifest, and files whose first record is this builder's (a build killed before its
     manifest was written), are this builder's own."""
-    from elmforest.data.readers import _TOKENIZER_FILES, SUPPORTED, _is_tokenizer_output, is_metadata
-
-    def data(p: Path) -> bool:  # what `shards build` of the folder would read as data
-        if p.name.startswith(".") or p.name == "manifest.json" or is_metadata(p.name):
-            return False
-        if p.is_dir():
-            return not _is_tokenizer_output(p) and any(
-                f.name.endswith(SUPPORTED) and not f.name.startswith(".") for f in p.rglob("*")
-            )
-        return p.name.endswith(SUPPORTED) and not (p.name in _TOKENIZER_FILES and _is_tokenizer_output(out))
+    from elmforest.data.documents import DataError
+    from elmforest.data.readers import list_data_files, quiet_notes
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: not a folder")
@@ -84,10 +76,16 @@ def claim_folder(out: Path, kind: str, old: dict | None, known: Iterable[str]) -
         )
     listed = {v.get("file") for v in (old or {}).get("domains", {}).values() if isinstance(v, dict)}
     known = set(known)
+    try:  # what `shards build` of the folder reads as data, by the reader itself
+        with quiet_notes():
+            files = list_data_files(out)
+    except DataError:  # no data files at all
+        files = []
+    tops = sorted({f.relative_to(out).parts[0] for f in files})
     foreign = [
-        p.name + ("/" if p.is_dir() else "")
-        for p in sorted(out.iterdir())
-        if data(p) and p.name not in listed and not _written_here(p, known)
+        t + ("/" if (out / t).is_dir() else "")
+        for t in tops
+        if t not in listed and not _written_here(out / t, known)
     ]
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -143,7 +141,7 @@ def write_domain_jsonl(path: Path, domain: str, docs: Iterable[Doc]) -> dict:
     return {"documents": n_docs, "bytes": n_bytes, "sha256": digest.hexdigest()}
 
 
-def _load_manifest(path: Path) -> dict | None:
+def load_manifest(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -195,8 +193,8 @@ def build_demo_corpus(
         raise UserError(f"demo domain(s) {twice} given more than once")
     out = Path(out)
     manifest_path = out / "manifest.json"
-    old = _load_manifest(manifest_path)
-    kind = "the demo's out-of-domain evaluation sets" if eval_only else "the demo's training corpus"
+    old = load_manifest(manifest_path)
+    kind = corpus_kind({"eval_only": eval_only})
     claim_folder(out, kind, old, builders)
     old = old or {}
     cache = SourceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())

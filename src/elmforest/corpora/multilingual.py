@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmforest.corpora import multilingual_text as mt
-from elmforest.corpora.demo import claim_folder, write_domain_jsonl
+from elmforest.corpora.demo import claim_folder, corpus_kind, load_manifest, write_domain_jsonl
 from elmforest.corpora.demo_fetch import SkipDomain, SourceCache, default_cache_dir
 from elmforest.corpora.demo_sources import Doc, clean_text, parse_fortunes
 from elmforest.corpora.multilingual_langs import BY_CODE, LANGUAGES, Language, Source
@@ -267,12 +267,8 @@ def build_multilingual_corpus(
         raise UserError(f"language code(s) {twice} given more than once")
     out = Path(out)
     manifest_path = out / "manifest.json"
-    try:
-        found = json.loads(manifest_path.read_text(encoding="utf-8"))
-        found = found if isinstance(found, dict) and isinstance(found.get("domains"), dict) else None
-    except (OSError, ValueError):
-        found = None
-    claim_folder(out, "the multilingual corpus", found, BY_CODE)
+    found = load_manifest(manifest_path)
+    claim_folder(out, corpus_kind({"kind": "multilingual"}), found, BY_CODE)
     if cache is None:
         cache = SourceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     out.mkdir(parents=True, exist_ok=True)

@@ -71,11 +71,16 @@ def model_domains(mdir: Path, hops: int = 4) -> set[str] | None:
         if not doms:
             return None
         out |= set(doms)
-        start = (cfg.get("model") or {}).get("init_from") or (cfg.get("train") or {}).get("init_checkpoint")
-        if not start or not Path(start).is_dir():
+        if (start := _started_from(cfg)) is None:
             return out
-        mdir = Path(start)
+        mdir = start
     return out
+
+
+def _started_from(cfg: dict) -> Path | None:
+    """The model or training state a run started from (`model.init_from`, `train.init_checkpoint`)."""
+    start = (cfg.get("model") or {}).get("init_from") or (cfg.get("train") or {}).get("init_checkpoint")
+    return Path(start) if start and Path(start).is_dir() else None
 
 
 def _merge_domains(mdir: Path, record: str, hops: int) -> set[str] | None:
@@ -97,8 +102,7 @@ def _merge_domains(mdir: Path, record: str, hops: int) -> set[str] | None:
     if record == "elmforest_moe.json" and all(isinstance(e, dict) for e in experts):
         own = {x for e in experts for x in e.get("domains") or []}
         run = read_json(mdir / "elmforest_run.json") if (mdir / "elmforest_run.json").is_file() else {}
-        start = (run.get("model") or {}).get("init_from") or (run.get("train") or {}).get("init_checkpoint")
-        seed = model_domains(Path(start), hops) if start and Path(start).is_dir() else None
+        seed = model_domains(start, hops) if (start := _started_from(run)) else None
         return own | seed if own and seed is not None else None
     return None
 
