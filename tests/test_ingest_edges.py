@@ -256,6 +256,52 @@ def test_tokenizer_train_refuses_a_folder_holding_other_files(corpus, shards_dir
     assert rc == 0 and "note: learned 261 of the 1,000 tokens asked" in out, out
 
 
+def test_shards_build_says_when_the_tokenizer_learned_from_documents_it_holds_out(corpus, tmp_path, capsys):
+    """A tokenizer trained with nothing held out was taken by `shards build` at its defaults without a
+    word: held-out text had shaped the vocabulary. It is said and recorded (the fingerprint unchanged)."""
+    tok = tmp_path / "tok"
+    argv = ["tokenizer", "train", "--data", corpus, "--out", tok, "--vocab-size", 300]
+    assert _run([*argv, "--valid-frac", 0, "--test-frac", 0], capsys)[0] == 0
+    plain = tmp_path / "plain"  # the same tokenizer without its record (older versions, or copied by hand)
+    plain.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, plain / name)
+
+    def build(out, data, tokenizer, *more):
+        rc, said = _run(
+            [
+                "shards",
+                "build",
+                "--data",
+                data,
+                "--tokenizer",
+                tokenizer,
+                "--out",
+                tmp_path / out,
+                "--no-progress",
+                *more,
+            ],
+            capsys,
+        )
+        assert rc == 0, said
+        return said, Shards(tmp_path / out)
+
+    said, saw = build("saw", corpus, tok)
+    assert "note: the tokenizer learned from documents these shards hold out" in said
+    assert "0 valid / 0 test held out, and these shards hold out 0.05 / 0.05" in said
+    assert saw.index["tokenizer_saw_held_out"]["split"]["valid_frac"] == 0
+    said, unsaid = build("unsaid", corpus, plain)
+    assert "learned from documents" not in said and "tokenizer_saw_held_out" not in unsaid.index
+    assert saw.fingerprint == unsaid.fingerprint  # the same data: runs on either are the same runs
+    one_file = next(f for f in sorted(corpus.iterdir()) if f.suffix == ".jsonl")
+    assert "learned from documents" in build("file", one_file, tok / "tokenizer.json")[0]  # a file of it
+    assert _run([*argv, "--valid-frac", 0.1, "--test-frac", 0.1], capsys)[0] == 0
+    assert "learned from documents" not in build("held", corpus, tok)[0]  # held out more than the shards
+    assert "learned from documents" in build("more", corpus, tok, "--valid-frac", 0.2)[0]
+    (tok / "tokenizer.json").write_bytes((plain / "tokenizer.json").read_bytes())  # replaced by hand
+    assert "learned from documents" not in build("hand", corpus, tok, "--valid-frac", 0.2)[0]
+
+
 def test_training_refuses_shards_whose_tokenizer_was_replaced(shards_dir, tmp_path, capsys):
     s = tmp_path / "s"
     shutil.copytree(shards_dir, s)

@@ -249,10 +249,13 @@ def tokenizer_train(
     read: ReadArgs = DEFAULT_READ,
 ) -> None:
     """Train a byte-level BPE on a sample of the training split."""
+    from dataclasses import asdict
     from pathlib import Path
 
     from elmforest.data.bpe import train_bpe_on
-    from elmforest.data.tokenizer import save_tokenizer
+    from elmforest.data.sources import resolve_source
+    from elmforest.data.splits import SplitSpec
+    from elmforest.data.tokenizer import TRAINING_RECORD, save_tokenizer, write_training_record
 
     o = Path(out)
     if o.exists():  # a shards or checkpoint folder would get a tokenizer its token ids do not match
@@ -261,7 +264,7 @@ def tokenizer_train(
         other = sorted(
             p.name
             for p in o.iterdir()
-            if p.name not in ("tokenizer.json", "tokenizer_config.json")
+            if p.name not in ("tokenizer.json", "tokenizer_config.json", TRAINING_RECORD)
             and not p.name.startswith(".")  # .DS_Store, a write cut short (.NAME.tmp~...)
         )
         if other:
@@ -271,10 +274,13 @@ def tokenizer_train(
             )
     before = o / "tokenizer.json"
     before = before.read_bytes() if before.is_file() else None
+    source = read.source(data)
     tok, stats = train_bpe_on(
-        read.source(data), vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
+        source, vocab_size, sample_bytes_per_domain, valid_frac=valid_frac, test_frac=test_frac
     )
+    (o / TRAINING_RECORD).unlink(missing_ok=True)  # a kill before the new one is written leaves no stale one
     save_tokenizer(tok, out)
+    write_training_record(out, tok, resolve_source(source), asdict(SplitSpec(valid_frac, test_frac)))
     print(f"read {stats.summary()}")
     if before is not None and before != (o / "tokenizer.json").read_bytes():
         print(

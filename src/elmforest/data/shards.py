@@ -92,7 +92,9 @@ class Shards:
         return _digest(self._content())
 
     def _content(self) -> dict:
-        return {k: v for k, v in self.index.items() if k not in ("source", "in_train")}
+        return {
+            k: v for k, v in self.index.items() if k not in ("source", "in_train", "tokenizer_saw_held_out")
+        }
 
     @property
     def fingerprints(self) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from elmforest.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
     save_tokenizer,
+    training_record,
 )
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
@@ -245,6 +246,8 @@ def build_shards(
             index["domain_map"] = dict(sorted(domain_map.items()))
         if in_train:
             index["in_train"] = in_train
+        if saw := _tokenizer_saw_held_out(tokenizer, tok, sources, split):
+            index["tokenizer_saw_held_out"] = saw
         order_seconds = 0.0
         if orderer is not None:
             if warming is not None:
@@ -272,6 +275,46 @@ def build_shards(
         index.get("order"),
         order_seconds,
     )
+
+
+def _tokenizer_saw_held_out(
+    tokenizer, tok: LoadedTokenizer, sources: list[str], split: SplitSpec
+) -> dict | None:
+    """What `tokenizer train` learned from, when it read documents these shards hold out: the same data
+    (or a folder holding it, or a file of it) with a smaller share held out. Said, and recorded in the
+    index, not refused: the held-out text shaped the vocabulary, which flatters held-out BPB a little."""
+    if isinstance(tokenizer, LoadedTokenizer) or (record := training_record(tokenizer, tok)) is None:
+        return None
+    seen = record.get("split") or {}
+    try:
+        ours = SplitSpec(**seen)
+    except (TypeError, UserError):
+        return None  # a record of another version: no claim
+    if (
+        ours.by_file != split.by_file
+        or ours.valid_frac + ours.test_frac >= split.valid_frac + split.test_frac
+    ):
+        return None  # it learned from none of the documents held out here
+
+    def within(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        if parse_source(a).format is not None or parse_source(b).format is not None:
+            return False
+        pa, pb = Path(a), Path(b)
+        return pa in pb.parents or pb in pa.parents
+
+    data = str(record.get("data"))
+    if not any(within(data, resolve_source(s)) for s in sources):
+        return None
+    print(
+        f"note: the tokenizer learned from documents these shards hold out: it was trained on {data} with "
+        f"{ours.valid_frac:g} valid / {ours.test_frac:g} test held out, and these shards hold out "
+        f"{split.valid_frac:g} / {split.test_frac:g}, so held-out text shaped its vocabulary (a slightly "
+        "flattering held-out BPB); train the tokenizer with the same --valid-frac and --test-frac",
+        file=sys.stderr,
+    )
+    return {"data": data, "split": asdict(ours)}
 
 
 def _text_key(text: str) -> int:

@@ -313,3 +313,28 @@ def _find_eos(tok: Tokenizer, directory: Path) -> int:
         if i is not None:
             return i
     raise UserError(f"{directory}: cannot determine the tokenizer's EOS token")
+
+
+# What `tokenizer train` learned from, beside the tokenizer: a *.meta.json (never read as data), so that
+# `shards build` can say when the tokenizer saw text the shards hold out (held-out text shaping the
+# vocabulary flatters held-out BPB a little, and nothing else would tell).
+TRAINING_RECORD = "tokenizer_training.meta.json"
+
+
+def write_training_record(out_dir: str | os.PathLike, tok: LoadedTokenizer, data: str, split: dict) -> None:
+    with atomic_path(Path(out_dir) / TRAINING_RECORD) as tmp:
+        record = {"fingerprint": tok.fingerprint(), "data": data, "split": split}
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def training_record(path: str | os.PathLike, tok: LoadedTokenizer) -> dict | None:
+    """The record of the tokenizer at `path` (a folder or its tokenizer.json), if it describes `tok`:
+    one written before the tokenizer.json was replaced by another describes nothing."""
+    p = Path(path)
+    f = (p if p.is_dir() else p.parent) / TRAINING_RECORD
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None  # none (a tokenizer of older versions, or not trained here), or unreadable: no claim
+    ok = isinstance(record, dict) and record.get("fingerprint") == tok.fingerprint()
+    return record if ok else None

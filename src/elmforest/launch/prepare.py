@@ -6,7 +6,7 @@ scaling study."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from elmforest.data.bpe import train_bpe_on
@@ -14,7 +14,8 @@ from elmforest.data.readers import quiet_notes
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
-from elmforest.data.tokenizer import load_tokenizer, save_tokenizer
+from elmforest.data.splits import SplitSpec
+from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, write_training_record
 from elmforest.forest.plan import check_expert_names
 from elmforest.launch.corpus_source import (
     SOURCE_FILE,
@@ -200,6 +201,9 @@ def prepare_data(
             source_file, {**record, "tokenizer": {**want_tok, "domains": only}, "corpus_domains": every}
         )
         save_tokenizer(tok, tok_dir)
+        write_training_record(
+            tok_dir, tok, resolve_source(corpus), asdict(SplitSpec())
+        )  # shards build's note
 
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
