@@ -14,6 +14,7 @@ from elmforest.data.readers import quiet_notes
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
+from elmforest.data.sources import resolve_source
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer, save_tokenizer, write_training_record
 from elmforest.forest.plan import check_expert_names
@@ -102,7 +103,7 @@ def prepare_data(
     else:
         import glob
 
-        from elmforest.data.sources import parse_source, resolve_source
+        from elmforest.data.sources import parse_source
 
         loc = parse_source(corpus).location if corpus is not None else None
         if (
@@ -201,9 +202,7 @@ def prepare_data(
             source_file, {**record, "tokenizer": {**want_tok, "domains": only}, "corpus_domains": every}
         )
         save_tokenizer(tok, tok_dir)
-        write_training_record(
-            tok_dir, tok, resolve_source(corpus), asdict(SplitSpec())
-        )  # shards build's note
+        write_training_record(tok_dir, tok, resolve_source(corpus), asdict(SplitSpec()))
 
     if not Shards.is_shards_dir(shards_dir):
         how = f" (training documents in {orderer.name} order, seed {order_seed})" if orderer else ""
