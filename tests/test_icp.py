@@ -317,6 +317,8 @@ def test_token_documents_are_ordered_and_checked():
         (np.ones((4, 3)), {"dedup_threshold": 0.0}, r"dedup_threshold must be in \(0, 1\]"),
         (np.ones((4, 3)), {"dedup_threshold": 1.5}, r"dedup_threshold must be in \(0, 1\]"),
         (np.ones((4, 3)), {"nprobe": 0}, "nprobe"),
+        (np.ones((4, 3)), {"seed": 2**31}, r"seed must be an integer in \[0, 2\*\*31\)"),
+        (np.ones((4, 3)), {"seed": -1}, r"seed must be an integer in \[0, 2\*\*31\)"),
         (["text", 3], {}, "texts, TokenDocuments or a 2-D embedding array"),
         (["a b", "c d"], {"svd_dtype": "float16"}, "svd_dtype must be 'float32' or 'float64'"),
         (["a b", "c d"], {"svd_normalizer": "qr"}, "svd_normalizer must be"),

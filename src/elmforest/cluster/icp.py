@@ -77,7 +77,9 @@ class IcpPlan:
     stats: dict = field(default_factory=dict)
 
 
-def _check(k, dedup_threshold, exact_limit, nprobe, chunk):
+def _check(k, dedup_threshold, exact_limit, nprobe, chunk, seed):
+    if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**31:  # faiss's C int, scikit-learn's
+        raise UserError(f"ICP seed must be an integer in [0, 2**31), got {seed!r}")
     if not isinstance(k, int | np.integer) or k < 1:
         raise UserError(f"ICP k (neighbours per document) must be an integer ≥ 1, got {k!r}")
     if dedup_threshold is not None and not (0.0 < float(dedup_threshold) <= 1.0):
@@ -111,7 +113,7 @@ def icp_plan(
     `whole`: the whole documents (TokenDocuments or texts; `data` itself when it is either) that judge
     duplicates: exact ones by their content, and a pair whose embedded prefixes pass the threshold
     is a near-duplicate only if the whole documents' tf-idf cosine passes it too."""
-    _check(k, dedup_threshold, exact_limit, nprobe, chunk)
+    _check(k, dedup_threshold, exact_limit, nprobe, chunk, seed)
     threads = threads or default_threads()
     t = {"start": time.perf_counter()}
 

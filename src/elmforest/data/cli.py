@@ -18,6 +18,7 @@ from elmforest.utils.argtypes import (
     nonneg_int,
     opt,
     positive_int,
+    seed31,
     unit_fraction,
     verb,
 )
@@ -78,7 +79,7 @@ class OrderArgs:
             "documents adjacent, near-duplicates dropped); valid/test stay as read"
         ),
     ] = "source"
-    order_seed: Annotated[int, opt("seed of the random and icp orders", nonneg_int)] = 0
+    order_seed: Annotated[int, opt("seed of the random and icp orders", seed31)] = 0
     icp_k: Annotated[
         int, opt("icp: nearest neighbours per document in the similarity graph", positive_int)
     ] = 10
