@@ -594,6 +594,28 @@ def test_a_prompt_past_what_the_context_can_hold_is_refused_before_tokenizing(se
     assert max_prompt_bytes(NS(seq_len=10, tok=NS(token_bytes=[b"", b"ab"], tokenizer=added))) == 2 * 10 * 13
 
 
+def test_a_token_id_prompt_opening_with_eos_is_not_charged_for_it_twice(served):
+    """The EOS that opens every document is put in front of a prompt that lacks it: a token-id prompt
+    that opens with it was refused one token short of the context (its EOS counted as a prompt token)."""
+    from elmforest.clients.server_api import ApiError, parse_completion
+
+    lm, _, _ = served
+    body = [5] * (lm.seq_len - 1)
+
+    def parse(ids, **more):
+        return parse_completion({"model": "f", "prompt": ids, **more}, lm, "f", lm.vocab_size)
+
+    parse(body, max_tokens=1)
+    parse([lm.eos_id, *body], max_tokens=1)  # refused before: 65 tokens requested of 64
+    parse([lm.eos_id, *body, 5], max_tokens=0, echo=True)  # scoring it reads seq_len positions
+    for ids in ([5, *body], [lm.eos_id, 5, *body]):
+        with pytest.raises(ApiError, match=f"you requested {lm.seq_len + 1} tokens"):
+            parse(ids, max_tokens=1)
+    with pytest.raises(ApiError) as e:
+        parse(body, max_tokens=10**400)
+    assert f"({lm.seq_len - 1} in the prompt, {str(10**400)[:57]}... for" in str(e.value)  # not 400 digits
+
+
 def test_a_body_larger_than_any_request_could_need_is_refused_as_it_arrives(served, monkeypatch):
     from elmforest.clients.server_api import max_prompt_bytes
 

@@ -247,17 +247,19 @@ def parse_completion(
             "'max_tokens' must be at least 1 (0 only with echo, to score the prompt)", "max_tokens"
         )
     for p in req.prompts:
-        if len(p.ids) > lm.seq_len:
+        # the document's opening EOS is put in front of a prompt unless it opens with one: not counted twice
+        n = len(p.ids) - (1 if p.ids and p.ids[0] == lm.eos_id else 0)
+        if n > lm.seq_len:
             raise ApiError(
                 f"this model's maximum context length is {lm.seq_len} tokens, however the prompt has "
-                f"{len(p.ids)} tokens",
+                f"{n} tokens",
                 "prompt",
                 code="context_length_exceeded",
             )
-        if len(p.ids) + req.max_tokens > lm.seq_len:
+        if n + req.max_tokens > lm.seq_len:
             raise ApiError(
                 f"this model's maximum context length is {lm.seq_len} tokens, however you requested "
-                f"{len(p.ids) + req.max_tokens} tokens ({len(p.ids)} in the prompt, {req.max_tokens} for "
+                f"{_shown(n + req.max_tokens)} tokens ({n} in the prompt, {_shown(req.max_tokens)} for "
                 "the completion); reduce the prompt or max_tokens",
                 "max_tokens",
                 code="context_length_exceeded",
