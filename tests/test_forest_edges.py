@@ -384,6 +384,29 @@ def test_a_k_above_the_number_of_experts_is_said(forest_dir, shards_dir, capsys)
     assert json.dumps(many, sort_keys=True, default=str) == json.dumps(every, sort_keys=True, default=str)
 
 
+def test_cluster_k_counts_clusters_where_one_expert_serves_several(
+    forest_dir, clusterer_dir, shards_dir, tmp_path, capsys
+):
+    """--k was capped at the number of experts: with one expert serving two of three clusters, `--k 3`
+    became top-2 clusters (not c-BTM's dense mixture over all three), said as 'every expert is used'."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest.evaluate import evaluate_forest_shards
+
+    src = Forest.load(forest_dir)
+    f = Forest.init(tmp_path / "f")
+    f.set_clusterer(clusterer_dir)
+    f.add(src.expert_dir(src.names[0]), "c01", ["cluster0", "cluster1"])
+    f.add(src.expert_dir(src.names[1]), "cluster2", ["cluster2"])
+    s = Shards(shards_dir)
+    kw = dict(mode="cluster", seq_len=32, max_bytes=300, domains=s.domains[:1])
+    two, three = (evaluate_forest_shards(f, s, k=k, **kw) for k in (2, 3))
+    assert "more than" not in capsys.readouterr().err
+    more = evaluate_forest_shards(f, s, k=5, **kw)
+    assert "--k 5 is more than the 3 clusters with an expert" in capsys.readouterr().err
+    assert two["mean_bpb"] != three["mean_bpb"]  # all three clusters weigh in at k=3
+    assert (three["k"], more["k"]) == (3, 3) and more["mean_bpb"] == three["mean_bpb"]
+
+
 def test_the_ledger_counts_router_training_and_every_output_that_ran(forest_dir, shards_dir, tmp_path):
     from elmforest.cli import main
 

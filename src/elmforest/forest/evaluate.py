@@ -139,9 +139,9 @@ def evaluate_forest_shards(
     n = len(names)
     if mode in ("topk", "cluster") and k < 1:  # cluster: no cluster routed to, NaN weights
         raise UserError(f"k must be at least 1, got {k}")
-    if mode in ("topk", "cluster") and k > n:
+    if mode == "topk" and k > n:  # cluster: k counts clusters, and one expert may serve several (below)
         print(f"note: --k {k} is more than the forest's {n} experts: every expert is used", file=sys.stderr)
-    k = min(k, n)
+        k = n
     if mode == "average":
         warn_unrelated(forest, names, "averaging")
     own_pool = pool is None  # nobody scores these domains again with it: keep one domain's log-probs
@@ -170,6 +170,12 @@ def evaluate_forest_shards(
             reroute=reroute,
             context=router_context,
         )
+        if k > (clusters := int(cluster_ctx.allowed.sum())):
+            print(
+                f"note: --k {k} is more than the {clusters} clusters with an expert: every one is used",
+                file=sys.stderr,
+            )
+            k = clusters
     # mode average: one model, holding the average of the last weights (a uniform prior: one average)
     averaged, averaged_by = None, None
     for d in wanted:
