@@ -133,7 +133,9 @@ def test_cluster_fit_on_a_split_uses_the_given_fractions(corpus, tmp_path, capsy
     assert main([*argv, "--overwrite"]) == 0
 
 
-def test_shards_assigned_by_another_clusterer_are_refused(clusterer_dir, corpus, tokenizer_dir, tmp_path):
+def test_shards_assigned_by_another_clusterer_are_refused(
+    clusterer_dir, corpus, tokenizer_dir, tmp_path, capsys
+):
     """Any clusterer of the same k names its clusters cluster0..k-1: shards assigned by another one
     passed, and routing then sent code text to the legal expert."""
     from elmforest.cluster.assign import assign_corpus, fit_clusterer
@@ -151,6 +153,39 @@ def test_shards_assigned_by_another_clusterer_are_refused(clusterer_dir, corpus,
     _check_cluster_domains(str(clusterer_dir), domains, str(sh))
     shutil.copytree(clusterer_dir, tmp_path / "copy")  # a copy (a forest keeps one) is the same clusterer
     _check_cluster_domains(str(tmp_path / "copy"), domains, str(sh))
+    # the assign output moved or deleted: the index keeps the clusterer's checksum (unchecked before)
+    fingerprint = Shards(sh).fingerprint
+    shutil.rmtree(tmp_path / "clusters")
+    with pytest.raises(UserError, match="assigned by another clusterer"):
+        _check_cluster_domains(str(other), domains, str(sh))
+    _check_cluster_domains(str(clusterer_dir), domains, str(sh))
+    index = json.loads((Path(sh) / "index.json").read_text())
+    del index["assigned_by"]  # shards of older versions: said, not refused (nothing to check against)
+    (Path(sh) / "index.json").write_text(json.dumps(index))
+    _check_cluster_domains(str(other), domains, str(sh))
+    assert "cannot tell which clusterer assigned its clusters" in capsys.readouterr().err
+    assert Shards(sh).fingerprint == fingerprint  # where it came from, not what it holds
+
+
+def test_a_forest_whose_clusterer_was_replaced_is_refused_and_fsck_names_it(cluster_forest, tmp_path, corpus):
+    """A consistent clusterer of the same k copied over the forest's own passed fsck, and routing used its
+    centres without a word."""
+    from elmforest.cluster.assign import fit_clusterer
+    from elmforest.forest.cluster_route import ClusterRouting
+    from elmforest.forest.optout import fsck
+
+    f = tmp_path / "f"
+    shutil.copytree(cluster_forest, f, symlinks=True)
+    forest = Forest.load(f)
+    assert forest.data["clusterer"]["sha256"] and fsck(forest)[1] == []
+    ClusterRouting(forest, forest.names, 1, 0.1)
+    other = tmp_path / "other"
+    fit_clusterer(corpus, 3, other, sample_docs=1000, dims=16, min_df=1, seed=5)
+    shutil.rmtree(f / "clusterer")
+    shutil.copytree(other, f / "clusterer")
+    with pytest.raises(UserError, match="not the clusterer its experts were trained on"):
+        ClusterRouting(forest, forest.names, 1, 0.1)
+    assert any("not the clusterer its experts were trained on" in w for w in fsck(forest)[1])
 
 
 def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(

@@ -32,13 +32,14 @@ import numpy as np
 from elmforest.cluster.clusterer import Clusterer
 from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
 from elmforest.data.readers import ReadStats, iter_documents
+from elmforest.data.shards_build import ASSIGN_REPORT
 from elmforest.data.sources import refuse_out_in_data, resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic
 from elmforest.utils.proc import die_with_parent, stopped_with
 from elmforest.utils.threads import cpu_cores
 
-REPORT = "report.meta.json"
+REPORT = ASSIGN_REPORT  # shards build keeps its clusterer's checksum in the index
 _LEGACY_REPORT = "report.json"  # its name before: `shards build` read it as (bad) data
 # what an earlier output may hold: cluster files, the report, and temporaries of a killed older version
 _OWN = re.compile(r"cluster\d+\.jsonl|report(\.meta)?\.json|\.(cluster\d+\.jsonl|report(\.meta)?\.json)\..*")

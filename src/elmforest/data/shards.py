@@ -36,6 +36,8 @@ from elmforest.utils.io import (
 )
 
 INDEX_VERSION = 1
+# where the data came from and what was said of it, not what the shards hold: outside the fingerprint
+_PROVENANCE = ("source", "in_train", "tokenizer_saw_held_out", "assigned_by")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -92,9 +94,7 @@ class Shards:
         return _digest(self._content())
 
     def _content(self) -> dict:
-        return {
-            k: v for k, v in self.index.items() if k not in ("source", "in_train", "tokenizer_saw_held_out")
-        }
+        return {k: v for k, v in self.index.items() if k not in _PROVENANCE}
 
     @property
     def fingerprints(self) -> tuple[str, ...]:

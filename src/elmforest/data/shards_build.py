@@ -33,12 +33,16 @@ from elmforest.data.tokenizer import (
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     as_write_error,
+    read_json,
     remove_path,
     replace_dir,
     temp_sibling,
     write_json_atomic,
 )
 
+ASSIGN_REPORT = (
+    "report.meta.json"  # `cluster assign`'s report beside the corpus it writes (cluster/assign.py)
+)
 PENDING_BYTES = 256 << 20  # tokens held in memory over every (domain, split) before all are written
 
 
@@ -248,6 +252,8 @@ def build_shards(
             index["in_train"] = in_train
         if saw := _tokenizer_saw_held_out(tokenizer, tok, sources, split):
             index["tokenizer_saw_held_out"] = saw
+        if by := _assigned_by(sources):
+            index["assigned_by"] = by
         order_seconds = 0.0
         if orderer is not None:
             if warming is not None:
@@ -275,6 +281,21 @@ def build_shards(
         index.get("order"),
         order_seconds,
     )
+
+
+def _assigned_by(sources: list[str]) -> dict | None:
+    """The clusterer that assigned the corpus's clusters (`cluster assign`'s output), kept in the index:
+    c-BTM's forest verbs check it against the forest's clusterer, and read it beside the corpus only,
+    so shards whose corpus folder was moved or deleted went unchecked."""
+    if len(sources) != 1 or parse_source(sources[0]).format is not None:
+        return None
+    report = Path(sources[0]) / ASSIGN_REPORT
+    try:
+        r = read_json(report) if report.is_file() else None
+    except UserError:
+        return None
+    digest = r.get("clusterer_sha256") if isinstance(r, dict) else None
+    return {"clusterer": r.get("clusterer"), "clusterer_sha256": digest} if isinstance(digest, str) else None
 
 
 def _tokenizer_saw_held_out(

@@ -294,9 +294,20 @@ def _check_cluster_domains(clusterer: str, domains: list[str], shards: str) -> N
             f"{shards}: domain(s) {other[:5]} are not the clusterer's clusters (cluster0..cluster{k - 1}); "
             f"build the shards from `elmforest cluster assign --clusterer {clusterer}`'s output"
         )
-    # the names match for any clusterer of this k: the assignment must be this clusterer's
-    by, digest = assigned_by(Shards(shards).index.get("source"))
-    if digest is not None and digest != clusterer_digest(clusterer):
+    # the names match for any clusterer of this k: the assignment must be this clusterer's (recorded in
+    # the index; shards of older versions: in the assign report beside their corpus, if still there)
+    index = Shards(shards).index
+    rec = index.get("assigned_by") or {}
+    by, digest = rec.get("clusterer"), rec.get("clusterer_sha256")
+    if digest is None:
+        by, digest = assigned_by(index.get("source"))
+    if digest is None:
+        print(
+            f"note: {shards}: cannot tell which clusterer assigned its clusters (built by an older elmforest, "
+            f"and the `cluster assign` output it was built from is gone): make sure it was {clusterer}",
+            file=sys.stderr,
+        )
+    elif digest != clusterer_digest(clusterer):
         raise UserError(
             f"{shards}: its clusters were assigned by another clusterer ({by}), not {clusterer}: the names "
             f"match but not the documents, so routing would send text to the wrong experts; build the shards "

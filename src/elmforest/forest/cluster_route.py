@@ -41,6 +41,8 @@ class ClusterRouting:
                 f"{forest.root}: the forest has no clusterer; cluster routing needs a c-BTM forest: experts "
                 "trained on `cluster assign` shards by `elmforest forest train --clusterer DIR ...`"
             )
+        if problem := forest.clusterer_problem():
+            raise UserError(f"{forest.root}: {problem}")
         self.clusterer = Clusterer.load(forest.root / info["path"])
         # a cluster served by several experts goes to the last of them (in `names` order): said, as
         # the others then never run (an expert added later on a cluster, `forest add` / `forest expert`)

@@ -267,6 +267,8 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
                 )
             )
     wrong += _seed_problems(forest)
+    if problem := forest.clusterer_problem():
+        wrong.append(problem)
     known = set(forest.names)
     experts = forest.root / "experts"
     if experts.is_dir():

@@ -192,6 +192,7 @@ class ForestRecords:
 
     def set_clusterer(self, clusterer_dir: str | Path) -> None:
         """Keep a copy of the c-BTM clusterer that defines the experts' clusters (for routing)."""
+        from elmforest.cluster.assign import clusterer_digest
         from elmforest.cluster.clusterer import Clusterer
 
         c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
@@ -210,7 +211,32 @@ class ForestRecords:
                 )
         with staged_dir(self.root / "clusterer") as tmp:
             copy_regular_files(Path(clusterer_dir), tmp)
-        self.update(lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims}))
+        digest = clusterer_digest(clusterer_dir)
+        self.update(
+            lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims, "sha256": digest})
+        )
+
+    def clusterer_problem(self) -> str | None:
+        """What is wrong with the forest's copy of its clusterer: unreadable, or another clusterer than the
+        one its experts were trained on (a consistent clusterer of the same k put in its place routed text
+        to the wrong experts without a word). Forests made before the checksum was recorded: readability."""
+        from elmforest.cluster.assign import clusterer_digest
+        from elmforest.cluster.clusterer import Clusterer, ClustererError
+
+        info = self.data.get("clusterer")
+        if not info:
+            return None
+        where = self.root / info["path"]
+        try:
+            Clusterer.load(where)
+        except ClustererError as e:
+            return f"the clusterer: {e}"
+        if info.get("sha256") is not None and clusterer_digest(where) != info["sha256"]:
+            return (
+                f"the clusterer: {where} is not the clusterer its experts were trained on (its checksum is not "
+                "forest.json's): routing would send text to the wrong experts; copy the forest's own back"
+            )
+        return None
 
 
 # the manifest's timestamps: forest/manifest.py stamps the forest, its seed and its experts with it too
