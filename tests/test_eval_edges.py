@@ -11,6 +11,7 @@ import pytest
 
 from elmforest.cli import main
 from elmforest.config import RunConfig
+from elmforest.data.shards import Shards
 from elmforest.forest.manifest import Forest
 from elmforest.launch.sweep import sweep
 from elmforest.utils.errors import UserError
@@ -202,7 +203,10 @@ def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(
         "train.steps=2",
     ]
     assert main([*argv, "--clusterer", str(clusterer_dir)]) == 2
-    assert "are not the clusterer's clusters (cluster0..cluster2)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "are not the clusterer's clusters (cluster0..cluster2)" in err
+    n = len(Shards(shards_dir).domains)
+    assert f"{n} domain(s) (" in err and (", ...)" in err) == (n > 5)  # how many, not five of them unsaid
     assert not (tmp_path / "f").exists()  # refused before anything was created
     g = tmp_path / "g"
     shutil.copytree(cluster_forest, g, symlinks=True)  # a c-BTM forest trained further: its own clusterer

@@ -291,7 +291,8 @@ def _check_cluster_domains(clusterer: str, domains: list[str], shards: str) -> N
     other = [d for d in domains if d not in names]
     if other:
         raise UserError(
-            f"{shards}: domain(s) {other[:5]} are not the clusterer's clusters (cluster0..cluster{k - 1}); "
+            f"{shards}: {len(other)} domain(s) ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}) are "
+            f"not the clusterer's clusters (cluster0..cluster{k - 1}); "
             f"build the shards from `elmforest cluster assign --clusterer {clusterer}`'s output"
         )
     # the names match for any clusterer of this k: the assignment must be this clusterer's (recorded in
