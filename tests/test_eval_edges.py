@@ -140,7 +140,6 @@ def test_shards_assigned_by_another_clusterer_are_refused(
     """Any clusterer of the same k names its clusters cluster0..k-1: shards assigned by another one
     passed, and routing then sent code text to the legal expert."""
     from elmforest.cluster.assign import assign_corpus, fit_clusterer
-    from elmforest.data.shards import Shards
     from elmforest.data.shards_build import build_shards
     from elmforest.forest.cli import _check_cluster_domains
 
@@ -216,8 +215,6 @@ def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(
     )
     assert "are not the clusterer's clusters" in capsys.readouterr().err
     # and one phase at a time: `forest expert` / `forest seed` trained on them, never to be routed to
-    from elmforest.data.shards import Shards
-
     before = (g / "forest.json").read_text()
     one = ["--forest", str(g), "--shards", str(shards_dir)]
     assert main(["forest", "expert", *one, "--domain", Shards(shards_dir).domains[0]]) == 2
