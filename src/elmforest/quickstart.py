@@ -18,11 +18,10 @@ stopped (training itself resumes from its last checkpoint).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
-from elmforest.clients.report import write_report
+from elmforest.clients.report import write_run_report
 from elmforest.compare import (
     DENSE_TUNED_RUN,
     arm_flops,
@@ -263,11 +262,7 @@ def quickstart(
     print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:
         log(f"  - {line}")
-    try:  # one offline HTML page: tables, plots, lineage, curves, ledger; never at the results' cost
-        report = write_report(out)
-    except Exception as e:  # noqa: BLE001 - results.json and the plot are written; say what failed
-        report = f"no report ({type(e).__name__}: {e}; rerun `elmforest report {out}`)"
-        print(f"elmforest: warning: the run report was not written: {e}", file=sys.stderr)
+    report = write_run_report(out)  # one offline HTML page: tables, plots, lineage, curves, ledger
     log(
         f"total {time.perf_counter() - t0:.0f}s; {out / 'results.json'}, {out / 'results.png'}, {report}; "
         f"forest in {forest.root}"

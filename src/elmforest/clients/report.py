@@ -42,6 +42,18 @@ def write_report(path: str | Path, out: str | Path | None = None, evals: Sequenc
     return out
 
 
+def write_run_report(path: str | Path) -> str:
+    """A quickstart's report page (path/report.html), never at the results' cost: results.json is written
+    by then, so a failure is said on stderr and the line tells how to rebuild it. Returns what to print."""
+    import sys
+
+    try:
+        return str(write_report(path))
+    except Exception as e:  # noqa: BLE001 - the results stand; say what failed
+        print(f"elmforest: warning: the run report was not written: {e}", file=sys.stderr)
+        return f"no report ({type(e).__name__}: {e}; rerun `elmforest report {path}`)"
+
+
 def check_out(out: str | Path) -> Path:
     """`out` as a Path, or a UserError saying why it must not be written. Only an earlier report may be
     replaced: `--out forest/forest.json` once replaced a forest's manifest with HTML."""

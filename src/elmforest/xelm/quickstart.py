@@ -20,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+from elmforest.clients.report import write_run_report
 from elmforest.cluster.languages import group_languages, write_groupings
 from elmforest.config import UNKEPT, apply_overrides
 from elmforest.forest import btm
@@ -214,7 +215,7 @@ def quickstart_xelm(
     results["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "results.json", results)
     print_results(results, log)
-    log(f"total {results['seconds']:.0f}s; {out / 'results.json'}")
+    log(f"total {results['seconds']:.0f}s; {out / 'results.json'}, {write_run_report(out)}")
     return results
 
 
