@@ -289,6 +289,28 @@ def test_the_xelm_quickstart_raises_its_group_cap_where_it_blocks_a_k(capsys):
     assert "note" not in capsys.readouterr().out
 
 
+def test_a_domain_map_or_sweep_grouping_with_one_language_in_two_groups_is_refused(
+    corpus, tokenizer_dir, tmp_path, capsys
+):
+    """`shards build --domain-map` and `sweep --groups` read a grouping as a plain domain map: `de` in one
+    group and `deu` in the other built shards with German in both, said only as 'the map names de'."""
+    from elmforest.launch.groupings import load_grouping as sweep_grouping
+
+    twice = tmp_path / "twice.json"
+    twice.write_text(
+        json.dumps({"groups": {"a": ["de", "code"], "b": ["deu", "legal"]}, "aliases": {"de": "deu"}})
+    )
+    argv = ["shards", "build", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "s"), "--domain-map", str(twice)]) == 2
+    assert "'deu' is in both 'a' (as 'de') and 'b'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(UserError, match="'deu' is in both"):
+        sweep_grouping(twice)
+    plain = tmp_path / "plain.json"  # a plain {domain: group} map is no grouping: as before
+    plain.write_text(json.dumps({"code": "a", "legal": "a", "scripture": "b"}))
+    assert sweep_grouping(plain) == {"a": ["code", "legal"], "b": ["scripture"]}
+
+
 @has_lang2vec
 def test_a_hand_written_grouping_with_one_language_spelled_two_ways_is_refused(tmp_path):
     """`de` in one group and `deu` in another loaded, and the language then sat in both."""

@@ -336,7 +336,9 @@ def test_the_report_of_an_xelm_dir_holds_its_tables_runs_and_compute(xelm_run, t
 
     out, res = xelm_run
     html = render_report(out)
-    assert (out / "report.html").read_text(encoding="utf-8") == html  # written by the quickstart (none before)
+    assert (out / "report.html").read_text(
+        encoding="utf-8"
+    ) == html  # written by the quickstart (none before)
     page = _parse(html)
     assert "preset tiny" in html
     arms = res["compute"]["arms"]

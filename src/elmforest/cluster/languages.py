@@ -346,6 +346,18 @@ def load_grouping(path: str | os.PathLike) -> dict:
     return g
 
 
+def check_if_grouping(path: str | os.PathLike) -> None:
+    """A domain map that is a grouping artifact (`{"groups": ...}`) is checked as one (load_grouping): the
+    domain map alone took `de` in one group and `deu` in another, German in both, with a note that the
+    data holds no `de`."""
+    try:
+        g = read_json(path)
+    except (OSError, UserError):
+        return  # unreadable: refused, named, where the domain map is read
+    if _is_grouping(g):
+        load_grouping(path)
+
+
 def _spelling(grouping: dict):
     """code -> one spelling of its language: the artifact's aliases, and lang2vec's two-letter and
     ISO 639-2/B codes where it is installed (a hand-written grouping names no aliases)."""
