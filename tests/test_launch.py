@@ -197,6 +197,27 @@ def test_a_failing_expert_is_named_with_its_log_and_the_forest_stays_valid(
         RayExecutor(cpus_per_job=64).map(run_job, jobs, labels, logs)
 
 
+def _visible_gpus(job: dict) -> dict:
+    import os
+
+    return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def test_a_ray_job_that_asks_for_no_gpu_sees_none(ray_cluster, tmp_path):
+    """Ray no longer hides the GPUs from a task that asked for none: on a GPU node every expert trained
+    on cuda:0, unreserved, as many at a time as the CPUs allowed."""
+    import sys
+
+    from ray import cloudpickle
+
+    logs = [tmp_path / "a.log"]
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    try:
+        assert RayExecutor(cpus_per_job=1).map(_visible_gpus, [{}], ["a"], logs) == [{"cuda": ""}]
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
 def test_lr_sweep_on_ray_matches_the_local_sweep(ray_cluster, shards_dir, tmp_path):
     """Every sweep point is an independent job: on Ray they run in parallel and choose the same LRs."""
     from elmforest.launch.sweep import sweep

@@ -507,6 +507,14 @@ def test_a_study_on_ray_without_ray_is_refused_before_its_data_is_prepared(tmp_p
     assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--executor", "ray", "--no-progress"]) == 2
     assert "needs Ray" in capsys.readouterr().err
     assert not (tmp_path / "s" / "data").exists()
+    # the config's `workers` is the local executor's: taken, then dropped without a word on Ray
+    argv = ["study", "tiny", "--out", str(tmp_path / "s"), "--executor", "ray", "--set", "workers=3"]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "workers 3 (the study config's) is the local executor's" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "data").exists()
+    from elmforest.launch.executor import job_threads
+
+    assert job_threads("ray", 0.5, 1) == 1  # half a CPU: one thread, not 0 (never set)
 
 
 def test_a_missing_tracker_package_is_said_once_before_any_data_or_run(tmp_path, capsys, monkeypatch):

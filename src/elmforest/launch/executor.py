@@ -41,8 +41,8 @@ def _why(e: BaseException) -> str:
 def job_threads(kind: str, cpus_per_job: float | None, workers: int) -> int | None:
     """Threads for each job: Ray's declared CPUs (1 when not given), the cores shared among local
     workers, or None (PyTorch's default) for one local job at a time."""
-    if kind == "ray":
-        return int(cpus_per_job or 1)
+    if kind == "ray":  # at least one: a fractional CPU (0.5) gave 0, and the threads were never set
+        return max(1, int(cpus_per_job or 1))
     return max(1, cpu_cores() // workers) if workers > 1 else None
 
 
@@ -215,6 +215,9 @@ class RayExecutor:
             num_gpus=self.gpus_per_job,
             max_retries=self.max_retries,
             retry_exceptions=False,  # retries are for lost workers and nodes
+            # a job that asked for no GPU gets none: Ray no longer hides them (ray-project/ray#54868), and
+            # every job on a GPU node trained on cuda:0 unreserved, as many at a time as the CPUs allowed
+            **({"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}} if not self.gpus_per_job else {}),
         )(fn)
         refs = {task.remote(job): i for i, job in enumerate(jobs)}
         results: list[dict | None] = [None] * len(jobs)

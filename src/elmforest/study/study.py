@@ -232,6 +232,11 @@ def _study(
     require_trackers(apply_overrides(preset_run_config(cfg.preset, "."), list(cfg.overrides)).train.trackers)
     ray = None
     if executor == "ray":  # Ray missing, a bad address or resources: said before the data is prepared
+        if cfg.workers is not None:  # taken, then dropped without a word
+            raise UserError(
+                f"workers {cfg.workers} (the study config's) is the local executor's: Ray runs as many jobs at "
+                "a time as the CPUs (and GPUs) asked per job allow; remove it, or give --cpus-per-job"
+            )
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
         ray.prepare()
     data = prepare_data(
