@@ -167,6 +167,16 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     assert json.loads(one.read_text())["groups"] == {"group0": ["deu"], "group1": ["jpn"]}
     with pytest.raises(AlreadyExists, match="--overwrite"):
         L.write_groupings(L.group_languages(["deu", "jpn"], [2])[0], one)
+    # a folder rewritten for other languages: its other k's files of the earlier run are said
+    folder = ["cluster", "languages", "--out", str(tmp_path / "gs")]
+    assert main([*folder, "--langs", "deu,fra,jpn", "--k", "2,3"]) == 0
+    capsys.readouterr()
+    assert (
+        main([*folder, "--langs", "deu,fra,jpn", "--k", "2", "--overwrite"]) == 0
+    )  # same languages: nothing
+    assert "note" not in capsys.readouterr().err
+    assert main([*folder, "--langs", "deu,jpn", "--k", "2", "--overwrite"]) == 0
+    assert "k3.json (from an earlier run) group other languages" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["cluster", "languages", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()

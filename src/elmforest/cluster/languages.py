@@ -321,7 +321,33 @@ def write_groupings(
     for k, p in paths.items():
         p.parent.mkdir(parents=True, exist_ok=True)
         save_grouping(groupings[k], p)
+    if out.suffix != ".json":
+        _note_other_languages(out, set(paths.values()), next(iter(groupings.values())).get("languages"))
     return list(paths.values())
+
+
+def _note_other_languages(folder: Path, written: set[Path], languages) -> None:
+    """Groupings of other languages left in the folder by an earlier run (its other k): `sweep --groups
+    DIR/k*.json` would take them for this run's."""
+    import re
+    import sys
+
+    stale = []
+    for f in sorted(folder.glob("k*.json")):
+        if f in written or not re.fullmatch(r"k\d+\.json", f.name):
+            continue
+        try:
+            other = read_json(f).get("languages")
+        except (OSError, UserError, AttributeError):
+            continue
+        if other is not None and sorted(other) != sorted(languages or []):
+            stale.append(f.name)
+    if stale:
+        print(
+            f"note: {folder}: {', '.join(stale)} (from an earlier run) group other languages than this run's: "
+            "delete them, or give another --out, before passing the folder's groupings to a sweep",
+            file=sys.stderr,
+        )
 
 
 def load_grouping(path: str | os.PathLike) -> dict:
