@@ -248,7 +248,7 @@ def test_cli_keeps_the_demo_and_multilingual_options_apart(capsys):
         assert f"{given[0]} apply to the demo corpus only" in capsys.readouterr().err
 
 
-def test_what_a_quickstart_cannot_do_is_refused_before_anything_is_built(tmp_path):
+def test_what_a_quickstart_cannot_do_is_refused_before_anything_is_built(tmp_path, capsys):
     from elmforest.quickstart import quickstart
 
     five = ["deu", "fra", "spa", "rus", "jpn"]
@@ -262,7 +262,16 @@ def test_what_a_quickstart_cannot_do_is_refused_before_anything_is_built(tmp_pat
             quickstart_xelm(tmp_path / "b", preset="tiny", languages=five, overrides=[bad], progress=False)
         with pytest.raises(UserError, match=said):
             quickstart(tmp_path / "c", preset="tiny", overrides=[bad], progress=False)
-    assert not any((tmp_path / d).exists() for d in "abc")
+    # the typology knows `de`, the corpus builder does not: refused before step 1, not after it
+    for langs, new in ((["de", "fra", "jpn"], None), (["deu", "fra", "jpn"], "pt")):
+        with pytest.raises(
+            UserError, match=f"unknown language code\\(s\\) \\['{'de' if new is None else 'pt'}'\\]"
+        ):
+            quickstart_xelm(
+                tmp_path / "d", preset="tiny", languages=langs, new_language=new, ks=(2,), progress=False
+            )
+        assert "[1/8]" not in capsys.readouterr().out  # nothing started
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_settings_only_training_uses_may_change_until_a_model_is_trained(tmp_path, capsys):

@@ -92,7 +92,10 @@ def quickstart_xelm(
     asked = len(set(languages or LANGUAGES))
     if [k for k in ks if k > asked]:  # before the corpus is built; again below, after languages are skipped
         raise UserError(f"k = {ks} but {asked} languages were asked for: each group needs one")
-    if corpus is None:  # the languages' features alone: an unknown code refused before the corpus is built
+    if corpus is None:  # an unknown code refused before the corpus is built: the builder's, the typology's
+        from elmforest.corpora.multilingual import check_codes
+
+        check_codes([*(languages or LANGUAGES), *([new_language] if new_language else [])])
         _groupings(sorted(set(languages or LANGUAGES)), ks, say=False)
     data = prepare(out, languages, new_language, p.vocab_size, corpus, max_bytes, progress, log)
     shards, langs, new = data["shards"], data["languages"], data["new"]
