@@ -193,7 +193,9 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
             [2],
             r"'qq': lang2vec has no ISO 639-3 code for this two-letter code \(close: sq \(sqi\), qu",
         ),
-        (["deu", "de"], [1], "'de' given twice"),
+        (["deu", "de"], [1], "language deu given twice: 'deu' and 'de' are both deu"),
+        (["de", "deu"], [1], "'de' and 'deu' are both deu"),  # the user's spelling named (was 'deu' (as deu))
+        (["fra", "fra"], [1], "language 'fra' given twice"),
         (["deu", "fra"], [3], "k = 3 but only 2 languages"),
         (["deu"], [1], "at least 2 languages"),
     ],

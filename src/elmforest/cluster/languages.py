@@ -117,7 +117,7 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
     """Normalise the user's codes to lang2vec's ISO 639-3 ones; two-letter (ISO 639-1) and ISO 639-2/B
     codes through lang2vec's own table. Unknown or duplicate codes are refused, naming them."""
     known = set(table.languages.tolist())
-    out, aliases = [], {}
+    out, aliases, given = [], {}, {}
     for raw in codes:
         c = raw.strip().lower()
         if c not in known and c in table.letter_codes:  # ISO 639-1, or a 639-2/B code (ger, fre)
@@ -141,8 +141,12 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
                 + "; list them with `elmforest cluster languages --list`"
             )
         if c in out:
-            raise UserError(f"language {raw!r} given twice (as {c})")
+            first = given[c]
+            if first == raw:
+                raise UserError(f"language {raw!r} given twice")
+            raise UserError(f"language {c} given twice: {first!r} and {raw!r} are both {c}")
         out.append(c)
+        given[c] = raw
     return out, aliases
 
 
