@@ -39,7 +39,7 @@ from elmforest.xelm.second_round import DENSE_CONTINUE_LR, add_language, continu
 LANGUAGES = ("ces", "deu", "fin", "fra", "ita", "jpn", "pol", "rus", "spa", "tur", "ukr", "zho")
 NEW_LANGUAGE = "por"
 KS = (2, 4, 8)
-MAX_BYTES = 800_000  # per language: more than the budget reads (about 120 KB each), quicker to tokenize
+MAX_BYTES = 800_000  # per language: above the 0.2-0.3 MB the dense run reads of each; quicker to tokenize
 TOKENIZER_CAP = 300_000  # training-split bytes per language the BPE learns from: no language dominates
 # Peak LRs from `elmforest sweep --shards OUT/shards --out OUT/sweep --preset cpu-small --groups
 # OUT/groups/k2.json,OUT/groups/k4.json,OUT/groups/k8.json --lrs 2e-3,4e-3,8e-3,1.6e-2 --expert-lrs
