@@ -842,6 +842,28 @@ def test_shards_rebuilt_by_another_version_from_the_same_data_are_the_same_data(
         train(cfg, tmp_path / "run", progress=False)
 
 
+def test_how_the_documents_were_read_is_not_the_data(shards_dir, tmp_path):
+    """The read counts (files, records) were part of the fingerprint: the same documents from 1 Arrow file
+    or from 2 were other data to every run. Runs that recorded the older digest (with them) still match."""
+    import hashlib
+    import shutil
+
+    sh = tmp_path / "sh"
+    shutil.copytree(shards_dir, sh)
+    index = json.loads((sh / "index.json").read_text())
+    before = Shards(sh).fingerprint
+    old = hashlib.sha256(
+        json.dumps({k: v for k, v in index.items() if k != "source"}, sort_keys=True).encode()
+    ).hexdigest()[:16]  # as versions before 2026-12-07 digested it
+    index["read"] = {**index["read"], "files": index["read"].get("files", 1) + 1}
+    (sh / "index.json").write_text(json.dumps(index))
+    assert Shards(sh).fingerprint == before
+    (sh / "index.json").write_text(
+        json.dumps({**index, "read": json.loads((shards_dir / "index.json").read_text())["read"]})
+    )
+    assert old in Shards(sh).fingerprints and old != before
+
+
 def test_a_checkpoint_exports_its_own_weights_and_reads_none_from_init_from(shards_dir, tmp_path):
     """The seed's export builds the model without weights and loads the checkpoint's: it read
     `model.init_from`'s weights first (a second model's disk reads, thrown away), and failed where they

@@ -37,7 +37,8 @@ from elmforest.utils.io import (
 
 INDEX_VERSION = 1
 # where the data came from and what was said of it, not what the shards hold: outside the fingerprint
-_PROVENANCE = ("source", "in_train", "tokenizer_saw_held_out", "assigned_by")
+# ("read": how the reader got the documents, e.g. from 1 Arrow file or 2: the same documents, the same data)
+_PROVENANCE = ("source", "in_train", "tokenizer_saw_held_out", "assigned_by", "read")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -98,19 +99,24 @@ class Shards:
 
     @property
     def fingerprints(self) -> tuple[str, ...]:
-        """`fingerprint`, then the same content's as written before the split recorded `by_file`
-        (2026-12-05; false throughout before): shards rebuilt from the same data by either version are
-        the data that runs recorded by the other trained on."""
+        """`fingerprint`, then the same content's as older versions digested it: with the read counts
+        (until 2026-12-07), and as written before the split recorded `by_file` (2026-12-05; false
+        throughout before): shards rebuilt from the same data by either version are the data that runs
+        recorded by the other trained on."""
         content = self._content()
-        split = content.get("split")
-        if not (isinstance(split, dict) and split.get("by_file", False) is False):
-            return (_digest(content),)
-        other = (
-            {k: v for k, v in split.items() if k != "by_file"}
-            if "by_file" in split
-            else {**split, "by_file": False}
-        )
-        return _digest(content), _digest({**content, "split": other})
+        contents = [content] + ([{**content, "read": self.index["read"]}] if "read" in self.index else [])
+        out = []
+        for c in contents:
+            out.append(_digest(c))
+            split = c.get("split")
+            if isinstance(split, dict) and split.get("by_file", False) is False:
+                other = (
+                    {k: v for k, v in split.items() if k != "by_file"}
+                    if "by_file" in split
+                    else {**split, "by_file": False}
+                )
+                out.append(_digest({**c, "split": other}))
+        return tuple(out)
 
     @property
     def order(self) -> dict:
