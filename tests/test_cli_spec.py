@@ -190,3 +190,22 @@ def test_a_home_folder_after_an_equals_sign_is_expanded(monkeypatch, tmp_path, c
     assert f"{tmp_path}/nope: not a forest" in capsys.readouterr().err
     assert home_expanded("--set=data.x=~y") == "--set=data.x=~y" and home_expanded("-o=~/x") == "-o=~/x"
     assert home_expanded("~/x") == "~/x" and home_expanded("--out=~") == str(f"--out={tmp_path}")
+
+
+def test_generate_takes_the_precision_and_top_p_that_serve_and_eval_take(monkeypatch, capsys):
+    """The CLI always sampled in `auto` precision (bf16 on a CPU) and without nucleus sampling, which the
+    Python API and `serve` offer: near-ties read in bf16 picked another token than fp32 would."""
+    import elmforest.forest.generate as g
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return g.Generation("", [], [], [])
+
+    monkeypatch.setattr(g, "generate", fake)
+    argv = ["generate", "--forest", "f", "--prompt", "x", "--precision", "fp32", "--top-p", "0.5"]
+    assert main(argv) == 0
+    assert (seen["precision"], seen["top_p"]) == ("fp32", 0.5)
+    assert main(["generate", "--forest", "f", "--prompt", "x", "--top-p", "0"]) == 2  # (0, 1]
+    assert "--top-p" in capsys.readouterr().err

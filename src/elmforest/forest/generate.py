@@ -149,7 +149,9 @@ def generate_steps(
                 lp = pool.advance(j, ids)
                 check_finite(lp[None], pool, [j])
                 if weighting == "posterior" and len(ids) > 1:
-                    log_w[j] += lp[:-1].gather(1, torch.tensor(ids[1:], device=dev)[:, None]).sum().double()
+                    log_w[j] += (
+                        lp[:-1].gather(1, torch.tensor(ids[1:], device=dev)[:, None]).double().sum()
+                    )  # fp64: long prompts
             log_w = log_w - torch.logsumexp(log_w, 0)
         for _ in range(max_new_tokens):
             pool._decoding = caches  # another generation may have run on this pool since the last step

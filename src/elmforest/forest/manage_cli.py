@@ -155,6 +155,9 @@ def generate(
     prompt: Annotated[str, opt("the text to continue", metavar="TEXT")],
     max_new_tokens: Annotated[int, opt("tokens to sample", positive_int)] = 100,
     temperature: Annotated[float, opt("sampling temperature; 0 = greedy", nonneg_float)] = 1.0,
+    top_p: Annotated[
+        float, opt("nucleus sampling: the smallest set of tokens of this probability", unit_fraction)
+    ] = 1.0,
     seed: Annotated[int, opt("sampling seed", nonneg_int)] = 0,
     weighting: Annotated[
         Literal["posterior", "fixed"], opt("posterior: the experts' weights follow the text so far")
@@ -179,6 +182,9 @@ def generate(
             name=("--routing-temperature", "--temperature-routing"),  # the second: its name before serve's
         ),
     ] = 0.1,
+    precision: Annotated[
+        str, opt("auto (bf16 where the hardware runs it) | bf16 | fp32", metavar="P")
+    ] = "auto",
 ) -> None:
     """Sample from a forest's ensemble."""
     from elmforest.forest.generate import generate as sample
@@ -200,8 +206,10 @@ def generate(
         seed,
         weighting=weighting,
         device=device,
+        precision=precision,
         cluster_k=cluster_k,
         routing_temperature=routing_temperature,
+        top_p=top_p,
     )
     print(prompt + g.text)
     if show_weights and g.weights:
