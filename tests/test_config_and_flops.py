@@ -202,6 +202,15 @@ def test_config_validation_catches_nonsense():
     with pytest.raises(ValueError, match="train is a section"):  # it reset the section's other fields
         apply_overrides(cfg, ['train={"steps": 3}'])
     assert apply_overrides(cfg, ["data.shards=123"]).data.shards == "123"  # a string field stays a string
+    # full attention stays full: the preset's kv count (its num_heads) followed a new num_heads before,
+    # a grouped-query model unsaid; given both, both are taken
+    assert cfg.model.num_kv_heads == cfg.model.num_heads == 4
+    assert apply_overrides(cfg, ["model.num_heads=8"]).model.num_kv_heads == 8
+    assert apply_overrides(cfg, ["model.num_heads=2"]).model.num_kv_heads == 2  # refused before: 2 of 4
+    both = apply_overrides(cfg, ["model.num_heads=8", "model.num_kv_heads=2"]).model
+    assert (both.num_heads, both.num_kv_heads) == (8, 2)
+    gqa = apply_overrides(cfg, ["model.num_kv_heads=2"])  # a grouped-query config keeps its kv count
+    assert apply_overrides(gqa, ["model.num_heads=8"]).model.num_kv_heads == 2
     # a bad value corrected by a later --set: the earlier one must not make the good one a string
     assert apply_overrides(cfg, ["train.steps=abc", "train.steps=3"]).train.steps == 3
     # a text field whose default is null still takes a name that looks like a number

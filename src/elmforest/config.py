@@ -375,9 +375,23 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 f"invalid config: {item}: data.domains must name each domain once (null: every domain)"
             )
         node[parts[-1]] = value
+    _full_attention_stays_full(d, given, {i.split("=", 1)[0].strip() for i in overrides})
     out = RunConfig.from_dict(d)
     out.model.trust_remote_code = cfg.model.trust_remote_code  # set by the command line, kept
     return out
+
+
+def _full_attention_stays_full(d: dict, given: dict, keys: set[str]) -> None:
+    """A preset fills num_kv_heads from its num_heads: a new num_heads alone kept the old count and made
+    a grouped-query model without a word (or was refused for a num_kv_heads never set). Full attention
+    stays full unless num_kv_heads is given too."""
+    was = given.get("model") or {}
+    if (
+        "model.num_heads" in keys
+        and "model.num_kv_heads" not in keys
+        and was.get("num_kv_heads") == was.get("num_heads")
+    ):
+        d["model"]["num_kv_heads"] = d["model"]["num_heads"]
 
 
 def override_keys(cls=RunConfig, prefix: str = "") -> list[str]:
