@@ -235,6 +235,28 @@ def test_a_deleted_expert_directory_is_noticed_and_restored(forest_dir, shards_d
     assert not (f / "experts" / name).exists()
 
 
+def test_a_run_of_a_missing_or_doubled_tracker_is_refused_before_its_folder_is_written(
+    shards_dir, tmp_path, capsys, monkeypatch
+):
+    """`train` refused a missing tracker package only after writing run_config.json and inputs.json into
+    a new run folder; `[wandb,wandb]` was taken. MLflow's network defaults (7 retries, 120 s each) held
+    an unreachable server's run up for 4.6 minutes: ours apply where the user set none."""
+    import sys
+
+    from elmforest.train import tracking_mlflow
+
+    argv = ["train", "--out", tmp_path / "r", "--shards", shards_dir, "--preset", "tiny", "--no-progress"]
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    rc, out = _run([*argv, "--set", "train.trackers=[mlflow]"], capsys)
+    assert rc == 2 and "mlflow cannot be imported" in out and not (tmp_path / "r").exists(), out
+    rc, out = _run([*argv, "--set", "train.trackers=[tensorboard,tensorboard]"], capsys)
+    assert rc == 2 and "train.trackers: ['tensorboard'] named twice" in out
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    env = tracking_mlflow._env()
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "20" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in env
+
+
 def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):
     rc, out = _run(["presets"], capsys)
     assert rc == 0 and "train: 256 steps x batch 16 x 256 tokens, LR 0.002, experts 0.008" in out

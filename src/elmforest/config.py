@@ -268,6 +268,8 @@ class RunConfig:
         bad += self.model.architecture_problems()
         if unknown := [x for x in t.trackers if x not in TRACKERS]:
             bad.append(f"train.trackers: unknown {unknown}; known: {list(TRACKERS)}")
+        elif twice := sorted({x for x in t.trackers if t.trackers.count(x) > 1}):
+            bad.append(f"train.trackers: {twice} named twice")
         if t.trainable is not None:
             try:
                 re.compile(t.trainable)

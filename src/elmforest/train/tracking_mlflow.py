@@ -34,6 +34,13 @@ from elmforest.utils.io import write_text_atomic
 
 # for each call into MLflow only (tracking.env): the file store allowed, usage telemetry off
 ENV = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+# a tracking server that does not answer: MLflow's own defaults (7 retries, backing off, 120 s each) held
+# up the first step for 4.6 minutes per run, every expert of a forest in turn; yours, where you set them
+NETWORK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def _env() -> dict[str, str]:
+    return {**{k: v for k, v in NETWORK.items() if k not in os.environ}, **ENV}
 
 
 class MlflowLogger(Tracker):
@@ -50,7 +57,7 @@ class MlflowLogger(Tracker):
         resumed = trainer.resumed_from is not None  # a branch (init_checkpoint) is a new run
         known = tracker_ids(self.run_dir).get("mlflow") or {}
         same_store = known.get("store") == self.store
-        with env(**ENV):
+        with env(**_env()):
             _telemetry_off()
             if not resumed and self.store is None and (self.run_dir / "mlruns").is_dir():
                 shutil.rmtree(self.run_dir / "mlruns")
@@ -125,7 +132,7 @@ class MlflowLogger(Tracker):
 
         ts = int(time.time() * 1000)
         points = [Metric(k, v, ts, s) for s, values in steps for k, v in values.items()]
-        with env(**ENV):
+        with env(**_env()):
             for i in range(0, len(points), 1000):
                 self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
 
@@ -146,7 +153,7 @@ class MlflowLogger(Tracker):
         if self.run_id is None:
             return
         run_id, self.run_id = self.run_id, None
-        with env(**ENV):
+        with env(**_env()):
             self.client.set_tag(run_id, "elmforest.state", state)
             self.client.set_terminated(run_id, status)
 

@@ -51,7 +51,7 @@ from elmforest.train.runcheck import (
 from elmforest.train.runlock import drop_if_empty, lock_run_dir
 from elmforest.train.schedule import lr_at
 from elmforest.train.setup import TrainerSetup
-from elmforest.train.tracking import tracker_callbacks
+from elmforest.train.tracking import require_trackers, tracker_callbacks
 from elmforest.utils.device import autocast
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import discard_dir, read_json, staged_dir, write_json_atomic
@@ -104,6 +104,7 @@ class Trainer(TrainerSetup):
             try:
                 self._setup()
                 self.inputs = check_inputs(self.run_dir, self.cfg, self.shards)
+                require_trackers(self.cfg.train.trackers)  # before its run folder holds anything
             except BaseException:
                 if created:  # refused before anything was written: leave no empty run folder behind
                     drop_if_empty(self.run_dir)
