@@ -21,7 +21,7 @@ from elmforest.data.splits import SplitSpec
 from elmforest.train import checkpoint as ckpt_mod
 from elmforest.train.checkpoint import list_checkpoints
 from elmforest.train.trainer import train
-from elmforest.utils.errors import UserError, WriteError
+from elmforest.utils.errors import AlreadyExists, UserError, WriteError
 from elmforest.utils.io import FILE_MODE, HOST, atomic_path, clean_stale, write_json_atomic
 
 
@@ -528,3 +528,24 @@ def test_a_checkpoint_is_hashed_once_per_process_while_its_files_stay(shards_dir
     os.utime(f, ns=(mtime + 10**9, mtime + 10**9))
     with pytest.raises(ckpt_mod.CorruptCheckpoint, match="checksum mismatch"):
         verify_checkpoint(ck)
+
+
+def test_a_model_a_kill_left_aside_while_replacing_it_is_put_back_by_its_readers(forest_dir, tmp_path):
+    """A fine-tuning in place killed between replace_dir's two renames left the MoE at `.NAME.old~...`:
+    `merge finetune` then said "no record of the experts' shards", then "not a model checkpoint", and
+    the merge that would write there took nothing for a trained model to lose."""
+    from elmforest.forest.manifest import Forest
+    from elmforest.merge.moe import check_untrained
+    from elmforest.model.build import resolve_model_dir
+
+    dead = 4_194_305  # above Linux's largest pid: no such process
+    expert = Forest.load(forest_dir).expert_dir(Forest.load(forest_dir).names[0])
+    m = tmp_path / "m"
+    aside = tmp_path / f".m.old~{HOST}~{dead}"
+    shutil.copytree(expert, aside)
+    assert resolve_model_dir(m) == m and (m / "config.json").is_file() and not aside.exists()
+    (m / "elmforest_moe.json").write_text(json.dumps({"finetuning": {"steps": 20}}))
+    os.rename(m, aside)
+    with pytest.raises(AlreadyExists, match="fine-tuning"):  # a trained MoE, back in place, kept
+        check_untrained(m)
+    assert (m / "elmforest_moe.json").is_file() and not aside.exists()

@@ -271,12 +271,13 @@ def finetune(
 
     from elmforest.data.shards import Shards
     from elmforest.merge.moe_train import finetune_moe
-    from elmforest.utils.io import read_json
+    from elmforest.utils.io import read_json, restore_swapped
 
     if aux_loss < 0 or z_loss < 0:
         raise UserError("--aux-loss and --z-loss must be >= 0")
     started = time.time()
     src = Path(model)
+    restore_swapped(src)  # a fine-tuning in place cut between its two renames left it aside
     if shards is None:
         run = src / "elmforest_run.json"
         shards = read_json(run)["data"]["shards"] if run.is_file() else None

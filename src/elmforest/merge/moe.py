@@ -48,6 +48,7 @@ from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     read_json,
+    restore_swapped,
     undone_on_failure,
     write_json_atomic,
     write_text_atomic,
@@ -213,6 +214,7 @@ TRAINING = {"router_training": "router training", "finetuning": "BTX fine-tuning
 def check_untrained(out: str | Path, redo: tuple[str, ...] = (), doing: str = "merging") -> None:
     """Refuse to write a fresh merge over a trained one: its training (and the ledger's record of it)
     would be lost without a word. Reruns that train again (`redo`) may."""
+    restore_swapped(out)  # a trained one a kill left aside is still one to keep
     card = Path(out) / "elmforest_moe.json"
     if not card.is_file():
         return

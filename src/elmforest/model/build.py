@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from elmforest.config import ModelConfig
 from elmforest.model.presets import llama_kwargs
 from elmforest.utils.errors import NonFiniteWeights, NotFound, UserError
-from elmforest.utils.io import read_json
+from elmforest.utils.io import read_json, restore_swapped
 
 # a Qwen2-MoE without a shared expert has 0-size linears, whose init torch warns about on every load:
 # harmless, and filtered by its exact text once for the process (catch_warnings is not thread-safe)
@@ -38,6 +38,7 @@ _DTYPE_BYTES = {
 def resolve_model_dir(path: str | Path) -> Path:
     """Accept a run directory (its `model/` holds the final checkpoint) or an HF checkpoint dir."""
     p = Path(path)
+    restore_swapped(p)  # a kill while it was being replaced (a fine-tuning in place) left it aside
     if (p / "model" / "config.json").is_file():
         return p / "model"
     if (p / "config.json").is_file():

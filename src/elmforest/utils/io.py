@@ -131,6 +131,15 @@ def clean_stale(parent: str | os.PathLike, name: str | None = None, restore_only
     return done
 
 
+def restore_swapped(path: str | os.PathLike) -> None:
+    """Put back the directory a kill left aside while replacing it (`replace_dir`'s `.NAME.old~`), when
+    `path` is missing: readers found nothing there (a fine-tuned MoE said "not a model checkpoint"), and
+    a writer checking what it would replace took nothing for nothing to lose."""
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        clean_stale(p.parent, p.name, restore_only=True)
+
+
 def refuse_linked_dir(dst: str | os.PathLike) -> None:
     """A folder output is written beside its name and renamed onto it: onto a link to a folder, which
     became a real folder on this disk while its target (a bigger disk, say) kept the old output. Called by
