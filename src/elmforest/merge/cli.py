@@ -317,8 +317,10 @@ def flexolmo_pair(
     """FlexOlmo: the seed as a 2-expert MoE (both experts its FFN; it computes exactly the seed). Each owner
     trains it on its own data only, expert 1 and its router row: `elmforest train --set
     model.init_from=PAIR --set 'train.trainable=\\.mlp\\.(experts|gate)\\.' --set 'train.frozen_experts=[0]'`."""
+    from elmforest.forest.trust import refuse_inside_forest
     from elmforest.merge.flexolmo import public_pair
 
+    refuse_inside_forest(out)  # `forest expert --branch flexolmo` writes its own inside (branches/NAME)
     print(f"public pair -> {public_pair(seed, out)}")
 
 
