@@ -290,6 +290,14 @@ def test_mismatched_architectures_are_refused(forest_dir, tmp_path):
     with pytest.raises(ValueError, match="different architecture"):
         export_moe(f, tmp_path / "out", MoeSpec(router="random"))
     assert not (tmp_path / "out").exists()
+    # an average of tensors that fit, under configs that differ (rms_norm_eps): taken before, silently
+    from elmforest.merge.average import average_checkpoints
+
+    cfg_path.write_text(json.dumps({**llama, "rms_norm_eps": 1e-6}))
+    with pytest.raises(ValueError, match="different architecture.*rms_norm_eps"):
+        average_checkpoints(f.expert_dirs()[:2], tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
+    average_checkpoints([f.expert_dirs()[0], f.expert_dirs()[2]], tmp_path / "avg")  # alike: averaged
 
 
 def test_shards_stay_within_one_expert(forest_dir, tmp_path):

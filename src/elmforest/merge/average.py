@@ -141,8 +141,14 @@ def merge_checkpoints(
     **params,
 ) -> Path:
     """Write the merge of HF checkpoints as a new HF checkpoint directory (atomically)."""
+    from elmforest.merge.moe import check_same_architecture  # moe.py imports this module
+
     dirs = [resolve_model_dir(d) for d in model_dirs]
     base = resolve_model_dir(base_dir) if base_dir is not None else None
+    # tensors of matching shapes from configs that differ (rms_norm_eps, a vocabulary edited by hand)
+    # averaged under the first one's config without a word, as `merge moe` refuses them
+    every = [*dirs, *([base] if base is not None else [])]
+    check_same_architecture(every, [d.parent.name if d.name == "model" else d.name for d in every])
     writer = ShardedWriter(out, max_shard_bytes, replaces="elmforest_average.json")
     with undone_on_failure(writer.tmp, writer.out):
         for name, t in iter_merge(dirs, weights, method, base, **params):
