@@ -145,7 +145,9 @@ def presets() -> None:
         print(
             f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
             f"positions={p.architecture()['max_position_embeddings']:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
-            f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum} x {t.seq_len} tokens, "
+            f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum}"
+            + (f" ({t.batch_size} x {t.grad_accum} accumulated)" if t.grad_accum > 1 else "")
+            + f" x {t.seq_len} tokens, "
             f"LR {o.lr:g}{experts} ({o.schedule}, warmup {o.warmup_frac:g}), checkpoint every {t.ckpt_every}"
         )
 
