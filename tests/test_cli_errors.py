@@ -260,7 +260,9 @@ def test_a_run_of_a_missing_or_doubled_tracker_is_refused_before_its_folder_is_w
 def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_dir, tmp_path, capsys):
     rc, out = _run(["presets"], capsys)
     assert rc == 0 and "train: 256 steps x batch 16 x 256 tokens, LR 0.002, experts 0.008" in out
-    assert "batch 32 (8 x 4 accumulated) x 1024 tokens" in out  # batch_size 8 is what --set and run_config say
+    assert (
+        "batch 32 (8 x 4 accumulated) x 1024 tokens" in out
+    )  # batch_size 8 is what --set and run_config say
     # the model's position table (what eval --seq-len may reach), not the training length under it
     assert "tiny       d=64    layers=2   heads=4   positions=2048" in out
     rc, out = _run(

@@ -656,6 +656,17 @@ def test_configs_built_in_code_are_checked_before_anything_is_written(shards_dir
     again.train.stop_at, again.train.init_checkpoint = 2, ckpt
     with pytest.raises(UserError, match="stop_at=2 is not past step 2"):
         train(again, tmp_path / "b", progress=False)
+    # a checkpoint of another model, or no checkpoint, as the branch: refused before the run's files (a
+    # size-mismatch traceback after run_config.json and inputs.json were written, before)
+    wide = tiny_config(shards_dir, steps=6, ckpt_every=2)
+    wide.model.num_kv_heads = 2
+    wide.train.init_checkpoint = ckpt
+    with pytest.raises(UserError, match="a checkpoint of another model .num_kv_heads 4 vs 2"):
+        train(wide, tmp_path / "c", progress=False)
+    wide.train.init_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="not a training checkpoint"):
+        train(wide, tmp_path / "d", progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_weights_broken_between_logged_steps_are_never_checkpointed(shards_dir, tmp_path):

@@ -42,11 +42,8 @@ class TrainerSetup:
             )
         if cfg.model.init_from:
             check_same_tokenizer(cfg.model.init_from, self.tokenizer.fingerprint(), self.shards)
-        state = Path(cfg.train.init_checkpoint or "") / "state.json"
-        if cfg.train.init_checkpoint and state.is_file() and not (self.run_dir / "checkpoints").is_dir():
-            at = read_json(state).get("step")  # said before the run's files, as _resume would after them
-            if isinstance(at, int) and at >= cfg.train.steps:
-                raise UserError(f"init_checkpoint is at step {at}, not before train.steps={cfg.train.steps}")
+        if cfg.train.init_checkpoint and not (self.run_dir / "checkpoints").is_dir():
+            check_init_checkpoint(Path(cfg.train.init_checkpoint), cfg)  # before the run's files, not after
         self.rank, self.world, self._owns_group = init_distributed(cfg.train.device)
         self.device = resolve_device(cfg.train.device)
         if self.world > 1 and self.device.type == "cuda":
@@ -155,3 +152,33 @@ def _optimizer_impl(fused: bool, device: torch.device) -> dict:
     if fused:
         return {"fused": True}
     return {"foreach": device.type == "cuda" or None}
+
+
+def check_init_checkpoint(path: Path, cfg) -> None:
+    """What `_resume` would refuse after the run's files are written (a size mismatch as a 60-line
+    traceback): no checkpoint there, one at or past train.steps, or one of another architecture."""
+    from elmforest.config import ARCHITECTURE_FIELDS
+
+    state = path / "state.json"
+    if not state.is_file():
+        raise UserError(
+            f"train.init_checkpoint {path}: not a training checkpoint (no state.json; a run's "
+            "checkpoints/step-N folder)"
+        )
+    st = read_json(state)
+    at = st.get("step") if isinstance(st, dict) else None
+    if isinstance(at, int) and at >= cfg.train.steps:
+        raise UserError(f"init_checkpoint is at step {at}, not before train.steps={cfg.train.steps}")
+    theirs = ((st.get("config") if isinstance(st, dict) else None) or {}).get("model") or {}
+    differ = [
+        f"{k} {theirs[k]} vs {getattr(cfg.model, k)}"
+        for k in ARCHITECTURE_FIELDS
+        if theirs.get(k) is not None
+        and getattr(cfg.model, k) is not None
+        and theirs[k] != getattr(cfg.model, k)
+    ]
+    if differ:
+        raise UserError(
+            f"train.init_checkpoint {path} is a checkpoint of another model ({', '.join(differ)}): its "
+            "weights do not fit this one"
+        )
