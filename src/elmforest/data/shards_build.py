@@ -40,9 +40,8 @@ from elmforest.utils.io import (
     write_json_atomic,
 )
 
-ASSIGN_REPORT = (
-    "report.meta.json"  # `cluster assign`'s report beside the corpus it writes (cluster/assign.py)
-)
+# `cluster assign`'s report beside the corpus it writes (cluster/assign.py): its clusterer's checksum
+ASSIGN_REPORT = "report.meta.json"
 PENDING_BYTES = 256 << 20  # tokens held in memory over every (domain, split) before all are written
 
 
