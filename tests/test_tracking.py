@@ -412,6 +412,46 @@ def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so
     assert sorted(len(h["train/loss"]) for h in hists) == [2, 2]
 
 
+def test_a_session_run_with_the_trackers_off_is_filled_in_when_they_are_on_again(
+    shards_dir, tmp_path, monkeypatch
+):
+    """Trackers are an operational setting: on, then off for a session, then on again left the off
+    session's steps missing in all three for good (and TensorBoard, chosen only on resume, never had the
+    steps before it)."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    cfg = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=4)
+    every = ["tensorboard", "wandb", "mlflow"]
+    for trackers, stop in ((every, 4), ([], 8), (every, None)):
+        cfg.train.trackers, cfg.train.stop_at = trackers, stop
+        train(cfg, run, progress=False)
+    loss = _jsonl(run / "metrics.jsonl", "loss")
+    assert [s for s, _ in loss] == [2, 4, 6, 8, 10, 12]
+    assert _same_series(_scalars(run)[0]["train/loss"], loss)  # steps 6 and 8 once, none twice
+    points = sorted(
+        p for s in (run / "wandb").glob("offline-run-*") for p in _wandb_session(s)[1]["train/loss"]
+    )
+    assert _same_series(points, loss)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    got = sorted((m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "train/loss"))
+    assert _same_series(got, loss)
+    # TensorBoard chosen only on resume: the steps before it, and the config, once
+    late = tmp_path / "late"
+    for trackers, stop in (([], 4), (["tensorboard"], None)):
+        cfg.train.trackers, cfg.train.stop_at = trackers, stop
+        train(cfg, late, progress=False)
+    scalars, acc = _scalars(late)
+    assert _same_series(scalars["train/loss"], _jsonl(late / "metrics.jsonl", "loss"))
+    assert len(acc.Tensors("config/text_summary")) == 1
+
+
 def test_a_killed_run_waits_for_its_tensorboard_writer_a_bounded_time(monkeypatch):
     """A SIGTERM inside the writer's queue left its thread asleep until the flush timer (120 s): the killed
     run sat in SummaryWriter.close() holding its lock. A failed run waits ABORT_WAIT at most; one that

@@ -81,6 +81,7 @@ class Tracker(Callback):
     Subclasses implement start/log/valid/checkpoint/end/abort."""
 
     name = "tracker"
+    key = "tracker"  # its name in train.trackers and trackers.json
     off = False
 
     def _call(self, trainer, fn, *args) -> None:
@@ -110,6 +111,8 @@ class Tracker(Callback):
 
     def on_checkpoint(self, trainer, path):
         self._call(trainer, self.checkpoint, path)
+        if not self.off:  # what it holds so far: a session run without it is a gap to fill (gap())
+            mark_seen(trainer.run_dir, self.key, trainer.step)
 
     def on_train_end(self, trainer, summary):
         self._call(trainer, self.end, summary)
@@ -156,6 +159,22 @@ def save_tracker_id(run_dir: Path, name: str, value: dict) -> None:
     write_json_atomic(run_dir / "trackers.json", {**tracker_ids(run_dir), name: value})
 
 
+def mark_seen(run_dir: Path, key: str, step: int) -> None:
+    """The last checkpoint's step a tracker logged up to (trackers.json "seen")."""
+    ids = tracker_ids(run_dir)
+    write_json_atomic(run_dir / "trackers.json", {**ids, "seen": {**(ids.get("seen") or {}), key: step}})
+
+
+def gap(run_dir: Path, key: str, step: int, had_output: bool) -> list[tuple[int, dict[str, float]]]:
+    """The history a resumed tracker missed: steps after the last checkpoint it logged up to (a session
+    run with it off, or before it was chosen), up to the resumed step. A run of older versions records
+    none: its own output says it was on (nothing missed), none says it never was (everything)."""
+    seen = (tracker_ids(run_dir).get("seen") or {}).get(key)
+    if not isinstance(seen, int):
+        seen = step if had_output else -1
+    return [r for r in history(run_dir, step) if r[0] > seen]
+
+
 @contextlib.contextmanager
 def env(**values: str):
     """Environment variables set for one call into a tracking library and restored after it, so
@@ -181,7 +200,7 @@ class TensorBoardLogger(Tracker):
     from scratch deletes the events of an earlier start killed before its first checkpoint. Flushed at
     each checkpoint and closed when the run ends or fails."""
 
-    name = "TensorBoard"
+    name, key = "TensorBoard", "tensorboard"
     ABORT_WAIT = 10.0  # seconds a failed or killed run waits for the writer to close
 
     def __init__(self, log_dir: Path, writer_cls):
@@ -192,9 +211,14 @@ class TensorBoardLogger(Tracker):
         if not resumed and self.log_dir.is_dir():
             for f in self.log_dir.glob("events.out.tfevents.*"):
                 f.unlink()
+        had = resumed and any(self.log_dir.glob("events.out.tfevents.*"))
         self.writer = self.writer_cls(str(self.log_dir), purge_step=trainer.step + 1 if resumed else None)
-        if not resumed:
+        if not resumed or not had:  # a run that chose it only now records its config too
             self.writer.add_text("config", "```\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
+        if resumed:  # the steps of sessions it was off for (or not yet chosen)
+            for step, values in gap(trainer.run_dir, self.key, trainer.step, had):
+                for k, v in values.items():
+                    self.writer.add_scalar(k, v, step)
 
     def log(self, trainer, m):
         for k, v in scalars(m).items():

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from elmforest.train.tracking import Tracker, env, history, save_tracker_id, scalars, tracker_ids
+from elmforest.train.tracking import Tracker, env, gap, history, save_tracker_id, scalars, tracker_ids
 from elmforest.utils.io import write_text_atomic
 
 # for each call into MLflow only (tracking.env): the file store allowed, usage telemetry off
@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 
 
 class MlflowLogger(Tracker):
-    name = "MLflow"
+    name, key = "MLflow", "mlflow"
 
     def __init__(self, run_dir: Path, mlflow):
         self.run_dir, self.mlflow, self.run_id = Path(run_dir), mlflow, None
@@ -69,6 +69,9 @@ class MlflowLogger(Tracker):
                 if self.store is None:
                     self._drop_points_after(trainer.step)
                 self.client.update_run(self.run_id, status="RUNNING")
+                self._metrics(
+                    gap(self.run_dir, self.key, trainer.step, had_output=True)
+                )  # sessions it was off
                 return
             if not resumed and same_store and known.get("run_id") and self.store is not None:
                 with contextlib.suppress(Exception):  # an earlier start, killed: not left RUNNING

@@ -25,11 +25,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from elmforest.train.tracking import Tracker, env, history, save_tracker_id, scalars, tracker_ids
+from elmforest.train.tracking import Tracker, env, gap, history, save_tracker_id, scalars, tracker_ids
 
 
 class WandbLogger(Tracker):
-    name = "W&B"
+    name, key = "W&B", "wandb"
 
     def __init__(self, run_dir: Path, wandb):
         self.run_dir, self.wandb, self.run, self.started = Path(run_dir), wandb, None, False
@@ -87,9 +87,12 @@ class WandbLogger(Tracker):
                 reinit="create_new",
                 settings=settings,
             )
-            if replay:
-                for step, values in history(self.run_dir, trainer.step):
-                    self.run.log(values, step=step)
+            # everything (never chosen, or a killed session's buffer lost), or the sessions it was off for
+            missed = history(self.run_dir, trainer.step) if replay else []
+            if resumed and not replay:
+                missed = gap(self.run_dir, self.key, trainer.step, had_output=True)
+            for step, values in missed:
+                self.run.log(values, step=step)
 
     def log(self, trainer, m):
         with env(**self.env):
