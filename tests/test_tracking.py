@@ -483,3 +483,25 @@ def test_a_killed_run_waits_for_its_tensorboard_writer_a_bounded_time(monkeypatc
     logger.writer = Ends()
     logger.end(None, {})
     assert "end" in closed and logger.writer is None  # closed whole, before end() returned
+
+
+def test_a_merged_moes_training_logs_keep_their_mlflow_artifacts(shards_dir, tmp_path, monkeypatch):
+    """The scratch run of a router training or BTX fine-tune is deleted and its logs move into OUT/
+    train_logs: MLflow's store there still named the deleted run's folder for its artifacts (none listed)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from elmforest.merge.moe_train import _keep_logs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run, out = tmp_path / "OUT.finetune-run-x", tmp_path / "OUT"
+    cfg = tiny_config(shards_dir, steps=2, log_every=1, ckpt_every=2)
+    cfg.train.trackers = ["mlflow"]
+    train(cfg, run, progress=False)
+    out.mkdir()
+    _keep_logs(run, out)
+    shutil.rmtree(run)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(out / "train_logs" / "mlruns").as_uri())
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [a.path for a in client.list_artifacts(mrun.info.run_id)] == ["run_config.json"]

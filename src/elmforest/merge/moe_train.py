@@ -353,6 +353,10 @@ def _keep_logs(run_dir: Path, out: Path) -> None:
     for src in logs:
         remove_path(dst / src.name)
         shutil.move(str(src), str(dst / src.name))
+    if (dst / "mlruns").is_dir():  # its artifact paths named the deleted scratch run: MLflow listed none
+        from elmforest.train.tracking_mlflow import _relocate
+
+        _relocate(dst / "mlruns")
 
 
 def _finish(tmp, trained, moe_dir, meta, kind: str, record: dict, out):
