@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from elmforest.config import OptimConfig
+from elmforest.config import OptimConfig, apply_overrides
 from elmforest.data.shards import Shards
 from elmforest.eval.bpb import evaluate, evaluate_shards
 from elmforest.model.build import build_model
@@ -667,6 +667,22 @@ def test_configs_built_in_code_are_checked_before_anything_is_written(shards_dir
     with pytest.raises(UserError, match="not a training checkpoint"):
         train(wide, tmp_path / "d", progress=False)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    longer = tiny_config(shards_dir, steps=6, ckpt_every=2)  # a longer context has no weights: branches
+    longer.model.max_position_embeddings *= 2
+    longer.train.init_checkpoint = ckpt
+    assert train(longer, tmp_path / "e", progress=False)["steps"] == 6
+    # a run made when `--set model.num_heads` alone kept the preset's kv heads, resumed with that --set
+    # (now full attention): refused for its kv count, with what to add
+    gqa = apply_overrides(
+        tiny_config(shards_dir, steps=6, ckpt_every=2), ["model.num_heads=8", "model.num_kv_heads=4"]
+    )
+    gqa.train.stop_at = 2
+    train(gqa, tmp_path / "g", progress=False)
+    now = apply_overrides(tiny_config(shards_dir, steps=6, ckpt_every=2), ["model.num_heads=8"])
+    with pytest.raises(
+        UserError, match=r"num_kv_heads: 4 -> 8\) \(since 2026-12-07.*add --set model.num_kv_heads"
+    ):
+        train(now, tmp_path / "g", progress=False)
 
 
 def test_weights_broken_between_logged_steps_are_never_checkpointed(shards_dir, tmp_path):

@@ -253,8 +253,14 @@ def config_change(run_dir: Path, cfg: RunConfig) -> str | None:
 def check_config(run_dir: Path, cfg: RunConfig) -> None:
     """A run with progress resumes only with the same config."""
     if diff := config_change(run_dir, cfg):
+        hint = ""
+        if diff.startswith("model.num_kv_heads") and ";" not in diff:  # the only difference
+            hint = (  # the same --set, read the new way: a run made before takes the kv count it had
+                " (since 2026-12-07 `--set model.num_heads=N` alone keeps full attention; a run made "
+                "before kept the preset's key/value heads: add --set model.num_kv_heads with its count)"
+            )
         raise UserError(
-            f"{run_dir} holds a run with a different config ({diff}); resume it "
+            f"{run_dir} holds a run with a different config ({diff}){hint}; resume it "
             f"with the same settings, or delete {run_dir} to train it again with the new ones"
         )
 

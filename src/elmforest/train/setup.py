@@ -154,11 +154,21 @@ def _optimizer_impl(fused: bool, device: torch.device) -> dict:
     return {"foreach": device.type == "cuda" or None}
 
 
+# the architecture fields that shape its tensors: a longer context (max_position_embeddings, rotary: no
+# weights) or another rms_norm_eps branches from a checkpoint as before
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "tie_embeddings",
+)
+
+
 def check_init_checkpoint(path: Path, cfg) -> None:
     """What `_resume` would refuse after the run's files are written (a size mismatch as a 60-line
     traceback): no checkpoint there, one at or past train.steps, or one of another architecture."""
-    from elmforest.config import ARCHITECTURE_FIELDS
-
     state = path / "state.json"
     if not state.is_file():
         raise UserError(
@@ -172,7 +182,7 @@ def check_init_checkpoint(path: Path, cfg) -> None:
     theirs = ((st.get("config") if isinstance(st, dict) else None) or {}).get("model") or {}
     differ = [
         f"{k} {theirs[k]} vs {getattr(cfg.model, k)}"
-        for k in ARCHITECTURE_FIELDS
+        for k in SHAPE_FIELDS
         if theirs.get(k) is not None
         and getattr(cfg.model, k) is not None
         and theirs[k] != getattr(cfg.model, k)
