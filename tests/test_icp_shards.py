@@ -208,7 +208,7 @@ def test_bad_orders_are_refused(dup_corpus, tokenizer_dir, tmp_path, capsys):
         (["--order", "source", "--order-seed", "3"], "--order-seed applies to"),
         (["--order", "icp", "--icp-dedup-threshold", "0.95", "--icp-keep-duplicates"], "give one of them"),
         (["--order", "dedup", "--icp-keep-duplicates"], "that is --order random"),
-        (["--order", "icp", "--order-seed", str(2**31)], "in [0, 2**31)"),  # faiss's C int: a traceback
+        (["--order", "icp", "--order-seed", str(2**31)], "below 2**31"),  # faiss's C int: a traceback
     ):
         assert main([*args, "--out", str(tmp_path / "y"), *bad]) == 2
         assert said in capsys.readouterr().err

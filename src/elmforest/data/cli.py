@@ -18,7 +18,6 @@ from elmforest.utils.argtypes import (
     nonneg_int,
     opt,
     positive_int,
-    seed31,
     unit_fraction,
     verb,
 )
@@ -79,7 +78,7 @@ class OrderArgs:
             "documents adjacent, near-duplicates dropped); valid/test stay as read"
         ),
     ] = "source"
-    order_seed: Annotated[int, opt("seed of the random and icp orders", seed31)] = 0
+    order_seed: Annotated[int, opt("seed of the random and icp orders", nonneg_int)] = 0
     icp_k: Annotated[
         int, opt("icp: nearest neighbours per document in the similarity graph", positive_int)
     ] = 10
@@ -125,6 +124,10 @@ class OrderArgs:
                 verb = "applies" if len(given) == 1 else "apply"
                 raise UserError(f"{flags} {verb} only to --order icp or dedup (got --order {self.order})")
             return self.order
+        if self.order_seed >= 2**31:  # faiss's C int: a traceback after the tokenizing, else
+            raise UserError(
+                f"--order-seed {self.order_seed}: --order {self.order} takes a seed below 2**31 (faiss's seeds)"
+            )
         if self.icp_keep_duplicates and self.icp_dedup_threshold != DEFAULT_ORDER.icp_dedup_threshold:
             raise UserError(
                 "--icp-dedup-threshold sets which near-duplicates are dropped and --icp-keep-duplicates drops "

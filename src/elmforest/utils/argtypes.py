@@ -55,7 +55,6 @@ nonneg_float = _typed(float, lambda v: v >= 0, "0 or more", "nonneg_float")
 finite_float = _typed(float, lambda v: True, "a number", "finite_float")
 fraction = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)", "fraction")
 open_fraction = _typed(float, lambda v: 0 < v < 1, "strictly between 0 and 1", "open_fraction")
-seed31 = _typed(int, lambda v: 0 <= v < 2**31, "in [0, 2**31) (faiss's seeds)", "seed31")
 seed32 = _typed(int, lambda v: 0 <= v < 2**32, "in [0, 2**32) (scikit-learn's seeds)", "seed32")
 unit_fraction = _typed(float, lambda v: 0 < v <= 1, "in (0, 1]", "unit_fraction")
 
