@@ -310,7 +310,7 @@ def test_a_domain_map_or_sweep_grouping_with_one_language_in_two_groups_is_refus
 
     twice = tmp_path / "twice.json"
     twice.write_text(
-        json.dumps({"groups": {"a": ["de", "code"], "b": ["deu", "legal"]}, "aliases": {"de": "deu"}})
+        json.dumps({"groups": {"a": ["de", "fra"], "b": ["deu", "jpn"]}, "aliases": {"de": "deu"}})
     )
     argv = ["shards", "build", "--data", str(corpus), "--tokenizer", str(tokenizer_dir), "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "s"), "--domain-map", str(twice)]) == 2
@@ -321,6 +321,9 @@ def test_a_domain_map_or_sweep_grouping_with_one_language_in_two_groups_is_refus
     plain = tmp_path / "plain.json"  # a plain {domain: group} map is no grouping: as before
     plain.write_text(json.dumps({"code": "a", "legal": "a", "scripture": "b"}))
     assert sweep_grouping(plain) == {"a": ["code", "legal"], "b": ["scripture"]}
+    named = tmp_path / "named.json"  # domains that are not language codes keep their case: two domains
+    named.write_text(json.dumps({"groups": {"a": ["News"], "b": ["news"]}}))
+    assert sweep_grouping(named) == {"a": ["News"], "b": ["news"]}
 
 
 @has_lang2vec

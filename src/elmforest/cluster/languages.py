@@ -384,7 +384,13 @@ def check_if_grouping(path: str | os.PathLike) -> None:
         g = read_json(path)
     except (OSError, UserError):
         return  # unreadable: refused, named, where the domain map is read
-    if _is_grouping(g):
+    if not _is_grouping(g):
+        return
+    members = [m for ms in g["groups"].values() if isinstance(ms, list) for m in ms]
+    # language codes (2 or 3 letters, any case); other domains are names whose case is their own (News, news)
+    if members and all(
+        isinstance(m, str) and 2 <= len(m) <= 3 and m.isascii() and m.isalpha() for m in members
+    ):
         load_grouping(path)
 
 
