@@ -314,7 +314,7 @@ def _tokenizer_saw_held_out(
         ours.by_file != split.by_file
         or ours.valid_frac + ours.test_frac >= split.valid_frac + split.test_frac
     ):
-        return None  # it learned from none of the documents held out here
+        return None  # none held out here (a larger share held out), or cannot tell (split by file or not)
 
     def within(a: str, b: str) -> bool:
         if a == b:

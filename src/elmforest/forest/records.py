@@ -197,21 +197,15 @@ class ForestRecords:
 
         c = Clusterer.load(clusterer_dir)  # refuses corrupted or mismatched files
         have = self.root / "clusterer"
+        digest = clusterer_digest(clusterer_dir)  # the centres, projection and vocabulary, not notes
         if self.data.get("clusterer") and self.names and have.is_dir():
-
-            def identity(d: Path):  # the centres, projection and vocabulary (their checksum), not notes
-                meta = json.loads((d / "clusterer.json").read_text())
-                return meta.get("k"), (meta.get("arrays") or {}).get("sha256")
-
-            # its experts were trained on the old clusters
-            if identity(have) != identity(Path(clusterer_dir)):
+            if clusterer_digest(have) != digest:  # its experts were trained on the old clusters
                 raise UserError(
                     f"{self.root}: its experts were trained on the clusters of another clusterer "
                     f"(k={self.data['clusterer'].get('k')}); a new clusterer needs a new forest"
                 )
         with staged_dir(self.root / "clusterer") as tmp:
             copy_regular_files(Path(clusterer_dir), tmp)
-        digest = clusterer_digest(clusterer_dir)
         self.update(
             lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims, "sha256": digest})
         )
@@ -234,7 +228,8 @@ class ForestRecords:
         if info.get("sha256") is not None and clusterer_digest(where) != info["sha256"]:
             return (
                 f"the clusterer: {where} is not the clusterer its experts were trained on (its checksum is not "
-                "forest.json's): routing would send text to the wrong experts; copy the forest's own back"
+                "forest.json's): routing would send text to the wrong experts; put back the clusterer "
+                "`forest train --clusterer` was given"
             )
         return None
 

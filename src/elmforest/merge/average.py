@@ -148,7 +148,8 @@ def merge_checkpoints(
     # tensors of matching shapes from configs that differ (rms_norm_eps, a vocabulary edited by hand)
     # averaged under the first one's config without a word, as `merge moe` refuses them
     every = [*dirs, *([base] if base is not None else [])]
-    check_same_architecture(every, [d.parent.name if d.name == "model" else d.name for d in every])
+    names = [d.parent.name if d.name == "model" else d.name for d in dirs]
+    check_same_architecture(every, names + ([f"{base.name} (the base)"] if base is not None else []))
     writer = ShardedWriter(out, max_shard_bytes, replaces="elmforest_average.json")
     with undone_on_failure(writer.tmp, writer.out):
         for name, t in iter_merge(dirs, weights, method, base, **params):

@@ -235,7 +235,7 @@ def _study(
         if cfg.workers is not None:  # taken, then dropped without a word
             raise UserError(
                 f"workers {cfg.workers} (the study config's) is the local executor's: Ray runs as many jobs at "
-                "a time as the CPUs (and GPUs) asked per job allow; remove it, or give --cpus-per-job"
+                "a time as the CPUs (and GPUs) asked per job allow (--cpus-per-job): remove it from the config"
             )
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
         ray.prepare()
