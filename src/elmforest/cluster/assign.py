@@ -31,8 +31,8 @@ import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
 from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
+from elmforest.data.provenance import ASSIGN_REPORT
 from elmforest.data.readers import ReadStats, iter_documents
-from elmforest.data.shards_build import ASSIGN_REPORT
 from elmforest.data.sources import refuse_out_in_data, resolve_source
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import read_json, staged_dir, write_json_atomic

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from elmforest.data.documents import text_key
 from elmforest.data.domain_map import DomainMap, _relabeller
+from elmforest.data.provenance import assigning_clusterer, tokenizer_saw_held_out
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer, start_warm_up
 from elmforest.data.shards import INDEX_VERSION, Shards, safe_name, token_dtype
@@ -28,20 +29,16 @@ from elmforest.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
     save_tokenizer,
-    training_record,
 )
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
     as_write_error,
-    read_json,
     remove_path,
     replace_dir,
     temp_sibling,
     write_json_atomic,
 )
 
-# `cluster assign`'s report beside the corpus it writes (cluster/assign.py): its clusterer's checksum
-ASSIGN_REPORT = "report.meta.json"
 PENDING_BYTES = 256 << 20  # tokens held in memory over every (domain, split) before all are written
 
 
@@ -249,9 +246,9 @@ def build_shards(
             index["domain_map"] = dict(sorted(domain_map.items()))
         if in_train:
             index["in_train"] = in_train
-        if saw := _tokenizer_saw_held_out(tokenizer, tok, sources, split):
+        if saw := tokenizer_saw_held_out(tokenizer, tok, sources, split):
             index["tokenizer_saw_held_out"] = saw
-        if by := _assigned_by(sources):
+        if by := assigning_clusterer(sources):
             index["assigned_by"] = by
         order_seconds = 0.0
         if orderer is not None:
@@ -280,61 +277,6 @@ def build_shards(
         index.get("order"),
         order_seconds,
     )
-
-
-def _assigned_by(sources: list[str]) -> dict | None:
-    """The clusterer that assigned the corpus's clusters (`cluster assign`'s output), kept in the index:
-    c-BTM's forest verbs check it against the forest's clusterer, and read it beside the corpus only,
-    so shards whose corpus folder was moved or deleted went unchecked."""
-    if len(sources) != 1 or parse_source(sources[0]).format is not None:
-        return None
-    report = Path(sources[0]) / ASSIGN_REPORT
-    try:
-        r = read_json(report) if report.is_file() else None
-    except UserError:
-        return None
-    digest = r.get("clusterer_sha256") if isinstance(r, dict) else None
-    return {"clusterer": r.get("clusterer"), "clusterer_sha256": digest} if isinstance(digest, str) else None
-
-
-def _tokenizer_saw_held_out(
-    tokenizer, tok: LoadedTokenizer, sources: list[str], split: SplitSpec
-) -> dict | None:
-    """What `tokenizer train` learned from, when it read documents these shards hold out: the same data
-    (or a folder holding it, or a file of it) with a smaller share held out. Said, and recorded in the
-    index, not refused: the held-out text shaped the vocabulary, which flatters held-out BPB a little."""
-    if isinstance(tokenizer, LoadedTokenizer) or (record := training_record(tokenizer, tok)) is None:
-        return None
-    seen = record.get("split") or {}
-    try:
-        ours = SplitSpec(**seen)
-    except (TypeError, UserError):
-        return None  # a record of another version: no claim
-    if (
-        ours.by_file != split.by_file
-        or ours.valid_frac + ours.test_frac >= split.valid_frac + split.test_frac
-    ):
-        return None  # none held out here (a larger share held out), or cannot tell (split by file or not)
-
-    def within(a: str, b: str) -> bool:
-        if a == b:
-            return True
-        if parse_source(a).format is not None or parse_source(b).format is not None:
-            return False
-        pa, pb = Path(a), Path(b)
-        return pa in pb.parents or pb in pa.parents
-
-    data = str(record.get("data"))
-    if not any(within(data, resolve_source(s)) for s in sources):
-        return None
-    print(
-        f"note: the tokenizer learned from documents these shards hold out: it was trained on {data} with "
-        f"{ours.valid_frac:g} valid / {ours.test_frac:g} test held out, and these shards hold out "
-        f"{split.valid_frac:g} / {split.test_frac:g}, so held-out text shaped its vocabulary (a slightly "
-        "flattering held-out BPB); train the tokenizer with the same --valid-frac and --test-frac",
-        file=sys.stderr,
-    )
-    return {"data": data, "split": asdict(ours)}
 
 
 def _text_key(text: str) -> int:
