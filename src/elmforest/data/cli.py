@@ -398,7 +398,11 @@ def show(dir: Annotated[str, arg("shards directory")]) -> None:
 
     sh = Shards(dir)
     print(json.dumps(sh.index, indent=2))
-    print(f"fingerprint: {sh.fingerprint}")
+    older = [f for f in sh.fingerprints if f != sh.fingerprint]  # what runs of older versions recorded
+    print(
+        f"fingerprint: {sh.fingerprint}"
+        + (f" (as older versions digested it: {', '.join(older)})" if older else "")
+    )
     print(f"files: {sh.check_files()} splits match the index")  # or the damage, named, and status 2
     timings = sh.root / TIMINGS_FILE
     print(f"order of the training documents: {sh.order['method']}")
