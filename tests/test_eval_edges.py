@@ -206,6 +206,13 @@ def test_forest_train_with_a_clusterer_refuses_shards_of_other_domains(
     assert "are not the clusterer's clusters (cluster0..cluster2)" in err
     n = len(Shards(shards_dir).domains)
     assert f"{n} domain(s) (" in err and (", ...)" in err) == (n > 5)  # how many, not five of them unsaid
+    from elmforest.forest.cli import _check_cluster_domains
+
+    many = [f"d{i}" for i in range(7)]
+    with pytest.raises(
+        UserError, match=r"7 domain\(s\) \(d0, d1, d2, d3, d4, \.\.\.\) are not the clusterer's"
+    ):
+        _check_cluster_domains(str(clusterer_dir), many, str(shards_dir))
     assert not (tmp_path / "f").exists()  # refused before anything was created
     g = tmp_path / "g"
     shutil.copytree(cluster_forest, g, symlinks=True)  # a c-BTM forest trained further: its own clusterer

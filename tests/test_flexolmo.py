@@ -92,7 +92,10 @@ def test_frozen_experts_are_refused_where_they_cannot_hold(forest_dir, shards_di
 
     seed = resolve_model_dir(Forest.load(forest_dir).seed_dir)
     assert main(["merge", "flexolmo-pair", "--seed", str(seed), "--out", str(tmp_path / "pair")]) == 0
-    inside = Forest.load(forest_dir).root / "experts" / "zz"  # written into the forest's folders before
+    import shutil
+
+    shutil.copytree(forest_dir, tmp_path / "fcopy", symlinks=True)  # not the session's: a regression writes
+    inside = tmp_path / "fcopy" / "experts" / "zz"  # written into the forest's folders before
     assert main(["merge", "flexolmo-pair", "--seed", str(seed), "--out", str(inside)]) == 2
     assert not inside.exists()
     pair = tmp_path / "pair"

@@ -409,6 +409,14 @@ def test_cluster_k_counts_clusters_where_one_expert_serves_several(
     assert "--k 5 is more than the 3 clusters with an expert" in capsys.readouterr().err
     assert two["mean_bpb"] != three["mean_bpb"]  # all three clusters weigh in at k=3
     assert (three["k"], more["k"]) == (3, 3) and more["mean_bpb"] == three["mean_bpb"]
+    # the reference: the same expert registered once per cluster it serves, c-BTM's top-k over clusters
+    ref = Forest.init(tmp_path / "ref")
+    ref.set_clusterer(clusterer_dir)
+    for j, n in enumerate([src.names[0], src.names[0], src.names[1]]):
+        ref.add(src.expert_dir(n), f"cluster{j}", [f"cluster{j}"])
+    for k, got in ((2, two), (3, three)):
+        want = evaluate_forest_shards(ref, s, k=k, **kw)
+        assert abs(got["mean_bpb"] - want["mean_bpb"]) < 1e-5, (k, got["mean_bpb"], want["mean_bpb"])
 
 
 def test_the_ledger_counts_router_training_and_every_output_that_ran(forest_dir, shards_dir, tmp_path):
