@@ -131,6 +131,21 @@ def forest_dir(shards_dir, tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _forest_dir_manifest_unchanged(request):
+    """Tests that merge or average the shared forest record their outputs in its manifest, and later
+    tests of the same worker (whichever xdist gives it) copied those records: one test's merges became
+    another's. The manifest is put back after each test that used the forest."""
+    if "forest_dir" not in request.fixturenames:
+        yield
+        return
+    manifest = Path(request.getfixturevalue("forest_dir")) / "forest.json"
+    before = manifest.read_bytes()
+    yield
+    if manifest.read_bytes() != before:
+        manifest.write_bytes(before)
+
+
 @pytest.fixture(scope="session")
 def clusterer_dir(corpus, tmp_path_factory):
     from elmforest.cluster.assign import fit_clusterer
