@@ -32,6 +32,15 @@ def _jsonl(path, key):
     return [(m["step"], m[key]) for m in map(json.loads, path.read_text().splitlines())]
 
 
+def _mlflow_series(run, key):
+    """(step, value) of a metric of the run's one MLflow run in its own store, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return sorted((m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, key))
+
+
 def _same_series(got, want) -> bool:
     """(step, value) pairs: the same steps, values equal to float32 precision (pytest.approx takes no pairs)."""
     got, want = list(got), list(want)
@@ -374,7 +383,6 @@ def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so
     steps before it never reached them."""
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -398,10 +406,7 @@ def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so
     assert _same_series(hist["train/loss"], loss)  # steps 2, 4 replayed, then 6, 8
     assert [s for s, _ in hist["valid/loss"]] == [s for s, _ in _jsonl(run / "valid.jsonl", "valid_loss")]
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
-    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    got = [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "train/loss")]
-    assert _same_series(sorted(got), loss)
+    assert _same_series(_mlflow_series(run, "train/loss"), loss)
     # a clean pause and resume replays nothing (each session holds its own steps)
     again = tmp_path / "again"
     cfg.train.trackers, cfg.train.stop_at = ["wandb"], 4
@@ -420,7 +425,6 @@ def test_a_session_run_with_the_trackers_off_is_filled_in_when_they_are_on_again
     steps before it)."""
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -438,10 +442,7 @@ def test_a_session_run_with_the_trackers_off_is_filled_in_when_they_are_on_again
     )
     assert _same_series(points, loss)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
-    (mrun,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    got = sorted((m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "train/loss"))
-    assert _same_series(got, loss)
+    assert _same_series(_mlflow_series(run, "train/loss"), loss)
     # TensorBoard chosen only on resume: the steps before it, and the config, once
     late = tmp_path / "late"
     for trackers, stop in (([], 4), (["tensorboard"], None)):

@@ -41,9 +41,9 @@ class ClusterRouting:
                 f"{forest.root}: the forest has no clusterer; cluster routing needs a c-BTM forest: experts "
                 "trained on `cluster assign` shards by `elmforest forest train --clusterer DIR ...`"
             )
-        if problem := forest.clusterer_problem():
-            raise UserError(f"{forest.root}: {problem}")
         self.clusterer = Clusterer.load(forest.root / info["path"])
+        if problem := forest.clusterer_problem(load=False):  # another clusterer of the same shape
+            raise UserError(f"{forest.root}: {problem}")
         # a cluster served by several experts goes to the last of them (in `names` order): said, as
         # the others then never run (an expert added later on a cluster, `forest add` / `forest expert`)
         self.expert_of, shared = {}, []

@@ -210,10 +210,11 @@ class ForestRecords:
             lambda d: d.update(clusterer={"path": "clusterer", "k": c.k, "dims": c.dims, "sha256": digest})
         )
 
-    def clusterer_problem(self) -> str | None:
+    def clusterer_problem(self, load: bool = True) -> str | None:
         """What is wrong with the forest's copy of its clusterer: unreadable, or another clusterer than the
         one its experts were trained on (a consistent clusterer of the same k put in its place routed text
-        to the wrong experts without a word). Forests made before the checksum was recorded: readability."""
+        to the wrong experts without a word). Forests made before the checksum was recorded: readability.
+        `load=False`: the caller loads it itself (routing), so it is read once."""
         from elmforest.cluster.assign import clusterer_digest
         from elmforest.cluster.clusterer import Clusterer, ClustererError
 
@@ -222,7 +223,8 @@ class ForestRecords:
             return None
         where = self.root / info["path"]
         try:
-            Clusterer.load(where)
+            if load:
+                Clusterer.load(where)
         except ClustererError as e:
             return f"the clusterer: {e}"
         if info.get("sha256") is not None and clusterer_digest(where) != info["sha256"]:
