@@ -19,9 +19,9 @@ from elmforest.eval.bpb import default_seq_len
 from elmforest.forest import btm
 from elmforest.forest.btm import share_seed
 from elmforest.forest.manifest import Forest
-from elmforest.merge.io import LazyWeights
+from elmforest.merge.io import LazyWeights, check_same_architecture
 from elmforest.merge.methods import get_method
-from elmforest.merge.moe import MoeSpec, check_same_architecture, export_moe, mixtral_config
+from elmforest.merge.moe import MoeSpec, export_moe, mixtral_config
 from elmforest.merge.moe_train import train_router
 from elmforest.merge.router import sample_windows
 from elmforest.model.build import load_model, resolve_model_dir

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from elmforest.merge.io import SIDE_FILES, LazyWeights, ShardedWriter, open_matching, remote_code_files
+from elmforest.merge.io import (
+    SIDE_FILES,
+    LazyWeights,
+    ShardedWriter,
+    check_same_architecture,
+    open_matching,
+    remote_code_files,
+)
 from elmforest.merge.methods import NEEDS_BASE, get_method
 from elmforest.model.build import resolve_model_dir
 from elmforest.utils.errors import UserError
@@ -141,8 +148,6 @@ def merge_checkpoints(
     **params,
 ) -> Path:
     """Write the merge of HF checkpoints as a new HF checkpoint directory (atomically)."""
-    from elmforest.merge.moe import check_same_architecture  # moe.py imports this module
-
     dirs = [resolve_model_dir(d) for d in model_dirs]
     base = resolve_model_dir(base_dir) if base_dir is not None else None
     # tensors of matching shapes from configs that differ (rms_norm_eps, a vocabulary edited by hand)

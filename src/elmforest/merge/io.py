@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elmforest.data.tokenizer import TOKENIZER_FILES
-from elmforest.model.build import resolve_model_dir, tied_head
+from elmforest.forest.fingerprint import architecture_config, config_difference
+from elmforest.model.build import read_config_as_transformers, resolve_model_dir, tied_head
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import replace_dir, temp_sibling, write_json_atomic
 
@@ -30,6 +31,21 @@ SIDE_FILES = (
     "elmforest_run.json",
     "elmforest_data.json",
 )
+
+
+def check_same_architecture(dirs: list[Path], names: list[str]) -> dict:
+    """The first expert's config as transformers reads it (class defaults filled in), once every expert
+    computes as it does. Compared as `forest add` compares them (forest/fingerprint.py), so a 4.x file
+    and its 5.x rewrite, or `use_cache: false`, merge; and a field the files leave out takes the dense
+    class's default, not the MoE class's (Llama's rms_norm_eps 1e-6 against Mixtral's 1e-5)."""
+    archs = [architecture_config(d) for d in dirs]
+    for a, n in zip(archs[1:], names[1:], strict=True):
+        if a != archs[0]:
+            raise UserError(
+                f"expert {n!r} has a different architecture than {names[0]!r} "
+                f"({config_difference(archs[0], a)}); cannot merge"
+            )
+    return read_config_as_transformers(dirs[0])
 
 
 def remote_code_files(src: Path) -> list[str]:

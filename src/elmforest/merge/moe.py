@@ -24,12 +24,18 @@ from pathlib import Path
 
 import torch
 
-from elmforest.forest.fingerprint import architecture_config, config_difference
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import check_intact
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.average import warn_unrelated
-from elmforest.merge.io import TOKENIZER_FILES, LazyWeights, ShardedWriter, open_matching, weight_files
+from elmforest.merge.io import (
+    TOKENIZER_FILES,
+    LazyWeights,
+    ShardedWriter,
+    check_same_architecture,
+    open_matching,
+    weight_files,
+)
 from elmforest.merge.methods import linear
 from elmforest.merge.moe_card import model_card, record_weight_files
 from elmforest.merge.moe_formats import PROJ, MoeFormat, format_for
@@ -43,7 +49,7 @@ from elmforest.merge.router import (
     sample_windows,
     warn_parallel,
 )
-from elmforest.model.build import load_model, read_config_as_transformers, resolve_model_dir
+from elmforest.model.build import load_model, resolve_model_dir
 from elmforest.utils.device import resolve_device
 from elmforest.utils.errors import AlreadyExists, UserError
 from elmforest.utils.io import (
@@ -87,21 +93,6 @@ def mixtral_config(dense: dict, n_experts: int, top_k: int) -> dict:
     if fmt.model_type != "mixtral":
         raise UserError(f"{dense.get('model_type')!r} experts merge into {fmt.model_type}, not mixtral")
     return fmt.config(dense, n_experts, top_k)
-
-
-def check_same_architecture(dirs: list[Path], names: list[str]) -> dict:
-    """The first expert's config as transformers reads it (class defaults filled in), once every expert
-    computes as it does. Compared as `forest add` compares them (forest/fingerprint.py), so a 4.x file
-    and its 5.x rewrite, or `use_cache: false`, merge; and a field the files leave out takes the dense
-    class's default, not the MoE class's (Llama's rms_norm_eps 1e-6 against Mixtral's 1e-5)."""
-    archs = [architecture_config(d) for d in dirs]
-    for a, n in zip(archs[1:], names[1:], strict=True):
-        if a != archs[0]:
-            raise UserError(
-                f"expert {n!r} has a different architecture than {names[0]!r} "
-                f"({config_difference(archs[0], a)}); cannot merge"
-            )
-    return read_config_as_transformers(dirs[0])
 
 
 def _router_rows(forest: Forest, names, dirs, spec: MoeSpec, data, device, cfg, base_dir) -> torch.Tensor:
