@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from elmforest.cli import main
+from elmforest.cluster import language_groupings as G
 from elmforest.cluster import languages as L
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 
@@ -116,7 +117,7 @@ def test_real_syntax_features_group_related_languages(tmp_path):
     d = g["distances"]
     within = max(d[a][b] for a, b in combinations(["deu", "nld", "eng"], 2))
     assert within < min(d[a][b] for a in ["deu", "nld", "eng"] for b in ["jpn", "kor"])
-    assert L.nearest_group("afr", g)[0] == "group0" and L.nearest_group("jpn", g)[0] == "group1"
+    assert G.nearest_group("afr", g)[0] == "group0" and G.nearest_group("jpn", g)[0] == "group1"
     # the 14-language set: every k is a cut of one merge sequence, and the order given changes nothing
     many, _ = L.group_languages(LANGS14, [2, 4, 8])
     shuffled, _ = L.group_languages(list(reversed(LANGS14)), [2, 4, 8])
@@ -138,11 +139,11 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
         == 0
     )
     assert sorted(os.listdir(tmp_path / "g")) == ["k2.json", "k4.json"]
-    g4 = L.load_grouping(tmp_path / "g" / "k4.json")
+    g4 = G.load_grouping(tmp_path / "g" / "k4.json")
     assert g4 == L.group_languages(LANGS14, [4])[0][4]
     assert g4["method"] == "lang2vec-syntax" and g4["features"] == "syntax_knn" and g4["k"] == 4
     assert g4["lang2vec_version"] == "1.1.2" and g4["languages"] == sorted(LANGS14)
-    dm = L.domain_map(g4)
+    dm = G.domain_map(g4)
     assert set(dm) == set(LANGS14) and set(dm.values()) == set(g4["groups"])
     from elmforest.data.domain_map import load_domain_map
 
@@ -161,12 +162,12 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     assert dm2.unused({"de", "jpn"}) == ["fr", "fra"]  # one spelling of a language is enough
     # an alias and its code in one group are one language to the typology
     g = {"groups": {"a": ["deu", "de"], "b": ["jpn"]}}
-    assert L.nearest_group("nld", g)[0] == "a"
+    assert G.nearest_group("nld", g)[0] == "a"
     one = tmp_path / "one.json"
     assert main(["cluster", "languages", "--langs", "deu,jpn", "--k", "2", "--out", str(one)]) == 0
     assert json.loads(one.read_text())["groups"] == {"group0": ["deu"], "group1": ["jpn"]}
     with pytest.raises(AlreadyExists, match="--overwrite"):
-        L.write_groupings(L.group_languages(["deu", "jpn"], [2])[0], one)
+        G.write_groupings(L.group_languages(["deu", "jpn"], [2])[0], one)
     # a folder rewritten for other languages: its other k's files of the earlier run are said
     folder = ["cluster", "languages", "--out", str(tmp_path / "gs")]
     assert main([*folder, "--langs", "deu,fra,jpn", "--k", "2,3"]) == 0
@@ -230,7 +231,7 @@ def test_a_missing_extra_names_it(monkeypatch, tmp_path):
     ):
         (tmp_path / "g.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match=match):
-            L.load_grouping(tmp_path / "g.json")
+            G.load_grouping(tmp_path / "g.json")
 
 
 def test_shards_built_with_a_domain_map_hold_the_groups(corpus, tokenizer_dir, shards_dir, tmp_path, capsys):
@@ -331,6 +332,6 @@ def test_a_hand_written_grouping_with_one_language_spelled_two_ways_is_refused(t
     """`de` in one group and `deu` in another loaded, and the language then sat in both."""
     (tmp_path / "g.json").write_text(json.dumps({"groups": {"g0": ["de", "fra"], "g1": ["deu", "jpn"]}}))
     with pytest.raises(UserError, match="'deu' is in both 'g0' \\(as 'de'\\) and 'g1'"):
-        L.load_grouping(tmp_path / "g.json")
+        G.load_grouping(tmp_path / "g.json")
     (tmp_path / "g.json").write_text(json.dumps({"groups": {"g0": ["de", "fra"], "g1": ["jpn"]}}))
-    assert L.load_grouping(tmp_path / "g.json")["groups"]["g0"] == ["de", "fra"]
+    assert G.load_grouping(tmp_path / "g.json")["groups"]["g0"] == ["de", "fra"]

@@ -64,7 +64,8 @@ def test_moe_training_from_python_names_a_mistyped_argument(tmp_path):
 
 
 def test_language_helpers_want_a_loaded_grouping_and_lists():
-    from elmforest.cluster.languages import domain_map, group_languages, nearest_group
+    from elmforest.cluster.language_groupings import domain_map, nearest_group
+    from elmforest.cluster.languages import group_languages
 
     grouping = {"groups": {"g0": ["deu", "nld"], "g1": ["fra", "spa"]}}
     assert domain_map(grouping) == {"deu": "g0", "nld": "g0", "fra": "g1", "spa": "g1"}

@@ -242,7 +242,8 @@ def languages(
     ] = False,
 ) -> None:
     """Group languages by URIEL syntax (cosine, average-linkage merging) into k groups: X-ELM's experts."""
-    from elmforest.cluster.languages import group_languages, list_languages, write_groupings
+    from elmforest.cluster.language_groupings import write_groupings
+    from elmforest.cluster.languages import group_languages, list_languages
     from elmforest.utils.errors import UserError
     from elmforest.utils.typed import split_list
 

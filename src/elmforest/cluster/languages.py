@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from elmforest.utils.errors import AlreadyExists, NotFound, UserError
-from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.errors import UserError
 
 METHOD = "lang2vec-syntax"
 # feature set -> (archive in lang2vec/data, source column): lang2vec 1.1.2's FEATURE_SETS_DICT, syntax rows
@@ -250,7 +248,7 @@ def average_linkage(d: np.ndarray, names: list[str], a: list[str], b: list[str])
 def group_languages(
     codes: list[str], ks: list[int], features: str = DEFAULT_FEATURES, max_group_size: int | None = None
 ) -> tuple[dict[int, dict], dict[str, str]]:
-    """The grouping artifact (a plain dict, see save_grouping) for each k; and the two-letter aliases
+    """The grouping artifact (a plain dict, written by language_groupings.write_groupings) for each k; and the two-letter aliases
     that were resolved. Languages are clustered in sorted order, so the order given changes nothing.
     `max_group_size` caps the languages a group may hold (balance: no expert left with most of them);
     the groups for every k are still cuts of one merge sequence."""
@@ -293,157 +291,3 @@ def group_languages(
             "lang2vec_version": lang2vec_version(),
         }
     return out, aliases
-
-
-def save_grouping(grouping: dict, path: str | os.PathLike) -> None:
-    write_json_atomic(path, grouping)
-
-
-def write_groupings(
-    groupings: dict[int, dict], out: str | os.PathLike, overwrite: bool = False
-) -> list[Path]:
-    """`out` ending in .json takes the one k's artifact; otherwise it is a directory of k<K>.json files."""
-    out = Path(out)
-    if out.suffix == ".json":
-        if len(groupings) != 1:
-            raise UserError(
-                f"--out {out} is one file but {len(groupings)} values of k were asked: give a directory"
-            )
-        paths = {next(iter(groupings)): out}
-    else:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a directory")
-        paths = {k: out / f"k{k}.json" for k in groupings}
-    clash = [str(p) for p in paths.values() if p.exists()]
-    if clash and not overwrite:
-        them = (
-            "already exist; pass --overwrite to replace them"
-            if len(clash) > 1
-            else "already exists; pass --overwrite to replace it"
-        )
-        raise AlreadyExists(f"{', '.join(clash)} {them}")
-    for k, p in paths.items():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_grouping(groupings[k], p)
-    if out.suffix != ".json":
-        _note_other_languages(out, set(paths.values()), next(iter(groupings.values())).get("languages"))
-    return list(paths.values())
-
-
-def _note_other_languages(folder: Path, written: set[Path], languages) -> None:
-    """Groupings of other languages left in the folder by an earlier run (its other k): `sweep --groups
-    DIR/k*.json` would take them for this run's."""
-    import re
-    import sys
-
-    stale = []
-    for f in sorted(folder.glob("k*.json")):
-        if f in written or not re.fullmatch(r"k\d+\.json", f.name):
-            continue
-        try:
-            other = read_json(f).get("languages")
-        except (OSError, UserError, AttributeError):
-            continue
-        if other is not None and sorted(other) != sorted(languages or []):
-            stale.append(f.name)
-    if stale:
-        print(
-            f"note: {folder}: {', '.join(stale)} (from an earlier run) group other languages than this run's: "
-            "delete them, or give another --out, before passing the folder's groupings to a sweep",
-            file=sys.stderr,
-        )
-
-
-def load_grouping(path: str | os.PathLike) -> dict:
-    """A grouping artifact, checked: every language in exactly one group."""
-    if not Path(path).is_file():
-        raise NotFound(f"language grouping {path}: no such file")
-    g = read_json(path)
-    if not _is_grouping(g):
-        raise UserError(f"{path}: not a language grouping (no `groups` object)")
-    groups = g["groups"]
-    one = _spelling(g)
-    seen: dict[str, tuple[str, str]] = {}
-    for name, members in groups.items():
-        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
-            raise UserError(f"{path}: group {name!r} must be a non-empty list of language codes")
-        for m in members:
-            if (c := one(m)) in seen:  # `de` in one group and `deu` in another: one language, twice
-                was, where = seen[c]
-                also = f" (as {was!r})" if was != m else ""
-                raise UserError(f"{path}: language {m!r} is in both {where!r}{also} and {name!r}")
-            seen[c] = (m, name)
-    return g
-
-
-def check_if_grouping(path: str | os.PathLike) -> None:
-    """A domain map that is a grouping artifact (`{"groups": ...}`) is checked as one (load_grouping): the
-    domain map alone took `de` in one group and `deu` in another, German in both, with a note that the
-    data holds no `de`."""
-    try:
-        g = read_json(path)
-    except (OSError, UserError):
-        return  # unreadable: refused, named, where the domain map is read
-    if not _is_grouping(g):
-        return
-    members = [m for ms in g["groups"].values() if isinstance(ms, list) for m in ms]
-    # language codes (2 or 3 letters, any case); other domains are names whose case is their own (News, news)
-    if members and all(
-        isinstance(m, str) and 2 <= len(m) <= 3 and m.isascii() and m.isalpha() for m in members
-    ):
-        load_grouping(path)
-
-
-def _spelling(grouping: dict):
-    """code -> one spelling of its language: the artifact's aliases, and lang2vec's two-letter and
-    ISO 639-2/B codes where it is installed (a hand-written grouping names no aliases)."""
-    aliases = {str(k).lower(): str(v) for k, v in (grouping.get("aliases") or {}).items()}
-    letters: dict[str, str] = {}
-    if _installed():
-        try:
-            table = load_features(grouping.get("features", DEFAULT_FEATURES))
-        except UserError:  # an unknown feature set: refused where the features are read
-            table = None
-        if table is not None:
-            known = set(table.languages.tolist())
-            letters = {k: v for k, v in table.letter_codes.items() if k not in known}
-    return lambda m: aliases.get(m.lower()) or letters.get(m.lower(), m.lower())
-
-
-def _is_grouping(g) -> bool:
-    return isinstance(g, dict) and isinstance(g.get("groups"), dict) and bool(g["groups"])
-
-
-def _a_grouping(grouping) -> None:
-    if not _is_grouping(grouping):
-        raise UserError(
-            f"expected a language grouping (the dict load_grouping(path) returns), got {grouping!r:.80}"
-        )
-
-
-def domain_map(grouping: dict) -> dict[str, str]:
-    """language -> group: what relabels a corpus's language domains into the forest's group domains."""
-    _a_grouping(grouping)
-    return {lang: name for name, members in grouping["groups"].items() for lang in members}
-
-
-def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
-    """The group typologically closest to a language (average cosine distance to its members, same
-    feature set): where X-ELM branches a new language's expert from. Returns (group, every distance)."""
-    _a_grouping(grouping)
-    if not isinstance(code, str):
-        raise UserError(f"nearest_group: code must be one language code (a str), got {code!r}")
-    table = load_features(grouping.get("features", DEFAULT_FEATURES))
-    [c], _ = resolve_codes([code], table)
-    groups = {}
-    for name, g in grouping["groups"].items():
-        try:  # one by one: an alias and its code (`de`, `deu`) are one language, not a repeat
-            groups[name] = list(dict.fromkeys(resolve_codes([m], table)[0][0] for m in g))
-        except UserError as e:
-            raise UserError(f"group {name!r}: {e}") from None
-    members = sorted({m for g in groups.values() for m in g} | {c})
-    d = cosine_distances(language_vectors(members, table))
-    dists = {
-        name: average_linkage(d, members, [c], [m for m in g if m != c] or g) for name, g in groups.items()
-    }
-    return min(dists, key=lambda n: (round(dists[n], _TIE), n)), dists

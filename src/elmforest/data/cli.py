@@ -326,15 +326,11 @@ def build(
     order: OrderArgs = DEFAULT_ORDER,
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
-    from elmforest.cluster.languages import check_if_grouping
-    from elmforest.data.domain_map import load_domain_map
+    from elmforest.cluster.language_groupings import checked_domain_map
     from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
-    dmap = None
-    if domain_map:
-        dmap = load_domain_map(domain_map)  # its own errors first
-        check_if_grouping(domain_map)  # one language under two spellings, in two groups
+    dmap = checked_domain_map(domain_map) if domain_map else None
     rep = build_shards(
         read.source(data),
         tokenizer,

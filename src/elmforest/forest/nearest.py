@@ -54,7 +54,7 @@ def nearest_expert(
         scores = branch_weights(forest, shards, domain, prior_batches, names=candidates)
         best = max(scores, key=lambda n: (scores[n], n))
         return best, {"by": by, "posterior": scores}
-    from elmforest.cluster.languages import nearest_group
+    from elmforest.cluster.language_groupings import nearest_group
 
     mapping = shards.index.get("domain_map") or {}
     groups = {n: _languages(forest, n, mapping) for n in candidates}

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from elmforest.data.domain_map import load_domain_map
 from elmforest.data.shards import Shards
 from elmforest.forest.trust import NAME, NAME_RULE, RESERVED_NAMES
 from elmforest.utils.errors import UserError
@@ -24,10 +23,9 @@ def load_grouping(path: str | Path, held: set[str] | frozenset = frozenset()) ->
     `elmforest cluster languages` writes it) or a plain {domain: group} map (data/domain_map.py's domain
     maps: a domain in two groups or an empty group is refused there). A language the artifact also
     knows by the code the user gave (`de` for `deu`) is listed once, as the shards in `held` spell it."""
-    from elmforest.cluster.languages import check_if_grouping
+    from elmforest.cluster.language_groupings import checked_domain_map
 
-    m = load_domain_map(path, role="--groups file")
-    check_if_grouping(path)  # one language under two spellings (`de`, `deu`), in two groups
+    m = checked_domain_map(path, role="--groups file")
     spelled = {c: a for a, c in m.aliases.items() if a in held and c not in held}
     groups: dict[str, list[str]] = {}
     for d, g in m.items():

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from elmforest.clients.report import write_run_report
-from elmforest.cluster.languages import group_languages, write_groupings
+from elmforest.cluster.language_groupings import write_groupings
+from elmforest.cluster.languages import group_languages
 from elmforest.config import UNKEPT, apply_overrides
 from elmforest.forest import btm
 from elmforest.forest.manifest import Forest
