@@ -1096,3 +1096,43 @@ def test_a_paused_fine_tune_says_so_and_the_same_command_continues_it(forest_dir
     assert not (tmp_path / "ft").exists()
     finetune_moe(tmp_path / "moe", shards_dir, 2, **kw)
     assert json.loads((tmp_path / "ft" / "elmforest_moe.json").read_text())["finetuning"]["steps"] == 2
+
+
+def test_fsck_tidies_and_reports_the_forests_outputs(forest_dir, tmp_path, capsys):
+    """`forest fsck` on merged models outside the forest: a killed merge's staging copy beside one is
+    removed; a card's training whose ledger row a kill left out gets its row (once); a cut fine-tuning's
+    scratch run and an output that is gone are notes, not problems."""
+    import subprocess
+
+    from elmforest.cli import main
+    from elmforest.utils.io import HOST
+
+    copy = tmp_path / "f"
+    shutil.copytree(forest_dir, copy)
+    f = Forest.load(copy)
+    out = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".moe.tmp~{HOST}~{dead.pid}"
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"partial")
+    card = json.loads((out / "elmforest_moe.json").read_text())
+    card["finetuning"] = {"tokens": 1000, "flops": 5.0e9, "steps": 2}
+    (out / "elmforest_moe.json").write_text(json.dumps(card))
+    scratch = tmp_path / "moe.finetune-run-abc"
+    scratch.mkdir()
+    f.record_output(scratch, "finetune-run", f.names)
+    gone = tmp_path / "gone"
+    f.record_output(gone, "moe", f.names[:1])
+
+    assert main(["forest", "fsck", "--forest", str(copy), "--quick"]) == 0  # notes only: nothing wrong
+    said = capsys.readouterr().out
+    assert not stale.exists() and f"removed {stale}" in said
+    rows = [r for r in Forest.load(copy).data["ledger"] if r.get("phase") == "btx_finetuning"]
+    assert [(r["name"], r["tokens"], r["flops"]) for r in rows] == [("moe", 1000, 5.0e9)]
+    assert f"note: {scratch}: the run of a `merge finetune` that did not finish" in said
+    assert f"note: {gone} (moe of {f.names[0]}) is not there any more" in said
+    assert main(["forest", "fsck", "--forest", str(copy), "--quick"]) == 0
+    said = capsys.readouterr().out
+    assert "0 repair(s), 0 problem(s) left" in said  # the row is not added twice
+    assert len([r for r in Forest.load(copy).data["ledger"] if r.get("phase") == "btx_finetuning"]) == 1

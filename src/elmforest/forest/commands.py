@@ -40,11 +40,13 @@ def remove(forest, name: str) -> None:
 def fsck(forest, deep: bool) -> int:
     from elmforest.forest.optout import fsck as check
 
-    fixed, wrong = check(forest, deep=deep)
+    fixed, wrong, notes = check(forest, deep=deep)
     for line in fixed:
         print(f"fixed: {line}")
     for line in wrong:
         print(f"problem: {line}")
+    for line in notes:
+        print(f"note: {line}")
     print(
         f"{forest.root}: {len(forest.names)} expert(s), {len(fixed)} repair(s), {len(wrong)} problem(s) left"
     )

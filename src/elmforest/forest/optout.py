@@ -16,7 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from elmforest.forest.copies import output_places, outputs_holding, recorded_places_exist, temporaries
+from elmforest.forest.copies import (
+    check_outputs,
+    output_places,
+    outputs_holding,
+    recorded_places_exist,
+    temporaries,
+)
 from elmforest.forest.manifest import Forest, UnknownExpert
 from elmforest.forest.trust import valid_name
 from elmforest.train.runlock import LOCK, training_now
@@ -215,9 +221,10 @@ def pending(forest: Forest) -> list[str]:
     return [r["name"] for r in forest.data.get("removed", []) if r.get("state") == "pending"]
 
 
-def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
-    """(what was repaired, what is still wrong). Finishes pending removals, re-checks finished ones,
-    removes temporary files of dead processes, and checks each expert's checkpoint (`deep`: checksums)."""
+def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[str]]:
+    """(what was repaired, what is still wrong, notes). Finishes pending removals, re-checks finished ones,
+    removes temporary files of dead processes (in the forest and beside its recorded outputs), checks each
+    expert's checkpoint (`deep`: checksums) and the outputs' ledger rows (forest/copies.py check_outputs)."""
     fixed, wrong = [], []
     for r in forest.data.get("removed", []):
         name = r["name"]
@@ -275,7 +282,8 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str]]:
         for p in experts.iterdir():
             if not p.name.startswith(".") and p.name not in known:
                 wrong.append(f"{p} belongs to no expert of the manifest (delete it, or `forest add` it)")
-    return fixed, wrong
+    repaired, notes = check_outputs(forest)
+    return fixed + repaired, wrong, notes
 
 
 def _seed_problems(forest: Forest) -> list[str]:

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from elmforest.forest.copies import CARD_PHASES
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.moe import check_untrained
@@ -303,8 +304,12 @@ def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
         return
     root = Path(meta["forest"])
     if {"tokens", "flops"} <= set(record) and (root / "forest.json").is_file():
-        phase = "btx_finetuning" if kind == "finetuning" else kind
-        row = {"phase": phase, "name": out.name, "tokens": record["tokens"], "flops": record["flops"]}
+        row = {
+            "phase": CARD_PHASES[kind],
+            "name": out.name,
+            "tokens": record["tokens"],
+            "flops": record["flops"],
+        }
         Forest.load(root).record_phase({**row, "output": str(out)})
 
 
