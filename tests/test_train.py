@@ -423,6 +423,33 @@ def test_two_process_gloo_ddp_matches_one_process(shards_dir, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
+def test_data_parallel_ranks_given_different_settings_are_refused(shards_dir, tmp_path):
+    """torchrun launched by hand with one rank told another LR: refused on every rank, naming the
+    setting, before any step (it trained, recording rank 0's config)."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "from elmforest.cli import main\n"
+        "extra = ['--set', 'optim.lr=0.01'] if os.environ['RANK'] == '1' else []\n"
+        "sys.exit(main(sys.argv[1:] + extra))\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--shards", str(shards_dir), "--preset", "tiny", "--no-progress", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+        + [*args, "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.device=cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert "were given different settings (rank 0 -> rank 1: config.optim.lr:" in run.stderr, run.stderr[
+        -3000:
+    ]
+    assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
+
+
 def test_sigterm_to_a_data_parallel_run_stops_its_workers(shards_dir, tmp_path):
     """subprocess.run SIGKILLed torchrun when the launcher got SIGTERM: its workers, in sessions of
     their own, went on training into the run directory, orphaned."""

@@ -49,6 +49,13 @@ class TrainerSetup:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
+        if self.world > 1:
+            same_on_every_rank(
+                {"config": cfg.to_dict(), "shards": self.shards.fingerprint},
+                self.rank,
+                self.world,
+                self.device,
+            )
         if cfg.train.batch_size % self.world:
             raise UserError(
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
@@ -191,4 +198,35 @@ def check_init_checkpoint(path: Path, cfg) -> None:
         raise UserError(
             f"train.init_checkpoint {path} is a checkpoint of another model ({', '.join(differ)}): its "
             "weights do not fit this one"
+        )
+
+
+def same_on_every_rank(setting: dict, rank: int, world: int, device: torch.device) -> None:
+    """Refuse, on every rank, a data-parallel run whose processes were given different settings. Each
+    builds its config from its own command line and files: torchrun launched by hand, or a config file
+    edited while the ranks start, trained one rank at another LR or seed, or on other rows than the
+    ledger counts, without a word; other steps hung the run at its end. Sent as JSON bytes in tensors
+    (all_gather_object would pickle)."""
+    import json
+
+    import torch.distributed as dist
+
+    from elmforest.train.runcheck import config_diff
+
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    mine = json.dumps(setting, sort_keys=True, default=str).encode()
+    size = torch.tensor([len(mine)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    buf = torch.zeros(int(max(s.item() for s in sizes)), dtype=torch.uint8, device=dev)
+    buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    bufs = [torch.zeros_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf)
+    texts = [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(bufs, sizes, strict=True)]
+    other = next((r for r, t in enumerate(texts) if t != texts[0]), None)
+    if other is not None:
+        diff = config_diff(json.loads(texts[0]), json.loads(texts[other]))
+        raise UserError(
+            f"the {world} processes of this run were given different settings (rank 0 -> rank {other}: "
+            f"{diff}); launch every rank with the same command and files (`elmforest train --nproc N` does)"
         )
