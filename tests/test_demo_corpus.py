@@ -622,3 +622,144 @@ def test_a_download_killed_part_way_leaves_nothing_in_the_cache(tmp_path, monkey
     monkeypatch.setattr(demo_fetch, "_run", whole)
     assert cache.npm_tarball("left-pad", "1.3.0").read_bytes() == b"whole"
     assert sorted(p.name for p in (tmp_path / "cache" / "npm").iterdir()) == [live.name, "left-pad-1.3.0.tgz"]
+
+
+def _tgz(path: Path, payload: bytes) -> bytes:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo("package/LICENSE")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    return path.read_bytes()
+
+
+def test_a_damaged_cached_package_is_fetched_again(tmp_path, monkeypatch, capsys):
+    """A cached archive cut short (an older version's download) was trusted on every run, its domain
+    skipped for good: a tarball that does not read to its end, or a .deb dpkg-deb cannot unpack, is
+    fetched again, once; a killed unpack's folder is removed on the next one."""
+    from elmforest.corpora import demo_fetch
+
+    whole = _tgz(tmp_path / "whole.tgz", b"MIT " * 2000)
+    cache = demo_fetch.SourceCache(tmp_path / "cache")
+    (tmp_path / "cache" / "npm").mkdir(parents=True)
+    cut = tmp_path / "cache" / "npm" / "spdx-1.0.tgz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    fetched = []
+
+    def run(cmd, *, cwd=None, **kw):
+        fetched.append(cmd[0])
+        if cmd[0] == "npm":
+            (Path(cwd) / "spdx-1.0.tgz").write_bytes(whole)
+        elif cmd[0] == "apt-get":
+            (Path(cwd) / "pkg_1.0_all.deb").write_bytes(b"good")
+        elif cmd[0] == "dpkg-deb":
+            if Path(cmd[2]).read_bytes() != b"good":
+                raise demo_fetch.SkipDomain("`dpkg-deb -x` failed (exit 2): tar: Unexpected EOF in archive")
+            (Path(cmd[3]) / "file.txt").write_text("unpacked")
+
+    monkeypatch.setattr(demo_fetch.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(demo_fetch, "_run", run)
+    assert cache.npm_tarball("spdx", "1.0").read_bytes() == whole and fetched == ["npm"]
+    assert cache.npm_tarball("spdx", "1.0").read_bytes() == whole and fetched == ["npm"]  # whole: kept
+    assert "spdx-1.0.tgz is damaged; fetching it again" in capsys.readouterr().err
+
+    (tmp_path / "cache" / "debs").mkdir()
+    (tmp_path / "cache" / "debs" / "pkg_1.0_all.deb").write_bytes(b"cut short")
+    killed = tmp_path / "cache" / "unpacked" / ".pkg_1.0_all.999999999.tmp"
+    killed.mkdir(parents=True)
+    fetched.clear()
+    root = cache.unpack_deb("pkg")
+    assert (root / "file.txt").read_text() == "unpacked" and fetched == ["dpkg-deb", "apt-get", "dpkg-deb"]
+    assert not killed.exists()
+    assert sorted(p.name for p in (tmp_path / "cache" / "unpacked").iterdir()) == ["pkg_1.0_all"]
+
+
+def test_groff_timeouts_are_not_kept_in_the_render_cache(tmp_path, monkeypatch):
+    """A page groff timed out on (a busy machine) was cached as failed: every later build lacked it."""
+    from elmforest.corpora import demo_builders
+
+    man = tmp_path / "unpacked" / "usr" / "share" / "man" / "man1"
+    man.mkdir(parents=True)
+    for name in ("aa.1", "bb.1"):
+        (man / name).write_text(".TH X 1\nText.\n")
+
+    class Cache:
+        root = tmp_path / "cache"
+
+        def unpack_deb(self, pkg):
+            return tmp_path / "unpacked"
+
+        def deb_label(self, pkg):
+            return f"{pkg} 1.0"
+
+        def deb(self, pkg):
+            return Path(f"{pkg}_1.0_all.deb")
+
+    calls, busy = [], [True]
+
+    def render(path):
+        calls.append(path.name)
+        if busy[0] and path.name == "bb.1":
+            return None, demo_builders.GROFF_TIMED_OUT
+        return f"page {path.name} " * 20, ""
+
+    monkeypatch.setattr(demo_builders.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(demo_builders, "_groff_version", lambda: "1.23")
+    monkeypatch.setattr(demo_builders, "_render_manpage", render)
+    first = demo_builders._build_manpages(Cache())
+    assert len(first.docs) == 1 and sorted(calls) == ["aa.1", "bb.1"]  # each page once (2 packages, 1 tree)
+    busy[0], calls[:] = False, []
+    second = demo_builders._build_manpages(Cache())
+    assert sorted(d.id for d in second.docs) == ["manpages/1/aa", "manpages/1/bb"]
+    assert calls == ["bb.1"]  # only the page that timed out is rendered again
+    calls.clear()
+    demo_builders._build_manpages(Cache())
+    assert calls == []
+
+
+def test_corpus_demo_fails_when_nothing_asked_for_was_built(tmp_path, monkeypatch, capsys):
+    from elmforest.cli import main
+
+    def boom(cache):
+        raise demo.SkipDomain("source down")
+
+    monkeypatch.setitem(demo.BUILDERS, "scripture", boom)
+    argv = ["corpus", "demo", "--out", str(tmp_path / "c"), "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--domains", "scripture"]) != 0
+    assert "none of the domains asked for was built" in capsys.readouterr().err
+    monkeypatch.setitem(
+        demo.BUILDERS, "legal", lambda cache: demo.DomainBuild([Doc("legal/a", "x " * 50)], "t")
+    )
+    assert main([*argv, "--domains", "scripture,legal"]) == 0  # one of them: a corpus to train on
+
+
+def test_a_rerun_builds_again_the_demo_domains_skipped_while_nothing_is_made_of_them(tmp_path, monkeypatch):
+    """A quickstart whose first run found a source down repeated the old skip on every rerun (the corpus
+    was built once its manifest existed); until a tokenizer is made of it, a rerun tries again."""
+    from elmforest.corpora import demo_ood
+    from elmforest.launch.prepare import prepare_data
+
+    monkeypatch.setenv("ELMFOREST_CACHE", str(tmp_path / "cache"))
+
+    def docs(name):
+        words = "alpha beta gamma delta" if name == "legal" else "to be or not to be"
+        return lambda cache: demo.DomainBuild(
+            [Doc(f"{name}/{i}", f"{words} {i} " * 30) for i in range(40)], "t"
+        )
+
+    def down(cache):
+        raise demo.SkipDomain("source down")
+
+    monkeypatch.setitem(demo.BUILDERS, "legal", docs("legal"))
+    monkeypatch.setitem(demo.BUILDERS, "drama", down)
+    for name in list(demo_ood.EVAL_ONLY_BUILDERS):
+        monkeypatch.setitem(demo_ood.EVAL_ONLY_BUILDERS, name, down)
+    kw = dict(domains=["legal", "drama"], progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="drama"):
+        prepare_data(tmp_path / "qs", 300, **kw)
+    monkeypatch.setitem(demo.BUILDERS, "drama", docs("drama"))  # the source is back
+    data = prepare_data(tmp_path / "qs", 300, **kw)
+    assert sorted(data.names) == ["drama", "legal"]
+    assert "drama" in json.loads((tmp_path / "qs" / "corpus" / "manifest.json").read_text())["domains"]

@@ -184,6 +184,9 @@ def _groff_cmd(source: bytes) -> list[str]:
     return cmd + ["-man", "-Tutf8", "-P-cbou", "-rHY=0"]
 
 
+GROFF_TIMED_OUT = "groff timed out"  # a busy machine's, not the page's: rendered again on the next build
+
+
 def _render_manpage(path: Path) -> tuple[str | None, str]:
     """Render one page to plain text: ``(text, "")``, ``(None, error)`` or ``(None, "")`` for aliases."""
     try:
@@ -198,7 +201,7 @@ def _render_manpage(path: Path) -> tuple[str | None, str]:
             _groff_cmd(source), input=src.MAN_PREAMBLE + source, capture_output=True, timeout=60
         )
     except subprocess.TimeoutExpired:
-        return None, "groff timed out"
+        return None, GROFF_TIMED_OUT
     if proc.returncode != 0:
         return None, _tail(proc.stderr)
     return src.clean_man_output(proc.stdout.decode("utf-8", "replace")), ""
@@ -232,17 +235,20 @@ def _build_manpages(cache: SourceCache) -> DomainBuild:
             rendered = json.loads(gzip.decompress(rendered_path.read_bytes()))
         except (OSError, ValueError, EOFError):
             rendered = None
-    if rendered is None:
+    paths = {f"{sec}/{name}": p for (sec, name), p in pages.items()}
+    rendered = rendered or {}
+    todo = [k for k in paths if k not in rendered or rendered[k][1] == GROFF_TIMED_OUT]
+    if todo:
         from elmforest.utils.threads import cpu_cores
 
         workers = max(1, cpu_cores())
         with ThreadPoolExecutor(max_workers=min(workers, 8)) as ex:
-            results = list(ex.map(_render_manpage, pages.values()))
-        rendered = {f"{sec}/{name}": list(r) for (sec, name), r in zip(pages, results, strict=True)}
+            results = list(ex.map(_render_manpage, [paths[k] for k in todo]))
+        rendered.update({k: list(r) for k, r in zip(todo, results, strict=True)})
         with atomic_path(rendered_path) as tmp:
             tmp.write_bytes(gzip.compress(json.dumps(rendered).encode(), compresslevel=1))
     docs, failed = [], []
-    for key in sorted(rendered):
+    for key in sorted(paths):
         text, err = rendered[key]
         if text:
             docs.append(Doc(f"manpages/{key}", text))

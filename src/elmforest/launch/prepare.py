@@ -122,6 +122,15 @@ def prepare_data(
         if not (corpus / "manifest.json").exists():
             log(f"[1/8] building the demo corpus -> {corpus}")
             build_demo_corpus(corpus, domains=domains, progress=progress)
+        elif not (out / "tokenizer" / "tokenizer.json").exists():  # nothing is made of it yet
+            from elmforest.corpora.demo import DEMO_DOMAINS
+
+            had = read_json(corpus / "manifest.json").get("domains") or {}
+            if again := [d for d in (domains or DEMO_DOMAINS) if d not in had]:  # skipped (a source down)
+                log(
+                    f"[1/8] building the demo corpus's missing domains again ({', '.join(again)}) -> {corpus}"
+                )
+                build_demo_corpus(corpus, domains=again, progress=progress)
         for name, why in read_json(corpus / "manifest.json").get("skipped", {}).items():
             log(f"      skipped domain {name}: {why}")
         from elmforest.corpora.demo_ood import EVAL_ONLY_REVISION
