@@ -208,3 +208,16 @@ def test_the_spread_object_note_is_for_a_file_that_yielded_nothing(tmp_path, cap
     p.write_text("{\n" + "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(3)))
     assert [d.text for d in iter_documents(p)] == ["t0", "t1", "t2"]
     assert "spread over lines" not in capsys.readouterr().err
+
+
+def test_files_named_like_splits_are_said_to_be_split_again(tmp_path, capsys):
+    """A corpus split beforehand (train.jsonl, test.jsonl) was split again by id hash without a word:
+    its test documents trained."""
+    for name in ("train", "test"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": f"a {name} document"}) + "\n")
+    assert len(list(iter_documents(tmp_path))) == 2
+    assert "test.jsonl, train.jsonl: named like a split" in capsys.readouterr().err
+    (tmp_path / "train.jsonl").rename(tmp_path / "law.jsonl")
+    (tmp_path / "test.jsonl").unlink()
+    list(iter_documents(tmp_path))
+    assert "named like a split" not in capsys.readouterr().err

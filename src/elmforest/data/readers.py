@@ -232,6 +232,7 @@ def _note(text: str) -> None:
 
 _PLAIN = Source(None, "")  # the default fields
 LOOSE_TXT_NOTE = 20  # loose .txt files in the root given, each its own domain: likely the wrong root
+SPLIT_NAMES = {"train", "training", "valid", "validation", "val", "dev", "test", "eval", "evaluation"}
 _ARRAY = (
     "{path}: a JSON array, not JSON lines (one object per line); convert it "
     "(`jq -c '.[]' FILE > FILE.jsonl`) or read it with the `json:` source (docs/data-formats.md)"
@@ -368,6 +369,12 @@ def iter_documents(
             f"note: {root}: {len(loose)} .txt files sit directly in it, so each is its own domain and its "
             "id is its bare file name; to make the folder a domain, pass the folder above it (as the "
             "data was given to `shards build`: ids and so splits depend on the path below the root given)"
+        )
+    if split_like := sorted({f.name for f in files if _domain_from_name(f).lower() in SPLIT_NAMES}):
+        _note(
+            f"note: {root}: {', '.join(split_like)}: named like a split, but read as data like any file: each "
+            "document's split is a hash of its id (--valid-frac, --test-frac), so a split made beforehand "
+            "is not kept (a test document may train)"
         )
     for f in files:
         if f.is_dir():  # a saved Hugging Face dataset
