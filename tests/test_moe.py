@@ -1136,3 +1136,21 @@ def test_fsck_tidies_and_reports_the_forests_outputs(forest_dir, tmp_path, capsy
     said = capsys.readouterr().out
     assert "0 repair(s), 0 problem(s) left" in said  # the row is not added twice
     assert len([r for r in Forest.load(copy).data["ledger"] if r.get("phase") == "btx_finetuning"]) == 1
+
+
+def test_set_cannot_override_the_trainings_own_options(forest_dir, shards_dir, tmp_path, capsys):
+    """`merge finetune --steps 2 --set train.steps=3` trained 3 steps, and `merge moe --train-router
+    --steps 2 --set train.steps=5` trained 5 and said 2: --set was applied over the options."""
+    from elmforest.cli import main
+    from elmforest.merge.moe_train import finetune_moe, train_router
+
+    with pytest.raises(ValueError, match=r"--set train.steps: the fine-tuning sets it itself: give --steps"):
+        finetune_moe(tmp_path / "moe", shards_dir, 2, overrides=["train.steps=3"])
+    with pytest.raises(
+        ValueError, match=r"--set data.mixture: the router training sets it itself \(a uniform"
+    ):
+        train_router(tmp_path / "moe", shards_dir, 2, overrides=["data.mixture=proportional"])
+    argv = ["merge", "moe", "--forest", str(forest_dir), "--out", str(tmp_path / "m"), "--router", "random"]
+    assert main([*argv, "--train-router", "--steps", "2", "--set", "optim.lr=1e-3"]) == 2
+    assert "--set optim.lr: the router training sets it itself: give --lr" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # refused before the merge was written

@@ -8,9 +8,20 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.train.cli import CONFIG_KEYS, NoProgress, Overrides
+from elmforest.train.cli import CONFIG_KEYS, NoProgress
 from elmforest.utils.argtypes import flag, group, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
+
+# the training's own options (--steps, --lr, --batch-size, ...) are refused here: merge/moe_train.py own_keys
+TrainingOverrides = Annotated[
+    list[str] | None,
+    opt(
+        "override a field of the training's config, e.g. --set train.precision=fp32 --set train.grad_accum=2 "
+        "(repeatable; keys below; those with an option of their own are refused)",
+        name="--set",
+        metavar="KEY=VALUE",
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -83,7 +94,7 @@ def moe(
     no_routing: Annotated[
         bool, flag("--no-routing", "skip the routing statistics (they load the whole MoE into memory)")
     ] = False,
-    overrides: Overrides = None,
+    overrides: TrainingOverrides = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Merge the experts into one Hugging Face mixture-of-experts checkpoint (BTX / FlexOlmo): Llama/Mistral
@@ -157,8 +168,10 @@ def _check_router_training(forest: str, spec, overrides, train_data: str | None,
     from elmforest.config import RunConfig, apply_overrides
     from elmforest.data.shards import Shards
     from elmforest.forest.manifest import Forest
+    from elmforest.merge.moe_train import refuse_own_keys
     from elmforest.utils.io import read_json
 
+    refuse_own_keys(list(overrides or []), "router_training")
     cfg = apply_overrides(RunConfig(), list(overrides or []))
     f = Forest.load(forest)
     names = [n for n in f.names if n not in spec.exclude]
@@ -262,7 +275,7 @@ def finetune(
     no_routing: Annotated[
         bool, flag("--no-routing", "skip the routing statistics (they load the whole MoE into memory)")
     ] = False,
-    overrides: Overrides = None,
+    overrides: TrainingOverrides = None,
     no_progress: NoProgress = False,
 ) -> None:
     """BTX: fine-tune a merged MoE on a uniform mix of its experts' domains with the load-balancing

@@ -115,6 +115,47 @@ def finetune_moe(
     )
 
 
+def own_keys(kind: str) -> dict[str, str | None]:
+    """The config keys a router training or fine-tuning sets itself, each with the option that sets it
+    (None: none does, it is what the run is)."""
+    keys = {
+        "train.steps": "--steps",
+        "train.batch_size": "--batch-size",
+        "optim.lr": "--lr",
+        "train.device": "--device",
+        "data.shards": "--shards" if kind == "finetuning" else "--train-data",
+        "model.init_from": None,
+        "data.domains": None,
+        "data.mixture": None,
+        "data.split": None,
+    }
+    if kind == "finetuning":
+        return keys | {
+            "train.router_aux_loss": "--aux-loss",
+            "train.router_z_loss": "--z-loss",
+            "train.trainable": "--trainable",
+        }
+    return keys | dict.fromkeys(
+        ("train.router_aux_loss", "train.router_z_loss", "train.trainable", "optim.weight_decay")
+    )
+
+
+def refuse_own_keys(overrides, kind: str) -> None:
+    """`--set` for a key the run sets itself was applied over its options without a word (`--steps 2
+    --set train.steps=3` trained 3 steps, and `merge moe` said 2)."""
+    what = {"router_training": "router training", "finetuning": "fine-tuning"}[kind]
+    keys = own_keys(kind)
+    for item in overrides if isinstance(overrides, list | tuple) else []:
+        key = str(item).split("=", 1)[0].strip()
+        if key in keys:
+            how = (
+                f": give {keys[key]}"
+                if keys[key]
+                else " (a uniform mix of the experts' domains' train splits, from the merged model)"
+            )
+            raise UserError(f"--set {key}: the {what} sets it itself{how}")
+
+
 def _train_moe(
     kind,
     moe_dir,
@@ -140,6 +181,7 @@ def _train_moe(
         "finetuning": ("finetune_moe", "fine-tuning"),
     }[kind]
     check_call_args(api, dict(steps=steps, batch_size=batch_size), dict(domains=domains, overrides=overrides))
+    refuse_own_keys(overrides, kind)
     moe_dir = resolve_model_dir(moe_dir)
     out = Path(out or moe_dir)
     if not (moe_dir / "elmforest_moe.json").is_file():
