@@ -169,11 +169,31 @@ def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):
 
     cfg = load_study_config("tiny").to_dict()
     run = {"axis": "main", "arm": "dense", "budget": 1.0, "seed": 0, "flops": 1.0, "bpb": {"a": 1.0}}
+    run |= {"seed_share": cfg["seed_share"], "n_domains": 1, "domains": ["a"], "data_fraction": 1.0}
     for study, named in (
         ({"config": {**cfg, "bogus": 1}, "runs": [run], "steps_1x": 16}, "bogus"),
         ({"config": cfg, "runs": [], "steps_1x": 16}, "no config or no runs"),
+        (
+            {"config": cfg, "runs": [{k: v for k, v in run.items() if k != "flops"}], "steps_1x": 16},
+            "lacks flops",
+        ),
     ):
         (tmp_path / "study.json").write_text(json.dumps(study))
+        with pytest.raises(UserError, match=named):
+            reanalyse(tmp_path, log=lambda *a: None)
+    # a NaN BPB (strict JSON writes null) was a TypeError; a study with no forest run, one from plotting
+    dense = [
+        {**run, "budget": b, "seed": s, "flops": 1e12 * b, "bpb": {"a": 2.0 * b**-0.1 + 0.01 * s}}
+        for b in (0.5, 1.0, 2.0, 4.0)
+        for s in (0, 1)
+    ]
+    forest = [{**run, "arm": "btm", "seed": s, "flops": 1e12, "bpb": {"a": 1.9 + 0.01 * s}} for s in (0, 1)]
+    forest[1]["bpb"]["a"] = None
+    for runs, named in (
+        (dense + forest, "its BPB on 'a' must be a positive finite number, got None"),
+        (dense, "holds no scored forest run"),
+    ):
+        (tmp_path / "study.json").write_text(json.dumps({"config": cfg, "runs": runs, "steps_1x": 16}))
         with pytest.raises(UserError, match=named):
             reanalyse(tmp_path, log=lambda *a: None)
 

@@ -28,6 +28,13 @@ def macro_bpb(run: dict, domains=None) -> float:
             f"run arm={run.get('arm')!r} budget={run.get('budget')!r} seed={run.get('seed')!r} has no BPB "
             f"for domain(s) {', '.join(map(repr, missing)) or '(none requested)'}"
         )
+    for d in domains:  # a NaN saved as null, an inf as "inf" (strict JSON), or a hand edit
+        v = bpb[d]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+            raise UserError(
+                f"run arm={run.get('arm')!r} budget={run.get('budget')!r} seed={run.get('seed')!r}: its BPB "
+                f"on {d!r} must be a positive finite number, got {v!r}"
+            )
     return float(np.mean([bpb[d] for d in domains]))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from elmforest.study.analysis import ci_bound
 from elmforest.study.lrs import lrs_table
 from elmforest.study.plots import plot_cbtm, plot_curves, plot_domains, plot_multiplier
+from elmforest.utils.errors import UserError
 from elmforest.utils.io import write_text_atomic
 
 _POOLS = {  # the seed part the fits used (a fits.json without seed_pool predates it: per point)
@@ -231,6 +232,11 @@ def _gain_table(fits: dict, key: str, title: str, heads: list[str], cells) -> li
 
 def write_report(out: Path, study: dict, fits: dict) -> None:
     recs = study["runs"]
+    if not any(r.get("arm") == "btm" and r.get("axis") == "main" and r.get("bpb") for r in recs):
+        raise UserError(
+            f"{out}: study.json holds no scored forest run (arm btm, main axis): nothing to compare with the "
+            "dense LM; rerun the study (without --analyse-only) to train and score them"
+        )
     plot_curves(recs, fits, out / "curves.png")
     plot_multiplier(fits, out / "multiplier.png")
     if fits.get("domains") or fits.get("domains_tuned"):

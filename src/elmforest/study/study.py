@@ -143,6 +143,23 @@ def reanalyse(out: str | Path, log=print) -> dict:
     if not isinstance(study.get("config"), dict) or not study.get("runs"):
         raise UserError(f"{out}/study.json: no config or no runs to analyse; run the study again")
     cfg = from_dict(StudyConfig, study["config"], where=f" ({out}/study.json)")
+    need = (
+        "axis",
+        "arm",
+        "budget",
+        "seed",
+        "seed_share",
+        "n_domains",
+        "domains",
+        "data_fraction",
+        "flops",
+        "bpb",
+    )
+    for i, r in enumerate(study["runs"]):  # a hand-edited or cut file: named, not a KeyError in the fits
+        if lack := [k for k in need if not isinstance(r, dict) or k not in r]:
+            raise UserError(
+                f"{out}/study.json: run {i} ({r.get('arm') if isinstance(r, dict) else r!r}) lacks {', '.join(lack)}"
+            )
     fits = analyse(study["runs"], cfg)
     _write_fits(out, study, fits, log)
     return fits
