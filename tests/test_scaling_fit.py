@@ -476,3 +476,23 @@ def test_a_repeated_fit_is_looked_up_and_gives_what_a_fresh_fit_gives(monkeypatc
     ]
     fresh.append(bootstrap_fit(runs, "dense", n_boot=20, seed=3))
     assert json.dumps([first, *again]) == json.dumps(fresh)
+
+
+def test_a_domain_draw_is_stretched_to_the_unbiased_spread_and_its_t_quantile():
+    """Drawing D domains with replacement gives (D - 1) / D of the unbiased variance of their mean, and
+    takes that variance as known: with gains that differ by domain, 8 domains' 90% intervals covered
+    81-83%. Each draw is stretched from the full mean, in log space, by sqrt(D / (D - 1)) x t_{D-1}/z
+    (from 3 degrees of freedom, as the seed part)."""
+    from scipy.stats import norm, t
+
+    values = np.array([[1.0, 1.5, 2.0, 1.2, 0.9, 1.1, 1.7, 1.3], [2.0, 2.5, 2.2, 2.1, 1.9, 2.4, 2.3, 2.6]])
+    want = np.sqrt(8 / 7) * t.ppf(0.95, 7) / norm.ppf(0.95)
+    assert scaling.domain_widen(8, 0.9) == pytest.approx(want, rel=1e-12)
+    assert scaling.domain_widen(3, 0.9) == pytest.approx(np.sqrt(1.5))  # 2 degrees of freedom: no t
+    assert scaling.domain_widen(1, 0.9) == 1.0
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(20):
+        got = scaling.draw_domains(a, values, 0.9)
+        full = values.mean(axis=1)
+        drawn = values[:, b.integers(0, 8, 8)].mean(axis=1)  # one draw for both rows
+        assert got == pytest.approx(full * np.exp(want * np.log(drawn / full)), rel=1e-12)

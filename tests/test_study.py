@@ -119,7 +119,9 @@ def test_paired_gain_by_hand():
     with pytest.raises(UserError, match="row 1 holds a BPB that is not positive and finite"):
         paired_gains([(pairs, ["a", "b"]), (bad, ["a", "b"])], 100, 0.9)
     # gains that differ by seed and domain: the interval is the replicates' 10th and 90th percentiles,
-    # each replicate one draw of domains and one of Gaussian seed weights of variance 1 / (n (n - 1))
+    # each replicate one draw of domains, its mean stretched from every domain's by sqrt(D / (D - 1)) in
+    # log space (2 domains: 1 degree of freedom, no t factor), and one of Gaussian seed weights of
+    # variance 1 / (n (n - 1))
     pairs = [({"a": 2.0, "b": 4.0}, {"a": 1.0, "b": 3.0}), ({"a": 2.2, "b": 4.0}, {"a": 2.0, "b": 2.0})]
     g = _one_row_gain(pairs, ["a", "b"], n_boot=400, ci=0.8, seed=3)
     rng, dense, forest = np.random.default_rng(3), np.array([[2, 4], [2.2, 4]]), np.array([[1, 3], [2, 2]])
@@ -128,6 +130,7 @@ def test_paired_gain_by_hand():
         cols = rng.integers(0, 2, 2)
         w = rng.normal(0, 1 / np.sqrt(2), 2)
         d, f = dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)  # each seed's
+        d, f = (x.mean(axis=1) * (y / x.mean(axis=1)) ** np.sqrt(2) for x, y in ((dense, d), (forest, f)))
         boots.append((d.mean() + w @ (d - d.mean())) / (f.mean() + w @ (f - f.mean())) - 1)
     assert g["ci"] == pytest.approx(list(np.quantile(boots, [0.1, 0.9])), rel=1e-12)
     assert g["ci"][0] < g["gain"] < g["ci"][1]

@@ -129,6 +129,28 @@ def _widen(df: int, ci: float) -> float:
     return float(t.ppf((1 + ci) / 2, df) / norm.ppf((1 + ci) / 2))
 
 
+def domain_widen(n_domains: int, ci: float) -> float:
+    """How far a replicate's domain draw is stretched from the mean over every domain (in log space:
+    mean x (draw / mean) ** widen): sqrt(D / (D - 1)) for the unbiased variance of a mean of D domains
+    (drawing them with replacement gives (D - 1) / D of it), and t_{D-1} / z at the CI's quantile for
+    that variance's own noise, as the seed part (`pooled_steps`) has, from MIN_POOLED_DF degrees of
+    freedom. Without it, where the forest's gain differs from domain to domain, the 90% intervals of 8
+    domains covered the true multiplier 81-83% of the time (a percentile bootstrap of 8 draws)."""
+    if n_domains < 2:
+        return 1.0
+    df = n_domains - 1
+    return math.sqrt(n_domains / df) * (_widen(df, ci) if df >= MIN_POOLED_DF else 1.0)
+
+
+def draw_domains(rng, values: np.ndarray, ci: float) -> np.ndarray:
+    """One replicate's draw of the domains (the last axis of `values`, positive BPBs) with replacement,
+    its mean stretched from the mean over every domain by `domain_widen`: the same draw for every row."""
+    D = values.shape[-1]
+    full = values.mean(axis=-1)
+    drawn = values[..., rng.integers(0, D, D)].mean(axis=-1)
+    return full * (drawn / full) ** domain_widen(D, ci)
+
+
 def _pooled_moves(m, points, seeds_of, z, ci):
     """`pooled_steps` for each arm's points (its seed spread pooled over its budgets), as moves of m."""
     moves = np.zeros_like(m)
@@ -168,10 +190,9 @@ def _replicate_fits(
     and the fit of `arm` on those runs, None when it fails (one bad replicate is counted, never fatal).
     Yields (fit, run metrics)."""
     rng = np.random.default_rng(seed)
-    D = B.shape[1]
     n_seeds = 1 + max(int(s.max()) for s in seeds_of.values())
     for _ in range(n_boot):
-        m = B @ (np.bincount(rng.integers(0, D, D), minlength=D) / D)
+        m = draw_domains(rng, B, ci)
         if resample_seeds:
             z = rng.standard_normal(n_seeds)
             if seed_pool == "arm":

@@ -17,6 +17,7 @@ import numpy as np
 from elmforest.eval.scaling_bootstrap import (
     bootstrap_fit,
     bootstrap_multiplier,
+    draw_domains,
     pooled_steps,
     seed_scale,
 )
@@ -87,8 +88,8 @@ def paired_gains(
     for _ in range(n_boot):
         per_seed, zs = [], []
         for (dense, forest), rng in zip(mats, rngs, strict=True):
-            cols = rng.integers(0, dense.shape[1], dense.shape[1])
-            per_seed.append((dense[:, cols].mean(axis=1), forest[:, cols].mean(axis=1)))
+            both = draw_domains(rng, np.stack([dense, forest]), ci)  # one draw for both arms
+            per_seed.append((both[0], both[1]))
             zs.append(rng.standard_normal(dense.shape[0]))
         if seed_pool == "point":
             for j, ((a, b), z) in enumerate(zip(per_seed, zs, strict=True)):
