@@ -1154,3 +1154,84 @@ def test_set_cannot_override_the_trainings_own_options(forest_dir, shards_dir, t
     assert main([*argv, "--train-router", "--steps", "2", "--set", "optim.lr=1e-3"]) == 2
     assert "--set optim.lr: the router training sets it itself: give --lr" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()  # refused before the merge was written
+
+
+def test_mixed_precision_experts_merge_in_float32_and_a_refused_merge_is_not_recorded(
+    forest_dir, tmp_path, capsys
+):
+    """A bf16 expert first among fp32 ones made the whole MoE load in bf16 (the fp32 experts rounded); a
+    merge refused while writing left its output recorded in forest.json, though nothing was written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from elmforest.cli import main
+
+    copy = tmp_path / "f"
+    shutil.copytree(forest_dir, copy)
+    f = Forest.load(copy)
+    half = tmp_path / "half"
+    shutil.copytree(f.expert_dirs()[0], half)
+    w = load_file(str(half / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(half / "model.safetensors"))
+    assert (
+        main(
+            [
+                "forest",
+                "add",
+                "--forest",
+                str(copy),
+                "--expert",
+                str(half),
+                "--domain",
+                "extra",
+                "--name",
+                "a0",
+            ]
+        )
+        == 0
+    )
+    out = export_moe(Forest.load(copy), tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    assert (
+        "the experts hold bfloat16, float32 weights: the MoE is written in float32" in capsys.readouterr().err
+    )
+    for p in out.glob("*.safetensors"):
+        with safe_open(str(p), "pt") as s:
+            assert {s.get_tensor(k).dtype for k in s.keys()} == {torch.float32}
+    # an MLP bias no MoE format has a place for: refused while writing, and no record of the output kept
+    biased = f.expert_dirs()[1]
+    w = load_file(str(biased / "model.safetensors"))
+    name = next(k for k in w if k.endswith("mlp.down_proj.weight"))
+    w[name.replace(".weight", ".bias")] = torch.zeros(w[name].shape[0])
+    for d in f.expert_dirs():
+        save_file(
+            {
+                **load_file(str(d / "model.safetensors")),
+                name.replace(".weight", ".bias"): w[name.replace(".weight", ".bias")],
+            },
+            str(d / "model.safetensors"),
+        )
+    g = Forest.load(copy)
+    with pytest.raises(ValueError, match="an MLP parameter mixtral has no place for"):
+        from elmforest.merge import moe
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(moe, "check_intact", lambda *a, **k: None)  # the weights were edited by hand
+            moe.export_moe(g, tmp_path / "biased", MoeSpec(router="random", exclude=["a0"]), device="cpu")
+    assert not (tmp_path / "biased").exists()
+    assert str(tmp_path / "biased") not in [o["path"] for o in Forest.load(copy).data["outputs"]]
+
+
+def test_merge_routing_puts_back_a_merge_cut_between_its_renames(forest_dir, shards_dir, tmp_path):
+    import subprocess
+
+    from elmforest.merge.routing import write_routing
+    from elmforest.utils.io import HOST
+
+    copy = tmp_path / "f"
+    shutil.copytree(forest_dir, copy)
+    out = export_moe(Forest.load(copy), tmp_path / "moe", MoeSpec(router="random"), device="cpu")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out.rename(tmp_path / f".moe.old~{HOST}~{dead.pid}")  # killed after setting it aside
+    write_routing(tmp_path / "moe", shards_dir, tokens=64)
+    assert (tmp_path / "moe" / "routing.json").is_file()

@@ -189,11 +189,16 @@ def export_moe(
     writer = ShardedWriter(
         out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)), replaces="elmforest_moe.json"
     )
-    forest.record_output(out, "moe", names)  # before writing: opting an expert out finds every copy
-    with undone_on_failure(writer.tmp, writer.out):
-        _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
-        _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
-        path = writer.commit(finish=record_weight_files)
+    previous = forest.record_output(out, "moe", names)  # before writing: opting out finds every copy
+    try:
+        with undone_on_failure(writer.tmp, writer.out):
+            _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
+            _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
+            path = writer.commit(finish=record_weight_files)
+    except BaseException:  # a refused merge leaves the record as it was (a kill -9 leaves it, to be safe)
+        if previous is not None or not (Path(out) / "elmforest_moe.json").is_file():
+            forest.forget_output(out, previous)
+        raise
     forest.drop_phases(path)
     forest.settle_output(path, names)
     return path
@@ -229,6 +234,14 @@ def _write_tensors(
         experts = open_matching(dirs, stack)
         base = LazyWeights(base_dir, stack) if base_dir is not None else None
         names = experts[0].keys()
+        # experts in other precisions (forest add takes a bf16 one beside fp32 ones) are written in the
+        # widest: in the first one's, transformers loaded the whole MoE in it (fp32 experts rounded to bf16)
+        held = {w.get(names[0]).dtype for w in [*experts, *([base] if base is not None else [])]}
+        dtype = next(iter(held)) if len(held) == 1 else torch.float32
+        add = writer.add if len(held) == 1 else (lambda n, t: writer.add(n, t.to(dtype)))
+        if len(held) > 1:
+            kinds = ", ".join(sorted(str(d).removeprefix("torch.") for d in held))
+            print(f"note: the experts hold {kinds} weights: the MoE is written in float32", file=sys.stderr)
         seen = set()
         for name in names:
             m = MLP_KEY.match(name)
@@ -236,7 +249,7 @@ def _write_tensors(
                 layer, proj = int(m.group(1)), m.group(2)
                 seen.add((layer, proj))
                 for i, e in enumerate(experts):
-                    writer.add(fmt.expert_name(layer, i, proj), e.get(name))
+                    add(fmt.expert_name(layer, i, proj), e.get(name))
                 continue
             if ".mlp." in name:
                 raise UserError(
@@ -245,21 +258,20 @@ def _write_tensors(
             if base is not None:
                 if name not in base:
                     raise UserError(f"{base_dir}: the seed lacks {name}")
-                writer.add(name, base.get(name))
+                add(name, base.get(name))
             else:
                 first, n = experts[0].get(name), len(experts)
                 rest = (e.get(name).to(torch.float32) for e in experts[1:])
                 mean = linear(chain([first.to(torch.float32)], rest), [1 / n] * n)
-                writer.add(name, mean.to(first.dtype))
+                add(name, mean if len(held) > 1 else mean.to(first.dtype))  # mixed: float32, unrounded
         L = cfg["num_hidden_layers"]
         missing = [(layer, p) for layer in range(L) for p in PROJ if (layer, p) not in seen]
         if missing:
             raise UserError(f"{dirs[0]}: no MLP weights for (layer, projection) {missing[:3]}")
-        dtype = experts[0].get(names[0]).dtype
         for layer in range(L):
-            writer.add(fmt.router_name(layer), rows[layer].to(dtype))
+            add(fmt.router_name(layer), rows[layer].to(dtype))
         for name, t in fmt.extra(cfg, dtype) if fmt.extra else ():
-            writer.add(name, t)
+            add(name, t)
 
 
 def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir) -> None:

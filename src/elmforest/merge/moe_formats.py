@@ -177,6 +177,8 @@ BLOCKED = {
     "counterpart in transformers",
     "gemma3": "Gemma-3's layers (sandwich norms, q/k norms, gated-GELU MLP) have no MoE counterpart in "
     "transformers",
+    "gemma3_text": "Gemma-3's layers (sandwich norms, q/k norms, gated-GELU MLP) have no MoE counterpart in "
+    "transformers",
     "phi3": "PhiMoE, Phi-3's MoE sibling, uses LayerNorm with biases where Phi-3 uses RMSNorm and routes "
     "with SparseMixer, so no PhiMoE model computes a Phi-3 layer",
     "olmo": "OLMo-1's non-parametric LayerNorm has no MoE counterpart (OLMoE uses RMSNorm with weights and "
@@ -201,16 +203,20 @@ def format_for(dense: dict) -> MoeFormat:
         raise UserError(
             f"cannot merge into {fmt.model_type}: the experts use a sliding window on some layers "
             f"(use_sliding_window with max_window_layers), and {fmt.model_type} places its windows by "
-            "another rule, so the merged model would attend differently"
+            f"another rule, so the merged model would attend differently. Instead, {_INSTEAD}"
         )
     if dense.get("mlp_bias"):
-        raise UserError(f"cannot merge into {fmt.model_type}: the experts' MLPs have biases (mlp_bias=True)")
+        raise UserError(
+            f"cannot merge into {fmt.model_type}: the experts' MLPs have biases (mlp_bias=True). Instead, {_INSTEAD}"
+        )
     if fmt.model_type == "mixtral" and dense.get("attention_bias"):
         raise UserError(
-            "cannot merge into mixtral: the experts have attention_bias=True (Mixtral's attention has no biases)"
+            "cannot merge into mixtral: the experts have attention_bias=True (Mixtral's attention has no "
+            f"biases). Instead, {_INSTEAD}"
         )
     if dense.get("hidden_act", "silu") != "silu":
         raise UserError(
-            f"cannot merge into {fmt.model_type}: hidden_act {dense.get('hidden_act')!r} (its experts are SwiGLU: silu)"
+            f"cannot merge into {fmt.model_type}: hidden_act {dense.get('hidden_act')!r} (its experts are "
+            f"SwiGLU: silu). Instead, {_INSTEAD}"
         )
     return fmt

@@ -170,8 +170,10 @@ def write_routing(
 ) -> dict:
     """routing.json and routing.png beside a merged MoE (`shards`: default the experts' recorded shards)."""
     from elmforest.model.build import load_model
+    from elmforest.utils.io import restore_swapped
 
     moe_dir = Path(moe_dir)
+    restore_swapped(moe_dir)  # a merge or fine-tuning cut between its two renames left it aside
     meta_path = moe_dir / "elmforest_moe.json"
     if not meta_path.is_file():
         raise UserError(f"{moe_dir}: not a merged MoE (no elmforest_moe.json; made by `elmforest merge moe`)")
