@@ -498,3 +498,14 @@ def test_the_stderr_bootstrap_runs_in_process_unless_the_user_says_otherwise(mon
     assert main(["lm-eval", "ls"]) == 0 and seen == ["1"] and "DISABLE_MULTIPROC" not in os.environ
     monkeypatch.setenv("DISABLE_MULTIPROC", "")
     assert main(["lm-eval", "ls"]) == 0 and seen == ["1", ""]
+
+
+def test_lm_evals_help_names_the_elmforest_model_type(capsys):
+    """`elmforest lm-eval --help` printed lm-eval's help alone: `--model elmforest` and its model_args
+    could not be found from it."""
+    from elmforest.cli import main
+
+    main(["lm-eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--model elmforest --model_args forest=DIR" in out and "docs/lm-eval.md" in out
+    assert "usage: lm-eval" in out  # and lm-eval's own help after it

@@ -20,6 +20,13 @@ OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
 
 
+HELP_PREAMBLE = """elmforest lm-eval: lm-evaluation-harness with the `elmforest` model type registered.
+  elmforest lm-eval run --model elmforest --model_args forest=DIR[,mode=ensemble|topk|cluster|average,k=2,
+      prior=uniform|cached,prior_data=SHARDS,weighting=posterior|fixed,experts=A+B] --tasks TASK
+  (or model=DIR for one checkpoint; every model_arg in docs/lm-eval.md). lm-eval's own help follows.
+"""
+
+
 def register(app: typer.Typer) -> None:
     app.command(
         "lm-eval",
@@ -54,6 +61,8 @@ def lm_eval_(
 ) -> None:
     """Evaluate a forest with lm-evaluation-harness: `--model elmforest` (needs `pip install -e ".[eval]"`)."""
     args = list(args or [])
+    if not args or any(a in ("-h", "--help") for a in args):  # lm-eval's help never names our model type
+        print(HELP_PREAMBLE)
     saved = {v: os.environ.get(v) for v in (*OFFLINE_VARS, "DISABLE_MULTIPROC")}
     # lm-eval bootstraps each metric's stderr in a pool forked from this process, which holds torch's
     # threads: a fork taken while one holds a lock never returns (a test run hung there). Unless the
