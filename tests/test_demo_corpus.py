@@ -667,6 +667,15 @@ def test_a_damaged_cached_package_is_fetched_again(tmp_path, monkeypatch, capsys
 
     (tmp_path / "cache" / "debs").mkdir()
     (tmp_path / "cache" / "debs" / "pkg_1.0_all.deb").write_bytes(b"cut short")
+
+    def slow(cmd, **kw):
+        raise demo_fetch.ToolTimedOut("slow")
+
+    with monkeypatch.context() as m:  # a busy machine's timeout says nothing of the file: it is kept
+        m.setattr(demo_fetch, "_run", slow)
+        with pytest.raises(demo_fetch.SkipDomain, match="slow"):
+            cache.unpack_deb("pkg")
+    assert (tmp_path / "cache" / "debs" / "pkg_1.0_all.deb").read_bytes() == b"cut short"
     killed = tmp_path / "cache" / "unpacked" / ".pkg_1.0_all.999999999.tmp"
     killed.mkdir(parents=True)
     fetched.clear()
@@ -727,7 +736,7 @@ def test_corpus_demo_fails_when_nothing_asked_for_was_built(tmp_path, monkeypatc
 
     monkeypatch.setitem(demo.BUILDERS, "scripture", boom)
     argv = ["corpus", "demo", "--out", str(tmp_path / "c"), "--cache", str(tmp_path / "cache")]
-    assert main([*argv, "--domains", "scripture"]) != 0
+    assert main([*argv, "--domains", "scripture"]) == 2
     assert "none of the domains asked for was built" in capsys.readouterr().err
     monkeypatch.setitem(
         demo.BUILDERS, "legal", lambda cache: demo.DomainBuild([Doc("legal/a", "x " * 50)], "t")
@@ -762,4 +771,10 @@ def test_a_rerun_builds_again_the_demo_domains_skipped_while_nothing_is_made_of_
     monkeypatch.setitem(demo.BUILDERS, "drama", docs("drama"))  # the source is back
     data = prepare_data(tmp_path / "qs", 300, **kw)
     assert sorted(data.names) == ["drama", "legal"]
-    assert "drama" in json.loads((tmp_path / "qs" / "corpus" / "manifest.json").read_text())["domains"]
+    manifest = tmp_path / "qs" / "corpus" / "manifest.json"
+    assert "drama" in json.loads(manifest.read_text())["domains"]
+    # once a tokenizer is made of the corpus, a rerun builds nothing again (its shards hold what it has)
+    monkeypatch.setitem(demo.BUILDERS, "drama", down)
+    before = manifest.read_bytes()
+    assert sorted(prepare_data(tmp_path / "qs", 300, **kw).names) == ["drama", "legal"]
+    assert manifest.read_bytes() == before

@@ -130,6 +130,7 @@ def test_every_supported_architecture_merges_with_logit_parity(arch, tokenizer_d
         ("opt", "learned position embeddings"),
         ("gemma", "gated-GELU"),
         ("phi3", "PhiMoE"),
+        ("gemma3_text", "Gemma-3's layers"),  # a Gemma-3 text checkpoint's model_type
         ("bert", "no MoE format for 'bert'"),
     ],
 )
@@ -141,10 +142,13 @@ def test_architectures_without_an_moe_counterpart_are_refused_with_the_reason(ar
 
 def test_a_qwen2_with_biased_attention_is_not_refused_but_a_biased_mlp_is():
     assert format_for({"model_type": "qwen2"}).model_type == "qwen2_moe"  # the old refusal was wrong
-    with pytest.raises(UserError, match="mlp_bias"):
-        format_for({"model_type": "llama", "mlp_bias": True})
-    with pytest.raises(UserError, match="attention_bias"):
-        format_for({"model_type": "llama", "attention_bias": True})
+    for cfg, why in (
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ):  # each says what to do instead, as the other refusals do
+        with pytest.raises(UserError, match=f"{why}.*Instead, merge the experts by parameter averaging"):
+            format_for({"model_type": "llama", **cfg})
     assert format_for({"model_type": "olmo2", "attention_bias": True}).model_type == "flex_olmo"
     for mt in ("qwen2", "qwen3"):  # the MoE places its sliding windows by another rule than the dense model
         with pytest.raises(UserError, match="sliding window"):

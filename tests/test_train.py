@@ -438,7 +438,7 @@ def test_data_parallel_ranks_given_different_settings_are_refused(shards_dir, tm
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
         + [*args, "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.device=cpu"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},  # torchelastic's folders
         capture_output=True,
         text=True,
         timeout=300,

@@ -61,7 +61,8 @@ def lm_eval_(
 ) -> None:
     """Evaluate a forest with lm-evaluation-harness: `--model elmforest` (needs `pip install -e ".[eval]"`)."""
     args = list(args or [])
-    if not args or any(a in ("-h", "--help") for a in args):  # lm-eval's help never names our model type
+    if not args or (args[0] in ("-h", "--help", "run") and {"-h", "--help"} & set(args)):  # lm-eval's own
+        # help (its top level, `run`'s) never names our model type
         print(HELP_PREAMBLE)
     saved = {v: os.environ.get(v) for v in (*OFFLINE_VARS, "DISABLE_MULTIPROC")}
     # lm-eval bootstraps each metric's stderr in a pool forked from this process, which holds torch's

@@ -21,7 +21,7 @@ from elmforest.cluster.languages import (
     load_features,
     resolve_codes,
 )
-from elmforest.data.domain_map import load_domain_map
+from elmforest.data.domain_map import DomainMap, load_domain_map
 from elmforest.utils.errors import AlreadyExists, NotFound, UserError
 from elmforest.utils.io import read_json, write_json_atomic
 
@@ -125,7 +125,7 @@ def check_if_grouping(path: str | os.PathLike) -> None:
         load_grouping(path)
 
 
-def checked_domain_map(path: str | os.PathLike, role: str = "domain map") -> dict[str, str]:
+def checked_domain_map(path: str | os.PathLike, role: str = "domain map") -> DomainMap:
     """load_domain_map, and a file that is a grouping of languages checked as one (check_if_grouping)."""
     m = load_domain_map(path, role=role)  # its own errors first
     check_if_grouping(path)

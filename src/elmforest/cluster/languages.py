@@ -291,3 +291,23 @@ def group_languages(
             "lang2vec_version": lang2vec_version(),
         }
     return out, aliases
+
+
+_MOVED = {
+    "save_grouping",
+    "write_groupings",
+    "load_grouping",
+    "check_if_grouping",
+    "domain_map",
+    "nearest_group",
+}
+
+
+def __getattr__(name: str):
+    """The grouping artifacts' functions moved to cluster/language_groupings.py (2026-12-07); the names
+    docs/xelm.md gave here still import."""
+    if name in _MOVED:
+        from elmforest.cluster import language_groupings
+
+        return getattr(language_groupings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

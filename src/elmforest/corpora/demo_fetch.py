@@ -30,6 +30,10 @@ class SkipDomain(Exception):
     """Raised by a domain builder when its source is unavailable; the message is the reason."""
 
 
+class ToolTimedOut(SkipDomain):
+    """A tool ran past its time: a busy machine, not a damaged file (a cached package is kept)."""
+
+
 def default_cache_dir() -> Path:
     """``$ELMFOREST_CACHE/demo-sources`` if set, else ``~/.cache/elmforest/demo-sources``."""
     root = os.environ.get("ELMFOREST_CACHE")
@@ -105,7 +109,7 @@ def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = _TIMEO
     except FileNotFoundError as e:
         raise SkipDomain(f"{cmd[0]} not found") from e
     except subprocess.TimeoutExpired as e:
-        raise SkipDomain(f"`{' '.join(cmd[:3])}` timed out after {timeout:.0f}s") from e
+        raise ToolTimedOut(f"`{' '.join(cmd[:3])}` timed out after {timeout:.0f}s") from e
     if proc.returncode != 0:
         raise SkipDomain(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {_tail(proc.stderr)}")
     return proc
@@ -174,25 +178,33 @@ class SourceCache:
             pid = old.name.rsplit(".", 2)[-2]
             if not (pid.isdigit() and pid_alive(int(pid))):
                 shutil.rmtree(old, ignore_errors=True)
+        try:
+            return self._unpack_once(deb, dest)
+        except ToolTimedOut:
+            raise  # a busy machine's, not the package's: the cached .deb is kept
+        except SkipDomain as e:
+            if "No space left" in str(e):
+                raise
+            print(f"note: {deb} cannot be unpacked; fetching it again", file=sys.stderr)
+            deb.unlink(missing_ok=True)
+        deb = self.deb(pkg)
+        try:
+            return self._unpack_once(deb, self.unpacked / deb.stem)
+        except SkipDomain as e:
+            raise SkipDomain(f"{e} ({pkg}: fetched again, still not unpacked)") from None
+
+    def _unpack_once(self, deb: Path, dest: Path) -> Path:
         tmp = self.unpacked / f".{deb.stem}.{os.getpid()}.tmp"
-        for attempt in (1, 2):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
+            (tmp / ".complete").write_text(deb.name + "\n")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:
-                _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
-                (tmp / ".complete").write_text(deb.name + "\n")
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(tmp, dest)
-                return dest
-            except SkipDomain as e:
-                if attempt == 2:
-                    raise SkipDomain(f"{e} ({deb}: fetched again, still unreadable)") from None
-                print(f"note: {deb} cannot be unpacked; fetching it again", file=sys.stderr)
-                deb.unlink(missing_ok=True)
-                deb = self.deb(pkg)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        raise AssertionError("not reached")
+        return dest
 
     @staticmethod
     def deb_version(deb: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def macro_bpb(run: dict, domains=None) -> float:
         )
     for d in domains:  # a NaN saved as null, an inf as "inf" (strict JSON), or a hand edit
         v = bpb[d]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
             raise UserError(
                 f"run arm={run.get('arm')!r} budget={run.get('budget')!r} seed={run.get('seed')!r}: its BPB "
                 f"on {d!r} must be a positive finite number, got {v!r}"

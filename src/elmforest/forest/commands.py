@@ -218,8 +218,7 @@ def average(
     from elmforest.merge.average import warn_unrelated
 
     warn_unrelated(forest, held, "averaging")
-    previous = forest.record_output(out, "average", held)
-    try:
+    with forest.recording_output(out, "average", held, "elmforest_average.json"):
         out = merge_checkpoints(
             forest.expert_dirs(),
             out,
@@ -229,10 +228,6 @@ def average(
             metadata={"names": names, "forest": str(forest.root.resolve())},
             **params,
         )
-    except BaseException:
-        if previous is not None or not (Path(out) / "elmforest_average.json").is_file():
-            forest.forget_output(out, previous)  # a refused merge leaves the record as it was
-        raise
     forest.settle_output(out, held)
     print(
         f"merged ({method}) {len(names)} experts with weights "

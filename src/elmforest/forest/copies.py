@@ -12,7 +12,7 @@ from pathlib import Path
 from elmforest.forest.manifest import Forest
 from elmforest.forest.records import MARKERS, marker_forest, marker_meta
 from elmforest.train.runlock import training_now
-from elmforest.utils.io import clean_stale, parse_temp, read_json
+from elmforest.utils.io import clean_stale, parse_temp
 
 
 def outputs_holding(forest: Forest, name: str, others: list | None = None) -> list[Path]:
@@ -134,56 +134,32 @@ def marker_lists(path: Path, name: str) -> bool:
     return False
 
 
-# a ledger row's phase for each training a merged model's card (elmforest_moe.json) records
-CARD_PHASES = {"router_training": "router_training", "finetuning": "btx_finetuning"}
+# the scratch runs of merge/moe_train.py (its _TAGS), by the kind they are recorded under
 SCRATCH_KINDS = {"router-run": "merge moe --train-router", "finetune-run": "merge finetune"}
 
 
 def check_outputs(forest: Forest) -> tuple[list[str], list[str]]:
     """`forest fsck` on the merged models this forest recorded writing: (repairs, notes). Repairs: the
-    staging copies a killed merge left beside an output (a rerun of that merge removes them too), and the
-    ledger row of a card's training that a kill between the output and its row left out. Notes, which
-    are not problems: an output that is gone (deleted, or moved where opting out cannot find it), and the
-    scratch run of a cut fine-tuning, which holds copies of the experts until it is resumed or deleted."""
+    staging copies a killed merge left beside an output (a rerun of that merge removes them too). Notes,
+    which are not problems: an output that is gone (deleted, or moved where opting out cannot find it),
+    and the scratch run of a cut fine-tuning, which holds copies of the experts until it is resumed or
+    deleted. (A training's ledger row a kill left out is not guessed from the output's card here, which
+    also carries the trainings of the model it started from: the rerun of that command writes it.)"""
     fixed, notes = [], []
-    root = forest.root.resolve()
     for o in forest.data.get("outputs", []):
         places = recorded_places(forest, o)
         for p in places:
-            fixed += [f"removed {t} (left by a process that died)" for t in clean_stale(p.parent, p.name)]
+            fixed += [f"cleaned up {t} (left by a process that died)" for t in clean_stale(p.parent, p.name)]
         there = [p for p in places if p.exists()]
+        mine = [p for p in there if ours(forest, p, Path(o["path"]))]  # not a copied forest's original
         if not there:
             notes.append(
                 f"{o['path']} ({o.get('kind')} of {', '.join(o['experts'])}) is not there any more: fine if "
                 "it was deleted; a copy moved elsewhere is not found when an expert is opted out"
             )
-        elif o.get("kind") in SCRATCH_KINDS and not training_now(there[0]):
+        elif o.get("kind") in SCRATCH_KINDS and mine and not training_now(mine[0]):
             notes.append(
-                f"{there[0]}: the run of a `{SCRATCH_KINDS[o['kind']]}` that did not finish (it holds "
+                f"{mine[0]}: the run of a `{SCRATCH_KINDS[o['kind']]}` that did not finish (it holds "
                 f"copies of {', '.join(o['experts'])}): run the same command again to finish it, or delete it"
             )
-        elif o.get("kind") == "moe" and (there[0] / "elmforest_moe.json").is_file():
-            try:
-                card = read_json(there[0] / "elmforest_moe.json")
-            except Exception:  # noqa: BLE001 - a card that cannot be read: its merge's own checks say so
-                continue
-            if not card.get("forest") or Path(card["forest"]).resolve() != root:
-                continue  # merged from another forest (a copy of this one): its ledger is that one's
-            for kind, phase in CARD_PHASES.items():
-                rec = card.get(kind)
-                if not (isinstance(rec, dict) and {"tokens", "flops"} <= set(rec)):
-                    continue
-                mine = forest.ledger_places({"output": str(there[0])})
-                rows = [r for r in forest.data.get("ledger", []) if r.get("phase") == phase]
-                if not any(forest.ledger_places(r) & mine for r in rows):
-                    forest.record_phase(
-                        {
-                            "phase": phase,
-                            "name": there[0].name,
-                            "tokens": rec["tokens"],
-                            "flops": rec["flops"],
-                        }
-                        | {"output": str(there[0])}
-                    )
-                    fixed.append(f"the ledger: added {there[0].name}'s {phase} ({rec['flops']:.3g} FLOPs)")
     return fixed, notes

@@ -108,8 +108,7 @@ def fsck(
 ) -> int:
     """Check a forest and repair what is safe: finish pending removals, delete temporary files of dead
     processes (also beside its merged models), verify each expert's weights against their recorded
-    checksums and a c-BTM forest's clusterer against the one its experts were trained on, and add a merged
-    model's training missing from the ledger."""
+    checksums and a c-BTM forest's clusterer against the one its experts were trained on."""
     from elmforest.forest import commands
 
     return commands.fsck(_load(forest), deep=not quick)

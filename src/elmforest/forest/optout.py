@@ -224,7 +224,7 @@ def pending(forest: Forest) -> list[str]:
 def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[str]]:
     """(what was repaired, what is still wrong, notes). Finishes pending removals, re-checks finished ones,
     removes temporary files of dead processes (in the forest and beside its recorded outputs), checks each
-    expert's checkpoint (`deep`: checksums) and the outputs' ledger rows (forest/copies.py check_outputs)."""
+    expert's checkpoint (`deep`: checksums); notes what is left of the recorded outputs (check_outputs)."""
     fixed, wrong = [], []
     for r in forest.data.get("removed", []):
         name = r["name"]

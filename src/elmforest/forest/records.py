@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from elmforest.forest.trust import copy_regular_files
@@ -174,6 +176,19 @@ class ForestRecords:
             self.update(change)
         except OSError:  # a read-only forest: it could not record the output either
             pass
+
+    @contextmanager
+    def recording_output(self, path: str | Path, kind: str, experts: list[str], card: str) -> Iterator[None]:
+        """`record_output` for the write in the block, undone if the block fails before a finished output
+        (its `card` file) is in place: a refused merge leaves the record as it was. A kill -9 leaves it
+        recorded, the safe way for opting out."""
+        previous = self.record_output(path, kind, experts)
+        try:
+            yield
+        except BaseException:
+            if previous is not None or not (Path(path) / card).is_file():
+                self.forget_output(path, previous)
+            raise
 
     def forget_output(self, path: str | Path, previous: dict | None = None) -> None:
         """Undo `record_output` for a merge that failed: put back the entry it replaced (`previous`,

@@ -17,7 +17,8 @@ TrainingOverrides = Annotated[
     list[str] | None,
     opt(
         "override a field of the training's config, e.g. --set train.precision=fp32 --set train.grad_accum=2 "
-        "(repeatable; keys below; those with an option of their own are refused)",
+        "(repeatable; keys below, but those the training sets itself are refused: steps, batch size, LR, "
+        "device, data and what trains)",
         name="--set",
         metavar="KEY=VALUE",
     ),

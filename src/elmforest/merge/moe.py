@@ -189,16 +189,12 @@ def export_moe(
     writer = ShardedWriter(
         out, max_shard_bytes or min(2 * 1024**3, max(one_expert, 1)), replaces="elmforest_moe.json"
     )
-    previous = forest.record_output(out, "moe", names)  # before writing: opting out finds every copy
-    try:
+    # recorded before writing: opting an expert out finds every copy
+    with forest.recording_output(out, "moe", names, "elmforest_moe.json"):
         with undone_on_failure(writer.tmp, writer.out):
             _write_tensors(writer, fmt, dirs, base_dir, rows, cfg)
             _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pairs, base_dir)
             path = writer.commit(finish=record_weight_files)
-    except BaseException:  # a refused merge leaves the record as it was (a kill -9 leaves it, to be safe)
-        if previous is not None or not (Path(out) / "elmforest_moe.json").is_file():
-            forest.forget_output(out, previous)
-        raise
     forest.drop_phases(path)
     forest.settle_output(path, names)
     return path

@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-from elmforest.forest.copies import CARD_PHASES
 from elmforest.forest.manifest import Forest
 from elmforest.forest.trust import refuse_inside_forest
 from elmforest.merge.moe import check_untrained
@@ -115,28 +114,29 @@ def finetune_moe(
     )
 
 
-def own_keys(kind: str) -> dict[str, str | None]:
-    """The config keys a router training or fine-tuning sets itself, each with the option that sets it
-    (None: none does, it is what the run is)."""
+def own_keys(kind: str) -> dict[str, str]:
+    """The config keys a router training or fine-tuning sets itself, each with how to change it."""
+    data = "the training's data is a uniform mix of the experts' domains' train splits"
     keys = {
-        "train.steps": "--steps",
-        "train.batch_size": "--batch-size",
-        "optim.lr": "--lr",
-        "train.device": "--device",
-        "data.shards": "--shards" if kind == "finetuning" else "--train-data",
-        "model.init_from": None,
-        "data.domains": None,
-        "data.mixture": None,
-        "data.split": None,
+        "train.steps": "give --steps",
+        "train.batch_size": "give --batch-size",
+        "optim.lr": "give --lr",
+        "train.device": "give --device",
+        "data.shards": "give --shards" if kind == "finetuning" else "give --train-data",
+        "model.init_from": "it trains the merged model given",
+        "data.domains": data,
+        "data.mixture": data,
+        "data.split": data,
     }
     if kind == "finetuning":
         return keys | {
-            "train.router_aux_loss": "--aux-loss",
-            "train.router_z_loss": "--z-loss",
-            "train.trainable": "--trainable",
+            "train.router_aux_loss": "give --aux-loss",
+            "train.router_z_loss": "give --z-loss",
+            "train.trainable": "give --trainable",
         }
+    rows = "it trains only the router rows, with no weight decay and no router losses"
     return keys | dict.fromkeys(
-        ("train.router_aux_loss", "train.router_z_loss", "train.trainable", "optim.weight_decay")
+        ("train.router_aux_loss", "train.router_z_loss", "train.trainable", "optim.weight_decay"), rows
     )
 
 
@@ -148,12 +148,7 @@ def refuse_own_keys(overrides, kind: str) -> None:
     for item in overrides if isinstance(overrides, list | tuple) else []:
         key = str(item).split("=", 1)[0].strip()
         if key in keys:
-            how = (
-                f": give {keys[key]}"
-                if keys[key]
-                else " (a uniform mix of the experts' domains' train splits, from the merged model)"
-            )
-            raise UserError(f"--set {key}: the {what} sets it itself{how}")
+            raise UserError(f"--set {key}: the {what} sets it itself ({keys[key]})")
 
 
 def _train_moe(
@@ -346,12 +341,8 @@ def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
         return
     root = Path(meta["forest"])
     if {"tokens", "flops"} <= set(record) and (root / "forest.json").is_file():
-        row = {
-            "phase": CARD_PHASES[kind],
-            "name": out.name,
-            "tokens": record["tokens"],
-            "flops": record["flops"],
-        }
+        phase = "btx_finetuning" if kind == "finetuning" else kind
+        row = {"phase": phase, "name": out.name, "tokens": record["tokens"], "flops": record["flops"]}
         Forest.load(root).record_phase({**row, "output": str(out)})
 
 

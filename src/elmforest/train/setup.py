@@ -50,12 +50,9 @@ class TrainerSetup:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         if self.world > 1:
-            same_on_every_rank(
-                {"config": cfg.to_dict(), "shards": self.shards.fingerprint},
-                self.rank,
-                self.world,
-                self.device,
-            )
+            mine = cfg.to_dict()
+            mine["train"].pop("device")  # each rank's own by design (cuda:LOCAL_RANK)
+            same_on_every_rank({"config": mine, "shards": self.shards.fingerprint}, self.world, self.device)
         if cfg.train.batch_size % self.world:
             raise UserError(
                 f"train.batch_size={cfg.train.batch_size} must divide evenly among {self.world} processes"
@@ -201,7 +198,7 @@ def check_init_checkpoint(path: Path, cfg) -> None:
         )
 
 
-def same_on_every_rank(setting: dict, rank: int, world: int, device: torch.device) -> None:
+def same_on_every_rank(setting: dict, world: int, device: torch.device) -> None:
     """Refuse, on every rank, a data-parallel run whose processes were given different settings. Each
     builds its config from its own command line and files: torchrun launched by hand, or a config file
     edited while the ranks start, trained one rank at another LR or seed, or on other rows than the
