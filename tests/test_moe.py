@@ -358,7 +358,7 @@ def test_merge_cli_and_eval(forest_dir, shards_dir, tmp_path, capsys):
         (["--steps", "7"], "--steps set the router training: add --train-router"),
         (["--steps", "100"], "--steps set the router training"),  # the default given by hand, too
         (["--set", "foo"], "--set set the router training"),
-        (["--train-router", "--set", "optim.lr=abc"], "optim.lr: expected a number"),
+        (["--train-router", "--set", "optim.beta1=abc"], "optim.beta1: expected a number"),
         (["--train-router", "--train-data", str(other)], "different tokenizer"),
         # these were found only once the merge was written, leaving an untrained one in --out
         (["--train-router", "--top-k", "1"], "needs top-k >= 2 (here top-1 of 3"),
@@ -918,10 +918,9 @@ def test_a_copied_tree_trains_its_moe_into_its_own_forest_not_the_originals(fore
     assert any(Path(o["path"]) == (b / "ft").resolve() for o in f.data["outputs"])
     card = json.loads((b / "ft" / "elmforest_moe.json").read_text())
     assert Path(card["forest"]) == (b / "forest").resolve() and card["forest_relative"] == "../forest"
-    # the ledger row says what ran: --set over the flags (it recorded the flags' 1 step of 2, all domains)
+    # the card and ledger row say what ran (its steps, batch and domains; --set of them is refused)
     dom = json.loads((a / "forest" / "forest.json").read_text())["experts"][0]["domains"][0]
-    sets = ["train.steps=2", "train.batch_size=1", f"data.domains=[{dom}]"]
-    finetune_moe(a / "moe", shards_dir, 1, out=a / "ft", batch_size=2, overrides=sets, progress=False)
+    finetune_moe(a / "moe", shards_dir, 2, out=a / "ft", batch_size=1, domains=[dom], progress=False)
     ft = json.loads((a / "ft" / "elmforest_moe.json").read_text())["finetuning"]
     seq = json.loads((a / "ft" / "elmforest_run.json").read_text())["train"]["seq_len"]
     assert (ft["steps"], ft["batch_size"], ft["domains"]) == (2, 1, [dom]) and ft["tokens"] == 2 * seq

@@ -18,7 +18,7 @@ TrainingOverrides = Annotated[
     opt(
         "override a field of the training's config, e.g. --set train.precision=fp32 --set train.grad_accum=2 "
         "(repeatable; keys below, but those the training sets itself are refused: steps, batch size, LR, "
-        "device, data and what trains)",
+        "device, the data's shards, mix and split, and what trains; data.domains may be set)",
         name="--set",
         metavar="KEY=VALUE",
     ),

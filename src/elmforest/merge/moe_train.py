@@ -115,7 +115,8 @@ def finetune_moe(
 
 
 def own_keys(kind: str) -> dict[str, str]:
-    """The config keys a router training or fine-tuning sets itself, each with how to change it."""
+    """The config keys a router training or fine-tuning sets itself, each with how to change it
+    (`data.domains` is not one: `--set data.domains=[...]` is how the command line picks them)."""
     data = "the training's data is a uniform mix of the experts' domains' train splits"
     keys = {
         "train.steps": "give --steps",
@@ -124,7 +125,6 @@ def own_keys(kind: str) -> dict[str, str]:
         "train.device": "give --device",
         "data.shards": "give --shards" if kind == "finetuning" else "give --train-data",
         "model.init_from": "it trains the merged model given",
-        "data.domains": data,
         "data.mixture": data,
         "data.split": data,
     }
