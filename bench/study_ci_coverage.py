@@ -10,7 +10,8 @@ verdicts other than "not shown". The noise levels are sized from docs/results/*/
 absolute difference between a point's two seeds: 0.005-0.009 in macro log-BPB, 0.009-0.013 per domain,
 across the four studies). `--seed-pool` picks the seed part (each arm's spread pooled over its budgets,
 the default, or each point's own); `--trend a` scales the per-(budget, seed) and per-run noise by
-budget^-a, seed noise that is not the same at every budget (which pooling assumes). `--gains R`
+budget^-a, seed noise that is not the same at every budget (which pooling assumes); `--domain-spread s`
+gives each domain its own multiplier M exp(s z), the truth then the population's (the domains a sample). `--gains R`
 measures instead the paired gains' intervals (domains, seed share, c-BTM: `paired_gains`) on tables of R
 rows whose true gain is `--gain` (`--row-noise 1,1,3`: rows whose noise differs, which pooling does not
 assume away). Hand-written: no library simulates this design.
@@ -35,10 +36,32 @@ DENSE = [0.5, 1, 2, 4]
 FOREST = [0.5, 1, 2]
 
 
-def make_runs(rng, domains: int, seeds: int, m: float, sig: list[float], trend: float = 0.0) -> list[dict]:
-    e = rng.uniform(0.1, 0.6, domains)  # like the in-domain fits: E small, alpha 0.18-0.35
-    alpha = rng.uniform(0.18, 0.35, domains)
-    a = rng.uniform(1.9, 2.9, domains) - e  # BPB at 1x of 1.9-2.9
+def draw_domains(rng, n: int):
+    e = rng.uniform(0.1, 0.6, n)  # like the in-domain fits: E small, alpha 0.18-0.35
+    alpha = rng.uniform(0.18, 0.35, n)
+    a = rng.uniform(1.9, 2.9, n) - e  # BPB at 1x of 1.9-2.9
+    return e, alpha, a
+
+
+def population_multiplier(m: float, spread: float, budget: float, n: int = 400_000) -> float:
+    """With `--domain-spread`, the multiplier the intervals estimate: the domains are a sample of a
+    population, each with its own multiplier m * exp(spread * z); the population's macro BPB at `budget`
+    equals the dense LM's at this multiplier (by Monte Carlo over the same domain distribution)."""
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(12345)
+    _, alpha, a = draw_domains(rng, n)
+    md = m * np.exp(spread * rng.standard_normal(n))
+    want = np.mean(a * (md * budget) ** -alpha)
+    return math.exp(brentq(lambda x: np.mean(a * (math.exp(x) * budget) ** -alpha) - want, -5, 5))
+
+
+def make_runs(
+    rng, domains: int, seeds: int, m: float, sig: list[float], trend: float = 0.0, spread: float = 0.0
+) -> list[dict]:
+    e, alpha, a = draw_domains(rng, domains)
+    if spread:  # each domain's own multiplier (the forest's gain differs from domain to domain)
+        m = m * np.exp(spread * rng.standard_normal(domains))
     s_seed, s_point, s_run, s_dom = sig
     u = rng.normal(0, s_seed, seeds)
     v = {(b, s): rng.normal(0, s_point * b**-trend) for b in DENSE for s in range(seeds)}
@@ -113,6 +136,12 @@ def main() -> None:
     ap.add_argument("--seed-pool", default="arm", choices=["arm", "point"])
     ap.add_argument("--trend", type=float, default=0.0, help="multiplier: seed noise scales as budget^-trend")
     ap.add_argument(
+        "--domain-spread",
+        type=float,
+        default=0.0,
+        help="multiplier: each domain's is M x exp(spread x z); the truth is the population's",
+    )
+    ap.add_argument(
         "--gains", type=int, default=0, help="instead: tables of this many paired gains (no --trend)"
     )
     ap.add_argument("--gain", type=float, default=0.01, help="the paired gains' true value")
@@ -128,18 +157,21 @@ def main() -> None:
     rng, t0 = np.random.default_rng(args.rng), time.perf_counter()
     rows = []
     for _ in range(args.trials):
-        runs = make_runs(rng, args.domains, args.seeds, args.multiplier, sig, args.trend)
+        runs = make_runs(rng, args.domains, args.seeds, args.multiplier, sig, args.trend, args.domain_spread)
         res = bootstrap_multiplier(runs, "btm", n_boot=args.n_boot, ci=0.9, seed_pool=args.seed_pool)
         verdicts = [f["verdict"] for f in findings({"in_domain": res}, None)]
         rows.append([(b["ci"], v) for b, v in zip(res["budgets"], verdicts, strict=True)])
     print(
         f"{args.trials} trials, {args.seeds} seeds, {args.domains} domains, M={args.multiplier}, noise {sig}, "
-        f"{args.n_boot} replicates: {time.perf_counter() - t0:.0f} s"
+        f"domain spread {args.domain_spread}, {args.n_boot} replicates: {time.perf_counter() - t0:.0f} s"
     )
     for j, b in enumerate(FOREST):
-        cover = np.mean(
-            [ci is not None and ci[0] <= args.multiplier <= ci[1] for ci, _ in (t[j] for t in rows)]
+        truth = (
+            population_multiplier(args.multiplier, args.domain_spread, b)
+            if args.domain_spread
+            else args.multiplier
         )
+        cover = np.mean([ci is not None and ci[0] <= truth <= ci[1] for ci, _ in (t[j] for t in rows)])
         claimed = np.mean([v != "not shown" for _, v in (t[j] for t in rows)])
         se = math.sqrt(cover * (1 - cover) / len(rows))
         print(

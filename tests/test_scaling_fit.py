@@ -481,7 +481,7 @@ def test_a_repeated_fit_is_looked_up_and_gives_what_a_fresh_fit_gives(monkeypatc
 def test_a_domain_draw_is_stretched_to_the_unbiased_spread_and_its_t_quantile():
     """Drawing D domains with replacement gives (D - 1) / D of the unbiased variance of their mean, and
     takes that variance as known: with gains that differ by domain, 8 domains' 90% intervals covered
-    81-83%. Each draw is stretched from the full mean, in log space, by sqrt(D / (D - 1)) x t_{D-1}/z
+    78-88%. Each draw is stretched from the full mean, in log space, by sqrt(D / (D - 1)) x t_{D-1}/z
     (from 3 degrees of freedom, as the seed part)."""
     from scipy.stats import norm, t
 

@@ -375,17 +375,21 @@ def test_an_mlflow_run_moved_with_its_run_directory_keeps_its_artifacts_there(
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [2, 4, 6, 8]
 
 
+@pytest.fixture
+def offline_trackers(tmp_path, monkeypatch):
+    """W&B and MLflow installed (else skipped), their files under tmp_path, MLflow's local store."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so_far(
-    shards_dir, tmp_path, monkeypatch
+    shards_dir, tmp_path, monkeypatch, offline_trackers
 ):
     """A SIGKILLed session's W&B file held only its header (its steps were in W&B's buffer), and a
     tracker added on resume (or MLflow pointed at another store) started at the resumed step: the
     steps before it never reached them."""
-    pytest.importorskip("wandb")
-    pytest.importorskip("mlflow")
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
     cfg = tiny_config(shards_dir, steps=8, log_every=2, ckpt_every=4)
     cfg.train.trackers = ["wandb"]
@@ -418,16 +422,11 @@ def test_a_killed_wandb_session_and_trackers_chosen_on_resume_get_the_history_so
 
 
 def test_a_session_run_with_the_trackers_off_is_filled_in_when_they_are_on_again(
-    shards_dir, tmp_path, monkeypatch
+    shards_dir, tmp_path, monkeypatch, offline_trackers
 ):
     """Trackers are an operational setting: on, then off for a session, then on again left the off
     session's steps missing in all three for good (and TensorBoard, chosen only on resume, never had the
     steps before it)."""
-    pytest.importorskip("wandb")
-    pytest.importorskip("mlflow")
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
     cfg = tiny_config(shards_dir, steps=12, log_every=2, ckpt_every=4)
     every = ["tensorboard", "wandb", "mlflow"]
