@@ -3,6 +3,7 @@ silently ignored: each is now refused naming the field, or said."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from elmforest.cli import main
 from elmforest.model.presets import build_run_config, preset_run_config
 from elmforest.study.config import load_study_config
+from elmforest.study.report import write_report
 from elmforest.utils.errors import UserError
 
 
@@ -187,15 +189,39 @@ def test_analyse_only_refuses_a_study_json_it_cannot_read(tmp_path):
         for b in (0.5, 1.0, 2.0, 4.0)
         for s in (0, 1)
     ]
-    forest = [{**run, "arm": "btm", "seed": s, "flops": 1e12, "bpb": {"a": 1.9 + 0.01 * s}} for s in (0, 1)]
-    forest[1]["bpb"]["a"] = None
+    forest = [
+        {
+            **run,
+            "arm": "btm",
+            "budget": b,
+            "seed": s,
+            "flops": 1e12 * b,
+            "bpb": {"a": 1.9 * b**-0.1 + 0.01 * s},
+        }
+        for b in (0.5, 1.0, 2.0)
+        for s in (0, 1)
+    ]
+    forest[1]["bpb"] = {"a": None}
+    fake = copy.deepcopy(forest)
+    fake[2]["flops"] *= 2  # 1x labelled, 2x counted: the point would sit at the wrong place on the curve
     for runs, named in (
         (dense + forest, "its BPB on 'a' must be a positive finite number, got None"),
-        (dense, "holds no scored forest run"),
+        (dense, r"main-axis points btm 0.5x seed 0, btm 0.5x seed 1, btm 1x seed 0, .* have no scored run"),
+        (dense[2:] + forest, r"main-axis points dense 0.5x seed 0, dense 0.5x seed 1 have no scored run"),
+        (
+            dense + fake,
+            r"run 10 \(btm, main axis, budget 1, seed 0\) counts 2e\+12 FLOPs; its budget is 1 x 1e\+12",
+        ),
+        (
+            dense + [{**forest[0], "flops": "1e12"}],
+            r"run 8 \(btm\): its flops '1e12' is not a positive number",
+        ),
     ):
         (tmp_path / "study.json").write_text(json.dumps({"config": cfg, "runs": runs, "steps_1x": 16}))
         with pytest.raises(UserError, match=named):
             reanalyse(tmp_path, log=lambda *a: None)
+    with pytest.raises(UserError, match="holds no scored forest run"):  # a study's own runs, none scored
+        write_report(tmp_path, {"runs": dense}, {})
 
 
 def test_a_second_study_in_the_same_folder_is_refused_at_once(tmp_path, capsys):

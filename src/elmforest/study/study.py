@@ -22,6 +22,7 @@ from elmforest.launch.prepare import prepare_data
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.analysis import analyse
 from elmforest.study.cbtm_arm import cbtm_data, cbtm_points, cbtm_seeds, check_cbtm_plans, fraction_shards
+from elmforest.study.checks import check_runs
 from elmforest.study.config import StudyConfig, load_study_config
 from elmforest.study.lrs import budget_lrs, learning_rates, sweep_matches
 from elmforest.study.report import write_report
@@ -143,23 +144,7 @@ def reanalyse(out: str | Path, log=print) -> dict:
     if not isinstance(study.get("config"), dict) or not study.get("runs"):
         raise UserError(f"{out}/study.json: no config or no runs to analyse; run the study again")
     cfg = from_dict(StudyConfig, study["config"], where=f" ({out}/study.json)")
-    need = (
-        "axis",
-        "arm",
-        "budget",
-        "seed",
-        "seed_share",
-        "n_domains",
-        "domains",
-        "data_fraction",
-        "flops",
-        "bpb",
-    )
-    for i, r in enumerate(study["runs"]):  # a hand-edited or cut file: named, not a KeyError in the fits
-        if lack := [k for k in need if not isinstance(r, dict) or k not in r]:
-            raise UserError(
-                f"{out}/study.json: run {i} ({r.get('arm') if isinstance(r, dict) else r!r}) lacks {', '.join(lack)}"
-            )
+    check_runs(study["runs"], cfg, study["steps_1x"], f"{out}/study.json")
     fits = analyse(study["runs"], cfg)
     _write_fits(out, study, fits, log)
     return fits
