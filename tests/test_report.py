@@ -7,6 +7,7 @@ what exists that says the results are absent."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -491,7 +492,7 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     good = json.loads((qs_dir / "results.json").read_text())
     good["compute"]["methods"]["dense"] = None
     (bad / "results.json").write_text(json.dumps(good))
-    with pytest.raises(UserError, match=r"compute.methods holds something other than numbers"):
+    with pytest.raises(UserError, match=r"compute.methods holds something other than finite numbers"):
         render_report(bad)
     good["compute"]["methods"]["dense"] = 1.0
     d = next(iter(good["methods"]["dense"]["domains"]))
@@ -629,12 +630,21 @@ def test_hand_edited_results_are_named_or_drawn_never_a_traceback(qs_dir, tmp_pa
     (bad / "results.json").write_text(json.dumps(r))
     assert 'id="results-in-domain"' in render_report(bad)
     for edit, says in (
-        (lambda r: r.update(seconds="12"), "seconds is '12', not a number"),
+        (lambda r: r.update(seconds="12"), "seconds is '12', not a finite number"),
         (lambda r: r.update(findings="one sentence"), "findings is not a list of sentences"),
         (lambda r: r.update(priors=[1]), "priors is not a table"),
         (lambda r: next(iter(r["priors"]["in_domain"].values())).pop("prior"), "priors.in_domain holds"),
-        (lambda r: r["compute"].update(forest_flops="1e12"), "compute.forest_flops is '1e12', not a number"),
-        (lambda r: r["compute"]["ledger"][0].update(flops="x"), "flops and tokens must be numbers"),
+        (
+            lambda r: r["compute"].update(forest_flops="1e12"),
+            "compute.forest_flops is '1e12', not a finite number",
+        ),
+        (lambda r: r["compute"]["ledger"][0].update(flops="x"), "flops and tokens must be finite numbers"),
+        # a nan FLOPs ratio passed as compute-matched (nan - 1 is not > 0.01) and its arm was shaded best
+        (
+            lambda r: r["compute"]["methods"].update(top2=math.nan),
+            "compute.methods holds something other than finite",
+        ),
+        (lambda r: r.update(seconds=math.inf), "seconds is inf, not a finite number"),
     ):
         r = json.loads(json.dumps(good))
         edit(r)

@@ -6,6 +6,7 @@ is still training, or one whose experts came from elsewhere, still gets a report
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,8 +129,11 @@ def _shape_problem(r: dict) -> str | None:
     """What the page needs of results.json that a hand-edited or foreign file lacks (the quickstart's own
     always has it), said instead of a KeyError from deep inside a table."""
 
-    def number(x) -> bool:
+    def number(x) -> bool:  # a BPB may be nan: its cell says so, and the row's best is still shaded
         return isinstance(x, int | float) and not isinstance(x, bool)
+
+    def finite(x) -> bool:  # a nan FLOPs ratio was compute-matched (nan - 1 is not > 0.01), shaded best
+        return number(x) and math.isfinite(x)
 
     for key in ("methods", "ood_methods", "added"):
         table = r.get(key)
@@ -155,20 +159,20 @@ def _shape_problem(r: dict) -> str | None:
             return "'compute' is not a table"
         for k in ("methods", "over_dense", "arms"):  # `over_dense`, `arms`: the X-ELM quickstart's
             ratios = compute.get(k) or {}
-            if not isinstance(ratios, dict) or not all(number(x) for x in ratios.values()):
-                return f"compute.{k} holds something other than numbers"
+            if not isinstance(ratios, dict) or not all(finite(x) for x in ratios.values()):
+                return f"compute.{k} holds something other than finite numbers"
         if not isinstance(compute.get("ledger", []), list) or not all(
             isinstance(x, dict) for x in compute.get("ledger", [])
         ):
             return "compute.ledger is not a list of rows"
         for k in ("dense_flops", "forest_flops"):
-            if compute.get(k) is not None and not number(compute[k]):
-                return f"compute.{k} is {compute[k]!r}, not a number"
+            if compute.get(k) is not None and not finite(compute[k]):
+                return f"compute.{k} is {compute[k]!r}, not a finite number"
         for row in compute.get("ledger") or []:
-            if any(row.get(k) is not None and not number(row[k]) for k in ("flops", "tokens")):
-                return f"compute.ledger row {row.get('name')!r}: flops and tokens must be numbers"
-    if "seconds" in r and r["seconds"] is not None and not number(r["seconds"]):
-        return f"seconds is {r['seconds']!r}, not a number"
+            if any(row.get(k) is not None and not finite(row[k]) for k in ("flops", "tokens")):
+                return f"compute.ledger row {row.get('name')!r}: flops and tokens must be finite numbers"
+    if "seconds" in r and r["seconds"] is not None and not finite(r["seconds"]):
+        return f"seconds is {r['seconds']!r}, not a finite number"
     if not isinstance(r.get("findings") or [], list) or not all(
         isinstance(x, str) for x in r.get("findings") or []
     ):
