@@ -118,16 +118,18 @@ def main() -> None:
 
 def _interleaved_times(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each run, the runs interleaved within each round so a machine whose speed
-    drifts affects them alike. A run is a function, or (setup, fn): setup's result (a loaded model) is
-    made untimed before each call and passed to fn."""
+    drifts affects them alike, after one untimed round (the first run, one expert, the baseline of
+    every ratio, was timed cold: its median over 2 rounds was half a cold call). A run is a function,
+    or (setup, fn): setup's result (a loaded model) is made untimed before each call and passed to fn."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
+    for r in range(rounds + 1):
         for name, run in runs.items():
             setup, fn = run if isinstance(run, tuple) else (None, run)
             args = (setup(),) if setup else ()
             t = time.perf_counter()
             fn(*args)
-            times[name].append(time.perf_counter() - t)
+            if r:
+                times[name].append(time.perf_counter() - t)
     return times
 
 

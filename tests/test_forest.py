@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -405,6 +406,27 @@ def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_doma
     (tmp_path / "f" / "runs" / "newy" / "checkpoints" / "step-2" / "state.json").write_text("{}")
     with pytest.raises(UserError, match=f"its run began from an average weighed for domain '{first}'"):
         btm.train_expert(forest, shards, other, name="newy", branch="mixture", progress=False)
+
+
+def test_a_name_that_differs_only_in_case_is_refused_before_the_expert_trains(
+    forest_dir, shards_dir, tmp_path
+):
+    """`--name Seed` (or an expert's name in other case) trained the whole expert, then was refused when
+    it was added, leaving runs/Seed: compute no ledger counted (and on macOS the seed's own folder)."""
+    import shutil
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    forest, shards = Forest.load(tmp_path / "f"), Shards(shards_dir)
+    d = shards.domains[0]
+    forest.data["removed"] = [{"name": "gone"}]  # an opted-out owner's name in other case as well
+    for name, said in (
+        ("Seed", "the reserved name 'seed'"),
+        (d.upper(), f"expert {d!r}"),
+        ("GONE", "expert 'gone' (opted out)"),
+    ):
+        with pytest.raises(UserError, match=re.escape(f"differs from {said}")):
+            btm.train_expert(forest, shards, d, name=name, progress=False, overrides=["train.steps=2"])
+        assert not (tmp_path / "f" / "runs" / name).exists()
 
 
 def test_generation_with_one_expert_is_that_experts_greedy_decode(forest_dir, tmp_path):

@@ -143,6 +143,7 @@ def train_expert(
     from elmforest.merge.average import average_checkpoints, normalise
 
     name = valid_name(name or domain)
+    forest.check_new_name(name)  # before the training, not after it
     replace, arch = False, None
     check_branch(branch)
     if name in forest.names:

@@ -150,6 +150,24 @@ class Forest(ForestRecords):
     def removed(self) -> list[str]:
         return [r["name"] for r in self.data.get("removed", [])]
 
+    def check_new_name(self, name: str) -> None:
+        """A name an expert may take here: checked before its training too (a clash found when the trained
+        expert was added left a run that no ledger counted), against the opted-out names as well (their
+        runs' folders)."""
+        valid_name(name)
+        if name not in self.names and (
+            twin := case_twin(name, [*sorted(RESERVED_NAMES), *self.names, *self.removed])
+        ):
+            whose = (
+                f"the reserved name {twin!r} (any case: {', '.join(sorted(RESERVED_NAMES))})"
+                if twin in RESERVED_NAMES
+                else f"expert {twin!r}" + (" (opted out)" if twin in self.removed else "")
+            )
+            raise UserError(
+                f"{self.root}: expert {name!r} differs from {whose} only in case: one folder on a file "
+                "system that does not keep case (macOS, Windows); add it under another --name"
+            )
+
     # -- queries -----------------------------------------------------------------------------------
     @property
     def experts(self) -> list[dict]:
@@ -265,18 +283,8 @@ class Forest(ForestRecords):
         expert's very weights), not a copy's record (`forest add`: a twin's copy counts 0).
         `architecture`: the fingerprint this expert must have when it is not the seed's own shape (a
         FlexOlmo owner is the seed as a 2-expert MoE); the forest's architecture stays the seed's."""
-        valid_name(name)
+        self.check_new_name(name)
         src = resolve_model_dir(model_dir)
-        if name not in self.names and (twin := case_twin(name, [*sorted(RESERVED_NAMES), *self.names])):
-            whose = (
-                f"the reserved name {twin!r} (any case: {', '.join(sorted(RESERVED_NAMES))})"
-                if twin in RESERVED_NAMES
-                else f"expert {twin!r}"
-            )
-            raise UserError(
-                f"{self.root}: expert {name!r} differs from {whose} only in case: one folder on a file "
-                "system that does not keep case (macOS, Windows); add it under another --name"
-            )
         if name in self.names and not replace:
             raise UserError(
                 f"{self.root}: an expert named {name!r} exists; add it under another --name, or remove that one first (forest remove)"
