@@ -419,6 +419,32 @@ def test_fsck_reports_missing_or_altered_weights(forest, capsys):
     assert "the seed" not in out
 
 
+def test_an_expert_cut_before_it_was_recorded_is_finished_by_its_command_not_forest_add(
+    forest, capsys, shards_dir
+):
+    """fsck said `forest add` it: that recorded the trained expert as a copy (no lineage, 0 FLOPs), and
+    the rerun of its `forest expert --branch mixture` then kept the copy as "trained as asked"."""
+    from elmforest.data.shards import Shards
+    from elmforest.forest import btm
+
+    f = Forest.load(forest)
+    a = f.names[0]
+    for where in ("experts", "runs"):  # as a cut `forest expert --name late` leaves them
+        shutil.copytree(forest / where / a, forest / where / "late")
+    shutil.copytree(forest / "experts" / a, forest / "experts" / "stray")  # no run: a copy, add or delete it
+    rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
+    assert rc == 1 and "trained here by runs/late" in out and "not `forest add`" in out
+    assert "stray belongs to no expert of the manifest (delete it, or `forest add` it)" in out
+    domain = f.expert(a)["domains"][0]
+    add = ["forest", "add", "--forest", str(forest), "--expert", str(forest / "experts" / "stray")]
+    rc, out = _run([*add, "--domain", domain, "--name", "stray"], capsys)
+    assert rc == 0, out
+    with pytest.raises(UserError, match="added from outside the forest .*not branched with --branch mixture"):
+        btm.train_expert(
+            Forest.load(forest), Shards(shards_dir), domain, name="stray", branch="mixture", progress=False
+        )
+
+
 @pytest.mark.parametrize("harm", ["truncated_state", "no_seed", "no_state"])
 def test_fsck_reports_a_damaged_seed(forest, capsys, harm):
     """A truncated seed_state or a deleted seed passed fsck; the next `forest expert` then failed."""

@@ -52,6 +52,11 @@ def check_kept(
             f"{forest.root}: expert {name!r} exists, trained on {entry['domains']}, not {trained}; {redo}"
         )
     was = entry.get("branch")
+    if "added_from" in entry and branch != "seed":  # a copy has no branch: "trained as asked" was untrue
+        raise UserError(
+            f"{forest.root}: expert {name!r} exists, added from outside the forest (`forest add`), not "
+            f"branched with --branch {branch} here; {redo}"
+        )
     if was is not None and not _same_branch(was, branch):
         raise UserError(
             f"{forest.root}: expert {name!r} exists, branched with --branch {was}, not {branch}; {redo}"

@@ -281,7 +281,20 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[
     if experts.is_dir():
         for p in experts.iterdir():
             if not p.name.startswith(".") and p.name not in known:
-                wrong.append(f"{p} belongs to no expert of the manifest (delete it, or `forest add` it)")
+                # trained here, cut before the manifest recorded it: `forest add` would record a copy (no
+                # lineage, 0 FLOPs, kept as such for good); the command that trained it records it
+                ran = (forest.root / "runs" / p.name / "summary.json").is_file()
+                wrong.append(
+                    f"{p} belongs to no expert of the manifest ("
+                    + (
+                        f"trained here by runs/{p.name}, cut before it was recorded: run the `forest expert` "
+                        "(or `forest train`) command that trained it again, which records it with its "
+                        "lineage and FLOPs; not `forest add`, which records a copy"
+                        if ran
+                        else "delete it, or `forest add` it"
+                    )
+                    + ")"
+                )
     repaired, notes = check_outputs(forest)
     return fixed + repaired, wrong, notes
 
