@@ -349,6 +349,35 @@ def test_removal_deletes_merged_copies_it_knows_of(forest, tmp_path, capsys):
     assert not avg.exists() and (other / "model.safetensors").is_file()  # holds nothing of it: kept
 
 
+def test_removal_names_the_unfinished_runs_begun_from_the_owners_weights(forest, capsys):
+    """A cut `forest expert --branch nearest` (from experts/OWNER) or `--branch mixture` (from a
+    branch averaged from it) kept checkpoints of what the owner's expert learned; removal said nothing."""
+    from elmforest.merge.average import average_checkpoints
+
+    f = Forest.load(forest)
+    owner, other = f.names[:2]
+    average_checkpoints(
+        [f.expert_dir(n) for n in (owner, other)],
+        forest / "branches" / "mixed",
+        [0.5, 0.5],
+        metadata={"branch_for": "x", "names": [owner, other]},
+    )
+    for run, start in (
+        ("near", forest / "experts" / owner),
+        ("mixed", forest / "branches" / "mixed"),
+        ("fromother", forest / "experts" / other),
+    ):
+        (forest / "runs" / run).mkdir()
+        c = json.loads((forest / "runs" / owner / "run_config.json").read_text())
+        c["model"]["init_from"] = str(start.resolve())
+        (forest / "runs" / run / "run_config.json").write_text(json.dumps(c))
+    rc, out = _run(["forest", "remove", "--forest", str(forest), "--expert", owner], capsys)
+    assert rc == 0, out
+    said = [line for line in out.splitlines() if "a run not yet an expert" in line]
+    assert [line.split()[1] for line in said] == [str(forest / "runs" / r) for r in ("mixed", "near")]
+    assert not (forest / "branches" / "mixed").exists()
+
+
 def test_removal_deletes_a_merged_moe_and_its_router_training(forest, shards_dir, tmp_path, capsys):
     f = Forest.load(forest)
     moe = export_moe(f, tmp_path / "moe", MoeSpec(router="random"), device="cpu")

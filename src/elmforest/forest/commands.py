@@ -23,6 +23,11 @@ def remove(forest, name: str) -> None:
             f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} (or are its copies) and carry what it learned; "
             "remove them too if the opt-out covers derived models"
         )
+    for p in rep.get("derived_runs", []):
+        print(
+            f"note: {p} (a run not yet an expert, cut or still training) began from {name}'s weights and its "
+            "checkpoints carry what it learned: delete it if the opt-out covers derived models"
+        )
     for p, made_by in rep.get("other_forests", []):
         if made_by is None:  # a problem that keeps the removal pending, said there
             continue

@@ -180,9 +180,32 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
         "name": name,
         "deleted": deleted,
         "derived": derived,
+        "derived_runs": _runs_begun_from(forest, [forest.root / "experts" / name, *map(Path, deleted)]),
         "seed_saw_it": _seed_saw(forest, name),
         "other_forests": [(str(p), f) for p, f in others],
     }
+
+
+def _runs_begun_from(forest: Forest, sources: list[Path]) -> list[str]:
+    """Runs not (yet) an expert that began from one of `sources` (the removed expert's folder, a mixture
+    branch averaged from it): a cut `forest expert --branch nearest|mixture|expert:NAME` whose
+    checkpoints carry what the removed expert learned, which no manifest entry names."""
+    from elmforest.train.runcheck import saved_config
+
+    gone = {str(p.resolve()) for p in sources}
+    out = []
+    runs = forest.root / "runs"
+    for r in sorted(runs.iterdir()) if runs.is_dir() else []:
+        cfg = r / "run_config.json"
+        if r.name in forest.names or r.is_symlink() or not cfg.is_file():
+            continue
+        try:
+            c = saved_config(cfg)
+        except Exception:  # a damaged config of a run no expert names: nothing to say of it here
+            continue
+        if any(x and str(Path(x).resolve()) in gone for x in (c.model.init_from, c.train.init_checkpoint)):
+            out.append(str(r))  # (the forest writes both resolved)
+    return out
 
 
 def _delete_tree(p: Path) -> str | None:
