@@ -408,6 +408,42 @@ def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_doma
         btm.train_expert(forest, shards, other, name="newy", branch="mixture", progress=False)
 
 
+def test_a_mixture_branch_weighs_a_copy_once_and_warns_of_experts_trained_elsewhere(
+    forest_dir, shards_dir, tmp_path, capsys
+):
+    """A copy of an expert added under another name took its own posterior weight (the same model
+    weighed twice); an expert trained elsewhere was averaged in silently (`forest average` warns)."""
+    import shutil
+
+    from elmforest.data.tokenizer import save_tokenizer
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    forest, shards = Forest.load(tmp_path / "f"), Shards(shards_dir)
+    a = forest.names[0]
+    forest.add(forest.expert_dir(a), "twin", forest.expert(a)["domains"])
+    assert forest.expert("twin")["copy_of"] == a
+    m = load_model(forest.expert_dir(a))
+    with torch.no_grad():
+        next(m.parameters()).mul_(1.01)  # not a copy: a model trained elsewhere
+    m.save_pretrained(tmp_path / "alien")
+    save_tokenizer(load_tokenizer_of(forest.expert_dir(a)), tmp_path / "alien")
+    forest.add(
+        tmp_path / "alien", "alien", ["x"], parents=[{"name": "external", "weight": 1.0}]
+    )  # as `forest add`
+    capsys.readouterr()
+    e = btm.train_expert(
+        forest,
+        shards,
+        shards.domains[1],
+        name="newx",
+        branch="mixture",
+        progress=False,
+        overrides=["train.steps=2"],
+    )
+    assert sorted(p["name"] for p in e["parents"]) == sorted({*forest.names} - {"twin", "newx"})
+    assert "warning: branching newx from an average of alien, trained elsewhere" in capsys.readouterr().err
+
+
 def test_a_name_that_differs_only_in_case_is_refused_before_the_expert_trains(
     forest_dir, shards_dir, tmp_path
 ):

@@ -140,7 +140,7 @@ def train_expert(
     the experts `nearest` may pick (default: all).
     """
     from elmforest.config import apply_overrides
-    from elmforest.merge.average import average_checkpoints, normalise
+    from elmforest.merge.average import average_checkpoints, normalise, warn_unrelated
 
     name = valid_name(name or domain)
     forest.check_new_name(name)  # before the training, not after it
@@ -217,7 +217,10 @@ def train_expert(
             )
         if branch == "mixture":
             init = forest.root / "branches" / name
-            others = [n for n in forest.names if n != name]
+            # a copy beside its original (`forest add` of its files, copy_of) would double its weight
+            others = [
+                n for n in forest.names if n != name and forest.expert(n).get("copy_of") not in forest.names
+            ]
             meta = _kept_average(init, name, domain, others, forest.root / "runs" / name)
             if meta is not None:  # a re-run: keep the weights actually averaged
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
@@ -233,6 +236,7 @@ def train_expert(
                     time.sleep(0.05)
                 weights = dict(zip(meta["names"], meta["weights"], strict=True))
             else:
+                warn_unrelated(forest, others, f"branching {name} from an average of")
                 weights = branch_weights(forest, shards, domain, prior_batches, names=others)
                 average_checkpoints(
                     [forest.expert_dir(n) for n in weights],
