@@ -96,7 +96,12 @@ def set_aside_damaged_run_model(forest: Forest, name: str) -> None:
             how = (
                 "rebuilding the run's model from its last checkpoint"
                 if list_checkpoints(run / "checkpoints")
-                else "no checkpoint was kept (train.keep_checkpoints=0): training the run again from the seed"
+                else "no checkpoint was kept (train.keep_checkpoints=0): training the run again from its start"
+                + (
+                    " (the seed)"
+                    if entry.get("branch") in (None, "seed")
+                    else f" (--branch {entry['branch']})"
+                )
             )
             print(
                 f"note: {f} is not the file expert {name} was added with either (they share their data); {how}"
