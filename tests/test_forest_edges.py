@@ -256,7 +256,11 @@ def test_a_damaged_expert_sharing_its_files_with_its_run_is_rebuilt_not_re_recor
     if damage.endswith("kept"):  # train.keep_checkpoints=0: the run is trained again from the seed
         shutil.rmtree(f.root / "runs" / name / "checkpoints")
     btm.train_expert(f, Shards(shards_dir), f.expert(name)["domains"][0], progress=False)
-    said = "training the run again from its start (the seed)" if damage.endswith("kept") else "from its last checkpoint"
+    said = (
+        "training the run again from its start (the seed)"
+        if damage.endswith("kept")
+        else "from its last checkpoint"
+    )
     assert said in capsys.readouterr().out
     g = Forest.load(f.root)
     assert g.intact(name, deep=True) is None and g.expert(name)["files"] == recorded

@@ -461,8 +461,13 @@ def test_an_expert_cut_before_it_was_recorded_is_finished_by_its_command_not_for
     for where in ("experts", "runs"):  # as a cut `forest expert --name late` leaves them
         shutil.copytree(forest / where / a, forest / where / "late")
     shutil.copytree(forest / "experts" / a, forest / "experts" / "stray")  # no run: a copy, add or delete it
+    (forest / "runs" / "cut").mkdir()  # runs and branches no expert names: noted, never problems
+    (forest / "branches" / "orph").mkdir(parents=True)
     rc, out = _run(["forest", "fsck", "--forest", str(forest)], capsys)
     assert rc == 1 and "trained here by runs/late" in out and "not `forest add`" in out
+    assert f"note: {forest / 'runs' / 'cut'}: a run no expert names" in out
+    assert f"note: {forest / 'branches' / 'orph'}: a mixture branch no expert names" in out
+    assert "runs/late: a run" not in out and "2 problem(s)" in out
     assert "stray belongs to no expert of the manifest (delete it, or `forest add` it)" in out
     domain = f.expert(a)["domains"][0]
     add = ["forest", "add", "--forest", str(forest), "--expert", str(forest / "experts" / "stray")]

@@ -163,3 +163,28 @@ def check_outputs(forest: Forest) -> tuple[list[str], list[str]]:
                 f"copies of {', '.join(o['experts'])}): run the same command again to finish it, or delete it"
             )
     return fixed, notes
+
+
+def stray_work(forest: Forest) -> list[str]:
+    """`forest fsck`'s notes on runs/ and branches/ folders no expert names (not problems: a run may be
+    training, or be resumed): a cut `forest expert`, whose compute no ledger counts until its command
+    runs again, or a mixture branch left when a rerun took another --branch. The dense baseline's runs
+    and an opted-out owner's new run are the forest's own; an expert folder beside one is fsck's problem."""
+    from elmforest.forest.trust import RESERVED_NAMES  # runs/dense, runs/dense-tuned: the dense baseline's
+
+    known = {*forest.names, *RESERVED_NAMES, *(Path(e["run"]).name for e in forest.experts if e.get("run"))}
+    known |= {r["name"] for r in forest.data.get("removed", []) if r.get("retraining")}
+    notes = []
+    for area, what in (
+        ("runs", "a run no expert names (cut, or still training; its compute is in no ledger until then)"),
+        ("branches", "a mixture branch no expert names (left by a cut or changed `forest expert --branch`)"),
+    ):
+        root = forest.root / area
+        for p in sorted(root.iterdir()) if root.is_dir() else []:
+            if p.is_dir() and not p.name.startswith(".") and p.name not in known:
+                if not (forest.root / "experts" / p.name).exists():
+                    notes.append(
+                        f"{p}: {what}: run the `forest expert` command that made it again to finish it, or "
+                        "delete it"
+                    )
+    return notes

@@ -21,6 +21,7 @@ from elmforest.forest.copies import (
     output_places,
     outputs_holding,
     recorded_places_exist,
+    stray_work,
     temporaries,
 )
 from elmforest.forest.manifest import Forest, UnknownExpert
@@ -319,7 +320,7 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[
                     + ")"
                 )
     repaired, notes = check_outputs(forest)
-    return fixed + repaired, wrong, notes
+    return fixed + repaired, wrong, notes + stray_work(forest)
 
 
 def _seed_problems(forest: Forest) -> list[str]:
