@@ -197,10 +197,13 @@ class StopFinder:
     def __init__(self, stops: list[str]):
         self.stops, self.longest, self.searched = stops, max(map(len, stops), default=0), 0
 
-    def first(self, text: str) -> int | None:
+    def first(self, text: str, final: bool = False) -> int | None:
+        """`final`: the text is whole (no token follows), so a trailing U+FFFD is one; until then it may
+        be a character's first bytes, and a stop holding U+FFFD matched it there."""
+        settled = text if final else text.rstrip("\ufffd")
         lo = max(0, self.searched - self.longest + 1)
-        found = [i for i in (text.find(s, lo) for s in self.stops) if i >= 0]
-        self.searched = len(text.rstrip("\ufffd"))
+        found = [i for i in (settled.find(s, lo) for s in self.stops) if i >= 0]
+        self.searched = len(settled)
         return min(found) if found else None
 
 
@@ -332,4 +335,6 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             sent = safe
     finally:
         steps.close()
+    if req.stop and (hit := stops.first(text, final=True)) is not None:  # one ending in U+FFFD, now settled
+        text, finish = text[: max(hit, sent)], "stop"
     yield Chunk(index, text[sent:], [], finish, count)
