@@ -161,6 +161,44 @@ def test_a_copy_of_the_target_never_enters_its_context(corpus, tokenizer_dir, tm
     assert copies_in_context(items["retrieval"]) >= len(long_targets)
 
 
+def test_random_contexts_fill_the_retrieved_length_on_a_corpus_of_copies(
+    tokenizer_dir, tmp_path, monkeypatch
+):
+    """Nearly every training document a copy of the target: the spare draws ran out and a random
+    context came out empty beside a full retrieved one, with nothing said."""
+    import random
+
+    from elmforest.data.shards_build import build_shards
+    from elmforest.data.splits import SplitSpec
+    from elmforest.eval import crossdoc_tasks as ct
+
+    rng = random.Random(0)
+    line = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
+    words = line.split()
+    texts = [line if rng.random() < 0.95 else " ".join(rng.sample(words, len(words))) for _ in range(600)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x.jsonl").write_text(
+        "".join(json.dumps({"id": f"x{i}", "domain": "x", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    sh = Shards(build_shards(raw, tokenizer_dir, tmp_path / "sh", SplitSpec(0.0, 0.1), progress=False).out)
+
+    tries = ct.RANDOM_TRIES
+
+    def lengths(tries):
+        monkeypatch.setattr(ct, "RANDOM_TRIES", tries)
+        items, info = build_tasks(
+            sh, seq_len=64, target_len=32, max_docs=None, tasks=("retrieval",), neighbours=600
+        )
+        got = [(len(it.contexts["retrieved"]), len(it.contexts["random"])) for it in items["retrieval"]]
+        return got, info["domains"]["x"]["retrieval"]["random_context_short"]
+
+    got, short = lengths(1)  # the old single draw: some fall short, and are counted
+    assert short == sum(r < c for c, r in got) > 0
+    got, short = lengths(tries)
+    assert short == 0 and all(r == c for c, r in got)
+
+
 def _tfidf_dense(bags: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """sklearn's default tf-idf by hand: idf = ln((1 + n) / (1 + df)) + 1, rows L2-normalised."""
     n = bags.shape[0]
@@ -395,3 +433,29 @@ def test_cli_writes_the_result(dense, shards_dir, tmp_path, capsys):
     assert main([*args, "--model", str(dense), "--max-cosine", "1e-9", "--tasks", "retrieval"]) == 0
     out = capsys.readouterr().out
     assert "6 of 6 retrieval targets had no neighbour" in out and "nothing was measured" in out, out
+
+
+def test_the_notes_name_why_targets_lack_context_and_what_was_left_out(capsys):
+    """Targets left without a neighbour by the copy rule were said to have none in the pool; random
+    contexts that fell short, and documents left out for a special token, were said nowhere."""
+    from elmforest.eval.cli import print_crossdoc_notes
+
+    def said(**b):
+        skipped = b.pop("skipped", 0)
+        print_crossdoc_notes(
+            {"built": {"domains": {"x": {"retrieval": b, "skipped_special_inside": skipped}}}}
+        )
+        return capsys.readouterr().out
+
+    out = said(documents=39, without_neighbours=39, copies_left_out=2496)
+    assert (
+        "39 of 39 retrieval targets had no neighbour" in out
+        and "2496 candidates were left out as copies" in out
+    )
+    assert "nothing was measured" in out
+    assert "copies" not in said(documents=39, without_neighbours=3, copies_left_out=0)
+    assert "for 2 retrieval target(s) the random context is shorter" in said(
+        documents=9, random_context_short=2
+    )
+    assert "1 test document(s) hold a special token" in said(documents=9, skipped=1)
+    assert said(documents=9) == ""

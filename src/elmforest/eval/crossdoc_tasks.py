@@ -54,6 +54,7 @@ COPY_GRAM = 8  # token n-grams compared to find copies of a target in a context 
 MAX_OVERLAP = 0.2  # a context document holding more of the target's n-grams is a copy, left out
 MIN_SEQ_LEN = 8
 TASKS = {"retrieval": ("retrieved", "random", "none"), "second_half": ("first_half", "none")}
+RANDOM_TRIES = 6  # draws for a random context, doubled each try: 63x the budget's in all
 
 
 def _has_bytelevel(node) -> bool:
@@ -308,16 +309,21 @@ def build_tasks(
             q_ends = np.array([starts[i] + len(t) for i, t in zip(rows, targets, strict=True)], np.int64)
             q = _bags(stream, starts[rows], q_ends, shards.vocab_size, special)
             nb, cos = index.neighbours(q, neighbours, max_cosine)
-            used, copies = [], 0
+            used, copies, short = [], 0, 0
             for row, (i, tgt) in enumerate(zip(rows, targets, strict=True)):
                 whole = len(tgt) == ends[i] - starts[i]
                 nbytes = int(docs[i, 1]) + 1 if whole else int(table[tgt].sum())
                 ctx, held, c = index.context(nb[row], budget, limit, tgt)
                 copies += c
                 used.append(cos[row][np.isin(nb[row], held)])
-                # each document brings at least its EOS, so budget + 1 draws always fill the budget
-                draws = rng.integers(0, len(index), size=len(ctx) + 1 + 8)  # a few spare for copies
-                rnd, _, _ = index.context(draws, len(ctx), limit, tgt)
+                # each document brings at least its EOS, so budget + 1 draws fill the budget, with a few
+                # spare for copies of the target; a corpus of many copies takes more draws
+                for more in range(RANDOM_TRIES):
+                    draws = rng.integers(0, len(index), size=(len(ctx) + 1 + 8) << more)
+                    rnd, _, _ = index.context(draws, len(ctx), limit, tgt)
+                    if len(rnd) >= len(ctx):
+                        break
+                short += len(rnd) < len(ctx)
                 out["retrieval"].append(
                     Item(d, int(i), tgt, nbytes, {"retrieved": ctx, "random": rnd, "none": ctx[:0]})
                 )
@@ -327,6 +333,7 @@ def build_tasks(
                 "documents": len(rows),
                 "without_neighbours": int(sum(len(u) == 0 for u in used)),
                 "copies_left_out": copies,
+                "random_context_short": short,  # all but every train document a copy of the target
                 "mean_neighbour_cosine": float(flat.mean()) if flat.size else None,
                 "mean_neighbours_in_context": float(np.mean([len(u) for u in used])) if used else 0.0,
                 "mean_context_tokens": float(np.mean(ctx_lens)) if ctx_lens else 0.0,
