@@ -36,7 +36,8 @@ def _pieces(text: str) -> Iterator[str]:
 
 
 def sample_texts(docs: Iterable[Document], bytes_per_domain: int) -> Iterator[str]:
-    """Up to `bytes_per_domain` of text from each domain, so a large domain cannot crowd out the rest."""
+    """Whole documents of each domain until `bytes_per_domain` is reached (the last one whole, so one
+    huge document passes the cap), so a large domain cannot crowd out the rest."""
     used: dict[str, int] = {}
     for d in docs:
         if used.get(d.domain, 0) >= bytes_per_domain:

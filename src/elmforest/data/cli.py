@@ -249,7 +249,13 @@ def tokenizer_train(
     data: Data,
     out: Out,
     vocab_size: Annotated[int, opt("tokens in the vocabulary", positive_int)] = 4096,
-    sample_bytes_per_domain: Annotated[int, opt("training text read per domain", positive_int)] = 1_000_000,
+    sample_bytes_per_domain: Annotated[
+        int,
+        opt(
+            "training text read per domain: whole documents until this many bytes (the last one whole)",
+            positive_int,
+        ),
+    ] = 1_000_000,
     valid_frac: ValidFrac = 0.05,
     test_frac: TestFrac = 0.05,
     read: ReadArgs = DEFAULT_READ,
