@@ -84,7 +84,7 @@ def main() -> None:
             f"{t_sk:.2f}s (unbalanced, sizes {np.bincount(km.labels_).tolist()}): ratio {t_ours / t_sk:.1f}x"
         )
         print(
-            f"   assign: nearest centre {len(zall) / t_near:,.0f} docs/s, balanced {len(zall) / t_bal:,.0f} docs/s, "
+            f"   assign: nearest centre {len(zall) / t_near:,.0f} docs/s, balanced {okall.sum() / t_bal:,.0f} docs/s, "
             f"sklearn predict {len(zall) / t_pred:,.0f} docs/s"
         )
         print(
