@@ -664,6 +664,21 @@ def test_a_damaged_cached_package_is_fetched_again(tmp_path, monkeypatch, capsys
     assert cache.npm_tarball("spdx", "1.0").read_bytes() == whole and fetched == ["npm"]
     assert cache.npm_tarball("spdx", "1.0").read_bytes() == whole and fetched == ["npm"]  # whole: kept
     assert "spdx-1.0.tgz is damaged; fetching it again" in capsys.readouterr().err
+    import zipfile  # a zip sdist (pip download's other form) damaged inside is fetched again too
+
+    (tmp_path / "cache" / "pypi").mkdir()
+    with zipfile.ZipFile(tmp_path / "good.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("pkg-1.0/LICENSE", "MIT " * 2000)
+    good = (tmp_path / "good.zip").read_bytes()
+    bad = bytearray(good)
+    bad[60] ^= 0xFF  # in the compressed data: the central directory still reads, the CRC does not match
+    (tmp_path / "cache" / "pypi" / "pkg-1.0.zip").write_bytes(bytes(bad))
+    with monkeypatch.context() as m:
+        m.setattr(
+            demo_fetch, "_run", lambda cmd, *, cwd=None, **kw: (Path(cwd) / "pkg-1.0.zip").write_bytes(good)
+        )
+        assert cache.pypi_sdist("pkg", "1.0").read_bytes() == good
+    assert "pkg-1.0.zip is damaged; fetching it again" in capsys.readouterr().err
 
     (tmp_path / "cache" / "debs").mkdir()
     (tmp_path / "cache" / "debs" / "pkg_1.0_all.deb").write_bytes(b"cut short")

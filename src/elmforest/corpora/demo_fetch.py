@@ -64,10 +64,7 @@ def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
     directory as they go, and any file there counts as cached, so a download killed part way was a
     truncated package on every later run (its domain skipped as unreadable)."""
     tmp = into / f".download.{os.getpid()}.{threading.get_ident()}.tmp"  # domains fetch in threads
-    for old in into.glob(".download.*.tmp"):  # a killed fetch's: it left its folder behind
-        pid = old.name.split(".")[2]
-        if not (pid.isdigit() and pid_alive(int(pid))):
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_dead(into, ".download.*.tmp", lambda name: name.split(".")[2])  # a killed fetch's folders
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -78,12 +75,22 @@ def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_dead(folder: Path, pattern: str, pid_of) -> None:
+    """Remove the temporary folders matching `pattern` whose process (`pid_of(name)`) is dead: a killed
+    fetch or unpack left them behind (71 MB for one unpack)."""
+    for old in folder.glob(pattern):
+        pid = pid_of(old.name)
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _whole(archive: Path) -> bool:
     """Whether a cached archive reads to its end; one that does not (cut short by an older version's
     download, which left truncated packages in the cache) is deleted, to be fetched again. A few MB to
     read on each build, against a domain skipped on every build for good."""
     import tarfile
     import zipfile
+    import zlib
 
     try:
         if archive.suffix == ".zip":
@@ -92,7 +99,13 @@ def _whole(archive: Path) -> bool:
         else:
             with tarfile.open(archive) as tf:
                 ok = bool(tf.getmembers())
-    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile):
+    except (
+        OSError,
+        EOFError,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ):  # zlib: a zip's damaged data
         ok = False
     if not ok:
         print(f"note: {archive} is damaged; fetching it again", file=sys.stderr)
@@ -174,10 +187,9 @@ class SourceCache:
         if shutil.which("dpkg-deb") is None:
             raise SkipDomain("dpkg-deb not found: Debian packages cannot be unpacked")
         self.unpacked.mkdir(parents=True, exist_ok=True)
-        for old in self.unpacked.glob(f".{deb.stem}.*.tmp"):  # a killed unpack's (its pid dead)
-            pid = old.name.rsplit(".", 2)[-2]
-            if not (pid.isdigit() and pid_alive(int(pid))):
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_dead(
+            self.unpacked, f".{deb.stem}.*.tmp", lambda name: name.rsplit(".", 2)[-2]
+        )  # killed unpacks
         try:
             return self._unpack_once(deb, dest)
         except ToolTimedOut:
