@@ -195,3 +195,12 @@ def test_raw_data_evaluation_never_guesses_which_documents_were_held_out(corpus,
         evaluate(run, corpus, progress=False)
     given = evaluate(run, corpus, progress=False, split_spec=SplitSpec(0.1, 0.1))
     assert given["domains"] == got["domains"]
+
+
+def test_fsck_knows_every_scratch_run_the_moe_trainings_make():
+    """forest/copies.py names the scratch runs of merge/moe_train.py by their tags (forest/ cannot read
+    merge/'s table): a tag added on one side only left its cut runs unnoted by fsck."""
+    from elmforest.forest.copies import SCRATCH_KINDS
+    from elmforest.merge.moe_train import _TAGS
+
+    assert sorted(_TAGS.values()) == sorted(SCRATCH_KINDS)
