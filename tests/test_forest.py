@@ -455,6 +455,8 @@ def test_a_name_that_differs_only_in_case_is_refused_before_the_expert_trains(
     forest, shards = Forest.load(tmp_path / "f"), Shards(shards_dir)
     d = shards.domains[0]
     forest.data["removed"] = [{"name": "gone"}]  # an opted-out owner's name in other case as well
+    # train.steps=2 is below the seed's step: any training attempt fails with another message, so a
+    # refusal that came after the training (the old order) would not match
     for name, said in (
         ("Seed", "the reserved name 'seed'"),
         (d.upper(), f"expert {d!r}"),

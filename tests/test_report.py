@@ -662,3 +662,11 @@ def test_results_copied_without_their_forest_still_show_their_ledger(qs_dir, tmp
     ledger = r["compute"]["ledger"]
     cells = _parse(render_report(alone)).cells["ledger-results-json"]
     assert [row[:2] for row in cells[1 : 1 + len(ledger)]] == [[p["phase"], p["name"]] for p in ledger]
+
+
+def test_a_nan_flops_ratio_is_flagged_as_not_compute_matched():
+    """abs(nan - 1) > 0.01 is False: a nan ratio read as matched in every table that marks the ratio."""
+    from elmforest.eval.report import flops_mark
+
+    assert flops_mark(math.nan).endswith("!") and flops_mark(1.2).endswith("!")
+    assert flops_mark(1.004) == "1.004" and flops_mark(None) == "-"

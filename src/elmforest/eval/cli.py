@@ -304,39 +304,6 @@ def eval_(
         print_table({"model": res})
 
 
-def print_crossdoc_notes(res: dict) -> None:
-    """Targets with no neighbour get no context in any condition: they count toward every mean and pull
-    the gain toward zero, which the table alone does not show."""
-    built = [d.get("retrieval") or {} for d in res.get("built", {}).get("domains", {}).values()]
-    lonely, total = (
-        sum(b.get("without_neighbours", 0) for b in built),
-        sum(b.get("documents", 0) for b in built),
-    )
-    copies = sum(b.get("copies_left_out", 0) for b in built)
-    if lonely:
-        why = "none other in the pool, or all past --max-cosine"
-        if copies:  # the 8-gram rule can leave out every candidate of a corpus of near-copies
-            why += f", or copies of the target: {copies} candidates were left out as copies; a larger --neighbours draws more"
-        print(
-            f"  note: {lonely} of {total} retrieval targets had no neighbour to put in context ({why}): they "
-            "are scored without context in every condition, so the gain is diluted"
-            + (" (all of them: nothing was measured)" if lonely == total else "")
-        )
-    if short := sum(b.get("random_context_short", 0) for b in built):
-        print(
-            f"  note: for {short} retrieval target(s) the random context is shorter than the retrieved one "
-            "(almost every training document is a copy of the target): random vs retrieved compares "
-            "contexts of different lengths there"
-        )
-    if special := sum(
-        d.get("skipped_special_inside", 0) for d in res.get("built", {}).get("domains", {}).values()
-    ):
-        print(
-            f"  note: {special} test document(s) hold a special token (<|endoftext|>) in their text and are "
-            "left out of every condition (a document boundary cannot be scored as text)"
-        )
-
-
 def eval_crossdoc(
     data: Annotated[str, opt("a shards directory made with the model's tokenizer", metavar="DIR")],
     model: Model = None,
@@ -401,6 +368,8 @@ def eval_crossdoc(
         from elmforest.eval.crossdoc import evaluate_crossdoc
 
         res = evaluate_crossdoc(model, data, trust_remote_code=run.trust_remote_code, **common)
+    from elmforest.eval.crossdoc_tasks import crossdoc_notes
+
     for task, r in res["tasks"].items():
         if not all(c.get("domains") for c in r["conditions"].values()):  # nothing was scored
             print(f"{task}: no test document qualifies (e.g. none longer than the context); nothing scored")
@@ -412,4 +381,7 @@ def eval_crossdoc(
                     f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
                 )
         if task == "retrieval":
-            print_crossdoc_notes(res)
+            for note in crossdoc_notes(res, retrieval=True):
+                print(f"  note: {note}")
+    for note in crossdoc_notes(res, retrieval=False):  # every task's
+        print(f"note: {note}")

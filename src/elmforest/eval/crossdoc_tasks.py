@@ -349,3 +349,39 @@ def build_tasks(
                 )
             dinfo["second_half"] = {"documents": len(rows), "long_enough": len(long)}
     return out, info
+
+
+def crossdoc_notes(res: dict, retrieval: bool) -> list[str]:
+    """What the tables alone do not show (`retrieval`: the retrieval task's notes; else those of every
+    task). Targets with no neighbour get no context in any condition: they count toward every mean and
+    pull the gain toward zero."""
+    domains = res.get("built", {}).get("domains", {}).values()
+    if not retrieval:
+        special = sum(d.get("skipped_special_inside", 0) for d in domains)
+        return [
+            f"{special} test document(s) hold a special token (<|endoftext|>) in their text and are left out "
+            "of every condition (a document boundary cannot be scored as text)"
+        ] * bool(special)
+    built = [d.get("retrieval") or {} for d in domains]
+    lonely, total = (
+        sum(b.get("without_neighbours", 0) for b in built),
+        sum(b.get("documents", 0) for b in built),
+    )
+    copies, short = (sum(b.get(k, 0) for b in built) for k in ("copies_left_out", "random_context_short"))
+    out = []
+    if lonely:
+        why = "none other in the pool, or all past --max-cosine"
+        if copies:  # the 8-gram rule can leave out every candidate of a corpus of near-copies
+            why += f", or copies of the target: {copies} candidates were left out as copies; a larger --neighbours draws more"
+        out.append(
+            f"{lonely} of {total} retrieval targets had no neighbour to put in context ({why}): they are "
+            "scored without context in every condition, so the gain is diluted"
+            + (" (all of them: nothing was measured)" if lonely == total else "")
+        )
+    if short:
+        out.append(
+            f"for {short} retrieval target(s) the random context is shorter than the retrieved one (almost "
+            "every training document is a copy of the target): random vs retrieved compares contexts of "
+            "different lengths there"
+        )
+    return out

@@ -12,7 +12,7 @@ def flops_mark(ratio: float | None) -> str:
     """The training-FLOPs ratio to dense as a cell: flagged with '!' when it is not matched within 1%."""
     if ratio is None:
         return "-"
-    return f"{ratio:.3f}" + ("!" if abs(ratio - 1) > FLOPS_TOLERANCE else "")
+    return f"{ratio:.3f}" + ("" if abs(ratio - 1) <= FLOPS_TOLERANCE else "!")  # nan: flagged
 
 
 def _scored(results: dict[str, dict], domain: str) -> str:

@@ -173,7 +173,7 @@ def stray_work(forest: Forest) -> list[str]:
     from elmforest.forest.trust import RESERVED_NAMES  # runs/dense, runs/dense-tuned: the dense baseline's
 
     known = {*forest.names, *RESERVED_NAMES, *(Path(e["run"]).name for e in forest.experts if e.get("run"))}
-    known |= {r["name"] for r in forest.data.get("removed", []) if r.get("retraining")}
+    known |= set(forest.removed)  # an owner's new run, or a pending removal's leftover (fsck's problem)
     notes = []
     for area, what in (
         ("runs", "a run no expert names (cut, or still training; its compute is in no ledger until then)"),

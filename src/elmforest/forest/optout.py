@@ -27,7 +27,7 @@ from elmforest.forest.copies import (
 from elmforest.forest.manifest import Forest, UnknownExpert
 from elmforest.forest.trust import valid_name
 from elmforest.train.runlock import LOCK, training_now
-from elmforest.utils.errors import Failed
+from elmforest.utils.errors import Failed, UserError
 from elmforest.utils.io import HOST, clean_stale, parse_temp
 
 AREAS = ("experts", "runs", "branches")
@@ -202,7 +202,7 @@ def _runs_begun_from(forest: Forest, sources: list[Path]) -> list[str]:
             continue
         try:
             c = saved_config(cfg)
-        except Exception:  # a damaged config of a run no expert names: nothing to say of it here
+        except (UserError, ValueError, OSError):  # a damaged config of a run no expert names: not said here
             continue
         if any(x and str(Path(x).resolve()) in gone for x in (c.model.init_from, c.train.init_checkpoint)):
             out.append(str(r))  # (the forest writes both resolved)
