@@ -379,6 +379,26 @@ def test_a_manifest_without_optional_keys_lists(tmp_path):
     assert "0 expert(s)" in Forest.load(tmp_path / "q").describe()
 
 
+def test_a_served_forest_says_what_eval_says_of_its_mode(forest_dir, tmp_path, capsys):
+    """serve's topk with --experts B,A kept B (the order given) while its note said the forest's order;
+    a k past the experts and an average of experts trained elsewhere were said by eval, not by serve."""
+    import shutil
+
+    from elmforest.forest.lm import open_lm
+
+    names = Forest.load(forest_dir).names
+    lm = open_lm(forest_dir, mode="topk", k=1, experts=[names[1], names[0]], device="cpu")
+    assert lm.names == [names[0]] and f"forest's order ({names[0]})" in capsys.readouterr().err
+    assert open_lm(forest_dir, mode="topk", k=9, device="cpu").names == names
+    assert f"k=9 is not below the {len(names)} experts" in capsys.readouterr().err
+    shutil.copytree(forest_dir, tmp_path / "f")
+    m = json.loads((tmp_path / "f" / "forest.json").read_text())
+    m["experts"][0]["parents"] = [{"name": "external", "weight": 1.0}]
+    (tmp_path / "f" / "forest.json").write_text(json.dumps(m))
+    open_lm(tmp_path / "f", mode="average", device="cpu")
+    assert f"warning: averaging {names[0]}, trained elsewhere" in capsys.readouterr().err
+
+
 def test_a_k_above_the_number_of_experts_is_said(forest_dir, shards_dir, capsys):
     from elmforest.data.shards import Shards
     from elmforest.forest.evaluate import evaluate_forest_shards

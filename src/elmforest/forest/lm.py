@@ -38,7 +38,7 @@ from elmforest.forest.mixture import _mixture_nll, tied_at_k, top_experts
 from elmforest.forest.mode_options import unused as ignored_by
 from elmforest.forest.pool import ExpertPool, check_intact, doc_starts, estimate_prior_info
 from elmforest.forest.posterior import ensemble_logprob, log_weights
-from elmforest.merge.average import average_state_dict
+from elmforest.merge.average import average_state_dict, warn_unrelated
 from elmforest.model.build import load_model, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
@@ -288,10 +288,11 @@ def open_lm(
         raise UserError(f"experts named more than once: {', '.join(dupes)}")
     if (path / "forest.json").is_file():
         forest = Forest.load(path)
-        names = experts or forest.names
-        unknown = sorted(set(names) - set(forest.names))
+        unknown = sorted(set(experts or []) - set(forest.names))
         if unknown:
             raise UserError(f"{path}: no expert named {', '.join(unknown)}; it has {', '.join(forest.names)}")
+        # in the forest's order: a tied prior's top-k are the first of it, as the note says
+        names = [n for n in forest.names if n in experts] if experts else forest.names
         if not names:
             raise UserError(f"{path}: the forest has no experts")
         check_intact(forest, names)
@@ -332,6 +333,10 @@ def open_lm(
     lm = ForestLM(
         pool, tok, names, pi, mode, weighting, seq_len, path, k, forest, None, source, routing_temperature
     )
+    if mode == "topk" and k >= len(names) > 1:
+        print(
+            f"note: k={k} is not below the {len(names)} experts served: topk keeps them all", file=sys.stderr
+        )
     if mode == "topk" and k < len(names):
         top = top_experts(pi, k)
         if tied_at_k(pi, k):  # a tie: the choice says nothing about the data, and must not look as if
@@ -352,6 +357,8 @@ def open_lm(
     elif mode == "cluster":
         lm.routing = ClusterRouting(forest, names, k, routing_temperature)
     elif mode == "average" and len(names) > 1:
+        if forest is not None:
+            warn_unrelated(forest, names, "averaging")  # as `eval --mode average` warns
         model = load_model(dirs[0])
         missing, unexpected = model.load_state_dict(average_state_dict(dirs, pi.tolist()), strict=False)
         if unexpected or any(not _is_tied(model, m) for m in missing):
