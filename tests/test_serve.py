@@ -882,6 +882,19 @@ def test_a_token_id_prompt_ending_inside_a_character_has_it_finished_in_the_comp
     assert [t["offset"] for c in complete([3, 1], [4, 5, 3], logprobs=0) for t in c.tokens] == [0, 0, 1]
     assert "".join(c.text for c in complete([3, 1], [3])) == "b"  # left unfinished: not the completion's
     assert "".join(c.text for c in complete([3], [3, 1, 2])) == "b中"  # a whole prompt: as before
+
+    def echoed(prompt_ids, script, max_tokens=64):
+        lm = _scripted(monkeypatch, vocab, script)
+        prompt = Prompt(lm.tok.decode(prompt_ids), prompt_ids)
+        req = CompletionRequest(prompts=[prompt], max_tokens=max_tokens, stop=["zz"], echo=True)
+        return "".join(c.text for c in choice_steps(lm, req, prompt, 0, 0))
+
+    # echoed, the prompt's U+FFFD and the finished character showed the character twice ("b\ufffd中b")
+    assert echoed([3, 1], [2, 3]) == "b中b" and echoed([3, 1], [4, 5, 3]) == "b中b"
+    assert echoed([3, 1], [3]) == "b\ufffdb"  # left unfinished: the prompt's U+FFFD, once
+    assert echoed([3, 1], [0]) == "b\ufffd"  # EOS first: the same
+    assert echoed([3, 1], [], max_tokens=0) == "b\ufffd"  # the prompt alone, as sent
+    assert echoed([3], [3, 1, 2]) == "bb中"
     # the carried token holds text before the character's first byte (GPT-2's b" \xe2\x80"): the
     # stop-string check reused the carry's cut as its own, so from the second token on the completion
     # re-read that text (" “ab" came out "““ab")

@@ -272,6 +272,13 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     # the document opens with EOS, put in front only when the prompt does not open with it already
     # (a token-id prompt may): scoring and generation read the same tokens
     lead = 1 if prompt.ids and prompt.ids[0] == lm.eos_id else 0
+    # a token-id prompt ending inside a character: the tokens that finish it finish it in the text (its
+    # whole character opens the completion), where decoded alone they read U+FFFD
+    carry = _unfinished(tok, prompt.ids)
+    cut = len(tok.decode(carry)) - 1  # where the unfinished character's U+FFFD starts
+    # echoed, the prompt leaves that U+FFFD to the completion, which opens with the whole character (or,
+    # where the next token leaves it unfinished, with the U+FFFD): echo + completion show it once
+    held = 1 if req.echo and carry and req.max_tokens else 0
     if req.echo:
         tokens = []
         if n_top is not None and prompt.ids:
@@ -287,11 +294,11 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
                 tokens.append(
                     info(t, scored.logprobs[i - lead], zip(top.tolist(), v.tolist(), strict=True), at)
                 )
-        offset = len(prompt.text)
+        offset = len(prompt.text) - held
         if req.max_tokens == 0:
             yield Chunk(index, prompt.text, tokens, "length")
             return
-        yield Chunk(index, prompt.text, tokens)
+        yield Chunk(index, prompt.text[:offset], tokens)
     steps = generate_steps(
         lm.pool,
         tok,
@@ -307,10 +314,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     )
     ids: list[int] = []
     text, sent, count, finish, stops = "", 0, 0, "length", StopFinder(req.stop)
-    # a token-id prompt ending inside a character: the tokens that finish it finish it in the text (its
-    # whole character opens the completion), where decoded alone they read U+FFFD
-    carry = _unfinished(tok, prompt.ids)
-    cut = len(tok.decode(carry)) - 1  # where the unfinished character's U+FFFD starts
+    left = ""  # the prompt's U+FFFD the echo left out, where the next token does not finish it
     try:
         for step in steps:
             count += 1
@@ -319,9 +323,10 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
                 break
             if carry and not ids and not _continues_a_character(tok, carry, step.token_id):
                 carry = []  # the prompt's character is left unfinished: not the completion's
-            before = _text_offset(tok, carry + ids, text, step.token_id)
+                left = "\ufffd" * held
+            before = len(left) + _text_offset(tok, carry + ids, text[len(left) :], step.token_id)
             ids.append(step.token_id)
-            text = tok.decode(carry + ids)[cut:] if carry else tok.decode(ids)
+            text = left + (tok.decode(carry + ids)[cut:] if carry else tok.decode(ids))
             tokens = []
             if n_top is not None:
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
@@ -335,6 +340,8 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             sent = safe
     finally:
         steps.close()
+    if held and not ids:  # EOS came first: the character stays unfinished, its U+FFFD the echo left out
+        text = "\ufffd"
     if req.stop and (hit := stops.first(text, final=True)) is not None:  # one ending in U+FFFD, now settled
         text, finish = text[: max(hit, sent)], "stop"
     yield Chunk(index, text[sent:], [], finish, count)
