@@ -222,7 +222,7 @@ def test_a_studys_runs_keep_no_checkpoints_unless_its_overrides_say_so(tmp_path,
     assert seen == [kept]
 
 
-def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
+def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys, monkeypatch):
     cfg, out = _study_cfg(tmp_path), tmp_path / "out"
     given = json.loads(cfg.read_text())
     cfg.write_text(json.dumps({**given, "dense_continue_lr": 0.006}))  # tiny's dense LR is 3e-3
@@ -362,6 +362,19 @@ def test_tiny_study_end_to_end_resumes_after_sigkill(tmp_path, capsys):
     now = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("study_scores.json")}
     assert {p for p in scores if now[p] != scores[p]} == set(stale)  # only those were scored again
     scores = now
+
+    class NoRay:  # a finished study's rerun on Ray started Ray (seconds, or a cluster) to run nothing
+        def prepare(self):
+            raise AssertionError("Ray was started")
+
+        map = prepare
+
+    import elmforest.study.study as study_mod
+
+    monkeypatch.setattr(study_mod, "make_executor", lambda *a, **kw: NoRay())
+    assert main([*argv, "--executor", "ray", "--set", "workers=null"]) == 0  # (Ray refuses workers)
+    assert _summaries(out) == after
+    monkeypatch.undo()
 
     capsys.readouterr()
     assert main([*argv, "--analyse-only", "--set", "n_boot=150", "--set", "seed_pool=point"]) == 0

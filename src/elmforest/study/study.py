@@ -134,6 +134,19 @@ def _write_fits(out: Path, study: dict, fits: dict, log) -> None:
 PARTIAL = "study.partial.json"  # the runs of a study whose analysis has not finished
 
 
+def _finished_as(out: Path, cfg: StudyConfig) -> bool:
+    """Whether out/study.json is a finished study of this very config (but its `workers`, the local
+    executor's: Ray refuses it)."""
+    import json
+
+    try:
+        had = dict(read_json(out / "study.json")["config"], **dict.fromkeys(RESULTLESS))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    now = strict_json(dict(cfg.to_dict(), **dict.fromkeys(RESULTLESS)))
+    return json.dumps(had, sort_keys=True) == json.dumps(now, sort_keys=True)
+
+
 def reanalyse(out: str | Path, log=print) -> dict:
     """The fits, findings and report again from a finished study's study.json (after a change to the
     analysis, or with other n_boot / ci / seed_pool: `--set` them), without training or scoring anything."""
@@ -187,6 +200,7 @@ def run_study(
 
 
 ANALYSIS_FIELDS = ("n_boot", "ci", "seed_pool")  # what --analyse-only takes from the config
+RESULTLESS = ("workers",)  # jobs at a time: no run, score or fit changes with it
 LR_FIELDS = ("dense_lr", "expert_lr", "dense_continue_lr")  # None: the sweep's or the preset's
 
 
@@ -198,7 +212,7 @@ def _analyse_again(cfg: StudyConfig, out: Path, log) -> dict:
         changed = sorted(
             k
             for k, v in cfg.to_dict().items()
-            if k not in ANALYSIS_FIELDS
+            if k not in ANALYSIS_FIELDS + RESULTLESS
             and study["config"].get(k, v) != v
             and not (k == "overrides" and _same_overrides(cfg.preset, study["config"][k], v))
             # an older study recorded the LR it resolved (the preset's) in its config
@@ -240,7 +254,8 @@ def _study(
                 "a time as the CPUs (and GPUs) asked per job allow (--cpus-per-job): remove it from the config"
             )
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
-        ray.prepare()
+        if not _finished_as(out, cfg):  # a finished study's rerun reads what it has: Ray starts only if a
+            ray.prepare()  # job must run (its map prepares it), not for nothing
     data = prepare_data(
         out / "data",
         preset.vocab_size,
