@@ -99,13 +99,7 @@ def _whole(archive: Path) -> bool:
         else:
             with tarfile.open(archive) as tf:
                 ok = bool(tf.getmembers())
-    except (
-        OSError,
-        EOFError,
-        tarfile.TarError,
-        zipfile.BadZipFile,
-        zlib.error,
-    ):  # zlib: a zip's damaged data
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error):  # zlib: damaged zip data
         ok = False
     if not ok:
         print(f"note: {archive} is damaged; fetching it again", file=sys.stderr)
@@ -187,9 +181,8 @@ class SourceCache:
         if shutil.which("dpkg-deb") is None:
             raise SkipDomain("dpkg-deb not found: Debian packages cannot be unpacked")
         self.unpacked.mkdir(parents=True, exist_ok=True)
-        _remove_dead(
-            self.unpacked, f".{deb.stem}.*.tmp", lambda name: name.rsplit(".", 2)[-2]
-        )  # killed unpacks
+        killed = f".{deb.stem}.*.tmp"  # a killed unpack's folders
+        _remove_dead(self.unpacked, killed, lambda name: name.rsplit(".", 2)[-2])
         try:
             return self._unpack_once(deb, dest)
         except ToolTimedOut:
