@@ -438,11 +438,11 @@ def test_cli_writes_the_result(dense, shards_dir, tmp_path, capsys):
 def test_the_notes_name_why_targets_lack_context_and_what_was_left_out():
     """Targets left without a neighbour by the copy rule were said to have none in the pool; random
     contexts that fell short, and documents left out for a special token, were said nowhere."""
-    from elmforest.eval.crossdoc_tasks import crossdoc_notes
+    from elmforest.eval.crossdoc_tasks import retrieval_notes, skipped_note
 
     def said(**b):
         res = {"built": {"domains": {"x": {"retrieval": b, "skipped_special_inside": b.pop("skipped", 0)}}}}
-        return " ".join(crossdoc_notes(res, retrieval=True) + crossdoc_notes(res, retrieval=False))
+        return " ".join([*retrieval_notes(res), skipped_note(res) or ""]).strip()
 
     out = said(documents=39, without_neighbours=39, copies_left_out=2496)
     assert (

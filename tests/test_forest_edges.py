@@ -390,7 +390,9 @@ def test_a_served_forest_says_what_eval_says_of_its_mode(forest_dir, tmp_path, c
     lm = open_lm(forest_dir, mode="topk", k=1, experts=[names[1], names[0]], device="cpu")
     assert lm.names == [names[0]] and f"forest's order ({names[0]})" in capsys.readouterr().err
     assert open_lm(forest_dir, mode="topk", k=9, device="cpu").names == names
-    assert f"k=9 is not below the {len(names)} experts" in capsys.readouterr().err
+    assert f"k=9 is more than the {len(names)} experts" in capsys.readouterr().err
+    open_lm(forest_dir, mode="topk", k=len(names), device="cpu")
+    assert "more than" not in capsys.readouterr().err
     shutil.copytree(forest_dir, tmp_path / "f")
     m = json.loads((tmp_path / "f" / "forest.json").read_text())
     m["experts"][0]["parents"] = [{"name": "external", "weight": 1.0}]

@@ -883,10 +883,10 @@ def test_a_token_id_prompt_ending_inside_a_character_has_it_finished_in_the_comp
     assert "".join(c.text for c in complete([3, 1], [3])) == "b"  # left unfinished: not the completion's
     assert "".join(c.text for c in complete([3], [3, 1, 2])) == "b中"  # a whole prompt: as before
 
-    def echoed(prompt_ids, script, max_tokens=64):
+    def echoed(prompt_ids, script, max_tokens=64, stop=("zz",)):
         lm = _scripted(monkeypatch, vocab, script)
         prompt = Prompt(lm.tok.decode(prompt_ids), prompt_ids)
-        req = CompletionRequest(prompts=[prompt], max_tokens=max_tokens, stop=["zz"], echo=True)
+        req = CompletionRequest(prompts=[prompt], max_tokens=max_tokens, stop=list(stop), echo=True)
         return "".join(c.text for c in choice_steps(lm, req, prompt, 0, 0))
 
     # echoed, the prompt's U+FFFD and the finished character showed the character twice ("b\ufffd中b")
@@ -895,6 +895,10 @@ def test_a_token_id_prompt_ending_inside_a_character_has_it_finished_in_the_comp
     assert echoed([3, 1], [0]) == "b\ufffd"  # EOS first: the same
     assert echoed([3, 1], [], max_tokens=0) == "b\ufffd"  # the prompt alone, as sent
     assert echoed([3], [3, 1, 2]) == "bb中"
+    # a stop never takes the prompt's share: the joined text keeps the prompt as sent
+    assert echoed([3, 1], [3, 3], stop=["\ufffd"]) == "b\ufffdbb"  # the U+FFFD is the prompt's
+    assert echoed([3, 1], [0], stop=["\ufffd"]) == "b\ufffd"
+    assert echoed([3, 1], [2, 3], stop=["中"]) == "b\ufffd"  # the finished character is the completion's
     # the carried token holds text before the character's first byte (GPT-2's b" \xe2\x80"): the
     # stop-string check reused the carry's cut as its own, so from the second token on the completion
     # re-read that text (" “ab" came out "““ab")

@@ -196,12 +196,13 @@ class StopFinder:
 
     def __init__(self, stops: list[str]):
         self.stops, self.longest, self.searched = stops, max(map(len, stops), default=0), 0
+        self.floor = 0  # text before it is the prompt's (an echoed U+FFFD the completion carries)
 
     def first(self, text: str, final: bool = False) -> int | None:
         """`final`: the text is whole (no token follows), so a trailing U+FFFD is one; until then it may
         be a character's first bytes, and a stop holding U+FFFD matched it there."""
         settled = text if final else text.rstrip("\ufffd")
-        lo = max(0, self.searched - self.longest + 1)
+        lo = max(self.floor, self.searched - self.longest + 1)
         found = [i for i in (settled.find(s, lo) for s in self.stops) if i >= 0]
         self.searched = len(settled)
         return min(found) if found else None
@@ -324,6 +325,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
             if carry and not ids and not _continues_a_character(tok, carry, step.token_id):
                 carry = []  # the prompt's character is left unfinished: not the completion's
                 left = "\ufffd" * held
+                stops.floor = held  # a stop is the completion's, never the prompt's U+FFFD
             before = len(left) + _text_offset(tok, carry + ids, text[len(left) :], step.token_id)
             ids.append(step.token_id)
             text = left + (tok.decode(carry + ids)[cut:] if carry else tok.decode(ids))
@@ -332,7 +334,8 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
                 tokens = [info(step.token_id, step.logprob, step.top(n_top), offset + before)]
             hit = stops.first(text) if req.stop else None  # not `cut`: the carried character's, reused
             if hit is not None:  # below (reused as this, it re-read the carried token's earlier text)
-                text, finish = text[: max(hit, sent)], "stop"
+                # cut at 0 where the echo left the prompt's U+FFFD here: echo + completion keep the prompt
+                text, finish = text[: max(hit, sent)] or "\ufffd" * held, "stop"
                 yield Chunk(index, text[sent:], tokens, "stop", count)
                 return
             safe = max(len(text) - _hold_back(text, req.stop), sent)
@@ -341,7 +344,7 @@ def choice_steps(lm, req: CompletionRequest, prompt: Prompt, index: int, seed: i
     finally:
         steps.close()
     if held and not ids:  # EOS came first: the character stays unfinished, its U+FFFD the echo left out
-        text = "\ufffd"
+        text, stops.floor = "\ufffd", 1
     if req.stop and (hit := stops.first(text, final=True)) is not None:  # one ending in U+FFFD, now settled
-        text, finish = text[: max(hit, sent)], "stop"
+        text, finish = text[: max(hit, sent)] or "\ufffd" * held, "stop"
     yield Chunk(index, text[sent:], [], finish, count)

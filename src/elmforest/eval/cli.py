@@ -368,7 +368,7 @@ def eval_crossdoc(
         from elmforest.eval.crossdoc import evaluate_crossdoc
 
         res = evaluate_crossdoc(model, data, trust_remote_code=run.trust_remote_code, **common)
-    from elmforest.eval.crossdoc_tasks import crossdoc_notes
+    from elmforest.eval.crossdoc_tasks import retrieval_notes, skipped_note
 
     for task, r in res["tasks"].items():
         if not all(c.get("domains") for c in r["conditions"].values()):  # nothing was scored
@@ -381,7 +381,7 @@ def eval_crossdoc(
                     f"  gain {g}: {v['mean']:+.4f} bits per byte (mean over domains; positive: the context helps)"
                 )
         if task == "retrieval":
-            for note in crossdoc_notes(res, retrieval=True):
+            for note in retrieval_notes(res):
                 print(f"  note: {note}")
-    for note in crossdoc_notes(res, retrieval=False):  # every task's
+    if note := skipped_note(res):  # every task's
         print(f"note: {note}")

@@ -351,18 +351,23 @@ def build_tasks(
     return out, info
 
 
-def crossdoc_notes(res: dict, retrieval: bool) -> list[str]:
-    """What the tables alone do not show (`retrieval`: the retrieval task's notes; else those of every
-    task). Targets with no neighbour get no context in any condition: they count toward every mean and
-    pull the gain toward zero."""
-    domains = res.get("built", {}).get("domains", {}).values()
-    if not retrieval:
-        special = sum(d.get("skipped_special_inside", 0) for d in domains)
-        return [
+def skipped_note(res: dict) -> str | None:
+    """Every task's: the test documents left out for a special token inside their text."""
+    special = sum(
+        d.get("skipped_special_inside", 0) for d in res.get("built", {}).get("domains", {}).values()
+    )
+    if special:
+        return (
             f"{special} test document(s) hold a special token (<|endoftext|>) in their text and are left out "
             "of every condition (a document boundary cannot be scored as text)"
-        ] * bool(special)
-    built = [d.get("retrieval") or {} for d in domains]
+        )
+    return None
+
+
+def retrieval_notes(res: dict) -> list[str]:
+    """What the retrieval table alone does not show. Targets with no neighbour get no context in any
+    condition: they count toward every mean and pull the gain toward zero."""
+    built = [d.get("retrieval") or {} for d in res.get("built", {}).get("domains", {}).values()]
     lonely, total = (
         sum(b.get("without_neighbours", 0) for b in built),
         sum(b.get("documents", 0) for b in built),

@@ -333,9 +333,9 @@ def open_lm(
     lm = ForestLM(
         pool, tok, names, pi, mode, weighting, seq_len, path, k, forest, None, source, routing_temperature
     )
-    if mode == "topk" and k >= len(names) > 1:
+    if mode == "topk" and k > len(names):  # as eval says it
         print(
-            f"note: k={k} is not below the {len(names)} experts served: topk keeps them all", file=sys.stderr
+            f"note: k={k} is more than the {len(names)} experts served: topk keeps them all", file=sys.stderr
         )
     if mode == "topk" and k < len(names):
         top = top_experts(pi, k)

@@ -255,7 +255,7 @@ def _study(
             )
         ray = make_executor("ray", address, cpus_per_job, gpus_per_job)
         if not _finished_as(out, cfg):  # a finished study's rerun reads what it has: Ray starts only if a
-            ray.prepare()  # job must run (its map prepares it), not for nothing
+            ray.prepare()  # job must run (its map prepares it; where one must, a bad address is said then)
     data = prepare_data(
         out / "data",
         preset.vocab_size,
