@@ -33,6 +33,7 @@ SHAPE = dict(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls of each model first")
     ap.add_argument(
         "--impls",
         default="eager,grouped_mm,batched_mm",
@@ -63,7 +64,11 @@ def main() -> None:
         for impl in impls:
             rounds = 1 if impl == "batched_mm" else args.rounds
             moe = AutoModelForCausalLM.from_config(moe_cfg, experts_implementation=impl).eval()
-            once(dense), once(moe)
+            for _ in range(1 if impl == "batched_mm" else args.warmup):  # one call each was too few: the
+                (
+                    once(dense),
+                    once(moe),
+                )  # dense model, timed first, ran slow for a while (its ratio 1.2-1.3, then 1.5)
             td, tm = [], []
             for _ in range(rounds):
                 td.append(once(dense))
