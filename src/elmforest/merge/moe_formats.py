@@ -175,10 +175,10 @@ BLOCKED = {
     "transformers",
     "gemma2": "Gemma-2's layers (sandwich norms, logit soft-capping, gated-GELU MLP) have no MoE "
     "counterpart in transformers",
-    "gemma3": "Gemma-3's layers (sandwich norms, q/k norms, gated-GELU MLP) have no MoE counterpart in "
-    "transformers",
-    "gemma3_text": "Gemma-3's layers (sandwich norms, q/k norms, gated-GELU MLP) have no MoE counterpart in "
-    "transformers",
+    **dict.fromkeys(
+        ("gemma3", "gemma3_text"),
+        "Gemma-3's layers (sandwich norms, q/k norms, gated-GELU MLP) have no MoE counterpart in transformers",
+    ),
     "phi3": "PhiMoE, Phi-3's MoE sibling, uses LayerNorm with biases where Phi-3 uses RMSNorm and routes "
     "with SparseMixer, so no PhiMoE model computes a Phi-3 layer",
     "olmo": "OLMo-1's non-parametric LayerNorm has no MoE counterpart (OLMoE uses RMSNorm with weights and "

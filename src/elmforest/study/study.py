@@ -137,14 +137,11 @@ PARTIAL = "study.partial.json"  # the runs of a study whose analysis has not fin
 def _finished_as(out: Path, cfg: StudyConfig) -> bool:
     """Whether out/study.json is a finished study of this very config (but its `workers`, the local
     executor's: Ray refuses it)."""
-    import json
-
     try:
         had = dict(read_json(out / "study.json")["config"], **dict.fromkeys(RESULTLESS))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    now = strict_json(dict(cfg.to_dict(), **dict.fromkeys(RESULTLESS)))
-    return json.dumps(had, sort_keys=True) == json.dumps(now, sort_keys=True)
+    return had == strict_json(dict(cfg.to_dict(), **dict.fromkeys(RESULTLESS)))
 
 
 def reanalyse(out: str | Path, log=print) -> dict:
