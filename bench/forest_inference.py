@@ -7,9 +7,11 @@ Builds a forest of randomly initialised `cpu-small` experts on synthetic shards 
 depend on what the weights learned), then times, on the same windows: one expert alone
 (plain evaluation), the top-1 and top-2 sparse ensembles (experts chosen from the prior, only those
 run), the full ensemble, and the MoE export (transformers' Mixtral, top-2 per token; random router
-rows, which spread tokens evenly). Each configuration gets a fresh expert pool (no cached
-log-probs). The cost is per token: every model is loaded before its timing starts (a server loads
-once), and the load times are printed apart. Target: top-k costs <= 1.1·k single-expert passes.
+rows, which spread tokens evenly), with the expert kernel `load_model` picks on CPU (the sorted loop,
+model/moe_experts.py) and, beside it, transformers' eager loop; their ratio is also given paired
+round by round, which the machine's drift disturbs less. Each configuration gets a fresh expert pool
+(no cached log-probs). The cost is per token: every model is loaded before its timing starts (a
+server loads once), and the load times are printed apart. Target: top-k costs <= 1.1·k single-expert passes.
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def main() -> None:
             loads[what].append(time.perf_counter() - t)
             return out
 
-        def model_run(what: str, path: Path):
+        def model_run(what: str, path: Path, experts: str | None = None):
             def setup():
-                return loaded(what, lambda: load_model(path))
+                m = loaded(what, lambda: load_model(path))
+                if experts:  # another expert kernel than the one load_model picks
+                    m.set_experts_implementation(experts)
+                return m
 
             return setup, lambda m: evaluate_shards(m, shards, progress=False, **common)
 
@@ -92,6 +97,7 @@ def main() -> None:
         runs = {
             "one expert": model_run("one expert", forest.expert_dir("e0")),
             "MoE top-2": model_run("MoE top-2", work / "moe"),
+            "MoE (eager)": model_run("MoE top-2", work / "moe", "eager"),
             "top-1": forest_run("topk", 1),
             "top-2": forest_run("topk", 2),
             f"full ({args.experts})": forest_run("ensemble", 0),
@@ -108,6 +114,12 @@ def main() -> None:
         for name, ts in times.items():
             t = statistics.median(ts)
             print(f"{name:14s} {n_tok / t:10,.0f} {t / base:20.2f}")
+        paired = [a / b for a, b in zip(times["MoE top-2"], times["MoE (eager)"], strict=True)]
+        spread = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        print(
+            f"MoE top-2 / MoE (eager), paired by round: median {statistics.median(paired):.3f} "
+            f"(quartiles {spread[0]:.3f}, {spread[2]:.3f})"
+        )
         print(
             "loading (s, median; not in the times above): "
             + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in loads.items())
@@ -119,11 +131,14 @@ def main() -> None:
 def _interleaved_times(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each run, the runs interleaved within each round so a machine whose speed
     drifts affects them alike, after one untimed round (the first run, one expert, the baseline of
-    every ratio, was timed cold: its median over 2 rounds was half a cold call). A run is a function,
-    or (setup, fn): setup's result (a loaded model) is made untimed before each call and passed to fn."""
+    every ratio, was timed cold: its median over 2 rounds was half a cold call), each run first in
+    turn (a run timed right after a heavy one can run slower). A run is a function, or (setup, fn):
+    setup's result (a loaded model) is made untimed before each call and passed to fn."""
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for r in range(rounds + 1):
-        for name, run in runs.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            run = runs[name]
             setup, fn = run if isinstance(run, tuple) else (None, run)
             args = (setup(),) if setup else ()
             t = time.perf_counter()
@@ -137,7 +152,8 @@ def generation(forest: Forest, moe_dir: Path, shards: Shards, new_tokens: int, r
     """Greedy decoding of `new_tokens` after a 32-token prompt, batch 1, bf16 autocast where the CPU has
     it: one expert and the merged MoE through transformers' generate, with its KV cache (the default
     the exported config keeps: use_cache=true) and without it, and the 2-expert ensemble through
-    `elmforest generate` (each expert keeps its own KV cache, forest/pool.py)."""
+    `elmforest generate` (each expert keeps its own KV cache, forest/pool.py); the MoE with
+    transformers' eager expert loop too, cached."""
     from elmforest.forest.generate import generate
     from elmforest.utils.device import autocast, resolve_precision
 
@@ -146,10 +162,12 @@ def generation(forest: Forest, moe_dir: Path, shards: Shards, new_tokens: int, r
     models = {
         "one expert": load_model(forest.expert_dir("e0")).eval(),
         "MoE top-2": load_model(moe_dir).eval(),
+        "MoE (eager)": load_model(moe_dir).eval(),
     }
+    models["MoE (eager)"].set_experts_implementation("eager")  # transformers' loop, for comparison
     runs = {}
     for name, m in models.items():
-        for cache in (True, False):
+        for cache in (True, False) if name != "MoE (eager)" else (True,):
 
             def run(m=m, cache=cache):
                 with torch.no_grad(), autocast(torch.device("cpu"), amp):

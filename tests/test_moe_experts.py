@@ -1,0 +1,95 @@
+"""The sorted-loop CPU expert kernel (model/moe_experts.py): bit-identical to transformers' eager loop
+for every MoE architecture elmforest exports or loads, in each precision it runs in; autograd and
+unusual layouts go to the eager loop; `load_model` picks it on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from elmforest.model import moe_experts
+from elmforest.model.build import load_model
+
+ARCHS = {  # model_type -> its expert-count field
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts",
+    "flex_olmo": "num_experts",
+    "olmoe": "num_experts",
+    "phimoe": "num_local_experts",
+}
+
+
+def _model(arch: str, n_experts: int = 6, **extra):
+    fields = {ARCHS[arch]: n_experts, "num_experts_per_tok": 2}
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        fields |= {"moe_intermediate_size": 24, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **fields,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").eval()
+
+
+def _logits(model, ids, impl: str, amp: bool):
+    model.set_experts_implementation(impl)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_sorted_loop_is_bit_identical_to_eager(arch):
+    model = _model(arch)
+    # 3 x 40 tokens over 6 experts: every expert used; 1 token: most of them idle (a decoding step)
+    for ids in (torch.randint(0, 97, (3, 40)), torch.randint(0, 97, (1, 1))):
+        for amp in (False, True):
+            eager = _logits(model, ids, "eager", amp)
+            ours = _logits(model, ids, moe_experts.NAME, amp)
+            assert torch.equal(eager, ours), (arch, tuple(ids.shape), amp, (eager - ours).abs().max())
+
+
+def test_a_bf16_model_without_autocast_sums_in_bf16_as_eager_does():
+    model = _model("mixtral").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 50))
+    assert torch.equal(_logits(model, ids, "eager", False), _logits(model, ids, moe_experts.NAME, False))
+
+
+def test_with_autograd_it_runs_eager_so_gradients_are_eagers():
+    model = _model("mixtral").train()
+    ids = torch.randint(0, 97, (2, 30))
+    grads = {}
+    for impl in ("eager", moe_experts.NAME):
+        model.set_experts_implementation(impl)
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(*grads.values(), strict=True))
+
+
+def test_an_unusual_layout_runs_eager(monkeypatch):
+    model = _model("mixtral")
+    ids = torch.randint(0, 97, (2, 30))
+    want = _logits(model, ids, "eager", False)
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.experts.has_bias = True  # (no bias tensors: eager ignores the flag, ours must not run)
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: calls.append(1))
+    assert torch.equal(_logits(model, ids, moe_experts.NAME, False), want) and not calls
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_load_model_picks_it_on_cpu(arch, tmp_path):
+    _model(arch).save_pretrained(tmp_path)
+    assert load_model(tmp_path).config._experts_implementation == moe_experts.NAME
+    assert "sorted_loop" not in (tmp_path / "config.json").read_text()  # not written into checkpoints
