@@ -175,6 +175,13 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
         SentenceEmbedder(enc)
     (enc / "modules.json").write_text("[]")  # a sentence-transformers encoder built on a decoder (gte-Qwen2)
     assert SentenceEmbedder(enc).embed(texts)[1].all()
+    import torch  # pickled weights only: refused, never loaded (torch.load, even weights_only, is not run)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(enc / "model.safetensors"), enc / "pytorch_model.bin")
+    (enc / "model.safetensors").unlink()
+    with pytest.raises(ClustererError, match="no safetensors weights .*loads no pickled weights"):
+        SentenceEmbedder(enc)
 
 
 def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_is_refused(tmp_path, capsys):

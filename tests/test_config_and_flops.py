@@ -74,6 +74,9 @@ def test_presets_sizes():
             )
         n = sum(x.numel() for x in m.parameters())
         assert 0.8 * target < n < 1.35 * target, (name, n)
+        assert n == p.parameters(), name  # what `elmforest presets` prints
+    for m, name in ((tiny, "tiny"), (small, "cpu-small"), (medium, "cpu-medium")):
+        assert sum(x.numel() for x in m.parameters()) == PRESETS[name].parameters(), name
 
 
 def test_flops_formula_by_hand():
@@ -235,3 +238,30 @@ def test_a_preset_label_an_attention_and_a_whole_config_of_a_gone_preset(tmp_pat
     (tmp_path / "c.json").write_text(json.dumps(whole))
     again = build_run_config(None, config_file=str(tmp_path / "c.json"))
     assert fill_architecture(again.model).hidden_size == cfg.model.hidden_size
+
+
+def test_a_partial_config_file_over_a_preset_keeps_full_attention_and_its_label(tmp_path):
+    """A file setting num_heads over --preset made a grouped-query model without a word (as --set once
+    did); a file's model.preset relabelled the preset's model; a seq_len past a whole config's renamed
+    preset was answered with an unknown-preset error."""
+    import json
+
+    from elmforest.model.presets import build_run_config
+    from elmforest.train.runcheck import check_context
+
+    (tmp_path / "h.json").write_text(json.dumps({"model": {"num_heads": 8}}))
+    m = build_run_config("tiny", config_file=str(tmp_path / "h.json")).model
+    assert m.num_heads == m.num_kv_heads == 8
+    (tmp_path / "p.json").write_text(json.dumps({"model": {"preset": "cpu-small"}}))
+    with pytest.raises(UserError, match="model.preset 'cpu-small' with --preset tiny"):
+        build_run_config("tiny", config_file=str(tmp_path / "p.json"))
+    (tmp_path / "same.json").write_text(json.dumps({"model": {"preset": "tiny"}}))
+    assert build_run_config("tiny", config_file=str(tmp_path / "same.json")).model.preset == "tiny"
+    whole = build_run_config("tiny").to_dict()
+    whole["model"]["preset"] = "renamed-since"
+    whole["train"]["seq_len"] = 4096
+    (tmp_path / "w.json").write_text(json.dumps(whole))
+    cfg = build_run_config(None, config_file=str(tmp_path / "w.json"))
+    model = type("M", (), {"config": type("C", (), {"max_position_embeddings": 2048})()})()
+    with pytest.raises(UserError, match="longer than the model's 2048 positions"):
+        check_context(model, cfg)

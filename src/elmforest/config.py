@@ -377,13 +377,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 f"invalid config: {item}: data.domains must name each domain once (null: every domain)"
             )
         node[parts[-1]] = value
-    _full_attention_stays_full(d, given, {i.split("=", 1)[0].strip() for i in overrides})
+    keep_full_attention(d, given, {i.split("=", 1)[0].strip() for i in overrides})
     out = RunConfig.from_dict(d)
     out.model.trust_remote_code = cfg.model.trust_remote_code  # set by the command line, kept
     return out
 
 
-def _full_attention_stays_full(d: dict, given: dict, keys: set[str]) -> None:
+def keep_full_attention(d: dict, given: dict, keys: set[str]) -> None:
     """A preset fills num_kv_heads from its num_heads: a new num_heads alone kept the old count and made
     a grouped-query model without a word (or was refused for a num_kv_heads never set). Full attention
     stays full unless num_kv_heads is given too."""

@@ -72,7 +72,10 @@ def checkpoint_seed_config(forest, args, shards: str):
         cfg = args.run_config(shards)
         source = f"--config {args.config}" if args.config else f"preset {args.preset or DEFAULT_PRESET}"
     else:
-        cfg = RunConfig.from_dict(read_json(own))
+        try:
+            cfg = RunConfig.from_dict(read_json(own))
+        except UserError as e:  # the file is where the user must look
+            raise UserError(f"{own}: {e}") from e
         cfg.model.trust_remote_code = bool(args.trust_remote_code)
         cfg = apply_overrides(cfg, args.overrides)
         source = f"the seed's own training config ({own})"

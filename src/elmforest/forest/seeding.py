@@ -24,7 +24,7 @@ from elmforest.forest.trust import copy_regular_files
 from elmforest.model.build import build_model
 from elmforest.train.trainer import train
 from elmforest.utils.errors import Failed, UserError
-from elmforest.utils.io import remove_path, staged_dir, temp_sibling, write_json_atomic
+from elmforest.utils.io import read_json, remove_path, staged_dir, temp_sibling, write_json_atomic
 
 
 def export_checkpoint(ckpt: Path, cfg: RunConfig, shards: Shards, out: Path) -> Path:
@@ -197,6 +197,13 @@ def seed_from_checkpoint(
 
         check_same_tokenizer(str(model_dir), shards.tokenizer_fingerprint, shards)
         load_model(model_dir, trust_remote_code=trust_remote_code, vocab_size=shards.vocab_size)
+    if (own := resolve_model_dir(model_dir) / "elmforest_run.json").is_file():
+        try:  # the experts' config unless --config/--preset: refused now, not at the first expert
+            RunConfig.from_dict(read_json(own))
+        except UserError as e:
+            raise UserError(
+                f"{own}: {e} (fix or remove the file; without it experts train by a preset)"
+            ) from e
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
     return forest.data["seed"]
 

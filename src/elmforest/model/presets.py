@@ -41,6 +41,13 @@ class Preset:
     # Set from bench/moe_goals.py's sweep on the valid split where the preset has one.
     moe_finetune_lr: float | None = None
 
+    def parameters(self) -> int:
+        """The model's parameter count at this preset's vocabulary (Llama: attention, SwiGLU MLP and two
+        RMSNorms per layer, a final norm, the embeddings, and the head when it is not tied to them)."""
+        d, ff, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = 4 * d * d + 3 * d * ff + 2 * d  # (full attention: num_kv_heads == num_heads)
+        return self.num_layers * per_layer + d + v * d * (1 if self.tie_embeddings else 2)
+
     def architecture(self) -> dict:
         """The ModelConfig architecture fields this preset fills (config.ARCHITECTURE_FIELDS)."""
         return dict(
@@ -171,7 +178,7 @@ def build_run_config(
     on only when the caller (the command line) says so, never because a file does."""
     from pathlib import Path
 
-    from elmforest.config import apply_overrides
+    from elmforest.config import apply_overrides, keep_full_attention
     from elmforest.utils.io import read_json
 
     if config_file and Path(config_file).suffix.lower() in (".yaml", ".yml"):
@@ -186,9 +193,18 @@ def build_run_config(
             raise UserError(f"--config {config_file}: {e}") from e
 
     if config_file and preset:  # the file's fields over the preset's: a partial file is completed by it
-        cfg = from_file(
-            _layered(preset_run_config(preset).to_dict(), read_json(config_file, unique_keys=True))
-        )
+        base, top = preset_run_config(preset).to_dict(), read_json(config_file, unique_keys=True)
+        given = top.get("model") if isinstance(top, dict) else None
+        given = given if isinstance(given, dict) else {}
+        if given.get("preset", preset) != preset:  # the file's label over --preset's model
+            raise UserError(
+                f"--config {config_file}: model.preset {given['preset']!r} with --preset {preset}: the "
+                "preset's architecture fills the config, so the file's label would name another model; "
+                "drop one of them"
+            )
+        layered = _layered(base, top)
+        keep_full_attention(layered, base, {f"model.{k}" for k in given})  # as --set model.num_heads does
+        cfg = from_file(layered)
     elif config_file:  # as given (runs started from it resume as they were), missing fields said
         top = read_json(config_file, unique_keys=True)  # a key given twice: json kept the last silently
         cfg = from_file(top)

@@ -145,6 +145,13 @@ def presets() -> None:
         print(
             f"{p.name:10s} d={p.hidden_size:<5d} layers={p.num_layers:<3d} heads={p.num_heads:<3d} "
             f"positions={p.architecture()['max_position_embeddings']:<5d} vocab={p.vocab_size:<6d} {p.description}\n"
+            f"{'':11s}{p.parameters() / 1e6:,.1f}M parameters at this vocabulary"
+            + (
+                ""
+                if p.tie_embeddings
+                else f" (the untied head {p.vocab_size * p.hidden_size / 1e6:,.1f}M of them)"
+            )
+            + "\n"
             f"{'':11s}train: {t.steps} steps x batch {t.batch_size * t.grad_accum}"
             + (f" ({t.batch_size} x {t.grad_accum} accumulated)" if t.grad_accum > 1 else "")
             + f" x {t.seq_len} tokens, "

@@ -11,7 +11,7 @@ from elmforest.config import ARCHITECTURE_FIELDS, RunConfig
 from elmforest.data.shards import Shards
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.model.build import resolve_model_dir
-from elmforest.model.presets import fill_architecture, get_preset
+from elmforest.model.presets import PRESETS, fill_architecture
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_digest, read_json
 
@@ -133,7 +133,7 @@ def check_context(model, cfg: RunConfig) -> None:
     if limit and cfg.train.seq_len > limit:
         if cfg.model.init_from:
             where = f"max_position_embeddings in {cfg.model.init_from}/config.json"
-        elif limit == get_preset(cfg.model.preset).architecture()["max_position_embeddings"]:
+        elif (p := PRESETS.get(cfg.model.preset)) and limit == p.architecture()["max_position_embeddings"]:
             where = f"max_position_embeddings of preset {cfg.model.preset}"
         else:  # set by the user (--set, a config file), not the preset's
             where = f"model.max_position_embeddings={limit} as set"
