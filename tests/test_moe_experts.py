@@ -21,22 +21,26 @@ ARCHS = {  # model_type -> its expert-count field
 }
 
 
-def _model(arch: str, n_experts: int = 6, **extra):
+def _model(arch: str, n_experts: int = 6, hidden_size: int = 32, intermediate_size: int = 24, **extra):
     fields = {ARCHS[arch]: n_experts, "num_experts_per_tok": 2}
     if arch in ("qwen2_moe", "qwen3_moe"):
-        fields |= {"moe_intermediate_size": 24, "decoder_sparse_step": 1, "mlp_only_layers": []}
+        fields |= {
+            "moe_intermediate_size": intermediate_size,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    fields |= extra
     cfg = AutoConfig.for_model(
         arch,
         vocab_size=97,
-        hidden_size=32,
-        intermediate_size=24,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
         pad_token_id=0,
         **fields,
-        **extra,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").eval()
@@ -60,9 +64,33 @@ def test_the_sorted_loop_is_bit_identical_to_eager(arch):
 
 
 def test_a_bf16_model_without_autocast_sums_in_bf16_as_eager_does():
-    model = _model("mixtral").to(torch.bfloat16)
-    ids = torch.randint(0, 97, (2, 50))
-    assert torch.equal(_logits(model, ids, "eager", False), _logits(model, ids, moe_experts.NAME, False))
+    """One index_add_ of bf16 sums in fp32 and rounds once; eager rounds after each expert (k=2 hid it:
+    0 + a is exact)."""
+    for k in (2, 4):
+        model = _model("mixtral", num_experts_per_tok=k).to(torch.bfloat16)
+        ids = torch.randint(0, 97, (2, 50))
+        assert torch.equal(
+            _logits(model, ids, "eager", False), _logits(model, ids, moe_experts.NAME, False)
+        ), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_reach_each_gemm_in_eagers_order_on_two_threads(dtype):
+    """A row's place in a GEMM can change its result (fp32 on 2+ threads, fp64): token-major rows
+    differed from eager's slot-major ones by ~1e-7 at FlexOlmo's 2-expert shape, 5-11 tokens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for arch in ("mixtral", "olmoe"):
+            model = _model(arch, n_experts=2, hidden_size=64, intermediate_size=96).to(dtype)
+            if arch == "olmoe":
+                model.config.norm_topk_prob = True
+            for n in range(5, 12):
+                ids = torch.randint(0, 97, (1, n))
+                want = _logits(model, ids, "eager", False)
+                assert torch.equal(want, _logits(model, ids, moe_experts.NAME, False)), (arch, n)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_with_autograd_it_runs_eager_so_gradients_are_eagers():
