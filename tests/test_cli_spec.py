@@ -167,6 +167,13 @@ def test_the_cli_starts_without_importing_torch():
 
     code = "import sys, elmforest.cli; sys.exit('torch' in sys.modules or 'scipy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    # nor transformers (a second on a cold cache) before the arguments are read: --help, a usage error
+    code = (
+        "import sys\nfrom elmforest.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "sys.exit(sorted({'torch', 'scipy', 'transformers'} & set(sys.modules)) or None)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "Usage" in run.stdout, run.stderr[-300:]
 
 
 def test_the_first_process_is_rank_zero_of_torchruns_environment(monkeypatch):

@@ -89,3 +89,42 @@ def test_names_that_differ_only_in_case_are_refused_before_training(tmp_path):
     for names, twin in ((["legal", "Legal"], "legal"), (["Dense", "code"], "dense"), (["SEED"], "seed")):
         with pytest.raises(UserError, match=f"differs from {twin!r} only in case"):
             check_expert_names(names)
+
+
+def test_generate_refuses_a_repeated_empty_or_string_expert_list_and_a_string_prior(forest_dir):
+    """experts=['legal', 'legal', ...] ran legal twice in the mixture, [] ran every expert, 'legal' was
+    read as experts 'l', 'e', ...; prior='cached' (the CLI's value) and a non-text prompt were tracebacks."""
+    from elmforest.forest.generate import generate
+
+    f = str(forest_dir)
+    for bad, match in (
+        ({"experts": ["code", "code"]}, "name each expert once"),
+        ({"experts": []}, "name each expert once"),
+        ({"experts": "code"}, "experts"),
+        ({"prior": "cached"}, r"a dict \{expert: weight\}"),
+        ({"max_new_tokens": "2"}, "max_new_tokens"),
+        ({"prompt": None}, "prompt must be text"),
+    ):
+        with pytest.raises(UserError, match=match):
+            generate(f, **{"prompt": "x", **bad})
+
+
+def test_xelm_quickstart_and_prepare_data_refuse_strings_empty_lists_and_bad_keys_before_work(tmp_path):
+    """languages='deu' was read as languages 'd', 'e', 'u'; expert_lrs={"4": lr} (the run record's
+    keys) was looked up as nothing; domains=[] built every domain; vocab_size=0 announced its tokenizer
+    and left a file before the refusal."""
+    from elmforest.launch.prepare import prepare_data
+    from elmforest.xelm.quickstart import quickstart_xelm
+
+    out = tmp_path / "x"
+    with pytest.raises(UserError, match="languages"):
+        quickstart_xelm(out=out, preset="tiny", languages="deu")
+    with pytest.raises(UserError, match="ks"):
+        quickstart_xelm(out=out, preset="tiny", ks=4)
+    with pytest.raises(UserError, match=r"expert_lrs: key\(s\) \['4'\]"):
+        quickstart_xelm(out=out, preset="tiny", ks=[4], expert_lrs={"4": 1e-3})
+    with pytest.raises(UserError, match="domains is an empty list"):
+        prepare_data(tmp_path / "p", 512, domains=[])
+    with pytest.raises(UserError, match="vocab_size 0"):
+        prepare_data(tmp_path / "p", 0)
+    assert not out.exists() and not (tmp_path / "p").exists()

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [home_expanded(a) for a in (sys.argv[1:] if argv is None else argv)]
     train_cli.ARGV[:] = argv  # `train --nproc N` runs this same command again under torchrun
     threads_within_quota()  # before anything imports torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars report progress; HF's per-file bars are noise
+    # our own bars report progress; HF's per-file bars are noise. Said by the environment, which
+    # transformers reads when it is first imported, so that `--help` and usage errors never import it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # SIGTERM (a scheduler, `kill`, a container stopping) unwinds like Ctrl-C: temporaries are removed
     # and trackers told, instead of the process vanishing mid-write
     main_thread = threading.current_thread() is threading.main_thread()

@@ -77,7 +77,7 @@ class ElmforestLM(LM):
             raise UserError(f"unknown elmforest model_args: {', '.join(unknown)}")
         if (forest is None) == (model is None):
             raise UserError("elmforest model_args need exactly one of forest=DIR or model=DIR")
-        names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts else None
+        names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts is not None else None
         max_length = None if max_length is None else _number(max_length, "max_length", int, 1)
         self.lm: ForestLM = open_lm(
             Path(forest or model),

@@ -283,6 +283,8 @@ def open_lm(
             "mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data "
             "(--prior, --prior-data)"
         )
+    if experts is not None and not experts:  # `experts=` with nothing after it: all of them was not meant
+        raise UserError("experts: an empty list; name the experts to use, or leave experts out for all")
     dupes = sorted({n for n in experts or [] if experts.count(n) > 1})
     if dupes:  # the mixture would count such an expert twice
         raise UserError(f"experts named more than once: {', '.join(dupes)}")

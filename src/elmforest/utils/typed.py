@@ -102,7 +102,7 @@ def check_call_args(where: str, ints: dict | None = None, lists: dict | None = N
         except TypeError:
             raise UserError(f"{where}: {name} must be an integer, got {v!r}") from None
     for name, v in (lists or {}).items():
-        if isinstance(v, str | bytes | PurePath):
+        if isinstance(v, str | bytes | PurePath) or v is not None and not hasattr(v, "__iter__"):
             raise UserError(
                 f"{where}: {name} must be a list, got one {type(v).__name__} ({v!r}); give [{v!r}]"
             )

@@ -33,6 +33,7 @@ from elmforest.launch.progress import ProgressMonitor
 from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json, write_json_atomic
+from elmforest.utils.typed import check_call_args
 from elmforest.xelm.second_round import DENSE_CONTINUE_LR, add_language, continue_dense  # noqa: F401
 
 # 12 languages in 3 scripts (Latin, Cyrillic, Han/Kana), 10 with >= 1 MB in the corpus and Finnish
@@ -82,7 +83,12 @@ def quickstart_xelm(
     out, t0, log = Path(out), time.perf_counter(), print
     p = get_preset(preset)
     check_quickstart_overrides(overrides, preset)
+    check_call_args("quickstart_xelm", lists=dict(languages=languages, ks=ks))
     ks = sorted({int(k) for k in ks})
+    if bad := [k for k in (expert_lrs or {}) if isinstance(k, bool) or not isinstance(k, int) or k not in ks]:
+        raise UserError(  # a string key ("4", as the run record writes them) was looked up as nothing
+            f"expert_lrs: key(s) {bad} are not among the forests' k {ks} (integers: {{4: 0.004}})"
+        )
     if not ks or min(ks) < 2:
         raise UserError(f"k = {ks}: every forest needs at least 2 groups (k = 1 is the dense model)")
     if new_language is not None and new_language in (languages or LANGUAGES):
