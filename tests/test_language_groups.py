@@ -197,6 +197,8 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
         (["deu", "de"], [1], "language deu given twice: 'deu' and 'de' are both deu"),
         (["de", "deu"], [1], "'de' and 'deu' are both deu"),  # the user's spelling named (was 'deu' (as deu))
         (["fra", "fra"], [1], "language 'fra' given twice"),
+        (["gre", "ell"], [1], "'gre' and 'ell' are both ell"),  # gre was lang2vec's own entry, not Greek
+        (["alb", "sqi"], [1], "'alb' and 'sqi' are both sqi"),
         (["deu", "fra"], [3], "k = 3 but only 2 languages"),
         (["deu"], [1], "at least 2 languages"),
     ],

@@ -143,8 +143,7 @@ def _spelling(grouping: dict):
         except UserError:  # an unknown feature set: refused where the features are read
             table = None
         if table is not None:
-            known = set(table.languages.tolist())
-            letters = {k: v for k, v in table.letter_codes.items() if k not in known}
+            letters = {k: v for k, v in table.letter_codes.items() if v != k}  # as resolve_codes
     return lambda m: aliases.get(m.lower()) or letters.get(m.lower(), m.lower())
 
 

@@ -118,7 +118,9 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
     out, aliases, given = [], {}, {}
     for raw in codes:
         c = raw.strip().lower()
-        if c not in known and c in table.letter_codes:  # ISO 639-1, or a 639-2/B code (ger, fre)
+        # ISO 639-1, or a 639-2/B code (ger, fre); first, as lang2vec maps them: gre and alb are also
+        # codes of their own in its table, whose features are not Greek's and Albanian's
+        if table.letter_codes.get(c, c) != c:
             aliases[c] = table.letter_codes[c]
             c = aliases[c]
         elif len(c) == 2:
