@@ -141,6 +141,10 @@ def test_a_bad_line_before_an_array_does_not_make_the_file_an_array(tmp_path, ca
     f.write_text('{\n  "text": "spread over lines"\n}\n')  # each line was skipped as invalid, unsaid
     assert list(iter_documents(f)) == []
     assert "x.jsonl: a JSON object spread over lines" in capsys.readouterr().err
+    for empty in ("", "\n  \n"):  # a language's file truncated to nothing vanished without a word
+        f.write_text(empty)
+        assert list(iter_documents(f)) == []
+        assert "x.jsonl: empty (no line but blank ones)" in capsys.readouterr().err
 
 
 def test_a_tokenizer_or_shards_written_into_the_data_folder_are_not_read_as_data(tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_nearest_by_typology_picks_the_closest_language(forest_dir, shards_dir, 
 
 
 def test_typology_finds_a_group_experts_languages_in_the_shards_it_trained_on(
-    forest_dir, shards_dir, tmp_path
+    forest_dir, shards_dir, tmp_path, capsys
 ):
     """X-ELM adds a language later from shards that hold it alone: the old experts' groups are named by
     the domain map of the shards they trained on, not by the new language's shards."""
@@ -81,6 +81,11 @@ def test_typology_finds_a_group_experts_languages_in_the_shards_it_trained_on(
         rec.write_text(json.dumps({**json.loads(rec.read_text()), "shards": str(grouped)}))
     best, why = nearest_expert(f, Shards(shards_dir), "afr", "typology")  # these shards map nothing
     assert best == "group0", why
+    # a language a group trained on already: said, and branched from that group (was: from the others,
+    # its own group measured without it)
+    best, why = nearest_expert(f, Shards(shards_dir), "kor", "typology")
+    assert best == "group1" and why["trained_on_it"] == ["group1"]
+    assert "kor is already one of the languages of expert(s) group1" in capsys.readouterr().err
     # the same forest with its groups' languages nowhere to be found: a UserError naming the group
     (grouped / "index.json").write_text(json.dumps({}))
     with pytest.raises(UserError, match="group 'group0'.*language 'group0'.*nearest:posterior"):

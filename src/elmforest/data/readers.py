@@ -280,6 +280,8 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
                 yield doc
     if spread and not read:  # said, not fatal: a stray config.json beside the data read nothing before
         _note(_SPREAD.format(path=path))
+    elif first:  # no line but blank ones: a file truncated to nothing vanished without a word
+        _note(f"note: {path}: empty (no line but blank ones): no document read from it")
     fields.done()
 
 

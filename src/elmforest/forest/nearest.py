@@ -69,6 +69,13 @@ def nearest_expert(
             f"its languages (from the domain map of the shards it trained on, or of --shards): {e}; "
             "or use nearest:posterior"
         ) from None
+    if holders := [n for n, g in groups.items() if new[0] in g]:  # not new: a group trained on it
+        print(
+            f"note: {new[0]} is already one of the languages of expert(s) {', '.join(holders)}; this "
+            f"expert branches from {holders[0]}, which trained on it (the distances leave it out of its group)",
+            file=sys.stderr,
+        )
+        return holders[0], {"by": by, "syntax_distance": dists, "trained_on_it": holders}
     return best, {"by": by, "syntax_distance": dists}
 
 
