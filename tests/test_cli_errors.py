@@ -189,20 +189,25 @@ def test_experts_of_a_checkpoint_seed_take_the_seeds_own_config(forest_dir, shar
     assert run_cfg["train"]["seq_len"] == own["train"]["seq_len"] and run_cfg["train"]["steps"] == 6
 
 
-def test_a_checkpoint_seeds_broken_run_config_is_refused_when_taken_in(
+def test_a_checkpoint_seeds_broken_run_config_is_said_when_taken_in_and_named_when_used(
     forest_dir, shards_dir, tmp_path, capsys
 ):
-    """An unknown key in the checkpoint's elmforest_run.json was taken in, then failed the first `forest
-    expert` with an error naming no file."""
+    """An unknown key in the checkpoint's elmforest_run.json was taken in unsaid, then failed the first
+    `forest expert` with an error naming no file."""
     seed = tmp_path / "ckpt"
     shutil.copytree(Path(forest_dir) / "runs" / "dense" / "model", seed)
     cfg = json.loads((seed / "elmforest_run.json").read_text())
     cfg["model"]["new_field"] = 1
     (seed / "elmforest_run.json").write_text(json.dumps(cfg))
-    argv = ["forest", "seed", "--forest", tmp_path / "f", "--shards", shards_dir, "--from-checkpoint", seed]
-    rc, out = _run(argv, capsys)
-    assert rc == 2 and f"{seed / 'elmforest_run.json'}: " in out and "new_field" in out
-    assert not (tmp_path / "f" / "seed").exists()
+    f = tmp_path / "f"
+    rc, out = _run(
+        ["forest", "seed", "--forest", f, "--shards", shards_dir, "--from-checkpoint", seed], capsys
+    )
+    assert rc == 0 and f"note: {seed / 'elmforest_run.json'}: " in out and "need --preset or --config" in out
+    argv = ["forest", "expert", "--forest", f, "--shards", shards_dir, "--domain", "code", "--no-progress"]
+    rc, out = _run(argv, capsys)  # where the file is used: refused, naming it once
+    assert rc == 2 and out.count(str(seed / "elmforest_run.json")) == 0 and "new_field" in out
+    assert out.count("elmforest_run.json") == 1 and not (f / "runs").exists()
 
 
 def test_advice_in_errors_names_flags_that_exist(forest_dir, shards_dir, tmp_path, capsys):

@@ -180,7 +180,7 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
 
     torch.save(load_file(enc / "model.safetensors"), enc / "pytorch_model.bin")
     (enc / "model.safetensors").unlink()
-    with pytest.raises(ClustererError, match="no safetensors weights .*loads no pickled weights"):
+    with pytest.raises(UserError, match="pytorch_model.bin: pickled weights are refused"):
         SentenceEmbedder(enc)
 
 

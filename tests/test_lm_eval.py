@@ -367,7 +367,7 @@ def test_unused_prior_data_and_duplicate_experts_are_refused(forest_dir, shards_
         ElmforestLM(forest=f, mode="cluster", prior="cached", prior_data=data)
     with pytest.raises(UserError, match="experts named more than once: code"):
         ElmforestLM(forest=f, experts="code+code+legal")
-    with pytest.raises(UserError, match="experts: an empty list"):  # `experts=`: was every expert
+    with pytest.raises(UserError, match="experts is an empty list"):  # `experts=`: was every expert
         ElmforestLM(forest=f, experts="")
 
 

@@ -98,8 +98,8 @@ def test_generate_refuses_a_repeated_empty_or_string_expert_list_and_a_string_pr
 
     f = str(forest_dir)
     for bad, match in (
-        ({"experts": ["code", "code"]}, "name each expert once"),
-        ({"experts": []}, "name each expert once"),
+        ({"experts": ["code", "code"]}, "experts named more than once: code"),
+        ({"experts": []}, "experts is an empty list"),
         ({"experts": "code"}, "experts"),
         ({"prior": "cached"}, r"a dict \{expert: weight\}"),
         ({"max_new_tokens": "2"}, "max_new_tokens"),

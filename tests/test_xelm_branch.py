@@ -86,6 +86,7 @@ def test_typology_finds_a_group_experts_languages_in_the_shards_it_trained_on(
     best, why = nearest_expert(f, Shards(shards_dir), "kor", "typology")
     assert best == "group1" and why["trained_on_it"] == ["group1"]
     assert "kor is already one of the languages of expert(s) group1" in capsys.readouterr().err
+    assert nearest_expert(f, Shards(shards_dir), "ko", "typology")[0] == "group1"  # compared as languages
     # the same forest with its groups' languages nowhere to be found: a UserError naming the group
     (grouped / "index.json").write_text(json.dumps({}))
     with pytest.raises(UserError, match="group 'group0'.*language 'group0'.*nearest:posterior"):

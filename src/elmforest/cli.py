@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # our own bars report progress; HF's per-file bars are noise. Said by the environment, which
     # transformers reads when it is first imported, so that `--help` and usage errors never import it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers.utils.logging" in sys.modules:  # imported already (main called in-process): told
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
     # SIGTERM (a scheduler, `kill`, a container stopping) unwinds like Ctrl-C: temporaries are removed
     # and trackers told, instead of the process vanishing mid-write
     main_thread = threading.current_thread() is threading.main_thread()

@@ -68,15 +68,12 @@ class SentenceEmbedder:
             if self.tok.eos_token is None:
                 raise ClustererError(f"{self.model_dir}: its tokenizer has neither a pad nor an EOS token")
             self.tok.pad_token = self.tok.eos_token
-        try:  # safetensors only: pickled weights (pytorch_model.bin) are never loaded
-            self.model = AutoModel.from_pretrained(
-                str(self.model_dir), local_files_only=True, use_safetensors=True
-            ).eval()
-        except OSError as e:
-            raise ClustererError(
-                f"{self.model_dir}: no safetensors weights to load ({str(e).strip().splitlines()[0]}); "
-                "elmforest loads no pickled weights: convert them to model.safetensors"
-            ) from e
+        from elmforest.model.build import weight_files
+
+        weight_files(self.model_dir)  # safetensors only, checked whole: pickled weights are refused
+        self.model = AutoModel.from_pretrained(
+            str(self.model_dir), local_files_only=True, use_safetensors=True
+        ).eval()
         self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
 
     def fingerprint(self) -> str:

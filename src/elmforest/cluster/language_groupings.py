@@ -166,7 +166,28 @@ def domain_map(grouping: dict) -> dict[str, str]:
 
 def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
     """The group typologically closest to a language (average cosine distance to its members, same
-    feature set): where X-ELM branches a new language's expert from. Returns (group, every distance)."""
+    feature set): where X-ELM branches a new language's expert from. Returns (group, every distance).
+    A language a group holds already is not new: that group (the first, if several), whatever the
+    distances, which leave the language out of its own group."""
+    c, groups, table = _resolved(code, grouping)
+    members = sorted({m for g in groups.values() for m in g} | {c})
+    d = cosine_distances(language_vectors(members, table))
+    dists = {
+        name: average_linkage(d, members, [c], [m for m in g if m != c] or g) for name, g in groups.items()
+    }
+    if held := groups_holding(code, grouping):
+        return held[0], dists
+    return min(dists, key=lambda n: (round(dists[n], _TIE), n)), dists
+
+
+def groups_holding(code: str, grouping: dict) -> list[str]:
+    """The groups that hold a language already, codes compared as languages (`de`, `ger`, `deu`)."""
+    c, groups, _ = _resolved(code, grouping)
+    return [name for name, g in groups.items() if c in g]
+
+
+def _resolved(code: str, grouping: dict):
+    """(the language's ISO 639-3 code, {group: its members' codes}, the feature table)."""
     _a_grouping(grouping)
     if not isinstance(code, str):
         raise UserError(f"nearest_group: code must be one language code (a str), got {code!r}")
@@ -178,9 +199,4 @@ def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
             groups[name] = list(dict.fromkeys(resolve_codes([m], table)[0][0] for m in g))
         except UserError as e:
             raise UserError(f"group {name!r}: {e}") from None
-    members = sorted({m for g in groups.values() for m in g} | {c})
-    d = cosine_distances(language_vectors(members, table))
-    dists = {
-        name: average_linkage(d, members, [c], [m for m in g if m != c] or g) for name, g in groups.items()
-    }
-    return min(dists, key=lambda n: (round(dists[n], _TIE), n)), dists
+    return c, groups, table

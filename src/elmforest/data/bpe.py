@@ -16,6 +16,8 @@ from elmforest.utils.errors import UserError
 _LONG_RUN = 8192
 _LONG = re.compile(rf"\S{{{_LONG_RUN},}}")
 
+MIN_VOCAB = 256 + 1  # every byte and the end-of-document token
+
 
 def _pieces(text: str) -> Iterator[str]:
     """The text, with runs of more than 8,192 non-space characters cut into pieces of that length.
@@ -51,8 +53,8 @@ MAX_VOCAB = 1 << 20
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> LoadedTokenizer:
     """Byte-level BPE (GPT-2 style): any UTF-8 text round-trips exactly, no unknown tokens."""
-    if vocab_size < 256 + 1:
-        raise UserError(f"vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+    if vocab_size < MIN_VOCAB:
+        raise UserError(f"vocab_size must be at least {MIN_VOCAB} (256 bytes + EOS), got {vocab_size}")
     if vocab_size > MAX_VOCAB:  # the BPE trainer allocates by it up front (2^32 asked for 283 GB)
         raise UserError(
             f"vocab_size {vocab_size:,} is more than {MAX_VOCAB:,}, 4x the largest vocabularies in use (256k)"

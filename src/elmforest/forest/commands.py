@@ -63,19 +63,16 @@ def checkpoint_seed_config(forest, args, shards: str):
     (elmforest_run.json, e.g. an elmforest export) unless --config or --preset is given, else the
     default preset; --set applies on top. Says which. `args` holds what the command was told
     (preset, config, trust_remote_code, overrides; `run_config(shards)` builds it)."""
-    from elmforest.config import RunConfig, apply_overrides
+    from elmforest.config import apply_overrides
+    from elmforest.forest.seeding import read_seed_config
     from elmforest.model.presets import DEFAULT_PRESET
-    from elmforest.utils.io import read_json
 
     own = forest.seed_dir / "elmforest_run.json"
     if args.config or args.preset or not own.is_file():
         cfg = args.run_config(shards)
         source = f"--config {args.config}" if args.config else f"preset {args.preset or DEFAULT_PRESET}"
     else:
-        try:
-            cfg = RunConfig.from_dict(read_json(own))
-        except UserError as e:  # the file is where the user must look
-            raise UserError(f"{own}: {e}") from e
+        cfg = read_seed_config(own)
         cfg.model.trust_remote_code = bool(args.trust_remote_code)
         cfg = apply_overrides(cfg, args.overrides)
         source = f"the seed's own training config ({own})"

@@ -26,6 +26,7 @@ from elmforest.forest.pool import estimate_prior_info, make_pool
 from elmforest.forest.posterior import ensemble_logprob
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import write_json_atomic
+from elmforest.utils.typed import expert_selection
 
 
 def mixture_target_logprobs(ctx: torch.Tensor, tgt: torch.Tensor, log_prior: torch.Tensor):
@@ -68,12 +69,11 @@ def evaluate_forest_crossdoc(
     shared with evaluate_forest_shards on the same shards: the valid-split priors are then computed once."""
     if prior not in ("cached", "uniform"):
         raise UserError(f"unknown prior {prior!r}; expected cached or uniform")
+    experts = expert_selection(experts, "evaluate_forest_crossdoc")
     forest = Forest.load(forest_dir)
     names = experts or forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
-    if dupes := sorted({n for n in names if names.count(n) > 1}):  # counted twice in the mixture
-        raise UserError(f"experts named more than once: {', '.join(dupes)}")
     opts = TaskOptions(seq_len, target_len, max_docs, seed, tasks, neighbours, max_cosine, domains)
     prep = prepare_crossdoc(
         shards_path,

@@ -57,6 +57,7 @@ from elmforest.forest.pool import (  # noqa: F401 - re-exported: the pool is par
 from elmforest.merge.average import average_state_dict, warn_unrelated
 from elmforest.model.build import load_model
 from elmforest.utils.errors import UserError
+from elmforest.utils.typed import expert_selection
 
 MODES = ("ensemble", "topk", "average", "cluster")
 RESETS = ("document", "window")
@@ -125,7 +126,7 @@ def evaluate_forest_shards(
         raise UserError(f"unknown reset {reset!r}; expected one of {RESETS}")
     if prior == "cached" and prior_split == split:
         raise UserError(f"the prior must come from other documents than the {split!r} split it scores")
-    names = experts or forest.names
+    names = expert_selection(experts, "evaluate_forest_shards") or forest.names
     if not names:
         raise UserError(f"{forest.root}: the forest has no experts")
     for name in names:

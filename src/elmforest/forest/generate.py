@@ -28,7 +28,7 @@ from elmforest.forest.cluster_route import ClusterRouting
 from elmforest.forest.manifest import Forest
 from elmforest.forest.pool import ExpertPool, make_pool
 from elmforest.utils.errors import Diverged, UserError
-from elmforest.utils.typed import check_call_args
+from elmforest.utils.typed import check_call_args, expert_selection
 
 
 def mixture_logprobs(logprobs: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -228,17 +228,14 @@ def generate(
     `cluster_k`: c-BTM's routing to the k nearest clusters instead of a prior. `pool`: an expert pool
     made for these `experts` (pool.make_pool) to reuse across calls, models loaded once; each
     generation starts from empty KV caches."""
-    check_call_args("generate", ints={"max_new_tokens": max_new_tokens}, lists={"experts": experts})
+    check_call_args("generate", ints={"max_new_tokens": max_new_tokens})
+    experts = expert_selection(experts, "generate")
     if not isinstance(prompt, str):
         raise UserError(f"generate: prompt must be text (a str), got {type(prompt).__name__}")
     if isinstance(prior, str):  # the CLI's --prior values are not a prior
         raise UserError(f"generate: prior={prior!r}: a dict {{expert: weight}} or None (uniform)")
-    if experts is not None and (not experts or len(set(experts)) < len(experts)):
-        raise UserError(  # empty: all of them was meant as none; twice: counted twice in the mixture
-            f"generate: experts={experts}: name each expert once (None: every expert of the forest)"
-        )
     forest = Forest.load(forest_dir)
-    names = list(experts) if experts is not None else forest.names
+    names = experts or forest.names
     if not names:
         raise UserError(f"{forest_dir}: the forest has no experts")
     if weighting not in ("posterior", "fixed"):

@@ -42,6 +42,7 @@ from elmforest.merge.average import average_state_dict, warn_unrelated
 from elmforest.model.build import load_model, read_config, resolve_model_dir
 from elmforest.utils.device import autocast, resolve_device, resolve_precision
 from elmforest.utils.errors import Diverged, UserError
+from elmforest.utils.typed import expert_selection
 
 MODES = ("ensemble", "topk", "cluster", "average")
 PRIORS = ("uniform", "cached")
@@ -283,11 +284,7 @@ def open_lm(
             "mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data "
             "(--prior, --prior-data)"
         )
-    if experts is not None and not experts:  # `experts=` with nothing after it: all of them was not meant
-        raise UserError("experts: an empty list; name the experts to use, or leave experts out for all")
-    dupes = sorted({n for n in experts or [] if experts.count(n) > 1})
-    if dupes:  # the mixture would count such an expert twice
-        raise UserError(f"experts named more than once: {', '.join(dupes)}")
+    experts = expert_selection(experts, "experts")  # `experts=` with nothing after it: refused, not all
     if (path / "forest.json").is_file():
         forest = Forest.load(path)
         unknown = sorted(set(experts or []) - set(forest.names))

@@ -54,7 +54,7 @@ def nearest_expert(
         scores = branch_weights(forest, shards, domain, prior_batches, names=candidates)
         best = max(scores, key=lambda n: (scores[n], n))
         return best, {"by": by, "posterior": scores}
-    from elmforest.cluster.language_groupings import nearest_group
+    from elmforest.cluster.language_groupings import groups_holding, nearest_group
 
     mapping = shards.index.get("domain_map") or {}
     groups = {n: _languages(forest, n, mapping) for n in candidates}
@@ -63,19 +63,20 @@ def nearest_expert(
         raise UserError(f"{domain!r} is a group of languages {new}; typology branching adds one language")
     try:
         best, dists = nearest_group(new[0], {"groups": groups})
+        held = groups_holding(new[0], {"groups": groups})
     except UserError as e:
         raise UserError(
             f"nearest:typology needs every domain to be an ISO 639-3 language, and an expert of a group "
             f"its languages (from the domain map of the shards it trained on, or of --shards): {e}; "
             "or use nearest:posterior"
         ) from None
-    if holders := [n for n, g in groups.items() if new[0] in g]:  # not new: a group trained on it
+    if held:  # not new: nearest_group chose the group that trained on it
         print(
-            f"note: {new[0]} is already one of the languages of expert(s) {', '.join(holders)}; this "
-            f"expert branches from {holders[0]}, which trained on it (the distances leave it out of its group)",
+            f"note: {new[0]} is already one of the languages of expert(s) {', '.join(held)}; this "
+            f"expert branches from {best}, which trained on it (the distances leave it out of its group)",
             file=sys.stderr,
         )
-        return holders[0], {"by": by, "syntax_distance": dists, "trained_on_it": holders}
+        return best, {"by": by, "syntax_distance": dists, "trained_on_it": held}
     return best, {"by": by, "syntax_distance": dists}
 
 

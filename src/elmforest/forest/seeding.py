@@ -10,6 +10,7 @@ Apart from forest/btm.py, which branches each expert from the seed and trains it
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -198,14 +199,21 @@ def seed_from_checkpoint(
         check_same_tokenizer(str(model_dir), shards.tokenizer_fingerprint, shards)
         load_model(model_dir, trust_remote_code=trust_remote_code, vocab_size=shards.vocab_size)
     if (own := resolve_model_dir(model_dir) / "elmforest_run.json").is_file():
-        try:  # the experts' config unless --config/--preset: refused now, not at the first expert
-            RunConfig.from_dict(read_json(own))
+        try:  # the experts' config unless --config/--preset give theirs: said now, refused where used
+            read_seed_config(own)
         except UserError as e:
-            raise UserError(
-                f"{own}: {e} (fix or remove the file; without it experts train by a preset)"
-            ) from e
+            print(f"note: {e}; experts of this seed need --preset or --config", file=sys.stderr)
     forest.set_seed(model_dir, source=f"local checkpoint {Path(model_dir).resolve()}")
     return forest.data["seed"]
+
+
+def read_seed_config(own: Path) -> RunConfig:
+    """A checkpoint seed's own training config (its elmforest_run.json), an error naming the file."""
+    raw = read_json(own)  # (its errors name the file)
+    try:
+        return RunConfig.from_dict(raw)
+    except UserError as e:
+        raise UserError(f"{own}: {e}") from e
 
 
 def train_dense(forest: Forest, shards: Shards, base: RunConfig, plan: Plan, progress: bool = True) -> dict:

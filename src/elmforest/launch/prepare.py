@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from elmforest.data.bpe import train_bpe_on
+from elmforest.data.bpe import MIN_VOCAB, train_bpe_on
 from elmforest.data.readers import quiet_notes
 from elmforest.data.reorder import resolve_orderer
 from elmforest.data.shards import Shards
@@ -74,10 +74,13 @@ def prepare_data(
     domain's training documents, seeded by `order_seed`; see `shards_dir_for` for where they go."""
     ints = dict(vocab_size=vocab_size, order_seed=order_seed, tokenizer_sample_bytes=tokenizer_sample_bytes)
     check_call_args("prepare_data", ints, dict(domains=domains, ood=ood))
-    if domains is not None and not list(domains):  # (a filter that matched nothing): not every domain
+    domains = None if domains is None else list(domains)  # (an iterator is read once)
+    if domains is not None and not domains:  # (a filter that matched nothing): not every domain
         raise UserError("prepare_data: domains is an empty list; pass None for every domain")
-    if vocab_size < 257:  # before anything is announced or written
-        raise UserError(f"prepare_data: vocab_size {vocab_size}: at least 257 (the 256 bytes and an EOS)")
+    if vocab_size < MIN_VOCAB:  # before anything is announced or written
+        raise UserError(
+            f"prepare_data: vocab_size {vocab_size}: at least {MIN_VOCAB} (the 256 bytes and an EOS)"
+        )
     out = Path(out)
     ood_sources = [Path(x) for x in (ood or [])]
     from elmforest.data.sources import refuse_out_in_data

@@ -102,7 +102,7 @@ def check_call_args(where: str, ints: dict | None = None, lists: dict | None = N
         except TypeError:
             raise UserError(f"{where}: {name} must be an integer, got {v!r}") from None
     for name, v in (lists or {}).items():
-        if isinstance(v, str | bytes | PurePath) or v is not None and not hasattr(v, "__iter__"):
+        if isinstance(v, str | bytes | PurePath | int | float):  # (one number: iterated, a TypeError)
             raise UserError(
                 f"{where}: {name} must be a list, got one {type(v).__name__} ({v!r}); give [{v!r}]"
             )
@@ -141,3 +141,20 @@ def split_quoted(s: str) -> list[str]:
         items.append(s[i : j if j >= 0 else n].strip())
         i = j + 1 if j >= 0 else n + 1
     return [x for x in items if x]
+
+
+def expert_selection(experts, where: str) -> list[str] | None:
+    """A caller's subset of experts as a list, or None (every expert): one string (iterated, its letters
+    taken for names), an empty list (meant as all of them, silently) and a name given twice (counted
+    twice in a mixture) are refused here for every entry point alike."""
+    if experts is None:
+        return None
+    check_call_args(where, lists={"experts": experts})
+    experts = list(experts)
+    if not experts:
+        raise UserError(
+            f"{where}: experts is an empty list; name the experts to use, or leave it out for all"
+        )
+    if dupes := sorted({n for n in experts if experts.count(n) > 1}):
+        raise UserError(f"experts named more than once: {', '.join(map(str, dupes))}")
+    return experts
