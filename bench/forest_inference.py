@@ -132,12 +132,14 @@ def _interleaved_times(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each run, the runs interleaved within each round so a machine whose speed
     drifts affects them alike, after one untimed round (the first run, one expert, the baseline of
     every ratio, was timed cold: its median over 2 rounds was half a cold call), each run first in
-    turn (a run timed right after a heavy one can run slower). A run is a function, or (setup, fn):
-    setup's result (a loaded model) is made untimed before each call and passed to fn."""
+    turn and the order reversed every other round, so that no run always follows the same one (a run
+    timed right after a heavy one can run slower). A run is a function, or (setup, fn): setup's result
+    (a loaded model) is made untimed before each call and passed to fn."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds + 1):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        order = names[(r // 2) % len(names) :] + names[: (r // 2) % len(names)]
+        for name in order[::-1] if r % 2 else order:
             run = runs[name]
             setup, fn = run if isinstance(run, tuple) else (None, run)
             args = (setup(),) if setup else ()

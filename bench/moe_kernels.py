@@ -4,10 +4,10 @@
 
 A `cpu-small`-shaped Llama (d=128, 4 layers, SwiGLU 344, vocab 4,096) and the Mixtral with 8 such
 MLPs, top-2, random init (the router spreads tokens evenly), one forward of 16 x 256 tokens under bf16
-autocast, the dense model and each kernel interleaved, each first in turn, so a drifting machine
-affects them alike. Prints the MoE/dense time per expert kernel and the FLOP ratio (not a floor on
-time: the extra MLP matmuls may run faster per FLOP than the shared attention and head). Kernels:
-transformers' `eager`, `grouped_mm` and `batched_mm` (timed once: it materialises each token's expert
+autocast, the dense model and each kernel interleaved, each first in turn and every other round in
+reverse order, so a drifting machine, or a run slowed by the one before it, affects them alike.
+Prints the MoE/dense time per expert kernel and the FLOP ratio (not a floor on time: the extra MLP
+matmuls may run faster per FLOP than the shared attention and head). Kernels: transformers' `eager`, `grouped_mm` and `batched_mm` (timed once: it materialises each token's expert
 weights), and elmforest's `sorted_loop` (model/moe_experts.py), which `load_model` picks on CPU; the
 largest logit difference of each from the first is printed (0: bit-identical).
 """
@@ -67,18 +67,20 @@ def main() -> None:
     for impl in impls:  # the same weights under each kernel; a config each (the kernel is set on it)
         moe_cfg = MixtralConfig(**SHAPE, num_local_experts=8, num_experts_per_tok=2)
         models[impl] = AutoModelForCausalLM.from_config(moe_cfg, experts_implementation=impl).eval()
-        models[impl].load_state_dict(models[impls[0]].state_dict())
+        if impl != impls[0]:
+            models[impl].load_state_dict(models[impls[0]].state_dict())
 
     looped = ["dense"] + [i for i in impls if i != "batched_mm"]
     times: dict[str, list[float]] = {i: [] for i in ["dense", *impls]}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = models[impls[0]](x[:2]).logits
-        for impl in looped[2:]:
+        for impl in impls[1:]:  # (2 sequences: cheap for batched_mm too, and its warm-up)
             diff = (models[impl](x[:2]).logits - want).abs().max().item()
             print(f"{impl} vs {impls[0]}: largest logit difference {diff:.3g} (bf16 autocast)")
         # one untimed call each was too few: the model timed first ran slow for a while
         for r in range(args.warmup + args.rounds):
-            for i in looped[r % len(looped) :] + looped[: r % len(looped)]:  # each first in turn
+            order = looped[(r // 2) % len(looped) :] + looped[: (r // 2) % len(looped)]
+            for i in order[::-1] if r % 2 else order:  # each first in turn, every other round reversed
                 t = once(models[i])
                 if r >= args.warmup:
                     times[i].append(t)

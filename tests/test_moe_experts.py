@@ -116,8 +116,37 @@ def test_an_unusual_layout_runs_eager(monkeypatch):
     assert torch.equal(_logits(model, ids, moe_experts.NAME, False), want) and not calls
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="load_model picks it where there is no CUDA")
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_load_model_picks_it_on_cpu(arch, tmp_path):
-    _model(arch).save_pretrained(tmp_path)
-    assert load_model(tmp_path).config._experts_implementation == moe_experts.NAME
-    assert "sorted_loop" not in (tmp_path / "config.json").read_text()  # not written into checkpoints
+    _model(arch).save_pretrained(tmp_path / "a")
+    loaded = load_model(tmp_path / "a")
+    assert loaded.config._experts_implementation == moe_experts.NAME
+    loaded.save_pretrained(tmp_path / "b")  # saved again: plain transformers must load it anywhere
+    assert "sorted_loop" not in (tmp_path / "b" / "config.json").read_text()
+
+
+def test_a_router_trained_alone_gets_eagers_gradients_through_it():
+    """Experts frozen, the router trained (hidden states need no grad into layer 0): the fast path runs
+    there, and the router's gradients flow through its weighted sum as through eager's."""
+    model = _model("mixtral").train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp.gate." in name)
+    ids = torch.randint(0, 97, (2, 30))
+    grads, calls = {}, []
+    real = torch.argsort
+    for impl in ("eager", moe_experts.NAME):
+        model.set_experts_implementation(impl)
+        model.zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "argsort", lambda *a, impl=impl, **k: calls.append(impl) or real(*a, **k))
+            model(ids, labels=ids).loss.backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert calls and set(calls) == {moe_experts.NAME}  # the fast path ran (layer 0)
+    assert all(torch.equal(a, b) for a, b in zip(*grads.values(), strict=True))
+
+
+def test_an_fp64_model_under_autocast_stays_fp64_as_eager_does():
+    model = _model("mixtral").to(torch.float64)
+    ids = torch.randint(0, 97, (2, 30))
+    assert torch.equal(_logits(model, ids, "eager", True), _logits(model, ids, moe_experts.NAME, True))

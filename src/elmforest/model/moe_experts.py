@@ -41,7 +41,10 @@ def sorted_loop_experts_forward(
     counts = torch.bincount(flat, minlength=self.num_experts).tolist()
     token = order % n_tokens
     dev = hidden_states.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden_states.dtype
+    fp64 = hidden_states.dtype == torch.float64  # autocast leaves fp64 alone
+    dtype = (
+        torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and not fp64 else hidden_states.dtype
+    )
     rows = hidden_states.to(dtype).index_select(0, token)
     out = torch.empty(rows.shape[0], hidden_states.shape[-1], dtype=dtype, device=hidden_states.device)
     parts, start = [], 0  # each expert's rows: one contiguous slice
@@ -55,7 +58,7 @@ def sorted_loop_experts_forward(
             gate_up = torch.nn.functional.linear(rows[part], self.gate_up_proj[e].to(dtype))
             torch.mm(self._apply_gate(gate_up), self.down_proj[e].to(dtype).T, out=out[part])
     summed = torch.zeros_like(hidden_states)
-    weighted = out * top_k_weights.T.reshape(-1)[order, None]  # as eager: in the weights' dtype
+    weighted = out * top_k_weights.T.reshape(-1)[order, None]  # type-promoted, as eager
     weighted = weighted.to(summed.dtype)
     if summed.dtype in (torch.float32, torch.float64):  # one scatter-add sums in eager's order
         return summed.index_add_(0, token, weighted)
