@@ -223,7 +223,7 @@ def load_model(
     moe = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)  # Qwen2-MoE's
     if moe and not torch.cuda.is_available():
         # transformers picks grouped_mm for MoE experts; on CPU its eager per-expert loop is faster
-        # (1.3x-1.8x, bench/moe_kernels.py) and our sorted loop (bit-identical) faster again, 5% end to
+        # (1.3x-1.8x, bench/moe_kernels.py) and our sorted loop (bit-identical) faster again, 5-7% end to
         # end (bench/forest_inference.py)
         from elmforest.model.moe_experts import NAME
 

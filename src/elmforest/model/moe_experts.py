@@ -8,7 +8,7 @@ and a scatter-add. Here the (slot, token) pairs are sorted by expert once, the h
 and gathered once, each expert's rows are a contiguous slice in eager's order, and one scatter-add
 sums them back (per expert in bf16/fp16, where eager rounds after each). The same products are summed
 in the same order as `eager`, so switching kernels changes no number (tests/test_moe_experts.py, on
-1 and 2 threads), only the time: the merged MoE 0.95x eager's end to end (docs/benchmarks.md).
+1 and 2 threads), only the time: the merged MoE 0.93x-0.95x eager's end to end (docs/benchmarks.md).
 
 Inference only: when autograd records through the experts (their weights or the hidden states
 require grad: BTX, FlexOlmo owners), or with a layout other than the plain one (gate and up
