@@ -488,7 +488,8 @@ def test_a_file_a_library_writes_through_atomic_path_gets_the_usual_mode(tmp_pat
 
 
 def test_an_atomic_write_is_synced_before_its_rename(tmp_path, monkeypatch):
-    """Renamed before its bytes reach the disk, a power cut can leave the new name on an empty file."""
+    """Renamed before its bytes reach the disk, a power cut can leave the new name on an empty file;
+    the folder not synced after, it can lose the rename."""
     import elmforest.utils.io as io_mod
 
     events = []
@@ -504,7 +505,9 @@ def test_an_atomic_write_is_synced_before_its_rename(tmp_path, monkeypatch):
     write_json_atomic(tmp_path / "f.json", {"v": 1})
     kinds = [k for k, _ in events]
     assert "fsync" in kinds and kinds.index("fsync") < kinds.index("replace")
-    assert dict(events)["fsync"] == dict(events)["replace"]  # the temporary's own bytes
+    first, renamed = kinds.index("fsync"), kinds.index("replace")
+    assert events[first][1] == events[renamed][1]  # the temporary's own bytes
+    assert ("fsync", str(tmp_path)) in events[renamed:]  # then the folder's new entry
 
 
 def test_a_checkpoint_is_hashed_once_per_process_while_its_files_stay(shards_dir, tmp_path, monkeypatch):
@@ -549,3 +552,60 @@ def test_a_model_a_kill_left_aside_while_replacing_it_is_put_back_by_its_readers
     with pytest.raises(AlreadyExists, match="fine-tuning"):  # a trained MoE, back in place, kept
         check_untrained(m)
     assert (m / "elmforest_moe.json").is_file() and not aside.exists()
+
+
+def _disk_log(monkeypatch):
+    """Every fsync (by the path it flushed) and every rename/replace (by its destination), in order."""
+    log = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        log.append(("sync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def rename(a, b):
+        real_rename(a, b)
+        log.append(("rename", Path(b)))
+
+    def replace(a, b):
+        real_replace(a, b)
+        log.append(("rename", Path(b)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+def test_a_published_folder_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A power cut, not a kill: every file and folder of a staged output is flushed before the rename
+    that publishes it (a late-allocating file system could otherwise publish empty weights), and the
+    parent folder after it (else the rename can be lost while later deletions are kept)."""
+    from elmforest.utils import io
+
+    staged, dst = tmp_path / "staged", tmp_path / "out"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"w" * 100)
+    (staged / "sub" / "card.json").write_text("{}")
+    dst.mkdir()
+    log = _disk_log(monkeypatch)
+    io.replace_dir(staged, dst)
+    publish = log.index(("rename", dst))
+    before, after = {p for k, p in log[:publish] if k == "sync"}, {p for k, p in log[publish:] if k == "sync"}
+    assert {staged / "model.safetensors", staged / "sub" / "card.json", staged / "sub", staged} <= before
+    assert tmp_path in after
+
+
+def test_a_checkpoint_name_is_on_disk_before_older_ones_are_pruned(shards_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_rmtree, log = shutil.rmtree, _disk_log(monkeypatch)
+    monkeypatch.setattr(
+        ckpt_mod.shutil, "rmtree", lambda p, *a, **k: log.append(("rm", Path(p))) or real_rmtree(p, *a, **k)
+    )
+    train(tiny_config(shards_dir, steps=6, ckpt_every=3, keep_checkpoints=1), run, progress=False)
+    root = run / "checkpoints"
+    second = log.index(("rename", root / "step-00000006"))
+    pruned = next(i for i, (k, p) in enumerate(log) if k == "rm" and p.name == ".trash-step-00000003")
+    assert second < pruned and ("sync", root) in log[second:pruned]
+    files = {p.name for k, p in log[:second] if k == "sync" and p.parent.name.startswith(".step-00000006")}
+    assert {"model.safetensors", "optimizer.safetensors", "state.json"} <= files

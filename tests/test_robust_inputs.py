@@ -124,6 +124,12 @@ def _dropped_tensor(d: Path) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def _config_of_another_size(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] *= 2  # transformers' own error only points at a report it logged
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 def _pickle_weights_only(d: Path) -> None:
     (d / "model.safetensors").rename(d / "pytorch_model.bin")  # never unpickled, whatever it holds
 
@@ -137,6 +143,7 @@ def _pickle_weights_only(d: Path) -> None:
         (_truncated_header, UserError, "model.safetensors"),
         (_bad_header, UserError, "model.safetensors"),
         (_dropped_tensor, UserError, "model.layers.1.mlp.up_proj.weight"),
+        (_config_of_another_size, UserError, "model.layers.0.mlp.down_proj.weight is [64, 128]"),
         (_pickle_weights_only, UserError, "pytorch_model.bin"),
     ],
 )

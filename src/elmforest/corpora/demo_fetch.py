@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import pid_alive
+from elmforest.utils.io import pid_alive, sync_tree
 
 _TIMEOUT_DOWNLOAD = 300
 _TIMEOUT_TOOL = 120
@@ -70,6 +70,7 @@ def _download(cmd: Sequence[str], into: Path, pattern: str) -> None:
     try:
         _run(cmd, cwd=tmp, timeout=_TIMEOUT_DOWNLOAD)
         for f in tmp.glob(pattern):
+            sync_tree(f)  # (a power cut must not leave a cached package that reads back empty)
             os.replace(f, into / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,6 +206,7 @@ class SourceCache:
         try:
             _run(["dpkg-deb", "-x", str(deb), str(tmp)], timeout=_TIMEOUT_TOOL)
             (tmp / ".complete").write_text(deb.name + "\n")
+            sync_tree(tmp)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
         finally:

@@ -254,7 +254,8 @@ def load_model(
             **extra,
         )
     except (OSError, ValueError, RuntimeError) as e:  # e.g. tensor shapes that do not fit config.json
-        raise UserError(f"{d}: cannot load the weights ({_first_line(e)})") from e
+        why = _shape_mismatch(d, files, config, trust_remote_code) or _first_line(e)
+        raise UserError(f"{d}: cannot load the weights ({why})") from e
     if info.get("missing_keys"):  # transformers would initialise them at random, with a mere warning
         name = sorted(info["missing_keys"])[0]
         where = files.get("", d / WEIGHTS_INDEX)
@@ -285,3 +286,26 @@ def _first_line(e: BaseException) -> str:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _shape_mismatch(d: Path, files: dict[str, Path], config, trust_remote_code: bool) -> str | None:
+    """The first tensor whose shape in the weight files is not the one config.json gives it, said with
+    both shapes: transformers' own error only points at a report it logged (hidden from CLI users).
+    None when no such tensor is found (tensor names transformers renames while loading are skipped)."""
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        want = {name: list(t.shape) for name, t in built.state_dict().items()}
+        for f in sorted(set(files.values())):
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    shape = list(h.get_slice(name).get_shape())
+                    if name in want and shape != want[name]:
+                        return (
+                            f"tensor {name} is {shape} in {f.name}; {d / 'config.json'} makes it {want[name]}"
+                        )
+    except Exception:  # only an explanation: never hide the error being explained
+        return None
+    return None

@@ -25,7 +25,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import file_digest, fix_modes, remove_path, undone_on_failure, write_json_atomic
+from elmforest.utils.io import (
+    file_digest,
+    fix_modes,
+    remove_path,
+    sync_dir,
+    sync_tree,
+    undone_on_failure,
+    write_json_atomic,
+)
 
 PREFIX = "step-"
 CORRUPT_PREFIX = "corrupt-"  # kept aside for inspection: neither listed nor cleaned
@@ -83,12 +91,6 @@ def set_aside(path: Path) -> Path:
     dst = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(path, dst)
     return dst
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def optimizer_param_names(opt: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:
@@ -193,12 +195,13 @@ def save_checkpoint(
         files = {name: file_digest(tmp / name) for name in TENSOR_FILES}
         write_json_atomic(tmp / "state.json", {**state, "optimizer": opt_meta, "files": files})
         fix_modes(tmp)
-        _fsync_dir(tmp)
+        sync_tree(tmp)
     if final.exists():  # a previous attempt reached this step: replace it
         trash = final.with_name(f".trash-{final.name}")
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)
+    sync_dir(ckpt_root)  # the new checkpoint's name on disk before older ones are pruned
     prune_checkpoints(ckpt_root, keep)
     return final
 

@@ -8,6 +8,11 @@ remove it: a kill never leaves temporary files that nothing cleans. Error paths 
 what they created and never raise a second exception (after a disk-full error the cleanup is what
 frees the disk). Disk-full, read-only and permission errors become a `WriteError` naming the
 destination.
+
+Durable across a power cut, not only a kill: the new bytes are flushed (fsync) before the rename that
+publishes them, and the folder holding the rename after it. Without the first, a file system that
+allocates late can publish a folder whose weights read back empty after the cut; without the second,
+the rename itself can be lost while what follows it (a pruned checkpoint) is kept.
 """
 
 from __future__ import annotations
@@ -273,6 +278,7 @@ def atomic_path(path: str | os.PathLike, before_replace=None) -> Iterator[Path]:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+        sync_dir(path.parent)
 
 
 @contextmanager
@@ -349,6 +355,7 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
     `.NAME.old~HOST~PID`, which the next write of `dst` puts back). Files get the usual modes."""
     staged, dst = Path(staged), Path(dst)
     fix_modes(staged)
+    sync_tree(staged)
     old = temp_sibling(dst, "old")
     moved = dst.exists() or dst.is_symlink()
     if moved:
@@ -359,5 +366,33 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
         if moved:
             os.rename(old, dst)  # the old one back: "nothing was changed" stays true
         raise
+    sync_dir(dst.parent)
     remove_path(old)
     return dst
+
+
+def sync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (the names created, renamed or removed in it) to disk. A file system
+    that cannot sync a folder (EINVAL: some network and FUSE file systems) has nothing to flush."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under `path` (a folder, or one file) and every folder's entries, `path`'s own
+    included, before a rename publishes it. Links are not followed."""
+    path = Path(path)
+    folder = path.is_dir() and not path.is_symlink()
+    for root, _dirs, files in os.walk(path) if folder else [(path.parent, [], [path.name])]:
+        for f in (Path(root) / name for name in files):
+            if not f.is_symlink():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if folder:
+            sync_dir(root)
