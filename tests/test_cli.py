@@ -567,7 +567,10 @@ def test_a_list_option_given_empty_is_refused_not_taken_for_the_default(shards_d
             "--groups is empty",
         ),
         (["serve", "--model", str(tmp_path / "none"), "--experts", ","], "--experts is empty"),
+        # no default to fall back on: not "leave it out"
+        (["cluster", "languages", "--langs", "", "--out", str(tmp_path / "g.json")], "--langs is empty ('')"),
     ):
         assert main(argv) == 2, argv
-        assert says in capsys.readouterr().err, argv
+        err = capsys.readouterr().err
+        assert says in err and ("leave it out" in err) == (argv[0] != "cluster"), (argv, err)
     assert not (tmp_path / "sw").exists()

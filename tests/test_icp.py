@@ -322,6 +322,12 @@ def test_token_documents_are_ordered_and_checked():
         (["text", 3], {}, "texts, TokenDocuments or a 2-D embedding array"),
         (["a b", "c d"], {"svd_dtype": "float16"}, "svd_dtype must be 'float32' or 'float64'"),
         (["a b", "c d"], {"svd_normalizer": "qr"}, "svd_normalizer must be"),
+        (["a b", "c d"], {"dims": 0}, "dims must be at least 1, got 0"),
+        (["a b", "c d"], {"fit_docs": "5000"}, "fit_docs must be an integer"),
+        (["a b", "c d"], {"max_features": 0}, "max_features must be at least 1"),
+        (["a b", "c d"], {"svd_iter": -1}, "svd_iter must be at least 0"),
+        (["a b", "c d"], {"dim": 8}, "unknown argument 'dim'; the embedding's are dims, "),
+        (np.ones((4, 3)), {"dims": 8}, "'dims' is an embedding argument; the vectors are given"),
     ],
 )
 def test_bad_input_is_refused_with_a_named_problem(data, kwargs, message):

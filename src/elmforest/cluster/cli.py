@@ -251,7 +251,7 @@ def languages(
         for code, alias in list_languages(features):
             print(f"{code}\t{alias}" if alias else code)
         return
-    codes = split_list(langs, "--langs")
+    codes = split_list(langs, "--langs", required=True)
     try:
         ks = [positive_int(x) for x in split_list(k, "--k") or []]
     except typer.BadParameter as e:

@@ -31,6 +31,7 @@ IVF beyond) and Python loops that touch each graph edge a constant number of tim
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -77,6 +78,9 @@ class IcpPlan:
     stats: dict = field(default_factory=dict)
 
 
+_EMBED_ARGS = set(inspect.signature(embed).parameters) - {"data", "seed", "threads", "pair_rows"}
+
+
 def _check(k, dedup_threshold, exact_limit, nprobe, chunk, seed):
     if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**31:  # faiss's C int, scikit-learn's
         raise UserError(f"ICP seed must be an integer in [0, 2**31), got {seed!r}")
@@ -114,6 +118,14 @@ def icp_plan(
     duplicates: exact ones by their content, and a pair whose embedded prefixes pass the threshold
     is a near-duplicate only if the whole documents' tf-idf cosine passes it too."""
     _check(k, dedup_threshold, exact_limit, nprobe, chunk, seed)
+    if unknown := sorted(set(embed_kwargs) - _EMBED_ARGS):  # (a TypeError naming `embed`, not this call)
+        raise UserError(
+            f"ICP ordering: unknown argument {unknown[0]!r}; the embedding's are {', '.join(sorted(_EMBED_ARGS))}"
+        )
+    if embed_kwargs and isinstance(data, np.ndarray):
+        raise UserError(
+            f"ICP ordering: {sorted(embed_kwargs)[0]!r} is an embedding argument; the vectors are given"
+        )
     threads = threads or default_threads()
     t = {"start": time.perf_counter()}
 

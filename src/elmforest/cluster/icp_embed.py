@@ -16,6 +16,7 @@ import numpy as np
 
 from elmforest.cluster.clusterer import WORD, normalise_word
 from elmforest.utils.errors import UserError
+from elmforest.utils.typed import check_call_args
 
 # ASCII bytes -> themselves for [a-z0-9_] and \x01 (the document separator), A-Z lower-cased, other
 # ASCII -> a space; bytes ≥ 128 (UTF-8 of word characters, see `_words`) kept. On ASCII Python's \w
@@ -262,6 +263,16 @@ def embed(
     the demo's 8 domains and 2 whole corpora: 0.56 CPU-seconds in float32 with LU, 1.38 in float64
     with QR (its angles 1e-11)."""
 
+    _check_sizes(
+        dims=dims,
+        max_chars=max_chars,
+        max_tokens=max_tokens,
+        min_df=min_df,
+        fit_docs=fit_docs,
+        svd_iter=svd_iter,
+    )
+    if max_features is not None:
+        _check_sizes(max_features=max_features)
     if svd_dtype not in ("float32", "float64"):
         raise UserError(f"ICP svd_dtype must be 'float32' or 'float64', got {svd_dtype!r}")
     if svd_normalizer not in ("auto", "QR", "LU", "none"):
@@ -301,6 +312,17 @@ def embed(
         del x
         x = _tfidf(counts, 1, None)
     return z, x
+
+
+def _check_sizes(**sizes) -> None:
+    """Integers of at least 1 (svd_iter: 0), said by name: scikit-learn's own errors name its arguments
+    (n_components for dims), and a size of 0 characters or documents is refused there or nowhere."""
+    check_call_args("ICP embedding", ints=sizes)
+    for name, v in sizes.items():
+        if v < (0 if name == "svd_iter" else 1):
+            raise UserError(
+                f"ICP embedding: {name} must be at least {0 if name == 'svd_iter' else 1}, got {v}"
+            )
 
 
 def _project_tfidf(x, n, dims, fit_docs, svd_iter, svd_dtype, svd_normalizer, seed, threads) -> np.ndarray:

@@ -108,7 +108,7 @@ def check_call_args(where: str, ints: dict | None = None, lists: dict | None = N
             )
 
 
-def split_list(s: str | None, flag: str) -> list[str] | None:
+def split_list(s: str | None, flag: str, required: bool = False) -> list[str] | None:
     """A comma-separated command-line list `flag` (None when not given); a quoted item keeps its commas
     (`--domains "'a,b',legal"`: a domain named `a,b`, and legal). Given with no item (`--domains ","`
     or `""`, a slip of quoting or of a script) it is refused: taken as not given, it silently meant
@@ -117,7 +117,8 @@ def split_list(s: str | None, flag: str) -> list[str] | None:
         return None
     items = split_quoted(s)
     if not items:
-        raise UserError(f"{flag} is empty ({s!r}); leave it out for the default")
+        then = "give at least one item" if required else "leave it out for the default"
+        raise UserError(f"{flag} is empty ({s!r}); {then}")
     return items
 
 
