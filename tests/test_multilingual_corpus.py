@@ -74,6 +74,17 @@ def test_roff_redirects_and_legacy_encodings():
     assert mt.decode_legacy("Größe".encode("iso-8859-2"), ("iso-8859-2",)) == "Größe"
     assert mt.decode_legacy("текст".encode("koi8-r"), ("koi8-r",)) == "текст"
     assert mt.decode_legacy("\ufefftext".encode(), ()) == "text"
+    # koi8-r and iso-8859-2 decode any bytes: the encoding that reads the language's words wins
+    rus, pol = BY_CODE["rus"], BY_CODE["pol"]
+    for lang, text in (
+        (rus, "это не то, что он может и будет для них"),
+        (pol, "jest to nie tak, że się nie da"),
+    ):
+        for enc in lang.encodings:
+            assert mt.decode_legacy(text.encode(enc), lang.encodings, lang.stopwords) == text, (
+                lang.code,
+                enc,
+            )
 
 
 # ---------------------------------------------------------------------------------------

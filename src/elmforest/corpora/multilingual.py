@@ -81,7 +81,7 @@ def extract_manpages(lang: Language, root: Path, pkg: str) -> Extracted:
         except (OSError, EOFError, gzip.BadGzipFile):
             out.skips["unreadable"] += 1
             continue
-        source = mt.decode_legacy(raw, lang.encodings)
+        source = mt.decode_legacy(raw, lang.encodings, lang.stopwords)
         if mt.is_roff_redirect(source):
             out.skips["alias"] += 1
             continue
@@ -108,7 +108,7 @@ def extract_fortunes(lang: Language, root: Path, pkg: str, globs: Sequence[str])
     out = Extracted([])
     seen: set[str] = set()
     for rel in sorted(files):
-        text = mt.decode_legacy(files[rel].read_bytes(), lang.encodings)
+        text = mt.decode_legacy(files[rel].read_bytes(), lang.encodings, lang.stopwords)
         cookies = []
         for cookie in parse_fortunes(text):
             key = mt.dedup_key(cookie)

@@ -278,11 +278,23 @@ def is_roff_redirect(source: str) -> bool:
     return len(lines) == 1 and lines[0].startswith(".so ")
 
 
-def decode_legacy(data: bytes, encodings: Iterable[str]) -> str:
-    """UTF-8 (BOM tolerated), else the first legacy encoding that decodes, else UTF-8 with U+FFFD."""
-    for enc in ("utf-8-sig", *encodings):
+def decode_legacy(data: bytes, encodings: Iterable[str], stopwords: frozenset[str] = frozenset()) -> str:
+    """UTF-8 (BOM tolerated), else the legacy encoding that reads the most of the language's
+    `stopwords` (the first, on a tie or with none given), else UTF-8 with U+FFFD. The first that decodes
+    is not enough: koi8-r and iso-8859-2 map every byte, so cp1251 and cp1250 text came out garbled."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    read = []
+    for enc in encodings:
         try:
-            return data.decode(enc)
+            read.append(data.decode(enc))
         except UnicodeDecodeError:
             continue
-    return data.decode("utf-8", "replace")
+    if not read:
+        return data.decode("utf-8", "replace")
+    if len(read) == 1 or not stopwords:
+        return read[0]
+    hits = [sum(w in stopwords for w in words(text)) for text in read]
+    return read[hits.index(max(hits))]
