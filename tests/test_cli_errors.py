@@ -606,6 +606,11 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         ([*ev, "--mode", "average", "--k", "3"], "--k 3: not used by --mode average"),
         ([*ev, "--mode", "average", "--weighting", "demix"], "--weighting demix: not used by --mode average"),
         ([*ev, "--mode", "cluster", "--prior", "uniform"], "--prior uniform: not used by --mode cluster"),
+        # typed at their defaults: a choice too, refused alike (eval's and serve's)
+        ([*ev, "--mode", "average", "--k", "2"], "--k 2: not used by --mode average"),
+        ([*ev, "--mode", "topk", "--temperature", "0.1"], "--temperature 0.1: not used by --mode topk"),
+        (["serve", "--forest", f, "--mode", "average", "--k", "2", "--port", "0"], "k=2 (--k): not used by mode=average"),
+        (["serve", "--forest", f, "--weighting", "posterior", "--mode", "cluster", "--port", "0"], "weighting=posterior"),
         ([*ev, "--prior", "uniform", "--prior-ema", "0.3"], "--prior-ema 0.3: it estimates the cached prior"),
         ([*ev, "--prior", "uniform", "--prior-batches", "3"], "--prior uniform does not read"),
     ):  # fmt: skip

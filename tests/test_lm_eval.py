@@ -194,7 +194,13 @@ def test_rolling_loglikelihood_equals_elmforest_eval(forest_dir, corpus, tmp_pat
             forest_dir, data, split="all", prior="uniform", mode=mode, k=2, precision="fp32", device="cpu"
         )
         dom = ev["domains"]["scripture"]
-        lm = ElmforestLM(forest=str(forest_dir), mode=mode, k=2, precision="fp32", rolling_eos=True)
+        lm = ElmforestLM(
+            forest=str(forest_dir),
+            mode=mode,
+            k=2 if mode == "topk" else None,
+            precision="fp32",
+            rolling_eos=True,
+        )
         assert len(lm.lm.encode(text)) > 2 * lm.max_length
         inst = type("I", (), {"args": (text,)})()
         [ll] = lm.loglikelihood_rolling([inst])
@@ -316,6 +322,9 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         ),
         ({"mode": "ensemble", "k": 3}, "k=3 (--k): not used by mode=ensemble"),
         ({"routing_temperature": 0.5}, "routing_temperature=0.5 (--routing-temperature): not used"),
+        # given at its default: a choice too (k=2 read as the mode's k)
+        ({"mode": "average", "k": 2}, "k=2 (--k): not used by mode=average"),
+        ({"mode": "topk", "routing_temperature": "0.1"}, "routing_temperature=0.1 (--routing-temperature)"),
     ):
         with pytest.raises(UserError, match=re.escape(said)):
             ElmforestLM(forest=f, **bad)

@@ -57,17 +57,17 @@ class ElmforestLM(LM):
         forest: str | None = None,
         model: str | None = None,
         mode: str = "ensemble",
-        k: int = 2,
-        prior: str = "uniform",
+        k: int | None = None,  # None: 2 (None where a mode's own setting has a default: given is told
+        prior: str = "uniform",  # from left out, and refused where the mode ignores it, as the CLI does)
         prior_data: str | None = None,
-        weighting: str = "posterior",
+        weighting: str | None = None,  # None: posterior
         experts: str | None = None,
         device: str | None = "auto",
         precision: str = "auto",
         batch_size=16,
         max_length: int | None = None,
         rolling_eos: bool = False,
-        routing_temperature: float = 0.1,
+        routing_temperature: float | None = None,  # None: 0.1
         seed: int = 0,
         **lm_eval_settings,  # lm-eval's own settings that apply to other model types
     ) -> None:
@@ -79,18 +79,26 @@ class ElmforestLM(LM):
             raise UserError("elmforest model_args need exactly one of forest=DIR or model=DIR")
         names = [x for x in str(experts).replace(";", "+").split("+") if x] if experts is not None else None
         max_length = None if max_length is None else _number(max_length, "max_length", int, 1)
+        given = [
+            n
+            for n, v in (("k", k), ("weighting", weighting), ("routing_temperature", routing_temperature))
+            if v is not None
+        ]
         self.lm: ForestLM = open_lm(
             Path(forest or model),
             mode=mode,
-            k=_number(k, "k", int, 1),
+            k=2 if k is None else _number(k, "k", int, 1),
             prior=prior,
             prior_data=prior_data,
-            weighting=weighting,
+            weighting=weighting or "posterior",
             experts=names,
             device=device or "auto",
             precision=precision,
             seq_len=max_length,
-            routing_temperature=_number(routing_temperature, "routing_temperature", float, 0),
+            routing_temperature=0.1
+            if routing_temperature is None
+            else _number(routing_temperature, "routing_temperature", float, 0),
+            given=given,
         )
         self.batch_size = _batch_size(batch_size)
         self.rolling_eos = _flag(rolling_eos, "rolling_eos")

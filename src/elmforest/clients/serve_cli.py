@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from elmforest.utils.argtypes import opt, positive_float, positive_int, verb
+from elmforest.utils.argtypes import given_by_user, opt, positive_float, positive_int, verb
 from elmforest.utils.errors import UserError
 from elmforest.utils.typed import split_list
 
@@ -98,5 +98,6 @@ def serve(
         precision,
         seq_len,
         routing_temperature,
+        given=[n for n in ("k", "weighting", "routing_temperature") if given_by_user(n)],
     )
     run(lm, host, port, name, max_active)

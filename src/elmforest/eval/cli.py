@@ -199,6 +199,7 @@ def eval_(
             "(and --reset document, the default; --reset window routes at the grid only)"
         )
     from elmforest.forest.mode_options import unused as ignored_by
+    from elmforest.utils.argtypes import given_by_user
 
     given = {  # a mode's own option given to another was dropped without a word
         name: label
@@ -211,7 +212,7 @@ def eval_(
             ("weighting", f"--weighting {weighting}", weighting != "posterior"),
             ("prior", f"--prior {prior}", prior != "cached"),
         )
-        if set_
+        if set_ or given_by_user("temperature" if name == "routing_temperature" else name)
     }
     if unused := ignored_by(mode if forest else None, given):
         raise UserError(

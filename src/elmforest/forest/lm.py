@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,8 +239,10 @@ def open_lm(
     seq_len: int | None = None,
     routing_temperature: float = 0.1,
     prior_batches: int = PRIOR_BATCHES,
+    given: Collection[str] = (),
 ) -> ForestLM:
-    """Open a forest directory (its manifest) or a single checkpoint directory as one LM."""
+    """Open a forest directory (its manifest) or a single checkpoint directory as one LM. `given`: the
+    settings a command line typed out, refused where the mode ignores them even at their default."""
     path = Path(path)
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -261,7 +264,7 @@ def open_lm(
                 routing_temperature != 0.1,
             ),
         )
-        if set_
+        if set_ or name in given
     }
     if unused := ignored_by(mode, given):
         raise UserError(

@@ -168,3 +168,21 @@ def _expand(fn: Callable) -> tuple[list[inspect.Parameter], dict[str, tuple[type
             )
         groups[p.name] = (t, [f.name for f in fields])
     return params, groups
+
+
+def given_by_user(name: str) -> bool:
+    """Whether option `name` of the running command was typed (or set in the environment), not left at
+    its default: a value equal to the default, typed, is a choice too (`--k 2 --mode average` is refused
+    like `--k 3`). False outside a command: a Python caller's settings are compared with the defaults."""
+    try:  # typer's own copy of click, where the running context lives
+        from typer._click.core import ParameterSource
+        from typer._click.globals import get_current_context
+    except ImportError:  # (a typer that uses click itself)
+        from click.core import ParameterSource
+        from click.globals import get_current_context
+    ctx = get_current_context(silent=True)
+    try:
+        source = ctx.get_parameter_source(name) if ctx is not None else None
+    except (AttributeError, KeyError):
+        return False
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
