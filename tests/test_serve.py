@@ -611,9 +611,12 @@ def test_a_token_id_prompt_opening_with_eos_is_not_charged_for_it_twice(served):
     parse(body, max_tokens=1)
     parse([lm.eos_id, *body], max_tokens=1)  # refused before: 65 tokens requested of 64
     parse([lm.eos_id, *body, 5], max_tokens=0, echo=True)  # scoring it reads seq_len positions
-    for ids in ([5, *body], [lm.eos_id, 5, *body]):
-        with pytest.raises(ApiError, match=f"you requested {lm.seq_len + 1} tokens"):
-            parse(ids, max_tokens=1)
+    for ids, said in (
+        ([5, *body], "in the prompt, "),
+        ([lm.eos_id, 5, *body], "in the prompt besides its opening EOS"),
+    ):
+        with pytest.raises(ApiError, match=f"you requested {lm.seq_len + 1} tokens \\({lm.seq_len} {said}"):
+            parse(ids, max_tokens=1)  # (usage.prompt_tokens counts all it was sent: said apart here)
     with pytest.raises(ApiError) as e:
         parse(body, max_tokens=10**400)
     assert f"({lm.seq_len - 1} in the prompt, {str(10**400)[:57]}... for" in str(e.value)  # not 400 digits
@@ -709,6 +712,7 @@ def test_one_checkpoint_is_served_as_its_own_greedy_decode(forest_dir):
     try:
         c = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["solo"]
+        assert httpx.get(bg.url + "/health").json()["mode"] == "single"  # not "ensemble" of one
         r = c.completions.create(model="solo", prompt="def return", max_tokens=6, temperature=0)
         m, seq = load_model(expert).eval(), [lm.eos_id, *lm.encode("def return")]
         with torch.no_grad():  # no KV cache: the argmax of the whole sequence at every step

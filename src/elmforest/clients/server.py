@@ -213,6 +213,11 @@ def parse_body(raw: bytes, lm, name: str, vocab: int, max_bytes: int) -> Complet
     return parse_completion(body, lm, name, vocab, max_bytes)
 
 
+def shown_mode(lm) -> str:
+    """`single` for one checkpoint (its mode, ensemble by default, weighs nothing), else the forest's mode."""
+    return lm.mode if lm.forest is not None else "single"
+
+
 def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
     """The app serving `lm` (forest/lm.py's ForestLM) as the model `name` (default: its directory's
     name). `app.state.engine` runs the model; close it with `app.state.engine.close()`."""
@@ -241,7 +246,7 @@ def create_app(lm, name: str | None = None, max_active: int = 8) -> FastAPI:
         """503 once the model thread has stopped: every request would fail, so a supervisor can
         restart the server."""
         ok = engine.alive
-        body = {"status": "ok" if ok else "error", "model": name, "mode": lm.mode, "experts": lm.names}
+        body = {"status": "ok" if ok else "error", "model": name, "mode": shown_mode(lm), "experts": lm.names}
         if not ok:
             body["error"] = f"the model thread stopped: {engine.error!r}"
         return JSONResponse({**body, **engine.load}, status_code=200 if ok else 503)
@@ -354,7 +359,7 @@ def serve(
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(
-        f"serving {app.state.model!r} ({lm.mode}: {', '.join(lm.names)}) at "
+        f"serving {app.state.model!r} ({shown_mode(lm)}: {', '.join(lm.names)}) at "
         f"http://{shown}:{sock.getsockname()[1]}/v1",
         flush=True,
     )

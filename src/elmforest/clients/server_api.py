@@ -248,18 +248,20 @@ def parse_completion(
         )
     for p in req.prompts:
         # the document's opening EOS is put in front of a prompt unless it opens with one: not counted twice
-        n = len(p.ids) - (1 if p.ids and p.ids[0] == lm.eos_id else 0)
+        opened = bool(p.ids) and p.ids[0] == lm.eos_id
+        n = len(p.ids) - opened
+        besides = " besides its opening EOS" if opened else ""  # (usage.prompt_tokens counts that EOS too)
         if n > lm.seq_len:
             raise ApiError(
                 f"this model's maximum context length is {lm.seq_len} tokens, however the prompt has "
-                f"{n} tokens",
+                f"{n} tokens{besides}",
                 "prompt",
                 code="context_length_exceeded",
             )
         if n + req.max_tokens > lm.seq_len:
             raise ApiError(
                 f"this model's maximum context length is {lm.seq_len} tokens, however you requested "
-                f"{_shown(n + req.max_tokens)} tokens ({n} in the prompt, {_shown(req.max_tokens)} for "
+                f"{_shown(n + req.max_tokens)} tokens ({n} in the prompt{besides}, {_shown(req.max_tokens)} for "
                 "the completion); reduce the prompt or max_tokens",
                 "max_tokens",
                 code="context_length_exceeded",
