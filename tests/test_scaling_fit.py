@@ -120,9 +120,8 @@ def test_the_multiplier_ci_is_the_replicates_outer_order_statistics(monkeypatch)
     monkeypatch.setattr(scaling, "multiplier", spy)
     b = bootstrap_multiplier(runs, "btm", n_boot=41, seed=3, ci=0.8)["budgets"][0]
     *reps, est = seen  # the replicates, then the estimate
-    v = np.array(
-        [m.value if m.status == "ok" else 0.0 if m.status == "below_range" else math.inf for m in reps]
-    )
+    v = np.array([m.value for m in reps])
+    assert all(m.status == "ok" for m in reps) and not any(b["ci_open"])
     assert len(v) == 41 and b["value"] == est.value and len(set(v.tolist())) > 30
     lo, hi = (1 - 0.8) / 2, 1 - (1 - 0.8) / 2  # 0.1 and 0.9 as floats round them (0.1 is 0.0999...)
     assert b["ci"] == [np.quantile(v, lo, method="lower"), np.quantile(v, hi, method="higher")]
@@ -280,12 +279,31 @@ def test_an_out_of_range_forest_is_reported_as_such_by_the_bootstrap():
     rng = np.random.default_rng(8)
     runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [1e13, 3e13, 1e14], speedup=300.0)
     res = bootstrap_multiplier(runs, "btm", n_boot=20, seed=9)
+    # an end an out-of-range replicate sets is the bound it passes, open: "> 10", "< 0.33", never 0.00
     for b in res["budgets"]:
         assert b["status"] == "above_range" and b["value"] is None and b["text"].startswith(">")
-        assert b["frac_above_range"] == 1.0 and b["ci"] == [math.inf, math.inf] and not b["ci_includes_1"]
+        bound = max(BUDGETS) / b["flops"]
+        assert b["frac_above_range"] == 1.0 and b["ci"] == [pytest.approx(bound), math.inf]
+        assert b["ci_open"] == [True, False] and not b["ci_includes_1"]
     runs = make_runs(rng, "dense", BUDGETS) + make_runs(rng, "btm", [3e13, 1e14, 3e14], speedup=0.01)
     for b in bootstrap_multiplier(runs, "btm", n_boot=20, seed=9)["budgets"]:
-        assert b["status"] == "below_range" and b["frac_below_range"] == 1.0 and b["ci"] == [0.0, 0.0]
+        bound = min(BUDGETS) / b["flops"]
+        assert b["status"] == "below_range" and b["frac_below_range"] == 1.0
+        assert b["ci"] == [0.0, pytest.approx(bound)] and b["ci_open"] == [False, True]
+        assert b["ci_includes_1"] == (bound > 1.0)  # (m < bound: the bound 1 itself is not held)
+
+
+def test_an_open_interval_end_is_written_and_judged_as_a_strict_bound():
+    from elmforest.eval.scaling_bootstrap import includes
+    from elmforest.study.analysis import ci_text, verdict
+
+    assert (
+        ci_text(0.0, 0.999, (False, True)) == "[0.00, < 0.999]"
+        and ci_text(1.5, math.inf, (True, False)) == "[> 1.50, inf]"
+    )
+    assert verdict(0.0, 1.0, 1.0, (False, True)) == "does not hold"  # every replicate strictly below 1
+    assert verdict(0.0, 1.0, 1.0) == "not shown" and verdict(1.0, 3.0, 1.0, (True, False)) == "holds"
+    assert not includes(0.0, 1.0, [False, True], 1.0) and includes(0.0, 1.0, [False, False], 1.0)
 
 
 def test_a_dense_curve_that_does_not_fall_gives_no_multiplier_and_no_verdict(tmp_path):

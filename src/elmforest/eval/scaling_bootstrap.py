@@ -228,9 +228,11 @@ def bootstrap_multiplier(
     seed_pool: str = "arm",
 ) -> dict:
     """The forest's compute multiplier at each of its budgets, with a percentile CI over domains and
-    seeds. An out-of-range replicate counts as +inf (above the dense range, or unreachable) or 0 (below)
-    and the fractions are reported, so a CI reaching inf says the data cannot bound it, not that it is
-    large (the CI may hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
+    seeds. An out-of-range replicate counts as the range it is known to lie in (`replicate_range`): above
+    the dense range (or unreachable) (c_max/F, inf), below it (0, c_min/F); an interval end it sets is
+    that bound, marked open in `ci_open` (a multiplier below the range is not 0.00), and the fractions
+    are reported, so a CI reaching inf says the data cannot bound it, not that it is large (the CI may
+    hold inf: json writes it as Infinity). Replicates whose fit fails are skipped and
     counted in n_failed. `seed_pool`: each arm's seed spread pooled over its budgets ("arm"), or each
     point's own ("point"; `pooled_steps` says why not)."""
     q = _check_boot(n_boot, ci, seed_pool)
@@ -264,13 +266,11 @@ def bootstrap_multiplier(
     ):
         n_failed += fit is None
         for p in forest_pts if fit else ():
-            mu = multiplier(fit, m[points[p]].mean(), flops[points[p]].mean())
-            reps[p].append(mu.value if mu.status == "ok" else 0.0 if mu.status == "below_range" else math.inf)
+            reps[p].append(replicate_range(multiplier(fit, m[points[p]].mean(), flops[points[p]].mean())))
     out = []
     for p in forest_pts:
-        v, est = np.array(reps[p]), multiplier(full, B[points[p]].mean(), flops[points[p]].mean())
-        lo = float(np.quantile(v, q[0], method="lower")) if v.size else None
-        hi = float(np.quantile(v, q[1], method="higher")) if v.size else None
+        est = multiplier(full, B[points[p]].mean(), flops[points[p]].mean())
+        lo, hi, is_open = _interval(reps[p], q)
         d = points.get((dense_arm, p[1]))  # the dense run measured at this budget, if there is one
         check = {}
         if d is not None:  # how far the fit is from it, against how far the forest is: said with the verdict
@@ -292,9 +292,10 @@ def bootstrap_multiplier(
                 "text": est.text(),
                 "dense_compute": est.dense_compute,
                 "ci": None if lo is None else [lo, hi],
-                "ci_includes_1": lo is not None and lo <= 1.0 <= hi,
-                "frac_above_range": float(np.mean(np.isinf(v))) if v.size else None,
-                "frac_below_range": float(np.mean(v == 0.0)) if v.size else None,
+                "ci_open": is_open,
+                "ci_includes_1": lo is not None and includes(lo, hi, is_open, 1.0),
+                "frac_above_range": _share(reps[p], ("above_range", "unreachable")),
+                "frac_below_range": _share(reps[p], ("below_range",)),
             }
         )
     head = dict(domains=domains, n_boot=n_boot, n_failed=n_failed, ci_level=ci, seed=seed, delta=delta)
@@ -340,3 +341,35 @@ def bootstrap_fit(
         ends = [float(np.quantile(v[:, j], q[0])), float(np.quantile(v[:, j], q[1]))] if len(v) else None
         out[name] = {"value": getattr(full, name), "ci": ends}
     return out
+
+
+def replicate_range(mu) -> tuple[float, float, str]:
+    """(lowest, highest, status) a replicate's multiplier can be. Out of the dense range it is known only
+    to lie past a bound, strictly: below the smallest budget in (0, c_min/F), above the largest (or past
+    the fit's floor) in (c_max/F, inf). An interval end set by such a replicate is that bound, open."""
+    if mu.status == "ok":
+        return mu.value, mu.value, "ok"
+    bound = mu.edge_compute / mu.forest_flops
+    return (0.0, bound, mu.status) if mu.status == "below_range" else (bound, math.inf, mu.status)
+
+
+def _interval(reps: list, q: tuple[float, float]) -> tuple[float | None, float | None, list[bool]]:
+    """The percentile interval over replicates' ranges: its low end from their lowest values, its high
+    end from their highest (each replicate's range holds its multiplier, so the interval holds the
+    one its true values would give), and whether each end is an out-of-range bound (open)."""
+    if not reps:
+        return None, None, [False, False]
+    lows, highs, status = zip(*reps, strict=True)
+    lo = float(np.quantile(np.array(lows), q[0], method="lower"))
+    hi = float(np.quantile(np.array(highs), q[1], method="higher"))
+    ok = {v for v, s in zip(lows, status, strict=True) if s == "ok"}
+    return lo, hi, [lo not in ok and lo != 0.0, hi not in ok and math.isfinite(hi)]
+
+
+def includes(lo: float, hi: float, is_open: list[bool], x: float) -> bool:
+    """Whether [lo, hi] holds x, an open end (a strict bound) not holding its own value."""
+    return (lo < x or (lo == x and not is_open[0])) and (x < hi or (x == hi and not is_open[1]))
+
+
+def _share(reps: list, statuses: tuple[str, ...]) -> float | None:
+    return float(np.mean([r[2] in statuses for r in reps])) if reps else None

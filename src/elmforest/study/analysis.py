@@ -253,12 +253,18 @@ def _ci(r: dict) -> str:
     return f"[{r['ci'][0]:+.2%}, {r['ci'][1]:+.2%}]"
 
 
-def verdict(lo: float, hi: float, null: float) -> str:
-    if lo > null:
+def verdict(lo: float, hi: float, null: float, is_open: tuple[bool, bool] = (False, False)) -> str:
+    """`is_open`: an end that is a strict bound (a multiplier past the dense range): "< 1.00" is below 1."""
+    if lo > null or (is_open[0] and lo >= null):
         return "holds"
-    if hi < null:
+    if hi < null or (is_open[1] and hi <= null):
         return "does not hold"
     return "not shown"
+
+
+def ci_text(lo: float, hi: float, is_open=(False, False)) -> str:
+    """A multiplier's interval, an open end (an out-of-range bound) written with its side: [0.00, < 1.00]."""
+    return f"[{'> ' if is_open[0] else ''}{ci_bound(lo)}, {'< ' if is_open[1] else ''}{ci_bound(hi)}]"
 
 
 def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
@@ -280,9 +286,9 @@ def findings(fits: dict, cfg: StudyConfig) -> list[dict]:
             elif m["ci"] is None:
                 ev, v = f"{m['text']}; no bootstrap replicate could be fitted", "not shown"
             else:
-                lo, hi = m["ci"]
-                ev = f"{m['text']}, {table['ci_level']:.0%} CI [{ci_bound(lo)}, {ci_bound(hi)}]"
-                v = verdict(lo, hi, 1.0)
+                (lo, hi), is_open = m["ci"], m.get("ci_open") or (False, False)  # (none before 2026-12-07)
+                ev = f"{m['text']}, {table['ci_level']:.0%} CI {ci_text(lo, hi, is_open)}"
+                v = verdict(lo, hi, 1.0, is_open)
                 miss, gain = m.get("fit_miss"), m.get("measured_gain")
                 if miss is not None and abs(miss) >= abs(gain):  # the curve cannot tell them apart here
                     ev += (

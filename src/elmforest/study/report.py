@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmforest.study.analysis import ci_bound
+from elmforest.study.analysis import ci_text
 from elmforest.study.lrs import lrs_table
 from elmforest.study.plots import plot_cbtm, plot_curves, plot_domains, plot_multiplier
 from elmforest.utils.errors import UserError
@@ -165,7 +165,7 @@ def markdown(study: dict, fits: dict) -> str:
         ]
         lines += ["| --- | --- | --- | --- | --- |"]
         for m in t["budgets"]:
-            ci = "-" if m["ci"] is None else f"[{ci_bound(m['ci'][0])}, {ci_bound(m['ci'][1])}]"
+            ci = "-" if m["ci"] is None else ci_text(*m["ci"], m.get("ci_open") or (False, False))
             # no interval (a flat dense fit) is not an interval that excludes 1
             includes = "-" if m["ci"] is None else "yes" if m["ci_includes_1"] else "no"
             lines.append(f"| {m['budget']:g}x | {m['flops']:.3g} | {m['text']} | {ci} | {includes} |")
