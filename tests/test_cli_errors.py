@@ -611,6 +611,7 @@ def test_out_of_range_settings_are_refused_before_anything_is_written(
         ([*ev, "--mode", "topk", "--temperature", "0.1"], "--temperature 0.1: not used by --mode topk"),
         (["serve", "--forest", f, "--mode", "average", "--k", "2", "--port", "0"], "k=2 (--k): not used by mode=average"),
         (["serve", "--forest", f, "--weighting", "posterior", "--mode", "cluster", "--port", "0"], "weighting=posterior"),
+        (["serve", "--forest", f, "--prior", "uniform", "--mode", "cluster", "--port", "0"], "prior=uniform (--prior): not used"),
         ([*ev, "--prior", "uniform", "--prior-ema", "0.3"], "--prior-ema 0.3: it estimates the cached prior"),
         ([*ev, "--prior", "uniform", "--prior-batches", "3"], "--prior uniform does not read"),
     ):  # fmt: skip

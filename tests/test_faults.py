@@ -609,3 +609,33 @@ def test_a_checkpoint_name_is_on_disk_before_older_ones_are_pruned(shards_dir, t
     assert second < pruned and ("sync", root) in log[second:pruned]
     files = {p.name for k, p in log[:second] if k == "sync" and p.parent.name.startswith(".step-00000006")}
     assert {"model.safetensors", "optimizer.safetensors", "state.json"} <= files
+
+
+def test_syncing_skips_what_is_not_a_regular_file_and_a_published_write_stands(tmp_path, monkeypatch):
+    """A FIFO in an unpacked package blocked sync_tree's open for ever; a folder sync that fails after
+    the rename (a folder writable, not readable) said "nothing was changed" of a file already replaced."""
+    from elmforest.utils import io
+
+    (tmp_path / "t").mkdir()
+    os.mkfifo(tmp_path / "t" / "fifo")
+    (tmp_path / "t" / "link").symlink_to(tmp_path / "nowhere")
+    import threading
+
+    synced = threading.Thread(target=io.sync_tree, args=(tmp_path / "t",), daemon=True)
+    synced.start()
+    synced.join(timeout=30)
+    if synced.is_alive():  # blocked in the FIFO's open: a writer frees it, then the test fails
+        os.close(os.open(tmp_path / "t" / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+    assert not synced.is_alive()
+    real = os.open
+
+    def refused(path, flags, *a):
+        if flags & os.O_DIRECTORY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refused)
+    write_json_atomic(tmp_path / "f.json", {"v": 2})
+    assert json.loads((tmp_path / "f.json").read_text()) == {"v": 2}
+    with pytest.raises(PermissionError):
+        io.sync_dir(tmp_path)  # before a rename it is an error

@@ -337,6 +337,12 @@ def test_bad_input_is_refused_with_a_named_problem(data, kwargs, message):
         icp_order(data, **kwargs)
 
 
+def test_given_vectors_take_an_embedding_argument_left_at_none():
+    pytest.importorskip("faiss")
+    z = np.random.default_rng(0).normal(size=(20, 4))
+    assert sorted(icp_order(z, embedder=None, dedup_threshold=None)[0].tolist()) == list(range(20))
+
+
 def test_faiss_thread_count_is_restored():
     faiss = pytest.importorskip("faiss")
     before = faiss.omp_get_max_threads()

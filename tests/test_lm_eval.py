@@ -325,6 +325,8 @@ def test_model_args_and_generation_settings_are_read_as_given_or_refused(forest_
         # given at its default: a choice too (k=2 read as the mode's k)
         ({"mode": "average", "k": 2}, "k=2 (--k): not used by mode=average"),
         ({"mode": "topk", "routing_temperature": "0.1"}, "routing_temperature=0.1 (--routing-temperature)"),
+        ({"mode": "cluster", "prior": "uniform"}, "prior=uniform (--prior): not used by mode=cluster"),
+        ({"weighting": ""}, "unknown weighting ''"),  # not taken for the default
     ):
         with pytest.raises(UserError, match=re.escape(said)):
             ElmforestLM(forest=f, **bad)

@@ -75,10 +75,11 @@ def test_roff_redirects_and_legacy_encodings():
     assert mt.decode_legacy("текст".encode("koi8-r"), ("koi8-r",)) == "текст"
     assert mt.decode_legacy("\ufefftext".encode(), ()) == "text"
     # koi8-r and iso-8859-2 decode any bytes: the encoding that reads the language's words wins
-    rus, pol = BY_CODE["rus"], BY_CODE["pol"]
+    rus, pol, ces = BY_CODE["rus"], BY_CODE["pol"], BY_CODE["ces"]
     for lang, text in (
         (rus, "это не то, что он может и будет для них"),
-        (pol, "jest to nie tak, że się nie da"),
+        (pol, "jeśli są tacy, że się nie da, to ich nie ma"),  # ś, ą: iso-8859-2 and cp1250 differ on them
+        (ces, "Tento příkaz vypíše seznam souborů, které jsou ve složce, a že je to všechno."),
     ):
         for enc in lang.encodings:
             assert mt.decode_legacy(text.encode(enc), lang.encodings, lang.stopwords) == text, (

@@ -58,7 +58,7 @@ class ElmforestLM(LM):
         model: str | None = None,
         mode: str = "ensemble",
         k: int | None = None,  # None: 2 (None where a mode's own setting has a default: given is told
-        prior: str = "uniform",  # from left out, and refused where the mode ignores it, as the CLI does)
+        prior: str | None = None,  # from left out, and refused where the mode ignores it, as the CLI does)
         prior_data: str | None = None,
         weighting: str | None = None,  # None: posterior
         experts: str | None = None,
@@ -81,16 +81,21 @@ class ElmforestLM(LM):
         max_length = None if max_length is None else _number(max_length, "max_length", int, 1)
         given = [
             n
-            for n, v in (("k", k), ("weighting", weighting), ("routing_temperature", routing_temperature))
+            for n, v in (
+                ("k", k),
+                ("weighting", weighting),
+                ("routing_temperature", routing_temperature),
+                ("prior", prior),
+            )
             if v is not None
         ]
         self.lm: ForestLM = open_lm(
             Path(forest or model),
             mode=mode,
             k=2 if k is None else _number(k, "k", int, 1),
-            prior=prior,
+            prior="uniform" if prior is None else prior,
             prior_data=prior_data,
-            weighting=weighting or "posterior",
+            weighting="posterior" if weighting is None else weighting,
             experts=names,
             device=device or "auto",
             precision=precision,

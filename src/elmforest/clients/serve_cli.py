@@ -98,6 +98,6 @@ def serve(
         precision,
         seq_len,
         routing_temperature,
-        given=[n for n in ("k", "weighting", "routing_temperature") if given_by_user(n)],
+        given=[n for n in ("k", "weighting", "routing_temperature", "prior") if given_by_user(n)],
     )
     run(lm, host, port, name, max_active)

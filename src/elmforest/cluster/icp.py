@@ -122,10 +122,10 @@ def icp_plan(
         raise UserError(
             f"ICP ordering: unknown argument {unknown[0]!r}; the embedding's are {', '.join(sorted(_EMBED_ARGS))}"
         )
-    if embed_kwargs and isinstance(data, np.ndarray):
-        raise UserError(
-            f"ICP ordering: {sorted(embed_kwargs)[0]!r} is an embedding argument; the vectors are given"
-        )
+    if (given := sorted(k for k, v in embed_kwargs.items() if v is not None)) and isinstance(
+        data, np.ndarray
+    ):
+        raise UserError(f"ICP ordering: {given[0]!r} is an embedding argument; the vectors are given")
     threads = threads or default_threads()
     t = {"start": time.perf_counter()}
 

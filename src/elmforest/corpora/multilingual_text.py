@@ -296,5 +296,6 @@ def decode_legacy(data: bytes, encodings: Iterable[str], stopwords: frozenset[st
         return data.decode("utf-8", "replace")
     if len(read) == 1 or not stopwords:
         return read[0]
-    hits = [sum(w in stopwords for w in words(text)) for text in read]
+    # a C1 control is a byte the encoding misread, and splits a word into pieces that can be stopwords
+    hits = [sum(w in stopwords for w in words(t)) - sum("\x80" <= c <= "\x9f" for c in t) for t in read]
     return read[hits.index(max(hits))]

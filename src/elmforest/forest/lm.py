@@ -252,6 +252,11 @@ def open_lm(
         raise UserError(f"unknown weighting {weighting!r}; expected posterior or fixed")
     if k < 1:
         raise UserError(f"k must be at least 1, got {k}")
+    if prior == "cached" and mode == "cluster":
+        raise UserError(
+            "mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data "
+            "(--prior, --prior-data)"
+        )
     # a mode's own setting given to another was dropped without a word (as `eval` refuses them)
     given = {
         name: label
@@ -263,13 +268,14 @@ def open_lm(
                 f"routing_temperature={routing_temperature:g} (--routing-temperature)",
                 routing_temperature != 0.1,
             ),
+            ("prior", f"prior={prior} (--prior)", False),  # (uniform, its default, fits every mode)
         )
         if set_ or name in given
     }
     if unused := ignored_by(mode, given):
         raise UserError(
             f"{', '.join(unused)}: not used by mode={mode} (k is topk's and cluster's, weighting ensemble's "
-            "and topk's, routing_temperature cluster's)"
+            "and topk's, routing_temperature cluster's, prior every mode's but cluster's)"
         )
     if prior == "cached" and prior_data is None:
         raise UserError(
@@ -281,11 +287,6 @@ def open_lm(
         raise UserError(
             f"prior_data (--prior-data) is only used with prior=cached, not prior={prior}; add prior=cached "
             "(--prior cached) or drop it"
-        )
-    if prior == "cached" and mode == "cluster":
-        raise UserError(
-            "mode=cluster routes by the clusterer, not a prior: drop prior=cached and prior_data "
-            "(--prior, --prior-data)"
         )
     experts = expert_selection(experts, "experts")  # `experts=` with nothing after it: refused, not all
     if (path / "forest.json").is_file():

@@ -201,8 +201,8 @@ def save_checkpoint(
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)
-    sync_dir(ckpt_root)  # the new checkpoint's name on disk before older ones are pruned
-    prune_checkpoints(ckpt_root, keep)
+    if sync_dir(ckpt_root, published=True):  # the new checkpoint's name on disk before older ones go
+        prune_checkpoints(ckpt_root, keep)  # (else the next checkpoint prunes them)
     return final
 
 

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,7 +279,7 @@ def atomic_path(path: str | os.PathLike, before_replace=None) -> Iterator[Path]:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-        sync_dir(path.parent)
+    sync_dir(path.parent, published=True)
 
 
 @contextmanager
@@ -366,22 +367,28 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
         if moved:
             os.rename(old, dst)  # the old one back: "nothing was changed" stays true
         raise
-    sync_dir(dst.parent)
+    sync_dir(dst.parent, published=True)
     remove_path(old)
     return dst
 
 
-def sync_dir(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (the names created, renamed or removed in it) to disk. A file system
-    that cannot sync a folder (EINVAL: some network and FUSE file systems) has nothing to flush."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def sync_dir(path: str | os.PathLike, published: bool = False) -> bool:
+    """Flush a folder's entries (the names created, renamed or removed in it) to disk; False if it could
+    not. A file system that cannot sync a folder (EINVAL: some network and FUSE file systems) has
+    nothing to flush. `published`: after the rename that put a new version in place, a failure (a
+    folder that can be written but not read, an I/O error) is not raised: the write did happen, and
+    "nothing was changed" would be false."""
     try:
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+        if e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or published:
+            return False
+        raise
+    return True
 
 
 def sync_tree(path: str | os.PathLike) -> None:
@@ -391,7 +398,7 @@ def sync_tree(path: str | os.PathLike) -> None:
     folder = path.is_dir() and not path.is_symlink()
     for root, _dirs, files in os.walk(path) if folder else [(path.parent, [], [path.name])]:
         for f in (Path(root) / name for name in files):
-            if not f.is_symlink():
+            if stat.S_ISREG(os.lstat(f).st_mode):  # (not a link, nor a FIFO, whose open would block)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if folder:
