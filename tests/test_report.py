@@ -500,6 +500,10 @@ def test_results_older_than_an_opt_out_are_flagged_and_a_malformed_file_is_named
     (bad / "results.json").write_text(json.dumps(good))
     with pytest.raises(UserError, match=rf"methods.dense.domains.{d}.bpb is None, not a number"):
         render_report(bad)
+    (qs / "results.json").unlink()
+    (qs / "results.json").mkdir()  # was "not written yet (the quickstart has not finished ...)"
+    with pytest.raises(UserError, match=r"results.json: not a file"):
+        render_report(qs)
 
 
 def test_a_forest_whose_rows_are_in_the_results_but_whose_dir_is_gone_is_said(qs_dir, tmp_path):

@@ -695,3 +695,24 @@ def test_every_domain_count_point_trains_the_main_runs_batch():
     cfg = load_study_config("tiny", ["domain_counts=[3]"])
     with pytest.raises(UserError, match="does not divide among domain_counts"):
         plan_batch(cfg, base, names)
+
+
+def test_config_errors_are_one_line_naming_the_field_and_value(tmp_path, capsys):
+    """PyYAML's own error quoted the source over six lines ("in <unicode string>", not the file); a
+    negative budget named neither list nor value; a missing corpus gave its path alone."""
+    cases = {
+        "b.yaml": ("preset: tiny\nsteps: [16\n", "b.yaml: not valid YAML/JSON (expected ',' or ']'"),
+        "d.yaml": (
+            "preset: tiny\ndense_budgets: [-0.5, 1, 2, 4]\n",
+            "dense_budgets holds -0.5: budgets must",
+        ),
+        "c.yaml": (
+            f"preset: tiny\ncorpus: {tmp_path / 'none'}\n",
+            f"corpus {tmp_path / 'none'}: no such file",
+        ),
+    }
+    for name, (text, said) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["study", str(tmp_path / name), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err

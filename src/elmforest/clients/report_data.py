@@ -115,6 +115,8 @@ def opted_out_since(path: Path, forest: Forest, results: dict | None = None) -> 
 
 
 def _results(path: Path) -> dict | None:
+    if path.exists() and not path.is_file():  # (not "not written yet": something else is there)
+        raise UserError(f"{path}: not a file (a quickstart writes its results there)")
     if not path.is_file():
         return None
     r = read_json(path)

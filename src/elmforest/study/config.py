@@ -71,8 +71,14 @@ class StudyConfig:
     def validate(self) -> None:
         bad = []
         dense, forest = sorted(self.dense_budgets), sorted(self.forest_budgets)
-        if not all(math.isfinite(b) and b > 0 for b in dense + forest):
-            bad.append("dense_budgets and forest_budgets must be positive numbers")
+        wrong = [
+            f"{name} holds {b!r}"
+            for name, budgets in (("dense_budgets", dense), ("forest_budgets", forest))
+            for b in budgets
+            if not (math.isfinite(b) and b > 0)
+        ]
+        if wrong:
+            bad.append(f"{wrong[0]}: budgets must be positive numbers")
         elif len(set(dense)) < 4 or dense[-1] / dense[0] < 8:
             bad.append(f"dense_budgets {dense}: the dense curve needs >= 4 budgets spanning >= 8x")
         elif len(set(forest)) < 3:

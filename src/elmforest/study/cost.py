@@ -19,7 +19,7 @@ from elmforest.model.presets import get_preset, preset_run_config
 from elmforest.study.config import StudyConfig, sweep_lrs
 from elmforest.study.lrs import sweep_specs
 from elmforest.study.run import check_budget_steps, plan_batch, plan_points
-from elmforest.utils.errors import UserError
+from elmforest.utils.errors import NotFound, UserError
 
 # bf16 dense matmul peaks (FLOP/s) of common accelerators, for the hours estimate
 GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
@@ -114,7 +114,10 @@ def domain_names(cfg: StudyConfig) -> list[str]:
         from elmforest.data.splits import SplitSpec
 
         spec = SplitSpec()
-        have = sorted({d.domain for d in iter_documents(cfg.corpus) if spec.assign(d.id) == "train"})
+        try:
+            have = sorted({d.domain for d in iter_documents(cfg.corpus) if spec.assign(d.id) == "train"})
+        except (UserError, NotFound) as e:  # named as the config's field: the path alone did not say whose
+            raise type(e)(f"corpus {e}") from None
     where = cfg.corpus or "the demo corpus"
     missing = [d for d in cfg.domains or () if d not in have]
     if missing:

@@ -39,8 +39,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
     with parse_errors(path, "YAML/JSON"):
         try:
             loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML/JSON ({e})") from None
+        except yaml.YAMLError as e:  # one line: PyYAML's own text quotes the source over several
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"{path}: not valid YAML/JSON ({what}{at})") from None
     return _bounded(loaded, path)
 
 
