@@ -740,6 +740,14 @@ def test_top_k_below_1_and_a_balanced_assignment_of_nothing_are_refused(clustere
     ]
     assert main([*argv, "--balanced", "--no-progress"]) == 2
     assert "no documents to assign" in capsys.readouterr().err
+    # unbalanced too: it wrote a folder of its report alone over an earlier assignment, and said done
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "thou shalt not kill"}\n{"text": "def return self value"}\n')
+    assert main([*argv[:5], str(good), *argv[6:], "--no-progress"]) == 0
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert main([*argv, "--no-progress"]) == 2
+    assert "no documents to assign" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before and len(before) > 1
 
 
 def test_nmi_from_the_cluster_by_domain_counts_is_sklearns():

@@ -502,3 +502,26 @@ def test_a_builder_folder_reads_a_linked_file_once_and_leaves_a_tokenizer_out(hf
     docs, _ = _docs(f"json:{f}")
     assert [d[2] for d in docs] == ["in sub 0", "in sub 1", "in sub 2"]
     assert "link.jsonl (a link to" in capsys.readouterr().err
+
+
+def test_a_file_a_builder_cannot_parse_is_one_line_not_the_builders_log_first(hf, tmp_path, capfd):
+    """`json:DIR/*` over a Parquet file printed the json builder's own log line ("Failed to load JSON
+    from file ...") before elmforest's error naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"text": ["a parquet file"]}), tmp_path / "d" / "x.parquet")
+    import logging
+
+    seen: list[str] = []
+    spy = logging.Handler()
+    spy.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("datasets").addHandler(spy)  # (its own handler holds a stderr pytest may not capture)
+    try:
+        with pytest.raises(DataError, match="cannot read with the json builder"):
+            list(iter_documents(f"json:{tmp_path / 'd'}/*", ReadStats()))
+    finally:
+        logging.getLogger("datasets").removeHandler(spy)
+    out = capfd.readouterr()
+    assert not [m for m in seen if "Failed to load JSON" in m] and "Failed to load JSON" not in out.err

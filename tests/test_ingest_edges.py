@@ -348,7 +348,7 @@ def _random_model(shards_dir, out):
     return out
 
 
-def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tmp_path, capsys):
+def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tmp_path, capsys, monkeypatch):
     from elmforest.eval.bpb import evaluate
 
     model = _random_model(shards_dir, tmp_path / "m")
@@ -366,6 +366,9 @@ def test_eval_on_raw_data_names_the_data_not_its_temporary_shards(shards_dir, tm
     (data / "b.jsonl").write_text(json.dumps({"id": held, "text": "b has only a valid document"}) + "\n")
     res = evaluate(model, data, device="cpu", progress=False, seq_len=16)
     assert list(res["domains"]) == ["a"]
+    monkeypatch.chdir(tmp_path)  # given relatively, recorded where it is (as the shards index records it)
+    res = evaluate(model, "json:data/*", device="cpu", progress=False, seq_len=16)
+    assert res["data"] == f"json:{data}/*"
     err = capsys.readouterr().err
     assert f"note: {data}: b left out" in err and "elmforest-eval-" not in err
     with pytest.raises(NotFound) as e:

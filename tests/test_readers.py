@@ -190,6 +190,9 @@ def test_a_byte_order_mark_before_the_first_json_line_is_dropped(tmp_path):
     stats = ReadStats()
     assert [d.text for d in iter_documents(p, stats)] == ["first", "second"]
     assert not stats.skipped
+    # files that each open with one, joined by `cat`, and a line of a BOM alone (was invalid JSON)
+    p.write_bytes(b'\xef\xbb\xbf\n\xef\xbb\xbf{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    assert [d.text for d in iter_documents(p, stats)] == ["a", "b"] and not stats.skipped
 
 
 def test_hidden_data_files_and_folders_are_left_out_silently(tmp_path, capsys):

@@ -285,6 +285,8 @@ def assign_corpus(
         finally:
             for h in handles.values():
                 h.close()
+        if not done:  # (raised in the stage: an earlier assignment in `out` stays, as --balanced leaves it)
+            raise UserError(f"{data}: no documents to assign ({stats.summary()})")
         for j in range(k):
             if not sizes[j]:
                 paths[j].unlink()

@@ -19,8 +19,10 @@ it: unlike the native JSONL reader, the json builder parses whole blocks, not li
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -210,7 +212,7 @@ def read_builder(src: Source, stats: ReadStats) -> Iterator[Document]:
         # an id `NA`, a text `NA` were read as missing; an empty cell is still missing
         kwargs |= {"keep_default_na": False, "na_values": [""]}
     lines = src.format == "text" and kwargs.get("sample_by", "line") == "line"
-    with tempfile.TemporaryDirectory(prefix="elmforest-hf-") as cache:
+    with tempfile.TemporaryDirectory(prefix="elmforest-hf-") as cache, _builders_quiet():
         for f in files:
             stats.files += 1
             domain = _builder_domain(f, src.format)
@@ -343,6 +345,19 @@ def _builder_domain(f: Path, builder: str) -> str:
     for c in COMPRESSED[1:]:
         name = name.removesuffix(c)
     return Path(name).stem or name
+
+
+@contextlib.contextmanager
+def _builders_quiet():
+    """The builders' own error log lines off while they read ("Failed to load JSON from file ..."):
+    the failure is raised, and said in one line naming the file; the log said it first, again."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _import_datasets(src: Source):

@@ -257,12 +257,15 @@ def _read_jsonl(path: Path, stats: ReadStats, src: Source = _PLAIN) -> Iterator[
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            was_first, first = first, False  # a bad first line does not make a later array the file's
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            try:  # a BOM on any line: files that each open with one, joined by `cat`, lost all but the first's
+                line = raw.decode("utf-8").removeprefix("\ufeff")
             except UnicodeDecodeError:
+                first = False
                 stats.skipped["invalid_utf8"] += 1
                 continue
+            if not line.strip():  # (a BOM alone)
+                continue
+            was_first, first = first, False  # a bad first line does not make a later array the file's
             try:
                 rec = json.loads(line)
             except (ValueError, RecursionError):  # a syntax error, nesting past the stack, a huge int

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from elmforest.data.shards import Shards
 from elmforest.data.shards_build import build_shards
+from elmforest.data.sources import resolve_source
 from elmforest.data.splits import SplitSpec
 from elmforest.data.tokenizer import load_tokenizer
 from elmforest.eval.held_out import check_held_out, training_split_spec
@@ -288,7 +289,7 @@ def evaluate(
             read_from_raw(result, shards, spec)
     result["split"] = split
     result["model"] = str(mdir)
-    result["data"] = str(data)
+    result["data"] = resolve_source(data)  # where it was read, as the shards index records it
     return result
 
 
