@@ -722,6 +722,15 @@ def test_btx_finetuning_trains_every_parameter_and_enters_the_ledger(
         "--set",
         "train.precision=fp32",
     ]
+    # into another export (other settings, untrained): it was replaced without a word; a model that is
+    # not there was said as "no record of the experts' shards"
+    other = export_moe(f, tmp_path / "other", MoeSpec(top_k=1, sample_tokens=128), device="cpu")
+    card = (other / "elmforest_moe.json").read_bytes()
+    assert main([*argv[:7], str(other), *argv[8:], "--no-progress"]) == 2
+    assert "holds another MoE export than" in capsys.readouterr().err
+    assert (other / "elmforest_moe.json").read_bytes() == card
+    assert main(["merge", "finetune", "--model", str(tmp_path / "nosuch"), "--steps", "1"]) == 2
+    assert "not a model checkpoint" in capsys.readouterr().err
     assert main(argv + ["--no-progress"]) == 0
     assert "fine-tuned for 3 steps" in capsys.readouterr().out
     ft = tmp_path / "ft"

@@ -285,6 +285,7 @@ def finetune(
 
     from elmforest.data.shards import Shards
     from elmforest.merge.moe_train import finetune_moe
+    from elmforest.model.build import resolve_model_dir
     from elmforest.utils.io import read_json, restore_swapped
 
     if aux_loss < 0 or z_loss < 0:
@@ -292,6 +293,7 @@ def finetune(
     started = time.time()
     src = Path(model)
     restore_swapped(src)  # a fine-tuning in place cut between its two renames left it aside
+    resolve_model_dir(src)  # a model that is not there is said as such, not as shards not recorded
     if shards is None:
         run = src / "elmforest_run.json"
         shards = read_json(run)["data"]["shards"] if run.is_file() else None

@@ -357,7 +357,7 @@ def _write_moe_card(
         "excluded": excluded,
         "opted_out": removed,
         "shared": "seed",
-        "shared_from": str(dirs[0]),
+        "shared_from": str(Path(dirs[0]).resolve()),
         "spec": {"router": "owner-rows", "center": False},
         "top_k": cfg["num_experts_per_tok"],
         "near_parallel_router_rows": [],

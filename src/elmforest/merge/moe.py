@@ -293,7 +293,9 @@ def _write_side_files(writer, forest, names, dirs, dense, cfg, spec, top_k, pair
         "excluded": list(spec.exclude),
         "opted_out": forest.removed,
         "shared": spec.shared,
-        "shared_from": str(base_dir) if base_dir is not None else [str(d) for d in dirs],
+        "shared_from": str(Path(base_dir).resolve())
+        if base_dir is not None
+        else [str(Path(d).resolve()) for d in dirs],
         "spec": asdict(spec),
         "top_k": top_k,
         "near_parallel_router_rows": pairs,

@@ -241,6 +241,11 @@ def _train_moe(
                 _ledger(meta, kind, held, out)
             return out
         check_untrained(out, doing=what)  # another training there would be lost, its ledger row left behind
+        if _export_of(out) != fingerprint:  # another export (other settings, another forest): the user's
+            raise AlreadyExists(
+                f"{out} holds another MoE export than {moe_dir}; {what} would replace it: choose another "
+                "--out, or delete it first"
+            )
     # one run per export: re-exporting into the same place must not pick up an older finished run
     keep = run_dir is not None  # a run the caller placed is theirs; the default one is scratch
     tag = _TAGS[kind]
@@ -347,6 +352,15 @@ def _ledger(meta: dict, kind: str, record: dict, out: Path) -> None:
 
 
 _TAGS = {"router_training": "router-run", "finetuning": "finetune-run"}  # the scratch runs' names
+
+
+def _export_of(out: Path) -> str | None:
+    """The export fingerprint of what `out` holds (None: unreadable): a copy of the export trained is
+    the same, another merge is not."""
+    try:
+        return export_fingerprint(out)
+    except (OSError, ValueError):
+        return None
 
 
 def _scratch(out: Path, kind: str, fingerprint: str) -> Path:
