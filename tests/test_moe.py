@@ -960,6 +960,7 @@ def test_shards_recorded_but_gone_are_said_as_such(forest_dir, tmp_path, capsys)
     fake = tmp_path / "moe"  # only the record `merge finetune` reads its shards from
     fake.mkdir()
     (fake / "elmforest_run.json").write_text(json.dumps({"data": {"shards": str(tmp_path / "gone")}}))
+    (fake / "config.json").write_text("{}")  # (a folder that is no model at all is said as such first)
     assert main(["merge", "finetune", "--model", str(fake), "--steps", "1"]) == 2
     assert "are not there (moved or deleted?); pass --shards" in capsys.readouterr().err
 
