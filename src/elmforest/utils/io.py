@@ -375,7 +375,7 @@ def replace_dir(staged: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def sync_dir(path: str | os.PathLike, published: bool = False) -> bool:
     """Flush a folder's entries (the names created, renamed or removed in it) to disk; False if it could
     not. A file system that cannot sync a folder (EINVAL: some network and FUSE file systems) has
-    nothing to flush. `published`: after the rename that put a new version in place, a failure (a
+    nothing to flush: True there (a checkpoint's pruning waits on it). `published`: after the rename that put a new version in place, a failure (a
     folder that can be written but not read, an I/O error) is not raised: the write did happen, and
     "nothing was changed" would be false."""
     try:
@@ -385,7 +385,9 @@ def sync_dir(path: str | os.PathLike, published: bool = False) -> bool:
         finally:
             os.close(fd)
     except OSError as e:
-        if e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or published:
+        if e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            return True  # (nothing such a file system could flush: done, as far as it goes)
+        if published:
             return False
         raise
     return True
