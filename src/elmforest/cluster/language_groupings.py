@@ -175,14 +175,17 @@ def nearest_group(code: str, grouping: dict) -> tuple[str, dict[str, float]]:
     dists = {
         name: average_linkage(d, members, [c], [m for m in g if m != c] or g) for name, g in groups.items()
     }
-    if held := groups_holding(code, grouping):
+    if held := _holding(c, groups):  # (the groups resolved above: the feature table read once)
         return held[0], dists
     return min(dists, key=lambda n: (round(dists[n], _TIE), n)), dists
 
 
 def groups_holding(code: str, grouping: dict) -> list[str]:
     """The groups that hold a language already, codes compared as languages (`de`, `ger`, `deu`)."""
-    c, groups, _ = _resolved(code, grouping)
+    return _holding(*_resolved(code, grouping)[:2])
+
+
+def _holding(c: str, groups: dict) -> list[str]:
     return [name for name, g in groups.items() if c in g]
 
 
