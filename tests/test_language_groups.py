@@ -111,7 +111,7 @@ def test_our_reader_gives_lang2vecs_own_vectors(monkeypatch):
 @has_lang2vec
 def test_real_syntax_features_group_related_languages(tmp_path):
     groupings, aliases = L.group_languages(["de", "nld", "eng", "jpn", "KOR"], [2])
-    assert aliases == {"de": "deu"}
+    assert aliases == {"de": "deu", "KOR": "kor"}  # as given: a corpus's domain may be spelled so
     g = groupings[2]
     assert g["groups"] == {"group0": ["deu", "eng", "nld"], "group1": ["jpn", "kor"]}
     d = g["distances"]
@@ -160,6 +160,9 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
         and set(dm2) == {"de", "deu", "ja", "jpn", "fr", "fra"}
     )
     assert dm2.unused({"de", "jpn"}) == ["fr", "fra"]  # one spelling of a language is enough
+    upper = tmp_path / "upper.json"  # an upper-case code is the language too, under the name given
+    assert main(["cluster", "languages", "--langs", "DEU,jpn", "--k", "2", "--out", str(upper)]) == 0
+    assert load_domain_map(upper)["DEU"] == load_domain_map(upper)["deu"]
     # an alias and its code in one group are one language to the typology
     g = {"groups": {"a": ["deu", "de"], "b": ["jpn"]}}
     assert G.nearest_group("nld", g)[0] == "a"

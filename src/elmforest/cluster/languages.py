@@ -121,8 +121,7 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
         # ISO 639-1, or a 639-2/B code (ger, fre); first, as lang2vec maps them: gre and alb are also
         # codes of their own in its table, whose features are not Greek's and Albanian's
         if table.letter_codes.get(c, c) != c:
-            aliases[c] = table.letter_codes[c]
-            c = aliases[c]
+            c = table.letter_codes[c]
         elif len(c) == 2:
             two = sorted(k for k in table.letter_codes if len(k) == 2)
             close = [
@@ -147,6 +146,8 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
             raise UserError(f"language {c} given twice: {first!r} and {raw!r} are both {c}")
         out.append(c)
         given[c] = raw
+        if raw.strip() != c:  # the spelling given (`de`, `KOR`) may be what the corpus calls the domain
+            aliases[raw.strip()] = c
     return out, aliases
 
 
