@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,17 @@ def test_max_bytes_caps_a_language_and_subsets_update_the_manifest(tmp_path):
     assert "rus" in man["skipped"]  # kept from the first build
     e = man["domains"]["deu"]
     assert e["documents"] == 1 and e["skipped_documents"]["over max_bytes"] == 3
+    assert e["max_bytes"] == man["max_bytes"] == len(DE) + 50
+    # a language built again under another cap: the German text kept does not take on its cap
+    man = ml.build_multilingual_corpus(out, ["rus"], cache=cache, progress=False, max_bytes=10**6)
+    assert man["domains"]["deu"]["max_bytes"] == len(DE) + 50 and man["max_bytes"] == len(DE) + 50
+    ml.build_multilingual_corpus(tmp_path / "two", ["deu"], cache=cache, progress=False)
+    shutil.copy(tmp_path / "two" / "deu.jsonl", out / "deu.jsonl")
+    manifest = json.loads((out / "manifest.json").read_text())  # two languages, built under two caps
+    manifest["domains"]["fra"] = {**manifest["domains"]["deu"], "file": "deu.jsonl", "max_bytes": None}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    man = ml.build_multilingual_corpus(out, ["rus"], cache=cache, progress=False)
+    assert man["max_bytes"] == "mixed" and man["domains"]["fra"]["max_bytes"] is None
 
 
 def test_unknown_language_codes_are_refused_with_the_list(tmp_path):

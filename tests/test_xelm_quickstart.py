@@ -458,3 +458,12 @@ def test_a_language_whose_download_failed_is_built_again_on_the_rerun(tmp_path, 
         with pytest.raises(UserError, match="could be built: deu: manpages-deu unavailable"):
             prepare(tmp_path / "o", ["deu", "fin"], None, 512, None, 1000, False, lambda s: None)
     assert calls == [["deu", "fin"], ["deu", "fin"]]
+    # a language built under another cap is built again; one built under this cap is kept
+    corpus = tmp_path / "p" / "corpus"
+    corpus.mkdir(parents=True)
+    built = {"deu": {"file": "deu.jsonl", "max_bytes": 1000}, "fin": {"file": "fin.jsonl", "max_bytes": 500}}
+    (corpus / "manifest.json").write_text(json.dumps({"domains": built, "max_bytes": "mixed"}))
+    calls.clear()
+    with pytest.raises(UserError, match="could be built"):
+        prepare(tmp_path / "p", ["deu", "fin"], None, 512, None, 1000, False, lambda s: None)
+    assert calls == [["fin"]]

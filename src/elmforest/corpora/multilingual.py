@@ -251,6 +251,13 @@ def check_codes(codes) -> None:
         raise UserError(f"unknown language code(s) {unknown}; choose from {sorted(BY_CODE)}")
 
 
+def _common(entries: dict, key: str, built: int | None) -> int | None | str:
+    """The cap every language was built under, or "mixed" where a rebuild of some languages changed it
+    (each entry says its own): the top-level value must not claim the new cap for the languages kept."""
+    values = {e.get(key) for e in entries.values()} or {built}
+    return values.pop() if len(values) == 1 else "mixed"
+
+
 def build_multilingual_corpus(
     out: str | Path,
     languages: Sequence[str] | None = None,
@@ -287,8 +294,8 @@ def build_multilingual_corpus(
         if found and found.get("kind") == "multilingual" and found.get("version") == MANIFEST_VERSION
         else {}
     )
-    entries = {
-        k: v
+    entries = {  # kept entries say the caps they were built under (a manifest before this said them once)
+        k: {"max_bytes": old.get("max_bytes"), "min_bytes": old.get("min_bytes"), **v}
         for k, v in old.get("domains", {}).items()
         if k in BY_CODE and k not in codes and (out / v.get("file", "")).is_file()
     }
@@ -307,7 +314,7 @@ def build_multilingual_corpus(
             path.unlink(missing_ok=True)
             say(f"  {code} SKIPPED ({time.perf_counter() - t0:.1f}s): {skipped[code]}")
             continue
-        entries[code] = {"file": path.name, **stats, **entry}
+        entries[code] = {"file": path.name, **stats, **entry, "max_bytes": max_bytes, "min_bytes": min_bytes}
         if stats["bytes"] < min_bytes:
             entries[code]["below_min_bytes"] = True
         skipped.pop(code, None)
@@ -319,8 +326,8 @@ def build_multilingual_corpus(
         "version": MANIFEST_VERSION,
         "kind": "multilingual",
         "revision": CLEAN_REVISION,
-        "min_bytes": min_bytes,
-        "max_bytes": max_bytes,
+        "min_bytes": _common(entries, "min_bytes", min_bytes),
+        "max_bytes": _common(entries, "max_bytes", max_bytes),
         "domains": {k: entries[k] for k in order if k in entries},
         "skipped": {k: skipped[k] for k in order if k in skipped},
     }

@@ -274,9 +274,10 @@ def prepare(out: Path, languages, new, vocab_size: int, corpus, max_bytes: int, 
         corpus = out / "corpus"
         man = read_json(corpus / "manifest.json") if (corpus / "manifest.json").is_file() else {}
         # a language skipped before is built again: its download may have failed (no network then)
-        todo = [x for x in every if x not in man.get("domains", {})]
-        if man.get("max_bytes") != max_bytes:
-            todo = every
+        built = man.get("domains", {})  # a language built under another cap is built again
+        todo = [
+            x for x in every if x not in built or built[x].get("max_bytes", man.get("max_bytes")) != max_bytes
+        ]
         if todo:
             from elmforest.corpora.multilingual import build_multilingual_corpus
 
