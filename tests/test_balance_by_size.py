@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from elmforest.cluster.kmeans import balanced_kmeans, neg_sq_dist, weighted_balanced_assign
+from elmforest.cluster.kmeans import balanced_kmeans, byte_caps, neg_sq_dist, weighted_balanced_assign
 from elmforest.utils.errors import UserError
 
 
@@ -184,3 +184,36 @@ def test_cluster_fit_and_assign_balanced_by_bytes(tmp_path, capsys):
         ratio(by_docs["train_sizes"]) < 1.2 < 2 < ratio(by_bytes["train_sizes"])
     )  # equal counts, unequal text
     assert by_bytes["balance"] == "bytes" and sum(by_bytes["sizes"]) == 380
+    assert (np.array(by_bytes["train_bytes"]) <= np.array(by_bytes["byte_caps"]) + 1e-6).all()
+    assert by_docs["byte_caps"] is None
+    argv = ["cluster", "assign", "--clusterer", str(tmp_path / "c-bytes"), "--data", str(data)]
+    huge = [*argv, "--out", str(tmp_path / "a-huge"), "--balanced", "--slack", "1e308", "--workers", "1"]
+    assert main(huge) != 0  # 1e308: an OverflowError from ceil
+    assert "caps no cluster of 3" in capsys.readouterr().err
+
+
+def test_a_document_over_the_byte_cap_gets_a_cluster_of_its_own():
+    """One cap for all, raised to the largest document's size, let every cluster grow to it: with a
+    1000-byte document among a hundred of 10, a cluster held 40% of the text under a cap of 35%."""
+    rng = np.random.default_rng(0)
+    w = np.array([1000.0] + [10.0] * 100)
+    scores = rng.normal(size=(101, 3))
+    caps = byte_caps(scores, w, 0.05)
+    j = int(scores[0].argmax())  # the large document's best cluster is capped at its size
+    assert caps[j] == 1000 and np.delete(caps, j) == pytest.approx([1000 / 2 * 1.05] * 2)
+    labels = weighted_balanced_assign(scores, w, caps)
+    assert (np.bincount(labels, weights=w, minlength=3) <= caps + 1e-9).all() and (
+        labels == labels[0]
+    ).sum() == 1
+    assert (byte_caps(scores, np.full(101, 10.0), 0.05) == 1010 / 3 * 1.05).all()  # none over: one cap
+    # in k-means: the text of the others is shared at (W - 1000) / 2, not at up to 1000 each
+    x = np.vstack([[[9.0, 9.0]], rng.normal(0, 1, size=(100, 2))])
+    _, lab, info = balanced_kmeans(x, 3, seed=0, weights=w)
+    loads = np.bincount(lab, weights=w, minlength=3)
+    assert sorted(loads)[-1] == 1000 and sorted(loads)[:2] == pytest.approx([500, 500], abs=30)
+    assert 1000 in info["caps"]
+    assert max(c for c in info["caps"] if c != 1000) <= 525 + 1e-6 and info["stopped"] in (
+        "settled",
+        "patience",
+        "limit",
+    )

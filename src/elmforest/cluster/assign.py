@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
-from elmforest.cluster.kmeans import assign_labels, weighted_balanced_assign
+from elmforest.cluster.kmeans import assign_labels, byte_caps, weighted_balanced_assign
 from elmforest.data.provenance import ASSIGN_REPORT
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.sources import refuse_out_in_data, resolve_source
@@ -214,7 +214,11 @@ def assign_corpus(
             f"{split_spec.valid_frac}/{split_spec.test_frac}; give the fractions your shards use to both"
         )
     spec = split_spec or (SplitSpec(**recorded) if recorded else SplitSpec())
-    train_sizes = train_bytes = None
+    train_sizes = train_bytes = byte_cap = None
+    if balanced and slack > k:  # (and 1e308 overflowed the cap's ceil)
+        raise UserError(
+            f"--slack {slack} caps no cluster of {k} (a slack over K never binds): give at most {k}"
+        )
     if balanced:
         scores, oks, sizes_b, trains = [], [], [], []
         for docs, z, ok in tqdm(
@@ -238,8 +242,8 @@ def assign_corpus(
             if balance == "bytes":
                 w = np.concatenate(sizes_b)[train]
                 st = np.where(okt[:, None], st, 0.0)  # documents with no known word: placed by room alone
-                cap = max(w.sum() / k * (1 + slack), float(w.max()))
-                global_labels[train] = weighted_balanced_assign(st.astype(np.float64), w, cap)
+                byte_cap = byte_caps(st.astype(np.float64), w, slack)
+                global_labels[train] = weighted_balanced_assign(st.astype(np.float64), w, byte_cap)
             else:  # rounded first: 400 / 4 * 1.1 is 110.00000000000001 in floating point, not 110
                 cap = np.full(k, math.ceil(round(len(st) / k * (1 + slack), 9)), dtype=np.int64)
                 global_labels[train] = assign_labels(st, okt, cap)
@@ -301,6 +305,8 @@ def assign_corpus(
             "balanced": balanced,
             "balance": balance if balanced else None,
             "slack": slack,
+            # bytes each cluster may hold: a document over (1 + slack)/K of them has a cluster of its own
+            "byte_caps": [round(float(c), 3) for c in byte_cap] if byte_cap is not None else None,
             # what the cap applied to: the training split's documents (valid/test by nearest centre)
             "balanced_split": {"split": "train", **asdict(spec)} if balanced else None,
             "train_sizes": train_sizes.tolist() if train_sizes is not None else None,

@@ -105,7 +105,7 @@ def fit(
     print(
         f"{c.k} clusters on {f['documents']} sampled documents (vocabulary {f.get('vocabulary', '-')}, "
         f"{f['dims']} dims, {f['iterations']} iterations"
-        + ("" if f.get("converged", True) else ", the limit, a few documents still moving: the best fit kept")
+        + _stopped(f)
         + f"), sizes {f['sizes']} -> {out}"
         + _skipped(f.get("read"))
     )
@@ -115,6 +115,18 @@ def fit(
             "clusters can fill): no expert can train on an empty cluster; fit fewer clusters",
             file=sys.stderr,
         )
+
+
+def _stopped(fit: dict) -> str:
+    """Why k-means stopped short of settled labels (a clusterer fitted before `stopped` was recorded
+    said "the limit" for all three)."""
+    if fit.get("converged", True):
+        return ""
+    return {
+        "limit": ", the iteration limit, a few documents still moving: the best fit kept",
+        "patience": ", stopped after 5 steps without a better fit (size-balanced steps are approximate): the best kept",
+        "settled": ", settled on a worse fit than an earlier step's: the best kept",
+    }.get(fit.get("stopped"), ", not settled: the best fit kept")
 
 
 def _or_recorded(clusterer: str, valid_frac: float | None, test_frac: float | None) -> tuple[float, float]:
