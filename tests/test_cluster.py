@@ -628,6 +628,21 @@ def test_embedding_model_clusterer_round_trip_and_routing(corpus, tokenizer_dir,
     assert ok.all() and not np.allclose(z[0], z[1], atol=1e-4)
     want, _ = again.embed([tok.decode(long[:1199].tolist())], recent=True)
     assert np.allclose(z[1], want[0], atol=1e-6)
+    # other weights under the same config and vocabulary embed differently: refused
+    from transformers import BertConfig, BertModel
+
+    meta = tmp_path / "c" / "clusterer.json"
+    info = json.loads(meta.read_text())
+    full = info["embedder"]["fingerprint"]
+    info["embedder"]["fingerprint"] = again.embedder.fingerprint(weights=False)  # as fitted before: 16
+    meta.write_text(json.dumps(info))
+    assert len(full) == 32 and Clusterer.load(tmp_path / "c").embedder.fingerprint() == full
+    info["embedder"]["fingerprint"] = full
+    meta.write_text(json.dumps(info))
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(enc_dir)).save_pretrained(enc_dir)
+    with pytest.raises(ClustererError, match="not the embedding model"):
+        Clusterer.load(tmp_path / "c")
     (enc_dir / "config.json").write_text(
         (enc_dir / "config.json").read_text().replace('"hidden_act"', '"x": 1, "hidden_act"')
     )

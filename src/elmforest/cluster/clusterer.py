@@ -358,7 +358,8 @@ class Clusterer:
         if info.get("embedder"):
             e = info["embedder"]
             embedder = SentenceEmbedder(e["model"], max_length=e.get("max_length", 256))
-            if embedder.fingerprint() != e["fingerprint"]:
+            recorded = str(e["fingerprint"])  # 16 digits: fitted before the weights were in it
+            if embedder.fingerprint(weights=len(recorded) != 16) != recorded:
                 raise ClustererError(f"{e['model']}: not the embedding model this clusterer was fitted with")
         c = cls(
             list(info["vocabulary"]), a["idf"], a["components"], a["centres"], info.get("meta", {}), embedder

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.utils.errors import UserError
+from elmforest.utils.io import file_digest
 
 
 class ClustererError(UserError):
@@ -70,17 +71,26 @@ class SentenceEmbedder:
             self.tok.pad_token = self.tok.eos_token
         from elmforest.model.build import weight_files
 
-        weight_files(self.model_dir)  # safetensors only, checked whole: pickled weights are refused
+        self.weights = weight_files(self.model_dir)  # safetensors only, checked whole: no pickle
+        self._fingerprints: dict[bool, str] = {}
         self.model = AutoModel.from_pretrained(
             str(self.model_dir), local_files_only=True, use_safetensors=True
         ).eval()
         self.max_length, self.batch_size, self.torch = max_length, batch_size, torch
 
-    def fingerprint(self) -> str:
-        cfg = (self.model_dir / "config.json").read_bytes()
-        return hashlib.sha256(cfg + json.dumps(self.tok.get_vocab(), sort_keys=True).encode()).hexdigest()[
-            :16
-        ]
+    def fingerprint(self, weights: bool = True) -> str:
+        """The config, the vocabulary and (`weights`) the weight files' bytes: two checkpoints of one
+        architecture and vocabulary (a fine-tuned copy, other weights saved over) embed differently, and
+        passed a fingerprint of the first two alone. weights=False: the 16 digits clusterers fitted
+        before this recorded."""
+        if weights not in self._fingerprints:
+            h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
+            h.update(json.dumps(self.tok.get_vocab(), sort_keys=True).encode())
+            if weights:
+                for f in sorted(set(self.weights.values())):
+                    h.update(f.name.encode() + file_digest(f)["sha256"].encode())
+            self._fingerprints[weights] = h.hexdigest()[: 32 if weights else 16]
+        return self._fingerprints[weights]
 
     def embed(self, texts: Iterable[str], recent: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`recent`: a text past `max_length` encoder tokens keeps its end (a routing context: the text

@@ -278,7 +278,8 @@ def _largest_first(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.nda
             return labels
     raise UserError(
         "could not place the documents under the clusters' size caps: a few documents are too large "
-        "for the slack; allow more slack, fewer clusters, or balance by documents"
+        "for the slack; allow more slack (`cluster assign --slack`; `cluster fit`'s is 5%, fixed: sample more "
+        "documents, --sample-docs), fewer clusters, or balance by documents"
     )
 
 
