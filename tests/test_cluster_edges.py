@@ -184,11 +184,20 @@ def test_a_causal_lm_is_refused_as_an_encoder_and_a_tokenizer_without_pad_pads_w
         SentenceEmbedder(enc)
 
 
-def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_is_refused(tmp_path, capsys):
+def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_is_refused(
+    tmp_path, capsys, tokenizer_dir
+):
     data = _write(tmp_path / "d.jsonl", _docs({"code": 60, "legal": 60, "scripture": 60}))
     fit_clusterer(data, 3, tmp_path / "c", min_df=1, split="train", split_spec=SplitSpec(0.2, 0.1))
     rep = assign_corpus(tmp_path / "c", data, tmp_path / "a", balanced=True, progress=False, workers=1)
     assert rep["balanced_split"] == {"split": "train", "valid_frac": 0.2, "test_frac": 0.1, "by_file": False}
+    # shards split at other fractions train on documents the cap never balanced: refused, before tokenizing
+    from elmforest.data.shards_build import build_shards
+
+    with pytest.raises(UserError, match="balanced on the training split at valid/test fractions 0.2/0.1"):
+        build_shards(tmp_path / "a", tokenizer_dir, tmp_path / "sh", progress=False)
+    assert not (tmp_path / "sh").exists()
+    build_shards(tmp_path / "a", tokenizer_dir, tmp_path / "sh", SplitSpec(0.2, 0.1), progress=False)
     with pytest.raises(UserError, match="fitted on the training split at valid/test fractions 0.2/0.1"):
         assign_corpus(
             tmp_path / "c", data, tmp_path / "b", balanced=True, split_spec=SplitSpec(), progress=False

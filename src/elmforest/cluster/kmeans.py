@@ -119,6 +119,29 @@ def _merged(na: np.ndarray, idx: np.ndarray, add_na: np.ndarray, add_idx: np.nda
 def weighted_balanced_assign(
     scores: np.ndarray, weights: np.ndarray, capacity: np.ndarray | float, rounds: int = 300
 ) -> np.ndarray:
+    """_relaxed_assign's labels; on a small instance (N·K <= EXACT_SMALL) the exact optimum where the
+    solver finds it within seconds: the relaxation's worst case there lost 0.4 of a score spread per
+    document (an audit, 1,500 random instances of 8 documents), where corpora's many documents lose
+    ~1e-3 (docs/cbtm.md)."""
+    labels = _relaxed_assign(scores, weights, capacity, rounds)
+    n, k = scores.shape
+    if 0 < n * k <= EXACT_SMALL:
+        w = np.asarray(weights, dtype=np.float64)
+        cap = np.broadcast_to(np.asarray(capacity, dtype=np.float64), (k,)).copy()
+        s = scores.astype(np.float64)
+        exact = _exact(s, w, cap, time_limit=5.0)
+        rows = np.arange(n)
+        if exact is not None and s[rows, exact].sum() > s[rows, labels].sum():
+            return exact
+    return labels
+
+
+EXACT_SMALL = 2_000  # documents x clusters where the relaxation's result is checked against the optimum
+
+
+def _relaxed_assign(
+    scores: np.ndarray, weights: np.ndarray, capacity: np.ndarray | float, rounds: int = 300
+) -> np.ndarray:
     """Labels [N] maximising Σ scores[i, label_i] with each cluster's total *weight* (a document's bytes
     or tokens) at most capacity[j]: c-BTM balanced by size, not by count.
 
@@ -238,7 +261,7 @@ def _repaired(scores: np.ndarray, w: np.ndarray, wn: np.ndarray, cap: np.ndarray
     return labels
 
 
-def _exact(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray | None:
+def _exact(scores: np.ndarray, w: np.ndarray, cap: np.ndarray, time_limit: float = 60.0) -> np.ndarray | None:
     """The generalised assignment solved exactly (a MILP; a small instance only: it is NP-hard). None
     where the solver finds no assignment within its time limit."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -252,7 +275,7 @@ def _exact(scores: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray | N
         constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(loads, -np.inf, cap)],
         integrality=np.ones(n * k),
         bounds=Bounds(0, 1),
-        options={"time_limit": 60.0},
+        options={"time_limit": time_limit},
     )
     if res.x is None:
         return None

@@ -30,7 +30,34 @@ def assigning_clusterer(sources: list[str]) -> dict | None:
     except UserError:
         return None
     digest = r.get("clusterer_sha256") if isinstance(r, dict) else None
-    return {"clusterer": r.get("clusterer"), "clusterer_sha256": digest} if isinstance(digest, str) else None
+    if not isinstance(digest, str):
+        return None
+    out = {"clusterer": r.get("clusterer"), "clusterer_sha256": digest}
+    if isinstance(r.get("balanced_split"), dict):
+        out["balanced_split"] = r["balanced_split"]
+    return out
+
+
+def check_balanced_split(sources: list[str], split: SplitSpec) -> None:
+    """`cluster assign --balanced` capped the clusters' training documents as a split at its fractions
+    told them apart; shards split at others train on another set, which the cap never balanced (an
+    audit: built at 0.2/0.2 from clusters balanced at 0.05/0.05, without a word)."""
+    by = assigning_clusterer(sources)
+    at = (by or {}).get("balanced_split")
+    if not at:
+        return
+    try:
+        theirs = SplitSpec(**{k: at[k] for k in ("valid_frac", "test_frac", "by_file") if k in at})
+    except (TypeError, UserError):
+        return  # a report of another version: no claim
+    if theirs != split:
+        raise UserError(
+            f"{sources[0]}: its clusters were balanced on the training split at valid/test fractions "
+            f"{theirs.valid_frac}/{theirs.test_frac} (by file: {theirs.by_file}), but these shards split at "
+            f"{split.valid_frac}/{split.test_frac} (by file: {split.by_file}): their training documents are "
+            "another set, which the cap never balanced; build at the assignment's fractions, or assign "
+            "again at these (`cluster assign --balanced --valid-frac ... --test-frac ...`)"
+        )
 
 
 def tokenizer_saw_held_out(
