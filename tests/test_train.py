@@ -622,6 +622,35 @@ def test_a_dead_network_ends_the_run_as_diverged(shards_dir, tmp_path):
     with pytest.raises(Diverged, match=r"gradients vanished \(grad norm 0 at step 2\): a dead network"):
         train(cfg, tmp_path / "run", False, [KillEveryUnit()])
     assert not (tmp_path / "run" / "model").exists()
+    # paused after the first zero norm: the resumed run counts on from it, and stops where this one did
+    cfg = tiny_config(shards_dir, steps=6, log_every=1, ckpt_every=0, stop_at=1)
+    train(cfg, tmp_path / "paused", False, [KillEveryUnit()])
+    cfg.train.stop_at = None
+    with pytest.raises(Diverged, match=r"grad norm 0 at step 2\)"):
+        train(cfg, tmp_path / "paused", False, [KillEveryUnit()])
+
+
+def test_a_resume_in_another_precision_is_said(shards_dir, tmp_path, capsys):
+    """`device` may change on a resume, and with precision `auto` the precision with it: no longer
+    bit-identical to an uninterrupted run, which was said nowhere."""
+    import json
+
+    cfg = tiny_config(shards_dir, steps=3, ckpt_every=0, stop_at=1)
+    train(cfg, tmp_path / "run", False)
+    [ckpt] = list_checkpoints(tmp_path / "run" / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["precision"] == "float32"
+    capsys.readouterr()
+    cfg.train.stop_at = 2
+    train(cfg, tmp_path / "run", False)
+    assert "warning" not in capsys.readouterr().err
+    [ckpt] = list_checkpoints(tmp_path / "run" / "checkpoints")[-1:]
+    (ckpt / "state.json").write_text(
+        json.dumps({**json.loads((ckpt / "state.json").read_text()), "precision": "bfloat16"})
+    )
+    cfg.train.stop_at = None
+    train(cfg, tmp_path / "run", False)
+    assert "trained in bfloat16 up to step 2, resumed in float32" in capsys.readouterr().err
 
 
 def test_a_run_refused_before_it_starts_leaves_no_empty_folder(shards_dir, tmp_path):

@@ -57,6 +57,9 @@ class DivergenceGuard(Callback):
 
     zero_grads = 0
 
+    def on_train_start(self, trainer):  # a resumed run counts on from its checkpoint's count
+        self.zero_grads = getattr(trainer, "zero_grads_at_start", 0)
+
     def on_log(self, trainer, m):
         for key in ("loss", "grad_norm"):
             if m.get(key) is not None and not math.isfinite(m[key]):

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import hashlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,8 @@ class Trainer(TrainerSetup):
             self.tokens += tc.tokens_per_step
             is_last = self.step == self.end
             # a pause (stop_at) off the log grid logs nothing: its window goes on in the checkpoint, so a
-            # paused and resumed run logs what an uninterrupted one does
+            # paused and resumed run logs what an uninterrupted one does (valid.jsonl gains the pause's
+            # step: ValidationLoss measures at every last step, and the study reads the seed's there)
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 now = time.perf_counter()
                 self.last_loss = self._mean_over_processes(self.loss_sum / self.loss_count)
@@ -219,7 +221,7 @@ class Trainer(TrainerSetup):
         self._barrier()
         ckpts = list_checkpoints(self.ckpt_root)
         self.resumed_from, self.start_step, self.wall_before = None, 0, 0.0
-        loss_window, self.last_loss = (0.0, 0), math.nan
+        loss_window, self.last_loss, self.zero_grads_at_start = (0.0, 0), math.nan, 0
         if ckpts:
             # set_aside_corrupt verified it (the first process, before the barrier): hash it only once
             st = load_checkpoint(ckpts[-1], self.model, self.opt, self.device, verified=True)
@@ -230,6 +232,13 @@ class Trainer(TrainerSetup):
                 tuple(st.get("loss_window", (0.0, 0))),
                 st.get("last_loss", math.nan),
             )
+            self.zero_grads_at_start = int(st.get("zero_grads", 0))
+            if st.get("precision", self._precision()) != self._precision() and self.lead:
+                print(  # operational (a resume may move device), but then not bit-identical: said
+                    f"warning: {self.run_dir}: trained in {st['precision']} up to step {self.step}, resumed in "
+                    f"{self._precision()} (train.precision {self.cfg.train.precision!r} on {self.device})",
+                    file=sys.stderr,
+                )
         elif self.cfg.train.init_checkpoint:
             st = load_checkpoint(Path(self.cfg.train.init_checkpoint), self.model, self.opt, self.device)
             self.step = self.start_step = st["step"]  # tokens count this run's training only
@@ -297,13 +306,21 @@ class Trainer(TrainerSetup):
             "start_step": self.start_step,
             "loss_window": [self._mean_over_processes(self.loss_sum), self.loss_count],
             "last_loss": self.last_loss,
+            # logged zero gradient norms in a row (DivergenceGuard): a resume counts on from them
+            "zero_grads": next(
+                (cb.zero_grads for cb in self.active_callbacks if isinstance(cb, DivergenceGuard)), 0
+            ),
             "tokens": self.tokens,
             "flops": self.tokens * self.flops_per_token,
             "wall_s": self.wall_before + time.perf_counter() - self.t_start,
+            "precision": self._precision(),  # as resolved: `auto` differs by device
             "scheduler": {"type": self.cfg.optim.schedule, "step": self.step},
             "data": {"sampler": "random_windows", "next_step": self.step},
             "config": self.cfg.to_dict(),
         }
+
+    def _precision(self) -> str:
+        return str(self.amp_dtype or torch.float32).replace("torch.", "")
 
     def _summary(self) -> dict:
         tc = self.cfg.train
@@ -323,7 +340,7 @@ class Trainer(TrainerSetup):
             "final_loss": self.last_loss,
             "wall_s": self.wall_before + time.perf_counter() - self.t_start,
             "device": str(self.device),
-            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
+            "precision": self._precision(),
             "domains": self.sampler.domains,
             "processes": self.world,
             "resumed_from": self.resumed_from,
