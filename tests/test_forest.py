@@ -442,6 +442,16 @@ def test_a_mixture_branch_weighs_a_copy_once_and_warns_of_experts_trained_elsewh
     )
     assert sorted(p["name"] for p in e["parents"]) == sorted({*forest.names} - {"twin", "newx"})
     assert "warning: branching newx from an average of alien, trained elsewhere" in capsys.readouterr().err
+    # `forest average --weights uniform` too: the copy once, and not warned of as trained elsewhere
+    from elmforest.forest.commands import average
+
+    average(forest, str(tmp_path / "avg"), "uniform")
+    rec = json.loads((tmp_path / "avg" / "elmforest_average.json").read_text())
+    w = dict(zip(rec["names"], rec["weights"], strict=True))
+    assert w["twin"] == 0 and w[a] == pytest.approx(1 / (len(forest.names) - 1))
+    err = capsys.readouterr().err
+    assert f"twin (a copy of {a}) averaged once" in err and "averaging alien, trained elsewhere" in err
+    assert "twin, trained" not in err and ", twin" not in err
 
 
 def test_a_name_that_differs_only_in_case_is_refused_before_the_expert_trains(

@@ -3,6 +3,7 @@ seed, explicit averaging weights."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from elmforest.config import PRIOR_BATCHES
@@ -205,8 +206,17 @@ def average(
         raise UserError("--weights posterior needs --data (shards) and --domain")
     ws = explicit_weights(weights, names) if weights not in ("uniform", "posterior") else None
     check_intact(forest, names)  # after the cheap checks: it may read every expert's bytes
-    if weights == "uniform":
-        ws = [1.0] * len(names)
+    if weights == "uniform":  # a copy beside its original (`forest add`, copy_of) would double its weight
+        copies = [n for n in names if forest.expert(n).get("copy_of") in names]
+        ws = [0.0 if n in copies else 1.0 for n in names]
+        if copies:
+            print(
+                "note: "
+                + ", ".join(f"{n} (a copy of {forest.expert(n)['copy_of']})" for n in copies)
+                + " averaged once, under the original's weight (as a branch from the mixture does); give "
+                "NAME=W,... weights to count a copy again",
+                file=sys.stderr,
+            )
     elif weights == "posterior":
         from elmforest.data.shards import Shards
         from elmforest.forest.branching import branch_weights

@@ -35,8 +35,11 @@ def warn_unrelated(forest, names: list[str], what: str) -> None:
     records them as "external") share no initialisation with the rest: BTM's parameter averaging
     works for experts branched from one seed, and a task vector θ − θ_seed of a model that never was
     the seed means nothing. Warned, not refused: the user may know where it started."""
-    alien = [
-        n for n in names if [p.get("name") for p in forest.expert(n).get("parents") or []] == ["external"]
+    alien = [  # a copy of one of the forest's experts (`forest add` of its files): its origin is known
+        n
+        for n in names
+        if [p.get("name") for p in forest.expert(n).get("parents") or []] == ["external"]
+        and forest.expert(n).get("copy_of") not in forest.names
     ]
     if alien:
         print(
