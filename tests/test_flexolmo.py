@@ -119,7 +119,7 @@ def _owner(pair, shards_dir, domain, where, frozen=True):
     return where / "model"
 
 
-def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_path):
+def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_path, capsys):
     """Two owners trained apart from one public pair: the merge keeps the public expert once, adds each
     owner's expert and router row, and equals a brute-force top-2 mixture of [public, owner a, owner b];
     leaving an owner out is the opt-out; an owner whose public expert moved is refused."""
@@ -180,6 +180,20 @@ def test_owners_merge_into_one_moe_with_no_training(forest_dir, shards_dir, tmp_
     save_file(sd, str(drift / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="public router rows differ"):
         merge_pairs([owners[0], ("drift", drift)], tmp_path / "bad2")
+    # a tensor only a later pair holds was dropped without a word; a shared one that differs names why
+    sd = load_file(str(resolve_model_dir(owners[1][1]) / "model.safetensors"))
+    save_file(
+        {**sd, "extra.weight": torch.zeros(2)}, str(drift / "model.safetensors"), metadata={"format": "pt"}
+    )
+    with pytest.raises(UserError, match=r"hold different tensors \(\['extra.weight'\]\)"):
+        merge_pairs([owners[0], ("drift", drift)], tmp_path / "bad3")
+    sd["model.embed_tokens.weight"] += 0.01
+    save_file(sd, str(drift / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"differs from .*\(the pairs come from different seeds"):
+        merge_pairs([owners[0], ("drift", drift)], tmp_path / "bad4")
+    # the public pair given as an owner (not trained): merged, and said
+    merge_pairs([owners[0], ("pair", pair)], tmp_path / "withpair")
+    assert "owner(s) ['pair']: the owner's expert is still the public one" in capsys.readouterr().err
 
 
 def test_flexolmo_owners_as_a_forest_phase(forest_dir, shards_dir, tmp_path, capsys):

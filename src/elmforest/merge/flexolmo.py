@@ -229,16 +229,24 @@ def merge_pairs(
     removed = list(recorded[Path(forest).resolve()].removed) if forest is not None else []
     with undone_on_failure(writer.tmp, writer.out), ExitStack() as stack:
         ws = [LazyWeights(d, stack) for d in dirs]
+        for w, n in zip(ws[1:], names[1:], strict=True):  # a tensor only a later pair holds was dropped
+            if extra := sorted(set(w.keys()) ^ set(ws[0].keys())):
+                raise UserError(
+                    f"owner {n!r} and {names[0]!r} hold different tensors ({extra[:3]}): not pairs of one seed"
+                )
         for name in ws[0].keys():
             if name in expert or name in router:
                 continue
             t = ws[0].get(name)
             for w, n in zip(ws[1:], names[1:], strict=True):
-                if name not in w or not torch.equal(w.get(name), t):
+                if not torch.equal(w.get(name), t):
                     raise UserError(
-                        f"owner {n!r}: {name} differs from {names[0]!r}'s; shared weights must be identical"
+                        f"owner {n!r}: {name} differs from {names[0]!r}'s; shared weights must be identical "
+                        "(the pairs come from different seeds or public pairs, or an owner trained its shared "
+                        "weights: train only its expert, `forest expert --branch flexolmo`)"
                     )
             writer.add(name, t)
+        same = dict.fromkeys(names, 0)
         for layer in range(L):
             for p in PROJ:
                 public = ws[0].get(fmt.expert_name(layer, 0, p))
@@ -248,6 +256,8 @@ def merge_pairs(
                             f"owner {n!r}: its public expert differs (trained without frozen_experts=[0]?)"
                         )
                 writer.add(fmt.expert_name(layer, 0, p), public)
+                for w, n in zip(ws, names, strict=True):  # its expert still the public one: untrained
+                    same[n] += torch.equal(w.get(fmt.expert_name(layer, 1, p)), public)
                 for i, w in enumerate(ws, start=1):
                     writer.add(fmt.expert_name(layer, i, p), w.get(fmt.expert_name(layer, 1, p)))
             gates = [w.get(fmt.router_name(layer)) for w in ws]
@@ -271,6 +281,12 @@ def merge_pairs(
     for root, f in recorded.items():
         f.drop_phases(path)
         f.settle_output(path, held[root])
+    if untrained := [n for n in names if same[n] == L * len(PROJ)]:
+        print(
+            f"warning: owner(s) {untrained}: the owner's expert is still the public one in every layer (the "
+            "public pair itself, or an owner not trained yet?): merged as a second copy of the public expert",
+            file=sys.stderr,
+        )
     return path
 
 
