@@ -286,6 +286,7 @@ def test_a_newcomer_sees_the_defaults_progress_lines_and_no_broken_pipe(shards_d
     )  # batch_size 8 is what --set and run_config say
     # the model's position table (what eval --seq-len may reach), not the training length under it
     assert "tiny       d=64    layers=2   heads=4   positions=2048" in out
+    assert out.count("1.3M parameters") == 1  # counted once, not also in the description
     rc, out = _run(
         [
             "train",

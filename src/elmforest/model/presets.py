@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
             tie_embeddings=True,
             optim=OptimConfig(lr=3e-3, warmup_frac=0.1),
             train=TrainConfig(steps=40, batch_size=8, seq_len=64, ckpt_every=10, log_every=5),
-            description="about 0.1M parameters; for tests",
+            description="for tests",
         ),
         Preset(
             "cpu-small",
@@ -114,7 +114,7 @@ PRESETS: dict[str, Preset] = {
             # (5 points x2 apart each, chosen on the valid split; docs/benchmarks.md, docs/sweeps/)
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=256, batch_size=16, seq_len=256, ckpt_every=64, log_every=8),
-            description="about 1.3M parameters; the quickstart default, sized for 15 minutes on 2 CPU "
+            description="the quickstart default, sized for 15 minutes on 2 CPU "
             "cores (5-15 min in bf16 by the machine; fp32-only CPUs about 1.3x longer)",
             expert_lr=8e-3,
             # the dense run's second half: the same sweep's continuation arm (--arm continue, grid
@@ -134,7 +134,7 @@ PRESETS: dict[str, Preset] = {
             tie_embeddings=True,
             optim=OptimConfig(lr=2e-3, warmup_frac=0.05),
             train=TrainConfig(steps=800, batch_size=16, seq_len=256, ckpt_every=100, log_every=10),
-            description="about 4M parameters (the quickstart's model before the fair protocol); LR not swept",
+            description="the quickstart's model before the fair protocol; LR not swept",
         ),
         _btm("btm-125m", 768, 12, 12, 2048, 80_000, "BTM 125M (GPT-3 Small shape)"),
         _btm("btm-350m", 1024, 24, 16, 2816, 32_000, "BTM 350M (GPT-3 Medium shape)"),
