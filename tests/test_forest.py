@@ -366,6 +366,19 @@ def test_branching_from_a_mixture_uses_the_posterior(forest_dir, shards_dir, tmp
         after = load_file(str(forest.expert_dir(n) / "model.safetensors"))
         assert all(torch.equal(after[t], before[n][t]) for t in after)
     assert "grown" in Forest.load(tmp_path / "f").names
+    # --prior-batches: the posterior on fewer valid batches, as `forest average --prior-batches` weighs
+    from elmforest.cli import main
+
+    argv = ["forest", "expert", "--forest", str(tmp_path / "f"), "--shards", str(shards_dir)]
+    argv += ["--domain", new_domain, "--name", "few", "--set", "train.steps=4", "--no-progress"]
+    assert main([*argv, "--prior-batches", "1"]) == 2  # the seed branch has no posterior to weigh
+    assert main([*argv, "--branch", "mixture", "--prior-batches", "1"]) == 0
+    forest = Forest.load(tmp_path / "f")
+    others = [n for n in forest.names if n != "few"]
+    few = branching.branch_weights(forest, shards, new_domain, 1, names=others, device="cpu")
+    many = branching.branch_weights(forest, shards, new_domain, 20, names=others, device="cpu")
+    assert few != pytest.approx(many, rel=1e-3)  # another posterior than the 20 batches' (~one-hot here)
+    assert {p["name"]: p["weight"] for p in forest.expert("few")["parents"]} == pytest.approx(few)
 
 
 def test_a_mixture_branch_cut_before_training_is_averaged_again_for_another_domain(

@@ -202,7 +202,7 @@ def train_expert(
         else:  # never itself (a damaged expert being restored cannot be scored, nor branched from)
             among = candidates if candidates is not None else [n for n in forest.names if n != name]
             src, extra["nearest"] = nearest_expert(
-                forest, shards, domain, branch.partition(":")[2] or "posterior", among=among
+                forest, shards, domain, branch.partition(":")[2] or "posterior", prior_batches, among=among
             )
         if first_process():
             print(f"note: {name} branches from {src} ({extra['nearest']['by']})")

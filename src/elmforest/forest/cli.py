@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from elmforest.config import PRIOR_BATCHES
 from elmforest.forest.manage_cli import (
     Clusterer,
     ForestDir,
@@ -227,6 +228,14 @@ def expert(
             metavar="A,B,...",
         ),
     ] = None,
+    prior_batches: Annotated[
+        int | None,
+        opt(
+            f"--branch mixture / nearest[:posterior]: valid batches for the posterior weights (default "
+            f"{PRIOR_BATCHES}, as `forest average`'s)",
+            positive_int,
+        ),
+    ] = None,
     train_args: TrainArgs = DEFAULT_TRAIN_ARGS,
     no_progress: NoProgress = False,
 ) -> None:
@@ -234,6 +243,10 @@ def expert(
     from elmforest.data.shards import Shards
     from elmforest.forest import btm, commands
 
+    if prior_batches is not None and branch not in ("mixture", "nearest", "nearest:posterior"):
+        raise UserError(
+            f"--prior-batches sets the posterior weights of --branch mixture or nearest, not {branch}"
+        )
     f = _load(forest)
     if f.data.get("clusterer"):  # as `forest train`: an expert on other shards is never routed to
         _check_cluster_domains(
@@ -257,6 +270,7 @@ def expert(
         force=force,
         trust_remote_code=train_args.trust_remote_code,
         mix=split_list(mix, "--mix"),
+        prior_batches=PRIOR_BATCHES if prior_batches is None else prior_batches,
     )
     if first_process():  # data parallel: said once, by the process that merged it
         print(
