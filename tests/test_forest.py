@@ -961,3 +961,29 @@ def test_branch_weights_name_a_domain_the_shards_lack(forest_dir, shards_dir):
     as if it existed."""
     with pytest.raises(UserError, match="no domain 'nosuch'; it has "):
         branching.branch_weights(Forest.load(forest_dir), Shards(shards_dir), "nosuch", device="cpu")
+
+
+def test_averaging_one_expert_says_so_and_estimates_no_posterior(
+    forest_dir, shards_dir, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    from elmforest.forest import branching
+    from elmforest.forest.commands import average, remove
+
+    shutil.copytree(forest_dir, tmp_path / "f")
+    forest = Forest.load(tmp_path / "f")
+    for n in forest.names[1:]:
+        remove(forest, n)
+    forest = Forest.load(tmp_path / "f")
+    [only] = forest.names
+
+    def boom(*a, **k):
+        raise AssertionError("a posterior estimated over one expert")
+
+    monkeypatch.setattr(branching, "branch_weights", boom)
+    average(forest, str(tmp_path / "avg"), "posterior", str(shards_dir), Shards(shards_dir).domains[0])
+    assert f"note: one expert ({only}): the average is its weights" in capsys.readouterr().err
+    got = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    want = load_file(str(forest.expert_dir(only) / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in got)

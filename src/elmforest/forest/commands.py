@@ -206,7 +206,11 @@ def average(
         raise UserError("--weights posterior needs --data (shards) and --domain")
     ws = explicit_weights(weights, names) if weights not in ("uniform", "posterior") else None
     check_intact(forest, names)  # after the cheap checks: it may read every expert's bytes
-    if weights == "uniform":  # a copy beside its original (`forest add`, copy_of) would double its weight
+    if len(names) == 1:
+        print(f"note: one expert ({names[0]}): the average is its weights", file=sys.stderr)
+    if weights == "posterior" and len(names) == 1:
+        ws = [1.0]  # its posterior is 1 whatever the data: not estimated
+    elif weights == "uniform":  # a copy beside its original (`forest add`, copy_of) would double its weight
         copies = [n for n in names if forest.expert(n).get("copy_of") in names]
         ws = [0.0 if n in copies else 1.0 for n in names]
         if copies:
