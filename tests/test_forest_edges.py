@@ -925,7 +925,18 @@ def test_averaging_an_expert_trained_elsewhere_is_warned(forest_dir, shards_dir,
     first = f.names[0]
     average(f, str(tmp_path / "a0"))
     assert "trained elsewhere" not in capsys.readouterr().err
-    f.add(f.expert_dir(first), "alien", ["code"], parents=[{"name": "external", "weight": 1.0}])
+    # a byte copy of one of its experts is that expert (copy_of): its origin is known
+    f.add(f.expert_dir(first), "twin", ["code"], parents=[{"name": "external", "weight": 1.0}])
+    average(Forest.load(f.root), str(tmp_path / "a2"))
+    assert "trained elsewhere" not in capsys.readouterr().err
+    alien = tmp_path / "alien"
+    shutil.copytree(f.expert_dir(first), alien)
+    sd = load_file(str(alien / "model.safetensors"))
+    save_file(
+        {k: v * 1.01 for k, v in sd.items()}, str(alien / "model.safetensors"), metadata={"format": "pt"}
+    )
+    f.remove("twin")
+    f.add(alien, "alien", ["code"], parents=[{"name": "external", "weight": 1.0}])
     f = Forest.load(f.root)
     average(f, str(tmp_path / "a1"))
     assert "warning: averaging alien, trained elsewhere" in capsys.readouterr().err
