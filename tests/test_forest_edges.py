@@ -991,3 +991,29 @@ def test_forest_train_again_without_preset_takes_the_seeds(forest_dir, shards_di
     argv = ["forest", "train", "--forest", str(g), "--shards", str(shards_dir), "--no-progress"]
     assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 0, capsys.readouterr().err
     assert "planned differently" not in capsys.readouterr().err
+
+
+def test_an_opt_out_says_which_recorded_merges_it_could_not_check(forest_dir, tmp_path, capsys):
+    """A merge moved away (a serving folder), or one whose card was deleted, was passed over and the
+    removal printed "verified none is left"; the moved one's record then left the manifest, the last
+    trace of a copy of the expert's weights."""
+    from elmforest.forest.commands import remove
+    from elmforest.merge.moe import MoeSpec, export_moe
+
+    f = _copy(forest_dir, tmp_path)
+    gone, other = f.names[0], f.names[1]
+    moved = export_moe(f, tmp_path / "moved", MoeSpec(router="random"), device="cpu")
+    bare = export_moe(f, tmp_path / "bare", MoeSpec(router="random"), device="cpu")
+    shutil.move(moved, tmp_path / "serving")
+    (bare / "elmforest_moe.json").unlink()
+    capsys.readouterr()
+    remove(Forest.load(f.root), gone)
+    out, err = capsys.readouterr()
+    assert "verified none is left where the forest records them (but 2, below)" in out
+    assert f"warning: {moved}, recorded as holding {gone}'s weights, was not checked: not found" in err
+    assert f"warning: {bare}, recorded as holding {gone}'s weights, was not checked: no card" in err
+    tomb = next(r for r in Forest.load(f.root).data["removed"] if r["name"] == gone)
+    assert tomb["state"] == "done" and [u["path"] for u in tomb["unverified"]] == [str(moved), str(bare)]
+    assert bare.is_dir() and (tmp_path / "serving").is_dir()  # nothing deleted without its card
+    remove(Forest.load(f.root), other)  # the records left: the bare one still, the moved one gone
+    assert "was not checked: no card" in capsys.readouterr().err

@@ -13,12 +13,20 @@ from elmforest.utils.errors import UserError
 
 def remove(forest, name: str) -> None:
     rep = forest.remove(name)
+    unverified = rep.get("unverified") or []
     print(
-        f"removed expert {name}: deleted {len(rep['deleted'])} location(s) and verified none is left; "
-        f"{len(forest.names)} expert(s) remain"
+        f"removed expert {name}: deleted {len(rep['deleted'])} location(s) and verified none is left"
+        + (f" where the forest records them (but {len(unverified)}, below)" if unverified else "")
+        + f"; {len(forest.names)} expert(s) remain"
     )
     for p in rep["deleted"]:
         print(f"  deleted {p}")
+    for u in unverified:
+        print(
+            f"warning: {u['path']}, recorded as holding {name}'s weights, was not checked: {u['why']}; delete "
+            "any copy that still holds them yourself (kept in the manifest's `removed` entry as `unverified`)",
+            file=sys.stderr,
+        )
     if rep["derived"]:
         print(
             f"note: expert(s) {', '.join(rep['derived'])} were branched from {name} (or are its copies) and carry what it learned; "

@@ -20,11 +20,13 @@ from elmforest.forest.copies import (
     check_outputs,
     output_places,
     outputs_holding,
+    recorded_places,
     recorded_places_exist,
     stray_work,
     temporaries,
 )
 from elmforest.forest.manifest import Forest, UnknownExpert
+from elmforest.forest.records import MARKERS
 from elmforest.forest.trust import valid_name
 from elmforest.train.runlock import LOCK, training_now
 from elmforest.utils.errors import Failed, UserError
@@ -124,6 +126,7 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
     held = {str(p.resolve()) for p in places} | {
         str(Path(o["path"]).resolve()) for o in forest.data.get("outputs", []) if name in o["experts"]
     }
+    unverified = _unverified(forest, name, places)  # before deleting: what is gone then was found
     from elmforest.forest import digests
 
     digests.forget(forest.root, f"experts/{name}/")  # its cached sums go with it
@@ -166,6 +169,8 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
             if r["name"] == name:
                 r.update(state="done", verified=_now())
                 r["spent"] = r.get("spent", []) + gone
+                if unverified:  # the trace of a copy that may still hold its weights, kept
+                    r["unverified"] = unverified
         d["ledger"] = [p for p in d.get("ledger", []) if p not in gone]
         # a record stays while its output is where it was written or where it sits relative to us (a moved
         # forest's records must still find the merges of its other experts)
@@ -184,7 +189,28 @@ def finish_removal(forest: Forest, name: str, run_locked_here: bool = False) -> 
         "derived_runs": _runs_begun_from(forest, [forest.root / "experts" / name, *map(Path, deleted)]),
         "seed_saw_it": _seed_saw(forest, name),
         "other_forests": [(str(p), f) for p, f in others],
+        "unverified": unverified,
     }
+
+
+def _unverified(forest: Forest, name: str, places: list[Path]) -> list[dict]:
+    """Recorded outputs holding `name` that the removal can neither delete nor clear: not where they were
+    written nor there relative to the forest (moved: a copy that still holds its weights, or deleted by
+    an earlier attempt of this removal), or there without the card that says what they hold (deleted
+    only while it lists the expert, docs/design.md). Said, and kept in the tombstone: the output's
+    record leaves the manifest, and with it the last trace of such a copy."""
+    out = []
+    for o in forest.data.get("outputs", []):
+        if name not in o["experts"]:
+            continue
+        found = [c for c in recorded_places(forest, o) if c.exists() or c.is_symlink()]
+        if not found:
+            why = "not found where it was written: moved (a copy that still holds its weights), or deleted"
+            out.append({"path": o["path"], "why": why})
+        for c in found:
+            if c.is_dir() and c not in places and not any((c / m).is_file() for m in MARKERS):
+                out.append({"path": str(c), "why": "no card of what it holds (elmforest_*.json): kept"})
+    return out
 
 
 def _runs_begun_from(forest: Forest, sources: list[Path]) -> list[str]:
