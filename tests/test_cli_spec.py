@@ -216,3 +216,8 @@ def test_generate_takes_the_precision_and_top_p_that_serve_and_eval_take(monkeyp
     assert (seen["precision"], seen["top_p"]) == ("fp32", 0.5)
     assert main(["generate", "--forest", "f", "--prompt", "x", "--top-p", "0"]) == 2  # (0, 1]
     assert "--top-p" in capsys.readouterr().err
+    # greedy decoding draws nothing: a sampling option beside --temperature 0 was dropped without a word
+    for extra, said in ((["--top-p", "0.5"], "--top-p"), (["--seed", "0"], "--seed")):
+        assert main(["generate", "--forest", "f", "--prompt", "x", "--temperature", "0", *extra]) == 2
+        assert f"{said} shape(s) sampling; --temperature 0 decodes greedily" in capsys.readouterr().err
+    assert main(["generate", "--forest", "f", "--prompt", "x", "--temperature", "0"]) == 0

@@ -16,6 +16,7 @@ from elmforest.config import PRIOR_BATCHES
 from elmforest.utils.argtypes import (
     finite_float,
     flag,
+    given_by_user,
     nonneg_float,
     nonneg_int,
     opt,
@@ -198,6 +199,11 @@ def generate(
     if cluster_k is not None and weighting != "posterior":
         raise UserError(
             f"--weighting {weighting}: with --cluster-k the clusterer's routing weighs the experts"
+        )
+    if temperature == 0 and (ignored := [o for o in ("top_p", "seed") if given_by_user(o)]):
+        raise UserError(  # greedy decoding draws nothing: taken and dropped without a word
+            f"{', '.join('--' + o.replace('_', '-') for o in ignored)} shape(s) sampling; --temperature 0 "
+            "decodes greedily: drop one"
         )
     g = sample(
         forest,
