@@ -1017,3 +1017,25 @@ def test_an_opt_out_says_which_recorded_merges_it_could_not_check(forest_dir, tm
     assert bare.is_dir() and (tmp_path / "serving").is_dir()  # nothing deleted without its card
     remove(Forest.load(f.root), other)  # the records left: the bare one still, the moved one gone
     assert "was not checked: no card" in capsys.readouterr().err
+
+
+def test_an_entry_without_recorded_files_still_has_its_weights_checked(forest_dir, tmp_path, capsys):
+    """A hand-written or older entry records no sizes or sums: fsck said nothing of its truncated weights,
+    which `generate` then failed on."""
+    from elmforest.cli import main
+
+    f = _copy(forest_dir, tmp_path)
+    name = f.names[0]
+
+    def drop(d):
+        next(e for e in d["experts"] if e["name"] == name).pop("files", None)
+
+    f.update(drop)
+    f = Forest.load(f.root)
+    assert f.intact(name) is None
+    w = f.expert_dir(name) / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    assert "truncated" in f.intact(name) and "no checksums recorded" in f.intact(name)
+    assert main(["forest", "fsck", "--forest", str(f.root)]) != 0
+    said = capsys.readouterr()
+    assert "truncated" in said.out + said.err

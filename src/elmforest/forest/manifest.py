@@ -203,6 +203,13 @@ class Forest(ForestRecords):
         recorded = self.expert(name).get("files") or {}
         if not recorded and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir()):
             return f"{d} holds no weights"
+        if not recorded:  # a hand-written or older entry: no sizes or sums to check by, the headers still
+            from elmforest.model.build import weight_files
+
+            try:
+                weight_files(d)
+            except UserError as e:  # (NotFound is one)
+                return f"{e} (no checksums recorded for it)"
         sums = DigestCheck(self.root, trust_unchanged) if deep else None
         rel = self.expert(name)["path"]
         try:
