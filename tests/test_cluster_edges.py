@@ -254,3 +254,16 @@ def test_an_output_in_or_at_the_data_it_reads_is_refused(clusterer_dir, tmp_path
     assert sorted(p.name for p in data.iterdir()) == ["d.jsonl"] and (data / "d.jsonl").read_bytes() == before
     rep = assign_corpus(clusterer_dir, data, tmp_path / "a", progress=False)  # beside it: fine
     assert sum(rep["sizes"]) == 90
+
+
+def test_cluster_fit_takes_its_iteration_limit_and_says_when_it_was_reached(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", _docs({"code": 60, "legal": 60, "scripture": 60}))
+    argv = ["cluster", "fit", "--data", str(data), "--k", "3", "--min-df", "1", "--dims", "8"]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--max-iter", "1"]) == 0
+    fit = Clusterer.load(tmp_path / "one").meta["fit"]
+    out = capsys.readouterr().out
+    assert fit["iterations"] == 1 and fit["stopped"] == "limit"  # one step cannot see its labels settle
+    assert "1 iterations, the iteration limit (--max-iter)" in out
+    assert main([*argv, "--out", str(tmp_path / "many"), "--max-iter", "50"]) == 0
+    assert Clusterer.load(tmp_path / "many").meta["fit"]["stopped"] != "limit"
+    assert main([*argv, "--out", str(tmp_path / "none"), "--max-iter", "0"]) == 2

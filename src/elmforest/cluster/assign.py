@@ -96,9 +96,10 @@ def fit_clusterer(
     embeddings: str | None = None,
     balance: str = "documents",
     split_spec=None,
+    max_iter: int = 20,
 ) -> Clusterer:
     """`embeddings` (a local sentence-embedding model dir, or `minilm`) replaces tf-idf + SVD; `balance`
-    is documents (c-BTM) or bytes (clusters of about equal text)."""
+    is documents (c-BTM) or bytes (clusters of about equal text); `max_iter`: k-means steps at most."""
     from elmforest.cluster.embedder import SentenceEmbedder
     from elmforest.data.splits import SplitSpec
 
@@ -107,7 +108,15 @@ def fit_clusterer(
     texts, stats = sample_texts(data, sample_docs, seed, split=split, split_spec=split_spec, sizes=sizes)
     embedder = SentenceEmbedder(embeddings) if embeddings else None
     c = Clusterer.fit(
-        texts, k, dims=dims, seed=seed, min_df=min_df, embedder=embedder, balance=balance, sizes=sizes
+        texts,
+        k,
+        dims=dims,
+        seed=seed,
+        min_df=min_df,
+        embedder=embedder,
+        balance=balance,
+        sizes=sizes,
+        max_iter=max_iter,
     )
     c.meta["fit"]["read"] = stats.to_dict()
     c.meta["fit"]["source"] = resolve_source(data)

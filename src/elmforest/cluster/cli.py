@@ -69,6 +69,9 @@ def fit(
             metavar="DIR",
         ),
     ] = None,
+    max_iter: Annotated[
+        int, opt("k-means steps at most (the fit reports whether its labels settled before)", positive_int)
+    ] = 20,
     read: ReadArgs = DEFAULT_READ,
     overwrite: Annotated[bool, flag("--overwrite", "replace an existing clusterer at --out")] = False,
 ) -> None:
@@ -100,6 +103,7 @@ def fit(
         embeddings=embeddings,
         balance=balance,
         split_spec=SplitSpec(valid_frac, test_frac),
+        max_iter=max_iter,
     )
     f = c.meta["fit"]
     print(
@@ -123,7 +127,7 @@ def _stopped(fit: dict) -> str:
     if fit.get("converged", True):
         return ""
     return {
-        "limit": ", the iteration limit, a few documents still moving: the best fit kept",
+        "limit": ", the iteration limit (--max-iter), a few documents still moving: the best fit kept",
         "patience": ", stopped after 5 steps without a better fit (size-balanced steps are approximate): the best kept",
         "settled": ", settled on a worse fit than an earlier step's: the best kept",
     }.get(fit.get("stopped"), ", not settled: the best fit kept")
