@@ -217,3 +217,17 @@ def test_a_document_over_the_byte_cap_gets_a_cluster_of_its_own():
         "patience",
         "limit",
     )
+
+
+def test_caps_that_do_not_pack_fall_back_to_the_largest_documents_size(capsys):
+    """A document held to its own size leaves the others a tight packing: 1000, 1, 1, 1 bytes in 3
+    clusters at 5% slack gave caps 1000, 1.575, 1.575, which cannot hold the three 1-byte documents
+    (the one cap for all before packed them). Negative slack: said, not a ZeroDivisionError."""
+    from elmforest.cluster.kmeans import assign_by_bytes
+
+    w = np.array([1000.0, 1.0, 1.0, 1.0])
+    labels, caps = assign_by_bytes(np.zeros((4, 3)), w, 0.05)
+    assert (np.bincount(labels, weights=w, minlength=3) <= caps + 1e-9).all() and 1000 in caps
+    assert "did not pack" in capsys.readouterr().err
+    with pytest.raises(UserError, match="slack must be a non-negative"):
+        byte_caps(np.zeros((3, 3)), np.ones(3), -0.5)

@@ -194,10 +194,13 @@ def test_the_balanced_split_defaults_to_the_clusterers_fractions_and_a_mismatch_
     # shards split at other fractions train on documents the cap never balanced: refused, before tokenizing
     from elmforest.data.shards_build import build_shards
 
-    with pytest.raises(UserError, match="balanced on the training split at valid/test fractions 0.2/0.1"):
-        build_shards(tmp_path / "a", tokenizer_dir, tmp_path / "sh", progress=False)
-    assert not (tmp_path / "sh").exists()
-    build_shards(tmp_path / "a", tokenizer_dir, tmp_path / "sh", SplitSpec(0.2, 0.1), progress=False)
+    build = ["shards", "build", "--data", str(tmp_path / "a"), "--tokenizer", str(tokenizer_dir)]
+    assert main([*build, "--out", str(tmp_path / "sh")]) == 2
+    said = "balanced on the training split at valid/test fractions 0.2/0.1"
+    assert said in capsys.readouterr().err and not (tmp_path / "sh").exists()
+    assert main([*build, "--out", str(tmp_path / "sh"), "--valid-frac", "0.2", "--test-frac", "0.1"]) == 0
+    # an evaluation's own shards of the folder (eval --data, a prior) split as it is asked: not refused
+    build_shards(tmp_path / "a", tokenizer_dir, tmp_path / "ev", SplitSpec(0, 0), progress=False)
     with pytest.raises(UserError, match="fitted on the training split at valid/test fractions 0.2/0.1"):
         assign_corpus(
             tmp_path / "c", data, tmp_path / "b", balanced=True, split_spec=SplitSpec(), progress=False

@@ -163,6 +163,11 @@ def test_artifact_round_trip_and_the_cli(tmp_path, capsys):
     upper = tmp_path / "upper.json"  # an upper-case code is the language too, under the name given
     assert main(["cluster", "languages", "--langs", "DEU,jpn", "--k", "2", "--out", str(upper)]) == 0
     assert load_domain_map(upper)["DEU"] == load_domain_map(upper)["deu"]
+    assert (
+        main(["cluster", "languages", "--langs", "DE,jpn", "--k", "2", "--out", str(upper), "--overwrite"])
+        == 0
+    )
+    assert json.loads(upper.read_text())["aliases"] == {"DE": "deu", "de": "deu"}  # either spelling
     # an alias and its code in one group are one language to the typology
     g = {"groups": {"a": ["deu", "de"], "b": ["jpn"]}}
     assert G.nearest_group("nld", g)[0] == "a"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.cluster.clusterer import Clusterer
-from elmforest.cluster.kmeans import assign_labels, byte_caps, weighted_balanced_assign
+from elmforest.cluster.kmeans import assign_by_bytes, assign_labels
 from elmforest.data.provenance import ASSIGN_REPORT
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.sources import refuse_out_in_data, resolve_source
@@ -251,8 +251,7 @@ def assign_corpus(
             if balance == "bytes":
                 w = np.concatenate(sizes_b)[train]
                 st = np.where(okt[:, None], st, 0.0)  # documents with no known word: placed by room alone
-                byte_cap = byte_caps(st.astype(np.float64), w, slack)
-                global_labels[train] = weighted_balanced_assign(st.astype(np.float64), w, byte_cap)
+                global_labels[train], byte_cap = assign_by_bytes(st.astype(np.float64), w, slack)
             else:  # rounded first: 400 / 4 * 1.1 is 110.00000000000001 in floating point, not 110
                 cap = np.full(k, math.ceil(round(len(st) / k * (1 + slack), 9)), dtype=np.int64)
                 global_labels[train] = assign_labels(st, okt, cap)

@@ -5,6 +5,7 @@ place."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,6 +16,13 @@ import numpy as np
 
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import file_digest
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A weight file's digest, read once per version of the file: every Clusterer.load (each `cluster
+    assign` worker, each routed evaluation) checks the encoder's fingerprint."""
+    return file_digest(path)["sha256"]
 
 
 class ClustererError(UserError):
@@ -88,7 +96,8 @@ class SentenceEmbedder:
             h.update(json.dumps(self.tok.get_vocab(), sort_keys=True).encode())
             if weights:
                 for f in sorted(set(self.weights.values())):
-                    h.update(f.name.encode() + file_digest(f)["sha256"].encode())
+                    st = f.stat()
+                    h.update(f.name.encode() + _sha256(str(f.resolve()), st.st_size, st.st_mtime_ns).encode())
             self._fingerprints[weights] = h.hexdigest()[: 32 if weights else 16]
         return self._fingerprints[weights]
 

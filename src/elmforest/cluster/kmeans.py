@@ -12,6 +12,7 @@ our own; `assign_labels` is the one rule for documents that cannot be vectorised
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -117,15 +118,19 @@ def _merged(na: np.ndarray, idx: np.ndarray, add_na: np.ndarray, add_idx: np.nda
 
 
 def weighted_balanced_assign(
-    scores: np.ndarray, weights: np.ndarray, capacity: np.ndarray | float, rounds: int = 300
+    scores: np.ndarray,
+    weights: np.ndarray,
+    capacity: np.ndarray | float,
+    rounds: int = 300,
+    exact: bool = True,
 ) -> np.ndarray:
-    """_relaxed_assign's labels; on a small instance (N·K <= EXACT_SMALL) the exact optimum where the
-    solver finds it within seconds: the relaxation's worst case there lost 0.4 of a score spread per
-    document (an audit, 1,500 random instances of 8 documents), where corpora's many documents lose
-    ~1e-3 (docs/cbtm.md)."""
+    """_relaxed_assign's labels; on a small instance (N·K <= EXACT_SMALL, `exact`) the exact optimum
+    where the solver finds it within seconds: the relaxation's worst case there lost 0.4 of a score
+    spread per document (an audit, 1,500 random instances of 8 documents), where corpora's many
+    documents lose ~1e-3 (docs/cbtm.md). k-means steps pass exact=False: a solve can take its 5 s."""
     labels = _relaxed_assign(scores, weights, capacity, rounds)
     n, k = scores.shape
-    if 0 < n * k <= EXACT_SMALL:
+    if exact and 0 < n * k <= EXACT_SMALL and not (labels == scores.argmax(1)).all():  # (argmax: optimal)
         w = np.asarray(weights, dtype=np.float64)
         cap = np.broadcast_to(np.asarray(capacity, dtype=np.float64), (k,)).copy()
         s = scores.astype(np.float64)
@@ -213,12 +218,35 @@ def _relaxed_assign(
 EXACT_MAX = 20_000  # documents x clusters solved exactly where nothing else packs them
 
 
+def assign_by_bytes(
+    scores: np.ndarray, w: np.ndarray, slack: float, exact: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, the caps they keep) under byte_caps; where those do not pack (a document's own cluster
+    held to its size leaves the others a tight packing: 1000, 1, 1, 1 bytes in 3 clusters), the other
+    clusters may hold up to the largest document's size or (1 + slack) W/K, as one cap for all did."""
+    caps = byte_caps(scores, w, slack)
+    try:
+        return weighted_balanced_assign(scores, w, caps, exact=exact), caps
+    except UserError:
+        loose = np.where(caps < w.max(), max(float(w.sum()) / len(caps) * (1 + slack), float(w.max())), caps)
+        if np.array_equal(loose, caps):
+            raise
+        print(
+            "note: the documents did not pack under caps that give each document over (1 + slack)/K of "
+            "the text a cluster of its own: the other clusters may hold up to the largest one's size",
+            file=sys.stderr,
+        )
+        return weighted_balanced_assign(scores, w, loose, exact=exact), loose
+
+
 def byte_caps(scores: np.ndarray, w: np.ndarray, slack: float) -> np.ndarray:
     """Each cluster's cap on the bytes it holds: (1 + slack) W/K, except that a document larger than
     that takes a cluster of its own (its best-scoring one still free, largest document first), capped
     at its size, and the other clusters share the rest's bytes so. One cap for all, raised to the
     largest document, let every cluster grow to it (an audit: 54% of the text in one of 3 clusters).
     Terminates: the m documents over a cap sum to more than m caps, so m < the clusters still free."""
+    if not slack >= 0:
+        raise UserError(f"slack must be a non-negative number, got {slack!r}")
     k = scores.shape[1]
     cap = np.zeros(k)
     free, rest = np.ones(k, bool), np.ones(len(w), bool)
@@ -270,13 +298,21 @@ def _exact(scores: np.ndarray, w: np.ndarray, cap: np.ndarray, time_limit: float
     n, k = scores.shape
     one_each = kron(eye(n), np.ones((1, k)), format="csr")  # x[i*k + j]: document i in cluster j
     loads = csr_array((np.repeat(w, k), (np.tile(np.arange(k), n), np.arange(n * k))), shape=(k, n * k))
-    res = milp(
-        -scores.ravel(),
-        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(loads, -np.inf, cap)],
-        integrality=np.ones(n * k),
-        bounds=Bounds(0, 1),
-        options={"time_limit": time_limit},
-    )
+    sys.stdout.flush()  # HiGHS writes some messages to the process's stdout (fd 1), not Python's
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        res = milp(
+            -scores.ravel(),
+            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(loads, -np.inf, cap)],
+            integrality=np.ones(n * k),
+            bounds=Bounds(0, 1),
+            options={"time_limit": time_limit},
+        )
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
     if res.x is None:
         return None
     labels = res.x.reshape(n, k).argmax(1)
@@ -383,8 +419,7 @@ def balanced_kmeans(
     for iterations in range(1, max_iter + 1):  # noqa: B007 (reported below)
         scores = neg_sq_dist(x, centres)
         if weights is not None:
-            caps = byte_caps(scores, weights, slack)
-            new = weighted_balanced_assign(scores, weights, caps)
+            new, caps = assign_by_bytes(scores, weights, slack, exact=False)
         else:
             new = balanced_assign(scores, cap, prices=prices)
             under = np.bincount(new, minlength=k) < cap

@@ -146,8 +146,9 @@ def resolve_codes(codes: list[str], table: FeatureTable) -> tuple[list[str], dic
             raise UserError(f"language {c} given twice: {first!r} and {raw!r} are both {c}")
         out.append(c)
         given[c] = raw
-        if raw.strip() != c:  # the spelling given (`de`, `KOR`) may be what the corpus calls the domain
-            aliases[raw.strip()] = c
+        for spelling in dict.fromkeys((raw.strip(), raw.strip().lower())):  # as given (`DE`, `KOR`), and
+            if spelling != c:  # in lower case (`de`): either may be what the corpus calls the domain
+                aliases[spelling] = c
     return out, aliases
 
 

@@ -335,12 +335,19 @@ def build(
 ) -> None:
     """Tokenize data once into memory-mapped shards per domain and split."""
     from elmforest.cluster.language_groupings import checked_domain_map
+    from elmforest.data.provenance import check_balanced_split
     from elmforest.data.shards_build import build_shards
     from elmforest.data.splits import SplitSpec
 
     dmap = checked_domain_map(domain_map) if domain_map else None
+    source = read.source(data)
+    # training shards only (an evaluation's temporary shards of such a folder split at its own fractions)
+    check_balanced_split(
+        [str(x) for x in (source if isinstance(source, list) else [source])],
+        SplitSpec(valid_frac, test_frac),
+    )
     rep = build_shards(
-        read.source(data),
+        source,
         tokenizer,
         out,
         SplitSpec(valid_frac, test_frac),

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from elmforest.data.documents import text_key
 from elmforest.data.domain_map import DomainMap, _relabeller
-from elmforest.data.provenance import assigning_clusterer, check_balanced_split, tokenizer_saw_held_out
+from elmforest.data.provenance import assigning_clusterer, tokenizer_saw_held_out
 from elmforest.data.readers import ReadStats, iter_documents
 from elmforest.data.reorder import TIMINGS_FILE, reorder_staging, resolve_orderer, start_warm_up
 from elmforest.data.shards import INDEX_VERSION, Shards, safe_name, token_dtype
@@ -127,7 +127,6 @@ def build_shards(
     orderer = resolve_orderer(order)  # a bad order is refused before any tokenizing
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     split = split or SplitSpec()
-    check_balanced_split(sources, split)
     out = Path(os.path.abspath(out))  # `--out .` has no name to stage its sibling by
     if out.exists():
         if not overwrite:
