@@ -266,6 +266,12 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     assert c["arms"]["moe_btx"] == pytest.approx(c["arms"]["forest"] + btx["flops"])
     assert any(f.startswith("the BTX-fine-tuned MoE beats dense in-domain") for f in res["findings"])
     assert methods["top2"]["compute"]["fraction_of_full"] == 2 / 3
+    # what running each row costs per token beside what training it cost: 3 experts run on every token
+    serve = c["inference"]
+    assert (serve["ensemble"], serve["top2"], serve["average"], serve["dense"]) == (3.0, 2.0, 1.0, 1.0)
+    assert serve["dense_tuned"] == 1.0 and 1.0 < serve["moe"] == serve["moe_btx"] < 2.0  # top-2 of 3
+    assert "inference FLOPs/token / dense" in said and "3.00x" in said
+    assert "inference FLOPs/token / dense" in (tmp_path / "qs" / "report.html").read_text()
     assert any("out-of-domain" in f for f in res["findings"])
     assert set(res["ablations"]["in_domain"]["document_reset"]["ensemble"]) == {"document", "window"}
     moe_cfg = json.loads((tmp_path / "qs" / "moe" / "config.json").read_text())

@@ -136,6 +136,37 @@ def method_flops(methods: dict, arms: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def inference_ratios(methods: dict, model_dirs: dict, dense_dir: Path, seq_len: int) -> dict[str, float]:
+    """Each row's forward FLOPs per scored token over the dense model's: what serving it costs, beside
+    what training it cost (a row at 1.000 training FLOPs may run 8x the dense model per token). An
+    ensemble runs every expert it weighs on each token (`compute.expert_token_passes`, every expert the
+    dense model's shape); the dense runs, the seed and an average are one such model; a merged MoE, its
+    active weights (the top-k experts' share and the router: train/flops.py). The prior's valid passes,
+    once per domain rather than per token, are left out (`compute.prior_token_passes` has them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from elmforest.train.flops import flops_breakdown
+
+    def forward(d) -> float:
+        with torch.device("meta"):  # the shapes only: no weights read
+            m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)))
+        return float(flops_breakdown(m, seq_len)["forward"])
+
+    dense = forward(dense_dir)
+    out = {}
+    for name, r in methods.items():
+        c = r.get("compute") or {}
+        tokens = sum(v.get("tokens") or 0 for v in r["domains"].values())
+        if name in model_dirs:
+            out[name] = forward(model_dirs[name]) / dense
+        elif c.get("expert_token_passes") is not None and tokens:
+            out[name] = c["expert_token_passes"] / tokens
+        elif name in ("dense", "seed"):
+            out[name] = 1.0
+    return out
+
+
 def compute_flag(ratio: float, who: str = "") -> str:
     """' [NOT compute-matched: ...]' for an arm whose training FLOPs are off the dense run's by more
     than FLOPS_TOLERANCE (`who` names it where it is not the claim's own row), else ''."""

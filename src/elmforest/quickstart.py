@@ -27,6 +27,7 @@ from elmforest.compare import (
     arm_flops,
     evaluate_methods,
     findings,
+    inference_ratios,
     method_flops,
     priors_table,
 )
@@ -222,6 +223,9 @@ def quickstart(
 
     compute = compute_summary(forest, methods, others, phases)
     flops = compute["methods"]
+    compute["inference"] = inference_ratios(
+        methods, models, forest.root / "runs" / "dense" / "model", base.train.seq_len
+    )
     results = {
         "methods": methods,
         "ood_methods": ood_methods,
@@ -255,9 +259,17 @@ def quickstart(
     results["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "results.json", results)
     plot_results(methods, out / "results.png", ood=ood_methods)
-    print_table(methods, "in-domain bits per byte (test splits; lower is better)", flops=flops)
+    serve = compute["inference"]
+    print_table(
+        methods, "in-domain bits per byte (test splits; lower is better)", flops=flops, inference=serve
+    )
     if ood_methods:
-        print_table(ood_methods, "out-of-domain bits per byte (test halves; lower is better)", flops=flops)
+        print_table(
+            ood_methods,
+            "out-of-domain bits per byte (test halves; lower is better)",
+            flops=flops,
+            inference=serve,
+        )
     print_ledger(compute, log)
     print_priors(results["priors"], ablations, ood_ablations, log)
     for line in results["findings"]:

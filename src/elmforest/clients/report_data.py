@@ -159,7 +159,8 @@ def _shape_problem(r: dict) -> str | None:
     if compute is not None:
         if not isinstance(compute, dict):
             return "'compute' is not a table"
-        for k in ("methods", "over_dense", "arms"):  # `over_dense`, `arms`: the X-ELM quickstart's
+        # `over_dense`, `arms`: the X-ELM quickstart's; `inference`: the per-token cost of running a row
+        for k in ("methods", "over_dense", "arms", "inference"):
             ratios = compute.get(k) or {}
             if not isinstance(ratios, dict) or not all(finite(x) for x in ratios.values()):
                 return f"compute.{k} holds something other than finite numbers"

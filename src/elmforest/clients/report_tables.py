@@ -12,7 +12,7 @@ from pathlib import Path
 from elmforest.clients import report_plots as plots
 from elmforest.clients.report_data import Sources
 from elmforest.clients.report_html import esc, image, para, slug, table
-from elmforest.eval.report import FLOPS_TOLERANCE, flops_mark
+from elmforest.eval.report import FLOPS_TOLERANCE, INFERENCE_ROW, flops_mark, inference_mark
 from elmforest.forest.manifest import Forest
 from elmforest.utils.errors import UserError
 from elmforest.utils.io import read_json
@@ -84,6 +84,8 @@ def _results_table(tid: str, label: str, methods: dict, compute: dict, against: 
                 classes[(len(rows) + 1, j)] = "flag"
         if dense:
             sums.append(["train FLOPs", *(ratios[m] * dense if m in ratios else None for m in names)])
+    if serve := compute.get("inference"):  # per-token cost of running each row (results before: none)
+        sums.append([INFERENCE_ROW, *(inference_mark(serve.get(m)) for m in names)])
     unknown = [m for m in names if m not in ratios]
     caption = f"{label} bits per byte (test splits; lower is better; " + (
         "no arm's training FLOPs are recorded in results.json, so none is shaded as best)"

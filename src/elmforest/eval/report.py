@@ -41,11 +41,19 @@ def _over_limit(results: dict[str, dict]) -> list[tuple[str, str, int, int]]:
     ]
 
 
+INFERENCE_ROW = "inference FLOPs/token / dense"
+
+
+def inference_mark(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def print_table(
     results: dict[str, dict],
     title: str = "bits per byte (lower is better)",
     console: Console | None = None,
     flops: dict[str, float] | None = None,
+    inference: dict[str, float] | None = None,
 ) -> None:
     """`results` maps a method name to an eval JSON ({"domains": {...}, "mean_bpb": ...}); `flops` maps
     a method to its training FLOPs over the dense baseline's (a last row, '!' where not matched). Domains
@@ -55,7 +63,7 @@ def print_table(
     scored = {d: _scored(results, d) for d in domains}
     # wide enough for every column: a pipe or log file would otherwise get 80 columns and truncated names
     need = (
-        max(len(d) for d in domains + ["train FLOPs / dense"])
+        max(len(d) for d in domains + ["train FLOPs / dense", INFERENCE_ROW])
         + sum(max(len(m), 7) + 3 for m in results)
         + max(len(s) + 3 for s in [*scored.values(), "bytes (docs)"])
         + 8
@@ -76,6 +84,8 @@ def print_table(
     table.add_row("mean", "", *[f"{r['mean_bpb']:.4f}" for r in results.values()])
     if flops:
         table.add_row("train FLOPs / dense", "", *[flops_mark(flops.get(m)) for m in results])
+    if inference:  # what running it costs per token: an ensemble matched in training runs k models
+        table.add_row(INFERENCE_ROW, "", *[inference_mark(inference.get(m)) for m in results])
     console.print(table)
     for m, r in results.items():  # a domain without documents in the split must not vanish unnoticed
         if r.get("missing"):
