@@ -246,6 +246,8 @@ def test_quickstart_end_to_end_on_a_user_corpus(corpus, tmp_path, capsys):
     again = json.loads((tmp_path / "qs" / "forest" / "runs" / "dense-tuned" / "run_config.json").read_text())
     assert again["optim"]["lr"] == 0.02 and again["train"]["init_checkpoint"].endswith("seed_state")
     assert p["dense_continue_lr"] == 0.02 and p["dense_continue_lr_source"] == "not swept: the experts' LR"
+    assert p["dense_lr_source"] == "preset tiny's default: not swept"
+    assert p["expert_lr_source"] == "given (--expert-lr)"  # (this test gives one)
     assert methods["dense_tuned"]["mean_bpb"] != methods["dense"]["mean_bpb"]
     assert "the dense run's second half at LR 0.02 too (not swept: the experts' LR)" in said
     for who, row in (("ensemble", "ensemble (cached prior)"), ("moe_btx", "BTX-fine-tuned MoE")):
@@ -446,6 +448,10 @@ def test_quickstart_cbtm_adds_cluster_rows(corpus, tmp_path):
     assert {m: r["precision"] for m, r in res["methods"].items()} == {m: dtype for m in res["methods"]}
     assert res["protocol"]["precision"].startswith(want)
     assert res["compute"]["methods"]["cbtm_top1"] == pytest.approx(1.0)
+    assert 1.0 <= res["compute"]["inference"]["cbtm_top1"] < 2.0  # one cluster expert a token, by what ran
+    # tiny's LRs were never swept and none was given: said as a finding, not only in the protocol
+    assert res["protocol"]["expert_lr_source"] == "not swept: the dense LR"
+    assert any(f.startswith("no arm's LR was swept") for f in res["findings"])
     ((name, ab),) = res["compute"]["ablation_ledgers"].items()  # its experts itemised, as the main forest's
     rows = ab["ledger"]
     assert ab["arms"] == ["cbtm_top1", "cbtm_top2"] and (tmp_path / "qs" / name / "forest.json").is_file()

@@ -141,6 +141,15 @@ def quickstart(
         + (f" (preset {preset}'s, from a recorded LR sweep)" if p.expert_lr and expert_lr is None else "")
         + f"; the dense run's second half at LR {c_lr:g} too ({c_source})"
     )
+    swept = f"preset {preset}'s, swept on the demo corpus" + (" (not on this corpus)" if own_data else "")
+    lr_sources = {  # results.json says which arm is at a swept LR (a tiny or cpu-medium run: none)
+        "dense_lr_source": "given (--set optim.lr)"
+        if any(o.split("=", 1)[0].strip() == "optim.lr" for o in overrides)
+        else (swept if p.expert_lr else f"preset {preset}'s default: not swept"),
+        "expert_lr_source": "given (--expert-lr)"
+        if expert_lr is not None
+        else (swept if p.expert_lr else "not swept: the dense LR"),
+    }
     lr_given = (
         expert_lr is not None
         and dense_continue_lr is not None
@@ -235,6 +244,7 @@ def quickstart(
             "expert_lr": e_lr,
             "dense_continue_lr": c_lr,
             "dense_continue_lr_source": c_source,
+            **lr_sources,
             "preset": preset,
             "corpus": str(Path(corpus).resolve()) if own_data else "demo",
             "precision": precision,
@@ -252,7 +262,12 @@ def quickstart(
         },
         "ablations": {"in_domain": ablations, "ood": ood_ablations},
         "compute": compute,
-        "findings": findings(methods, ood_methods, flops),
+        "findings": findings(methods, ood_methods, flops)
+        + (
+            ["no arm's LR was swept (the preset's defaults): no arm is at its own best LR; `elmforest sweep`"]
+            if all("not swept" in v for v in lr_sources.values())
+            else []
+        ),
         "plan": {**plan.__dict__, "seed_steps": plan.seed_steps, "expert_batch_size": plan.expert_batch_size},
         "preset": preset,
     }
