@@ -1039,3 +1039,16 @@ def test_an_entry_without_recorded_files_still_has_its_weights_checked(forest_di
     assert main(["forest", "fsck", "--forest", str(f.root)]) != 0
     said = capsys.readouterr()
     assert "truncated" in said.out + said.err
+
+
+def test_fsck_says_which_temporaries_another_host_left(forest_dir, tmp_path):
+    """Only this host's dead processes' temporaries can be told apart from live ones: another host's
+    stayed without a word ("0 problem(s)")."""
+    from elmforest.forest.optout import fsck
+
+    f = _copy(forest_dir, tmp_path)
+    theirs = f.root / ".forest.json.tmp~otherhost~12"
+    theirs.write_text("{}")
+    fixed, wrong, notes = fsck(Forest.load(f.root), deep=False)
+    assert any(str(theirs) in n and "host otherhost" in n for n in notes) and theirs.exists()
+    assert not any(str(theirs) in x for x in fixed + wrong)

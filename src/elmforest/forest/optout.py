@@ -304,9 +304,14 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[
         for r in runs.iterdir():
             if r.is_dir() and not r.is_symlink():
                 dirs += [r, r / "checkpoints"]
+    foreign = []  # another host's process cannot be checked from here: said, never deleted
     for d in dirs:
         for p in clean_stale(d):
             fixed.append(f"removed {p} (left by a process that died)")
+        try:
+            foreign += [p for p in d.iterdir() if (t := parse_temp(p.name)) and t["host"] != HOST]
+        except OSError:
+            pass
     for name in forest.names:
         problem = forest.intact(name, deep=deep)
         if problem:
@@ -346,6 +351,11 @@ def fsck(forest: Forest, deep: bool = True) -> tuple[list[str], list[str], list[
                     + ")"
                 )
     repaired, notes = check_outputs(forest)
+    notes += [
+        f"{p}: a temporary of a process on host {parse_temp(p.name)['host']}, which cannot be checked from "
+        "here: once nothing of that host writes to this forest, delete it"
+        for p in foreign
+    ]
     return fixed + repaired, wrong, notes + stray_work(forest)
 
 
