@@ -15,14 +15,29 @@ from pathlib import Path
 import numpy as np
 
 from elmforest.utils.errors import UserError
-from elmforest.utils.io import file_digest
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """A weight file's digest, read once per version of the file: every Clusterer.load (each `cluster
-    assign` worker, each routed evaluation) checks the encoder's fingerprint."""
-    return file_digest(path)["sha256"]
+def weights_digest(model_dir) -> str:
+    """The encoder's weight files, hashed: two checkpoints of one architecture and vocabulary differ
+    only there (Contriever and Contriever-msmarco). Hashed once per version of the files (every
+    Clusterer.load checks an encoder's fingerprint, and ICP's shards record it)."""
+    files = sorted(
+        f
+        for f in Path(model_dir).glob("*")
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()
+    )
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_files(stamps: tuple) -> str:
+    h = hashlib.sha256()
+    for name, size, _ in stamps:
+        h.update(f"{Path(name).name}\0{size}\0".encode())
+        with open(name, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 class ClustererError(UserError):
@@ -95,9 +110,7 @@ class SentenceEmbedder:
             h = hashlib.sha256((self.model_dir / "config.json").read_bytes())
             h.update(json.dumps(self.tok.get_vocab(), sort_keys=True).encode())
             if weights:
-                for f in sorted(set(self.weights.values())):
-                    st = f.stat()
-                    h.update(f.name.encode() + _sha256(str(f.resolve()), st.st_size, st.st_mtime_ns).encode())
+                h.update(weights_digest(self.model_dir).encode())
             self._fingerprints[weights] = h.hexdigest()[: 32 if weights else 16]
         return self._fingerprints[weights]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from elmforest.cluster.embedder import weights_digest
 from elmforest.cluster.icp import TokenDocuments, icp_plan
 from elmforest.cluster.icp_embed import embed
 from elmforest.data.reorder import DocumentOrderer, resolve_orderer
@@ -65,28 +65,6 @@ KEPT_STATS = (
     "knn",
     "dims",
 )
-
-
-def _weights_digest(model_dir) -> str:
-    """The encoder's weight files, hashed: two checkpoints of one architecture and vocabulary differ
-    only there (Contriever and Contriever-msmarco). Hashed once per version of the files."""
-    files = sorted(
-        f
-        for f in Path(model_dir).glob("*")
-        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()
-    )
-    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-
-
-@functools.lru_cache(maxsize=4)
-def _hash_files(stamps: tuple) -> str:
-    h = hashlib.sha256()
-    for name, size, _ in stamps:
-        h.update(f"{Path(name).name}\0{size}\0".encode())
-        with open(name, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _files_stamp(path: str) -> tuple:
@@ -150,7 +128,7 @@ class IcpOrder:
                 "embedding": "sentence encoder",
                 "encoder": Path(self.embedder).name,  # not the path: shards built elsewhere compare
                 "encoder_fingerprint": enc.fingerprint(),  # its config and vocabulary
-                "encoder_weights": _weights_digest(enc.model_dir),
+                "encoder_weights": weights_digest(enc.model_dir),
                 "encoder_max_length": enc.max_length,
                 "decode_tokens": DECODE_TOKENS,
                 **search,
